@@ -1,0 +1,197 @@
+"""Event-sourced aggregates: the only place business rules live.
+
+An aggregate's state is the fold of its stream's events (``apply``). A command method
+checks the rules against that state and, if they hold, records new events, which it
+also applies, so the aggregate is always the state after its pending events.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Self
+
+from domain.errors import (
+    InsufficientInventoryError,
+    OrderAlreadyCancelledError,
+    PermissionDeniedError,
+    ProductNotFoundError,
+    Shortage,
+)
+from domain.events import (
+    DomainEvent,
+    OrderCancelled,
+    OrderCreated,
+    ProductRestocked,
+    StockReleased,
+    StockReserved,
+)
+from domain.values import Address, Money, OrderItem
+
+
+class Aggregate:
+    """Version tracking and pending events, common to every aggregate."""
+
+    stream_prefix: str = ""
+
+    def __init__(self, aggregate_id: str) -> None:
+        self.id = aggregate_id
+        self.version = 0
+        self.pending: list[DomainEvent] = []
+
+    @property
+    def stream_id(self) -> str:
+        return f"{self.stream_prefix}-{self.id}"
+
+    @property
+    def committed_version(self) -> int:
+        """The stream version the aggregate was loaded at (before its pending events)."""
+        return self.version - len(self.pending)
+
+    def apply(self, event: DomainEvent) -> None:
+        raise NotImplementedError
+
+    def replay(self, events: Sequence[DomainEvent]) -> None:
+        for event in events:
+            self.apply(event)
+            self.version += 1
+
+    def _record(self, event: DomainEvent) -> None:
+        self.apply(event)
+        self.version += 1
+        self.pending.append(event)
+
+    def mark_committed(self) -> None:
+        self.pending = []
+
+    def clone(self) -> Self:
+        """An independent copy, so a cached aggregate is never changed by a failed command."""
+        twin = copy.copy(self)
+        twin.pending = []
+        return twin
+
+
+class Product(Aggregate):
+    """Stock of one product. It exists once it has been restocked."""
+
+    stream_prefix = "product"
+
+    def __init__(self, product_id: str) -> None:
+        super().__init__(product_id)
+        self.available = 0
+
+    @property
+    def exists(self) -> bool:
+        return self.version > 0
+
+    def restock(self, quantity: int) -> None:
+        self._record(
+            ProductRestocked(
+                product_id=self.id, quantity=quantity, available_after=self.available + quantity
+            )
+        )
+
+    def reserve(self, order_id: str, quantity: int) -> None:
+        if not self.exists:
+            raise ProductNotFoundError(self.id)
+        if quantity > self.available:
+            raise InsufficientInventoryError([Shortage(self.id, quantity, self.available)])
+        self._record(
+            StockReserved(
+                product_id=self.id,
+                order_id=order_id,
+                quantity=quantity,
+                available_after=self.available - quantity,
+            )
+        )
+
+    def release(self, order_id: str, quantity: int) -> None:
+        self._record(
+            StockReleased(
+                product_id=self.id,
+                order_id=order_id,
+                quantity=quantity,
+                available_after=self.available + quantity,
+            )
+        )
+
+    def apply(self, event: DomainEvent) -> None:
+        if isinstance(event, ProductRestocked | StockReserved | StockReleased):
+            self.available = event.available_after
+
+
+class Order(Aggregate):
+    """An order: its items, who placed it, and whether it is cancelled."""
+
+    stream_prefix = "order"
+
+    def __init__(self, order_id: str) -> None:
+        super().__init__(order_id)
+        self.items: tuple[OrderItem, ...] = ()
+        self.created_by = ""
+        self.cancelled = False
+
+    @property
+    def exists(self) -> bool:
+        return self.version > 0
+
+    @classmethod
+    def place(
+        cls,
+        order_id: str,
+        customer_id: str,
+        items: Sequence[OrderItem],
+        shipping_address: Address,
+        created_by: str,
+        products: Mapping[str, Product],
+    ) -> Order:
+        """Create an order and reserve every item's stock, or change nothing.
+
+        Every product must exist (else ProductNotFoundError for the first missing one)
+        and have enough stock (else InsufficientInventoryError listing every shortage).
+        """
+        for item in items:
+            if not products[item.product_id].exists:
+                raise ProductNotFoundError(item.product_id)
+        shortages = [
+            Shortage(item.product_id, item.quantity, products[item.product_id].available)
+            for item in items
+            if item.quantity > products[item.product_id].available
+        ]
+        if shortages:
+            raise InsufficientInventoryError(shortages)
+        currency = items[0].unit_price.currency_code
+        total = Money.from_nanos(currency, sum(item.line_total_nanos for item in items))
+        order = cls(order_id)
+        order._record(
+            OrderCreated(
+                order_id=order_id,
+                customer_id=customer_id,
+                items=tuple(items),
+                shipping_address=shipping_address,
+                total=total,
+                created_by=created_by,
+            )
+        )
+        for item in items:
+            products[item.product_id].reserve(order_id, item.quantity)
+        return order
+
+    def cancel(
+        self, reason: str, cancelled_by: str, by_admin: bool, products: Mapping[str, Product]
+    ) -> None:
+        """Cancel the order and release its stock; only its creator or an admin may."""
+        if not by_admin and cancelled_by != self.created_by:
+            raise PermissionDeniedError(f"only the creator of order {self.id} may cancel it")
+        if self.cancelled:
+            raise OrderAlreadyCancelledError(self.id)
+        self._record(OrderCancelled(order_id=self.id, reason=reason, cancelled_by=cancelled_by))
+        for item in self.items:
+            products[item.product_id].release(self.id, item.quantity)
+
+    def apply(self, event: DomainEvent) -> None:
+        if isinstance(event, OrderCreated):
+            self.items = event.items
+            self.created_by = event.created_by
+        elif isinstance(event, OrderCancelled):
+            self.cancelled = True

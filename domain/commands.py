@@ -1,0 +1,150 @@
+"""Commands: requests to change state, named in the imperative.
+
+A command that exists is well-formed: every rule of the contract's validation section is
+checked when it is built, and every violation is reported at once in one
+``pydantic.ValidationError`` whose locations are the proto field paths.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from domain.values import Address, CommandId, OrderItem, ProductId, Uuid
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Command(BaseModel):
+    """Base of every command: who sent it, when, and its idempotency key.
+
+    ``user_id`` is the authenticated caller (empty when anonymous); it is set by the
+    server from credentials, never from a request body.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    command_id: CommandId = ""
+    timestamp: dt.datetime = Field(default_factory=_utcnow)
+    user_id: str = ""
+    correlation_id: str = ""
+
+    def idempotency_body(self) -> dict[str, Any]:
+        """What makes two commands with one ``command_id`` "the same request"."""
+        return self.model_dump(mode="json", exclude={"command_id", "timestamp", "correlation_id"})
+
+
+class CreateOrder(Command):
+    customer_id: Uuid
+    items: Annotated[list[OrderItem], Field(min_length=1, max_length=100)]
+    shipping_address: Address
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _report_every_violation(
+        cls, data: Any, handler: ModelWrapValidatorHandler[CreateOrder]
+    ) -> CreateOrder:
+        # Rules across items are checked on the raw input so that they are reported
+        # together with field errors instead of only after those are fixed.
+        cross_item = _cross_item_errors(data)
+        try:
+            command = handler(data)
+        except ValidationError as error:
+            raise _merged(cls.__name__, _as_init_errors(error) + cross_item) from None
+        if cross_item:
+            raise _merged(cls.__name__, cross_item)
+        return command
+
+
+class CancelOrder(Command):
+    order_id: Uuid
+    reason: Annotated[str, StringConstraints(max_length=500)] = ""
+    by_admin: bool = False
+    """The caller holds ``orders:admin`` (or authentication is off): may cancel any order."""
+
+    def idempotency_body(self) -> dict[str, Any]:
+        return self.model_dump(
+            mode="json", exclude={"command_id", "timestamp", "correlation_id", "by_admin"}
+        )
+
+
+class RestockProduct(Command):
+    product_id: ProductId
+    quantity: Annotated[int, Field(ge=1, le=1_000_000)]
+
+
+def _cross_item_errors(data: Any) -> list[InitErrorDetails]:
+    items = data.get("items") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        return []
+    errors: list[InitErrorDetails] = []
+    seen: set[str] = set()
+    for index, item in enumerate(items):
+        product_id = item.get("product_id") if isinstance(item, dict) else None
+        if isinstance(product_id, str) and product_id:
+            if product_id in seen:
+                errors.append(
+                    _error(
+                        ("items", index, "product_id"),
+                        "duplicate_product",
+                        "product appears more than once in the order",
+                        product_id,
+                    )
+                )
+            seen.add(product_id)
+    currencies = [_currency_of(item) for item in items]
+    first = next((c for c in currencies if c is not None), None)
+    for index, currency in enumerate(currencies):
+        if currency is not None and currency != first:
+            errors.append(
+                _error(
+                    ("items", index, "unit_price", "currency_code"),
+                    "mixed_currency",
+                    f"all items must be priced in one currency ({first})",
+                    currency,
+                )
+            )
+            break
+    return errors
+
+
+def _currency_of(item: Any) -> str | None:
+    price = item.get("unit_price") if isinstance(item, dict) else None
+    if isinstance(price, dict):
+        code = price.get("currency_code")
+        return code if isinstance(code, str) else None
+    return None
+
+
+def _error(loc: tuple[str | int, ...], kind: str, message: str, value: Any) -> InitErrorDetails:
+    return {"type": PydanticCustomError(kind, message), "loc": loc, "input": value}
+
+
+def _as_init_errors(error: ValidationError) -> list[InitErrorDetails]:
+    return [
+        {
+            "type": PydanticCustomError(
+                detail["type"], detail["msg"].replace("{", "(").replace("}", ")")
+            ),
+            "loc": detail["loc"],
+            "input": detail["input"],
+        }
+        for detail in error.errors()
+    ]
+
+
+def _merged(title: str, errors: list[InitErrorDetails]) -> ValidationError:
+    return ValidationError.from_exception_data(title, errors)

@@ -1,0 +1,119 @@
+"""Value objects shared by commands and events, with the contract's validation rules.
+
+Field names equal the proto field names, so a pydantic error location is already the
+path a client sees in ``google.rpc.BadRequest``.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Annotated
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+)
+from pydantic_core import PydanticCustomError
+
+NANOS_PER_UNIT = 1_000_000_000
+
+
+def _matching(pattern: str, kind: str, message: str) -> AfterValidator:
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if compiled.fullmatch(value) is None:
+            raise PydanticCustomError(kind, message)
+        return value
+
+    return AfterValidator(check)
+
+
+def _lower(value: str) -> str:
+    return value.lower()
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("missing", "is required and must not be blank")
+    return value
+
+
+def _new_id_if_empty(value: object) -> object:
+    return str(uuid.uuid4()) if value == "" else value
+
+
+Uuid = Annotated[
+    str,
+    _matching(
+        r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+        "uuid",
+        "must be a UUID in the 36-character hyphenated form",
+    ),
+    AfterValidator(_lower),
+]
+"""A UUID in the 36-character hyphenated form, any case; stored in lower case."""
+
+CommandId = Annotated[Uuid, BeforeValidator(_new_id_if_empty)]
+"""A UUID, or empty to let the server pick one."""
+
+ProductId = Annotated[
+    str,
+    _matching(
+        r"[A-Za-z0-9._-]{1,64}", "product_id", "must be 1 to 64 characters of A-Z a-z 0-9 . _ -"
+    ),
+]
+
+RequiredText = Annotated[str, StringConstraints(max_length=200), AfterValidator(_not_blank)]
+OptionalText = Annotated[str, StringConstraints(max_length=200)]
+
+
+class ValueObject(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class Money(ValueObject):
+    """An amount in one currency, as ``google.type.Money`` (non-negative here)."""
+
+    currency_code: Annotated[
+        str, _matching(r"[A-Z]{3}", "currency_code", "must be an ISO 4217 code (3 capital letters)")
+    ]
+    units: Annotated[int, Field(ge=0, le=1_000_000_000)] = 0
+    nanos: Annotated[int, Field(ge=0, le=999_999_999)] = 0
+
+    @property
+    def total_nanos(self) -> int:
+        return self.units * NANOS_PER_UNIT + self.nanos
+
+    @classmethod
+    def from_nanos(cls, currency_code: str, total_nanos: int) -> Money:
+        units, nanos = divmod(total_nanos, NANOS_PER_UNIT)
+        return cls.model_construct(currency_code=currency_code, units=units, nanos=nanos)
+
+
+class Address(ValueObject):
+    recipient: RequiredText
+    line1: RequiredText
+    line2: OptionalText = ""
+    city: RequiredText
+    region: OptionalText = ""
+    postal_code: OptionalText = ""
+    country_code: Annotated[
+        str,
+        _matching(r"[A-Z]{2}", "country_code", "must be an ISO 3166-1 code (2 capital letters)"),
+    ]
+
+
+class OrderItem(ValueObject):
+    product_id: ProductId
+    quantity: Annotated[int, Field(ge=1, le=10_000)]
+    unit_price: Money
+
+    @property
+    def line_total_nanos(self) -> int:
+        return self.quantity * self.unit_price.total_nanos

@@ -1,0 +1,171 @@
+"""Authentication and per-RPC scope checks, done by one server interceptor.
+
+Credentials arrive as ``authorization: Bearer <token>`` metadata. Health and reflection
+need none. The interceptor sets ``server.identity.current_caller`` for the call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import tomllib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+import grpc
+
+from server.errors import plain_status
+from server.identity import (
+    ANONYMOUS,
+    SCOPE_EVENTS_READ,
+    SCOPE_INVENTORY_WRITE,
+    SCOPE_ORDERS_ADMIN,
+    SCOPE_ORDERS_WRITE,
+    Caller,
+    current_caller,
+)
+
+log = logging.getLogger("order_gateway.auth")
+
+REQUIRED_SCOPES: dict[str, frozenset[str]] = {
+    "/orders.v1.OrderCommandService/CreateOrder": frozenset({SCOPE_ORDERS_WRITE}),
+    # orders:admin alone is enough to cancel any order.
+    "/orders.v1.OrderCommandService/CancelOrder": frozenset(
+        {SCOPE_ORDERS_WRITE, SCOPE_ORDERS_ADMIN}
+    ),
+    "/orders.v1.InventoryCommandService/RestockProduct": frozenset({SCOPE_INVENTORY_WRITE}),
+    "/orders.v1.EventStreamService/Subscribe": frozenset({SCOPE_EVENTS_READ}),
+}
+"""Per method, the scopes of which the caller needs at least one. Methods not listed
+(health, reflection) are open."""
+
+
+class AuthenticationError(Exception):
+    """No, malformed, unknown or expired credentials."""
+
+
+class Authenticator(Protocol):
+    def authenticate(self, token: str) -> Caller | None:
+        """The caller the token identifies, None if this authenticator does not know it.
+
+        Raises AuthenticationError for a token it recognises as its own but rejects.
+        """
+        ...
+
+
+class TokenFileAuthenticator:
+    """Static bearer tokens from a TOML file that holds only their SHA-256 hashes."""
+
+    def __init__(self, entries: dict[bytes, Caller]) -> None:
+        self._entries = entries
+
+    @classmethod
+    def from_file(cls, path: Path) -> TokenFileAuthenticator:
+        with path.open("rb") as file:
+            document = tomllib.load(file)
+        entries: dict[bytes, Caller] = {}
+        for n, token in enumerate(document.get("token", [])):
+            digest = bytes.fromhex(str(token["sha256"]))
+            if len(digest) != hashlib.sha256().digest_size:
+                raise ValueError(f"{path}: token[{n}].sha256 is not a hex SHA-256 digest")
+            entries[digest] = Caller(
+                user_id=str(token["user_id"]), scopes=frozenset(token.get("scopes", []))
+            )
+        return cls(entries)
+
+    def authenticate(self, token: str) -> Caller | None:
+        digest = hashlib.sha256(token.encode()).digest()
+        found: Caller | None = None
+        # Compare against every entry in constant time, so timing reveals nothing.
+        for known, caller in self._entries.items():
+            if hmac.compare_digest(known, digest):
+                found = caller
+        return found
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates every call to a protected method and checks its scopes.
+
+    With no authenticators, every caller is anonymous with all scopes.
+    """
+
+    def __init__(self, authenticators: Sequence[Authenticator]) -> None:
+        self._authenticators = tuple(authenticators)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        required = REQUIRED_SCOPES.get(handler_call_details.method)
+        if handler is None or required is None:
+            return handler
+        try:
+            caller = self._caller(handler_call_details.invocation_metadata or ())
+        except AuthenticationError as error:
+            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, str(error))
+        if not caller.scopes & required:
+            needed = " or ".join(sorted(required))
+            return _refusal(
+                handler, grpc.StatusCode.PERMISSION_DENIED, f"this call needs scope {needed}"
+            )
+        return _as_caller(handler, caller)
+
+    def _caller(self, metadata: Sequence[tuple[str, Any]]) -> Caller:
+        if not self._authenticators:
+            return ANONYMOUS
+        values = [value for key, value in metadata if key == "authorization"]
+        if not values:
+            raise AuthenticationError("missing authorization metadata (Bearer token)")
+        scheme, _, token = str(values[0]).partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthenticationError("authorization must be 'Bearer <token>'")
+        for authenticator in self._authenticators:
+            caller = authenticator.authenticate(token.strip())
+            if caller is not None:
+                return caller
+        raise AuthenticationError("unknown bearer token")
+
+
+def _as_caller(
+    handler: grpc.RpcMethodHandler[Any, Any], caller: Caller
+) -> grpc.RpcMethodHandler[Any, Any]:
+    if handler.unary_stream is None:
+        return handler
+    # grpc's stubs type behaviours as synchronous; on an aio server they are async generators.
+    behaviour = cast(
+        Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
+        handler.unary_stream,
+    )
+
+    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        current_caller.set(caller)
+        async for response in behaviour(request, context):
+            yield response
+
+    return grpc.unary_stream_rpc_method_handler(
+        call,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _refusal(
+    handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, message: str
+) -> grpc.RpcMethodHandler[Any, Any]:
+    async def refuse(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        await context.abort_with_status(plain_status(code, message))
+        yield  # pragma: no cover - makes this an async generator like the real handler
+
+    return grpc.unary_stream_rpc_method_handler(
+        refuse,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

@@ -1,0 +1,46 @@
+"""The composition root: wires a store into handlers, middleware and the command bus.
+
+Nothing happens at import time; ``bootstrap`` builds a fresh object graph per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from domain import handlers
+from domain.bus import CommandBus, Handler
+from domain.commands import CancelOrder, Command, CreateOrder, RestockProduct
+from domain.locks import StreamLocks
+from domain.middleware import IdempotencyMiddleware, LoggingMiddleware, RetryOnConflictMiddleware
+from domain.ports import EventStore, RecordedEvent
+from domain.unit_of_work import AggregateCache, UnitOfWork
+
+HANDLERS: dict[type[Command], Callable[[Any, UnitOfWork], Awaitable[list[RecordedEvent]]]] = {
+    CreateOrder: handlers.create_order,
+    CancelOrder: handlers.cancel_order,
+    RestockProduct: handlers.restock_product,
+}
+
+
+def bootstrap(store: EventStore, cache_capacity: int = 10_000) -> CommandBus:
+    cache = AggregateCache(cache_capacity)
+    locks = StreamLocks()
+    bus = CommandBus(
+        middleware=[LoggingMiddleware(), IdempotencyMiddleware(store), RetryOnConflictMiddleware()]
+    )
+    for command_type, handler in HANDLERS.items():
+        bus.register(command_type, _with_unit_of_work(handler, store, cache, locks))
+    return bus
+
+
+def _with_unit_of_work(
+    handler: Callable[[Any, UnitOfWork], Awaitable[list[RecordedEvent]]],
+    store: EventStore,
+    cache: AggregateCache,
+    locks: StreamLocks,
+) -> Handler:
+    async def handle(command: Command) -> list[RecordedEvent]:
+        return await handler(command, UnitOfWork(store, cache, locks, command))
+
+    return handle

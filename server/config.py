@@ -1,0 +1,65 @@
+"""The gateway's settings: one model, filled from ``ORDER_GATEWAY_*`` variables and CLI flags.
+
+A flag wins over a variable because the CLI passes flags as init arguments, which
+pydantic-settings ranks above the environment. docs/configuration.md is generated from
+this model (``python -m server.docs``), so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ORDER_GATEWAY_", extra="forbid", frozen=True)
+
+    listen: str = Field("127.0.0.1:50051", description="HOST:PORT the gRPC server listens on.")
+    store: str = Field(
+        "sqlite:///order-gateway.db",
+        description="Event store URL: sqlite:///relative.db, sqlite:////absolute.db, "
+        "postgresql://user:pass@host:port/db, or memory:// (tests only).",
+    )
+    auth_tokens: Path | None = Field(
+        None, description="TOML file of bearer tokens, stored as SHA-256 hashes."
+    )
+    jwt_public_key: Path | None = Field(
+        None, description="PEM public key (RS256 or ES256) for JWT bearer tokens."
+    )
+    jwt_issuer: str | None = Field(None, description="Required `iss` claim of JWTs.")
+    jwt_audience: str | None = Field(None, description="Required `aud` claim of JWTs.")
+    tls_cert: Path | None = Field(None, description="PEM server certificate (enables TLS).")
+    tls_key: Path | None = Field(None, description="PEM private key of the server certificate.")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA bundle; when set, clients must present a certificate it signed."
+    )
+    insecure: bool = Field(
+        False,
+        description="Allow listening on a non-loopback address without authentication.",
+    )
+    metrics_listen: str | None = Field(
+        None, description="HOST:PORT serving Prometheus metrics at /metrics (off when unset)."
+    )
+    log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+    log_level: str = Field("INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
+    max_request_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="Largest request message accepted; larger is RESOURCE_EXHAUSTED.",
+    )
+    max_concurrent_streams: int = Field(
+        1000, ge=1, description="Most RPCs served at once by this process."
+    )
+    max_subscribers: int = Field(
+        500, ge=1, description="Most open Subscribe streams at once; more is RESOURCE_EXHAUSTED."
+    )
+    shutdown_grace: float = Field(
+        5.0, ge=0, description="Seconds in-flight calls get to finish on SIGTERM/SIGINT."
+    )
+
+    @property
+    def authentication_enabled(self) -> bool:
+        return self.auth_tokens is not None or self.jwt_public_key is not None

@@ -1,0 +1,147 @@
+"""One mapping from exceptions to gRPC statuses with rich error details.
+
+Details travel in ``grpc-status-details-bin`` as a ``google.rpc.Status`` (grpcio-status).
+Anything not listed here is INTERNAL with a generic message; the caller of
+``status_for`` logs the real error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from pydantic import ValidationError
+
+from domain.errors import (
+    CommandIdReusedError,
+    ConcurrencyConflictError,
+    DomainError,
+    InsufficientInventoryError,
+    NotFoundError,
+    OrderAlreadyCancelledError,
+    OrderNotFoundError,
+    PermissionDeniedError,
+    ProductNotFoundError,
+    StoreUnavailableError,
+)
+
+ERROR_DOMAIN = "order-gateway"
+INTERNAL_MESSAGE = "internal error"
+
+
+def field_path(location: Iterable[int | str]) -> str:
+    """``("items", 2, "quantity")`` → ``"items[2].quantity"`` (proto field names)."""
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else part
+    return path
+
+
+def status_for(error: BaseException) -> grpc.Status | None:
+    """The status for a known error, or None for an unexpected one (answer INTERNAL)."""
+    if isinstance(error, ValidationError):
+        return _bad_request(error)
+    if isinstance(error, DomainError):
+        return _domain_status(error)
+    if isinstance(error, StoreUnavailableError):
+        return _status(code_pb2.UNAVAILABLE, "the event store is unavailable, retry later")
+    return None
+
+
+def internal_status() -> grpc.Status:
+    return _status(code_pb2.INTERNAL, INTERNAL_MESSAGE)
+
+
+def _bad_request(error: ValidationError) -> grpc.Status:
+    violations = [
+        error_details_pb2.BadRequest.FieldViolation(
+            field=field_path(detail["loc"]), description=_describe(detail["type"], detail["msg"])
+        )
+        for detail in error.errors()
+    ]
+    fields = ", ".join(v.field for v in violations)
+    return _status(
+        code_pb2.INVALID_ARGUMENT,
+        f"invalid request: {fields}",
+        error_details_pb2.BadRequest(field_violations=violations),
+    )
+
+
+def _describe(kind: str, message: str) -> str:
+    return "is required" if kind == "missing" and message == "Field required" else message
+
+
+def _domain_status(error: DomainError) -> grpc.Status:
+    message = str(error)
+    if isinstance(error, NotFoundError):
+        metadata = (
+            {"order_id": error.order_id}
+            if isinstance(error, OrderNotFoundError)
+            else {"product_id": error.product_id}
+            if isinstance(error, ProductNotFoundError)
+            else {}
+        )
+        return _status(code_pb2.NOT_FOUND, message, _error_info(error.reason, metadata))
+    if isinstance(error, InsufficientInventoryError):
+        failure = error_details_pb2.PreconditionFailure(
+            violations=[
+                error_details_pb2.PreconditionFailure.Violation(
+                    type="STOCK",
+                    subject=f"product-{s.product_id}",
+                    description=f"requested {s.requested}, available {s.available}",
+                )
+                for s in error.shortages
+            ]
+        )
+        return _status(
+            code_pb2.FAILED_PRECONDITION, message, failure, _error_info(error.reason, {})
+        )
+    if isinstance(error, OrderAlreadyCancelledError):
+        return _status(
+            code_pb2.FAILED_PRECONDITION,
+            message,
+            _error_info(error.reason, {"order_id": error.order_id}),
+        )
+    if isinstance(error, CommandIdReusedError):
+        return _status(
+            code_pb2.ALREADY_EXISTS,
+            message,
+            _error_info(error.reason, {"command_id": error.command_id}),
+        )
+    if isinstance(error, ConcurrencyConflictError):
+        return _status(
+            code_pb2.ABORTED,
+            "the command lost a race with concurrent writers; retrying it is safe",
+            _error_info(error.reason, {}),
+        )
+    if isinstance(error, PermissionDeniedError):
+        return _status(code_pb2.PERMISSION_DENIED, message, _error_info(error.reason, {}))
+    return _status(code_pb2.FAILED_PRECONDITION, message, _error_info(error.reason, {}))
+
+
+def _error_info(reason: str, metadata: Mapping[str, str]) -> error_details_pb2.ErrorInfo:
+    return error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
+
+
+def _status(code: int, message: str, *details: Message) -> grpc.Status:
+    packed = []
+    for detail in details:
+        holder = any_pb2.Any()
+        holder.Pack(detail)
+        packed.append(holder)
+    status: grpc.Status = rpc_status.to_status(
+        status_pb2.Status(code=code, message=message, details=packed)
+    )
+    return status
+
+
+def plain_status(code: grpc.StatusCode, message: str) -> grpc.Status:
+    """A status with no details (authentication, limits, shutdown)."""
+    return _status(code.value[0], message)

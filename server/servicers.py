@@ -1,0 +1,127 @@
+"""Thin gRPC servicers: proto request → pydantic command → bus → committed events → stream.
+
+Events are streamed only after ``dispatch`` returns, i.e. after the store made them durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
+
+import grpc
+from orders.v1 import (
+    inventory_command_service_pb2 as inventory_pb2,
+)
+from orders.v1 import (
+    inventory_command_service_pb2_grpc as inventory_grpc,
+)
+from orders.v1 import (
+    order_command_service_pb2 as orders_pb2,
+)
+from orders.v1 import (
+    order_command_service_pb2_grpc as orders_grpc,
+)
+
+from domain.bus import CommandBus
+from domain.commands import CancelOrder, Command, CreateOrder, RestockProduct
+from domain.ports import RecordedEvent
+from server import mapping
+from server.errors import internal_status, status_for
+from server.identity import current_caller
+
+log = logging.getLogger("order_gateway.rpc")
+
+CORRELATION_HEADER = "x-correlation-id"
+MAX_CORRELATION_ID_LENGTH = 128
+
+
+class CommandRunner:
+    """Builds the command with the caller's identity, dispatches it, maps errors to statuses."""
+
+    def __init__(self, bus: CommandBus) -> None:
+        self._bus = bus
+
+    async def run(
+        self,
+        command_type: type[Command],
+        data: dict[str, Any],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> list[RecordedEvent]:
+        # Metadata is read once, up front: reading context state after a client cancelled
+        # a streaming call crashed grpcio 1.85 (see shared/pitfalls.md).
+        correlation_id = _correlation_id(context.invocation_metadata() or ())
+        caller = current_caller.get()
+        try:
+            command = command_type.model_validate(
+                {
+                    **data,
+                    "user_id": caller.user_id,
+                    "correlation_id": correlation_id,
+                }
+            )
+            return await self._bus.dispatch(command)
+        except Exception as error:
+            await _abort(context, error)
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> NoReturn:
+    status = status_for(error)
+    if status is None:
+        request_id = uuid.uuid4().hex
+        log.error("unexpected error (request %s)", request_id, exc_info=error)
+        context.set_trailing_metadata((("x-request-id", request_id),))
+        status = internal_status()
+    await context.abort_with_status(status)
+    raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+
+def _correlation_id(metadata: Any) -> str:
+    for key, value in metadata:
+        if key == CORRELATION_HEADER and isinstance(value, str):
+            return value[:MAX_CORRELATION_ID_LENGTH]
+    return ""
+
+
+class OrderCommandServicer(orders_grpc.OrderCommandServiceServicer):
+    def __init__(self, runner: CommandRunner) -> None:
+        self._runner = runner
+
+    async def CreateOrder(
+        self,
+        request: orders_pb2.CreateOrderRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[orders_pb2.CreateOrderResponse]:
+        events = await self._runner.run(CreateOrder, mapping.create_order_input(request), context)
+        for record in events:
+            yield orders_pb2.CreateOrderResponse(event=mapping.to_proto_event(record))
+
+    async def CancelOrder(
+        self,
+        request: orders_pb2.CancelOrderRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[orders_pb2.CancelOrderResponse]:
+        events = await self._runner.run(
+            CancelOrder,
+            {**mapping.cancel_order_input(request), "by_admin": current_caller.get().is_admin},
+            context,
+        )
+        for record in events:
+            yield orders_pb2.CancelOrderResponse(event=mapping.to_proto_event(record))
+
+
+class InventoryCommandServicer(inventory_grpc.InventoryCommandServiceServicer):
+    def __init__(self, runner: CommandRunner) -> None:
+        self._runner = runner
+
+    async def RestockProduct(
+        self,
+        request: inventory_pb2.RestockProductRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[inventory_pb2.RestockProductResponse]:
+        events = await self._runner.run(
+            RestockProduct, mapping.restock_product_input(request), context
+        )
+        for record in events:
+            yield inventory_pb2.RestockProductResponse(event=mapping.to_proto_event(record))

@@ -1,0 +1,1 @@
+"""Event store backends, one module each, chosen by URL in ``server.stores.factory``."""
