@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
+import psycopg
 import pytest
 from orders.v1 import (
     event_stream_service_pb2_grpc,
@@ -37,3 +40,30 @@ async def clients(gateway: Gateway) -> AsyncIterator[Clients]:
             inventory=inventory_command_service_pb2_grpc.InventoryCommandServiceStub(channel),
             events=event_stream_service_pb2_grpc.EventStreamServiceStub(channel),
         )
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """The test PostgreSQL server (scripts/test starts one and sets the variable).
+
+    Without it, PostgreSQL tests are skipped, unless ORDER_GATEWAY_REQUIRE_POSTGRES=1
+    (as in scripts/test and CI), where a missing server fails them instead.
+    """
+    url = os.environ.get("ORDER_GATEWAY_TEST_POSTGRES_URL")
+    if not url:
+        if os.environ.get("ORDER_GATEWAY_REQUIRE_POSTGRES") == "1":
+            pytest.fail("ORDER_GATEWAY_TEST_POSTGRES_URL is not set")
+        pytest.skip("no PostgreSQL: set ORDER_GATEWAY_TEST_POSTGRES_URL (scripts/test does)")
+    return url
+
+
+@pytest.fixture
+def fresh_postgres_url(postgres_url: str) -> Iterator[str]:
+    """A URL to a new, empty database on the test server, dropped after the test."""
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base, _, _ = postgres_url.rpartition("/")
+    yield f"{base}/{name}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
