@@ -63,7 +63,11 @@ class CreateOrder(Command):
         try:
             command = handler(data)
         except ValidationError as error:
-            raise _merged(cls.__name__, _as_init_errors(error) + cross_item) from None
+            field_errors = _as_init_errors(error)
+            # One violation per path: a malformed value is not also reported as inconsistent.
+            reported = {tuple(e["loc"]) for e in field_errors}
+            extra = [e for e in cross_item if tuple(e["loc"]) not in reported]
+            raise _merged(cls.__name__, field_errors + extra) from None
         if cross_item:
             raise _merged(cls.__name__, cross_item)
         return command

@@ -24,6 +24,7 @@ from domain.ports import EventStore
 from server.auth import Authenticator, AuthInterceptor
 from server.bootstrap import bootstrap
 from server.config import Settings
+from server.decoding import RequestDecodingInterceptor
 from server.servicers import CommandRunner, InventoryCommandServicer, OrderCommandServicer
 from server.stores.factory import open_store
 
@@ -82,7 +83,8 @@ async def create_server(
     """A configured, bound, not yet started gateway (``--listen`` may use port 0)."""
     store = store if store is not None else await open_store(settings.store)
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(authenticators)],
+        # Authentication runs first: its verdict precedes any look at the request.
+        interceptors=[AuthInterceptor(authenticators), RequestDecodingInterceptor()],
         options=server_options(settings),
     )
     runner = CommandRunner(bootstrap(store))

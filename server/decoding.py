@@ -1,0 +1,65 @@
+"""Answers request bytes that do not parse with INVALID_ARGUMENT instead of grpcio's UNKNOWN.
+
+grpcio deserialises the request before any servicer code runs, and a DecodeError there
+becomes UNKNOWN with the exception's text. This interceptor wraps the deserialiser so a
+decode failure reaches the behaviour as a marker, which then aborts with a clean status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from server.errors import plain_status
+
+
+class _Unparseable:
+    """Stands in for a request whose bytes did not parse."""
+
+
+_UNPARSEABLE = _Unparseable()
+
+
+class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_stream is None or handler.request_deserializer is None:
+            return handler
+        deserialize = handler.request_deserializer
+        behaviour = cast(
+            Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
+            handler.unary_stream,
+        )
+
+        def tolerant_deserialize(data: bytes) -> Any:
+            try:
+                return deserialize(data)
+            except DecodeError:
+                return _UNPARSEABLE
+
+        async def call(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            if request is _UNPARSEABLE:
+                await context.abort_with_status(
+                    plain_status(
+                        grpc.StatusCode.INVALID_ARGUMENT, "request message could not be parsed"
+                    )
+                )
+            async for response in behaviour(request, context):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(
+            call,
+            request_deserializer=tolerant_deserialize,
+            response_serializer=handler.response_serializer,
+        )

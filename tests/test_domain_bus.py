@@ -1,0 +1,215 @@
+"""Handlers, middleware and the command bus, on the in-memory store."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+
+from domain.bus import CommandBus, Next, Result
+from domain.commands import CancelOrder, Command, CreateOrder, RestockProduct
+from domain.errors import (
+    CommandIdReusedError,
+    ConcurrencyConflictError,
+    HandlerAlreadyRegisteredError,
+    InsufficientInventoryError,
+    NoHandlerFoundError,
+    OrderNotFoundError,
+    ProductNotFoundError,
+)
+from domain.mapper import to_domain_event
+from domain.middleware import RetryOnConflictMiddleware
+from domain.ports import Commit, RecordedEvent
+from server.bootstrap import bootstrap
+from server.stores.memory import MemoryEventStore
+
+ADDRESS = {"recipient": "Ada", "line1": "1 Road", "city": "London", "country_code": "GB"}
+
+
+def create(*items: tuple[str, int], command_id: str = "", user_id: str = "") -> CreateOrder:
+    return CreateOrder.model_validate(
+        {
+            "command_id": command_id,
+            "customer_id": str(uuid.uuid4()),
+            "items": [
+                {"product_id": p, "quantity": q, "unit_price": {"currency_code": "EUR", "units": 1}}
+                for p, q in items
+            ],
+            "shipping_address": ADDRESS,
+            "user_id": user_id,
+        }
+    )
+
+
+def restock(product_id: str, quantity: int, command_id: str = "") -> RestockProduct:
+    return RestockProduct(command_id=command_id, product_id=product_id, quantity=quantity)
+
+
+@pytest.fixture
+def store() -> MemoryEventStore:
+    return MemoryEventStore()
+
+
+@pytest.fixture
+def bus(store: MemoryEventStore) -> CommandBus:
+    return bootstrap(store)
+
+
+async def test_create_order_commits_order_and_reservations_atomically(
+    bus: CommandBus, store: MemoryEventStore
+) -> None:
+    await bus.dispatch(restock("a", 5))
+    await bus.dispatch(restock("b", 5))
+    events = await bus.dispatch(create(("b", 2), ("a", 1)))
+    assert [(e.event_type, e.stream_id) for e in events][1:] == [
+        ("StockReserved", "product-b"),
+        ("StockReserved", "product-a"),
+    ]
+    assert events[0].event_type == "OrderCreated"
+    assert [e.position for e in events] == [3, 4, 5]
+    assert {e.command_id for e in events} == {events[0].command_id}
+
+
+async def test_a_failed_order_appends_nothing(bus: CommandBus, store: MemoryEventStore) -> None:
+    await bus.dispatch(restock("a", 5))
+    with pytest.raises(InsufficientInventoryError):
+        await bus.dispatch(create(("a", 6)))
+    with pytest.raises(ProductNotFoundError):
+        await bus.dispatch(create(("a", 1), ("ghost", 1)))
+    assert await store.head_position() == 1
+
+
+async def test_cancel_unknown_order_is_not_found(bus: CommandBus) -> None:
+    with pytest.raises(OrderNotFoundError):
+        await bus.dispatch(CancelOrder(order_id=str(uuid.uuid4())))
+
+
+async def test_cancel_releases_stock_for_a_later_order(bus: CommandBus) -> None:
+    await bus.dispatch(restock("a", 1))
+    created = await bus.dispatch(create(("a", 1)))
+    order_id = to_domain_event(created[0]).order_id  # type: ignore[attr-defined]
+    cancelled = await bus.dispatch(CancelOrder(order_id=order_id, by_admin=True))
+    assert [e.event_type for e in cancelled] == ["OrderCancelled", "StockReleased"]
+    assert (await bus.dispatch(create(("a", 1))))[1].event_type == "StockReserved"
+
+
+async def test_same_command_id_replays_the_same_events(
+    bus: CommandBus, store: MemoryEventStore
+) -> None:
+    command_id = str(uuid.uuid4())
+    first = await bus.dispatch(restock("a", 5, command_id))
+    again = await bus.dispatch(restock("a", 5, command_id))
+    assert again == first
+    assert await store.head_position() == 1
+
+
+async def test_same_command_id_for_another_request_is_refused(bus: CommandBus) -> None:
+    command_id = str(uuid.uuid4())
+    await bus.dispatch(restock("a", 5, command_id))
+    with pytest.raises(CommandIdReusedError):
+        await bus.dispatch(restock("a", 6, command_id))
+    with pytest.raises(CommandIdReusedError):
+        await bus.dispatch(create(("a", 1), command_id=command_id))
+
+
+async def test_same_command_id_from_another_caller_is_refused(bus: CommandBus) -> None:
+    await bus.dispatch(restock("a", 5))
+    command_id = str(uuid.uuid4())
+    await bus.dispatch(create(("a", 1), command_id=command_id, user_id="alice"))
+    with pytest.raises(CommandIdReusedError):
+        await bus.dispatch(create(("a", 1), command_id=command_id, user_id="bob"))
+
+
+async def test_a_failed_command_is_not_remembered(bus: CommandBus) -> None:
+    command_id = str(uuid.uuid4())
+    with pytest.raises(ProductNotFoundError):
+        await bus.dispatch(create(("a", 1), command_id=command_id))
+    await bus.dispatch(restock("a", 1))
+    events = await bus.dispatch(create(("a", 1), command_id=command_id))
+    assert events[0].command_id == command_id
+
+
+async def test_concurrent_orders_never_oversell(bus: CommandBus) -> None:
+    await bus.dispatch(restock("hot", 20))
+    results = await asyncio.gather(
+        *(bus.dispatch(create(("hot", 1))) for _ in range(100)), return_exceptions=True
+    )
+    succeeded = [r for r in results if isinstance(r, list)]
+    refused = [r for r in results if isinstance(r, InsufficientInventoryError)]
+    assert (len(succeeded), len(refused)) == (20, 80)
+    remaining = sorted(to_domain_event(r[1]).available_after for r in succeeded)  # type: ignore[attr-defined]
+    assert remaining == list(range(20))
+
+
+async def test_duplicate_commands_racing_commit_once(
+    bus: CommandBus, store: MemoryEventStore
+) -> None:
+    await bus.dispatch(restock("a", 100))
+    command = create(("a", 1))
+    results = await asyncio.gather(*(bus.dispatch(command) for _ in range(10)))
+    assert all(r == results[0] for r in results)
+    assert await store.head_position() == 3
+
+
+class ConflictingStore(MemoryEventStore):
+    """Loses the first ``conflicts`` appends to an imaginary other replica."""
+
+    def __init__(self, conflicts: int) -> None:
+        super().__init__()
+        self.conflicts = conflicts
+
+    async def append(self, commit: Commit) -> list[RecordedEvent]:
+        if self.conflicts:
+            self.conflicts -= 1
+            raise ConcurrencyConflictError("another replica moved the stream on")
+        return await super().append(commit)
+
+
+async def test_conflicts_are_retried_until_they_succeed() -> None:
+    store = ConflictingStore(conflicts=3)
+    events = await bootstrap(store).dispatch(restock("a", 1))
+    assert events[0].position == 1
+
+
+async def test_conflicts_left_after_retries_surface() -> None:
+    store = ConflictingStore(conflicts=100)
+    with pytest.raises(ConcurrencyConflictError):
+        await bootstrap(store).dispatch(restock("a", 1))
+    assert store.conflicts == 100 - 8
+
+
+async def test_register_refuses_a_second_handler_and_dispatch_an_unknown_type() -> None:
+    bus = CommandBus()
+
+    async def handler(command: Any) -> Result:
+        return []
+
+    bus.register(RestockProduct, handler)
+    with pytest.raises(HandlerAlreadyRegisteredError):
+        bus.register(RestockProduct, handler)
+    with pytest.raises(NoHandlerFoundError):
+        await bus.dispatch(CancelOrder(order_id=str(uuid.uuid4())))
+
+
+async def test_middleware_runs_outermost_first() -> None:
+    calls: list[str] = []
+
+    def tracer(name: str) -> Any:
+        async def middleware(command: Command, call_next: Next) -> Result:
+            calls.append(f"{name} in")
+            result = await call_next(command)
+            calls.append(f"{name} out")
+            return result
+
+        return middleware
+
+    async def handler(command: Any) -> Result:
+        calls.append("handler")
+        return []
+
+    bus = CommandBus(middleware=[tracer("outer"), tracer("inner"), RetryOnConflictMiddleware()])
+    bus.register(RestockProduct, handler)
+    await bus.dispatch(restock("a", 1))
+    assert calls == ["outer in", "inner in", "handler", "inner out", "outer out"]

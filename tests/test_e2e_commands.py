@@ -1,0 +1,255 @@
+"""End-to-end over gRPC against a real server on 127.0.0.1:0: every RPC and error row."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+
+from domain.errors import ConcurrencyConflictError
+from domain.ports import Commit, RecordedEvent
+from server.app import create_server
+from server.config import Settings
+from server.stores.memory import MemoryEventStore
+from tests.clients import Clients, bad_fields, detail, item, money, order_request
+
+
+async def rpc_error(call: object) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call  # type: ignore[misc]
+    return raised.value
+
+
+async def placed(clients: Clients, *items: tuple[str, int]) -> str:
+    events = await clients.create(order_request(*(item(p, q) for p, q in items)))
+    return events[0].order_created.order_id
+
+
+async def test_restock_streams_product_restocked(clients: Clients) -> None:
+    first = await clients.restock("sku.1_A-b", 5)
+    second = await clients.restock("sku.1_A-b", 7)
+    assert [e.product_restocked.available_after for e in first + second] == [5, 12]
+    assert (second[0].stream_id, second[0].stream_version, second[0].position) == (
+        "product-sku.1_A-b",
+        2,
+        2,
+    )
+    uuid.UUID(second[0].event_id)
+    assert second[0].occurred_at.seconds > 0
+
+
+async def test_create_order_streams_created_then_one_reservation_per_item(
+    clients: Clients,
+) -> None:
+    await clients.restock("a", 10)
+    await clients.restock("b", 10)
+    customer = str(uuid.uuid4()).upper()
+    request = order_request(
+        item("b", 2, money(3, 250_000_000)), item("a", 1, money(10)), customer_id=customer
+    )
+    events = await clients.create(request)
+
+    assert [e.event_type for e in events] == ["OrderCreated", "StockReserved", "StockReserved"]
+    created = events[0].order_created
+    assert created.customer_id == customer.lower()
+    assert (created.total.currency_code, created.total.units, created.total.nanos) == (
+        "EUR",
+        16,
+        500_000_000,
+    )
+    assert events[0].stream_id == f"order-{created.order_id}"
+    assert uuid.UUID(created.order_id).version == 4
+    assert [
+        (e.stock_reserved.product_id, e.stock_reserved.available_after) for e in events[1:]
+    ] == [
+        ("b", 8),
+        ("a", 9),
+    ]
+    assert [e.position for e in events] == [3, 4, 5]
+    assert len({e.event_id for e in events}) == 3
+
+
+async def test_cancel_order_streams_cancelled_then_releases(clients: Clients) -> None:
+    await clients.restock("a", 3)
+    order_id = await placed(clients, ("a", 2))
+    events = await clients.cancel(order_id, reason="changed my mind")
+    assert [e.event_type for e in events] == ["OrderCancelled", "StockReleased"]
+    assert events[0].order_cancelled.reason == "changed my mind"
+    assert events[0].order_cancelled.cancelled_by == ""
+    assert events[1].stock_released.available_after == 3
+    assert events[0].stream_version == 2
+
+
+async def test_command_and_correlation_ids(clients: Clients) -> None:
+    command_id = str(uuid.uuid4())
+    events = await clients.restock("a", 1, command_id=command_id)
+    assert (events[0].command_id, events[0].correlation_id) == (command_id, command_id)
+    events = await clients.restock("a", 1, metadata=(("x-correlation-id", "checkout-42"),))
+    assert events[0].correlation_id == "checkout-42"
+    uuid.UUID(events[0].command_id)
+
+
+async def test_invalid_argument_names_every_bad_field(clients: Clients) -> None:
+    request = order_request(item("a", 0), item("a b", 1, money(1, currency="usd")))
+    request.customer_id = "not-a-uuid"
+    request.shipping_address.city = "  "
+    error = await rpc_error(clients.create(request))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert sorted(bad_fields(error)) == sorted(
+        [
+            "customer_id",
+            "items[0].quantity",
+            "items[1].product_id",
+            "items[1].unit_price.currency_code",
+            "shipping_address.city",
+        ]
+    )
+
+
+async def test_missing_messages_are_reported_by_path(clients: Clients) -> None:
+    request = order_request(item("a", 1))
+    request.items[0].ClearField("unit_price")
+    request.ClearField("shipping_address")
+    error = await rpc_error(clients.create(request))
+    assert sorted(bad_fields(error)) == ["items[0].unit_price", "shipping_address"]
+
+
+async def test_unparseable_request_bytes_are_refused(clients: Clients) -> None:
+    call = clients.channel.unary_stream(
+        "/orders.v1.OrderCommandService/CreateOrder",
+        request_serializer=None,
+        response_deserializer=None,
+    )
+    error = await rpc_error(_drain(call(b"\xff\xff\xff\xff")))
+    assert error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL)
+    assert (await clients.restock("still-serving", 1))[0].position == 1
+
+
+async def _drain(call: grpc.aio.UnaryStreamCall) -> None:  # type: ignore[type-arg]
+    async for _ in call:
+        pass
+
+
+async def test_unknown_product_is_not_found_with_error_info(clients: Clients) -> None:
+    error = await rpc_error(clients.create(order_request(item("ghost", 1))))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    info = detail(error, error_details_pb2.ErrorInfo)
+    assert (info.reason, info.domain, info.metadata["product_id"]) == (
+        "PRODUCT_NOT_FOUND",
+        "order-gateway",
+        "ghost",
+    )
+
+
+async def test_unknown_order_is_not_found_with_error_info(clients: Clients) -> None:
+    error = await rpc_error(clients.cancel(str(uuid.uuid4())))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    info = detail(error, error_details_pb2.ErrorInfo)
+    assert (info.reason, info.domain) == ("ORDER_NOT_FOUND", "order-gateway")
+
+
+async def test_insufficient_stock_has_precondition_failure_and_error_info(
+    clients: Clients,
+) -> None:
+    await clients.restock("a", 2)
+    await clients.restock("b", 9)
+    error = await rpc_error(clients.create(order_request(item("a", 3), item("b", 1))))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    failure = detail(error, error_details_pb2.PreconditionFailure)
+    assert [(v.type, v.subject, v.description) for v in failure.violations] == [
+        ("STOCK", "product-a", "requested 3, available 2")
+    ]
+    info = detail(error, error_details_pb2.ErrorInfo)
+    assert (info.reason, info.domain) == ("INSUFFICIENT_INVENTORY", "order-gateway")
+
+
+async def test_cancelling_twice_is_failed_precondition(clients: Clients) -> None:
+    await clients.restock("a", 1)
+    order_id = await placed(clients, ("a", 1))
+    await clients.cancel(order_id)
+    error = await rpc_error(clients.cancel(order_id))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert detail(error, error_details_pb2.ErrorInfo).reason == "ORDER_ALREADY_CANCELLED"
+
+
+async def test_retry_with_same_command_id_replays_same_events(clients: Clients) -> None:
+    await clients.restock("a", 5)
+    request = order_request(item("a", 2), command_id=str(uuid.uuid4()))
+    first = await clients.create(request)
+    again = await clients.create(request)
+    assert again == first
+    restocked = await clients.restock("a", 1)
+    assert restocked[0].position == first[-1].position + 1
+    assert restocked[0].product_restocked.available_after == 4
+
+
+async def test_replay_comes_before_business_rules(clients: Clients) -> None:
+    await clients.restock("a", 1)
+    order_id = await placed(clients, ("a", 1))
+    command_id = str(uuid.uuid4())
+    first = await clients.cancel(order_id, command_id=command_id)
+    assert await clients.cancel(order_id, command_id=command_id) == first
+
+
+async def test_validation_comes_before_replay(clients: Clients) -> None:
+    command_id = str(uuid.uuid4())
+    await clients.restock("a", 1, command_id=command_id)
+    error = await rpc_error(clients.restock("a", 0, command_id=command_id))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_reused_command_id_is_already_exists(clients: Clients) -> None:
+    command_id = str(uuid.uuid4())
+    await clients.restock("a", 1, command_id=command_id)
+    for call in (
+        clients.restock("a", 2, command_id=command_id),
+        clients.create(order_request(item("a", 1), command_id=command_id)),
+    ):
+        error = await rpc_error(call)
+        assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+        info = detail(error, error_details_pb2.ErrorInfo)
+        assert (info.reason, info.domain) == ("COMMAND_ID_REUSED", "order-gateway")
+
+
+async def test_concurrent_orders_never_oversell(clients: Clients) -> None:
+    await clients.restock("hot", 20)
+    results = await asyncio.gather(
+        *(clients.create(order_request(item("hot", 1))) for _ in range(100)),
+        return_exceptions=True,
+    )
+    succeeded = [r for r in results if isinstance(r, list)]
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(succeeded) == 20
+    assert {e.code() for e in refused} == {grpc.StatusCode.FAILED_PRECONDITION}
+    assert len(refused) == 80
+    remaining = sorted(r[1].stock_reserved.available_after for r in succeeded)
+    assert remaining == list(range(20))
+
+
+class AlwaysConflictingStore(MemoryEventStore):
+    async def append(self, commit: Commit) -> list[RecordedEvent]:
+        raise ConcurrencyConflictError("another replica keeps winning")
+
+
+async def test_conflict_left_after_retries_is_aborted() -> None:
+    gateway = await create_server(
+        Settings(listen="127.0.0.1:0", store="memory://"), store=AlwaysConflictingStore()
+    )
+    await gateway.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            from orders.v1 import inventory_command_service_pb2, inventory_command_service_pb2_grpc
+
+            stub = inventory_command_service_pb2_grpc.InventoryCommandServiceStub(channel)
+            call = stub.RestockProduct(
+                inventory_command_service_pb2.RestockProductRequest(product_id="a", quantity=1)
+            )
+            error = await rpc_error(_drain(call))
+    finally:
+        await gateway.stop()
+    assert error.code() == grpc.StatusCode.ABORTED
+    info = detail(error, error_details_pb2.ErrorInfo)
+    assert (info.reason, info.domain) == ("CONCURRENCY_CONFLICT", "order-gateway")
