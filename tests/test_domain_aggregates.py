@@ -45,7 +45,7 @@ def test_restock_creates_the_product_and_adds_stock() -> None:
     sku.restock(3)
     assert sku.exists
     assert sku.available == 8
-    assert [e.available_after for e in sku.pending] == [5, 8]  # type: ignore[attr-defined]
+    assert [e.available_after for e in sku.pending] == [5, 8]
 
 
 def test_placing_an_order_reserves_each_item_and_totals_the_price() -> None:

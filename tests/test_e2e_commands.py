@@ -118,7 +118,7 @@ async def test_missing_messages_are_reported_by_path(clients: Clients) -> None:
 
 
 async def test_unparseable_request_bytes_are_refused(clients: Clients) -> None:
-    call = clients.channel.unary_stream(
+    call: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = clients.channel.unary_stream(
         "/orders.v1.OrderCommandService/CreateOrder",
         request_serializer=None,
         response_deserializer=None,
