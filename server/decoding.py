@@ -16,6 +16,9 @@ from google.protobuf.message import DecodeError
 from server.errors import plain_status
 
 
+OWN_METHOD_PREFIX = "/orders.v1."
+
+
 class _Unparseable:
     """Stands in for a request whose bytes did not parse."""
 
@@ -32,7 +35,14 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_stream is None or handler.request_deserializer is None:
+        # Only our own RPCs: they are all async-generator unary-stream behaviours, while
+        # e.g. health's Watch is a coroutine that writes through its context.
+        if (
+            handler is None
+            or not handler_call_details.method.startswith(OWN_METHOD_PREFIX)
+            or handler.unary_stream is None
+            or handler.request_deserializer is None
+        ):
             return handler
         deserialize = handler.request_deserializer
         behaviour = cast(

@@ -1,0 +1,63 @@
+"""The order-gateway command as operators use it: flags, variables, serve, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from orders.v1 import inventory_command_service_pb2_grpc
+from orders.v1.inventory_command_service_pb2 import RestockProductRequest
+
+from server.cli import build_parser, settings_from
+from tests.serving import free_port, start_gateway, wait_until_serving
+
+
+def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORDER_GATEWAY_LISTEN", "127.0.0.1:7000")
+    monkeypatch.setenv("ORDER_GATEWAY_STORE", "memory://")
+    args = build_parser().parse_args(["serve", "--listen", "127.0.0.1:7001"])
+    settings = settings_from(args)
+    assert (settings.listen, settings.store) == ("127.0.0.1:7001", "memory://")
+
+
+def test_defaults_follow_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("ORDER_GATEWAY_LISTEN", "ORDER_GATEWAY_STORE"):
+        monkeypatch.delenv(name, raising=False)
+    settings = settings_from(build_parser().parse_args(["serve"]))
+    assert (settings.listen, settings.store) == ("127.0.0.1:50051", "sqlite:///order-gateway.db")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_serve_stops_gracefully_on_a_signal(signum: signal.Signals) -> None:
+    target = f"127.0.0.1:{free_port()}"
+    process = start_gateway(["serve", "--listen", target, "--store", "memory://"])
+    try:
+        await wait_until_serving(target, process)
+        async with grpc.aio.insecure_channel(target) as channel:
+            inventory = inventory_command_service_pb2_grpc.InventoryCommandServiceStub(channel)
+            call = inventory.RestockProduct(RestockProductRequest(product_id="a", quantity=1))
+            assert [r.event.position async for r in call] == [1]
+            health = health_pb2_grpc.HealthStub(channel)
+            watch = health.Watch(health_pb2.HealthCheckRequest())
+            first = await watch.read()
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            process.send_signal(signum)
+            started = time.monotonic()
+            statuses = []
+            try:
+                while (reply := await watch.read()) is not grpc.aio.EOF:
+                    statuses.append(reply.status)
+            except grpc.aio.AioRpcError:
+                pass
+        code = await asyncio.to_thread(process.wait, 10)
+        assert code == 0
+        assert time.monotonic() - started < 10
+        assert statuses[:1] == [health_pb2.HealthCheckResponse.NOT_SERVING]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
