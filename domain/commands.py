@@ -8,6 +8,7 @@ checked when it is built, and every violation is reported at once in one
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Annotated, Any
 
 from pydantic import (
@@ -21,7 +22,14 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from domain.values import Address, CommandId, OrderItem, ProductId, Uuid
+from domain.values import (
+    CURRENCY_CODE_PATTERN,
+    Address,
+    CommandId,
+    OrderItem,
+    ProductId,
+    Uuid,
+)
 
 
 def _utcnow() -> dt.datetime:
@@ -126,10 +134,13 @@ def _cross_item_errors(data: Any) -> list[InitErrorDetails]:
 
 
 def _currency_of(item: Any) -> str | None:
+    """The item's currency if it is well-formed: a malformed one is reported as such, and
+    must neither set the order's currency nor hide a later item's mismatch."""
     price = item.get("unit_price") if isinstance(item, dict) else None
     if isinstance(price, dict):
         code = price.get("currency_code")
-        return code if isinstance(code, str) else None
+        if isinstance(code, str) and re.fullmatch(CURRENCY_CODE_PATTERN, code):
+            return code
     return None
 
 

@@ -21,6 +21,9 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 NANOS_PER_UNIT = 1_000_000_000
+CURRENCY_CODE_PATTERN = r"[A-Z]{3}"
+MAX_INT64 = 2**63 - 1
+MAX_UNIT_PRICE_UNITS = 1_000_000_000
 
 
 def _matching(pattern: str, kind: str, message: str) -> AfterValidator:
@@ -78,12 +81,18 @@ class ValueObject(BaseModel):
 
 
 class Money(ValueObject):
-    """An amount in one currency, as ``google.type.Money`` (non-negative here)."""
+    """An amount in one currency, as ``google.type.Money`` (non-negative here).
+
+    Unbounded but for int64, so that an order's total can reach what its items allow.
+    """
 
     currency_code: Annotated[
-        str, _matching(r"[A-Z]{3}", "currency_code", "must be an ISO 4217 code (3 capital letters)")
+        str,
+        _matching(
+            CURRENCY_CODE_PATTERN, "currency_code", "must be an ISO 4217 code (3 capital letters)"
+        ),
     ]
-    units: Annotated[int, Field(ge=0, le=1_000_000_000)] = 0
+    units: Annotated[int, Field(ge=0, le=MAX_INT64)] = 0
     nanos: Annotated[int, Field(ge=0, le=999_999_999)] = 0
 
     @property
@@ -94,6 +103,22 @@ class Money(ValueObject):
     def from_nanos(cls, currency_code: str, total_nanos: int) -> Money:
         units, nanos = divmod(total_nanos, NANOS_PER_UNIT)
         return cls.model_construct(currency_code=currency_code, units=units, nanos=nanos)
+
+
+class _UnitPriceRules(Money):
+    units: Annotated[int, Field(ge=0, le=MAX_UNIT_PRICE_UNITS)] = 0
+
+
+def _within_unit_price_bounds(value: object) -> object:
+    # Validated as a whole, so that a bad ``units`` is reported along with any other bad
+    # field of the price (pydantic nests the locations under the field's own path).
+    if isinstance(value, Money | dict):
+        _UnitPriceRules.model_validate(value.model_dump() if isinstance(value, Money) else value)
+    return value
+
+
+UnitPrice = Annotated[Money, BeforeValidator(_within_unit_price_bounds)]
+"""The price of one unit of an item: at most a billion units of its currency."""
 
 
 class Address(ValueObject):
@@ -112,7 +137,7 @@ class Address(ValueObject):
 class OrderItem(ValueObject):
     product_id: ProductId
     quantity: Annotated[int, Field(ge=1, le=10_000)]
-    unit_price: Money
+    unit_price: UnitPrice
 
     @property
     def line_total_nanos(self) -> int:

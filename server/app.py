@@ -14,19 +14,32 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from orders.v1 import (
     event_stream_service_pb2,
+    event_stream_service_pb2_grpc,
     inventory_command_service_pb2,
     inventory_command_service_pb2_grpc,
     order_command_service_pb2,
     order_command_service_pb2_grpc,
 )
 
+from domain.bus import Middleware
 from domain.ports import EventStore
 from server.auth import Authenticator, AuthInterceptor
 from server.bootstrap import bootstrap
 from server.config import Settings
 from server.decoding import RequestDecodingInterceptor
+from server.metrics import (
+    CommandMetricsMiddleware,
+    GatewayMetrics,
+    MeteredEventStore,
+    MetricsServer,
+)
+from server.observability import ObservabilityInterceptor, Tracing, otel_tracing
+from server.rpc_logging import AccessLog
+from server.security import add_port, authenticators_from, redacted_url, server_credentials
 from server.servicers import CommandRunner, InventoryCommandServicer, OrderCommandServicer
 from server.stores.factory import open_store
+from server.subscription_hub import HubTuning, SubscriptionHub
+from server.subscriptions import EventStreamServicer
 
 log = logging.getLogger("order_gateway.server")
 
@@ -45,10 +58,19 @@ class Gateway:
     port: int
     store: EventStore
     health: HealthServicer
+    hub: SubscriptionHub
     shutdown_grace: float
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    metrics_server: MetricsServer | None = None
+    tracing: Tracing | None = None
+    metrics_port: int | None = field(default=None, init=False)
+    """The port /metrics is served on once started (None without --metrics-listen)."""
     _stopped: bool = field(default=False, init=False)
 
     async def start(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_port = self.metrics_server.start()
+        await self.hub.start()
         await self.server.start()
         for name in (*SERVICE_NAMES, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -59,8 +81,15 @@ class Gateway:
             return
         self._stopped = True
         await self.health.enter_graceful_shutdown()
+        # Subscription streams never end on their own, and server.stop can hang while
+        # server-streaming calls are open: end them first.
+        await self.hub.stop()
         await self.server.stop(self.shutdown_grace)
         await self.store.close()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+        if self.tracing is not None:
+            self.tracing.shutdown()
 
 
 def server_options(settings: Settings) -> Sequence[tuple[str, int]]:
@@ -78,21 +107,54 @@ def server_options(settings: Settings) -> Sequence[tuple[str, int]]:
 async def create_server(
     settings: Settings,
     store: EventStore | None = None,
-    authenticators: Sequence[Authenticator] = (),
+    authenticators: Sequence[Authenticator] | None = None,
+    hub_tuning: HubTuning | None = None,
+    tracing: Tracing | None = None,
 ) -> Gateway:
-    """A configured, bound, not yet started gateway (``--listen`` may use port 0)."""
+    """A configured, bound, not yet started gateway (``--listen`` may use port 0).
+
+    ``authenticators`` default to those the settings name (none: authentication off);
+    ``tracing`` to OpenTelemetry with ``--otel``, else none.
+    """
+    # Key, token and certificate files are read first: a bad one fails before the store opens.
+    if authenticators is None:
+        authenticators = authenticators_from(settings)
+    credentials = server_credentials(settings)
+    if tracing is None and settings.otel:
+        tracing = otel_tracing()
     store = store if store is not None else await open_store(settings.store)
+    metrics = GatewayMetrics()
     server = grpc.aio.server(
-        # Authentication runs first: its verdict precedes any look at the request.
-        interceptors=[AuthInterceptor(authenticators), RequestDecodingInterceptor()],
+        # Observability wraps all the others, so that calls the auth interceptor refuses
+        # are still timed, counted and logged. Of those that act on a call, authentication
+        # runs first: its verdict precedes any look at the request.
+        interceptors=[
+            ObservabilityInterceptor([metrics, AccessLog()], tracing),
+            AuthInterceptor(authenticators),
+            RequestDecodingInterceptor(),
+        ],
         options=server_options(settings),
+        # grpc.max_concurrent_streams only bounds one connection; this bounds the process
+        # (more is RESOURCE_EXHAUSTED).
+        maximum_concurrent_rpcs=settings.max_concurrent_streams,
     )
-    runner = CommandRunner(bootstrap(store))
+    # Only the command path gets the instrumented store: its appends are what is measured.
+    command_store: EventStore = MeteredEventStore(store, metrics)
+    middleware: list[Middleware] = [CommandMetricsMiddleware(metrics)]
+    if tracing is not None:
+        command_store = tracing.instrument_store(command_store)
+        middleware.append(tracing.command_middleware())
+    runner = CommandRunner(bootstrap(command_store, middleware=middleware))
     order_command_service_pb2_grpc.add_OrderCommandServiceServicer_to_server(
         OrderCommandServicer(runner), server
     )
     inventory_command_service_pb2_grpc.add_InventoryCommandServiceServicer_to_server(
         InventoryCommandServicer(runner), server
+    )
+    hub = SubscriptionHub(store, settings.max_subscribers, hub_tuning)
+    metrics.count_subscriptions(lambda: hub.subscriber_count)
+    event_stream_service_pb2_grpc.add_EventStreamServiceServicer_to_server(
+        EventStreamServicer(hub), server
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -104,15 +166,39 @@ async def create_server(
         ),
         server,
     )
-    port = server.add_insecure_port(settings.listen)
-    return Gateway(server, port, store, health, settings.shutdown_grace)
+    port = add_port(server, settings.listen, credentials)
+    return Gateway(
+        server,
+        port,
+        store,
+        health,
+        hub,
+        settings.shutdown_grace,
+        metrics=metrics,
+        metrics_server=(
+            MetricsServer(metrics.registry, settings.metrics_listen)
+            if settings.metrics_listen
+            else None
+        ),
+        tracing=tracing,
+    )
 
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully."""
     gateway = await create_server(settings)
     await gateway.start()
-    log.info("order-gateway listening on %s (store %s)", settings.listen, settings.store)
+    # The bound port, not the configured one: with port 0 the OS chose it.
+    host = settings.listen.rpartition(":")[0]
+    log.info(
+        "order-gateway listening on %s:%d (store %s)",
+        host,
+        gateway.port,
+        redacted_url(settings.store),
+    )
+    if settings.metrics_listen and gateway.metrics_port is not None:
+        metrics_host = settings.metrics_listen.rpartition(":")[0]
+        log.info("metrics at http://%s:%d/metrics", metrics_host, gateway.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -9,15 +9,18 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import tomllib
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast
 
 import grpc
 
-from server.errors import plain_status
+from server.errors import INTERNAL_MESSAGE, internal_status, plain_status
 from server.identity import (
+    ALL_SCOPES,
     ANONYMOUS,
     SCOPE_EVENTS_READ,
     SCOPE_INVENTORY_WRITE,
@@ -67,11 +70,24 @@ class TokenFileAuthenticator:
             document = tomllib.load(file)
         entries: dict[bytes, Caller] = {}
         for n, token in enumerate(document.get("token", [])):
-            digest = bytes.fromhex(str(token["sha256"]))
-            if len(digest) != hashlib.sha256().digest_size:
-                raise ValueError(f"{path}: token[{n}].sha256 is not a hex SHA-256 digest")
-            entries[digest] = Caller(
-                user_id=str(token["user_id"]), scopes=frozenset(token.get("scopes", []))
+            where = f"{path}: token[{n}]"
+            if not isinstance(token, dict):
+                raise ValueError(f"{where} must be a [[token]] table")
+            missing = {"sha256", "user_id"} - token.keys()
+            if missing:
+                raise ValueError(f"{where} needs {' and '.join(sorted(missing))}")
+            digest = str(token["sha256"]).lower()
+            if re.fullmatch("[0-9a-f]{64}", digest) is None:
+                raise ValueError(f"{where}.sha256 is not a hex SHA-256 digest")
+            scopes = token.get("scopes", [])
+            # A bare string would silently become a set of single characters.
+            if not isinstance(scopes, list) or not all(
+                isinstance(scope, str) and scope in ALL_SCOPES for scope in scopes
+            ):
+                known = ", ".join(sorted(ALL_SCOPES))
+                raise ValueError(f"{where}.scopes must be a list of {known}")
+            entries[bytes.fromhex(digest)] = Caller(
+                user_id=str(token["user_id"]), scopes=frozenset(scopes)
             )
         return cls(entries)
 
@@ -105,12 +121,20 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         required = REQUIRED_SCOPES.get(handler_call_details.method)
         if handler is None or required is None:
             return handler
+        method = handler_call_details.method
         try:
             caller = self._caller(handler_call_details.invocation_metadata or ())
         except AuthenticationError as error:
+            # The message never holds the token: authenticators word their own reasons.
+            log.info("refused %s: %s", method, error)
             return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, str(error))
+        except Exception:
+            # A hostile token must not turn an authenticator's bug into a leaky status.
+            log.exception("authentication failed unexpectedly for %s", method)
+            return _refusal(handler, grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
         if not caller.scopes & required:
             needed = " or ".join(sorted(required))
+            log.info("refused %s to %r: lacks scope %s", method, caller.user_id, needed)
             return _refusal(
                 handler, grpc.StatusCode.PERMISSION_DENIED, f"this call needs scope {needed}"
             )
@@ -145,8 +169,23 @@ def _as_caller(
 
     async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         current_caller.set(caller)
-        async for response in behaviour(request, context):
-            yield response
+        try:
+            async for response in behaviour(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            # Every protected call passes through here, so this is the last line of
+            # defence: grpcio itself would answer UNKNOWN with the exception's text.
+            request_id = uuid.uuid4().hex
+            log.error("unexpected error (request %s)", request_id, exc_info=error)
+            status = internal_status()
+            # abort_with_status would replace trailers set beforehand: pass them together.
+            await context.abort(
+                status.code,
+                status.details,
+                (*status.trailing_metadata, ("x-request-id", request_id)),
+            )
 
     return grpc.unary_stream_rpc_method_handler(
         call,

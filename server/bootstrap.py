@@ -5,11 +5,11 @@ Nothing happens at import time; ``bootstrap`` builds a fresh object graph per ca
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from domain import handlers
-from domain.bus import CommandBus, Handler
+from domain.bus import CommandBus, Handler, Middleware
 from domain.commands import CancelOrder, Command, CreateOrder, RestockProduct
 from domain.locks import StreamLocks
 from domain.middleware import IdempotencyMiddleware, LoggingMiddleware, RetryOnConflictMiddleware
@@ -23,11 +23,20 @@ HANDLERS: dict[type[Command], Callable[[Any, UnitOfWork], Awaitable[list[Recorde
 }
 
 
-def bootstrap(store: EventStore, cache_capacity: int = 10_000) -> CommandBus:
+def bootstrap(
+    store: EventStore, cache_capacity: int = 10_000, middleware: Sequence[Middleware] = ()
+) -> CommandBus:
+    """``middleware`` (metrics, tracing) runs outermost, so it sees each command's whole
+    dispatch: idempotent replays and conflict retries included."""
     cache = AggregateCache(cache_capacity)
     locks = StreamLocks()
     bus = CommandBus(
-        middleware=[LoggingMiddleware(), IdempotencyMiddleware(store), RetryOnConflictMiddleware()]
+        middleware=[
+            *middleware,
+            LoggingMiddleware(),
+            IdempotencyMiddleware(store),
+            RetryOnConflictMiddleware(),
+        ]
     )
     for command_type, handler in HANDLERS.items():
         bus.register(command_type, _with_unit_of_work(handler, store, cache, locks))

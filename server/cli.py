@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-client-ca", metavar="FILE")
     serve.add_argument("--insecure", action="store_const", const=True)
     serve.add_argument("--metrics-listen", metavar="HOST:PORT")
+    serve.add_argument("--otel", action="store_const", const=True)
     serve.add_argument("--log-format", choices=["text", "json"])
     serve.add_argument("--log-level", metavar="LEVEL")
 
@@ -51,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--target", metavar="HOST:PORT", default="127.0.0.1:50051")
     tail.add_argument("--after", metavar="N", type=int, default=0)
     tail.add_argument("--type", metavar="NAME", action="append", default=[], dest="types")
+
+    health = commands.add_parser(
+        "health", help="exit 0 if the gateway's health service says SERVING (for containers)"
+    )
+    health.add_argument(
+        "--target", metavar="HOST:PORT", help="default: this host, at the port --listen names"
+    )
+    health.add_argument("--service", metavar="NAME", default="", help="default: the server")
+    health.add_argument("--timeout", metavar="SECONDS", type=float, default=3.0)
     return parser
 
 
@@ -82,6 +92,21 @@ def check_exposure(settings: Settings) -> None:
         )
 
 
+def _problems(error: ValidationError) -> list[str]:
+    # pydantic's own rendering repeats the input, which may hold the store's password.
+    return [
+        ": ".join(
+            part
+            for part in (
+                ".".join(map(str, detail["loc"])),
+                detail["msg"].removeprefix("Value error, "),
+            )
+            if part
+        )
+        for detail in error.errors()
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -96,11 +121,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             from server.stores.factory import migrate
 
             asyncio.run(migrate(settings.store))
+        elif args.command == "health":
+            from server.healthcheck import check_health, local_target
+
+            target = args.target or local_target(settings.listen)
+            return check_health(target, args.service, args.timeout)
         else:
             from server.tail import tail
 
-            return asyncio.run(tail(args.target, args.after, args.types))
-    except (ConfigurationError, ValidationError, ValueError, OSError) as error:
+            return tail(args.target, args.after, args.types)
+    except ValidationError as error:
+        for problem in _problems(error):
+            print(f"order-gateway: {problem}", file=sys.stderr)
+        return 2
+    except (ConfigurationError, ValueError, OSError) as error:
         print(f"order-gateway: {error}", file=sys.stderr)
         return 2
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     metrics_listen: str | None = Field(
         None, description="HOST:PORT serving Prometheus metrics at /metrics (off when unset)."
     )
+    otel: bool = Field(
+        False,
+        description="Export OpenTelemetry traces over OTLP (needs the `otel` extra; the "
+        "exporter reads the standard OTEL_EXPORTER_OTLP_* variables).",
+    )
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
     log_level: str = Field("INFO", description="Log level: DEBUG, INFO, WARNING, ERROR.")
     max_request_bytes: int = Field(
@@ -59,6 +64,17 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(
         5.0, ge=0, description="Seconds in-flight calls get to finish on SIGTERM/SIGINT."
     )
+
+    @model_validator(mode="after")
+    def _check_companions(self) -> Settings:
+        # Options that mean nothing alone are refused rather than silently ignored.
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        if (self.jwt_issuer or self.jwt_audience) and self.jwt_public_key is None:
+            raise ValueError("--jwt-issuer and --jwt-audience need --jwt-public-key")
+        return self
 
     @property
     def authentication_enabled(self) -> bool:

@@ -60,17 +60,23 @@ def internal_status() -> grpc.Status:
 
 
 def _bad_request(error: ValidationError) -> grpc.Status:
-    violations = [
-        error_details_pb2.BadRequest.FieldViolation(
-            field=field_path(detail["loc"]), description=_describe(detail["type"], detail["msg"])
-        )
+    return bad_request_status(
+        (field_path(detail["loc"]), _describe(detail["type"], detail["msg"]))
         for detail in error.errors()
+    )
+
+
+def bad_request_status(violations: Iterable[tuple[str, str]]) -> grpc.Status:
+    """INVALID_ARGUMENT with a BadRequest naming each ``(field path, description)``."""
+    field_violations = [
+        error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+        for field, description in violations
     ]
-    fields = ", ".join(v.field for v in violations)
+    fields = ", ".join(v.field for v in field_violations)
     return _status(
         code_pb2.INVALID_ARGUMENT,
         f"invalid request: {fields}",
-        error_details_pb2.BadRequest(field_violations=violations),
+        error_details_pb2.BadRequest(field_violations=field_violations),
     )
 
 

@@ -1,7 +1,12 @@
-"""``order-gateway tail``: print committed events as JSON lines, for people watching by hand."""
+"""``order-gateway tail``: print committed events as JSON lines, for people watching by hand.
+
+A plain synchronous client: one blocking stream, one line per event, flushed at once so
+the output can be piped. Checkpoints are progress markers for programs, not shown.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from typing import TextIO
@@ -10,6 +15,8 @@ import grpc
 from google.protobuf import json_format
 from orders.v1 import event_stream_service_pb2, event_stream_service_pb2_grpc
 
+PROGRAM = "order-gateway tail"
+
 
 def subscribe_request(
     after: int, types: Sequence[str]
@@ -17,26 +24,47 @@ def subscribe_request(
     return event_stream_service_pb2.SubscribeRequest(after_position=after, event_types=list(types))
 
 
-def print_events(responses: object, out: TextIO = sys.stdout) -> int:
-    """Write each event of a Subscribe response stream as one JSON line; return how many."""
-    count = 0
-    for response in responses:  # type: ignore[attr-defined]
-        if response.HasField("event"):
-            out.write(json_format.MessageToJson(response.event, indent=None) + "\n")
-            out.flush()
-            count += 1
-    return count
+def follow(
+    channel: grpc.Channel,
+    after: int,
+    types: Sequence[str],
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    """Print the events of one Subscribe call on ``channel``; the exit status.
 
-
-async def tail(target: str, after: int, types: Sequence[str]) -> int:
-    """Follow the event stream of the gateway at ``target`` until interrupted."""
-    with grpc.insecure_channel(target) as channel:
-        stub = event_stream_service_pb2_grpc.EventStreamServiceStub(channel)
-        try:
-            print_events(stub.Subscribe(subscribe_request(after, types)))
-        except grpc.RpcError as error:
-            print(f"order-gateway tail: {error.code().name}: {error.details()}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            return 0
+    0 when the server ends the stream or on Ctrl-C; 1 (with the reason on ``err``)
+    when the call fails.
+    """
+    stub = event_stream_service_pb2_grpc.EventStreamServiceStub(channel)
+    call = stub.Subscribe(subscribe_request(after, types))
+    try:
+        for response in call:
+            if response.HasField("event"):
+                out.write(json_format.MessageToJson(response.event, indent=None) + "\n")
+                out.flush()
+    except grpc.RpcError as error:
+        print(f"{PROGRAM}: {error.code().name}: {error.details()}", file=err)
+        return 1
+    except KeyboardInterrupt:
+        call.cancel()
+        return 0
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, like other line tools.
+        call.cancel()
+        raise
     return 0
+
+
+def tail(target: str, after: int, types: Sequence[str]) -> int:
+    """Follow the event stream of the gateway at ``target`` until interrupted."""
+    if after < 0:
+        print(f"{PROGRAM}: --after must be 0 or more", file=sys.stderr)
+        return 2
+    with grpc.insecure_channel(target) as channel:
+        try:
+            return follow(channel, after, types, sys.stdout, sys.stderr)
+        except BrokenPipeError:
+            # Python would report the failed flush of stdout again at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from domain.ports import EventStore
 from server.stores.memory import MemoryEventStore
+from server.stores.sqlite import SQLiteEventStore
 
 
 class UnsupportedStoreURLError(ValueError):
@@ -14,6 +15,15 @@ async def open_store(url: str) -> EventStore:
     """Open (and migrate) the store at ``url``: memory://, sqlite:///…, postgresql://…."""
     if url == "memory://" or url.startswith("memory:"):
         return MemoryEventStore()
+    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        # sqlite:///relative.db is relative to the working directory; sqlite:////abs.db
+        # keeps the fourth slash, making the path absolute.
+        return await SQLiteEventStore.open(url.removeprefix("sqlite:///"))
+    if url.startswith(("postgresql://", "postgres://")):
+        # Imported here so that processes on other stores never load the driver.
+        from server.stores.postgres import PostgresEventStore
+
+        return await PostgresEventStore.open(url)
     raise UnsupportedStoreURLError(
         f"unsupported store URL {url!r}: use sqlite:///file.db, postgresql://…, or memory://"
     )

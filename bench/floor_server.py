@@ -1,0 +1,114 @@
+"""The floor: a bare grpc.aio server with the gateway's RPC shapes and nothing else.
+
+It serves ``OrderCommandService`` from the generated code alone: each call parses its
+request and streams two ready-made events of the gateway's size (``bench.workload``), with
+no validation, domain, store or interceptor. ``EventStreamService.Subscribe`` streams
+``--subscribe-events`` ready-made events from memory then ends: the floor of catch-up.
+What the gateway does beyond this is its own cost.
+
+    python -m bench.floor_server --listen 127.0.0.1:PORT
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from orders.v1 import (
+    event_stream_service_pb2,
+    event_stream_service_pb2_grpc,
+    order_command_service_pb2,
+    order_command_service_pb2_grpc,
+)
+
+from bench import workload
+
+SUBSCRIBE_SAMPLES = 1000
+"""Distinct ready-made Subscribe messages, cycled: a realistic mix, cheap to hold."""
+
+
+class FloorOrders(order_command_service_pb2_grpc.OrderCommandServiceServicer):
+    def __init__(self) -> None:
+        self._created = [
+            order_command_service_pb2.CreateOrderResponse(event=event)
+            for event in workload.sample_create_events()
+        ]
+        self._cancelled = [
+            order_command_service_pb2.CancelOrderResponse(event=event)
+            for event in workload.sample_cancel_events()
+        ]
+
+    async def CreateOrder(
+        self,
+        request: order_command_service_pb2.CreateOrderRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[order_command_service_pb2.CreateOrderResponse]:
+        for response in self._created:
+            yield response
+
+    async def CancelOrder(
+        self,
+        request: order_command_service_pb2.CancelOrderRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[order_command_service_pb2.CancelOrderResponse]:
+        for response in self._cancelled:
+            yield response
+
+
+class FloorEvents(event_stream_service_pb2_grpc.EventStreamServiceServicer):
+    """Streams ``total`` events already built in memory, with increasing positions."""
+
+    def __init__(self, total: int) -> None:
+        self._total = total
+        samples: list[event_stream_service_pb2.SubscribeResponse] = []
+        while len(samples) < SUBSCRIBE_SAMPLES:
+            # Positions as in a million-event store, so the messages are as long.
+            for event in workload.sample_create_events(position=500_000 + len(samples)):
+                samples.append(event_stream_service_pb2.SubscribeResponse(event=event))
+        self._samples = samples
+
+    async def Subscribe(
+        self,
+        request: event_stream_service_pb2.SubscribeRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[event_stream_service_pb2.SubscribeResponse]:
+        samples = self._samples
+        for n in range(self._total):
+            yield samples[n % len(samples)]
+
+
+async def serve(listen: str, subscribe_events: int) -> None:
+    server = grpc.aio.server()
+    order_command_service_pb2_grpc.add_OrderCommandServiceServicer_to_server(FloorOrders(), server)
+    event_stream_service_pb2_grpc.add_EventStreamServiceServicer_to_server(
+        FloorEvents(subscribe_events), server
+    )
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    server.add_insecure_port(listen)
+    await server.start()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await server.stop(1.0)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.floor_server", description=__doc__)
+    parser.add_argument("--listen", default="127.0.0.1:50151", metavar="HOST:PORT")
+    parser.add_argument("--subscribe-events", type=int, default=1_000_000, metavar="N")
+    args = parser.parse_args(argv)
+    asyncio.run(serve(args.listen, args.subscribe_events))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""Everything one benchmark run measured, printed as tables and saved as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+
+from bench.inprocess import InProcessResult
+from bench.stats import LoadResult
+
+
+@dataclass(frozen=True)
+class CatchUpResult:
+    server: str
+    """"floor" or the gateway's store kind."""
+    events: int
+    seconds: float
+    peak_rss_mb: float = 0.0
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True)
+class FanOutResult:
+    store: str
+    subscribers: int
+    create_calls_per_s: float
+    create_calls_per_s_without: float
+    """The same CreateOrder load with no subscriber, for comparison."""
+    events_committed: int
+    delivered_min: int
+    """Fewest events any one subscriber received (each should get every committed one)."""
+    delivered_max: int
+    rss_idle_mb: float
+    rss_peak_mb: float
+
+
+@dataclass(frozen=True)
+class StreamLengthResult:
+    store: str
+    fresh_p50_ms: float
+    long_p50_ms: float
+    stream_events: int
+
+    @property
+    def ratio(self) -> float:
+        return self.long_p50_ms / self.fresh_p50_ms if self.fresh_p50_ms else 0.0
+
+
+def conditions() -> dict[str, Any]:
+    """What the figures depend on besides the code: the machine and what else ran on it."""
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "cpus": os.cpu_count(),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "platform": platform.platform(),
+    }
+
+
+@dataclass
+class Report:
+    settings: dict[str, Any] = field(default_factory=dict)
+    conditions_before: dict[str, Any] = field(default_factory=conditions)
+    conditions_after: dict[str, Any] = field(default_factory=dict)
+    load: list[LoadResult] = field(default_factory=list)
+    inprocess: list[InProcessResult] = field(default_factory=list)
+    catch_up: list[CatchUpResult] = field(default_factory=list)
+    fan_out: list[FanOutResult] = field(default_factory=list)
+    stream_length: list[StreamLengthResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Sections or stores not measured, and why."""
+
+    def floor(self, workload: str, concurrency: int) -> LoadResult | None:
+        return self.find_load("floor", workload, concurrency)
+
+    def find_load(self, server: str, workload: str, concurrency: int) -> LoadResult | None:
+        for result in self.load:
+            if (result.server, result.workload, result.concurrency) == (
+                server,
+                workload,
+                concurrency,
+            ):
+                return result
+        return None
+
+    def eventsourcing(self, backend: str) -> InProcessResult | None:
+        return next(
+            (r for r in self.inprocess if r.system == "eventsourcing" and r.backend == backend),
+            None,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        def plain(items: list[Any]) -> list[dict[str, Any]]:
+            return [dataclasses.asdict(item) for item in items]
+
+        return {
+            "settings": self.settings,
+            "conditions_before": self.conditions_before,
+            "conditions_after": self.conditions_after,
+            "load": plain(self.load),
+            "inprocess": [
+                {**dataclasses.asdict(r), "commands_per_s": r.commands_per_s}
+                for r in self.inprocess
+            ],
+            "catch_up": [
+                {**dataclasses.asdict(r), "events_per_s": r.events_per_s} for r in self.catch_up
+            ],
+            "fan_out": plain(self.fan_out),
+            "stream_length": [
+                {**dataclasses.asdict(r), "ratio": r.ratio} for r in self.stream_length
+            ],
+            "notes": self.notes,
+        }
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+
+def _table(out: TextIO, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(row[n]) for row in [header, *rows]) for n in range(len(header))]
+    for row in [header, *rows]:
+        out.write("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
+        out.write("\n")
+
+
+def _ratio(value: float, base: float | None) -> str:
+    return f"{value / base:.2f}x" if base else "-"
+
+
+def print_load(report: Report, out: TextIO) -> None:
+    if not report.load:
+        return
+    out.write("\ngRPC, closed loop (server CPU = the server process's CPU time per call)\n")
+    rows = []
+    for result in report.load:
+        floor = report.floor(result.workload, result.concurrency)
+        is_floor = result.server == "floor"
+        rows.append(
+            [
+                result.workload,
+                str(result.concurrency),
+                result.server,
+                f"{result.calls_per_s:,.0f}",
+                f"{result.latency.p50_ms:.2f}",
+                f"{result.latency.p90_ms:.2f}",
+                f"{result.latency.p99_ms:.2f}",
+                f"{result.server_cpu_ms_per_call:.3f}",
+                ""
+                if is_floor
+                else _ratio(result.calls_per_s, floor.calls_per_s if floor else None),
+                ""
+                if is_floor
+                else _ratio(result.latency.p50_ms, floor.latency.p50_ms if floor else None),
+                ",".join(f"{k}={v}" for k, v in result.errors.items())
+                + (" cut short" if result.cut_short else ""),
+            ]
+        )
+    header = [
+        "workload",
+        "conc",
+        "server",
+        "calls/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "srv CPU ms/call",
+        "calls/s vs floor",
+        "p50 vs floor",
+        "errors",
+    ]
+    _table(out, header, rows)
+    sizes: dict[tuple[str, str], list[int]] = {}
+    for result in report.load:
+        for rpc, measured in result.response_bytes.items():
+            sizes.setdefault((rpc, result.server), measured)
+    out.write("response message sizes, bytes (one call; they vary by a byte or two): ")
+    out.write("; ".join(f"{rpc} {server} {s}" for (rpc, server), s in sorted(sizes.items())))
+    out.write("\n")
+
+
+def print_inprocess(report: Report, out: TextIO) -> None:
+    if not report.inprocess:
+        return
+    out.write("\nIn-process commands (create then cancel; no gRPC)\n")
+    rows = []
+    for result in report.inprocess:
+        base = report.eventsourcing(result.backend)
+        rows.append(
+            [
+                result.backend,
+                result.system,
+                str(result.concurrency),
+                f"{result.commands:,}",
+                f"{result.commands_per_s:,.0f}",
+                ""
+                if result.system == "eventsourcing"
+                else _ratio(result.commands_per_s, base.commands_per_s if base else None),
+            ]
+        )
+    _table(
+        out,
+        ["backend", "system", "callers", "commands", "commands/s", "vs eventsourcing"],
+        rows,
+    )
+
+
+def print_subscriptions(report: Report, out: TextIO) -> None:
+    if report.catch_up:
+        out.write("\nSubscription catch-up (one subscriber, from position 0)\n")
+        floor = next((r for r in report.catch_up if r.server == "floor"), None)
+        _table(
+            out,
+            ["server", "events", "seconds", "events/s", "vs floor", "peak RSS MB"],
+            [
+                [
+                    r.server,
+                    f"{r.events:,}",
+                    f"{r.seconds:.1f}",
+                    f"{r.events_per_s:,.0f}",
+                    ""
+                    if r.server == "floor"
+                    else _ratio(r.events_per_s, floor.events_per_s if floor else None),
+                    f"{r.peak_rss_mb:.0f}" if r.peak_rss_mb else "",
+                ]
+                for r in report.catch_up
+            ],
+        )
+    if report.fan_out:
+        out.write("\nSubscription fan-out (live subscribers while CreateOrder load runs)\n")
+        _table(
+            out,
+            [
+                "store",
+                "subscribers",
+                "create/s",
+                "create/s alone",
+                "events",
+                "delivered min/max",
+                "RSS idle MB",
+                "RSS peak MB",
+            ],
+            [
+                [
+                    r.store,
+                    str(r.subscribers),
+                    f"{r.create_calls_per_s:,.0f}",
+                    f"{r.create_calls_per_s_without:,.0f}",
+                    f"{r.events_committed:,}",
+                    f"{r.delivered_min:,}/{r.delivered_max:,}",
+                    f"{r.rss_idle_mb:.0f}",
+                    f"{r.rss_peak_mb:.0f}",
+                ]
+                for r in report.fan_out
+            ],
+        )
+
+
+def print_stream_length(report: Report, out: TextIO) -> None:
+    if not report.stream_length:
+        return
+    out.write("\nCreateOrder latency on a hot product: fresh stream against a long one\n")
+    _table(
+        out,
+        ["store", "stream events", "fresh p50 ms", "long p50 ms", "long/fresh"],
+        [
+            [
+                r.store,
+                f"{r.stream_events:,}",
+                f"{r.fresh_p50_ms:.2f}",
+                f"{r.long_p50_ms:.2f}",
+                f"{r.ratio:.2f}",
+            ]
+            for r in report.stream_length
+        ],
+    )
+
+
+def print_report(report: Report, out: TextIO) -> None:
+    print_load(report, out)
+    print_inprocess(report, out)
+    print_subscriptions(report, out)
+    print_stream_length(report, out)
+    if report.notes:
+        out.write("\nNot measured:\n")
+        for note in report.notes:
+            out.write(f"  - {note}\n")
+    before, after = report.conditions_before, report.conditions_after
+    out.write(
+        f"\nConditions: {before.get('cpus')} CPUs, {before.get('platform')}, Python "
+        f"{before.get('python')}, grpcio {before.get('grpcio')}; load average "
+        f"{before.get('load_average')} at start, {after.get('load_average')} at end\n"
+    )

@@ -1,0 +1,165 @@
+"""Servers under test as subprocesses: the gateway (``server.cli serve``) and the floor.
+
+Both are started the way an operator would start them and stopped with SIGTERM. Their
+CPU time and resident memory are read from ``/proc`` (Linux), so the benchmark can report
+server CPU per call, which the other load on a shared machine disturbs far less than
+calls per second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STARTUP_TIMEOUT = 60.0
+STOP_TIMEOUT = 15.0
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    # After the command name: fields[11] is utime and fields[12] stime, in clock ticks.
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size (VmRSS) of a process."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise ValueError(f"no VmRSS for process {pid}")
+
+
+@dataclass
+class ServerProcess:
+    """A server subprocess listening on ``target``; a context manager that stops it."""
+
+    name: str
+    target: str
+    process: asyncio.subprocess.Process
+    log_path: Path
+    _log: IO[bytes]
+
+    @classmethod
+    async def start(
+        cls, name: str, command: Sequence[str], port: int, log_dir: Path
+    ) -> ServerProcess:
+        log_path = log_dir / f"{name}.log"
+        log = log_path.open("wb")
+        process = await asyncio.create_subprocess_exec(
+            *command, cwd=REPO_ROOT, stdout=log, stderr=asyncio.subprocess.STDOUT
+        )
+        started = cls(name, f"127.0.0.1:{port}", process, log_path, log)
+        try:
+            await started._wait_serving()
+        except BaseException:
+            await started.stop()
+            raise
+        return started
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def rss_bytes(self) -> int:
+        return rss_bytes(self.pid)
+
+    async def _wait_serving(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        request = health_pb2.HealthCheckRequest(service="")
+        async with grpc.aio.insecure_channel(self.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if self.process.returncode is not None:
+                    raise ServerStartError(
+                        f"{self.name} exited with {self.process.returncode}: "
+                        f"{self.log_path.read_text(errors='replace')[-2000:]}"
+                    )
+                try:
+                    reply = await health.Check(request, timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise ServerStartError(f"{self.name} not serving after {STARTUP_TIMEOUT} s")
+                await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), STOP_TIMEOUT)
+            except TimeoutError:
+                self.process.kill()
+                await asyncio.wait_for(self.process.wait(), STOP_TIMEOUT)
+        self._log.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def start_gateway(store_url: str, log_dir: Path) -> ServerProcess:
+    """The gateway with its defaults (log level included), as an operator would run it."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--store",
+        store_url,
+    ]
+    return await ServerProcess.start("gateway", command, port, log_dir)
+
+
+async def start_floor(log_dir: Path, subscribe_events: int = 1_000_000) -> ServerProcess:
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "bench.floor_server",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--subscribe-events",
+        str(subscribe_events),
+    ]
+    return await ServerProcess.start("floor", command, port, log_dir)

@@ -1,0 +1,55 @@
+"""Summaries of measured calls: throughput and latency percentiles."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+def percentile(sorted_values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of already sorted values (0.0 when there are none)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, math.ceil(fraction * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+@dataclass(frozen=True)
+class Latencies:
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+
+    @classmethod
+    def of(cls, seconds: Sequence[float]) -> Latencies:
+        ordered = sorted(seconds)
+        return cls(
+            p50_ms=percentile(ordered, 0.50) * 1e3,
+            p90_ms=percentile(ordered, 0.90) * 1e3,
+            p99_ms=percentile(ordered, 0.99) * 1e3,
+        )
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """One closed-loop load run against one server."""
+
+    server: str
+    """"floor", or the gateway's store kind ("memory", "sqlite", "postgresql")."""
+    workload: str
+    concurrency: int
+    duration: float
+    """Seconds measured, after the warm-up."""
+    calls: int
+    """Successful calls completed in the measured window."""
+    calls_per_s: float
+    latency: Latencies
+    errors: dict[str, int] = field(default_factory=dict)
+    """Failed calls by status code name (the whole run, warm-up included)."""
+    response_bytes: dict[str, list[int]] = field(default_factory=dict)
+    """Per RPC, the serialized size of each response message of one call."""
+    server_cpu_ms_per_call: float = 0.0
+    client_cpu_ms_per_call: float = 0.0
+    cut_short: bool = False
+    """The cancel workload ran out of orders before the end and measured a shorter window."""

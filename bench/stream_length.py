@@ -1,0 +1,177 @@
+"""CreateOrder latency against a product whose stream holds 10 events and 100,000.
+
+A hot product gets a StockReserved on every order, so its stream grows without bound.
+The unit of work keeps loaded aggregates in a cache and reads only the events after the
+cached version, through the (stream_id, stream_version) index: latency should not move
+with the stream's length. The same runs with the cache off (capacity 0) replay the whole
+stream on every command, which is the cost the cache removes.
+
+In process (``bootstrap(store)`` and ``bus.dispatch``, no gRPC), on SQLite in a temporary
+directory, one order at a time so that each latency is one command's own path, taking
+turns between the short and the long stream.
+
+    python -m bench.stream_length [--orders 300] [--uncached-orders 10] [--long 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.stats import Latencies
+from domain.commands import CreateOrder
+from domain.events import ProductRestocked
+from domain.mapper import to_new_event
+from domain.ports import Commit, EventStore
+from server.bootstrap import bootstrap
+from server.stores.sqlite import SQLiteEventStore
+
+PRODUCT = "hot"
+STREAM = f"product-{PRODUCT}"
+CHUNK = 2_000
+"""Events per commit while building the long stream: a few large transactions, not 100,000."""
+SHORT = 10
+RESTOCK = 1_000
+"""Units per restock: even the short stream holds more stock than a run orders."""
+
+
+@dataclass(frozen=True)
+class Run:
+    stream_length: int
+    cached: bool
+    first_ms: float
+    """The first order, which loads the product from the store (a cold cache)."""
+    latency: Latencies
+
+
+async def build_stream(store: EventStore, length: int) -> None:
+    """``length`` restocks on the product's stream, straight into the store."""
+    version = 0
+    while version < length:
+        size = min(CHUNK, length - version)
+        events = [
+            to_new_event(
+                ProductRestocked(
+                    product_id=PRODUCT, quantity=RESTOCK, available_after=RESTOCK * (version + n)
+                ),
+                str(uuid.uuid4()),
+                STREAM,
+                version + n,
+            )
+            for n in range(1, size + 1)
+        ]
+        await store.append(
+            Commit(
+                command_id=str(uuid.uuid4()),
+                fingerprint="bench-build",
+                correlation_id="",
+                user_id="",
+                occurred_at=dt.datetime.now(dt.UTC),
+                expected_versions={STREAM: version},
+                events=events,
+            )
+        )
+        version += size
+
+
+def order() -> CreateOrder:
+    return CreateOrder.model_validate(
+        {
+            "command_id": "",
+            "customer_id": str(uuid.uuid4()),
+            "items": [
+                {
+                    "product_id": PRODUCT,
+                    "quantity": 1,
+                    "unit_price": {"currency_code": "EUR", "units": 10, "nanos": 0},
+                }
+            ],
+            "shipping_address": {
+                "recipient": "Ada Lovelace",
+                "line1": "1 Analytical St",
+                "line2": "",
+                "city": "London",
+                "region": "",
+                "postal_code": "",
+                "country_code": "GB",
+            },
+        }
+    )
+
+
+async def measure(folder: Path, lengths: Sequence[int], cached: bool, orders: int) -> list[Run]:
+    """One store per stream length; orders alternate between them, so that the disk's and
+    the machine's noise falls on every length alike."""
+    stores = [await SQLiteEventStore.open(folder / f"{n}-{cached}.db") for n in lengths]
+    try:
+        for store, length in zip(stores, lengths, strict=True):
+            await build_stream(store, length)
+        buses = [bootstrap(store, cache_capacity=10_000 if cached else 0) for store in stores]
+        firsts: list[float] = []
+        for bus in buses:
+            started = time.perf_counter()
+            await bus.dispatch(order())
+            firsts.append((time.perf_counter() - started) * 1e3)
+        seconds: list[list[float]] = [[] for _ in buses]
+        for _ in range(orders):
+            for bus, measured in zip(buses, seconds, strict=True):
+                command = order()
+                started = time.perf_counter()
+                await bus.dispatch(command)
+                measured.append(time.perf_counter() - started)
+        for store, length in zip(stores, lengths, strict=True):
+            assert len(await store.read_stream(STREAM, length)) == orders + 1
+    finally:
+        for store in stores:
+            await store.close()
+    return [
+        Run(length, cached, first, Latencies.of(measured))
+        for length, first, measured in zip(lengths, firsts, seconds, strict=True)
+    ]
+
+
+async def main_async(orders: int, uncached_orders: int, long: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        rows = []
+        for cached, count in ((True, orders), (False, uncached_orders)):
+            short, longer = await measure(folder, (SHORT, long), cached, count)
+            rows.append((short, longer))
+
+    print(f"CreateOrder on SQLite, one at a time; stream of {SHORT} vs {long:,} events")
+    print(
+        f"{'':<26}{'first':>9}{'p50':>9}{'p99':>9}   {'first':>9}{'p50':>9}{'p99':>9}"
+        f"   {'p50 ratio':>9}"
+    )
+    print(f"{'':<26}{f'--- {SHORT} events (ms) ---':>27}   {f'--- {long:,} events (ms) ---':>27}")
+    for short, longer in rows:
+        label = "cache on (10,000 aggr.)" if short.cached else "cache off (capacity 0)"
+        print(
+            f"{label:<26}{short.first_ms:>9.2f}{short.latency.p50_ms:>9.2f}"
+            f"{short.latency.p99_ms:>9.2f}   {longer.first_ms:>9.2f}"
+            f"{longer.latency.p50_ms:>9.2f}{longer.latency.p99_ms:>9.2f}"
+            f"   {longer.latency.p50_ms / short.latency.p50_ms:>8.2f}x"
+        )
+    print("first = the first order, which loads the product from the store into the cache")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--orders", type=int, default=300, help="measured orders, cache on")
+    parser.add_argument(
+        "--uncached-orders", type=int, default=10, help="measured orders, cache off"
+    )
+    parser.add_argument("--long", type=int, default=100_000, help="events in the long stream")
+    args = parser.parse_args(argv)
+    asyncio.run(main_async(args.orders, args.uncached_orders, args.long))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The issue's performance targets, judged against one run's figures.
+
+These are benchmark outcomes, printed PASS or FAIL; a target whose figures the run did
+not take (a store not given, a section skipped) is NOT MEASURED, never PASS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TextIO
+
+from bench.report import Report
+
+TARGET_CONCURRENCY = 16
+RSS_LIMIT_MB = 200.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    target: str
+    outcome: str
+    """"PASS", "FAIL" or "NOT MEASURED"."""
+    detail: str
+
+
+def _judge(target: str, passed: bool | None, detail: str) -> Verdict:
+    """``passed`` is None when the run did not take the figures the target needs."""
+    if passed is None:
+        return Verdict(target, "NOT MEASURED", detail)
+    return Verdict(target, "PASS" if passed else "FAIL", detail)
+
+
+def _throughput_vs_floor(report: Report) -> Verdict:
+    target = f"CreateOrder on durable SQLite at {TARGET_CONCURRENCY} concurrent >= 0.8 x floor"
+    gateway = report.find_load("sqlite", "create", TARGET_CONCURRENCY)
+    floor = report.floor("create", TARGET_CONCURRENCY)
+    if gateway is None or floor is None or not floor.calls_per_s:
+        return _judge(target, None, "needs --store sqlite and concurrency 16")
+    ratio = gateway.calls_per_s / floor.calls_per_s
+    return _judge(
+        target,
+        ratio >= 0.8,
+        f"{gateway.calls_per_s:,.0f} vs {floor.calls_per_s:,.0f} calls/s = {ratio:.2f} x",
+    )
+
+
+def _latency_vs_floor(report: Report) -> Verdict:
+    target = "CreateOrder on durable SQLite at 1 concurrent: p50 <= 1.5 x floor's"
+    gateway = report.find_load("sqlite", "create", 1)
+    floor = report.floor("create", 1)
+    if gateway is None or floor is None or not gateway.latency.p50_ms:
+        return _judge(target, None, "needs --store sqlite and concurrency 1")
+    ratio = gateway.latency.p50_ms / floor.latency.p50_ms
+    return _judge(
+        target,
+        ratio <= 1.5,
+        f"p50 {gateway.latency.p50_ms:.2f} vs {floor.latency.p50_ms:.2f} ms = {ratio:.2f} x",
+    )
+
+
+def _inprocess(backend: str, factor: float) -> Callable[[Report], Verdict]:
+    def judge(report: Report) -> Verdict:
+        target = f"in-process on {backend} >= {factor:g} x eventsourcing"
+        base = report.eventsourcing(backend)
+        ours = max(
+            (r for r in report.inprocess if r.system == "gateway" and r.backend == backend),
+            key=lambda r: r.commands_per_s,
+            default=None,
+        )
+        if base is None or ours is None or not base.commands_per_s:
+            return _judge(target, None, f"needs --store {backend} and the inprocess section")
+        ratio = ours.commands_per_s / base.commands_per_s
+        return _judge(
+            target,
+            ratio >= factor,
+            f"{ours.commands_per_s:,.0f} ({ours.concurrency} callers) vs "
+            f"{base.commands_per_s:,.0f} commands/s = {ratio:.1f} x",
+        )
+
+    return judge
+
+
+def _catch_up(report: Report) -> Verdict:
+    target = "subscription catch-up >= 0.7 x its floor"
+    floor = next((r for r in report.catch_up if r.server == "floor"), None)
+    gateway = next((r for r in report.catch_up if r.server != "floor"), None)
+    if floor is None or gateway is None or not floor.events_per_s:
+        return _judge(target, None, "needs the subscriptions section on a durable store")
+    ratio = gateway.events_per_s / floor.events_per_s
+    return _judge(
+        target,
+        ratio >= 0.7,
+        f"{gateway.server}: {gateway.events_per_s:,.0f} vs {floor.events_per_s:,.0f} "
+        f"events/s = {ratio:.2f} x",
+    )
+
+
+def _stream_length(report: Report) -> Verdict:
+    target = "CreateOrder latency with a 100,000-event hot product stream within 10% of fresh"
+    if not report.stream_length:
+        return _judge(target, None, "needs the stream-length section")
+    worst = max(report.stream_length, key=lambda r: r.ratio)
+    return _judge(
+        target,
+        worst.ratio <= 1.10,
+        f"{worst.store}: p50 {worst.long_p50_ms:.2f} vs {worst.fresh_p50_ms:.2f} ms "
+        f"= {worst.ratio:.2f} x",
+    )
+
+
+def _fan_out_rss(report: Report) -> Verdict:
+    target = f"gateway RSS with 200 subscribers < {RSS_LIMIT_MB:.0f} MB"
+    runs = [r for r in report.fan_out if r.subscribers >= 200]
+    if not runs:
+        return _judge(target, None, "needs the subscriptions section with 200 subscribers")
+    worst = max(runs, key=lambda r: r.rss_peak_mb)
+    return _judge(
+        target,
+        worst.rss_peak_mb < RSS_LIMIT_MB,
+        f"{worst.store}: peak {worst.rss_peak_mb:.0f} MB",
+    )
+
+
+JUDGES: tuple[Callable[[Report], Verdict], ...] = (
+    _throughput_vs_floor,
+    _latency_vs_floor,
+    _inprocess("sqlite", 5),
+    _inprocess("postgresql", 10),
+    _catch_up,
+    _stream_length,
+    _fan_out_rss,
+)
+
+
+def evaluate(report: Report) -> list[Verdict]:
+    return [judge(report) for judge in JUDGES]
+
+
+def print_verdicts(verdicts: list[Verdict], out: TextIO) -> None:
+    out.write("\nTargets (benchmarks, not tests)\n")
+    for verdict in verdicts:
+        out.write(f"  {verdict.outcome:<12} {verdict.target}: {verdict.detail}\n")

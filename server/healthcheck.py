@@ -1,0 +1,39 @@
+"""``order-gateway health``: ask a gateway's gRPC health service whether it is SERVING.
+
+For container health checks (the Dockerfile's HEALTHCHECK): exit status 0 when SERVING,
+1 otherwise (NOT_SERVING, unreachable, or no answer within the timeout).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+WILDCARDS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "[::]": "[::1]", "::": "[::1]"}
+
+
+def local_target(listen: str) -> str:
+    """Where to reach a gateway listening on ``listen`` from the same host.
+
+    ``0.0.0.0:50051`` (every interface) is reached at ``127.0.0.1:50051``.
+    """
+    host, _, port = listen.rpartition(":")
+    return f"{WILDCARDS.get(host, host)}:{port}"
+
+
+def check_health(target: str, service: str = "", timeout: float = 3.0) -> int:
+    """Print the status of ``service`` ("": the whole server); return the exit status."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as error:
+            code = error.code() if isinstance(error, grpc.Call) else None
+            print(f"{target}: {code.name if code else 'error'}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{target}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1

@@ -1,0 +1,155 @@
+"""JWT bearer tokens (``--jwt-public-key``): ``sub`` is the user, ``scope`` the scopes.
+
+The signing algorithm follows from the configured key (RSA → RS256, P-256 → ES256) and
+is the only one accepted, so a token cannot pick its own algorithm: ``none``, HS256
+signed with the public key as a secret, and every other algorithm are refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import unicodedata
+from pathlib import Path
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from server.auth import AuthenticationError
+from server.identity import Caller
+
+MIN_RSA_KEY_BITS = 2048
+MAX_SUBJECT_LENGTH = 256
+CLOCK_SKEW = dt.timedelta(seconds=30)
+"""Tolerance for ``exp``/``nbf``/``iat`` between the issuer's clock and ours."""
+
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+
+
+class JwtAuthenticator:
+    """Verifies JWTs signed by one key; optionally requires an issuer and an audience."""
+
+    def __init__(
+        self, key: PublicKey, issuer: str | None = None, audience: str | None = None
+    ) -> None:
+        self._key = key
+        self._algorithm = algorithm_for(key)
+        # An empty value (e.g. ORDER_GATEWAY_JWT_ISSUER="") means "not checked".
+        self._issuer = issuer or None
+        self._audience = audience or None
+        self._required = [
+            "exp",
+            "sub",
+            *(["iss"] if self._issuer else []),
+            *(["aud"] if self._audience else []),
+        ]
+
+    @classmethod
+    def from_file(
+        cls, path: Path, issuer: str | None = None, audience: str | None = None
+    ) -> JwtAuthenticator:
+        try:
+            key = load_pem_public_key(path.read_bytes())
+        except ValueError as error:
+            raise ValueError(f"{path}: not a PEM public key ({error})") from None
+        if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+            raise ValueError(f"{path}: JWT keys must be RSA (RS256) or EC P-256 (ES256)")
+        try:
+            return cls(key, issuer, audience)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+
+    def authenticate(self, token: str) -> Caller | None:
+        if not looks_like_jwt(token):
+            return None  # some other authenticator's token, or an unknown one
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=[self._algorithm],
+                issuer=self._issuer,
+                audience=self._audience,
+                leeway=CLOCK_SKEW,
+                options={
+                    "require": self._required,
+                    # Without --jwt-audience the audience is not ours to check: tokens
+                    # minted for this gateway commonly carry one anyway.
+                    "verify_aud": self._audience is not None,
+                    "enforce_minimum_key_length": True,
+                },
+            )
+        except jwt.InvalidTokenError as error:
+            raise AuthenticationError(f"invalid JWT: {_reason(error)}") from None
+        return Caller(user_id=_subject(claims.get("sub")), scopes=_scopes(claims.get("scope")))
+
+
+def looks_like_jwt(token: str) -> bool:
+    """The compact form's three dot-separated parts, or a first part that is a JSON header.
+
+    Such a token is answered with why it failed verification, not as merely unknown.
+    """
+    if token.count(".") == 2:
+        return True
+    head = token.partition(".")[0]
+    try:
+        header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(header, dict)
+
+
+def algorithm_for(key: PublicKey) -> str:
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_KEY_BITS:
+            raise ValueError(f"RSA key of {key.key_size} bits; at least {MIN_RSA_KEY_BITS} needed")
+        return "RS256"
+    if isinstance(key.curve, ec.SECP256R1):
+        return "ES256"
+    raise ValueError(f"EC key on curve {key.curve.name}; ES256 needs P-256 (secp256r1)")
+
+
+def _reason(error: jwt.InvalidTokenError) -> str:
+    # Our own words, so that nothing from the token itself is echoed to the caller.
+    match error:
+        case jwt.ExpiredSignatureError():
+            return "it has expired"
+        case jwt.ImmatureSignatureError():
+            return "it is not valid yet"
+        case jwt.MissingRequiredClaimError():
+            return f"the {error.claim!r} claim is missing"
+        case jwt.InvalidIssuerError():
+            return "the issuer ('iss') is not accepted"
+        case jwt.InvalidAudienceError():
+            return "the audience ('aud') is not accepted"
+        case jwt.InvalidAlgorithmError():
+            return "the signing algorithm is not accepted"
+        case jwt.InvalidSignatureError():
+            return "the signature does not verify"
+        case jwt.InvalidKeyError():
+            return "the signing key is not accepted"
+        case _:
+            return "it is malformed"
+
+
+def _subject(sub: object) -> str:
+    # The subject becomes Event.user_id on every event the caller causes: keep it printable.
+    if (
+        not isinstance(sub, str)
+        or not sub.strip()
+        or len(sub) > MAX_SUBJECT_LENGTH
+        or any(unicodedata.category(c) in ("Cc", "Cs") for c in sub)
+    ):
+        raise AuthenticationError(
+            f"invalid JWT: 'sub' must be 1 to {MAX_SUBJECT_LENGTH} printable characters"
+        )
+    return sub
+
+
+def _scopes(scope: object) -> frozenset[str]:
+    if scope is None:
+        return frozenset()
+    if not isinstance(scope, str):
+        raise AuthenticationError("invalid JWT: 'scope' must be a space-separated string")
+    return frozenset(scope.split())

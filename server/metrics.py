@@ -1,0 +1,214 @@
+"""Prometheus metrics: RPCs, command dispatch, store appends, subscriptions.
+
+Each gateway has a registry of its own (not prometheus_client's global one), so several
+gateways in one process (tests) keep separate counts. Metrics are always collected: an
+increment costs about a microsecond. ``--metrics-listen`` only decides whether they are
+served over HTTP at ``/metrics``.
+
+RPC metrics use the names and labels of go-grpc-prometheus (``grpc_server_handled_total``,
+``grpc_server_handling_seconds``) so that existing gRPC dashboards and alerts work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from domain.bus import Next, Result
+from domain.commands import Command
+from domain.errors import ConcurrencyConflictError, DomainError, DuplicateCommandError
+from domain.ports import Commit, EventStore, RecordedEvent
+from server.observability import RpcOutcome
+from server.store_decorator import EventStoreDecorator
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 11, 16, 32, 64, 101, 256)
+"""Events per commit: a CreateOrder of n items commits n + 1 events (at most 101)."""
+LAG_BUCKETS = (0, 1, 2, 5, 10, 50, 100, 500, 1000, 5000, 10_000, 100_000)
+
+
+class GatewayMetrics:
+    """Every metric of one gateway, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        rpc_labels = ("grpc_service", "grpc_method", "grpc_type")
+        self.rpc_handled = Counter(
+            "grpc_server_handled",
+            "RPCs completed on the server, by status code.",
+            (*rpc_labels, "grpc_code"),
+            registry=self.registry,
+        )
+        self.rpc_duration = Histogram(
+            "grpc_server_handling_seconds",
+            "Time from the start of an RPC's handler to its end (whole stream for streams).",
+            rpc_labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.command_duration = Histogram(
+            "order_gateway_command_seconds",
+            "Command dispatch time through the bus (idempotent replays and retries included), "
+            "by command type and outcome (ok, or the domain error's reason).",
+            ("command", "outcome"),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.append_duration = Histogram(
+            "order_gateway_store_append_seconds",
+            "Time to append one command's events durably (outcome ok, conflict, duplicate, error).",
+            ("outcome",),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.append_batch = Histogram(
+            "order_gateway_store_append_events",
+            "Events per committed append (one command's commit).",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self._handled: dict[tuple[str, grpc.StatusCode], Counter] = {}
+        self._durations: dict[str, Histogram] = {}
+        self.subscriptions = Gauge(
+            "order_gateway_subscriptions",
+            "Subscribe streams open now.",
+            registry=self.registry,
+        )
+        self.subscription_lags = Histogram(
+            "order_gateway_subscription_lag_events",
+            "Committed head position minus the position a subscription has delivered, "
+            "observed each time a subscription has sent a batch of events or a checkpoint.",
+            buckets=LAG_BUCKETS,
+            registry=self.registry,
+        )
+
+    def rpc_finished(self, outcome: RpcOutcome) -> None:
+        """The RPC observer hook (``server.observability``)."""
+        # Children are cached: prometheus_client's labels() validates and locks each time,
+        # and this runs for every RPC.
+        handled = self._handled.get((outcome.method, outcome.code))
+        if handled is None:
+            labels = (outcome.service, outcome.method_name, outcome.rpc_type)
+            handled = self.rpc_handled.labels(*labels, outcome.code.name)
+            self._handled[(outcome.method, outcome.code)] = handled
+        handled.inc()
+        duration = self._durations.get(outcome.method)
+        if duration is None:
+            labels = (outcome.service, outcome.method_name, outcome.rpc_type)
+            duration = self._durations[outcome.method] = self.rpc_duration.labels(*labels)
+        duration.observe(outcome.duration)
+
+    def count_subscriptions(self, count: Callable[[], int]) -> None:
+        """Report ``count()`` (e.g. the hub's ``subscriber_count``) as open subscriptions.
+
+        Read at scrape time from the HTTP server's thread: ``count`` must be thread-safe
+        (``len()`` of a set is).
+        """
+        self.subscriptions.set_function(count)
+
+    def subscription_lag(self, head_position: int, delivered_position: int) -> None:
+        """Record one subscription's lag: the head it knows minus what it has delivered.
+
+        For the subscription hub to call on the event loop each time a subscription has
+        sent a batch of events or a checkpoint (per batch, not per event, to stay cheap).
+        """
+        self.subscription_lags.observe(max(0, head_position - delivered_position))
+
+
+class CommandMetricsMiddleware:
+    """Times each command's dispatch through the bus, by type and outcome."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._duration = metrics.command_duration
+
+    async def __call__(self, command: Command, call_next: Next) -> Result:
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            result = await call_next(command)
+            outcome = "ok"
+            return result
+        except DomainError as error:
+            outcome = error.reason
+            raise
+        finally:
+            self._duration.labels(type(command).__name__, outcome).observe(
+                time.perf_counter() - started
+            )
+
+
+class MeteredEventStore(EventStoreDecorator):
+    """An ``EventStore`` that times appends and counts events per commit."""
+
+    def __init__(self, inner: EventStore, metrics: GatewayMetrics) -> None:
+        super().__init__(inner)
+        self._duration = metrics.append_duration
+        self._batch = metrics.append_batch
+
+    async def append(self, commit: Commit) -> list[RecordedEvent]:
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            recorded = await self._inner.append(commit)
+            outcome = "ok"
+        except ConcurrencyConflictError:
+            outcome = "conflict"
+            raise
+        except DuplicateCommandError:
+            outcome = "duplicate"
+            raise
+        finally:
+            self._duration.labels(outcome).observe(time.perf_counter() - started)
+        self._batch.observe(len(recorded))
+        return recorded
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """``"0.0.0.0:9090"`` → ``("0.0.0.0", 9090)``; ``"[::]:9090"`` → ``("::", 9090)``."""
+    host, separator, port = address.rpartition(":")
+    if not separator or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class MetricsServer:
+    """Serves one registry at ``/metrics`` from prometheus_client's HTTP server thread."""
+
+    def __init__(self, registry: CollectorRegistry, listen: str) -> None:
+        self._registry = registry
+        self._host, self._port = split_host_port(listen)
+        self._httpd: WSGIServer | None = None
+
+    def start(self) -> int:
+        """Start serving; returns the bound port (useful with port 0)."""
+        httpd, _thread = start_http_server(self._port, self._host, self._registry)
+        self._httpd = httpd
+        return int(httpd.server_port)
+
+    async def stop(self) -> None:
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
+            return
+        # shutdown() waits for the serving loop's next poll (up to 0.5 s): not on the loop.
+        await asyncio.to_thread(httpd.shutdown)
+        httpd.server_close()

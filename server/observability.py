@@ -1,0 +1,335 @@
+"""One server interceptor that observes every RPC: status code, duration, caller and ids.
+
+It wraps each handler once and hands the outcome of every call to observers (the
+Prometheus metrics, the access log). With tracing on, it also opens the RPC's span
+around the handler, so the spans of command dispatch and store append nest under it.
+
+Status codes are taken without touching a cancelled call's context: reading context
+state after a client cancelled a streaming call crashed grpcio 1.85 (shared/pitfalls.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+import grpc
+
+from domain.bus import Middleware
+from domain.ports import EventStore
+from server.identity import current_caller
+
+REQUEST_ID_HEADER = "x-request-id"
+CORRELATION_HEADER = "x-correlation-id"
+MAX_ID_LENGTH = 128
+# A client-chosen request id is logged verbatim, so only printable, unambiguous characters.
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+
+current_request_id: ContextVar[str] = ContextVar("current_request_id", default="")
+"""The id of the RPC being served: the caller's ``x-request-id``, else a new one."""
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RpcOutcome:
+    """What happened to one RPC, as every observer sees it."""
+
+    method: str
+    """The full method, e.g. ``/orders.v1.OrderCommandService/CreateOrder``."""
+    rpc_type: str
+    """``unary``, ``server_stream``, ``client_stream`` or ``bidi_stream``."""
+    code: grpc.StatusCode
+    duration: float
+    """Seconds from the handler's start to its last message or error."""
+    request_id: str
+    correlation_id: str
+    user_id: str
+    peer: str
+    trace_id: str
+    """Hex W3C trace id with tracing on, else empty."""
+
+    @property
+    def service(self) -> str:
+        return self.method.lstrip("/").partition("/")[0]
+
+    @property
+    def method_name(self) -> str:
+        return self.method.rpartition("/")[2]
+
+
+class RpcObserver(Protocol):
+    def rpc_finished(self, outcome: RpcOutcome) -> None:
+        """Called once per RPC, after its status is known. Must not raise or block."""
+        ...
+
+
+class RpcSpan(Protocol):
+    @property
+    def trace_id(self) -> str: ...
+
+    def finish(self, code: grpc.StatusCode) -> None:
+        """End the span with the call's status and restore the previous trace context."""
+        ...
+
+
+class Tracing(Protocol):
+    """The tracing hooks the gateway uses; ``server.tracing`` implements them.
+
+    Declared here so that nothing imports opentelemetry unless tracing is on.
+    """
+
+    def rpc_span(self, method: str, metadata: Sequence[tuple[str, Any]]) -> RpcSpan:
+        """Start the server span of an RPC, continuing the caller's ``traceparent``."""
+        ...
+
+    def command_middleware(self) -> Middleware:
+        """A command-bus middleware that spans each dispatch."""
+        ...
+
+    def instrument_store(self, store: EventStore) -> EventStore:
+        """``store`` with a span around each append."""
+        ...
+
+    def shutdown(self) -> None:
+        """Export what is buffered and release the exporter."""
+        ...
+
+
+class _NoSpan:
+    """Stands in for a span when tracing is off."""
+
+    trace_id = ""
+
+    def finish(self, code: grpc.StatusCode) -> None:
+        return None
+
+
+_NO_SPAN = _NoSpan()
+
+
+@dataclass(frozen=True, slots=True)
+class _CallInfo:
+    """What is read from the call before the handler runs (never after)."""
+
+    method: str
+    rpc_type: str
+    request_id: str
+    correlation_id: str
+    peer: str
+
+
+class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, observers: Sequence[RpcObserver], tracing: Tracing | None = None) -> None:
+        self._observers = tuple(observers)
+        self._tracing = tracing
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            # Unknown method: grpc answers UNIMPLEMENTED itself. Not counted, so that
+            # arbitrary method names cannot blow up the metrics' label sets.
+            return handler
+        method = handler_call_details.method
+        metadata = tuple(handler_call_details.invocation_metadata or ())
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap(handler.unary_stream, method, "server_stream", metadata),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                self._wrap(handler.stream_stream, method, "bidi_stream", metadata),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._single(handler.unary_unary, method, "unary", metadata),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._single(handler.stream_unary, method, "client_stream", metadata),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _wrap(
+        self,
+        behaviour: Any,
+        method: str,
+        rpc_type: str,
+        metadata: tuple[tuple[str, Any], ...],
+    ) -> Any:
+        # grpc calls a streaming behaviour differently by its kind (it checks the function):
+        # an async generator yields responses, a coroutine (health's Watch) writes them
+        # through its context. The wrapper must be of the same kind.
+        if inspect.iscoroutinefunction(behaviour):
+            return self._single(behaviour, method, rpc_type, metadata)
+        return self._streaming(behaviour, method, rpc_type, metadata)
+
+    def _streaming(
+        self,
+        behaviour: Any,
+        method: str,
+        rpc_type: str,
+        metadata: tuple[tuple[str, Any], ...],
+    ) -> Any:
+        # grpc's stubs type behaviours as synchronous; on an aio server they are async.
+        stream = cast(Callable[[Any, Context], AsyncIterator[Any]], behaviour)
+
+        async def call(request: Any, context: Context) -> AsyncIterator[Any]:
+            info = _call_info(method, rpc_type, metadata, request, context)
+            with self._observing(info, metadata, context) as observed:
+                async for response in stream(request, context):
+                    yield response
+                observed.completed()
+
+        return call
+
+    def _single(
+        self,
+        behaviour: Any,
+        method: str,
+        rpc_type: str,
+        metadata: tuple[tuple[str, Any], ...],
+    ) -> Any:
+        single = cast(Callable[[Any, Context], Awaitable[Any]], behaviour)
+
+        async def call(request: Any, context: Context) -> Any:
+            info = _call_info(method, rpc_type, metadata, request, context)
+            with self._observing(info, metadata, context) as observed:
+                response = await single(request, context)
+                observed.completed()
+                return response
+
+        return call
+
+    def _observing(
+        self, info: _CallInfo, metadata: tuple[tuple[str, Any], ...], context: Context
+    ) -> _Observed:
+        # Each RPC runs in a task of its own, so the request id needs no reset afterwards.
+        current_request_id.set(info.request_id)
+        span = self._tracing.rpc_span(info.method, metadata) if self._tracing else _NO_SPAN
+        return _Observed(info, span, context, self._observers)
+
+
+class _Observed(AbstractContextManager["_Observed"]):
+    """Times one call and reports its outcome when the handler returns or raises."""
+
+    def __init__(
+        self,
+        info: _CallInfo,
+        span: RpcSpan,
+        context: Context,
+        observers: tuple[RpcObserver, ...],
+    ) -> None:
+        self._info = info
+        self._span = span
+        self._context = context
+        self._observers = observers
+        self._started = time.perf_counter()
+        self._code: grpc.StatusCode | None = None
+
+    def completed(self) -> None:
+        """The handler returned normally: OK unless it set another code itself."""
+        self._code = _set_code(self._context) or grpc.StatusCode.OK
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
+        code = self._code or self._code_for(exc_type)
+        duration = time.perf_counter() - self._started
+        self._span.finish(code)
+        outcome = RpcOutcome(
+            method=self._info.method,
+            rpc_type=self._info.rpc_type,
+            code=code,
+            duration=duration,
+            request_id=self._info.request_id,
+            correlation_id=self._info.correlation_id,
+            # Set by the auth interceptor's wrapper inside this call (same task).
+            user_id=current_caller.get().user_id,
+            peer=self._info.peer,
+            trace_id=self._span.trace_id,
+        )
+        for observer in self._observers:
+            observer.rpc_finished(outcome)
+
+    def _code_for(self, exc_type: type[BaseException] | None) -> grpc.StatusCode:
+        if exc_type is None:
+            return grpc.StatusCode.OK
+        if issubclass(exc_type, grpc.aio.AbortError):
+            # abort()/abort_with_status() recorded the code before raising.
+            return _set_code(self._context) or grpc.StatusCode.UNKNOWN
+        if issubclass(exc_type, asyncio.CancelledError | GeneratorExit):
+            # The client went away (or the server is stopping): never touch the context.
+            return grpc.StatusCode.CANCELLED
+        # grpc answers an exception that escapes a handler with UNKNOWN.
+        return grpc.StatusCode.UNKNOWN
+
+
+def _set_code(context: Context) -> grpc.StatusCode | None:
+    code = context.code()
+    if code is None:
+        return None
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return _CODES_BY_VALUE.get(int(code), grpc.StatusCode.UNKNOWN)
+
+
+_CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _call_info(
+    method: str,
+    rpc_type: str,
+    metadata: tuple[tuple[str, Any], ...],
+    request: Any,
+    context: Context,
+) -> _CallInfo:
+    request_id = ""
+    correlation_id = ""
+    for key, value in metadata:
+        if key == REQUEST_ID_HEADER and isinstance(value, str) and _SAFE_ID.fullmatch(value):
+            request_id = value
+        elif key == CORRELATION_HEADER and isinstance(value, str):
+            correlation_id = value[:MAX_ID_LENGTH]
+    if not correlation_id:
+        # As for events: without x-correlation-id a command correlates by its command_id.
+        correlation_id = str(getattr(request, "command_id", ""))[:MAX_ID_LENGTH]
+    return _CallInfo(
+        method=method,
+        rpc_type=rpc_type,
+        request_id=request_id or os.urandom(16).hex(),
+        correlation_id=correlation_id,
+        peer=context.peer(),
+    )
+
+
+def otel_tracing() -> Tracing:
+    """OpenTelemetry tracing configured from ``OTEL_*`` variables (``--otel``)."""
+    try:
+        from server.tracing import OtelTracing
+
+        return OtelTracing.from_environment()
+    except ImportError as error:
+        raise ValueError(
+            f"--otel needs the otel extra (pip install 'order-gateway[otel]'): {error}"
+        ) from error

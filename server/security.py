@@ -1,0 +1,98 @@
+"""Security wiring from settings: the authenticators and the listening port (TLS, mTLS).
+
+Files are checked here, when the server is built, so that a wrong path, an encrypted
+key or a certificate that does not match its key stops ``serve`` with a clear message
+instead of failing inside grpcio's TLS handshake later.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_private_key,
+)
+
+from server.auth import Authenticator, TokenFileAuthenticator
+from server.config import Settings
+from server.jwt_auth import JwtAuthenticator
+
+
+def authenticators_from(settings: Settings) -> list[Authenticator]:
+    """Static tokens first (a cheap lookup), then JWTs; none means authentication is off."""
+    found: list[Authenticator] = []
+    if settings.auth_tokens is not None:
+        found.append(TokenFileAuthenticator.from_file(settings.auth_tokens))
+    if settings.jwt_public_key is not None:
+        found.append(
+            JwtAuthenticator.from_file(
+                settings.jwt_public_key, settings.jwt_issuer, settings.jwt_audience
+            )
+        )
+    return found
+
+
+def add_port(
+    server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None
+) -> int:
+    """Bind ``listen``: TLS only when there are credentials, else plaintext."""
+    if credentials is None:
+        return server.add_insecure_port(listen)
+    return server.add_secure_port(listen, credentials)
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without its password, fit for a log line."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials; with ``tls_client_ca``, clients must present a certificate it signed."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    certificate_chain = settings.tls_cert.read_bytes()
+    private_key = settings.tls_key.read_bytes()
+    _check_key_pair(settings.tls_cert, certificate_chain, settings.tls_key, private_key)
+    client_ca = None
+    if settings.tls_client_ca is not None:
+        client_ca = settings.tls_client_ca.read_bytes()
+        _certificates(settings.tls_client_ca, client_ca)
+    return grpc.ssl_server_credentials(
+        [(private_key, certificate_chain)],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+def _certificates(path: Path, pem: bytes) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise ValueError(f"{path}: no PEM certificate in it") from None
+
+
+def _check_key_pair(cert_path: Path, chain: bytes, key_path: Path, key_pem: bytes) -> None:
+    try:
+        key = load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise ValueError(f"{key_path}: the private key is encrypted; give it unencrypted") from None
+    except ValueError:
+        raise ValueError(f"{key_path}: not a PEM private key") from None
+    # The server's own certificate comes first in a chain file.
+    leaf = _certificates(cert_path, chain)[0]
+    if _spki(leaf.public_key()) != _spki(key.public_key()):
+        raise ValueError(f"{key_path} is not the private key of the certificate in {cert_path}")
+
+
+def _spki(key: PublicKeyTypes) -> bytes:
+    return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)

@@ -1,0 +1,393 @@
+"""The PostgreSQL event store, for several gateway replicas sharing one database.
+
+Appends go through ``og_append`` (``postgres_schema``): one statement, in autocommit mode its
+own transaction, so an append costs one round trip and returns only once committed. That
+function takes the lock that makes positions visible in commit order; its comment explains
+the choice and its cost.
+
+Group commit: appends made concurrently in one process share a statement and a commit.
+One writer task at a time sends what is waiting (up to ``max_batch`` commits, and only
+up to the first that shares a stream or command_id with an earlier one) and, while that
+batch commits, the next one gathers. Each commit still succeeds or fails on its own. The
+lock serialises appends across processes anyway, so one batch in flight per process
+loses nothing.
+
+Reads are plain queries on pooled connections (``psycopg_pool``), prepared on first use.
+Every driver error is translated at this boundary (``postgres_errors``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import TupleRow, args_row
+from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
+from psycopg_pool import AsyncConnectionPool
+
+from domain.errors import ConcurrencyConflictError, DuplicateCommandError, StoreError
+from domain.ports import CommandRecord, Commit, RecordedEvent
+from server.stores.postgres_errors import append_error, is_unavailable, store_error
+from server.stores.postgres_notify import NotificationListener
+from server.stores.postgres_schema import HEAD_POSITION, apply_migrations
+
+log = logging.getLogger("order_gateway.store.postgres")
+
+CONNECT_DEFAULTS: dict[str, Any] = {
+    # libpq would wait forever for an unreachable host.
+    "connect_timeout": 10,
+    # Names the gateway's sessions in pg_stat_activity.
+    "application_name": "order-gateway",
+}
+"""Connection parameters used unless the URL sets them."""
+LISTENER_APPLICATION_NAME = "order-gateway listener"
+
+_COLUMNS = (
+    "event_id, stream_id, stream_version, position, occurred_at,"
+    " command_id, correlation_id, user_id, event_type, data"
+)
+"""``RecordedEvent``'s fields, in its order, so rows load with ``args_row``."""
+_READ_ALL = f"SELECT {_COLUMNS} FROM events WHERE position > %s ORDER BY position LIMIT %s"
+_READ_STREAM = (
+    f"SELECT {_COLUMNS} FROM events"
+    " WHERE stream_id = %s AND stream_version > %s ORDER BY stream_version"
+)
+_FIND_COMMAND = (
+    "SELECT c.fingerprint, e.event_id, e.stream_id, e.stream_version, e.position,"
+    " e.occurred_at, e.command_id, e.correlation_id, e.user_id, e.event_type, e.data"
+    " FROM commands c LEFT JOIN events e"
+    " ON e.position BETWEEN c.first_position AND c.first_position + c.event_count - 1"
+    " WHERE c.command_id = %s ORDER BY e.position"
+)
+_APPEND = (
+    "SELECT outcome, first_position, detail FROM og_append("
+    "%s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::integer[],"
+    " %s::integer[], %s::text[], %s::bigint[],"
+    " %s::integer[], %s::text[], %s::text[], %s::bigint[], %s::text[], %b::bytea[])"
+)
+
+
+@dataclass(slots=True)
+class _Pending:
+    commit: Commit
+    future: asyncio.Future[list[RecordedEvent]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class PostgresEventStore:
+    """An ``EventStore`` on PostgreSQL; create it with ``await PostgresEventStore.open(url)``.
+
+    Bound to the event loop it was opened on.
+    """
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]],
+        listener_factory: Callable[[Callable[[int | None], None]], NotificationListener],
+        max_batch: int,
+        known_head: int,
+    ) -> None:
+        self._pool = pool
+        self._max_batch = max_batch
+        self._pending: list[_Pending] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[], None]] = []
+        self._notifications = listener_factory(self._on_notification)
+        self._known_head = known_head
+        """The highest position this process knows committed: notifications at or below it
+        wake nobody (this process's own appends come back through NOTIFY too)."""
+        self._closing = False
+        self._closed = asyncio.Event()
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        min_connections: int = 2,
+        max_connections: int = 10,
+        pool_timeout: float = 10.0,
+        max_batch: int = 128,
+    ) -> Self:
+        """Connect, apply any missing schema migration, and open the connection pool.
+
+        ``pool_timeout`` bounds the wait for a pooled connection; beyond it an operation fails
+        with ``StoreUnavailableError``.
+        """
+        with _translated("connect"):
+            given = conninfo_to_dict(url)
+            connect_kwargs: dict[str, Any] = {
+                key: value for key, value in CONNECT_DEFAULTS.items() if key not in given
+            }
+            migrator = await psycopg.AsyncConnection.connect(url, autocommit=True, **connect_kwargs)
+        with _translated("migrate"):
+            async with migrator:
+                await apply_migrations(migrator)
+                cursor = await migrator.execute(HEAD_POSITION)
+                row = await cursor.fetchone()
+        with _translated("connect"):
+            pool = AsyncConnectionPool(
+                url,
+                min_size=min_connections,
+                max_size=max_connections,
+                timeout=pool_timeout,
+                kwargs={"autocommit": True, **connect_kwargs},
+                configure=_configure,
+                open=False,
+                name="order-gateway",
+            )
+            try:
+                await pool.open(wait=True, timeout=pool_timeout)
+            except BaseException:
+                await pool.close()
+                raise
+
+        listen_kwargs = dict(connect_kwargs)
+        if "application_name" in listen_kwargs:
+            listen_kwargs["application_name"] = LISTENER_APPLICATION_NAME
+
+        def listener(on_wake: Callable[[int | None], None]) -> NotificationListener:
+            return NotificationListener(url, listen_kwargs, on_wake)
+
+        return cls(pool, listener, max_batch, known_head=int(row[0]) if row else 0)
+
+    # -- appends (group commit) -----------------------------------------------------
+
+    async def append(self, commit: Commit) -> list[RecordedEvent]:
+        if self._closing:
+            raise StoreError("the event store is closed")
+        pending = _Pending(commit)
+        self._pending.append(pending)
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(
+                self._write_pending(), name="order-gateway postgres writer"
+            )
+        return await pending.future
+
+    async def _write_pending(self) -> None:
+        try:
+            while self._pending:
+                # An append whose caller was cancelled before it was sent is dropped.
+                self._pending = [p for p in self._pending if not p.future.done()]
+                if batch := _take_batch(self._pending, self._max_batch):
+                    await self._write_batch(batch)
+        finally:
+            self._writer = None
+
+    async def _write_batch(self, batch: list[_Pending]) -> None:
+        try:
+            async with self._pool.connection() as conn:
+                cursor = await conn.execute(_APPEND, _append_params(batch), prepare=True)
+                outcomes = await cursor.fetchall()
+        except psycopg.Error as error:
+            if len(batch) > 1 and not is_unavailable(error):
+                # One bad commit failed the statement; alone, each gets its own outcome.
+                for pending in batch:
+                    await self._write_batch([pending])
+                return
+            for pending in batch:
+                _fail(pending, append_error(error, pending.commit), error)
+            return
+        except Exception as error:
+            log.exception("append batch failed")
+            for pending in batch:
+                _fail(pending, StoreError("append failed"), error)
+            return
+        except asyncio.CancelledError:
+            for pending in batch:
+                pending.future.cancel()
+            raise
+        head = 0
+        for pending, (outcome, first_position, detail) in zip(batch, outcomes, strict=True):
+            if pending.future.done():
+                continue
+            if outcome == "appended":
+                recorded = _recorded(pending.commit, first_position)
+                head = max(head, first_position + len(recorded) - 1)
+                pending.future.set_result(recorded)
+            elif outcome == "duplicate":
+                pending.future.set_exception(DuplicateCommandError(pending.commit.command_id))
+            else:
+                pending.future.set_exception(ConcurrencyConflictError(detail))
+        if head:
+            self._advance(head)
+
+    # -- reads ----------------------------------------------------------------------
+
+    async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
+        return await self._events(_READ_STREAM, (stream_id, after_version), "read_stream")
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        # No visibility filter needed: og_append makes positions visible in order.
+        return await self._events(_READ_ALL, (after_position, limit), "read_all")
+
+    async def head_position(self) -> int:
+        with _translated("head_position"):
+            async with self._pool.connection() as conn:
+                cursor = await conn.execute(HEAD_POSITION, prepare=True)
+                row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    async def find_command(self, command_id: str) -> CommandRecord | None:
+        with _translated("find_command"):
+            async with self._pool.connection() as conn:
+                cursor = conn.cursor(binary=True)
+                await cursor.execute(_FIND_COMMAND, (command_id,), prepare=True)
+                rows = await cursor.fetchall()
+        if not rows:
+            return None
+        events = tuple(RecordedEvent(*row[1:]) for row in rows if row[1] is not None)
+        return CommandRecord(command_id, rows[0][0], events)
+
+    async def _events(
+        self, query: str, params: tuple[Any, ...], operation: str
+    ) -> list[RecordedEvent]:
+        with _translated(operation):
+            async with self._pool.connection() as conn:
+                cursor = conn.cursor(row_factory=args_row(RecordedEvent), binary=True)
+                await cursor.execute(query, params, prepare=True)
+                return await cursor.fetchall()
+
+    # -- wake-ups -------------------------------------------------------------------
+
+    def add_commit_listener(self, listener: Callable[[], None]) -> None:
+        """Wake ``listener`` after this process's appends and, through LISTEN, others'.
+
+        The LISTEN connection opens with the first listener. A notification can be lost
+        (see ``postgres_notify``): subscribers poll too, so that only delays them.
+        """
+        self._listeners.append(listener)
+        if not self._closing:
+            self._notifications.start()
+
+    def _on_notification(self, head: int | None) -> None:
+        if head is None:
+            self._wake()
+        elif head > self._known_head:
+            self._advance(head)
+
+    def _advance(self, head: int) -> None:
+        self._known_head = max(self._known_head, head)
+        self._wake()
+
+    def _wake(self) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener()
+            except Exception:
+                log.exception("commit listener failed")
+
+    # -- shutdown -------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Finish the appends already made, then release the connections. Idempotent."""
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        try:
+            if self._writer is not None:
+                await asyncio.shield(self._writer)
+            await self._notifications.stop()
+            await self._pool.close()
+        finally:
+            self._closed.set()
+
+
+def _take_batch(pending: list[_Pending], limit: int) -> list[_Pending]:
+    """Remove and return the longest prefix of ``pending`` whose commits are independent.
+
+    ``og_append`` checks every commit of a batch against the state before the batch, so
+    no two may share a stream or a command_id; the next batch takes the first that does.
+    """
+    batch: list[_Pending] = []
+    streams: set[str] = set()
+    command_ids: set[str] = set()
+    for item in pending[:limit]:
+        commit = item.commit
+        touched = {*commit.expected_versions, *(e.stream_id for e in commit.events)}
+        if commit.command_id in command_ids or not streams.isdisjoint(touched):
+            break
+        batch.append(item)
+        streams |= touched
+        command_ids.add(commit.command_id)
+    del pending[: len(batch)]
+    return batch
+
+
+def _append_params(batch: Sequence[_Pending]) -> tuple[list[Any], ...]:
+    """``og_append``'s arguments: one array per column, commits' rows laid end to end."""
+    commits = [p.commit for p in batch]
+    expected = [
+        (i, stream, version)
+        for i, c in enumerate(commits, start=1)
+        for stream, version in c.expected_versions.items()
+    ]
+    events = [(i, e) for i, c in enumerate(commits, start=1) for e in c.events]
+    return (
+        [c.command_id for c in commits],
+        [c.fingerprint for c in commits],
+        [c.correlation_id for c in commits],
+        [c.user_id for c in commits],
+        [c.occurred_at.astimezone(dt.UTC) for c in commits],
+        [len(c.events) for c in commits],
+        [i for i, _, _ in expected],
+        [stream for _, stream, _ in expected],
+        [version for _, _, version in expected],
+        [i for i, _ in events],
+        [e.event_id for _, e in events],
+        [e.stream_id for _, e in events],
+        [e.stream_version for _, e in events],
+        [e.event_type for _, e in events],
+        [e.data for _, e in events],
+    )
+
+
+def _recorded(commit: Commit, first_position: int) -> list[RecordedEvent]:
+    occurred_at = commit.occurred_at.astimezone(dt.UTC)
+    return [
+        RecordedEvent(
+            event_id=event.event_id,
+            stream_id=event.stream_id,
+            stream_version=event.stream_version,
+            position=first_position + n,
+            occurred_at=occurred_at,
+            command_id=commit.command_id,
+            correlation_id=commit.correlation_id,
+            user_id=commit.user_id,
+            event_type=event.event_type,
+            data=event.data,
+        )
+        for n, event in enumerate(commit.events)
+    ]
+
+
+def _fail(pending: _Pending, error: BaseException, cause: BaseException) -> None:
+    if not pending.future.done():
+        error.__cause__ = cause
+        pending.future.set_exception(error)
+
+
+async def _configure(conn: psycopg.AsyncConnection[TupleRow]) -> None:
+    # psycopg sends a Python int as the smallest type that holds it, so one query would be
+    # prepared once per mix of int2/int4/int8 parameters: always send bigint instead.
+    conn.adapters.register_dumper(int, Int8Dumper)
+    conn.adapters.register_dumper(int, Int8BinaryDumper)
+    # Timestamps then load as aware datetimes in UTC, as every store returns them.
+    await conn.execute("SET TimeZone TO 'UTC'")
+
+
+@contextmanager
+def _translated(operation: str) -> Iterator[None]:
+    try:
+        yield
+    except psycopg.Error as error:
+        raise store_error(error, operation) from error

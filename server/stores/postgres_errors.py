@@ -1,0 +1,72 @@
+"""Translates psycopg's exceptions into the domain's store errors, at the store boundary.
+
+Nothing of the driver may travel further up: callers see ``ConcurrencyConflictError`` or
+``DuplicateCommandError`` for a lost race, ``StoreUnavailableError`` when PostgreSQL cannot
+be reached or is shedding load (worth retrying), and ``StoreError`` for anything else,
+always chained (``from``) to the driver's exception so that logs keep the cause.
+Messages never include SQL text or parameter values.
+"""
+
+from __future__ import annotations
+
+from psycopg import Error, OperationalError
+from psycopg.errors import TransactionRollback, UniqueViolation
+from psycopg_pool import PoolTimeout, TooManyRequests
+
+from domain.errors import (
+    ConcurrencyConflictError,
+    DomainError,
+    DuplicateCommandError,
+    StoreError,
+    StoreUnavailableError,
+)
+from domain.ports import Commit
+
+COMMANDS_KEY = "commands_pkey"
+STREAM_VERSION_KEY = "events_stream_version_key"
+POSITION_KEY = "events_pkey"
+
+_UNAVAILABLE_CLASSES = ("08", "53", "57")
+"""SQLSTATE classes meaning "not now": connection exception, insufficient resources
+(too many connections, disk full), operator intervention (shutdown, statement timeout)."""
+
+
+def is_unavailable(error: Error) -> bool:
+    """True if the database could not be reached or refused the work for now."""
+    if isinstance(error, PoolTimeout | TooManyRequests):
+        return True
+    if error.sqlstate is None:
+        # psycopg reports failures before or below the protocol (refused, broken or closed
+        # connections) as OperationalError without a SQLSTATE.
+        return isinstance(error, OperationalError)
+    return error.sqlstate.startswith(_UNAVAILABLE_CLASSES)
+
+
+def store_error(error: Error, operation: str) -> StoreError:
+    """The store error to raise ``from error`` after ``operation`` failed."""
+    if is_unavailable(error):
+        # Connection messages name the host and port, which is what an operator needs.
+        reason = error.diag.message_primary or str(error).strip()
+        return StoreUnavailableError(f"PostgreSQL is unavailable ({operation}): {reason}")
+    return StoreError(
+        f"PostgreSQL {operation} failed: SQLSTATE {error.sqlstate} "
+        f"{error.diag.message_primary or type(error).__name__}"
+    )
+
+
+def append_error(error: Error, commit: Commit) -> DomainError | StoreError:
+    """The error to raise ``from error`` when appending ``commit`` failed.
+
+    ``og_append`` reports duplicates and conflicts as results, not errors; the unique keys
+    are the backstop that turns anything slipping past it into the same outcomes.
+    """
+    if isinstance(error, UniqueViolation):
+        constraint = error.diag.constraint_name
+        if constraint == COMMANDS_KEY:
+            return DuplicateCommandError(commit.command_id)
+        if constraint in (STREAM_VERSION_KEY, POSITION_KEY):
+            return ConcurrencyConflictError(f"a stream of command {commit.command_id} moved on")
+    if isinstance(error, TransactionRollback):
+        # Serialization failure or deadlock: nothing was written, a retry is safe.
+        return ConcurrencyConflictError(f"command {commit.command_id} lost a race")
+    return store_error(error, "append")

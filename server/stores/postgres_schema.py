@@ -1,0 +1,229 @@
+"""The PostgreSQL store's schema: numbered migrations, applied once each, in order.
+
+``apply_migrations`` runs when a store opens (``serve``) and alone (``migrate``). It holds a
+session-level advisory lock for the whole run, so replicas starting at once take turns: the
+first applies what is missing, the others then find nothing left to do. Each migration and
+its ``schema_migrations`` row commit in one transaction (DDL is transactional in
+PostgreSQL), so a crash mid-way leaves the schema at a known version.
+
+A database that is already up to date needs no privilege beyond reading
+``schema_migrations``: nothing is created unless something is missing, so replicas may run
+as a role that cannot change the schema once an owner has run ``migrate``.
+
+Append-only: never edit a released migration, add the next number instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import psycopg
+from psycopg.rows import TupleRow
+
+log = logging.getLogger("order_gateway.store.postgres")
+
+MIGRATION_LOCK = 0x6F67_6D69_6772_6174
+"""``pg_advisory_lock`` key held while migrating ("ogmigrat"), one per database."""
+APPEND_LOCK = 0x6F67_6170_7065_6E64
+"""``pg_advisory_xact_lock`` key that serialises appends ("ogappend"); see ``og_append``."""
+NOTIFY_CHANNEL = "order_gateway_events"
+"""Every append transaction notifies this channel with the new head position."""
+HEAD_POSITION = "SELECT coalesce(max(position), 0) FROM events"
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    description: str
+    sql: str
+
+
+_CREATE_MIGRATIONS_TABLE = """
+CREATE TABLE schema_migrations (
+    version integer PRIMARY KEY,
+    description text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+_V1_EVENTS = f"""
+CREATE TABLE commands (
+    command_id text PRIMARY KEY,
+    fingerprint text NOT NULL,
+    -- The command's events are positions first_position .. first_position + event_count - 1.
+    first_position bigint NOT NULL,
+    event_count integer NOT NULL
+);
+
+CREATE TABLE events (
+    position bigint PRIMARY KEY,
+    event_id text NOT NULL,
+    stream_id text NOT NULL,
+    stream_version bigint NOT NULL,
+    event_type text NOT NULL,
+    data bytea NOT NULL,
+    command_id text NOT NULL,
+    correlation_id text NOT NULL,
+    user_id text NOT NULL,
+    occurred_at timestamptz NOT NULL,
+    CONSTRAINT events_stream_version_key UNIQUE (stream_id, stream_version)
+);
+
+-- Appends a batch of commits (group commit) in one statement and, in autocommit mode, one
+-- transaction: one round trip and one WAL flush for any number of commits. Returns one row
+-- per commit, in order: outcome 'appended' (first_position set), 'duplicate' (command_id
+-- already recorded) or 'conflict' (detail names the stream). A rejected commit writes
+-- nothing; the others in the batch still commit. Commits of one call must be independent
+-- (no stream or command_id in two of them: the caller splits batches there), so each is
+-- checked against the committed state alone and the whole batch is handled set-wise, in
+-- a fixed number of statements whatever its size. The unique keys back that up: a batch
+-- breaking the rule fails as a whole rather than storing anything inconsistent.
+--
+-- Positions must never become visible out of order: a reader that has seen position N must
+-- never later find a new event below N. With a sequence they would, because transactions
+-- commit in a different order than they drew their numbers (Marten, Eventuous,
+-- SQLStreamStore and commanded all shipped that bug). So every append first takes one
+-- transaction-scoped advisory lock, and assigns positions under it as max(position) + 1.
+-- PostgreSQL releases the lock only after the commit is visible, so the next writer's
+-- positions are both higher and visible later: visibility order is position order, and
+-- read_all needs no filter. Positions are also gapless, because a rolled-back append
+-- never drew any. An advisory lock rather than LOCK TABLE ... IN EXCLUSIVE MODE (as the
+-- eventsourcing library does) because it does not queue behind autovacuum or DDL on the
+-- table, and readers never touch it.
+--
+-- The cost: appends from every process are serialised for the time of the checks, the
+-- inserts and the commit's WAL flush, so throughput is bounded by one flush per batch.
+-- Batching commits (the caller's group commit) is what buys it back. The lock is taken
+-- first, before anything is written, because the checks below are only exact under it,
+-- and because a writer holding a row of commands while waiting for the lock could
+-- deadlock with the lock's holder.
+CREATE FUNCTION og_append(
+    p_command_ids text[],
+    p_fingerprints text[],
+    p_correlation_ids text[],
+    p_user_ids text[],
+    p_occurred_at timestamptz[],
+    p_event_counts integer[],
+    -- One row per (commit, stream it expects at a version); p_expected_commits holds the
+    -- commit's index (1-based) in the arrays above.
+    p_expected_commits integer[],
+    p_expected_streams text[],
+    p_expected_versions bigint[],
+    -- One row per event, commits' events laid end to end in commit order.
+    p_event_commits integer[],
+    p_event_ids text[],
+    p_stream_ids text[],
+    p_stream_versions bigint[],
+    p_event_types text[],
+    p_data bytea[]
+) RETURNS TABLE (outcome text, first_position bigint, detail text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    head bigint;
+    appended bigint;
+    outcomes text[];
+    details text[];
+    firsts bigint[];
+BEGIN
+    PERFORM pg_advisory_xact_lock({APPEND_LOCK});
+    -- A statement of its own: in READ COMMITTED each statement of a plpgsql function takes
+    -- a new snapshot, so this one sees every append that committed before the lock was ours.
+    SELECT coalesce(max(e.position), 0) INTO head FROM events e;
+
+    WITH stale AS (
+        SELECT DISTINCT ON (x.commit_index)
+               x.commit_index, format('%s is not at version %s', x.stream_id, x.expected) AS why
+        FROM unnest(p_expected_commits, p_expected_streams, p_expected_versions)
+            AS x(commit_index, stream_id, expected)
+        WHERE x.expected <> coalesce(
+            (SELECT max(e.stream_version) FROM events e WHERE e.stream_id = x.stream_id), 0)
+        ORDER BY x.commit_index
+    )
+    SELECT array_agg(CASE WHEN k.command_id IS NOT NULL THEN 'duplicate'
+                          WHEN s.why IS NOT NULL THEN 'conflict'
+                          ELSE 'appended' END ORDER BY c.i),
+           array_agg(CASE WHEN k.command_id IS NULL THEN s.why END ORDER BY c.i)
+    INTO outcomes, details
+    FROM unnest(p_command_ids) WITH ORDINALITY AS c(command_id, i)
+    LEFT JOIN commands k ON k.command_id = c.command_id
+    LEFT JOIN stale s ON s.commit_index = c.i;
+
+    -- Appended commits take consecutive positions in commit order.
+    SELECT array_agg(CASE WHEN r.outcome = 'appended' THEN head + 1 + r.before END ORDER BY r.i)
+    INTO firsts
+    FROM (
+        SELECT c.outcome, c.i, coalesce(sum(c.event_count) FILTER (WHERE c.outcome = 'appended')
+            OVER (ORDER BY c.i ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
+        FROM unnest(outcomes, p_event_counts) WITH ORDINALITY AS c(outcome, event_count, i)
+    ) r;
+
+    INSERT INTO events (
+        position, event_id, stream_id, stream_version, event_type, data,
+        command_id, correlation_id, user_id, occurred_at)
+    SELECT head + row_number() OVER (ORDER BY x.n), x.event_id, x.stream_id, x.stream_version,
+           x.event_type, x.data, c.command_id, c.correlation_id, c.user_id, c.occurred_at
+    FROM unnest(p_event_commits, p_event_ids, p_stream_ids, p_stream_versions, p_event_types,
+                p_data) WITH ORDINALITY
+        AS x(commit_index, event_id, stream_id, stream_version, event_type, data, n)
+    JOIN unnest(p_command_ids, p_correlation_ids, p_user_ids, p_occurred_at, outcomes)
+        WITH ORDINALITY AS c(command_id, correlation_id, user_id, occurred_at, outcome, i)
+        ON c.i = x.commit_index
+    WHERE c.outcome = 'appended';
+    GET DIAGNOSTICS appended = ROW_COUNT;
+
+    INSERT INTO commands (command_id, fingerprint, first_position, event_count)
+    SELECT c.command_id, c.fingerprint, c.first_position, c.event_count
+    FROM unnest(p_command_ids, p_fingerprints, firsts, p_event_counts)
+        AS c(command_id, fingerprint, first_position, event_count)
+    WHERE c.first_position IS NOT NULL;
+
+    IF appended > 0 THEN
+        -- Delivered at commit, to every process that LISTENs (other replicas included).
+        PERFORM pg_notify('{NOTIFY_CHANNEL}', (head + appended)::text);
+    END IF;
+    RETURN QUERY SELECT * FROM unnest(outcomes, firsts, details);
+END
+$$;
+"""
+
+MIGRATIONS: tuple[Migration, ...] = (Migration(1, "events, commands and og_append()", _V1_EVENTS),)
+
+
+async def apply_migrations(conn: psycopg.AsyncConnection[TupleRow]) -> list[int]:
+    """Apply every missing migration in order; returns the versions applied now.
+
+    ``conn`` must be in autocommit mode; it holds the migration lock until this returns.
+    """
+    await conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+    try:
+        return await _apply_missing(conn)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+
+
+async def _apply_missing(conn: psycopg.AsyncConnection[TupleRow]) -> list[int]:
+    cursor = await conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    row = await cursor.fetchone()
+    if row is None or not row[0]:
+        await conn.execute(_CREATE_MIGRATIONS_TABLE)
+    cursor = await conn.execute("SELECT version FROM schema_migrations")
+    applied = {int(version) for (version,) in await cursor.fetchall()}
+    known = {migration.version for migration in MIGRATIONS}
+    if newer := sorted(applied - known):
+        # A newer release migrated this database (a rolling upgrade): keep serving, as
+        # migrations only ever add, but say so.
+        log.warning("the database has schema versions %s that this release does not know", newer)
+    done: list[int] = []
+    for migration in MIGRATIONS:
+        if migration.version in applied:
+            continue
+        async with conn.transaction():
+            await conn.execute(migration.sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, description) VALUES (%s, %s)",
+                (migration.version, migration.description),
+            )
+        log.info("applied schema migration %d: %s", migration.version, migration.description)
+        done.append(migration.version)
+    return done

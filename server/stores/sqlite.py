@@ -1,0 +1,408 @@
+"""The SQLite event store: durable on one machine, the gateway's default.
+
+Threads, so that SQLite never blocks the event loop:
+
+- one **writer** thread owns the only write connection. Appends are queued to it; it takes
+  whatever has queued up (up to ``max_batch``) and writes it as one transaction with one
+  fsync (**group commit**). Each commit runs in its own SAVEPOINT, so a commit that
+  conflicts rolls back alone and the others in the batch still commit.
+- a few **reader** threads, each with its own connection, taking reads from one queue:
+  in WAL mode readers never wait for the writer, and each SELECT sees only committed
+  transactions. Two or more, so that one long read does not hold up the short ones.
+
+Callers are answered on their own event loop, a batch at a time (``sqlite_calls``); an
+append is answered once its batch's COMMIT has returned, which with ``synchronous=FULL``
+means the WAL is fsynced.
+
+Positions: all writers, in this process or any other, serialise on SQLite's single write
+lock (``BEGIN IMMEDIATE``), and positions are assigned inside that lock from the committed
+maximum. A committed prefix of positions is therefore all a reader can ever see: no lower
+position can commit after a higher one became visible, which ``read_all`` relies on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import functools
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from domain.errors import (
+    ConcurrencyConflictError,
+    DomainError,
+    DuplicateCommandError,
+    StoreError,
+    StoreUnavailableError,
+)
+from domain.ports import CommandRecord, Commit, RecordedEvent
+from server.stores.sqlite_calls import Call, CallQueue, Listener, answer
+from server.stores.sqlite_schema import SchemaTooNewError, migrate
+
+log = logging.getLogger("order_gateway.store.sqlite")
+
+T = TypeVar("T")
+
+EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+MICROSECOND: Final = dt.timedelta(microseconds=1)
+BUSY_TIMEOUT_SECONDS: Final = 30.0
+"""How long a connection waits for another process's write lock before giving up."""
+READ_BATCH: Final = 32
+"""Reads a reader thread takes at once; answered together, like a write batch."""
+
+Query = Callable[[sqlite3.Connection], Any]
+Append = Call[Commit, list[RecordedEvent]]
+
+_COLUMNS = (
+    "event_id, stream_id, stream_version, position, occurred_at_us,"
+    " command_id, correlation_id, user_id, event_type, data"
+)
+"""In ``RecordedEvent`` field order, so that a row maps onto it by position."""
+INSERT_COMMAND = (
+    "INSERT INTO commands (command_id, fingerprint, first_position, event_count)"
+    " VALUES (?, ?, ?, ?)"
+)
+HEAD = "SELECT coalesce(max(position), 0) FROM events"
+READ_STREAM = (
+    f"SELECT {_COLUMNS} FROM events"
+    " WHERE stream_id = ? AND stream_version > ? ORDER BY stream_version"
+)
+READ_ALL = f"SELECT {_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?"
+READ_RANGE = f"SELECT {_COLUMNS} FROM events WHERE position BETWEEN ? AND ? ORDER BY position"
+FIND_COMMAND = "SELECT fingerprint, first_position, event_count FROM commands WHERE command_id = ?"
+
+
+@functools.lru_cache(maxsize=256)
+def insert_events_sql(count: int) -> str:
+    """One multi-row INSERT for ``count`` events: one statement instead of ``count``."""
+    return f"INSERT INTO events ({_COLUMNS}) VALUES " + ", ".join(["(?,?,?,?,?,?,?,?,?,?)"] * count)
+
+
+@functools.lru_cache(maxsize=256)
+def stream_versions_sql(count: int) -> str:
+    """The versions of ``count`` streams in one row, one scalar subquery per stream.
+
+    Each ``max()`` over one stream is answered from the end of the (stream_id,
+    stream_version) index, O(log n); ``WHERE stream_id IN (…) GROUP BY`` would instead
+    walk every entry of each stream, O(stream length).
+    """
+    one = "coalesce((SELECT max(stream_version) FROM events WHERE stream_id = ?), 0)"
+    return "SELECT " + ", ".join([one] * count)
+
+
+def _event(row: tuple[Any, ...]) -> RecordedEvent:
+    return RecordedEvent(row[0], row[1], row[2], row[3], EPOCH + row[4] * MICROSECOND, *row[5:])
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # Autocommit mode (isolation_level=None): this module issues BEGIN/COMMIT itself.
+    # Connections are handed between threads (opened by one, closed by another) but only
+    # ever used by one thread at a time.
+    return sqlite3.connect(
+        path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
+    )
+
+
+def _open_reader(path: Path) -> sqlite3.Connection:
+    connection = _connect(path)
+    connection.execute("PRAGMA query_only = ON")
+    return connection
+
+
+def _open_writer(path: Path) -> sqlite3.Connection:
+    connection = _connect(path)
+    try:
+        # WAL: readers and the writer do not block each other, and a commit is one
+        # sequential write. FULL: COMMIT returns only after the WAL is fsynced.
+        (mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
+        if mode != "wal":
+            raise StoreError(f"SQLite refused WAL mode for {path} (got {mode!r})")
+        connection.execute("PRAGMA synchronous = FULL")
+        migrate(connection)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _store_error(message: str, cause: BaseException) -> StoreError:
+    error = StoreUnavailableError(message) if _is_busy(cause) else StoreError(message)
+    error.__cause__ = cause
+    return error
+
+
+def _is_busy(error: BaseException) -> bool:
+    return isinstance(error, sqlite3.OperationalError) and error.sqlite_errorname in {
+        "SQLITE_BUSY",
+        "SQLITE_LOCKED",
+    }
+
+
+class SQLiteEventStore:
+    """An ``EventStore`` in one SQLite file; open it with ``await SQLiteEventStore.open(path)``.
+
+    ``max_batch`` caps how many commits share one transaction (1 turns group commit off).
+    """
+
+    def __init__(
+        self,
+        writer: sqlite3.Connection,
+        readers: list[sqlite3.Connection],
+        loop: asyncio.AbstractEventLoop,
+        max_batch: int,
+    ) -> None:
+        self._loop = loop
+        self._max_batch = max_batch
+        self._listeners: list[Listener] = []
+        self._writes: CallQueue[Commit, list[RecordedEvent]] = CallQueue()
+        self._reads: CallQueue[Query, Any] = CallQueue()
+        self._writer = writer
+        self._threads = [
+            threading.Thread(target=self._write_forever, name="sqlite-writer", daemon=True),
+            *(
+                threading.Thread(
+                    target=self._read_forever, args=(reader,), name="sqlite-reader", daemon=True
+                )
+                for reader in readers
+            ),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @classmethod
+    async def open(
+        cls, path: str | Path, *, max_batch: int = 128, readers: int = 2
+    ) -> SQLiteEventStore:
+        """Open (creating or migrating as needed) the store in the file at ``path``."""
+        if max_batch < 1 or readers < 1:
+            raise ValueError("max_batch and readers must be at least 1")
+        path = Path(path)
+        opened: list[sqlite3.Connection] = []
+        try:
+            opened.append(await asyncio.to_thread(_open_writer, path))
+            for _ in range(readers):
+                opened.append(await asyncio.to_thread(_open_reader, path))
+        except (sqlite3.Error, SchemaTooNewError) as e:
+            for connection in opened:
+                connection.close()
+            if isinstance(e, sqlite3.Error):
+                raise _store_error(f"cannot open the SQLite store {path}: {e}", e) from e
+            raise StoreError(f"cannot open the SQLite store {path}: {e}") from e
+        return cls(opened[0], opened[1:], asyncio.get_running_loop(), max_batch)
+
+    # -- writing --------------------------------------------------------------------
+
+    async def append(self, commit: Commit) -> list[RecordedEvent]:
+        return await self._writes.call(commit)
+
+    def _write_forever(self) -> None:
+        try:
+            stop = False
+            while not stop:
+                batch, stop = self._writes.take(self._max_batch)
+                if not batch:
+                    continue
+                try:
+                    self._write(batch)
+                except Exception as e:  # a bug must not leave callers waiting forever
+                    log.exception("SQLite writer failed")
+                    self._rollback()
+                    for append in batch:
+                        append.outcome = _store_error("the SQLite store failed", e)
+                committed = any(isinstance(append.outcome, list) for append in batch)
+                answer(batch, list(self._listeners) if committed else ())
+        finally:
+            self._writer.close()
+
+    def _write(self, batch: list[Append]) -> None:
+        """Commit what can be committed; every item of ``batch`` gets an outcome.
+
+        A driver error in one commit aborts the transaction: that commit fails, and the
+        batch is written again without it, so that the others are unaffected.
+        """
+        while batch:
+            culprit = self._write_once(batch)
+            if culprit is None:
+                return
+            batch = [append for append in batch if append is not culprit]
+
+    def _write_once(self, batch: list[Append]) -> Append | None:
+        connection = self._writer
+        current: Append | None = None
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            # Read under the write lock: no other connection can append until COMMIT.
+            (head,) = connection.execute(HEAD).fetchone()
+            for current in batch:
+                connection.execute("SAVEPOINT a")
+                current.outcome = self._insert(current.work, head)
+                if isinstance(current.outcome, DomainError):
+                    connection.execute("ROLLBACK TO a")
+                else:
+                    head += len(current.outcome)
+                connection.execute("RELEASE a")
+            current = None
+            connection.execute("COMMIT")
+        except sqlite3.Error as e:
+            self._rollback()
+            if current is not None:
+                current.outcome = _store_error(f"append of {current.work.command_id} failed", e)
+                return current
+            # BEGIN or COMMIT failed: nothing in the batch is durable.
+            for append in batch:
+                append.outcome = _store_error("the SQLite transaction failed", e)
+        return None
+
+    def _insert(self, commit: Commit, head: int) -> list[RecordedEvent] | DomainError:
+        """Write one commit at positions after ``head``, or say why it cannot be written."""
+        connection = self._writer
+        try:
+            connection.execute(
+                INSERT_COMMAND,
+                (commit.command_id, commit.fingerprint, head + 1, len(commit.events)),
+            )
+        except sqlite3.IntegrityError as e:
+            if e.sqlite_errorname != "SQLITE_CONSTRAINT_PRIMARYKEY":
+                raise
+            return DuplicateCommandError(commit.command_id)
+        expected_versions = commit.expected_versions
+        if expected_versions:
+            versions = connection.execute(
+                stream_versions_sql(len(expected_versions)), tuple(expected_versions)
+            ).fetchone()
+            for (stream_id, expected), version in zip(
+                expected_versions.items(), versions, strict=True
+            ):
+                if version != expected:
+                    return ConcurrencyConflictError(
+                        f"{stream_id} is at version {version}, not {expected}"
+                    )
+        occurred_at = commit.occurred_at.astimezone(dt.UTC)
+        occurred_at_us = (occurred_at - EPOCH) // MICROSECOND
+        recorded = [
+            RecordedEvent(
+                event.event_id,
+                event.stream_id,
+                event.stream_version,
+                head + n,
+                occurred_at,
+                commit.command_id,
+                commit.correlation_id,
+                commit.user_id,
+                event.event_type,
+                event.data,
+            )
+            for n, event in enumerate(commit.events, start=1)
+        ]
+        if not recorded:
+            return recorded
+        parameters: list[Any] = []
+        for event in recorded:
+            parameters += (
+                event.event_id,
+                event.stream_id,
+                event.stream_version,
+                event.position,
+                occurred_at_us,
+                event.command_id,
+                event.correlation_id,
+                event.user_id,
+                event.event_type,
+                event.data,
+            )
+        try:
+            connection.execute(insert_events_sql(len(recorded)), parameters)
+        except sqlite3.IntegrityError as e:
+            # The unique (stream_id, stream_version) key: versions that do not follow on
+            # from the expected ones, or two events claiming one version.
+            if e.sqlite_errorname != "SQLITE_CONSTRAINT_UNIQUE":
+                raise
+            return ConcurrencyConflictError(f"a stream version in {commit.command_id} is taken")
+        return recorded
+
+    def _rollback(self) -> None:
+        if self._writer.in_transaction:
+            try:
+                self._writer.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.exception("SQLite rollback failed")
+
+    # -- reading --------------------------------------------------------------------
+
+    def _read_forever(self, connection: sqlite3.Connection) -> None:
+        try:
+            stop = False
+            while not stop:
+                batch, stop = self._reads.take(READ_BATCH)
+                for read in batch:
+                    try:
+                        read.outcome = read.work(connection)
+                    except sqlite3.Error as e:
+                        read.outcome = _store_error(f"reading the SQLite store failed: {e}", e)
+                    except Exception as e:  # a bug: the caller gets it as it is
+                        read.outcome = e
+                answer(batch)
+        finally:
+            connection.close()
+
+    async def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
+        result: T = await self._reads.call(query)
+        return result
+
+    async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
+        # A SEARCH of the (stream_id, stream_version) index: the cost of reading a stream's
+        # tail does not grow with the stream's length.
+        def query(connection: sqlite3.Connection) -> list[RecordedEvent]:
+            rows = connection.execute(READ_STREAM, (stream_id, after_version)).fetchall()
+            return [_event(row) for row in rows]
+
+        return await self._read(query)
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        # Safe to return everything committed: positions are assigned under SQLite's one
+        # write lock, so nothing below a visible position can still commit (see above).
+        def query(connection: sqlite3.Connection) -> list[RecordedEvent]:
+            rows = connection.execute(READ_ALL, (after_position, limit)).fetchall()
+            return [_event(row) for row in rows]
+
+        return await self._read(query)
+
+    async def head_position(self) -> int:
+        def query(connection: sqlite3.Connection) -> int:
+            (head,) = connection.execute(HEAD).fetchone()
+            return int(head)
+
+        return await self._read(query)
+
+    async def find_command(self, command_id: str) -> CommandRecord | None:
+        def query(connection: sqlite3.Connection) -> CommandRecord | None:
+            found = connection.execute(FIND_COMMAND, (command_id,)).fetchone()
+            if found is None:
+                return None
+            fingerprint, first, count = found
+            # A recorded command's events are committed and immutable: reading them in
+            # a second statement cannot see anything but what the first one promised.
+            rows = connection.execute(READ_RANGE, (first, first + count - 1)).fetchall()
+            return CommandRecord(command_id, fingerprint, tuple(_event(row) for row in rows))
+
+        return await self._read(query)
+
+    # -- notification and shutdown --------------------------------------------------
+
+    def add_commit_listener(self, listener: Callable[[], None]) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = self._loop
+        self._listeners.append((loop, listener))
+
+    async def close(self) -> None:
+        """Appends and reads already queued are finished first; new ones are refused."""
+        self._writes.close(consumers=1)
+        self._reads.close(consumers=len(self._threads) - 1)
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join)

@@ -1,0 +1,1 @@
+"""The event store conformance suite: ``contract.EventStoreContract``, run once per backend."""

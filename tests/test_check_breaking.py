@@ -1,0 +1,93 @@
+"""scripts/check-breaking in throwaway git repositories: it catches a breaking proto change
+against the previous commit, lets compatible ones pass, and skips when there is no history."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CANCEL_PROTO = Path("protos/orders/v1/order_command_service.proto")
+
+
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(
+        ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def commit_all(repo: Path, message: str) -> None:
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", message)
+
+
+def check(repo: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(
+        ["scripts/check-breaking"], cwd=repo, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def edit(repo: Path, old: str, new: str) -> None:
+    path = repo / CANCEL_PROTO
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("protos", "third_party"):
+        shutil.copytree(ROOT / name, repo / name)
+    (repo / "scripts").mkdir()
+    shutil.copy2(ROOT / "scripts" / "check-breaking", repo / "scripts")
+    shutil.copy2(ROOT / "buf.yaml", repo)
+    git(repo, "init", "-q")
+    commit_all(repo, "first")
+    return repo
+
+
+def test_first_commit_has_nothing_to_compare_and_passes(repo: Path) -> None:
+    result = check(repo)
+    assert result.returncode == 0, result.stderr
+    assert "skipped" in result.stdout
+
+
+def test_renaming_a_field_fails_against_the_previous_commit(repo: Path) -> None:
+    edit(repo, "string reason = 3;", "string cancel_reason = 3;")
+    commit_all(repo, "rename a field")
+    result = check(repo)
+    assert result.returncode != 0
+    assert "reason" in result.stdout + result.stderr
+
+
+def test_adding_a_field_passes(repo: Path) -> None:
+    edit(repo, "string reason = 3;", "string reason = 3;\n  string note = 4;")
+    commit_all(repo, "add a field")
+    result = check(repo)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "compatible" in result.stdout
+
+
+def test_a_shallow_clone_without_the_previous_commit_skips(repo: Path, tmp_path: Path) -> None:
+    edit(repo, "string reason = 3;", "string cancel_reason = 3;")
+    commit_all(repo, "rename a field")
+    clone = tmp_path / "clone"
+    subprocess.run(
+        ["git", "clone", "-q", "--depth", "1", f"file://{repo}", str(clone)],
+        check=True,
+        timeout=60,
+    )
+    result = check(clone)
+    assert result.returncode == 0, result.stderr
+    assert "shallow" in result.stdout

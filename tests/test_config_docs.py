@@ -1,0 +1,44 @@
+"""docs/configuration.md is generated from the Settings model and must be committed fresh."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server import docs
+from server.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMITTED = ROOT / "docs" / "configuration.md"
+
+
+def test_committed_configuration_doc_is_up_to_date() -> None:
+    assert COMMITTED.read_text() == docs.render(), (
+        "docs/configuration.md is stale: run `python -m server.docs` and commit the result"
+    )
+
+
+def test_every_setting_has_a_row_with_its_variable_and_description() -> None:
+    rendered = docs.render()
+    for name, field in Settings.model_fields.items():
+        assert field.description, f"Settings.{name} needs a description for the docs"
+        assert f"| {name} | " in rendered
+        assert f"`ORDER_GATEWAY_{name.upper()}`" in rendered
+
+
+def test_flags_are_the_ones_serve_accepts() -> None:
+    flags = docs.serve_flags()
+    assert flags["metrics_listen"] == "--metrics-listen"
+    assert flags["otel"] == "--otel"
+    assert "shutdown_grace" not in flags  # no flag: the variable only
+
+
+def test_check_mode_reports_a_stale_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "configuration.md"
+    assert docs.main(["--output", str(output), "--check"]) == 1
+    assert "out of date" in capsys.readouterr().err
+    assert docs.main(["--output", str(output)]) == 0
+    assert docs.main(["--output", str(output), "--check"]) == 0

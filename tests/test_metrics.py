@@ -1,0 +1,147 @@
+"""Prometheus metrics, scraped over HTTP from a real gateway after real calls."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+from orders.v1 import event_stream_service_pb2
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.app import Gateway
+from tests.clients import item, order_request
+from tests.observability_support import rpc_error, running
+
+INVENTORY = "orders.v1.InventoryCommandService"
+ORDERS = "orders.v1.OrderCommandService"
+EVENTS = "orders.v1.EventStreamService"
+
+
+async def scrape(gateway: Gateway) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample at /metrics, keyed by (name, labels)."""
+    assert gateway.metrics_port is not None
+    url = f"http://127.0.0.1:{gateway.metrics_port}/metrics"
+
+    def fetch() -> str:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.status == 200
+            return str(response.read().decode())
+
+    text = await asyncio.to_thread(fetch)
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def rpc_labels(service: str, method: str, **extra: str) -> frozenset[tuple[str, str]]:
+    return frozenset(
+        {
+            "grpc_service": service,
+            "grpc_method": method,
+            "grpc_type": "server_stream",
+            **extra,
+        }.items()
+    )
+
+
+async def test_scrape_counts_rpcs_by_code_and_times_commands_and_appends() -> None:
+    async with running(metrics_listen="127.0.0.1:0") as (gateway, clients):
+        await clients.restock("sku-1", 5)
+        await clients.create(order_request(item("sku-1", 2)))
+        unknown = await rpc_error(clients.create(order_request(item("no-such-sku", 1))))
+        invalid = await rpc_error(clients.restock("sku-1", 0))
+        assert unknown.code() == grpc.StatusCode.NOT_FOUND
+        assert invalid.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        samples = await scrape(gateway)
+
+    handled = "grpc_server_handled_total"
+    assert samples[(handled, rpc_labels(INVENTORY, "RestockProduct", grpc_code="OK"))] == 1
+    assert (
+        samples[(handled, rpc_labels(INVENTORY, "RestockProduct", grpc_code="INVALID_ARGUMENT"))]
+        == 1
+    )
+    assert samples[(handled, rpc_labels(ORDERS, "CreateOrder", grpc_code="OK"))] == 1
+    assert samples[(handled, rpc_labels(ORDERS, "CreateOrder", grpc_code="NOT_FOUND"))] == 1
+    assert samples[("grpc_server_handling_seconds_count", rpc_labels(ORDERS, "CreateOrder"))] == 2
+    assert samples[("grpc_server_handling_seconds_sum", rpc_labels(ORDERS, "CreateOrder"))] > 0
+
+    def command(name: str, outcome: str) -> float:
+        labels = frozenset({"command": name, "outcome": outcome}.items())
+        return samples[("order_gateway_command_seconds_count", labels)]
+
+    assert command("RestockProduct", "ok") == 1
+    assert command("CreateOrder", "ok") == 1
+    assert command("CreateOrder", "PRODUCT_NOT_FOUND") == 1
+
+    # Two commits: the restock (1 event) and the order (OrderCreated + StockReserved).
+    ok = frozenset({("outcome", "ok")})
+    assert samples[("order_gateway_store_append_seconds_count", ok)] == 2
+    assert samples[("order_gateway_store_append_events_count", frozenset())] == 2
+    assert samples[("order_gateway_store_append_events_sum", frozenset())] == 3
+    assert samples[("order_gateway_store_append_events_bucket", frozenset({("le", "1.0")}))] == 1
+
+
+async def test_calls_refused_by_authentication_are_counted() -> None:
+    async with running(secured=True, metrics_listen="127.0.0.1:0") as (gateway, clients):
+        error = await rpc_error(clients.restock("sku-1", 5))
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        samples = await scrape(gateway)
+    labels = rpc_labels(INVENTORY, "RestockProduct", grpc_code="UNAUTHENTICATED")
+    assert samples[("grpc_server_handled_total", labels)] == 1
+
+
+async def test_open_subscriptions_are_a_gauge_and_lag_is_exposed() -> None:
+    async with running(metrics_listen="127.0.0.1:0") as (gateway, clients):
+        await clients.restock("sku-1", 5)
+        call = clients.events.Subscribe(event_stream_service_pb2.SubscribeRequest())
+        first = await call.read()
+        assert isinstance(first, event_stream_service_pb2.SubscribeResponse)
+        assert first.event.event_type == "ProductRestocked"
+        assert (await scrape(gateway))[("order_gateway_subscriptions", frozenset())] == 1
+
+        call.cancel()
+        deadline = asyncio.get_running_loop().time() + 10
+        while (await scrape(gateway))[("order_gateway_subscriptions", frozenset())] != 0:
+            assert asyncio.get_running_loop().time() < deadline, "subscription never closed"
+            await asyncio.sleep(0.05)
+        samples = await scrape(gateway)
+
+    # Declared even before the hub reports a lag, so dashboards and alerts find it.
+    assert ("order_gateway_subscription_lag_events_count", frozenset()) in samples
+    labels = rpc_labels(EVENTS, "Subscribe", grpc_code="CANCELLED")
+    assert samples[("grpc_server_handled_total", labels)] == 1
+
+
+async def test_each_gateway_counts_only_its_own_calls() -> None:
+    async with (
+        running(metrics_listen="127.0.0.1:0") as (busy, busy_clients),
+        running(metrics_listen="127.0.0.1:0") as (idle, _),
+    ):
+        await busy_clients.restock("sku-1", 5)
+        busy_samples = await scrape(busy)
+        idle_samples = await scrape(idle)
+    labels = rpc_labels(INVENTORY, "RestockProduct", grpc_code="OK")
+    assert busy_samples[("grpc_server_handled_total", labels)] == 1
+    assert ("grpc_server_handled_total", labels) not in idle_samples
+
+
+async def test_metrics_endpoint_closes_with_the_gateway() -> None:
+    async with running(metrics_listen="127.0.0.1:0") as (gateway, _):
+        port = gateway.metrics_port
+        await scrape(gateway)
+    with pytest.raises(urllib.error.URLError):
+        await asyncio.to_thread(
+            urllib.request.urlopen, f"http://127.0.0.1:{port}/metrics", timeout=5
+        )
+
+
+async def test_no_metrics_server_without_metrics_listen() -> None:
+    async with running() as (gateway, clients):
+        await clients.restock("sku-1", 5)
+        assert gateway.metrics_port is None

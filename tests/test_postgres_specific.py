@@ -1,0 +1,408 @@
+"""What only the PostgreSQL store has to prove: migrations under concurrency, positions seen
+in order by a tailing reader while several processes write, LISTEN/NOTIFY between replicas,
+driver errors translated, and two gateways on one database never overselling.
+
+The behaviour every store shares is in ``tests/conformance``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+import grpc
+import psycopg
+import pytest
+from google.rpc import error_details_pb2
+from orders.v1 import (
+    event_stream_service_pb2_grpc,
+    events_pb2,
+    inventory_command_service_pb2_grpc,
+    order_command_service_pb2_grpc,
+)
+
+from domain.errors import (
+    ConcurrencyConflictError,
+    DuplicateCommandError,
+    StoreError,
+    StoreUnavailableError,
+)
+from domain.ports import Commit, NewEvent, RecordedEvent
+from server.app import create_server
+from server.config import Settings
+from server.stores.postgres import LISTENER_APPLICATION_NAME, PostgresEventStore
+from server.stores.postgres_schema import MIGRATIONS, apply_migrations
+from tests.clients import Clients, detail, item, order_request
+
+pytestmark = pytest.mark.postgres
+
+TIMEOUT = 120.0
+"""Bound on every multi-party wait, so that a hang fails instead of blocking the suite."""
+
+
+def commit(
+    *events: tuple[str, int], command_id: str | None = None, user_id: str = "user-1"
+) -> Commit:
+    """One event per ``(stream, version)``, each stream expected just before its event."""
+    return Commit(
+        command_id=command_id or str(uuid.uuid4()),
+        fingerprint="fingerprint",
+        correlation_id="correlation",
+        user_id=user_id,
+        occurred_at=dt.datetime.now(dt.UTC),
+        expected_versions={stream: version - 1 for stream, version in events},
+        events=[NewEvent(str(uuid.uuid4()), s, v, "TestEvent", b"{}") for s, v in events],
+    )
+
+
+@pytest.fixture
+async def store(fresh_postgres_url: str) -> AsyncIterator[PostgresEventStore]:
+    opened = await PostgresEventStore.open(fresh_postgres_url)
+    yield opened
+    await opened.close()
+
+
+# -- migrations ---------------------------------------------------------------------
+
+
+def applied_versions(url: str) -> list[int]:
+    with psycopg.connect(url) as conn:
+        return [v for (v,) in conn.execute("SELECT version FROM schema_migrations ORDER BY 1")]
+
+
+async def test_migrations_run_once_and_reopening_changes_nothing(fresh_postgres_url: str) -> None:
+    first = await PostgresEventStore.open(fresh_postgres_url)
+    await first.append(commit(("a", 1)))
+    await first.close()
+
+    async with await psycopg.AsyncConnection.connect(fresh_postgres_url, autocommit=True) as conn:
+        assert await apply_migrations(conn) == []
+    again = await PostgresEventStore.open(fresh_postgres_url)
+    try:
+        assert [e.stream_id for e in await again.read_all()] == ["a"]
+    finally:
+        await again.close()
+    assert applied_versions(fresh_postgres_url) == [m.version for m in MIGRATIONS]
+
+
+async def test_concurrent_migrations_apply_each_version_exactly_once(
+    fresh_postgres_url: str,
+) -> None:
+    async def migrate() -> list[int]:
+        conn = await psycopg.AsyncConnection.connect(fresh_postgres_url, autocommit=True)
+        async with conn:
+            return await apply_migrations(conn)
+
+    results = await asyncio.wait_for(asyncio.gather(*(migrate() for _ in range(6))), TIMEOUT)
+
+    everything = [m.version for m in MIGRATIONS]
+    assert sorted(results) == [[]] * 5 + [everything]
+    assert applied_versions(fresh_postgres_url) == everything
+
+
+def test_two_migrate_commands_at_once_both_succeed(fresh_postgres_url: str) -> None:
+    command = [sys.executable, "-m", "server.cli", "migrate", "--store", fresh_postgres_url]
+    children = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    outputs = [child.communicate(timeout=TIMEOUT)[0] for child in children]
+
+    assert [child.returncode for child in children] == [0, 0], outputs
+    assert applied_versions(fresh_postgres_url) == [m.version for m in MIGRATIONS]
+
+
+# -- positions are seen in commit order ---------------------------------------------
+
+
+async def _write_many(url: str, writer: str, tasks: int, commits: int) -> int:
+    """``tasks`` tasks appending ``commits`` commits each, every task through a store of
+    its own: a store sends one batch at a time, and the race needs many transactions."""
+    stores = [await PostgresEventStore.open(url, min_connections=1) for _ in range(tasks)]
+    try:
+
+        async def one_task(task: int) -> None:
+            stream = f"{writer}-{task}"
+            for n in range(1, commits + 1):
+                await stores[task].append(commit((stream, n), (f"{stream}-side-{n}", 1)))
+
+        await asyncio.gather(*(one_task(t) for t in range(tasks)))
+    finally:
+        for store in stores:
+            await store.close()
+    return tasks * commits * 2
+
+
+def write_many_in_process(url: str, writer: str, tasks: int, commits: int) -> int:
+    return asyncio.run(_write_many(url, writer, tasks, commits))
+
+
+async def test_a_tailing_reader_never_skips_an_event_of_concurrent_processes(
+    store: PostgresEventStore, fresh_postgres_url: str
+) -> None:
+    """The bug sequence-based stores ship: a reader at position N later misses an event
+    below N that committed late. Every event the writers commit must reach the tailer."""
+    processes, tasks, commits = 3, 6, 20
+    loop = asyncio.get_running_loop()
+    seen: list[RecordedEvent] = []
+
+    async def tail_until(done: asyncio.Future[list[int]]) -> None:
+        while True:
+            finished = done.done()
+            page = await store.read_all(seen[-1].position if seen else 0, 25)
+            seen.extend(page)
+            if finished and not page:
+                return
+            if not page:
+                await asyncio.sleep(0.001)
+
+    with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+        writers = asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    pool, write_many_in_process, fresh_postgres_url, f"w{p}", tasks, commits
+                )
+                for p in range(processes)
+            )
+        )
+        await asyncio.wait_for(tail_until(writers), TIMEOUT)
+        written = sum(await writers)
+
+    everything = await store.read_all(0, written + 1)
+    assert [e.position for e in everything] == list(range(1, written + 1))
+    assert seen == everything
+
+
+# -- group commit: each commit of a batch succeeds or fails alone -------------------
+
+
+async def test_commits_sent_together_succeed_or_fail_each_on_its_own(
+    store: PostgresEventStore,
+) -> None:
+    before = [
+        *await store.append(commit(("contended", 1))),
+        *await store.append(known := commit(("known", 1))),
+    ]
+    good = [commit((f"good-{n}", 1)) for n in range(8)]
+    stale = commit(("contended", 1))
+    replayed = commit(("other", 1), command_id=known.command_id)
+    racers = [commit(("race", 1)) for _ in range(2)]
+    # A NUL character is refused by the driver: it must fail only its own commit.
+    unstorable = commit(("nul", 1), user_id="bad\x00user")
+    # Interleaved, so that rejected commits sit between appended ones in one batch.
+    attempts = [
+        *(good[0], stale, good[1], replayed, good[2], racers[0], good[3]),
+        *(racers[1], good[4], unstorable, good[5], good[6], good[7]),
+    ]
+
+    results = await asyncio.wait_for(
+        asyncio.gather(*(store.append(c) for c in attempts), return_exceptions=True), TIMEOUT
+    )
+    outcome = dict(zip((id(c) for c in attempts), results, strict=True))
+
+    assert all(isinstance(outcome[id(c)], list) for c in good)
+    assert isinstance(outcome[id(stale)], ConcurrencyConflictError)
+    assert isinstance(outcome[id(replayed)], DuplicateCommandError)
+    race = sorted(type(outcome[id(c)]).__name__ for c in racers)
+    assert race == ["ConcurrencyConflictError", "list"]
+    failure = outcome[id(unstorable)]
+    assert isinstance(failure, StoreError) and not isinstance(failure, psycopg.Error)
+    assert isinstance(failure.__cause__, psycopg.Error)
+    # What each append returned is exactly what was stored, positions without a gap.
+    returned = sorted(
+        (e for result in results if isinstance(result, list) for e in result),
+        key=lambda e: e.position,
+    )
+    assert await store.read_all() == [*before, *returned]
+    assert [e.position for e in returned] == list(range(3, 3 + len(good) + 1))
+
+
+# -- LISTEN/NOTIFY between replicas -------------------------------------------------
+
+
+async def test_a_commit_through_one_replica_wakes_the_other(
+    store: PostgresEventStore, fresh_postgres_url: str
+) -> None:
+    other = await PostgresEventStore.open(fresh_postgres_url)
+    try:
+        woke = asyncio.Event()
+        other.add_commit_listener(woke.set)
+
+        # The first wake-up may come from the LISTEN connection's start; after it, the
+        # connection is listening, so the second can only come through NOTIFY.
+        for version in (1, 2):
+            woke.clear()
+            appended = await store.append(commit(("a", version)))
+            await asyncio.wait_for(woke.wait(), TIMEOUT)
+            assert await other.head_position() >= appended[-1].position
+    finally:
+        await other.close()
+
+
+async def test_the_listener_reconnects_after_its_connection_is_killed(
+    store: PostgresEventStore, fresh_postgres_url: str, postgres_url: str
+) -> None:
+    other = await PostgresEventStore.open(fresh_postgres_url)
+    database = fresh_postgres_url.rpartition("/")[2]
+    try:
+        woke = asyncio.Event()
+        other.add_commit_listener(woke.set)
+        await store.append(commit(("a", 1)))
+        await asyncio.wait_for(woke.wait(), TIMEOUT)
+
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND application_name = %s",
+                (database, LISTENER_APPLICATION_NAME),
+            ).fetchall()
+        assert killed
+        woke.clear()
+        appended = await store.append(commit(("a", 2)))
+
+        await asyncio.wait_for(woke.wait(), TIMEOUT)
+        assert await other.head_position() >= appended[-1].position
+    finally:
+        await other.close()
+
+
+# -- driver errors never leave the store --------------------------------------------
+
+
+async def test_an_unreachable_server_is_store_unavailable() -> None:
+    with pytest.raises(StoreUnavailableError) as raised:
+        await PostgresEventStore.open("postgresql://postgres@127.0.0.1:1/postgres")
+    assert isinstance(raised.value.__cause__, psycopg.Error)
+
+
+async def test_lost_connections_are_store_unavailable(
+    store: PostgresEventStore, fresh_postgres_url: str, postgres_url: str
+) -> None:
+    database = fresh_postgres_url.rpartition("/")[2]
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+            (database,),
+        )
+
+    with pytest.raises(StoreUnavailableError):
+        await store.read_all()
+    with pytest.raises(StoreUnavailableError):
+        await store.append(commit(("a", 1)))
+    # The pool replaces the dead connections: the store recovers on its own.
+    for _ in range(int(TIMEOUT / 0.05)):
+        try:
+            assert await store.read_all() == []
+            break
+        except StoreUnavailableError:
+            await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the store never reconnected")
+
+
+async def test_other_database_errors_are_store_errors_without_sql(
+    store: PostgresEventStore, fresh_postgres_url: str
+) -> None:
+    with psycopg.connect(fresh_postgres_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE events RENAME TO events_moved")
+
+    for operation in (store.read_all(), store.append(commit(("a", 1)))):
+        with pytest.raises(StoreError) as raised:
+            await operation
+        assert not isinstance(raised.value, StoreUnavailableError)
+        assert isinstance(raised.value.__cause__, psycopg.Error)
+        assert "SELECT" not in str(raised.value)
+
+
+# -- two gateways, one database -----------------------------------------------------
+
+
+@pytest.fixture
+async def two_gateways(fresh_postgres_url: str) -> AsyncIterator[tuple[Clients, Clients]]:
+    settings = Settings(listen="127.0.0.1:0", store=fresh_postgres_url)
+    gateways = [
+        await create_server(settings, store=await PostgresEventStore.open(fresh_postgres_url))
+        for _ in range(2)
+    ]
+    channels = []
+    try:
+        for gateway in gateways:
+            await gateway.start()
+            channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}"))
+        first, second = (
+            Clients(
+                channel=channel,
+                orders=order_command_service_pb2_grpc.OrderCommandServiceStub(channel),
+                inventory=inventory_command_service_pb2_grpc.InventoryCommandServiceStub(channel),
+                events=event_stream_service_pb2_grpc.EventStreamServiceStub(channel),
+            )
+            for channel in channels
+        )
+        yield first, second
+    finally:
+        for channel in channels:
+            await channel.close()
+        for gateway in gateways:
+            await gateway.stop()
+
+
+async def test_two_gateways_on_one_database_never_oversell(
+    two_gateways: tuple[Clients, Clients], fresh_postgres_url: str
+) -> None:
+    first, second = two_gateways
+    await first.restock("hot", 20)
+
+    async def order(clients: Clients) -> tuple[grpc.StatusCode, list[events_pb2.Event]]:
+        request = order_request(item("hot", 1), command_id=str(uuid.uuid4()))
+        for _ in range(50):
+            try:
+                return grpc.StatusCode.OK, await clients.create(request)
+            except grpc.aio.AioRpcError as error:
+                # ABORTED promises a retry is safe; the same command_id makes it idempotent.
+                if error.code() != grpc.StatusCode.ABORTED:
+                    return error.code(), []
+        raise AssertionError("an order was aborted 50 times")
+
+    results = await asyncio.wait_for(
+        asyncio.gather(*(order(first if n % 2 else second) for n in range(50))), TIMEOUT
+    )
+
+    codes = [code for code, _ in results]
+    assert codes.count(grpc.StatusCode.OK) == 20
+    assert codes.count(grpc.StatusCode.FAILED_PRECONDITION) == 30
+    available_after = sorted(
+        event.stock_reserved.available_after
+        for _, events in results
+        for event in events
+        if event.event_type == "StockReserved"
+    )
+    assert available_after == list(range(20))
+    store = await PostgresEventStore.open(fresh_postgres_url)
+    try:
+        hot = await store.read_stream("product-hot")
+    finally:
+        await store.close()
+    reserved = [e for e in hot if e.event_type == "StockReserved"]
+    assert len(reserved) == 20
+    assert [e.stream_version for e in hot] == list(range(1, 22))
+
+
+async def test_a_sold_out_product_reports_the_stock_left(
+    two_gateways: tuple[Clients, Clients],
+) -> None:
+    first, second = two_gateways
+    await first.restock("scarce", 1)
+    await second.create(order_request(item("scarce", 1)))
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await first.create(order_request(item("scarce", 1)))
+
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    failure = detail(raised.value, error_details_pb2.PreconditionFailure)
+    assert failure.violations[0].description == "requested 1, available 0"

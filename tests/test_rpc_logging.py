@@ -1,0 +1,147 @@
+"""The access log: one line per RPC, with ids and caller, never a credential."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from domain.ports import Commit, RecordedEvent
+from server.logs import JsonFormatter
+from server.stores.memory import MemoryEventStore
+from tests.clients import item, order_request
+from tests.observability_support import TOKEN, USER, rpc_error, running
+
+ACCESS = "order_gateway.access"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+
+def access_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if record.name == ACCESS]
+
+
+def fields(record: logging.LogRecord) -> dict[str, object]:
+    value = record.__dict__["fields"]
+    assert isinstance(value, dict)
+    return value
+
+
+async def test_one_line_per_rpc_with_method_code_duration_ids_and_user(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    command_id = str(uuid.uuid4())
+    async with running(secured=True) as (_, clients):
+        await clients.restock(
+            "sku-1",
+            5,
+            command_id=command_id,
+            metadata=(*AUTH, ("x-request-id", "req-42"), ("x-correlation-id", "checkout-7")),
+        )
+        reused = await rpc_error(
+            clients.create(order_request(item("sku-1", 1), command_id=command_id), metadata=AUTH)
+        )
+        assert reused.code() == grpc.StatusCode.ALREADY_EXISTS
+
+    first, second = access_lines(caplog)
+    assert first.levelno == logging.INFO
+    assert fields(first) == {
+        "method": "/orders.v1.InventoryCommandService/RestockProduct",
+        "code": "OK",
+        "duration_ms": fields(first)["duration_ms"],
+        "request_id": "req-42",
+        "correlation_id": "checkout-7",
+        "user_id": USER,
+        "peer": fields(first)["peer"],
+    }
+    duration = fields(first)["duration_ms"]
+    assert isinstance(duration, float) and duration > 0
+    assert "127.0.0.1" in str(fields(first)["peer"])
+    assert first.getMessage().startswith("/orders.v1.InventoryCommandService/RestockProduct OK ")
+    assert "request_id=req-42 correlation_id=checkout-7 user=checkout-service" in (
+        first.getMessage()
+    )
+
+    # The same command_id with another request: the client's error, logged at INFO.
+    # Without x-correlation-id the command_id correlates; the request id is generated.
+    assert fields(second)["code"] == "ALREADY_EXISTS"
+    assert fields(second)["correlation_id"] == command_id
+    assert len(str(fields(second)["request_id"])) == 32
+    assert second.levelno == logging.INFO
+
+
+async def test_refused_calls_are_logged_and_tokens_never_are(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with running(secured=True) as (_, clients):
+        await clients.restock("sku-1", 5, metadata=AUTH)
+        wrong = (("authorization", f"Bearer {TOKEN}-but-wrong"),)
+        error = await rpc_error(clients.restock("sku-1", 5, metadata=wrong))
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    ok, refused = access_lines(caplog)
+    assert fields(ok)["code"] == "OK"
+    assert fields(refused)["code"] == "UNAUTHENTICATED"
+    assert fields(refused)["user_id"] == ""
+    formatter = JsonFormatter()
+    for record in caplog.records:
+        assert TOKEN not in formatter.format(record)
+        assert TOKEN not in record.getMessage()
+
+
+async def test_a_request_id_that_could_forge_log_lines_is_replaced(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    forged = "x code=OK user=admin"
+    async with running() as (_, clients):
+        await clients.restock("sku-1", 5, metadata=(("x-request-id", forged),))
+    (line,) = access_lines(caplog)
+    assert fields(line)["request_id"] != forged
+    assert "user=admin" not in line.getMessage()
+
+
+class BrokenStore(MemoryEventStore):
+    async def append(self, commit: Commit) -> list[RecordedEvent]:
+        raise RuntimeError("disk on fire")
+
+
+async def test_server_faults_are_warnings(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    async with running(store=BrokenStore()) as (_, clients):
+        error = await rpc_error(clients.restock("sku-1", 5))
+        assert error.code() == grpc.StatusCode.INTERNAL
+    (line,) = access_lines(caplog)
+    assert line.levelno == logging.WARNING
+    assert fields(line)["code"] == "INTERNAL"
+
+
+async def test_health_probes_are_logged_at_debug_only(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=ACCESS)
+    async with running() as (_, clients):
+        health = health_pb2_grpc.HealthStub(clients.channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest())
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    (line,) = access_lines(caplog)
+    assert line.levelno == logging.DEBUG
+    assert fields(line)["method"] == "/grpc.health.v1.Health/Check"
+    assert fields(line)["code"] == "OK"
+
+
+async def test_json_lines_carry_every_field(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    async with running() as (_, clients):
+        await clients.restock("sku-1", 5, metadata=(("x-request-id", "abc"),))
+    (line,) = access_lines(caplog)
+    entry = json.loads(JsonFormatter().format(line))
+    assert entry["logger"] == ACCESS
+    assert entry["level"] == "INFO"
+    assert entry["method"] == "/orders.v1.InventoryCommandService/RestockProduct"
+    assert entry["code"] == "OK"
+    assert entry["request_id"] == "abc"
+    assert {"duration_ms", "correlation_id", "user_id", "peer"} <= entry.keys()

@@ -1,0 +1,219 @@
+"""Subscribe end to end: catch-up, live, handoff under load, filters, checkpoints, resume."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server.app import Gateway
+from server.stores.memory import MemoryEventStore
+from server.subscription_hub import HubTuning
+from tests.clients import Clients, item, order_request
+from tests.subscription_support import (
+    SMALL_WINDOW,
+    JitteryStore,
+    StreamReader,
+    connect,
+    identities,
+    run_writers,
+    running_gateway,
+    stored,
+)
+
+# Small pages and buffers, so that every path (multi-page catch-up, handoff, falling
+# behind) runs with a few hundred events instead of hundreds of thousands.
+SMALL = HubTuning(page_size=7, buffer_size=16, poll_interval=0.05, checkpoint_interval=0.2)
+
+
+async def test_catch_up_then_live(clients: Clients) -> None:
+    for n in range(5):
+        await clients.restock(f"sku-{n}", 1)
+    reader = StreamReader.open(clients)
+
+    history = await reader.through(5)
+    assert [e.position for e in history] == [1, 2, 3, 4, 5]
+    assert [e.event_type for e in history] == ["ProductRestocked"] * 5
+    assert await reader.next_checkpoint() == 5, "caught up: a checkpoint at the head"
+
+    created = await clients.create(order_request(item("sku-0")))
+    live = await reader.through(7)
+    assert identities(live[5:]) == identities(created)
+    assert live[5].order_created.order_id == created[0].order_created.order_id
+    reader.call.cancel()
+
+
+@pytest.mark.parametrize("seed", [None, 1, 2, 3])
+async def test_handoff_under_concurrent_writers_has_no_gap_and_no_duplicate(
+    seed: int | None,
+) -> None:
+    store = MemoryEventStore() if seed is None else JitteryStore(seed)
+    async with running_gateway(store, SMALL) as gateway, connect(gateway) as clients:
+        writing = asyncio.create_task(run_writers(clients, writers=4, orders=100))
+        readers: list[StreamReader] = []
+        # Subscribe every few dozen commits while the writers run flat out, so that
+        # handoffs happen all along, at many different distances behind the head.
+        next_subscription = 0
+        while not writing.done():
+            if await store.head_position() >= next_subscription:
+                readers.append(StreamReader.open(clients))
+                next_subscription += 40
+            await asyncio.sleep(0.002)
+        await writing
+        head = await store.head_position()
+        assert head == 4 * (1 + 2 * 100)
+        expected = await stored(store)
+        assert [position for position, _ in expected] == list(range(1, head + 1))
+        assert len(readers) >= 10
+        for reader in readers:
+            assert identities(await reader.through(head)) == expected
+            reader.call.cancel()
+
+
+async def test_event_type_filter(gateway: Gateway, clients: Clients) -> None:
+    await clients.restock("sku-1", 10)
+    first = await clients.create(order_request(item("sku-1")))
+    await clients.cancel(first[0].order_created.order_id)
+    await clients.create(order_request(item("sku-1")))
+    reader = StreamReader.open(clients, event_types=["OrderCreated", "OrderCancelled"])
+
+    events = await reader.through(await gateway.store.head_position())
+    assert [e.event_type for e in events] == ["OrderCreated", "OrderCancelled", "OrderCreated"]
+    assert [e.position for e in events] == [2, 4, 6]
+    reader.call.cancel()
+
+
+async def test_stream_filter_live_and_combined_with_types() -> None:
+    async with running_gateway(tuning=SMALL) as gateway, connect(gateway) as clients:
+        await clients.restock("sku-1", 10)
+        await clients.restock("sku-2", 10)
+        only_sku1 = StreamReader.open(clients, stream_id="product-sku-1")
+        reserved_sku1 = StreamReader.open(
+            clients, stream_id="product-sku-1", event_types=["StockReserved"]
+        )
+        assert await only_sku1.next_checkpoint() == 2
+        assert await reserved_sku1.next_checkpoint() == 2
+
+        await clients.create(order_request(item("sku-2"), item("sku-1", 2)))
+        await clients.restock("sku-1", 1)
+
+        head = await gateway.store.head_position()
+        events = await only_sku1.through(head)
+        assert [(e.event_type, e.position) for e in events] == [
+            ("ProductRestocked", 1),
+            ("StockReserved", 5),
+            ("ProductRestocked", 6),
+        ]
+        assert {e.stream_id for e in events} == {"product-sku-1"}
+        reserved = await reserved_sku1.through(head)
+        assert [(e.event_type, e.position) for e in reserved] == [("StockReserved", 5)]
+        assert reserved[0].stock_reserved.quantity == 2
+        only_sku1.call.cancel()
+        reserved_sku1.call.cancel()
+
+
+async def test_idle_filtered_stream_gets_checkpoints_up_to_the_head() -> None:
+    async with running_gateway(tuning=SMALL) as gateway, connect(gateway) as clients:
+        await clients.restock("sku-1", 1)
+        reader = StreamReader.open(clients, event_types=["OrderCancelled"])
+        assert await reader.next_checkpoint() == 1
+
+        for n in range(20):
+            await clients.restock(f"sku-{n}", 1)
+        # Nothing matches, yet the checkpoints move on to the head, so a consumer can
+        # store its progress; each one is at most the committed head.
+        while await reader.next_checkpoint() < 21:
+            assert reader.checkpoints[-1] <= await gateway.store.head_position()
+        assert reader.events == []
+        # And with no writes at all, checkpoints keep coming at the same position.
+        assert await reader.next_checkpoint() == 21
+        reader.call.cancel()
+
+
+async def test_resume_from_a_stored_position_has_no_duplicates(clients: Clients) -> None:
+    for n in range(10):
+        await clients.restock(f"sku-{n}", 1)
+    first = StreamReader.open(clients)
+    seen = await first.through(4)
+    stored_position = seen[-1].position
+    first.call.cancel()
+
+    for n in range(10, 13):
+        await clients.restock(f"sku-{n}", 1)
+    resumed = StreamReader.open(clients, after_position=stored_position)
+    rest = await resumed.through(13)
+    assert [e.position for e in rest] == list(range(stored_position + 1, 14))
+    assert {e.event_id for e in seen}.isdisjoint(e.event_id for e in rest)
+    resumed.call.cancel()
+
+
+async def test_from_end_delivers_only_new_events_and_wins_over_after_position(
+    clients: Clients,
+) -> None:
+    for n in range(5):
+        await clients.restock(f"sku-{n}", 1)
+    reader = StreamReader.open(clients, from_end=True, after_position=2)
+    assert await reader.next_checkpoint() == 5
+    new = await clients.restock("sku-new", 1)
+    events = await reader.through(6)
+    assert identities(events) == identities(new)
+    reader.call.cancel()
+
+
+async def test_after_position_beyond_the_head_never_checkpoints_beyond_it(
+    clients: Clients,
+) -> None:
+    await clients.restock("sku-1", 1)
+    reader = StreamReader.open(clients, after_position=3)
+    assert await reader.next_checkpoint() == 1
+    for n in range(4):
+        await clients.restock(f"sku-{n}", 1)
+    events = await reader.through(5)
+    assert [e.position for e in events] == [4, 5]
+    reader.call.cancel()
+
+
+async def test_fifty_concurrent_subscribers_see_the_same_sequence() -> None:
+    async with running_gateway(tuning=SMALL) as gateway, connect(gateway) as clients:
+        await run_writers(clients, writers=2, orders=5, prefix="before")
+        readers = [StreamReader.open(clients) for _ in range(60)]
+        await run_writers(clients, writers=3, orders=20, prefix="during")
+        head = await gateway.store.head_position()
+        expected = await stored(gateway.store)
+        for reader in readers:
+            assert identities(await reader.through(head)) == expected
+            reader.call.cancel()
+
+
+async def test_slow_consumer_gets_everything_without_holding_back_others() -> None:
+    async with (
+        running_gateway(tuning=SMALL) as gateway,
+        connect(gateway) as clients,
+        connect(gateway, SMALL_WINDOW) as slow_clients,
+    ):
+        slow = StreamReader.open(slow_clients)
+        fast = StreamReader.open(clients)
+        assert await slow.next_checkpoint() == 0
+        assert await fast.next_checkpoint() == 0
+
+        # The slow consumer reads nothing at all while writers run: the fast one must
+        # still receive everything, and the hub must not buffer for the slow one forever.
+        await run_writers(clients, writers=4, orders=250)
+        head = await gateway.store.head_position()
+        expected = await stored(gateway.store)
+        assert identities(await fast.through(head)) == expected
+        assert len(slow.events) == 0
+        assert gateway.hub.fallbacks >= 1, "the stalled subscriber fell back to the store"
+
+        # Reading slowly now while more commits arrive, it still gets everything in order.
+        writing = asyncio.create_task(run_writers(clients, writers=2, orders=20, prefix="late"))
+        while not writing.done():
+            await slow.next()
+            await asyncio.sleep(0.001)
+        await writing
+        head = await gateway.store.head_position()
+        expected = await stored(gateway.store)
+        assert identities(await slow.through(head)) == expected
+        assert identities(await fast.through(head)) == expected
+        slow.call.cancel()
+        fast.call.cancel()

@@ -1,0 +1,174 @@
+"""Subscribe's edges: bad requests, limits, cancellation, deadlines, shutdown, store failures."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from orders.v1 import event_stream_service_pb2
+
+from domain.errors import StoreUnavailableError
+from domain.ports import RecordedEvent
+from server.app import Gateway
+from server.subscription_hub import HubTuning
+from tests.clients import Clients, detail
+from tests.subscription_support import (
+    SMALL_WINDOW,
+    WAIT,
+    StreamReader,
+    WrappedStore,
+    connect,
+    identities,
+    run_writers,
+    running_gateway,
+    stored,
+    until,
+)
+
+QUICK = HubTuning(poll_interval=0.05, checkpoint_interval=0.5, stop_timeout=0.2)
+
+
+class FlakyStore(WrappedStore):
+    """A memory store whose reads can be made to fail and whose wake-ups can be lost."""
+
+    def __init__(self, wake_ups: bool = True) -> None:
+        super().__init__()
+        self.failing = False
+        self.wake_ups = wake_ups
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        if self.failing:
+            raise StoreUnavailableError("the test took the store down")
+        return await super().read_all(after_position, limit)
+
+    def add_commit_listener(self, listener: Callable[[], None]) -> None:
+        if self.wake_ups:
+            super().add_commit_listener(listener)
+
+
+async def until_no_subscribers(gateway: Gateway) -> None:
+    await until(lambda: gateway.hub.subscriber_count == 0)
+
+
+async def test_unknown_event_type_is_invalid_argument_naming_it(clients: Clients) -> None:
+    reader = StreamReader.open(clients, event_types=["OrderCreated", "OrderShipped", "Nope"])
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await reader.next()
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    bad_request = detail(raised.value, error_details_pb2.BadRequest)
+    assert [v.field for v in bad_request.field_violations] == ["event_types[1]", "event_types[2]"]
+    assert "OrderShipped" in bad_request.field_violations[0].description
+
+
+async def test_subscribers_beyond_the_limit_are_resource_exhausted() -> None:
+    async with running_gateway(max_subscribers=2) as gateway, connect(gateway) as clients:
+        first = StreamReader.open(clients)
+        second = StreamReader.open(clients)
+        await first.next_checkpoint()
+        await second.next_checkpoint()
+
+        third = StreamReader.open(clients)
+        assert await third.status() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        first.call.cancel()
+        await until(lambda: gateway.hub.subscriber_count == 1)
+        fourth = StreamReader.open(clients)
+        assert await fourth.next_checkpoint() == 0, "a freed slot can be used again"
+        second.call.cancel()
+        fourth.call.cancel()
+
+
+async def test_client_cancellation_releases_the_subscription(
+    gateway: Gateway, clients: Clients
+) -> None:
+    await clients.restock("sku-1", 1)
+    readers = [StreamReader.open(clients) for _ in range(3)]
+    for reader in readers:
+        await reader.next_checkpoint()
+    assert gateway.hub.subscriber_count == 3
+    for reader in readers:
+        reader.call.cancel()
+    await until_no_subscribers(gateway)
+    # The gateway keeps serving: commands and new subscriptions work.
+    await clients.restock("sku-2", 1)
+    again = StreamReader.open(clients)
+    assert [e.position for e in await again.through(2)] == [1, 2]
+    again.call.cancel()
+
+
+async def test_deadline_ends_the_stream_and_releases_the_subscription(
+    gateway: Gateway, clients: Clients
+) -> None:
+    call = clients.events.Subscribe(event_stream_service_pb2.SubscribeRequest(), timeout=0.3)
+    reader = StreamReader(call)
+    assert await reader.status() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert reader.checkpoints == [0]
+    await until_no_subscribers(gateway)
+
+
+async def test_shutdown_ends_every_stream_even_one_whose_client_stopped_reading() -> None:
+    # The grace only bounds how long grpc tries to flush what the stalled client never
+    # reads; the subscription itself is ended by the hub before that.
+    async with (
+        running_gateway(tuning=QUICK, shutdown_grace=0.5) as gateway,
+        connect(gateway) as clients,
+        connect(gateway, SMALL_WINDOW) as stalled_clients,
+    ):
+        live = StreamReader.open(clients)
+        stalled = StreamReader.open(stalled_clients)
+        await live.next_checkpoint()
+        await stalled.next_checkpoint()
+        # Enough events that the stalled stream's server side is stuck sending.
+        await run_writers(clients, writers=2, orders=300)
+
+        async with asyncio.timeout(WAIT):
+            await gateway.stop()
+
+        assert await live.status() == grpc.StatusCode.UNAVAILABLE
+        assert await stalled.status() in {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+        assert gateway.hub.subscriber_count == 0
+
+
+async def test_subscribing_while_shutting_down_is_unavailable() -> None:
+    async with running_gateway(tuning=QUICK) as gateway, connect(gateway) as clients:
+        await gateway.hub.stop()
+        late = StreamReader.open(clients)
+        assert await late.status() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_store_failure_during_catch_up_is_unavailable() -> None:
+    store = FlakyStore()
+    async with running_gateway(store=store, tuning=QUICK) as gateway, connect(gateway) as clients:
+        await clients.restock("sku-1", 1)
+        store.failing = True
+        reader = StreamReader.open(clients)
+        assert await reader.status() == grpc.StatusCode.UNAVAILABLE
+        await until_no_subscribers(gateway)
+
+
+async def test_live_subscribers_lose_nothing_while_the_hub_cannot_read() -> None:
+    store = FlakyStore()
+    async with running_gateway(store=store, tuning=QUICK) as gateway, connect(gateway) as clients:
+        reader = StreamReader.open(clients)
+        await reader.next_checkpoint()
+        store.failing = True
+        await run_writers(clients, writers=2, orders=5)
+        await asyncio.sleep(0.2)  # a few failed hub reads (polls and wake-ups)
+        store.failing = False
+        head = await store.head_position()
+        assert identities(await reader.through(head)) == await stored(store)
+        reader.call.cancel()
+
+
+async def test_lost_wake_ups_only_delay_delivery() -> None:
+    store = FlakyStore(wake_ups=False)
+    async with running_gateway(store=store, tuning=QUICK) as gateway, connect(gateway) as clients:
+        reader = StreamReader.open(clients)
+        await reader.next_checkpoint()
+        await run_writers(clients, writers=2, orders=5)
+        head = await store.head_position()
+        assert identities(await reader.through(head)) == await stored(store)
+        reader.call.cancel()

@@ -1,0 +1,195 @@
+"""``order-gateway tail``: its client against grpc_testing's fake channel, then the real CLI.
+
+With the fake channel the test plays the server's side of the Subscribe call: it sees the
+request the CLI sent, and chooses the responses and the final status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import grpc_testing
+import pytest
+from orders.v1 import event_stream_service_pb2, events_pb2
+
+from server.tail import follow
+from tests.clients import Clients
+from tests.subscription_support import WAIT
+
+SERVICE = event_stream_service_pb2.DESCRIPTOR.services_by_name["EventStreamService"]
+SUBSCRIBE = SERVICE.methods_by_name["Subscribe"]
+
+
+def event(position: int, product_id: str = "sku-1") -> event_stream_service_pb2.SubscribeResponse:
+    return event_stream_service_pb2.SubscribeResponse(
+        event=events_pb2.Event(
+            event_id=f"00000000-0000-4000-8000-{position:012d}",
+            stream_id=f"product-{product_id}",
+            stream_version=position,
+            position=position,
+            event_type="ProductRestocked",
+            product_restocked=events_pb2.ProductRestocked(
+                product_id=product_id, quantity=1, available_after=position
+            ),
+        )
+    )
+
+
+def checkpoint(position: int) -> event_stream_service_pb2.SubscribeResponse:
+    return event_stream_service_pb2.SubscribeResponse(
+        checkpoint=event_stream_service_pb2.Checkpoint(position=position)
+    )
+
+
+class WatchedOutput(io.StringIO):
+    """An output the test can wait on, to act only once the CLI has printed something."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = threading.Event()
+
+    def write(self, text: str) -> int:
+        count = super().write(text)
+        self.written.set()
+        return count
+
+
+class Interrupting(io.StringIO):
+    """An output that raises ``error`` on its first write (Ctrl-C, a closed pipe)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.error = error
+
+    def write(self, text: str) -> int:
+        raise self.error
+
+
+@pytest.fixture
+def channel() -> Any:
+    return grpc_testing.channel([SERVICE], grpc_testing.strict_real_time())
+
+
+@pytest.fixture
+def background() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool
+
+
+def start_tail(
+    pool: ThreadPoolExecutor,
+    channel: Any,
+    out: io.StringIO,
+    err: io.StringIO,
+    after: int = 0,
+    types: tuple[str, ...] = (),
+) -> Future[int]:
+    return pool.submit(follow, channel, after, types, out, err)
+
+
+def test_prints_each_event_as_one_json_line_and_exits_0_when_the_stream_ends(
+    channel: Any, background: ThreadPoolExecutor
+) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    result = start_tail(background, channel, out, err, after=7, types=("ProductRestocked",))
+
+    _, request, rpc = channel.take_unary_stream(SUBSCRIBE)
+    assert request == event_stream_service_pb2.SubscribeRequest(
+        after_position=7, event_types=["ProductRestocked"]
+    )
+    rpc.send_response(event(8))
+    rpc.send_response(checkpoint(9))
+    rpc.send_response(event(10, "sku-2"))
+    rpc.terminate((), grpc.StatusCode.OK, "")
+
+    assert result.result(timeout=WAIT) == 0
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2, "checkpoints are not printed"
+    first, second = (json.loads(line) for line in lines)
+    assert first["position"] == "8"  # proto3 JSON writes 64-bit integers as strings
+    assert first["eventType"] == "ProductRestocked"
+    assert first["productRestocked"] == {"productId": "sku-1", "quantity": 1, "availableAfter": "8"}
+    assert second["streamId"] == "product-sku-2"
+    assert err.getvalue() == ""
+
+
+def test_a_failed_call_is_reported_on_stderr_with_exit_1(
+    channel: Any, background: ThreadPoolExecutor
+) -> None:
+    out, err = WatchedOutput(), io.StringIO()
+    result = start_tail(background, channel, out, err)
+
+    _, _, rpc = channel.take_unary_stream(SUBSCRIBE)
+    rpc.send_response(event(1))
+    # The fake channel drops responses not yet read when a call fails; a real one does not.
+    assert out.written.wait(WAIT)
+    rpc.terminate((), grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+
+    assert result.result(timeout=WAIT) == 1
+    assert len(out.getvalue().splitlines()) == 1, "events before the failure are printed"
+    assert err.getvalue() == "order-gateway tail: UNAVAILABLE: the server is shutting down\n"
+
+
+def test_ctrl_c_cancels_the_call_and_exits_0(channel: Any, background: ThreadPoolExecutor) -> None:
+    err = io.StringIO()
+    result = start_tail(background, channel, Interrupting(KeyboardInterrupt()), err)
+
+    _, _, rpc = channel.take_unary_stream(SUBSCRIBE)
+    rpc.send_response(event(1))
+    rpc.cancelled()  # blocks until the client cancels the call
+
+    assert result.result(timeout=WAIT) == 0
+    assert err.getvalue() == ""
+
+
+def test_a_closed_output_cancels_the_call(channel: Any, background: ThreadPoolExecutor) -> None:
+    result = start_tail(background, channel, Interrupting(BrokenPipeError()), io.StringIO())
+
+    _, _, rpc = channel.take_unary_stream(SUBSCRIBE)
+    rpc.send_response(event(1))
+    rpc.cancelled()
+
+    with pytest.raises(BrokenPipeError):
+        result.result(timeout=WAIT)
+
+
+async def test_the_cli_follows_a_real_gateway_until_sigint(gateway: Any, clients: Clients) -> None:
+    await clients.restock("sku-1", 3)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server.cli",
+        "tail",
+        "--target",
+        f"127.0.0.1:{gateway.port}",
+        "--type",
+        "ProductRestocked",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stdout is not None and process.stderr is not None
+    try:
+        async with asyncio.timeout(WAIT):
+            first = json.loads(await process.stdout.readline())
+            await clients.restock("sku-2", 1)
+            second = json.loads(await process.stdout.readline())
+            process.send_signal(signal.SIGINT)
+            code = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert (first["position"], second["position"]) == ("1", "2")
+    assert code == 0
+    assert await process.stderr.read() == b"", "no traceback on Ctrl-C"
