@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from domain.errors import StoreError
 from server.config import Settings
 from server.logs import configure_logging
 
@@ -137,6 +138,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigurationError, ValueError, OSError) as error:
         print(f"order-gateway: {error}", file=sys.stderr)
         return 2
+    except StoreError as error:
+        # The store's own message (no driver traceback); its cause is in the log.
+        print(f"order-gateway: store error: {error}", file=sys.stderr)
+        return 1
+    except RuntimeError as error:
+        # grpcio reports an address it cannot bind as a RuntimeError.
+        print(f"order-gateway: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
