@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.loadgen import LoadSpec, run_load
-from bench.run import RESULTS, restock
-from bench.servers import start_floor, start_gateway
+from bench.run import RESULTS
+from bench.servers import restock, start_floor, start_gateway
 from bench.stores import StoreSpec
 
 

@@ -23,6 +23,7 @@ class CatchUpResult:
     """"floor" or the gateway's store kind."""
     events: int
     seconds: float
+    server_cpu_us_per_event: float
     peak_rss_mb: float = 0.0
 
     @property
@@ -223,7 +224,15 @@ def print_subscriptions(report: Report, out: TextIO) -> None:
         floor = next((r for r in report.catch_up if r.server == "floor"), None)
         _table(
             out,
-            ["server", "events", "seconds", "events/s", "vs floor", "peak RSS MB"],
+            [
+                "server",
+                "events",
+                "seconds",
+                "events/s",
+                "vs floor",
+                "srv CPU us/event",
+                "peak RSS MB",
+            ],
             [
                 [
                     r.server,
@@ -233,6 +242,7 @@ def print_subscriptions(report: Report, out: TextIO) -> None:
                     ""
                     if r.server == "floor"
                     else _ratio(r.events_per_s, floor.events_per_s if floor else None),
+                    f"{r.server_cpu_us_per_event:.1f}",
                     f"{r.peak_rss_mb:.0f}" if r.peak_rss_mb else "",
                 ]
                 for r in report.catch_up

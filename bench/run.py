@@ -19,15 +19,12 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-import grpc
-from orders.v1 import inventory_command_service_pb2, inventory_command_service_pb2_grpc
-
-from bench import workload
+from bench import stream_length, subscriptions, workload
 from bench.inprocess import eventsourcing_commands, gateway_commands
 from bench.loadgen import LoadSpec, run_load
 from bench.plot import plot_load
-from bench.report import Report, conditions, print_report
-from bench.servers import ServerProcess, start_floor, start_gateway
+from bench.report import Report, StreamLengthResult, conditions, print_report
+from bench.servers import ServerProcess, restock, start_floor, start_gateway
 from bench.stats import LoadResult
 from bench.stores import StoreSpec, eventsourcing_env, supported
 from bench.targets import evaluate, print_verdicts
@@ -38,6 +35,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def _levels(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
+
+
+def _names(text: str) -> list[str]:
+    names = [part for part in text.split(",") if part]
+    unknown = set(names) - set(workload.WORKLOADS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown workloads: {', '.join(sorted(unknown))}")
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,16 +70,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="CreateOrder concurrency levels (default 1,4,16,64)",
     )
     parser.add_argument(
+        "--workloads",
+        type=_names,
+        default=list(workload.WORKLOADS),
+        metavar="NAME,…",
+        help=f"of {', '.join(workload.WORKLOADS)} (default all)",
+    )
+    parser.add_argument(
         "--workload-concurrency",
         type=int,
         default=16,
         metavar="N",
         help="concurrency of the cancel and mixed workloads (default 16)",
     )
-    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per point")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
     parser.add_argument(
-        "--processes", type=int, default=2, help="client processes sharing the concurrency"
+        "--duration", type=float, default=5.0, help="measured seconds per point (default 5)"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=1.0, help="unmeasured seconds before each (default 1)"
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=2,
+        help="client processes sharing the concurrency (default 2)",
     )
     parser.add_argument(
         "--inprocess-concurrency",
@@ -82,31 +101,40 @@ def build_parser() -> argparse.ArgumentParser:
         default=64,
         help="concurrent callers of the gateway's bus in the inprocess section (default 64)",
     )
-    parser.add_argument("--catch-up-events", type=int, default=1_000_000)
-    parser.add_argument("--subscribers", type=int, default=200)
+    parser.add_argument(
+        "--catch-up-events",
+        type=int,
+        default=1_000_000,
+        help="events in the store a subscriber catches up on (default 1,000,000)",
+    )
+    parser.add_argument(
+        "--subscribers", type=int, default=200, help="live subscribers in fan-out (default 200)"
+    )
+    parser.add_argument(
+        "--stream-events",
+        type=int,
+        default=100_000,
+        help="events on the long hot stream (default 100,000)",
+    )
+    parser.add_argument(
+        "--stream-orders",
+        type=int,
+        default=300,
+        help="orders measured on each stream (default 300)",
+    )
     parser.add_argument(
         "--workdir", type=Path, help="folder for SQLite files and server logs (default: a temp dir)"
     )
-    parser.add_argument("--json", type=Path, default=RESULTS / "bench.json")
-    parser.add_argument("--plot", type=Path, default=RESULTS / "bench.png")
+    parser.add_argument(
+        "--json", type=Path, default=RESULTS / "bench.json", help="where to save every figure"
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=RESULTS / "bench.png",
+        help="PNG of CreateOrder throughput and p99 against concurrency",
+    )
     return parser
-
-
-async def restock(target: str) -> None:
-    """Give every benchmark product more stock than a run can use."""
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = inventory_command_service_pb2_grpc.InventoryCommandServiceStub(channel)
-
-        async def one(product_id: str) -> None:
-            request = inventory_command_service_pb2.RestockProductRequest(
-                product_id=product_id, quantity=workload.RESTOCK_QUANTITY
-            )
-            async for _ in stub.RestockProduct(request, timeout=60):
-                pass
-
-        products = workload.product_ids()
-        for start in range(0, len(products), 50):
-            await asyncio.gather(*(one(p) for p in products[start : start + 50]))
 
 
 def _progress(result: LoadResult) -> None:
@@ -137,8 +165,12 @@ async def run_grpc(
             gateway = await stack.enter_async_context(await start_gateway(url, workdir))
             await restock(gateway.target)
             servers.append((spec.kind, gateway))
-        plan = [("create", level) for level in args.concurrency]
-        plan += [(name, args.workload_concurrency) for name in ("cancel", "mixed")]
+        plan = [("create", level) for level in args.concurrency if "create" in args.workloads]
+        plan += [
+            (name, args.workload_concurrency)
+            for name in ("cancel", "mixed")
+            if name in args.workloads
+        ]
         for name, level in plan:
             for label, server in servers:
                 load = LoadSpec(
@@ -187,6 +219,88 @@ async def run_inprocess(
         report.inprocess.append(result)
 
 
+async def run_subscriptions(
+    args: argparse.Namespace, specs: list[StoreSpec], workdir: Path, report: Report
+) -> None:
+    print("Subscriptions: catch-up and fan-out", file=sys.stderr)
+    with subscriptions.client_pool() as pool:
+        floor_measured = False
+        for spec in specs:
+            if spec.kind == "memory":
+                report.notes.append(
+                    "catch-up on memory: a memory store cannot be filled before the gateway "
+                    "starts (it lives in the gateway's process)"
+                )
+                continue
+            with spec.fresh(workdir, f"catch-up-{spec.kind}") as url:
+                reason = await supported(url)
+                if reason is not None:
+                    report.notes.append(f"subscriptions on {spec.kind}: {reason}")
+                    continue
+                if not floor_measured:
+                    async with await start_floor(workdir, args.catch_up_events) as floor:
+                        result = await subscriptions.measure_catch_up_floor(
+                            floor, args.catch_up_events, pool
+                        )
+                    report.catch_up.append(result)
+                    floor_measured = True
+                    print(f"  catch-up floor: {result.events_per_s:,.0f} events/s", file=sys.stderr)
+                result = await subscriptions.measure_catch_up(
+                    url, spec.kind, args.catch_up_events, workdir, pool
+                )
+            report.catch_up.append(result)
+            print(
+                f"  catch-up {spec.kind}: {result.events_per_s:,.0f} events/s, "
+                f"peak RSS {result.peak_rss_mb:.0f} MB",
+                file=sys.stderr,
+            )
+    for spec in specs:
+        with spec.fresh(workdir, f"fan-out-{spec.kind}") as url:
+            if await supported(url) is not None:
+                continue
+            async with await start_gateway(url, workdir) as gateway:
+                await restock(gateway.target)
+                load = LoadSpec(
+                    target=gateway.target,
+                    workload="create",
+                    concurrency=args.workload_concurrency,
+                    duration=args.duration,
+                    warmup=args.warmup,
+                    processes=args.processes,
+                )
+                fan_out = await subscriptions.measure_fan_out(
+                    gateway, spec.kind, args.subscribers, load
+                )
+        report.fan_out.append(fan_out)
+        print(
+            f"  fan-out {spec.kind}: {fan_out.subscribers} subscribers, "
+            f"{fan_out.create_calls_per_s:,.0f} creates/s "
+            f"(alone {fan_out.create_calls_per_s_without:,.0f}), "
+            f"delivered {fan_out.delivered_min:,}-{fan_out.delivered_max:,} of "
+            f"{fan_out.events_committed:,}, peak RSS {fan_out.rss_peak_mb:.0f} MB",
+            file=sys.stderr,
+        )
+
+
+async def run_stream_length(args: argparse.Namespace, workdir: Path, report: Report) -> None:
+    """bench/stream_length.py's measurement (in process, on SQLite), with the cache on."""
+    print("Stream length: CreateOrder on a fresh hot product against a long one", file=sys.stderr)
+    folder = workdir / "stream-length"
+    folder.mkdir(exist_ok=True)
+    short, longer = await stream_length.measure(
+        folder, (stream_length.SHORT, args.stream_events), True, args.stream_orders
+    )
+    result = StreamLengthResult(
+        "sqlite", short.latency.p50_ms, longer.latency.p50_ms, longer.stream_length
+    )
+    print(
+        f"  p50 {result.fresh_p50_ms:.2f} ms at {short.stream_length} events, "
+        f"{result.long_p50_ms:.2f} ms at {result.stream_events:,}",
+        file=sys.stderr,
+    )
+    report.stream_length.append(result)
+
+
 async def run(args: argparse.Namespace) -> Report:
     specs = [StoreSpec.parse(value) for value in args.stores or ["sqlite"]]
     sections = [s for s in args.sections.split(",") if s]
@@ -198,6 +312,7 @@ async def run(args: argparse.Namespace) -> Report:
             "stores": [s.kind for s in specs],
             "sections": sections,
             "concurrency": args.concurrency,
+            "workloads": args.workloads,
             "workload_concurrency": args.workload_concurrency,
             "duration": args.duration,
             "warmup": args.warmup,
@@ -212,6 +327,10 @@ async def run(args: argparse.Namespace) -> Report:
             await run_grpc(args, specs, workdir, report)
         if "inprocess" in sections:
             await run_inprocess(args, specs, workdir, report)
+        if "subscriptions" in sections:
+            await run_subscriptions(args, specs, workdir, report)
+        if "stream-length" in sections:
+            await run_stream_length(args, workdir, report)
     report.conditions_after = conditions()
     return report
 
@@ -219,9 +338,9 @@ async def run(args: argparse.Namespace) -> Report:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     report = asyncio.run(run(args))
+    report.save(args.json)
     print_report(report, sys.stdout)
     print_verdicts(evaluate(report), sys.stdout)
-    report.save(args.json)
     print(f"\nresults: {args.json}")
     if report.load:
         print(f"plot: {plot_load(report, args.plot)}")

@@ -22,6 +22,9 @@ from typing import IO, Self
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from orders.v1 import inventory_command_service_pb2, inventory_command_service_pb2_grpc
+
+from bench import workload
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 60.0
@@ -163,3 +166,20 @@ async def start_floor(log_dir: Path, subscribe_events: int = 1_000_000) -> Serve
         str(subscribe_events),
     ]
     return await ServerProcess.start("floor", command, port, log_dir)
+
+
+async def restock(target: str) -> None:
+    """Give every benchmark product more stock than a run can use."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = inventory_command_service_pb2_grpc.InventoryCommandServiceStub(channel)
+
+        async def one(product_id: str) -> None:
+            request = inventory_command_service_pb2.RestockProductRequest(
+                product_id=product_id, quantity=workload.RESTOCK_QUANTITY
+            )
+            async for _ in stub.RestockProduct(request, timeout=60):
+                pass
+
+        products = workload.product_ids()
+        for start in range(0, len(products), 50):
+            await asyncio.gather(*(one(p) for p in products[start : start + 50]))

@@ -12,7 +12,9 @@ def to_new_event(event: DomainEvent, event_id: str, stream_id: str, version: int
         stream_id=stream_id,
         stream_version=version,
         event_type=event.event_type,
-        data=event.model_dump_json().encode(),
+        # The serializer's own bytes: what model_dump_json() returns, before it decodes
+        # them to a str that would only be encoded back.
+        data=event.__pydantic_serializer__.to_json(event),
     )
 
 

@@ -8,8 +8,10 @@ pydantic reports as a missing field at that path.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from google.protobuf.message import Message
 from orders.v1 import events_pb2, types_pb2
 from orders.v1.inventory_command_service_pb2 import RestockProductRequest
 from orders.v1.order_command_service_pb2 import CancelOrderRequest, CreateOrderRequest
@@ -17,6 +19,8 @@ from pydantic_core import from_json
 
 from domain import events as domain_events
 from domain.ports import RecordedEvent
+
+R = TypeVar("R", bound=Message)
 
 
 def create_order_input(request: CreateOrderRequest) -> dict[str, Any]:
@@ -70,6 +74,12 @@ def to_proto_event(record: RecordedEvent) -> events_pb2.Event:
     return events_pb2.Event(**proto_event_fields(record))
 
 
+def event_response(response_type: Callable[..., R], record: RecordedEvent) -> R:
+    """``response_type(event=…)`` for a recorded event, built in one step: protobuf
+    builds the nested ``Event`` from its fields, with no intermediate message to copy."""
+    return response_type(event=proto_event_fields(record))
+
+
 def proto_event_fields(record: RecordedEvent) -> dict[str, Any]:
     """The ``Event`` of a recorded event, as constructor arguments (nested dicts).
 
@@ -77,8 +87,7 @@ def proto_event_fields(record: RecordedEvent) -> dict[str, Any]:
     value objects use the proto field names), so the bytes are parsed once, in Rust, and
     the message is built in one constructor call. Stored events were validated when they
     were recorded; decoding them into pydantic models again only to copy every field
-    across cost more than the rest of the mapping. A response that embeds the event
-    (``CreateOrderResponse(event=proto_event_fields(record))``) is built with no copy.
+    across cost more than the rest of the mapping.
     """
     try:
         field_name, proto_fields = _PAYLOAD_FIELDS[record.event_type]
@@ -104,14 +113,11 @@ def proto_event_fields(record: RecordedEvent) -> dict[str, Any]:
 
 def _payload_fields() -> dict[str, tuple[str, frozenset[str]]]:
     """Per event type: the ``Event.payload`` field that holds it and its message's fields."""
-    oneof = events_pb2.Event.DESCRIPTOR.oneofs_by_name["payload"]
-    table = {
-        field.message_type.name: (
-            field.name,
-            frozenset(f.name for f in field.message_type.fields),
-        )
-        for field in oneof.fields
-    }
+    table: dict[str, tuple[str, frozenset[str]]] = {}
+    for field in events_pb2.Event.DESCRIPTOR.oneofs_by_name["payload"].fields:
+        message = field.message_type
+        if message is not None:
+            table[message.name] = (field.name, frozenset(f.name for f in message.fields))
     missing = set(domain_events.EVENT_TYPES) - set(table)
     if missing:
         raise TypeError(f"no proto payload for {', '.join(sorted(missing))}")

@@ -95,7 +95,7 @@ class OrderCommandServicer(orders_grpc.OrderCommandServiceServicer):
     ) -> AsyncIterator[orders_pb2.CreateOrderResponse]:
         events = await self._runner.run(CreateOrder, mapping.create_order_input(request), context)
         for record in events:
-            yield orders_pb2.CreateOrderResponse(event=mapping.to_proto_event(record))
+            yield mapping.event_response(orders_pb2.CreateOrderResponse, record)
 
     async def CancelOrder(
         self,
@@ -108,7 +108,7 @@ class OrderCommandServicer(orders_grpc.OrderCommandServiceServicer):
             context,
         )
         for record in events:
-            yield orders_pb2.CancelOrderResponse(event=mapping.to_proto_event(record))
+            yield mapping.event_response(orders_pb2.CancelOrderResponse, record)
 
 
 class InventoryCommandServicer(inventory_grpc.InventoryCommandServiceServicer):
@@ -124,4 +124,4 @@ class InventoryCommandServicer(inventory_grpc.InventoryCommandServiceServicer):
             RestockProduct, mapping.restock_product_input(request), context
         )
         for record in events:
-            yield inventory_pb2.RestockProductResponse(event=mapping.to_proto_event(record))
+            yield mapping.event_response(inventory_pb2.RestockProductResponse, record)

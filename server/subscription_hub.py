@@ -242,7 +242,7 @@ class SubscriptionHub:
     async def start(self) -> None:
         # Nobody is live yet, so there is nothing to offer below the current head.
         self._head = await self.store.head_position()
-        pass
+        self.store.add_commit_listener(self._wake.set)
         self._reader = asyncio.create_task(self._follow(), name="subscription-hub")
 
     async def stop(self) -> None:

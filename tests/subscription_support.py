@@ -163,14 +163,18 @@ class StreamReader:
             self.checkpoints.append(response.checkpoint.position)
 
     async def next_checkpoint(self) -> int:
-        while not (await self.next()).HasField("checkpoint"):
-            pass
+        # Bounded as a whole too: events could keep coming without a checkpoint.
+        async with asyncio.timeout(WAIT):
+            while not (await self.next()).HasField("checkpoint"):
+                pass
         return self.checkpoints[-1]
 
     async def through(self, position: int) -> list[events_pb2.Event]:
         """Read until an event or a checkpoint at or beyond ``position``; all events so far."""
-        while self.progress() < position:
-            await self.next()
+        # Bounded as a whole too: checkpoints that never advance would keep it reading.
+        async with asyncio.timeout(WAIT):
+            while self.progress() < position:
+                await self.next()
         return self.events
 
     def progress(self) -> int:

@@ -145,3 +145,15 @@ async def test_no_metrics_server_without_metrics_listen() -> None:
     async with running() as (gateway, clients):
         await clients.restock("sku-1", 5)
         assert gateway.metrics_port is None
+
+
+async def test_subscription_lag_is_head_minus_delivered_never_negative() -> None:
+    async with running(metrics_listen="127.0.0.1:0") as (gateway, _):
+        gateway.metrics.subscription_lag(head_position=10, delivered_position=7)
+        gateway.metrics.subscription_lag(head_position=5, delivered_position=9)
+        samples = await scrape(gateway)
+    assert samples[("order_gateway_subscription_lag_events_count", frozenset())] == 2
+    assert samples[("order_gateway_subscription_lag_events_sum", frozenset())] == 3
+    assert (
+        samples[("order_gateway_subscription_lag_events_bucket", frozenset({("le", "0.0")}))] == 1
+    )

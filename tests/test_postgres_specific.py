@@ -26,6 +26,7 @@ from orders.v1 import (
     inventory_command_service_pb2_grpc,
     order_command_service_pb2_grpc,
 )
+from psycopg.conninfo import make_conninfo
 
 from domain.errors import (
     ConcurrencyConflictError,
@@ -116,6 +117,30 @@ def test_two_migrate_commands_at_once_both_succeed(fresh_postgres_url: str) -> N
 
     assert [child.returncode for child in children] == [0, 0], outputs
     assert applied_versions(fresh_postgres_url) == [m.version for m in MIGRATIONS]
+
+
+async def test_a_role_that_cannot_change_the_schema_serves_a_migrated_database(
+    fresh_postgres_url: str,
+) -> None:
+    """What the README promises: migrate as the owner, then serve with only these grants."""
+    await (await PostgresEventStore.open(fresh_postgres_url)).close()
+    role = f"gateway_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(fresh_postgres_url, autocommit=True) as owner:
+        owner.execute(f"CREATE ROLE {role} LOGIN")
+        owner.execute(f"GRANT SELECT ON schema_migrations TO {role}")
+        owner.execute(f"GRANT SELECT, INSERT ON events, commands TO {role}")
+    as_role = make_conninfo(fresh_postgres_url, user=role)
+    try:
+        store = await PostgresEventStore.open(as_role)
+        try:
+            appended = await store.append(commit(("a", 1)))
+            assert await store.read_all() == appended
+        finally:
+            await store.close()
+    finally:
+        with psycopg.connect(fresh_postgres_url, autocommit=True) as owner:
+            owner.execute(f"DROP OWNED BY {role}")
+            owner.execute(f"DROP ROLE {role}")
 
 
 # -- positions are seen in commit order ---------------------------------------------

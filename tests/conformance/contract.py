@@ -130,6 +130,23 @@ async def assert_counted_history(
         assert [e.position for e in record.events] == [first, first + 1]
 
 
+async def tail(store: EventStore, writers_done: asyncio.Event) -> list[RecordedEvent]:
+    """Follow ``read_all`` from position 0 while others write, as a subscriber does.
+
+    A tailer never looks below the last position it saw, so an event that became
+    visible only after a higher one (the classic sequence race) shows up as a gap.
+    """
+    seen: list[RecordedEvent] = []
+    while True:
+        finished = writers_done.is_set()
+        batch = await store.read_all(seen[-1].position if seen else 0, 50)
+        seen.extend(batch)
+        if not batch:
+            if finished:
+                return seen
+            await asyncio.sleep(0.001)
+
+
 async def read_everything(store: EventStore, page: int = 7) -> list[RecordedEvent]:
     """All events through ``read_all`` in small pages, checking each page's order."""
     events: list[RecordedEvent] = []
@@ -323,16 +340,21 @@ class EventStoreContract:
 
     async def test_concurrent_tasks_lose_no_event(self, store: EventStore) -> None:
         commits = [commit_of([(f"order-{n}", 1), (f"product-{n}", 1)]) for n in range(60)]
+        written = asyncio.Event()
+        tailer = asyncio.ensure_future(tail(store, written))
 
         results = await asyncio.wait_for(
             asyncio.gather(*(store.append(c) for c in commits)), TIMEOUT
         )
+        written.set()
 
         positions = sorted(e.position for result in results for e in result)
         assert positions == list(range(1, 121))
         for result in results:
             assert result[1].position == result[0].position + 1
         assert len(await read_everything(store)) == 120
+        seen = await asyncio.wait_for(tailer, TIMEOUT)
+        assert [e.position for e in seen] == list(range(1, 121))
 
     async def test_concurrent_tasks_serialise_on_one_stream(self, store: EventStore) -> None:
         commits = await asyncio.wait_for(
@@ -364,6 +386,8 @@ class EventStoreContract:
         url: str = request.getfixturevalue("store_url")
         writers, commits = 3, 12
         loop = asyncio.get_running_loop()
+        written = asyncio.Event()
+        tailer = asyncio.ensure_future(tail(store, written))
         # spawn, not fork: a forked child would inherit this process's threads and locks.
         with ProcessPoolExecutor(writers, mp_context=get_context("spawn")) as pool:
             children = [
@@ -371,8 +395,11 @@ class EventStoreContract:
                 for n in range(writers)
             ]
             done = await asyncio.wait_for(asyncio.gather(*children), TIMEOUT)
+        written.set()
 
         await assert_counted_history(store, list(itertools.chain(*done)), writers, commits)
+        seen = await asyncio.wait_for(tailer, TIMEOUT)
+        assert seen == await read_everything(store)
 
     async def test_another_instance_on_the_same_url_shares_the_log(
         self, store: EventStore, store_url: str

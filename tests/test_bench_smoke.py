@@ -1,0 +1,152 @@
+"""The benchmark harness runs end to end and reports well-formed figures.
+
+One short, low-concurrency run against memory:// (floor and gateway, in-process): it checks
+the shape of what the benchmark reports, never how fast anything was. The targets are
+judged from figures made up for the purpose.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.inprocess import InProcessResult
+from bench.report import CatchUpResult, FanOutResult, Report, StreamLengthResult, print_report
+from bench.run import main
+from bench.stats import Latencies, LoadResult
+from bench.targets import evaluate
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, Path]:
+    folder = tmp_path_factory.mktemp("bench")
+    results, plot = folder / "bench.json", folder / "bench.png"
+    capture = folder / "stdout.txt"
+    with capture.open("w") as out, pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.stdout", out)
+        exit_code = main(
+            [
+                "--store",
+                "memory",
+                "--sections",
+                "grpc,inprocess",
+                "--workloads",
+                "create",
+                "--concurrency",
+                "2",
+                "--processes",
+                "1",
+                "--duration",
+                "1",
+                "--warmup",
+                "0.2",
+                "--inprocess-concurrency",
+                "2",
+                "--workdir",
+                str(folder / "work"),
+                "--json",
+                str(results),
+                "--plot",
+                str(plot),
+            ]
+        )
+    assert exit_code == 0
+    return json.loads(results.read_text()), capture.read_text(), plot
+
+
+def test_load_results_pair_the_gateway_with_the_floor(
+    run: tuple[dict[str, Any], str, Path],
+) -> None:
+    report, _, _ = run
+    load = report["load"]
+    assert sorted((r["server"], r["workload"], r["concurrency"]) for r in load) == [
+        ("floor", "create", 2),
+        ("memory", "create", 2),
+    ]
+    for result in load:
+        assert result["errors"] == {}
+        assert result["calls"] > 0
+        assert result["calls_per_s"] > 0
+        latency = result["latency"]
+        assert 0 < latency["p50_ms"] <= latency["p90_ms"] <= latency["p99_ms"]
+        assert result["server_cpu_ms_per_call"] > 0
+
+
+def test_floor_answers_with_messages_the_size_of_the_gateways(
+    run: tuple[dict[str, Any], str, Path],
+) -> None:
+    report, _, _ = run
+    sizes = {r["server"]: r["response_bytes"]["CreateOrder"] for r in report["load"]}
+    floor, gateway = sizes["floor"], sizes["memory"]
+    assert len(floor) == len(gateway) == 2
+    for floor_bytes, gateway_bytes in zip(floor, gateway, strict=True):
+        # Timestamps and counters vary a byte or two from call to call.
+        assert abs(floor_bytes - gateway_bytes) <= 0.05 * gateway_bytes
+
+
+def test_in_process_figures_and_printed_report(run: tuple[dict[str, Any], str, Path]) -> None:
+    report, printed, _ = run
+    inprocess = report["inprocess"]
+    assert {(r["system"], r["backend"]) for r in inprocess} == {("gateway", "memory")}
+    assert all(r["commands"] > 0 and r["commands_per_s"] > 0 for r in inprocess)
+    assert "calls/s vs floor" in printed
+    # Memory only: every target is about a durable store or a section not run.
+    after = printed.split("Targets (benchmarks, not tests)\n")[1].splitlines()
+    verdicts = [line for line in after if line.startswith("  ")]
+    assert verdicts and all(v.strip().startswith("NOT MEASURED") for v in verdicts)
+
+
+def test_plot_is_written_as_png(run: tuple[dict[str, Any], str, Path]) -> None:
+    _, _, plot = run
+    assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def _load(server: str, concurrency: int, calls_per_s: float, p50_ms: float) -> LoadResult:
+    return LoadResult(
+        server=server,
+        workload="create",
+        concurrency=concurrency,
+        duration=1.0,
+        calls=int(calls_per_s),
+        calls_per_s=calls_per_s,
+        latency=Latencies(p50_ms=p50_ms, p90_ms=p50_ms * 2, p99_ms=p50_ms * 3),
+    )
+
+
+def test_targets_are_judged_from_the_figures() -> None:
+    report = Report(
+        load=[
+            _load("floor", 16, 1000, 10.0),
+            _load("sqlite", 16, 850, 12.0),  # 0.85 x floor: pass
+            _load("floor", 1, 500, 1.0),
+            _load("sqlite", 1, 300, 1.6),  # p50 1.6 x floor's: fail
+        ],
+        inprocess=[
+            InProcessResult("eventsourcing", "sqlite", 1, 1000, 1.0),
+            InProcessResult("gateway", "sqlite", 1, 2000, 1.0),
+            InProcessResult("gateway", "sqlite", 64, 6000, 1.0),  # the best: 6 x, pass
+        ],
+        catch_up=[CatchUpResult("floor", 1000, 1.0, 10.0), CatchUpResult("sqlite", 600, 1.0, 20.0)],
+        fan_out=[FanOutResult("sqlite", 200, 50.0, 500.0, 100, 100, 100, 80.0, 199.0)],
+        stream_length=[StreamLengthResult("sqlite", 1.0, 1.05, 100_000)],
+    )
+    outcomes = {v.target.split(":")[0]: v.outcome for v in evaluate(report)}
+    assert list(outcomes.values()) == [
+        "PASS",  # CreateOrder at 16 >= 0.8 x floor
+        "FAIL",  # p50 at 1 <= 1.5 x floor's
+        "PASS",  # in-process on SQLite >= 5 x eventsourcing
+        "NOT MEASURED",  # in-process on PostgreSQL
+        "FAIL",  # catch-up 0.6 x floor
+        "PASS",  # hot stream within 10%
+        "PASS",  # RSS 199 MB < 200 MB
+    ]
+    printed = io.StringIO()
+    print_report(report, printed)
+    text = printed.getvalue()
+    assert "0.60x" in text  # catch-up against its floor
+    assert "6.00x" in text  # in-process against eventsourcing
+    assert "100/100" in text  # fan-out: every subscriber got every event
