@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display: write files only
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter
 
 from bench.report import Report
 
@@ -38,22 +39,26 @@ def plot_load(report: Report, path: Path, workload: str = "create") -> Path:
         levels = [r.concurrency for r in points]
         throughput.plot(levels, [r.calls_per_s for r in points], label=label, **style)
         tail.plot(levels, [r.latency.p99_ms for r in points], label=label, **style)
+    levels = sorted({r.concurrency for r in report.load if r.workload == workload})
     for axes, title, unit in (
-        (throughput, "throughput", "calls/s"),
-        (tail, "p99 latency", "ms"),
+        (throughput, "throughput (higher is better)", "calls/s"),
+        (tail, "p99 latency (lower is better)", "ms, log scale"),
     ):
         axes.set_xscale("log", base=2)
-        axes.set_xlabel("concurrent calls")
-        axes.set_ylabel(unit)
-        axes.set_title(f"{workload} — {title}")
-        axes.grid(True, which="both", alpha=0.3)
-        axes.set_ylim(bottom=0)
-        levels = sorted({r.concurrency for r in report.load})
         axes.set_xticks(levels, [str(c) for c in levels])
+        axes.minorticks_off()
+        axes.set_xlabel("concurrent calls (closed loop)")
+        axes.set_ylabel(unit)
+        axes.set_title(f"CreateOrder {title}")
+        axes.grid(True, which="both", alpha=0.3)
+    throughput.set_ylim(bottom=0)
+    # Latencies span two orders of magnitude from 1 to 64 concurrent calls.
+    tail.set_yscale("log")
+    tail.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     throughput.legend()
     conditions = report.conditions_before
     figure.suptitle(
-        f"order-gateway CreateOrder vs bare gRPC floor — {conditions.get('cpus')} CPUs, "
+        f"order-gateway vs a bare grpc.aio server (floor): {conditions.get('cpus')} CPUs, "
         f"client and server on one machine, {conditions.get('date', '')[:10]}",
         fontsize=10,
     )

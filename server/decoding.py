@@ -15,7 +15,6 @@ from google.protobuf.message import DecodeError
 
 from server.errors import plain_status
 
-
 OWN_METHOD_PREFIX = "/orders.v1."
 
 

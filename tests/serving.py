@@ -33,9 +33,9 @@ def start_gateway(
 
 
 async def wait_until_serving(
-    target: str, process: subprocess.Popen[bytes], timeout: float = 30
+    target: str, process: subprocess.Popen[bytes], within: float = 30
 ) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     async with grpc.aio.insecure_channel(target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
@@ -50,4 +50,4 @@ async def wait_until_serving(
             except grpc.aio.AioRpcError:
                 pass
             await asyncio.sleep(0.1)
-    raise AssertionError(f"gateway at {target} not serving after {timeout} s")
+    raise AssertionError(f"gateway at {target} not serving after {within} s")
