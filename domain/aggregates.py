@@ -20,9 +20,12 @@ from domain.errors import (
 )
 from domain.events import (
     DomainEvent,
+    MoneyAmount,
     OrderCancelled,
     OrderCreated,
+    OrderedItem,
     ProductRestocked,
+    ShippingAddress,
     StockReleased,
     StockReserved,
 )
@@ -127,7 +130,7 @@ class Order(Aggregate):
 
     def __init__(self, order_id: str) -> None:
         super().__init__(order_id)
-        self.items: tuple[OrderItem, ...] = ()
+        self.items: tuple[OrderedItem, ...] = ()
         self.created_by = ""
         self.cancelled = False
 
@@ -167,9 +170,9 @@ class Order(Aggregate):
             OrderCreated(
                 order_id=order_id,
                 customer_id=customer_id,
-                items=tuple(items),
-                shipping_address=shipping_address,
-                total=total,
+                items=tuple(OrderedItem.model_validate(item) for item in items),
+                shipping_address=ShippingAddress.model_validate(shipping_address),
+                total=MoneyAmount.model_validate(total),
                 created_by=created_by,
             )
         )

@@ -7,12 +7,37 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from domain.values import Address, Money, OrderItem
+
+class Fact(BaseModel):
+    """Part of an event. Facts carry no request rules (lengths, bounds, patterns): a stored
+    event must stay readable whatever the rules for new commands become."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", from_attributes=True)
 
 
-class DomainEvent(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class MoneyAmount(Fact):
+    currency_code: str
+    units: int = 0
+    nanos: int = 0
 
+
+class OrderedItem(Fact):
+    product_id: str
+    quantity: int
+    unit_price: MoneyAmount
+
+
+class ShippingAddress(Fact):
+    recipient: str
+    line1: str
+    line2: str = ""
+    city: str
+    region: str = ""
+    postal_code: str = ""
+    country_code: str
+
+
+class DomainEvent(Fact):
     @property
     def event_type(self) -> str:
         return type(self).__name__
@@ -21,9 +46,9 @@ class DomainEvent(BaseModel):
 class OrderCreated(DomainEvent):
     order_id: str
     customer_id: str
-    items: tuple[OrderItem, ...]
-    shipping_address: Address
-    total: Money
+    items: tuple[OrderedItem, ...]
+    shipping_address: ShippingAddress
+    total: MoneyAmount
     created_by: str = ""
     """The authenticated caller who placed the order (needed for the cancel rule)."""
 
