@@ -11,14 +11,13 @@ import hmac
 import logging
 import re
 import tomllib
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast
 
 import grpc
 
-from server.errors import INTERNAL_MESSAGE, internal_status, plain_status
+from server.errors import INTERNAL_MESSAGE, plain_status, unexpected_error_status
 from server.identity import (
     ALL_SCOPES,
     ANONYMOUS,
@@ -177,15 +176,7 @@ def _as_caller(
         except Exception as error:
             # Every protected call passes through here, so this is the last line of
             # defence: grpcio itself would answer UNKNOWN with the exception's text.
-            request_id = uuid.uuid4().hex
-            log.error("unexpected error (request %s)", request_id, exc_info=error)
-            status = internal_status()
-            # abort_with_status would replace trailers set beforehand: pass them together.
-            await context.abort(
-                status.code,
-                status.details,
-                (*status.trailing_metadata, ("x-request-id", request_id)),
-            )
+            await context.abort_with_status(unexpected_error_status(error))
 
     return grpc.unary_stream_rpc_method_handler(
         call,

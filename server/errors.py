@@ -7,6 +7,9 @@ Anything not listed here is INTERNAL with a generic message; the caller of
 
 from __future__ import annotations
 
+import collections
+import logging
+import uuid
 from collections.abc import Iterable, Mapping
 
 import grpc
@@ -28,6 +31,9 @@ from domain.errors import (
     ProductNotFoundError,
     StoreUnavailableError,
 )
+from server.identity import current_request_id
+
+log = logging.getLogger("order_gateway.errors")
 
 ERROR_DOMAIN = "order-gateway"
 INTERNAL_MESSAGE = "internal error"
@@ -45,9 +51,12 @@ def field_path(location: Iterable[int | str]) -> str:
 
 
 def status_for(error: BaseException) -> grpc.Status | None:
-    """The status for a known error, or None for an unexpected one (answer INTERNAL)."""
-    if isinstance(error, ValidationError):
-        return _bad_request(error)
+    """The status for a known error, or None for an unexpected one (answer INTERNAL).
+
+    A pydantic ValidationError is not "known" here: only the one raised while building a
+    command from a request is the client's fault (``validation_status``); one raised
+    anywhere else is a server bug.
+    """
     if isinstance(error, DomainError):
         return _domain_status(error)
     if isinstance(error, StoreUnavailableError):
@@ -55,11 +64,29 @@ def status_for(error: BaseException) -> grpc.Status | None:
     return None
 
 
-def internal_status() -> grpc.Status:
-    return _status(code_pb2.INTERNAL, INTERNAL_MESSAGE)
+def unexpected_error_status(error: BaseException) -> grpc.Status:
+    """INTERNAL with a generic message, for an error nobody anticipated.
+
+    The full error goes to the log under the call's request id, which the caller receives
+    as ``x-request-id`` trailing metadata to quote in a support request. It travels in the
+    status itself because ``abort_with_status`` replaces trailers set beforehand.
+    """
+    request_id = current_request_id.get() or uuid.uuid4().hex
+    log.error("unexpected error (request %s)", request_id, exc_info=error)
+    status = _status(code_pb2.INTERNAL, INTERNAL_MESSAGE)
+    return _TrailedStatus(
+        status.code, status.details, (*status.trailing_metadata, ("x-request-id", request_id))
+    )
 
 
-def _bad_request(error: ValidationError) -> grpc.Status:
+class _TrailedStatus(
+    collections.namedtuple("_TrailedStatus", ("code", "details", "trailing_metadata")),
+    grpc.Status,
+):
+    pass
+
+
+def validation_status(error: ValidationError) -> grpc.Status:
     return bad_request_status(
         (field_path(detail["loc"]), _describe(detail["type"], detail["msg"]))
         for detail in error.errors()

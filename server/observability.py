@@ -17,7 +17,6 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -25,16 +24,13 @@ import grpc
 
 from domain.bus import Middleware
 from domain.ports import EventStore
-from server.identity import current_caller
+from server.identity import current_caller, current_request_id
 
 REQUEST_ID_HEADER = "x-request-id"
 CORRELATION_HEADER = "x-correlation-id"
 MAX_ID_LENGTH = 128
 # A client-chosen request id is logged verbatim, so only printable, unambiguous characters.
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
-
-current_request_id: ContextVar[str] = ContextVar("current_request_id", default="")
-"""The id of the RPC being served: the caller's ``x-request-id``, else a new one."""
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -6,9 +6,8 @@ Events are streamed only after ``dispatch`` returns, i.e. after the store made t
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 from orders.v1 import (
@@ -23,12 +22,13 @@ from orders.v1 import (
 from orders.v1 import (
     order_command_service_pb2_grpc as orders_grpc,
 )
+from pydantic import ValidationError
 
 from domain.bus import CommandBus
 from domain.commands import CancelOrder, Command, CreateOrder, RestockProduct
 from domain.ports import RecordedEvent
 from server import mapping
-from server.errors import internal_status, status_for
+from server.errors import status_for, unexpected_error_status, validation_status
 from server.identity import current_caller
 
 log = logging.getLogger("order_gateway.rpc")
@@ -61,20 +61,13 @@ class CommandRunner:
                     "correlation_id": correlation_id,
                 }
             )
+        except ValidationError as error:
+            await context.abort_with_status(validation_status(error))
+        try:
             return await self._bus.dispatch(command)
         except Exception as error:
-            await _abort(context, error)
-
-
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> NoReturn:
-    status = status_for(error)
-    if status is None:
-        request_id = uuid.uuid4().hex
-        log.error("unexpected error (request %s)", request_id, exc_info=error)
-        context.set_trailing_metadata((("x-request-id", request_id),))
-        status = internal_status()
-    await context.abort_with_status(status)
-    raise AssertionError("abort_with_status returned")  # pragma: no cover
+            await context.abort_with_status(status_for(error) or unexpected_error_status(error))
+        raise AssertionError("abort_with_status returned")  # pragma: no cover
 
 
 def _correlation_id(metadata: Any) -> str:

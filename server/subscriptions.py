@@ -7,7 +7,6 @@ The delivery logic (catch-up, handoff, live fan-out, checkpoints) lives in
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +14,12 @@ import grpc
 from orders.v1 import event_stream_service_pb2, event_stream_service_pb2_grpc
 
 from domain.events import EVENT_TYPES
-from server.errors import bad_request_status, internal_status, plain_status, status_for
+from server.errors import (
+    bad_request_status,
+    plain_status,
+    status_for,
+    unexpected_error_status,
+)
 from server.subscription_hub import (
     EventFilter,
     HubClosedError,
@@ -79,6 +83,4 @@ def _failure(error: Exception) -> tuple[grpc.Status, tuple[tuple[str, str], ...]
     status = status_for(error)
     if status is not None:
         return status, ()
-    request_id = uuid.uuid4().hex
-    log.error("unexpected error in Subscribe (request %s)", request_id, exc_info=error)
-    return internal_status(), (("x-request-id", request_id),)
+    return unexpected_error_status(error), ()

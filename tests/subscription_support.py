@@ -102,12 +102,16 @@ async def connect(
     gateway: Gateway, options: Sequence[tuple[str, Any]] = ()
 ) -> AsyncIterator[Clients]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}", options) as channel:
-        yield Clients(
-            channel=channel,
-            orders=order_command_service_pb2_grpc.OrderCommandServiceStub(channel),
-            inventory=inventory_command_service_pb2_grpc.InventoryCommandServiceStub(channel),
-            events=event_stream_service_pb2_grpc.EventStreamServiceStub(channel),
-        )
+        yield clients_on(channel)
+
+
+def clients_on(channel: grpc.aio.Channel) -> Clients:
+    return Clients(
+        channel=channel,
+        orders=order_command_service_pb2_grpc.OrderCommandServiceStub(channel),
+        inventory=inventory_command_service_pb2_grpc.InventoryCommandServiceStub(channel),
+        events=event_stream_service_pb2_grpc.EventStreamServiceStub(channel),
+    )
 
 
 async def write_orders(clients: Clients, product_id: str, orders: int) -> None:

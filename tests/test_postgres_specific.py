@@ -248,6 +248,26 @@ async def test_commits_sent_together_succeed_or_fail_each_on_its_own(
     assert [e.position for e in returned] == list(range(3, 3 + len(good) + 1))
 
 
+async def test_a_stricter_default_isolation_level_changes_nothing(fresh_postgres_url: str) -> None:
+    """Positions are assigned under the append lock by a READ COMMITTED read; a database
+    defaulting to SERIALIZABLE must not turn concurrent appends into failures."""
+    database = fresh_postgres_url.rpartition("/")[2]
+    with psycopg.connect(fresh_postgres_url, autocommit=True) as owner:
+        owner.execute(
+            f'ALTER DATABASE "{database}" SET default_transaction_isolation = serializable'
+        )
+    replicas = [await PostgresEventStore.open(fresh_postgres_url) for _ in range(2)]
+    try:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(replicas[n % 2].append(commit((f"s-{n}", 1))) for n in range(30))),
+            TIMEOUT,
+        )
+    finally:
+        for replica in replicas:
+            await replica.close()
+    assert sorted(e.position for result in results for e in result) == list(range(1, 31))
+
+
 # -- LISTEN/NOTIFY between replicas -------------------------------------------------
 
 

@@ -220,17 +220,7 @@ async def test_internal_errors_reveal_nothing_to_the_caller(
 
 @pytest.mark.parametrize(
     "store_type",
-    [
-        pytest.param(
-            ExplodingStore,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="servicers._abort sets x-request-id, then abort_with_status replaces "
-                "the trailing metadata",
-            ),
-        ),
-        CorruptingStore,
-    ],
+    [ExplodingStore, CorruptingStore],
 )
 async def test_the_caller_gets_the_id_under_which_the_error_is_logged(
     store_type: type[MemoryEventStore], caplog: pytest.LogCaptureFixture

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import pytest
@@ -15,11 +17,13 @@ from domain.ports import RecordedEvent
 from server.app import Gateway
 from server.subscription_hub import HubTuning
 from tests.clients import Clients, detail
+from tests.serving import free_port, start_gateway, wait_until_serving
 from tests.subscription_support import (
     SMALL_WINDOW,
     WAIT,
     StreamReader,
     WrappedStore,
+    clients_on,
     connect,
     identities,
     run_writers,
@@ -172,3 +176,35 @@ async def test_lost_wake_ups_only_delay_delivery() -> None:
         head = await store.head_position()
         assert identities(await reader.through(head)) == await stored(store)
         reader.call.cancel()
+
+
+async def test_sigterm_ends_open_subscriptions_and_the_process_exits_0(tmp_path: Path) -> None:
+    target = f"127.0.0.1:{free_port()}"
+    process = start_gateway(
+        ["serve", "--listen", target, "--store", f"sqlite:///{tmp_path}/events.db"]
+    )
+    try:
+        await wait_until_serving(target, process)
+        async with (
+            grpc.aio.insecure_channel(target) as channel,
+            grpc.aio.insecure_channel(target, SMALL_WINDOW) as stalled_channel,
+        ):
+            clients = clients_on(channel)
+            live = StreamReader.open(clients)
+            stalled = StreamReader.open(clients_on(stalled_channel))
+            await live.next_checkpoint()
+            await stalled.next_checkpoint()
+            # Far more than the stalled client's window: its stream is stuck sending.
+            await run_writers(clients, writers=4, orders=150)
+
+            process.send_signal(signal.SIGTERM)
+            assert await live.status() == grpc.StatusCode.UNAVAILABLE
+            assert await asyncio.to_thread(process.wait, WAIT) == 0
+            assert await stalled.status() in {
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.CANCELLED,
+            }
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

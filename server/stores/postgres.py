@@ -381,8 +381,11 @@ async def _configure(conn: psycopg.AsyncConnection[TupleRow]) -> None:
     # prepared once per mix of int2/int4/int8 parameters: always send bigint instead.
     conn.adapters.register_dumper(int, Int8Dumper)
     conn.adapters.register_dumper(int, Int8BinaryDumper)
-    # Timestamps then load as aware datetimes in UTC, as every store returns them.
-    await conn.execute("SET TimeZone TO 'UTC'")
+    # Timestamps load as aware datetimes in UTC, as every store returns them. og_append
+    # relies on READ COMMITTED, whatever the database's default isolation level.
+    await conn.execute(
+        "SET TimeZone TO 'UTC'; SET default_transaction_isolation TO 'read committed'"
+    )
 
 
 @contextmanager

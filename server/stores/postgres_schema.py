@@ -126,6 +126,12 @@ DECLARE
     details text[];
     firsts bigint[];
 BEGIN
+    -- Under REPEATABLE READ or SERIALIZABLE the snapshot predates the lock, and the reads
+    -- below could miss the append that committed just before it was ours.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'og_append needs READ COMMITTED, not %',
+            current_setting('transaction_isolation') USING ERRCODE = 'invalid_transaction_state';
+    END IF;
     PERFORM pg_advisory_xact_lock({APPEND_LOCK});
     -- A statement of its own: in READ COMMITTED each statement of a plpgsql function takes
     -- a new snapshot, so this one sees every append that committed before the lock was ours.
