@@ -84,7 +84,11 @@ def _inprocess(backend: str, factor: float) -> Callable[[Report], Verdict]:
 def _catch_up(report: Report) -> Verdict:
     target = "subscription catch-up >= 0.7 x its floor"
     floor = next((r for r in report.catch_up if r.server == "floor"), None)
-    gateway = next((r for r in report.catch_up if r.server != "floor"), None)
+    gateway = min(
+        (r for r in report.catch_up if r.server != "floor"),
+        key=lambda r: r.events_per_s,
+        default=None,
+    )
     if floor is None or gateway is None or not floor.events_per_s:
         return _judge(target, None, "needs the subscriptions section on a durable store")
     ratio = gateway.events_per_s / floor.events_per_s

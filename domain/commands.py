@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import uuid
 from typing import Annotated, Any
 
 from pydantic import (
@@ -16,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ModelWrapValidatorHandler,
+    PrivateAttr,
     StringConstraints,
     ValidationError,
     model_validator,
@@ -45,10 +47,25 @@ class Command(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
-    command_id: CommandId = ""
+    command_id: CommandId = Field(default_factory=lambda: str(uuid.uuid4()))
     timestamp: dt.datetime = Field(default_factory=_utcnow)
     user_id: str = ""
     correlation_id: str = ""
+
+    _server_chose_id: bool = PrivateAttr(default=False)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _note_who_chose_the_id(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        command = handler(data)
+        if isinstance(data, dict) and data.get("command_id", "") == "":
+            command._server_chose_id = True
+        return command
+
+    @property
+    def server_chose_id(self) -> bool:
+        """The caller sent no command_id: nothing can have been recorded under this one."""
+        return self._server_chose_id
 
     def idempotency_body(self) -> dict[str, Any]:
         """What makes two commands with one ``command_id`` "the same request"."""

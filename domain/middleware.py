@@ -60,6 +60,9 @@ class IdempotencyMiddleware:
         self._store = store
 
     async def __call__(self, command: Command, call_next: Next) -> Result:
+        if command.server_chose_id:
+            # A fresh random id: looking it up would only cost a store round trip.
+            return await call_next(command)
         replay = await self._replay(command)
         if replay is not None:
             return replay

@@ -6,7 +6,6 @@ The delivery logic (catch-up, handoff, live fan-out, checkpoints) lives in
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,8 +25,6 @@ from server.subscription_hub import (
     SubscriptionHub,
     TooManySubscribersError,
 )
-
-log = logging.getLogger("order_gateway.rpc")
 
 
 def request_violations(
@@ -66,21 +63,17 @@ class EventStreamServicer(event_stream_service_pb2_grpc.EventStreamServiceServic
             # Not abort_with_status: the client may already be gone (a shutdown racing a
             # disconnect), and a failed abort would surface as an error of its own.
             # Setting the status and returning lets grpc send it if anyone is listening.
-            status, metadata = _failure(error)
-            context.set_trailing_metadata((*status.trailing_metadata, *metadata))
+            status = _failure(error)
+            context.set_trailing_metadata(status.trailing_metadata)
             context.set_code(status.code)
             context.set_details(status.details)
 
 
-def _failure(error: Exception) -> tuple[grpc.Status, tuple[tuple[str, str], ...]]:
-    """The status for a failed subscription, and any extra trailing metadata."""
+def _failure(error: Exception) -> grpc.Status:
     if isinstance(error, TooManySubscribersError):
         return plain_status(
             grpc.StatusCode.RESOURCE_EXHAUSTED, "too many open subscriptions, retry later"
-        ), ()
+        )
     if isinstance(error, HubClosedError):
-        return plain_status(grpc.StatusCode.UNAVAILABLE, "the server is shutting down"), ()
-    status = status_for(error)
-    if status is not None:
-        return status, ()
-    return unexpected_error_status(error), ()
+        return plain_status(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+    return status_for(error) or unexpected_error_status(error)

@@ -147,7 +147,7 @@ async def test_duplicate_commands_racing_commit_once(
     bus: CommandBus, store: MemoryEventStore
 ) -> None:
     await bus.dispatch(restock("a", 100))
-    command = create(("a", 1))
+    command = create(("a", 1), command_id=str(uuid.uuid4()))
     results = await asyncio.gather(*(bus.dispatch(command) for _ in range(10)))
     assert all(r == results[0] for r in results)
     assert await store.head_position() == 3
@@ -213,3 +213,25 @@ async def test_middleware_runs_outermost_first() -> None:
     bus.register(RestockProduct, handler)
     await bus.dispatch(restock("a", 1))
     assert calls == ["outer in", "inner in", "handler", "inner out", "outer out"]
+
+
+class CountingStore(MemoryEventStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lookups = 0
+
+    async def find_command(self, command_id: str) -> Any:
+        self.lookups += 1
+        return await super().find_command(command_id)
+
+
+async def test_commands_without_an_id_get_distinct_ids_and_skip_the_lookup() -> None:
+    store = CountingStore()
+    bus = bootstrap(store)
+    first = await bus.dispatch(RestockProduct(product_id="a", quantity=1))
+    second = await bus.dispatch(RestockProduct(product_id="a", quantity=1))
+    assert first[0].command_id != second[0].command_id
+    assert await store.head_position() == 2
+    assert store.lookups == 0
+    await bus.dispatch(restock("a", 1, command_id=str(uuid.uuid4())))
+    assert store.lookups == 1

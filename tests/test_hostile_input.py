@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from domain.commands import CancelOrder, Command, CreateOrder, RestockProduct
 from server import mapping
-from server.errors import field_path, status_for
+from server.errors import field_path, validation_status
 from tests.clients import Clients, address, bad_fields, item, order_request
 
 WAIT = 10
@@ -218,8 +218,7 @@ def maps_or_is_invalid_argument(
         command = command_type.model_validate({**data, "user_id": "caller", "correlation_id": ""})
     except ValidationError as error:
         event("INVALID_ARGUMENT")
-        status = status_for(error)
-        assert status is not None
+        status = validation_status(error)
         assert status.code == grpc.StatusCode.INVALID_ARGUMENT
         assert error.errors()
         for detail in error.errors():
