@@ -6,8 +6,11 @@ import asyncio
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import weakref
 from collections.abc import Sequence
+from typing import IO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,16 +23,32 @@ def free_port() -> int:
         return port
 
 
+_logs: weakref.WeakKeyDictionary[subprocess.Popen[bytes], IO[bytes]] = weakref.WeakKeyDictionary()
+
+
 def start_gateway(
     args: Sequence[str], env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
-    """``order-gateway <args>`` as a child process (stderr captured)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "server.cli", *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    """``order-gateway <args>`` as a child process.
+
+    Its log goes to an unnamed temporary file, not a pipe: the gateway logs a line per
+    RPC, and a pipe nobody drains fills up and blocks the server mid-test.
+    """
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=log
     )
+    _logs[process] = log
+    return process
+
+
+def gateway_log(process: subprocess.Popen[bytes]) -> str:
+    """What the gateway started by ``start_gateway`` has logged so far."""
+    log = _logs.get(process)
+    if log is None:
+        return ""
+    log.seek(0)
+    return log.read().decode(errors="replace")
 
 
 async def wait_until_serving(
@@ -40,9 +59,7 @@ async def wait_until_serving(
         health = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise AssertionError(
-                    f"gateway exited: {process.stderr.read().decode() if process.stderr else ''}"
-                )
+                raise AssertionError(f"gateway exited: {gateway_log(process)}")
             try:
                 reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
