@@ -11,14 +11,14 @@ import hashlib
 import json
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 from domain.aggregates import Aggregate, Order, Product
 from domain.commands import Command
-from domain.errors import ConcurrencyConflictError, OrderNotFoundError
+from domain.errors import BusinessRuleViolation, ConcurrencyConflictError, OrderNotFoundError
 from domain.locks import StreamLocks
 from domain.mapper import to_domain_event, to_new_event
 from domain.ports import Commit, EventStore, RecordedEvent
@@ -64,13 +64,21 @@ class UnitOfWork:
     """
 
     def __init__(
-        self, store: EventStore, cache: AggregateCache, locks: StreamLocks, command: Command
+        self,
+        store: EventStore,
+        cache: AggregateCache,
+        locks: StreamLocks,
+        command: Command,
+        trust_cache: bool = True,
     ) -> None:
         self._store = store
         self._cache = cache
         self._locks = locks
         self._command = command
+        self._trust_cache = trust_cache
         self._held = AsyncExitStack()
+        self.used_cache = False
+        """Some aggregate came from the cache without a look at the store."""
 
     async def __aenter__(self) -> Self:
         await self._held.__aenter__()
@@ -103,6 +111,11 @@ class UnitOfWork:
 
     async def _load(self, blank: A) -> A:
         cached = self._cache.get(blank.stream_id)
+        if isinstance(cached, type(blank)) and self._trust_cache:
+            # Optimistic: the append's expected-version check catches a stream that another
+            # process moved on, and ``run_handler`` re-decides a rejection on fresh state.
+            self.used_cache = True
+            return cached.clone()
         aggregate: A = cached.clone() if isinstance(cached, type(blank)) else blank
         records = await self._store.read_stream(aggregate.stream_id, aggregate.version)
         aggregate.replay([to_domain_event(record) for record in records])
@@ -138,3 +151,29 @@ class UnitOfWork:
             aggregate.mark_committed()
             self._cache.put(aggregate)
         return recorded
+
+
+HandlerFunction = Callable[[Any, UnitOfWork], Awaitable[list[RecordedEvent]]]
+
+
+async def run_handler(
+    handler: HandlerFunction,
+    command: Command,
+    store: EventStore,
+    cache: AggregateCache,
+    locks: StreamLocks,
+) -> list[RecordedEvent]:
+    """Run ``handler`` in a unit of work that trusts the aggregate cache.
+
+    A success is safe on cached state: the store refuses the append if a stream moved on
+    (and the retry middleware runs the command again on fresh state). A rejection is not
+    checked by anyone, so one that rests on cached state is decided again on state read
+    from the store: another process may have restocked the product meanwhile.
+    """
+    uow = UnitOfWork(store, cache, locks, command)
+    try:
+        return await handler(command, uow)
+    except BusinessRuleViolation:
+        if not uow.used_cache:
+            raise
+    return await handler(command, UnitOfWork(store, cache, locks, command, trust_cache=False))

@@ -5,8 +5,7 @@ Nothing happens at import time; ``bootstrap`` builds a fresh object graph per ca
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from domain import handlers
 from domain.bus import CommandBus, Handler, Middleware
@@ -14,9 +13,9 @@ from domain.commands import CancelOrder, Command, CreateOrder, RestockProduct
 from domain.locks import StreamLocks
 from domain.middleware import IdempotencyMiddleware, LoggingMiddleware, RetryOnConflictMiddleware
 from domain.ports import EventStore, RecordedEvent
-from domain.unit_of_work import AggregateCache, UnitOfWork
+from domain.unit_of_work import AggregateCache, HandlerFunction, run_handler
 
-HANDLERS: dict[type[Command], Callable[[Any, UnitOfWork], Awaitable[list[RecordedEvent]]]] = {
+HANDLERS: dict[type[Command], HandlerFunction] = {
     CreateOrder: handlers.create_order,
     CancelOrder: handlers.cancel_order,
     RestockProduct: handlers.restock_product,
@@ -44,12 +43,12 @@ def bootstrap(
 
 
 def _with_unit_of_work(
-    handler: Callable[[Any, UnitOfWork], Awaitable[list[RecordedEvent]]],
+    handler: HandlerFunction,
     store: EventStore,
     cache: AggregateCache,
     locks: StreamLocks,
 ) -> Handler:
     async def handle(command: Command) -> list[RecordedEvent]:
-        return await handler(command, UnitOfWork(store, cache, locks, command))
+        return await run_handler(handler, command, store, cache, locks)
 
     return handle

@@ -60,6 +60,18 @@ class WrappedStore:
         await self.inner.close()
 
 
+class CountingStore(WrappedStore):
+    """Counts ``read_all`` calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        self.reads += 1
+        return await super().read_all(after_position, limit)
+
+
 class JitteryStore(WrappedStore):
     """Appends and reads that take a random while, like a real database's: the hub and
     catching-up subscriptions then overtake each other in every order."""

@@ -235,3 +235,27 @@ async def test_commands_without_an_id_get_distinct_ids_and_skip_the_lookup() -> 
     assert store.lookups == 0
     await bus.dispatch(restock("a", 1, command_id=str(uuid.uuid4())))
     assert store.lookups == 1
+
+
+async def test_a_cached_product_never_decides_against_the_store(store: MemoryEventStore) -> None:
+    """Two buses on one store stand for two replicas, each with its own aggregate cache."""
+    replica_a, replica_b = bootstrap(store), bootstrap(store)
+    await replica_a.dispatch(restock("a", 1))
+    await replica_a.dispatch(create(("a", 1)))  # replica A now caches "a" with 0 left
+
+    await replica_b.dispatch(restock("a", 2))  # A's cache does not know
+    events = await replica_a.dispatch(create(("a", 2)))
+    assert events[1].event_type == "StockReserved"
+
+    with pytest.raises(InsufficientInventoryError):
+        await replica_a.dispatch(create(("a", 1)))
+
+
+async def test_a_stale_cache_costs_a_retry_not_an_oversell(store: MemoryEventStore) -> None:
+    replica_a, replica_b = bootstrap(store), bootstrap(store)
+    await replica_a.dispatch(restock("a", 2))
+    await replica_a.dispatch(create(("a", 1)))  # A caches "a" at 1 left
+    await replica_b.dispatch(create(("a", 1)))  # B sells the last one
+    with pytest.raises(InsufficientInventoryError):
+        await replica_a.dispatch(create(("a", 1)))
+    assert [e.event_type for e in await store.read_all()].count("StockReserved") == 2

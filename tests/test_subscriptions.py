@@ -12,6 +12,7 @@ from server.subscription_hub import HubTuning
 from tests.clients import Clients, item, order_request
 from tests.subscription_support import (
     SMALL_WINDOW,
+    CountingStore,
     JitteryStore,
     StreamReader,
     connect,
@@ -183,6 +184,24 @@ async def test_fifty_concurrent_subscribers_see_the_same_sequence() -> None:
         for reader in readers:
             assert identities(await reader.through(head)) == expected
             reader.call.cancel()
+
+
+async def test_live_subscribers_share_one_reader_of_the_store() -> None:
+    store = CountingStore()
+    async with running_gateway(store) as gateway, connect(gateway) as clients:
+        readers = [StreamReader.open(clients) for _ in range(60)]
+        for reader in readers:
+            await reader.next_checkpoint()
+        reads_before = store.reads
+        for n in range(10):
+            await clients.restock(f"sku-{n}", 1)
+        expected = await stored(store.inner)
+        for reader in readers:
+            assert identities(await reader.through(10)) == expected
+            reader.call.cancel()
+        # One hub read per wake-up (and the odd poll), however many subscribers: sixty
+        # subscriptions each querying for themselves would need sixty reads at least.
+        assert store.reads - reads_before < len(readers)
 
 
 async def test_slow_consumer_gets_everything_without_holding_back_others() -> None:

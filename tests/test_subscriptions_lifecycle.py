@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -180,8 +181,11 @@ async def test_lost_wake_ups_only_delay_delivery() -> None:
 
 async def test_sigterm_ends_open_subscriptions_and_the_process_exits_0(tmp_path: Path) -> None:
     target = f"127.0.0.1:{free_port()}"
+    # A short grace: it only bounds grpc's attempt to flush what the stalled client
+    # never reads, after the subscriptions themselves have ended.
     process = start_gateway(
-        ["serve", "--listen", target, "--store", f"sqlite:///{tmp_path}/events.db"]
+        ["serve", "--listen", target, "--store", f"sqlite:///{tmp_path}/events.db"],
+        env={**os.environ, "ORDER_GATEWAY_SHUTDOWN_GRACE": "1"},
     )
     try:
         await wait_until_serving(target, process)
