@@ -232,7 +232,8 @@ class SubscriptionHub:
 
     @property
     def head(self) -> int:
-        """The highest position the hub has read and offered to live subscriptions."""
+        """The highest position the hub has read and offered to live subscriptions
+        (it stands still while there are none)."""
         return self._head
 
     @property
@@ -300,6 +301,10 @@ class SubscriptionHub:
         Synchronous on purpose: between this check and the next page the hub offers,
         nothing can run, so live delivery continues exactly after ``self._head``.
         """
+        if not self._live:
+            # Nobody was listening, so the hub did not read: it can start where this
+            # subscription stands, which has read everything up to its cursor.
+            self._head = max(self._head, cursor)
         if self._closed or cursor < self._head:
             return False
         subscription.attach(self._head)
@@ -332,13 +337,17 @@ class SubscriptionHub:
 
     async def _read_new_events(self) -> None:
         page_size = self.tuning.page_size
-        while True:
+        # With no live subscription there is nobody to read for: the command path's
+        # commits then cost no reads (``try_attach`` moves the head up on first attach).
+        while self._live:
             page = await self.store.read_all(self._head, page_size)
             if not page:
                 return
             if self._live:
                 self._fan_out([SharedEvent(record) for record in page])
-            self._head = page[-1].position
+            # A subscription that attached during the read may have moved the head past
+            # this page: never move it back (repeats are skipped by position anyway).
+            self._head = max(self._head, page[-1].position)
             if len(page) < page_size:
                 return
 
