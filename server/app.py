@@ -151,7 +151,12 @@ async def create_server(
     inventory_command_service_pb2_grpc.add_InventoryCommandServiceServicer_to_server(
         InventoryCommandServicer(runner), server
     )
-    hub = SubscriptionHub(store, settings.max_subscribers, hub_tuning)
+    hub = SubscriptionHub(
+        store,
+        settings.max_subscribers,
+        hub_tuning,
+        on_lag=lambda head, delivered: metrics.subscription_lag(head, delivered),
+    )
     metrics.count_subscriptions(lambda: hub.subscriber_count)
     event_stream_service_pb2_grpc.add_EventStreamServiceServicer_to_server(
         EventStreamServicer(hub), server

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from orders.v1 import event_stream_service_pb2
@@ -185,6 +185,7 @@ class Subscription:
                         quiet_until = clock() + tuning.checkpoint_interval
                 if not self._chunks:
                     self._advance(self._seen_through)
+                self._hub.report_progress(self._cursor)
             elif self.live:
                 self._wake.clear()
                 try:
@@ -192,6 +193,7 @@ class Subscription:
                         await self._wake.wait()
                 except TimeoutError:
                     self._advance(self._seen_through)
+                    self._hub.report_progress(self._cursor)
                     yield _checkpoint(self._examined)
                     quiet_until = clock() + tuning.checkpoint_interval
             else:
@@ -201,6 +203,7 @@ class Subscription:
                     if self.filter.matches(record):
                         yield SubscribeResponse(event=to_proto_event(record))
                         quiet_until = clock() + tuning.checkpoint_interval
+                self._hub.report_progress(self._cursor)
                 caught_up = len(page) < tuning.page_size and self._hub.try_attach(
                     self, self._cursor
                 )
@@ -216,10 +219,17 @@ class SubscriptionHub:
     """Shares the reading of new events among all of a process's subscriptions."""
 
     def __init__(
-        self, store: EventStore, max_subscribers: int, tuning: HubTuning | None = None
+        self,
+        store: EventStore,
+        max_subscribers: int,
+        tuning: HubTuning | None = None,
+        on_lag: Callable[[int, int], None] | None = None,
     ) -> None:
+        """``on_lag(head, delivered)`` hears each subscription's progress once per batch
+        sent (events or a checkpoint), for the subscription-lag metric."""
         self.store = store
         self.tuning = tuning or HubTuning()
+        self._on_lag = on_lag
         self._max_subscribers = max_subscribers
         self._subscriptions: set[Subscription] = set()
         self._live: set[Subscription] = set()
@@ -294,6 +304,10 @@ class SubscriptionHub:
         finally:
             self._subscriptions.discard(subscription)
             self._live.discard(subscription)
+
+    def report_progress(self, delivered: int) -> None:
+        if self._on_lag is not None:
+            self._on_lag(max(self._head, delivered), delivered)
 
     def try_attach(self, subscription: Subscription, cursor: int) -> bool:
         """Make the subscription live if it has read at least as far as the hub.
