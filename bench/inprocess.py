@@ -40,29 +40,6 @@ class InProcessResult:
         return self.commands / self.seconds if self.seconds else 0.0
 
 
-def _order_input(rng: random.Random, customer_id: str) -> dict[str, object]:
-    return {
-        "command_id": "",
-        "customer_id": customer_id,
-        "items": [
-            {
-                "product_id": workload.product_id(rng.randrange(PRODUCTS)),
-                "quantity": 1,
-                "unit_price": {"currency_code": "EUR", "units": 10, "nanos": 0},
-            }
-        ],
-        "shipping_address": {
-            "recipient": "Ada Lovelace",
-            "line1": "1 Analytical St",
-            "line2": "",
-            "city": "London",
-            "region": "",
-            "postal_code": "",
-            "country_code": "GB",
-        },
-    }
-
-
 async def gateway_commands(
     url: str, backend: str, concurrency: int, duration: float, warmup: float
 ) -> InProcessResult:
@@ -91,7 +68,11 @@ async def gateway_commands(
             customer_id = str(uuid.uuid4())
             while time.perf_counter() < deadline:
                 created = await bus.dispatch(
-                    CreateOrder.model_validate(_order_input(rng, customer_id))
+                    CreateOrder.model_validate(
+                        workload.order_input(
+                            workload.product_id(rng.randrange(PRODUCTS)), customer_id
+                        )
+                    )
                 )
                 order_id = created[0].stream_id.removeprefix("order-")
                 await bus.dispatch(

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.stats import Latencies
+from bench.workload import order_input
 from domain.commands import CreateOrder
 from domain.events import ProductRestocked
 from domain.mapper import to_new_event
@@ -82,28 +83,7 @@ async def build_stream(store: EventStore, length: int) -> None:
 
 
 def order() -> CreateOrder:
-    return CreateOrder.model_validate(
-        {
-            "command_id": "",
-            "customer_id": str(uuid.uuid4()),
-            "items": [
-                {
-                    "product_id": PRODUCT,
-                    "quantity": 1,
-                    "unit_price": {"currency_code": "EUR", "units": 10, "nanos": 0},
-                }
-            ],
-            "shipping_address": {
-                "recipient": "Ada Lovelace",
-                "line1": "1 Analytical St",
-                "line2": "",
-                "city": "London",
-                "region": "",
-                "postal_code": "",
-                "country_code": "GB",
-            },
-        }
-    )
+    return CreateOrder.model_validate(order_input(PRODUCT, str(uuid.uuid4())))
 
 
 async def measure(folder: Path, lengths: Sequence[int], cached: bool, orders: int) -> list[Run]:

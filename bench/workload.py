@@ -41,6 +41,30 @@ def _address() -> types_pb2.Address:
     )
 
 
+def order_input(product: str, customer_id: str) -> dict[str, object]:
+    """The order ``create_request`` sends, as the command input of the in-process paths."""
+    return {
+        "command_id": "",
+        "customer_id": customer_id,
+        "items": [
+            {
+                "product_id": product,
+                "quantity": 1,
+                "unit_price": {"currency_code": "EUR", "units": 10, "nanos": 0},
+            }
+        ],
+        "shipping_address": {
+            "recipient": "Ada Lovelace",
+            "line1": "1 Analytical St",
+            "line2": "",
+            "city": "London",
+            "region": "",
+            "postal_code": "",
+            "country_code": "GB",
+        },
+    }
+
+
 def create_request(
     rng: random.Random, customer_id: str
 ) -> order_command_service_pb2.CreateOrderRequest:
