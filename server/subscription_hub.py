@@ -253,7 +253,7 @@ class SubscriptionHub:
     async def start(self) -> None:
         # Nobody is live yet, so there is nothing to offer below the current head.
         self._head = await self.store.head_position()
-        self.store.add_commit_listener(self._wake.set)
+        self.store.add_commit_listener(self._on_commit)
         self._reader = asyncio.create_task(self._follow(), name="subscription-hub")
 
     async def stop(self) -> None:
@@ -305,6 +305,12 @@ class SubscriptionHub:
             self._subscriptions.discard(subscription)
             self._live.discard(subscription)
 
+    def _on_commit(self) -> None:
+        # With nobody live there is nothing to read for: waking the reader anyway would
+        # cost every command a task switch. ``try_attach`` wakes it when that changes.
+        if self._live:
+            self._wake.set()
+
     def report_progress(self, delivered: int) -> None:
         if self._on_lag is not None:
             self._on_lag(max(self._head, delivered), delivered)
@@ -323,6 +329,9 @@ class SubscriptionHub:
             return False
         subscription.attach(self._head)
         self._live.add(subscription)
+        # Commits between the subscription's last read and now did not wake the reader
+        # (nobody was live): read once, so they are delivered without waiting for a poll.
+        self._wake.set()
         return True
 
     async def _follow(self) -> None:
