@@ -7,7 +7,6 @@ also applies, so the aggregate is always the state after its pending events.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Self
 
@@ -69,7 +68,11 @@ class Aggregate:
 
     def clone(self) -> Self:
         """An independent copy, so a cached aggregate is never changed by a failed command."""
-        twin = copy.copy(self)
+        # Attributes are copied one level deep, as copy.copy would, without its
+        # __reduce_ex__ round trip: state values are immutable (ints, strs, tuples of
+        # frozen models), so sharing them is safe.
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
         twin.pending = []
         return twin
 

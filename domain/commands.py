@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import (
     BaseModel,
@@ -24,6 +23,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from domain.ids import new_uuid
 from domain.values import (
     CURRENCY_CODE_PATTERN,
     Address,
@@ -47,7 +47,7 @@ class Command(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
-    command_id: CommandId = Field(default_factory=lambda: str(uuid.uuid4()))
+    command_id: CommandId = Field(default_factory=new_uuid)
     timestamp: dt.datetime = Field(default_factory=_utcnow)
     user_id: str = ""
     correlation_id: str = ""
@@ -67,9 +67,9 @@ class Command(BaseModel):
         """The caller sent no command_id: nothing can have been recorded under this one."""
         return self._server_chose_id
 
-    def idempotency_body(self) -> dict[str, Any]:
-        """What makes two commands with one ``command_id`` "the same request"."""
-        return self.model_dump(mode="json", exclude={"command_id", "timestamp", "correlation_id"})
+    IDEMPOTENCY_EXCLUDED: ClassVar[set[str]] = {"command_id", "timestamp", "correlation_id"}
+    """Fields left out when deciding whether two commands with one ``command_id`` are
+    "the same request": everything else must match."""
 
 
 class CreateOrder(Command):
@@ -104,10 +104,7 @@ class CancelOrder(Command):
     by_admin: bool = False
     """The caller holds ``orders:admin`` (or authentication is off): may cancel any order."""
 
-    def idempotency_body(self) -> dict[str, Any]:
-        return self.model_dump(
-            mode="json", exclude={"command_id", "timestamp", "correlation_id", "by_admin"}
-        )
+    IDEMPOTENCY_EXCLUDED = Command.IDEMPOTENCY_EXCLUDED | {"by_admin"}
 
 
 class RestockProduct(Command):
@@ -117,7 +114,8 @@ class RestockProduct(Command):
 
 def _cross_item_errors(data: Any) -> list[InitErrorDetails]:
     items = data.get("items") if isinstance(data, dict) else None
-    if not isinstance(items, list):
+    if not isinstance(items, list) or len(items) < 2:
+        # One item cannot repeat a product or mix currencies (most orders have one).
         return []
     errors: list[InitErrorDetails] = []
     seen: set[str] = set()

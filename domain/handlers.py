@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import uuid
-
 from domain.aggregates import Order
 from domain.commands import CancelOrder, CreateOrder, RestockProduct
+from domain.ids import new_uuid
 from domain.ports import RecordedEvent
 from domain.unit_of_work import UnitOfWork
 
@@ -14,7 +13,7 @@ async def create_order(command: CreateOrder, uow: UnitOfWork) -> list[RecordedEv
     async with uow:
         products = await uow.products(item.product_id for item in command.items)
         order = Order.place(
-            order_id=str(uuid.uuid4()),
+            order_id=new_uuid(),
             customer_id=command.customer_id,
             items=command.items,
             shipping_address=command.shipping_address,

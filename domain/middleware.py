@@ -16,7 +16,7 @@ from domain.errors import (
     DuplicateCommandError,
 )
 from domain.ports import EventStore
-from domain.unit_of_work import fingerprint
+from domain.unit_of_work import is_same_request
 
 log = logging.getLogger("order_gateway.bus")
 
@@ -78,7 +78,7 @@ class IdempotencyMiddleware:
         record = await self._store.find_command(command.command_id)
         if record is None:
             return None
-        if record.fingerprint != fingerprint(command):
+        if not is_same_request(record.fingerprint, command):
             raise CommandIdReusedError(command.command_id)
         return list(record.events)
 

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from domain.aggregates import Aggregate, Order, Product
 from domain.commands import Command
 from domain.errors import BusinessRuleViolation, ConcurrencyConflictError, OrderNotFoundError
+from domain.ids import new_uuid
 from domain.locks import StreamLocks
 from domain.mapper import to_domain_event, to_new_event
 from domain.ports import Commit, EventStore, RecordedEvent
@@ -26,10 +25,32 @@ from domain.ports import Commit, EventStore, RecordedEvent
 A = TypeVar("A", bound=Aggregate)
 
 
+FINGERPRINT_PREFIX = "2:"
+
+
 def fingerprint(command: Command) -> str:
-    """A digest of what makes a request "the same" for idempotency: type, body, caller."""
-    body = json.dumps([type(command).__name__, command.idempotency_body()], sort_keys=True)
-    return hashlib.sha256(body.encode()).hexdigest()
+    """A digest of what makes a request "the same" for idempotency: type, body, caller.
+
+    The body is pydantic's own JSON of the command, in field declaration order (so
+    reordering a command's fields would change every fingerprint: add fields at the end).
+    """
+    body = command.__pydantic_serializer__.to_json(command, exclude=command.IDEMPOTENCY_EXCLUDED)
+    digest = hashlib.sha256(type(command).__name__.encode() + b"\0" + body).hexdigest()
+    return FINGERPRINT_PREFIX + digest
+
+
+def is_same_request(recorded_fingerprint: str, command: Command) -> bool:
+    """Whether ``command`` is the request recorded with ``recorded_fingerprint``.
+
+    Commands recorded before fingerprints carried a prefix were digested from sorted-key
+    ``json.dumps`` output (four times slower to compute); their retries are still
+    recognised.
+    """
+    if recorded_fingerprint.startswith(FINGERPRINT_PREFIX):
+        return recorded_fingerprint == fingerprint(command)
+    body = command.model_dump(mode="json", exclude=command.IDEMPOTENCY_EXCLUDED)
+    legacy = json.dumps([type(command).__name__, body], sort_keys=True)
+    return recorded_fingerprint == hashlib.sha256(legacy.encode()).hexdigest()
 
 
 class AggregateCache:
@@ -76,12 +97,12 @@ class UnitOfWork:
         self._locks = locks
         self._command = command
         self._trust_cache = trust_cache
-        self._held = AsyncExitStack()
+        self._held: list[tuple[str, ...]] = []
+        """Stream locks taken by this unit of work, released when its block ends."""
         self.used_cache = False
         """Some aggregate came from the cache without a look at the store."""
 
     async def __aenter__(self) -> Self:
-        await self._held.__aenter__()
         return self
 
     async def __aexit__(
@@ -90,12 +111,13 @@ class UnitOfWork:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        await self._held.__aexit__(exc_type, exc, traceback)
+        while self._held:
+            self._locks.release(self._held.pop())
 
     async def order(self, order_id: str) -> Order:
         """The order, brought up to date; OrderNotFoundError if it was never placed."""
         order = Order(order_id)
-        await self._held.enter_async_context(self._locks.hold([order.stream_id]))
+        self._held.append(await self._locks.acquire([order.stream_id]))
         order = await self._load(order)
         if not order.exists:
             raise OrderNotFoundError(order_id)
@@ -104,9 +126,7 @@ class UnitOfWork:
     async def products(self, product_ids: Iterable[str]) -> dict[str, Product]:
         """Each product, brought up to date (``exists`` is False for an unknown one)."""
         blanks = {pid: Product(pid) for pid in product_ids}
-        await self._held.enter_async_context(
-            self._locks.hold(blank.stream_id for blank in blanks.values())
-        )
+        self._held.append(await self._locks.acquire(blank.stream_id for blank in blanks.values()))
         return {pid: await self._load(blank) for pid, blank in blanks.items()}
 
     async def _load(self, blank: A) -> A:
@@ -125,9 +145,7 @@ class UnitOfWork:
         """Append every aggregate's pending events, in the given order, atomically."""
         command = self._command
         events = [
-            to_new_event(
-                event, str(uuid.uuid4()), aggregate.stream_id, aggregate.committed_version + n
-            )
+            to_new_event(event, new_uuid(), aggregate.stream_id, aggregate.committed_version + n)
             for aggregate in aggregates
             for n, event in enumerate(aggregate.pending, start=1)
         ]

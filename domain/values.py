@@ -7,7 +7,6 @@ path a client sees in ``google.rpc.BadRequest``.
 from __future__ import annotations
 
 import re
-import uuid
 from typing import Annotated
 
 from pydantic import (
@@ -19,6 +18,8 @@ from pydantic import (
     StringConstraints,
 )
 from pydantic_core import PydanticCustomError
+
+from domain.ids import new_uuid
 
 NANOS_PER_UNIT = 1_000_000_000
 CURRENCY_CODE_PATTERN = r"[A-Z]{3}"
@@ -48,7 +49,7 @@ def _not_blank(value: str) -> str:
 
 
 def _new_id_if_empty(value: object) -> object:
-    return str(uuid.uuid4()) if value == "" else value
+    return new_uuid() if value == "" else value
 
 
 Uuid = Annotated[

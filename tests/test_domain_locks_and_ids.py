@@ -1,0 +1,66 @@
+"""Per-stream locks and random ids, the domain's small building blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from domain.ids import new_uuid
+from domain.locks import StreamLocks
+
+
+def test_new_uuid_is_a_random_version_4_uuid_in_canonical_form() -> None:
+    ids = [new_uuid() for _ in range(1000)]
+    assert len(set(ids)) == len(ids)
+    for value in ids:
+        parsed = uuid.UUID(value)
+        assert str(parsed) == value  # lower case, hyphenated, 36 characters
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+
+
+async def test_a_held_stream_makes_the_next_command_wait_and_others_pass() -> None:
+    locks = StreamLocks()
+    held = await locks.acquire(["order-1", "product-a"])
+    waiting = asyncio.create_task(locks.acquire(["product-a"]))
+    other = await asyncio.wait_for(locks.acquire(["product-b"]), 5)
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    locks.release(held)
+    assert await asyncio.wait_for(waiting, 5) == ("product-a",)
+    locks.release(waiting.result())
+    locks.release(other)
+
+
+async def test_locks_are_taken_in_sorted_order_so_crossing_commands_cannot_deadlock() -> None:
+    locks = StreamLocks()
+
+    async def command(streams: list[str]) -> None:
+        for _ in range(50):
+            held = await locks.acquire(streams)
+            await asyncio.sleep(0)
+            locks.release(held)
+
+    await asyncio.wait_for(
+        asyncio.gather(command(["product-a", "product-b"]), command(["product-b", "product-a"])),
+        10,
+    )
+
+
+async def test_a_cancelled_wait_releases_what_it_had_taken_and_forgets_unused_locks() -> None:
+    locks = StreamLocks()
+    blocker = await locks.acquire(["product-b"])
+    # Takes product-a, then waits for product-b.
+    waiting = asyncio.create_task(locks.acquire(["product-a", "product-b"]))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    # product-a was given back: another command takes it at once.
+    again = await asyncio.wait_for(locks.acquire(["product-a"]), 5)
+    locks.release(again)
+    locks.release(blocker)
+    # Nobody holds or waits for anything: the table is empty again.
+    assert locks._locks == {} and locks._waiters == {}
