@@ -11,9 +11,9 @@ import hmac
 import logging
 import re
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeAlias, cast
 
 import grpc
 
@@ -30,6 +30,8 @@ from server.identity import (
 )
 
 log = logging.getLogger("order_gateway.auth")
+
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 REQUIRED_SCOPES: dict[str, frozenset[str]] = {
     "/orders.v1.OrderCommandService/CreateOrder": frozenset({SCOPE_ORDERS_WRITE}),
@@ -103,43 +105,87 @@ class TokenFileAuthenticator:
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates every call to a protected method and checks its scopes.
 
-    With no authenticators, every caller is anonymous with all scopes.
+    With no authenticators, every caller is anonymous with all scopes. The guarded
+    handler of each method is built once and reused: the credentials are read from each
+    call's own metadata when it starts.
     """
 
     def __init__(self, authenticators: Sequence[Authenticator]) -> None:
         self._authenticators = tuple(authenticators)
+        self._guarded: dict[str, tuple[Handler, Handler]] = {}
+        """Per method: the handler found, and its guarded version."""
 
     async def intercept_service(
         self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
-        required = REQUIRED_SCOPES.get(handler_call_details.method)
-        if handler is None or required is None:
-            return handler
         method = handler_call_details.method
+        required = REQUIRED_SCOPES.get(method)
+        # Every protected method is one of our unary-stream RPCs.
+        if handler is None or required is None or handler.unary_stream is None:
+            return handler
+        guarded = self._guarded.get(method)
+        if guarded is None or guarded[0] is not handler:
+            guarded = (handler, self._guard(handler, method, required))
+            self._guarded[method] = guarded
+        return guarded[1]
+
+    def _guard(self, handler: Handler, method: str, required: frozenset[str]) -> Handler:
+        # grpc's stubs type behaviours as synchronous; on an aio server they are async
+        # generators.
+        behaviour = cast(
+            Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
+            handler.unary_stream,
+        )
+
+        async def call(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            verdict = self._verdict(context.invocation_metadata() or (), method, required)
+            if isinstance(verdict, grpc.Status):
+                await context.abort_with_status(verdict)
+            current_caller.set(verdict)
+            try:
+                async for response in behaviour(request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:
+                # Every protected call passes through here, so this is the last line of
+                # defence: grpcio itself would answer UNKNOWN with the exception's text.
+                await context.abort_with_status(unexpected_error_status(error))
+
+        return grpc.unary_stream_rpc_method_handler(
+            call,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _verdict(
+        self, metadata: Iterable[tuple[str, Any]], method: str, required: frozenset[str]
+    ) -> Caller | grpc.Status:
+        """The authenticated caller, or the status that refuses the call."""
         try:
-            caller = self._caller(handler_call_details.invocation_metadata or ())
+            caller = self._caller(metadata)
         except AuthenticationError as error:
             # The message never holds the token: authenticators word their own reasons.
             log.info("refused %s: %s", method, error)
-            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, str(error))
+            return plain_status(grpc.StatusCode.UNAUTHENTICATED, str(error))
         except Exception:
             # A hostile token must not turn an authenticator's bug into a leaky status.
             log.exception("authentication failed unexpectedly for %s", method)
-            return _refusal(handler, grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+            return plain_status(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
         if not caller.scopes & required:
             needed = " or ".join(sorted(required))
             log.info("refused %s to %r: lacks scope %s", method, caller.user_id, needed)
-            return _refusal(
-                handler, grpc.StatusCode.PERMISSION_DENIED, f"this call needs scope {needed}"
+            return plain_status(
+                grpc.StatusCode.PERMISSION_DENIED, f"this call needs scope {needed}"
             )
-        return _as_caller(handler, caller)
+        return caller
 
-    def _caller(self, metadata: Sequence[tuple[str, Any]]) -> Caller:
+    def _caller(self, metadata: Iterable[tuple[str, Any]]) -> Caller:
         if not self._authenticators:
             return ANONYMOUS
         values = [value for key, value in metadata if key == "authorization"]
@@ -153,49 +199,3 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             if caller is not None:
                 return caller
         raise AuthenticationError("unknown bearer token")
-
-
-def _as_caller(
-    handler: grpc.RpcMethodHandler[Any, Any], caller: Caller
-) -> grpc.RpcMethodHandler[Any, Any]:
-    if handler.unary_stream is None:
-        return handler
-    # grpc's stubs type behaviours as synchronous; on an aio server they are async generators.
-    behaviour = cast(
-        Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
-        handler.unary_stream,
-    )
-
-    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        current_caller.set(caller)
-        try:
-            async for response in behaviour(request, context):
-                yield response
-        except grpc.aio.AbortError:
-            raise
-        except Exception as error:
-            # Every protected call passes through here, so this is the last line of
-            # defence: grpcio itself would answer UNKNOWN with the exception's text.
-            await context.abort_with_status(unexpected_error_status(error))
-
-    return grpc.unary_stream_rpc_method_handler(
-        call,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-
-
-def _refusal(
-    handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, message: str
-) -> grpc.RpcMethodHandler[Any, Any]:
-    async def refuse(
-        request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Any]:
-        await context.abort_with_status(plain_status(code, message))
-        yield  # pragma: no cover - makes this an async generator like the real handler
-
-    return grpc.unary_stream_rpc_method_handler(
-        refuse,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )

@@ -8,7 +8,7 @@ decode failure reaches the behaviour as a marker, which then aborts with a clean
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -17,58 +17,72 @@ from server.errors import plain_status
 
 OWN_METHOD_PREFIX = "/orders.v1."
 
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
 
 class _Unparseable:
     """Stands in for a request whose bytes did not parse."""
 
 
 _UNPARSEABLE = _Unparseable()
+_UNPARSEABLE_STATUS = plain_status(
+    grpc.StatusCode.INVALID_ARGUMENT, "request message could not be parsed"
+)
 
 
 class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self) -> None:
+        self._tolerant: dict[str, tuple[Handler, Handler]] = {}
+        """Per method: the handler found, and its tolerant version (built once)."""
+
     async def intercept_service(
         self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
+        method = handler_call_details.method
         # Only our own RPCs: they are all async-generator unary-stream behaviours, while
         # e.g. health's Watch is a coroutine that writes through its context.
         if (
             handler is None
-            or not handler_call_details.method.startswith(OWN_METHOD_PREFIX)
+            or not method.startswith(OWN_METHOD_PREFIX)
             or handler.unary_stream is None
             or handler.request_deserializer is None
         ):
             return handler
-        deserialize = handler.request_deserializer
-        behaviour = cast(
-            Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
-            handler.unary_stream,
-        )
+        tolerant = self._tolerant.get(method)
+        if tolerant is None or tolerant[0] is not handler:
+            tolerant = (handler, _tolerant(handler))
+            self._tolerant[method] = tolerant
+        return tolerant[1]
 
-        def tolerant_deserialize(data: bytes) -> Any:
-            try:
-                return deserialize(data)
-            except DecodeError:
-                return _UNPARSEABLE
 
-        async def call(
-            request: Any, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
-            if request is _UNPARSEABLE:
-                await context.abort_with_status(
-                    plain_status(
-                        grpc.StatusCode.INVALID_ARGUMENT, "request message could not be parsed"
-                    )
+def _tolerant(handler: Handler) -> Handler:
+    deserialize = cast(Callable[[bytes], Any], handler.request_deserializer)
+    behaviour = cast(
+        Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
+        handler.unary_stream,
+    )
+
+    def tolerant_deserialize(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError:
+            return _UNPARSEABLE
+
+    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        if request is _UNPARSEABLE:
+            await context.abort_with_status(
+                plain_status(
+                    grpc.StatusCode.INVALID_ARGUMENT, "request message could not be parsed"
                 )
-            async for response in behaviour(request, context):
-                yield response
+            )
+        async for response in behaviour(request, context):
+            yield response
 
-        return grpc.unary_stream_rpc_method_handler(
-            call,
-            request_deserializer=tolerant_deserialize,
-            response_serializer=handler.response_serializer,
-        )
+    return grpc.unary_stream_rpc_method_handler(
+        call,
+        request_deserializer=tolerant_deserialize,
+        response_serializer=handler.response_serializer,
+    )

@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeAlias, cast
 
 import grpc
 
@@ -33,6 +33,7 @@ MAX_ID_LENGTH = 128
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 
 Context = grpc.aio.ServicerContext[Any, Any]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,101 +128,89 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, observers: Sequence[RpcObserver], tracing: Tracing | None = None) -> None:
         self._observers = tuple(observers)
         self._tracing = tracing
+        self._observed: dict[str, tuple[Handler, Handler]] = {}
+        """Per method: the handler found, and its observed version (built once; each
+        call reads its own metadata when it starts)."""
 
     async def intercept_service(
         self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             # Unknown method: grpc answers UNIMPLEMENTED itself. Not counted, so that
             # arbitrary method names cannot blow up the metrics' label sets.
             return handler
         method = handler_call_details.method
-        metadata = tuple(handler_call_details.invocation_metadata or ())
+        observed = self._observed.get(method)
+        if observed is None or observed[0] is not handler:
+            observed = (handler, self._observe(handler, method))
+            self._observed[method] = observed
+        return observed[1]
+
+    def _observe(self, handler: Handler, method: str) -> Handler:
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap(handler.unary_stream, method, "server_stream", metadata),
+                self._wrap(handler.unary_stream, method, "server_stream"),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
-                self._wrap(handler.stream_stream, method, "bidi_stream", metadata),
+                self._wrap(handler.stream_stream, method, "bidi_stream"),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._single(handler.unary_unary, method, "unary", metadata),
+                self._single(handler.unary_unary, method, "unary"),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self._single(handler.stream_unary, method, "client_stream", metadata),
+                self._single(handler.stream_unary, method, "client_stream"),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
 
-    def _wrap(
-        self,
-        behaviour: Any,
-        method: str,
-        rpc_type: str,
-        metadata: tuple[tuple[str, Any], ...],
-    ) -> Any:
+    def _wrap(self, behaviour: Any, method: str, rpc_type: str) -> Any:
         # grpc calls a streaming behaviour differently by its kind (it checks the function):
         # an async generator yields responses, a coroutine (health's Watch) writes them
         # through its context. The wrapper must be of the same kind.
         if inspect.iscoroutinefunction(behaviour):
-            return self._single(behaviour, method, rpc_type, metadata)
-        return self._streaming(behaviour, method, rpc_type, metadata)
+            return self._single(behaviour, method, rpc_type)
+        return self._streaming(behaviour, method, rpc_type)
 
-    def _streaming(
-        self,
-        behaviour: Any,
-        method: str,
-        rpc_type: str,
-        metadata: tuple[tuple[str, Any], ...],
-    ) -> Any:
+    def _streaming(self, behaviour: Any, method: str, rpc_type: str) -> Any:
         # grpc's stubs type behaviours as synchronous; on an aio server they are async.
         stream = cast(Callable[[Any, Context], AsyncIterator[Any]], behaviour)
 
         async def call(request: Any, context: Context) -> AsyncIterator[Any]:
-            info = _call_info(method, rpc_type, metadata, request, context)
-            with self._observing(info, metadata, context) as observed:
+            with self._observing(method, rpc_type, request, context) as observed:
                 async for response in stream(request, context):
                     yield response
                 observed.completed()
 
         return call
 
-    def _single(
-        self,
-        behaviour: Any,
-        method: str,
-        rpc_type: str,
-        metadata: tuple[tuple[str, Any], ...],
-    ) -> Any:
+    def _single(self, behaviour: Any, method: str, rpc_type: str) -> Any:
         single = cast(Callable[[Any, Context], Awaitable[Any]], behaviour)
 
         async def call(request: Any, context: Context) -> Any:
-            info = _call_info(method, rpc_type, metadata, request, context)
-            with self._observing(info, metadata, context) as observed:
+            with self._observing(method, rpc_type, request, context) as observed:
                 response = await single(request, context)
                 observed.completed()
                 return response
 
         return call
 
-    def _observing(
-        self, info: _CallInfo, metadata: tuple[tuple[str, Any], ...], context: Context
-    ) -> _Observed:
+    def _observing(self, method: str, rpc_type: str, request: Any, context: Context) -> _Observed:
+        # Read when the call starts, never after (see the module docstring).
+        metadata = tuple(context.invocation_metadata() or ())
+        info = _call_info(method, rpc_type, metadata, request, context)
         # Each RPC runs in a task of its own, so the request id needs no reset afterwards.
         current_request_id.set(info.request_id)
         span = self._tracing.rpc_span(info.method, metadata) if self._tracing else _NO_SPAN
