@@ -140,6 +140,8 @@ class CommandMetricsMiddleware:
 
     def __init__(self, metrics: GatewayMetrics) -> None:
         self._duration = metrics.command_duration
+        # Children cached as in GatewayMetrics.rpc_finished: labels() locks on every call.
+        self._durations: dict[tuple[str, str], Histogram] = {}
 
     async def __call__(self, command: Command, call_next: Next) -> Result:
         started = time.perf_counter()
@@ -152,9 +154,11 @@ class CommandMetricsMiddleware:
             outcome = error.reason
             raise
         finally:
-            self._duration.labels(type(command).__name__, outcome).observe(
-                time.perf_counter() - started
-            )
+            key = (type(command).__name__, outcome)
+            duration = self._durations.get(key)
+            if duration is None:
+                duration = self._durations[key] = self._duration.labels(*key)
+            duration.observe(time.perf_counter() - started)
 
 
 class MeteredEventStore(EventStoreDecorator):
@@ -163,6 +167,7 @@ class MeteredEventStore(EventStoreDecorator):
     def __init__(self, inner: EventStore, metrics: GatewayMetrics) -> None:
         super().__init__(inner)
         self._duration = metrics.append_duration
+        self._durations: dict[str, Histogram] = {}
         self._batch = metrics.append_batch
 
     async def append(self, commit: Commit) -> list[RecordedEvent]:
@@ -178,7 +183,10 @@ class MeteredEventStore(EventStoreDecorator):
             outcome = "duplicate"
             raise
         finally:
-            self._duration.labels(outcome).observe(time.perf_counter() - started)
+            duration = self._durations.get(outcome)
+            if duration is None:
+                duration = self._durations[outcome] = self._duration.labels(outcome)
+            duration.observe(time.perf_counter() - started)
         self._batch.observe(len(recorded))
         return recorded
 
