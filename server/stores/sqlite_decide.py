@@ -1,0 +1,80 @@
+"""Deciding a whole group-committed batch of appends in Python, for the SQLite writer.
+
+The writer holds SQLite's one write lock (``BEGIN IMMEDIATE``) while it writes a batch,
+so nothing it reads under that lock can change before its COMMIT. It reads the current
+version of every stream the batch names, in one statement for the whole batch;
+``decide`` then walks the commits in order, as the database would see them one after
+another, and says which ones commit. That replaces a savepoint and two statements per
+commit.
+
+``decide`` is exact or declines, and the batch then goes to the writer's per-commit
+path, where the unique keys decide: an event whose version is not above its stream's
+current version might or might not collide with a stored one (versions need not be
+contiguous), and an event on a stream that no commit of the batch names in
+``expected_versions`` has no current version looked up. Command ids stored before the
+batch are not looked up either: the writer's insert meets them at the primary key, and
+that batch too goes commit by commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from domain.errors import ConcurrencyConflictError, DomainError, DuplicateCommandError
+from domain.ports import Commit
+
+
+def stream_ids(commits: Iterable[Commit]) -> list[str]:
+    """Every stream ``commits`` expect a version of, each once: what to look up.
+
+    Streams a commit appends to without naming them are not looked up; ``decide``
+    declines such a batch (the unit of work names every stream it appends to).
+    """
+    streams: dict[str, int] = {}
+    for commit in commits:
+        streams.update(commit.expected_versions)  # only the keys matter
+    return list(streams)
+
+
+def decide(
+    commits: Sequence[Commit], versions: Mapping[str, int]
+) -> list[DomainError | None] | None:
+    """For each commit in order, the error that rejects it or None if it commits.
+
+    ``versions``: the current version of each of ``stream_ids(commits)`` (0: no events).
+    A command id is a duplicate here if an earlier commit of the batch took it; ids
+    stored before the batch are left to the commands table's primary key. A rejected
+    commit changes nothing, so a later commit with the same command id, or one expecting
+    the versions the rejected commit saw, can still commit, just as if each had been
+    appended alone. Returns None when some commit needs the database's unique keys to
+    decide (see the module's docstring).
+    """
+    taken: set[str] = set()
+    current = dict(versions)
+    decisions: list[DomainError | None] = []
+    for commit in commits:
+        if commit.command_id in taken:
+            decisions.append(DuplicateCommandError(commit.command_id))
+            continue
+        conflict = _conflict(commit, current)
+        if conflict is not None:
+            decisions.append(conflict)
+            continue
+        for event in commit.events:
+            version = current.get(event.stream_id)
+            if version is None or event.stream_version <= version:
+                return None
+            # Updated event by event, so that two events of one commit claiming the same
+            # version also end up here (the unique key rejects that commit).
+            current[event.stream_id] = event.stream_version
+        taken.add(commit.command_id)
+        decisions.append(None)
+    return decisions
+
+
+def _conflict(commit: Commit, current: Mapping[str, int]) -> ConcurrencyConflictError | None:
+    for stream_id, expected in commit.expected_versions.items():
+        version = current[stream_id]
+        if version != expected:
+            return ConcurrencyConflictError(f"{stream_id} is at version {version}, not {expected}")
+    return None
