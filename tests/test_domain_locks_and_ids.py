@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
@@ -11,14 +12,26 @@ from domain.ids import new_uuid
 from domain.locks import StreamLocks
 
 
-def test_new_uuid_is_a_random_version_4_uuid_in_canonical_form() -> None:
+def test_new_uuid_is_a_version_7_uuid_in_canonical_form() -> None:
     ids = [new_uuid() for _ in range(1000)]
     assert len(set(ids)) == len(ids)
     for value in ids:
         parsed = uuid.UUID(value)
         assert str(parsed) == value  # lower case, hyphenated, 36 characters
-        assert parsed.version == 4
+        assert parsed.version == 7
         assert parsed.variant == uuid.RFC_4122
+
+
+def test_new_uuids_sort_by_creation_time_and_carry_it() -> None:
+    """Ids made in different milliseconds sort in creation order (index locality)."""
+    before = time.time_ns() // 1_000_000
+    first = new_uuid()
+    time.sleep(0.002)
+    second = new_uuid()
+    after = time.time_ns() // 1_000_000
+    assert first < second
+    stamp = int(first.replace("-", "")[:12], 16)
+    assert before <= stamp <= after
 
 
 async def test_a_held_stream_makes_the_next_command_wait_and_others_pass() -> None:

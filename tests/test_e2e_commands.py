@@ -61,7 +61,7 @@ async def test_create_order_streams_created_then_one_reservation_per_item(
         500_000_000,
     )
     assert events[0].stream_id == f"order-{created.order_id}"
-    assert uuid.UUID(created.order_id).version == 4
+    assert uuid.UUID(created.order_id).version == 7  # time-ordered: see domain/ids.py
     assert [
         (e.stock_reserved.product_id, e.stock_reserved.available_after) for e in events[1:]
     ] == [
