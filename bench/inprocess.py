@@ -7,18 +7,26 @@ from plain dicts exactly as the servicers build them (so validation is included)
 at a chosen number of concurrent callers, so that the store can commit them in groups.
 ``eventsourcing``'s API is synchronous and one caller is how it is used; it runs with the
 same aggregate cache size as the gateway.
+
+Each runs with its production garbage-collector settings: the gateway's path with those
+``serve`` applies (``server.app.tune_garbage_collection``), ``eventsourcing`` with
+Python's defaults; the defaults are restored after the gateway's run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import random
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from bench import es_app, workload
 from domain.commands import CancelOrder, CreateOrder, RestockProduct
+from server.app import tune_garbage_collection
 from server.bootstrap import bootstrap
 from server.stores.factory import open_store
 
@@ -40,10 +48,29 @@ class InProcessResult:
         return self.commands / self.seconds if self.seconds else 0.0
 
 
+@contextlib.contextmanager
+def gateway_gc_settings() -> Iterator[None]:
+    """The garbage-collector settings the gateway runs with, then Python's again."""
+    thresholds = gc.get_threshold()
+    tune_garbage_collection()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+
+
 async def gateway_commands(
     url: str, backend: str, concurrency: int, duration: float, warmup: float
 ) -> InProcessResult:
     """Create-then-cancel through ``bootstrap(store)`` and ``bus.dispatch`` for ``duration``."""
+    with gateway_gc_settings():
+        return await _gateway_commands(url, backend, concurrency, duration, warmup)
+
+
+async def _gateway_commands(
+    url: str, backend: str, concurrency: int, duration: float, warmup: float
+) -> InProcessResult:
     store = await open_store(url)
     try:
         bus = bootstrap(store)
