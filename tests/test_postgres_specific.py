@@ -148,7 +148,7 @@ async def test_a_role_that_cannot_change_the_schema_serves_a_migrated_database(
 
 async def _write_many(url: str, writer: str, tasks: int, commits: int) -> int:
     """``tasks`` tasks appending ``commits`` commits each, every task through a store of
-    its own: a store sends one batch at a time, and the race needs many transactions."""
+    its own: a store sends few batches at a time, and the race needs many transactions."""
     stores = [await PostgresEventStore.open(url, min_connections=1) for _ in range(tasks)]
     try:
 

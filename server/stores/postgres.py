@@ -6,11 +6,14 @@ function takes the lock that makes positions visible in commit order; its commen
 the choice and its cost.
 
 Group commit: appends made concurrently in one process share a statement and a commit.
-One writer task at a time sends what is waiting (up to ``max_batch`` commits, and only
-up to the first that shares a stream or command_id with an earlier one) and, while that
-batch commits, the next one gathers. Each commit still succeeds or fails on its own. The
-lock serialises appends across processes anyway, so one batch in flight per process
-loses nothing.
+A writer task sends what is waiting (up to ``max_batch`` commits, and only up to the first
+that shares a stream or command_id with an earlier one or with a batch in flight) and, while
+that batch commits, the next one gathers. Each commit still succeeds or fails on its own.
+Up to ``max_in_flight`` batches are in flight at once, on their own connections: the lock
+runs them one after the other anyway, but the next one is then already waiting at the lock
+when the previous commits, instead of leaving the database idle for a round trip and for
+this process to notice the answer. Each writer keeps its pooled connection and cursor from
+one batch to the next, and the arrays go in binary (``postgres_arrays``).
 
 Reads are plain queries on pooled connections (``psycopg_pool``), prepared on first use.
 Every driver error is translated at this boundary (``postgres_errors``).
@@ -34,6 +37,14 @@ from psycopg_pool import AsyncConnectionPool
 
 from domain.errors import ConcurrencyConflictError, DuplicateCommandError, StoreError
 from domain.ports import CommandRecord, Commit, RecordedEvent
+from server.stores import postgres_arrays
+from server.stores.postgres_arrays import (
+    BigintArray,
+    BytesArray,
+    IntArray,
+    TextArray,
+    TimestamptzArray,
+)
 from server.stores.postgres_errors import append_error, is_unavailable, store_error
 from server.stores.postgres_notify import NotificationListener
 from server.stores.postgres_schema import HEAD_POSITION, apply_migrations
@@ -68,9 +79,9 @@ _FIND_COMMAND = (
 )
 _APPEND = (
     "SELECT outcome, first_position, detail FROM og_append("
-    "%s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::integer[],"
-    " %s::integer[], %s::text[], %s::bigint[],"
-    " %s::integer[], %s::text[], %s::text[], %s::bigint[], %s::text[], %b::bytea[])"
+    "%b::text[], %b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::integer[],"
+    " %b::integer[], %b::text[], %b::bigint[],"
+    " %b::integer[], %b::text[], %b::text[], %b::bigint[], %b::text[], %b::bytea[])"
 )
 
 
@@ -94,11 +105,18 @@ class PostgresEventStore:
         listener_factory: Callable[[Callable[[int | None], None]], NotificationListener],
         max_batch: int,
         known_head: int,
+        max_in_flight: int = 2,
     ) -> None:
         self._pool = pool
         self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
         self._pending: list[_Pending] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._writers: set[asyncio.Task[None]] = set()
+        self._idle_connections = [_WriterConnection(pool) for _ in range(max_in_flight)]
+        """One per writer: a writer takes one when it starts and puts it back when done."""
+        self._busy_streams: set[str] = set()
+        self._busy_commands: set[str] = set()
+        """Streams and command ids of the batches in flight: a commit naming one waits."""
         self._listeners: list[Callable[[], None]] = []
         self._notifications = listener_factory(self._on_notification)
         self._known_head = known_head
@@ -116,11 +134,13 @@ class PostgresEventStore:
         max_connections: int = 10,
         pool_timeout: float = 10.0,
         max_batch: int = 128,
+        max_in_flight: int = 2,
     ) -> Self:
         """Connect, apply any missing schema migration, and open the connection pool.
 
         ``pool_timeout`` bounds the wait for a pooled connection; beyond it an operation fails
-        with ``StoreUnavailableError``.
+        with ``StoreUnavailableError``. ``max_in_flight`` batches of appends are sent at
+        once at most, each holding a connection.
         """
         with _translated("connect"):
             given = conninfo_to_dict(url)
@@ -157,7 +177,13 @@ class PostgresEventStore:
         def listener(on_wake: Callable[[int | None], None]) -> NotificationListener:
             return NotificationListener(url, listen_kwargs, on_wake)
 
-        return cls(pool, listener, max_batch, known_head=int(row[0]) if row else 0)
+        return cls(
+            pool,
+            listener,
+            max_batch,
+            known_head=int(row[0]) if row else 0,
+            max_in_flight=max_in_flight,
+        )
 
     # -- appends (group commit) -----------------------------------------------------
 
@@ -166,32 +192,49 @@ class PostgresEventStore:
             raise StoreError("the event store is closed")
         pending = _Pending(commit)
         self._pending.append(pending)
-        if self._writer is None:
-            self._writer = asyncio.get_running_loop().create_task(
+        if len(self._writers) < self._max_in_flight:
+            # The task takes its batch when it first runs, so appends made meanwhile join.
+            writer = asyncio.get_running_loop().create_task(
                 self._write_pending(), name="order-gateway postgres writer"
             )
+            self._writers.add(writer)
+            writer.add_done_callback(self._writers.discard)
         return await pending.future
 
     async def _write_pending(self) -> None:
+        """Write batches until nothing waiting can be sent.
+
+        A writer whose next commit depends on another writer's batch stops: that writer
+        takes it once its batch is done, as it frees its streams before it looks again.
+        """
+        connection = self._idle_connections.pop()
         try:
-            while self._pending:
+            while True:
                 # An append whose caller was cancelled before it was sent is dropped.
                 self._pending = [p for p in self._pending if not p.future.done()]
-                if batch := _take_batch(self._pending, self._max_batch):
-                    await self._write_batch(batch)
+                batch, streams, commands = _take_batch(
+                    self._pending, self._max_batch, self._busy_streams, self._busy_commands
+                )
+                if not batch:
+                    return
+                self._busy_streams |= streams
+                self._busy_commands |= commands
+                try:
+                    await self._write_batch(connection, batch)
+                finally:
+                    self._busy_streams -= streams
+                    self._busy_commands -= commands
         finally:
-            self._writer = None
+            self._idle_connections.append(connection)
 
-    async def _write_batch(self, batch: list[_Pending]) -> None:
+    async def _write_batch(self, connection: _WriterConnection, batch: list[_Pending]) -> None:
         try:
-            async with self._pool.connection() as conn:
-                cursor = await conn.execute(_APPEND, _append_params(batch), prepare=True)
-                outcomes = await cursor.fetchall()
+            outcomes = await connection.execute(_APPEND, _append_params(batch))
         except psycopg.Error as error:
             if len(batch) > 1 and not is_unavailable(error):
                 # One bad commit failed the statement; alone, each gets its own outcome.
                 for pending in batch:
-                    await self._write_batch([pending])
+                    await self._write_batch(connection, [pending])
                 return
             for pending in batch:
                 _fail(pending, append_error(error, pending.commit), error)
@@ -294,19 +337,60 @@ class PostgresEventStore:
             return
         self._closing = True
         try:
-            if self._writer is not None:
-                await asyncio.shield(self._writer)
+            while self._writers:
+                await asyncio.wait(set(self._writers))
+            for connection in self._idle_connections:
+                await connection.release()
             await self._notifications.stop()
             await self._pool.close()
         finally:
             self._closed.set()
 
 
-def _take_batch(pending: list[_Pending], limit: int) -> list[_Pending]:
-    """Remove and return the longest prefix of ``pending`` whose commits are independent.
+class _WriterConnection:
+    """A pooled connection kept for appends from one batch to the next, until it fails.
+
+    Taking it from the pool and giving it back for every batch cost more than a batch of
+    a few commits; the cursor is kept too, with the adapters it chose for the arrays.
+    """
+
+    def __init__(self, pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]]) -> None:
+        self._pool = pool
+        self._connection: psycopg.AsyncConnection[TupleRow] | None = None
+        self._cursor: psycopg.AsyncCursor[TupleRow] | None = None
+
+    async def execute(self, query: str, params: Sequence[Any]) -> list[TupleRow]:
+        """Run ``query`` (prepared) and return its rows.
+
+        Whatever fails, the connection goes back to the pool, which replaces it if it is
+        broken, and the next call takes another.
+        """
+        try:
+            if self._cursor is None:
+                self._connection = await self._pool.getconn()
+                self._cursor = self._connection.cursor()
+            await self._cursor.execute(query, params, prepare=True)
+            return await self._cursor.fetchall()
+        except BaseException:
+            await self.release()
+            raise
+
+    async def release(self) -> None:
+        if self._connection is not None:
+            connection, self._connection, self._cursor = self._connection, None, None
+            await self._pool.putconn(connection)
+
+
+def _take_batch(
+    pending: list[_Pending], limit: int, busy_streams: set[str], busy_commands: set[str]
+) -> tuple[list[_Pending], set[str], set[str]]:
+    """Remove and return the longest prefix of ``pending`` whose commits are independent,
+    with the streams and command ids it names.
 
     ``og_append`` checks every commit of a batch against the state before the batch, so
     no two may share a stream or a command_id; the next batch takes the first that does.
+    Nor may one share them with a batch in flight (``busy_…``): it must see that batch's
+    outcome, as it would have if that batch had already committed.
     """
     batch: list[_Pending] = []
     streams: set[str] = set()
@@ -314,17 +398,25 @@ def _take_batch(pending: list[_Pending], limit: int) -> list[_Pending]:
     for item in pending[:limit]:
         commit = item.commit
         touched = {*commit.expected_versions, *(e.stream_id for e in commit.events)}
-        if commit.command_id in command_ids or not streams.isdisjoint(touched):
+        if (
+            commit.command_id in command_ids
+            or commit.command_id in busy_commands
+            or not streams.isdisjoint(touched)
+            or not busy_streams.isdisjoint(touched)
+        ):
             break
         batch.append(item)
         streams |= touched
         command_ids.add(commit.command_id)
     del pending[: len(batch)]
-    return batch
+    return batch, streams, command_ids
 
 
 def _append_params(batch: Sequence[_Pending]) -> tuple[list[Any], ...]:
-    """``og_append``'s arguments: one array per column, commits' rows laid end to end."""
+    """``og_append``'s arguments: one array per column, commits' rows laid end to end.
+
+    Typed (``postgres_arrays``), so that each is encoded by the cheap dumper for its type.
+    """
     commits = [p.commit for p in batch]
     expected = [
         (i, stream, version)
@@ -333,21 +425,21 @@ def _append_params(batch: Sequence[_Pending]) -> tuple[list[Any], ...]:
     ]
     events = [(i, e) for i, c in enumerate(commits, start=1) for e in c.events]
     return (
-        [c.command_id for c in commits],
-        [c.fingerprint for c in commits],
-        [c.correlation_id for c in commits],
-        [c.user_id for c in commits],
-        [c.occurred_at.astimezone(dt.UTC) for c in commits],
-        [len(c.events) for c in commits],
-        [i for i, _, _ in expected],
-        [stream for _, stream, _ in expected],
-        [version for _, _, version in expected],
-        [i for i, _ in events],
-        [e.event_id for _, e in events],
-        [e.stream_id for _, e in events],
-        [e.stream_version for _, e in events],
-        [e.event_type for _, e in events],
-        [e.data for _, e in events],
+        TextArray([c.command_id for c in commits]),
+        TextArray([c.fingerprint for c in commits]),
+        TextArray([c.correlation_id for c in commits]),
+        TextArray([c.user_id for c in commits]),
+        TimestamptzArray([c.occurred_at.astimezone(dt.UTC) for c in commits]),
+        IntArray([len(c.events) for c in commits]),
+        IntArray([i for i, _, _ in expected]),
+        TextArray([stream for _, stream, _ in expected]),
+        BigintArray([version for _, _, version in expected]),
+        IntArray([i for i, _ in events]),
+        TextArray([e.event_id for _, e in events]),
+        TextArray([e.stream_id for _, e in events]),
+        BigintArray([e.stream_version for _, e in events]),
+        TextArray([e.event_type for _, e in events]),
+        BytesArray([e.data for _, e in events]),
     )
 
 
@@ -381,6 +473,7 @@ async def _configure(conn: psycopg.AsyncConnection[TupleRow]) -> None:
     # prepared once per mix of int2/int4/int8 parameters: always send bigint instead.
     conn.adapters.register_dumper(int, Int8Dumper)
     conn.adapters.register_dumper(int, Int8BinaryDumper)
+    postgres_arrays.register(conn)
     # Timestamps load as aware datetimes in UTC, as every store returns them. og_append
     # relies on READ COMMITTED, whatever the database's default isolation level.
     await conn.execute(
