@@ -19,6 +19,7 @@ from pydantic_core import from_json
 
 from domain import events as domain_events
 from domain.ports import RecordedEvent
+from server.event_rows import EventRow
 
 R = TypeVar("R", bound=Message)
 
@@ -70,10 +71,6 @@ def restock_product_input(request: RestockProductRequest) -> dict[str, Any]:
     }
 
 
-def to_proto_event(record: RecordedEvent) -> events_pb2.Event:
-    return events_pb2.Event(**proto_event_fields(record))
-
-
 def event_response(response_type: Callable[..., R], record: RecordedEvent) -> R:
     """``response_type(event=…)`` for a recorded event, built in one step: protobuf
     builds the nested ``Event`` from its fields, with no intermediate message to copy."""
@@ -89,14 +86,7 @@ def proto_event_fields(record: RecordedEvent) -> dict[str, Any]:
     were recorded; decoding them into pydantic models again only to copy every field
     across cost more than the rest of the mapping.
     """
-    try:
-        field_name, proto_fields = _PAYLOAD_FIELDS[record.event_type]
-    except KeyError:
-        raise TypeError(f"no proto payload for {record.event_type}") from None
-    payload = from_json(record.data)
-    for name in payload.keys() - proto_fields:
-        # Domain-only fields, such as OrderCreated.created_by.
-        del payload[name]
+    field_name, payload = _payload(record.event_type, record.data)
     return {
         "event_id": record.event_id,
         "stream_id": record.stream_id,
@@ -109,6 +99,54 @@ def proto_event_fields(record: RecordedEvent) -> dict[str, Any]:
         "event_type": record.event_type,
         field_name: payload,
     }
+
+
+def row_event_response(response_type: Callable[..., R], row: EventRow) -> R:
+    """``event_response`` for a stored row (``server.event_rows``): the same message,
+    with no ``RecordedEvent`` or ``datetime`` built on the way."""
+    (
+        event_id,
+        stream_id,
+        stream_version,
+        position,
+        occurred_at_us,
+        command_id,
+        correlation_id,
+        user_id,
+        event_type,
+        data,
+    ) = row
+    field_name, payload = _payload(event_type, data)
+    # Floor division, as Timestamp wants it: nanos are never negative.
+    seconds, micros = divmod(occurred_at_us, 1_000_000)
+    return response_type(
+        event={
+            "event_id": event_id,
+            "stream_id": stream_id,
+            "stream_version": stream_version,
+            "position": position,
+            "occurred_at": {"seconds": seconds, "nanos": micros * 1000},
+            "command_id": command_id,
+            "correlation_id": correlation_id,
+            "user_id": user_id,
+            "event_type": event_type,
+            field_name: payload,
+        }
+    )
+
+
+def _payload(event_type: str, data: bytes) -> tuple[str, dict[str, Any]]:
+    """The ``Event.payload`` field of an event type, and its stored JSON as that message's
+    constructor arguments."""
+    try:
+        field_name, proto_fields = _PAYLOAD_FIELDS[event_type]
+    except KeyError:
+        raise TypeError(f"no proto payload for {event_type}") from None
+    payload: dict[str, Any] = from_json(data)
+    for name in payload.keys() - proto_fields:
+        # Domain-only fields, such as OrderCreated.created_by.
+        del payload[name]
+    return field_name, payload
 
 
 def _payload_fields() -> dict[str, tuple[str, frozenset[str]]]:

@@ -37,6 +37,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from domain.errors import ConcurrencyConflictError, DuplicateCommandError, StoreError
 from domain.ports import CommandRecord, Commit, RecordedEvent
+from server.event_rows import EventRow
 from server.stores import postgres_arrays
 from server.stores.postgres_arrays import (
     BigintArray,
@@ -66,6 +67,14 @@ _COLUMNS = (
 )
 """``RecordedEvent``'s fields, in its order, so rows load with ``args_row``."""
 _READ_ALL = f"SELECT {_COLUMNS} FROM events WHERE position > %s ORDER BY position LIMIT %s"
+_READ_ALL_ROWS = (
+    "SELECT event_id, stream_id, stream_version, position,"
+    # Exact: extract() answers numeric, and timestamptz holds whole microseconds.
+    " (extract(epoch FROM occurred_at) * 1000000)::bigint,"
+    " command_id, correlation_id, user_id, event_type, data"
+    " FROM events WHERE position > %s ORDER BY position LIMIT %s"
+)
+"""``_READ_ALL`` as ``server.event_rows`` rows: the time in microseconds since the epoch."""
 _READ_STREAM = (
     f"SELECT {_COLUMNS} FROM events"
     " WHERE stream_id = %s AND stream_version > %s ORDER BY stream_version"
@@ -271,6 +280,15 @@ class PostgresEventStore:
     async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         # No visibility filter needed: og_append makes positions visible in order.
         return await self._events(_READ_ALL, (after_position, limit), "read_all")
+
+    async def read_all_rows(self, after_position: int = 0, limit: int = 1000) -> list[EventRow]:
+        """``read_all`` as plain rows (``server.event_rows``), for catching-up subscriptions."""
+        with _translated("read_all"):
+            async with self._pool.connection() as conn:
+                cursor = conn.cursor(binary=True)
+                await cursor.execute(_READ_ALL_ROWS, (after_position, limit), prepare=True)
+                rows: list[EventRow] = await cursor.fetchall()
+        return rows
 
     async def head_position(self) -> int:
         with _translated("head_position"):

@@ -43,6 +43,7 @@ from domain.errors import (
     StoreUnavailableError,
 )
 from domain.ports import CommandRecord, Commit, RecordedEvent
+from server.event_rows import EventRow
 from server.stores.sqlite_calls import Call, CallQueue, Listener, answer
 from server.stores.sqlite_decide import decide, stream_ids
 from server.stores.sqlite_schema import SchemaTooNewError, migrate
@@ -478,6 +479,16 @@ class SQLiteEventStore:
         def query(connection: sqlite3.Connection) -> list[RecordedEvent]:
             rows = connection.execute(READ_ALL, (after_position, limit)).fetchall()
             return [_event(row) for row in rows]
+
+        return await self._read(query)
+
+    async def read_all_rows(self, after_position: int = 0, limit: int = 1000) -> list[EventRow]:
+        """``read_all`` as the rows SQLite returns (``server.event_rows``): a catching-up
+        subscription's reads, which build nothing per event in the reader thread."""
+
+        def query(connection: sqlite3.Connection) -> list[EventRow]:
+            rows: list[EventRow] = connection.execute(READ_ALL, (after_position, limit)).fetchall()
+            return rows
 
         return await self._read(query)
 

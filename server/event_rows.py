@@ -1,0 +1,28 @@
+"""Stored events as plain rows: what a subscription catching up reads, when the store can.
+
+A subscription catching up on a large store maps every event it reads to proto once and
+then drops it. Building a ``RecordedEvent`` (a frozen dataclass) and a ``datetime`` for
+each cost about as much as the mapping to proto itself, so a store whose reads produce
+rows anyway (SQLite) hands them over as they are: the same events as ``read_all``, in the
+same order, each a tuple of ``RecordedEvent``'s fields in field order, with the time as
+microseconds since the Unix epoch instead of a ``datetime``.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Protocol, runtime_checkable
+
+EventRow = tuple[str, str, int, int, int, str, str, str, str, bytes]
+"""event_id, stream_id, stream_version, position, occurred_at (µs since the epoch, UTC),
+command_id, correlation_id, user_id, event_type, data."""
+
+STREAM_ID: Final = 1
+POSITION: Final = 3
+EVENT_TYPE: Final = 8
+
+
+@runtime_checkable
+class EventRowReader(Protocol):
+    async def read_all_rows(self, after_position: int, limit: int) -> list[EventRow]:
+        """``read_all(after_position, limit)``, as rows."""
+        ...

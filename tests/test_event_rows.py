@@ -1,0 +1,140 @@
+"""Stored rows (``server.event_rows``): what SQLite and PostgreSQL hand a catching-up
+subscription instead of ``RecordedEvent``s must be the same events, mapped to the same
+messages."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from orders.v1 import event_stream_service_pb2
+
+from domain import events as domain_events
+from domain.mapper import to_new_event
+from domain.ports import Commit, RecordedEvent
+from server.event_rows import EventRow, EventRowReader
+from server.mapping import event_response, row_event_response
+from server.stores.factory import open_store
+
+SubscribeResponse = event_stream_service_pb2.SubscribeResponse
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+MICROSECOND = dt.timedelta(microseconds=1)
+
+PRICE = domain_events.MoneyAmount(currency_code="EUR", units=12, nanos=500_000_000)
+ORDER = str(uuid.uuid4())
+EVENTS: list[domain_events.DomainEvent] = [
+    domain_events.ProductRestocked(product_id="sku-1", quantity=5, available_after=5),
+    domain_events.OrderCreated(
+        order_id=ORDER,
+        customer_id=str(uuid.uuid4()),
+        items=(domain_events.OrderedItem(product_id="sku-1", quantity=2, unit_price=PRICE),),
+        shipping_address=domain_events.ShippingAddress(
+            recipient="Zoë Ünicode", line1="1 Rue", city="Paris", country_code="FR"
+        ),
+        total=domain_events.MoneyAmount(currency_code="EUR", units=25),
+        created_by="user-7",  # domain-only: not in the proto
+    ),
+    domain_events.StockReserved(product_id="sku-1", order_id=ORDER, quantity=2, available_after=3),
+    domain_events.OrderCancelled(order_id=ORDER, reason="changed my mind", cancelled_by="user-7"),
+    domain_events.StockReleased(product_id="sku-1", order_id=ORDER, quantity=2, available_after=5),
+]
+TIMES = [
+    dt.datetime(2026, 11, 29, 12, 30, 45, 123_456, tzinfo=dt.UTC),
+    EPOCH,
+    # Before the epoch: Timestamp's nanos stay non-negative (floor division).
+    EPOCH - MICROSECOND,
+    dt.datetime(1901, 2, 3, 4, 5, 6, 7, tzinfo=dt.UTC),
+]
+
+
+def as_row(record: RecordedEvent) -> EventRow:
+    return (
+        record.event_id,
+        record.stream_id,
+        record.stream_version,
+        record.position,
+        (record.occurred_at - EPOCH) // MICROSECOND,
+        record.command_id,
+        record.correlation_id,
+        record.user_id,
+        record.event_type,
+        record.data,
+    )
+
+
+def recorded(event: domain_events.DomainEvent, occurred_at: dt.datetime) -> RecordedEvent:
+    new = to_new_event(event, str(uuid.uuid4()), "stream-1", 3)
+    return RecordedEvent(
+        new.event_id,
+        "stream-1",
+        3,
+        42,
+        occurred_at,
+        "cmd",
+        "corr",
+        "user-7",
+        new.event_type,
+        new.data,
+    )
+
+
+@pytest.mark.parametrize("occurred_at", TIMES)
+@pytest.mark.parametrize("event", EVENTS, ids=lambda event: event.event_type)
+def test_a_row_maps_to_the_message_of_its_recorded_event(
+    event: domain_events.DomainEvent, occurred_at: dt.datetime
+) -> None:
+    record = recorded(event, occurred_at)
+    from_row = row_event_response(SubscribeResponse, as_row(record))
+    assert from_row == event_response(SubscribeResponse, record)
+    assert from_row.event.occurred_at.ToDatetime(dt.UTC) == occurred_at
+    assert from_row.event.WhichOneof("payload") is not None
+
+
+def test_a_row_of_an_unknown_event_type_is_refused_like_a_record() -> None:
+    record = RecordedEvent("e", "s", 1, 1, EPOCH, "c", "c", "", "OrderShipped", b"{}")
+    with pytest.raises(TypeError, match="OrderShipped"):
+        event_response(SubscribeResponse, record)
+    with pytest.raises(TypeError, match="OrderShipped"):
+        row_event_response(SubscribeResponse, as_row(record))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/events.db"
+    else:
+        yield request.getfixturevalue("fresh_postgres_url")
+
+
+async def test_durable_stores_read_rows_that_are_their_recorded_events(store_url: str) -> None:
+    store = await open_store(store_url)
+    try:
+        assert isinstance(store, EventRowReader)
+        for n, occurred_at in enumerate(TIMES):
+            # One commit per time, each with every event type, on streams of its own.
+            events = [
+                to_new_event(event, str(uuid.uuid4()), f"stream-{n}-{k}", 1)
+                for k, event in enumerate(EVENTS)
+            ]
+            await store.append(
+                Commit(
+                    command_id=str(uuid.uuid4()),
+                    fingerprint="f",
+                    correlation_id=f"corr-{n}",
+                    user_id=f"user-{n}",
+                    occurred_at=occurred_at,
+                    expected_versions={event.stream_id: 0 for event in events},
+                    events=events,
+                )
+            )
+        head = await store.head_position()
+        assert head == len(TIMES) * len(EVENTS)
+        for after, limit in [(0, 1000), (0, 3), (7, 6), (head - 1, 10), (head, 10)]:
+            records = await store.read_all(after, limit)
+            rows = await store.read_all_rows(after, limit)
+            assert rows == [as_row(record) for record in records], (after, limit)
+    finally:
+        await store.close()
