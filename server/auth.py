@@ -13,7 +13,7 @@ import re
 import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeAlias, cast
+from typing import Any, Protocol, cast
 
 import grpc
 
@@ -28,10 +28,10 @@ from server.identity import (
     Caller,
     current_caller,
 )
+from server.method_handlers import Handler, WrappedHandlers
 
 log = logging.getLogger("order_gateway.auth")
 
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 REQUIRED_SCOPES: dict[str, frozenset[str]] = {
     "/orders.v1.OrderCommandService/CreateOrder": frozenset({SCOPE_ORDERS_WRITE}),
@@ -112,8 +112,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, authenticators: Sequence[Authenticator]) -> None:
         self._authenticators = tuple(authenticators)
-        self._guarded: dict[str, tuple[Handler, Handler]] = {}
-        """Per method: the handler found, and its guarded version."""
+        self._guarded = WrappedHandlers(self._guard)
 
     async def intercept_service(
         self,
@@ -126,13 +125,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         # Every protected method is one of our unary-stream RPCs.
         if handler is None or required is None or handler.unary_stream is None:
             return handler
-        guarded = self._guarded.get(method)
-        if guarded is None or guarded[0] is not handler:
-            guarded = (handler, self._guard(handler, method, required))
-            self._guarded[method] = guarded
-        return guarded[1]
+        return self._guarded.get(handler, method)
 
-    def _guard(self, handler: Handler, method: str, required: frozenset[str]) -> Handler:
+    def _guard(self, handler: Handler, method: str) -> Handler:
+        required = REQUIRED_SCOPES[method]
         # grpc's stubs type behaviours as synchronous; on an aio server they are async
         # generators.
         behaviour = cast(

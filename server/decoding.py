@@ -8,16 +8,15 @@ decode failure reaches the behaviour as a marker, which then aborts with a clean
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeAlias, cast
+from typing import Any, cast
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from server.errors import plain_status
+from server.method_handlers import Handler, WrappedHandlers
 
 OWN_METHOD_PREFIX = "/orders.v1."
-
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 class _Unparseable:
@@ -32,8 +31,7 @@ _UNPARSEABLE_STATUS = plain_status(
 
 class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self) -> None:
-        self._tolerant: dict[str, tuple[Handler, Handler]] = {}
-        """Per method: the handler found, and its tolerant version (built once)."""
+        self._tolerant = WrappedHandlers(_tolerant)
 
     async def intercept_service(
         self,
@@ -51,14 +49,10 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
             or handler.request_deserializer is None
         ):
             return handler
-        tolerant = self._tolerant.get(method)
-        if tolerant is None or tolerant[0] is not handler:
-            tolerant = (handler, _tolerant(handler))
-            self._tolerant[method] = tolerant
-        return tolerant[1]
+        return self._tolerant.get(handler, method)
 
 
-def _tolerant(handler: Handler) -> Handler:
+def _tolerant(handler: Handler, method: str) -> Handler:
     deserialize = cast(Callable[[bytes], Any], handler.request_deserializer)
     behaviour = cast(
         Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],

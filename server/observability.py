@@ -18,13 +18,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeAlias, cast
+from typing import Any, Protocol, cast
 
 import grpc
 
 from domain.bus import Middleware
 from domain.ports import EventStore
 from server.identity import current_caller, current_request_id
+from server.method_handlers import Handler, WrappedHandlers
 
 REQUEST_ID_HEADER = "x-request-id"
 CORRELATION_HEADER = "x-correlation-id"
@@ -33,7 +34,6 @@ MAX_ID_LENGTH = 128
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 
 Context = grpc.aio.ServicerContext[Any, Any]
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +128,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, observers: Sequence[RpcObserver], tracing: Tracing | None = None) -> None:
         self._observers = tuple(observers)
         self._tracing = tracing
-        self._observed: dict[str, tuple[Handler, Handler]] = {}
-        """Per method: the handler found, and its observed version (built once; each
-        call reads its own metadata when it starts)."""
+        self._observed = WrappedHandlers(self._observe)
 
     async def intercept_service(
         self,
@@ -142,12 +140,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             # Unknown method: grpc answers UNIMPLEMENTED itself. Not counted, so that
             # arbitrary method names cannot blow up the metrics' label sets.
             return handler
-        method = handler_call_details.method
-        observed = self._observed.get(method)
-        if observed is None or observed[0] is not handler:
-            observed = (handler, self._observe(handler, method))
-            self._observed[method] = observed
-        return observed[1]
+        return self._observed.get(handler, handler_call_details.method)
 
     def _observe(self, handler: Handler, method: str) -> Handler:
         if handler.unary_stream is not None:
