@@ -7,35 +7,20 @@ The behaviour every store shares is in ``tests/conformance``.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import uuid
 from collections.abc import AsyncIterator
 
 import psycopg
 import pytest
 
 from domain.errors import DuplicateCommandError, StoreUnavailableError
-from domain.ports import Commit, NewEvent
 from server.stores.postgres import PostgresEventStore
 from server.stores.postgres_schema import APPEND_LOCK
+from tests.test_postgres_specific import commit
 
 pytestmark = pytest.mark.postgres
 
 TIMEOUT = 60.0
 """Bound on every wait, so that a hang fails instead of blocking the suite."""
-
-
-def commit(*events: tuple[str, int], command_id: str | None = None) -> Commit:
-    """One event per ``(stream, version)``, each stream expected just before its event."""
-    return Commit(
-        command_id=command_id or str(uuid.uuid4()),
-        fingerprint="fingerprint",
-        correlation_id="correlation",
-        user_id="user-1",
-        occurred_at=dt.datetime.now(dt.UTC),
-        expected_versions={stream: version - 1 for stream, version in events},
-        events=[NewEvent(str(uuid.uuid4()), s, v, "TestEvent", b"{}") for s, v in events],
-    )
 
 
 @pytest.fixture
