@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -23,6 +22,7 @@ from typing import Any, Protocol, cast
 import grpc
 
 from domain.bus import Middleware
+from domain.ids import random_bytes
 from domain.ports import EventStore
 from server.identity import current_caller, current_request_id
 from server.method_handlers import Handler, WrappedHandlers
@@ -295,7 +295,7 @@ def _call_info(
     return _CallInfo(
         method=method,
         rpc_type=rpc_type,
-        request_id=request_id or os.urandom(16).hex(),
+        request_id=request_id or random_bytes(16).hex(),
         correlation_id=correlation_id,
         peer=context.peer(),
     )

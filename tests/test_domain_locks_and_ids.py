@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import threading
 import time
 import uuid
 
 import pytest
 
-from domain.ids import new_uuid
+from domain.ids import POOL_BYTES, new_uuid, random_bytes
 from domain.locks import StreamLocks
 
 
@@ -32,6 +35,57 @@ def test_new_uuids_sort_by_creation_time_and_carry_it() -> None:
     assert first < second
     stamp = int(first.replace("-", "")[:12], 16)
     assert before <= stamp <= after
+
+
+def test_ids_made_on_many_threads_at_once_are_all_different() -> None:
+    """The random bytes come from one shared pool: no two threads may get the same slice."""
+    made: list[list[str]] = [[] for _ in range(4)]
+    start = threading.Barrier(len(made))
+
+    def make(into: list[str]) -> None:
+        start.wait(timeout=10)
+        into.extend(new_uuid() for _ in range(5_000))
+
+    threads = [threading.Thread(target=make, args=(ids,)) for ids in made]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    ids = [value for ids in made for value in ids]
+    assert len(ids) == 20_000
+    assert len({value[14:] for value in ids}) == len(ids)  # the random part alone differs
+
+
+def test_random_bytes_are_fresh_for_every_call_of_any_size() -> None:
+    small = [random_bytes(16) for _ in range(1_000)]  # several pool refills
+    assert all(len(value) == 16 for value in small)
+    assert len(set(small)) == len(small)
+    large = random_bytes(POOL_BYTES + 1)
+    assert len(large) == POOL_BYTES + 1
+    assert large != random_bytes(POOL_BYTES + 1)
+
+
+FORK_SCRIPT = """
+import os, sys
+from domain.ids import new_uuid
+new_uuid()  # the parent has a pool with bytes left in it
+reader, writer = os.pipe()
+child = os.fork()
+if child == 0:
+    os.write(writer, new_uuid().encode())
+    os._exit(0)
+os.waitpid(child, 0)
+print(os.read(reader, 64).decode(), new_uuid())
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork")
+def test_a_forked_child_does_not_reuse_its_parents_random_bytes() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=60, check=True
+    )
+    child_id, parent_id = result.stdout.split()
+    assert child_id[14:] != parent_id[14:]
 
 
 async def test_a_held_stream_makes_the_next_command_wait_and_others_pass() -> None:
