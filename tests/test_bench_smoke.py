@@ -150,3 +150,21 @@ def test_targets_are_judged_from_the_figures() -> None:
     assert "0.60x" in text  # catch-up against its floor
     assert "6.00x" in text  # in-process against eventsourcing
     assert "100/100" in text  # fan-out: every subscriber got every event
+
+
+def test_subscriptions_section_without_fan_out(tmp_path: Path) -> None:
+    """``--subscribers 0`` measures catch-up only (it used to crash on an empty fan-out)."""
+    results = tmp_path / "bench.json"
+    with (tmp_path / "stdout.txt").open("w") as out, pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.stdout", out)
+        exit_code = main(
+            [
+                *("--store", "sqlite", "--sections", "subscriptions"),
+                *("--catch-up-events", "300", "--subscribers", "0"),
+                *("--workdir", str(tmp_path / "work"), "--json", str(results)),
+            ]
+        )
+    assert exit_code == 0
+    report = json.loads(results.read_text())
+    assert report["fan_out"] == []
+    assert {entry["server"] for entry in report["catch_up"]} == {"floor", "sqlite"}
