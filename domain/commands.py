@@ -65,7 +65,10 @@ class Command(BaseModel):
     @property
     def server_chose_id(self) -> bool:
         """The caller sent no command_id: nothing can have been recorded under this one."""
-        return self._server_chose_id
+        # Read from pydantic's documented store of private values: plain attribute access
+        # to a private attribute goes through BaseModel.__getattr__ (1.3 µs, against 0.1).
+        private = self.__pydantic_private__
+        return bool(private and private["_server_chose_id"])
 
     IDEMPOTENCY_EXCLUDED: ClassVar[set[str]] = {"command_id", "timestamp", "correlation_id"}
     """Fields left out when deciding whether two commands with one ``command_id`` are
