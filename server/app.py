@@ -36,8 +36,9 @@ from server.metrics import (
 )
 from server.observability import ObservabilityInterceptor, Tracing, otel_tracing
 from server.rpc_logging import AccessLog
-from server.security import add_port, authenticators_from, redacted_url, server_credentials
+from server.security import add_port, authenticators_from, server_credentials
 from server.servicers import CommandRunner, InventoryCommandServicer, OrderCommandServicer
+from server.store_urls import redacted_url
 from server.stores.factory import open_store
 from server.subscription_hub import HubTuning, SubscriptionHub
 from server.subscriptions import EventStreamServicer

@@ -8,7 +8,6 @@ instead of failing inside grpcio's TLS handshake later.
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 from cryptography import x509
@@ -45,15 +44,6 @@ def add_port(
     if credentials is None:
         return server.add_insecure_port(listen)
     return server.add_secure_port(listen, credentials)
-
-
-def redacted_url(url: str) -> str:
-    """``url`` without its password, fit for a log line."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:

@@ -10,7 +10,7 @@ import pytest
 
 from server.cli import check_exposure, main
 from server.config import Settings
-from server.security import redacted_url
+from server.store_urls import redacted_url
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +88,30 @@ def test_serve_stops_on_an_unusable_credentials_file(
         ("postgresql://gw:s3cret@db:5432/orders", "postgresql://gw:***@db:5432/orders"),
         ("postgresql://gw@db/orders", "postgresql://gw@db/orders"),
         ("sqlite:///order-gateway.db", "sqlite:///order-gateway.db"),
+        (
+            "postgresql://gw@db/orders?password=s3cret&sslmode=require",
+            "postgresql://gw@db/orders?password=***&sslmode=require",
+        ),
+        (
+            "postgresql:///orders?host=db&sslpassword=k3y&password=s3cret",
+            "postgresql:///orders?host=db&sslpassword=***&password=***",
+        ),
+        (
+            "postgresql://gw:s3cret@db/orders?application_name=gw",
+            "postgresql://gw:***@db/orders?application_name=gw",
+        ),
     ],
 )
 def test_store_urls_are_logged_without_their_password(url: str, logged: str) -> None:
     assert redacted_url(url) == logged
+
+
+def test_an_unsupported_store_url_is_reported_without_its_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = "mysql://gw:s3cret@db/orders?password=0ther"
+    assert main(["serve", "--listen", "127.0.0.1:0", "--store", url]) == 2
+    error = capsys.readouterr().err
+    assert "unsupported store URL 'mysql://gw:***@db/orders?password=***'" in error
+    assert "s3cret" not in error
+    assert "0ther" not in error

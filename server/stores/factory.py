@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from domain.ports import EventStore
+from server.store_urls import redacted_url
 from server.stores.memory import MemoryEventStore
 from server.stores.sqlite import SQLiteEventStore
 
@@ -25,7 +26,7 @@ async def open_store(url: str) -> EventStore:
 
         return await PostgresEventStore.open(url)
     raise UnsupportedStoreURLError(
-        f"unsupported store URL {url!r}: use sqlite:///file.db, postgresql://…, or memory://"
+        f"unsupported store URL {redacted_url(url)!r}: use sqlite:///file.db, postgresql://…, or memory://"
     )
 
 
