@@ -26,7 +26,7 @@ from bench.plot import plot_load
 from bench.report import Report, StreamLengthResult, conditions, print_report
 from bench.servers import ServerProcess, restock, start_floor, start_gateway
 from bench.stats import LoadResult
-from bench.stores import StoreSpec, eventsourcing_env, supported
+from bench.stores import StoreSpec, eventsourcing_env, quiet_disks, supported
 from bench.targets import evaluate, print_verdicts
 
 SECTIONS = ("grpc", "inprocess", "subscriptions", "stream-length")
@@ -200,6 +200,7 @@ async def run_inprocess(
                 if reason is not None:
                     report.notes.append(f"in-process on {spec.kind}: {reason}")
                     break
+                await asyncio.to_thread(quiet_disks, specs)
                 result = await gateway_commands(url, spec.kind, callers, args.duration, args.warmup)
             print(
                 f"  gateway {spec.kind} x{callers}: {result.commands_per_s:,.0f} commands/s",
@@ -209,6 +210,7 @@ async def run_inprocess(
         if spec.kind == "memory":
             continue  # eventsourcing's in-memory store is no durable backend to compare with
         with spec.fresh(workdir, f"inprocess-{spec.kind}-eventsourcing") as url:
+            await asyncio.to_thread(quiet_disks, specs)
             result = await asyncio.to_thread(
                 eventsourcing_commands,
                 eventsourcing_env(url),
