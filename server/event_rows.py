@@ -26,3 +26,15 @@ class EventRowReader(Protocol):
     async def read_all_rows(self, after_position: int, limit: int) -> list[EventRow]:
         """``read_all(after_position, limit)``, as rows."""
         ...
+
+
+@runtime_checkable
+class StreamRowReader(Protocol):
+    async def read_stream_rows_after(
+        self, stream_id: str, after_position: int, limit: int
+    ) -> tuple[list[EventRow], int]:
+        """The events of ``stream_id`` at positions after ``after_position``, in position
+        order, at most ``limit``, as rows; and the head position of the snapshot they were
+        read from. Fewer than ``limit`` rows means every event up to that head was
+        examined: a reader following one stream skips the rest of the log by index."""
+        ...

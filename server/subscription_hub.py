@@ -28,7 +28,14 @@ from functools import partial
 from orders.v1 import event_stream_service_pb2
 
 from domain.ports import EventStore, RecordedEvent
-from server.event_rows import EVENT_TYPE, POSITION, STREAM_ID, EventRow, EventRowReader
+from server.event_rows import (
+    EVENT_TYPE,
+    POSITION,
+    STREAM_ID,
+    EventRow,
+    EventRowReader,
+    StreamRowReader,
+)
 from server.mapping import event_response, row_event_response
 
 log = logging.getLogger("order_gateway.subscriptions")
@@ -114,15 +121,15 @@ _record_response = partial(event_response, SubscribeResponse)
 class _StorePage:
     """One page a catching-up subscription read from the store."""
 
-    size: int
-    """Events read, matching or not."""
-    last_position: int
-    """The position of the last one (0 if none)."""
+    full: bool
+    """The read stopped at the page size: more may follow at once."""
+    examined_through: int
+    """Every event up to this position was examined, matching or not (0: none)."""
     responses: Iterator[event_stream_service_pb2.SubscribeResponse]
     """Those that match, mapped one by one as they are sent."""
 
 
-_EMPTY = _StorePage(0, 0, iter(()))
+_EMPTY = _StorePage(False, 0, iter(()))
 
 
 async def _read_page(
@@ -131,21 +138,39 @@ async def _read_page(
     # The hot path of a catch-up: per event, only the filter and the mapping to proto,
     # done lazily as each response is sent. Rows, where the store offers them, spare a
     # RecordedEvent and a datetime per event (see server.event_rows).
+    if event_filter.stream_id and isinstance(store, StreamRowReader):
+        # One stream's events by index: a subscriber to a single order does not read the
+        # rest of a million-event log first.
+        rows, head = await store.read_stream_rows_after(
+            event_filter.stream_id, after_position, page_size
+        )
+        full = len(rows) == page_size
+        matching_rows: Iterator[EventRow] = (
+            iter(rows)
+            if not event_filter.event_types
+            else (row for row in rows if row[EVENT_TYPE] in event_filter.event_types)
+        )
+        examined = rows[-1][POSITION] if full else head
+        return _StorePage(full, examined, map(_row_response, matching_rows))
     if isinstance(store, EventRowReader):
         rows = await store.read_all_rows(after_position, page_size)
         if not rows:
             return _EMPTY
-        matching_rows: Iterator[EventRow] = (
+        matching_rows = (
             iter(rows)
             if event_filter.accepts_all
             else (row for row in rows if event_filter.accepts(row[EVENT_TYPE], row[STREAM_ID]))
         )
-        return _StorePage(len(rows), rows[-1][POSITION], map(_row_response, matching_rows))
+        return _StorePage(
+            len(rows) == page_size, rows[-1][POSITION], map(_row_response, matching_rows)
+        )
     records = await store.read_all(after_position, page_size)
     if not records:
         return _EMPTY
     matching = records if event_filter.accepts_all else filter(event_filter.matches, records)
-    return _StorePage(len(records), records[-1].position, map(_record_response, matching))
+    return _StorePage(
+        len(records) == page_size, records[-1].position, map(_record_response, matching)
+    )
 
 
 class Subscription:
@@ -250,15 +275,13 @@ class Subscription:
                     yield response
                     delivered = True
                 # Nothing reads the cursor while the page is being sent (the subscription
-                # is not live), so it moves once, past the whole page.
-                if page.size:
-                    self._advance(page.last_position)
+                # is not live), so it moves once, past everything the page examined.
+                if page.examined_through:
+                    self._advance(page.examined_through)
                 if delivered:
                     quiet_until = clock() + tuning.checkpoint_interval
                 self._hub.report_progress(self._cursor)
-                caught_up = page.size < tuning.page_size and self._hub.try_attach(
-                    self, self._cursor
-                )
+                caught_up = not page.full and self._hub.try_attach(self, self._cursor)
                 if caught_up or clock() >= quiet_until:
                     yield _checkpoint(self._examined)
                     quiet_until = clock() + tuning.checkpoint_interval

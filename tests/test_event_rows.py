@@ -15,7 +15,7 @@ from orders.v1 import event_stream_service_pb2
 from domain import events as domain_events
 from domain.mapper import to_new_event
 from domain.ports import Commit, RecordedEvent
-from server.event_rows import EventRow, EventRowReader
+from server.event_rows import EventRow, EventRowReader, StreamRowReader
 from server.mapping import event_response, row_event_response
 from server.stores.factory import open_store
 
@@ -136,5 +136,45 @@ async def test_durable_stores_read_rows_that_are_their_recorded_events(store_url
             records = await store.read_all(after, limit)
             rows = await store.read_all_rows(after, limit)
             assert rows == [as_row(record) for record in records], (after, limit)
+    finally:
+        await store.close()
+
+
+async def test_durable_stores_read_one_streams_rows_after_a_position_and_their_head(
+    store_url: str,
+) -> None:
+    store = await open_store(store_url)
+    try:
+        assert isinstance(store, StreamRowReader)
+        assert isinstance(store, EventRowReader)
+        assert await store.read_stream_rows_after("stream-a", 0, 10) == ([], 0)
+        # Three streams interleaved, one event per commit.
+        streams = ["stream-a", "stream-b", "stream-a", "stream-c", "stream-b", "stream-a"] * 4
+        versions: dict[str, int] = {}
+        for n, stream_id in enumerate(streams):
+            version = versions.get(stream_id, 0)
+            event = EVENTS[n % len(EVENTS)]
+            await store.append(
+                Commit(
+                    command_id=str(uuid.uuid4()),
+                    fingerprint="f",
+                    correlation_id="corr",
+                    user_id="",
+                    occurred_at=TIMES[0],
+                    expected_versions={stream_id: version},
+                    events=[to_new_event(event, str(uuid.uuid4()), stream_id, version + 1)],
+                )
+            )
+            versions[stream_id] = version + 1
+        head = await store.head_position()
+        everything = await store.read_all_rows(0, 1000)
+        assert len(everything) == head == len(streams)
+        for stream_id in ("stream-a", "stream-b", "stream-c", "stream-none"):
+            for after, limit in [(0, 100), (0, 3), (5, 2), (head - 1, 10), (head, 10)]:
+                expected = [r for r in everything if r[1] == stream_id and r[3] > after][:limit]
+                assert await store.read_stream_rows_after(stream_id, after, limit) == (
+                    expected,
+                    head,
+                ), (stream_id, after, limit)
     finally:
         await store.close()

@@ -75,6 +75,19 @@ _READ_ALL_ROWS = (
     " FROM events WHERE position > %s ORDER BY position LIMIT %s"
 )
 """``_READ_ALL`` as ``server.event_rows`` rows: the time in microseconds since the epoch."""
+_READ_STREAM_ROWS_AFTER = (
+    "SELECT head.position, e.* FROM (SELECT coalesce(max(position), 0) AS position FROM events)"
+    " AS head LEFT JOIN LATERAL ("
+    " SELECT event_id, stream_id, stream_version, position,"
+    " (extract(epoch FROM occurred_at) * 1000000)::bigint,"
+    " command_id, correlation_id, user_id, event_type, data"
+    " FROM events WHERE stream_id = %s AND position > %s ORDER BY stream_version LIMIT %s"
+    ") AS e ON true"
+)
+"""One stream's rows after a position, each with the head of the same snapshot (one
+statement: one snapshot); one row of nulls but the head when none match. Ordered by
+version, which follows position within a stream, so that the (stream_id, stream_version)
+key serves it."""
 _READ_STREAM = (
     f"SELECT {_COLUMNS} FROM events"
     " WHERE stream_id = %s AND stream_version > %s ORDER BY stream_version"
@@ -289,6 +302,20 @@ class PostgresEventStore:
                 await cursor.execute(_READ_ALL_ROWS, (after_position, limit), prepare=True)
                 rows: list[EventRow] = await cursor.fetchall()
         return rows
+
+    async def read_stream_rows_after(
+        self, stream_id: str, after_position: int, limit: int
+    ) -> tuple[list[EventRow], int]:
+        """``server.event_rows.StreamRowReader``, for a subscription following one stream."""
+        with _translated("read_stream"):
+            async with self._pool.connection() as conn:
+                cursor = conn.cursor(binary=True)
+                await cursor.execute(
+                    _READ_STREAM_ROWS_AFTER, (stream_id, after_position, limit), prepare=True
+                )
+                found = await cursor.fetchall()
+        rows: list[EventRow] = [row[1:] for row in found if row[1] is not None]
+        return rows, int(found[0][0])
 
     async def head_position(self) -> int:
         with _translated("head_position"):

@@ -77,6 +77,13 @@ READ_STREAM = (
     " WHERE stream_id = ? AND stream_version > ? ORDER BY stream_version"
 )
 READ_ALL = f"SELECT {_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?"
+READ_STREAM_AFTER = (
+    f"SELECT {_COLUMNS} FROM events"
+    " WHERE stream_id = ? AND position > ? ORDER BY stream_version LIMIT ?"
+)
+"""A stream's versions follow its positions (each is appended after the one before it
+committed), so this walks the (stream_id, stream_version) index, whose entries carry the
+position: O(length of the stream), never the whole log."""
 READ_RANGE = f"SELECT {_COLUMNS} FROM events WHERE position BETWEEN ? AND ? ORDER BY position"
 FIND_COMMAND = "SELECT fingerprint, first_position, event_count FROM commands WHERE command_id = ?"
 
@@ -489,6 +496,25 @@ class SQLiteEventStore:
         def query(connection: sqlite3.Connection) -> list[EventRow]:
             rows: list[EventRow] = connection.execute(READ_ALL, (after_position, limit)).fetchall()
             return rows
+
+        return await self._read(query)
+
+    async def read_stream_rows_after(
+        self, stream_id: str, after_position: int, limit: int
+    ) -> tuple[list[EventRow], int]:
+        """``server.event_rows.StreamRowReader``: one stream's rows, and the head of the
+        same snapshot (both statements in one read transaction)."""
+
+        def query(connection: sqlite3.Connection) -> tuple[list[EventRow], int]:
+            connection.execute("BEGIN")
+            try:
+                rows: list[EventRow] = connection.execute(
+                    READ_STREAM_AFTER, (stream_id, after_position, limit)
+                ).fetchall()
+                (head,) = connection.execute(HEAD).fetchone()
+            finally:
+                connection.execute("COMMIT")
+            return rows, int(head)
 
         return await self._read(query)
 
