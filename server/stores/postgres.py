@@ -67,22 +67,18 @@ _COLUMNS = (
 )
 """``RecordedEvent``'s fields, in its order, so rows load with ``args_row``."""
 _READ_ALL = f"SELECT {_COLUMNS} FROM events WHERE position > %s ORDER BY position LIMIT %s"
-_READ_ALL_ROWS = (
-    "SELECT event_id, stream_id, stream_version, position,"
+_ROW_COLUMNS = (
+    "event_id, stream_id, stream_version, position,"
     # Exact: extract() answers numeric, and timestamptz holds whole microseconds.
     " (extract(epoch FROM occurred_at) * 1000000)::bigint,"
     " command_id, correlation_id, user_id, event_type, data"
-    " FROM events WHERE position > %s ORDER BY position LIMIT %s"
 )
-"""``_READ_ALL`` as ``server.event_rows`` rows: the time in microseconds since the epoch."""
+"""``_COLUMNS`` as ``server.event_rows`` rows: the time in microseconds since the epoch."""
+_READ_ALL_ROWS = f"SELECT {_ROW_COLUMNS} FROM events WHERE position > %s ORDER BY position LIMIT %s"
 _READ_STREAM_ROWS_AFTER = (
     "SELECT head.position, e.* FROM (SELECT coalesce(max(position), 0) AS position FROM events)"
-    " AS head LEFT JOIN LATERAL ("
-    " SELECT event_id, stream_id, stream_version, position,"
-    " (extract(epoch FROM occurred_at) * 1000000)::bigint,"
-    " command_id, correlation_id, user_id, event_type, data"
-    " FROM events WHERE stream_id = %s AND position > %s ORDER BY stream_version LIMIT %s"
-    ") AS e ON true"
+    f" AS head LEFT JOIN LATERAL (SELECT {_ROW_COLUMNS} FROM events"
+    " WHERE stream_id = %s AND position > %s ORDER BY stream_version LIMIT %s) AS e ON true"
 )
 """One stream's rows after a position, each with the head of the same snapshot (one
 statement: one snapshot); one row of nulls but the head when none match. Ordered by
