@@ -38,12 +38,9 @@ class Aggregate:
 
     def __init__(self, aggregate_id: str) -> None:
         self.id = aggregate_id
+        self.stream_id = f"{self.stream_prefix}-{aggregate_id}"
         self.version = 0
         self.pending: list[DomainEvent] = []
-
-    @property
-    def stream_id(self) -> str:
-        return f"{self.stream_prefix}-{self.id}"
 
     @property
     def committed_version(self) -> int:
