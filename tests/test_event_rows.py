@@ -18,6 +18,7 @@ from domain.ports import Commit, RecordedEvent
 from server.event_rows import EventRow, EventRowReader, StreamRowReader
 from server.mapping import event_response, row_event_response
 from server.stores.factory import open_store
+from tests.test_postgres_specific import commit
 
 SubscribeResponse = event_stream_service_pb2.SubscribeResponse
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -151,21 +152,9 @@ async def test_durable_stores_read_one_streams_rows_after_a_position_and_their_h
         # Three streams interleaved, one event per commit.
         streams = ["stream-a", "stream-b", "stream-a", "stream-c", "stream-b", "stream-a"] * 4
         versions: dict[str, int] = {}
-        for n, stream_id in enumerate(streams):
-            version = versions.get(stream_id, 0)
-            event = EVENTS[n % len(EVENTS)]
-            await store.append(
-                Commit(
-                    command_id=str(uuid.uuid4()),
-                    fingerprint="f",
-                    correlation_id="corr",
-                    user_id="",
-                    occurred_at=TIMES[0],
-                    expected_versions={stream_id: version},
-                    events=[to_new_event(event, str(uuid.uuid4()), stream_id, version + 1)],
-                )
-            )
-            versions[stream_id] = version + 1
+        for stream_id in streams:
+            versions[stream_id] = versions.get(stream_id, 0) + 1
+            await store.append(commit((stream_id, versions[stream_id])))
         head = await store.head_position()
         everything = await store.read_all_rows(0, 1000)
         assert len(everything) == head == len(streams)
