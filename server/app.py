@@ -63,6 +63,7 @@ class Gateway:
     hub: SubscriptionHub
     shutdown_grace: float
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    access_log: AccessLog = field(default_factory=AccessLog)
     metrics_server: MetricsServer | None = None
     tracing: Tracing | None = None
     metrics_port: int | None = field(default=None, init=False)
@@ -87,6 +88,7 @@ class Gateway:
         # server-streaming calls are open: end them first.
         await self.hub.stop()
         await self.server.stop(self.shutdown_grace)
+        self.access_log.flush()
         await self.store.close()
         if self.metrics_server is not None:
             await self.metrics_server.stop()
@@ -126,12 +128,13 @@ async def create_server(
         tracing = otel_tracing()
     store = store if store is not None else await open_store(settings.store)
     metrics = GatewayMetrics()
+    access_log = AccessLog()
     server = grpc.aio.server(
         # Observability wraps all the others, so that calls the auth interceptor refuses
         # are still timed, counted and logged. Of those that act on a call, authentication
         # runs first: its verdict precedes any look at the request.
         interceptors=[
-            ObservabilityInterceptor([metrics, AccessLog()], tracing),
+            ObservabilityInterceptor([metrics, access_log], tracing),
             AuthInterceptor(authenticators),
             RequestDecodingInterceptor(),
         ],
@@ -182,6 +185,7 @@ async def create_server(
         hub,
         settings.shutdown_grace,
         metrics=metrics,
+        access_log=access_log,
         metrics_server=(
             MetricsServer(metrics.registry, settings.metrics_listen)
             if settings.metrics_listen

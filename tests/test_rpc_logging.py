@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 import uuid
 
 import grpc
@@ -11,7 +13,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from domain.ports import Commit, RecordedEvent
+from server import app
 from server.logs import JsonFormatter
+from server.observability import RpcOutcome
+from server.rpc_logging import AccessLog
 from server.stores.memory import MemoryEventStore
 from tests.clients import item, order_request
 from tests.observability_support import TOKEN, USER, rpc_error, running
@@ -145,3 +150,69 @@ async def test_json_lines_carry_every_field(caplog: pytest.LogCaptureFixture) ->
     assert entry["code"] == "OK"
     assert entry["request_id"] == "abc"
     assert {"duration_ms", "correlation_id", "user_id", "peer"} <= entry.keys()
+
+
+def outcome(code: grpc.StatusCode = grpc.StatusCode.OK, request_id: str = "r") -> RpcOutcome:
+    return RpcOutcome(
+        method="/orders.v1.OrderCommandService/CreateOrder",
+        rpc_type="server_stream",
+        code=code,
+        duration=0.002,
+        request_id=request_id,
+        correlation_id="",
+        user_id="",
+        peer="ipv4:127.0.0.1:5000",
+        trace_id="",
+    )
+
+
+async def test_lines_are_written_after_a_short_delay_with_the_time_their_call_ended(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    access_log = AccessLog(flush_delay=0.05)
+    ended = time.time()
+    access_log.rpc_finished(outcome(request_id="first"))
+    access_log.rpc_finished(outcome(request_id="second"))
+    assert access_lines(caplog) == []
+
+    await asyncio.sleep(0.2)
+
+    first, second = access_lines(caplog)
+    assert (fields(first)["request_id"], fields(second)["request_id"]) == ("first", "second")
+    # Stamped when rpc_finished ran, not when the batch was written 50 ms later.
+    assert ended <= first.created < ended + 0.04
+    assert first.msecs == int((first.created % 1) * 1000)
+
+
+async def test_a_server_fault_is_written_at_once_after_the_lines_before_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    access_log = AccessLog(flush_delay=3600)
+    access_log.rpc_finished(outcome(request_id="ok"))
+    access_log.rpc_finished(outcome(grpc.StatusCode.INTERNAL, request_id="fault"))
+    assert [fields(line)["request_id"] for line in access_lines(caplog)] == ["ok", "fault"]
+    assert access_lines(caplog)[1].levelno == logging.WARNING
+
+
+async def test_a_full_batch_is_written_without_waiting(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    access_log = AccessLog(flush_delay=3600, max_pending=3)
+    for n in range(4):
+        access_log.rpc_finished(outcome(request_id=str(n)))
+    assert [fields(line)["request_id"] for line in access_lines(caplog)] == ["0", "1", "2"]
+    access_log.flush()
+    assert len(access_lines(caplog)) == 4
+
+
+async def test_stopping_the_gateway_writes_pending_lines(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    monkeypatch.setattr(app, "AccessLog", lambda: AccessLog(flush_delay=3600))
+    async with running() as (_, clients):
+        await clients.restock("sku-1", 5)
+        assert access_lines(caplog) == []
+    (line,) = access_lines(caplog)
+    assert fields(line)["method"] == "/orders.v1.InventoryCommandService/RestockProduct"
