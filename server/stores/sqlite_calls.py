@@ -75,6 +75,13 @@ class CallQueue(Generic[W, R]):
         """Block for one call, then take up to ``limit`` without waiting.
 
         Returns the calls and whether this consumer must stop after handling them.
+
+        Never ``get(timeout=…)`` here: with more than one consumer thread on the queue
+        (the readers), CPython 3.11's ``SimpleQueue`` lets a timed ``get`` whose item was
+        taken by the other consumer wait again past its deadline, until the next ``put``.
+        Measured while trying a commit delay (a timed wait for more calls): a 0.2 ms
+        ``get`` waited up to 0.35 s under load, and once the load stopped, reads queued
+        behind it stalled until the store closed.
         """
         first = self._queue.get()
         if isinstance(first, _Stop):
