@@ -6,15 +6,21 @@ no validation, domain, store or interceptor. ``EventStreamService.Subscribe`` st
 ``--subscribe-events`` ready-made events from memory then ends: the floor of catch-up.
 What the gateway does beyond this is its own cost.
 
-    python -m bench.floor_server --listen 127.0.0.1:PORT
+With ``--durable FILE`` it is the durable floor: each command's two events are first made
+durable in a SQLite file by ``bench.durable_log`` (the least a durable store must do), then
+streamed. Its distance from the floor is what durability alone costs on the machine.
+
+    python -m bench.floor_server --listen 127.0.0.1:PORT [--durable FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import signal
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,6 +34,7 @@ from orders.v1 import (
 )
 
 from bench import workload
+from bench.durable_log import DurableLog, Row
 
 SUBSCRIBE_SAMPLES = 1000
 """Distinct ready-made Subscribe messages, cycled: a realistic mix, cheap to hold."""
@@ -61,6 +68,43 @@ class FloorOrders(order_command_service_pb2_grpc.OrderCommandServiceServicer):
             yield response
 
 
+class DurableFloorOrders(FloorOrders):
+    """The floor's answers, each after its two events are durable in a ``DurableLog``.
+
+    Every command writes a new stream (versions 1 and 2), so appends never collide and
+    nothing is read: the store work a gateway cannot do without, and no more.
+    """
+
+    def __init__(self, log: DurableLog) -> None:
+        super().__init__()
+        self._log = log
+        self._streams = itertools.count()
+        self._created_data = [r.event.SerializeToString() for r in self._created]
+        self._cancelled_data = [r.event.SerializeToString() for r in self._cancelled]
+
+    def _rows(self, data: list[bytes]) -> list[Row]:
+        stream = f"order-{next(self._streams)}"
+        return [(stream, version, event) for version, event in enumerate(data, start=1)]
+
+    async def CreateOrder(
+        self,
+        request: order_command_service_pb2.CreateOrderRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[order_command_service_pb2.CreateOrderResponse]:
+        await self._log.append(self._rows(self._created_data))
+        for response in self._created:
+            yield response
+
+    async def CancelOrder(
+        self,
+        request: order_command_service_pb2.CancelOrderRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[order_command_service_pb2.CancelOrderResponse]:
+        await self._log.append(self._rows(self._cancelled_data))
+        for response in self._cancelled:
+            yield response
+
+
 class FloorEvents(event_stream_service_pb2_grpc.EventStreamServiceServicer):
     """Streams ``total`` events already built in memory, with increasing positions."""
 
@@ -83,9 +127,11 @@ class FloorEvents(event_stream_service_pb2_grpc.EventStreamServiceServicer):
             yield samples[n % len(samples)]
 
 
-async def serve(listen: str, subscribe_events: int) -> None:
+async def serve(listen: str, subscribe_events: int, durable: Path | None) -> None:
     server = grpc.aio.server()
-    order_command_service_pb2_grpc.add_OrderCommandServiceServicer_to_server(FloorOrders(), server)
+    log = None if durable is None else DurableLog(durable, asyncio.get_running_loop())
+    orders = FloorOrders() if log is None else DurableFloorOrders(log)
+    order_command_service_pb2_grpc.add_OrderCommandServiceServicer_to_server(orders, server)
     event_stream_service_pb2_grpc.add_EventStreamServiceServicer_to_server(
         FloorEvents(subscribe_events), server
     )
@@ -100,14 +146,19 @@ async def serve(listen: str, subscribe_events: int) -> None:
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     await server.stop(1.0)
+    if log is not None:
+        log.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.floor_server", description=__doc__)
     parser.add_argument("--listen", default="127.0.0.1:50151", metavar="HOST:PORT")
     parser.add_argument("--subscribe-events", type=int, default=1_000_000, metavar="N")
+    parser.add_argument(
+        "--durable", type=Path, metavar="FILE", help="SQLite file: serve as the durable floor"
+    )
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.listen, args.subscribe_events))
+    asyncio.run(serve(args.listen, args.subscribe_events, args.durable))
 
 
 if __name__ == "__main__":

@@ -13,12 +13,20 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter
 
 from bench.report import Report
+from bench.servers import DURABLE_FLOOR
 
 STYLES = {
     "floor": {"color": "black", "linestyle": "--", "marker": "o"},
+    DURABLE_FLOOR: {"color": "tab:blue", "linestyle": ":", "marker": "v"},
     "memory": {"color": "tab:gray", "marker": "s"},
     "sqlite": {"color": "tab:blue", "marker": "^"},
     "postgresql": {"color": "tab:orange", "marker": "D"},
+}
+
+
+LABELS = {
+    "floor": "floor (bare grpc.aio)",
+    DURABLE_FLOOR: "durable floor (floor + SQLite commit)",
 }
 
 
@@ -34,7 +42,7 @@ def plot_load(report: Report, path: Path, workload: str = "create") -> Path:
             (r for r in report.load if r.server == server and r.workload == workload),
             key=lambda r: r.concurrency,
         )
-        label = "floor (bare grpc.aio)" if server == "floor" else f"gateway, {server}"
+        label = LABELS.get(server, f"gateway, {server}")
         style = STYLES.get(server, {})
         levels = [r.concurrency for r in points]
         throughput.plot(levels, [r.calls_per_s for r in points], label=label, **style)

@@ -14,6 +14,7 @@ from typing import Any, TextIO
 import grpc
 
 from bench.inprocess import InProcessResult
+from bench.servers import DURABLE_FLOOR
 from bench.stats import LoadResult
 
 
@@ -85,6 +86,9 @@ class Report:
 
     def floor(self, workload: str, concurrency: int) -> LoadResult | None:
         return self.find_load("floor", workload, concurrency)
+
+    def durable_floor(self, workload: str, concurrency: int) -> LoadResult | None:
+        return self.find_load(DURABLE_FLOOR, workload, concurrency)
 
     def find_load(self, server: str, workload: str, concurrency: int) -> LoadResult | None:
         for result in self.load:
@@ -190,6 +194,49 @@ def print_load(report: Report, out: TextIO) -> None:
     out.write("response message sizes, bytes (one call; they vary by a byte or two): ")
     out.write("; ".join(f"{rpc} {server} {s}" for (rpc, server), s in sorted(sizes.items())))
     out.write("\n")
+    print_durability_cost(report, out)
+
+
+def print_durability_cost(report: Report, out: TextIO) -> None:
+    """The durable floor against the floor, and the SQLite gateway against the durable floor.
+
+    The first ratio is what durability alone costs on this machine, whatever the gateway
+    does; the second is the gateway's own cost on top of it.
+    """
+    rows = []
+    for durable in report.load:
+        if durable.server != DURABLE_FLOOR:
+            continue
+        floor = report.floor(durable.workload, durable.concurrency)
+        gateway = report.find_load("sqlite", durable.workload, durable.concurrency)
+        rows.append(
+            [
+                durable.workload,
+                str(durable.concurrency),
+                _ratio(durable.calls_per_s, floor.calls_per_s if floor else None),
+                _ratio(durable.latency.p50_ms, floor.latency.p50_ms if floor else None),
+                _ratio(gateway.calls_per_s, durable.calls_per_s) if gateway else "-",
+                _ratio(gateway.latency.p50_ms, durable.latency.p50_ms) if gateway else "-",
+            ]
+        )
+    if not rows:
+        return
+    out.write(
+        f"\nWhat durability alone costs: {DURABLE_FLOOR} = the floor + each command's events "
+        "INSERTed and COMMITted to SQLite (WAL, synchronous=FULL, group commit), nothing else\n"
+    )
+    _table(
+        out,
+        [
+            "workload",
+            "conc",
+            "durable floor calls/s vs floor",
+            "p50 vs floor",
+            "sqlite gateway calls/s vs durable floor",
+            "p50 vs durable floor",
+        ],
+        rows,
+    )
 
 
 def print_inprocess(report: Report, out: TextIO) -> None:

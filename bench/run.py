@@ -1,7 +1,8 @@
 """``python -m bench``: run the benchmark sections, print the figures and the targets.
 
 Sections: ``grpc`` (closed-loop CreateOrder / CancelOrder / mixed load on the gateway and
-the bare-gRPC floor, interleaved point by point so that both see the same machine),
+the bare-gRPC floor, interleaved point by point so that both see the same machine; with
+``--store sqlite`` also on the durable floor, the floor plus a bare SQLite commit per call),
 ``inprocess`` (bus + domain + store against the ``eventsourcing`` library),
 ``subscriptions`` (catch-up over a million events, fan-out to live subscribers) and
 ``stream-length`` (a hot product's long stream against a fresh one).
@@ -24,7 +25,13 @@ from bench.inprocess import eventsourcing_commands, gateway_commands
 from bench.loadgen import LoadSpec, run_load
 from bench.plot import plot_load
 from bench.report import Report, StreamLengthResult, conditions, print_report
-from bench.servers import ServerProcess, restock, start_floor, start_gateway
+from bench.servers import (
+    ServerProcess,
+    restock,
+    start_durable_floor,
+    start_floor,
+    start_gateway,
+)
 from bench.stats import LoadResult
 from bench.stores import StoreSpec, eventsourcing_env, quiet_disks, supported
 from bench.targets import evaluate, print_verdicts
@@ -159,6 +166,11 @@ async def run_grpc(
         servers: list[tuple[str, ServerProcess]] = []
         floor = await stack.enter_async_context(await start_floor(workdir, args.catch_up_events))
         servers.append(("floor", floor))
+        if any(spec.kind == "sqlite" for spec in specs):
+            durable = await stack.enter_async_context(
+                await start_durable_floor(workdir / "durable-floor.db", workdir)
+            )
+            servers.append((durable.name, durable))
         for spec in specs:
             url = stack.enter_context(spec.fresh(workdir, f"grpc-{spec.kind}"))
             reason = await supported(url)

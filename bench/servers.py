@@ -58,6 +58,10 @@ def rss_bytes(pid: int) -> int:
     raise ValueError(f"no VmRSS for process {pid}")
 
 
+DURABLE_FLOOR = "durable-floor"
+"""The durable floor's name in the figures."""
+
+
 @dataclass
 class ServerProcess:
     """A server subprocess listening on ``target``; a context manager that stops it."""
@@ -166,6 +170,21 @@ async def start_floor(log_dir: Path, subscribe_events: int = 1_000_000) -> Serve
         str(subscribe_events),
     ]
     return await ServerProcess.start("floor", command, port, log_dir)
+
+
+async def start_durable_floor(sqlite_file: Path, log_dir: Path) -> ServerProcess:
+    """The floor that first makes each command's events durable in ``sqlite_file``."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "bench.floor_server",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--durable",
+        str(sqlite_file),
+    ]
+    return await ServerProcess.start(DURABLE_FLOOR, command, port, log_dir)
 
 
 async def restock(target: str) -> None:

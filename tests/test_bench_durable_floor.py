@@ -1,0 +1,114 @@
+"""The durable floor: the bare floor plus each command's events made durable in SQLite.
+
+Its figures bound what any durable gateway can reach, so it must really do the durable
+work (every call's events in the file, under the unique (stream, version) key, before the
+answer) and nothing that would make it slower than it has to be is checked elsewhere (by
+the benchmark itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import sqlite3
+from pathlib import Path
+
+import grpc
+import pytest
+from orders.v1 import order_command_service_pb2, order_command_service_pb2_grpc
+
+from bench.durable_log import DurableLog
+from bench.report import Report, print_report
+from bench.servers import DURABLE_FLOOR, start_durable_floor
+from bench.stats import Latencies, LoadResult
+from bench.targets import evaluate
+
+CREATE = order_command_service_pb2.CreateOrderRequest()
+CANCEL = order_command_service_pb2.CancelOrderRequest()
+
+
+def _rows(path: Path) -> list[tuple[str, int]]:
+    with sqlite3.connect(path) as connection:
+        return connection.execute("SELECT stream, version FROM events ORDER BY position").fetchall()
+
+
+async def test_concurrent_appends_are_in_the_file_when_they_return(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    log = DurableLog(path, asyncio.get_running_loop())
+    try:
+        await asyncio.gather(
+            *(log.append([(f"s-{n}", 1, b"a"), (f"s-{n}", 2, b"b")]) for n in range(300))
+        )
+        # Read by another connection while the log is still open: committed, not buffered.
+        rows = _rows(path)
+    finally:
+        log.close()
+    assert sorted(rows) == sorted((f"s-{n}", v) for n in range(300) for v in (1, 2))
+
+
+async def test_a_taken_stream_version_fails_the_append(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    log = DurableLog(path, asyncio.get_running_loop())
+    try:
+        await log.append([("s", 1, b"a")])
+        with pytest.raises(sqlite3.IntegrityError):
+            await log.append([("s", 1, b"again")])
+        await log.append([("s", 2, b"b")])
+    finally:
+        log.close()
+    assert _rows(path) == [("s", 1), ("s", 2)]
+
+
+async def test_durable_floor_answers_after_writing_each_calls_events(tmp_path: Path) -> None:
+    path = tmp_path / "floor.db"
+    async with (
+        await start_durable_floor(path, tmp_path) as server,
+        grpc.aio.insecure_channel(server.target) as channel,
+    ):
+        stub = order_command_service_pb2_grpc.OrderCommandServiceStub(channel)
+        for n in range(3):
+            answers = [r async for r in stub.CreateOrder(CREATE)]
+            assert [a.event.WhichOneof("payload") for a in answers] == [
+                "order_created",
+                "stock_reserved",
+            ]
+            # The call ended after its events were committed, not some time later.
+            assert _rows(path)[-2:] == [(f"order-{n}", 1), (f"order-{n}", 2)]
+        cancelled = [r async for r in stub.CancelOrder(CANCEL)]
+        assert len(cancelled) == 2
+        assert _rows(path) == [(f"order-{n}", v) for n in range(4) for v in (1, 2)]
+
+
+def _load(server: str, concurrency: int, calls_per_s: float, p50_ms: float) -> LoadResult:
+    return LoadResult(
+        server=server,
+        workload="create",
+        concurrency=concurrency,
+        duration=1.0,
+        calls=int(calls_per_s),
+        calls_per_s=calls_per_s,
+        latency=Latencies(p50_ms=p50_ms, p90_ms=p50_ms * 2, p99_ms=p50_ms * 3),
+    )
+
+
+def test_report_sets_the_gateway_against_the_durable_floor() -> None:
+    report = Report(
+        load=[
+            _load("floor", 16, 1000, 10.0),
+            _load(DURABLE_FLOOR, 16, 700, 14.0),
+            _load("sqlite", 16, 560, 18.0),
+            _load("floor", 1, 500, 1.0),
+            _load(DURABLE_FLOOR, 1, 400, 1.6),
+            _load("sqlite", 1, 300, 2.4),
+        ]
+    )
+    printed = io.StringIO()
+    print_report(report, printed)
+    cost = printed.getvalue().split("What durability alone costs")[1].splitlines()
+    assert cost[2].split() == ["create", "16", "0.70x", "1.40x", "0.80x", "1.29x"]
+    assert cost[3].split() == ["create", "1", "0.80x", "1.60x", "0.75x", "1.50x"]
+    details = [v.detail for v in evaluate(report)[:2]]
+    assert details == [
+        "560 vs 1,000 calls/s = 0.56 x (durable floor: 0.70 x)",
+        "p50 2.40 vs 1.00 ms = 2.40 x (durable floor: 1.60 x)",
+    ]
