@@ -4,7 +4,9 @@ Each append INSERTs its events under a unique (stream, version) key, the key opt
 concurrency needs, and COMMITs them in WAL mode with ``synchronous=FULL``: one fsync, the
 same durability as the gateway's SQLite store. A writer thread takes whatever appends are
 waiting (up to ``MAX_BATCH``) into one transaction, so that concurrent commands share an
-fsync, and the event loop is never blocked on the disk. There is nothing else: no reads,
+fsync, and the event loop is never blocked on the disk; with ``on_loop`` the event loop
+commits each append itself instead (no thread hand-offs, nothing shared, the loop blocked
+for each fsync: the least latency one caller can see). There is nothing else: no reads,
 no version checks beyond the key, no metadata, no idempotency, no notifications. A
 server that does this and nothing more is the ceiling of any gateway built on durable
 SQLite with Python and grpc.aio on the same machine.
@@ -31,8 +33,9 @@ _Pending = tuple[Sequence[Row], asyncio.Future[None]]
 class DurableLog:
     """Appends rows of events to a SQLite file; ``append`` returns once they are on disk."""
 
-    def __init__(self, path: Path, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, path: Path, loop: asyncio.AbstractEventLoop, on_loop: bool = False) -> None:
         self._loop = loop
+        self._on_loop = on_loop
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._connection.execute("PRAGMA journal_mode=WAL")
@@ -46,17 +49,24 @@ class DurableLog:
             " UNIQUE (stream, version))"
         )
         self._writer = threading.Thread(target=self._write_forever, name="durable-log-writer")
-        self._writer.start()
+        if not on_loop:
+            self._writer.start()
 
     async def append(self, rows: Sequence[Row]) -> None:
+        if self._on_loop:
+            error = self._write(rows)
+            if error is not None:
+                raise error
+            return
         done = self._loop.create_future()
         self._queue.put((rows, done))
         await done
 
     def close(self) -> None:
         """Writes what was queued before, then stops the writer and closes the file."""
-        self._queue.put(None)
-        self._writer.join()
+        if self._writer.is_alive():
+            self._queue.put(None)
+            self._writer.join()
         self._connection.close()
 
     def _write_forever(self) -> None:
@@ -80,21 +90,23 @@ class DurableLog:
                 return
 
     def _commit(self, batch: list[_Pending]) -> None:
-        error: BaseException | None = None
+        # One bad append fails its whole batch: the floor's callers never collide, so
+        # that is a bug in the benchmark, which its calls report as errors.
+        error = self._write([row for rows, _ in batch for row in rows])
+        self._loop.call_soon_threadsafe(_settle, [done for _, done in batch], error)
+
+    def _write(self, rows: Sequence[Row]) -> sqlite3.Error | None:
         try:
             self._connection.execute("BEGIN IMMEDIATE")
             self._connection.executemany(
-                "INSERT INTO events (stream, version, data) VALUES (?, ?, ?)",
-                [row for rows, _ in batch for row in rows],
+                "INSERT INTO events (stream, version, data) VALUES (?, ?, ?)", rows
             )
             self._connection.execute("COMMIT")
         except sqlite3.Error as failed:
-            # One bad append fails its whole batch: the floor's callers never collide, so
-            # this is a bug in the benchmark, which its calls report as errors.
             if self._connection.in_transaction:
                 self._connection.execute("ROLLBACK")
-            error = failed
-        self._loop.call_soon_threadsafe(_settle, [done for _, done in batch], error)
+            return failed
+        return None
 
 
 def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:

@@ -13,11 +13,12 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter
 
 from bench.report import Report
-from bench.servers import DURABLE_FLOOR
+from bench.servers import DURABLE_FLOOR, DURABLE_FLOOR_ON_LOOP
 
 STYLES = {
     "floor": {"color": "black", "linestyle": "--", "marker": "o"},
     DURABLE_FLOOR: {"color": "tab:blue", "linestyle": ":", "marker": "v"},
+    DURABLE_FLOOR_ON_LOOP: {"color": "tab:cyan", "linestyle": ":", "marker": "<"},
     "memory": {"color": "tab:gray", "marker": "s"},
     "sqlite": {"color": "tab:blue", "marker": "^"},
     "postgresql": {"color": "tab:orange", "marker": "D"},
@@ -26,7 +27,8 @@ STYLES = {
 
 LABELS = {
     "floor": "floor (bare grpc.aio)",
-    DURABLE_FLOOR: "durable floor (floor + SQLite commit)",
+    DURABLE_FLOOR: "durable floor (floor + SQLite group commit)",
+    DURABLE_FLOOR_ON_LOOP: "durable floor, committing on the loop",
 }
 
 

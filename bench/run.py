@@ -2,7 +2,7 @@
 
 Sections: ``grpc`` (closed-loop CreateOrder / CancelOrder / mixed load on the gateway and
 the bare-gRPC floor, interleaved point by point so that both see the same machine; with
-``--store sqlite`` also on the durable floor, the floor plus a bare SQLite commit per call),
+``--store sqlite`` also on the durable floors, the floor plus a bare SQLite commit per call),
 ``inprocess`` (bus + domain + store against the ``eventsourcing`` library),
 ``subscriptions`` (catch-up over a million events, fan-out to live subscribers) and
 ``stream-length`` (a hot product's long stream against a fresh one).
@@ -167,10 +167,13 @@ async def run_grpc(
         floor = await stack.enter_async_context(await start_floor(workdir, args.catch_up_events))
         servers.append(("floor", floor))
         if any(spec.kind == "sqlite" for spec in specs):
-            durable = await stack.enter_async_context(
-                await start_durable_floor(workdir / "durable-floor.db", workdir)
-            )
-            servers.append((durable.name, durable))
+            for on_loop in (False, True):
+                durable = await stack.enter_async_context(
+                    await start_durable_floor(
+                        workdir / f"durable-floor-{on_loop}.db", workdir, on_loop
+                    )
+                )
+                servers.append((durable.name, durable))
         for spec in specs:
             url = stack.enter_context(spec.fresh(workdir, f"grpc-{spec.kind}"))
             reason = await supported(url)

@@ -59,7 +59,10 @@ def rss_bytes(pid: int) -> int:
 
 
 DURABLE_FLOOR = "durable-floor"
-"""The durable floor's name in the figures."""
+"""The durable floor's name in the figures: commits in a writer thread, in groups."""
+DURABLE_FLOOR_ON_LOOP = "durable-floor-on-loop"
+"""The durable floor that commits each call on its event loop."""
+DURABLE_FLOORS = (DURABLE_FLOOR, DURABLE_FLOOR_ON_LOOP)
 
 
 @dataclass
@@ -172,7 +175,9 @@ async def start_floor(log_dir: Path, subscribe_events: int = 1_000_000) -> Serve
     return await ServerProcess.start("floor", command, port, log_dir)
 
 
-async def start_durable_floor(sqlite_file: Path, log_dir: Path) -> ServerProcess:
+async def start_durable_floor(
+    sqlite_file: Path, log_dir: Path, on_loop: bool = False
+) -> ServerProcess:
     """The floor that first makes each command's events durable in ``sqlite_file``."""
     port = free_port()
     command = [
@@ -183,8 +188,10 @@ async def start_durable_floor(sqlite_file: Path, log_dir: Path) -> ServerProcess
         f"127.0.0.1:{port}",
         "--durable",
         str(sqlite_file),
+        *(["--commit-on-loop"] if on_loop else []),
     ]
-    return await ServerProcess.start(DURABLE_FLOOR, command, port, log_dir)
+    name = DURABLE_FLOOR_ON_LOOP if on_loop else DURABLE_FLOOR
+    return await ServerProcess.start(name, command, port, log_dir)
 
 
 async def restock(target: str) -> None:

@@ -38,10 +38,10 @@ def _throughput_vs_floor(report: Report) -> Verdict:
     if gateway is None or floor is None or not floor.calls_per_s:
         return _judge(target, None, "needs --store sqlite and concurrency 16")
     ratio = gateway.calls_per_s / floor.calls_per_s
-    durable = report.durable_floor("create", TARGET_CONCURRENCY)
+    durable = report.best_durable_floor("create", TARGET_CONCURRENCY)
     ceiling = ""
     if durable is not None:
-        ceiling = f" (durable floor: {durable.calls_per_s / floor.calls_per_s:.2f} x)"
+        ceiling = f" (best durable floor: {durable.calls_per_s / floor.calls_per_s:.2f} x)"
     return _judge(
         target,
         ratio >= 0.8,
@@ -56,10 +56,10 @@ def _latency_vs_floor(report: Report) -> Verdict:
     if gateway is None or floor is None or not gateway.latency.p50_ms:
         return _judge(target, None, "needs --store sqlite and concurrency 1")
     ratio = gateway.latency.p50_ms / floor.latency.p50_ms
-    durable = report.durable_floor("create", 1)
+    durable = report.best_durable_floor("create", 1, by_latency=True)
     ceiling = ""
     if durable is not None:
-        ceiling = f" (durable floor: {durable.latency.p50_ms / floor.latency.p50_ms:.2f} x)"
+        ceiling = f" (best durable floor: {durable.latency.p50_ms / floor.latency.p50_ms:.2f} x)"
     return _judge(
         target,
         ratio <= 1.5,
