@@ -8,8 +8,9 @@ fsync, and the event loop is never blocked on the disk; with ``on_loop`` the eve
 commits each append itself instead (no thread hand-offs, nothing shared, the loop blocked
 for each fsync: the least latency one caller can see). There is nothing else: no reads,
 no version checks beyond the key, no metadata, no idempotency, no notifications. A
-server that does this and nothing more is the ceiling of any gateway built on durable
-SQLite with Python and grpc.aio on the same machine.
+grpc.aio server that does this and nothing more bounds what any gateway that keeps its
+events durably in SQLite can reach on the same machine: the gateway does all of it, and
+validation, business rules and the rest besides.
 """
 
 from __future__ import annotations

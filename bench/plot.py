@@ -65,7 +65,8 @@ def plot_load(report: Report, path: Path, workload: str = "create") -> Path:
     # Latencies span two orders of magnitude from 1 to 64 concurrent calls.
     tail.set_yscale("log")
     tail.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    throughput.legend()
+    # Latency grows with concurrency, so the p99 panel's upper left stays empty.
+    tail.legend(loc="upper left", fontsize=8)
     conditions = report.conditions_before
     figure.suptitle(
         f"order-gateway vs a bare grpc.aio server (floor): {conditions.get('cpus')} CPUs, "
