@@ -161,17 +161,13 @@ async def start_gateway(store_url: str, log_dir: Path) -> ServerProcess:
     return await ServerProcess.start("gateway", command, port, log_dir)
 
 
+def _floor_command(port: int, *options: str) -> list[str]:
+    return [sys.executable, "-m", "bench.floor_server", "--listen", f"127.0.0.1:{port}", *options]
+
+
 async def start_floor(log_dir: Path, subscribe_events: int = 1_000_000) -> ServerProcess:
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "bench.floor_server",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--subscribe-events",
-        str(subscribe_events),
-    ]
+    command = _floor_command(port, "--subscribe-events", str(subscribe_events))
     return await ServerProcess.start("floor", command, port, log_dir)
 
 
@@ -180,16 +176,9 @@ async def start_durable_floor(
 ) -> ServerProcess:
     """The floor that first makes each command's events durable in ``sqlite_file``."""
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "bench.floor_server",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--durable",
-        str(sqlite_file),
-        *(["--commit-on-loop"] if on_loop else []),
-    ]
+    command = _floor_command(
+        port, "--durable", str(sqlite_file), *(["--commit-on-loop"] if on_loop else [])
+    )
     name = DURABLE_FLOOR_ON_LOOP if on_loop else DURABLE_FLOOR
     return await ServerProcess.start(name, command, port, log_dir)
 

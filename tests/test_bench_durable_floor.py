@@ -20,8 +20,8 @@ from orders.v1 import order_command_service_pb2, order_command_service_pb2_grpc
 from bench.durable_log import DurableLog
 from bench.report import Report, print_report
 from bench.servers import DURABLE_FLOOR, DURABLE_FLOOR_ON_LOOP, start_durable_floor
-from bench.stats import Latencies, LoadResult
 from bench.targets import evaluate
+from tests.bench_support import made_up_load
 
 CREATE = order_command_service_pb2.CreateOrderRequest()
 CANCEL = order_command_service_pb2.CancelOrderRequest()
@@ -86,29 +86,17 @@ async def test_durable_floor_answers_after_writing_each_calls_events(
         assert _rows(path) == [(f"order-{n}", v) for n in range(4) for v in (1, 2)]
 
 
-def _load(server: str, concurrency: int, calls_per_s: float, p50_ms: float) -> LoadResult:
-    return LoadResult(
-        server=server,
-        workload="create",
-        concurrency=concurrency,
-        duration=1.0,
-        calls=int(calls_per_s),
-        calls_per_s=calls_per_s,
-        latency=Latencies(p50_ms=p50_ms, p90_ms=p50_ms * 2, p99_ms=p50_ms * 3),
-    )
-
-
 def test_report_sets_the_gateway_against_the_durable_floor() -> None:
     report = Report(
         load=[
-            _load("floor", 16, 1000, 10.0),
-            _load(DURABLE_FLOOR, 16, 700, 14.0),
-            _load("sqlite", 16, 560, 18.0),
-            _load(DURABLE_FLOOR_ON_LOOP, 16, 600, 15.0),
-            _load("floor", 1, 500, 1.0),
-            _load(DURABLE_FLOOR, 1, 400, 1.6),
-            _load(DURABLE_FLOOR_ON_LOOP, 1, 450, 1.5),
-            _load("sqlite", 1, 300, 2.4),
+            made_up_load("floor", 16, 1000, 10.0),
+            made_up_load(DURABLE_FLOOR, 16, 700, 14.0),
+            made_up_load("sqlite", 16, 560, 18.0),
+            made_up_load(DURABLE_FLOOR_ON_LOOP, 16, 600, 15.0),
+            made_up_load("floor", 1, 500, 1.0),
+            made_up_load(DURABLE_FLOOR, 1, 400, 1.6),
+            made_up_load(DURABLE_FLOOR_ON_LOOP, 1, 450, 1.5),
+            made_up_load("sqlite", 1, 300, 2.4),
         ]
     )
     printed = io.StringIO()

@@ -17,8 +17,8 @@ import pytest
 from bench.inprocess import InProcessResult
 from bench.report import CatchUpResult, FanOutResult, Report, StreamLengthResult, print_report
 from bench.run import main
-from bench.stats import Latencies, LoadResult
 from bench.targets import evaluate
+from tests.bench_support import made_up_load
 
 
 @pytest.fixture(scope="module")
@@ -105,25 +105,13 @@ def test_plot_is_written_as_png(run: tuple[dict[str, Any], str, Path]) -> None:
     assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
-def _load(server: str, concurrency: int, calls_per_s: float, p50_ms: float) -> LoadResult:
-    return LoadResult(
-        server=server,
-        workload="create",
-        concurrency=concurrency,
-        duration=1.0,
-        calls=int(calls_per_s),
-        calls_per_s=calls_per_s,
-        latency=Latencies(p50_ms=p50_ms, p90_ms=p50_ms * 2, p99_ms=p50_ms * 3),
-    )
-
-
 def test_targets_are_judged_from_the_figures() -> None:
     report = Report(
         load=[
-            _load("floor", 16, 1000, 10.0),
-            _load("sqlite", 16, 850, 12.0),  # 0.85 x floor: pass
-            _load("floor", 1, 500, 1.0),
-            _load("sqlite", 1, 300, 1.6),  # p50 1.6 x floor's: fail
+            made_up_load("floor", 16, 1000, 10.0),
+            made_up_load("sqlite", 16, 850, 12.0),  # 0.85 x floor: pass
+            made_up_load("floor", 1, 500, 1.0),
+            made_up_load("sqlite", 1, 300, 1.6),  # p50 1.6 x floor's: fail
         ],
         inprocess=[
             InProcessResult("eventsourcing", "sqlite", 1, 1000, 1.0),

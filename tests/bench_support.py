@@ -1,0 +1,18 @@
+"""Made-up benchmark figures, for tests that judge reports rather than measure anything."""
+
+from __future__ import annotations
+
+from bench.stats import Latencies, LoadResult
+
+
+def made_up_load(server: str, concurrency: int, calls_per_s: float, p50_ms: float) -> LoadResult:
+    """One second of CreateOrder load on ``server``, p90 and p99 twice and three times the p50."""
+    return LoadResult(
+        server=server,
+        workload="create",
+        concurrency=concurrency,
+        duration=1.0,
+        calls=int(calls_per_s),
+        calls_per_s=calls_per_s,
+        latency=Latencies(p50_ms=p50_ms, p90_ms=p50_ms * 2, p99_ms=p50_ms * 3),
+    )
