@@ -36,7 +36,6 @@ class DurableLog:
 
     def __init__(self, path: Path, loop: asyncio.AbstractEventLoop, on_loop: bool = False) -> None:
         self._loop = loop
-        self._on_loop = on_loop
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._connection.execute("PRAGMA journal_mode=WAL")
@@ -49,12 +48,13 @@ class DurableLog:
             " data BLOB NOT NULL,"
             " UNIQUE (stream, version))"
         )
-        self._writer = threading.Thread(target=self._write_forever, name="durable-log-writer")
+        self._writer: threading.Thread | None = None
         if not on_loop:
+            self._writer = threading.Thread(target=self._write_forever, name="durable-log-writer")
             self._writer.start()
 
     async def append(self, rows: Sequence[Row]) -> None:
-        if self._on_loop:
+        if self._writer is None:
             error = self._write(rows)
             if error is not None:
                 raise error
@@ -65,7 +65,7 @@ class DurableLog:
 
     def close(self) -> None:
         """Writes what was queued before, then stops the writer and closes the file."""
-        if self._writer.is_alive():
+        if self._writer is not None:
             self._queue.put(None)
             self._writer.join()
         self._connection.close()
