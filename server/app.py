@@ -149,7 +149,9 @@ async def create_server(
     if tracing is not None:
         command_store = tracing.instrument_store(command_store)
         middleware.append(tracing.command_middleware())
-    runner = CommandRunner(bootstrap(command_store, middleware=middleware))
+    runner = CommandRunner(
+        bootstrap(command_store, settings.aggregate_cache, middleware=middleware)
+    )
     order_command_service_pb2_grpc.add_OrderCommandServiceServicer_to_server(
         OrderCommandServicer(runner), server
     )

@@ -64,6 +64,14 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(
         5.0, ge=0, description="Seconds in-flight calls get to finish on SIGTERM/SIGINT."
     )
+    aggregate_cache: int = Field(
+        10_000,
+        ge=0,
+        description=(
+            "Orders and products kept in memory between commands (about 1.6 KB each); a "
+            "command on one that is not kept reads its events back from the store first."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_companions(self) -> Settings:
