@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -61,3 +64,35 @@ async def test_serve_stops_gracefully_on_a_signal(signum: signal.Signals) -> Non
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+async def test_a_second_gateway_on_a_taken_address_is_refused(tmp_path: Path) -> None:
+    target = f"127.0.0.1:{free_port()}"
+    first = start_gateway(["serve", "--listen", target, "--store", "memory://"])
+    try:
+        await wait_until_serving(target, first)
+        second = await asyncio.to_thread(
+            subprocess.run,
+            [
+                sys.executable,
+                "-m",
+                "server.cli",
+                "serve",
+                "--listen",
+                target,
+                "--store",
+                f"sqlite:///{tmp_path / 'second.db'}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert second.returncode == 1
+        assert target in second.stderr
+        assert "Traceback" not in second.stderr
+        # The first one still answers every call.
+        assert first.poll() is None
+        await wait_until_serving(target, first)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(first.wait, 10)
