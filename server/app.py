@@ -105,9 +105,9 @@ def server_options(settings: Settings) -> Sequence[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
-        # grpc sets SO_REUSEPORT by default, so a second gateway started on the same
-        # address would bind too and silently take half the calls: two processes on one
-        # SQLite file, each with its own cache and subscribers. Refuse it instead.
+        # grpc sets SO_REUSEPORT by default (grpc/grpc#16920), so a second gateway started
+        # on the same address would bind too and the kernel would hand it part of the
+        # calls, unnoticed. An address in use is refused instead, as operators expect.
         ("grpc.so_reuseport", 0),
     )
 
