@@ -10,8 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """``"0.0.0.0:9090"`` → ``("0.0.0.0", 9090)``; ``"[::]:9090"`` → ``("::", 9090)``.
+
+    The port must be 0 to 65535: grpc would take 99999 modulo 65536 and listen on 34463.
+    """
+    host, separator, port = address.rpartition(":")
+    if not separator or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{address!r} is not HOST:PORT with a port from 0 to 65535")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 class Settings(BaseSettings):
@@ -72,6 +83,13 @@ class Settings(BaseSettings):
             "command on one that is not kept reads its events back from the store first."
         ),
     )
+
+    @field_validator("listen", "metrics_listen")
+    @classmethod
+    def _check_port(cls, address: str | None) -> str | None:
+        if address is not None:
+            split_host_port(address)
+        return address
 
     @model_validator(mode="after")
     def _check_companions(self) -> Settings:

@@ -23,6 +23,7 @@ from domain.bus import Next, Result
 from domain.commands import Command
 from domain.errors import ConcurrencyConflictError, DomainError, DuplicateCommandError
 from domain.ports import Commit, EventStore, RecordedEvent
+from server.config import split_host_port
 from server.observability import RpcOutcome
 from server.store_decorator import EventStoreDecorator
 
@@ -189,14 +190,6 @@ class MeteredEventStore(EventStoreDecorator):
             duration.observe(time.perf_counter() - started)
         self._batch.observe(len(recorded))
         return recorded
-
-
-def split_host_port(address: str) -> tuple[str, int]:
-    """``"0.0.0.0:9090"`` → ``("0.0.0.0", 9090)``; ``"[::]:9090"`` → ``("::", 9090)``."""
-    host, separator, port = address.rpartition(":")
-    if not separator or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT, got {address!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 class MetricsServer:

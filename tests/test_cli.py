@@ -14,8 +14,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from orders.v1 import inventory_command_service_pb2_grpc
 from orders.v1.inventory_command_service_pb2 import RestockProductRequest
+from pydantic import ValidationError
 
-from server.cli import build_parser, settings_from
+from server.cli import build_parser, main, settings_from
+from server.config import Settings
 from tests.serving import free_port, start_gateway, wait_until_serving
 
 
@@ -96,3 +98,24 @@ async def test_a_second_gateway_on_a_taken_address_is_refused(tmp_path: Path) ->
     finally:
         first.send_signal(signal.SIGTERM)
         await asyncio.to_thread(first.wait, 10)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:0", "[::1]:50051", "localhost:65535"])
+def test_listen_takes_host_and_port(address: str) -> None:
+    assert Settings(listen=address, metrics_listen=address).listen == address
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1:99999", "127.0.0.1:65536", "127.0.0.1:-1", "127.0.0.1", "50051", "host:http"],
+)
+def test_a_listen_address_without_a_valid_port_is_refused(
+    address: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # grpc would take 99999 modulo 65536 and listen on 34463 without a word.
+    assert main(["serve", "--listen", address, "--store", "memory://"]) == 2
+    assert capsys.readouterr().err == (
+        f"order-gateway: listen: {address!r} is not HOST:PORT with a port from 0 to 65535\n"
+    )
+    with pytest.raises(ValidationError, match="metrics_listen"):
+        Settings(metrics_listen=address)
