@@ -68,7 +68,10 @@ class TokenFileAuthenticator:
     @classmethod
     def from_file(cls, path: Path) -> TokenFileAuthenticator:
         with path.open("rb") as file:
-            document = tomllib.load(file)
+            try:
+                document = tomllib.load(file)
+            except tomllib.TOMLDecodeError as error:
+                raise ValueError(f"{path}: not valid TOML: {error}") from error
         entries: dict[bytes, Caller] = {}
         for n, token in enumerate(document.get("token", [])):
             where = f"{path}: token[{n}]"

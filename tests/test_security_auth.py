@@ -274,7 +274,7 @@ async def test_tokens_never_reach_the_logs(api: Clients, caplog: pytest.LogCaptu
         (f'[[token]]\nsha256 = "{"0" * 64}"\nuser_id = "a"\nscopes = "orders:write"\n', "scopes"),
         (f'[[token]]\nsha256 = "{"0" * 64}"\nuser_id = "a"\nscopes = ["order:write"]\n', "scopes"),
         ('token = "x"\n', "[[token]] table"),
-        ("[[token]\n", "line 1"),
+        ("[[token]\n", "not valid TOML"),
     ],
     ids=["no-hash", "no-user", "short", "not-hex", "scope-string", "unknown-scope", "flat", "toml"],
 )
@@ -283,5 +283,7 @@ def test_a_bad_token_file_is_refused_with_a_clear_message(
 ) -> None:
     path = tmp_path / "tokens.toml"
     path.write_text(toml)
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(ValueError, match=re.escape(message)) as refused:
         TokenFileAuthenticator.from_file(path)
+    # Which file, as the operator named it: the gateway may read several.
+    assert str(refused.value).startswith(f"{path}: ")
