@@ -13,6 +13,9 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+"""``--log-level`` values, in any case."""
+
 
 def split_host_port(address: str) -> tuple[str, int]:
     """``"0.0.0.0:9090"`` → ``("0.0.0.0", 9090)``; ``"[::]:9090"`` → ``("::", 9090)``.
@@ -83,6 +86,13 @@ class Settings(BaseSettings):
             "command on one that is not kept reads its events back from the store first."
         ),
     )
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, level: str) -> str:
+        if level.upper() not in LOG_LEVELS:
+            raise ValueError(f"{level!r} is not one of {', '.join(LOG_LEVELS)}")
+        return level
 
     @field_validator("listen", "metrics_listen")
     @classmethod

@@ -119,3 +119,11 @@ def test_a_listen_address_without_a_valid_port_is_refused(
     )
     with pytest.raises(ValidationError, match="metrics_listen"):
         Settings(metrics_listen=address)
+
+
+def test_an_unknown_log_level_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert Settings(log_level="warning").log_level == "warning"
+    assert main(["serve", "--log-level", "LOUD", "--store", "memory://"]) == 2
+    assert capsys.readouterr().err == (
+        "order-gateway: log_level: 'LOUD' is not one of DEBUG, INFO, WARNING, ERROR\n"
+    )
