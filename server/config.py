@@ -24,7 +24,8 @@ def split_host_port(address: str) -> tuple[str, int]:
     """
     host, separator, port = address.rpartition(":")
     if not separator or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"{address!r} is not HOST:PORT with a port from 0 to 65535")
+        # The message leaves the value out, as every setting's does (see server.cli).
+        raise ValueError("not HOST:PORT with a port from 0 to 65535")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
@@ -91,7 +92,7 @@ class Settings(BaseSettings):
     @classmethod
     def _check_log_level(cls, level: str) -> str:
         if level.upper() not in LOG_LEVELS:
-            raise ValueError(f"{level!r} is not one of {', '.join(LOG_LEVELS)}")
+            raise ValueError(f"not one of {', '.join(LOG_LEVELS)}")
         return level
 
     @field_validator("listen", "metrics_listen")

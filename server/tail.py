@@ -13,6 +13,8 @@ from typing import TextIO
 
 import grpc
 from google.protobuf import json_format
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from orders.v1 import event_stream_service_pb2, event_stream_service_pb2_grpc
 
 PROGRAM = "order-gateway tail"
@@ -45,6 +47,8 @@ def follow(
                 out.flush()
     except grpc.RpcError as error:
         print(f"{PROGRAM}: {error.code().name}: {error.details()}", file=err)
+        for field, reason in _field_violations(call):
+            print(f"  {field}: {reason}", file=err)
         return 1
     except KeyboardInterrupt:
         call.cancel()
@@ -54,6 +58,18 @@ def follow(
         call.cancel()
         raise
     return 0
+
+
+def _field_violations(call: grpc.Call) -> list[tuple[str, str]]:
+    """What the server's BadRequest detail says is wrong with the request, field by field
+    (the status message alone only names the fields)."""
+    status = rpc_status.from_call(call)
+    violations: list[tuple[str, str]] = []
+    for detail in status.details if status is not None else ():
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request):
+            violations += [(v.field, v.description) for v in bad_request.field_violations]
+    return violations
 
 
 def tail(target: str, after: int, types: Sequence[str]) -> int:

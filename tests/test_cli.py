@@ -115,7 +115,7 @@ def test_a_listen_address_without_a_valid_port_is_refused(
     # grpc would take 99999 modulo 65536 and listen on 34463 without a word.
     assert main(["serve", "--listen", address, "--store", "memory://"]) == 2
     assert capsys.readouterr().err == (
-        f"order-gateway: listen: {address!r} is not HOST:PORT with a port from 0 to 65535\n"
+        "order-gateway: listen: not HOST:PORT with a port from 0 to 65535\n"
     )
     with pytest.raises(ValidationError, match="metrics_listen"):
         Settings(metrics_listen=address)
@@ -125,5 +125,5 @@ def test_an_unknown_log_level_is_refused(capsys: pytest.CaptureFixture[str]) -> 
     assert Settings(log_level="warning").log_level == "warning"
     assert main(["serve", "--log-level", "LOUD", "--store", "memory://"]) == 2
     assert capsys.readouterr().err == (
-        "order-gateway: log_level: 'LOUD' is not one of DEBUG, INFO, WARNING, ERROR\n"
+        "order-gateway: log_level: not one of DEBUG, INFO, WARNING, ERROR\n"
     )

@@ -193,3 +193,19 @@ async def test_the_cli_follows_a_real_gateway_until_sigint(gateway: Any, clients
     assert (first["position"], second["position"]) == ("1", "2")
     assert code == 0
     assert await process.stderr.read() == b"", "no traceback on Ctrl-C"
+
+
+async def test_an_unknown_type_is_refused_with_the_servers_reason(gateway: Any) -> None:
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "server.cli", "tail"),
+        *("--target", f"127.0.0.1:{gateway.port}", "--type", "OrderPlaced"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(WAIT):
+        out, err = await process.communicate()
+    assert process.returncode == 1
+    assert out == b""
+    lines = err.decode().splitlines()
+    assert lines[0].startswith("order-gateway tail: INVALID_ARGUMENT: ")
+    assert lines[1].startswith("  event_types[0]: unknown event type 'OrderPlaced'; known types: ")
