@@ -202,7 +202,13 @@ class MetricsServer:
 
     def start(self) -> int:
         """Start serving; returns the bound port (useful with port 0)."""
-        httpd, _thread = start_http_server(self._port, self._host, self._registry)
+        try:
+            httpd, _thread = start_http_server(self._port, self._host, self._registry)
+        except OSError as error:
+            # The bare OSError names no address; the gateway listens on two.
+            raise OSError(
+                error.errno, f"cannot serve metrics on {self._host}:{self._port}: {error.strerror}"
+            ) from error
         self._httpd = httpd
         return int(httpd.server_port)
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -156,4 +159,22 @@ async def test_subscription_lag_is_head_minus_delivered_never_negative() -> None
     assert samples[("order_gateway_subscription_lag_events_sum", frozenset())] == 3
     assert (
         samples[("order_gateway_subscription_lag_events_bucket", frozenset({("le", "0.0")}))] == 1
+    )
+
+
+def test_a_taken_metrics_address_is_named_in_the_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        metrics = f"127.0.0.1:{taken.getsockname()[1]}"
+        serve = ("serve", "--listen", "127.0.0.1:0", "--metrics-listen", metrics)
+        refused = subprocess.run(
+            [sys.executable, "-m", "server.cli", *serve, "--store", "memory://"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert refused.returncode == 2
+    assert refused.stderr.endswith(
+        f"order-gateway: [Errno 98] cannot serve metrics on {metrics}: Address already in use\n"
     )
