@@ -23,7 +23,7 @@ import itertools
 import signal
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -36,7 +36,9 @@ from orders.v1 import (
 )
 
 from bench import workload
-from bench.durable_log import DurableLog, Row
+from bench.durable_log import DurableLog
+
+R = TypeVar("R")
 
 SUBSCRIBE_SAMPLES = 1000
 """Distinct ready-made Subscribe messages, cycled: a realistic mix, cheap to hold."""
@@ -84,17 +86,20 @@ class DurableFloorOrders(FloorOrders):
         self._created_data = [r.event.SerializeToString() for r in self._created]
         self._cancelled_data = [r.event.SerializeToString() for r in self._cancelled]
 
-    def _rows(self, data: list[bytes]) -> list[Row]:
+    async def _after_commit(self, data: list[bytes], responses: list[R]) -> AsyncIterator[R]:
+        """``responses``, once one new stream of ``data`` events is durable."""
         stream = f"order-{next(self._streams)}"
-        return [(stream, version, event) for version, event in enumerate(data, start=1)]
+        await self._log.append([(stream, n, event) for n, event in enumerate(data, start=1)])
+        for response in responses:
+            yield response
 
+    # grpc.aio serves a stream from an async generator function: these must be ones too.
     async def CreateOrder(
         self,
         request: order_command_service_pb2.CreateOrderRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[order_command_service_pb2.CreateOrderResponse]:
-        await self._log.append(self._rows(self._created_data))
-        for response in self._created:
+        async for response in self._after_commit(self._created_data, self._created):
             yield response
 
     async def CancelOrder(
@@ -102,8 +107,7 @@ class DurableFloorOrders(FloorOrders):
         request: order_command_service_pb2.CancelOrderRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[order_command_service_pb2.CancelOrderResponse]:
-        await self._log.append(self._rows(self._cancelled_data))
-        for response in self._cancelled:
+        async for response in self._after_commit(self._cancelled_data, self._cancelled):
             yield response
 
 
