@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -45,8 +45,14 @@ class Commit:
     """One command's events, appended atomically or not at all.
 
     ``expected_versions`` holds, for every stream the command touches, the version the
-    command saw (0: the stream must not exist yet). ``fingerprint`` identifies the request
-    for idempotency: the same ``command_id`` with another fingerprint is a different request.
+    command saw (0: the stream must not exist yet). ``follows`` holds, for streams of
+    ``expected_versions`` the command saw events on, the id of the last of them: the commit also conflicts if that
+    is not the stream's last event. A version alone names a state only while every state
+    at that version is the committed one; a process that decides a command on the state a
+    queued commit will leave (see ``domain.unit_of_work``) can hold a state that never
+    commits, and another writer may fill its version with different events. ``fingerprint``
+    identifies the request for idempotency: the same ``command_id`` with another
+    fingerprint is a different request.
     """
 
     command_id: str
@@ -56,6 +62,7 @@ class Commit:
     occurred_at: dt.datetime
     expected_versions: Mapping[str, int]
     events: Sequence[NewEvent]
+    follows: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +84,14 @@ class EventStore(Protocol):
         """Append all of ``commit.events`` and record the command, atomically.
 
         Raises ``ConcurrencyConflictError`` if any stream's version differs from
-        ``expected_versions``, ``DuplicateCommandError`` if the command_id is already
-        recorded, ``StoreError`` for anything else. Returns the events with their positions,
-        in the commit's order, only once they are durable.
+        ``expected_versions`` or its last event from ``follows``, ``DuplicateCommandError``
+        if the command_id is already recorded, ``StoreError`` for anything else. Returns the
+        events with their positions, in the commit's order, only once they are durable.
+
+        Appends are applied in the order they were started: a store takes the commit's
+        place in its order before ``append`` first suspends. So a commit started after
+        another, expecting the versions that one leaves, commits right behind it (in the
+        same group commit or the next) whenever that one commits.
         """
         ...
 

@@ -96,9 +96,9 @@ _FIND_COMMAND = (
     " WHERE c.command_id = %s ORDER BY e.position"
 )
 _APPEND = (
-    "SELECT outcome, first_position, detail FROM og_append("
+    "SELECT outcome, first_position, detail FROM og_append_chain("
     "%b::text[], %b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::integer[],"
-    " %b::integer[], %b::text[], %b::bigint[],"
+    " %b::integer[], %b::text[], %b::bigint[], %b::text[],"
     " %b::integer[], %b::text[], %b::text[], %b::bigint[], %b::text[], %b::bytea[])"
 )
 
@@ -425,31 +425,37 @@ class _WriterConnection:
 def _take_batch(
     pending: list[_Pending], limit: int, busy_streams: set[str], busy_commands: set[str]
 ) -> tuple[list[_Pending], set[str], set[str]]:
-    """Remove and return the longest prefix of ``pending`` whose commits are independent,
-    with the streams and command ids it names.
+    """Remove and return up to ``limit`` commits of ``pending`` to send now, in order, with
+    the streams and command ids they name.
 
-    ``og_append`` checks every commit of a batch against the state before the batch, so
-    no two may share a stream or a command_id; the next batch takes the first that does.
-    Nor may one share them with a batch in flight (``busy_…``): it must see that batch's
-    outcome, as it would have if that batch had already committed.
+    ``og_append_chain`` judges the commits of one call one after another, so they may share
+    streams and command ids. A commit that shares one with a batch in flight (``busy_…``)
+    waits, and so does every later commit that shares one with a commit left waiting:
+    sent now, it could reach the database's append lock before that batch, and not see
+    its outcome. Commits independent of everything left waiting go now.
     """
     batch: list[_Pending] = []
+    waiting: list[_Pending] = []
     streams: set[str] = set()
     command_ids: set[str] = set()
-    for item in pending[:limit]:
+    blocked_streams = set(busy_streams)
+    blocked_commands = set(busy_commands)
+    for item in pending:
         commit = item.commit
         touched = {*commit.expected_versions, *(e.stream_id for e in commit.events)}
         if (
-            commit.command_id in command_ids
-            or commit.command_id in busy_commands
-            or not streams.isdisjoint(touched)
-            or not busy_streams.isdisjoint(touched)
+            len(batch) >= limit
+            or commit.command_id in blocked_commands
+            or not blocked_streams.isdisjoint(touched)
         ):
-            break
+            waiting.append(item)
+            blocked_streams |= touched
+            blocked_commands.add(commit.command_id)
+            continue
         batch.append(item)
         streams |= touched
         command_ids.add(commit.command_id)
-    del pending[: len(batch)]
+    pending[:] = waiting
     return batch, streams, command_ids
 
 
@@ -460,7 +466,7 @@ def _append_params(batch: Sequence[_Pending]) -> tuple[list[Any], ...]:
     """
     commits = [p.commit for p in batch]
     expected = [
-        (i, stream, version)
+        (i, stream, version, c.follows.get(stream, ""))
         for i, c in enumerate(commits, start=1)
         for stream, version in c.expected_versions.items()
     ]
@@ -472,9 +478,10 @@ def _append_params(batch: Sequence[_Pending]) -> tuple[list[Any], ...]:
         TextArray([c.user_id for c in commits]),
         TimestamptzArray([c.occurred_at.astimezone(dt.UTC) for c in commits]),
         IntArray([len(c.events) for c in commits]),
-        IntArray([i for i, _, _ in expected]),
-        TextArray([stream for _, stream, _ in expected]),
-        BigintArray([version for _, _, version in expected]),
+        IntArray([i for i, _, _, _ in expected]),
+        TextArray([stream for _, stream, _, _ in expected]),
+        BigintArray([version for _, _, version, _ in expected]),
+        TextArray([event_id for _, _, _, event_id in expected]),
         IntArray([i for i, _ in events]),
         TextArray([e.event_id for _, e in events]),
         TextArray([e.stream_id for _, e in events]),
