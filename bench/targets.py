@@ -148,7 +148,7 @@ def _hot(store: str, factor: float) -> Callable[[Report], Verdict]:
         if hot is None or create is None or not create.calls_per_s:
             return _judge(target, None, f"needs --store {store}, concurrency 16, create and hot")
         ratio = hot.calls_per_s / create.calls_per_s
-        cpu = hot.server_cpu_ms_per_call / create.server_cpu_ms_per_call
+        cpu = hot.server_cpu_ms_per_call / (create.server_cpu_ms_per_call or 1.0)
         p99 = hot.latency.p99_ms / create.latency.p99_ms
         return _judge(
             target,

@@ -46,13 +46,13 @@ class Commit:
 
     ``expected_versions`` holds, for every stream the command touches, the version the
     command saw (0: the stream must not exist yet). ``follows`` holds, for streams of
-    ``expected_versions`` the command saw events on, the id of the last of them: the commit also conflicts if that
-    is not the stream's last event. A version alone names a state only while every state
-    at that version is the committed one; a process that decides a command on the state a
-    queued commit will leave (see ``domain.unit_of_work``) can hold a state that never
-    commits, and another writer may fill its version with different events. ``fingerprint``
-    identifies the request for idempotency: the same ``command_id`` with another
-    fingerprint is a different request.
+    ``expected_versions`` the command saw events on, the id of the last of them: the
+    commit also conflicts if that is not the stream's last event. A version alone names
+    a state only while every state at that version is the committed one; a process that
+    decides a command on the state a queued commit will leave (``domain.unit_of_work``)
+    can hold a state that never commits, and another writer may fill its version with
+    other events. ``fingerprint`` identifies the request for idempotency: the same
+    ``command_id`` with another fingerprint is a different request.
     """
 
     command_id: str
