@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,4 +126,19 @@ class EventStore(Protocol):
 
     async def close(self) -> None:
         """Release connections and threads; pending appends finish first."""
+        ...
+
+
+@runtime_checkable
+class SharedStreamLocks(Protocol):
+    """Per-stream locks that every process sharing a store sees (PostgreSQL's advisory
+    locks), so that processes writing one stream at once can take turns at it instead of
+    racing to concurrency conflicts. A store that only one process writes has none."""
+
+    async def lock_stream(self, stream_id: str) -> bool:
+        """Wait until this process holds ``stream_id``'s lock; True if another held it."""
+        ...
+
+    async def unlock_stream(self, stream_id: str) -> None:
+        """Release what ``lock_stream`` took."""
         ...

@@ -39,9 +39,9 @@ from domain.aggregates import Aggregate, Order, Product
 from domain.commands import Command
 from domain.errors import BusinessRuleViolation, ConcurrencyConflictError, OrderNotFoundError
 from domain.ids import new_uuid
-from domain.locks import StreamLocks
+from domain.locks import StreamLocks, StreamTurns
 from domain.mapper import to_domain_event, to_new_event
-from domain.ports import Commit, EventStore, RecordedEvent
+from domain.ports import Commit, EventStore, RecordedEvent, SharedStreamLocks
 
 A = TypeVar("A", bound=Aggregate)
 Appended = asyncio.Future[list[RecordedEvent]]
@@ -108,6 +108,12 @@ class AggregateCache:
         if entry is not None:
             self._entries.move_to_end(stream_id)
         return entry
+
+    def mark_stale(self, stream_id: str) -> None:
+        """Another process may have written ``stream_id``: read it before deciding on it."""
+        entry = self._entries.get(stream_id)
+        if entry is not None:
+            entry.stale = True
 
     def refresh(self, aggregate: Aggregate, last_event: str) -> None:
         """``aggregate`` was read from the store: it is the committed state."""
@@ -185,15 +191,19 @@ class UnitOfWork:
         cache: AggregateCache,
         locks: StreamLocks,
         command: Command,
+        turns: StreamTurns | None = None,
         durable: bool = False,
     ) -> None:
         self._store = store
         self._cache = cache
         self._locks = locks
+        self._turns = turns
         self._command = command
         self._durable = durable
         self._held: list[tuple[str, ...]] = []
         """Stream locks taken by this unit of work, released once its commit is queued."""
+        self._joined: list[tuple[str, bool]] = []
+        """Turns at contended streams joined, left once the commit is answered."""
         self._follows: dict[str, str] = {}
         """Per stream loaded, the id of the last event of the state it was loaded at."""
         self.used_cache = False
@@ -210,15 +220,31 @@ class UnitOfWork:
         traceback: TracebackType | None,
     ) -> None:
         self._release()
+        self._leave_turns()
+
+    async def _lock(self, stream_ids: Iterable[str]) -> None:
+        held = await self._locks.acquire(stream_ids)
+        self._held.append(held)
+        if self._turns is not None:
+            joined = await self._turns.join(held)
+            self._joined += joined
+            for stream_id, began in joined:
+                if began:
+                    self._cache.mark_stale(stream_id)
 
     def _release(self) -> None:
         while self._held:
             self._locks.release(self._held.pop())
 
+    def _leave_turns(self, *_: object) -> None:
+        if self._turns is not None and self._joined:
+            joined, self._joined = self._joined, []
+            self._turns.leave(joined)
+
     async def order(self, order_id: str) -> Order:
         """The order, brought up to date; OrderNotFoundError if it was never placed."""
         order = Order(order_id)
-        self._held.append(await self._locks.acquire([order.stream_id]))
+        await self._lock([order.stream_id])
         order = await self._load(order)
         if not order.exists:
             raise OrderNotFoundError(order_id)
@@ -227,7 +253,7 @@ class UnitOfWork:
     async def products(self, product_ids: Iterable[str]) -> dict[str, Product]:
         """Each product, brought up to date (``exists`` is False for an unknown one)."""
         blanks = {pid: Product(pid) for pid in product_ids}
-        self._held.append(await self._locks.acquire(blank.stream_id for blank in blanks.values()))
+        await self._lock(blank.stream_id for blank in blanks.values())
         return {pid: await self._load(blank) for pid, blank in blanks.items()}
 
     async def _load(self, blank: A) -> A:
@@ -293,10 +319,18 @@ class UnitOfWork:
                 aggregate.stream_id, self._follows.get(aggregate.stream_id, "")
             )
             self._cache.stage(aggregate, last_event, appended)
+        # The turns end only once this commit is durable (or failed), for the next
+        # process at these streams reads them when its turn begins.
+        appended.add_done_callback(functools.partial(UnitOfWork._leave_turns, self))
         self._release()
-        # A caller who stops waiting (a deadline) cancels the append, as before pipelining:
-        # the commands decided on it then fail their ``follows`` and are decided again.
-        return await appended
+        try:
+            # A caller who stops waiting (a deadline) cancels the append, as before
+            # pipelining: commands decided on it then fail their ``follows``.
+            return await appended
+        except ConcurrencyConflictError:
+            if self._turns is not None:
+                self._turns.contended(commit.expected_versions)
+            raise
 
 
 HandlerFunction = Callable[[Any, UnitOfWork], Awaitable[list[RecordedEvent]]]
@@ -305,10 +339,17 @@ HandlerFunction = Callable[[Any, UnitOfWork], Awaitable[list[RecordedEvent]]]
 class UnitsOfWork:
     """Runs command handlers, each in a unit of work on one store, cache and set of locks."""
 
-    def __init__(self, store: EventStore, cache_capacity: int = 10_000) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        cache_capacity: int = 10_000,
+        shared_locks: SharedStreamLocks | None = None,
+    ) -> None:
+        """``shared_locks``: the store's, when several processes may write it at once."""
         self._store = store
         self._cache = AggregateCache(cache_capacity)
         self._locks = StreamLocks()
+        self._turns = StreamTurns(shared_locks) if shared_locks is not None else None
 
     def handler(
         self, function: HandlerFunction
@@ -325,12 +366,11 @@ class UnitsOfWork:
         again on durable state: another process may have restocked the product, or a
         queued commit it counted on may fail.
         """
-        uow = UnitOfWork(self._store, self._cache, self._locks, command)
+        uow = UnitOfWork(self._store, self._cache, self._locks, command, self._turns)
         try:
             return await function(command, uow)
         except BusinessRuleViolation:
             if not uow.used_cache:
                 raise
-        return await function(
-            command, UnitOfWork(self._store, self._cache, self._locks, command, durable=True)
-        )
+        durable = UnitOfWork(self._store, self._cache, self._locks, command, self._turns, True)
+        return await function(command, durable)

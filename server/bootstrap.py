@@ -11,7 +11,7 @@ from domain import handlers
 from domain.bus import CommandBus, Middleware
 from domain.commands import CancelOrder, Command, CreateOrder, RestockProduct
 from domain.middleware import IdempotencyMiddleware, LoggingMiddleware, RetryOnConflictMiddleware
-from domain.ports import EventStore
+from domain.ports import EventStore, SharedStreamLocks
 from domain.unit_of_work import HandlerFunction, UnitsOfWork
 
 HANDLERS: dict[type[Command], HandlerFunction] = {
@@ -22,11 +22,15 @@ HANDLERS: dict[type[Command], HandlerFunction] = {
 
 
 def bootstrap(
-    store: EventStore, cache_capacity: int = 10_000, middleware: Sequence[Middleware] = ()
+    store: EventStore,
+    cache_capacity: int = 10_000,
+    middleware: Sequence[Middleware] = (),
+    shared_locks: SharedStreamLocks | None = None,
 ) -> CommandBus:
     """``middleware`` (metrics, tracing) runs outermost, so it sees each command's whole
-    dispatch: idempotent replays and conflict retries included."""
-    units = UnitsOfWork(store, cache_capacity)
+    dispatch: idempotent replays and conflict retries included. ``shared_locks``: the
+    store's, when several processes write it (replicas take turns at contended streams)."""
+    units = UnitsOfWork(store, cache_capacity, shared_locks)
     bus = CommandBus(
         middleware=[
             *middleware,

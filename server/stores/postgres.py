@@ -48,7 +48,7 @@ from server.stores.postgres_arrays import (
 )
 from server.stores.postgres_errors import append_error, is_unavailable, store_error
 from server.stores.postgres_notify import NotificationListener
-from server.stores.postgres_schema import HEAD_POSITION, apply_migrations
+from server.stores.postgres_schema import HEAD_POSITION, STREAM_LOCK_SPACE, apply_migrations
 
 log = logging.getLogger("order_gateway.store.postgres")
 
@@ -103,6 +103,15 @@ _APPEND = (
 )
 
 
+_STREAM_LOCK_KEY = f"{STREAM_LOCK_SPACE}, hashtext(%s)"
+"""A stream's advisory lock: (namespace, hash of the stream id), a key space apart from
+the single-key locks of ``postgres_schema``. Two streams may share a hash: they then take
+turns needlessly, never wrongly."""
+_TRY_LOCK_STREAM = f"SELECT pg_try_advisory_lock({_STREAM_LOCK_KEY})"
+_LOCK_STREAM = f"SELECT pg_advisory_lock({_STREAM_LOCK_KEY})"
+_UNLOCK_STREAM = f"SELECT pg_advisory_unlock({_STREAM_LOCK_KEY})"
+
+
 @dataclass(slots=True)
 class _Pending:
     commit: Commit
@@ -140,6 +149,8 @@ class PostgresEventStore:
         self._known_head = known_head
         """The highest position this process knows committed: notifications at or below it
         wake nobody (this process's own appends come back through NOTIFY too)."""
+        self._stream_locks: dict[str, psycopg.AsyncConnection[TupleRow]] = {}
+        """Streams this process holds the advisory lock of, each on its own connection."""
         self._closing = False
         self._closed = asyncio.Event()
 
@@ -281,6 +292,40 @@ class PostgresEventStore:
         if head:
             self._advance(head)
 
+    # -- stream locks shared by replicas (``domain.ports.SharedStreamLocks``) --------
+
+    async def lock_stream(self, stream_id: str) -> bool:
+        """A session-level advisory lock on the stream, on a connection kept until
+        ``unlock_stream``: a replica holds a contended stream across several commands
+        (``domain.locks.StreamTurns``), longer than any one transaction."""
+        with _translated("lock_stream"):
+            connection = await self._pool.getconn()
+            try:
+                cursor = await connection.execute(_TRY_LOCK_STREAM, (stream_id,), prepare=True)
+                row = await cursor.fetchone()
+                waited = not (row and row[0])
+                if waited:
+                    await connection.execute(_LOCK_STREAM, (stream_id,), prepare=True)
+            except BaseException:
+                # Cancelled or failed mid-way, the lock may be held or not: closing the
+                # session releases it either way.
+                await connection.close()
+                await self._pool.putconn(connection)
+                raise
+        self._stream_locks[stream_id] = connection
+        return waited
+
+    async def unlock_stream(self, stream_id: str) -> None:
+        connection = self._stream_locks.pop(stream_id)
+        with _translated("unlock_stream"):
+            try:
+                await connection.execute(_UNLOCK_STREAM, (stream_id,), prepare=True)
+            except BaseException:
+                await connection.close()
+                raise
+            finally:
+                await self._pool.putconn(connection)
+
     # -- reads ----------------------------------------------------------------------
 
     async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
@@ -382,6 +427,8 @@ class PostgresEventStore:
                 await asyncio.wait(set(self._writers))
             for connection in self._idle_connections:
                 await connection.release()
+            for stream_id in list(self._stream_locks):
+                await self.unlock_stream(stream_id)
             await self._notifications.stop()
             await self._pool.close()
         finally:

@@ -27,6 +27,9 @@ MIGRATION_LOCK = 0x6F67_6D69_6772_6174
 """``pg_advisory_lock`` key held while migrating ("ogmigrat"), one per database."""
 APPEND_LOCK = 0x6F67_6170_7065_6E64
 """``pg_advisory_xact_lock`` key that serialises appends ("ogappend"); see ``og_append``."""
+STREAM_LOCK_SPACE = 0x6F67_7374
+"""First key of the two-key ``pg_advisory_lock`` a replica takes on a contended stream
+("ogst"); the second is the stream id's hash."""
 NOTIFY_CHANNEL = "order_gateway_events"
 """Every append transaction notifies this channel with the new head position."""
 HEAD_POSITION = "SELECT coalesce(max(position), 0) FROM events"

@@ -1,0 +1,78 @@
+"""Two gateway replicas on one real PostgreSQL database, every caller on one product.
+
+Replicas take turns at a contended stream at the database (``domain.locks.StreamTurns``)
+instead of racing each other to concurrency conflicts: every order succeeds, however the
+callers interleave, and the stock arithmetic is exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import grpc
+
+from domain.events import StockReserved
+from domain.mapper import to_domain_event
+from domain.ports import RecordedEvent
+from server.stores.factory import open_store
+from tests.clients import Clients, item, order_request
+from tests.subscription_support import connect, running_gateway
+
+CALLERS = 8
+"""On each replica."""
+ORDERS = 25
+"""Per caller, one after another."""
+STOCK = 1_000
+HOT = "sku-hot"
+
+
+async def place_orders(clients: Clients, failures: Counter[str]) -> list[str]:
+    placed = []
+    for _ in range(ORDERS):
+        try:
+            events = await clients.create(order_request(item(HOT)))
+        except grpc.aio.AioRpcError as error:
+            failures[error.code().name] += 1
+            continue
+        placed.append(events[0].order_created.order_id)
+    return placed
+
+
+async def test_two_replicas_queue_at_the_database_and_every_order_succeeds(
+    fresh_postgres_url: str,
+) -> None:
+    first_store = await open_store(fresh_postgres_url)
+    second_store = await open_store(fresh_postgres_url)
+    failures: Counter[str] = Counter()
+    async with (
+        running_gateway(first_store) as first,
+        running_gateway(second_store) as second,
+        connect(first) as on_first,
+        connect(second) as on_second,
+    ):
+        await on_first.restock(HOT, STOCK)
+        placed = await asyncio.wait_for(
+            asyncio.gather(
+                *(place_orders(on_first, failures) for _ in range(CALLERS)),
+                *(place_orders(on_second, failures) for _ in range(CALLERS)),
+            ),
+            timeout=120,
+        )
+        stream: list[RecordedEvent] = await first_store.read_stream(f"product-{HOT}")
+        positions = [event.position for event in await first_store.read_all(0, 10_000)]
+
+    assert failures == Counter(), "every call succeeded"
+    orders = [order_id for caller in placed for order_id in caller]
+    total = 2 * CALLERS * ORDERS
+    assert len(set(orders)) == total
+    # The product's stream: the restock, then one reservation per order, each leaving one
+    # unit less than the one before it, whichever replica wrote it.
+    assert [event.event_type for event in stream] == ["ProductRestocked"] + [
+        "StockReserved"
+    ] * total
+    assert [event.stream_version for event in stream] == list(range(1, total + 2))
+    reserved = [to_domain_event(event) for event in stream[1:]]
+    left = [event.available_after for event in reserved if isinstance(event, StockReserved)]
+    assert left == list(range(STOCK - 1, STOCK - total - 1, -1))
+    assert positions == list(range(1, len(positions) + 1)), "positions have no gap"
