@@ -103,13 +103,11 @@ _APPEND = (
 )
 
 
-_STREAM_LOCK_KEY = f"{STREAM_LOCK_SPACE}, hashtext(%s)"
-"""A stream's advisory lock: (namespace, hash of the stream id), a key space apart from
+_LOCK_STREAM = "SELECT og_lock_stream(%s)"
+_UNLOCK_STREAM = f"SELECT pg_advisory_unlock({STREAM_LOCK_SPACE}, hashtext(%s))"
+"""A stream's advisory lock is (namespace, hash of the stream id), a key space apart from
 the single-key locks of ``postgres_schema``. Two streams may share a hash: they then take
 turns needlessly, never wrongly."""
-_TRY_LOCK_STREAM = f"SELECT pg_try_advisory_lock({_STREAM_LOCK_KEY})"
-_LOCK_STREAM = f"SELECT pg_advisory_lock({_STREAM_LOCK_KEY})"
-_UNLOCK_STREAM = f"SELECT pg_advisory_unlock({_STREAM_LOCK_KEY})"
 
 
 @dataclass(slots=True)
@@ -301,11 +299,9 @@ class PostgresEventStore:
         with _translated("lock_stream"):
             connection = await self._pool.getconn()
             try:
-                cursor = await connection.execute(_TRY_LOCK_STREAM, (stream_id,), prepare=True)
+                cursor = await connection.execute(_LOCK_STREAM, (stream_id,), prepare=True)
                 row = await cursor.fetchone()
-                waited = not (row and row[0])
-                if waited:
-                    await connection.execute(_LOCK_STREAM, (stream_id,), prepare=True)
+                waited = bool(row and row[0])
             except BaseException:
                 # Cancelled or failed mid-way, the lock may be held or not: closing the
                 # session releases it either way.

@@ -451,12 +451,30 @@ BEGIN
     RETURN QUERY SELECT * FROM unnest(outcomes, firsts, details);
 END
 $$;
+
+-- Takes a replica's session lock on a stream it contends for with other replicas (the
+-- namespace, then the stream id's hash), waiting behind whoever holds it; returns whether
+-- it had to wait. One round trip either way.
+CREATE FUNCTION og_lock_stream(p_stream_id text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF pg_try_advisory_lock({STREAM_LOCK_SPACE}, hashtext(p_stream_id)) THEN
+        RETURN false;
+    END IF;
+    PERFORM pg_advisory_lock({STREAM_LOCK_SPACE}, hashtext(p_stream_id));
+    RETURN true;
+END
+$$;
 """
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "events, commands and og_append()", _V1_EVENTS),
     Migration(2, "og_append() reads only by index lookups", _V2_LOOKUPS_STAY_LOOKUPS),
-    Migration(3, "og_append_chain(): commits that follow one another, in one call", _V3_CHAINED),
+    Migration(
+        3,
+        "og_append_chain(): commits that follow one another, in one call; og_lock_stream()",
+        _V3_CHAINED,
+    ),
 )
 
 
