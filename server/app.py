@@ -28,6 +28,7 @@ from server.auth import Authenticator, AuthInterceptor
 from server.bootstrap import bootstrap
 from server.config import Settings
 from server.decoding import RequestDecodingInterceptor
+from server.last_resort import LastResortInterceptor
 from server.metrics import (
     CommandMetricsMiddleware,
     GatewayMetrics,
@@ -36,6 +37,7 @@ from server.metrics import (
 )
 from server.observability import ObservabilityInterceptor, Tracing, otel_tracing
 from server.rpc_logging import AccessLog
+from server.scopes import check_every_method_scoped
 from server.security import add_port, authenticators_from, server_credentials
 from server.servicers import CommandRunner, InventoryCommandServicer, OrderCommandServicer
 from server.store_urls import redacted_url
@@ -124,6 +126,8 @@ async def create_server(
     ``authenticators`` default to those the settings name (none: authentication off);
     ``tracing`` to OpenTelemetry with ``--otel``, else none.
     """
+    # A method without a scope would be refused on every call: refuse to start instead.
+    check_every_method_scoped()
     # Key, token and certificate files are read first: a bad one fails before the store opens.
     if authenticators is None:
         authenticators = authenticators_from(settings)
@@ -135,10 +139,12 @@ async def create_server(
     access_log = AccessLog()
     server = grpc.aio.server(
         # Observability wraps all the others, so that calls the auth interceptor refuses
-        # are still timed, counted and logged. Of those that act on a call, authentication
-        # runs first: its verdict precedes any look at the request.
+        # are still timed, counted and logged, and it sees the status the last-resort
+        # handler chose for an escaping error. Of those that act on a call,
+        # authentication runs first: its verdict precedes any look at the request.
         interceptors=[
             ObservabilityInterceptor([metrics, access_log], tracing),
+            LastResortInterceptor(),
             AuthInterceptor(authenticators),
             RequestDecodingInterceptor(),
         ],

@@ -11,13 +11,13 @@ state after a client cancelled a streaming call crashed grpcio 1.85 (shared/pitf
 from __future__ import annotations
 
 import asyncio
-import inspect
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from types import TracebackType
+from typing import Any, Protocol
 
 import grpc
 
@@ -25,15 +25,13 @@ from domain.bus import Middleware
 from domain.ids import random_bytes
 from domain.ports import EventStore
 from server.identity import current_caller, current_request_id
-from server.method_handlers import Handler, WrappedHandlers
+from server.method_handlers import Context, Handler, WrappedHandlers, wrapped
 
 REQUEST_ID_HEADER = "x-request-id"
 CORRELATION_HEADER = "x-correlation-id"
 MAX_ID_LENGTH = 128
 # A client-chosen request id is logged verbatim, so only printable, unambiguous characters.
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
-
-Context = grpc.aio.ServicerContext[Any, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,62 +141,10 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         return self._observed.get(handler, handler_call_details.method)
 
     def _observe(self, handler: Handler, method: str) -> Handler:
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap(handler.unary_stream, method, "server_stream"),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                self._wrap(handler.stream_stream, method, "bidi_stream"),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._single(handler.unary_unary, method, "unary"),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                self._single(handler.stream_unary, method, "client_stream"),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
-
-    def _wrap(self, behaviour: Any, method: str, rpc_type: str) -> Any:
-        # grpc calls a streaming behaviour differently by its kind (it checks the function):
-        # an async generator yields responses, a coroutine (health's Watch) writes them
-        # through its context. The wrapper must be of the same kind.
-        if inspect.iscoroutinefunction(behaviour):
-            return self._single(behaviour, method, rpc_type)
-        return self._streaming(behaviour, method, rpc_type)
-
-    def _streaming(self, behaviour: Any, method: str, rpc_type: str) -> Any:
-        # grpc's stubs type behaviours as synchronous; on an aio server they are async.
-        stream = cast(Callable[[Any, Context], AsyncIterator[Any]], behaviour)
-
-        async def call(request: Any, context: Context) -> AsyncIterator[Any]:
-            with self._observing(method, rpc_type, request, context) as observed:
-                async for response in stream(request, context):
-                    yield response
-                observed.completed()
-
-        return call
-
-    def _single(self, behaviour: Any, method: str, rpc_type: str) -> Any:
-        single = cast(Callable[[Any, Context], Awaitable[Any]], behaviour)
-
-        async def call(request: Any, context: Context) -> Any:
-            with self._observing(method, rpc_type, request, context) as observed:
-                response = await single(request, context)
-                observed.completed()
-                return response
-
-        return call
+        rpc_type = _RPC_TYPES[(handler.request_streaming, handler.response_streaming)]
+        return wrapped(
+            handler, lambda request, context: self._observing(method, rpc_type, request, context)
+        )
 
     def _observing(self, method: str, rpc_type: str, request: Any, context: Context) -> _Observed:
         # Read when the call starts, never after (see the module docstring).
@@ -210,7 +156,15 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         return _Observed(info, span, context, self._observers)
 
 
-class _Observed(AbstractContextManager["_Observed"]):
+_RPC_TYPES = {
+    (False, False): "unary",
+    (False, True): "server_stream",
+    (True, False): "client_stream",
+    (True, True): "bidi_stream",
+}
+
+
+class _Observed(AbstractAsyncContextManager[None]):
     """Times one call and reports its outcome when the handler returns or raises."""
 
     def __init__(
@@ -225,14 +179,17 @@ class _Observed(AbstractContextManager["_Observed"]):
         self._context = context
         self._observers = observers
         self._started = time.perf_counter()
-        self._code: grpc.StatusCode | None = None
 
-    def completed(self) -> None:
-        """The handler returned normally: OK unless it set another code itself."""
-        self._code = _set_code(self._context) or grpc.StatusCode.OK
+    async def __aenter__(self) -> None:
+        return None
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
-        code = self._code or self._code_for(exc_type)
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        code = self._code_for(exc_type)
         duration = time.perf_counter() - self._started
         self._span.finish(code)
         outcome = RpcOutcome(
@@ -252,7 +209,8 @@ class _Observed(AbstractContextManager["_Observed"]):
 
     def _code_for(self, exc_type: type[BaseException] | None) -> grpc.StatusCode:
         if exc_type is None:
-            return grpc.StatusCode.OK
+            # The handler returned normally: OK unless it set another code itself.
+            return _set_code(self._context) or grpc.StatusCode.OK
         if issubclass(exc_type, grpc.aio.AbortError):
             # abort()/abort_with_status() recorded the code before raising.
             return _set_code(self._context) or grpc.StatusCode.UNKNOWN

@@ -13,18 +13,8 @@ import grpc
 from orders.v1 import event_stream_service_pb2, event_stream_service_pb2_grpc
 
 from domain.events import EVENT_TYPES
-from server.errors import (
-    bad_request_status,
-    plain_status,
-    status_for,
-    unexpected_error_status,
-)
-from server.subscription_hub import (
-    EventFilter,
-    HubClosedError,
-    SubscriptionHub,
-    TooManySubscribersError,
-)
+from server.errors import bad_request_status
+from server.subscription_hub import EventFilter, SubscriptionHub
 
 
 def request_violations(
@@ -51,29 +41,11 @@ class EventStreamServicer(event_stream_service_pb2_grpc.EventStreamServiceServic
         if violations:
             await context.abort_with_status(bad_request_status(violations))
         event_filter = EventFilter(frozenset(request.event_types), request.stream_id)
-        # Context state is touched only before streaming starts and on our own errors,
-        # never after a client cancellation (that crashed grpcio 1.85, see pitfalls).
-        try:
-            async with self._hub.subscribe(
-                event_filter, request.after_position, request.from_end
-            ) as subscription:
-                async for response in subscription.responses():
-                    yield response
-        except Exception as error:
-            # Not abort_with_status: the client may already be gone (a shutdown racing a
-            # disconnect), and a failed abort would surface as an error of its own.
-            # Setting the status and returning lets grpc send it if anyone is listening.
-            status = _failure(error)
-            context.set_trailing_metadata(status.trailing_metadata)
-            context.set_code(status.code)
-            context.set_details(status.details)
-
-
-def _failure(error: Exception) -> grpc.Status:
-    if isinstance(error, TooManySubscribersError):
-        return plain_status(
-            grpc.StatusCode.RESOURCE_EXHAUSTED, "too many open subscriptions, retry later"
-        )
-    if isinstance(error, HubClosedError):
-        return plain_status(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-    return status_for(error) or unexpected_error_status(error)
+        # Context state is touched only before streaming starts, never after a client
+        # cancellation (that crashed grpcio 1.85). A failure (too many subscribers, the
+        # server stopping, the store) escapes to the last-resort handler, which maps it.
+        async with self._hub.subscribe(
+            event_filter, request.after_position, request.from_end
+        ) as subscription:
+            async for response in subscription.responses():
+                yield response
