@@ -24,26 +24,29 @@ from orders.v1 import (
 
 from domain.bus import Middleware
 from domain.ports import EventStore
-from server.auth import Authenticator, AuthInterceptor
 from server.bootstrap import bootstrap
 from server.config import Settings
-from server.decoding import RequestDecodingInterceptor
-from server.last_resort import LastResortInterceptor
-from server.metrics import (
+from server.observability.access_log import AccessLog
+from server.observability.hooks import Tracing
+from server.observability.interceptor import ObservabilityInterceptor
+from server.observability.metrics import (
     CommandMetricsMiddleware,
     GatewayMetrics,
     MeteredEventStore,
     MetricsServer,
 )
-from server.observability import ObservabilityInterceptor, Tracing, otel_tracing
-from server.rpc_logging import AccessLog
-from server.scopes import check_every_method_scoped
-from server.security import add_port, authenticators_from, server_credentials
-from server.servicers import CommandRunner, InventoryCommandServicer, OrderCommandServicer
-from server.store_urls import redacted_url
+from server.observability.otel import otel_tracing
+from server.rpc.decoding import RequestDecodingInterceptor
+from server.rpc.last_resort import LastResortInterceptor
+from server.rpc.servicers import CommandRunner, InventoryCommandServicer, OrderCommandServicer
+from server.rpc.subscription_hub import HubTuning, SubscriptionHub
+from server.rpc.subscriptions import EventStreamServicer
+from server.security.auth import Authenticator, AuthInterceptor, TokenFileAuthenticator
+from server.security.jwt import JwtAuthenticator
+from server.security.scopes import check_every_method_scoped
+from server.security.tls import add_port, server_credentials
 from server.stores.factory import open_store
-from server.subscription_hub import HubTuning, SubscriptionHub
-from server.subscriptions import EventStreamServicer
+from server.stores.urls import redacted_url
 
 log = logging.getLogger("order_gateway.server")
 
@@ -96,6 +99,20 @@ class Gateway:
             await self.metrics_server.stop()
         if self.tracing is not None:
             self.tracing.shutdown()
+
+
+def authenticators_from(settings: Settings) -> list[Authenticator]:
+    """Static tokens first (a cheap lookup), then JWTs; none means authentication is off."""
+    found: list[Authenticator] = []
+    if settings.auth_tokens is not None:
+        found.append(TokenFileAuthenticator.from_file(settings.auth_tokens))
+    if settings.jwt_public_key is not None:
+        found.append(
+            JwtAuthenticator.from_file(
+                settings.jwt_public_key, settings.jwt_issuer, settings.jwt_audience
+            )
+        )
+    return found
 
 
 def server_options(settings: Settings) -> Sequence[tuple[str, int]]:

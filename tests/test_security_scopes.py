@@ -18,8 +18,8 @@ from google.protobuf import descriptor_pool
 from server.app import Gateway, create_server
 from server.cli import main
 from server.config import Settings
-from server.identity import ALL_SCOPES
-from server.scopes import REQUIRED_SCOPES, UnscopedMethodsError, own_methods
+from server.security.identity import ALL_SCOPES
+from server.security.scopes import REQUIRED_SCOPES, UnscopedMethodsError, own_methods
 from server.stores.memory import MemoryEventStore
 
 OWN_METHODS = own_methods()
@@ -33,7 +33,7 @@ def test_the_methods_are_read_from_the_protos() -> None:
 
 @pytest.mark.parametrize("method", OWN_METHODS)
 def test_every_method_the_protos_declare_has_a_known_scope(method: str) -> None:
-    assert method in REQUIRED_SCOPES, f"{method} has no scope in server/scopes.py"
+    assert method in REQUIRED_SCOPES, f"{method} has no scope in server/security/scopes.py"
     assert REQUIRED_SCOPES[method]
     assert REQUIRED_SCOPES[method] <= ALL_SCOPES
 

@@ -27,9 +27,9 @@ from pydantic import ValidationError
 from domain.bus import CommandBus
 from domain.commands import CancelOrder, Command, CreateOrder, RestockProduct
 from domain.ports import RecordedEvent
-from server import mapping
-from server.errors import validation_status
-from server.identity import current_caller
+from server.rpc import mapping
+from server.rpc.status_mapping import validation_status
+from server.security.identity import current_caller
 
 log = logging.getLogger("order_gateway.rpc")
 
@@ -41,7 +41,7 @@ class CommandRunner:
     """Builds the command with the caller's identity and dispatches it.
 
     An invalid request is answered here (INVALID_ARGUMENT); any other error escapes to
-    the last-resort handler (``server.last_resort``), which maps it to its status.
+    the last-resort handler (``server.rpc.last_resort``), which maps it to its status.
     """
 
     def __init__(self, bus: CommandBus) -> None:

@@ -13,8 +13,8 @@ from typing import Any, cast
 import grpc
 from google.protobuf.message import DecodeError
 
-from server.errors import plain_status
-from server.method_handlers import Context, Handler, WrappedHandlers, checked_first
+from server.rpc.method_handlers import Context, Handler, WrappedHandlers, checked_first
+from server.rpc.status_mapping import plain_status
 
 OWN_METHOD_PREFIX = "/orders.v1."
 

@@ -17,10 +17,10 @@ from typing import Any, Protocol
 
 import grpc
 
-from server.errors import plain_status
-from server.identity import ALL_SCOPES, ANONYMOUS, Caller, current_caller
-from server.method_handlers import Context, Handler, WrappedHandlers, checked_first
-from server.scopes import OPEN_SERVICES, REQUIRED_SCOPES
+from server.rpc.method_handlers import Context, Handler, WrappedHandlers, checked_first
+from server.rpc.status_mapping import plain_status
+from server.security.identity import ALL_SCOPES, ANONYMOUS, Caller, current_caller
+from server.security.scopes import OPEN_SERVICES, REQUIRED_SCOPES
 
 log = logging.getLogger("order_gateway.auth")
 

@@ -11,7 +11,7 @@ import importlib
 import pkgutil
 from collections.abc import Iterable
 
-from server.identity import (
+from server.security.identity import (
     SCOPE_EVENTS_READ,
     SCOPE_INVENTORY_WRITE,
     SCOPE_ORDERS_ADMIN,

@@ -14,14 +14,14 @@ from types import TracebackType
 
 import grpc
 
-from server.errors import status_for, unexpected_error_status
-from server.method_handlers import (
+from server.rpc.method_handlers import (
     Context,
     Handler,
     WrappedHandlers,
     is_streaming_response,
     wrapped,
 )
+from server.rpc.status_mapping import status_for, unexpected_error_status
 
 
 class LastResortInterceptor(grpc.aio.ServerInterceptor):

@@ -1,7 +1,7 @@
 """``EventStreamService/Subscribe``: validates the request and streams a hub subscription.
 
 The delivery logic (catch-up, handoff, live fan-out, checkpoints) lives in
-``server.subscription_hub``; this module maps requests and failures to gRPC.
+``server.rpc.subscription_hub``; this module maps requests and failures to gRPC.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import grpc
 from orders.v1 import event_stream_service_pb2, event_stream_service_pb2_grpc
 
 from domain.events import EVENT_TYPES
-from server.errors import bad_request_status
-from server.subscription_hub import EventFilter, SubscriptionHub
+from server.rpc.status_mapping import bad_request_status
+from server.rpc.subscription_hub import EventFilter, SubscriptionHub
 
 
 def request_violations(

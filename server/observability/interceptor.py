@@ -17,86 +17,20 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 
-from domain.bus import Middleware
 from domain.ids import random_bytes
-from domain.ports import EventStore
-from server.identity import current_caller, current_request_id
-from server.method_handlers import Context, Handler, WrappedHandlers, wrapped
+from server.observability.hooks import RpcObserver, RpcOutcome, RpcSpan, Tracing
+from server.rpc.method_handlers import Context, Handler, WrappedHandlers, wrapped
+from server.security.identity import current_caller, current_request_id
 
 REQUEST_ID_HEADER = "x-request-id"
 CORRELATION_HEADER = "x-correlation-id"
 MAX_ID_LENGTH = 128
 # A client-chosen request id is logged verbatim, so only printable, unambiguous characters.
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
-
-
-@dataclass(frozen=True, slots=True)
-class RpcOutcome:
-    """What happened to one RPC, as every observer sees it."""
-
-    method: str
-    """The full method, e.g. ``/orders.v1.OrderCommandService/CreateOrder``."""
-    rpc_type: str
-    """``unary``, ``server_stream``, ``client_stream`` or ``bidi_stream``."""
-    code: grpc.StatusCode
-    duration: float
-    """Seconds from the handler's start to its last message or error."""
-    request_id: str
-    correlation_id: str
-    user_id: str
-    peer: str
-    trace_id: str
-    """Hex W3C trace id with tracing on, else empty."""
-
-    @property
-    def service(self) -> str:
-        return self.method.lstrip("/").partition("/")[0]
-
-    @property
-    def method_name(self) -> str:
-        return self.method.rpartition("/")[2]
-
-
-class RpcObserver(Protocol):
-    def rpc_finished(self, outcome: RpcOutcome) -> None:
-        """Called once per RPC, after its status is known. Must not raise or block."""
-        ...
-
-
-class RpcSpan(Protocol):
-    @property
-    def trace_id(self) -> str: ...
-
-    def finish(self, code: grpc.StatusCode) -> None:
-        """End the span with the call's status and restore the previous trace context."""
-        ...
-
-
-class Tracing(Protocol):
-    """The tracing hooks the gateway uses; ``server.tracing`` implements them.
-
-    Declared here so that nothing imports opentelemetry unless tracing is on.
-    """
-
-    def rpc_span(self, method: str, metadata: Sequence[tuple[str, Any]]) -> RpcSpan:
-        """Start the server span of an RPC, continuing the caller's ``traceparent``."""
-        ...
-
-    def command_middleware(self) -> Middleware:
-        """A command-bus middleware that spans each dispatch."""
-        ...
-
-    def instrument_store(self, store: EventStore) -> EventStore:
-        """``store`` with a span around each append."""
-        ...
-
-    def shutdown(self) -> None:
-        """Export what is buffered and release the exporter."""
-        ...
 
 
 class _NoSpan:
@@ -257,15 +191,3 @@ def _call_info(
         correlation_id=correlation_id,
         peer=context.peer(),
     )
-
-
-def otel_tracing() -> Tracing:
-    """OpenTelemetry tracing configured from ``OTEL_*`` variables (``--otel``)."""
-    try:
-        from server.tracing import OtelTracing
-
-        return OtelTracing.from_environment()
-    except ImportError as error:
-        raise ValueError(
-            f"--otel needs the otel extra (pip install 'order-gateway[otel]'): {error}"
-        ) from error
