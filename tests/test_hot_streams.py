@@ -19,6 +19,7 @@ from domain.commands import CancelOrder
 from domain.errors import (
     ConcurrencyConflictError,
     DomainError,
+    DuplicateCommandError,
     InsufficientInventoryError,
     StoreError,
 )
@@ -134,8 +135,12 @@ async def test_commands_on_one_stream_are_decided_while_the_first_waits_for_its_
 
 @pytest.mark.parametrize(
     "error",
-    [StoreError("the disk failed"), ConcurrencyConflictError("another process")],
-    ids=["store error", "conflict"],
+    [
+        StoreError("the disk failed"),
+        DuplicateCommandError(str(uuid.uuid4())),
+        ConcurrencyConflictError("another process"),
+    ],
+    ids=["store error", "duplicate command id", "conflict"],
 )
 async def test_a_failed_commit_in_the_middle_of_a_chain_is_never_built_upon(
     error: BaseException,
@@ -168,8 +173,8 @@ async def test_a_failed_commit_in_the_middle_of_a_chain_is_never_built_upon(
     for outcome in outcomes:
         if isinstance(outcome, list):
             assert {e.event_id for e in outcome} <= stored, "answered OK only with what is stored"
-    if isinstance(error, StoreError):
-        assert outcomes[1] is error
+    if not isinstance(error, ConcurrencyConflictError):
+        assert isinstance(outcomes[1], type(error))
         assert available(stream) == [10, 9, 14, 13, 12]
     else:  # a lost race is run again
         assert all(isinstance(outcome, list) for outcome in outcomes)
