@@ -64,6 +64,10 @@ class StreamLocks:
                 del self._locks[stream_id]
 
 
+PRUNE_AT = 1024
+"""Contended streams remembered before the expired ones are forgotten."""
+
+
 class StreamTurns:
     """Turns at the streams that several processes write at once, taken with the store's
     shared locks (``SharedStreamLocks``), so that those processes queue at the database
@@ -101,9 +105,13 @@ class StreamTurns:
 
     def contended(self, stream_ids: Iterable[str]) -> None:
         """Commands on ``stream_ids`` lost a race: take turns at them for a while."""
-        until = time.monotonic() + self._memory
+        now = time.monotonic()
+        if len(self._contended_until) >= PRUNE_AT:
+            # Streams are only looked at when a command touches them: forget old ones here.
+            for stale in [s for s, until in self._contended_until.items() if until < now]:
+                del self._contended_until[stale]
         for stream_id in stream_ids:
-            self._contended_until[stream_id] = until
+            self._contended_until[stream_id] = now + self._memory
 
     def _is_contended(self, stream_id: str) -> bool:
         until = self._contended_until.get(stream_id)
