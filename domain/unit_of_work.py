@@ -230,12 +230,14 @@ class UnitOfWork:
     async def _load(self, blank: A) -> A:
         stream_id = blank.stream_id
         entry = self._cache.get(stream_id)
-        if self._durable:
-            # Under the stream's lock nothing new is queued on it: wait for what is.
+        if self._durable or (entry is not None and entry.stale):
+            # Read from the store below, on top of the committed state: under the stream's
+            # lock nothing new is queued on it, so wait for what is, for the state read
+            # to be the head that later commands decide on.
             while entry is not None and entry.queued is not None:
                 await asyncio.wait([entry.queued])
                 entry = self._cache.get(stream_id)
-        elif entry is not None and not entry.stale and isinstance(entry.head, type(blank)):
+        elif entry is not None and isinstance(entry.head, type(blank)):
             # The head may rest on queued commits: ``follows`` makes the append fail if
             # they do not commit, and ``UnitsOfWork.run`` re-decides a rejection.
             self.used_cache = True

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
+from domain import handlers
 from domain.bus import CommandBus
-from domain.commands import CancelOrder
+from domain.commands import CancelOrder, CreateOrder, RestockProduct
 from domain.errors import (
     ConcurrencyConflictError,
     DomainError,
@@ -24,8 +25,10 @@ from domain.errors import (
     StoreError,
 )
 from domain.events import ProductRestocked, StockReleased, StockReserved
+from domain.locks import StreamLocks
 from domain.mapper import to_domain_event, to_new_event
 from domain.ports import Commit, RecordedEvent
+from domain.unit_of_work import AggregateCache, UnitOfWork
 from server.bootstrap import bootstrap
 from server.stores.memory import MemoryEventStore
 from server.stores.sqlite import SQLiteEventStore
@@ -260,3 +263,26 @@ async def test_orders_on_several_hot_products_never_deadlock_nor_oversell(
 
 def cancel(order_id: str) -> CancelOrder:
     return CancelOrder(order_id=order_id, reason="changed my mind", by_admin=True)
+
+
+async def test_a_stream_read_afresh_behind_a_queued_commit_is_read_once_it_is_durable() -> None:
+    """A stream must be read afresh (a replica's turn at it begins: another replica may
+    have written) while a commit on it still waits: the commands after it are decided on
+    that commit's state once it is durable, and none of them loses a race against it."""
+    store = HeldStore()
+    cache, locks = AggregateCache(), StreamLocks()
+
+    async def run(command: CreateOrder | RestockProduct) -> list[RecordedEvent]:
+        uow = UnitOfWork(store, cache, locks, command)
+        if isinstance(command, RestockProduct):
+            return await handlers.restock_product(command, uow)
+        return await handlers.create_order(command, uow)
+
+    await run_through(store, [run(restock("hot", 10))])
+    before = asyncio.ensure_future(run(create(("hot", 1))))
+    await until(lambda: len(store.queued) == 1)
+
+    cache.mark_stale("product-hot")
+    outcomes = await run_through(store, [before, *(run(create(("hot", 1))) for _ in range(3))])
+
+    assert [available(events) for events in outcomes] == [[9], [8], [7], [6]]
