@@ -102,16 +102,39 @@ class StreamTurns:
         self._turns: dict[str, _Turn] = {}
         self._contended_until: dict[str, float] = {}
         self._unlocking: dict[str, asyncio.Task[None]] = {}
+        self._announcing: set[asyncio.Task[None]] = set()
+        shared.add_contention_listener(self._heard)
+
+    def _heard(self, stream_id: str) -> None:
+        """Another process takes turns at ``stream_id``: so does this one, from now on."""
+        self._mark([stream_id])
 
     def contended(self, stream_ids: Iterable[str]) -> None:
-        """Commands on ``stream_ids`` lost a race: take turns at them for a while."""
+        """Commands on ``stream_ids`` lost a race: take turns at them for a while, and
+        tell the other processes, which may be the ones that keep winning it."""
+        for stream_id in self._mark(stream_ids):
+            task = asyncio.ensure_future(self._shared.announce_contention(stream_id))
+            self._announcing.add(task)
+            task.add_done_callback(self._announced)
+
+    def _announced(self, task: asyncio.Task[None]) -> None:
+        self._announcing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("announcing contention failed: %s", task.exception())
+
+    def _mark(self, stream_ids: Iterable[str]) -> list[str]:
+        """Mark ``stream_ids`` contended; returns those that were not before."""
         now = time.monotonic()
         if len(self._contended_until) >= PRUNE_AT:
             # Streams are only looked at when a command touches them: forget old ones here.
             for stale in [s for s, until in self._contended_until.items() if until < now]:
                 del self._contended_until[stale]
+        new = []
         for stream_id in stream_ids:
+            if not self._is_contended(stream_id):
+                new.append(stream_id)
             self._contended_until[stream_id] = now + self._memory
+        return new
 
     def _is_contended(self, stream_id: str) -> bool:
         until = self._contended_until.get(stream_id)
@@ -148,7 +171,7 @@ class StreamTurns:
                     if unlocking is not None:
                         await asyncio.wait([unlocking])
                     if await self._shared.lock_stream(stream_id):
-                        self.contended([stream_id])
+                        self._mark([stream_id])
                 except BaseException:
                     del self._turns[stream_id]
                     turn.fail()

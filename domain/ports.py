@@ -142,3 +142,11 @@ class SharedStreamLocks(Protocol):
     async def unlock_stream(self, stream_id: str) -> None:
         """Release what ``lock_stream`` took."""
         ...
+
+    async def announce_contention(self, stream_id: str) -> None:
+        """Tell the other processes that this one takes turns at ``stream_id`` now."""
+        ...
+
+    def add_contention_listener(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(stream_id)`` when another process announces contention."""
+        ...

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import pytest
 
@@ -138,8 +139,12 @@ class SharedLocks:
     (asyncio's lock, like PostgreSQL's lock queue, lets its waiters in first come, first
     served)."""
 
-    def __init__(self, table: dict[str, asyncio.Lock]) -> None:
+    def __init__(
+        self, table: dict[str, asyncio.Lock], heard: list[Callable[[str], None]] | None = None
+    ) -> None:
         self._table = table
+        self._heard = heard if heard is not None else []
+        self._own: list[Callable[[str], None]] = []
 
     async def lock_stream(self, stream_id: str) -> bool:
         lock = self._table.setdefault(stream_id, asyncio.Lock())
@@ -149,6 +154,15 @@ class SharedLocks:
 
     async def unlock_stream(self, stream_id: str) -> None:
         self._table[stream_id].release()
+
+    async def announce_contention(self, stream_id: str) -> None:
+        for listener in self._heard:
+            if listener not in self._own:
+                listener(stream_id)
+
+    def add_contention_listener(self, listener: Callable[[str], None]) -> None:
+        self._heard.append(listener)
+        self._own.append(listener)
 
 
 async def test_replicas_take_turns_at_a_contended_stream_and_neither_keeps_it() -> None:
@@ -181,3 +195,18 @@ async def test_streams_nobody_else_writes_never_take_turns() -> None:
     turns = StreamTurns(SharedLocks(table))
     assert await turns.join(["product-a", "order-1"]) == []
     assert table == {}
+
+
+async def test_a_replica_that_keeps_winning_hears_that_the_other_takes_turns() -> None:
+    """Only the loser of a race learns of it; it tells the others, which take turns too."""
+    table: dict[str, asyncio.Lock] = {}
+    heard: list[Callable[[str], None]] = []
+    loser, winner = (StreamTurns(SharedLocks(table, heard)) for _ in "ab")
+    assert await winner.join(["product-a"]) == []
+
+    loser.contended(["product-a"])
+    await asyncio.sleep(0)  # the announcement goes out in a task
+
+    joined = await winner.join(["product-a"])
+    assert joined == [("product-a", True)]
+    winner.leave(joined)

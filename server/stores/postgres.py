@@ -48,7 +48,12 @@ from server.stores.postgres_arrays import (
 )
 from server.stores.postgres_errors import append_error, is_unavailable, store_error
 from server.stores.postgres_notify import NotificationListener
-from server.stores.postgres_schema import HEAD_POSITION, STREAM_LOCK_SPACE, apply_migrations
+from server.stores.postgres_schema import (
+    HEAD_POSITION,
+    STREAM_LOCK_SPACE,
+    TURNS_CHANNEL,
+    apply_migrations,
+)
 
 log = logging.getLogger("order_gateway.store.postgres")
 
@@ -104,6 +109,7 @@ _APPEND = (
 
 
 _LOCK_STREAM = "SELECT og_lock_stream(%s)"
+_ANNOUNCE_TURNS = "SELECT pg_notify(%s, %s)"
 _UNLOCK_STREAM = f"SELECT pg_advisory_unlock({STREAM_LOCK_SPACE}, hashtext(%s))"
 """A stream's advisory lock is (namespace, hash of the stream id), a key space apart from
 the single-key locks of ``postgres_schema``. Two streams may share a hash: they then take
@@ -127,7 +133,9 @@ class PostgresEventStore:
     def __init__(
         self,
         pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]],
-        listener_factory: Callable[[Callable[[int | None], None]], NotificationListener],
+        listener_factory: Callable[
+            [Callable[[int | None], None], Callable[[str], None]], NotificationListener
+        ],
         max_batch: int,
         known_head: int,
         max_in_flight: int = 2,
@@ -143,7 +151,8 @@ class PostgresEventStore:
         self._busy_commands: set[str] = set()
         """Streams and command ids of the batches in flight: a commit naming one waits."""
         self._listeners: list[Callable[[], None]] = []
-        self._notifications = listener_factory(self._on_notification)
+        self._contention_listeners: list[Callable[[str], None]] = []
+        self._notifications = listener_factory(self._on_notification, self._on_turns)
         self._known_head = known_head
         """The highest position this process knows committed: notifications at or below it
         wake nobody (this process's own appends come back through NOTIFY too)."""
@@ -201,8 +210,10 @@ class PostgresEventStore:
         if "application_name" in listen_kwargs:
             listen_kwargs["application_name"] = LISTENER_APPLICATION_NAME
 
-        def listener(on_wake: Callable[[int | None], None]) -> NotificationListener:
-            return NotificationListener(url, listen_kwargs, on_wake)
+        def listener(
+            on_wake: Callable[[int | None], None], on_turns: Callable[[str], None]
+        ) -> NotificationListener:
+            return NotificationListener(url, listen_kwargs, on_wake, on_turns)
 
         return cls(
             pool,
@@ -310,6 +321,27 @@ class PostgresEventStore:
                 raise
         self._stream_locks[stream_id] = connection
         return waited
+
+    def add_contention_listener(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(stream_id)`` when another replica begins to take turns at a
+        stream (through LISTEN, whose connection opens now)."""
+        self._contention_listeners.append(listener)
+        if not self._closing:
+            self._notifications.start()
+
+    async def announce_contention(self, stream_id: str) -> None:
+        """Tell the other replicas this one takes turns at ``stream_id`` now: a replica
+        that keeps winning the race never loses one to learn it."""
+        with _translated("announce_contention"):
+            async with self._pool.connection() as conn:
+                await conn.execute(_ANNOUNCE_TURNS, (TURNS_CHANNEL, stream_id), prepare=True)
+
+    def _on_turns(self, stream_id: str) -> None:
+        for listener in list(self._contention_listeners):
+            try:
+                listener(stream_id)
+            except Exception:
+                log.exception("contention listener failed")
 
     async def unlock_stream(self, stream_id: str) -> None:
         connection = self._stream_locks.pop(stream_id)

@@ -30,6 +30,9 @@ APPEND_LOCK = 0x6F67_6170_7065_6E64
 STREAM_LOCK_SPACE = 0x6F67_7374
 """First key of the two-key ``pg_advisory_lock`` a replica takes on a contended stream
 ("ogst"); the second is the stream id's hash."""
+TURNS_CHANNEL = "order_gateway_turns"
+"""A replica that begins to take turns at a stream notifies this channel with the stream's
+id, so that the others take turns at it too (``domain.locks.StreamTurns``)."""
 NOTIFY_CHANNEL = "order_gateway_events"
 """Every append transaction notifies this channel with the new head position."""
 HEAD_POSITION = "SELECT coalesce(max(position), 0) FROM events"
