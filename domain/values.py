@@ -44,7 +44,7 @@ def _lower(value: str) -> str:
 
 def _not_blank(value: str) -> str:
     if not value.strip():
-        raise PydanticCustomError("missing", "is required and must not be blank")
+        raise PydanticCustomError("blank", "is required and must not be blank")
     return value
 
 
