@@ -52,7 +52,8 @@ class EventStreamServicer(event_stream_service_pb2_grpc.EventStreamServiceServic
             await context.abort_with_status(bad_request_status(violations))
         event_filter = EventFilter(frozenset(request.event_types), request.stream_id)
         # Context state is touched only before streaming starts and on our own errors,
-        # never after a client cancellation (that crashed grpcio 1.85, see pitfalls).
+        # never after a client cancellation: in grpcio 1.85, reading it then crashed the
+        # process with a segfault.
         try:
             async with self._hub.subscribe(
                 event_filter, request.after_position, request.from_end
