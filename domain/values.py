@@ -1,4 +1,4 @@
-"""Value objects shared by commands and events, with the contract's validation rules.
+"""Value objects shared by commands and events, with the API's validation rules (docs/api.md).
 
 Field names equal the proto field names, so a pydantic error location is already the
 path a client sees in ``google.rpc.BadRequest``.

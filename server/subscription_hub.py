@@ -54,7 +54,7 @@ class HubTuning:
     poll_interval: float = 1.0
     """Seconds between reads of the head when no commit wake-up arrives."""
     checkpoint_interval: float = 5.0
-    """Longest silence on a subscription before it gets a Checkpoint (the contract's 5 s)."""
+    """Longest silence on a subscription before it gets a Checkpoint (docs/api.md promises 5 s)."""
     stop_timeout: float = 1.0
     """On stop, how long open streams get to end before their calls are cancelled."""
 
