@@ -264,6 +264,10 @@ class Subscription:
                     async with asyncio.timeout(quiet_until - clock()):
                         await self._wake.wait()
                 except TimeoutError:
+                    if self._chunks:
+                        # The hub offered events in the same turn of the event loop as the
+                        # timeout fired: advancing past them now would skip them.
+                        continue
                     self._advance(self._seen_through)
                     self._hub.report_progress(self._cursor)
                     yield _checkpoint(self._examined)

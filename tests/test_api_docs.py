@@ -3,6 +3,7 @@ documents point at it rather than at anything outside the repository."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 from pathlib import Path
 
@@ -59,8 +60,8 @@ def test_every_message_and_field_is_documented(file: FileDescriptor) -> None:
 
 def test_every_command_line_command_is_documented() -> None:
     parser = build_parser()
-    (commands,) = [a for a in parser._actions if a.dest == "command"]
-    for name, command in (commands.choices or {}).items():
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, command in commands.choices.items():
         assert f"order-gateway {name}" in API, name
         for action in command._actions:
             for option in action.option_strings:
