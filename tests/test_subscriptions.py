@@ -11,8 +11,8 @@ from orders.v1.event_stream_service_pb2 import SubscribeResponse
 from domain.commands import RestockProduct
 from server.app import Gateway
 from server.bootstrap import bootstrap
+from server.rpc.subscription_hub import EventFilter, HubTuning, SubscriptionHub
 from server.stores.memory import MemoryEventStore
-from server.subscription_hub import EventFilter, HubTuning, SubscriptionHub
 from tests.clients import Clients, item, order_request
 from tests.subscription_support import (
     SMALL_WINDOW,
