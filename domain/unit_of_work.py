@@ -21,6 +21,9 @@ share commits instead of taking one durable commit each. What keeps it safe:
   (``durable=True``): under the stream locks, once the stream's queued commits have
   settled, with whatever the store holds beyond the cached version (another process may
   have restocked the product).
+
+Across processes sharing a store (PostgreSQL replicas), commands on a stream they contend
+for also take turns at it (``domain.locks.StreamTurns``), joined with the stream locks.
 """
 
 from __future__ import annotations
