@@ -8,7 +8,6 @@ Without it grpcio would answer UNKNOWN with the exception's text.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 
@@ -17,31 +16,17 @@ import grpc
 from server.rpc.method_handlers import (
     Context,
     Handler,
-    WrappedHandlers,
+    WrappingInterceptor,
     is_streaming_response,
     wrapped,
 )
 from server.rpc.status_mapping import status_for, unexpected_error_status
 
 
-class LastResortInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self) -> None:
-        self._answered = WrappedHandlers(_answered)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        return self._answered.get(handler, handler_call_details.method)
-
-
-def _answered(handler: Handler, method: str) -> Handler:
-    streaming = is_streaming_response(handler)
-    return wrapped(handler, lambda request, context: _Answering(context, streaming))
+class LastResortInterceptor(WrappingInterceptor):
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        streaming = is_streaming_response(handler)
+        return wrapped(handler, lambda request, context: _Answering(context, streaming))
 
 
 class _Answering(AbstractAsyncContextManager[None]):

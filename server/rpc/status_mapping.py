@@ -31,8 +31,8 @@ from domain.errors import (
     ProductNotFoundError,
     StoreUnavailableError,
 )
+from server.observability.hooks import current_request_id
 from server.rpc.subscription_hub import HubClosedError, TooManySubscribersError
-from server.security.identity import current_request_id
 
 log = logging.getLogger("order_gateway.errors")
 

@@ -36,7 +36,7 @@ from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
 from psycopg_pool import AsyncConnectionPool
 
 from domain.errors import ConcurrencyConflictError, DuplicateCommandError, StoreError
-from domain.ports import CommandRecord, Commit, RecordedEvent
+from domain.ports import CommandRecord, Commit, RecordedEvent, recorded_events
 from server.stores import postgres_arrays
 from server.stores.event_rows import EventRow
 from server.stores.postgres_arrays import (
@@ -271,7 +271,7 @@ class PostgresEventStore:
             if pending.future.done():
                 continue
             if outcome == "appended":
-                recorded = _recorded(pending.commit, first_position)
+                recorded = recorded_events(pending.commit, first_position)
                 head = max(head, first_position + len(recorded) - 1)
                 pending.future.set_result(recorded)
             elif outcome == "duplicate":
@@ -482,25 +482,6 @@ def _append_params(batch: Sequence[_Pending]) -> tuple[list[Any], ...]:
         TextArray([e.event_type for _, e in events]),
         BytesArray([e.data for _, e in events]),
     )
-
-
-def _recorded(commit: Commit, first_position: int) -> list[RecordedEvent]:
-    occurred_at = commit.occurred_at.astimezone(dt.UTC)
-    return [
-        RecordedEvent(
-            event_id=event.event_id,
-            stream_id=event.stream_id,
-            stream_version=event.stream_version,
-            position=first_position + n,
-            occurred_at=occurred_at,
-            command_id=commit.command_id,
-            correlation_id=commit.correlation_id,
-            user_id=commit.user_id,
-            event_type=event.event_type,
-            data=event.data,
-        )
-        for n, event in enumerate(commit.events)
-    ]
 
 
 def _fail(pending: _Pending, error: BaseException, cause: BaseException) -> None:

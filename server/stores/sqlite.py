@@ -42,7 +42,7 @@ from domain.errors import (
     StoreError,
     StoreUnavailableError,
 )
-from domain.ports import CommandRecord, Commit, RecordedEvent
+from domain.ports import CommandRecord, Commit, RecordedEvent, recorded_events
 from server.stores.event_rows import EventRow
 from server.stores.sqlite_calls import Call, CallQueue, Listener, answer
 from server.stores.sqlite_decide import decide, stream_ids
@@ -135,29 +135,22 @@ def _event(row: tuple[Any, ...]) -> RecordedEvent:
 
 def _record(commit: Commit, head: int) -> tuple[list[RecordedEvent], list[tuple[Any, ...]]]:
     """``commit``'s events recorded at the positions after ``head``, and their rows."""
-    occurred_at = commit.occurred_at.astimezone(dt.UTC)
-    occurred_at_us = (occurred_at - EPOCH) // MICROSECOND
-    command_id, correlation_id, user_id = commit.command_id, commit.correlation_id, commit.user_id
+    recorded = recorded_events(commit, head + 1)
+    occurred_at_us = (commit.occurred_at - EPOCH) // MICROSECOND
     rows = [
         (
-            event.event_id,
-            event.stream_id,
-            event.stream_version,
-            position,
+            r.event_id,
+            r.stream_id,
+            r.stream_version,
+            r.position,
             occurred_at_us,
-            command_id,
-            correlation_id,
-            user_id,
-            event.event_type,
-            event.data,
+            r.command_id,
+            r.correlation_id,
+            r.user_id,
+            r.event_type,
+            r.data,
         )
-        for position, event in enumerate(commit.events, start=head + 1)
-    ]
-    recorded = [
-        RecordedEvent(
-            r[0], r[1], r[2], r[3], occurred_at, command_id, correlation_id, user_id, r[8], r[9]
-        )
-        for r in rows
+        for r in recorded
     ]
     return recorded, rows
 
