@@ -15,13 +15,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from domain.errors import StoreError
+from domain.errors import ConfigurationError, StoreError
 from server.config import Settings
 from server.observability.logs import configure_logging
-
-
-class ConfigurationError(Exception):
-    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in _problems(error):
             print(f"order-gateway: {problem}", file=sys.stderr)
         return 2
-    except (ConfigurationError, ValueError, OSError) as error:
+    # ConfigurationError is a ValueError, as are the settings' own checks.
+    except (ValueError, OSError) as error:
         print(f"order-gateway: {error}", file=sys.stderr)
         return 2
     except StoreError as error:

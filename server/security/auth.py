@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from domain.errors import ConfigurationError
 from server.rpc.method_handlers import Context, Handler, WrappingInterceptor, checked_first
 from server.rpc.status_mapping import plain_status
 from server.security.identity import ALL_SCOPES, ANONYMOUS, Caller, current_caller
@@ -50,25 +51,25 @@ class TokenFileAuthenticator:
             try:
                 document = tomllib.load(file)
             except tomllib.TOMLDecodeError as error:
-                raise ValueError(f"{path}: not valid TOML: {error}") from error
+                raise ConfigurationError(f"{path}: not valid TOML: {error}") from error
         entries: dict[bytes, Caller] = {}
         for n, token in enumerate(document.get("token", [])):
             where = f"{path}: token[{n}]"
             if not isinstance(token, dict):
-                raise ValueError(f"{where} must be a [[token]] table")
+                raise ConfigurationError(f"{where} must be a [[token]] table")
             missing = {"sha256", "user_id"} - token.keys()
             if missing:
-                raise ValueError(f"{where} needs {' and '.join(sorted(missing))}")
+                raise ConfigurationError(f"{where} needs {' and '.join(sorted(missing))}")
             digest = str(token["sha256"]).lower()
             if re.fullmatch("[0-9a-f]{64}", digest) is None:
-                raise ValueError(f"{where}.sha256 is not a hex SHA-256 digest")
+                raise ConfigurationError(f"{where}.sha256 is not a hex SHA-256 digest")
             scopes = token.get("scopes", [])
             # A bare string would silently become a set of single characters.
             if not isinstance(scopes, list) or not all(
                 isinstance(scope, str) and scope in ALL_SCOPES for scope in scopes
             ):
                 known = ", ".join(sorted(ALL_SCOPES))
-                raise ValueError(f"{where}.scopes must be a list of {known}")
+                raise ConfigurationError(f"{where}.scopes must be a list of {known}")
             entries[bytes.fromhex(digest)] = Caller(
                 user_id=str(token["user_id"]), scopes=frozenset(scopes)
             )

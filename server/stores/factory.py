@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from domain.errors import ConfigurationError
 from domain.ports import EventStore
 from server.stores.memory import MemoryEventStore
 from server.stores.sqlite import SQLiteEventStore
 from server.stores.urls import redacted_url
 
 
-class UnsupportedStoreURLError(ValueError):
-    pass
+class UnsupportedStoreURLError(ConfigurationError):
+    """``--store`` names no backend this gateway has."""
 
 
 async def open_store(url: str) -> EventStore:
