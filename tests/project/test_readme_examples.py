@@ -13,7 +13,7 @@ import pytest
 
 from server.app import Gateway
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def try_it_script() -> str:
