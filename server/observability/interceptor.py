@@ -14,9 +14,7 @@ import asyncio
 import re
 import time
 from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import grpc
@@ -30,7 +28,13 @@ from server.observability.hooks import (
     current_correlation_id,
     current_request_id,
 )
-from server.rpc.method_handlers import Context, Handler, WrappingInterceptor, wrapped
+from server.rpc.method_handlers import (
+    CallScope,
+    Context,
+    Handler,
+    WrappingInterceptor,
+    wrapped,
+)
 from server.security.identity import current_caller
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -99,7 +103,7 @@ _RPC_TYPES = {
 }
 
 
-class _Observed(AbstractAsyncContextManager[None]):
+class _Observed(CallScope):
     """Times one call and reports its outcome when the handler returns or raises."""
 
     def __init__(
@@ -115,16 +119,8 @@ class _Observed(AbstractAsyncContextManager[None]):
         self._observers = observers
         self._started = time.perf_counter()
 
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        code = self._code_for(exc_type)
+    async def end(self, error: BaseException | None) -> bool:
+        code = self._code_for(error)
         duration = time.perf_counter() - self._started
         self._span.finish(code)
         outcome = RpcOutcome(
@@ -141,15 +137,16 @@ class _Observed(AbstractAsyncContextManager[None]):
         )
         for observer in self._observers:
             observer.rpc_finished(outcome)
+        return False
 
-    def _code_for(self, exc_type: type[BaseException] | None) -> grpc.StatusCode:
-        if exc_type is None:
+    def _code_for(self, error: BaseException | None) -> grpc.StatusCode:
+        if error is None:
             # The handler returned normally: OK unless it set another code itself.
             return _set_code(self._context) or grpc.StatusCode.OK
-        if issubclass(exc_type, grpc.aio.AbortError):
+        if isinstance(error, grpc.aio.AbortError):
             # abort()/abort_with_status() recorded the code before raising.
             return _set_code(self._context) or grpc.StatusCode.UNKNOWN
-        if issubclass(exc_type, asyncio.CancelledError | GeneratorExit):
+        if isinstance(error, asyncio.CancelledError | GeneratorExit):
             # The client went away (or the server is stopping): never touch the context.
             return grpc.StatusCode.CANCELLED
         # grpc answers an exception that escapes a handler with UNKNOWN.

@@ -8,12 +8,10 @@ Without it grpcio would answer UNKNOWN with the exception's text.
 
 from __future__ import annotations
 
-from contextlib import AbstractAsyncContextManager
-from types import TracebackType
-
 import grpc
 
 from server.rpc.method_handlers import (
+    CallScope,
     Context,
     Handler,
     WrappingInterceptor,
@@ -29,26 +27,18 @@ class LastResortInterceptor(WrappingInterceptor):
         return wrapped(handler, lambda request, context: _Answering(context, streaming))
 
 
-class _Answering(AbstractAsyncContextManager[None]):
+class _Answering(CallScope):
     __slots__ = ("_context", "_streaming")
 
     def __init__(self, context: Context, streaming: bool) -> None:
         self._context = context
         self._streaming = streaming
 
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
+    async def end(self, error: BaseException | None) -> bool:
         # Cancellation and aborts (a status already chosen) pass through untouched.
-        if not isinstance(exc, Exception) or isinstance(exc, grpc.aio.AbortError):
+        if not isinstance(error, Exception) or isinstance(error, grpc.aio.AbortError):
             return False
-        status = status_for(exc) or unexpected_error_status(exc)
+        status = status_for(error) or unexpected_error_status(error)
         if self._streaming:
             # Not abort_with_status: the client of a stream may already be gone (a
             # shutdown racing a disconnect), and a failed abort would surface as an error

@@ -20,10 +20,34 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
+class CallScope(AbstractAsyncContextManager[None]):
+    """What an interceptor runs around one call: ``start`` before the method's behaviour,
+    ``end`` after its last response or with its error."""
+
+    __slots__ = ()
+
+    async def start(self) -> None:
+        return None
+
+    async def end(self, error: BaseException | None) -> bool:
+        """Called with the error the behaviour raised, if any; True swallows it."""
+        return False
+
+    async def __aenter__(self) -> None:
+        await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        return await self.end(exc)
+
+
 class Around(Protocol):
-    def __call__(self, request: Any, context: Context) -> AbstractAsyncContextManager[object]:
-        """What runs around one call's behaviour: entered before it, exited after its
-        last response or its error (``request`` is the request iterator of a
+    def __call__(self, request: Any, context: Context) -> CallScope:
+        """The scope of one call (``request`` is the request iterator of a
         client-streaming method)."""
         ...
 
@@ -101,7 +125,7 @@ def checked_first(
     )
 
 
-class _Checked(AbstractAsyncContextManager[None]):
+class _Checked(CallScope):
     __slots__ = ("_check", "_context", "_request")
 
     def __init__(
@@ -111,16 +135,8 @@ class _Checked(AbstractAsyncContextManager[None]):
         self._request = request
         self._context = context
 
-    async def __aenter__(self) -> None:
+    async def start(self) -> None:
         await self._check(self._request, self._context)
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
 
 
 def _streaming(behaviour: Any, around: Around) -> Any:
