@@ -38,6 +38,7 @@ from server.observability import ObservabilityInterceptor, Tracing, otel_tracing
 from server.rpc_logging import AccessLog
 from server.security import add_port, authenticators_from, server_credentials
 from server.servicers import CommandRunner, InventoryCommandServicer, OrderCommandServicer
+from server.store_faults import StoreFaults, watched
 from server.store_urls import redacted_url
 from server.stores.factory import open_store
 from server.subscription_hub import HubTuning, SubscriptionHub
@@ -132,6 +133,8 @@ async def create_server(
         tracing = otel_tracing()
     store = store if store is not None else await open_store(settings.store)
     metrics = GatewayMetrics()
+    # Every path to the store is watched, so that a fault is logged once, whoever meets it.
+    watched_store = watched(store, StoreFaults(metrics.store_errors, metrics.store_fault))
     access_log = AccessLog()
     server = grpc.aio.server(
         # Observability wraps all the others, so that calls the auth interceptor refuses
@@ -148,7 +151,7 @@ async def create_server(
         maximum_concurrent_rpcs=settings.max_concurrent_streams,
     )
     # Only the command path gets the instrumented store: its appends are what is measured.
-    command_store: EventStore = MeteredEventStore(store, metrics)
+    command_store: EventStore = MeteredEventStore(watched_store, metrics)
     middleware: list[Middleware] = [CommandMetricsMiddleware(metrics)]
     if tracing is not None:
         command_store = tracing.instrument_store(command_store)
@@ -163,7 +166,7 @@ async def create_server(
         InventoryCommandServicer(runner), server
     )
     hub = SubscriptionHub(
-        store,
+        watched_store,
         settings.max_subscribers,
         hub_tuning,
         on_lag=lambda head, delivered: metrics.subscription_lag(head, delivered),

@@ -46,7 +46,7 @@ from server.stores.postgres_arrays import (
     TextArray,
     TimestamptzArray,
 )
-from server.stores.postgres_errors import append_error, is_unavailable, store_error
+from server.stores.postgres_errors import append_error, is_full, is_unavailable, store_error
 from server.stores.postgres_notify import NotificationListener
 from server.stores.postgres_schema import HEAD_POSITION, apply_migrations
 
@@ -249,7 +249,7 @@ class PostgresEventStore:
         try:
             outcomes = await connection.execute(_APPEND, _append_params(batch))
         except psycopg.Error as error:
-            if len(batch) > 1 and not is_unavailable(error):
+            if len(batch) > 1 and not (is_unavailable(error) or is_full(error)):
                 # One bad commit failed the statement; alone, each gets its own outcome.
                 for pending in batch:
                     await self._write_batch(connection, [pending])
