@@ -131,7 +131,8 @@ async def create_server(
     credentials = server_credentials(settings)
     if tracing is None and settings.otel:
         tracing = otel_tracing()
-    store = store if store is not None else await open_store(settings.store)
+    if store is None:
+        store = await open_store(settings.store, pool_size=settings.store_pool_size)
     metrics = GatewayMetrics()
     # Every path to the store is watched, so that a fault is logged once, whoever meets it.
     watched_store = watched(store, StoreFaults(metrics.store_errors, metrics.store_fault))

@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--listen", metavar="HOST:PORT")
     serve.add_argument("--store", metavar="URL")
+    serve.add_argument("--store-pool-size", metavar="N", type=int)
     serve.add_argument("--auth-tokens", metavar="FILE")
     serve.add_argument("--jwt-public-key", metavar="FILE")
     serve.add_argument("--jwt-issuer", metavar="ISS")

@@ -38,6 +38,13 @@ class Settings(BaseSettings):
         description="Event store URL: sqlite:///relative.db, sqlite:////absolute.db, "
         "postgresql://user:pass@host:port/db, or memory:// (tests only).",
     )
+    store_pool_size: int = Field(
+        10,
+        ge=3,
+        description="PostgreSQL connections each gateway process keeps at most (plus one "
+        "for LISTEN): two carry appends, the rest reads. A call waiting over 10 s for one is "
+        "UNAVAILABLE (STORE_UNAVAILABLE). Sizing: docs/operations.md.",
+    )
     auth_tokens: Path | None = Field(
         None, description="TOML file of bearer tokens, stored as SHA-256 hashes."
     )

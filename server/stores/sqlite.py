@@ -202,7 +202,8 @@ operating system failed a read, write or sync."""
 
 def _store_error(message: str, cause: BaseException) -> StoreError:
     """The store error to raise ``from cause``: full, unavailable, or anything else."""
-    name = (cause.sqlite_errorname or "") if isinstance(cause, sqlite3.Error) else ""
+    # Errors the sqlite3 module raises itself (a value it cannot bind) have no code.
+    name = getattr(cause, "sqlite_errorname", None) or ""
     error: StoreError
     if name == "SQLITE_FULL":
         # The disk, or the file's max_page_count. SQLite rolls the statement back.
