@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from domain.ports import EventStore
-from server.store_urls import redacted_url
+from server.store_urls import StoreURLError, redacted_url
 from server.stores.memory import MemoryEventStore
 from server.stores.sqlite import SQLiteEventStore
 
 
-class UnsupportedStoreURLError(ValueError):
+class UnsupportedStoreURLError(StoreURLError):
     pass
 
 

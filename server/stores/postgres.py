@@ -38,6 +38,7 @@ from psycopg_pool import AsyncConnectionPool
 from domain.errors import ConcurrencyConflictError, DuplicateCommandError, StoreError
 from domain.ports import CommandRecord, Commit, RecordedEvent
 from server.event_rows import EventRow
+from server.store_urls import StoreURLError, redacted_message, redacted_url
 from server.stores import postgres_arrays
 from server.stores.postgres_arrays import (
     BigintArray,
@@ -160,8 +161,16 @@ class PostgresEventStore:
         with ``StoreUnavailableError``. ``max_in_flight`` batches of appends are sent at
         once at most, each holding a connection.
         """
-        with _translated("connect"):
+        try:
             given = conninfo_to_dict(url)
+        except psycopg.ProgrammingError as error:
+            # A configuration error, reported with the URL's secrets masked: libpq quotes
+            # what it cannot parse, the password included. Not chained, for the same reason.
+            message = redacted_message(str(error).strip(), url)
+            raise StoreURLError(
+                f"invalid PostgreSQL store URL {redacted_url(url)!r}: {message}"
+            ) from None
+        with _translated("connect"):
             connect_kwargs: dict[str, Any] = {
                 key: value for key, value in CONNECT_DEFAULTS.items() if key not in given
             }
