@@ -7,10 +7,8 @@ parameter, and the ``PGPASSWORD`` variable libpq reads.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -24,15 +22,7 @@ from tests.serving import free_port, gateway_log, start_gateway, wait_until_serv
 SECRET = "s3cret-Passw0rd"
 OTHER_SECRET = "0ther-Passw0rd"
 
-
-@pytest.fixture(autouse=True)
-def _keep_root_logger() -> Iterator[None]:
-    # main() configures the root logger for the process; other tests must not inherit that.
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("keep_root_logger")
 
 
 @pytest.mark.parametrize(

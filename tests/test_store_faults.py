@@ -10,16 +10,20 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 from google.rpc import error_details_pb2
 from orders.v1 import events_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from psycopg_pool import PoolTimeout
 
 from domain.errors import StoreError, StoreFullError, StoreUnavailableError
 from domain.ports import CommandRecord, RecordedEvent
 from server.app import Gateway
 from server.store_faults import StoreFaults
+from server.stores.postgres_errors import store_error as postgres_store_error
 from server.stores.sqlite import SQLiteEventStore
+from server.stores.sqlite import _store_error as sqlite_store_error
 from tests.clients import Clients, detail, item, order_request
 from tests.subscription_support import StreamReader, WrappedStore, connect, running_gateway
 
@@ -121,6 +125,54 @@ def test_other_store_errors_are_counted_but_are_no_fault(caplog: pytest.LogCaptu
     assert watched.faults.kind is None
     assert caplog.records == []
     assert watched.value("errors_total", "other") == 1
+
+
+# -- driver errors, translated at the store boundary ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        ("SQLITE_FULL", StoreFullError),
+        ("SQLITE_IOERR", StoreUnavailableError),
+        ("SQLITE_IOERR_FSYNC", StoreUnavailableError),
+        ("SQLITE_CANTOPEN", StoreUnavailableError),
+        ("SQLITE_BUSY", StoreUnavailableError),
+        ("SQLITE_CORRUPT", StoreError),
+        ("SQLITE_READONLY", StoreError),
+    ],
+)
+def test_sqlite_result_codes_map_to_store_errors(code: str, expected: type[StoreError]) -> None:
+    cause = sqlite3.OperationalError("the driver's message")
+    cause.sqlite_errorname = code
+    error = sqlite_store_error("the SQLite transaction failed", cause)
+    assert type(error) is expected
+    assert error.__cause__ is cause
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "expected"),
+    [
+        ("53100", StoreFullError),  # disk_full
+        ("08006", StoreUnavailableError),  # connection_failure
+        ("57P01", StoreUnavailableError),  # admin_shutdown
+        ("57P03", StoreUnavailableError),  # cannot_connect_now
+        ("53300", StoreUnavailableError),  # too_many_connections
+        ("58030", StoreUnavailableError),  # io_error
+        ("25006", StoreUnavailableError),  # read_only_sql_transaction: a standby
+        ("42P01", StoreError),  # undefined_table
+        ("22003", StoreError),  # numeric_value_out_of_range
+    ],
+)
+def test_postgres_sqlstates_map_to_store_errors(sqlstate: str, expected: type[StoreError]) -> None:
+    error = postgres_store_error(psycopg.errors.lookup(sqlstate)("the server's message"), "append")
+    assert type(error) is expected
+
+
+def test_a_postgres_pool_timeout_is_unavailable() -> None:
+    error = postgres_store_error(PoolTimeout("couldn't get a connection after 10.00 sec"), "read")
+    assert type(error) is StoreUnavailableError
+    assert "couldn't get a connection" in str(error)
 
 
 # -- a full SQLite store, over gRPC ---------------------------------------------------
