@@ -114,11 +114,12 @@ class StoreFaults:
             return
         seconds = self._clock() - self._since
         log.warning(
-            "event store works again after %.1f s of %s (%s); %d store calls failed meanwhile",
+            "event store works again after %.1f s of %s (%s); %d store %s failed meanwhile",
             seconds,
             self._reason,
             self._cause,
             self._failed,
+            "call" if self._failed == 1 else "calls",
             extra={
                 "fields": {
                     "store_fault": self._reason,

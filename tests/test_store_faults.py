@@ -114,7 +114,7 @@ def test_a_read_ends_a_fault_that_only_reads_ran_into(caplog: pytest.LogCaptureF
         watched.faults.succeeded(write=False)
     (ended,) = lines(caplog, RECOVERY_LINE)
     assert "STORE_UNAVAILABLE" in ended.getMessage()
-    assert "1 store calls failed" in ended.getMessage()
+    assert "1 store call failed" in ended.getMessage()
     assert watched.value("errors_total", "unavailable") == 1
 
 
