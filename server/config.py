@@ -2,7 +2,7 @@
 
 A flag wins over a variable because the CLI passes flags as init arguments, which
 pydantic-settings ranks above the environment. docs/configuration.md is generated from
-this model (``python -m server.docs``), so the two cannot drift.
+this model (``python -m server.config_docs``), so the two cannot drift.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from server.store_urls import redacted_url
+from server.stores.urls import redacted_url
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 """``--log-level`` values, in any case."""

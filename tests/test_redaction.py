@@ -16,7 +16,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from server.cli import main
 from server.config import Settings
-from server.store_urls import redacted_message, redacted_url
+from server.stores.urls import redacted_message, redacted_url
 from tests.serving import free_port, gateway_log, start_gateway, wait_until_serving
 
 SECRET = "s3cret-Passw0rd"

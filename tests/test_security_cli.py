@@ -8,7 +8,7 @@ import pytest
 
 from server.cli import check_exposure, main
 from server.config import Settings
-from server.store_urls import redacted_url
+from server.stores.urls import redacted_url
 
 pytestmark = pytest.mark.usefixtures("keep_root_logger")
 

@@ -20,7 +20,7 @@ from psycopg_pool import PoolTimeout
 from domain.errors import StoreError, StoreFullError, StoreUnavailableError
 from domain.ports import CommandRecord, RecordedEvent
 from server.app import Gateway
-from server.store_faults import StoreFaults
+from server.observability.store_faults import StoreFaults
 from server.stores.postgres_errors import store_error as postgres_store_error
 from server.stores.sqlite import SQLiteEventStore
 from server.stores.sqlite import _store_error as sqlite_store_error

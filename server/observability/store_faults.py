@@ -25,8 +25,8 @@ from prometheus_client import Counter, Gauge
 
 from domain.errors import DomainError, StoreError, StoreFullError, StoreUnavailableError
 from domain.ports import CommandRecord, Commit, EventStore, RecordedEvent
-from server.event_rows import EventRow, EventRowReader, StreamRowReader
-from server.store_decorator import EventStoreDecorator
+from server.stores.decorator import EventStoreDecorator
+from server.stores.event_rows import EventRow, EventRowReader, StreamRowReader
 
 log = logging.getLogger("order_gateway.store")
 
@@ -173,7 +173,7 @@ class FaultWatchingEventStore(EventStoreDecorator):
 
 
 class _FaultWatchingRowStore(FaultWatchingEventStore):
-    """The same, for a store that also reads plain rows (``server.event_rows``), so that
+    """The same, for a store that also reads plain rows (``server.stores.event_rows``), so that
     subscriptions keep that faster path."""
 
     def __init__(self, inner: EventStore, faults: StoreFaults) -> None:

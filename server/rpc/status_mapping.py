@@ -32,7 +32,8 @@ from domain.errors import (
     StoreFullError,
     StoreUnavailableError,
 )
-from server.identity import current_request_id
+from server.rpc.subscription_hub import HubClosedError, TooManySubscribersError
+from server.security.identity import current_request_id
 
 log = logging.getLogger("order_gateway.errors")
 
@@ -72,6 +73,12 @@ def status_for(error: BaseException) -> grpc.Status | None:
             "the event store is out of space; nothing was committed",
             _error_info(error.reason, {}),
         )
+    if isinstance(error, TooManySubscribersError):
+        return plain_status(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "too many open subscriptions, retry later"
+        )
+    if isinstance(error, HubClosedError):
+        return plain_status(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
     return None
 
 
