@@ -265,6 +265,11 @@ class Subscription:
                     async with asyncio.timeout(quiet_until - clock()):
                         await self._wake.wait()
                 except TimeoutError:
+                    if self._chunks:
+                        # The hub offered a page just as the silence ran out (the timeout
+                        # won over the wake-up): send it first. Moving the cursor to its
+                        # end here would skip every event in it.
+                        continue
                     self._advance(self._seen_through)
                     self._hub.report_progress(self._cursor)
                     yield _checkpoint(self._examined)
