@@ -55,7 +55,7 @@ class HubTuning:
     poll_interval: float = 1.0
     """Seconds between reads of the head when no commit wake-up arrives."""
     checkpoint_interval: float = 5.0
-    """Longest silence on a subscription before it gets a Checkpoint (the contract's 5 s)."""
+    """Longest silence on a subscription before it gets a Checkpoint (docs/api.md promises 5 s)."""
     stop_timeout: float = 1.0
     """On stop, how long open streams get to end before their calls are cancelled."""
 
@@ -266,9 +266,8 @@ class Subscription:
                         await self._wake.wait()
                 except TimeoutError:
                     if self._chunks:
-                        # The hub offered a page just as the silence ran out (the timeout
-                        # won over the wake-up): send it first. Moving the cursor to its
-                        # end here would skip every event in it.
+                        # The hub offered events in the same turn of the event loop as the
+                        # timeout fired: advancing past them now would skip them.
                         continue
                     self._advance(self._seen_through)
                     self._hub.report_progress(self._cursor)
