@@ -138,4 +138,14 @@ class StoreError(Exception):
 
 
 class StoreUnavailableError(StoreError):
-    """The store cannot be reached right now (connection refused, pool exhausted); retryable."""
+    """The store cannot be reached right now (connection refused, pool exhausted, I/O
+    error); retryable: a command that failed with it either committed or did not, and a
+    retry with its command_id finds out which."""
+
+    reason = "STORE_UNAVAILABLE"
+
+
+class StoreFullError(StoreError):
+    """The store is out of space; the append that hit it committed nothing."""
+
+    reason = "STORE_FULL"

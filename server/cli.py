@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _setting(serve, "listen", metavar="HOST:PORT")
     _setting(serve, "store", metavar="URL")
+    _setting(serve, "store_pool_size", metavar="N", type=int)
     _setting(serve, "auth_tokens", metavar="FILE")
     _setting(serve, "jwt_public_key", metavar="FILE")
     _setting(serve, "jwt_issuer", metavar="ISS")

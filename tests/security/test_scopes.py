@@ -100,6 +100,7 @@ async def test_the_server_refuses_to_start_with_a_method_that_has_no_scope(
         await create_server(Settings(listen="127.0.0.1:0", store="memory://"))
 
 
+@pytest.mark.usefixtures("keep_root_logger")
 def test_serve_names_the_unscoped_method_and_exits_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
