@@ -32,7 +32,7 @@ from domain.unit_of_work import AggregateCache, UnitOfWork
 from server.bootstrap import bootstrap
 from server.stores.memory import MemoryEventStore
 from server.stores.sqlite import SQLiteEventStore
-from tests.test_domain_bus import create, restock
+from tests.unit.test_bus import create, restock
 
 WAIT = 10.0
 
