@@ -22,6 +22,8 @@ class NewEvent:
     stream_version: int
     event_type: str
     data: bytes
+    schema_version: int = 1
+    """The version of ``event_type``'s payload shape that ``data`` is in."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,9 @@ class RecordedEvent:
     user_id: str
     event_type: str
     data: bytes
+    schema_version: int = 1
+    """As stored: the payload may be older than the event's current shape (events stored
+    before versions were recorded read as 1). ``domain.mapper`` upcasts on reading."""
 
 
 @dataclass(frozen=True, slots=True)

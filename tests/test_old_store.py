@@ -36,6 +36,14 @@ async def test_a_subscriber_reads_every_event_of_an_old_store(tmp_path: Path) ->
     first = events[3].order_created
     assert [(i.product_id, i.quantity) for i in first.items] == [("apple", 3), ("pear", 1)]
     assert (first.total.units, first.total.nanos) == (7, 750_000_000)
+    # Stored before items had a line total: the upcaster derives it.
+    assert [(i.line_total.units, i.line_total.nanos) for i in first.items] == [
+        (3, 750_000_000),
+        (4, 0),
+    ]
+    plums = events[8].order_created.items[1]
+    assert (plums.line_total.currency_code, plums.line_total.units) == ("EUR", 6)
+    assert plums.line_total.nanos == 930_000_000
     assert events[-1].stock_released.available_after == 47
 
 
@@ -54,7 +62,12 @@ async def test_an_old_command_is_replayed_and_old_streams_continue(tmp_path: Pat
         )
         replayed = await clients.create(request)
         assert [e.position for e in replayed] == [4, 5, 6], "the recorded events, not new ones"
+        assert replayed[0].order_created.items[0].line_total.units == 3
+
+        order_id = replayed[0].order_created.order_id
+        released = await clients.cancel(order_id)
+        assert [e.stock_released.available_after for e in released[1:]] == [50, 15]
 
         restocked = await clients.restock("plum", 1)
-        assert (restocked[0].stream_version, restocked[0].position) == (3, EVENTS + 1)
+        assert (restocked[0].stream_version, restocked[0].position) == (3, EVENTS + 4)
         assert restocked[0].product_restocked.available_after == 4

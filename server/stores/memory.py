@@ -42,6 +42,7 @@ class MemoryEventStore:
                     user_id=commit.user_id,
                     event_type=event.event_type,
                     data=event.data,
+                    schema_version=event.schema_version,
                 )
                 for n, event in enumerate(commit.events, start=1)
             ]

@@ -63,7 +63,7 @@ LISTENER_APPLICATION_NAME = "order-gateway listener"
 
 _COLUMNS = (
     "event_id, stream_id, stream_version, position, occurred_at,"
-    " command_id, correlation_id, user_id, event_type, data"
+    " command_id, correlation_id, user_id, event_type, data, schema_version"
 )
 """``RecordedEvent``'s fields, in its order, so rows load with ``args_row``."""
 _READ_ALL = f"SELECT {_COLUMNS} FROM events WHERE position > %s ORDER BY position LIMIT %s"
@@ -71,7 +71,7 @@ _ROW_COLUMNS = (
     "event_id, stream_id, stream_version, position,"
     # Exact: extract() answers numeric, and timestamptz holds whole microseconds.
     " (extract(epoch FROM occurred_at) * 1000000)::bigint,"
-    " command_id, correlation_id, user_id, event_type, data"
+    " command_id, correlation_id, user_id, event_type, data, schema_version"
 )
 """``_COLUMNS`` as ``server.event_rows`` rows: the time in microseconds since the epoch."""
 _READ_ALL_ROWS = f"SELECT {_ROW_COLUMNS} FROM events WHERE position > %s ORDER BY position LIMIT %s"
@@ -90,7 +90,8 @@ _READ_STREAM = (
 )
 _FIND_COMMAND = (
     "SELECT c.fingerprint, e.event_id, e.stream_id, e.stream_version, e.position,"
-    " e.occurred_at, e.command_id, e.correlation_id, e.user_id, e.event_type, e.data"
+    " e.occurred_at, e.command_id, e.correlation_id, e.user_id, e.event_type, e.data,"
+    " e.schema_version"
     " FROM commands c LEFT JOIN events e"
     " ON e.position BETWEEN c.first_position AND c.first_position + c.event_count - 1"
     " WHERE c.command_id = %s ORDER BY e.position"
@@ -99,7 +100,8 @@ _APPEND = (
     "SELECT outcome, first_position, detail FROM og_append("
     "%b::text[], %b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::integer[],"
     " %b::integer[], %b::text[], %b::bigint[],"
-    " %b::integer[], %b::text[], %b::text[], %b::bigint[], %b::text[], %b::bytea[])"
+    " %b::integer[], %b::text[], %b::text[], %b::bigint[], %b::text[], %b::bytea[],"
+    " %b::integer[])"
 )
 
 
@@ -481,6 +483,7 @@ def _append_params(batch: Sequence[_Pending]) -> tuple[list[Any], ...]:
         BigintArray([e.stream_version for _, e in events]),
         TextArray([e.event_type for _, e in events]),
         BytesArray([e.data for _, e in events]),
+        IntArray([e.schema_version for _, e in events]),
     )
 
 
@@ -498,6 +501,7 @@ def _recorded(commit: Commit, first_position: int) -> list[RecordedEvent]:
             user_id=commit.user_id,
             event_type=event.event_type,
             data=event.data,
+            schema_version=event.schema_version,
         )
         for n, event in enumerate(commit.events)
     ]

@@ -303,9 +303,57 @@ END
 $$;
 """
 
+
+def _replaced(text: str, *changes: tuple[str, str]) -> str:
+    for old, new in changes:
+        if text.count(old) != 1:
+            raise AssertionError(f"expected one {old!r} in the migration it derives from")
+        text = text.replace(old, new)
+    return text
+
+
+_V2_SIGNATURE = (
+    "text[], text[], text[], text[], timestamptz[], integer[], integer[], text[], bigint[],"
+    " integer[], text[], text[], bigint[], text[], bytea[]"
+)
+_V3_SCHEMA_VERSIONS = (
+    # Existing rows read as 1, the version of every event stored before versions were; a
+    # column with a constant default rewrites no row.
+    "ALTER TABLE events ADD COLUMN schema_version integer NOT NULL DEFAULT 1;\n"
+    f"DROP FUNCTION og_append({_V2_SIGNATURE});\n"
+    # og_append of version 2 with one more argument, each event's schema version. Its
+    # default keeps calls of the previous release working during a rolling upgrade: that
+    # release writes every payload in version 1, which is what a missing version means.
+    + _replaced(
+        _V2_LOOKUPS_STAY_LOOKUPS,
+        (
+            "    p_data bytea[]\n)",
+            "    p_data bytea[],\n    p_schema_versions integer[] DEFAULT NULL\n)",
+        ),
+        (
+            "x.event_type, x.data, c.command_id,",
+            "x.event_type, x.data, coalesce(x.schema_version, 1), c.command_id,",
+        ),
+        (
+            "position, event_id, stream_id, stream_version, event_type, data,\n",
+            "position, event_id, stream_id, stream_version, event_type, data, schema_version,\n",
+        ),
+        (
+            "                p_data) WITH ORDINALITY\n",
+            "                p_data, p_schema_versions) WITH ORDINALITY\n",
+        ),
+        (
+            "AS x(commit_index, event_id, stream_id, stream_version, event_type, data, n)",
+            "AS x(commit_index, event_id, stream_id, stream_version, event_type, data,"
+            " schema_version, n)",
+        ),
+    )
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "events, commands and og_append()", _V1_EVENTS),
     Migration(2, "og_append() reads only by index lookups", _V2_LOOKUPS_STAY_LOOKUPS),
+    Migration(3, "events.schema_version, written by og_append()", _V3_SCHEMA_VERSIONS),
 )
 
 

@@ -46,6 +46,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ) WITHOUT ROWID
         """,
     ),
+    # 2: each event's payload schema version. Existing rows read as 1, the version every
+    # event had before versions were recorded; adding a column with a constant default
+    # rewrites no row.
+    ("ALTER TABLE events ADD COLUMN schema_version INTEGER NOT NULL DEFAULT 1",),
 )
 
 LATEST_VERSION = len(MIGRATIONS)

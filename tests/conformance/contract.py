@@ -18,6 +18,7 @@ A backend's test module subclasses ``EventStoreContract`` with a ``Test…`` nam
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import itertools
 import os
@@ -314,6 +315,23 @@ class EventStoreContract:
         assert [e.data for e in await store.read_all()] == payloads
         record = await store.find_command(commit.command_id)
         assert record is not None and [e.data for e in record.events] == payloads
+
+    async def test_each_event_keeps_its_schema_version(self, store: EventStore) -> None:
+        plain = commit_of([("versions", 1), ("versions", 2), ("versions", 3)])
+        commit = dataclasses.replace(
+            plain,
+            events=[
+                dataclasses.replace(event, schema_version=version)
+                for event, version in zip(plain.events, (1, 7, 2), strict=True)
+            ],
+        )
+        appended = await store.append(commit)
+
+        assert [e.schema_version for e in appended] == [1, 7, 2]
+        assert await store.read_all() == appended
+        assert await store.read_stream("versions", 1) == appended[1:]
+        record = await store.find_command(commit.command_id)
+        assert record is not None and list(record.events) == appended
 
     async def test_occurred_at_comes_back_as_aware_utc(self, store: EventStore) -> None:
         india = dt.timezone(dt.timedelta(hours=5, minutes=30))
