@@ -26,8 +26,17 @@ def to_new_event(event: DomainEvent, event_id: str, stream_id: str, version: int
 
 
 def to_domain_event(record: RecordedEvent) -> DomainEvent:
-    event_class = EVENT_TYPES[record.event_type]
-    if record.schema_version == event_class.SCHEMA_VERSION:
-        return event_class.model_validate_json(record.data)
-    payload = UPCASTERS.upcast(record.event_type, record.schema_version, from_json(record.data))
+    return decode(record.event_type, record.schema_version, record.data)
+
+
+def decode(event_type: str, schema_version: int, data: bytes) -> DomainEvent:
+    """The current-version event stored as ``data`` in ``schema_version`` of ``event_type``.
+
+    Raises KeyError for an unknown type, ``UnknownSchemaVersionError`` for an unknown
+    version, ``pydantic.ValidationError`` for a payload that does not fit.
+    """
+    event_class = EVENT_TYPES[event_type]
+    if schema_version == event_class.SCHEMA_VERSION:
+        return event_class.model_validate_json(data)
+    payload = UPCASTERS.upcast(event_type, schema_version, from_json(data))
     return event_class.model_validate(payload)

@@ -1,4 +1,4 @@
-"""The ``order-gateway`` command: serve, migrate, tail.
+"""The ``order-gateway`` command: serve, migrate, verify, backup, tail, health.
 
 Flags are optional overrides of ``ORDER_GATEWAY_*`` variables: only the flags given on
 the command line are passed to ``Settings``, so a flag wins and a variable fills the rest.
@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = commands.add_parser("migrate", help="create or upgrade the store's schema, then exit")
     migrate.add_argument("--store", metavar="URL")
+
+    verify = commands.add_parser(
+        "verify", help="check the whole event log; exits 1 on any violation"
+    )
+    verify.add_argument("--store", metavar="URL")
 
     tail = commands.add_parser("tail", help="print committed events as JSON lines")
     tail.add_argument("--target", metavar="HOST:PORT", default="127.0.0.1:50051")
@@ -122,6 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from server.stores.factory import migrate
 
             asyncio.run(migrate(settings.store))
+        elif args.command == "verify":
+            from server.verify import run_verify
+
+            return asyncio.run(run_verify(settings.store))
         elif args.command == "health":
             from server.healthcheck import check_health, local_target
 

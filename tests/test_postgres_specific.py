@@ -40,6 +40,7 @@ from server.app import create_server
 from server.config import Settings
 from server.stores.postgres import LISTENER_APPLICATION_NAME, PostgresEventStore
 from server.stores.postgres_schema import MIGRATIONS, apply_migrations
+from server.verify import verify
 from tests.clients import Clients, detail, item, order_request
 
 pytestmark = pytest.mark.postgres
@@ -474,8 +475,10 @@ async def test_two_gateways_on_one_database_never_oversell(
     store = await PostgresEventStore.open(fresh_postgres_url)
     try:
         hot = await store.read_stream("product-hot")
+        report = await verify(store)
     finally:
         await store.close()
+    assert report.ok, report.lines()
     reserved = [e for e in hot if e.event_type == "StockReserved"]
     assert len(reserved) == 20
     assert [e.stream_version for e in hot] == list(range(1, 22))

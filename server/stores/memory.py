@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from domain.errors import ConcurrencyConflictError, DuplicateCommandError
 from domain.ports import CommandRecord, Commit, RecordedEvent
@@ -71,6 +71,19 @@ class MemoryEventStore:
     async def find_command(self, command_id: str) -> CommandRecord | None:
         with self._lock:
             return self._commands.get(command_id)
+
+    async def find_command_ranges(self, command_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        with self._lock:
+            records = [self._commands[c] for c in command_ids if c in self._commands]
+        return {r.command_id: (r.events[0].position, len(r.events)) for r in records}
+
+    async def read_command_ranges(
+        self, after_command_id: str, limit: int
+    ) -> list[tuple[str, int, int]]:
+        with self._lock:
+            later = sorted(c for c in self._commands if c > after_command_id)[:limit]
+            records = [self._commands[c] for c in later]
+        return [(r.command_id, r.events[0].position, len(r.events)) for r in records]
 
     def add_commit_listener(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)

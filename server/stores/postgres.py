@@ -96,6 +96,15 @@ _FIND_COMMAND = (
     " ON e.position BETWEEN c.first_position AND c.first_position + c.event_count - 1"
     " WHERE c.command_id = %s ORDER BY e.position"
 )
+_FIND_RANGES = (
+    "SELECT command_id, first_position, event_count FROM commands WHERE command_id = ANY(%s)"
+)
+_READ_RANGES = (
+    "SELECT command_id, first_position, event_count FROM commands"
+    # ">" and ORDER BY in the same (the column's) collation, so the pages follow the
+    # primary key's order, whatever it is.
+    " WHERE command_id > %s ORDER BY command_id LIMIT %s"
+)
 _APPEND = (
     "SELECT outcome, first_position, detail FROM og_append("
     "%b::text[], %b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::integer[],"
@@ -332,6 +341,24 @@ class PostgresEventStore:
             return None
         events = tuple(RecordedEvent(*row[1:]) for row in rows if row[1] is not None)
         return CommandRecord(command_id, rows[0][0], events)
+
+    async def find_command_ranges(self, command_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """``server.verify.CommandLog``: the positions each recorded command points at."""
+        with _translated("find_command"):
+            async with self._pool.connection() as conn:
+                cursor = await conn.execute(_FIND_RANGES, (list(command_ids),))
+                rows = await cursor.fetchall()
+        return {command_id: (first, count) for command_id, first, count in rows}
+
+    async def read_command_ranges(
+        self, after_command_id: str, limit: int
+    ) -> list[tuple[str, int, int]]:
+        """``server.verify.CommandLog``: command records in command id order."""
+        with _translated("find_command"):
+            async with self._pool.connection() as conn:
+                cursor = await conn.execute(_READ_RANGES, (after_command_id, limit))
+                rows = await cursor.fetchall()
+        return [(str(c), int(first), int(count)) for c, first, count in rows]
 
     async def _events(
         self, query: str, params: tuple[Any, ...], operation: str

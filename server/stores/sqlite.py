@@ -31,7 +31,7 @@ import functools
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -86,6 +86,10 @@ committed), so this walks the (stream_id, stream_version) index, whose entries c
 position: O(length of the stream), never the whole log."""
 READ_RANGE = f"SELECT {_COLUMNS} FROM events WHERE position BETWEEN ? AND ? ORDER BY position"
 FIND_COMMAND = "SELECT fingerprint, first_position, event_count FROM commands WHERE command_id = ?"
+READ_RANGES = (
+    "SELECT command_id, first_position, event_count FROM commands"
+    " WHERE command_id > ? ORDER BY command_id LIMIT ?"
+)
 
 
 INSERT_EVENT = f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -121,6 +125,15 @@ def _lookups(values: list[str], most: int) -> list[tuple[list[str], list[str]]]:
 def stream_versions_sql(count: int) -> str:
     """The versions of ``count`` streams in one row, one scalar subquery per stream."""
     return "SELECT " + ", ".join([_STREAM_VERSION] * count)
+
+
+@functools.lru_cache(maxsize=16)
+def find_ranges_sql(count: int) -> str:
+    """The records of ``count`` command ids (padded as ``_lookups`` pads them)."""
+    return (
+        "SELECT command_id, first_position, event_count FROM commands"
+        f" WHERE command_id IN ({', '.join('?' * count)})"
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -536,6 +549,32 @@ class SQLiteEventStore:
             # a second statement cannot see anything but what the first one promised.
             rows = connection.execute(READ_RANGE, (first, first + count - 1)).fetchall()
             return CommandRecord(command_id, fingerprint, tuple(_event(row) for row in rows))
+
+        return await self._read(query)
+
+    async def find_command_ranges(self, command_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """``server.verify.CommandLog``: the positions each recorded command points at."""
+
+        def query(connection: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+            found: dict[str, tuple[int, int]] = {}
+            for chunk, params in _lookups(list(command_ids), self._lookup_size):
+                if chunk:
+                    rows = connection.execute(find_ranges_sql(len(params)), params).fetchall()
+                    found.update((command_id, (first, count)) for command_id, first, count in rows)
+            return found
+
+        return await self._read(query)
+
+    async def read_command_ranges(
+        self, after_command_id: str, limit: int
+    ) -> list[tuple[str, int, int]]:
+        """``server.verify.CommandLog``: command records in command id order."""
+
+        def query(connection: sqlite3.Connection) -> list[tuple[str, int, int]]:
+            rows: list[tuple[str, int, int]] = connection.execute(
+                READ_RANGES, (after_command_id, limit)
+            ).fetchall()
+            return rows
 
         return await self._read(query)
 
