@@ -11,6 +11,7 @@ import asyncio
 import ipaddress
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -53,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", help="check the whole event log; exits 1 on any violation"
     )
     verify.add_argument("--store", metavar="URL")
+
+    backup = commands.add_parser(
+        "backup", help="copy a SQLite store consistently, while it serves, to a new FILE"
+    )
+    backup.add_argument("--store", metavar="URL")
+    backup.add_argument("file", metavar="FILE", type=Path)
 
     tail = commands.add_parser("tail", help="print committed events as JSON lines")
     tail.add_argument("--target", metavar="HOST:PORT", default="127.0.0.1:50051")
@@ -131,6 +138,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             from server.verify import run_verify
 
             return asyncio.run(run_verify(settings.store))
+        elif args.command == "backup":
+            from server.backup import BackupError, backup
+
+            try:
+                events = backup(settings.store, args.file)
+            except BackupError as error:
+                print(f"order-gateway: {error}", file=sys.stderr)
+                return 1
+            print(f"backed up {events} events to {args.file}")
         elif args.command == "health":
             from server.healthcheck import check_health, local_target
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from domain.ports import EventStore
 from server.store_urls import redacted_url
 from server.stores.memory import MemoryEventStore
@@ -12,14 +14,23 @@ class UnsupportedStoreURLError(ValueError):
     pass
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file a sqlite:/// URL names, or None for any other URL.
+
+    sqlite:///relative.db is relative to the working directory; sqlite:////abs.db keeps
+    the fourth slash, making the path absolute.
+    """
+    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///"))
+    return None
+
+
 async def open_store(url: str) -> EventStore:
     """Open (and migrate) the store at ``url``: memory://, sqlite:///…, postgresql://…."""
     if url == "memory://" or url.startswith("memory:"):
         return MemoryEventStore()
-    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
-        # sqlite:///relative.db is relative to the working directory; sqlite:////abs.db
-        # keeps the fourth slash, making the path absolute.
-        return await SQLiteEventStore.open(url.removeprefix("sqlite:///"))
+    if (path := sqlite_path(url)) is not None:
+        return await SQLiteEventStore.open(path)
     if url.startswith(("postgresql://", "postgres://")):
         # Imported here so that processes on other stores never load the driver.
         from server.stores.postgres import PostgresEventStore
