@@ -126,10 +126,14 @@ async def test_postgres_dump_and_restore_as_documented(
 
     dump = tmp_path / "orders.dump"
     for command in (
-        [binaries / "pg_dump", "--format=custom", f"--file={dump}", fresh_postgres_url],
-        [binaries / "pg_restore", "--no-owner", f"--dbname={restore_url}", dump],
+        [str(binaries / "pg_dump"), "--format=custom", f"--file={dump}", fresh_postgres_url],
+        [str(binaries / "pg_restore"), "--no-owner", f"--dbname={restore_url}", str(dump)],
     ):
-        await asyncio.to_thread(subprocess.run, command, check=True, capture_output=True)
+        process = await asyncio.create_subprocess_exec(
+            *command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        output, _ = await process.communicate()
+        assert process.returncode == 0, output.decode()
 
     restored = await PostgresEventStore.open(restore_url)
     try:
