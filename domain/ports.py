@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +70,33 @@ class CommandRecord:
     command_id: str
     fingerprint: str
     events: Sequence[RecordedEvent]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """An aggregate's state as of ``stream_version`` of its stream, serialised.
+
+    ``schema_version`` is the shape of ``data``: a snapshot in another shape than the
+    aggregate's current one is ignored (the stream is replayed instead), never misread.
+    """
+
+    stream_id: str
+    stream_version: int
+    schema_version: int
+    data: bytes
+
+
+@runtime_checkable
+class SnapshotStore(Protocol):
+    """Where snapshots live: in the event store, beside the streams they summarise."""
+
+    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
+        """The latest snapshot of ``stream_id``, or None."""
+        ...
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        """Keep ``snapshot`` unless one at a later stream version is already kept."""
+        ...
 
 
 class EventStore(Protocol):

@@ -2,7 +2,8 @@
 
 Loaded aggregates come from a bounded cache and are brought up to date by reading only
 the events after the cached version, so loading a hot product costs the same at stream
-length 10 and 100,000. A stream lock is held from load to commit (see ``domain.locks``).
+length 10 and 100,000. One that is not cached starts from its latest snapshot, if any
+(``domain.snapshots``). A stream lock is held from load to commit (see ``domain.locks``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from domain.ids import new_uuid
 from domain.locks import StreamLocks
 from domain.mapper import to_domain_event, to_new_event
 from domain.ports import Commit, EventStore, RecordedEvent
+from domain.snapshots import Snapshots
 
 A = TypeVar("A", bound=Aggregate)
+NO_SNAPSHOTS = Snapshots(None, 0)
 
 
 FINGERPRINT_PREFIX = "2:"
@@ -91,8 +94,10 @@ class UnitOfWork:
         locks: StreamLocks,
         command: Command,
         trust_cache: bool = True,
+        snapshots: Snapshots | None = None,
     ) -> None:
         self._store = store
+        self._snapshots = snapshots or NO_SNAPSHOTS
         self._cache = cache
         self._locks = locks
         self._command = command
@@ -136,7 +141,11 @@ class UnitOfWork:
             # process moved on, and ``run_handler`` re-decides a rejection on fresh state.
             self.used_cache = True
             return cached.clone()
-        aggregate: A = cached.clone() if isinstance(cached, type(blank)) else blank
+        aggregate: A = (
+            cached.clone()
+            if isinstance(cached, type(blank))
+            else await self._snapshots.restore(blank)
+        )
         records = await self._store.read_stream(aggregate.stream_id, aggregate.version)
         aggregate.replay([to_domain_event(record) for record in records])
         return aggregate
@@ -166,6 +175,7 @@ class UnitOfWork:
                 self._cache.discard(aggregate.stream_id)
             raise
         for aggregate in aggregates:
+            self._snapshots.committed(aggregate, aggregate.committed_version)
             aggregate.mark_committed()
             self._cache.put(aggregate)
         return recorded
@@ -180,6 +190,7 @@ async def run_handler(
     store: EventStore,
     cache: AggregateCache,
     locks: StreamLocks,
+    snapshots: Snapshots | None = None,
 ) -> list[RecordedEvent]:
     """Run ``handler`` in a unit of work that trusts the aggregate cache.
 
@@ -188,10 +199,11 @@ async def run_handler(
     checked by anyone, so one that rests on cached state is decided again on state read
     from the store: another process may have restocked the product meanwhile.
     """
-    uow = UnitOfWork(store, cache, locks, command)
+    uow = UnitOfWork(store, cache, locks, command, snapshots=snapshots)
     try:
         return await handler(command, uow)
     except BusinessRuleViolation:
         if not uow.used_cache:
             raise
-    return await handler(command, UnitOfWork(store, cache, locks, command, trust_cache=False))
+    fresh = UnitOfWork(store, cache, locks, command, trust_cache=False, snapshots=snapshots)
+    return await handler(command, fresh)

@@ -23,7 +23,8 @@ from orders.v1 import (
 )
 
 from domain.bus import Middleware
-from domain.ports import EventStore
+from domain.ports import EventStore, SnapshotStore
+from domain.snapshots import Snapshots
 from server.auth import Authenticator, AuthInterceptor
 from server.bootstrap import bootstrap
 from server.config import Settings
@@ -66,6 +67,7 @@ class Gateway:
     access_log: AccessLog = field(default_factory=AccessLog)
     metrics_server: MetricsServer | None = None
     tracing: Tracing | None = None
+    snapshots: Snapshots | None = None
     metrics_port: int | None = field(default=None, init=False)
     """The port /metrics is served on once started (None without --metrics-listen)."""
     _stopped: bool = field(default=False, init=False)
@@ -89,6 +91,8 @@ class Gateway:
         await self.hub.stop()
         await self.server.stop(self.shutdown_grace)
         self.access_log.flush()
+        if self.snapshots is not None:
+            await self.snapshots.drain()
         await self.store.close()
         if self.metrics_server is not None:
             await self.metrics_server.stop()
@@ -153,8 +157,12 @@ async def create_server(
     if tracing is not None:
         command_store = tracing.instrument_store(command_store)
         middleware.append(tracing.command_middleware())
+    # Snapshots go to the store itself: their writes are not command appends to measure.
+    snapshots = Snapshots(
+        store if isinstance(store, SnapshotStore) else None, settings.snapshot_interval
+    )
     runner = CommandRunner(
-        bootstrap(command_store, settings.aggregate_cache, middleware=middleware)
+        bootstrap(command_store, settings.aggregate_cache, middleware, snapshots)
     )
     order_command_service_pb2_grpc.add_OrderCommandServiceServicer_to_server(
         OrderCommandServicer(runner), server
@@ -198,6 +206,7 @@ async def create_server(
             else None
         ),
         tracing=tracing,
+        snapshots=snapshots,
     )
 
 

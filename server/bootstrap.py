@@ -13,6 +13,7 @@ from domain.commands import CancelOrder, Command, CreateOrder, RestockProduct
 from domain.locks import StreamLocks
 from domain.middleware import IdempotencyMiddleware, LoggingMiddleware, RetryOnConflictMiddleware
 from domain.ports import EventStore, RecordedEvent
+from domain.snapshots import Snapshots
 from domain.unit_of_work import AggregateCache, HandlerFunction, run_handler
 
 HANDLERS: dict[type[Command], HandlerFunction] = {
@@ -23,10 +24,14 @@ HANDLERS: dict[type[Command], HandlerFunction] = {
 
 
 def bootstrap(
-    store: EventStore, cache_capacity: int = 10_000, middleware: Sequence[Middleware] = ()
+    store: EventStore,
+    cache_capacity: int = 10_000,
+    middleware: Sequence[Middleware] = (),
+    snapshots: Snapshots | None = None,
 ) -> CommandBus:
     """``middleware`` (metrics, tracing) runs outermost, so it sees each command's whole
-    dispatch: idempotent replays and conflict retries included."""
+    dispatch: idempotent replays and conflict retries included. Without ``snapshots``,
+    aggregates are rebuilt from their whole streams."""
     cache = AggregateCache(cache_capacity)
     locks = StreamLocks()
     bus = CommandBus(
@@ -38,7 +43,7 @@ def bootstrap(
         ]
     )
     for command_type, handler in HANDLERS.items():
-        bus.register(command_type, _with_unit_of_work(handler, store, cache, locks))
+        bus.register(command_type, _with_unit_of_work(handler, store, cache, locks, snapshots))
     return bus
 
 
@@ -47,8 +52,9 @@ def _with_unit_of_work(
     store: EventStore,
     cache: AggregateCache,
     locks: StreamLocks,
+    snapshots: Snapshots | None,
 ) -> Handler:
     async def handle(command: Command) -> list[RecordedEvent]:
-        return await run_handler(handler, command, store, cache, locks)
+        return await run_handler(handler, command, store, cache, locks, snapshots)
 
     return handle

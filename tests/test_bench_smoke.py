@@ -156,3 +156,24 @@ def test_subscriptions_section_without_fan_out(tmp_path: Path) -> None:
     report = json.loads(results.read_text())
     assert report["fan_out"] == []
     assert {entry["server"] for entry in report["catch_up"]} == {"floor", "sqlite"}
+
+
+def test_stream_length_section_with_cold_starts_and_verify(tmp_path: Path) -> None:
+    results = tmp_path / "bench.json"
+    with (tmp_path / "stdout.txt").open("w") as out, pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.stdout", out)
+        exit_code = main(
+            [
+                *("--store", "sqlite", "--sections", "stream-length"),
+                *("--stream-events", "300", "--stream-orders", "3"),
+                *("--snapshot-intervals", "20", "--cold-starts", "2", "--verify-events", "500"),
+                *("--workdir", str(tmp_path / "work"), "--json", str(results)),
+            ]
+        )
+    assert exit_code == 0
+    report = json.loads(results.read_text())
+    assert [r["snapshot_interval"] for r in report["cold_start"]] == [0, 20]
+    assert all(r["cold_ms"] > 0 and r["warm_p50_ms"] > 0 for r in report["cold_start"])
+    assert [(r["store"], r["events"]) for r in report["verify"]] == [("sqlite", 500)]
+    text = (tmp_path / "stdout.txt").read_text()
+    assert "Cold start" in text and "order-gateway verify" in text

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from domain.errors import ConcurrencyConflictError, DuplicateCommandError
-from domain.ports import CommandRecord, Commit, RecordedEvent
+from domain.ports import CommandRecord, Commit, RecordedEvent, Snapshot
 
 
 class MemoryEventStore:
@@ -21,6 +21,7 @@ class MemoryEventStore:
         self._streams: dict[str, list[RecordedEvent]] = {}
         self._commands: dict[str, CommandRecord] = {}
         self._listeners: list[Callable[[], None]] = []
+        self._snapshots: dict[str, Snapshot] = {}
 
     async def append(self, commit: Commit) -> list[RecordedEvent]:
         with self._lock:
@@ -84,6 +85,16 @@ class MemoryEventStore:
             later = sorted(c for c in self._commands if c > after_command_id)[:limit]
             records = [self._commands[c] for c in later]
         return [(r.command_id, r.events[0].position, len(r.events)) for r in records]
+
+    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
+        with self._lock:
+            return self._snapshots.get(stream_id)
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        with self._lock:
+            kept = self._snapshots.get(snapshot.stream_id)
+            if kept is None or kept.stream_version < snapshot.stream_version:
+                self._snapshots[snapshot.stream_id] = snapshot
 
     def add_commit_listener(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)

@@ -36,7 +36,7 @@ from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
 from psycopg_pool import AsyncConnectionPool
 
 from domain.errors import ConcurrencyConflictError, DuplicateCommandError, StoreError
-from domain.ports import CommandRecord, Commit, RecordedEvent
+from domain.ports import CommandRecord, Commit, RecordedEvent, Snapshot
 from server.event_rows import EventRow
 from server.stores import postgres_arrays
 from server.stores.postgres_arrays import (
@@ -104,6 +104,15 @@ _READ_RANGES = (
     # ">" and ORDER BY in the same (the column's) collation, so the pages follow the
     # primary key's order, whatever it is.
     " WHERE command_id > %s ORDER BY command_id LIMIT %s"
+)
+_LOAD_SNAPSHOT = (
+    "SELECT stream_id, stream_version, schema_version, data FROM snapshots WHERE stream_id = %s"
+)
+_SAVE_SNAPSHOT = (
+    "INSERT INTO snapshots (stream_id, stream_version, schema_version, data)"
+    " VALUES (%s, %s, %s, %s) ON CONFLICT (stream_id) DO UPDATE SET"
+    " stream_version = excluded.stream_version, schema_version = excluded.schema_version,"
+    " data = excluded.data WHERE snapshots.stream_version < excluded.stream_version"
 )
 _APPEND = (
     "SELECT outcome, first_position, detail FROM og_append("
@@ -359,6 +368,26 @@ class PostgresEventStore:
                 cursor = await conn.execute(_READ_RANGES, (after_command_id, limit))
                 rows = await cursor.fetchall()
         return [(str(c), int(first), int(count)) for c, first, count in rows]
+
+    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
+        with _translated("load_snapshot"):
+            async with self._pool.connection() as conn:
+                cursor = conn.cursor(row_factory=args_row(Snapshot), binary=True)
+                await cursor.execute(_LOAD_SNAPSHOT, (stream_id,), prepare=True)
+                return await cursor.fetchone()
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        with _translated("save_snapshot"):
+            async with self._pool.connection() as conn:
+                await conn.execute(
+                    _SAVE_SNAPSHOT,
+                    (
+                        snapshot.stream_id,
+                        snapshot.stream_version,
+                        snapshot.schema_version,
+                        snapshot.data,
+                    ),
+                )
 
     async def _events(
         self, query: str, params: tuple[Any, ...], operation: str

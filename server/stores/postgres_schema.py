@@ -354,6 +354,18 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "events, commands and og_append()", _V1_EVENTS),
     Migration(2, "og_append() reads only by index lookups", _V2_LOOKUPS_STAY_LOOKUPS),
     Migration(3, "events.schema_version, written by og_append()", _V3_SCHEMA_VERSIONS),
+    Migration(
+        4,
+        "snapshots",
+        """
+        CREATE TABLE snapshots (
+            stream_id text PRIMARY KEY,
+            stream_version bigint NOT NULL,
+            schema_version integer NOT NULL,
+            data bytea NOT NULL
+        )
+        """,
+    ),
 )
 
 

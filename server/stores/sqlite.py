@@ -42,7 +42,7 @@ from domain.errors import (
     StoreError,
     StoreUnavailableError,
 )
-from domain.ports import CommandRecord, Commit, RecordedEvent
+from domain.ports import CommandRecord, Commit, RecordedEvent, Snapshot
 from server.event_rows import EventRow
 from server.stores.sqlite_calls import Call, CallQueue, Listener, answer
 from server.stores.sqlite_decide import decide, stream_ids
@@ -86,6 +86,15 @@ committed), so this walks the (stream_id, stream_version) index, whose entries c
 position: O(length of the stream), never the whole log."""
 READ_RANGE = f"SELECT {_COLUMNS} FROM events WHERE position BETWEEN ? AND ? ORDER BY position"
 FIND_COMMAND = "SELECT fingerprint, first_position, event_count FROM commands WHERE command_id = ?"
+LOAD_SNAPSHOT = (
+    "SELECT stream_id, stream_version, schema_version, data FROM snapshots WHERE stream_id = ?"
+)
+SAVE_SNAPSHOT = (
+    "INSERT INTO snapshots (stream_id, stream_version, schema_version, data) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (stream_id) DO UPDATE SET stream_version = excluded.stream_version,"
+    " schema_version = excluded.schema_version, data = excluded.data"
+    " WHERE snapshots.stream_version < excluded.stream_version"
+)
 READ_RANGES = (
     "SELECT command_id, first_position, event_count FROM commands"
     " WHERE command_id > ? ORDER BY command_id LIMIT ?"
@@ -207,6 +216,15 @@ def _open_writer(path: Path) -> sqlite3.Connection:
     return connection
 
 
+def _open_snapshot_writer(path: Path) -> sqlite3.Connection:
+    connection = _connect(path)
+    # A snapshot lost in a power failure only means a longer replay: no fsync of its own,
+    # so that it holds SQLite's write lock, which the appends wait on, for the least time.
+    # The next append's fsync makes it durable anyway.
+    connection.execute("PRAGMA synchronous = NORMAL")
+    return connection
+
+
 def _store_error(message: str, cause: BaseException) -> StoreError:
     error = StoreUnavailableError(message) if _is_busy(cause) else StoreError(message)
     error.__cause__ = cause
@@ -232,8 +250,11 @@ class SQLiteEventStore:
         readers: list[sqlite3.Connection],
         loop: asyncio.AbstractEventLoop,
         max_batch: int,
+        snapshot_writer: sqlite3.Connection | None = None,
     ) -> None:
         self._loop = loop
+        self._snapshot_writer = snapshot_writer
+        self._snapshot_lock = threading.Lock()
         self._max_batch = max_batch
         self._listeners: list[Listener] = []
         self._writes: CallQueue[Commit, list[RecordedEvent]] = CallQueue()
@@ -271,13 +292,14 @@ class SQLiteEventStore:
             opened.append(await asyncio.to_thread(_open_writer, path))
             for _ in range(readers):
                 opened.append(await asyncio.to_thread(_open_reader, path))
+            opened.append(await asyncio.to_thread(_open_snapshot_writer, path))
         except (sqlite3.Error, SchemaTooNewError) as e:
             for connection in opened:
                 connection.close()
             if isinstance(e, sqlite3.Error):
                 raise _store_error(f"cannot open the SQLite store {path}: {e}", e) from e
             raise StoreError(f"cannot open the SQLite store {path}: {e}") from e
-        return cls(opened[0], opened[1:], asyncio.get_running_loop(), max_batch)
+        return cls(opened[0], opened[1:-1], asyncio.get_running_loop(), max_batch, opened[-1])
 
     # -- writing --------------------------------------------------------------------
 
@@ -578,6 +600,38 @@ class SQLiteEventStore:
 
         return await self._read(query)
 
+    # -- snapshots --------------------------------------------------------------------
+
+    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
+        def query(connection: sqlite3.Connection) -> Snapshot | None:
+            row = connection.execute(LOAD_SNAPSHOT, (stream_id,)).fetchone()
+            return None if row is None else Snapshot(*row)
+
+        return await self._read(query)
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        """Written on a connection of its own, off the writer thread: appends never queue
+        behind a snapshot, only (briefly) on SQLite's write lock."""
+
+        def write() -> None:
+            with self._snapshot_lock:
+                if self._snapshot_writer is None:
+                    raise StoreError("the SQLite store is closed")
+                try:
+                    self._snapshot_writer.execute(
+                        SAVE_SNAPSHOT,
+                        (
+                            snapshot.stream_id,
+                            snapshot.stream_version,
+                            snapshot.schema_version,
+                            snapshot.data,
+                        ),
+                    )
+                except sqlite3.Error as e:
+                    raise _store_error(f"saving a snapshot failed: {e}", e) from e
+
+        await asyncio.to_thread(write)
+
     # -- notification and shutdown --------------------------------------------------
 
     def add_commit_listener(self, listener: Callable[[], None]) -> None:
@@ -593,3 +647,7 @@ class SQLiteEventStore:
         self._reads.close(consumers=len(self._threads) - 1)
         for thread in self._threads:
             await asyncio.to_thread(thread.join)
+        with self._snapshot_lock:
+            if self._snapshot_writer is not None:
+                self._snapshot_writer.close()
+                self._snapshot_writer = None

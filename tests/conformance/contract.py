@@ -32,7 +32,7 @@ from typing import ClassVar
 import pytest
 
 from domain.errors import ConcurrencyConflictError, DuplicateCommandError
-from domain.ports import Commit, EventStore, NewEvent, RecordedEvent
+from domain.ports import Commit, EventStore, NewEvent, RecordedEvent, Snapshot, SnapshotStore
 from server.stores.factory import open_store
 
 OCCURRED_AT = dt.datetime(2026, 3, 4, 5, 6, 7, 891234, tzinfo=dt.UTC)
@@ -332,6 +332,18 @@ class EventStoreContract:
         assert await store.read_stream("versions", 1) == appended[1:]
         record = await store.find_command(commit.command_id)
         assert record is not None and list(record.events) == appended
+
+    async def test_the_latest_snapshot_of_a_stream_is_kept(self, store: EventStore) -> None:
+        assert isinstance(store, SnapshotStore)
+        assert await store.load_snapshot("snap") is None
+        first = Snapshot("snap", 100, 1, b'{"available": 5}')
+        await store.save_snapshot(first)
+        assert await store.load_snapshot("snap") == first
+        later = Snapshot("snap", 200, 2, bytes(range(256)))
+        await store.save_snapshot(later)
+        await store.save_snapshot(first)  # an older one arriving late
+        assert await store.load_snapshot("snap") == later
+        assert await store.load_snapshot("other") is None
 
     async def test_occurred_at_comes_back_as_aware_utc(self, store: EventStore) -> None:
         india = dt.timezone(dt.timedelta(hours=5, minutes=30))

@@ -1,0 +1,78 @@
+"""Snapshots: a long stream's aggregate rebuilt from its latest snapshot plus the events
+after it, instead of from its first event.
+
+A snapshot is taken after a commit that carries an aggregate's stream across a multiple
+of ``interval`` events, from the state the commit left in memory, and written in the
+background: a command never waits for it, and a snapshot that fails to be written only
+means a longer replay later (it is logged). Only aggregates that declare a
+``SNAPSHOT_VERSION`` are snapshotted; a snapshot in another version is ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TypeVar
+
+from domain.aggregates import Aggregate
+from domain.ports import Snapshot, SnapshotStore
+
+log = logging.getLogger("order_gateway.snapshots")
+
+A = TypeVar("A", bound=Aggregate)
+
+DEFAULT_INTERVAL = 50
+"""Measured (``python -m bench``, stream-length section, 100,000-event product): a cold
+start at most 49 events behind its snapshot took 2.5 x a warm order, against 2.2 x at
+25, 6.6 x at 100 and 780 x without snapshots; a snapshot is one small row replaced
+every 50 events of a product."""
+
+
+class Snapshots:
+    """Loads and takes the snapshots of one process's aggregates."""
+
+    def __init__(self, store: SnapshotStore | None, interval: int) -> None:
+        self._store = store if interval > 0 else None
+        self._interval = interval
+        self._writing: set[asyncio.Task[None]] = set()
+
+    async def restore(self, blank: A) -> A:
+        """``blank`` as its latest usable snapshot left it (unchanged if there is none)."""
+        if self._store is None or not blank.SNAPSHOT_VERSION:
+            return blank
+        snapshot = await self._store.load_snapshot(blank.stream_id)
+        if snapshot is not None and snapshot.schema_version == blank.SNAPSHOT_VERSION:
+            blank.restore_state(json.loads(snapshot.data), snapshot.stream_version)
+        return blank
+
+    def committed(self, aggregate: Aggregate, from_version: int) -> None:
+        """``aggregate`` just committed the versions after ``from_version``: snapshot it in
+        the background if that crossed a multiple of the interval."""
+        if (
+            self._store is None
+            or not aggregate.SNAPSHOT_VERSION
+            or aggregate.version // self._interval == from_version // self._interval
+        ):
+            return
+        snapshot = Snapshot(
+            aggregate.stream_id,
+            aggregate.version,
+            aggregate.SNAPSHOT_VERSION,
+            json.dumps(aggregate.snapshot_state()).encode(),
+        )
+        task = asyncio.get_running_loop().create_task(self._save(self._store, snapshot))
+        self._writing.add(task)
+        task.add_done_callback(self._writing.discard)
+
+    @staticmethod
+    async def _save(store: SnapshotStore, snapshot: Snapshot) -> None:
+        try:
+            await store.save_snapshot(snapshot)
+        except Exception:
+            log.warning("snapshot of %s not saved", snapshot.stream_id, exc_info=True)
+
+    async def drain(self) -> None:
+        """Wait for the snapshots being written (before the store closes)."""
+        while self._writing:
+            await asyncio.gather(*self._writing, return_exceptions=True)
