@@ -17,8 +17,8 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
-from server.store_urls import redacted_url
 from server.stores.factory import sqlite_path
+from server.stores.urls import redacted_url
 
 
 class BackupError(Exception):

@@ -25,7 +25,7 @@ from typing import Protocol, runtime_checkable
 from domain.events import ProductRestocked, StockReleased, StockReserved
 from domain.mapper import decode
 from domain.ports import EventStore
-from server.event_rows import EventRow, EventRowReader
+from server.stores.event_rows import EventRow, EventRowReader
 from server.stores.factory import open_store
 
 PAGE_SIZE = 10_000

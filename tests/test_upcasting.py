@@ -12,7 +12,7 @@ from domain.events import UPCASTERS, OrderCreated, ProductRestocked
 from domain.mapper import to_domain_event, to_new_event
 from domain.ports import RecordedEvent
 from domain.upcasting import Payload, UnknownSchemaVersionError, Upcasters
-from server.mapping import proto_event_fields
+from server.rpc.mapping import proto_event_fields
 
 V1_ORDER_CREATED = {
     "order_id": "o-1",
