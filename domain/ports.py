@@ -94,6 +94,13 @@ class SnapshotStore(Protocol):
         """The latest snapshot of ``stream_id``, or None."""
         ...
 
+    async def load_snapshot_and_events(
+        self, stream_id: str
+    ) -> tuple[Snapshot | None, list[RecordedEvent]]:
+        """``load_snapshot``, and the stream's events after its version (all of them when
+        there is none), read together."""
+        ...
+
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         """Keep ``snapshot`` unless one at a later stream version is already kept."""
         ...

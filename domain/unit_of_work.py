@@ -112,12 +112,11 @@ class UnitOfWork:
             # process moved on, and ``run_handler`` re-decides a rejection on fresh state.
             self.used_cache = True
             return cached.clone()
-        aggregate: A = (
-            cached.clone()
-            if isinstance(cached, type(blank))
-            else await self._snapshots.restore(blank)
-        )
-        records = await self._store.read_stream(aggregate.stream_id, aggregate.version)
+        if isinstance(cached, type(blank)):
+            aggregate: A = cached.clone()
+            records = await self._store.read_stream(aggregate.stream_id, aggregate.version)
+        else:
+            aggregate, records = await self._snapshots.load(blank, self._store)
         aggregate.replay([to_domain_event(record) for record in records])
         return aggregate
 

@@ -93,6 +93,14 @@ class MemoryEventStore:
         with self._lock:
             return self._snapshots.get(stream_id)
 
+    async def load_snapshot_and_events(
+        self, stream_id: str
+    ) -> tuple[Snapshot | None, list[RecordedEvent]]:
+        with self._lock:
+            snapshot = self._snapshots.get(stream_id)
+            after = snapshot.stream_version if snapshot is not None else 0
+            return snapshot, self._streams.get(stream_id, [])[after:]
+
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         with self._lock:
             kept = self._snapshots.get(snapshot.stream_id)

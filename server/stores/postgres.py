@@ -376,6 +376,13 @@ class PostgresEventStore:
                 await cursor.execute(_LOAD_SNAPSHOT, (stream_id,), prepare=True)
                 return await cursor.fetchone()
 
+    async def load_snapshot_and_events(
+        self, stream_id: str
+    ) -> tuple[Snapshot | None, list[RecordedEvent]]:
+        snapshot = await self.load_snapshot(stream_id)
+        after = 0 if snapshot is None else snapshot.stream_version
+        return snapshot, await self.read_stream(stream_id, after)
+
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         with _translated("save_snapshot"):
             async with self._pool.connection() as conn:

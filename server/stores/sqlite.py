@@ -609,6 +609,18 @@ class SQLiteEventStore:
 
         return await self._read(query)
 
+    async def load_snapshot_and_events(
+        self, stream_id: str
+    ) -> tuple[Snapshot | None, list[RecordedEvent]]:
+        def query(connection: sqlite3.Connection) -> tuple[Snapshot | None, list[RecordedEvent]]:
+            row = connection.execute(LOAD_SNAPSHOT, (stream_id,)).fetchone()
+            snapshot = None if row is None else Snapshot(*row)
+            after = 0 if snapshot is None else snapshot.stream_version
+            rows = connection.execute(READ_STREAM, (stream_id, after)).fetchall()
+            return snapshot, [_event(row) for row in rows]
+
+        return await self._read(query)
+
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         """Written on a connection of its own, off the writer thread: appends never queue
         behind a snapshot, only (briefly) on SQLite's write lock."""

@@ -345,6 +345,15 @@ class EventStoreContract:
         assert await store.load_snapshot("snap") == later
         assert await store.load_snapshot("other") is None
 
+    async def test_a_snapshot_is_read_with_the_events_after_it(self, store: EventStore) -> None:
+        assert isinstance(store, SnapshotStore)
+        appended = await store.append(commit_of([("snapped", n) for n in range(1, 6)]))
+        assert await store.load_snapshot_and_events("snapped") == (None, appended)
+        snapshot = Snapshot("snapped", 3, 1, b"{}")
+        await store.save_snapshot(snapshot)
+        assert await store.load_snapshot_and_events("snapped") == (snapshot, appended[3:])
+        assert await store.load_snapshot_and_events("none") == (None, [])
+
     async def test_occurred_at_comes_back_as_aware_utc(self, store: EventStore) -> None:
         india = dt.timezone(dt.timedelta(hours=5, minutes=30))
         occurred_at = dt.datetime(2026, 7, 1, 23, 59, 58, 123456, tzinfo=india)
