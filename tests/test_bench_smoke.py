@@ -15,9 +15,18 @@ from typing import Any
 import pytest
 
 from bench.inprocess import InProcessResult
-from bench.report import CatchUpResult, FanOutResult, Report, StreamLengthResult, print_report
+from bench.report import (
+    CatchUpResult,
+    ColdStartResult,
+    FanOutResult,
+    Report,
+    StreamLengthResult,
+    VerifyResult,
+    print_report,
+)
 from bench.run import main
 from bench.targets import evaluate
+from domain.snapshots import DEFAULT_INTERVAL
 from tests.bench_support import made_up_load
 
 
@@ -121,6 +130,11 @@ def test_targets_are_judged_from_the_figures() -> None:
         catch_up=[CatchUpResult("floor", 1000, 1.0, 10.0), CatchUpResult("sqlite", 600, 1.0, 20.0)],
         fan_out=[FanOutResult("sqlite", 200, 50.0, 500.0, 100, 100, 100, 80.0, 199.0)],
         stream_length=[StreamLengthResult("sqlite", 1.0, 1.05, 100_000)],
+        cold_start=[
+            ColdStartResult("sqlite", 100_000, 0, 900.0, 1.0),  # no snapshots: not judged
+            ColdStartResult("sqlite", 100_000, DEFAULT_INTERVAL, 2.5, 1.0),  # 2.5 x: fail
+        ],
+        verify=[VerifyResult("sqlite", 1_000_000, 40.0), VerifyResult("postgresql", 200_000, 10.0)],
     )
     outcomes = {v.target.split(":")[0]: v.outcome for v in evaluate(report)}
     assert list(outcomes.values()) == [
@@ -130,6 +144,8 @@ def test_targets_are_judged_from_the_figures() -> None:
         "NOT MEASURED",  # in-process on PostgreSQL
         "FAIL",  # catch-up 0.6 x floor
         "PASS",  # hot stream within 10%
+        "FAIL",  # cold start 2.5 x warm
+        "PASS",  # verify: the slowest 20,000 events/s
         "PASS",  # RSS 199 MB < 200 MB
     ]
     printed = io.StringIO()
