@@ -11,7 +11,7 @@ from pathlib import Path
 from orders.v1 import order_command_service_pb2
 
 from server.stores.sqlite import SQLiteEventStore
-from tests.clients import address, item, money
+from tests.clients import address, item, money, order_request
 from tests.fixtures import make_store_v1 as fixture
 from tests.subscription_support import StreamReader, connect, running_gateway
 
@@ -68,6 +68,12 @@ async def test_an_old_command_is_replayed_and_old_streams_continue(tmp_path: Pat
         released = await clients.cancel(order_id)
         assert [e.stock_released.available_after for e in released[1:]] == [50, 15]
 
+        new = await clients.create(
+            order_request(item("plum", 3, money(units=2, nanos=500_000_000)), item("apple", 2))
+        )
+        totals = [(i.line_total.units, i.line_total.nanos) for i in new[0].order_created.items]
+        assert totals == [(7, 500_000_000), (20, 0)], "new events carry it as recorded"
+
         restocked = await clients.restock("plum", 1)
-        assert (restocked[0].stream_version, restocked[0].position) == (3, EVENTS + 4)
-        assert restocked[0].product_restocked.available_after == 4
+        assert (restocked[0].stream_version, restocked[0].position) == (4, EVENTS + 7)
+        assert restocked[0].product_restocked.available_after == 1
