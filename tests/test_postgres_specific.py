@@ -35,7 +35,7 @@ from domain.errors import (
     StoreError,
     StoreUnavailableError,
 )
-from domain.ports import Commit, NewEvent, RecordedEvent
+from domain.ports import Commit, NewEvent, RecordedEvent, Snapshot
 from server.app import create_server
 from server.config import Settings
 from server.stores.postgres import LISTENER_APPLICATION_NAME, PostgresEventStore
@@ -166,19 +166,24 @@ def test_two_migrate_commands_at_once_both_succeed(fresh_postgres_url: str) -> N
 async def test_a_role_that_cannot_change_the_schema_serves_a_migrated_database(
     fresh_postgres_url: str,
 ) -> None:
-    """What the README promises: migrate as the owner, then serve with only these grants."""
+    """What docs/operations.md promises: migrate as the owner, then serve with only these grants."""
     await (await PostgresEventStore.open(fresh_postgres_url)).close()
     role = f"gateway_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(fresh_postgres_url, autocommit=True) as owner:
         owner.execute(f"CREATE ROLE {role} LOGIN")
         owner.execute(f"GRANT SELECT ON schema_migrations TO {role}")
         owner.execute(f"GRANT SELECT, INSERT ON events, commands TO {role}")
+        owner.execute(f"GRANT SELECT, INSERT, UPDATE ON snapshots TO {role}")
     as_role = make_conninfo(fresh_postgres_url, user=role)
     try:
         store = await PostgresEventStore.open(as_role)
         try:
             appended = await store.append(commit(("a", 1)))
             assert await store.read_all() == appended
+            # Snapshots are replaced as streams grow: the one table that is updated.
+            for version in (1, 2):
+                await store.save_snapshot(Snapshot("a", version, 1, b"{}"))
+            assert await store.load_snapshot_and_events("a") == (Snapshot("a", 2, 1, b"{}"), [])
         finally:
             await store.close()
     finally:

@@ -13,6 +13,7 @@ import pytest
 
 from domain.aggregates import Product
 from domain.commands import RestockProduct
+from domain.errors import StoreError
 from domain.ports import RecordedEvent, Snapshot
 from domain.snapshots import Snapshots
 from server.bootstrap import bootstrap
@@ -155,3 +156,21 @@ async def test_a_restarted_gateway_continues_from_the_snapshot(tmp_path: Path) -
         restocked = await clients.restock("p", 1)
     assert restocked[0].product_restocked.available_after == 51
     assert restocked[0].stream_version == 26
+
+
+class UnreadableSnapshotStore(ReadCountingStore):
+    async def load_snapshot_and_events(
+        self, stream_id: str
+    ) -> tuple[Snapshot | None, list[RecordedEvent]]:
+        raise StoreError("permission denied for table snapshots")
+
+
+async def test_snapshots_that_cannot_be_read_mean_a_full_replay_not_a_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = UnreadableSnapshotStore()
+    await restock(store, Snapshots(None, INTERVAL), 5)
+    with caplog.at_level(logging.WARNING, "order_gateway.snapshots"):
+        assert await restock(store, Snapshots(store, INTERVAL), 1) == 6
+    assert store.reads[-1] == ("product-p", 0)
+    assert "snapshot of product-p not read" in caplog.text
