@@ -15,7 +15,7 @@ from tests.clients import address, item, money, order_request
 from tests.fixtures import make_store_v1 as fixture
 from tests.subscription_support import StreamReader, connect, running_gateway
 
-FIXTURE = Path(__file__).parent / "fixtures" / "store-v1.db"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "store-v1.db"
 EVENTS = 13
 
 

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from server.bootstrap import bootstrap
 from server.cli import main
 from server.stores.memory import MemoryEventStore
 from server.verify import verify
 from tests.fixtures import make_store_v1 as fixture
+from tests.unit.test_bus import create, restock
 
-FIXTURE = Path(__file__).parent / "fixtures" / "store-v1.db"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "store-v1.db"
 SECOND_ORDER = fixture.ORDERS[1][0]
 CANCEL = "5f0e7a58-2000-4000-8000-000000000001"
 """The fixture (13 events): 1-3 restocks of apple, pear, plum; 4-6, 7-8 and 9-11 three
@@ -133,9 +135,6 @@ def test_a_recorded_stock_level_the_replay_disagrees_with_is_found(
 
 async def test_a_repeated_position_is_found(tmp_path: Path) -> None:
     store = MemoryEventStore()
-    from server.bootstrap import bootstrap
-    from tests.test_domain_bus import create, restock  # a store built by the real handlers
-
     bus = bootstrap(store)
     await bus.dispatch(restock("a", 5))
     await bus.dispatch(create(("a", 1)))
