@@ -60,6 +60,31 @@ class StreamLengthResult:
         return self.long_p50_ms / self.fresh_p50_ms if self.fresh_p50_ms else 0.0
 
 
+@dataclass
+class ColdStartResult:
+    store: str
+    stream_events: int
+    snapshot_interval: int
+    """0: snapshots off."""
+    cold_ms: float
+    warm_p50_ms: float
+
+    @property
+    def ratio(self) -> float:
+        return self.cold_ms / self.warm_p50_ms if self.warm_p50_ms else 0.0
+
+
+@dataclass
+class VerifyResult:
+    store: str
+    events: int
+    seconds: float
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / self.seconds if self.seconds else 0.0
+
+
 def conditions() -> dict[str, Any]:
     """What the figures depend on besides the code: the machine and what else ran on it."""
     return {
@@ -83,6 +108,8 @@ class Report:
     fan_out: list[FanOutResult] = field(default_factory=list)
     stream_length: list[StreamLengthResult] = field(default_factory=list)
     replicas: list[ReplicaResult] = field(default_factory=list)
+    cold_start: list[ColdStartResult] = field(default_factory=list)
+    verify: list[VerifyResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     """Sections or stores not measured, and why."""
 
@@ -146,6 +173,10 @@ class Report:
                     "errors": r.errors,
                 }
                 for r in self.replicas
+            ],
+            "cold_start": [{**dataclasses.asdict(r), "ratio": r.ratio} for r in self.cold_start],
+            "verify": [
+                {**dataclasses.asdict(r), "events_per_s": r.events_per_s} for r in self.verify
             ],
             "notes": self.notes,
         }
@@ -367,6 +398,37 @@ def print_stream_length(report: Report, out: TextIO) -> None:
             for r in report.stream_length
         ],
     )
+    if report.cold_start:
+        out.write(
+            "\nCold start: the first order on a long stream after a restart (empty cache),"
+            " from the\nsnapshot furthest behind that the interval allows, against the warm"
+            " orders after it\n"
+        )
+        _table(
+            out,
+            ["store", "stream events", "snapshots every", "cold ms", "warm p50 ms", "cold/warm"],
+            [
+                [
+                    r.store,
+                    f"{r.stream_events:,}",
+                    f"{r.snapshot_interval:,}" if r.snapshot_interval else "off",
+                    f"{r.cold_ms:.2f}",
+                    f"{r.warm_p50_ms:.2f}",
+                    f"{r.ratio:.2f}",
+                ]
+                for r in report.cold_start
+            ],
+        )
+    if report.verify:
+        out.write("\norder-gateway verify: the whole log read and checked\n")
+        _table(
+            out,
+            ["store", "events", "seconds", "events/s"],
+            [
+                [r.store, f"{r.events:,}", f"{r.seconds:.1f}", f"{r.events_per_s:,.0f}"]
+                for r in report.verify
+            ],
+        )
 
 
 def print_replicas(report: Report, out: TextIO) -> None:

@@ -5,8 +5,9 @@ the bare-gRPC floor, interleaved point by point so that both see the same machin
 ``--store sqlite`` also on the durable floors, the floor plus a bare SQLite commit per call),
 ``inprocess`` (bus + domain + store against the ``eventsourcing`` library),
 ``subscriptions`` (catch-up over a million events, fan-out to live subscribers),
-``stream-length`` (a hot product's long stream against a fresh one) and ``replicas``
-(two gateways on one PostgreSQL database, every order on one product; needs a
+``stream-length`` (a hot product's long stream against a fresh one, its cold start after a
+restart with and without snapshots, and ``verify``'s events/s on each store) and
+``replicas`` (two gateways on one PostgreSQL database, every order on one product; needs a
 ``postgresql://`` store).
 
     python -m bench --store memory --store sqlite --store postgresql://… --plot docs/bench.png
@@ -22,11 +23,18 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-from bench import replicas, stream_length, subscriptions, workload
+from bench import replicas, stream_length, subscriptions, verify_rate, workload
 from bench.inprocess import eventsourcing_commands, gateway_commands
 from bench.loadgen import LoadSpec, run_load
 from bench.plot import plot_load
-from bench.report import Report, StreamLengthResult, conditions, print_report
+from bench.report import (
+    ColdStartResult,
+    Report,
+    StreamLengthResult,
+    VerifyResult,
+    conditions,
+    print_report,
+)
 from bench.servers import (
     ServerProcess,
     restock,
@@ -38,6 +46,8 @@ from bench.stats import LoadResult
 from bench.stores import StoreSpec, eventsourcing_env, quiet_disks, supported
 from bench.targets import evaluate, print_verdicts
 
+COLD_START_WARM_ORDERS = 30
+"""Orders after each measured cold start; their p50 is the warm figure."""
 SECTIONS = ("grpc", "inprocess", "subscriptions", "stream-length", "replicas")
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -146,6 +156,24 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=20.0,
         help="measured seconds of the replicas section (default 20)",
+    )
+    parser.add_argument(
+        "--snapshot-intervals",
+        type=lambda value: [int(n) for n in value.split(",") if n],
+        default=[25, 50, 100],
+        help="snapshot intervals whose cold start is measured, besides none (default 25,50,100)",
+    )
+    parser.add_argument(
+        "--cold-starts",
+        type=int,
+        default=5,
+        help="restarts measured per snapshot interval (default 5; the median is reported)",
+    )
+    parser.add_argument(
+        "--verify-events",
+        type=int,
+        default=1_000_000,
+        help="events in the log verify checks, per store (default 1,000,000; 0 skips)",
     )
     parser.add_argument(
         "--workdir", type=Path, help="folder for SQLite files and server logs (default: a temp dir)"
@@ -326,8 +354,11 @@ async def run_subscriptions(
         )
 
 
-async def run_stream_length(args: argparse.Namespace, workdir: Path, report: Report) -> None:
-    """bench/stream_length.py's measurement (in process, on SQLite), with the cache on."""
+async def run_stream_length(
+    args: argparse.Namespace, specs: list[StoreSpec], workdir: Path, report: Report
+) -> None:
+    """bench/stream_length.py's measurements (in process, on SQLite): the cache on, a cold
+    start with and without snapshots; and verify's rate on each store."""
     print("Stream length: CreateOrder on a fresh hot product against a long one", file=sys.stderr)
     folder = workdir / "stream-length"
     folder.mkdir(exist_ok=True)
@@ -343,6 +374,40 @@ async def run_stream_length(args: argparse.Namespace, workdir: Path, report: Rep
         file=sys.stderr,
     )
     report.stream_length.append(result)
+
+    intervals = (0, *args.snapshot_intervals)
+    for cold in await stream_length.measure_cold_start(
+        folder, args.stream_events, intervals, args.cold_starts, COLD_START_WARM_ORDERS
+    ):
+        report.cold_start.append(
+            ColdStartResult(
+                "sqlite",
+                cold.stream_length,
+                cold.snapshot_interval,
+                cold.cold_ms,
+                cold.warm_p50_ms,
+            )
+        )
+        print(
+            f"  cold start, snapshots every {cold.snapshot_interval or 'never'}:"
+            f" {cold.cold_ms:.2f} ms against {cold.warm_p50_ms:.2f} ms warm",
+            file=sys.stderr,
+        )
+    for spec in specs:
+        if spec.kind == "memory" or not args.verify_events:
+            continue
+        with spec.fresh(workdir, f"verify-{spec.kind}") as url:
+            await verify_rate.build_log(url, args.verify_events)
+            checked = await verify_rate.measure(url)
+        if not checked.ok:
+            raise SystemExit(
+                f"verify found the benchmark's own log inconsistent: {checked.lines()}"
+            )
+        report.verify.append(VerifyResult(spec.kind, checked.events, checked.seconds))
+        print(
+            f"  verify on {spec.kind}: {checked.events:,} events in {checked.seconds:.1f} s",
+            file=sys.stderr,
+        )
 
 
 async def run_replicas(
@@ -397,7 +462,7 @@ async def run(args: argparse.Namespace) -> Report:
         if "subscriptions" in sections:
             await run_subscriptions(args, specs, workdir, report)
         if "stream-length" in sections:
-            await run_stream_length(args, workdir, report)
+            await run_stream_length(args, specs, workdir, report)
         if "replicas" in sections:
             await run_replicas(args, specs, workdir, report)
     report.conditions_after = conditions()

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import json
+import statistics
 import tempfile
 import time
 import uuid
@@ -27,10 +29,12 @@ from pathlib import Path
 
 from bench.stats import Latencies
 from bench.workload import order_input
-from domain.commands import CreateOrder
-from domain.events import ProductRestocked
-from domain.mapper import to_new_event
-from domain.ports import Commit, EventStore
+from domain.aggregates import Product
+from domain.commands import CreateOrder, RestockProduct
+from domain.events import ProductRestocked, StockReleased, StockReserved
+from domain.mapper import to_domain_event, to_new_event
+from domain.ports import Commit, EventStore, RecordedEvent, Snapshot, SnapshotStore
+from domain.snapshots import Snapshots
 from server.bootstrap import bootstrap
 from server.stores.sqlite import SQLiteEventStore
 
@@ -80,6 +84,96 @@ async def build_stream(store: EventStore, length: int) -> None:
             )
         )
         version += size
+
+
+@dataclass(frozen=True)
+class ColdStart:
+    stream_length: int
+    snapshot_interval: int
+    """0: snapshots off, the whole stream is replayed."""
+    cold_ms: float
+    """Median over the repeats of the first order after a restart (a cold cache)."""
+    warm_p50_ms: float
+    """p50 of the orders that follow it (the product cached)."""
+
+    @property
+    def ratio(self) -> float:
+        return self.cold_ms / self.warm_p50_ms if self.warm_p50_ms else 0.0
+
+
+class _LoadOnly:
+    """Snapshots as stored, none written: every restart finds the snapshot this
+    measurement left, not one the orders it measures would have added."""
+
+    def __init__(self, store: SnapshotStore) -> None:
+        self._store = store
+
+    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
+        return await self._store.load_snapshot(stream_id)
+
+    async def load_snapshot_and_events(
+        self, stream_id: str
+    ) -> tuple[Snapshot | None, list[RecordedEvent]]:
+        return await self._store.load_snapshot_and_events(stream_id)
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        return None
+
+
+async def save_worst_snapshot(store: SQLiteEventStore, length: int, interval: int) -> None:
+    """The snapshot the background could have left furthest behind a stream of ``length``
+    events: ``interval - 1`` events before its end, the most a cold load can replay."""
+    version = length - interval + 1
+    record = (await store.read_stream(STREAM, version - 1))[0]
+    event = to_domain_event(record)
+    assert isinstance(event, ProductRestocked | StockReserved | StockReleased)
+    product = Product(PRODUCT)
+    product.restore_state({"available": event.available_after}, version)
+    await store.save_snapshot(
+        Snapshot(
+            STREAM, version, Product.SNAPSHOT_VERSION, json.dumps(product.snapshot_state()).encode()
+        )
+    )
+
+
+async def measure_cold_start(
+    folder: Path, length: int, intervals: Sequence[int], repeats: int, warm_orders: int
+) -> list[ColdStart]:
+    """Per snapshot interval (one store each, 0: none): a "restart" (a new bus, so an
+    empty cache) and its first order, then ``warm_orders`` more; restarts take turns
+    between the intervals, each from the worst snapshot for its interval."""
+    stores = [await SQLiteEventStore.open(folder / f"cold-{n}.db") for n in intervals]
+    colds: list[list[float]] = [[] for _ in intervals]
+    warms: list[list[float]] = [[] for _ in intervals]
+    try:
+        for store in stores:
+            await build_stream(store, length)
+        for repeat in range(repeats):
+            current = length + repeat * (1 + warm_orders)
+            for store, interval, cold, warm in zip(stores, intervals, colds, warms, strict=True):
+                if interval:
+                    await save_worst_snapshot(store, current, interval)
+                bus = bootstrap(store, snapshots=Snapshots(_LoadOnly(store), interval))
+                # The snapshot was written long before a real restart: the first append
+                # after a write on another connection (SQLite re-reading its pages, a WAL
+                # checkpoint) is charged to a command on another product, not to the one
+                # measured.
+                await bus.dispatch(RestockProduct(product_id="elsewhere", quantity=1))
+                started = time.perf_counter()
+                await bus.dispatch(order())
+                cold.append((time.perf_counter() - started) * 1e3)
+                for _ in range(warm_orders):
+                    command = order()
+                    started = time.perf_counter()
+                    await bus.dispatch(command)
+                    warm.append(time.perf_counter() - started)
+    finally:
+        for store in stores:
+            await store.close()
+    return [
+        ColdStart(length, interval, statistics.median(cold), Latencies.of(warm).p50_ms)
+        for interval, cold, warm in zip(intervals, colds, warms, strict=True)
+    ]
 
 
 def order() -> CreateOrder:

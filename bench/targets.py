@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from bench.report import Report
+from domain.snapshots import DEFAULT_INTERVAL
 
 TARGET_CONCURRENCY = 16
 RSS_LIMIT_MB = 200.0
@@ -122,6 +123,34 @@ def _stream_length(report: Report) -> Verdict:
     )
 
 
+def _cold_start(report: Report) -> Verdict:
+    target = (
+        f"first order on a 100,000-event product after a restart <= 2 x a warm one's"
+        f" (snapshots every {DEFAULT_INTERVAL})"
+    )
+    runs = [r for r in report.cold_start if r.snapshot_interval == DEFAULT_INTERVAL]
+    if not runs:
+        return _judge(target, None, f"needs the stream-length section with {DEFAULT_INTERVAL}")
+    worst = max(runs, key=lambda r: r.ratio)
+    return _judge(
+        target,
+        worst.ratio <= 2.0,
+        f"{worst.store}: {worst.cold_ms:.2f} vs {worst.warm_p50_ms:.2f} ms = {worst.ratio:.2f} x",
+    )
+
+
+def _verify_rate(report: Report) -> Verdict:
+    target = "verify checks 1,000,000 events in under a minute (>= 16,667 events/s)"
+    if not report.verify:
+        return _judge(target, None, "needs the stream-length section with --verify-events")
+    slowest = min(report.verify, key=lambda r: r.events_per_s)
+    return _judge(
+        target,
+        slowest.events_per_s >= 1_000_000 / 60,
+        f"{slowest.store}: {slowest.events_per_s:,.0f} events/s over {slowest.events:,}",
+    )
+
+
 def _fan_out_rss(report: Report) -> Verdict:
     target = f"gateway RSS with 200 subscribers < {RSS_LIMIT_MB:.0f} MB"
     runs = [r for r in report.fan_out if r.subscribers >= 200]
@@ -189,6 +218,8 @@ JUDGES: tuple[Callable[[Report], Verdict], ...] = (
     _inprocess("postgresql", 10),
     _catch_up,
     _stream_length,
+    _cold_start,
+    _verify_rate,
     _fan_out_rss,
     _hot("sqlite", 0.9),
     _hot("postgresql", 0.8),

@@ -8,7 +8,7 @@ also applies, so the aggregate is always the state after its pending events.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Self
+from typing import Any, ClassVar, Self
 
 from domain.errors import (
     InsufficientInventoryError,
@@ -35,6 +35,9 @@ class Aggregate:
     """Version tracking and pending events, common to every aggregate."""
 
     stream_prefix: str = ""
+    SNAPSHOT_VERSION: ClassVar[int] = 0
+    """The shape of this aggregate's snapshot state, bumped with every change to it;
+    0: never snapshotted (its streams stay short)."""
 
     def __init__(self, aggregate_id: str) -> None:
         self.id = aggregate_id
@@ -62,6 +65,14 @@ class Aggregate:
 
     def mark_committed(self) -> None:
         self.pending = []
+
+    def snapshot_state(self) -> dict[str, Any]:
+        """The state ``restore_state`` rebuilds, as JSON-ready values."""
+        raise NotImplementedError
+
+    def restore_state(self, state: dict[str, Any], version: int) -> None:
+        """Become the aggregate that ``snapshot_state`` described, at stream ``version``."""
+        raise NotImplementedError
 
     def clone(self) -> Self:
         """An independent copy, so a cached aggregate is never changed by a failed command."""
@@ -121,6 +132,15 @@ class Product(Aggregate):
     def apply(self, event: DomainEvent) -> None:
         if isinstance(event, ProductRestocked | StockReserved | StockReleased):
             self.available = event.available_after
+
+    SNAPSHOT_VERSION = 1
+
+    def snapshot_state(self) -> dict[str, Any]:
+        return {"available": self.available}
+
+    def restore_state(self, state: dict[str, Any], version: int) -> None:
+        self.available = int(state["available"])
+        self.version = version
 
 
 class Order(Aggregate):

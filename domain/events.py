@@ -1,11 +1,19 @@
 """Domain events: facts that happened, named in the past tense.
 
-The class name is the event type clients see in ``Event.event_type``.
+The class name is the event type clients see in ``Event.event_type``. Each class declares
+its ``SCHEMA_VERSION``; a change to its fields bumps it and adds an upcaster to
+``UPCASTERS`` below, so that events stored in the older shape still read (see
+``domain.upcasting``).
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import BaseModel, ConfigDict
+
+from domain.upcasting import Payload, Upcasters
+from domain.values import NANOS_PER_UNIT
 
 
 class Fact(BaseModel):
@@ -25,6 +33,8 @@ class OrderedItem(Fact):
     product_id: str
     quantity: int
     unit_price: MoneyAmount
+    line_total: MoneyAmount
+    """``unit_price`` times ``quantity`` (since OrderCreated version 2)."""
 
 
 class ShippingAddress(Fact):
@@ -38,12 +48,17 @@ class ShippingAddress(Fact):
 
 
 class DomainEvent(Fact):
+    SCHEMA_VERSION: ClassVar[int] = 1
+    """The shape of this event's stored payload; bumped with every change to its fields."""
+
     @property
     def event_type(self) -> str:
         return type(self).__name__
 
 
 class OrderCreated(DomainEvent):
+    SCHEMA_VERSION = 2
+
     order_id: str
     customer_id: str
     items: tuple[OrderedItem, ...]
@@ -83,3 +98,21 @@ EVENT_TYPES: dict[str, type[DomainEvent]] = {
     cls.__name__: cls
     for cls in (OrderCreated, OrderCancelled, StockReserved, StockReleased, ProductRestocked)
 }
+
+
+def _order_created_v1_to_v2(payload: Payload) -> Payload:
+    """Version 2 gave each item its ``line_total``; version 1 stored only the unit price."""
+    items = []
+    for item in payload["items"]:
+        price = item["unit_price"]
+        nanos = item["quantity"] * (price.get("units", 0) * NANOS_PER_UNIT + price.get("nanos", 0))
+        units, nanos = divmod(nanos, NANOS_PER_UNIT)
+        line_total = {"currency_code": price["currency_code"], "units": units, "nanos": nanos}
+        items.append({**item, "line_total": line_total})
+    return {**payload, "items": items}
+
+
+UPCASTERS = Upcasters(
+    current={name: cls.SCHEMA_VERSION for name, cls in EVENT_TYPES.items()},
+    steps={("OrderCreated", 1): _order_created_v1_to_v2},
+)

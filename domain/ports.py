@@ -22,6 +22,8 @@ class NewEvent:
     stream_version: int
     event_type: str
     data: bytes
+    schema_version: int = 1
+    """The version of ``event_type``'s payload shape that ``data`` is in."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,9 @@ class RecordedEvent:
     user_id: str
     event_type: str
     data: bytes
+    schema_version: int = 1
+    """As stored: the payload may be older than the event's current shape (events stored
+    before versions were recorded read as 1). ``domain.mapper`` upcasts on reading."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +89,7 @@ def recorded_events(commit: Commit, first_position: int) -> list[RecordedEvent]:
             user_id,
             event.event_type,
             event.data,
+            event.schema_version,
         )
         for position, event in enumerate(commit.events, start=first_position)
     ]
@@ -96,6 +102,40 @@ class CommandRecord:
     command_id: str
     fingerprint: str
     events: Sequence[RecordedEvent]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """An aggregate's state as of ``stream_version`` of its stream, serialised.
+
+    ``schema_version`` is the shape of ``data``: a snapshot in another shape than the
+    aggregate's current one is ignored (the stream is replayed instead), never misread.
+    """
+
+    stream_id: str
+    stream_version: int
+    schema_version: int
+    data: bytes
+
+
+@runtime_checkable
+class SnapshotStore(Protocol):
+    """Where snapshots live: in the event store, beside the streams they summarise."""
+
+    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
+        """The latest snapshot of ``stream_id``, or None."""
+        ...
+
+    async def load_snapshot_and_events(
+        self, stream_id: str
+    ) -> tuple[Snapshot | None, list[RecordedEvent]]:
+        """``load_snapshot``, and the stream's events after its version (all of them when
+        there is none), read together."""
+        ...
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        """Keep ``snapshot`` unless one at a later stream version is already kept."""
+        ...
 
 
 class EventStore(Protocol):

@@ -24,6 +24,9 @@ share commits instead of taking one durable commit each. What keeps it safe:
 
 Across processes sharing a store (PostgreSQL replicas), commands on a stream they contend
 for also take turns at it (``domain.locks.StreamTurns``), joined with the stream locks.
+
+An aggregate that is not cached starts from its latest snapshot, if any
+(``domain.snapshots``), taken only of states that committed.
 """
 
 from __future__ import annotations
@@ -44,9 +47,11 @@ from domain.ids import new_uuid
 from domain.locks import StreamLocks, StreamTurns
 from domain.mapper import to_domain_event, to_new_event
 from domain.ports import Commit, EventStore, RecordedEvent, SharedStreamLocks
+from domain.snapshots import Snapshots
 
 A = TypeVar("A", bound=Aggregate)
 Appended = asyncio.Future[list[RecordedEvent]]
+NO_SNAPSHOTS = Snapshots(None, 0)
 
 
 @dataclass(slots=True, eq=False)
@@ -167,8 +172,10 @@ class UnitOfWork:
         command: Command,
         turns: StreamTurns | None = None,
         durable: bool = False,
+        snapshots: Snapshots | None = None,
     ) -> None:
         self._store = store
+        self._snapshots = snapshots or NO_SNAPSHOTS
         self._cache = cache
         self._locks = locks
         self._turns = turns
@@ -248,9 +255,13 @@ class UnitOfWork:
                 self._follows[stream_id] = entry.head_event
             return entry.head.clone()
         committed = entry.committed if entry is not None else None
-        aggregate: A = committed.clone() if isinstance(committed, type(blank)) else blank
-        last_event = entry.committed_event if aggregate is not blank and entry else ""
-        records = await self._store.read_stream(stream_id, aggregate.version)
+        if isinstance(committed, type(blank)) and entry is not None:
+            aggregate: A = committed.clone()
+            last_event = entry.committed_event
+            records = await self._store.read_stream(stream_id, aggregate.version)
+        else:
+            aggregate, records = await self._snapshots.load(blank, self._store)
+            last_event = ""
         aggregate.replay([to_domain_event(record) for record in records])
         if records:
             last_event = records[-1].event_id
@@ -289,6 +300,7 @@ class UnitOfWork:
         # these streams is decided (this one's first step runs before that one resumes).
         appended = asyncio.ensure_future(self._store.append(commit))
         last_events = {event.stream_id: event.event_id for event in events}
+        due = [self._snapshots.due(a, a.committed_version) for a in aggregates]
         for aggregate in aggregates:
             aggregate.mark_committed()
             last_event = last_events.get(
@@ -302,11 +314,13 @@ class UnitOfWork:
         try:
             # A caller who stops waiting (a deadline) cancels the append, as before
             # pipelining: commands decided on it then fail their ``follows``.
-            return await appended
+            recorded = await appended
         except ConcurrencyConflictError:
             if self._turns is not None:
                 self._turns.contended(commit.expected_versions)
             raise
+        self._snapshots.take(snapshot for snapshot in due if snapshot is not None)
+        return recorded
 
 
 HandlerFunction = Callable[[Any, UnitOfWork], Awaitable[list[RecordedEvent]]]
@@ -320,9 +334,12 @@ class UnitsOfWork:
         store: EventStore,
         cache_capacity: int = 10_000,
         shared_locks: SharedStreamLocks | None = None,
+        snapshots: Snapshots | None = None,
     ) -> None:
-        """``shared_locks``: the store's, when several processes may write it at once."""
+        """``shared_locks``: the store's, when several processes may write it at once.
+        Without ``snapshots``, aggregates are rebuilt from their whole streams."""
         self._store = store
+        self._snapshots = snapshots
         self._cache = AggregateCache(cache_capacity)
         self._locks = StreamLocks()
         self._turns = StreamTurns(shared_locks) if shared_locks is not None else None
@@ -342,11 +359,15 @@ class UnitsOfWork:
         again on durable state: another process may have restocked the product, or a
         queued commit it counted on may fail.
         """
-        uow = UnitOfWork(self._store, self._cache, self._locks, command, self._turns)
+        uow = UnitOfWork(
+            self._store, self._cache, self._locks, command, self._turns, False, self._snapshots
+        )
         try:
             return await function(command, uow)
         except BusinessRuleViolation:
             if not uow.used_cache:
                 raise
-        durable = UnitOfWork(self._store, self._cache, self._locks, command, self._turns, True)
+        durable = UnitOfWork(
+            self._store, self._cache, self._locks, command, self._turns, True, self._snapshots
+        )
         return await function(command, durable)

@@ -154,3 +154,7 @@ class OrderItem(ValueObject):
     @property
     def line_total_nanos(self) -> int:
         return self.quantity * self.unit_price.total_nanos
+
+    @property
+    def line_total(self) -> Money:
+        return Money.from_nanos(self.unit_price.currency_code, self.line_total_nanos)

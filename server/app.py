@@ -23,7 +23,8 @@ from orders.v1 import (
 )
 
 from domain.bus import Middleware
-from domain.ports import EventStore, SharedStreamLocks
+from domain.ports import EventStore, SharedStreamLocks, SnapshotStore
+from domain.snapshots import Snapshots
 from server.bootstrap import bootstrap
 from server.config import Settings
 from server.observability.access_log import AccessLog
@@ -72,6 +73,7 @@ class Gateway:
     access_log: AccessLog = field(default_factory=AccessLog)
     metrics_server: MetricsServer | None = None
     tracing: Tracing | None = None
+    snapshots: Snapshots | None = None
     metrics_port: int | None = field(default=None, init=False)
     """The port /metrics is served on once started (None without --metrics-listen)."""
     _stopped: bool = field(default=False, init=False)
@@ -95,6 +97,8 @@ class Gateway:
         await self.hub.stop()
         await self.server.stop(self.shutdown_grace)
         self.access_log.flush()
+        if self.snapshots is not None:
+            await self.snapshots.drain()
         await self.store.close()
         if self.metrics_server is not None:
             await self.metrics_server.stop()
@@ -180,12 +184,17 @@ async def create_server(
     if tracing is not None:
         command_store = tracing.instrument_store(command_store)
         middleware.append(tracing.command_middleware())
+    # Snapshots go to the store itself: their writes are not command appends to measure.
+    snapshots = Snapshots(
+        store if isinstance(store, SnapshotStore) else None, settings.snapshot_interval
+    )
     runner = CommandRunner(
         bootstrap(
             command_store,
             settings.aggregate_cache,
             middleware=middleware,
             shared_locks=store if isinstance(store, SharedStreamLocks) else None,
+            snapshots=snapshots,
         )
     )
     order_command_service_pb2_grpc.add_OrderCommandServiceServicer_to_server(
@@ -230,6 +239,7 @@ async def create_server(
             else None
         ),
         tracing=tracing,
+        snapshots=snapshots,
     )
 
 

@@ -12,6 +12,7 @@ from domain.bus import CommandBus, Middleware
 from domain.commands import CancelOrder, Command, CreateOrder, RestockProduct
 from domain.middleware import IdempotencyMiddleware, LoggingMiddleware, RetryOnConflictMiddleware
 from domain.ports import EventStore, SharedStreamLocks
+from domain.snapshots import Snapshots
 from domain.unit_of_work import HandlerFunction, UnitsOfWork
 
 HANDLERS: dict[type[Command], HandlerFunction] = {
@@ -26,11 +27,13 @@ def bootstrap(
     cache_capacity: int = 10_000,
     middleware: Sequence[Middleware] = (),
     shared_locks: SharedStreamLocks | None = None,
+    snapshots: Snapshots | None = None,
 ) -> CommandBus:
     """``middleware`` (metrics, tracing) runs outermost, so it sees each command's whole
     dispatch: idempotent replays and conflict retries included. ``shared_locks``: the
-    store's, when several processes write it (replicas take turns at contended streams)."""
-    units = UnitsOfWork(store, cache_capacity, shared_locks)
+    store's, when several processes write it (replicas take turns at contended streams).
+    Without ``snapshots``, aggregates are rebuilt from their whole streams."""
+    units = UnitsOfWork(store, cache_capacity, shared_locks, snapshots)
     bus = CommandBus(
         middleware=[
             *middleware,

@@ -1,4 +1,4 @@
-"""The ``order-gateway`` command: serve, migrate, tail, health.
+"""The ``order-gateway`` command: serve, migrate, verify, backup, tail, health.
 
 Flags are optional overrides of ``ORDER_GATEWAY_*`` variables: only the flags given on
 the command line are passed to ``Settings``, so a flag wins and a variable fills the rest.
@@ -11,6 +11,7 @@ import asyncio
 import ipaddress
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -60,6 +61,27 @@ def build_parser() -> argparse.ArgumentParser:
         "it starts).",
     )
     _setting(migrate, "store", metavar="URL")
+
+    verify = _command(
+        commands,
+        "verify",
+        "check the whole event log; exit 1 on any violation",
+        "Read every event of the store and check it: positions 1..N without gap or repeat, "
+        "stream versions 1..n, every event decodes, every command record points at its "
+        "events, no product's stock goes negative. Prints a summary; on a violation, exits 1 "
+        "naming the first offending position.",
+    )
+    _setting(verify, "store", metavar="URL")
+
+    backup = _command(
+        commands,
+        "backup",
+        "copy a SQLite store consistently, while it serves, to a new FILE",
+        "Copy a SQLite store through SQLite's online backup API: whole commits only, while "
+        "the gateway keeps serving. FILE must not exist. PostgreSQL: use pg_dump.",
+    )
+    _setting(backup, "store", metavar="URL")
+    backup.add_argument("file", metavar="FILE", type=Path, help="the new copy's path")
 
     tail = _command(
         commands,
@@ -201,6 +223,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             from server.stores.factory import migrate
 
             asyncio.run(migrate(settings.store))
+        elif args.command == "verify":
+            from server.verify import run_verify
+
+            return asyncio.run(run_verify(settings.store))
+        elif args.command == "backup":
+            from server.backup import BackupError, backup
+
+            try:
+                events = backup(settings.store, args.file)
+            except BackupError as error:
+                print(f"order-gateway: {error}", file=sys.stderr)
+                return 1
+            print(f"backed up {events} events to {args.file}")
         elif args.command == "health":
             from server.client.health import check_health, local_target
 

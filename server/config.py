@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from domain.snapshots import DEFAULT_INTERVAL as SNAPSHOT_INTERVAL
 from server.stores.urls import redacted_url
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -95,6 +96,15 @@ class Settings(BaseSettings):
         description=(
             "Orders and products kept in memory between commands (about 1.6 KB each); a "
             "command on one that is not kept reads its events back from the store first."
+        ),
+    )
+    snapshot_interval: int = Field(
+        SNAPSHOT_INTERVAL,
+        ge=0,
+        description=(
+            "A product's state is saved in the store, in the background, each time its "
+            "stream grows past a multiple of this many events, so that loading it after a "
+            "restart replays at most this many; 0 turns snapshots off."
         ),
     )
 

@@ -86,7 +86,7 @@ def proto_event_fields(record: RecordedEvent) -> dict[str, Any]:
     were recorded; decoding them into pydantic models again only to copy every field
     across cost more than the rest of the mapping.
     """
-    field_name, payload = _payload(record.event_type, record.data)
+    field_name, payload = _payload(record.event_type, record.data, record.schema_version)
     return {
         "event_id": record.event_id,
         "stream_id": record.stream_id,
@@ -115,8 +115,9 @@ def row_event_response(response_type: Callable[..., R], row: EventRow) -> R:
         user_id,
         event_type,
         data,
+        schema_version,
     ) = row
-    field_name, payload = _payload(event_type, data)
+    field_name, payload = _payload(event_type, data, schema_version)
     # Floor division, as Timestamp wants it: nanos are never negative.
     seconds, micros = divmod(occurred_at_us, 1_000_000)
     return response_type(
@@ -135,14 +136,16 @@ def row_event_response(response_type: Callable[..., R], row: EventRow) -> R:
     )
 
 
-def _payload(event_type: str, data: bytes) -> tuple[str, dict[str, Any]]:
-    """The ``Event.payload`` field of an event type, and its stored JSON as that message's
-    constructor arguments."""
+def _payload(event_type: str, data: bytes, schema_version: int) -> tuple[str, dict[str, Any]]:
+    """The ``Event.payload`` field of an event type, and its stored JSON, upcast to the
+    current version, as that message's constructor arguments."""
     try:
         field_name, proto_fields = _PAYLOAD_FIELDS[event_type]
     except KeyError:
         raise TypeError(f"no proto payload for {event_type}") from None
     payload: dict[str, Any] = from_json(data)
+    if schema_version != _CURRENT_VERSIONS[event_type]:
+        payload = domain_events.UPCASTERS.upcast(event_type, schema_version, payload)
     for name in payload.keys() - proto_fields:
         # Domain-only fields, such as OrderCreated.created_by.
         del payload[name]
@@ -163,6 +166,7 @@ def _payload_fields() -> dict[str, tuple[str, frozenset[str]]]:
 
 
 _PAYLOAD_FIELDS = _payload_fields()
+_CURRENT_VERSIONS = {name: cls.SCHEMA_VERSION for name, cls in domain_events.EVENT_TYPES.items()}
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _NAIVE_EPOCH = dt.datetime(1970, 1, 1)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Final, Protocol, runtime_checkable
 
-EventRow = tuple[str, str, int, int, int, str, str, str, str, bytes]
+EventRow = tuple[str, str, int, int, int, str, str, str, str, bytes, int]
 """event_id, stream_id, stream_version, position, occurred_at (µs since the epoch, UTC),
-command_id, correlation_id, user_id, event_type, data."""
+command_id, correlation_id, user_id, event_type, data, schema_version."""
 
 STREAM_ID: Final = 1
 POSITION: Final = 3

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from domain.ports import EventStore
 from server.stores.memory import MemoryEventStore
 from server.stores.sqlite import SQLiteEventStore
@@ -12,6 +14,17 @@ class UnsupportedStoreURLError(StoreURLError):
     """``--store`` names no backend this gateway has."""
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file a sqlite:/// URL names, or None for any other URL.
+
+    sqlite:///relative.db is relative to the working directory; sqlite:////abs.db keeps
+    the fourth slash, making the path absolute.
+    """
+    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///"))
+    return None
+
+
 async def open_store(url: str, *, pool_size: int = 10) -> EventStore:
     """Open (and migrate) the store at ``url``: memory://, sqlite:///…, postgresql://….
 
@@ -19,10 +32,8 @@ async def open_store(url: str, *, pool_size: int = 10) -> EventStore:
     """
     if url == "memory://" or url.startswith("memory:"):
         return MemoryEventStore()
-    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
-        # sqlite:///relative.db is relative to the working directory; sqlite:////abs.db
-        # keeps the fourth slash, making the path absolute.
-        return await SQLiteEventStore.open(url.removeprefix("sqlite:///"))
+    if (path := sqlite_path(url)) is not None:
+        return await SQLiteEventStore.open(path)
     if url.startswith(("postgresql://", "postgres://")):
         # Imported here so that processes on other stores never load the driver.
         from server.stores.postgres import PostgresEventStore

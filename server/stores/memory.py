@@ -7,10 +7,10 @@ for coroutines and threads alike.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from domain.errors import ConcurrencyConflictError, DuplicateCommandError
-from domain.ports import CommandRecord, Commit, RecordedEvent, recorded_events
+from domain.ports import CommandRecord, Commit, RecordedEvent, Snapshot, recorded_events
 
 
 class MemoryEventStore:
@@ -20,6 +20,7 @@ class MemoryEventStore:
         self._streams: dict[str, list[RecordedEvent]] = {}
         self._commands: dict[str, CommandRecord] = {}
         self._listeners: list[Callable[[], None]] = []
+        self._snapshots: dict[str, Snapshot] = {}
 
     async def append(self, commit: Commit) -> list[RecordedEvent]:
         with self._lock:
@@ -58,6 +59,40 @@ class MemoryEventStore:
     async def find_command(self, command_id: str) -> CommandRecord | None:
         with self._lock:
             return self._commands.get(command_id)
+
+    async def find_command_ranges(self, command_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        with self._lock:
+            records = [self._commands[c] for c in command_ids if c in self._commands]
+        return {r.command_id: (r.events[0].position, len(r.events)) for r in records if r.events}
+
+    async def read_command_ranges(
+        self, after_command_id: str, limit: int
+    ) -> list[tuple[str, int, int]]:
+        with self._lock:
+            later = sorted(c for c in self._commands if c > after_command_id)[:limit]
+            records = [self._commands[c] for c in later]
+        # A command without events points nowhere: position 0, which verify reports.
+        return [
+            (r.command_id, r.events[0].position if r.events else 0, len(r.events)) for r in records
+        ]
+
+    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
+        with self._lock:
+            return self._snapshots.get(stream_id)
+
+    async def load_snapshot_and_events(
+        self, stream_id: str
+    ) -> tuple[Snapshot | None, list[RecordedEvent]]:
+        snapshot = await self.load_snapshot(stream_id)
+        after = snapshot.stream_version if snapshot is not None else 0
+        # Through read_stream, so that a test's store that overrides it sees every read.
+        return snapshot, await self.read_stream(stream_id, after)
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        with self._lock:
+            kept = self._snapshots.get(snapshot.stream_id)
+            if kept is None or kept.stream_version < snapshot.stream_version:
+                self._snapshots[snapshot.stream_id] = snapshot
 
     def add_commit_listener(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)

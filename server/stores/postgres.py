@@ -36,7 +36,7 @@ from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
 from psycopg_pool import AsyncConnectionPool
 
 from domain.errors import ConcurrencyConflictError, DuplicateCommandError, StoreError
-from domain.ports import CommandRecord, Commit, RecordedEvent, recorded_events
+from domain.ports import CommandRecord, Commit, RecordedEvent, Snapshot, recorded_events
 from server.stores import postgres_arrays
 from server.stores.event_rows import EventRow
 from server.stores.postgres_arrays import (
@@ -69,7 +69,7 @@ LISTENER_APPLICATION_NAME = "order-gateway listener"
 
 _COLUMNS = (
     "event_id, stream_id, stream_version, position, occurred_at,"
-    " command_id, correlation_id, user_id, event_type, data"
+    " command_id, correlation_id, user_id, event_type, data, schema_version"
 )
 """``RecordedEvent``'s fields, in its order, so rows load with ``args_row``."""
 _READ_ALL = f"SELECT {_COLUMNS} FROM events WHERE position > %s ORDER BY position LIMIT %s"
@@ -77,7 +77,7 @@ _ROW_COLUMNS = (
     "event_id, stream_id, stream_version, position,"
     # Exact: extract() answers numeric, and timestamptz holds whole microseconds.
     " (extract(epoch FROM occurred_at) * 1000000)::bigint,"
-    " command_id, correlation_id, user_id, event_type, data"
+    " command_id, correlation_id, user_id, event_type, data, schema_version"
 )
 """``_COLUMNS`` as ``server.stores.event_rows`` rows: the time in microseconds since the epoch."""
 _READ_ALL_ROWS = f"SELECT {_ROW_COLUMNS} FROM events WHERE position > %s ORDER BY position LIMIT %s"
@@ -96,16 +96,36 @@ _READ_STREAM = (
 )
 _FIND_COMMAND = (
     "SELECT c.fingerprint, e.event_id, e.stream_id, e.stream_version, e.position,"
-    " e.occurred_at, e.command_id, e.correlation_id, e.user_id, e.event_type, e.data"
+    " e.occurred_at, e.command_id, e.correlation_id, e.user_id, e.event_type, e.data,"
+    " e.schema_version"
     " FROM commands c LEFT JOIN events e"
     " ON e.position BETWEEN c.first_position AND c.first_position + c.event_count - 1"
     " WHERE c.command_id = %s ORDER BY e.position"
+)
+_FIND_RANGES = (
+    "SELECT command_id, first_position, event_count FROM commands WHERE command_id = ANY(%s)"
+)
+_READ_RANGES = (
+    "SELECT command_id, first_position, event_count FROM commands"
+    # ">" and ORDER BY in the same (the column's) collation, so the pages follow the
+    # primary key's order, whatever it is.
+    " WHERE command_id > %s ORDER BY command_id LIMIT %s"
+)
+_LOAD_SNAPSHOT = (
+    "SELECT stream_id, stream_version, schema_version, data FROM snapshots WHERE stream_id = %s"
+)
+_SAVE_SNAPSHOT = (
+    "INSERT INTO snapshots (stream_id, stream_version, schema_version, data)"
+    " VALUES (%s, %s, %s, %s) ON CONFLICT (stream_id) DO UPDATE SET"
+    " stream_version = excluded.stream_version, schema_version = excluded.schema_version,"
+    " data = excluded.data WHERE snapshots.stream_version < excluded.stream_version"
 )
 _APPEND = (
     "SELECT outcome, first_position, detail FROM og_append_chain("
     "%b::text[], %b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::integer[],"
     " %b::integer[], %b::text[], %b::bigint[], %b::text[],"
-    " %b::integer[], %b::text[], %b::text[], %b::bigint[], %b::text[], %b::bytea[])"
+    " %b::integer[], %b::text[], %b::text[], %b::bigint[], %b::text[], %b::bytea[],"
+    " %b::integer[])"
 )
 
 
@@ -418,6 +438,51 @@ class PostgresEventStore:
         events = tuple(RecordedEvent(*row[1:]) for row in rows if row[1] is not None)
         return CommandRecord(command_id, rows[0][0], events)
 
+    async def find_command_ranges(self, command_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """``server.verify.CommandLog``: the positions each recorded command points at."""
+        with _translated("find_command"):
+            async with self._pool.connection() as conn:
+                cursor = await conn.execute(_FIND_RANGES, (list(command_ids),))
+                rows = await cursor.fetchall()
+        return {command_id: (first, count) for command_id, first, count in rows}
+
+    async def read_command_ranges(
+        self, after_command_id: str, limit: int
+    ) -> list[tuple[str, int, int]]:
+        """``server.verify.CommandLog``: command records in command id order."""
+        with _translated("find_command"):
+            async with self._pool.connection() as conn:
+                cursor = await conn.execute(_READ_RANGES, (after_command_id, limit))
+                rows = await cursor.fetchall()
+        return [(str(c), int(first), int(count)) for c, first, count in rows]
+
+    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
+        with _translated("load_snapshot"):
+            async with self._pool.connection() as conn:
+                cursor = conn.cursor(row_factory=args_row(Snapshot), binary=True)
+                await cursor.execute(_LOAD_SNAPSHOT, (stream_id,), prepare=True)
+                return await cursor.fetchone()
+
+    async def load_snapshot_and_events(
+        self, stream_id: str
+    ) -> tuple[Snapshot | None, list[RecordedEvent]]:
+        snapshot = await self.load_snapshot(stream_id)
+        after = 0 if snapshot is None else snapshot.stream_version
+        return snapshot, await self.read_stream(stream_id, after)
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        with _translated("save_snapshot"):
+            async with self._pool.connection() as conn:
+                await conn.execute(
+                    _SAVE_SNAPSHOT,
+                    (
+                        snapshot.stream_id,
+                        snapshot.stream_version,
+                        snapshot.schema_version,
+                        snapshot.data,
+                    ),
+                )
+
     async def _events(
         self, query: str, params: tuple[Any, ...], operation: str
     ) -> list[RecordedEvent]:
@@ -577,6 +642,7 @@ def _append_params(batch: Sequence[_Pending]) -> tuple[list[Any], ...]:
         BigintArray([e.stream_version for _, e in events]),
         TextArray([e.event_type for _, e in events]),
         BytesArray([e.data for _, e in events]),
+        IntArray([e.schema_version for _, e in events]),
     )
 
 

@@ -309,6 +309,7 @@ END
 $$;
 """
 
+_LOCK_STREAM_HEADER = "-- Takes a replica's session lock"
 _V3_CHAINED = f"""
 -- og_append as in version 2 (same lock, same positions, same results), except that:
 -- * a commit may follow an earlier commit of the same call on a stream: the commits are
@@ -455,7 +456,7 @@ BEGIN
 END
 $$;
 
--- Takes a replica's session lock on a stream it contends for with other replicas (the
+{_LOCK_STREAM_HEADER} on a stream it contends for with other replicas (the
 -- namespace, then the stream id's hash), waiting behind whoever holds it; returns whether
 -- it had to wait. One round trip either way.
 CREATE FUNCTION og_lock_stream(p_stream_id text) RETURNS boolean
@@ -470,6 +471,66 @@ END
 $$;
 """
 
+
+def _replaced(text: str, *changes: tuple[str, str]) -> str:
+    for old, new in changes:
+        if text.count(old) != 1:
+            raise AssertionError(f"expected one {old!r} in the migration it derives from")
+        text = text.replace(old, new)
+    return text
+
+
+_V2_SIGNATURE = (
+    "text[], text[], text[], text[], timestamptz[], integer[], integer[], text[], bigint[],"
+    " integer[], text[], text[], bigint[], text[], bytea[]"
+)
+_CHAIN_SIGNATURE = (
+    "text[], text[], text[], text[], timestamptz[], integer[], integer[], text[], bigint[],"
+    " text[], integer[], text[], text[], bigint[], text[], bytea[]"
+)
+
+
+def _with_schema_versions(function_sql: str) -> str:
+    """An append function's text with one more argument, each event's schema version,
+    written into the new column. Its default keeps calls of the previous release working
+    during a rolling upgrade: that release writes every payload in version 1, which is
+    what a missing version means."""
+    return _replaced(
+        function_sql,
+        (
+            "    p_data bytea[]\n)",
+            "    p_data bytea[],\n    p_schema_versions integer[] DEFAULT NULL\n)",
+        ),
+        (
+            "x.event_type, x.data, c.command_id,",
+            "x.event_type, x.data, coalesce(x.schema_version, 1), c.command_id,",
+        ),
+        (
+            "position, event_id, stream_id, stream_version, event_type, data,\n",
+            "position, event_id, stream_id, stream_version, event_type, data, schema_version,\n",
+        ),
+        (
+            "                p_data) WITH ORDINALITY\n",
+            "                p_data, p_schema_versions) WITH ORDINALITY\n",
+        ),
+        (
+            "AS x(commit_index, event_id, stream_id, stream_version, event_type, data, n)",
+            "AS x(commit_index, event_id, stream_id, stream_version, event_type, data,"
+            " schema_version, n)",
+        ),
+    )
+
+
+_V4_SCHEMA_VERSIONS = (
+    # Existing rows read as 1, the version of every event stored before versions were; a
+    # column with a constant default rewrites no row.
+    "ALTER TABLE events ADD COLUMN schema_version integer NOT NULL DEFAULT 1;\n"
+    f"DROP FUNCTION og_append({_V2_SIGNATURE});\n"
+    + _with_schema_versions(_V2_LOOKUPS_STAY_LOOKUPS)
+    + f"DROP FUNCTION og_append_chain({_CHAIN_SIGNATURE});\n"
+    + _with_schema_versions(_V3_CHAINED[: _V3_CHAINED.index(_LOCK_STREAM_HEADER)])
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "events, commands and og_append()", _V1_EVENTS),
     Migration(2, "og_append() reads only by index lookups", _V2_LOOKUPS_STAY_LOOKUPS),
@@ -477,6 +538,23 @@ MIGRATIONS: tuple[Migration, ...] = (
         3,
         "og_append_chain(): commits that follow one another, in one call; og_lock_stream()",
         _V3_CHAINED,
+    ),
+    Migration(
+        4,
+        "events.schema_version, written by og_append() and og_append_chain()",
+        _V4_SCHEMA_VERSIONS,
+    ),
+    Migration(
+        5,
+        "snapshots",
+        """
+        CREATE TABLE snapshots (
+            stream_id text PRIMARY KEY,
+            stream_version bigint NOT NULL,
+            schema_version integer NOT NULL,
+            data bytea NOT NULL
+        )
+        """,
     ),
 )
 

@@ -48,6 +48,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ) WITHOUT ROWID
         """,
     ),
+    # 2: each event's payload schema version. Existing rows read as 1, the version every
+    # event had before versions were recorded; adding a column with a constant default
+    # rewrites no row.
+    ("ALTER TABLE events ADD COLUMN schema_version INTEGER NOT NULL DEFAULT 1",),
+    # 3: the latest snapshot of each long stream (``domain.snapshots``).
+    (
+        """
+        CREATE TABLE snapshots (
+            stream_id       TEXT    PRIMARY KEY,
+            stream_version  INTEGER NOT NULL,
+            schema_version  INTEGER NOT NULL,
+            data            BLOB    NOT NULL
+        ) WITHOUT ROWID
+        """,
+    ),
 )
 
 LATEST_VERSION = len(MIGRATIONS)

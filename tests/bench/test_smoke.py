@@ -16,9 +16,18 @@ import pytest
 
 from bench.inprocess import InProcessResult
 from bench.replicas import ReplicaResult
-from bench.report import CatchUpResult, FanOutResult, Report, StreamLengthResult, print_report
+from bench.report import (
+    CatchUpResult,
+    ColdStartResult,
+    FanOutResult,
+    Report,
+    StreamLengthResult,
+    VerifyResult,
+    print_report,
+)
 from bench.run import main
 from bench.targets import evaluate
+from domain.snapshots import DEFAULT_INTERVAL
 from tests.bench_support import made_up_load
 
 
@@ -136,6 +145,11 @@ def test_targets_are_judged_from_the_figures() -> None:
                 ],
             )
         ],
+        cold_start=[
+            ColdStartResult("sqlite", 100_000, 0, 900.0, 1.0),  # no snapshots: not judged
+            ColdStartResult("sqlite", 100_000, DEFAULT_INTERVAL, 2.5, 1.0),  # 2.5 x: fail
+        ],
+        verify=[VerifyResult("sqlite", 1_000_000, 40.0), VerifyResult("postgresql", 200_000, 10.0)],
     )
     outcomes = {v.target.split(":")[0]: v.outcome for v in evaluate(report)}
     assert list(outcomes.values()) == [
@@ -145,6 +159,8 @@ def test_targets_are_judged_from_the_figures() -> None:
         "NOT MEASURED",  # in-process on PostgreSQL
         "FAIL",  # catch-up 0.6 x floor
         "PASS",  # hot stream within 10%
+        "FAIL",  # cold start 2.5 x warm
+        "PASS",  # verify: the slowest 20,000 events/s
         "PASS",  # RSS 199 MB < 200 MB
         "PASS",  # hot on SQLite
         "FAIL",  # hot on PostgreSQL
@@ -176,3 +192,24 @@ def test_subscriptions_section_without_fan_out(tmp_path: Path) -> None:
     report = json.loads(results.read_text())
     assert report["fan_out"] == []
     assert {entry["server"] for entry in report["catch_up"]} == {"floor", "sqlite"}
+
+
+def test_stream_length_section_with_cold_starts_and_verify(tmp_path: Path) -> None:
+    results = tmp_path / "bench.json"
+    with (tmp_path / "stdout.txt").open("w") as out, pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.stdout", out)
+        exit_code = main(
+            [
+                *("--store", "sqlite", "--sections", "stream-length"),
+                *("--stream-events", "300", "--stream-orders", "3"),
+                *("--snapshot-intervals", "20", "--cold-starts", "2", "--verify-events", "500"),
+                *("--workdir", str(tmp_path / "work"), "--json", str(results)),
+            ]
+        )
+    assert exit_code == 0
+    report = json.loads(results.read_text())
+    assert [r["snapshot_interval"] for r in report["cold_start"]] == [0, 20]
+    assert all(r["cold_ms"] > 0 and r["warm_p50_ms"] > 0 for r in report["cold_start"])
+    assert [(r["store"], r["events"]) for r in report["verify"]] == [("sqlite", 500)]
+    text = (tmp_path / "stdout.txt").read_text()
+    assert "Cold start" in text and "order-gateway verify" in text

@@ -32,7 +32,7 @@ from typing import ClassVar
 import pytest
 
 from domain.errors import ConcurrencyConflictError, DuplicateCommandError
-from domain.ports import Commit, EventStore, NewEvent, RecordedEvent
+from domain.ports import Commit, EventStore, NewEvent, RecordedEvent, Snapshot, SnapshotStore
 from server.stores.factory import open_store
 
 OCCURRED_AT = dt.datetime(2026, 3, 4, 5, 6, 7, 891234, tzinfo=dt.UTC)
@@ -377,6 +377,44 @@ class EventStoreContract:
         assert [e.data for e in await store.read_all()] == payloads
         record = await store.find_command(commit.command_id)
         assert record is not None and [e.data for e in record.events] == payloads
+
+    async def test_each_event_keeps_its_schema_version(self, store: EventStore) -> None:
+        plain = commit_of([("versions", 1), ("versions", 2), ("versions", 3)])
+        commit = dataclasses.replace(
+            plain,
+            events=[
+                dataclasses.replace(event, schema_version=version)
+                for event, version in zip(plain.events, (1, 7, 2), strict=True)
+            ],
+        )
+        appended = await store.append(commit)
+
+        assert [e.schema_version for e in appended] == [1, 7, 2]
+        assert await store.read_all() == appended
+        assert await store.read_stream("versions", 1) == appended[1:]
+        record = await store.find_command(commit.command_id)
+        assert record is not None and list(record.events) == appended
+
+    async def test_the_latest_snapshot_of_a_stream_is_kept(self, store: EventStore) -> None:
+        assert isinstance(store, SnapshotStore)
+        assert await store.load_snapshot("snap") is None
+        first = Snapshot("snap", 100, 1, b'{"available": 5}')
+        await store.save_snapshot(first)
+        assert await store.load_snapshot("snap") == first
+        later = Snapshot("snap", 200, 2, bytes(range(256)))
+        await store.save_snapshot(later)
+        await store.save_snapshot(first)  # an older one arriving late
+        assert await store.load_snapshot("snap") == later
+        assert await store.load_snapshot("other") is None
+
+    async def test_a_snapshot_is_read_with_the_events_after_it(self, store: EventStore) -> None:
+        assert isinstance(store, SnapshotStore)
+        appended = await store.append(commit_of([("snapped", n) for n in range(1, 6)]))
+        assert await store.load_snapshot_and_events("snapped") == (None, appended)
+        snapshot = Snapshot("snapped", 3, 1, b"{}")
+        await store.save_snapshot(snapshot)
+        assert await store.load_snapshot_and_events("snapped") == (snapshot, appended[3:])
+        assert await store.load_snapshot_and_events("none") == (None, [])
 
     async def test_occurred_at_comes_back_as_aware_utc(self, store: EventStore) -> None:
         india = dt.timezone(dt.timedelta(hours=5, minutes=30))

@@ -183,3 +183,14 @@ async def test_sigkill_loses_no_acknowledged_command_and_splits_none(tmp_path: P
                 assert identity(again) == identity(retried)
             hot = await clients.restock("hot", 1, command_id=str(uuid.uuid4()))
             assert hot[0].product_restocked.available_after == STOCK - ORDERS + 1
+
+    # The whole log, as an operator would check it after a crash.
+    verify = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "server.cli", "verify", "--store", f"sqlite:///{db}"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(verify.communicate(), CALL_TIMEOUT)
+    assert verify.returncode == 0, output.decode()
+    assert output.decode().splitlines()[-1] == "OK: the log is consistent"

@@ -31,7 +31,14 @@ EVENTS: list[domain_events.DomainEvent] = [
     domain_events.OrderCreated(
         order_id=ORDER,
         customer_id=str(uuid.uuid4()),
-        items=(domain_events.OrderedItem(product_id="sku-1", quantity=2, unit_price=PRICE),),
+        items=(
+            domain_events.OrderedItem(
+                product_id="sku-1",
+                quantity=2,
+                unit_price=PRICE,
+                line_total=domain_events.MoneyAmount(currency_code="EUR", units=25),
+            ),
+        ),
         shipping_address=domain_events.ShippingAddress(
             recipient="Zoë Ünicode", line1="1 Rue", city="Paris", country_code="FR"
         ),
@@ -63,6 +70,7 @@ def as_row(record: RecordedEvent) -> EventRow:
         record.user_id,
         record.event_type,
         record.data,
+        record.schema_version,
     )
 
 
@@ -79,6 +87,7 @@ def recorded(event: domain_events.DomainEvent, occurred_at: dt.datetime) -> Reco
         "user-7",
         new.event_type,
         new.data,
+        new.schema_version,
     )
 
 

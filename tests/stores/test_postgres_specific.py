@@ -8,6 +8,7 @@ The behaviour every store shares is in ``tests/conformance``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import subprocess
 import sys
@@ -34,11 +35,12 @@ from domain.errors import (
     StoreError,
     StoreUnavailableError,
 )
-from domain.ports import Commit, NewEvent, RecordedEvent
+from domain.ports import Commit, NewEvent, RecordedEvent, Snapshot
 from server.app import create_server
 from server.config import Settings
 from server.stores.postgres import LISTENER_APPLICATION_NAME, PostgresEventStore
 from server.stores.postgres_schema import MIGRATIONS, apply_migrations
+from server.verify import verify
 from tests.clients import Clients, detail, item, order_request
 
 pytestmark = pytest.mark.postgres
@@ -92,6 +94,48 @@ async def test_migrations_run_once_and_reopening_changes_nothing(fresh_postgres_
     assert applied_versions(fresh_postgres_url) == [m.version for m in MIGRATIONS]
 
 
+async def test_events_stored_before_schema_versions_read_as_version_1(
+    fresh_postgres_url: str,
+) -> None:
+    """A database of the release before schema versions: its rows, and the appends of its
+    replicas still running during a rolling upgrade (og_append without the versions),
+    read as version 1; appends of this release keep their versions."""
+    async with await psycopg.AsyncConnection.connect(fresh_postgres_url, autocommit=True) as conn:
+        await conn.execute(
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
+            " description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for migration in MIGRATIONS[:2]:
+            await conn.execute(migration.sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, description) VALUES (%s, 'old')",
+                (migration.version,),
+            )
+        old_append = (
+            "SELECT og_append(ARRAY[%s], ARRAY['f'], ARRAY['c'], ARRAY['u'], ARRAY[now()],"
+            " ARRAY[1], ARRAY[1], ARRAY[%s], ARRAY[%s]::bigint[], ARRAY[1], ARRAY[%s],"
+            " ARRAY[%s], ARRAY[%s]::bigint[], ARRAY['TestEvent'], ARRAY['{}'::bytea])"
+        )
+        await conn.execute(old_append, ("cmd-1", "old", 0, "e-1", "old", 1))
+        store = await PostgresEventStore.open(fresh_postgres_url)
+        try:
+            # An old replica's append, after the new release migrated.
+            await conn.execute(old_append, ("cmd-2", "old", 1, "e-2", "old", 2))
+            new = commit(("new", 1))
+            new = dataclasses.replace(
+                new, events=[dataclasses.replace(new.events[0], schema_version=2)]
+            )
+            await store.append(new)
+            events = await store.read_all()
+        finally:
+            await store.close()
+    assert [(e.stream_id, e.schema_version) for e in events] == [
+        ("old", 1),
+        ("old", 1),
+        ("new", 2),
+    ]
+
+
 async def test_concurrent_migrations_apply_each_version_exactly_once(
     fresh_postgres_url: str,
 ) -> None:
@@ -129,12 +173,17 @@ async def test_a_role_that_cannot_change_the_schema_serves_a_migrated_database(
         owner.execute(f"CREATE ROLE {role} LOGIN")
         owner.execute(f"GRANT SELECT ON schema_migrations TO {role}")
         owner.execute(f"GRANT SELECT, INSERT ON events, commands TO {role}")
+        owner.execute(f"GRANT SELECT, INSERT, UPDATE ON snapshots TO {role}")
     as_role = make_conninfo(fresh_postgres_url, user=role)
     try:
         store = await PostgresEventStore.open(as_role)
         try:
             appended = await store.append(commit(("a", 1)))
             assert await store.read_all() == appended
+            # Snapshots are replaced as streams grow: the one table that is updated.
+            for version in (1, 2):
+                await store.save_snapshot(Snapshot("a", version, 1, b"{}"))
+            assert await store.load_snapshot_and_events("a") == (Snapshot("a", 2, 1, b"{}"), [])
         finally:
             await store.close()
     finally:
@@ -431,8 +480,10 @@ async def test_two_gateways_on_one_database_never_oversell(
     store = await PostgresEventStore.open(fresh_postgres_url)
     try:
         hot = await store.read_stream("product-hot")
+        report = await verify(store)
     finally:
         await store.close()
+    assert report.ok, report.lines()
     reserved = [e for e in hot if e.event_type == "StockReserved"]
     assert len(reserved) == 20
     assert [e.stream_version for e in hot] == list(range(1, 22))

@@ -11,6 +11,7 @@ import pytest
 from domain.ports import EventStore
 from server.rpc.subscription_hub import HubTuning
 from server.stores.factory import open_store
+from server.verify import verify
 from tests.clients import Clients
 from tests.subscription_support import (
     StreamReader,
@@ -67,6 +68,8 @@ async def test_two_replicas_with_writers_on_both_deliver_the_same_sequence(
         for reader in (reader_a, reader_b, late_b):
             assert identities(await reader.through(head)) == expected
             reader.call.cancel()
+        report = await verify(store_a)
+        assert report.ok and report.events == head, report.lines()
 
 
 async def test_an_event_committed_on_one_replica_reaches_a_live_subscriber_on_the_other(

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.type import money_pb2 as google_dot_type_dot_money__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15orders/v1/types.proto\x12\torders.v1\x1a\x17google/type/money.proto\"Y\n\tOrderItem\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12\x10\n\x08quantity\x18\x02 \x01(\x05\x12&\n\nunit_price\x18\x03 \x01(\x0b\x32\x12.google.type.Money\"\x83\x01\n\x07\x41\x64\x64ress\x12\x11\n\trecipient\x18\x01 \x01(\t\x12\r\n\x05line1\x18\x02 \x01(\t\x12\r\n\x05line2\x18\x03 \x01(\t\x12\x0c\n\x04\x63ity\x18\x04 \x01(\t\x12\x0e\n\x06region\x18\x05 \x01(\t\x12\x13\n\x0bpostal_code\x18\x06 \x01(\t\x12\x14\n\x0c\x63ountry_code\x18\x07 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15orders/v1/types.proto\x12\torders.v1\x1a\x17google/type/money.proto\"\x81\x01\n\tOrderItem\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12\x10\n\x08quantity\x18\x02 \x01(\x05\x12&\n\nunit_price\x18\x03 \x01(\x0b\x32\x12.google.type.Money\x12&\n\nline_total\x18\x04 \x01(\x0b\x32\x12.google.type.Money\"\x83\x01\n\x07\x41\x64\x64ress\x12\x11\n\trecipient\x18\x01 \x01(\t\x12\r\n\x05line1\x18\x02 \x01(\t\x12\r\n\x05line2\x18\x03 \x01(\t\x12\x0c\n\x04\x63ity\x18\x04 \x01(\t\x12\x0e\n\x06region\x18\x05 \x01(\t\x12\x13\n\x0bpostal_code\x18\x06 \x01(\t\x12\x14\n\x0c\x63ountry_code\x18\x07 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orders.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ORDERITEM']._serialized_start=61
-  _globals['_ORDERITEM']._serialized_end=150
-  _globals['_ADDRESS']._serialized_start=153
-  _globals['_ADDRESS']._serialized_end=284
+  _globals['_ORDERITEM']._serialized_start=62
+  _globals['_ORDERITEM']._serialized_end=191
+  _globals['_ADDRESS']._serialized_start=194
+  _globals['_ADDRESS']._serialized_end=325
 # @@protoc_insertion_point(module_scope)

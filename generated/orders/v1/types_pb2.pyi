@@ -26,6 +26,7 @@ class OrderItem(_message.Message):
     PRODUCT_ID_FIELD_NUMBER: _builtins.int
     QUANTITY_FIELD_NUMBER: _builtins.int
     UNIT_PRICE_FIELD_NUMBER: _builtins.int
+    LINE_TOTAL_FIELD_NUMBER: _builtins.int
     product_id: _builtins.str
     """The product's id: 1 to 64 characters of `A-Z a-z 0-9 . _ -`.
     The product must exist (restocked at least once).
@@ -39,16 +40,24 @@ class OrderItem(_message.Message):
         one currency.
         """
 
+    @_builtins.property
+    def line_total(self) -> _money_pb2.Money:
+        """Output only: `unit_price` times `quantity`. Set on every item of an
+        `OrderCreated` event, including events stored before the field existed;
+        ignored in requests.
+        """
+
     def __init__(
         self,
         *,
         product_id: _builtins.str = ...,
         quantity: _builtins.int = ...,
         unit_price: _money_pb2.Money | None = ...,
+        line_total: _money_pb2.Money | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["unit_price", b"unit_price"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["line_total", b"line_total", "unit_price", b"unit_price"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["product_id", b"product_id", "quantity", b"quantity", "unit_price", b"unit_price"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["line_total", b"line_total", "product_id", b"product_id", "quantity", b"quantity", "unit_price", b"unit_price"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,60 @@
+"""``order-gateway backup``: a consistent copy of a SQLite store, taken while it serves.
+
+SQLite's online backup API copies the database as one read transaction sees it (all
+pages in one step), so the copy holds exactly the commits made before it started, never
+half of one. In WAL mode a reader never blocks the writer: the gateway keeps committing
+while the copy is made. The copy is written next to its destination and renamed into
+place once complete and synced, so a FILE that exists is always a whole copy; it is in
+WAL mode like its source and serves as it is.
+
+PostgreSQL is backed up with its own tools (pg_dump; see docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+from server.stores.factory import sqlite_path
+from server.stores.urls import redacted_url
+
+
+class BackupError(Exception):
+    """The backup could not be taken; nothing was written at the destination."""
+
+
+def backup(url: str, destination: Path) -> int:
+    """Copy the SQLite store at ``url`` to ``destination`` (a new file); returns the
+    number of events in the copy."""
+    source = sqlite_path(url)
+    if source is None:
+        raise BackupError(
+            f"backup copies SQLite stores only, not {redacted_url(url)!r}:"
+            " back PostgreSQL up with pg_dump (see docs/operations.md)"
+        )
+    if not source.is_file():
+        raise BackupError(f"no SQLite store at {source}")
+    if destination.exists():
+        raise BackupError(f"{destination} exists: the backup does not overwrite a file")
+    partial = destination.with_name(destination.name + ".partial")
+    partial.unlink(missing_ok=True)
+    try:
+        # Read-only: a backup never migrates or otherwise writes to the live store.
+        with (
+            closing(sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)) as live,
+            closing(sqlite3.connect(partial)) as copy,
+        ):
+            live.backup(copy)
+            (events,) = copy.execute("SELECT count(*) FROM events").fetchone()
+        with partial.open("rb+") as written:
+            os.fsync(written.fileno())
+        partial.rename(destination)
+    except sqlite3.Error as error:
+        partial.unlink(missing_ok=True)
+        raise BackupError(f"backup of {source} failed: {error}") from error
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return int(events)

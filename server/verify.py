@@ -1,0 +1,290 @@
+"""``order-gateway verify``: reads the whole log and checks what the store promises.
+
+- positions run 1, 2, … N with no gap and no repeat;
+- each stream's versions run 1, 2, … n in position order;
+- every event decodes into its domain event (after upcasting);
+- every command record points at exactly its events: each run of consecutive events
+  with one command id has a record with that first position and count, and no record
+  points anywhere else;
+- each product's stock, replayed, never goes negative and matches every event's
+  ``available_after``.
+
+The log is streamed in pages, holding only each stream's last version and each
+product's stock, so memory grows with the number of streams, not of events. Events
+committed after the check starts are left for the next run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from domain.events import ProductRestocked, StockReleased, StockReserved
+from domain.mapper import decode
+from domain.ports import EventStore
+from server.stores.event_rows import EventRow, EventRowReader
+from server.stores.factory import open_store
+
+PAGE_SIZE = 10_000
+"""Events per read (and commands per lookup batch)."""
+MAX_LISTED = 20
+"""Violations printed one by one; the rest are counted."""
+
+CommandRange = tuple[str, int, int]
+"""A command record: command_id, first_position, event_count."""
+
+
+@runtime_checkable
+class CommandLog(Protocol):
+    """What ``verify`` needs of a store besides ``read_all``: its command records."""
+
+    async def find_command_ranges(self, command_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """For each of ``command_ids`` that is recorded: (first_position, event_count)."""
+        ...
+
+    async def read_command_ranges(self, after_command_id: str, limit: int) -> list[CommandRange]:
+        """Up to ``limit`` records with ``command_id > after_command_id``, by command_id."""
+        ...
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Violation:
+    position: int
+    problem: str
+
+
+@dataclass(slots=True)
+class Report:
+    events: int = 0
+    streams: int = 0
+    commands: int = 0
+    products: int = 0
+    seconds: float = 0.0
+    violations: list[Violation] = field(default_factory=list)
+    violation_count: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.violation_count == 0
+
+    @property
+    def first(self) -> Violation | None:
+        return min(self.violations, default=None)
+
+    def add(self, position: int, problem: str) -> None:
+        self.violation_count += 1
+        self.violations.append(Violation(position, problem))
+        if len(self.violations) > 4 * MAX_LISTED:
+            # Only the earliest are listed: keep them, drop the rest.
+            self.violations = sorted(self.violations)[:MAX_LISTED]
+
+    def lines(self) -> list[str]:
+        rate = self.events / self.seconds if self.seconds > 0 else 0.0
+        summary = (
+            f"{self.events} events, {self.streams} streams, {self.commands} commands,"
+            f" {self.products} products checked in {self.seconds:.1f} s ({rate:,.0f} events/s)"
+        )
+        if self.ok:
+            return [summary, "OK: the log is consistent"]
+        listed = sorted(self.violations)[:MAX_LISTED]
+        out = [summary, *(f"position {v.position}: {v.problem}" for v in listed)]
+        if self.violation_count > len(listed):
+            out.append(f"... and {self.violation_count - len(listed)} more")
+        first = listed[0]
+        out.append(
+            f"FAILED: {self.violation_count} violations, the first at position {first.position}"
+        )
+        return out
+
+
+@dataclass(slots=True)
+class _Run:
+    command_id: str
+    first: int
+    count: int
+
+
+class _Checker:
+    def __init__(self, report: Report) -> None:
+        self.report = report
+        self.expected_position = 1
+        self.versions: dict[str, int] = {}
+        self.stock: dict[str, int] = {}
+        self.run: _Run | None = None
+        """The run of consecutive events of one command being read."""
+        self.runs: list[CommandRange] = []
+
+    def event(self, row: EventRow) -> None:
+        report = self.report
+        event_id, stream_id, version, position, _, command_id, _, _, event_type, data, schema = row
+        report.events += 1
+        if position != self.expected_position:
+            if position > self.expected_position:
+                report.add(self.expected_position, f"missing (the next event is at {position})")
+            else:
+                report.add(
+                    position, f"repeated or out of order (expected {self.expected_position})"
+                )
+        self.expected_position = max(self.expected_position, position + 1)
+
+        last = self.versions.get(stream_id, 0)
+        if version != last + 1:
+            report.add(position, f"{stream_id} version {version} follows version {last}")
+        self.versions[stream_id] = max(last, version)
+
+        run = self.run
+        if run is not None and run.command_id == command_id and run.first + run.count == position:
+            run.count += 1
+        else:
+            self._close_run()
+            self.run = _Run(command_id, position, 1)
+
+        try:
+            event = decode(event_type, schema, data)
+        except Exception as error:
+            reason = str(error).splitlines()[0]
+            report.add(position, f"{event_type} v{schema} ({event_id}) does not decode: {reason}")
+            return
+        if isinstance(event, ProductRestocked | StockReserved | StockReleased):
+            self._stock(position, stream_id, event)
+
+    def _stock(
+        self, position: int, stream_id: str, event: ProductRestocked | StockReserved | StockReleased
+    ) -> None:
+        available = self.stock.get(stream_id, 0)
+        available += -event.quantity if isinstance(event, StockReserved) else event.quantity
+        self.stock[stream_id] = available
+        if available < 0:
+            self.report.add(position, f"{stream_id} stock goes negative ({available})")
+        elif event.available_after != available:
+            self.report.add(
+                position,
+                f"{stream_id} records {event.available_after} available, the replay {available}",
+            )
+
+    def _close_run(self) -> None:
+        if self.run is not None:
+            self.runs.append((self.run.command_id, self.run.first, self.run.count))
+            self.run = None
+
+    def take_runs(self, final: bool) -> list[CommandRange]:
+        if final:
+            self._close_run()
+        runs, self.runs = self.runs, []
+        return runs
+
+
+async def verify(store: EventStore) -> Report:
+    """Check the whole log of ``store`` (see the module's docstring)."""
+    if not isinstance(store, CommandLog):
+        raise TypeError(f"{type(store).__name__} cannot list its command records")
+    started = time.perf_counter()
+    report = Report()
+    checker = _Checker(report)
+    head = await store.head_position()
+    after = 0
+    recorded_runs = 0
+    # The next page is read while this one is checked: the store's reader thread (or
+    # server) and the checks overlap.
+    upcoming = asyncio.ensure_future(_read_rows(store, after, min(PAGE_SIZE, head)))
+    while True:
+        rows = await upcoming
+        if not rows:
+            break
+        last = rows[-1][3]
+        if last <= after:
+            # A store that pages by count, not by position, past a repeated position.
+            report.add(last, "the log does not advance past this position")
+            break
+        after = last
+        if after < head:
+            upcoming = asyncio.ensure_future(_read_rows(store, after, min(PAGE_SIZE, head - after)))
+        for row in rows:
+            checker.event(row)
+        recorded_runs += await _check_runs(store, checker.take_runs(final=False), report)
+        if after >= head:
+            break
+    if checker.expected_position <= head:
+        report.add(checker.expected_position, f"missing (the head is {head})")
+    recorded_runs += await _check_runs(store, checker.take_runs(final=True), report)
+    report.commands = await _count_records(store, head)
+    if report.commands > recorded_runs:
+        await _find_stray_records(store, head, report)
+    report.streams = len(checker.versions)
+    report.products = len(checker.stock)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+async def _read_rows(store: EventStore, after: int, limit: int) -> Sequence[EventRow]:
+    if isinstance(store, EventRowReader):
+        return await store.read_all_rows(after, limit)
+    return [
+        (r.event_id, r.stream_id, r.stream_version, r.position, 0, r.command_id,
+         r.correlation_id, r.user_id, r.event_type, r.data, r.schema_version)
+        for r in await store.read_all(after, limit)
+    ]  # fmt: skip
+
+
+async def _check_runs(store: CommandLog, runs: Sequence[CommandRange], report: Report) -> int:
+    """Each run of one command's events has the record that points at exactly it.
+    Returns how many runs had a record, matching or not."""
+    if not runs:
+        return 0
+    recorded = await store.find_command_ranges(sorted({command_id for command_id, _, _ in runs}))
+    for command_id, first, count in runs:
+        found = recorded.get(command_id)
+        if found is None:
+            report.add(first, f"command {command_id} has events but no record")
+        elif found != (first, count):
+            at, length = found
+            report.add(
+                first,
+                f"command {command_id}: events at {first}..{first + count - 1},"
+                f" its record says {at}..{at + length - 1}",
+            )
+    return sum(1 for command_id, _, _ in runs if command_id in recorded)
+
+
+async def _records(store: CommandLog, head: int) -> AsyncIterator[list[CommandRange]]:
+    """Every command record committed before the check started, in pages."""
+    after = ""
+    while page := await store.read_command_ranges(after, PAGE_SIZE):
+        yield [record for record in page if record[1] <= head]
+        after = page[-1][0]
+
+
+async def _count_records(store: CommandLog, head: int) -> int:
+    return sum([len(page) async for page in _records(store, head)])
+
+
+async def _find_stray_records(store: EventStore, head: int, report: Report) -> None:
+    """More records than commands with events: some record's command has no event, and
+    the record points at another command's events or at none. The failure path only:
+    one read per record."""
+    assert isinstance(store, CommandLog)
+    async for page in _records(store, head):
+        for command_id, first, count in page:
+            events = await store.read_all(first - 1, 1) if first >= 1 else []
+            if not events or events[0].position != first or count < 1:
+                report.add(max(first, 1), f"command record {command_id} points at no event")
+            elif events[0].command_id != command_id:
+                report.add(
+                    first,
+                    f"command record {command_id} points at an event of {events[0].command_id}",
+                )
+
+
+async def run_verify(url: str) -> int:
+    """``order-gateway verify``: prints the report; 0 if the log is consistent, else 1."""
+    store = await open_store(url)
+    try:
+        report = await verify(store)
+    finally:
+        await store.close()
+    for line in report.lines():
+        print(line)
+    return 0 if report.ok else 1

@@ -1,0 +1,147 @@
+"""``order-gateway verify``: a consistent log passes; each kind of damage is found and
+named by its first offending position, with a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from server.bootstrap import bootstrap
+from server.cli import main
+from server.stores.memory import MemoryEventStore
+from server.verify import verify
+from tests.fixtures import make_store_v1 as fixture
+from tests.unit.test_bus import create, restock
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "store-v1.db"
+SECOND_ORDER = fixture.ORDERS[1][0]
+CANCEL = "5f0e7a58-2000-4000-8000-000000000001"
+"""The fixture (13 events): 1-3 restocks of apple, pear, plum; 4-6, 7-8 and 9-11 three
+orders with their reservations; 12-13 the cancel of the second order."""
+
+
+@pytest.fixture
+def store_file(tmp_path: Path) -> Path:
+    copy = tmp_path / "events.db"
+    shutil.copyfile(FIXTURE, copy)
+    assert main(["migrate", "--store", f"sqlite:///{copy}"]) == 0
+    return copy
+
+
+def damage(path: Path, *statements: str) -> None:
+    with closing(sqlite3.connect(path)) as connection, connection:
+        for statement in statements:
+            connection.execute(statement)
+
+
+def payload(path: Path, position: int) -> dict[str, object]:
+    with closing(sqlite3.connect(path)) as connection:
+        (data,) = connection.execute(
+            "SELECT data FROM events WHERE position = ?", (position,)
+        ).fetchone()
+    loaded: dict[str, object] = json.loads(data)
+    return loaded
+
+
+def set_payload(path: Path, position: int, **changes: object) -> None:
+    data = json.dumps({**payload(path, position), **changes})
+    damage(path, f"UPDATE events SET data = '{data}' WHERE position = {position}")
+
+
+def run_verify(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    code = main(["verify", "--store", f"sqlite:///{path}"])
+    return code, capsys.readouterr().out.splitlines()
+
+
+def test_a_consistent_log_passes(store_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, lines = run_verify(store_file, capsys)
+    assert code == 0
+    assert lines[0].startswith("13 events, 6 streams, 7 commands, 3 products checked")
+    assert lines[-1] == "OK: the log is consistent"
+
+
+@pytest.mark.parametrize(
+    ("statements", "expected", "first"),
+    [
+        pytest.param(
+            ["UPDATE events SET position = position + 100 WHERE position >= 10",
+             "UPDATE events SET position = position - 99 WHERE position >= 100"],
+            "position 10: missing (the next event is at 11)", 9, id="gap",
+        ),
+        pytest.param(
+            ["UPDATE events SET stream_version = 9 WHERE position = 8"],
+            "position 8: product-apple version 9 follows version 2", 8, id="stream-version",
+        ),
+        pytest.param(
+            ["UPDATE events SET data = X'7b7d' WHERE position = 7"],
+            "position 7: OrderCreated v1", 7, id="undecodable",
+        ),
+        pytest.param(
+            ["UPDATE events SET schema_version = 3 WHERE position = 4"],
+            "position 4: OrderCreated v3", 4, id="unknown-version",
+        ),
+        pytest.param(
+            [f"DELETE FROM commands WHERE command_id = '{SECOND_ORDER}'"],
+            f"position 7: command {SECOND_ORDER} has events but no record", 7, id="no-record",
+        ),
+        pytest.param(
+            [f"UPDATE commands SET first_position = 1 WHERE command_id = '{CANCEL}'"],
+            f"position 12: command {CANCEL}: events at 12..13, its record says 1..2", 12,
+            id="record-elsewhere",
+        ),
+        pytest.param(
+            ["INSERT INTO commands VALUES ('ghost', 'f', 2, 1)"],
+            "position 2: command record ghost points at an event of", 2, id="stray-record",
+        ),
+    ],
+)  # fmt: skip
+def test_damage_is_found_at_its_first_position(
+    store_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    statements: list[str],
+    expected: str,
+    first: int,
+) -> None:
+    damage(store_file, *statements)
+    code, lines = run_verify(store_file, capsys)
+    assert code == 1
+    assert any(line.startswith(expected) for line in lines), lines
+    assert lines[-1].endswith(f"the first at position {first}"), lines
+
+
+def test_stock_that_goes_negative_is_found(
+    store_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    set_payload(store_file, 1, quantity=1, available_after=1)  # apple: 1 instead of 50
+    code, lines = run_verify(store_file, capsys)
+    assert code == 1
+    assert "position 5: product-apple stock goes negative (-2)" in lines
+    assert lines[-1].endswith("the first at position 5")
+
+
+def test_a_recorded_stock_level_the_replay_disagrees_with_is_found(
+    store_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    set_payload(store_file, 10, available_after=15)
+    code, lines = run_verify(store_file, capsys)
+    assert code == 1
+    assert "position 10: product-pear records 15 available, the replay 14" in lines
+
+
+async def test_a_repeated_position_is_found(tmp_path: Path) -> None:
+    store = MemoryEventStore()
+    bus = bootstrap(store)
+    await bus.dispatch(restock("a", 5))
+    await bus.dispatch(create(("a", 1)))
+    assert (await verify(store)).ok
+    store._events.insert(1, store._events[1])  # position 2 twice: the log a reader would see
+
+    report = await verify(store)
+    assert not report.ok
+    assert report.first is not None and report.first.position == 2
+    assert any("repeated or out of order (expected 3)" in v.problem for v in report.violations)

@@ -1,0 +1,144 @@
+"""``order-gateway backup``: a consistent copy of a SQLite store taken while the gateway
+serves, which passes ``verify`` and serves as it is; PostgreSQL through pg_dump."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from server.cli import main
+from server.stores.postgres import PostgresEventStore
+from server.stores.sqlite import SQLiteEventStore
+from server.verify import verify
+from tests.subscription_support import (
+    StreamReader,
+    connect,
+    identities,
+    run_writers,
+    running_gateway,
+    stored,
+)
+
+WRITERS = 4
+ORDERS = 60
+"""Per writer: 4 x (1 + 2 x 60) = 484 events in all."""
+
+
+async def test_a_copy_taken_under_load_is_consistent_and_serves(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    live, copy = tmp_path / "live.db", tmp_path / "copy.db"
+    store = await SQLiteEventStore.open(live)
+    async with running_gateway(store) as gateway, connect(gateway) as clients:
+        committed = asyncio.Event()
+        store.add_commit_listener(committed.set)
+        writers = asyncio.create_task(run_writers(clients, WRITERS, ORDERS))
+        while await store.head_position() < 100:
+            committed.clear()  # the writers keep committing: a wake-up lost here comes again
+            await committed.wait()
+        code = await asyncio.to_thread(main, ["backup", "--store", f"sqlite:///{live}", str(copy)])
+        assert not writers.done(), "the copy must be taken while commands commit"
+        await writers
+        everything = await stored(store)
+    assert code == 0
+    assert len(everything) == WRITERS * (1 + 2 * ORDERS)
+
+    copied = await SQLiteEventStore.open(copy)
+    try:
+        report = await verify(copied)
+        assert report.ok, report.lines()
+        in_copy = await stored(copied)
+        assert 100 <= len(in_copy) < len(everything)
+        assert in_copy == everything[: len(in_copy)], "a prefix of the log: whole commits"
+        assert capsys.readouterr().out == f"backed up {len(in_copy)} events to {copy}\n"
+    except BaseException:
+        await copied.close()
+        raise
+    # The copy serves as it is: subscribers read it, new commands continue it.
+    async with running_gateway(copied) as restored, connect(restored) as on_copy:
+        head = len(in_copy)
+        assert identities(await StreamReader.open(on_copy).through(head)) == in_copy
+        restocked = await on_copy.restock("w-0", 1)
+        assert restocked[0].position == head + 1
+
+
+def test_an_existing_file_is_never_overwritten(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    live, copy = tmp_path / "live.db", tmp_path / "copy.db"
+    assert main(["migrate", "--store", f"sqlite:///{live}"]) == 0
+    copy.write_text("precious")
+    assert main(["backup", "--store", f"sqlite:///{live}", str(copy)]) == 1
+    assert "exists" in capsys.readouterr().err
+    assert copy.read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql://u:secret@db.invalid/orders", "pg_dump"),
+        ("memory://", "SQLite stores only"),
+        ("sqlite:///no/such/file.db", "no SQLite store"),
+    ],
+)
+def test_what_cannot_be_copied_is_refused_by_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str, message: str
+) -> None:
+    assert main(["backup", "--store", url, str(tmp_path / "copy.db")]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "secret" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def postgres_binaries() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_dump"))
+    return found[-1].parent if found else None
+
+
+@pytest.fixture
+def restore_url(postgres_url: str) -> Iterator[str]:
+    name = f"restore_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield f"{postgres_url.rpartition('/')[0]}/{name}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.postgres
+async def test_postgres_dump_and_restore_as_documented(
+    fresh_postgres_url: str, restore_url: str, tmp_path: Path
+) -> None:
+    binaries = postgres_binaries() or (Path(p).parent if (p := shutil.which("pg_dump")) else None)
+    if binaries is None:
+        pytest.skip("no pg_dump")
+    store = await PostgresEventStore.open(fresh_postgres_url)
+    async with running_gateway(store) as gateway, connect(gateway) as clients:
+        await run_writers(clients, 2, 5)
+        original = await stored(store)
+
+    dump = tmp_path / "orders.dump"
+    for command in (
+        [str(binaries / "pg_dump"), "--format=custom", f"--file={dump}", fresh_postgres_url],
+        [str(binaries / "pg_restore"), "--no-owner", f"--dbname={restore_url}", str(dump)],
+    ):
+        process = await asyncio.create_subprocess_exec(
+            *command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        output, _ = await process.communicate()
+        assert process.returncode == 0, output.decode()
+
+    restored = await PostgresEventStore.open(restore_url)
+    try:
+        report = await verify(restored)
+        assert report.ok and report.events == len(original) == 22, report.lines()
+        assert await stored(restored) == original
+    finally:
+        await restored.close()

@@ -1,0 +1,170 @@
+"""Snapshots: a product with a long stream is rebuilt from its latest snapshot plus the
+events after it; snapshots are written in the background, never holding up a command,
+and one in another schema version is ignored."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from domain.aggregates import Product
+from domain.commands import RestockProduct
+from domain.errors import StoreError
+from domain.ports import RecordedEvent, Snapshot
+from domain.snapshots import Snapshots
+from server.bootstrap import bootstrap
+from server.stores.memory import MemoryEventStore
+from server.stores.sqlite import SQLiteEventStore
+from tests.subscription_support import connect, running_gateway
+
+INTERVAL = 10
+
+
+class ReadCountingStore(MemoryEventStore):
+    """Remembers from which version each stream was read (the memory store reads the
+    events after a snapshot through ``read_stream`` too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[tuple[str, int]] = []
+
+    async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
+        self.reads.append((stream_id, after_version))
+        return await super().read_stream(stream_id, after_version)
+
+
+async def restock(store: MemoryEventStore, snapshots: Snapshots, times: int) -> int:
+    """Restock "p" ``times`` times, one unit each, through a fresh bus (a cold cache);
+    returns the last event's available_after."""
+    bus = bootstrap(store, snapshots=snapshots)
+    for _ in range(times):
+        events = await bus.dispatch(RestockProduct(product_id="p", quantity=1))
+    await snapshots.drain()
+    return int(json.loads(events[-1].data)["available_after"])
+
+
+async def test_a_cold_product_starts_from_its_latest_snapshot() -> None:
+    store = ReadCountingStore()
+    await restock(store, Snapshots(store, INTERVAL), 25)
+    snapshot = await store.load_snapshot("product-p")
+    assert snapshot is not None and snapshot.stream_version == 20
+    assert snapshot.schema_version == Product.SNAPSHOT_VERSION
+
+    store.reads.clear()
+    assert await restock(store, Snapshots(store, INTERVAL), 1) == 26
+    assert store.reads == [("product-p", 20)], "only the events after the snapshot are read"
+
+
+async def test_without_snapshots_the_whole_stream_is_read() -> None:
+    store = ReadCountingStore()
+    await restock(store, Snapshots(store, 0), 25)
+    assert await store.load_snapshot("product-p") is None
+    store.reads.clear()
+    assert await restock(store, Snapshots(store, 0), 1) == 26
+    assert store.reads == [("product-p", 0)]
+
+
+@pytest.mark.parametrize("schema_version", [Product.SNAPSHOT_VERSION - 1, 99])
+async def test_a_snapshot_in_another_version_is_ignored_not_misread(schema_version: int) -> None:
+    store = ReadCountingStore()
+    await restock(store, Snapshots(None, INTERVAL), 25)
+    # A shape this code does not know: misread, it would say 1,000,000 units are left.
+    stale = Snapshot("product-p", 24, schema_version, b'{"available": 1000000, "v": 9}')
+    await store.save_snapshot(stale)
+    store.reads.clear()
+    assert await restock(store, Snapshots(store, INTERVAL), 1) == 26
+    assert store.reads == [("product-p", 24), ("product-p", 0)], "read again, from the start"
+
+
+async def test_an_older_snapshot_never_replaces_a_newer_one() -> None:
+    store = MemoryEventStore()
+    await store.save_snapshot(Snapshot("s", 20, 1, b"{}"))
+    await store.save_snapshot(Snapshot("s", 10, 1, b"{}"))
+    kept = await store.load_snapshot("s")
+    assert kept is not None and kept.stream_version == 20
+
+
+class StuckSnapshotStore(MemoryEventStore):
+    """A snapshot write that does not finish until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.started = 0
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        self.started += 1
+        await self.release.wait()
+        await super().save_snapshot(snapshot)
+
+
+async def test_commands_never_wait_for_a_snapshot_write() -> None:
+    store = StuckSnapshotStore()
+    snapshots = Snapshots(store, INTERVAL)
+    bus = bootstrap(store, snapshots=snapshots)
+    for _ in range(3 * INTERVAL):
+        await asyncio.wait_for(bus.dispatch(RestockProduct(product_id="p", quantity=1)), 5)
+    assert store.started == 3, "a snapshot at 10, 20 and 30, all still being written"
+    store.release.set()
+    await snapshots.drain()
+    kept = await store.load_snapshot("product-p")
+    assert kept is not None and kept.stream_version == 30
+
+
+class FailingSnapshotStore(MemoryEventStore):
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        raise OSError("disk full")
+
+
+async def test_a_snapshot_that_fails_is_logged_and_changes_nothing_else(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = FailingSnapshotStore()
+    with caplog.at_level(logging.WARNING, "order_gateway.snapshots"):
+        assert await restock(store, Snapshots(store, INTERVAL), 12) == 12
+    assert "snapshot of product-p not saved" in caplog.text
+
+
+async def test_a_restarted_gateway_continues_from_the_snapshot(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    store = await SQLiteEventStore.open(path)
+    async with (
+        running_gateway(store, snapshot_interval=INTERVAL) as gateway,
+        connect(gateway) as clients,
+    ):
+        for _ in range(25):
+            await clients.restock("p", 2)
+    # Stopping the gateway waited for the snapshot writes.
+    reopened = await SQLiteEventStore.open(path)
+    snapshot = await reopened.load_snapshot("product-p")
+    assert snapshot is not None and snapshot.stream_version == 20
+    assert json.loads(snapshot.data) == {"available": 40}
+    async with (
+        running_gateway(reopened, snapshot_interval=INTERVAL) as gateway,
+        connect(gateway) as clients,
+    ):
+        restocked = await clients.restock("p", 1)
+    assert restocked[0].product_restocked.available_after == 51
+    assert restocked[0].stream_version == 26
+
+
+class UnreadableSnapshotStore(ReadCountingStore):
+    async def load_snapshot_and_events(
+        self, stream_id: str
+    ) -> tuple[Snapshot | None, list[RecordedEvent]]:
+        raise StoreError("permission denied for table snapshots")
+
+
+async def test_snapshots_that_cannot_be_read_mean_a_full_replay_not_a_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = UnreadableSnapshotStore()
+    await restock(store, Snapshots(None, INTERVAL), 5)
+    with caplog.at_level(logging.WARNING, "order_gateway.snapshots"):
+        assert await restock(store, Snapshots(store, INTERVAL), 1) == 6
+    assert store.reads[-1] == ("product-p", 0)
+    assert "snapshot of product-p not read" in caplog.text
