@@ -21,6 +21,7 @@ from server.errors import INTERNAL_MESSAGE, plain_status, unexpected_error_statu
 from server.identity import (
     ALL_SCOPES,
     ANONYMOUS,
+    SCOPE_EVENTS_ADMIN,
     SCOPE_EVENTS_READ,
     SCOPE_INVENTORY_WRITE,
     SCOPE_ORDERS_ADMIN,
@@ -32,6 +33,8 @@ from server.method_handlers import Handler, WrappedHandlers
 
 log = logging.getLogger("order_gateway.auth")
 
+Context = grpc.aio.ServicerContext[Any, Any]
+
 
 REQUIRED_SCOPES: dict[str, frozenset[str]] = {
     "/orders.v1.OrderCommandService/CreateOrder": frozenset({SCOPE_ORDERS_WRITE}),
@@ -41,6 +44,12 @@ REQUIRED_SCOPES: dict[str, frozenset[str]] = {
     ),
     "/orders.v1.InventoryCommandService/RestockProduct": frozenset({SCOPE_INVENTORY_WRITE}),
     "/orders.v1.EventStreamService/Subscribe": frozenset({SCOPE_EVENTS_READ}),
+    "/orders.v1.ConsumerGroupService/Consume": frozenset({SCOPE_EVENTS_READ}),
+    "/orders.v1.ConsumerGroupService/GetConsumerGroup": frozenset({SCOPE_EVENTS_READ}),
+    "/orders.v1.ConsumerGroupService/ListConsumerGroups": frozenset({SCOPE_EVENTS_READ}),
+    "/orders.v1.ConsumerGroupService/CreateConsumerGroup": frozenset({SCOPE_EVENTS_ADMIN}),
+    "/orders.v1.ConsumerGroupService/DeleteConsumerGroup": frozenset({SCOPE_EVENTS_ADMIN}),
+    "/orders.v1.ConsumerGroupService/ReplayParked": frozenset({SCOPE_EVENTS_ADMIN}),
 }
 """Per method, the scopes of which the caller needs at least one. Methods not listed
 (health, reflection) are open."""
@@ -125,42 +134,65 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         required = REQUIRED_SCOPES.get(method)
-        # Every protected method is one of our unary-stream RPCs.
-        if handler is None or required is None or handler.unary_stream is None:
+        if handler is None or required is None:
             return handler
         return self._guarded.get(handler, method)
 
     def _guard(self, handler: Handler, method: str) -> Handler:
+        """The handler of the same kind that checks the call's credentials first."""
         required = REQUIRED_SCOPES[method]
-        # grpc's stubs type behaviours as synchronous; on an aio server they are async
-        # generators.
-        behaviour = cast(
-            Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
-            handler.unary_stream,
-        )
+        # grpc's stubs type behaviours as synchronous; on an aio server, streaming ones
+        # are async generators and unary ones coroutines.
+        if handler.unary_unary is not None:
+            unary = cast(Callable[[Any, Context], Awaitable[Any]], handler.unary_unary)
 
-        async def call(
-            request: Any, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
-            verdict = self._verdict(context.invocation_metadata() or (), method, required)
-            if isinstance(verdict, grpc.Status):
-                await context.abort_with_status(verdict)
-            current_caller.set(verdict)
+            async def single(request: Any, context: Context) -> Any:
+                await self._authorise(context, method, required)
+                try:
+                    return await unary(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as error:
+                    # The last line of defence: grpcio itself would answer UNKNOWN
+                    # with the exception's text.
+                    await context.abort_with_status(unexpected_error_status(error))
+
+            return grpc.unary_unary_rpc_method_handler(
+                single,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        streaming = handler.unary_stream or handler.stream_stream
+        behaviour = cast(Callable[[Any, Context], AsyncIterator[Any]], streaming)
+
+        async def call(request: Any, context: Context) -> AsyncIterator[Any]:
+            await self._authorise(context, method, required)
             try:
                 async for response in behaviour(request, context):
                     yield response
             except grpc.aio.AbortError:
                 raise
             except Exception as error:
-                # Every protected call passes through here, so this is the last line of
-                # defence: grpcio itself would answer UNKNOWN with the exception's text.
                 await context.abort_with_status(unexpected_error_status(error))
 
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                call,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         return grpc.unary_stream_rpc_method_handler(
             call,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+    async def _authorise(self, context: Context, method: str, required: frozenset[str]) -> None:
+        verdict = self._verdict(context.invocation_metadata() or (), method, required)
+        if isinstance(verdict, grpc.Status):
+            await context.abort_with_status(verdict)
+        assert isinstance(verdict, Caller)
+        current_caller.set(verdict)
 
     def _verdict(
         self, metadata: Iterable[tuple[str, Any]], method: str, required: frozenset[str]

@@ -303,9 +303,42 @@ END
 $$;
 """
 
+_V3_CONSUMER_GROUPS = """
+-- Consumer groups (server.consumer_groups.store_postgres), shared by every replica.
+-- settings: the effective settings; start_position: start_from_end resolved at creation.
+CREATE TABLE consumer_groups (
+    name text PRIMARY KEY,
+    settings jsonb NOT NULL,
+    created_at timestamptz NOT NULL,
+    start_position bigint NOT NULL
+);
+
+CREATE TABLE consumer_group_checkpoints (
+    group_name text NOT NULL REFERENCES consumer_groups ON DELETE CASCADE,
+    partition integer NOT NULL,
+    position bigint NOT NULL,
+    PRIMARY KEY (group_name, partition)
+);
+
+CREATE TABLE consumer_group_parked (
+    group_name text NOT NULL REFERENCES consumer_groups ON DELETE CASCADE,
+    event_id text NOT NULL,
+    position bigint NOT NULL,
+    partition integer NOT NULL,
+    reason text NOT NULL,
+    parked_at timestamptz NOT NULL,
+    replaying boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (group_name, event_id)
+);
+
+CREATE INDEX consumer_group_parked_age
+    ON consumer_group_parked (group_name, replaying, parked_at, position);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "events, commands and og_append()", _V1_EVENTS),
     Migration(2, "og_append() reads only by index lookups", _V2_LOOKUPS_STAY_LOOKUPS),
+    Migration(3, "consumer groups: groups, checkpoints, parked events", _V3_CONSUMER_GROUPS),
 )
 
 

@@ -43,6 +43,7 @@ from domain.errors import (
     StoreUnavailableError,
 )
 from domain.ports import CommandRecord, Commit, RecordedEvent
+from server.consumer_groups.store_sqlite import SQLiteConsumerGroupStore
 from server.event_rows import EventRow
 from server.stores.sqlite_calls import Call, CallQueue, Listener, answer
 from server.stores.sqlite_decide import decide, stream_ids
@@ -218,7 +219,9 @@ class SQLiteEventStore:
         readers: list[sqlite3.Connection],
         loop: asyncio.AbstractEventLoop,
         max_batch: int,
+        path: Path | None = None,
     ) -> None:
+        self._path = path
         self._loop = loop
         self._max_batch = max_batch
         self._listeners: list[Listener] = []
@@ -263,7 +266,13 @@ class SQLiteEventStore:
             if isinstance(e, sqlite3.Error):
                 raise _store_error(f"cannot open the SQLite store {path}: {e}", e) from e
             raise StoreError(f"cannot open the SQLite store {path}: {e}") from e
-        return cls(opened[0], opened[1:], asyncio.get_running_loop(), max_batch)
+        return cls(opened[0], opened[1:], asyncio.get_running_loop(), max_batch, path)
+
+    async def open_consumer_groups(self) -> SQLiteConsumerGroupStore:
+        """Consumer-group records in the same file (``server.consumer_groups``)."""
+        if self._path is None:
+            raise StoreError("this SQLite store was not opened from a file")
+        return await SQLiteConsumerGroupStore.open(self._path)
 
     # -- writing --------------------------------------------------------------------
 
