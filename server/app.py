@@ -30,9 +30,10 @@ from server.auth import Authenticator, AuthInterceptor
 from server.bootstrap import bootstrap
 from server.config import Settings
 from server.consumer_groups.engine import GroupTuning
+from server.consumer_groups.metrics import GroupMetricsCollector
 from server.consumer_groups.service import ConsumerGroups
 from server.consumer_groups.servicer import ConsumerGroupServicer
-from server.consumer_groups.stores import open_group_store
+from server.consumer_groups.stores import open_group_store, partition_leases
 from server.decoding import RequestDecodingInterceptor
 from server.metrics import (
     CommandMetricsMiddleware,
@@ -183,7 +184,11 @@ async def create_server(
     event_stream_service_pb2_grpc.add_EventStreamServiceServicer_to_server(
         EventStreamServicer(hub), server
     )
-    groups = ConsumerGroups(await open_group_store(store), store, hub, group_tuning)
+    group_store = await open_group_store(store)
+    groups = ConsumerGroups(
+        group_store, store, hub, group_tuning, leases=partition_leases(group_store)
+    )
+    metrics.registry.register(GroupMetricsCollector(groups, hub))
     consumer_group_service_pb2_grpc.add_ConsumerGroupServiceServicer_to_server(
         ConsumerGroupServicer(groups), server
     )

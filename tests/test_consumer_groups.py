@@ -574,3 +574,37 @@ async def test_shutdown_ends_consume_with_unavailable() -> None:
         error = await consumer.finished()
         assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE
         assert time.monotonic() - started < gateway.shutdown_grace + 5
+
+
+# -- metrics -----------------------------------------------------------------------------
+
+
+def scraped(gateway: Gateway, name: str, group: str = "g") -> float | None:
+    value = gateway.metrics.registry.get_sample_value(name, {"group": group})
+    return value
+
+
+async def test_metrics_per_group(env: Env) -> None:
+    await env.create("g", partitions=1, max_deliveries=5)
+    first, second, third = await env.restocks(3, products=3)
+    async with member(env.groups, "g", max_in_flight=2) as consumer:
+        await consumer.deliveries(2)
+        await eventually(
+            lambda: scraped(env.gateway, "order_gateway_consumer_group_in_flight") == 2
+        )
+        assert scraped(env.gateway, "order_gateway_consumer_group_members") == 1
+        assert scraped(env.gateway, "order_gateway_consumer_group_lag_events") == 3
+        await consumer.nack(first)
+        await consumer.nack(second, action=pb.NACK_ACTION_PARK)
+        await consumer.deliveries(2)  # first again, and third
+        assert scraped(env.gateway, "order_gateway_consumer_group_redeliveries_total") == 1
+        await consumer.ack(first, third)
+        await eventually(
+            lambda: (
+                scraped(env.gateway, "order_gateway_consumer_group_parked") == 1
+                and scraped(env.gateway, "order_gateway_consumer_group_lag_events") == 0
+            )
+        )
+    # The last member gone, the group is not served here: only the counter stays.
+    await eventually(lambda: scraped(env.gateway, "order_gateway_consumer_group_members") is None)
+    assert scraped(env.gateway, "order_gateway_consumer_group_redeliveries_total") == 1

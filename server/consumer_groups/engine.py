@@ -27,7 +27,6 @@ import contextlib
 import datetime as dt
 import enum
 import logging
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from orders.v1 import events_pb2
 
 from domain.ports import EventStore
 from server.consumer_groups import balance
+from server.consumer_groups.leases import LeaseCoordinator, LeaseStore, LocalMember
 from server.consumer_groups.model import (
     RETRY_BASE,
     GroupClosedError,
@@ -51,6 +51,10 @@ from server.mapping import proto_event_fields
 from server.subscription_hub import EventFilter, HubClosedError, SubscriptionHub
 
 log = logging.getLogger("order_gateway.consumer_groups")
+
+
+REPLAY_POLL_EVERY = 4
+"""Across replicas, flushes between two looks for replays started elsewhere."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,11 +119,13 @@ def _newest_first(entry: Entry) -> int:
 class Member:
     """One connected Consume stream: its partitions, its deliveries, its outgoing messages."""
 
-    def __init__(self, member_id: str, user_id: str, max_in_flight: int) -> None:
+    def __init__(
+        self, member_id: str, user_id: str, max_in_flight: int, joined_at: dt.datetime
+    ) -> None:
         self.member_id = member_id
         self.user_id = user_id
         self.max_in_flight = max_in_flight
-        self.joined_at = dt.datetime.now(dt.UTC)
+        self.joined_at = joined_at
         self.partitions: list[int] = []
         self.in_flight: dict[str, Entry] = {}
         # Deliveries are queued as (entry, attempt) and built when sent: one that timed
@@ -181,6 +187,11 @@ class Partition:
     index: int
     read_through: int
     """Every matching event of this partition at or below it has been taken in."""
+    owned: bool = False
+    """This process may deliver it (always, but for a partition leased elsewhere)."""
+    synced: bool = False
+    """The current subscription started at or below ``read_through``: every event it
+    examined was taken in for this partition too."""
     owner: Member | None = None
     pending: dict[int, Entry] = field(default_factory=dict)
     """Unsettled events (parking ones until stored), by position, in position order."""
@@ -192,7 +203,7 @@ class Partition:
         """Every matching event of the partition at or below this is settled."""
         for position in self.pending:
             return position - 1
-        return max(self.read_through, examined)
+        return max(self.read_through, examined) if self.synced else self.read_through
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +224,16 @@ class MemberView:
 
 
 @dataclass(frozen=True, slots=True)
+class RuntimeStats:
+    """What the metrics read, without awaiting anything."""
+
+    checkpoint: int
+    in_flight: int
+    parked: int
+    members: int
+
+
+@dataclass(frozen=True, slots=True)
 class RuntimeView:
     partitions: tuple[PartitionView, ...]
     members: tuple[MemberView, ...]
@@ -229,6 +250,8 @@ class GroupRuntime:
         events: EventStore,
         hub: SubscriptionHub,
         tuning: GroupTuning,
+        leases: LeaseStore | None = None,
+        replica_id: str = "",
     ) -> None:
         self.record = record
         self._settings = record.settings
@@ -250,9 +273,27 @@ class GroupRuntime:
         self._to_unpark: list[str] = []
         self._saved: dict[int, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._reader: asyncio.Task[None] | None = None
+        self._owning = asyncio.Event()
         self._closed = False
+        self._flushes = 0
+        self.coordinator = (
+            LeaseCoordinator(
+                leases,
+                record.name,
+                replica_id,
+                record.settings.partitions,
+                self._local_members,
+                self._apply_leases,
+                self._give_up,
+            )
+            if leases is not None
+            else None
+        )
         self.redeliveries = 0
         """Deliveries after the first of an event (timeouts, departures, retries, moves)."""
+        self._parked = 0
+        """Parked events of the group, as last counted in the store."""
 
     # -- life -----------------------------------------------------------------------
 
@@ -260,16 +301,22 @@ class GroupRuntime:
         stored = await self._store.load_checkpoints(self.record.name)
         self._saved = dict(stored)
         start = self.record.start_position
+        # On one process every partition is this runtime's; across replicas, only those
+        # its leases grant (``_apply_leases``).
+        local = self.coordinator is None
         self._partitions = [
-            Partition(index, stored.get(index, start)) for index in range(self._settings.partitions)
+            Partition(index, stored.get(index, start), owned=local)
+            for index in range(self._settings.partitions)
         ]
-        for parked in await self._store.replaying(self.record.name):
-            await self._take_replay(parked)
+        if local:
+            self._owning.set()
+        await self._poll_replays()
         name = self.record.name
-        self._tasks = [
-            asyncio.create_task(self._read(), name=f"group-read-{name}"),
-            asyncio.create_task(self._flush_forever(), name=f"group-flush-{name}"),
-        ]
+        self._restart_reader()
+        self._tasks = [asyncio.create_task(self._flush_forever(), name=f"group-flush-{name}")]
+        if self.coordinator is not None:
+            self.coordinator.start()
+        self._parked = await self._store.parked_count(name)
 
     async def stop(self, error: Exception) -> None:
         """End every member's stream with ``error`` and stop reading (a deleted group:
@@ -279,17 +326,23 @@ class GroupRuntime:
             member.end(error)
             self._release(member)
         self.members.clear()
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._reader] if self._reader is not None else [])]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._cancel_timers()
 
     async def stop_and_store(self, error: Exception) -> None:
-        """``stop``, then store the checkpoints and parks (shutdown, last member gone)."""
+        """``stop``, then store the checkpoints and parks (shutdown, last member gone),
+        and only then give up the leases."""
         await self.stop(error)
-        await self._flush()
+        try:
+            await self._flush()
+        finally:
+            if self.coordinator is not None:
+                await self.coordinator.stop()
 
     def _cancel_timers(self) -> None:
         for partition in self._partitions:
@@ -298,13 +351,14 @@ class GroupRuntime:
 
     # -- members --------------------------------------------------------------------
 
-    def join(self, member_id: str, user_id: str, max_in_flight: int) -> Member:
+    def join(
+        self, member_id: str, user_id: str, max_in_flight: int, joined_at: dt.datetime
+    ) -> Member:
         if self._closed:
             raise GroupClosedError
-        member_id = member_id or str(uuid.uuid4())
         if member_id in self.members:
             raise MemberIdTakenError(self.record.name, member_id)
-        member = Member(member_id, user_id, max_in_flight)
+        member = Member(member_id, user_id, max_in_flight, joined_at)
         self.members[member_id] = member
         self._rebalance(always_tell=member)
         return member
@@ -328,29 +382,108 @@ class GroupRuntime:
         for index in member.partitions:
             if self._partitions[index].owner is member:
                 self._partitions[index].owner = None
-        member.partitions = []
 
     def _rebalance(self, always_tell: Member | None = None) -> None:
+        if always_tell is not None:
+            always_tell.send_assignment()
+        if self.coordinator is not None:
+            # Across replicas the leases decide; the coordinator calls back.
+            self.coordinator.nudge()
+            return
         current = {member_id: m.partitions for member_id, m in self.members.items()}
         plan = balance.assign(current, list(self.members), self._settings.partitions)
-        for member_id, partitions in plan.items():
+        self._assign({p: member_id for member_id, ps in plan.items() for p in ps})
+
+    def _assign(self, owners: dict[int, str]) -> None:
+        """Deliver partition p to local member ``owners[p]``; partitions not in ``owners``
+        stop being delivered here (across replicas: they are not leased here any more)."""
+        for partition in self._partitions:
+            member_id = owners.get(partition.index)
+            owner = self.members.get(member_id) if member_id is not None else None
+            if partition.owned and self.coordinator is not None and member_id is None:
+                self._drop(partition)
+            elif partition.owner is not None and partition.owner is not owner:
+                self._take_back(partition.owner, partition.index)
+            partition.owner = owner
+        wanted: dict[str, list[int]] = {member_id: [] for member_id in self.members}
+        for index, member_id in sorted(owners.items()):
+            if member_id in wanted:
+                wanted[member_id].append(index)
+        for member_id, partitions in wanted.items():
             member = self.members[member_id]
-            if partitions == member.partitions and member is not always_tell:
-                continue
-            lost = set(member.partitions) - set(partitions)
-            for entry in sorted(member.in_flight.values(), key=_newest_first):
-                if entry.partition in lost:
-                    # Moved, not failed: the new owner gets it at once, same attempt count.
-                    del member.in_flight[entry.event_id]
-                    self._requeue(entry)
-            member.partitions = partitions
-            member.send_assignment()
-        for member_id, partitions in plan.items():
-            member = self.members[member_id]
-            for index in partitions:
-                self._partitions[index].owner = member
+            if partitions != member.partitions:
+                member.partitions = partitions
+                member.send_assignment()
             self._to_fill.add(member)
         self._schedule_fill()
+
+    def _take_back(self, member: Member, index: int) -> None:
+        """The partition moves to another member here: its deliveries go to the new one
+        at once (a move, not a failure)."""
+        for entry in sorted(member.in_flight.values(), key=_newest_first):
+            if entry.partition == index:
+                del member.in_flight[entry.event_id]
+                self._requeue(entry)
+
+    def _drop(self, partition: Partition) -> None:
+        """Forget a partition this process no longer owns: its next owner resumes from
+        the stored checkpoint (and the parked events being replayed, from the store)."""
+        if partition.owner is not None:
+            for entry in list(partition.owner.in_flight.values()):
+                if entry.partition == partition.index:
+                    del partition.owner.in_flight[entry.event_id]
+        for entry in (*partition.pending.values(), *partition.replays.values()):
+            entry.cancel_timer()
+            entry.member = None
+            entry.state = State.SETTLED
+        self._unsettled -= len(partition.pending)
+        self._room.set()
+        partition.pending.clear()
+        partition.streams.clear()
+        partition.ready.clear()
+        partition.replays.clear()
+        partition.owned = partition.synced = False
+        partition.owner = None
+
+    # -- ownership across replicas ----------------------------------------------------
+
+    def _local_members(self) -> list[LocalMember]:
+        return [
+            LocalMember(m.member_id, m.user_id, m.joined_at, len(m.in_flight))
+            for m in self.members.values()
+        ]
+
+    async def _apply_leases(self, owners: dict[int, str]) -> None:
+        """The coordinator's verdict: deliver exactly these partitions here."""
+        acquired = [p for p in self._partitions if p.index in owners and not p.owned]
+        if acquired:
+            stored = await self._store.load_checkpoints(self.record.name)
+            start = self.record.start_position
+            for partition in acquired:
+                # Resume where the last owner stored its progress.
+                partition.read_through = stored.get(partition.index, start)
+                self._saved[partition.index] = partition.read_through
+                partition.owned = True
+                partition.synced = False
+        self._assign(owners)
+        if acquired:
+            self._owning.set()
+            self._restart_reader()
+            await self._poll_replays()
+
+    async def _give_up(self, indexes: set[int]) -> None:
+        """Before a lease is released: store the partitions' checkpoints, then forget them."""
+        checkpoints = {
+            p.index: p.checkpoint(self._examined)
+            for p in self._partitions
+            if p.index in indexes and p.owned
+        }
+        for index in indexes:
+            if self._partitions[index].owned:
+                self._drop(self._partitions[index])
+        await self._flush()
+        if checkpoints:
+            await self._store.save_checkpoints(self.record.name, checkpoints)
 
     # -- settling -------------------------------------------------------------------
 
@@ -519,7 +652,7 @@ class GroupRuntime:
         partition = self._partitions[index]
         position = event.position
         self._examined = max(self._examined, position)
-        if position <= partition.read_through:
+        if not partition.owned or position <= partition.read_through:
             return
         partition.read_through = position
         entry = Entry(event, index)
@@ -532,13 +665,32 @@ class GroupRuntime:
         else:
             queue.append(entry)
 
-    async def _read(self) -> None:
-        """Follow the log through the hub, from the lowest partition checkpoint."""
+    def _restart_reader(self) -> None:
+        """(Re)start following the log from the lowest checkpoint of the owned partitions
+        (after gaining a partition whose checkpoint may lie behind the reader)."""
+        if self._reader is not None:
+            self._reader.cancel()
+        self._reader = asyncio.create_task(
+            self._read(self._reader), name=f"group-read-{self.record.name}"
+        )
+
+    async def _read(self, previous: asyncio.Task[None] | None) -> None:
+        """Follow the log through the hub, from the lowest owned partition's checkpoint."""
+        if previous is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await previous
         while not self._closed:
-            start = min(p.checkpoint(self._examined) for p in self._partitions)
-            for partition in self._partitions:
+            await self._owning.wait()
+            owned = [p for p in self._partitions if p.owned]
+            if not owned:
+                self._owning.clear()
+                continue
+            start = min(p.checkpoint(self._examined) for p in owned)
+            for partition in owned:
                 # What the old subscription examined stays known after it ends.
-                partition.read_through = max(partition.read_through, self._examined)
+                if partition.synced:
+                    partition.read_through = max(partition.read_through, self._examined)
+                partition.synced = True
             self._examined = start
             try:
                 async with self._hub.subscribe(self._filter, start, False) as subscription:
@@ -562,14 +714,25 @@ class GroupRuntime:
         for event in parked:
             await self._take_replay(event)
 
+    async def _poll_replays(self) -> None:
+        """Take up the parked events being replayed (ReplayParked may have been called on
+        another replica, or before a restart)."""
+        for parked in await self._store.replaying(self.record.name):
+            await self._take_replay(parked)
+
     async def _take_replay(self, parked: ParkedEvent) -> None:
+        if not 0 <= parked.partition < len(self._partitions):
+            return
         partition = self._partitions[parked.partition]
-        if parked.event_id in partition.replays:
+        busy = {entry.event_id for entry, _ in self._to_park} | set(self._to_unpark)
+        if not partition.owned or parked.event_id in partition.replays or parked.event_id in busy:
             return
         records = await self._events.read_all(parked.position - 1, 1)
         if not records or records[0].event_id != parked.event_id:
             log.warning("parked event %s is not in the log", parked.event_id)
             return
+        if not partition.owned or parked.event_id in partition.replays:
+            return  # the read awaited: things may have moved meanwhile
         entry = Entry(events_pb2.Event(**proto_event_fields(records[0])), parked.partition, True)
         partition.replays[parked.event_id] = entry
         self._make_ready(entry)
@@ -582,7 +745,12 @@ class GroupRuntime:
                 async with asyncio.timeout(self._tuning.flush_interval):
                     await self._flush_now.wait()
             self._flush_now.clear()
+            self._flushes += 1
             try:
+                if self._flushes % REPLAY_POLL_EVERY == 0:
+                    if self.coordinator is not None:
+                        await self._poll_replays()
+                    self._parked = await self._store.parked_count(self.record.name)
                 await self._flush()
             except Exception:
                 log.exception("consumer group %r: storing its state failed", self.record.name)
@@ -607,8 +775,9 @@ class GroupRuntime:
             for entry, _ in parks:
                 if not entry.replay and entry.state is State.PARKING:
                     entry.state = State.SETTLED
-                    del self._partitions[entry.partition].pending[entry.position]
-                    self._unsettled -= 1
+                    pending = self._partitions[entry.partition].pending
+                    if pending.pop(entry.position, None) is not None:
+                        self._unsettled -= 1
             self._room.set()
         unparks, self._to_unpark = self._to_unpark, []
         if unparks:
@@ -620,13 +789,23 @@ class GroupRuntime:
         moved = {
             p.index: checkpoint
             for p in self._partitions
-            if (checkpoint := p.checkpoint(self._examined)) > self._saved.get(p.index, -1)
+            if p.owned
+            and (checkpoint := p.checkpoint(self._examined)) > self._saved.get(p.index, -1)
         }
         if moved:
             await self._store.save_checkpoints(name, moved)
             self._saved.update(moved)
 
     # -- reporting --------------------------------------------------------------------
+
+    def stats(self) -> RuntimeStats:
+        owned = [p.checkpoint(self._examined) for p in self._partitions if p.owned]
+        return RuntimeStats(
+            checkpoint=min(owned) if owned else 0,
+            in_flight=sum(len(m.in_flight) for m in self.members.values()),
+            parked=self._parked,
+            members=len(self.members),
+        )
 
     def view(self) -> RuntimeView:
         in_flight = [0] * len(self._partitions)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -15,13 +16,16 @@ from server.consumer_groups.engine import (
     Member,
     MemberView,
     PartitionView,
+    RuntimeView,
 )
+from server.consumer_groups.leases import LeaseStore, LocalMember
 from server.consumer_groups.model import (
     GroupClosedError,
     GroupExistsError,
     GroupNotFoundError,
     GroupRecord,
     GroupSettings,
+    MemberIdTakenError,
 )
 from server.consumer_groups.ports import ConsumerGroupStore
 from server.subscription_hub import SubscriptionHub
@@ -50,8 +54,12 @@ class ConsumerGroups:
         events: EventStore,
         hub: SubscriptionHub,
         tuning: GroupTuning | None = None,
+        leases: LeaseStore | None = None,
     ) -> None:
+        """With ``leases``, members on every replica share each group's partitions."""
         self.store = store
+        self._leases = leases
+        self.replica_id = str(uuid.uuid4())
         self._events = events
         self._hub = hub
         self._tuning = tuning or GroupTuning()
@@ -59,6 +67,21 @@ class ConsumerGroups:
         # Starting, stopping and deleting a group's runtime take turns, per group.
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._closed = False
+        self._retired_redeliveries: dict[str, int] = {}
+        """Redeliveries counted by runtimes that have stopped, per group."""
+
+    def redeliveries(self) -> dict[str, int]:
+        """Redeliveries on this process since it started, per group (a counter)."""
+        totals = dict(self._retired_redeliveries)
+        for name, runtime in self._runtimes.items():
+            totals[name] = totals.get(name, 0) + runtime.redeliveries
+        return totals
+
+    def _retire(self, runtime: GroupRuntime) -> None:
+        name = runtime.record.name
+        self._retired_redeliveries[name] = (
+            self._retired_redeliveries.get(name, 0) + runtime.redeliveries
+        )
 
     @property
     def runtimes(self) -> dict[str, GroupRuntime]:
@@ -96,16 +119,24 @@ class ConsumerGroups:
         head = await self._events.head_position()
         parked = await self.store.parked_count(record.name)
         runtime = self._runtimes.get(record.name)
-        if runtime is not None:
-            live = runtime.view()
-            partitions, members, redeliveries = live.partitions, live.members, live.redeliveries
+        stored = await self.store.load_checkpoints(record.name)
+        here = runtime.view() if runtime is not None else None
+        local = {p.partition: p for p in here.partitions} if here is not None else {}
+        redeliveries = here.redeliveries if here is not None else 0
+        if self._leases is None:
+            members = here.members if here is not None else ()
+            owners = {p: view.member_id for p, view in local.items()}
         else:
-            stored = await self.store.load_checkpoints(record.name)
-            partitions = tuple(
-                PartitionView(p, stored.get(p, record.start_position), "", 0)
-                for p in range(record.settings.partitions)
-            )
-            members, redeliveries = (), 0
+            members, owners = await self._everywhere(record.name, here)
+        partitions = tuple(
+            local.get(p)
+            or PartitionView(p, stored.get(p, record.start_position), owners.get(p, ""), 0)
+            for p in range(record.settings.partitions)
+        )
+        partitions = tuple(
+            PartitionView(v.partition, v.checkpoint, owners.get(v.partition, ""), v.in_flight)
+            for v in partitions
+        )
         return GroupView(
             record=record,
             checkpoint=min(min(p.checkpoint for p in partitions), head),
@@ -119,6 +150,25 @@ class ConsumerGroups:
                 for p in partitions
             ),
         )
+
+    async def _everywhere(
+        self, name: str, here: RuntimeView | None
+    ) -> tuple[tuple[MemberView, ...], dict[int, str]]:
+        """Members of every replica, and the partitions' owners, from the leases."""
+        assert self._leases is not None
+        live, owners = await self._leases.snapshot(name)
+        local = {m.member_id: m for m in here.members} if here is not None else {}
+        members = tuple(
+            MemberView(
+                m.member_id,
+                m.user_id,
+                tuple(sorted(p for p, owner in owners.items() if owner == m.member_id)),
+                local[m.member_id].in_flight if m.member_id in local else m.in_flight,
+                m.joined_at,
+            )
+            for m in live
+        )
+        return members, owners
 
     async def delete(self, name: str) -> None:
         async with self._locks[name]:
@@ -145,11 +195,26 @@ class ConsumerGroups:
             runtime = self._runtimes.get(name)
             if runtime is None:
                 runtime = GroupRuntime(
-                    await self.record(name), self.store, self._events, self._hub, self._tuning
+                    await self.record(name),
+                    self.store,
+                    self._events,
+                    self._hub,
+                    self._tuning,
+                    self._leases,
+                    self.replica_id,
                 )
                 await runtime.start()
                 self._runtimes[name] = runtime
-            return runtime, runtime.join(member_id, user_id, max_in_flight)
+            member_id = member_id or str(uuid.uuid4())
+            if member_id in runtime.members:
+                raise MemberIdTakenError(name, member_id)
+            joined_at = dt.datetime.now(dt.UTC)
+            if self._leases is not None:
+                # Across replicas an id is taken while any replica has it live.
+                await self._leases.register(
+                    name, self.replica_id, LocalMember(member_id, user_id, joined_at, 0)
+                )
+            return runtime, runtime.join(member_id, user_id, max_in_flight, joined_at)
 
     async def leave(self, runtime: GroupRuntime, member: Member) -> None:
         runtime.leave(member)
@@ -160,6 +225,7 @@ class ConsumerGroups:
             # Nobody joined while the lock was awaited: stop reading for this group.
             if not runtime.members and self._runtimes.get(name) is runtime:
                 del self._runtimes[name]
+                self._retire(runtime)
                 await runtime.stop_and_store(GroupClosedError())
 
     async def stop(self) -> None:

@@ -6,6 +6,7 @@ import logging
 from typing import Protocol, runtime_checkable
 
 from domain.ports import EventStore
+from server.consumer_groups.leases import LeaseStore
 from server.consumer_groups.ports import ConsumerGroupStore
 from server.consumer_groups.store_memory import MemoryConsumerGroupStore
 
@@ -15,6 +16,16 @@ log = logging.getLogger("order_gateway.consumer_groups")
 @runtime_checkable
 class KeepsConsumerGroups(Protocol):
     async def open_consumer_groups(self) -> ConsumerGroupStore: ...
+
+
+@runtime_checkable
+class SharesPartitions(Protocol):
+    def partition_leases(self) -> LeaseStore: ...
+
+
+def partition_leases(store: ConsumerGroupStore) -> LeaseStore | None:
+    """Leases for a store shared by replicas (PostgreSQL); None for one process's."""
+    return store.partition_leases() if isinstance(store, SharesPartitions) else None
 
 
 async def open_group_store(events: EventStore) -> ConsumerGroupStore:

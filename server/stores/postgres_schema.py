@@ -333,12 +333,40 @@ CREATE TABLE consumer_group_parked (
 
 CREATE INDEX consumer_group_parked_age
     ON consumer_group_parked (group_name, replaying, parked_at, position);
+
+-- Members connected to any replica, heartbeated; a row not renewed by expires_at is a
+-- member whose replica died (server.consumer_groups.leases).
+CREATE TABLE consumer_group_members (
+    group_name text NOT NULL REFERENCES consumer_groups ON DELETE CASCADE,
+    member_id text NOT NULL,
+    replica_id text NOT NULL,
+    user_id text NOT NULL,
+    joined_at timestamptz NOT NULL,
+    in_flight integer NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (group_name, member_id)
+);
+
+-- Which member may deliver a partition, until expires_at unless renewed. A claim only
+-- takes a free or expired lease (or one its own replica holds).
+CREATE TABLE consumer_group_leases (
+    group_name text NOT NULL REFERENCES consumer_groups ON DELETE CASCADE,
+    partition integer NOT NULL,
+    member_id text NOT NULL,
+    replica_id text NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (group_name, partition)
+);
 """
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "events, commands and og_append()", _V1_EVENTS),
     Migration(2, "og_append() reads only by index lookups", _V2_LOOKUPS_STAY_LOOKUPS),
-    Migration(3, "consumer groups: groups, checkpoints, parked events", _V3_CONSUMER_GROUPS),
+    Migration(
+        3,
+        "consumer groups: groups, checkpoints, parked events, members, partition leases",
+        _V3_CONSUMER_GROUPS,
+    ),
 )
 
 
