@@ -1,4 +1,4 @@
-"""The ``order-gateway`` command: serve, migrate, tail.
+"""The ``order-gateway`` command: serve, migrate, tail, group, consume, health.
 
 Flags are optional overrides of ``ORDER_GATEWAY_*`` variables: only the flags given on
 the command line are passed to ``Settings``, so a flag wins and a variable fills the rest.
@@ -17,6 +17,8 @@ from pydantic import ValidationError
 
 from domain.errors import StoreError
 from server.config import Settings
+from server.group_cli import add_client_flags
+from server.group_cli import add_parsers as add_group_parsers
 from server.logs import configure_logging
 
 
@@ -50,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--store", metavar="URL")
 
     tail = commands.add_parser("tail", help="print committed events as JSON lines")
-    tail.add_argument("--target", metavar="HOST:PORT", default="127.0.0.1:50051")
     tail.add_argument("--after", metavar="N", type=int, default=0)
     tail.add_argument("--type", metavar="NAME", action="append", default=[], dest="types")
+    add_client_flags(tail)
+    add_group_parsers(commands)
 
     health = commands.add_parser(
         "health", help="exit 0 if the gateway's health service says SERVING (for containers)"
@@ -127,10 +130,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             target = args.target or local_target(settings.listen)
             return check_health(target, args.service, args.timeout)
+        elif args.command == "group":
+            from server.group_cli import run_group
+
+            return run_group(args)
+        elif args.command == "consume":
+            from server.group_cli import consume
+
+            return consume(args)
         else:
             from server.tail import tail
 
-            return tail(args.target, args.after, args.types)
+            return tail(args.target, args.after, args.types, args.token, args.tls_ca)
     except ValidationError as error:
         for problem in _problems(error):
             print(f"order-gateway: {problem}", file=sys.stderr)
