@@ -17,9 +17,9 @@ from pydantic import ValidationError
 
 from domain.errors import StoreError
 from server.config import Settings
-from server.group_cli import add_client_flags
-from server.group_cli import add_parsers as add_group_parsers
-from server.logs import configure_logging
+from server.client.groups import add_client_flags
+from server.client.groups import add_parsers as add_group_parsers
+from server.observability.logs import configure_logging
 
 
 class ConfigurationError(Exception):
@@ -126,20 +126,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             asyncio.run(migrate(settings.store))
         elif args.command == "health":
-            from server.healthcheck import check_health, local_target
+            from server.client.health import check_health, local_target
 
             target = args.target or local_target(settings.listen)
             return check_health(target, args.service, args.timeout)
         elif args.command == "group":
-            from server.group_cli import run_group
+            from server.client.groups import run_group
 
             return run_group(args)
         elif args.command == "consume":
-            from server.group_cli import consume
+            from server.client.groups import consume
 
             return consume(args)
         else:
-            from server.tail import tail
+            from server.client.tail import tail
 
             return tail(args.target, args.after, args.types, args.token, args.tls_ca)
     except ValidationError as error:

@@ -14,7 +14,7 @@ from orders.v1 import consumer_group_service_pb2 as pb
 from orders.v1 import consumer_group_service_pb2_grpc as pb_grpc
 
 from server.app import SERVICE_NAMES, Gateway
-from server.auth import REQUIRED_SCOPES
+from server.security.scopes import REQUIRED_SCOPES
 from tests.group_support import group_gateway, join
 
 TOKENS = {

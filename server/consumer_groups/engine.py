@@ -47,8 +47,8 @@ from server.consumer_groups.model import (
     retry_delay,
 )
 from server.consumer_groups.ports import ConsumerGroupStore
-from server.mapping import proto_event_fields
-from server.subscription_hub import EventFilter, HubClosedError, SubscriptionHub
+from server.rpc.mapping import proto_event_fields
+from server.rpc.subscription_hub import EventFilter, HubClosedError, SubscriptionHub
 
 log = logging.getLogger("order_gateway.consumer_groups")
 

@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from server.consumer_groups.service import ConsumerGroups
-from server.subscription_hub import SubscriptionHub
+from server.rpc.subscription_hub import SubscriptionHub
 
 
 class GroupMetricsCollector(Collector):

@@ -28,7 +28,7 @@ from server.consumer_groups.model import (
     MemberIdTakenError,
 )
 from server.consumer_groups.ports import ConsumerGroupStore
-from server.subscription_hub import SubscriptionHub
+from server.rpc.subscription_hub import SubscriptionHub
 
 log = logging.getLogger("order_gateway.consumer_groups")
 

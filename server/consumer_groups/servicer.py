@@ -37,9 +37,9 @@ from server.consumer_groups.model import (
     MemberIdTakenError,
 )
 from server.consumer_groups.service import ConsumerGroups, GroupView
-from server.errors import ERROR_DOMAIN, bad_request_status, plain_status, status_for
-from server.errors import unexpected_error_status as _unexpected
-from server.identity import current_caller
+from server.rpc.status_mapping import ERROR_DOMAIN, bad_request_status, plain_status, status_for
+from server.rpc.status_mapping import unexpected_error_status as _unexpected
+from server.security.identity import current_caller
 
 log = logging.getLogger("order_gateway.consumer_groups")
 

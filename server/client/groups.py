@@ -21,8 +21,8 @@ from google.protobuf.message import Message
 from orders.v1 import consumer_group_service_pb2 as pb
 from orders.v1 import consumer_group_service_pb2_grpc as pb_grpc
 
-from server.client_channel import Metadata, call_metadata, open_channel
-from server.tail import field_violations
+from server.client.channel import Metadata, call_metadata, open_channel
+from server.client.tail import field_violations
 
 
 def add_client_flags(parser: argparse.ArgumentParser) -> None:

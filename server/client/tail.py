@@ -17,7 +17,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from orders.v1 import event_stream_service_pb2, event_stream_service_pb2_grpc
 
-from server.client_channel import Metadata, call_metadata, open_channel
+from server.client.channel import Metadata, call_metadata, open_channel
 
 PROGRAM = "order-gateway tail"
 
