@@ -16,9 +16,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from domain.errors import StoreError
-from server.config import Settings
 from server.client.groups import add_client_flags
 from server.client.groups import add_parsers as add_group_parsers
+from server.config import Settings
 from server.observability.logs import configure_logging
 
 

@@ -608,3 +608,29 @@ async def test_metrics_per_group(env: Env) -> None:
     # The last member gone, the group is not served here: only the counter stays.
     await eventually(lambda: scraped(env.gateway, "order_gateway_consumer_group_members") is None)
     assert scraped(env.gateway, "order_gateway_consumer_group_redeliveries_total") == 1
+
+
+async def test_bytes_that_do_not_parse_end_the_stream_with_invalid_argument(env: Env) -> None:
+    await env.create("g")
+    raw: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = env.clients.channel.stream_stream(
+        "/orders.v1.ConsumerGroupService/Consume"
+    )
+    garbage = b"\xff\xff\xff\xff\x0f"  # a truncated varint: no ConsumeRequest parses from it
+    first = raw()
+    await first.write(garbage)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await first.read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    joined = raw()
+    await joined.write(pb.ConsumeRequest(join=pb.Join(group="g")).SerializeToString())
+    answer = await joined.read()
+    assert isinstance(answer, bytes)
+    assert pb.ConsumeResponse.FromString(answer).HasField("assignment")
+    await joined.write(garbage)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async with asyncio.timeout(10):
+            while True:  # what was sent before the garbage (assignments), then the error
+                await joined.read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # The member left: its id is free, and the server is none the worse.
+    assert (await env.get()).members == []

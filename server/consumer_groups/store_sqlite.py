@@ -1,6 +1,6 @@
 """Consumer-group records in the SQLite store's file (tables of schema migration 2).
 
-A connection of its own, used by one thread at a time: group writes are few (a
+A connection of its own, used by one thread at a time (under a lock): group writes are few (a
 checkpoint a second per group while it moves, parked events) and each is its own short
 ``BEGIN IMMEDIATE`` transaction, which takes turns with the event writer's batches on
 SQLite's one write lock.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import sqlite3
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Final, TypeVar
@@ -49,7 +50,7 @@ def _parked(row: tuple[str, int, int, str, int, int]) -> ParkedEvent:
 class SQLiteConsumerGroupStore:
     def __init__(self, connection: sqlite3.Connection) -> None:
         self._connection = connection
-        self._lock = asyncio.Lock()
+        self._lock = threading.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> SQLiteConsumerGroupStore:
@@ -67,29 +68,32 @@ class SQLiteConsumerGroupStore:
 
     async def _run(self, work: Callable[[sqlite3.Connection], T], write: bool = False) -> T:
         def run() -> T:
-            connection = self._connection
-            if not write:
-                return work(connection)
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                result = work(connection)
-                connection.execute("COMMIT")
-            except BaseException:
-                if connection.in_transaction:
-                    connection.execute("ROLLBACK")
-                raise
-            return result
+            # A thread lock, held in the thread: a caller cancelled while it waits (a
+            # shutdown) must not let the next one, or close(), use the connection while
+            # this statement still runs on it (that crashed the process).
+            with self._lock:
+                connection = self._connection
+                if not write:
+                    return work(connection)
+                connection.execute("BEGIN IMMEDIATE")
+                try:
+                    result = work(connection)
+                    connection.execute("COMMIT")
+                except BaseException:
+                    if connection.in_transaction:
+                        connection.execute("ROLLBACK")
+                    raise
+                return result
 
-        async with self._lock:
-            try:
-                return await asyncio.to_thread(run)
-            except sqlite3.Error as e:
-                busy = isinstance(e, sqlite3.OperationalError) and e.sqlite_errorname in {
-                    "SQLITE_BUSY",
-                    "SQLITE_LOCKED",
-                }
-                error = StoreUnavailableError if busy else StoreError
-                raise error(f"consumer group storage failed: {e}") from e
+        try:
+            return await asyncio.to_thread(run)
+        except sqlite3.Error as e:
+            busy = isinstance(e, sqlite3.OperationalError) and e.sqlite_errorname in {
+                "SQLITE_BUSY",
+                "SQLITE_LOCKED",
+            }
+            error = StoreUnavailableError if busy else StoreError
+            raise error(f"consumer group storage failed: {e}") from e
 
     async def create_group(self, record: GroupRecord) -> GroupRecord:
         def work(c: sqlite3.Connection) -> GroupRecord:
@@ -219,5 +223,8 @@ class SQLiteConsumerGroupStore:
         return await self._run(work)
 
     async def close(self) -> None:
-        async with self._lock:
-            await asyncio.to_thread(self._connection.close)
+        def close() -> None:
+            with self._lock:
+                self._connection.close()
+
+        await asyncio.to_thread(close)
