@@ -590,6 +590,8 @@ class GroupRuntime:
             return
         del member.in_flight[entry.event_id]
         self._fail(entry, backoff=False, reason="ack timeout")
+        # Parked after its last attempt, it leaves room for another delivery.
+        self._wants_fill(member)
 
     # -- delivering -----------------------------------------------------------------
 
