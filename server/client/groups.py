@@ -21,48 +21,121 @@ from google.protobuf.message import Message
 from orders.v1 import consumer_group_service_pb2 as pb
 from orders.v1 import consumer_group_service_pb2_grpc as pb_grpc
 
-from server.client.channel import Metadata, call_metadata, open_channel
+from server.client.channel import TOKEN_VARIABLE, Metadata, call_metadata, open_channel
 from server.client.tail import field_violations
 
 
 def add_client_flags(parser: argparse.ArgumentParser) -> None:
     """``--target``, ``--token`` and ``--tls-ca``, as every client command takes them."""
-    parser.add_argument("--target", metavar="HOST:PORT", default="127.0.0.1:50051")
     parser.add_argument(
-        "--token", metavar="TOKEN", help="bearer token (default: $ORDER_GATEWAY_TOKEN)"
+        "--target",
+        metavar="HOST:PORT",
+        default="127.0.0.1:50051",
+        help="the gateway to call (default: %(default)s)",
     )
-    parser.add_argument("--tls-ca", metavar="FILE", help="CA certificate of a TLS server (PEM)")
+    parser.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help=f"the bearer token to send, for a gateway with authentication on "
+        f"(default: ${TOKEN_VARIABLE}, else none)",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="the CA certificate (PEM) to trust, for a gateway that speaks TLS "
+        "(default: plaintext)",
+    )
 
 
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    group = commands.add_parser("group", help="create, list, inspect and delete consumer groups")
+    group = commands.add_parser(
+        "group",
+        help="create, list, inspect and delete consumer groups",
+        description="Manage consumer groups (docs/consumer-groups.md); answers print as JSON. "
+        "A failed call exits 1 with its status.",
+    )
     actions = group.add_subparsers(dest="group_command", required=True)
-    create = actions.add_parser("create", help="create a group (or confirm it exists)")
-    create.add_argument("name")
-    create.add_argument("--partitions", metavar="N", type=int, default=0)
-    create.add_argument("--type", metavar="NAME", action="append", default=[], dest="types")
+    create = actions.add_parser(
+        "create",
+        help="create a group (or confirm it exists with these settings)",
+        description="Create a consumer group and print it; a group of that name with equal "
+        "settings is printed as it is, with other settings the call fails.",
+    )
+    create.add_argument("name", help="1 to 64 characters of A-Z a-z 0-9 . _ -")
+    create.add_argument(
+        "--partitions",
+        metavar="N",
+        type=int,
+        default=0,
+        help="1 to 256: the most members that work at once (default: 16)",
+    )
+    create.add_argument(
+        "--type",
+        metavar="NAME",
+        action="append",
+        default=[],
+        dest="types",
+        help="deliver only events of this type, e.g. OrderCreated; repeat it for several "
+        "types (default: every type)",
+    )
     start = create.add_mutually_exclusive_group()
-    start.add_argument("--after", metavar="N", type=int, default=0)
-    start.add_argument("--from-end", action="store_true")
-    create.add_argument("--ack-timeout", metavar="SECONDS", type=float)
-    create.add_argument("--max-deliveries", metavar="N", type=int, default=0)
+    start.add_argument(
+        "--after",
+        metavar="N",
+        type=int,
+        default=0,
+        help="start after this position (default: 0, from the first event)",
+    )
+    start.add_argument(
+        "--from-end", action="store_true", help="start at the head: only events from now on"
+    )
+    create.add_argument(
+        "--ack-timeout",
+        metavar="SECONDS",
+        type=float,
+        help="1 to 3600: a delivery not acked within it is delivered again (default: 30)",
+    )
+    create.add_argument(
+        "--max-deliveries",
+        metavar="N",
+        type=int,
+        default=0,
+        help="1 to 100: failed deliveries before an event is parked (default: 5)",
+    )
     add_client_flags(create)
-    listing = actions.add_parser("list", help="every group, one JSON line each")
+    listing = actions.add_parser("list", help="print every group, one JSON line each")
     add_client_flags(listing)
-    for name, what in (("info", "one group's state"), ("delete", "delete a group")):
+    for name, what in (
+        ("info", "print one group: checkpoints, members, partitions, in flight, parked"),
+        ("delete", "delete a group with its checkpoints and parked events"),
+    ):
         action = actions.add_parser(name, help=what)
-        action.add_argument("name")
+        action.add_argument("name", help="the group")
         add_client_flags(action)
-    replay = actions.add_parser("replay-parked", help="return parked events to delivery")
-    replay.add_argument("name")
-    replay.add_argument("--limit", metavar="N", type=int, default=0, help="default: all")
+    replay = actions.add_parser(
+        "replay-parked", help="return the longest-parked events to delivery, at attempt 1"
+    )
+    replay.add_argument("name", help="the group")
+    replay.add_argument(
+        "--limit", metavar="N", type=int, default=0, help="how many (default: 0, all)"
+    )
     add_client_flags(replay)
 
     consume = commands.add_parser(
-        "consume", help="join a consumer group and print its deliveries as JSON lines"
+        "consume",
+        help="join a consumer group and print its deliveries as JSON lines",
+        description="Join a consumer group as a member and print each delivery as one JSON "
+        "line, acking the event once its line is written; partitions assigned are reported "
+        "on stderr. Ctrl-C leaves the group; a failed call exits 1 with its status.",
     )
-    consume.add_argument("--group", metavar="NAME", required=True)
-    consume.add_argument("--member", metavar="ID", default="")
+    consume.add_argument("--group", metavar="NAME", required=True, help="the group to join")
+    consume.add_argument(
+        "--member",
+        metavar="ID",
+        default="",
+        help="this member's id, unique among the group's connected members "
+        "(default: one the server picks)",
+    )
     add_client_flags(consume)
 
 
