@@ -1,4 +1,4 @@
-"""Consumer groups end to end over gRPC: the contract's rules, one by one."""
+"""Consumer groups end to end over gRPC: the rules of docs/consumer-groups.md, one by one."""
 
 from __future__ import annotations
 

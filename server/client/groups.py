@@ -25,13 +25,13 @@ from server.client.channel import TOKEN_VARIABLE, Metadata, call_metadata, open_
 from server.client.tail import field_violations
 
 
-def add_client_flags(parser: argparse.ArgumentParser) -> None:
+def add_client_flags(parser: argparse.ArgumentParser, target: str = "the gateway to call") -> None:
     """``--target``, ``--token`` and ``--tls-ca``, as every client command takes them."""
     parser.add_argument(
         "--target",
         metavar="HOST:PORT",
         default="127.0.0.1:50051",
-        help="the gateway to call (default: %(default)s)",
+        help=f"{target} (default: %(default)s)",
     )
     parser.add_argument(
         "--token",

@@ -62,15 +62,15 @@ class GroupTuning:
     """How often state is stored and how much a group holds. Defaults suit production."""
 
     flush_interval: float = 0.5
-    """Seconds between writes of moved checkpoints and new parked events (the contract
-    asks for at least one a second)."""
+    """Seconds between writes of moved checkpoints and new parked events (at least one
+    a second is promised)."""
     window: int = 10_000
     """Most unsettled events a group holds on one process before it stops reading."""
     retry_after_failure: float = 1.0
     """Seconds before reading again after the store failed."""
     retry_base: float = RETRY_BASE
-    """The first retry's delay after a nack, doubled for each later one (the contract's
-    1 s; tests shorten it)."""
+    """The first retry's delay after a nack, doubled for each later one (1 s, as
+    documented; tests shorten it)."""
 
 
 class State(enum.Enum):
@@ -369,7 +369,7 @@ class GroupRuntime:
         del self.members[member.member_id]
         self._release(member)
         self._rebalance()
-        # The contract stores checkpoints when a member leaves.
+        # Checkpoints are stored when a member leaves (docs/consumer-groups.md).
         self._flush_now.set()
 
     def _release(self, member: Member) -> None:

@@ -16,7 +16,7 @@ A replica delivers a partition only while its lease is valid by its own clock: t
 deadline is taken from before the renewal was sent, so it always ends before the one in
 the database. A replica that dies or loses the database stops renewing; its members and
 leases expire after ``ttl`` and the others take its partitions over in the next round:
-within ``ttl + interval`` (12 s with the defaults; the contract allows 15 s).
+within ``ttl + interval`` (12 s with the defaults; docs/consumer-groups.md promises 15 s).
 """
 
 from __future__ import annotations
