@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import uuid
@@ -510,6 +511,63 @@ async def test_order_holds_with_competing_members_nacking_at_random(env: Env, me
         else:
             settled_versions[stream] = max(settled_versions.get(stream, 0), version)
     assert len(done) == head
+
+
+async def test_members_joining_and_leaving_under_load_lose_nothing_and_keep_order(
+    env: Env,
+) -> None:
+    await env.create("g", partitions=8)
+    await env.clients.restock("a", 10_000)
+    log: list[tuple[str, str, int]] = []
+    acked: set[str] = set()
+
+    async def work(consumer: GroupMember) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            while True:
+                event = (await consumer.delivery(60)).event
+                log.append(("delivered", event.stream_id, event.stream_version))
+                await asyncio.sleep(0.002)
+                log.append(("settled", event.stream_id, event.stream_version))
+                acked.add(event.event_id)
+                await consumer.ack(event.event_id)
+
+    async def write() -> set[str]:
+        written: set[str] = set()
+        for n in range(40):
+            events = await env.clients.create(order_request(item("a")))
+            written |= {e.event_id for e in events}
+            if n % 3 == 0:
+                cancelled = await env.clients.cancel(events[0].order_created.order_id)
+                written |= {e.event_id for e in cancelled}
+            await asyncio.sleep(0.01)
+        return written
+
+    writing = asyncio.create_task(write())
+    members: list[GroupMember] = []
+    workers: list[asyncio.Task[None]] = []
+    try:
+        for step in range(6):  # join, join, join, leave, join, leave: under the writes
+            if step in (3, 5):
+                await members.pop(0).close()
+            else:
+                members.append(await join(env.groups, "g", max_in_flight=3))
+                workers.append(asyncio.create_task(work(members[-1])))
+            await asyncio.sleep(0.15)
+        written = await writing
+        async with asyncio.timeout(60):
+            while not written <= acked:  # noqa: ASYNC110 - the workers fill it
+                await asyncio.sleep(0.05)
+    finally:
+        for task in workers:
+            task.cancel()
+        for consumer in members:
+            await consumer.close()
+    settled_versions: dict[str, int] = {}
+    for what, stream, version in log:
+        if what == "delivered":
+            assert settled_versions.get(stream, 0) >= version - 1, (stream, version)
+        else:
+            settled_versions[stream] = max(settled_versions.get(stream, 0), version)
 
 
 # -- bad input, limits and shutdown --------------------------------------------------
