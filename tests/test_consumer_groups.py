@@ -391,6 +391,46 @@ async def test_replay_parked_is_bounded_and_starts_at_attempt_one(env: Env) -> N
         assert (await env.get()).parked == 0
 
 
+async def test_a_large_replay_is_held_a_batch_at_a_time() -> None:
+    tuning = GroupTuning(flush_interval=0.05, retry_base=0.02, replay_batch=2)
+    async with (
+        group_gateway(tuning=tuning) as gateway,
+        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel,
+    ):
+        stub = pb_grpc.ConsumerGroupServiceStub(channel)
+        inventory = inventory_command_service_pb2_grpc.InventoryCommandServiceStub(channel)
+        await stub.CreateConsumerGroup(
+            pb.CreateConsumerGroupRequest(name="g", settings=group_settings(partitions=1))
+        )
+        for n in range(5):
+            request = inventory_command_service_pb2.RestockProductRequest(
+                product_id=f"p{n}", quantity=1
+            )
+            async for _ in inventory.RestockProduct(request):
+                pass
+        async with member(stub, "g") as consumer:
+            for delivery in await consumer.deliveries(5):
+                await consumer.nack(delivery.event.event_id, action=pb.NACK_ACTION_PARK)
+            get = pb.GetConsumerGroupRequest(name="g")
+            async with asyncio.timeout(10):
+                while (await stub.GetConsumerGroup(get)).group.parked < 5:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            replay = await stub.ReplayParked(pb.ReplayParkedRequest(name="g"))
+            assert replay.replayed == 5
+            runtime = gateway.groups.runtimes["g"]
+            held = [await consumer.delivery(), await consumer.delivery()]
+            await consumer.no_delivery(0.5)  # the other three wait in the store
+            assert sum(len(p.replays) for p in runtime._partitions) == 2
+            seen = {d.event.event_id for d in held}
+            await consumer.ack(*seen)
+            while len(seen) < 5:
+                delivery = await consumer.delivery()
+                assert delivery.attempt == 1
+                seen.add(delivery.event.event_id)
+                await consumer.ack(delivery.event.event_id)
+                assert sum(len(p.replays) for p in runtime._partitions) <= 2
+
+
 async def test_a_replayed_event_does_not_hold_back_its_stream(env: Env) -> None:
     await env.create("g")
     first, second, third = await env.restocks(3)

@@ -112,19 +112,20 @@ async def test_parked_events_replay_longest_parked_first_within_the_limit(
     await groups_store.park("g", [_parked("e3", 3, 30), _parked("e1", 1, 10)])
     await groups_store.park("g", [_parked("e2", 2, 20)])
     assert await groups_store.parked_count("g") == 3
-    first = await groups_store.replay_parked("g", 2)
+    assert await groups_store.replay_parked("g", 2) == 2
+    first = await groups_store.replaying("g", 10)
     assert [e.event_id for e in first] == ["e1", "e2"]
     assert all(e.replaying for e in first)
     assert first[0].reason == "reason e1" and first[0].partition == 1
     assert await groups_store.parked_count("g") == 1
-    assert [e.event_id for e in await groups_store.replaying("g")] == ["e1", "e2"]
+    assert [e.event_id for e in await groups_store.replaying("g", 1)] == ["e1"]
     # Settled after the replay: gone. Parked again: back among the parked.
     await groups_store.unpark("g", ["e1"])
     await groups_store.park("g", [_parked("e2", 2, 40)])
-    assert await groups_store.replaying("g") == []
+    assert await groups_store.replaying("g", 10) == []
     assert await groups_store.parked_count("g") == 2
-    rest = await groups_store.replay_parked("g", 0)
-    assert [e.event_id for e in rest] == ["e3", "e2"]
+    assert await groups_store.replay_parked("g", 0) == 2
+    assert [e.event_id for e in await groups_store.replaying("g", 10)] == ["e3", "e2"]
     await groups_store.delete_group("g")
     assert await groups_store.parked_count("g") == 0
 

@@ -54,7 +54,8 @@ log = logging.getLogger("order_gateway.consumer_groups")
 
 
 REPLAY_POLL_EVERY = 4
-"""Across replicas, flushes between two looks for replays started elsewhere."""
+"""Flushes between two looks for more replayed events (started elsewhere, or the rest
+of a replay larger than ``replay_batch``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,9 @@ class GroupTuning:
     """Most unsettled events a group holds on one process before it stops reading."""
     retry_after_failure: float = 1.0
     """Seconds before reading again after the store failed."""
+    replay_batch: int = 1000
+    """Most replayed parked events a group holds on one process; the rest of a replay
+    waits in the store and is taken up as these are settled."""
     retry_base: float = RETRY_BASE
     """The first retry's delay after a nack, doubled for each later one (1 s, as
     documented; tests shorten it)."""
@@ -310,7 +314,7 @@ class GroupRuntime:
         ]
         if local:
             self._owning.set()
-        await self._poll_replays()
+        await self.poll_replays()
         name = self.record.name
         self._restart_reader()
         self._tasks = [asyncio.create_task(self._flush_forever(), name=f"group-flush-{name}")]
@@ -469,7 +473,7 @@ class GroupRuntime:
         if acquired:
             self._owning.set()
             self._restart_reader()
-            await self._poll_replays()
+            await self.poll_replays()
 
     async def _give_up(self, indexes: set[int]) -> None:
         """Before a lease is released: store the partitions' checkpoints, then forget them."""
@@ -712,14 +716,16 @@ class GroupRuntime:
 
     # -- replaying parked events ----------------------------------------------------
 
-    async def take_replays(self, parked: Sequence[ParkedEvent]) -> None:
-        for event in parked:
-            await self._take_replay(event)
-
-    async def _poll_replays(self) -> None:
-        """Take up the parked events being replayed (ReplayParked may have been called on
-        another replica, or before a restart)."""
-        for parked in await self._store.replaying(self.record.name):
+    async def poll_replays(self) -> None:
+        """Take up parked events being replayed, at most ``replay_batch`` held at once
+        (ReplayParked marks them in the store, here or on another replica, or before a
+        restart; more are taken up as these are settled)."""
+        batch = self._tuning.replay_batch
+        held = sum(len(p.replays) for p in self._partitions)
+        if held >= batch:
+            return
+        # The longest-parked first: those held already lead the list until settled.
+        for parked in await self._store.replaying(self.record.name, batch):
             await self._take_replay(parked)
 
     async def _take_replay(self, parked: ParkedEvent) -> None:
@@ -750,8 +756,7 @@ class GroupRuntime:
             self._flushes += 1
             try:
                 if self._flushes % REPLAY_POLL_EVERY == 0:
-                    if self.coordinator is not None:
-                        await self._poll_replays()
+                    await self.poll_replays()
                     self._parked = await self._store.parked_count(self.record.name)
                 await self._flush()
             except Exception:

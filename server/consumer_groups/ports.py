@@ -43,12 +43,12 @@ class ConsumerGroupStore(Protocol):
         """Forget parked events that were replayed and then settled."""
         ...
 
-    async def replay_parked(self, name: str, limit: int) -> list[ParkedEvent]:
-        """Mark the ``limit`` longest-parked events (0: all) as replaying; returns them."""
+    async def replay_parked(self, name: str, limit: int) -> int:
+        """Mark the ``limit`` longest-parked events (0: all) as replaying; how many."""
         ...
 
-    async def replaying(self, name: str) -> list[ParkedEvent]:
-        """The parked events being replayed, longest-parked first."""
+    async def replaying(self, name: str, limit: int) -> list[ParkedEvent]:
+        """The ``limit`` longest-parked of the events being replayed."""
         ...
 
     async def parked_count(self, name: str) -> int:

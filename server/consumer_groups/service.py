@@ -180,11 +180,11 @@ class ConsumerGroups:
 
     async def replay_parked(self, name: str, limit: int) -> int:
         await self.record(name)
-        parked = await self.store.replay_parked(name, limit)
+        replayed = await self.store.replay_parked(name, limit)
         runtime = self._runtimes.get(name)
         if runtime is not None:
-            await runtime.take_replays(parked)
-        return len(parked)
+            await runtime.poll_replays()
+        return replayed
 
     async def join(
         self, name: str, member_id: str, user_id: str, max_in_flight: int

@@ -50,7 +50,7 @@ class MemoryConsumerGroupStore:
         for event_id in event_ids:
             parked.pop(event_id, None)
 
-    async def replay_parked(self, name: str, limit: int) -> list[ParkedEvent]:
+    async def replay_parked(self, name: str, limit: int) -> int:
         parked = self._parked.get(name, {})
         waiting = sorted(
             (event for event in parked.values() if not event.replaying),
@@ -59,13 +59,13 @@ class MemoryConsumerGroupStore:
         chosen = waiting[:limit] if limit else waiting
         for event in chosen:
             parked[event.event_id] = dataclasses.replace(event, replaying=True)
-        return [parked[event.event_id] for event in chosen]
+        return len(chosen)
 
-    async def replaying(self, name: str) -> list[ParkedEvent]:
+    async def replaying(self, name: str, limit: int) -> list[ParkedEvent]:
         return sorted(
             (event for event in self._parked.get(name, {}).values() if event.replaying),
             key=lambda event: (event.parked_at, event.position),
-        )
+        )[:limit]
 
     async def parked_count(self, name: str) -> int:
         return sum(not event.replaying for event in self._parked.get(name, {}).values())

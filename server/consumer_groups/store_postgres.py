@@ -133,23 +133,24 @@ class PostgresConsumerGroupStore:
             (name, list(event_ids)),
         )
 
-    async def replay_parked(self, name: str, limit: int) -> list[ParkedEvent]:
+    async def replay_parked(self, name: str, limit: int) -> int:
+        # One statement: a replay of a million parked events reads none into memory.
         rows = await self._rows(
-            "UPDATE consumer_group_parked SET replaying = true"
+            "WITH chosen AS (UPDATE consumer_group_parked SET replaying = true"
             " WHERE (group_name, event_id) IN ("
             " SELECT group_name, event_id FROM consumer_group_parked"
             f" WHERE group_name = %s AND NOT replaying {_OLDEST_FIRST} LIMIT %s"
-            " FOR UPDATE SKIP LOCKED)"
-            f" RETURNING {_PARKED_COLUMNS}",
+            " FOR UPDATE SKIP LOCKED) RETURNING 1)"
+            " SELECT count(*) FROM chosen",
             (name, limit or None),
         )
-        return sorted((_parked(row) for row in rows), key=lambda e: (e.parked_at, e.position))
+        return int(rows[0][0])
 
-    async def replaying(self, name: str) -> list[ParkedEvent]:
+    async def replaying(self, name: str, limit: int) -> list[ParkedEvent]:
         rows = await self._rows(
             f"SELECT {_PARKED_COLUMNS} FROM consumer_group_parked"
-            f" WHERE group_name = %s AND replaying {_OLDEST_FIRST}",
-            (name,),
+            f" WHERE group_name = %s AND replaying {_OLDEST_FIRST} LIMIT %s",
+            (name, limit),
         )
         return [_parked(row) for row in rows]
 
