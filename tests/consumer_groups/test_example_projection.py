@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-DEMO = Path(__file__).resolve().parent.parent / "examples" / "python-projection" / "demo.py"
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "python-projection" / "demo.py"
 
 
 def test_two_projection_instances_build_the_read_model() -> None:

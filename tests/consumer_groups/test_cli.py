@@ -22,7 +22,7 @@ from orders.v1 import inventory_command_service_pb2_grpc as inventory_grpc
 
 from server.app import Gateway
 from tests.group_support import group_gateway
-from tests.test_security_tls import issue, write
+from tests.security.test_tls import issue, write
 
 
 @dataclass
