@@ -7,7 +7,8 @@ that the client's own Python is not the bottleneck being measured. Processes sta
 together at a barrier the parent also waits on; the parent reads the server's CPU time
 there and at the end, for CPU per call.
 
-Workloads: ``create`` (CreateOrder), ``cancel`` (CancelOrder of orders each process
+Workloads: ``create`` (CreateOrder), ``hot`` (CreateOrder, every order on one product),
+``cancel`` (CancelOrder of orders each process
 created in an unmeasured phase before), ``mixed`` (each caller alternates creating an
 order and cancelling it).
 """
@@ -69,8 +70,11 @@ class WorkerReport:
 class _Caller:
     """One process's calls: sends requests, checks answers, keeps the cancel pool."""
 
-    def __init__(self, channel: grpc.aio.Channel, seed: int, report: WorkerReport) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, seed: int, report: WorkerReport, hot: bool = False
+    ) -> None:
         self._stub = order_command_service_pb2_grpc.OrderCommandServiceStub(channel)
+        self._hot = hot
         self._rng = random.Random(seed)
         self._customer = str(uuid.uuid4())
         self._report = report
@@ -78,7 +82,7 @@ class _Caller:
 
     async def create(self) -> str | None:
         """Place an order; its id, or None if the call failed."""
-        request = workload.create_request(self._rng, self._customer)
+        request = workload.create_request(self._rng, self._customer, self._hot)
         try:
             responses = [r async for r in self._stub.CreateOrder(request, timeout=CALL_TIMEOUT)]
         except grpc.aio.AioRpcError as error:
@@ -162,6 +166,7 @@ async def _measure(caller: _Caller, spec: LoadSpec, callers: int, report: Worker
 
     loops: dict[str, Callable[[], Any]] = {
         "create": creating,
+        "hot": creating,
         "cancel": cancelling,
         "mixed": alternating,
     }
@@ -175,7 +180,7 @@ async def _drive(
     report = WorkerReport()
     async with grpc.aio.insecure_channel(spec.target) as channel:
         await asyncio.wait_for(channel.channel_ready(), BARRIER_TIMEOUT)
-        caller = _Caller(channel, seed, report)
+        caller = _Caller(channel, seed, report, hot=spec.workload == "hot")
         barrier.wait(BARRIER_TIMEOUT)
         await _prefill(caller, callers, spec.prefill)
         barrier.wait(BARRIER_TIMEOUT)

@@ -25,7 +25,7 @@ from orders.v1 import (
 )
 
 from domain.bus import Middleware
-from domain.ports import EventStore
+from domain.ports import EventStore, SharedStreamLocks
 from server.bootstrap import bootstrap
 from server.config import Settings
 from server.consumer_groups.engine import GroupTuning
@@ -193,7 +193,12 @@ async def create_server(
         command_store = tracing.instrument_store(command_store)
         middleware.append(tracing.command_middleware())
     runner = CommandRunner(
-        bootstrap(command_store, settings.aggregate_cache, middleware=middleware)
+        bootstrap(
+            command_store,
+            settings.aggregate_cache,
+            middleware=middleware,
+            shared_locks=store if isinstance(store, SharedStreamLocks) else None,
+        )
     )
     order_command_service_pb2_grpc.add_OrderCommandServiceServicer_to_server(
         OrderCommandServicer(runner), server

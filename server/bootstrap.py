@@ -8,12 +8,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from domain import handlers
-from domain.bus import CommandBus, Handler, Middleware
+from domain.bus import CommandBus, Middleware
 from domain.commands import CancelOrder, Command, CreateOrder, RestockProduct
-from domain.locks import StreamLocks
 from domain.middleware import IdempotencyMiddleware, LoggingMiddleware, RetryOnConflictMiddleware
-from domain.ports import EventStore, RecordedEvent
-from domain.unit_of_work import AggregateCache, HandlerFunction, run_handler
+from domain.ports import EventStore, SharedStreamLocks
+from domain.unit_of_work import HandlerFunction, UnitsOfWork
 
 HANDLERS: dict[type[Command], HandlerFunction] = {
     CreateOrder: handlers.create_order,
@@ -23,12 +22,15 @@ HANDLERS: dict[type[Command], HandlerFunction] = {
 
 
 def bootstrap(
-    store: EventStore, cache_capacity: int = 10_000, middleware: Sequence[Middleware] = ()
+    store: EventStore,
+    cache_capacity: int = 10_000,
+    middleware: Sequence[Middleware] = (),
+    shared_locks: SharedStreamLocks | None = None,
 ) -> CommandBus:
     """``middleware`` (metrics, tracing) runs outermost, so it sees each command's whole
-    dispatch: idempotent replays and conflict retries included."""
-    cache = AggregateCache(cache_capacity)
-    locks = StreamLocks()
+    dispatch: idempotent replays and conflict retries included. ``shared_locks``: the
+    store's, when several processes write it (replicas take turns at contended streams)."""
+    units = UnitsOfWork(store, cache_capacity, shared_locks)
     bus = CommandBus(
         middleware=[
             *middleware,
@@ -38,17 +40,5 @@ def bootstrap(
         ]
     )
     for command_type, handler in HANDLERS.items():
-        bus.register(command_type, _with_unit_of_work(handler, store, cache, locks))
+        bus.register(command_type, units.handler(handler))
     return bus
-
-
-def _with_unit_of_work(
-    handler: HandlerFunction,
-    store: EventStore,
-    cache: AggregateCache,
-    locks: StreamLocks,
-) -> Handler:
-    async def handle(command: Command) -> list[RecordedEvent]:
-        return await run_handler(handler, command, store, cache, locks)
-
-    return handle

@@ -1,4 +1,4 @@
-"""Consumer-group records in PostgreSQL (tables of schema migration 3), shared by every
+"""Consumer-group records in PostgreSQL (tables of schema migration 4), shared by every
 replica. Uses the event store's connection pool; every statement is one transaction."""
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ class PostgresConsumerGroupStore:
 
 
 class PostgresLeases:
-    """``leases.LeaseStore`` in the members and leases tables (schema migration 3)."""
+    """``leases.LeaseStore`` in the members and leases tables (schema migration 4)."""
 
     def __init__(self, pool: Pool, ttl: float = LEASE_TTL) -> None:
         self._pool = pool
