@@ -14,6 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from orders.v1 import (
+    consumer_group_service_pb2,
+    consumer_group_service_pb2_grpc,
     event_stream_service_pb2,
     event_stream_service_pb2_grpc,
     inventory_command_service_pb2,
@@ -27,6 +29,11 @@ from domain.ports import EventStore, SharedStreamLocks, SnapshotStore
 from domain.snapshots import Snapshots
 from server.bootstrap import bootstrap
 from server.config import Settings
+from server.consumer_groups.engine import GroupTuning
+from server.consumer_groups.metrics import GroupMetricsCollector
+from server.consumer_groups.service import ConsumerGroups
+from server.consumer_groups.servicer import ConsumerGroupServicer
+from server.consumer_groups.stores import open_group_store, partition_leases
 from server.observability.access_log import AccessLog
 from server.observability.hooks import Tracing
 from server.observability.interceptor import ObservabilityInterceptor
@@ -56,6 +63,7 @@ SERVICE_NAMES = (
     order_command_service_pb2.DESCRIPTOR.services_by_name["OrderCommandService"].full_name,
     inventory_command_service_pb2.DESCRIPTOR.services_by_name["InventoryCommandService"].full_name,
     event_stream_service_pb2.DESCRIPTOR.services_by_name["EventStreamService"].full_name,
+    consumer_group_service_pb2.DESCRIPTOR.services_by_name["ConsumerGroupService"].full_name,
 )
 
 
@@ -68,6 +76,7 @@ class Gateway:
     store: EventStore
     health: HealthServicer
     hub: SubscriptionHub
+    groups: ConsumerGroups
     shutdown_grace: float
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     access_log: AccessLog = field(default_factory=AccessLog)
@@ -92,8 +101,10 @@ class Gateway:
             return
         self._stopped = True
         await self.health.enter_graceful_shutdown()
-        # Subscription streams never end on their own, and server.stop can hang while
-        # server-streaming calls are open: end them first.
+        # Subscription and Consume streams never end on their own, and server.stop can
+        # hang while streaming calls are open: end them first. Groups first: they store
+        # their checkpoints while the store is open, and read through the hub.
+        await self.groups.stop()
         await self.hub.stop()
         await self.server.stop(self.shutdown_grace)
         self.access_log.flush()
@@ -142,6 +153,7 @@ async def create_server(
     authenticators: Sequence[Authenticator] | None = None,
     hub_tuning: HubTuning | None = None,
     tracing: Tracing | None = None,
+    group_tuning: GroupTuning | None = None,
 ) -> Gateway:
     """A configured, bound, not yet started gateway (``--listen`` may use port 0).
 
@@ -213,6 +225,14 @@ async def create_server(
     event_stream_service_pb2_grpc.add_EventStreamServiceServicer_to_server(
         EventStreamServicer(hub), server
     )
+    group_store = await open_group_store(store)
+    groups = ConsumerGroups(
+        group_store, store, hub, group_tuning, leases=partition_leases(group_store)
+    )
+    metrics.registry.register(GroupMetricsCollector(groups, hub))
+    consumer_group_service_pb2_grpc.add_ConsumerGroupServiceServicer_to_server(
+        ConsumerGroupServicer(groups), server
+    )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -230,6 +250,7 @@ async def create_server(
         store,
         health,
         hub,
+        groups,
         settings.shutdown_grace,
         metrics=metrics,
         access_log=access_log,

@@ -1,4 +1,5 @@
-"""The ``order-gateway`` command: serve, migrate, verify, backup, tail, health.
+"""The ``order-gateway`` command: serve, migrate, verify, backup, tail, group, consume,
+health.
 
 Flags are optional overrides of ``ORDER_GATEWAY_*`` variables: only the flags given on
 the command line are passed to ``Settings``, so a flag wins and a variable fills the rest.
@@ -17,6 +18,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from domain.errors import ConfigurationError, StoreError
+from server.client.groups import add_client_flags
+from server.client.groups import add_parsers as add_group_parsers
 from server.config import Settings
 from server.observability.logs import configure_logging
 
@@ -91,12 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
         "JSON line, until Ctrl-C. A failed call exits 1 with its status.",
     )
     tail.add_argument(
-        "--target",
-        metavar="HOST:PORT",
-        default="127.0.0.1:50051",
-        help="the gateway to follow (default: %(default)s)",
-    )
-    tail.add_argument(
         "--after",
         metavar="N",
         type=int,
@@ -113,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="print only events of this type, e.g. OrderCreated; repeat it for several "
         "types (default: every type)",
     )
+    add_client_flags(tail, target="the gateway to follow")
+    add_group_parsers(commands)
 
     health = _command(
         commands,
@@ -241,10 +240,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             target = args.target or local_target(settings.listen)
             return check_health(target, args.service, args.timeout)
+        elif args.command == "group":
+            from server.client.groups import run_group
+
+            return run_group(args)
+        elif args.command == "consume":
+            from server.client.groups import consume
+
+            return consume(args)
         else:
             from server.client.tail import tail
 
-            return tail(args.target, args.after, args.types)
+            return tail(args.target, args.after, args.types, args.token, args.tls_ca)
     except ValidationError as error:
         for problem in _problems(error):
             print(f"order-gateway: {problem}", file=sys.stderr)

@@ -17,6 +17,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from orders.v1 import event_stream_service_pb2, event_stream_service_pb2_grpc
 
+from server.client.channel import Metadata, call_metadata, open_channel
+
 PROGRAM = "order-gateway tail"
 
 
@@ -32,6 +34,7 @@ def follow(
     types: Sequence[str],
     out: TextIO,
     err: TextIO,
+    metadata: Metadata = (),
 ) -> int:
     """Print the events of one Subscribe call on ``channel``; the exit status.
 
@@ -39,7 +42,7 @@ def follow(
     when the call fails.
     """
     stub = event_stream_service_pb2_grpc.EventStreamServiceStub(channel)
-    call = stub.Subscribe(subscribe_request(after, types))
+    call = stub.Subscribe(subscribe_request(after, types), metadata=metadata)
     try:
         for response in call:
             if response.HasField("event"):
@@ -47,7 +50,7 @@ def follow(
                 out.flush()
     except grpc.RpcError as error:
         print(f"{PROGRAM}: {error.code().name}: {error.details()}", file=err)
-        for field, reason in _field_violations(call):
+        for field, reason in field_violations(call):
             print(f"  {field}: {reason}", file=err)
         return 1
     except KeyboardInterrupt:
@@ -60,7 +63,7 @@ def follow(
     return 0
 
 
-def _field_violations(call: grpc.Call) -> list[tuple[str, str]]:
+def field_violations(call: grpc.Call) -> list[tuple[str, str]]:
     """What the server's BadRequest detail says is wrong with the request, field by field
     (the status message alone only names the fields)."""
     status = rpc_status.from_call(call)
@@ -72,14 +75,20 @@ def _field_violations(call: grpc.Call) -> list[tuple[str, str]]:
     return violations
 
 
-def tail(target: str, after: int, types: Sequence[str]) -> int:
+def tail(
+    target: str,
+    after: int,
+    types: Sequence[str],
+    token: str | None = None,
+    tls_ca: str | None = None,
+) -> int:
     """Follow the event stream of the gateway at ``target`` until interrupted."""
     if after < 0:
         print(f"{PROGRAM}: --after must be 0 or more", file=sys.stderr)
         return 2
-    with grpc.insecure_channel(target) as channel:
+    with open_channel(target, tls_ca) as channel:
         try:
-            return follow(channel, after, types, sys.stdout, sys.stderr)
+            return follow(channel, after, types, sys.stdout, sys.stderr, call_metadata(token))
         except BrokenPipeError:
             # Python would report the failed flush of stdout again at exit.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

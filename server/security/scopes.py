@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 from domain.errors import ConfigurationError
 from server.security.identity import (
+    SCOPE_EVENTS_ADMIN,
     SCOPE_EVENTS_READ,
     SCOPE_INVENTORY_WRITE,
     SCOPE_ORDERS_ADMIN,
@@ -36,6 +37,12 @@ REQUIRED_SCOPES: dict[str, frozenset[str]] = {
     ),
     "/orders.v1.InventoryCommandService/RestockProduct": frozenset({SCOPE_INVENTORY_WRITE}),
     "/orders.v1.EventStreamService/Subscribe": frozenset({SCOPE_EVENTS_READ}),
+    "/orders.v1.ConsumerGroupService/Consume": frozenset({SCOPE_EVENTS_READ}),
+    "/orders.v1.ConsumerGroupService/GetConsumerGroup": frozenset({SCOPE_EVENTS_READ}),
+    "/orders.v1.ConsumerGroupService/ListConsumerGroups": frozenset({SCOPE_EVENTS_READ}),
+    "/orders.v1.ConsumerGroupService/CreateConsumerGroup": frozenset({SCOPE_EVENTS_ADMIN}),
+    "/orders.v1.ConsumerGroupService/DeleteConsumerGroup": frozenset({SCOPE_EVENTS_ADMIN}),
+    "/orders.v1.ConsumerGroupService/ReplayParked": frozenset({SCOPE_EVENTS_ADMIN}),
 }
 """Per method, the scopes of which the caller needs at least one."""
 

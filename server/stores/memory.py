@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 from domain.errors import ConcurrencyConflictError, DuplicateCommandError
 from domain.ports import CommandRecord, Commit, RecordedEvent, Snapshot, recorded_events
+from server.consumer_groups.store_memory import MemoryConsumerGroupStore
 
 
 class MemoryEventStore:
@@ -21,6 +22,7 @@ class MemoryEventStore:
         self._commands: dict[str, CommandRecord] = {}
         self._listeners: list[Callable[[], None]] = []
         self._snapshots: dict[str, Snapshot] = {}
+        self._groups = MemoryConsumerGroupStore()
 
     async def append(self, commit: Commit) -> list[RecordedEvent]:
         with self._lock:
@@ -96,6 +98,11 @@ class MemoryEventStore:
 
     def add_commit_listener(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
+
+    async def open_consumer_groups(self) -> MemoryConsumerGroupStore:
+        """Consumer-group records beside the events (``server.consumer_groups``), kept
+        with this store so that a gateway restarted on it finds its groups again."""
+        return self._groups
 
     async def close(self) -> None:
         return None

@@ -37,6 +37,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from domain.errors import ConcurrencyConflictError, DuplicateCommandError, StoreError
 from domain.ports import CommandRecord, Commit, RecordedEvent, Snapshot, recorded_events
+from server.consumer_groups.store_postgres import PostgresConsumerGroupStore
 from server.stores import postgres_arrays
 from server.stores.event_rows import EventRow
 from server.stores.postgres_arrays import (
@@ -256,6 +257,10 @@ class PostgresEventStore:
             known_head=int(row[0]) if row else 0,
             max_in_flight=max_in_flight,
         )
+
+    async def open_consumer_groups(self) -> PostgresConsumerGroupStore:
+        """Consumer-group records in the same database (``server.consumer_groups``)."""
+        return PostgresConsumerGroupStore(self._pool)
 
     # -- appends (group commit) -----------------------------------------------------
 

@@ -531,6 +531,62 @@ _V4_SCHEMA_VERSIONS = (
     + _with_schema_versions(_V3_CHAINED[: _V3_CHAINED.index(_LOCK_STREAM_HEADER)])
 )
 
+_V6_CONSUMER_GROUPS = """
+-- Consumer groups (server.consumer_groups.store_postgres), shared by every replica.
+-- settings: the effective settings; start_position: start_from_end resolved at creation.
+CREATE TABLE consumer_groups (
+    name text PRIMARY KEY,
+    settings jsonb NOT NULL,
+    created_at timestamptz NOT NULL,
+    start_position bigint NOT NULL
+);
+
+CREATE TABLE consumer_group_checkpoints (
+    group_name text NOT NULL REFERENCES consumer_groups ON DELETE CASCADE,
+    partition integer NOT NULL,
+    position bigint NOT NULL,
+    PRIMARY KEY (group_name, partition)
+);
+
+CREATE TABLE consumer_group_parked (
+    group_name text NOT NULL REFERENCES consumer_groups ON DELETE CASCADE,
+    event_id text NOT NULL,
+    position bigint NOT NULL,
+    partition integer NOT NULL,
+    reason text NOT NULL,
+    parked_at timestamptz NOT NULL,
+    replaying boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (group_name, event_id)
+);
+
+CREATE INDEX consumer_group_parked_age
+    ON consumer_group_parked (group_name, replaying, parked_at, position);
+
+-- Members connected to any replica, heartbeated; a row not renewed by expires_at is a
+-- member whose replica died (server.consumer_groups.leases).
+CREATE TABLE consumer_group_members (
+    group_name text NOT NULL REFERENCES consumer_groups ON DELETE CASCADE,
+    member_id text NOT NULL,
+    replica_id text NOT NULL,
+    user_id text NOT NULL,
+    joined_at timestamptz NOT NULL,
+    in_flight integer NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (group_name, member_id)
+);
+
+-- Which member may deliver a partition, until expires_at unless renewed. A claim only
+-- takes a free or expired lease (or one its own replica holds).
+CREATE TABLE consumer_group_leases (
+    group_name text NOT NULL REFERENCES consumer_groups ON DELETE CASCADE,
+    partition integer NOT NULL,
+    member_id text NOT NULL,
+    replica_id text NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (group_name, partition)
+);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "events, commands and og_append()", _V1_EVENTS),
     Migration(2, "og_append() reads only by index lookups", _V2_LOOKUPS_STAY_LOOKUPS),
@@ -555,6 +611,11 @@ MIGRATIONS: tuple[Migration, ...] = (
             data bytea NOT NULL
         )
         """,
+    ),
+    Migration(
+        6,
+        "consumer groups: groups, checkpoints, parked events, members, partition leases",
+        _V6_CONSUMER_GROUPS,
     ),
 )
 

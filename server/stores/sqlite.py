@@ -44,6 +44,7 @@ from domain.errors import (
     StoreUnavailableError,
 )
 from domain.ports import CommandRecord, Commit, RecordedEvent, Snapshot, recorded_events
+from server.consumer_groups.store_sqlite import SQLiteConsumerGroupStore
 from server.stores.event_rows import EventRow
 from server.stores.sqlite_calls import Call, CallQueue, Listener, answer
 from server.stores.sqlite_decide import conflict, decide, stream_ids
@@ -266,7 +267,9 @@ class SQLiteEventStore:
         loop: asyncio.AbstractEventLoop,
         max_batch: int,
         snapshot_writer: sqlite3.Connection | None = None,
+        path: Path | None = None,
     ) -> None:
+        self._path = path
         self._loop = loop
         self._snapshot_writer = snapshot_writer
         self._snapshot_lock = threading.Lock()
@@ -315,7 +318,13 @@ class SQLiteEventStore:
             if isinstance(e, sqlite3.Error):
                 raise _store_error(f"cannot open the SQLite store {path}: {e}", e) from e
             raise StoreError(f"cannot open the SQLite store {path}: {e}") from e
-        return cls(opened[0], opened[1:-1], asyncio.get_running_loop(), max_batch, opened[-1])
+        return cls(opened[0], opened[1:-1], asyncio.get_running_loop(), max_batch, opened[-1], path)
+
+    async def open_consumer_groups(self) -> SQLiteConsumerGroupStore:
+        """Consumer-group records in the same file (``server.consumer_groups``)."""
+        if self._path is None:
+            raise StoreError("this SQLite store was not opened from a file")
+        return await SQLiteConsumerGroupStore.open(self._path)
 
     # -- writing --------------------------------------------------------------------
 

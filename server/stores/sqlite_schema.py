@@ -63,6 +63,41 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ) WITHOUT ROWID
         """,
     ),
+    # 4: consumer groups (server.consumer_groups.store_sqlite).
+    (
+        # ``settings`` is the effective settings as JSON; ``start_position`` resolves
+        # start_from_end to the head when the group was created.
+        """
+        CREATE TABLE consumer_groups (
+            name            TEXT    PRIMARY KEY,
+            settings        TEXT    NOT NULL,
+            created_at_us   INTEGER NOT NULL,
+            start_position  INTEGER NOT NULL
+        ) WITHOUT ROWID
+        """,
+        """
+        CREATE TABLE consumer_group_checkpoints (
+            group_name      TEXT    NOT NULL REFERENCES consumer_groups ON DELETE CASCADE,
+            partition       INTEGER NOT NULL,
+            position        INTEGER NOT NULL,
+            PRIMARY KEY (group_name, partition)
+        ) WITHOUT ROWID
+        """,
+        """
+        CREATE TABLE consumer_group_parked (
+            group_name      TEXT    NOT NULL REFERENCES consumer_groups ON DELETE CASCADE,
+            event_id        TEXT    NOT NULL,
+            position        INTEGER NOT NULL,
+            partition       INTEGER NOT NULL,
+            reason          TEXT    NOT NULL,
+            parked_at_us    INTEGER NOT NULL,
+            replaying       INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (group_name, event_id)
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX consumer_group_parked_age ON consumer_group_parked"
+        " (group_name, replaying, parked_at_us, position)",
+    ),
 )
 
 LATEST_VERSION = len(MIGRATIONS)

@@ -150,12 +150,19 @@ def test_every_option_of_every_command_is_described_in_its_help(
     parser = command_parsers()[command]
     shown = help_of([command, "--help"], capsys)
     assert parser.description and " ".join(parser.description.split()) in shown
-    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    assert options
-    for option in options:
-        assert option.help and option.help != argparse.SUPPRESS, option.option_strings
-        described = " ".join(option.help.replace("%(default)s", str(option.default)).split())
-        assert described.replace("%%", "%") in shown, option.option_strings
+    nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    # A command with actions of its own (group create, group list, …): each action's help.
+    actions: dict[tuple[str, ...], argparse.ArgumentParser] = {
+        (command, name): action for sub in nested for name, action in sub.choices.items()
+    } or {(command,): parser}
+    for argv, each in actions.items():
+        shown = help_of([*argv, "--help"], capsys)
+        options = [a for a in each._actions if a.option_strings and a.dest != "help"]
+        assert options, argv
+        for option in options:
+            assert option.help and option.help != argparse.SUPPRESS, option.option_strings
+            described = " ".join(option.help.replace("%(default)s", str(option.default)).split())
+            assert described.replace("%%", "%") in shown, option.option_strings
 
 
 def test_tail_help_says_what_each_option_does(capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from google.protobuf.descriptor import Descriptor, FileDescriptor
 from orders.v1 import (
+    consumer_group_service_pb2,
     event_stream_service_pb2,
     events_pb2,
     inventory_command_service_pb2,
@@ -24,6 +25,7 @@ API = (ROOT / "docs" / "api.md").read_text()
 PROTO_FILES: list[FileDescriptor] = [
     module.DESCRIPTOR
     for module in (
+        consumer_group_service_pb2,
         event_stream_service_pb2,
         events_pb2,
         inventory_command_service_pb2,

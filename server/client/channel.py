@@ -1,0 +1,34 @@
+"""Channels and credentials for the CLI's client commands (tail, group, consume)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import grpc
+
+TOKEN_VARIABLE = "ORDER_GATEWAY_TOKEN"
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+def open_channel(target: str, tls_ca: str | None) -> grpc.Channel:
+    """Plaintext, or TLS trusting the CA certificate(s) in the PEM file ``tls_ca``."""
+    if tls_ca is None:
+        return grpc.insecure_channel(target)
+    try:
+        roots = Path(tls_ca).read_bytes()
+    except OSError as error:
+        raise ValueError(f"--tls-ca {tls_ca}: {error.strerror or error}") from error
+    if b"-----BEGIN CERTIFICATE-----" not in roots:
+        raise ValueError(f"--tls-ca {tls_ca}: no PEM certificate in it")
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots))
+
+
+def call_metadata(token: str | None) -> Metadata:
+    """``authorization: Bearer`` with ``--token``, else ``ORDER_GATEWAY_TOKEN``, else none.
+
+    Sent as call metadata rather than call credentials, so that it also reaches a
+    server listening in plaintext on loopback."""
+    token = token or os.environ.get(TOKEN_VARIABLE) or ""
+    return (("authorization", f"Bearer {token.strip()}"),) if token.strip() else ()

@@ -1,0 +1,262 @@
+"""``order-gateway group …`` and ``order-gateway consume``: consumer groups from a shell.
+
+``group`` prints what the server answers as JSON (one line per group); ``consume`` joins a
+group and prints each delivery as a JSON line on stdout, acking the event once its line
+is written and flushed, so a consumer piping it on gets every event at least once.
+Assignments go to stderr. Plain synchronous clients, like ``tail``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import sys
+from collections.abc import Iterator
+from typing import TextIO
+
+import grpc
+from google.protobuf import duration_pb2, json_format
+from google.protobuf.message import Message
+from orders.v1 import consumer_group_service_pb2 as pb
+from orders.v1 import consumer_group_service_pb2_grpc as pb_grpc
+
+from server.client.channel import TOKEN_VARIABLE, Metadata, call_metadata, open_channel
+from server.client.tail import field_violations
+
+
+def add_client_flags(parser: argparse.ArgumentParser, target: str = "the gateway to call") -> None:
+    """``--target``, ``--token`` and ``--tls-ca``, as every client command takes them."""
+    parser.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        default="127.0.0.1:50051",
+        help=f"{target} (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help=f"the bearer token to send, for a gateway with authentication on "
+        f"(default: ${TOKEN_VARIABLE}, else none)",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="the CA certificate (PEM) to trust, for a gateway that speaks TLS "
+        "(default: plaintext)",
+    )
+
+
+def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    group = commands.add_parser(
+        "group",
+        help="create, list, inspect and delete consumer groups",
+        description="Manage consumer groups (docs/consumer-groups.md); answers print as JSON. "
+        "A failed call exits 1 with its status.",
+    )
+    actions = group.add_subparsers(dest="group_command", required=True)
+    create = actions.add_parser(
+        "create",
+        help="create a group (or confirm it exists with these settings)",
+        description="Create a consumer group and print it; a group of that name with equal "
+        "settings is printed as it is, with other settings the call fails.",
+    )
+    create.add_argument("name", help="1 to 64 characters of A-Z a-z 0-9 . _ -")
+    create.add_argument(
+        "--partitions",
+        metavar="N",
+        type=int,
+        default=0,
+        help="1 to 256: the most members that work at once (default: 16)",
+    )
+    create.add_argument(
+        "--type",
+        metavar="NAME",
+        action="append",
+        default=[],
+        dest="types",
+        help="deliver only events of this type, e.g. OrderCreated; repeat it for several "
+        "types (default: every type)",
+    )
+    start = create.add_mutually_exclusive_group()
+    start.add_argument(
+        "--after",
+        metavar="N",
+        type=int,
+        default=0,
+        help="start after this position (default: 0, from the first event)",
+    )
+    start.add_argument(
+        "--from-end", action="store_true", help="start at the head: only events from now on"
+    )
+    create.add_argument(
+        "--ack-timeout",
+        metavar="SECONDS",
+        type=float,
+        help="1 to 3600: a delivery not acked within it is delivered again (default: 30)",
+    )
+    create.add_argument(
+        "--max-deliveries",
+        metavar="N",
+        type=int,
+        default=0,
+        help="1 to 100: failed deliveries before an event is parked (default: 5)",
+    )
+    add_client_flags(create)
+    listing = actions.add_parser("list", help="print every group, one JSON line each")
+    add_client_flags(listing)
+    for name, what in (
+        ("info", "print one group: checkpoints, members, partitions, in flight, parked"),
+        ("delete", "delete a group with its checkpoints and parked events"),
+    ):
+        action = actions.add_parser(name, help=what)
+        action.add_argument("name", help="the group")
+        add_client_flags(action)
+    replay = actions.add_parser(
+        "replay-parked", help="return the longest-parked events to delivery, at attempt 1"
+    )
+    replay.add_argument("name", help="the group")
+    replay.add_argument(
+        "--limit", metavar="N", type=int, default=0, help="how many (default: 0, all)"
+    )
+    add_client_flags(replay)
+
+    consume = commands.add_parser(
+        "consume",
+        help="join a consumer group and print its deliveries as JSON lines",
+        description="Join a consumer group as a member and print each delivery as one JSON "
+        "line, acking the event once its line is written; partitions assigned are reported "
+        "on stderr. Ctrl-C leaves the group; a failed call exits 1 with its status.",
+    )
+    consume.add_argument("--group", metavar="NAME", required=True, help="the group to join")
+    consume.add_argument(
+        "--member",
+        metavar="ID",
+        default="",
+        help="this member's id, unique among the group's connected members "
+        "(default: one the server picks)",
+    )
+    add_client_flags(consume)
+
+
+def _json(message: Message) -> str:
+    return json_format.MessageToJson(message, indent=None)
+
+
+def _fail(program: str, error: grpc.RpcError, err: TextIO) -> int:
+    assert isinstance(error, grpc.Call)
+    print(f"{program}: {error.code().name}: {error.details()}", file=err)
+    for field, reason in field_violations(error):
+        print(f"  {field}: {reason}", file=err)
+    return 1
+
+
+def _settings(args: argparse.Namespace) -> pb.ConsumerGroupSettings:
+    settings = pb.ConsumerGroupSettings(
+        event_types=args.types,
+        start_after_position=args.after,
+        start_from_end=args.from_end,
+        partitions=args.partitions,
+        max_deliveries=args.max_deliveries,
+    )
+    if args.ack_timeout is not None:
+        timeout = duration_pb2.Duration()
+        timeout.FromNanoseconds(round(args.ack_timeout * 1e9))
+        settings.ack_timeout.CopyFrom(timeout)
+    return settings
+
+
+def run_group(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    program = f"order-gateway group {args.group_command}"
+    for flag in ("partitions", "after", "max_deliveries", "limit"):
+        if getattr(args, flag, 0) < 0:
+            print(f"{program}: --{flag.replace('_', '-')} must be 0 or more", file=err)
+            return 2
+    metadata = call_metadata(args.token)
+    with open_channel(args.target, args.tls_ca) as channel:
+        stub = pb_grpc.ConsumerGroupServiceStub(channel)
+        try:
+            command = args.group_command
+            if command == "create":
+                request = pb.CreateConsumerGroupRequest(name=args.name, settings=_settings(args))
+                print(_json(stub.CreateConsumerGroup(request, metadata=metadata).group), file=out)
+            elif command == "list":
+                listed = stub.ListConsumerGroups(pb.ListConsumerGroupsRequest(), metadata=metadata)
+                for found in listed.groups:
+                    print(_json(found), file=out)
+            elif command == "info":
+                got = stub.GetConsumerGroup(
+                    pb.GetConsumerGroupRequest(name=args.name), metadata=metadata
+                )
+                print(_json(got.group), file=out)
+            elif command == "delete":
+                stub.DeleteConsumerGroup(
+                    pb.DeleteConsumerGroupRequest(name=args.name), metadata=metadata
+                )
+            else:
+                replayed = stub.ReplayParked(
+                    pb.ReplayParkedRequest(name=args.name, limit=args.limit), metadata=metadata
+                )
+                print(_json(replayed), file=out)
+        except grpc.RpcError as error:
+            return _fail(program, error, err)
+    return 0
+
+
+def follow_group(
+    channel: grpc.Channel,
+    group: str,
+    member_id: str,
+    out: TextIO,
+    err: TextIO,
+    metadata: Metadata = (),
+) -> int:
+    """Consume until the server ends the stream (0), it fails (1) or Ctrl-C (0)."""
+    program = "order-gateway consume"
+    requests: queue.SimpleQueue[pb.ConsumeRequest | None] = queue.SimpleQueue()
+    requests.put(pb.ConsumeRequest(join=pb.Join(group=group, member_id=member_id)))
+
+    def outgoing() -> Iterator[pb.ConsumeRequest]:
+        while (request := requests.get()) is not None:
+            yield request
+
+    stub = pb_grpc.ConsumerGroupServiceStub(channel)
+    call = stub.Consume(outgoing(), metadata=metadata)
+    try:
+        for response in call:
+            if response.WhichOneof("message") == "delivery":
+                out.write(_json(response.delivery) + "\n")
+                out.flush()
+                # Written and flushed: only now is the event done, as far as we can tell.
+                event_ids = [response.delivery.event.event_id]
+                requests.put(pb.ConsumeRequest(ack=pb.Ack(event_ids=event_ids)))
+            else:
+                assignment = response.assignment
+                partitions = ", ".join(map(str, assignment.partitions)) or "none (standby)"
+                print(
+                    f"{program}: member {assignment.member_id} has partitions {partitions}",
+                    file=err,
+                )
+    except grpc.RpcError as error:
+        return _fail(program, error, err)
+    except KeyboardInterrupt:
+        call.cancel()
+        return 0
+    except BrokenPipeError:
+        call.cancel()
+        raise
+    finally:
+        requests.put(None)
+    return 0
+
+
+def consume(args: argparse.Namespace) -> int:
+    with open_channel(args.target, args.tls_ca) as channel:
+        try:
+            return follow_group(
+                channel, args.group, args.member, sys.stdout, sys.stderr, call_metadata(args.token)
+            )
+        except BrokenPipeError:
+            # The reader went away (`| head`): its unacked event goes back to the group.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0

@@ -1,0 +1,839 @@
+"""One consumer group's delivery on this process: the rules, in one place for every store.
+
+A ``GroupRuntime`` exists while the group has members here. It reads the log through one
+subscription of the process's ``SubscriptionHub`` (the hub's one read of new events,
+shared with every Subscribe call and every other group), starting at the lowest partition
+checkpoint, and keeps, per partition, the events read but not settled:
+
+- per stream, a queue whose head is the only event of that stream that may be delivered
+  (in flight, or waiting for a retry): the next one becomes deliverable only once the
+  head is settled, so a stream's events are handled in order and never concurrently;
+- a ready queue of deliverable events, handed to the partition's owner while it has
+  room below its ``max_in_flight``.
+
+A partition's checkpoint is the position just below its oldest unsettled event (once all
+are settled, everything examined): it never passes an event in flight, waiting for a
+retry, or being parked (until the park is durable). Replayed parked events live outside
+that order: they are durable in the parked table until settled, below the checkpoint.
+
+Memory is bounded: at most ``window`` unsettled events per group are held; beyond that the
+subscription is not read, falls behind the hub, and later re-reads from the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import enum
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from orders.v1 import consumer_group_service_pb2 as pb
+from orders.v1 import events_pb2
+
+from domain.ports import EventStore
+from server.consumer_groups import balance
+from server.consumer_groups.leases import LeaseCoordinator, LeaseStore, LocalMember
+from server.consumer_groups.model import (
+    RETRY_BASE,
+    GroupClosedError,
+    GroupRecord,
+    MemberIdTakenError,
+    ParkedEvent,
+    partition_of,
+    retry_delay,
+)
+from server.consumer_groups.ports import ConsumerGroupStore
+from server.rpc.mapping import proto_event_fields
+from server.rpc.subscription_hub import EventFilter, HubClosedError, SubscriptionHub
+
+log = logging.getLogger("order_gateway.consumer_groups")
+
+
+REPLAY_POLL_EVERY = 4
+"""Flushes between two looks for more replayed events (started elsewhere, or the rest
+of a replay larger than ``replay_batch``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupTuning:
+    """How often state is stored and how much a group holds. Defaults suit production."""
+
+    flush_interval: float = 0.5
+    """Seconds between writes of moved checkpoints and new parked events (at least one
+    a second is promised)."""
+    window: int = 10_000
+    """Most unsettled events a group holds on one process before it stops reading."""
+    retry_after_failure: float = 1.0
+    """Seconds before reading again after the store failed."""
+    replay_batch: int = 1000
+    """Most replayed parked events a group holds on one process; the rest of a replay
+    waits in the store and is taken up as these are settled."""
+    retry_base: float = RETRY_BASE
+    """The first retry's delay after a nack, doubled for each later one (1 s, as
+    documented; tests shorten it)."""
+
+
+class State(enum.Enum):
+    WAITING = "waiting"
+    """Behind an unsettled event of its stream."""
+    READY = "ready"
+    IN_FLIGHT = "in flight"
+    BACKOFF = "backoff"
+    """Nacked with RETRY; ready again when its delay has passed."""
+    PARKING = "parking"
+    """Settled by parking; held in the checkpoint until the park is stored."""
+    SETTLED = "settled"
+
+
+@dataclass(eq=False, slots=True)
+class Entry:
+    """One event on its way through the group."""
+
+    event: events_pb2.Event
+    partition: int
+    replay: bool = False
+    attempt: int = 0
+    """Deliveries made so far."""
+    state: State = State.WAITING
+    member: Member | None = None
+    timer: asyncio.TimerHandle | None = None
+
+    @property
+    def event_id(self) -> str:
+        return self.event.event_id
+
+    @property
+    def position(self) -> int:
+        return self.event.position
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+def _newest_first(entry: Entry) -> int:
+    return -entry.position
+
+
+class Member:
+    """One connected Consume stream: its partitions, its deliveries, its outgoing messages."""
+
+    def __init__(
+        self, member_id: str, user_id: str, max_in_flight: int, joined_at: dt.datetime
+    ) -> None:
+        self.member_id = member_id
+        self.user_id = user_id
+        self.max_in_flight = max_in_flight
+        self.joined_at = joined_at
+        self.partitions: list[int] = []
+        self.in_flight: dict[str, Entry] = {}
+        # Deliveries are queued as (entry, attempt) and built when sent: one that timed
+        # out or moved meanwhile is dropped instead of sent late.
+        self._outbox: deque[pb.ConsumeResponse | tuple[Entry, int]] = deque()
+        self._wake = asyncio.Event()
+        self._ended: Exception | None = None
+
+    def send_assignment(self) -> None:
+        self._outbox.append(
+            pb.ConsumeResponse(
+                assignment=pb.Assignment(member_id=self.member_id, partitions=self.partitions)
+            )
+        )
+        self._wake.set()
+
+    def send_delivery(self, entry: Entry) -> None:
+        if len(self._outbox) > 2 * self.max_in_flight + 16:
+            # A member that does not read: drop what can no longer be sent, so that its
+            # queue stays bounded by its max_in_flight however long it stalls.
+            self._outbox = deque(item for item in self._outbox if self._current(item))
+        self._outbox.append((entry, entry.attempt))
+        self._wake.set()
+
+    def _current(self, item: pb.ConsumeResponse | tuple[Entry, int]) -> bool:
+        if isinstance(item, pb.ConsumeResponse):
+            return True
+        entry, attempt = item
+        return entry.member is self and entry.attempt == attempt
+
+    def end(self, error: Exception) -> None:
+        """End the stream with ``error`` once what is queued is sent."""
+        if self._ended is None:
+            self._ended = error
+        self._wake.set()
+
+    async def messages(self) -> AsyncIterator[pb.ConsumeResponse]:
+        """Assignments and deliveries, until ``end`` (its error is raised)."""
+        while True:
+            while self._outbox and self._ended is None:
+                item = self._outbox.popleft()
+                if isinstance(item, pb.ConsumeResponse):
+                    yield item
+                elif self._current(item):
+                    entry, attempt = item
+                    yield pb.ConsumeResponse(
+                        delivery=pb.Delivery(
+                            event=entry.event, attempt=attempt, partition=entry.partition
+                        )
+                    )
+            if self._ended is not None:
+                raise self._ended
+            self._wake.clear()
+            await self._wake.wait()
+
+
+@dataclass(eq=False, slots=True)
+class Partition:
+    index: int
+    read_through: int
+    """Every matching event of this partition at or below it has been taken in."""
+    owned: bool = False
+    """This process may deliver it (always, but for a partition leased elsewhere)."""
+    synced: bool = False
+    """The current subscription started at or below ``read_through``: every event it
+    examined was taken in for this partition too."""
+    owner: Member | None = None
+    pending: dict[int, Entry] = field(default_factory=dict)
+    """Unsettled events (parking ones until stored), by position, in position order."""
+    streams: dict[str, deque[Entry]] = field(default_factory=dict)
+    ready: deque[Entry] = field(default_factory=deque)
+    replays: dict[str, Entry] = field(default_factory=dict)
+
+    def checkpoint(self, examined: int) -> int:
+        """Every matching event of the partition at or below this is settled."""
+        for position in self.pending:
+            return position - 1
+        return max(self.read_through, examined) if self.synced else self.read_through
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionView:
+    partition: int
+    checkpoint: int
+    member_id: str
+    in_flight: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemberView:
+    member_id: str
+    user_id: str
+    partitions: tuple[int, ...]
+    in_flight: int
+    joined_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeStats:
+    """What the metrics read, without awaiting anything."""
+
+    checkpoint: int
+    in_flight: int
+    parked: int
+    members: int
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeView:
+    partitions: tuple[PartitionView, ...]
+    members: tuple[MemberView, ...]
+    redeliveries: int
+
+
+class GroupRuntime:
+    """The live state of one group on this process; start with ``start()``."""
+
+    def __init__(
+        self,
+        record: GroupRecord,
+        store: ConsumerGroupStore,
+        events: EventStore,
+        hub: SubscriptionHub,
+        tuning: GroupTuning,
+        leases: LeaseStore | None = None,
+        replica_id: str = "",
+    ) -> None:
+        self.record = record
+        self._settings = record.settings
+        self._store = store
+        self._events = events
+        self._hub = hub
+        self._tuning = tuning
+        self._filter = EventFilter(frozenset(record.settings.event_types))
+        self._loop = asyncio.get_running_loop()
+        self.members: dict[str, Member] = {}
+        self._partitions: list[Partition] = []
+        self._examined = 0
+        self._unsettled = 0
+        self._room = asyncio.Event()
+        self._flush_now = asyncio.Event()
+        self._to_fill: set[Member] = set()
+        self._fill_scheduled = False
+        self._to_park: list[tuple[Entry, str]] = []
+        self._to_unpark: list[str] = []
+        self._saved: dict[int, int] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._reader: asyncio.Task[None] | None = None
+        self._owning = asyncio.Event()
+        self._closed = False
+        self._flushes = 0
+        self.coordinator = (
+            LeaseCoordinator(
+                leases,
+                record.name,
+                replica_id,
+                record.settings.partitions,
+                self._local_members,
+                self._apply_leases,
+                self._give_up,
+            )
+            if leases is not None
+            else None
+        )
+        self.redeliveries = 0
+        """Deliveries after the first of an event (timeouts, departures, retries, moves)."""
+        self._parked = 0
+        """Parked events of the group, as last counted in the store."""
+
+    # -- life -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        stored = await self._store.load_checkpoints(self.record.name)
+        self._saved = dict(stored)
+        start = self.record.start_position
+        # On one process every partition is this runtime's; across replicas, only those
+        # its leases grant (``_apply_leases``).
+        local = self.coordinator is None
+        self._partitions = [
+            Partition(index, stored.get(index, start), owned=local)
+            for index in range(self._settings.partitions)
+        ]
+        if local:
+            self._owning.set()
+        await self.poll_replays()
+        name = self.record.name
+        self._restart_reader()
+        self._tasks = [asyncio.create_task(self._flush_forever(), name=f"group-flush-{name}")]
+        if self.coordinator is not None:
+            self.coordinator.start()
+        self._parked = await self._store.parked_count(name)
+
+    async def stop(self, error: Exception) -> None:
+        """End every member's stream with ``error`` and stop reading (a deleted group:
+        nothing is stored)."""
+        self._closed = True
+        for member in list(self.members.values()):
+            member.end(error)
+            self._release(member)
+        self.members.clear()
+        tasks = [*self._tasks, *([self._reader] if self._reader is not None else [])]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._cancel_timers()
+
+    async def stop_and_store(self, error: Exception) -> None:
+        """``stop``, then store the checkpoints and parks (shutdown, last member gone),
+        and only then give up the leases."""
+        await self.stop(error)
+        try:
+            await self._flush()
+        finally:
+            if self.coordinator is not None:
+                await self.coordinator.stop()
+
+    def _cancel_timers(self) -> None:
+        for partition in self._partitions:
+            for entry in (*partition.pending.values(), *partition.replays.values()):
+                entry.cancel_timer()
+
+    # -- members --------------------------------------------------------------------
+
+    def join(
+        self, member_id: str, user_id: str, max_in_flight: int, joined_at: dt.datetime
+    ) -> Member:
+        if self._closed:
+            raise GroupClosedError
+        if member_id in self.members:
+            raise MemberIdTakenError(self.record.name, member_id)
+        member = Member(member_id, user_id, max_in_flight, joined_at)
+        self.members[member_id] = member
+        self._rebalance(always_tell=member)
+        return member
+
+    def leave(self, member: Member) -> None:
+        if self.members.get(member.member_id) is not member:
+            return
+        del self.members[member.member_id]
+        self._release(member)
+        self._rebalance()
+        # Checkpoints are stored when a member leaves (docs/consumer-groups.md).
+        self._flush_now.set()
+
+    def _release(self, member: Member) -> None:
+        """A departure: each of the member's deliveries is a failed attempt, redelivered
+        at once (no backoff)."""
+        # Newest first: each goes to the front of its ready queue, so the oldest leads.
+        for entry in sorted(member.in_flight.values(), key=_newest_first):
+            self._fail(entry, backoff=False, reason="the member left")
+        member.in_flight.clear()
+        for index in member.partitions:
+            if self._partitions[index].owner is member:
+                self._partitions[index].owner = None
+
+    def _rebalance(self, always_tell: Member | None = None) -> None:
+        if always_tell is not None:
+            always_tell.send_assignment()
+        if self.coordinator is not None:
+            # Across replicas the leases decide; the coordinator calls back.
+            self.coordinator.nudge()
+            return
+        current = {member_id: m.partitions for member_id, m in self.members.items()}
+        plan = balance.assign(current, list(self.members), self._settings.partitions)
+        self._assign({p: member_id for member_id, ps in plan.items() for p in ps})
+
+    def _assign(self, owners: dict[int, str]) -> None:
+        """Deliver partition p to local member ``owners[p]``; partitions not in ``owners``
+        stop being delivered here (across replicas: they are not leased here any more)."""
+        for partition in self._partitions:
+            member_id = owners.get(partition.index)
+            owner = self.members.get(member_id) if member_id is not None else None
+            if partition.owned and self.coordinator is not None and member_id is None:
+                self._drop(partition)
+            elif partition.owner is not None and partition.owner is not owner:
+                self._take_back(partition.owner, partition.index)
+            partition.owner = owner
+        wanted: dict[str, list[int]] = {member_id: [] for member_id in self.members}
+        for index, member_id in sorted(owners.items()):
+            if member_id in wanted:
+                wanted[member_id].append(index)
+        for member_id, partitions in wanted.items():
+            member = self.members[member_id]
+            if partitions != member.partitions:
+                member.partitions = partitions
+                member.send_assignment()
+            self._to_fill.add(member)
+        self._schedule_fill()
+
+    def _take_back(self, member: Member, index: int) -> None:
+        """The partition moves to another member here: its deliveries go to the new one
+        at once (a move, not a failure)."""
+        for entry in sorted(member.in_flight.values(), key=_newest_first):
+            if entry.partition == index:
+                del member.in_flight[entry.event_id]
+                self._requeue(entry)
+
+    def _drop(self, partition: Partition) -> None:
+        """Forget a partition this process no longer owns: its next owner resumes from
+        the stored checkpoint (and the parked events being replayed, from the store)."""
+        if partition.owner is not None:
+            for entry in list(partition.owner.in_flight.values()):
+                if entry.partition == partition.index:
+                    del partition.owner.in_flight[entry.event_id]
+        for entry in (*partition.pending.values(), *partition.replays.values()):
+            entry.cancel_timer()
+            entry.member = None
+            entry.state = State.SETTLED
+        self._unsettled -= len(partition.pending)
+        self._room.set()
+        partition.pending.clear()
+        partition.streams.clear()
+        partition.ready.clear()
+        partition.replays.clear()
+        partition.owned = partition.synced = False
+        partition.owner = None
+
+    # -- ownership across replicas ----------------------------------------------------
+
+    def _local_members(self) -> list[LocalMember]:
+        return [
+            LocalMember(m.member_id, m.user_id, m.joined_at, len(m.in_flight))
+            for m in self.members.values()
+        ]
+
+    async def _apply_leases(self, owners: dict[int, str]) -> None:
+        """The coordinator's verdict: deliver exactly these partitions here."""
+        acquired = [p for p in self._partitions if p.index in owners and not p.owned]
+        if acquired:
+            stored = await self._store.load_checkpoints(self.record.name)
+            start = self.record.start_position
+            for partition in acquired:
+                # Resume where the last owner stored its progress.
+                partition.read_through = stored.get(partition.index, start)
+                self._saved[partition.index] = partition.read_through
+                partition.owned = True
+                partition.synced = False
+        self._assign(owners)
+        if acquired:
+            self._owning.set()
+            self._restart_reader()
+            await self.poll_replays()
+
+    async def _give_up(self, indexes: set[int]) -> None:
+        """Before a lease is released: store the partitions' checkpoints, then forget them."""
+        checkpoints = {
+            p.index: p.checkpoint(self._examined)
+            for p in self._partitions
+            if p.index in indexes and p.owned
+        }
+        for index in indexes:
+            if self._partitions[index].owned:
+                self._drop(self._partitions[index])
+        await self._flush()
+        if checkpoints:
+            await self._store.save_checkpoints(self.record.name, checkpoints)
+
+    # -- settling -------------------------------------------------------------------
+
+    def ack(self, member: Member, event_ids: Sequence[str]) -> None:
+        for event_id in event_ids:
+            entry = member.in_flight.pop(event_id, None)
+            if entry is not None:
+                self._settle(entry)
+        self._wants_fill(member)
+
+    def skip(self, member: Member, event_ids: Sequence[str]) -> None:
+        self.ack(member, event_ids)
+
+    def park(self, member: Member, event_ids: Sequence[str], reason: str) -> None:
+        for event_id in event_ids:
+            entry = member.in_flight.pop(event_id, None)
+            if entry is not None:
+                entry.cancel_timer()
+                self._park(entry, reason)
+        self._wants_fill(member)
+
+    def retry(self, member: Member, event_ids: Sequence[str], reason: str) -> None:
+        for event_id in event_ids:
+            entry = member.in_flight.pop(event_id, None)
+            if entry is not None:
+                self._fail(entry, backoff=True, reason=reason)
+        self._wants_fill(member)
+
+    def extend(self, member: Member, event_ids: Sequence[str]) -> None:
+        for event_id in event_ids:
+            entry = member.in_flight.get(event_id)
+            if entry is not None:
+                entry.cancel_timer()
+                entry.timer = self._loop.call_later(
+                    self._settings.ack_timeout, self._timed_out, entry, entry.attempt
+                )
+
+    def _settle(self, entry: Entry) -> None:
+        entry.cancel_timer()
+        entry.member = None
+        entry.state = State.SETTLED
+        partition = self._partitions[entry.partition]
+        if entry.replay:
+            del partition.replays[entry.event_id]
+            self._to_unpark.append(entry.event_id)
+            return
+        del partition.pending[entry.position]
+        self._unsettled -= 1
+        if self._unsettled < self._tuning.window:
+            self._room.set()
+        self._next_of_stream(partition, entry)
+
+    def _next_of_stream(self, partition: Partition, entry: Entry) -> None:
+        """``entry`` (its stream's head) is settled: the stream's next event may go."""
+        stream_id = entry.event.stream_id
+        queue = partition.streams[stream_id]
+        queue.popleft()
+        if queue:
+            self._make_ready(queue[0])
+        else:
+            del partition.streams[stream_id]
+
+    def _park(self, entry: Entry, reason: str) -> None:
+        entry.member = None
+        entry.state = State.PARKING
+        self._to_park.append((entry, reason))
+        partition = self._partitions[entry.partition]
+        if entry.replay:
+            del partition.replays[entry.event_id]
+        else:
+            # Settled for its stream now; for the checkpoint once the park is stored.
+            self._next_of_stream(partition, entry)
+
+    def _fail(self, entry: Entry, *, backoff: bool, reason: str) -> None:
+        entry.cancel_timer()
+        entry.member = None
+        if entry.attempt >= self._settings.max_deliveries:
+            self._park(entry, reason)
+        elif backoff:
+            entry.state = State.BACKOFF
+            delay = retry_delay(entry.attempt, self._tuning.retry_base)
+            entry.timer = self._loop.call_later(delay, self._retry_due, entry)
+        else:
+            self._requeue(entry)
+
+    def _requeue(self, entry: Entry) -> None:
+        entry.cancel_timer()
+        entry.member = None
+        entry.state = State.READY
+        partition = self._partitions[entry.partition]
+        # Ahead of new events: it is older than any of them.
+        partition.ready.appendleft(entry)
+        self._wants_fill(partition.owner)
+
+    def _retry_due(self, entry: Entry) -> None:
+        entry.timer = None
+        if entry.state is State.BACKOFF:
+            self._make_ready(entry)
+
+    def _timed_out(self, entry: Entry, attempt: int) -> None:
+        entry.timer = None
+        member = entry.member
+        if entry.state is not State.IN_FLIGHT or entry.attempt != attempt or member is None:
+            return
+        del member.in_flight[entry.event_id]
+        self._fail(entry, backoff=False, reason="ack timeout")
+        # Parked after its last attempt, it leaves room for another delivery.
+        self._wants_fill(member)
+
+    # -- delivering -----------------------------------------------------------------
+
+    def _make_ready(self, entry: Entry) -> None:
+        entry.state = State.READY
+        partition = self._partitions[entry.partition]
+        partition.ready.append(entry)
+        self._wants_fill(partition.owner)
+
+    def _wants_fill(self, member: Member | None) -> None:
+        if member is not None:
+            self._to_fill.add(member)
+            self._schedule_fill()
+
+    def _schedule_fill(self) -> None:
+        # Once per loop iteration, however many events, acks or timers asked for it.
+        if not self._fill_scheduled and self._to_fill:
+            self._fill_scheduled = True
+            self._loop.call_soon(self._fill_all)
+
+    def _fill_all(self) -> None:
+        self._fill_scheduled = False
+        members, self._to_fill = self._to_fill, set()
+        for member in members:
+            if self.members.get(member.member_id) is member:
+                self._fill(member)
+
+    def _fill(self, member: Member) -> None:
+        """Deliver ready events of the member's partitions, round robin, up to its room."""
+        room = member.max_in_flight - len(member.in_flight)
+        queues = [self._partitions[index].ready for index in member.partitions]
+        queues = [queue for queue in queues if queue]
+        while room > 0 and queues:
+            remaining = []
+            for queue in queues:
+                if room == 0:
+                    break
+                self._deliver(member, queue.popleft())
+                room -= 1
+                if queue:
+                    remaining.append(queue)
+            queues = remaining
+
+    def _deliver(self, member: Member, entry: Entry) -> None:
+        entry.state = State.IN_FLIGHT
+        entry.member = member
+        entry.attempt += 1
+        if entry.attempt > 1:
+            self.redeliveries += 1
+        member.in_flight[entry.event_id] = entry
+        entry.timer = self._loop.call_later(
+            self._settings.ack_timeout, self._timed_out, entry, entry.attempt
+        )
+        member.send_delivery(entry)
+
+    # -- reading the log ------------------------------------------------------------
+
+    def _take(self, event: events_pb2.Event) -> None:
+        index = partition_of(event.stream_id, self._settings.partitions)
+        partition = self._partitions[index]
+        position = event.position
+        self._examined = max(self._examined, position)
+        if not partition.owned or position <= partition.read_through:
+            return
+        partition.read_through = position
+        entry = Entry(event, index)
+        partition.pending[position] = entry
+        self._unsettled += 1
+        queue = partition.streams.get(event.stream_id)
+        if queue is None:
+            partition.streams[event.stream_id] = deque((entry,))
+            self._make_ready(entry)
+        else:
+            queue.append(entry)
+
+    def _restart_reader(self) -> None:
+        """(Re)start following the log from the lowest checkpoint of the owned partitions
+        (after gaining a partition whose checkpoint may lie behind the reader)."""
+        if self._reader is not None:
+            self._reader.cancel()
+        self._reader = asyncio.create_task(
+            self._read(self._reader), name=f"group-read-{self.record.name}"
+        )
+
+    async def _read(self, previous: asyncio.Task[None] | None) -> None:
+        """Follow the log through the hub, from the lowest owned partition's checkpoint."""
+        if previous is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await previous
+        while not self._closed:
+            await self._owning.wait()
+            owned = [p for p in self._partitions if p.owned]
+            if not owned:
+                self._owning.clear()
+                continue
+            start = min(p.checkpoint(self._examined) for p in owned)
+            for partition in owned:
+                # What the old subscription examined stays known after it ends.
+                if partition.synced:
+                    partition.read_through = max(partition.read_through, self._examined)
+                partition.synced = True
+            self._examined = start
+            try:
+                async with self._hub.subscribe(self._filter, start, False) as subscription:
+                    async for response in subscription.responses():
+                        if response.WhichOneof("message") == "event":
+                            self._take(response.event)
+                        else:
+                            self._examined = max(self._examined, response.checkpoint.position)
+                        while self._unsettled >= self._tuning.window:
+                            self._room.clear()
+                            await self._room.wait()
+            except HubClosedError:
+                return
+            except Exception:
+                log.exception("consumer group %r: reading the log failed", self.record.name)
+                await asyncio.sleep(self._tuning.retry_after_failure)
+
+    # -- replaying parked events ----------------------------------------------------
+
+    async def poll_replays(self) -> None:
+        """Take up parked events being replayed, at most ``replay_batch`` held at once
+        (ReplayParked marks them in the store, here or on another replica, or before a
+        restart; more are taken up as these are settled)."""
+        batch = self._tuning.replay_batch
+        held = sum(len(p.replays) for p in self._partitions)
+        if held >= batch:
+            return
+        # The longest-parked first: those held already lead the list until settled.
+        for parked in await self._store.replaying(self.record.name, batch):
+            await self._take_replay(parked)
+
+    async def _take_replay(self, parked: ParkedEvent) -> None:
+        if not 0 <= parked.partition < len(self._partitions):
+            return
+        partition = self._partitions[parked.partition]
+        busy = {entry.event_id for entry, _ in self._to_park} | set(self._to_unpark)
+        if not partition.owned or parked.event_id in partition.replays or parked.event_id in busy:
+            return
+        records = await self._events.read_all(parked.position - 1, 1)
+        if not records or records[0].event_id != parked.event_id:
+            log.warning("parked event %s is not in the log", parked.event_id)
+            return
+        if not partition.owned or parked.event_id in partition.replays:
+            return  # the read awaited: things may have moved meanwhile
+        entry = Entry(events_pb2.Event(**proto_event_fields(records[0])), parked.partition, True)
+        partition.replays[parked.event_id] = entry
+        self._make_ready(entry)
+
+    # -- storing ----------------------------------------------------------------------
+
+    async def _flush_forever(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._tuning.flush_interval):
+                    await self._flush_now.wait()
+            self._flush_now.clear()
+            self._flushes += 1
+            try:
+                if self._flushes % REPLAY_POLL_EVERY == 0:
+                    await self.poll_replays()
+                    self._parked = await self._store.parked_count(self.record.name)
+                await self._flush()
+            except Exception:
+                log.exception("consumer group %r: storing its state failed", self.record.name)
+
+    async def _flush(self) -> None:
+        """Store new parked events, then the checkpoints they held back, if moved."""
+        name = self.record.name
+        parks, self._to_park = self._to_park, []
+        if parks:
+            now = dt.datetime.now(dt.UTC)
+            try:
+                await self._store.park(
+                    name,
+                    [
+                        ParkedEvent(e.event_id, e.position, e.partition, reason, now)
+                        for e, reason in parks
+                    ],
+                )
+            except BaseException:
+                self._to_park = parks + self._to_park
+                raise
+            for entry, _ in parks:
+                if not entry.replay and entry.state is State.PARKING:
+                    entry.state = State.SETTLED
+                    pending = self._partitions[entry.partition].pending
+                    if pending.pop(entry.position, None) is not None:
+                        self._unsettled -= 1
+            self._room.set()
+        unparks, self._to_unpark = self._to_unpark, []
+        if unparks:
+            try:
+                await self._store.unpark(name, unparks)
+            except BaseException:
+                self._to_unpark = unparks + self._to_unpark
+                raise
+        moved = {
+            p.index: checkpoint
+            for p in self._partitions
+            if p.owned
+            and (checkpoint := p.checkpoint(self._examined)) > self._saved.get(p.index, -1)
+        }
+        if moved:
+            await self._store.save_checkpoints(name, moved)
+            self._saved.update(moved)
+
+    # -- reporting --------------------------------------------------------------------
+
+    def stats(self) -> RuntimeStats:
+        owned = [p.checkpoint(self._examined) for p in self._partitions if p.owned]
+        return RuntimeStats(
+            checkpoint=min(owned) if owned else 0,
+            in_flight=sum(len(m.in_flight) for m in self.members.values()),
+            parked=self._parked,
+            members=len(self.members),
+        )
+
+    def view(self) -> RuntimeView:
+        in_flight = [0] * len(self._partitions)
+        for member in self.members.values():
+            for entry in member.in_flight.values():
+                in_flight[entry.partition] += 1
+        return RuntimeView(
+            partitions=tuple(
+                PartitionView(
+                    p.index,
+                    p.checkpoint(self._examined),
+                    p.owner.member_id if p.owner is not None else "",
+                    in_flight[p.index],
+                )
+                for p in self._partitions
+            ),
+            members=tuple(
+                MemberView(
+                    m.member_id, m.user_id, tuple(m.partitions), len(m.in_flight), m.joined_at
+                )
+                for m in self.members.values()
+            ),
+            redeliveries=self.redeliveries,
+        )

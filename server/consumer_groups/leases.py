@@ -1,0 +1,212 @@
+"""Partition ownership across replicas, arbitrated by the database (PostgreSQL).
+
+Every replica with members of a group runs a ``LeaseCoordinator`` for it. Each round
+(every ``interval`` seconds, and at once when a local member joins or leaves) it
+
+1. heartbeats its members (rows that expire after ``ttl`` unless renewed),
+2. reads the live members of every replica and the valid partition leases,
+3. computes the same balanced plan every replica computes from that data
+   (``balance.assign``: counts differ by at most one, fewest moves),
+4. gives up the partitions the plan moves away from its members (their checkpoints are
+   stored first), and claims or renews those the plan gives them. A claim succeeds only
+   on a free or expired lease, or one this replica holds: two replicas can never hold one
+   partition at once, whatever their plans say at a given moment.
+
+A replica delivers a partition only while its lease is valid by its own clock: the local
+deadline is taken from before the renewal was sent, so it always ends before the one in
+the database. A replica that dies or loses the database stops renewing; its members and
+leases expire after ``ttl`` and the others take its partitions over in the next round:
+within ``ttl + interval`` (12 s with the defaults; docs/consumer-groups.md promises 15 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from server.consumer_groups import balance
+
+log = logging.getLogger("order_gateway.consumer_groups")
+
+LEASE_TTL = 10.0
+"""Seconds a member row or a partition lease lives without renewal."""
+ROUND_INTERVAL = 2.0
+"""Seconds between a coordinator's rounds."""
+MIN_ROUND_GAP = 0.05
+"""Seconds between two rounds at the least."""
+LOCAL_MARGIN = 1.0
+"""Seconds a lease ends earlier by this replica's clock than in the database."""
+
+
+@dataclass(frozen=True, slots=True)
+class LiveMember:
+    member_id: str
+    replica_id: str
+    user_id: str
+    joined_at: dt.datetime
+    in_flight: int
+
+
+@dataclass(frozen=True, slots=True)
+class LocalMember:
+    member_id: str
+    user_id: str
+    joined_at: dt.datetime
+    in_flight: int
+
+
+class LeaseStore(Protocol):
+    """Where members and partition leases are kept (PostgreSQL:
+    ``store_postgres.PostgresLeases``)."""
+
+    ttl: float
+
+    async def register(self, group: str, replica_id: str, member: LocalMember) -> None:
+        """Add a member, or raise MemberIdTakenError while another live one has its id."""
+        ...
+
+    async def round(
+        self,
+        group: str,
+        replica_id: str,
+        members: Sequence[LocalMember],
+        release: Sequence[int],
+        claims: Mapping[int, str],
+    ) -> tuple[list[LiveMember], dict[int, str], set[int]]:
+        """Heartbeat ``members`` (forgetting this replica's others), release partitions,
+        claim or renew ``claims`` (partition: member id), all at once. Returns the live
+        members (join order), the valid leases (partition: member id) and the partitions
+        this replica holds after the claims."""
+        ...
+
+    async def leave(self, group: str, replica_id: str) -> None:
+        """This replica has no member in the group any more: free what it holds."""
+        ...
+
+    async def snapshot(self, group: str) -> tuple[list[LiveMember], dict[int, str]]:
+        """Live members and valid leases."""
+        ...
+
+
+class LeaseCoordinator:
+    """Keeps a runtime's partition ownership in step with the leases (see the module doc).
+
+    ``apply(owned)`` is called with the partitions this replica may deliver, each with its
+    local member id; ``release(partitions)`` before giving partitions up (it stores their
+    checkpoints); ``local_members()`` lists this replica's members.
+    """
+
+    def __init__(
+        self,
+        leases: LeaseStore,
+        group: str,
+        replica_id: str,
+        partitions: int,
+        local_members: Callable[[], list[LocalMember]],
+        apply: Callable[[dict[int, str]], Coroutine[Any, Any, None]],
+        release: Callable[[set[int]], Coroutine[Any, Any, None]],
+        interval: float = ROUND_INTERVAL,
+    ) -> None:
+        self._leases = leases
+        self._group = group
+        self._replica_id = replica_id
+        self._partitions = partitions
+        self._local_members = local_members
+        self._apply = apply
+        self._release = release
+        self._interval = interval
+        self._wake = asyncio.Event()
+        self._held: dict[int, str] = {}
+        self._valid_until = 0.0
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expired_task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.live: list[LiveMember] = []
+        self.leases: dict[int, str] = {}
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"group-leases-{self._group}")
+
+    def nudge(self) -> None:
+        self._wake.set()
+
+    async def stop(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        try:
+            await self._leases.leave(self._group, self._replica_id)
+        except Exception:
+            log.exception("consumer group %r: releasing leases failed", self._group)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._round()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("consumer group %r: lease round failed", self._group)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await self._wake.wait()
+            self._wake.clear()
+            # However urgent, rounds never spin: replicas converge within a few anyway.
+            await asyncio.sleep(MIN_ROUND_GAP)
+
+    def _arm_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        delay = max(0.0, self._valid_until - time.monotonic())
+        self._expiry = asyncio.get_running_loop().call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        """Renewals failed (or hung) for as long as a lease lives locally: deliver
+        nothing any more, before another replica may claim the partitions."""
+        self._expiry = None
+        if self._held:
+            log.warning("consumer group %r: leases expired unrenewed", self._group)
+            self._held = {}
+            self._expired_task = asyncio.create_task(self._apply({}))
+
+    async def _round(self) -> None:
+        members = self._local_members()
+        local_ids = {m.member_id for m in members}
+        # First, from what was known, what this replica must give up: its checkpoints
+        # are stored before the lease is, so the next owner resumes from them.
+        plan = self._plan(self.live, self.leases) if self.live else {}
+        giving_up = {p for p, m in self._held.items() if plan.get(p, m) != m or m not in local_ids}
+        if giving_up:
+            self._held = {p: m for p, m in self._held.items() if p not in giving_up}
+            await self._release(giving_up)
+        claims = {p: m for p, m in plan.items() if m in local_ids}
+        claims.update({p: m for p, m in self._held.items() if p not in claims})
+        started = time.monotonic()
+        live, leases, held = await self._leases.round(
+            self._group, self._replica_id, members, sorted(giving_up), claims
+        )
+        self.live, self.leases = live, leases
+        self._valid_until = started + self._leases.ttl - LOCAL_MARGIN
+        self._held = {p: claims[p] for p in held}
+        self._arm_expiry()
+        await self._apply(dict(self._held))
+        if self._plan(live, leases) != plan:
+            # The plan changed with what this round learnt: act on it now, not later.
+            self._wake.set()
+
+    def _plan(self, live: list[LiveMember], leases: dict[int, str]) -> dict[int, str]:
+        ids = [m.member_id for m in live]
+        current: dict[str, list[int]] = {}
+        for partition, member_id in leases.items():
+            current.setdefault(member_id, []).append(partition)
+        assigned = balance.assign(current, ids, self._partitions)
+        return {p: m for m, ps in assigned.items() for p in ps}

@@ -1,0 +1,248 @@
+"""The consumer groups of one gateway: their records in the store, their runtimes here."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+
+from domain.ports import EventStore
+from server.consumer_groups.engine import (
+    GroupRuntime,
+    GroupTuning,
+    Member,
+    MemberView,
+    PartitionView,
+    RuntimeView,
+)
+from server.consumer_groups.leases import LeaseStore, LocalMember
+from server.consumer_groups.model import (
+    GroupClosedError,
+    GroupExistsError,
+    GroupNotFoundError,
+    GroupRecord,
+    GroupSettings,
+    MemberIdTakenError,
+)
+from server.consumer_groups.ports import ConsumerGroupStore
+from server.rpc.subscription_hub import SubscriptionHub
+
+log = logging.getLogger("order_gateway.consumer_groups")
+
+
+@dataclass(frozen=True, slots=True)
+class GroupView:
+    """A group as GetConsumerGroup reports it."""
+
+    record: GroupRecord
+    checkpoint: int
+    head_position: int
+    in_flight: int
+    parked: int
+    redeliveries: int
+    members: tuple[MemberView, ...]
+    partitions: tuple[PartitionView, ...]
+
+
+class ConsumerGroups:
+    def __init__(
+        self,
+        store: ConsumerGroupStore,
+        events: EventStore,
+        hub: SubscriptionHub,
+        tuning: GroupTuning | None = None,
+        leases: LeaseStore | None = None,
+    ) -> None:
+        """With ``leases``, members on every replica share each group's partitions."""
+        self.store = store
+        self._leases = leases
+        self.replica_id = str(uuid.uuid4())
+        self._events = events
+        self._hub = hub
+        self._tuning = tuning or GroupTuning()
+        self._runtimes: dict[str, GroupRuntime] = {}
+        # Starting, stopping and deleting a group's runtime take turns, per group.
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._closed = False
+        self._retired_redeliveries: dict[str, int] = {}
+        """Redeliveries counted by runtimes that have stopped, per group."""
+
+    def redeliveries(self) -> dict[str, int]:
+        """Redeliveries on this process since it started, per group (a counter)."""
+        totals = dict(self._retired_redeliveries)
+        for name, runtime in self._runtimes.items():
+            totals[name] = totals.get(name, 0) + runtime.redeliveries
+        return totals
+
+    def _retire(self, runtime: GroupRuntime) -> None:
+        name = runtime.record.name
+        self._retired_redeliveries[name] = (
+            self._retired_redeliveries.get(name, 0) + runtime.redeliveries
+        )
+
+    @property
+    def runtimes(self) -> dict[str, GroupRuntime]:
+        return self._runtimes
+
+    async def create(self, name: str, settings: GroupSettings) -> GroupRecord:
+        """The group, created unless it exists with equal settings (else GroupExistsError)."""
+        existing = await self.store.get_group(name)
+        if existing is None:
+            start = (
+                await self._events.head_position()
+                if settings.start_from_end
+                else settings.start_after_position
+            )
+            existing = await self.store.create_group(
+                GroupRecord(name, settings, dt.datetime.now(dt.UTC), start)
+            )
+        if existing.settings != settings:
+            raise GroupExistsError(name)
+        return existing
+
+    async def record(self, name: str) -> GroupRecord:
+        found = await self.store.get_group(name)
+        if found is None:
+            raise GroupNotFoundError(name)
+        return found
+
+    async def view(self, name: str) -> GroupView:
+        return await self._view(await self.record(name))
+
+    async def views(self) -> list[GroupView]:
+        return [await self._view(record) for record in await self.store.list_groups()]
+
+    async def _view(self, record: GroupRecord) -> GroupView:
+        head = await self._events.head_position()
+        parked = await self.store.parked_count(record.name)
+        runtime = self._runtimes.get(record.name)
+        stored = await self.store.load_checkpoints(record.name)
+        here = runtime.view() if runtime is not None else None
+        local = {p.partition: p for p in here.partitions} if here is not None else {}
+        redeliveries = here.redeliveries if here is not None else 0
+        if self._leases is None:
+            members = here.members if here is not None else ()
+            owners = {p: view.member_id for p, view in local.items()}
+        else:
+            members, owners = await self._everywhere(record.name, here)
+        partitions = tuple(
+            local.get(p)
+            or PartitionView(p, stored.get(p, record.start_position), owners.get(p, ""), 0)
+            for p in range(record.settings.partitions)
+        )
+        partitions = tuple(
+            PartitionView(v.partition, v.checkpoint, owners.get(v.partition, ""), v.in_flight)
+            for v in partitions
+        )
+        return GroupView(
+            record=record,
+            checkpoint=min(min(p.checkpoint for p in partitions), head),
+            head_position=head,
+            in_flight=sum(p.in_flight for p in partitions),
+            parked=parked,
+            redeliveries=redeliveries,
+            members=members,
+            partitions=tuple(
+                PartitionView(p.partition, min(p.checkpoint, head), p.member_id, p.in_flight)
+                for p in partitions
+            ),
+        )
+
+    async def _everywhere(
+        self, name: str, here: RuntimeView | None
+    ) -> tuple[tuple[MemberView, ...], dict[int, str]]:
+        """Members of every replica, and the partitions' owners, from the leases."""
+        assert self._leases is not None
+        live, owners = await self._leases.snapshot(name)
+        local = {m.member_id: m for m in here.members} if here is not None else {}
+        members = tuple(
+            MemberView(
+                m.member_id,
+                m.user_id,
+                tuple(sorted(p for p, owner in owners.items() if owner == m.member_id)),
+                local[m.member_id].in_flight if m.member_id in local else m.in_flight,
+                m.joined_at,
+            )
+            for m in live
+        )
+        return members, owners
+
+    async def delete(self, name: str) -> None:
+        async with self._locks[name]:
+            runtime = self._runtimes.pop(name, None)
+            if runtime is not None:
+                await runtime.stop(GroupNotFoundError(name))
+            if not await self.store.delete_group(name):
+                raise GroupNotFoundError(name)
+
+    async def replay_parked(self, name: str, limit: int) -> int:
+        await self.record(name)
+        replayed = await self.store.replay_parked(name, limit)
+        runtime = self._runtimes.get(name)
+        if runtime is not None:
+            await runtime.poll_replays()
+        return replayed
+
+    async def join(
+        self, name: str, member_id: str, user_id: str, max_in_flight: int
+    ) -> tuple[GroupRuntime, Member]:
+        async with self._locks[name]:
+            if self._closed:
+                raise GroupClosedError
+            runtime = self._runtimes.get(name)
+            if runtime is None:
+                runtime = GroupRuntime(
+                    await self.record(name),
+                    self.store,
+                    self._events,
+                    self._hub,
+                    self._tuning,
+                    self._leases,
+                    self.replica_id,
+                )
+                await runtime.start()
+                self._runtimes[name] = runtime
+            member_id = member_id or str(uuid.uuid4())
+            if member_id in runtime.members:
+                raise MemberIdTakenError(name, member_id)
+            joined_at = dt.datetime.now(dt.UTC)
+            if self._leases is not None:
+                # Across replicas an id is taken while any replica has it live.
+                await self._leases.register(
+                    name, self.replica_id, LocalMember(member_id, user_id, joined_at, 0)
+                )
+            return runtime, runtime.join(member_id, user_id, max_in_flight, joined_at)
+
+    async def leave(self, runtime: GroupRuntime, member: Member) -> None:
+        runtime.leave(member)
+        name = runtime.record.name
+        if runtime.members or self._runtimes.get(name) is not runtime:
+            return
+        async with self._locks[name]:
+            # Nobody joined while the lock was awaited: stop reading for this group.
+            if not runtime.members and self._runtimes.get(name) is runtime:
+                del self._runtimes[name]
+                self._retire(runtime)
+                await runtime.stop_and_store(GroupClosedError())
+
+    async def stop(self) -> None:
+        """Shutdown: end every member's stream (UNAVAILABLE), store the checkpoints, and
+        close the group records' store."""
+        self._closed = True
+        runtimes = list(self._runtimes.values())
+        self._runtimes.clear()
+        outcomes = await asyncio.gather(
+            *(runtime.stop_and_store(GroupClosedError()) for runtime in runtimes),
+            return_exceptions=True,
+        )
+        for runtime, outcome in zip(runtimes, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                log.error(
+                    "consumer group %r: storing its state on shutdown failed",
+                    runtime.record.name,
+                    exc_info=outcome,
+                )
+        await self.store.close()

@@ -1,0 +1,74 @@
+"""Consumer-group records in memory, beside ``MemoryEventStore`` (tests)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+from server.consumer_groups.model import GroupRecord, ParkedEvent
+
+
+class MemoryConsumerGroupStore:
+    def __init__(self) -> None:
+        self._groups: dict[str, GroupRecord] = {}
+        self._checkpoints: dict[str, dict[int, int]] = {}
+        self._parked: dict[str, dict[str, ParkedEvent]] = {}
+
+    async def create_group(self, record: GroupRecord) -> GroupRecord:
+        return self._groups.setdefault(record.name, record)
+
+    async def get_group(self, name: str) -> GroupRecord | None:
+        return self._groups.get(name)
+
+    async def list_groups(self) -> list[GroupRecord]:
+        return [self._groups[name] for name in sorted(self._groups)]
+
+    async def delete_group(self, name: str) -> bool:
+        self._checkpoints.pop(name, None)
+        self._parked.pop(name, None)
+        return self._groups.pop(name, None) is not None
+
+    async def load_checkpoints(self, name: str) -> dict[int, int]:
+        return dict(self._checkpoints.get(name, {}))
+
+    async def save_checkpoints(self, name: str, checkpoints: Mapping[int, int]) -> None:
+        if name not in self._groups:
+            return
+        stored = self._checkpoints.setdefault(name, {})
+        for partition, position in checkpoints.items():
+            stored[partition] = max(stored.get(partition, 0), position)
+
+    async def park(self, name: str, events: Sequence[ParkedEvent]) -> None:
+        if name not in self._groups:
+            return
+        parked = self._parked.setdefault(name, {})
+        for event in events:
+            parked[event.event_id] = dataclasses.replace(event, replaying=False)
+
+    async def unpark(self, name: str, event_ids: Sequence[str]) -> None:
+        parked = self._parked.get(name, {})
+        for event_id in event_ids:
+            parked.pop(event_id, None)
+
+    async def replay_parked(self, name: str, limit: int) -> int:
+        parked = self._parked.get(name, {})
+        waiting = sorted(
+            (event for event in parked.values() if not event.replaying),
+            key=lambda event: (event.parked_at, event.position),
+        )
+        chosen = waiting[:limit] if limit else waiting
+        for event in chosen:
+            parked[event.event_id] = dataclasses.replace(event, replaying=True)
+        return len(chosen)
+
+    async def replaying(self, name: str, limit: int) -> list[ParkedEvent]:
+        return sorted(
+            (event for event in self._parked.get(name, {}).values() if event.replaying),
+            key=lambda event: (event.parked_at, event.position),
+        )[:limit]
+
+    async def parked_count(self, name: str) -> int:
+        return sum(not event.replaying for event in self._parked.get(name, {}).values())
+
+    async def close(self) -> None:
+        return None

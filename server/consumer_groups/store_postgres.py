@@ -1,0 +1,313 @@
+"""Consumer-group records in PostgreSQL (tables of schema migration 6), shared by every
+replica. Uses the event store's connection pool; every statement is one transaction."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg.rows import TupleRow
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from server.consumer_groups.leases import LEASE_TTL, LiveMember, LocalMember
+from server.consumer_groups.model import GroupRecord, MemberIdTakenError, ParkedEvent
+from server.consumer_groups.records import settings_fields, settings_from
+from server.stores.postgres_errors import store_error
+
+Pool = AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]]
+
+_GROUP_COLUMNS = "name, settings, created_at, start_position"
+_PARKED_COLUMNS = "event_id, position, partition, reason, parked_at, replaying"
+_OLDEST_FIRST = "ORDER BY parked_at, position"
+
+
+def _group(row: Sequence[Any]) -> GroupRecord:
+    name, settings, created_at, start = row
+    return GroupRecord(name, settings_from(settings), created_at.astimezone(dt.UTC), int(start))
+
+
+def _parked(row: Sequence[Any]) -> ParkedEvent:
+    event_id, position, partition, reason, parked_at, replaying = row
+    return ParkedEvent(
+        event_id, int(position), int(partition), reason, parked_at.astimezone(dt.UTC), replaying
+    )
+
+
+@contextmanager
+def _translated(operation: str) -> Iterator[None]:
+    try:
+        yield
+    except psycopg.Error as e:
+        raise store_error(e, operation) from e
+
+
+class PostgresConsumerGroupStore:
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+
+    async def _rows(self, query: str, params: Sequence[Any] = ()) -> list[TupleRow]:
+        with _translated("consumer groups"):
+            async with self._pool.connection() as conn:
+                cursor = await conn.execute(query, params)
+                return await cursor.fetchall() if cursor.description else []
+
+    async def create_group(self, record: GroupRecord) -> GroupRecord:
+        rows = await self._rows(
+            f"WITH added AS (INSERT INTO consumer_groups ({_GROUP_COLUMNS})"
+            " VALUES (%s, %s, %s, %s) ON CONFLICT (name) DO NOTHING"
+            f" RETURNING {_GROUP_COLUMNS})"
+            f" SELECT {_GROUP_COLUMNS} FROM added UNION ALL"
+            f" SELECT {_GROUP_COLUMNS} FROM consumer_groups WHERE name = %s",
+            (
+                record.name,
+                Jsonb(settings_fields(record.settings)),
+                record.created_at,
+                record.start_position,
+                record.name,
+            ),
+        )
+        return _group(rows[0])
+
+    async def get_group(self, name: str) -> GroupRecord | None:
+        rows = await self._rows(
+            f"SELECT {_GROUP_COLUMNS} FROM consumer_groups WHERE name = %s", (name,)
+        )
+        return _group(rows[0]) if rows else None
+
+    async def list_groups(self) -> list[GroupRecord]:
+        rows = await self._rows(f"SELECT {_GROUP_COLUMNS} FROM consumer_groups ORDER BY name")
+        return [_group(row) for row in rows]
+
+    async def delete_group(self, name: str) -> bool:
+        rows = await self._rows(
+            "DELETE FROM consumer_groups WHERE name = %s RETURNING name", (name,)
+        )
+        return bool(rows)
+
+    async def load_checkpoints(self, name: str) -> dict[int, int]:
+        rows = await self._rows(
+            "SELECT partition, position FROM consumer_group_checkpoints WHERE group_name = %s",
+            (name,),
+        )
+        return {int(partition): int(position) for partition, position in rows}
+
+    async def save_checkpoints(self, name: str, checkpoints: Mapping[int, int]) -> None:
+        # One statement; the join drops a deleted group's checkpoints instead of failing.
+        await self._rows(
+            "INSERT INTO consumer_group_checkpoints (group_name, partition, position)"
+            " SELECT g.name, c.partition, c.position FROM consumer_groups g,"
+            " unnest(%s::integer[], %s::bigint[]) AS c(partition, position)"
+            " WHERE g.name = %s"
+            " ON CONFLICT (group_name, partition) DO UPDATE"
+            " SET position = greatest(consumer_group_checkpoints.position, excluded.position)",
+            (list(checkpoints), list(checkpoints.values()), name),
+        )
+
+    async def park(self, name: str, events: Sequence[ParkedEvent]) -> None:
+        await self._rows(
+            f"INSERT INTO consumer_group_parked (group_name, {_PARKED_COLUMNS})"
+            " SELECT g.name, p.event_id, p.position, p.partition, p.reason, p.parked_at, false"
+            " FROM consumer_groups g, unnest(%s::text[], %s::bigint[], %s::integer[],"
+            " %s::text[], %s::timestamptz[])"
+            " AS p(event_id, position, partition, reason, parked_at)"
+            " WHERE g.name = %s"
+            " ON CONFLICT (group_name, event_id) DO UPDATE SET reason = excluded.reason,"
+            " parked_at = excluded.parked_at, replaying = false",
+            (
+                [e.event_id for e in events],
+                [e.position for e in events],
+                [e.partition for e in events],
+                [e.reason for e in events],
+                [e.parked_at for e in events],
+                name,
+            ),
+        )
+
+    async def unpark(self, name: str, event_ids: Sequence[str]) -> None:
+        await self._rows(
+            "DELETE FROM consumer_group_parked WHERE group_name = %s AND event_id = ANY(%s)",
+            (name, list(event_ids)),
+        )
+
+    async def replay_parked(self, name: str, limit: int) -> int:
+        # One statement: a replay of a million parked events reads none into memory.
+        rows = await self._rows(
+            "WITH chosen AS (UPDATE consumer_group_parked SET replaying = true"
+            " WHERE (group_name, event_id) IN ("
+            " SELECT group_name, event_id FROM consumer_group_parked"
+            f" WHERE group_name = %s AND NOT replaying {_OLDEST_FIRST} LIMIT %s"
+            " FOR UPDATE SKIP LOCKED) RETURNING 1)"
+            " SELECT count(*) FROM chosen",
+            (name, limit or None),
+        )
+        return int(rows[0][0])
+
+    async def replaying(self, name: str, limit: int) -> list[ParkedEvent]:
+        rows = await self._rows(
+            f"SELECT {_PARKED_COLUMNS} FROM consumer_group_parked"
+            f" WHERE group_name = %s AND replaying {_OLDEST_FIRST} LIMIT %s",
+            (name, limit),
+        )
+        return [_parked(row) for row in rows]
+
+    async def parked_count(self, name: str) -> int:
+        rows = await self._rows(
+            "SELECT count(*) FROM consumer_group_parked WHERE group_name = %s AND NOT replaying",
+            (name,),
+        )
+        return int(rows[0][0])
+
+    def partition_leases(self) -> PostgresLeases:
+        """Replicas share a group's partitions through leases in this database."""
+        return PostgresLeases(self._pool)
+
+    async def close(self) -> None:
+        """The pool belongs to the event store, which closes it."""
+        return None
+
+
+class PostgresLeases:
+    """``leases.LeaseStore`` in the members and leases tables (schema migration 6)."""
+
+    def __init__(self, pool: Pool, ttl: float = LEASE_TTL) -> None:
+        self._pool = pool
+        self.ttl = ttl
+
+    async def register(self, group: str, replica_id: str, member: LocalMember) -> None:
+        """Add a member, or raise MemberIdTakenError while another live one has its id."""
+        with _translated("consumer group members"):
+            async with self._pool.connection() as conn:
+                cursor = await conn.execute(
+                    "INSERT INTO consumer_group_members"
+                    " (group_name, member_id, replica_id, user_id, joined_at, in_flight,"
+                    " expires_at)"
+                    " VALUES (%s, %s, %s, %s, %s, 0, now() + make_interval(secs => %s))"
+                    " ON CONFLICT (group_name, member_id) DO UPDATE SET"
+                    " replica_id = excluded.replica_id, user_id = excluded.user_id,"
+                    " joined_at = excluded.joined_at, in_flight = 0,"
+                    " expires_at = excluded.expires_at"
+                    " WHERE consumer_group_members.expires_at < now()"
+                    " RETURNING member_id",
+                    (
+                        group,
+                        member.member_id,
+                        replica_id,
+                        member.user_id,
+                        member.joined_at,
+                        self.ttl,
+                    ),
+                )
+                if await cursor.fetchone() is None:
+                    raise MemberIdTakenError(group, member.member_id)
+
+    async def round(
+        self,
+        group: str,
+        replica_id: str,
+        members: Sequence[LocalMember],
+        release: Sequence[int],
+        claims: Mapping[int, str],
+    ) -> tuple[list[LiveMember], dict[int, str], set[int]]:
+        """One transaction: heartbeat ``members`` (forgetting this replica's others),
+        release partitions, claim or renew ``claims`` (partition: member id).
+
+        Returns the live members (join order), the valid leases (partition: member id)
+        and the partitions this replica holds after the claims.
+        """
+        with _translated("consumer group leases"):
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute(
+                    "DELETE FROM consumer_group_members WHERE group_name = %s"
+                    " AND replica_id = %s AND NOT member_id = ANY(%s)",
+                    (group, replica_id, [m.member_id for m in members]),
+                )
+                if members:
+                    # An upsert, not an update: a row a round removed while its member
+                    # was joining comes back (never one another replica holds).
+                    await conn.execute(
+                        "INSERT INTO consumer_group_members (group_name, member_id,"
+                        " replica_id, user_id, joined_at, in_flight, expires_at)"
+                        " SELECT %s, u.member_id, %s, u.user_id, u.joined_at, u.in_flight,"
+                        " now() + make_interval(secs => %s)"
+                        " FROM unnest(%s::text[], %s::text[], %s::timestamptz[],"
+                        " %s::integer[]) AS u(member_id, user_id, joined_at, in_flight)"
+                        " ON CONFLICT (group_name, member_id) DO UPDATE SET"
+                        " in_flight = excluded.in_flight, expires_at = excluded.expires_at"
+                        " WHERE consumer_group_members.replica_id = excluded.replica_id",
+                        (
+                            group,
+                            replica_id,
+                            self.ttl,
+                            [m.member_id for m in members],
+                            [m.user_id for m in members],
+                            [m.joined_at for m in members],
+                            [m.in_flight for m in members],
+                        ),
+                    )
+                await conn.execute(
+                    "DELETE FROM consumer_group_leases WHERE group_name = %s"
+                    " AND (replica_id = %s AND (partition = ANY(%s)"
+                    " OR NOT member_id = ANY(%s)) OR expires_at < now() - interval '1 minute')",
+                    (group, replica_id, list(release), [m.member_id for m in members]),
+                )
+                held: set[int] = set()
+                if claims:
+                    cursor = await conn.execute(
+                        "INSERT INTO consumer_group_leases"
+                        " (group_name, partition, member_id, replica_id, expires_at)"
+                        " SELECT %s, c.partition, c.member_id, %s,"
+                        " now() + make_interval(secs => %s)"
+                        " FROM unnest(%s::integer[], %s::text[]) AS c(partition, member_id)"
+                        " ON CONFLICT (group_name, partition) DO UPDATE SET"
+                        " member_id = excluded.member_id, replica_id = excluded.replica_id,"
+                        " expires_at = excluded.expires_at"
+                        " WHERE consumer_group_leases.expires_at < now()"
+                        " OR consumer_group_leases.replica_id = excluded.replica_id"
+                        " RETURNING partition",
+                        (group, replica_id, self.ttl, list(claims), list(claims.values())),
+                    )
+                    held = {int(row[0]) for row in await cursor.fetchall()}
+                live = await self._live(conn, group)
+                leases = await self._leases(conn, group)
+        return live, leases, held
+
+    async def leave(self, group: str, replica_id: str) -> None:
+        """This replica has no member in the group any more: free what it holds."""
+        with _translated("consumer group leases"):
+            async with self._pool.connection() as conn, conn.transaction():
+                for table in ("consumer_group_leases", "consumer_group_members"):
+                    await conn.execute(
+                        f"DELETE FROM {table} WHERE group_name = %s AND replica_id = %s",
+                        (group, replica_id),
+                    )
+
+    async def snapshot(self, group: str) -> tuple[list[LiveMember], dict[int, str]]:
+        with _translated("consumer group leases"):
+            async with self._pool.connection() as conn, conn.transaction():
+                return await self._live(conn, group), await self._leases(conn, group)
+
+    @staticmethod
+    async def _live(conn: psycopg.AsyncConnection[TupleRow], group: str) -> list[LiveMember]:
+        cursor = await conn.execute(
+            "SELECT member_id, replica_id, user_id, joined_at, in_flight"
+            " FROM consumer_group_members WHERE group_name = %s AND expires_at > now()"
+            " ORDER BY joined_at, member_id",
+            (group,),
+        )
+        return [
+            LiveMember(m, r, u, j.astimezone(dt.UTC), int(n))
+            for m, r, u, j, n in await cursor.fetchall()
+        ]
+
+    @staticmethod
+    async def _leases(conn: psycopg.AsyncConnection[TupleRow], group: str) -> dict[int, str]:
+        cursor = await conn.execute(
+            "SELECT partition, member_id FROM consumer_group_leases"
+            " WHERE group_name = %s AND expires_at > now()",
+            (group,),
+        )
+        return {int(p): m for p, m in await cursor.fetchall()}

@@ -1,0 +1,196 @@
+"""``order-gateway group …``, ``consume``, and the client flags (--token, --tls-ca) that
+``tail`` shares with them: the real CLI, in a process of its own, against a real gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from orders.v1 import consumer_group_service_pb2 as pb
+from orders.v1 import consumer_group_service_pb2_grpc as pb_grpc
+from orders.v1 import inventory_command_service_pb2 as inventory_pb
+from orders.v1 import inventory_command_service_pb2_grpc as inventory_grpc
+
+from server.app import Gateway
+from tests.group_support import group_gateway
+from tests.security.test_tls import issue, write
+
+
+@dataclass
+class Outcome:
+    code: int | None
+    out: str
+    err: str
+
+    @property
+    def lines(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.out.splitlines()]
+
+
+async def cli(*args: str, env: dict[str, str] | None = None) -> Outcome:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    return Outcome(process.returncode, out.decode(), err.decode())
+
+
+async def restock(gateway: Gateway, count: int) -> list[str]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = inventory_grpc.InventoryCommandServiceStub(channel)
+        ids = []
+        for n in range(count):
+            request = inventory_pb.RestockProductRequest(product_id=f"p{n}", quantity=1)
+            ids += [r.event.event_id async for r in stub.RestockProduct(request)]
+        return ids
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[Gateway]:
+    async with group_gateway() as started:
+        yield started
+
+
+async def test_group_commands_round_trip(gateway: Gateway) -> None:
+    target = f"127.0.0.1:{gateway.port}"
+    created = await cli(
+        "group", "create", "billing", "--partitions", "4", "--type", "OrderCreated",
+        "--ack-timeout", "2.5", "--max-deliveries", "3", "--target", target,
+    )  # fmt: skip
+    assert created.code == 0, created.err
+    (group,) = created.lines
+    assert group["name"] == "billing"
+    assert group["settings"] == {
+        "eventTypes": ["OrderCreated"],
+        "partitions": 4,
+        "ackTimeout": "2.500s",
+        "maxDeliveries": 3,
+    }
+    await cli("group", "create", "audit", "--from-end", "--target", target)
+    listed = await cli("group", "list", "--target", target)
+    assert [g["name"] for g in listed.lines] == ["audit", "billing"]
+    info = await cli("group", "info", "billing", "--target", target)
+    assert len(info.lines[0]["partitionStates"]) == 4  # type: ignore[arg-type]
+    replayed = await cli("group", "replay-parked", "billing", "--limit", "5", "--target", target)
+    assert replayed.code == 0 and replayed.lines == [{}]  # 0 replayed: proto3 omits it
+    deleted = await cli("group", "delete", "billing", "--target", target)
+    assert deleted.code == 0
+    gone = await cli("group", "info", "billing", "--target", target)
+    assert gone.code == 1
+    assert "NOT_FOUND" in gone.err
+
+
+async def test_group_create_reports_every_bad_field(gateway: Gateway) -> None:
+    refused = await cli(
+        "group", "create", "no spaces", "--partitions", "300", "--type", "Nope",
+        "--target", f"127.0.0.1:{gateway.port}",
+    )  # fmt: skip
+    assert refused.code == 1
+    assert "INVALID_ARGUMENT" in refused.err
+    for field in ("name", "settings.partitions", "settings.event_types[0]"):
+        assert f"  {field}: " in refused.err
+    negative = await cli("group", "create", "g", "--partitions", "-1")
+    assert negative.code == 2
+
+
+async def test_consume_prints_json_lines_and_acks_each(gateway: Gateway) -> None:
+    target = f"127.0.0.1:{gateway.port}"
+    await cli("group", "create", "g", "--target", target)
+    ids = await restock(gateway, 3)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server.cli", "consume", "--group", "g", "--member", "cli-1",
+        "--target", target,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None and process.stderr is not None
+    lines = [json.loads(await asyncio.wait_for(process.stdout.readline(), 30)) for _ in ids]
+    assert sorted(line["event"]["eventId"] for line in lines) == sorted(ids)
+    assert {line["attempt"] for line in lines} == {1}
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.ConsumerGroupServiceStub(channel)
+        async with asyncio.timeout(10):
+            while True:
+                group = (await stub.GetConsumerGroup(pb.GetConsumerGroupRequest(name="g"))).group
+                if group.checkpoint == group.head_position == 3 and group.in_flight == 0:
+                    break
+                await asyncio.sleep(0.05)
+        assert [m.member_id for m in group.members] == ["cli-1"]
+    process.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(process.wait(), 30) == 0
+    err = (await process.stderr.read()).decode()
+    assert "member cli-1 has partitions 0, 1, 2" in err
+
+
+async def test_consume_an_unknown_group_fails_with_its_reason(gateway: Gateway) -> None:
+    refused = await cli("consume", "--group", "nope", "--target", f"127.0.0.1:{gateway.port}")
+    assert refused.code == 1
+    assert "NOT_FOUND" in refused.err
+
+
+async def test_token_from_the_flag_or_the_environment(tmp_path: Path) -> None:
+    reader = hashlib.sha256(b"secret-reader").hexdigest()
+    writer = hashlib.sha256(b"secret-writer").hexdigest()
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(
+        f'[[token]]\nsha256 = "{reader}"\nuser_id = "ops"\n'
+        'scopes = ["events:read", "events:admin"]\n'
+        f'[[token]]\nsha256 = "{writer}"\nuser_id = "shop"\nscopes = ["inventory:write"]\n'
+    )
+    async with group_gateway(auth_tokens=tokens) as gateway:
+        target = f"127.0.0.1:{gateway.port}"
+        refused = await cli("group", "list", "--target", target)
+        assert refused.code == 1 and "UNAUTHENTICATED" in refused.err
+        by_flag = await cli("group", "create", "g", "--target", target, "--token", "secret-reader")
+        assert by_flag.code == 0, by_flag.err
+        by_env = await cli(
+            "group", "list", "--target", target, env={"ORDER_GATEWAY_TOKEN": "secret-reader"}
+        )
+        assert [g["name"] for g in by_env.lines] == ["g"]
+        # tail takes the same flags; with the token it is served (and runs until stopped).
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = inventory_grpc.InventoryCommandServiceStub(channel)
+            request = inventory_pb.RestockProductRequest(product_id="p", quantity=1)
+            metadata = (("authorization", "Bearer secret-writer"),)
+            async for _ in stub.RestockProduct(request, metadata=metadata):
+                pass
+        tailing = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server.cli", "tail", "--target", target,
+            "--token", "secret-reader",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert tailing.stdout is not None
+        line = await asyncio.wait_for(tailing.stdout.readline(), 30)
+        assert json.loads(line)["eventType"] == "ProductRestocked"
+        tailing.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(tailing.wait(), 30) == 0
+
+
+async def test_tls_ca_reaches_a_tls_server(tmp_path: Path) -> None:
+    server_ca = issue("test server CA", ca=True)
+    server = issue("localhost", server_ca)
+    chain = write(tmp_path / "server.pem", server.cert_pem + server_ca.cert_pem)
+    key = write(tmp_path / "server.key", server.key_pem)
+    ca = write(tmp_path / "ca.pem", server_ca.cert_pem)
+    async with group_gateway(tls_cert=chain, tls_key=key) as gateway:
+        target = f"localhost:{gateway.port}"
+        plain = await cli("group", "list", "--target", target)
+        assert plain.code == 1
+        trusted = await cli("group", "create", "g", "--target", target, "--tls-ca", str(ca))
+        assert trusted.code == 0, trusted.err
+        missing = await cli("group", "list", "--target", target, "--tls-ca", str(tmp_path / "x"))
+        assert missing.code == 2 and "--tls-ca" in missing.err

@@ -1,0 +1,159 @@
+"""A consumer group across two gateway processes on one PostgreSQL database: the
+partitions are shared, a killed replica's partitions move within 15 s, and no partition
+is ever delivered by two members at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+from orders.v1 import consumer_group_service_pb2 as pb
+from orders.v1 import consumer_group_service_pb2_grpc as pb_grpc
+from orders.v1 import inventory_command_service_pb2 as inventory_pb
+from orders.v1 import inventory_command_service_pb2_grpc as inventory_grpc
+
+from tests.group_support import Member, join
+from tests.serving import free_port, gateway_log, start_gateway, wait_until_serving
+
+pytestmark = pytest.mark.postgres
+
+PARTITIONS = 8
+
+
+@contextlib.contextmanager
+def replica(url: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    target = f"127.0.0.1:{free_port()}"
+    process = start_gateway(["serve", "--listen", target, "--store", url])
+    try:
+        yield target, process
+    except BaseException:
+        print(f"log of the gateway at {target}:\n{gateway_log(process)}")  # shown on failure
+        raise
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@dataclass
+class Record:
+    """Who delivered what, when (monotonic seconds), as the members saw it."""
+
+    deliveries: list[tuple[float, str, int, str]] = field(default_factory=list)
+    acked: set[str] = field(default_factory=set)
+
+
+async def consume(consumer: Member, name: str, record: Record) -> None:
+    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+        while True:
+            delivery = await consumer.delivery(3600)
+            record.deliveries.append(
+                (time.monotonic(), name, delivery.partition, delivery.event.event_id)
+            )
+            record.acked.add(delivery.event.event_id)
+            await consumer.ack(delivery.event.event_id)
+
+
+async def restock(stub: inventory_grpc.InventoryCommandServiceAsyncStub, n: int) -> str:
+    request = inventory_pb.RestockProductRequest(product_id=f"sku-{n % 50}", quantity=1)
+    (event_id,) = [r.event.event_id async for r in stub.RestockProduct(request)]
+    return event_id
+
+
+async def until(check: object, within: float) -> None:
+    assert callable(check)
+    async with asyncio.timeout(within):
+        while not check():  # noqa: ASYNC110 - the members' reader tasks change the state
+            await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def channel_to(target: str) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        yield channel
+
+
+async def test_a_killed_replica_s_partitions_move_and_none_is_delivered_twice_at_once(
+    fresh_postgres_url: str,
+) -> None:
+    with (
+        replica(fresh_postgres_url) as (target_a, a),
+        replica(fresh_postgres_url) as (
+            target_b,
+            b,
+        ),
+    ):
+        await wait_until_serving(target_a, a)
+        await wait_until_serving(target_b, b)
+        async with channel_to(target_a) as channel_a, channel_to(target_b) as channel_b:
+            groups_a = pb_grpc.ConsumerGroupServiceStub(channel_a)
+            groups_b = pb_grpc.ConsumerGroupServiceStub(channel_b)
+            inventory = inventory_grpc.InventoryCommandServiceStub(channel_a)
+            await groups_a.CreateConsumerGroup(
+                pb.CreateConsumerGroupRequest(
+                    name="g", settings=pb.ConsumerGroupSettings(partitions=PARTITIONS)
+                )
+            )
+            on_a = await join(groups_a, "g", member_id="on-a")
+            on_b = await join(groups_b, "g", member_id="on-b")
+            # Balanced across the replicas: 4 and 4, each partition once.
+            await until(
+                lambda: (
+                    sorted(on_a.partitions + on_b.partitions) == list(range(PARTITIONS))
+                    and len(on_a.partitions) == len(on_b.partitions)
+                ),
+                within=15,
+            )
+            group = (await groups_b.GetConsumerGroup(pb.GetConsumerGroupRequest(name="g"))).group
+            assert sorted(m.member_id for m in group.members) == ["on-a", "on-b"]
+            owners = {p.partition: p.member_id for p in group.partition_states}
+            assert owners == {
+                **{p: "on-a" for p in on_a.partitions},
+                **{p: "on-b" for p in on_b.partitions},
+            }
+
+            record = Record()
+            workers = [
+                asyncio.create_task(consume(on_a, "on-a", record)),
+                asyncio.create_task(consume(on_b, "on-b", record)),
+            ]
+            written = [await restock(inventory, n) for n in range(100)]
+            await until(lambda: record.acked >= set(written), within=30)
+
+            b.send_signal(signal.SIGKILL)
+            b.wait()
+            killed_at = time.monotonic()
+            await until(lambda: on_a.partitions == list(range(PARTITIONS)), within=30)
+            takeover = time.monotonic() - killed_at
+            written += [await restock(inventory, n) for n in range(100, 200)]
+            await until(lambda: record.acked >= set(written), within=30)
+            for task in workers:
+                task.cancel()
+            await on_a.close()
+            await on_b.close()
+
+    print(f"takeover {takeover:.1f} s")
+    assert takeover <= 15, f"partitions moved {takeover:.1f} s after the kill"
+    # Never two members at once: per partition, each member's deliveries form one
+    # stretch of time, and the stretches do not overlap.
+    for partition in range(PARTITIONS):
+        stretches: dict[str, tuple[float, float]] = {}
+        for at, name, delivered_partition, _ in record.deliveries:
+            if delivered_partition == partition:
+                first, last = stretches.get(name, (at, at))
+                stretches[name] = (min(first, at), max(last, at))
+        ordered = sorted(stretches.values())
+        for (_, end), (start, _) in itertools.pairwise(ordered):
+            assert end < start, f"partition {partition} delivered by two members at once"

@@ -1,0 +1,733 @@
+"""Consumer groups end to end over gRPC: the rules of docs/consumer-groups.md, one by one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+import zlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from orders.v1 import consumer_group_service_pb2 as pb
+from orders.v1 import consumer_group_service_pb2_grpc as pb_grpc
+from orders.v1 import (
+    event_stream_service_pb2_grpc,
+    inventory_command_service_pb2,
+    inventory_command_service_pb2_grpc,
+    order_command_service_pb2_grpc,
+)
+
+from server.app import Gateway
+from server.consumer_groups.engine import GroupTuning
+from tests.clients import Clients, bad_fields, detail, item, order_request
+from tests.group_support import Member as GroupMember
+from tests.group_support import group_gateway, group_settings, join, member
+
+
+@dataclass
+class Env:
+    gateway: Gateway
+    groups: pb_grpc.ConsumerGroupServiceAsyncStub
+    clients: Clients
+
+    async def create(self, name: str = "g", **settings: Any) -> pb.ConsumerGroup:
+        response = await self.groups.CreateConsumerGroup(
+            pb.CreateConsumerGroupRequest(name=name, settings=group_settings(**settings))
+        )
+        return response.group
+
+    async def get(self, name: str = "g") -> pb.ConsumerGroup:
+        return (await self.groups.GetConsumerGroup(pb.GetConsumerGroupRequest(name=name))).group
+
+    async def restocks(self, count: int, products: int = 1) -> list[str]:
+        ids = []
+        for n in range(count):
+            events = await self.clients.restock(f"p{n % products}", 1)
+            ids.append(events[0].event_id)
+        return ids
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    async with (
+        group_gateway() as gateway,
+        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel,
+    ):
+        yield Env(
+            gateway,
+            pb_grpc.ConsumerGroupServiceStub(channel),
+            Clients(
+                channel=channel,
+                orders=order_command_service_pb2_grpc.OrderCommandServiceStub(channel),
+                inventory=inventory_command_service_pb2_grpc.InventoryCommandServiceStub(channel),
+                events=event_stream_service_pb2_grpc.EventStreamServiceStub(channel),
+            ),
+        )
+
+
+def reason_of(error: grpc.aio.AioRpcError) -> str:
+    info = detail(error, error_details_pb2.ErrorInfo)
+    assert info.domain == "order-gateway"
+    return str(info.reason)
+
+
+async def settled(env: Env, name: str = "g", within: float = 10) -> pb.ConsumerGroup:
+    """The group once its checkpoint reached the head (checkpoints are stored async)."""
+    async with asyncio.timeout(within):
+        while True:
+            group = await env.get(name)
+            if group.checkpoint == group.head_position and group.in_flight == 0:
+                return group
+            await asyncio.sleep(0.02)
+
+
+# -- creating, reading, deleting ---------------------------------------------------------
+
+
+async def test_a_group_reports_its_effective_settings(env: Env) -> None:
+    group = await env.create("orders-projection")
+    assert group.name == "orders-projection"
+    assert group.settings.partitions == 16
+    assert group.settings.ack_timeout.seconds == 30
+    assert group.settings.max_deliveries == 5
+    assert len(group.partition_states) == 16
+    assert group.created_at.seconds > 0
+    listed = await env.groups.ListConsumerGroups(pb.ListConsumerGroupsRequest())
+    assert [g.name for g in listed.groups] == ["orders-projection"]
+
+
+async def test_creating_again_with_equal_settings_answers_the_group(env: Env) -> None:
+    first = await env.create("g", partitions=4, event_types=["OrderCreated"])
+    again = await env.create("g", partitions=4, event_types=["OrderCreated"])
+    assert again.created_at == first.created_at
+    # Defaults spelt out are equal settings too.
+    await env.create("g", partitions=4, event_types=["OrderCreated"], max_deliveries=5)
+
+
+async def test_creating_again_with_other_settings_is_already_exists(env: Env) -> None:
+    await env.create("g", partitions=4)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await env.create("g", partitions=8)
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert reason_of(caught.value) == "CONSUMER_GROUP_EXISTS"
+
+
+async def test_every_invalid_setting_is_named_at_once(env: Env) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await env.create(
+            "bad name!",
+            partitions=257,
+            ack_timeout=0.5,
+            max_deliveries=101,
+            event_types=["OrderCreated", "NoSuchEvent"],
+            start_after_position=2**63,
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(bad_fields(caught.value)) == {
+        "name",
+        "settings.partitions",
+        "settings.ack_timeout",
+        "settings.max_deliveries",
+        "settings.event_types[1]",
+        "settings.start_after_position",
+    }
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await env.create("g", ack_timeout=3601)
+    assert bad_fields(caught.value) == ["settings.ack_timeout"]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await env.create("x" * 65)
+    assert bad_fields(caught.value) == ["name"]
+
+
+@pytest.mark.parametrize("rpc", ["get", "delete", "replay", "consume"])
+async def test_an_unknown_group_is_not_found(env: Env, rpc: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        if rpc == "get":
+            await env.get("nope")
+        elif rpc == "delete":
+            await env.groups.DeleteConsumerGroup(pb.DeleteConsumerGroupRequest(name="nope"))
+        elif rpc == "replay":
+            await env.groups.ReplayParked(pb.ReplayParkedRequest(name="nope"))
+        else:
+            await join(env.groups, "nope")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert reason_of(caught.value) == "CONSUMER_GROUP_NOT_FOUND"
+
+
+async def test_delete_removes_the_group_and_ends_its_members_with_not_found(env: Env) -> None:
+    await env.create("g")
+    async with member(env.groups, "g") as consumer:
+        await env.groups.DeleteConsumerGroup(pb.DeleteConsumerGroupRequest(name="g"))
+        error = await consumer.finished()
+        assert error is not None and error.code() == grpc.StatusCode.NOT_FOUND
+        assert reason_of(error) == "CONSUMER_GROUP_NOT_FOUND"
+    listed = await env.groups.ListConsumerGroups(pb.ListConsumerGroupsRequest())
+    assert list(listed.groups) == []
+    # A new group of that name starts afresh.
+    await env.restocks(1)
+    await env.create("g", partitions=2)
+    async with member(env.groups, "g") as consumer:
+        assert (await consumer.delivery()).attempt == 1
+
+
+# -- joining -------------------------------------------------------------------------
+
+
+async def test_the_first_message_must_be_a_join(env: Env) -> None:
+    await env.create("g")
+    call = env.groups.Consume()
+    await call.write(pb.ConsumeRequest(ack=pb.Ack(event_ids=["x"])))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_fields(caught.value) == ["join"]
+
+
+async def test_join_fields_are_validated(env: Env) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await join(env.groups, "", member_id="has space", max_in_flight=1001)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(bad_fields(caught.value)) == {"join.group", "join.member_id", "join.max_in_flight"}
+
+
+async def test_a_member_id_is_taken_while_its_member_is_connected(env: Env) -> None:
+    await env.create("g")
+    async with member(env.groups, "g", member_id="worker-1") as first:
+        assert first.member_id == "worker-1"
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await join(env.groups, "g", member_id="worker-1")
+        assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert reason_of(caught.value) == "MEMBER_ID_TAKEN"
+    async with member(env.groups, "g", member_id="worker-1") as again:
+        assert again.member_id == "worker-1"
+
+
+async def test_an_empty_member_id_gets_a_uuid(env: Env) -> None:
+    await env.create("g")
+    async with member(env.groups, "g") as consumer:
+        uuid.UUID(consumer.member_id)
+
+
+async def eventually(check: Callable[[], bool], within: float = 10) -> None:
+    async with asyncio.timeout(within):
+        while not check():  # noqa: ASYNC110 - grpc reader tasks change the state
+            await asyncio.sleep(0.01)
+
+
+async def test_assignments_follow_members_joining_and_leaving(env: Env) -> None:
+    await env.create("g", partitions=5)
+    async with member(env.groups, "g", member_id="a") as a:
+        assert a.partitions == [0, 1, 2, 3, 4]
+        async with member(env.groups, "g", member_id="b") as b:
+            await eventually(lambda: sorted(a.partitions + b.partitions) == [0, 1, 2, 3, 4])
+            assert {len(a.partitions), len(b.partitions)} == {2, 3}
+            before = {"a": set(a.partitions), "b": set(b.partitions)}
+            async with member(env.groups, "g", member_id="c") as c:
+                await eventually(
+                    lambda: sorted(a.partitions + b.partitions + c.partitions) == [0, 1, 2, 3, 4]
+                )
+                assert sorted(len(m.partitions) for m in (a, b, c)) == [1, 2, 2]
+                # Fewest moves: a and b only gave up partitions, c got only those.
+                assert set(a.partitions) <= before["a"] and set(b.partitions) <= before["b"]
+                group = await env.get()
+                owners = {p.partition: p.member_id for p in group.partition_states}
+                assert owners == {p: m.member_id for m in (a, b, c) for p in m.partitions}
+                assert sorted(m.member_id for m in group.members) == ["a", "b", "c"]
+        await eventually(lambda: a.partitions == [0, 1, 2, 3, 4])
+        group = await env.get()
+        assert [m.member_id for m in group.members] == ["a"]
+        assert list(group.members[0].partitions) == [0, 1, 2, 3, 4]
+
+
+async def test_members_beyond_the_partition_count_stand_by_and_take_over(env: Env) -> None:
+    await env.create("g", partitions=1)
+    await env.restocks(2, products=2)
+    async with (
+        member(env.groups, "g", member_id="a") as a,
+        member(env.groups, "g", member_id="b") as b,
+    ):
+        assert b.partitions == []
+        held = await a.deliveries(2)
+        await a.close()
+        # a's unsettled deliveries go to the standby at once, as failed attempts.
+        moved = await b.deliveries(2)
+        assert b.partitions == [0]
+        assert [d.event.event_id for d in moved] == [d.event.event_id for d in held]
+        assert [d.attempt for d in moved] == [2, 2]
+
+
+async def test_deliveries_carry_the_crc32_partition(env: Env) -> None:
+    await env.create("g", partitions=7)
+    await env.restocks(12, products=12)
+    async with member(env.groups, "g") as consumer:
+        for delivery in await consumer.deliveries(12):
+            stream = delivery.event.stream_id.encode()
+            assert delivery.partition == zlib.crc32(stream) % 7
+
+
+# -- order and settling --------------------------------------------------------------
+
+
+async def test_a_stream_s_next_event_waits_until_the_one_before_is_settled(env: Env) -> None:
+    await env.create("g")
+    first, second, third = await env.restocks(3)  # one stream: product-p0
+    async with member(env.groups, "g") as consumer:
+        delivery = await consumer.delivery()
+        assert delivery.event.event_id == first
+        await consumer.no_delivery(0.3)
+        await consumer.ack(first)
+        assert (await consumer.delivery()).event.event_id == second
+        await consumer.nack(second, action=pb.NACK_ACTION_SKIP)
+        assert (await consumer.delivery()).event.event_id == third
+
+
+async def test_streams_do_not_wait_for_each_other(env: Env) -> None:
+    await env.create("g", partitions=1)
+    ids = await env.restocks(4, products=4)
+    async with member(env.groups, "g") as consumer:
+        received = await consumer.deliveries(4)
+        assert sorted(d.event.event_id for d in received) == sorted(ids)
+
+
+async def test_max_in_flight_bounds_unsettled_deliveries(env: Env) -> None:
+    await env.create("g", partitions=1)
+    await env.restocks(10, products=10)
+    async with member(env.groups, "g", max_in_flight=3) as consumer:
+        held = await consumer.deliveries(3)
+        await consumer.no_delivery(0.3)
+        await consumer.ack(held[0].event.event_id)
+        await consumer.delivery()
+        await consumer.no_delivery(0.2)
+
+
+async def test_a_retried_event_comes_back_with_the_next_attempt(env: Env) -> None:
+    await env.create("g")
+    (event_id,) = await env.restocks(1)
+    async with member(env.groups, "g") as consumer:
+        await consumer.delivery()
+        await consumer.nack(event_id, action=pb.NACK_ACTION_RETRY, reason="db down")
+        again = await consumer.delivery()
+        assert (again.event.event_id, again.attempt) == (event_id, 2)
+        await consumer.nack(event_id)  # UNSPECIFIED retries too
+        assert (await consumer.delivery()).attempt == 3
+
+
+async def test_retry_backoff_is_one_second_at_first() -> None:
+    async with (
+        group_gateway(tuning=GroupTuning(flush_interval=0.05)) as gateway,
+        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel,
+    ):
+        stub = pb_grpc.ConsumerGroupServiceStub(channel)
+        inventory = inventory_command_service_pb2_grpc.InventoryCommandServiceStub(channel)
+        await stub.CreateConsumerGroup(pb.CreateConsumerGroupRequest(name="g"))
+        request = inventory_command_service_pb2.RestockProductRequest(product_id="p", quantity=1)
+        async for _ in inventory.RestockProduct(request):
+            pass
+        async with member(stub, "g") as consumer:
+            first = await consumer.delivery()
+            nacked_at = time.monotonic()
+            await consumer.nack(first.event.event_id)
+            again = await consumer.delivery(5)
+            # Not sooner than 1 s (a lower bound: no flakiness on a slow machine).
+            assert time.monotonic() - nacked_at >= 1.0
+            assert again.attempt == 2
+
+
+async def test_an_event_is_parked_after_max_deliveries_and_its_stream_moves_on(env: Env) -> None:
+    await env.create("g", max_deliveries=2)
+    first, second = await env.restocks(2)
+    async with member(env.groups, "g") as consumer:
+        for attempt in (1, 2):
+            delivery = await consumer.delivery()
+            assert (delivery.event.event_id, delivery.attempt) == (first, attempt)
+            await consumer.nack(first, reason=f"failure {attempt}")
+        assert (await consumer.delivery()).event.event_id == second
+        await consumer.ack(second)
+        group = await settled(env)
+        assert group.parked == 1
+
+
+async def test_park_and_skip_settle_at_once(env: Env) -> None:
+    await env.create("g", partitions=1)
+    parked, skipped = await env.restocks(2, products=2)
+    async with member(env.groups, "g") as consumer:
+        await consumer.deliveries(2)
+        await consumer.nack(parked, action=pb.NACK_ACTION_PARK, reason="poison")
+        await consumer.nack(skipped, action=pb.NACK_ACTION_SKIP)
+        group = await settled(env)
+        assert group.parked == 1
+        await consumer.no_delivery(0.2)
+
+
+async def test_replay_parked_is_bounded_and_starts_at_attempt_one(env: Env) -> None:
+    await env.create("g", partitions=1)
+    ids = await env.restocks(3, products=3)
+    async with member(env.groups, "g") as consumer:
+        for delivery in await consumer.deliveries(3):
+            await consumer.nack(delivery.event.event_id, action=pb.NACK_ACTION_PARK)
+        assert (await settled(env)).parked == 3
+        replay = await env.groups.ReplayParked(pb.ReplayParkedRequest(name="g", limit=2))
+        assert replay.replayed == 2
+        replayed = await consumer.deliveries(2)
+        assert [d.attempt for d in replayed] == [1, 1]
+        # The longest-parked first: they were parked in this order.
+        assert {d.event.event_id for d in replayed} <= set(ids)
+        await consumer.no_delivery(0.2)
+        assert (await env.get()).parked == 1
+        await consumer.ack(*(d.event.event_id for d in replayed))
+        rest = await env.groups.ReplayParked(pb.ReplayParkedRequest(name="g"))
+        assert rest.replayed == 1
+        last = await consumer.delivery()
+        assert {last.event.event_id, *(d.event.event_id for d in replayed)} == set(ids)
+        await consumer.ack(last.event.event_id)
+        await asyncio.sleep(0.2)
+        assert (await env.get()).parked == 0
+
+
+async def test_a_large_replay_is_held_a_batch_at_a_time() -> None:
+    tuning = GroupTuning(flush_interval=0.05, retry_base=0.02, replay_batch=2)
+    async with (
+        group_gateway(tuning=tuning) as gateway,
+        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel,
+    ):
+        stub = pb_grpc.ConsumerGroupServiceStub(channel)
+        inventory = inventory_command_service_pb2_grpc.InventoryCommandServiceStub(channel)
+        await stub.CreateConsumerGroup(
+            pb.CreateConsumerGroupRequest(name="g", settings=group_settings(partitions=1))
+        )
+        for n in range(5):
+            request = inventory_command_service_pb2.RestockProductRequest(
+                product_id=f"p{n}", quantity=1
+            )
+            async for _ in inventory.RestockProduct(request):
+                pass
+        async with member(stub, "g") as consumer:
+            for delivery in await consumer.deliveries(5):
+                await consumer.nack(delivery.event.event_id, action=pb.NACK_ACTION_PARK)
+            get = pb.GetConsumerGroupRequest(name="g")
+            async with asyncio.timeout(10):
+                while (await stub.GetConsumerGroup(get)).group.parked < 5:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            replay = await stub.ReplayParked(pb.ReplayParkedRequest(name="g"))
+            assert replay.replayed == 5
+            runtime = gateway.groups.runtimes["g"]
+            held = [await consumer.delivery(), await consumer.delivery()]
+            await consumer.no_delivery(0.5)  # the other three wait in the store
+            assert sum(len(p.replays) for p in runtime._partitions) == 2
+            seen = {d.event.event_id for d in held}
+            await consumer.ack(*seen)
+            while len(seen) < 5:
+                delivery = await consumer.delivery()
+                assert delivery.attempt == 1
+                seen.add(delivery.event.event_id)
+                await consumer.ack(delivery.event.event_id)
+                assert sum(len(p.replays) for p in runtime._partitions) <= 2
+
+
+async def test_a_replayed_event_does_not_hold_back_its_stream(env: Env) -> None:
+    await env.create("g")
+    first, second, third = await env.restocks(3)
+    async with member(env.groups, "g") as consumer:
+        await consumer.delivery()
+        await consumer.nack(first, action=pb.NACK_ACTION_PARK)
+        assert (await consumer.delivery()).event.event_id == second
+        await asyncio.sleep(0.2)
+        await env.groups.ReplayParked(pb.ReplayParkedRequest(name="g"))
+        replayed = await consumer.delivery()
+        assert replayed.event.event_id == first
+        await consumer.ack(second)
+        # The replayed event is still in flight; the stream goes on regardless.
+        assert (await consumer.delivery()).event.event_id == third
+
+
+async def test_an_unacked_delivery_times_out_and_comes_again_at_once(env: Env) -> None:
+    await env.create("g", ack_timeout=1)
+    (event_id,) = await env.restocks(1)
+    async with member(env.groups, "g") as consumer:
+        first = await consumer.delivery()
+        again = await consumer.delivery(5)
+        assert (again.event.event_id, again.attempt) == (event_id, 2)
+        assert first.attempt == 1
+
+
+async def test_extend_restarts_the_ack_timeout(env: Env) -> None:
+    await env.create("g", ack_timeout=2)
+    (event_id,) = await env.restocks(1)
+    async with member(env.groups, "g") as consumer:
+        await consumer.delivery()
+        for _ in range(8):  # 4 s: well past the 2 s timeout, extended 4 times per timeout
+            await asyncio.sleep(0.5)
+            await consumer.extend(event_id)
+        await consumer.no_delivery(0.3)
+        again = await consumer.delivery(5)  # no more extends: it times out
+        assert again.attempt == 2
+
+
+async def test_a_departed_member_s_deliveries_go_to_the_others_at_once(env: Env) -> None:
+    await env.create("g", partitions=2)
+    async with member(env.groups, "g", member_id="stays") as stays:
+        leaving = await join(env.groups, "g", member_id="leaves")
+        await eventually(lambda: stays.partitions == [0])
+        await env.restocks(8, products=8)  # streams in both partitions
+        taken = [d.event.event_id for d in await leaving.deliveries(1)]
+        await leaving.close()
+        seen: dict[str, int] = {}
+        async with asyncio.timeout(10):
+            while taken[0] not in seen:
+                delivery = await stays.delivery()
+                seen[delivery.event.event_id] = delivery.attempt
+                await stays.ack(delivery.event.event_id)
+        assert seen[taken[0]] == 2
+
+
+async def test_the_checkpoint_never_passes_an_unsettled_event(env: Env) -> None:
+    await env.create("g", partitions=1)
+    held, *others = await env.restocks(6, products=6)
+    async with member(env.groups, "g") as consumer:
+        received = {d.event.event_id: d.event.position for d in await consumer.deliveries(6)}
+        await consumer.ack(*others)
+        await asyncio.sleep(0.3)
+        group = await env.get()
+        assert group.checkpoint == received[held] - 1
+        assert group.partition_states[0].checkpoint == received[held] - 1
+        assert group.in_flight == 1
+        await consumer.ack(held)
+        assert (await settled(env)).checkpoint == group.head_position
+
+
+@pytest.mark.parametrize("members", [2, 3])
+async def test_order_holds_with_competing_members_nacking_at_random(env: Env, members: int) -> None:
+    await env.create("g", partitions=4, max_deliveries=100)
+    await env.clients.restock("a", 10_000)
+    await env.clients.restock("b", 10_000)
+    orders = []
+    for n in range(15):
+        events = await env.clients.create(order_request(item("a"), item("b")))
+        orders.append(events[0].order_created.order_id)
+        if n % 2:
+            await env.clients.cancel(orders[-1])
+    head = (await env.get()).head_position
+    log: list[tuple[str, str, int]] = []  # (what, stream, version), in the order it happened
+    done: set[str] = set()
+    rng = random.Random(members)
+
+    async def work(consumer: GroupMember) -> None:
+        while True:
+            delivery = await consumer.delivery(30)
+            event = delivery.event
+            log.append(("delivered", event.stream_id, event.stream_version))
+            await asyncio.sleep(rng.random() * 0.005)
+            if rng.random() < 0.3:
+                await consumer.nack(event.event_id)
+            else:
+                log.append(("settled", event.stream_id, event.stream_version))
+                done.add(event.event_id)
+                await consumer.ack(event.event_id)
+
+    joined = [await join(env.groups, "g", max_in_flight=5) for _ in range(members)]
+    workers = [asyncio.create_task(work(m)) for m in joined]
+    try:
+        async with asyncio.timeout(60):
+            while len(done) < head:  # noqa: ASYNC110 - the workers fill it
+                await asyncio.sleep(0.05)
+    finally:
+        for task in workers:
+            task.cancel()
+        for consumer in joined:
+            await consumer.close()
+    settled_versions: dict[str, int] = {}
+    for what, stream, version in log:
+        if what == "delivered":
+            # Delivered only once every earlier event of its stream was settled (an
+            # event settled already may come again: an ack that crossed a rebalance).
+            assert settled_versions.get(stream, 0) >= version - 1, (stream, version)
+        else:
+            settled_versions[stream] = max(settled_versions.get(stream, 0), version)
+    assert len(done) == head
+
+
+async def test_members_joining_and_leaving_under_load_lose_nothing_and_keep_order(
+    env: Env,
+) -> None:
+    await env.create("g", partitions=8)
+    await env.clients.restock("a", 10_000)
+    log: list[tuple[str, str, int]] = []
+    acked: set[str] = set()
+
+    async def work(consumer: GroupMember) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            while True:
+                event = (await consumer.delivery(60)).event
+                log.append(("delivered", event.stream_id, event.stream_version))
+                await asyncio.sleep(0.002)
+                log.append(("settled", event.stream_id, event.stream_version))
+                acked.add(event.event_id)
+                await consumer.ack(event.event_id)
+
+    async def write() -> set[str]:
+        written: set[str] = set()
+        for n in range(40):
+            events = await env.clients.create(order_request(item("a")))
+            written |= {e.event_id for e in events}
+            if n % 3 == 0:
+                cancelled = await env.clients.cancel(events[0].order_created.order_id)
+                written |= {e.event_id for e in cancelled}
+            await asyncio.sleep(0.01)
+        return written
+
+    writing = asyncio.create_task(write())
+    members: list[GroupMember] = []
+    workers: list[asyncio.Task[None]] = []
+    try:
+        for step in range(6):  # join, join, join, leave, join, leave: under the writes
+            if step in (3, 5):
+                await members.pop(0).close()
+            else:
+                members.append(await join(env.groups, "g", max_in_flight=3))
+                workers.append(asyncio.create_task(work(members[-1])))
+            await asyncio.sleep(0.15)
+        written = await writing
+        async with asyncio.timeout(60):
+            while not written <= acked:  # noqa: ASYNC110 - the workers fill it
+                await asyncio.sleep(0.05)
+    finally:
+        for task in workers:
+            task.cancel()
+        for consumer in members:
+            await consumer.close()
+    settled_versions: dict[str, int] = {}
+    for what, stream, version in log:
+        if what == "delivered":
+            assert settled_versions.get(stream, 0) >= version - 1, (stream, version)
+        else:
+            settled_versions[stream] = max(settled_versions.get(stream, 0), version)
+
+
+# -- bad input, limits and shutdown --------------------------------------------------
+
+
+async def test_unknown_and_malformed_ids_are_ignored(env: Env) -> None:
+    await env.create("g")
+    (event_id,) = await env.restocks(1)
+    async with member(env.groups, "g") as consumer:
+        await consumer.delivery()
+        await consumer.ack("no-such-id", "", "\x00" * 300, str(uuid.uuid4()))
+        await consumer.nack("x" * 10_000, action=pb.NACK_ACTION_PARK)
+        await consumer.extend("nope")
+        await consumer.send(pb.ConsumeRequest())  # nothing set
+        await consumer.nack(event_id, action=77)  # an action this server does not know
+        again = await consumer.delivery()
+        assert again.attempt == 2
+        await consumer.ack(event_id)
+        await settled(env)
+
+
+async def test_a_second_join_ends_the_stream_with_invalid_argument(env: Env) -> None:
+    await env.create("g")
+    async with member(env.groups, "g") as consumer:
+        await consumer.send(pb.ConsumeRequest(join=pb.Join(group="g")))
+        error = await consumer.finished()
+        assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_member_that_never_reads_holds_bounded_memory(env: Env) -> None:
+    await env.create("g", partitions=1, ack_timeout=1, max_deliveries=3)
+    await env.restocks(40, products=40)
+    call = env.groups.Consume()
+    await call.write(pb.ConsumeRequest(join=pb.Join(group="g", member_id="mute", max_in_flight=4)))
+    runtime = env.gateway.groups.runtimes
+    async with asyncio.timeout(10):
+        while "g" not in runtime or "mute" not in runtime["g"].members:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    engine_member = runtime["g"].members["mute"]
+    longest = 0
+    # Its deliveries time out, come again and, after max_deliveries, are parked.
+    async with asyncio.timeout(60):
+        while (await env.get()).parked < 8:
+            longest = max(longest, len(engine_member._outbox))
+            assert len(engine_member.in_flight) <= 4
+            await asyncio.sleep(0.05)
+    assert longest <= 2 * 4 + 16 + 1
+    call.cancel()
+
+
+async def test_shutdown_ends_consume_with_unavailable() -> None:
+    async with (
+        group_gateway() as gateway,
+        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel,
+    ):
+        stub = pb_grpc.ConsumerGroupServiceStub(channel)
+        await stub.CreateConsumerGroup(pb.CreateConsumerGroupRequest(name="g"))
+        consumer = await join(stub, "g")
+        started = time.monotonic()
+        await gateway.stop()
+        error = await consumer.finished()
+        assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - started < gateway.shutdown_grace + 5
+
+
+# -- metrics -----------------------------------------------------------------------------
+
+
+def scraped(gateway: Gateway, name: str, group: str = "g") -> float | None:
+    value = gateway.metrics.registry.get_sample_value(name, {"group": group})
+    return value
+
+
+async def test_metrics_per_group(env: Env) -> None:
+    await env.create("g", partitions=1, max_deliveries=5)
+    first, second, third = await env.restocks(3, products=3)
+    async with member(env.groups, "g", max_in_flight=2) as consumer:
+        await consumer.deliveries(2)
+        await eventually(
+            lambda: scraped(env.gateway, "order_gateway_consumer_group_in_flight") == 2
+        )
+        assert scraped(env.gateway, "order_gateway_consumer_group_members") == 1
+        assert scraped(env.gateway, "order_gateway_consumer_group_lag_events") == 3
+        await consumer.nack(first)
+        await consumer.nack(second, action=pb.NACK_ACTION_PARK)
+        await consumer.deliveries(2)  # first again, and third
+        assert scraped(env.gateway, "order_gateway_consumer_group_redeliveries_total") == 1
+        await consumer.ack(first, third)
+        await eventually(
+            lambda: (
+                scraped(env.gateway, "order_gateway_consumer_group_parked") == 1
+                and scraped(env.gateway, "order_gateway_consumer_group_lag_events") == 0
+            )
+        )
+    # The last member gone, the group is not served here: only the counter stays.
+    await eventually(lambda: scraped(env.gateway, "order_gateway_consumer_group_members") is None)
+    assert scraped(env.gateway, "order_gateway_consumer_group_redeliveries_total") == 1
+
+
+async def test_bytes_that_do_not_parse_end_the_stream_with_invalid_argument(env: Env) -> None:
+    await env.create("g")
+    raw: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = env.clients.channel.stream_stream(
+        "/orders.v1.ConsumerGroupService/Consume"
+    )
+    garbage = b"\xff\xff\xff\xff\x0f"  # a truncated varint: no ConsumeRequest parses from it
+    first = raw()
+    await first.write(garbage)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await first.read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    joined = raw()
+    await joined.write(pb.ConsumeRequest(join=pb.Join(group="g")).SerializeToString())
+    answer = await joined.read()
+    assert isinstance(answer, bytes)
+    assert pb.ConsumeResponse.FromString(answer).HasField("assignment")
+    await joined.write(garbage)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async with asyncio.timeout(10):
+            while True:  # what was sent before the garbage (assignments), then the error
+                await joined.read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # The member left: its id is free, and the server is none the worse.
+    assert (await env.get()).members == []
