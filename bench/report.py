@@ -87,18 +87,12 @@ class Report:
     def floor(self, workload: str, concurrency: int) -> LoadResult | None:
         return self.find_load("floor", workload, concurrency)
 
-    def best_durable_floor(
-        self, workload: str, concurrency: int, by_latency: bool = False
-    ) -> LoadResult | None:
-        """Of the durable floors, the most calls/s (or the lowest p50, ``by_latency``)."""
+    def best_durable_floor(self, workload: str, concurrency: int) -> LoadResult | None:
+        """Of the durable floors, the one with the lowest p50 (the latency target's base)."""
         measured = [
             r for name in DURABLE_FLOORS if (r := self.find_load(name, workload, concurrency))
         ]
-        if not measured:
-            return None
-        if by_latency:
-            return min(measured, key=lambda r: r.latency.p50_ms)
-        return max(measured, key=lambda r: r.calls_per_s)
+        return min(measured, key=lambda r: r.latency.p50_ms, default=None)
 
     def find_load(self, server: str, workload: str, concurrency: int) -> LoadResult | None:
         for result in self.load:

@@ -5,8 +5,11 @@ from __future__ import annotations
 from bench.stats import Latencies, LoadResult
 
 
-def made_up_load(server: str, concurrency: int, calls_per_s: float, p50_ms: float) -> LoadResult:
-    """One second of CreateOrder load on ``server``, p90 and p99 twice and three times the p50."""
+def made_up_load(
+    server: str, concurrency: int, calls_per_s: float, p50_ms: float, cpu_ms: float = 0.0
+) -> LoadResult:
+    """One second of CreateOrder load on ``server``, p90 and p99 twice and three times the
+    p50, ``cpu_ms`` of server CPU per call (0: not measured)."""
     return LoadResult(
         server=server,
         workload="create",
@@ -15,4 +18,5 @@ def made_up_load(server: str, concurrency: int, calls_per_s: float, p50_ms: floa
         calls=int(calls_per_s),
         calls_per_s=calls_per_s,
         latency=Latencies(p50_ms=p50_ms, p90_ms=p50_ms * 2, p99_ms=p50_ms * 3),
+        server_cpu_ms_per_call=cpu_ms,
     )
