@@ -6,7 +6,7 @@ import asyncio
 import gc
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -96,7 +96,9 @@ class Gateway:
             self.tracing.shutdown()
 
 
-def server_options(settings: Settings) -> Sequence[tuple[str, int]]:
+def server_options(settings: Settings, reuse_port: bool = False) -> Sequence[tuple[str, int]]:
+    """``reuse_port``: share the address with the other workers of this gateway
+    (``server.workers``, which refuses an address a stranger holds before any starts)."""
     return (
         ("grpc.max_receive_message_length", settings.max_request_bytes),
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
@@ -108,7 +110,7 @@ def server_options(settings: Settings) -> Sequence[tuple[str, int]]:
         # grpc sets SO_REUSEPORT by default (grpc/grpc#16920), so a second gateway started
         # on the same address would bind too and the kernel would hand it part of the
         # calls, unnoticed. An address in use is refused instead, as operators expect.
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     )
 
 
@@ -118,11 +120,13 @@ async def create_server(
     authenticators: Sequence[Authenticator] | None = None,
     hub_tuning: HubTuning | None = None,
     tracing: Tracing | None = None,
+    reuse_port: bool = False,
 ) -> Gateway:
     """A configured, bound, not yet started gateway (``--listen`` may use port 0).
 
     ``authenticators`` default to those the settings name (none: authentication off);
-    ``tracing`` to OpenTelemetry with ``--otel``, else none.
+    ``tracing`` to OpenTelemetry with ``--otel``, else none; ``reuse_port`` as in
+    ``server_options``.
     """
     # Key, token and certificate files are read first: a bad one fails before the store opens.
     if authenticators is None:
@@ -142,7 +146,7 @@ async def create_server(
             AuthInterceptor(authenticators),
             RequestDecodingInterceptor(),
         ],
-        options=server_options(settings),
+        options=server_options(settings, reuse_port),
         # grpc.max_concurrent_streams only bounds one connection; this bounds the process
         # (more is RESOURCE_EXHAUSTED).
         maximum_concurrent_rpcs=settings.max_concurrent_streams,
@@ -216,9 +220,22 @@ def tune_garbage_collection() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then stop gracefully."""
-    gateway = await create_server(settings)
+async def serve(
+    settings: Settings,
+    *,
+    store: EventStore | None = None,
+    reuse_port: bool = False,
+    on_serving: Callable[[Gateway], None] | None = None,
+    stop: asyncio.Event | None = None,
+    signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+) -> None:
+    """Run until one of ``signals`` arrives (or ``stop`` is set), then stop gracefully.
+
+    A worker of ``--workers N`` passes its ``store``, ``reuse_port``, ``on_serving`` (told
+    once the gateway serves), a ``stop`` it sets itself when its supervisor is gone, and
+    SIGTERM alone: its supervisor handles SIGINT.
+    """
+    gateway = await create_server(settings, store=store, reuse_port=reuse_port)
     await gateway.start()
     tune_garbage_collection()
     # The bound port, not the configured one: with port 0 the OS chose it.
@@ -232,9 +249,11 @@ async def serve(settings: Settings) -> None:
     if settings.metrics_listen and gateway.metrics_port is not None:
         metrics_host = settings.metrics_listen.rpartition(":")[0]
         log.info("metrics at http://%s:%d/metrics", metrics_host, gateway.metrics_port)
-    stop = asyncio.Event()
+    if on_serving is not None:
+        on_serving(gateway)
+    stop = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in signals:
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     log.info("shutting down")

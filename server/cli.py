@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--otel", action="store_const", const=True)
     serve.add_argument("--log-format", choices=["text", "json"])
     serve.add_argument("--log-level", metavar="LEVEL")
+    serve.add_argument("--workers", metavar="N", type=int)
 
     migrate = commands.add_parser("migrate", help="create or upgrade the store's schema, then exit")
     migrate.add_argument("--store", metavar="URL")
@@ -115,9 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(settings.log_format, settings.log_level)
         if args.command == "serve":
             from server.app import serve
+            from server.workers.supervisor import supervise, worker_count
 
             check_exposure(settings)
-            asyncio.run(serve(settings))
+            if worker_count(settings.workers) > 1:
+                asyncio.run(supervise(settings))
+            else:
+                asyncio.run(serve(settings))
         elif args.command == "migrate":
             from server.stores.factory import migrate
 

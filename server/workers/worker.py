@@ -1,0 +1,90 @@
+"""One ``--workers`` process: a gateway on the shared address, run by the supervisor.
+
+Workers are spawned (a fresh interpreter each), never forked: grpc's state cannot be
+forked once it exists (grpc issue 16001), and the supervisor may hold the SQLite writer
+thread. A worker stops gracefully on SIGTERM, which only its supervisor sends (SIGINT
+from a terminal reaches the whole process group; the supervisor turns it into SIGTERM),
+and also when its supervisor is gone, so that no worker outlives a killed supervisor: the
+supervisor holds the only write end of a pipe whose read end the worker watches, and the
+kernel closes it when the supervisor dies, however it dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from domain.ports import EventStore
+from server.app import Gateway, serve
+from server.config import Settings
+from server.logs import configure_logging
+from server.workers.writer_client import SharedWriterStore
+
+log = logging.getLogger("order_gateway.workers")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    settings: Settings
+    """The gateway's settings, ``listen`` holding the port every worker shares."""
+    index: int
+    """1 to N: the worker's number in logs and metrics, kept by its replacements."""
+    sqlite_file: str | None = None
+    writer_socket: str | None = None
+    """On SQLite: the file, and the supervisor's socket that takes the appends."""
+
+
+def run_worker(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> None:
+    """The worker process's entry point: sends its metrics port (or None) on ``ready``
+    once it serves, and stops when ``lifeline`` (whose other end only the supervisor
+    holds) reaches its end."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    settings = spec.settings
+    configure_logging(settings.log_format, settings.log_level, worker=spec.index)
+    try:
+        asyncio.run(_serve(spec, ready, lifeline))
+    except Exception:
+        log.exception("worker %d failed", spec.index)
+        raise SystemExit(1) from None
+
+
+async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> None:
+    stop = asyncio.Event()
+    store: EventStore | None = None
+
+    def supervisor_gone() -> None:
+        asyncio.get_running_loop().remove_reader(lifeline.fileno())
+        log.error("the supervisor process is gone; stopping")
+        stop.set()
+
+    asyncio.get_running_loop().add_reader(lifeline.fileno(), supervisor_gone)
+    background: list[asyncio.Task[None]] = []
+    if spec.sqlite_file is not None and spec.writer_socket is not None:
+        shared = await SharedWriterStore.open(spec.sqlite_file, spec.writer_socket)
+        background.append(asyncio.create_task(_stop_when_set(shared.lost, stop)))
+        store = shared
+
+    def on_serving(gateway: Gateway) -> None:
+        ready.send(gateway.metrics_port)
+        ready.close()
+
+    try:
+        await serve(
+            spec.settings,
+            store=store,
+            reuse_port=True,
+            on_serving=on_serving,
+            stop=stop,
+            signals=(signal.SIGTERM,),
+        )
+    finally:
+        for task in background:
+            task.cancel()
+
+
+async def _stop_when_set(event: asyncio.Event, stop: asyncio.Event) -> None:
+    await event.wait()
+    stop.set()
