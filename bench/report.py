@@ -16,6 +16,7 @@ import grpc
 from bench.inprocess import InProcessResult
 from bench.servers import DURABLE_FLOORS
 from bench.stats import LoadResult
+from bench.workers import WORKER_COUNTS, DeliveryResult, label
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,9 @@ class Report:
     catch_up: list[CatchUpResult] = field(default_factory=list)
     fan_out: list[FanOutResult] = field(default_factory=list)
     stream_length: list[StreamLengthResult] = field(default_factory=list)
+    workers: list[LoadResult] = field(default_factory=list)
+    """``serve --workers N`` load, ``server`` "<store> x<N>"; several rounds per point."""
+    delivery: list[DeliveryResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     """Sections or stores not measured, and why."""
 
@@ -103,6 +107,11 @@ class Report:
             ):
                 return result
         return None
+
+    def workers_load(self, store: str, workers: int, concurrency: int) -> list[LoadResult]:
+        """Every round measured for one ``--workers`` point."""
+        name = label(store, workers)
+        return [r for r in self.workers if (r.server, r.concurrency) == (name, concurrency)]
 
     def eventsourcing(self, backend: str) -> InProcessResult | None:
         return next(
@@ -130,6 +139,8 @@ class Report:
             "stream_length": [
                 {**dataclasses.asdict(r), "ratio": r.ratio} for r in self.stream_length
             ],
+            "workers": plain(self.workers),
+            "delivery": plain(self.delivery),
             "notes": self.notes,
         }
 
@@ -352,11 +363,54 @@ def print_stream_length(report: Report, out: TextIO) -> None:
     )
 
 
+def print_workers(report: Report, out: TextIO) -> None:
+    if not report.workers:
+        return
+    out.write(
+        "\nserve --workers N, CreateOrder (interleaved rounds; server CPU = supervisor and "
+        "workers)\n"
+    )
+    rows = []
+    for result in report.workers:
+        store, _, workers = result.server.rpartition(" x")
+        base = None
+        if int(workers) != WORKER_COUNTS[0]:
+            rounds = report.workers_load(store, WORKER_COUNTS[0], result.concurrency)
+            base = rounds[-1] if rounds else None
+        rows.append(
+            [
+                result.server,
+                str(result.concurrency),
+                f"{result.calls_per_s:,.0f}",
+                f"{result.latency.p50_ms:.2f}",
+                f"{result.latency.p99_ms:.2f}",
+                f"{result.server_cpu_ms_per_call:.3f}",
+                _ratio(result.calls_per_s, base.calls_per_s) if base else "",
+                ",".join(f"{k}={v}" for k, v in result.errors.items()),
+            ]
+        )
+    _table(
+        out,
+        ["server", "conc", "calls/s", "p50 ms", "p99 ms", "srv CPU ms/call", "vs x1", "errors"],
+        rows,
+    )
+    for delivery in report.delivery:
+        out.write(
+            f"Live delivery across workers on {delivery.store}: {delivery.orders} orders, "
+            f"subscribers by worker {delivery.subscribers_per_worker}; p50/p99 "
+            f"{delivery.from_send.p50_ms:.2f}/{delivery.from_send.p99_ms:.2f} ms from the "
+            f"command's send, {delivery.after_answer.p50_ms:.2f}/"
+            f"{delivery.after_answer.p99_ms:.2f} ms after its answer; "
+            f"{delivery.missing} missing\n"
+        )
+
+
 def print_report(report: Report, out: TextIO) -> None:
     print_load(report, out)
     print_inprocess(report, out)
     print_subscriptions(report, out)
     print_stream_length(report, out)
+    print_workers(report, out)
     if report.notes:
         out.write("\nNot measured:\n")
         for note in report.notes:

@@ -5,7 +5,8 @@ the bare-gRPC floor, interleaved point by point so that both see the same machin
 ``--store sqlite`` also on the durable floors, the floor plus a bare SQLite commit per call),
 ``inprocess`` (bus + domain + store against the ``eventsourcing`` library),
 ``subscriptions`` (catch-up over a million events, fan-out to live subscribers) and
-``stream-length`` (a hot product's long stream against a fresh one).
+``stream-length`` (a hot product's long stream against a fresh one) and ``workers``
+(``serve --workers 2`` against ``--workers 1``, and live delivery across workers).
 
     python -m bench --store memory --store sqlite --store postgresql://… --plot docs/bench.png
 """
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-from bench import stream_length, subscriptions, workload
+from bench import stream_length, subscriptions, workers, workload
 from bench.inprocess import eventsourcing_commands, gateway_commands
 from bench.loadgen import LoadSpec, run_load
 from bench.plot import plot_load
@@ -36,7 +37,7 @@ from bench.stats import LoadResult
 from bench.stores import StoreSpec, eventsourcing_env, quiet_disks, supported
 from bench.targets import evaluate, print_verdicts
 
-SECTIONS = ("grpc", "inprocess", "subscriptions", "stream-length")
+SECTIONS = ("grpc", "inprocess", "subscriptions", "stream-length", "workers")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -131,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=300,
         help="orders measured on each stream (default 300)",
+    )
+    parser.add_argument(
+        "--workers-rounds",
+        type=int,
+        default=2,
+        help="interleaved rounds of --workers 1 and 2 in the workers section (default 2)",
     )
     parser.add_argument(
         "--workdir", type=Path, help="folder for SQLite files and server logs (default: a temp dir)"
@@ -321,6 +328,28 @@ async def run_stream_length(args: argparse.Namespace, workdir: Path, report: Rep
     report.stream_length.append(result)
 
 
+async def run_workers(
+    args: argparse.Namespace, specs: list[StoreSpec], workdir: Path, report: Report
+) -> None:
+    print("Workers: serve --workers 2 against --workers 1, interleaved", file=sys.stderr)
+    for spec in specs:
+        if spec.kind == "memory":
+            report.notes.append("workers on memory: memory:// serves from one process only")
+            continue
+        reason = await workers.measure(
+            spec,
+            workdir,
+            args.duration,
+            args.warmup,
+            args.processes,
+            args.workers_rounds,
+            report.workers,
+            report.delivery,
+        )
+        if reason is not None:
+            report.notes.append(f"workers on {spec.kind}: {reason}")
+
+
 async def run(args: argparse.Namespace) -> Report:
     specs = [StoreSpec.parse(value) for value in args.stores or ["sqlite"]]
     sections = [s for s in args.sections.split(",") if s]
@@ -351,6 +380,8 @@ async def run(args: argparse.Namespace) -> Report:
             await run_subscriptions(args, specs, workdir, report)
         if "stream-length" in sections:
             await run_stream_length(args, workdir, report)
+        if "workers" in sections:
+            await run_workers(args, specs, workdir, report)
     report.conditions_after = conditions()
     return report
 

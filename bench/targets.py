@@ -23,6 +23,10 @@ THROUGHPUT_FACTOR = 0.8
 LATENCY_FACTOR = 1.3
 CPU_FACTOR = 1.4
 RSS_LIMIT_MB = 200.0
+WORKERS_CONCURRENCY = 32
+WORKERS_SPEEDUP = 1.25
+WORKERS_LATENCY_FACTOR = 1.10
+DELIVERY_P99_MS = 10.0
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,65 @@ def _fan_out_rss(report: Report) -> Verdict:
     )
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _workers_throughput(store: str) -> Callable[[Report], Verdict]:
+    def judge(report: Report) -> Verdict:
+        target = (
+            f"CreateOrder on {store} at {WORKERS_CONCURRENCY} concurrent: --workers 2 "
+            f">= {WORKERS_SPEEDUP:g} x --workers 1"
+        )
+        one = report.workers_load(store, 1, WORKERS_CONCURRENCY)
+        two = report.workers_load(store, 2, WORKERS_CONCURRENCY)
+        if not one or not two or not _mean([r.calls_per_s for r in one]):
+            return _judge(target, None, f"needs --store {store} and the workers section")
+        base, ours = _mean([r.calls_per_s for r in one]), _mean([r.calls_per_s for r in two])
+        ratio = ours / base
+        return _judge(
+            target,
+            ratio >= WORKERS_SPEEDUP,
+            f"{ours:,.0f} vs {base:,.0f} calls/s = {ratio:.2f} x (mean of {len(two)} rounds; "
+            f"server CPU {_mean([r.server_cpu_ms_per_call for r in two]):.3f} vs "
+            f"{_mean([r.server_cpu_ms_per_call for r in one]):.3f} ms/call)",
+        )
+
+    return judge
+
+
+def _workers_latency(store: str) -> Callable[[Report], Verdict]:
+    def judge(report: Report) -> Verdict:
+        target = f"CreateOrder on {store} at 1 concurrent: --workers 2 p50 within 10% of 1's"
+        one = report.workers_load(store, 1, 1)
+        two = report.workers_load(store, 2, 1)
+        if not one or not two or not _mean([r.latency.p50_ms for r in one]):
+            return _judge(target, None, f"needs --store {store} and the workers section")
+        base = _mean([r.latency.p50_ms for r in one])
+        ours = _mean([r.latency.p50_ms for r in two])
+        ratio = ours / base
+        return _judge(
+            target,
+            ratio <= WORKERS_LATENCY_FACTOR,
+            f"p50 {ours:.2f} vs {base:.2f} ms = {ratio:.2f} x (mean of {len(two)} rounds)",
+        )
+
+    return judge
+
+
+def _cross_worker_delivery(report: Report) -> Verdict:
+    target = f"live delivery across workers: p99 <= {DELIVERY_P99_MS:g} ms"
+    if not report.delivery:
+        return _judge(target, None, "needs the workers section on a durable store")
+    worst = max(report.delivery, key=lambda r: r.from_send.p99_ms)
+    return _judge(
+        target,
+        worst.from_send.p99_ms <= DELIVERY_P99_MS and worst.missing == 0,
+        f"{worst.store}: p99 {worst.from_send.p99_ms:.2f} ms from the command's send "
+        f"({worst.after_answer.p99_ms:.2f} ms after its answer), {worst.missing} missing",
+    )
+
+
 JUDGES: tuple[Callable[[Report], Verdict], ...] = (
     _throughput_vs_durable_floor,
     _latency_vs_durable_floor,
@@ -185,6 +248,11 @@ JUDGES: tuple[Callable[[Report], Verdict], ...] = (
     _catch_up,
     _stream_length,
     _fan_out_rss,
+    _workers_throughput("sqlite"),
+    _workers_throughput("postgresql"),
+    _workers_latency("sqlite"),
+    _workers_latency("postgresql"),
+    _cross_worker_delivery,
 )
 
 

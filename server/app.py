@@ -24,6 +24,7 @@ from orders.v1 import (
 
 from domain.bus import Middleware
 from domain.ports import EventStore
+from domain.unit_of_work import AggregateCache
 from server.auth import Authenticator, AuthInterceptor
 from server.bootstrap import bootstrap
 from server.config import Settings
@@ -121,6 +122,7 @@ async def create_server(
     hub_tuning: HubTuning | None = None,
     tracing: Tracing | None = None,
     reuse_port: bool = False,
+    cache: AggregateCache | None = None,
 ) -> Gateway:
     """A configured, bound, not yet started gateway (``--listen`` may use port 0).
 
@@ -158,7 +160,7 @@ async def create_server(
         command_store = tracing.instrument_store(command_store)
         middleware.append(tracing.command_middleware())
     runner = CommandRunner(
-        bootstrap(command_store, settings.aggregate_cache, middleware=middleware)
+        bootstrap(command_store, settings.aggregate_cache, middleware=middleware, cache=cache)
     )
     order_command_service_pb2_grpc.add_OrderCommandServiceServicer_to_server(
         OrderCommandServicer(runner), server
@@ -224,6 +226,7 @@ async def serve(
     settings: Settings,
     *,
     store: EventStore | None = None,
+    cache: AggregateCache | None = None,
     reuse_port: bool = False,
     on_serving: Callable[[Gateway], None] | None = None,
     stop: asyncio.Event | None = None,
@@ -231,11 +234,11 @@ async def serve(
 ) -> None:
     """Run until one of ``signals`` arrives (or ``stop`` is set), then stop gracefully.
 
-    A worker of ``--workers N`` passes its ``store``, ``reuse_port``, ``on_serving`` (told
-    once the gateway serves), a ``stop`` it sets itself when its supervisor is gone, and
-    SIGTERM alone: its supervisor handles SIGINT.
+    A worker of ``--workers N`` passes its ``store`` and aggregate ``cache``,
+    ``reuse_port``, ``on_serving`` (told once the gateway serves), a ``stop`` it sets
+    itself when its supervisor is gone, and SIGTERM alone: its supervisor handles SIGINT.
     """
-    gateway = await create_server(settings, store=store, reuse_port=reuse_port)
+    gateway = await create_server(settings, store=store, reuse_port=reuse_port, cache=cache)
     await gateway.start()
     tune_garbage_collection()
     # The bound port, not the configured one: with port 0 the OS chose it.

@@ -23,11 +23,16 @@ HANDLERS: dict[type[Command], HandlerFunction] = {
 
 
 def bootstrap(
-    store: EventStore, cache_capacity: int = 10_000, middleware: Sequence[Middleware] = ()
+    store: EventStore,
+    cache_capacity: int = 10_000,
+    middleware: Sequence[Middleware] = (),
+    cache: AggregateCache | None = None,
 ) -> CommandBus:
     """``middleware`` (metrics, tracing) runs outermost, so it sees each command's whole
-    dispatch: idempotent replays and conflict retries included."""
-    cache = AggregateCache(cache_capacity)
+    dispatch: idempotent replays and conflict retries included. ``cache``: one made by the
+    caller, who keeps it to forget aggregates that another process changed (``--workers``);
+    by default a new one of ``cache_capacity``."""
+    cache = cache if cache is not None else AggregateCache(cache_capacity)
     locks = StreamLocks()
     bus = CommandBus(
         middleware=[

@@ -18,7 +18,9 @@ from bench.inprocess import InProcessResult
 from bench.report import CatchUpResult, FanOutResult, Report, StreamLengthResult, print_report
 from bench.run import main
 from bench.servers import DURABLE_FLOOR, DURABLE_FLOOR_ON_LOOP
+from bench.stats import Latencies, LoadResult
 from bench.targets import evaluate
+from bench.workers import DeliveryResult, label
 from tests.bench_support import made_up_load
 
 
@@ -138,6 +140,11 @@ def test_targets_are_judged_from_the_figures() -> None:
         "FAIL",  # catch-up 0.6 x floor
         "PASS",  # hot stream within 10%
         "PASS",  # RSS 199 MB < 200 MB
+        "NOT MEASURED",  # --workers 2 against 1 on SQLite, at 32 concurrent
+        "NOT MEASURED",  # the same on PostgreSQL
+        "NOT MEASURED",  # --workers 2 p50 at 1 concurrent on SQLite
+        "NOT MEASURED",  # the same on PostgreSQL
+        "NOT MEASURED",  # live delivery across workers
     ]
     printed = io.StringIO()
     print_report(report, printed)
@@ -163,3 +170,38 @@ def test_subscriptions_section_without_fan_out(tmp_path: Path) -> None:
     report = json.loads(results.read_text())
     assert report["fan_out"] == []
     assert {entry["server"] for entry in report["catch_up"]} == {"floor", "sqlite"}
+
+
+def test_workers_targets_are_judged_from_interleaved_rounds() -> None:
+    def rounds(workers: int, concurrency: int, *figures: tuple[float, float]) -> list[LoadResult]:
+        return [
+            made_up_load(label("sqlite", workers), concurrency, calls, p50, cpu_ms=0.5)
+            for calls, p50 in figures
+        ]
+
+    report = Report(
+        workers=[
+            *rounds(1, 32, (1000, 30.0), (1100, 28.0)),
+            # Means 1,300 against 1,050 calls/s: 1.24 x, short of 1.25 x.
+            *rounds(2, 32, (1250, 25.0), (1350, 24.0)),
+            *rounds(1, 1, (400, 2.0), (400, 2.2)),
+            *rounds(2, 1, (390, 2.2), (390, 2.3)),  # p50 2.25 against 2.10 ms: 1.07 x
+        ],
+        delivery=[
+            DeliveryResult(
+                "sqlite", 300, {"1": 4, "2": 4}, Latencies(2.0, 4.0, 9.0), Latencies(0.5, 1, 3)
+            )
+        ],
+    )
+    verdicts = {v.target: v for v in evaluate(report)}
+    throughput = next(v for t, v in verdicts.items() if "on sqlite at 32" in t)
+    latency = next(v for t, v in verdicts.items() if "on sqlite at 1 concurrent: --workers" in t)
+    delivery = next(v for t, v in verdicts.items() if t.startswith("live delivery"))
+    assert (throughput.outcome, latency.outcome, delivery.outcome) == ("FAIL", "PASS", "PASS")
+    assert throughput.detail.startswith("1,300 vs 1,050 calls/s = 1.24 x (mean of 2 rounds")
+    assert latency.detail == "p50 2.25 vs 2.10 ms = 1.07 x (mean of 2 rounds)"
+    postgres = [v for t, v in verdicts.items() if "postgresql" in t]
+    assert postgres and all(v.outcome == "NOT MEASURED" for v in postgres)
+    printed = io.StringIO()
+    print_report(report, printed)
+    assert "subscribers by worker {'1': 4, '2': 4}" in printed.getvalue()

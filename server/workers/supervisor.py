@@ -1,8 +1,9 @@
 """The supervisor of ``serve --workers N``: starts N workers and keeps them running.
 
 The supervisor never serves gRPC itself. It refuses an address a stranger holds and
-reserves it (``listen_address``), prepares the store (on SQLite it owns the only writer,
-``writer_service``; on PostgreSQL it runs the migrations once), spawns the workers,
+reserves it (``listen_address``), prepares the store (on SQLite it owns the only writer;
+on PostgreSQL it runs the migrations once), runs the hub that tells workers of each
+other's commits (``hub``), spawns the workers,
 replaces one that dies (logged, and counted in ``order_gateway_worker_restarts_total``),
 serves ``/metrics`` for all of them, and on SIGTERM or SIGINT stops them all gracefully:
 each worker turns its health NOT_SERVING, refuses new calls, finishes those in flight and
@@ -30,10 +31,10 @@ from server.security import authenticators_from, server_credentials
 from server.store_urls import redacted_url
 from server.stores.factory import migrate
 from server.stores.sqlite import SQLiteEventStore
+from server.workers.hub import WorkerHub
 from server.workers.listen_address import reserve
 from server.workers.metrics import SupervisorMetrics
 from server.workers.worker import WorkerSpec, run_worker
-from server.workers.writer_service import WriterService
 
 log = logging.getLogger("order_gateway.workers")
 
@@ -258,19 +259,12 @@ async def _run(settings: Settings, count: int, listen: str, run_dir: Path) -> No
         }
     )
     database = sqlite_file(settings.store)
-    writer: WriterService | None = None
-    if database is not None:
-        writer = WriterService(await SQLiteEventStore.open(database), run_dir / "writer.sock")
-        await writer.start()
-    else:
+    if database is None:
         await migrate(settings.store)
+    writer = await SQLiteEventStore.open(database) if database is not None else None
+    hub = WorkerHub(run_dir / "hub.sock", writer)
     specs = [
-        WorkerSpec(
-            worker_settings,
-            index,
-            sqlite_file=database,
-            writer_socket=str(writer.path) if writer is not None else None,
-        )
+        WorkerSpec(worker_settings, index, str(hub.path), shared_writer=writer is not None)
         for index in range(1, count + 1)
     ]
     supervisor = Supervisor(settings, specs)
@@ -293,9 +287,9 @@ async def _run(settings: Settings, count: int, listen: str, run_dir: Path) -> No
             log.info("metrics of all workers at http://%s:%d/metrics", host, port)
 
     try:
+        await hub.start()
         await supervisor.run(serving)
     finally:
         if metrics_server is not None:
             await metrics_server.stop()
-        if writer is not None:
-            await writer.close()
+        await hub.close()

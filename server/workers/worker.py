@@ -16,12 +16,15 @@ import logging
 import signal
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import cast
 
-from domain.ports import EventStore
+from domain.unit_of_work import AggregateCache
 from server.app import Gateway, serve
 from server.config import Settings
+from server.event_rows import EventRowReader, StreamRowReader
 from server.logs import configure_logging
-from server.workers.writer_client import SharedWriterStore
+from server.stores.factory import open_store
+from server.workers.hub_client import HubClient, RowStore, WorkerStore
 
 log = logging.getLogger("order_gateway.workers")
 
@@ -32,9 +35,10 @@ class WorkerSpec:
     """The gateway's settings, ``listen`` holding the port every worker shares."""
     index: int
     """1 to N: the worker's number in logs and metrics, kept by its replacements."""
-    sqlite_file: str | None = None
-    writer_socket: str | None = None
-    """On SQLite: the file, and the supervisor's socket that takes the appends."""
+    hub_socket: str
+    """The supervisor's hub (``server.workers.hub``)."""
+    shared_writer: bool
+    """Appends go to the supervisor's writer (SQLite)."""
 
 
 def run_worker(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> None:
@@ -53,7 +57,6 @@ def run_worker(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> Non
 
 async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> None:
     stop = asyncio.Event()
-    store: EventStore | None = None
 
     def supervisor_gone() -> None:
         asyncio.get_running_loop().remove_reader(lifeline.fileno())
@@ -61,11 +64,18 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
         stop.set()
 
     asyncio.get_running_loop().add_reader(lifeline.fileno(), supervisor_gone)
-    background: list[asyncio.Task[None]] = []
-    if spec.sqlite_file is not None and spec.writer_socket is not None:
-        shared = await SharedWriterStore.open(spec.sqlite_file, spec.writer_socket)
-        background.append(asyncio.create_task(_stop_when_set(shared.lost, stop)))
-        store = shared
+    cache = AggregateCache(spec.settings.aggregate_cache)
+
+    def forget(streams: list[str]) -> None:
+        for stream_id in streams:
+            cache.discard(stream_id)
+
+    hub = await HubClient.connect(spec.hub_socket, forget)
+    inner = await open_store(spec.settings.store)
+    if not (isinstance(inner, EventRowReader) and isinstance(inner, StreamRowReader)):
+        raise TypeError(f"{type(inner).__name__} cannot serve as a worker's store")
+    store = WorkerStore(cast(RowStore, inner), hub, spec.shared_writer)
+    background = [asyncio.create_task(_stop_when_set(hub.lost, stop))]
 
     def on_serving(gateway: Gateway) -> None:
         ready.send(gateway.metrics_port)
@@ -75,6 +85,7 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
         await serve(
             spec.settings,
             store=store,
+            cache=cache,
             reuse_port=True,
             on_serving=on_serving,
             stop=stop,

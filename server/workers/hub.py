@@ -1,0 +1,145 @@
+"""The supervisor's hub: what the workers of one gateway tell each other, and on SQLite
+the store's one writer.
+
+**Commits across workers.** Each worker keeps recently used orders and products in
+memory (the aggregate cache) and trusts them until an append says otherwise, and its
+subscriptions sleep until told that something committed. With several workers, both
+need to hear of the others' commits. So the hub learns of every commit (an append it
+wrote, or a worker's notice) and, once per turn of its event loop, sends each worker one
+wake-up listing the streams the *other* workers changed: the worker forgets those
+aggregates (its next command reads them afresh instead of failing its append and
+retrying) and wakes its subscriptions, which costs a local message, not the 1 s poll.
+
+**SQLite's writer.** SQLite lets one connection write at a time, and a connection
+waiting for another process's write lock polls with sleeps of 1 to 100 ms (its busy
+handler), so workers each writing the file would queue on those sleeps. On SQLite the
+supervisor opens the store, and with it the only writer; workers hand it their appends,
+which are queued together and still share one transaction and one fsync (group commit).
+Workers read the file themselves (WAL readers do not block the writer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+from domain.ports import Commit, RecordedEvent
+from server.stores.sqlite import SQLiteEventStore
+from server.workers.hub_protocol import NOTICE, WAKE, FrameBuffer, encode_outcome, frame
+
+log = logging.getLogger("order_gateway.workers")
+
+
+class _Connection(asyncio.Protocol):
+    """One worker's connection."""
+
+    def __init__(self, hub: WorkerHub) -> None:
+        self._hub = hub
+        self._buffer = FrameBuffer()
+        self._transport: asyncio.Transport | None = None
+        self.stale: set[str] = set()
+        """Streams other workers changed since this worker's last wake-up."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        if self._hub.closed:
+            # Accepted as the hub was closing: this worker must learn it is gone too.
+            transport.close()
+            return
+        self._hub.connections.add(self)
+        # The worker waits for this first wake-up before it serves: it knows the hub has
+        # taken its connection.
+        transport.write(frame((WAKE, [])))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Appends already handed to the writer still commit: the worker that sent them
+        # is gone, and its clients never saw an answer (a retry with the same command_id
+        # replays them).
+        self._hub.connections.discard(self)
+        self._transport = None
+
+    def data_received(self, data: bytes) -> None:
+        for call_id, message in self._buffer.feed(data):
+            if call_id == NOTICE:
+                self._hub.committed(self, message)
+            else:
+                self._append(call_id, message)
+
+    def _append(self, call_id: int, commit: Commit) -> None:
+        writer = self._hub.writer
+        if writer is None:
+            log.error("a worker sent an append, but this gateway's store has no shared writer")
+            self.close()
+            return
+        task = asyncio.ensure_future(writer.append(commit))
+        task.add_done_callback(functools.partial(self._answer, call_id, commit))
+
+    def _answer(
+        self, call_id: int, commit: Commit, done: asyncio.Future[list[RecordedEvent]]
+    ) -> None:
+        if done.cancelled():
+            return
+        error = done.exception()
+        if error is None:
+            self._hub.committed(self, commit.expected_versions)
+        self.send(frame((call_id, encode_outcome(done.result() if error is None else error))))
+
+    def send(self, data: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+class WorkerHub:
+    """Serves the workers on a unix socket at ``path``; ``writer``: SQLite's store, whose
+    appends the workers hand over (None for a store each worker writes itself)."""
+
+    def __init__(self, path: Path, writer: SQLiteEventStore | None = None) -> None:
+        self.path = path
+        self.writer = writer
+        self.connections: set[_Connection] = set()
+        self.closed = False
+        self._server: asyncio.Server | None = None
+        self._wake_pending = False
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _Connection(self), str(self.path))
+
+    def committed(self, origin: _Connection, streams: Iterable[str]) -> None:
+        """``origin``'s worker committed to ``streams``: tell every worker, soon."""
+        changed = list(streams)
+        for connection in self.connections:
+            if connection is not origin:
+                connection.stale.update(changed)
+        if not self._wake_pending:
+            # Once per loop turn: every answer of a group commit goes out first, then
+            # one wake-up per worker for all of them.
+            self._wake_pending = True
+            asyncio.get_running_loop().call_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._wake_pending = False
+        for connection in self.connections:
+            stale, connection.stale = connection.stale, set()
+            connection.send(frame((WAKE, list(stale))))
+
+    async def close(self) -> None:
+        """Close the writer's store (appends queued finish first), then the workers'
+        connections: a worker still running sees the hub gone and stops."""
+        self.closed = True
+        if self._server is not None:
+            self._server.close()
+        if self.writer is not None:
+            await self.writer.close()
+        for connection in list(self.connections):
+            connection.close()
+        if self._server is not None:
+            await self._server.wait_closed()

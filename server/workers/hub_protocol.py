@@ -1,0 +1,109 @@
+"""The frames between workers and their supervisor's hub (``server.workers.hub``).
+
+A frame is a 4-byte big-endian length and a pickle. Workers send ``(call_id, Commit)``
+(an append, on SQLite: the supervisor owns the writer) or ``(NOTICE, stream_ids)`` (a
+commit the worker made itself, on PostgreSQL). The supervisor answers an append with
+``(call_id, outcome)`` and, after commits, sends each worker ``(WAKE, stream_ids)``: new
+events may be readable, and these streams were changed by other workers. Both ends are
+processes of one gateway on one host (a unix socket in a folder only the gateway's user
+can enter), so pickle is safe here.
+
+An append's outcome is a tagged tuple rather than a pickled exception (an exception's
+pickle is its ``args``: for our errors the formatted message, not the constructor's
+arguments), and a success is only the first position: the worker knows the rest of the
+recorded events from its commit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import pickle
+import struct
+from collections.abc import Iterator
+from typing import Any, Final
+
+from domain.errors import (
+    ConcurrencyConflictError,
+    DuplicateCommandError,
+    StoreError,
+    StoreUnavailableError,
+)
+from domain.ports import Commit, RecordedEvent
+
+WAKE: Final = 0
+"""Supervisor to worker: new events may be readable; the streams others changed."""
+NOTICE: Final = -1
+"""Worker to supervisor: streams this worker has just committed to itself."""
+_LENGTH = struct.Struct("!I")
+
+Outcome = tuple[str, Any]
+
+
+def frame(message: object) -> bytes:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LENGTH.pack(len(body)) + body
+
+
+class FrameBuffer:
+    """Bytes received so far, handed out as whole messages."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[Any]:
+        self._data += data
+        start = 0
+        size = len(self._data)
+        while size - start >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(self._data, start)
+            end = start + _LENGTH.size + length
+            if end > size:
+                break
+            yield pickle.loads(self._data[start + _LENGTH.size : end])
+            start = end
+        del self._data[:start]
+
+
+def encode_outcome(result: list[RecordedEvent] | BaseException) -> Outcome:
+    if isinstance(result, list):
+        return ("ok", result[0].position if result else 0)
+    if isinstance(result, ConcurrencyConflictError):
+        return ("conflict", str(result))
+    if isinstance(result, DuplicateCommandError):
+        return ("duplicate", result.command_id)
+    if isinstance(result, StoreUnavailableError):
+        return ("unavailable", str(result))
+    # Anything else is the store's failure as far as the worker is concerned; the
+    # supervisor logs the cause.
+    return ("error", str(result) if isinstance(result, StoreError) else "the writer failed")
+
+
+def decode_outcome(commit: Commit, outcome: Outcome) -> list[RecordedEvent]:
+    """The events ``commit`` recorded, or the append's error raised."""
+    kind, value = outcome
+    if kind == "ok":
+        # A commit's events take consecutive positions, in the commit's order, as the
+        # store recorded them (``SQLiteEventStore``).
+        occurred_at = commit.occurred_at.astimezone(dt.UTC)
+        return [
+            RecordedEvent(
+                event.event_id,
+                event.stream_id,
+                event.stream_version,
+                value + n,
+                occurred_at,
+                commit.command_id,
+                commit.correlation_id,
+                commit.user_id,
+                event.event_type,
+                event.data,
+            )
+            for n, event in enumerate(commit.events)
+        ]
+    if kind == "conflict":
+        raise ConcurrencyConflictError(value)
+    if kind == "duplicate":
+        raise DuplicateCommandError(value)
+    if kind == "unavailable":
+        raise StoreUnavailableError(value)
+    raise StoreError(value)
