@@ -375,8 +375,11 @@ def print_workers(report: Report, out: TextIO) -> None:
         store, _, workers = result.server.rpartition(" x")
         base = None
         if int(workers) != WORKER_COUNTS[0]:
-            rounds = report.workers_load(store, WORKER_COUNTS[0], result.concurrency)
-            base = rounds[-1] if rounds else None
+            # The same round's --workers 1 figure, measured just before this one.
+            ours = report.workers_load(store, int(workers), result.concurrency)
+            bases = report.workers_load(store, WORKER_COUNTS[0], result.concurrency)
+            round_index = next(n for n, r in enumerate(ours) if r is result)
+            base = bases[round_index] if round_index < len(bases) else None
         rows.append(
             [
                 result.server,

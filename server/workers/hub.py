@@ -28,7 +28,14 @@ from pathlib import Path
 
 from domain.ports import Commit, RecordedEvent
 from server.stores.sqlite import SQLiteEventStore
-from server.workers.hub_protocol import NOTICE, WAKE, FrameBuffer, encode_outcome, frame
+from server.workers.hub_protocol import (
+    NOTICE,
+    WAKE,
+    FrameBuffer,
+    decode_commit,
+    encode_outcome,
+    frame,
+)
 
 log = logging.getLogger("order_gateway.workers")
 
@@ -67,7 +74,7 @@ class _Connection(asyncio.Protocol):
             if call_id == NOTICE:
                 self._hub.committed(self, message)
             else:
-                self._append(call_id, message)
+                self._append(call_id, decode_commit(message))
 
     def _append(self, call_id: int, commit: Commit) -> None:
         writer = self._hub.writer

@@ -23,7 +23,15 @@ from typing import Final, Protocol
 from domain.errors import StoreError, StoreUnavailableError
 from domain.ports import CommandRecord, Commit, EventStore, RecordedEvent
 from server.event_rows import EventRow, EventRowReader, StreamRowReader
-from server.workers.hub_protocol import NOTICE, WAKE, FrameBuffer, Outcome, decode_outcome, frame
+from server.workers.hub_protocol import (
+    NOTICE,
+    WAKE,
+    FrameBuffer,
+    Outcome,
+    decode_outcome,
+    encode_commit,
+    frame,
+)
 
 log = logging.getLogger("order_gateway.workers")
 
@@ -94,7 +102,7 @@ class HubClient:
     async def append(self, commit: Commit) -> list[RecordedEvent]:
         call_id = next(self._ids)
         future: asyncio.Future[list[RecordedEvent]] = asyncio.get_running_loop().create_future()
-        self._send((call_id, commit))
+        self._send((call_id, encode_commit(commit)))
         self._pending[call_id] = (commit, future)
         return await future
 
