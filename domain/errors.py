@@ -1,7 +1,7 @@
 """The domain's error hierarchy.
 
 Every error a client can provoke is a ``DomainError``; the server maps each class to one
-gRPC status (see ``server/errors.py``). ``reason`` is the stable machine-readable code
+gRPC status (see ``server/rpc/status_mapping.py``). ``reason`` is the stable machine-readable code
 clients see in ``google.rpc.ErrorInfo``.
 """
 

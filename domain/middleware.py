@@ -15,8 +15,8 @@ from domain.errors import (
     DomainError,
     DuplicateCommandError,
 )
+from domain.fingerprints import is_same_request
 from domain.ports import EventStore
-from domain.unit_of_work import is_same_request
 
 log = logging.getLogger("order_gateway.bus")
 

@@ -7,8 +7,6 @@ length 10 and 100,000. A stream lock is held from load to commit (see ``domain.l
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
@@ -17,40 +15,13 @@ from typing import Any, Self, TypeVar
 from domain.aggregates import Aggregate, Order, Product
 from domain.commands import Command
 from domain.errors import BusinessRuleViolation, ConcurrencyConflictError, OrderNotFoundError
+from domain.fingerprints import fingerprint
 from domain.ids import new_uuid
 from domain.locks import StreamLocks
 from domain.mapper import to_domain_event, to_new_event
 from domain.ports import Commit, EventStore, RecordedEvent
 
 A = TypeVar("A", bound=Aggregate)
-
-
-FINGERPRINT_PREFIX = "2:"
-
-
-def fingerprint(command: Command) -> str:
-    """A digest of what makes a request "the same" for idempotency: type, body, caller.
-
-    The body is pydantic's own JSON of the command, in field declaration order (so
-    reordering a command's fields would change every fingerprint: add fields at the end).
-    """
-    body = command.__pydantic_serializer__.to_json(command, exclude=command.IDEMPOTENCY_EXCLUDED)
-    digest = hashlib.sha256(type(command).__name__.encode() + b"\0" + body).hexdigest()
-    return FINGERPRINT_PREFIX + digest
-
-
-def is_same_request(recorded_fingerprint: str, command: Command) -> bool:
-    """Whether ``command`` is the request recorded with ``recorded_fingerprint``.
-
-    Commands recorded before fingerprints carried a prefix were digested from sorted-key
-    ``json.dumps`` output (four times slower to compute); their retries are still
-    recognised.
-    """
-    if recorded_fingerprint.startswith(FINGERPRINT_PREFIX):
-        return recorded_fingerprint == fingerprint(command)
-    body = command.model_dump(mode="json", exclude=command.IDEMPOTENCY_EXCLUDED)
-    legacy = json.dumps([type(command).__name__, body], sort_keys=True)
-    return recorded_fingerprint == hashlib.sha256(legacy.encode()).hexdigest()
 
 
 class AggregateCache:

@@ -25,24 +25,29 @@ from orders.v1 import (
 from domain.bus import Middleware
 from domain.ports import EventStore
 from domain.unit_of_work import AggregateCache
-from server.auth import Authenticator, AuthInterceptor
 from server.bootstrap import bootstrap
 from server.config import Settings
-from server.decoding import RequestDecodingInterceptor
-from server.metrics import (
+from server.observability.access_log import AccessLog
+from server.observability.hooks import Tracing
+from server.observability.interceptor import ObservabilityInterceptor
+from server.observability.metrics import (
     CommandMetricsMiddleware,
     GatewayMetrics,
     MeteredEventStore,
     MetricsServer,
 )
-from server.observability import ObservabilityInterceptor, Tracing, otel_tracing
-from server.rpc_logging import AccessLog
-from server.security import add_port, authenticators_from, server_credentials
-from server.servicers import CommandRunner, InventoryCommandServicer, OrderCommandServicer
-from server.store_urls import redacted_url
+from server.observability.otel import otel_tracing
+from server.rpc.decoding import RequestDecodingInterceptor
+from server.rpc.last_resort import LastResortInterceptor
+from server.rpc.servicers import CommandRunner, InventoryCommandServicer, OrderCommandServicer
+from server.rpc.subscription_hub import HubTuning, SubscriptionHub
+from server.rpc.subscriptions import EventStreamServicer
+from server.security.auth import Authenticator, AuthInterceptor, TokenFileAuthenticator
+from server.security.jwt import JwtAuthenticator
+from server.security.scopes import check_every_method_scoped
+from server.security.tls import add_port, server_credentials
 from server.stores.factory import open_store
-from server.subscription_hub import HubTuning, SubscriptionHub
-from server.subscriptions import EventStreamServicer
+from server.stores.urls import redacted_url
 
 log = logging.getLogger("order_gateway.server")
 
@@ -97,6 +102,20 @@ class Gateway:
             self.tracing.shutdown()
 
 
+def authenticators_from(settings: Settings) -> list[Authenticator]:
+    """Static tokens first (a cheap lookup), then JWTs; none means authentication is off."""
+    found: list[Authenticator] = []
+    if settings.auth_tokens is not None:
+        found.append(TokenFileAuthenticator.from_file(settings.auth_tokens))
+    if settings.jwt_public_key is not None:
+        found.append(
+            JwtAuthenticator.from_file(
+                settings.jwt_public_key, settings.jwt_issuer, settings.jwt_audience
+            )
+        )
+    return found
+
+
 def server_options(settings: Settings, reuse_port: bool = False) -> Sequence[tuple[str, int]]:
     """``reuse_port``: share the address with the other workers of this gateway
     (``server.workers``, which refuses an address a stranger holds before any starts)."""
@@ -130,6 +149,8 @@ async def create_server(
     ``tracing`` to OpenTelemetry with ``--otel``, else none; ``reuse_port`` as in
     ``server_options``.
     """
+    # A method without a scope would be refused on every call: refuse to start instead.
+    check_every_method_scoped()
     # Key, token and certificate files are read first: a bad one fails before the store opens.
     if authenticators is None:
         authenticators = authenticators_from(settings)
@@ -141,10 +162,12 @@ async def create_server(
     access_log = AccessLog()
     server = grpc.aio.server(
         # Observability wraps all the others, so that calls the auth interceptor refuses
-        # are still timed, counted and logged. Of those that act on a call, authentication
-        # runs first: its verdict precedes any look at the request.
+        # are still timed, counted and logged, and it sees the status the last-resort
+        # handler chose for an escaping error. Of those that act on a call,
+        # authentication runs first: its verdict precedes any look at the request.
         interceptors=[
             ObservabilityInterceptor([metrics, access_log], tracing),
+            LastResortInterceptor(),
             AuthInterceptor(authenticators),
             RequestDecodingInterceptor(),
         ],

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from domain.errors import StoreError
 from server.config import Settings
-from server.logs import configure_logging
+from server.observability.logs import configure_logging
 
 
 class ConfigurationError(Exception):
@@ -128,12 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             asyncio.run(migrate(settings.store))
         elif args.command == "health":
-            from server.healthcheck import check_health, local_target
+            from server.client.health import check_health, local_target
 
             target = args.target or local_target(settings.listen)
             return check_health(target, args.service, args.timeout)
         else:
-            from server.tail import tail
+            from server.client.tail import tail
 
             return tail(args.target, args.after, args.types)
     except ValidationError as error:

@@ -2,7 +2,7 @@
 
 A flag wins over a variable because the CLI passes flags as init arguments, which
 pydantic-settings ranks above the environment. docs/configuration.md is generated from
-this model (``python -m server.docs``), so the two cannot drift.
+this model (``python -m server.config_docs``), so the two cannot drift.
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ from orders.v1 import (
 
 from domain.ports import EventStore
 from server.app import Gateway, create_server
-from server.auth import TokenFileAuthenticator
 from server.config import Settings
-from server.identity import Caller
+from server.security.auth import TokenFileAuthenticator
+from server.security.identity import Caller
 from server.stores.memory import MemoryEventStore
 from tests.clients import Clients
 

@@ -20,8 +20,8 @@ from orders.v1 import (
 from domain.ports import CommandRecord, Commit, EventStore, RecordedEvent
 from server.app import Gateway, create_server
 from server.config import Settings
+from server.rpc.subscription_hub import HubTuning
 from server.stores.memory import MemoryEventStore
-from server.subscription_hub import HubTuning
 from tests.clients import Clients, item, order_request
 
 WAIT = 30.0

@@ -22,10 +22,10 @@ from domain.errors import (
     ProductNotFoundError,
 )
 from domain.events import ProductRestocked
+from domain.fingerprints import fingerprint
 from domain.mapper import to_domain_event, to_new_event
 from domain.middleware import RetryOnConflictMiddleware
 from domain.ports import Commit, RecordedEvent
-from domain.unit_of_work import fingerprint
 from server.bootstrap import bootstrap
 from server.stores.memory import MemoryEventStore
 

@@ -1,4 +1,4 @@
-"""Stored rows (``server.event_rows``): what SQLite and PostgreSQL hand a catching-up
+"""Stored rows (``server.stores.event_rows``): what SQLite and PostgreSQL hand a catching-up
 subscription instead of ``RecordedEvent``s must be the same events, mapped to the same
 messages."""
 
@@ -15,8 +15,8 @@ from orders.v1 import event_stream_service_pb2
 from domain import events as domain_events
 from domain.mapper import to_new_event
 from domain.ports import Commit, RecordedEvent
-from server.event_rows import EventRow, EventRowReader, StreamRowReader
-from server.mapping import event_response, row_event_response
+from server.rpc.mapping import event_response, row_event_response
+from server.stores.event_rows import EventRow, EventRowReader, StreamRowReader
 from server.stores.factory import open_store
 from tests.test_postgres_specific import commit
 

@@ -22,8 +22,8 @@ from orders.v1 import inventory_command_service_pb2, order_command_service_pb2, 
 from pydantic import ValidationError
 
 from domain.commands import CancelOrder, Command, CreateOrder, RestockProduct
-from server import mapping
-from server.errors import field_path, validation_status
+from server.rpc import mapping
+from server.rpc.status_mapping import field_path, validation_status
 from tests.clients import Clients, address, bad_fields, item, order_request
 
 WAIT = 10

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from server.healthcheck import check_health, local_target
+from server.client.health import check_health, local_target
 from tests.observability_support import running
 
 ROOT = Path(__file__).resolve().parent.parent

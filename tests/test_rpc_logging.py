@@ -14,9 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from domain.ports import Commit, RecordedEvent
 from server import app
-from server.logs import JsonFormatter
-from server.observability import RpcOutcome
-from server.rpc_logging import AccessLog
+from server.observability.access_log import AccessLog
+from server.observability.hooks import RpcOutcome
+from server.observability.logs import JsonFormatter
 from server.stores.memory import MemoryEventStore
 from tests.clients import item, order_request
 from tests.observability_support import TOKEN, USER, rpc_error, running

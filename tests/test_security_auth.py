@@ -23,8 +23,8 @@ from orders.v1 import (
 )
 
 from server.app import Gateway, create_server
-from server.auth import TokenFileAuthenticator
 from server.config import Settings
+from server.security.auth import TokenFileAuthenticator
 from server.stores.memory import MemoryEventStore
 from tests.clients import Clients, item, order_request
 

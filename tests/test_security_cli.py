@@ -10,7 +10,7 @@ import pytest
 
 from server.cli import check_exposure, main
 from server.config import Settings
-from server.store_urls import redacted_url
+from server.stores.urls import redacted_url
 
 
 @pytest.fixture(autouse=True)

@@ -33,9 +33,9 @@ from orders.v1 import (
 from pydantic import ValidationError
 
 from server.app import Gateway, create_server
-from server.auth import AuthenticationError
 from server.config import Settings
-from server.jwt_auth import JwtAuthenticator
+from server.security.auth import AuthenticationError
+from server.security.jwt import JwtAuthenticator
 from server.stores.memory import MemoryEventStore
 from tests.clients import Clients
 

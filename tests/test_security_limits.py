@@ -19,7 +19,7 @@ from orders.v1 import (
 from domain.ports import Commit, EventStore, RecordedEvent
 from server.app import Gateway, create_server
 from server.config import Settings
-from server.errors import INTERNAL_MESSAGE
+from server.rpc.status_mapping import INTERNAL_MESSAGE
 from server.stores.memory import MemoryEventStore
 from tests.clients import Clients, address, bad_fields, item, order_request
 

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from server.app import Gateway
+from server.rpc.subscription_hub import HubTuning
 from server.stores.memory import MemoryEventStore
-from server.subscription_hub import HubTuning
 from tests.clients import Clients, item, order_request
 from tests.subscription_support import (
     SMALL_WINDOW,

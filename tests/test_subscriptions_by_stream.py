@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from domain.ports import EventStore
+from server.rpc.subscription_hub import HubTuning
 from server.stores.factory import open_store
-from server.subscription_hub import HubTuning
 from tests.subscription_support import (
     StreamReader,
     connect,

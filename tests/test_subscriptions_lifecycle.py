@@ -16,7 +16,7 @@ from orders.v1 import event_stream_service_pb2
 from domain.errors import StoreUnavailableError
 from domain.ports import RecordedEvent
 from server.app import Gateway
-from server.subscription_hub import HubTuning
+from server.rpc.subscription_hub import HubTuning
 from tests.clients import Clients, detail
 from tests.serving import free_port, start_gateway, wait_until_serving
 from tests.subscription_support import (

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from domain.ports import EventStore
+from server.rpc.subscription_hub import HubTuning
 from server.stores.factory import open_store
-from server.subscription_hub import HubTuning
 from tests.clients import Clients
 from tests.subscription_support import (
     StreamReader,

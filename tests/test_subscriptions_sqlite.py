@@ -1,5 +1,5 @@
 """Subscribe over SQLite, whose catching-up subscriptions read plain rows
-(``server.event_rows``) where other stores hand over ``RecordedEvent``s: the same
+(``server.stores.event_rows``) where other stores hand over ``RecordedEvent``s: the same
 messages, the same filters and checkpoints, the same gapless handoff to live delivery."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 from orders.v1 import event_stream_service_pb2, events_pb2
 
 from server.app import Gateway
-from server.mapping import event_response
+from server.rpc.mapping import event_response
+from server.rpc.subscription_hub import HubTuning
 from server.stores.sqlite import SQLiteEventStore
-from server.subscription_hub import HubTuning
 from tests.clients import Clients, item, order_request
 from tests.subscription_support import (
     StreamReader,

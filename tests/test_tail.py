@@ -22,7 +22,7 @@ import grpc_testing
 import pytest
 from orders.v1 import event_stream_service_pb2, events_pb2
 
-from server.tail import follow
+from server.client.tail import follow
 from tests.clients import Clients
 from tests.subscription_support import WAIT
 

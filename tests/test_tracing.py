@@ -14,8 +14,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanContext, SpanKind, StatusCode, format_span_id, format_trace_id
 
-from server.observability import otel_tracing
-from server.tracing import OtelTracing
+from server.observability.otel import otel_tracing
+from server.observability.tracing import OtelTracing
 from tests.clients import item, order_request
 from tests.observability_support import rpc_error, running
 
@@ -139,6 +139,6 @@ def test_otel_without_the_extra_is_a_clear_configuration_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # None in sys.modules makes the import fail as if the package were not installed.
-    monkeypatch.setitem(sys.modules, "server.tracing", None)
+    monkeypatch.setitem(sys.modules, "server.observability.tracing", None)
     with pytest.raises(ValueError, match=r"order-gateway\[otel\]"):
         otel_tracing()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from domain.ports import EventStore
-from server.store_urls import redacted_url
 from server.stores.memory import MemoryEventStore
 from server.stores.sqlite import SQLiteEventStore
+from server.stores.urls import redacted_url
 
 
 class UnsupportedStoreURLError(ValueError):

@@ -37,8 +37,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from domain.errors import ConcurrencyConflictError, DuplicateCommandError, StoreError
 from domain.ports import CommandRecord, Commit, RecordedEvent
-from server.event_rows import EventRow
 from server.stores import postgres_arrays
+from server.stores.event_rows import EventRow
 from server.stores.postgres_arrays import (
     BigintArray,
     BytesArray,
@@ -73,7 +73,7 @@ _ROW_COLUMNS = (
     " (extract(epoch FROM occurred_at) * 1000000)::bigint,"
     " command_id, correlation_id, user_id, event_type, data"
 )
-"""``_COLUMNS`` as ``server.event_rows`` rows: the time in microseconds since the epoch."""
+"""``_COLUMNS`` as ``server.stores.event_rows`` rows: the time in microseconds since the epoch."""
 _READ_ALL_ROWS = f"SELECT {_ROW_COLUMNS} FROM events WHERE position > %s ORDER BY position LIMIT %s"
 _READ_STREAM_ROWS_AFTER = (
     "SELECT head.position, e.* FROM (SELECT coalesce(max(position), 0) AS position FROM events)"
@@ -291,7 +291,7 @@ class PostgresEventStore:
         return await self._events(_READ_ALL, (after_position, limit), "read_all")
 
     async def read_all_rows(self, after_position: int = 0, limit: int = 1000) -> list[EventRow]:
-        """``read_all`` as plain rows (``server.event_rows``), for catching-up subscriptions."""
+        """``read_all`` as plain rows (``server.stores.event_rows``), for catching up."""
         with _translated("read_all"):
             async with self._pool.connection() as conn:
                 cursor = conn.cursor(binary=True)

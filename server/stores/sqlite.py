@@ -43,7 +43,7 @@ from domain.errors import (
     StoreUnavailableError,
 )
 from domain.ports import CommandRecord, Commit, RecordedEvent
-from server.event_rows import EventRow
+from server.stores.event_rows import EventRow
 from server.stores.sqlite_calls import Call, CallQueue, Listener, answer
 from server.stores.sqlite_decide import decide, stream_ids
 from server.stores.sqlite_schema import SchemaTooNewError, migrate
@@ -490,7 +490,7 @@ class SQLiteEventStore:
         return await self._read(query)
 
     async def read_all_rows(self, after_position: int = 0, limit: int = 1000) -> list[EventRow]:
-        """``read_all`` as the rows SQLite returns (``server.event_rows``): a catching-up
+        """``read_all`` as the rows SQLite returns (``server.stores.event_rows``): a catching-up
         subscription's reads, which build nothing per event in the reader thread."""
 
         def query(connection: sqlite3.Connection) -> list[EventRow]:

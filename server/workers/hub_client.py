@@ -22,7 +22,7 @@ from typing import Final, Protocol
 
 from domain.errors import StoreError, StoreUnavailableError
 from domain.ports import CommandRecord, Commit, EventStore, RecordedEvent
-from server.event_rows import EventRow, EventRowReader, StreamRowReader
+from server.stores.event_rows import EventRow, EventRowReader, StreamRowReader
 from server.workers.hub_protocol import (
     NOTICE,
     WAKE,

@@ -25,12 +25,13 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Final
 
+from server.app import authenticators_from
 from server.config import Settings
-from server.metrics import MetricsServer
-from server.security import authenticators_from, server_credentials
-from server.store_urls import redacted_url
+from server.observability.metrics import MetricsServer
+from server.security.tls import server_credentials
 from server.stores.factory import migrate
 from server.stores.sqlite import SQLiteEventStore
+from server.stores.urls import redacted_url
 from server.workers.hub import WorkerHub
 from server.workers.listen_address import reserve
 from server.workers.metrics import SupervisorMetrics

@@ -21,8 +21,8 @@ from typing import cast
 from domain.unit_of_work import AggregateCache
 from server.app import Gateway, serve
 from server.config import Settings
-from server.event_rows import EventRowReader, StreamRowReader
-from server.logs import configure_logging
+from server.observability.logs import configure_logging
+from server.stores.event_rows import EventRowReader, StreamRowReader
 from server.stores.factory import open_store
 from server.workers.hub_client import HubClient, RowStore, WorkerStore
 

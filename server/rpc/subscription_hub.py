@@ -28,7 +28,8 @@ from functools import partial
 from orders.v1 import event_stream_service_pb2
 
 from domain.ports import EventStore, RecordedEvent
-from server.event_rows import (
+from server.rpc.mapping import event_response, row_event_response
+from server.stores.event_rows import (
     EVENT_TYPE,
     POSITION,
     STREAM_ID,
@@ -36,7 +37,6 @@ from server.event_rows import (
     EventRowReader,
     StreamRowReader,
 )
-from server.mapping import event_response, row_event_response
 
 log = logging.getLogger("order_gateway.subscriptions")
 
@@ -137,7 +137,7 @@ async def _read_page(
 ) -> _StorePage:
     # The hot path of a catch-up: per event, only the filter and the mapping to proto,
     # done lazily as each response is sent. Rows, where the store offers them, spare a
-    # RecordedEvent and a datetime per event (see server.event_rows).
+    # RecordedEvent and a datetime per event (see server.stores.event_rows).
     if event_filter.stream_id and isinstance(store, StreamRowReader):
         # One stream's events by index: a subscriber to a single order does not read the
         # rest of a million-event log first.

@@ -20,7 +20,7 @@ import time
 
 import grpc
 
-from server.observability import RpcOutcome
+from server.observability.hooks import RpcOutcome
 
 log = logging.getLogger("order_gateway.access")
 

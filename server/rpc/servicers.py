@@ -27,9 +27,9 @@ from pydantic import ValidationError
 from domain.bus import CommandBus
 from domain.commands import CancelOrder, Command, CreateOrder, RestockProduct
 from domain.ports import RecordedEvent
-from server import mapping
-from server.errors import status_for, unexpected_error_status, validation_status
-from server.identity import current_caller
+from server.rpc import mapping
+from server.rpc.status_mapping import validation_status
+from server.security.identity import current_caller
 
 log = logging.getLogger("order_gateway.rpc")
 
@@ -38,7 +38,11 @@ MAX_CORRELATION_ID_LENGTH = 128
 
 
 class CommandRunner:
-    """Builds the command with the caller's identity, dispatches it, maps errors to statuses."""
+    """Builds the command with the caller's identity and dispatches it.
+
+    An invalid request is answered here (INVALID_ARGUMENT); any other error escapes to
+    the last-resort handler (``server.rpc.last_resort``), which maps it to its status.
+    """
 
     def __init__(self, bus: CommandBus) -> None:
         self._bus = bus
@@ -63,11 +67,7 @@ class CommandRunner:
             )
         except ValidationError as error:
             await context.abort_with_status(validation_status(error))
-        try:
-            return await self._bus.dispatch(command)
-        except Exception as error:
-            await context.abort_with_status(status_for(error) or unexpected_error_status(error))
-        raise AssertionError("abort_with_status returned")  # pragma: no cover
+        return await self._bus.dispatch(command)
 
 
 def _correlation_id(metadata: Any) -> str:

@@ -31,7 +31,8 @@ from domain.errors import (
     ProductNotFoundError,
     StoreUnavailableError,
 )
-from server.identity import current_request_id
+from server.rpc.subscription_hub import HubClosedError, TooManySubscribersError
+from server.security.identity import current_request_id
 
 log = logging.getLogger("order_gateway.errors")
 
@@ -61,6 +62,12 @@ def status_for(error: BaseException) -> grpc.Status | None:
         return _domain_status(error)
     if isinstance(error, StoreUnavailableError):
         return _status(code_pb2.UNAVAILABLE, "the event store is unavailable, retry later")
+    if isinstance(error, TooManySubscribersError):
+        return plain_status(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "too many open subscriptions, retry later"
+        )
+    if isinstance(error, HubClosedError):
+        return plain_status(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
     return None
 
 

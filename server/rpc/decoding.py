@@ -7,14 +7,14 @@ decode failure reaches the behaviour as a marker, which then aborts with a clean
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from server.errors import plain_status
-from server.method_handlers import Handler, WrappedHandlers
+from server.rpc.method_handlers import Context, Handler, WrappedHandlers, checked_first
+from server.rpc.status_mapping import plain_status
 
 OWN_METHOD_PREFIX = "/orders.v1."
 
@@ -40,12 +40,11 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        # Only our own RPCs: they are all async-generator unary-stream behaviours, while
-        # e.g. health's Watch is a coroutine that writes through its context.
+        # Only our own RPCs, and those that take one request message.
         if (
             handler is None
             or not method.startswith(OWN_METHOD_PREFIX)
-            or handler.unary_stream is None
+            or handler.request_streaming
             or handler.request_deserializer is None
         ):
             return handler
@@ -54,10 +53,6 @@ class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
 
 def _tolerant(handler: Handler, method: str) -> Handler:
     deserialize = cast(Callable[[bytes], Any], handler.request_deserializer)
-    behaviour = cast(
-        Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
-        handler.unary_stream,
-    )
 
     def tolerant_deserialize(data: bytes) -> Any:
         try:
@@ -65,18 +60,9 @@ def _tolerant(handler: Handler, method: str) -> Handler:
         except DecodeError:
             return _UNPARSEABLE
 
-    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        if request is _UNPARSEABLE:
-            await context.abort_with_status(
-                plain_status(
-                    grpc.StatusCode.INVALID_ARGUMENT, "request message could not be parsed"
-                )
-            )
-        async for response in behaviour(request, context):
-            yield response
+    return checked_first(handler, _refuse_unparseable, tolerant_deserialize)
 
-    return grpc.unary_stream_rpc_method_handler(
-        call,
-        request_deserializer=tolerant_deserialize,
-        response_serializer=handler.response_serializer,
-    )
+
+async def _refuse_unparseable(request: Any, context: Context) -> None:
+    if request is _UNPARSEABLE:
+        await context.abort_with_status(_UNPARSEABLE_STATUS)

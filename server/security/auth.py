@@ -11,39 +11,18 @@ import hmac
 import logging
 import re
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import grpc
 
-from server.errors import INTERNAL_MESSAGE, plain_status, unexpected_error_status
-from server.identity import (
-    ALL_SCOPES,
-    ANONYMOUS,
-    SCOPE_EVENTS_READ,
-    SCOPE_INVENTORY_WRITE,
-    SCOPE_ORDERS_ADMIN,
-    SCOPE_ORDERS_WRITE,
-    Caller,
-    current_caller,
-)
-from server.method_handlers import Handler, WrappedHandlers
+from server.rpc.method_handlers import Context, Handler, WrappedHandlers, checked_first
+from server.rpc.status_mapping import plain_status
+from server.security.identity import ALL_SCOPES, ANONYMOUS, Caller, current_caller
+from server.security.scopes import OPEN_SERVICES, REQUIRED_SCOPES
 
 log = logging.getLogger("order_gateway.auth")
-
-
-REQUIRED_SCOPES: dict[str, frozenset[str]] = {
-    "/orders.v1.OrderCommandService/CreateOrder": frozenset({SCOPE_ORDERS_WRITE}),
-    # orders:admin alone is enough to cancel any order.
-    "/orders.v1.OrderCommandService/CancelOrder": frozenset(
-        {SCOPE_ORDERS_WRITE, SCOPE_ORDERS_ADMIN}
-    ),
-    "/orders.v1.InventoryCommandService/RestockProduct": frozenset({SCOPE_INVENTORY_WRITE}),
-    "/orders.v1.EventStreamService/Subscribe": frozenset({SCOPE_EVENTS_READ}),
-}
-"""Per method, the scopes of which the caller needs at least one. Methods not listed
-(health, reflection) are open."""
 
 
 class AuthenticationError(Exception):
@@ -106,11 +85,12 @@ class TokenFileAuthenticator:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates every call to a protected method and checks its scopes.
+    """Authenticates every call to a method other than the open ones and checks its scopes.
 
-    With no authenticators, every caller is anonymous with all scopes. The guarded
-    handler of each method is built once and reused: the credentials are read from each
-    call's own metadata when it starts.
+    A method with no scope assigned is refused, whoever calls: an RPC added without a
+    scope stays closed until it gets one. With no authenticators, every caller is
+    anonymous with all scopes. The guarded handler of each method is built once and
+    reused: the credentials are read from each call's own metadata when it starts.
     """
 
     def __init__(self, authenticators: Sequence[Authenticator]) -> None:
@@ -124,58 +104,45 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        required = REQUIRED_SCOPES.get(method)
-        # Every protected method is one of our unary-stream RPCs.
-        if handler is None or required is None or handler.unary_stream is None:
+        if handler is None or method.startswith(OPEN_SERVICES):
             return handler
         return self._guarded.get(handler, method)
 
     def _guard(self, handler: Handler, method: str) -> Handler:
-        required = REQUIRED_SCOPES[method]
-        # grpc's stubs type behaviours as synchronous; on an aio server they are async
-        # generators.
-        behaviour = cast(
-            Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
-            handler.unary_stream,
-        )
+        required = REQUIRED_SCOPES.get(method)
+        if required is None:
+            log.error("refusing calls to %s: the method has no scope assigned", method)
+            refusal = plain_status(
+                grpc.StatusCode.PERMISSION_DENIED, "this method has no scope assigned"
+            )
 
-        async def call(
-            request: Any, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
+            async def refuse(request: Any, context: Context) -> None:
+                await context.abort_with_status(refusal)
+
+            return checked_first(handler, refuse)
+
+        async def admit(request: Any, context: Context) -> None:
             verdict = self._verdict(context.invocation_metadata() or (), method, required)
             if isinstance(verdict, grpc.Status):
                 await context.abort_with_status(verdict)
             current_caller.set(verdict)
-            try:
-                async for response in behaviour(request, context):
-                    yield response
-            except grpc.aio.AbortError:
-                raise
-            except Exception as error:
-                # Every protected call passes through here, so this is the last line of
-                # defence: grpcio itself would answer UNKNOWN with the exception's text.
-                await context.abort_with_status(unexpected_error_status(error))
 
-        return grpc.unary_stream_rpc_method_handler(
-            call,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return checked_first(handler, admit)
 
     def _verdict(
         self, metadata: Iterable[tuple[str, Any]], method: str, required: frozenset[str]
     ) -> Caller | grpc.Status:
-        """The authenticated caller, or the status that refuses the call."""
+        """The authenticated caller, or the status that refuses the call.
+
+        An authenticator's unexpected error propagates: the last-resort handler answers
+        it INTERNAL with a generic message, so a hostile token cannot make it leak.
+        """
         try:
             caller = self._caller(metadata)
         except AuthenticationError as error:
             # The message never holds the token: authenticators word their own reasons.
             log.info("refused %s: %s", method, error)
             return plain_status(grpc.StatusCode.UNAUTHENTICATED, str(error))
-        except Exception:
-            # A hostile token must not turn an authenticator's bug into a leaky status.
-            log.exception("authentication failed unexpectedly for %s", method)
-            return plain_status(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
         if not caller.scopes & required:
             needed = " or ".join(sorted(required))
             log.info("refused %s to %r: lacks scope %s", method, caller.user_id, needed)

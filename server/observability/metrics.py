@@ -24,8 +24,8 @@ from domain.commands import Command
 from domain.errors import ConcurrencyConflictError, DomainError, DuplicateCommandError
 from domain.ports import Commit, EventStore, RecordedEvent
 from server.config import split_host_port
-from server.observability import RpcOutcome
-from server.store_decorator import EventStoreDecorator
+from server.observability.hooks import RpcOutcome
+from server.stores.decorator import EventStoreDecorator
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -104,7 +104,7 @@ class GatewayMetrics:
         )
 
     def rpc_finished(self, outcome: RpcOutcome) -> None:
-        """The RPC observer hook (``server.observability``)."""
+        """The RPC observer hook (``server.observability.interceptor``)."""
         # Children are cached: prometheus_client's labels() validates and locks each time,
         # and this runs for every RPC.
         handled = self._handled.get((outcome.method, outcome.code))

@@ -28,8 +28,8 @@ from domain.bus import Middleware, Next, Result
 from domain.commands import Command
 from domain.errors import DomainError
 from domain.ports import Commit, EventStore, RecordedEvent
-from server.observability import RpcSpan
-from server.store_decorator import EventStoreDecorator
+from server.observability.hooks import RpcSpan
+from server.stores.decorator import EventStoreDecorator
 
 INSTRUMENTATION_NAME = "order_gateway"
 SHUTDOWN_TIMEOUT = 2.0

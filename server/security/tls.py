@@ -1,4 +1,4 @@
-"""Security wiring from settings: the authenticators and the listening port (TLS, mTLS).
+"""The listening port from settings: plaintext, TLS or mutual TLS.
 
 Files are checked here, when the server is built, so that a wrong path, an encrypted
 key or a certificate that does not match its key stops ``serve`` with a clear message
@@ -18,23 +18,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from server.auth import Authenticator, TokenFileAuthenticator
 from server.config import Settings
-from server.jwt_auth import JwtAuthenticator
-
-
-def authenticators_from(settings: Settings) -> list[Authenticator]:
-    """Static tokens first (a cheap lookup), then JWTs; none means authentication is off."""
-    found: list[Authenticator] = []
-    if settings.auth_tokens is not None:
-        found.append(TokenFileAuthenticator.from_file(settings.auth_tokens))
-    if settings.jwt_public_key is not None:
-        found.append(
-            JwtAuthenticator.from_file(
-                settings.jwt_public_key, settings.jwt_issuer, settings.jwt_audience
-            )
-        )
-    return found
 
 
 def add_port(

@@ -19,7 +19,7 @@ from pydantic_core import from_json
 
 from domain import events as domain_events
 from domain.ports import RecordedEvent
-from server.event_rows import EventRow
+from server.stores.event_rows import EventRow
 
 R = TypeVar("R", bound=Message)
 
@@ -102,7 +102,7 @@ def proto_event_fields(record: RecordedEvent) -> dict[str, Any]:
 
 
 def row_event_response(response_type: Callable[..., R], row: EventRow) -> R:
-    """``event_response`` for a stored row (``server.event_rows``): the same message,
+    """``event_response`` for a stored row (``server.stores.event_rows``): the same message,
     with no ``RecordedEvent`` or ``datetime`` built on the way."""
     (
         event_id,

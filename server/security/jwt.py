@@ -17,8 +17,8 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from server.auth import AuthenticationError
-from server.identity import Caller
+from server.security.auth import AuthenticationError
+from server.security.identity import Caller
 
 MIN_RSA_KEY_BITS = 2048
 MAX_SUBJECT_LENGTH = 256

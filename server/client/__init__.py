@@ -1,0 +1,1 @@
+"""The command line's clients of a running gateway: ``tail`` and ``health``."""

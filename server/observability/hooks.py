@@ -1,0 +1,82 @@
+"""The observability hooks: what an observed RPC reports, and what tracing provides.
+
+Declared apart from their implementations so that the interceptor, the metrics, the
+access log and the tracing module depend on these types, not on each other, and so that
+nothing imports opentelemetry unless tracing is on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+
+from domain.bus import Middleware
+from domain.ports import EventStore
+
+
+@dataclass(frozen=True, slots=True)
+class RpcOutcome:
+    """What happened to one RPC, as every observer sees it."""
+
+    method: str
+    """The full method, e.g. ``/orders.v1.OrderCommandService/CreateOrder``."""
+    rpc_type: str
+    """``unary``, ``server_stream``, ``client_stream`` or ``bidi_stream``."""
+    code: grpc.StatusCode
+    duration: float
+    """Seconds from the handler's start to its last message or error."""
+    request_id: str
+    correlation_id: str
+    user_id: str
+    peer: str
+    trace_id: str
+    """Hex W3C trace id with tracing on, else empty."""
+
+    @property
+    def service(self) -> str:
+        return self.method.lstrip("/").partition("/")[0]
+
+    @property
+    def method_name(self) -> str:
+        return self.method.rpartition("/")[2]
+
+
+class RpcObserver(Protocol):
+    def rpc_finished(self, outcome: RpcOutcome) -> None:
+        """Called once per RPC, after its status is known. Must not raise or block."""
+        ...
+
+
+class RpcSpan(Protocol):
+    @property
+    def trace_id(self) -> str: ...
+
+    def finish(self, code: grpc.StatusCode) -> None:
+        """End the span with the call's status and restore the previous trace context."""
+        ...
+
+
+class Tracing(Protocol):
+    """The tracing hooks the gateway uses; ``server.observability.tracing`` implements them.
+
+    Declared here so that nothing imports opentelemetry unless tracing is on.
+    """
+
+    def rpc_span(self, method: str, metadata: Sequence[tuple[str, Any]]) -> RpcSpan:
+        """Start the server span of an RPC, continuing the caller's ``traceparent``."""
+        ...
+
+    def command_middleware(self) -> Middleware:
+        """A command-bus middleware that spans each dispatch."""
+        ...
+
+    def instrument_store(self, store: EventStore) -> EventStore:
+        """``store`` with a span around each append."""
+        ...
+
+    def shutdown(self) -> None:
+        """Export what is buffered and release the exporter."""
+        ...

@@ -1,0 +1,193 @@
+"""One server interceptor that observes every RPC: status code, duration, caller and ids.
+
+It wraps each handler once and hands the outcome of every call to observers (the
+Prometheus metrics, the access log). With tracing on, it also opens the RPC's span
+around the handler, so the spans of command dispatch and store append nest under it.
+
+Status codes are taken without touching a cancelled call's context: reading context
+state after a client cancelled a streaming call crashed grpcio 1.85 (shared/pitfalls.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from domain.ids import random_bytes
+from server.observability.hooks import RpcObserver, RpcOutcome, RpcSpan, Tracing
+from server.rpc.method_handlers import Context, Handler, WrappedHandlers, wrapped
+from server.security.identity import current_caller, current_request_id
+
+REQUEST_ID_HEADER = "x-request-id"
+CORRELATION_HEADER = "x-correlation-id"
+MAX_ID_LENGTH = 128
+# A client-chosen request id is logged verbatim, so only printable, unambiguous characters.
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+
+
+class _NoSpan:
+    """Stands in for a span when tracing is off."""
+
+    trace_id = ""
+
+    def finish(self, code: grpc.StatusCode) -> None:
+        return None
+
+
+_NO_SPAN = _NoSpan()
+
+
+@dataclass(frozen=True, slots=True)
+class _CallInfo:
+    """What is read from the call before the handler runs (never after)."""
+
+    method: str
+    rpc_type: str
+    request_id: str
+    correlation_id: str
+    peer: str
+
+
+class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, observers: Sequence[RpcObserver], tracing: Tracing | None = None) -> None:
+        self._observers = tuple(observers)
+        self._tracing = tracing
+        self._observed = WrappedHandlers(self._observe)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            # Unknown method: grpc answers UNIMPLEMENTED itself. Not counted, so that
+            # arbitrary method names cannot blow up the metrics' label sets.
+            return handler
+        return self._observed.get(handler, handler_call_details.method)
+
+    def _observe(self, handler: Handler, method: str) -> Handler:
+        rpc_type = _RPC_TYPES[(handler.request_streaming, handler.response_streaming)]
+        return wrapped(
+            handler, lambda request, context: self._observing(method, rpc_type, request, context)
+        )
+
+    def _observing(self, method: str, rpc_type: str, request: Any, context: Context) -> _Observed:
+        # Read when the call starts, never after (see the module docstring).
+        metadata = tuple(context.invocation_metadata() or ())
+        info = _call_info(method, rpc_type, metadata, request, context)
+        # Each RPC runs in a task of its own, so the request id needs no reset afterwards.
+        current_request_id.set(info.request_id)
+        span = self._tracing.rpc_span(info.method, metadata) if self._tracing else _NO_SPAN
+        return _Observed(info, span, context, self._observers)
+
+
+_RPC_TYPES = {
+    (False, False): "unary",
+    (False, True): "server_stream",
+    (True, False): "client_stream",
+    (True, True): "bidi_stream",
+}
+
+
+class _Observed(AbstractAsyncContextManager[None]):
+    """Times one call and reports its outcome when the handler returns or raises."""
+
+    def __init__(
+        self,
+        info: _CallInfo,
+        span: RpcSpan,
+        context: Context,
+        observers: tuple[RpcObserver, ...],
+    ) -> None:
+        self._info = info
+        self._span = span
+        self._context = context
+        self._observers = observers
+        self._started = time.perf_counter()
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        code = self._code_for(exc_type)
+        duration = time.perf_counter() - self._started
+        self._span.finish(code)
+        outcome = RpcOutcome(
+            method=self._info.method,
+            rpc_type=self._info.rpc_type,
+            code=code,
+            duration=duration,
+            request_id=self._info.request_id,
+            correlation_id=self._info.correlation_id,
+            # Set by the auth interceptor's wrapper inside this call (same task).
+            user_id=current_caller.get().user_id,
+            peer=self._info.peer,
+            trace_id=self._span.trace_id,
+        )
+        for observer in self._observers:
+            observer.rpc_finished(outcome)
+
+    def _code_for(self, exc_type: type[BaseException] | None) -> grpc.StatusCode:
+        if exc_type is None:
+            # The handler returned normally: OK unless it set another code itself.
+            return _set_code(self._context) or grpc.StatusCode.OK
+        if issubclass(exc_type, grpc.aio.AbortError):
+            # abort()/abort_with_status() recorded the code before raising.
+            return _set_code(self._context) or grpc.StatusCode.UNKNOWN
+        if issubclass(exc_type, asyncio.CancelledError | GeneratorExit):
+            # The client went away (or the server is stopping): never touch the context.
+            return grpc.StatusCode.CANCELLED
+        # grpc answers an exception that escapes a handler with UNKNOWN.
+        return grpc.StatusCode.UNKNOWN
+
+
+def _set_code(context: Context) -> grpc.StatusCode | None:
+    code = context.code()
+    if code is None:
+        return None
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return _CODES_BY_VALUE.get(int(code), grpc.StatusCode.UNKNOWN)
+
+
+_CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _call_info(
+    method: str,
+    rpc_type: str,
+    metadata: tuple[tuple[str, Any], ...],
+    request: Any,
+    context: Context,
+) -> _CallInfo:
+    request_id = ""
+    correlation_id = ""
+    for key, value in metadata:
+        if key == REQUEST_ID_HEADER and isinstance(value, str) and _SAFE_ID.fullmatch(value):
+            request_id = value
+        elif key == CORRELATION_HEADER and isinstance(value, str):
+            correlation_id = value[:MAX_ID_LENGTH]
+    if not correlation_id:
+        # As for events: without x-correlation-id a command correlates by its command_id.
+        correlation_id = str(getattr(request, "command_id", ""))[:MAX_ID_LENGTH]
+    return _CallInfo(
+        method=method,
+        rpc_type=rpc_type,
+        request_id=request_id or random_bytes(16).hex(),
+        correlation_id=correlation_id,
+        peer=context.peer(),
+    )

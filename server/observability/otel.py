@@ -1,0 +1,17 @@
+"""Loads OpenTelemetry tracing, only when ``--otel`` asks for it."""
+
+from __future__ import annotations
+
+from server.observability.hooks import Tracing
+
+
+def otel_tracing() -> Tracing:
+    """OpenTelemetry tracing configured from ``OTEL_*`` variables (``--otel``)."""
+    try:
+        from server.observability.tracing import OtelTracing
+
+        return OtelTracing.from_environment()
+    except ImportError as error:
+        raise ValueError(
+            f"--otel needs the otel extra (pip install 'order-gateway[otel]'): {error}"
+        ) from error

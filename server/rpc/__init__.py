@@ -1,0 +1,2 @@
+"""The gRPC surface: servicers, proto ⇄ domain mapping, subscriptions, and how errors and
+undecodable requests become statuses."""

@@ -1,0 +1,76 @@
+"""The one place where an error escaping a method becomes its gRPC status.
+
+Outermost of the interceptors that act on calls (only observability wraps it, so that it
+sees the status sent): an exception a method lets escape is answered with its mapped
+status (``status_for``), and anything unexpected with INTERNAL and a generic message.
+Without it grpcio would answer UNKNOWN with the exception's text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+
+import grpc
+
+from server.rpc.method_handlers import (
+    Context,
+    Handler,
+    WrappedHandlers,
+    is_streaming_response,
+    wrapped,
+)
+from server.rpc.status_mapping import status_for, unexpected_error_status
+
+
+class LastResortInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self) -> None:
+        self._answered = WrappedHandlers(_answered)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        return self._answered.get(handler, handler_call_details.method)
+
+
+def _answered(handler: Handler, method: str) -> Handler:
+    streaming = is_streaming_response(handler)
+    return wrapped(handler, lambda request, context: _Answering(context, streaming))
+
+
+class _Answering(AbstractAsyncContextManager[None]):
+    __slots__ = ("_context", "_streaming")
+
+    def __init__(self, context: Context, streaming: bool) -> None:
+        self._context = context
+        self._streaming = streaming
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        # Cancellation and aborts (a status already chosen) pass through untouched.
+        if not isinstance(exc, Exception) or isinstance(exc, grpc.aio.AbortError):
+            return False
+        status = status_for(exc) or unexpected_error_status(exc)
+        if self._streaming:
+            # Not abort_with_status: the client of a stream may already be gone (a
+            # shutdown racing a disconnect), and a failed abort would surface as an error
+            # of its own. Setting the status and ending lets grpc send it if anyone listens.
+            self._context.set_trailing_metadata(status.trailing_metadata)
+            self._context.set_code(status.code)
+            self._context.set_details(status.details)
+            return True
+        await self._context.abort_with_status(status)
+        return False

@@ -1,0 +1,1 @@
+"""Who may call what: authentication (static tokens, JWTs), scopes, identity and TLS."""

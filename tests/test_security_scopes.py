@@ -1,0 +1,178 @@
+"""Scopes fail closed: every RPC the protos declare needs a scope, read from the descriptors.
+
+The list of methods is never written by hand here: an RPC added to a proto without a
+scope makes these tests fail, and the server refuses to start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool
+
+from server.app import Gateway, create_server
+from server.cli import main
+from server.config import Settings
+from server.security.identity import ALL_SCOPES
+from server.security.scopes import REQUIRED_SCOPES, UnscopedMethodsError, own_methods
+from server.stores.memory import MemoryEventStore
+
+OWN_METHODS = own_methods()
+NO_SCOPE_TOKEN = "token-with-no-scope"
+
+
+def test_the_methods_are_read_from_the_protos() -> None:
+    assert "/orders.v1.OrderCommandService/CreateOrder" in OWN_METHODS
+    assert "/orders.v1.EventStreamService/Subscribe" in OWN_METHODS
+
+
+@pytest.mark.parametrize("method", OWN_METHODS)
+def test_every_method_the_protos_declare_has_a_known_scope(method: str) -> None:
+    assert method in REQUIRED_SCOPES, f"{method} has no scope in server/security/scopes.py"
+    assert REQUIRED_SCOPES[method]
+    assert REQUIRED_SCOPES[method] <= ALL_SCOPES
+
+
+def test_no_scope_is_kept_for_a_method_the_protos_do_not_declare() -> None:
+    assert set(REQUIRED_SCOPES) <= set(OWN_METHODS)
+
+
+@pytest.fixture
+async def secured(tmp_path: Path) -> AsyncIterator[Gateway]:
+    tokens = tmp_path / "tokens.toml"
+    digest = hashlib.sha256(NO_SCOPE_TOKEN.encode()).hexdigest()
+    tokens.write_text(f'[[token]]\nsha256 = "{digest}"\nuser_id = "nobody"\nscopes = []\n')
+    gateway = await create_server(
+        Settings(listen="127.0.0.1:0", store="memory://", auth_tokens=tokens),
+        store=MemoryEventStore(),
+    )
+    await gateway.start()
+    yield gateway
+    await gateway.stop()
+
+
+async def call_raw(channel: grpc.aio.Channel, method: str, metadata: Any) -> grpc.StatusCode:
+    """Call ``method`` with an empty request, as its descriptor says it is called."""
+    service, _, name = method.strip("/").partition("/")
+    described = descriptor_pool.Default().FindMethodByName(f"{service}.{name}")
+    raw: dict[str, Callable[[bytes], bytes]] = {
+        "request_serializer": bytes,
+        "response_deserializer": bytes,
+    }
+    try:
+        if described.client_streaming:
+            requests = iter([b""])
+            if described.server_streaming:
+                async for _ in channel.stream_stream(method, **raw)(requests, metadata=metadata):
+                    pass
+            else:
+                await channel.stream_unary(method, **raw)(requests, metadata=metadata)
+        elif described.server_streaming:
+            async for _ in channel.unary_stream(method, **raw)(b"", metadata=metadata):
+                pass
+        else:
+            await channel.unary_unary(method, **raw)(b"", metadata=metadata)
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize("method", OWN_METHODS)
+async def test_every_method_refuses_callers_without_a_token_or_scope(
+    secured: Gateway, method: str
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{secured.port}") as channel:
+        assert await call_raw(channel, method, ()) == grpc.StatusCode.UNAUTHENTICATED
+        with_no_scope = (("authorization", f"Bearer {NO_SCOPE_TOKEN}"),)
+        assert await call_raw(channel, method, with_no_scope) == (grpc.StatusCode.PERMISSION_DENIED)
+
+
+async def test_the_server_refuses_to_start_with_a_method_that_has_no_scope(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delitem(REQUIRED_SCOPES, "/orders.v1.EventStreamService/Subscribe")
+    with pytest.raises(UnscopedMethodsError, match="EventStreamService/Subscribe"):
+        await create_server(Settings(listen="127.0.0.1:0", store="memory://"))
+
+
+def test_serve_names_the_unscoped_method_and_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delitem(REQUIRED_SCOPES, "/orders.v1.OrderCommandService/CancelOrder")
+    assert main(["serve", "--listen", "127.0.0.1:0", "--store", "memory://"]) == 2
+    assert "OrderCommandService/CancelOrder" in capsys.readouterr().err
+
+
+def extra_service(behaviour: Callable[..., Any]) -> grpc.GenericRpcHandler:
+    """A service of our package that the protos do not declare, as a new RPC would be."""
+    return grpc.method_handlers_generic_handler(
+        "orders.v1.ExtraService",
+        {
+            "Single": grpc.unary_unary_rpc_method_handler(
+                behaviour, request_deserializer=bytes, response_serializer=bytes
+            )
+        },
+    )
+
+
+def extra_single(channel: grpc.aio.Channel) -> Any:
+    return channel.unary_unary(
+        "/orders.v1.ExtraService/Single", request_serializer=bytes, response_deserializer=bytes
+    )
+
+
+async def served_with(service: grpc.GenericRpcHandler) -> Gateway:
+    # Authentication off: every caller has every scope, and still an unscoped method
+    # must stay closed.
+    gateway = await create_server(
+        Settings(listen="127.0.0.1:0", store="memory://"), store=MemoryEventStore()
+    )
+    gateway.server.add_generic_rpc_handlers((service,))
+    await gateway.start()
+    return gateway
+
+
+async def test_a_served_method_with_no_scope_is_refused_even_with_authentication_off() -> None:
+    called = []
+
+    async def single(request: bytes, context: Any) -> bytes:
+        called.append(request)
+        return b""
+
+    gateway = await served_with(extra_service(single))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await extra_single(channel)(b"")
+    finally:
+        await gateway.stop()
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert called == []
+
+
+async def test_an_unexpected_error_in_any_kind_of_method_is_internal_without_details(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(
+        REQUIRED_SCOPES, "/orders.v1.ExtraService/Single", frozenset({"orders:write"})
+    )
+
+    async def single(request: bytes, context: Any) -> bytes:
+        raise RuntimeError("secret detail /var/lib/db.sqlite")
+
+    gateway = await served_with(extra_service(single))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await extra_single(channel)(b"")
+    finally:
+        await gateway.stop()
+    assert raised.value.code() == grpc.StatusCode.INTERNAL
+    assert raised.value.details() == "internal error"
+    trailers = dict(raised.value.trailing_metadata() or ())
+    assert trailers.get("x-request-id")
