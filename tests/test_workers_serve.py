@@ -108,7 +108,10 @@ async def test_no_oversell_no_gap_and_replays_across_workers(store_url: str) -> 
         assert all([e.event_id for e in s] == [e.event_id for e in seen[0]] for s in seen)
 
 
-async def test_sigterm_stops_every_worker_within_ten_seconds(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_stop_signal_stops_every_worker_within_ten_seconds(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
     async with (
         workers_gateway(f"sqlite:///{tmp_path / 'events.db'}") as gateway,
         spread_clients(gateway.target, 4) as clients,
@@ -118,7 +121,7 @@ async def test_sigterm_stops_every_worker_within_ten_seconds(tmp_path: Path) -> 
         for subscription in subscriptions:
             await subscription.next_checkpoint()
 
-        gateway.process.send_signal(signal.SIGTERM)
+        gateway.process.send_signal(signum)
         code = await asyncio.to_thread(gateway.process.wait, 10)
 
         assert code == 0, gateway.log
