@@ -1,14 +1,11 @@
 """The supervisor's hub: what the workers of one gateway tell each other, and on SQLite
 the store's one writer.
 
-**Commits across workers.** Each worker keeps recently used orders and products in
-memory (the aggregate cache) and trusts them until an append says otherwise, and its
-subscriptions sleep until told that something committed. With several workers, both
-need to hear of the others' commits. So the hub learns of every commit (an append it
-wrote, or a worker's notice) and, once per turn of its event loop, sends each worker one
-wake-up listing the streams the *other* workers changed: the worker forgets those
-aggregates (its next command reads them afresh instead of failing its append and
-retrying) and wakes its subscriptions, which costs a local message, not the 1 s poll.
+**Commits across workers.** A worker's subscriptions, and the follower that keeps its
+aggregate cache up to date (``cache_follower``), sleep until told that something
+committed; with several workers they must hear of the others' commits. So the hub learns
+of every commit (an append it wrote, or a worker's notice) and, once per turn of its
+event loop, sends every worker one wake-up: a local message, not the 1 s poll.
 
 **SQLite's writer.** SQLite lets one connection write at a time, and a connection
 waiting for another process's write lock polls with sleeps of 1 to 100 ms (its busy
@@ -23,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Iterable
 from pathlib import Path
 
 from domain.ports import Commit, RecordedEvent
@@ -47,8 +43,6 @@ class _Connection(asyncio.Protocol):
         self._hub = hub
         self._buffer = FrameBuffer()
         self._transport: asyncio.Transport | None = None
-        self.stale: set[str] = set()
-        """Streams other workers changed since this worker's last wake-up."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -60,7 +54,7 @@ class _Connection(asyncio.Protocol):
         self._hub.connections.add(self)
         # The worker waits for this first wake-up before it serves: it knows the hub has
         # taken its connection.
-        transport.write(frame((WAKE, [])))
+        transport.write(self._hub.wake)
 
     def connection_lost(self, exc: Exception | None) -> None:
         # Appends already handed to the writer still commit: the worker that sent them
@@ -72,7 +66,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         for call_id, message in self._buffer.feed(data):
             if call_id == NOTICE:
-                self._hub.committed(self, message)
+                self._hub.committed()
             else:
                 self._append(call_id, decode_commit(message))
 
@@ -83,16 +77,14 @@ class _Connection(asyncio.Protocol):
             self.close()
             return
         task = asyncio.ensure_future(writer.append(commit))
-        task.add_done_callback(functools.partial(self._answer, call_id, commit))
+        task.add_done_callback(functools.partial(self._answer, call_id))
 
-    def _answer(
-        self, call_id: int, commit: Commit, done: asyncio.Future[list[RecordedEvent]]
-    ) -> None:
+    def _answer(self, call_id: int, done: asyncio.Future[list[RecordedEvent]]) -> None:
         if done.cancelled():
             return
         error = done.exception()
         if error is None:
-            self._hub.committed(self, commit.expected_versions)
+            self._hub.committed()
         self.send(frame((call_id, encode_outcome(done.result() if error is None else error))))
 
     def send(self, data: bytes) -> None:
@@ -115,17 +107,14 @@ class WorkerHub:
         self.closed = False
         self._server: asyncio.Server | None = None
         self._wake_pending = False
+        self.wake = frame((WAKE, None))
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: _Connection(self), str(self.path))
 
-    def committed(self, origin: _Connection, streams: Iterable[str]) -> None:
-        """``origin``'s worker committed to ``streams``: tell every worker, soon."""
-        changed = list(streams)
-        for connection in self.connections:
-            if connection is not origin:
-                connection.stale.update(changed)
+    def committed(self) -> None:
+        """A worker committed: wake every worker, soon."""
         if not self._wake_pending:
             # Once per loop turn: every answer of a group commit goes out first, then
             # one wake-up per worker for all of them.
@@ -135,8 +124,7 @@ class WorkerHub:
     def _wake(self) -> None:
         self._wake_pending = False
         for connection in self.connections:
-            stale, connection.stale = connection.stale, set()
-            connection.send(frame((WAKE, list(stale))))
+            connection.send(self.wake)
 
     async def close(self) -> None:
         """Close the writer's store (appends queued finish first), then the workers'

@@ -2,9 +2,8 @@
 
 ``WorkerStore`` wraps the store the worker opened itself. Reads always go to it. On
 SQLite appends go to the supervisor's writer over the hub; on PostgreSQL the worker
-appends itself and then tells the hub which streams it changed. Either way the hub's
-wake-ups call the store's commit listeners (on PostgreSQL beside its LISTEN/NOTIFY) and
-name the streams other workers changed, which the worker's aggregate cache forgets.
+appends itself and then tells the hub. Either way the hub's wake-ups call the store's
+commit listeners (on PostgreSQL beside its LISTEN/NOTIFY).
 
 If the supervisor goes away, appends waiting for its answer, and new ones on SQLite,
 fail as ``StoreUnavailableError`` (nothing was acknowledged that is not durable), and
@@ -55,7 +54,7 @@ class _HubConnection(asyncio.Protocol):
             if call_id == WAKE:
                 if not self.accepted.done():
                     self.accepted.set_result(None)
-                self._client.woken(message)
+                self._client.woken()
             else:
                 self._client.answer(call_id, message)
 
@@ -66,21 +65,19 @@ class _HubConnection(asyncio.Protocol):
 
 
 class HubClient:
-    """The connection; ``on_stale`` is told the streams other workers changed."""
+    """The connection to the hub."""
 
-    def __init__(self, on_stale: Callable[[list[str]], None]) -> None:
-        self._on_stale = on_stale
+    def __init__(self) -> None:
         self._transport: asyncio.Transport | None = None
         self._pending: dict[int, tuple[Commit, asyncio.Future[list[RecordedEvent]]]] = {}
         self._ids = itertools.count(WAKE + 1)
         self._listeners: list[Callable[[], None]] = []
+        self._notice = frame((NOTICE, None))
         self.lost = asyncio.Event()
 
     @classmethod
-    async def connect(
-        cls, socket_path: str | Path, on_stale: Callable[[list[str]], None]
-    ) -> HubClient:
-        client = cls(on_stale)
+    async def connect(cls, socket_path: str | Path) -> HubClient:
+        client = cls()
         transport, connection = await asyncio.get_running_loop().create_unix_connection(
             lambda: _HubConnection(client), str(socket_path)
         )
@@ -106,10 +103,10 @@ class HubClient:
         self._pending[call_id] = (commit, future)
         return await future
 
-    def notice(self, streams: list[str]) -> None:
-        """This worker committed to ``streams`` (a lost hub only delays the others)."""
+    def notice(self) -> None:
+        """This worker committed (a lost hub only delays the others)."""
         if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(frame((NOTICE, streams)))
+            self._transport.write(self._notice)
 
     def answer(self, call_id: int, outcome: Outcome) -> None:
         commit, future = self._pending.pop(call_id, (None, None))
@@ -123,9 +120,7 @@ class HubClient:
     def add_listener(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
 
-    def woken(self, stale: list[str]) -> None:
-        if stale:
-            self._on_stale(stale)
+    def woken(self) -> None:
         for listener in self._listeners:
             listener()
 
@@ -166,7 +161,7 @@ class WorkerStore:
         if self._shared_writer:
             return await self._hub.append(commit)
         recorded = await self._inner.append(commit)
-        self._hub.notice(list(commit.expected_versions))
+        self._hub.notice()
         return recorded
 
     async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:

@@ -1,10 +1,10 @@
 """The frames between workers and their supervisor's hub (``server.workers.hub``).
 
-A frame is a 4-byte big-endian length and a pickle. Workers send ``(call_id, Commit)``
-(an append, on SQLite: the supervisor owns the writer) or ``(NOTICE, stream_ids)`` (a
-commit the worker made itself, on PostgreSQL). The supervisor answers an append with
-``(call_id, outcome)`` and, after commits, sends each worker ``(WAKE, stream_ids)``: new
-events may be readable, and these streams were changed by other workers. Both ends are
+A frame is a 4-byte big-endian length and a pickle. Workers send ``(call_id, commit)``
+(an append, on SQLite: the supervisor owns the writer) or ``(NOTICE, None)`` (the worker
+committed itself, on PostgreSQL). The supervisor answers an append with
+``(call_id, outcome)`` and, after commits, sends every worker ``(WAKE, None)``: new
+events may be readable. Both ends are
 processes of one gateway on one host (a unix socket in a folder only the gateway's user
 can enter), so pickle is safe here.
 
@@ -34,9 +34,9 @@ from domain.errors import (
 from domain.ports import Commit, NewEvent, RecordedEvent
 
 WAKE: Final = 0
-"""Supervisor to worker: new events may be readable; the streams others changed."""
+"""Supervisor to worker: new events may be readable."""
 NOTICE: Final = -1
-"""Worker to supervisor: streams this worker has just committed to itself."""
+"""Worker to supervisor: this worker has just committed (by itself)."""
 _LENGTH = struct.Struct("!I")
 
 Outcome = tuple[str, Any]

@@ -24,6 +24,7 @@ from server.config import Settings
 from server.observability.logs import configure_logging
 from server.stores.event_rows import EventRowReader, StreamRowReader
 from server.stores.factory import open_store
+from server.workers.cache_follower import CacheFollower
 from server.workers.hub_client import HubClient, RowStore, WorkerStore
 
 log = logging.getLogger("order_gateway.workers")
@@ -64,17 +65,14 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
         stop.set()
 
     asyncio.get_running_loop().add_reader(lifeline.fileno(), supervisor_gone)
-    cache = AggregateCache(spec.settings.aggregate_cache)
-
-    def forget(streams: list[str]) -> None:
-        for stream_id in streams:
-            cache.discard(stream_id)
-
-    hub = await HubClient.connect(spec.hub_socket, forget)
+    hub = await HubClient.connect(spec.hub_socket)
     inner = await open_store(spec.settings.store)
     if not (isinstance(inner, EventRowReader) and isinstance(inner, StreamRowReader)):
         raise TypeError(f"{type(inner).__name__} cannot serve as a worker's store")
     store = WorkerStore(cast(RowStore, inner), hub, spec.shared_writer)
+    cache = AggregateCache(spec.settings.aggregate_cache)
+    follower = CacheFollower(store, cache)
+    await follower.start()
     background = [asyncio.create_task(_stop_when_set(hub.lost, stop))]
 
     def on_serving(gateway: Gateway) -> None:
@@ -94,6 +92,7 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
     finally:
         for task in background:
             task.cancel()
+        await follower.stop()
 
 
 async def _stop_when_set(event: asyncio.Event, stop: asyncio.Event) -> None:

@@ -5,16 +5,22 @@ unix socket. Then what the hub tells workers of each other's commits."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
 
+from domain.aggregates import Product
 from domain.errors import ConcurrencyConflictError, DuplicateCommandError, StoreUnavailableError
-from domain.ports import EventStore
+from domain.mapper import to_new_event
+from domain.ports import Commit, EventStore
+from domain.unit_of_work import AggregateCache
 from server.stores.sqlite import SQLiteEventStore
+from server.workers.cache_follower import CacheFollower
 from server.workers.hub import WorkerHub
 from server.workers.hub_client import HubClient, WorkerStore
 from tests.conformance.contract import TIMEOUT, EventStoreContract, commit_of
@@ -36,19 +42,24 @@ async def start_hub(database: Path, socket_dir: Path, shared_writer: bool = True
 
 
 class Worker:
-    """A worker's store, and the streams the hub told it to forget."""
+    """A worker's store, and its aggregate cache kept up to date by a follower."""
 
-    def __init__(self) -> None:
-        self.forgotten: list[str] = []
-        self.store: WorkerStore
+    def __init__(self, store: WorkerStore) -> None:
+        self.store = store
+        self.cache = AggregateCache()
+        self.follower = CacheFollower(store, self.cache)
 
     @classmethod
     async def open(cls, database: Path, hub: WorkerHub) -> Worker:
-        worker = cls()
-        client = await HubClient.connect(hub.path, worker.forgotten.extend)
+        client = await HubClient.connect(hub.path)
         inner = await SQLiteEventStore.open(database)
-        worker.store = WorkerStore(inner, client, shared_writer=hub.writer is not None)
+        worker = cls(WorkerStore(inner, client, shared_writer=hub.writer is not None))
+        await worker.follower.start()
         return worker
+
+    async def close(self) -> None:
+        await self.follower.stop()
+        await self.store.close()
 
 
 class TestWorkerStoreOnSharedWriter(EventStoreContract):
@@ -68,33 +79,49 @@ class TestWorkerStoreOnSharedWriter(EventStoreContract):
         try:
             yield worker.store
         finally:
-            await worker.store.close()
+            await worker.close()
             await hub.close()
 
 
 # -- what workers hear of each other ------------------------------------------------
 
 
+def restocked(product: Product, quantity: int) -> Commit:
+    """``product`` restocked by ``quantity``, as the command's unit of work commits it."""
+    product.restock(quantity)
+    event = to_new_event(product.pending[0], str(uuid.uuid4()), product.stream_id, product.version)
+    template = commit_of([(product.stream_id, product.version)])
+    return dataclasses.replace(template, events=[event])
+
+
 @pytest.mark.parametrize("shared_writer", [True, False], ids=["sqlite-writer", "own-appends"])
-async def test_a_commit_through_one_worker_wakes_the_others_and_names_its_streams(
+async def test_a_commit_through_one_worker_wakes_the_others_and_moves_their_cache_on(
     tmp_path: Path, socket_dir: Path, shared_writer: bool
 ) -> None:
     hub = await start_hub(tmp_path / "events.db", socket_dir, shared_writer)
     first = await Worker.open(tmp_path / "events.db", hub)
     second = await Worker.open(tmp_path / "events.db", hub)
     try:
+        product = Product("p")
+        appended = await first.store.append(restocked(product, 5))
+        product.mark_committed()
+        second.cache.put(product.clone())  # the second worker has used it since
         woke = asyncio.Event()
         second.store.add_commit_listener(woke.set)
 
-        appended = await first.store.append(commit_of([("a", 1), ("b", 1)]))
+        appended += await first.store.append(restocked(product, 7))
 
         await asyncio.wait_for(woke.wait(), TIMEOUT)
         assert await second.store.read_all() == appended
-        assert sorted(second.forgotten) == ["a", "b"]
-        assert first.forgotten == []  # its own commit: its cache is up to date
+        async with asyncio.timeout(TIMEOUT):
+            # The follower reads the new events after the wake-up.
+            while (cached := second.cache.get(product.stream_id)) is None or cached.version < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert isinstance(cached, Product)
+        assert cached.available == 12
     finally:
-        await first.store.close()
-        await second.store.close()
+        await first.close()
+        await second.close()
         await hub.close()
 
 
@@ -118,7 +145,7 @@ async def test_workers_racing_on_one_stream_conflict_and_repeat_ids_are_duplicat
             await workers[0].store.append(commit_of([("other", 1)], command_id=won.command_id))
     finally:
         for worker in workers:
-            await worker.store.close()
+            await worker.close()
         await hub.close()
 
 
@@ -128,6 +155,7 @@ async def test_appends_fail_as_unavailable_once_the_supervisor_is_gone(
     hub = await start_hub(tmp_path / "events.db", socket_dir)
     worker = await Worker.open(tmp_path / "events.db", hub)
     client = worker.store
+    await worker.follower.stop()
     try:
         await hub.close()
         with pytest.raises(StoreUnavailableError):

@@ -1,0 +1,80 @@
+"""Keeps a worker's aggregate cache up to date with the other workers' commits.
+
+Each worker keeps recently used orders and products in memory and trusts them until an
+append says otherwise (``domain.unit_of_work``). Once another worker has changed one, the
+next command here would fail its append, drop the cached copy, read the whole stream
+back and run again after a backoff sleep. The follower prevents that: woken after
+commits (by the supervisor's hub, and on PostgreSQL by LISTEN/NOTIFY too), it reads the
+new events in one ``read_all`` page after another, as a subscription does, and replays
+them onto the cached aggregates they belong to, so the cache moves on with the store.
+
+Forgetting the changed streams instead was measured first: every such command then read
+its product's whole stream back, and ``--workers 2`` spent 1.5 to 1.9 x the server CPU
+per call of one worker (interleaved runs, SQLite, 32 concurrent).
+
+A refresh is an optimisation only: the append's expected-version check still decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from itertools import groupby
+from typing import Final
+
+from domain.mapper import to_domain_event
+from domain.ports import EventStore, RecordedEvent
+from domain.unit_of_work import AggregateCache
+
+log = logging.getLogger("order_gateway.workers")
+
+PAGE: Final = 1000
+
+
+class CacheFollower:
+    def __init__(self, store: EventStore, cache: AggregateCache) -> None:
+        self._store = store
+        self._cache = cache
+        self._position = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Follow from the current head (the cache is empty at start)."""
+        self._position = await self._store.head_position()
+        self._store.add_commit_listener(self._wake.set)
+        self._task = asyncio.create_task(self._follow(), name="cache-follower")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _follow(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                while page := await self._store.read_all(self._position, PAGE):
+                    self._position = page[-1].position
+                    self._apply(page)
+                    if len(page) < PAGE:
+                        break
+            except Exception:  # the store's trouble shows on the command path too
+                log.exception("following commits for the aggregate cache failed")
+
+    def _apply(self, page: list[RecordedEvent]) -> None:
+        by_stream = sorted(page, key=lambda record: record.stream_id)
+        for stream_id, records in groupby(by_stream, key=lambda record: record.stream_id):
+            cached = self._cache.get(stream_id)
+            if cached is None:
+                continue
+            newer = [r for r in records if r.stream_version > cached.version]
+            if not newer:
+                continue  # this worker's own commit, already in the cache
+            if newer[0].stream_version != cached.version + 1:
+                self._cache.discard(stream_id)  # a gap: read afresh when next needed
+                continue
+            fresh = cached.clone()
+            fresh.replay([to_domain_event(record) for record in newer])
+            self._cache.put(fresh)
