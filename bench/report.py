@@ -388,13 +388,26 @@ def print_workers(report: Report, out: TextIO) -> None:
                 f"{result.latency.p50_ms:.2f}",
                 f"{result.latency.p99_ms:.2f}",
                 f"{result.server_cpu_ms_per_call:.3f}",
+                f"{result.supervisor_cpu_ms_per_call:.3f}"
+                if result.supervisor_cpu_ms_per_call
+                else "",
                 _ratio(result.calls_per_s, base.calls_per_s) if base else "",
                 ",".join(f"{k}={v}" for k, v in result.errors.items()),
             ]
         )
     _table(
         out,
-        ["server", "conc", "calls/s", "p50 ms", "p99 ms", "srv CPU ms/call", "vs x1", "errors"],
+        [
+            "server",
+            "conc",
+            "calls/s",
+            "p50 ms",
+            "p99 ms",
+            "srv CPU ms/call",
+            "of it supervisor",
+            "vs x1",
+            "errors",
+        ],
         rows,
     )
     for delivery in report.delivery:

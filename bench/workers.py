@@ -4,7 +4,8 @@ Both gateways run at once on fresh stores of the same kind, and each load point 
 measured on one and then the other, for several rounds, so that both see the same
 machine. The load generator spreads its callers over many connections: the kernel
 balances ``SO_REUSEPORT`` listeners by connection, not by call. Server CPU per call
-counts the supervisor and every worker (and, on SQLite, the supervisor's writer).
+counts the supervisor and every worker, and says how much of it was the supervisor's (on
+SQLite: the store's one writer and the hub), which one process bounds whatever N is.
 
 Live delivery: subscribers on several connections (so, on both workers: the supervisor's
 ``/metrics`` says how many each holds) while orders are placed one at a time through
@@ -16,6 +17,7 @@ time less the command's own latency (the creator's answer) is reported beside it
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import sys
 import time
@@ -34,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench import workload
 from bench.loadgen import LoadSpec, run_load
-from bench.servers import ServerProcess, free_port, restock, start_gateway
+from bench.servers import ServerProcess, cpu_seconds, free_port, restock, start_gateway
 from bench.stats import Latencies, LoadResult
 from bench.stores import StoreSpec, supported
 
@@ -128,7 +130,7 @@ async def measure(
                             channels=CHANNELS_PER_PROCESS,
                         )
                         result = await asyncio.to_thread(
-                            run_load, load, label(spec.kind, workers), server.cpu_seconds
+                            measure_load, load, spec.kind, workers, server
                         )
                         _progress(result)
                         load_results.append(result)
@@ -142,6 +144,24 @@ async def measure(
             )
             delivery_results.append(delivery)
     return None
+
+
+def measure_load(load: LoadSpec, store: str, workers: int, server: ServerProcess) -> LoadResult:
+    """One load point; server CPU split into the supervisor's and the workers'."""
+    samples: list[tuple[float, float]] = []
+
+    def server_cpu() -> float:
+        samples.append((server.cpu_seconds(), cpu_seconds(server.pid)))
+        return samples[-1][0]
+
+    result = run_load(load, label(store, workers), server_cpu)
+    (tree_before, own_before), (tree_after, own_after) = samples
+    if workers == 1 or tree_after <= tree_before:
+        return result
+    share = (own_after - own_before) / (tree_after - tree_before)
+    return dataclasses.replace(
+        result, supervisor_cpu_ms_per_call=result.server_cpu_ms_per_call * share
+    )
 
 
 def _subscriptions_by_worker(metrics_port: int) -> dict[str, int]:
