@@ -3,10 +3,10 @@
 Each worker keeps recently used orders and products in memory and trusts them until an
 append says otherwise (``domain.unit_of_work``). Once another worker has changed one, the
 next command here would fail its append, drop the cached copy, read the whole stream
-back and run again after a backoff sleep. The follower prevents that: woken after
-commits (by the supervisor's hub, and on PostgreSQL by LISTEN/NOTIFY too), it reads the
-new events in one ``read_all`` page after another, as a subscription does, and replays
-them onto the cached aggregates they belong to, so the cache moves on with the store.
+back and run again after a backoff sleep. The follower prevents that: woken when
+another worker has committed (``wake``, by the supervisor's hub), it reads the new
+events in one ``read_all`` page after another, as a subscription does, and replays them
+onto the cached aggregates they belong to, so the cache moves on with the store.
 
 Forgetting the changed streams instead was measured first: every such command then read
 its product's whole stream back, and ``--workers 2`` spent 1.5 to 1.9 x the server CPU
@@ -42,8 +42,10 @@ class CacheFollower:
     async def start(self) -> None:
         """Follow from the current head (the cache is empty at start)."""
         self._position = await self._store.head_position()
-        self._store.add_commit_listener(self._wake.set)
         self._task = asyncio.create_task(self._follow(), name="cache-follower")
+
+    def wake(self) -> None:
+        self._wake.set()
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -5,7 +5,10 @@ the store's one writer.
 aggregate cache up to date (``cache_follower``), sleep until told that something
 committed; with several workers they must hear of the others' commits. So the hub learns
 of every commit (an append it wrote, or a worker's notice) and, once per turn of its
-event loop, sends every worker one wake-up: a local message, not the 1 s poll.
+event loop, sends every worker one wake-up: a local message, not the 1 s poll. The
+wake-up says whether *another* worker committed: only then has the worker's cache
+anything to catch up on (at one caller, reading each own commit back in every worker
+doubled the server CPU per call).
 
 **SQLite's writer.** SQLite lets one connection write at a time, and a connection
 waiting for another process's write lock polls with sleeps of 1 to 100 ms (its busy
@@ -43,6 +46,8 @@ class _Connection(asyncio.Protocol):
         self._hub = hub
         self._buffer = FrameBuffer()
         self._transport: asyncio.Transport | None = None
+        self.others_committed = False
+        """Another worker committed since this worker's last wake-up."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -54,7 +59,7 @@ class _Connection(asyncio.Protocol):
         self._hub.connections.add(self)
         # The worker waits for this first wake-up before it serves: it knows the hub has
         # taken its connection.
-        transport.write(self._hub.wake)
+        transport.write(self._hub.wakes[False])
 
     def connection_lost(self, exc: Exception | None) -> None:
         # Appends already handed to the writer still commit: the worker that sent them
@@ -66,7 +71,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         for call_id, message in self._buffer.feed(data):
             if call_id == NOTICE:
-                self._hub.committed()
+                self._hub.committed(self)
             else:
                 self._append(call_id, decode_commit(message))
 
@@ -84,7 +89,7 @@ class _Connection(asyncio.Protocol):
             return
         error = done.exception()
         if error is None:
-            self._hub.committed()
+            self._hub.committed(self)
         self.send(frame((call_id, encode_outcome(done.result() if error is None else error))))
 
     def send(self, data: bytes) -> None:
@@ -107,14 +112,17 @@ class WorkerHub:
         self.closed = False
         self._server: asyncio.Server | None = None
         self._wake_pending = False
-        self.wake = frame((WAKE, None))
+        self.wakes = {others: frame((WAKE, others)) for others in (False, True)}
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: _Connection(self), str(self.path))
 
-    def committed(self) -> None:
-        """A worker committed: wake every worker, soon."""
+    def committed(self, origin: _Connection) -> None:
+        """``origin``'s worker committed: wake every worker, soon."""
+        for connection in self.connections:
+            if connection is not origin:
+                connection.others_committed = True
         if not self._wake_pending:
             # Once per loop turn: every answer of a group commit goes out first, then
             # one wake-up per worker for all of them.
@@ -124,7 +132,8 @@ class WorkerHub:
     def _wake(self) -> None:
         self._wake_pending = False
         for connection in self.connections:
-            connection.send(self.wake)
+            connection.send(self.wakes[connection.others_committed])
+            connection.others_committed = False
 
     async def close(self) -> None:
         """Close the writer's store (appends queued finish first), then the workers'

@@ -3,7 +3,8 @@
 ``WorkerStore`` wraps the store the worker opened itself. Reads always go to it. On
 SQLite appends go to the supervisor's writer over the hub; on PostgreSQL the worker
 appends itself and then tells the hub. Either way the hub's wake-ups call the store's
-commit listeners (on PostgreSQL beside its LISTEN/NOTIFY).
+commit listeners (on PostgreSQL beside its LISTEN/NOTIFY), and those that say another
+worker committed call ``on_others`` too (the aggregate cache's follower).
 
 If the supervisor goes away, appends waiting for its answer, and new ones on SQLite,
 fail as ``StoreUnavailableError`` (nothing was acknowledged that is not durable), and
@@ -54,7 +55,7 @@ class _HubConnection(asyncio.Protocol):
             if call_id == WAKE:
                 if not self.accepted.done():
                     self.accepted.set_result(None)
-                self._client.woken()
+                self._client.woken(message)
             else:
                 self._client.answer(call_id, message)
 
@@ -68,6 +69,8 @@ class HubClient:
     """The connection to the hub."""
 
     def __init__(self) -> None:
+        self.on_others: Callable[[], None] | None = None
+        """Called when another worker has committed."""
         self._transport: asyncio.Transport | None = None
         self._pending: dict[int, tuple[Commit, asyncio.Future[list[RecordedEvent]]]] = {}
         self._ids = itertools.count(WAKE + 1)
@@ -120,7 +123,9 @@ class HubClient:
     def add_listener(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
 
-    def woken(self) -> None:
+    def woken(self, others: bool) -> None:
+        if others and self.on_others is not None:
+            self.on_others()
         for listener in self._listeners:
             listener()
 

@@ -3,8 +3,9 @@
 A frame is a 4-byte big-endian length and a pickle. Workers send ``(call_id, commit)``
 (an append, on SQLite: the supervisor owns the writer) or ``(NOTICE, None)`` (the worker
 committed itself, on PostgreSQL). The supervisor answers an append with
-``(call_id, outcome)`` and, after commits, sends every worker ``(WAKE, None)``: new
-events may be readable. Both ends are
+``(call_id, outcome)`` and, after commits, sends every worker ``(WAKE, others)``: new
+events may be readable, and ``others`` says whether another worker committed since the
+last wake-up (a worker's own commits leave its aggregate cache up to date). Both ends are
 processes of one gateway on one host (a unix socket in a folder only the gateway's user
 can enter), so pickle is safe here.
 
@@ -34,7 +35,7 @@ from domain.errors import (
 from domain.ports import Commit, NewEvent, RecordedEvent
 
 WAKE: Final = 0
-"""Supervisor to worker: new events may be readable."""
+"""Supervisor to worker: new events may be readable; whether others committed."""
 NOTICE: Final = -1
 """Worker to supervisor: this worker has just committed (by itself)."""
 _LENGTH = struct.Struct("!I")

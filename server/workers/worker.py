@@ -73,6 +73,7 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
     cache = AggregateCache(spec.settings.aggregate_cache)
     follower = CacheFollower(store, cache)
     await follower.start()
+    hub.on_others = follower.wake
     background = [asyncio.create_task(_stop_when_set(hub.lost, stop))]
 
     def on_serving(gateway: Gateway) -> None:

@@ -55,6 +55,7 @@ class Worker:
         inner = await SQLiteEventStore.open(database)
         worker = cls(WorkerStore(inner, client, shared_writer=hub.writer is not None))
         await worker.follower.start()
+        client.on_others = worker.follower.wake
         return worker
 
     async def close(self) -> None:
