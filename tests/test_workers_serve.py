@@ -4,6 +4,7 @@ serving, the guarantees of one process kept across them, and a graceful stop."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.workers.supervisor import worker_count
 from tests.clients import item, order_request
 from tests.serving import free_port, gateway_log, start_gateway
 from tests.subscription_support import StreamReader
@@ -187,3 +189,11 @@ async def test_a_second_gateway_on_the_address_is_refused(tmp_path: Path) -> Non
             )
             assert code != 0, log
         assert gateway.process.poll() is None
+
+
+def test_zero_workers_means_one_per_cpu_and_a_negative_count_is_refused() -> None:
+    assert worker_count(0) == len(os.sched_getaffinity(0))
+    assert worker_count(3) == 3
+    code, log = serve_and_fail("--workers", "-1")
+    assert code == 2
+    assert "workers: Input should be greater than or equal to 0" in log
