@@ -1,5 +1,5 @@
-"""The README's figure: CreateOrder throughput and p99 latency against concurrency,
-for the floor and the gateway on each store measured."""
+"""The figure in docs/performance.md: CreateOrder throughput and p99 latency against
+concurrency, for the floor and the gateway on each store measured."""
 
 from __future__ import annotations
 

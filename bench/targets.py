@@ -1,4 +1,4 @@
-"""The issue's performance targets, judged against one run's figures.
+"""The gateway's performance targets, judged against one run's figures.
 
 These are benchmark outcomes, printed PASS or FAIL; a target whose figures the run did
 not take (a store not given, a section skipped) is NOT MEASURED, never PASS.

@@ -1,8 +1,9 @@
 """Commands: requests to change state, named in the imperative.
 
-A command that exists is well-formed: every rule of the contract's validation section is
+A command that exists is well-formed: every validation rule of the API (docs/api.md) is
 checked when it is built, and every violation is reported at once in one
-``pydantic.ValidationError`` whose locations are the proto field paths.
+``pydantic.ValidationError`` whose locations are the proto field paths and whose messages
+are worded for the client (``domain.violations``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from domain.values import (
     ProductId,
     Uuid,
 )
+from domain.violations import reworded
 
 
 def _utcnow() -> dt.datetime:
@@ -56,8 +58,11 @@ class Command(BaseModel):
 
     @model_validator(mode="wrap")
     @classmethod
-    def _note_who_chose_the_id(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
-        command = handler(data)
+    def _validate(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        try:
+            command = handler(data)
+        except ValidationError as error:
+            raise _merged(cls.__name__, reworded(error)) from None
         if isinstance(data, dict) and data.get("command_id", "") == "":
             command._server_chose_id = True
         return command
@@ -91,7 +96,7 @@ class CreateOrder(Command):
         try:
             command = handler(data)
         except ValidationError as error:
-            field_errors = _as_init_errors(error)
+            field_errors = reworded(error)
             # One violation per path: a malformed value is not also reported as inconsistent.
             reported = {tuple(e["loc"]) for e in field_errors}
             extra = [e for e in cross_item if tuple(e["loc"]) not in reported]
@@ -164,19 +169,6 @@ def _currency_of(item: Any) -> str | None:
 
 def _error(loc: tuple[str | int, ...], kind: str, message: str, value: Any) -> InitErrorDetails:
     return {"type": PydanticCustomError(kind, message), "loc": loc, "input": value}
-
-
-def _as_init_errors(error: ValidationError) -> list[InitErrorDetails]:
-    return [
-        {
-            "type": PydanticCustomError(
-                detail["type"], detail["msg"].replace("{", "(").replace("}", ")")
-            ),
-            "loc": detail["loc"],
-            "input": detail["input"],
-        }
-        for detail in error.errors()
-    ]
 
 
 def _merged(title: str, errors: list[InitErrorDetails]) -> ValidationError:

@@ -1,4 +1,4 @@
-"""Value objects shared by commands and events, with the contract's validation rules.
+"""Value objects shared by commands and events, with the API's validation rules (docs/api.md).
 
 Field names equal the proto field names, so a pydantic error location is already the
 path a client sees in ``google.rpc.BadRequest``.
@@ -44,7 +44,7 @@ def _lower(value: str) -> str:
 
 def _not_blank(value: str) -> str:
     if not value.strip():
-        raise PydanticCustomError("missing", "is required and must not be blank")
+        raise PydanticCustomError("blank", "is required and must not be blank")
     return value
 
 

@@ -1,4 +1,4 @@
-"""The ``order-gateway`` command: serve, migrate, tail.
+"""The ``order-gateway`` command: serve, migrate, tail, health.
 
 Flags are optional overrides of ``ORDER_GATEWAY_*`` variables: only the flags given on
 the command line are passed to ``Settings``, so a flag wins and a variable fills the rest.
@@ -26,44 +26,126 @@ class ConfigurationError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="order-gateway", description="gRPC command gateway for the write side of CQRS."
+        prog="order-gateway",
+        description="gRPC command gateway for the write side of CQRS.",
+        epilog="Run 'order-gateway COMMAND --help' for a command's options.",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the gateway")
-    serve.add_argument("--listen", metavar="HOST:PORT")
-    serve.add_argument("--store", metavar="URL")
-    serve.add_argument("--auth-tokens", metavar="FILE")
-    serve.add_argument("--jwt-public-key", metavar="FILE")
-    serve.add_argument("--jwt-issuer", metavar="ISS")
-    serve.add_argument("--jwt-audience", metavar="AUD")
-    serve.add_argument("--tls-cert", metavar="FILE")
-    serve.add_argument("--tls-key", metavar="FILE")
-    serve.add_argument("--tls-client-ca", metavar="FILE")
-    serve.add_argument("--insecure", action="store_const", const=True)
-    serve.add_argument("--metrics-listen", metavar="HOST:PORT")
-    serve.add_argument("--otel", action="store_const", const=True)
-    serve.add_argument("--log-format", choices=["text", "json"])
-    serve.add_argument("--log-level", metavar="LEVEL")
-    serve.add_argument("--workers", metavar="N", type=int)
+    serve = _command(
+        commands,
+        "serve",
+        "run the gateway",
+        "Run the gateway until SIGTERM or SIGINT, creating or upgrading the store's schema "
+        "first. Every option can also be set by its environment variable; an option given "
+        "here wins over the variable.",
+    )
+    _setting(serve, "listen", metavar="HOST:PORT")
+    _setting(serve, "store", metavar="URL")
+    _setting(serve, "auth_tokens", metavar="FILE")
+    _setting(serve, "jwt_public_key", metavar="FILE")
+    _setting(serve, "jwt_issuer", metavar="ISS")
+    _setting(serve, "jwt_audience", metavar="AUD")
+    _setting(serve, "tls_cert", metavar="FILE")
+    _setting(serve, "tls_key", metavar="FILE")
+    _setting(serve, "tls_client_ca", metavar="FILE")
+    _setting(serve, "insecure", action="store_const", const=True)
+    _setting(serve, "metrics_listen", metavar="HOST:PORT")
+    _setting(serve, "otel", action="store_const", const=True)
+    _setting(serve, "log_format", choices=["text", "json"])
+    _setting(serve, "log_level", metavar="LEVEL")
+    _setting(serve, "workers", metavar="N", type=int)
 
-    migrate = commands.add_parser("migrate", help="create or upgrade the store's schema, then exit")
-    migrate.add_argument("--store", metavar="URL")
+    migrate = _command(
+        commands,
+        "migrate",
+        "create or upgrade the store's schema, then exit",
+        "Apply the store's missing schema migrations, then exit (serve also does this when "
+        "it starts).",
+    )
+    _setting(migrate, "store", metavar="URL")
 
-    tail = commands.add_parser("tail", help="print committed events as JSON lines")
-    tail.add_argument("--target", metavar="HOST:PORT", default="127.0.0.1:50051")
-    tail.add_argument("--after", metavar="N", type=int, default=0)
-    tail.add_argument("--type", metavar="NAME", action="append", default=[], dest="types")
+    tail = _command(
+        commands,
+        "tail",
+        "print committed events as JSON lines",
+        "Follow the gateway's event stream (Subscribe) and print each committed event as one "
+        "JSON line, until Ctrl-C. A failed call exits 1 with its status.",
+    )
+    tail.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        default="127.0.0.1:50051",
+        help="the gateway to follow (default: %(default)s)",
+    )
+    tail.add_argument(
+        "--after",
+        metavar="N",
+        type=int,
+        default=0,
+        help="print only events at positions after N, e.g. the last position you printed "
+        "(default: 0, from the first event)",
+    )
+    tail.add_argument(
+        "--type",
+        metavar="NAME",
+        action="append",
+        default=[],
+        dest="types",
+        help="print only events of this type, e.g. OrderCreated; repeat it for several "
+        "types (default: every type)",
+    )
 
-    health = commands.add_parser(
-        "health", help="exit 0 if the gateway's health service says SERVING (for containers)"
+    health = _command(
+        commands,
+        "health",
+        "exit 0 if the gateway's health service says SERVING (for containers)",
+        "Ask the gateway's gRPC health service for a status and print it; exit 0 only if "
+        "it is SERVING (the container health check).",
     )
     health.add_argument(
-        "--target", metavar="HOST:PORT", help="default: this host, at the port --listen names"
+        "--target",
+        metavar="HOST:PORT",
+        help="the gateway to ask (default: this host, at the port of "
+        f"{_variable('listen')}, or 50051)",
     )
-    health.add_argument("--service", metavar="NAME", default="", help="default: the server")
-    health.add_argument("--timeout", metavar="SECONDS", type=float, default=3.0)
+    health.add_argument(
+        "--service",
+        metavar="NAME",
+        default="",
+        help="the service to ask about, e.g. orders.v1.OrderCommandService (default: the "
+        "whole server)",
+    )
+    health.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=float,
+        default=3.0,
+        help="how long to wait for an answer (default: %(default)s)",
+    )
     return parser
+
+
+def _command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    summary: str,
+    description: str,
+) -> argparse.ArgumentParser:
+    return commands.add_parser(name, help=summary, description=description)
+
+
+def _variable(setting: str) -> str:
+    return f"{Settings.model_config.get('env_prefix', '')}{setting.upper()}"
+
+
+def _setting(command: argparse.ArgumentParser, setting: str, **options: Any) -> None:
+    """An option that sets ``setting``, described as docs/configuration.md describes it."""
+    field = Settings.model_fields[setting]
+    default = "" if field.default in (None, False) else f", default {field.default}"
+    # argparse expands %-formats in help: a literal % must be doubled.
+    described = f"{field.description} [{_variable(setting)}{default}]".replace("%", "%%")
+    command.add_argument(f"--{setting.replace('_', '-')}", help=described, **options)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

@@ -103,4 +103,10 @@ def detail(error: grpc.aio.AioRpcError, kind: type[Any]) -> Any:
 
 
 def bad_fields(error: grpc.aio.AioRpcError) -> list[str]:
-    return [v.field for v in detail(error, error_details_pb2.BadRequest).field_violations]
+    return [field for field, _ in field_violations(error)]
+
+
+def field_violations(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
+    """``(field path, description)`` of each violation in the error's BadRequest."""
+    violations = detail(error, error_details_pb2.BadRequest).field_violations
+    return [(v.field, v.description) for v in violations]

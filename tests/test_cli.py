@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import signal
 import subprocess
@@ -127,3 +128,47 @@ def test_an_unknown_log_level_is_refused(capsys: pytest.CaptureFixture[str]) -> 
     assert capsys.readouterr().err == (
         "order-gateway: log_level: not one of DEBUG, INFO, WARNING, ERROR\n"
     )
+
+
+def command_parsers() -> dict[str, argparse.ArgumentParser]:
+    # argparse keeps sub-commands only in this attribute.
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(commands.choices)
+
+
+def help_of(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("command", sorted(command_parsers()))
+def test_every_option_of_every_command_is_described_in_its_help(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = command_parsers()[command]
+    shown = help_of([command, "--help"], capsys)
+    assert parser.description and " ".join(parser.description.split()) in shown
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert options
+    for option in options:
+        assert option.help and option.help != argparse.SUPPRESS, option.option_strings
+        described = " ".join(option.help.replace("%(default)s", str(option.default)).split())
+        assert described.replace("%%", "%") in shown, option.option_strings
+
+
+def test_tail_help_says_what_each_option_does(capsys: pytest.CaptureFixture[str]) -> None:
+    shown = help_of(["tail", "--help"], capsys)
+    assert "--target HOST:PORT the gateway to follow (default: 127.0.0.1:50051)" in shown
+    assert "--after N print only events at positions after N" in shown
+    assert "--type NAME print only events of this type, e.g. OrderCreated" in shown
+
+
+def test_serve_help_names_each_option_s_variable_and_default(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    shown = help_of(["serve", "--help"], capsys)
+    assert "[ORDER_GATEWAY_LISTEN, default 127.0.0.1:50051]" in shown
+    assert "--auth-tokens FILE TOML file of bearer tokens" in shown
+    assert "[ORDER_GATEWAY_INSECURE]" in shown

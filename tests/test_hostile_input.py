@@ -185,6 +185,8 @@ def restock_requests(draw: st.DrawFn) -> inventory_command_service_pb2.RestockPr
 # --- properties ---------------------------------------------------------------------------
 
 PATH_PART = re.compile(r"(\w+)(?:\[(\d+)\])?")
+PYDANTIC_WORDING = re.compile(r"should|Field required|after validation|Input|String|List")
+"""pydantic's own phrasing of a constraint, which must not reach a client."""
 
 
 def names_a_field(message: Message, path: str) -> bool:
@@ -224,6 +226,7 @@ def maps_or_is_invalid_argument(
         for detail in error.errors():
             path = field_path(detail["loc"])
             assert names_a_field(request, path), path
+            assert not PYDANTIC_WORDING.search(detail["msg"]), detail["msg"]
         return None
     event("mapped to a command")
     return command

@@ -122,7 +122,7 @@ def test_two_migrate_commands_at_once_both_succeed(fresh_postgres_url: str) -> N
 async def test_a_role_that_cannot_change_the_schema_serves_a_migrated_database(
     fresh_postgres_url: str,
 ) -> None:
-    """What the README promises: migrate as the owner, then serve with only these grants."""
+    """What docs/operations.md promises: migrate as the owner, then serve with only these grants."""
     await (await PostgresEventStore.open(fresh_postgres_url)).close()
     role = f"gateway_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(fresh_postgres_url, autocommit=True) as owner:

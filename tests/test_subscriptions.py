@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
+from orders.v1.event_stream_service_pb2 import SubscribeResponse
 
+from domain.commands import RestockProduct
 from server.app import Gateway
-from server.rpc.subscription_hub import HubTuning
+from server.bootstrap import bootstrap
+from server.rpc.subscription_hub import EventFilter, HubTuning, SubscriptionHub
 from server.stores.memory import MemoryEventStore
 from tests.clients import Clients, item, order_request
 from tests.subscription_support import (
     SMALL_WINDOW,
+    WAIT,
     CountingStore,
     JitteryStore,
     StreamReader,
@@ -236,3 +241,37 @@ async def test_slow_consumer_gets_everything_without_holding_back_others() -> No
         assert identities(await fast.through(head)) == expected
         slow.call.cancel()
         fast.call.cancel()
+
+
+async def test_events_offered_as_a_quiet_wait_times_out_are_delivered_not_skipped() -> None:
+    # The hub can offer events in the same turn of the event loop as a live subscriber's
+    # quiet timeout fires; the subscriber then wakes with the timeout although it has
+    # events to send, and must send them rather than checkpoint past them.
+    store = MemoryEventStore()
+    bus = bootstrap(store)
+    await bus.dispatch(RestockProduct(product_id="sku-1", quantity=1))
+    hub = SubscriptionHub(store, 10, HubTuning(checkpoint_interval=0.05, poll_interval=10))
+    await hub.start()
+    received: asyncio.Queue[SubscribeResponse] = asyncio.Queue()
+
+    async def consume() -> None:
+        async with hub.subscribe(EventFilter(), 0, False) as subscription:
+            async for response in subscription.responses():
+                await received.put(response)
+
+    consumer = asyncio.create_task(consume())
+    try:
+        assert (await asyncio.wait_for(received.get(), WAIT)).event.position == 1
+        assert (await asyncio.wait_for(received.get(), WAIT)).checkpoint.position == 1
+        for _ in range(5):
+            await asyncio.sleep(0)  # the subscriber, now live, waits for events or silence
+        await bus.dispatch(RestockProduct(product_id="sku-2", quantity=1))  # wakes the hub
+        # Block the loop past the subscriber's quiet timeout: the hub's wake-up and the
+        # timeout are then due in the same turn, the hub first.
+        time.sleep(0.1)  # noqa: ASYNC251 (blocking the loop is the point)
+        following = await asyncio.wait_for(received.get(), WAIT)
+        assert following.WhichOneof("message") == "event", following
+        assert following.event.position == 2
+    finally:
+        consumer.cancel()
+        await hub.stop()

@@ -4,8 +4,10 @@ It wraps each handler once and hands the outcome of every call to observers (the
 Prometheus metrics, the access log). With tracing on, it also opens the RPC's span
 around the handler, so the spans of command dispatch and store append nest under it.
 
-Status codes are taken without touching a cancelled call's context: reading context
-state after a client cancelled a streaming call crashed grpcio 1.85 (shared/pitfalls.md).
+Status codes are taken without touching a cancelled call's context: in grpcio 1.85,
+calling ``context.peer()`` or reading other context state after the client had cancelled
+a server-streaming call crashed the whole process (a segfault, not an exception), so the
+peer and metadata are read once when the call starts.
 """
 
 from __future__ import annotations

@@ -53,8 +53,8 @@ class CommandRunner:
         data: dict[str, Any],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> list[RecordedEvent]:
-        # Metadata is read once, up front: reading context state after a client cancelled
-        # a streaming call crashed grpcio 1.85 (see shared/pitfalls.md).
+        # Metadata is read once, up front: in grpcio 1.85, reading context state after the
+        # client cancelled a server-streaming call crashed the process with a segfault.
         correlation_id = _correlation_id(context.invocation_metadata() or ())
         caller = current_caller.get()
         try:

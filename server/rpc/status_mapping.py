@@ -94,10 +94,8 @@ class _TrailedStatus(
 
 
 def validation_status(error: ValidationError) -> grpc.Status:
-    return bad_request_status(
-        (field_path(detail["loc"]), _describe(detail["type"], detail["msg"]))
-        for detail in error.errors()
-    )
+    """A command's validation error: its messages are already worded for the client."""
+    return bad_request_status((field_path(d["loc"]), d["msg"]) for d in error.errors())
 
 
 def bad_request_status(violations: Iterable[tuple[str, str]]) -> grpc.Status:
@@ -112,10 +110,6 @@ def bad_request_status(violations: Iterable[tuple[str, str]]) -> grpc.Status:
         f"invalid request: {fields}",
         error_details_pb2.BadRequest(field_violations=field_violations),
     )
-
-
-def _describe(kind: str, message: str) -> str:
-    return "is required" if kind == "missing" and message == "Field required" else message
 
 
 def _domain_status(error: DomainError) -> grpc.Status:
