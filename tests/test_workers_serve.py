@@ -55,6 +55,18 @@ def handled_by_worker(metrics_text: str) -> dict[str, float]:
     return handled
 
 
+async def scrape_when_all_serve(port: int | None) -> str:
+    """/metrics once the supervisor counts both workers serving (it may lag the health
+    check, which one serving worker already answers)."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    async with asyncio.timeout(WAIT):
+        while True:
+            text: str = await asyncio.to_thread(lambda: urllib.request.urlopen(url).read().decode())
+            if "order_gateway_workers 2.0" in text:
+                return text
+            await asyncio.sleep(0.1)
+
+
 async def test_every_worker_serves_and_metrics_say_which(store_url: str) -> None:
     async with (
         workers_gateway(store_url, metrics=True) as gateway,
@@ -63,8 +75,7 @@ async def test_every_worker_serves_and_metrics_say_which(store_url: str) -> None
         await clients[0].restock("p", 1000)
         await asyncio.gather(*(c.create(order_request(item("p"))) for c in clients))
 
-        url = f"http://127.0.0.1:{gateway.metrics_port}/metrics"
-        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url).read().decode())
+        text = await scrape_when_all_serve(gateway.metrics_port)
 
     handled = handled_by_worker(text)
     assert set(handled) == {"1", "2"}

@@ -282,13 +282,15 @@ async def _run(settings: Settings, count: int, listen: str, run_dir: Path) -> No
             count,
             redacted_url(settings.store),
         )
-        if metrics_server is not None and settings.metrics_listen:
-            port = metrics_server.start()
-            host = settings.metrics_listen.rpartition(":")[0]
-            log.info("metrics of all workers at http://%s:%d/metrics", host, port)
 
     try:
         await hub.start()
+        if metrics_server is not None and settings.metrics_listen:
+            # Before the workers: /metrics answers (with the workers serving so far, and
+            # order_gateway_workers) from the start, as with one process.
+            port = metrics_server.start()
+            host = settings.metrics_listen.rpartition(":")[0]
+            log.info("metrics of all workers at http://%s:%d/metrics", host, port)
         await supervisor.run(serving)
     finally:
         if metrics_server is not None:
