@@ -1,8 +1,14 @@
-"""The domain's error hierarchy.
+"""The gateway's errors: three trees, each under a base of its own.
 
-Every error a client can provoke is a ``DomainError``; the server maps each class to one
-gRPC status (see ``server/rpc/status_mapping.py``). ``reason`` is the stable machine-readable code
-clients see in ``google.rpc.ErrorInfo``.
+- ``DomainError``: a command refused, for a reason the client can provoke and act on.
+  ``server/rpc/status_mapping.py`` maps each class to one gRPC status; ``reason`` is the
+  stable machine-readable code clients see in ``google.rpc.ErrorInfo``.
+- ``StoreError``: the event store failed. Stores raise it ``from`` the driver's exception
+  at their boundary, so no driver type leaks upward.
+- ``ConfigurationError``: the gateway is set up wrongly (settings, files, wiring). Found
+  when it starts; ``order-gateway serve`` prints it and exits with status 2.
+
+docs/architecture.md draws the whole tree with the status of each error.
 """
 
 from __future__ import annotations
@@ -11,7 +17,16 @@ from dataclasses import dataclass
 
 
 class DomainError(Exception):
-    """Base of every error a command can fail with."""
+    """A command refused: what a client can provoke through a command, never a fault.
+
+    The aggregates' rules (``BusinessRuleViolation``), an aggregate that does not exist
+    (``NotFoundError``), the caller's rights on it (``PermissionDeniedError``), and the
+    outcomes of the store's consistency checks that the command pipeline handles: a
+    stream that moved on (``ConcurrencyConflictError``, retried, ABORTED once retries are
+    spent) and a command id already recorded (``DuplicateCommandError``, answered as a
+    replay or ``CommandIdReusedError``). Each maps to one gRPC status; none is logged as
+    a server error.
+    """
 
     reason: str = "DOMAIN_ERROR"
 
@@ -98,20 +113,39 @@ class DuplicateCommandError(DomainError):
         self.command_id = command_id
 
 
-class NoHandlerFoundError(Exception):
+class ConfigurationError(ValueError):
+    """The gateway is set up wrongly: a setting, a file it names, or its wiring.
+
+    A ``ValueError``, as the checks of values that raise it are.
+    """
+
+
+class NoHandlerFoundError(ConfigurationError):
     """The bus has no handler for a command type: a wiring mistake, not a client error."""
 
 
-class HandlerAlreadyRegisteredError(Exception):
+class HandlerAlreadyRegisteredError(ConfigurationError):
     """A second handler was registered for one command type."""
 
 
 class StoreError(Exception):
-    """The event store failed for a reason other than concurrency (driver or I/O error).
+    """The event store failed (driver or I/O error, a schema it cannot use).
 
     Stores raise it ``from`` the driver's exception so that no driver type leaks upward.
+    Concurrency and a repeated command id are not failures: they are ``DomainError``s.
+    Anything but ``StoreUnavailableError`` reaches a client as INTERNAL.
     """
 
 
 class StoreUnavailableError(StoreError):
-    """The store cannot be reached right now (connection refused, pool exhausted); retryable."""
+    """The store cannot be reached right now (connection refused, pool exhausted, I/O
+    error); retryable: a command that failed with it either committed or did not, and a
+    retry with its command_id finds out which."""
+
+    reason = "STORE_UNAVAILABLE"
+
+
+class StoreFullError(StoreError):
+    """The store is out of space; the append that hit it committed nothing."""
+
+    reason = "STORE_FULL"

@@ -58,6 +58,30 @@ class Commit:
     events: Sequence[NewEvent]
 
 
+def recorded_events(commit: Commit, first_position: int) -> list[RecordedEvent]:
+    """``commit``'s events as a store records them, at positions from ``first_position`` on.
+
+    The time is the commit's, in UTC; every backend answers an append with these.
+    """
+    occurred_at = commit.occurred_at.astimezone(dt.UTC)
+    command_id, correlation_id, user_id = commit.command_id, commit.correlation_id, commit.user_id
+    return [
+        RecordedEvent(
+            event.event_id,
+            event.stream_id,
+            event.stream_version,
+            position,
+            occurred_at,
+            command_id,
+            correlation_id,
+            user_id,
+            event.event_type,
+            event.data,
+        )
+        for position, event in enumerate(commit.events, start=first_position)
+    ]
+
+
 @dataclass(frozen=True, slots=True)
 class CommandRecord:
     """What the store remembers of a committed command, to replay it."""

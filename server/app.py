@@ -37,6 +37,7 @@ from server.observability.metrics import (
     MetricsServer,
 )
 from server.observability.otel import otel_tracing
+from server.observability.store_faults import StoreFaults, watched
 from server.rpc.decoding import RequestDecodingInterceptor
 from server.rpc.last_resort import LastResortInterceptor
 from server.rpc.servicers import CommandRunner, InventoryCommandServicer, OrderCommandServicer
@@ -157,8 +158,11 @@ async def create_server(
     credentials = server_credentials(settings)
     if tracing is None and settings.otel:
         tracing = otel_tracing()
-    store = store if store is not None else await open_store(settings.store)
+    if store is None:
+        store = await open_store(settings.store, pool_size=settings.store_pool_size)
     metrics = GatewayMetrics()
+    # Every path to the store is watched, so that a fault is logged once, whoever meets it.
+    watched_store = watched(store, StoreFaults(metrics.store_errors, metrics.store_fault))
     access_log = AccessLog()
     server = grpc.aio.server(
         # Observability wraps all the others, so that calls the auth interceptor refuses
@@ -177,7 +181,7 @@ async def create_server(
         maximum_concurrent_rpcs=settings.max_concurrent_streams,
     )
     # Only the command path gets the instrumented store: its appends are what is measured.
-    command_store: EventStore = MeteredEventStore(store, metrics)
+    command_store: EventStore = MeteredEventStore(watched_store, metrics)
     middleware: list[Middleware] = [CommandMetricsMiddleware(metrics)]
     if tracing is not None:
         command_store = tracing.instrument_store(command_store)
@@ -192,7 +196,7 @@ async def create_server(
         InventoryCommandServicer(runner), server
     )
     hub = SubscriptionHub(
-        store,
+        watched_store,
         settings.max_subscribers,
         hub_tuning,
         on_lag=lambda head, delivered: metrics.subscription_lag(head, delivered),

@@ -15,13 +15,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from domain.errors import StoreError
+from domain.errors import ConfigurationError, StoreError
 from server.config import Settings
 from server.observability.logs import configure_logging
-
-
-class ConfigurationError(Exception):
-    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _setting(serve, "listen", metavar="HOST:PORT")
     _setting(serve, "store", metavar="URL")
+    _setting(serve, "store_pool_size", metavar="N", type=int)
     _setting(serve, "auth_tokens", metavar="FILE")
     _setting(serve, "jwt_public_key", metavar="FILE")
     _setting(serve, "jwt_issuer", metavar="ISS")
@@ -222,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in _problems(error):
             print(f"order-gateway: {problem}", file=sys.stderr)
         return 2
-    except (ConfigurationError, ValueError, OSError) as error:
+    # ConfigurationError is a ValueError, as are the settings' own checks.
+    except (ValueError, OSError) as error:
         print(f"order-gateway: {error}", file=sys.stderr)
         return 2
     except StoreError as error:

@@ -7,11 +7,14 @@ this model (``python -m server.config_docs``), so the two cannot drift.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.stores.urls import redacted_url
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 """``--log-level`` values, in any case."""
@@ -37,6 +40,13 @@ class Settings(BaseSettings):
         "sqlite:///order-gateway.db",
         description="Event store URL: sqlite:///relative.db, sqlite:////absolute.db, "
         "postgresql://user:pass@host:port/db, or memory:// (tests only).",
+    )
+    store_pool_size: int = Field(
+        10,
+        ge=3,
+        description="PostgreSQL connections each gateway process keeps at most (plus one "
+        "for LISTEN): two carry appends, the rest reads. A call waiting over 10 s for one is "
+        "UNAVAILABLE (STORE_UNAVAILABLE). Sizing: docs/operations.md.",
     )
     auth_tokens: Path | None = Field(
         None, description="TOML file of bearer tokens, stored as SHA-256 hashes."
@@ -121,6 +131,12 @@ class Settings(BaseSettings):
         if (self.jwt_issuer or self.jwt_audience) and self.jwt_public_key is None:
             raise ValueError("--jwt-issuer and --jwt-audience need --jwt-public-key")
         return self
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # repr() and str() of the settings, and of errors quoting them, show the store URL
+        # as the log does: without its password.
+        for name, value in super().__repr_args__():
+            yield name, redacted_url(value) if name == "store" else value
 
     @property
     def authentication_enabled(self) -> bool:

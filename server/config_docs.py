@@ -3,7 +3,7 @@
     python -m server.config_docs            # rewrite docs/configuration.md
     python -m server.config_docs --check    # exit 1 if it differs from what would be written
 
-A test (tests/test_config_docs.py) fails when the committed file is out of date.
+A test (tests/project/test_config_docs.py) fails when the committed file is out of date.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +20,17 @@ from server.app import Gateway, create_server
 from server.config import Settings
 from server.stores.memory import MemoryEventStore
 from tests.clients import Clients
+
+
+@pytest.fixture
+def keep_root_logger() -> Iterator[None]:
+    """For tests calling ``server.cli.main``, which configures the root logger for the
+    process: other tests must not inherit that."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture

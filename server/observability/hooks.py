@@ -1,5 +1,10 @@
 """The observability hooks: what an observed RPC reports, and what tracing provides.
 
+The observability interceptor reads a call's ids from its metadata once, when the call
+starts, and puts them in ``current_request_id`` and ``current_correlation_id`` for the
+rest of the call (each RPC runs in a task of its own): the rest of the server reads them
+there, never the metadata again.
+
 Declared apart from their implementations so that the interceptor, the metrics, the
 access log and the tracing module depend on these types, not on each other, and so that
 nothing imports opentelemetry unless tracing is on.
@@ -8,6 +13,7 @@ nothing imports opentelemetry unless tracing is on.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -15,6 +21,13 @@ import grpc
 
 from domain.bus import Middleware
 from domain.ports import EventStore
+
+current_request_id: ContextVar[str] = ContextVar("current_request_id", default="")
+"""The id of the RPC being served: the caller's ``x-request-id``, else a new one. Errors
+are logged under it."""
+
+current_correlation_id: ContextVar[str] = ContextVar("current_correlation_id", default="")
+"""The caller's ``x-correlation-id`` (at most 128 characters), empty if it sent none."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,18 +15,29 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import grpc
 
 from domain.ids import random_bytes
-from server.observability.hooks import RpcObserver, RpcOutcome, RpcSpan, Tracing
-from server.rpc.method_handlers import Context, Handler, WrappedHandlers, wrapped
-from server.security.identity import current_caller, current_request_id
+from server.observability.hooks import (
+    RpcObserver,
+    RpcOutcome,
+    RpcSpan,
+    Tracing,
+    current_correlation_id,
+    current_request_id,
+)
+from server.rpc.method_handlers import (
+    CallScope,
+    Context,
+    Handler,
+    WrappingInterceptor,
+    wrapped,
+)
+from server.security.identity import current_caller
 
 REQUEST_ID_HEADER = "x-request-id"
 CORRELATION_HEADER = "x-correlation-id"
@@ -54,29 +65,22 @@ class _CallInfo:
     method: str
     rpc_type: str
     request_id: str
+    correlation_header: str
+    """The first ``x-correlation-id`` sent, empty if none."""
     correlation_id: str
+    """What the call correlates by: the header, else the request's ``command_id``."""
     peer: str
 
 
-class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+class ObservabilityInterceptor(WrappingInterceptor):
     def __init__(self, observers: Sequence[RpcObserver], tracing: Tracing | None = None) -> None:
+        super().__init__()
         self._observers = tuple(observers)
         self._tracing = tracing
-        self._observed = WrappedHandlers(self._observe)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            # Unknown method: grpc answers UNIMPLEMENTED itself. Not counted, so that
-            # arbitrary method names cannot blow up the metrics' label sets.
-            return handler
-        return self._observed.get(handler, handler_call_details.method)
-
-    def _observe(self, handler: Handler, method: str) -> Handler:
+    # Unknown methods are not observed: grpc answers UNIMPLEMENTED itself, and arbitrary
+    # method names must not blow up the metrics' label sets.
+    def wrap(self, handler: Handler, method: str) -> Handler:
         rpc_type = _RPC_TYPES[(handler.request_streaming, handler.response_streaming)]
         return wrapped(
             handler, lambda request, context: self._observing(method, rpc_type, request, context)
@@ -86,8 +90,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         # Read when the call starts, never after (see the module docstring).
         metadata = tuple(context.invocation_metadata() or ())
         info = _call_info(method, rpc_type, metadata, request, context)
-        # Each RPC runs in a task of its own, so the request id needs no reset afterwards.
+        # Each RPC runs in a task of its own, so the ids need no reset afterwards.
         current_request_id.set(info.request_id)
+        current_correlation_id.set(info.correlation_header)
         span = self._tracing.rpc_span(info.method, metadata) if self._tracing else _NO_SPAN
         return _Observed(info, span, context, self._observers)
 
@@ -100,7 +105,7 @@ _RPC_TYPES = {
 }
 
 
-class _Observed(AbstractAsyncContextManager[None]):
+class _Observed(CallScope):
     """Times one call and reports its outcome when the handler returns or raises."""
 
     def __init__(
@@ -116,16 +121,8 @@ class _Observed(AbstractAsyncContextManager[None]):
         self._observers = observers
         self._started = time.perf_counter()
 
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        code = self._code_for(exc_type)
+    async def end(self, error: BaseException | None) -> bool:
+        code = self._code_for(error)
         duration = time.perf_counter() - self._started
         self._span.finish(code)
         outcome = RpcOutcome(
@@ -142,15 +139,16 @@ class _Observed(AbstractAsyncContextManager[None]):
         )
         for observer in self._observers:
             observer.rpc_finished(outcome)
+        return False
 
-    def _code_for(self, exc_type: type[BaseException] | None) -> grpc.StatusCode:
-        if exc_type is None:
+    def _code_for(self, error: BaseException | None) -> grpc.StatusCode:
+        if error is None:
             # The handler returned normally: OK unless it set another code itself.
             return _set_code(self._context) or grpc.StatusCode.OK
-        if issubclass(exc_type, grpc.aio.AbortError):
+        if isinstance(error, grpc.aio.AbortError):
             # abort()/abort_with_status() recorded the code before raising.
             return _set_code(self._context) or grpc.StatusCode.UNKNOWN
-        if issubclass(exc_type, asyncio.CancelledError | GeneratorExit):
+        if isinstance(error, asyncio.CancelledError | GeneratorExit):
             # The client went away (or the server is stopping): never touch the context.
             return grpc.StatusCode.CANCELLED
         # grpc answers an exception that escapes a handler with UNKNOWN.
@@ -177,19 +175,19 @@ def _call_info(
     context: Context,
 ) -> _CallInfo:
     request_id = ""
-    correlation_id = ""
+    correlation_header: str | None = None
     for key, value in metadata:
         if key == REQUEST_ID_HEADER and isinstance(value, str) and _SAFE_ID.fullmatch(value):
             request_id = value
-        elif key == CORRELATION_HEADER and isinstance(value, str):
-            correlation_id = value[:MAX_ID_LENGTH]
-    if not correlation_id:
-        # As for events: without x-correlation-id a command correlates by its command_id.
-        correlation_id = str(getattr(request, "command_id", ""))[:MAX_ID_LENGTH]
+        elif key == CORRELATION_HEADER and isinstance(value, str) and correlation_header is None:
+            correlation_header = value[:MAX_ID_LENGTH]
+    # As for events: without x-correlation-id a command correlates by its command_id.
+    correlation_id = correlation_header or str(getattr(request, "command_id", ""))[:MAX_ID_LENGTH]
     return _CallInfo(
         method=method,
         rpc_type=rpc_type,
         request_id=request_id or random_bytes(16).hex(),
+        correlation_header=correlation_header or "",
         correlation_id=correlation_id,
         peer=context.peer(),
     )

@@ -1,4 +1,4 @@
-"""Prometheus metrics: RPCs, command dispatch, store appends, subscriptions.
+"""Prometheus metrics: RPCs, command dispatch, store appends and faults, subscriptions.
 
 Each gateway has a registry of its own (not prometheus_client's global one), so several
 gateways in one process (tests) keep separate counts. Metrics are always collected: an
@@ -86,6 +86,19 @@ class GatewayMetrics:
             "order_gateway_store_append_events",
             "Events per committed append (one command's commit).",
             buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.store_errors = Counter(
+            "order_gateway_store_errors",
+            "Store calls that failed, by kind: full (out of space), unavailable (cannot be "
+            "reached, I/O error), other.",
+            ("kind",),
+            registry=self.registry,
+        )
+        self.store_fault = Gauge(
+            "order_gateway_store_fault",
+            "1 while the store is in a fault condition of this kind (full, unavailable).",
+            ("kind",),
             registry=self.registry,
         )
         self._handled: dict[tuple[str, grpc.StatusCode], Counter] = {}

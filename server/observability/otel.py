@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from domain.errors import ConfigurationError
 from server.observability.hooks import Tracing
 
 
@@ -12,6 +13,6 @@ def otel_tracing() -> Tracing:
 
         return OtelTracing.from_environment()
     except ImportError as error:
-        raise ValueError(
+        raise ConfigurationError(
             f"--otel needs the otel extra (pip install 'order-gateway[otel]'): {error}"
         ) from error

@@ -10,9 +10,10 @@ to an OTLP exporter configured by the standard ``OTEL_EXPORTER_OTLP_*`` variable
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -127,25 +128,12 @@ class _CommandSpans:
 
     async def __call__(self, command: Command, call_next: Next) -> Result:
         name = type(command).__name__
-        with self._tracer.start_as_current_span(
+        with _span(
+            self._tracer,
             f"command {name}",
-            attributes={
-                "order_gateway.command": name,
-                "order_gateway.command_id": command.command_id,
-            },
-            record_exception=False,
-            set_status_on_exception=False,
+            {"order_gateway.command": name, "order_gateway.command_id": command.command_id},
         ) as span:
-            try:
-                result = await call_next(command)
-            except DomainError as error:
-                # A rejection the client caused: noted, but not a server error.
-                span.set_attribute("order_gateway.error.reason", error.reason)
-                raise
-            except Exception as error:
-                span.record_exception(error)
-                span.set_status(Status(StatusCode.ERROR, type(error).__name__))
-                raise
+            result = await call_next(command)
             span.set_attribute("order_gateway.events", len(result))
             return result
 
@@ -156,22 +144,31 @@ class _TracedEventStore(EventStoreDecorator):
         self._tracer = tracer
 
     async def append(self, commit: Commit) -> list[RecordedEvent]:
-        with self._tracer.start_as_current_span(
+        with _span(
+            self._tracer,
             "store.append",
-            attributes={
+            {
                 "order_gateway.command_id": commit.command_id,
                 "order_gateway.events": len(commit.events),
             },
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            try:
-                return await self._inner.append(commit)
-            except DomainError as error:
-                # Concurrency conflicts and duplicates are retried or replayed above.
-                span.set_attribute("order_gateway.error.reason", error.reason)
-                raise
-            except Exception as error:
-                span.record_exception(error)
-                span.set_status(Status(StatusCode.ERROR, type(error).__name__))
-                raise
+        ):
+            return await self._inner.append(commit)
+
+
+@contextlib.contextmanager
+def _span(tracer: trace.Tracer, name: str, attributes: dict[str, Any]) -> Iterator[Span]:
+    """A span around a step of the command path. A ``DomainError`` (a rejection the
+    client caused, or a conflict or duplicate that is retried or replayed above) is
+    noted by its reason, not as a server error; any other error marks the span failed."""
+    with tracer.start_as_current_span(
+        name, attributes=attributes, record_exception=False, set_status_on_exception=False
+    ) as span:
+        try:
+            yield span
+        except DomainError as error:
+            span.set_attribute("order_gateway.error.reason", error.reason)
+            raise
+        except Exception as error:
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+            raise

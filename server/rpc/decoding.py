@@ -7,13 +7,13 @@ decode failure reaches the behaviour as a marker, which then aborts with a clean
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, cast
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from server.rpc.method_handlers import Context, Handler, WrappedHandlers, checked_first
+from server.rpc.method_handlers import Context, Handler, WrappingInterceptor, checked_first
 from server.rpc.status_mapping import plain_status
 
 OWN_METHOD_PREFIX = "/orders.v1."
@@ -29,38 +29,25 @@ _UNPARSEABLE_STATUS = plain_status(
 )
 
 
-class RequestDecodingInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self) -> None:
-        self._tolerant = WrappedHandlers(_tolerant)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
+class RequestDecodingInterceptor(WrappingInterceptor):
+    def applies_to(self, method: str, handler: Handler) -> bool:
         # Only our own RPCs, and those that take one request message.
-        if (
-            handler is None
-            or not method.startswith(OWN_METHOD_PREFIX)
-            or handler.request_streaming
-            or handler.request_deserializer is None
-        ):
-            return handler
-        return self._tolerant.get(handler, method)
+        return (
+            method.startswith(OWN_METHOD_PREFIX)
+            and not handler.request_streaming
+            and handler.request_deserializer is not None
+        )
 
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        deserialize = cast(Callable[[bytes], Any], handler.request_deserializer)
 
-def _tolerant(handler: Handler, method: str) -> Handler:
-    deserialize = cast(Callable[[bytes], Any], handler.request_deserializer)
+        def tolerant_deserialize(data: bytes) -> Any:
+            try:
+                return deserialize(data)
+            except DecodeError:
+                return _UNPARSEABLE
 
-    def tolerant_deserialize(data: bytes) -> Any:
-        try:
-            return deserialize(data)
-        except DecodeError:
-            return _UNPARSEABLE
-
-    return checked_first(handler, _refuse_unparseable, tolerant_deserialize)
+        return checked_first(handler, _refuse_unparseable, tolerant_deserialize)
 
 
 async def _refuse_unparseable(request: Any, context: Context) -> None:

@@ -8,62 +8,37 @@ Without it grpcio would answer UNKNOWN with the exception's text.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
-from types import TracebackType
-
 import grpc
 
 from server.rpc.method_handlers import (
+    CallScope,
     Context,
     Handler,
-    WrappedHandlers,
+    WrappingInterceptor,
     is_streaming_response,
     wrapped,
 )
 from server.rpc.status_mapping import status_for, unexpected_error_status
 
 
-class LastResortInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self) -> None:
-        self._answered = WrappedHandlers(_answered)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        return self._answered.get(handler, handler_call_details.method)
+class LastResortInterceptor(WrappingInterceptor):
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        streaming = is_streaming_response(handler)
+        return wrapped(handler, lambda request, context: _Answering(context, streaming))
 
 
-def _answered(handler: Handler, method: str) -> Handler:
-    streaming = is_streaming_response(handler)
-    return wrapped(handler, lambda request, context: _Answering(context, streaming))
-
-
-class _Answering(AbstractAsyncContextManager[None]):
+class _Answering(CallScope):
     __slots__ = ("_context", "_streaming")
 
     def __init__(self, context: Context, streaming: bool) -> None:
         self._context = context
         self._streaming = streaming
 
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
+    async def end(self, error: BaseException | None) -> bool:
         # Cancellation and aborts (a status already chosen) pass through untouched.
-        if not isinstance(exc, Exception) or isinstance(exc, grpc.aio.AbortError):
+        if not isinstance(error, Exception) or isinstance(error, grpc.aio.AbortError):
             return False
-        status = status_for(exc) or unexpected_error_status(exc)
+        status = status_for(error) or unexpected_error_status(error)
         if self._streaming:
             # Not abort_with_status: the client of a stream may already be gone (a
             # shutdown racing a disconnect), and a failed abort would surface as an error

@@ -1,9 +1,9 @@
-"""Wrapped gRPC method handlers: one way to wrap a behaviour, built once per method.
+"""One way for an interceptor to act on calls: wrap each method's handler, once.
 
-Every interceptor of the gateway acts on a call the same way: it runs the method's
-behaviour inside something of its own (a check before it, a timer or an error handler
-around it). ``wrapped`` rebuilds a handler of the same kind around its behaviour, and
-``WrappedHandlers`` keeps each method's wrapper for reuse.
+Every interceptor of the gateway runs the method's behaviour inside something of its own
+(a check before it, a timer or an error handler around it). ``wrapped`` rebuilds a
+handler of the same kind around its behaviour, and ``WrappingInterceptor`` builds each
+method's wrapper once and reuses it.
 """
 
 from __future__ import annotations
@@ -20,31 +20,70 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
+class CallScope(AbstractAsyncContextManager[None]):
+    """What an interceptor runs around one call: ``start`` before the method's behaviour,
+    ``end`` after its last response or with its error."""
+
+    __slots__ = ()
+
+    async def start(self) -> None:
+        return None
+
+    async def end(self, error: BaseException | None) -> bool:
+        """Called with the error the behaviour raised, if any; True swallows it."""
+        return False
+
+    async def __aenter__(self) -> None:
+        await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        return await self.end(exc)
+
+
 class Around(Protocol):
-    def __call__(self, request: Any, context: Context) -> AbstractAsyncContextManager[object]:
-        """What runs around one call's behaviour: entered before it, exited after its
-        last response or its error (``request`` is the request iterator of a
+    def __call__(self, request: Any, context: Context) -> CallScope:
+        """The scope of one call (``request`` is the request iterator of a
         client-streaming method)."""
         ...
 
 
-class WrappedHandlers:
-    """Per method, ``wrap(handler, method)`` of the handler grpc found for it.
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that wraps the handler of each method it ``applies_to``.
 
-    An interceptor's wrapper holds no per-call state (each call reads its own metadata),
-    so it is built on the first call and reused: building handlers on every call was a
+    The wrapper holds no per-call state (each call reads its own metadata), so it is
+    built on a method's first call and reused: building handlers on every call was a
     third of the interceptor stack's time. A different handler for the method (a servicer
-    registered again) gets a new wrapper.
+    registered again) gets a new wrapper. Unknown methods (no handler) are left to grpc,
+    which answers UNIMPLEMENTED.
     """
 
-    def __init__(self, wrap: Callable[[Handler, str], Handler]) -> None:
-        self._wrap = wrap
+    def __init__(self) -> None:
         self._by_method: dict[str, tuple[Handler, Handler]] = {}
 
-    def get(self, handler: Handler, method: str) -> Handler:
+    def applies_to(self, method: str, handler: Handler) -> bool:
+        return True
+
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        """``handler`` as this interceptor serves it."""
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not self.applies_to(method, handler):
+            return handler
         cached = self._by_method.get(method)
         if cached is None or cached[0] is not handler:
-            cached = (handler, self._wrap(handler, method))
+            cached = (handler, self.wrap(handler, method))
             self._by_method[method] = cached
         return cached[1]
 
@@ -62,32 +101,15 @@ def wrapped(
 
     ``request_deserializer`` replaces the handler's own when given.
     """
-    deserializer = request_deserializer or handler.request_deserializer
-    serializer = handler.response_serializer
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            _streaming(handler.unary_stream, around),
-            request_deserializer=deserializer,
-            response_serializer=serializer,
-        )
-    if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(
-            _streaming(handler.stream_stream, around),
-            request_deserializer=deserializer,
-            response_serializer=serializer,
-        )
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(
-            _single(handler.unary_unary, around),
-            request_deserializer=deserializer,
-            response_serializer=serializer,
-        )
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(
-            _single(handler.stream_unary, around),
-            request_deserializer=deserializer,
-            response_serializer=serializer,
-        )
+    for kind, make_handler, wrap in _KINDS:
+        behaviour = getattr(handler, kind)
+        if behaviour is not None:
+            rebuilt: Handler = make_handler(
+                wrap(behaviour, around),
+                request_deserializer=request_deserializer or handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+            return rebuilt
     return handler
 
 
@@ -103,7 +125,7 @@ def checked_first(
     )
 
 
-class _Checked(AbstractAsyncContextManager[None]):
+class _Checked(CallScope):
     __slots__ = ("_check", "_context", "_request")
 
     def __init__(
@@ -113,16 +135,8 @@ class _Checked(AbstractAsyncContextManager[None]):
         self._request = request
         self._context = context
 
-    async def __aenter__(self) -> None:
+    async def start(self) -> None:
         await self._check(self._request, self._context)
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
 
 
 def _streaming(behaviour: Any, around: Around) -> Any:
@@ -150,3 +164,12 @@ def _single(behaviour: Any, around: Around) -> Any:
             return await single(request, context)
 
     return call
+
+
+_KINDS: tuple[tuple[str, Callable[..., Handler], Callable[[Any, Around], Any]], ...] = (
+    ("unary_stream", grpc.unary_stream_rpc_method_handler, _streaming),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler, _streaming),
+    ("unary_unary", grpc.unary_unary_rpc_method_handler, _single),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler, _single),
+)
+"""Each kind of handler: its behaviour's attribute, how grpc builds one, how to wrap it."""

@@ -27,14 +27,12 @@ from pydantic import ValidationError
 from domain.bus import CommandBus
 from domain.commands import CancelOrder, Command, CreateOrder, RestockProduct
 from domain.ports import RecordedEvent
+from server.observability.hooks import current_correlation_id
 from server.rpc import mapping
 from server.rpc.status_mapping import validation_status
 from server.security.identity import current_caller
 
 log = logging.getLogger("order_gateway.rpc")
-
-CORRELATION_HEADER = "x-correlation-id"
-MAX_CORRELATION_ID_LENGTH = 128
 
 
 class CommandRunner:
@@ -53,28 +51,18 @@ class CommandRunner:
         data: dict[str, Any],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> list[RecordedEvent]:
-        # Metadata is read once, up front: in grpcio 1.85, reading context state after the
-        # client cancelled a server-streaming call crashed the process with a segfault.
-        correlation_id = _correlation_id(context.invocation_metadata() or ())
-        caller = current_caller.get()
         try:
             command = command_type.model_validate(
                 {
                     **data,
-                    "user_id": caller.user_id,
-                    "correlation_id": correlation_id,
+                    "user_id": current_caller.get().user_id,
+                    # Read from the metadata once per call, by the observability interceptor.
+                    "correlation_id": current_correlation_id.get(),
                 }
             )
         except ValidationError as error:
             await context.abort_with_status(validation_status(error))
         return await self._bus.dispatch(command)
-
-
-def _correlation_id(metadata: Any) -> str:
-    for key, value in metadata:
-        if key == CORRELATION_HEADER and isinstance(value, str):
-            return value[:MAX_CORRELATION_ID_LENGTH]
-    return ""
 
 
 class OrderCommandServicer(orders_grpc.OrderCommandServiceServicer):

@@ -29,10 +29,11 @@ from domain.errors import (
     OrderNotFoundError,
     PermissionDeniedError,
     ProductNotFoundError,
+    StoreFullError,
     StoreUnavailableError,
 )
+from server.observability.hooks import current_request_id
 from server.rpc.subscription_hub import HubClosedError, TooManySubscribersError
-from server.security.identity import current_request_id
 
 log = logging.getLogger("order_gateway.errors")
 
@@ -61,7 +62,17 @@ def status_for(error: BaseException) -> grpc.Status | None:
     if isinstance(error, DomainError):
         return _domain_status(error)
     if isinstance(error, StoreUnavailableError):
-        return _status(code_pb2.UNAVAILABLE, "the event store is unavailable, retry later")
+        return _status(
+            code_pb2.UNAVAILABLE,
+            "the event store cannot be reached; retrying with the same command_id is safe",
+            _error_info(error.reason, {}),
+        )
+    if isinstance(error, StoreFullError):
+        return _status(
+            code_pb2.RESOURCE_EXHAUSTED,
+            "the event store is out of space; nothing was committed",
+            _error_info(error.reason, {}),
+        )
     if isinstance(error, TooManySubscribersError):
         return plain_status(
             grpc.StatusCode.RESOURCE_EXHAUSTED, "too many open subscriptions, retry later"

@@ -27,6 +27,7 @@ from functools import partial
 
 from orders.v1 import event_stream_service_pb2
 
+from domain.errors import StoreFullError, StoreUnavailableError
 from domain.ports import EventStore, RecordedEvent
 from server.rpc.mapping import event_response, row_event_response
 from server.stores.event_rows import (
@@ -414,7 +415,7 @@ class SubscriptionHub:
         return True
 
     async def _follow(self) -> None:
-        failing = False
+        failing = logged = False
         while True:
             if failing:
                 # While the store fails, retry at the polling pace, not on every commit.
@@ -426,16 +427,18 @@ class SubscriptionHub:
             self._wake.clear()
             try:
                 await self._read_new_events()
-            except Exception:
+            except Exception as error:
                 # Live subscriptions only wait: nothing is lost, the next read continues
-                # from the same head. Logged once per outage, not once per retry.
-                if not failing:
+                # from the same head. Logged once per outage, not once per retry, and not
+                # at all for a store fault: the store's watcher logs that for everyone.
+                if not failing and not isinstance(error, StoreFullError | StoreUnavailableError):
                     log.exception("reading new events for subscriptions failed; retrying")
+                    logged = True
                 failing = True
             else:
-                if failing:
+                if logged:
                     log.info("reading new events for subscriptions works again")
-                failing = False
+                failing = logged = False
 
     async def _read_new_events(self) -> None:
         page_size = self.tuning.page_size

@@ -11,13 +11,14 @@ import hmac
 import logging
 import re
 import tomllib
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
 
-from server.rpc.method_handlers import Context, Handler, WrappedHandlers, checked_first
+from domain.errors import ConfigurationError
+from server.rpc.method_handlers import Context, Handler, WrappingInterceptor, checked_first
 from server.rpc.status_mapping import plain_status
 from server.security.identity import ALL_SCOPES, ANONYMOUS, Caller, current_caller
 from server.security.scopes import OPEN_SERVICES, REQUIRED_SCOPES
@@ -50,25 +51,25 @@ class TokenFileAuthenticator:
             try:
                 document = tomllib.load(file)
             except tomllib.TOMLDecodeError as error:
-                raise ValueError(f"{path}: not valid TOML: {error}") from error
+                raise ConfigurationError(f"{path}: not valid TOML: {error}") from error
         entries: dict[bytes, Caller] = {}
         for n, token in enumerate(document.get("token", [])):
             where = f"{path}: token[{n}]"
             if not isinstance(token, dict):
-                raise ValueError(f"{where} must be a [[token]] table")
+                raise ConfigurationError(f"{where} must be a [[token]] table")
             missing = {"sha256", "user_id"} - token.keys()
             if missing:
-                raise ValueError(f"{where} needs {' and '.join(sorted(missing))}")
+                raise ConfigurationError(f"{where} needs {' and '.join(sorted(missing))}")
             digest = str(token["sha256"]).lower()
             if re.fullmatch("[0-9a-f]{64}", digest) is None:
-                raise ValueError(f"{where}.sha256 is not a hex SHA-256 digest")
+                raise ConfigurationError(f"{where}.sha256 is not a hex SHA-256 digest")
             scopes = token.get("scopes", [])
             # A bare string would silently become a set of single characters.
             if not isinstance(scopes, list) or not all(
                 isinstance(scope, str) and scope in ALL_SCOPES for scope in scopes
             ):
                 known = ", ".join(sorted(ALL_SCOPES))
-                raise ValueError(f"{where}.scopes must be a list of {known}")
+                raise ConfigurationError(f"{where}.scopes must be a list of {known}")
             entries[bytes.fromhex(digest)] = Caller(
                 user_id=str(token["user_id"]), scopes=frozenset(scopes)
             )
@@ -84,7 +85,7 @@ class TokenFileAuthenticator:
         return found
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(WrappingInterceptor):
     """Authenticates every call to a method other than the open ones and checks its scopes.
 
     A method with no scope assigned is refused, whoever calls: an RPC added without a
@@ -94,21 +95,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, authenticators: Sequence[Authenticator]) -> None:
+        super().__init__()
         self._authenticators = tuple(authenticators)
-        self._guarded = WrappedHandlers(self._guard)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(OPEN_SERVICES):
-            return handler
-        return self._guarded.get(handler, method)
+    def applies_to(self, method: str, handler: Handler) -> bool:
+        return not method.startswith(OPEN_SERVICES)
 
-    def _guard(self, handler: Handler, method: str) -> Handler:
+    def wrap(self, handler: Handler, method: str) -> Handler:
         required = REQUIRED_SCOPES.get(method)
         if required is None:
             log.error("refusing calls to %s: the method has no scope assigned", method)

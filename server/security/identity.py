@@ -1,8 +1,7 @@
-"""Who is calling and which call this is: the authenticated caller and the request id.
+"""Who is calling: the scopes, the authenticated caller.
 
 The auth interceptor sets ``current_caller`` for the duration of each call; servicers
-read it to fill the command's ``user_id``. Nothing in a request body can set it. The
-observability interceptor sets ``current_request_id``, under which errors are logged.
+read it to fill the command's ``user_id``. Nothing in a request body can set it.
 """
 
 from __future__ import annotations
@@ -33,6 +32,3 @@ ANONYMOUS = Caller(user_id="", scopes=ALL_SCOPES)
 """Every caller when authentication is off: empty user id, all scopes."""
 
 current_caller: ContextVar[Caller] = ContextVar("current_caller", default=ANONYMOUS)
-
-current_request_id: ContextVar[str] = ContextVar("current_request_id", default="")
-"""The id of the RPC being served: the caller's ``x-request-id``, else a new one."""

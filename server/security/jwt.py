@@ -17,6 +17,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from domain.errors import ConfigurationError
 from server.security.auth import AuthenticationError
 from server.security.identity import Caller
 
@@ -53,13 +54,13 @@ class JwtAuthenticator:
         try:
             key = load_pem_public_key(path.read_bytes())
         except ValueError as error:
-            raise ValueError(f"{path}: not a PEM public key ({error})") from None
+            raise ConfigurationError(f"{path}: not a PEM public key ({error})") from None
         if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
-            raise ValueError(f"{path}: JWT keys must be RSA (RS256) or EC P-256 (ES256)")
+            raise ConfigurationError(f"{path}: JWT keys must be RSA (RS256) or EC P-256 (ES256)")
         try:
             return cls(key, issuer, audience)
         except ValueError as error:
-            raise ValueError(f"{path}: {error}") from None
+            raise ConfigurationError(f"{path}: {error}") from None
 
     def authenticate(self, token: str) -> Caller | None:
         if not looks_like_jwt(token):
@@ -103,11 +104,13 @@ def looks_like_jwt(token: str) -> bool:
 def algorithm_for(key: PublicKey) -> str:
     if isinstance(key, rsa.RSAPublicKey):
         if key.key_size < MIN_RSA_KEY_BITS:
-            raise ValueError(f"RSA key of {key.key_size} bits; at least {MIN_RSA_KEY_BITS} needed")
+            raise ConfigurationError(
+                f"RSA key of {key.key_size} bits; at least {MIN_RSA_KEY_BITS} needed"
+            )
         return "RS256"
     if isinstance(key.curve, ec.SECP256R1):
         return "ES256"
-    raise ValueError(f"EC key on curve {key.curve.name}; ES256 needs P-256 (secp256r1)")
+    raise ConfigurationError(f"EC key on curve {key.curve.name}; ES256 needs P-256 (secp256r1)")
 
 
 def _reason(error: jwt.InvalidTokenError) -> str:

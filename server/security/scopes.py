@@ -11,6 +11,7 @@ import importlib
 import pkgutil
 from collections.abc import Iterable
 
+from domain.errors import ConfigurationError
 from server.security.identity import (
     SCOPE_EVENTS_READ,
     SCOPE_INVENTORY_WRITE,
@@ -39,7 +40,7 @@ REQUIRED_SCOPES: dict[str, frozenset[str]] = {
 """Per method, the scopes of which the caller needs at least one."""
 
 
-class UnscopedMethodsError(ValueError):
+class UnscopedMethodsError(ConfigurationError):
     """Methods the protos declare have no scope: serving them would leave them open."""
 
     def __init__(self, methods: Iterable[str]) -> None:

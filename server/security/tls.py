@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
+from domain.errors import ConfigurationError
 from server.config import Settings
 
 
@@ -52,20 +53,24 @@ def _certificates(path: Path, pem: bytes) -> list[x509.Certificate]:
     try:
         return x509.load_pem_x509_certificates(pem)
     except ValueError:
-        raise ValueError(f"{path}: no PEM certificate in it") from None
+        raise ConfigurationError(f"{path}: no PEM certificate in it") from None
 
 
 def _check_key_pair(cert_path: Path, chain: bytes, key_path: Path, key_pem: bytes) -> None:
     try:
         key = load_pem_private_key(key_pem, password=None)
     except TypeError:
-        raise ValueError(f"{key_path}: the private key is encrypted; give it unencrypted") from None
+        raise ConfigurationError(
+            f"{key_path}: the private key is encrypted; give it unencrypted"
+        ) from None
     except ValueError:
-        raise ValueError(f"{key_path}: not a PEM private key") from None
+        raise ConfigurationError(f"{key_path}: not a PEM private key") from None
     # The server's own certificate comes first in a chain file.
     leaf = _certificates(cert_path, chain)[0]
     if _spki(leaf.public_key()) != _spki(key.public_key()):
-        raise ValueError(f"{key_path} is not the private key of the certificate in {cert_path}")
+        raise ConfigurationError(
+            f"{key_path} is not the private key of the certificate in {cert_path}"
+        )
 
 
 def _spki(key: PublicKeyTypes) -> bytes:

@@ -5,15 +5,18 @@ from __future__ import annotations
 from domain.ports import EventStore
 from server.stores.memory import MemoryEventStore
 from server.stores.sqlite import SQLiteEventStore
-from server.stores.urls import redacted_url
+from server.stores.urls import StoreURLError, redacted_url
 
 
-class UnsupportedStoreURLError(ValueError):
-    pass
+class UnsupportedStoreURLError(StoreURLError):
+    """``--store`` names no backend this gateway has."""
 
 
-async def open_store(url: str) -> EventStore:
-    """Open (and migrate) the store at ``url``: memory://, sqlite:///…, postgresql://…."""
+async def open_store(url: str, *, pool_size: int = 10) -> EventStore:
+    """Open (and migrate) the store at ``url``: memory://, sqlite:///…, postgresql://….
+
+    ``pool_size``: the most connections to PostgreSQL (``--store-pool-size``).
+    """
     if url == "memory://" or url.startswith("memory:"):
         return MemoryEventStore()
     if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
@@ -24,7 +27,7 @@ async def open_store(url: str) -> EventStore:
         # Imported here so that processes on other stores never load the driver.
         from server.stores.postgres import PostgresEventStore
 
-        return await PostgresEventStore.open(url)
+        return await PostgresEventStore.open(url, max_connections=pool_size)
     raise UnsupportedStoreURLError(
         f"unsupported store URL {redacted_url(url)!r}: use sqlite:///file.db, postgresql://…, or memory://"
     )

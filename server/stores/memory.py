@@ -6,12 +6,11 @@ for coroutines and threads alike.
 
 from __future__ import annotations
 
-import datetime as dt
 import threading
 from collections.abc import Callable
 
 from domain.errors import ConcurrencyConflictError, DuplicateCommandError
-from domain.ports import CommandRecord, Commit, RecordedEvent
+from domain.ports import CommandRecord, Commit, RecordedEvent, recorded_events
 
 
 class MemoryEventStore:
@@ -29,22 +28,7 @@ class MemoryEventStore:
             for stream_id, expected in commit.expected_versions.items():
                 if len(self._streams.get(stream_id, ())) != expected:
                     raise ConcurrencyConflictError(f"{stream_id} is not at version {expected}")
-            occurred_at = commit.occurred_at.astimezone(dt.UTC)
-            recorded = [
-                RecordedEvent(
-                    event_id=event.event_id,
-                    stream_id=event.stream_id,
-                    stream_version=event.stream_version,
-                    position=len(self._events) + n,
-                    occurred_at=occurred_at,
-                    command_id=commit.command_id,
-                    correlation_id=commit.correlation_id,
-                    user_id=commit.user_id,
-                    event_type=event.event_type,
-                    data=event.data,
-                )
-                for n, event in enumerate(commit.events, start=1)
-            ]
+            recorded = recorded_events(commit, first_position=len(self._events) + 1)
             for event in recorded:
                 self._events.append(event)
                 self._streams.setdefault(event.stream_id, []).append(event)

@@ -36,7 +36,7 @@ from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
 from psycopg_pool import AsyncConnectionPool
 
 from domain.errors import ConcurrencyConflictError, DuplicateCommandError, StoreError
-from domain.ports import CommandRecord, Commit, RecordedEvent
+from domain.ports import CommandRecord, Commit, RecordedEvent, recorded_events
 from server.stores import postgres_arrays
 from server.stores.event_rows import EventRow
 from server.stores.postgres_arrays import (
@@ -46,9 +46,10 @@ from server.stores.postgres_arrays import (
     TextArray,
     TimestamptzArray,
 )
-from server.stores.postgres_errors import append_error, is_unavailable, store_error
+from server.stores.postgres_errors import append_error, is_full, is_unavailable, store_error
 from server.stores.postgres_notify import NotificationListener
 from server.stores.postgres_schema import HEAD_POSITION, apply_migrations
+from server.stores.urls import StoreURLError, redacted_message, redacted_url
 
 log = logging.getLogger("order_gateway.store.postgres")
 
@@ -160,8 +161,16 @@ class PostgresEventStore:
         with ``StoreUnavailableError``. ``max_in_flight`` batches of appends are sent at
         once at most, each holding a connection.
         """
-        with _translated("connect"):
+        try:
             given = conninfo_to_dict(url)
+        except psycopg.ProgrammingError as error:
+            # A configuration error, reported with the URL's secrets masked: libpq quotes
+            # what it cannot parse, the password included. Not chained, for the same reason.
+            message = redacted_message(str(error).strip(), url)
+            raise StoreURLError(
+                f"invalid PostgreSQL store URL {redacted_url(url)!r}: {message}"
+            ) from None
+        with _translated("connect"):
             connect_kwargs: dict[str, Any] = {
                 key: value for key, value in CONNECT_DEFAULTS.items() if key not in given
             }
@@ -177,6 +186,11 @@ class PostgresEventStore:
                 min_size=min_connections,
                 max_size=max_connections,
                 timeout=pool_timeout,
+                # psycopg_pool retries a failed connection with a doubling delay until this
+                # timeout (default 5 min), and nothing else connects meanwhile: after a
+                # 90 s outage the first call worked 37 s after the database was back. With
+                # the chain cut at pool_timeout, the next call that waits starts a new one.
+                reconnect_timeout=pool_timeout,
                 kwargs={"autocommit": True, **connect_kwargs},
                 configure=_configure,
                 open=False,
@@ -249,7 +263,7 @@ class PostgresEventStore:
         try:
             outcomes = await connection.execute(_APPEND, _append_params(batch))
         except psycopg.Error as error:
-            if len(batch) > 1 and not is_unavailable(error):
+            if len(batch) > 1 and not (is_unavailable(error) or is_full(error)):
                 # One bad commit failed the statement; alone, each gets its own outcome.
                 for pending in batch:
                     await self._write_batch(connection, [pending])
@@ -271,7 +285,7 @@ class PostgresEventStore:
             if pending.future.done():
                 continue
             if outcome == "appended":
-                recorded = _recorded(pending.commit, first_position)
+                recorded = recorded_events(pending.commit, first_position)
                 head = max(head, first_position + len(recorded) - 1)
                 pending.future.set_result(recorded)
             elif outcome == "duplicate":
@@ -482,25 +496,6 @@ def _append_params(batch: Sequence[_Pending]) -> tuple[list[Any], ...]:
         TextArray([e.event_type for _, e in events]),
         BytesArray([e.data for _, e in events]),
     )
-
-
-def _recorded(commit: Commit, first_position: int) -> list[RecordedEvent]:
-    occurred_at = commit.occurred_at.astimezone(dt.UTC)
-    return [
-        RecordedEvent(
-            event_id=event.event_id,
-            stream_id=event.stream_id,
-            stream_version=event.stream_version,
-            position=first_position + n,
-            occurred_at=occurred_at,
-            command_id=commit.command_id,
-            correlation_id=commit.correlation_id,
-            user_id=commit.user_id,
-            event_type=event.event_type,
-            data=event.data,
-        )
-        for n, event in enumerate(commit.events)
-    ]
 
 
 def _fail(pending: _Pending, error: BaseException, cause: BaseException) -> None:

@@ -1,10 +1,11 @@
 """Translates psycopg's exceptions into the domain's store errors, at the store boundary.
 
 Nothing of the driver may travel further up: callers see ``ConcurrencyConflictError`` or
-``DuplicateCommandError`` for a lost race, ``StoreUnavailableError`` when PostgreSQL cannot
-be reached or is shedding load (worth retrying), and ``StoreError`` for anything else,
-always chained (``from``) to the driver's exception so that logs keep the cause.
-Messages never include SQL text or parameter values.
+``DuplicateCommandError`` for a lost race, ``StoreFullError`` when the database is out of
+disk space, ``StoreUnavailableError`` when PostgreSQL cannot be reached or is shedding
+load (worth retrying), and ``StoreError`` for anything else, always chained (``from``) to
+the driver's exception so that logs keep the cause. Messages never include SQL text or
+parameter values.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from domain.errors import (
     DomainError,
     DuplicateCommandError,
     StoreError,
+    StoreFullError,
     StoreUnavailableError,
 )
 from domain.ports import Commit
@@ -26,9 +28,18 @@ COMMANDS_KEY = "commands_pkey"
 STREAM_VERSION_KEY = "events_stream_version_key"
 POSITION_KEY = "events_pkey"
 
-_UNAVAILABLE_CLASSES = ("08", "53", "57")
-"""SQLSTATE classes meaning "not now": connection exception, insufficient resources
-(too many connections, disk full), operator intervention (shutdown, statement timeout)."""
+DISK_FULL = "53100"
+_UNAVAILABLE = ("08", "53", "57", "58030", "25006")
+"""SQLSTATEs (classes or codes) meaning "not now": connection exception; insufficient
+resources (too many connections, out of memory; disk full is told apart first); operator
+intervention (admin or crash shutdown, cannot connect now, statement timeout); an I/O
+error; and a read-only transaction, which is what a standby answers a write with when a
+failover pointed the gateway at it."""
+
+
+def is_full(error: Error) -> bool:
+    """True if the database ran out of disk space (the statement committed nothing)."""
+    return error.sqlstate == DISK_FULL
 
 
 def is_unavailable(error: Error) -> bool:
@@ -39,11 +50,16 @@ def is_unavailable(error: Error) -> bool:
         # psycopg reports failures before or below the protocol (refused, broken or closed
         # connections) as OperationalError without a SQLSTATE.
         return isinstance(error, OperationalError)
-    return error.sqlstate.startswith(_UNAVAILABLE_CLASSES)
+    return not is_full(error) and error.sqlstate.startswith(_UNAVAILABLE)
 
 
 def store_error(error: Error, operation: str) -> StoreError:
     """The store error to raise ``from error`` after ``operation`` failed."""
+    if is_full(error):
+        # The message names the file the server could not extend: for the operator.
+        return StoreFullError(
+            f"PostgreSQL is out of disk space ({operation}): {error.diag.message_primary}"
+        )
     if is_unavailable(error):
         # Connection messages name the host and port, which is what an operator needs.
         reason = error.diag.message_primary or str(error).strip()

@@ -40,9 +40,10 @@ from domain.errors import (
     DomainError,
     DuplicateCommandError,
     StoreError,
+    StoreFullError,
     StoreUnavailableError,
 )
-from domain.ports import CommandRecord, Commit, RecordedEvent
+from domain.ports import CommandRecord, Commit, RecordedEvent, recorded_events
 from server.stores.event_rows import EventRow
 from server.stores.sqlite_calls import Call, CallQueue, Listener, answer
 from server.stores.sqlite_decide import decide, stream_ids
@@ -135,29 +136,22 @@ def _event(row: tuple[Any, ...]) -> RecordedEvent:
 
 def _record(commit: Commit, head: int) -> tuple[list[RecordedEvent], list[tuple[Any, ...]]]:
     """``commit``'s events recorded at the positions after ``head``, and their rows."""
-    occurred_at = commit.occurred_at.astimezone(dt.UTC)
-    occurred_at_us = (occurred_at - EPOCH) // MICROSECOND
-    command_id, correlation_id, user_id = commit.command_id, commit.correlation_id, commit.user_id
+    recorded = recorded_events(commit, head + 1)
+    occurred_at_us = (commit.occurred_at - EPOCH) // MICROSECOND
     rows = [
         (
-            event.event_id,
-            event.stream_id,
-            event.stream_version,
-            position,
+            r.event_id,
+            r.stream_id,
+            r.stream_version,
+            r.position,
             occurred_at_us,
-            command_id,
-            correlation_id,
-            user_id,
-            event.event_type,
-            event.data,
+            r.command_id,
+            r.correlation_id,
+            r.user_id,
+            r.event_type,
+            r.data,
         )
-        for position, event in enumerate(commit.events, start=head + 1)
-    ]
-    recorded = [
-        RecordedEvent(
-            r[0], r[1], r[2], r[3], occurred_at, command_id, correlation_id, user_id, r[8], r[9]
-        )
-        for r in rows
+        for r in recorded
     ]
     return recorded, rows
 
@@ -193,17 +187,31 @@ def _open_writer(path: Path) -> sqlite3.Connection:
     return connection
 
 
+_UNAVAILABLE_CODES: Final = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_CANTOPEN")
+"""Result codes (and their extended codes: ``SQLITE_IOERR_FSYNC`` …) meaning the file
+cannot be used right now: another process holds the lock past the busy timeout, or the
+operating system failed a read, write or sync."""
+
+
 def _store_error(message: str, cause: BaseException) -> StoreError:
-    error = StoreUnavailableError(message) if _is_busy(cause) else StoreError(message)
+    """The store error to raise ``from cause``: full, unavailable, or anything else."""
+    # Errors the sqlite3 module raises itself (a value it cannot bind) have no code.
+    name = getattr(cause, "sqlite_errorname", None) or ""
+    error: StoreError
+    if name == "SQLITE_FULL":
+        # The disk, or the file's max_page_count. SQLite rolls the statement back.
+        error = StoreFullError(message)
+    elif name.startswith(_UNAVAILABLE_CODES):
+        error = StoreUnavailableError(message)
+    else:
+        error = StoreError(message)
     error.__cause__ = cause
     return error
 
 
-def _is_busy(error: BaseException) -> bool:
-    return isinstance(error, sqlite3.OperationalError) and error.sqlite_errorname in {
-        "SQLITE_BUSY",
-        "SQLITE_LOCKED",
-    }
+def _is_fault(error: sqlite3.Error) -> bool:
+    """True if ``error`` is the file's fault, not one commit's: every commit would fail."""
+    return isinstance(_store_error("", error), StoreFullError | StoreUnavailableError)
 
 
 class SQLiteEventStore:
@@ -318,7 +326,8 @@ class SQLiteEventStore:
         (``IdempotencyMiddleware``), so here that is a lost race, rare enough not to be
         worth a lookup in every batch. The driver may also refuse a value it cannot bind.
         Only the per-commit path can tell which commit is at fault, so no outcome ever
-        rests on this path alone.
+        rests on this path alone, except a fault of the file itself (full, I/O error),
+        which would fail every commit alike.
         """
         cursor = self._cursor
         commits = [append.work for append in batch]
@@ -347,7 +356,11 @@ class SQLiteEventStore:
                 head += len(recorded)
             cursor.executemany(INSERT_COMMAND, commands)
             cursor.executemany(INSERT_EVENT, rows)
-        except sqlite3.Error:
+        except sqlite3.Error as e:
+            if _is_fault(e):
+                # A full disk fails every commit alike: no commit-by-commit retry.
+                self._fail(batch, e)
+                return True
             self._rollback()
             return False
         try:
@@ -399,7 +412,7 @@ class SQLiteEventStore:
             current = None
             connection.execute("COMMIT")
         except sqlite3.Error as e:
-            if current is None:
+            if current is None or _is_fault(e):
                 self._fail(batch, e)
                 return None
             self._rollback()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import sqlite3
 
+from domain.errors import StoreError
+
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: the event log and the idempotency records.
     (
@@ -51,7 +53,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 LATEST_VERSION = len(MIGRATIONS)
 
 
-class SchemaTooNewError(Exception):
+class SchemaTooNewError(StoreError):
     """The file was migrated by a newer gateway than this one."""
 
 

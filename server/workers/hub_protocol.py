@@ -30,6 +30,7 @@ from domain.errors import (
     ConcurrencyConflictError,
     DuplicateCommandError,
     StoreError,
+    StoreFullError,
     StoreUnavailableError,
 )
 from domain.ports import Commit, NewEvent, RecordedEvent
@@ -107,6 +108,8 @@ def encode_outcome(result: list[RecordedEvent] | BaseException) -> Outcome:
         return ("duplicate", result.command_id)
     if isinstance(result, StoreUnavailableError):
         return ("unavailable", str(result))
+    if isinstance(result, StoreFullError):
+        return ("full", str(result))
     # Anything else is the store's failure as far as the worker is concerned; the
     # supervisor logs the cause.
     return ("error", str(result) if isinstance(result, StoreError) else "the writer failed")
@@ -140,4 +143,6 @@ def decode_outcome(commit: Commit, outcome: Outcome) -> list[RecordedEvent]:
         raise DuplicateCommandError(value)
     if kind == "unavailable":
         raise StoreUnavailableError(value)
+    if kind == "full":
+        raise StoreFullError(value)
     raise StoreError(value)

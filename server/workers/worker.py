@@ -66,7 +66,7 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
 
     asyncio.get_running_loop().add_reader(lifeline.fileno(), supervisor_gone)
     hub = await HubClient.connect(spec.hub_socket)
-    inner = await open_store(spec.settings.store)
+    inner = await open_store(spec.settings.store, pool_size=spec.settings.store_pool_size)
     if not (isinstance(inner, EventRowReader) and isinstance(inner, StreamRowReader)):
         raise TypeError(f"{type(inner).__name__} cannot serve as a worker's store")
     store = WorkerStore(cast(RowStore, inner), hub, spec.shared_writer)

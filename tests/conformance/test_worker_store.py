@@ -15,7 +15,12 @@ from typing import ClassVar
 import pytest
 
 from domain.aggregates import Product
-from domain.errors import ConcurrencyConflictError, DuplicateCommandError, StoreUnavailableError
+from domain.errors import (
+    ConcurrencyConflictError,
+    DuplicateCommandError,
+    StoreFullError,
+    StoreUnavailableError,
+)
 from domain.mapper import to_new_event
 from domain.ports import Commit, EventStore
 from domain.unit_of_work import AggregateCache
@@ -23,6 +28,7 @@ from server.stores.sqlite import SQLiteEventStore
 from server.workers.cache_follower import CacheFollower
 from server.workers.hub import WorkerHub
 from server.workers.hub_client import HubClient, WorkerStore
+from server.workers.hub_protocol import decode_outcome, encode_outcome
 from tests.conformance.contract import TIMEOUT, EventStoreContract, commit_of
 
 
@@ -166,3 +172,21 @@ async def test_appends_fail_as_unavailable_once_the_supervisor_is_gone(
                 await asyncio.sleep(0.01)
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        StoreUnavailableError("the disk is gone"),
+        StoreFullError("database or disk is full"),
+        ConcurrencyConflictError("a is at version 2, not 1"),
+        DuplicateCommandError("c-1"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_an_append_error_reaches_the_worker_as_the_same_error(error: Exception) -> None:
+    commit = commit_of([("a", 1)])
+    with pytest.raises(type(error)) as raised:
+        decode_outcome(commit, encode_outcome(error))
+    assert type(raised.value) is type(error)
+    assert str(raised.value) == str(error)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,15 +10,7 @@ from server.cli import check_exposure, main
 from server.config import Settings
 from server.stores.urls import redacted_url
 
-
-@pytest.fixture(autouse=True)
-def _keep_root_logger() -> Iterator[None]:
-    # main() configures the root logger for the process; other tests must not inherit that.
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("keep_root_logger")
 
 
 @pytest.mark.parametrize("listen", ["0.0.0.0:0", "[::]:0", "192.0.2.10:50051", "gateway:50051"])

@@ -9,7 +9,7 @@ import pytest
 from server import config_docs
 from server.config import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "docs" / "configuration.md"
 
 

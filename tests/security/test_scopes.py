@@ -100,6 +100,7 @@ async def test_the_server_refuses_to_start_with_a_method_that_has_no_scope(
         await create_server(Settings(listen="127.0.0.1:0", store="memory://"))
 
 
+@pytest.mark.usefixtures("keep_root_logger")
 def test_serve_names_the_unscoped_method_and_exits_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -108,9 +109,10 @@ def test_serve_names_the_unscoped_method_and_exits_2(
     assert "OrderCommandService/CancelOrder" in capsys.readouterr().err
 
 
-def extra_service(behaviour: Callable[..., Any]) -> grpc.GenericRpcHandler:
-    """A service of our package that the protos do not declare, as a new RPC would be."""
-    return grpc.method_handlers_generic_handler(
+async def call_extra_method(behaviour: Callable[..., Any]) -> grpc.aio.AioRpcError:
+    """Serve ``behaviour`` as a unary method of our package that the protos do not declare
+    (as a new RPC would be), call it, and return the error it was answered with."""
+    service = grpc.method_handlers_generic_handler(
         "orders.v1.ExtraService",
         {
             "Single": grpc.unary_unary_rpc_method_handler(
@@ -118,15 +120,6 @@ def extra_service(behaviour: Callable[..., Any]) -> grpc.GenericRpcHandler:
             )
         },
     )
-
-
-def extra_single(channel: grpc.aio.Channel) -> Any:
-    return channel.unary_unary(
-        "/orders.v1.ExtraService/Single", request_serializer=bytes, response_deserializer=bytes
-    )
-
-
-async def served_with(service: grpc.GenericRpcHandler) -> Gateway:
     # Authentication off: every caller has every scope, and still an unscoped method
     # must stay closed.
     gateway = await create_server(
@@ -134,7 +127,18 @@ async def served_with(service: grpc.GenericRpcHandler) -> Gateway:
     )
     gateway.server.add_generic_rpc_handlers((service,))
     await gateway.start()
-    return gateway
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            single = channel.unary_unary(
+                "/orders.v1.ExtraService/Single",
+                request_serializer=bytes,
+                response_deserializer=bytes,
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await single(b"")
+    finally:
+        await gateway.stop()
+    return raised.value
 
 
 async def test_a_served_method_with_no_scope_is_refused_even_with_authentication_off() -> None:
@@ -144,14 +148,8 @@ async def test_a_served_method_with_no_scope_is_refused_even_with_authentication
         called.append(request)
         return b""
 
-    gateway = await served_with(extra_service(single))
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
-            with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await extra_single(channel)(b"")
-    finally:
-        await gateway.stop()
-    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    refused = await call_extra_method(single)
+    assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
     assert called == []
 
 
@@ -165,14 +163,7 @@ async def test_an_unexpected_error_in_any_kind_of_method_is_internal_without_det
     async def single(request: bytes, context: Any) -> bytes:
         raise RuntimeError("secret detail /var/lib/db.sqlite")
 
-    gateway = await served_with(extra_service(single))
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
-            with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await extra_single(channel)(b"")
-    finally:
-        await gateway.stop()
-    assert raised.value.code() == grpc.StatusCode.INTERNAL
-    assert raised.value.details() == "internal error"
-    trailers = dict(raised.value.trailing_metadata() or ())
-    assert trailers.get("x-request-id")
+    failed = await call_extra_method(single)
+    assert failed.code() == grpc.StatusCode.INTERNAL
+    assert failed.details() == "internal error"
+    assert dict(failed.trailing_metadata() or ()).get("x-request-id")

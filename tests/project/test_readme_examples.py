@@ -15,7 +15,7 @@ from server.app import Gateway, create_server
 from server.config import Settings
 from server.stores.memory import MemoryEventStore
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 TOOLS = Path(sys.executable).parent
 
 

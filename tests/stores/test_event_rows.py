@@ -18,7 +18,7 @@ from domain.ports import Commit, RecordedEvent
 from server.rpc.mapping import event_response, row_event_response
 from server.stores.event_rows import EventRow, EventRowReader, StreamRowReader
 from server.stores.factory import open_store
-from tests.test_postgres_specific import commit
+from tests.stores.test_postgres_specific import commit
 
 SubscribeResponse = event_stream_service_pb2.SubscribeResponse
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)

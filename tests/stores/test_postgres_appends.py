@@ -15,7 +15,7 @@ import pytest
 from domain.errors import DuplicateCommandError, StoreUnavailableError
 from server.stores.postgres import PostgresEventStore
 from server.stores.postgres_schema import APPEND_LOCK
-from tests.test_postgres_specific import commit
+from tests.stores.test_postgres_specific import commit
 
 pytestmark = pytest.mark.postgres
 

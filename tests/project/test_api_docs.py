@@ -19,7 +19,7 @@ from orders.v1 import (
 
 from server.cli import build_parser
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 API = (ROOT / "docs" / "api.md").read_text()
 PROTO_FILES: list[FileDescriptor] = [
     module.DESCRIPTOR

@@ -17,7 +17,7 @@ import yaml
 from server.client.health import check_health, local_target
 from tests.observability_support import running
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:

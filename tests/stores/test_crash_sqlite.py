@@ -32,7 +32,7 @@ from domain.ports import RecordedEvent
 from server.stores.sqlite import SQLiteEventStore
 from tests.clients import Clients, item, order_request
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT = 30.0
 CALL_TIMEOUT = 30.0
 ORDERS = 400

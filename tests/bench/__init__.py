@@ -1,0 +1,1 @@
+"""The benchmark runs (smoke) and its durable floors behave."""

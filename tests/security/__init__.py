@@ -1,0 +1,1 @@
+"""Authentication, scopes, identity, TLS and limits, against a real server."""

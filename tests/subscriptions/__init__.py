@@ -1,0 +1,1 @@
+"""Subscribe: catch-up, live delivery, filters, lifecycle, on every backend."""

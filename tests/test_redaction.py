@@ -1,0 +1,135 @@
+"""A store URL's credentials are never shown: not in logs, errors, help or settings dumps.
+
+Three forms: ``user:password@`` in the URL, a ``password=`` (or ``sslpassword=``) query
+parameter, and the ``PGPASSWORD`` variable libpq reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+from server.cli import main
+from server.config import Settings
+from server.stores.urls import redacted_message, redacted_url
+from tests.serving import free_port, gateway_log, start_gateway, wait_until_serving
+
+SECRET = "s3cret-Passw0rd"
+OTHER_SECRET = "0ther-Passw0rd"
+
+pytestmark = pytest.mark.usefixtures("keep_root_logger")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # An unencoded "/" or "@" in the password: masked whole, not up to the character.
+        ("postgresql://gw:pa/ss@db/orders", "postgresql://gw:***@db/orders"),
+        ("postgresql://gw:p@ss@db/orders", "postgresql://gw:***@db/orders"),
+        ("postgresql://gw:p%40ss@db/orders#x", "postgresql://gw:***@db/orders#x"),
+        # Malformed URLs are reported too, so redacting one must not fail.
+        ("postgresql://gw:s3cret@[::1/orders", "postgresql://gw:***@[::1/orders"),
+        (
+            "postgresql://gw@db/orders?password=a b&x=1",
+            "postgresql://gw@db/orders?password=***&x=1",
+        ),
+        ("sqlite:////data/a:b@c.db", "sqlite:////data/a:b@c.db"),
+        ("memory://", "memory://"),
+    ],
+)
+def test_every_credential_form_is_masked(url: str, shown: str) -> None:
+    assert redacted_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://gw:p%zz{SECRET}@db/orders",  # an invalid percent-encoding
+        f"postgresql://gw:{SECRET} x@db/orders",  # a space
+        f"postgresql://gw:{SECRET}@[::1/orders",  # the whole URL quoted
+        f"postgresql://gw@db/orders?password={SECRET}&bogus=1",
+    ],
+)
+def test_a_driver_message_quoting_the_password_is_masked(url: str) -> None:
+    with pytest.raises(psycopg.ProgrammingError) as raised:
+        conninfo_to_dict(url)
+    message = str(raised.value)
+    if "bogus" not in message:
+        assert SECRET in message  # libpq does quote it
+    assert SECRET not in redacted_message(message, url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://gw:p%zz{SECRET}@db/orders",
+        f"postgresql://gw:{SECRET} x@db/orders",
+        f"postgresql://gw:{SECRET}@[::1/orders",
+    ],
+)
+def test_a_malformed_postgres_url_is_a_configuration_error_without_the_password(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["migrate", "--store", url]) == 2
+    error = capsys.readouterr().err
+    assert "invalid PostgreSQL store URL 'postgresql://gw:***@" in error
+    assert SECRET not in error
+
+
+def test_settings_show_the_store_url_masked() -> None:
+    settings = Settings(store=f"postgresql://gw:{SECRET}@db/orders?password={OTHER_SECRET}")
+    for dump in (repr(settings), str(settings), f"{settings!r}"):
+        assert "store='postgresql://gw:***@db/orders?password=***'" in dump
+        assert SECRET not in dump
+        assert OTHER_SECRET not in dump
+
+
+def test_help_does_not_show_the_store_url(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ORDER_GATEWAY_STORE", f"postgresql://gw:{SECRET}@db/orders")
+    monkeypatch.setenv("PGPASSWORD", OTHER_SECRET)
+    for command in (["--help"], ["serve", "--help"], ["migrate", "--help"]):
+        with pytest.raises(SystemExit):
+            main(command)
+        output = capsys.readouterr()
+        assert SECRET not in output.out + output.err
+        assert OTHER_SECRET not in output.out + output.err
+
+
+def test_pgpassword_is_not_echoed_when_the_server_cannot_be_reached(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PGPASSWORD", SECRET)
+    url = f"postgresql://gw@127.0.0.1:{free_port()}/orders?password={OTHER_SECRET}"
+    assert main(["migrate", "--store", url]) == 1
+    error = capsys.readouterr().err
+    assert "PostgreSQL is unavailable" in error
+    assert SECRET not in error
+    assert OTHER_SECRET not in error
+
+
+@pytest.mark.postgres
+async def test_the_log_shows_the_store_url_masked_in_every_form(postgres_url: str) -> None:
+    # The test server trusts every connection, so a URL carrying passwords still works.
+    host_part = postgres_url.partition("://")[2].partition("@")[2]
+    url = f"postgresql://postgres:{SECRET}@{host_part}?password={OTHER_SECRET}"
+    target = f"127.0.0.1:{free_port()}"
+    process = start_gateway(
+        ["serve", "--listen", target, "--store", url, "--log-level", "DEBUG"],
+        env={**os.environ, "PGPASSWORD": "pgpassw0rd-from-env"},
+    )
+    try:
+        await wait_until_serving(target, process)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(process.wait, 30)
+    log = gateway_log(process)
+    assert f"(store postgresql://postgres:***@{host_part}?password=***)" in log
+    for secret in (SECRET, OTHER_SECRET, "pgpassw0rd-from-env"):
+        assert secret not in log

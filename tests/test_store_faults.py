@@ -1,0 +1,334 @@
+"""Storage faults answer clearly: a full store is RESOURCE_EXHAUSTED (STORE_FULL), one that
+cannot be reached UNAVAILABLE (STORE_UNAVAILABLE), and the log says so once per fault."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+from google.rpc import error_details_pb2
+from orders.v1 import events_pb2
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from psycopg_pool import PoolTimeout
+
+from domain.errors import StoreError, StoreFullError, StoreUnavailableError
+from domain.ports import CommandRecord, RecordedEvent
+from server.app import Gateway
+from server.observability.store_faults import StoreFaults
+from server.stores.postgres_errors import store_error as postgres_store_error
+from server.stores.sqlite import SQLiteEventStore
+from server.stores.sqlite import _store_error as sqlite_store_error
+from tests.clients import Clients, detail, item, order_request
+from tests.subscription_support import StreamReader, WrappedStore, connect, running_gateway
+
+FAULT_LINE = "event store fault"
+RECOVERY_LINE = "event store works again"
+
+
+def lines(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if text in r.getMessage()]
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    info: error_details_pb2.ErrorInfo = detail(error, error_details_pb2.ErrorInfo)
+    return info
+
+
+# -- the fault log and metrics, on their own -----------------------------------------
+
+
+class Faults:
+    def __init__(self) -> None:
+        registry = CollectorRegistry()
+        self.now = 100.0
+        self.errors = Counter("errors", "", ("kind",), registry=registry)
+        self.fault = Gauge("fault", "", ("kind",), registry=registry)
+        self.faults = StoreFaults(self.errors, self.fault, clock=lambda: self.now)
+        self._registry = registry
+
+    def value(self, name: str, kind: str) -> float:
+        found = self._registry.get_sample_value(name, {"kind": kind})
+        return found or 0.0
+
+
+def full() -> StoreError:
+    error = StoreFullError("the SQLite transaction failed")
+    error.__cause__ = sqlite3.OperationalError("database or disk is full")
+    return error
+
+
+def test_a_fault_is_logged_once_when_it_starts_and_once_when_it_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    watched = Faults()
+    with caplog.at_level(logging.INFO, logger="order_gateway"):
+        watched.faults.succeeded(write=True)
+        for _ in range(50):
+            watched.faults.failed(full(), write=True)
+        watched.now += 12.5
+        watched.faults.succeeded(write=True)
+        watched.faults.succeeded(write=True)
+
+    (started,) = lines(caplog, FAULT_LINE)
+    assert started.levelno == logging.ERROR
+    assert "STORE_FULL" in started.getMessage()
+    assert "database or disk is full" in started.getMessage()
+    assert started.exc_info is None
+    (ended,) = lines(caplog, RECOVERY_LINE)
+    assert ended.levelno == logging.WARNING
+    assert "after 12.5 s of STORE_FULL" in ended.getMessage()
+    assert "50 store calls failed meanwhile" in ended.getMessage()
+    assert len(caplog.records) == 2
+    assert watched.value("errors_total", "full") == 50
+    assert watched.value("fault", "full") == 0
+
+
+def test_reads_that_work_do_not_end_a_fault_that_writes_ran_into(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    watched = Faults()
+    with caplog.at_level(logging.INFO, logger="order_gateway"):
+        for _ in range(3):
+            # A full disk: each command's reads work, its append fails.
+            watched.faults.succeeded(write=False)
+            watched.faults.failed(full(), write=True)
+        assert watched.value("fault", "full") == 1
+        watched.faults.succeeded(write=False)
+        assert watched.faults.kind == "full"
+        watched.faults.succeeded(write=True)
+    assert len(lines(caplog, FAULT_LINE)) == 1
+    assert len(lines(caplog, RECOVERY_LINE)) == 1
+    assert watched.faults.kind is None
+
+
+def test_a_read_ends_a_fault_that_only_reads_ran_into(caplog: pytest.LogCaptureFixture) -> None:
+    watched = Faults()
+    with caplog.at_level(logging.INFO, logger="order_gateway"):
+        watched.faults.failed(StoreUnavailableError("connection refused"), write=False)
+        watched.faults.succeeded(write=False)
+    (ended,) = lines(caplog, RECOVERY_LINE)
+    assert "STORE_UNAVAILABLE" in ended.getMessage()
+    assert "1 store call failed" in ended.getMessage()
+    assert watched.value("errors_total", "unavailable") == 1
+
+
+def test_other_store_errors_are_counted_but_are_no_fault(caplog: pytest.LogCaptureFixture) -> None:
+    watched = Faults()
+    with caplog.at_level(logging.INFO, logger="order_gateway"):
+        watched.faults.failed(StoreError("a bug"), write=True)
+    assert watched.faults.kind is None
+    assert caplog.records == []
+    assert watched.value("errors_total", "other") == 1
+
+
+# -- driver errors, translated at the store boundary ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        ("SQLITE_FULL", StoreFullError),
+        ("SQLITE_IOERR", StoreUnavailableError),
+        ("SQLITE_IOERR_FSYNC", StoreUnavailableError),
+        ("SQLITE_CANTOPEN", StoreUnavailableError),
+        ("SQLITE_BUSY", StoreUnavailableError),
+        ("SQLITE_CORRUPT", StoreError),
+        ("SQLITE_READONLY", StoreError),
+    ],
+)
+def test_sqlite_result_codes_map_to_store_errors(code: str, expected: type[StoreError]) -> None:
+    cause = sqlite3.OperationalError("the driver's message")
+    cause.sqlite_errorname = code
+    error = sqlite_store_error("the SQLite transaction failed", cause)
+    assert type(error) is expected
+    assert error.__cause__ is cause
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "expected"),
+    [
+        ("53100", StoreFullError),  # disk_full
+        ("08006", StoreUnavailableError),  # connection_failure
+        ("57P01", StoreUnavailableError),  # admin_shutdown
+        ("57P03", StoreUnavailableError),  # cannot_connect_now
+        ("53300", StoreUnavailableError),  # too_many_connections
+        ("58030", StoreUnavailableError),  # io_error
+        ("25006", StoreUnavailableError),  # read_only_sql_transaction: a standby
+        ("42P01", StoreError),  # undefined_table
+        ("22003", StoreError),  # numeric_value_out_of_range
+    ],
+)
+def test_postgres_sqlstates_map_to_store_errors(sqlstate: str, expected: type[StoreError]) -> None:
+    error = postgres_store_error(psycopg.errors.lookup(sqlstate)("the server's message"), "append")
+    assert type(error) is expected
+
+
+def test_a_postgres_pool_timeout_is_unavailable() -> None:
+    error = postgres_store_error(PoolTimeout("couldn't get a connection after 10.00 sec"), "read")
+    assert type(error) is StoreUnavailableError
+    assert "couldn't get a connection" in str(error)
+
+
+# -- a full SQLite store, over gRPC ---------------------------------------------------
+
+
+def limit_pages(store: SQLiteEventStore, pages: int | None) -> None:
+    """Make the store's file unable to grow beyond its current size (None: lift that).
+
+    ``max_page_count`` belongs to the connection, so it is set on the writer's, between
+    calls (the writer thread is idle then). Nothing else needs a full disk to be mounted.
+    """
+    writer: sqlite3.Connection = store._writer
+    if pages is None:
+        writer.execute("PRAGMA max_page_count = 1073741823")
+    else:
+        writer.execute(f"PRAGMA max_page_count = {pages:d}")
+
+
+def page_count(store: SQLiteEventStore) -> int:
+    (count,) = store._writer.execute("PRAGMA page_count").fetchone()
+    return int(count)
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SQLiteEventStore]:
+    store = await SQLiteEventStore.open(tmp_path / "events.db")
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def sqlite_gateway(sqlite_store: SQLiteEventStore) -> AsyncIterator[Gateway]:
+    async with running_gateway(sqlite_store) as gateway:
+        yield gateway
+
+
+async def restock_until_full(clients: Clients, product_id: str) -> tuple[int, grpc.aio.AioRpcError]:
+    """Restock one unit at a time until the store refuses; the units acknowledged."""
+    for acknowledged in range(10_000):
+        try:
+            await clients.restock(product_id, 1)
+        except grpc.aio.AioRpcError as error:
+            return acknowledged, error
+    raise AssertionError("the store never filled up")
+
+
+async def test_a_full_store_is_resource_exhausted_store_full_and_recovers(
+    sqlite_store: SQLiteEventStore,
+    sqlite_gateway: Gateway,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with connect(sqlite_gateway) as clients:
+        await clients.restock("sku-1", 100)
+        limit_pages(sqlite_store, page_count(sqlite_store))
+        with caplog.at_level(logging.INFO, logger="order_gateway"):
+            acknowledged, refused = await restock_until_full(clients, "sku-1")
+
+            assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            info = error_info(refused)
+            assert (info.reason, info.domain) == ("STORE_FULL", "order-gateway")
+            assert "nothing was committed" in (refused.details() or "")
+            # Every call while full is refused the same way, commands of several events too.
+            order = order_request(item("sku-1", 2), command_id=str(uuid.uuid4()))
+            for _ in range(20):
+                with pytest.raises(grpc.aio.AioRpcError) as again:
+                    await clients.create(order)
+                assert again.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert error_info(again.value).reason == "STORE_FULL"
+
+            assert len(lines(caplog, FAULT_LINE)) == 1
+            assert not any(r.exc_info for r in caplog.records)
+            assert "Traceback" not in caplog.text
+
+            limit_pages(sqlite_store, None)
+            created = await clients.create(order)
+            (ended,) = lines(caplog, RECOVERY_LINE)
+            assert "21 store calls failed meanwhile" in ended.getMessage()
+
+    # Nothing half-committed: the refused order left no event, and once retried it has
+    # all of them; the stock adds up to what was acknowledged.
+    events = await sqlite_store.read_all(0, 100_000)
+    assert [e.position for e in events] == list(range(1, len(events) + 1))
+    order_events = [e for e in events if e.command_id == order.command_id]
+    assert [e.event_type for e in order_events] == ["OrderCreated", "StockReserved"]
+    assert [e.event_type for e in created] == ["OrderCreated", "StockReserved"]
+    reserved = created[1].stock_reserved
+    assert reserved.available_after == 100 + acknowledged - 2
+    restocks = [e for e in events if e.event_type == "ProductRestocked"]
+    assert len(restocks) == 1 + acknowledged
+
+
+async def test_a_full_store_is_counted_in_the_metrics(
+    sqlite_store: SQLiteEventStore, sqlite_gateway: Gateway
+) -> None:
+    async with connect(sqlite_gateway) as clients:
+        limit_pages(sqlite_store, page_count(sqlite_store))
+        await restock_until_full(clients, "sku-1")
+        registry = sqlite_gateway.metrics.registry
+        assert registry.get_sample_value("order_gateway_store_fault", {"kind": "full"}) == 1
+        assert registry.get_sample_value("order_gateway_store_errors_total", {"kind": "full"}) == 1
+        limit_pages(sqlite_store, None)
+        await clients.restock("sku-1", 1)
+        assert registry.get_sample_value("order_gateway_store_fault", {"kind": "full"}) == 0
+
+
+# -- a store that cannot be reached ---------------------------------------------------
+
+
+class UnreachableStore(WrappedStore):
+    """A memory store that can be made unreachable, as a stopped database is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise StoreUnavailableError("connection refused")
+
+    async def find_command(self, command_id: str) -> CommandRecord | None:
+        self._check()
+        return await super().find_command(command_id)
+
+    async def head_position(self) -> int:
+        self._check()
+        return await super().head_position()
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        self._check()
+        return await super().read_all(after_position, limit)
+
+
+async def test_an_unreachable_store_is_unavailable_on_commands_and_on_subscribe(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = UnreachableStore()
+    async with running_gateway(store) as gateway, connect(gateway) as clients:
+        await clients.restock("sku-1", 1)
+        store.down = True
+        with caplog.at_level(logging.INFO, logger="order_gateway"):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await clients.restock("sku-1", 1, command_id=str(uuid.uuid4()))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            info = error_info(refused.value)
+            assert (info.reason, info.domain) == ("STORE_UNAVAILABLE", "order-gateway")
+            assert "retrying with the same command_id is safe" in (refused.value.details() or "")
+
+            reader = StreamReader.open(clients)
+            with pytest.raises(grpc.aio.AioRpcError) as subscribe_refused:
+                await reader.next()
+            assert subscribe_refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_info(subscribe_refused.value).reason == "STORE_UNAVAILABLE"
+
+            store.down = False
+            restocked: list[events_pb2.Event] = await clients.restock("sku-1", 1)
+        assert restocked[0].product_restocked.available_after == 2
+        assert len(lines(caplog, FAULT_LINE)) == 1
+        assert len(lines(caplog, RECOVERY_LINE)) == 1
+        assert "Traceback" not in caplog.text

@@ -1,0 +1,1 @@
+"""Domain and mapping tests with in-memory fakes: no server, no database."""
