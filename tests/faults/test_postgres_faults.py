@@ -38,7 +38,7 @@ from tests.subscription_support import (
 
 pytestmark = pytest.mark.postgres
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 CALLERS = 8
 STOCK = 1_000_000
 WAIT = 120.0
