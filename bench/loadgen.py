@@ -7,7 +7,8 @@ that the client's own Python is not the bottleneck being measured. Processes sta
 together at a barrier the parent also waits on; the parent reads the server's CPU time
 there and at the end, for CPU per call.
 
-Workloads: ``create`` (CreateOrder), ``cancel`` (CancelOrder of orders each process
+Workloads: ``create`` (CreateOrder), ``hot`` (CreateOrder, every order on one product),
+``cancel`` (CancelOrder of orders each process
 created in an unmeasured phase before), ``mixed`` (each caller alternates creating an
 order and cancelling it).
 """
@@ -72,8 +73,11 @@ class WorkerReport:
 class _Caller:
     """One process's calls: sends requests, checks answers, keeps the cancel pool."""
 
-    def __init__(self, channel: grpc.aio.Channel, seed: int, report: WorkerReport) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, seed: int, report: WorkerReport, hot: bool = False
+    ) -> None:
         self._stub = order_command_service_pb2_grpc.OrderCommandServiceStub(channel)
+        self._hot = hot
         self._rng = random.Random(seed)
         self._customer = str(uuid.uuid4())
         self._report = report
@@ -81,7 +85,7 @@ class _Caller:
 
     async def create(self) -> str | None:
         """Place an order; its id, or None if the call failed."""
-        request = workload.create_request(self._rng, self._customer)
+        request = workload.create_request(self._rng, self._customer, self._hot)
         try:
             responses = [r async for r in self._stub.CreateOrder(request, timeout=CALL_TIMEOUT)]
         except grpc.aio.AioRpcError as error:
@@ -168,6 +172,7 @@ async def _measure(
 
     loops: dict[str, Callable[[_Caller], Any]] = {
         "create": creating,
+        "hot": creating,
         "cancel": cancelling,
         "mixed": alternating,
     }
@@ -187,7 +192,8 @@ async def _drive(
     try:
         for channel in channels:
             await asyncio.wait_for(channel.channel_ready(), BARRIER_TIMEOUT)
-        clients = [_Caller(c, seed * 1000 + n, report) for n, c in enumerate(channels)]
+        hot = spec.workload == "hot"
+        clients = [_Caller(c, seed * 1000 + n, report, hot=hot) for n, c in enumerate(channels)]
         barrier.wait(BARRIER_TIMEOUT)
         await asyncio.gather(
             *(

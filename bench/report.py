@@ -14,6 +14,7 @@ from typing import Any, TextIO
 import grpc
 
 from bench.inprocess import InProcessResult
+from bench.replicas import ReplicaResult
 from bench.servers import DURABLE_FLOORS
 from bench.stats import LoadResult
 from bench.workers import WORKER_COUNTS, DeliveryResult, label
@@ -85,6 +86,7 @@ class Report:
     workers: list[LoadResult] = field(default_factory=list)
     """``serve --workers N`` load, ``server`` "<store> x<N>"; several rounds per point."""
     delivery: list[DeliveryResult] = field(default_factory=list)
+    replicas: list[ReplicaResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     """Sections or stores not measured, and why."""
 
@@ -141,6 +143,15 @@ class Report:
             ],
             "workers": plain(self.workers),
             "delivery": plain(self.delivery),
+            "replicas": [
+                {
+                    **dataclasses.asdict(r),
+                    "total_calls_per_s": r.total_calls_per_s,
+                    "smallest_share": r.smallest_share,
+                    "errors": r.errors,
+                }
+                for r in self.replicas
+            ],
             "notes": self.notes,
         }
 
@@ -421,12 +432,61 @@ def print_workers(report: Report, out: TextIO) -> None:
         )
 
 
+def print_replicas(report: Report, out: TextIO) -> None:
+    for result in report.replicas:
+        out.write(
+            f"\nTwo replicas on one PostgreSQL, every order on one product, "
+            f"{result.callers_per_replica} callers on each, {result.duration:.0f} s\n"
+        )
+        total = result.total_calls_per_s
+        rows = [
+            [
+                r.server,
+                str(r.concurrency),
+                f"{r.calls_per_s:,.0f}",
+                f"{r.calls_per_s / total:.2f}" if total and r in result.replicas else "",
+                f"{r.latency.p50_ms:.2f}",
+                f"{r.latency.p99_ms:.2f}",
+                f"{r.server_cpu_ms_per_call:.3f}",
+                ",".join(f"{k}={v}" for k, v in sorted(r.errors.items())) or "none",
+            ]
+            for r in [result.alone, *result.replicas]
+        ]
+        rows.append(
+            [
+                "both replicas",
+                str(2 * result.callers_per_replica),
+                f"{total:,.0f}",
+                "1.00",
+                "",
+                "",
+                "",
+                ",".join(f"{k}={v}" for k, v in sorted(result.errors.items())) or "none",
+            ]
+        )
+        _table(
+            out,
+            [
+                "server",
+                "callers",
+                "calls/s",
+                "share",
+                "p50 ms",
+                "p99 ms",
+                "srv CPU ms/call",
+                "errors",
+            ],
+            rows,
+        )
+
+
 def print_report(report: Report, out: TextIO) -> None:
     print_load(report, out)
     print_inprocess(report, out)
     print_subscriptions(report, out)
     print_stream_length(report, out)
     print_workers(report, out)
+    print_replicas(report, out)
     if report.notes:
         out.write("\nNot measured:\n")
         for note in report.notes:

@@ -4,9 +4,11 @@ Sections: ``grpc`` (closed-loop CreateOrder / CancelOrder / mixed load on the ga
 the bare-gRPC floor, interleaved point by point so that both see the same machine; with
 ``--store sqlite`` also on the durable floors, the floor plus a bare SQLite commit per call),
 ``inprocess`` (bus + domain + store against the ``eventsourcing`` library),
-``subscriptions`` (catch-up over a million events, fan-out to live subscribers) and
-``stream-length`` (a hot product's long stream against a fresh one) and ``workers``
-(``serve --workers 2`` against ``--workers 1``, and live delivery across workers).
+``subscriptions`` (catch-up over a million events, fan-out to live subscribers),
+``stream-length`` (a hot product's long stream against a fresh one), ``replicas``
+(two gateways on one PostgreSQL database, every order on one product; needs a
+``postgresql://`` store) and ``workers`` (``serve --workers 2`` against ``--workers 1``,
+and live delivery across workers).
 
     python -m bench --store memory --store sqlite --store postgresql://… --plot docs/bench.png
 """
@@ -21,7 +23,7 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-from bench import stream_length, subscriptions, workers, workload
+from bench import replicas, stream_length, subscriptions, workers, workload
 from bench.inprocess import eventsourcing_commands, gateway_commands
 from bench.loadgen import LoadSpec, run_load
 from bench.plot import plot_load
@@ -37,7 +39,7 @@ from bench.stats import LoadResult
 from bench.stores import StoreSpec, eventsourcing_env, quiet_disks, supported
 from bench.targets import evaluate, print_verdicts
 
-SECTIONS = ("grpc", "inprocess", "subscriptions", "stream-length", "workers")
+SECTIONS = ("grpc", "inprocess", "subscriptions", "stream-length", "replicas", "workers")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -75,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_levels,
         default=[1, 4, 16, 64],
         metavar="N,N,…",
-        help="CreateOrder concurrency levels (default 1,4,16,64)",
+        help="concurrency levels of the create and hot workloads (default 1,4,16,64)",
     )
     parser.add_argument(
         "--workloads",
@@ -134,6 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="orders measured on each stream (default 300)",
     )
     parser.add_argument(
+        "--replica-callers",
+        type=int,
+        default=8,
+        metavar="N",
+        help="callers on each of the two replicas in the replicas section (default 8)",
+    )
+    parser.add_argument(
+        "--replica-duration",
+        type=float,
+        default=20.0,
+        help="measured seconds of the replicas section (default 20)",
+    )
+    parser.add_argument(
         "--workers-rounds",
         type=int,
         default=2,
@@ -190,14 +205,23 @@ async def run_grpc(
             gateway = await stack.enter_async_context(await start_gateway(url, workdir))
             await restock(gateway.target)
             servers.append((spec.kind, gateway))
-        plan = [("create", level) for level in args.concurrency if "create" in args.workloads]
+        # hot beside create at every level, so that each pair sees the same machine.
+        plan = [
+            (name, level)
+            for level in args.concurrency
+            for name in ("create", "hot")
+            if name in args.workloads
+        ]
         plan += [
             (name, args.workload_concurrency)
             for name in ("cancel", "mixed")
             if name in args.workloads
         ]
+        gateways = {spec.kind for spec in specs}
         for name, level in plan:
             for label, server in servers:
+                if name == "hot" and label not in gateways:
+                    continue  # the floors have no products: their hot run is their create run
                 load = LoadSpec(
                     target=server.target,
                     workload=name,
@@ -328,6 +352,27 @@ async def run_stream_length(args: argparse.Namespace, workdir: Path, report: Rep
     report.stream_length.append(result)
 
 
+async def run_replicas(
+    args: argparse.Namespace, specs: list[StoreSpec], workdir: Path, report: Report
+) -> None:
+    postgres = [spec for spec in specs if spec.kind == "postgresql"]
+    if not postgres:
+        report.notes.append("replicas: needs a --store postgresql://… server")
+        return
+    print("Replicas: two gateways on one PostgreSQL, one hot product", file=sys.stderr)
+    with postgres[0].fresh(workdir, "replicas") as url:
+        reason = await supported(url)
+        if reason is not None:
+            report.notes.append(f"replicas: {reason}")
+            return
+        result = await replicas.measure(
+            url, workdir, args.replica_callers, args.replica_duration, args.warmup
+        )
+    for load in [result.alone, *result.replicas]:
+        _progress(load)
+    report.replicas.append(result)
+
+
 async def run_workers(
     args: argparse.Namespace, specs: list[StoreSpec], workdir: Path, report: Report
 ) -> None:
@@ -367,6 +412,8 @@ async def run(args: argparse.Namespace) -> Report:
             "warmup": args.warmup,
             "client_processes": args.processes,
             "inprocess_concurrency": args.inprocess_concurrency,
+            "replica_callers": args.replica_callers,
+            "replica_duration": args.replica_duration,
         }
     )
     with tempfile.TemporaryDirectory(prefix="order-gateway-bench-") as scratch:
@@ -380,6 +427,8 @@ async def run(args: argparse.Namespace) -> Report:
             await run_subscriptions(args, specs, workdir, report)
         if "stream-length" in sections:
             await run_stream_length(args, workdir, report)
+        if "replicas" in sections:
+            await run_replicas(args, specs, workdir, report)
         if "workers" in sections:
             await run_workers(args, specs, workdir, report)
     report.conditions_after = conditions()

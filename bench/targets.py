@@ -239,6 +239,53 @@ def _cross_worker_delivery(report: Report) -> Verdict:
     )
 
 
+def _hot(store: str, factor: float) -> Callable[[Report], Verdict]:
+    """A hot product against orders spread over many, on one store at 16 concurrent."""
+
+    def judge(report: Report) -> Verdict:
+        target = (
+            f"hot on {store} at {TARGET_CONCURRENCY} concurrent: >= {factor:g} x create's "
+            "calls/s, CPU/call within 10 %, p99 <= 1.5 x"
+        )
+        hot = report.find_load(store, "hot", TARGET_CONCURRENCY)
+        create = report.find_load(store, "create", TARGET_CONCURRENCY)
+        if hot is None or create is None or not create.calls_per_s:
+            return _judge(target, None, f"needs --store {store}, concurrency 16, create and hot")
+        ratio = hot.calls_per_s / create.calls_per_s
+        cpu = hot.server_cpu_ms_per_call / (create.server_cpu_ms_per_call or 1.0)
+        p99 = hot.latency.p99_ms / create.latency.p99_ms
+        return _judge(
+            target,
+            ratio >= factor and cpu <= 1.10 and p99 <= 1.5,
+            f"{hot.calls_per_s:,.0f} vs {create.calls_per_s:,.0f} calls/s = {ratio:.2f} x, "
+            f"CPU {cpu:.2f} x, p99 {p99:.2f} x",
+        )
+
+    return judge
+
+
+def _replicas(report: Report) -> Verdict:
+    target = (
+        "two PostgreSQL replicas, one hot product: no ABORTED, each >= 0.3 x the total, "
+        "total >= one replica alone, p99 <= 100 ms"
+    )
+    if not report.replicas:
+        return _judge(target, None, "needs the replicas section and --store postgresql://…")
+    result = report.replicas[-1]
+    aborted = result.errors.get("ABORTED", 0)
+    p99 = max(r.latency.p99_ms for r in result.replicas)
+    total = result.total_calls_per_s
+    return _judge(
+        target,
+        aborted == 0
+        and result.smallest_share >= 0.3
+        and total >= result.alone.calls_per_s
+        and p99 <= 100.0,
+        f"ABORTED {aborted}, smallest share {result.smallest_share:.2f}, total {total:,.0f} vs "
+        f"alone {result.alone.calls_per_s:,.0f} calls/s, worst p99 {p99:.1f} ms",
+    )
+
+
 JUDGES: tuple[Callable[[Report], Verdict], ...] = (
     _throughput_vs_durable_floor,
     _latency_vs_durable_floor,
@@ -253,6 +300,9 @@ JUDGES: tuple[Callable[[Report], Verdict], ...] = (
     _workers_latency("sqlite"),
     _workers_latency("postgresql"),
     _cross_worker_delivery,
+    _hot("sqlite", 0.9),
+    _hot("postgresql", 0.8),
+    _replicas,
 )
 
 

@@ -3,7 +3,9 @@
 Orders have one item, so CreateOrder commits two events (OrderCreated, StockReserved)
 and CancelOrder two (OrderCancelled, StockReleased). Items are spread over many products,
 restocked up front with more stock than a run can use, so no call fails for lack of stock
-and commands rarely queue on one product's stream lock.
+and commands rarely queue on one product's stream lock. The ``hot`` workload is
+``create`` with every order on one product (a flash sale): every command then appends
+to that product's stream.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ PRODUCT_COUNT = 1000
 RESTOCK_QUANTITY = 1_000_000
 """Per product: at one unit per order, far more than any run places."""
 
-WORKLOADS = ("create", "cancel", "mixed")
+WORKLOADS = ("create", "hot", "cancel", "mixed")
+HOT_PRODUCT = 0
+"""The product every ``hot`` order is for."""
 
 
 def product_id(n: int) -> str:
@@ -66,14 +70,15 @@ def order_input(product: str, customer_id: str) -> dict[str, object]:
 
 
 def create_request(
-    rng: random.Random, customer_id: str
+    rng: random.Random, customer_id: str, hot: bool = False
 ) -> order_command_service_pb2.CreateOrderRequest:
-    """One order of one unit of a random product (the server picks the command id)."""
+    """One order of one unit of a random product, or of the hot one (the server picks the
+    command id)."""
     return order_command_service_pb2.CreateOrderRequest(
         customer_id=customer_id,
         items=[
             types_pb2.OrderItem(
-                product_id=product_id(rng.randrange(PRODUCT_COUNT)),
+                product_id=product_id(HOT_PRODUCT if hot else rng.randrange(PRODUCT_COUNT)),
                 quantity=1,
                 unit_price=_price(),
             )

@@ -133,7 +133,8 @@ class StoreError(Exception):
 
     Stores raise it ``from`` the driver's exception so that no driver type leaks upward.
     Concurrency and a repeated command id are not failures: they are ``DomainError``s.
-    Anything but ``StoreUnavailableError`` reaches a client as INTERNAL.
+    Anything but ``StoreUnavailableError`` and ``StoreFullError`` reaches a client as
+    INTERNAL.
     """
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +45,14 @@ class Commit:
     """One command's events, appended atomically or not at all.
 
     ``expected_versions`` holds, for every stream the command touches, the version the
-    command saw (0: the stream must not exist yet). ``fingerprint`` identifies the request
-    for idempotency: the same ``command_id`` with another fingerprint is a different request.
+    command saw (0: the stream must not exist yet). ``follows`` holds, for streams of
+    ``expected_versions`` the command saw events on, the id of the last of them: the
+    commit also conflicts if that is not the stream's last event. A version alone names
+    a state only while every state at that version is the committed one; a process that
+    decides a command on the state a queued commit will leave (``domain.unit_of_work``)
+    can hold a state that never commits, and another writer may fill its version with
+    other events. ``fingerprint`` identifies the request for idempotency: the same
+    ``command_id`` with another fingerprint is a different request.
     """
 
     command_id: str
@@ -56,6 +62,7 @@ class Commit:
     occurred_at: dt.datetime
     expected_versions: Mapping[str, int]
     events: Sequence[NewEvent]
+    follows: Mapping[str, str] = field(default_factory=dict)
 
 
 def recorded_events(commit: Commit, first_position: int) -> list[RecordedEvent]:
@@ -101,9 +108,14 @@ class EventStore(Protocol):
         """Append all of ``commit.events`` and record the command, atomically.
 
         Raises ``ConcurrencyConflictError`` if any stream's version differs from
-        ``expected_versions``, ``DuplicateCommandError`` if the command_id is already
-        recorded, ``StoreError`` for anything else. Returns the events with their positions,
-        in the commit's order, only once they are durable.
+        ``expected_versions`` or its last event from ``follows``, ``DuplicateCommandError``
+        if the command_id is already recorded, ``StoreError`` for anything else. Returns the
+        events with their positions, in the commit's order, only once they are durable.
+
+        Appends are applied in the order they were started: a store takes the commit's
+        place in its order before ``append`` first suspends. So a commit started after
+        another, expecting the versions that one leaves, commits right behind it (in the
+        same group commit or the next) whenever that one commits.
         """
         ...
 
@@ -138,4 +150,27 @@ class EventStore(Protocol):
 
     async def close(self) -> None:
         """Release connections and threads; pending appends finish first."""
+        ...
+
+
+@runtime_checkable
+class SharedStreamLocks(Protocol):
+    """Per-stream locks that every process sharing a store sees (PostgreSQL's advisory
+    locks), so that processes writing one stream at once can take turns at it instead of
+    racing to concurrency conflicts. A store that only one process writes has none."""
+
+    async def lock_stream(self, stream_id: str) -> bool:
+        """Wait until this process holds ``stream_id``'s lock; True if another held it."""
+        ...
+
+    async def unlock_stream(self, stream_id: str) -> None:
+        """Release what ``lock_stream`` took."""
+        ...
+
+    async def announce_contention(self, stream_id: str) -> None:
+        """Tell the other processes that this one takes turns at ``stream_id`` now."""
+        ...
+
+    def add_contention_listener(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(stream_id)`` when another process announces contention."""
         ...

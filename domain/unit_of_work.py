@@ -2,13 +2,37 @@
 
 Loaded aggregates come from a bounded cache and are brought up to date by reading only
 the events after the cached version, so loading a hot product costs the same at stream
-length 10 and 100,000. A stream lock is held from load to commit (see ``domain.locks``).
+length 10 and 100,000.
+
+**Pipelining.** A stream's lock (``domain.locks``) is held from load until the commit is
+queued in the store, not until it is durable. The next command on the stream is decided
+on the state the queued commit will leave (the cache's *head*) while that commit waits
+for its group commit, and both are written in the same batch or consecutive ones: the
+store applies appends in the order they were started. So the commands on a hot stream
+share commits instead of taking one durable commit each. What keeps it safe:
+
+- a caller is answered when its own append returns, once its events are durable; the
+  store applies appends in order, so the commits it was decided on are durable by then;
+- every commit names, per stream, the last event of the state it was decided on
+  (``Commit.follows``). If a predecessor fails, each commit decided on its state fails
+  as a concurrency conflict, even where another writer filled the version meanwhile, and
+  the retry middleware decides it again on what did commit;
+- a rejection decided on cached or queued state is decided again on durable state
+  (``durable=True``): under the stream locks, once the stream's queued commits have
+  settled, with whatever the store holds beyond the cached version (another process may
+  have restocked the product).
+
+Across processes sharing a store (PostgreSQL replicas), commands on a stream they contend
+for also take turns at it (``domain.locks.StreamTurns``), joined with the stream locks.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -17,42 +41,122 @@ from domain.commands import Command
 from domain.errors import BusinessRuleViolation, ConcurrencyConflictError, OrderNotFoundError
 from domain.fingerprints import fingerprint
 from domain.ids import new_uuid
-from domain.locks import StreamLocks
+from domain.locks import StreamLocks, StreamTurns
 from domain.mapper import to_domain_event, to_new_event
-from domain.ports import Commit, EventStore, RecordedEvent
+from domain.ports import Commit, EventStore, RecordedEvent, SharedStreamLocks
 
 A = TypeVar("A", bound=Aggregate)
+Appended = asyncio.Future[list[RecordedEvent]]
+
+
+@dataclass(slots=True, eq=False)
+class CachedStream:
+    """What the cache knows of one stream."""
+
+    committed: Aggregate | None
+    """The latest state known durable (None while the stream's first commit is queued)."""
+    committed_event: str
+    """The id of the last event of ``committed`` ("" for none)."""
+    head: Aggregate
+    """``committed``, or the state the last queued commit on the stream will leave."""
+    head_event: str
+    queued: Appended | None = None
+    """The append that leaves ``head``, until it is answered."""
+    stale: bool = False
+    """A commit conflicted: another process may have moved the stream beyond ``committed``."""
 
 
 class AggregateCache:
-    """Least-recently-used committed aggregates, keyed by stream id."""
+    """Least-recently-used streams, each with its committed state and its queued head.
+
+    A stream with a queued commit is never evicted: the commands behind it are decided
+    on its head.
+    """
 
     def __init__(self, capacity: int = 10_000) -> None:
         self._capacity = capacity
-        self._entries: OrderedDict[str, Aggregate] = OrderedDict()
+        self._entries: OrderedDict[str, CachedStream] = OrderedDict()
 
-    def get(self, stream_id: str) -> Aggregate | None:
-        aggregate = self._entries.get(stream_id)
-        if aggregate is not None:
+    def get(self, stream_id: str) -> CachedStream | None:
+        entry = self._entries.get(stream_id)
+        if entry is not None:
             self._entries.move_to_end(stream_id)
-        return aggregate
+        return entry
 
-    def put(self, aggregate: Aggregate) -> None:
-        self._entries[aggregate.stream_id] = aggregate
+    def mark_stale(self, stream_id: str) -> None:
+        """Another process may have written ``stream_id``: read it before deciding on it."""
+        entry = self._entries.get(stream_id)
+        if entry is not None:
+            entry.stale = True
+
+    def refresh(self, aggregate: Aggregate, last_event: str) -> None:
+        """``aggregate`` was read from the store: it is the committed state."""
+        entry = self._entries.get(aggregate.stream_id)
+        if entry is not None and entry.queued is not None:
+            return  # the head is ahead of what was read; the queued commit settles it
+        self._entries[aggregate.stream_id] = CachedStream(
+            aggregate, last_event, aggregate, last_event
+        )
         self._entries.move_to_end(aggregate.stream_id)
-        while len(self._entries) > self._capacity:
-            self._entries.popitem(last=False)
+        self._evict()
 
-    def discard(self, stream_id: str) -> None:
-        self._entries.pop(stream_id, None)
+    def stage(self, aggregate: Aggregate, last_event: str, appended: Appended) -> None:
+        """``aggregate`` is the state ``appended`` leaves: the stream's new head."""
+        entry = self._entries.get(aggregate.stream_id)
+        if entry is None:
+            entry = CachedStream(None, "", aggregate, last_event)
+            self._entries[aggregate.stream_id] = entry
+        entry.head, entry.head_event, entry.queued = aggregate, last_event, appended
+        self._entries.move_to_end(aggregate.stream_id)
+        appended.add_done_callback(functools.partial(self._settle, aggregate, last_event))
+        self._evict()
+
+    def _settle(self, aggregate: Aggregate, last_event: str, appended: Appended) -> None:
+        # Runs before any coroutine awaiting ``appended`` resumes (callbacks run in the
+        # order they were added), so every later decision sees the outcome.
+        entry = self._entries.get(aggregate.stream_id)
+        if entry is None:
+            return
+        error = asyncio.CancelledError() if appended.cancelled() else appended.exception()
+        if error is None:
+            if entry.committed is None or aggregate.version > entry.committed.version:
+                entry.committed, entry.committed_event = aggregate, last_event
+            # The head is this state, an older one, or one at this version that lost.
+            outdated = entry.head.version <= aggregate.version
+        else:
+            entry.stale = entry.stale or isinstance(error, ConcurrencyConflictError)
+            # The head is this commit's state or was built on it: neither will commit.
+            outdated = entry.head.version >= aggregate.version
+        if outdated:
+            if entry.committed is None:
+                del self._entries[aggregate.stream_id]
+                return
+            entry.head, entry.head_event = entry.committed, entry.committed_event
+            entry.queued = None
+        self._evict()
+
+    def _evict(self) -> None:
+        excess = len(self._entries) - self._capacity
+        if excess <= 0:
+            return
+        # From the least recently used on; entries with a queued commit are recent ones.
+        settled: list[str] = []
+        for stream_id, entry in self._entries.items():
+            if entry.queued is None:
+                settled.append(stream_id)
+                if len(settled) == excess:
+                    break
+        for stream_id in settled:
+            del self._entries[stream_id]
 
 
 class UnitOfWork:
     """One command's view of the store, used as ``async with uow:``.
 
-    Loading an aggregate takes its stream lock, held until the block ends. Callers load
-    the order (if any) before the products, and products in one call, so locks are
-    always taken in sorted stream order ("order-…" sorts before "product-…").
+    Loading an aggregate takes its stream lock, held until the commit is queued (or the
+    block ends). Callers load the order (if any) before the products, and products in
+    one call, so locks are always taken in sorted stream order ("order-…" sorts before
+    "product-…").
     """
 
     def __init__(
@@ -61,17 +165,24 @@ class UnitOfWork:
         cache: AggregateCache,
         locks: StreamLocks,
         command: Command,
-        trust_cache: bool = True,
+        turns: StreamTurns | None = None,
+        durable: bool = False,
     ) -> None:
         self._store = store
         self._cache = cache
         self._locks = locks
+        self._turns = turns
         self._command = command
-        self._trust_cache = trust_cache
+        self._durable = durable
         self._held: list[tuple[str, ...]] = []
-        """Stream locks taken by this unit of work, released when its block ends."""
+        """Stream locks taken by this unit of work, released once its commit is queued."""
+        self._joined: list[tuple[str, bool]] = []
+        """Turns at contended streams joined, left once the commit is answered."""
+        self._follows: dict[str, str] = {}
+        """Per stream loaded, the id of the last event of the state it was loaded at."""
         self.used_cache = False
-        """Some aggregate came from the cache without a look at the store."""
+        """Some aggregate came from the cache (committed or queued) without a look at the
+        store."""
 
     async def __aenter__(self) -> Self:
         return self
@@ -82,13 +193,32 @@ class UnitOfWork:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        self._release()
+        self._leave_turns()
+
+    async def _lock(self, stream_ids: Iterable[str]) -> None:
+        held = await self._locks.acquire(stream_ids)
+        self._held.append(held)
+        if self._turns is not None:
+            joined = await self._turns.join(held)
+            self._joined += joined
+            for stream_id, began in joined:
+                if began:
+                    self._cache.mark_stale(stream_id)
+
+    def _release(self) -> None:
         while self._held:
             self._locks.release(self._held.pop())
+
+    def _leave_turns(self, *_: object) -> None:
+        if self._turns is not None and self._joined:
+            joined, self._joined = self._joined, []
+            self._turns.leave(joined)
 
     async def order(self, order_id: str) -> Order:
         """The order, brought up to date; OrderNotFoundError if it was never placed."""
         order = Order(order_id)
-        self._held.append(await self._locks.acquire([order.stream_id]))
+        await self._lock([order.stream_id])
         order = await self._load(order)
         if not order.exists:
             raise OrderNotFoundError(order_id)
@@ -97,23 +227,44 @@ class UnitOfWork:
     async def products(self, product_ids: Iterable[str]) -> dict[str, Product]:
         """Each product, brought up to date (``exists`` is False for an unknown one)."""
         blanks = {pid: Product(pid) for pid in product_ids}
-        self._held.append(await self._locks.acquire(blank.stream_id for blank in blanks.values()))
+        await self._lock(blank.stream_id for blank in blanks.values())
         return {pid: await self._load(blank) for pid, blank in blanks.items()}
 
     async def _load(self, blank: A) -> A:
-        cached = self._cache.get(blank.stream_id)
-        if isinstance(cached, type(blank)) and self._trust_cache:
-            # Optimistic: the append's expected-version check catches a stream that another
-            # process moved on, and ``run_handler`` re-decides a rejection on fresh state.
+        stream_id = blank.stream_id
+        entry = self._cache.get(stream_id)
+        if self._durable or (entry is not None and entry.stale):
+            # Read from the store below, on top of the committed state: under the stream's
+            # lock nothing new is queued on it, so wait for what is, for the state read
+            # to be the head that later commands decide on.
+            while entry is not None and entry.queued is not None:
+                await asyncio.wait([entry.queued])
+                entry = self._cache.get(stream_id)
+        elif entry is not None and isinstance(entry.head, type(blank)):
+            # The head may rest on queued commits: ``follows`` makes the append fail if
+            # they do not commit, and ``UnitsOfWork.run`` re-decides a rejection.
             self.used_cache = True
-            return cached.clone()
-        aggregate: A = cached.clone() if isinstance(cached, type(blank)) else blank
-        records = await self._store.read_stream(aggregate.stream_id, aggregate.version)
+            if entry.head_event:
+                self._follows[stream_id] = entry.head_event
+            return entry.head.clone()
+        committed = entry.committed if entry is not None else None
+        aggregate: A = committed.clone() if isinstance(committed, type(blank)) else blank
+        last_event = entry.committed_event if aggregate is not blank and entry else ""
+        records = await self._store.read_stream(stream_id, aggregate.version)
         aggregate.replay([to_domain_event(record) for record in records])
+        if records:
+            last_event = records[-1].event_id
+        if last_event:
+            self._follows[stream_id] = last_event
+        self._cache.refresh(aggregate.clone(), last_event)
         return aggregate
 
     async def commit(self, aggregates: Sequence[Aggregate]) -> list[RecordedEvent]:
-        """Append every aggregate's pending events, in the given order, atomically."""
+        """Append every aggregate's pending events, in the given order, atomically.
+
+        The stream locks are released as soon as the append is queued; the events are
+        returned once they are durable.
+        """
         command = self._command
         events = [
             to_new_event(event, new_uuid(), aggregate.stream_id, aggregate.committed_version + n)
@@ -128,41 +279,76 @@ class UnitOfWork:
             occurred_at=command.timestamp,
             expected_versions={a.stream_id: a.committed_version for a in aggregates},
             events=events,
+            follows={
+                a.stream_id: self._follows[a.stream_id]
+                for a in aggregates
+                if a.stream_id in self._follows
+            },
         )
-        try:
-            recorded = await self._store.append(commit)
-        except ConcurrencyConflictError:
-            # Another process moved a stream on: our cached copies may be stale.
-            for aggregate in aggregates:
-                self._cache.discard(aggregate.stream_id)
-            raise
+        # A task, so that the append is queued in the store before the next command on
+        # these streams is decided (this one's first step runs before that one resumes).
+        appended = asyncio.ensure_future(self._store.append(commit))
+        last_events = {event.stream_id: event.event_id for event in events}
         for aggregate in aggregates:
             aggregate.mark_committed()
-            self._cache.put(aggregate)
-        return recorded
+            last_event = last_events.get(
+                aggregate.stream_id, self._follows.get(aggregate.stream_id, "")
+            )
+            self._cache.stage(aggregate, last_event, appended)
+        # The turns end only once this commit is durable (or failed), for the next
+        # process at these streams reads them when its turn begins.
+        appended.add_done_callback(functools.partial(UnitOfWork._leave_turns, self))
+        self._release()
+        try:
+            # A caller who stops waiting (a deadline) cancels the append, as before
+            # pipelining: commands decided on it then fail their ``follows``.
+            return await appended
+        except ConcurrencyConflictError:
+            if self._turns is not None:
+                self._turns.contended(commit.expected_versions)
+            raise
 
 
 HandlerFunction = Callable[[Any, UnitOfWork], Awaitable[list[RecordedEvent]]]
 
 
-async def run_handler(
-    handler: HandlerFunction,
-    command: Command,
-    store: EventStore,
-    cache: AggregateCache,
-    locks: StreamLocks,
-) -> list[RecordedEvent]:
-    """Run ``handler`` in a unit of work that trusts the aggregate cache.
+class UnitsOfWork:
+    """Runs command handlers, each in a unit of work on one store, cache and set of locks."""
 
-    A success is safe on cached state: the store refuses the append if a stream moved on
-    (and the retry middleware runs the command again on fresh state). A rejection is not
-    checked by anyone, so one that rests on cached state is decided again on state read
-    from the store: another process may have restocked the product meanwhile.
-    """
-    uow = UnitOfWork(store, cache, locks, command)
-    try:
-        return await handler(command, uow)
-    except BusinessRuleViolation:
-        if not uow.used_cache:
-            raise
-    return await handler(command, UnitOfWork(store, cache, locks, command, trust_cache=False))
+    def __init__(
+        self,
+        store: EventStore,
+        cache_capacity: int = 10_000,
+        shared_locks: SharedStreamLocks | None = None,
+        cache: AggregateCache | None = None,
+    ) -> None:
+        """``shared_locks``: the store's, when several processes may write it at once;
+        ``cache``: one the caller keeps (by default a new one of ``cache_capacity``)."""
+        self._store = store
+        self._cache = cache if cache is not None else AggregateCache(cache_capacity)
+        self._locks = StreamLocks()
+        self._turns = StreamTurns(shared_locks) if shared_locks is not None else None
+
+    def handler(
+        self, function: HandlerFunction
+    ) -> Callable[[Command], Awaitable[list[RecordedEvent]]]:
+        """``function`` as a command bus handler."""
+        return functools.partial(self.run, function)
+
+    async def run(self, function: HandlerFunction, command: Command) -> list[RecordedEvent]:
+        """Run ``function`` in a unit of work that decides on the cache's heads.
+
+        A success is safe on them: the store refuses the append if a stream is not where
+        the command saw it (and the retry middleware runs the command again). A rejection
+        is not checked by anyone, so one that rests on cached or queued state is decided
+        again on durable state: another process may have restocked the product, or a
+        queued commit it counted on may fail.
+        """
+        uow = UnitOfWork(self._store, self._cache, self._locks, command, self._turns)
+        try:
+            return await function(command, uow)
+        except BusinessRuleViolation:
+            if not uow.used_cache:
+                raise
+        durable = UnitOfWork(self._store, self._cache, self._locks, command, self._turns, True)
+        return await function(command, durable)

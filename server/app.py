@@ -23,7 +23,7 @@ from orders.v1 import (
 )
 
 from domain.bus import Middleware
-from domain.ports import EventStore
+from domain.ports import EventStore, SharedStreamLocks
 from domain.unit_of_work import AggregateCache
 from server.bootstrap import bootstrap
 from server.config import Settings
@@ -187,7 +187,13 @@ async def create_server(
         command_store = tracing.instrument_store(command_store)
         middleware.append(tracing.command_middleware())
     runner = CommandRunner(
-        bootstrap(command_store, settings.aggregate_cache, middleware=middleware, cache=cache)
+        bootstrap(
+            command_store,
+            settings.aggregate_cache,
+            middleware=middleware,
+            shared_locks=store if isinstance(store, SharedStreamLocks) else None,
+            cache=cache,
+        )
     )
     order_command_service_pb2_grpc.add_OrderCommandServiceServicer_to_server(
         OrderCommandServicer(runner), server

@@ -8,12 +8,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from domain import handlers
-from domain.bus import CommandBus, Handler, Middleware
+from domain.bus import CommandBus, Middleware
 from domain.commands import CancelOrder, Command, CreateOrder, RestockProduct
-from domain.locks import StreamLocks
 from domain.middleware import IdempotencyMiddleware, LoggingMiddleware, RetryOnConflictMiddleware
-from domain.ports import EventStore, RecordedEvent
-from domain.unit_of_work import AggregateCache, HandlerFunction, run_handler
+from domain.ports import EventStore, SharedStreamLocks
+from domain.unit_of_work import AggregateCache, HandlerFunction, UnitsOfWork
 
 HANDLERS: dict[type[Command], HandlerFunction] = {
     CreateOrder: handlers.create_order,
@@ -26,14 +25,15 @@ def bootstrap(
     store: EventStore,
     cache_capacity: int = 10_000,
     middleware: Sequence[Middleware] = (),
+    shared_locks: SharedStreamLocks | None = None,
     cache: AggregateCache | None = None,
 ) -> CommandBus:
     """``middleware`` (metrics, tracing) runs outermost, so it sees each command's whole
-    dispatch: idempotent replays and conflict retries included. ``cache``: one made by the
-    caller, who keeps it to forget aggregates that another process changed (``--workers``);
-    by default a new one of ``cache_capacity``."""
-    cache = cache if cache is not None else AggregateCache(cache_capacity)
-    locks = StreamLocks()
+    dispatch: idempotent replays and conflict retries included. ``shared_locks``: the
+    store's, when several processes write it (replicas take turns at contended streams).
+    ``cache``: one the caller keeps, to mark streams another process changed
+    (``--workers``); by default a new one of ``cache_capacity``."""
+    units = UnitsOfWork(store, cache_capacity, shared_locks, cache)
     bus = CommandBus(
         middleware=[
             *middleware,
@@ -43,17 +43,5 @@ def bootstrap(
         ]
     )
     for command_type, handler in HANDLERS.items():
-        bus.register(command_type, _with_unit_of_work(handler, store, cache, locks))
+        bus.register(command_type, units.handler(handler))
     return bus
-
-
-def _with_unit_of_work(
-    handler: HandlerFunction,
-    store: EventStore,
-    cache: AggregateCache,
-    locks: StreamLocks,
-) -> Handler:
-    async def handle(command: Command) -> list[RecordedEvent]:
-        return await run_handler(handler, command, store, cache, locks)
-
-    return handle

@@ -19,6 +19,9 @@ cleanup() {
 trap cleanup EXIT
 
 cd "$root"
+# Created before the gateway starts: the background job opens it a moment later, and the
+# port search below must not find it missing.
+: >"$work/gateway.log"
 "$python" -m server.cli serve --listen 127.0.0.1:0 --store memory:// 2>"$work/gateway.log" &
 gateway=$!
 port=""

@@ -28,6 +28,10 @@ class MemoryEventStore:
             for stream_id, expected in commit.expected_versions.items():
                 if len(self._streams.get(stream_id, ())) != expected:
                     raise ConcurrencyConflictError(f"{stream_id} is not at version {expected}")
+            for stream_id, event_id in commit.follows.items():
+                stream = self._streams.get(stream_id)
+                if not stream or stream[-1].event_id != event_id:
+                    raise ConcurrencyConflictError(f"{stream_id} has moved on from {event_id}")
             recorded = recorded_events(commit, first_position=len(self._events) + 1)
             for event in recorded:
                 self._events.append(event)

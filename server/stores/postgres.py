@@ -48,7 +48,12 @@ from server.stores.postgres_arrays import (
 )
 from server.stores.postgres_errors import append_error, is_full, is_unavailable, store_error
 from server.stores.postgres_notify import NotificationListener
-from server.stores.postgres_schema import HEAD_POSITION, apply_migrations
+from server.stores.postgres_schema import (
+    HEAD_POSITION,
+    STREAM_LOCK_SPACE,
+    TURNS_CHANNEL,
+    apply_migrations,
+)
 from server.stores.urls import StoreURLError, redacted_message, redacted_url
 
 log = logging.getLogger("order_gateway.store.postgres")
@@ -97,11 +102,19 @@ _FIND_COMMAND = (
     " WHERE c.command_id = %s ORDER BY e.position"
 )
 _APPEND = (
-    "SELECT outcome, first_position, detail FROM og_append("
+    "SELECT outcome, first_position, detail FROM og_append_chain("
     "%b::text[], %b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::integer[],"
-    " %b::integer[], %b::text[], %b::bigint[],"
+    " %b::integer[], %b::text[], %b::bigint[], %b::text[],"
     " %b::integer[], %b::text[], %b::text[], %b::bigint[], %b::text[], %b::bytea[])"
 )
+
+
+_LOCK_STREAM = "SELECT og_lock_stream(%s)"
+_ANNOUNCE_TURNS = "SELECT pg_notify(%s, %s)"
+_UNLOCK_STREAM = f"SELECT pg_advisory_unlock({STREAM_LOCK_SPACE}, hashtext(%s))"
+"""A stream's advisory lock is (namespace, hash of the stream id), a key space apart from
+the single-key locks of ``postgres_schema``. Two streams may share a hash: they then take
+turns needlessly, never wrongly."""
 
 
 @dataclass(slots=True)
@@ -121,7 +134,9 @@ class PostgresEventStore:
     def __init__(
         self,
         pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]],
-        listener_factory: Callable[[Callable[[int | None], None]], NotificationListener],
+        listener_factory: Callable[
+            [Callable[[int | None], None], Callable[[str], None]], NotificationListener
+        ],
         max_batch: int,
         known_head: int,
         max_in_flight: int = 2,
@@ -137,10 +152,13 @@ class PostgresEventStore:
         self._busy_commands: set[str] = set()
         """Streams and command ids of the batches in flight: a commit naming one waits."""
         self._listeners: list[Callable[[], None]] = []
-        self._notifications = listener_factory(self._on_notification)
+        self._contention_listeners: list[Callable[[str], None]] = []
+        self._notifications = listener_factory(self._on_notification, self._on_turns)
         self._known_head = known_head
         """The highest position this process knows committed: notifications at or below it
         wake nobody (this process's own appends come back through NOTIFY too)."""
+        self._stream_locks: dict[str, psycopg.AsyncConnection[TupleRow]] = {}
+        """Streams this process holds the advisory lock of, each on its own connection."""
         self._closing = False
         self._closed = asyncio.Event()
 
@@ -206,8 +224,10 @@ class PostgresEventStore:
         if "application_name" in listen_kwargs:
             listen_kwargs["application_name"] = LISTENER_APPLICATION_NAME
 
-        def listener(on_wake: Callable[[int | None], None]) -> NotificationListener:
-            return NotificationListener(url, listen_kwargs, on_wake)
+        def listener(
+            on_wake: Callable[[int | None], None], on_turns: Callable[[str], None]
+        ) -> NotificationListener:
+            return NotificationListener(url, listen_kwargs, on_wake, on_turns)
 
         return cls(
             pool,
@@ -294,6 +314,59 @@ class PostgresEventStore:
                 pending.future.set_exception(ConcurrencyConflictError(detail))
         if head:
             self._advance(head)
+
+    # -- stream locks shared by replicas (``domain.ports.SharedStreamLocks``) --------
+
+    async def lock_stream(self, stream_id: str) -> bool:
+        """A session-level advisory lock on the stream, on a connection kept until
+        ``unlock_stream``: a replica holds a contended stream across several commands
+        (``domain.locks.StreamTurns``), longer than any one transaction."""
+        with _translated("lock_stream"):
+            connection = await self._pool.getconn()
+            try:
+                cursor = await connection.execute(_LOCK_STREAM, (stream_id,), prepare=True)
+                row = await cursor.fetchone()
+                waited = bool(row and row[0])
+            except BaseException:
+                # Cancelled or failed mid-way, the lock may be held or not: closing the
+                # session releases it either way.
+                await connection.close()
+                await self._pool.putconn(connection)
+                raise
+        self._stream_locks[stream_id] = connection
+        return waited
+
+    def add_contention_listener(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(stream_id)`` when another replica begins to take turns at a
+        stream (through LISTEN, whose connection opens now)."""
+        self._contention_listeners.append(listener)
+        if not self._closing:
+            self._notifications.start()
+
+    async def announce_contention(self, stream_id: str) -> None:
+        """Tell the other replicas this one takes turns at ``stream_id`` now: a replica
+        that keeps winning the race never loses one to learn it."""
+        with _translated("announce_contention"):
+            async with self._pool.connection() as conn:
+                await conn.execute(_ANNOUNCE_TURNS, (TURNS_CHANNEL, stream_id), prepare=True)
+
+    def _on_turns(self, stream_id: str) -> None:
+        for listener in list(self._contention_listeners):
+            try:
+                listener(stream_id)
+            except Exception:
+                log.exception("contention listener failed")
+
+    async def unlock_stream(self, stream_id: str) -> None:
+        connection = self._stream_locks.pop(stream_id)
+        with _translated("unlock_stream"):
+            try:
+                await connection.execute(_UNLOCK_STREAM, (stream_id,), prepare=True)
+            except BaseException:
+                await connection.close()
+                raise
+            finally:
+                await self._pool.putconn(connection)
 
     # -- reads ----------------------------------------------------------------------
 
@@ -396,6 +469,8 @@ class PostgresEventStore:
                 await asyncio.wait(set(self._writers))
             for connection in self._idle_connections:
                 await connection.release()
+            for stream_id in list(self._stream_locks):
+                await self.unlock_stream(stream_id)
             await self._notifications.stop()
             await self._pool.close()
         finally:
@@ -439,31 +514,37 @@ class _WriterConnection:
 def _take_batch(
     pending: list[_Pending], limit: int, busy_streams: set[str], busy_commands: set[str]
 ) -> tuple[list[_Pending], set[str], set[str]]:
-    """Remove and return the longest prefix of ``pending`` whose commits are independent,
-    with the streams and command ids it names.
+    """Remove and return up to ``limit`` commits of ``pending`` to send now, in order, with
+    the streams and command ids they name.
 
-    ``og_append`` checks every commit of a batch against the state before the batch, so
-    no two may share a stream or a command_id; the next batch takes the first that does.
-    Nor may one share them with a batch in flight (``busy_…``): it must see that batch's
-    outcome, as it would have if that batch had already committed.
+    ``og_append_chain`` judges the commits of one call one after another, so they may share
+    streams and command ids. A commit that shares one with a batch in flight (``busy_…``)
+    waits, and so does every later commit that shares one with a commit left waiting:
+    sent now, it could reach the database's append lock before that batch, and not see
+    its outcome. Commits independent of everything left waiting go now.
     """
     batch: list[_Pending] = []
+    waiting: list[_Pending] = []
     streams: set[str] = set()
     command_ids: set[str] = set()
-    for item in pending[:limit]:
+    blocked_streams = set(busy_streams)
+    blocked_commands = set(busy_commands)
+    for item in pending:
         commit = item.commit
         touched = {*commit.expected_versions, *(e.stream_id for e in commit.events)}
         if (
-            commit.command_id in command_ids
-            or commit.command_id in busy_commands
-            or not streams.isdisjoint(touched)
-            or not busy_streams.isdisjoint(touched)
+            len(batch) >= limit
+            or commit.command_id in blocked_commands
+            or not blocked_streams.isdisjoint(touched)
         ):
-            break
+            waiting.append(item)
+            blocked_streams |= touched
+            blocked_commands.add(commit.command_id)
+            continue
         batch.append(item)
         streams |= touched
         command_ids.add(commit.command_id)
-    del pending[: len(batch)]
+    pending[:] = waiting
     return batch, streams, command_ids
 
 
@@ -474,7 +555,7 @@ def _append_params(batch: Sequence[_Pending]) -> tuple[list[Any], ...]:
     """
     commits = [p.commit for p in batch]
     expected = [
-        (i, stream, version)
+        (i, stream, version, c.follows.get(stream, ""))
         for i, c in enumerate(commits, start=1)
         for stream, version in c.expected_versions.items()
     ]
@@ -486,9 +567,10 @@ def _append_params(batch: Sequence[_Pending]) -> tuple[list[Any], ...]:
         TextArray([c.user_id for c in commits]),
         TimestamptzArray([c.occurred_at.astimezone(dt.UTC) for c in commits]),
         IntArray([len(c.events) for c in commits]),
-        IntArray([i for i, _, _ in expected]),
-        TextArray([stream for _, stream, _ in expected]),
-        BigintArray([version for _, _, version in expected]),
+        IntArray([i for i, _, _, _ in expected]),
+        TextArray([stream for _, stream, _, _ in expected]),
+        BigintArray([version for _, _, version, _ in expected]),
+        TextArray([event_id for _, _, _, event_id in expected]),
         IntArray([i for i, _ in events]),
         TextArray([e.event_id for _, e in events]),
         TextArray([e.stream_id for _, e in events]),

@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from server.stores.postgres_schema import HEAD_POSITION, NOTIFY_CHANNEL
+from server.stores.postgres_schema import HEAD_POSITION, NOTIFY_CHANNEL, TURNS_CHANNEL
 
 log = logging.getLogger("order_gateway.store.postgres")
 
@@ -32,6 +32,9 @@ MAX_RECONNECT_DELAY = 5.0
 class NotificationListener:
     """A task holding one dedicated connection that LISTENs, reconnecting on failure.
 
+    ``on_turns(stream_id)`` runs for every notification that a replica takes turns at a
+    stream (``TURNS_CHANNEL``).
+
     ``on_wake(head)`` runs on the event loop for every notification (``head`` is the
     notified position, or None when unknown) and after each (re)connection with the head
     position then, because appends may have committed while nobody was listening.
@@ -42,10 +45,12 @@ class NotificationListener:
         conninfo: str,
         connect_kwargs: Mapping[str, Any],
         on_wake: Callable[[int | None], None],
+        on_turns: Callable[[str], None] = lambda stream_id: None,
     ) -> None:
         self._conninfo = conninfo
         self._connect_kwargs = connect_kwargs
         self._on_wake = on_wake
+        self._on_turns = on_turns
         self._task: asyncio.Task[None] | None = None
         self._listening = False
 
@@ -84,14 +89,18 @@ class NotificationListener:
             self._conninfo, autocommit=True, **self._connect_kwargs
         )
         async with conn:
-            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
+            for channel in (NOTIFY_CHANNEL, TURNS_CHANNEL):
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
             self._listening = True
             cursor = await conn.execute(HEAD_POSITION)
             row = await cursor.fetchone()
             self._on_wake(int(row[0]) if row else None)
             while True:
                 async for notify in conn.notifies(timeout=HEALTH_CHECK_INTERVAL):
-                    self._on_wake(_head_of(notify.payload))
+                    if notify.channel == TURNS_CHANNEL:
+                        self._on_turns(notify.payload)
+                    else:
+                        self._on_wake(_head_of(notify.payload))
                 await asyncio.wait_for(conn.execute("SELECT 1"), HEALTH_CHECK_INTERVAL)
 
 

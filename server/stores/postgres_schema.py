@@ -27,6 +27,12 @@ MIGRATION_LOCK = 0x6F67_6D69_6772_6174
 """``pg_advisory_lock`` key held while migrating ("ogmigrat"), one per database."""
 APPEND_LOCK = 0x6F67_6170_7065_6E64
 """``pg_advisory_xact_lock`` key that serialises appends ("ogappend"); see ``og_append``."""
+STREAM_LOCK_SPACE = 0x6F67_7374
+"""First key of the two-key ``pg_advisory_lock`` a replica takes on a contended stream
+("ogst"); the second is the stream id's hash."""
+TURNS_CHANNEL = "order_gateway_turns"
+"""A replica that begins to take turns at a stream notifies this channel with the stream's
+id, so that the others take turns at it too (``domain.locks.StreamTurns``)."""
 NOTIFY_CHANNEL = "order_gateway_events"
 """Every append transaction notifies this channel with the new head position."""
 HEAD_POSITION = "SELECT coalesce(max(position), 0) FROM events"
@@ -303,9 +309,175 @@ END
 $$;
 """
 
+_V3_CHAINED = f"""
+-- og_append as in version 2 (same lock, same positions, same results), except that:
+-- * a commit may follow an earlier commit of the same call on a stream: the commits are
+--   judged one after another, each against the state the ones before it left (a rejected
+--   one leaves nothing), so a process can send a hot stream's pipelined commits in one
+--   call instead of one call (and one WAL flush) per commit;
+-- * each expected stream may also name the id of its last event (p_expected_events, ''
+--   for none): a commit decided on a state that never committed conflicts even when
+--   another writer filled its version.
+-- The judging is a loop over the commits, on arrays read once: the version and last event
+-- of every stream named (one index lookup each) and whether each command id is recorded.
+-- og_append stays for replicas of the previous release.
+CREATE FUNCTION og_append_chain(
+    p_command_ids text[],
+    p_fingerprints text[],
+    p_correlation_ids text[],
+    p_user_ids text[],
+    p_occurred_at timestamptz[],
+    p_event_counts integer[],
+    p_expected_commits integer[],
+    p_expected_streams text[],
+    p_expected_versions bigint[],
+    p_expected_events text[],
+    p_event_commits integer[],
+    p_event_ids text[],
+    p_stream_ids text[],
+    p_stream_versions bigint[],
+    p_event_types text[],
+    p_data bytea[]
+) RETURNS TABLE (outcome text, first_position bigint, detail text)
+LANGUAGE plpgsql
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+AS $$
+DECLARE
+    head bigint;
+    appended bigint;
+    commit_count integer := coalesce(array_length(p_command_ids, 1), 0);
+    expected_count integer := coalesce(array_length(p_expected_commits, 1), 0);
+    event_count integer := coalesce(array_length(p_event_commits, 1), 0);
+    outcomes text[] := '{{}}';
+    details text[] := '{{}}';
+    firsts bigint[];
+    recorded boolean[];
+    streams text[];
+    versions bigint[];
+    lasts text[];
+    taken text[] := '{{}}';
+    x integer := 1;
+    e integer := 1;
+    k integer;
+    why text;
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'og_append_chain needs READ COMMITTED, not %',
+            current_setting('transaction_isolation') USING ERRCODE = 'invalid_transaction_state';
+    END IF;
+    PERFORM pg_advisory_xact_lock({APPEND_LOCK});
+    head := coalesce((SELECT e.position FROM events e ORDER BY e.position DESC LIMIT 1), 0);
+
+    SELECT array_agg(s.stream_id), array_agg(coalesce(l.stream_version, 0)),
+           array_agg(l.event_id)
+    INTO streams, versions, lasts
+    FROM (SELECT DISTINCT n.stream_id FROM unnest(p_expected_streams || p_stream_ids)
+          AS n(stream_id)) s
+    LEFT JOIN LATERAL (
+        SELECT ev.stream_version, ev.event_id FROM events ev WHERE ev.stream_id = s.stream_id
+        ORDER BY ev.stream_version DESC LIMIT 1) l ON true;
+
+    SELECT array_agg((SELECT k.command_id FROM commands k WHERE k.command_id = c.command_id)
+                     IS NOT NULL ORDER BY c.i)
+    INTO recorded
+    FROM unnest(p_command_ids) WITH ORDINALITY AS c(command_id, i);
+
+    FOR i IN 1 .. commit_count LOOP
+        why := NULL;
+        WHILE x <= expected_count AND p_expected_commits[x] = i LOOP
+            k := array_position(streams, p_expected_streams[x]);
+            IF why IS NOT NULL THEN
+                NULL;
+            ELSIF versions[k] <> p_expected_versions[x] THEN
+                why := format('%s is at version %s, not %s',
+                              p_expected_streams[x], versions[k], p_expected_versions[x]);
+            ELSIF p_expected_events[x] <> ''
+                  AND lasts[k] IS DISTINCT FROM p_expected_events[x] THEN
+                why := format('%s has moved on from event %s',
+                              p_expected_streams[x], p_expected_events[x]);
+            END IF;
+            x := x + 1;
+        END LOOP;
+        IF recorded[i] OR p_command_ids[i] = ANY(taken) THEN
+            outcomes := outcomes || 'duplicate'::text;
+            details := details || NULL::text;
+        ELSIF why IS NOT NULL THEN
+            outcomes := outcomes || 'conflict'::text;
+            details := details || why;
+        ELSE
+            outcomes := outcomes || 'appended'::text;
+            details := details || NULL::text;
+            taken := taken || p_command_ids[i];
+        END IF;
+        WHILE e <= event_count AND p_event_commits[e] = i LOOP
+            IF outcomes[i] = 'appended' THEN
+                k := array_position(streams, p_stream_ids[e]);
+                versions[k] := p_stream_versions[e];
+                lasts[k] := p_event_ids[e];
+            END IF;
+            e := e + 1;
+        END LOOP;
+    END LOOP;
+
+    SELECT array_agg(CASE WHEN r.outcome = 'appended' THEN head + 1 + r.before END ORDER BY r.i)
+    INTO firsts
+    FROM (
+        SELECT c.outcome, c.i, coalesce(sum(c.event_count) FILTER (WHERE c.outcome = 'appended')
+            OVER (ORDER BY c.i ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
+        FROM unnest(outcomes, p_event_counts) WITH ORDINALITY AS c(outcome, event_count, i)
+    ) r;
+
+    INSERT INTO events (
+        position, event_id, stream_id, stream_version, event_type, data,
+        command_id, correlation_id, user_id, occurred_at)
+    SELECT head + row_number() OVER (ORDER BY x.n), x.event_id, x.stream_id, x.stream_version,
+           x.event_type, x.data, c.command_id, c.correlation_id, c.user_id, c.occurred_at
+    FROM unnest(p_event_commits, p_event_ids, p_stream_ids, p_stream_versions, p_event_types,
+                p_data) WITH ORDINALITY
+        AS x(commit_index, event_id, stream_id, stream_version, event_type, data, n)
+    JOIN unnest(p_command_ids, p_correlation_ids, p_user_ids, p_occurred_at, outcomes)
+        WITH ORDINALITY AS c(command_id, correlation_id, user_id, occurred_at, outcome, i)
+        ON c.i = x.commit_index
+    WHERE c.outcome = 'appended';
+    GET DIAGNOSTICS appended = ROW_COUNT;
+
+    INSERT INTO commands (command_id, fingerprint, first_position, event_count)
+    SELECT c.command_id, c.fingerprint, c.first_position, c.event_count
+    FROM unnest(p_command_ids, p_fingerprints, firsts, p_event_counts)
+        AS c(command_id, fingerprint, first_position, event_count)
+    WHERE c.first_position IS NOT NULL;
+
+    IF appended > 0 THEN
+        PERFORM pg_notify('{NOTIFY_CHANNEL}', (head + appended)::text);
+    END IF;
+    RETURN QUERY SELECT * FROM unnest(outcomes, firsts, details);
+END
+$$;
+
+-- Takes a replica's session lock on a stream it contends for with other replicas (the
+-- namespace, then the stream id's hash), waiting behind whoever holds it; returns whether
+-- it had to wait. One round trip either way.
+CREATE FUNCTION og_lock_stream(p_stream_id text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF pg_try_advisory_lock({STREAM_LOCK_SPACE}, hashtext(p_stream_id)) THEN
+        RETURN false;
+    END IF;
+    PERFORM pg_advisory_lock({STREAM_LOCK_SPACE}, hashtext(p_stream_id));
+    RETURN true;
+END
+$$;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "events, commands and og_append()", _V1_EVENTS),
     Migration(2, "og_append() reads only by index lookups", _V2_LOOKUPS_STAY_LOOKUPS),
+    Migration(
+        3,
+        "og_append_chain(): commits that follow one another, in one call; og_lock_stream()",
+        _V3_CHAINED,
+    ),
 )
 
 

@@ -46,7 +46,7 @@ from domain.errors import (
 from domain.ports import CommandRecord, Commit, RecordedEvent, recorded_events
 from server.stores.event_rows import EventRow
 from server.stores.sqlite_calls import Call, CallQueue, Listener, answer
-from server.stores.sqlite_decide import decide, stream_ids
+from server.stores.sqlite_decide import conflict, decide, stream_ids
 from server.stores.sqlite_schema import SchemaTooNewError, migrate
 
 log = logging.getLogger("order_gateway.store.sqlite")
@@ -97,6 +97,10 @@ MAX_LOOKUP: Final = 256
 _STREAM_VERSION = "coalesce((SELECT max(stream_version) FROM events WHERE stream_id = ?), 0)"
 """Answered from the end of the (stream_id, stream_version) index, O(log n); ``WHERE
 stream_id IN (…) GROUP BY`` would instead walk every entry of each stream, O(length)."""
+_STREAM_LAST_EVENT = (
+    "(SELECT event_id FROM events WHERE stream_id = ? ORDER BY stream_version DESC LIMIT 1)"
+)
+"""The id of a stream's last event (NULL: none), from the same end of the same index."""
 
 
 def _lookups(values: list[str], most: int) -> list[tuple[list[str], list[str]]]:
@@ -119,15 +123,18 @@ def _lookups(values: list[str], most: int) -> list[tuple[list[str], list[str]]]:
 
 
 @functools.lru_cache(maxsize=256)
-def stream_versions_sql(count: int) -> str:
-    """The versions of ``count`` streams in one row, one scalar subquery per stream."""
-    return "SELECT " + ", ".join([_STREAM_VERSION] * count)
+def stream_heads_sql(count: int) -> str:
+    """The versions of ``count`` streams, then their last events' ids, in one row (each
+    stream's id bound twice)."""
+    return "SELECT " + ", ".join([_STREAM_VERSION] * count + [_STREAM_LAST_EVENT] * count)
 
 
 @functools.lru_cache(maxsize=16)
-def head_and_versions_sql(count: int) -> str:
-    """The head position, then the versions of ``count`` streams, in one row."""
-    return "SELECT " + ", ".join([f"({HEAD})", *[_STREAM_VERSION] * count])
+def head_and_stream_heads_sql(count: int) -> str:
+    """The head position, then ``stream_heads_sql(count)``'s columns, in one row."""
+    return "SELECT " + ", ".join(
+        [f"({HEAD})", *[_STREAM_VERSION] * count, *[_STREAM_LAST_EVENT] * count]
+    )
 
 
 def _event(row: tuple[Any, ...]) -> RecordedEvent:
@@ -239,7 +246,8 @@ class SQLiteEventStore:
         # SQLite's bound-parameter limit is a build option (999 before 3.32, 32766 after,
         # some distributions raise it): ask this library rather than assume.
         bindable = writer.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-        self._lookup_size = min(MAX_LOOKUP, 1 << (bindable.bit_length() - 1))
+        # Each stream's id is bound twice (its version and its last event).
+        self._lookup_size = min(MAX_LOOKUP, 1 << ((bindable // 2).bit_length() - 1))
         self._threads = [
             threading.Thread(target=self._write_forever, name="sqlite-writer", daemon=True),
             *(
@@ -338,8 +346,8 @@ class SQLiteEventStore:
             return True
         outcomes: list[list[RecordedEvent] | DomainError] = []
         try:
-            head, versions = self._head_and_versions(commits)
-            decisions = decide(commits, versions)
+            head, versions, last_events = self._head_and_stream_heads(commits)
+            decisions = decide(commits, versions, last_events)
             if decisions is None:
                 self._rollback()
                 return False
@@ -372,21 +380,27 @@ class SQLiteEventStore:
             append.outcome = outcome
         return True
 
-    def _head_and_versions(self, commits: list[Commit]) -> tuple[int, dict[str, int]]:
-        """The head position, and the version of every stream ``commits`` expect (0: none).
+    def _head_and_stream_heads(
+        self, commits: list[Commit]
+    ) -> tuple[int, dict[str, int], dict[str, str | None]]:
+        """The head position, and the version (0: none) and last event id (None: none) of
+        every stream ``commits`` name.
 
-        Read under the write lock: no other connection can append until COMMIT, so both
-        stay true for the whole batch.
+        Read under the write lock: no other connection can append until COMMIT, so all
+        of it stays true for the whole batch.
         """
         head = 0
         versions: dict[str, int] = {}
+        last_events: dict[str, str | None] = {}
         for streams, parameters in _lookups(stream_ids(commits), self._lookup_size):
-            sql = head_and_versions_sql(len(parameters))
+            sql = head_and_stream_heads_sql(len(parameters))
             # fetchall, not fetchone: it runs the statement to its end, so that it does
             # not stay open (holding its read snapshot) on a cursor that outlives it.
-            ((head, *found),) = self._cursor.execute(sql, parameters).fetchall()
+            ((head, *found),) = self._cursor.execute(sql, parameters + parameters).fetchall()
+            size = len(parameters)
             versions.update(zip(streams, found[: len(streams)], strict=True))
-        return head, versions
+            last_events.update(zip(streams, found[size : size + len(streams)], strict=True))
+        return head, versions, last_events
 
     def _fail(self, batch: list[Append], error: sqlite3.Error) -> None:
         """BEGIN, the head read or COMMIT failed: nothing in the batch is durable."""
@@ -432,18 +446,14 @@ class SQLiteEventStore:
             if e.sqlite_errorname != "SQLITE_CONSTRAINT_PRIMARYKEY":
                 raise
             return DuplicateCommandError(commit.command_id)
-        expected_versions = commit.expected_versions
-        if expected_versions:
-            versions = connection.execute(
-                stream_versions_sql(len(expected_versions)), tuple(expected_versions)
-            ).fetchone()
-            for (stream_id, expected), version in zip(
-                expected_versions.items(), versions, strict=True
-            ):
-                if version != expected:
-                    return ConcurrencyConflictError(
-                        f"{stream_id} is at version {version}, not {expected}"
-                    )
+        named = stream_ids([commit])
+        if named:
+            found = connection.execute(stream_heads_sql(len(named)), named + named).fetchone()
+            versions = dict(zip(named, found[: len(named)], strict=True))
+            last_events = dict(zip(named, found[len(named) :], strict=True))
+            stale = conflict(commit, versions, last_events)
+            if stale is not None:
+                return stale
         recorded, rows = _record(commit, head)
         try:
             connection.executemany(INSERT_EVENT, rows)

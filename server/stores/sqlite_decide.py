@@ -25,23 +25,28 @@ from domain.ports import Commit
 
 
 def stream_ids(commits: Iterable[Commit]) -> list[str]:
-    """Every stream ``commits`` expect a version of, each once: what to look up.
+    """Every stream ``commits`` expect a version of or follow, each once: what to look up.
 
     Streams a commit appends to without naming them are not looked up; ``decide``
     declines such a batch (the unit of work names every stream it appends to).
     """
-    streams: dict[str, int] = {}
+    streams: dict[str, object] = {}
     for commit in commits:
         streams.update(commit.expected_versions)  # only the keys matter
+        streams.update(commit.follows)
     return list(streams)
 
 
 def decide(
-    commits: Sequence[Commit], versions: Mapping[str, int]
+    commits: Sequence[Commit],
+    versions: Mapping[str, int],
+    last_events: Mapping[str, str | None] | None = None,
 ) -> list[DomainError | None] | None:
     """For each commit in order, the error that rejects it or None if it commits.
 
-    ``versions``: the current version of each of ``stream_ids(commits)`` (0: no events).
+    ``versions``: the current version of each of ``stream_ids(commits)`` (0: no events);
+    ``last_events``: the id of each one's last event (None: no events), for ``follows``.
+    A commit following a commit of the same batch sees that commit's events.
     A command id is a duplicate here if an earlier commit of the batch took it; ids
     stored before the batch are left to the commands table's primary key. A rejected
     commit changes nothing, so a later commit with the same command id, or one expecting
@@ -51,14 +56,15 @@ def decide(
     """
     taken: set[str] = set()
     current = dict(versions)
+    lasts = dict(last_events or {})
     decisions: list[DomainError | None] = []
     for commit in commits:
         if commit.command_id in taken:
             decisions.append(DuplicateCommandError(commit.command_id))
             continue
-        conflict = _conflict(commit, current)
-        if conflict is not None:
-            decisions.append(conflict)
+        stale = conflict(commit, current, lasts)
+        if stale is not None:
+            decisions.append(stale)
             continue
         for event in commit.events:
             version = current.get(event.stream_id)
@@ -67,14 +73,22 @@ def decide(
             # Updated event by event, so that two events of one commit claiming the same
             # version also end up here (the unique key rejects that commit).
             current[event.stream_id] = event.stream_version
+            lasts[event.stream_id] = event.event_id
         taken.add(commit.command_id)
         decisions.append(None)
     return decisions
 
 
-def _conflict(commit: Commit, current: Mapping[str, int]) -> ConcurrencyConflictError | None:
+def conflict(
+    commit: Commit, current: Mapping[str, int], lasts: Mapping[str, str | None]
+) -> ConcurrencyConflictError | None:
+    """Why ``commit`` cannot follow streams at ``current`` versions and ``lasts`` last
+    events (both for every stream in ``stream_ids([commit])``), or None."""
     for stream_id, expected in commit.expected_versions.items():
         version = current[stream_id]
         if version != expected:
             return ConcurrencyConflictError(f"{stream_id} is at version {version}, not {expected}")
+    for stream_id, event_id in commit.follows.items():
+        if lasts.get(stream_id) != event_id:
+            return ConcurrencyConflictError(f"{stream_id} has moved on from event {event_id}")
     return None

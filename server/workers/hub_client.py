@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from domain.errors import StoreError, StoreUnavailableError
-from domain.ports import CommandRecord, Commit, EventStore, RecordedEvent
+from domain.ports import CommandRecord, Commit, EventStore, RecordedEvent, SharedStreamLocks
 from server.stores.event_rows import EventRow, EventRowReader, StreamRowReader
 from server.workers.hub_protocol import (
     NOTICE,
@@ -41,6 +41,10 @@ GONE: Final = "the gateway's supervisor process is gone"
 
 class RowStore(EventStore, EventRowReader, StreamRowReader, Protocol):
     """A store that also reads rows (SQLite's and PostgreSQL's)."""
+
+
+class LockingRowStore(RowStore, SharedStreamLocks, Protocol):
+    """A ``RowStore`` with shared stream locks (PostgreSQL's)."""
 
 
 class _HubConnection(asyncio.Protocol):
@@ -198,3 +202,24 @@ class WorkerStore:
         self._closing = True
         await self._hub.close()
         await self._inner.close()
+
+
+class LockingWorkerStore(WorkerStore):
+    """A ``WorkerStore`` on a store with shared stream locks (PostgreSQL): workers take
+    turns at contended streams like replicas (``domain.ports.SharedStreamLocks``)."""
+
+    def __init__(self, inner: LockingRowStore, hub: HubClient, shared_writer: bool) -> None:
+        super().__init__(inner, hub, shared_writer)
+        self._locks = inner
+
+    async def lock_stream(self, stream_id: str) -> bool:
+        return await self._locks.lock_stream(stream_id)
+
+    async def unlock_stream(self, stream_id: str) -> None:
+        await self._locks.unlock_stream(stream_id)
+
+    async def announce_contention(self, stream_id: str) -> None:
+        await self._locks.announce_contention(stream_id)
+
+    def add_contention_listener(self, listener: Callable[[str], None]) -> None:
+        self._locks.add_contention_listener(listener)

@@ -33,7 +33,7 @@ from domain.errors import (
     StoreFullError,
     StoreUnavailableError,
 )
-from domain.ports import Commit, NewEvent, RecordedEvent
+from domain.ports import Commit, NewEvent, RecordedEvent, recorded_events
 
 WAKE: Final = 0
 """Supervisor to worker: new events may be readable; whether others committed."""
@@ -70,7 +70,14 @@ class FrameBuffer:
 
 
 EncodedCommit = tuple[
-    str, str, str, str, dt.datetime, dict[str, int], list[tuple[str, str, int, str, bytes]]
+    str,
+    str,
+    str,
+    str,
+    dt.datetime,
+    dict[str, int],
+    list[tuple[str, str, int, str, bytes]],
+    dict[str, str],
 ]
 
 
@@ -83,11 +90,14 @@ def encode_commit(commit: Commit) -> EncodedCommit:
         commit.occurred_at,
         dict(commit.expected_versions),
         [(e.event_id, e.stream_id, e.stream_version, e.event_type, e.data) for e in commit.events],
+        dict(commit.follows),
     )
 
 
 def decode_commit(encoded: EncodedCommit) -> Commit:
-    command_id, fingerprint, correlation_id, user_id, occurred_at, expected, events = encoded
+    command_id, fingerprint, correlation_id, user_id, occurred_at, expected, events, follows = (
+        encoded
+    )
     return Commit(
         command_id,
         fingerprint,
@@ -96,6 +106,7 @@ def decode_commit(encoded: EncodedCommit) -> Commit:
         occurred_at,
         expected,
         [NewEvent(*event) for event in events],
+        follows,
     )
 
 
@@ -119,24 +130,8 @@ def decode_outcome(commit: Commit, outcome: Outcome) -> list[RecordedEvent]:
     """The events ``commit`` recorded, or the append's error raised."""
     kind, value = outcome
     if kind == "ok":
-        # A commit's events take consecutive positions, in the commit's order, as the
-        # store recorded them (``SQLiteEventStore``).
-        occurred_at = commit.occurred_at.astimezone(dt.UTC)
-        return [
-            RecordedEvent(
-                event.event_id,
-                event.stream_id,
-                event.stream_version,
-                value + n,
-                occurred_at,
-                commit.command_id,
-                commit.correlation_id,
-                commit.user_id,
-                event.event_type,
-                event.data,
-            )
-            for n, event in enumerate(commit.events)
-        ]
+        # A commit's events take consecutive positions, in the commit's order.
+        return recorded_events(commit, value)
     if kind == "conflict":
         raise ConcurrencyConflictError(value)
     if kind == "duplicate":

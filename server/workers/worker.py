@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import cast
 
+from domain.ports import SharedStreamLocks
 from domain.unit_of_work import AggregateCache
 from server.app import Gateway, serve
 from server.config import Settings
@@ -25,7 +26,13 @@ from server.observability.logs import configure_logging
 from server.stores.event_rows import EventRowReader, StreamRowReader
 from server.stores.factory import open_store
 from server.workers.cache_follower import CacheFollower
-from server.workers.hub_client import HubClient, RowStore, WorkerStore
+from server.workers.hub_client import (
+    HubClient,
+    LockingRowStore,
+    LockingWorkerStore,
+    RowStore,
+    WorkerStore,
+)
 
 log = logging.getLogger("order_gateway.workers")
 
@@ -69,7 +76,11 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
     inner = await open_store(spec.settings.store, pool_size=spec.settings.store_pool_size)
     if not (isinstance(inner, EventRowReader) and isinstance(inner, StreamRowReader)):
         raise TypeError(f"{type(inner).__name__} cannot serve as a worker's store")
-    store = WorkerStore(cast(RowStore, inner), hub, spec.shared_writer)
+    store: WorkerStore
+    if isinstance(inner, SharedStreamLocks):
+        store = LockingWorkerStore(cast(LockingRowStore, inner), hub, spec.shared_writer)
+    else:
+        store = WorkerStore(cast(RowStore, inner), hub, spec.shared_writer)
     cache = AggregateCache(spec.settings.aggregate_cache)
     follower = CacheFollower(store, cache)
     await follower.start()

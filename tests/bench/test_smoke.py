@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from bench.inprocess import InProcessResult
+from bench.replicas import ReplicaResult
 from bench.report import CatchUpResult, FanOutResult, Report, StreamLengthResult, print_report
 from bench.run import main
 from bench.servers import DURABLE_FLOOR, DURABLE_FLOOR_ON_LOOP
@@ -120,6 +121,9 @@ def test_targets_are_judged_from_the_figures() -> None:
             made_up_load(DURABLE_FLOOR_ON_LOOP, 1, 470, 1.2),
             # 1.6 x the bare floor's p50, 1.33 x the lowest durable one's: fail.
             made_up_load("sqlite", 1, 300, 1.6),
+            made_up_load("sqlite", 16, 800, 12.0, "hot", cpu_ms=0.45),  # 0.94 x create: pass
+            made_up_load("postgresql", 16, 500, 10.0),
+            made_up_load("postgresql", 16, 350, 10.0, "hot"),  # 0.70 x create: fail
         ],
         inprocess=[
             InProcessResult("eventsourcing", "sqlite", 1, 1000, 1.0),
@@ -129,6 +133,17 @@ def test_targets_are_judged_from_the_figures() -> None:
         catch_up=[CatchUpResult("floor", 1000, 1.0, 10.0), CatchUpResult("sqlite", 600, 1.0, 20.0)],
         fan_out=[FanOutResult("sqlite", 200, 50.0, 500.0, 100, 100, 100, 80.0, 199.0)],
         stream_length=[StreamLengthResult("sqlite", 1.0, 1.05, 100_000)],
+        replicas=[
+            ReplicaResult(
+                8,
+                20.0,
+                made_up_load("replica alone", 16, 400, 20.0, "hot"),
+                [
+                    made_up_load("replica 1", 8, 300, 20.0, "hot"),
+                    made_up_load("replica 2", 8, 150, 20.0, "hot", {"ABORTED": 3}),
+                ],
+            )
+        ],
     )
     outcomes = {v.target.split(":")[0]: v.outcome for v in evaluate(report)}
     assert list(outcomes.values()) == [
@@ -145,6 +160,9 @@ def test_targets_are_judged_from_the_figures() -> None:
         "NOT MEASURED",  # --workers 2 p50 at 1 concurrent on SQLite
         "NOT MEASURED",  # the same on PostgreSQL
         "NOT MEASURED",  # live delivery across workers
+        "PASS",  # hot on SQLite
+        "FAIL",  # hot on PostgreSQL
+        "FAIL",  # two replicas: 3 ABORTED
     ]
     printed = io.StringIO()
     print_report(report, printed)
@@ -152,6 +170,8 @@ def test_targets_are_judged_from_the_figures() -> None:
     assert "0.60x" in text  # catch-up against its floor
     assert "6.00x" in text  # in-process against eventsourcing
     assert "100/100" in text  # fan-out: every subscriber got every event
+    assert "ABORTED=3" in text  # every error code of the replicas, per replica and in total
+    assert "0.33" in text  # replica 2's share of the 450 calls/s
 
 
 def test_subscriptions_section_without_fan_out(tmp_path: Path) -> None:

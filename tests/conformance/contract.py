@@ -18,6 +18,7 @@ A backend's test module subclasses ``EventStoreContract`` with a ``Test…`` nam
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import itertools
 import os
@@ -265,6 +266,68 @@ class EventStoreContract:
             await store.append(commit_of([("a", 1), ("c", 1)], expected={"a": 0, "c": 0}))
         after = await store.append(commit_of([("b", 1)]))
         assert [e.position for e in after] == [2]
+
+    # -- commits that follow one another (a hot stream's pipelined commands) ----------
+
+    async def test_a_commit_naming_another_last_event_conflicts(self, store: EventStore) -> None:
+        first = commit_of([("s", 1)])
+        await store.append(first)
+
+        stale = dataclasses.replace(commit_of([("s", 2)]), follows={"s": str(uuid.uuid4())})
+        with pytest.raises(ConcurrencyConflictError):
+            await store.append(stale)
+
+        fresh = dataclasses.replace(commit_of([("s", 2)]), follows={"s": first.events[0].event_id})
+        assert [e.stream_version for e in await store.append(fresh)] == [2]
+
+    async def test_appends_started_in_order_commit_in_order(self, store: EventStore) -> None:
+        """Each commit expects the state the one before it leaves, and all are started
+        before any is answered: all of them commit, one after another."""
+        commits = [commit_of([("s", 1)])]
+        for version in range(2, 6):
+            follows = {"s": commits[-1].events[0].event_id}
+            commits.append(dataclasses.replace(commit_of([("s", version)]), follows=follows))
+        appends = [asyncio.ensure_future(store.append(commit)) for commit in commits]
+
+        recorded = await asyncio.gather(*appends)
+
+        assert [events[0].stream_version for events in recorded] == [1, 2, 3, 4, 5]
+        assert [events[0].position for events in recorded] == [1, 2, 3, 4, 5]
+
+    async def test_a_commit_following_a_failed_one_conflicts_where_another_filled_its_version(
+        self, store: EventStore
+    ) -> None:
+        """The failed commit's version is taken by other events meanwhile: the commit
+        decided on the failed one's state expects that version, but follows the failed
+        one's event, so it must still conflict."""
+        first = commit_of([("s", 1)])
+        await store.append(first)
+        after_first = {"s": first.events[0].event_id}
+        failed = dataclasses.replace(
+            commit_of([("s", 2)], command_id=first.command_id), follows=after_first
+        )
+        other = dataclasses.replace(commit_of([("s", 2)]), follows=after_first)
+        decided_on_failed = dataclasses.replace(
+            commit_of([("s", 3)]), follows={"s": failed.events[0].event_id}
+        )
+        decided_on_other = dataclasses.replace(
+            commit_of([("s", 3)]), follows={"s": other.events[0].event_id}
+        )
+        appends = [
+            asyncio.ensure_future(store.append(commit))
+            for commit in (failed, other, decided_on_failed, decided_on_other)
+        ]
+
+        outcomes = await asyncio.gather(*appends, return_exceptions=True)
+
+        assert isinstance(outcomes[0], DuplicateCommandError)
+        assert isinstance(outcomes[2], ConcurrencyConflictError)
+        stream = await store.read_stream("s")
+        assert [e.event_id for e in stream] == [
+            first.events[0].event_id,
+            other.events[0].event_id,
+            decided_on_other.events[0].event_id,
+        ]
 
     # -- idempotency records --------------------------------------------------------
 

@@ -102,7 +102,7 @@ def restocked(product: Product, quantity: int) -> Commit:
 
 
 @pytest.mark.parametrize("shared_writer", [True, False], ids=["sqlite-writer", "own-appends"])
-async def test_a_commit_through_one_worker_wakes_the_others_and_moves_their_cache_on(
+async def test_a_commit_through_one_worker_wakes_the_others_and_marks_their_cache_stale(
     tmp_path: Path, socket_dir: Path, shared_writer: bool
 ) -> None:
     hub = await start_hub(tmp_path / "events.db", socket_dir, shared_writer)
@@ -112,20 +112,24 @@ async def test_a_commit_through_one_worker_wakes_the_others_and_moves_their_cach
         product = Product("p")
         appended = await first.store.append(restocked(product, 5))
         product.mark_committed()
-        second.cache.put(product.clone())  # the second worker has used it since
+        # The second worker has used it since; the first keeps its own up to date.
+        second.cache.refresh(product.clone(), appended[-1].event_id)
+        first.cache.refresh(product.clone(), appended[-1].event_id)
         woke = asyncio.Event()
         second.store.add_commit_listener(woke.set)
 
         appended += await first.store.append(restocked(product, 7))
+        mine = first.cache.get(product.stream_id)
+        assert mine is not None
+        mine.head = product.clone()  # as the first worker's unit of work leaves it
 
         await asyncio.wait_for(woke.wait(), TIMEOUT)
         assert await second.store.read_all() == appended
         async with asyncio.timeout(TIMEOUT):
             # The follower reads the new events after the wake-up.
-            while (cached := second.cache.get(product.stream_id)) is None or cached.version < 2:  # noqa: ASYNC110
+            while not (cached := second.cache.get(product.stream_id)) or not cached.stale:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
-        assert isinstance(cached, Product)
-        assert cached.available == 12
+        assert first.cache.get(product.stream_id) is mine and not mine.stale
     finally:
         await first.close()
         await second.close()

@@ -8,11 +8,12 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import pytest
 
 from domain.ids import POOL_BYTES, new_uuid, random_bytes
-from domain.locks import StreamLocks
+from domain.locks import StreamLocks, StreamTurns
 
 
 def test_new_uuid_is_a_version_7_uuid_in_canonical_form() -> None:
@@ -131,3 +132,81 @@ async def test_a_cancelled_wait_releases_what_it_had_taken_and_forgets_unused_lo
     locks.release(blocker)
     # Nobody holds or waits for anything: the table is empty again.
     assert locks._locks == {} and locks._waiters == {}
+
+
+class SharedLocks:
+    """Stands for the database's locks, shared by the ``StreamTurns`` of two replicas
+    (asyncio's lock, like PostgreSQL's lock queue, lets its waiters in first come, first
+    served)."""
+
+    def __init__(
+        self, table: dict[str, asyncio.Lock], heard: list[Callable[[str], None]] | None = None
+    ) -> None:
+        self._table = table
+        self._heard = heard if heard is not None else []
+        self._own: list[Callable[[str], None]] = []
+
+    async def lock_stream(self, stream_id: str) -> bool:
+        lock = self._table.setdefault(stream_id, asyncio.Lock())
+        waited = lock.locked()
+        await lock.acquire()
+        return waited
+
+    async def unlock_stream(self, stream_id: str) -> None:
+        self._table[stream_id].release()
+
+    async def announce_contention(self, stream_id: str) -> None:
+        for listener in self._heard:
+            if listener not in self._own:
+                listener(stream_id)
+
+    def add_contention_listener(self, listener: Callable[[str], None]) -> None:
+        self._heard.append(listener)
+        self._own.append(listener)
+
+
+async def test_replicas_take_turns_at_a_contended_stream_and_neither_keeps_it() -> None:
+    table: dict[str, asyncio.Lock] = {}
+    first, second = (StreamTurns(SharedLocks(table), quantum=0.05, linger=0) for _ in "ab")
+    for turns in (first, second):
+        turns.contended(["product-a"])
+
+    mine = await first.join(["product-a"])
+    assert mine == [("product-a", True)], "the first command starts the turn"
+    joined = await first.join(["product-a"])
+    assert joined == [("product-a", False)], "a command while the turn is young joins it"
+    theirs = asyncio.create_task(second.join(["product-a"]))
+    await asyncio.sleep(0.06)
+    assert not theirs.done(), "the other replica waits for the turn to end"
+    # The turn is old now: this replica's next command waits behind the other replica.
+    late = asyncio.create_task(first.join(["product-a"]))
+    first.leave(mine)
+    first.leave(joined)
+    assert await asyncio.wait_for(theirs, 5) == [("product-a", True)]
+    await asyncio.sleep(0.01)
+    assert not late.done()
+    second.leave(theirs.result())
+    assert await asyncio.wait_for(late, 5) == [("product-a", True)]
+    first.leave(late.result())
+
+
+async def test_streams_nobody_else_writes_never_take_turns() -> None:
+    table: dict[str, asyncio.Lock] = {}
+    turns = StreamTurns(SharedLocks(table))
+    assert await turns.join(["product-a", "order-1"]) == []
+    assert table == {}
+
+
+async def test_a_replica_that_keeps_winning_hears_that_the_other_takes_turns() -> None:
+    """Only the loser of a race learns of it; it tells the others, which take turns too."""
+    table: dict[str, asyncio.Lock] = {}
+    heard: list[Callable[[str], None]] = []
+    loser, winner = (StreamTurns(SharedLocks(table, heard)) for _ in "ab")
+    assert await winner.join(["product-a"]) == []
+
+    loser.contended(["product-a"])
+    await asyncio.sleep(0)  # the announcement goes out in a task
+
+    joined = await winner.join(["product-a"])
+    assert joined == [("product-a", True)]
+    winner.leave(joined)

@@ -1,0 +1,83 @@
+"""Two gateway replicas on one PostgreSQL database, every order on one hot product.
+
+Both replicas serve the ``hot`` workload at once, each driven by its own client
+processes, for the same window; one replica alone with as many callers as the two
+together is measured in the same database just before, as the baseline the pair must
+not fall below. Every error code is counted: a command answered ABORTED for a
+concurrency conflict means the replicas raced instead of queueing at the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.loadgen import LoadSpec, run_load
+from bench.servers import restock, start_gateway
+from bench.stats import LoadResult
+
+
+@dataclass(frozen=True)
+class ReplicaResult:
+    """Two replicas serving one hot product at once, and one replica alone before them."""
+
+    callers_per_replica: int
+    duration: float
+    alone: LoadResult
+    """One replica with the callers of both."""
+    replicas: list[LoadResult] = field(default_factory=list)
+
+    @property
+    def total_calls_per_s(self) -> float:
+        return sum(r.calls_per_s for r in self.replicas)
+
+    @property
+    def smallest_share(self) -> float:
+        total = self.total_calls_per_s
+        return min(r.calls_per_s for r in self.replicas) / total if total else 0.0
+
+    @property
+    def errors(self) -> dict[str, int]:
+        counted: dict[str, int] = {}
+        for result in self.replicas:
+            for code, count in result.errors.items():
+                counted[code] = counted.get(code, 0) + count
+        return counted
+
+
+async def measure(
+    url: str, workdir: Path, callers: int, duration: float, warmup: float
+) -> ReplicaResult:
+    """``callers`` on each of two replicas of ``url``'s database, for ``duration`` s."""
+
+    def spec(target: str, concurrency: int) -> LoadSpec:
+        return LoadSpec(
+            target=target,
+            workload="hot",
+            concurrency=concurrency,
+            duration=duration,
+            warmup=warmup,
+            processes=1,
+        )
+
+    first_dir, second_dir = workdir / "replica-1", workdir / "replica-2"
+    first_dir.mkdir(exist_ok=True)
+    second_dir.mkdir(exist_ok=True)
+    async with (
+        await start_gateway(url, first_dir) as first,
+        await start_gateway(url, second_dir) as second,
+    ):
+        await restock(first.target)
+        alone = await asyncio.to_thread(
+            run_load, spec(first.target, 2 * callers), "replica alone", first.cpu_seconds
+        )
+        both = await asyncio.gather(
+            asyncio.to_thread(
+                run_load, spec(first.target, callers), "replica 1", first.cpu_seconds
+            ),
+            asyncio.to_thread(
+                run_load, spec(second.target, callers), "replica 2", second.cpu_seconds
+            ),
+        )
+    return ReplicaResult(callers, duration, alone, list(both))
