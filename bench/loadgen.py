@@ -47,6 +47,9 @@ class LoadSpec:
     duration: float
     warmup: float
     processes: int
+    channels: int = 1
+    """Connections per client process, each with its callers: a server of several
+    processes sharing a port (``--workers``) is balanced by connection, not by call."""
 
     @property
     def prefill(self) -> float:
@@ -131,7 +134,10 @@ class _Window:
         self.end = min(self.end, time.perf_counter())
 
 
-async def _measure(caller: _Caller, spec: LoadSpec, callers: int, report: WorkerReport) -> None:
+async def _measure(
+    callers: list[_Caller], spec: LoadSpec, count: int, report: WorkerReport
+) -> None:
+    """``count`` closed loops, spread over ``callers`` (one per connection)."""
     window = _Window(spec.warmup, spec.duration)
 
     def record(started: float, ok: bool) -> None:
@@ -142,11 +148,11 @@ async def _measure(caller: _Caller, spec: LoadSpec, callers: int, report: Worker
         if window.start <= started and finished <= window.end:
             report.latencies.append(finished - started)
 
-    async def creating() -> None:
+    async def creating(caller: _Caller) -> None:
         while (started := time.perf_counter()) < window.end:
             record(started, await caller.create() is not None)
 
-    async def cancelling() -> None:
+    async def cancelling(caller: _Caller) -> None:
         while (started := time.perf_counter()) < window.end:
             if not caller.pool:
                 report.cut_short = True
@@ -154,7 +160,7 @@ async def _measure(caller: _Caller, spec: LoadSpec, callers: int, report: Worker
                 return
             record(started, await caller.cancel(caller.pool.popleft()))
 
-    async def alternating() -> None:
+    async def alternating(caller: _Caller) -> None:
         open_order: str | None = None
         while (started := time.perf_counter()) < window.end:
             if open_order is None:
@@ -164,13 +170,13 @@ async def _measure(caller: _Caller, spec: LoadSpec, callers: int, report: Worker
                 record(started, await caller.cancel(open_order))
                 open_order = None
 
-    loops: dict[str, Callable[[], Any]] = {
+    loops: dict[str, Callable[[_Caller], Any]] = {
         "create": creating,
         "hot": creating,
         "cancel": cancelling,
         "mixed": alternating,
     }
-    await asyncio.gather(*(loops[spec.workload]() for _ in range(callers)))
+    await asyncio.gather(*(loops[spec.workload](callers[n % len(callers)]) for n in range(count)))
     report.window = max(0.0, window.end - window.start)
 
 
@@ -178,15 +184,30 @@ async def _drive(
     spec: LoadSpec, callers: int, seed: int, barrier: threading.Barrier
 ) -> WorkerReport:
     report = WorkerReport()
-    async with grpc.aio.insecure_channel(spec.target) as channel:
-        await asyncio.wait_for(channel.channel_ready(), BARRIER_TIMEOUT)
-        caller = _Caller(channel, seed, report, hot=spec.workload == "hot")
+    connections = max(1, min(spec.channels, callers))
+    # A pool of its own per channel: grpc would otherwise share one connection among
+    # channels to the same target.
+    options = [("grpc.use_local_subchannel_pool", 1)] if connections > 1 else []
+    channels = [grpc.aio.insecure_channel(spec.target, options) for _ in range(connections)]
+    try:
+        for channel in channels:
+            await asyncio.wait_for(channel.channel_ready(), BARRIER_TIMEOUT)
+        hot = spec.workload == "hot"
+        clients = [_Caller(c, seed * 1000 + n, report, hot=hot) for n, c in enumerate(channels)]
         barrier.wait(BARRIER_TIMEOUT)
-        await _prefill(caller, callers, spec.prefill)
+        await asyncio.gather(
+            *(
+                _prefill(client, share, spec.prefill)
+                for client, share in zip(clients, split(callers, connections), strict=True)
+            )
+        )
         barrier.wait(BARRIER_TIMEOUT)
         cpu_before = time.process_time()
-        await _measure(caller, spec, callers, report)
+        await _measure(clients, spec, callers, report)
         report.cpu_seconds = time.process_time() - cpu_before
+    finally:
+        for channel in channels:
+            await channel.close()
     return report
 
 

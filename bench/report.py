@@ -17,6 +17,7 @@ from bench.inprocess import InProcessResult
 from bench.replicas import ReplicaResult
 from bench.servers import DURABLE_FLOORS
 from bench.stats import LoadResult
+from bench.workers import WORKER_COUNTS, DeliveryResult, label
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,9 @@ class Report:
     catch_up: list[CatchUpResult] = field(default_factory=list)
     fan_out: list[FanOutResult] = field(default_factory=list)
     stream_length: list[StreamLengthResult] = field(default_factory=list)
+    workers: list[LoadResult] = field(default_factory=list)
+    """``serve --workers N`` load, ``server`` "<store> x<N>"; several rounds per point."""
+    delivery: list[DeliveryResult] = field(default_factory=list)
     replicas: list[ReplicaResult] = field(default_factory=list)
     cold_start: list[ColdStartResult] = field(default_factory=list)
     verify: list[VerifyResult] = field(default_factory=list)
@@ -116,18 +120,12 @@ class Report:
     def floor(self, workload: str, concurrency: int) -> LoadResult | None:
         return self.find_load("floor", workload, concurrency)
 
-    def best_durable_floor(
-        self, workload: str, concurrency: int, by_latency: bool = False
-    ) -> LoadResult | None:
-        """Of the durable floors, the most calls/s (or the lowest p50, ``by_latency``)."""
+    def best_durable_floor(self, workload: str, concurrency: int) -> LoadResult | None:
+        """Of the durable floors, the one with the lowest p50 (the latency target's base)."""
         measured = [
             r for name in DURABLE_FLOORS if (r := self.find_load(name, workload, concurrency))
         ]
-        if not measured:
-            return None
-        if by_latency:
-            return min(measured, key=lambda r: r.latency.p50_ms)
-        return max(measured, key=lambda r: r.calls_per_s)
+        return min(measured, key=lambda r: r.latency.p50_ms, default=None)
 
     def find_load(self, server: str, workload: str, concurrency: int) -> LoadResult | None:
         for result in self.load:
@@ -138,6 +136,11 @@ class Report:
             ):
                 return result
         return None
+
+    def workers_load(self, store: str, workers: int, concurrency: int) -> list[LoadResult]:
+        """Every round measured for one ``--workers`` point."""
+        name = label(store, workers)
+        return [r for r in self.workers if (r.server, r.concurrency) == (name, concurrency)]
 
     def eventsourcing(self, backend: str) -> InProcessResult | None:
         return next(
@@ -165,6 +168,8 @@ class Report:
             "stream_length": [
                 {**dataclasses.asdict(r), "ratio": r.ratio} for r in self.stream_length
             ],
+            "workers": plain(self.workers),
+            "delivery": plain(self.delivery),
             "replicas": [
                 {
                     **dataclasses.asdict(r),
@@ -431,6 +436,64 @@ def print_stream_length(report: Report, out: TextIO) -> None:
         )
 
 
+def print_workers(report: Report, out: TextIO) -> None:
+    if not report.workers:
+        return
+    out.write(
+        "\nserve --workers N, CreateOrder (interleaved rounds; server CPU = supervisor and "
+        "workers)\n"
+    )
+    rows = []
+    for result in report.workers:
+        store, _, workers = result.server.rpartition(" x")
+        base = None
+        if int(workers) != WORKER_COUNTS[0]:
+            # The same round's --workers 1 figure, measured just before this one.
+            ours = report.workers_load(store, int(workers), result.concurrency)
+            bases = report.workers_load(store, WORKER_COUNTS[0], result.concurrency)
+            round_index = next(n for n, r in enumerate(ours) if r is result)
+            base = bases[round_index] if round_index < len(bases) else None
+        rows.append(
+            [
+                result.server,
+                str(result.concurrency),
+                f"{result.calls_per_s:,.0f}",
+                f"{result.latency.p50_ms:.2f}",
+                f"{result.latency.p99_ms:.2f}",
+                f"{result.server_cpu_ms_per_call:.3f}",
+                f"{result.supervisor_cpu_ms_per_call:.3f}"
+                if result.supervisor_cpu_ms_per_call
+                else "",
+                _ratio(result.calls_per_s, base.calls_per_s) if base else "",
+                ",".join(f"{k}={v}" for k, v in result.errors.items()),
+            ]
+        )
+    _table(
+        out,
+        [
+            "server",
+            "conc",
+            "calls/s",
+            "p50 ms",
+            "p99 ms",
+            "srv CPU ms/call",
+            "of it supervisor",
+            "vs x1",
+            "errors",
+        ],
+        rows,
+    )
+    for delivery in report.delivery:
+        out.write(
+            f"Live delivery across workers on {delivery.store}: {delivery.orders} orders, "
+            f"subscribers by worker {delivery.subscribers_per_worker}; p50/p99 "
+            f"{delivery.from_send.p50_ms:.2f}/{delivery.from_send.p99_ms:.2f} ms from the "
+            f"command's send, {delivery.after_answer.p50_ms:.2f}/"
+            f"{delivery.after_answer.p99_ms:.2f} ms after its answer; "
+            f"{delivery.missing} missing\n"
+        )
+
+
 def print_replicas(report: Report, out: TextIO) -> None:
     for result in report.replicas:
         out.write(
@@ -484,6 +547,7 @@ def print_report(report: Report, out: TextIO) -> None:
     print_inprocess(report, out)
     print_subscriptions(report, out)
     print_stream_length(report, out)
+    print_workers(report, out)
     print_replicas(report, out)
     if report.notes:
         out.write("\nNot measured:\n")

@@ -6,9 +6,10 @@ the bare-gRPC floor, interleaved point by point so that both see the same machin
 ``inprocess`` (bus + domain + store against the ``eventsourcing`` library),
 ``subscriptions`` (catch-up over a million events, fan-out to live subscribers),
 ``stream-length`` (a hot product's long stream against a fresh one, its cold start after a
-restart with and without snapshots, and ``verify``'s events/s on each store) and
-``replicas`` (two gateways on one PostgreSQL database, every order on one product; needs a
-``postgresql://`` store).
+restart with and without snapshots, and ``verify``'s events/s on each store), ``replicas``
+(two gateways on one PostgreSQL database, every order on one product; needs a
+``postgresql://`` store) and ``workers`` (``serve --workers 2`` against ``--workers 1``,
+and live delivery across workers).
 
     python -m bench --store memory --store sqlite --store postgresql://… --plot docs/bench.png
 """
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-from bench import replicas, stream_length, subscriptions, verify_rate, workload
+from bench import replicas, stream_length, subscriptions, verify_rate, workers, workload
 from bench.inprocess import eventsourcing_commands, gateway_commands
 from bench.loadgen import LoadSpec, run_load
 from bench.plot import plot_load
@@ -48,7 +49,7 @@ from bench.targets import evaluate, print_verdicts
 
 COLD_START_WARM_ORDERS = 30
 """Orders after each measured cold start; their p50 is the warm figure."""
-SECTIONS = ("grpc", "inprocess", "subscriptions", "stream-length", "replicas")
+SECTIONS = ("grpc", "inprocess", "subscriptions", "stream-length", "replicas", "workers")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -174,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1_000_000,
         help="events in the log verify checks, per store (default 1,000,000; 0 skips)",
+    )
+    parser.add_argument(
+        "--workers-rounds",
+        type=int,
+        default=2,
+        help="interleaved rounds of --workers 1 and 2 in the workers section (default 2)",
     )
     parser.add_argument(
         "--workdir", type=Path, help="folder for SQLite files and server logs (default: a temp dir)"
@@ -431,6 +438,28 @@ async def run_replicas(
     report.replicas.append(result)
 
 
+async def run_workers(
+    args: argparse.Namespace, specs: list[StoreSpec], workdir: Path, report: Report
+) -> None:
+    print("Workers: serve --workers 2 against --workers 1, interleaved", file=sys.stderr)
+    for spec in specs:
+        if spec.kind == "memory":
+            report.notes.append("workers on memory: memory:// serves from one process only")
+            continue
+        reason = await workers.measure(
+            spec,
+            workdir,
+            args.duration,
+            args.warmup,
+            args.processes,
+            args.workers_rounds,
+            report.workers,
+            report.delivery,
+        )
+        if reason is not None:
+            report.notes.append(f"workers on {spec.kind}: {reason}")
+
+
 async def run(args: argparse.Namespace) -> Report:
     specs = [StoreSpec.parse(value) for value in args.stores or ["sqlite"]]
     sections = [s for s in args.sections.split(",") if s]
@@ -465,6 +494,8 @@ async def run(args: argparse.Namespace) -> Report:
             await run_stream_length(args, specs, workdir, report)
         if "replicas" in sections:
             await run_replicas(args, specs, workdir, report)
+        if "workers" in sections:
+            await run_workers(args, specs, workdir, report)
     report.conditions_after = conditions()
     return report
 

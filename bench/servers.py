@@ -50,6 +50,37 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (a ``--workers`` gateway's workers), gone ones skipped."""
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        try:
+            tasks = list(Path(f"/proc/{parent}/task").iterdir())
+        except FileNotFoundError:
+            continue
+        for task in tasks:
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except FileNotFoundError:
+                continue
+            found += children
+            pending += children
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid`` and every process below it (those still running)."""
+    total = 0.0
+    for process in (pid, *descendants(pid)):
+        try:
+            total += cpu_seconds(process)
+        except FileNotFoundError:
+            continue
+    return total
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size (VmRSS) of a process."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -97,7 +128,8 @@ class ServerProcess:
         return self.process.pid
 
     def cpu_seconds(self) -> float:
-        return cpu_seconds(self.pid)
+        """The server's CPU time, its worker processes' included."""
+        return tree_cpu_seconds(self.pid)
 
     def rss_bytes(self) -> int:
         return rss_bytes(self.pid)
@@ -145,7 +177,9 @@ class ServerProcess:
         await self.stop()
 
 
-async def start_gateway(store_url: str, log_dir: Path) -> ServerProcess:
+async def start_gateway(
+    store_url: str, log_dir: Path, workers: int = 1, metrics_port: int | None = None
+) -> ServerProcess:
     """The gateway with its defaults (log level included), as an operator would run it."""
     port = free_port()
     command = [
@@ -157,8 +191,13 @@ async def start_gateway(store_url: str, log_dir: Path) -> ServerProcess:
         f"127.0.0.1:{port}",
         "--store",
         store_url,
+        "--workers",
+        str(workers),
     ]
-    return await ServerProcess.start("gateway", command, port, log_dir)
+    if metrics_port is not None:
+        command += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
+    name = "gateway" if workers == 1 else f"gateway-{workers}-workers"
+    return await ServerProcess.start(name, command, port, log_dir)
 
 
 def _floor_command(port: int, *options: str) -> list[str]:

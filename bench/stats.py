@@ -50,6 +50,9 @@ class LoadResult:
     response_bytes: dict[str, list[int]] = field(default_factory=dict)
     """Per RPC, the serialized size of each response message of one call."""
     server_cpu_ms_per_call: float = 0.0
+    supervisor_cpu_ms_per_call: float = 0.0
+    """Of ``server_cpu_ms_per_call``, what a ``--workers`` supervisor spent (on SQLite: the
+    store's writer and the hub); 0 for a server of one process."""
     client_cpu_ms_per_call: float = 0.0
     cut_short: bool = False
     """The cancel workload ran out of orders before the end and measured a shorter window."""

@@ -2,6 +2,10 @@
 
 These are benchmark outcomes, printed PASS or FAIL; a target whose figures the run did
 not take (a store not given, a section skipped) is NOT MEASURED, never PASS.
+
+The gRPC targets are ratios to the durable floors measured in the same run: a gateway that
+makes each command durable cannot beat a server that stores nothing by less than an fsync,
+so the bare floor's ratio is printed beside them as context only.
 """
 
 from __future__ import annotations
@@ -11,10 +15,19 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from bench.report import Report
+from bench.servers import DURABLE_FLOOR
+from bench.stats import LoadResult
 from domain.snapshots import DEFAULT_INTERVAL
 
 TARGET_CONCURRENCY = 16
+THROUGHPUT_FACTOR = 0.8
+LATENCY_FACTOR = 1.3
+CPU_FACTOR = 1.4
 RSS_LIMIT_MB = 200.0
+WORKERS_CONCURRENCY = 32
+WORKERS_SPEEDUP = 1.25
+WORKERS_LATENCY_FACTOR = 1.10
+DELIVERY_P99_MS = 10.0
 
 
 @dataclass(frozen=True)
@@ -32,40 +45,72 @@ def _judge(target: str, passed: bool | None, detail: str) -> Verdict:
     return Verdict(target, "PASS" if passed else "FAIL", detail)
 
 
-def _throughput_vs_floor(report: Report) -> Verdict:
-    target = f"CreateOrder on durable SQLite at {TARGET_CONCURRENCY} concurrent >= 0.8 x floor"
+def _bare_floor_context(report: Report, gateway: LoadResult, by_latency: bool) -> str:
+    """The ratio to the bare floor, which stores nothing: context, not the target."""
+    floor = report.floor(gateway.workload, gateway.concurrency)
+    if floor is None:
+        return ""
+    if by_latency:
+        if not floor.latency.p50_ms:
+            return ""
+        return f" (bare floor: {gateway.latency.p50_ms / floor.latency.p50_ms:.2f} x)"
+    if not floor.calls_per_s:
+        return ""
+    return f" (bare floor: {gateway.calls_per_s / floor.calls_per_s:.2f} x)"
+
+
+def _throughput_vs_durable_floor(report: Report) -> Verdict:
+    target = (
+        f"CreateOrder on durable SQLite at {TARGET_CONCURRENCY} concurrent "
+        f">= {THROUGHPUT_FACTOR:g} x the group-commit durable floor"
+    )
     gateway = report.find_load("sqlite", "create", TARGET_CONCURRENCY)
-    floor = report.floor("create", TARGET_CONCURRENCY)
-    if gateway is None or floor is None or not floor.calls_per_s:
-        return _judge(target, None, "needs --store sqlite and concurrency 16")
-    ratio = gateway.calls_per_s / floor.calls_per_s
-    durable = report.best_durable_floor("create", TARGET_CONCURRENCY)
-    ceiling = ""
-    if durable is not None:
-        ceiling = f" (best durable floor: {durable.calls_per_s / floor.calls_per_s:.2f} x)"
+    durable = report.find_load(DURABLE_FLOOR, "create", TARGET_CONCURRENCY)
+    if gateway is None or durable is None or not durable.calls_per_s:
+        return _judge(target, None, f"needs --store sqlite and concurrency {TARGET_CONCURRENCY}")
+    ratio = gateway.calls_per_s / durable.calls_per_s
     return _judge(
         target,
-        ratio >= 0.8,
-        f"{gateway.calls_per_s:,.0f} vs {floor.calls_per_s:,.0f} calls/s = {ratio:.2f} x{ceiling}",
+        ratio >= THROUGHPUT_FACTOR,
+        f"{gateway.calls_per_s:,.0f} vs {durable.calls_per_s:,.0f} calls/s = {ratio:.2f} x"
+        f"{_bare_floor_context(report, gateway, by_latency=False)}",
     )
 
 
-def _latency_vs_floor(report: Report) -> Verdict:
-    target = "CreateOrder on durable SQLite at 1 concurrent: p50 <= 1.5 x floor's"
+def _latency_vs_durable_floor(report: Report) -> Verdict:
+    target = (
+        "CreateOrder on durable SQLite at 1 concurrent: "
+        f"p50 <= {LATENCY_FACTOR:g} x the best durable floor's"
+    )
     gateway = report.find_load("sqlite", "create", 1)
-    floor = report.floor("create", 1)
-    if gateway is None or floor is None or not gateway.latency.p50_ms:
+    durable = report.best_durable_floor("create", 1)
+    if gateway is None or durable is None or not durable.latency.p50_ms:
         return _judge(target, None, "needs --store sqlite and concurrency 1")
-    ratio = gateway.latency.p50_ms / floor.latency.p50_ms
-    durable = report.best_durable_floor("create", 1, by_latency=True)
-    ceiling = ""
-    if durable is not None:
-        ceiling = f" (best durable floor: {durable.latency.p50_ms / floor.latency.p50_ms:.2f} x)"
+    ratio = gateway.latency.p50_ms / durable.latency.p50_ms
+    context = _bare_floor_context(report, gateway, by_latency=True)
     return _judge(
         target,
-        ratio <= 1.5,
-        f"p50 {gateway.latency.p50_ms:.2f} vs {floor.latency.p50_ms:.2f} ms = {ratio:.2f} x"
-        f"{ceiling}",
+        ratio <= LATENCY_FACTOR,
+        f"p50 {gateway.latency.p50_ms:.2f} vs {durable.latency.p50_ms:.2f} ms "
+        f"({durable.server}) = {ratio:.2f} x{context}",
+    )
+
+
+def _cpu_vs_durable_floor(report: Report) -> Verdict:
+    target = (
+        f"server CPU per CreateOrder on SQLite at {TARGET_CONCURRENCY} concurrent "
+        f"<= {CPU_FACTOR:g} x the group-commit durable floor's"
+    )
+    gateway = report.find_load("sqlite", "create", TARGET_CONCURRENCY)
+    durable = report.find_load(DURABLE_FLOOR, "create", TARGET_CONCURRENCY)
+    if gateway is None or durable is None or not durable.server_cpu_ms_per_call:
+        return _judge(target, None, f"needs --store sqlite and concurrency {TARGET_CONCURRENCY}")
+    ratio = gateway.server_cpu_ms_per_call / durable.server_cpu_ms_per_call
+    return _judge(
+        target,
+        ratio <= CPU_FACTOR,
+        f"{gateway.server_cpu_ms_per_call:.3f} vs {durable.server_cpu_ms_per_call:.3f} ms "
+        f"= {ratio:.2f} x",
     )
 
 
@@ -164,6 +209,65 @@ def _fan_out_rss(report: Report) -> Verdict:
     )
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _workers_throughput(store: str) -> Callable[[Report], Verdict]:
+    def judge(report: Report) -> Verdict:
+        target = (
+            f"CreateOrder on {store} at {WORKERS_CONCURRENCY} concurrent: --workers 2 "
+            f">= {WORKERS_SPEEDUP:g} x --workers 1"
+        )
+        one = report.workers_load(store, 1, WORKERS_CONCURRENCY)
+        two = report.workers_load(store, 2, WORKERS_CONCURRENCY)
+        if not one or not two or not _mean([r.calls_per_s for r in one]):
+            return _judge(target, None, f"needs --store {store} and the workers section")
+        base, ours = _mean([r.calls_per_s for r in one]), _mean([r.calls_per_s for r in two])
+        ratio = ours / base
+        return _judge(
+            target,
+            ratio >= WORKERS_SPEEDUP,
+            f"{ours:,.0f} vs {base:,.0f} calls/s = {ratio:.2f} x (mean of {len(two)} rounds; "
+            f"server CPU {_mean([r.server_cpu_ms_per_call for r in two]):.3f} vs "
+            f"{_mean([r.server_cpu_ms_per_call for r in one]):.3f} ms/call)",
+        )
+
+    return judge
+
+
+def _workers_latency(store: str) -> Callable[[Report], Verdict]:
+    def judge(report: Report) -> Verdict:
+        target = f"CreateOrder on {store} at 1 concurrent: --workers 2 p50 within 10% of 1's"
+        one = report.workers_load(store, 1, 1)
+        two = report.workers_load(store, 2, 1)
+        if not one or not two or not _mean([r.latency.p50_ms for r in one]):
+            return _judge(target, None, f"needs --store {store} and the workers section")
+        base = _mean([r.latency.p50_ms for r in one])
+        ours = _mean([r.latency.p50_ms for r in two])
+        ratio = ours / base
+        return _judge(
+            target,
+            ratio <= WORKERS_LATENCY_FACTOR,
+            f"p50 {ours:.2f} vs {base:.2f} ms = {ratio:.2f} x (mean of {len(two)} rounds)",
+        )
+
+    return judge
+
+
+def _cross_worker_delivery(report: Report) -> Verdict:
+    target = f"live delivery across workers: p99 <= {DELIVERY_P99_MS:g} ms"
+    if not report.delivery:
+        return _judge(target, None, "needs the workers section on a durable store")
+    worst = max(report.delivery, key=lambda r: r.from_send.p99_ms)
+    return _judge(
+        target,
+        worst.from_send.p99_ms <= DELIVERY_P99_MS and worst.missing == 0,
+        f"{worst.store}: p99 {worst.from_send.p99_ms:.2f} ms from the command's send "
+        f"({worst.after_answer.p99_ms:.2f} ms after its answer), {worst.missing} missing",
+    )
+
+
 def _hot(store: str, factor: float) -> Callable[[Report], Verdict]:
     """A hot product against orders spread over many, on one store at 16 concurrent."""
 
@@ -212,8 +316,9 @@ def _replicas(report: Report) -> Verdict:
 
 
 JUDGES: tuple[Callable[[Report], Verdict], ...] = (
-    _throughput_vs_floor,
-    _latency_vs_floor,
+    _throughput_vs_durable_floor,
+    _latency_vs_durable_floor,
+    _cpu_vs_durable_floor,
     _inprocess("sqlite", 5),
     _inprocess("postgresql", 10),
     _catch_up,
@@ -221,6 +326,11 @@ JUDGES: tuple[Callable[[Report], Verdict], ...] = (
     _cold_start,
     _verify_rate,
     _fan_out_rss,
+    _workers_throughput("sqlite"),
+    _workers_throughput("postgresql"),
+    _workers_latency("sqlite"),
+    _workers_latency("postgresql"),
+    _cross_worker_delivery,
     _hot("sqlite", 0.9),
     _hot("postgresql", 0.8),
     _replicas,

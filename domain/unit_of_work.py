@@ -335,12 +335,14 @@ class UnitsOfWork:
         cache_capacity: int = 10_000,
         shared_locks: SharedStreamLocks | None = None,
         snapshots: Snapshots | None = None,
+        cache: AggregateCache | None = None,
     ) -> None:
         """``shared_locks``: the store's, when several processes may write it at once.
-        Without ``snapshots``, aggregates are rebuilt from their whole streams."""
+        Without ``snapshots``, aggregates are rebuilt from their whole streams. ``cache``:
+        one the caller keeps (by default a new one of ``cache_capacity``)."""
         self._store = store
         self._snapshots = snapshots
-        self._cache = AggregateCache(cache_capacity)
+        self._cache = cache if cache is not None else AggregateCache(cache_capacity)
         self._locks = StreamLocks()
         self._turns = StreamTurns(shared_locks) if shared_locks is not None else None
 

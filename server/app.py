@@ -6,7 +6,7 @@ import asyncio
 import gc
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -27,6 +27,7 @@ from orders.v1 import (
 from domain.bus import Middleware
 from domain.ports import EventStore, SharedStreamLocks, SnapshotStore
 from domain.snapshots import Snapshots
+from domain.unit_of_work import AggregateCache
 from server.bootstrap import bootstrap
 from server.config import Settings
 from server.consumer_groups.engine import GroupTuning
@@ -131,7 +132,9 @@ def authenticators_from(settings: Settings) -> list[Authenticator]:
     return found
 
 
-def server_options(settings: Settings) -> Sequence[tuple[str, int]]:
+def server_options(settings: Settings, reuse_port: bool = False) -> Sequence[tuple[str, int]]:
+    """``reuse_port``: share the address with the other workers of this gateway
+    (``server.workers``, which refuses an address a stranger holds before any starts)."""
     return (
         ("grpc.max_receive_message_length", settings.max_request_bytes),
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
@@ -143,7 +146,7 @@ def server_options(settings: Settings) -> Sequence[tuple[str, int]]:
         # grpc sets SO_REUSEPORT by default (grpc/grpc#16920), so a second gateway started
         # on the same address would bind too and the kernel would hand it part of the
         # calls, unnoticed. An address in use is refused instead, as operators expect.
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     )
 
 
@@ -154,11 +157,14 @@ async def create_server(
     hub_tuning: HubTuning | None = None,
     tracing: Tracing | None = None,
     group_tuning: GroupTuning | None = None,
+    reuse_port: bool = False,
+    cache: AggregateCache | None = None,
 ) -> Gateway:
     """A configured, bound, not yet started gateway (``--listen`` may use port 0).
 
     ``authenticators`` default to those the settings name (none: authentication off);
-    ``tracing`` to OpenTelemetry with ``--otel``, else none.
+    ``tracing`` to OpenTelemetry with ``--otel``, else none; ``reuse_port`` as in
+    ``server_options``.
     """
     # A method without a scope would be refused on every call: refuse to start instead.
     check_every_method_scoped()
@@ -185,7 +191,7 @@ async def create_server(
             AuthInterceptor(authenticators),
             RequestDecodingInterceptor(),
         ],
-        options=server_options(settings),
+        options=server_options(settings, reuse_port),
         # grpc.max_concurrent_streams only bounds one connection; this bounds the process
         # (more is RESOURCE_EXHAUSTED).
         maximum_concurrent_rpcs=settings.max_concurrent_streams,
@@ -207,6 +213,7 @@ async def create_server(
             middleware=middleware,
             shared_locks=store if isinstance(store, SharedStreamLocks) else None,
             snapshots=snapshots,
+            cache=cache,
         )
     )
     order_command_service_pb2_grpc.add_OrderCommandServiceServicer_to_server(
@@ -279,9 +286,23 @@ def tune_garbage_collection() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then stop gracefully."""
-    gateway = await create_server(settings)
+async def serve(
+    settings: Settings,
+    *,
+    store: EventStore | None = None,
+    cache: AggregateCache | None = None,
+    reuse_port: bool = False,
+    on_serving: Callable[[Gateway], None] | None = None,
+    stop: asyncio.Event | None = None,
+    signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+) -> None:
+    """Run until one of ``signals`` arrives (or ``stop`` is set), then stop gracefully.
+
+    A worker of ``--workers N`` passes its ``store`` and aggregate ``cache``,
+    ``reuse_port``, ``on_serving`` (told once the gateway serves), a ``stop`` it sets
+    itself when its supervisor is gone, and SIGTERM alone: its supervisor handles SIGINT.
+    """
+    gateway = await create_server(settings, store=store, reuse_port=reuse_port, cache=cache)
     await gateway.start()
     tune_garbage_collection()
     # The bound port, not the configured one: with port 0 the OS chose it.
@@ -295,9 +316,11 @@ async def serve(settings: Settings) -> None:
     if settings.metrics_listen and gateway.metrics_port is not None:
         metrics_host = settings.metrics_listen.rpartition(":")[0]
         log.info("metrics at http://%s:%d/metrics", metrics_host, gateway.metrics_port)
-    stop = asyncio.Event()
+    if on_serving is not None:
+        on_serving(gateway)
+    stop = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in signals:
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     log.info("shutting down")

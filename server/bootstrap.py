@@ -13,7 +13,7 @@ from domain.commands import CancelOrder, Command, CreateOrder, RestockProduct
 from domain.middleware import IdempotencyMiddleware, LoggingMiddleware, RetryOnConflictMiddleware
 from domain.ports import EventStore, SharedStreamLocks
 from domain.snapshots import Snapshots
-from domain.unit_of_work import HandlerFunction, UnitsOfWork
+from domain.unit_of_work import AggregateCache, HandlerFunction, UnitsOfWork
 
 HANDLERS: dict[type[Command], HandlerFunction] = {
     CreateOrder: handlers.create_order,
@@ -28,12 +28,15 @@ def bootstrap(
     middleware: Sequence[Middleware] = (),
     shared_locks: SharedStreamLocks | None = None,
     snapshots: Snapshots | None = None,
+    cache: AggregateCache | None = None,
 ) -> CommandBus:
     """``middleware`` (metrics, tracing) runs outermost, so it sees each command's whole
     dispatch: idempotent replays and conflict retries included. ``shared_locks``: the
     store's, when several processes write it (replicas take turns at contended streams).
-    Without ``snapshots``, aggregates are rebuilt from their whole streams."""
-    units = UnitsOfWork(store, cache_capacity, shared_locks, snapshots)
+    Without ``snapshots``, aggregates are rebuilt from their whole streams. ``cache``: one
+    the caller keeps, to mark streams another process changed (``--workers``); by default
+    a new one of ``cache_capacity``."""
+    units = UnitsOfWork(store, cache_capacity, shared_locks, snapshots, cache)
     bus = CommandBus(
         middleware=[
             *middleware,

@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     _setting(serve, "otel", action="store_const", const=True)
     _setting(serve, "log_format", choices=["text", "json"])
     _setting(serve, "log_level", metavar="LEVEL")
+    _setting(serve, "workers", metavar="N", type=int)
 
     migrate = _command(
         commands,
@@ -215,9 +216,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(settings.log_format, settings.log_level)
         if args.command == "serve":
             from server.app import serve
+            from server.workers.supervisor import supervise, worker_count
 
             check_exposure(settings)
-            asyncio.run(serve(settings))
+            if worker_count(settings.workers) > 1:
+                asyncio.run(supervise(settings))
+            else:
+                asyncio.run(serve(settings))
         elif args.command == "migrate":
             from server.stores.factory import migrate
 

@@ -90,6 +90,15 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(
         5.0, ge=0, description="Seconds in-flight calls get to finish on SIGTERM/SIGINT."
     )
+    workers: int = Field(
+        1,
+        ge=0,
+        description=(
+            "Serving processes sharing the listen address (0: one per CPU). With more "
+            "than one, a supervisor process starts them, replaces any that dies, and on "
+            "SQLite owns the store's writer; memory:// serves from one process only."
+        ),
+    )
     aggregate_cache: int = Field(
         10_000,
         ge=0,

@@ -12,9 +12,10 @@ def made_up_load(
     p50_ms: float,
     workload: str = "create",
     errors: dict[str, int] | None = None,
+    cpu_ms: float = 1.0,
 ) -> LoadResult:
-    """One second of CreateOrder load on ``server``, p90 and p99 twice and three times the
-    p50, at 1 ms of server CPU per call."""
+    """One second of load on ``server``, p90 and p99 twice and three times the p50,
+    ``cpu_ms`` of server CPU per call."""
     return LoadResult(
         server=server,
         workload=workload,
@@ -24,5 +25,5 @@ def made_up_load(
         calls_per_s=calls_per_s,
         latency=Latencies(p50_ms=p50_ms, p90_ms=p50_ms * 2, p99_ms=p50_ms * 3),
         errors=errors or {},
-        server_cpu_ms_per_call=1.0,
+        server_cpu_ms_per_call=cpu_ms,
     )

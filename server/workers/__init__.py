@@ -1,0 +1,1 @@
+"""``serve --workers N``: several serving processes on one listen address, supervised."""

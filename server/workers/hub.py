@@ -1,0 +1,149 @@
+"""The supervisor's hub: what the workers of one gateway tell each other, and on SQLite
+the store's one writer.
+
+**Commits across workers.** A worker's subscriptions, and the follower that keeps its
+aggregate cache up to date (``cache_follower``), sleep until told that something
+committed; with several workers they must hear of the others' commits. So the hub learns
+of every commit (an append it wrote, or a worker's notice) and, once per turn of its
+event loop, sends every worker one wake-up: a local message, not the 1 s poll. The
+wake-up says whether *another* worker committed: only then has the worker's cache
+anything to catch up on (at one caller, reading each own commit back in every worker
+doubled the server CPU per call).
+
+**SQLite's writer.** SQLite lets one connection write at a time, and a connection
+waiting for another process's write lock polls with sleeps of 1 to 100 ms (its busy
+handler), so workers each writing the file would queue on those sleeps. On SQLite the
+supervisor opens the store, and with it the only writer; workers hand it their appends,
+which are queued together and still share one transaction and one fsync (group commit).
+Workers read the file themselves (WAL readers do not block the writer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from pathlib import Path
+
+from domain.ports import Commit, RecordedEvent
+from server.stores.sqlite import SQLiteEventStore
+from server.workers.hub_protocol import (
+    NOTICE,
+    WAKE,
+    FrameBuffer,
+    decode_commit,
+    encode_outcome,
+    frame,
+)
+
+log = logging.getLogger("order_gateway.workers")
+
+
+class _Connection(asyncio.Protocol):
+    """One worker's connection."""
+
+    def __init__(self, hub: WorkerHub) -> None:
+        self._hub = hub
+        self._buffer = FrameBuffer()
+        self._transport: asyncio.Transport | None = None
+        self.others_committed = False
+        """Another worker committed since this worker's last wake-up."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        if self._hub.closed:
+            # Accepted as the hub was closing: this worker must learn it is gone too.
+            transport.close()
+            return
+        self._hub.connections.add(self)
+        # The worker waits for this first wake-up before it serves: it knows the hub has
+        # taken its connection.
+        transport.write(self._hub.wakes[False])
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Appends already handed to the writer still commit: the worker that sent them
+        # is gone, and its clients never saw an answer (a retry with the same command_id
+        # replays them).
+        self._hub.connections.discard(self)
+        self._transport = None
+
+    def data_received(self, data: bytes) -> None:
+        for call_id, message in self._buffer.feed(data):
+            if call_id == NOTICE:
+                self._hub.committed(self)
+            else:
+                self._append(call_id, decode_commit(message))
+
+    def _append(self, call_id: int, commit: Commit) -> None:
+        writer = self._hub.writer
+        if writer is None:
+            log.error("a worker sent an append, but this gateway's store has no shared writer")
+            self.close()
+            return
+        task = asyncio.ensure_future(writer.append(commit))
+        task.add_done_callback(functools.partial(self._answer, call_id))
+
+    def _answer(self, call_id: int, done: asyncio.Future[list[RecordedEvent]]) -> None:
+        if done.cancelled():
+            return
+        error = done.exception()
+        if error is None:
+            self._hub.committed(self)
+        self.send(frame((call_id, encode_outcome(done.result() if error is None else error))))
+
+    def send(self, data: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+class WorkerHub:
+    """Serves the workers on a unix socket at ``path``; ``writer``: SQLite's store, whose
+    appends the workers hand over (None for a store each worker writes itself)."""
+
+    def __init__(self, path: Path, writer: SQLiteEventStore | None = None) -> None:
+        self.path = path
+        self.writer = writer
+        self.connections: set[_Connection] = set()
+        self.closed = False
+        self._server: asyncio.Server | None = None
+        self._wake_pending = False
+        self.wakes = {others: frame((WAKE, others)) for others in (False, True)}
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _Connection(self), str(self.path))
+
+    def committed(self, origin: _Connection) -> None:
+        """``origin``'s worker committed: wake every worker, soon."""
+        for connection in self.connections:
+            if connection is not origin:
+                connection.others_committed = True
+        if not self._wake_pending:
+            # Once per loop turn: every answer of a group commit goes out first, then
+            # one wake-up per worker for all of them.
+            self._wake_pending = True
+            asyncio.get_running_loop().call_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._wake_pending = False
+        for connection in self.connections:
+            connection.send(self.wakes[connection.others_committed])
+            connection.others_committed = False
+
+    async def close(self) -> None:
+        """Close the writer's store (appends queued finish first), then the workers'
+        connections: a worker still running sees the hub gone and stops."""
+        self.closed = True
+        if self._server is not None:
+            self._server.close()
+        if self.writer is not None:
+            await self.writer.close()
+        for connection in list(self.connections):
+            connection.close()
+        if self._server is not None:
+            await self._server.wait_closed()

@@ -1,0 +1,225 @@
+"""A worker's side of its supervisor's hub (``server.workers.hub``), and its store.
+
+``WorkerStore`` wraps the store the worker opened itself. Reads always go to it. On
+SQLite appends go to the supervisor's writer over the hub; on PostgreSQL the worker
+appends itself and then tells the hub. Either way the hub's wake-ups call the store's
+commit listeners (on PostgreSQL beside its LISTEN/NOTIFY), and those that say another
+worker committed call ``on_others`` too (the aggregate cache's follower).
+
+If the supervisor goes away, appends waiting for its answer, and new ones on SQLite,
+fail as ``StoreUnavailableError`` (nothing was acknowledged that is not durable), and
+``lost`` is set: the worker stops (``server.workers.worker``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final, Protocol
+
+from domain.errors import StoreError, StoreUnavailableError
+from domain.ports import CommandRecord, Commit, EventStore, RecordedEvent, SharedStreamLocks
+from server.stores.event_rows import EventRow, EventRowReader, StreamRowReader
+from server.workers.hub_protocol import (
+    NOTICE,
+    WAKE,
+    FrameBuffer,
+    Outcome,
+    decode_outcome,
+    encode_commit,
+    frame,
+)
+
+log = logging.getLogger("order_gateway.workers")
+
+CONNECT_TIMEOUT_SECONDS: Final = 30.0
+GONE: Final = "the gateway's supervisor process is gone"
+
+
+class RowStore(EventStore, EventRowReader, StreamRowReader, Protocol):
+    """A store that also reads rows (SQLite's and PostgreSQL's)."""
+
+
+class LockingRowStore(RowStore, SharedStreamLocks, Protocol):
+    """A ``RowStore`` with shared stream locks (PostgreSQL's)."""
+
+
+class _HubConnection(asyncio.Protocol):
+    def __init__(self, client: HubClient) -> None:
+        self._client = client
+        self._buffer = FrameBuffer()
+        self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Done at the hub's first wake-up, sent when it has taken the connection."""
+
+    def data_received(self, data: bytes) -> None:
+        for call_id, message in self._buffer.feed(data):
+            if call_id == WAKE:
+                if not self.accepted.done():
+                    self.accepted.set_result(None)
+                self._client.woken(message)
+            else:
+                self._client.answer(call_id, message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.accepted.done():
+            self.accepted.set_exception(StoreUnavailableError(GONE))
+        self._client.hub_lost()
+
+
+class HubClient:
+    """The connection to the hub."""
+
+    def __init__(self) -> None:
+        self.on_others: Callable[[], None] | None = None
+        """Called when another worker has committed."""
+        self._transport: asyncio.Transport | None = None
+        self._pending: dict[int, tuple[Commit, asyncio.Future[list[RecordedEvent]]]] = {}
+        self._ids = itertools.count(WAKE + 1)
+        self._listeners: list[Callable[[], None]] = []
+        self._notice = frame((NOTICE, None))
+        self.lost = asyncio.Event()
+
+    @classmethod
+    async def connect(cls, socket_path: str | Path) -> HubClient:
+        client = cls()
+        transport, connection = await asyncio.get_running_loop().create_unix_connection(
+            lambda: _HubConnection(client), str(socket_path)
+        )
+        assert isinstance(transport, asyncio.Transport)
+        client._transport = transport
+        try:
+            await asyncio.wait_for(connection.accepted, CONNECT_TIMEOUT_SECONDS)
+        except BaseException:
+            transport.close()
+            raise
+        return client
+
+    def _send(self, message: object) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            raise StoreUnavailableError(GONE)
+        transport.write(frame(message))
+
+    async def append(self, commit: Commit) -> list[RecordedEvent]:
+        call_id = next(self._ids)
+        future: asyncio.Future[list[RecordedEvent]] = asyncio.get_running_loop().create_future()
+        self._send((call_id, encode_commit(commit)))
+        self._pending[call_id] = (commit, future)
+        return await future
+
+    def notice(self) -> None:
+        """This worker committed (a lost hub only delays the others)."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(self._notice)
+
+    def answer(self, call_id: int, outcome: Outcome) -> None:
+        commit, future = self._pending.pop(call_id, (None, None))
+        if commit is None or future is None or future.done():
+            return
+        try:
+            future.set_result(decode_outcome(commit, outcome))
+        except Exception as error:  # the append's own error, for its caller
+            future.set_exception(error)
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def woken(self, others: bool) -> None:
+        if others and self.on_others is not None:
+            self.on_others()
+        for listener in self._listeners:
+            listener()
+
+    def hub_lost(self) -> None:
+        self._transport = None
+        pending, self._pending = self._pending, {}
+        for _, future in pending.values():
+            if not future.done():
+                # Whether the writer committed it before it went is unknown: the caller
+                # retries with the same command_id, which replays it if it did.
+                future.set_exception(StoreUnavailableError(GONE))
+        if not self.lost.is_set():
+            log.error("lost the connection to the supervisor process")
+            self.lost.set()
+
+    async def close(self) -> None:
+        """Appends already sent are answered first."""
+        if self._pending:
+            await asyncio.gather(*(f for _, f in self._pending.values()), return_exceptions=True)
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+
+
+class WorkerStore:
+    """The store of a worker: ``inner`` for reads (and on PostgreSQL, appends), the hub
+    for SQLite's appends (``shared_writer``) and for news of the other workers' commits."""
+
+    def __init__(self, inner: RowStore, hub: HubClient, shared_writer: bool) -> None:
+        self._inner = inner
+        self._hub = hub
+        self._shared_writer = shared_writer
+        self._closing = False
+
+    async def append(self, commit: Commit) -> list[RecordedEvent]:
+        if self._closing:
+            raise StoreError("the store is closed")
+        if self._shared_writer:
+            return await self._hub.append(commit)
+        recorded = await self._inner.append(commit)
+        self._hub.notice()
+        return recorded
+
+    async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
+        return await self._inner.read_stream(stream_id, after_version)
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        return await self._inner.read_all(after_position, limit)
+
+    async def read_all_rows(self, after_position: int = 0, limit: int = 1000) -> list[EventRow]:
+        return await self._inner.read_all_rows(after_position, limit)
+
+    async def read_stream_rows_after(
+        self, stream_id: str, after_position: int, limit: int
+    ) -> tuple[list[EventRow], int]:
+        return await self._inner.read_stream_rows_after(stream_id, after_position, limit)
+
+    async def head_position(self) -> int:
+        return await self._inner.head_position()
+
+    async def find_command(self, command_id: str) -> CommandRecord | None:
+        return await self._inner.find_command(command_id)
+
+    def add_commit_listener(self, listener: Callable[[], None]) -> None:
+        self._hub.add_listener(listener)
+        self._inner.add_commit_listener(listener)
+
+    async def close(self) -> None:
+        """Appends in flight are answered first; new ones are refused."""
+        self._closing = True
+        await self._hub.close()
+        await self._inner.close()
+
+
+class LockingWorkerStore(WorkerStore):
+    """A ``WorkerStore`` on a store with shared stream locks (PostgreSQL): workers take
+    turns at contended streams like replicas (``domain.ports.SharedStreamLocks``)."""
+
+    def __init__(self, inner: LockingRowStore, hub: HubClient, shared_writer: bool) -> None:
+        super().__init__(inner, hub, shared_writer)
+        self._locks = inner
+
+    async def lock_stream(self, stream_id: str) -> bool:
+        return await self._locks.lock_stream(stream_id)
+
+    async def unlock_stream(self, stream_id: str) -> None:
+        await self._locks.unlock_stream(stream_id)
+
+    async def announce_contention(self, stream_id: str) -> None:
+        await self._locks.announce_contention(stream_id)
+
+    def add_contention_listener(self, listener: Callable[[str], None]) -> None:
+        self._locks.add_contention_listener(listener)

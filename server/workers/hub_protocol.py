@@ -1,0 +1,143 @@
+"""The frames between workers and their supervisor's hub (``server.workers.hub``).
+
+A frame is a 4-byte big-endian length and a pickle. Workers send ``(call_id, commit)``
+(an append, on SQLite: the supervisor owns the writer) or ``(NOTICE, None)`` (the worker
+committed itself, on PostgreSQL). The supervisor answers an append with
+``(call_id, outcome)`` and, after commits, sends every worker ``(WAKE, others)``: new
+events may be readable, and ``others`` says whether another worker committed since the
+last wake-up (a worker's own commits leave its aggregate cache up to date). Both ends are
+processes of one gateway on one host (a unix socket in a folder only the gateway's user
+can enter), so pickle is safe here.
+
+A commit travels as plain tuples (``encode_commit``): pickling the frozen dataclasses
+themselves looks up their fields on every event and cost more than the rest of the
+handoff together (cProfile of appends through the hub). An append's outcome is a tagged
+tuple rather than a pickled exception (an exception's
+pickle is its ``args``: for our errors the formatted message, not the constructor's
+arguments), and a success is only the first position: the worker knows the rest of the
+recorded events from its commit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import pickle
+import struct
+from collections.abc import Iterator
+from typing import Any, Final
+
+from domain.errors import (
+    ConcurrencyConflictError,
+    DuplicateCommandError,
+    StoreError,
+    StoreFullError,
+    StoreUnavailableError,
+)
+from domain.ports import Commit, NewEvent, RecordedEvent, recorded_events
+
+WAKE: Final = 0
+"""Supervisor to worker: new events may be readable; whether others committed."""
+NOTICE: Final = -1
+"""Worker to supervisor: this worker has just committed (by itself)."""
+_LENGTH = struct.Struct("!I")
+
+Outcome = tuple[str, Any]
+
+
+def frame(message: object) -> bytes:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LENGTH.pack(len(body)) + body
+
+
+class FrameBuffer:
+    """Bytes received so far, handed out as whole messages."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[Any]:
+        self._data += data
+        start = 0
+        size = len(self._data)
+        while size - start >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(self._data, start)
+            end = start + _LENGTH.size + length
+            if end > size:
+                break
+            yield pickle.loads(self._data[start + _LENGTH.size : end])
+            start = end
+        del self._data[:start]
+
+
+EncodedCommit = tuple[
+    str,
+    str,
+    str,
+    str,
+    dt.datetime,
+    dict[str, int],
+    list[tuple[str, str, int, str, bytes]],
+    dict[str, str],
+]
+
+
+def encode_commit(commit: Commit) -> EncodedCommit:
+    return (
+        commit.command_id,
+        commit.fingerprint,
+        commit.correlation_id,
+        commit.user_id,
+        commit.occurred_at,
+        dict(commit.expected_versions),
+        [(e.event_id, e.stream_id, e.stream_version, e.event_type, e.data) for e in commit.events],
+        dict(commit.follows),
+    )
+
+
+def decode_commit(encoded: EncodedCommit) -> Commit:
+    command_id, fingerprint, correlation_id, user_id, occurred_at, expected, events, follows = (
+        encoded
+    )
+    return Commit(
+        command_id,
+        fingerprint,
+        correlation_id,
+        user_id,
+        occurred_at,
+        expected,
+        [NewEvent(*event) for event in events],
+        follows,
+    )
+
+
+def encode_outcome(result: list[RecordedEvent] | BaseException) -> Outcome:
+    if isinstance(result, list):
+        return ("ok", result[0].position if result else 0)
+    if isinstance(result, ConcurrencyConflictError):
+        return ("conflict", str(result))
+    if isinstance(result, DuplicateCommandError):
+        return ("duplicate", result.command_id)
+    if isinstance(result, StoreUnavailableError):
+        return ("unavailable", str(result))
+    if isinstance(result, StoreFullError):
+        return ("full", str(result))
+    # Anything else is the store's failure as far as the worker is concerned; the
+    # supervisor logs the cause.
+    return ("error", str(result) if isinstance(result, StoreError) else "the writer failed")
+
+
+def decode_outcome(commit: Commit, outcome: Outcome) -> list[RecordedEvent]:
+    """The events ``commit`` recorded, or the append's error raised."""
+    kind, value = outcome
+    if kind == "ok":
+        # A commit's events take consecutive positions, in the commit's order.
+        return recorded_events(commit, value)
+    if kind == "conflict":
+        raise ConcurrencyConflictError(value)
+    if kind == "duplicate":
+        raise DuplicateCommandError(value)
+    if kind == "unavailable":
+        raise StoreUnavailableError(value)
+    if kind == "full":
+        raise StoreFullError(value)
+    raise StoreError(value)

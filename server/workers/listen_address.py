@@ -1,0 +1,89 @@
+"""The workers' shared listen address: refused if a stranger holds it, reserved while we do.
+
+Workers listen with ``SO_REUSEPORT`` so that the kernel spreads connections over them
+(grpc's examples/python/multiprocessing). That option would also let them share the port
+with any other process that set it, grpc servers included (grpc sets it by default), and
+split calls with a stranger unnoticed. So before any worker starts, the supervisor binds
+the address without ``SO_REUSEPORT``: that fails if anything listens there. Then it
+keeps a socket bound with ``SO_REUSEPORT`` (never listening, so it takes no connections)
+for as long as it runs: the port stays ours while a worker is being replaced, port 0
+becomes one port every worker shares, and a later gateway without ``--workers`` (which
+binds without ``SO_REUSEPORT``) is refused.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from dataclasses import dataclass, field
+
+from server.config import split_host_port
+
+
+class AddressInUseError(OSError):
+    pass
+
+
+@dataclass
+class Reservation:
+    host: str
+    port: int
+    sockets: list[socket.socket] = field(default_factory=list)
+
+    @property
+    def listen(self) -> str:
+        """The address for the workers' ``--listen``, with the chosen port."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def release(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.sockets.clear()
+
+
+def _addresses(host: str, port: int) -> list[tuple[int, tuple[str, int]]]:
+    found = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
+    )
+    unique: dict[tuple[int, tuple[str, int]], None] = {}
+    for family, _, _, _, address in found:
+        if family in (socket.AF_INET, socket.AF_INET6):
+            unique[(family, (str(address[0]), int(address[1])))] = None
+    return list(unique)
+
+
+def _check_free(family: int, address: tuple[str, int], listen: str) -> None:
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR, as grpc sets it: connections of an earlier server still in
+        # TIME_WAIT do not count, a listening socket does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise AddressInUseError(
+                    error.errno, f"cannot listen on {listen}: another process listens there"
+                ) from error
+            raise OSError(error.errno, f"cannot listen on {listen}: {error.strerror}") from error
+
+
+def reserve(listen: str) -> Reservation:
+    """Check that nothing listens on ``listen`` and reserve it for the workers."""
+    host, port = split_host_port(listen)
+    addresses = _addresses(host, port)
+    if port != 0:
+        for family, address in addresses:
+            _check_free(family, address, listen)
+    reservation = Reservation(host, port)
+    try:
+        for family, address in addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            reservation.sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((address[0], reservation.port))
+            reservation.port = sock.getsockname()[1]
+    except OSError as error:
+        reservation.release()
+        raise OSError(error.errno, f"cannot listen on {listen}: {error.strerror}") from error
+    return reservation

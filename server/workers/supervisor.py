@@ -1,0 +1,298 @@
+"""The supervisor of ``serve --workers N``: starts N workers and keeps them running.
+
+The supervisor never serves gRPC itself. It refuses an address a stranger holds and
+reserves it (``listen_address``), prepares the store (on SQLite it owns the only writer;
+on PostgreSQL it runs the migrations once), runs the hub that tells workers of each
+other's commits (``hub``), spawns the workers,
+replaces one that dies (logged, and counted in ``order_gateway_worker_restarts_total``),
+serves ``/metrics`` for all of them, and on SIGTERM or SIGINT stops them all gracefully:
+each worker turns its health NOT_SERVING, refuses new calls, finishes those in flight and
+ends its subscription streams; one still running after the grace period is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Final
+
+from server.app import authenticators_from
+from server.config import Settings
+from server.observability.metrics import MetricsServer
+from server.security.tls import server_credentials
+from server.stores.factory import migrate
+from server.stores.sqlite import SQLiteEventStore
+from server.stores.urls import redacted_url
+from server.workers.hub import WorkerHub
+from server.workers.listen_address import reserve
+from server.workers.metrics import SupervisorMetrics
+from server.workers.worker import WorkerSpec, run_worker
+
+log = logging.getLogger("order_gateway.workers")
+
+STOP_DEADLINE_SECONDS: Final = 9.0
+"""Longest a stop takes before the workers still running are killed: within the 10 s an
+operator is promised, whatever ``--shutdown-grace`` says."""
+STOP_MARGIN_SECONDS: Final = 2.0
+"""Beyond the grace period, for a worker to close its store and exit."""
+RESTART_DELAY_SECONDS: Final = 1.0
+"""Pause before replacing a worker that died within this long of starting: a worker that
+cannot start is not respawned in a tight loop."""
+
+
+class WorkerStartError(RuntimeError):
+    pass
+
+
+class WorkersConfigurationError(ValueError):
+    pass
+
+
+def worker_count(workers: int) -> int:
+    """``--workers``: 0 means one per CPU this process may run on."""
+    return workers or len(os.sched_getaffinity(0))
+
+
+def sqlite_file(store_url: str) -> str | None:
+    if store_url.startswith("sqlite:///") and len(store_url) > len("sqlite:///"):
+        return store_url.removeprefix("sqlite:///")
+    return None
+
+
+async def _readable(*fds: int) -> int:
+    """Wait until one of ``fds`` is readable (or closed); returns it."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[int] = loop.create_future()
+
+    def wake(fd: int) -> None:
+        if not ready.done():
+            ready.set_result(fd)
+
+    for fd in fds:
+        loop.add_reader(fd, wake, fd)
+    try:
+        return await ready
+    finally:
+        for fd in fds:
+            loop.remove_reader(fd)
+
+
+class _Slot:
+    """Worker number ``index``: the process serving as it now, replaced when it dies."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.process: BaseProcess | None = None
+        self.started_at = 0.0
+        self.metrics_port: int | None = None
+        self._lifeline: Connection | None = None
+
+    async def start(self) -> bool:
+        """Spawn the worker; True once it serves, False if it died first."""
+        context = multiprocessing.get_context("spawn")
+        receiver, sender = context.Pipe(duplex=False)
+        watched, lifeline = context.Pipe(duplex=False)
+        process = context.Process(
+            target=run_worker,
+            args=(self.spec, sender, watched),
+            name=f"order-gateway-worker-{self.spec.index}",
+        )
+        self.metrics_port = None
+        process.start()
+        sender.close()
+        watched.close()
+        self.process, self.started_at, self._lifeline = process, time.monotonic(), lifeline
+        try:
+            return await self._wait_ready(receiver, process)
+        finally:
+            receiver.close()
+
+    async def _wait_ready(self, receiver: Connection, process: BaseProcess) -> bool:
+        await _readable(receiver.fileno(), process.sentinel)
+        if not receiver.poll():
+            return False
+        try:
+            self.metrics_port = receiver.recv()
+        except EOFError:
+            return False
+        return True
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    async def exited(self) -> int | None:
+        process = self.process
+        assert process is not None
+        await _readable(process.sentinel)
+        process.join()
+        self.metrics_port = None
+        if self._lifeline is not None:
+            self._lifeline.close()
+            self._lifeline = None
+        return process.exitcode
+
+    def terminate(self) -> None:
+        if self.process is not None and self.process.exitcode is None:
+            self.process.terminate()
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, specs: list[WorkerSpec]) -> None:
+        self._settings = settings
+        self._slots = [_Slot(spec) for spec in specs]
+        self._stopping = asyncio.Event()
+        self.metrics = SupervisorMetrics(self._metrics_ports)
+
+    def _metrics_ports(self) -> dict[int, int]:
+        return {
+            slot.spec.index: slot.metrics_port
+            for slot in self._slots
+            if slot.metrics_port is not None
+        }
+
+    def _count_serving(self) -> None:
+        self.metrics.workers.set(sum(1 for slot in self._slots if slot.metrics_port is not None))
+
+    async def run(self, on_serving: Callable[[], None]) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stopping.set)
+        keepers: list[asyncio.Task[None]] = []
+        try:
+            started = await asyncio.gather(*(slot.start() for slot in self._slots))
+            if not all(started):
+                raise WorkerStartError(
+                    "a worker exited before it served (its log lines above say why)"
+                )
+            self._count_serving()
+            on_serving()
+            keepers = [asyncio.create_task(self._keep(slot)) for slot in self._slots]
+            await self._stopping.wait()
+            log.info("shutting down %d workers", len(self._slots))
+        finally:
+            for keeper in keepers:
+                keeper.cancel()
+            await asyncio.gather(*keepers, return_exceptions=True)
+            await self._stop_all()
+
+    async def _keep(self, slot: _Slot) -> None:
+        """Replace ``slot``'s worker each time it exits, until the gateway stops."""
+        while True:
+            pid = slot.pid
+            code = await slot.exited()
+            self._count_serving()
+            if self._stopping.is_set():
+                return
+            lived = time.monotonic() - slot.started_at
+            log.warning(
+                "worker %d (pid %s) exited with %s after %.1f s; starting a replacement",
+                slot.spec.index,
+                pid,
+                f"signal {-code}" if code is not None and code < 0 else f"code {code}",
+                lived,
+            )
+            self.metrics.restarts.inc()
+            if lived < RESTART_DELAY_SECONDS:
+                await asyncio.sleep(RESTART_DELAY_SECONDS)
+            if await slot.start():
+                self._count_serving()
+                log.info("worker %d replaced (pid %s)", slot.spec.index, slot.pid)
+
+    async def _stop_all(self) -> None:
+        """SIGTERM to every worker, then wait; kill those still running at the deadline."""
+        for slot in self._slots:
+            slot.terminate()
+        deadline = min(self._settings.shutdown_grace + STOP_MARGIN_SECONDS, STOP_DEADLINE_SECONDS)
+        running = [s.process for s in self._slots if s.process is not None]
+        try:
+            async with asyncio.timeout(deadline):
+                for process in running:
+                    if process.exitcode is None:
+                        await _readable(process.sentinel)
+                    process.join()
+        except TimeoutError:
+            for process in running:
+                if process.exitcode is None:
+                    log.error(
+                        "worker pid %s did not stop in %.0f s; killing it", process.pid, deadline
+                    )
+                    process.kill()
+                    process.join()
+
+
+async def supervise(settings: Settings) -> None:
+    """Run ``settings.workers`` workers (more than one) until SIGTERM or SIGINT."""
+    count = worker_count(settings.workers)
+    if settings.store.startswith("memory:"):
+        raise WorkersConfigurationError(
+            f"--workers {settings.workers} needs a store the processes share: memory:// "
+            "lives inside one process, so each worker would keep a log of its own. Use "
+            "sqlite:///… or postgresql://…, or one worker."
+        )
+    # Files the workers will read are checked here, so that a bad one is one clear
+    # error, not N workers failing.
+    authenticators_from(settings)
+    server_credentials(settings)
+    reservation = reserve(settings.listen)
+    try:
+        with tempfile.TemporaryDirectory(prefix="order-gateway-") as run_dir:
+            await _run(settings, count, reservation.listen, Path(run_dir))
+    finally:
+        reservation.release()
+
+
+async def _run(settings: Settings, count: int, listen: str, run_dir: Path) -> None:
+    worker_settings = settings.model_copy(
+        update={
+            "listen": listen,
+            "workers": 1,
+            "metrics_listen": "127.0.0.1:0" if settings.metrics_listen else None,
+        }
+    )
+    database = sqlite_file(settings.store)
+    if database is None:
+        await migrate(settings.store)
+    writer = await SQLiteEventStore.open(database) if database is not None else None
+    hub = WorkerHub(run_dir / "hub.sock", writer)
+    specs = [
+        WorkerSpec(worker_settings, index, str(hub.path), shared_writer=writer is not None)
+        for index in range(1, count + 1)
+    ]
+    supervisor = Supervisor(settings, specs)
+    metrics_server = (
+        MetricsServer(supervisor.metrics.registry, settings.metrics_listen)
+        if settings.metrics_listen
+        else None
+    )
+
+    def serving() -> None:
+        log.info(
+            "order-gateway listening on %s with %d workers (store %s)",
+            listen,
+            count,
+            redacted_url(settings.store),
+        )
+
+    try:
+        await hub.start()
+        if metrics_server is not None and settings.metrics_listen:
+            # Before the workers: /metrics answers (with the workers serving so far, and
+            # order_gateway_workers) from the start, as with one process.
+            port = metrics_server.start()
+            host = settings.metrics_listen.rpartition(":")[0]
+            log.info("metrics of all workers at http://%s:%d/metrics", host, port)
+        await supervisor.run(serving)
+    finally:
+        if metrics_server is not None:
+            await metrics_server.stop()
+        await hub.close()

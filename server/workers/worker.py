@@ -1,0 +1,112 @@
+"""One ``--workers`` process: a gateway on the shared address, run by the supervisor.
+
+Workers are spawned (a fresh interpreter each), never forked: grpc's state cannot be
+forked once it exists (grpc issue 16001), and the supervisor may hold the SQLite writer
+thread. A worker stops gracefully on SIGTERM, which only its supervisor sends (SIGINT
+from a terminal reaches the whole process group; the supervisor turns it into SIGTERM),
+and also when its supervisor is gone, so that no worker outlives a killed supervisor: the
+supervisor holds the only write end of a pipe whose read end the worker watches, and the
+kernel closes it when the supervisor dies, however it dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import cast
+
+from domain.ports import SharedStreamLocks
+from domain.unit_of_work import AggregateCache
+from server.app import Gateway, serve
+from server.config import Settings
+from server.observability.logs import configure_logging
+from server.stores.event_rows import EventRowReader, StreamRowReader
+from server.stores.factory import open_store
+from server.workers.cache_follower import CacheFollower
+from server.workers.hub_client import (
+    HubClient,
+    LockingRowStore,
+    LockingWorkerStore,
+    RowStore,
+    WorkerStore,
+)
+
+log = logging.getLogger("order_gateway.workers")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    settings: Settings
+    """The gateway's settings, ``listen`` holding the port every worker shares."""
+    index: int
+    """1 to N: the worker's number in logs and metrics, kept by its replacements."""
+    hub_socket: str
+    """The supervisor's hub (``server.workers.hub``)."""
+    shared_writer: bool
+    """Appends go to the supervisor's writer (SQLite)."""
+
+
+def run_worker(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> None:
+    """The worker process's entry point: sends its metrics port (or None) on ``ready``
+    once it serves, and stops when ``lifeline`` (whose other end only the supervisor
+    holds) reaches its end."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    settings = spec.settings
+    configure_logging(settings.log_format, settings.log_level, worker=spec.index)
+    try:
+        asyncio.run(_serve(spec, ready, lifeline))
+    except Exception:
+        log.exception("worker %d failed", spec.index)
+        raise SystemExit(1) from None
+
+
+async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> None:
+    stop = asyncio.Event()
+
+    def supervisor_gone() -> None:
+        asyncio.get_running_loop().remove_reader(lifeline.fileno())
+        log.error("the supervisor process is gone; stopping")
+        stop.set()
+
+    asyncio.get_running_loop().add_reader(lifeline.fileno(), supervisor_gone)
+    hub = await HubClient.connect(spec.hub_socket)
+    inner = await open_store(spec.settings.store, pool_size=spec.settings.store_pool_size)
+    if not (isinstance(inner, EventRowReader) and isinstance(inner, StreamRowReader)):
+        raise TypeError(f"{type(inner).__name__} cannot serve as a worker's store")
+    store: WorkerStore
+    if isinstance(inner, SharedStreamLocks):
+        store = LockingWorkerStore(cast(LockingRowStore, inner), hub, spec.shared_writer)
+    else:
+        store = WorkerStore(cast(RowStore, inner), hub, spec.shared_writer)
+    cache = AggregateCache(spec.settings.aggregate_cache)
+    follower = CacheFollower(store, cache)
+    await follower.start()
+    hub.on_others = follower.wake
+    background = [asyncio.create_task(_stop_when_set(hub.lost, stop))]
+
+    def on_serving(gateway: Gateway) -> None:
+        ready.send(gateway.metrics_port)
+        ready.close()
+
+    try:
+        await serve(
+            spec.settings,
+            store=store,
+            cache=cache,
+            reuse_port=True,
+            on_serving=on_serving,
+            stop=stop,
+            signals=(signal.SIGTERM,),
+        )
+    finally:
+        for task in background:
+            task.cancel()
+        await follower.stop()
+
+
+async def _stop_when_set(event: asyncio.Event, stop: asyncio.Event) -> None:
+    await event.wait()
+    stop.set()

@@ -1,0 +1,196 @@
+"""The conformance suite against a worker's store under ``serve --workers N`` on SQLite:
+it reads the file itself and hands its appends to the supervisor's writer over the hub's
+unix socket. Then what the hub tells workers of each other's commits."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from domain.aggregates import Product
+from domain.errors import (
+    ConcurrencyConflictError,
+    DuplicateCommandError,
+    StoreFullError,
+    StoreUnavailableError,
+)
+from domain.mapper import to_new_event
+from domain.ports import Commit, EventStore
+from domain.unit_of_work import AggregateCache
+from server.stores.sqlite import SQLiteEventStore
+from server.workers.cache_follower import CacheFollower
+from server.workers.hub import WorkerHub
+from server.workers.hub_client import HubClient, WorkerStore
+from server.workers.hub_protocol import decode_outcome, encode_outcome
+from tests.conformance.contract import TIMEOUT, EventStoreContract, commit_of
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    # A short path: a unix socket's path may not exceed ~107 bytes, and pytest's tmp_path
+    # can be longer.
+    with tempfile.TemporaryDirectory(prefix="og-") as folder:
+        yield Path(folder)
+
+
+async def start_hub(database: Path, socket_dir: Path, shared_writer: bool = True) -> WorkerHub:
+    writer = await SQLiteEventStore.open(database) if shared_writer else None
+    hub = WorkerHub(socket_dir / "hub.sock", writer)
+    await hub.start()
+    return hub
+
+
+class Worker:
+    """A worker's store, and its aggregate cache kept up to date by a follower."""
+
+    def __init__(self, store: WorkerStore) -> None:
+        self.store = store
+        self.cache = AggregateCache()
+        self.follower = CacheFollower(store, self.cache)
+
+    @classmethod
+    async def open(cls, database: Path, hub: WorkerHub) -> Worker:
+        client = await HubClient.connect(hub.path)
+        inner = await SQLiteEventStore.open(database)
+        worker = cls(WorkerStore(inner, client, shared_writer=hub.writer is not None))
+        await worker.follower.start()
+        client.on_others = worker.follower.wake
+        return worker
+
+    async def close(self) -> None:
+        await self.follower.stop()
+        await self.store.close()
+
+
+class TestWorkerStoreOnSharedWriter(EventStoreContract):
+    # Other processes (and threads) open the same file as plain SQLite stores: they write
+    # beside the shared writer, through SQLite's own lock.
+    supports_processes: ClassVar[bool] = True
+    shares_across_threads: ClassVar[bool] = False
+
+    @pytest.fixture
+    def store_url(self, tmp_path: Path) -> str:
+        return f"sqlite:///{tmp_path / 'events.db'}"
+
+    @pytest.fixture
+    async def store(self, tmp_path: Path, socket_dir: Path) -> AsyncIterator[EventStore]:
+        hub = await start_hub(tmp_path / "events.db", socket_dir)
+        worker = await Worker.open(tmp_path / "events.db", hub)
+        try:
+            yield worker.store
+        finally:
+            await worker.close()
+            await hub.close()
+
+
+# -- what workers hear of each other ------------------------------------------------
+
+
+def restocked(product: Product, quantity: int) -> Commit:
+    """``product`` restocked by ``quantity``, as the command's unit of work commits it."""
+    product.restock(quantity)
+    event = to_new_event(product.pending[0], str(uuid.uuid4()), product.stream_id, product.version)
+    template = commit_of([(product.stream_id, product.version)])
+    return dataclasses.replace(template, events=[event])
+
+
+@pytest.mark.parametrize("shared_writer", [True, False], ids=["sqlite-writer", "own-appends"])
+async def test_a_commit_through_one_worker_wakes_the_others_and_marks_their_cache_stale(
+    tmp_path: Path, socket_dir: Path, shared_writer: bool
+) -> None:
+    hub = await start_hub(tmp_path / "events.db", socket_dir, shared_writer)
+    first = await Worker.open(tmp_path / "events.db", hub)
+    second = await Worker.open(tmp_path / "events.db", hub)
+    try:
+        product = Product("p")
+        appended = await first.store.append(restocked(product, 5))
+        product.mark_committed()
+        # The second worker has used it since; the first keeps its own up to date.
+        second.cache.refresh(product.clone(), appended[-1].event_id)
+        first.cache.refresh(product.clone(), appended[-1].event_id)
+        woke = asyncio.Event()
+        second.store.add_commit_listener(woke.set)
+
+        appended += await first.store.append(restocked(product, 7))
+        mine = first.cache.get(product.stream_id)
+        assert mine is not None
+        mine.head = product.clone()  # as the first worker's unit of work leaves it
+
+        await asyncio.wait_for(woke.wait(), TIMEOUT)
+        assert await second.store.read_all() == appended
+        async with asyncio.timeout(TIMEOUT):
+            # The follower reads the new events after the wake-up.
+            while not (cached := second.cache.get(product.stream_id)) or not cached.stale:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert first.cache.get(product.stream_id) is mine and not mine.stale
+    finally:
+        await first.close()
+        await second.close()
+        await hub.close()
+
+
+async def test_workers_racing_on_one_stream_conflict_and_repeat_ids_are_duplicates(
+    tmp_path: Path, socket_dir: Path
+) -> None:
+    hub = await start_hub(tmp_path / "events.db", socket_dir)
+    workers = [await Worker.open(tmp_path / "events.db", hub) for _ in range(3)]
+    try:
+        commits = [commit_of([("hot", 1)]) for _ in workers]
+        results = await asyncio.gather(
+            *(w.store.append(c) for w, c in zip(workers, commits, strict=True)),
+            return_exceptions=True,
+        )
+        winners = [r for r in results if isinstance(r, list)]
+        assert len(winners) == 1
+        assert all(isinstance(r, ConcurrencyConflictError) for r in results if r not in winners)
+
+        won = commits[results.index(winners[0])]
+        with pytest.raises(DuplicateCommandError):
+            await workers[0].store.append(commit_of([("other", 1)], command_id=won.command_id))
+    finally:
+        for worker in workers:
+            await worker.close()
+        await hub.close()
+
+
+async def test_appends_fail_as_unavailable_once_the_supervisor_is_gone(
+    tmp_path: Path, socket_dir: Path
+) -> None:
+    hub = await start_hub(tmp_path / "events.db", socket_dir)
+    worker = await Worker.open(tmp_path / "events.db", hub)
+    client = worker.store
+    await worker.follower.stop()
+    try:
+        await hub.close()
+        with pytest.raises(StoreUnavailableError):
+            # The first append may go out before the end of the connection is seen.
+            for _ in range(100):
+                await client.append(commit_of([("a", 1)]))
+                await asyncio.sleep(0.01)
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        StoreUnavailableError("the disk is gone"),
+        StoreFullError("database or disk is full"),
+        ConcurrencyConflictError("a is at version 2, not 1"),
+        DuplicateCommandError("c-1"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_an_append_error_reaches_the_worker_as_the_same_error(error: Exception) -> None:
+    commit = commit_of([("a", 1)])
+    with pytest.raises(type(error)) as raised:
+        decode_outcome(commit, encode_outcome(error))
+    assert type(raised.value) is type(error)
+    assert str(raised.value) == str(error)

@@ -1,0 +1,210 @@
+"""``serve --workers 2`` end to end, on SQLite and PostgreSQL: one address, every worker
+serving, the guarantees of one process kept across them, and a graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import urllib.request
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.workers.supervisor import worker_count
+from tests.clients import item, order_request
+from tests.serving import free_port, gateway_log, start_gateway
+from tests.subscription_support import StreamReader
+from tests.workers_support import (
+    WAIT,
+    alive,
+    env_without_settings,
+    spread_clients,
+    workers_gateway,
+)
+
+CHANNELS = 16
+"""Connections the tests spread over two workers: all landing on one is a 2^-15 chance."""
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'events.db'}"
+    url: str = request.getfixturevalue("fresh_postgres_url")
+    return url
+
+
+def handled_by_worker(metrics_text: str) -> dict[str, float]:
+    """CreateOrder calls answered OK, by the ``worker`` label."""
+    handled: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if (
+                sample.name == "grpc_server_handled_total"
+                and sample.labels.get("grpc_method") == "CreateOrder"
+                and sample.labels.get("grpc_code") == "OK"
+            ):
+                worker = sample.labels["worker"]
+                handled[worker] = handled.get(worker, 0) + sample.value
+    return handled
+
+
+async def scrape_when_all_serve(port: int | None) -> str:
+    """/metrics once the supervisor counts both workers serving (it may lag the health
+    check, which one serving worker already answers)."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    async with asyncio.timeout(WAIT):
+        while True:
+            text: str = await asyncio.to_thread(lambda: urllib.request.urlopen(url).read().decode())
+            if "order_gateway_workers 2.0" in text:
+                return text
+            await asyncio.sleep(0.1)
+
+
+async def test_every_worker_serves_and_metrics_say_which(store_url: str) -> None:
+    async with (
+        workers_gateway(store_url, metrics=True) as gateway,
+        spread_clients(gateway.target, CHANNELS) as clients,
+    ):
+        await clients[0].restock("p", 1000)
+        await asyncio.gather(*(c.create(order_request(item("p"))) for c in clients))
+
+        text = await scrape_when_all_serve(gateway.metrics_port)
+
+    handled = handled_by_worker(text)
+    assert set(handled) == {"1", "2"}
+    assert sum(handled.values()) == CHANNELS
+    assert "order_gateway_workers 2.0" in text
+
+
+async def test_no_oversell_no_gap_and_replays_across_workers(store_url: str) -> None:
+    stock, orders = 40, 120
+    async with (
+        workers_gateway(store_url) as gateway,
+        spread_clients(gateway.target, CHANNELS) as clients,
+    ):
+        subscribers = [StreamReader.open(c) for c in clients[:4]]
+        await clients[0].restock("scarce", stock)
+        requests = [
+            order_request(item("scarce"), command_id=str(uuid.uuid4())) for _ in range(orders)
+        ]
+        outcomes = await asyncio.gather(
+            *(clients[n % CHANNELS].create(r) for n, r in enumerate(requests)),
+            return_exceptions=True,
+        )
+        placed = {
+            r.command_id: o for r, o in zip(requests, outcomes, strict=True) if isinstance(o, list)
+        }
+        refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+        assert len(placed) == stock
+        assert {e.code() for e in refused} == {grpc.StatusCode.FAILED_PRECONDITION}
+        assert len(placed) + len(refused) == orders
+
+        # The same command through another worker replays it: same ids, same positions.
+        for n, request in enumerate(requests):
+            if request.command_id in placed:
+                again = await clients[(n + 1) % CHANNELS].create(request)
+                assert again == placed[request.command_id]
+
+        # Every subscriber, wherever it is connected, sees one gapless sequence.
+        head = max(e.position for events in placed.values() for e in events)
+        seen = [await s.through(head) for s in subscribers]
+        positions = [e.position for e in seen[0]]
+        assert positions == sorted(set(positions))
+        assert len(positions) == 1 + 2 * stock
+        assert all([e.event_id for e in s] == [e.event_id for e in seen[0]] for s in seen)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_stop_signal_stops_every_worker_within_ten_seconds(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    async with (
+        workers_gateway(f"sqlite:///{tmp_path / 'events.db'}") as gateway,
+        spread_clients(gateway.target, 4) as clients,
+    ):
+        workers = gateway.workers()
+        subscriptions = [StreamReader.open(c) for c in clients]
+        for subscription in subscriptions:
+            await subscription.next_checkpoint()
+
+        gateway.process.send_signal(signum)
+        code = await asyncio.to_thread(gateway.process.wait, 10)
+
+        assert code == 0, gateway.log
+        assert not any(alive(pid) for pid in workers)
+        # Open subscriptions were ended, not cut: each stream closed with a status.
+        for subscription in subscriptions:
+            assert await subscription.status() in (
+                grpc.StatusCode.OK,
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.CANCELLED,
+            )
+        assert "shutting down 2 workers" in gateway.log
+
+
+def serve_and_fail(*args: str) -> tuple[int, str]:
+    process = start_gateway(["serve", *args], env=env_without_settings())
+    try:
+        code = process.wait(timeout=WAIT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise
+    return code, gateway_log(process)
+
+
+def test_the_memory_store_with_workers_is_refused() -> None:
+    code, log = serve_and_fail(
+        "--listen", f"127.0.0.1:{free_port()}", "--store", "memory://", "--workers", "2"
+    )
+    assert code == 2
+    assert "memory:// lives inside one process" in log
+
+
+def test_an_address_a_stranger_listens_on_is_refused(tmp_path: Path) -> None:
+    with socket.socket() as stranger:
+        # As grpc binds by default: SO_REUSEPORT set, which the workers also set.
+        stranger.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        stranger.bind(("127.0.0.1", 0))
+        stranger.listen()
+        port = stranger.getsockname()[1]
+        code, log = serve_and_fail(
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--store",
+            f"sqlite:///{tmp_path / 'e.db'}",
+            "--workers",
+            "2",
+        )
+    assert code == 2
+    assert f"cannot listen on 127.0.0.1:{port}: another process listens there" in log
+
+
+async def test_a_second_gateway_on_the_address_is_refused(tmp_path: Path) -> None:
+    async with workers_gateway(f"sqlite:///{tmp_path / 'a.db'}") as gateway:
+        for workers in ("2", "1"):
+            code, log = serve_and_fail(
+                "--listen",
+                gateway.target,
+                "--store",
+                f"sqlite:///{tmp_path / 'b.db'}",
+                "--workers",
+                workers,
+            )
+            assert code != 0, log
+        assert gateway.process.poll() is None
+
+
+def test_zero_workers_means_one_per_cpu_and_a_negative_count_is_refused() -> None:
+    assert worker_count(0) == len(os.sched_getaffinity(0))
+    assert worker_count(3) == 3
+    code, log = serve_and_fail("--workers", "-1")
+    assert code == 2
+    assert "workers: Input should be greater than or equal to 0" in log
