@@ -22,6 +22,8 @@ from typing import Final, Protocol
 
 from domain.errors import StoreError, StoreUnavailableError
 from domain.ports import CommandRecord, Commit, EventStore, RecordedEvent, SharedStreamLocks
+from server.consumer_groups.ports import ConsumerGroupStore
+from server.consumer_groups.stores import KeepsConsumerGroups, RefusedConsumerGroupStore
 from server.stores.event_rows import EventRow, EventRowReader, StreamRowReader
 from server.workers.hub_protocol import (
     NOTICE,
@@ -192,6 +194,14 @@ class WorkerStore:
 
     async def find_command(self, command_id: str) -> CommandRecord | None:
         return await self._inner.find_command(command_id)
+
+    async def open_consumer_groups(self) -> ConsumerGroupStore:
+        """PostgreSQL's groups, shared by the workers as by replicas (partition leases).
+        On SQLite each worker would hand out a group's partitions on its own, delivering
+        them twice: there consumer groups are refused."""
+        if self._shared_writer or not isinstance(self._inner, KeepsConsumerGroups):
+            return RefusedConsumerGroupStore()
+        return await self._inner.open_consumer_groups()
 
     def add_commit_listener(self, listener: Callable[[], None]) -> None:
         self._hub.add_listener(listener)
