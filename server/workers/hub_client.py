@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from domain.errors import StoreError, StoreUnavailableError
-from domain.ports import CommandRecord, Commit, EventStore, RecordedEvent, SharedStreamLocks
+from domain.ports import (
+    CommandRecord,
+    Commit,
+    EventStore,
+    RecordedEvent,
+    SharedStreamLocks,
+    Snapshot,
+    SnapshotStore,
+)
 from server.consumer_groups.ports import ConsumerGroupStore
 from server.consumer_groups.stores import KeepsConsumerGroups, RefusedConsumerGroupStore
 from server.stores.event_rows import EventRow, EventRowReader, StreamRowReader
@@ -194,6 +202,24 @@ class WorkerStore:
 
     async def find_command(self, command_id: str) -> CommandRecord | None:
         return await self._inner.find_command(command_id)
+
+    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
+        return await self._snapshots().load_snapshot(stream_id)
+
+    async def load_snapshot_and_events(
+        self, stream_id: str
+    ) -> tuple[Snapshot | None, list[RecordedEvent]]:
+        return await self._snapshots().load_snapshot_and_events(stream_id)
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        """Straight to the file or database: a snapshot is no event, and on SQLite its
+        small transaction on a connection of its own is no group commit's business."""
+        await self._snapshots().save_snapshot(snapshot)
+
+    def _snapshots(self) -> SnapshotStore:
+        if not isinstance(self._inner, SnapshotStore):
+            raise StoreError(f"{type(self._inner).__name__} keeps no snapshots")
+        return self._inner
 
     async def open_consumer_groups(self) -> ConsumerGroupStore:
         """PostgreSQL's groups, shared by the workers as by replicas (partition leases).

@@ -76,7 +76,7 @@ EncodedCommit = tuple[
     str,
     dt.datetime,
     dict[str, int],
-    list[tuple[str, str, int, str, bytes]],
+    list[tuple[str, str, int, str, bytes, int]],
     dict[str, str],
 ]
 
@@ -89,7 +89,10 @@ def encode_commit(commit: Commit) -> EncodedCommit:
         commit.user_id,
         commit.occurred_at,
         dict(commit.expected_versions),
-        [(e.event_id, e.stream_id, e.stream_version, e.event_type, e.data) for e in commit.events],
+        [
+            (e.event_id, e.stream_id, e.stream_version, e.event_type, e.data, e.schema_version)
+            for e in commit.events
+        ],
         dict(commit.follows),
     )
 
