@@ -414,7 +414,7 @@ class PostgresEventStore:
     async def read_stream_rows_after(
         self, stream_id: str, after_position: int, limit: int
     ) -> tuple[list[EventRow], int]:
-        """``server.event_rows.StreamRowReader``, for a subscription following one stream."""
+        """``server.stores.event_rows.StreamRowReader``, for a subscription following one stream."""
         with _translated("read_stream"):
             async with self._pool.connection() as conn:
                 cursor = conn.cursor(binary=True)

@@ -570,7 +570,7 @@ class SQLiteEventStore:
     async def read_stream_rows_after(
         self, stream_id: str, after_position: int, limit: int
     ) -> tuple[list[EventRow], int]:
-        """``server.event_rows.StreamRowReader``: one stream's rows, and the head of the
+        """``server.stores.event_rows.StreamRowReader``: one stream's rows, and the head of the
         same snapshot (both statements in one read transaction)."""
 
         def query(connection: sqlite3.Connection) -> tuple[list[EventRow], int]:

@@ -1,5 +1,5 @@
 """Subscribe with a ``stream_id`` on the durable stores: the catch-up reads that stream by
-index (``server.event_rows.StreamRowReader``) instead of the whole log, and delivers the
+index (``server.stores.event_rows.StreamRowReader``) instead of the whole log, and delivers the
 same events, checkpoints and gapless handoff to live delivery as any subscription."""
 
 from __future__ import annotations
