@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import multiprocessing
 import multiprocessing.queues
 import multiprocessing.synchronize
@@ -35,7 +34,7 @@ from bench.report import CatchUpResult, FanOutResult
 from bench.servers import ServerProcess, start_gateway
 from domain import events as domain_events
 from domain.mapper import to_new_event
-from domain.ports import Commit, NewEvent
+from domain.ports import NewEvent
 from domain.values import Address, Money, OrderItem
 from server.stores.factory import open_store
 
@@ -121,18 +120,7 @@ async def build_store(url: str, events: int) -> int:
                     )
                     product_versions[product_stream] = version + 1
                 pair += 1
-            command_id = str(uuid.uuid4())
-            await store.append(
-                Commit(
-                    command_id=command_id,
-                    fingerprint="bench",
-                    correlation_id=command_id,
-                    user_id="",
-                    occurred_at=dt.datetime.now(dt.UTC),
-                    expected_versions=expected,
-                    events=batch,
-                )
-            )
+            await store.append(workload.raw_commit(expected, batch))
             appended += len(batch)
         return await store.head_position()
     finally:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import tempfile
 import uuid
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from pathlib import Path
 from bench import workload
 from domain import events as domain_events
 from domain.mapper import to_new_event
-from domain.ports import Commit, NewEvent
+from domain.ports import NewEvent
 from domain.values import Address, Money, OrderItem
 from server.stores.factory import open_store
 from server.verify import Report, verify
@@ -84,18 +83,7 @@ async def build_log(url: str, events: int) -> int:
                     reserved.event_id, stream, version + 1, reserved.event_type,
                     reserved.data, reserved.schema_version,
                 )]  # fmt: skip
-            command_id = str(uuid.uuid4())
-            await store.append(
-                Commit(
-                    command_id=command_id,
-                    fingerprint="bench",
-                    correlation_id=command_id,
-                    user_id="",
-                    occurred_at=dt.datetime.now(dt.UTC),
-                    expected_versions=expected,
-                    events=batch,
-                )
-            )
+            await store.append(workload.raw_commit(expected, batch))
             appended += len(batch)
         return await store.head_position()
     finally:

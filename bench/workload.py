@@ -17,6 +17,8 @@ import uuid
 from google.type import money_pb2
 from orders.v1 import events_pb2, order_command_service_pb2, types_pb2
 
+from domain.ports import Commit, NewEvent
+
 PRODUCT_COUNT = 1000
 RESTOCK_QUANTITY = 1_000_000
 """Per product: at one unit per order, far more than any run places."""
@@ -145,3 +147,18 @@ def sample_cancel_events(position: int = 2_000_001) -> list[events_pb2.Event]:
         )
     )
     return [cancelled, released]
+
+
+def raw_commit(expected_versions: dict[str, int], events: list[NewEvent]) -> Commit:
+    """A commit of ready-made events for filling a store straight through its port
+    (no command behind it: a fresh id, no caller)."""
+    command_id = str(uuid.uuid4())
+    return Commit(
+        command_id=command_id,
+        fingerprint="bench",
+        correlation_id=command_id,
+        user_id="",
+        occurred_at=dt.datetime.now(dt.UTC),
+        expected_versions=expected_versions,
+        events=events,
+    )
