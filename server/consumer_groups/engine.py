@@ -290,6 +290,7 @@ class GroupRuntime:
                 self._local_members,
                 self._apply_leases,
                 self._give_up,
+                self._in_flight_by_partition,
             )
             if leases is not None
             else None
@@ -814,18 +815,22 @@ class GroupRuntime:
             members=len(self.members),
         )
 
-    def view(self) -> RuntimeView:
-        in_flight = [0] * len(self._partitions)
+    def _in_flight_by_partition(self) -> dict[int, int]:
+        counts: dict[int, int] = {}
         for member in self.members.values():
             for entry in member.in_flight.values():
-                in_flight[entry.partition] += 1
+                counts[entry.partition] = counts.get(entry.partition, 0) + 1
+        return counts
+
+    def view(self) -> RuntimeView:
+        in_flight = self._in_flight_by_partition()
         return RuntimeView(
             partitions=tuple(
                 PartitionView(
                     p.index,
                     p.checkpoint(self._examined),
                     p.owner.member_id if p.owner is not None else "",
-                    in_flight[p.index],
+                    in_flight.get(p.index, 0),
                 )
                 for p in self._partitions
             ),
