@@ -9,7 +9,8 @@ the machine's load falls on all of them alike:
 
 - the baseline: one client subscribes from position 0 and counts every event;
 - for each member count: a new group (16 partitions, from the beginning) and that many
-  members, in one client process, each acking every delivery as it arrives; timed from the
+  members, in one client process, each acking every delivery (in batches: what
+  arrived while the last ack was being sent); timed from the
   first join until every event has been acked.
 
 Printed: events/s of each, the ratio to the Subscribe rate of the same round, and the
@@ -23,9 +24,10 @@ import asyncio
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from orders.v1 import consumer_group_service_pb2 as pb
@@ -44,6 +46,9 @@ from bench.subscriptions import (
 
 PARTITIONS = 16
 MAX_IN_FLIGHT = 1000
+ACK_DELAY = 0.005
+"""Seconds a member lets acks gather before it sends them (unless it has ``ACK_BATCH``)."""
+ACK_BATCH = 200
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,36 @@ class Row:
         return self.events / self.seconds
 
 
+class AckBatcher:
+    """Acks a member's deliveries as a client should: whatever was handled while the
+    previous ack message was being written goes out in the next one (``Ack`` takes a list),
+    so a backlog costs a handful of ack messages, not one per event."""
+
+    def __init__(self, call: Any, on_acked: Callable[[list[str]], None]) -> None:
+        self._call = call
+        self._on_acked = on_acked
+        self._pending: list[str] = []
+        self._wake = asyncio.Event()
+        self._writer = asyncio.create_task(self._write_forever())
+
+    def ack(self, event_id: str) -> None:
+        self._pending.append(event_id)
+        self._wake.set()
+
+    def close(self) -> None:
+        self._writer.cancel()
+
+    async def _write_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if len(self._pending) < ACK_BATCH:
+                await asyncio.sleep(ACK_DELAY)
+            batch, self._pending = self._pending, []
+            await self._call.write(pb.ConsumeRequest(ack=pb.Ack(event_ids=batch)))
+            self._on_acked(batch)
+
+
 async def _drain(target: str, group: str, members: int, expected: int) -> tuple[int, float]:
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.ConsumerGroupServiceStub(channel)
@@ -70,18 +105,22 @@ async def _drain(target: str, group: str, members: int, expected: int) -> tuple[
         acked: set[str] = set()
         done = asyncio.Event()
 
+        def count(batch: list[str]) -> None:
+            acked.update(batch)
+            if len(acked) >= expected:
+                done.set()
+
         async def member(n: int) -> None:
             call = stub.Consume(timeout=STREAM_TIMEOUT)
             join = pb.Join(group=group, member_id=f"m{n}", max_in_flight=MAX_IN_FLIGHT)
             await call.write(pb.ConsumeRequest(join=join))
-            async for response in call:
-                if response.WhichOneof("message") != "delivery":
-                    continue
-                event_id = response.delivery.event.event_id
-                await call.write(pb.ConsumeRequest(ack=pb.Ack(event_ids=[event_id])))
-                acked.add(event_id)
-                if len(acked) >= expected:
-                    done.set()
+            acks = AckBatcher(call, count)
+            try:
+                async for response in call:
+                    if response.WhichOneof("message") == "delivery":
+                        acks.ack(response.delivery.event.event_id)
+            finally:
+                acks.close()
 
         started = time.perf_counter()
         tasks = [asyncio.create_task(member(n)) for n in range(members)]
