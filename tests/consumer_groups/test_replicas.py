@@ -203,6 +203,6 @@ async def test_every_replica_reports_the_deliveries_in_flight_on_another(
 
             await on_a.ack(*(d.event.event_id for d in held))
             async with asyncio.timeout(15):
-                while (await seen_from_b()).in_flight:
+                while (await seen_from_b()).in_flight:  # noqa: ASYNC110 - polls a server
                     await asyncio.sleep(0.2)
             await on_a.close()
