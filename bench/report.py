@@ -154,7 +154,7 @@ def print_consumer_groups(
                 [
                     r.store,
                     str(r.round),
-                    f"{r.members} members" if r.members else "Subscribe",
+                    f"{r.members} member{'s' * (r.members > 1)}" if r.members else "Subscribe",
                     f"{r.events:,}",
                     f"{r.events_per_s:,.0f}",
                     _ratio(r.events_per_s, base.get((r.store, r.round))),
