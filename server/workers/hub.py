@@ -15,7 +15,8 @@ waiting for another process's write lock polls with sleeps of 1 to 100 ms (its b
 handler), so workers each writing the file would queue on those sleeps. On SQLite the
 supervisor opens the store, and with it the only writer; workers hand it their appends,
 which are queued together and still share one transaction and one fsync (group commit).
-Workers read the file themselves (WAL readers do not block the writer).
+Workers read the file themselves (WAL readers do not block the writer). The consumer
+groups' records and partition leases are the supervisor's too (``server.workers.groups``).
 """
 
 from __future__ import annotations
@@ -24,14 +25,18 @@ import asyncio
 import functools
 import logging
 from pathlib import Path
+from typing import Any
 
 from domain.ports import Commit, RecordedEvent
 from server.stores.sqlite import SQLiteEventStore
+from server.workers.groups import GroupsHost
 from server.workers.hub_protocol import (
     NOTICE,
     WAKE,
     FrameBuffer,
+    GroupCall,
     decode_commit,
+    encode_call_outcome,
     encode_outcome,
     frame,
 )
@@ -48,6 +53,8 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self.others_committed = False
         """Another worker committed since this worker's last wake-up."""
+        self.replicas: set[str] = set()
+        """The worker's consumer-group replica ids (its lease calls name them)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -67,11 +74,17 @@ class _Connection(asyncio.Protocol):
         # replays them).
         self._hub.connections.discard(self)
         self._transport = None
+        if self._hub.groups is not None:
+            # The worker is gone (a worker closes its connection last, after its groups
+            # stopped): its partitions need not wait out their leases.
+            self._hub.groups.forget(self.replicas)
 
     def data_received(self, data: bytes) -> None:
         for call_id, message in self._buffer.feed(data):
             if call_id == NOTICE:
                 self._hub.committed(self)
+            elif isinstance(message, GroupCall):
+                self._group_call(call_id, message)
             else:
                 self._append(call_id, decode_commit(message))
 
@@ -83,6 +96,23 @@ class _Connection(asyncio.Protocol):
             return
         task = asyncio.ensure_future(writer.append(commit))
         task.add_done_callback(functools.partial(self._answer, call_id))
+
+    def _group_call(self, call_id: int, call: GroupCall) -> None:
+        groups = self._hub.groups
+        if groups is None:
+            log.error("a worker sent a consumer-group call, but this gateway keeps no groups")
+            self.close()
+            return
+        task = asyncio.ensure_future(groups.call(call, self.replicas))
+        task.add_done_callback(functools.partial(self._answer_call, call_id))
+
+    def _answer_call(self, call_id: int, done: asyncio.Future[Any]) -> None:
+        if done.cancelled():
+            return
+        error = done.exception()
+        if error is not None and not isinstance(error, Exception):
+            return
+        self.send(frame((call_id, encode_call_outcome(done.result() if error is None else error))))
 
     def _answer(self, call_id: int, done: asyncio.Future[list[RecordedEvent]]) -> None:
         if done.cancelled():
@@ -103,11 +133,18 @@ class _Connection(asyncio.Protocol):
 
 class WorkerHub:
     """Serves the workers on a unix socket at ``path``; ``writer``: SQLite's store, whose
-    appends the workers hand over (None for a store each worker writes itself)."""
+    appends the workers hand over (None for a store each worker writes itself);
+    ``groups``: the consumer groups the supervisor keeps for them (SQLite)."""
 
-    def __init__(self, path: Path, writer: SQLiteEventStore | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        writer: SQLiteEventStore | None = None,
+        groups: GroupsHost | None = None,
+    ) -> None:
         self.path = path
         self.writer = writer
+        self.groups = groups
         self.connections: set[_Connection] = set()
         self.closed = False
         self._server: asyncio.Server | None = None
@@ -141,6 +178,8 @@ class WorkerHub:
         self.closed = True
         if self._server is not None:
             self._server.close()
+        if self.groups is not None:
+            await self.groups.close()
         if self.writer is not None:
             await self.writer.close()
         for connection in list(self.connections):
