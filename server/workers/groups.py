@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, cast
 
+from domain.errors import StoreUnavailableError
 from server.consumer_groups.leases import LEASE_TTL, LiveMember, LocalMember
 from server.consumer_groups.leases_memory import MemoryLeases
 from server.consumer_groups.model import GroupRecord, ParkedEvent
@@ -36,6 +37,16 @@ _REPLICA_CALLS = frozenset({"register", "round"})
 """Lease calls whose second argument names the calling worker's replica."""
 
 
+class Worker(Protocol):
+    """A worker's connection to the hub, as the host sees it."""
+
+    replicas: set[str]
+    """The worker's replica ids (one per process; its lease calls name them)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+
 class GroupsHost:
     """The supervisor's side: ``records`` is its group store on the SQLite file."""
 
@@ -43,13 +54,17 @@ class GroupsHost:
         self._records = records
         self._leases = leases or MemoryLeases()
 
-    async def call(self, call: GroupCall, replicas: set[str]) -> Any:
-        """Run ``call`` for a worker whose replica ids are collected in ``replicas``."""
+    async def call(self, call: GroupCall, worker: Worker) -> Any:
+        """Run ``call`` for ``worker``."""
         if call.method in _WRITES:
             return await getattr(self._records, call.method)(*call.args)
         if call.method in _LEASES:
+            if not worker.connected:
+                # Its worker died after sending it: what it was forgotten must not
+                # come back (its leases would hold the partitions until they expire).
+                raise StoreUnavailableError("the worker is gone")
             if call.method in _REPLICA_CALLS:
-                replicas.add(call.args[1])
+                worker.replicas.add(call.args[1])
             return await getattr(self._leases, call.method)(*call.args)
         raise ValueError(f"no such consumer-group call: {call.method!r}")
 

@@ -103,7 +103,7 @@ class _Connection(asyncio.Protocol):
             log.error("a worker sent a consumer-group call, but this gateway keeps no groups")
             self.close()
             return
-        task = asyncio.ensure_future(groups.call(call, self.replicas))
+        task = asyncio.ensure_future(groups.call(call, self))
         task.add_done_callback(functools.partial(self._answer_call, call_id))
 
     def _answer_call(self, call_id: int, done: asyncio.Future[Any]) -> None:
@@ -121,6 +121,10 @@ class _Connection(asyncio.Protocol):
         if error is None:
             self._hub.committed(self)
         self.send(frame((call_id, encode_outcome(done.result() if error is None else error))))
+
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None
 
     def send(self, data: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():

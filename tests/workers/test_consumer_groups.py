@@ -113,6 +113,43 @@ async def test_a_member_id_is_taken_across_workers(store_url: str) -> None:
         await first.close()
 
 
+async def test_parked_events_are_seen_and_replayed_from_every_worker(store_url: str) -> None:
+    async with workers_gateway(store_url) as gateway, channels(gateway.target) as opened:
+        groups = stubs(opened)
+        inventory = inventory_grpc.InventoryCommandServiceStub(opened[0])
+        await groups[0].CreateConsumerGroup(
+            pb.CreateConsumerGroupRequest(name="g", settings=group_settings(PARTITIONS))
+        )
+        member = await join(groups[0], "g")
+        event_id = await restock(inventory, 0)
+        delivery = await member.delivery(WAIT)
+        assert delivery.event.event_id == event_id
+        await member.nack(event_id, action=pb.NACK_ACTION_PARK, reason="poison")
+
+        async def parked_everywhere(count: int) -> bool:
+            views = [
+                (await stub.GetConsumerGroup(pb.GetConsumerGroupRequest(name="g"))).group
+                for stub in groups
+            ]
+            return all(v.parked == count and v.checkpoint == v.head_position for v in views)
+
+        async with asyncio.timeout(WAIT):
+            while not await parked_everywhere(1):  # noqa: ASYNC110 - polled over gRPC
+                await asyncio.sleep(0.1)
+        replayed = [
+            (await stub.ReplayParked(pb.ReplayParkedRequest(name="g"))).replayed
+            for stub in reversed(groups)
+        ]
+        assert replayed == [1] + [0] * (CHANNELS - 1)
+        again = await member.delivery(WAIT)
+        assert (again.event.event_id, again.attempt) == (event_id, 1)
+        await member.ack(event_id)
+        async with asyncio.timeout(WAIT):
+            while not await parked_everywhere(0):  # noqa: ASYNC110 - polled over gRPC
+                await asyncio.sleep(0.1)
+        await member.close()
+
+
 @dataclass
 class Record:
     """What the members saw: (monotonic time, member, partition, event id) per delivery."""
