@@ -10,6 +10,8 @@ database. On SQLite the supervisor is that one place instead:
 - it writes the groups' records (groups, checkpoints, parked events) on a connection of
   its own to the file, beside the events' writer, so that no worker queues on SQLite's
   write lock; workers read them from the file themselves;
+- when a group is deleted, it tells every worker, whose members of the group end with
+  NOT_FOUND as on the worker that deleted it;
 - when a worker's connection to it is gone (the worker died), it frees that worker's
   members and leases at once: the others take the partitions over at their next round
   (two seconds), not after the leases' ten.
@@ -19,7 +21,8 @@ Calls travel as ``hub_protocol.GroupCall`` over the hub's socket.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import datetime as dt
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, cast
 
 from domain.errors import StoreUnavailableError
@@ -53,9 +56,13 @@ class GroupsHost:
     def __init__(self, records: ConsumerGroupStore, leases: MemoryLeases | None = None) -> None:
         self._records = records
         self._leases = leases or MemoryLeases()
+        self.on_deleted: Callable[[str, dt.datetime], None] | None = None
+        """Called with a deleted group's name and creation time (the hub tells workers)."""
 
     async def call(self, call: GroupCall, worker: Worker) -> Any:
         """Run ``call`` for ``worker``."""
+        if call.method == "delete_group":
+            return await self._delete(*call.args)
         if call.method in _WRITES:
             return await getattr(self._records, call.method)(*call.args)
         if call.method in _LEASES:
@@ -67,6 +74,15 @@ class GroupsHost:
                 worker.replicas.add(call.args[1])
             return await getattr(self._leases, call.method)(*call.args)
         raise ValueError(f"no such consumer-group call: {call.method!r}")
+
+    async def _delete(self, name: str) -> bool:
+        # The record read first is the one deleted: no group of that name can be created
+        # while it exists, and a delete racing this one finds nothing to delete.
+        record = await self._records.get_group(name)
+        deleted = await self._records.delete_group(name)
+        if deleted and record is not None and self.on_deleted is not None:
+            self.on_deleted(name, record.created_at)
+        return deleted
 
     def forget(self, replicas: Iterable[str]) -> None:
         """A worker is gone: its members leave, its partitions are free."""

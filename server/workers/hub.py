@@ -22,6 +22,7 @@ groups' records and partition leases are the supervisor's too (``server.workers.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import functools
 import logging
 from pathlib import Path
@@ -31,6 +32,7 @@ from domain.ports import Commit, RecordedEvent
 from server.stores.sqlite import SQLiteEventStore
 from server.workers.groups import GroupsHost
 from server.workers.hub_protocol import (
+    GROUP_DELETED,
     NOTICE,
     WAKE,
     FrameBuffer,
@@ -149,6 +151,8 @@ class WorkerHub:
         self.path = path
         self.writer = writer
         self.groups = groups
+        if groups is not None:
+            groups.on_deleted = self._group_deleted
         self.connections: set[_Connection] = set()
         self.closed = False
         self._server: asyncio.Server | None = None
@@ -175,6 +179,12 @@ class WorkerHub:
         for connection in self.connections:
             connection.send(self.wakes[connection.others_committed])
             connection.others_committed = False
+
+    def _group_deleted(self, name: str, created_at: dt.datetime) -> None:
+        """Every worker's members of the group end (NOT_FOUND), not only the deleter's."""
+        message = frame((GROUP_DELETED, (name, created_at)))
+        for connection in self.connections:
+            connection.send(message)
 
     async def close(self) -> None:
         """Close the writer's store (appends queued finish first), then the workers'

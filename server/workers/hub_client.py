@@ -14,6 +14,7 @@ fail as ``StoreUnavailableError`` (nothing was acknowledged that is not durable)
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import itertools
 import logging
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from server.consumer_groups.stores import KeepsConsumerGroups
 from server.stores.event_rows import EventRow, EventRowReader, StreamRowReader
 from server.workers.groups import WorkerGroupStore
 from server.workers.hub_protocol import (
+    GROUP_DELETED,
     NOTICE,
     WAKE,
     FrameBuffer,
@@ -73,6 +75,8 @@ class _HubConnection(asyncio.Protocol):
                 if not self.accepted.done():
                     self.accepted.set_result(None)
                 self._client.woken(message)
+            elif call_id == GROUP_DELETED:
+                self._client.group_deleted(*message)
             else:
                 self._client.answer(call_id, message)
 
@@ -88,6 +92,9 @@ class HubClient:
     def __init__(self) -> None:
         self.on_others: Callable[[], None] | None = None
         """Called when another worker has committed."""
+        self.on_group_deleted: Callable[[str, dt.datetime], None] | None = None
+        """Called with a consumer group's name and creation time once it is deleted
+        (on SQLite, from any worker)."""
         self._transport: asyncio.Transport | None = None
         self._pending: dict[int, tuple[Commit, asyncio.Future[list[RecordedEvent]]]] = {}
         self._calls: dict[int, asyncio.Future[Outcome]] = {}
@@ -163,6 +170,10 @@ class HubClient:
             self.on_others()
         for listener in self._listeners:
             listener()
+
+    def group_deleted(self, name: str, created_at: dt.datetime) -> None:
+        if self.on_group_deleted is not None:
+            self.on_group_deleted(name, created_at)
 
     def hub_lost(self) -> None:
         self._transport = None

@@ -7,7 +7,8 @@ committed itself, on PostgreSQL). The supervisor answers an append with
 events may be readable, and ``others`` says whether another worker committed since the
 last wake-up (a worker's own commits leave its aggregate cache up to date). On SQLite
 workers also send ``(call_id, GroupCall)``: a consumer-group write or lease call, which
-the supervisor answers with ``(call_id, outcome)`` (``server.workers.groups``). Both ends are
+the supervisor answers with ``(call_id, outcome)``, and after a group is deleted it tells
+every worker ``(GROUP_DELETED, (name, created_at))`` (``server.workers.groups``). Both ends are
 processes of one gateway on one host (a unix socket in a folder only the gateway's user
 can enter), so pickle is safe here.
 
@@ -43,6 +44,8 @@ WAKE: Final = 0
 """Supervisor to worker: new events may be readable; whether others committed."""
 NOTICE: Final = -1
 """Worker to supervisor: this worker has just committed (by itself)."""
+GROUP_DELETED: Final = -2
+"""Supervisor to worker: ``(name, created_at)``, a consumer group deleted (on SQLite)."""
 _LENGTH = struct.Struct("!I")
 
 Outcome = tuple[str, Any]

@@ -150,6 +150,23 @@ async def test_parked_events_are_seen_and_replayed_from_every_worker(store_url: 
         await member.close()
 
 
+async def test_a_group_deleted_through_one_worker_ends_its_members_on_every_worker(
+    tmp_path: Path,
+) -> None:
+    async with (
+        workers_gateway(f"sqlite:///{tmp_path / 'events.db'}", metrics=True) as gateway,
+        channels(gateway.target, 16) as opened,
+    ):
+        groups = stubs(opened)
+        await groups[0].CreateConsumerGroup(pb.CreateConsumerGroupRequest(name="g"))
+        members = await members_on_both_workers(gateway, groups)
+        await groups[0].DeleteConsumerGroup(pb.DeleteConsumerGroupRequest(name="g"))
+        for member in members:
+            error = await member.finished(WAIT)
+            assert error is not None and error.code() == grpc.StatusCode.NOT_FOUND
+            assert reason_of(error) == "CONSUMER_GROUP_NOT_FOUND"
+
+
 @dataclass
 class Record:
     """What the members saw: (monotonic time, member, partition, event id) per delivery."""
@@ -208,6 +225,19 @@ def members_per_worker(gateway: WorkersGateway) -> dict[str, float]:
     }
 
 
+async def members_on_both_workers(
+    gateway: WorkersGateway, groups: list[pb_grpc.ConsumerGroupServiceAsyncStub]
+) -> list[Member]:
+    """Members of group g, one per connection, at least four, until both workers have
+    some (16 connections: all on one worker is a 2^-15 chance)."""
+    members: list[Member] = []
+    for n, stub in enumerate(groups):
+        members.append(await join(stub, "g", member_id=f"m{n}"))
+        if n >= 3 and len(await asyncio.to_thread(members_per_worker, gateway)) == 2:
+            return members
+    raise AssertionError("every member landed on one worker")
+
+
 def stored_checkpoints(database: Path) -> dict[int, int]:
     with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
         rows = db.execute(
@@ -235,15 +265,7 @@ async def test_members_on_two_workers_share_partitions_and_a_killed_worker_s_mov
         await groups[0].CreateConsumerGroup(
             pb.CreateConsumerGroupRequest(name="g", settings=group_settings(PARTITIONS))
         )
-        # Members on separate connections until both workers have some.
-        members: list[Member] = []
-        for n, stub in enumerate(groups):
-            members.append(await join(stub, "g", member_id=f"m{n}"))
-            if n >= 3:
-                await asyncio.sleep(0.5)  # the workers' metrics see the join
-                if len(await asyncio.to_thread(members_per_worker, gateway)) == 2:
-                    break
-        assert len(await asyncio.to_thread(members_per_worker, gateway)) == 2
+        members = await members_on_both_workers(gateway, groups)
         await until(lambda: balanced(members), within=TAKEOVER_SECONDS)
         # Every worker reports the same members and owners.
         for stub in groups:
