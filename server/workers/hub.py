@@ -112,8 +112,6 @@ class _Connection(asyncio.Protocol):
         if done.cancelled():
             return
         error = done.exception()
-        if error is not None and not isinstance(error, Exception):
-            return
         self.send(frame((call_id, encode_call_outcome(done.result() if error is None else error))))
 
     def _answer(self, call_id: int, done: asyncio.Future[list[RecordedEvent]]) -> None:
