@@ -99,7 +99,9 @@ class MemoryLeases:
         self.forget([replica_id], groups=[group])
 
     async def snapshot(self, group: str) -> tuple[list[LiveMember], dict[int, str]]:
-        state = self._group(group)
+        state = self._groups.get(group)
+        if state is None:
+            return [], {}
         now = self._clock()
         return self._live(state, now), self._valid(state, now)
 
