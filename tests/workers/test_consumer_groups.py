@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
 import signal
 import sqlite3
@@ -28,7 +27,7 @@ from orders.v1 import inventory_command_service_pb2_grpc as inventory_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.consumer_groups.test_service import reason_of
-from tests.group_support import Member, group_settings, join
+from tests.group_support import Member, assert_never_two_at_once, group_settings, join
 from tests.workers_support import WAIT, WorkersGateway, workers_gateway
 
 CHANNELS = 8
@@ -36,14 +35,6 @@ CHANNELS = 8
 PARTITIONS = 8
 TAKEOVER_SECONDS = 15.0
 """The contract: a dead process's partitions are taken over within this long."""
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'events.db'}"
-    url: str = request.getfixturevalue("fresh_postgres_url")
-    return url
 
 
 @contextlib.asynccontextmanager
@@ -328,17 +319,7 @@ async def test_members_on_two_workers_share_partitions_and_a_killed_worker_s_mov
         if event_id in seen:
             assert seen[event_id] in dead_ids, f"{event_id} delivered again after {seen}"
         seen[event_id] = name
-    # Never two members at once: per partition, each member's deliveries form one stretch
-    # of time, and the stretches do not overlap.
-    for partition in range(PARTITIONS):
-        stretches: dict[str, tuple[float, float]] = {}
-        for at, name, delivered_partition, _ in record.deliveries:
-            if delivered_partition == partition:
-                start, end = stretches.get(name, (at, at))
-                stretches[name] = (min(start, at), max(end, at))
-        ordered = sorted(stretches.values())
-        for (_, end), (start, _) in itertools.pairwise(ordered):
-            assert end < start, f"partition {partition} delivered by two members at once"
+    assert_never_two_at_once(record.deliveries, PARTITIONS)
 
 
 async def head_position(stub: pb_grpc.ConsumerGroupServiceAsyncStub) -> int:
