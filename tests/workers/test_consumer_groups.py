@@ -150,7 +150,8 @@ async def test_a_group_deleted_through_one_worker_ends_its_members_on_every_work
     ):
         groups = stubs(opened)
         await groups[0].CreateConsumerGroup(pb.CreateConsumerGroupRequest(name="g"))
-        members = await members_on_both_workers(gateway, groups)
+        on = await members_on_both_workers(gateway, groups)
+        members = [m for ms in on.values() for m in ms]
         await groups[0].DeleteConsumerGroup(pb.DeleteConsumerGroupRequest(name="g"))
         for member in members:
             error = await member.finished(WAIT)
@@ -218,14 +219,19 @@ def members_per_worker(gateway: WorkersGateway) -> dict[str, float]:
 
 async def members_on_both_workers(
     gateway: WorkersGateway, groups: list[pb_grpc.ConsumerGroupServiceAsyncStub]
-) -> list[Member]:
+) -> dict[str, list[Member]]:
     """Members of group g, one per connection, at least four, until both workers have
-    some (16 connections: all on one worker is a 2^-15 chance)."""
-    members: list[Member] = []
+    some (16 connections: all on one worker is a 2^-15 chance); by worker label."""
+    on: dict[str, list[Member]] = {}
+    counts: dict[str, float] = {}
     for n, stub in enumerate(groups):
-        members.append(await join(stub, "g", member_id=f"m{n}"))
-        if n >= 3 and len(await asyncio.to_thread(members_per_worker, gateway)) == 2:
-            return members
+        member = await join(stub, "g", member_id=f"m{n}")
+        now = await asyncio.to_thread(members_per_worker, gateway)
+        (worker,) = [w for w, count in now.items() if count > counts.get(w, 0)]
+        on.setdefault(worker, []).append(member)
+        counts = now
+        if n >= 3 and len(on) == 2:
+            return on
     raise AssertionError("every member landed on one worker")
 
 
@@ -256,7 +262,8 @@ async def test_members_on_two_workers_share_partitions_and_a_killed_worker_s_mov
         await groups[0].CreateConsumerGroup(
             pb.CreateConsumerGroupRequest(name="g", settings=group_settings(PARTITIONS))
         )
-        members = await members_on_both_workers(gateway, groups)
+        on = await members_on_both_workers(gateway, groups)
+        members = [m for ms in on.values() for m in ms]
         await until(lambda: balanced(members), within=TAKEOVER_SECONDS)
         # Every worker reports the same members and owners.
         for stub in groups:
@@ -331,3 +338,56 @@ async def write_all(
     inventory: inventory_grpc.InventoryCommandServiceAsyncStub, numbers: range
 ) -> list[str]:
     return [await restock(inventory, n) for n in numbers]
+
+
+async def test_a_frozen_worker_s_partitions_move_when_its_leases_expire(tmp_path: Path) -> None:
+    """A worker that hangs keeps its connection to the supervisor: its leases expire
+    unrenewed, and the others take its partitions over within the contract's 15 s."""
+    async with (
+        workers_gateway(f"sqlite:///{tmp_path / 'events.db'}", metrics=True) as gateway,
+        channels(gateway.target, 16) as opened,
+    ):
+        groups = stubs(opened)
+        await groups[0].CreateConsumerGroup(
+            pb.CreateConsumerGroupRequest(name="g", settings=group_settings(PARTITIONS))
+        )
+        on = await members_on_both_workers(gateway, groups)
+        members = [m for ms in on.values() for m in ms]
+        await until(lambda: balanced(members), within=TAKEOVER_SECONDS)
+        record = Record()
+        readers = [asyncio.create_task(consume(m, m.member_id, record)) for m in members]
+        first = await write_all(inventory_grpc.InventoryCommandServiceStub(opened[0]), range(50))
+        await until(lambda: set(first) <= set(record.acked))
+
+        victim = min(gateway.workers())
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            frozen_at = time.monotonic()
+            # The frozen worker's metrics are missing from the supervisor's scrape.
+            (serving,) = await asyncio.to_thread(members_per_worker, gateway)
+            alive = on[serving]
+            frozen = [m for worker, ms in on.items() if worker != serving for m in ms]
+            await until(lambda: balanced(alive), within=WAIT)
+            takeover = time.monotonic() - frozen_at
+            # Written through a connection of the serving worker (member m<n> joined on
+            # opened[n]): a call to the frozen one would hang.
+            serving_channel = opened[int(alive[0].member_id.removeprefix("m"))]
+            inventory = inventory_grpc.InventoryCommandServiceStub(serving_channel)
+            second = await write_all(inventory, range(50, 150))
+            await until(lambda: set(second) <= set(record.acked))
+        finally:
+            os.kill(victim, signal.SIGKILL)
+            os.kill(victim, signal.SIGCONT)
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers)
+        for member in alive:
+            await member.close()
+
+    print(f"takeover {takeover:.1f} s")
+    assert takeover <= TAKEOVER_SECONDS, f"partitions moved {takeover:.1f} s after the freeze"
+    # The frozen members' partitions went to the others: nothing written since reached them.
+    assert {m.member_id for m in frozen}.isdisjoint(
+        name for _, name, _, event_id in record.deliveries if event_id in second
+    )
+    assert_never_two_at_once(record.deliveries, PARTITIONS)
