@@ -86,7 +86,7 @@ class LeaseStore(Protocol):
         members: Sequence[LocalMember],
         release: Sequence[int],
         claims: Mapping[int, str],
-        in_flight: Mapping[int, int],
+        in_flight: Mapping[int, int] | None = None,
     ) -> tuple[list[LiveMember], dict[int, str], set[int]]:
         """Heartbeat ``members`` (forgetting this replica's others), release partitions,
         claim or renew ``claims`` (partition: member id) with each one's deliveries in

@@ -211,7 +211,7 @@ class PostgresLeases:
         members: Sequence[LocalMember],
         release: Sequence[int],
         claims: Mapping[int, str],
-        in_flight: Mapping[int, int],
+        in_flight: Mapping[int, int] | None = None,
     ) -> tuple[list[LiveMember], dict[int, str], set[int]]:
         """One transaction: heartbeat ``members`` (forgetting this replica's others),
         release partitions, claim or renew ``claims`` (partition: member id), with each
@@ -277,7 +277,7 @@ class PostgresLeases:
                             self.ttl,
                             list(claims),
                             list(claims.values()),
-                            [in_flight.get(p, 0) for p in claims],
+                            [(in_flight or {}).get(p, 0) for p in claims],
                         ),
                     )
                     held = {int(row[0]) for row in await cursor.fetchall()}
