@@ -86,6 +86,107 @@ class VerifyResult:
         return self.events / self.seconds if self.seconds else 0.0
 
 
+@dataclass(frozen=True)
+class GroupDrainResult:
+    """One drain of the backlog: by Subscribe (``members`` 0) or by a new group."""
+
+    store: str
+    round: int
+    members: int
+    events: int
+    seconds: float
+    peak_rss_mb: float
+    server_cpu_us_per_event: float
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True)
+class GroupLiveResult:
+    """A group following CreateOrder load."""
+
+    store: str
+    members: int
+    partitions: int
+    committed_events: int
+    acked_events: int
+    """Acks the members sent (a redelivered event is acked again)."""
+    load_seconds: float
+    lag_at_end: int
+    """Events committed but not yet below the group's checkpoint when the load ended."""
+    catch_up_seconds: float
+    """From the load's end until the checkpoint reached the head."""
+    create_calls_per_s: float
+    rss_idle_mb: float
+    rss_peak_mb: float
+
+    @property
+    def committed_per_s(self) -> float:
+        return self.committed_events / self.load_seconds if self.load_seconds else 0.0
+
+
+def group_ratios(drained: list[GroupDrainResult], store: str, members: int) -> list[float]:
+    """Per round, the group's events/s over that round's Subscribe catch-up."""
+    base = {r.round: r.events_per_s for r in drained if r.store == store and r.members == 0}
+    return [
+        r.events_per_s / base[r.round]
+        for r in drained
+        if r.store == store and r.members == members and base.get(r.round)
+    ]
+
+
+def print_consumer_groups(
+    drained: list[GroupDrainResult], live: list[GroupLiveResult], out: TextIO
+) -> None:
+    if drained:
+        out.write(
+            "\nConsumer groups: draining the backlog (16 partitions, batched acks) against "
+            "Subscribe's catch-up, interleaved by round\n"
+        )
+        base = {(r.store, r.round): r.events_per_s for r in drained if r.members == 0}
+        _table(
+            out,
+            ["store", "round", "who", "events", "events/s", "x Subscribe", "srv CPU us/event",
+             "peak RSS MB"],
+            [
+                [
+                    r.store,
+                    str(r.round),
+                    f"{r.members} member{'s' * (r.members > 1)}" if r.members else "Subscribe",
+                    f"{r.events:,}",
+                    f"{r.events_per_s:,.0f}",
+                    _ratio(r.events_per_s, base.get((r.store, r.round))),
+                    f"{r.server_cpu_us_per_event:.0f}",
+                    f"{r.peak_rss_mb:.0f}",
+                ]
+                for r in drained
+            ],
+        )  # fmt: skip
+    if live:
+        out.write("\nConsumer groups: live, following CreateOrder load\n")
+        _table(
+            out,
+            ["store", "members", "partitions", "committed/s", "create/s", "lag at end",
+             "all acked after s", "RSS idle MB", "RSS peak MB"],
+            [
+                [
+                    r.store,
+                    str(r.members),
+                    str(r.partitions),
+                    f"{r.committed_per_s:,.0f}",
+                    f"{r.create_calls_per_s:,.0f}",
+                    f"{r.lag_at_end:,}",
+                    f"{r.catch_up_seconds:.1f}",
+                    f"{r.rss_idle_mb:.0f}",
+                    f"{r.rss_peak_mb:.0f}",
+                ]
+                for r in live
+            ],
+        )  # fmt: skip
+
+
 def conditions() -> dict[str, Any]:
     """What the figures depend on besides the code: the machine and what else ran on it."""
     return {
@@ -114,6 +215,8 @@ class Report:
     replicas: list[ReplicaResult] = field(default_factory=list)
     cold_start: list[ColdStartResult] = field(default_factory=list)
     verify: list[VerifyResult] = field(default_factory=list)
+    group_drain: list[GroupDrainResult] = field(default_factory=list)
+    group_live: list[GroupLiveResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     """Sections or stores not measured, and why."""
 
@@ -182,6 +285,13 @@ class Report:
             "cold_start": [{**dataclasses.asdict(r), "ratio": r.ratio} for r in self.cold_start],
             "verify": [
                 {**dataclasses.asdict(r), "events_per_s": r.events_per_s} for r in self.verify
+            ],
+            "group_drain": [
+                {**dataclasses.asdict(r), "events_per_s": r.events_per_s} for r in self.group_drain
+            ],
+            "group_live": [
+                {**dataclasses.asdict(r), "committed_per_s": r.committed_per_s}
+                for r in self.group_live
             ],
             "notes": self.notes,
         }
@@ -549,6 +659,7 @@ def print_report(report: Report, out: TextIO) -> None:
     print_stream_length(report, out)
     print_workers(report, out)
     print_replicas(report, out)
+    print_consumer_groups(report.group_drain, report.group_live, out)
     if report.notes:
         out.write("\nNot measured:\n")
         for note in report.notes:

@@ -8,8 +8,10 @@ the bare-gRPC floor, interleaved point by point so that both see the same machin
 ``stream-length`` (a hot product's long stream against a fresh one, its cold start after a
 restart with and without snapshots, and ``verify``'s events/s on each store), ``replicas``
 (two gateways on one PostgreSQL database, every order on one product; needs a
-``postgresql://`` store) and ``workers`` (``serve --workers 2`` against ``--workers 1``,
-and live delivery across workers).
+``postgresql://`` store), ``workers`` (``serve --workers 2`` against ``--workers 1``,
+and live delivery across workers) and ``consumer-groups`` (groups of 1, 2 and 4 members
+draining a backlog against Subscribe's catch-up, then following CreateOrder load, and
+the gateway's RSS with a group of 100 members; ``bench/consumer_groups.py``).
 
     python -m bench --store memory --store sqlite --store postgresql://… --plot docs/bench.png
 """
@@ -24,7 +26,15 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-from bench import replicas, stream_length, subscriptions, verify_rate, workers, workload
+from bench import (
+    consumer_groups,
+    replicas,
+    stream_length,
+    subscriptions,
+    verify_rate,
+    workers,
+    workload,
+)
 from bench.inprocess import eventsourcing_commands, gateway_commands
 from bench.loadgen import LoadSpec, run_load
 from bench.plot import plot_load
@@ -49,7 +59,15 @@ from bench.targets import evaluate, print_verdicts
 
 COLD_START_WARM_ORDERS = 30
 """Orders after each measured cold start; their p50 is the warm figure."""
-SECTIONS = ("grpc", "inprocess", "subscriptions", "stream-length", "replicas", "workers")
+SECTIONS = (
+    "grpc",
+    "inprocess",
+    "subscriptions",
+    "stream-length",
+    "replicas",
+    "workers",
+    "consumer-groups",
+)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -181,6 +199,24 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=2,
         help="interleaved rounds of --workers 1 and 2 in the workers section (default 2)",
+    )
+    parser.add_argument(
+        "--group-events",
+        type=int,
+        default=100_000,
+        help="events in the backlog consumer groups drain (default 100,000)",
+    )
+    parser.add_argument(
+        "--group-rounds",
+        type=int,
+        default=2,
+        help="interleaved rounds of Subscribe and groups over the backlog (default 2)",
+    )
+    parser.add_argument(
+        "--group-members",
+        type=int,
+        default=100,
+        help="members of the large live consumer group (default 100; 0 skips it)",
     )
     parser.add_argument(
         "--workdir", type=Path, help="folder for SQLite files and server logs (default: a temp dir)"
@@ -460,6 +496,43 @@ async def run_workers(
             report.notes.append(f"workers on {spec.kind}: {reason}")
 
 
+async def run_consumer_groups(
+    args: argparse.Namespace, specs: list[StoreSpec], workdir: Path, report: Report
+) -> None:
+    print("Consumer groups: backlog against Subscribe, then live under load", file=sys.stderr)
+    for spec in specs:
+        if spec.kind == "memory":
+            report.notes.append(
+                "consumer groups on memory: a memory store cannot be filled before the "
+                "gateway starts"
+            )
+            continue
+        report.group_drain += await consumer_groups.measure_backlog(
+            spec,
+            args.group_events,
+            (1, 2, 4),
+            args.group_rounds,
+            workdir,
+            lambda r: print(f"  {consumer_groups.drain_line(r)}", file=sys.stderr, flush=True),
+        )
+        load = LoadSpec(
+            target="",
+            workload="create",
+            concurrency=args.workload_concurrency,
+            duration=args.duration,
+            warmup=args.warmup,
+            processes=args.processes,
+        )
+        report.group_live += await consumer_groups.measure_live(
+            spec,
+            (1, 2, 4),
+            args.group_members,
+            load,
+            workdir,
+            lambda r: print(f"  {consumer_groups.live_line(r)}", file=sys.stderr, flush=True),
+        )
+
+
 async def run(args: argparse.Namespace) -> Report:
     specs = [StoreSpec.parse(value) for value in args.stores or ["sqlite"]]
     sections = [s for s in args.sections.split(",") if s]
@@ -496,6 +569,8 @@ async def run(args: argparse.Namespace) -> Report:
             await run_replicas(args, specs, workdir, report)
         if "workers" in sections:
             await run_workers(args, specs, workdir, report)
+        if "consumer-groups" in sections:
+            await run_consumer_groups(args, specs, workdir, report)
     report.conditions_after = conditions()
     return report
 

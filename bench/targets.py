@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
-from bench.report import Report
+from bench.report import Report, group_ratios
 from bench.servers import DURABLE_FLOOR
 from bench.stats import LoadResult
 from domain.snapshots import DEFAULT_INTERVAL
@@ -315,6 +315,69 @@ def _replicas(report: Report) -> Verdict:
     )
 
 
+GROUP_ONE_MEMBER_FACTOR = 0.5
+GROUP_MANY_MEMBERS = 100
+
+
+def _group_stores(report: Report) -> list[str]:
+    return sorted({r.store for r in report.group_drain})
+
+
+def _group_one_member(report: Report) -> Verdict:
+    target = (
+        f"consumer group, 1 member, draining a backlog >= {GROUP_ONE_MEMBER_FACTOR:g} x "
+        "Subscribe's catch-up"
+    )
+    judged = [
+        (store, group_ratios(report.group_drain, store, 1)) for store in _group_stores(report)
+    ]
+    judged = [(store, ratios) for store, ratios in judged if ratios]
+    if not judged:
+        return _judge(target, None, "needs the consumer-groups section with 1 member")
+    store, ratios = min(judged, key=lambda item: _mean(item[1]))
+    return _judge(
+        target,
+        _mean(ratios) >= GROUP_ONE_MEMBER_FACTOR,
+        f"{store}: {_mean(ratios):.2f} x (mean of {len(ratios)} rounds: "
+        f"{', '.join(f'{r:.2f}' for r in ratios)})",
+    )
+
+
+def _group_four_members(report: Report) -> Verdict:
+    target = "consumer group, 4 members, draining a backlog >= 1 member's events/s"
+    worst: tuple[float, str, float, float] | None = None
+    for store in _group_stores(report):
+        one = _mean(group_ratios(report.group_drain, store, 1))
+        four = _mean(group_ratios(report.group_drain, store, 4))
+        if one and four and (worst is None or four / one < worst[0]):
+            worst = (four / one, store, four, one)
+    if worst is None:
+        return _judge(target, None, "needs the consumer-groups section with 1 and 4 members")
+    ratio, store, four, one = worst
+    return _judge(
+        target,
+        ratio >= 1.0,
+        f"{store}: {four:.2f} vs {one:.2f} x Subscribe (means over rounds) = {ratio:.2f} x",
+    )
+
+
+def _group_rss(report: Report) -> Verdict:
+    target = (
+        f"gateway RSS with a consumer group of {GROUP_MANY_MEMBERS} members under load "
+        f"< {RSS_LIMIT_MB:.0f} MB"
+    )
+    runs = [r for r in report.group_live if r.members >= GROUP_MANY_MEMBERS]
+    if not runs:
+        return _judge(target, None, f"needs the consumer-groups section with {GROUP_MANY_MEMBERS}")
+    worst = max(runs, key=lambda r: r.rss_peak_mb)
+    return _judge(
+        target,
+        worst.rss_peak_mb < RSS_LIMIT_MB,
+        f"{worst.store}: peak {worst.rss_peak_mb:.0f} MB ({worst.rss_idle_mb:.0f} MB idle), "
+        f"{worst.members} members, all acked {worst.catch_up_seconds:.1f} s after the load",
+    )
+
+
 JUDGES: tuple[Callable[[Report], Verdict], ...] = (
     _throughput_vs_durable_floor,
     _latency_vs_durable_floor,
@@ -334,6 +397,9 @@ JUDGES: tuple[Callable[[Report], Verdict], ...] = (
     _hot("sqlite", 0.9),
     _hot("postgresql", 0.8),
     _replicas,
+    _group_one_member,
+    _group_four_members,
+    _group_rss,
 )
 
 

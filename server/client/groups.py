@@ -16,12 +16,12 @@ from collections.abc import Iterator
 from typing import TextIO
 
 import grpc
-from google.protobuf import duration_pb2, json_format
-from google.protobuf.message import Message
+from google.protobuf import duration_pb2
 from orders.v1 import consumer_group_service_pb2 as pb
 from orders.v1 import consumer_group_service_pb2_grpc as pb_grpc
 
 from server.client.channel import TOKEN_VARIABLE, Metadata, call_metadata, open_channel
+from server.client.json_lines import json_line
 from server.client.tail import field_violations
 
 
@@ -139,10 +139,6 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     add_client_flags(consume)
 
 
-def _json(message: Message) -> str:
-    return json_format.MessageToJson(message, indent=None)
-
-
 def _fail(program: str, error: grpc.RpcError, err: TextIO) -> int:
     assert isinstance(error, grpc.Call)
     print(f"{program}: {error.code().name}: {error.details()}", file=err)
@@ -179,16 +175,18 @@ def run_group(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
             command = args.group_command
             if command == "create":
                 request = pb.CreateConsumerGroupRequest(name=args.name, settings=_settings(args))
-                print(_json(stub.CreateConsumerGroup(request, metadata=metadata).group), file=out)
+                print(
+                    json_line(stub.CreateConsumerGroup(request, metadata=metadata).group), file=out
+                )
             elif command == "list":
                 listed = stub.ListConsumerGroups(pb.ListConsumerGroupsRequest(), metadata=metadata)
                 for found in listed.groups:
-                    print(_json(found), file=out)
+                    print(json_line(found), file=out)
             elif command == "info":
                 got = stub.GetConsumerGroup(
                     pb.GetConsumerGroupRequest(name=args.name), metadata=metadata
                 )
-                print(_json(got.group), file=out)
+                print(json_line(got.group), file=out)
             elif command == "delete":
                 stub.DeleteConsumerGroup(
                     pb.DeleteConsumerGroupRequest(name=args.name), metadata=metadata
@@ -197,7 +195,7 @@ def run_group(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
                 replayed = stub.ReplayParked(
                     pb.ReplayParkedRequest(name=args.name, limit=args.limit), metadata=metadata
                 )
-                print(_json(replayed), file=out)
+                print(json_line(replayed), file=out)
         except grpc.RpcError as error:
             return _fail(program, error, err)
     return 0
@@ -225,7 +223,7 @@ def follow_group(
     try:
         for response in call:
             if response.WhichOneof("message") == "delivery":
-                out.write(_json(response.delivery) + "\n")
+                out.write(json_line(response.delivery) + "\n")
                 out.flush()
                 # Written and flushed: only now is the event done, as far as we can tell.
                 event_ids = [response.delivery.event.event_id]

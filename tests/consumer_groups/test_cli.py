@@ -75,19 +75,28 @@ async def test_group_commands_round_trip(gateway: Gateway) -> None:
     assert created.code == 0, created.err
     (group,) = created.lines
     assert group["name"] == "billing"
+    # The proto field names, as grpcurl and the docs have them, zero values included.
     assert group["settings"] == {
-        "eventTypes": ["OrderCreated"],
+        "event_types": ["OrderCreated"],
+        "start_after_position": "0",
+        "start_from_end": False,
         "partitions": 4,
-        "ackTimeout": "2.500s",
-        "maxDeliveries": 3,
+        "ack_timeout": "2.500s",
+        "max_deliveries": 3,
     }
     await cli("group", "create", "audit", "--from-end", "--target", target)
     listed = await cli("group", "list", "--target", target)
     assert [g["name"] for g in listed.lines] == ["audit", "billing"]
     info = await cli("group", "info", "billing", "--target", target)
-    assert len(info.lines[0]["partitionStates"]) == 4  # type: ignore[arg-type]
+    assert info.lines[0]["partition_states"][0] == {  # type: ignore[index]
+        "partition": 0,
+        "checkpoint": "0",
+        "member_id": "",
+        "in_flight": 0,
+    }
+    assert len(info.lines[0]["partition_states"]) == 4  # type: ignore[arg-type]
     replayed = await cli("group", "replay-parked", "billing", "--limit", "5", "--target", target)
-    assert replayed.code == 0 and replayed.lines == [{}]  # 0 replayed: proto3 omits it
+    assert replayed.code == 0 and replayed.lines == [{"replayed": "0"}]
     deleted = await cli("group", "delete", "billing", "--target", target)
     assert deleted.code == 0
     gone = await cli("group", "info", "billing", "--target", target)
@@ -119,7 +128,7 @@ async def test_consume_prints_json_lines_and_acks_each(gateway: Gateway) -> None
     )  # fmt: skip
     assert process.stdout is not None and process.stderr is not None
     lines = [json.loads(await asyncio.wait_for(process.stdout.readline(), 30)) for _ in ids]
-    assert sorted(line["event"]["eventId"] for line in lines) == sorted(ids)
+    assert sorted(line["event"]["event_id"] for line in lines) == sorted(ids)
     assert {line["attempt"] for line in lines} == {1}
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.ConsumerGroupServiceStub(channel)
@@ -175,7 +184,7 @@ async def test_token_from_the_flag_or_the_environment(tmp_path: Path) -> None:
         )  # fmt: skip
         assert tailing.stdout is not None
         line = await asyncio.wait_for(tailing.stdout.readline(), 30)
-        assert json.loads(line)["eventType"] == "ProductRestocked"
+        assert json.loads(line)["event_type"] == "ProductRestocked"
         tailing.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(tailing.wait(), 30) == 0
 

@@ -7,7 +7,7 @@ import datetime as dt
 
 import pytest
 
-from server.consumer_groups.leases import LocalMember
+from server.consumer_groups.leases import LocalMember, PartitionLease
 from server.consumer_groups.leases_memory import MemoryLeases
 from server.consumer_groups.model import MemberIdTakenError
 
@@ -84,10 +84,12 @@ async def test_a_member_id_is_taken_while_its_member_lives(
 
 async def test_a_forgotten_replica_frees_its_members_and_partitions(leases: MemoryLeases) -> None:
     await leases.register("g", "r1", member("a"))
-    await leases.round("g", "r1", [member("a", in_flight=3)], [], {0: "a", 1: "a"})
+    await leases.round("g", "r1", [member("a", in_flight=3)], [], {0: "a", 1: "a"}, {1: 3})
     await leases.round("h", "r1", [member("a")], [], {0: "a"})
     live, owners = await leases.snapshot("g")
-    assert [(m.member_id, m.in_flight) for m in live] == [("a", 3)] and owners == {0: "a", 1: "a"}
+    assert [(m.member_id, m.in_flight) for m in live] == [("a", 3)]
+    # Each lease carries its partition's deliveries in flight, as its renewal gave them.
+    assert owners == {0: PartitionLease("a", 0), 1: PartitionLease("a", 3)}
 
     leases.forget(["r1"])
 
@@ -104,4 +106,4 @@ async def test_leave_frees_one_group_only(leases: MemoryLeases) -> None:
     await leases.leave("g", "r1")
     assert await leases.snapshot("g") == ([], {})
     _, owners = await leases.snapshot("h")
-    assert owners == {0: "a"}
+    assert owners == {0: PartitionLease("a", 0)}

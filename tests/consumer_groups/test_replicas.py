@@ -146,3 +146,52 @@ async def test_a_killed_replica_s_partitions_move_and_none_is_delivered_twice_at
     print(f"takeover {takeover:.1f} s")
     assert takeover <= 15, f"partitions moved {takeover:.1f} s after the kill"
     assert_never_two_at_once(record.deliveries, PARTITIONS)
+
+
+async def test_every_replica_reports_the_deliveries_in_flight_on_another(
+    fresh_postgres_url: str,
+) -> None:
+    with replica(fresh_postgres_url) as (target_a, a), replica(fresh_postgres_url) as (target_b, b):
+        await wait_until_serving(target_a, a)
+        await wait_until_serving(target_b, b)
+        async with channel_to(target_a) as channel_a, channel_to(target_b) as channel_b:
+            groups_a = pb_grpc.ConsumerGroupServiceStub(channel_a)
+            groups_b = pb_grpc.ConsumerGroupServiceStub(channel_b)
+            inventory = inventory_grpc.InventoryCommandServiceStub(channel_a)
+            await groups_a.CreateConsumerGroup(
+                pb.CreateConsumerGroupRequest(
+                    name="g", settings=pb.ConsumerGroupSettings(partitions=PARTITIONS)
+                )
+            )
+            on_a = await join(groups_a, "g", member_id="on-a")
+            await until(lambda: on_a.partitions == list(range(PARTITIONS)), within=15)
+            for n in range(20):
+                await restock(inventory, n)
+            # Held, never acked: 20 restocks of 20 products, one event each.
+            held = await on_a.deliveries(20)
+            expected: dict[int, int] = {}
+            for delivery in held:
+                expected[delivery.partition] = expected.get(delivery.partition, 0) + 1
+
+            async def seen_from_b() -> pb.ConsumerGroup:
+                request = pb.GetConsumerGroupRequest(name="g")
+                return (await groups_b.GetConsumerGroup(request)).group
+
+            # B has no member of the group: everything it reports comes from A's leases,
+            # written with their renewals (every 2 s).
+            async with asyncio.timeout(15):
+                while True:
+                    group = await seen_from_b()
+                    per_partition = {p.partition: p.in_flight for p in group.partition_states}
+                    if {p: n for p, n in per_partition.items() if n} == expected:
+                        break
+                    await asyncio.sleep(0.2)
+            assert group.in_flight == 20
+            assert [(m.member_id, m.in_flight) for m in group.members] == [("on-a", 20)]
+            assert {p.member_id for p in group.partition_states} == {"on-a"}
+
+            await on_a.ack(*(d.event.event_id for d in held))
+            async with asyncio.timeout(15):
+                while (await seen_from_b()).in_flight:  # noqa: ASYNC110 - polls a server
+                    await asyncio.sleep(0.2)
+            await on_a.close()

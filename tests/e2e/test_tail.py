@@ -117,9 +117,13 @@ def test_prints_each_event_as_one_json_line_and_exits_0_when_the_stream_ends(
     assert len(lines) == 2, "checkpoints are not printed"
     first, second = (json.loads(line) for line in lines)
     assert first["position"] == "8"  # proto3 JSON writes 64-bit integers as strings
-    assert first["eventType"] == "ProductRestocked"
-    assert first["productRestocked"] == {"productId": "sku-1", "quantity": 1, "availableAfter": "8"}
-    assert second["streamId"] == "product-sku-2"
+    assert first["event_type"] == "ProductRestocked"
+    assert first["product_restocked"] == {
+        "product_id": "sku-1",
+        "quantity": 1,
+        "available_after": "8",
+    }
+    assert second["stream_id"] == "product-sku-2"
     assert err.getvalue() == ""
 
 
