@@ -4,7 +4,9 @@
 SQLite appends go to the supervisor's writer over the hub; on PostgreSQL the worker
 appends itself and then tells the hub. Either way the hub's wake-ups call the store's
 commit listeners (on PostgreSQL beside its LISTEN/NOTIFY), and those that say another
-worker committed call ``on_others`` too (the aggregate cache's follower).
+worker committed call ``on_others`` too (the aggregate cache's follower). A wake-up that
+carries the recorded events (SQLite) hands them to the recorded-events listeners (the
+subscription hub) instead, who then need not read them back.
 
 If the supervisor goes away, appends waiting for its answer, and new ones on SQLite,
 fail as ``StoreUnavailableError`` (nothing was acknowledged that is not durable), and
@@ -16,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final, Protocol
 
@@ -36,8 +38,11 @@ from server.stores.event_rows import EventRow, EventRowReader, StreamRowReader
 from server.workers.hub_protocol import (
     NOTICE,
     WAKE,
+    WANT,
+    EncodedEvent,
     FrameBuffer,
     Outcome,
+    decode_events,
     decode_outcome,
     encode_commit,
     frame,
@@ -89,6 +94,7 @@ class HubClient:
         self._pending: dict[int, tuple[Commit, asyncio.Future[list[RecordedEvent]]]] = {}
         self._ids = itertools.count(WAKE + 1)
         self._listeners: list[Callable[[], None]] = []
+        self._recorded_listeners: list[Callable[[Sequence[RecordedEvent]], None]] = []
         self._notice = frame((NOTICE, None))
         self.lost = asyncio.Event()
 
@@ -137,9 +143,22 @@ class HubClient:
     def add_listener(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
 
-    def woken(self, others: bool) -> None:
+    def add_recorded_listener(self, listener: Callable[[Sequence[RecordedEvent]], None]) -> None:
+        self._recorded_listeners.append(listener)
+
+    def want_recorded(self, wanted: bool) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(frame((WANT, wanted)))
+
+    def woken(self, wake: tuple[bool, list[EncodedEvent]]) -> None:
+        others, encoded = wake
         if others and self.on_others is not None:
             self.on_others()
+        if encoded and self._recorded_listeners:
+            recorded = decode_events(encoded)
+            for recorded_listener in self._recorded_listeners:
+                recorded_listener(recorded)
+            return
         for listener in self._listeners:
             listener()
 
@@ -232,6 +251,15 @@ class WorkerStore:
     def add_commit_listener(self, listener: Callable[[], None]) -> None:
         self._hub.add_listener(listener)
         self._inner.add_commit_listener(listener)
+
+    def add_recorded_listener(self, listener: Callable[[Sequence[RecordedEvent]], None]) -> None:
+        """``server.rpc.subscription_hub.HandsOverRecorded``: a wake-up that carries the
+        events (SQLite's, from the supervisor's writer) calls ``listener`` with them
+        instead of the commit listeners."""
+        self._hub.add_recorded_listener(listener)
+
+    def want_recorded(self, wanted: bool) -> None:
+        self._hub.want_recorded(wanted)
 
     async def close(self) -> None:
         """Appends in flight are answered first; new ones are refused."""
