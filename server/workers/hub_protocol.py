@@ -43,7 +43,7 @@ WAKE: Final = 0
 """Supervisor to worker: new events may be readable; whether others committed."""
 NOTICE: Final = -1
 """Worker to supervisor: this worker has just committed (by itself)."""
-WANT: Final = -2
+WANT: Final = -3
 """Worker to supervisor: whether to send it the recorded events."""
 _LENGTH = struct.Struct("!I")
 
