@@ -155,10 +155,16 @@ class HubClient:
         if others and self.on_others is not None:
             self.on_others()
         if encoded and self._recorded_listeners:
-            recorded = decode_events(encoded)
-            for recorded_listener in self._recorded_listeners:
-                recorded_listener(recorded)
-            return
+            try:
+                recorded = decode_events(encoded)
+                for recorded_listener in self._recorded_listeners:
+                    recorded_listener(recorded)
+            except Exception:
+                # Raised here, it would close the connection and stop the worker: the
+                # listeners read the events instead.
+                log.exception("handing over recorded events failed")
+            else:
+                return
         for listener in self._listeners:
             listener()
 
