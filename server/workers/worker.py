@@ -18,6 +18,8 @@ serve nobody and hold its store for ever.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import functools
 import logging
 import os
 import signal
@@ -108,8 +110,10 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
         asyncio.create_task(_stop_when_set(hub.lost, stop)),
         asyncio.create_task(_bound(stop, stop_deadline(spec.settings), spec.index)),
     ]
+    deletions: set[asyncio.Task[None]] = set()
 
     def on_serving(gateway: Gateway) -> None:
+        hub.on_group_deleted = functools.partial(_group_deleted, gateway, deletions)
         ready.send(gateway.metrics_port)
         ready.close()
 
@@ -127,6 +131,15 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
         for task in background:
             task.cancel()
         await follower.stop()
+
+
+def _group_deleted(
+    gateway: Gateway, tasks: set[asyncio.Task[None]], name: str, created_at: dt.datetime
+) -> None:
+    """A group was deleted (through any worker): its members here end too."""
+    task = asyncio.create_task(gateway.groups.deleted_elsewhere(name, created_at))
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 async def _stop_when_set(event: asyncio.Event, stop: asyncio.Event) -> None:
