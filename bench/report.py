@@ -17,7 +17,7 @@ from bench.inprocess import InProcessResult
 from bench.replicas import ReplicaResult
 from bench.servers import DURABLE_FLOORS
 from bench.stats import LoadResult
-from bench.workers import WORKER_COUNTS, DeliveryResult, label
+from bench.workers import WORKER_COUNTS, DeliveryResult, delivery_summary, label
 
 
 @dataclass(frozen=True)
@@ -595,12 +595,8 @@ def print_workers(report: Report, out: TextIO) -> None:
     )
     for delivery in report.delivery:
         out.write(
-            f"Live delivery across workers on {delivery.store}: {delivery.orders} orders, "
-            f"subscribers by worker {delivery.subscribers_per_worker}; p50/p99 "
-            f"{delivery.from_send.p50_ms:.2f}/{delivery.from_send.p99_ms:.2f} ms from the "
-            f"command's send, {delivery.after_answer.p50_ms:.2f}/"
-            f"{delivery.after_answer.p99_ms:.2f} ms after its answer; "
-            f"{delivery.missing} missing\n"
+            f"Live delivery across workers on {delivery.store}, {delivery.orders} orders: "
+            f"{delivery_summary(delivery)}\n"
         )
 
 

@@ -259,12 +259,14 @@ def _cross_worker_delivery(report: Report) -> Verdict:
     target = f"live delivery across workers: p99 <= {DELIVERY_P99_MS:g} ms"
     if not report.delivery:
         return _judge(target, None, "needs the workers section on a durable store")
-    worst = max(report.delivery, key=lambda r: r.from_send.p99_ms)
+    # Commit to subscriber, measured from the creator's answer (see bench.workers).
+    worst = max(report.delivery, key=lambda r: r.after_answer.p99_ms)
     return _judge(
         target,
-        worst.from_send.p99_ms <= DELIVERY_P99_MS and worst.missing == 0,
-        f"{worst.store}: p99 {worst.from_send.p99_ms:.2f} ms from the command's send "
-        f"({worst.after_answer.p99_ms:.2f} ms after its answer), {worst.missing} missing",
+        worst.after_answer.p99_ms <= DELIVERY_P99_MS and worst.missing == 0,
+        f"{worst.store}: p99 {worst.after_answer.p99_ms:.2f} ms after the creator's answer "
+        f"({worst.from_handling.p99_ms:.2f} ms from handling, an upper bound), "
+        f"{worst.missing} missing",
     )
 
 

@@ -7,11 +7,21 @@ balances ``SO_REUSEPORT`` listeners by connection, not by call. Server CPU per c
 counts the supervisor and every worker, and says how much of it was the supervisor's (on
 SQLite: the store's one writer and the hub), which one process bounds whatever N is.
 
-Live delivery: subscribers on several connections (so, on both workers: the supervisor's
-``/metrics`` says how many each holds) while orders are placed one at a time through
-other connections; for each order, the time from sending the command to each
-subscriber receiving its ``OrderCreated``. That includes the command itself; the same
-time less the command's own latency (the creator's answer) is reported beside it.
+Live delivery: one subscriber on each of several connections (so, on both workers), and
+orders placed one at a time through the same connections in turn, so that each delivery
+is known to cross workers or not: each connection's worker is read from the
+supervisor's ``/metrics`` as its subscription opens. The target is commit to subscriber,
+which the client cannot see directly; two figures bracket it on the host's one clock:
+
+- *after the answer*: from the creator receiving its answer (after the commit: the
+  answer's own trip is not counted) to the subscriber receiving the event (0 when the
+  subscriber was first). This is the figure judged.
+- *from handling*: from the event's ``occurred_at`` (stamped when the worker took the
+  command, before its append) to the subscriber; the append itself (queueing and fsync)
+  is counted too, so this is an upper bound.
+
+The time from the command's send (the command's own latency included) is kept as
+context.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 from orders.v1 import (
     event_stream_service_pb2,
     event_stream_service_pb2_grpc,
@@ -55,12 +66,33 @@ class DeliveryResult:
     store: str
     orders: int
     subscribers_per_worker: dict[str, int]
-    from_send: Latencies
-    """Command sent → a subscriber received its first event."""
     after_answer: Latencies
-    """The same, less the time the creator waited for its own answer (not below 0)."""
+    """Across workers: the creator's answer -> a subscriber on another worker received
+    the event (not below 0): commit to subscriber, less the answer's own trip."""
+    from_handling: Latencies
+    """Across workers: the event's ``occurred_at`` -> received; commit to subscriber plus
+    the append itself, an upper bound."""
+    from_send: Latencies
+    """Across workers: the command sent -> received (the command's latency included)."""
+    same_worker_after_answer: Latencies
+    """As ``after_answer``, for subscribers on the worker that took the command."""
+    cross_worker: int
+    """Deliveries measured across workers (the others were on the creator's worker)."""
     missing: int = 0
     """Deliveries that never arrived (there should be none)."""
+
+
+def delivery_summary(delivery: DeliveryResult) -> str:
+    return (
+        f"p50/p99 {delivery.after_answer.p50_ms:.2f}/{delivery.after_answer.p99_ms:.2f} ms "
+        f"after the creator's answer ({delivery.from_handling.p50_ms:.2f}/"
+        f"{delivery.from_handling.p99_ms:.2f} ms from handling, "
+        f"{delivery.from_send.p50_ms:.2f}/{delivery.from_send.p99_ms:.2f} ms from the send; "
+        f"{delivery.cross_worker} deliveries across workers; on the creator's worker "
+        f"{delivery.same_worker_after_answer.p50_ms:.2f}/"
+        f"{delivery.same_worker_after_answer.p99_ms:.2f} ms after the answer); "
+        f"subscribers by worker {delivery.subscribers_per_worker}, {delivery.missing} missing"
+    )
 
 
 def label(store: str, workers: int) -> str:
@@ -136,10 +168,7 @@ async def measure(
                         load_results.append(result)
             delivery = await measure_delivery(two, spec.kind, metrics_port)
             print(
-                f"  live delivery across workers on {spec.kind}: p99 "
-                f"{delivery.from_send.p99_ms:.2f} ms from the command's send, "
-                f"{delivery.after_answer.p99_ms:.2f} ms after its answer; subscribers by "
-                f"worker {delivery.subscribers_per_worker}",
+                f"  live delivery across workers on {spec.kind}: {delivery_summary(delivery)}",
                 file=sys.stderr,
             )
             delivery_results.append(delivery)
@@ -176,10 +205,22 @@ def _subscriptions_by_worker(metrics_port: int) -> dict[str, int]:
     }
 
 
+def _seconds(timestamp: Timestamp) -> float:
+    return timestamp.seconds + timestamp.nanos / 1e9
+
+
+@dataclass
+class _Arrivals:
+    """What one subscriber received: order id -> (wall-clock arrival, occurred_at)."""
+
+    worker: str = "?"
+    seen: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+
+
 async def measure_delivery(gateway: ServerProcess, store: str, metrics_port: int) -> DeliveryResult:
     options = [("grpc.use_local_subchannel_pool", 1)]
-    channels = [grpc.aio.insecure_channel(gateway.target, options) for _ in range(2 * SUBSCRIBERS)]
-    received: list[dict[str, float]] = [{} for _ in range(SUBSCRIBERS)]
+    channels = [grpc.aio.insecure_channel(gateway.target, options) for _ in range(SUBSCRIBERS)]
+    subscribers = [_Arrivals() for _ in range(SUBSCRIBERS)]
     caught_up = [asyncio.Event() for _ in range(SUBSCRIBERS)]
 
     async def subscribe(n: int) -> None:
@@ -187,33 +228,41 @@ async def measure_delivery(gateway: ServerProcess, store: str, metrics_port: int
         request = event_stream_service_pb2.SubscribeRequest(
             from_end=True, event_types=["OrderCreated"]
         )
+        seen = subscribers[n].seen
         async for response in stub.Subscribe(request):
             if response.HasField("checkpoint"):
                 caught_up[n].set()
             else:
-                received[n][response.event.order_created.order_id] = time.perf_counter()
+                event = response.event
+                seen[event.order_created.order_id] = (time.time(), _seconds(event.occurred_at))
 
-    readers = [asyncio.ensure_future(subscribe(n)) for n in range(SUBSCRIBERS)]
+    readers: list[asyncio.Future[None]] = []
     try:
-        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in caught_up)), DELIVERY_TIMEOUT)
-        by_worker = await asyncio.to_thread(_subscriptions_by_worker, metrics_port)
-        writers = [
-            order_command_service_pb2_grpc.OrderCommandServiceStub(c)
-            for c in channels[SUBSCRIBERS:]
-        ]
-        sent: dict[str, tuple[float, float]] = {}
+        # One at a time: the worker whose subscription count grew holds this connection.
+        counts = await asyncio.to_thread(_subscriptions_by_worker, metrics_port)
+        for n in range(SUBSCRIBERS):
+            readers.append(asyncio.ensure_future(subscribe(n)))
+            await asyncio.wait_for(caught_up[n].wait(), DELIVERY_TIMEOUT)
+            now = await asyncio.to_thread(_subscriptions_by_worker, metrics_port)
+            grown = [w for w, count in now.items() if count > counts.get(w, 0)]
+            subscribers[n].worker = grown[0] if len(grown) == 1 else "?"
+            counts = now
+        writers = [order_command_service_pb2_grpc.OrderCommandServiceStub(c) for c in channels]
+        sent: dict[str, tuple[int, float, float]] = {}
         customer = str(uuid.uuid4())
         rng = random.Random(7)
         for n in range(DELIVERY_ORDERS):
             request = workload.create_request(rng, customer)
-            started = time.perf_counter()
+            started = time.time()
             responses = [r async for r in writers[n % len(writers)].CreateOrder(request)]
-            answered = time.perf_counter()
-            sent[responses[0].event.order_created.order_id] = (started, answered)
+            answered = time.time()
+            sent[responses[0].event.order_created.order_id] = (n % len(writers), started, answered)
             await asyncio.sleep(DELIVERY_PAUSE_SECONDS)
         deadline = time.perf_counter() + DELIVERY_TIMEOUT
         # The readers fill dicts; stragglers (there should be none) get a bounded wait.
-        while time.perf_counter() < deadline and any(len(r) < len(sent) for r in received):  # noqa: ASYNC110
+        while time.perf_counter() < deadline and any(  # noqa: ASYNC110
+            len(s.seen) < len(sent) for s in subscribers
+        ):
             await asyncio.sleep(0.05)
     finally:
         for reader in readers:
@@ -221,21 +270,29 @@ async def measure_delivery(gateway: ServerProcess, store: str, metrics_port: int
         await asyncio.gather(*readers, return_exceptions=True)
         for channel in channels:
             await channel.close()
-    from_send, after_answer = [], []
+    after_answer, from_handling, from_send, same_worker = [], [], [], []
     missing = 0
-    for order_id, (started, answered) in sent.items():
-        for arrivals in received:
-            arrived = arrivals.get(order_id)
-            if arrived is None:
+    for order_id, (writer, started, answered) in sent.items():
+        for subscriber in subscribers:
+            arrival = subscriber.seen.get(order_id)
+            if arrival is None:
                 missing += 1
                 continue
-            from_send.append(arrived - started)
+            arrived, occurred = arrival
+            if subscriber.worker == subscribers[writer].worker != "?":
+                same_worker.append(max(0.0, arrived - answered))
+                continue
             after_answer.append(max(0.0, arrived - answered))
+            from_handling.append(max(0.0, arrived - occurred))
+            from_send.append(arrived - started)
     return DeliveryResult(
         store,
         len(sent),
-        by_worker,
-        Latencies.of(from_send),
+        counts,
         Latencies.of(after_answer),
+        Latencies.of(from_handling),
+        Latencies.of(from_send),
+        Latencies.of(same_worker),
+        len(after_answer),
         missing,
     )

@@ -14,6 +14,13 @@ its product's whole stream back, and ``--workers 2`` spent 1.5 to 1.9 x the serv
 per call of one worker (interleaved runs, SQLite, 32 concurrent).
 
 A refresh is an optimisation only: the append's expected-version check still decides.
+
+Stopping does not rest on cancellation alone: a read in flight while the store closes
+under it can end in the store's error rather than the cancellation (the driver's and its
+pool's clean-up of a cancelled wait may raise their own), which the loop survives by
+design. A worker whose supervisor was killed was seen waiting for ever on a follower
+cancelled yet back at its next wake-up; the loop now also ends on ``stop``'s flag, and
+``stop`` waits a bounded time.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ read costs about as much as a command's own reads, and with N workers every work
 would otherwise read once per commit of any other (measured with one read per wake-up:
 on PostgreSQL at 32 concurrent the workers spent 1.6 x the CPU per call of one process);
 a cached aggregate may stay behind that long, which an append's check still catches."""
+STOP_SECONDS: Final = 1.0
+"""Longest ``stop`` waits for a read in flight."""
 
 
 class CacheFollower:
@@ -43,6 +52,7 @@ class CacheFollower:
         self._position = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         """Follow from the current head (the cache is empty at start)."""
@@ -53,12 +63,14 @@ class CacheFollower:
         self._wake.set()
 
     async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait({self._task}, timeout=STOP_SECONDS)
 
     async def _follow(self) -> None:
-        while True:
+        while not self._stopping:
             await self._wake.wait()
             self._wake.clear()
             try:

@@ -8,7 +8,10 @@ of every commit (an append it wrote, or a worker's notice) and, once per turn of
 event loop, sends every worker one wake-up: a local message, not the 1 s poll. The
 wake-up says whether *another* worker committed: only then has the worker's cache
 anything to catch up on (at one caller, reading each own commit back in every worker
-doubled the server CPU per call).
+doubled the server CPU per call). On SQLite it also carries the events its writer
+recorded since the last one: a worker's subscriptions deliver them as they stand
+instead of reading them back from the file first (a read in every worker, in a reader
+thread, on the path from commit to subscriber).
 
 **SQLite's writer.** SQLite lets one connection write at a time, and a connection
 waiting for another process's write lock polls with sleeps of 1 to 100 ms (its busy
@@ -35,10 +38,12 @@ from server.workers.hub_protocol import (
     GROUP_DELETED,
     NOTICE,
     WAKE,
+    WANT,
     FrameBuffer,
     GroupCall,
     decode_commit,
     encode_call_outcome,
+    encode_events,
     encode_outcome,
     frame,
 )
@@ -55,6 +60,8 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self.others_committed = False
         """Another worker committed since this worker's last wake-up."""
+        self.wants_recorded = False
+        """The worker has live subscriptions: its wake-ups carry the recorded events."""
         self.replicas: set[str] = set()
         """The worker's consumer-group replica ids (its lease calls name them)."""
 
@@ -68,7 +75,7 @@ class _Connection(asyncio.Protocol):
         self._hub.connections.add(self)
         # The worker waits for this first wake-up before it serves: it knows the hub has
         # taken its connection.
-        transport.write(self._hub.wakes[False])
+        transport.write(self._hub.idle_wake)
 
     def connection_lost(self, exc: Exception | None) -> None:
         # Appends already handed to the writer still commit: the worker that sent them
@@ -85,6 +92,8 @@ class _Connection(asyncio.Protocol):
         for call_id, message in self._buffer.feed(data):
             if call_id == NOTICE:
                 self._hub.committed(self)
+            elif call_id == WANT:
+                self.wants_recorded = message
             elif isinstance(message, GroupCall):
                 self._group_call(call_id, message)
             else:
@@ -119,7 +128,7 @@ class _Connection(asyncio.Protocol):
             return
         error = done.exception()
         if error is None:
-            self._hub.committed(self)
+            self._hub.committed(self, done.result())
         self.send(frame((call_id, encode_outcome(done.result() if error is None else error))))
 
     @property
@@ -155,14 +164,20 @@ class WorkerHub:
         self.closed = False
         self._server: asyncio.Server | None = None
         self._wake_pending = False
-        self.wakes = {others: frame((WAKE, others)) for others in (False, True)}
+        self._recorded: list[RecordedEvent] = []
+        """Events the writer recorded since the last wake-up."""
+        self._plain_wakes = {others: frame((WAKE, (others, []))) for others in (False, True)}
+        self.idle_wake = self._plain_wakes[False]
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: _Connection(self), str(self.path))
 
-    def committed(self, origin: _Connection) -> None:
-        """``origin``'s worker committed: wake every worker, soon."""
+    def committed(self, origin: _Connection, recorded: list[RecordedEvent] | None = None) -> None:
+        """``origin``'s worker committed (``recorded``: the events, when the writer here
+        recorded them): wake every worker, soon."""
+        if recorded and any(c.wants_recorded for c in self.connections):
+            self._recorded += recorded
         for connection in self.connections:
             if connection is not origin:
                 connection.others_committed = True
@@ -174,8 +189,19 @@ class WorkerHub:
 
     def _wake(self) -> None:
         self._wake_pending = False
+        recorded, self._recorded = self._recorded, []
+        wakes = self._plain_wakes
+        if recorded:
+            # Answers of one batch may complete out of order; positions are the writer's.
+            recorded.sort(key=lambda event: event.position)
+            encoded = encode_events(recorded)
+            with_events = {others: frame((WAKE, (others, encoded))) for others in (False, True)}
         for connection in self.connections:
-            connection.send(self.wakes[connection.others_committed])
+            others = connection.others_committed
+            if recorded and connection.wants_recorded:
+                connection.send(with_events[others])
+            else:
+                connection.send(wakes[others])
             connection.others_committed = False
 
     def _group_deleted(self, name: str, created_at: dt.datetime) -> None:

@@ -4,7 +4,9 @@
 SQLite appends go to the supervisor's writer over the hub; on PostgreSQL the worker
 appends itself and then tells the hub. Either way the hub's wake-ups call the store's
 commit listeners (on PostgreSQL beside its LISTEN/NOTIFY), and those that say another
-worker committed call ``on_others`` too (the aggregate cache's follower).
+worker committed call ``on_others`` too (the aggregate cache's follower). A wake-up that
+carries the recorded events (SQLite) hands them to the recorded-events listeners (the
+subscription hub) instead, who then need not read them back.
 
 If the supervisor goes away, appends waiting for its answer, and new ones on SQLite,
 fail as ``StoreUnavailableError`` (nothing was acknowledged that is not durable), and
@@ -17,7 +19,7 @@ import asyncio
 import datetime as dt
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -39,10 +41,13 @@ from server.workers.hub_protocol import (
     GROUP_DELETED,
     NOTICE,
     WAKE,
+    WANT,
+    EncodedEvent,
     FrameBuffer,
     GroupCall,
     Outcome,
     decode_call_outcome,
+    decode_events,
     decode_outcome,
     encode_commit,
     frame,
@@ -101,6 +106,7 @@ class HubClient:
         """Consumer-group calls waiting for their answer."""
         self._ids = itertools.count(WAKE + 1)
         self._listeners: list[Callable[[], None]] = []
+        self._recorded_listeners: list[Callable[[Sequence[RecordedEvent]], None]] = []
         self._notice = frame((NOTICE, None))
         self.lost = asyncio.Event()
 
@@ -165,9 +171,28 @@ class HubClient:
     def add_listener(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
 
-    def woken(self, others: bool) -> None:
+    def add_recorded_listener(self, listener: Callable[[Sequence[RecordedEvent]], None]) -> None:
+        self._recorded_listeners.append(listener)
+
+    def want_recorded(self, wanted: bool) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(frame((WANT, wanted)))
+
+    def woken(self, wake: tuple[bool, list[EncodedEvent]]) -> None:
+        others, encoded = wake
         if others and self.on_others is not None:
             self.on_others()
+        if encoded and self._recorded_listeners:
+            try:
+                recorded = decode_events(encoded)
+                for recorded_listener in self._recorded_listeners:
+                    recorded_listener(recorded)
+            except Exception:
+                # Raised here, it would close the connection and stop the worker: the
+                # listeners read the events instead.
+                log.exception("handing over recorded events failed")
+            else:
+                return
         for listener in self._listeners:
             listener()
 
@@ -269,6 +294,15 @@ class WorkerStore:
     def add_commit_listener(self, listener: Callable[[], None]) -> None:
         self._hub.add_listener(listener)
         self._inner.add_commit_listener(listener)
+
+    def add_recorded_listener(self, listener: Callable[[Sequence[RecordedEvent]], None]) -> None:
+        """``server.rpc.subscription_hub.HandsOverRecorded``: a wake-up that carries the
+        events (SQLite's, from the supervisor's writer) calls ``listener`` with them
+        instead of the commit listeners."""
+        self._hub.add_recorded_listener(listener)
+
+    def want_recorded(self, wanted: bool) -> None:
+        self._hub.want_recorded(wanted)
 
     async def close(self) -> None:
         """Appends in flight are answered first; new ones are refused."""

@@ -1,11 +1,15 @@
 """The frames between workers and their supervisor's hub (``server.workers.hub``).
 
 A frame is a 4-byte big-endian length and a pickle. Workers send ``(call_id, commit)``
-(an append, on SQLite: the supervisor owns the writer) or ``(NOTICE, None)`` (the worker
-committed itself, on PostgreSQL). The supervisor answers an append with
-``(call_id, outcome)`` and, after commits, sends every worker ``(WAKE, others)``: new
-events may be readable, and ``others`` says whether another worker committed since the
-last wake-up (a worker's own commits leave its aggregate cache up to date). On SQLite
+(an append, on SQLite: the supervisor owns the writer), ``(NOTICE, None)`` (the worker
+committed itself, on PostgreSQL) or ``(WANT, wanted)`` (whether it wants the recorded
+events in its wake-ups: only while it has live subscriptions). The supervisor answers an
+append with ``(call_id, outcome)`` and, after commits, sends every worker
+``(WAKE, (others, events))``: new events may be readable, ``others`` says whether another
+worker committed since the last wake-up (a worker's own commits leave its aggregate cache
+up to date), and ``events`` are the events the supervisor's writer recorded since the
+last wake-up, in position order (on SQLite, to workers that want them; empty otherwise),
+so that a worker's subscriptions need not read them back from the file. On SQLite
 workers also send ``(call_id, GroupCall)``: a consumer-group write or lease call, which
 the supervisor answers with ``(call_id, outcome)``, and after a group is deleted it tells
 every worker ``(GROUP_DELETED, (name, created_at))`` (``server.workers.groups``). Both ends are
@@ -46,6 +50,8 @@ NOTICE: Final = -1
 """Worker to supervisor: this worker has just committed (by itself)."""
 GROUP_DELETED: Final = -2
 """Supervisor to worker: ``(name, created_at)``, a consumer group deleted (on SQLite)."""
+WANT: Final = -3
+"""Worker to supervisor: whether to send it the recorded events."""
 _LENGTH = struct.Struct("!I")
 
 Outcome = tuple[str, Any]
@@ -134,6 +140,32 @@ def encode_outcome(result: list[RecordedEvent] | BaseException) -> Outcome:
     # Anything else is the store's failure as far as the worker is concerned; the
     # supervisor logs the cause.
     return ("error", str(result) if isinstance(result, StoreError) else "the writer failed")
+
+
+EncodedEvent = tuple[str, str, int, int, dt.datetime, str, str, str, str, bytes, int]
+
+
+def encode_events(events: list[RecordedEvent]) -> list[EncodedEvent]:
+    return [
+        (
+            e.event_id,
+            e.stream_id,
+            e.stream_version,
+            e.position,
+            e.occurred_at,
+            e.command_id,
+            e.correlation_id,
+            e.user_id,
+            e.event_type,
+            e.data,
+            e.schema_version,
+        )
+        for e in events
+    ]
+
+
+def decode_events(encoded: list[EncodedEvent]) -> list[RecordedEvent]:
+    return [RecordedEvent(*event) for event in encoded]
 
 
 def decode_outcome(commit: Commit, outcome: Outcome) -> list[RecordedEvent]:

@@ -36,15 +36,10 @@ from server.workers.groups import GroupsHost
 from server.workers.hub import WorkerHub
 from server.workers.listen_address import reserve
 from server.workers.metrics import SupervisorMetrics
-from server.workers.worker import WorkerSpec, run_worker
+from server.workers.worker import WorkerSpec, run_worker, stop_deadline
 
 log = logging.getLogger("order_gateway.workers")
 
-STOP_DEADLINE_SECONDS: Final = 9.0
-"""Longest a stop takes before the workers still running are killed: within the 10 s an
-operator is promised, whatever ``--shutdown-grace`` says."""
-STOP_MARGIN_SECONDS: Final = 2.0
-"""Beyond the grace period, for a worker to close its store and exit."""
 RESTART_DELAY_SECONDS: Final = 1.0
 """Pause before replacing a worker that died within this long of starting: a worker that
 cannot start is not respawned in a tight loop."""
@@ -213,7 +208,7 @@ class Supervisor:
         """SIGTERM to every worker, then wait; kill those still running at the deadline."""
         for slot in self._slots:
             slot.terminate()
-        deadline = min(self._settings.shutdown_grace + STOP_MARGIN_SECONDS, STOP_DEADLINE_SECONDS)
+        deadline = stop_deadline(self._settings)
         running = [s.process for s in self._slots if s.process is not None]
         try:
             async with asyncio.timeout(deadline):

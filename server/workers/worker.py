@@ -7,6 +7,12 @@ from a terminal reaches the whole process group; the supervisor turns it into SI
 and also when its supervisor is gone, so that no worker outlives a killed supervisor: the
 supervisor holds the only write end of a pipe whose read end the worker watches, and the
 kernel closes it when the supervisor dies, however it dies.
+
+Once a stop begins, it is bounded: past ``stop_deadline`` the worker exits at once,
+whatever it still waits for. With a live supervisor that is when it would kill the worker
+anyway; without one nothing else would, and a worker that stopped gracefully except for
+one wait that never ended (seen under load: a cancelled task that carried on) would
+serve nobody and hold its store for ever.
 """
 
 from __future__ import annotations
@@ -15,10 +21,12 @@ import asyncio
 import datetime as dt
 import functools
 import logging
+import os
 import signal
+import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import cast
+from typing import Final, cast
 
 from domain.ports import SharedStreamLocks
 from domain.unit_of_work import AggregateCache
@@ -37,6 +45,17 @@ from server.workers.hub_client import (
 )
 
 log = logging.getLogger("order_gateway.workers")
+
+STOP_DEADLINE_SECONDS: Final = 9.0
+"""Longest a stop takes before the workers still running are killed: within the 10 s an
+operator is promised, whatever ``--shutdown-grace`` says."""
+STOP_MARGIN_SECONDS: Final = 2.0
+"""Beyond the grace period, for a worker to close its store and exit."""
+
+
+def stop_deadline(settings: Settings) -> float:
+    """Seconds from the start of a stop to a worker's end, gracefully or not."""
+    return min(settings.shutdown_grace + STOP_MARGIN_SECONDS, STOP_DEADLINE_SECONDS)
 
 
 @dataclass(frozen=True)
@@ -87,7 +106,10 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
     follower = CacheFollower(store, cache)
     await follower.start()
     hub.on_others = follower.wake
-    background = [asyncio.create_task(_stop_when_set(hub.lost, stop))]
+    background = [
+        asyncio.create_task(_stop_when_set(hub.lost, stop)),
+        asyncio.create_task(_bound(stop, stop_deadline(spec.settings), spec.index)),
+    ]
     deletions: set[asyncio.Task[None]] = set()
 
     def on_serving(gateway: Gateway) -> None:
@@ -123,3 +145,18 @@ def _group_deleted(
 async def _stop_when_set(event: asyncio.Event, stop: asyncio.Event) -> None:
     await event.wait()
     stop.set()
+
+
+async def _bound(stop: asyncio.Event, seconds: float, index: int) -> None:
+    """Once ``stop`` is set, exit the process if it still runs ``seconds`` later. A
+    thread, not the event loop: the loop's own end (``asyncio.run`` cancelling what is
+    left) is part of what it bounds."""
+    await stop.wait()
+
+    def exit_now() -> None:
+        log.error("worker %d did not stop within %.0f s; exiting now", index, seconds)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, exit_now)
+    timer.daemon = True
+    timer.start()

@@ -248,8 +248,17 @@ def test_workers_targets_are_judged_from_interleaved_rounds() -> None:
             *rounds(2, 1, (390, 2.2), (390, 2.3)),  # p50 2.25 against 2.10 ms: 1.07 x
         ],
         delivery=[
+            # Judged from the creator's answer (commit to subscriber), not from the send,
+            # which counts the command's own latency too.
             DeliveryResult(
-                "sqlite", 300, {"1": 4, "2": 4}, Latencies(2.0, 4.0, 9.0), Latencies(0.5, 1, 3)
+                "sqlite",
+                300,
+                {"1": 4, "2": 4},
+                after_answer=Latencies(2.0, 4.0, 9.0),
+                from_handling=Latencies(3.0, 6.0, 12.0),
+                from_send=Latencies(5.0, 9.0, 30.0),
+                same_worker_after_answer=Latencies(0.5, 1, 3),
+                cross_worker=1200,
             )
         ],
     )
@@ -260,6 +269,7 @@ def test_workers_targets_are_judged_from_interleaved_rounds() -> None:
     assert (throughput.outcome, latency.outcome, delivery.outcome) == ("FAIL", "PASS", "PASS")
     assert throughput.detail.startswith("1,300 vs 1,050 calls/s = 1.24 x (mean of 2 rounds")
     assert latency.detail == "p50 2.25 vs 2.10 ms = 1.07 x (mean of 2 rounds)"
+    assert delivery.detail.startswith("sqlite: p99 9.00 ms after the creator's answer")
     postgres = [v for t, v in verdicts.items() if "postgresql" in t]
     assert postgres and all(v.outcome == "NOT MEASURED" for v in postgres)
     printed = io.StringIO()
