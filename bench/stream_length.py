@@ -33,7 +33,7 @@ from domain.aggregates import Product
 from domain.commands import CreateOrder, RestockProduct
 from domain.events import ProductRestocked, StockReleased, StockReserved
 from domain.mapper import to_domain_event, to_new_event
-from domain.ports import Commit, EventStore, RecordedEvent, Snapshot, SnapshotStore
+from domain.ports import Commit, EventPayload, EventStore, Snapshot, SnapshotStore
 from domain.snapshots import Snapshots
 from server.bootstrap import bootstrap
 from server.stores.sqlite import SQLiteEventStore
@@ -113,7 +113,7 @@ class _LoadOnly:
 
     async def load_snapshot_and_events(
         self, stream_id: str
-    ) -> tuple[Snapshot | None, list[RecordedEvent]]:
+    ) -> tuple[Snapshot | None, list[EventPayload]]:
         return await self._store.load_snapshot_and_events(stream_id)
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:

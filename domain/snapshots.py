@@ -18,6 +18,7 @@ from typing import TypeVar
 
 from domain.aggregates import Aggregate
 from domain.errors import StoreError
+from domain.mapper import decode, to_domain_event
 from domain.ports import EventStore, RecordedEvent, Snapshot, SnapshotStore
 
 log = logging.getLogger("order_gateway.snapshots")
@@ -33,6 +34,11 @@ store and decoding the events after the snapshot. Larger ones read more (100: 5.
 A snapshot is one small row replaced every 50 events of a product."""
 
 
+def _replayed(blank: A, records: list[RecordedEvent]) -> tuple[A, str]:
+    blank.replay([to_domain_event(record) for record in records])
+    return blank, records[-1].event_id if records else ""
+
+
 class Snapshots:
     """Loads and takes the snapshots of one process's aggregates."""
 
@@ -41,24 +47,27 @@ class Snapshots:
         self._interval = interval
         self._writing: set[asyncio.Task[None]] = set()
 
-    async def load(self, blank: A, events: EventStore) -> tuple[A, list[RecordedEvent]]:
-        """``blank`` as its latest usable snapshot left it (unchanged if there is none), and
-        the events of its stream after that. One read where the store can: on a cold
-        start, each read more costs about as much as the rest of the command."""
+    async def load(self, blank: A, events: EventStore) -> tuple[A, str]:
+        """``blank`` rebuilt from its latest usable snapshot and the events after it (from
+        its whole stream when there is none), and the id of the last event replayed ("":
+        none). One read of the store where it can: on a cold start each round trip more
+        costs about as much as the rest of the command."""
         if self._store is None or not blank.SNAPSHOT_VERSION:
-            return blank, await events.read_stream(blank.stream_id)
+            return _replayed(blank, await events.read_stream(blank.stream_id))
         try:
-            snapshot, records = await self._store.load_snapshot_and_events(blank.stream_id)
+            snapshot, payloads = await self._store.load_snapshot_and_events(blank.stream_id)
         except StoreError:
             # E.g. a role without rights on the snapshots table: slower, not broken.
             log.warning("snapshot of %s not read", blank.stream_id, exc_info=True)
-            return blank, await events.read_stream(blank.stream_id)
-        if snapshot is None:
-            return blank, records
-        if snapshot.schema_version != blank.SNAPSHOT_VERSION:
-            return blank, await events.read_stream(blank.stream_id)
-        blank.restore_state(json.loads(snapshot.data), snapshot.stream_version)
-        return blank, records
+            return _replayed(blank, await events.read_stream(blank.stream_id))
+        if snapshot is not None:
+            if snapshot.schema_version != blank.SNAPSHOT_VERSION:
+                return _replayed(blank, await events.read_stream(blank.stream_id))
+            blank.restore_state(json.loads(snapshot.data), snapshot.stream_version)
+        blank.replay(
+            [decode(event_type, version, data) for _, event_type, version, data in payloads]
+        )
+        return blank, payloads[-1][0] if payloads else ""
 
     def due(self, aggregate: Aggregate, from_version: int) -> Snapshot | None:
         """The snapshot to take if ``aggregate``'s pending events, which follow

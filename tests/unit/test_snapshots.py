@@ -14,7 +14,7 @@ import pytest
 from domain.aggregates import Product
 from domain.commands import RestockProduct
 from domain.errors import StoreError
-from domain.ports import RecordedEvent, Snapshot
+from domain.ports import EventPayload, RecordedEvent, Snapshot
 from domain.snapshots import Snapshots
 from server.bootstrap import bootstrap
 from server.stores.memory import MemoryEventStore
@@ -155,7 +155,7 @@ async def test_a_restarted_gateway_continues_from_the_snapshot(tmp_path: Path) -
 class UnreadableSnapshotStore(ReadCountingStore):
     async def load_snapshot_and_events(
         self, stream_id: str
-    ) -> tuple[Snapshot | None, list[RecordedEvent]]:
+    ) -> tuple[Snapshot | None, list[EventPayload]]:
         raise StoreError("permission denied for table snapshots")
 
 
