@@ -27,21 +27,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.inprocess import gateway_gc_settings
 from bench.stats import Latencies
 from bench.workload import order_input
 from domain.aggregates import Product
+from domain.bus import CommandBus
 from domain.commands import CreateOrder, RestockProduct
 from domain.events import ProductRestocked, StockReleased, StockReserved
 from domain.mapper import to_domain_event, to_new_event
 from domain.ports import Commit, EventPayload, EventStore, Snapshot, SnapshotStore
 from domain.snapshots import Snapshots
 from server.bootstrap import bootstrap
+from server.stores.factory import open_store
 from server.stores.sqlite import SQLiteEventStore
 
 PRODUCT = "hot"
 STREAM = f"product-{PRODUCT}"
 CHUNK = 2_000
 """Events per commit while building the long stream: a few large transactions, not 100,000."""
+ELSEWHERE = "elsewhere"
+"""A product with a short stream, for the first command after a restart."""
 SHORT = 10
 RESTOCK = 1_000
 """Units per restock: even the short stream holds more stock than a run orders."""
@@ -92,9 +97,9 @@ class ColdStart:
     snapshot_interval: int
     """0: snapshots off, the whole stream is replayed."""
     cold_ms: float
-    """Median over the repeats of the first order after a restart (a cold cache)."""
+    """Median over the restarts of the first order on the long product after each."""
     warm_p50_ms: float
-    """p50 of the orders that follow it (the product cached)."""
+    """p50 of the orders that follow it on the same product (cached), over all restarts."""
 
     @property
     def ratio(self) -> float:
@@ -120,7 +125,13 @@ class _LoadOnly:
         return None
 
 
-async def save_worst_snapshot(store: SQLiteEventStore, length: int, interval: int) -> None:
+def _snapshots_of(store: EventStore) -> SnapshotStore:
+    if not isinstance(store, SnapshotStore):
+        raise SystemExit(f"{type(store).__name__} keeps no snapshots")
+    return store
+
+
+async def save_worst_snapshot(store: EventStore, length: int, interval: int) -> None:
     """The snapshot the background could have left furthest behind a stream of ``length``
     events: ``interval - 1`` events before its end, the most a cold load can replay."""
     version = length - interval + 1
@@ -129,7 +140,7 @@ async def save_worst_snapshot(store: SQLiteEventStore, length: int, interval: in
     assert isinstance(event, ProductRestocked | StockReserved | StockReleased)
     product = Product(PRODUCT)
     product.restore_state({"available": event.available_after}, version)
-    await store.save_snapshot(
+    await _snapshots_of(store).save_snapshot(
         Snapshot(
             STREAM, version, Product.SNAPSHOT_VERSION, json.dumps(product.snapshot_state()).encode()
         )
@@ -137,47 +148,65 @@ async def save_worst_snapshot(store: SQLiteEventStore, length: int, interval: in
 
 
 async def measure_cold_start(
-    folder: Path, length: int, intervals: Sequence[int], repeats: int, warm_orders: int
+    urls: Sequence[str], length: int, intervals: Sequence[int], repeats: int, warm_orders: int
 ) -> list[ColdStart]:
-    """Per snapshot interval (one store each, 0: none): a "restart" (a new bus, so an
-    empty cache) and its first order, then ``warm_orders`` more; restarts take turns
-    between the intervals, each from the worst snapshot for its interval."""
-    stores = [await SQLiteEventStore.open(folder / f"cold-{n}.db") for n in intervals]
+    """Per snapshot interval (0: none), on a store of its own (``urls``, one per interval):
+    ``repeats`` restarts, each the first order on the long product and then
+    ``warm_orders`` more on it; restarts take turns between the intervals, each from the
+    worst snapshot for its interval.
+
+    A restart opens the store anew (new connections, as a new process has: their first
+    statements cost more) with a new bus (an empty cache), under the gateway's garbage
+    collector settings, and runs one order on another product first: the costs that the
+    first command of a process pays whatever its stream (the writer's first append and
+    the like) are not what a long stream costs. The first order on the long product and
+    the warm ones after it are each built before their clock starts and timed the same way.
+    """
     colds: list[list[float]] = [[] for _ in intervals]
     warms: list[list[float]] = [[] for _ in intervals]
-    try:
-        for store in stores:
+    for url in urls:
+        store = await open_store(url)
+        try:
             await build_stream(store, length)
+            await bootstrap(store).dispatch(RestockProduct(product_id=ELSEWHERE, quantity=RESTOCK))
+        finally:
+            await store.close()
+    with gateway_gc_settings():
         for repeat in range(repeats):
             current = length + repeat * (1 + warm_orders)
-            for store, interval, cold, warm in zip(stores, intervals, colds, warms, strict=True):
+            for url, interval, cold, warm in zip(urls, intervals, colds, warms, strict=True):
                 if interval:
-                    await save_worst_snapshot(store, current, interval)
-                bus = bootstrap(store, snapshots=Snapshots(_LoadOnly(store), interval))
-                # The snapshot was written long before a real restart: the first append
-                # after a write on another connection (SQLite re-reading its pages, a WAL
-                # checkpoint) is charged to a command on another product, not to the one
-                # measured.
-                await bus.dispatch(RestockProduct(product_id="elsewhere", quantity=1))
-                started = time.perf_counter()
-                await bus.dispatch(order())
-                cold.append((time.perf_counter() - started) * 1e3)
-                for _ in range(warm_orders):
-                    command = order()
-                    started = time.perf_counter()
-                    await bus.dispatch(command)
-                    warm.append(time.perf_counter() - started)
-    finally:
-        for store in stores:
-            await store.close()
+                    # Written by the "previous process", long before the restart.
+                    store = await open_store(url)
+                    try:
+                        await save_worst_snapshot(store, current, interval)
+                    finally:
+                        await store.close()
+                store = await open_store(url)
+                try:
+                    bus = bootstrap(
+                        store, snapshots=Snapshots(_LoadOnly(_snapshots_of(store)), interval)
+                    )
+                    await bus.dispatch(order(ELSEWHERE))
+                    cold.append(await _timed(bus, order()))
+                    warm += [await _timed(bus, order()) for _ in range(warm_orders)]
+                finally:
+                    await store.close()
     return [
-        ColdStart(length, interval, statistics.median(cold), Latencies.of(warm).p50_ms)
+        ColdStart(length, interval, statistics.median(cold), statistics.median(warm))
         for interval, cold, warm in zip(intervals, colds, warms, strict=True)
     ]
 
 
-def order() -> CreateOrder:
-    return CreateOrder.model_validate(order_input(PRODUCT, str(uuid.uuid4())))
+async def _timed(bus: CommandBus, command: CreateOrder) -> float:
+    """``command``'s latency in ms."""
+    started = time.perf_counter()
+    await bus.dispatch(command)
+    return (time.perf_counter() - started) * 1e3
+
+
+def order(product: str = PRODUCT) -> CreateOrder:
+    return CreateOrder.model_validate(order_input(product, str(uuid.uuid4())))
 
 
 async def measure(folder: Path, lengths: Sequence[int], cached: bool, orders: int) -> list[Run]:
