@@ -101,9 +101,36 @@ class ColdStart:
     warm_p50_ms: float
     """p50 of the orders that follow it on the same product (cached), over all restarts."""
 
+    taking_p50_ms: float = 0.0
+    """p50 of warm orders on the product while snapshots are taken every interval (its
+    cost on the command path; at 0, none are taken: the baseline)."""
+    snapshot_write_ms: float = 0.0
+    """Median time of one background snapshot write (0: none written)."""
+
     @property
     def ratio(self) -> float:
         return self.cold_ms / self.warm_p50_ms if self.warm_p50_ms else 0.0
+
+
+class _TimedWrites:
+    """A store's snapshots, each write timed."""
+
+    def __init__(self, store: SnapshotStore) -> None:
+        self._store = store
+        self.writes_ms: list[float] = []
+
+    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
+        return await self._store.load_snapshot(stream_id)
+
+    async def load_snapshot_and_events(
+        self, stream_id: str
+    ) -> tuple[Snapshot | None, list[EventPayload]]:
+        return await self._store.load_snapshot_and_events(stream_id)
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        started = time.perf_counter()
+        await self._store.save_snapshot(snapshot)
+        self.writes_ms.append((time.perf_counter() - started) * 1e3)
 
 
 class _LoadOnly:
@@ -192,10 +219,48 @@ async def measure_cold_start(
                     warm += [await _timed(bus, order()) for _ in range(warm_orders)]
                 finally:
                     await store.close()
+    taking, writes = await measure_snapshot_writes(urls, intervals, repeats * warm_orders)
     return [
-        ColdStart(length, interval, statistics.median(cold), statistics.median(warm))
-        for interval, cold, warm in zip(intervals, colds, warms, strict=True)
+        ColdStart(
+            length,
+            interval,
+            statistics.median(cold),
+            statistics.median(warm),
+            statistics.median(taking_ms),
+            statistics.median(writes_ms) if writes_ms else 0.0,
+        )
+        for interval, cold, warm, taking_ms, writes_ms in zip(
+            intervals, colds, warms, taking, writes, strict=True
+        )
     ]
+
+
+async def measure_snapshot_writes(
+    urls: Sequence[str], intervals: Sequence[int], orders: int
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Per interval, on its store: ``orders`` warm orders on the long product while
+    snapshots are taken every interval, in blocks that take turns between the intervals;
+    their latencies and the snapshot writes' times (ms)."""
+    block = 20
+    taking: list[list[float]] = [[] for _ in intervals]
+    writes: list[list[float]] = []
+    stores = [await open_store(url) for url in urls]
+    try:
+        timed = [_TimedWrites(_snapshots_of(store)) for store in stores]
+        snapshots = [Snapshots(t, n) for t, n in zip(timed, intervals, strict=True)]
+        buses = [bootstrap(store, snapshots=s) for store, s in zip(stores, snapshots, strict=True)]
+        with gateway_gc_settings():
+            for bus in buses:
+                await bus.dispatch(order())  # loads the product: the cold start is measured
+            for _ in range(0, orders, block):
+                for bus, measured, kept in zip(buses, taking, snapshots, strict=True):
+                    measured += [await _timed(bus, order()) for _ in range(block)]
+                    await kept.drain()
+        writes = [t.writes_ms for t in timed]
+    finally:
+        for store in stores:
+            await store.close()
+    return taking, writes
 
 
 async def _timed(bus: CommandBus, command: CreateOrder) -> float:

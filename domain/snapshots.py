@@ -18,7 +18,7 @@ from typing import TypeVar
 
 from domain.aggregates import Aggregate
 from domain.errors import StoreError
-from domain.mapper import decode, to_domain_event
+from domain.mapper import decode_all, to_domain_event
 from domain.ports import EventStore, RecordedEvent, Snapshot, SnapshotStore
 
 log = logging.getLogger("order_gateway.snapshots")
@@ -64,9 +64,7 @@ class Snapshots:
             if snapshot.schema_version != blank.SNAPSHOT_VERSION:
                 return _replayed(blank, await events.read_stream(blank.stream_id))
             blank.restore_state(json.loads(snapshot.data), snapshot.stream_version)
-        blank.replay(
-            [decode(event_type, version, data) for _, event_type, version, data in payloads]
-        )
+        blank.replay(decode_all(payloads))
         return blank, payloads[-1][0] if payloads else ""
 
     def due(self, aggregate: Aggregate, from_version: int) -> Snapshot | None:
