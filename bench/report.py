@@ -69,8 +69,8 @@ class ColdStartResult:
     """0: snapshots off."""
     cold_ms: float
     warm_p50_ms: float
-    taking_p50_ms: float = 0.0
-    """Warm orders' p50 while snapshots are taken every interval (none at 0)."""
+    taking_mean_ms: float = 0.0
+    """Warm orders' mean latency while snapshots are taken every interval (none at 0)."""
     snapshot_write_ms: float = 0.0
     """Median time of one background snapshot write."""
 
@@ -411,7 +411,7 @@ def print_stream_length(report: Report, out: TextIO) -> None:
         out.write(
             "\nCold start: the first order on a long stream after a restart (empty cache),"
             " from the\nsnapshot furthest behind that the interval allows, against the warm"
-            " orders after it;\nthe warm orders' p50 while snapshots are taken every interval,"
+            " orders after it;\nthe warm orders' mean while snapshots are taken every interval,"
             " and one snapshot write's time\n"
         )
         _table(
@@ -423,7 +423,7 @@ def print_stream_length(report: Report, out: TextIO) -> None:
                 "cold ms",
                 "warm p50 ms",
                 "cold/warm",
-                "p50 taking them",
+                "mean taking them",
                 "write ms",
             ],
             [
@@ -434,7 +434,7 @@ def print_stream_length(report: Report, out: TextIO) -> None:
                     f"{r.cold_ms:.2f}",
                     f"{r.warm_p50_ms:.2f}",
                     f"{r.ratio:.2f}",
-                    f"{r.taking_p50_ms:.2f}",
+                    f"{r.taking_mean_ms:.2f}",
                     f"{r.snapshot_write_ms:.2f}",
                 ]
                 for r in report.cold_start

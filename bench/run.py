@@ -399,7 +399,7 @@ async def run_stream_length(
                     cold.snapshot_interval,
                     cold.cold_ms,
                     cold.warm_p50_ms,
-                    cold.taking_p50_ms,
+                    cold.taking_mean_ms,
                     cold.snapshot_write_ms,
                 )
             )
