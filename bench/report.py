@@ -69,6 +69,9 @@ class ColdStartResult:
     """0: snapshots off."""
     cold_ms: float
     warm_p50_ms: float
+    cold_cpu_ms: float = 0.0
+    warm_cpu_ms: float = 0.0
+    """The process's CPU time over the cold order and the warm ones (medians)."""
     taking_mean_ms: float = 0.0
     """Warm orders' mean latency while snapshots are taken every interval (none at 0)."""
     snapshot_write_ms: float = 0.0
@@ -411,8 +414,8 @@ def print_stream_length(report: Report, out: TextIO) -> None:
         out.write(
             "\nCold start: the first order on a long stream after a restart (empty cache),"
             " from the\nsnapshot furthest behind that the interval allows, against the warm"
-            " orders after it;\nthe warm orders' mean while snapshots are taken every interval,"
-            " and one snapshot write's time\n"
+            " orders after it,\nand the process's CPU time over each; the warm orders' mean"
+            " while snapshots are taken every\ninterval, and one snapshot write's time\n"
         )
         _table(
             out,
@@ -423,6 +426,7 @@ def print_stream_length(report: Report, out: TextIO) -> None:
                 "cold ms",
                 "warm p50 ms",
                 "cold/warm",
+                "CPU cold/warm ms",
                 "mean taking them",
                 "write ms",
             ],
@@ -434,6 +438,7 @@ def print_stream_length(report: Report, out: TextIO) -> None:
                     f"{r.cold_ms:.2f}",
                     f"{r.warm_p50_ms:.2f}",
                     f"{r.ratio:.2f}",
+                    f"{r.cold_cpu_ms:.2f}/{r.warm_cpu_ms:.2f}",
                     f"{r.taking_mean_ms:.2f}",
                     f"{r.snapshot_write_ms:.2f}",
                 ]

@@ -399,6 +399,8 @@ async def run_stream_length(
                     cold.snapshot_interval,
                     cold.cold_ms,
                     cold.warm_p50_ms,
+                    cold.cold_cpu_ms,
+                    cold.warm_cpu_ms,
                     cold.taking_mean_ms,
                     cold.snapshot_write_ms,
                 )
