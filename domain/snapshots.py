@@ -58,9 +58,9 @@ class Snapshots:
             return _replayed(blank, await events.read_stream(blank.stream_id))
         try:
             snapshot, payloads = await self._store.load_snapshot_and_events(blank.stream_id)
-        except StoreError:
+        except StoreError as error:
             # E.g. a role without rights on the snapshots table: slower, not broken.
-            log.warning("snapshot of %s not read", blank.stream_id, exc_info=True)
+            log.warning("snapshot of %s not read: %s", blank.stream_id, error)
             return _replayed(blank, await events.read_stream(blank.stream_id))
         if snapshot is not None:
             if snapshot.schema_version != blank.SNAPSHOT_VERSION:
@@ -99,6 +99,10 @@ class Snapshots:
     async def _save(store: SnapshotStore, snapshot: Snapshot) -> None:
         try:
             await store.save_snapshot(snapshot)
+        except StoreError as error:
+            # The store's own account (unavailable for a moment, full): its cause is logged
+            # where the store's faults are, and a lost snapshot only means a longer replay.
+            log.warning("snapshot of %s not saved: %s", snapshot.stream_id, error)
         except Exception:
             log.warning("snapshot of %s not saved", snapshot.stream_id, exc_info=True)
 

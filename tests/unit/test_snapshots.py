@@ -13,7 +13,7 @@ import pytest
 
 from domain.aggregates import Product
 from domain.commands import RestockProduct
-from domain.errors import StoreError
+from domain.errors import StoreError, StoreUnavailableError
 from domain.ports import EventPayload, RecordedEvent, Snapshot
 from domain.snapshots import Snapshots
 from server.bootstrap import bootstrap
@@ -127,6 +127,23 @@ async def test_a_snapshot_that_fails_is_logged_and_changes_nothing_else(
     with caplog.at_level(logging.WARNING, "order_gateway.snapshots"):
         assert await restock(store, Snapshots(store, INTERVAL), 12) == 12
     assert "snapshot of product-p not saved" in caplog.text
+
+
+class UnavailableSnapshotStore(MemoryEventStore):
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        raise StoreUnavailableError("connection refused")
+
+
+async def test_a_snapshot_lost_to_an_unavailable_store_is_one_line_not_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A database restarting under load fails the snapshots being written: an operational
+    event the store reports itself, not a bug to dump a stack for."""
+    store = UnavailableSnapshotStore()
+    with caplog.at_level(logging.WARNING, "order_gateway.snapshots"):
+        assert await restock(store, Snapshots(store, INTERVAL), 12) == 12
+    assert "snapshot of product-p not saved: connection refused" in caplog.text
+    assert "Traceback" not in caplog.text
 
 
 async def test_a_restarted_gateway_continues_from_the_snapshot(tmp_path: Path) -> None:
