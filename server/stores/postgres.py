@@ -36,7 +36,14 @@ from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
 from psycopg_pool import AsyncConnectionPool
 
 from domain.errors import ConcurrencyConflictError, DuplicateCommandError, StoreError
-from domain.ports import CommandRecord, Commit, RecordedEvent, Snapshot, recorded_events
+from domain.ports import (
+    CommandRecord,
+    Commit,
+    EventPayload,
+    RecordedEvent,
+    Snapshot,
+    recorded_events,
+)
 from server.consumer_groups.store_postgres import PostgresConsumerGroupStore
 from server.stores import postgres_arrays
 from server.stores.event_rows import EventRow
@@ -115,6 +122,19 @@ _READ_RANGES = (
 _LOAD_SNAPSHOT = (
     "SELECT stream_id, stream_version, schema_version, data FROM snapshots WHERE stream_id = %s"
 )
+_LOAD_SNAPSHOT_AND_EVENTS = (
+    "SELECT s.stream_version, s.schema_version, CASE WHEN e.n = 1 OR e.n IS NULL THEN s.data END,"
+    " e.event_id, e.event_type, e.schema_version, e.data"
+    " FROM (SELECT %s::text AS stream_id) AS wanted"
+    " LEFT JOIN snapshots AS s ON s.stream_id = wanted.stream_id"
+    " LEFT JOIN LATERAL (SELECT event_id, event_type, schema_version, data,"
+    " row_number() OVER (ORDER BY stream_version) AS n FROM events"
+    " WHERE events.stream_id = wanted.stream_id"
+    " AND stream_version > coalesce(s.stream_version, 0) ORDER BY stream_version) AS e ON true"
+)
+"""A stream's snapshot and the events after it in one statement, so one round trip: one row
+per event (one with an empty event when none follows), the snapshot's version on each and
+its data on the first only. Ordered by version as ``_READ_STREAM_ROWS_AFTER`` is."""
 _SAVE_SNAPSHOT = (
     "INSERT INTO snapshots (stream_id, stream_version, schema_version, data)"
     " VALUES (%s, %s, %s, %s) ON CONFLICT (stream_id) DO UPDATE SET"
@@ -470,10 +490,14 @@ class PostgresEventStore:
 
     async def load_snapshot_and_events(
         self, stream_id: str
-    ) -> tuple[Snapshot | None, list[RecordedEvent]]:
-        snapshot = await self.load_snapshot(stream_id)
-        after = 0 if snapshot is None else snapshot.stream_version
-        return snapshot, await self.read_stream(stream_id, after)
+    ) -> tuple[Snapshot | None, list[EventPayload]]:
+        with _translated("load_snapshot"):
+            async with self._pool.connection() as conn:
+                rows = await _load_snapshot_and_events(conn, stream_id)
+        version, schema_version, data = rows[0][:3]
+        snapshot = None if version is None else Snapshot(stream_id, version, schema_version, data)
+        payloads: list[EventPayload] = [row[3:] for row in rows if row[3] is not None]
+        return snapshot, payloads
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         with _translated("save_snapshot"):
@@ -657,6 +681,14 @@ def _fail(pending: _Pending, error: BaseException, cause: BaseException) -> None
         pending.future.set_exception(error)
 
 
+async def _load_snapshot_and_events(
+    conn: psycopg.AsyncConnection[TupleRow], stream_id: str
+) -> list[TupleRow]:
+    cursor = conn.cursor(binary=True)
+    await cursor.execute(_LOAD_SNAPSHOT_AND_EVENTS, (stream_id,), prepare=True)
+    return await cursor.fetchall()
+
+
 async def _configure(conn: psycopg.AsyncConnection[TupleRow]) -> None:
     # psycopg sends a Python int as the smallest type that holds it, so one query would be
     # prepared once per mix of int2/int4/int8 parameters: always send bigint instead.
@@ -668,6 +700,18 @@ async def _configure(conn: psycopg.AsyncConnection[TupleRow]) -> None:
     await conn.execute(
         "SET TimeZone TO 'UTC'; SET default_transaction_isolation TO 'read committed'"
     )
+    # A session's first statement on a table loads the table's and its indexes' catalog
+    # entries, and a statement prepared on first use costs a round trip more: the first
+    # cold load on each pooled connection took ~4 ms against ~0.8 for the next ones
+    # (measured here). Paid now, when the pool opens the connection, instead of by the
+    # first command on a long stream after a restart.
+    try:
+        await _load_snapshot_and_events(conn, "")
+    except psycopg.ProgrammingError:
+        # E.g. a role without rights on the snapshots table: its loads fail the same way
+        # and fall back to whole streams (``domain.snapshots``); not a reason to refuse
+        # the connection.
+        log.debug("snapshot statement not prepared", exc_info=True)
 
 
 @contextmanager

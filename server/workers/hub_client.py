@@ -27,6 +27,7 @@ from domain.errors import StoreError, StoreUnavailableError
 from domain.ports import (
     CommandRecord,
     Commit,
+    EventPayload,
     EventStore,
     RecordedEvent,
     SharedStreamLocks,
@@ -269,7 +270,7 @@ class WorkerStore:
 
     async def load_snapshot_and_events(
         self, stream_id: str
-    ) -> tuple[Snapshot | None, list[RecordedEvent]]:
+    ) -> tuple[Snapshot | None, list[EventPayload]]:
         return await self._snapshots().load_snapshot_and_events(stream_id)
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:

@@ -32,7 +32,15 @@ from typing import ClassVar
 import pytest
 
 from domain.errors import ConcurrencyConflictError, DuplicateCommandError
-from domain.ports import Commit, EventStore, NewEvent, RecordedEvent, Snapshot, SnapshotStore
+from domain.ports import (
+    Commit,
+    EventStore,
+    NewEvent,
+    RecordedEvent,
+    Snapshot,
+    SnapshotStore,
+    event_payload,
+)
 from server.stores.factory import open_store
 
 OCCURRED_AT = dt.datetime(2026, 3, 4, 5, 6, 7, 891234, tzinfo=dt.UTC)
@@ -410,10 +418,14 @@ class EventStoreContract:
     async def test_a_snapshot_is_read_with_the_events_after_it(self, store: EventStore) -> None:
         assert isinstance(store, SnapshotStore)
         appended = await store.append(commit_of([("snapped", n) for n in range(1, 6)]))
-        assert await store.load_snapshot_and_events("snapped") == (None, appended)
-        snapshot = Snapshot("snapped", 3, 1, b"{}")
+        payloads = [event_payload(e) for e in appended]
+        assert await store.load_snapshot_and_events("snapped") == (None, payloads)
+        snapshot = Snapshot("snapped", 3, 1, b'{"available": 3}')
         await store.save_snapshot(snapshot)
-        assert await store.load_snapshot_and_events("snapped") == (snapshot, appended[3:])
+        assert await store.load_snapshot_and_events("snapped") == (snapshot, payloads[3:])
+        latest = Snapshot("snapped", 5, 1, b'{"available": 5}')
+        await store.save_snapshot(latest)
+        assert await store.load_snapshot_and_events("snapped") == (latest, [])
         assert await store.load_snapshot_and_events("none") == (None, [])
 
     async def test_occurred_at_comes_back_as_aware_utc(self, store: EventStore) -> None:

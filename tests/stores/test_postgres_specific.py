@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
+from typing import Any
 
 import grpc
 import psycopg
@@ -190,6 +191,65 @@ async def test_a_role_that_cannot_change_the_schema_serves_a_migrated_database(
         with psycopg.connect(fresh_postgres_url, autocommit=True) as owner:
             owner.execute(f"DROP OWNED BY {role}")
             owner.execute(f"DROP ROLE {role}")
+
+
+async def test_a_role_without_rights_on_snapshots_still_serves(fresh_postgres_url: str) -> None:
+    """Each connection reads the snapshots table once when it opens (below): a role that
+    may not is refused nothing but the snapshots, which ``domain.snapshots`` then skips."""
+    await (await PostgresEventStore.open(fresh_postgres_url)).close()
+    role = f"gateway_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(fresh_postgres_url, autocommit=True) as owner:
+        owner.execute(f"CREATE ROLE {role} LOGIN")
+        owner.execute(f"GRANT SELECT ON schema_migrations TO {role}")
+        owner.execute(f"GRANT SELECT, INSERT ON events, commands TO {role}")
+    try:
+        store = await PostgresEventStore.open(make_conninfo(fresh_postgres_url, user=role))
+        try:
+            appended = await store.append(commit(("a", 1)))
+            assert await store.read_stream("a") == appended
+            with pytest.raises(StoreError):
+                await store.load_snapshot_and_events("a")
+        finally:
+            await store.close()
+    finally:
+        with psycopg.connect(fresh_postgres_url, autocommit=True) as owner:
+            owner.execute(f"DROP OWNED BY {role}")
+            owner.execute(f"DROP ROLE {role}")
+
+
+async def test_a_cold_load_is_one_statement_prepared_before_it_is_needed(
+    fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first command on a long stream after a restart reads its snapshot and the
+    events after it: one round trip, on a connection that has read those tables and
+    prepared that statement when the pool opened it (the first such load on a new
+    connection took ~4 ms, the next ones ~0.8)."""
+    store = await PostgresEventStore.open(fresh_postgres_url, min_connections=3)
+    try:
+        for version in (1, 2, 3):
+            await store.append(commit(("s", version)))
+        await store.save_snapshot(Snapshot("s", 1, 1, b"{}"))
+        pool = store._pool  # what each pooled connection holds
+        async with pool.connection() as a, pool.connection() as b, pool.connection() as c:
+            for connection in (a, b, c):
+                cursor = await connection.execute("SELECT statement FROM pg_prepared_statements")
+                prepared = [row[0] for row in await cursor.fetchall()]
+                assert any("JOIN snapshots" in statement for statement in prepared), prepared
+
+        sent: list[object] = []
+        execute = psycopg.AsyncCursor.execute
+
+        async def counted(self: Any, query: Any, *args: Any, **kw: Any) -> Any:
+            sent.append(query)
+            return await execute(self, query, *args, **kw)
+
+        monkeypatch.setattr(psycopg.AsyncCursor, "execute", counted)
+        snapshot, payloads = await store.load_snapshot_and_events("s")
+        assert snapshot == Snapshot("s", 1, 1, b"{}")
+        assert [version for _, _, version, _ in payloads] == [1, 1]
+        assert len(sent) == 1, sent
+    finally:
+        await store.close()
 
 
 # -- positions are seen in commit order ---------------------------------------------

@@ -13,8 +13,8 @@ import pytest
 
 from domain.aggregates import Product
 from domain.commands import RestockProduct
-from domain.errors import StoreError
-from domain.ports import RecordedEvent, Snapshot
+from domain.errors import StoreError, StoreUnavailableError
+from domain.ports import EventPayload, RecordedEvent, Snapshot
 from domain.snapshots import Snapshots
 from server.bootstrap import bootstrap
 from server.stores.memory import MemoryEventStore
@@ -129,6 +129,23 @@ async def test_a_snapshot_that_fails_is_logged_and_changes_nothing_else(
     assert "snapshot of product-p not saved" in caplog.text
 
 
+class UnavailableSnapshotStore(MemoryEventStore):
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        raise StoreUnavailableError("connection refused")
+
+
+async def test_a_snapshot_lost_to_an_unavailable_store_is_one_line_not_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A database restarting under load fails the snapshots being written: an operational
+    event the store reports itself, not a bug to dump a stack for."""
+    store = UnavailableSnapshotStore()
+    with caplog.at_level(logging.WARNING, "order_gateway.snapshots"):
+        assert await restock(store, Snapshots(store, INTERVAL), 12) == 12
+    assert "snapshot of product-p not saved: connection refused" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
 async def test_a_restarted_gateway_continues_from_the_snapshot(tmp_path: Path) -> None:
     path = tmp_path / "events.db"
     store = await SQLiteEventStore.open(path)
@@ -155,7 +172,7 @@ async def test_a_restarted_gateway_continues_from_the_snapshot(tmp_path: Path) -
 class UnreadableSnapshotStore(ReadCountingStore):
     async def load_snapshot_and_events(
         self, stream_id: str
-    ) -> tuple[Snapshot | None, list[RecordedEvent]]:
+    ) -> tuple[Snapshot | None, list[EventPayload]]:
         raise StoreError("permission denied for table snapshots")
 
 

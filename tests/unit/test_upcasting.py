@@ -9,8 +9,8 @@ import json
 import pytest
 
 from domain.events import UPCASTERS, OrderCreated, ProductRestocked
-from domain.mapper import to_domain_event, to_new_event
-from domain.ports import RecordedEvent
+from domain.mapper import decode, decode_all, to_domain_event, to_new_event
+from domain.ports import EventPayload, RecordedEvent
 from domain.upcasting import Payload, UnknownSchemaVersionError, Upcasters
 from server.rpc.mapping import proto_event_fields
 
@@ -93,3 +93,42 @@ def test_a_gap_in_a_chain_is_refused_when_declared() -> None:
         Upcasters({"E": 3}, {("E", 1): dict})
     with pytest.raises(ValueError, match="leads past"):
         Upcasters({"E": 2}, {("E", 2): dict})
+
+
+def test_a_tail_decoded_at_once_reads_as_each_event_alone() -> None:
+    """``decode_all`` validates runs of one type together: the same events, in order,
+    upcast where stored in an older version."""
+    restocks = [
+        to_new_event(ProductRestocked(product_id="p", quantity=1, available_after=n), "", "s", n)
+        for n in range(1, 4)
+    ]
+    payloads: list[EventPayload] = [
+        (f"e-{n}", event.event_type, event.schema_version, event.data)
+        for n, event in enumerate(restocks)
+    ]
+    payloads[1:1] = [
+        ("v1-a", "OrderCreated", 1, json.dumps(V1_ORDER_CREATED).encode()),
+        ("v1-b", "OrderCreated", 1, json.dumps(V1_ORDER_CREATED).encode()),
+    ]
+    assert decode_all(payloads) == [decode(t, v, data) for _, t, v, data in payloads]
+    assert [type(e).__name__ for e in decode_all(payloads)] == [
+        "ProductRestocked",
+        "OrderCreated",
+        "OrderCreated",
+        "ProductRestocked",
+        "ProductRestocked",
+    ]
+    assert [getattr(e, "available_after", None) for e in decode_all(payloads)] == [
+        1, None, None, 2, 3
+    ]  # fmt: skip
+
+
+def test_a_payload_that_does_not_fit_fails_the_tail_it_is_in() -> None:
+    good = json.dumps({"product_id": "p", "quantity": 1, "available_after": 1}).encode()
+    bad = json.dumps({"product_id": "p", "quantity": "many"}).encode()
+    with pytest.raises(ValueError):
+        decode_all([("a", "ProductRestocked", 1, good), ("b", "ProductRestocked", 1, bad)])
+    # Two objects in one payload are no two events: each payload is parsed on its own.
+    joined = good + b"," + good
+    with pytest.raises(ValueError):
+        decode_all([("a", "ProductRestocked", 1, good), ("b", "ProductRestocked", 1, joined)])
