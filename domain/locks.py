@@ -15,9 +15,10 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
-from domain.ports import SharedStreamLocks
+from domain.ports import RecordedEvent, SharedStreamLocks
 
 log = logging.getLogger("order_gateway.locks")
 
@@ -145,23 +146,28 @@ class StreamTurns:
             return False
         return True
 
-    async def join(self, stream_ids: Iterable[str]) -> list[tuple[str, bool]]:
+    async def join(
+        self, stream_ids: Iterable[str], known_versions: Mapping[str, int] | None = None
+    ) -> list[Joined]:
         """Join (or start) this process's turn at each contended stream, in sorted order.
 
         Returns what to ``leave``: each stream joined, and whether its turn began now
         (the caller must then read the stream afresh: another process may have written).
+        A turn that begins at a stream of ``known_versions`` comes with the stream's events
+        after that version, read with the lock in the same round trip.
         """
-        joined: list[tuple[str, bool]] = []
+        known = known_versions or {}
+        joined: list[Joined] = []
         try:
             for stream_id in sorted(set(stream_ids)):
                 if self._is_contended(stream_id):
-                    joined.append((stream_id, await self._join(stream_id)))
+                    joined.append(await self._join(stream_id, known.get(stream_id)))
         except BaseException:
             self.leave(joined)
             raise
         return joined
 
-    async def _join(self, stream_id: str) -> bool:
+    async def _join(self, stream_id: str, known_version: int | None) -> Joined:
         while True:
             turn = self._turns.get(stream_id)
             if turn is None:
@@ -170,14 +176,15 @@ class StreamTurns:
                     unlocking = self._unlocking.get(stream_id)
                     if unlocking is not None:
                         await asyncio.wait([unlocking])
-                    if await self._shared.lock_stream(stream_id):
+                    locked = await self._shared.lock_stream(stream_id, known_version)
+                    if locked.waited:
                         self._mark([stream_id])
                 except BaseException:
                     del self._turns[stream_id]
                     turn.fail()
                     raise
                 turn.start()
-                return True
+                return Joined(stream_id, True, locked.events_after)
             if turn.closing or turn.older_than(self._quantum):
                 turn.closing = True
                 await turn.ended.wait()
@@ -186,14 +193,14 @@ class StreamTurns:
             await turn.started.wait()
             if turn.failed:
                 continue
-            return False
+            return Joined(stream_id, False)
 
-    def leave(self, joined: Iterable[tuple[str, bool]]) -> None:
+    def leave(self, joined: Iterable[Joined]) -> None:
         """A command that joined is answered (or gave up). A turn nobody uses ends, after
         ``linger`` seconds if it is still young: the callers just answered often send
         their next command within that, and one turn then carries several rounds of them
         instead of paying a hand-over (unlock, lock, a fresh read) for each."""
-        for stream_id, _ in joined:
+        for stream_id in (one.stream_id for one in joined):
             turn = self._turns[stream_id]
             turn.users -= 1
             if turn.users:
@@ -222,6 +229,17 @@ class StreamTurns:
             del self._unlocking[stream_id]
         if not task.cancelled() and task.exception() is not None:
             log.warning("releasing the shared lock of %s failed: %s", stream_id, task.exception())
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """A stream whose turn a command joined (``StreamTurns.join``)."""
+
+    stream_id: str
+    began: bool
+    """The turn began with this command: other processes may have written the stream."""
+    events_after: list[RecordedEvent] | None = None
+    """If it began and the version known was given: the stream's events after it."""
 
 
 class _Turn:

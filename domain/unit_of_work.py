@@ -44,7 +44,7 @@ from domain.commands import Command
 from domain.errors import BusinessRuleViolation, ConcurrencyConflictError, OrderNotFoundError
 from domain.fingerprints import fingerprint
 from domain.ids import new_uuid
-from domain.locks import StreamLocks, StreamTurns
+from domain.locks import Joined, StreamLocks, StreamTurns
 from domain.mapper import to_domain_event, to_new_event
 from domain.ports import Commit, EventStore, RecordedEvent, SharedStreamLocks
 from domain.snapshots import Snapshots
@@ -87,6 +87,13 @@ class AggregateCache:
         if entry is not None:
             self._entries.move_to_end(stream_id)
         return entry
+
+    def settled_version(self, stream_id: str) -> int | None:
+        """The committed version of ``stream_id``, if it is cached with no commit queued."""
+        entry = self._entries.get(stream_id)
+        if entry is None or entry.queued is not None or entry.committed is None:
+            return None
+        return entry.committed.version
 
     def mark_stale(self, stream_id: str) -> None:
         """Another process may have written ``stream_id``: read it before deciding on it."""
@@ -183,8 +190,11 @@ class UnitOfWork:
         self._durable = durable
         self._held: list[tuple[str, ...]] = []
         """Stream locks taken by this unit of work, released once its commit is queued."""
-        self._joined: list[tuple[str, bool]] = []
+        self._joined: list[Joined] = []
         """Turns at contended streams joined, left once the commit is answered."""
+        self._read_with_turn: dict[str, tuple[int, list[RecordedEvent]]] = {}
+        """Per stream whose turn began here: the events after the cached committed version
+        (the version, the events), read as the turn began."""
         self._follows: dict[str, str] = {}
         """Per stream loaded, the id of the last event of the state it was loaded at."""
         self.used_cache = False
@@ -207,11 +217,23 @@ class UnitOfWork:
         held = await self._locks.acquire(stream_ids)
         self._held.append(held)
         if self._turns is not None:
-            joined = await self._turns.join(held)
+            # A turn that begins reads what other processes wrote since the cached state,
+            # in the round trip that takes the lock.
+            known = {
+                stream_id: version
+                for stream_id in held
+                if (version := self._cache.settled_version(stream_id)) is not None
+            }
+            joined = await self._turns.join(held, known)
             self._joined += joined
-            for stream_id, began in joined:
-                if began:
-                    self._cache.mark_stale(stream_id)
+            for one in joined:
+                if one.began:
+                    self._cache.mark_stale(one.stream_id)
+                    if one.events_after is not None:
+                        self._read_with_turn[one.stream_id] = (
+                            known[one.stream_id],
+                            one.events_after,
+                        )
 
     def _release(self) -> None:
         while self._held:
@@ -258,7 +280,11 @@ class UnitOfWork:
         if isinstance(committed, type(blank)) and entry is not None:
             aggregate: A = committed.clone()
             last_event = entry.committed_event
-            records = await self._store.read_stream(stream_id, aggregate.version)
+            read = self._read_with_turn.pop(stream_id, None)
+            if read is not None and read[0] == aggregate.version:
+                records = read[1]
+            else:
+                records = await self._store.read_stream(stream_id, aggregate.version)
         else:
             aggregate, records = await self._snapshots.load(blank, self._store)
             last_event = ""
