@@ -15,7 +15,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from domain.ports import RecordedEvent, SharedStreamLocks
@@ -147,27 +147,30 @@ class StreamTurns:
         return True
 
     async def join(
-        self, stream_ids: Iterable[str], known_versions: Mapping[str, int] | None = None
+        self,
+        stream_ids: Iterable[str],
+        known_version: Callable[[str], int | None] | None = None,
     ) -> list[Joined]:
         """Join (or start) this process's turn at each contended stream, in sorted order.
 
         Returns what to ``leave``: each stream joined, and whether its turn began now
         (the caller must then read the stream afresh: another process may have written).
-        A turn that begins at a stream of ``known_versions`` comes with the stream's events
-        after that version, read with the lock in the same round trip.
+        A turn that begins at a stream whose version ``known_version`` knows comes with
+        the stream's events after that version, read with the lock in the same round trip.
         """
-        known = known_versions or {}
         joined: list[Joined] = []
         try:
             for stream_id in sorted(set(stream_ids)):
                 if self._is_contended(stream_id):
-                    joined.append(await self._join(stream_id, known.get(stream_id)))
+                    joined.append(await self._join(stream_id, known_version))
         except BaseException:
             self.leave(joined)
             raise
         return joined
 
-    async def _join(self, stream_id: str, known_version: int | None) -> Joined:
+    async def _join(
+        self, stream_id: str, known_version: Callable[[str], int | None] | None
+    ) -> Joined:
         while True:
             turn = self._turns.get(stream_id)
             if turn is None:
@@ -176,7 +179,10 @@ class StreamTurns:
                     unlocking = self._unlocking.get(stream_id)
                     if unlocking is not None:
                         await asyncio.wait([unlocking])
-                    locked = await self._shared.lock_stream(stream_id, known_version)
+                    # Asked only now: this process's previous turn has ended, and what it
+                    # wrote is in the version.
+                    after = known_version(stream_id) if known_version is not None else None
+                    locked = await self._shared.lock_stream(stream_id, after)
                     if locked.waited:
                         self._mark([stream_id])
                 except BaseException:
@@ -184,7 +190,9 @@ class StreamTurns:
                     turn.fail()
                     raise
                 turn.start()
-                return Joined(stream_id, True, locked.events_after)
+                if locked.events_after is None:
+                    return Joined(stream_id, True)
+                return Joined(stream_id, True, after, locked.events_after)
             if turn.closing or turn.older_than(self._quantum):
                 turn.closing = True
                 await turn.ended.wait()
@@ -238,8 +246,9 @@ class Joined:
     stream_id: str
     began: bool
     """The turn began with this command: other processes may have written the stream."""
+    known_version: int | None = None
     events_after: list[RecordedEvent] | None = None
-    """If it began and the version known was given: the stream's events after it."""
+    """If it began at a known version: the stream's events after it."""
 
 
 class _Turn:

@@ -214,26 +214,24 @@ class UnitOfWork:
         self._leave_turns()
 
     async def _lock(self, stream_ids: Iterable[str]) -> None:
-        held = await self._locks.acquire(stream_ids)
-        self._held.append(held)
+        ordered = sorted(set(stream_ids))
         if self._turns is not None:
-            # A turn that begins reads what other processes wrote since the cached state,
-            # in the round trip that takes the lock.
-            known = {
-                stream_id: version
-                for stream_id in held
-                if (version := self._cache.settled_version(stream_id)) is not None
-            }
-            joined = await self._turns.join(held, known)
+            # The turns first, then the stream locks: the commands waiting for a turn
+            # are woken together when it begins, decided one after the other at once,
+            # and their commits share the turn's first batch. A turn that begins reads
+            # what other processes wrote since the cached state, in the round trip that
+            # takes the lock.
+            joined = await self._turns.join(ordered, self._cache.settled_version)
             self._joined += joined
             for one in joined:
                 if one.began:
                     self._cache.mark_stale(one.stream_id)
-                    if one.events_after is not None:
+                    if one.known_version is not None and one.events_after is not None:
                         self._read_with_turn[one.stream_id] = (
-                            known[one.stream_id],
+                            one.known_version,
                             one.events_after,
                         )
+        self._held.append(await self._locks.acquire(ordered))
 
     def _release(self) -> None:
         while self._held:

@@ -14,11 +14,12 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from domain import handlers
+from domain.errors import DomainError
 from domain.events import StockReserved
 from domain.ids import POOL_BYTES, new_uuid, random_bytes
 from domain.locks import Joined, StreamLocks, StreamTurns
 from domain.mapper import to_domain_event
-from domain.ports import RecordedEvent, StreamLocked
+from domain.ports import Commit, RecordedEvent, StreamLocked
 from domain.unit_of_work import UnitsOfWork
 from server.stores.memory import MemoryEventStore
 from tests.unit.test_bus import create, restock
@@ -272,3 +273,65 @@ async def test_a_turn_begins_with_what_the_other_replica_wrote_read_with_the_loc
     ]
     assert left == [7, 5], "the first replica decided on the second one's reservation"
     assert store.reads["product-hot"] == 0
+
+
+class BatchingStore(MemoryEventStore):
+    """Group commit as the PostgreSQL store does it: a writer task, started by the first
+    append that finds none, takes every append made by the time it runs as one batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+        self._pending: list[tuple[Commit, asyncio.Future[list[RecordedEvent]]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def append(self, commit: Commit) -> list[RecordedEvent]:
+        future: asyncio.Future[list[RecordedEvent]] = asyncio.get_running_loop().create_future()
+        self._pending.append((commit, future))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write())
+        return await future
+
+    async def _write(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            self.batches.append(len(batch))
+            await asyncio.sleep(0.001)  # the round trip and the flush
+            for commit, future in batch:
+                try:
+                    future.set_result(await super().append(commit))
+                except DomainError as error:
+                    future.set_exception(error)
+        self._writer = None
+
+
+async def test_commands_waiting_for_a_turn_are_decided_together_and_share_a_batch() -> None:
+    """When a replica's turn begins, the commands that waited for it are decided at once,
+    so their commits go to the database in one batch (one flush), not the first alone."""
+    store = BatchingStore()
+    table: dict[str, asyncio.Lock] = {}
+    heard: list[Callable[[str], None]] = []
+    replica = UnitsOfWork(store, shared_locks=SharedLocks(table, heard, store.read_stream))
+    await replica.run(handlers.restock_product, restock("hot", 10))
+    await SharedLocks(table, heard).announce_contention("product-hot")
+    others_turn = table.setdefault("product-hot", asyncio.Lock())
+    await others_turn.acquire()
+
+    store.batches.clear()
+    orders = [
+        asyncio.ensure_future(replica.run(handlers.create_order, create(("hot", 1))))
+        for _ in range(4)
+    ]
+    await asyncio.sleep(0.01)
+    assert not any(order.done() for order in orders), "they wait for the other replica"
+    others_turn.release()
+    placed = await asyncio.wait_for(asyncio.gather(*orders), 5)
+
+    assert store.batches == [4]
+    left = [
+        event.available_after
+        for events in placed
+        for event in map(to_domain_event, events)
+        if isinstance(event, StockReserved)
+    ]
+    assert sorted(left) == [6, 7, 8, 9]
