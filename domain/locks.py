@@ -85,15 +85,19 @@ class StreamTurns:
     queue is first in, first out), so a busy process cannot keep a stream to itself.
 
     Turns are taken in sorted stream order, like the in-process locks, and a turn ends
-    without waiting for any lock, so turns cannot deadlock. Streams nobody else writes
-    never touch the shared locks.
+    without waiting for any lock, so turns cannot deadlock. A command joins a stream's
+    turn before it takes the stream's in-process lock (``domain.unit_of_work``): the
+    commands queued for a turn then begin together, and none of them holds an in-process
+    lock while it waits for another process. A turn that begins reads, in the round trip
+    that takes the shared lock, what other processes wrote after the version the caller
+    knows. Streams nobody else writes never touch the shared locks.
     """
 
     def __init__(
         self,
         shared: SharedStreamLocks,
         quantum: float = 0.02,
-        linger: float = 0.002,
+        linger: float = 0.0,
         memory: float = 2.0,
     ) -> None:
         self._shared = shared
@@ -205,9 +209,14 @@ class StreamTurns:
 
     def leave(self, joined: Iterable[Joined]) -> None:
         """A command that joined is answered (or gave up). A turn nobody uses ends, after
-        ``linger`` seconds if it is still young: the callers just answered often send
-        their next command within that, and one turn then carries several rounds of them
-        instead of paying a hand-over (unlock, lock, a fresh read) for each."""
+        ``linger`` seconds if it is still young (by default none: on the next turn of the
+        event loop, so that commands resumed with this one can still join it). Lingering
+        would let the callers just answered send their next commands into the same turn,
+        but they come one by one, each paying a flush of its own, while the other
+        process's commands, queued for the whole turn, wait; ending at once hands the
+        stream over while these callers are between calls, and their next commands are
+        decided together in the next turn (two replicas on one product made 1.2-1.4 x the
+        calls/s with no linger than with 2 ms, at less CPU per call)."""
         for stream_id in (one.stream_id for one in joined):
             turn = self._turns[stream_id]
             turn.users -= 1
