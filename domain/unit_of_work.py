@@ -23,7 +23,10 @@ share commits instead of taking one durable commit each. What keeps it safe:
   have restocked the product).
 
 Across processes sharing a store (PostgreSQL replicas), commands on a stream they contend
-for also take turns at it (``domain.locks.StreamTurns``), joined with the stream locks.
+for also take turns at it (``domain.locks.StreamTurns``), joined before the stream locks
+are taken. A turn that begins brings what other processes wrote after the cached state,
+read with the turn's lock, and the stream is brought up to date from that instead of a
+read of its own.
 
 An aggregate that is not cached starts from its latest snapshot, if any
 (``domain.snapshots``), taken only of states that committed.
