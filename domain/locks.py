@@ -256,6 +256,7 @@ class Joined:
     began: bool
     """The turn began with this command: other processes may have written the stream."""
     known_version: int | None = None
+    """If it began: the version the caller knew the stream at, if any."""
     events_after: list[RecordedEvent] | None = None
     """If it began at a known version: the stream's events after it."""
 
