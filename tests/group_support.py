@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -176,3 +177,20 @@ async def join(
                 raise joined.error
             await asyncio.sleep(0.01)
     return joined
+
+
+def assert_never_two_at_once(
+    deliveries: Sequence[tuple[float, str, int, str]], partitions: int
+) -> None:
+    """``deliveries``: (time, member, partition, event id) as the members received them.
+    Per partition, each member's deliveries form one stretch of time, and the stretches
+    of different members do not overlap."""
+    for partition in range(partitions):
+        stretches: dict[str, tuple[float, float]] = {}
+        for at, name, delivered_partition, _ in deliveries:
+            if delivered_partition == partition:
+                first, last = stretches.get(name, (at, at))
+                stretches[name] = (min(first, at), max(last, at))
+        ordered = sorted(stretches.values())
+        for (_, end), (start, _) in itertools.pairwise(ordered):
+            assert end < start, f"partition {partition} delivered by two members at once"

@@ -104,18 +104,5 @@ class MemberIdTakenError(ConsumerGroupError):
         self.member_id = member_id
 
 
-class GroupsNeedOneWriterError(ConsumerGroupError):
-    """Consumer groups on a SQLite store served by several worker processes: each would
-    hand out the group's partitions on its own, so they are refused rather than delivered
-    twice."""
-
-    reason = "CONSUMER_GROUPS_UNAVAILABLE"
-
-    def __init__(self) -> None:
-        super().__init__(
-            "consumer groups on a SQLite store need --workers 1 (or a PostgreSQL store)"
-        )
-
-
 class GroupClosedError(ConsumerGroupError):
     """The gateway is shutting down."""

@@ -174,9 +174,19 @@ class ConsumerGroups:
         async with self._locks[name]:
             runtime = self._runtimes.pop(name, None)
             if runtime is not None:
-                await runtime.stop(GroupNotFoundError(name))
+                await _end_deleted(runtime)
             if not await self.store.delete_group(name):
                 raise GroupNotFoundError(name)
+
+    async def deleted_elsewhere(self, name: str, created_at: dt.datetime) -> None:
+        """Another process deleted the group created at ``created_at``: its members here
+        end with NOT_FOUND (a group created since under the same name is left alone)."""
+        async with self._locks[name]:
+            runtime = self._runtimes.get(name)
+            if runtime is not None and runtime.record.created_at == created_at:
+                del self._runtimes[name]
+                self._retire(runtime)
+                await _end_deleted(runtime)
 
     async def replay_parked(self, name: str, limit: int) -> int:
         await self.record(name)
@@ -246,3 +256,11 @@ class ConsumerGroups:
                     exc_info=outcome,
                 )
         await self.store.close()
+
+
+async def _end_deleted(runtime: GroupRuntime) -> None:
+    """The group is deleted: its members end with NOT_FOUND, nothing is stored, and its
+    lease rounds stop (they would otherwise go on for a group nobody consumes)."""
+    await runtime.stop(GroupNotFoundError(runtime.record.name))
+    if runtime.coordinator is not None:
+        await runtime.coordinator.stop()

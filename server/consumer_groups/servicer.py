@@ -34,7 +34,6 @@ from server.consumer_groups.model import (
     GroupExistsError,
     GroupNotFoundError,
     GroupSettings,
-    GroupsNeedOneWriterError,
     MemberIdTakenError,
 )
 from server.consumer_groups.service import ConsumerGroups, GroupView
@@ -164,8 +163,6 @@ def group_status(error: BaseException) -> grpc.Status:
         )
     if isinstance(error, GroupClosedError):
         return plain_status(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-    if isinstance(error, GroupsNeedOneWriterError):
-        return _error_info_status(code_pb2.FAILED_PRECONDITION, str(error), error.reason, {})
     return status_for(error) or _unexpected(error)
 
 

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from domain.ports import EventStore
 from server.consumer_groups.leases import LeaseStore
-from server.consumer_groups.model import GroupRecord, GroupsNeedOneWriterError, ParkedEvent
 from server.consumer_groups.ports import ConsumerGroupStore
 from server.consumer_groups.store_memory import MemoryConsumerGroupStore
 
@@ -37,44 +35,3 @@ async def open_group_store(events: EventStore) -> ConsumerGroupStore:
         return await events.open_consumer_groups()
     log.warning("%s keeps no consumer groups: they live in memory", type(events).__name__)
     return MemoryConsumerGroupStore()
-
-
-class RefusedConsumerGroupStore:
-    """Groups where they cannot be served: every call fails with
-    ``GroupsNeedOneWriterError`` (a SQLite store behind several worker processes)."""
-
-    async def create_group(self, record: GroupRecord) -> GroupRecord:
-        raise GroupsNeedOneWriterError
-
-    async def get_group(self, name: str) -> GroupRecord | None:
-        raise GroupsNeedOneWriterError
-
-    async def list_groups(self) -> list[GroupRecord]:
-        raise GroupsNeedOneWriterError
-
-    async def delete_group(self, name: str) -> bool:
-        raise GroupsNeedOneWriterError
-
-    async def load_checkpoints(self, name: str) -> dict[int, int]:
-        raise GroupsNeedOneWriterError
-
-    async def save_checkpoints(self, name: str, checkpoints: Mapping[int, int]) -> None:
-        raise GroupsNeedOneWriterError
-
-    async def park(self, name: str, events: Sequence[ParkedEvent]) -> None:
-        raise GroupsNeedOneWriterError
-
-    async def unpark(self, name: str, event_ids: Sequence[str]) -> None:
-        raise GroupsNeedOneWriterError
-
-    async def replay_parked(self, name: str, limit: int) -> int:
-        raise GroupsNeedOneWriterError
-
-    async def replaying(self, name: str, limit: int) -> list[ParkedEvent]:
-        raise GroupsNeedOneWriterError
-
-    async def parked_count(self, name: str) -> int:
-        raise GroupsNeedOneWriterError
-
-    async def close(self) -> None:
-        return None

@@ -15,23 +15,30 @@ waiting for another process's write lock polls with sleeps of 1 to 100 ms (its b
 handler), so workers each writing the file would queue on those sleeps. On SQLite the
 supervisor opens the store, and with it the only writer; workers hand it their appends,
 which are queued together and still share one transaction and one fsync (group commit).
-Workers read the file themselves (WAL readers do not block the writer).
+Workers read the file themselves (WAL readers do not block the writer). The consumer
+groups' records and partition leases are the supervisor's too (``server.workers.groups``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import functools
 import logging
 from pathlib import Path
+from typing import Any
 
 from domain.ports import Commit, RecordedEvent
 from server.stores.sqlite import SQLiteEventStore
+from server.workers.groups import GroupsHost
 from server.workers.hub_protocol import (
+    GROUP_DELETED,
     NOTICE,
     WAKE,
     FrameBuffer,
+    GroupCall,
     decode_commit,
+    encode_call_outcome,
     encode_outcome,
     frame,
 )
@@ -48,6 +55,8 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self.others_committed = False
         """Another worker committed since this worker's last wake-up."""
+        self.replicas: set[str] = set()
+        """The worker's consumer-group replica ids (its lease calls name them)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -67,11 +76,17 @@ class _Connection(asyncio.Protocol):
         # replays them).
         self._hub.connections.discard(self)
         self._transport = None
+        if self._hub.groups is not None:
+            # The worker is gone (a worker closes its connection last, after its groups
+            # stopped): its partitions need not wait out their leases.
+            self._hub.groups.forget(self.replicas)
 
     def data_received(self, data: bytes) -> None:
         for call_id, message in self._buffer.feed(data):
             if call_id == NOTICE:
                 self._hub.committed(self)
+            elif isinstance(message, GroupCall):
+                self._group_call(call_id, message)
             else:
                 self._append(call_id, decode_commit(message))
 
@@ -84,6 +99,21 @@ class _Connection(asyncio.Protocol):
         task = asyncio.ensure_future(writer.append(commit))
         task.add_done_callback(functools.partial(self._answer, call_id))
 
+    def _group_call(self, call_id: int, call: GroupCall) -> None:
+        groups = self._hub.groups
+        if groups is None:
+            log.error("a worker sent a consumer-group call, but this gateway keeps no groups")
+            self.close()
+            return
+        task = asyncio.ensure_future(groups.call(call, self))
+        task.add_done_callback(functools.partial(self._answer_call, call_id))
+
+    def _answer_call(self, call_id: int, done: asyncio.Future[Any]) -> None:
+        if done.cancelled():
+            return
+        error = done.exception()
+        self.send(frame((call_id, encode_call_outcome(done.result() if error is None else error))))
+
     def _answer(self, call_id: int, done: asyncio.Future[list[RecordedEvent]]) -> None:
         if done.cancelled():
             return
@@ -91,6 +121,10 @@ class _Connection(asyncio.Protocol):
         if error is None:
             self._hub.committed(self)
         self.send(frame((call_id, encode_outcome(done.result() if error is None else error))))
+
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None
 
     def send(self, data: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():
@@ -103,11 +137,20 @@ class _Connection(asyncio.Protocol):
 
 class WorkerHub:
     """Serves the workers on a unix socket at ``path``; ``writer``: SQLite's store, whose
-    appends the workers hand over (None for a store each worker writes itself)."""
+    appends the workers hand over (None for a store each worker writes itself);
+    ``groups``: the consumer groups the supervisor keeps for them (SQLite)."""
 
-    def __init__(self, path: Path, writer: SQLiteEventStore | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        writer: SQLiteEventStore | None = None,
+        groups: GroupsHost | None = None,
+    ) -> None:
         self.path = path
         self.writer = writer
+        self.groups = groups
+        if groups is not None:
+            groups.on_deleted = self._group_deleted
         self.connections: set[_Connection] = set()
         self.closed = False
         self._server: asyncio.Server | None = None
@@ -135,12 +178,20 @@ class WorkerHub:
             connection.send(self.wakes[connection.others_committed])
             connection.others_committed = False
 
+    def _group_deleted(self, name: str, created_at: dt.datetime) -> None:
+        """Every worker's members of the group end (NOT_FOUND), not only the deleter's."""
+        message = frame((GROUP_DELETED, (name, created_at)))
+        for connection in self.connections:
+            connection.send(message)
+
     async def close(self) -> None:
         """Close the writer's store (appends queued finish first), then the workers'
         connections: a worker still running sees the hub gone and stops."""
         self.closed = True
         if self._server is not None:
             self._server.close()
+        if self.groups is not None:
+            await self.groups.close()
         if self.writer is not None:
             await self.writer.close()
         for connection in list(self.connections):

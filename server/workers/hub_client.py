@@ -14,11 +14,12 @@ fail as ``StoreUnavailableError`` (nothing was acknowledged that is not durable)
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import itertools
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from domain.errors import StoreError, StoreUnavailableError
 from domain.ports import (
@@ -32,13 +33,17 @@ from domain.ports import (
     StreamLocked,
 )
 from server.consumer_groups.ports import ConsumerGroupStore
-from server.consumer_groups.stores import KeepsConsumerGroups, RefusedConsumerGroupStore
+from server.consumer_groups.stores import KeepsConsumerGroups
 from server.stores.event_rows import EventRow, EventRowReader, StreamRowReader
+from server.workers.groups import WorkerGroupStore
 from server.workers.hub_protocol import (
+    GROUP_DELETED,
     NOTICE,
     WAKE,
     FrameBuffer,
+    GroupCall,
     Outcome,
+    decode_call_outcome,
     decode_outcome,
     encode_commit,
     frame,
@@ -71,6 +76,8 @@ class _HubConnection(asyncio.Protocol):
                 if not self.accepted.done():
                     self.accepted.set_result(None)
                 self._client.woken(message)
+            elif call_id == GROUP_DELETED:
+                self._client.group_deleted(*message)
             else:
                 self._client.answer(call_id, message)
 
@@ -86,8 +93,13 @@ class HubClient:
     def __init__(self) -> None:
         self.on_others: Callable[[], None] | None = None
         """Called when another worker has committed."""
+        self.on_group_deleted: Callable[[str, dt.datetime], None] | None = None
+        """Called with a consumer group's name and creation time once it is deleted
+        (on SQLite, from any worker)."""
         self._transport: asyncio.Transport | None = None
         self._pending: dict[int, tuple[Commit, asyncio.Future[list[RecordedEvent]]]] = {}
+        self._calls: dict[int, asyncio.Future[Outcome]] = {}
+        """Consumer-group calls waiting for their answer."""
         self._ids = itertools.count(WAKE + 1)
         self._listeners: list[Callable[[], None]] = []
         self._notice = frame((NOTICE, None))
@@ -121,12 +133,28 @@ class HubClient:
         self._pending[call_id] = (commit, future)
         return await future
 
+    async def call(self, method: str, *args: Any) -> Any:
+        """A consumer-group call of the supervisor (``server.workers.groups``)."""
+        call_id = next(self._ids)
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._send((call_id, GroupCall(method, args)))
+        self._calls[call_id] = future
+        try:
+            return decode_call_outcome(await future)
+        finally:
+            self._calls.pop(call_id, None)
+
     def notice(self) -> None:
         """This worker committed (a lost hub only delays the others)."""
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(self._notice)
 
     def answer(self, call_id: int, outcome: Outcome) -> None:
+        called = self._calls.pop(call_id, None)
+        if called is not None:
+            if not called.done():
+                called.set_result(outcome)
+            return
         commit, future = self._pending.pop(call_id, (None, None))
         if commit is None or future is None or future.done():
             return
@@ -144,6 +172,10 @@ class HubClient:
         for listener in self._listeners:
             listener()
 
+    def group_deleted(self, name: str, created_at: dt.datetime) -> None:
+        if self.on_group_deleted is not None:
+            self.on_group_deleted(name, created_at)
+
     def hub_lost(self) -> None:
         self._transport = None
         pending, self._pending = self._pending, {}
@@ -152,6 +184,10 @@ class HubClient:
                 # Whether the writer committed it before it went is unknown: the caller
                 # retries with the same command_id, which replays it if it did.
                 future.set_exception(StoreUnavailableError(GONE))
+        calls, self._calls = self._calls, {}
+        for called in calls.values():
+            if not called.done():
+                called.set_exception(StoreUnavailableError(GONE))
         if not self.lost.is_set():
             log.error("lost the connection to the supervisor process")
             self.lost.set()
@@ -223,12 +259,13 @@ class WorkerStore:
         return self._inner
 
     async def open_consumer_groups(self) -> ConsumerGroupStore:
-        """PostgreSQL's groups, shared by the workers as by replicas (partition leases).
-        On SQLite each worker would hand out a group's partitions on its own, delivering
-        them twice: there consumer groups are refused."""
-        if self._shared_writer or not isinstance(self._inner, KeepsConsumerGroups):
-            return RefusedConsumerGroupStore()
-        return await self._inner.open_consumer_groups()
+        """The groups, shared by the workers: on PostgreSQL as by replicas (partition
+        leases in the database); on SQLite through the supervisor, which keeps the
+        leases and writes the records (``server.workers.groups``)."""
+        if not isinstance(self._inner, KeepsConsumerGroups):
+            raise StoreError(f"{type(self._inner).__name__} keeps no consumer groups")
+        records = await self._inner.open_consumer_groups()
+        return WorkerGroupStore(records, self._hub) if self._shared_writer else records
 
     def add_commit_listener(self, listener: Callable[[], None]) -> None:
         self._hub.add_listener(listener)

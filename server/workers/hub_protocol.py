@@ -5,7 +5,10 @@ A frame is a 4-byte big-endian length and a pickle. Workers send ``(call_id, com
 committed itself, on PostgreSQL). The supervisor answers an append with
 ``(call_id, outcome)`` and, after commits, sends every worker ``(WAKE, others)``: new
 events may be readable, and ``others`` says whether another worker committed since the
-last wake-up (a worker's own commits leave its aggregate cache up to date). Both ends are
+last wake-up (a worker's own commits leave its aggregate cache up to date). On SQLite
+workers also send ``(call_id, GroupCall)``: a consumer-group write or lease call, which
+the supervisor answers with ``(call_id, outcome)``, and after a group is deleted it tells
+every worker ``(GROUP_DELETED, (name, created_at))`` (``server.workers.groups``). Both ends are
 processes of one gateway on one host (a unix socket in a folder only the gateway's user
 can enter), so pickle is safe here.
 
@@ -24,6 +27,7 @@ import datetime as dt
 import pickle
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Final
 
 from domain.errors import (
@@ -34,11 +38,14 @@ from domain.errors import (
     StoreUnavailableError,
 )
 from domain.ports import Commit, NewEvent, RecordedEvent, recorded_events
+from server.consumer_groups.model import MemberIdTakenError
 
 WAKE: Final = 0
 """Supervisor to worker: new events may be readable; whether others committed."""
 NOTICE: Final = -1
 """Worker to supervisor: this worker has just committed (by itself)."""
+GROUP_DELETED: Final = -2
+"""Supervisor to worker: ``(name, created_at)``, a consumer group deleted (on SQLite)."""
 _LENGTH = struct.Struct("!I")
 
 Outcome = tuple[str, Any]
@@ -139,6 +146,38 @@ def decode_outcome(commit: Commit, outcome: Outcome) -> list[RecordedEvent]:
         raise ConcurrencyConflictError(value)
     if kind == "duplicate":
         raise DuplicateCommandError(value)
+    if kind == "unavailable":
+        raise StoreUnavailableError(value)
+    if kind == "full":
+        raise StoreFullError(value)
+    raise StoreError(value)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupCall:
+    """A worker's call of the supervisor's consumer-group records or partition leases:
+    ``method`` of ``server.workers.groups.GroupsHost`` with ``args``."""
+
+    method: str
+    args: tuple[Any, ...]
+
+
+def encode_call_outcome(result: object) -> Outcome:
+    """A group call's result, or its error (``result`` is the exception)."""
+    if isinstance(result, MemberIdTakenError):
+        return ("taken", (result.group, result.member_id))
+    if isinstance(result, BaseException):
+        return encode_outcome(result)
+    return ("ok", result)
+
+
+def decode_call_outcome(outcome: Outcome) -> Any:
+    """A group call's result, or its error raised."""
+    kind, value = outcome
+    if kind == "ok":
+        return value
+    if kind == "taken":
+        raise MemberIdTakenError(*value)
     if kind == "unavailable":
         raise StoreUnavailableError(value)
     if kind == "full":

@@ -32,6 +32,7 @@ from server.security.tls import server_credentials
 from server.stores.factory import migrate
 from server.stores.sqlite import SQLiteEventStore
 from server.stores.urls import redacted_url
+from server.workers.groups import GroupsHost
 from server.workers.hub import WorkerHub
 from server.workers.listen_address import reserve
 from server.workers.metrics import SupervisorMetrics
@@ -263,7 +264,9 @@ async def _run(settings: Settings, count: int, listen: str, run_dir: Path) -> No
     if database is None:
         await migrate(settings.store)
     writer = await SQLiteEventStore.open(database) if database is not None else None
-    hub = WorkerHub(run_dir / "hub.sock", writer)
+    # On SQLite the supervisor keeps the consumer groups' leases and writes their records.
+    groups = GroupsHost(await writer.open_consumer_groups()) if writer is not None else None
+    hub = WorkerHub(run_dir / "hub.sock", writer, groups)
     specs = [
         WorkerSpec(worker_settings, index, str(hub.path), shared_writer=writer is not None)
         for index in range(1, count + 1)

@@ -12,6 +12,8 @@ kernel closes it when the supervisor dies, however it dies.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import functools
 import logging
 import signal
 from dataclasses import dataclass
@@ -86,8 +88,10 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
     await follower.start()
     hub.on_others = follower.wake
     background = [asyncio.create_task(_stop_when_set(hub.lost, stop))]
+    deletions: set[asyncio.Task[None]] = set()
 
     def on_serving(gateway: Gateway) -> None:
+        hub.on_group_deleted = functools.partial(_group_deleted, gateway, deletions)
         ready.send(gateway.metrics_port)
         ready.close()
 
@@ -105,6 +109,15 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
         for task in background:
             task.cancel()
         await follower.stop()
+
+
+def _group_deleted(
+    gateway: Gateway, tasks: set[asyncio.Task[None]], name: str, created_at: dt.datetime
+) -> None:
+    """A group was deleted (through any worker): its members here end too."""
+    task = asyncio.create_task(gateway.groups.deleted_elsewhere(name, created_at))
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 async def _stop_when_set(event: asyncio.Event, stop: asyncio.Event) -> None:

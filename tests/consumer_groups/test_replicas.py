@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import signal
 import subprocess
 import time
@@ -20,7 +19,7 @@ from orders.v1 import consumer_group_service_pb2_grpc as pb_grpc
 from orders.v1 import inventory_command_service_pb2 as inventory_pb
 from orders.v1 import inventory_command_service_pb2_grpc as inventory_grpc
 
-from tests.group_support import Member, join
+from tests.group_support import Member, assert_never_two_at_once, join
 from tests.serving import free_port, gateway_log, start_gateway, wait_until_serving
 
 pytestmark = pytest.mark.postgres
@@ -146,14 +145,4 @@ async def test_a_killed_replica_s_partitions_move_and_none_is_delivered_twice_at
 
     print(f"takeover {takeover:.1f} s")
     assert takeover <= 15, f"partitions moved {takeover:.1f} s after the kill"
-    # Never two members at once: per partition, each member's deliveries form one
-    # stretch of time, and the stretches do not overlap.
-    for partition in range(PARTITIONS):
-        stretches: dict[str, tuple[float, float]] = {}
-        for at, name, delivered_partition, _ in record.deliveries:
-            if delivered_partition == partition:
-                first, last = stretches.get(name, (at, at))
-                stretches[name] = (min(first, at), max(last, at))
-        ordered = sorted(stretches.values())
-        for (_, end), (start, _) in itertools.pairwise(ordered):
-            assert end < start, f"partition {partition} delivered by two members at once"
+    assert_never_two_at_once(record.deliveries, PARTITIONS)

@@ -10,10 +10,8 @@ import signal
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 
 import grpc
-import pytest
 from orders.v1 import events_pb2, order_command_service_pb2
 
 from tests.clients import Clients, item, order_request
@@ -24,14 +22,6 @@ ACKNOWLEDGED_BEFORE_KILL = 50
 PRODUCTS = 10
 STOCK = 1_000_000
 CHANNELS = 8
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'events.db'}"
-    url: str = request.getfixturevalue("fresh_postgres_url")
-    return url
 
 
 def requests() -> list[order_command_service_pb2.CreateOrderRequest]:

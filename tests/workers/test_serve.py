@@ -32,14 +32,6 @@ CHANNELS = 16
 """Connections the tests spread over two workers: all landing on one is a 2^-15 chance."""
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'events.db'}"
-    url: str = request.getfixturevalue("fresh_postgres_url")
-    return url
-
-
 def handled_by_worker(metrics_text: str) -> dict[str, float]:
     """CreateOrder calls answered OK, by the ``worker`` label."""
     handled: dict[str, float] = {}
