@@ -89,7 +89,9 @@ async def profile(args: argparse.Namespace) -> str:
                     "raw",
                     "--output",
                     str(stacks),
-                    "--nonblocking",
+                    # Native frames are read from a paused process only.
+                    *(["--native"] if args.native else ["--nonblocking"]),
+                    *(["--gil"] if args.gil else []),
                     stdout=asyncio.subprocess.DEVNULL,
                     stderr=asyncio.subprocess.DEVNULL,
                 )
@@ -119,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--native", action="store_true", help="include C/Cython frames (pauses the process)"
     )
+    parser.add_argument("--gil", action="store_true", help="sample only the thread holding the GIL")
     parser.add_argument("--out", type=Path, default=RESULTS / "profile.txt")
     args = parser.parse_args(argv)
     print(asyncio.run(profile(args)))

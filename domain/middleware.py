@@ -38,13 +38,14 @@ class LoggingMiddleware:
                 (time.perf_counter() - started) * 1e3,
             )
             raise
-        log.debug(
-            "%s %s committed %d events (%.1f ms)",
-            name,
-            command.command_id,
-            len(result),
-            (time.perf_counter() - started) * 1e3,
-        )
+        if log.isEnabledFor(logging.DEBUG):  # not even the arguments when it is not
+            log.debug(
+                "%s %s committed %d events (%.1f ms)",
+                name,
+                command.command_id,
+                len(result),
+                (time.perf_counter() - started) * 1e3,
+            )
         return result
 
 

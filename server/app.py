@@ -48,6 +48,7 @@ from server.observability.otel import otel_tracing
 from server.observability.store_faults import StoreFaults, watched
 from server.rpc.decoding import RequestDecodingInterceptor
 from server.rpc.last_resort import LastResortInterceptor
+from server.rpc.method_handlers import Interceptors
 from server.rpc.servicers import CommandRunner, InventoryCommandServicer, OrderCommandServicer
 from server.rpc.subscription_hub import HubTuning, SubscriptionHub
 from server.rpc.subscriptions import EventStreamServicer
@@ -186,10 +187,14 @@ async def create_server(
         # handler chose for an escaping error. Of those that act on a call,
         # authentication runs first: its verdict precedes any look at the request.
         interceptors=[
-            ObservabilityInterceptor([metrics, access_log], tracing),
-            LastResortInterceptor(),
-            AuthInterceptor(authenticators),
-            RequestDecodingInterceptor(),
+            Interceptors(
+                [
+                    ObservabilityInterceptor([metrics, access_log], tracing),
+                    LastResortInterceptor(),
+                    AuthInterceptor(authenticators),
+                    RequestDecodingInterceptor(),
+                ]
+            )
         ],
         options=server_options(settings, reuse_port),
         # grpc.max_concurrent_streams only bounds one connection; this bounds the process

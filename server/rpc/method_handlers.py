@@ -2,16 +2,14 @@
 
 Every interceptor of the gateway runs the method's behaviour inside something of its own
 (a check before it, a timer or an error handler around it). ``wrapped`` rebuilds a
-handler of the same kind around its behaviour, and ``WrappingInterceptor`` builds each
+handler of the same kind around its behaviour, and ``Interceptors`` builds each
 method's wrapper once and reuses it.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
-from types import TracebackType
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeAlias, cast
 
 import grpc
@@ -20,9 +18,9 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
-class CallScope(AbstractAsyncContextManager[None]):
+class CallScope:
     """What an interceptor runs around one call: ``start`` before the method's behaviour,
-    ``end`` after its last response or with its error."""
+    ``end`` after its last response or with its error (as ``async with`` would)."""
 
     __slots__ = ()
 
@@ -33,17 +31,6 @@ class CallScope(AbstractAsyncContextManager[None]):
         """Called with the error the behaviour raised, if any; True swallows it."""
         return False
 
-    async def __aenter__(self) -> None:
-        await self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        return await self.end(exc)
-
 
 class Around(Protocol):
     def __call__(self, request: Any, context: Context) -> CallScope:
@@ -52,18 +39,9 @@ class Around(Protocol):
         ...
 
 
-class WrappingInterceptor(grpc.aio.ServerInterceptor):
-    """A server interceptor that wraps the handler of each method it ``applies_to``.
-
-    The wrapper holds no per-call state (each call reads its own metadata), so it is
-    built on a method's first call and reused: building handlers on every call was a
-    third of the interceptor stack's time. A different handler for the method (a servicer
-    registered again) gets a new wrapper. Unknown methods (no handler) are left to grpc,
-    which answers UNIMPLEMENTED.
-    """
-
-    def __init__(self) -> None:
-        self._by_method: dict[str, tuple[Handler, Handler]] = {}
+class WrappingInterceptor:
+    """Acts on the calls to each method it ``applies_to`` by wrapping the method's handler
+    (``wrapped``); served through ``Interceptors``."""
 
     def applies_to(self, method: str, handler: Handler) -> bool:
         return True
@@ -72,18 +50,39 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
         """``handler`` as this interceptor serves it."""
         raise NotImplementedError
 
+
+class Interceptors(grpc.aio.ServerInterceptor):
+    """The grpc server interceptor that serves ``WrappingInterceptor``s, first outermost.
+
+    Each method's handler is wrapped by all of them (the innermost first) on the
+    method's first call and reused: the wrapper holds no per-call state (each call reads
+    its own metadata), and building handlers on every call was a third of the
+    interceptor stack's time. A different handler for the method (a servicer registered
+    again) gets a new wrapper. Unknown methods (no handler) are left to grpc, which
+    answers UNIMPLEMENTED. One grpc interceptor rather than one each: grpc runs its
+    interceptors on every call, each a coroutine awaiting the next one's.
+    """
+
+    def __init__(self, interceptors: Sequence[WrappingInterceptor]) -> None:
+        self._interceptors = tuple(reversed(interceptors))
+        self._by_method: dict[str, tuple[Handler, Handler]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
         method = handler_call_details.method
-        if handler is None or not self.applies_to(method, handler):
-            return handler
         cached = self._by_method.get(method)
         if cached is None or cached[0] is not handler:
-            cached = (handler, self.wrap(handler, method))
+            serving = handler
+            for interceptor in self._interceptors:
+                if interceptor.applies_to(method, serving):
+                    serving = interceptor.wrap(serving, method)
+            cached = (handler, serving)
             self._by_method[method] = cached
         return cached[1]
 
@@ -139,30 +138,82 @@ class _Checked(CallScope):
         await self._check(self._request, self._context)
 
 
+_SCOPES = "__call_scopes__"
+"""The attribute of a wrapper built here: (the behaviour it runs, its arounds, outer first)."""
+
+
+def _scoped(behaviour: Any, around: Around) -> tuple[Any, tuple[Around, ...]]:
+    """The behaviour to run and the arounds to run it in, outer first: a wrapper built
+    here is not wrapped again but rebuilt with one more around, so that however many
+    interceptors wrap a method, each call runs one wrapper (one coroutine or async
+    generator, not one per interceptor, each resumed for every response)."""
+    inner, arounds = getattr(behaviour, _SCOPES, (behaviour, ()))
+    return inner, (around, *arounds)
+
+
+async def _end(scopes: list[CallScope], error: BaseException | None) -> None:
+    """End the started ``scopes`` innermost first, as nested ``async with`` blocks would:
+    each sees the error the one inside it left (None once one swallowed it)."""
+    for scope in reversed(scopes):
+        try:
+            if await scope.end(error):
+                error = None
+        except BaseException as raised:
+            if raised is not error and raised.__context__ is None:
+                raised.__context__ = error
+            error = raised
+    if error is not None:
+        raise error
+
+
 def _streaming(behaviour: Any, around: Around) -> Any:
     # grpc calls a streaming behaviour differently by its kind (it checks the function):
     # an async generator yields responses, a coroutine (health's Watch) writes them
     # through its context. The wrapper must be of the same kind.
-    if inspect.iscoroutinefunction(behaviour):
+    inner, arounds = _scoped(behaviour, around)
+    if inspect.iscoroutinefunction(inner):
         return _single(behaviour, around)
     # grpc's stubs type behaviours as synchronous; on an aio server they are async.
-    stream = cast(Callable[[Any, Context], AsyncIterator[Any]], behaviour)
+    stream = cast(Callable[[Any, Context], AsyncIterator[Any]], inner)
 
     async def call(request: Any, context: Context) -> AsyncIterator[Any]:
-        async with around(request, context):
+        scopes: list[CallScope] = []
+        error: BaseException | None = None
+        try:
+            for make in arounds:
+                scope = make(request, context)
+                await scope.start()
+                scopes.append(scope)
             async for response in stream(request, context):
                 yield response
+        except BaseException as raised:
+            error = raised
+        await _end(scopes, error)
 
+    setattr(call, _SCOPES, (inner, arounds))
     return call
 
 
 def _single(behaviour: Any, around: Around) -> Any:
-    single = cast(Callable[[Any, Context], Awaitable[Any]], behaviour)
+    inner, arounds = _scoped(behaviour, around)
+    single = cast(Callable[[Any, Context], Awaitable[Any]], inner)
 
     async def call(request: Any, context: Context) -> Any:
-        async with around(request, context):
-            return await single(request, context)
+        scopes: list[CallScope] = []
+        error: BaseException | None = None
+        result: Any = None
+        try:
+            for make in arounds:
+                scope = make(request, context)
+                await scope.start()
+                scopes.append(scope)
+            result = await single(request, context)
+        except BaseException as raised:
+            error = raised
+        await _end(scopes, error)
+        return result
 
+    setattr(call, _SCOPES, (inner, arounds))
     return call
 
 

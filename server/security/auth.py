@@ -99,7 +99,12 @@ class AuthInterceptor(WrappingInterceptor):
         self._authenticators = tuple(authenticators)
 
     def applies_to(self, method: str, handler: Handler) -> bool:
-        return not method.startswith(OPEN_SERVICES)
+        if method.startswith(OPEN_SERVICES):
+            return False
+        # With authentication off every caller is ANONYMOUS, which ``current_caller``
+        # already is unless set: only the refusal of a method without a scope is left
+        # to do, and no check needs to run in every call.
+        return bool(self._authenticators) or method not in REQUIRED_SCOPES
 
     def wrap(self, handler: Handler, method: str) -> Handler:
         required = REQUIRED_SCOPES.get(method)

@@ -287,3 +287,34 @@ def test_a_bad_token_file_is_refused_with_a_clear_message(
         TokenFileAuthenticator.from_file(path)
     # Which file, as the operator named it: the gateway may read several.
     assert str(refused.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("authentication", ["on", "off"])
+async def test_a_method_without_a_scope_is_refused_whoever_calls(
+    tmp_path: Path, authentication: str
+) -> None:
+    settings = Settings(
+        listen="127.0.0.1:0",
+        store="memory://",
+        auth_tokens=write_token_file(tmp_path / "tokens.toml") if authentication == "on" else None,
+    )
+    gateway = await create_server(settings, store=MemoryEventStore())
+
+    async def echo(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        return request
+
+    unscoped: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(echo)
+    gateway.server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("orders.v1.Unscoped", {"Echo": unscoped}),)
+    )
+    await gateway.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                "/orders.v1.Unscoped/Echo"
+            )
+            refused = await error_of(lambda: call(b"hello", metadata=bearer("ops")))
+    finally:
+        await gateway.stop()
+    assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert refused.details() == "this method has no scope assigned"
