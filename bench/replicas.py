@@ -1,10 +1,12 @@
 """Two gateway replicas on one PostgreSQL database, every order on one hot product.
 
 Both replicas serve the ``hot`` workload at once, each driven by its own client
-processes, for the same window; one replica alone with as many callers as the two
-together is measured in the same database just before, as the baseline the pair must
-not fall below. Every error code is counted: a command answered ABORTED for a
-concurrency conflict means the replicas raced instead of queueing at the database.
+processes, for the same window. Measured in the same database just before: one replica
+alone with as many callers as the two together, the baseline the pair must not fall
+below, and one replica alone with one replica's callers, which tells how much of any
+shortfall is the smaller batches of fewer callers rather than the taking of turns. Every
+error code is counted: a command answered ABORTED for a concurrency conflict means the
+replicas raced instead of queueing at the database.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ class ReplicaResult:
     duration: float
     alone: LoadResult
     """One replica with the callers of both."""
+    alone_half: LoadResult
+    """One replica with the callers of one."""
     replicas: list[LoadResult] = field(default_factory=list)
 
     @property
@@ -72,6 +76,9 @@ async def measure(
         alone = await asyncio.to_thread(
             run_load, spec(first.target, 2 * callers), "replica alone", first.cpu_seconds
         )
+        alone_half = await asyncio.to_thread(
+            run_load, spec(first.target, callers), "replica alone", first.cpu_seconds
+        )
         both = await asyncio.gather(
             asyncio.to_thread(
                 run_load, spec(first.target, callers), "replica 1", first.cpu_seconds
@@ -80,4 +87,4 @@ async def measure(
                 run_load, spec(second.target, callers), "replica 2", second.cpu_seconds
             ),
         )
-    return ReplicaResult(callers, duration, alone, list(both))
+    return ReplicaResult(callers, duration, alone, alone_half, list(both))

@@ -639,7 +639,7 @@ def print_replicas(report: Report, out: TextIO) -> None:
                 f"{r.server_cpu_ms_per_call:.3f}",
                 ",".join(f"{k}={v}" for k, v in sorted(r.errors.items())) or "none",
             ]
-            for r in [result.alone, *result.replicas]
+            for r in [result.alone, result.alone_half, *result.replicas]
         ]
         rows.append(
             [

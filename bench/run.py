@@ -481,7 +481,7 @@ async def run_replicas(
         result = await replicas.measure(
             url, workdir, args.replica_callers, args.replica_duration, args.warmup
         )
-    for load in [result.alone, *result.replicas]:
+    for load in [result.alone, result.alone_half, *result.replicas]:
         _progress(load)
     report.replicas.append(result)
 

@@ -15,9 +15,10 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
-from domain.ports import SharedStreamLocks
+from domain.ports import RecordedEvent, SharedStreamLocks
 
 log = logging.getLogger("order_gateway.locks")
 
@@ -84,15 +85,19 @@ class StreamTurns:
     queue is first in, first out), so a busy process cannot keep a stream to itself.
 
     Turns are taken in sorted stream order, like the in-process locks, and a turn ends
-    without waiting for any lock, so turns cannot deadlock. Streams nobody else writes
-    never touch the shared locks.
+    without waiting for any lock, so turns cannot deadlock. A command joins a stream's
+    turn before it takes the stream's in-process lock (``domain.unit_of_work``): the
+    commands queued for a turn then begin together, and none of them holds an in-process
+    lock while it waits for another process. A turn that begins reads, in the round trip
+    that takes the shared lock, what other processes wrote after the version the caller
+    knows. Streams nobody else writes never touch the shared locks.
     """
 
     def __init__(
         self,
         shared: SharedStreamLocks,
         quantum: float = 0.02,
-        linger: float = 0.002,
+        linger: float = 0.0,
         memory: float = 2.0,
     ) -> None:
         self._shared = shared
@@ -145,23 +150,31 @@ class StreamTurns:
             return False
         return True
 
-    async def join(self, stream_ids: Iterable[str]) -> list[tuple[str, bool]]:
+    async def join(
+        self,
+        stream_ids: Iterable[str],
+        known_version: Callable[[str], int | None] | None = None,
+    ) -> list[Joined]:
         """Join (or start) this process's turn at each contended stream, in sorted order.
 
         Returns what to ``leave``: each stream joined, and whether its turn began now
         (the caller must then read the stream afresh: another process may have written).
+        A turn that begins at a stream whose version ``known_version`` knows comes with
+        the stream's events after that version, read with the lock in the same round trip.
         """
-        joined: list[tuple[str, bool]] = []
+        joined: list[Joined] = []
         try:
             for stream_id in sorted(set(stream_ids)):
                 if self._is_contended(stream_id):
-                    joined.append((stream_id, await self._join(stream_id)))
+                    joined.append(await self._join(stream_id, known_version))
         except BaseException:
             self.leave(joined)
             raise
         return joined
 
-    async def _join(self, stream_id: str) -> bool:
+    async def _join(
+        self, stream_id: str, known_version: Callable[[str], int | None] | None
+    ) -> Joined:
         while True:
             turn = self._turns.get(stream_id)
             if turn is None:
@@ -170,14 +183,20 @@ class StreamTurns:
                     unlocking = self._unlocking.get(stream_id)
                     if unlocking is not None:
                         await asyncio.wait([unlocking])
-                    if await self._shared.lock_stream(stream_id):
+                    # Asked only now: this process's previous turn has ended, and what it
+                    # wrote is in the version.
+                    after = known_version(stream_id) if known_version is not None else None
+                    locked = await self._shared.lock_stream(stream_id, after)
+                    if locked.waited:
                         self._mark([stream_id])
                 except BaseException:
                     del self._turns[stream_id]
                     turn.fail()
                     raise
                 turn.start()
-                return True
+                if locked.events_after is None:
+                    return Joined(stream_id, True)
+                return Joined(stream_id, True, after, locked.events_after)
             if turn.closing or turn.older_than(self._quantum):
                 turn.closing = True
                 await turn.ended.wait()
@@ -186,14 +205,19 @@ class StreamTurns:
             await turn.started.wait()
             if turn.failed:
                 continue
-            return False
+            return Joined(stream_id, False)
 
-    def leave(self, joined: Iterable[tuple[str, bool]]) -> None:
+    def leave(self, joined: Iterable[Joined]) -> None:
         """A command that joined is answered (or gave up). A turn nobody uses ends, after
-        ``linger`` seconds if it is still young: the callers just answered often send
-        their next command within that, and one turn then carries several rounds of them
-        instead of paying a hand-over (unlock, lock, a fresh read) for each."""
-        for stream_id, _ in joined:
+        ``linger`` seconds if it is still young (by default none: on the next turn of the
+        event loop, so that commands resumed with this one can still join it). Lingering
+        would let the callers just answered send their next commands into the same turn,
+        but they come one by one, each paying a flush of its own, while the other
+        process's commands, queued for the whole turn, wait; ending at once hands the
+        stream over while these callers are between calls, and their next commands are
+        decided together in the next turn (two replicas on one product made 1.2-1.4 x the
+        calls/s with no linger than with 2 ms, at less CPU per call)."""
+        for stream_id in (one.stream_id for one in joined):
             turn = self._turns[stream_id]
             turn.users -= 1
             if turn.users:
@@ -222,6 +246,19 @@ class StreamTurns:
             del self._unlocking[stream_id]
         if not task.cancelled() and task.exception() is not None:
             log.warning("releasing the shared lock of %s failed: %s", stream_id, task.exception())
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """A stream whose turn a command joined (``StreamTurns.join``)."""
+
+    stream_id: str
+    began: bool
+    """The turn began with this command: other processes may have written the stream."""
+    known_version: int | None = None
+    """If it began: the version the caller knew the stream at, if any."""
+    events_after: list[RecordedEvent] | None = None
+    """If it began at a known version: the stream's events after it."""
 
 
 class _Turn:

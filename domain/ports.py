@@ -206,14 +206,27 @@ class EventStore(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class StreamLocked:
+    """What ``SharedStreamLocks.lock_stream`` found."""
+
+    waited: bool
+    """Another process held the lock first."""
+    events_after: list[RecordedEvent] | None = None
+    """The stream's events after the version asked for (None if none was), read with the
+    lock held."""
+
+
 @runtime_checkable
 class SharedStreamLocks(Protocol):
     """Per-stream locks that every process sharing a store sees (PostgreSQL's advisory
     locks), so that processes writing one stream at once can take turns at it instead of
     racing to concurrency conflicts. A store that only one process writes has none."""
 
-    async def lock_stream(self, stream_id: str) -> bool:
-        """Wait until this process holds ``stream_id``'s lock; True if another held it."""
+    async def lock_stream(self, stream_id: str, after_version: int | None = None) -> StreamLocked:
+        """Wait until this process holds ``stream_id``'s lock. Given ``after_version``, also
+        read the stream's events after it once the lock is held, in the same round trip:
+        whoever held the lock before may have written them."""
         ...
 
     async def unlock_stream(self, stream_id: str) -> None:

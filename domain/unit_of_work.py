@@ -23,7 +23,10 @@ share commits instead of taking one durable commit each. What keeps it safe:
   have restocked the product).
 
 Across processes sharing a store (PostgreSQL replicas), commands on a stream they contend
-for also take turns at it (``domain.locks.StreamTurns``), joined with the stream locks.
+for also take turns at it (``domain.locks.StreamTurns``), joined before the stream locks
+are taken. A turn that begins brings what other processes wrote after the cached state,
+read with the turn's lock, and the stream is brought up to date from that instead of a
+read of its own.
 
 An aggregate that is not cached starts from its latest snapshot, if any
 (``domain.snapshots``), taken only of states that committed.
@@ -44,7 +47,7 @@ from domain.commands import Command
 from domain.errors import BusinessRuleViolation, ConcurrencyConflictError, OrderNotFoundError
 from domain.fingerprints import fingerprint
 from domain.ids import new_uuid
-from domain.locks import StreamLocks, StreamTurns
+from domain.locks import Joined, StreamLocks, StreamTurns
 from domain.mapper import to_domain_event, to_new_event
 from domain.ports import Commit, EventStore, RecordedEvent, SharedStreamLocks
 from domain.snapshots import Snapshots
@@ -87,6 +90,13 @@ class AggregateCache:
         if entry is not None:
             self._entries.move_to_end(stream_id)
         return entry
+
+    def settled_version(self, stream_id: str) -> int | None:
+        """The committed version of ``stream_id``, if it is cached with no commit queued."""
+        entry = self._entries.get(stream_id)
+        if entry is None or entry.queued is not None or entry.committed is None:
+            return None
+        return entry.committed.version
 
     def mark_stale(self, stream_id: str) -> None:
         """Another process may have written ``stream_id``: read it before deciding on it."""
@@ -183,8 +193,11 @@ class UnitOfWork:
         self._durable = durable
         self._held: list[tuple[str, ...]] = []
         """Stream locks taken by this unit of work, released once its commit is queued."""
-        self._joined: list[tuple[str, bool]] = []
+        self._joined: list[Joined] = []
         """Turns at contended streams joined, left once the commit is answered."""
+        self._read_with_turn: dict[str, tuple[int, list[RecordedEvent]]] = {}
+        """Per stream whose turn began here: the events after the cached committed version
+        (the version, the events), read as the turn began."""
         self._follows: dict[str, str] = {}
         """Per stream loaded, the id of the last event of the state it was loaded at."""
         self.used_cache = False
@@ -204,14 +217,24 @@ class UnitOfWork:
         self._leave_turns()
 
     async def _lock(self, stream_ids: Iterable[str]) -> None:
-        held = await self._locks.acquire(stream_ids)
-        self._held.append(held)
+        ordered = sorted(set(stream_ids))
         if self._turns is not None:
-            joined = await self._turns.join(held)
+            # The turns first, then the stream locks: the commands waiting for a turn
+            # are woken together when it begins, decided one after the other at once,
+            # and their commits share the turn's first batch. A turn that begins reads
+            # what other processes wrote since the cached state, in the round trip that
+            # takes the lock.
+            joined = await self._turns.join(ordered, self._cache.settled_version)
             self._joined += joined
-            for stream_id, began in joined:
-                if began:
-                    self._cache.mark_stale(stream_id)
+            for one in joined:
+                if one.began:
+                    self._cache.mark_stale(one.stream_id)
+                    if one.known_version is not None and one.events_after is not None:
+                        self._read_with_turn[one.stream_id] = (
+                            one.known_version,
+                            one.events_after,
+                        )
+        self._held.append(await self._locks.acquire(ordered))
 
     def _release(self) -> None:
         while self._held:
@@ -257,7 +280,11 @@ class UnitOfWork:
         committed = entry.committed if entry is not None else None
         if isinstance(committed, type(blank)) and entry is not None:
             aggregate: A = committed.clone()
-            records = await self._store.read_stream(stream_id, aggregate.version)
+            read = self._read_with_turn.pop(stream_id, None)
+            if read is not None and read[0] == aggregate.version:
+                records = read[1]
+            else:
+                records = await self._store.read_stream(stream_id, aggregate.version)
             aggregate.replay([to_domain_event(record) for record in records])
             last_event = records[-1].event_id if records else entry.committed_event
         else:

@@ -42,6 +42,7 @@ from domain.ports import (
     EventPayload,
     RecordedEvent,
     Snapshot,
+    StreamLocked,
     recorded_events,
 )
 from server.consumer_groups.store_postgres import PostgresConsumerGroupStore
@@ -151,6 +152,7 @@ _APPEND = (
 
 
 _LOCK_STREAM = "SELECT og_lock_stream(%s)"
+_LOCK_STREAM_AFTER = "SELECT * FROM og_lock_stream_after(%s, %s)"
 _ANNOUNCE_TURNS = "SELECT pg_notify(%s, %s)"
 _UNLOCK_STREAM = f"SELECT pg_advisory_unlock({STREAM_LOCK_SPACE}, hashtext(%s))"
 """A stream's advisory lock is (namespace, hash of the stream id), a key space apart from
@@ -362,16 +364,27 @@ class PostgresEventStore:
 
     # -- stream locks shared by replicas (``domain.ports.SharedStreamLocks``) --------
 
-    async def lock_stream(self, stream_id: str) -> bool:
+    async def lock_stream(self, stream_id: str, after_version: int | None = None) -> StreamLocked:
         """A session-level advisory lock on the stream, on a connection kept until
         ``unlock_stream``: a replica holds a contended stream across several commands
-        (``domain.locks.StreamTurns``), longer than any one transaction."""
+        (``domain.locks.StreamTurns``), longer than any one transaction. Given
+        ``after_version``, the events after it come back in the same round trip
+        (``og_lock_stream_after``)."""
         with _translated("lock_stream"):
             connection = await self._pool.getconn()
             try:
-                cursor = await connection.execute(_LOCK_STREAM, (stream_id,), prepare=True)
-                row = await cursor.fetchone()
-                waited = bool(row and row[0])
+                cursor = connection.cursor(binary=True)
+                if after_version is None:
+                    await cursor.execute(_LOCK_STREAM, (stream_id,), prepare=True)
+                    row = await cursor.fetchone()
+                    locked = StreamLocked(bool(row and row[0]))
+                else:
+                    await cursor.execute(
+                        _LOCK_STREAM_AFTER, (stream_id, after_version), prepare=True
+                    )
+                    rows = await cursor.fetchall()
+                    events = [RecordedEvent(*row[1:]) for row in rows if row[1] is not None]
+                    locked = StreamLocked(bool(rows[0][0]), events)
             except BaseException:
                 # Cancelled or failed mid-way, the lock may be held or not: closing the
                 # session releases it either way.
@@ -379,7 +392,7 @@ class PostgresEventStore:
                 await self._pool.putconn(connection)
                 raise
         self._stream_locks[stream_id] = connection
-        return waited
+        return locked
 
     def add_contention_listener(self, listener: Callable[[str], None]) -> None:
         """Call ``listener(stream_id)`` when another replica begins to take turns at a

@@ -587,6 +587,49 @@ CREATE TABLE consumer_group_leases (
 );
 """
 
+_V8_LOCK_AND_READ = f"""
+-- og_lock_stream, and in the same round trip the stream's events after the version the
+-- replica already knows: a replica's turn at a contended stream (domain.locks.StreamTurns)
+-- begins by reading what the previous holder wrote, and paid a second round trip for it.
+-- The read is a statement of its own, after the lock is granted: in READ COMMITTED it
+-- takes a new snapshot, which holds every append the previous holder made in its turn (a
+-- holder lets go only once its appends have committed). Returns one row per event, in
+-- version order, each with whether the lock had to be waited for; one row of nulls but
+-- that when there is no event. og_lock_stream stays for replicas of the previous release;
+-- both take the same lock.
+CREATE FUNCTION og_lock_stream_after(p_stream_id text, p_after_version bigint)
+RETURNS TABLE (
+    waited boolean, event_id text, stream_id text, stream_version bigint, "position" bigint,
+    occurred_at timestamptz, command_id text, correlation_id text, user_id text,
+    event_type text, data bytea, schema_version integer
+)
+LANGUAGE plpgsql
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+AS $$
+DECLARE
+    had_to_wait boolean := false;
+BEGIN
+    IF NOT pg_try_advisory_lock({STREAM_LOCK_SPACE}, hashtext(p_stream_id)) THEN
+        PERFORM pg_advisory_lock({STREAM_LOCK_SPACE}, hashtext(p_stream_id));
+        had_to_wait := true;
+    END IF;
+    RETURN QUERY
+        SELECT had_to_wait, e.event_id, e.stream_id, e.stream_version, e.position,
+               e.occurred_at, e.command_id, e.correlation_id, e.user_id, e.event_type,
+               e.data, e.schema_version
+        FROM events e
+        WHERE e.stream_id = p_stream_id AND e.stream_version > p_after_version
+        ORDER BY e.stream_version;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT had_to_wait, NULL::text, NULL::text, NULL::bigint, NULL::bigint,
+            NULL::timestamptz, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bytea,
+            NULL::integer;
+    END IF;
+END
+$$;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "events, commands and og_append()", _V1_EVENTS),
     Migration(2, "og_append() reads only by index lookups", _V2_LOOKUPS_STAY_LOOKUPS),
@@ -621,6 +664,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         7,
         "consumer group leases carry their partition's deliveries in flight",
         "ALTER TABLE consumer_group_leases ADD COLUMN in_flight integer NOT NULL DEFAULT 0",
+    ),
+    Migration(
+        8,
+        "og_lock_stream_after(): a stream's lock and its new events in one round trip",
+        _V8_LOCK_AND_READ,
     ),
 )
 

@@ -33,6 +33,7 @@ from domain.ports import (
     SharedStreamLocks,
     Snapshot,
     SnapshotStore,
+    StreamLocked,
 )
 from server.consumer_groups.ports import ConsumerGroupStore
 from server.consumer_groups.stores import KeepsConsumerGroups
@@ -320,8 +321,8 @@ class LockingWorkerStore(WorkerStore):
         super().__init__(inner, hub, shared_writer)
         self._locks = inner
 
-    async def lock_stream(self, stream_id: str) -> bool:
-        return await self._locks.lock_stream(stream_id)
+    async def lock_stream(self, stream_id: str, after_version: int | None = None) -> StreamLocked:
+        return await self._locks.lock_stream(stream_id, after_version)
 
     async def unlock_stream(self, stream_id: str) -> None:
         await self._locks.unlock_stream(stream_id)

@@ -147,6 +147,7 @@ def test_targets_are_judged_from_the_figures() -> None:
                 8,
                 20.0,
                 made_up_load("replica alone", 16, 400, 20.0, "hot"),
+                made_up_load("replica alone", 8, 380, 20.0, "hot"),
                 [
                     made_up_load("replica 1", 8, 300, 20.0, "hot"),
                     made_up_load("replica 2", 8, 150, 20.0, "hot", {"ABORTED": 3}),

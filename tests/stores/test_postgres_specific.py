@@ -377,6 +377,38 @@ async def test_a_stricter_default_isolation_level_changes_nothing(fresh_postgres
     assert sorted(e.position for result in results for e in result) == list(range(1, 31))
 
 
+# -- stream locks shared by replicas --------------------------------------------------
+
+
+async def test_a_stream_lock_waited_for_comes_with_what_its_holder_appended(
+    store: PostgresEventStore, fresh_postgres_url: str
+) -> None:
+    """A replica's turn begins with one round trip: the lock, and the events the replica
+    has not seen, read once the previous holder let go (so its last appends included)."""
+    other = await PostgresEventStore.open(fresh_postgres_url)
+    try:
+        await store.append(commit(("hot", 1)))
+        held = await store.lock_stream("hot", 1)
+        assert (held.waited, held.events_after) == (False, [])
+
+        waiting = asyncio.create_task(other.lock_stream("hot", 1))
+        appended = await store.append(commit(("hot", 2)))
+        appended += await store.append(commit(("hot", 3)))
+        await asyncio.sleep(0.1)
+        assert not waiting.done(), "the other replica waits for the lock"
+        await store.unlock_stream("hot")
+        locked = await asyncio.wait_for(waiting, TIMEOUT)
+        assert locked.waited
+        assert locked.events_after == appended
+        await other.unlock_stream("hot")
+
+        plain = await other.lock_stream("hot")
+        assert (plain.waited, plain.events_after) == (False, None), "no version, no read"
+        await other.unlock_stream("hot")
+    finally:
+        await other.close()
+
+
 # -- LISTEN/NOTIFY between replicas -------------------------------------------------
 
 

@@ -8,12 +8,21 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable
 
 import pytest
 
+from domain import handlers
+from domain.errors import DomainError
+from domain.events import StockReserved
 from domain.ids import POOL_BYTES, new_uuid, random_bytes
-from domain.locks import StreamLocks, StreamTurns
+from domain.locks import Joined, StreamLocks, StreamTurns
+from domain.mapper import to_domain_event
+from domain.ports import Commit, RecordedEvent, StreamLocked
+from domain.unit_of_work import UnitsOfWork
+from server.stores.memory import MemoryEventStore
+from tests.unit.test_bus import create, restock
 
 
 def test_new_uuid_is_a_version_7_uuid_in_canonical_form() -> None:
@@ -140,17 +149,23 @@ class SharedLocks:
     served)."""
 
     def __init__(
-        self, table: dict[str, asyncio.Lock], heard: list[Callable[[str], None]] | None = None
+        self,
+        table: dict[str, asyncio.Lock],
+        heard: list[Callable[[str], None]] | None = None,
+        read: Callable[[str, int], Awaitable[list[RecordedEvent]]] | None = None,
     ) -> None:
         self._table = table
         self._heard = heard if heard is not None else []
         self._own: list[Callable[[str], None]] = []
+        self._read = read or MemoryEventStore().read_stream
 
-    async def lock_stream(self, stream_id: str) -> bool:
+    async def lock_stream(self, stream_id: str, after_version: int | None = None) -> StreamLocked:
         lock = self._table.setdefault(stream_id, asyncio.Lock())
         waited = lock.locked()
         await lock.acquire()
-        return waited
+        if after_version is None:
+            return StreamLocked(waited)
+        return StreamLocked(waited, await self._read(stream_id, after_version))
 
     async def unlock_stream(self, stream_id: str) -> None:
         self._table[stream_id].release()
@@ -165,6 +180,11 @@ class SharedLocks:
         self._own.append(listener)
 
 
+def turns_of(joined: list[Joined]) -> list[tuple[str, bool]]:
+    """Each stream joined, and whether its turn began with this command."""
+    return [(one.stream_id, one.began) for one in joined]
+
+
 async def test_replicas_take_turns_at_a_contended_stream_and_neither_keeps_it() -> None:
     table: dict[str, asyncio.Lock] = {}
     first, second = (StreamTurns(SharedLocks(table), quantum=0.05, linger=0) for _ in "ab")
@@ -172,9 +192,9 @@ async def test_replicas_take_turns_at_a_contended_stream_and_neither_keeps_it() 
         turns.contended(["product-a"])
 
     mine = await first.join(["product-a"])
-    assert mine == [("product-a", True)], "the first command starts the turn"
+    assert turns_of(mine) == [("product-a", True)], "the first command starts the turn"
     joined = await first.join(["product-a"])
-    assert joined == [("product-a", False)], "a command while the turn is young joins it"
+    assert turns_of(joined) == [("product-a", False)], "a command while the turn is young joins it"
     theirs = asyncio.create_task(second.join(["product-a"]))
     await asyncio.sleep(0.06)
     assert not theirs.done(), "the other replica waits for the turn to end"
@@ -182,11 +202,11 @@ async def test_replicas_take_turns_at_a_contended_stream_and_neither_keeps_it() 
     late = asyncio.create_task(first.join(["product-a"]))
     first.leave(mine)
     first.leave(joined)
-    assert await asyncio.wait_for(theirs, 5) == [("product-a", True)]
+    assert turns_of(await asyncio.wait_for(theirs, 5)) == [("product-a", True)]
     await asyncio.sleep(0.01)
     assert not late.done()
     second.leave(theirs.result())
-    assert await asyncio.wait_for(late, 5) == [("product-a", True)]
+    assert turns_of(await asyncio.wait_for(late, 5)) == [("product-a", True)]
     first.leave(late.result())
 
 
@@ -208,5 +228,110 @@ async def test_a_replica_that_keeps_winning_hears_that_the_other_takes_turns() -
     await asyncio.sleep(0)  # the announcement goes out in a task
 
     joined = await winner.join(["product-a"])
-    assert joined == [("product-a", True)]
+    assert turns_of(joined) == [("product-a", True)]
     winner.leave(joined)
+
+
+class CountingStore(MemoryEventStore):
+    """Counts the reads of each stream (but those of ``read_uncounted``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: Counter[str] = Counter()
+
+    async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
+        self.reads[stream_id] += 1
+        return await super().read_stream(stream_id, after_version)
+
+    async def read_uncounted(self, stream_id: str, after_version: int) -> list[RecordedEvent]:
+        return await super().read_stream(stream_id, after_version)
+
+
+async def test_a_turn_begins_with_what_the_other_replica_wrote_read_with_the_lock() -> None:
+    """A replica's turn at a stream it has cached begins with the other replica's new
+    events, which came with the lock: no read of its own before deciding."""
+    store = CountingStore()
+    table: dict[str, asyncio.Lock] = {}
+    heard: list[Callable[[str], None]] = []
+    first, second = (
+        UnitsOfWork(store, shared_locks=SharedLocks(table, heard, store.read_uncounted))
+        for _ in "ab"
+    )
+    await first.run(handlers.restock_product, restock("hot", 10))
+    # Someone else takes turns at the product: so do both replicas from now on.
+    await SharedLocks(table, heard).announce_contention("product-hot")
+
+    theirs = await second.run(handlers.create_order, create(("hot", 3)))
+    await asyncio.sleep(0.05)  # the second replica's turn ends
+    store.reads.clear()
+    mine = await first.run(handlers.create_order, create(("hot", 2)))
+
+    left = [
+        event.available_after
+        for event in map(to_domain_event, [*theirs, *mine])
+        if isinstance(event, StockReserved)
+    ]
+    assert left == [7, 5], "the first replica decided on the second one's reservation"
+    assert store.reads["product-hot"] == 0
+
+
+class BatchingStore(MemoryEventStore):
+    """Group commit as the PostgreSQL store does it: a writer task, started by the first
+    append that finds none, takes every append made by the time it runs as one batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+        self._pending: list[tuple[Commit, asyncio.Future[list[RecordedEvent]]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def append(self, commit: Commit) -> list[RecordedEvent]:
+        future: asyncio.Future[list[RecordedEvent]] = asyncio.get_running_loop().create_future()
+        self._pending.append((commit, future))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write())
+        return await future
+
+    async def _write(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            self.batches.append(len(batch))
+            await asyncio.sleep(0.001)  # the round trip and the flush
+            for commit, future in batch:
+                try:
+                    future.set_result(await super().append(commit))
+                except DomainError as error:
+                    future.set_exception(error)
+        self._writer = None
+
+
+async def test_commands_waiting_for_a_turn_are_decided_together_and_share_a_batch() -> None:
+    """When a replica's turn begins, the commands that waited for it are decided at once,
+    so their commits go to the database in one batch (one flush), not the first alone."""
+    store = BatchingStore()
+    table: dict[str, asyncio.Lock] = {}
+    heard: list[Callable[[str], None]] = []
+    replica = UnitsOfWork(store, shared_locks=SharedLocks(table, heard, store.read_stream))
+    await replica.run(handlers.restock_product, restock("hot", 10))
+    await SharedLocks(table, heard).announce_contention("product-hot")
+    others_turn = table.setdefault("product-hot", asyncio.Lock())
+    await others_turn.acquire()
+
+    store.batches.clear()
+    orders = [
+        asyncio.ensure_future(replica.run(handlers.create_order, create(("hot", 1))))
+        for _ in range(4)
+    ]
+    await asyncio.sleep(0.01)
+    assert not any(order.done() for order in orders), "they wait for the other replica"
+    others_turn.release()
+    placed = await asyncio.wait_for(asyncio.gather(*orders), 5)
+
+    assert store.batches == [4]
+    left = [
+        event.available_after
+        for events in placed
+        for event in map(to_domain_event, events)
+        if isinstance(event, StockReserved)
+    ]
+    assert sorted(left) == [6, 7, 8, 9]
