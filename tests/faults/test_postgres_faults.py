@@ -183,7 +183,10 @@ async def test_postgres_restarted_under_load_is_unavailable_then_recovers_exactl
 
     faults = [r for r in caplog.records if "event store fault" in r.getMessage()]
     recoveries = [r for r in caplog.records if "event store works again" in r.getMessage()]
-    assert 1 <= len(faults) <= 2, [r.getMessage() for r in faults]
+    # One line per fault, not per failed call. While PostgreSQL shuts down it terminates
+    # the pool's connections one by one, so a call on one not yet terminated can succeed
+    # between failures: that ends the fault and the next failure starts another.
+    assert 1 <= len(faults) <= 4, [r.getMessage() for r in faults]
     assert len(recoveries) == len(faults)
     assert sum(load.refusals.values()) > len(faults)
     assert "Traceback" not in caplog.text

@@ -60,18 +60,20 @@ async def scrape_when_all_serve(port: int | None) -> str:
 
 
 async def test_every_worker_serves_and_metrics_say_which(store_url: str) -> None:
-    async with (
-        workers_gateway(store_url, metrics=True) as gateway,
-        spread_clients(gateway.target, CHANNELS) as clients,
-    ):
-        await clients[0].restock("p", 1000)
-        await asyncio.gather(*(c.create(order_request(item("p"))) for c in clients))
-
+    # Connections are opened only once both workers listen (a live worker process may not
+    # listen yet), and enough of them that the kernel's spread cannot miss a worker by
+    # chance (all 32 on one: 2 ** -31).
+    channels = 32
+    async with workers_gateway(store_url, metrics=True) as gateway:
+        await scrape_when_all_serve(gateway.metrics_port)
+        async with spread_clients(gateway.target, channels) as clients:
+            await clients[0].restock("p", 1000)
+            await asyncio.gather(*(c.create(order_request(item("p"))) for c in clients))
         text = await scrape_when_all_serve(gateway.metrics_port)
 
     handled = handled_by_worker(text)
     assert set(handled) == {"1", "2"}
-    assert sum(handled.values()) == CHANNELS
+    assert sum(handled.values()) == channels
     assert "order_gateway_workers 2.0" in text
 
 
