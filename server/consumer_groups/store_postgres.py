@@ -4,6 +4,7 @@ replica. Uses the event store's connection pool; every statement is one transact
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -176,9 +177,15 @@ class PostgresLeases:
     def __init__(self, pool: Pool, ttl: float = LEASE_TTL) -> None:
         self._pool = pool
         self.ttl = ttl
+        self._joining: dict[str, dict[str, float]] = {}
+        """Per group, members registered here and not yet seen in a round's ``members``
+        (member id: when): a round whose list was taken before such a member was added
+        must not delete its row, or the id would be free for another join until the
+        next round."""
 
     async def register(self, group: str, replica_id: str, member: LocalMember) -> None:
         """Add a member, or raise MemberIdTakenError while another live one has its id."""
+        self._joining.setdefault(group, {})[member.member_id] = time.monotonic()
         with _translated("consumer group members"):
             async with self._pool.connection() as conn:
                 cursor = await conn.execute(
@@ -220,12 +227,17 @@ class PostgresLeases:
         Returns the live members (join order), the valid leases (partition: member id)
         and the partitions this replica holds after the claims.
         """
+        listed = [m.member_id for m in members]
+        joining = self._joining.get(group, {})
+        now = time.monotonic()
+        for member_id in [i for i, at in joining.items() if i in listed or now - at > self.ttl]:
+            del joining[member_id]
         with _translated("consumer group leases"):
             async with self._pool.connection() as conn, conn.transaction():
                 await conn.execute(
                     "DELETE FROM consumer_group_members WHERE group_name = %s"
                     " AND replica_id = %s AND NOT member_id = ANY(%s)",
-                    (group, replica_id, [m.member_id for m in members]),
+                    (group, replica_id, listed + list(joining)),
                 )
                 if members:
                     # An upsert, not an update: a row a round removed while its member
