@@ -195,3 +195,37 @@ async def test_every_replica_reports_the_deliveries_in_flight_on_another(
                 while (await seen_from_b()).in_flight:  # noqa: ASYNC110 - polls a server
                     await asyncio.sleep(0.2)
             await on_a.close()
+
+
+async def test_a_group_deleted_on_one_replica_ends_its_members_on_the_other(
+    fresh_postgres_url: str,
+) -> None:
+    with (
+        replica(fresh_postgres_url) as (target_a, a),
+        replica(fresh_postgres_url) as (target_b, b),
+    ):
+        await wait_until_serving(target_a, a)
+        await wait_until_serving(target_b, b)
+        async with channel_to(target_a) as channel_a, channel_to(target_b) as channel_b:
+            groups_a = pb_grpc.ConsumerGroupServiceStub(channel_a)
+            groups_b = pb_grpc.ConsumerGroupServiceStub(channel_b)
+            await groups_a.CreateConsumerGroup(
+                pb.CreateConsumerGroupRequest(
+                    name="g", settings=pb.ConsumerGroupSettings(partitions=PARTITIONS)
+                )
+            )
+            on_b = await join(groups_b, "g", member_id="on-b")
+            await until(lambda: on_b.partitions == list(range(PARTITIONS)), within=15)
+            await groups_a.DeleteConsumerGroup(pb.DeleteConsumerGroupRequest(name="g"))
+            error = await on_b.finished(within=10)
+            assert error is not None and error.code() == grpc.StatusCode.NOT_FOUND
+            # A new group of that name is served afresh by the replica that had members.
+            await groups_a.CreateConsumerGroup(
+                pb.CreateConsumerGroupRequest(
+                    name="g", settings=pb.ConsumerGroupSettings(partitions=2)
+                )
+            )
+            again = await join(groups_b, "g", member_id="on-b")
+            await until(lambda: again.partitions == [0, 1], within=15)
+            await again.close()
+        assert "lease round failed" not in gateway_log(b)
