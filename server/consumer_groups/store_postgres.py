@@ -3,8 +3,10 @@ replica. Uses the event store's connection pool; every statement is one transact
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
+from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -203,12 +205,16 @@ class PostgresLeases:
         (member id: when): a round whose list was taken before such a member was added
         must not delete its row, or the id would be free for another join until the
         next round."""
+        self._rounds: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        """Per group, held by a round and by a registration: a member's row is never
+        inserted between a round's reading ``_joining`` and its deleting the rows of
+        members it does not know."""
 
     async def register(self, group: str, replica_id: str, member: LocalMember) -> None:
         """Add a member, or raise MemberIdTakenError while another live one has its id."""
-        self._joining.setdefault(group, {})[member.member_id] = time.monotonic()
         with _translated("consumer group members"), _group_gone_as(GroupNotFoundError(group)):
-            async with self._pool.connection() as conn:
+            async with self._rounds[group], self._pool.connection() as conn:
+                self._joining.setdefault(group, {})[member.member_id] = time.monotonic()
                 cursor = await conn.execute(
                     "INSERT INTO consumer_group_members"
                     " (group_name, member_id, replica_id, user_id, joined_at, in_flight,"
@@ -251,12 +257,14 @@ class PostgresLeases:
         when the group created at ``created_at`` was deleted (through any replica).
         """
         listed = [m.member_id for m in members]
-        joining = self._joining.get(group, {})
-        now = time.monotonic()
-        for member_id in [i for i, at in joining.items() if i in listed or now - at > self.ttl]:
-            del joining[member_id]
         with _translated("consumer group leases"), _group_gone_as(GroupGoneError(group)):
-            async with self._pool.connection() as conn, conn.transaction():
+            async with self._rounds[group], self._pool.connection() as conn, conn.transaction():
+                joining = self._joining.setdefault(group, {})
+                now = time.monotonic()
+                for member_id in [
+                    i for i, at in joining.items() if i in listed or now - at > self.ttl
+                ]:
+                    del joining[member_id]
                 if created_at is not None:
                     # The group's row is held (KEY SHARE) until the round commits: a
                     # deletion through another replica waits for it, or came first and
