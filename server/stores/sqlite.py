@@ -348,6 +348,10 @@ class SQLiteEventStore:
     async def append(self, commit: Commit) -> list[RecordedEvent]:
         return await self._writes.call(commit)
 
+    def append_soon(self, commit: Commit) -> asyncio.Future[list[RecordedEvent]]:
+        """``append``, queued at once; the future holds its outcome."""
+        return self._writes.submit(commit)
+
     def _write_forever(self) -> None:
         try:
             stop = False

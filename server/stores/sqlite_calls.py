@@ -62,6 +62,11 @@ class CallQueue(Generic[W, R]):
         return self._closing
 
     async def call(self, work: W) -> R:
+        return await self.submit(work)
+
+    def submit(self, work: W) -> asyncio.Future[R]:
+        """Queue ``work`` now; its outcome, on this loop. No task to run: a caller that
+        only passes the outcome on (the workers' hub) saves a task per call."""
         loop = asyncio.get_running_loop()
         call: Call[W, R] = Call(work, loop, loop.create_future())
         with self._lock:
@@ -69,7 +74,7 @@ class CallQueue(Generic[W, R]):
             if self._closing:
                 raise StoreError("the SQLite store is closed")
             self._queue.put(call)
-        return await call.future
+        return call.future
 
     def take(self, limit: int) -> tuple[list[Call[W, R]], bool]:
         """Block for one call, then take up to ``limit`` without waiting.

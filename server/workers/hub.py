@@ -4,11 +4,13 @@ the store's one writer.
 **Commits across workers.** A worker's subscriptions, and the follower that keeps its
 aggregate cache up to date (``cache_follower``), sleep until told that something
 committed; with several workers they must hear of the others' commits. So the hub learns
-of every commit (an append it wrote, or a worker's notice) and, once per turn of its
-event loop, sends every worker one wake-up: a local message, not the 1 s poll. The
-wake-up says whether *another* worker committed: only then has the worker's cache
-anything to catch up on (at one caller, reading each own commit back in every worker
-doubled the server CPU per call). On SQLite it also carries the events its writer
+of every commit (an append it wrote, or a worker's notice, each with the streams it
+moved) and, once per turn of its event loop, sends every worker one wake-up: a local
+message, not the 1 s poll. The wake-up names the streams *other* workers moved, with
+their new versions: only those can leave the worker's cache behind (at one caller,
+reading each own commit back in every worker doubled the server CPU per call), and the
+worker's cache follower marks them stale without reading anything. On SQLite it also
+carries the events its writer
 recorded since the last one: a worker's subscriptions deliver them as they stand
 instead of reading them back from the file first (a read in every worker, in a reader
 thread, on the path from commit to subscriber).
@@ -40,12 +42,15 @@ from server.workers.hub_protocol import (
     WAKE,
     WANT,
     FrameBuffer,
+    FrameWriter,
     GroupCall,
+    Moved,
     decode_commit,
     encode_call_outcome,
     encode_events,
     encode_outcome,
     frame,
+    moved_by,
 )
 
 log = logging.getLogger("order_gateway.workers")
@@ -57,9 +62,9 @@ class _Connection(asyncio.Protocol):
     def __init__(self, hub: WorkerHub) -> None:
         self._hub = hub
         self._buffer = FrameBuffer()
-        self._transport: asyncio.Transport | None = None
-        self.others_committed = False
-        """Another worker committed since this worker's last wake-up."""
+        self._out = FrameWriter()
+        self.moved: dict[str, int] = {}
+        """Streams other workers moved since this worker's last wake-up: latest version."""
         self.wants_recorded = False
         """The worker has live subscriptions: its wake-ups carry the recorded events."""
         self.replicas: set[str] = set()
@@ -67,7 +72,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._out.transport = transport
         if self._hub.closed:
             # Accepted as the hub was closing: this worker must learn it is gone too.
             transport.close()
@@ -82,7 +87,7 @@ class _Connection(asyncio.Protocol):
         # is gone, and its clients never saw an answer (a retry with the same command_id
         # replays them).
         self._hub.connections.discard(self)
-        self._transport = None
+        self._out.transport = None
         if self._hub.groups is not None:
             # The worker is gone (a worker closes its connection last, after its groups
             # stopped): its partitions need not wait out their leases.
@@ -91,7 +96,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         for call_id, message in self._buffer.feed(data):
             if call_id == NOTICE:
-                self._hub.committed(self)
+                self._hub.committed(self, message)
             elif call_id == WANT:
                 self.wants_recorded = message
             elif isinstance(message, GroupCall):
@@ -105,8 +110,12 @@ class _Connection(asyncio.Protocol):
             log.error("a worker sent an append, but this gateway's store has no shared writer")
             self.close()
             return
-        task = asyncio.ensure_future(writer.append(commit))
-        task.add_done_callback(functools.partial(self._answer, call_id))
+        try:
+            appended = writer.append_soon(commit)
+        except Exception as error:  # closed: answered like any failed append
+            self.send(frame((call_id, encode_outcome(error))))
+            return
+        appended.add_done_callback(functools.partial(self._answer, call_id, commit))
 
     def _group_call(self, call_id: int, call: GroupCall) -> None:
         groups = self._hub.groups
@@ -123,25 +132,28 @@ class _Connection(asyncio.Protocol):
         error = done.exception()
         self.send(frame((call_id, encode_call_outcome(done.result() if error is None else error))))
 
-    def _answer(self, call_id: int, done: asyncio.Future[list[RecordedEvent]]) -> None:
+    def _answer(
+        self, call_id: int, commit: Commit, done: asyncio.Future[list[RecordedEvent]]
+    ) -> None:
         if done.cancelled():
             return
         error = done.exception()
         if error is None:
-            self._hub.committed(self, done.result())
+            self._hub.committed(self, moved_by(commit.events), done.result())
         self.send(frame((call_id, encode_outcome(done.result() if error is None else error))))
 
     @property
     def connected(self) -> bool:
-        return self._transport is not None
+        return self._out.transport is not None
 
     def send(self, data: bytes) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
+        """Written at the end of this turn of the loop, with the turn's other frames."""
+        if self._out.open:
+            self._out.send(data)
 
     def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
+        if self._out.transport is not None:
+            self._out.transport.close()
 
 
 class WorkerHub:
@@ -166,21 +178,26 @@ class WorkerHub:
         self._wake_pending = False
         self._recorded: list[RecordedEvent] = []
         """Events the writer recorded since the last wake-up."""
-        self._plain_wakes = {others: frame((WAKE, (others, []))) for others in (False, True)}
-        self.idle_wake = self._plain_wakes[False]
+        self.idle_wake = frame((WAKE, ([], b"")))
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: _Connection(self), str(self.path))
 
-    def committed(self, origin: _Connection, recorded: list[RecordedEvent] | None = None) -> None:
-        """``origin``'s worker committed (``recorded``: the events, when the writer here
-        recorded them): wake every worker, soon."""
+    def committed(
+        self, origin: _Connection, moved: Moved, recorded: list[RecordedEvent] | None = None
+    ) -> None:
+        """``origin``'s worker committed, moving the streams ``moved`` (``recorded``: the
+        events, when the writer here recorded them): wake every worker, soon."""
         if recorded and any(c.wants_recorded for c in self.connections):
             self._recorded += recorded
         for connection in self.connections:
             if connection is not origin:
-                connection.others_committed = True
+                # Notices of several workers may arrive out of order: keep the latest.
+                latest = connection.moved
+                for stream_id, version in moved:
+                    if latest.get(stream_id, 0) < version:
+                        latest[stream_id] = version
         if not self._wake_pending:
             # Once per loop turn: every answer of a group commit goes out first, then
             # one wake-up per worker for all of them.
@@ -190,19 +207,18 @@ class WorkerHub:
     def _wake(self) -> None:
         self._wake_pending = False
         recorded, self._recorded = self._recorded, []
-        wakes = self._plain_wakes
+        events = b""
         if recorded:
             # Answers of one batch may complete out of order; positions are the writer's.
             recorded.sort(key=lambda event: event.position)
-            encoded = encode_events(recorded)
-            with_events = {others: frame((WAKE, (others, encoded))) for others in (False, True)}
+            events = encode_events(recorded)
         for connection in self.connections:
-            others = connection.others_committed
-            if recorded and connection.wants_recorded:
-                connection.send(with_events[others])
+            moved, connection.moved = connection.moved, {}
+            carried = events if connection.wants_recorded else b""
+            if moved or carried:
+                connection.send(frame((WAKE, (list(moved.items()), carried))))
             else:
-                connection.send(wakes[others])
-            connection.others_committed = False
+                connection.send(self.idle_wake)
 
     def _group_deleted(self, name: str, created_at: dt.datetime) -> None:
         """Every worker's members of the group end (NOT_FOUND), not only the deleter's."""

@@ -2,9 +2,10 @@
 
 ``WorkerStore`` wraps the store the worker opened itself. Reads always go to it. On
 SQLite appends go to the supervisor's writer over the hub; on PostgreSQL the worker
-appends itself and then tells the hub. Either way the hub's wake-ups call the store's
-commit listeners (on PostgreSQL beside its LISTEN/NOTIFY), and those that say another
-worker committed call ``on_others`` too (the aggregate cache's follower). A wake-up that
+appends itself and then tells the hub which streams it moved. Either way the hub's
+wake-ups call the store's commit listeners (on PostgreSQL beside its LISTEN/NOTIFY), and
+those that name streams another worker moved call ``on_others`` with them too (the
+aggregate cache's follower). A wake-up that
 carries the recorded events (SQLite) hands them to the recorded-events listeners (the
 subscription hub) instead, who then need not read them back.
 
@@ -44,15 +45,17 @@ from server.workers.hub_protocol import (
     NOTICE,
     WAKE,
     WANT,
-    EncodedEvent,
     FrameBuffer,
+    FrameWriter,
     GroupCall,
+    Moved,
     Outcome,
     decode_call_outcome,
     decode_events,
     decode_outcome,
     encode_commit,
     frame,
+    moved_by,
 )
 
 log = logging.getLogger("order_gateway.workers")
@@ -97,19 +100,18 @@ class HubClient:
     """The connection to the hub."""
 
     def __init__(self) -> None:
-        self.on_others: Callable[[], None] | None = None
-        """Called when another worker has committed."""
+        self.on_others: Callable[[Moved], None] | None = None
+        """Called with the streams other workers moved (and their versions)."""
         self.on_group_deleted: Callable[[str, dt.datetime], None] | None = None
         """Called with a consumer group's name and creation time once it is deleted
         (on SQLite, from any worker)."""
-        self._transport: asyncio.Transport | None = None
+        self._out = FrameWriter()
         self._pending: dict[int, tuple[Commit, asyncio.Future[list[RecordedEvent]]]] = {}
         self._calls: dict[int, asyncio.Future[Outcome]] = {}
         """Consumer-group calls waiting for their answer."""
         self._ids = itertools.count(WAKE + 1)
         self._listeners: list[Callable[[], None]] = []
         self._recorded_listeners: list[Callable[[Sequence[RecordedEvent]], None]] = []
-        self._notice = frame((NOTICE, None))
         self.lost = asyncio.Event()
 
     @classmethod
@@ -119,7 +121,7 @@ class HubClient:
             lambda: _HubConnection(client), str(socket_path)
         )
         assert isinstance(transport, asyncio.Transport)
-        client._transport = transport
+        client._out.transport = transport
         try:
             await asyncio.wait_for(connection.accepted, CONNECT_TIMEOUT_SECONDS)
         except BaseException:
@@ -128,10 +130,10 @@ class HubClient:
         return client
 
     def _send(self, message: object) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing():
+        """Written at the end of this turn of the loop, with the turn's other frames."""
+        if not self._out.open:
             raise StoreUnavailableError(GONE)
-        transport.write(frame(message))
+        self._out.send(frame(message))
 
     async def append(self, commit: Commit) -> list[RecordedEvent]:
         call_id = next(self._ids)
@@ -151,10 +153,10 @@ class HubClient:
         finally:
             self._calls.pop(call_id, None)
 
-    def notice(self) -> None:
-        """This worker committed (a lost hub only delays the others)."""
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(self._notice)
+    def notice(self, commit: Commit) -> None:
+        """This worker committed ``commit`` (a lost hub only delays the others)."""
+        if self._out.open:
+            self._out.send(frame((NOTICE, moved_by(commit.events))))
 
     def answer(self, call_id: int, outcome: Outcome) -> None:
         called = self._calls.pop(call_id, None)
@@ -177,13 +179,13 @@ class HubClient:
         self._recorded_listeners.append(listener)
 
     def want_recorded(self, wanted: bool) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(frame((WANT, wanted)))
+        if self._out.open:
+            self._out.send(frame((WANT, wanted)))
 
-    def woken(self, wake: tuple[bool, list[EncodedEvent]]) -> None:
-        others, encoded = wake
-        if others and self.on_others is not None:
-            self.on_others()
+    def woken(self, wake: tuple[Moved, bytes]) -> None:
+        moved, encoded = wake
+        if moved and self.on_others is not None:
+            self.on_others(moved)
         if encoded and self._recorded_listeners:
             try:
                 recorded = decode_events(encoded)
@@ -203,7 +205,7 @@ class HubClient:
             self.on_group_deleted(name, created_at)
 
     def hub_lost(self) -> None:
-        self._transport = None
+        self._out.transport = None
         pending, self._pending = self._pending, {}
         for _, future in pending.values():
             if not future.done():
@@ -222,7 +224,7 @@ class HubClient:
         """Appends already sent are answered first."""
         if self._pending:
             await asyncio.gather(*(f for _, f in self._pending.values()), return_exceptions=True)
-        transport, self._transport = self._transport, None
+        transport, self._out.transport = self._out.transport, None
         if transport is not None:
             transport.close()
 
@@ -243,7 +245,7 @@ class WorkerStore:
         if self._shared_writer:
             return await self._hub.append(commit)
         recorded = await self._inner.append(commit)
-        self._hub.notice()
+        self._hub.notice(commit)
         return recorded
 
     async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:

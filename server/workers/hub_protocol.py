@@ -1,15 +1,20 @@
 """The frames between workers and their supervisor's hub (``server.workers.hub``).
 
-A frame is a 4-byte big-endian length and a pickle. Workers send ``(call_id, commit)``
-(an append, on SQLite: the supervisor owns the writer), ``(NOTICE, None)`` (the worker
-committed itself, on PostgreSQL) or ``(WANT, wanted)`` (whether it wants the recorded
-events in its wake-ups: only while it has live subscriptions). The supervisor answers an
-append with ``(call_id, outcome)`` and, after commits, sends every worker
-``(WAKE, (others, events))``: new events may be readable, ``others`` says whether another
-worker committed since the last wake-up (a worker's own commits leave its aggregate cache
-up to date), and ``events`` are the events the supervisor's writer recorded since the
-last wake-up, in position order (on SQLite, to workers that want them; empty otherwise),
-so that a worker's subscriptions need not read them back from the file. On SQLite
+A frame is a 4-byte big-endian length and a pickle; either end writes the frames of one
+turn of its event loop together (``FrameWriter``), so that a group commit's appends and
+answers cross the socket in one write rather than one system call each. Workers send
+``(call_id, commit)`` (an append, on SQLite: the supervisor owns the writer),
+``(NOTICE, moved)`` (the worker committed itself, on PostgreSQL; ``moved``: each stream
+the commit moved, with its new version) or ``(WANT, wanted)`` (whether it wants the
+recorded events in its wake-ups: only while it has live subscriptions). The supervisor
+answers an append with ``(call_id, outcome)`` and, after commits, sends every worker
+``(WAKE, (moved, events))``: new events may be readable; ``moved`` lists the streams
+*other* workers moved since the last wake-up, each with its latest version (a worker's
+own commits leave its aggregate cache up to date, and with the versions at hand its
+cache follower needs no read to find what moved); ``events`` are the events the
+supervisor's writer recorded since the last wake-up, in position order, pickled once for
+every worker that wants them (on SQLite, to workers that want them; empty otherwise), so
+that a worker's subscriptions need not read them back from the file. On SQLite
 workers also send ``(call_id, GroupCall)``: a consumer-group write or lease call, which
 the supervisor answers with ``(call_id, outcome)``, and after a group is deleted it tells
 every worker ``(GROUP_DELETED, (name, created_at))`` (``server.workers.groups``). Both ends are
@@ -27,10 +32,11 @@ recorded events from its commit.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import pickle
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -45,9 +51,9 @@ from domain.ports import Commit, NewEvent, RecordedEvent, recorded_events
 from server.consumer_groups.model import MemberIdTakenError
 
 WAKE: Final = 0
-"""Supervisor to worker: new events may be readable; whether others committed."""
+"""Supervisor to worker: new events may be readable; the streams others moved."""
 NOTICE: Final = -1
-"""Worker to supervisor: this worker has just committed (by itself)."""
+"""Worker to supervisor: this worker has just committed (by itself), these streams."""
 GROUP_DELETED: Final = -2
 """Supervisor to worker: ``(name, created_at)``, a consumer group deleted (on SQLite)."""
 WANT: Final = -3
@@ -55,11 +61,41 @@ WANT: Final = -3
 _LENGTH = struct.Struct("!I")
 
 Outcome = tuple[str, Any]
+Moved = list[tuple[str, int]]
+"""Streams, each with the version a commit (or several) moved it to."""
 
 
 def frame(message: object) -> bytes:
     body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     return _LENGTH.pack(len(body)) + body
+
+
+def moved_by(events: Sequence[NewEvent]) -> Moved:
+    """The streams a commit's ``events`` move, each with its last version."""
+    return list({event.stream_id: event.stream_version for event in events}.items())
+
+
+class FrameWriter:
+    """Frames sent in one turn of the event loop, written to ``transport`` together at
+    its end: one system call (and one wake-up of the reader) instead of one per frame."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._frames: list[bytes] = []
+
+    @property
+    def open(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def send(self, data: bytes) -> None:
+        if not self._frames:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._frames.append(data)
+
+    def _flush(self) -> None:
+        frames, self._frames = self._frames, []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(frames))
 
 
 class FrameBuffer:
@@ -145,8 +181,9 @@ def encode_outcome(result: list[RecordedEvent] | BaseException) -> Outcome:
 EncodedEvent = tuple[str, str, int, int, dt.datetime, str, str, str, str, bytes, int]
 
 
-def encode_events(events: list[RecordedEvent]) -> list[EncodedEvent]:
-    return [
+def encode_events(events: list[RecordedEvent]) -> bytes:
+    """Pickled once, however many workers it goes to."""
+    encoded: list[EncodedEvent] = [
         (
             e.event_id,
             e.stream_id,
@@ -162,10 +199,11 @@ def encode_events(events: list[RecordedEvent]) -> list[EncodedEvent]:
         )
         for e in events
     ]
+    return pickle.dumps(encoded, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def decode_events(encoded: list[EncodedEvent]) -> list[RecordedEvent]:
-    return [RecordedEvent(*event) for event in encoded]
+def decode_events(encoded: bytes) -> list[RecordedEvent]:
+    return [RecordedEvent(*event) for event in pickle.loads(encoded)]
 
 
 def decode_outcome(commit: Commit, outcome: Outcome) -> list[RecordedEvent]:

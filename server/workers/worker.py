@@ -103,9 +103,7 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
     else:
         store = WorkerStore(cast(RowStore, inner), hub, spec.shared_writer)
     cache = AggregateCache(spec.settings.aggregate_cache)
-    follower = CacheFollower(store, cache)
-    await follower.start()
-    hub.on_others = follower.wake
+    hub.on_others = CacheFollower(cache).moved
     background = [
         asyncio.create_task(_stop_when_set(hub.lost, stop)),
         asyncio.create_task(_bound(stop, stop_deadline(spec.settings), spec.index)),
@@ -130,7 +128,6 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
     finally:
         for task in background:
             task.cancel()
-        await follower.stop()
 
 
 def _group_deleted(

@@ -53,19 +53,17 @@ class Worker:
     def __init__(self, store: WorkerStore) -> None:
         self.store = store
         self.cache = AggregateCache()
-        self.follower = CacheFollower(store, self.cache)
+        self.follower = CacheFollower(self.cache)
 
     @classmethod
     async def open(cls, database: Path, hub: WorkerHub) -> Worker:
         client = await HubClient.connect(hub.path)
         inner = await SQLiteEventStore.open(database)
         worker = cls(WorkerStore(inner, client, shared_writer=hub.writer is not None))
-        await worker.follower.start()
-        client.on_others = worker.follower.wake
+        client.on_others = worker.follower.moved
         return worker
 
     async def close(self) -> None:
-        await self.follower.stop()
         await self.store.close()
 
 
@@ -126,10 +124,41 @@ async def test_a_commit_through_one_worker_wakes_the_others_and_marks_their_cach
         await asyncio.wait_for(woke.wait(), TIMEOUT)
         assert await second.store.read_all() == appended
         async with asyncio.timeout(TIMEOUT):
-            # The follower reads the new events after the wake-up.
+            # The wake-up that names the product may come after the commit listeners'.
             while not (cached := second.cache.get(product.stream_id)) or not cached.stale:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
         assert first.cache.get(product.stream_id) is mine and not mine.stale
+    finally:
+        await first.close()
+        await second.close()
+        await hub.close()
+
+
+@pytest.mark.parametrize("shared_writer", [True, False], ids=["sqlite-writer", "own-appends"])
+async def test_a_wake_up_names_the_streams_other_workers_moved_with_their_versions(
+    tmp_path: Path, socket_dir: Path, shared_writer: bool
+) -> None:
+    hub = await start_hub(tmp_path / "events.db", socket_dir, shared_writer)
+    first = await Worker.open(tmp_path / "events.db", hub)
+    second = await Worker.open(tmp_path / "events.db", hub)
+    heard: dict[str, list[tuple[str, int]]] = {"first": [], "second": []}
+    first.store._hub.on_others = heard["first"].extend
+    second.store._hub.on_others = heard["second"].extend
+    try:
+        await first.store.append(commit_of([("a", 1), ("a", 2), ("b", 1)]))
+        await first.store.append(commit_of([("b", 2)]))
+        async with asyncio.timeout(TIMEOUT):
+            while dict(heard["second"]).get("b") != 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert dict(heard["second"]) == {"a": 2, "b": 2}
+
+        await second.store.append(commit_of([("c", 1)]))
+        async with asyncio.timeout(TIMEOUT):
+            while not heard["first"]:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        # Each heard only of the other's commits: its own leave its cache up to date.
+        assert heard["first"] == [("c", 1)]
+        assert dict(heard["second"]) == {"a": 2, "b": 2}
     finally:
         await first.close()
         await second.close()
@@ -166,7 +195,6 @@ async def test_appends_fail_as_unavailable_once_the_supervisor_is_gone(
     hub = await start_hub(tmp_path / "events.db", socket_dir)
     worker = await Worker.open(tmp_path / "events.db", hub)
     client = worker.store
-    await worker.follower.stop()
     try:
         await hub.close()
         with pytest.raises(StoreUnavailableError):

@@ -1,41 +1,35 @@
-"""The aggregate cache's follower stops when told, even when a read cancelled under it
-ends in the store's error instead of the cancellation (the loop survives store errors by
-design, so cancellation alone would leave it waiting for the next wake-up for ever)."""
+"""The aggregate cache's follower: another worker's commit marks a cached stream stale only
+where this worker holds it at an older version, and reads nothing to know it."""
 
 from __future__ import annotations
 
-import asyncio
-
-from domain.errors import StoreUnavailableError
-from domain.ports import RecordedEvent
+from domain.aggregates import Product
 from domain.unit_of_work import AggregateCache
-from server.stores.memory import MemoryEventStore
 from server.workers.cache_follower import CacheFollower
 
-WAIT = 10.0
+
+def at_version(product_id: str, version: int) -> Product:
+    product = Product(product_id)
+    product.restock(version)
+    for _ in range(version - 1):
+        product.restock(1)
+    product.mark_committed()
+    assert product.version == version
+    return product
 
 
-class CancelledReadsFail(MemoryEventStore):
-    """A store whose reads, once cancelled, raise its own error (as a closing pool's may)."""
+def test_streams_moved_past_the_cached_version_are_stale_and_the_others_are_not() -> None:
+    cache = AggregateCache(10)
+    for product_id, version in (("behind", 2), ("current", 3), ("ahead", 4)):
+        cache.refresh(at_version(product_id, version), f"event-{product_id}")
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.reading = asyncio.Event()
+    moved = [("behind", 3), ("current", 3), ("ahead", 3), ("unknown", 9)]
+    CacheFollower(cache).moved([(Product(pid).stream_id, version) for pid, version in moved])
 
-    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
-        self.reading.set()
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            raise StoreUnavailableError("the pool is closed") from None
-        return []
-
-
-async def test_a_follower_whose_cancelled_read_fails_still_stops() -> None:
-    store = CancelledReadsFail()
-    follower = CacheFollower(store, AggregateCache(10))
-    await follower.start()
-    follower.wake()
-    await asyncio.wait_for(store.reading.wait(), WAIT)
-
-    await asyncio.wait_for(follower.stop(), WAIT)
+    stale = {
+        stream_id: entry.stale
+        for stream_id in ("behind", "current", "ahead")
+        if (entry := cache.get(Product(stream_id).stream_id)) is not None
+    }
+    assert stale == {"behind": True, "current": False, "ahead": False}
+    assert cache.get(Product("unknown").stream_id) is None
