@@ -62,11 +62,6 @@ class CallQueue(Generic[W, R]):
         return self._closing
 
     async def call(self, work: W) -> R:
-        return await self.submit(work)
-
-    def submit(self, work: W) -> asyncio.Future[R]:
-        """Queue ``work`` now; its outcome, on this loop. No task to run: a caller that
-        only passes the outcome on (the workers' hub) saves a task per call."""
         loop = asyncio.get_running_loop()
         call: Call[W, R] = Call(work, loop, loop.create_future())
         with self._lock:
@@ -74,7 +69,7 @@ class CallQueue(Generic[W, R]):
             if self._closing:
                 raise StoreError("the SQLite store is closed")
             self._queue.put(call)
-        return call.future
+        return await call.future
 
     def take(self, limit: int) -> tuple[list[Call[W, R]], bool]:
         """Block for one call, then take up to ``limit`` without waiting.
@@ -91,7 +86,11 @@ class CallQueue(Generic[W, R]):
         first = self._queue.get()
         if isinstance(first, _Stop):
             return [], True
-        batch = [first]
+        return self.take_more([first], limit)
+
+    def take_more(self, batch: list[Call[W, R]], limit: int) -> tuple[list[Call[W, R]], bool]:
+        """``batch`` and what else is queued, up to ``limit`` calls, without waiting;
+        and whether this consumer must stop after handling them."""
         while len(batch) < limit:
             try:
                 item = self._queue.get_nowait()
