@@ -28,7 +28,7 @@ import datetime as dt
 import enum
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from orders.v1 import consumer_group_service_pb2 as pb
@@ -263,7 +263,10 @@ class GroupRuntime:
         tuning: GroupTuning,
         leases: LeaseStore | None = None,
         replica_id: str = "",
+        gone: Callable[[], None] | None = None,
     ) -> None:
+        """``gone`` is called when a lease round finds the group deleted through another
+        replica."""
         self.record = record
         self._settings = record.settings
         self._store = store
@@ -298,6 +301,8 @@ class GroupRuntime:
                 self._apply_leases,
                 self._give_up,
                 self._in_flight_by_partition,
+                created_at=record.created_at,
+                gone=gone,
             )
             if leases is not None
             else None

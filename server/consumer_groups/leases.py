@@ -45,6 +45,11 @@ LOCAL_MARGIN = 1.0
 """Seconds a lease ends earlier by this replica's clock than in the database."""
 
 
+class GroupGoneError(Exception):
+    """The group a round was for no longer exists as it was created: it was deleted
+    (and perhaps created anew) through another replica."""
+
+
 @dataclass(frozen=True, slots=True)
 class LiveMember:
     member_id: str
@@ -87,12 +92,14 @@ class LeaseStore(Protocol):
         release: Sequence[int],
         claims: Mapping[int, str],
         in_flight: Mapping[int, int] | None = None,
+        created_at: dt.datetime | None = None,
     ) -> tuple[list[LiveMember], dict[int, str], set[int]]:
         """Heartbeat ``members`` (forgetting this replica's others), release partitions,
         claim or renew ``claims`` (partition: member id) with each one's deliveries in
         flight (``in_flight``, partition: count), all at once. Returns the live members
         (join order), the valid leases (partition: member id) and the partitions this
-        replica holds after the claims."""
+        replica holds after the claims. Raises GroupGoneError, having changed nothing,
+        when the group created at ``created_at`` (if given) does not exist any more."""
         ...
 
     async def leave(self, group: str, replica_id: str) -> None:
@@ -124,6 +131,8 @@ class LeaseCoordinator:
         release: Callable[[set[int]], Coroutine[Any, Any, None]],
         in_flight: Callable[[], dict[int, int]],
         interval: float = ROUND_INTERVAL,
+        created_at: dt.datetime | None = None,
+        gone: Callable[[], None] | None = None,
     ) -> None:
         self._leases = leases
         self._group = group
@@ -134,6 +143,8 @@ class LeaseCoordinator:
         self._release = release
         self._in_flight = in_flight
         self._interval = interval
+        self._created_at = created_at
+        self._gone = gone
         self._wake = asyncio.Event()
         self._held: dict[int, str] = {}
         self._valid_until = 0.0
@@ -165,6 +176,13 @@ class LeaseCoordinator:
         while True:
             try:
                 await self._round()
+            except GroupGoneError:
+                # Deleted through another replica: the rounds end here, and ``gone``
+                # ends this replica's members (their leases went with the group).
+                log.info("consumer group %r was deleted through another replica", self._group)
+                if self._gone is not None:
+                    self._gone()
+                return
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -212,6 +230,7 @@ class LeaseCoordinator:
             sorted(giving_up),
             claims,
             {p: counts.get(p, 0) for p in claims},
+            self._created_at,
         )
         self.live, self.leases = live, leases
         self._valid_until = started + self._leases.ttl - LOCAL_MARGIN

@@ -12,6 +12,7 @@ leases.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -69,7 +70,9 @@ class MemoryLeases:
         release: Sequence[int],
         claims: Mapping[int, str],
         in_flight: Mapping[int, int] | None = None,
+        created_at: dt.datetime | None = None,
     ) -> tuple[list[LiveMember], dict[int, str], set[int]]:
+        # ``created_at`` goes unchecked: the supervisor tells every worker of a deletion.
         state = self._group(group)
         now = self._clock()
         expires_at = now + self.ttl

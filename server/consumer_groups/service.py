@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import uuid
 from collections import defaultdict
@@ -67,6 +68,8 @@ class ConsumerGroups:
         # Starting, stopping and deleting a group's runtime take turns, per group.
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._closed = False
+        self._deletions: set[asyncio.Task[None]] = set()
+        """Ends of groups a lease round found deleted through another replica."""
         self._retired_redeliveries: dict[str, int] = {}
         """Redeliveries counted by runtimes that have stopped, per group."""
 
@@ -182,6 +185,7 @@ class ConsumerGroups:
         async with self._locks[name]:
             runtime = self._runtimes.pop(name, None)
             if runtime is not None:
+                self._retire(runtime)
                 await _end_deleted(runtime)
             if not await self.store.delete_group(name):
                 raise GroupNotFoundError(name)
@@ -195,6 +199,11 @@ class ConsumerGroups:
                 del self._runtimes[name]
                 self._retire(runtime)
                 await _end_deleted(runtime)
+
+    def _deleted_by_another_replica(self, name: str, created_at: dt.datetime) -> None:
+        task = asyncio.create_task(self.deleted_elsewhere(name, created_at))
+        self._deletions.add(task)
+        task.add_done_callback(self._deletions.discard)
 
     async def replay_parked(self, name: str, limit: int) -> int:
         await self.record(name)
@@ -212,14 +221,16 @@ class ConsumerGroups:
                 raise GroupClosedError
             runtime = self._runtimes.get(name)
             if runtime is None:
+                record = await self.record(name)
                 runtime = GroupRuntime(
-                    await self.record(name),
+                    record,
                     self.store,
                     self._events,
                     self._hub,
                     self._tuning,
                     self._leases,
                     self.replica_id,
+                    functools.partial(self._deleted_by_another_replica, name, record.created_at),
                 )
                 await runtime.start()
                 self._runtimes[name] = runtime

@@ -14,8 +14,19 @@ from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from server.consumer_groups.leases import LEASE_TTL, LiveMember, LocalMember, PartitionLease
-from server.consumer_groups.model import GroupRecord, MemberIdTakenError, ParkedEvent
+from server.consumer_groups.leases import (
+    LEASE_TTL,
+    GroupGoneError,
+    LiveMember,
+    LocalMember,
+    PartitionLease,
+)
+from server.consumer_groups.model import (
+    GroupNotFoundError,
+    GroupRecord,
+    MemberIdTakenError,
+    ParkedEvent,
+)
 from server.consumer_groups.records import settings_fields, settings_from
 from server.stores.postgres_errors import store_error
 
@@ -44,6 +55,16 @@ def _translated(operation: str) -> Iterator[None]:
         yield
     except psycopg.Error as e:
         raise store_error(e, operation) from e
+
+
+@contextmanager
+def _group_gone_as(error: Exception) -> Iterator[None]:
+    """A row added for a group that was deleted meanwhile fails its foreign key: that is
+    ``error``, not a fault of the store."""
+    try:
+        yield
+    except psycopg.errors.ForeignKeyViolation as e:
+        raise error from e
 
 
 class PostgresConsumerGroupStore:
@@ -186,7 +207,7 @@ class PostgresLeases:
     async def register(self, group: str, replica_id: str, member: LocalMember) -> None:
         """Add a member, or raise MemberIdTakenError while another live one has its id."""
         self._joining.setdefault(group, {})[member.member_id] = time.monotonic()
-        with _translated("consumer group members"):
+        with _translated("consumer group members"), _group_gone_as(GroupNotFoundError(group)):
             async with self._pool.connection() as conn:
                 cursor = await conn.execute(
                     "INSERT INTO consumer_group_members"
@@ -219,21 +240,34 @@ class PostgresLeases:
         release: Sequence[int],
         claims: Mapping[int, str],
         in_flight: Mapping[int, int] | None = None,
+        created_at: dt.datetime | None = None,
     ) -> tuple[list[LiveMember], dict[int, str], set[int]]:
         """One transaction: heartbeat ``members`` (forgetting this replica's others),
         release partitions, claim or renew ``claims`` (partition: member id), with each
         one's deliveries in flight.
 
         Returns the live members (join order), the valid leases (partition: member id)
-        and the partitions this replica holds after the claims.
+        and the partitions this replica holds after the claims. Raises GroupGoneError
+        when the group created at ``created_at`` was deleted (through any replica).
         """
         listed = [m.member_id for m in members]
         joining = self._joining.get(group, {})
         now = time.monotonic()
         for member_id in [i for i, at in joining.items() if i in listed or now - at > self.ttl]:
             del joining[member_id]
-        with _translated("consumer group leases"):
+        with _translated("consumer group leases"), _group_gone_as(GroupGoneError(group)):
             async with self._pool.connection() as conn, conn.transaction():
+                if created_at is not None:
+                    # The group's row is held (KEY SHARE) until the round commits: a
+                    # deletion through another replica waits for it, or came first and
+                    # is seen here, instead of failing the heartbeat's foreign key.
+                    cursor = await conn.execute(
+                        "SELECT created_at FROM consumer_groups WHERE name = %s FOR KEY SHARE",
+                        (group,),
+                    )
+                    row = await cursor.fetchone()
+                    if row is None or row[0] != created_at:
+                        raise GroupGoneError(group)
                 await conn.execute(
                     "DELETE FROM consumer_group_members WHERE group_name = %s"
                     " AND replica_id = %s AND NOT member_id = ANY(%s)",

@@ -26,7 +26,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, cast
 
 from domain.errors import StoreUnavailableError
-from server.consumer_groups.leases import LEASE_TTL, LiveMember, LocalMember, PartitionLease
+from server.consumer_groups.leases import (
+    LEASE_TTL,
+    LeaseStore,
+    LiveMember,
+    LocalMember,
+    PartitionLease,
+)
 from server.consumer_groups.leases_memory import MemoryLeases
 from server.consumer_groups.model import GroupRecord, ParkedEvent
 from server.consumer_groups.ports import ConsumerGroupStore
@@ -139,7 +145,7 @@ class WorkerGroupStore:
     async def parked_count(self, name: str) -> int:
         return await self._reads.parked_count(name)
 
-    def partition_leases(self) -> SupervisorLeases:
+    def partition_leases(self) -> LeaseStore:
         """Members on every worker share each group's partitions."""
         return SupervisorLeases(self._supervisor)
 
@@ -165,7 +171,9 @@ class SupervisorLeases:
         release: Sequence[int],
         claims: Mapping[int, str],
         in_flight: Mapping[int, int] | None = None,
+        created_at: dt.datetime | None = None,
     ) -> tuple[list[LiveMember], dict[int, str], set[int]]:
+        # ``created_at`` stays here: the supervisor tells every worker of a deletion.
         answer = await self._supervisor.call(
             "round",
             group,

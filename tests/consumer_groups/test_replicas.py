@@ -84,64 +84,80 @@ async def channel_to(target: str) -> AsyncIterator[grpc.aio.Channel]:
         yield channel
 
 
-async def test_a_killed_replica_s_partitions_move_and_none_is_delivered_twice_at_once(
-    fresh_postgres_url: str,
-) -> None:
-    with (
-        replica(fresh_postgres_url) as (target_a, a),
-        replica(fresh_postgres_url) as (
-            target_b,
-            b,
-        ),
-    ):
+@dataclass
+class Replica:
+    process: subprocess.Popen[bytes]
+    groups: pb_grpc.ConsumerGroupServiceAsyncStub
+    inventory: inventory_grpc.InventoryCommandServiceAsyncStub
+
+
+@contextlib.asynccontextmanager
+async def two_replicas(url: str) -> AsyncIterator[tuple[Replica, Replica]]:
+    """Two gateways serving one database, and a group "g" of ``PARTITIONS`` partitions."""
+    with replica(url) as (target_a, a), replica(url) as (target_b, b):
         await wait_until_serving(target_a, a)
         await wait_until_serving(target_b, b)
         async with channel_to(target_a) as channel_a, channel_to(target_b) as channel_b:
-            groups_a = pb_grpc.ConsumerGroupServiceStub(channel_a)
-            groups_b = pb_grpc.ConsumerGroupServiceStub(channel_b)
-            inventory = inventory_grpc.InventoryCommandServiceStub(channel_a)
-            await groups_a.CreateConsumerGroup(
+            on_a = Replica(
+                a,
+                pb_grpc.ConsumerGroupServiceStub(channel_a),
+                inventory_grpc.InventoryCommandServiceStub(channel_a),
+            )
+            on_b = Replica(
+                b,
+                pb_grpc.ConsumerGroupServiceStub(channel_b),
+                inventory_grpc.InventoryCommandServiceStub(channel_b),
+            )
+            await on_a.groups.CreateConsumerGroup(
                 pb.CreateConsumerGroupRequest(
                     name="g", settings=pb.ConsumerGroupSettings(partitions=PARTITIONS)
                 )
             )
-            on_a = await join(groups_a, "g", member_id="on-a")
-            on_b = await join(groups_b, "g", member_id="on-b")
-            # Balanced across the replicas: 4 and 4, each partition once.
-            await until(
-                lambda: (
-                    sorted(on_a.partitions + on_b.partitions) == list(range(PARTITIONS))
-                    and len(on_a.partitions) == len(on_b.partitions)
-                ),
-                within=15,
-            )
-            group = (await groups_b.GetConsumerGroup(pb.GetConsumerGroupRequest(name="g"))).group
-            assert sorted(m.member_id for m in group.members) == ["on-a", "on-b"]
-            owners = {p.partition: p.member_id for p in group.partition_states}
-            assert owners == {
-                **{p: "on-a" for p in on_a.partitions},
-                **{p: "on-b" for p in on_b.partitions},
-            }
+            yield on_a, on_b
 
-            record = Record()
-            workers = [
-                asyncio.create_task(consume(on_a, "on-a", record)),
-                asyncio.create_task(consume(on_b, "on-b", record)),
-            ]
-            written = [await restock(inventory, n) for n in range(100)]
-            await until(lambda: record.acked >= set(written), within=30)
 
-            b.send_signal(signal.SIGKILL)
-            b.wait()
-            killed_at = time.monotonic()
-            await until(lambda: on_a.partitions == list(range(PARTITIONS)), within=30)
-            takeover = time.monotonic() - killed_at
-            written += [await restock(inventory, n) for n in range(100, 200)]
-            await until(lambda: record.acked >= set(written), within=30)
-            for task in workers:
-                task.cancel()
-            await on_a.close()
-            await on_b.close()
+async def test_a_killed_replica_s_partitions_move_and_none_is_delivered_twice_at_once(
+    fresh_postgres_url: str,
+) -> None:
+    async with two_replicas(fresh_postgres_url) as (a, b):
+        groups_a, groups_b, inventory = a.groups, b.groups, a.inventory
+        on_a = await join(groups_a, "g", member_id="on-a")
+        on_b = await join(groups_b, "g", member_id="on-b")
+        # Balanced across the replicas: 4 and 4, each partition once.
+        await until(
+            lambda: (
+                sorted(on_a.partitions + on_b.partitions) == list(range(PARTITIONS))
+                and len(on_a.partitions) == len(on_b.partitions)
+            ),
+            within=15,
+        )
+        group = (await groups_b.GetConsumerGroup(pb.GetConsumerGroupRequest(name="g"))).group
+        assert sorted(m.member_id for m in group.members) == ["on-a", "on-b"]
+        owners = {p.partition: p.member_id for p in group.partition_states}
+        assert owners == {
+            **{p: "on-a" for p in on_a.partitions},
+            **{p: "on-b" for p in on_b.partitions},
+        }
+
+        record = Record()
+        workers = [
+            asyncio.create_task(consume(on_a, "on-a", record)),
+            asyncio.create_task(consume(on_b, "on-b", record)),
+        ]
+        written = [await restock(inventory, n) for n in range(100)]
+        await until(lambda: record.acked >= set(written), within=30)
+
+        b.process.send_signal(signal.SIGKILL)
+        b.process.wait()
+        killed_at = time.monotonic()
+        await until(lambda: on_a.partitions == list(range(PARTITIONS)), within=30)
+        takeover = time.monotonic() - killed_at
+        written += [await restock(inventory, n) for n in range(100, 200)]
+        await until(lambda: record.acked >= set(written), within=30)
+        for task in workers:
+            task.cancel()
+        await on_a.close()
+        await on_b.close()
 
     print(f"takeover {takeover:.1f} s")
     assert takeover <= 15, f"partitions moved {takeover:.1f} s after the kill"
@@ -151,47 +167,57 @@ async def test_a_killed_replica_s_partitions_move_and_none_is_delivered_twice_at
 async def test_every_replica_reports_the_deliveries_in_flight_on_another(
     fresh_postgres_url: str,
 ) -> None:
-    with replica(fresh_postgres_url) as (target_a, a), replica(fresh_postgres_url) as (target_b, b):
-        await wait_until_serving(target_a, a)
-        await wait_until_serving(target_b, b)
-        async with channel_to(target_a) as channel_a, channel_to(target_b) as channel_b:
-            groups_a = pb_grpc.ConsumerGroupServiceStub(channel_a)
-            groups_b = pb_grpc.ConsumerGroupServiceStub(channel_b)
-            inventory = inventory_grpc.InventoryCommandServiceStub(channel_a)
-            await groups_a.CreateConsumerGroup(
-                pb.CreateConsumerGroupRequest(
-                    name="g", settings=pb.ConsumerGroupSettings(partitions=PARTITIONS)
-                )
-            )
-            on_a = await join(groups_a, "g", member_id="on-a")
-            await until(lambda: on_a.partitions == list(range(PARTITIONS)), within=15)
-            for n in range(20):
-                await restock(inventory, n)
-            # Held, never acked: 20 restocks of 20 products, one event each.
-            held = await on_a.deliveries(20)
-            expected: dict[int, int] = {}
-            for delivery in held:
-                expected[delivery.partition] = expected.get(delivery.partition, 0) + 1
+    async with two_replicas(fresh_postgres_url) as (a, b):
+        groups_a, groups_b, inventory = a.groups, b.groups, a.inventory
+        on_a = await join(groups_a, "g", member_id="on-a")
+        await until(lambda: on_a.partitions == list(range(PARTITIONS)), within=15)
+        for n in range(20):
+            await restock(inventory, n)
+        # Held, never acked: 20 restocks of 20 products, one event each.
+        held = await on_a.deliveries(20)
+        expected: dict[int, int] = {}
+        for delivery in held:
+            expected[delivery.partition] = expected.get(delivery.partition, 0) + 1
 
-            async def seen_from_b() -> pb.ConsumerGroup:
-                request = pb.GetConsumerGroupRequest(name="g")
-                return (await groups_b.GetConsumerGroup(request)).group
+        async def seen_from_b() -> pb.ConsumerGroup:
+            request = pb.GetConsumerGroupRequest(name="g")
+            return (await groups_b.GetConsumerGroup(request)).group
 
-            # B has no member of the group: everything it reports comes from A's leases,
-            # written with their renewals (every 2 s).
-            async with asyncio.timeout(15):
-                while True:
-                    group = await seen_from_b()
-                    per_partition = {p.partition: p.in_flight for p in group.partition_states}
-                    if {p: n for p, n in per_partition.items() if n} == expected:
-                        break
-                    await asyncio.sleep(0.2)
-            assert group.in_flight == 20
-            assert [(m.member_id, m.in_flight) for m in group.members] == [("on-a", 20)]
-            assert {p.member_id for p in group.partition_states} == {"on-a"}
+        # B has no member of the group: everything it reports comes from A's leases,
+        # written with their renewals (every 2 s).
+        async with asyncio.timeout(15):
+            while True:
+                group = await seen_from_b()
+                per_partition = {p.partition: p.in_flight for p in group.partition_states}
+                if {p: n for p, n in per_partition.items() if n} == expected:
+                    break
+                await asyncio.sleep(0.2)
+        assert group.in_flight == 20
+        assert [(m.member_id, m.in_flight) for m in group.members] == [("on-a", 20)]
+        assert {p.member_id for p in group.partition_states} == {"on-a"}
 
-            await on_a.ack(*(d.event.event_id for d in held))
-            async with asyncio.timeout(15):
-                while (await seen_from_b()).in_flight:  # noqa: ASYNC110 - polls a server
-                    await asyncio.sleep(0.2)
-            await on_a.close()
+        await on_a.ack(*(d.event.event_id for d in held))
+        async with asyncio.timeout(15):
+            while (await seen_from_b()).in_flight:  # noqa: ASYNC110 - polls a server
+                await asyncio.sleep(0.2)
+        await on_a.close()
+
+
+async def test_a_group_deleted_on_one_replica_ends_its_members_on_the_other(
+    fresh_postgres_url: str,
+) -> None:
+    async with two_replicas(fresh_postgres_url) as (a, b):
+        groups_a, groups_b = a.groups, b.groups
+        on_b = await join(groups_b, "g", member_id="on-b")
+        await until(lambda: on_b.partitions == list(range(PARTITIONS)), within=15)
+        await groups_a.DeleteConsumerGroup(pb.DeleteConsumerGroupRequest(name="g"))
+        error = await on_b.finished(within=10)
+        assert error is not None and error.code() == grpc.StatusCode.NOT_FOUND
+        # A new group of that name is served afresh by the replica that had members.
+        await groups_a.CreateConsumerGroup(
+            pb.CreateConsumerGroupRequest(name="g", settings=pb.ConsumerGroupSettings(partitions=2))
+        )
+        again = await join(groups_b, "g", member_id="on-b")
+        await until(lambda: again.partitions == [0, 1], within=15)
+        await again.close()
+        assert "lease round failed" not in gateway_log(b.process)
