@@ -3,13 +3,13 @@
 **Commits across workers.** A worker's subscriptions, and the follower that keeps its
 aggregate cache up to date (``cache_follower``), sleep until told that something
 committed; with several workers they must hear of the others' commits. So every worker
-tells the hub of each commit it made (a notice, with the streams it moved), and once per
+tells the hub of each commit it made (a notice, with the commit's events), and once per
 turn of its event loop the hub sends each *other* worker one wake-up: a local message,
-not the 1 s poll. The wake-up names the streams other workers moved, with their new
-versions: only those can leave the worker's cache behind (at one caller, reading each
-own commit back in every worker doubled the server CPU per call), and the worker's cache
-follower marks them stale without reading anything. A worker hears of its own commits
-from its own store.
+not the 1 s poll. The wake-up carries the *other* workers' commits (their events): only
+those can leave the worker's cache behind (at one caller, reading each own commit back
+in every worker doubled the server CPU per call), and the worker's cache follower
+applies them to the streams it holds without reading anything. A worker hears of its
+own commits from its own store.
 
 **SQLite.** Each worker writes the file itself, taking turns with the others at SQLite's
 one write lock in the kernel (``server.stores.sqlite_turns``) rather than in SQLite's
@@ -37,7 +37,6 @@ from server.workers.hub_protocol import (
     FrameBuffer,
     FrameWriter,
     GroupCall,
-    Moved,
     encode_call_outcome,
     frame,
 )
@@ -52,8 +51,8 @@ class _Connection(asyncio.Protocol):
         self._hub = hub
         self._buffer = FrameBuffer()
         self._out = FrameWriter()
-        self.moved: dict[str, int] = {}
-        """Streams other workers moved since this worker's last wake-up: latest version."""
+        self.notices: list[bytes] = []
+        """The other workers' commits since this worker's last wake-up."""
         self.replicas: set[str] = set()
         """The worker's consumer-group replica ids (its lease calls name them)."""
 
@@ -132,16 +131,12 @@ class WorkerHub:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: _Connection(self), str(self.path))
 
-    def committed(self, origin: _Connection, moved: Moved) -> None:
-        """``origin``'s worker committed, moving the streams ``moved``: wake the other
+    def committed(self, origin: _Connection, notice: bytes) -> None:
+        """``origin``'s worker committed (``notice``: the events, encoded): wake the other
         workers, soon."""
         for connection in self.connections:
             if connection is not origin:
-                # Notices of several workers may arrive out of order: keep the latest.
-                latest = connection.moved
-                for stream_id, version in moved:
-                    if latest.get(stream_id, 0) < version:
-                        latest[stream_id] = version
+                connection.notices.append(notice)
         if not self._wake_pending:
             # Once per loop turn: one wake-up per worker for all the notices read.
             self._wake_pending = True
@@ -150,9 +145,9 @@ class WorkerHub:
     def _wake(self) -> None:
         self._wake_pending = False
         for connection in self.connections:
-            if connection.moved:
-                moved, connection.moved = connection.moved, {}
-                connection.send(frame((WAKE, list(moved.items()))))
+            if connection.notices:
+                notices, connection.notices = connection.notices, []
+                connection.send(frame((WAKE, notices)))
 
     def _group_deleted(self, name: str, created_at: dt.datetime) -> None:
         """Every worker's members of the group end (NOT_FOUND), not only the deleter's."""

@@ -2,10 +2,10 @@
 
 ``WorkerStore`` wraps the store the worker opened itself, which it reads and appends to
 (on SQLite taking turns with the other workers at the file's write lock:
-``server.stores.sqlite_turns``); after each commit it tells the hub which streams moved.
+``server.stores.sqlite_turns``); after each commit it tells the hub, with the commit's events.
 The hub's wake-ups, which say that other workers committed, call the store's commit
-listeners (on PostgreSQL beside its LISTEN/NOTIFY) and ``on_others`` with the streams
-they moved (the aggregate cache's follower).
+listeners (on PostgreSQL beside its LISTEN/NOTIFY) and ``on_others`` with those commits
+(the aggregate cache's follower).
 
 If the supervisor goes away, its consumer-group calls fail as ``StoreUnavailableError``,
 and ``lost`` is set: the worker stops (``server.workers.worker``).
@@ -44,11 +44,10 @@ from server.workers.hub_protocol import (
     FrameBuffer,
     FrameWriter,
     GroupCall,
-    Moved,
     Outcome,
     decode_call_outcome,
+    encode_events,
     frame,
-    moved_by,
 )
 
 log = logging.getLogger("order_gateway.workers")
@@ -93,8 +92,8 @@ class HubClient:
     """The connection to the hub."""
 
     def __init__(self) -> None:
-        self.on_others: Callable[[Moved], None] | None = None
-        """Called with the streams other workers moved (and their versions)."""
+        self.on_others: Callable[[list[bytes]], None] | None = None
+        """Called with the other workers' commits (``hub_protocol.encode_events``)."""
         self.on_group_deleted: Callable[[str, dt.datetime], None] | None = None
         """Called with a consumer group's name and creation time once it is deleted
         (on SQLite, from any worker)."""
@@ -140,7 +139,7 @@ class HubClient:
     def notice(self, commit: Commit) -> None:
         """This worker committed ``commit`` (a lost hub only delays the others)."""
         if self._out.open:
-            self._out.send(frame((NOTICE, moved_by(commit.events))))
+            self._out.send(frame((NOTICE, encode_events(commit.events))))
 
     def answer(self, call_id: int, outcome: Outcome) -> None:
         called = self._calls.pop(call_id, None)
@@ -150,9 +149,9 @@ class HubClient:
     def add_listener(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
 
-    def woken(self, moved: Moved) -> None:
-        if moved and self.on_others is not None:
-            self.on_others(moved)
+    def woken(self, notices: list[bytes]) -> None:
+        if notices and self.on_others is not None:
+            self.on_others(notices)
         for listener in self._listeners:
             listener()
 

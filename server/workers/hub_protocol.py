@@ -2,11 +2,12 @@
 
 A frame is a 4-byte big-endian length and a pickle; either end writes the frames of one
 turn of its event loop together (``FrameWriter``): one system call rather than one each.
-A worker sends ``(NOTICE, moved)`` after each of its commits (``moved``: each stream the
-commit moved, with its new version), and the supervisor sends every *other* worker
-``(WAKE, moved)``: new events are readable, and these streams moved since its last
-wake-up, each at its latest version (with the versions at hand, the worker's cache
-follower needs no read to find what moved). The first ``(WAKE, [])`` tells a worker that
+A worker sends ``(NOTICE, events)`` after each of its commits (``events``: the commit's
+events, pickled once by ``encode_events``), and the supervisor sends every *other* worker
+``(WAKE, notices)``: new events are readable, and these are the other workers' commits
+since its last wake-up, as they came (with the events at hand, the worker's cache
+follower brings the cached streams they moved up to date without reading them back).
+The first ``(WAKE, [])`` tells a worker that
 the hub has taken its connection. On SQLite workers also send ``(call_id, GroupCall)``:
 a consumer-group write or lease call, which the supervisor answers with
 ``(call_id, outcome)``, and after a group is deleted it tells every worker
@@ -32,16 +33,16 @@ from domain.ports import NewEvent
 from server.consumer_groups.model import MemberIdTakenError
 
 WAKE: Final = 0
-"""Supervisor to worker: new events may be readable; the streams others moved."""
+"""Supervisor to worker: new events may be readable; the other workers' commits."""
 NOTICE: Final = -1
-"""Worker to supervisor: this worker has just committed (by itself), these streams."""
+"""Worker to supervisor: this worker has just committed these events."""
 GROUP_DELETED: Final = -2
 """Supervisor to worker: ``(name, created_at)``, a consumer group deleted (on SQLite)."""
 _LENGTH = struct.Struct("!I")
 
 Outcome = tuple[str, Any]
-Moved = list[tuple[str, int]]
-"""Streams, each with the version a commit (or several) moved it to."""
+EncodedEvent = tuple[str, str, int, str, bytes, int]
+"""A committed event as a notice carries it: ``NewEvent``'s fields, in order."""
 
 
 def frame(message: object) -> bytes:
@@ -49,9 +50,18 @@ def frame(message: object) -> bytes:
     return _LENGTH.pack(len(body)) + body
 
 
-def moved_by(events: Sequence[NewEvent]) -> Moved:
-    """The streams a commit's ``events`` move, each with its last version."""
-    return list({event.stream_id: event.stream_version for event in events}.items())
+def encode_events(events: Sequence[NewEvent]) -> bytes:
+    """A commit's events for a notice: pickled once, however many workers it goes to."""
+    encoded: list[EncodedEvent] = [
+        (e.event_id, e.stream_id, e.stream_version, e.event_type, e.data, e.schema_version)
+        for e in events
+    ]
+    return pickle.dumps(encoded, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode_events(notice: bytes) -> list[EncodedEvent]:
+    events: list[EncodedEvent] = pickle.loads(notice)
+    return events
 
 
 class FrameWriter:

@@ -106,7 +106,7 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
     else:
         store = WorkerStore(cast(RowStore, inner), hub, spec.groups_via_hub)
     cache = AggregateCache(spec.settings.aggregate_cache)
-    hub.on_others = CacheFollower(cache).moved
+    hub.on_others = CacheFollower(cache).committed_elsewhere
     background = [
         asyncio.create_task(_stop_when_set(hub.lost, stop)),
         asyncio.create_task(_bound(stop, stop_deadline(spec.settings), spec.index)),

@@ -9,7 +9,7 @@ import asyncio
 import dataclasses
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,6 +24,7 @@ from server.stores.sqlite import SQLiteEventStore
 from server.workers.cache_follower import CacheFollower
 from server.workers.hub import WorkerHub
 from server.workers.hub_client import HubClient, WorkerStore
+from server.workers.hub_protocol import decode_events
 from tests.conformance.contract import TIMEOUT, EventStoreContract, commit_of
 
 
@@ -54,7 +55,7 @@ class Worker:
         client = await HubClient.connect(hub.path)
         inner = await SQLiteEventStore.open(database, writer_turns=True)
         worker = cls(WorkerStore(inner, client, groups_via_hub=False))
-        client.on_others = worker.follower.moved
+        client.on_others = worker.follower.committed_elsewhere
         return worker
 
     async def close(self) -> None:
@@ -93,7 +94,7 @@ def restocked(product: Product, quantity: int) -> Commit:
     return dataclasses.replace(template, events=[event])
 
 
-async def test_a_commit_through_one_worker_wakes_the_others_and_marks_their_cache_stale(
+async def test_a_commit_through_one_worker_wakes_the_others_and_brings_their_cache_up_to_date(
     tmp_path: Path, socket_dir: Path
 ) -> None:
     hub = await start_hub(socket_dir)
@@ -117,9 +118,17 @@ async def test_a_commit_through_one_worker_wakes_the_others_and_marks_their_cach
         await asyncio.wait_for(woke.wait(), TIMEOUT)
         assert await second.store.read_all() == appended
         async with asyncio.timeout(TIMEOUT):
-            # The wake-up that names the product may come after the commit listeners'.
-            while not (cached := second.cache.get(product.stream_id)) or not cached.stale:  # noqa: ASYNC110
+            # The first commit's wake-up may be the one that set ``woke``.
+            while (cached := second.cache.get(product.stream_id)) and not (  # noqa: ASYNC110
+                cached.committed and cached.committed.version == 2
+            ):
                 await asyncio.sleep(0.01)
+        # The wake-up carried the commit: the second worker holds the new state, unread.
+        assert cached is not None and not cached.stale
+        assert isinstance(cached.committed, Product)
+        assert (cached.committed.version, cached.committed.available) == (2, 12)
+        assert cached.head is cached.committed
+        assert cached.committed_event == appended[-1].event_id
         assert first.cache.get(product.stream_id) is mine and not mine.stale
     finally:
         await first.close()
@@ -127,22 +136,29 @@ async def test_a_commit_through_one_worker_wakes_the_others_and_marks_their_cach
         await hub.close()
 
 
-async def test_a_wake_up_names_the_streams_other_workers_moved_with_their_versions(
+async def test_a_wake_up_carries_the_commits_of_the_other_workers_only(
     tmp_path: Path, socket_dir: Path
 ) -> None:
     hub = await start_hub(socket_dir)
     first = await Worker.open(tmp_path / "events.db", hub)
     second = await Worker.open(tmp_path / "events.db", hub)
     heard: dict[str, list[tuple[str, int]]] = {"first": [], "second": []}
-    first.store._hub.on_others = heard["first"].extend
-    second.store._hub.on_others = heard["second"].extend
+
+    def hear(worker: str) -> Callable[[list[bytes]], None]:
+        def notices(commits: list[bytes]) -> None:
+            heard[worker] += [(e[1], e[2]) for commit in commits for e in decode_events(commit)]
+
+        return notices
+
+    first.store._hub.on_others = hear("first")
+    second.store._hub.on_others = hear("second")
     try:
         await first.store.append(commit_of([("a", 1), ("a", 2), ("b", 1)]))
         await first.store.append(commit_of([("b", 2)]))
         async with asyncio.timeout(TIMEOUT):
             while dict(heard["second"]).get("b") != 2:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
-        assert dict(heard["second"]) == {"a": 2, "b": 2}
+        assert heard["second"] == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
 
         await second.store.append(commit_of([("c", 1)]))
         async with asyncio.timeout(TIMEOUT):
@@ -150,7 +166,7 @@ async def test_a_wake_up_names_the_streams_other_workers_moved_with_their_versio
                 await asyncio.sleep(0.01)
         # Each heard only of the other's commits: its own leave its cache up to date.
         assert heard["first"] == [("c", 1)]
-        assert dict(heard["second"]) == {"a": 2, "b": 2}
+        assert heard["second"] == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
     finally:
         await first.close()
         await second.close()
