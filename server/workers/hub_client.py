@@ -54,6 +54,9 @@ log = logging.getLogger("order_gateway.workers")
 
 CONNECT_TIMEOUT_SECONDS: Final = 30.0
 GONE: Final = "the gateway's supervisor process is gone"
+NOTICE_DELAY_SECONDS: Final = 0.001
+"""A notice waits this long for the next: the supervisor and the other workers wake once
+for several commits, and after the answers, not beside them."""
 
 
 class RowStore(EventStore, EventRowReader, StreamRowReader, Protocol):
@@ -98,6 +101,8 @@ class HubClient:
         """Called with a consumer group's name and creation time once it is deleted
         (on SQLite, from any worker)."""
         self._out = FrameWriter()
+        self._notices: list[bytes] = []
+        """Notices waiting for ``NOTICE_DELAY_SECONDS`` to pass."""
         self._calls: dict[int, asyncio.Future[Outcome]] = {}
         """Consumer-group calls waiting for their answer."""
         self._ids = itertools.count(WAKE + 1)
@@ -138,8 +143,16 @@ class HubClient:
 
     def notice(self, commit: Commit) -> None:
         """This worker committed ``commit`` (a lost hub only delays the others)."""
-        if self._out.open:
-            self._out.send(frame((NOTICE, encode_events(commit.events))))
+        if not self._out.open:
+            return
+        self._notices.append(frame((NOTICE, encode_events(commit.events))))
+        if len(self._notices) == 1:
+            asyncio.get_running_loop().call_later(NOTICE_DELAY_SECONDS, self._send_notices)
+
+    def _send_notices(self) -> None:
+        notices, self._notices = self._notices, []
+        if self._out.transport is not None and not self._out.transport.is_closing():
+            self._out.transport.write(b"".join(notices))
 
     def answer(self, call_id: int, outcome: Outcome) -> None:
         called = self._calls.pop(call_id, None)

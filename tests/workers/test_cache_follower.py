@@ -47,8 +47,10 @@ def test_another_worker_s_commits_bring_a_cached_stream_up_to_date_without_a_rea
     theirs = mine.clone()
     first, second = restocks(theirs, 5), restocks(theirs, 1, 2)
 
-    # Two commits, their notices in either order.
-    CacheFollower(cache).committed_elsewhere([encode_events(second), encode_events(first)])
+    held = restocks(committed("p", 1), 10)  # version 2, which this worker holds already
+    # Two commits, their notices in either order, behind one it has.
+    notices = [encode_events(held), encode_events(second), encode_events(first)]
+    CacheFollower(cache).committed_elsewhere(notices)
 
     entry = cache.get(mine.stream_id)
     assert entry is not None and not entry.stale and entry.queued is None
