@@ -710,8 +710,18 @@ async def _configure(conn: psycopg.AsyncConnection[TupleRow]) -> None:
     postgres_arrays.register(conn)
     # Timestamps load as aware datetimes in UTC, as every store returns them. og_append
     # relies on READ COMMITTED, whatever the database's default isolation level.
+    # Generic plans: PostgreSQL plans a prepared statement (and each statement inside a
+    # PL/pgSQL function) afresh for its first five executions on a connection, and for
+    # ever after when the values' own plan looks cheaper, as it does for a stream's load:
+    # ~0.15 ms each time on the server. Every statement the gateway sends reads by
+    # key, a plan that does not depend on the values (og_append's reads are index-only
+    # whatever the statistics), so each is planned once per connection: the first order
+    # on a long stream after a restart took 3.0-3.5 ms against 3.9-4.0 (restarts of
+    # either taking turns in one process; docs/performance.md, "Cold start of a long
+    # stream").
     await conn.execute(
-        "SET TimeZone TO 'UTC'; SET default_transaction_isolation TO 'read committed'"
+        "SET TimeZone TO 'UTC'; SET default_transaction_isolation TO 'read committed';"
+        " SET plan_cache_mode TO force_generic_plan"
     )
     # A session's first statement on a table loads the table's and its indexes' catalog
     # entries, and a statement prepared on first use costs a round trip more: the first

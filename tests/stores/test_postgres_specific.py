@@ -252,6 +252,27 @@ async def test_a_cold_load_is_one_statement_prepared_before_it_is_needed(
         await store.close()
 
 
+async def test_a_pooled_connection_plans_each_statement_once(fresh_postgres_url: str) -> None:
+    """PostgreSQL would plan a stream's load afresh on each of a connection's first five
+    loads, and on every later one for a short stream: a cold load would wait for it."""
+    # Two connections: the appends keep one, the loads take the other.
+    store = await PostgresEventStore.open(fresh_postgres_url, min_connections=2, max_connections=2)
+    try:
+        for version in (1, 2, 3):
+            await store.append(commit(("s", version)))
+        await store.save_snapshot(Snapshot("s", 1, 1, b"{}"))
+        for stream in ("s", "t", "s", "u", "s", "s", "s"):
+            await store.load_snapshot_and_events(stream)
+        async with store._pool.connection() as connection:  # the loads' connection
+            cursor = await connection.execute(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+                " WHERE statement LIKE '%JOIN snapshots%'"
+            )
+            assert await cursor.fetchall() == [(8, 0)]  # the pool's own load, then ours
+    finally:
+        await store.close()
+
+
 # -- positions are seen in commit order ---------------------------------------------
 
 
