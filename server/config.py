@@ -95,8 +95,9 @@ class Settings(BaseSettings):
         ge=0,
         description=(
             "Serving processes sharing the listen address (0: one per CPU). With more "
-            "than one, a supervisor process starts them, replaces any that dies, and on "
-            "SQLite owns the store's writer; memory:// serves from one process only."
+            "than one, a supervisor process starts them and replaces any that dies; on "
+            "SQLite they take turns at the file's write lock; memory:// serves from one "
+            "process only."
         ),
     )
     aggregate_cache: int = Field(

@@ -25,15 +25,16 @@ def sqlite_path(url: str) -> Path | None:
     return None
 
 
-async def open_store(url: str, *, pool_size: int = 10) -> EventStore:
+async def open_store(url: str, *, pool_size: int = 10, writer_turns: bool = False) -> EventStore:
     """Open (and migrate) the store at ``url``: memory://, sqlite:///…, postgresql://….
 
-    ``pool_size``: the most connections to PostgreSQL (``--store-pool-size``).
+    ``pool_size``: the most connections to PostgreSQL (``--store-pool-size``);
+    ``writer_turns``: other processes write the SQLite file too (``sqlite_turns``).
     """
     if url == "memory://" or url.startswith("memory:"):
         return MemoryEventStore()
     if (path := sqlite_path(url)) is not None:
-        return await SQLiteEventStore.open(path)
+        return await SQLiteEventStore.open(path, writer_turns=writer_turns)
     if url.startswith(("postgresql://", "postgres://")):
         # Imported here so that processes on other stores never load the driver.
         from server.stores.postgres import PostgresEventStore

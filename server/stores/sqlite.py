@@ -17,6 +17,10 @@ Callers are answered on their own event loop, a batch at a time (``sqlite_calls`
 append is answered once its batch's COMMIT has returned, which with ``synchronous=FULL``
 means the WAL is fsynced.
 
+Several processes may write the file (``serve --workers N``): opened with
+``writer_turns``, the writer takes a turn among them (``sqlite_turns``) before SQLite's
+lock, and the appends queued while it waited for its turn share its transaction.
+
 Positions: all writers, in this process or any other, serialise on SQLite's single write
 lock (``BEGIN IMMEDIATE``), and positions are assigned inside that lock from the committed
 maximum. A committed prefix of positions is therefore all a reader can ever see: no lower
@@ -56,6 +60,7 @@ from server.stores.event_rows import EventRow
 from server.stores.sqlite_calls import Call, CallQueue, Listener, answer
 from server.stores.sqlite_decide import conflict, decide, stream_ids
 from server.stores.sqlite_schema import SchemaTooNewError, migrate
+from server.stores.sqlite_turns import WriterTurns
 
 log = logging.getLogger("order_gateway.store.sqlite")
 
@@ -274,7 +279,8 @@ def _is_fault(error: sqlite3.Error) -> bool:
 class SQLiteEventStore:
     """An ``EventStore`` in one SQLite file; open it with ``await SQLiteEventStore.open(path)``.
 
-    ``max_batch`` caps how many commits share one transaction (1 turns group commit off).
+    ``max_batch`` caps how many commits share one transaction (1 turns group commit off);
+    ``writer_turns``: other processes write the file too, taking turns (``sqlite_turns``).
     """
 
     def __init__(
@@ -285,8 +291,10 @@ class SQLiteEventStore:
         max_batch: int,
         snapshot_writer: sqlite3.Connection | None = None,
         path: Path | None = None,
+        turns: WriterTurns | None = None,
     ) -> None:
         self._path = path
+        self._turns = turns
         self._loop = loop
         self._snapshot_writer = snapshot_writer
         self._snapshot_lock = threading.Lock()
@@ -317,7 +325,12 @@ class SQLiteEventStore:
 
     @classmethod
     async def open(
-        cls, path: str | Path, *, max_batch: int = 128, readers: int = 2
+        cls,
+        path: str | Path,
+        *,
+        max_batch: int = 128,
+        readers: int = 2,
+        writer_turns: bool = False,
     ) -> SQLiteEventStore:
         """Open (creating or migrating as needed) the store in the file at ``path``."""
         if max_batch < 1 or readers < 1:
@@ -335,7 +348,9 @@ class SQLiteEventStore:
             if isinstance(e, sqlite3.Error):
                 raise _store_error(f"cannot open the SQLite store {path}: {e}", e) from e
             raise StoreError(f"cannot open the SQLite store {path}: {e}") from e
-        return cls(opened[0], opened[1:-1], asyncio.get_running_loop(), max_batch, opened[-1], path)
+        turns = WriterTurns(path) if writer_turns else None
+        loop = asyncio.get_running_loop()
+        return cls(opened[0], opened[1:-1], loop, max_batch, opened[-1], path, turns)
 
     async def open_consumer_groups(self) -> SQLiteConsumerGroupStore:
         """Consumer-group records in the same file (``server.consumer_groups``)."""
@@ -355,6 +370,11 @@ class SQLiteEventStore:
                 batch, stop = self._writes.take(self._max_batch)
                 if not batch:
                     continue
+                if self._turns is not None:
+                    self._turns.take()
+                    if not stop:
+                        # Appends queued while another process wrote share this turn.
+                        batch, stop = self._writes.take_more(batch, self._max_batch)
                 try:
                     self._write(batch)
                 except Exception as e:  # a bug must not leave callers waiting forever
@@ -362,6 +382,9 @@ class SQLiteEventStore:
                     self._rollback()
                     for append in batch:
                         append.outcome = _store_error("the SQLite store failed", e)
+                finally:
+                    if self._turns is not None:
+                        self._turns.release()
                 committed = any(isinstance(append.outcome, list) for append in batch)
                 answer(batch, list(self._listeners) if committed else ())
         finally:
@@ -712,6 +735,9 @@ class SQLiteEventStore:
         self._reads.close(consumers=len(self._threads) - 1)
         for thread in self._threads:
             await asyncio.to_thread(thread.join)
+        if self._turns is not None:
+            self._turns.close()
+            self._turns = None
         with self._snapshot_lock:
             if self._snapshot_writer is not None:
                 self._snapshot_writer.close()

@@ -86,7 +86,11 @@ class CallQueue(Generic[W, R]):
         first = self._queue.get()
         if isinstance(first, _Stop):
             return [], True
-        batch = [first]
+        return self.take_more([first], limit)
+
+    def take_more(self, batch: list[Call[W, R]], limit: int) -> tuple[list[Call[W, R]], bool]:
+        """``batch`` and what else is queued, up to ``limit`` calls, without waiting;
+        and whether this consumer must stop after handling them."""
         while len(batch) < limit:
             try:
                 item = self._queue.get_nowait()

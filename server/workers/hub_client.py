@@ -1,16 +1,14 @@
 """A worker's side of its supervisor's hub (``server.workers.hub``), and its store.
 
-``WorkerStore`` wraps the store the worker opened itself. Reads always go to it. On
-SQLite appends go to the supervisor's writer over the hub; on PostgreSQL the worker
-appends itself and then tells the hub. Either way the hub's wake-ups call the store's
-commit listeners (on PostgreSQL beside its LISTEN/NOTIFY), and those that say another
-worker committed call ``on_others`` too (the aggregate cache's follower). A wake-up that
-carries the recorded events (SQLite) hands them to the recorded-events listeners (the
-subscription hub) instead, who then need not read them back.
+``WorkerStore`` wraps the store the worker opened itself, which it reads and appends to
+(on SQLite taking turns with the other workers at the file's write lock:
+``server.stores.sqlite_turns``); after each commit it tells the hub, with the commit's events.
+The hub's wake-ups, which say that other workers committed, call the store's commit
+listeners (on PostgreSQL beside its LISTEN/NOTIFY) and ``on_others`` with those commits
+(the aggregate cache's follower).
 
-If the supervisor goes away, appends waiting for its answer, and new ones on SQLite,
-fail as ``StoreUnavailableError`` (nothing was acknowledged that is not durable), and
-``lost`` is set: the worker stops (``server.workers.worker``).
+If the supervisor goes away, its consumer-group calls fail as ``StoreUnavailableError``,
+and ``lost`` is set: the worker stops (``server.workers.worker``).
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ import asyncio
 import datetime as dt
 import itertools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -43,15 +41,12 @@ from server.workers.hub_protocol import (
     GROUP_DELETED,
     NOTICE,
     WAKE,
-    WANT,
-    EncodedEvent,
     FrameBuffer,
+    FrameWriter,
     GroupCall,
     Outcome,
     decode_call_outcome,
-    decode_events,
-    decode_outcome,
-    encode_commit,
+    encode_events,
     frame,
 )
 
@@ -59,6 +54,9 @@ log = logging.getLogger("order_gateway.workers")
 
 CONNECT_TIMEOUT_SECONDS: Final = 30.0
 GONE: Final = "the gateway's supervisor process is gone"
+NOTICE_DELAY_SECONDS: Final = 0.001
+"""A notice waits this long for the next: the supervisor and the other workers wake once
+for several commits, and after the answers, not beside them."""
 
 
 class RowStore(EventStore, EventRowReader, StreamRowReader, Protocol):
@@ -97,19 +95,18 @@ class HubClient:
     """The connection to the hub."""
 
     def __init__(self) -> None:
-        self.on_others: Callable[[], None] | None = None
-        """Called when another worker has committed."""
+        self.on_others: Callable[[list[bytes]], None] | None = None
+        """Called with the other workers' commits (``hub_protocol.encode_events``)."""
         self.on_group_deleted: Callable[[str, dt.datetime], None] | None = None
         """Called with a consumer group's name and creation time once it is deleted
         (on SQLite, from any worker)."""
-        self._transport: asyncio.Transport | None = None
-        self._pending: dict[int, tuple[Commit, asyncio.Future[list[RecordedEvent]]]] = {}
+        self._out = FrameWriter()
+        self._notices: list[bytes] = []
+        """Notices waiting for ``NOTICE_DELAY_SECONDS`` to pass."""
         self._calls: dict[int, asyncio.Future[Outcome]] = {}
         """Consumer-group calls waiting for their answer."""
         self._ids = itertools.count(WAKE + 1)
         self._listeners: list[Callable[[], None]] = []
-        self._recorded_listeners: list[Callable[[Sequence[RecordedEvent]], None]] = []
-        self._notice = frame((NOTICE, None))
         self.lost = asyncio.Event()
 
     @classmethod
@@ -119,7 +116,7 @@ class HubClient:
             lambda: _HubConnection(client), str(socket_path)
         )
         assert isinstance(transport, asyncio.Transport)
-        client._transport = transport
+        client._out.transport = transport
         try:
             await asyncio.wait_for(connection.accepted, CONNECT_TIMEOUT_SECONDS)
         except BaseException:
@@ -128,17 +125,10 @@ class HubClient:
         return client
 
     def _send(self, message: object) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing():
+        """Written at the end of this turn of the loop, with the turn's other frames."""
+        if not self._out.open:
             raise StoreUnavailableError(GONE)
-        transport.write(frame(message))
-
-    async def append(self, commit: Commit) -> list[RecordedEvent]:
-        call_id = next(self._ids)
-        future: asyncio.Future[list[RecordedEvent]] = asyncio.get_running_loop().create_future()
-        self._send((call_id, encode_commit(commit)))
-        self._pending[call_id] = (commit, future)
-        return await future
+        self._out.send(frame(message))
 
     async def call(self, method: str, *args: Any) -> Any:
         """A consumer-group call of the supervisor (``server.workers.groups``)."""
@@ -151,50 +141,30 @@ class HubClient:
         finally:
             self._calls.pop(call_id, None)
 
-    def notice(self) -> None:
-        """This worker committed (a lost hub only delays the others)."""
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(self._notice)
+    def notice(self, commit: Commit) -> None:
+        """This worker committed ``commit`` (a lost hub only delays the others)."""
+        if not self._out.open:
+            return
+        self._notices.append(frame((NOTICE, encode_events(commit.events))))
+        if len(self._notices) == 1:
+            asyncio.get_running_loop().call_later(NOTICE_DELAY_SECONDS, self._send_notices)
+
+    def _send_notices(self) -> None:
+        notices, self._notices = self._notices, []
+        if self._out.transport is not None and not self._out.transport.is_closing():
+            self._out.transport.write(b"".join(notices))
 
     def answer(self, call_id: int, outcome: Outcome) -> None:
         called = self._calls.pop(call_id, None)
-        if called is not None:
-            if not called.done():
-                called.set_result(outcome)
-            return
-        commit, future = self._pending.pop(call_id, (None, None))
-        if commit is None or future is None or future.done():
-            return
-        try:
-            future.set_result(decode_outcome(commit, outcome))
-        except Exception as error:  # the append's own error, for its caller
-            future.set_exception(error)
+        if called is not None and not called.done():
+            called.set_result(outcome)
 
     def add_listener(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
 
-    def add_recorded_listener(self, listener: Callable[[Sequence[RecordedEvent]], None]) -> None:
-        self._recorded_listeners.append(listener)
-
-    def want_recorded(self, wanted: bool) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(frame((WANT, wanted)))
-
-    def woken(self, wake: tuple[bool, list[EncodedEvent]]) -> None:
-        others, encoded = wake
-        if others and self.on_others is not None:
-            self.on_others()
-        if encoded and self._recorded_listeners:
-            try:
-                recorded = decode_events(encoded)
-                for recorded_listener in self._recorded_listeners:
-                    recorded_listener(recorded)
-            except Exception:
-                # Raised here, it would close the connection and stop the worker: the
-                # listeners read the events instead.
-                log.exception("handing over recorded events failed")
-            else:
-                return
+    def woken(self, notices: list[bytes]) -> None:
+        if notices and self.on_others is not None:
+            self.on_others(notices)
         for listener in self._listeners:
             listener()
 
@@ -203,13 +173,7 @@ class HubClient:
             self.on_group_deleted(name, created_at)
 
     def hub_lost(self) -> None:
-        self._transport = None
-        pending, self._pending = self._pending, {}
-        for _, future in pending.values():
-            if not future.done():
-                # Whether the writer committed it before it went is unknown: the caller
-                # retries with the same command_id, which replays it if it did.
-                future.set_exception(StoreUnavailableError(GONE))
+        self._out.transport = None
         calls, self._calls = self._calls, {}
         for called in calls.values():
             if not called.done():
@@ -219,31 +183,26 @@ class HubClient:
             self.lost.set()
 
     async def close(self) -> None:
-        """Appends already sent are answered first."""
-        if self._pending:
-            await asyncio.gather(*(f for _, f in self._pending.values()), return_exceptions=True)
-        transport, self._transport = self._transport, None
+        transport, self._out.transport = self._out.transport, None
         if transport is not None:
             transport.close()
 
 
 class WorkerStore:
-    """The store of a worker: ``inner`` for reads (and on PostgreSQL, appends), the hub
-    for SQLite's appends (``shared_writer``) and for news of the other workers' commits."""
+    """The store of a worker: ``inner``, and the hub for news of the other workers'
+    commits and (``groups_via_hub``: SQLite) the consumer groups."""
 
-    def __init__(self, inner: RowStore, hub: HubClient, shared_writer: bool) -> None:
+    def __init__(self, inner: RowStore, hub: HubClient, groups_via_hub: bool) -> None:
         self._inner = inner
         self._hub = hub
-        self._shared_writer = shared_writer
+        self._groups_via_hub = groups_via_hub
         self._closing = False
 
     async def append(self, commit: Commit) -> list[RecordedEvent]:
         if self._closing:
             raise StoreError("the store is closed")
-        if self._shared_writer:
-            return await self._hub.append(commit)
         recorded = await self._inner.append(commit)
-        self._hub.notice()
+        self._hub.notice(commit)
         return recorded
 
     async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
@@ -291,34 +250,25 @@ class WorkerStore:
         if not isinstance(self._inner, KeepsConsumerGroups):
             raise StoreError(f"{type(self._inner).__name__} keeps no consumer groups")
         records = await self._inner.open_consumer_groups()
-        return WorkerGroupStore(records, self._hub) if self._shared_writer else records
+        return WorkerGroupStore(records, self._hub) if self._groups_via_hub else records
 
     def add_commit_listener(self, listener: Callable[[], None]) -> None:
         self._hub.add_listener(listener)
         self._inner.add_commit_listener(listener)
 
-    def add_recorded_listener(self, listener: Callable[[Sequence[RecordedEvent]], None]) -> None:
-        """``server.rpc.subscription_hub.HandsOverRecorded``: a wake-up that carries the
-        events (SQLite's, from the supervisor's writer) calls ``listener`` with them
-        instead of the commit listeners."""
-        self._hub.add_recorded_listener(listener)
-
-    def want_recorded(self, wanted: bool) -> None:
-        self._hub.want_recorded(wanted)
-
     async def close(self) -> None:
-        """Appends in flight are answered first; new ones are refused."""
+        """Appends in flight are answered (and noticed) first; new ones are refused."""
         self._closing = True
-        await self._hub.close()
         await self._inner.close()
+        await self._hub.close()
 
 
 class LockingWorkerStore(WorkerStore):
     """A ``WorkerStore`` on a store with shared stream locks (PostgreSQL): workers take
     turns at contended streams like replicas (``domain.ports.SharedStreamLocks``)."""
 
-    def __init__(self, inner: LockingRowStore, hub: HubClient, shared_writer: bool) -> None:
-        super().__init__(inner, hub, shared_writer)
+    def __init__(self, inner: LockingRowStore, hub: HubClient, groups_via_hub: bool) -> None:
+        super().__init__(inner, hub, groups_via_hub)
         self._locks = inner
 
     async def lock_stream(self, stream_id: str, after_version: int | None = None) -> StreamLocked:

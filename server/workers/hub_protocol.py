@@ -1,65 +1,90 @@
 """The frames between workers and their supervisor's hub (``server.workers.hub``).
 
-A frame is a 4-byte big-endian length and a pickle. Workers send ``(call_id, commit)``
-(an append, on SQLite: the supervisor owns the writer), ``(NOTICE, None)`` (the worker
-committed itself, on PostgreSQL) or ``(WANT, wanted)`` (whether it wants the recorded
-events in its wake-ups: only while it has live subscriptions). The supervisor answers an
-append with ``(call_id, outcome)`` and, after commits, sends every worker
-``(WAKE, (others, events))``: new events may be readable, ``others`` says whether another
-worker committed since the last wake-up (a worker's own commits leave its aggregate cache
-up to date), and ``events`` are the events the supervisor's writer recorded since the
-last wake-up, in position order (on SQLite, to workers that want them; empty otherwise),
-so that a worker's subscriptions need not read them back from the file. On SQLite
-workers also send ``(call_id, GroupCall)``: a consumer-group write or lease call, which
-the supervisor answers with ``(call_id, outcome)``, and after a group is deleted it tells
-every worker ``(GROUP_DELETED, (name, created_at))`` (``server.workers.groups``). Both ends are
+A frame is a 4-byte big-endian length and a pickle; either end writes the frames of one
+turn of its event loop together (``FrameWriter``): one system call rather than one each.
+A worker sends ``(NOTICE, events)`` after each of its commits (``events``: the commit's
+events, pickled once by ``encode_events``), and the supervisor sends every *other* worker
+``(WAKE, notices)``: new events are readable, and these are the other workers' commits
+since its last wake-up, as they came (with the events at hand, the worker's cache
+follower brings the cached streams they moved up to date without reading them back).
+The first ``(WAKE, [])`` tells a worker that
+the hub has taken its connection. On SQLite workers also send ``(call_id, GroupCall)``:
+a consumer-group write or lease call, which the supervisor answers with
+``(call_id, outcome)``, and after a group is deleted it tells every worker
+``(GROUP_DELETED, (name, created_at))`` (``server.workers.groups``). Both ends are
 processes of one gateway on one host (a unix socket in a folder only the gateway's user
 can enter), so pickle is safe here.
 
-A commit travels as plain tuples (``encode_commit``): pickling the frozen dataclasses
-themselves looks up their fields on every event and cost more than the rest of the
-handoff together (cProfile of appends through the hub). An append's outcome is a tagged
-tuple rather than a pickled exception (an exception's
-pickle is its ``args``: for our errors the formatted message, not the constructor's
-arguments), and a success is only the first position: the worker knows the rest of the
-recorded events from its commit.
+An outcome is a tagged tuple rather than a pickled exception (an exception's pickle is
+its ``args``: for our errors the formatted message, not the constructor's arguments).
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import asyncio
 import pickle
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from domain.errors import (
-    ConcurrencyConflictError,
-    DuplicateCommandError,
-    StoreError,
-    StoreFullError,
-    StoreUnavailableError,
-)
-from domain.ports import Commit, NewEvent, RecordedEvent, recorded_events
+from domain.errors import StoreError, StoreFullError, StoreUnavailableError
+from domain.ports import NewEvent
 from server.consumer_groups.model import MemberIdTakenError
 
 WAKE: Final = 0
-"""Supervisor to worker: new events may be readable; whether others committed."""
+"""Supervisor to worker: new events may be readable; the other workers' commits."""
 NOTICE: Final = -1
-"""Worker to supervisor: this worker has just committed (by itself)."""
+"""Worker to supervisor: this worker has just committed these events."""
 GROUP_DELETED: Final = -2
 """Supervisor to worker: ``(name, created_at)``, a consumer group deleted (on SQLite)."""
-WANT: Final = -3
-"""Worker to supervisor: whether to send it the recorded events."""
 _LENGTH = struct.Struct("!I")
 
 Outcome = tuple[str, Any]
+EncodedEvent = tuple[str, str, int, str, bytes, int]
+"""A committed event as a notice carries it: ``NewEvent``'s fields, in order."""
 
 
 def frame(message: object) -> bytes:
     body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     return _LENGTH.pack(len(body)) + body
+
+
+def encode_events(events: Sequence[NewEvent]) -> bytes:
+    """A commit's events for a notice: pickled once, however many workers it goes to."""
+    encoded: list[EncodedEvent] = [
+        (e.event_id, e.stream_id, e.stream_version, e.event_type, e.data, e.schema_version)
+        for e in events
+    ]
+    return pickle.dumps(encoded, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode_events(notice: bytes) -> list[EncodedEvent]:
+    events: list[EncodedEvent] = pickle.loads(notice)
+    return events
+
+
+class FrameWriter:
+    """Frames sent in one turn of the event loop, written to ``transport`` together at
+    its end: one system call (and one wake-up of the reader) instead of one per frame."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._frames: list[bytes] = []
+
+    @property
+    def open(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def send(self, data: bytes) -> None:
+        if not self._frames:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._frames.append(data)
+
+    def _flush(self) -> None:
+        frames, self._frames = self._frames, []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(frames))
 
 
 class FrameBuffer:
@@ -82,107 +107,14 @@ class FrameBuffer:
         del self._data[:start]
 
 
-EncodedCommit = tuple[
-    str,
-    str,
-    str,
-    str,
-    dt.datetime,
-    dict[str, int],
-    list[tuple[str, str, int, str, bytes, int]],
-    dict[str, str],
-]
-
-
-def encode_commit(commit: Commit) -> EncodedCommit:
-    return (
-        commit.command_id,
-        commit.fingerprint,
-        commit.correlation_id,
-        commit.user_id,
-        commit.occurred_at,
-        dict(commit.expected_versions),
-        [
-            (e.event_id, e.stream_id, e.stream_version, e.event_type, e.data, e.schema_version)
-            for e in commit.events
-        ],
-        dict(commit.follows),
-    )
-
-
-def decode_commit(encoded: EncodedCommit) -> Commit:
-    command_id, fingerprint, correlation_id, user_id, occurred_at, expected, events, follows = (
-        encoded
-    )
-    return Commit(
-        command_id,
-        fingerprint,
-        correlation_id,
-        user_id,
-        occurred_at,
-        expected,
-        [NewEvent(*event) for event in events],
-        follows,
-    )
-
-
-def encode_outcome(result: list[RecordedEvent] | BaseException) -> Outcome:
-    if isinstance(result, list):
-        return ("ok", result[0].position if result else 0)
-    if isinstance(result, ConcurrencyConflictError):
-        return ("conflict", str(result))
-    if isinstance(result, DuplicateCommandError):
-        return ("duplicate", result.command_id)
+def encode_error(result: BaseException) -> Outcome:
     if isinstance(result, StoreUnavailableError):
         return ("unavailable", str(result))
     if isinstance(result, StoreFullError):
         return ("full", str(result))
     # Anything else is the store's failure as far as the worker is concerned; the
     # supervisor logs the cause.
-    return ("error", str(result) if isinstance(result, StoreError) else "the writer failed")
-
-
-EncodedEvent = tuple[str, str, int, int, dt.datetime, str, str, str, str, bytes, int]
-
-
-def encode_events(events: list[RecordedEvent]) -> list[EncodedEvent]:
-    return [
-        (
-            e.event_id,
-            e.stream_id,
-            e.stream_version,
-            e.position,
-            e.occurred_at,
-            e.command_id,
-            e.correlation_id,
-            e.user_id,
-            e.event_type,
-            e.data,
-            e.schema_version,
-        )
-        for e in events
-    ]
-
-
-def decode_events(encoded: list[EncodedEvent]) -> list[RecordedEvent]:
-    return [RecordedEvent(*event) for event in encoded]
-
-
-def decode_outcome(commit: Commit, outcome: Outcome) -> list[RecordedEvent]:
-    """The events ``commit`` recorded, or the append's error raised."""
-    kind, value = outcome
-    if kind == "ok":
-        # A commit's events take consecutive positions, in the commit's order.
-        return recorded_events(commit, value)
-    if kind == "conflict":
-        raise ConcurrencyConflictError(value)
-    if kind == "duplicate":
-        raise DuplicateCommandError(value)
-    if kind == "unavailable":
-        raise StoreUnavailableError(value)
-    if kind == "full":
-        raise StoreFullError(value)
-    raise StoreError(value)
+    return ("error", str(result) if isinstance(result, StoreError) else "the supervisor failed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +131,7 @@ def encode_call_outcome(result: object) -> Outcome:
     if isinstance(result, MemberIdTakenError):
         return ("taken", (result.group, result.member_id))
     if isinstance(result, BaseException):
-        return encode_outcome(result)
+        return encode_error(result)
     return ("ok", result)
 
 

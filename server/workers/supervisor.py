@@ -1,9 +1,9 @@
 """The supervisor of ``serve --workers N``: starts N workers and keeps them running.
 
 The supervisor never serves gRPC itself. It refuses an address a stranger holds and
-reserves it (``listen_address``), prepares the store (on SQLite it owns the only writer;
-on PostgreSQL it runs the migrations once), runs the hub that tells workers of each
-other's commits (``hub``), spawns the workers,
+reserves it (``listen_address``), prepares the store (runs the migrations once; on SQLite
+it keeps the consumer groups), runs the hub that tells workers of each other's commits
+(``hub``), spawns the workers,
 replaces one that dies (logged, and counted in ``order_gateway_worker_restarts_total``),
 serves ``/metrics`` for all of them, and on SIGTERM or SIGINT stops them all gracefully:
 each worker turns its health NOT_SERVING, refuses new calls, finishes those in flight and
@@ -27,10 +27,10 @@ from typing import Final
 
 from server.app import authenticators_from
 from server.config import Settings
+from server.consumer_groups.store_sqlite import SQLiteConsumerGroupStore
 from server.observability.metrics import MetricsServer
 from server.security.tls import server_credentials
 from server.stores.factory import migrate
-from server.stores.sqlite import SQLiteEventStore
 from server.stores.urls import redacted_url
 from server.workers.groups import GroupsHost
 from server.workers.hub import WorkerHub
@@ -255,15 +255,17 @@ async def _run(settings: Settings, count: int, listen: str, run_dir: Path) -> No
             "metrics_listen": "127.0.0.1:0" if settings.metrics_listen else None,
         }
     )
+    await migrate(settings.store)
     database = sqlite_file(settings.store)
-    if database is None:
-        await migrate(settings.store)
-    writer = await SQLiteEventStore.open(database) if database is not None else None
     # On SQLite the supervisor keeps the consumer groups' leases and writes their records.
-    groups = GroupsHost(await writer.open_consumer_groups()) if writer is not None else None
-    hub = WorkerHub(run_dir / "hub.sock", writer, groups)
+    groups = (
+        GroupsHost(await SQLiteConsumerGroupStore.open(Path(database)))
+        if database is not None
+        else None
+    )
+    hub = WorkerHub(run_dir / "hub.sock", groups)
     specs = [
-        WorkerSpec(worker_settings, index, str(hub.path), shared_writer=writer is not None)
+        WorkerSpec(worker_settings, index, str(hub.path), groups_via_hub=groups is not None)
         for index in range(1, count + 1)
     ]
     supervisor = Supervisor(settings, specs)

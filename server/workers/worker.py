@@ -1,8 +1,8 @@
 """One ``--workers`` process: a gateway on the shared address, run by the supervisor.
 
 Workers are spawned (a fresh interpreter each), never forked: grpc's state cannot be
-forked once it exists (grpc issue 16001), and the supervisor may hold the SQLite writer
-thread. A worker stops gracefully on SIGTERM, which only its supervisor sends (SIGINT
+forked once it exists (grpc issue 16001), and the supervisor may hold SQLite
+connections. A worker stops gracefully on SIGTERM, which only its supervisor sends (SIGINT
 from a terminal reaches the whole process group; the supervisor turns it into SIGTERM),
 and also when its supervisor is gone, so that no worker outlives a killed supervisor: the
 supervisor holds the only write end of a pipe whose read end the worker watches, and the
@@ -66,8 +66,8 @@ class WorkerSpec:
     """1 to N: the worker's number in logs and metrics, kept by its replacements."""
     hub_socket: str
     """The supervisor's hub (``server.workers.hub``)."""
-    shared_writer: bool
-    """Appends go to the supervisor's writer (SQLite)."""
+    groups_via_hub: bool
+    """The supervisor keeps the consumer groups (SQLite)."""
 
 
 def run_worker(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> None:
@@ -94,18 +94,19 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
 
     asyncio.get_running_loop().add_reader(lifeline.fileno(), supervisor_gone)
     hub = await HubClient.connect(spec.hub_socket)
-    inner = await open_store(spec.settings.store, pool_size=spec.settings.store_pool_size)
+    # On SQLite the workers take turns at the file's write lock (``sqlite_turns``).
+    inner = await open_store(
+        spec.settings.store, pool_size=spec.settings.store_pool_size, writer_turns=True
+    )
     if not (isinstance(inner, EventRowReader) and isinstance(inner, StreamRowReader)):
         raise TypeError(f"{type(inner).__name__} cannot serve as a worker's store")
     store: WorkerStore
     if isinstance(inner, SharedStreamLocks):
-        store = LockingWorkerStore(cast(LockingRowStore, inner), hub, spec.shared_writer)
+        store = LockingWorkerStore(cast(LockingRowStore, inner), hub, spec.groups_via_hub)
     else:
-        store = WorkerStore(cast(RowStore, inner), hub, spec.shared_writer)
+        store = WorkerStore(cast(RowStore, inner), hub, spec.groups_via_hub)
     cache = AggregateCache(spec.settings.aggregate_cache)
-    follower = CacheFollower(store, cache)
-    await follower.start()
-    hub.on_others = follower.wake
+    hub.on_others = CacheFollower(cache).committed_elsewhere
     background = [
         asyncio.create_task(_stop_when_set(hub.lost, stop)),
         asyncio.create_task(_bound(stop, stop_deadline(spec.settings), spec.index)),
@@ -130,7 +131,6 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
     finally:
         for task in background:
             task.cancel()
-        await follower.stop()
 
 
 def _group_deleted(

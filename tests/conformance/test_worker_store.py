@@ -1,6 +1,7 @@
 """The conformance suite against a worker's store under ``serve --workers N`` on SQLite:
-it reads the file itself and hands its appends to the supervisor's writer over the hub's
-unix socket. Then what the hub tells workers of each other's commits."""
+it reads and writes the file itself, taking turns at the write lock with the other
+processes, and tells the supervisor's hub of its commits over a unix socket. Then what
+the hub tells workers of each other's commits."""
 
 from __future__ import annotations
 
@@ -8,19 +9,14 @@ import asyncio
 import dataclasses
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
 
 from domain.aggregates import Product
-from domain.errors import (
-    ConcurrencyConflictError,
-    DuplicateCommandError,
-    StoreFullError,
-    StoreUnavailableError,
-)
+from domain.errors import ConcurrencyConflictError, DuplicateCommandError
 from domain.mapper import to_new_event
 from domain.ports import Commit, EventStore
 from domain.unit_of_work import AggregateCache
@@ -28,7 +24,7 @@ from server.stores.sqlite import SQLiteEventStore
 from server.workers.cache_follower import CacheFollower
 from server.workers.hub import WorkerHub
 from server.workers.hub_client import HubClient, WorkerStore
-from server.workers.hub_protocol import decode_outcome, encode_outcome
+from server.workers.hub_protocol import decode_events
 from tests.conformance.contract import TIMEOUT, EventStoreContract, commit_of
 
 
@@ -40,9 +36,8 @@ def socket_dir() -> Iterator[Path]:
         yield Path(folder)
 
 
-async def start_hub(database: Path, socket_dir: Path, shared_writer: bool = True) -> WorkerHub:
-    writer = await SQLiteEventStore.open(database) if shared_writer else None
-    hub = WorkerHub(socket_dir / "hub.sock", writer)
+async def start_hub(socket_dir: Path) -> WorkerHub:
+    hub = WorkerHub(socket_dir / "hub.sock")
     await hub.start()
     return hub
 
@@ -53,25 +48,23 @@ class Worker:
     def __init__(self, store: WorkerStore) -> None:
         self.store = store
         self.cache = AggregateCache()
-        self.follower = CacheFollower(store, self.cache)
+        self.follower = CacheFollower(self.cache)
 
     @classmethod
     async def open(cls, database: Path, hub: WorkerHub) -> Worker:
         client = await HubClient.connect(hub.path)
-        inner = await SQLiteEventStore.open(database)
-        worker = cls(WorkerStore(inner, client, shared_writer=hub.writer is not None))
-        await worker.follower.start()
-        client.on_others = worker.follower.wake
+        inner = await SQLiteEventStore.open(database, writer_turns=True)
+        worker = cls(WorkerStore(inner, client, groups_via_hub=False))
+        client.on_others = worker.follower.committed_elsewhere
         return worker
 
     async def close(self) -> None:
-        await self.follower.stop()
         await self.store.close()
 
 
-class TestWorkerStoreOnSharedWriter(EventStoreContract):
+class TestWorkerStoreTakingTurns(EventStoreContract):
     # Other processes (and threads) open the same file as plain SQLite stores: they write
-    # beside the shared writer, through SQLite's own lock.
+    # beside the worker's writer, through SQLite's own lock.
     supports_processes: ClassVar[bool] = True
     shares_across_threads: ClassVar[bool] = False
 
@@ -81,7 +74,7 @@ class TestWorkerStoreOnSharedWriter(EventStoreContract):
 
     @pytest.fixture
     async def store(self, tmp_path: Path, socket_dir: Path) -> AsyncIterator[EventStore]:
-        hub = await start_hub(tmp_path / "events.db", socket_dir)
+        hub = await start_hub(socket_dir)
         worker = await Worker.open(tmp_path / "events.db", hub)
         try:
             yield worker.store
@@ -101,11 +94,10 @@ def restocked(product: Product, quantity: int) -> Commit:
     return dataclasses.replace(template, events=[event])
 
 
-@pytest.mark.parametrize("shared_writer", [True, False], ids=["sqlite-writer", "own-appends"])
-async def test_a_commit_through_one_worker_wakes_the_others_and_marks_their_cache_stale(
-    tmp_path: Path, socket_dir: Path, shared_writer: bool
+async def test_a_commit_through_one_worker_wakes_the_others_and_brings_their_cache_up_to_date(
+    tmp_path: Path, socket_dir: Path
 ) -> None:
-    hub = await start_hub(tmp_path / "events.db", socket_dir, shared_writer)
+    hub = await start_hub(socket_dir)
     first = await Worker.open(tmp_path / "events.db", hub)
     second = await Worker.open(tmp_path / "events.db", hub)
     try:
@@ -126,10 +118,55 @@ async def test_a_commit_through_one_worker_wakes_the_others_and_marks_their_cach
         await asyncio.wait_for(woke.wait(), TIMEOUT)
         assert await second.store.read_all() == appended
         async with asyncio.timeout(TIMEOUT):
-            # The follower reads the new events after the wake-up.
-            while not (cached := second.cache.get(product.stream_id)) or not cached.stale:  # noqa: ASYNC110
+            # The first commit's wake-up may be the one that set ``woke``.
+            while (cached := second.cache.get(product.stream_id)) and not (  # noqa: ASYNC110
+                cached.committed and cached.committed.version == 2
+            ):
                 await asyncio.sleep(0.01)
+        # The wake-up carried the commit: the second worker holds the new state, unread.
+        assert cached is not None and not cached.stale
+        assert isinstance(cached.committed, Product)
+        assert (cached.committed.version, cached.committed.available) == (2, 12)
+        assert cached.head is cached.committed
+        assert cached.committed_event == appended[-1].event_id
         assert first.cache.get(product.stream_id) is mine and not mine.stale
+    finally:
+        await first.close()
+        await second.close()
+        await hub.close()
+
+
+async def test_a_wake_up_carries_the_commits_of_the_other_workers_only(
+    tmp_path: Path, socket_dir: Path
+) -> None:
+    hub = await start_hub(socket_dir)
+    first = await Worker.open(tmp_path / "events.db", hub)
+    second = await Worker.open(tmp_path / "events.db", hub)
+    heard: dict[str, list[tuple[str, int]]] = {"first": [], "second": []}
+
+    def hear(worker: str) -> Callable[[list[bytes]], None]:
+        def notices(commits: list[bytes]) -> None:
+            heard[worker] += [(e[1], e[2]) for commit in commits for e in decode_events(commit)]
+
+        return notices
+
+    first.store._hub.on_others = hear("first")
+    second.store._hub.on_others = hear("second")
+    try:
+        await first.store.append(commit_of([("a", 1), ("a", 2), ("b", 1)]))
+        await first.store.append(commit_of([("b", 2)]))
+        async with asyncio.timeout(TIMEOUT):
+            while dict(heard["second"]).get("b") != 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert heard["second"] == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
+
+        await second.store.append(commit_of([("c", 1)]))
+        async with asyncio.timeout(TIMEOUT):
+            while not heard["first"]:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        # Each heard only of the other's commits: its own leave its cache up to date.
+        assert heard["first"] == [("c", 1)]
+        assert heard["second"] == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
     finally:
         await first.close()
         await second.close()
@@ -139,7 +176,7 @@ async def test_a_commit_through_one_worker_wakes_the_others_and_marks_their_cach
 async def test_workers_racing_on_one_stream_conflict_and_repeat_ids_are_duplicates(
     tmp_path: Path, socket_dir: Path
 ) -> None:
-    hub = await start_hub(tmp_path / "events.db", socket_dir)
+    hub = await start_hub(socket_dir)
     workers = [await Worker.open(tmp_path / "events.db", hub) for _ in range(3)]
     try:
         commits = [commit_of([("hot", 1)]) for _ in workers]
@@ -158,39 +195,3 @@ async def test_workers_racing_on_one_stream_conflict_and_repeat_ids_are_duplicat
         for worker in workers:
             await worker.close()
         await hub.close()
-
-
-async def test_appends_fail_as_unavailable_once_the_supervisor_is_gone(
-    tmp_path: Path, socket_dir: Path
-) -> None:
-    hub = await start_hub(tmp_path / "events.db", socket_dir)
-    worker = await Worker.open(tmp_path / "events.db", hub)
-    client = worker.store
-    await worker.follower.stop()
-    try:
-        await hub.close()
-        with pytest.raises(StoreUnavailableError):
-            # The first append may go out before the end of the connection is seen.
-            for _ in range(100):
-                await client.append(commit_of([("a", 1)]))
-                await asyncio.sleep(0.01)
-    finally:
-        await client.close()
-
-
-@pytest.mark.parametrize(
-    "error",
-    [
-        StoreUnavailableError("the disk is gone"),
-        StoreFullError("database or disk is full"),
-        ConcurrencyConflictError("a is at version 2, not 1"),
-        DuplicateCommandError("c-1"),
-    ],
-    ids=lambda e: type(e).__name__,
-)
-def test_an_append_error_reaches_the_worker_as_the_same_error(error: Exception) -> None:
-    commit = commit_of([("a", 1)])
-    with pytest.raises(type(error)) as raised:
-        decode_outcome(commit, encode_outcome(error))
-    assert type(raised.value) is type(error)
-    assert str(raised.value) == str(error)
