@@ -50,7 +50,7 @@ from server.rpc.decoding import RequestDecodingInterceptor
 from server.rpc.last_resort import LastResortInterceptor
 from server.rpc.method_handlers import Interceptors
 from server.rpc.servicers import CommandRunner, InventoryCommandServicer, OrderCommandServicer
-from server.rpc.subscription_hub import HandsOverRecorded, HubTuning, SubscriptionHub
+from server.rpc.subscription_hub import HubTuning, SubscriptionHub
 from server.rpc.subscriptions import EventStreamServicer
 from server.security.auth import Authenticator, AuthInterceptor, TokenFileAuthenticator
 from server.security.jwt import JwtAuthenticator
@@ -232,7 +232,6 @@ async def create_server(
         settings.max_subscribers,
         hub_tuning,
         on_lag=lambda head, delivered: metrics.subscription_lag(head, delivered),
-        recorded=store if isinstance(store, HandsOverRecorded) else None,
     )
     metrics.count_subscriptions(lambda: hub.subscriber_count)
     event_stream_service_pb2_grpc.add_EventStreamServiceServicer_to_server(

@@ -2,12 +2,9 @@
 
 However many subscriptions are open, a single reader task follows the store's head with
 ``read_all`` in pages, woken by the store's commit listener (and by a polling fallback, so
-a lost wake-up only delays). A store that hands over the events each commit recorded
-(``HandsOverRecorded``: a worker of ``--workers N`` on SQLite, told by the supervisor
-that owns the writer) spares that read: events that continue exactly where the hub
-stands are fanned out as they arrive, anything else only wakes the reader. Each page is
-offered to every live subscription without ever awaiting one: the hub never waits for a
-consumer, so a slow one cannot slow the others or the command path.
+a lost wake-up only delays). Each page is offered to every live subscription without
+ever awaiting one: the hub never waits for a consumer, so a slow one cannot slow the
+others or the command path.
 
 A subscription reads history from the store in pages, then attaches to the hub. Gapless,
 duplicate-free handoff rests on one invariant: a subscription only attaches when it has
@@ -27,7 +24,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol, runtime_checkable
 
 from orders.v1 import event_stream_service_pb2
 
@@ -62,20 +58,6 @@ class HubTuning:
     """Longest silence on a subscription before it gets a Checkpoint (docs/api.md promises 5 s)."""
     stop_timeout: float = 1.0
     """On stop, how long open streams get to end before their calls are cancelled."""
-
-
-@runtime_checkable
-class HandsOverRecorded(Protocol):
-    """A store that calls ``listener`` with the events of commits as they are recorded,
-    in position order, instead of its commit listeners, while they are wanted."""
-
-    def add_recorded_listener(
-        self, listener: Callable[[Sequence[RecordedEvent]], None]
-    ) -> None: ...
-
-    def want_recorded(self, wanted: bool) -> None:
-        """Whether to hand them over: only while subscriptions are live, since handing
-        them over costs the one writer's process work on every commit."""
 
 
 class TooManySubscribersError(Exception):
@@ -322,15 +304,10 @@ class SubscriptionHub:
         max_subscribers: int,
         tuning: HubTuning | None = None,
         on_lag: Callable[[int, int], None] | None = None,
-        recorded: HandsOverRecorded | None = None,
     ) -> None:
         """``on_lag(head, delivered)`` hears each subscription's progress once per batch
-        sent (events or a checkpoint), for the subscription-lag metric. ``recorded``: the
-        store (unwrapped) when it hands over recorded events."""
+        sent (events or a checkpoint), for the subscription-lag metric."""
         self.store = store
-        self._recorded = recorded
-        self._recorded_wanted = False
-        self._reading = False
         self.tuning = tuning or HubTuning()
         self._on_lag = on_lag
         self._max_subscribers = max_subscribers
@@ -357,8 +334,6 @@ class SubscriptionHub:
         # Nobody is live yet, so there is nothing to offer below the current head.
         self._head = await self.store.head_position()
         self.store.add_commit_listener(self._on_commit)
-        if self._recorded is not None:
-            self._recorded.add_recorded_listener(self._on_recorded)
         self._reader = asyncio.create_task(self._follow(), name="subscription-hub")
 
     async def stop(self) -> None:
@@ -410,31 +385,12 @@ class SubscriptionHub:
         finally:
             self._subscriptions.discard(subscription)
             self._live.discard(subscription)
-            self._want_recorded()
 
     def _on_commit(self) -> None:
         # With nobody live there is nothing to read for: waking the reader anyway would
         # cost every command a task switch. ``try_attach`` wakes it when that changes.
         if self._live:
             self._wake.set()
-
-    def _want_recorded(self) -> None:
-        wanted = bool(self._live)
-        if self._recorded is not None and wanted != self._recorded_wanted:
-            self._recorded_wanted = wanted
-            self._recorded.want_recorded(wanted)
-
-    def _on_recorded(self, recorded: Sequence[RecordedEvent]) -> None:
-        """Fan out events that continue exactly at the hub's head, as a read would have
-        returned them; anything else (a gap, a read in progress) wakes the reader."""
-        if not self._live or not recorded:
-            return
-        first, last = recorded[0].position, recorded[-1].position
-        if self._reading or first != self._head + 1 or last - first != len(recorded) - 1:
-            self._wake.set()
-            return
-        self._fan_out([SharedEvent(record) for record in recorded])
-        self._head = last
 
     def report_progress(self, delivered: int) -> None:
         if self._on_lag is not None:
@@ -454,7 +410,6 @@ class SubscriptionHub:
             return False
         subscription.attach(self._head)
         self._live.add(subscription)
-        self._want_recorded()
         # Commits between the subscription's last read and now did not wake the reader
         # (nobody was live): read once, so they are delivered without waiting for a poll.
         self._wake.set()
@@ -491,11 +446,7 @@ class SubscriptionHub:
         # With no live subscription there is nobody to read for: the command path's
         # commits then cost no reads (``try_attach`` moves the head up on first attach).
         while self._live:
-            self._reading = True
-            try:
-                page = await self.store.read_all(self._head, page_size)
-            finally:
-                self._reading = False
+            page = await self.store.read_all(self._head, page_size)
             if not page:
                 return
             if self._live:
@@ -535,6 +486,4 @@ class SubscriptionHub:
                 fallen_behind.append(subscription)
         for subscription in fallen_behind:
             self._live.discard(subscription)
-        if fallen_behind:
-            self._want_recorded()
         self.fallbacks += len(fallen_behind)
