@@ -117,27 +117,6 @@ class ColdStart:
         return self.cold_ms / self.warm_p50_ms if self.warm_p50_ms else 0.0
 
 
-class _TimedWrites:
-    """A store's snapshots, each write timed."""
-
-    def __init__(self, store: SnapshotStore) -> None:
-        self._store = store
-        self.writes_ms: list[float] = []
-
-    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
-        return await self._store.load_snapshot(stream_id)
-
-    async def load_snapshot_and_events(
-        self, stream_id: str
-    ) -> tuple[Snapshot | None, list[EventPayload]]:
-        return await self._store.load_snapshot_and_events(stream_id)
-
-    async def save_snapshot(self, snapshot: Snapshot) -> None:
-        started = time.perf_counter()
-        await self._store.save_snapshot(snapshot)
-        self.writes_ms.append((time.perf_counter() - started) * 1e3)
-
-
 class _LoadOnly:
     """Snapshots as stored, none written: every restart finds the snapshot this
     measurement left, not one the orders it measures would have added."""
@@ -155,6 +134,19 @@ class _LoadOnly:
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         return None
+
+
+class _TimedWrites(_LoadOnly):
+    """A store's snapshots, each write made and timed."""
+
+    def __init__(self, store: SnapshotStore) -> None:
+        super().__init__(store)
+        self.writes_ms: list[float] = []
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        started = time.perf_counter()
+        await self._store.save_snapshot(snapshot)
+        self.writes_ms.append((time.perf_counter() - started) * 1e3)
 
 
 def _snapshots_of(store: EventStore) -> SnapshotStore:

@@ -5,17 +5,14 @@ figures. Their shape, never their speed."""
 from __future__ import annotations
 
 import io
-import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from bench.report import GroupDrainResult, GroupLiveResult, Report, print_report
-from bench.run import main
 from bench.targets import evaluate
+from tests.bench_support import bench_report
 
 
 def test_the_consumer_group_benchmark_reports_every_measurement() -> None:
@@ -39,19 +36,12 @@ def test_the_consumer_group_benchmark_reports_every_measurement() -> None:
 
 
 def test_the_consumer_groups_section_of_python_m_bench(tmp_path: Path) -> None:
-    results = tmp_path / "bench.json"
-    with (tmp_path / "stdout.txt").open("w") as out, pytest.MonkeyPatch.context() as patch:
-        patch.setattr("sys.stdout", out)
-        exit_code = main(
-            [
-                *("--store", "sqlite", "--sections", "consumer-groups"),
-                *("--group-events", "300", "--group-rounds", "1", "--group-members", "4"),
-                *("--duration", "1", "--warmup", "0.5"),
-                *("--workdir", str(tmp_path / "work"), "--json", str(results)),
-            ]
-        )
-    assert exit_code == 0
-    report = json.loads(results.read_text())
+    report = bench_report(
+        tmp_path,
+        *("--store", "sqlite", "--sections", "consumer-groups"),
+        *("--group-events", "300", "--group-rounds", "1", "--group-members", "4"),
+        *("--duration", "1", "--warmup", "0.5"),
+    )
     assert [(r["members"], r["events"]) for r in report["group_drain"]] == [
         (0, 300),
         (1, 300),

@@ -31,7 +31,7 @@ from bench.stats import Latencies, LoadResult
 from bench.targets import evaluate
 from bench.workers import DeliveryResult, label
 from domain.snapshots import DEFAULT_INTERVAL
-from tests.bench_support import made_up_load
+from tests.bench_support import bench_report, made_up_load
 
 
 @pytest.fixture(scope="module")
@@ -196,36 +196,22 @@ def test_targets_are_judged_from_the_figures() -> None:
 
 def test_subscriptions_section_without_fan_out(tmp_path: Path) -> None:
     """``--subscribers 0`` measures catch-up only: an empty fan-out is no error."""
-    results = tmp_path / "bench.json"
-    with (tmp_path / "stdout.txt").open("w") as out, pytest.MonkeyPatch.context() as patch:
-        patch.setattr("sys.stdout", out)
-        exit_code = main(
-            [
-                *("--store", "sqlite", "--sections", "subscriptions"),
-                *("--catch-up-events", "300", "--subscribers", "0"),
-                *("--workdir", str(tmp_path / "work"), "--json", str(results)),
-            ]
-        )
-    assert exit_code == 0
-    report = json.loads(results.read_text())
+    report = bench_report(
+        tmp_path,
+        *("--store", "sqlite", "--sections", "subscriptions"),
+        *("--catch-up-events", "300", "--subscribers", "0"),
+    )
     assert report["fan_out"] == []
     assert {entry["server"] for entry in report["catch_up"]} == {"floor", "sqlite"}
 
 
 def test_stream_length_section_with_cold_starts_and_verify(tmp_path: Path) -> None:
-    results = tmp_path / "bench.json"
-    with (tmp_path / "stdout.txt").open("w") as out, pytest.MonkeyPatch.context() as patch:
-        patch.setattr("sys.stdout", out)
-        exit_code = main(
-            [
-                *("--store", "sqlite", "--sections", "stream-length"),
-                *("--stream-events", "300", "--stream-orders", "3"),
-                *("--snapshot-intervals", "20", "--cold-starts", "2", "--verify-events", "500"),
-                *("--workdir", str(tmp_path / "work"), "--json", str(results)),
-            ]
-        )
-    assert exit_code == 0
-    report = json.loads(results.read_text())
+    report = bench_report(
+        tmp_path,
+        *("--store", "sqlite", "--sections", "stream-length"),
+        *("--stream-events", "300", "--stream-orders", "3"),
+        *("--snapshot-intervals", "20", "--cold-starts", "2", "--verify-events", "500"),
+    )
     assert [r["snapshot_interval"] for r in report["cold_start"]] == [0, 20]
     assert all(r["cold_ms"] > 0 and r["warm_p50_ms"] > 0 for r in report["cold_start"])
     assert [(r["store"], r["events"]) for r in report["verify"]] == [("sqlite", 500)]

@@ -8,12 +8,13 @@ The behaviour every store shares is in ``tests/conformance``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any
@@ -164,19 +165,31 @@ def test_two_migrate_commands_at_once_both_succeed(fresh_postgres_url: str) -> N
     assert applied_versions(fresh_postgres_url) == [m.version for m in MIGRATIONS]
 
 
+@contextlib.contextmanager
+def limited_role(url: str, *extra_grants: str) -> Iterator[str]:
+    """The conninfo of a new login role that may read the migrations and read and add
+    events and commands (and ``extra_grants``, e.g. "SELECT ON snapshots"); dropped after."""
+    role = f"gateway_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(url, autocommit=True) as owner:
+        owner.execute(f"CREATE ROLE {role} LOGIN")
+        owner.execute(f"GRANT SELECT ON schema_migrations TO {role}")
+        owner.execute(f"GRANT SELECT, INSERT ON events, commands TO {role}")
+        for grant in extra_grants:
+            owner.execute(f"GRANT {grant} TO {role}")
+    try:
+        yield make_conninfo(url, user=role)
+    finally:
+        with psycopg.connect(url, autocommit=True) as owner:
+            owner.execute(f"DROP OWNED BY {role}")
+            owner.execute(f"DROP ROLE {role}")
+
+
 async def test_a_role_that_cannot_change_the_schema_serves_a_migrated_database(
     fresh_postgres_url: str,
 ) -> None:
     """What docs/operations.md promises: migrate as the owner, then serve with only these grants."""
     await (await PostgresEventStore.open(fresh_postgres_url)).close()
-    role = f"gateway_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(fresh_postgres_url, autocommit=True) as owner:
-        owner.execute(f"CREATE ROLE {role} LOGIN")
-        owner.execute(f"GRANT SELECT ON schema_migrations TO {role}")
-        owner.execute(f"GRANT SELECT, INSERT ON events, commands TO {role}")
-        owner.execute(f"GRANT SELECT, INSERT, UPDATE ON snapshots TO {role}")
-    as_role = make_conninfo(fresh_postgres_url, user=role)
-    try:
+    with limited_role(fresh_postgres_url, "SELECT, INSERT, UPDATE ON snapshots") as as_role:
         store = await PostgresEventStore.open(as_role)
         try:
             appended = await store.append(commit(("a", 1)))
@@ -187,23 +200,14 @@ async def test_a_role_that_cannot_change_the_schema_serves_a_migrated_database(
             assert await store.load_snapshot_and_events("a") == (Snapshot("a", 2, 1, b"{}"), [])
         finally:
             await store.close()
-    finally:
-        with psycopg.connect(fresh_postgres_url, autocommit=True) as owner:
-            owner.execute(f"DROP OWNED BY {role}")
-            owner.execute(f"DROP ROLE {role}")
 
 
 async def test_a_role_without_rights_on_snapshots_still_serves(fresh_postgres_url: str) -> None:
     """Each connection reads the snapshots table once when it opens (below): a role that
     may not is refused nothing but the snapshots, which ``domain.snapshots`` then skips."""
     await (await PostgresEventStore.open(fresh_postgres_url)).close()
-    role = f"gateway_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(fresh_postgres_url, autocommit=True) as owner:
-        owner.execute(f"CREATE ROLE {role} LOGIN")
-        owner.execute(f"GRANT SELECT ON schema_migrations TO {role}")
-        owner.execute(f"GRANT SELECT, INSERT ON events, commands TO {role}")
-    try:
-        store = await PostgresEventStore.open(make_conninfo(fresh_postgres_url, user=role))
+    with limited_role(fresh_postgres_url) as as_role:
+        store = await PostgresEventStore.open(as_role)
         try:
             appended = await store.append(commit(("a", 1)))
             assert await store.read_stream("a") == appended
@@ -211,10 +215,6 @@ async def test_a_role_without_rights_on_snapshots_still_serves(fresh_postgres_ur
                 await store.load_snapshot_and_events("a")
         finally:
             await store.close()
-    finally:
-        with psycopg.connect(fresh_postgres_url, autocommit=True) as owner:
-            owner.execute(f"DROP OWNED BY {role}")
-            owner.execute(f"DROP ROLE {role}")
 
 
 async def test_a_cold_load_is_one_statement_prepared_before_it_is_needed(
