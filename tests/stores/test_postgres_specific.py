@@ -255,7 +255,7 @@ async def test_a_cold_load_is_one_statement_prepared_before_it_is_needed(
 async def test_a_pooled_connection_plans_each_statement_once(fresh_postgres_url: str) -> None:
     """PostgreSQL would plan a stream's load afresh on each of a connection's first five
     loads, and on every later one for a short stream: a cold load would wait for it."""
-    # Two connections: the appends keep one, the loads take the other.
+    # Two connections: the appends keep one, the loads the other.
     store = await PostgresEventStore.open(fresh_postgres_url, min_connections=2, max_connections=2)
     try:
         for version in (1, 2, 3):
@@ -263,14 +263,65 @@ async def test_a_pooled_connection_plans_each_statement_once(fresh_postgres_url:
         await store.save_snapshot(Snapshot("s", 1, 1, b"{}"))
         for stream in ("s", "t", "s", "u", "s", "s", "s"):
             await store.load_snapshot_and_events(stream)
-        async with store._pool.connection() as connection:  # the loads' connection
-            cursor = await connection.execute(
-                "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
-                " WHERE statement LIKE '%JOIN snapshots%'"
-            )
-            assert await cursor.fetchall() == [(8, 0)]  # the pool's own load, then ours
+        assert store._loader is not None
+        connection = store._loader._connection  # the loads' connection
+        assert connection is not None
+        cursor = await connection.execute(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+            " WHERE statement LIKE '%JOIN snapshots%'"
+        )
+        assert await cursor.fetchall() == [(8, 0)]  # the pool's own load, then ours
     finally:
         await store.close()
+
+
+async def test_loads_at_once_each_read_their_own_stream(store: PostgresEventStore) -> None:
+    """One load at a time keeps a connection of its own; the others meanwhile take the
+    pool's."""
+    for n in range(6):
+        for version in range(1, n + 2):
+            await store.append(commit((f"s{n}", version)))
+    await store.save_snapshot(Snapshot("s5", 2, 1, b"{}"))
+    loaded = await asyncio.gather(*(store.load_snapshot_and_events(f"s{n}") for n in range(6)))
+    assert [len(payloads) for _, payloads in loaded] == [1, 2, 3, 4, 5, 4]
+    assert [snapshot for snapshot, _ in loaded] == [None] * 5 + [Snapshot("s5", 2, 1, b"{}")]
+
+
+async def test_a_lost_load_connection_is_replaced(
+    store: PostgresEventStore, fresh_postgres_url: str, postgres_url: str
+) -> None:
+    await store.append(commit(("a", 1)))
+    assert len((await store.load_snapshot_and_events("a"))[1]) == 1
+    database = fresh_postgres_url.rpartition("/")[2]
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+            (database,),
+        )
+    with pytest.raises(StoreUnavailableError):
+        await store.load_snapshot_and_events("a")
+    for _ in range(int(TIMEOUT / 0.05)):
+        try:
+            assert len((await store.load_snapshot_and_events("a"))[1]) == 1
+            break
+        except StoreUnavailableError:
+            await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the store never reconnected")
+
+
+async def test_a_snapshot_not_followed_by_its_next_version_is_refused(
+    store: PostgresEventStore, fresh_postgres_url: str
+) -> None:
+    """The load sends the snapshot's data with the event right after its version: with
+    that event missing (a damaged log), the snapshot is refused, never read as empty."""
+    for version in (1, 2, 3):
+        await store.append(commit(("s", version)))
+    await store.save_snapshot(Snapshot("s", 1, 1, b"{}"))
+    with psycopg.connect(fresh_postgres_url, autocommit=True) as admin:
+        admin.execute("DELETE FROM events WHERE stream_id = 's' AND stream_version = 2")
+    with pytest.raises(StoreError):
+        await store.load_snapshot_and_events("s")
 
 
 # -- positions are seen in commit order ---------------------------------------------
