@@ -255,7 +255,7 @@ async def test_a_cold_load_is_one_statement_prepared_before_it_is_needed(
 async def test_a_pooled_connection_plans_each_statement_once(fresh_postgres_url: str) -> None:
     """PostgreSQL would plan a stream's load afresh on each of a connection's first five
     loads, and on every later one for a short stream: a cold load would wait for it."""
-    # Two connections: the appends keep one, the loads the other.
+    # Two connections: the appends keep one, the loads take the other.
     store = await PostgresEventStore.open(fresh_postgres_url, min_connections=2, max_connections=2)
     try:
         for version in (1, 2, 3):
@@ -263,14 +263,12 @@ async def test_a_pooled_connection_plans_each_statement_once(fresh_postgres_url:
         await store.save_snapshot(Snapshot("s", 1, 1, b"{}"))
         for stream in ("s", "t", "s", "u", "s", "s", "s"):
             await store.load_snapshot_and_events(stream)
-        assert store._loader is not None
-        connection = store._loader._connection  # the loads' connection
-        assert connection is not None
-        cursor = await connection.execute(
-            "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
-            " WHERE statement LIKE '%JOIN snapshots%'"
-        )
-        assert await cursor.fetchall() == [(8, 0)]  # the pool's own load, then ours
+        async with store._pool.connection() as connection:  # the loads' connection
+            cursor = await connection.execute(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+                " WHERE statement LIKE '%JOIN snapshots%'"
+            )
+            assert await cursor.fetchall() == [(8, 0)]  # the pool's own load, then ours
     finally:
         await store.close()
 
@@ -285,6 +283,30 @@ async def test_loads_at_once_each_read_their_own_stream(store: PostgresEventStor
     loaded = await asyncio.gather(*(store.load_snapshot_and_events(f"s{n}") for n in range(6)))
     assert [len(payloads) for _, payloads in loaded] == [1, 2, 3, 4, 5, 4]
     assert [snapshot for snapshot, _ in loaded] == [None] * 5 + [Snapshot("s5", 2, 1, b"{}")]
+
+
+async def test_the_smallest_pool_always_has_a_connection_for_other_reads(
+    fresh_postgres_url: str,
+) -> None:
+    """Two connections carry appends, each kept by its writer; in a pool of three, a load
+    keeping the third would leave none for the idempotency lookups and the other reads."""
+    store = await PostgresEventStore.open(
+        fresh_postgres_url, min_connections=3, max_connections=3, pool_timeout=1.0
+    )
+    try:
+        for round_ in range(10):
+            # A second batch sent while the first is in flight takes the second writer.
+            first = asyncio.gather(*(store.append(commit((f"a{round_}-{n}", 1))) for n in range(4)))
+            await asyncio.sleep(0.001)
+            second = asyncio.gather(
+                *(store.append(commit((f"b{round_}-{n}", 1))) for n in range(4))
+            )
+            await asyncio.gather(first, second)
+            await store.load_snapshot_and_events(f"a{round_}-0")
+            assert len(await store.read_stream(f"b{round_}-0")) == 1
+            assert await store.find_command("unknown") is None
+    finally:
+        await store.close()
 
 
 async def test_a_lost_load_connection_is_replaced(
