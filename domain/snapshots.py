@@ -25,15 +25,17 @@ log = logging.getLogger("order_gateway.snapshots")
 
 A = TypeVar("A", bound=Aggregate)
 
-DEFAULT_INTERVAL = 50
-"""Chosen by measurement (CPU time, which a loaded machine disturbs less than latency):
-a cold load from a snapshot costs ~0.08 ms plus ~2 us per event after it on SQLite
-(0.10 ms at 10 events, 0.19 at 50, 0.29 at 100), and a snapshot write ~0.09 ms on SQLite
-and ~0.3 ms plus a WAL flush on PostgreSQL, in the background. At 50, snapshots cost under
-1 % of a command's ~0.6 ms and the worst cold load reads 49 events, ~0.1 ms more than one
-right after a snapshot; 25 halves that for twice the writes, 100 doubles it. The cold
-start's latency (``python -m bench``, stream-length section) did not tell 10, 25 and 50
-apart: its fixed part, one read of the store, dominates."""
+DEFAULT_INTERVAL = 25
+"""Chosen by measurement. The first command on a long stream after a restart replays up
+to ``interval - 1`` events after the snapshot; the events it does not replay are the one
+cost of a cold start the interval moves. On PostgreSQL, cold minus warm order, in
+process, the intervals' restarts taking turns (60 each, load average under 1.2): 0.44 ms
+of CPU and 0.75 ms of latency at 50, 0.35 and 0.57 at 25, 0.33 and 0.52 at 10; the whole
+first order 1.93, 1.70 and 1.62 x a warm one. Whole runs of ``python -m bench`` (stream-
+length section) put 25 below 50 in five runs of six. A snapshot write costs ~0.09 ms on
+SQLite and ~0.3 ms plus a WAL flush on PostgreSQL, in the background: at 25, about 2 % of
+a hot product's ~0.6 ms order, and the warm orders' mean latency while snapshots are taken
+did not tell 25 from 50 (``python -m bench``). 10 gains little more for 2.5 x the writes."""
 
 
 def _replayed(blank: A, records: list[RecordedEvent]) -> tuple[A, str]:

@@ -15,8 +15,10 @@ when the previous commits, instead of leaving the database idle for a round trip
 this process to notice the answer. Each writer keeps its pooled connection and cursor from
 one batch to the next, and the arrays go in binary (``postgres_arrays``).
 
-Reads are plain queries on pooled connections (``psycopg_pool``), prepared on first use.
-Every driver error is translated at this boundary (``postgres_errors``).
+Reads are plain queries on pooled connections (``psycopg_pool``), prepared on first use;
+the load of an aggregate that is not cached keeps a connection of its own, as a writer
+does. Each pooled connection rehearses the statements a cold start needs when it opens
+(``_configure``). Every driver error is translated at this boundary (``postgres_errors``).
 """
 
 from __future__ import annotations
