@@ -620,7 +620,7 @@ class _KeptConnection:
     Taking it from the pool and giving it back for every batch cost more than a batch of
     a few commits; the cursor is kept too, with the adapters it chose for the arrays. For
     the load of an aggregate that is not cached (the first command on it after a restart)
-    the pool's checkout and return cost ~0.1 ms of CPU, when the whole load costs ~0.5.
+    the pool's checkout and return cost ~0.14 ms of CPU, when the whole load costs ~0.5.
     """
 
     def __init__(
@@ -757,13 +757,14 @@ async def _configure(conn: psycopg.AsyncConnection[TupleRow]) -> None:
         "SET TimeZone TO 'UTC'; SET default_transaction_isolation TO 'read committed';"
         " SET plan_cache_mode TO force_generic_plan"
     )
-    # A session's first appends cost more than the next ones: the first ~7 ms
-    # (og_append_chain compiled, and its statements planned under the append lock), the
-    # second ~0.4 ms more than the next ones, for any stream (measured here). One append
-    # rehearsed in a transaction rolled back when the connection opens: the first real
-    # one then took ~1.8 ms, the second about as long as the next ones. It holds the
-    # append lock as long as a session's first append would; nothing is written, no
-    # position is used up, and vacuum removes the dead rows.
+    # A session's first appends cost more than the next ones, whatever the stream: the
+    # first 5-7 ms (og_append_chain compiled, and its statements planned under the append
+    # lock), the second ~0.3 ms more than the next ones (measured here). The first order
+    # on a long stream after a restart may well be the second append of the process. One
+    # append rehearsed in a transaction rolled back when the connection opens: the first
+    # real one then took 1.6-1.8 ms, the second 0.93-0.97 against 1.0-1.16 (~0.75 for the
+    # next ones). It holds the append lock as long as a session's first append would;
+    # nothing is written, no position is used up, and vacuum removes the dead rows.
     try:
         async with conn.transaction(force_rollback=True):
             cursor = await conn.execute(_APPEND, _append_params([_rehearsal()]))

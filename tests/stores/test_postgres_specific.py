@@ -273,6 +273,26 @@ async def test_a_pooled_connection_plans_each_statement_once(fresh_postgres_url:
         await store.close()
 
 
+async def test_the_appends_rehearsed_by_new_connections_leave_nothing(
+    fresh_postgres_url: str,
+) -> None:
+    """Each pooled connection rehearses an append when it opens, in a transaction it rolls
+    back: no event, no command, no position used up."""
+    store = await PostgresEventStore.open(fresh_postgres_url, min_connections=4)
+    try:
+        assert await store.head_position() == 0
+        appended = await store.append(commit(("a", 1)))
+        assert [e.position for e in appended] == [1]
+        assert await store.read_all() == appended
+    finally:
+        await store.close()
+    with psycopg.connect(fresh_postgres_url, autocommit=True) as conn:
+        counts = conn.execute(
+            "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM commands)"
+        )
+        assert counts.fetchone() == (1, 1)
+
+
 async def test_loads_at_once_each_read_their_own_stream(store: PostgresEventStore) -> None:
     """One load at a time keeps a connection of its own; the others meanwhile take the
     pool's."""
