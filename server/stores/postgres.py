@@ -199,11 +199,11 @@ class PostgresEventStore:
         self._idle_connections = [_KeptConnection(pool) for _ in range(max_in_flight)]
         """One per writer: a writer takes one when it starts and puts it back when done."""
         self._loader = (
-            _KeptConnection(pool, binary=True) if pool.max_size > max_in_flight + 1 else None
+            _KeptConnection(pool, binary=True) if pool.max_size >= max_in_flight + 3 else None
         )
         """For ``load_snapshot_and_events``, taken by one load at a time (None meanwhile).
-        None in the smallest pool, whose one connection besides the writers' must stay
-        free for the other reads."""
+        None in a pool that would then keep fewer than two connections for the other
+        reads (idempotency lookups, stream locks, subscriptions catching up)."""
         self._busy_streams: set[str] = set()
         self._busy_commands: set[str] = set()
         """Streams and command ids of the batches in flight: a commit naming one waits."""
