@@ -194,11 +194,15 @@ async def measure(
                 await restock(server.target)
                 # Unmeasured: each worker keeps its own aggregate cache, filled by the
                 # commands it serves; the figures are for warm caches, as in a long run.
+                # Each worker serves 1/N of the calls (and the restock went to one), so
+                # N workers warm N times as long: with one warm-up for both, a worker
+                # had yet to see some 15 % of the products, and the one that took the
+                # one caller of the next point read them cold.
                 warm = LoadSpec(
                     server.target,
                     "create",
                     max(LOAD_CONCURRENCY),
-                    duration,
+                    duration * workers,
                     0.0,
                     processes,
                     CONNECTIONS // processes,
