@@ -17,7 +17,7 @@ from bench.inprocess import InProcessResult
 from bench.replicas import ReplicaResult
 from bench.servers import DURABLE_FLOORS
 from bench.stats import LoadResult
-from bench.workers import WORKER_COUNTS, DeliveryResult, delivery_summary, label
+from bench.workers import WORKER_COUNTS, DeliveryResult, ceiling, delivery_summary, label
 
 
 @dataclass(frozen=True)
@@ -571,8 +571,8 @@ def print_workers(report: Report, out: TextIO) -> None:
     if not report.workers:
         return
     out.write(
-        "\nserve --workers N, CreateOrder (interleaved rounds; server CPU = supervisor and "
-        "workers)\n"
+        "\nserve --workers N, CreateOrder (interleaved rounds; CPU ms per call: server = "
+        "supervisor and workers; ceiling = this host's cores / (server + client + db CPU))\n"
     )
     rows = []
     for result in report.workers:
@@ -595,6 +595,9 @@ def print_workers(report: Report, out: TextIO) -> None:
                 f"{result.supervisor_cpu_ms_per_call:.3f}"
                 if result.supervisor_cpu_ms_per_call
                 else "",
+                f"{result.client_cpu_ms_per_call:.3f}",
+                f"{result.database_cpu_ms_per_call:.3f}" if result.database_cpu_ms_per_call else "",
+                f"{ceiling(result):,.0f}",
                 _ratio(result.calls_per_s, base.calls_per_s) if base else "",
                 ",".join(f"{k}={v}" for k, v in result.errors.items()),
             ]
@@ -609,6 +612,9 @@ def print_workers(report: Report, out: TextIO) -> None:
             "p99 ms",
             "srv CPU ms/call",
             "of it supervisor",
+            "client CPU",
+            "db CPU",
+            "ceiling calls/s",
             "vs x1",
             "errors",
         ],

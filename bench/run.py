@@ -202,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="interleaved rounds of --workers 1 and 2 in the workers section (default 2)",
     )
     parser.add_argument(
+        "--workers-processes",
+        type=int,
+        default=workers.CLIENT_PROCESSES,
+        help="client processes of the workers section, sharing its "
+        f"{workers.CONNECTIONS} connections (default {workers.CLIENT_PROCESSES})",
+    )
+    parser.add_argument(
         "--group-events",
         type=int,
         default=100_000,
@@ -499,7 +506,7 @@ async def run_workers(
             workdir,
             args.duration,
             args.warmup,
-            args.processes,
+            args.workers_processes,
             args.workers_rounds,
             report.workers,
             report.delivery,

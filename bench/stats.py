@@ -54,5 +54,9 @@ class LoadResult:
     """Of ``server_cpu_ms_per_call``, what a ``--workers`` supervisor spent (on SQLite: the
     store's writer and the hub); 0 for a server of one process."""
     client_cpu_ms_per_call: float = 0.0
+    """The load generator's own CPU per call (its client processes)."""
+    database_cpu_ms_per_call: float = 0.0
+    """What PostgreSQL's processes spent per call, when the benchmark can see them (a
+    server on this host); 0 otherwise, and for SQLite, whose work is the server's own."""
     cut_short: bool = False
     """The cancel workload ran out of orders before the end and measured a shorter window."""

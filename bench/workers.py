@@ -7,6 +7,13 @@ balances ``SO_REUSEPORT`` listeners by connection, not by call. Server CPU per c
 counts the supervisor and every worker, and says how much of it was the supervisor's (on
 SQLite: the store's one writer and the hub), which one process bounds whatever N is.
 
+The machine's ceiling: on C cores, with every process of the run on them, calls/s can
+be at most C / (server + load generator + database CPU per call). Each load point
+reports the load generator's CPU per call (its client processes' own) and, for a
+PostgreSQL server on this host, its processes' (read from ``/proc`` below the
+postmaster whose ``postmaster.pid`` the data directory holds), so that the report can
+say how much of the machine the gateway's calls/s leave unused.
+
 Live delivery: one subscriber on each of several connections (so, on both workers), and
 orders placed one at a time through the same connections in turn, so that each delivery
 is known to cross workers or not: each connection's worker is read from the
@@ -27,7 +34,9 @@ context.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import os
 import random
 import sys
 import time
@@ -37,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import psycopg
 from google.protobuf.timestamp_pb2 import Timestamp
 from orders.v1 import (
     event_stream_service_pb2,
@@ -47,13 +57,24 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench import workload
 from bench.loadgen import LoadSpec, run_load
-from bench.servers import ServerProcess, cpu_seconds, free_port, restock, start_gateway
+from bench.servers import (
+    ServerProcess,
+    cpu_seconds,
+    free_port,
+    restock,
+    start_gateway,
+    tree_cpu_seconds,
+)
 from bench.stats import Latencies, LoadResult
 from bench.stores import StoreSpec, supported
 
 WORKER_COUNTS = (1, 2)
 LOAD_CONCURRENCY = (1, 32)
-CHANNELS_PER_PROCESS = 8
+CONNECTIONS = 16
+"""The load generator's connections, shared by its processes: enough for the kernel to
+spread them evenly over two workers (it balances connections, not calls)."""
+CLIENT_PROCESSES = 1
+"""One client process by default: see ``measure``."""
 SUBSCRIBERS = 8
 DELIVERY_ORDERS = 300
 DELIVERY_PAUSE_SECONDS = 0.002
@@ -99,14 +120,48 @@ def label(store: str, workers: int) -> str:
     return f"{store} x{workers}"
 
 
+def machine_cpu_ms_per_call(result: LoadResult) -> float:
+    """Server, load generator and database CPU per call: what one call costs the host."""
+    return (
+        result.server_cpu_ms_per_call
+        + result.client_cpu_ms_per_call
+        + result.database_cpu_ms_per_call
+    )
+
+
+def ceiling(result: LoadResult, cores: int | None = None) -> float:
+    """The most calls/s ``cores`` (default: this host's) could make at ``result``'s CPU
+    per call, were nothing else running."""
+    per_call = machine_cpu_ms_per_call(result)
+    return (cores or os.cpu_count() or 1) * 1e3 / per_call if per_call else 0.0
+
+
 def _progress(result: LoadResult) -> None:
     print(
         f"  {result.server:<14} c={result.concurrency:<3} {result.calls_per_s:8,.0f} calls/s  "
-        f"p50 {result.latency.p50_ms:6.2f} ms  server CPU {result.server_cpu_ms_per_call:.3f} "
-        f"ms/call",
+        f"p50 {result.latency.p50_ms:6.2f} ms  CPU ms/call: server "
+        f"{result.server_cpu_ms_per_call:.3f} (supervisor {result.supervisor_cpu_ms_per_call:.3f})"
+        f" client {result.client_cpu_ms_per_call:.3f} db {result.database_cpu_ms_per_call:.3f};"
+        f" ceiling {ceiling(result):,.0f} calls/s  load {os.getloadavg()[0]:.1f}",
         file=sys.stderr,
         flush=True,
     )
+
+
+def database_pid(url: str) -> int | None:
+    """The postmaster of the PostgreSQL server at ``url`` if it runs on this host and its
+    data directory is readable here; else None (its CPU is then not counted)."""
+    if not url.startswith("postgresql://"):
+        return None
+    try:
+        with psycopg.connect(url, autocommit=True) as connection:
+            row = connection.execute("SELECT current_setting('data_directory')").fetchone()
+        assert row is not None
+        pid = int((Path(row[0]) / "postmaster.pid").read_text().split()[0])
+        cpu_seconds(pid)
+    except (psycopg.Error, OSError, ValueError, IndexError):
+        return None
+    return pid
 
 
 async def measure(
@@ -128,6 +183,7 @@ async def measure(
         reason = await supported(first)
         if reason is not None:
             return reason
+        database = database_pid(first)
         metrics_port = free_port()
         async with (
             await start_gateway(first, workdir, workers=1) as one,
@@ -138,14 +194,18 @@ async def measure(
                 await restock(server.target)
                 # Unmeasured: each worker keeps its own aggregate cache, filled by the
                 # commands it serves; the figures are for warm caches, as in a long run.
+                # Each worker serves 1/N of the calls (and the restock went to one), so
+                # N workers warm N times as long: with one warm-up for both, a worker
+                # had yet to see some 15 % of the products, and the one that took the
+                # one caller of the next point read them cold.
                 warm = LoadSpec(
                     server.target,
                     "create",
                     max(LOAD_CONCURRENCY),
-                    duration,
+                    duration * workers,
                     0.0,
                     processes,
-                    CHANNELS_PER_PROCESS,
+                    CONNECTIONS // processes,
                 )
                 await asyncio.to_thread(run_load, warm, label(spec.kind, workers))
             for _ in range(rounds):
@@ -159,10 +219,10 @@ async def measure(
                             duration=duration,
                             warmup=warmup,
                             processes=processes,
-                            channels=CHANNELS_PER_PROCESS,
+                            channels=CONNECTIONS // processes,
                         )
                         result = await asyncio.to_thread(
-                            measure_load, load, spec.kind, workers, server
+                            measure_load, load, spec.kind, workers, server, database
                         )
                         _progress(result)
                         load_results.append(result)
@@ -175,16 +235,28 @@ async def measure(
     return None
 
 
-def measure_load(load: LoadSpec, store: str, workers: int, server: ServerProcess) -> LoadResult:
-    """One load point; server CPU split into the supervisor's and the workers'."""
-    samples: list[tuple[float, float]] = []
+def measure_load(
+    load: LoadSpec, store: str, workers: int, server: ServerProcess, database: int | None = None
+) -> LoadResult:
+    """One load point; server CPU split into the supervisor's and the workers'; the
+    CPU of the PostgreSQL server whose postmaster is ``database`` beside it."""
+    samples: list[tuple[float, float, float]] = []
 
     def server_cpu() -> float:
-        samples.append((server.cpu_seconds(), cpu_seconds(server.pid)))
+        database_cpu = 0.0
+        if database is not None:
+            with contextlib.suppress(OSError):
+                database_cpu = tree_cpu_seconds(database)
+        samples.append((server.cpu_seconds(), cpu_seconds(server.pid), database_cpu))
         return samples[-1][0]
 
     result = run_load(load, label(store, workers), server_cpu)
-    (tree_before, own_before), (tree_after, own_after) = samples
+    (tree_before, own_before, db_before), (tree_after, own_after, db_after) = samples
+    if result.server_cpu_ms_per_call and tree_after > tree_before:
+        per_second = result.server_cpu_ms_per_call / (tree_after - tree_before)
+        result = dataclasses.replace(
+            result, database_cpu_ms_per_call=max(0.0, db_after - db_before) * per_second
+        )
     if workers == 1 or tree_after <= tree_before:
         return result
     share = (own_after - own_before) / (tree_after - tree_before)

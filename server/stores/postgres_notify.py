@@ -89,6 +89,9 @@ class NotificationListener:
             self._conninfo, autocommit=True, **self._connect_kwargs
         )
         async with conn:
+            # Notifications that come with a statement's results (these and the health
+            # check's) reach this handler; those of an idle connection, ``_deliver``.
+            conn.add_notify_handler(lambda notify: self._heard(notify.channel, notify.payload))
             for channel in (NOTIFY_CHANNEL, TURNS_CHANNEL):
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
             self._listening = True
@@ -96,12 +99,57 @@ class NotificationListener:
             row = await cursor.fetchone()
             self._on_wake(int(row[0]) if row else None)
             while True:
-                async for notify in conn.notifies(timeout=HEALTH_CHECK_INTERVAL):
-                    if notify.channel == TURNS_CHANNEL:
-                        self._on_turns(notify.payload)
-                    else:
-                        self._on_wake(_head_of(notify.payload))
-                await asyncio.wait_for(conn.execute("SELECT 1"), HEALTH_CHECK_INTERVAL)
+                if not await self._deliver(conn, HEALTH_CHECK_INTERVAL):
+                    await asyncio.wait_for(conn.execute("SELECT 1"), HEALTH_CHECK_INTERVAL)
+
+    async def _deliver(self, conn: psycopg.AsyncConnection[Any], seconds: float) -> bool:
+        """Deliver the notifications of the idle ``conn`` as they come, for ``seconds``;
+        whether any came. Raises ``psycopg.Error`` once the connection fails.
+
+        A callback on the connection's socket reads them from libpq itself
+        (``PQconsumeInput``, ``PQnotifies``) on the event loop: measured, 50 µs of CPU per
+        notification, against 115-130 µs through psycopg's ``notifies()``, which sets up
+        a reader, a future and a timeout for every wait. It counts: every process that
+        listens hears every commit of every process (two ``--workers`` each hear both).
+        """
+        loop = asyncio.get_running_loop()
+        pgconn = conn.pgconn
+        encoding = conn.info.encoding
+        socket = pgconn.socket
+        failed: asyncio.Future[None] = loop.create_future()
+        heard = False
+
+        def readable() -> None:
+            nonlocal heard
+            try:
+                pgconn.consume_input()
+                while (notify := pgconn.notifies()) is not None:
+                    heard = True
+                    self._heard(notify.relname.decode(encoding), notify.extra.decode(encoding))
+            except psycopg.Error as error:  # the connection is gone
+                loop.remove_reader(socket)
+                if not failed.done():
+                    failed.set_exception(error)
+
+        loop.add_reader(socket, readable)
+        try:
+            # First what libpq may already hold, read with the last statement's results.
+            readable()
+            await asyncio.wait([failed], timeout=seconds)
+        finally:
+            # Before any statement on ``conn``: psycopg waits on the same socket.
+            loop.remove_reader(socket)
+            if failed.done():
+                failed.exception()  # retrieved, even when this wait was cancelled
+        if failed.done():
+            failed.result()
+        return heard
+
+    def _heard(self, channel: str, payload: str) -> None:
+        if channel == TURNS_CHANNEL:
+            self._on_turns(payload)
+        else:
+            self._on_wake(_head_of(payload))
 
 
 def _head_of(payload: str) -> int | None:

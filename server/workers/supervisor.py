@@ -34,6 +34,7 @@ from server.stores.factory import migrate
 from server.stores.urls import redacted_url
 from server.workers.groups import GroupsHost
 from server.workers.hub import WorkerHub
+from server.workers.hub_client import FOLLOW_ONLY_NOTICE_DELAY_SECONDS, NOTICE_DELAY_SECONDS
 from server.workers.listen_address import reserve
 from server.workers.metrics import SupervisorMetrics
 from server.workers.worker import WorkerSpec, run_worker, stop_deadline
@@ -264,8 +265,20 @@ async def _run(settings: Settings, count: int, listen: str, run_dir: Path) -> No
         else None
     )
     hub = WorkerHub(run_dir / "hub.sock", groups)
+    # Only SQLite's workers hear of each other's commits from the hub alone: PostgreSQL's
+    # LISTEN wakes every worker's subscriptions at each commit, and there the notices
+    # only keep the caches up to date, which can wait a little longer.
+    notice_delay = (
+        NOTICE_DELAY_SECONDS if database is not None else FOLLOW_ONLY_NOTICE_DELAY_SECONDS
+    )
     specs = [
-        WorkerSpec(worker_settings, index, str(hub.path), groups_via_hub=groups is not None)
+        WorkerSpec(
+            worker_settings,
+            index,
+            str(hub.path),
+            groups_via_hub=groups is not None,
+            notice_delay=notice_delay,
+        )
         for index in range(1, count + 1)
     ]
     supervisor = Supervisor(settings, specs)

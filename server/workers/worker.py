@@ -37,6 +37,7 @@ from server.stores.event_rows import EventRowReader, StreamRowReader
 from server.stores.factory import open_store
 from server.workers.cache_follower import CacheFollower
 from server.workers.hub_client import (
+    NOTICE_DELAY_SECONDS,
     HubClient,
     LockingRowStore,
     LockingWorkerStore,
@@ -68,6 +69,8 @@ class WorkerSpec:
     """The supervisor's hub (``server.workers.hub``)."""
     groups_via_hub: bool
     """The supervisor keeps the consumer groups (SQLite)."""
+    notice_delay: float = NOTICE_DELAY_SECONDS
+    """How long the worker's notice of a commit waits for more (``hub_client``)."""
 
 
 def run_worker(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> None:
@@ -93,7 +96,7 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
         stop.set()
 
     asyncio.get_running_loop().add_reader(lifeline.fileno(), supervisor_gone)
-    hub = await HubClient.connect(spec.hub_socket)
+    hub = await HubClient.connect(spec.hub_socket, spec.notice_delay)
     # On SQLite the workers take turns at the file's write lock (``sqlite_turns``).
     inner = await open_store(
         spec.settings.store, pool_size=spec.settings.store_pool_size, writer_turns=True
