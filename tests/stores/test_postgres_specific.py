@@ -14,7 +14,7 @@ import datetime as dt
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any
@@ -71,6 +71,27 @@ async def store(fresh_postgres_url: str) -> AsyncIterator[PostgresEventStore]:
     opened = await PostgresEventStore.open(fresh_postgres_url)
     yield opened
     await opened.close()
+
+
+def terminate_connections(admin_url: str, database_url: str) -> None:
+    """Drop every connection to ``database_url``'s database, as a server restart would."""
+    database = database_url.rpartition("/")[2]
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+            (database,),
+        )
+
+
+async def until_reconnected(works: Callable[[], Awaitable[None]]) -> None:
+    """Retry ``works`` while the store is unavailable, for up to ``TIMEOUT``."""
+    for _ in range(int(TIMEOUT / 0.05)):
+        try:
+            await works()
+            return
+        except StoreUnavailableError:
+            await asyncio.sleep(0.05)
+    raise AssertionError("the store never reconnected")
 
 
 # -- migrations ---------------------------------------------------------------------
@@ -334,22 +355,14 @@ async def test_a_lost_load_connection_is_replaced(
 ) -> None:
     await store.append(commit(("a", 1)))
     assert len((await store.load_snapshot_and_events("a"))[1]) == 1
-    database = fresh_postgres_url.rpartition("/")[2]
-    with psycopg.connect(postgres_url, autocommit=True) as admin:
-        admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-            (database,),
-        )
+    terminate_connections(postgres_url, fresh_postgres_url)
     with pytest.raises(StoreUnavailableError):
         await store.load_snapshot_and_events("a")
-    for _ in range(int(TIMEOUT / 0.05)):
-        try:
-            assert len((await store.load_snapshot_and_events("a"))[1]) == 1
-            break
-        except StoreUnavailableError:
-            await asyncio.sleep(0.05)
-    else:
-        raise AssertionError("the store never reconnected")
+
+    async def loads_again() -> None:
+        assert len((await store.load_snapshot_and_events("a"))[1]) == 1
+
+    await until_reconnected(loads_again)
 
 
 async def test_a_snapshot_not_followed_by_its_next_version_is_refused(
@@ -584,26 +597,18 @@ async def test_an_unreachable_server_is_store_unavailable() -> None:
 async def test_lost_connections_are_store_unavailable(
     store: PostgresEventStore, fresh_postgres_url: str, postgres_url: str
 ) -> None:
-    database = fresh_postgres_url.rpartition("/")[2]
-    with psycopg.connect(postgres_url, autocommit=True) as admin:
-        admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-            (database,),
-        )
+    terminate_connections(postgres_url, fresh_postgres_url)
 
     with pytest.raises(StoreUnavailableError):
         await store.read_all()
     with pytest.raises(StoreUnavailableError):
         await store.append(commit(("a", 1)))
+
+    async def reads_again() -> None:
+        assert await store.read_all() == []
+
     # The pool replaces the dead connections: the store recovers on its own.
-    for _ in range(int(TIMEOUT / 0.05)):
-        try:
-            assert await store.read_all() == []
-            break
-        except StoreUnavailableError:
-            await asyncio.sleep(0.05)
-    else:
-        raise AssertionError("the store never reconnected")
+    await until_reconnected(reads_again)
 
 
 async def test_other_database_errors_are_store_errors_without_sql(
