@@ -319,6 +319,9 @@ class SubscriptionHub:
         self._closed = False
         self.fallbacks = 0
         """How many times a live subscription fell behind and went back to the store."""
+        self.on_subscribed: Callable[[bool], None] | None = None
+        """Hears True when the first subscription opens and False when the last ends
+        (``--workers``: the other workers then hurry, or stop hurrying, their notices)."""
 
     @property
     def head(self) -> int:
@@ -373,6 +376,8 @@ class SubscriptionHub:
         subscription = Subscription(self, event_filter, asyncio.current_task())
         # Counted before the first await, so concurrent calls cannot overshoot the limit.
         self._subscriptions.add(subscription)
+        if len(self._subscriptions) == 1 and self.on_subscribed is not None:
+            self.on_subscribed(True)
         try:
             head = await self.store.head_position()
             if from_end:
@@ -385,6 +390,8 @@ class SubscriptionHub:
         finally:
             self._subscriptions.discard(subscription)
             self._live.discard(subscription)
+            if not self._subscriptions and self.on_subscribed is not None:
+                self.on_subscribed(False)
 
     def _on_commit(self) -> None:
         # With nobody live there is nothing to read for: waking the reader anyway would

@@ -9,7 +9,10 @@ not the 1 s poll. The wake-up carries the *other* workers' commits (their events
 those can leave the worker's cache behind (at one caller, reading each own commit back
 in every worker doubled the server CPU per call), and the worker's cache follower
 applies them to the streams it holds without reading anything. A worker hears of its
-own commits from its own store.
+own commits from its own store. The notices hurry (1 ms) only while another worker has
+subscriptions to wake or commits too; otherwise they wait 20 ms for the commits after
+them (``hub_client``), so that one busy worker does not wake the supervisor and the idle
+workers once per call.
 
 **SQLite.** Each worker writes the file itself, taking turns with the others at SQLite's
 one write lock in the kernel (``server.stores.sqlite_turns``) rather than in SQLite's
@@ -32,7 +35,9 @@ from typing import Any
 from server.workers.groups import GroupsHost
 from server.workers.hub_protocol import (
     GROUP_DELETED,
+    LISTENING,
     NOTICE,
+    OTHERS_LISTENING,
     WAKE,
     FrameBuffer,
     FrameWriter,
@@ -55,6 +60,10 @@ class _Connection(asyncio.Protocol):
         """The other workers' commits since this worker's last wake-up."""
         self.replicas: set[str] = set()
         """The worker's consumer-group replica ids (its lease calls name them)."""
+        self.listening = False
+        """The worker has subscriptions."""
+        self.told_others_listening = False
+        """What the worker was last told of the others' subscriptions."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -67,10 +76,12 @@ class _Connection(asyncio.Protocol):
         # The worker waits for this first wake-up before it serves: it knows the hub has
         # taken its connection.
         transport.write(self._hub.idle_wake)
+        self._hub.listeners_changed()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._hub.connections.discard(self)
         self._out.transport = None
+        self._hub.listeners_changed()
         if self._hub.groups is not None:
             # The worker is gone (a worker closes its connection last, after its groups
             # stopped): its partitions need not wait out their leases.
@@ -80,6 +91,9 @@ class _Connection(asyncio.Protocol):
         for call_id, message in self._buffer.feed(data):
             if call_id == NOTICE:
                 self._hub.committed(self, message)
+            elif call_id == LISTENING:
+                self.listening = bool(message)
+                self._hub.listeners_changed()
             else:
                 self._group_call(call_id, message)
 
@@ -141,6 +155,16 @@ class WorkerHub:
             # Once per loop turn: one wake-up per worker for all the notices read.
             self._wake_pending = True
             asyncio.get_running_loop().call_soon(self._wake)
+
+    def listeners_changed(self) -> None:
+        """Tell each worker whether another worker has subscriptions, when that changed:
+        only then must its notices hurry for them (``hub_client``)."""
+        listening = [connection for connection in self.connections if connection.listening]
+        for connection in self.connections:
+            others = any(other is not connection for other in listening)
+            if others != connection.told_others_listening:
+                connection.told_others_listening = others
+                connection.send(frame((OTHERS_LISTENING, others)))
 
     def _wake(self) -> None:
         self._wake_pending = False

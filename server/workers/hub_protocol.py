@@ -11,7 +11,12 @@ The first ``(WAKE, [])`` tells a worker that
 the hub has taken its connection. On SQLite workers also send ``(call_id, GroupCall)``:
 a consumer-group write or lease call, which the supervisor answers with
 ``(call_id, outcome)``, and after a group is deleted it tells every worker
-``(GROUP_DELETED, (name, created_at))`` (``server.workers.groups``). Both ends are
+``(GROUP_DELETED, (name, created_at))`` (``server.workers.groups``). A worker whose
+subscriptions (``Subscribe`` streams, consumer-group members) go from none to some, or
+back, sends ``(LISTENING, bool)``, and the supervisor tells each worker
+``(OTHERS_LISTENING, bool)`` whenever whether some *other* worker listens changes: a
+worker's notices hurry only for a listener or a worker that commits too
+(``server.workers.hub_client``). Both ends are
 processes of one gateway on one host (a unix socket in a folder only the gateway's user
 can enter), so pickle is safe here.
 
@@ -38,6 +43,10 @@ NOTICE: Final = -1
 """Worker to supervisor: this worker has just committed these events."""
 GROUP_DELETED: Final = -2
 """Supervisor to worker: ``(name, created_at)``, a consumer group deleted (on SQLite)."""
+LISTENING: Final = -3
+"""Worker to supervisor: whether this worker has subscriptions now (a bool)."""
+OTHERS_LISTENING: Final = -4
+"""Supervisor to worker: whether any other worker has subscriptions now (a bool)."""
 _LENGTH = struct.Struct("!I")
 
 Outcome = tuple[str, Any]

@@ -118,6 +118,9 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
 
     def on_serving(gateway: Gateway) -> None:
         hub.on_group_deleted = functools.partial(_group_deleted, gateway, deletions)
+        gateway.hub.on_subscribed = hub.listening
+        if gateway.hub.subscriber_count:
+            hub.listening(True)
         ready.send(gateway.metrics_port)
         ready.close()
 

@@ -21,6 +21,7 @@ from domain.mapper import to_new_event
 from domain.ports import Commit, EventStore
 from domain.unit_of_work import AggregateCache
 from server.stores.sqlite import SQLiteEventStore
+from server.workers import hub_client
 from server.workers.cache_follower import CacheFollower
 from server.workers.hub import WorkerHub
 from server.workers.hub_client import HubClient, WorkerStore
@@ -45,8 +46,9 @@ async def start_hub(socket_dir: Path) -> WorkerHub:
 class Worker:
     """A worker's store, and its aggregate cache kept up to date by a follower."""
 
-    def __init__(self, store: WorkerStore) -> None:
+    def __init__(self, store: WorkerStore, client: HubClient) -> None:
         self.store = store
+        self.client = client
         self.cache = AggregateCache()
         self.follower = CacheFollower(self.cache)
 
@@ -54,7 +56,7 @@ class Worker:
     async def open(cls, database: Path, hub: WorkerHub) -> Worker:
         client = await HubClient.connect(hub.path)
         inner = await SQLiteEventStore.open(database, writer_turns=True)
-        worker = cls(WorkerStore(inner, client, groups_via_hub=False))
+        worker = cls(WorkerStore(inner, client, groups_via_hub=False), client)
         client.on_others = worker.follower.committed_elsewhere
         return worker
 
@@ -194,4 +196,63 @@ async def test_workers_racing_on_one_stream_conflict_and_repeat_ids_are_duplicat
     finally:
         for worker in workers:
             await worker.close()
+        await hub.close()
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def test_notices_hurry_only_for_a_worker_that_listens_or_commits_too(
+    tmp_path: Path, socket_dir: Path
+) -> None:
+    hub = await start_hub(socket_dir)
+    first = await Worker.open(tmp_path / "events.db", hub)
+    second = await Worker.open(tmp_path / "events.db", hub)
+    third = await Worker.open(tmp_path / "events.db", hub)
+    try:
+        # Nobody listens and nobody commits: notices may wait.
+        assert not any(w.client.hurrying for w in (first, second, third))
+
+        second.client.listening(True)
+        await eventually(lambda: first.client.hurrying and third.client.hurrying)
+        assert not second.client.hurrying  # its own subscriptions are woken locally
+
+        # The listener goes: no one listens any more.
+        await second.close()
+        await eventually(lambda: not first.client.hurrying and not third.client.hurrying)
+
+        # A worker that commits too makes the others hurry, not itself.
+        await third.store.append(commit_of([("b", 1)]))
+        await eventually(lambda: first.client.hurrying)
+        assert not third.client.hurrying
+    finally:
+        await first.close()
+        await third.close()
+        await hub.close()
+
+
+async def test_a_new_listener_does_not_wait_out_a_quiet_notice(
+    tmp_path: Path, socket_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub_client, "QUIET_NOTICE_DELAY_SECONDS", 3600.0)
+    hub = await start_hub(socket_dir)
+    first = await Worker.open(tmp_path / "events.db", hub)
+    second = await Worker.open(tmp_path / "events.db", hub)
+    woke = asyncio.Event()
+    second.store.add_commit_listener(woke.set)
+    try:
+        await first.store.append(commit_of([("a", 1)]))
+        # Nobody listens: the notice waits (here for an hour) for more commits.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(woke.wait(), 0.3)
+
+        second.client.listening(True)
+        await asyncio.wait_for(woke.wait(), TIMEOUT)
+        assert [event.stream_id for event in await second.store.read_all()] == ["a"]
+    finally:
+        await first.close()
+        await second.close()
         await hub.close()

@@ -275,3 +275,22 @@ async def test_events_offered_as_a_quiet_wait_times_out_are_delivered_not_skippe
     finally:
         consumer.cancel()
         await hub.stop()
+
+
+async def test_the_hub_tells_when_its_first_subscription_opens_and_its_last_ends() -> None:
+    hub = SubscriptionHub(MemoryEventStore(), 10, HubTuning(poll_interval=10))
+    await hub.start()
+    heard: list[bool] = []
+    hub.on_subscribed = heard.append
+    try:
+        async with hub.subscribe(EventFilter(), 0, False):
+            assert heard == [True]
+            async with hub.subscribe(EventFilter(), 0, True):
+                pass
+            assert heard == [True]  # one subscription is still open
+        assert heard == [True, False]
+        async with hub.subscribe(EventFilter(), 0, False):
+            pass
+        assert heard == [True, False, True, False]
+    finally:
+        await hub.stop()
