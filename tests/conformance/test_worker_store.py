@@ -9,7 +9,7 @@ import asyncio
 import dataclasses
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -51,6 +51,7 @@ class Worker:
         self.client = client
         self.cache = AggregateCache()
         self.follower = CacheFollower(self.cache)
+        self.closed = False
 
     @classmethod
     async def open(cls, database: Path, hub: WorkerHub) -> Worker:
@@ -61,7 +62,32 @@ class Worker:
         return worker
 
     async def close(self) -> None:
-        await self.store.close()
+        if not self.closed:
+            self.closed = True
+            await self.store.close()
+
+
+OpenWorker = Callable[[], Awaitable[Worker]]
+
+
+@pytest.fixture
+async def open_worker(tmp_path: Path, socket_dir: Path) -> AsyncIterator[OpenWorker]:
+    """Opens workers of one gateway on one file, each with its own store; all closed at
+    the end, with the hub."""
+    hub = await start_hub(socket_dir)
+    opened: list[Worker] = []
+
+    async def open_one() -> Worker:
+        worker = await Worker.open(tmp_path / "events.db", hub)
+        opened.append(worker)
+        return worker
+
+    try:
+        yield open_one
+    finally:
+        for worker in opened:
+            await worker.close()
+        await hub.close()
 
 
 class TestWorkerStoreTakingTurns(EventStoreContract):
@@ -97,53 +123,46 @@ def restocked(product: Product, quantity: int) -> Commit:
 
 
 async def test_a_commit_through_one_worker_wakes_the_others_and_brings_their_cache_up_to_date(
-    tmp_path: Path, socket_dir: Path
+    open_worker: OpenWorker,
 ) -> None:
-    hub = await start_hub(socket_dir)
-    first = await Worker.open(tmp_path / "events.db", hub)
-    second = await Worker.open(tmp_path / "events.db", hub)
-    try:
-        product = Product("p")
-        appended = await first.store.append(restocked(product, 5))
-        product.mark_committed()
-        # The second worker has used it since; the first keeps its own up to date.
-        second.cache.refresh(product.clone(), appended[-1].event_id)
-        first.cache.refresh(product.clone(), appended[-1].event_id)
-        woke = asyncio.Event()
-        second.store.add_commit_listener(woke.set)
+    first = await open_worker()
+    second = await open_worker()
+    product = Product("p")
+    appended = await first.store.append(restocked(product, 5))
+    product.mark_committed()
+    # The second worker has used it since; the first keeps its own up to date.
+    second.cache.refresh(product.clone(), appended[-1].event_id)
+    first.cache.refresh(product.clone(), appended[-1].event_id)
+    woke = asyncio.Event()
+    second.store.add_commit_listener(woke.set)
 
-        appended += await first.store.append(restocked(product, 7))
-        mine = first.cache.get(product.stream_id)
-        assert mine is not None
-        mine.head = product.clone()  # as the first worker's unit of work leaves it
+    appended += await first.store.append(restocked(product, 7))
+    mine = first.cache.get(product.stream_id)
+    assert mine is not None
+    mine.head = product.clone()  # as the first worker's unit of work leaves it
 
-        await asyncio.wait_for(woke.wait(), TIMEOUT)
-        assert await second.store.read_all() == appended
-        async with asyncio.timeout(TIMEOUT):
-            # The first commit's wake-up may be the one that set ``woke``.
-            while (cached := second.cache.get(product.stream_id)) and not (  # noqa: ASYNC110
-                cached.committed and cached.committed.version == 2
-            ):
-                await asyncio.sleep(0.01)
-        # The wake-up carried the commit: the second worker holds the new state, unread.
-        assert cached is not None and not cached.stale
-        assert isinstance(cached.committed, Product)
-        assert (cached.committed.version, cached.committed.available) == (2, 12)
-        assert cached.head is cached.committed
-        assert cached.committed_event == appended[-1].event_id
-        assert first.cache.get(product.stream_id) is mine and not mine.stale
-    finally:
-        await first.close()
-        await second.close()
-        await hub.close()
+    await asyncio.wait_for(woke.wait(), TIMEOUT)
+    assert await second.store.read_all() == appended
+    async with asyncio.timeout(TIMEOUT):
+        # The first commit's wake-up may be the one that set ``woke``.
+        while (cached := second.cache.get(product.stream_id)) and not (  # noqa: ASYNC110
+            cached.committed and cached.committed.version == 2
+        ):
+            await asyncio.sleep(0.01)
+    # The wake-up carried the commit: the second worker holds the new state, unread.
+    assert cached is not None and not cached.stale
+    assert isinstance(cached.committed, Product)
+    assert (cached.committed.version, cached.committed.available) == (2, 12)
+    assert cached.head is cached.committed
+    assert cached.committed_event == appended[-1].event_id
+    assert first.cache.get(product.stream_id) is mine and not mine.stale
 
 
 async def test_a_wake_up_carries_the_commits_of_the_other_workers_only(
-    tmp_path: Path, socket_dir: Path
+    open_worker: OpenWorker,
 ) -> None:
-    hub = await start_hub(socket_dir)
-    first = await Worker.open(tmp_path / "events.db", hub)
-    second = await Worker.open(tmp_path / "events.db", hub)
+    first = await open_worker()
+    second = await open_worker()
     heard: dict[str, list[tuple[str, int]]] = {"first": [], "second": []}
 
     def hear(worker: str) -> Callable[[list[bytes]], None]:
@@ -154,49 +173,38 @@ async def test_a_wake_up_carries_the_commits_of_the_other_workers_only(
 
     first.store._hub.on_others = hear("first")
     second.store._hub.on_others = hear("second")
-    try:
-        await first.store.append(commit_of([("a", 1), ("a", 2), ("b", 1)]))
-        await first.store.append(commit_of([("b", 2)]))
-        async with asyncio.timeout(TIMEOUT):
-            while dict(heard["second"]).get("b") != 2:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-        assert heard["second"] == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
+    await first.store.append(commit_of([("a", 1), ("a", 2), ("b", 1)]))
+    await first.store.append(commit_of([("b", 2)]))
+    async with asyncio.timeout(TIMEOUT):
+        while dict(heard["second"]).get("b") != 2:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    assert heard["second"] == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
 
-        await second.store.append(commit_of([("c", 1)]))
-        async with asyncio.timeout(TIMEOUT):
-            while not heard["first"]:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-        # Each heard only of the other's commits: its own leave its cache up to date.
-        assert heard["first"] == [("c", 1)]
-        assert heard["second"] == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
-    finally:
-        await first.close()
-        await second.close()
-        await hub.close()
+    await second.store.append(commit_of([("c", 1)]))
+    async with asyncio.timeout(TIMEOUT):
+        while not heard["first"]:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    # Each heard only of the other's commits: its own leave its cache up to date.
+    assert heard["first"] == [("c", 1)]
+    assert heard["second"] == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
 
 
 async def test_workers_racing_on_one_stream_conflict_and_repeat_ids_are_duplicates(
-    tmp_path: Path, socket_dir: Path
+    open_worker: OpenWorker,
 ) -> None:
-    hub = await start_hub(socket_dir)
-    workers = [await Worker.open(tmp_path / "events.db", hub) for _ in range(3)]
-    try:
-        commits = [commit_of([("hot", 1)]) for _ in workers]
-        results = await asyncio.gather(
-            *(w.store.append(c) for w, c in zip(workers, commits, strict=True)),
-            return_exceptions=True,
-        )
-        winners = [r for r in results if isinstance(r, list)]
-        assert len(winners) == 1
-        assert all(isinstance(r, ConcurrencyConflictError) for r in results if r not in winners)
+    workers = [await open_worker() for _ in range(3)]
+    commits = [commit_of([("hot", 1)]) for _ in workers]
+    results = await asyncio.gather(
+        *(w.store.append(c) for w, c in zip(workers, commits, strict=True)),
+        return_exceptions=True,
+    )
+    winners = [r for r in results if isinstance(r, list)]
+    assert len(winners) == 1
+    assert all(isinstance(r, ConcurrencyConflictError) for r in results if r not in winners)
 
-        won = commits[results.index(winners[0])]
-        with pytest.raises(DuplicateCommandError):
-            await workers[0].store.append(commit_of([("other", 1)], command_id=won.command_id))
-    finally:
-        for worker in workers:
-            await worker.close()
-        await hub.close()
+    won = commits[results.index(winners[0])]
+    with pytest.raises(DuplicateCommandError):
+        await workers[0].store.append(commit_of([("other", 1)], command_id=won.command_id))
 
 
 async def eventually(condition: Callable[[], bool]) -> None:
@@ -206,53 +214,41 @@ async def eventually(condition: Callable[[], bool]) -> None:
 
 
 async def test_notices_hurry_only_for_a_worker_that_listens_or_commits_too(
-    tmp_path: Path, socket_dir: Path
+    open_worker: OpenWorker,
 ) -> None:
-    hub = await start_hub(socket_dir)
-    first = await Worker.open(tmp_path / "events.db", hub)
-    second = await Worker.open(tmp_path / "events.db", hub)
-    third = await Worker.open(tmp_path / "events.db", hub)
-    try:
-        # Nobody listens and nobody commits: notices may wait.
-        assert not any(w.client.hurrying for w in (first, second, third))
+    first = await open_worker()
+    second = await open_worker()
+    third = await open_worker()
+    # Nobody listens and nobody commits: notices may wait.
+    assert not any(w.client.hurrying for w in (first, second, third))
 
-        second.client.listening(True)
-        await eventually(lambda: first.client.hurrying and third.client.hurrying)
-        assert not second.client.hurrying  # its own subscriptions are woken locally
+    second.client.listening(True)
+    await eventually(lambda: first.client.hurrying and third.client.hurrying)
+    assert not second.client.hurrying  # its own subscriptions are woken locally
 
-        # The listener goes: no one listens any more.
-        await second.close()
-        await eventually(lambda: not first.client.hurrying and not third.client.hurrying)
+    # The listener goes: no one listens any more.
+    await second.close()
+    await eventually(lambda: not first.client.hurrying and not third.client.hurrying)
 
-        # A worker that commits too makes the others hurry, not itself.
-        await third.store.append(commit_of([("b", 1)]))
-        await eventually(lambda: first.client.hurrying)
-        assert not third.client.hurrying
-    finally:
-        await first.close()
-        await third.close()
-        await hub.close()
+    # A worker that commits too makes the others hurry, not itself.
+    await third.store.append(commit_of([("b", 1)]))
+    await eventually(lambda: first.client.hurrying)
+    assert not third.client.hurrying
 
 
 async def test_a_new_listener_does_not_wait_out_a_quiet_notice(
-    tmp_path: Path, socket_dir: Path, monkeypatch: pytest.MonkeyPatch
+    open_worker: OpenWorker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(hub_client, "QUIET_NOTICE_DELAY_SECONDS", 3600.0)
-    hub = await start_hub(socket_dir)
-    first = await Worker.open(tmp_path / "events.db", hub)
-    second = await Worker.open(tmp_path / "events.db", hub)
+    first = await open_worker()
+    second = await open_worker()
     woke = asyncio.Event()
     second.store.add_commit_listener(woke.set)
-    try:
-        await first.store.append(commit_of([("a", 1)]))
-        # Nobody listens: the notice waits (here for an hour) for more commits.
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(woke.wait(), 0.3)
+    await first.store.append(commit_of([("a", 1)]))
+    # Nobody listens: the notice waits (here for an hour) for more commits.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(woke.wait(), 0.3)
 
-        second.client.listening(True)
-        await asyncio.wait_for(woke.wait(), TIMEOUT)
-        assert [event.stream_id for event in await second.store.read_all()] == ["a"]
-    finally:
-        await first.close()
-        await second.close()
-        await hub.close()
+    second.client.listening(True)
+    await asyncio.wait_for(woke.wait(), TIMEOUT)
+    assert [event.stream_id for event in await second.store.read_all()] == ["a"]
