@@ -8,6 +8,8 @@ import sqlite3
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing
 from multiprocessing import get_context
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import ClassVar
 
@@ -77,6 +79,45 @@ async def test_several_processes_create_one_new_file_at_once(tmp_path: Path) -> 
         await assert_counted_history(store, list(itertools.chain(*done)), writers, commits)
     finally:
         await store.close()
+
+
+def open_fresh_files_at_once(
+    folder: Path, files: int, barrier: Barrier, outcomes: Queue[str]
+) -> None:
+    """In a child process: open each new file of ``folder`` as the others do, together."""
+    for n in range(files):
+        barrier.wait(TIMEOUT)
+        try:
+            asyncio.run(_open_and_close(folder / f"{n}.db"))
+            outcomes.put("opened")
+        except StoreError as error:
+            outcomes.put(str(error))
+
+
+async def _open_and_close(path: Path) -> None:
+    store = await SQLiteEventStore.open(path)
+    await store.close()
+
+
+def test_processes_opening_new_files_together_all_open_them(tmp_path: Path) -> None:
+    # Racing to switch a new file to WAL, a loser used to get SQLITE_BUSY at once ("database
+    # is locked"), without SQLite's busy wait.
+    processes, files = 6, 50
+    context = get_context("spawn")
+    barrier = context.Barrier(processes)
+    outcomes: Queue[str] = context.Queue()
+    children = [
+        context.Process(target=open_fresh_files_at_once, args=(tmp_path, files, barrier, outcomes))
+        for _ in range(processes)
+    ]
+    for child in children:
+        child.start()
+    try:
+        opened = [outcomes.get(timeout=TIMEOUT) for _ in range(processes * files)]
+    finally:
+        for child in children:
+            child.join(TIMEOUT)
+    assert [o for o in opened if o != "opened"] == []
 
 
 async def test_a_schema_from_a_newer_gateway_is_refused(tmp_path: Path) -> None:
