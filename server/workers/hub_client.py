@@ -245,6 +245,9 @@ class HubClient:
             self.lost.set()
 
     async def close(self) -> None:
+        # Notices still waiting go out first: the others' caches should not miss a
+        # stopping worker's last commits (the transport sends what it holds, then closes).
+        self._send_notices()
         transport, self._out.transport = self._out.transport, None
         if transport is not None:
             transport.close()

@@ -252,3 +252,21 @@ async def test_a_new_listener_does_not_wait_out_a_quiet_notice(
     second.client.listening(True)
     await asyncio.wait_for(woke.wait(), TIMEOUT)
     assert [event.stream_id for event in await second.store.read_all()] == ["a"]
+
+
+async def test_a_stopping_worker_sends_the_notices_still_waiting(
+    open_worker: OpenWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub_client, "QUIET_NOTICE_DELAY_SECONDS", 3600.0)
+    first = await open_worker()
+    second = await open_worker()
+    heard: list[str] = []
+    second.client.on_others = lambda notices: heard.extend(
+        event[1] for notice in notices for event in decode_events(notice)
+    )
+    await first.store.append(commit_of([("a", 1)]))
+    await first.close()
+    async with asyncio.timeout(TIMEOUT):
+        while not heard:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    assert heard == ["a"]
