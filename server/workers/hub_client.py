@@ -73,7 +73,7 @@ QUIET_NOTICE_DELAY_SECONDS: Final = 0.02
 ``OTHERS_ACTIVE_SECONDS``: the notices then only keep idle caches up to date. With one
 worker serving a single caller on SQLite, the wake-ups at the 1 ms pace cost the
 supervisor 0.13-0.16 ms and the idle worker 0.16-0.23 ms of CPU per call, on the cores
-the serving worker and its clients need; at this pace, 0.02-0.04 and 0.05-0.06 ms. A
+the serving worker and its clients need; at this pace, 0.02-0.04 and 0.05-0.08 ms. A
 worker that starts serving decides its first commands on a cache up to this much behind
 (a conflict and a read where the other worker changed a stream meanwhile), and its
 notices then make the others hurry too."""
