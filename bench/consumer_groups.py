@@ -82,8 +82,15 @@ class AckBatcher:
         self._pending.append(event_id)
         self._wake.set()
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        # Awaited, not only cancelled: a writer task left pending when asyncio.run closes
+        # the loop had grpc report "Event loop is closed" as the client exited.
         self._writer.cancel()
+        # A write can also fail once the stream has ended (the group deleted).
+        with contextlib.suppress(
+            asyncio.CancelledError, asyncio.InvalidStateError, grpc.aio.AioRpcError
+        ):
+            await self._writer
 
     async def _write_forever(self) -> None:
         while True:
@@ -112,7 +119,7 @@ async def _member(
         if error.code() != grpc.StatusCode.NOT_FOUND:
             raise
     finally:
-        acks.close()
+        await acks.close()
 
 
 async def _create(
