@@ -286,7 +286,9 @@ class Subscription:
                 if delivered:
                     quiet_until = clock() + tuning.checkpoint_interval
                 self._hub.report_progress(self._cursor)
-                caught_up = not page.full and self._hub.try_attach(self, self._cursor)
+                caught_up = not page.full and self._hub.try_attach(
+                    self, self._cursor, self._examined
+                )
                 if caught_up or clock() >= quiet_until:
                     yield _checkpoint(self._examined)
                     quiet_until = clock() + tuning.checkpoint_interval
@@ -403,16 +405,22 @@ class SubscriptionHub:
         if self._on_lag is not None:
             self._on_lag(max(self._head, delivered), delivered)
 
-    def try_attach(self, subscription: Subscription, cursor: int) -> bool:
+    def try_attach(self, subscription: Subscription, cursor: int, examined: int) -> bool:
         """Make the subscription live if it has read at least as far as the hub.
+
+        ``examined``: how far it has read the log; below ``cursor`` only when the client
+        asked to start beyond the committed head.
 
         Synchronous on purpose: between this check and the next page the hub offers,
         nothing can run, so live delivery continues exactly after ``self._head``.
         """
         if not self._live:
             # Nobody was listening, so the hub did not read: it can start where this
-            # subscription stands, which has read everything up to its cursor.
-            self._head = max(self._head, cursor)
+            # subscription has read to. Not from its cursor: one beyond the committed
+            # head would put the hub there, every later subscriber would find itself
+            # behind the hub and poll the store without pause, and checkpoints would
+            # report positions not yet committed.
+            self._head = max(self._head, examined)
         if self._closed or cursor < self._head:
             return False
         subscription.attach(self._head)
