@@ -203,3 +203,9 @@ async def test_tls_ca_reaches_a_tls_server(tmp_path: Path) -> None:
         assert trusted.code == 0, trusted.err
         missing = await cli("group", "list", "--target", target, "--tls-ca", str(tmp_path / "x"))
         assert missing.code == 2 and "--tls-ca" in missing.err
+
+        # health calls the server too, so it takes --tls-ca like the others.
+        health = await cli("health", "--target", target, "--tls-ca", str(ca))
+        assert health.code == 0, health.err
+        assert health.out == f"{target}: SERVING\n"
+        assert (await cli("health", "--target", target, "--timeout", "2")).code == 1
