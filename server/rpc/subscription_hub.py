@@ -29,6 +29,7 @@ from orders.v1 import event_stream_service_pb2
 
 from domain.errors import StoreFullError, StoreUnavailableError
 from domain.ports import EventStore, RecordedEvent
+from domain.values import MAX_INT64
 from server.rpc.mapping import event_response, row_event_response
 from server.stores.event_rows import (
     EVENT_TYPE,
@@ -380,6 +381,10 @@ class SubscriptionHub:
         self._subscriptions.add(subscription)
         if len(self._subscriptions) == 1 and self.on_subscribed is not None:
             self.on_subscribed(True)
+        # The request's uint64 may exceed the stores' 64-bit signed positions, which no
+        # event does: starting from the largest one delivers the same (nothing), and
+        # keeps the value within what the stores' queries accept.
+        after_position = min(after_position, MAX_INT64)
         try:
             head = await self.store.head_position()
             if from_end:
