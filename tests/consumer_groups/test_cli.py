@@ -115,6 +115,12 @@ async def test_group_create_reports_every_bad_field(gateway: Gateway) -> None:
         assert f"  {field}: " in refused.err
     negative = await cli("group", "create", "g", "--partitions", "-1")
     assert negative.code == 2
+    # Seconds that no Duration can hold are a usage error, not a stack trace.
+    for seconds in ("inf", "nan", "1e300"):
+        unencodable = await cli("group", "create", "g", "--ack-timeout", seconds)
+        assert unencodable.code == 2, unencodable.err
+        assert "--ack-timeout" in unencodable.err
+        assert "Traceback" not in unencodable.err
 
 
 async def test_consume_prints_json_lines_and_acks_each(gateway: Gateway) -> None:
