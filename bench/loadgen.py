@@ -74,10 +74,16 @@ class _Caller:
     """One process's calls: sends requests, checks answers, keeps the cancel pool."""
 
     def __init__(
-        self, channel: grpc.aio.Channel, seed: int, report: WorkerReport, hot: bool = False
+        self,
+        channel: grpc.aio.Channel,
+        seed: int,
+        report: WorkerReport,
+        hot: bool = False,
+        keyed: bool = False,
     ) -> None:
         self._stub = order_command_service_pb2_grpc.OrderCommandServiceStub(channel)
         self._hot = hot
+        self._keyed = keyed
         self._rng = random.Random(seed)
         self._customer = str(uuid.uuid4())
         self._report = report
@@ -85,7 +91,7 @@ class _Caller:
 
     async def create(self) -> str | None:
         """Place an order; its id, or None if the call failed."""
-        request = workload.create_request(self._rng, self._customer, self._hot)
+        request = workload.create_request(self._rng, self._customer, self._hot, self._keyed)
         try:
             responses = [r async for r in self._stub.CreateOrder(request, timeout=CALL_TIMEOUT)]
         except grpc.aio.AioRpcError as error:
@@ -173,6 +179,7 @@ async def _measure(
     loops: dict[str, Callable[[_Caller], Any]] = {
         "create": creating,
         "hot": creating,
+        "keyed": creating,
         "cancel": cancelling,
         "mixed": alternating,
     }
@@ -192,8 +199,11 @@ async def _drive(
     try:
         for channel in channels:
             await asyncio.wait_for(channel.channel_ready(), BARRIER_TIMEOUT)
-        hot = spec.workload == "hot"
-        clients = [_Caller(c, seed * 1000 + n, report, hot=hot) for n, c in enumerate(channels)]
+        hot, keyed = spec.workload == "hot", spec.workload == "keyed"
+        clients = [
+            _Caller(c, seed * 1000 + n, report, hot=hot, keyed=keyed)
+            for n, c in enumerate(channels)
+        ]
         barrier.wait(BARRIER_TIMEOUT)
         await asyncio.gather(
             *(

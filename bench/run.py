@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_levels,
         default=[1, 4, 16, 64],
         metavar="N,N,…",
-        help="concurrency levels of the create and hot workloads (default 1,4,16,64)",
+        help="concurrency levels of the create, hot and keyed workloads (default 1,4,16,64)",
     )
     parser.add_argument(
         "--workloads",
@@ -277,11 +277,12 @@ async def run_grpc(
             gateway = await stack.enter_async_context(await start_gateway(url, workdir))
             await restock(gateway.target)
             servers.append((spec.kind, gateway))
-        # hot beside create at every level, so that each pair sees the same machine.
+        # hot and keyed beside create at every level, so that each pair sees the same
+        # machine.
         plan = [
             (name, level)
             for level in args.concurrency
-            for name in ("create", "hot")
+            for name in ("create", "hot", "keyed")
             if name in args.workloads
         ]
         plan += [
@@ -292,8 +293,10 @@ async def run_grpc(
         gateways = {spec.kind for spec in specs}
         for name, level in plan:
             for label, server in servers:
-                if name == "hot" and label not in gateways:
-                    continue  # the floors have no products: their hot run is their create run
+                if name in ("hot", "keyed") and label not in gateways:
+                    # The floors have no products and keep no command ids: their create
+                    # run is their hot and keyed run.
+                    continue
                 load = LoadSpec(
                     target=server.target,
                     workload=name,

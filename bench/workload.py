@@ -5,7 +5,8 @@ and CancelOrder two (OrderCancelled, StockReleased). Items are spread over many 
 restocked up front with more stock than a run can use, so no call fails for lack of stock
 and commands rarely queue on one product's stream lock. The ``hot`` workload is
 ``create`` with every order on one product (a flash sale): every command then appends
-to that product's stream.
+to that product's stream. The ``keyed`` workload is ``create`` with a client-chosen
+``command_id`` on every order, as a client that may retry sends it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ PRODUCT_COUNT = 1000
 RESTOCK_QUANTITY = 1_000_000
 """Per product: at one unit per order, far more than any run places."""
 
-WORKLOADS = ("create", "hot", "cancel", "mixed")
+WORKLOADS = ("create", "hot", "keyed", "cancel", "mixed")
 HOT_PRODUCT = 0
 """The product every ``hot`` order is for."""
 
@@ -72,11 +73,12 @@ def order_input(product: str, customer_id: str) -> dict[str, object]:
 
 
 def create_request(
-    rng: random.Random, customer_id: str, hot: bool = False
+    rng: random.Random, customer_id: str, hot: bool = False, keyed: bool = False
 ) -> order_command_service_pb2.CreateOrderRequest:
-    """One order of one unit of a random product, or of the hot one (the server picks the
-    command id)."""
+    """One order of one unit of a random product, or of the hot one; with a new
+    ``command_id`` if ``keyed``, else the server picks it."""
     return order_command_service_pb2.CreateOrderRequest(
+        command_id=str(uuid.uuid4()) if keyed else "",
         customer_id=customer_id,
         items=[
             types_pb2.OrderItem(

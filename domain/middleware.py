@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import OrderedDict
 
 from domain.bus import Next, Result
 from domain.commands import Command
@@ -13,12 +14,14 @@ from domain.errors import (
     CommandIdReusedError,
     ConcurrencyConflictError,
     DomainError,
-    DuplicateCommandError,
 )
 from domain.fingerprints import is_same_request
 from domain.ports import EventStore
 
 log = logging.getLogger("order_gateway.bus")
+
+REMEMBERED_COMMANDS = 10_000
+"""Client-chosen command ids each process remembers having committed (about 1.5 MB)."""
 
 
 class LoggingMiddleware:
@@ -52,28 +55,49 @@ class LoggingMiddleware:
 class IdempotencyMiddleware:
     """Replays a committed command's events instead of running it again.
 
-    Runs before the handler, so a replay wins over NOT_FOUND and business rules; a
-    concurrent duplicate that loses the race at append time is resolved the same way.
-    Only committed commands are recorded, so a retry of a failed command runs afresh.
+    A new command pays no lookup: it runs, and its ``command_id`` is looked up only when
+    it is refused, by the store as a duplicate (a command's id is recorded in the
+    transaction of its events, so no command commits twice) or by a rule (a retry of a
+    committed command meets the state it left: stock taken, the order cancelled). A
+    replay thus still wins over NOT_FOUND and business rules, and the same
+    ``command_id`` for another request is still ALREADY_EXISTS. Looking every
+    client-chosen id up before running the command cost a read handed to a store thread
+    and back on SQLite, and a round trip on PostgreSQL.
+
+    A retry that runs costs more than its own refusal: commands decided meanwhile on the
+    state it would leave (``domain.unit_of_work`` pipelines commands on a stream) must be
+    decided again. So the ids this process committed last are remembered, and a retry of
+    one of them (a client retrying on the same connection) is looked up first, as every
+    command was before. Only committed commands are recorded, so a retry of a failed
+    command runs afresh.
     """
 
-    def __init__(self, store: EventStore) -> None:
+    def __init__(self, store: EventStore, remembered: int = REMEMBERED_COMMANDS) -> None:
         self._store = store
+        self._remembered = remembered
+        self._committed: OrderedDict[str, None] = OrderedDict()
+        """Client-chosen ids this process committed, oldest first."""
 
     async def __call__(self, command: Command, call_next: Next) -> Result:
         if command.server_chose_id:
-            # A fresh random id: looking it up would only cost a store round trip.
+            # A fresh random id: nothing can have been recorded under it.
             return await call_next(command)
-        replay = await self._replay(command)
-        if replay is not None:
-            return replay
+        command_id = command.command_id
+        if command_id in self._committed:
+            replay = await self._replay(command)
+            if replay is not None:
+                return replay
         try:
-            return await call_next(command)
-        except DuplicateCommandError:
+            result = await call_next(command)
+        except DomainError:
             replay = await self._replay(command)
             if replay is None:
                 raise
             return replay
+        self._committed[command_id] = None
+        if len(self._committed) > self._remembered:
+            self._committed.popitem(last=False)
+        return result
 
     async def _replay(self, command: Command) -> Result | None:
         record = await self._store.find_command(command.command_id)

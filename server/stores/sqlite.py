@@ -432,15 +432,12 @@ class SQLiteEventStore:
     def _write_decided(self, batch: list[Append]) -> bool:
         """Write ``batch`` as ``sqlite_decide.decide`` judges it, with batch-level statements.
 
-        Three statements per batch besides BEGIN and COMMIT, instead of five per commit:
-        one read of the head and the stream versions, one ``executemany`` per table.
-        Returns False, having written nothing, when the batch must go commit by commit
-        instead: ``decide`` declined, or an insert failed all the same. The unique keys
-        stay the safety net; besides a case the check missed, they catch a command id
-        stored before this batch, which ``decide`` does not look up: the command bus
-        looks every client-chosen id up before it runs the command
-        (``IdempotencyMiddleware``), so here that is a lost race, rare enough not to be
-        worth a lookup in every batch. The driver may also refuse a value it cannot bind.
+        Four statements per batch besides BEGIN and COMMIT, instead of five per commit:
+        one read of the head and the stream versions, one of the command ids already
+        recorded, one ``executemany`` per table. Returns False, having written nothing,
+        when the batch must go commit by commit instead: ``decide`` declined, or an
+        insert failed all the same. The unique keys stay the safety net for a case the
+        check missed; the driver may also refuse a value it cannot bind.
         Only the per-commit path can tell which commit is at fault, so no outcome ever
         rests on this path alone, except a fault of the file itself (full, I/O error),
         which would fail every commit alike.
@@ -455,7 +452,12 @@ class SQLiteEventStore:
         outcomes: list[list[RecordedEvent] | DomainError] = []
         try:
             head, versions, last_events = self._head_and_stream_heads(commits)
-            decisions = decide(commits, versions, last_events)
+            # The command bus looks a client-chosen id up only once its command is
+            # refused (``IdempotencyMiddleware``), so a client's retry of a committed
+            # command reaches the writer: a duplicate decided in the batch, not a reason
+            # to write the whole batch again commit by commit.
+            stored_ids = self._recorded_commands(commits)
+            decisions = decide(commits, versions, last_events, stored_ids)
             if decisions is None:
                 self._rollback()
                 return False
@@ -509,6 +511,16 @@ class SQLiteEventStore:
             versions.update(zip(streams, found[: len(streams)], strict=True))
             last_events.update(zip(streams, found[size : size + len(streams)], strict=True))
         return head, versions, last_events
+
+    def _recorded_commands(self, commits: list[Commit]) -> set[str]:
+        """Which of ``commits``' command ids the commands table holds; read under the write
+        lock, like the heads."""
+        recorded: set[str] = set()
+        for chunk, parameters in _lookups([c.command_id for c in commits], self._lookup_size):
+            if chunk:
+                rows = self._cursor.execute(find_ranges_sql(len(parameters)), parameters)
+                recorded.update(row[0] for row in rows.fetchall())
+        return recorded
 
     def _fail(self, batch: list[Append], error: sqlite3.Error) -> None:
         """BEGIN, the head read or COMMIT failed: nothing in the batch is durable."""

@@ -2,23 +2,21 @@
 
 The writer holds SQLite's one write lock (``BEGIN IMMEDIATE``) while it writes a batch,
 so nothing it reads under that lock can change before its COMMIT. It reads the current
-version of every stream the batch names, in one statement for the whole batch;
-``decide`` then walks the commits in order, as the database would see them one after
-another, and says which ones commit. That replaces a savepoint and two statements per
-commit.
+version of every stream the batch names, and which of the batch's command ids are
+already recorded, in two statements for the whole batch; ``decide`` then walks the
+commits in order, as the database would see them one after another, and says which ones
+commit. That replaces a savepoint and two statements per commit.
 
 ``decide`` is exact or declines, and the batch then goes to the writer's per-commit
 path, where the unique keys decide: an event whose version is not above its stream's
 current version might or might not collide with a stored one (versions need not be
 contiguous), and an event on a stream that no commit of the batch names in
-``expected_versions`` has no current version looked up. Command ids stored before the
-batch are not looked up either: the writer's insert meets them at the primary key, and
-that batch too goes commit by commit.
+``expected_versions`` has no current version looked up.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 
 from domain.errors import ConcurrencyConflictError, DomainError, DuplicateCommandError
 from domain.ports import Commit
@@ -41,14 +39,16 @@ def decide(
     commits: Sequence[Commit],
     versions: Mapping[str, int],
     last_events: Mapping[str, str | None] | None = None,
+    recorded: Set[str] = frozenset(),
 ) -> list[DomainError | None] | None:
     """For each commit in order, the error that rejects it or None if it commits.
 
     ``versions``: the current version of each of ``stream_ids(commits)`` (0: no events);
-    ``last_events``: the id of each one's last event (None: no events), for ``follows``.
+    ``last_events``: the id of each one's last event (None: no events), for ``follows``;
+    ``recorded``: which of the commits' command ids are stored already.
     A commit following a commit of the same batch sees that commit's events.
-    A command id is a duplicate here if an earlier commit of the batch took it; ids
-    stored before the batch are left to the commands table's primary key. A rejected
+    A command id is a duplicate if it is in ``recorded`` or an earlier commit of the
+    batch took it. A rejected
     commit changes nothing, so a later commit with the same command id, or one expecting
     the versions the rejected commit saw, can still commit, just as if each had been
     appended alone. Returns None when some commit needs the database's unique keys to
@@ -59,7 +59,7 @@ def decide(
     lasts = dict(last_events or {})
     decisions: list[DomainError | None] = []
     for commit in commits:
-        if commit.command_id in taken:
+        if commit.command_id in taken or commit.command_id in recorded:
             decisions.append(DuplicateCommandError(commit.command_id))
             continue
         stale = conflict(commit, current, lasts)

@@ -362,6 +362,35 @@ class EventStoreContract:
         record = await store.find_command(first.command_id)
         assert record is not None and list(record.events) == recorded
 
+    async def test_retries_among_concurrent_commits_are_rejected_and_the_rest_commit(
+        self, store: EventStore
+    ) -> None:
+        """The command bus may append a client's retry of a committed command before it
+        looks the id up, so retries arrive among new commits, in the same batches."""
+        stored = [commit_of([(f"stored-{n}", 1)]) for n in range(3)]
+        for commit in stored:
+            await store.append(commit)
+        fresh = [commit_of([(f"fresh-{n}", 1)]) for n in range(12)]
+        retries = [
+            commit_of([(f"retry-{n}", 1)], command_id=c.command_id) for n, c in enumerate(stored)
+        ]
+        commits = fresh[:4] + retries[:1] + fresh[4:8] + retries[1:] + fresh[8:]
+
+        results = await asyncio.wait_for(
+            asyncio.gather(*(store.append(c) for c in commits), return_exceptions=True), TIMEOUT
+        )
+
+        refused = [r for r in results if isinstance(r, BaseException)]
+        assert len(refused) == len(retries)
+        assert all(isinstance(r, DuplicateCommandError) for r in refused)
+        assert sorted(e.position for r in results if isinstance(r, list) for e in r) == list(
+            range(len(stored) + 1, len(stored) + len(fresh) + 1)
+        )
+        assert {e.stream_id for e in await store.read_all()} == {
+            *(f"stored-{n}" for n in range(3)),
+            *(f"fresh-{n}" for n in range(12)),
+        }
+
     async def test_a_failed_command_is_not_recorded_and_can_run_again(
         self, store: EventStore
     ) -> None:

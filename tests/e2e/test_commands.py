@@ -186,6 +186,28 @@ async def test_retry_with_same_command_id_replays_same_events(clients: Clients) 
     assert restocked[0].product_restocked.available_after == 4
 
 
+async def test_a_retry_among_concurrent_orders_on_one_product_replays(
+    clients: Clients,
+) -> None:
+    """The retry runs before its id is looked up, and the orders decided behind it on the
+    product's queued state follow a commit that never happens: they are decided again, and
+    none fails."""
+    await clients.restock("hot", 50)
+    request = order_request(item("hot", 1), command_id=str(uuid.uuid4()))
+    first = await clients.create(request)
+    others = [order_request(item("hot", 1)) for _ in range(20)]
+
+    results = await asyncio.gather(
+        *(clients.create(other) for other in others[:10]),
+        clients.create(request),
+        *(clients.create(other) for other in others[10:]),
+    )
+
+    assert results[10] == first
+    placed = results[:10] + results[11:]
+    assert sorted(r[1].stock_reserved.available_after for r in placed) == list(range(29, 49))
+
+
 async def test_replay_comes_before_business_rules(clients: Clients) -> None:
     await clients.restock("a", 1)
     order_id = await placed(clients, ("a", 1))

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from psycopg_pool import PoolTimeout
 
 from domain.errors import StoreError, StoreFullError, StoreUnavailableError
-from domain.ports import CommandRecord, RecordedEvent
+from domain.ports import CommandRecord, Commit, RecordedEvent
 from server.app import Gateway
 from server.observability.store_faults import StoreFaults
 from server.stores.postgres_errors import store_error as postgres_store_error
@@ -291,6 +291,14 @@ class UnreachableStore(WrappedStore):
     def _check(self) -> None:
         if self.down:
             raise StoreUnavailableError("connection refused")
+
+    async def append(self, commit: Commit) -> list[RecordedEvent]:
+        self._check()
+        return await super().append(commit)
+
+    async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
+        self._check()
+        return await super().read_stream(stream_id, after_version)
 
     async def find_command(self, command_id: str) -> CommandRecord | None:
         self._check()

@@ -157,9 +157,11 @@ async def test_one_batch_of_good_and_bad_commits(
     assert fell_back == (path == "Python check bypassed")
 
 
-async def test_a_command_id_stored_before_the_batch_is_left_to_the_primary_key(
+async def test_a_command_id_stored_before_the_batch_is_a_duplicate_decided_in_the_batch(
     harness: Harness,
 ) -> None:
+    """A client's retry of a committed command: the command bus runs it before it looks its
+    id up, so its commit reaches the writer."""
     store = harness.store
     stored = commit_of([("a", 1)])
     original = await store.append(stored)
@@ -176,8 +178,8 @@ async def test_a_command_id_stored_before_the_batch_is_left_to_the_primary_key(
     assert await store.read_stream("c") == []
     record = await store.find_command(stored.command_id)
     assert record is not None and list(record.events) == original
-    # ``decide`` does not look stored ids up: the key caught it, then commit by commit.
-    assert harness.writes.per_commit_transactions == 1
+    # Looked up with the batch: the others commit in it, not one by one behind a key error.
+    assert harness.writes.per_commit_transactions == 0
 
 
 async def test_a_batch_the_check_cannot_decide_goes_commit_by_commit(harness: Harness) -> None:
@@ -264,6 +266,17 @@ def test_decide_leaves_no_trace_of_a_rejected_commit() -> None:
     assert decisions is not None
     assert isinstance(decisions[0], ConcurrencyConflictError)
     assert decisions[1:] == [None, None]
+
+
+def test_decide_rejects_a_command_id_recorded_before_the_batch() -> None:
+    retry = commit_of([("a", 1)])
+    commits = [retry, commit_of([("a", 1)])]  # "a" is still at 0: the retry wrote nothing
+
+    decisions = decide(commits, {"a": 0}, recorded={retry.command_id})
+
+    assert decisions is not None
+    assert isinstance(decisions[0], DuplicateCommandError)
+    assert decisions[1] is None
 
 
 @pytest.mark.parametrize(

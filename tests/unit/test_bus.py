@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from domain import handlers
 from domain.bus import CommandBus, Next, Result
 from domain.commands import CancelOrder, Command, CreateOrder, RestockProduct
 from domain.errors import (
@@ -24,8 +25,9 @@ from domain.errors import (
 from domain.events import ProductRestocked
 from domain.fingerprints import fingerprint
 from domain.mapper import to_domain_event, to_new_event
-from domain.middleware import RetryOnConflictMiddleware
+from domain.middleware import IdempotencyMiddleware, RetryOnConflictMiddleware
 from domain.ports import Commit, RecordedEvent
+from domain.unit_of_work import UnitsOfWork
 from server.bootstrap import bootstrap
 from server.stores.memory import MemoryEventStore
 
@@ -277,10 +279,15 @@ class CountingStore(MemoryEventStore):
     def __init__(self) -> None:
         super().__init__()
         self.lookups = 0
+        self.appends = 0
 
     async def find_command(self, command_id: str) -> Any:
         self.lookups += 1
         return await super().find_command(command_id)
+
+    async def append(self, commit: Commit) -> list[RecordedEvent]:
+        self.appends += 1
+        return await super().append(commit)
 
 
 async def test_commands_without_an_id_get_distinct_ids_and_skip_the_lookup() -> None:
@@ -291,8 +298,53 @@ async def test_commands_without_an_id_get_distinct_ids_and_skip_the_lookup() -> 
     assert first[0].command_id != second[0].command_id
     assert await store.head_position() == 2
     assert store.lookups == 0
-    await bus.dispatch(restock("a", 1, command_id=str(uuid.uuid4())))
-    assert store.lookups == 1
+
+
+async def test_a_new_client_chosen_id_costs_no_lookup() -> None:
+    store = CountingStore()
+    await bootstrap(store).dispatch(restock("a", 1, command_id=str(uuid.uuid4())))
+    assert (store.lookups, store.appends) == (0, 1)
+
+
+async def test_a_retry_of_a_command_this_process_committed_is_looked_up_not_run() -> None:
+    store = CountingStore()
+    bus = bootstrap(store)
+    command = restock("a", 1, command_id=str(uuid.uuid4()))
+    first = await bus.dispatch(command)
+    assert await bus.dispatch(command) == first
+    assert (store.lookups, store.appends) == (1, 1)
+
+
+async def test_only_the_latest_committed_ids_are_remembered() -> None:
+    store = CountingStore()
+    bus = CommandBus(middleware=[IdempotencyMiddleware(store, remembered=2)])
+    bus.register(RestockProduct, UnitsOfWork(store).handler(handlers.restock_product))
+    commands = [restock("a", 1, command_id=str(uuid.uuid4())) for _ in range(3)]
+    for command in commands:
+        await bus.dispatch(command)
+    for command in commands:
+        await bus.dispatch(command)
+    # The first was forgotten: it ran again, and the store refused it.
+    assert (store.lookups, store.appends) == (3, 4)
+
+
+async def test_a_retry_of_a_command_another_replica_committed_is_refused_then_replayed() -> None:
+    store = CountingStore()
+    command = restock("a", 1, command_id=str(uuid.uuid4()))
+    first = await bootstrap(store).dispatch(command)
+    assert await bootstrap(store).dispatch(command) == first
+    # It ran, the store refused its append as a duplicate, and the record was read.
+    assert (store.lookups, store.appends) == (1, 2)
+    assert await store.head_position() == 1
+
+
+async def test_a_command_refused_by_a_rule_looks_its_id_up() -> None:
+    store = CountingStore()
+    with pytest.raises(OrderNotFoundError):
+        await bootstrap(store).dispatch(
+            CancelOrder(order_id=str(uuid.uuid4()), command_id=str(uuid.uuid4()))
+        )
+    assert store.lookups == 1  # a retry of a committed command would replay here
 
 
 async def test_a_cached_product_never_decides_against_the_store(store: MemoryEventStore) -> None:
