@@ -315,6 +315,8 @@ class SubscriptionHub:
         self._on_lag = on_lag
         self._max_subscribers = max_subscribers
         self._subscriptions: set[Subscription] = set()
+        self._limited = 0
+        """Subscriptions that count against ``max_subscribers``."""
         self._live: set[Subscription] = set()
         self._head = 0
         self._wake = asyncio.Event()
@@ -366,19 +368,29 @@ class SubscriptionHub:
 
     @contextlib.asynccontextmanager
     async def subscribe(
-        self, event_filter: EventFilter, after_position: int, from_end: bool
+        self,
+        event_filter: EventFilter,
+        after_position: int,
+        from_end: bool,
+        *,
+        limited: bool = True,
     ) -> AsyncIterator[Subscription]:
         """Open a subscription for the calling task; it is released on exit.
+
+        ``limited``: it counts against ``max_subscribers``, as a client's Subscribe does;
+        the consumer groups' own readers (one per group) do not, so that clients can
+        neither be refused because of them nor stall them by taking every slot.
 
         Raises HubClosedError when stopping, TooManySubscribersError beyond the limit.
         """
         if self._closed:
             raise HubClosedError
-        if len(self._subscriptions) >= self._max_subscribers:
+        if limited and self._limited >= self._max_subscribers:
             raise TooManySubscribersError
         subscription = Subscription(self, event_filter, asyncio.current_task())
         # Counted before the first await, so concurrent calls cannot overshoot the limit.
         self._subscriptions.add(subscription)
+        self._limited += limited
         if len(self._subscriptions) == 1 and self.on_subscribed is not None:
             self.on_subscribed(True)
         # The request's uint64 may exceed the stores' 64-bit signed positions, which no
@@ -396,6 +408,7 @@ class SubscriptionHub:
             yield subscription
         finally:
             self._subscriptions.discard(subscription)
+            self._limited -= limited
             self._live.discard(subscription)
             if not self._subscriptions and self.on_subscribed is not None:
                 self.on_subscribed(False)
