@@ -336,7 +336,14 @@ class SubscriptionHub:
 
     @property
     def subscriber_count(self) -> int:
+        """Every open subscription, the consumer groups' readers included."""
         return len(self._subscriptions)
+
+    @property
+    def limited_count(self) -> int:
+        """Open subscriptions that count against ``max_subscribers``: clients' Subscribe
+        streams."""
+        return self._limited
 
     async def start(self) -> None:
         # Nobody is live yet, so there is nothing to offer below the current head.
