@@ -10,8 +10,13 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import math
+import time
 import unicodedata
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -29,13 +34,39 @@ CLOCK_SKEW = dt.timedelta(seconds=30)
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
 
+VERIFIED_TOKENS = 1_000
+"""Tokens each process remembers having verified, until they expire (about 1 MB)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    caller: Caller
+    valid_from: float
+    """``nbf`` and ``iat`` less the clock skew (UNIX seconds; -inf without them)."""
+    valid_until: float
+    """``exp`` plus the clock skew."""
+
+
 class JwtAuthenticator:
-    """Verifies JWTs signed by one key; optionally requires an issuer and an audience."""
+    """Verifies JWTs signed by one key; optionally requires an issuer and an audience.
+
+    A client sends the same token with every call until it expires, and verifying it
+    cost ~90 µs (RS256) to ~110 µs (ES256) of CPU each time: a token that verified is
+    remembered, by its exact text (signature included), and answered from memory while
+    its ``exp``, ``nbf`` and ``iat`` allow, as verifying it again would. Tokens that fail
+    are not remembered.
+    """
 
     def __init__(
-        self, key: PublicKey, issuer: str | None = None, audience: str | None = None
+        self,
+        key: PublicKey,
+        issuer: str | None = None,
+        audience: str | None = None,
+        remembered: int = VERIFIED_TOKENS,
     ) -> None:
         self._key = key
+        self._remembered = remembered
+        self._verified: OrderedDict[str, _Verified] = OrderedDict()
         self._algorithm = algorithm_for(key)
         # An empty value (e.g. ORDER_GATEWAY_JWT_ISSUER="") means "not checked".
         self._issuer = issuer or None
@@ -63,6 +94,12 @@ class JwtAuthenticator:
             raise ConfigurationError(f"{path}: {error}") from None
 
     def authenticate(self, token: str) -> Caller | None:
+        verified = self._verified.get(token)
+        if verified is not None:
+            if verified.valid_from <= time.time() < verified.valid_until:
+                self._verified.move_to_end(token)
+                return verified.caller
+            del self._verified[token]  # verified again below, which says why it fails
         if not looks_like_jwt(token):
             return None  # some other authenticator's token, or an unknown one
         try:
@@ -83,7 +120,23 @@ class JwtAuthenticator:
             )
         except jwt.InvalidTokenError as error:
             raise AuthenticationError(f"invalid JWT: {_reason(error)}") from None
-        return Caller(user_id=_subject(claims.get("sub")), scopes=_scopes(claims.get("scope")))
+        caller = Caller(user_id=_subject(claims.get("sub")), scopes=_scopes(claims.get("scope")))
+        self._remember(token, caller, claims)
+        return caller
+
+    def _remember(self, token: str, caller: Caller, claims: dict[str, Any]) -> None:
+        skew = CLOCK_SKEW.total_seconds()
+        # PyJWT has checked that these are numbers (read with int(), as it reads them) that
+        # allow the token now; it allows it while nbf - skew <= now, iat - skew <= now and
+        # now < exp + skew.
+        starts = [int(claims[name]) for name in ("nbf", "iat") if name in claims]
+        self._verified[token] = _Verified(
+            caller,
+            valid_from=max(starts) - skew if starts else -math.inf,
+            valid_until=int(claims["exp"]) + skew,
+        )
+        if len(self._verified) > self._remembered:
+            self._verified.popitem(last=False)
 
 
 def looks_like_jwt(token: str) -> bool:

@@ -17,8 +17,10 @@ one batch to the next, and the arrays go in binary (``postgres_arrays``).
 
 Reads are plain queries on pooled connections (``psycopg_pool``), prepared on first use;
 the load of an aggregate that is not cached keeps a connection of its own, as a writer
-does. Each pooled connection rehearses the statements a cold start needs when it opens
-(``_configure``). Every driver error is translated at this boundary (``postgres_errors``).
+does. Each pooled connection prepares the load a cold start needs when it opens
+(``_configure``), and the first writer's connection rehearses an append when the store
+opens (``_rehearse_append``). Every driver error is translated at this boundary
+(``postgres_errors``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import asyncio
 import datetime as dt
 import logging
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -285,13 +287,21 @@ class PostgresEventStore:
         ) -> NotificationListener:
             return NotificationListener(url, listen_kwargs, on_wake, on_turns)
 
-        return cls(
+        store = cls(
             pool,
             listener,
             max_batch,
             known_head=int(row[0]) if row else 0,
             max_in_flight=max_in_flight,
         )
+        try:
+            with _translated("connect"):
+                # The writer the first append takes (``_write_pending`` pops the last).
+                await store._idle_connections[-1].take(_rehearse_append)
+        except BaseException:
+            await store.close()
+            raise
+        return store
 
     async def open_consumer_groups(self) -> PostgresConsumerGroupStore:
         """Consumer-group records in the same database (``server.consumer_groups``)."""
@@ -631,6 +641,16 @@ class _KeptConnection:
         self._connection: psycopg.AsyncConnection[TupleRow] | None = None
         self._cursor: psycopg.AsyncCursor[TupleRow] | None = None
 
+    async def take(
+        self, prepare: Callable[[psycopg.AsyncConnection[TupleRow]], Awaitable[None]]
+    ) -> None:
+        """Take a connection now, and ``prepare`` it, rather than on the first ``execute``."""
+        try:
+            await prepare((await self._cursor_taken()).connection)
+        except BaseException:
+            await self.release()
+            raise
+
     async def execute(self, query: str, params: Sequence[Any]) -> list[TupleRow]:
         """Run ``query`` (prepared) and return its rows.
 
@@ -638,14 +658,18 @@ class _KeptConnection:
         broken, and the next call takes another.
         """
         try:
-            if self._cursor is None:
-                self._connection = await self._pool.getconn()
-                self._cursor = self._connection.cursor(binary=self._binary)
-            await self._cursor.execute(query, params, prepare=True)
-            return await self._cursor.fetchall()
+            cursor = await self._cursor_taken()
+            await cursor.execute(query, params, prepare=True)
+            return await cursor.fetchall()
         except BaseException:
             await self.release()
             raise
+
+    async def _cursor_taken(self) -> psycopg.AsyncCursor[TupleRow]:
+        if self._cursor is None:
+            self._connection = await self._pool.getconn()
+            self._cursor = self._connection.cursor(binary=self._binary)
+        return self._cursor
 
     async def release(self) -> None:
         if self._connection is not None:
@@ -757,27 +781,11 @@ async def _configure(conn: psycopg.AsyncConnection[TupleRow]) -> None:
         "SET TimeZone TO 'UTC'; SET default_transaction_isolation TO 'read committed';"
         " SET plan_cache_mode TO force_generic_plan"
     )
-    # A session's first appends cost more than the next ones, whatever the stream: the
-    # first 5-7 ms (og_append_chain compiled, and its statements planned under the append
-    # lock), the second ~0.3 ms more than the next ones (measured here). The first order
-    # on a long stream after a restart may well be the second append of the process. One
-    # append rehearsed in a transaction rolled back when the connection opens: the first
-    # real one then took 1.6-1.8 ms, the second 0.93-0.97 against 1.0-1.16 (~0.75 for the
-    # next ones). It holds the append lock as long as a session's first append would;
-    # nothing is written, no position is used up, and vacuum removes the dead rows.
-    try:
-        async with conn.transaction(force_rollback=True):
-            cursor = await conn.execute(_APPEND, _append_params([_rehearsal()]))
-            await cursor.fetchall()
-    except psycopg.Error:
-        # E.g. a role that may only read: it never appends, and is not refused for that.
-        log.debug("append not rehearsed", exc_info=True)
     # A session's first statement on a table loads the table's and its indexes' catalog
     # entries, and a statement prepared on first use costs a round trip more: the first
     # cold load on each pooled connection took ~4 ms against ~0.8 for the next ones
     # (measured here). Paid now, when the pool opens the connection, instead of by the
-    # first command on a long stream after a restart; after the rehearsal, whose rollback
-    # makes psycopg deallocate the session's prepared statements.
+    # first command on a long stream after a restart.
     try:
         await _load_snapshot_and_events(conn, "")
     except psycopg.ProgrammingError:
@@ -787,8 +795,30 @@ async def _configure(conn: psycopg.AsyncConnection[TupleRow]) -> None:
         log.debug("snapshot statement not prepared", exc_info=True)
 
 
+async def _rehearse_append(conn: psycopg.AsyncConnection[TupleRow]) -> None:
+    # A session's first appends cost more than the next ones, whatever the stream: the
+    # first 5-7 ms (og_append_chain compiled, and its statements planned under the append
+    # lock), the second ~0.3 ms more than the next ones (measured here). The first order
+    # on a long stream after a restart may well be the second append of the process. One
+    # append rehearsed in a transaction rolled back: the first real one then took
+    # 1.6-1.8 ms, the second 0.93-0.97 against 1.0-1.16 (~0.75 for the next ones).
+    # Nothing is written and no position is used up (vacuum removes the dead rows), but
+    # it holds the append lock, every replica's, as long as a session's first append
+    # would: so only the connection of the first writer rehearses, when the store opens,
+    # not every connection the pool opens for reads as it grows. The rollback makes
+    # psycopg deallocate the session's prepared statements; a writer prepares only its
+    # own.
+    try:
+        async with conn.transaction(force_rollback=True):
+            cursor = await conn.execute(_APPEND, _append_params([_rehearsal()]))
+            await cursor.fetchall()
+    except psycopg.Error:
+        # E.g. a role that may only read: it never appends, and is not refused for that.
+        log.debug("append not rehearsed", exc_info=True)
+
+
 def _rehearsal() -> Commit:
-    """A commit of one event on a stream of its own, for ``_configure``."""
+    """A commit of one event on a stream of its own, for ``_rehearse_append``."""
     stream = f"og-rehearsal-{uuid.uuid4()}"
     return Commit(
         command_id=str(uuid.uuid4()),

@@ -360,3 +360,71 @@ def test_no_token_makes_the_jwt_check_fail_in_an_unexpected_way(
         assert verifier.authenticate(token) is None
     except AuthenticationError as error:
         assert str(error).startswith("invalid JWT: ")
+
+
+# -- tokens remembered once verified --------------------------------------------------
+
+
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The tokens whose signature is checked (each call of ``jwt.decode``)."""
+    checked: list[str] = []
+    decode = jwt.decode
+
+    def counting(token: str, *args: Any, **kwargs: Any) -> Any:
+        checked.append(token)
+        return decode(token, *args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counting)
+    return checked
+
+
+def rsa_verifier(signer: Signer, remembered: int = 1_000) -> JwtAuthenticator:
+    key = signer.key.public_key()
+    assert isinstance(key, rsa.RSAPublicKey)
+    return JwtAuthenticator(key, ISSUER, AUDIENCE, remembered=remembered)
+
+
+def test_a_token_sent_again_is_not_verified_again(rsa_signer: Signer, decodes: list[str]) -> None:
+    verifier = rsa_verifier(rsa_signer)
+    token = rsa_signer.token()
+    callers = [verifier.authenticate(token) for _ in range(5)]
+    assert {caller.user_id for caller in callers if caller} == {"checkout-service"}
+    assert decodes == [token]
+
+
+def test_a_tampered_copy_of_a_remembered_token_is_still_refused(
+    rsa_signer: Signer, decodes: list[str]
+) -> None:
+    verifier = rsa_verifier(rsa_signer)
+    token = rsa_signer.token()
+    assert verifier.authenticate(token) is not None
+    with pytest.raises(AuthenticationError, match="signature does not verify"):
+        verifier.authenticate(token[:-4] + "AAAA")
+    forged = rsa_signer.token(sub="someone-else").rpartition(".")[0] + "." + token.split(".")[2]
+    with pytest.raises(AuthenticationError, match="signature does not verify"):
+        verifier.authenticate(forged)
+
+
+def test_a_remembered_token_expires_when_a_verified_one_would(
+    rsa_signer: Signer, decodes: list[str]
+) -> None:
+    verifier = rsa_verifier(rsa_signer)
+    now = time.time()
+    # Expired 29 s ago: within the 30 s clock skew allowed, until the next whole second.
+    token = rsa_signer.token(exp=int(now) - 29)
+    assert verifier.authenticate(token) is not None
+    time.sleep(int(now) + 1.05 - time.time())
+    with pytest.raises(AuthenticationError, match="expired"):
+        verifier.authenticate(token)
+    assert decodes == [token, token]
+
+
+def test_only_the_latest_tokens_are_remembered(rsa_signer: Signer, decodes: list[str]) -> None:
+    verifier = rsa_verifier(rsa_signer, remembered=2)
+    tokens = [rsa_signer.token(sub=f"service-{n}") for n in range(3)]
+    for token in tokens + tokens[1:]:
+        assert verifier.authenticate(token) is not None
+    assert decodes == tokens  # the last two came from memory
+    verifier.authenticate(tokens[0])
+    assert decodes == [*tokens, tokens[0]]

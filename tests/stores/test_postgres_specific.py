@@ -41,7 +41,7 @@ from domain.ports import Commit, NewEvent, RecordedEvent, Snapshot
 from server.app import create_server
 from server.config import Settings
 from server.stores.postgres import LISTENER_APPLICATION_NAME, PostgresEventStore
-from server.stores.postgres_schema import MIGRATIONS, apply_migrations
+from server.stores.postgres_schema import APPEND_LOCK, MIGRATIONS, apply_migrations
 from server.verify import verify
 from tests.clients import Clients, detail, item, order_request
 
@@ -294,11 +294,11 @@ async def test_a_pooled_connection_plans_each_statement_once(fresh_postgres_url:
         await store.close()
 
 
-async def test_the_appends_rehearsed_by_new_connections_leave_nothing(
+async def test_the_append_rehearsed_when_the_store_opens_leaves_nothing(
     fresh_postgres_url: str,
 ) -> None:
-    """Each pooled connection rehearses an append when it opens, in a transaction it rolls
-    back: no event, no command, no position used up."""
+    """The first writer's connection rehearses an append when the store opens, in a
+    transaction it rolls back: no event, no command, no position used up."""
     store = await PostgresEventStore.open(fresh_postgres_url, min_connections=4)
     try:
         assert await store.head_position() == 0
@@ -312,6 +312,44 @@ async def test_the_appends_rehearsed_by_new_connections_leave_nothing(
             "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM commands)"
         )
         assert counts.fetchone() == (1, 1)
+
+
+async def test_connections_opened_for_reads_do_not_wait_for_the_append_lock(
+    fresh_postgres_url: str,
+) -> None:
+    """A pool growing under reads must not queue its new connections behind every
+    replica's appends (nor hold up theirs): only the first writer rehearses an append."""
+    store = await PostgresEventStore.open(
+        fresh_postgres_url, min_connections=2, max_connections=8, pool_timeout=5.0
+    )
+    try:
+        await store.append(commit(("a", 1)))
+        with (
+            psycopg.connect(fresh_postgres_url, autocommit=True) as holder,
+            holder.transaction(),
+        ):
+            # Another replica's append, holding the lock for as long as it takes.
+            holder.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
+            # Four reads holding a connection each at once: the pool opens more.
+            results = await asyncio.wait_for(reads_at_once(store, 4), 4.0)
+        assert results == [1] * 4
+        assert store._pool.get_stats()["pool_size"] >= 5
+    finally:
+        await store.close()
+
+
+async def reads_at_once(store: PostgresEventStore, count: int) -> list[int]:
+    """How many events stream "a" has, read on ``count`` pooled connections held at once."""
+    async with contextlib.AsyncExitStack() as stack:
+        connections = [
+            await stack.enter_async_context(store._pool.connection()) for _ in range(count)
+        ]
+        counts = []
+        for connection in connections:
+            cursor = await connection.execute("SELECT count(*) FROM events WHERE stream_id = 'a'")
+            row = await cursor.fetchone()
+            counts.append(row[0] if row else 0)
+        return counts
 
 
 async def test_loads_at_once_each_read_their_own_stream(store: PostgresEventStore) -> None:
