@@ -233,7 +233,7 @@ async def create_server(
         hub_tuning,
         on_lag=lambda head, delivered: metrics.subscription_lag(head, delivered),
     )
-    metrics.count_subscriptions(lambda: hub.subscriber_count)
+    metrics.count_subscriptions(lambda: hub.limited_count)
     event_stream_service_pb2_grpc.add_EventStreamServiceServicer_to_server(
         EventStreamServicer(hub), server
     )

@@ -141,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=3.0,
         help="how long to wait for an answer (default: %(default)s)",
     )
+    health.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="the CA certificate (PEM) to trust, for a gateway that speaks TLS "
+        "(default: plaintext)",
+    )
     return parser
 
 
@@ -244,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from server.client.health import check_health, local_target
 
             target = args.target or local_target(settings.listen)
-            return check_health(target, args.service, args.timeout)
+            return check_health(target, args.service, args.timeout, args.tls_ca)
         elif args.command == "group":
             from server.client.groups import run_group
 

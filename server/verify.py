@@ -17,6 +17,7 @@ committed after the check starts are left for the next run.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from domain.events import ProductRestocked, StockReleased, StockReserved
 from domain.mapper import decode
 from domain.ports import EventStore
 from server.stores.event_rows import EventRow, EventRowReader
-from server.stores.factory import open_store
+from server.stores.factory import open_store, sqlite_path
 
 PAGE_SIZE = 10_000
 """Events per read (and commands per lookup batch)."""
@@ -280,6 +281,12 @@ async def _find_stray_records(store: EventStore, head: int, report: Report) -> N
 
 async def run_verify(url: str) -> int:
     """``order-gateway verify``: prints the report; 0 if the log is consistent, else 1."""
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        # Opening it would create an empty store, and a mistyped path would pass as a
+        # consistent log.
+        print(f"order-gateway: no SQLite store at {path}", file=sys.stderr)
+        return 1
     store = await open_store(url)
     try:
         report = await verify(store)

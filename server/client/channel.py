@@ -1,4 +1,4 @@
-"""Channels and credentials for the CLI's client commands (tail, group, consume)."""
+"""Channels and credentials for the CLI's client commands (tail, group, consume, health)."""
 
 from __future__ import annotations
 

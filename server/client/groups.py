@@ -24,6 +24,9 @@ from server.client.channel import TOKEN_VARIABLE, Metadata, call_metadata, open_
 from server.client.json_lines import json_line
 from server.client.tail import field_violations
 
+MAX_DURATION_SECONDS = 315_576_000_000
+"""The longest ``google.protobuf.Duration``: about 10,000 years."""
+
 
 def add_client_flags(parser: argparse.ArgumentParser, target: str = "the gateway to call") -> None:
     """``--target``, ``--token`` and ``--tls-ca``, as every client command takes them."""
@@ -92,7 +95,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     create.add_argument(
         "--ack-timeout",
         metavar="SECONDS",
-        type=float,
+        type=_seconds,
         help="1 to 3600: a delivery not acked within it is delivered again (default: 30)",
     )
     create.add_argument(
@@ -145,6 +148,18 @@ def _fail(program: str, error: grpc.RpcError, err: TextIO) -> int:
     for field, reason in field_violations(error):
         print(f"  {field}: {reason}", file=err)
     return 1
+
+
+def _seconds(text: str) -> float:
+    """A number of seconds a ``google.protobuf.Duration`` can hold (the server checks the
+    range it accepts); anything else, ``inf`` or ``1e300``, is a usage error."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not abs(seconds) <= MAX_DURATION_SECONDS:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"not a number of seconds a Duration holds: {text!r}")
+    return seconds
 
 
 def _settings(args: argparse.Namespace) -> pb.ConsumerGroupSettings:

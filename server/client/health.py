@@ -11,6 +11,8 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from server.client.channel import open_channel
+
 WILDCARDS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "[::]": "[::1]", "::": "[::1]"}
 
 
@@ -23,9 +25,13 @@ def local_target(listen: str) -> str:
     return f"{WILDCARDS.get(host, host)}:{port}"
 
 
-def check_health(target: str, service: str = "", timeout: float = 3.0) -> int:
-    """Print the status of ``service`` ("": the whole server); return the exit status."""
-    with grpc.insecure_channel(target) as channel:
+def check_health(
+    target: str, service: str = "", timeout: float = 3.0, tls_ca: str | None = None
+) -> int:
+    """Print the status of ``service`` ("": the whole server); return the exit status.
+
+    Plaintext, or TLS trusting the CA certificate(s) in the PEM file ``tls_ca``."""
+    with open_channel(target, tls_ca) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout

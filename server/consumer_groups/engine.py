@@ -712,7 +712,9 @@ class GroupRuntime:
                 partition.synced = True
             self._examined = start
             try:
-                async with self._hub.subscribe(self._filter, start, False) as subscription:
+                async with self._hub.subscribe(
+                    self._filter, start, False, limited=False
+                ) as subscription:
                     async for response in subscription.responses():
                         if response.WhichOneof("message") == "event":
                             self._take(response.event)

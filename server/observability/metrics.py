@@ -133,7 +133,7 @@ class GatewayMetrics:
         duration.observe(outcome.duration)
 
     def count_subscriptions(self, count: Callable[[], int]) -> None:
-        """Report ``count()`` (e.g. the hub's ``subscriber_count``) as open subscriptions.
+        """Report ``count()`` (the hub's ``limited_count``) as open Subscribe streams.
 
         Read at scrape time from the HTTP server's thread: ``count`` must be thread-safe
         (``len()`` of a set is).

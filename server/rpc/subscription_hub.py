@@ -29,6 +29,7 @@ from orders.v1 import event_stream_service_pb2
 
 from domain.errors import StoreFullError, StoreUnavailableError
 from domain.ports import EventStore, RecordedEvent
+from domain.values import MAX_INT64
 from server.rpc.mapping import event_response, row_event_response
 from server.stores.event_rows import (
     EVENT_TYPE,
@@ -286,7 +287,9 @@ class Subscription:
                 if delivered:
                     quiet_until = clock() + tuning.checkpoint_interval
                 self._hub.report_progress(self._cursor)
-                caught_up = not page.full and self._hub.try_attach(self, self._cursor)
+                caught_up = not page.full and self._hub.try_attach(
+                    self, self._cursor, self._examined
+                )
                 if caught_up or clock() >= quiet_until:
                     yield _checkpoint(self._examined)
                     quiet_until = clock() + tuning.checkpoint_interval
@@ -312,6 +315,8 @@ class SubscriptionHub:
         self._on_lag = on_lag
         self._max_subscribers = max_subscribers
         self._subscriptions: set[Subscription] = set()
+        self._limited = 0
+        """Subscriptions that count against ``max_subscribers``."""
         self._live: set[Subscription] = set()
         self._head = 0
         self._wake = asyncio.Event()
@@ -331,7 +336,14 @@ class SubscriptionHub:
 
     @property
     def subscriber_count(self) -> int:
+        """Every open subscription, the consumer groups' readers included."""
         return len(self._subscriptions)
+
+    @property
+    def limited_count(self) -> int:
+        """Open subscriptions that count against ``max_subscribers``: clients' Subscribe
+        streams."""
+        return self._limited
 
     async def start(self) -> None:
         # Nobody is live yet, so there is nothing to offer below the current head.
@@ -363,21 +375,35 @@ class SubscriptionHub:
 
     @contextlib.asynccontextmanager
     async def subscribe(
-        self, event_filter: EventFilter, after_position: int, from_end: bool
+        self,
+        event_filter: EventFilter,
+        after_position: int,
+        from_end: bool,
+        *,
+        limited: bool = True,
     ) -> AsyncIterator[Subscription]:
         """Open a subscription for the calling task; it is released on exit.
+
+        ``limited``: it counts against ``max_subscribers``, as a client's Subscribe does;
+        the consumer groups' own readers (one per group) do not, so that clients can
+        neither be refused because of them nor stall them by taking every slot.
 
         Raises HubClosedError when stopping, TooManySubscribersError beyond the limit.
         """
         if self._closed:
             raise HubClosedError
-        if len(self._subscriptions) >= self._max_subscribers:
+        if limited and self._limited >= self._max_subscribers:
             raise TooManySubscribersError
         subscription = Subscription(self, event_filter, asyncio.current_task())
         # Counted before the first await, so concurrent calls cannot overshoot the limit.
         self._subscriptions.add(subscription)
+        self._limited += limited
         if len(self._subscriptions) == 1 and self.on_subscribed is not None:
             self.on_subscribed(True)
+        # The request's uint64 may exceed the stores' 64-bit signed positions, which no
+        # event does: starting from the largest one delivers the same (nothing), and
+        # keeps the value within what the stores' queries accept.
+        after_position = min(after_position, MAX_INT64)
         try:
             head = await self.store.head_position()
             if from_end:
@@ -389,6 +415,7 @@ class SubscriptionHub:
             yield subscription
         finally:
             self._subscriptions.discard(subscription)
+            self._limited -= limited
             self._live.discard(subscription)
             if not self._subscriptions and self.on_subscribed is not None:
                 self.on_subscribed(False)
@@ -403,16 +430,22 @@ class SubscriptionHub:
         if self._on_lag is not None:
             self._on_lag(max(self._head, delivered), delivered)
 
-    def try_attach(self, subscription: Subscription, cursor: int) -> bool:
+    def try_attach(self, subscription: Subscription, cursor: int, examined: int) -> bool:
         """Make the subscription live if it has read at least as far as the hub.
+
+        ``examined``: how far it has read the log; below ``cursor`` only when the client
+        asked to start beyond the committed head.
 
         Synchronous on purpose: between this check and the next page the hub offers,
         nothing can run, so live delivery continues exactly after ``self._head``.
         """
         if not self._live:
             # Nobody was listening, so the hub did not read: it can start where this
-            # subscription stands, which has read everything up to its cursor.
-            self._head = max(self._head, cursor)
+            # subscription has read to. Not from its cursor: one beyond the committed
+            # head would put the hub there, every later subscriber would find itself
+            # behind the hub and poll the store without pause, and checkpoints would
+            # report positions not yet committed.
+            self._head = max(self._head, examined)
         if self._closed or cursor < self._head:
             return False
         subscription.attach(self._head)

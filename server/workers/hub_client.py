@@ -137,6 +137,8 @@ class HubClient:
         """Consumer-group calls waiting for their answer."""
         self._ids = itertools.count(WAKE + 1)
         self._listeners: list[Callable[[], None]] = []
+        self._closing = False
+        """This worker closes the connection itself (it is stopping): its end is no loss."""
         self.lost = asyncio.Event()
 
     @classmethod
@@ -241,13 +243,15 @@ class HubClient:
             if not called.done():
                 called.set_exception(StoreUnavailableError(GONE))
         if not self.lost.is_set():
-            log.error("lost the connection to the supervisor process")
+            if not self._closing:
+                log.error("lost the connection to the supervisor process")
             self.lost.set()
 
     async def close(self) -> None:
         # Notices still waiting go out first: the others' caches should not miss a
         # stopping worker's last commits (the transport sends what it holds, then closes).
         self._send_notices()
+        self._closing = True
         transport, self._out.transport = self._out.transport, None
         if transport is not None:
             transport.close()

@@ -115,6 +115,12 @@ async def test_group_create_reports_every_bad_field(gateway: Gateway) -> None:
         assert f"  {field}: " in refused.err
     negative = await cli("group", "create", "g", "--partitions", "-1")
     assert negative.code == 2
+    # Seconds that no Duration can hold are a usage error, not a stack trace.
+    for seconds in ("inf", "nan", "1e300"):
+        unencodable = await cli("group", "create", "g", "--ack-timeout", seconds)
+        assert unencodable.code == 2, unencodable.err
+        assert "--ack-timeout" in unencodable.err
+        assert "Traceback" not in unencodable.err
 
 
 async def test_consume_prints_json_lines_and_acks_each(gateway: Gateway) -> None:
@@ -203,3 +209,9 @@ async def test_tls_ca_reaches_a_tls_server(tmp_path: Path) -> None:
         assert trusted.code == 0, trusted.err
         missing = await cli("group", "list", "--target", target, "--tls-ca", str(tmp_path / "x"))
         assert missing.code == 2 and "--tls-ca" in missing.err
+
+        # health calls the server too, so it takes --tls-ca like the others.
+        health = await cli("health", "--target", target, "--tls-ca", str(ca))
+        assert health.code == 0, health.err
+        assert health.out == f"{target}: SERVING\n"
+        assert (await cli("health", "--target", target, "--timeout", "2")).code == 1

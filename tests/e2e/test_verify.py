@@ -145,3 +145,15 @@ async def test_a_repeated_position_is_found(tmp_path: Path) -> None:
     assert not report.ok
     assert report.first is not None and report.first.position == 2
     assert any("repeated or out of order (expected 3)" in v.problem for v in report.violations)
+
+
+def test_a_store_that_does_not_exist_fails_and_is_not_created(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A mistyped path must not pass as an empty, consistent log (nor leave a new file).
+    missing = tmp_path / "typo.db"
+    assert main(["verify", "--store", f"sqlite:///{missing}"]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert f"no SQLite store at {missing}" in printed.err
+    assert not missing.exists()

@@ -11,11 +11,14 @@ import urllib.request
 
 import grpc
 import pytest
+from orders.v1 import consumer_group_service_pb2 as groups_pb
+from orders.v1 import consumer_group_service_pb2_grpc as groups_grpc
 from orders.v1 import event_stream_service_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import Gateway
 from tests.clients import item, order_request
+from tests.group_support import member
 from tests.observability_support import rpc_error, running
 
 INVENTORY = "orders.v1.InventoryCommandService"
@@ -97,6 +100,18 @@ async def test_calls_refused_by_authentication_are_counted() -> None:
         samples = await scrape(gateway)
     labels = rpc_labels(INVENTORY, "RestockProduct", grpc_code="UNAUTHENTICATED")
     assert samples[("grpc_server_handled_total", labels)] == 1
+
+
+async def test_the_subscriptions_gauge_counts_subscribe_streams_not_consumer_groups() -> None:
+    async with running(metrics_listen="127.0.0.1:0") as (gateway, clients):
+        groups = groups_grpc.ConsumerGroupServiceStub(clients.channel)
+        await groups.CreateConsumerGroup(groups_pb.CreateConsumerGroupRequest(name="g"))
+        await clients.restock("sku-1", 5)
+        async with member(groups, "g") as consumer:
+            await consumer.delivery()
+            samples = await scrape(gateway)
+            assert samples[("order_gateway_consumer_group_members", frozenset({("group", "g")}))]
+            assert samples[("order_gateway_subscriptions", frozenset())] == 0
 
 
 async def test_open_subscriptions_are_a_gauge_and_lag_is_exposed() -> None:

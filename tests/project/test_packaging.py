@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from server.client.health import check_health, local_target
+from server.security.identity import ALL_SCOPES
 from tests.observability_support import running
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,6 +129,8 @@ def test_compose_token_file_is_valid_and_holds_only_a_hash(compose: dict[str, An
     (token,) = document["token"]
     assert token["sha256"] == hashlib.sha256(b"dev-token-change-me").hexdigest()
     assert "dev-token-change-me" not in compose["configs"]["tokens"]["content"]
+    # The development token tries out every RPC, consumer groups' administration included.
+    assert set(token["scopes"]) == ALL_SCOPES
 
 
 @pytest.mark.parametrize(

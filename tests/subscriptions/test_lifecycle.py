@@ -11,6 +11,8 @@ from pathlib import Path
 import grpc
 import pytest
 from google.rpc import error_details_pb2
+from orders.v1 import consumer_group_service_pb2 as groups_pb
+from orders.v1 import consumer_group_service_pb2_grpc as groups_grpc
 from orders.v1 import event_stream_service_pb2
 
 from domain.errors import StoreUnavailableError
@@ -18,6 +20,7 @@ from domain.ports import RecordedEvent
 from server.app import Gateway
 from server.rpc.subscription_hub import HubTuning
 from tests.clients import Clients, detail
+from tests.group_support import group_gateway, member
 from tests.serving import free_port, start_gateway, wait_until_serving
 from tests.subscription_support import (
     SMALL_WINDOW,
@@ -84,6 +87,35 @@ async def test_subscribers_beyond_the_limit_are_resource_exhausted() -> None:
         assert await fourth.next_checkpoint() == 0, "a freed slot can be used again"
         second.call.cancel()
         fourth.call.cancel()
+
+
+async def test_consumer_groups_reading_the_log_take_no_subscriber_slot() -> None:
+    # ORDER_GATEWAY_MAX_SUBSCRIBERS bounds Subscribe streams. A group's own reading of the
+    # log is not one: it must neither take a client's slot nor stall when they are taken.
+    async with group_gateway(max_subscribers=1) as gateway, connect(gateway) as clients:
+        groups = groups_grpc.ConsumerGroupServiceStub(clients.channel)
+        await groups.CreateConsumerGroup(groups_pb.CreateConsumerGroupRequest(name="g"))
+        await clients.restock("sku-1", 1)
+        async with member(groups, "g") as consumer:
+            assert (await consumer.delivery()).event.position == 1
+
+            subscriber = StreamReader.open(clients)
+            assert await subscriber.next_checkpoint() == 1
+            beyond = StreamReader.open(clients)
+            assert await beyond.status() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+            await clients.restock("sku-2", 1)
+            assert (await consumer.delivery()).event.position == 2
+            assert [e.position for e in await subscriber.through(2)] == [1, 2]
+            subscriber.call.cancel()
+
+        # And with every slot taken by Subscribe streams, a group still delivers.
+        subscriber = StreamReader.open(clients)
+        await subscriber.next_checkpoint()
+        await groups.CreateConsumerGroup(groups_pb.CreateConsumerGroupRequest(name="h"))
+        async with member(groups, "h") as consumer:
+            assert sorted(d.event.position for d in await consumer.deliveries(2)) == [1, 2]
+        subscriber.call.cancel()
 
 
 async def test_client_cancellation_releases_the_subscription(

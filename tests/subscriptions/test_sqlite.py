@@ -95,3 +95,17 @@ async def test_handoff_under_concurrent_writers_has_no_gap_and_no_duplicate(
         for reader in readers:
             assert identities(await reader.through(head)) == expected
             reader.call.cancel()
+
+
+async def test_a_start_past_the_largest_stored_position_delivers_nothing(tmp_path: Path) -> None:
+    # after_position is a uint64; the store keeps positions in 64-bit signed integers.
+    # Nothing lies beyond them, so such a start is answered with checkpoints only.
+    async with sqlite_gateway(tmp_path) as (_, clients):
+        head = len(await clients.restock("sku-1", 1))
+        for request in [{}, {"stream_id": "product-sku-1"}]:
+            for after in [2**63, 2**64 - 1]:
+                reader = StreamReader.open(clients, after_position=after, **request)
+                assert await reader.next_checkpoint() == head
+                head += len(await clients.restock("sku-1", 1))
+                assert await reader.through(head) == []
+                reader.call.cancel()

@@ -179,6 +179,32 @@ async def test_after_position_beyond_the_head_never_checkpoints_beyond_it(
     reader.call.cancel()
 
 
+async def test_a_start_beyond_the_head_neither_checkpoints_past_it_nor_stalls_the_others() -> None:
+    store = CountingStore()
+    async with running_gateway(store, SMALL) as gateway, connect(gateway) as clients:
+        await clients.restock("sku-1", 1)
+        ahead = StreamReader.open(clients, after_position=1000)
+        assert await ahead.next_checkpoint() == 1
+        # The quiet checkpoints that follow are still at most the committed head.
+        assert await ahead.next_checkpoint() == 1
+
+        # A subscriber that starts at the head goes live beside it: it is woken by the
+        # shared reader, instead of polling the store on its own without pause.
+        behind = StreamReader.open(clients)
+        assert [e.position for e in await behind.through(1)] == [1]
+        await behind.next_checkpoint()
+        reads_before = store.reads
+        await asyncio.sleep(10 * SMALL.poll_interval)
+        assert store.reads - reads_before < 100, "a caught-up subscriber polls the store"
+
+        await clients.restock("sku-2", 1)
+        assert [e.position for e in await behind.through(2)] == [1, 2]
+        assert await ahead.through(2) == [], "events at or below 1000 are never delivered"
+        assert max(ahead.checkpoints) == 2
+        ahead.call.cancel()
+        behind.call.cancel()
+
+
 async def test_fifty_concurrent_subscribers_see_the_same_sequence() -> None:
     async with running_gateway(tuning=SMALL) as gateway, connect(gateway) as clients:
         await run_writers(clients, writers=2, orders=5, prefix="before")
