@@ -14,11 +14,21 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from domain.errors import ConfigurationError
 from domain.snapshots import DEFAULT_INTERVAL as SNAPSHOT_INTERVAL
 from server.stores.urls import redacted_url
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 """``--log-level`` values, in any case."""
+
+
+def read_setting_file(option: str, path: Path | str) -> bytes:
+    """The bytes of the file a setting names; one that cannot be read is a
+    ``ConfigurationError`` naming the setting and the file (a path, never a secret)."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise ConfigurationError(f"{option} {path}: {error.strerror or error}") from None
 
 
 def split_host_port(address: str) -> tuple[str, int]:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import grpc
+
+from server.config import read_setting_file
 
 TOKEN_VARIABLE = "ORDER_GATEWAY_TOKEN"
 
@@ -16,10 +17,7 @@ def open_channel(target: str, tls_ca: str | None) -> grpc.Channel:
     """Plaintext, or TLS trusting the CA certificate(s) in the PEM file ``tls_ca``."""
     if tls_ca is None:
         return grpc.insecure_channel(target)
-    try:
-        roots = Path(tls_ca).read_bytes()
-    except OSError as error:
-        raise ValueError(f"--tls-ca {tls_ca}: {error.strerror or error}") from error
+    roots = read_setting_file("--tls-ca", tls_ca)
     if b"-----BEGIN CERTIFICATE-----" not in roots:
         raise ValueError(f"--tls-ca {tls_ca}: no PEM certificate in it")
     return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots))

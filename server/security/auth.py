@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import grpc
 
 from domain.errors import ConfigurationError
+from server.config import read_setting_file
 from server.rpc.method_handlers import Context, Handler, WrappingInterceptor, checked_first
 from server.rpc.status_mapping import plain_status
 from server.security.identity import ALL_SCOPES, ANONYMOUS, Caller, current_caller
@@ -47,11 +48,10 @@ class TokenFileAuthenticator:
 
     @classmethod
     def from_file(cls, path: Path) -> TokenFileAuthenticator:
-        with path.open("rb") as file:
-            try:
-                document = tomllib.load(file)
-            except tomllib.TOMLDecodeError as error:
-                raise ConfigurationError(f"{path}: not valid TOML: {error}") from error
+        try:
+            document = tomllib.loads(read_setting_file("--auth-tokens", path).decode())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise ConfigurationError(f"{path}: not valid TOML: {error}") from error
         entries: dict[bytes, Caller] = {}
         for n, token in enumerate(document.get("token", [])):
             where = f"{path}: token[{n}]"

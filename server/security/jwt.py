@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from domain.errors import ConfigurationError
+from server.config import read_setting_file
 from server.security.auth import AuthenticationError
 from server.security.identity import Caller
 
@@ -82,8 +83,9 @@ class JwtAuthenticator:
     def from_file(
         cls, path: Path, issuer: str | None = None, audience: str | None = None
     ) -> JwtAuthenticator:
+        pem = read_setting_file("--jwt-public-key", path)
         try:
-            key = load_pem_public_key(path.read_bytes())
+            key = load_pem_public_key(pem)
         except ValueError as error:
             raise ConfigurationError(f"{path}: not a PEM public key ({error})") from None
         if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from domain.errors import ConfigurationError
-from server.config import Settings
+from server.config import Settings, read_setting_file
 
 
 def add_port(
@@ -35,12 +35,12 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """TLS credentials; with ``tls_client_ca``, clients must present a certificate it signed."""
     if settings.tls_cert is None or settings.tls_key is None:
         return None
-    certificate_chain = settings.tls_cert.read_bytes()
-    private_key = settings.tls_key.read_bytes()
+    certificate_chain = read_setting_file("--tls-cert", settings.tls_cert)
+    private_key = read_setting_file("--tls-key", settings.tls_key)
     _check_key_pair(settings.tls_cert, certificate_chain, settings.tls_key, private_key)
     client_ca = None
     if settings.tls_client_ca is not None:
-        client_ca = settings.tls_client_ca.read_bytes()
+        client_ca = read_setting_file("--tls-client-ca", settings.tls_client_ca)
         _certificates(settings.tls_client_ca, client_ca)
     return grpc.ssl_server_credentials(
         [(private_key, certificate_chain)],

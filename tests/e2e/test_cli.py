@@ -130,6 +130,29 @@ def test_an_unknown_log_level_is_refused(capsys: pytest.CaptureFixture[str]) -> 
     )
 
 
+@pytest.mark.parametrize(
+    ("flags", "option"),
+    [
+        (["--jwt-public-key", "{missing}"], "--jwt-public-key"),
+        (["--auth-tokens", "{missing}"], "--auth-tokens"),
+        (["--tls-cert", "{missing}", "--tls-key", "{key}"], "--tls-cert"),
+        (["--tls-cert", "{cert}", "--tls-key", "{missing}"], "--tls-key"),
+    ],
+)
+@pytest.mark.usefixtures("keep_root_logger")
+def test_a_file_that_cannot_be_read_is_refused_naming_its_setting(
+    flags: list[str], option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing.pem"
+    (tmp_path / "cert.pem").write_text("not read: the other file is missing first\n")
+    paths = {"missing": missing, "key": tmp_path / "cert.pem", "cert": tmp_path / "cert.pem"}
+    args = [flag.format(**paths) for flag in flags]
+    assert main(["serve", "--listen", "127.0.0.1:0", "--store", "memory://", *args]) == 2
+    assert capsys.readouterr().err == (
+        f"order-gateway: {option} {missing}: No such file or directory\n"
+    )
+
+
 def command_parsers() -> dict[str, argparse.ArgumentParser]:
     # argparse keeps sub-commands only in this attribute.
     (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]

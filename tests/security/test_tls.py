@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from orders.v1 import inventory_command_service_pb2, inventory_command_service_pb2_grpc
 from pydantic import ValidationError
 
+from domain.errors import ConfigurationError
 from server.app import Gateway, create_server
 from server.config import Settings
 from server.stores.memory import MemoryEventStore
@@ -278,5 +279,5 @@ async def test_a_missing_tls_file_is_named(tmp_path: Path) -> None:
         tls_cert=tmp_path / "absent.pem",
         tls_key=tmp_path / "absent.key",
     )
-    with pytest.raises(FileNotFoundError, match=r"absent\.pem"):
+    with pytest.raises(ConfigurationError, match=r"^--tls-cert .*absent\.pem: No such file"):
         await create_server(settings, store=MemoryEventStore())
