@@ -27,7 +27,8 @@ from domain.events import ProductRestocked, StockReleased, StockReserved
 from domain.mapper import decode
 from domain.ports import EventStore
 from server.stores.event_rows import EventRow, EventRowReader
-from server.stores.factory import open_store, sqlite_path
+from server.stores.factory import holds_a_store, open_store, sqlite_path
+from server.stores.urls import redacted_url
 
 PAGE_SIZE = 10_000
 """Events per read (and commands per lookup batch)."""
@@ -281,11 +282,12 @@ async def _find_stray_records(store: EventStore, head: int, report: Report) -> N
 
 async def run_verify(url: str) -> int:
     """``order-gateway verify``: prints the report; 0 if the log is consistent, else 1."""
-    path = sqlite_path(url)
-    if path is not None and not path.is_file():
-        # Opening it would create an empty store, and a mistyped path would pass as a
-        # consistent log.
-        print(f"order-gateway: no SQLite store at {path}", file=sys.stderr)
+    if not await holds_a_store(url):
+        # Opening it would create an empty store, and a mistyped path or database name
+        # would pass as a consistent log.
+        path = sqlite_path(url)
+        missing = f"SQLite store at {path}" if path else f"gateway schema in {redacted_url(url)}"
+        print(f"order-gateway: no {missing}", file=sys.stderr)
         return 1
     store = await open_store(url)
     try:

@@ -45,6 +45,18 @@ async def open_store(url: str, *, pool_size: int = 10, writer_turns: bool = Fals
     )
 
 
+async def holds_a_store(url: str) -> bool:
+    """Whether ``url`` names a store that exists, without creating it (``open_store``
+    would): a file for SQLite, a migrated database for PostgreSQL."""
+    if (path := sqlite_path(url)) is not None:
+        return path.is_file()
+    if url.startswith(("postgresql://", "postgres://")):
+        from server.stores.postgres import PostgresEventStore
+
+        return await PostgresEventStore.holds_a_store(url)
+    return True
+
+
 async def migrate(url: str) -> None:
     """Create or upgrade the schema of the store at ``url``, then close it."""
     store = await open_store(url)

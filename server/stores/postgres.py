@@ -237,19 +237,8 @@ class PostgresEventStore:
         with ``StoreUnavailableError``. ``max_in_flight`` batches of appends are sent at
         once at most, each holding a connection.
         """
-        try:
-            given = conninfo_to_dict(url)
-        except psycopg.ProgrammingError as error:
-            # A configuration error, reported with the URL's secrets masked: libpq quotes
-            # what it cannot parse, the password included. Not chained, for the same reason.
-            message = redacted_message(str(error).strip(), url)
-            raise StoreURLError(
-                f"invalid PostgreSQL store URL {redacted_url(url)!r}: {message}"
-            ) from None
+        connect_kwargs = _connect_kwargs(url)
         with _translated("connect"):
-            connect_kwargs: dict[str, Any] = {
-                key: value for key, value in CONNECT_DEFAULTS.items() if key not in given
-            }
             migrator = await psycopg.AsyncConnection.connect(url, autocommit=True, **connect_kwargs)
         with _translated("migrate"):
             async with migrator:
@@ -302,6 +291,17 @@ class PostgresEventStore:
             await store.close()
             raise
         return store
+
+    @staticmethod
+    async def holds_a_store(url: str) -> bool:
+        """Whether the database at ``url`` holds a gateway's schema, without creating it."""
+        with _translated("connect"):
+            async with await psycopg.AsyncConnection.connect(
+                url, autocommit=True, **_connect_kwargs(url)
+            ) as conn:
+                cursor = await conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+                row = await cursor.fetchone()
+        return bool(row and row[0])
 
     async def open_consumer_groups(self) -> PostgresConsumerGroupStore:
         """Consumer-group records in the same database (``server.consumer_groups``)."""
@@ -758,6 +758,20 @@ async def _load_snapshot_and_events(
     cursor = conn.cursor(binary=True)
     await cursor.execute(_LOAD_SNAPSHOT_AND_EVENTS, (stream_id,), prepare=True)
     return await cursor.fetchall()
+
+
+def _connect_kwargs(url: str) -> dict[str, Any]:
+    """The connection settings the gateway adds to those ``url`` gives."""
+    try:
+        given = conninfo_to_dict(url)
+    except psycopg.ProgrammingError as error:
+        # A configuration error, reported with the URL's secrets masked: libpq quotes
+        # what it cannot parse, the password included. Not chained, for the same reason.
+        message = redacted_message(str(error).strip(), url)
+        raise StoreURLError(
+            f"invalid PostgreSQL store URL {redacted_url(url)!r}: {message}"
+        ) from None
+    return {key: value for key, value in CONNECT_DEFAULTS.items() if key not in given}
 
 
 async def _configure(conn: psycopg.AsyncConnection[TupleRow]) -> None:

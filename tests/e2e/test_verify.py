@@ -9,6 +9,7 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from server.bootstrap import bootstrap
@@ -157,3 +158,24 @@ def test_a_store_that_does_not_exist_fails_and_is_not_created(
     assert printed.out == ""
     assert f"no SQLite store at {missing}" in printed.err
     assert not missing.exists()
+
+
+def test_a_database_without_the_schema_fails_and_is_not_migrated(
+    fresh_postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A mistyped database name (an existing, empty database) must not pass either.
+    assert main(["verify", "--store", fresh_postgres_url]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert f"no gateway schema in {fresh_postgres_url}" in printed.err
+    with psycopg.connect(fresh_postgres_url) as conn:
+        row = conn.execute("SELECT to_regclass('schema_migrations') IS NULL").fetchone()
+        assert row == (True,)
+
+
+def test_a_migrated_database_with_no_events_is_consistent(
+    fresh_postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["migrate", "--store", fresh_postgres_url]) == 0
+    assert main(["verify", "--store", fresh_postgres_url]) == 0
+    assert "OK: the log is consistent" in capsys.readouterr().out
