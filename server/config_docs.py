@@ -35,7 +35,9 @@ variables are parsed like flags: `true`/`false` (or `1`/`0`) for switches, and a
 path for a file. Settings without a flag can only be set through their variable.
 
 Unknown `ORDER_GATEWAY_*` variables are ignored, but an invalid value stops `serve` with
-exit status 2 and a message naming the setting (never echoing its value).
+exit status 2 and a message naming the setting (never echoing its value). Every other
+command reads the same variables and stops the same way, so fix the environment rather
+than the command's flags.
 
 """
 
