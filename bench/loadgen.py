@@ -33,6 +33,7 @@ from orders.v1 import order_command_service_pb2_grpc
 
 from bench import workload
 from bench.stats import Latencies, LoadResult
+from bench.tokens import bearer
 
 BARRIER_TIMEOUT = 120.0
 CALL_TIMEOUT = 30.0
@@ -50,6 +51,8 @@ class LoadSpec:
     channels: int = 1
     """Connections per client process, each with its callers: a server of several
     processes sharing a port (``--workers``) is balanced by connection, not by call."""
+    token: str = ""
+    """A bearer token sent with every call, if any."""
 
     @property
     def prefill(self) -> float:
@@ -80,10 +83,12 @@ class _Caller:
         report: WorkerReport,
         hot: bool = False,
         keyed: bool = False,
+        token: str = "",
     ) -> None:
         self._stub = order_command_service_pb2_grpc.OrderCommandServiceStub(channel)
         self._hot = hot
         self._keyed = keyed
+        self._metadata = bearer(token)
         self._rng = random.Random(seed)
         self._customer = str(uuid.uuid4())
         self._report = report
@@ -93,7 +98,12 @@ class _Caller:
         """Place an order; its id, or None if the call failed."""
         request = workload.create_request(self._rng, self._customer, self._hot, self._keyed)
         try:
-            responses = [r async for r in self._stub.CreateOrder(request, timeout=CALL_TIMEOUT)]
+            responses = [
+                r
+                async for r in self._stub.CreateOrder(
+                    request, timeout=CALL_TIMEOUT, metadata=self._metadata
+                )
+            ]
         except grpc.aio.AioRpcError as error:
             self._report.errors[error.code().name] += 1
             return None
@@ -103,7 +113,12 @@ class _Caller:
     async def cancel(self, order_id: str) -> bool:
         request = workload.cancel_request(order_id)
         try:
-            responses = [r async for r in self._stub.CancelOrder(request, timeout=CALL_TIMEOUT)]
+            responses = [
+                r
+                async for r in self._stub.CancelOrder(
+                    request, timeout=CALL_TIMEOUT, metadata=self._metadata
+                )
+            ]
         except grpc.aio.AioRpcError as error:
             self._report.errors[error.code().name] += 1
             return False
@@ -180,6 +195,7 @@ async def _measure(
         "create": creating,
         "hot": creating,
         "keyed": creating,
+        "jwt": creating,
         "cancel": cancelling,
         "mixed": alternating,
     }
@@ -201,7 +217,7 @@ async def _drive(
             await asyncio.wait_for(channel.channel_ready(), BARRIER_TIMEOUT)
         hot, keyed = spec.workload == "hot", spec.workload == "keyed"
         clients = [
-            _Caller(c, seed * 1000 + n, report, hot=hot, keyed=keyed)
+            _Caller(c, seed * 1000 + n, report, hot=hot, keyed=keyed, token=spec.token)
             for n, c in enumerate(channels)
         ]
         barrier.wait(BARRIER_TIMEOUT)

@@ -56,6 +56,7 @@ from bench.servers import (
 from bench.stats import LoadResult
 from bench.stores import StoreSpec, eventsourcing_env, quiet_disks, supported
 from bench.targets import evaluate, print_verdicts
+from bench.tokens import bench_issuer
 
 COLD_START_WARM_ORDERS = 30
 """Orders after each measured cold start; their p50 is the warm figure."""
@@ -257,9 +258,9 @@ async def run_grpc(
 ) -> None:
     print("gRPC load: floor and gateway, point by point", file=sys.stderr)
     async with AsyncExitStack() as stack:
-        servers: list[tuple[str, ServerProcess]] = []
+        servers: list[tuple[str, ServerProcess, str]] = []
         floor = await stack.enter_async_context(await start_floor(workdir, args.catch_up_events))
-        servers.append(("floor", floor))
+        servers.append(("floor", floor, ""))
         if any(spec.kind == "sqlite" for spec in specs):
             for on_loop in (False, True):
                 durable = await stack.enter_async_context(
@@ -267,7 +268,8 @@ async def run_grpc(
                         workdir / f"durable-floor-{on_loop}.db", workdir, on_loop
                     )
                 )
-                servers.append((durable.name, durable))
+                servers.append((durable.name, durable, ""))
+        issuer = bench_issuer(workdir) if "jwt" in args.workloads else None
         for spec in specs:
             url = stack.enter_context(spec.fresh(workdir, f"grpc-{spec.kind}"))
             reason = await supported(url)
@@ -276,13 +278,23 @@ async def run_grpc(
                 continue
             gateway = await stack.enter_async_context(await start_gateway(url, workdir))
             await restock(gateway.target)
-            servers.append((spec.kind, gateway))
-        # hot and keyed beside create at every level, so that each pair sees the same
+            servers.append((spec.kind, gateway, ""))
+            if issuer is not None:
+                # A gateway of its own, on a store of its own: it refuses calls without
+                # a token, and the others' figures stay those of a gateway without auth.
+                url = stack.enter_context(spec.fresh(workdir, f"grpc-{spec.kind}-jwt"))
+                options = ["--jwt-public-key", str(issuer.public_key_file)]
+                verifying = await stack.enter_async_context(
+                    await start_gateway(url, workdir, options=options)
+                )
+                await restock(verifying.target, issuer.token)
+                servers.append((spec.kind, verifying, issuer.token))
+        # hot, keyed and jwt beside create at every level, so that each pair sees the same
         # machine.
         plan = [
             (name, level)
             for level in args.concurrency
-            for name in ("create", "hot", "keyed")
+            for name in ("create", "hot", "keyed", "jwt")
             if name in args.workloads
         ]
         plan += [
@@ -292,10 +304,8 @@ async def run_grpc(
         ]
         gateways = {spec.kind for spec in specs}
         for name, level in plan:
-            for label, server in servers:
-                if name in ("hot", "keyed") and label not in gateways:
-                    # The floors have no products and keep no command ids: their create
-                    # run is their hot and keyed run.
+            for label, server, token in servers:
+                if not _runs_on(name, label in gateways, bool(token)):
                     continue
                 load = LoadSpec(
                     target=server.target,
@@ -304,10 +314,20 @@ async def run_grpc(
                     duration=args.duration,
                     warmup=args.warmup,
                     processes=args.processes,
+                    token=token,
                 )
                 result = await asyncio.to_thread(run_load, load, label, server.cpu_seconds)
                 _progress(result)
                 report.load.append(result)
+
+
+def _runs_on(workload: str, gateway: bool, verifies_tokens: bool) -> bool:
+    """Whether ``workload`` runs on a server: the floors have no products, keep no command
+    ids and check no token (their create run is their hot, keyed and jwt run); only
+    ``jwt`` calls a gateway that verifies tokens, and only it."""
+    if workload == "jwt" or verifies_tokens:
+        return workload == "jwt" and verifies_tokens
+    return gateway or workload not in ("hot", "keyed")
 
 
 async def run_inprocess(

@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from orders.v1 import inventory_command_service_pb2, inventory_command_service_pb2_grpc
 
 from bench import workload
+from bench.tokens import bearer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 60.0
@@ -178,9 +179,14 @@ class ServerProcess:
 
 
 async def start_gateway(
-    store_url: str, log_dir: Path, workers: int = 1, metrics_port: int | None = None
+    store_url: str,
+    log_dir: Path,
+    workers: int = 1,
+    metrics_port: int | None = None,
+    options: Sequence[str] = (),
 ) -> ServerProcess:
-    """The gateway with its defaults (log level included), as an operator would run it."""
+    """The gateway with its defaults (log level included), as an operator would run it,
+    plus ``options`` of ``serve``."""
     port = free_port()
     command = [
         sys.executable,
@@ -196,6 +202,7 @@ async def start_gateway(
     ]
     if metrics_port is not None:
         command += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
+    command += options
     name = "gateway" if workers == 1 else f"gateway-{workers}-workers"
     return await ServerProcess.start(name, command, port, log_dir)
 
@@ -222,8 +229,9 @@ async def start_durable_floor(
     return await ServerProcess.start(name, command, port, log_dir)
 
 
-async def restock(target: str) -> None:
-    """Give every benchmark product more stock than a run can use."""
+async def restock(target: str, token: str = "") -> None:
+    """Give every benchmark product more stock than a run can use (as the bearer of
+    ``token``, if any)."""
     async with grpc.aio.insecure_channel(target) as channel:
         stub = inventory_command_service_pb2_grpc.InventoryCommandServiceStub(channel)
 
@@ -231,7 +239,7 @@ async def restock(target: str) -> None:
             request = inventory_command_service_pb2.RestockProductRequest(
                 product_id=product_id, quantity=workload.RESTOCK_QUANTITY
             )
-            async for _ in stub.RestockProduct(request, timeout=60):
+            async for _ in stub.RestockProduct(request, timeout=60, metadata=bearer(token)):
                 pass
 
         products = workload.product_ids()

@@ -6,7 +6,8 @@ restocked up front with more stock than a run can use, so no call fails for lack
 and commands rarely queue on one product's stream lock. The ``hot`` workload is
 ``create`` with every order on one product (a flash sale): every command then appends
 to that product's stream. The ``keyed`` workload is ``create`` with a client-chosen
-``command_id`` on every order, as a client that may retry sends it.
+``command_id`` on every order, as a client that may retry sends it, and ``jwt`` is
+``create`` with a bearer JWT on every call, against a gateway that verifies them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ PRODUCT_COUNT = 1000
 RESTOCK_QUANTITY = 1_000_000
 """Per product: at one unit per order, far more than any run places."""
 
-WORKLOADS = ("create", "hot", "keyed", "cancel", "mixed")
+WORKLOADS = ("create", "hot", "keyed", "jwt", "cancel", "mixed")
 HOT_PRODUCT = 0
 """The product every ``hot`` order is for."""
 

@@ -48,7 +48,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, 
                 "--sections",
                 "grpc,inprocess",
                 "--workloads",
-                "create",
+                "create,keyed,jwt",
                 "--concurrency",
                 "2",
                 "--processes",
@@ -79,6 +79,8 @@ def test_load_results_pair_the_gateway_with_the_floor(
     assert sorted((r["server"], r["workload"], r["concurrency"]) for r in load) == [
         ("floor", "create", 2),
         ("memory", "create", 2),
+        ("memory", "jwt", 2),  # on a gateway of its own, which refuses calls without one
+        ("memory", "keyed", 2),
     ]
     for result in load:
         assert result["errors"] == {}
@@ -93,7 +95,11 @@ def test_floor_answers_with_messages_the_size_of_the_gateways(
     run: tuple[dict[str, Any], str, Path],
 ) -> None:
     report, _, _ = run
-    sizes = {r["server"]: r["response_bytes"]["CreateOrder"] for r in report["load"]}
+    sizes = {
+        r["server"]: r["response_bytes"]["CreateOrder"]
+        for r in report["load"]
+        if r["workload"] == "create"
+    }
     floor, gateway = sizes["floor"], sizes["memory"]
     assert len(floor) == len(gateway) == 2
     for floor_bytes, gateway_bytes in zip(floor, gateway, strict=True):
