@@ -410,11 +410,13 @@ def test_a_remembered_token_expires_when_a_verified_one_would(
     rsa_signer: Signer, decodes: list[str]
 ) -> None:
     verifier = rsa_verifier(rsa_signer)
-    now = time.time()
+    # From the start of a second, so that the first check has most of it to happen in.
+    time.sleep(1.01 - time.time() % 1)
+    second = int(time.time())
     # Expired 29 s ago: within the 30 s clock skew allowed, until the next whole second.
-    token = rsa_signer.token(exp=int(now) - 29)
+    token = rsa_signer.token(exp=second - 29)
     assert verifier.authenticate(token) is not None
-    time.sleep(int(now) + 1.05 - time.time())
+    time.sleep(second + 1.05 - time.time())
     with pytest.raises(AuthenticationError, match="expired"):
         verifier.authenticate(token)
     assert decodes == [token, token]
