@@ -15,6 +15,7 @@ from server.app import create_server
 from server.config import Settings
 from server.stores.memory import MemoryEventStore
 from tests.clients import Clients, bad_fields, detail, item, money, order_request
+from tests.subscription_support import connect, running_gateway
 
 
 async def rpc_error(call: object) -> grpc.aio.AioRpcError:
@@ -186,22 +187,27 @@ async def test_retry_with_same_command_id_replays_same_events(clients: Clients) 
     assert restocked[0].product_restocked.available_after == 4
 
 
-async def test_a_retry_among_concurrent_orders_on_one_product_replays(
-    clients: Clients,
-) -> None:
-    """The retry runs before its id is looked up, and the orders decided behind it on the
-    product's queued state follow a commit that never happens: they are decided again, and
-    none fails."""
-    await clients.restock("hot", 50)
-    request = order_request(item("hot", 1), command_id=str(uuid.uuid4()))
-    first = await clients.create(request)
-    others = [order_request(item("hot", 1)) for _ in range(20)]
+async def test_a_retry_through_another_replica_among_orders_on_one_product_replays() -> None:
+    """Replica B never committed the id, so it runs the retry, which the store refuses as a
+    duplicate; an order B decided behind it on the product's queued state follows a commit
+    that never happens and is decided again. The retry replays, and no order fails."""
+    store = MemoryEventStore()
+    async with (
+        running_gateway(store) as replica_a,
+        running_gateway(store) as replica_b,
+        connect(replica_a) as via_a,
+        connect(replica_b) as via_b,
+    ):
+        await via_a.restock("hot", 50)
+        request = order_request(item("hot", 1), command_id=str(uuid.uuid4()))
+        first = await via_a.create(request)
+        others = [order_request(item("hot", 1)) for _ in range(20)]
 
-    results = await asyncio.gather(
-        *(clients.create(other) for other in others[:10]),
-        clients.create(request),
-        *(clients.create(other) for other in others[10:]),
-    )
+        results = await asyncio.gather(
+            *(via_b.create(other) for other in others[:10]),
+            via_b.create(request),
+            *(via_b.create(other) for other in others[10:]),
+        )
 
     assert results[10] == first
     placed = results[:10] + results[11:]
