@@ -21,7 +21,7 @@ from domain.ports import EventStore
 log = logging.getLogger("order_gateway.bus")
 
 REMEMBERED_COMMANDS = 10_000
-"""Client-chosen command ids each process remembers having committed (about 1.5 MB)."""
+"""Client-chosen command ids each process remembers seeing recorded (about 1.5 MB)."""
 
 
 class LoggingMiddleware:
@@ -66,24 +66,23 @@ class IdempotencyMiddleware:
 
     A retry that runs costs more than its own refusal: commands decided meanwhile on the
     state it would leave (``domain.unit_of_work`` pipelines commands on a stream) must be
-    decided again. So the ids this process committed last are remembered, and a retry of
-    one of them (a client retrying on the same connection) is looked up first, as every
-    command was before. Only committed commands are recorded, so a retry of a failed
-    command runs afresh.
+    decided again. So the last ids this process saw recorded (it committed them, or
+    replayed them) are remembered, and a retry of one of them (a client retrying on the
+    same connection) is looked up first, as every command was before. Only committed
+    commands are recorded, so a retry of a failed command runs afresh.
     """
 
     def __init__(self, store: EventStore, remembered: int = REMEMBERED_COMMANDS) -> None:
         self._store = store
         self._remembered = remembered
-        self._committed: OrderedDict[str, None] = OrderedDict()
-        """Client-chosen ids this process committed, oldest first."""
+        self._recorded: OrderedDict[str, None] = OrderedDict()
+        """Client-chosen ids this process saw recorded, oldest first."""
 
     async def __call__(self, command: Command, call_next: Next) -> Result:
         if command.server_chose_id:
             # A fresh random id: nothing can have been recorded under it.
             return await call_next(command)
-        command_id = command.command_id
-        if command_id in self._committed:
+        if command.command_id in self._recorded:
             replay = await self._replay(command)
             if replay is not None:
                 return replay
@@ -93,11 +92,15 @@ class IdempotencyMiddleware:
             replay = await self._replay(command)
             if replay is None:
                 raise
+            self._remember(command.command_id)
             return replay
-        self._committed[command_id] = None
-        if len(self._committed) > self._remembered:
-            self._committed.popitem(last=False)
+        self._remember(command.command_id)
         return result
+
+    def _remember(self, command_id: str) -> None:
+        self._recorded[command_id] = None
+        if len(self._recorded) > self._remembered:
+            self._recorded.popitem(last=False)
 
     async def _replay(self, command: Command) -> Result | None:
         record = await self._store.find_command(command.command_id)

@@ -315,27 +315,32 @@ async def test_a_retry_of_a_command_this_process_committed_is_looked_up_not_run(
     assert (store.lookups, store.appends) == (1, 1)
 
 
-async def test_only_the_latest_committed_ids_are_remembered() -> None:
+async def test_only_the_latest_recorded_ids_are_remembered() -> None:
     store = CountingStore()
     bus = CommandBus(middleware=[IdempotencyMiddleware(store, remembered=2)])
     bus.register(RestockProduct, UnitsOfWork(store).handler(handlers.restock_product))
     commands = [restock("a", 1, command_id=str(uuid.uuid4())) for _ in range(3)]
     for command in commands:
         await bus.dispatch(command)
-    for command in commands:
-        await bus.dispatch(command)
-    # The first was forgotten: it ran again, and the store refused it.
-    assert (store.lookups, store.appends) == (3, 4)
+    await bus.dispatch(commands[2])
+    assert (store.lookups, store.appends) == (1, 3)  # remembered: looked up, not run
+    await bus.dispatch(commands[0])
+    # Forgotten: it ran again, the store refused it, and it was replayed.
+    assert (store.lookups, store.appends) == (2, 4)
 
 
 async def test_a_retry_of_a_command_another_replica_committed_is_refused_then_replayed() -> None:
     store = CountingStore()
     command = restock("a", 1, command_id=str(uuid.uuid4()))
     first = await bootstrap(store).dispatch(command)
-    assert await bootstrap(store).dispatch(command) == first
+    other_replica = bootstrap(store)
+    assert await other_replica.dispatch(command) == first
     # It ran, the store refused its append as a duplicate, and the record was read.
     assert (store.lookups, store.appends) == (1, 2)
     assert await store.head_position() == 1
+    # Now this replica has seen it recorded: a further retry is looked up, not run.
+    assert await other_replica.dispatch(command) == first
+    assert (store.lookups, store.appends) == (2, 2)
 
 
 async def test_a_command_refused_by_a_rule_looks_its_id_up() -> None:
