@@ -247,10 +247,13 @@ class Report:
                 return result
         return None
 
-    def workers_load(self, store: str, workers: int, concurrency: int) -> list[LoadResult]:
+    def workers_load(
+        self, store: str, workers: int, concurrency: int, workload: str = "create"
+    ) -> list[LoadResult]:
         """Every round measured for one ``--workers`` point."""
         name = label(store, workers)
-        return [r for r in self.workers if (r.server, r.concurrency) == (name, concurrency)]
+        point = (name, workload, concurrency)
+        return [r for r in self.workers if (r.server, r.workload, r.concurrency) == point]
 
     def eventsourcing(self, backend: str) -> InProcessResult | None:
         return next(
@@ -571,7 +574,8 @@ def print_workers(report: Report, out: TextIO) -> None:
     if not report.workers:
         return
     out.write(
-        "\nserve --workers N, CreateOrder (interleaved rounds; CPU ms per call: server = "
+        "\nserve --workers N, CreateOrder spread (create) and on one product (hot) "
+        "(interleaved rounds; CPU ms per call: server = "
         "supervisor and workers; ceiling = this host's cores / (server + client + db CPU))\n"
     )
     rows = []
@@ -580,13 +584,15 @@ def print_workers(report: Report, out: TextIO) -> None:
         base = None
         if int(workers) != WORKER_COUNTS[0]:
             # The same round's --workers 1 figure, measured just before this one.
-            ours = report.workers_load(store, int(workers), result.concurrency)
-            bases = report.workers_load(store, WORKER_COUNTS[0], result.concurrency)
+            point = (result.concurrency, result.workload)
+            ours = report.workers_load(store, int(workers), *point)
+            bases = report.workers_load(store, WORKER_COUNTS[0], *point)
             round_index = next(n for n, r in enumerate(ours) if r is result)
             base = bases[round_index] if round_index < len(bases) else None
         rows.append(
             [
                 result.server,
+                result.workload,
                 str(result.concurrency),
                 f"{result.calls_per_s:,.0f}",
                 f"{result.latency.p50_ms:.2f}",
@@ -606,6 +612,7 @@ def print_workers(report: Report, out: TextIO) -> None:
         out,
         [
             "server",
+            "workload",
             "conc",
             "calls/s",
             "p50 ms",

@@ -69,7 +69,9 @@ from bench.stats import Latencies, LoadResult
 from bench.stores import StoreSpec, supported
 
 WORKER_COUNTS = (1, 2)
-LOAD_CONCURRENCY = (1, 32)
+LOAD_POINTS = (("create", 1), ("create", 32), ("hot", 32))
+"""Workload and concurrency of each point of a round: spread orders, and every order on
+one product (which the workers take turns at)."""
 CONNECTIONS = 16
 """The load generator's connections, shared by its processes: enough for the kernel to
 spread them evenly over two workers (it balances connections, not calls)."""
@@ -141,7 +143,8 @@ def ceiling(result: LoadResult, cores: int | None = None) -> float:
 
 def _progress(result: LoadResult) -> None:
     print(
-        f"  {result.server:<14} c={result.concurrency:<3} {result.calls_per_s:8,.0f} calls/s  "
+        f"  {result.server:<14} {result.workload:<6} c={result.concurrency:<3} "
+        f"{result.calls_per_s:8,.0f} calls/s  "
         f"p50 {result.latency.p50_ms:6.2f} ms  CPU ms/call: server "
         f"{result.server_cpu_ms_per_call:.3f} (supervisor {result.supervisor_cpu_ms_per_call:.3f})"
         f" client {result.client_cpu_ms_per_call:.3f} db {result.database_cpu_ms_per_call:.3f};"
@@ -204,7 +207,7 @@ async def measure(
                 warm = LoadSpec(
                     server.target,
                     "create",
-                    max(LOAD_CONCURRENCY),
+                    max(level for _, level in LOAD_POINTS),
                     duration * workers,
                     0.0,
                     processes,
@@ -212,12 +215,12 @@ async def measure(
                 )
                 await asyncio.to_thread(run_load, warm, label(spec.kind, workers))
             for _ in range(rounds):
-                for level in LOAD_CONCURRENCY:
+                for name, level in LOAD_POINTS:
                     for workers in WORKER_COUNTS:
                         server = servers[workers]
                         load = LoadSpec(
                             target=server.target,
-                            workload="create",
+                            workload=name,
                             concurrency=level,
                             duration=duration,
                             warmup=warmup,

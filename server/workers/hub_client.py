@@ -5,7 +5,10 @@
 ``server.stores.sqlite_turns``); after each commit it tells the hub, with the commit's events.
 The hub's wake-ups, which say that other workers committed, call the store's commit
 listeners (on PostgreSQL beside its LISTEN/NOTIFY) and ``on_others`` with those commits
-(the aggregate cache's follower).
+(the aggregate cache's follower). Workers take turns at contended streams like replicas
+(``domain.ports.SharedStreamLocks``): with PostgreSQL's advisory locks
+(``LockingWorkerStore``), or with the supervisor's where the store has none (SQLite:
+``HubLockingWorkerStore``, ``server.workers.stream_locks``).
 
 If the supervisor goes away, its consumer-group calls fail as ``StoreUnavailableError``,
 and ``lost`` is set: the worker stops (``server.workers.worker``).
@@ -38,10 +41,13 @@ from server.consumer_groups.stores import KeepsConsumerGroups
 from server.stores.event_rows import EventRow, EventRowReader, StreamRowReader
 from server.workers.groups import WorkerGroupStore
 from server.workers.hub_protocol import (
+    CONTENTION,
     GROUP_DELETED,
     LISTENING,
+    LOCK_STREAM,
     NOTICE,
     OTHERS_LISTENING,
+    UNLOCK_STREAM,
     WAKE,
     FrameBuffer,
     FrameWriter,
@@ -106,6 +112,8 @@ class _HubConnection(asyncio.Protocol):
                 self._client.group_deleted(*message)
             elif call_id == OTHERS_LISTENING:
                 self._client.others_listening(bool(message))
+            elif call_id == CONTENTION:
+                self._client.contended_elsewhere(message)
             else:
                 self._client.answer(call_id, message)
 
@@ -137,6 +145,7 @@ class HubClient:
         """Consumer-group calls waiting for their answer."""
         self._ids = itertools.count(WAKE + 1)
         self._listeners: list[Callable[[], None]] = []
+        self._contention_listeners: list[Callable[[str], None]] = []
         self._closing = False
         """This worker closes the connection itself (it is stopping): its end is no loss."""
         self.lost = asyncio.Event()
@@ -175,6 +184,43 @@ class HubClient:
             return decode_call_outcome(await future)
         finally:
             self._calls.pop(call_id, None)
+
+    async def lock_stream(self, stream_id: str) -> bool:
+        """Wait until this worker holds the supervisor's lock on ``stream_id``; returns
+        whether another worker held it first."""
+        request_id = next(self._ids)
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._send((LOCK_STREAM, (request_id, stream_id)))
+        self._calls[request_id] = future
+        try:
+            waited = decode_call_outcome(await future)
+        except BaseException:
+            # Given up (a deadline) or failed: the lock may have been granted meanwhile,
+            # and the hub releases it, or forgets the request if it was not.
+            self.unlock_stream(stream_id)
+            raise
+        finally:
+            self._calls.pop(request_id, None)
+        return bool(waited)
+
+    def unlock_stream(self, stream_id: str) -> None:
+        """Release the lock (a lost hub has released every lock of this worker)."""
+        if self._out.open:
+            self._send((UNLOCK_STREAM, stream_id))
+
+    def announce_contention(self, stream_id: str) -> None:
+        """Tell the other workers that this one takes turns at ``stream_id`` now."""
+        self._send((CONTENTION, stream_id))
+
+    def add_contention_listener(self, listener: Callable[[str], None]) -> None:
+        self._contention_listeners.append(listener)
+
+    def contended_elsewhere(self, stream_id: str) -> None:
+        for listener in list(self._contention_listeners):
+            try:
+                listener(stream_id)
+            except Exception:
+                log.exception("contention listener failed")
 
     def notice(self, commit: Commit) -> None:
         """This worker committed ``commit`` (a lost hub only delays the others)."""
@@ -330,6 +376,40 @@ class WorkerStore:
         self._closing = True
         await self._inner.close()
         await self._hub.close()
+
+
+class HubLockingWorkerStore(WorkerStore):
+    """A ``WorkerStore`` on a store without shared stream locks (SQLite): workers take
+    turns at contended streams with the supervisor's locks (``server.workers.stream_locks``).
+
+    Without them, workers deciding orders on one product at once raced to the same
+    version, the losers' commands and every command pipelined behind them ran again, and
+    with enough callers some ran out of retries (ABORTED): two workers on one hot product
+    answered ABORTED to about 1 % of the orders at 32 concurrent callers, with a p99 of a
+    quarter of a second.
+    """
+
+    async def lock_stream(self, stream_id: str, after_version: int | None = None) -> StreamLocked:
+        waited = await self._hub.lock_stream(stream_id)
+        if after_version is None:
+            return StreamLocked(waited)
+        try:
+            # Whoever held the lock before ended its turn once its commits were durable,
+            # so a read that begins now sees them.
+            events = await self._inner.read_stream(stream_id, after_version)
+        except BaseException:
+            self._hub.unlock_stream(stream_id)
+            raise
+        return StreamLocked(waited, events)
+
+    async def unlock_stream(self, stream_id: str) -> None:
+        self._hub.unlock_stream(stream_id)
+
+    async def announce_contention(self, stream_id: str) -> None:
+        self._hub.announce_contention(stream_id)
+
+    def add_contention_listener(self, listener: Callable[[str], None]) -> None:
+        self._hub.add_contention_listener(listener)
 
 
 class LockingWorkerStore(WorkerStore):

@@ -16,7 +16,13 @@ subscriptions (``Subscribe`` streams, consumer-group members) go from none to so
 back, sends ``(LISTENING, bool)``, and the supervisor tells each worker
 ``(OTHERS_LISTENING, bool)`` whenever whether some *other* worker listens changes: a
 worker's notices hurry only for a listener or a worker that commits too
-(``server.workers.hub_client``). Both ends are
+(``server.workers.hub_client``). Where the store has no shared stream locks of its own
+(SQLite), workers take turns at contended streams through the hub
+(``server.workers.stream_locks``): ``(LOCK_STREAM, (request_id, stream_id))``, answered
+``(request_id, ("ok", waited))`` when the lock is the worker's, ``(UNLOCK_STREAM,
+stream_id)`` (also a request given up), and ``(CONTENTION, stream_id)``, which the
+supervisor passes on to every other worker: take turns at that stream from now on. Both
+ends are
 processes of one gateway on one host (a unix socket in a folder only the gateway's user
 can enter), so pickle is safe here.
 
@@ -47,6 +53,12 @@ LISTENING: Final = -3
 """Worker to supervisor: whether this worker has subscriptions now (a bool)."""
 OTHERS_LISTENING: Final = -4
 """Supervisor to worker: whether any other worker has subscriptions now (a bool)."""
+LOCK_STREAM: Final = -5
+"""Worker to supervisor: ``(request_id, stream_id)``, wait for the stream's lock."""
+UNLOCK_STREAM: Final = -6
+"""Worker to supervisor: ``stream_id``, release its lock (or stop waiting for it)."""
+CONTENTION: Final = -7
+"""Both ways: ``stream_id``, a stream the workers take turns at from now on."""
 _LENGTH = struct.Struct("!I")
 
 Outcome = tuple[str, Any]

@@ -39,6 +39,7 @@ from server.workers.cache_follower import CacheFollower
 from server.workers.hub_client import (
     NOTICE_DELAY_SECONDS,
     HubClient,
+    HubLockingWorkerStore,
     LockingRowStore,
     LockingWorkerStore,
     RowStore,
@@ -107,7 +108,7 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
     if isinstance(inner, SharedStreamLocks):
         store = LockingWorkerStore(cast(LockingRowStore, inner), hub, spec.groups_via_hub)
     else:
-        store = WorkerStore(cast(RowStore, inner), hub, spec.groups_via_hub)
+        store = HubLockingWorkerStore(cast(RowStore, inner), hub, spec.groups_via_hub)
     cache = AggregateCache(spec.settings.aggregate_cache)
     hub.on_others = CacheFollower(cache).committed_elsewhere
     background = [

@@ -1,7 +1,8 @@
 """The conformance suite against a worker's store under ``serve --workers N`` on SQLite:
 it reads and writes the file itself, taking turns at the write lock with the other
 processes, and tells the supervisor's hub of its commits over a unix socket. Then what
-the hub tells workers of each other's commits."""
+the hub tells workers of each other's commits, and the hub's stream locks, with which
+workers take turns at a contended stream."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from server.stores.sqlite import SQLiteEventStore
 from server.workers import hub_client
 from server.workers.cache_follower import CacheFollower
 from server.workers.hub import WorkerHub
-from server.workers.hub_client import HubClient, WorkerStore
+from server.workers.hub_client import HubClient, HubLockingWorkerStore
 from server.workers.hub_protocol import decode_events
 from tests.conformance.contract import TIMEOUT, EventStoreContract, commit_of
 
@@ -46,7 +47,7 @@ async def start_hub(socket_dir: Path) -> WorkerHub:
 class Worker:
     """A worker's store, and its aggregate cache kept up to date by a follower."""
 
-    def __init__(self, store: WorkerStore, client: HubClient) -> None:
+    def __init__(self, store: HubLockingWorkerStore, client: HubClient) -> None:
         self.store = store
         self.client = client
         self.cache = AggregateCache()
@@ -57,7 +58,7 @@ class Worker:
     async def open(cls, database: Path, hub: WorkerHub) -> Worker:
         client = await HubClient.connect(hub.path)
         inner = await SQLiteEventStore.open(database, writer_turns=True)
-        worker = cls(WorkerStore(inner, client, groups_via_hub=False), client)
+        worker = cls(HubLockingWorkerStore(inner, client, groups_via_hub=False), client)
         client.on_others = worker.follower.committed_elsewhere
         return worker
 
@@ -274,3 +275,84 @@ async def test_a_stopping_worker_sends_the_notices_still_waiting(
     await first.close()
     await eventually(lambda: bool(heard))
     assert heard == ["a"]
+
+
+# -- turns at a contended stream ----------------------------------------------------
+
+
+async def test_workers_get_a_streams_lock_first_come_first_served(
+    open_worker: OpenWorker,
+) -> None:
+    first, second, third = [await open_worker() for _ in range(3)]
+    assert not (await first.store.lock_stream("hot")).waited
+    second_turn = asyncio.ensure_future(second.store.lock_stream("hot"))
+    await asyncio.sleep(0.05)  # asked before the third worker
+    third_turn = asyncio.ensure_future(third.store.lock_stream("hot"))
+    # Another stream's lock is nobody else's business.
+    assert not (await third.store.lock_stream("cold")).waited
+    await asyncio.sleep(0.1)
+    assert not second_turn.done() and not third_turn.done()
+
+    await first.store.unlock_stream("hot")
+    assert (await asyncio.wait_for(second_turn, TIMEOUT)).waited
+    await asyncio.sleep(0.1)
+    assert not third_turn.done()
+    await second.store.unlock_stream("hot")
+    assert (await asyncio.wait_for(third_turn, TIMEOUT)).waited
+
+
+async def test_a_turn_that_begins_reads_what_the_worker_before_it_wrote(
+    open_worker: OpenWorker,
+) -> None:
+    first = await open_worker()
+    second = await open_worker()
+    await first.store.lock_stream("hot")
+    turn = asyncio.ensure_future(second.store.lock_stream("hot", after_version=0))
+    written = await first.store.append(commit_of([("hot", 1), ("hot", 2)]))
+    await first.store.unlock_stream("hot")
+
+    locked = await asyncio.wait_for(turn, TIMEOUT)
+    assert locked.waited
+    assert locked.events_after == written
+
+
+async def test_a_worker_gone_in_its_turn_leaves_the_stream_to_the_next(
+    open_worker: OpenWorker,
+) -> None:
+    first = await open_worker()
+    second = await open_worker()
+    await first.store.lock_stream("hot")
+    turn = asyncio.ensure_future(second.store.lock_stream("hot"))
+    await asyncio.sleep(0.05)
+    assert not turn.done()
+
+    await first.close()  # as a killed worker's connection closes
+    assert (await asyncio.wait_for(turn, TIMEOUT)).waited
+
+
+async def test_a_turn_given_up_while_waiting_is_never_granted(
+    open_worker: OpenWorker,
+) -> None:
+    first, second, third = [await open_worker() for _ in range(3)]
+    await first.store.lock_stream("hot")
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(second.store.lock_stream("hot"), 0.1)  # a deadline
+    turn = asyncio.ensure_future(third.store.lock_stream("hot"))
+    await asyncio.sleep(0.05)
+
+    await first.store.unlock_stream("hot")
+    # The second worker gave up: the lock goes to the third, not to nobody.
+    assert (await asyncio.wait_for(turn, TIMEOUT)).waited
+
+
+async def test_contention_announced_by_one_worker_reaches_the_others(
+    open_worker: OpenWorker,
+) -> None:
+    first, second, third = [await open_worker() for _ in range(3)]
+    heard: dict[str, list[str]] = {"first": [], "second": [], "third": []}
+    for name, worker in (("first", first), ("second", second), ("third", third)):
+        worker.store.add_contention_listener(heard[name].append)
+
+    await first.store.announce_contention("hot")
+    await eventually(lambda: bool(heard["second"]) and bool(heard["third"]))
+    assert heard == {"first": [], "second": ["hot"], "third": ["hot"]}

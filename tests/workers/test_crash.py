@@ -1,6 +1,7 @@
 """Crashes under ``serve --workers 2``, on SQLite and PostgreSQL: kill -9 one worker, or
 the supervisor, while orders are in flight. Nothing acknowledged is lost, nothing is
-applied twice, and the gateway serves again (a replaced worker, or a restart)."""
+applied twice, and the gateway serves again (a replaced worker, or a restart), also
+when every order is on one product, whose turns the killed worker may have held."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 import grpc
+import pytest
 from orders.v1 import events_pb2, order_command_service_pb2
 
 from tests.clients import Clients, item, order_request
@@ -24,9 +26,9 @@ STOCK = 1_000_000
 CHANNELS = 8
 
 
-def requests() -> list[order_command_service_pb2.CreateOrderRequest]:
+def requests(products: int = PRODUCTS) -> list[order_command_service_pb2.CreateOrderRequest]:
     return [
-        order_request(item(f"p-{n % PRODUCTS}"), command_id=str(uuid.uuid4()))
+        order_request(item(f"p-{n % products}"), command_id=str(uuid.uuid4()))
         for n in range(ORDERS)
     ]
 
@@ -42,8 +44,8 @@ async def place_until_killed(
 ) -> dict[str, list[events_pb2.Event]]:
     """Place every order concurrently; SIGKILL ``kill`` once enough are acknowledged.
     The acknowledged ones."""
-    for product in range(PRODUCTS):
-        await clients[0].restock(f"p-{product}", STOCK)
+    for product in {request.items[0].product_id for request in orders}:
+        await clients[0].restock(product, STOCK)
     acknowledged: dict[str, list[events_pb2.Event]] = {}
     enough = asyncio.Event()
 
@@ -81,8 +83,9 @@ async def assert_retries_complete_exactly_once(
         assert restocked.product_restocked.available_after == STOCK - count + 1
 
 
-async def test_a_killed_worker_is_replaced_and_loses_nothing(store_url: str) -> None:
-    orders = requests()
+@pytest.mark.parametrize("products", [PRODUCTS, 1], ids=["spread", "hot"])
+async def test_a_killed_worker_is_replaced_and_loses_nothing(store_url: str, products: int) -> None:
+    orders = requests(products)
     async with workers_gateway(store_url) as gateway:
         before = gateway.workers()
         victim = min(before)
