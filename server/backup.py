@@ -44,7 +44,7 @@ def backup(url: str, destination: Path) -> int:
         # Read-only: a backup never migrates or otherwise writes to the live store.
         with (
             closing(sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)) as live,
-            closing(sqlite3.connect(partial)) as copy,
+            closing(_create(partial, destination)) as copy,
         ):
             live.backup(copy)
             (events,) = copy.execute("SELECT count(*) FROM events").fetchone()
@@ -58,3 +58,11 @@ def backup(url: str, destination: Path) -> int:
         partial.unlink(missing_ok=True)
         raise
     return int(events)
+
+
+def _create(partial: Path, destination: Path) -> sqlite3.Connection:
+    """The copy's connection; an error here is the destination's, not the store's."""
+    try:
+        return sqlite3.connect(partial)
+    except sqlite3.Error as error:
+        raise BackupError(f"cannot create {destination}: {error}") from error

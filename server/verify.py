@@ -7,7 +7,9 @@
   with one command id has a record with that first position and count, and no record
   points anywhere else;
 - each product's stock, replayed, never goes negative and matches every event's
-  ``available_after``.
+  ``available_after``;
+- a SQLite file passes SQLite's integrity check first (pages, indexes, and the tables no
+  read of the log touches, such as the consumer groups'); a damaged file's log is not read.
 
 The log is streamed in pages, holding only each stream's last version and each
 product's stock, so memory grows with the number of streams, not of events. Events
@@ -52,6 +54,15 @@ class CommandLog(Protocol):
         ...
 
 
+@runtime_checkable
+class FileCheck(Protocol):
+    """A store kept in a file that can check the file itself (SQLite)."""
+
+    async def file_damage(self) -> list[str]:
+        """What is wrong with the file, empty if nothing."""
+        ...
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class Violation:
     position: int
@@ -67,10 +78,12 @@ class Report:
     seconds: float = 0.0
     violations: list[Violation] = field(default_factory=list)
     violation_count: int = 0
+    damage: list[str] = field(default_factory=list)
+    """What the store's check of its file found; the log of a damaged file is not read."""
 
     @property
     def ok(self) -> bool:
-        return self.violation_count == 0
+        return self.violation_count == 0 and not self.damage
 
     @property
     def first(self) -> Violation | None:
@@ -84,6 +97,11 @@ class Report:
             self.violations = sorted(self.violations)[:MAX_LISTED]
 
     def lines(self) -> list[str]:
+        if self.damage:
+            problems = [f"file: {problem}" for problem in self.damage[:MAX_LISTED]]
+            if len(self.damage) > MAX_LISTED:
+                problems.append(f"... and {len(self.damage) - MAX_LISTED} more")
+            return [*problems, "FAILED: the file is damaged; its log was not read"]
         rate = self.events / self.seconds if self.seconds > 0 else 0.0
         summary = (
             f"{self.events} events, {self.streams} streams, {self.commands} commands,"
@@ -185,6 +203,9 @@ async def verify(store: EventStore) -> Report:
         raise TypeError(f"{type(store).__name__} cannot list its command records")
     started = time.perf_counter()
     report = Report()
+    if isinstance(store, FileCheck) and (damage := await store.file_damage()):
+        report.damage = damage
+        return report
     checker = _Checker(report)
     head = await store.head_position()
     after = 0
@@ -286,7 +307,11 @@ async def run_verify(url: str) -> int:
         # Opening it would create an empty store, and a mistyped path or database name
         # would pass as a consistent log.
         path = sqlite_path(url)
-        missing = f"SQLite store at {path}" if path else f"gateway schema in {redacted_url(url)}"
+        missing = (
+            f"SQLite store at {path}"
+            if path and not path.exists()
+            else f"gateway schema in {path or redacted_url(url)}"
+        )
         print(f"order-gateway: no {missing}", file=sys.stderr)
         return 1
     store = await open_store(url)

@@ -28,7 +28,7 @@ import datetime as dt
 import enum
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from orders.v1 import consumer_group_service_pb2 as pb
@@ -264,9 +264,11 @@ class GroupRuntime:
         leases: LeaseStore | None = None,
         replica_id: str = "",
         gone: Callable[[], None] | None = None,
+        attempts: Mapping[str, int] | None = None,
     ) -> None:
         """``gone`` is called when a lease round finds the group deleted through another
-        replica."""
+        replica; ``attempts`` are the deliveries so far of unsettled events, as the
+        group's previous runtime in this process left them (``failed_attempts``)."""
         self.record = record
         self._settings = record.settings
         self._store = store
@@ -311,6 +313,7 @@ class GroupRuntime:
         """Deliveries after the first of an event (timeouts, departures, retries, moves)."""
         self._parked = 0
         """Parked events of the group, as last counted in the store."""
+        self._carried = dict(attempts or {})
 
     # -- life -----------------------------------------------------------------------
 
@@ -360,6 +363,18 @@ class GroupRuntime:
         finally:
             if self.coordinator is not None:
                 await self.coordinator.stop()
+
+    def failed_attempts(self) -> dict[str, int]:
+        """After ``stop``: the deliveries so far of each unsettled event that had any, for
+        the group's next runtime here. A consumer that crashes on an event leaves the group
+        without members, which stops this runtime; its departures must still count towards
+        ``max_deliveries``, or the event would be delivered again and again."""
+        return {
+            entry.event_id: entry.attempt
+            for partition in self._partitions
+            for entry in partition.pending.values()
+            if entry.attempt > 0 and entry.state in (State.READY, State.BACKOFF)
+        }
 
     def _cancel_timers(self) -> None:
         for partition in self._partitions:
@@ -674,7 +689,7 @@ class GroupRuntime:
         if not partition.owned or position <= partition.read_through:
             return
         partition.read_through = position
-        entry = Entry(event, index)
+        entry = Entry(event, index, attempt=self._carried.pop(event.event_id, 0))
         partition.pending[position] = entry
         self._unsettled += 1
         queue = partition.streams.get(event.stream_id)

@@ -70,8 +70,13 @@ class ConsumerGroups:
         self._closed = False
         self._deletions: set[asyncio.Task[None]] = set()
         """Ends of groups a lease round found deleted through another replica."""
+        self._departures: set[asyncio.Task[None]] = set()
+        """Members leaving, whose calls may have been cancelled meanwhile."""
         self._retired_redeliveries: dict[str, int] = {}
         """Redeliveries counted by runtimes that have stopped, per group."""
+        self._attempts: dict[str, tuple[dt.datetime, dict[str, int]]] = {}
+        """Per group, the creation time of the group whose runtime stopped when its last
+        member left, and that runtime's ``failed_attempts``, for the group's next runtime."""
 
     def redeliveries(self) -> dict[str, int]:
         """Redeliveries on this process since it started, per group (a counter)."""
@@ -222,6 +227,8 @@ class ConsumerGroups:
             runtime = self._runtimes.get(name)
             if runtime is None:
                 record = await self.record(name)
+                # Only for the same group: one created again under the name starts afresh.
+                created_at, attempts = self._attempts.pop(name, (record.created_at, {}))
                 runtime = GroupRuntime(
                     record,
                     self.store,
@@ -231,6 +238,7 @@ class ConsumerGroups:
                     self._leases,
                     self.replica_id,
                     functools.partial(self._deleted_by_another_replica, name, record.created_at),
+                    attempts if created_at == record.created_at else None,
                 )
                 await runtime.start()
                 self._runtimes[name] = runtime
@@ -246,6 +254,15 @@ class ConsumerGroups:
             return runtime, runtime.join(member_id, user_id, max_in_flight, joined_at)
 
     async def leave(self, runtime: GroupRuntime, member: Member) -> None:
+        """The member's departure, carried to its end even if the awaiting call is
+        cancelled (a client that disconnects can have its handler cancelled again while
+        the departure of a group's last member stores its parks and checkpoints)."""
+        departure = asyncio.create_task(self._leave(runtime, member))
+        self._departures.add(departure)
+        departure.add_done_callback(self._departures.discard)
+        await asyncio.shield(departure)
+
+    async def _leave(self, runtime: GroupRuntime, member: Member) -> None:
         runtime.leave(member)
         name = runtime.record.name
         if runtime.members or self._runtimes.get(name) is not runtime:
@@ -256,11 +273,13 @@ class ConsumerGroups:
                 del self._runtimes[name]
                 self._retire(runtime)
                 await runtime.stop_and_store(GroupClosedError())
+                self._attempts[name] = (runtime.record.created_at, runtime.failed_attempts())
 
     async def stop(self) -> None:
         """Shutdown: end every member's stream (UNAVAILABLE), store the checkpoints, and
         close the group records' store."""
         self._closed = True
+        await asyncio.gather(*self._departures, return_exceptions=True)
         runtimes = list(self._runtimes.values())
         self._runtimes.clear()
         outcomes = await asyncio.gather(

@@ -10,7 +10,8 @@ from __future__ import annotations
 import collections
 import logging
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -109,17 +110,45 @@ def validation_status(error: ValidationError) -> grpc.Status:
     return bad_request_status((field_path(d["loc"]), d["msg"]) for d in error.errors())
 
 
+MAX_VIOLATION_BYTES = 2048
+"""The most bytes of violations one detail (BadRequest, PreconditionFailure) carries. The
+details (in base64, with the message inside) and the message travel in the trailers,
+which gRPC clients refuse beyond 8 KiB by default (more and more often up to 16 KiB, then
+always), answering RESOURCE_EXHAUSTED instead of the error: the 501 violations of an
+order whose 100 items are all wrong took 43 KiB, the 100 shortages of one whose items are
+all short 15 KiB. 2 KiB of violations make about 4.7 KiB of trailers."""
+MAX_MESSAGE_CHARS = 1024
+"""The longest status message (it travels twice: as itself and inside the details)."""
+
+V = TypeVar("V", bound=Message)
+
+
+def _fitting(violations: Sequence[V]) -> list[V]:
+    """The first of ``violations`` that fit ``MAX_VIOLATION_BYTES`` (at least one)."""
+    reported: list[V] = []
+    size = 0
+    for violation in violations:
+        size += violation.ByteSize() + 4  # its tag and length in the detail
+        if reported and size > MAX_VIOLATION_BYTES:
+            break
+        reported.append(violation)
+    return reported
+
+
 def bad_request_status(violations: Iterable[tuple[str, str]]) -> grpc.Status:
-    """INVALID_ARGUMENT with a BadRequest naming each ``(field path, description)``."""
+    """INVALID_ARGUMENT with a BadRequest naming each ``(field path, description)``, or
+    the first of them that fit ``MAX_VIOLATION_BYTES``, the message counting the rest."""
     field_violations = [
         error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
         for field, description in violations
     ]
-    fields = ", ".join(v.field for v in field_violations)
+    reported = _fitting(field_violations)
+    fields = ", ".join(v.field for v in reported)
+    omitted = len(field_violations) - len(reported)
     return _status(
         code_pb2.INVALID_ARGUMENT,
-        f"invalid request: {fields}",
-        error_details_pb2.BadRequest(field_violations=field_violations),
+        f"invalid request: {fields}" + (f" and {omitted} more" if omitted else ""),
+        error_details_pb2.BadRequest(field_violations=reported),
     )
 
 
@@ -136,14 +165,16 @@ def _domain_status(error: DomainError) -> grpc.Status:
         return _status(code_pb2.NOT_FOUND, message, _error_info(error.reason, metadata))
     if isinstance(error, InsufficientInventoryError):
         failure = error_details_pb2.PreconditionFailure(
-            violations=[
-                error_details_pb2.PreconditionFailure.Violation(
-                    type="STOCK",
-                    subject=f"product-{s.product_id}",
-                    description=f"requested {s.requested}, available {s.available}",
-                )
-                for s in error.shortages
-            ]
+            violations=_fitting(
+                [
+                    error_details_pb2.PreconditionFailure.Violation(
+                        type="STOCK",
+                        subject=f"product-{s.product_id}",
+                        description=f"requested {s.requested}, available {s.available}",
+                    )
+                    for s in error.shortages
+                ]
+            )
         )
         return _status(
             code_pb2.FAILED_PRECONDITION, message, failure, _error_info(error.reason, {})
@@ -176,6 +207,8 @@ def _error_info(reason: str, metadata: Mapping[str, str]) -> error_details_pb2.E
 
 
 def _status(code: int, message: str, *details: Message) -> grpc.Status:
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 1] + "…"
     packed = []
     for detail in details:
         holder = any_pb2.Any()

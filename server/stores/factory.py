@@ -47,9 +47,9 @@ async def open_store(url: str, *, pool_size: int = 10, writer_turns: bool = Fals
 
 async def holds_a_store(url: str) -> bool:
     """Whether ``url`` names a store that exists, without creating it (``open_store``
-    would): a file for SQLite, a migrated database for PostgreSQL."""
+    would): a file or a database that holds the gateway's schema."""
     if (path := sqlite_path(url)) is not None:
-        return path.is_file()
+        return await SQLiteEventStore.holds_a_store(path)
     if url.startswith(("postgresql://", "postgres://")):
         from server.stores.postgres import PostgresEventStore
 

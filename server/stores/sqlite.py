@@ -30,6 +30,7 @@ position can commit after a higher one became visible, which ``read_all`` relies
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import functools
 import logging
@@ -87,6 +88,7 @@ INSERT_COMMAND = (
     " VALUES (?, ?, ?, ?)"
 )
 HEAD = "SELECT coalesce(max(position), 0) FROM events"
+HAS_EVENTS_TABLE = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
 READ_STREAM = (
     f"SELECT {_COLUMNS} FROM events"
     " WHERE stream_id = ? AND stream_version > ? ORDER BY stream_version"
@@ -374,6 +376,23 @@ class SQLiteEventStore:
         turns = WriterTurns(path) if writer_turns else None
         loop = asyncio.get_running_loop()
         return cls(opened[0], opened[1:-1], loop, max_batch, opened[-1], path, turns)
+
+    @staticmethod
+    async def holds_a_store(path: Path) -> bool:
+        """Whether the file at ``path`` holds a gateway's schema (of any version), read
+        without creating, migrating or otherwise writing to it."""
+
+        def has_events_table() -> bool:
+            if not path.is_file():
+                return False
+            uri = f"{path.resolve().as_uri()}?mode=ro"
+            with contextlib.closing(sqlite3.connect(uri, uri=True)) as connection:
+                return connection.execute(HAS_EVENTS_TABLE).fetchone() is not None
+
+        try:
+            return await asyncio.to_thread(has_events_table)
+        except sqlite3.Error as e:
+            raise _store_error(f"cannot open the SQLite store {path}: {e}", e) from e
 
     async def open_consumer_groups(self) -> SQLiteConsumerGroupStore:
         """Consumer-group records in the same file (``server.consumer_groups``)."""
@@ -704,6 +723,22 @@ class SQLiteEventStore:
                 READ_RANGES, (after_command_id, limit)
             ).fetchall()
             return rows
+
+        return await self._read(query)
+
+    async def file_damage(self) -> list[str]:
+        """``server.verify.FileCheck``: what SQLite's integrity check finds wrong with the
+        file (its pages, indexes and constraints, every table's), empty if nothing."""
+
+        def query(connection: sqlite3.Connection) -> list[str]:
+            found: list[str] = []
+            try:
+                for (problem,) in connection.execute("PRAGMA integrity_check"):
+                    found.extend(str(problem).splitlines())
+            except sqlite3.DatabaseError as e:
+                # Some damage stops the check itself; what it found so far still counts.
+                found.append(str(e))
+            return [] if found == ["ok"] else found
 
         return await self._read(query)
 

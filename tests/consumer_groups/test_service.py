@@ -487,6 +487,59 @@ async def test_a_departed_member_s_deliveries_go_to_the_others_at_once(env: Env)
         assert seen[taken[0]] == 2
 
 
+async def test_a_lone_member_that_dies_on_an_event_counts_attempts_until_it_is_parked(
+    env: Env,
+) -> None:
+    # A consumer that crashes on one event leaves the group without members each time:
+    # its departures still count, so the event is parked instead of delivered forever.
+    await env.create("g", partitions=1, max_deliveries=2)
+    poison, after = await env.restocks(2)
+    for attempt in (1, 2):
+        crashing = await join(env.groups, "g")
+        delivery = await crashing.delivery()
+        assert (delivery.event.event_id, delivery.attempt) == (poison, attempt)
+        await crashing.close()
+        await eventually(lambda: env.gateway.groups.runtimes.get("g") is None)
+    async with member(env.groups, "g") as consumer:
+        delivery = await consumer.delivery()
+        assert delivery.event.event_id == after
+        await consumer.ack(after)
+        assert (await settled(env)).parked == 1
+
+
+async def test_a_departure_is_stored_even_when_its_call_is_cancelled_meanwhile(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A client that disconnects can have its call's handler cancelled again while the
+    # departure of the group's last member is being stored: the departure still completes.
+    await env.create("g", partitions=1, max_deliveries=1)
+    poison, after = await env.restocks(2)
+    crashing = await join(env.groups, "g")
+    assert (await crashing.delivery()).event.event_id == poison
+    groups = env.gateway.groups
+    runtime = groups.runtimes["g"]
+    (departing,) = runtime.members.values()
+    park, storing, go_on = groups.store.park, asyncio.Event(), asyncio.Event()
+
+    async def park_once_stopped(name: str, events: Any) -> None:
+        if name not in groups.runtimes:  # the runtime is being stopped and stored
+            storing.set()
+            await go_on.wait()
+        await park(name, events)
+
+    monkeypatch.setattr(groups.store, "park", park_once_stopped)
+    leaving = asyncio.create_task(groups.leave(runtime, departing))
+    await storing.wait()
+    leaving.cancel()
+    go_on.set()
+    with contextlib.suppress(asyncio.CancelledError):
+        await leaving
+    await crashing.close()
+    async with member(env.groups, "g") as consumer:
+        assert (await consumer.delivery()).event.event_id == after
+        assert (await env.get()).parked == 1
+
+
 async def test_the_checkpoint_never_passes_an_unsettled_event(env: Env) -> None:
     await env.create("g", partitions=1)
     held, *others = await env.restocks(6, products=6)

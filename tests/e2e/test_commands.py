@@ -167,6 +167,25 @@ async def test_insufficient_stock_has_precondition_failure_and_error_info(
     assert (info.reason, info.domain) == ("INSUFFICIENT_INVENTORY", "order-gateway")
 
 
+async def test_an_order_short_of_every_one_of_its_100_products_reaches_the_client_as_such(
+    clients: Clients,
+) -> None:
+    # 100 shortages of 64-character product ids: 15 KiB of trailers, which gRPC clients
+    # refuse (RESOURCE_EXHAUSTED) by default. The first shortages are reported.
+    products = [f"{n:03d}".ljust(64, "p") for n in range(100)]
+    for product_id in products:
+        await clients.restock(product_id, 1)
+    error = await rpc_error(clients.create(order_request(*(item(p, 2) for p in products))))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    failure = detail(error, error_details_pb2.PreconditionFailure)
+    subjects = [v.subject for v in failure.violations]
+    assert 10 <= len(subjects) < 100
+    assert subjects == [f"product-{p}" for p in products[: len(subjects)]]
+    info = detail(error, error_details_pb2.ErrorInfo)
+    assert (info.reason, info.domain) == ("INSUFFICIENT_INVENTORY", "order-gateway")
+    assert len(error.details() or "") <= 1024
+
+
 async def test_cancelling_twice_is_failed_precondition(clients: Clients) -> None:
     await clients.restock("a", 1)
     order_id = await placed(clients, ("a", 1))

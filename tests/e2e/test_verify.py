@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
@@ -158,6 +159,48 @@ def test_a_store_that_does_not_exist_fails_and_is_not_created(
     assert printed.out == ""
     assert f"no SQLite store at {missing}" in printed.err
     assert not missing.exists()
+
+
+def foreign_database(path: Path) -> None:
+    with closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute("CREATE TABLE notes (body TEXT)")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [pytest.param(Path.touch, id="empty-file"), pytest.param(foreign_database, id="other-schema")],
+)
+def test_a_sqlite_file_without_the_schema_fails_and_is_not_migrated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], make: Callable[[Path], None]
+) -> None:
+    # A backup truncated to nothing, or another program's database, is not an empty log.
+    path = tmp_path / "other.db"
+    make(path)
+    before = path.read_bytes()
+    assert main(["verify", "--store", f"sqlite:///{path}"]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert f"no gateway schema in {path}" in printed.err
+    assert path.read_bytes() == before
+
+
+def test_a_damaged_page_outside_the_log_is_found(
+    store_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The consumer groups' parked events: no read of the log touches their pages, so only
+    # SQLite's integrity check sees the damage (which the gateway would meet later).
+    with closing(sqlite3.connect(store_file)) as connection:
+        (root,) = connection.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'consumer_group_parked'"
+        ).fetchone()
+        (page_size,) = connection.execute("PRAGMA page_size").fetchone()
+    with store_file.open("r+b") as file:
+        file.seek((root - 1) * page_size)
+        file.write(b"\x13" * page_size)
+    code, lines = run_verify(store_file, capsys)
+    assert code == 1
+    assert any(line.startswith("file: ") for line in lines), lines
+    assert lines[-1].startswith("FAILED: the file is damaged"), lines
 
 
 def test_a_database_without_the_schema_fails_and_is_not_migrated(

@@ -80,6 +80,15 @@ def test_an_existing_file_is_never_overwritten(
     assert copy.read_text() == "precious"
 
 
+def test_a_destination_that_cannot_be_written_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    live, copy = tmp_path / "live.db", tmp_path / "no-such-folder" / "copy.db"
+    assert main(["migrate", "--store", f"sqlite:///{live}"]) == 0
+    assert main(["backup", "--store", f"sqlite:///{live}", str(copy)]) == 1
+    assert f"cannot create {copy}: unable to open database file" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [
