@@ -11,13 +11,11 @@ import asyncio
 import random
 from collections import Counter
 
-import grpc
-
-from domain.events import ProductRestocked, StockReserved
+from domain.events import StockReserved
 from domain.mapper import to_domain_event
 from domain.ports import RecordedEvent
 from server.stores.factory import open_store
-from tests.clients import Clients, item, order_request
+from tests.hot_support import assert_never_oversold, place_mixed_orders, place_orders
 from tests.subscription_support import connect, running_gateway
 
 CALLERS = 8
@@ -26,18 +24,6 @@ ORDERS = 25
 """Per caller, one after another."""
 STOCK = 1_000
 HOT = "sku-hot"
-
-
-async def place_orders(clients: Clients, failures: Counter[str]) -> list[str]:
-    placed = []
-    for _ in range(ORDERS):
-        try:
-            events = await clients.create(order_request(item(HOT)))
-        except grpc.aio.AioRpcError as error:
-            failures[error.code().name] += 1
-            continue
-        placed.append(events[0].order_created.order_id)
-    return placed
 
 
 async def test_two_replicas_queue_at_the_database_and_every_order_succeeds(
@@ -55,8 +41,8 @@ async def test_two_replicas_queue_at_the_database_and_every_order_succeeds(
         await on_first.restock(HOT, STOCK)
         placed = await asyncio.wait_for(
             asyncio.gather(
-                *(place_orders(on_first, failures) for _ in range(CALLERS)),
-                *(place_orders(on_second, failures) for _ in range(CALLERS)),
+                *(place_orders(on_first, HOT, ORDERS, failures) for _ in range(CALLERS)),
+                *(place_orders(on_second, HOT, ORDERS, failures) for _ in range(CALLERS)),
             ),
             timeout=120,
         )
@@ -91,15 +77,6 @@ async def test_two_replicas_with_orders_over_several_hot_products_never_deadlock
     failures: Counter[str] = Counter()
     rng = random.Random(11)
 
-    async def caller(clients: Clients) -> None:
-        for _ in range(15):
-            chosen = rng.sample(products, rng.randint(1, 3))
-            request = order_request(*(item(p, rng.randint(1, 2)) for p in chosen))
-            try:
-                await clients.create(request)
-            except grpc.aio.AioRpcError as error:
-                failures[error.code().name] += 1
-
     async with (
         running_gateway(first_store) as first,
         running_gateway(second_store) as second,
@@ -110,8 +87,11 @@ async def test_two_replicas_with_orders_over_several_hot_products_never_deadlock
             await on_first.restock(product, 150)
         await asyncio.wait_for(
             asyncio.gather(
-                *(caller(on_first) for _ in range(CALLERS)),
-                *(caller(on_second) for _ in range(CALLERS)),
+                *(
+                    place_mixed_orders(clients, products, 15, rng, failures)
+                    for clients in (on_first, on_second)
+                    for _ in range(CALLERS)
+                ),
             ),
             timeout=120,
         )
@@ -119,8 +99,4 @@ async def test_two_replicas_with_orders_over_several_hot_products_never_deadlock
 
     assert set(failures) <= {"FAILED_PRECONDITION"}, "only refusals for lack of stock"
     for stream in streams:
-        left = 0
-        for event in map(to_domain_event, stream):
-            assert isinstance(event, ProductRestocked | StockReserved)
-            left += event.quantity if isinstance(event, ProductRestocked) else -event.quantity
-            assert event.available_after == left >= 0
+        assert_never_oversold(stream)

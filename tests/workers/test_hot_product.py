@@ -11,12 +11,10 @@ import asyncio
 import random
 from collections import Counter
 
-import grpc
-
-from domain.events import ProductRestocked, StockReserved
+from domain.events import StockReserved
 from domain.mapper import to_domain_event
 from server.stores.factory import open_store
-from tests.clients import Clients, item, order_request
+from tests.hot_support import assert_never_oversold, place_mixed_orders, place_orders
 from tests.workers_support import spread_clients, workers_gateway
 
 CHANNELS = 16
@@ -25,18 +23,6 @@ ORDERS = 30
 """Per caller, one after another."""
 STOCK = 1_000
 HOT = "sku-hot"
-
-
-async def place_orders(clients: Clients, failures: Counter[str]) -> int:
-    placed = 0
-    for _ in range(ORDERS):
-        try:
-            await clients.create(order_request(item(HOT)))
-        except grpc.aio.AioRpcError as error:
-            failures[error.code().name] += 1
-            continue
-        placed += 1
-    return placed
 
 
 async def test_workers_take_turns_at_a_hot_product_and_every_order_succeeds(
@@ -49,12 +35,12 @@ async def test_workers_take_turns_at_a_hot_product_and_every_order_succeeds(
     ):
         await clients[0].restock(HOT, STOCK)
         placed = await asyncio.wait_for(
-            asyncio.gather(*(place_orders(c, failures) for c in clients)), timeout=120
+            asyncio.gather(*(place_orders(c, HOT, ORDERS, failures) for c in clients)), timeout=120
         )
 
     assert failures == Counter(), "every call succeeded"
     total = CHANNELS * ORDERS
-    assert sum(placed) == total
+    assert sum(len(p) for p in placed) == total
     store = await open_store(store_url)
     try:
         stream = await store.read_stream(f"product-{HOT}")
@@ -78,22 +64,18 @@ async def test_workers_with_orders_over_several_hot_products_never_deadlock(
     failures: Counter[str] = Counter()
     rng = random.Random(11)
 
-    async def caller(clients: Clients) -> None:
-        for _ in range(ORDERS):
-            chosen = rng.sample(products, rng.randint(1, 3))
-            request = order_request(*(item(p, rng.randint(1, 2)) for p in chosen))
-            try:
-                await clients.create(request)
-            except grpc.aio.AioRpcError as error:
-                failures[error.code().name] += 1
-
     async with (
         workers_gateway(store_url) as gateway,
         spread_clients(gateway.target, CHANNELS) as clients,
     ):
         for product in products:
             await clients[0].restock(product, 400)
-        await asyncio.wait_for(asyncio.gather(*(caller(c) for c in clients)), timeout=120)
+        await asyncio.wait_for(
+            asyncio.gather(
+                *(place_mixed_orders(c, products, ORDERS, rng, failures) for c in clients)
+            ),
+            timeout=120,
+        )
 
     assert set(failures) <= {"FAILED_PRECONDITION"}, "only refusals for lack of stock"
     store = await open_store(store_url)
@@ -102,8 +84,4 @@ async def test_workers_with_orders_over_several_hot_products_never_deadlock(
     finally:
         await store.close()
     for stream in streams:
-        left = 0
-        for event in map(to_domain_event, stream):
-            assert isinstance(event, ProductRestocked | StockReserved)
-            left += event.quantity if isinstance(event, ProductRestocked) else -event.quantity
-            assert event.available_after == left >= 0
+        assert_never_oversold(stream)
