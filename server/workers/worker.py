@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Final, cast
 
+from domain.errors import StoreUnavailableError
 from domain.ports import SharedStreamLocks
 from domain.unit_of_work import AggregateCache
 from server.app import Gateway, serve
@@ -83,9 +84,18 @@ def run_worker(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> Non
     configure_logging(settings.log_format, settings.log_level, worker=spec.index)
     try:
         asyncio.run(_serve(spec, ready, lifeline))
+    except SupervisorGoneError as gone:
+        # The supervisor died as this worker started (a replacement, say): nothing failed
+        # here, and the supervisor's own end is what the log must show.
+        log.error("the supervisor process is gone (%s); stopping", gone)
+        raise SystemExit(1) from None
     except Exception:
         log.exception("worker %d failed", spec.index)
         raise SystemExit(1) from None
+
+
+class SupervisorGoneError(Exception):
+    """The supervisor's hub could not be reached when the worker started."""
 
 
 async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> None:
@@ -97,7 +107,10 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
         stop.set()
 
     asyncio.get_running_loop().add_reader(lifeline.fileno(), supervisor_gone)
-    hub = await HubClient.connect(spec.hub_socket, spec.notice_delay)
+    try:
+        hub = await HubClient.connect(spec.hub_socket, spec.notice_delay)
+    except (OSError, StoreUnavailableError) as e:
+        raise SupervisorGoneError(e) from e
     # On SQLite the workers take turns at the file's write lock (``sqlite_turns``).
     inner = await open_store(
         spec.settings.store, pool_size=spec.settings.store_pool_size, writer_turns=True

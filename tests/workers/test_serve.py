@@ -4,10 +4,12 @@ serving, the guarantees of one process kept across them, and a graceful stop."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import signal
 import socket
 import subprocess
+import tempfile
 import urllib.request
 import uuid
 from pathlib import Path
@@ -16,7 +18,9 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.config import Settings
 from server.workers.supervisor import worker_count
+from server.workers.worker import WorkerSpec, run_worker
 from tests.clients import item, order_request
 from tests.serving import free_port, gateway_log, start_gateway
 from tests.subscription_support import StreamReader
@@ -204,3 +208,24 @@ def test_zero_workers_means_one_per_cpu_and_a_negative_count_is_refused() -> Non
     code, log = serve_and_fail("--workers", "-1")
     assert code == 2
     assert "workers: Input should be greater than or equal to 0" in log
+
+
+def test_a_worker_whose_supervisor_is_gone_as_it_starts_says_so_without_a_traceback(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    # As a replacement worker whose supervisor was killed meanwhile: the hub's socket is
+    # not there any more.
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    watched, lifeline = context.Pipe(duplex=False)
+    with tempfile.TemporaryDirectory(prefix="og-") as folder:
+        spec = WorkerSpec(Settings(), 1, str(Path(folder) / "hub.sock"), groups_via_hub=True)
+        worker = context.Process(target=run_worker, args=(spec, sender, watched))
+        worker.start()
+        worker.join(WAIT)
+    lifeline.close()
+    receiver.close()
+    assert worker.exitcode == 1
+    logged = capfd.readouterr().err
+    assert "the supervisor process is gone" in logged
+    assert "Traceback" not in logged
