@@ -62,6 +62,7 @@ from server.stores.event_rows import EventRow
 from server.stores.sqlite_calls import Call, CallQueue, Listener, answer
 from server.stores.sqlite_decide import conflict, decide, stream_ids
 from server.stores.sqlite_schema import SchemaTooNewError, migrate
+from server.stores.sqlite_space import out_of_space
 from server.stores.sqlite_turns import WriterTurns
 
 log = logging.getLogger("order_gateway.store.sqlite")
@@ -280,13 +281,16 @@ def _open_snapshot_writer(path: Path) -> sqlite3.Connection:
     return connection
 
 
-def _store_error(message: str, cause: BaseException) -> StoreError:
-    """The store error to raise ``from cause``: full, unavailable, or anything else."""
+def _store_error(message: str, cause: BaseException, database: Path | None = None) -> StoreError:
+    """The store error to raise ``from cause``: full, unavailable, or anything else
+    (``database``: the file a write failed on, to tell an I/O error that is a full disk
+    or a file size limit from one that is not)."""
     # Errors the sqlite3 module raises itself (a value it cannot bind) have no code.
     name = getattr(cause, "sqlite_errorname", None) or ""
     error: StoreError
-    if name == "SQLITE_FULL":
-        # The disk, or the file's max_page_count. SQLite rolls the statement back.
+    if name == "SQLITE_FULL" or (name.startswith("SQLITE_IOERR") and out_of_space(database)):
+        # The disk, the file's max_page_count, or (an I/O error) the file size limit or
+        # a quota. SQLite rolls the statement back.
         error = StoreFullError(message)
     elif name.startswith(_UNAVAILABLE_CODES):
         error = StoreUnavailableError(message)
@@ -423,7 +427,7 @@ class SQLiteEventStore:
                     log.exception("SQLite writer failed")
                     self._rollback()
                     for append in batch:
-                        append.outcome = _store_error("the SQLite store failed", e)
+                        append.outcome = _store_error("the SQLite store failed", e, self._path)
                 finally:
                     if self._turns is not None:
                         self._turns.release()
@@ -545,7 +549,7 @@ class SQLiteEventStore:
         """BEGIN, the head read or COMMIT failed: nothing in the batch is durable."""
         self._rollback()
         for append in batch:
-            append.outcome = _store_error("the SQLite transaction failed", error)
+            append.outcome = _store_error("the SQLite transaction failed", error, self._path)
 
     def _write_once(self, batch: list[Append]) -> Append | None:
         connection = self._writer
