@@ -254,11 +254,11 @@ async def _check_upgraded(url: str) -> None:
         await events.close()
 
 
-async def _restock(channel: grpc.aio.Channel, count: int) -> list[str]:
+async def _restock(channel: grpc.aio.Channel, count: int, products: int = 3) -> list[str]:
     stub = inventory_grpc.InventoryCommandServiceStub(channel)
     ids = []
     for n in range(count):
-        request = inventory_pb.RestockProductRequest(product_id=f"p{n % 3}", quantity=1)
+        request = inventory_pb.RestockProductRequest(product_id=f"p{n % products}", quantity=1)
         ids += [r.event.event_id async for r in stub.RestockProduct(request)]
     return ids
 
@@ -313,3 +313,53 @@ async def test_after_a_restart_delivery_resumes_above_the_stored_checkpoint(
             group = (await stub.GetConsumerGroup(pb.GetConsumerGroupRequest(name="g"))).group
             assert group.parked == 0
             assert group.checkpoint == group.head_position == 6
+
+
+async def _until(
+    stub: pb_grpc.ConsumerGroupServiceAsyncStub, check: Callable[[pb.ConsumerGroup], bool]
+) -> None:
+    """Wait until group "g", as GetConsumerGroup reports it, passes ``check``."""
+    async with asyncio.timeout(10):
+        while True:
+            reply = await stub.GetConsumerGroup(pb.GetConsumerGroupRequest(name="g"))
+            if check(reply.group):
+                return
+            await asyncio.sleep(0.05)
+
+
+async def test_failed_attempts_go_on_after_a_restart_until_the_event_is_parked(
+    open_events: Opener,
+) -> None:
+    async with (
+        group_gateway(await open_events()) as gateway,
+        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel,
+    ):
+        stub = pb_grpc.ConsumerGroupServiceStub(channel)
+        await stub.CreateConsumerGroup(
+            pb.CreateConsumerGroupRequest(
+                name="g", settings=group_settings(partitions=1, max_deliveries=3)
+            )
+        )
+        poison, after = await _restock(channel, 2, products=1)
+        async with member(stub, "g") as consumer:
+            delivery = await consumer.delivery()
+            assert (delivery.event.event_id, delivery.attempt) == (poison, 1)
+            await consumer.nack(poison, reason="failed")
+            delivery = await consumer.delivery()
+            assert (delivery.event.event_id, delivery.attempt) == (poison, 2)
+        # The member's stream ended with the event unsettled: its second failure.
+        await _until(stub, lambda group: not group.members)
+    async with (
+        group_gateway(await open_events()) as gateway,
+        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel,
+    ):
+        stub = pb_grpc.ConsumerGroupServiceStub(channel)
+        async with member(stub, "g") as consumer:
+            delivery = await consumer.delivery()
+            assert (delivery.event.event_id, delivery.attempt) == (poison, 3)
+            await consumer.nack(poison, reason="failed again")
+            # Its 3rd delivery failed: parked, and its stream goes on.
+            delivery = await consumer.delivery()
+            assert (delivery.event.event_id, delivery.attempt) == (after, 1)
+            await consumer.ack(after)
+            await _until(stub, lambda group: group.parked == 1)
