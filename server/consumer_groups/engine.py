@@ -416,8 +416,9 @@ class GroupRuntime:
 
     def _release(self, member: Member) -> None:
         """A departure: each of the member's deliveries is a failed attempt, redelivered
-        at once (no backoff)."""
-        # Newest first: each goes to the front of its ready queue, so the oldest leads.
+        as soon as it is counted (no backoff)."""
+        # Newest first: each goes to the front of its ready queue, so the oldest leads
+        # (they are counted in one write, and requeued in this order).
         for entry in sorted(member.in_flight.values(), key=_newest_first):
             self._fail(entry, backoff=False, reason="the member left")
         member.in_flight.clear()
