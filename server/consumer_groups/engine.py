@@ -16,6 +16,12 @@ are settled, everything examined): it never passes an event in flight, waiting f
 retry, or being parked (until the park is durable). Replayed parked events live outside
 that order: they are durable in the parked table until settled, below the checkpoint.
 
+An event's failed attempts are stored before it is delivered again, and loaded with its
+partition, so that the count goes on after a restart and on whichever process delivers
+the partition next: a consumer that dies on an event, however often it reconnects and
+wherever, sees it parked after ``max_deliveries``. An event delivered and acked at once
+costs no write.
+
 Memory is bounded: at most ``window`` unsettled events per group are held; beyond that the
 subscription is not read, falls behind the hub, and later re-reads from the store.
 """
@@ -28,7 +34,7 @@ import datetime as dt
 import enum
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from orders.v1 import consumer_group_service_pb2 as pb
@@ -39,6 +45,7 @@ from server.consumer_groups import balance
 from server.consumer_groups.leases import LeaseCoordinator, LeaseStore, LocalMember
 from server.consumer_groups.model import (
     RETRY_BASE,
+    FailedAttempts,
     GroupClosedError,
     GroupRecord,
     MemberIdTakenError,
@@ -82,6 +89,8 @@ class State(enum.Enum):
     """Behind an unsettled event of its stream."""
     READY = "ready"
     IN_FLIGHT = "in flight"
+    COUNTING = "counting"
+    """Failed; its failed attempts are being stored, then it is ready (or backs off)."""
     BACKOFF = "backoff"
     """Nacked with RETRY; ready again when its delay has passed."""
     PARKING = "parking"
@@ -97,7 +106,9 @@ class Entry:
     partition: int
     replay: bool = False
     attempt: int = 0
-    """Deliveries made so far."""
+    """Deliveries made so far (the stored failed ones, for an event taken in with them)."""
+    counted: bool = False
+    """Its failed attempts are stored: settling it forgets them."""
     state: State = State.WAITING
     member: Member | None = None
     timer: asyncio.TimerHandle | None = None
@@ -209,6 +220,9 @@ class Partition:
     streams: dict[str, deque[Entry]] = field(default_factory=dict)
     ready: deque[Entry] = field(default_factory=deque)
     replays: dict[str, Entry] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)
+    """Failed attempts stored for events not taken in yet, by event id: loaded when the
+    partition became this process's, each taken with its event."""
 
     def checkpoint(self, examined: int) -> int:
         """Every matching event of the partition at or below this is settled."""
@@ -264,11 +278,9 @@ class GroupRuntime:
         leases: LeaseStore | None = None,
         replica_id: str = "",
         gone: Callable[[], None] | None = None,
-        attempts: Mapping[str, int] | None = None,
     ) -> None:
         """``gone`` is called when a lease round finds the group deleted through another
-        replica; ``attempts`` are the deliveries so far of unsettled events, as the
-        group's previous runtime in this process left them (``failed_attempts``)."""
+        replica."""
         self.record = record
         self._settings = record.settings
         self._store = store
@@ -287,6 +299,12 @@ class GroupRuntime:
         self._fill_scheduled = False
         self._to_park: list[tuple[Entry, str]] = []
         self._to_unpark: list[str] = []
+        self._to_count: list[tuple[Entry, bool]] = []
+        """Failed events whose attempts are to be stored, each with whether it backs off
+        after (a RETRY) or is delivered again at once."""
+        self._count_now = asyncio.Event()
+        self._to_forget: list[str] = []
+        """Settled events whose failed attempts are to be forgotten."""
         self._saved: dict[int, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._reader: asyncio.Task[None] | None = None
@@ -313,7 +331,6 @@ class GroupRuntime:
         """Deliveries after the first of an event (timeouts, departures, retries, moves)."""
         self._parked = 0
         """Parked events of the group, as last counted in the store."""
-        self._carried = dict(attempts or {})
 
     # -- life -----------------------------------------------------------------------
 
@@ -329,22 +346,27 @@ class GroupRuntime:
             for index in range(self._settings.partitions)
         ]
         if local:
+            await self._load_attempts(self._partitions)
             self._owning.set()
         await self.poll_replays()
         name = self.record.name
         self._restart_reader()
-        self._tasks = [asyncio.create_task(self._flush_forever(), name=f"group-flush-{name}")]
+        self._tasks = [
+            asyncio.create_task(self._flush_forever(), name=f"group-flush-{name}"),
+            asyncio.create_task(self._count_forever(), name=f"group-count-{name}"),
+        ]
         if self.coordinator is not None:
             self.coordinator.start()
         self._parked = await self._store.parked_count(name)
 
     async def stop(self, error: Exception) -> None:
         """End every member's stream with ``error`` and stop reading (a deleted group:
-        nothing is stored)."""
+        nothing is stored). The deliveries in flight are not failed attempts: the members
+        did not fail them, the gateway ended their streams, as a crash would have."""
         self._closed = True
         for member in list(self.members.values()):
             member.end(error)
-            self._release(member)
+            member.in_flight.clear()
         self.members.clear()
         tasks = [*self._tasks, *([self._reader] if self._reader is not None else [])]
         for task in tasks:
@@ -355,26 +377,14 @@ class GroupRuntime:
         self._cancel_timers()
 
     async def stop_and_store(self, error: Exception) -> None:
-        """``stop``, then store the checkpoints and parks (shutdown, last member gone),
-        and only then give up the leases."""
+        """``stop``, then store the checkpoints, parks and failed attempts (shutdown, last
+        member gone), and only then give up the leases."""
         await self.stop(error)
         try:
             await self._flush()
         finally:
             if self.coordinator is not None:
                 await self.coordinator.stop()
-
-    def failed_attempts(self) -> dict[str, int]:
-        """After ``stop``: the deliveries so far of each unsettled event that had any, for
-        the group's next runtime here. A consumer that crashes on an event leaves the group
-        without members, which stops this runtime; its departures must still count towards
-        ``max_deliveries``, or the event would be delivered again and again."""
-        return {
-            entry.event_id: entry.attempt
-            for partition in self._partitions
-            for entry in partition.pending.values()
-            if entry.attempt > 0 and entry.state in (State.READY, State.BACKOFF)
-        }
 
     def _cancel_timers(self) -> None:
         for partition in self._partitions:
@@ -406,8 +416,9 @@ class GroupRuntime:
 
     def _release(self, member: Member) -> None:
         """A departure: each of the member's deliveries is a failed attempt, redelivered
-        at once (no backoff)."""
-        # Newest first: each goes to the front of its ready queue, so the oldest leads.
+        as soon as it is counted (no backoff)."""
+        # Newest first: each goes to the front of its ready queue, so the oldest leads
+        # (they are counted in one write, and requeued in this order).
         for entry in sorted(member.in_flight.values(), key=_newest_first):
             self._fail(entry, backoff=False, reason="the member left")
         member.in_flight.clear()
@@ -474,6 +485,7 @@ class GroupRuntime:
         partition.streams.clear()
         partition.ready.clear()
         partition.replays.clear()
+        partition.attempts.clear()
         partition.owned = partition.synced = False
         partition.owner = None
 
@@ -491,8 +503,9 @@ class GroupRuntime:
         if acquired:
             stored = await self._store.load_checkpoints(self.record.name)
             start = self.record.start_position
+            # Resume where the last owner stored its progress, and its count of failures.
+            await self._load_attempts(acquired)
             for partition in acquired:
-                # Resume where the last owner stored its progress.
                 partition.read_through = stored.get(partition.index, start)
                 self._saved[partition.index] = partition.read_through
                 partition.owned = True
@@ -560,8 +573,10 @@ class GroupRuntime:
         partition = self._partitions[entry.partition]
         if entry.replay:
             del partition.replays[entry.event_id]
-            self._to_unpark.append(entry.event_id)
+            self._to_unpark.append(entry.event_id)  # its failed attempts go with it
             return
+        if entry.counted:
+            self._to_forget.append(entry.event_id)
         del partition.pending[entry.position]
         self._unsettled -= 1
         if self._unsettled < self._tuning.window:
@@ -593,8 +608,20 @@ class GroupRuntime:
         entry.cancel_timer()
         entry.member = None
         if entry.attempt >= self._settings.max_deliveries:
-            self._park(entry, reason)
-        elif backoff:
+            self._park(entry, reason)  # the park forgets its stored attempts
+            return
+        # Stored before the next delivery is sent: a crash in between would otherwise
+        # forget this failure, and a consumer that dies on the event would never see it
+        # parked. ``_counted`` goes on once the count is stored.
+        entry.state = State.COUNTING
+        entry.counted = True
+        self._to_count.append((entry, backoff))
+        self._count_now.set()
+
+    def _counted(self, entry: Entry, backoff: bool) -> None:
+        if entry.state is not State.COUNTING or self._closed:
+            return  # its partition went elsewhere meanwhile, or the group stopped
+        if backoff:
             entry.state = State.BACKOFF
             delay = retry_delay(entry.attempt, self._tuning.retry_base)
             entry.timer = self._loop.call_later(delay, self._retry_due, entry)
@@ -689,7 +716,8 @@ class GroupRuntime:
         if not partition.owned or position <= partition.read_through:
             return
         partition.read_through = position
-        entry = Entry(event, index, attempt=self._carried.pop(event.event_id, 0))
+        attempts = partition.attempts.pop(event.event_id, 0)
+        entry = Entry(event, index, attempt=attempts, counted=attempts > 0)
         partition.pending[position] = entry
         self._unsettled += 1
         queue = partition.streams.get(event.stream_id)
@@ -771,7 +799,14 @@ class GroupRuntime:
             return
         if not partition.owned or parked.event_id in partition.replays:
             return  # the read awaited: things may have moved meanwhile
-        entry = Entry(events_pb2.Event(**proto_event_fields(records[0])), parked.partition, True)
+        attempts = partition.attempts.pop(parked.event_id, 0)
+        entry = Entry(
+            events_pb2.Event(**proto_event_fields(records[0])),
+            parked.partition,
+            replay=True,
+            attempt=attempts,
+            counted=attempts > 0,
+        )
         partition.replays[parked.event_id] = entry
         self._make_ready(entry)
 
@@ -792,9 +827,45 @@ class GroupRuntime:
             except Exception:
                 log.exception("consumer group %r: storing its state failed", self.record.name)
 
+    async def _load_attempts(self, partitions: Iterable[Partition]) -> None:
+        by_index = {partition.index: partition for partition in partitions}
+        for failed in await self._store.load_attempts(self.record.name, list(by_index)):
+            by_index[failed.partition].attempts[failed.event_id] = failed.attempts
+
+    async def _count_forever(self) -> None:
+        """Store failed attempts as they come: what fails while a write is under way
+        goes in the next one."""
+        while True:
+            await self._count_now.wait()
+            self._count_now.clear()
+            try:
+                await self._store_counts()
+            except Exception:
+                log.exception("consumer group %r: storing failed attempts failed", self.record.name)
+                await asyncio.sleep(self._tuning.retry_after_failure)
+                self._count_now.set()
+
+    async def _store_counts(self) -> None:
+        counts, self._to_count = self._to_count, []
+        if not counts:
+            return
+        try:
+            await self._store.save_attempts(
+                self.record.name,
+                [FailedAttempts(e.event_id, e.position, e.partition, e.attempt) for e, _ in counts],
+            )
+        except BaseException:
+            self._to_count = counts + self._to_count
+            raise
+        for entry, backoff in counts:
+            self._counted(entry, backoff)
+
     async def _flush(self) -> None:
-        """Store new parked events, then the checkpoints they held back, if moved."""
+        """Store failed attempts not stored yet (a partition given up, the group stopped)
+        and new parked events, forget the attempts of settled events, then store the
+        checkpoints the parks held back, if moved."""
         name = self.record.name
+        await self._store_counts()
         parks, self._to_park = self._to_park, []
         if parks:
             now = dt.datetime.now(dt.UTC)
@@ -822,6 +893,15 @@ class GroupRuntime:
                 await self._store.unpark(name, unparks)
             except BaseException:
                 self._to_unpark = unparks + self._to_unpark
+                raise
+        # Before the checkpoints: a crash in between delivers an acked event again, from
+        # attempt 1, rather than leaving its count behind for good.
+        forgets, self._to_forget = self._to_forget, []
+        if forgets:
+            try:
+                await self._store.forget_attempts(name, forgets)
+            except BaseException:
+                self._to_forget = forgets + self._to_forget
                 raise
         moved = {
             p.index: checkpoint

@@ -73,6 +73,17 @@ class ParkedEvent:
     """Returned to delivery by ReplayParked and not settled again yet."""
 
 
+@dataclass(frozen=True, slots=True)
+class FailedAttempts:
+    """The failed deliveries so far of an unsettled event, as stored for its group: its
+    next delivery is attempt ``attempts + 1``, whichever process makes it."""
+
+    event_id: str
+    position: int
+    partition: int
+    attempts: int
+
+
 class ConsumerGroupError(Exception):
     """Base of the errors a consumer-group call can fail with."""
 

@@ -1,4 +1,5 @@
-"""What a store keeps for consumer groups: groups, partition checkpoints, parked events.
+"""What a store keeps for consumer groups: groups, partition checkpoints, parked events,
+and the failed attempts of unsettled events.
 
 Each event store backend has an implementation (``store_memory``, ``store_sqlite``,
 ``store_postgres``); the rules that use them live once, in ``engine``.
@@ -6,10 +7,10 @@ Each event store backend has an implementation (``store_memory``, ``store_sqlite
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol
 
-from server.consumer_groups.model import GroupRecord, ParkedEvent
+from server.consumer_groups.model import FailedAttempts, GroupRecord, ParkedEvent
 
 
 class ConsumerGroupStore(Protocol):
@@ -24,7 +25,8 @@ class ConsumerGroupStore(Protocol):
         ...
 
     async def delete_group(self, name: str) -> bool:
-        """Remove the group with its checkpoints and parked events; False if unknown."""
+        """Remove the group with its checkpoints, parked events and failed attempts; False
+        if unknown."""
         ...
 
     async def load_checkpoints(self, name: str) -> dict[int, int]:
@@ -35,16 +37,31 @@ class ConsumerGroupStore(Protocol):
         """Store these partitions' checkpoints; a stored one is never moved back."""
         ...
 
+    async def save_attempts(self, name: str, attempts: Sequence[FailedAttempts]) -> None:
+        """Store these events' failed attempts; a stored count never goes down."""
+        ...
+
+    async def forget_attempts(self, name: str, event_ids: Sequence[str]) -> None:
+        """Forget the failed attempts of settled events."""
+        ...
+
+    async def load_attempts(self, name: str, partitions: Collection[int]) -> list[FailedAttempts]:
+        """The stored failed attempts of these partitions' events."""
+        ...
+
     async def park(self, name: str, events: Sequence[ParkedEvent]) -> None:
-        """Store parked events (again, for a replayed one: ``replaying`` is cleared)."""
+        """Store parked events (again, for a replayed one: ``replaying`` is cleared) and
+        forget their failed attempts."""
         ...
 
     async def unpark(self, name: str, event_ids: Sequence[str]) -> None:
-        """Forget parked events that were replayed and then settled."""
+        """Forget parked events that were replayed and then settled, with their failed
+        attempts."""
         ...
 
     async def replay_parked(self, name: str, limit: int) -> int:
-        """Mark the ``limit`` longest-parked events (0: all) as replaying; how many."""
+        """Mark the ``limit`` longest-parked events (0: all) as replaying, their failed
+        attempts forgotten (a replay starts again at attempt 1); how many."""
         ...
 
     async def replaying(self, name: str, limit: int) -> list[ParkedEvent]:

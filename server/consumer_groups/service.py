@@ -74,9 +74,6 @@ class ConsumerGroups:
         """Members leaving, whose calls may have been cancelled meanwhile."""
         self._retired_redeliveries: dict[str, int] = {}
         """Redeliveries counted by runtimes that have stopped, per group."""
-        self._attempts: dict[str, tuple[dt.datetime, dict[str, int]]] = {}
-        """Per group, the creation time of the group whose runtime stopped when its last
-        member left, and that runtime's ``failed_attempts``, for the group's next runtime."""
 
     def redeliveries(self) -> dict[str, int]:
         """Redeliveries on this process since it started, per group (a counter)."""
@@ -227,8 +224,6 @@ class ConsumerGroups:
             runtime = self._runtimes.get(name)
             if runtime is None:
                 record = await self.record(name)
-                # Only for the same group: one created again under the name starts afresh.
-                created_at, attempts = self._attempts.pop(name, (record.created_at, {}))
                 runtime = GroupRuntime(
                     record,
                     self.store,
@@ -238,7 +233,6 @@ class ConsumerGroups:
                     self._leases,
                     self.replica_id,
                     functools.partial(self._deleted_by_another_replica, name, record.created_at),
-                    attempts if created_at == record.created_at else None,
                 )
                 await runtime.start()
                 self._runtimes[name] = runtime
@@ -273,7 +267,6 @@ class ConsumerGroups:
                 del self._runtimes[name]
                 self._retire(runtime)
                 await runtime.stop_and_store(GroupClosedError())
-                self._attempts[name] = (runtime.record.created_at, runtime.failed_attempts())
 
     async def stop(self) -> None:
         """Shutdown: end every member's stream (UNAVAILABLE), store the checkpoints, and

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
-from server.consumer_groups.model import GroupRecord, ParkedEvent
+from server.consumer_groups.model import FailedAttempts, GroupRecord, ParkedEvent
 
 
 class MemoryConsumerGroupStore:
@@ -13,6 +13,7 @@ class MemoryConsumerGroupStore:
         self._groups: dict[str, GroupRecord] = {}
         self._checkpoints: dict[str, dict[int, int]] = {}
         self._parked: dict[str, dict[str, ParkedEvent]] = {}
+        self._attempts: dict[str, dict[str, FailedAttempts]] = {}
 
     async def create_group(self, record: GroupRecord) -> GroupRecord:
         return self._groups.setdefault(record.name, record)
@@ -26,6 +27,7 @@ class MemoryConsumerGroupStore:
     async def delete_group(self, name: str) -> bool:
         self._checkpoints.pop(name, None)
         self._parked.pop(name, None)
+        self._attempts.pop(name, None)
         return self._groups.pop(name, None) is not None
 
     async def load_checkpoints(self, name: str) -> dict[int, int]:
@@ -38,17 +40,37 @@ class MemoryConsumerGroupStore:
         for partition, position in checkpoints.items():
             stored[partition] = max(stored.get(partition, 0), position)
 
+    async def save_attempts(self, name: str, attempts: Sequence[FailedAttempts]) -> None:
+        if name not in self._groups:
+            return
+        stored = self._attempts.setdefault(name, {})
+        for failed in attempts:
+            before = stored.get(failed.event_id)
+            if before is None or before.attempts < failed.attempts:
+                stored[failed.event_id] = failed
+
+    async def forget_attempts(self, name: str, event_ids: Sequence[str]) -> None:
+        stored = self._attempts.get(name, {})
+        for event_id in event_ids:
+            stored.pop(event_id, None)
+
+    async def load_attempts(self, name: str, partitions: Collection[int]) -> list[FailedAttempts]:
+        wanted = set(partitions)
+        return [a for a in self._attempts.get(name, {}).values() if a.partition in wanted]
+
     async def park(self, name: str, events: Sequence[ParkedEvent]) -> None:
         if name not in self._groups:
             return
         parked = self._parked.setdefault(name, {})
         for event in events:
             parked[event.event_id] = dataclasses.replace(event, replaying=False)
+        await self.forget_attempts(name, [event.event_id for event in events])
 
     async def unpark(self, name: str, event_ids: Sequence[str]) -> None:
         parked = self._parked.get(name, {})
         for event_id in event_ids:
             parked.pop(event_id, None)
+        await self.forget_attempts(name, event_ids)
 
     async def replay_parked(self, name: str, limit: int) -> int:
         parked = self._parked.get(name, {})
@@ -59,6 +81,7 @@ class MemoryConsumerGroupStore:
         chosen = waiting[:limit] if limit else waiting
         for event in chosen:
             parked[event.event_id] = dataclasses.replace(event, replaying=True)
+        await self.forget_attempts(name, [event.event_id for event in chosen])
         return len(chosen)
 
     async def replaying(self, name: str, limit: int) -> list[ParkedEvent]:

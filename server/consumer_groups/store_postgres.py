@@ -1,5 +1,5 @@
-"""Consumer-group records in PostgreSQL (tables of schema migration 6), shared by every
-replica. Uses the event store's connection pool; every statement is one transaction."""
+"""Consumer-group records in PostgreSQL (tables of schema migrations 6 and 9), shared by
+every replica. Uses the event store's connection pool; every statement is one transaction."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import datetime as dt
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,6 +24,7 @@ from server.consumer_groups.leases import (
     PartitionLease,
 )
 from server.consumer_groups.model import (
+    FailedAttempts,
     GroupNotFoundError,
     GroupRecord,
     MemberIdTakenError,
@@ -36,7 +37,13 @@ Pool = AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]]
 
 _GROUP_COLUMNS = "name, settings, created_at, start_position"
 _PARKED_COLUMNS = "event_id, position, partition, reason, parked_at, replaying"
+_ATTEMPTS_COLUMNS = "event_id, position, partition, attempts"
 _OLDEST_FIRST = "ORDER BY parked_at, position"
+_FORGET_ATTEMPTS = (
+    "forgotten AS (DELETE FROM consumer_group_attempts"
+    " WHERE group_name = %s AND event_id = ANY(%s))"
+)
+"""A data-modifying ``WITH`` query: runs with the statement it heads, in its transaction."""
 
 
 def _group(row: Sequence[Any]) -> GroupRecord:
@@ -131,9 +138,53 @@ class PostgresConsumerGroupStore:
             (list(checkpoints), list(checkpoints.values()), name),
         )
 
+    async def save_attempts(self, name: str, attempts: Sequence[FailedAttempts]) -> None:
+        # One row per event: an upsert may not touch a row twice in one statement.
+        latest: dict[str, FailedAttempts] = {}
+        for failed in attempts:
+            before = latest.get(failed.event_id)
+            if before is None or before.attempts < failed.attempts:
+                latest[failed.event_id] = failed
+        rows = list(latest.values())
+        # The join drops a deleted group's counts instead of failing.
+        await self._rows(
+            f"INSERT INTO consumer_group_attempts (group_name, {_ATTEMPTS_COLUMNS})"
+            " SELECT g.name, a.event_id, a.position, a.partition, a.attempts"
+            " FROM consumer_groups g, unnest(%s::text[], %s::bigint[], %s::integer[],"
+            " %s::integer[]) AS a(event_id, position, partition, attempts)"
+            " WHERE g.name = %s"
+            " ON CONFLICT (group_name, event_id) DO UPDATE"
+            " SET attempts = greatest(consumer_group_attempts.attempts, excluded.attempts)",
+            (
+                [a.event_id for a in rows],
+                [a.position for a in rows],
+                [a.partition for a in rows],
+                [a.attempts for a in rows],
+                name,
+            ),
+        )
+
+    async def forget_attempts(self, name: str, event_ids: Sequence[str]) -> None:
+        await self._rows(
+            "DELETE FROM consumer_group_attempts WHERE group_name = %s AND event_id = ANY(%s)",
+            (name, list(event_ids)),
+        )
+
+    async def load_attempts(self, name: str, partitions: Collection[int]) -> list[FailedAttempts]:
+        rows = await self._rows(
+            f"SELECT {_ATTEMPTS_COLUMNS} FROM consumer_group_attempts"
+            " WHERE group_name = %s AND partition = ANY(%s)",
+            (name, list(partitions)),
+        )
+        return [
+            FailedAttempts(event_id, int(position), int(partition), int(attempts))
+            for event_id, position, partition, attempts in rows
+        ]
+
     async def park(self, name: str, events: Sequence[ParkedEvent]) -> None:
         await self._rows(
-            f"INSERT INTO consumer_group_parked (group_name, {_PARKED_COLUMNS})"
+            f"WITH {_FORGET_ATTEMPTS}"
+            f" INSERT INTO consumer_group_parked (group_name, {_PARKED_COLUMNS})"
             " SELECT g.name, p.event_id, p.position, p.partition, p.reason, p.parked_at, false"
             " FROM consumer_groups g, unnest(%s::text[], %s::bigint[], %s::integer[],"
             " %s::text[], %s::timestamptz[])"
@@ -142,6 +193,8 @@ class PostgresConsumerGroupStore:
             " ON CONFLICT (group_name, event_id) DO UPDATE SET reason = excluded.reason,"
             " parked_at = excluded.parked_at, replaying = false",
             (
+                name,
+                [e.event_id for e in events],
                 [e.event_id for e in events],
                 [e.position for e in events],
                 [e.partition for e in events],
@@ -153,20 +206,25 @@ class PostgresConsumerGroupStore:
 
     async def unpark(self, name: str, event_ids: Sequence[str]) -> None:
         await self._rows(
-            "DELETE FROM consumer_group_parked WHERE group_name = %s AND event_id = ANY(%s)",
-            (name, list(event_ids)),
+            f"WITH {_FORGET_ATTEMPTS}"
+            " DELETE FROM consumer_group_parked WHERE group_name = %s AND event_id = ANY(%s)",
+            (name, list(event_ids), name, list(event_ids)),
         )
 
     async def replay_parked(self, name: str, limit: int) -> int:
         # One statement: a replay of a million parked events reads none into memory.
+        # Parking forgot the events' counts, but one written late (by a replica their
+        # partition had moved away from) may outlive the park: a replay starts at 1.
         rows = await self._rows(
             "WITH chosen AS (UPDATE consumer_group_parked SET replaying = true"
             " WHERE (group_name, event_id) IN ("
             " SELECT group_name, event_id FROM consumer_group_parked"
             f" WHERE group_name = %s AND NOT replaying {_OLDEST_FIRST} LIMIT %s"
-            " FOR UPDATE SKIP LOCKED) RETURNING 1)"
+            " FOR UPDATE SKIP LOCKED) RETURNING event_id),"
+            " forgotten AS (DELETE FROM consumer_group_attempts a USING chosen c"
+            " WHERE a.group_name = %s AND a.event_id = c.event_id)"
             " SELECT count(*) FROM chosen",
-            (name, limit or None),
+            (name, limit or None, name),
         )
         return int(rows[0][0])
 

@@ -1,9 +1,9 @@
-"""Consumer-group records in the SQLite store's file (tables of schema migration 4).
+"""Consumer-group records in the SQLite store's file (tables of schema migrations 4, 5).
 
 A connection of its own, used by one thread at a time (under a lock): group writes are few (a
-checkpoint a second per group while it moves, parked events) and each is its own short
-``BEGIN IMMEDIATE`` transaction, which takes turns with the event writer's batches on
-SQLite's one write lock.
+checkpoint a second per group while it moves, parked events, failed attempts) and each is
+its own short ``BEGIN IMMEDIATE`` transaction, which takes turns with the event writer's
+batches on SQLite's one write lock.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import asyncio
 import datetime as dt
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Final, TypeVar
 
 from domain.errors import StoreError, StoreUnavailableError
-from server.consumer_groups.model import GroupRecord, ParkedEvent
+from server.consumer_groups.model import FailedAttempts, GroupRecord, ParkedEvent
 from server.consumer_groups.records import settings_from, settings_json
 
 T = TypeVar("T")
@@ -28,7 +28,9 @@ BUSY_TIMEOUT_SECONDS: Final = 30.0
 
 _GROUP_COLUMNS = "name, settings, created_at_us, start_position"
 _PARKED_COLUMNS = "event_id, position, partition, reason, parked_at_us, replaying"
+_ATTEMPTS_COLUMNS = "event_id, position, partition, attempts"
 _OLDEST_FIRST = "ORDER BY parked_at_us, position"
+_FORGET_ATTEMPTS = "DELETE FROM consumer_group_attempts WHERE group_name = ? AND event_id = ?"
 
 
 def _us(moment: dt.datetime) -> int:
@@ -161,6 +163,39 @@ class SQLiteConsumerGroupStore:
 
         await self._run(work, write=True)
 
+    async def save_attempts(self, name: str, attempts: Sequence[FailedAttempts]) -> None:
+        def work(c: sqlite3.Connection) -> None:
+            # INSERT … SELECT so that a deleted group's counts are not written back.
+            c.executemany(
+                f"INSERT INTO consumer_group_attempts (group_name, {_ATTEMPTS_COLUMNS})"
+                " SELECT name, ?, ?, ?, ? FROM consumer_groups WHERE name = ?"
+                " ON CONFLICT (group_name, event_id)"
+                " DO UPDATE SET attempts = max(attempts, excluded.attempts)",
+                [(a.event_id, a.position, a.partition, a.attempts, name) for a in attempts],
+            )
+
+        await self._run(work, write=True)
+
+    async def forget_attempts(self, name: str, event_ids: Sequence[str]) -> None:
+        def work(c: sqlite3.Connection) -> None:
+            c.executemany(_FORGET_ATTEMPTS, [(name, event_id) for event_id in event_ids])
+
+        await self._run(work, write=True)
+
+    async def load_attempts(self, name: str, partitions: Collection[int]) -> list[FailedAttempts]:
+        wanted = list(partitions)
+
+        def work(c: sqlite3.Connection) -> list[FailedAttempts]:
+            # At most 256 partitions: one placeholder each stays far below SQLite's limit.
+            rows = c.execute(
+                f"SELECT {_ATTEMPTS_COLUMNS} FROM consumer_group_attempts"
+                f" WHERE group_name = ? AND partition IN ({', '.join('?' * len(wanted))})",
+                (name, *wanted),
+            ).fetchall()
+            return [FailedAttempts(*row) for row in rows]
+
+        return await self._run(work)
+
     async def park(self, name: str, events: Sequence[ParkedEvent]) -> None:
         def work(c: sqlite3.Connection) -> None:
             c.executemany(
@@ -173,26 +208,38 @@ class SQLiteConsumerGroupStore:
                     for e in events
                 ],
             )
+            c.executemany(_FORGET_ATTEMPTS, [(name, e.event_id) for e in events])
 
         await self._run(work, write=True)
 
     async def unpark(self, name: str, event_ids: Sequence[str]) -> None:
         def work(c: sqlite3.Connection) -> None:
+            keys = [(name, event_id) for event_id in event_ids]
             c.executemany(
-                "DELETE FROM consumer_group_parked WHERE group_name = ? AND event_id = ?",
-                [(name, event_id) for event_id in event_ids],
+                "DELETE FROM consumer_group_parked WHERE group_name = ? AND event_id = ?", keys
             )
+            c.executemany(_FORGET_ATTEMPTS, keys)
 
         await self._run(work, write=True)
 
     async def replay_parked(self, name: str, limit: int) -> int:
         def work(c: sqlite3.Connection) -> int:
-            # One statement: a replay of a million parked events reads none into memory.
+            # One statement each, in one transaction: a replay of a million parked events
+            # reads none into memory. Parking forgot the events' counts, but one written
+            # late (by a process its partition had moved away from) may outlive the park;
+            # it goes first, while the chosen events are still the ones not replaying.
+            chosen = (
+                "SELECT event_id FROM consumer_group_parked"
+                f" WHERE group_name = ? AND replaying = 0 {_OLDEST_FIRST} LIMIT ?"
+            )
+            c.execute(
+                "DELETE FROM consumer_group_attempts"
+                f" WHERE group_name = ? AND event_id IN ({chosen})",
+                (name, name, limit or -1),
+            )
             return c.execute(
                 "UPDATE consumer_group_parked SET replaying = 1"
-                " WHERE group_name = ? AND event_id IN ("
-                " SELECT event_id FROM consumer_group_parked"
-                f" WHERE group_name = ? AND replaying = 0 {_OLDEST_FIRST} LIMIT ?)",
+                f" WHERE group_name = ? AND event_id IN ({chosen})",
                 (name, name, limit or -1),
             ).rowcount
 

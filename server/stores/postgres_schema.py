@@ -630,6 +630,20 @@ END
 $$;
 """
 
+_V9_ATTEMPTS = """
+-- The failed attempts of consumer groups' unsettled events, so that the count goes on
+-- whichever replica delivers the event next, and after a restart. A row exists only for
+-- an event that failed at least once and is not settled yet.
+CREATE TABLE consumer_group_attempts (
+    group_name text NOT NULL REFERENCES consumer_groups ON DELETE CASCADE,
+    event_id text NOT NULL,
+    position bigint NOT NULL,
+    partition integer NOT NULL,
+    attempts integer NOT NULL,
+    PRIMARY KEY (group_name, event_id)
+);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "events, commands and og_append()", _V1_EVENTS),
     Migration(2, "og_append() reads only by index lookups", _V2_LOOKUPS_STAY_LOOKUPS),
@@ -669,6 +683,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         8,
         "og_lock_stream_after(): a stream's lock and its new events in one round trip",
         _V8_LOCK_AND_READ,
+    ),
+    Migration(
+        9,
+        "consumer groups: the failed attempts of unsettled events",
+        _V9_ATTEMPTS,
     ),
 )
 

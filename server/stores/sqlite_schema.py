@@ -98,6 +98,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX consumer_group_parked_age ON consumer_group_parked"
         " (group_name, replaying, parked_at_us, position)",
     ),
+    # 5: the failed attempts of consumer groups' unsettled events, so that the count goes
+    # on after a restart, whichever process delivers the event next. A row exists only
+    # for an event that failed at least once and is not settled yet.
+    (
+        """
+        CREATE TABLE consumer_group_attempts (
+            group_name      TEXT    NOT NULL REFERENCES consumer_groups ON DELETE CASCADE,
+            event_id        TEXT    NOT NULL,
+            position        INTEGER NOT NULL,
+            partition       INTEGER NOT NULL,
+            attempts        INTEGER NOT NULL,
+            PRIMARY KEY (group_name, event_id)
+        ) WITHOUT ROWID
+        """,
+    ),
 )
 
 LATEST_VERSION = len(MIGRATIONS)

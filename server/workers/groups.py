@@ -7,9 +7,9 @@ database. On SQLite the supervisor is that one place instead:
   expiry each) and answers every worker's lease rounds, so a partition is delivered by at
   most one member at a time whichever workers the members are connected to; each worker
   runs the same ``leases.LeaseCoordinator`` as a PostgreSQL replica;
-- it writes the groups' records (groups, checkpoints, parked events) on a connection of
-  its own to the file, beside the events' writer, so that no worker queues on SQLite's
-  write lock; workers read them from the file themselves;
+- it writes the groups' records (groups, checkpoints, parked events, failed attempts) on
+  a connection of its own to the file, beside the events' writer, so that no worker
+  queues on SQLite's write lock; workers read them from the file themselves;
 - when a group is deleted, it tells every worker, whose members of the group end with
   NOT_FOUND as on the worker that deleted it;
 - when a worker's connection to it is gone (the worker died), it frees that worker's
@@ -22,7 +22,7 @@ Calls travel as ``hub_protocol.GroupCall`` over the hub's socket.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Protocol, cast
 
 from domain.errors import StoreUnavailableError
@@ -34,12 +34,21 @@ from server.consumer_groups.leases import (
     PartitionLease,
 )
 from server.consumer_groups.leases_memory import MemoryLeases
-from server.consumer_groups.model import GroupRecord, ParkedEvent
+from server.consumer_groups.model import FailedAttempts, GroupRecord, ParkedEvent
 from server.consumer_groups.ports import ConsumerGroupStore
 from server.workers.hub_protocol import GroupCall
 
 _WRITES = frozenset(
-    {"create_group", "delete_group", "save_checkpoints", "park", "unpark", "replay_parked"}
+    {
+        "create_group",
+        "delete_group",
+        "save_checkpoints",
+        "save_attempts",
+        "forget_attempts",
+        "park",
+        "unpark",
+        "replay_parked",
+    }
 )
 _LEASES = frozenset({"register", "round", "leave", "snapshot"})
 _REPLICA_CALLS = frozenset({"register", "round"})
@@ -129,6 +138,15 @@ class WorkerGroupStore:
 
     async def save_checkpoints(self, name: str, checkpoints: Mapping[int, int]) -> None:
         await self._supervisor.call("save_checkpoints", name, dict(checkpoints))
+
+    async def save_attempts(self, name: str, attempts: Sequence[FailedAttempts]) -> None:
+        await self._supervisor.call("save_attempts", name, list(attempts))
+
+    async def forget_attempts(self, name: str, event_ids: Sequence[str]) -> None:
+        await self._supervisor.call("forget_attempts", name, list(event_ids))
+
+    async def load_attempts(self, name: str, partitions: Collection[int]) -> list[FailedAttempts]:
+        return await self._reads.load_attempts(name, partitions)
 
     async def park(self, name: str, events: Sequence[ParkedEvent]) -> None:
         await self._supervisor.call("park", name, list(events))

@@ -221,3 +221,21 @@ async def test_a_group_deleted_on_one_replica_ends_its_members_on_the_other(
         await until(lambda: again.partitions == [0, 1], within=15)
         await again.close()
         assert "lease round failed" not in gateway_log(b.process)
+
+
+async def test_a_failed_attempt_on_one_replica_counts_on_the_other(
+    fresh_postgres_url: str,
+) -> None:
+    async with two_replicas(fresh_postgres_url) as (a, b):
+        on_a = await join(a.groups, "g", member_id="on-a")
+        await until(lambda: on_a.partitions == list(range(PARTITIONS)), within=15)
+        event_id = await restock(a.inventory, 0)
+        delivery = await on_a.delivery()
+        assert (delivery.event.event_id, delivery.attempt) == (event_id, 1)
+        # A consumer that crashes on the event and reconnects through another replica.
+        await on_a.close()
+        on_b = await join(b.groups, "g", member_id="on-b")
+        delivery = await on_b.delivery(30)
+        assert (delivery.event.event_id, delivery.attempt) == (event_id, 2)
+        await on_b.ack(event_id)
+        await on_b.close()

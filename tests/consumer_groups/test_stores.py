@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 from orders.v1 import consumer_group_service_pb2 as pb
 from orders.v1 import consumer_group_service_pb2_grpc as pb_grpc
 from orders.v1 import inventory_command_service_pb2 as inventory_pb
 from orders.v1 import inventory_command_service_pb2_grpc as inventory_grpc
+from psycopg.types.json import Jsonb
 
 from domain.ports import EventStore
-from server.consumer_groups.model import GroupRecord, GroupSettings, ParkedEvent
+from server.consumer_groups.model import FailedAttempts, GroupRecord, GroupSettings, ParkedEvent
 from server.consumer_groups.ports import ConsumerGroupStore
+from server.consumer_groups.records import settings_fields, settings_json
 from server.consumer_groups.stores import open_group_store
+from server.stores import postgres_schema, sqlite_schema
 from server.stores.factory import open_store
 from tests.group_support import group_gateway, group_settings, member
 
@@ -130,11 +136,129 @@ async def test_parked_events_replay_longest_parked_first_within_the_limit(
     assert await groups_store.parked_count("g") == 0
 
 
-async def _restock(channel: grpc.aio.Channel, count: int) -> list[str]:
+def _failed(event_id: str, position: int, attempts: int) -> FailedAttempts:
+    return FailedAttempts(event_id, position, position % 4, attempts)
+
+
+async def _attempts(
+    store: ConsumerGroupStore, name: str = "g", partitions: range | list[int] = range(4)
+) -> dict[str, int]:
+    loaded = await store.load_attempts(name, partitions)
+    return {a.event_id: a.attempts for a in sorted(loaded, key=lambda a: a.event_id)}
+
+
+async def test_failed_attempts_only_go_up_and_load_by_partition(
+    groups_store: ConsumerGroupStore,
+) -> None:
+    await groups_store.create_group(_record("g"))
+    await groups_store.create_group(_record("other"))
+    await groups_store.save_attempts("g", [_failed("e1", 1, 1), _failed("e2", 2, 2)])
+    # A later count replaces an earlier one, never a higher one; one event twice in a
+    # batch keeps its highest.
+    await groups_store.save_attempts(
+        "g", [_failed("e1", 1, 2), _failed("e2", 2, 1), _failed("e5", 5, 1), _failed("e5", 5, 3)]
+    )
+    await groups_store.save_attempts("other", [_failed("e1", 1, 4)])
+    assert await _attempts(groups_store) == {"e1": 2, "e2": 2, "e5": 3}
+    loaded = await groups_store.load_attempts("g", [1, 3])
+    assert sorted(loaded, key=lambda a: a.event_id) == [
+        FailedAttempts("e1", 1, 1, 2),
+        FailedAttempts("e5", 5, 1, 3),
+    ]
+    assert await _attempts(groups_store, "g", [0, 3]) == {}
+    assert await _attempts(groups_store, "other") == {"e1": 4}
+    await groups_store.forget_attempts("g", ["e1", "unknown"])
+    assert await _attempts(groups_store) == {"e2": 2, "e5": 3}
+
+
+async def test_failed_attempts_go_with_settling_replaying_and_their_group(
+    groups_store: ConsumerGroupStore,
+) -> None:
+    await groups_store.create_group(_record("g"))
+    await groups_store.save_attempts("g", [_failed(f"e{n}", n, 2) for n in range(1, 6)])
+    # Parked: settled, so its count is gone, and a replay of it starts at attempt 1.
+    await groups_store.park("g", [_parked("e1", 1, 10), _parked("e2", 2, 20)])
+    assert await _attempts(groups_store) == {"e3": 2, "e4": 2, "e5": 2}
+    # A count written late, after the park (by a process the partition had moved away
+    # from), is forgotten when the event is replayed; one not replayed yet stays.
+    await groups_store.save_attempts("g", [_failed("e1", 1, 3), _failed("e2", 2, 3)])
+    assert await groups_store.replay_parked("g", 1) == 1
+    assert await _attempts(groups_store) == {"e2": 3, "e3": 2, "e4": 2, "e5": 2}
+    # A replayed event that fails is counted again, and settled, forgotten with its park.
+    await groups_store.save_attempts("g", [_failed("e1", 1, 1)])
+    await groups_store.unpark("g", ["e1"])
+    assert await _attempts(groups_store) == {"e2": 3, "e3": 2, "e4": 2, "e5": 2}
+    await groups_store.delete_group("g")
+    await groups_store.save_attempts("g", [_failed("e9", 9, 1)])  # late, for a deleted group
+    await groups_store.create_group(_record("g"))
+    assert await _attempts(groups_store) == {}
+
+
+async def test_a_sqlite_file_of_the_previous_schema_upgrades_with_its_groups(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "previous.db"
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as connection:
+        for statements in sqlite_schema.MIGRATIONS[:4]:
+            for statement in statements:
+                connection.execute(statement)
+        connection.execute("PRAGMA user_version = 4")
+        connection.execute(
+            "INSERT INTO consumer_groups VALUES ('g', ?, 0, 0)",
+            (settings_json(GroupSettings()),),
+        )
+        connection.execute("INSERT INTO consumer_group_checkpoints VALUES ('g', 0, 3)")
+    await _check_upgraded(f"sqlite:///{path}")
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone() == (5,)
+
+
+@pytest.mark.postgres
+async def test_a_postgres_database_of_the_previous_schema_upgrades_with_its_groups(
+    fresh_postgres_url: str,
+) -> None:
+    async with await psycopg.AsyncConnection.connect(fresh_postgres_url, autocommit=True) as conn:
+        await conn.execute(
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
+            " description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for migration in postgres_schema.MIGRATIONS[:8]:
+            await conn.execute(migration.sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, description) VALUES (%s, 'old')",
+                (migration.version,),
+            )
+        await conn.execute(
+            "INSERT INTO consumer_groups VALUES ('g', %s, now(), 0)",
+            (Jsonb(settings_fields(GroupSettings())),),
+        )
+        await conn.execute("INSERT INTO consumer_group_checkpoints VALUES ('g', 0, 3)")
+    await _check_upgraded(fresh_postgres_url)
+    async with await psycopg.AsyncConnection.connect(fresh_postgres_url) as conn:
+        cursor = await conn.execute("SELECT max(version) FROM schema_migrations")
+        assert await cursor.fetchone() == (9,)
+
+
+async def _check_upgraded(url: str) -> None:
+    """The store at ``url``, of the schema before failed attempts were stored, opens
+    with its group and keeps failed attempts from then on."""
+    events = await open_store(url)
+    store = await open_group_store(events)
+    try:
+        assert [g.name for g in await store.list_groups()] == ["g"]
+        assert await store.load_checkpoints("g") == {0: 3}
+        await store.save_attempts("g", [_failed("e1", 1, 2)])
+        assert await _attempts(store) == {"e1": 2}
+    finally:
+        await store.close()
+        await events.close()
+
+
+async def _restock(channel: grpc.aio.Channel, count: int, products: int = 3) -> list[str]:
     stub = inventory_grpc.InventoryCommandServiceStub(channel)
     ids = []
     for n in range(count):
-        request = inventory_pb.RestockProductRequest(product_id=f"p{n % 3}", quantity=1)
+        request = inventory_pb.RestockProductRequest(product_id=f"p{n % products}", quantity=1)
         ids += [r.event.event_id async for r in stub.RestockProduct(request)]
     return ids
 
@@ -189,3 +313,53 @@ async def test_after_a_restart_delivery_resumes_above_the_stored_checkpoint(
             group = (await stub.GetConsumerGroup(pb.GetConsumerGroupRequest(name="g"))).group
             assert group.parked == 0
             assert group.checkpoint == group.head_position == 6
+
+
+async def _until(
+    stub: pb_grpc.ConsumerGroupServiceAsyncStub, check: Callable[[pb.ConsumerGroup], bool]
+) -> None:
+    """Wait until group "g", as GetConsumerGroup reports it, passes ``check``."""
+    async with asyncio.timeout(10):
+        while True:
+            reply = await stub.GetConsumerGroup(pb.GetConsumerGroupRequest(name="g"))
+            if check(reply.group):
+                return
+            await asyncio.sleep(0.05)
+
+
+async def test_failed_attempts_go_on_after_a_restart_until_the_event_is_parked(
+    open_events: Opener,
+) -> None:
+    async with (
+        group_gateway(await open_events()) as gateway,
+        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel,
+    ):
+        stub = pb_grpc.ConsumerGroupServiceStub(channel)
+        await stub.CreateConsumerGroup(
+            pb.CreateConsumerGroupRequest(
+                name="g", settings=group_settings(partitions=1, max_deliveries=3)
+            )
+        )
+        poison, after = await _restock(channel, 2, products=1)
+        async with member(stub, "g") as consumer:
+            delivery = await consumer.delivery()
+            assert (delivery.event.event_id, delivery.attempt) == (poison, 1)
+            await consumer.nack(poison, reason="failed")
+            delivery = await consumer.delivery()
+            assert (delivery.event.event_id, delivery.attempt) == (poison, 2)
+        # The member's stream ended with the event unsettled: its second failure.
+        await _until(stub, lambda group: not group.members)
+    async with (
+        group_gateway(await open_events()) as gateway,
+        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel,
+    ):
+        stub = pb_grpc.ConsumerGroupServiceStub(channel)
+        async with member(stub, "g") as consumer:
+            delivery = await consumer.delivery()
+            assert (delivery.event.event_id, delivery.attempt) == (poison, 3)
+            await consumer.nack(poison, reason="failed again")
+            # Its 3rd delivery failed: parked, and its stream goes on.
+            delivery = await consumer.delivery()
+            assert (delivery.event.event_id, delivery.attempt) == (after, 1)
+            await consumer.ack(after)
+            await _until(stub, lambda group: group.parked == 1)

@@ -4,6 +4,7 @@ serves, which passes ``verify`` and serves as it is; PostgreSQL through pg_dump.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import shutil
 import subprocess
 import uuid
@@ -14,6 +15,7 @@ import psycopg
 import pytest
 
 from server.cli import main
+from server.consumer_groups.model import FailedAttempts, GroupRecord, GroupSettings
 from server.stores.postgres import PostgresEventStore
 from server.stores.sqlite import SQLiteEventStore
 from server.verify import verify
@@ -67,6 +69,28 @@ async def test_a_copy_taken_under_load_is_consistent_and_serves(
         assert identities(await StreamReader.open(on_copy).through(head)) == in_copy
         restocked = await on_copy.restock("w-0", 1)
         assert restocked[0].position == head + 1
+
+
+async def test_a_copy_keeps_the_consumer_groups_state(tmp_path: Path) -> None:
+    live, copy = tmp_path / "live.db", tmp_path / "copy.db"
+    store = await SQLiteEventStore.open(live)
+    groups = await store.open_consumer_groups()
+    await groups.create_group(GroupRecord("g", GroupSettings(), dt.datetime.now(dt.UTC), 0))
+    await groups.save_checkpoints("g", {0: 3})
+    await groups.save_attempts("g", [FailedAttempts("e1", 4, 0, 2)])
+    await groups.close()
+    await store.close()
+    assert await asyncio.to_thread(main, ["backup", "--store", f"sqlite:///{live}", str(copy)]) == 0
+
+    copied = await SQLiteEventStore.open(copy)
+    groups = await copied.open_consumer_groups()
+    try:
+        assert (await verify(copied)).ok
+        assert await groups.load_checkpoints("g") == {0: 3}
+        assert await groups.load_attempts("g", [0]) == [FailedAttempts("e1", 4, 0, 2)]
+    finally:
+        await groups.close()
+        await copied.close()
 
 
 def test_an_existing_file_is_never_overwritten(

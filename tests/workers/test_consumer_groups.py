@@ -141,6 +141,32 @@ async def test_parked_events_are_seen_and_replayed_from_every_worker(store_url: 
         await member.close()
 
 
+async def test_a_consumer_dying_on_an_event_sees_it_parked_whichever_worker_it_reaches(
+    store_url: str,
+) -> None:
+    async with workers_gateway(store_url) as gateway, channels(gateway.target) as opened:
+        groups = stubs(opened)
+        inventory = inventory_grpc.InventoryCommandServiceStub(opened[0])
+        await groups[0].CreateConsumerGroup(
+            pb.CreateConsumerGroupRequest(
+                name="g", settings=group_settings(PARTITIONS, max_deliveries=3)
+            )
+        )
+        event_id = await restock(inventory, 0)
+        # Each time through another connection: the attempts are counted on whichever
+        # worker it lands.
+        for attempt, stub in zip((1, 2, 3), groups, strict=False):
+            crashing = await join(stub, "g")
+            delivery = await crashing.delivery(WAIT)
+            assert (delivery.event.event_id, delivery.attempt) == (event_id, attempt)
+            await crashing.close()
+        async with asyncio.timeout(WAIT):
+            while (  # noqa: ASYNC110 - polled over gRPC
+                await groups[0].GetConsumerGroup(pb.GetConsumerGroupRequest(name="g"))
+            ).group.parked != 1:
+                await asyncio.sleep(0.1)
+
+
 async def test_a_group_deleted_through_one_worker_ends_its_members_on_every_worker(
     tmp_path: Path,
 ) -> None:

@@ -10,9 +10,14 @@ import pytest
 
 from domain.errors import StoreUnavailableError
 from server.consumer_groups.leases import LocalMember
-from server.consumer_groups.model import GroupRecord, GroupSettings, MemberIdTakenError
+from server.consumer_groups.model import (
+    FailedAttempts,
+    GroupRecord,
+    GroupSettings,
+    MemberIdTakenError,
+)
 from server.consumer_groups.store_memory import MemoryConsumerGroupStore
-from server.workers.groups import GroupsHost
+from server.workers.groups import GroupsHost, WorkerGroupStore
 from server.workers.hub_protocol import (
     GroupCall,
     decode_call_outcome,
@@ -60,6 +65,25 @@ async def test_a_deleted_group_is_announced_with_its_creation_time() -> None:
     assert await host.call(GroupCall("delete_group", ("g",)), Worker()) is True
     assert await host.call(GroupCall("delete_group", ("g",)), Worker()) is False
     assert announced == [("g", CREATED)]
+
+
+@dataclass
+class Supervisor:
+    """A worker's connection to ``host``, with no socket in between."""
+
+    host: GroupsHost
+
+    async def call(self, method: str, *args: object) -> object:
+        return await self.host.call(GroupCall(method, args), Worker())
+
+
+async def test_a_worker_s_failed_attempts_are_written_by_the_supervisor() -> None:
+    records = MemoryConsumerGroupStore()
+    worker = WorkerGroupStore(records, Supervisor(GroupsHost(records)))
+    await worker.create_group(record())
+    await worker.save_attempts("g", [FailedAttempts("e1", 1, 1, 2), FailedAttempts("e2", 2, 2, 1)])
+    await worker.forget_attempts("g", ["e2"])
+    assert await worker.load_attempts("g", [1, 2]) == [FailedAttempts("e1", 1, 1, 2)]
 
 
 async def test_outcomes_cross_the_socket_as_values_or_errors() -> None:
