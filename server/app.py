@@ -58,6 +58,7 @@ from server.security.scopes import check_every_method_scoped
 from server.security.tls import add_port, server_credentials
 from server.stores.factory import open_store
 from server.stores.urls import redacted_url
+from server.workers.listen_address import AddressInUseError, check_free
 
 log = logging.getLogger("order_gateway.server")
 
@@ -175,6 +176,18 @@ async def create_server(
     credentials = server_credentials(settings)
     if tracing is None and settings.otel:
         tracing = otel_tracing()
+    if not reuse_port:
+        # grpc binds what it can of an address and serves there: "localhost" with a
+        # stranger on 127.0.0.1 would serve on ::1 alone, and clients that resolve to
+        # 127.0.0.1 would reach the stranger.
+        try:
+            check_free(settings.listen)
+        except AddressInUseError as error:
+            raise RuntimeError(
+                f"Failed to bind to address {settings.listen}: another process listens there"
+            ) from error
+        except OSError:
+            pass  # Not ours to judge (a foreign address, a privileged port): grpc says why.
     if store is None:
         store = await open_store(settings.store, pool_size=settings.store_pool_size)
     metrics = GatewayMetrics()
