@@ -1,6 +1,7 @@
 """``order-gateway group …`` and ``order-gateway consume``: consumer groups from a shell.
 
-``group`` prints what the server answers as JSON (one line per group); ``consume`` joins a
+``group`` prints what the server answers as JSON (one line per group; ``delete``, whose
+answer is empty, ``{"deleted": NAME}``); ``consume`` joins a
 group and prints each delivery as a JSON line on stdout, acking the event once its line
 is written and flushed, so a consumer piping it on gets every event at least once.
 Assignments go to stderr. Plain synchronous clients, like ``tail``.
@@ -9,6 +10,7 @@ Assignments go to stderr. Plain synchronous clients, like ``tail``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import queue
 import sys
@@ -110,7 +112,10 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     add_client_flags(listing)
     for name, what in (
         ("info", "print one group: checkpoints, members, partitions, in flight, parked"),
-        ("delete", "delete a group with its checkpoints and parked events"),
+        (
+            "delete",
+            'delete a group with its checkpoints and parked events; prints {"deleted": NAME}',
+        ),
     ):
         action = actions.add_parser(name, help=what)
         action.add_argument("name", help="the group")
@@ -206,6 +211,8 @@ def run_group(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
                 stub.DeleteConsumerGroup(
                     pb.DeleteConsumerGroupRequest(name=args.name), metadata=metadata
                 )
+                # The answer is empty: confirm what went, as a JSON line like the others.
+                print(json.dumps({"deleted": args.name}), file=out)
             else:
                 replayed = stub.ReplayParked(
                     pb.ReplayParkedRequest(name=args.name, limit=args.limit), metadata=metadata

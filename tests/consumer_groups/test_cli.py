@@ -98,7 +98,8 @@ async def test_group_commands_round_trip(gateway: Gateway) -> None:
     replayed = await cli("group", "replay-parked", "billing", "--limit", "5", "--target", target)
     assert replayed.code == 0 and replayed.lines == [{"replayed": "0"}]
     deleted = await cli("group", "delete", "billing", "--target", target)
-    assert deleted.code == 0
+    # A confirmation, as one JSON line like every other group subcommand's answer.
+    assert deleted.code == 0 and deleted.lines == [{"deleted": "billing"}], deleted
     gone = await cli("group", "info", "billing", "--target", target)
     assert gone.code == 1
     assert "NOT_FOUND" in gone.err
