@@ -18,6 +18,7 @@ from contextlib import closing
 from pathlib import Path
 
 from server.stores.factory import sqlite_path
+from server.stores.sqlite import HAS_EVENTS_TABLE
 from server.stores.urls import redacted_url
 
 
@@ -30,9 +31,10 @@ def backup(url: str, destination: Path) -> int:
     number of events in the copy."""
     source = sqlite_path(url)
     if source is None:
+        postgres = url.startswith(("postgresql:", "postgres:"))
         raise BackupError(
-            f"backup copies SQLite stores only, not {redacted_url(url)!r}:"
-            " back PostgreSQL up with pg_dump (see docs/operations.md)"
+            f"backup copies SQLite stores only, not {redacted_url(url)!r}"
+            + (": back PostgreSQL up with pg_dump (see docs/operations.md)" if postgres else "")
         )
     if not source.is_file():
         raise BackupError(f"no SQLite store at {source}")
@@ -42,12 +44,13 @@ def backup(url: str, destination: Path) -> int:
     partial.unlink(missing_ok=True)
     try:
         # Read-only: a backup never migrates or otherwise writes to the live store.
-        with (
-            closing(sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)) as live,
-            closing(_create(partial, destination)) as copy,
-        ):
-            live.backup(copy)
-            (events,) = copy.execute("SELECT count(*) FROM events").fetchone()
+        with closing(sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)) as live:
+            # An empty file or another program's database is no store, as verify says.
+            if live.execute(HAS_EVENTS_TABLE).fetchone() is None:
+                raise BackupError(f"no gateway schema in {source}")
+            with closing(_create(partial, destination)) as copy:
+                live.backup(copy)
+                (events,) = copy.execute("SELECT count(*) FROM events").fetchone()
         with partial.open("rb+") as written:
             os.fsync(written.fileno())
         partial.rename(destination)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import sqlite3
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 
 import psycopg
@@ -103,7 +105,31 @@ def test_what_cannot_be_copied_is_refused_by_name(
     assert main(["backup", "--store", url, str(tmp_path / "copy.db")]) == 1
     err = capsys.readouterr().err
     assert message in err and "secret" not in err
+    # PostgreSQL's advice is for PostgreSQL only.
+    assert ("pg_dump" in err) == url.startswith("postgresql:")
     assert list(tmp_path.iterdir()) == []
+
+
+def other_program_database(path: Path) -> None:
+    with closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute("CREATE TABLE notes (body TEXT)")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(Path.touch, id="empty-file"),
+        pytest.param(other_program_database, id="other-schema"),
+    ],
+)
+def test_a_sqlite_file_without_the_schema_is_refused_as_verify_refuses_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], make: Callable[[Path], None]
+) -> None:
+    source, copy = tmp_path / "other.db", tmp_path / "copy.db"
+    make(source)
+    assert main(["backup", "--store", f"sqlite:///{source}", str(copy)]) == 1
+    assert f"no gateway schema in {source}" in capsys.readouterr().err
+    assert sorted(tmp_path.iterdir()) == [source]
 
 
 def postgres_binaries() -> Path | None:
