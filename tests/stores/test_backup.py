@@ -15,6 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+import server.backup
 from server.cli import main
 from server.stores.postgres import PostgresEventStore
 from server.stores.sqlite import SQLiteEventStore
@@ -80,6 +81,37 @@ def test_an_existing_file_is_never_overwritten(
     assert main(["backup", "--store", f"sqlite:///{live}", str(copy)]) == 1
     assert "exists" in capsys.readouterr().err
     assert copy.read_text() == "precious"
+
+
+def test_a_file_that_appears_while_the_copy_is_made_is_not_overwritten(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    live, copy = tmp_path / "live.db", tmp_path / "copy.db"
+    assert main(["migrate", "--store", f"sqlite:///{live}"]) == 0
+    create = server.backup._create
+
+    def another_writer_meanwhile(partial: Path, destination: Path) -> sqlite3.Connection:
+        destination.write_text("precious")
+        return create(partial, destination)
+
+    monkeypatch.setattr(server.backup, "_create", another_writer_meanwhile)
+    assert main(["backup", "--store", f"sqlite:///{live}", str(copy)]) == 1
+    assert f"{copy} exists" in capsys.readouterr().err
+    assert copy.read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("live.db")] == ["copy.db"]
+
+
+def test_a_file_beside_the_destination_is_left_alone(tmp_path: Path) -> None:
+    live, copy = tmp_path / "live.db", tmp_path / "copy.db"
+    assert main(["migrate", "--store", f"sqlite:///{live}"]) == 0
+    mine = tmp_path / "copy.db.partial"
+    mine.write_text("someone else's")
+    assert main(["backup", "--store", f"sqlite:///{live}", str(copy)]) == 0
+    assert mine.read_text() == "someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("live.db")) == [
+        "copy.db",
+        "copy.db.partial",
+    ]
 
 
 def test_a_destination_that_cannot_be_written_is_named(
