@@ -233,3 +233,11 @@ def test_serve_help_names_each_option_s_variable_and_default(
     assert "[ORDER_GATEWAY_LISTEN, default 127.0.0.1:50051]" in shown
     assert "--auth-tokens FILE TOML file of bearer tokens" in shown
     assert "[ORDER_GATEWAY_INSECURE]" in shown
+
+
+def test_a_store_serve_cannot_open_exits_1_with_the_stores_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A directory where the SQLite file should be (as docs/operations.md's table says).
+    assert main(["serve", "--listen", "127.0.0.1:0", "--store", f"sqlite:///{tmp_path}"]) == 1
+    assert f"store error: cannot open the SQLite store {tmp_path}" in capsys.readouterr().err
