@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -58,8 +61,37 @@ from server.security.scopes import check_every_method_scoped
 from server.security.tls import add_port, server_credentials
 from server.stores.factory import open_store
 from server.stores.urls import redacted_url
+from server.workers.listen_address import AddressInUseError, check_free
 
 log = logging.getLogger("order_gateway.server")
+
+STOP_DEADLINE_SECONDS: Final = 9.0
+"""Longest a stop takes before the process exits anyway: within the 10 s an operator is
+promised, whatever ``ORDER_GATEWAY_SHUTDOWN_GRACE`` says."""
+STOP_MARGIN_SECONDS: Final = 2.0
+"""Beyond the grace period, for the process to close its store and exit."""
+
+
+def stop_deadline(settings: Settings) -> float:
+    """Seconds from the start of a stop to the process's end, gracefully or not."""
+    return min(settings.shutdown_grace + STOP_MARGIN_SECONDS, STOP_DEADLINE_SECONDS)
+
+
+def exit_unless_stopped(seconds: float) -> None:
+    """Exit the process (status 0: it was asked to stop) if it still runs ``seconds``
+    from now. A thread, not the event loop: what bounds it is what may hang, a store call
+    in a thread of its own (SQLite waiting up to 30 s for another process's write lock)
+    that the loop's end and the interpreter's exit wait for."""
+
+    def exit_now() -> None:
+        log.error("order-gateway did not stop within %.0f s; exiting now", seconds)
+        logging.shutdown()
+        os._exit(0)
+
+    timer = threading.Timer(seconds, exit_now)
+    timer.daemon = True
+    timer.start()
+
 
 SERVICE_NAMES = (
     order_command_service_pb2.DESCRIPTOR.services_by_name["OrderCommandService"].full_name,
@@ -175,6 +207,18 @@ async def create_server(
     credentials = server_credentials(settings)
     if tracing is None and settings.otel:
         tracing = otel_tracing()
+    if not reuse_port:
+        # grpc binds what it can of an address and serves there: "localhost" with a
+        # stranger on 127.0.0.1 would serve on ::1 alone, and clients that resolve to
+        # 127.0.0.1 would reach the stranger.
+        try:
+            check_free(settings.listen)
+        except AddressInUseError as error:
+            raise RuntimeError(
+                f"Failed to bind to address {settings.listen}: another process listens there"
+            ) from error
+        except OSError:
+            pass  # Not ours to judge (a foreign address, a privileged port): grpc says why.
     if store is None:
         store = await open_store(settings.store, pool_size=settings.store_pool_size)
     metrics = GatewayMetrics()
@@ -300,12 +344,15 @@ async def serve(
     on_serving: Callable[[Gateway], None] | None = None,
     stop: asyncio.Event | None = None,
     signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+    bounded: bool = True,
 ) -> None:
     """Run until one of ``signals`` arrives (or ``stop`` is set), then stop gracefully.
 
     A worker of ``--workers N`` passes its ``store`` and aggregate ``cache``,
     ``reuse_port``, ``on_serving`` (told once the gateway serves), a ``stop`` it sets
-    itself when its supervisor is gone, and SIGTERM alone: its supervisor handles SIGINT.
+    itself when its supervisor is gone, and SIGTERM alone: its supervisor handles SIGINT;
+    and ``bounded=False``, since it bounds its stop itself. Otherwise a stop that lasts
+    ``stop_deadline`` ends with the process's exit, whatever it still waits for.
     """
     gateway = await create_server(settings, store=store, reuse_port=reuse_port, cache=cache)
     await gateway.start()
@@ -329,4 +376,6 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     log.info("shutting down")
+    if bounded:
+        exit_unless_stopped(stop_deadline(settings))
     await gateway.stop()

@@ -4,8 +4,9 @@ SQLite's online backup API copies the database as one read transaction sees it (
 pages in one step), so the copy holds exactly the commits made before it started, never
 half of one. In WAL mode a reader never blocks the writer: the gateway keeps committing
 while the copy is made. The copy is written next to its destination and renamed into
-place once complete and synced, so a FILE that exists is always a whole copy; it is in
-WAL mode like its source and serves as it is.
+place once complete and synced (a hard link, so that a FILE that appeared meanwhile is
+not replaced), so a FILE that exists is always a whole copy; it is in WAL mode like its
+source and serves as it is.
 
 PostgreSQL is backed up with its own tools (pg_dump; see docs/operations.md).
 """
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import uuid
 from contextlib import closing
 from pathlib import Path
 
 from server.stores.factory import sqlite_path
+from server.stores.sqlite import HAS_EVENTS_TABLE
 from server.stores.urls import redacted_url
 
 
@@ -30,27 +33,29 @@ def backup(url: str, destination: Path) -> int:
     number of events in the copy."""
     source = sqlite_path(url)
     if source is None:
+        postgres = url.startswith(("postgresql:", "postgres:"))
         raise BackupError(
-            f"backup copies SQLite stores only, not {redacted_url(url)!r}:"
-            " back PostgreSQL up with pg_dump (see docs/operations.md)"
+            f"backup copies SQLite stores only, not {redacted_url(url)!r}"
+            + (": back PostgreSQL up with pg_dump (see docs/operations.md)" if postgres else "")
         )
     if not source.is_file():
         raise BackupError(f"no SQLite store at {source}")
     if destination.exists():
         raise BackupError(f"{destination} exists: the backup does not overwrite a file")
-    partial = destination.with_name(destination.name + ".partial")
-    partial.unlink(missing_ok=True)
+    # A name of this backup's own: never a file someone else keeps, nor another backup's.
+    partial = destination.with_name(f"{destination.name}.{uuid.uuid4().hex[:12]}.partial")
     try:
         # Read-only: a backup never migrates or otherwise writes to the live store.
-        with (
-            closing(sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)) as live,
-            closing(_create(partial, destination)) as copy,
-        ):
-            live.backup(copy)
-            (events,) = copy.execute("SELECT count(*) FROM events").fetchone()
+        with closing(sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)) as live:
+            # An empty file or another program's database is no store, as verify says.
+            if live.execute(HAS_EVENTS_TABLE).fetchone() is None:
+                raise BackupError(f"no gateway schema in {source}")
+            with closing(_create(partial, destination)) as copy:
+                live.backup(copy)
+                (events,) = copy.execute("SELECT count(*) FROM events").fetchone()
         with partial.open("rb+") as written:
             os.fsync(written.fileno())
-        partial.rename(destination)
+        _publish(partial, destination)
     except sqlite3.Error as error:
         partial.unlink(missing_ok=True)
         raise BackupError(f"backup of {source} failed: {error}") from error
@@ -58,6 +63,29 @@ def backup(url: str, destination: Path) -> int:
         partial.unlink(missing_ok=True)
         raise
     return int(events)
+
+
+def _publish(partial: Path, destination: Path) -> None:
+    """Give the finished copy its name, unless a file took that name meanwhile: a hard
+    link fails where a rename would replace the file."""
+    try:
+        os.link(partial, destination)
+    except FileExistsError:
+        raise BackupError(f"{destination} exists: the backup does not overwrite a file") from None
+    except OSError:
+        # A file system without hard links: the check before the copy has to do.
+        if destination.exists():
+            raise BackupError(
+                f"{destination} exists: the backup does not overwrite a file"
+            ) from None
+        partial.rename(destination)
+    else:
+        partial.unlink()
+    folder = os.open(destination.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def _create(partial: Path, destination: Path) -> sqlite3.Connection:

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from domain.errors import ConfigurationError, StoreError
-from server.client.groups import add_client_flags
+from server.client.groups import add_client_flags, whole_number
 from server.client.groups import add_parsers as add_group_parsers
 from server.config import Settings
 from server.observability.logs import configure_logging
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument(
         "--after",
         metavar="N",
-        type=int,
+        type=whole_number(64),
         default=0,
         help="print only events at positions after N, e.g. the last position you printed "
         "(default: 0, from the first event)",

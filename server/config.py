@@ -98,7 +98,10 @@ class Settings(BaseSettings):
         500, ge=1, description="Most open Subscribe streams at once; more is RESOURCE_EXHAUSTED."
     )
     shutdown_grace: float = Field(
-        5.0, ge=0, description="Seconds in-flight calls get to finish on SIGTERM/SIGINT."
+        5.0,
+        ge=0,
+        description="Seconds in-flight calls get to finish on SIGTERM/SIGINT; the stop ends "
+        "within this + 2 s, and within 9 s whatever it is.",
     )
     workers: int = Field(
         1,

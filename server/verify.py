@@ -309,7 +309,7 @@ async def run_verify(url: str) -> int:
         path = sqlite_path(url)
         missing = (
             f"SQLite store at {path}"
-            if path and not path.exists()
+            if path and not path.is_file()
             else f"gateway schema in {path or redacted_url(url)}"
         )
         print(f"order-gateway: no {missing}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """``order-gateway group …`` and ``order-gateway consume``: consumer groups from a shell.
 
-``group`` prints what the server answers as JSON (one line per group); ``consume`` joins a
+``group`` prints what the server answers as JSON (one line per group; ``delete``, whose
+answer is empty, ``{"deleted": NAME}``); ``consume`` joins a
 group and prints each delivery as a JSON line on stdout, acking the event once its line
 is written and flushed, so a consumer piping it on gets every event at least once.
 Assignments go to stderr. Plain synchronous clients, like ``tail``.
@@ -9,10 +10,11 @@ Assignments go to stderr. Plain synchronous clients, like ``tail``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import queue
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TextIO
 
 import grpc
@@ -68,7 +70,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     create.add_argument(
         "--partitions",
         metavar="N",
-        type=int,
+        type=whole_number(32),
         default=0,
         help="1 to 256: the most members that work at once (default: 16)",
     )
@@ -85,7 +87,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     start.add_argument(
         "--after",
         metavar="N",
-        type=int,
+        type=whole_number(64),
         default=0,
         help="start after this position (default: 0, from the first event)",
     )
@@ -101,7 +103,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     create.add_argument(
         "--max-deliveries",
         metavar="N",
-        type=int,
+        type=whole_number(32),
         default=0,
         help="1 to 100: failed deliveries before an event is parked (default: 5)",
     )
@@ -110,7 +112,10 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     add_client_flags(listing)
     for name, what in (
         ("info", "print one group: checkpoints, members, partitions, in flight, parked"),
-        ("delete", "delete a group with its checkpoints and parked events"),
+        (
+            "delete",
+            'delete a group with its checkpoints and parked events; prints {"deleted": NAME}',
+        ),
     ):
         action = actions.add_parser(name, help=what)
         action.add_argument("name", help="the group")
@@ -120,7 +125,11 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     replay.add_argument("name", help="the group")
     replay.add_argument(
-        "--limit", metavar="N", type=int, default=0, help="how many (default: 0, all)"
+        "--limit",
+        metavar="N",
+        type=whole_number(32),
+        default=0,
+        help="how many (default: 0, all)",
     )
     add_client_flags(replay)
 
@@ -162,6 +171,23 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+def whole_number(bits: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from 0 to what an unsigned ``bits``-bit proto field
+    holds (the server checks the range it accepts); anything else is a usage error."""
+    largest = 2**bits - 1
+
+    def parse(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not 0 <= number <= largest:
+            raise argparse.ArgumentTypeError(f"must be from 0 to {largest}")
+        return number
+
+    return parse
+
+
 def _settings(args: argparse.Namespace) -> pb.ConsumerGroupSettings:
     settings = pb.ConsumerGroupSettings(
         event_types=args.types,
@@ -179,10 +205,6 @@ def _settings(args: argparse.Namespace) -> pb.ConsumerGroupSettings:
 
 def run_group(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     program = f"order-gateway group {args.group_command}"
-    for flag in ("partitions", "after", "max_deliveries", "limit"):
-        if getattr(args, flag, 0) < 0:
-            print(f"{program}: --{flag.replace('_', '-')} must be 0 or more", file=err)
-            return 2
     metadata = call_metadata(args.token)
     with open_channel(args.target, args.tls_ca) as channel:
         stub = pb_grpc.ConsumerGroupServiceStub(channel)
@@ -206,6 +228,8 @@ def run_group(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
                 stub.DeleteConsumerGroup(
                     pb.DeleteConsumerGroupRequest(name=args.name), metadata=metadata
                 )
+                # The answer is empty: confirm what went, as a JSON line like the others.
+                print(json.dumps({"deleted": args.name}), file=out)
             else:
                 replayed = stub.ReplayParked(
                     pb.ReplayParkedRequest(name=args.name, limit=args.limit), metadata=metadata

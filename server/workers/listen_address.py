@@ -9,6 +9,11 @@ keeps a socket bound with ``SO_REUSEPORT`` (never listening, so it takes no conn
 for as long as it runs: the port stays ours while a worker is being replaced, port 0
 becomes one port every worker shares, and a later gateway without ``--workers`` (which
 binds without ``SO_REUSEPORT``) is refused.
+
+A gateway without ``--workers`` checks its address the same way (``check_free``): grpc
+binds what it can of an address that resolves to several and serves there, so
+``localhost`` (both loopback addresses, for grpc) with a stranger on one of them would
+otherwise serve on the other.
 """
 
 from __future__ import annotations
@@ -42,7 +47,16 @@ class Reservation:
         self.sockets.clear()
 
 
+LOCALHOST = ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"))
+"""What grpc binds for ``localhost``: both loopback addresses, whatever the resolver says."""
+
+_NOT_HERE = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
+"""A loopback address of ``localhost`` this host lacks (IPv6 off): grpc skips it, so do we."""
+
+
 def _addresses(host: str, port: int) -> list[tuple[int, tuple[str, int]]]:
+    if host == "localhost":
+        return [(family, (address, port)) for family, address in LOCALHOST]
     found = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
     )
@@ -53,14 +67,22 @@ def _addresses(host: str, port: int) -> list[tuple[int, tuple[str, int]]]:
     return list(unique)
 
 
-def _check_free(family: int, address: tuple[str, int], listen: str) -> None:
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
+def _check_free(family: int, address: tuple[str, int], listen: str, optional: bool) -> None:
+    try:
+        probe = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as error:
+        if optional and error.errno in _NOT_HERE:
+            return
+        raise
+    with probe:
         # SO_REUSEADDR, as grpc sets it: connections of an earlier server still in
         # TIME_WAIT do not count, a listening socket does.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError as error:
+            if optional and error.errno in _NOT_HERE:
+                return
             if error.errno == errno.EADDRINUSE:
                 raise AddressInUseError(
                     error.errno, f"cannot listen on {listen}: another process listens there"
@@ -68,20 +90,38 @@ def _check_free(family: int, address: tuple[str, int], listen: str) -> None:
             raise OSError(error.errno, f"cannot listen on {listen}: {error.strerror}") from error
 
 
+def check_free(listen: str) -> None:
+    """Refuse ``listen`` if anything listens on one of the addresses grpc would bind
+    there (nothing to check for port 0: the OS picks a free port)."""
+    host, port = split_host_port(listen)
+    if port != 0:
+        for family, address in _addresses(host, port):
+            _check_free(family, address, listen, optional=host == "localhost")
+
+
 def reserve(listen: str) -> Reservation:
     """Check that nothing listens on ``listen`` and reserve it for the workers."""
+    check_free(listen)
     host, port = split_host_port(listen)
-    addresses = _addresses(host, port)
-    if port != 0:
-        for family, address in addresses:
-            _check_free(family, address, listen)
     reservation = Reservation(host, port)
     try:
-        for family, address in addresses:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+        for family, address in _addresses(host, port):
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+            except OSError as error:
+                if host == "localhost" and error.errno in _NOT_HERE:
+                    continue
+                raise
             reservation.sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((address[0], reservation.port))
+            try:
+                sock.bind((address[0], reservation.port))
+            except OSError as error:
+                if host == "localhost" and error.errno in _NOT_HERE:
+                    reservation.sockets.remove(sock)
+                    sock.close()
+                    continue
+                raise
             reservation.port = sock.getsockname()[1]
     except OSError as error:
         reservation.release()

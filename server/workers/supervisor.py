@@ -25,7 +25,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Final
 
-from server.app import authenticators_from
+from server.app import authenticators_from, stop_deadline
 from server.config import Settings
 from server.consumer_groups.store_sqlite import SQLiteConsumerGroupStore
 from server.observability.metrics import MetricsServer
@@ -37,7 +37,7 @@ from server.workers.hub import WorkerHub
 from server.workers.hub_client import FOLLOW_ONLY_NOTICE_DELAY_SECONDS, NOTICE_DELAY_SECONDS
 from server.workers.listen_address import reserve
 from server.workers.metrics import SupervisorMetrics
-from server.workers.worker import WorkerSpec, run_worker, stop_deadline
+from server.workers.worker import WorkerSpec, run_worker
 
 log = logging.getLogger("order_gateway.workers")
 

@@ -26,12 +26,12 @@ import signal
 import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Final, cast
+from typing import cast
 
 from domain.errors import StoreUnavailableError
 from domain.ports import SharedStreamLocks
 from domain.unit_of_work import AggregateCache
-from server.app import Gateway, serve
+from server.app import Gateway, serve, stop_deadline
 from server.config import Settings
 from server.observability.logs import configure_logging
 from server.stores.event_rows import EventRowReader, StreamRowReader
@@ -48,17 +48,6 @@ from server.workers.hub_client import (
 )
 
 log = logging.getLogger("order_gateway.workers")
-
-STOP_DEADLINE_SECONDS: Final = 9.0
-"""Longest a stop takes before the workers still running are killed: within the 10 s an
-operator is promised, whatever ``--shutdown-grace`` says."""
-STOP_MARGIN_SECONDS: Final = 2.0
-"""Beyond the grace period, for a worker to close its store and exit."""
-
-
-def stop_deadline(settings: Settings) -> float:
-    """Seconds from the start of a stop to a worker's end, gracefully or not."""
-    return min(settings.shutdown_grace + STOP_MARGIN_SECONDS, STOP_DEADLINE_SECONDS)
 
 
 @dataclass(frozen=True)
@@ -147,6 +136,7 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
             on_serving=on_serving,
             stop=stop,
             signals=(signal.SIGTERM,),
+            bounded=False,
         )
     finally:
         for task in background:

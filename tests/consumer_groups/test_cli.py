@@ -98,7 +98,8 @@ async def test_group_commands_round_trip(gateway: Gateway) -> None:
     replayed = await cli("group", "replay-parked", "billing", "--limit", "5", "--target", target)
     assert replayed.code == 0 and replayed.lines == [{"replayed": "0"}]
     deleted = await cli("group", "delete", "billing", "--target", target)
-    assert deleted.code == 0
+    # A confirmation, as one JSON line like every other group subcommand's answer.
+    assert deleted.code == 0 and deleted.lines == [{"deleted": "billing"}], deleted
     gone = await cli("group", "info", "billing", "--target", target)
     assert gone.code == 1
     assert "NOT_FOUND" in gone.err
@@ -115,6 +116,17 @@ async def test_group_create_reports_every_bad_field(gateway: Gateway) -> None:
         assert f"  {field}: " in refused.err
     negative = await cli("group", "create", "g", "--partitions", "-1")
     assert negative.code == 2
+    # Numbers their proto fields cannot hold are usage errors naming the flag.
+    for command in (
+        ("create", "g", "--partitions", str(2**32)),
+        ("create", "g", "--max-deliveries", str(2**32)),
+        ("create", "g", "--after", str(2**64)),
+        ("replay-parked", "g", "--limit", str(2**32)),
+    ):
+        unencodable = await cli("group", *command)
+        assert unencodable.code == 2, unencodable.err
+        assert command[2] in unencodable.err
+        assert "Traceback" not in unencodable.err
     # Seconds that no Duration can hold are a usage error, not a stack trace.
     for seconds in ("inf", "nan", "1e300"):
         unencodable = await cli("group", "create", "g", "--ack-timeout", seconds)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import grpc
@@ -19,7 +21,7 @@ from pydantic import ValidationError
 
 from server.cli import build_parser, main, settings_from
 from server.config import Settings
-from tests.serving import free_port, start_gateway, wait_until_serving
+from tests.serving import free_port, gateway_log, start_gateway, wait_until_serving
 
 
 def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -63,6 +65,35 @@ async def test_serve_stops_gracefully_on_a_signal(signum: signal.Signals) -> Non
         assert code == 0
         assert time.monotonic() - started < 10
         assert statuses[:1] == [health_pb2.HealthCheckResponse.NOT_SERVING]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+async def test_a_stop_is_bounded_while_a_command_waits_for_the_store(tmp_path: Path) -> None:
+    # Another process holds SQLite's write lock: a command waits for it (up to 30 s) in a
+    # thread the grace period cannot cut short. The stop must still end within 10 s.
+    target = f"127.0.0.1:{free_port()}"
+    store = tmp_path / "locked.db"
+    process = start_gateway(["serve", "--listen", target, "--store", f"sqlite:///{store}"])
+    try:
+        await wait_until_serving(target, process)
+        with closing(sqlite3.connect(store, timeout=0)) as holder:
+            holder.execute("BEGIN EXCLUSIVE")
+            async with grpc.aio.insecure_channel(target) as channel:
+                inventory = inventory_command_service_pb2_grpc.InventoryCommandServiceStub(channel)
+                call = inventory.RestockProduct(RestockProductRequest(product_id="a", quantity=1))
+                await asyncio.sleep(1)  # the command now waits for the lock
+                process.send_signal(signal.SIGTERM)
+                started = time.monotonic()
+                code = await asyncio.to_thread(process.wait, 15)
+                stopped_after = time.monotonic() - started
+                call.cancel()
+            holder.rollback()
+        assert code == 0, gateway_log(process)
+        assert stopped_after < 10
+        assert "did not stop within" in gateway_log(process)
     finally:
         if process.poll() is None:
             process.kill()
@@ -202,3 +233,11 @@ def test_serve_help_names_each_option_s_variable_and_default(
     assert "[ORDER_GATEWAY_LISTEN, default 127.0.0.1:50051]" in shown
     assert "--auth-tokens FILE TOML file of bearer tokens" in shown
     assert "[ORDER_GATEWAY_INSECURE]" in shown
+
+
+def test_a_store_serve_cannot_open_exits_1_with_the_stores_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A directory where the SQLite file should be (as docs/operations.md's table says).
+    assert main(["serve", "--listen", "127.0.0.1:0", "--store", f"sqlite:///{tmp_path}"]) == 1
+    assert f"store error: cannot open the SQLite store {tmp_path}" in capsys.readouterr().err

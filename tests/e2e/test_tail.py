@@ -213,3 +213,17 @@ async def test_an_unknown_type_is_refused_with_the_servers_reason(gateway: Any) 
     lines = err.decode().splitlines()
     assert lines[0].startswith("order-gateway tail: INVALID_ARGUMENT: ")
     assert lines[1].startswith("  event_types[0]: unknown event type 'OrderPlaced'; known types: ")
+
+
+@pytest.mark.parametrize("after", ["-1", str(2**64)])
+async def test_an_after_no_position_can_hold_is_a_usage_error_naming_the_flag(after: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "server.cli", "tail", "--after", after),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(WAIT):
+        out, err = await process.communicate()
+    assert process.returncode == 2
+    assert out == b""
+    assert "--after" in err.decode() and "Traceback" not in err.decode()

@@ -161,6 +161,16 @@ def test_a_store_that_does_not_exist_fails_and_is_not_created(
     assert not missing.exists()
 
 
+def test_a_directory_is_no_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "stores"
+    folder.mkdir()
+    assert main(["verify", "--store", f"sqlite:///{folder}"]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert f"no SQLite store at {folder}" in printed.err
+    assert list(folder.iterdir()) == []
+
+
 def foreign_database(path: Path) -> None:
     with closing(sqlite3.connect(path)) as connection, connection:
         connection.execute("CREATE TABLE notes (body TEXT)")

@@ -6,14 +6,17 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import shutil
+import sqlite3
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 
 import psycopg
 import pytest
 
+import server.backup
 from server.cli import main
 from server.consumer_groups.model import FailedAttempts, GroupRecord, GroupSettings
 from server.stores.postgres import PostgresEventStore
@@ -104,6 +107,37 @@ def test_an_existing_file_is_never_overwritten(
     assert copy.read_text() == "precious"
 
 
+def test_a_file_that_appears_while_the_copy_is_made_is_not_overwritten(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    live, copy = tmp_path / "live.db", tmp_path / "copy.db"
+    assert main(["migrate", "--store", f"sqlite:///{live}"]) == 0
+    create = server.backup._create
+
+    def another_writer_meanwhile(partial: Path, destination: Path) -> sqlite3.Connection:
+        destination.write_text("precious")
+        return create(partial, destination)
+
+    monkeypatch.setattr(server.backup, "_create", another_writer_meanwhile)
+    assert main(["backup", "--store", f"sqlite:///{live}", str(copy)]) == 1
+    assert f"{copy} exists" in capsys.readouterr().err
+    assert copy.read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("live.db")] == ["copy.db"]
+
+
+def test_a_file_beside_the_destination_is_left_alone(tmp_path: Path) -> None:
+    live, copy = tmp_path / "live.db", tmp_path / "copy.db"
+    assert main(["migrate", "--store", f"sqlite:///{live}"]) == 0
+    mine = tmp_path / "copy.db.partial"
+    mine.write_text("someone else's")
+    assert main(["backup", "--store", f"sqlite:///{live}", str(copy)]) == 0
+    assert mine.read_text() == "someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("live.db")) == [
+        "copy.db",
+        "copy.db.partial",
+    ]
+
+
 def test_a_destination_that_cannot_be_written_is_named(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -127,7 +161,31 @@ def test_what_cannot_be_copied_is_refused_by_name(
     assert main(["backup", "--store", url, str(tmp_path / "copy.db")]) == 1
     err = capsys.readouterr().err
     assert message in err and "secret" not in err
+    # PostgreSQL's advice is for PostgreSQL only.
+    assert ("pg_dump" in err) == url.startswith("postgresql:")
     assert list(tmp_path.iterdir()) == []
+
+
+def other_program_database(path: Path) -> None:
+    with closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute("CREATE TABLE notes (body TEXT)")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(Path.touch, id="empty-file"),
+        pytest.param(other_program_database, id="other-schema"),
+    ],
+)
+def test_a_sqlite_file_without_the_schema_is_refused_as_verify_refuses_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], make: Callable[[Path], None]
+) -> None:
+    source, copy = tmp_path / "other.db", tmp_path / "copy.db"
+    make(source)
+    assert main(["backup", "--store", f"sqlite:///{source}", str(copy)]) == 1
+    assert f"no gateway schema in {source}" in capsys.readouterr().err
+    assert sorted(tmp_path.iterdir()) == [source]
 
 
 def postgres_binaries() -> Path | None:

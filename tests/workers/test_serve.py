@@ -187,6 +187,62 @@ def test_an_address_a_stranger_listens_on_is_refused(tmp_path: Path) -> None:
     assert f"cannot listen on 127.0.0.1:{port}: another process listens there" in log
 
 
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize(
+    ("family", "loopback"),
+    [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")],
+    ids=["127.0.0.1", "::1"],
+)
+def test_localhost_is_refused_while_a_stranger_listens_on_either_loopback(
+    tmp_path: Path, workers: str, family: socket.AddressFamily, loopback: str
+) -> None:
+    # grpc binds "localhost" to both loopback addresses, whatever /etc/hosts says: a
+    # stranger on one of them would take the calls of clients that resolve to it.
+    if family == socket.AF_INET6 and not ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
+    with socket.socket(family) as stranger:
+        stranger.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        stranger.bind((loopback, free_port()))
+        stranger.listen()
+        port = stranger.getsockname()[1]
+        process = start_gateway(
+            [
+                "serve",
+                "--listen",
+                f"localhost:{port}",
+                "--store",
+                f"sqlite:///{tmp_path / 'e.db'}",
+                "--workers",
+                workers,
+            ],
+            env=env_without_settings(),
+        )
+        try:
+            # A refusal comes before anything serves; a gateway still running then serves.
+            code = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=WAIT)
+            pytest.fail(f"served beside a stranger on {loopback}: {gateway_log(process)}")
+    log = gateway_log(process)
+    if workers == "1":
+        assert code == 1, log
+        assert f"Failed to bind to address localhost:{port}: another process listens there" in log
+    else:
+        assert code == 2, log
+        assert f"cannot listen on localhost:{port}: another process listens there" in log
+    assert "Traceback" not in log
+
+
 async def test_a_second_gateway_on_the_address_is_refused(tmp_path: Path) -> None:
     async with workers_gateway(f"sqlite:///{tmp_path / 'a.db'}") as gateway:
         for workers in ("2", "1"):
