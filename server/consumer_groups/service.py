@@ -27,11 +27,17 @@ from server.consumer_groups.model import (
     GroupRecord,
     GroupSettings,
     MemberIdTakenError,
+    partition_of,
 )
 from server.consumer_groups.ports import ConsumerGroupStore
-from server.rpc.subscription_hub import SubscriptionHub
+from server.rpc.subscription_hub import EventFilter, SubscriptionHub
 
 log = logging.getLogger("order_gateway.consumer_groups")
+
+IDLE_SCAN_EVENTS = 10_000
+"""At most this many events are read past the stored checkpoints of the partitions nobody
+delivers, per view: where the reading stops is still below every unsettled event."""
+IDLE_SCAN_PAGE = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +142,12 @@ class ConsumerGroups:
         else:
             members, leases = await self._everywhere(record.name, here)
         local_ids = {m.member_id for m in here.members} if here is not None else set()
+        idle = {
+            p: stored.get(p, record.start_position)
+            for p in range(record.settings.partitions)
+            if p not in local and not leases.get(p, PartitionLease("", 0)).member_id
+        }
+        idle = await self._idle_checkpoints(record, idle, head)
         partitions: list[PartitionView] = []
         for p in range(record.settings.partitions):
             lease = leases.get(p, PartitionLease("", 0))
@@ -145,9 +157,9 @@ class ConsumerGroups:
                     PartitionView(p, view.checkpoint, lease.member_id, view.in_flight)
                 )
             else:
-                # Delivered by another replica (or nobody): its stored checkpoint, and what
-                # its replica had in flight when it last renewed the lease.
-                checkpoint = stored.get(p, record.start_position)
+                # Delivered by another replica: its stored checkpoint, and what its replica
+                # had in flight when it last renewed the lease. By nobody: see above.
+                checkpoint = idle.get(p, stored.get(p, record.start_position))
                 partitions.append(PartitionView(p, checkpoint, lease.member_id, lease.in_flight))
         return GroupView(
             record=record,
@@ -162,6 +174,41 @@ class ConsumerGroups:
                 for p in partitions
             ),
         )
+
+    async def _idle_checkpoints(
+        self, record: GroupRecord, stored: dict[int, int], head: int
+    ) -> dict[int, int]:
+        """The checkpoints of partitions nobody delivers (``stored``: theirs in the store),
+        as a member's would read: an event the group does not take is settled by
+        definition, so each moves past those up to its first event the group takes, or to
+        the head. Otherwise a group that nobody has consumed yet, or whose members all
+        left, would report its stored checkpoint and overstate its lag by every event of
+        other types since."""
+        wanted = EventFilter(frozenset(record.settings.event_types))
+        checkpoints = dict(stored)
+        open_partitions = set(stored)
+        position = min(stored.values(), default=head)
+        read = 0
+        while open_partitions and position < head and read < IDLE_SCAN_EVENTS:
+            events = await self._events.read_all(position, IDLE_SCAN_PAGE)
+            if not events:
+                break
+            for event in events:
+                p = partition_of(event.stream_id, record.settings.partitions)
+                if (
+                    p in open_partitions
+                    and event.position > checkpoints[p]
+                    and wanted.matches(event)
+                ):
+                    checkpoints[p] = event.position - 1
+                    open_partitions.discard(p)
+            position = events[-1].position
+            read += len(events)
+        # Every event of these partitions up to where the reading stopped is one the group
+        # does not take.
+        for p in open_partitions:
+            checkpoints[p] = max(checkpoints[p], min(position, head))
+        return checkpoints
 
     async def _everywhere(
         self, name: str, here: RuntimeView | None

@@ -555,6 +555,39 @@ async def test_the_checkpoint_never_passes_an_unsettled_event(env: Env) -> None:
         assert (await settled(env)).checkpoint == group.head_position
 
 
+async def test_with_no_member_events_the_group_does_not_take_are_behind_its_checkpoints(
+    env: Env,
+) -> None:
+    await env.restocks(4, products=4)
+    await env.create("g", partitions=2, event_types=["OrderCreated"])
+    group = await env.get()
+    assert group.head_position == 4
+    assert group.checkpoint == 4
+    assert [p.checkpoint for p in group.partition_states] == [4, 4]
+
+    created = await env.clients.create(order_request(item("p0")))
+    order_created = next(e for e in created if e.event_type == "OrderCreated")
+    taking = zlib.crc32(order_created.stream_id.encode()) % 2
+    group = await env.get()
+    assert group.head_position == 6
+    expected = [6, 6]
+    expected[taking] = order_created.position - 1
+    assert [p.checkpoint for p in group.partition_states] == expected
+    assert group.checkpoint == order_created.position - 1
+
+
+async def test_the_reading_past_idle_checkpoints_is_bounded(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await env.create("g", partitions=1, event_types=["OrderCreated"])
+    await env.restocks(5, products=5)
+    monkeypatch.setattr("server.consumer_groups.service.IDLE_SCAN_PAGE", 1)
+    monkeypatch.setattr("server.consumer_groups.service.IDLE_SCAN_EVENTS", 3)
+    group = await env.get()
+    assert group.head_position == 5
+    assert group.checkpoint == 3
+
+
 @pytest.mark.parametrize("members", [2, 3])
 async def test_order_holds_with_competing_members_nacking_at_random(env: Env, members: int) -> None:
     await env.create("g", partitions=4, max_deliveries=100)
