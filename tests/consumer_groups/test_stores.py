@@ -263,14 +263,23 @@ async def _restock(channel: grpc.aio.Channel, count: int, products: int = 3) -> 
     return ids
 
 
-async def test_after_a_restart_delivery_resumes_above_the_stored_checkpoint(
+@contextlib.asynccontextmanager
+async def serving(
     open_events: Opener,
-) -> None:
+) -> AsyncIterator[tuple[grpc.aio.Channel, pb_grpc.ConsumerGroupServiceAsyncStub]]:
+    """One run of a gateway on the store ``open_events`` opens (the same data each time,
+    so that tests can restart it), with a channel and a consumer-group stub to it."""
     async with (
         group_gateway(await open_events()) as gateway,
         grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel,
     ):
-        stub = pb_grpc.ConsumerGroupServiceStub(channel)
+        yield channel, pb_grpc.ConsumerGroupServiceStub(channel)
+
+
+async def test_after_a_restart_delivery_resumes_above_the_stored_checkpoint(
+    open_events: Opener,
+) -> None:
+    async with serving(open_events) as (channel, stub):
         await stub.CreateConsumerGroup(
             pb.CreateConsumerGroupRequest(name="g", settings=group_settings(partitions=1))
         )
@@ -283,11 +292,7 @@ async def test_after_a_restart_delivery_resumes_above_the_stored_checkpoint(
             await consumer.deliveries(2)  # ids[3] and ids[5] (p0, p2)
             await asyncio.sleep(0.3)
     # The gateway stopped with ids[3..5] unsettled: they come again, nothing before them.
-    async with (
-        group_gateway(await open_events()) as gateway,
-        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel,
-    ):
-        stub = pb_grpc.ConsumerGroupServiceStub(channel)
+    async with serving(open_events) as (channel, stub):
         group = (await stub.GetConsumerGroup(pb.GetConsumerGroupRequest(name="g"))).group
         assert group.parked == 1
         assert group.checkpoint == 3
@@ -300,19 +305,14 @@ async def test_after_a_restart_delivery_resumes_above_the_stored_checkpoint(
             assert replay.replayed == 1
             assert (await consumer.delivery()).event.event_id == ids[1]
     # A replay interrupted by a restart is not lost: it is delivered again.
-    async with (
-        group_gateway(await open_events()) as gateway,
-        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel,
-    ):
-        stub = pb_grpc.ConsumerGroupServiceStub(channel)
-        async with member(stub, "g") as consumer:
-            replayed = await consumer.delivery()
-            assert replayed.event.event_id == ids[1]
-            await consumer.ack(ids[1])
-            await asyncio.sleep(0.3)
-            group = (await stub.GetConsumerGroup(pb.GetConsumerGroupRequest(name="g"))).group
-            assert group.parked == 0
-            assert group.checkpoint == group.head_position == 6
+    async with serving(open_events) as (channel, stub), member(stub, "g") as consumer:
+        replayed = await consumer.delivery()
+        assert replayed.event.event_id == ids[1]
+        await consumer.ack(ids[1])
+        await asyncio.sleep(0.3)
+        group = (await stub.GetConsumerGroup(pb.GetConsumerGroupRequest(name="g"))).group
+        assert group.parked == 0
+        assert group.checkpoint == group.head_position == 6
 
 
 async def _until(
@@ -330,11 +330,7 @@ async def _until(
 async def test_failed_attempts_go_on_after_a_restart_until_the_event_is_parked(
     open_events: Opener,
 ) -> None:
-    async with (
-        group_gateway(await open_events()) as gateway,
-        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel,
-    ):
-        stub = pb_grpc.ConsumerGroupServiceStub(channel)
+    async with serving(open_events) as (channel, stub):
         await stub.CreateConsumerGroup(
             pb.CreateConsumerGroupRequest(
                 name="g", settings=group_settings(partitions=1, max_deliveries=3)
@@ -349,17 +345,12 @@ async def test_failed_attempts_go_on_after_a_restart_until_the_event_is_parked(
             assert (delivery.event.event_id, delivery.attempt) == (poison, 2)
         # The member's stream ended with the event unsettled: its second failure.
         await _until(stub, lambda group: not group.members)
-    async with (
-        group_gateway(await open_events()) as gateway,
-        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel,
-    ):
-        stub = pb_grpc.ConsumerGroupServiceStub(channel)
-        async with member(stub, "g") as consumer:
-            delivery = await consumer.delivery()
-            assert (delivery.event.event_id, delivery.attempt) == (poison, 3)
-            await consumer.nack(poison, reason="failed again")
-            # Its 3rd delivery failed: parked, and its stream goes on.
-            delivery = await consumer.delivery()
-            assert (delivery.event.event_id, delivery.attempt) == (after, 1)
-            await consumer.ack(after)
-            await _until(stub, lambda group: group.parked == 1)
+    async with serving(open_events) as (channel, stub), member(stub, "g") as consumer:
+        delivery = await consumer.delivery()
+        assert (delivery.event.event_id, delivery.attempt) == (poison, 3)
+        await consumer.nack(poison, reason="failed again")
+        # Its 3rd delivery failed: parked, and its stream goes on.
+        delivery = await consumer.delivery()
+        assert (delivery.event.event_id, delivery.attempt) == (after, 1)
+        await consumer.ack(after)
+        await _until(stub, lambda group: group.parked == 1)
