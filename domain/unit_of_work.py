@@ -53,7 +53,9 @@ from domain.ports import Commit, EventStore, RecordedEvent, SharedStreamLocks
 from domain.snapshots import Snapshots
 
 A = TypeVar("A", bound=Aggregate)
-Appended = asyncio.Future[list[RecordedEvent]]
+Appended = asyncio.Future[None]
+"""Done once a queued append is answered, whatever its outcome (the cache is settled
+first)."""
 NO_SNAPSHOTS = Snapshots(None, 0)
 
 
@@ -69,7 +71,7 @@ class CachedStream:
     """``committed``, or the state the last queued commit on the stream will leave."""
     head_event: str
     queued: Appended | None = None
-    """The append that leaves ``head``, until it is answered."""
+    """Done when the append that leaves ``head`` is answered; None once it is."""
     stale: bool = False
     """A commit conflicted: another process may have moved the stream beyond ``committed``."""
 
@@ -116,23 +118,21 @@ class AggregateCache:
         self._evict()
 
     def stage(self, aggregate: Aggregate, last_event: str, appended: Appended) -> None:
-        """``aggregate`` is the state ``appended`` leaves: the stream's new head."""
+        """``aggregate`` is the state the append ``appended`` stands for leaves: the
+        stream's new head, until ``settle`` is told the append's outcome."""
         entry = self._entries.get(aggregate.stream_id)
         if entry is None:
             entry = CachedStream(None, "", aggregate, last_event)
             self._entries[aggregate.stream_id] = entry
         entry.head, entry.head_event, entry.queued = aggregate, last_event, appended
         self._entries.move_to_end(aggregate.stream_id)
-        appended.add_done_callback(functools.partial(self._settle, aggregate, last_event))
         self._evict()
 
-    def _settle(self, aggregate: Aggregate, last_event: str, appended: Appended) -> None:
-        # Runs before any coroutine awaiting ``appended`` resumes (callbacks run in the
-        # order they were added), so every later decision sees the outcome.
+    def settle(self, aggregate: Aggregate, last_event: str, error: BaseException | None) -> None:
+        """The append staged as ``aggregate`` committed (``error`` None) or failed."""
         entry = self._entries.get(aggregate.stream_id)
         if entry is None:
             return
-        error = asyncio.CancelledError() if appended.cancelled() else appended.exception()
         if error is None:
             if entry.committed is None or aggregate.version > entry.committed.version:
                 entry.committed, entry.committed_event = aggregate, last_event
@@ -240,7 +240,7 @@ class UnitOfWork:
         while self._held:
             self._locks.release(self._held.pop())
 
-    def _leave_turns(self, *_: object) -> None:
+    def _leave_turns(self) -> None:
         if self._turns is not None and self._joined:
             joined, self._joined = self._joined, []
             self._turns.leave(joined)
@@ -320,31 +320,44 @@ class UnitOfWork:
                 if a.stream_id in self._follows
             },
         )
-        # A task, so that the append is queued in the store before the next command on
-        # these streams is decided (this one's first step runs before that one resumes).
-        appended = asyncio.ensure_future(self._store.append(commit))
+        appended: Appended = asyncio.get_running_loop().create_future()
         last_events = {event.stream_id: event.event_id for event in events}
         due = [self._snapshots.due(a, a.committed_version) for a in aggregates]
+        staged: list[tuple[Aggregate, str]] = []
         for aggregate in aggregates:
             aggregate.mark_committed()
             last_event = last_events.get(
                 aggregate.stream_id, self._follows.get(aggregate.stream_id, "")
             )
             self._cache.stage(aggregate, last_event, appended)
-        # The turns end only once this commit is durable (or failed), for the next
-        # process at these streams reads them when its turn begins.
-        appended.add_done_callback(functools.partial(UnitOfWork._leave_turns, self))
+            staged.append((aggregate, last_event))
         self._release()
+        # Awaited here, not in a task: the append's first step runs now, before anything
+        # else on the loop, so it is queued in the store before the next command on these
+        # streams is decided, at no cost of a task and its callbacks. A caller who stops
+        # waiting (a deadline) cancels it, as before pipelining: the cache then drops its
+        # head, and commands decided on it fail their ``follows``.
         try:
-            # A caller who stops waiting (a deadline) cancels the append, as before
-            # pipelining: commands decided on it then fail their ``follows``.
-            recorded = await appended
-        except ConcurrencyConflictError:
-            if self._turns is not None:
+            recorded = await self._store.append(commit)
+        except BaseException as error:
+            self._answered(staged, appended, error)
+            if self._turns is not None and isinstance(error, ConcurrencyConflictError):
                 self._turns.contended(commit.expected_versions)
             raise
+        self._answered(staged, appended, None)
         self._snapshots.take(snapshot for snapshot in due if snapshot is not None)
         return recorded
+
+    def _answered(
+        self, staged: list[tuple[Aggregate, str]], appended: Appended, error: BaseException | None
+    ) -> None:
+        """The append answered: settle the cache first, so that the commands waiting on
+        ``appended`` see the outcome; then end the turns, only now, for the next process
+        at these streams reads this commit when its turn begins."""
+        for aggregate, last_event in staged:
+            self._cache.settle(aggregate, last_event, error)
+        appended.set_result(None)
+        self._leave_turns()
 
 
 HandlerFunction = Callable[[Any, UnitOfWork], Awaitable[list[RecordedEvent]]]
