@@ -43,10 +43,13 @@ class HeldStore(MemoryEventStore):
 
     ``fail[n]`` makes the n-th append (counted from 0) fail with that error instead;
     ``intrude[n]`` is a commit another process writes right after the n-th append fails.
+    An append whose caller stopped waiting is still committed, as SQLite's writer does,
+    or with ``drop_abandoned`` dropped, as PostgreSQL drops one not sent yet.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, drop_abandoned: bool = False) -> None:
         super().__init__()
+        self.drop_abandoned = drop_abandoned
         self.queued: list[tuple[int, Commit, asyncio.Future[list[RecordedEvent]]]] = []
         self.started = 0
         self.fail: dict[int, BaseException] = {}
@@ -62,6 +65,10 @@ class HeldStore(MemoryEventStore):
         """Commit (or fail) the first ``count`` queued appends (all by default), in order."""
         batch, self.queued = self.queued[:count], self.queued[len(self.queued[:count]) :]
         for n, commit, future in batch:
+            if future.cancelled():
+                if not self.drop_abandoned:
+                    await super().append(commit)
+                continue
             if n in self.fail:
                 future.set_exception(self.fail[n])
                 if n in self.intrude:
@@ -182,6 +189,33 @@ async def test_a_failed_commit_in_the_middle_of_a_chain_is_never_built_upon(
     else:  # a lost race is run again
         assert all(isinstance(outcome, list) for outcome in outcomes)
         assert available(stream) == [10, 9, 14, 13, 12, 11]
+
+
+@pytest.mark.parametrize("drop_abandoned", [False, True], ids=["written", "dropped"])
+async def test_callers_who_stop_waiting_in_a_chain_leave_it_consistent(
+    drop_abandoned: bool,
+) -> None:
+    """Of four pipelined orders, the second and the last are cancelled (their callers'
+    deadlines passed) while their commits are queued. The store may still write those
+    commits or drop them: the third order, decided on the second's state, commits on what
+    the store holds, and the stream is never left waiting for an answer that will not come."""
+    store = HeldStore(drop_abandoned)
+    bus = bootstrap(store)
+    await run_through(store, [bus.dispatch(restock("hot", 4))])
+
+    orders = [asyncio.ensure_future(bus.dispatch(create(("hot", 1)))) for _ in range(4)]
+    await until(lambda: len(store.queued) == 4)
+    orders[1].cancel()
+    orders[3].cancel()
+    outcomes = await run_through(store, [orders[0], orders[2]])
+
+    assert orders[1].cancelled() and orders[3].cancelled()
+    assert_exact_arithmetic(await store.read_stream("product-hot"))
+    assert [available(events) for events in outcomes] == [[3], [1] if not drop_abandoned else [2]]
+    # A rejection is confirmed on durable state once the stream's queued commits are
+    # answered: a cancelled one still counted as queued would hold this order forever.
+    (rejected,) = await run_through(store, [bus.dispatch(create(("hot", 5)))])
+    assert isinstance(rejected, InsufficientInventoryError)
 
 
 @pytest.mark.parametrize("first_commits", [True, False])
