@@ -46,6 +46,7 @@ from server.observability.metrics import (
     GatewayMetrics,
     MeteredEventStore,
     MetricsServer,
+    check_metrics_address,
 )
 from server.observability.otel import otel_tracing
 from server.observability.store_faults import StoreFaults, watched
@@ -219,6 +220,10 @@ async def create_server(
             ) from error
         except OSError:
             pass  # Not ours to judge (a foreign address, a privileged port): grpc says why.
+    if settings.metrics_listen:
+        # Before the store: opening a SQLite store creates its file, which a refused
+        # start must not leave behind.
+        check_metrics_address(settings.metrics_listen)
     if store is None:
         store = await open_store(settings.store, pool_size=settings.store_pool_size)
     metrics = GatewayMetrics()
@@ -345,14 +350,17 @@ async def serve(
     stop: asyncio.Event | None = None,
     signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
     bounded: bool = True,
+    internal_metrics: bool = False,
 ) -> None:
     """Run until one of ``signals`` arrives (or ``stop`` is set), then stop gracefully.
 
     A worker of ``--workers N`` passes its ``store`` and aggregate ``cache``,
     ``reuse_port``, ``on_serving`` (told once the gateway serves), a ``stop`` it sets
     itself when its supervisor is gone, and SIGTERM alone: its supervisor handles SIGINT;
-    and ``bounded=False``, since it bounds its stop itself. Otherwise a stop that lasts
-    ``stop_deadline`` ends with the process's exit, whatever it still waits for.
+    ``bounded=False``, since it bounds its stop itself; and ``internal_metrics``: its
+    /metrics is read by its supervisor alone, so its address is no operator's concern.
+    Otherwise a stop that lasts ``stop_deadline`` ends with the process's exit, whatever
+    it still waits for.
     """
     gateway = await create_server(settings, store=store, reuse_port=reuse_port, cache=cache)
     await gateway.start()
@@ -367,7 +375,15 @@ async def serve(
     )
     if settings.metrics_listen and gateway.metrics_port is not None:
         metrics_host = settings.metrics_listen.rpartition(":")[0]
-        log.info("metrics at http://%s:%d/metrics", metrics_host, gateway.metrics_port)
+        if internal_metrics:
+            # The supervisor logs the one address to scrape; this one is not it.
+            log.debug(
+                "metrics for the supervisor at http://%s:%d/metrics",
+                metrics_host,
+                gateway.metrics_port,
+            )
+        else:
+            log.info("metrics at http://%s:%d/metrics", metrics_host, gateway.metrics_port)
     if on_serving is not None:
         on_serving(gateway)
     stop = stop if stop is not None else asyncio.Event()

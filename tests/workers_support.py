@@ -67,14 +67,20 @@ def env_without_settings() -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def workers_gateway(
-    store_url: str, workers: int = 2, metrics: bool = False, port: int | None = None
+    store_url: str,
+    workers: int = 2,
+    metrics: bool = False,
+    port: int | None = None,
+    options: Sequence[str] = (),
 ) -> AsyncIterator[WorkersGateway]:
-    """``order-gateway serve --workers N`` on a free port, serving; killed on the way out."""
+    """``order-gateway serve --workers N [options]`` on a free port, serving; killed on
+    the way out."""
     target = f"127.0.0.1:{port or free_port()}"
     metrics_port = free_port() if metrics else None
     args = ["serve", "--listen", target, "--store", store_url, "--workers", str(workers)]
     if metrics_port is not None:
         args += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
+    args += options
     process = start_gateway(args, env=env_without_settings())
     gateway = WorkersGateway(process, target, metrics_port)
     try:

@@ -12,6 +12,7 @@ RPC metrics use the names and labels of go-grpc-prometheus (``grpc_server_handle
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable
 from wsgiref.simple_server import WSGIServer
@@ -205,6 +206,31 @@ class MeteredEventStore(EventStoreDecorator):
         return recorded
 
 
+def _cannot_serve(host: str, port: int, error: OSError) -> OSError:
+    # The bare OSError names no address; the gateway listens on two.
+    return OSError(error.errno, f"cannot serve metrics on {host}:{port}: {error.strerror}")
+
+
+def check_metrics_address(listen: str) -> None:
+    """Refuse ``listen`` now if ``MetricsServer.start`` could not bind it there, with the
+    error ``start`` would raise: ``serve`` checks its addresses before it opens the store,
+    which on SQLite creates the file, so that a refused start leaves nothing behind.
+
+    Binds as prometheus_client does: the first address the host resolves to, with
+    ``SO_REUSEADDR`` (so an earlier server's connections in TIME_WAIT do not count).
+    """
+    host, port = split_host_port(listen)
+    try:
+        family, _, _, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as error:
+        raise _cannot_serve(host, port, error) from error
+
+
 class MetricsServer:
     """Serves one registry at ``/metrics`` from prometheus_client's HTTP server thread."""
 
@@ -218,10 +244,7 @@ class MetricsServer:
         try:
             httpd, _thread = start_http_server(self._port, self._host, self._registry)
         except OSError as error:
-            # The bare OSError names no address; the gateway listens on two.
-            raise OSError(
-                error.errno, f"cannot serve metrics on {self._host}:{self._port}: {error.strerror}"
-            ) from error
+            raise _cannot_serve(self._host, self._port, error) from error
         self._httpd = httpd
         return int(httpd.server_port)
 

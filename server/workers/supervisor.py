@@ -28,7 +28,7 @@ from typing import Final
 from server.app import authenticators_from, stop_deadline
 from server.config import Settings
 from server.consumer_groups.store_sqlite import SQLiteConsumerGroupStore
-from server.observability.metrics import MetricsServer
+from server.observability.metrics import MetricsServer, check_metrics_address
 from server.security.tls import server_credentials
 from server.stores.factory import migrate
 from server.stores.urls import redacted_url
@@ -242,6 +242,11 @@ async def supervise(settings: Settings) -> None:
     server_credentials(settings)
     reservation = reserve(settings.listen)
     try:
+        if settings.metrics_listen:
+            # Before migrate() opens the store, which on SQLite creates its file: a
+            # refused start leaves nothing behind. After the reservation, which the
+            # metrics address may clash with.
+            check_metrics_address(settings.metrics_listen)
         with tempfile.TemporaryDirectory(prefix="order-gateway-") as run_dir:
             await _run(settings, count, reservation.listen, Path(run_dir))
     finally:

@@ -137,6 +137,7 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
             stop=stop,
             signals=(signal.SIGTERM,),
             bounded=False,
+            internal_metrics=True,
         )
     finally:
         for task in background:

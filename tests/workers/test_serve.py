@@ -187,6 +187,53 @@ def test_an_address_a_stranger_listens_on_is_refused(tmp_path: Path) -> None:
     assert f"cannot listen on 127.0.0.1:{port}: another process listens there" in log
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_taken_metrics_address_is_refused_before_the_store_is_created(
+    tmp_path: Path, workers: str
+) -> None:
+    with socket.socket() as stranger:
+        stranger.bind(("127.0.0.1", 0))
+        stranger.listen()
+        metrics = f"127.0.0.1:{stranger.getsockname()[1]}"
+        code, log = serve_and_fail(
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            metrics,
+            "--store",
+            f"sqlite:///{tmp_path / 'new.db'}",
+            "--workers",
+            workers,
+        )
+    assert code == 2, log
+    assert f"cannot serve metrics on {metrics}: Address already in use" in log
+    assert "Traceback" not in log
+    # A refused start leaves nothing behind: no database, -wal, -shm or -writers file.
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_only_the_supervisor_logs_a_metrics_address_above_debug(tmp_path: Path) -> None:
+    # Each worker serves its metrics on a loopback port of its own for the supervisor to
+    # read: an address that operators never configured and must not scrape.
+    async with workers_gateway(
+        f"sqlite:///{tmp_path / 'events.db'}", metrics=True, options=["--log-level", "DEBUG"]
+    ) as gateway:
+        async with asyncio.timeout(WAIT):
+            while "with 2 workers" not in gateway.log:  # noqa: ASYNC110 - a file has no event
+                await asyncio.sleep(0.05)
+        lines = [line for line in gateway.log.splitlines() if "/metrics" in line]
+
+    scrape = f"http://127.0.0.1:{gateway.metrics_port}/metrics"
+    shown = [line for line in lines if " DEBUG " not in line]
+    assert len(shown) == 1, lines
+    assert shown[0].endswith(f" INFO order_gateway.workers: metrics of all workers at {scrape}")
+    for worker in (1, 2):
+        assert any(
+            f" DEBUG order_gateway.server [worker {worker}]: metrics for the supervisor at " in line
+            for line in lines
+        ), lines
+
+
 def ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as probe:
