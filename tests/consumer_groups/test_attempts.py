@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from orders.v1 import consumer_group_service_pb2 as pb
 
 from server.consumer_groups.engine import GroupRuntime, GroupTuning, Member
 from server.consumer_groups.leases_memory import MemoryLeases
-from server.consumer_groups.model import FailedAttempts, GroupSettings
+from server.consumer_groups.model import FailedAttempts, GroupSettings, partition_of
 from server.consumer_groups.service import ConsumerGroups
 from server.consumer_groups.store_memory import MemoryConsumerGroupStore
 from server.rpc.subscription_hub import SubscriptionHub
@@ -102,8 +103,12 @@ class Env:
         self.processes.append(groups)
         return groups
 
-    async def create(self, groups: ConsumerGroups, max_deliveries: int = 5) -> None:
-        await groups.create("g", GroupSettings(partitions=1, max_deliveries=max_deliveries))
+    async def create(
+        self, groups: ConsumerGroups, max_deliveries: int = 5, partitions: int = 1
+    ) -> None:
+        await groups.create(
+            "g", GroupSettings(partitions=partitions, max_deliveries=max_deliveries)
+        )
 
     async def restock(self, stream: str = "product-1") -> str:
         version = len(await self.events.read_stream(stream)) + 1
@@ -252,3 +257,69 @@ async def test_a_replayed_event_starts_at_attempt_one_and_is_counted_again(env: 
     assert await env.store.stored() == {}
     assert await env.store.parked_count("g") == 0
     await consumer.leave()
+
+
+def one_stream_per_partition(partitions: int) -> list[str]:
+    streams: dict[int, str] = {}
+    n = 0
+    while len(streams) < partitions:
+        streams.setdefault(partition_of(f"product-{n}", partitions), f"product-{n}")
+        n += 1
+    return [streams[p] for p in range(partitions)]
+
+
+@pytest.mark.parametrize("where", ["on the same process", "on another process"])
+async def test_a_partition_moved_from_a_connected_member_is_no_failed_attempt(
+    env: Env, where: str
+) -> None:
+    if env.leases is None and where == "on another process":
+        pytest.skip("without leases, two processes do not share the partitions")
+    groups = env.process()
+    await env.create(groups, max_deliveries=2, partitions=2)
+    ids = [await env.restock(stream) for stream in one_stream_per_partition(2)]
+    first = await env.join(groups, "first")
+    held = {(await first.delivery()).event.event_id for _ in ids}
+    assert held == set(ids)
+    # Another member joins: one partition moves to it, its delivery with it.
+    second = await env.join(groups if where == "on the same process" else env.process(), "second")
+    moved = await second.delivery()
+    assert moved.attempt == 1
+    assert await env.store.stored() == {}
+    # max_deliveries counts the failures only: the first one does not park it.
+    event_id = moved.event.event_id
+    second.runtime.retry(second.member, [event_id], "no")
+    again = await second.delivery()
+    assert (again.event.event_id, again.attempt) == (event_id, 2)
+    assert await env.store.stored() == {event_id: 1}
+    second.runtime.retry(second.member, [event_id], "still no")
+    await until(lambda: env.store.parked_count("g"), 1)
+    (staying,) = held - {event_id}
+    first.runtime.ack(first.member, [staying])
+    await second.leave()
+    await first.leave()
+
+
+async def test_a_delivery_queued_when_its_partition_moves_and_comes_back_is_sent_once(
+    env: Env,
+) -> None:
+    if env.leases is not None:
+        pytest.skip("across replicas a partition moves through the store, as new entries")
+    groups = env.process()
+    await env.create(groups, partitions=2)
+    ids = [await env.restock(stream) for stream in one_stream_per_partition(2)]
+    runtime, member = await groups.join("g", "first", "user", 10)
+    async with asyncio.timeout(5):
+        while len(member.in_flight) < len(ids):  # noqa: ASYNC110 - delivered by the runtime
+            await asyncio.sleep(0.01)
+    # Both deliveries queued, not read yet: a member joins and leaves before any delivery
+    # is made to it, and the partition it held meanwhile comes back with its event, at the
+    # same attempt. The delivery queued before the move is not sent besides the new one.
+    passing = runtime.join("passing", "user", 10, dt.datetime.now(dt.UTC))
+    runtime.leave(passing)
+    first = Consumer(groups, runtime, member)
+    first.reader = asyncio.create_task(first.read())
+    received = [await first.delivery() for _ in ids]
+    assert sorted(d.event.event_id for d in received) == sorted(ids)
+    assert [d.attempt for d in received] == [1, 1]
+    await first.no_delivery(0.2)
+    await first.leave()

@@ -487,6 +487,31 @@ async def test_a_departed_member_s_deliveries_go_to_the_others_at_once(env: Env)
         assert seen[taken[0]] == 2
 
 
+async def test_a_partition_moved_to_a_joining_member_is_no_failed_attempt(env: Env) -> None:
+    # The member that gives the partition up is still connected: its deliveries go to the
+    # new owner with their attempt, and max_deliveries counts only the failures after.
+    await env.create("g", partitions=2, max_deliveries=2)
+    await env.restocks(8, products=8)  # streams in both partitions
+    async with member(env.groups, "g", member_id="first") as first:
+        held = await first.deliveries(8)
+        async with member(env.groups, "g", member_id="second") as second:
+            await eventually(lambda: len(first.partitions) == len(second.partitions) == 1)
+            moving = sorted(d.event.event_id for d in held if d.partition in second.partitions)
+            assert 0 < len(moving) < len(held)
+            moved = await second.deliveries(len(moving))
+            assert sorted(d.event.event_id for d in moved) == moving
+            assert [d.attempt for d in moved] == [1] * len(moving)
+            # Its first failure: delivered again, not parked; its second parks it.
+            event_id = moved[0].event.event_id
+            await second.nack(event_id)
+            again = await second.delivery()
+            assert (again.event.event_id, again.attempt) == (event_id, 2)
+            await second.nack(event_id)
+            await second.ack(*moving[1:])
+            await first.ack(*(d.event.event_id for d in held if d.event.event_id not in moving))
+            assert (await settled(env)).parked == 1
+
+
 async def test_a_lone_member_that_dies_on_an_event_counts_attempts_until_it_is_parked(
     env: Env,
 ) -> None:

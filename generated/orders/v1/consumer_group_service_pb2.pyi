@@ -662,7 +662,9 @@ class Delivery(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     PARTITION_FIELD_NUMBER: _builtins.int
     attempt: _builtins.int
-    """1 on the first delivery, counting up."""
+    """1 on the first delivery, one more after each failed one (a nack with RETRY, an
+    ack timeout, the member's departure); a partition's move to another member keeps it.
+    """
     partition: _builtins.int
     """The event's partition."""
     @_builtins.property
