@@ -9,7 +9,7 @@ import uuid
 
 from domain.aggregates import Product
 from domain.mapper import to_new_event
-from domain.ports import NewEvent, RecordedEvent
+from domain.ports import NewEvent
 from domain.unit_of_work import AggregateCache
 from server.workers.cache_follower import CacheFollower
 from server.workers.hub_protocol import encode_events
@@ -84,7 +84,7 @@ async def test_a_stream_with_a_commit_of_its_own_queued_is_marked_stale_not_repl
     cache = cached(mine)
     head = mine.clone()
     head.restock(1)
-    queued: asyncio.Future[list[RecordedEvent]] = asyncio.get_running_loop().create_future()
+    queued: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     cache.stage(head, "mine", queued)
 
     # Versions 2 and 3 from another worker: this worker's queued version 2 will conflict.
