@@ -220,15 +220,7 @@ async def create_server(
             ) from error
         except OSError:
             pass  # Not ours to judge (a foreign address, a privileged port): grpc says why.
-    if settings.metrics_listen:
-        # Before the store: opening a SQLite store creates its file, which a refused
-        # start must not leave behind.
-        check_metrics_address(settings.metrics_listen)
-    if store is None:
-        store = await open_store(settings.store, pool_size=settings.store_pool_size)
     metrics = GatewayMetrics()
-    # Every path to the store is watched, so that a fault is logged once, whoever meets it.
-    watched_store = watched(store, StoreFaults(metrics.store_errors, metrics.store_fault))
     access_log = AccessLog()
     server = grpc.aio.server(
         # Observability wraps all the others, so that calls the auth interceptor refuses
@@ -250,6 +242,55 @@ async def create_server(
         # (more is RESOURCE_EXHAUSTED).
         maximum_concurrent_rpcs=settings.max_concurrent_streams,
     )
+    # Both addresses are settled before the store opens: opening a SQLite store creates
+    # its file, which a refused start must not leave behind. grpc binds here and refuses
+    # what check_free cannot judge; the metrics address is checked against that bound
+    # port, which it may name too. The servicers are added after, before the start.
+    port = add_port(server, settings.listen, credentials)
+    opened: EventStore | None = None
+    try:
+        if settings.metrics_listen:
+            check_metrics_address(settings.metrics_listen)
+        if store is None:
+            store = opened = await open_store(settings.store, pool_size=settings.store_pool_size)
+        return await _assemble(
+            server,
+            port,
+            settings,
+            store,
+            metrics=metrics,
+            access_log=access_log,
+            tracing=tracing,
+            hub_tuning=hub_tuning,
+            group_tuning=group_tuning,
+            cache=cache,
+        )
+    except BaseException:
+        # grpc closes a bound port only when a started server stops: started and stopped
+        # at once, any call that came in between cancelled.
+        await server.start()
+        await server.stop(None)
+        if opened is not None:
+            await opened.close()
+        raise
+
+
+async def _assemble(
+    server: grpc.aio.Server,
+    port: int,
+    settings: Settings,
+    store: EventStore,
+    *,
+    metrics: GatewayMetrics,
+    access_log: AccessLog,
+    tracing: Tracing | None,
+    hub_tuning: HubTuning | None,
+    group_tuning: GroupTuning | None,
+    cache: AggregateCache | None,
+) -> Gateway:
+    """The gateway of ``create_server``: its services on ``server``, over ``store``."""
+    # Every path to the store is watched, so that a fault is logged once, whoever meets it.
+    watched_store = watched(store, StoreFaults(metrics.store_errors, metrics.store_fault))
     # Only the command path gets the instrumented store: its appends are what is measured.
     command_store: EventStore = MeteredEventStore(watched_store, metrics)
     middleware: list[Middleware] = [CommandMetricsMiddleware(metrics)]
@@ -304,7 +345,6 @@ async def create_server(
         ),
         server,
     )
-    port = add_port(server, settings.listen, credentials)
     return Gateway(
         server,
         port,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,6 +20,9 @@ from orders.v1 import inventory_command_service_pb2_grpc
 from orders.v1.inventory_command_service_pb2 import RestockProductRequest
 from pydantic import ValidationError
 
+from domain.errors import StoreError
+from server import app
+from server.app import create_server
 from server.cli import build_parser, main, settings_from
 from server.config import Settings
 from tests.serving import free_port, gateway_log, start_gateway, wait_until_serving
@@ -241,3 +245,91 @@ def test_a_store_serve_cannot_open_exits_1_with_the_stores_message(
     # A directory where the SQLite file should be (as docs/operations.md's table says).
     assert main(["serve", "--listen", "127.0.0.1:0", "--store", f"sqlite:///{tmp_path}"]) == 1
     assert f"store error: cannot open the SQLite store {tmp_path}" in capsys.readouterr().err
+
+
+def files_in(directory: Path) -> list[str]:
+    return sorted(path.name for path in directory.iterdir())
+
+
+def refused_start(*args: str) -> tuple[int, list[str]]:
+    """``order-gateway serve <args>`` that must exit at once: its status and its lines
+    of its own on stderr (grpc's native log may add some of its own)."""
+    refused = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "Traceback" not in refused.stderr, refused.stderr
+    lines = [line for line in refused.stderr.splitlines() if line.startswith("order-gateway:")]
+    return refused.returncode, lines
+
+
+def test_the_grpc_address_as_metrics_address_is_refused_before_the_store_is_created(
+    tmp_path: Path,
+) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    code, lines = refused_start(
+        "--listen",
+        address,
+        "--metrics-listen",
+        address,
+        "--store",
+        f"sqlite:///{tmp_path / 'new.db'}",
+    )
+    assert code == 2
+    assert lines == [
+        f"order-gateway: [Errno 98] cannot serve metrics on {address}: Address already in use"
+    ]
+    # A refused start leaves nothing behind: no database, -wal or -shm file.
+    assert files_in(tmp_path) == []
+
+
+UNBINDABLE_HOST = "192.0.2.1"
+"""TEST-NET-1 (RFC 5737): documentation only, on no interface of this host."""
+
+
+@pytest.mark.parametrize("port", ["0", "free"])
+def test_an_address_grpc_cannot_bind_is_refused_before_the_store_is_created(
+    port: str, tmp_path: Path
+) -> None:
+    # Port 0 skips the check for a listening stranger; any other port meets it, and it
+    # leaves to grpc an address that is not its to judge.
+    address = f"{UNBINDABLE_HOST}:{free_port() if port == 'free' else 0}"
+    with socket.socket() as probe:
+        try:
+            probe.bind((UNBINDABLE_HOST, 0))
+        except OSError:
+            pass
+        else:
+            pytest.skip(f"{UNBINDABLE_HOST} is an address of this host")
+    code, lines = refused_start(
+        "--listen", address, "--insecure", "--store", f"sqlite:///{tmp_path / 'new.db'}"
+    )
+    assert code == 1
+    assert len(lines) == 1
+    assert lines[0].startswith(f"order-gateway: Failed to bind to address {address};")
+    assert files_in(tmp_path) == []
+
+
+async def test_a_start_refused_once_bound_releases_the_port_and_closes_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = free_port()
+    store = f"sqlite:///{tmp_path / 'new.db'}"
+    both = Settings(listen=f"127.0.0.1:{port}", metrics_listen=f"127.0.0.1:{port}", store=store)
+    with pytest.raises(OSError, match="cannot serve metrics on"):
+        await create_server(both)
+    assert files_in(tmp_path) == []
+
+    async def unreadable(events: object) -> None:
+        raise StoreError("no consumer groups")
+
+    monkeypatch.setattr(app, "open_group_store", unreadable)
+    # The same port again: the check for a listening stranger would refuse one still bound.
+    with pytest.raises(StoreError, match="no consumer groups"):
+        await create_server(Settings(listen=f"127.0.0.1:{port}", store=store))
+    # Closed: SQLite deletes the -wal and -shm files with its last connection.
+    assert files_in(tmp_path) == ["new.db"]
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))
