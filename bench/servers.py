@@ -109,7 +109,12 @@ class ServerProcess:
 
     @classmethod
     async def start(
-        cls, name: str, command: Sequence[str], port: int, log_dir: Path
+        cls,
+        name: str,
+        command: Sequence[str],
+        port: int,
+        log_dir: Path,
+        startup_timeout: float = STARTUP_TIMEOUT,
     ) -> ServerProcess:
         log_path = log_dir / f"{name}.log"
         log = log_path.open("wb")
@@ -118,7 +123,7 @@ class ServerProcess:
         )
         started = cls(name, f"127.0.0.1:{port}", process, log_path, log)
         try:
-            await started._wait_serving()
+            await started._wait_serving(startup_timeout)
         except BaseException:
             await started.stop()
             raise
@@ -135,8 +140,8 @@ class ServerProcess:
     def rss_bytes(self) -> int:
         return rss_bytes(self.pid)
 
-    async def _wait_serving(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
+    async def _wait_serving(self, within: float) -> None:
+        deadline = time.monotonic() + within
         request = health_pb2.HealthCheckRequest(service="")
         async with grpc.aio.insecure_channel(self.target) as channel:
             health = health_pb2_grpc.HealthStub(channel)
@@ -153,7 +158,7 @@ class ServerProcess:
                 except grpc.aio.AioRpcError:
                     pass
                 if time.monotonic() > deadline:
-                    raise ServerStartError(f"{self.name} not serving after {STARTUP_TIMEOUT} s")
+                    raise ServerStartError(f"{self.name} not serving after {within} s")
                 await asyncio.sleep(0.1)
 
     async def stop(self) -> None:
@@ -188,7 +193,17 @@ async def start_gateway(
     """The gateway with its defaults (log level included), as an operator would run it,
     plus ``options`` of ``serve``."""
     port = free_port()
-    command = [
+    command = gateway_command(port, store_url, workers)
+    if metrics_port is not None:
+        command += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
+    command += options
+    name = "gateway" if workers == 1 else f"gateway-{workers}-workers"
+    return await ServerProcess.start(name, command, port, log_dir)
+
+
+def gateway_command(port: int, store_url: str, workers: int = 1) -> list[str]:
+    """``order-gateway serve`` on 127.0.0.1:``port`` over ``store_url``."""
+    return [
         sys.executable,
         "-m",
         "server.cli",
@@ -200,20 +215,16 @@ async def start_gateway(
         "--workers",
         str(workers),
     ]
-    if metrics_port is not None:
-        command += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
-    command += options
-    name = "gateway" if workers == 1 else f"gateway-{workers}-workers"
-    return await ServerProcess.start(name, command, port, log_dir)
 
 
-def _floor_command(port: int, *options: str) -> list[str]:
+def floor_command(port: int, *options: str) -> list[str]:
+    """The floor server (``bench.floor_server``) on 127.0.0.1:``port``, with ``options``."""
     return [sys.executable, "-m", "bench.floor_server", "--listen", f"127.0.0.1:{port}", *options]
 
 
 async def start_floor(log_dir: Path, subscribe_events: int = 1_000_000) -> ServerProcess:
     port = free_port()
-    command = _floor_command(port, "--subscribe-events", str(subscribe_events))
+    command = floor_command(port, "--subscribe-events", str(subscribe_events))
     return await ServerProcess.start("floor", command, port, log_dir)
 
 
@@ -222,7 +233,7 @@ async def start_durable_floor(
 ) -> ServerProcess:
     """The floor that first makes each command's events durable in ``sqlite_file``."""
     port = free_port()
-    command = _floor_command(
+    command = floor_command(
         port, "--durable", str(sqlite_file), *(["--commit-on-loop"] if on_loop else [])
     )
     name = DURABLE_FLOOR_ON_LOOP if on_loop else DURABLE_FLOOR
