@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,10 @@ def commit_all(repo: Path, message: str) -> None:
 
 
 def check(repo: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    # buf comes with the dev tools, in the bin directory of the environment running the tests
+    # (not necessarily .venv).
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run(
         ["scripts/check-breaking"], cwd=repo, env=env, capture_output=True, text=True, timeout=120
     )
