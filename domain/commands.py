@@ -17,7 +17,6 @@ from pydantic import (
     ConfigDict,
     Field,
     ModelWrapValidatorHandler,
-    PrivateAttr,
     StringConstraints,
     ValidationError,
     model_validator,
@@ -54,26 +53,24 @@ class Command(BaseModel):
     user_id: str = ""
     correlation_id: str = ""
 
-    _server_chose_id: bool = PrivateAttr(default=False)
+    server_chose_id: bool = Field(default=False, exclude=True, repr=False)
+    """The caller sent no command_id: nothing can have been recorded under this one.
+
+    Decided by validation from the input's ``command_id``, whatever the input says of it;
+    left out of ``model_dump``, so never part of a command's fingerprint. A field, not a
+    private attribute: pydantic initialises private attributes in Python for every model
+    built, which took about a third of a CreateOrder's validation.
+    """
 
     @model_validator(mode="wrap")
     @classmethod
     def _validate(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        if isinstance(data, dict):
+            data = {**data, "server_chose_id": data.get("command_id", "") == ""}
         try:
-            command = handler(data)
+            return handler(data)
         except ValidationError as error:
             raise _merged(cls.__name__, reworded(error)) from None
-        if isinstance(data, dict) and data.get("command_id", "") == "":
-            command._server_chose_id = True
-        return command
-
-    @property
-    def server_chose_id(self) -> bool:
-        """The caller sent no command_id: nothing can have been recorded under this one."""
-        # Read from pydantic's documented store of private values: plain attribute access
-        # to a private attribute goes through BaseModel.__getattr__ (1.3 µs, against 0.1).
-        private = self.__pydantic_private__
-        return bool(private and private["_server_chose_id"])
 
     IDEMPOTENCY_EXCLUDED: ClassVar[set[str]] = {"command_id", "timestamp", "correlation_id"}
     """Fields left out when deciding whether two commands with one ``command_id`` are

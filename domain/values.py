@@ -6,18 +6,16 @@ path a client sees in ``google.rpc.BadRequest``.
 
 from __future__ import annotations
 
-import re
+from collections.abc import Mapping
 from typing import Annotated
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
 )
-from pydantic_core import PydanticCustomError
 
 from domain.ids import new_uuid
 
@@ -27,53 +25,49 @@ MAX_INT64 = 2**63 - 1
 MAX_UNIT_PRICE_UNITS = 1_000_000_000
 
 
-def _matching(pattern: str, kind: str, message: str) -> AfterValidator:
-    compiled = re.compile(pattern)
-
-    def check(value: str) -> str:
-        if compiled.fullmatch(value) is None:
-            raise PydanticCustomError(kind, message)
-        return value
-
-    return AfterValidator(check)
+def _matching(pattern: str) -> str:
+    """``pattern`` as a whole-string rule for ``StringConstraints``: pydantic searches with
+    it (Rust's regex, where ``$`` is the end of the text, never a newline before it)."""
+    return f"^{pattern}$"
 
 
-def _lower(value: str) -> str:
-    return value.lower()
+UUID_PATTERN = _matching(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+PRODUCT_ID_PATTERN = _matching(r"[A-Za-z0-9._-]{1,64}")
+CURRENCY_CODE_RULE = _matching(CURRENCY_CODE_PATTERN)
+COUNTRY_CODE_RULE = _matching(r"[A-Z]{2}")
+NOT_BLANK = r"[^\s\x1c-\x1f]"
+"""Found anywhere in a text that is not blank: any character ``str.strip`` keeps (Rust's
+``\\s`` is Unicode's white space, which leaves out the four separators U+001C to U+001F
+that Python also strips)."""
 
-
-def _not_blank(value: str) -> str:
-    if not value.strip():
-        raise PydanticCustomError("blank", "is required and must not be blank")
-    return value
+PATTERN_VIOLATIONS: Mapping[str, tuple[str, str]] = {
+    UUID_PATTERN: ("uuid", "must be a UUID in the 36-character hyphenated form"),
+    PRODUCT_ID_PATTERN: ("product_id", "must be 1 to 64 characters of A-Z a-z 0-9 . _ -"),
+    CURRENCY_CODE_RULE: ("currency_code", "must be an ISO 4217 code (3 capital letters)"),
+    COUNTRY_CODE_RULE: ("country_code", "must be an ISO 3166-1 code (2 capital letters)"),
+    NOT_BLANK: ("blank", "is required and must not be blank"),
+}
+"""Each pattern a value must match → the violation reported when it does not (its type and
+description), for ``domain.violations``. The patterns are checked by pydantic itself, in
+Rust: as Python validators, the four patterns, the blank checks and the lower-casing of a
+CreateOrder's ten values took about a third of its validation."""
 
 
 def _new_id_if_empty(value: object) -> object:
     return new_uuid() if value == "" else value
 
 
-Uuid = Annotated[
-    str,
-    _matching(
-        r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
-        "uuid",
-        "must be a UUID in the 36-character hyphenated form",
-    ),
-    AfterValidator(_lower),
-]
+Uuid = Annotated[str, StringConstraints(pattern=UUID_PATTERN, to_lower=True)]
 """A UUID in the 36-character hyphenated form, any case; stored in lower case."""
 
 CommandId = Annotated[Uuid, BeforeValidator(_new_id_if_empty)]
 """A UUID, or empty to let the server pick one."""
 
-ProductId = Annotated[
-    str,
-    _matching(
-        r"[A-Za-z0-9._-]{1,64}", "product_id", "must be 1 to 64 characters of A-Z a-z 0-9 . _ -"
-    ),
-]
+ProductId = Annotated[str, StringConstraints(pattern=PRODUCT_ID_PATTERN)]
 
-RequiredText = Annotated[str, StringConstraints(max_length=200), AfterValidator(_not_blank)]
+RequiredText = Annotated[str, StringConstraints(max_length=200, pattern=NOT_BLANK)]
 OptionalText = Annotated[str, StringConstraints(max_length=200)]
 
 
@@ -87,12 +81,7 @@ class Money(ValueObject):
     Unbounded but for int64, so that an order's total can reach what its items allow.
     """
 
-    currency_code: Annotated[
-        str,
-        _matching(
-            CURRENCY_CODE_PATTERN, "currency_code", "must be an ISO 4217 code (3 capital letters)"
-        ),
-    ]
+    currency_code: Annotated[str, StringConstraints(pattern=CURRENCY_CODE_RULE)]
     units: Annotated[int, Field(ge=0, le=MAX_INT64)] = 0
     nanos: Annotated[int, Field(ge=0, le=999_999_999)] = 0
 
@@ -140,10 +129,7 @@ class Address(ValueObject):
     city: RequiredText
     region: OptionalText = ""
     postal_code: OptionalText = ""
-    country_code: Annotated[
-        str,
-        _matching(r"[A-Z]{2}", "country_code", "must be an ISO 3166-1 code (2 capital letters)"),
-    ]
+    country_code: Annotated[str, StringConstraints(pattern=COUNTRY_CODE_RULE)]
 
 
 class OrderItem(ValueObject):

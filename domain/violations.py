@@ -15,6 +15,8 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
+from domain.values import PATTERN_VIOLATIONS
+
 
 def _count(number: int, noun: str) -> str:
     return f"{number:,} {noun}" if number == 1 else f"{number:,} {noun}s"
@@ -41,12 +43,19 @@ def reworded(error: ValidationError) -> list[InitErrorDetails]:
 
 def _reworded(detail: ErrorDetails) -> InitErrorDetails:
     context = detail.get("ctx") or {}
-    describe = _WORDING.get(detail["type"])
-    message = detail["msg"] if describe is None else describe(context)
+    kind = detail["type"]
+    if kind == "string_pattern_mismatch" and context.get("pattern") in PATTERN_VIOLATIONS:
+        # A value's format is a rule of its own (a UUID, a product id): reported as that
+        # rule, as it would be by a validator of ours, not as a regular expression.
+        kind, message = PATTERN_VIOLATIONS[context["pattern"]]
+        context = {}
+    else:
+        describe = _WORDING.get(kind)
+        message = detail["msg"] if describe is None else describe(context)
     # The message is a template formatted with the context: braces are not ours to keep.
     template = message.replace("{", "(").replace("}", ")")
     return {
-        "type": PydanticCustomError(detail["type"], template, context or None),
+        "type": PydanticCustomError(kind, template, context or None),
         "loc": detail["loc"],
         "input": detail["input"],
     }
