@@ -35,7 +35,6 @@ from bench.servers import ServerProcess, start_gateway
 from domain import events as domain_events
 from domain.mapper import to_new_event
 from domain.ports import NewEvent
-from domain.values import Address, Money, OrderItem
 from server.stores.factory import open_store
 
 T = TypeVar("T")
@@ -53,13 +52,17 @@ MB = 1024 * 1024
 
 def _templates() -> tuple[bytes, bytes]:
     """Stored JSON of an OrderCreated and a StockReserved, with a placeholder order id."""
-    price = Money(currency_code="EUR", units=10)
+    price = domain_events.MoneyAmount(currency_code="EUR", units=10)
     product = workload.product_id(0)
     created = domain_events.OrderCreated(
         order_id=_ORDER_PLACEHOLDER,
         customer_id=str(uuid.uuid4()),
-        items=(OrderItem(product_id=product, quantity=1, unit_price=price),),
-        shipping_address=Address(
+        items=(
+            domain_events.OrderedItem(
+                product_id=product, quantity=1, unit_price=price, line_total=price
+            ),
+        ),
+        shipping_address=domain_events.ShippingAddress(
             recipient="Ada Lovelace", line1="1 Analytical St", city="London", country_code="GB"
         ),
         total=price,

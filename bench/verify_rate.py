@@ -20,7 +20,6 @@ from bench import workload
 from domain import events as domain_events
 from domain.mapper import to_new_event
 from domain.ports import NewEvent
-from domain.values import Address, Money, OrderItem
 from server.stores.factory import open_store
 from server.verify import Report, verify
 
@@ -29,12 +28,16 @@ PRODUCTS = 100
 
 
 def _order_events(order_id: str, product: str, available_after: int) -> tuple[NewEvent, ...]:
-    price = Money(currency_code="EUR", units=10)
+    price = domain_events.MoneyAmount(currency_code="EUR", units=10)
     created = domain_events.OrderCreated(
         order_id=order_id,
         customer_id=order_id,
-        items=(OrderItem(product_id=product, quantity=1, unit_price=price),),
-        shipping_address=Address(
+        items=(
+            domain_events.OrderedItem(
+                product_id=product, quantity=1, unit_price=price, line_total=price
+            ),
+        ),
+        shipping_address=domain_events.ShippingAddress(
             recipient="Ada Lovelace", line1="1 Analytical St", city="London", country_code="GB"
         ),
         total=price,

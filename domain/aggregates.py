@@ -184,15 +184,15 @@ class Order(Aggregate):
         if shortages:
             raise InsufficientInventoryError(shortages)
         currency = items[0].unit_price.currency_code
-        total = Money.from_nanos(currency, sum(item.line_total_nanos for item in items))
+        total = MoneyAmount.from_nanos(currency, sum(item.line_total_nanos for item in items))
         order = cls(order_id)
         order._record(
             OrderCreated(
                 order_id=order_id,
                 customer_id=customer_id,
-                items=tuple(OrderedItem.model_validate(item) for item in items),
-                shipping_address=ShippingAddress.model_validate(shipping_address),
-                total=MoneyAmount.model_validate(total),
+                items=tuple(_ordered(item) for item in items),
+                shipping_address=_shipping_address(shipping_address),
+                total=total,
                 created_by=created_by,
             )
         )
@@ -218,3 +218,29 @@ class Order(Aggregate):
             self.created_by = event.created_by
         elif isinstance(event, OrderCancelled):
             self.cancelled = True
+
+
+def _amount(money: Money) -> MoneyAmount:
+    return MoneyAmount(currency_code=money.currency_code, units=money.units, nanos=money.nanos)
+
+
+def _ordered(item: OrderItem) -> OrderedItem:
+    price = item.unit_price
+    return OrderedItem(
+        product_id=item.product_id,
+        quantity=item.quantity,
+        unit_price=_amount(price),
+        line_total=MoneyAmount.from_nanos(price.currency_code, item.line_total_nanos),
+    )
+
+
+def _shipping_address(address: Address) -> ShippingAddress:
+    return ShippingAddress(
+        recipient=address.recipient,
+        line1=address.line1,
+        line2=address.line2,
+        city=address.city,
+        region=address.region,
+        postal_code=address.postal_code,
+        country_code=address.country_code,
+    )

@@ -23,9 +23,7 @@ def to_new_event(event: DomainEvent, event_id: str, stream_id: str, version: int
         stream_id=stream_id,
         stream_version=version,
         event_type=event.event_type,
-        # The serializer's own bytes: what model_dump_json() returns, before it decodes
-        # them to a str that would only be encoded back.
-        data=event.__pydantic_serializer__.to_json(event),
+        data=_ADAPTERS[type(event)].serializer.to_json(event),
         schema_version=event.SCHEMA_VERSION,
     )
 
@@ -40,11 +38,11 @@ def decode(event_type: str, schema_version: int, data: bytes) -> DomainEvent:
     Raises KeyError for an unknown type, ``UnknownSchemaVersionError`` for an unknown
     version, ``pydantic.ValidationError`` for a payload that does not fit.
     """
-    event_class = EVENT_TYPES[event_type]
-    if schema_version == event_class.SCHEMA_VERSION:
-        return event_class.model_validate_json(data)
+    adapter = _ADAPTERS[EVENT_TYPES[event_type]]
+    if schema_version == EVENT_TYPES[event_type].SCHEMA_VERSION:
+        return adapter.validate_json(data)
     payload = UPCASTERS.upcast(event_type, schema_version, from_json(data))
-    return event_class.model_validate(payload)
+    return adapter.validate_python(payload)
 
 
 def decode_all(payloads: Sequence[EventPayload]) -> list[DomainEvent]:
@@ -63,6 +61,11 @@ def decode_all(payloads: Sequence[EventPayload]) -> list[DomainEvent]:
             events += [decode(event_type, schema_version, one) for one in data]
     return events
 
+
+_ADAPTERS: dict[type[DomainEvent], TypeAdapter[DomainEvent]] = {
+    event_class: TypeAdapter(event_class) for event_class in EVENT_TYPES.values()
+}
+"""How pydantic reads and writes each event class (JSON of its fields, in their order)."""
 
 _LIST_VALIDATORS: dict[str, TypeAdapter[list[DomainEvent]]] = {
     name: TypeAdapter(list[Json[event_class]])  # type: ignore[valid-type]

@@ -89,11 +89,6 @@ class Money(ValueObject):
     def total_nanos(self) -> int:
         return self.units * NANOS_PER_UNIT + self.nanos
 
-    @classmethod
-    def from_nanos(cls, currency_code: str, total_nanos: int) -> Money:
-        units, nanos = divmod(total_nanos, NANOS_PER_UNIT)
-        return cls.model_construct(currency_code=currency_code, units=units, nanos=nanos)
-
 
 class _UnitPriceRules(Money):
     units: Annotated[int, Field(ge=0, le=MAX_UNIT_PRICE_UNITS)] = 0
@@ -140,7 +135,3 @@ class OrderItem(ValueObject):
     @property
     def line_total_nanos(self) -> int:
         return self.quantity * self.unit_price.total_nanos
-
-    @property
-    def line_total(self) -> Money:
-        return Money.from_nanos(self.unit_price.currency_code, self.line_total_nanos)
