@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
 from domain.commands import CancelOrder, CreateOrder
+from domain.fingerprints import fingerprint
 
 CUSTOMER = "0b9a4f7e-53c5-4c64-8e9e-6f1a5c3d2b10"
 
@@ -105,3 +107,27 @@ def test_whether_the_server_chose_the_id_is_decided_by_the_command_id_alone(
     assert chosen.command_id != "" and sent.command_id == CUSTOMER
     # Never part of what a command is compared by on a retry.
     assert "server_chose_id" not in sent.model_dump()
+
+
+def test_fingerprints_are_those_earlier_releases_recorded() -> None:
+    # Stored with every commit: a retry after an upgrade must digest to the same value,
+    # or it would be refused as another request reusing the id.
+    command = CreateOrder.model_validate(
+        {
+            "command_id": CUSTOMER,
+            "timestamp": dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+            "customer_id": CUSTOMER.upper(),
+            "items": [
+                {
+                    "product_id": "p-1",
+                    "quantity": 2,
+                    "unit_price": {"currency_code": "EUR", "units": 3, "nanos": 5},
+                }
+            ],
+            "shipping_address": {"recipient": "A", "line1": "B", "city": "C", "country_code": "GB"},
+            "user_id": "u",
+        }
+    )
+    assert fingerprint(command) == (
+        "2:4d33a3cfe1a1f60a4173defec8a21137729e71c15a97ed833e57d831f33f1fa0"
+    )
