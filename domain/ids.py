@@ -56,6 +56,60 @@ def random_bytes(size: int) -> bytes:
     return _pool.take(size)
 
 
+TAILS_PER_BATCH = 256
+"""Random tails of new ids formatted at once (2,560 random bytes)."""
+
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+"""A random hex digit → the RFC 9562 variant digit carrying two of its bits."""
+
+
+class _Uuid7s:
+    """Version-7 UUIDs as strings: a prefix per millisecond, and random tails made in batches.
+
+    Formatting each id from its 16 bytes (bit masks, ``hex``, five slices) cost about
+    15,000 instructions, four times per CreateOrder; the time part changes once a
+    millisecond, and the tails' random digits are read and formatted together, so an id
+    now costs about half. Thread-safe without a lock: the stamp is swapped as one
+    ``(millisecond, prefix)`` tuple, and ``list.pop`` hands each tail out once (a thread
+    that finds the list empty refills it with a list of its own).
+    """
+
+    def __init__(self) -> None:
+        self._stamp = (-1, "")
+        self._tails: list[str] = []
+
+    def new(self) -> str:
+        milliseconds = time.time_ns() // 1_000_000 % (1 << 48)
+        stamp = self._stamp
+        if stamp[0] != milliseconds:
+            digits = f"{milliseconds:012x}"
+            stamp = self._stamp = (milliseconds, f"{digits[:8]}-{digits[8:]}-7")
+        try:
+            tail = self._tails.pop()
+        except IndexError:
+            self._tails = tails = _tails(TAILS_PER_BATCH)
+            tail = tails.pop()
+        return stamp[1] + tail
+
+    def forget(self) -> None:
+        """Drop the tails made so far (in a forked child: they are also the parent's)."""
+        self._tails = []
+
+
+def _tails(count: int) -> list[str]:
+    """``count`` random tails "xxx-Vxxx-xxxxxxxxxxxx" (74 random bits each, V the variant)."""
+    digits = _pool.take(10 * count).hex()
+    return [
+        f"{digits[i : i + 3]}-{_VARIANT[digits[i + 3]]}{digits[i + 4 : i + 7]}-"
+        f"{digits[i + 7 : i + 19]}"
+        for i in range(0, 20 * count, 20)
+    ]
+
+
+_uuid7s = _Uuid7s()
+os.register_at_fork(after_in_child=_uuid7s.forget)
+
+
 def new_uuid() -> str:
     """A fresh RFC 9562 version-7 UUID in lower-case hyphenated form.
 
@@ -66,9 +120,4 @@ def new_uuid() -> str:
     dirtied about two random index pages, roughly 20 KB of WAL. Built without a
     ``uuid.UUID`` object, whose integer round trip cost more than the random bytes.
     """
-    milliseconds = time.time_ns() // 1_000_000 % (1 << 48)
-    raw = bytearray(milliseconds.to_bytes(6, "big") + _pool.take(10))
-    raw[6] = (raw[6] & 0x0F) | 0x70  # version 7
-    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 9562 variant
-    digits = raw.hex()
-    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+    return _uuid7s.new()
