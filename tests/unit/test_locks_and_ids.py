@@ -33,6 +33,8 @@ def test_new_uuid_is_a_version_7_uuid_in_canonical_form() -> None:
         assert str(parsed) == value  # lower case, hyphenated, 36 characters
         assert parsed.version == 7
         assert parsed.variant == uuid.RFC_4122
+    # The variant's digit keeps two random bits (74 in all).
+    assert {value[19] for value in ids} == set("89ab")
 
 
 def test_new_uuids_sort_by_creation_time_and_carry_it() -> None:
