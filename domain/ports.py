@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Protocol, runtime_checkable
 
+from domain.records import record
 
-@dataclass(frozen=True, slots=True)
+
+@record
 class NewEvent:
     """An event about to be appended; the store assigns its global position."""
 
@@ -26,7 +28,7 @@ class NewEvent:
     """The version of ``event_type``'s payload shape that ``data`` is in."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RecordedEvent:
     """A committed event exactly as stored."""
 
@@ -45,7 +47,7 @@ class RecordedEvent:
     before versions were recorded read as 1). ``domain.mapper`` upcasts on reading."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Commit:
     """One command's events, appended atomically or not at all.
 
@@ -95,7 +97,7 @@ def recorded_events(commit: Commit, first_position: int) -> list[RecordedEvent]:
     ]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CommandRecord:
     """What the store remembers of a committed command, to replay it."""
 
@@ -104,7 +106,7 @@ class CommandRecord:
     events: Sequence[RecordedEvent]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Snapshot:
     """An aggregate's state as of ``stream_version`` of its stream, serialised.
 
@@ -206,7 +208,7 @@ class EventStore(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class StreamLocked:
     """What ``SharedStreamLocks.lock_stream`` found."""
 
