@@ -16,9 +16,9 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 from domain.ports import RecordedEvent, SharedStreamLocks
+from domain.records import record
 
 log = logging.getLogger("order_gateway.locks")
 
@@ -248,7 +248,7 @@ class StreamTurns:
             log.warning("releasing the shared lock of %s failed: %s", stream_id, task.exception())
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Joined:
     """A stream whose turn a command joined (``StreamTurns.join``)."""
 
