@@ -182,6 +182,50 @@ async def test_a_command_id_stored_before_the_batch_is_a_duplicate_decided_in_th
     assert harness.writes.per_commit_transactions == 0
 
 
+async def test_only_the_command_ids_the_clients_chose_are_looked_up(harness: Harness) -> None:
+    store = harness.store
+    statements: list[str] = []
+    store._writer.set_trace_callback(statements.append)
+    fresh = commit_of([("a", 1)], server_chose_id=True)
+    keyed = commit_of([("b", 1)], command_id=fresh.command_id)
+    mixed = [commit_of([("c", 1)], server_chose_id=True), commit_of([("d", 1)])]
+
+    await store.append(fresh)
+    with pytest.raises(DuplicateCommandError):
+        await store.append(keyed)  # a retry with the id the server chose: the client's now
+    await append_as_one_batch(harness, mixed)
+
+    def lookups(command_id: str) -> list[str]:
+        return [sql for sql in statements if "FROM commands" in sql and command_id in sql]
+
+    assert [len(lookups(c.command_id)) for c in (fresh, *mixed)] == [1, 0, 1]
+    assert positions((await store.read_all())[-1:]) == [4]
+
+
+async def test_a_server_chosen_id_recorded_after_all_is_caught_by_the_key(
+    harness: Harness,
+) -> None:
+    """Not looked up, such an id reaches the commands table's primary key: the batch is
+    written again commit by commit, where the key refuses that commit alone."""
+    store = harness.store
+    stored = commit_of([("a", 1)])
+    original = await store.append(stored)
+    batch = [
+        commit_of([("b", 1)], server_chose_id=True),
+        commit_of([("c", 1)], command_id=stored.command_id, server_chose_id=True),
+        commit_of([("d", 1)], server_chose_id=True),
+    ]
+
+    results = await append_as_one_batch(harness, batch)
+
+    assert isinstance(results[1], DuplicateCommandError)
+    assert [positions(results[0]), positions(results[2])] == [[3], [4]]
+    assert await store.read_stream("c") == []
+    record = await store.find_command(stored.command_id)
+    assert record is not None and list(record.events) == original
+    assert harness.writes.per_commit_transactions == 1
+
+
 async def test_a_batch_the_check_cannot_decide_goes_commit_by_commit(harness: Harness) -> None:
     store = harness.store
     # Events on a stream the commit does not name in ``expected_versions``: no version of
