@@ -50,9 +50,9 @@ async def harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
     writes = Writes()
     write, write_once = store._write, store._write_once
 
-    def spy_write(batch: list[Any]) -> None:
+    def spy_write(batch: list[Any]) -> bool:
         writes.batches.append([append.work.command_id for append in batch])
-        write(batch)
+        return write(batch)
 
     def spy_write_once(batch: list[Any]) -> Any:
         writes.per_commit_transactions += 1
@@ -260,6 +260,26 @@ async def test_a_commit_naming_more_streams_than_one_lookup_binds(harness: Harne
     assert isinstance(results[1], ConcurrencyConflictError)
     assert positions(results[2]) == [start + len(streams)]
     assert harness.writes.per_commit_transactions == 0
+
+
+async def test_listeners_wake_after_a_batch_that_committed_anything(harness: Harness) -> None:
+    store = harness.store
+    wake_ups: list[None] = []
+    store.add_commit_listener(lambda: wake_ups.append(None))
+    stored = commit_of([("a", 1)])
+    await store.append(stored)  # decided in Python
+    unnamed = commit_of([("b", 1)], expected={})
+    await store.append(unnamed)  # commit by commit
+    assert len(wake_ups) == 2  # run with the answers, before the appends return
+
+    with pytest.raises(DuplicateCommandError):
+        await store.append(commit_of([("c", 1)], command_id=stored.command_id))
+    with pytest.raises(ConcurrencyConflictError):
+        await store.append(commit_of([("b", 1)], expected={}))
+    await asyncio.sleep(0.05)  # time for a wake-up that should not come
+
+    assert len(wake_ups) == 2
+    assert harness.writes.per_commit_transactions == 2
 
 
 # -- decide(): the rules on their own -----------------------------------------------------
