@@ -149,12 +149,17 @@ def _lookups(values: list[str], most: int) -> list[tuple[list[str], list[str]]]:
     (1, 2, 4, … ``most`` terms) instead of one per batch size; a repeated value only
     repeats a lookup, so the answer is the same.
     """
-    chunks = []
-    for start in range(0, len(values) or 1, most):
-        chunk = values[start : start + most]
-        size = 1 << (len(chunk) - 1).bit_length() if chunk else 0
-        chunks.append((chunk, chunk + chunk[:1] * (size - len(chunk))))
-    return chunks
+    if len(values) <= most:
+        # One chunk, as for nearly every batch: no slicing (2,900 instructions less).
+        return [(values, _padded(values))]
+    chunks = (values[start : start + most] for start in range(0, len(values), most))
+    return [(chunk, _padded(chunk)) for chunk in chunks]
+
+
+def _padded(chunk: list[str]) -> list[str]:
+    """``chunk`` padded to a power-of-two length by repeating its first value."""
+    size = 1 << (len(chunk) - 1).bit_length() if chunk else 0
+    return chunk + chunk[:1] * (size - len(chunk)) if size != len(chunk) else chunk
 
 
 @functools.lru_cache(maxsize=256)
@@ -173,11 +178,24 @@ def find_ranges_sql(count: int) -> str:
     )
 
 
+_HEAD_ROW = "SELECT 0, max(position), NULL FROM events"
+_STREAM_HEAD_ROW = "SELECT {n}, max(stream_version), event_id FROM events WHERE stream_id = ?"
+"""The nth stream's version and the id of its last event (NULLs: no events), from one seek
+of the end of the (stream_id, stream_version) index: with max() its only aggregate, SQLite
+takes the bare column ``event_id`` from the row that has the maximum."""
+
+
 @functools.lru_cache(maxsize=16)
 def head_and_stream_heads_sql(count: int) -> str:
-    """The head position, then ``stream_heads_sql(count)``'s columns, in one row."""
-    return "SELECT " + ", ".join(
-        [f"({HEAD})", *[_STREAM_VERSION] * count, *[_STREAM_LAST_EVENT] * count]
+    """Rows of (0, the head position, NULL) and, for the nth of ``count`` streams, (n, its
+    version, its last event's id), in no particular order.
+
+    One SELECT per stream joined by UNION ALL, rather than ``stream_heads_sql``'s two
+    subqueries per stream in one row: each stream's index is searched once, not twice
+    (measured: 8,000 instructions less for two streams).
+    """
+    return " UNION ALL ".join(
+        [_HEAD_ROW, *(_STREAM_HEAD_ROW.format(n=n) for n in range(1, count + 1))]
     )
 
 
@@ -347,8 +365,12 @@ class SQLiteEventStore:
         # SQLite's bound-parameter limit is a build option (999 before 3.32, 32766 after,
         # some distributions raise it): ask this library rather than assume.
         bindable = writer.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-        # Each stream's id is bound twice (its version and its last event).
-        self._lookup_size = min(MAX_LOOKUP, 1 << ((bindable // 2).bit_length() - 1))
+        # So are the terms of a compound SELECT (500 by default): the head's and one per
+        # stream in ``head_and_stream_heads_sql``.
+        terms = writer.getlimit(sqlite3.SQLITE_LIMIT_COMPOUND_SELECT) - 1
+        # Half the parameters: ``stream_heads_sql`` binds each stream's id twice.
+        most = max(1, min(bindable // 2, terms))
+        self._lookup_size = min(MAX_LOOKUP, 1 << (most.bit_length() - 1))
         self._threads = [
             threading.Thread(target=self._write_forever, name="sqlite-writer", daemon=True),
             *(
@@ -416,7 +438,7 @@ class SQLiteEventStore:
     # -- writing --------------------------------------------------------------------
 
     async def append(self, commit: Commit) -> list[RecordedEvent]:
-        return await self._writes.call(commit)
+        return await self._writes.submit(commit)
 
     def _write_forever(self) -> None:
         try:
@@ -544,14 +566,14 @@ class SQLiteEventStore:
         last_events: dict[str, str | None] = {}
         for streams, parameters in _lookups(stream_ids(commits), self._lookup_size):
             sql = head_and_stream_heads_sql(len(parameters))
-            # fetchall, not fetchone: it runs the statement to its end, so that it does
-            # not stay open (holding its read snapshot) on a cursor that outlives it.
-            (found,) = self._cursor.execute(sql, parameters + parameters).fetchall()
-            head = found[0]
-            last = len(parameters)
-            for index, stream_id in enumerate(streams, start=1):
-                versions[stream_id] = found[index]
-                last_events[stream_id] = found[last + index]
+            # fetchall: it runs the statement to its end, so that it does not stay open
+            # (holding its read snapshot) on a cursor that outlives it.
+            for n, version, event_id in self._cursor.execute(sql, parameters).fetchall():
+                if n == 0:
+                    head = version or 0
+                elif n <= len(streams):  # not a repeat that pads the parameters
+                    versions[streams[n - 1]] = version or 0
+                    last_events[streams[n - 1]] = event_id
         return head, versions, last_events
 
     def _recorded_commands(self, commits: list[Commit]) -> set[str]:
@@ -659,9 +681,10 @@ class SQLiteEventStore:
         finally:
             connection.close()
 
-    async def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
-        result: T = await self._reads.call(query)
-        return result
+    def _read(self, query: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """``query`` queued for a reader thread, from a coroutine that awaits it."""
+        future: asyncio.Future[T] = self._reads.submit(query)
+        return future
 
     async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
         # A SEARCH of the (stream_id, stream_version) index: the cost of reading a stream's
