@@ -20,10 +20,16 @@ from typing import Any
 
 import pytest
 
-from domain.errors import ConcurrencyConflictError, DomainError, DuplicateCommandError
+from domain.errors import (
+    ConcurrencyConflictError,
+    DomainError,
+    DuplicateCommandError,
+    StoreError,
+)
 from domain.ports import Commit, RecordedEvent
 from server.stores import sqlite as sqlite_module
 from server.stores.sqlite import MAX_LOOKUP, SQLiteEventStore
+from server.stores.sqlite_calls import CallQueue, answer
 from server.stores.sqlite_decide import decide, stream_ids
 from tests.conformance.contract import TIMEOUT, commit_of
 
@@ -362,3 +368,20 @@ def test_decide_declines_what_only_the_unique_key_can_judge(
 def test_stream_ids_names_each_expected_stream_once() -> None:
     commits = [commit_of([("a", 1), ("b", 1)]), commit_of([("b", 2)], expected={"b": 1, "c": 0})]
     assert stream_ids(commits) == ["a", "b", "c"]
+
+
+# -- handing calls to the store's threads ------------------------------------------------
+
+
+async def test_a_call_answered_without_an_outcome_fails_as_a_store_error() -> None:
+    calls: CallQueue[str, str] = CallQueue()
+    forgotten, handled = calls.submit("work"), calls.submit("more")
+    batch, stop = calls.take(limit=8)
+    assert [call.work for call in batch] == ["work", "more"] and not stop
+
+    batch[1].outcome = "done"
+    answer(batch)
+
+    with pytest.raises(StoreError, match="did not handle"):
+        await asyncio.wait_for(forgotten, TIMEOUT)
+    assert await asyncio.wait_for(handled, TIMEOUT) == "done"
