@@ -60,6 +60,9 @@ class Commit:
     can hold a state that never commits, and another writer may fill its version with
     other events. ``fingerprint`` identifies the request for idempotency: the same
     ``command_id`` with another fingerprint is a different request.
+    ``server_chose_id``: the caller sent no command id and the server drew this one just
+    now, so nothing can be recorded under it yet and a store need not look it up. It is
+    recorded all the same: the caller learns it from the answer and may retry with it.
     """
 
     command_id: str
@@ -70,6 +73,7 @@ class Commit:
     expected_versions: Mapping[str, int]
     events: Sequence[NewEvent]
     follows: Mapping[str, str] = field(default_factory=dict)
+    server_chose_id: bool = False
 
 
 def recorded_events(commit: Commit, first_position: int) -> list[RecordedEvent]:

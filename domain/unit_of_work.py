@@ -319,6 +319,7 @@ class UnitOfWork:
                 for a in aggregates
                 if a.stream_id in self._follows
             },
+            server_chose_id=command.server_chose_id,
         )
         appended: Appended = asyncio.get_running_loop().create_future()
         last_events = {event.stream_id: event.event_id for event in events}

@@ -59,7 +59,7 @@ from domain.ports import (
 )
 from server.consumer_groups.store_sqlite import SQLiteConsumerGroupStore
 from server.stores.event_rows import EventRow
-from server.stores.sqlite_calls import Call, CallQueue, Listener, answer
+from server.stores.sqlite_calls import NO_LISTENERS, Call, CallQueue, Listeners, answer
 from server.stores.sqlite_decide import conflict, decide, stream_ids
 from server.stores.sqlite_schema import SchemaTooNewError, migrate
 from server.stores.sqlite_space import out_of_space
@@ -149,12 +149,17 @@ def _lookups(values: list[str], most: int) -> list[tuple[list[str], list[str]]]:
     (1, 2, 4, … ``most`` terms) instead of one per batch size; a repeated value only
     repeats a lookup, so the answer is the same.
     """
-    chunks = []
-    for start in range(0, len(values) or 1, most):
-        chunk = values[start : start + most]
-        size = 1 << (len(chunk) - 1).bit_length() if chunk else 0
-        chunks.append((chunk, chunk + chunk[:1] * (size - len(chunk))))
-    return chunks
+    if len(values) <= most:
+        # One chunk, as for nearly every batch: no slicing (2,900 instructions less).
+        return [(values, _padded(values))]
+    chunks = (values[start : start + most] for start in range(0, len(values), most))
+    return [(chunk, _padded(chunk)) for chunk in chunks]
+
+
+def _padded(chunk: list[str]) -> list[str]:
+    """``chunk`` padded to a power-of-two length by repeating its first value."""
+    size = 1 << (len(chunk) - 1).bit_length() if chunk else 0
+    return chunk + chunk[:1] * (size - len(chunk)) if size != len(chunk) else chunk
 
 
 @functools.lru_cache(maxsize=256)
@@ -173,11 +178,24 @@ def find_ranges_sql(count: int) -> str:
     )
 
 
+_HEAD_ROW = "SELECT 0, max(position), NULL FROM events"
+_STREAM_HEAD_ROW = "SELECT {n}, max(stream_version), event_id FROM events WHERE stream_id = ?"
+"""The nth stream's version and the id of its last event (NULLs: no events), from one seek
+of the end of the (stream_id, stream_version) index: with max() its only aggregate, SQLite
+takes the bare column ``event_id`` from the row that has the maximum."""
+
+
 @functools.lru_cache(maxsize=16)
 def head_and_stream_heads_sql(count: int) -> str:
-    """The head position, then ``stream_heads_sql(count)``'s columns, in one row."""
-    return "SELECT " + ", ".join(
-        [f"({HEAD})", *[_STREAM_VERSION] * count, *[_STREAM_LAST_EVENT] * count]
+    """Rows of (0, the head position, NULL) and, for the nth of ``count`` streams, (n, its
+    version, its last event's id), in no particular order.
+
+    One SELECT per stream joined by UNION ALL, rather than ``stream_heads_sql``'s two
+    subqueries per stream in one row: each stream's index is searched once, not twice
+    (measured: 8,000 instructions less for two streams).
+    """
+    return " UNION ALL ".join(
+        [_HEAD_ROW, *(_STREAM_HEAD_ROW.format(n=n) for n in range(1, count + 1))]
     )
 
 
@@ -186,7 +204,14 @@ def _event(row: tuple[Any, ...]) -> RecordedEvent:
 
 
 def _record(commit: Commit, head: int) -> tuple[list[RecordedEvent], list[tuple[Any, ...]]]:
-    """``commit``'s events recorded at the positions after ``head``, and their rows."""
+    """``commit``'s events recorded at the positions after ``head``, and their rows.
+
+    A payload in bytes is bound as a ``bytearray``, stored as the same BLOB: the sqlite3
+    module binds str, int, float and bytearray directly but first looks for an adapter
+    for any other type, bytes included, and failing to find one raises and clears two
+    AttributeErrors (measured: 2,300 instructions more per event). Anything else is
+    bound as it is, for the driver to refuse as before.
+    """
     recorded = recorded_events(commit, head + 1)
     occurred_at_us = (commit.occurred_at - EPOCH) // MICROSECOND
     rows = [
@@ -200,7 +225,7 @@ def _record(commit: Commit, head: int) -> tuple[list[RecordedEvent], list[tuple[
             r.correlation_id,
             r.user_id,
             r.event_type,
-            r.data,
+            bytearray(r.data) if type(r.data) is bytes else r.data,
             r.schema_version,
         )
         for r in recorded
@@ -328,7 +353,9 @@ class SQLiteEventStore:
         self._snapshot_writer = snapshot_writer
         self._snapshot_lock = threading.Lock()
         self._max_batch = max_batch
-        self._listeners: list[Listener] = []
+        self._listeners: Listeners = NO_LISTENERS
+        """Replaced, never changed: the writer thread reads it without a lock."""
+        self._listeners_lock = threading.Lock()
         self._writes: CallQueue[Commit, list[RecordedEvent]] = CallQueue()
         self._reads: CallQueue[Query, Any] = CallQueue()
         self._writer = writer
@@ -338,8 +365,12 @@ class SQLiteEventStore:
         # SQLite's bound-parameter limit is a build option (999 before 3.32, 32766 after,
         # some distributions raise it): ask this library rather than assume.
         bindable = writer.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-        # Each stream's id is bound twice (its version and its last event).
-        self._lookup_size = min(MAX_LOOKUP, 1 << ((bindable // 2).bit_length() - 1))
+        # So are the terms of a compound SELECT (500 by default): the head's and one per
+        # stream in ``head_and_stream_heads_sql``.
+        terms = writer.getlimit(sqlite3.SQLITE_LIMIT_COMPOUND_SELECT) - 1
+        # Half the parameters: ``stream_heads_sql`` binds each stream's id twice.
+        most = max(1, min(bindable // 2, terms))
+        self._lookup_size = min(MAX_LOOKUP, 1 << (most.bit_length() - 1))
         self._threads = [
             threading.Thread(target=self._write_forever, name="sqlite-writer", daemon=True),
             *(
@@ -407,7 +438,7 @@ class SQLiteEventStore:
     # -- writing --------------------------------------------------------------------
 
     async def append(self, commit: Commit) -> list[RecordedEvent]:
-        return await self._writes.call(commit)
+        return await self._writes.submit(commit)
 
     def _write_forever(self) -> None:
         try:
@@ -421,8 +452,9 @@ class SQLiteEventStore:
                     if not stop:
                         # Appends queued while another process wrote share this turn.
                         batch, stop = self._writes.take_more(batch, self._max_batch)
+                committed = False
                 try:
-                    self._write(batch)
+                    committed = self._write(batch)
                 except Exception as e:  # a bug must not leave callers waiting forever
                     log.exception("SQLite writer failed")
                     self._rollback()
@@ -431,33 +463,37 @@ class SQLiteEventStore:
                 finally:
                     if self._turns is not None:
                         self._turns.release()
-                committed = any(isinstance(append.outcome, list) for append in batch)
-                answer(batch, list(self._listeners) if committed else ())
+                answer(batch, self._listeners if committed else NO_LISTENERS)
         finally:
             self._writer.close()
 
-    def _write(self, batch: list[Append]) -> None:
-        """Commit what can be committed; every item of ``batch`` gets an outcome.
+    def _write(self, batch: list[Append]) -> bool:
+        """Commit what can be committed; every item of ``batch`` gets an outcome. Returns
+        whether any of it committed.
 
         First as one batch decided in Python; when that declines, commit by commit in
         savepoints. There a driver error in one commit aborts the transaction: that
         commit fails, and the batch is written again without it, so that the others are
         unaffected.
         """
-        if self._write_decided(batch):
-            return
-        while batch:
-            culprit = self._write_once(batch)
+        committed = self._write_decided(batch)
+        if committed is not None:
+            return committed
+        remaining = batch
+        while remaining:
+            culprit = self._write_once(remaining)
             if culprit is None:
-                return
-            batch = [append for append in batch if append is not culprit]
+                break
+            remaining = [append for append in remaining if append is not culprit]
+        return any(isinstance(append.outcome, list) for append in batch)
 
-    def _write_decided(self, batch: list[Append]) -> bool:
+    def _write_decided(self, batch: list[Append]) -> bool | None:
         """Write ``batch`` as ``sqlite_decide.decide`` judges it, with batch-level statements.
 
-        Four statements per batch besides BEGIN and COMMIT, instead of five per commit:
-        one read of the head and the stream versions, one of the command ids already
-        recorded, one ``executemany`` per table. Returns False, having written nothing,
+        At most four statements per batch besides BEGIN and COMMIT, instead of five per
+        commit: one read of the head and the stream versions, one of the command ids
+        already recorded (none if the server chose them all), one ``executemany`` per
+        table. Returns whether any commit committed; or None, having written nothing,
         when the batch must go commit by commit instead: ``decide`` declined, or an
         insert failed all the same. The unique keys stay the safety net for a case the
         check missed; the driver may also refuse a value it cannot bind.
@@ -471,7 +507,7 @@ class SQLiteEventStore:
             cursor.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as e:
             self._fail(batch, e)
-            return True
+            return False
         outcomes: list[list[RecordedEvent] | DomainError] = []
         try:
             head, versions, last_events = self._head_and_stream_heads(commits)
@@ -483,13 +519,16 @@ class SQLiteEventStore:
             decisions = decide(commits, versions, last_events, stored_ids)
             if decisions is None:
                 self._rollback()
-                return False
+                return None
             commands: list[tuple[str, str, int, int]] = []
             rows: list[tuple[Any, ...]] = []
-            for commit, rejection in zip(commits, decisions, strict=True):
+            # By index: ``zip(…, strict=True)`` parses its keyword argument on every call,
+            # 1,500 instructions each time.
+            for index, rejection in enumerate(decisions):
                 if rejection is not None:
                     outcomes.append(rejection)
                     continue
+                commit = commits[index]
                 recorded, event_rows = _record(commit, head)
                 commands.append((commit.command_id, commit.fingerprint, head + 1, len(recorded)))
                 rows += event_rows
@@ -501,17 +540,17 @@ class SQLiteEventStore:
             if _is_fault(e):
                 # A full disk fails every commit alike: no commit-by-commit retry.
                 self._fail(batch, e)
-                return True
+                return False
             self._rollback()
-            return False
+            return None
         try:
             cursor.execute("COMMIT")
         except sqlite3.Error as e:
             self._fail(batch, e)
-            return True
-        for append, outcome in zip(batch, outcomes, strict=True):
-            append.outcome = outcome
-        return True
+            return False
+        for index, append in enumerate(batch):
+            append.outcome = outcomes[index]
+        return bool(commands)
 
     def _head_and_stream_heads(
         self, commits: list[Commit]
@@ -527,19 +566,28 @@ class SQLiteEventStore:
         last_events: dict[str, str | None] = {}
         for streams, parameters in _lookups(stream_ids(commits), self._lookup_size):
             sql = head_and_stream_heads_sql(len(parameters))
-            # fetchall, not fetchone: it runs the statement to its end, so that it does
-            # not stay open (holding its read snapshot) on a cursor that outlives it.
-            ((head, *found),) = self._cursor.execute(sql, parameters + parameters).fetchall()
-            size = len(parameters)
-            versions.update(zip(streams, found[: len(streams)], strict=True))
-            last_events.update(zip(streams, found[size : size + len(streams)], strict=True))
+            # fetchall: it runs the statement to its end, so that it does not stay open
+            # (holding its read snapshot) on a cursor that outlives it.
+            for n, version, event_id in self._cursor.execute(sql, parameters).fetchall():
+                if n == 0:
+                    head = version or 0
+                elif n <= len(streams):  # not a repeat that pads the parameters
+                    versions[streams[n - 1]] = version or 0
+                    last_events[streams[n - 1]] = event_id
         return head, versions, last_events
 
     def _recorded_commands(self, commits: list[Commit]) -> set[str]:
         """Which of ``commits``' command ids the commands table holds; read under the write
-        lock, like the heads."""
+        lock, like the heads.
+
+        Ids the server chose are not looked up: drawn at random just now, none can be
+        recorded (measured: 14,500 instructions less per CreateOrder in the writer thread
+        without the statement). Should one be all the same, the commands table's primary
+        key refuses it and the batch goes commit by commit, which finds the duplicate.
+        """
         recorded: set[str] = set()
-        for chunk, parameters in _lookups([c.command_id for c in commits], self._lookup_size):
+        named = [c.command_id for c in commits if not c.server_chose_id]
+        for chunk, parameters in _lookups(named, self._lookup_size):
             if chunk:
                 rows = self._cursor.execute(find_ranges_sql(len(parameters)), parameters)
                 recorded.update(row[0] for row in rows.fetchall())
@@ -633,9 +681,10 @@ class SQLiteEventStore:
         finally:
             connection.close()
 
-    async def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
-        result: T = await self._reads.call(query)
-        return result
+    def _read(self, query: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """``query`` queued for a reader thread, from a coroutine that awaits it."""
+        future: asyncio.Future[T] = self._reads.submit(query)
+        return future
 
     async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
         # A SEARCH of the (stream_id, stream_version) index: the cost of reading a stream's
@@ -801,7 +850,10 @@ class SQLiteEventStore:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = self._loop
-        self._listeners.append((loop, listener))
+        with self._listeners_lock:
+            listeners = dict(self._listeners)
+            listeners[loop] = (*listeners.get(loop, ()), listener)
+            self._listeners = listeners
 
     async def close(self) -> None:
         """Appends and reads already queued are finished first; new ones are refused."""

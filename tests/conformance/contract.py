@@ -59,6 +59,7 @@ def commit_of(
     occurred_at: dt.datetime = OCCURRED_AT,
     user_id: str = "user-1",
     correlation_id: str = "correlation-1",
+    server_chose_id: bool = False,
 ) -> Commit:
     """A commit with one event per ``(stream_id, stream_version)``.
 
@@ -81,6 +82,7 @@ def commit_of(
             NewEvent(str(uuid.uuid4()), stream_id, version, "TestEvent", payload)
             for (stream_id, version), payload in zip(events, payloads, strict=True)
         ],
+        server_chose_id=server_chose_id,
     )
 
 
@@ -361,6 +363,33 @@ class EventStoreContract:
         assert await store.read_all() == recorded
         record = await store.find_command(first.command_id)
         assert record is not None and list(record.events) == recorded
+
+    async def test_a_command_id_the_server_chose_is_recorded_like_any_other(
+        self, store: EventStore
+    ) -> None:
+        """A store need not look such an id up, but the caller learns it from the answer
+        and may retry with it."""
+        fresh = commit_of([("a", 1)], server_chose_id=True)
+        recorded = await store.append(fresh)
+
+        record = await store.find_command(fresh.command_id)
+        assert record is not None and list(record.events) == recorded
+        with pytest.raises(DuplicateCommandError):
+            await store.append(commit_of([("b", 1)], command_id=fresh.command_id))
+        assert await store.read_all() == recorded
+
+    async def test_a_command_id_said_to_be_fresh_but_recorded_is_still_a_duplicate(
+        self, store: EventStore
+    ) -> None:
+        stored = commit_of([("a", 1)])
+        recorded = await store.append(stored)
+        again = commit_of([("b", 1)], command_id=stored.command_id, server_chose_id=True)
+
+        with pytest.raises(DuplicateCommandError):
+            await store.append(again)
+
+        assert await store.read_all() == recorded
+        assert (await store.append(commit_of([("b", 1)], server_chose_id=True)))[0].position == 2
 
     async def test_retries_among_concurrent_commits_are_rejected_and_the_rest_commit(
         self, store: EventStore

@@ -20,10 +20,16 @@ from typing import Any
 
 import pytest
 
-from domain.errors import ConcurrencyConflictError, DomainError, DuplicateCommandError
+from domain.errors import (
+    ConcurrencyConflictError,
+    DomainError,
+    DuplicateCommandError,
+    StoreError,
+)
 from domain.ports import Commit, RecordedEvent
 from server.stores import sqlite as sqlite_module
 from server.stores.sqlite import MAX_LOOKUP, SQLiteEventStore
+from server.stores.sqlite_calls import CallQueue, answer
 from server.stores.sqlite_decide import decide, stream_ids
 from tests.conformance.contract import TIMEOUT, commit_of
 
@@ -50,9 +56,9 @@ async def harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
     writes = Writes()
     write, write_once = store._write, store._write_once
 
-    def spy_write(batch: list[Any]) -> None:
+    def spy_write(batch: list[Any]) -> bool:
         writes.batches.append([append.work.command_id for append in batch])
-        write(batch)
+        return write(batch)
 
     def spy_write_once(batch: list[Any]) -> Any:
         writes.per_commit_transactions += 1
@@ -182,6 +188,50 @@ async def test_a_command_id_stored_before_the_batch_is_a_duplicate_decided_in_th
     assert harness.writes.per_commit_transactions == 0
 
 
+async def test_only_the_command_ids_the_clients_chose_are_looked_up(harness: Harness) -> None:
+    store = harness.store
+    statements: list[str] = []
+    store._writer.set_trace_callback(statements.append)
+    fresh = commit_of([("a", 1)], server_chose_id=True)
+    keyed = commit_of([("b", 1)], command_id=fresh.command_id)
+    mixed = [commit_of([("c", 1)], server_chose_id=True), commit_of([("d", 1)])]
+
+    await store.append(fresh)
+    with pytest.raises(DuplicateCommandError):
+        await store.append(keyed)  # a retry with the id the server chose: the client's now
+    await append_as_one_batch(harness, mixed)
+
+    def lookups(command_id: str) -> list[str]:
+        return [sql for sql in statements if "FROM commands" in sql and command_id in sql]
+
+    assert [len(lookups(c.command_id)) for c in (fresh, *mixed)] == [1, 0, 1]
+    assert positions((await store.read_all())[-1:]) == [4]
+
+
+async def test_a_server_chosen_id_recorded_after_all_is_caught_by_the_key(
+    harness: Harness,
+) -> None:
+    """Not looked up, such an id reaches the commands table's primary key: the batch is
+    written again commit by commit, where the key refuses that commit alone."""
+    store = harness.store
+    stored = commit_of([("a", 1)])
+    original = await store.append(stored)
+    batch = [
+        commit_of([("b", 1)], server_chose_id=True),
+        commit_of([("c", 1)], command_id=stored.command_id, server_chose_id=True),
+        commit_of([("d", 1)], server_chose_id=True),
+    ]
+
+    results = await append_as_one_batch(harness, batch)
+
+    assert isinstance(results[1], DuplicateCommandError)
+    assert [positions(results[0]), positions(results[2])] == [[3], [4]]
+    assert await store.read_stream("c") == []
+    record = await store.find_command(stored.command_id)
+    assert record is not None and list(record.events) == original
+    assert harness.writes.per_commit_transactions == 1
+
+
 async def test_a_batch_the_check_cannot_decide_goes_commit_by_commit(harness: Harness) -> None:
     store = harness.store
     # Events on a stream the commit does not name in ``expected_versions``: no version of
@@ -216,6 +266,26 @@ async def test_a_commit_naming_more_streams_than_one_lookup_binds(harness: Harne
     assert isinstance(results[1], ConcurrencyConflictError)
     assert positions(results[2]) == [start + len(streams)]
     assert harness.writes.per_commit_transactions == 0
+
+
+async def test_listeners_wake_after_a_batch_that_committed_anything(harness: Harness) -> None:
+    store = harness.store
+    wake_ups: list[None] = []
+    store.add_commit_listener(lambda: wake_ups.append(None))
+    stored = commit_of([("a", 1)])
+    await store.append(stored)  # decided in Python
+    unnamed = commit_of([("b", 1)], expected={})
+    await store.append(unnamed)  # commit by commit
+    assert len(wake_ups) == 2  # run with the answers, before the appends return
+
+    with pytest.raises(DuplicateCommandError):
+        await store.append(commit_of([("c", 1)], command_id=stored.command_id))
+    with pytest.raises(ConcurrencyConflictError):
+        await store.append(commit_of([("b", 1)], expected={}))
+    await asyncio.sleep(0.05)  # time for a wake-up that should not come
+
+    assert len(wake_ups) == 2
+    assert harness.writes.per_commit_transactions == 2
 
 
 # -- decide(): the rules on their own -----------------------------------------------------
@@ -298,3 +368,20 @@ def test_decide_declines_what_only_the_unique_key_can_judge(
 def test_stream_ids_names_each_expected_stream_once() -> None:
     commits = [commit_of([("a", 1), ("b", 1)]), commit_of([("b", 2)], expected={"b": 1, "c": 0})]
     assert stream_ids(commits) == ["a", "b", "c"]
+
+
+# -- handing calls to the store's threads ------------------------------------------------
+
+
+async def test_a_call_answered_without_an_outcome_fails_as_a_store_error() -> None:
+    calls: CallQueue[str, str] = CallQueue()
+    forgotten, handled = calls.submit("work"), calls.submit("more")
+    batch, stop = calls.take(limit=8)
+    assert [call.work for call in batch] == ["work", "more"] and not stop
+
+    batch[1].outcome = "done"
+    answer(batch)
+
+    with pytest.raises(StoreError, match="did not handle"):
+        await asyncio.wait_for(forgotten, TIMEOUT)
+    assert await asyncio.wait_for(handled, TIMEOUT) == "done"

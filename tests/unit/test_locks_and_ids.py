@@ -337,3 +337,28 @@ async def test_commands_waiting_for_a_turn_are_decided_together_and_share_a_batc
         if isinstance(event, StockReserved)
     ]
     assert sorted(left) == [6, 7, 8, 9]
+
+
+class CommitsStore(MemoryEventStore):
+    """Keeps every commit appended."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.commits: list[Commit] = []
+
+    async def append(self, commit: Commit) -> list[RecordedEvent]:
+        self.commits.append(commit)
+        return await super().append(commit)
+
+
+async def test_a_commit_says_whether_the_server_chose_its_command_id() -> None:
+    store = CommitsStore()
+    units = UnitsOfWork(store)
+    chosen = str(uuid.uuid4())
+
+    await units.run(handlers.restock_product, restock("a", 5))
+    await units.run(handlers.create_order, create(("a", 1), command_id=chosen))
+    await units.run(handlers.create_order, create(("a", 1)))
+
+    assert [commit.server_chose_id for commit in store.commits] == [True, False, True]
+    assert store.commits[1].command_id == chosen
