@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import io
 import json
 import logging
+import sys
 import time
 import uuid
+from collections.abc import Callable
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -14,9 +19,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from domain.ports import Commit, RecordedEvent
 from server import app
+from server.observability import access_log
 from server.observability.access_log import AccessLog
 from server.observability.hooks import RpcOutcome
-from server.observability.logs import JsonFormatter
+from server.observability.logs import JsonFormatter, configure_logging, sole_gateway_handler
 from server.stores.memory import MemoryEventStore
 from tests.clients import item, order_request
 from tests.observability_support import TOKEN, USER, rpc_error, running
@@ -216,3 +222,149 @@ async def test_stopping_the_gateway_writes_pending_lines(
         assert access_lines(caplog) == []
     (line,) = access_lines(caplog)
     assert fields(line)["method"] == "/orders.v1.InventoryCommandService/RestockProduct"
+
+
+@pytest.fixture
+def gateway_logging(
+    keep_root_logger: None, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[str, int | None], io.StringIO]:
+    """Logging configured as ``order-gateway serve`` does, to the stream returned."""
+    for switch in ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing"):
+        monkeypatch.setattr(logging, switch, getattr(logging, switch))
+
+    def configure(log_format: str, worker: int | None) -> io.StringIO:
+        stream = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", stream)
+        configure_logging(log_format, "debug", worker)
+        return stream
+
+    return configure
+
+
+def log_a_few(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same lines each time, with the same times: a quarter of a second apart."""
+    times = iter([1764425341.8349 + n * 0.25 for n in range(5)])
+    monkeypatch.setattr(access_log, "time", SimpleNamespace(time=lambda: next(times)))
+    log = AccessLog(flush_delay=3600)
+    log.rpc_finished(outcome())
+    log.rpc_finished(
+        dataclasses.replace(
+            outcome(grpc.StatusCode.ALREADY_EXISTS),
+            correlation_id="checkout-7",
+            user_id='é "q"',
+            duration=1.23456,
+        )
+    )
+    log.rpc_finished(
+        dataclasses.replace(
+            outcome(),
+            method="/grpc.health.v1.Health/Check",
+            trace_id="0af7651916cd43dd8448eb211c80319c",
+        )
+    )
+    log.rpc_finished(outcome(grpc.StatusCode.INTERNAL))
+    log.rpc_finished(outcome(request_id="last"))
+    log.flush()
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+@pytest.mark.parametrize("worker", [None, 3])
+async def test_lines_written_straight_to_the_gateway_handler_are_those_logging_writes(
+    gateway_logging: Callable[[str, int | None], io.StringIO],
+    monkeypatch: pytest.MonkeyPatch,
+    log_format: str,
+    worker: int | None,
+) -> None:
+    stream = gateway_logging(log_format, worker)
+    with monkeypatch.context() as no_records:
+        no_records.setattr(access_log.log, "makeRecord", None)
+        log_a_few(monkeypatch)
+    direct = stream.getvalue()
+    stream.truncate(0)
+    stream.seek(0)
+
+    # Any filter sends the lines through logging.
+    access_log.log.addFilter(lambda record: True)
+    try:
+        log_a_few(monkeypatch)
+    finally:
+        access_log.log.filters.clear()
+    assert direct == stream.getvalue()
+
+    lines = direct.splitlines()
+    assert len(lines) == 5
+    first = lines[0] if log_format == "text" else json.loads(lines[0])["message"]
+    assert str(first).endswith(
+        "/orders.v1.OrderCommandService/CreateOrder OK 2.0 ms request_id=r"
+        " correlation_id=- user=- peer=ipv4:127.0.0.1:5000"
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda: logging.getLogger().addHandler(logging.NullHandler()),
+        lambda: logging.getLogger(ACCESS).addHandler(logging.NullHandler()),
+        lambda: logging.getLogger(ACCESS).addFilter(lambda record: True),
+        lambda: logging.getLogger().handlers[0].addFilter(lambda record: True),
+        lambda: logging.getLogger().handlers[0].setFormatter(logging.Formatter()),
+        lambda: logging.setLogRecordFactory(lambda *args, **kwargs: logging.LogRecord(*args)),
+    ],
+    ids=[
+        "another handler",
+        "a handler of its own",
+        "a logger filter",
+        "a handler filter",
+        "another formatter",
+        "a record factory",
+    ],
+)
+def test_lines_go_through_logging_once_anything_else_could_see_them(
+    gateway_logging: Callable[[str, int | None], io.StringIO],
+    change: Callable[[], None],
+) -> None:
+    gateway_logging("text", None)
+    assert sole_gateway_handler(access_log.log) is not None
+    factory = logging.getLogRecordFactory()
+    access = logging.getLogger(ACCESS)
+    try:
+        change()
+        assert sole_gateway_handler(access_log.log) is None
+    finally:
+        logging.setLogRecordFactory(factory)
+        access.handlers.clear()
+        access.filters.clear()
+
+
+async def test_the_gateway_handlers_level_holds_for_lines_written_straight_to_it(
+    gateway_logging: Callable[[str, int | None], io.StringIO],
+) -> None:
+    stream = gateway_logging("text", None)
+    logging.getLogger().handlers[0].setLevel(logging.WARNING)
+    access = AccessLog(flush_delay=3600)
+    access.rpc_finished(outcome(request_id="info"))
+    access.rpc_finished(outcome(grpc.StatusCode.INTERNAL, request_id="warning"))
+    (line,) = stream.getvalue().splitlines()
+    assert " WARNING " in line and "request_id=warning" in line
+
+
+class BrokenStream(io.StringIO):
+    def write(self, text: str) -> int:
+        raise OSError("no space left")
+
+
+async def test_lines_that_cannot_be_written_are_reported_as_logging_reports_them(
+    gateway_logging: Callable[[str, int | None], io.StringIO],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gateway_logging("json", None)
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(BrokenStream())
+    reported: list[str] = []
+    monkeypatch.setattr(handler, "handleError", lambda record: reported.append(record.msg))
+    access = AccessLog(flush_delay=3600)
+    access.rpc_finished(outcome(request_id="first"))
+    access.rpc_finished(outcome(request_id="second"))
+    access.flush()
+    assert reported == [access_log.MESSAGE, access_log.MESSAGE]
