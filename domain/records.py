@@ -1,4 +1,5 @@
-"""``record``: the decorator of immutable value records (events, the store's records).
+"""``record``: the decorator of immutable value records made per command or per call
+(events, the store's records, what an RPC's observers are told).
 
 A record is a slotted dataclass with value equality and a hash, immutable to the type
 checker (``frozen_default``: mypy refuses any assignment to a field) but not guarded at

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
 
 from domain.bus import Middleware
 from domain.ports import EventStore
+from domain.records import record
 
 current_request_id: ContextVar[str] = ContextVar("current_request_id", default="")
 """The id of the RPC being served: the caller's ``x-request-id``, else a new one. Errors
@@ -30,7 +30,7 @@ current_correlation_id: ContextVar[str] = ContextVar("current_correlation_id", d
 """The caller's ``x-correlation-id`` (at most 128 characters), empty if it sent none."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RpcOutcome:
     """What happened to one RPC, as every observer sees it."""
 

@@ -16,12 +16,12 @@ import asyncio
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from domain.ids import random_bytes
+from domain.records import record
 from server.observability.hooks import (
     RpcObserver,
     RpcOutcome,
@@ -58,7 +58,7 @@ class _NoSpan:
 _NO_SPAN = _NoSpan()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class _CallInfo:
     """What is read from the call before the handler runs (never after)."""
 
