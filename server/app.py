@@ -15,7 +15,7 @@ from typing import Final
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from orders.v1 import (
     consumer_group_service_pb2,
     consumer_group_service_pb2_grpc,
@@ -51,6 +51,7 @@ from server.observability.metrics import (
 from server.observability.otel import otel_tracing
 from server.observability.store_faults import StoreFaults, watched
 from server.rpc.decoding import RequestDecodingInterceptor
+from server.rpc.generic_handlers import GenericHandlersOnly
 from server.rpc.last_resort import LastResortInterceptor
 from server.rpc.method_handlers import Interceptors
 from server.rpc.servicers import CommandRunner, InventoryCommandServicer, OrderCommandServicer
@@ -311,11 +312,13 @@ async def _assemble(
             cache=cache,
         )
     )
+    # Added by their generic handlers only (see server.rpc.generic_handlers).
+    services = GenericHandlersOnly(server).as_server()
     order_command_service_pb2_grpc.add_OrderCommandServiceServicer_to_server(
-        OrderCommandServicer(runner), server
+        OrderCommandServicer(runner), services
     )
     inventory_command_service_pb2_grpc.add_InventoryCommandServiceServicer_to_server(
-        InventoryCommandServicer(runner), server
+        InventoryCommandServicer(runner), services
     )
     hub = SubscriptionHub(
         watched_store,
@@ -325,7 +328,7 @@ async def _assemble(
     )
     metrics.count_subscriptions(lambda: hub.limited_count)
     event_stream_service_pb2_grpc.add_EventStreamServiceServicer_to_server(
-        EventStreamServicer(hub), server
+        EventStreamServicer(hub), services
     )
     group_store = await open_group_store(store)
     groups = ConsumerGroups(
@@ -333,17 +336,21 @@ async def _assemble(
     )
     metrics.registry.register(GroupMetricsCollector(groups, hub))
     consumer_group_service_pb2_grpc.add_ConsumerGroupServiceServicer_to_server(
-        ConsumerGroupServicer(groups), server
+        ConsumerGroupServicer(groups), services
     )
     health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (
-            *SERVICE_NAMES,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
+    health_pb2_grpc.add_HealthServicer_to_server(health, services)
+    # What enable_server_reflection would add to an aio server, added to the stand-in
+    # (which that function, checking for an aio server, would take for a sync one).
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection.aio.ReflectionServicer(
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            )
         ),
-        server,
+        services,
     )
     return Gateway(
         server,
