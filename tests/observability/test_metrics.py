@@ -44,6 +44,21 @@ async def scrape(gateway: Gateway) -> dict[tuple[str, frozenset[tuple[str, str]]
     }
 
 
+async def scrape_once_counted(
+    gateway: Gateway, name: str, labels: frozenset[tuple[str, str]]
+) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """``scrape``, once the sample ``(name, labels)`` is there.
+
+    An aborted call's status reaches the client from inside ``abort()``, a moment before
+    the handler's exception unwinds through the interceptor that counts the call.
+    """
+    deadline = asyncio.get_running_loop().time() + 10
+    while (name, labels) not in (samples := await scrape(gateway)):
+        assert asyncio.get_running_loop().time() < deadline, f"{name} {labels} never counted"
+        await asyncio.sleep(0.02)
+    return samples
+
+
 def rpc_labels(service: str, method: str, **extra: str) -> frozenset[tuple[str, str]]:
     return frozenset(
         {
@@ -64,9 +79,11 @@ async def test_scrape_counts_rpcs_by_code_and_times_commands_and_appends() -> No
         assert unknown.code() == grpc.StatusCode.NOT_FOUND
         assert invalid.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-        samples = await scrape(gateway)
+        handled = "grpc_server_handled_total"
+        samples = await scrape_once_counted(
+            gateway, handled, rpc_labels(INVENTORY, "RestockProduct", grpc_code="INVALID_ARGUMENT")
+        )
 
-    handled = "grpc_server_handled_total"
     assert samples[(handled, rpc_labels(INVENTORY, "RestockProduct", grpc_code="OK"))] == 1
     assert (
         samples[(handled, rpc_labels(INVENTORY, "RestockProduct", grpc_code="INVALID_ARGUMENT"))]
@@ -97,8 +114,8 @@ async def test_calls_refused_by_authentication_are_counted() -> None:
     async with running(secured=True, metrics_listen="127.0.0.1:0") as (gateway, clients):
         error = await rpc_error(clients.restock("sku-1", 5))
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-        samples = await scrape(gateway)
-    labels = rpc_labels(INVENTORY, "RestockProduct", grpc_code="UNAUTHENTICATED")
+        labels = rpc_labels(INVENTORY, "RestockProduct", grpc_code="UNAUTHENTICATED")
+        samples = await scrape_once_counted(gateway, "grpc_server_handled_total", labels)
     assert samples[("grpc_server_handled_total", labels)] == 1
 
 
