@@ -269,8 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"order-gateway: {problem}", file=sys.stderr)
         return 2
     # ConfigurationError is a ValueError, as are the settings' own checks.
-    except (ValueError, OSError) as error:
+    except ValueError as error:
         print(f"order-gateway: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"order-gateway: {_os_error_text(error)}", file=sys.stderr)
         return 2
     except StoreError as error:
         # The store's own message (no driver traceback); its cause is in the log.
@@ -281,6 +284,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"order-gateway: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _os_error_text(error: OSError) -> str:
+    """The error as a person reads it: its text and file, without the ``[Errno N]`` that
+    ``str(error)`` puts first."""
+    if not error.strerror:
+        return str(error)
+    if error.filename is None:
+        return error.strerror
+    return f"{error.strerror}: {error.filename}"
 
 
 if __name__ == "__main__":

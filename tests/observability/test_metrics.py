@@ -208,5 +208,5 @@ def test_a_taken_metrics_address_is_named_in_the_error() -> None:
         )
     assert refused.returncode == 2
     assert refused.stderr.endswith(
-        f"order-gateway: [Errno 98] cannot serve metrics on {metrics}: Address already in use\n"
+        f"order-gateway: cannot serve metrics on {metrics}: Address already in use\n"
     )
