@@ -207,72 +207,80 @@ async def create_server(
     if authenticators is None:
         authenticators = authenticators_from(settings)
     credentials = server_credentials(settings)
-    if tracing is None and settings.otel:
-        tracing = otel_tracing()
-    if not reuse_port:
-        # grpc binds what it can of an address and serves there: "localhost" with a
-        # stranger on 127.0.0.1 would serve on ::1 alone, and clients that resolve to
-        # 127.0.0.1 would reach the stranger.
-        try:
-            check_free(settings.listen)
-        except AddressInUseError as error:
-            raise RuntimeError(
-                f"Failed to bind to address {settings.listen}: another process listens there"
-            ) from error
-        except OSError:
-            pass  # Not ours to judge (a foreign address, a privileged port): grpc says why.
-    metrics = GatewayMetrics()
-    access_log = AccessLog()
-    server = grpc.aio.server(
-        # Observability wraps all the others, so that calls the auth interceptor refuses
-        # are still timed, counted and logged, and it sees the status the last-resort
-        # handler chose for an escaping error. Of those that act on a call,
-        # authentication runs first: its verdict precedes any look at the request.
-        interceptors=[
-            Interceptors(
-                [
-                    ObservabilityInterceptor([metrics, access_log], tracing),
-                    LastResortInterceptor(),
-                    AuthInterceptor(authenticators),
-                    RequestDecodingInterceptor(),
-                ]
-            )
-        ],
-        options=server_options(settings, reuse_port),
-        # grpc.max_concurrent_streams only bounds one connection; this bounds the process
-        # (more is RESOURCE_EXHAUSTED).
-        maximum_concurrent_rpcs=settings.max_concurrent_streams,
-    )
-    # Both addresses are settled before the store opens: opening a SQLite store creates
-    # its file, which a refused start must not leave behind. grpc binds here and refuses
-    # what check_free cannot judge; the metrics address is checked against that bound
-    # port, which it may name too. The servicers are added after, before the start.
-    port = add_port(server, settings.listen, credentials)
-    opened: EventStore | None = None
+    # Tracing of its own, created here: a start refused from here on shuts it down.
+    own_tracing = otel_tracing() if tracing is None and settings.otel else None
+    tracing = tracing or own_tracing
     try:
-        if settings.metrics_listen:
-            check_metrics_address(settings.metrics_listen)
-        if store is None:
-            store = opened = await open_store(settings.store, pool_size=settings.store_pool_size)
-        return await _assemble(
-            server,
-            port,
-            settings,
-            store,
-            metrics=metrics,
-            access_log=access_log,
-            tracing=tracing,
-            hub_tuning=hub_tuning,
-            group_tuning=group_tuning,
-            cache=cache,
+        if not reuse_port:
+            # grpc binds what it can of an address and serves there: "localhost" with a
+            # stranger on 127.0.0.1 would serve on ::1 alone, and clients that resolve to
+            # 127.0.0.1 would reach the stranger.
+            try:
+                check_free(settings.listen)
+            except AddressInUseError as error:
+                raise RuntimeError(
+                    f"Failed to bind to address {settings.listen}: another process listens there"
+                ) from error
+            except OSError:
+                pass  # Not ours to judge (a foreign address, a privileged port): grpc says why.
+        metrics = GatewayMetrics()
+        access_log = AccessLog()
+        server = grpc.aio.server(
+            # Observability wraps all the others, so that calls the auth interceptor refuses
+            # are still timed, counted and logged, and it sees the status the last-resort
+            # handler chose for an escaping error. Of those that act on a call,
+            # authentication runs first: its verdict precedes any look at the request.
+            interceptors=[
+                Interceptors(
+                    [
+                        ObservabilityInterceptor([metrics, access_log], tracing),
+                        LastResortInterceptor(),
+                        AuthInterceptor(authenticators),
+                        RequestDecodingInterceptor(),
+                    ]
+                )
+            ],
+            options=server_options(settings, reuse_port),
+            # grpc.max_concurrent_streams only bounds one connection; this bounds the process
+            # (more is RESOURCE_EXHAUSTED).
+            maximum_concurrent_rpcs=settings.max_concurrent_streams,
         )
+        # Both addresses are settled before the store opens: opening a SQLite store creates
+        # its file, which a refused start must not leave behind. grpc binds here and refuses
+        # what check_free cannot judge; the metrics address is checked against that bound
+        # port, which it may name too. The servicers are added after, before the start.
+        port = add_port(server, settings.listen, credentials)
+        opened: EventStore | None = None
+        try:
+            if settings.metrics_listen:
+                check_metrics_address(settings.metrics_listen)
+            if store is None:
+                store = opened = await open_store(
+                    settings.store, pool_size=settings.store_pool_size
+                )
+            return await _assemble(
+                server,
+                port,
+                settings,
+                store,
+                metrics=metrics,
+                access_log=access_log,
+                tracing=tracing,
+                hub_tuning=hub_tuning,
+                group_tuning=group_tuning,
+                cache=cache,
+            )
+        except BaseException:
+            # grpc closes a bound port only when a started server stops: started and stopped
+            # at once, any call that came in between cancelled.
+            await server.start()
+            await server.stop(None)
+            if opened is not None:
+                await opened.close()
+            raise
     except BaseException:
-        # grpc closes a bound port only when a started server stops: started and stopped
-        # at once, any call that came in between cancelled.
-        await server.start()
-        await server.stop(None)
-        if opened is not None:
-            await opened.close()
+        if own_tracing is not None:
+            own_tracing.shutdown()
         raise
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanContext, SpanKind, StatusCode, format_span_id, format_trace_id
 
+from server import app
+from server.app import create_server
+from server.config import Settings
 from server.observability.otel import otel_tracing
 from server.observability.tracing import OtelTracing
 from tests.clients import item, order_request
@@ -142,3 +146,34 @@ def test_otel_without_the_extra_is_a_clear_configuration_error(
     monkeypatch.setitem(sys.modules, "server.observability.tracing", None)
     with pytest.raises(ValueError, match=r"order-gateway\[otel\]"):
         otel_tracing()
+
+
+async def test_a_refused_start_shuts_down_the_tracing_it_created(
+    exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(app, "otel_tracing", lambda: OtelTracing(provider))
+    with socket.socket() as stranger:
+        stranger.bind(("127.0.0.1", 0))
+        stranger.listen()
+        taken = f"127.0.0.1:{stranger.getsockname()[1]}"
+        with pytest.raises(RuntimeError, match="another process listens there"):
+            await create_server(Settings(listen=taken, store="memory://", otel=True))
+    # Its exporter was shut down with it: what it buffered was sent, and it takes no more.
+    provider.get_tracer("test").start_span("after").end()
+    assert exporter.get_finished_spans() == ()
+
+
+async def test_a_refused_start_leaves_tracing_it_was_given_to_its_owner(
+    tracing: OtelTracing, exporter: InMemorySpanExporter
+) -> None:
+    with socket.socket() as stranger:
+        stranger.bind(("127.0.0.1", 0))
+        stranger.listen()
+        taken = f"127.0.0.1:{stranger.getsockname()[1]}"
+        with pytest.raises(RuntimeError, match="another process listens there"):
+            await create_server(Settings(listen=taken, store="memory://"), tracing=tracing)
+    async with running(tracing=tracing) as (_, clients):
+        await clients.restock("sku-1", 5)
+    assert by_name(exporter.get_finished_spans(), "command RestockProduct")
