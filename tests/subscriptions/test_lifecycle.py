@@ -19,7 +19,7 @@ from domain.errors import StoreUnavailableError
 from domain.ports import RecordedEvent
 from server.app import Gateway
 from server.rpc.subscription_hub import HubTuning
-from tests.clients import Clients, detail
+from tests.clients import Clients, detail, item, order_request
 from tests.group_support import group_gateway, member
 from tests.serving import free_port, start_gateway, wait_until_serving
 from tests.subscription_support import (
@@ -69,6 +69,33 @@ async def test_unknown_event_type_is_invalid_argument_naming_it(clients: Clients
     bad_request = detail(raised.value, error_details_pb2.BadRequest)
     assert [v.field for v in bad_request.field_violations] == ["event_types[1]", "event_types[2]"]
     assert "OrderShipped" in bad_request.field_violations[0].description
+
+
+@pytest.mark.parametrize(
+    "stream_id",
+    ["sku-1", "order-42", "product-", "product-a b", "Product-sku-1", "order-", "product-sku-1\n"],
+)
+async def test_a_stream_id_no_stream_can_have_is_invalid_argument(
+    clients: Clients, stream_id: str
+) -> None:
+    reader = StreamReader.open(clients, stream_id=stream_id, event_types=["Nope"])
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await reader.next()
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    bad_request = detail(raised.value, error_details_pb2.BadRequest)
+    assert [(v.field, v.description) for v in bad_request.field_violations][1:] == [
+        ("stream_id", 'must be "order-<order UUID>" or "product-<product_id>"')
+    ]
+
+
+async def test_an_order_stream_named_in_capitals_is_the_orders_stream(clients: Clients) -> None:
+    await clients.restock("sku-1", 5)
+    (created, _) = await clients.create(order_request(item("sku-1")))
+    order_id = created.order_created.order_id
+    reader = StreamReader.open(clients, stream_id=f"order-{order_id.upper()}")
+    (event,) = await reader.through(created.position)
+    assert (event.event_id, event.stream_id) == (created.event_id, f"order-{order_id}")
+    reader.call.cancel()
 
 
 async def test_subscribers_beyond_the_limit_are_resource_exhausted() -> None:
