@@ -7,7 +7,7 @@ import re
 from domain.aggregates import Order, Product
 from domain.values import PRODUCT_ID_PATTERN, UUID_PATTERN
 
-STREAM_ID_FORMS = f'"{Order.stream_prefix}-<order UUID>" or "{Product.stream_prefix}-<product_id>"'
+STREAM_ID_FORMS = f"{Order.stream_prefix}-<order UUID> or {Product.stream_prefix}-<product_id>"
 
 
 def recorded_stream_id(stream_id: str) -> str:

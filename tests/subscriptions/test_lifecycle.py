@@ -84,7 +84,7 @@ async def test_a_stream_id_no_stream_can_have_is_invalid_argument(
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     bad_request = detail(raised.value, error_details_pb2.BadRequest)
     assert [(v.field, v.description) for v in bad_request.field_violations][1:] == [
-        ("stream_id", 'must be "order-<order UUID>" or "product-<product_id>"')
+        ("stream_id", "must be order-<order UUID> or product-<product_id>")
     ]
 
 
