@@ -3,6 +3,7 @@ and the random bytes behind them."""
 
 from __future__ import annotations
 
+import binascii
 import os
 import threading
 import time
@@ -59,8 +60,15 @@ def random_bytes(size: int) -> bytes:
 TAILS_PER_BATCH = 256
 """Random tails of new ids formatted at once (2,560 random bytes)."""
 
-_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
-"""A random hex digit → the RFC 9562 variant digit carrying two of its bits."""
+_VARIANT = bytes((byte & 0xF3) | 0x08 for byte in range(256))
+"""A random byte → the byte whose low hex digit is the RFC 9562 variant digit (8 to b),
+keeping two of its random bits."""
+
+_TAIL_LINE = b"---------------------\n"
+"""A tail's line in a batch before its digits are put in: 21 characters and a newline."""
+
+_TAIL_DIGITS = tuple(i for i, char in enumerate("xxx-Vxxx-xxxxxxxxxxxx") if char != "-")
+"""Where the 19 hex digits of a tail go in its line: everywhere but the dashes."""
 
 
 class _Uuid7s:
@@ -69,7 +77,7 @@ class _Uuid7s:
     Formatting each id from its 16 bytes (bit masks, ``hex``, five slices) cost about
     15,000 instructions, four times per CreateOrder; the time part changes once a
     millisecond, and the tails' random digits are read and formatted together, so an id
-    now costs about half. Thread-safe without a lock: the stamp is swapped as one
+    now costs about 4,300. Thread-safe without a lock: the stamp is swapped as one
     ``(millisecond, prefix)`` tuple, and ``list.pop`` hands each tail out once (a thread
     that finds the list empty refills it with a list of its own).
     """
@@ -97,13 +105,20 @@ class _Uuid7s:
 
 
 def _tails(count: int) -> list[str]:
-    """``count`` random tails "xxx-Vxxx-xxxxxxxxxxxx" (74 random bits each, V the variant)."""
-    digits = _pool.take(10 * count).hex()
-    return [
-        f"{digits[i : i + 3]}-{_VARIANT[digits[i + 3]]}{digits[i + 4 : i + 7]}-"
-        f"{digits[i + 7 : i + 19]}"
-        for i in range(0, 20 * count, 20)
-    ]
+    """``count`` random tails "xxx-Vxxx-xxxxxxxxxxxx" (74 random bits each, V the variant).
+
+    Each tail is the first 19 hex digits of 10 random bytes. They are put in place a digit
+    position at a time for the whole batch (19 strided copies, each in C) instead of a
+    tail at a time: formatting each tail with slices and an f-string cost about 5,100
+    instructions, four times per CreateOrder; this way a tail costs about 1,200.
+    """
+    raw = bytearray(_pool.take(10 * count))
+    raw[1::10] = raw[1::10].translate(_VARIANT)  # the fourth digit of every tail
+    digits = binascii.hexlify(raw)
+    text = bytearray(_TAIL_LINE * count)
+    for source, target in enumerate(_TAIL_DIGITS):
+        text[target :: len(_TAIL_LINE)] = digits[source::20]
+    return text.decode().split()
 
 
 _uuid7s = _Uuid7s()
