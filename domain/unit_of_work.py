@@ -315,20 +315,22 @@ class UnitOfWork:
             for aggregate in aggregates
             for n, event in enumerate(aggregate.pending, start=1)
         ]
+        # Built from positions, as the events are (``to_new_event``): a record built from
+        # keywords costs about 450 instructions more a field (this one 7,300 against 3,200).
         commit = Commit(
-            command_id=command.command_id,
-            fingerprint=fingerprint(command),
-            correlation_id=command.correlation_id or command.command_id,
-            user_id=command.user_id,
-            occurred_at=command.timestamp,
-            expected_versions=expected_versions,
-            events=events,
-            follows={
+            command.command_id,
+            fingerprint(command),
+            command.correlation_id or command.command_id,  # correlation_id
+            command.user_id,
+            command.timestamp,  # occurred_at
+            expected_versions,
+            events,
+            {  # follows
                 a.stream_id: self._follows[a.stream_id]
                 for a in aggregates
                 if a.stream_id in self._follows
             },
-            server_chose_id=command.server_chose_id,
+            command.server_chose_id,
         )
         appended: Appended = asyncio.get_running_loop().create_future()
         last_events = {event.stream_id: event.event_id for event in events}
