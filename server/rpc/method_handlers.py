@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Protocol, TypeAlias, cast
+from typing import Any, ClassVar, Protocol, TypeAlias, cast
 
 import grpc
 
@@ -24,6 +24,15 @@ class CallScope:
 
     __slots__ = ()
 
+    starts: ClassVar[bool] = False
+    """Whether the class has a ``start`` of its own (set for each subclass): a call awaits
+    only those. Awaiting the inherited one, which does nothing, cost some 1,000
+    instructions per scope and call under callgrind."""
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        cls.starts = cls.start is not CallScope.start
+
     async def start(self) -> None:
         return None
 
@@ -33,9 +42,9 @@ class CallScope:
 
 
 class Around(Protocol):
-    def __call__(self, request: Any, context: Context) -> CallScope:
+    def __call__(self, request: Any, context: Context) -> CallScope | None:
         """The scope of one call (``request`` is the request iterator of a
-        client-streaming method)."""
+        client-streaming method), or None if the interceptor has nothing to do in it."""
         ...
 
 
@@ -182,8 +191,10 @@ def _streaming(behaviour: Any, around: Around) -> Any:
         try:
             for make in arounds:
                 scope = make(request, context)
-                await scope.start()
-                scopes.append(scope)
+                if scope is not None:
+                    if scope.starts:
+                        await scope.start()
+                    scopes.append(scope)
             async for response in stream(request, context):
                 yield response
         except BaseException as raised:
@@ -205,8 +216,10 @@ def _single(behaviour: Any, around: Around) -> Any:
         try:
             for make in arounds:
                 scope = make(request, context)
-                await scope.start()
-                scopes.append(scope)
+                if scope is not None:
+                    if scope.starts:
+                        await scope.start()
+                    scopes.append(scope)
             result = await single(request, context)
         except BaseException as raised:
             error = raised
