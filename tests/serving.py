@@ -9,7 +9,8 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import IO
 
 import grpc
@@ -24,6 +25,15 @@ def free_port() -> int:
 
 
 _logs: weakref.WeakKeyDictionary[subprocess.Popen[bytes], IO[bytes]] = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def listening_stranger() -> Iterator[str]:
+    """A loopback address another process's socket listens on, as ``host:port``."""
+    with socket.socket() as stranger:
+        stranger.bind(("127.0.0.1", 0))
+        stranger.listen()
+        yield f"127.0.0.1:{stranger.getsockname()[1]}"
 
 
 def start_gateway(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -20,6 +19,7 @@ from server.app import Gateway
 from tests.clients import item, order_request
 from tests.group_support import member
 from tests.observability_support import rpc_error, running
+from tests.serving import listening_stranger
 
 INVENTORY = "orders.v1.InventoryCommandService"
 ORDERS = "orders.v1.OrderCommandService"
@@ -195,10 +195,7 @@ async def test_subscription_lag_is_head_minus_delivered_never_negative() -> None
 
 
 def test_a_taken_metrics_address_is_named_in_the_error() -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        metrics = f"127.0.0.1:{taken.getsockname()[1]}"
+    with listening_stranger() as metrics:
         serve = ("serve", "--listen", "127.0.0.1:0", "--metrics-listen", metrics)
         refused = subprocess.run(
             [sys.executable, "-m", "server.cli", *serve, "--store", "memory://"],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,6 +21,7 @@ from server.observability.otel import otel_tracing
 from server.observability.tracing import OtelTracing
 from tests.clients import item, order_request
 from tests.observability_support import rpc_error, running
+from tests.serving import listening_stranger
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN_ID = "00f067aa0ba902b7"
@@ -154,12 +154,8 @@ async def test_a_refused_start_shuts_down_the_tracing_it_created(
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     monkeypatch.setattr(app, "otel_tracing", lambda: OtelTracing(provider))
-    with socket.socket() as stranger:
-        stranger.bind(("127.0.0.1", 0))
-        stranger.listen()
-        taken = f"127.0.0.1:{stranger.getsockname()[1]}"
-        with pytest.raises(RuntimeError, match="another process listens there"):
-            await create_server(Settings(listen=taken, store="memory://", otel=True))
+    with listening_stranger() as taken, pytest.raises(RuntimeError, match="listens there"):
+        await create_server(Settings(listen=taken, store="memory://", otel=True))
     # Its exporter was shut down with it: what it buffered was sent, and it takes no more.
     provider.get_tracer("test").start_span("after").end()
     assert exporter.get_finished_spans() == ()
@@ -168,12 +164,8 @@ async def test_a_refused_start_shuts_down_the_tracing_it_created(
 async def test_a_refused_start_leaves_tracing_it_was_given_to_its_owner(
     tracing: OtelTracing, exporter: InMemorySpanExporter
 ) -> None:
-    with socket.socket() as stranger:
-        stranger.bind(("127.0.0.1", 0))
-        stranger.listen()
-        taken = f"127.0.0.1:{stranger.getsockname()[1]}"
-        with pytest.raises(RuntimeError, match="another process listens there"):
-            await create_server(Settings(listen=taken, store="memory://"), tracing=tracing)
+    with listening_stranger() as taken, pytest.raises(RuntimeError, match="listens there"):
+        await create_server(Settings(listen=taken, store="memory://"), tracing=tracing)
     async with running(tracing=tracing) as (_, clients):
         await clients.restock("sku-1", 5)
     assert by_name(exporter.get_finished_spans(), "command RestockProduct")

@@ -22,7 +22,7 @@ from server.config import Settings
 from server.workers.supervisor import worker_count
 from server.workers.worker import WorkerSpec, run_worker
 from tests.clients import item, order_request
-from tests.serving import free_port, gateway_log, start_gateway
+from tests.serving import free_port, gateway_log, listening_stranger, start_gateway
 from tests.subscription_support import StreamReader
 from tests.workers_support import (
     WAIT,
@@ -191,10 +191,7 @@ def test_an_address_a_stranger_listens_on_is_refused(tmp_path: Path) -> None:
 def test_a_taken_metrics_address_is_refused_before_the_store_is_created(
     tmp_path: Path, workers: str
 ) -> None:
-    with socket.socket() as stranger:
-        stranger.bind(("127.0.0.1", 0))
-        stranger.listen()
-        metrics = f"127.0.0.1:{stranger.getsockname()[1]}"
+    with listening_stranger() as metrics:
         code, log = serve_and_fail(
             "--listen",
             "127.0.0.1:0",
