@@ -29,6 +29,11 @@ are logged under it."""
 current_correlation_id: ContextVar[str] = ContextVar("current_correlation_id", default="")
 """The caller's ``x-correlation-id`` (at most 128 characters), empty if it sent none."""
 
+command_correlation_id: ContextVar[str] = ContextVar("command_correlation_id", default="")
+"""What the call's command and its events correlate by, once the command is built: the
+caller's ``x-correlation-id``, else the command's id (chosen by the server when the
+request had none). Empty before, and for calls that carry no command."""
+
 
 @record
 class RpcOutcome:

@@ -27,6 +27,7 @@ from server.observability.hooks import (
     RpcOutcome,
     RpcSpan,
     Tracing,
+    command_correlation_id,
     current_correlation_id,
     current_request_id,
 )
@@ -131,7 +132,8 @@ class _Observed(CallScope):
             code=code,
             duration=duration,
             request_id=self._info.request_id,
-            correlation_id=self._info.correlation_id,
+            # The command's, once built (same task): the request's may be empty.
+            correlation_id=command_correlation_id.get() or self._info.correlation_id,
             # Set by the auth interceptor's wrapper inside this call (same task).
             user_id=current_caller.get().user_id,
             peer=self._info.peer,

@@ -85,6 +85,27 @@ async def test_one_line_per_rpc_with_method_code_duration_ids_and_user(
     assert second.levelno == logging.INFO
 
 
+async def test_a_call_that_named_no_ids_is_logged_under_its_events_correlation_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    named = str(uuid.uuid4()).upper()
+    async with running() as (_, clients):
+        (chosen,) = await clients.restock("sku-1", 5)
+        (own,) = await clients.restock("sku-1", 5, command_id=named)
+        invalid = await rpc_error(clients.restock("sku-1", 0, command_id=named))
+        assert invalid.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    first, second, refused = access_lines(caplog)
+    # No command_id and no x-correlation-id: the id the server chose, as in the events.
+    assert fields(first)["correlation_id"] == chosen.correlation_id == chosen.command_id
+    assert chosen.command_id
+    # A command_id in capitals: as the events have it, in lower case.
+    assert fields(second)["correlation_id"] == own.correlation_id == named.lower()
+    # A request refused before any command was built: its command_id as sent.
+    assert fields(refused)["correlation_id"] == named
+
+
 async def test_refused_calls_are_logged_and_tokens_never_are(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
