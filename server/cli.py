@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="print only events of this type, e.g. OrderCreated; repeat it for several "
         "types (default: every type)",
     )
+    tail.add_argument(
+        "--stream",
+        metavar="STREAM_ID",
+        default="",
+        help="print only the events of this stream, order-<order id> or product-<product id> "
+        "(default: every stream)",
+    )
     add_client_flags(tail, target="the gateway to follow")
     add_group_parsers(commands)
 
@@ -263,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from server.client.tail import tail
 
-            return tail(args.target, args.after, args.types, args.token, args.tls_ca)
+            return tail(args.target, args.after, args.types, args.token, args.tls_ca, args.stream)
     except ValidationError as error:
         for problem in _problems(error):
             print(f"order-gateway: {problem}", file=sys.stderr)

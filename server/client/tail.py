@@ -23,9 +23,11 @@ PROGRAM = "order-gateway tail"
 
 
 def subscribe_request(
-    after: int, types: Sequence[str]
+    after: int, types: Sequence[str], stream: str = ""
 ) -> event_stream_service_pb2.SubscribeRequest:
-    return event_stream_service_pb2.SubscribeRequest(after_position=after, event_types=list(types))
+    return event_stream_service_pb2.SubscribeRequest(
+        after_position=after, event_types=list(types), stream_id=stream
+    )
 
 
 def follow(
@@ -35,6 +37,7 @@ def follow(
     out: TextIO,
     err: TextIO,
     metadata: Metadata = (),
+    stream: str = "",
 ) -> int:
     """Print the events of one Subscribe call on ``channel``; the exit status.
 
@@ -42,7 +45,7 @@ def follow(
     when the call fails.
     """
     stub = event_stream_service_pb2_grpc.EventStreamServiceStub(channel)
-    call = stub.Subscribe(subscribe_request(after, types), metadata=metadata)
+    call = stub.Subscribe(subscribe_request(after, types, stream), metadata=metadata)
     try:
         for response in call:
             if response.HasField("event"):
@@ -81,14 +84,18 @@ def tail(
     types: Sequence[str],
     token: str | None = None,
     tls_ca: str | None = None,
+    stream: str = "",
 ) -> int:
-    """Follow the event stream of the gateway at ``target`` until interrupted."""
+    """Follow the event stream of the gateway at ``target`` until interrupted (one stream's
+    events only, with ``stream``)."""
     if after < 0:
         print(f"{PROGRAM}: --after must be 0 or more", file=sys.stderr)
         return 2
     with open_channel(target, tls_ca) as channel:
         try:
-            return follow(channel, after, types, sys.stdout, sys.stderr, call_metadata(token))
+            return follow(
+                channel, after, types, sys.stdout, sys.stderr, call_metadata(token), stream
+            )
         except BrokenPipeError:
             # Python would report the failed flush of stdout again at exit.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

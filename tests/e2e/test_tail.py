@@ -227,3 +227,50 @@ async def test_an_after_no_position_can_hold_is_a_usage_error_naming_the_flag(af
     assert process.returncode == 2
     assert out == b""
     assert "--after" in err.decode() and "Traceback" not in err.decode()
+
+
+async def test_stream_prints_only_that_streams_events(gateway: Any, clients: Clients) -> None:
+    await clients.restock("sku-1", 3)
+    await clients.restock("sku-2", 3)
+    await clients.restock("sku-1", 1)
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "server.cli", "tail"),
+        *("--target", f"127.0.0.1:{gateway.port}", "--stream", "product-sku-1"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(WAIT):
+            lines = [json.loads(await process.stdout.readline()) for _ in range(2)]
+            process.send_signal(signal.SIGINT)
+            code = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert [(line["position"], line["stream_id"]) for line in lines] == [
+        ("1", "product-sku-1"),
+        ("3", "product-sku-1"),
+    ]
+    assert code == 0
+
+
+async def test_a_stream_no_stream_can_have_is_refused_with_the_servers_reason(
+    gateway: Any,
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "server.cli", "tail"),
+        *("--target", f"127.0.0.1:{gateway.port}", "--stream", "sku-1"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(WAIT):
+        out, err = await process.communicate()
+    assert process.returncode == 1
+    assert out == b""
+    assert err.decode().splitlines() == [
+        "order-gateway tail: INVALID_ARGUMENT: invalid request: stream_id",
+        "  stream_id: must be order-<order UUID> or product-<product_id>",
+    ]
