@@ -199,34 +199,35 @@ async def test_the_cli_follows_a_real_gateway_until_sigint(gateway: Any, clients
     assert await process.stderr.read() == b"", "no traceback on Ctrl-C"
 
 
-async def test_an_unknown_type_is_refused_with_the_servers_reason(gateway: Any) -> None:
+async def tail_to_the_end(*flags: str) -> tuple[int | None, bytes, str]:
+    """``order-gateway tail`` with ``flags``, run until it exits: its code, stdout, stderr."""
     process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "server.cli", "tail"),
-        *("--target", f"127.0.0.1:{gateway.port}", "--type", "OrderPlaced"),
+        *(sys.executable, "-m", "server.cli", "tail", *flags),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     async with asyncio.timeout(WAIT):
         out, err = await process.communicate()
-    assert process.returncode == 1
+    return process.returncode, out, err.decode()
+
+
+async def test_an_unknown_type_is_refused_with_the_servers_reason(gateway: Any) -> None:
+    code, out, err = await tail_to_the_end(
+        "--target", f"127.0.0.1:{gateway.port}", "--type", "OrderPlaced"
+    )
+    assert code == 1
     assert out == b""
-    lines = err.decode().splitlines()
+    lines = err.splitlines()
     assert lines[0].startswith("order-gateway tail: INVALID_ARGUMENT: ")
     assert lines[1].startswith("  event_types[0]: unknown event type 'OrderPlaced'; known types: ")
 
 
 @pytest.mark.parametrize("after", ["-1", str(2**64)])
 async def test_an_after_no_position_can_hold_is_a_usage_error_naming_the_flag(after: str) -> None:
-    process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "server.cli", "tail", "--after", after),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(WAIT):
-        out, err = await process.communicate()
-    assert process.returncode == 2
+    code, out, err = await tail_to_the_end("--after", after)
+    assert code == 2
     assert out == b""
-    assert "--after" in err.decode() and "Traceback" not in err.decode()
+    assert "--after" in err and "Traceback" not in err
 
 
 async def test_stream_prints_only_that_streams_events(gateway: Any, clients: Clients) -> None:
@@ -260,17 +261,12 @@ async def test_stream_prints_only_that_streams_events(gateway: Any, clients: Cli
 async def test_a_stream_no_stream_can_have_is_refused_with_the_servers_reason(
     gateway: Any,
 ) -> None:
-    process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "server.cli", "tail"),
-        *("--target", f"127.0.0.1:{gateway.port}", "--stream", "sku-1"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    code, out, err = await tail_to_the_end(
+        "--target", f"127.0.0.1:{gateway.port}", "--stream", "sku-1"
     )
-    async with asyncio.timeout(WAIT):
-        out, err = await process.communicate()
-    assert process.returncode == 1
+    assert code == 1
     assert out == b""
-    assert err.decode().splitlines() == [
+    assert err.splitlines() == [
         "order-gateway tail: INVALID_ARGUMENT: invalid request: stream_id",
         "  stream_id: must be order-<order UUID> or product-<product_id>",
     ]
