@@ -7,13 +7,14 @@ request the CLI sent, and chooses the responses and the final status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -167,36 +168,43 @@ def test_a_closed_output_cancels_the_call(channel: Any, background: ThreadPoolEx
         result.result(timeout=WAIT)
 
 
-async def test_the_cli_follows_a_real_gateway_until_sigint(gateway: Any, clients: Clients) -> None:
-    await clients.restock("sku-1", 3)
+@contextlib.asynccontextmanager
+async def following(*flags: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``order-gateway tail`` with ``flags``, unbuffered, killed on the way out if still
+    running."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "server.cli",
-        "tail",
-        "--target",
-        f"127.0.0.1:{gateway.port}",
-        "--type",
-        "ProductRestocked",
+        *(sys.executable, "-m", "server.cli", "tail", *flags),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    assert process.stdout is not None and process.stderr is not None
     try:
-        async with asyncio.timeout(WAIT):
-            first = json.loads(await process.stdout.readline())
-            await clients.restock("sku-2", 1)
-            second = json.loads(await process.stdout.readline())
-            process.send_signal(signal.SIGINT)
-            code = await process.wait()
+        yield process
     finally:
         if process.returncode is None:
             process.kill()
             await process.wait()
-    assert (first["position"], second["position"]) == ("1", "2")
-    assert code == 0
-    assert await process.stderr.read() == b"", "no traceback on Ctrl-C"
+
+
+async def interrupted(process: asyncio.subprocess.Process) -> int:
+    """Its exit code after Ctrl-C."""
+    process.send_signal(signal.SIGINT)
+    return await process.wait()
+
+
+async def test_the_cli_follows_a_real_gateway_until_sigint(gateway: Any, clients: Clients) -> None:
+    await clients.restock("sku-1", 3)
+    target = f"127.0.0.1:{gateway.port}"
+    async with following("--target", target, "--type", "ProductRestocked") as process:
+        assert process.stdout is not None and process.stderr is not None
+        async with asyncio.timeout(WAIT):
+            first = json.loads(await process.stdout.readline())
+            await clients.restock("sku-2", 1)
+            second = json.loads(await process.stdout.readline())
+            code = await interrupted(process)
+        assert (first["position"], second["position"]) == ("1", "2")
+        assert code == 0
+        assert await process.stderr.read() == b"", "no traceback on Ctrl-C"
 
 
 async def tail_to_the_end(*flags: str) -> tuple[int | None, bytes, str]:
@@ -234,23 +242,12 @@ async def test_stream_prints_only_that_streams_events(gateway: Any, clients: Cli
     await clients.restock("sku-1", 3)
     await clients.restock("sku-2", 3)
     await clients.restock("sku-1", 1)
-    process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "server.cli", "tail"),
-        *("--target", f"127.0.0.1:{gateway.port}", "--stream", "product-sku-1"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert process.stdout is not None
-    try:
+    target = f"127.0.0.1:{gateway.port}"
+    async with following("--target", target, "--stream", "product-sku-1") as process:
+        assert process.stdout is not None
         async with asyncio.timeout(WAIT):
             lines = [json.loads(await process.stdout.readline()) for _ in range(2)]
-            process.send_signal(signal.SIGINT)
-            code = await process.wait()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+            code = await interrupted(process)
     assert [(line["position"], line["stream_id"]) for line in lines] == [
         ("1", "product-sku-1"),
         ("3", "product-sku-1"),
