@@ -77,9 +77,14 @@ class Command(BaseModel):
     "the same request": everything else must match."""
 
 
+MAX_ITEMS = 100
+
+
 class CreateOrder(Command):
     customer_id: Uuid
-    items: Annotated[list[OrderItem], Field(min_length=1, max_length=100)]
+    # At most MAX_ITEMS, checked by ``_report_every_violation``: pydantic's own
+    # ``max_length`` stops at the list's length, leaving the items' violations unreported.
+    items: Annotated[list[OrderItem], Field(min_length=1)]
     shipping_address: Address
 
     @model_validator(mode="wrap")
@@ -89,6 +94,7 @@ class CreateOrder(Command):
     ) -> CreateOrder:
         # Rules across items are checked on the raw input so that they are reported
         # together with field errors instead of only after those are fixed.
+        too_many = _too_many_items(data)
         cross_item = _cross_item_errors(data)
         try:
             command = handler(data)
@@ -97,9 +103,9 @@ class CreateOrder(Command):
             # One violation per path: a malformed value is not also reported as inconsistent.
             reported = {tuple(e["loc"]) for e in field_errors}
             extra = [e for e in cross_item if tuple(e["loc"]) not in reported]
-            raise _merged(cls.__name__, field_errors + extra) from None
-        if cross_item:
-            raise _merged(cls.__name__, cross_item)
+            raise _merged(cls.__name__, too_many + field_errors + extra) from None
+        if too_many or cross_item:
+            raise _merged(cls.__name__, too_many + cross_item)
         return command
 
 
@@ -115,6 +121,21 @@ class CancelOrder(Command):
 class RestockProduct(Command):
     product_id: ProductId
     quantity: Annotated[int, Field(ge=1, le=1_000_000)]
+
+
+def _too_many_items(data: Any) -> list[InitErrorDetails]:
+    items = data.get("items") if isinstance(data, dict) else None
+    if not isinstance(items, list) or len(items) <= MAX_ITEMS:
+        return []
+    # pydantic's own error, as ``max_length`` would have raised it, in the API's words.
+    context = {"field_type": "List", "max_length": MAX_ITEMS, "actual_length": len(items)}
+    too_long: InitErrorDetails = {
+        "type": "too_long",
+        "loc": ("items",),
+        "input": items,
+        "ctx": context,
+    }
+    return reworded(_merged("CreateOrder", [too_long]))
 
 
 def _cross_item_errors(data: Any) -> list[InitErrorDetails]:

@@ -83,6 +83,23 @@ def many_items(count: int) -> order_command_service_pb2.CreateOrderRequest:
     return create_order(items=[item(f"sku-{n}") for n in range(count)])
 
 
+def too_many_items_some_wrong() -> order_command_service_pb2.CreateOrderRequest:
+    """101 items, three of them wrong: the length does not hide the items' violations."""
+    request = many_items(101)
+    request.items[0].quantity = 0
+    request.items[50].unit_price.currency_code = "eur"
+    request.items[100].product_id = "sku 100"
+    return request
+
+
+def too_many_items_one_malformed_id_twice() -> order_command_service_pb2.CreateOrderRequest:
+    """101 items, two with the same malformed product id: malformed, not duplicates."""
+    request = many_items(101)
+    request.items[1].product_id = "bad id"
+    request.items[2].product_id = "bad id"
+    return request
+
+
 def everything_wrong() -> order_command_service_pb2.CreateOrderRequest:
     request = create_order(command_id="42", customer_id="nobody")
     request.items[2].quantity = 0
@@ -147,6 +164,23 @@ ROWS: dict[str, Row] = {
     # items: 1 to 100.
     "no items": Row(create_order(items=[]), {"items": AT_LEAST_1_ITEM}),
     "101 items": Row(many_items(101), {"items": AT_MOST_100_ITEMS}),
+    "101 items, some wrong": Row(
+        too_many_items_some_wrong(),
+        {
+            "items": AT_MOST_100_ITEMS,
+            "items[0].quantity": AT_LEAST_1,
+            "items[50].unit_price.currency_code": A_CURRENCY,
+            "items[100].product_id": A_PRODUCT_ID,
+        },
+    ),
+    "101 items, a malformed product id twice": Row(
+        too_many_items_one_malformed_id_twice(),
+        {
+            "items": AT_MOST_100_ITEMS,
+            "items[1].product_id": A_PRODUCT_ID,
+            "items[2].product_id": A_PRODUCT_ID,
+        },
+    ),
     # No product twice: the later one's product_id.
     "duplicate product": Row(
         create_order(items=[item("a"), item("b"), item("a")]),
