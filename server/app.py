@@ -14,7 +14,6 @@ from typing import Final
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from orders.v1 import (
     consumer_group_service_pb2,
@@ -52,6 +51,7 @@ from server.observability.otel import otel_tracing
 from server.observability.store_faults import StoreFaults, watched
 from server.rpc.decoding import RequestDecodingInterceptor
 from server.rpc.generic_handlers import GenericHandlersOnly
+from server.rpc.health import GatewayHealthServicer
 from server.rpc.last_resort import LastResortInterceptor
 from server.rpc.method_handlers import Interceptors
 from server.rpc.servicers import CommandRunner, InventoryCommandServicer, OrderCommandServicer
@@ -110,7 +110,7 @@ class Gateway:
     server: grpc.aio.Server
     port: int
     store: EventStore
-    health: HealthServicer
+    health: GatewayHealthServicer
     hub: SubscriptionHub
     groups: ConsumerGroups
     shutdown_grace: float
@@ -346,7 +346,7 @@ async def _assemble(
     consumer_group_service_pb2_grpc.add_ConsumerGroupServiceServicer_to_server(
         ConsumerGroupServicer(groups), services
     )
-    health = HealthServicer()
+    health = GatewayHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, services)
     # What enable_server_reflection would add to an aio server, added to the stand-in
     # (which that function, checking for an aio server, would take for a sync one).

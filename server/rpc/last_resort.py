@@ -18,7 +18,7 @@ from server.rpc.method_handlers import (
     is_streaming_response,
     wrapped,
 )
-from server.rpc.status_mapping import status_for, unexpected_error_status
+from server.rpc.status_mapping import plain_status, status_for, unexpected_error_status
 
 
 class LastResortInterceptor(WrappingInterceptor):
@@ -38,7 +38,7 @@ class _Answering(CallScope):
         # Cancellation and aborts (a status already chosen) pass through untouched.
         if not isinstance(error, Exception) or isinstance(error, grpc.aio.AbortError):
             return False
-        status = status_for(error) or unexpected_error_status(error)
+        status = status_for(error) or self._unimplemented(error) or unexpected_error_status(error)
         if self._streaming:
             # Not abort_with_status: the client of a stream may already be gone (a
             # shutdown racing a disconnect), and a failed abort would surface as an error
@@ -49,3 +49,13 @@ class _Answering(CallScope):
             return True
         await self._context.abort_with_status(status)
         return False
+
+    def _unimplemented(self, error: Exception) -> grpc.Status | None:
+        """UNIMPLEMENTED for a method its servicer left to the generated base class, which
+        sets that code and raises NotImplementedError: not a fault of the server's."""
+        if (
+            isinstance(error, NotImplementedError)
+            and self._context.code() == grpc.StatusCode.UNIMPLEMENTED
+        ):
+            return plain_status(grpc.StatusCode.UNIMPLEMENTED, "method not implemented")
+        return None
