@@ -2,6 +2,7 @@
 
 - positions run 1, 2, … N with no gap and no repeat;
 - each stream's versions run 1, 2, … n in position order;
+- every event id is a UUID, and no two events share one;
 - every event decodes into its domain event (after upcasting);
 - every command record points at exactly its events: each run of consecutive events
   with one command id has a record with that first position and count, and no record
@@ -12,13 +13,15 @@
   read of the log touches, such as the consumer groups'); a damaged file's log is not read.
 
 The log is streamed in pages, holding only each stream's last version and each
-product's stock, so memory grows with the number of streams, not of events. Events
-committed after the check starts are left for the next run.
+product's stock, so memory grows with the number of streams, not of events (repeated
+event ids are found by the store, with one grouping query). Events committed after the
+check starts are left for the next run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -38,6 +41,9 @@ MAX_LISTED = 20
 """Violations printed one by one; the rest are counted."""
 
 CommandRange = tuple[str, int, int]
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+"""An event id as the gateway writes it: a UUID in the 36-character hyphenated form."""
 """A command record: command_id, first_position, event_count."""
 
 
@@ -51,6 +57,11 @@ class CommandLog(Protocol):
 
     async def read_command_ranges(self, after_command_id: str, limit: int) -> list[CommandRange]:
         """Up to ``limit`` records with ``command_id > after_command_id``, by command_id."""
+        ...
+
+    async def repeated_event_ids(self, head: int, limit: int) -> list[tuple[str, list[int]]]:
+        """Up to ``limit`` event ids that more than one event at or below ``head`` has,
+        each with those events' positions in order, by their first position."""
         ...
 
 
@@ -141,6 +152,8 @@ class _Checker:
         report = self.report
         event_id, stream_id, version, position, _, command_id, _, _, event_type, data, schema = row
         report.events += 1
+        if not _UUID.fullmatch(event_id):
+            report.add(position, f"event id {event_id!r} is not a UUID")
         if position != self.expected_position:
             if position > self.expected_position:
                 report.add(self.expected_position, f"missing (the next event is at {position})")
@@ -208,6 +221,23 @@ async def verify(store: EventStore) -> Report:
         return report
     checker = _Checker(report)
     head = await store.head_position()
+    # Grouped by the store (its reader thread or server) while the log is read and checked.
+    repeats = asyncio.ensure_future(store.repeated_event_ids(head, MAX_LISTED))
+    try:
+        await _check_log(store, head, checker, report)
+    finally:
+        if not repeats.done():
+            repeats.cancel()
+    for event_id, positions in await repeats:
+        for position in positions[1:]:
+            report.add(position, f"event id {event_id} is the id of position {positions[0]} too")
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+async def _check_log(store: EventStore, head: int, checker: _Checker, report: Report) -> None:
+    """Every event up to ``head`` and every command record (``verify``)."""
+    assert isinstance(store, CommandLog)
     after = 0
     recorded_runs = 0
     # The next page is read while this one is checked: the store's reader thread (or
@@ -238,8 +268,6 @@ async def verify(store: EventStore) -> Report:
         await _find_stray_records(store, head, report)
     report.streams = len(checker.versions)
     report.products = len(checker.stock)
-    report.seconds = time.perf_counter() - started
-    return report
 
 
 async def _read_rows(store: EventStore, after: int, limit: int) -> Sequence[EventRow]:

@@ -86,6 +86,15 @@ class MemoryEventStore:
             (r.command_id, r.events[0].position if r.events else 0, len(r.events)) for r in records
         ]
 
+    async def repeated_event_ids(self, head: int, limit: int) -> list[tuple[str, list[int]]]:
+        with self._lock:
+            events = self._events[:head]
+        positions: dict[str, list[int]] = {}
+        for event in events:
+            positions.setdefault(event.event_id, []).append(event.position)
+        repeated = [(event_id, at) for event_id, at in positions.items() if len(at) > 1]
+        return sorted(repeated, key=lambda found: found[1][0])[:limit]
+
     async def load_snapshot(self, stream_id: str) -> Snapshot | None:
         with self._lock:
             return self._snapshots.get(stream_id)

@@ -126,6 +126,13 @@ _READ_RANGES = (
     # primary key's order, whatever it is.
     " WHERE command_id > %s ORDER BY command_id LIMIT %s"
 )
+# No index on event_id (ids are unique by construction, and an index would cost every
+# append): verify groups the whole log once.
+_REPEATED_EVENT_IDS = (
+    "SELECT event_id, array_agg(position ORDER BY position) FROM events"
+    " WHERE position <= %s GROUP BY event_id HAVING count(*) > 1"
+    " ORDER BY min(position) LIMIT %s"
+)
 _LOAD_SNAPSHOT = (
     "SELECT stream_id, stream_version, schema_version, data FROM snapshots WHERE stream_id = %s"
 )
@@ -516,6 +523,14 @@ class PostgresEventStore:
                 cursor = await conn.execute(_READ_RANGES, (after_command_id, limit))
                 rows = await cursor.fetchall()
         return [(str(c), int(first), int(count)) for c, first, count in rows]
+
+    async def repeated_event_ids(self, head: int, limit: int) -> list[tuple[str, list[int]]]:
+        """``server.verify.CommandLog``: event ids that several events have."""
+        with _translated("find_command"):
+            async with self._pool.connection() as conn:
+                cursor = await conn.execute(_REPEATED_EVENT_IDS, (head, limit))
+                rows = await cursor.fetchall()
+        return [(str(event_id), [int(p) for p in positions]) for event_id, positions in rows]
 
     async def load_snapshot(self, stream_id: str) -> Snapshot | None:
         with _translated("load_snapshot"):

@@ -123,6 +123,13 @@ READ_RANGES = (
     " WHERE command_id > ? ORDER BY command_id LIMIT ?"
 )
 
+# No index on event_id (ids are unique by construction, and an index would cost every
+# append): verify groups the whole log once.
+REPEATED_EVENT_IDS = (
+    "SELECT event_id, group_concat(position) FROM events WHERE position <= ?"
+    " GROUP BY event_id HAVING count(*) > 1 ORDER BY min(position) LIMIT ?"
+)
+
 
 INSERT_EVENT = f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 """Run with ``executemany``: measured here about 40% cheaper per row than one multi-row
@@ -776,6 +783,16 @@ class SQLiteEventStore:
                 READ_RANGES, (after_command_id, limit)
             ).fetchall()
             return rows
+
+        return await self._read(query)
+
+    async def repeated_event_ids(self, head: int, limit: int) -> list[tuple[str, list[int]]]:
+        """``server.verify.CommandLog``: event ids that several events have."""
+
+        def query(connection: sqlite3.Connection) -> list[tuple[str, list[int]]]:
+            rows = connection.execute(REPEATED_EVENT_IDS, (head, limit)).fetchall()
+            # group_concat follows no order of its own.
+            return [(event_id, sorted(map(int, listed.split(",")))) for event_id, listed in rows]
 
         return await self._read(query)
 

@@ -3,6 +3,7 @@ named by its first offending position, with a non-zero exit."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import sqlite3
@@ -15,6 +16,7 @@ import pytest
 
 from server.bootstrap import bootstrap
 from server.cli import main
+from server.stores.factory import open_store
 from server.stores.memory import MemoryEventStore
 from server.verify import verify
 from tests.fixtures import make_store_v1 as fixture
@@ -99,6 +101,15 @@ def test_a_consistent_log_passes(store_file: Path, capsys: pytest.CaptureFixture
         pytest.param(
             ["INSERT INTO commands VALUES ('ghost', 'f', 2, 1)"],
             "position 2: command record ghost points at an event of", 2, id="stray-record",
+        ),
+        pytest.param(
+            ["UPDATE events SET event_id = (SELECT event_id FROM events WHERE position = 1)"
+             " WHERE position IN (2, 9)"],
+            "position 2: event id ", 2, id="repeated-event-id",
+        ),
+        pytest.param(
+            ["UPDATE events SET event_id = 'not-a-uuid' WHERE position = 3"],
+            "position 3: event id 'not-a-uuid' is not a UUID", 3, id="event-id-not-a-uuid",
         ),
     ],
 )  # fmt: skip
@@ -232,3 +243,28 @@ def test_a_migrated_database_with_no_events_is_consistent(
     assert main(["migrate", "--store", fresh_postgres_url]) == 0
     assert main(["verify", "--store", fresh_postgres_url]) == 0
     assert "OK: the log is consistent" in capsys.readouterr().out
+
+
+async def three_restocks(url: str) -> None:
+    store = await open_store(url)
+    try:
+        bus = bootstrap(store)
+        for product in ("a", "b", "c"):
+            await bus.dispatch(restock(product, 5))
+    finally:
+        await store.close()
+
+
+def test_a_repeated_event_id_is_found_in_postgresql(
+    fresh_postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    asyncio.run(three_restocks(fresh_postgres_url))
+    with psycopg.connect(fresh_postgres_url) as conn:
+        row = conn.execute("SELECT event_id FROM events WHERE position = 1").fetchone()
+        assert row is not None
+        (first,) = row
+        conn.execute("UPDATE events SET event_id = %s WHERE position = 3", (first,))
+    assert main(["verify", "--store", fresh_postgres_url]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert f"position 3: event id {first} is the id of position 1 too" in lines
+    assert lines[-1] == "FAILED: 1 violations, the first at position 3"
