@@ -786,6 +786,14 @@ def _connect_kwargs(url: str) -> dict[str, Any]:
         raise StoreURLError(
             f"invalid PostgreSQL store URL {redacted_url(url)!r}: {message}"
         ) from None
+    # libpq parses the port only when it connects, and its complaint would read as an
+    # unreachable server. One port per host, comma-separated; an empty one is the default.
+    for port in str(given.get("port", "")).split(","):
+        if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65_535):
+            raise StoreURLError(
+                f"invalid PostgreSQL store URL {redacted_url(url)!r}:"
+                f" port {port!r} is not a number from 1 to 65535"
+            )
     return {key: value for key, value in CONNECT_DEFAULTS.items() if key not in given}
 
 

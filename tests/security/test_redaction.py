@@ -70,6 +70,10 @@ def test_a_driver_message_quoting_the_password_is_masked(url: str) -> None:
         f"postgresql://gw:p%zz{SECRET}@db/orders",
         f"postgresql://gw:{SECRET} x@db/orders",
         f"postgresql://gw:{SECRET}@[::1/orders",
+        f"postgresql://gw:{SECRET}@db:abc/orders",
+        f"postgresql://gw:{SECRET}@db:99999/orders",
+        f"postgresql://gw:{SECRET}@db1:5432,db2:0/orders",
+        f"postgresql://gw:{SECRET}@db/orders?port=5432x",
     ],
 )
 def test_a_malformed_postgres_url_is_a_configuration_error_without_the_password(
