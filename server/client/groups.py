@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import queue
 import sys
 from collections.abc import Callable, Iterator
@@ -24,7 +23,7 @@ from orders.v1 import consumer_group_service_pb2_grpc as pb_grpc
 
 from server.client.channel import TOKEN_VARIABLE, Metadata, call_metadata, open_channel
 from server.client.json_lines import json_line
-from server.client.tail import field_violations
+from server.client.tail import field_violations, unwritable_output
 
 MAX_DURATION_SECONDS = 315_576_000_000
 """The longest ``google.protobuf.Duration``: about 10,000 years."""
@@ -279,7 +278,8 @@ def follow_group(
     except KeyboardInterrupt:
         call.cancel()
         return 0
-    except BrokenPipeError:
+    except OSError:
+        # The line was not written, so its event is not acked: it goes back to the group.
         call.cancel()
         raise
     finally:
@@ -293,7 +293,5 @@ def consume(args: argparse.Namespace) -> int:
             return follow_group(
                 channel, args.group, args.member, sys.stdout, sys.stderr, call_metadata(args.token)
             )
-        except BrokenPipeError:
-            # The reader went away (`| head`): its unacked event goes back to the group.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 0
+        except OSError as error:
+            return unwritable_output("order-gateway consume", error)

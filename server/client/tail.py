@@ -59,8 +59,9 @@ def follow(
     except KeyboardInterrupt:
         call.cancel()
         return 0
-    except BrokenPipeError:
-        # The reader went away (e.g. `| head`): stop quietly, like other line tools.
+    except OSError:
+        # Output that cannot be written: the reader went away (e.g. `| head`), or a full
+        # disk. The caller says which.
         call.cancel()
         raise
     return 0
@@ -96,7 +97,16 @@ def tail(
             return follow(
                 channel, after, types, sys.stdout, sys.stderr, call_metadata(token), stream
             )
-        except BrokenPipeError:
-            # Python would report the failed flush of stdout again at exit.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 0
+        except OSError as error:
+            return unwritable_output(PROGRAM, error)
+
+
+def unwritable_output(program: str, error: OSError) -> int:
+    """The exit status of a command whose stdout failed with ``error``: 0 when its reader
+    went away (stop quietly, like other line tools, as after `| head`), else 1."""
+    # Python would report the failed flush of stdout again at exit (and exit 120).
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if isinstance(error, BrokenPipeError):
+        return 0
+    print(f"{program}: cannot write the events: {error.strerror or error}", file=sys.stderr)
+    return 1

@@ -163,6 +163,33 @@ async def test_consume_prints_json_lines_and_acks_each(gateway: Gateway) -> None
     assert "member cli-1 has partitions 0, 1, 2" in err
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+async def test_consume_stops_with_exit_1_when_its_output_cannot_be_written(
+    gateway: Gateway,
+) -> None:
+    target = f"127.0.0.1:{gateway.port}"
+    await cli("group", "create", "g", "--target", target)
+    await restock(gateway, 1)
+    full = os.open("/dev/full", os.O_WRONLY)  # every write fails: no space left
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server.cli", "consume", "--group", "g", "--target", target,
+            stdout=full, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+    finally:
+        os.close(full)
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 1
+    assert err.decode().splitlines()[-1] == (
+        "order-gateway consume: cannot write the events: No space left on device"
+    )
+    # Not written, so not acked: the event is still the group's to deliver.
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.ConsumerGroupServiceStub(channel)
+        group = (await stub.GetConsumerGroup(pb.GetConsumerGroupRequest(name="g"))).group
+    assert (group.checkpoint, group.head_position) == (0, 1)
+
+
 async def test_consume_an_unknown_group_fails_with_its_reason(gateway: Gateway) -> None:
     refused = await cli("consume", "--group", "nope", "--target", f"127.0.0.1:{gateway.port}")
     assert refused.code == 1

@@ -267,3 +267,23 @@ async def test_a_stream_no_stream_can_have_is_refused_with_the_servers_reason(
         "order-gateway tail: INVALID_ARGUMENT: invalid request: stream_id",
         "  stream_id: must be order-<order UUID> or product-<product_id>",
     ]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+async def test_output_that_cannot_be_written_is_an_error_with_exit_1(
+    gateway: Any, clients: Clients
+) -> None:
+    await clients.restock("sku-1", 3)
+    full = os.open("/dev/full", os.O_WRONLY)  # every write fails: no space left
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "server.cli", "tail", "--target", f"127.0.0.1:{gateway.port}"),
+            stdout=full,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    finally:
+        os.close(full)
+    async with asyncio.timeout(WAIT):
+        _, err = await process.communicate()
+    assert process.returncode == 1
+    assert err.decode() == "order-gateway tail: cannot write the events: No space left on device\n"
