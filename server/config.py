@@ -37,9 +37,12 @@ def split_host_port(address: str) -> tuple[str, int]:
     The port must be 0 to 65535: grpc would take 99999 modulo 65536 and listen on 34463.
     """
     host, separator, port = address.rpartition(":")
-    if not separator or not port.isdigit() or int(port) > 65535:
+    if not separator or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         # The message leaves the value out, as every setting's does (see server.cli).
         raise ValueError("not HOST:PORT with a port from 0 to 65535")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        # "::1:50051" could be read more than one way; grpc takes it for a name.
+        raise ValueError("an IPv6 address goes in brackets: [ADDRESS]:PORT")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 

@@ -143,7 +143,15 @@ def test_listen_takes_host_and_port(address: str) -> None:
 
 @pytest.mark.parametrize(
     "address",
-    ["127.0.0.1:99999", "127.0.0.1:65536", "127.0.0.1:-1", "127.0.0.1", "50051", "host:http"],
+    [
+        "127.0.0.1:99999",
+        "127.0.0.1:65536",
+        "127.0.0.1:-1",
+        "127.0.0.1",
+        "50051",
+        "host:http",
+        "127.0.0.1:5\u0665",  # an Arabic-Indic digit
+    ],
 )
 def test_a_listen_address_without_a_valid_port_is_refused(
     address: str, capsys: pytest.CaptureFixture[str]
@@ -152,6 +160,18 @@ def test_a_listen_address_without_a_valid_port_is_refused(
     assert main(["serve", "--listen", address, "--store", "memory://"]) == 2
     assert capsys.readouterr().err == (
         "order-gateway: listen: not HOST:PORT with a port from 0 to 65535\n"
+    )
+    with pytest.raises(ValidationError, match="metrics_listen"):
+        Settings(metrics_listen=address)
+
+
+@pytest.mark.parametrize("address", ["::1:50051", "[::1:50051", "::1]:50051", "fe80::1:0"])
+def test_an_ipv6_address_without_brackets_is_refused(
+    address: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--listen", address, "--store", "memory://"]) == 2
+    assert capsys.readouterr().err == (
+        "order-gateway: listen: an IPv6 address goes in brackets: [ADDRESS]:PORT\n"
     )
     with pytest.raises(ValidationError, match="metrics_listen"):
         Settings(metrics_listen=address)
