@@ -21,6 +21,12 @@ def sqlite_path(url: str) -> Path | None:
     the fourth slash, making the path absolute.
     """
     if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        if "?" in url or "#" in url:
+            # Taken as part of the file name, "?mode=ro" would make a file of that name.
+            raise StoreURLError(
+                f"invalid SQLite store URL {redacted_url(url)!r}: it names a file,"
+                " with no query (?…) or fragment (#…)"
+            )
         return Path(url.removeprefix("sqlite:///"))
     return None
 

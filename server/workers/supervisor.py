@@ -30,7 +30,7 @@ from server.config import Settings
 from server.consumer_groups.store_sqlite import SQLiteConsumerGroupStore
 from server.observability.metrics import MetricsServer, check_metrics_address
 from server.security.tls import server_credentials
-from server.stores.factory import migrate
+from server.stores.factory import migrate, sqlite_path
 from server.stores.urls import redacted_url
 from server.workers.groups import GroupsHost
 from server.workers.hub import WorkerHub
@@ -57,12 +57,6 @@ class WorkersConfigurationError(ValueError):
 def worker_count(workers: int) -> int:
     """``--workers``: 0 means one per CPU this process may run on."""
     return workers or len(os.sched_getaffinity(0))
-
-
-def sqlite_file(store_url: str) -> str | None:
-    if store_url.startswith("sqlite:///") and len(store_url) > len("sqlite:///"):
-        return store_url.removeprefix("sqlite:///")
-    return None
 
 
 async def _readable(*fds: int) -> int:
@@ -262,12 +256,10 @@ async def _run(settings: Settings, count: int, listen: str, run_dir: Path) -> No
         }
     )
     await migrate(settings.store)
-    database = sqlite_file(settings.store)
+    database = sqlite_path(settings.store)
     # On SQLite the supervisor keeps the consumer groups' leases and writes their records.
     groups = (
-        GroupsHost(await SQLiteConsumerGroupStore.open(Path(database)))
-        if database is not None
-        else None
+        GroupsHost(await SQLiteConsumerGroupStore.open(database)) if database is not None else None
     )
     hub = WorkerHub(run_dir / "hub.sock", groups)
     # Only SQLite's workers hear of each other's commits from the hub alone: PostgreSQL's

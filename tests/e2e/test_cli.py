@@ -267,6 +267,26 @@ def test_a_store_serve_cannot_open_exits_1_with_the_stores_message(
     assert f"store error: cannot open the SQLite store {tmp_path}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["serve", "migrate", "verify", "backup"])
+@pytest.mark.parametrize("suffix", ["?mode=ro", "#main"])
+def test_a_sqlite_url_with_a_query_or_fragment_is_refused_and_no_file_made(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+    suffix: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///events.db{suffix}"
+    args = {"serve": ["--listen", "127.0.0.1:0"], "backup": ["copy.db"]}.get(command, [])
+    assert main([command, "--store", url, *args]) == 2
+    assert capsys.readouterr().err == (
+        f"order-gateway: invalid SQLite store URL '{url}': it names a file,"
+        " with no query (?…) or fragment (#…)\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def files_in(directory: Path) -> list[str]:
     return sorted(path.name for path in directory.iterdir())
 
