@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -145,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument(
         "--timeout",
         metavar="SECONDS",
-        type=float,
+        type=_timeout,
         default=3.0,
         help="how long to wait for an answer (default: %(default)s)",
     )
@@ -291,6 +292,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"order-gateway: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _timeout(text: str) -> float:
+    """An argparse type: a number of seconds above 0 (not ``nan`` or ``inf``)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < seconds < math.inf:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0: {text!r}")
+    return seconds
 
 
 def _os_error_text(error: OSError) -> str:

@@ -28,5 +28,8 @@ def call_metadata(token: str | None) -> Metadata:
 
     Sent as call metadata rather than call credentials, so that it also reaches a
     server listening in plaintext on loopback."""
-    token = token or os.environ.get(TOKEN_VARIABLE) or ""
-    return (("authorization", f"Bearer {token.strip()}"),) if token.strip() else ()
+    token = (token or os.environ.get(TOKEN_VARIABLE) or "").strip()
+    if not all(" " <= character <= "~" for character in token):
+        # gRPC metadata carries printable ASCII only: grpc would fail the call as INTERNAL.
+        raise ValueError(f"--token (or {TOKEN_VARIABLE}): a token is printable ASCII only")
+    return (("authorization", f"Bearer {token}"),) if token else ()

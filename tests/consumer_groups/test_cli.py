@@ -254,3 +254,18 @@ async def test_tls_ca_reaches_a_tls_server(tmp_path: Path) -> None:
         assert health.code == 0, health.err
         assert health.out == f"{target}: SERVING\n"
         assert (await cli("health", "--target", target, "--timeout", "2")).code == 1
+
+
+@pytest.mark.parametrize("token", ["é", "a\nb", "tab\there"])
+@pytest.mark.parametrize("command", [["tail"], ["group", "list"], ["consume", "--group", "g"]])
+async def test_a_token_grpc_metadata_cannot_carry_is_a_usage_error(
+    command: list[str], token: str
+) -> None:
+    # Nothing listens there: the token is refused before any call.
+    by_flag = await cli(*command, "--target", "127.0.0.1:9", "--token", token)
+    by_variable = await cli(*command, "--target", "127.0.0.1:9", env={"ORDER_GATEWAY_TOKEN": token})
+    for refused in (by_flag, by_variable):
+        assert refused.code == 2
+        assert refused.err == (
+            "order-gateway: --token (or ORDER_GATEWAY_TOKEN): a token is printable ASCII only\n"
+        )

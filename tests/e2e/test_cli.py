@@ -177,6 +177,16 @@ def test_an_ipv6_address_without_brackets_is_refused(
         Settings(metrics_listen=address)
 
 
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "soon"])
+def test_a_health_timeout_that_is_no_time_to_wait_is_a_usage_error(
+    timeout: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["health", "--target", "127.0.0.1:9", "--timeout", timeout])
+    assert exited.value.code == 2
+    assert "argument --timeout: " in capsys.readouterr().err
+
+
 def test_an_unknown_log_level_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert Settings(log_level="warning").log_level == "warning"
     assert main(["serve", "--log-level", "LOUD", "--store", "memory://"]) == 2
