@@ -181,7 +181,13 @@ def _call_info(
     for key, value in metadata:
         if key == REQUEST_ID_HEADER and isinstance(value, str) and _SAFE_ID.fullmatch(value):
             request_id = value
-        elif key == CORRELATION_HEADER and isinstance(value, str) and correlation_header is None:
+        elif (
+            key == CORRELATION_HEADER
+            and isinstance(value, str)
+            and correlation_header is None
+            # A blank header names nothing to correlate by, as an absent one.
+            and not value.isspace()
+        ):
             correlation_header = value[:MAX_ID_LENGTH]
     # As for events: without x-correlation-id a command correlates by its command_id.
     correlation_id = correlation_header or str(getattr(request, "command_id", ""))[:MAX_ID_LENGTH]

@@ -91,6 +91,12 @@ async def test_command_and_correlation_ids(clients: Clients) -> None:
     events = await clients.restock("a", 1, metadata=(("x-correlation-id", "checkout-42"),))
     assert events[0].correlation_id == "checkout-42"
     uuid.UUID(events[0].command_id)
+    # A blank header is no correlation id: the command's id correlates, as without one.
+    another = str(uuid.uuid4())
+    events = await clients.restock(
+        "a", 1, command_id=another, metadata=(("x-correlation-id", "   "),)
+    )
+    assert (events[0].command_id, events[0].correlation_id) == (another, another)
 
 
 async def test_invalid_argument_names_every_bad_field(clients: Clients) -> None:
