@@ -51,10 +51,10 @@ class TokenFileAuthenticator:
         try:
             document = tomllib.loads(read_setting_file("--auth-tokens", path).decode())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-            raise ConfigurationError(f"{path}: not valid TOML: {error}") from error
+            raise ConfigurationError(f"--auth-tokens {path}: not valid TOML: {error}") from error
         entries: dict[bytes, Caller] = {}
         for n, token in enumerate(document.get("token", [])):
-            where = f"{path}: token[{n}]"
+            where = f"--auth-tokens {path}: token[{n}]"
             if not isinstance(token, dict):
                 raise ConfigurationError(f"{where} must be a [[token]] table")
             missing = {"sha256", "user_id"} - token.keys()

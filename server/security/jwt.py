@@ -87,13 +87,17 @@ class JwtAuthenticator:
         try:
             key = load_pem_public_key(pem)
         except ValueError as error:
-            raise ConfigurationError(f"{path}: not a PEM public key ({error})") from None
+            raise ConfigurationError(
+                f"--jwt-public-key {path}: not a PEM public key ({error})"
+            ) from None
         if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
-            raise ConfigurationError(f"{path}: JWT keys must be RSA (RS256) or EC P-256 (ES256)")
+            raise ConfigurationError(
+                f"--jwt-public-key {path}: JWT keys must be RSA (RS256) or EC P-256 (ES256)"
+            )
         try:
             return cls(key, issuer, audience)
         except ValueError as error:
-            raise ConfigurationError(f"{path}: {error}") from None
+            raise ConfigurationError(f"--jwt-public-key {path}: {error}") from None
 
     def authenticate(self, token: str) -> Caller | None:
         verified = self._verified.get(token)

@@ -7,6 +7,7 @@ instead of failing inside grpcio's TLS handshake later.
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import grpc
@@ -41,7 +42,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     client_ca = None
     if settings.tls_client_ca is not None:
         client_ca = read_setting_file("--tls-client-ca", settings.tls_client_ca)
-        _certificates(settings.tls_client_ca, client_ca)
+        _certificates(f"--tls-client-ca {settings.tls_client_ca}", client_ca)
     return grpc.ssl_server_credentials(
         [(private_key, certificate_chain)],
         root_certificates=client_ca,
@@ -49,11 +50,12 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
-def _certificates(path: Path, pem: bytes) -> list[x509.Certificate]:
+def _certificates(setting: str, pem: bytes) -> list[x509.Certificate]:
+    """The certificates in ``pem``; ``setting``: the flag and the file, for messages."""
     try:
         return x509.load_pem_x509_certificates(pem)
     except ValueError:
-        raise ConfigurationError(f"{path}: no PEM certificate in it") from None
+        raise ConfigurationError(f"{setting}: no PEM certificate in it") from None
 
 
 def _check_key_pair(cert_path: Path, chain: bytes, key_path: Path, key_pem: bytes) -> None:
@@ -61,15 +63,28 @@ def _check_key_pair(cert_path: Path, chain: bytes, key_path: Path, key_pem: byte
         key = load_pem_private_key(key_pem, password=None)
     except TypeError:
         raise ConfigurationError(
-            f"{key_path}: the private key is encrypted; give it unencrypted"
+            f"--tls-key {key_path}: the private key is encrypted; give it unencrypted"
         ) from None
     except ValueError:
-        raise ConfigurationError(f"{key_path}: not a PEM private key") from None
+        raise ConfigurationError(f"--tls-key {key_path}: not a PEM private key") from None
     # The server's own certificate comes first in a chain file.
-    leaf = _certificates(cert_path, chain)[0]
+    leaf = _certificates(f"--tls-cert {cert_path}", chain)[0]
     if _spki(leaf.public_key()) != _spki(key.public_key()):
         raise ConfigurationError(
-            f"{key_path} is not the private key of the certificate in {cert_path}"
+            f"--tls-key {key_path} is not the private key of the certificate in"
+            f" --tls-cert {cert_path}"
+        )
+    # Every client would refuse the handshake: say so now, not in each client's error.
+    now = dt.datetime.now(dt.UTC)
+    if leaf.not_valid_after_utc < now:
+        raise ConfigurationError(
+            f"--tls-cert {cert_path}: the certificate expired on"
+            f" {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"
+        )
+    if leaf.not_valid_before_utc > now:
+        raise ConfigurationError(
+            f"--tls-cert {cert_path}: the certificate is not valid before"
+            f" {leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC"
         )
 
 

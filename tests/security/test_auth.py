@@ -285,8 +285,8 @@ def test_a_bad_token_file_is_refused_with_a_clear_message(
     path.write_text(toml)
     with pytest.raises(ValueError, match=re.escape(message)) as refused:
         TokenFileAuthenticator.from_file(path)
-    # Which file, as the operator named it: the gateway may read several.
-    assert str(refused.value).startswith(f"{path}: ")
+    # Which setting and file, as the operator named it: the gateway may read several.
+    assert str(refused.value).startswith(f"--auth-tokens {path}: ")
 
 
 @pytest.mark.parametrize("authentication", ["on", "off"])

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -313,8 +314,10 @@ def test_an_unusable_key_file_is_refused_with_a_clear_message(
     tmp_path: Path, make_pem: Any, message: str
 ) -> None:
     path = write(tmp_path / "key.pem", make_pem())
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=re.escape(message)) as refused:
         JwtAuthenticator.from_file(path)
+    # The setting and its file, as the operator named it.
+    assert str(refused.value).startswith(f"--jwt-public-key {path}: ")
 
 
 def test_issuer_and_audience_need_a_key() -> None:

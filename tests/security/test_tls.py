@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import ipaddress
+import json
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +33,7 @@ from domain.errors import ConfigurationError
 from server.app import Gateway, create_server
 from server.config import Settings
 from server.stores.memory import MemoryEventStore
+from tests.serving import free_port
 
 CALL_TIMEOUT = 10
 
@@ -47,10 +53,18 @@ class Issued:
 
 
 def issue(
-    name: str, issuer: Issued | None = None, *, ca: bool = False, client: bool = False
+    name: str,
+    issuer: Issued | None = None,
+    *,
+    ca: bool = False,
+    client: bool = False,
+    valid_from: dt.timedelta = -dt.timedelta(minutes=5),
+    valid_until: dt.timedelta = dt.timedelta(days=1),
+    key: ec.EllipticCurvePrivateKey | None = None,
 ) -> Issued:
-    """A certificate for ``name``, signed by ``issuer`` (self-signed when None)."""
-    key = ec.generate_private_key(ec.SECP256R1())
+    """A certificate for ``name``, signed by ``issuer`` (self-signed when None), valid
+    from ``valid_from`` to ``valid_until`` after now (of a new key, unless ``key``)."""
+    key = key or ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = dt.datetime.now(dt.UTC)
     builder = (
@@ -59,8 +73,8 @@ def issue(
         .issuer_name(issuer.certificate.subject if issuer else subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
+        .not_valid_before(now + valid_from)
+        .not_valid_after(now + valid_until)
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if ca:
@@ -238,11 +252,14 @@ def test_tls_files_must_come_together(given: dict[str, str]) -> None:
 @pytest.mark.parametrize(
     ("case", "message"),
     [
-        ("foreign-key", "is not the private key of the certificate"),
-        ("encrypted-key", "encrypted"),
-        ("garbage-key", "not a PEM private key"),
-        ("garbage-cert", "no PEM certificate"),
-        ("garbage-client-ca", "no PEM certificate"),
+        # Each names the setting and its file.
+        ("foreign-key", "^--tls-key .* is not the private key of the certificate in --tls-cert "),
+        ("encrypted-key", "^--tls-key .*: the private key is encrypted"),
+        ("garbage-key", "^--tls-key .*: not a PEM private key"),
+        ("garbage-cert", "^--tls-cert .*: no PEM certificate"),
+        ("garbage-client-ca", "^--tls-client-ca .*: no PEM certificate"),
+        ("expired-cert", "^--tls-cert .*: the certificate expired on "),
+        ("future-cert", "^--tls-cert .*: the certificate is not valid before "),
     ],
 )
 async def test_unusable_tls_files_stop_the_server_with_a_clear_message(
@@ -259,6 +276,20 @@ async def test_unusable_tls_files_stop_the_server_with_a_clear_message(
         key = b"-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n"
     elif case == "garbage-cert":
         cert = b"not a certificate"
+    elif case in ("expired-cert", "future-cert"):
+        # The server's own key, so that only the dates are wrong.
+        window = (
+            (-dt.timedelta(days=2), -dt.timedelta(days=1))
+            if case == "expired-cert"
+            else (dt.timedelta(days=1), dt.timedelta(days=2))
+        )
+        cert = issue(
+            "localhost",
+            pki.server_ca,
+            valid_from=window[0],
+            valid_until=window[1],
+            key=pki.server.key,
+        ).cert_pem
     else:
         client_ca = b""
     settings = Settings(
@@ -281,3 +312,34 @@ async def test_a_missing_tls_file_is_named(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigurationError, match=r"^--tls-cert .*absent\.pem: No such file"):
         await create_server(settings, store=MemoryEventStore())
+
+
+async def test_a_failed_handshake_leaves_no_line_outside_the_log_format(
+    tmp_path: Path, pki: Pki
+) -> None:
+    # grpc writes a line of its own (its format, its level) for each failed TLS handshake,
+    # which any client can cause: only grpc's errors reach stderr, unless the operator
+    # sets GRPC_VERBOSITY. This process has it set: the gateway must choose it itself.
+    port = free_port()
+    settings = tls_settings(tmp_path, pki)
+    env = {name: value for name, value in os.environ.items() if name != "GRPC_VERBOSITY"}
+    gateway = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server.cli", "serve", "--listen", f"127.0.0.1:{port}",
+        "--store", "memory://", "--log-format", "json",
+        "--tls-cert", str(settings.tls_cert), "--tls-key", str(settings.tls_key),
+        env=env, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert gateway.stderr is not None
+    try:
+        async with asyncio.timeout(30):
+            first = (await gateway.stderr.readline()).decode()
+        assert "listening on" in first, first
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert await health_code(channel) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            _, rest = await gateway.communicate()
+    lines = [first, *rest.decode().splitlines()]
+    assert gateway.returncode == 0
+    assert all(json.loads(line)["level"] == "INFO" for line in lines), lines
