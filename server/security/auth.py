@@ -144,6 +144,8 @@ class AuthInterceptor(WrappingInterceptor):
         if not caller.scopes & required:
             needed = " or ".join(sorted(required))
             log.info("refused %s to %r: lacks scope %s", method, caller.user_id, needed)
+            # Known, though refused: the access line names who was refused.
+            current_caller.set(caller)
             return plain_status(
                 grpc.StatusCode.PERMISSION_DENIED, f"this call needs scope {needed}"
             )

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from orders.v1 import consumer_group_service_pb2, consumer_group_service_pb2_grpc
 
 from domain.ports import Commit, RecordedEvent
 from server import app
@@ -124,6 +125,21 @@ async def test_refused_calls_are_logged_and_tokens_never_are(
     for record in caplog.records:
         assert TOKEN not in formatter.format(record)
         assert TOKEN not in record.getMessage()
+
+
+async def test_a_call_refused_for_a_missing_scope_is_logged_with_its_caller(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    async with running(secured=True) as (_, clients):
+        groups = consumer_group_service_pb2_grpc.ConsumerGroupServiceStub(clients.channel)
+        request = consumer_group_service_pb2.CreateConsumerGroupRequest(name="g")
+        # The token's caller may read events, not manage groups (events:admin).
+        error = await rpc_error(groups.CreateConsumerGroup(request, metadata=AUTH))
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    (refused,) = access_lines(caplog)
+    assert fields(refused)["code"] == "PERMISSION_DENIED"
+    assert fields(refused)["user_id"] == USER
 
 
 async def test_a_request_id_that_could_forge_log_lines_is_replaced(
