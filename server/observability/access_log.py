@@ -21,6 +21,7 @@ embedding application's, a test's log capture) the lines go through ``logging`` 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 
@@ -150,8 +151,8 @@ def _parts(outcome: RpcOutcome) -> tuple[tuple[object, ...], dict[str, object]]:
         code,
         duration_ms,
         outcome.request_id,
-        outcome.correlation_id or "-",
-        outcome.user_id or "-",
+        _word(outcome.correlation_id),
+        _word(outcome.user_id),
         outcome.peer,
     )
     fields: dict[str, object] = {
@@ -166,6 +167,21 @@ def _parts(outcome: RpcOutcome) -> tuple[tuple[object, ...], dict[str, object]]:
     if outcome.trace_id:
         fields["trace_id"] = outcome.trace_id
     return args, fields
+
+
+_NEEDS_QUOTES = frozenset(' ="\\')
+
+
+def _word(value: str) -> str:
+    """A value a client chose (its correlation id, a token's subject), as one word of the
+    line: quoted and escaped as JSON when it has a space, ``=``, a quote or a character
+    that is not printable, so that it cannot read as more fields (``x user=root``); ``-``
+    when empty."""
+    if not value:
+        return "-"
+    if value.isprintable() and _NEEDS_QUOTES.isdisjoint(value):
+        return value
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _msecs(ended: float) -> float:

@@ -154,6 +154,20 @@ async def test_a_request_id_that_could_forge_log_lines_is_replaced(
     assert "user=admin" not in line.getMessage()
 
 
+async def test_a_correlation_id_that_could_forge_fields_is_quoted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    forged = "x user=root peer=ipv4:6.6.6.6:1"
+    async with running(secured=True) as (_, clients):
+        await clients.restock("sku-1", 5, metadata=(*AUTH, ("x-correlation-id", forged)))
+    (line,) = access_lines(caplog)
+    assert fields(line)["correlation_id"] == forged  # as sent, in the JSON fields
+    assert line.getMessage().endswith(
+        f'correlation_id="{forged}" user={USER} peer={fields(line)["peer"]}'
+    )
+
+
 class BrokenStore(MemoryEventStore):
     async def append(self, commit: Commit) -> list[RecordedEvent]:
         raise RuntimeError("disk on fire")
