@@ -50,6 +50,7 @@ from server.observability.metrics import (
 from server.observability.otel import otel_tracing
 from server.observability.store_faults import StoreFaults, watched
 from server.rpc.decoding import RequestDecodingInterceptor
+from server.rpc.draining import StopGate
 from server.rpc.generic_handlers import GenericHandlersOnly
 from server.rpc.health import GatewayHealthServicer
 from server.rpc.last_resort import LastResortInterceptor
@@ -119,6 +120,7 @@ class Gateway:
     metrics_server: MetricsServer | None = None
     tracing: Tracing | None = None
     snapshots: Snapshots | None = None
+    stop_gate: StopGate = field(default_factory=StopGate)
     metrics_port: int | None = field(default=None, init=False)
     """The port /metrics is served on once started (None without --metrics-listen)."""
     _stopped: bool = field(default=False, init=False)
@@ -137,6 +139,8 @@ class Gateway:
             return
         self._stopped = True
         await self.health.enter_graceful_shutdown()
+        # Before grpc's shutdown, which would cancel the calls still in its queue.
+        await self.stop_gate.close()
         # Subscription and Consume streams never end on their own, and server.stop can
         # hang while streaming calls are open: end them first. Groups first: they store
         # their checkpoints while the store is open, and read through the hub.
@@ -225,16 +229,19 @@ async def create_server(
                 pass  # Not ours to judge (a foreign address, a privileged port): grpc says why.
         metrics = GatewayMetrics()
         access_log = AccessLog()
+        stop_gate = StopGate()
         server = grpc.aio.server(
             # Observability wraps all the others, so that calls the auth interceptor refuses
             # are still timed, counted and logged, and it sees the status the last-resort
-            # handler chose for an escaping error. Of those that act on a call,
-            # authentication runs first: its verdict precedes any look at the request.
+            # handler chose for an escaping error. Of those that act on a call, the stop
+            # gate runs first (a stopping gateway refuses whoever calls), then
+            # authentication: its verdict precedes any look at the request.
             interceptors=[
                 Interceptors(
                     [
                         ObservabilityInterceptor([metrics, access_log], tracing),
                         LastResortInterceptor(),
+                        stop_gate,
                         AuthInterceptor(authenticators),
                         RequestDecodingInterceptor(),
                     ]
@@ -265,6 +272,7 @@ async def create_server(
                 store,
                 metrics=metrics,
                 access_log=access_log,
+                stop_gate=stop_gate,
                 tracing=tracing,
                 hub_tuning=hub_tuning,
                 group_tuning=group_tuning,
@@ -292,6 +300,7 @@ async def _assemble(
     *,
     metrics: GatewayMetrics,
     access_log: AccessLog,
+    stop_gate: StopGate,
     tracing: Tracing | None,
     hub_tuning: HubTuning | None,
     group_tuning: GroupTuning | None,
@@ -377,6 +386,7 @@ async def _assemble(
         ),
         tracing=tracing,
         snapshots=snapshots,
+        stop_gate=stop_gate,
     )
 
 
