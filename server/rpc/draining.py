@@ -18,7 +18,14 @@ from typing import Any, Final
 
 import grpc
 
-from server.rpc.method_handlers import CallScope, Context, Handler, WrappingInterceptor, wrapped
+from server.rpc.method_handlers import (
+    CallScope,
+    Context,
+    Handler,
+    Refusing,
+    WrappingInterceptor,
+    wrapped,
+)
 from server.rpc.status_mapping import plain_status
 from server.security.scopes import OPEN_SERVICES
 
@@ -45,7 +52,7 @@ class StopGate(WrappingInterceptor):
         if not self._closed:
             return None
         self._last_refused = time.monotonic()
-        return _Refusal(context)
+        return Refusing(context, SHUTTING_DOWN)
 
     async def close(self, quiet: float = QUIET_SECONDS, most: float = MOST_SECONDS) -> None:
         """Refuse calls from now on; return once none has come for ``quiet`` seconds, or
@@ -57,13 +64,3 @@ class StopGate(WrappingInterceptor):
             now = time.monotonic()
             if now - self._last_refused >= quiet or now - started >= most:
                 return
-
-
-class _Refusal(CallScope):
-    __slots__ = ("_context",)
-
-    def __init__(self, context: Context) -> None:
-        self._context = context
-
-    async def start(self) -> None:
-        await self._context.abort_with_status(SHUTTING_DOWN)

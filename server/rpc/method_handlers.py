@@ -41,6 +41,19 @@ class CallScope:
         return False
 
 
+class Refusing(CallScope):
+    """Refuses the call with ``status`` before its behaviour runs."""
+
+    __slots__ = ("_context", "_status")
+
+    def __init__(self, context: Context, status: grpc.Status) -> None:
+        self._context = context
+        self._status = status
+
+    async def start(self) -> None:
+        await self._context.abort_with_status(self._status)
+
+
 class Around(Protocol):
     def __call__(self, request: Any, context: Context) -> CallScope | None:
         """The scope of one call (``request`` is the request iterator of a
