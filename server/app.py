@@ -63,6 +63,7 @@ from server.security.jwt import JwtAuthenticator
 from server.security.scopes import check_every_method_scoped
 from server.security.tls import add_port, server_credentials
 from server.stores.factory import open_store
+from server.stores.on_loop import CommitsOnLoop
 from server.stores.urls import redacted_url
 from server.workers.listen_address import AddressInUseError, check_free
 
@@ -329,6 +330,8 @@ async def _assemble(
             cache=cache,
         )
     )
+    if isinstance(store, CommitsOnLoop):
+        store.commit_on_loop_when(runner.in_flight.alone)
     # Added by their generic handlers only (see server.rpc.generic_handlers).
     services = GenericHandlersOnly(server).as_server()
     order_command_service_pb2_grpc.add_OrderCommandServiceServicer_to_server(

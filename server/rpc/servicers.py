@@ -35,6 +35,26 @@ from server.security.identity import current_caller
 log = logging.getLogger("order_gateway.rpc")
 
 
+class CallsInFlight:
+    """Counts the command calls being served, each inside ``with calls_in_flight:``."""
+
+    __slots__ = ("_count",)
+
+    def __init__(self) -> None:
+        self._count = 0
+
+    def __enter__(self) -> None:
+        self._count += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._count -= 1
+
+    def alone(self) -> bool:
+        """Whether one call at most is being served (from the request to its last
+        response): what ``SQLiteEventStore.commit_on_loop_when`` asks."""
+        return self._count <= 1
+
+
 class CommandRunner:
     """Builds the command with the caller's identity and dispatches it.
 
@@ -44,6 +64,7 @@ class CommandRunner:
 
     def __init__(self, bus: CommandBus) -> None:
         self._bus = bus
+        self.in_flight = CallsInFlight()
 
     async def run(
         self,
@@ -77,22 +98,26 @@ class OrderCommandServicer(orders_grpc.OrderCommandServiceServicer):
         request: orders_pb2.CreateOrderRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[orders_pb2.CreateOrderResponse]:
-        events = await self._runner.run(CreateOrder, mapping.create_order_input(request), context)
-        for record in events:
-            yield mapping.event_response(orders_pb2.CreateOrderResponse, record)
+        with self._runner.in_flight:
+            events = await self._runner.run(
+                CreateOrder, mapping.create_order_input(request), context
+            )
+            for record in events:
+                yield mapping.event_response(orders_pb2.CreateOrderResponse, record)
 
     async def CancelOrder(
         self,
         request: orders_pb2.CancelOrderRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[orders_pb2.CancelOrderResponse]:
-        events = await self._runner.run(
-            CancelOrder,
-            {**mapping.cancel_order_input(request), "by_admin": current_caller.get().is_admin},
-            context,
-        )
-        for record in events:
-            yield mapping.event_response(orders_pb2.CancelOrderResponse, record)
+        with self._runner.in_flight:
+            events = await self._runner.run(
+                CancelOrder,
+                {**mapping.cancel_order_input(request), "by_admin": current_caller.get().is_admin},
+                context,
+            )
+            for record in events:
+                yield mapping.event_response(orders_pb2.CancelOrderResponse, record)
 
 
 class InventoryCommandServicer(inventory_grpc.InventoryCommandServiceServicer):
@@ -104,8 +129,9 @@ class InventoryCommandServicer(inventory_grpc.InventoryCommandServiceServicer):
         request: inventory_pb2.RestockProductRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[inventory_pb2.RestockProductResponse]:
-        events = await self._runner.run(
-            RestockProduct, mapping.restock_product_input(request), context
-        )
-        for record in events:
-            yield mapping.event_response(inventory_pb2.RestockProductResponse, record)
+        with self._runner.in_flight:
+            events = await self._runner.run(
+                RestockProduct, mapping.restock_product_input(request), context
+            )
+            for record in events:
+                yield mapping.event_response(inventory_pb2.RestockProductResponse, record)

@@ -68,6 +68,10 @@ class CallQueue(Generic[W, R]):
     def closing(self) -> bool:
         return self._closing
 
+    def empty(self) -> bool:
+        """Whether no call is queued (any may be being handled)."""
+        return self._queue.empty()
+
     def submit(self, work: W) -> asyncio.Future[R]:
         """Queue ``work`` now; the future is settled on the running loop.
 
@@ -126,14 +130,20 @@ class CallQueue(Generic[W, R]):
                 self._queue.put(_STOP)
 
 
-def answer(batch: Sequence[Call[W, R]], listeners: Listeners = NO_LISTENERS) -> None:
-    """From a store thread: settle every call on its loop, then wake ``listeners``."""
+def answer(
+    batch: Sequence[Call[W, R]],
+    listeners: Listeners = NO_LISTENERS,
+    here: asyncio.AbstractEventLoop | None = None,
+) -> None:
+    """From a store thread: settle every call on its loop, then wake ``listeners``.
+    ``here``: the loop this runs on, if any, which needs no wake-up from another thread."""
     calls: dict[asyncio.AbstractEventLoop, list[Call[W, R]]] = {}
     for call in batch:
         calls.setdefault(call.loop, []).append(call)
     for loop in calls.keys() | listeners.keys():
+        schedule = loop.call_soon if loop is here else loop.call_soon_threadsafe
         try:
-            loop.call_soon_threadsafe(_settle, calls.get(loop, ()), listeners.get(loop, ()))
+            schedule(_settle, calls.get(loop, ()), listeners.get(loop, ()))
         except RuntimeError:
             log.warning("an event loop closed before the SQLite store could answer it")
 

@@ -33,6 +33,14 @@ class WriterTurns:
         """Block (without the GIL) until no other writer holds a turn."""
         fcntl.flock(self._fd, fcntl.LOCK_EX)
 
+    def try_take(self) -> bool:
+        """Take the turn if no other writer holds one, without waiting."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
     def release(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
 

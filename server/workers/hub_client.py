@@ -39,6 +39,7 @@ from domain.ports import (
 from server.consumer_groups.ports import ConsumerGroupStore
 from server.consumer_groups.stores import KeepsConsumerGroups
 from server.stores.event_rows import EventRow, EventRowReader, StreamRowReader
+from server.stores.on_loop import CommitsOnLoop
 from server.workers.groups import WorkerGroupStore
 from server.workers.hub_protocol import (
     CONTENTION,
@@ -319,6 +320,10 @@ class WorkerStore:
         recorded = await self._inner.append(commit)
         self._hub.notice(commit)
         return recorded
+
+    def commit_on_loop_when(self, alone: Callable[[], bool]) -> None:
+        if isinstance(self._inner, CommitsOnLoop):
+            self._inner.commit_on_loop_when(alone)
 
     async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
         return await self._inner.read_stream(stream_id, after_version)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sqlite3
+from collections.abc import AsyncIterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing
 from multiprocessing import get_context
@@ -16,6 +17,7 @@ from typing import ClassVar
 import pytest
 
 from domain.errors import ConcurrencyConflictError, DuplicateCommandError, StoreError
+from domain.ports import EventStore
 from server.stores.factory import UnsupportedStoreURLError, open_store
 from server.stores.sqlite import READ_STREAM, SQLiteEventStore
 from server.stores.sqlite_schema import LATEST_VERSION, migrate
@@ -35,6 +37,21 @@ class TestSQLiteEventStore(EventStoreContract):
     @pytest.fixture
     def store_url(self, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'events.db'}"
+
+
+class TestSQLiteEventStoreCommittingOnTheLoop(TestSQLiteEventStore):
+    """Every append that finds the writer idle committed on the caller's event loop, as the
+    gateway commits a command that is alone in flight."""
+
+    @pytest.fixture
+    async def store(self, store_url: str) -> AsyncIterator[EventStore]:
+        opened = await open_store(store_url)
+        assert isinstance(opened, SQLiteEventStore)
+        opened.commit_on_loop_when(lambda: True)
+        try:
+            yield opened
+        finally:
+            await opened.close()
 
 
 # -- SQLite only: schema, files, driver errors ---------------------------------------
