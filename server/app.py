@@ -48,7 +48,7 @@ from server.observability.metrics import (
     check_metrics_address,
 )
 from server.observability.otel import otel_tracing
-from server.observability.store_faults import StoreFaults, watched
+from server.observability.store_faults import FaultWatchingStreamLocks, StoreFaults, watched
 from server.rpc.decoding import RequestDecodingInterceptor
 from server.rpc.draining import StopGate
 from server.rpc.generic_handlers import GenericHandlersOnly
@@ -309,7 +309,8 @@ async def _assemble(
 ) -> Gateway:
     """The gateway of ``create_server``: its services on ``server``, over ``store``."""
     # Every path to the store is watched, so that a fault is logged once, whoever meets it.
-    watched_store = watched(store, StoreFaults(metrics.store_errors, metrics.store_fault))
+    faults = StoreFaults(metrics.store_errors, metrics.store_fault)
+    watched_store = watched(store, faults)
     # Only the command path gets the instrumented store: its appends are what is measured.
     command_store: EventStore = MeteredEventStore(watched_store, metrics)
     middleware: list[Middleware] = [CommandMetricsMiddleware(metrics)]
@@ -325,7 +326,11 @@ async def _assemble(
             command_store,
             settings.aggregate_cache,
             middleware=middleware,
-            shared_locks=store if isinstance(store, SharedStreamLocks) else None,
+            shared_locks=(
+                FaultWatchingStreamLocks(store, faults)
+                if isinstance(store, SharedStreamLocks)
+                else None
+            ),
             snapshots=snapshots,
             cache=cache,
         )

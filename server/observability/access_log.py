@@ -95,6 +95,8 @@ class AccessLog:
 
 
 MESSAGE = "%s %s %.1f ms request_id=%s correlation_id=%s user=%s peer=%s"
+TRACED_MESSAGE = MESSAGE + " trace_id=%s"
+"""With tracing on: the line names the call's trace, in text as in JSON."""
 
 
 def _write(lines: list[tuple[RpcOutcome, int, float]]) -> None:
@@ -106,14 +108,14 @@ def _write(lines: list[tuple[RpcOutcome, int, float]]) -> None:
     parts: list[str] = []
     for outcome, level, ended in lines:
         if level >= handler.level:
-            args, fields = _parts(outcome)
+            message, args, fields = _parts(outcome)
             parts.append(
                 formatter.line(
                     ended,
                     _msecs(ended),
                     logging.getLevelName(level),
                     log.name,
-                    MESSAGE % args,
+                    message % args,
                     fields,
                 )
             )
@@ -130,9 +132,9 @@ def _write(lines: list[tuple[RpcOutcome, int, float]]) -> None:
 
 def _handle(lines: list[tuple[RpcOutcome, int, float]]) -> None:
     for outcome, level, ended in lines:
-        args, fields = _parts(outcome)
+        message, args, fields = _parts(outcome)
         record = log.makeRecord(
-            log.name, level, "", 0, MESSAGE, args, None, extra={"fields": fields}
+            log.name, level, "", 0, message, args, None, extra={"fields": fields}
         )
         # The time the call ended, not the time of the batch.
         record.relativeCreated -= (record.created - ended) * 1000
@@ -141,8 +143,9 @@ def _handle(lines: list[tuple[RpcOutcome, int, float]]) -> None:
         log.handle(record)
 
 
-def _parts(outcome: RpcOutcome) -> tuple[tuple[object, ...], dict[str, object]]:
-    """The arguments of ``MESSAGE`` and the fields of the JSON line."""
+def _parts(outcome: RpcOutcome) -> tuple[str, tuple[object, ...], dict[str, object]]:
+    """The line's message format (``MESSAGE`` or ``TRACED_MESSAGE``), its arguments, and
+    the fields of the JSON line."""
     duration_ms = round(outcome.duration * 1e3, 3)
     # The enum's documented _name_: its name property costs some 1,300 instructions.
     code = outcome.code._name_
@@ -166,7 +169,8 @@ def _parts(outcome: RpcOutcome) -> tuple[tuple[object, ...], dict[str, object]]:
     }
     if outcome.trace_id:
         fields["trace_id"] = outcome.trace_id
-    return args, fields
+        return TRACED_MESSAGE, (*args, outcome.trace_id), fields
+    return MESSAGE, args, fields
 
 
 _NEEDS_QUOTES = frozenset(' ="\\')

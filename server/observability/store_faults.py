@@ -24,7 +24,14 @@ from typing import Final, TypeVar
 from prometheus_client import Counter, Gauge
 
 from domain.errors import DomainError, StoreError, StoreFullError, StoreUnavailableError
-from domain.ports import CommandRecord, Commit, EventStore, RecordedEvent
+from domain.ports import (
+    CommandRecord,
+    Commit,
+    EventStore,
+    RecordedEvent,
+    SharedStreamLocks,
+    StreamLocked,
+)
 from server.stores.decorator import EventStoreDecorator
 from server.stores.event_rows import EventRow, EventRowReader, StreamRowReader
 
@@ -133,28 +140,30 @@ class StoreFaults:
         self._kind = None
 
 
-class FaultWatchingEventStore(EventStoreDecorator):
-    """Reports the outcome of every store call to ``StoreFaults``.
+async def _watched(faults: StoreFaults, call: Awaitable[T], *, write: bool = False) -> T:
+    """``call``'s outcome, reported to ``faults``. An error a command caused (a lost race,
+    a repeated command id) is the store answering, so it counts as a call that worked."""
+    try:
+        result = await call
+    except StoreError as error:
+        faults.failed(error, write=write)
+        raise
+    except DomainError:
+        faults.succeeded(write=write)
+        raise
+    faults.succeeded(write=write)
+    return result
 
-    An error a command caused (a lost race, a repeated command id) is the store
-    answering, so it counts as a call that worked.
-    """
+
+class FaultWatchingEventStore(EventStoreDecorator):
+    """Reports the outcome of every store call to ``StoreFaults``."""
 
     def __init__(self, inner: EventStore, faults: StoreFaults) -> None:
         super().__init__(inner)
         self._faults = faults
 
     async def _watch(self, call: Awaitable[T], *, write: bool = False) -> T:
-        try:
-            result = await call
-        except StoreError as error:
-            self._faults.failed(error, write=write)
-            raise
-        except DomainError:
-            self._faults.succeeded(write=write)
-            raise
-        self._faults.succeeded(write=write)
-        return result
+        return await _watched(self._faults, call, write=write)
 
     async def append(self, commit: Commit) -> list[RecordedEvent]:
         return await self._watch(self._inner.append(commit), write=True)
@@ -191,6 +200,28 @@ class _FaultWatchingRowStore(FaultWatchingEventStore):
         return await self._watch(
             self._stream_rows.read_stream_rows_after(stream_id, after_position, limit)
         )
+
+
+class FaultWatchingStreamLocks:
+    """A store's ``SharedStreamLocks``, reporting the outcome of each call to the database
+    to ``StoreFaults``: a command on a contended stream meets a fault first when it takes
+    its turn, and its refusal is a failed store call like any other."""
+
+    def __init__(self, inner: SharedStreamLocks, faults: StoreFaults) -> None:
+        self._inner = inner
+        self._faults = faults
+
+    async def lock_stream(self, stream_id: str, after_version: int | None = None) -> StreamLocked:
+        return await _watched(self._faults, self._inner.lock_stream(stream_id, after_version))
+
+    async def unlock_stream(self, stream_id: str) -> None:
+        await _watched(self._faults, self._inner.unlock_stream(stream_id))
+
+    async def announce_contention(self, stream_id: str) -> None:
+        await _watched(self._faults, self._inner.announce_contention(stream_id))
+
+    def add_contention_listener(self, listener: Callable[[str], None]) -> None:
+        self._inner.add_contention_listener(listener)
 
 
 def watched(store: EventStore, faults: StoreFaults) -> EventStore:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from psycopg_pool import PoolTimeout
 
 from domain.errors import StoreError, StoreFullError, StoreUnavailableError
-from domain.ports import CommandRecord, Commit, RecordedEvent
+from domain.ports import CommandRecord, Commit, RecordedEvent, StreamLocked
 from server.app import Gateway
 from server.observability.store_faults import StoreFaults
 from server.stores.postgres_errors import store_error as postgres_store_error
@@ -340,3 +340,54 @@ async def test_an_unreachable_store_is_unavailable_on_commands_and_on_subscribe(
         assert len(lines(caplog, FAULT_LINE)) == 1
         assert len(lines(caplog, RECOVERY_LINE)) == 1
         assert "Traceback" not in caplog.text
+
+
+class UnreachableSharedLocksStore(UnreachableStore):
+    """The same, with the per-stream locks that replicas sharing a database take turns by
+    (``SharedStreamLocks``), which go away with it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.contention_listeners: list[Callable[[str], None]] = []
+
+    async def lock_stream(self, stream_id: str, after_version: int | None = None) -> StreamLocked:
+        self._check()
+        return StreamLocked(False, [] if after_version is not None else None)
+
+    async def unlock_stream(self, stream_id: str) -> None:
+        self._check()
+
+    async def announce_contention(self, stream_id: str) -> None:
+        self._check()
+
+    def add_contention_listener(self, listener: Callable[[str], None]) -> None:
+        self.contention_listeners.append(listener)
+
+
+async def test_a_refusal_while_taking_a_turn_at_a_contended_stream_is_a_store_fault(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = UnreachableSharedLocksStore()
+    async with running_gateway(store) as gateway, connect(gateway) as clients:
+        await clients.restock("hot", 10)
+        # Another replica says it takes turns at the product: this one's next command
+        # on it takes the shared lock first, the store call that meets the outage.
+        for listener in store.contention_listeners:
+            listener("product-hot")
+        store.down = True
+        with (
+            caplog.at_level(logging.INFO, logger="order_gateway"),
+            pytest.raises(grpc.aio.AioRpcError) as refused,
+        ):
+            await clients.restock("hot", 1, command_id=str(uuid.uuid4()))
+        registry = gateway.metrics.registry
+        errors = registry.get_sample_value(
+            "order_gateway_store_errors_total", {"kind": "unavailable"}
+        )
+        fault = registry.get_sample_value("order_gateway_store_fault", {"kind": "unavailable"})
+
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(refused.value).reason == "STORE_UNAVAILABLE"
+    assert errors == 1
+    assert fault == 1
+    assert len(lines(caplog, FAULT_LINE)) == 1

@@ -349,6 +349,10 @@ async def test_lines_written_straight_to_the_gateway_handler_are_those_logging_w
         "/orders.v1.OrderCommandService/CreateOrder OK 2.0 ms request_id=r"
         " correlation_id=- user=- peer=ipv4:127.0.0.1:5000"
     )
+    traced = lines[2] if log_format == "text" else json.loads(lines[2])["message"]
+    assert str(traced).endswith(
+        " peer=ipv4:127.0.0.1:5000 trace_id=0af7651916cd43dd8448eb211c80319c"
+    )
 
 
 @pytest.mark.parametrize(
