@@ -31,6 +31,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from domain.errors import StoreUnavailableError
 from server.consumer_groups import balance
 
 log = logging.getLogger("order_gateway.consumer_groups")
@@ -169,6 +170,14 @@ class LeaseCoordinator:
                 await self._task
         try:
             await self._leases.leave(self._group, self._replica_id)
+        except StoreUnavailableError as e:
+            # Expected when the store (or a worker's supervisor) is gone: the leases then
+            # lapse after their time to live, as a crashed replica's do.
+            log.warning(
+                "consumer group %r: releasing leases failed (%s); they lapse on their own",
+                self._group,
+                e,
+            )
         except Exception:
             log.exception("consumer group %r: releasing leases failed", self._group)
 
@@ -185,6 +194,10 @@ class LeaseCoordinator:
                 return
             except asyncio.CancelledError:
                 raise
+            except StoreUnavailableError as e:
+                # The store (or a worker's supervisor) cannot be reached: said, no traceback;
+                # the next round tries again.
+                log.warning("consumer group %r: lease round failed (%s)", self._group, e)
             except Exception:
                 log.exception("consumer group %r: lease round failed", self._group)
             with contextlib.suppress(TimeoutError):

@@ -10,6 +10,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 
+from domain.errors import StoreUnavailableError
 from domain.ports import EventStore
 from server.consumer_groups.engine import (
     GroupRuntime,
@@ -327,7 +328,15 @@ class ConsumerGroups:
             return_exceptions=True,
         )
         for runtime, outcome in zip(runtimes, outcomes, strict=True):
-            if isinstance(outcome, Exception):
+            if isinstance(outcome, StoreUnavailableError):
+                # Expected when the store (or a worker's supervisor) is gone: no traceback.
+                log.error(
+                    "consumer group %r: storing its state on shutdown failed (%s); its"
+                    " members resume from the last stored checkpoint",
+                    runtime.record.name,
+                    outcome,
+                )
+            elif isinstance(outcome, Exception):
                 log.error(
                     "consumer group %r: storing its state on shutdown failed",
                     runtime.record.name,

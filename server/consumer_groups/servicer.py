@@ -312,6 +312,16 @@ def _consume_failure(error: BaseException) -> grpc.Status:
     return status_for(error) or _unexpected(error)
 
 
+MAX_REASON = 500
+
+
+def _reason(reason: str) -> str:
+    """A nack's reason as stored: its first ``MAX_REASON`` characters, each NUL replaced
+    by U+FFFD, since PostgreSQL's text cannot hold NUL, and a reason it refused would stop
+    the group from storing anything (the same on every store)."""
+    return reason[:MAX_REASON].replace("\x00", "\ufffd")
+
+
 async def _read_requests(
     requests: AsyncIterator[pb.ConsumeRequest], runtime: GroupRuntime, member: Member
 ) -> None:
@@ -324,11 +334,11 @@ async def _read_requests(
             elif kind == "nack":
                 nack = request.nack
                 if nack.action == pb.NACK_ACTION_PARK:
-                    runtime.park(member, nack.event_ids, nack.reason[:500])
+                    runtime.park(member, nack.event_ids, _reason(nack.reason))
                 elif nack.action == pb.NACK_ACTION_SKIP:
                     runtime.skip(member, nack.event_ids)
                 else:
-                    runtime.retry(member, nack.event_ids, nack.reason[:500])
+                    runtime.retry(member, nack.event_ids, _reason(nack.reason))
             elif kind == "extend":
                 runtime.extend(member, request.extend.event_ids)
             elif kind == "join":

@@ -363,3 +363,36 @@ async def test_failed_attempts_go_on_after_a_restart_until_the_event_is_parked(
         assert (delivery.event.event_id, delivery.attempt) == (after, 1)
         await consumer.ack(after)
         await _until(stub, lambda group: group.parked == 1)
+
+
+async def test_a_reason_with_a_nul_character_is_parked_with_it_replaced(
+    open_events: Opener,
+) -> None:
+    # PostgreSQL's text cannot hold NUL: refused there, the park was lost and the group
+    # stored nothing more.
+    async with serving(open_events) as (channel, stub):
+        await stub.CreateConsumerGroup(
+            pb.CreateConsumerGroupRequest(name="g", settings=group_settings(partitions=1))
+        )
+        ids = await _restock(channel, 2, products=1)
+        async with member(stub, "g") as consumer:
+            (first,) = await consumer.deliveries(1)
+            await consumer.nack(first.event.event_id, action=pb.NACK_ACTION_PARK, reason="a\x00b")
+            (second,) = await consumer.deliveries(1)
+            await consumer.ack(second.event.event_id)
+            async with asyncio.timeout(10):
+                while True:
+                    request = pb.GetConsumerGroupRequest(name="g")
+                    group = (await stub.GetConsumerGroup(request)).group
+                    if group.checkpoint == 2 and group.parked == 1:
+                        break
+                    await asyncio.sleep(0.05)
+    events = await open_events()
+    store = await open_group_store(events)
+    try:
+        assert await store.replay_parked("g", 10) == 1
+        (parked,) = await store.replaying("g", 10)
+    finally:
+        await store.close()
+        await events.close()
+    assert (parked.event_id, parked.reason) == (ids[0], "a\ufffdb")

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.consumer_groups.test_service import reason_of
 from tests.group_support import Member, assert_never_two_at_once, group_settings, join
-from tests.workers_support import WAIT, WorkersGateway, workers_gateway
+from tests.workers_support import WAIT, WorkersGateway, alive, workers_gateway
 
 CHANNELS = 8
 """Connections spread over the two workers: all on one is a 2^-7 chance."""
@@ -417,3 +417,23 @@ async def test_a_frozen_worker_s_partitions_move_when_its_leases_expire(tmp_path
         name for _, name, _, event_id in record.deliveries if event_id in second
     )
     assert_never_two_at_once(record.deliveries, PARTITIONS)
+
+
+async def test_workers_whose_supervisor_is_killed_end_their_members_without_tracebacks(
+    store_url: str,
+) -> None:
+    async with workers_gateway(store_url) as gateway, channels(gateway.target) as opened:
+        groups = stubs(opened)
+        await groups[0].CreateConsumerGroup(
+            pb.CreateConsumerGroupRequest(name="g", settings=group_settings(PARTITIONS))
+        )
+        members = [await join(stub, "g", member_id=f"m{n}") for n, stub in enumerate(groups)]
+        inventory = inventory_grpc.InventoryCommandServiceStub(opened[0])
+        await write_all(inventory, range(20))
+        workers = gateway.workers()
+        gateway.process.send_signal(signal.SIGKILL)
+        await until(lambda: not any(alive(pid) for pid in workers))
+        await until(lambda: all(m.ended.is_set() for m in members))
+        log = gateway.log
+    # What a worker could not store with its supervisor gone is said in a line each.
+    assert "Traceback" not in log
