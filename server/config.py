@@ -31,6 +31,10 @@ def read_setting_file(option: str, path: Path | str) -> bytes:
         raise ConfigurationError(f"{option} {path}: {error.strerror or error}") from None
 
 
+GRPC_INT_MAX = 2**31 - 1
+"""grpc takes these settings as C ints."""
+
+
 def split_host_port(address: str) -> tuple[str, int]:
     """``"0.0.0.0:9090"`` → ``("0.0.0.0", 9090)``; ``"[::]:9090"`` → ``("::", 9090)``.
 
@@ -92,10 +96,11 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         1024 * 1024,
         ge=1024,
+        le=GRPC_INT_MAX,
         description="Largest request message accepted; larger is RESOURCE_EXHAUSTED.",
     )
     max_concurrent_streams: int = Field(
-        1000, ge=1, description="Most RPCs served at once by this process."
+        1000, ge=1, le=GRPC_INT_MAX, description="Most RPCs served at once by this process."
     )
     max_subscribers: int = Field(
         500, ge=1, description="Most open Subscribe streams at once; more is RESOURCE_EXHAUSTED."

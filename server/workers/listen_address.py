@@ -114,6 +114,9 @@ def reserve(listen: str) -> Reservation:
                 raise
             reservation.sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            # As grpc and the check: an earlier server's connections in TIME_WAIT on the
+            # port must not keep the workers from it (only a listening socket may).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((address[0], reservation.port))
             except OSError as error:

@@ -381,3 +381,18 @@ async def test_a_start_refused_once_bound_releases_the_port_and_closes_the_store
     assert files_in(tmp_path) == ["new.db"]
     with socket.socket() as again:
         again.bind(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize(
+    "variable", ["ORDER_GATEWAY_MAX_REQUEST_BYTES", "ORDER_GATEWAY_MAX_CONCURRENT_STREAMS"]
+)
+def test_a_grpc_setting_too_large_for_grpc_is_refused_before_the_store_is_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(variable, "3000000000")
+    code, lines = refused_start("--listen", "127.0.0.1:0", "--store", "sqlite:///events.db")
+    assert code == 2
+    setting = variable.removeprefix("ORDER_GATEWAY_").lower()
+    assert any(setting in line and "2147483647" in line for line in lines), lines
+    assert files_in(tmp_path) == []
