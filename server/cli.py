@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from domain.errors import ConfigurationError, StoreError
 from server.client.groups import add_client_flags, whole_number
 from server.client.groups import add_parsers as add_group_parsers
+from server.client.output import UnwritableOutputError, guarded_stdout, unwritable_output
 from server.config import Settings
 from server.observability.logs import configure_logging
 
@@ -229,49 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from(args)
         configure_logging(settings.log_format, settings.log_level)
-        if args.command == "serve":
-            from server.app import serve
-            from server.workers.supervisor import supervise, worker_count
-
-            check_exposure(settings)
-            if worker_count(settings.workers) > 1:
-                asyncio.run(supervise(settings))
-            else:
-                asyncio.run(serve(settings))
-        elif args.command == "migrate":
-            from server.stores.factory import migrate
-
-            asyncio.run(migrate(settings.store))
-        elif args.command == "verify":
-            from server.verify import run_verify
-
-            return asyncio.run(run_verify(settings.store))
-        elif args.command == "backup":
-            from server.backup import BackupError, backup
-
-            try:
-                events = backup(settings.store, args.file)
-            except BackupError as error:
-                print(f"order-gateway: {error}", file=sys.stderr)
-                return 1
-            print(f"backed up {events} events to {args.file}")
-        elif args.command == "health":
-            from server.client.health import check_health, local_target
-
-            target = args.target or local_target(settings.listen)
-            return check_health(target, args.service, args.timeout, args.tls_ca)
-        elif args.command == "group":
-            from server.client.groups import run_group
-
-            return run_group(args)
-        elif args.command == "consume":
-            from server.client.groups import consume
-
-            return consume(args)
-        else:
-            from server.client.tail import tail
-
-            return tail(args.target, args.after, args.types, args.token, args.tls_ca, args.stream)
+        with guarded_stdout():
+            return _dispatch(args, settings)
+    except UnwritableOutputError as error:
+        return unwritable_output("order-gateway", error, "the output")
     except ValidationError as error:
         for problem in _problems(error):
             print(f"order-gateway: {problem}", file=sys.stderr)
@@ -291,6 +253,53 @@ def main(argv: Sequence[str] | None = None) -> int:
         # grpcio reports an address it cannot bind as a RuntimeError.
         print(f"order-gateway: {error}", file=sys.stderr)
         return 1
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the command ``args`` names; its exit status."""
+    if args.command == "serve":
+        from server.app import serve
+        from server.workers.supervisor import supervise, worker_count
+
+        check_exposure(settings)
+        if worker_count(settings.workers) > 1:
+            asyncio.run(supervise(settings))
+        else:
+            asyncio.run(serve(settings))
+    elif args.command == "migrate":
+        from server.stores.factory import migrate
+
+        asyncio.run(migrate(settings.store))
+    elif args.command == "verify":
+        from server.verify import run_verify
+
+        return asyncio.run(run_verify(settings.store))
+    elif args.command == "backup":
+        from server.backup import BackupError, backup
+
+        try:
+            events = backup(settings.store, args.file)
+        except BackupError as error:
+            print(f"order-gateway: {error}", file=sys.stderr)
+            return 1
+        print(f"backed up {events} events to {args.file}")
+    elif args.command == "health":
+        from server.client.health import check_health, local_target
+
+        target = args.target or local_target(settings.listen)
+        return check_health(target, args.service, args.timeout, args.tls_ca)
+    elif args.command == "group":
+        from server.client.groups import run_group
+
+        return run_group(args, sys.stdout)
+    elif args.command == "consume":
+        from server.client.groups import consume
+
+        return consume(args)
+    else:
+        from server.client.tail import tail
+
+        return tail(args.target, args.after, args.types, args.token, args.tls_ca, args.stream)
     return 0
 
 

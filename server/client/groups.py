@@ -23,7 +23,8 @@ from orders.v1 import consumer_group_service_pb2_grpc as pb_grpc
 
 from server.client.channel import TOKEN_VARIABLE, Metadata, call_metadata, open_channel
 from server.client.json_lines import json_line
-from server.client.tail import field_violations, unwritable_output
+from server.client.output import unwritable_output
+from server.client.tail import field_violations
 
 MAX_DURATION_SECONDS = 315_576_000_000
 """The longest ``google.protobuf.Duration``: about 10,000 years."""

@@ -6,7 +6,6 @@ the output can be piped. Checkpoints are progress markers for programs, not show
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 from typing import TextIO
@@ -18,6 +17,7 @@ from orders.v1 import event_stream_service_pb2, event_stream_service_pb2_grpc
 
 from server.client.channel import Metadata, call_metadata, open_channel
 from server.client.json_lines import json_line
+from server.client.output import unwritable_output
 
 PROGRAM = "order-gateway tail"
 
@@ -99,14 +99,3 @@ def tail(
             )
         except OSError as error:
             return unwritable_output(PROGRAM, error)
-
-
-def unwritable_output(program: str, error: OSError) -> int:
-    """The exit status of a command whose stdout failed with ``error``: 0 when its reader
-    went away (stop quietly, like other line tools, as after `| head`), else 1."""
-    # Python would report the failed flush of stdout again at exit (and exit 120).
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    if isinstance(error, BrokenPipeError):
-        return 0
-    print(f"{program}: cannot write the events: {error.strerror or error}", file=sys.stderr)
-    return 1

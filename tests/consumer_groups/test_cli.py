@@ -269,3 +269,37 @@ async def test_a_token_grpc_metadata_cannot_carry_is_a_usage_error(
         assert refused.err == (
             "order-gateway: --token (or ORDER_GATEWAY_TOKEN): a token is printable ASCII only\n"
         )
+
+
+async def _run_cli(*args: str, stdout: int) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server.cli", *args, stdout=stdout, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode is not None
+    return process.returncode, err.decode()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+async def test_group_output_that_cannot_be_written_is_exit_1_and_a_closed_one_exit_0(
+    gateway: Gateway,
+) -> None:
+    target = f"127.0.0.1:{gateway.port}"
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.ConsumerGroupServiceStub(channel)
+        for n in range(300):  # more than a pipe's buffer holds
+            await stub.CreateConsumerGroup(pb.CreateConsumerGroupRequest(name=f"group-{n:03}"))
+    full = os.open("/dev/full", os.O_WRONLY)  # every write fails: no space left
+    try:
+        code, err = await _run_cli("group", "list", "--target", target, stdout=full)
+    finally:
+        os.close(full)
+    assert (code, err) == (1, "order-gateway: cannot write the output: No space left on device\n")
+
+    read, write = os.pipe()
+    os.close(read)  # as after `| head`: the reader is gone
+    try:
+        code, err = await _run_cli("group", "list", "--target", target, stdout=write)
+    finally:
+        os.close(write)
+    assert (code, err) == (0, "")

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -268,3 +271,26 @@ def test_a_repeated_event_id_is_found_in_postgresql(
     lines = capsys.readouterr().out.splitlines()
     assert f"position 3: event id {first} is the id of position 1 too" in lines
     assert lines[-1] == "FAILED: 1 violations, the first at position 3"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("command", ["verify", "backup"])
+def test_a_report_that_cannot_be_written_is_exit_1(tmp_path: Path, command: str) -> None:
+    store = f"sqlite:///{tmp_path / 'events.db'}"
+    assert main(["migrate", "--store", store]) == 0
+    args = [
+        command,
+        "--store",
+        store,
+        *([str(tmp_path / "copy.db")] if command == "backup" else []),
+    ]
+    with open("/dev/full", "w") as full:
+        finished = subprocess.run(
+            [sys.executable, "-m", "server.cli", *args],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    assert finished.returncode == 1
+    assert finished.stderr == "order-gateway: cannot write the output: No space left on device\n"
