@@ -20,7 +20,7 @@ from contextlib import closing
 from pathlib import Path
 
 from server.stores.factory import sqlite_path
-from server.stores.sqlite import HAS_EVENTS_TABLE
+from server.stores.sqlite import HOLDS_GATEWAY_SCHEMA
 from server.stores.urls import redacted_url
 
 
@@ -48,7 +48,7 @@ def backup(url: str, destination: Path) -> int:
         # Read-only: a backup never migrates or otherwise writes to the live store.
         with closing(sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)) as live:
             # An empty file or another program's database is no store, as verify says.
-            if live.execute(HAS_EVENTS_TABLE).fetchone() is None:
+            if not live.execute(HOLDS_GATEWAY_SCHEMA).fetchone()[0]:
                 raise BackupError(f"no gateway schema in {source}")
             with closing(_create(partial, destination)) as copy:
                 live.backup(copy)

@@ -38,3 +38,16 @@ class StreamRowReader(Protocol):
         read from. Fewer than ``limit`` rows means every event up to that head was
         examined: a reader following one stream skips the rest of the log by index."""
         ...
+
+
+GATEWAY_COLUMNS: Final = (
+    "position",
+    "event_id",
+    "stream_id",
+    "stream_version",
+    "command_id",
+    "event_type",
+    "data",
+)
+"""Columns of the ``events`` table in every version of either store's schema: how a
+database is told to hold the gateway's, not another program's table of that name."""

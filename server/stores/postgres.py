@@ -53,7 +53,7 @@ from domain.ports import (
 )
 from server.consumer_groups.store_postgres import PostgresConsumerGroupStore
 from server.stores import postgres_arrays
-from server.stores.event_rows import EventRow
+from server.stores.event_rows import GATEWAY_COLUMNS, EventRow
 from server.stores.postgres_arrays import (
     BigintArray,
     BytesArray,
@@ -306,7 +306,14 @@ class PostgresEventStore:
             async with await psycopg.AsyncConnection.connect(
                 url, autocommit=True, **_connect_kwargs(url)
             ) as conn:
-                cursor = await conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+                # Another program's database may have tables of these names too: the
+                # events table must have the gateway's columns.
+                cursor = await conn.execute(
+                    "SELECT to_regclass('schema_migrations') IS NOT NULL"
+                    " AND (SELECT count(*) FROM pg_attribute WHERE attrelid ="
+                    " to_regclass('events') AND attname = ANY(%s) AND NOT attisdropped) = %s",
+                    (list(GATEWAY_COLUMNS), len(GATEWAY_COLUMNS)),
+                )
                 row = await cursor.fetchone()
         return bool(row and row[0])
 

@@ -60,7 +60,7 @@ from domain.ports import (
     recorded_events,
 )
 from server.consumer_groups.store_sqlite import SQLiteConsumerGroupStore
-from server.stores.event_rows import EventRow
+from server.stores.event_rows import GATEWAY_COLUMNS, EventRow
 from server.stores.sqlite_calls import NO_LISTENERS, Call, CallQueue, Listeners, answer
 from server.stores.sqlite_decide import conflict, decide, stream_ids
 from server.stores.sqlite_schema import SchemaTooNewError, migrate
@@ -92,7 +92,16 @@ INSERT_COMMAND = (
     " VALUES (?, ?, ?, ?)"
 )
 HEAD = "SELECT coalesce(max(position), 0) FROM events"
-HAS_EVENTS_TABLE = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
+HOLDS_GATEWAY_SCHEMA = (
+    "SELECT (SELECT user_version FROM pragma_user_version) >= 1"
+    " AND EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'commands')"
+    " AND (SELECT count(*) FROM pragma_table_info('events') WHERE name IN ("
+    + ", ".join(f"'{column}'" for column in GATEWAY_COLUMNS)
+    + f")) = {len(GATEWAY_COLUMNS)}"
+)
+"""Whether a database holds a gateway's schema (of any version): its version recorded,
+and its tables as the gateway made them. Another program's database may have a table
+named ``events`` too."""
 READ_STREAM = (
     f"SELECT {_COLUMNS} FROM events"
     " WHERE stream_id = ? AND stream_version > ? ORDER BY stream_version"
@@ -431,15 +440,15 @@ class SQLiteEventStore:
         """Whether the file at ``path`` holds a gateway's schema (of any version), read
         without creating, migrating or otherwise writing to it."""
 
-        def has_events_table() -> bool:
+        def holds_gateway_schema() -> bool:
             if not path.is_file():
                 return False
             uri = f"{path.resolve().as_uri()}?mode=ro"
             with contextlib.closing(sqlite3.connect(uri, uri=True)) as connection:
-                return connection.execute(HAS_EVENTS_TABLE).fetchone() is not None
+                return bool(connection.execute(HOLDS_GATEWAY_SCHEMA).fetchone()[0])
 
         try:
-            return await asyncio.to_thread(has_events_table)
+            return await asyncio.to_thread(holds_gateway_schema)
         except sqlite3.Error as e:
             raise _store_error(f"cannot open the SQLite store {path}: {e}", e) from e
 

@@ -190,9 +190,20 @@ def foreign_database(path: Path) -> None:
         connection.execute("CREATE TABLE notes (body TEXT)")
 
 
+def foreign_events_table(path: Path) -> None:
+    """Another program's database, whose table happens to be named ``events``."""
+    with closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute("CREATE TABLE events (x)")
+        connection.execute("INSERT INTO events VALUES (1)")
+
+
 @pytest.mark.parametrize(
     "make",
-    [pytest.param(Path.touch, id="empty-file"), pytest.param(foreign_database, id="other-schema")],
+    [
+        pytest.param(Path.touch, id="empty-file"),
+        pytest.param(foreign_database, id="other-schema"),
+        pytest.param(foreign_events_table, id="other-events-table"),
+    ],
 )
 def test_a_sqlite_file_without_the_schema_fails_and_is_not_migrated(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], make: Callable[[Path], None]
@@ -237,6 +248,22 @@ def test_a_database_without_the_schema_fails_and_is_not_migrated(
     assert f"no gateway schema in {fresh_postgres_url}" in printed.err
     with psycopg.connect(fresh_postgres_url) as conn:
         row = conn.execute("SELECT to_regclass('schema_migrations') IS NULL").fetchone()
+        assert row == (True,)
+
+
+def test_a_database_with_tables_of_the_gateways_names_but_not_its_schema_fails(
+    fresh_postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Another framework's migrations table and a table of events of its own.
+    with psycopg.connect(fresh_postgres_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE schema_migrations (version text PRIMARY KEY)")
+        conn.execute("CREATE TABLE events (id serial PRIMARY KEY, body text)")
+    assert main(["verify", "--store", fresh_postgres_url]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert f"no gateway schema in {fresh_postgres_url}" in printed.err
+    with psycopg.connect(fresh_postgres_url) as conn:
+        row = conn.execute("SELECT to_regclass('commands') IS NULL").fetchone()
         assert row == (True,)
 
 

@@ -22,6 +22,7 @@ from server.consumer_groups.model import FailedAttempts, GroupRecord, GroupSetti
 from server.stores.postgres import PostgresEventStore
 from server.stores.sqlite import SQLiteEventStore
 from server.verify import verify
+from tests.e2e.test_verify import foreign_events_table
 from tests.subscription_support import (
     StreamReader,
     connect,
@@ -176,6 +177,7 @@ def other_program_database(path: Path) -> None:
     [
         pytest.param(Path.touch, id="empty-file"),
         pytest.param(other_program_database, id="other-schema"),
+        pytest.param(foreign_events_table, id="other-events-table"),
     ],
 )
 def test_a_sqlite_file_without_the_schema_is_refused_as_verify_refuses_it(
