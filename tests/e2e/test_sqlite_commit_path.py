@@ -10,9 +10,10 @@ import threading
 from contextlib import closing
 from pathlib import Path
 
-from server.stores.sqlite import Append, SQLiteEventStore
+from server.stores.sqlite import SQLiteEventStore
 from tests.clients import item, order_request
 from tests.conformance.contract import TIMEOUT
+from tests.stores.test_sqlite_commit_on_loop import writer_threads
 from tests.subscription_support import connect, running_gateway
 
 
@@ -20,14 +21,7 @@ async def test_a_lone_command_commits_on_the_loop_and_concurrent_ones_group_comm
     tmp_path: Path,
 ) -> None:
     store = await SQLiteEventStore.open(tmp_path / "events.db")
-    write_threads: list[int] = []
-    write = store._write
-
-    def spy(batch: list[Append]) -> bool:
-        write_threads.append(threading.get_ident())
-        return write(batch)
-
-    store._write = spy  # type: ignore[method-assign]
+    write_threads = writer_threads(store)
     try:
         async with running_gateway(store) as gateway, connect(gateway) as clients:
             alone = store._alone
