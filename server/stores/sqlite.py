@@ -484,10 +484,12 @@ class SQLiteEventStore:
             finally:
                 self._writing.release()
             if done is not None:
-                if isinstance(done.outcome, BaseException):
-                    raise done.outcome
+                # Written, or failed: never queued again for the writer thread.
                 if isinstance(done.outcome, list):
                     return done.outcome
+                if isinstance(done.outcome, BaseException):
+                    raise done.outcome
+                raise StoreError("the SQLite store did not handle this append")
         return await self._writes.submit(commit)
 
     def _commit_here(self, commit: Commit) -> Append | None:
