@@ -198,3 +198,27 @@ def configure_logging(log_format: str, level: str, worker: int | None = None) ->
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class _CancelledSendFilter(logging.Filter):
+    """grpc logs an error with a traceback when a servicer's send fails because its client
+    went away meanwhile (a Subscribe cancelled while a write to it was pending): the call
+    ended CANCELLED, as its access line says; the line is kept at DEBUG, without the
+    traceback."""
+
+    PREFIX = "ExecuteBatchError raised in core by servicer method"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG and record.getMessage().startswith(self.PREFIX):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+CANCELLED_SENDS = _CancelledSendFilter()
+GRPC_LOGGER = "grpc._cython.cygrpc"
+
+
+def quiet_cancelled_sends() -> None:
+    """Install ``_CancelledSendFilter`` on grpc's logger (once, however often called)."""
+    logging.getLogger(GRPC_LOGGER).addFilter(CANCELLED_SENDS)

@@ -119,6 +119,10 @@ order whose 100 items are all wrong took 43 KiB, the 100 shortages of one whose 
 all short 15 KiB. 2 KiB of violations make about 4.7 KiB of trailers."""
 MAX_MESSAGE_CHARS = 1024
 """The longest status message (it travels twice: as itself and inside the details)."""
+MAX_DESCRIPTION_CHARS = 512
+"""The longest description of one violation: one quoting a value the client sent (an
+unknown event type of 20,000 characters) must not make the first violation, which is
+always reported, overflow the trailers by itself."""
 
 V = TypeVar("V", bound=Message)
 
@@ -135,11 +139,17 @@ def _fitting(violations: Sequence[V]) -> list[V]:
     return reported
 
 
+def _shortened(text: str, most: int) -> str:
+    return text if len(text) <= most else text[: most - 1] + "…"
+
+
 def bad_request_status(violations: Iterable[tuple[str, str]]) -> grpc.Status:
     """INVALID_ARGUMENT with a BadRequest naming each ``(field path, description)``, or
     the first of them that fit ``MAX_VIOLATION_BYTES``, the message counting the rest."""
     field_violations = [
-        error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+        error_details_pb2.BadRequest.FieldViolation(
+            field=field, description=_shortened(description, MAX_DESCRIPTION_CHARS)
+        )
         for field, description in violations
     ]
     reported = _fitting(field_violations)
@@ -207,8 +217,7 @@ def _error_info(reason: str, metadata: Mapping[str, str]) -> error_details_pb2.E
 
 
 def _status(code: int, message: str, *details: Message) -> grpc.Status:
-    if len(message) > MAX_MESSAGE_CHARS:
-        message = message[: MAX_MESSAGE_CHARS - 1] + "…"
+    message = _shortened(message, MAX_MESSAGE_CHARS)
     packed = []
     for detail in details:
         holder = any_pb2.Any()

@@ -9,7 +9,13 @@ import time
 
 import pytest
 
-from server.observability.logs import GatewayFormatter, JsonFormatter, TextFormatter
+from server.observability.logs import (
+    GRPC_LOGGER,
+    GatewayFormatter,
+    JsonFormatter,
+    TextFormatter,
+    quiet_cancelled_sends,
+)
 
 # A quarter of a second apart: several lines in one second, then the next seconds.
 TIMES = [1764425341.8349 + n * 0.25 for n in range(9)]
@@ -96,3 +102,23 @@ def test_times_follow_the_converter_and_formats_set_on_logging_formatter(
     assert formatter.formatTime(record(TIMES[0]), "%H") == time.strftime(
         "%H", time.gmtime(TIMES[0])
     )
+
+
+def test_grpcs_error_for_a_send_to_a_client_that_went_away_is_kept_at_debug(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    quiet_cancelled_sends()
+    grpc_log = logging.getLogger(GRPC_LOGGER)
+    with caplog.at_level(logging.INFO):
+        try:
+            raise RuntimeError("Failed execute_batch: (<grpc_status_code.UNKNOWN: 2>,)")
+        except RuntimeError:
+            grpc_log.exception(
+                "ExecuteBatchError raised in core by servicer method"
+                " [/orders.v1.EventStreamService/Subscribe]"
+            )
+        grpc_log.error("Unexpected [RuntimeError] raised by servicer method [/x/Y]")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("ERROR", "Unexpected [RuntimeError] raised by servicer method [/x/Y]")
+    ]
+    assert "execute_batch" not in caplog.text

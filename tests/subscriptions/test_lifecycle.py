@@ -71,6 +71,21 @@ async def test_unknown_event_type_is_invalid_argument_naming_it(clients: Clients
     assert "OrderShipped" in bad_request.field_violations[0].description
 
 
+async def test_a_very_long_unknown_event_type_is_invalid_argument_all_the_same(
+    clients: Clients,
+) -> None:
+    # Quoted whole, it made trailers over grpc's limits: RESOURCE_EXHAUSTED at the client.
+    reader = StreamReader.open(clients, event_types=["x" * 20_000])
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await reader.next()
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    bad_request = detail(raised.value, error_details_pb2.BadRequest)
+    (violation,) = bad_request.field_violations
+    assert violation.field == "event_types[0]"
+    assert violation.description.startswith("unknown event type 'xxx")
+    assert len(violation.description) <= 512
+
+
 @pytest.mark.parametrize(
     "stream_id",
     ["sku-1", "order-42", "product-", "product-a b", "Product-sku-1", "order-", "product-sku-1\n"],
