@@ -8,9 +8,9 @@ together at a barrier the parent also waits on; the parent reads the server's CP
 there and at the end, for CPU per call.
 
 Workloads: ``create`` (CreateOrder), ``hot`` (CreateOrder, every order on one product),
-``cancel`` (CancelOrder of orders each process
-created in an unmeasured phase before), ``mixed`` (each caller alternates creating an
-order and cancelling it).
+``hot-set`` (CreateOrder, orders spread over a few dozen products), ``cancel``
+(CancelOrder of orders each process created in an unmeasured phase before), ``mixed``
+(each caller alternates creating an order and cancelling it).
 """
 
 from __future__ import annotations
@@ -81,12 +81,12 @@ class _Caller:
         channel: grpc.aio.Channel,
         seed: int,
         report: WorkerReport,
-        hot: bool = False,
+        products: int = workload.PRODUCT_COUNT,
         keyed: bool = False,
         token: str = "",
     ) -> None:
         self._stub = order_command_service_pb2_grpc.OrderCommandServiceStub(channel)
-        self._hot = hot
+        self._products = products
         self._keyed = keyed
         self._metadata = bearer(token)
         self._rng = random.Random(seed)
@@ -96,7 +96,7 @@ class _Caller:
 
     async def create(self) -> str | None:
         """Place an order; its id, or None if the call failed."""
-        request = workload.create_request(self._rng, self._customer, self._hot, self._keyed)
+        request = workload.create_request(self._rng, self._customer, self._products, self._keyed)
         try:
             responses = [
                 r
@@ -194,6 +194,7 @@ async def _measure(
     loops: dict[str, Callable[[_Caller], Any]] = {
         "create": creating,
         "hot": creating,
+        "hot-set": creating,
         "keyed": creating,
         "jwt": creating,
         "cancel": cancelling,
@@ -215,9 +216,12 @@ async def _drive(
     try:
         for channel in channels:
             await asyncio.wait_for(channel.channel_ready(), BARRIER_TIMEOUT)
-        hot, keyed = spec.workload == "hot", spec.workload == "keyed"
+        products = {"hot": 1, "hot-set": workload.HOT_SET}.get(
+            spec.workload, workload.PRODUCT_COUNT
+        )
+        keyed = spec.workload == "keyed"
         clients = [
-            _Caller(c, seed * 1000 + n, report, hot=hot, keyed=keyed, token=spec.token)
+            _Caller(c, seed * 1000 + n, report, products, keyed=keyed, token=spec.token)
             for n, c in enumerate(channels)
         ]
         barrier.wait(BARRIER_TIMEOUT)

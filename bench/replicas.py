@@ -1,7 +1,9 @@
-"""Two gateway replicas on one PostgreSQL database, every order on one hot product.
+"""Two gateway replicas on one PostgreSQL database, every order on one hot product
+(the ``hot`` workload) or on a few dozen products written at once (``hot-set``: more
+contended streams than a replica has pooled connections).
 
-Both replicas serve the ``hot`` workload at once, each driven by its own client
-processes, for the same window. Measured in the same database just before: one replica
+Both replicas serve the workload at once, each driven by its own client processes, for
+the same window. Measured in the same database just before: one replica
 alone with as many callers as the two together, the baseline the pair must not fall
 below, and one replica alone with one replica's callers, which tells how much of any
 shortfall is the smaller batches of fewer callers rather than the taking of turns. Every
@@ -22,8 +24,9 @@ from bench.stats import LoadResult
 
 @dataclass(frozen=True)
 class ReplicaResult:
-    """Two replicas serving one hot product at once, and one replica alone before them."""
+    """Two replicas serving hot products at once, and one replica alone before them."""
 
+    workload: str
     callers_per_replica: int
     duration: float
     alone: LoadResult
@@ -51,14 +54,14 @@ class ReplicaResult:
 
 
 async def measure(
-    url: str, workdir: Path, callers: int, duration: float, warmup: float
+    url: str, workdir: Path, callers: int, duration: float, warmup: float, workload: str = "hot"
 ) -> ReplicaResult:
     """``callers`` on each of two replicas of ``url``'s database, for ``duration`` s."""
 
     def spec(target: str, concurrency: int) -> LoadSpec:
         return LoadSpec(
             target=target,
-            workload="hot",
+            workload=workload,
             concurrency=concurrency,
             duration=duration,
             warmup=warmup,
@@ -87,4 +90,4 @@ async def measure(
                 run_load, spec(second.target, callers), "replica 2", second.cpu_seconds
             ),
         )
-    return ReplicaResult(callers, duration, alone, alone_half, list(both))
+    return ReplicaResult(workload, callers, duration, alone, alone_half, list(both))

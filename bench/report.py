@@ -18,6 +18,7 @@ from bench.replicas import ReplicaResult
 from bench.servers import DURABLE_FLOORS
 from bench.stats import LoadResult
 from bench.workers import WORKER_COUNTS, DeliveryResult, ceiling, delivery_summary, label
+from bench.workload import HOT_SET
 
 
 @dataclass(frozen=True)
@@ -636,8 +637,13 @@ def print_workers(report: Report, out: TextIO) -> None:
 
 def print_replicas(report: Report, out: TextIO) -> None:
     for result in report.replicas:
+        spread = (
+            "every order on one product"
+            if result.workload == "hot"
+            else f"orders spread over {HOT_SET} products"
+        )
         out.write(
-            f"\nTwo replicas on one PostgreSQL, every order on one product, "
+            f"\nTwo replicas on one PostgreSQL, {spread}, "
             f"{result.callers_per_replica} callers on each, {result.duration:.0f} s\n"
         )
         total = result.total_calls_per_s

@@ -7,11 +7,12 @@ the bare-gRPC floor, interleaved point by point so that both see the same machin
 ``subscriptions`` (catch-up over a million events, fan-out to live subscribers),
 ``stream-length`` (a hot product's long stream against a fresh one, its cold start after a
 restart with and without snapshots, and ``verify``'s events/s on each store), ``replicas``
-(two gateways on one PostgreSQL database, every order on one product; needs a
-``postgresql://`` store), ``workers`` (``serve --workers 2`` against ``--workers 1``,
-and live delivery across workers) and ``consumer-groups`` (groups of 1, 2 and 4 members
-draining a backlog against Subscribe's catch-up, then following CreateOrder load, and
-the gateway's RSS with a group of 100 members; ``bench/consumer_groups.py``).
+(two gateways on one PostgreSQL database, every order on one product, then orders spread
+over 24 products; needs a ``postgresql://`` store), ``workers`` (``serve --workers 2``
+against ``--workers 1``, and live delivery across workers) and ``consumer-groups``
+(groups of 1, 2 and 4 members draining a backlog against Subscribe's catch-up, then
+following CreateOrder load, and the gateway's RSS with a group of 100 members;
+``bench/consumer_groups.py``).
 
     python -m bench --store memory --store sqlite --store postgresql://… --plot docs/bench.png
 """
@@ -502,18 +503,19 @@ async def run_replicas(
     if not postgres:
         report.notes.append("replicas: needs a --store postgresql://… server")
         return
-    print("Replicas: two gateways on one PostgreSQL, one hot product", file=sys.stderr)
-    with postgres[0].fresh(workdir, "replicas") as url:
-        reason = await supported(url)
-        if reason is not None:
-            report.notes.append(f"replicas: {reason}")
-            return
-        result = await replicas.measure(
-            url, workdir, args.replica_callers, args.replica_duration, args.warmup
-        )
-    for load in [result.alone, result.alone_half, *result.replicas]:
-        _progress(load)
-    report.replicas.append(result)
+    for spread, what in (("hot", "one hot product"), ("hot-set", "a set of hot products")):
+        print(f"Replicas: two gateways on one PostgreSQL, {what}", file=sys.stderr)
+        with postgres[0].fresh(workdir, f"replicas-{spread}") as url:
+            reason = await supported(url)
+            if reason is not None:
+                report.notes.append(f"replicas: {reason}")
+                return
+            result = await replicas.measure(
+                url, workdir, args.replica_callers, args.replica_duration, args.warmup, spread
+            )
+        for load in [result.alone, result.alone_half, *result.replicas]:
+            _progress(load)
+        report.replicas.append(result)
 
 
 async def run_workers(

@@ -5,7 +5,8 @@ and CancelOrder two (OrderCancelled, StockReleased). Items are spread over many 
 restocked up front with more stock than a run can use, so no call fails for lack of stock
 and commands rarely queue on one product's stream lock. The ``hot`` workload is
 ``create`` with every order on one product (a flash sale): every command then appends
-to that product's stream. The ``keyed`` workload is ``create`` with a client-chosen
+to that product's stream; ``hot-set`` spreads the orders over a few dozen products, all
+written at once (a sale of a whole range). The ``keyed`` workload is ``create`` with a client-chosen
 ``command_id`` on every order, as a client that may retry sends it, and ``jwt`` is
 ``create`` with a bearer JWT on every call, against a gateway that verifies them.
 """
@@ -25,9 +26,12 @@ PRODUCT_COUNT = 1000
 RESTOCK_QUANTITY = 1_000_000
 """Per product: at one unit per order, far more than any run places."""
 
-WORKLOADS = ("create", "hot", "keyed", "jwt", "cancel", "mixed")
+WORKLOADS = ("create", "hot", "hot-set", "keyed", "jwt", "cancel", "mixed")
 HOT_PRODUCT = 0
 """The product every ``hot`` order is for."""
+HOT_SET = 24
+"""The products ``hot-set`` orders are for: the first ones, more than a PostgreSQL
+replica's default pool has connections."""
 
 
 def product_id(n: int) -> str:
@@ -74,16 +78,16 @@ def order_input(product: str, customer_id: str) -> dict[str, object]:
 
 
 def create_request(
-    rng: random.Random, customer_id: str, hot: bool = False, keyed: bool = False
+    rng: random.Random, customer_id: str, products: int = PRODUCT_COUNT, keyed: bool = False
 ) -> order_command_service_pb2.CreateOrderRequest:
-    """One order of one unit of a random product, or of the hot one; with a new
-    ``command_id`` if ``keyed``, else the server picks it."""
+    """One order of one unit of a random one of the first ``products`` (1: the hot one);
+    with a new ``command_id`` if ``keyed``, else the server picks it."""
     return order_command_service_pb2.CreateOrderRequest(
         command_id=str(uuid.uuid4()) if keyed else "",
         customer_id=customer_id,
         items=[
             types_pb2.OrderItem(
-                product_id=product_id(HOT_PRODUCT if hot else rng.randrange(PRODUCT_COUNT)),
+                product_id=product_id(HOT_PRODUCT if products == 1 else rng.randrange(products)),
                 quantity=1,
                 unit_price=_price(),
             )

@@ -37,10 +37,12 @@ async def place_mixed_orders(
     orders: int,
     rng: random.Random,
     failures: Counter[str],
+    most: int | None = None,
 ) -> None:
-    """Place ``orders`` orders of one to all of ``products``, items in any order."""
+    """Place ``orders`` orders of one to all of ``products`` (or to ``most`` of them), items
+    in any order."""
     for _ in range(orders):
-        chosen = rng.sample(list(products), rng.randint(1, len(products)))
+        chosen = rng.sample(list(products), rng.randint(1, most or len(products)))
         request = order_request(*(item(p, rng.randint(1, 2)) for p in chosen))
         try:
             await clients.create(request)

@@ -62,10 +62,11 @@ from server.stores.postgres_arrays import (
     TimestamptzArray,
 )
 from server.stores.postgres_errors import append_error, is_full, is_unavailable, store_error
+from server.stores.postgres_locks import PostgresStreamLocks
+from server.stores.postgres_locks import configure as configure_lock_session
 from server.stores.postgres_notify import NotificationListener
 from server.stores.postgres_schema import (
     HEAD_POSITION,
-    STREAM_LOCK_SPACE,
     TURNS_CHANNEL,
     apply_migrations,
 )
@@ -167,13 +168,7 @@ _APPEND = (
 )
 
 
-_LOCK_STREAM = "SELECT og_lock_stream(%s)"
-_LOCK_STREAM_AFTER = "SELECT * FROM og_lock_stream_after(%s, %s)"
 _ANNOUNCE_TURNS = "SELECT pg_notify(%s, %s)"
-_UNLOCK_STREAM = f"SELECT pg_advisory_unlock({STREAM_LOCK_SPACE}, hashtext(%s))"
-"""A stream's advisory lock is (namespace, hash of the stream id), a key space apart from
-the single-key locks of ``postgres_schema``. Two streams may share a hash: they then take
-turns needlessly, never wrongly."""
 
 
 @dataclass(slots=True)
@@ -198,6 +193,7 @@ class PostgresEventStore:
         ],
         max_batch: int,
         known_head: int,
+        stream_locks: PostgresStreamLocks,
         max_in_flight: int = 2,
     ) -> None:
         self._pool = pool
@@ -222,8 +218,7 @@ class PostgresEventStore:
         self._known_head = known_head
         """The highest position this process knows committed: notifications at or below it
         wake nobody (this process's own appends come back through NOTIFY too)."""
-        self._stream_locks: dict[str, psycopg.AsyncConnection[TupleRow]] = {}
-        """Streams this process holds the advisory lock of, each on its own connection."""
+        self._stream_locks = stream_locks
         self._closing = False
         self._closed = asyncio.Event()
 
@@ -273,6 +268,23 @@ class PostgresEventStore:
             except BaseException:
                 await pool.close()
                 raise
+            # Opened only when replicas contend for a stream; see ``postgres_locks``. Half
+            # as many sessions to wait on as the pool has connections: five replicas with
+            # the default pool then fit PostgreSQL's default max_connections, locks
+            # included, and a replica waiting for more locks at once polls for the rest.
+            waiting_sessions = max(1, max_connections // 2)
+            lock_pool = AsyncConnectionPool(
+                url,
+                min_size=0,
+                max_size=waiting_sessions + 1,
+                timeout=pool_timeout,
+                reconnect_timeout=pool_timeout,
+                kwargs={"autocommit": True, **connect_kwargs},
+                configure=configure_lock_session,
+                open=False,
+                name="order-gateway-locks",
+            )
+            await lock_pool.open()
 
         listen_kwargs = dict(connect_kwargs)
         if "application_name" in listen_kwargs:
@@ -288,6 +300,7 @@ class PostgresEventStore:
             listener,
             max_batch,
             known_head=int(row[0]) if row else 0,
+            stream_locks=PostgresStreamLocks(lock_pool, max_waiting=waiting_sessions),
             max_in_flight=max_in_flight,
         )
         try:
@@ -402,34 +415,12 @@ class PostgresEventStore:
     # -- stream locks shared by replicas (``domain.ports.SharedStreamLocks``) --------
 
     async def lock_stream(self, stream_id: str, after_version: int | None = None) -> StreamLocked:
-        """A session-level advisory lock on the stream, on a connection kept until
-        ``unlock_stream``: a replica holds a contended stream across several commands
-        (``domain.locks.StreamTurns``), longer than any one transaction. Given
-        ``after_version``, the events after it come back in the same round trip
-        (``og_lock_stream_after``)."""
-        with _translated("lock_stream"):
-            connection = await self._pool.getconn()
-            try:
-                cursor = connection.cursor(binary=True)
-                if after_version is None:
-                    await cursor.execute(_LOCK_STREAM, (stream_id,), prepare=True)
-                    row = await cursor.fetchone()
-                    locked = StreamLocked(bool(row and row[0]))
-                else:
-                    await cursor.execute(
-                        _LOCK_STREAM_AFTER, (stream_id, after_version), prepare=True
-                    )
-                    rows = await cursor.fetchall()
-                    events = [RecordedEvent(*row[1:]) for row in rows if row[1] is not None]
-                    locked = StreamLocked(bool(rows[0][0]), events)
-            except BaseException:
-                # Cancelled or failed mid-way, the lock may be held or not: closing the
-                # session releases it either way.
-                await connection.close()
-                await self._pool.putconn(connection)
-                raise
-        self._stream_locks[stream_id] = connection
-        return locked
+        """The stream's advisory lock, held until ``unlock_stream``: a replica holds a
+        contended stream across several commands (``domain.locks.StreamTurns``), longer
+        than any one transaction, on connections apart from the pool that serves loads
+        and appends (``postgres_locks``). Given ``after_version``, the events after it come
+        back in the same round trip."""
+        return await self._stream_locks.lock_stream(stream_id, after_version)
 
     def add_contention_listener(self, listener: Callable[[str], None]) -> None:
         """Call ``listener(stream_id)`` when another replica begins to take turns at a
@@ -453,15 +444,7 @@ class PostgresEventStore:
                 log.exception("contention listener failed")
 
     async def unlock_stream(self, stream_id: str) -> None:
-        connection = self._stream_locks.pop(stream_id)
-        with _translated("unlock_stream"):
-            try:
-                await connection.execute(_UNLOCK_STREAM, (stream_id,), prepare=True)
-            except BaseException:
-                await connection.close()
-                raise
-            finally:
-                await self._pool.putconn(connection)
+        await self._stream_locks.unlock_stream(stream_id)
 
     # -- reads ----------------------------------------------------------------------
 
@@ -637,8 +620,7 @@ class PostgresEventStore:
             if self._loader is not None:
                 # Else a load has it, and releases it when it ends.
                 await self._loader.release()
-            for stream_id in list(self._stream_locks):
-                await self.unlock_stream(stream_id)
+            await self._stream_locks.close()
             await self._notifications.stop()
             await self._pool.close()
         finally:

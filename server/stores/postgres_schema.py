@@ -630,6 +630,50 @@ END
 $$;
 """
 
+_V10_TRY_LOCK_AND_READ = f"""
+-- og_lock_stream_after without the wait: takes the stream's lock only if no other session
+-- holds it and, if it did, reads in the same round trip the stream's events after the
+-- version the replica already knows. A replica tries this first on the one session that
+-- holds every stream lock it could take at once, so that contending for many streams
+-- does not cost it a connection per stream; only a lock it has to wait for takes a
+-- session of its own (og_lock_stream_after). The read is a statement of its own after the
+-- lock, for the snapshot reason og_lock_stream_after gives. One row per event, each with
+-- whether the lock was taken; one row of nulls but that when it was not or there is no
+-- event.
+CREATE FUNCTION og_try_lock_stream_after(p_stream_id text, p_after_version bigint)
+RETURNS TABLE (
+    locked boolean, event_id text, stream_id text, stream_version bigint, "position" bigint,
+    occurred_at timestamptz, command_id text, correlation_id text, user_id text,
+    event_type text, data bytea, schema_version integer
+)
+LANGUAGE plpgsql
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+AS $$
+BEGIN
+    IF pg_try_advisory_lock({STREAM_LOCK_SPACE}, hashtext(p_stream_id)) THEN
+        RETURN QUERY
+            SELECT true, e.event_id, e.stream_id, e.stream_version, e.position,
+                   e.occurred_at, e.command_id, e.correlation_id, e.user_id, e.event_type,
+                   e.data, e.schema_version
+            FROM events e
+            WHERE e.stream_id = p_stream_id AND e.stream_version > p_after_version
+            ORDER BY e.stream_version;
+        IF FOUND THEN
+            RETURN;
+        END IF;
+        RETURN QUERY SELECT true, NULL::text, NULL::text, NULL::bigint, NULL::bigint,
+            NULL::timestamptz, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bytea,
+            NULL::integer;
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT false, NULL::text, NULL::text, NULL::bigint, NULL::bigint,
+        NULL::timestamptz, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bytea,
+        NULL::integer;
+END
+$$;
+"""
+
 _V9_ATTEMPTS = """
 -- The failed attempts of consumer groups' unsettled events, so that the count goes on
 -- whichever replica delivers the event next, and after a restart. A row exists only for
@@ -688,6 +732,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         9,
         "consumer groups: the failed attempts of unsettled events",
         _V9_ATTEMPTS,
+    ),
+    Migration(
+        10,
+        "og_try_lock_stream_after(): a stream's lock if free, and its new events",
+        _V10_TRY_LOCK_AND_READ,
     ),
 )
 

@@ -150,6 +150,7 @@ def test_targets_are_judged_from_the_figures() -> None:
         stream_length=[StreamLengthResult("sqlite", 1.0, 1.05, 100_000)],
         replicas=[
             ReplicaResult(
+                "hot",
                 8,
                 20.0,
                 made_up_load("replica alone", 16, 400, 20.0, "hot"),

@@ -100,3 +100,45 @@ async def test_two_replicas_with_orders_over_several_hot_products_never_deadlock
     assert set(failures) <= {"FAILED_PRECONDITION"}, "only refusals for lack of stock"
     for stream in streams:
         assert_never_oversold(stream)
+
+
+async def test_two_replicas_contending_for_many_products_never_wait_out_the_pool(
+    fresh_postgres_url: str,
+) -> None:
+    """Orders of one to three of more contended products than a replica has pooled
+    connections: a replica's turns at them hold the products' locks while the commands in
+    them load and append, so the locks must never take the connections those loads and
+    appends need (they would wait for each other until the pool's timeout, answered
+    UNAVAILABLE), nor a connection each."""
+    products = [f"sku-{n:02d}" for n in range(24)]
+    first_store = await open_store(fresh_postgres_url)
+    second_store = await open_store(fresh_postgres_url)
+    failures: Counter[str] = Counter()
+    rng = random.Random(5)
+
+    async with (
+        running_gateway(first_store) as first,
+        running_gateway(second_store) as second,
+        connect(first) as on_first,
+        connect(second) as on_second,
+    ):
+        for product in products:
+            await on_first.restock(product, 10_000)
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(
+            asyncio.gather(
+                *(
+                    place_mixed_orders(clients, products, 20, rng, failures, most=3)
+                    for clients in (on_first, on_second)
+                    for _ in range(2 * CALLERS)
+                ),
+            ),
+            timeout=120,
+        )
+        elapsed = asyncio.get_running_loop().time() - started
+        streams = [await first_store.read_stream(f"product-{p}") for p in products]
+
+    assert failures == Counter(), "every call succeeded"
+    assert elapsed < 60
+    for stream in streams:
+        assert_never_oversold(stream)

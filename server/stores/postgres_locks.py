@@ -1,0 +1,270 @@
+"""The advisory locks a replica holds on the streams it contends for with other replicas
+(``domain.ports.SharedStreamLocks``), on connections of their own.
+
+A replica holds a contended stream's lock for a whole turn (``domain.locks.StreamTurns``),
+while the commands in the turn load and append. Locks once held a pooled connection each,
+from the pool those loads and appends use: a replica contending for as many streams as it
+had connections then waited for a connection held by its own turns, and the other replica
+waited for those turns' locks, until the pool's timeout answered everybody UNAVAILABLE.
+So the locks have a pool of their own, and few connections in it:
+
+- Every lock is first *tried*, without waiting (``og_try_lock_stream_after``), on one
+  session, the *holder*, which keeps every lock it takes. A session may hold any number of
+  advisory locks, and the holder never runs a statement that waits, so its unlocks are
+  never stuck behind a wait.
+- Only a lock held by another session is waited for, on a session of its own, which keeps
+  it until the turn ends (``og_lock_stream_after``, first in, first out at the database).
+  There are at most ``max_waiting`` of these. With none left, the lock is polled for on
+  the holder rather than a session waited for: a turn that waits for a session while it
+  holds another stream's could wait for its own replica's turns for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg.rows import TupleRow
+from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
+from psycopg_pool import AsyncConnectionPool
+
+from domain.ports import RecordedEvent, StreamLocked
+from server.stores.postgres_errors import store_error
+from server.stores.postgres_schema import STREAM_LOCK_SPACE
+
+log = logging.getLogger("order_gateway.store.postgres")
+
+Connection = psycopg.AsyncConnection[TupleRow]
+
+_TRY_LOCK = f"SELECT pg_try_advisory_lock({STREAM_LOCK_SPACE}, hashtext(%s))"
+_TRY_LOCK_AFTER = "SELECT * FROM og_try_lock_stream_after(%s, %s)"
+_LOCK = "SELECT og_lock_stream(%s)"
+_LOCK_AFTER = "SELECT * FROM og_lock_stream_after(%s, %s)"
+_UNLOCK = f"SELECT pg_advisory_unlock({STREAM_LOCK_SPACE}, hashtext(%s))"
+"""A stream's advisory lock is (namespace, hash of the stream id), a key space apart from
+the single-key locks of ``postgres_schema``. Two streams may share a hash: they then take
+turns needlessly, never wrongly (the holder takes a lock it holds again, counted)."""
+
+POLL_FIRST_DELAY = 0.001
+POLL_MAX_DELAY = 0.02
+"""Seconds between two tries of a lock polled for: from the first, doubling up to the
+last (a turn's length, ``domain.locks.StreamTurns``)."""
+POLLING_WARNING_INTERVAL = 60.0
+"""Seconds between two warnings that locks are polled for."""
+
+
+class PostgresStreamLocks:
+    """Stream locks on the connections of ``pool``, which nothing else uses: one holder
+    and up to ``max_waiting`` sessions for the locks waited for (the pool's ``max_size``
+    must allow ``max_waiting + 1``)."""
+
+    def __init__(self, pool: AsyncConnectionPool[Connection], max_waiting: int) -> None:
+        self._pool = pool
+        self._max_waiting = max_waiting
+        self._waiting = 0
+        """Sessions taken for locks waited for, held or being waited on."""
+        self._holder: Connection | None = None
+        self._holder_taken: asyncio.Task[Connection] | None = None
+        self._held: dict[str, Connection] = {}
+        """Each stream this process has a turn at, and the session holding its lock."""
+        self._polls = 0
+        self._warned_at = -POLLING_WARNING_INTERVAL
+
+    async def lock_stream(self, stream_id: str, after_version: int | None = None) -> StreamLocked:
+        locked = await self._try_on_holder(stream_id, after_version)
+        if locked is not None:
+            return locked
+        if self._waiting >= self._max_waiting:
+            return await self._poll_on_holder(stream_id, after_version)
+        return await self._wait_for(stream_id, after_version)
+
+    async def _try_on_holder(
+        self, stream_id: str, after_version: int | None
+    ) -> StreamLocked | None:
+        holder = await self._take_holder()
+        tried = asyncio.ensure_future(_try_lock(holder, stream_id, after_version))
+        try:
+            # Shielded: cancelled half-way, the holder's other locks must stay, so the try
+            # runs to its end and a lock it took is let go again.
+            locked = await asyncio.shield(tried)
+        except asyncio.CancelledError:
+            tried.add_done_callback(lambda done: self._let_go_if_taken(holder, stream_id, done))
+            raise
+        except psycopg.Error as error:
+            await self._drop_holder_if_broken(holder)
+            raise store_error(error, "lock_stream") from error
+        if locked is not None:
+            self._held[stream_id] = holder
+        return locked
+
+    async def _poll_on_holder(self, stream_id: str, after_version: int | None) -> StreamLocked:
+        """Every session for waiting is taken: try again and again on the holder, a little
+        longer apart each time. The database's queue is then skipped, so a replica that
+        polls may wait longer than its turn; it never waits for a session, which its own
+        turns may hold."""
+        self._polls += 1
+        self._warn_polling(stream_id)
+        delay = POLL_FIRST_DELAY
+        while True:
+            await asyncio.sleep(delay)
+            locked = await self._try_on_holder(stream_id, after_version)
+            if locked is not None:
+                return StreamLocked(True, locked.events_after)
+            delay = min(2 * delay, POLL_MAX_DELAY)
+
+    async def _wait_for(self, stream_id: str, after_version: int | None) -> StreamLocked:
+        self._waiting += 1
+        try:
+            try:
+                session = await self._pool.getconn()
+            except psycopg.Error as error:
+                raise store_error(error, "lock_stream") from error
+            try:
+                locked = await _lock(session, stream_id, after_version)
+            except BaseException as error:
+                # Cancelled or failed mid-way, the lock may be held or not: closing the
+                # session releases it either way.
+                await session.close()
+                await self._pool.putconn(session)
+                if isinstance(error, psycopg.Error):
+                    raise store_error(error, "lock_stream") from error
+                raise
+        except BaseException:
+            self._waiting -= 1
+            raise
+        self._held[stream_id] = session
+        return locked
+
+    async def unlock_stream(self, stream_id: str) -> None:
+        session = self._held.pop(stream_id)
+        try:
+            if not session.closed:
+                await session.execute(_UNLOCK, (stream_id,), prepare=True)
+        except BaseException as error:
+            if session is not self._holder:
+                await session.close()
+            else:
+                await self._drop_holder_if_broken(session)
+            if isinstance(error, psycopg.Error):
+                raise store_error(error, "unlock_stream") from error
+            raise
+        finally:
+            if session is not self._holder:
+                self._waiting -= 1
+                await self._pool.putconn(session)
+
+    async def close(self) -> None:
+        """Let go of every lock held, then of the connections."""
+        for stream_id in list(self._held):
+            try:
+                await self.unlock_stream(stream_id)
+            except Exception:
+                log.debug("releasing the lock of %s on close failed", stream_id, exc_info=True)
+        if self._holder_taken is not None:
+            self._holder_taken.cancel()
+            await asyncio.wait([self._holder_taken])
+        if self._holder is not None:
+            await self._pool.putconn(self._holder)
+            self._holder = None
+        await self._pool.close()
+
+    async def _take_holder(self) -> Connection:
+        if self._holder is not None and not self._holder.broken:
+            return self._holder
+        if self._holder is not None:
+            await self._drop_holder_if_broken(self._holder)
+        if self._holder_taken is None:
+            self._holder_taken = asyncio.ensure_future(self._pool.getconn())
+        taking = self._holder_taken
+        try:
+            # Shielded: the first lock after (re)connecting takes it for everybody.
+            holder = await asyncio.shield(taking)
+        except psycopg.Error as error:
+            raise store_error(error, "lock_stream") from error
+        finally:
+            if taking.done() and self._holder_taken is taking:
+                self._holder_taken = None
+        if self._holder is None:
+            self._holder = holder
+        return self._holder
+
+    async def _drop_holder_if_broken(self, holder: Connection) -> None:
+        """A broken holder took its locks with it: give it back (the pool discards it)
+        and take another for the next lock. Turns that held a lock on it end without one
+        to release."""
+        if holder is self._holder and (holder.broken or holder.closed):
+            self._holder = None
+            await self._pool.putconn(holder)
+
+    def _let_go_if_taken(
+        self, holder: Connection, stream_id: str, tried: asyncio.Future[StreamLocked | None]
+    ) -> None:
+        if tried.cancelled() or tried.exception() is not None or tried.result() is None:
+            return
+        if holder.closed:
+            return
+        task = asyncio.ensure_future(holder.execute(_UNLOCK, (stream_id,), prepare=True))
+        task.add_done_callback(_logged_failure)
+
+    def _warn_polling(self, stream_id: str) -> None:
+        now = time.monotonic()
+        if now - self._warned_at >= POLLING_WARNING_INTERVAL:
+            self._warned_at = now
+            log.warning(
+                "all %d sessions for waiting on contended stream locks are in use: the lock"
+                " of %s is polled for instead (%d times so far); raise store_pool_size if"
+                " this repeats",
+                self._max_waiting,
+                stream_id,
+                self._polls,
+            )
+
+
+async def _try_lock(
+    session: Connection, stream_id: str, after_version: int | None
+) -> StreamLocked | None:
+    """The lock if no other session holds it (None if one does), and the events after
+    ``after_version`` if given."""
+    cursor = session.cursor(binary=True)
+    if after_version is None:
+        await cursor.execute(_TRY_LOCK, (stream_id,), prepare=True)
+        row = await cursor.fetchone()
+        return StreamLocked(False) if row and row[0] else None
+    await cursor.execute(_TRY_LOCK_AFTER, (stream_id, after_version), prepare=True)
+    rows = await cursor.fetchall()
+    if not rows[0][0]:
+        return None
+    return StreamLocked(False, _events(rows))
+
+
+async def _lock(session: Connection, stream_id: str, after_version: int | None) -> StreamLocked:
+    """The lock, waited for behind whoever holds it (FIFO at the database)."""
+    cursor = session.cursor(binary=True)
+    if after_version is None:
+        await cursor.execute(_LOCK, (stream_id,), prepare=True)
+        row = await cursor.fetchone()
+        return StreamLocked(bool(row and row[0]))
+    await cursor.execute(_LOCK_AFTER, (stream_id, after_version), prepare=True)
+    rows = await cursor.fetchall()
+    return StreamLocked(bool(rows[0][0]), _events(rows))
+
+
+async def configure(session: Connection) -> None:
+    """Each lock session, when the pool opens it: the events it reads back load as the
+    pooled reads' do (UTC timestamps), and ints go as bigint, one prepared plan each."""
+    session.adapters.register_dumper(int, Int8Dumper)
+    session.adapters.register_dumper(int, Int8BinaryDumper)
+    await session.execute("SET TimeZone TO 'UTC'")
+
+
+def _events(rows: Sequence[TupleRow]) -> list[RecordedEvent]:
+    return [RecordedEvent(*row[1:]) for row in rows if row[1] is not None]
+
+
+def _logged_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("releasing a stream lock after a cancelled turn failed: %s", task.exception())

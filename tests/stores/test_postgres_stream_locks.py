@@ -1,0 +1,151 @@
+"""The advisory locks a PostgreSQL replica holds on contended streams
+(``server.stores.postgres_locks``): apart from the pool that loads and appends, on few
+sessions, waited for first in first out, and never waited for by a connection."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import psycopg
+import pytest
+
+from domain.errors import StoreUnavailableError
+from server.stores.postgres import PostgresEventStore
+from server.stores.postgres_schema import STREAM_LOCK_SPACE
+from tests.stores.test_postgres_specific import TIMEOUT, commit
+
+pytestmark = pytest.mark.postgres
+
+SMALLEST_POOL = 3
+"""``store_pool_size``'s least value."""
+WAITING_SESSIONS = 1
+"""Sessions for locks waited for, with the smallest pool: half of it."""
+
+
+@pytest.fixture
+async def small(fresh_postgres_url: str) -> AsyncIterator[PostgresEventStore]:
+    opened = await PostgresEventStore.open(fresh_postgres_url, max_connections=SMALLEST_POOL)
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+async def other(fresh_postgres_url: str) -> AsyncIterator[PostgresEventStore]:
+    opened = await PostgresEventStore.open(fresh_postgres_url)
+    yield opened
+    await opened.close()
+
+
+def stream_locks(url: str) -> list[tuple[int, bool]]:
+    """Each stream lock in the database, by the session that holds or waits for it: its
+    process id and whether it is granted."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return [
+            (pid, granted)
+            for pid, granted in conn.execute(
+                "SELECT pid, granted FROM pg_locks WHERE locktype = 'advisory'"
+                " AND classid = %s::bigint::oid AND database ="
+                " (SELECT oid FROM pg_database WHERE datname = current_database())",
+                (STREAM_LOCK_SPACE,),
+            )
+        ]
+
+
+async def until(condition_met: Callable[[], bool], seconds: float = TIMEOUT) -> None:
+    """Wait until ``condition_met()`` is true."""
+    for _ in range(int(seconds / 0.01)):
+        if condition_met():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("never happened")
+
+
+async def test_locks_taken_at_once_share_one_session_and_leave_the_pool_to_loads_and_appends(
+    small: PostgresEventStore, fresh_postgres_url: str
+) -> None:
+    streams = [f"hot-{n}" for n in range(4 * SMALLEST_POOL)]
+    for stream_id in streams:
+        assert (await small.lock_stream(stream_id, 0)).waited is False
+
+    held = stream_locks(fresh_postgres_url)
+    assert len(held) == len(streams) and all(granted for _, granted in held)
+    assert len({pid for pid, _ in held}) == 1, "one session holds them all"
+    # The pool of three still serves appends and reads at once, as if no lock were held.
+    appended = await asyncio.wait_for(
+        asyncio.gather(*(small.append(commit((s, 1))) for s in streams)), TIMEOUT
+    )
+    assert await small.read_stream(streams[0]) == appended[0]
+
+    for stream_id in streams:
+        await small.unlock_stream(stream_id)
+    assert stream_locks(fresh_postgres_url) == []
+
+
+async def test_locks_held_elsewhere_are_waited_for_on_few_sessions_then_polled_for(
+    small: PostgresEventStore, other: PostgresEventStore, fresh_postgres_url: str
+) -> None:
+    """More locks to wait for than sessions to wait on: the rest are polled for, and
+    every one is taken once its holder lets go, with what the holder appended."""
+    streams = [f"hot-{n}" for n in range(2 * SMALLEST_POOL)]
+    for stream_id in streams:
+        await other.lock_stream(stream_id)
+    waiting = [asyncio.create_task(small.lock_stream(s, 0)) for s in streams]
+    await until(lambda: sum(not g for _, g in stream_locks(fresh_postgres_url)) == WAITING_SESSIONS)
+    await asyncio.sleep(0.1)
+    assert not any(task.done() for task in waiting)
+    appended = [await other.append(commit((s, 1))) for s in streams]
+
+    for stream_id in streams:
+        await other.unlock_stream(stream_id)
+    locked = await asyncio.wait_for(asyncio.gather(*waiting), TIMEOUT)
+
+    assert [one.waited for one in locked] == [True] * len(streams)
+    assert [one.events_after for one in locked] == appended
+    sessions = {pid for pid, _ in stream_locks(fresh_postgres_url)}
+    assert len(sessions) <= WAITING_SESSIONS + 1, "the holder and the sessions for waiting"
+    for stream_id in streams:
+        await small.unlock_stream(stream_id)
+    assert stream_locks(fresh_postgres_url) == []
+
+
+async def test_a_cancelled_wait_leaves_no_lock_and_the_others_held(
+    small: PostgresEventStore, other: PostgresEventStore, fresh_postgres_url: str
+) -> None:
+    await small.lock_stream("mine")
+    await other.lock_stream("theirs")
+    waiting = asyncio.create_task(small.lock_stream("theirs"))
+    await until(lambda: any(not granted for _, granted in stream_locks(fresh_postgres_url)))
+
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await other.unlock_stream("theirs")
+
+    # Nobody took "theirs" behind the cancelled wait; "mine" is still held.
+    assert len(stream_locks(fresh_postgres_url)) == 1
+    assert (await other.lock_stream("theirs")).waited is False
+    blocked = asyncio.create_task(other.lock_stream("mine"))
+    await asyncio.sleep(0.1)
+    assert not blocked.done()
+    await small.unlock_stream("mine")
+    assert (await asyncio.wait_for(blocked, TIMEOUT)).waited is True
+    await other.unlock_stream("mine")
+    await other.unlock_stream("theirs")
+
+
+async def test_a_lost_holder_fails_one_lock_and_the_next_takes_a_new_session(
+    small: PostgresEventStore, fresh_postgres_url: str
+) -> None:
+    await small.lock_stream("before")
+    [(pid, _)] = stream_locks(fresh_postgres_url)
+    with psycopg.connect(fresh_postgres_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+    with pytest.raises(StoreUnavailableError):
+        await small.lock_stream("after")
+    assert (await small.lock_stream("after")).waited is False
+    # The lost session took its lock with it; its turn ends without an error.
+    await small.unlock_stream("before")
+    await small.unlock_stream("after")
+    assert stream_locks(fresh_postgres_url) == []
