@@ -252,6 +252,15 @@ class PostgresConsumerGroupStore:
         return None
 
 
+async def forget_replica(conn: psycopg.AsyncConnection[TupleRow], replica_id: str) -> None:
+    """Free every member id and partition of a replica known to be dead (a worker process
+    its supervisor saw exit) in every group, rather than when their leases expire: its
+    consumers may rejoin under their own ids at once, on another worker."""
+    async with conn.transaction():
+        for table in ("consumer_group_leases", "consumer_group_members"):
+            await conn.execute(f"DELETE FROM {table} WHERE replica_id = %s", (replica_id,))
+
+
 class PostgresLeases:
     """``leases.LeaseStore`` in the members and leases tables (schema migrations 6, 7)."""
 

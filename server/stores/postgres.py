@@ -51,7 +51,7 @@ from domain.ports import (
     StreamLocked,
     recorded_events,
 )
-from server.consumer_groups.store_postgres import PostgresConsumerGroupStore
+from server.consumer_groups.store_postgres import PostgresConsumerGroupStore, forget_replica
 from server.stores import postgres_arrays
 from server.stores.event_rows import GATEWAY_COLUMNS, EventRow
 from server.stores.postgres_arrays import (
@@ -311,6 +311,16 @@ class PostgresEventStore:
             await store.close()
             raise
         return store
+
+    @staticmethod
+    async def forget_group_replica(url: str, replica_id: str) -> None:
+        """Free the consumer-group members and partitions of a dead replica
+        (``store_postgres.forget_replica``), on a connection of its own."""
+        with _translated("consumer group leases"):
+            async with await psycopg.AsyncConnection.connect(
+                url, autocommit=True, **_connect_kwargs(url)
+            ) as conn:
+                await forget_replica(conn, replica_id)
 
     @staticmethod
     async def holds_a_store(url: str) -> bool:

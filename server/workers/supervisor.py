@@ -25,19 +25,21 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Final
 
+from domain.errors import StoreError
 from server.app import authenticators_from, stop_deadline
 from server.config import Settings
 from server.consumer_groups.store_sqlite import SQLiteConsumerGroupStore
 from server.observability.metrics import MetricsServer, check_metrics_address
 from server.security.tls import server_credentials
 from server.stores.factory import migrate, sqlite_path
+from server.stores.postgres import PostgresEventStore
 from server.stores.urls import redacted_url
 from server.workers.groups import GroupsHost
 from server.workers.hub import WorkerHub
 from server.workers.hub_client import FOLLOW_ONLY_NOTICE_DELAY_SECONDS, NOTICE_DELAY_SECONDS
 from server.workers.listen_address import reserve
 from server.workers.metrics import SupervisorMetrics
-from server.workers.worker import WorkerSpec, run_worker
+from server.workers.worker import WorkerReady, WorkerSpec, run_worker
 
 log = logging.getLogger("order_gateway.workers")
 
@@ -85,6 +87,8 @@ class _Slot:
         self.process: BaseProcess | None = None
         self.started_at = 0.0
         self.metrics_port: int | None = None
+        self.replica_id: str | None = None
+        """Of the worker now serving, once it said so (``WorkerReady``)."""
         self._lifeline: Connection | None = None
 
     async def start(self) -> bool:
@@ -112,9 +116,10 @@ class _Slot:
         if not receiver.poll():
             return False
         try:
-            self.metrics_port = receiver.recv()
+            ready: WorkerReady = receiver.recv()
         except EOFError:
             return False
+        self.metrics_port, self.replica_id = ready.metrics_port, ready.replica_id
         return True
 
     @property
@@ -193,11 +198,30 @@ class Supervisor:
                 lived,
             )
             self.metrics.restarts.inc()
+            await self._forget_members(slot)
             if lived < RESTART_DELAY_SECONDS:
                 await asyncio.sleep(RESTART_DELAY_SECONDS)
             if await slot.start():
                 self._count_serving()
                 log.info("worker %d replaced (pid %s)", slot.spec.index, slot.pid)
+
+    async def _forget_members(self, slot: _Slot) -> None:
+        """On PostgreSQL, free the dead worker's consumer-group members and partitions now:
+        its consumers, reconnecting to another worker, would otherwise find their ids
+        taken until the leases expire. (On SQLite the supervisor keeps the leases and
+        frees them as the worker's connection to the hub closes.)"""
+        replica_id, slot.replica_id = slot.replica_id, None
+        if replica_id is None or sqlite_path(self._settings.store) is not None:
+            return
+        try:
+            await PostgresEventStore.forget_group_replica(self._settings.store, replica_id)
+        except StoreError as error:
+            log.warning(
+                "could not free the consumer-group members of worker %d (their leases"
+                " expire instead): %s",
+                slot.spec.index,
+                error,
+            )
 
     async def _stop_all(self) -> None:
         """SIGTERM to every worker, then wait; kill those still running at the deadline."""

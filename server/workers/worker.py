@@ -64,6 +64,16 @@ class WorkerSpec:
     """How long the worker's notice of a commit waits for more (``hub_client``)."""
 
 
+@dataclass(frozen=True)
+class WorkerReady:
+    """What a worker tells the supervisor once it serves."""
+
+    metrics_port: int | None
+    """Where its internal metrics are served, if they are."""
+    replica_id: str
+    """The replica its consumer-group members are registered under."""
+
+
 def run_worker(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> None:
     """The worker process's entry point: sends its metrics port (or None) on ``ready``
     once it serves, and stops when ``lifeline`` (whose other end only the supervisor
@@ -124,7 +134,7 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
         gateway.hub.on_subscribed = hub.listening
         if gateway.hub.subscriber_count:
             hub.listening(True)
-        ready.send(gateway.metrics_port)
+        ready.send(WorkerReady(gateway.metrics_port, gateway.groups.replica_id))
         ready.close()
 
     try:

@@ -35,6 +35,9 @@ CHANNELS = 8
 PARTITIONS = 8
 TAKEOVER_SECONDS = 15.0
 """The contract: a dead process's partitions are taken over within this long."""
+FREED_WITHIN = 4.0
+"""Seconds in which a killed worker's member ids are free again: well before its leases
+would expire (``LEASE_TTL``, 10 s)."""
 
 
 @contextlib.asynccontextmanager
@@ -353,6 +356,42 @@ async def test_members_on_two_workers_share_partitions_and_a_killed_worker_s_mov
             assert seen[event_id] in dead_ids, f"{event_id} delivered again after {seen}"
         seen[event_id] = name
     assert_never_two_at_once(record.deliveries, PARTITIONS)
+
+
+async def test_the_members_of_a_killed_worker_rejoin_under_their_ids_at_once(
+    store_url: str,
+) -> None:
+    """Consumers whose worker was killed -9 reconnect (to a live worker) under their own
+    member ids straight away: the supervisor frees the dead worker's members as it sees
+    it exit, on either store, rather than leave them until their leases expire."""
+    async with (
+        workers_gateway(store_url, metrics=True) as gateway,
+        channels(gateway.target, 16) as opened,
+    ):
+        groups = stubs(opened)
+        await groups[0].CreateConsumerGroup(
+            pb.CreateConsumerGroupRequest(name="g", settings=group_settings(PARTITIONS))
+        )
+        members = [
+            m for ms in (await members_on_both_workers(gateway, groups)).values() for m in ms
+        ]
+        os.kill(min(gateway.workers()), signal.SIGKILL)
+        await until(lambda: any(m.ended.is_set() for m in members))
+        await asyncio.sleep(0.2)
+        dead = [m.member_id for m in members if m.ended.is_set()]
+        rejoined: list[Member] = []
+        async with channels(gateway.target, 1) as fresh, asyncio.timeout(FREED_WITHIN):
+            for member_id in dead:
+                while True:
+                    try:
+                        rejoined.append(await join(stubs(fresh)[0], "g", member_id=member_id))
+                        break
+                    except grpc.aio.AioRpcError as error:
+                        assert reason_of(error) == "MEMBER_ID_TAKEN"
+                        await asyncio.sleep(0.05)
+        for member in rejoined + [m for m in members if not m.ended.is_set()]:
+            await member.close()
+    assert sorted(m.member_id for m in rejoined) == sorted(dead)
 
 
 async def head_position(stub: pb_grpc.ConsumerGroupServiceAsyncStub) -> int:
