@@ -82,6 +82,23 @@ def stop_deadline(settings: Settings) -> float:
     return min(settings.shutdown_grace + STOP_MARGIN_SECONDS, STOP_DEADLINE_SECONDS)
 
 
+def stop_on_signals(signals: Sequence[signal.Signals], stop: asyncio.Event) -> None:
+    """Set ``stop`` at the first of ``signals``, and ignore them from then on: the stop is
+    under way, bounded by its deadline. Not left to the event loop: closing, it puts back
+    the default action, and a second SIGTERM arriving as the process exits killed it
+    (status 143 instead of 0)."""
+    loop = asyncio.get_running_loop()
+
+    def stopping() -> None:
+        stop.set()
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, signal.SIG_IGN)
+
+    for signum in signals:
+        loop.add_signal_handler(signum, stopping)
+
+
 def exit_unless_stopped(seconds: float) -> None:
     """Exit the process (status 0: it was asked to stop) if it still runs ``seconds``
     from now. A thread, not the event loop: what bounds it is what may hang, a store call
@@ -462,9 +479,7 @@ async def serve(
     if on_serving is not None:
         on_serving(gateway)
     stop = stop if stop is not None else asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in signals:
-        loop.add_signal_handler(signum, stop.set)
+    stop_on_signals(signals, stop)
     await stop.wait()
     log.info("shutting down")
     if bounded:

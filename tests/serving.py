@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import subprocess
 import sys
@@ -78,3 +79,11 @@ async def wait_until_serving(
                 pass
             await asyncio.sleep(0.1)
     raise AssertionError(f"gateway at {target} not serving after {within} s")
+
+
+def signal_until_exit(process: subprocess.Popen[bytes], within: float = 10.0) -> None:
+    """SIGTERM ``process`` every millisecond until it exits."""
+    deadline = time.monotonic() + within
+    while process.poll() is None and time.monotonic() < deadline:
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.001)

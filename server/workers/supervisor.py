@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Final
 
 from domain.errors import StoreError
-from server.app import authenticators_from, stop_deadline
+from server.app import authenticators_from, stop_deadline, stop_on_signals
 from server.config import Settings
 from server.consumer_groups.store_sqlite import SQLiteConsumerGroupStore
 from server.observability.metrics import MetricsServer, check_metrics_address
@@ -160,9 +160,7 @@ class Supervisor:
         self.metrics.workers.set(sum(1 for slot in self._slots if slot.metrics_port is not None))
 
     async def run(self, on_serving: Callable[[], None]) -> None:
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._stopping.set)
+        stop_on_signals((signal.SIGTERM, signal.SIGINT), self._stopping)
         keepers: list[asyncio.Task[None]] = []
         try:
             started = await asyncio.gather(*(slot.start() for slot in self._slots))

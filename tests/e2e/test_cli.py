@@ -25,7 +25,13 @@ from server import app
 from server.app import create_server
 from server.cli import build_parser, main, settings_from
 from server.config import Settings
-from tests.serving import free_port, gateway_log, start_gateway, wait_until_serving
+from tests.serving import (
+    free_port,
+    gateway_log,
+    signal_until_exit,
+    start_gateway,
+    wait_until_serving,
+)
 
 
 def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,6 +75,21 @@ async def test_serve_stops_gracefully_on_a_signal(signum: signal.Signals) -> Non
         assert code == 0
         assert time.monotonic() - started < 10
         assert statuses[:1] == [health_pb2.HealthCheckResponse.NOT_SERVING]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+async def test_signals_repeated_while_the_gateway_stops_change_nothing() -> None:
+    """An operator (or an orchestrator) sending SIGTERM again and again while the gateway
+    stops: it still ends as a stop does, with status 0, whenever the next one lands."""
+    target = f"127.0.0.1:{free_port()}"
+    process = start_gateway(["serve", "--listen", target, "--store", "memory://"])
+    try:
+        await wait_until_serving(target, process)
+        await asyncio.to_thread(signal_until_exit, process)
+        assert process.returncode == 0, gateway_log(process)
     finally:
         if process.poll() is None:
             process.kill()

@@ -22,7 +22,13 @@ from server.config import Settings
 from server.workers.supervisor import worker_count
 from server.workers.worker import WorkerSpec, run_worker
 from tests.clients import item, order_request
-from tests.serving import free_port, gateway_log, listening_stranger, start_gateway
+from tests.serving import (
+    free_port,
+    gateway_log,
+    listening_stranger,
+    signal_until_exit,
+    start_gateway,
+)
 from tests.subscription_support import StreamReader
 from tests.workers_support import (
     WAIT,
@@ -147,6 +153,15 @@ async def test_a_stop_signal_stops_every_worker_within_ten_seconds(
         assert "shutting down 2 workers" in gateway.log
         # A stop that goes as planned is no error: an operator's alerts stay quiet.
         assert " ERROR " not in gateway.log, gateway.log
+
+
+async def test_signals_repeated_while_the_workers_stop_change_nothing(tmp_path: Path) -> None:
+    async with workers_gateway(f"sqlite:///{tmp_path / 'events.db'}") as gateway:
+        workers = gateway.workers()
+        await asyncio.to_thread(signal_until_exit, gateway.process)
+
+        assert gateway.process.returncode == 0, gateway.log
+        assert not any(alive(pid) for pid in workers)
 
 
 def serve_and_fail(*args: str) -> tuple[int, str]:
