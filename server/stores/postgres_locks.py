@@ -25,6 +25,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -69,7 +70,7 @@ class PostgresStreamLocks:
         """Sessions taken for locks waited for, held or being waited on."""
         self._holder: Connection | None = None
         self._holder_taken: asyncio.Task[Connection] | None = None
-        self._held: dict[str, Connection] = {}
+        self._held: dict[str, _Held] = {}
         """Each stream this process has a turn at, and the session holding its lock."""
         self._polls = 0
         self._warned_at = -POLLING_WARNING_INTERVAL
@@ -98,7 +99,7 @@ class PostgresStreamLocks:
             await self._drop_holder_if_broken(holder)
             raise store_error(error, "lock_stream") from error
         if locked is not None:
-            self._held[stream_id] = holder
+            self._held[stream_id] = _Held(holder, own_session=False)
         return locked
 
     async def _poll_on_holder(self, stream_id: str, after_version: int | None) -> StreamLocked:
@@ -136,16 +137,18 @@ class PostgresStreamLocks:
         except BaseException:
             self._waiting -= 1
             raise
-        self._held[stream_id] = session
+        self._held[stream_id] = _Held(session, own_session=True)
         return locked
 
     async def unlock_stream(self, stream_id: str) -> None:
-        session = self._held.pop(stream_id)
+        held = self._held.pop(stream_id)
+        session = held.session
         try:
+            # A closed session took its locks with it (a holder lost and replaced).
             if not session.closed:
                 await session.execute(_UNLOCK, (stream_id,), prepare=True)
         except BaseException as error:
-            if session is not self._holder:
+            if held.own_session:
                 await session.close()
             else:
                 await self._drop_holder_if_broken(session)
@@ -153,7 +156,7 @@ class PostgresStreamLocks:
                 raise store_error(error, "unlock_stream") from error
             raise
         finally:
-            if session is not self._holder:
+            if held.own_session:
                 self._waiting -= 1
                 await self._pool.putconn(session)
 
@@ -222,6 +225,16 @@ class PostgresStreamLocks:
                 stream_id,
                 self._polls,
             )
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """Where a stream's lock is held."""
+
+    session: Connection
+    own_session: bool
+    """A session of its own (the lock was waited for), given back with the lock; else the
+    holder."""
 
 
 async def _try_lock(

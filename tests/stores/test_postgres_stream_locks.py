@@ -135,7 +135,7 @@ async def test_a_cancelled_wait_leaves_no_lock_and_the_others_held(
 
 
 async def test_a_lost_holder_fails_one_lock_and_the_next_takes_a_new_session(
-    small: PostgresEventStore, fresh_postgres_url: str
+    small: PostgresEventStore, other: PostgresEventStore, fresh_postgres_url: str
 ) -> None:
     await small.lock_stream("before")
     [(pid, _)] = stream_locks(fresh_postgres_url)
@@ -145,7 +145,20 @@ async def test_a_lost_holder_fails_one_lock_and_the_next_takes_a_new_session(
     with pytest.raises(StoreUnavailableError):
         await small.lock_stream("after")
     assert (await small.lock_stream("after")).waited is False
-    # The lost session took its lock with it; its turn ends without an error.
+    # The lost session took its lock with it; its turn ends without an error, and
+    # without counting as a session given back.
     await small.unlock_stream("before")
     await small.unlock_stream("after")
     assert stream_locks(fresh_postgres_url) == []
+
+    streams = [f"theirs-{n}" for n in range(3)]
+    for stream_id in streams:
+        await other.lock_stream(stream_id)
+    waiting = [asyncio.create_task(small.lock_stream(s)) for s in streams]
+    await asyncio.sleep(0.3)
+    assert sum(not granted for _, granted in stream_locks(fresh_postgres_url)) == WAITING_SESSIONS
+    for stream_id in streams:
+        await other.unlock_stream(stream_id)
+    await asyncio.wait_for(asyncio.gather(*waiting), TIMEOUT)
+    for stream_id in streams:
+        await small.unlock_stream(stream_id)
