@@ -202,7 +202,14 @@ class StreamTurns:
                 await turn.ended.wait()
                 continue
             turn.users += 1
-            await turn.started.wait()
+            try:
+                await turn.started.wait()
+            except BaseException:
+                # Given up before the turn began (the caller's deadline, say): it is not
+                # in what the caller will leave, so it leaves here, or the turn would
+                # keep a user for ever and never let go of the lock.
+                self._left(stream_id, turn)
+                raise
             if turn.failed:
                 continue
             return Joined(stream_id, False)
@@ -218,16 +225,19 @@ class StreamTurns:
         decided together in the next turn (two replicas on one product made 1.2-1.4 x the
         calls/s with no linger than with 2 ms, at less CPU per call)."""
         for stream_id in (one.stream_id for one in joined):
-            turn = self._turns[stream_id]
-            turn.users -= 1
-            if turn.users:
-                continue
-            if turn.closing or turn.older_than(self._quantum):
-                self._end(stream_id, turn)
-            else:
-                asyncio.get_running_loop().call_later(
-                    self._linger, self._end_if_unused, stream_id, turn
-                )
+            self._left(stream_id, self._turns[stream_id])
+
+    def _left(self, stream_id: str, turn: _Turn) -> None:
+        turn.users -= 1
+        if turn.users or turn.failed:
+            # A failed turn is over already: it took no lock to let go of.
+            return
+        if turn.closing or turn.older_than(self._quantum):
+            self._end(stream_id, turn)
+        else:
+            asyncio.get_running_loop().call_later(
+                self._linger, self._end_if_unused, stream_id, turn
+            )
 
     def _end_if_unused(self, stream_id: str, turn: _Turn) -> None:
         if self._turns.get(stream_id) is turn and not turn.users:

@@ -212,6 +212,31 @@ async def test_replicas_take_turns_at_a_contended_stream_and_neither_keeps_it() 
     first.leave(late.result())
 
 
+async def test_a_command_that_gives_up_before_its_turn_begins_does_not_keep_the_lock() -> None:
+    """A caller's deadline passes while its command waits for the turn another command of
+    the same replica is taking: the turn still ends with the last command in it, and lets
+    go of the lock for the other replica."""
+    table: dict[str, asyncio.Lock] = {}
+    mine, theirs = (StreamTurns(SharedLocks(table), linger=0) for _ in "ab")
+    mine.contended(["product-a"])
+    theirs.contended(["product-a"])
+    held = await theirs.join(["product-a"])
+
+    starting = asyncio.create_task(mine.join(["product-a"]))
+    await asyncio.sleep(0.01)
+    giving_up = asyncio.create_task(mine.join(["product-a"]))
+    await asyncio.sleep(0.01)
+    giving_up.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await giving_up
+    theirs.leave(held)
+    mine.leave(await asyncio.wait_for(starting, 5))
+
+    again = await asyncio.wait_for(theirs.join(["product-a"]), 5)
+    assert turns_of(again) == [("product-a", True)], "the other replica gets its turn"
+    theirs.leave(again)
+
+
 async def test_streams_nobody_else_writes_never_take_turns() -> None:
     table: dict[str, asyncio.Lock] = {}
     turns = StreamTurns(SharedLocks(table))
