@@ -63,8 +63,8 @@ class Settings(BaseSettings):
         10,
         ge=3,
         description="PostgreSQL connections each gateway process keeps at most (plus one "
-        "for LISTEN, and while replicas contend for streams up to half as many again for "
-        "their locks): two carry appends, the rest reads. A call waiting over 10 s for one "
+        "for LISTEN, and while replicas contend for streams up to half as many plus one "
+        "for their locks): two carry appends, the rest reads. A call waiting over 10 s for one "
         "is UNAVAILABLE (STORE_UNAVAILABLE). Sizing: docs/operations.md.",
     )
     auth_tokens: Path | None = Field(

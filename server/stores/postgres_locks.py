@@ -14,9 +14,15 @@ So the locks have a pool of their own, and few connections in it:
   never stuck behind a wait.
 - Only a lock held by another session is waited for, on a session of its own, which keeps
   it until the turn ends (``og_lock_stream_after``, first in, first out at the database).
-  There are at most ``max_waiting`` of these. With none left, the lock is polled for on
-  the holder rather than a session waited for: a turn that waits for a session while it
-  holds another stream's could wait for its own replica's turns for ever.
+  There are at most ``max_waiting`` of these, and a lock is waited for a second at most
+  (``LOCK_WAIT_LIMIT``).
+- With no session left, or after that second, the turn goes on without the lock. Not
+  waiting for a session: a turn holding one may have users waiting for a turn that waits
+  for a session, for ever. Not polling the holder for the lock: under load, other
+  sessions queue for it at the database, and an unlock hands it to the first of them, so
+  a poll may never win. The lock is an optimisation (``domain.locks``): without it, the
+  turn's commands decide on what they read, their appends' expected versions keep them
+  right, and one that loses a race to another replica is retried.
 """
 
 from __future__ import annotations
@@ -50,12 +56,13 @@ _UNLOCK = f"SELECT pg_advisory_unlock({STREAM_LOCK_SPACE}, hashtext(%s))"
 the single-key locks of ``postgres_schema``. Two streams may share a hash: they then take
 turns needlessly, never wrongly (the holder takes a lock it holds again, counted)."""
 
-POLL_FIRST_DELAY = 0.001
-POLL_MAX_DELAY = 0.02
-"""Seconds between two tries of a lock polled for: from the first, doubling up to the
-last (a turn's length, ``domain.locks.StreamTurns``)."""
-POLLING_WARNING_INTERVAL = 60.0
-"""Seconds between two warnings that locks are polled for."""
+LOCK_WAIT_LIMIT = "1s"
+"""The longest a lock is waited for (``lock_timeout`` of the lock sessions). A turn lasts
+20 ms plus its commits; a lock kept a second is kept by a replica that is stuck (frozen,
+or cut off without its sessions closing yet), and the turn goes on without it rather than
+stop the product on every replica."""
+WITHOUT_LOCK_WARNING_INTERVAL = 60.0
+"""Seconds between two warnings that turns went on without the shared lock."""
 
 
 class PostgresStreamLocks:
@@ -72,15 +79,15 @@ class PostgresStreamLocks:
         self._holder_taken: asyncio.Task[Connection] | None = None
         self._held: dict[str, _Held] = {}
         """Each stream this process has a turn at, and the session holding its lock."""
-        self._polls = 0
-        self._warned_at = -POLLING_WARNING_INTERVAL
+        self._without = 0
+        self._warned_at = -WITHOUT_LOCK_WARNING_INTERVAL
 
     async def lock_stream(self, stream_id: str, after_version: int | None = None) -> StreamLocked:
         locked = await self._try_on_holder(stream_id, after_version)
         if locked is not None:
             return locked
         if self._waiting >= self._max_waiting:
-            return await self._poll_on_holder(stream_id, after_version)
+            return self._go_on_without(stream_id, "all sessions for waiting are in use")
         return await self._wait_for(stream_id, after_version)
 
     async def _try_on_holder(
@@ -102,21 +109,6 @@ class PostgresStreamLocks:
             self._held[stream_id] = _Held(holder, own_session=False)
         return locked
 
-    async def _poll_on_holder(self, stream_id: str, after_version: int | None) -> StreamLocked:
-        """Every session for waiting is taken: try again and again on the holder, a little
-        longer apart each time. The database's queue is then skipped, so a replica that
-        polls may wait longer than its turn; it never waits for a session, which its own
-        turns may hold."""
-        self._polls += 1
-        self._warn_polling(stream_id)
-        delay = POLL_FIRST_DELAY
-        while True:
-            await asyncio.sleep(delay)
-            locked = await self._try_on_holder(stream_id, after_version)
-            if locked is not None:
-                return StreamLocked(True, locked.events_after)
-            delay = min(2 * delay, POLL_MAX_DELAY)
-
     async def _wait_for(self, stream_id: str, after_version: int | None) -> StreamLocked:
         self._waiting += 1
         try:
@@ -126,6 +118,11 @@ class PostgresStreamLocks:
                 raise store_error(error, "lock_stream") from error
             try:
                 locked = await _lock(session, stream_id, after_version)
+            except psycopg.errors.LockNotAvailable:
+                # Waited LOCK_WAIT_LIMIT: the holder is stuck (a replica frozen, say).
+                await self._pool.putconn(session)
+                self._waiting -= 1
+                return self._go_on_without(stream_id, "its holder kept it too long")
             except BaseException as error:
                 # Cancelled or failed mid-way, the lock may be held or not: closing the
                 # session releases it either way.
@@ -141,7 +138,10 @@ class PostgresStreamLocks:
         return locked
 
     async def unlock_stream(self, stream_id: str) -> None:
-        held = self._held.pop(stream_id)
+        held = self._held.pop(stream_id, None)
+        if held is None:
+            # Let go already (the store closing while the turn ended), or never taken.
+            return
         session = held.session
         try:
             # A closed session took its locks with it (a holder lost and replaced).
@@ -152,9 +152,12 @@ class PostgresStreamLocks:
                 await session.close()
             else:
                 await self._drop_holder_if_broken(session)
-            if isinstance(error, psycopg.Error):
+            if isinstance(error, psycopg.Error) and not session.closed:
                 raise store_error(error, "unlock_stream") from error
-            raise
+            if not isinstance(error, psycopg.Error):
+                raise
+            # The session is gone, and its lock with it: nothing failed.
+            log.debug("the session holding the lock of %s was lost", stream_id)
         finally:
             if held.own_session:
                 self._waiting -= 1
@@ -213,18 +216,21 @@ class PostgresStreamLocks:
         task = asyncio.ensure_future(holder.execute(_UNLOCK, (stream_id,), prepare=True))
         task.add_done_callback(_logged_failure)
 
-    def _warn_polling(self, stream_id: str) -> None:
+    def _go_on_without(self, stream_id: str, why: str) -> StreamLocked:
+        """The turn at ``stream_id`` goes on without the lock: its commands decide on the
+        state they read and their appends' expected versions keep them right, as on a
+        stream nobody contends for (a command that loses a race is retried)."""
+        self._without += 1
         now = time.monotonic()
-        if now - self._warned_at >= POLLING_WARNING_INTERVAL:
+        if now - self._warned_at >= WITHOUT_LOCK_WARNING_INTERVAL:
             self._warned_at = now
             log.warning(
-                "all %d sessions for waiting on contended stream locks are in use: the lock"
-                " of %s is polled for instead (%d times so far); raise store_pool_size if"
-                " this repeats",
-                self._max_waiting,
+                "a turn at %s goes on without the shared lock: %s (%d such turns so far)",
                 stream_id,
-                self._polls,
+                why,
+                self._without,
             )
+        return StreamLocked(True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +277,14 @@ async def configure(session: Connection) -> None:
     pooled reads' do (UTC timestamps), and ints go as bigint, one prepared plan each."""
     session.adapters.register_dumper(int, Int8Dumper)
     session.adapters.register_dumper(int, Int8BinaryDumper)
-    await session.execute("SET TimeZone TO 'UTC'")
+    await session.execute(f"SET TimeZone TO 'UTC'; SET lock_timeout TO '{LOCK_WAIT_LIMIT}'")
+    try:
+        # PostgreSQL 14 and later: a backend waiting for a lock notices within a second
+        # that its session was closed (a cancelled wait), instead of keeping its place
+        # in the lock's queue, and a connection slot, until the lock comes.
+        await session.execute("SET client_connection_check_interval TO '1s'")
+    except psycopg.errors.UndefinedObject:
+        log.debug("client_connection_check_interval is not known to this server")
 
 
 def _events(rows: Sequence[TupleRow]) -> list[RecordedEvent]:

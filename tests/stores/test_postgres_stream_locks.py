@@ -5,6 +5,7 @@ sessions, waited for first in first out, and never waited for by a connection.""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 
 import psycopg
@@ -82,31 +83,55 @@ async def test_locks_taken_at_once_share_one_session_and_leave_the_pool_to_loads
     assert stream_locks(fresh_postgres_url) == []
 
 
-async def test_locks_held_elsewhere_are_waited_for_on_few_sessions_then_polled_for(
+async def test_locks_held_elsewhere_are_waited_for_on_few_sessions_and_beyond_go_without(
     small: PostgresEventStore, other: PostgresEventStore, fresh_postgres_url: str
 ) -> None:
-    """More locks to wait for than sessions to wait on: the rest are polled for, and
-    every one is taken once its holder lets go, with what the holder appended."""
+    """More locks to wait for than sessions to wait on: those beyond go on at once without
+    the lock (never waiting for a session, which a turn could wait for for ever); those
+    waited for are taken once their holder lets go, with what the holder appended."""
     streams = [f"hot-{n}" for n in range(2 * SMALLEST_POOL)]
     for stream_id in streams:
         await other.lock_stream(stream_id)
-    waiting = [asyncio.create_task(small.lock_stream(s, 0)) for s in streams]
+    waited_for = streams[:WAITING_SESSIONS]
+    waiting = [asyncio.create_task(small.lock_stream(s, 0)) for s in waited_for]
     await until(lambda: sum(not g for _, g in stream_locks(fresh_postgres_url)) == WAITING_SESSIONS)
+    without = [await small.lock_stream(s, 0) for s in streams[WAITING_SESSIONS:]]
+    assert [(one.waited, one.events_after) for one in without] == [(True, None)] * len(without)
+    assert sum(not g for _, g in stream_locks(fresh_postgres_url)) == WAITING_SESSIONS
     await asyncio.sleep(0.1)
     assert not any(task.done() for task in waiting)
-    appended = [await other.append(commit((s, 1))) for s in streams]
+    appended = [await other.append(commit((s, 1))) for s in waited_for]
 
     for stream_id in streams:
         await other.unlock_stream(stream_id)
     locked = await asyncio.wait_for(asyncio.gather(*waiting), TIMEOUT)
 
-    assert [one.waited for one in locked] == [True] * len(streams)
+    assert [one.waited for one in locked] == [True] * len(waited_for)
     assert [one.events_after for one in locked] == appended
-    sessions = {pid for pid, _ in stream_locks(fresh_postgres_url)}
-    assert len(sessions) <= WAITING_SESSIONS + 1, "the holder and the sessions for waiting"
+    assert len(stream_locks(fresh_postgres_url)) == len(waited_for)
     for stream_id in streams:
         await small.unlock_stream(stream_id)
     assert stream_locks(fresh_postgres_url) == []
+
+
+async def test_a_lock_kept_too_long_is_not_waited_for_beyond_the_limit(
+    small: PostgresEventStore, other: PostgresEventStore, fresh_postgres_url: str
+) -> None:
+    """A replica that keeps a product's lock (frozen, say) stops the product on the other
+    replicas for a second at most: their turns then go on without it."""
+    await other.lock_stream("stuck")
+    started = time.monotonic()
+    locked = await asyncio.wait_for(small.lock_stream("stuck", 0), TIMEOUT)
+    waited = time.monotonic() - started
+
+    assert (locked.waited, locked.events_after) == (True, None)
+    assert 0.9 <= waited < TIMEOUT
+    assert [granted for _, granted in stream_locks(fresh_postgres_url)] == [True]
+    await small.unlock_stream("stuck")
+    # The session waited on is free again for the next wait.
+    await other.unlock_stream("stuck")
+    assert (await small.lock_stream("stuck", 0)).waited is False
+    await small.unlock_stream("stuck")
 
 
 async def test_a_cancelled_wait_leaves_no_lock_and_the_others_held(
