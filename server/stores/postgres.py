@@ -271,7 +271,7 @@ class PostgresEventStore:
             # Opened only when replicas contend for a stream; see ``postgres_locks``. Half
             # as many sessions to wait on as the pool has connections: five replicas with
             # the default pool then fit PostgreSQL's default max_connections, locks
-            # included, and a replica waiting for more locks at once polls for the rest.
+            # included; a turn that finds none free goes on without the lock.
             waiting_sessions = max(1, max_connections // 2)
             lock_pool = AsyncConnectionPool(
                 url,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,12 @@ LOCK_WAIT_LIMIT = "1s"
 20 ms plus its commits; a lock kept a second is kept by a replica that is stuck (frozen,
 or cut off without its sessions closing yet), and the turn goes on without it rather than
 stop the product on every replica."""
+SESSION_WAIT = 0.05
+"""Seconds a lock waits for a session to wait on, at most, before its turn goes on
+without it: sessions come free as turns end, each within 20 ms plus its commits."""
+STUCK_MEMORY = 5.0
+"""Seconds during which a stream whose lock wait timed out is not waited for again."""
+STUCK_PRUNE_AT = 1024
 WITHOUT_LOCK_WARNING_INTERVAL = 60.0
 """Seconds between two warnings that turns went on without the shared lock."""
 
@@ -79,16 +86,55 @@ class PostgresStreamLocks:
         self._holder_taken: asyncio.Task[Connection] | None = None
         self._held: dict[str, _Held] = {}
         """Each stream this process has a turn at, and the session holding its lock."""
+        self._session_waiters: deque[asyncio.Future[None]] = deque()
+        """Locks waiting for a session to wait on (``_session_free``)."""
+        self._stuck_until: dict[str, float] = {}
+        """Streams whose lock a wait timed out on lately, and until when: their turns do
+        not wait for it again meanwhile."""
         self._without = 0
         self._warned_at = -WITHOUT_LOCK_WARNING_INTERVAL
 
     async def lock_stream(self, stream_id: str, after_version: int | None = None) -> StreamLocked:
-        locked = await self._try_on_holder(stream_id, after_version)
+        try:
+            locked = await self._try_on_holder(stream_id, after_version)
+        except psycopg.OperationalError as error:
+            # The holder was lost (killed, or the database went away): the commands can
+            # still go on, and if the database is gone their loads say so.
+            return self._go_on_without(stream_id, f"its session was lost ({error})")
         if locked is not None:
             return locked
-        if self._waiting >= self._max_waiting:
+        if self._stuck_until.get(stream_id, 0.0) > time.monotonic():
+            return self._go_on_without(stream_id, "its holder kept it too long lately")
+        if not await self._session_free():
             return self._go_on_without(stream_id, "all sessions for waiting are in use")
         return await self._wait_for(stream_id, after_version)
+
+    async def _session_free(self) -> bool:
+        """Whether a session for waiting is free, waiting ``SESSION_WAIT`` for one at
+        most. Sessions come free as turns end, every few milliseconds under load; the
+        wait is bounded because a turn that holds one may have users that wait for this
+        turn."""
+        try:
+            async with asyncio.timeout(SESSION_WAIT):
+                while self._waiting >= self._max_waiting:
+                    freed = asyncio.get_running_loop().create_future()
+                    self._session_waiters.append(freed)
+                    try:
+                        await freed
+                    finally:
+                        if freed in self._session_waiters:
+                            self._session_waiters.remove(freed)
+        except TimeoutError:
+            return False
+        return True
+
+    def _session_given_back(self) -> None:
+        self._waiting -= 1
+        while self._session_waiters:
+            freed = self._session_waiters.popleft()
+            if not freed.done():
+                freed.set_result(None)
+                return
 
     async def _try_on_holder(
         self, stream_id: str, after_version: int | None
@@ -102,8 +148,10 @@ class PostgresStreamLocks:
         except asyncio.CancelledError:
             tried.add_done_callback(lambda done: self._let_go_if_taken(holder, stream_id, done))
             raise
-        except psycopg.Error as error:
+        except psycopg.OperationalError:
             await self._drop_holder_if_broken(holder)
+            raise
+        except psycopg.Error as error:
             raise store_error(error, "lock_stream") from error
         if locked is not None:
             self._held[stream_id] = _Held(holder, own_session=False)
@@ -120,19 +168,27 @@ class PostgresStreamLocks:
                 locked = await _lock(session, stream_id, after_version)
             except psycopg.errors.LockNotAvailable:
                 # Waited LOCK_WAIT_LIMIT: the holder is stuck (a replica frozen, say).
+                # Later turns go on without waiting, for a while, instead of a second each.
                 await self._pool.putconn(session)
-                self._waiting -= 1
+                self._session_given_back()
+                self._stuck_until[stream_id] = time.monotonic() + STUCK_MEMORY
+                if len(self._stuck_until) > STUCK_PRUNE_AT:
+                    now = time.monotonic()
+                    self._stuck_until = {s: t for s, t in self._stuck_until.items() if t > now}
                 return self._go_on_without(stream_id, "its holder kept it too long")
             except BaseException as error:
                 # Cancelled or failed mid-way, the lock may be held or not: closing the
                 # session releases it either way.
                 await session.close()
                 await self._pool.putconn(session)
+                if isinstance(error, psycopg.OperationalError):
+                    self._session_given_back()
+                    return self._go_on_without(stream_id, f"its session was lost ({error})")
                 if isinstance(error, psycopg.Error):
                     raise store_error(error, "lock_stream") from error
                 raise
         except BaseException:
-            self._waiting -= 1
+            self._session_given_back()
             raise
         self._held[stream_id] = _Held(session, own_session=True)
         return locked
@@ -160,8 +216,8 @@ class PostgresStreamLocks:
             log.debug("the session holding the lock of %s was lost", stream_id)
         finally:
             if held.own_session:
-                self._waiting -= 1
                 await self._pool.putconn(session)
+                self._session_given_back()
 
     async def close(self) -> None:
         """Let go of every lock held, then of the connections."""
