@@ -444,8 +444,17 @@ class SQLiteEventStore:
             if not path.is_file():
                 return False
             uri = f"{path.resolve().as_uri()}?mode=ro"
-            with contextlib.closing(sqlite3.connect(uri, uri=True)) as connection:
-                return bool(connection.execute(HOLDS_GATEWAY_SCHEMA).fetchone()[0])
+            # Even read-only, SQLite creates a WAL file's -wal and -shm beside it, and
+            # leaves them when it finds the file damaged: those it made go again then.
+            beside = [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")]
+            made = [file for file in beside if not file.exists()]
+            try:
+                with contextlib.closing(sqlite3.connect(uri, uri=True)) as connection:
+                    return bool(connection.execute(HOLDS_GATEWAY_SCHEMA).fetchone()[0])
+            except sqlite3.Error:
+                for file in made:
+                    file.unlink(missing_ok=True)
+                raise
 
         try:
             return await asyncio.to_thread(holds_gateway_schema)

@@ -219,6 +219,20 @@ def test_a_sqlite_file_without_the_schema_fails_and_is_not_migrated(
     assert path.read_bytes() == before
 
 
+def test_a_truncated_store_is_reported_and_left_as_it_was(
+    store_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A store file cut short (a copy that did not finish): verify says so, exit 1, and
+    leaves nothing beside it that was not there (no -wal or -shm of its own)."""
+    with store_file.open("r+b") as file:
+        file.truncate(2 * 4096)
+    before = sorted(store_file.parent.iterdir())
+    code = main(["verify", "--store", f"sqlite:///{store_file}"])
+    assert code == 1
+    assert "malformed" in capsys.readouterr().err
+    assert sorted(store_file.parent.iterdir()) == before
+
+
 def test_a_damaged_page_outside_the_log_is_found(
     store_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
