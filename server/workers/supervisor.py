@@ -147,6 +147,8 @@ class Supervisor:
         self._settings = settings
         self._slots = [_Slot(spec) for spec in specs]
         self._stopping = asyncio.Event()
+        self._forgetting: set[asyncio.Task[None]] = set()
+        """Dead workers' consumer-group members being freed (``_forget_members``)."""
         self.metrics = SupervisorMetrics(self._metrics_ports)
 
     def _metrics_ports(self) -> dict[int, int]:
@@ -174,9 +176,9 @@ class Supervisor:
             await self._stopping.wait()
             log.info("shutting down %d workers", len(self._slots))
         finally:
-            for keeper in keepers:
-                keeper.cancel()
-            await asyncio.gather(*keepers, return_exceptions=True)
+            for task in [*keepers, *self._forgetting]:
+                task.cancel()
+            await asyncio.gather(*keepers, *self._forgetting, return_exceptions=True)
             await self._stop_all()
 
     async def _keep(self, slot: _Slot) -> None:
@@ -196,21 +198,24 @@ class Supervisor:
                 lived,
             )
             self.metrics.restarts.inc()
-            await self._forget_members(slot)
+            # Beside the replacement, which has an id of its own: an unreachable database
+            # (connect_timeout, 10 s by default) must not hold it up.
+            replica_id, slot.replica_id = slot.replica_id, None
+            if replica_id is not None and sqlite_path(self._settings.store) is None:
+                forgetting = asyncio.create_task(self._forget_members(slot, replica_id))
+                self._forgetting.add(forgetting)
+                forgetting.add_done_callback(self._forgetting.discard)
             if lived < RESTART_DELAY_SECONDS:
                 await asyncio.sleep(RESTART_DELAY_SECONDS)
             if await slot.start():
                 self._count_serving()
                 log.info("worker %d replaced (pid %s)", slot.spec.index, slot.pid)
 
-    async def _forget_members(self, slot: _Slot) -> None:
+    async def _forget_members(self, slot: _Slot, replica_id: str) -> None:
         """On PostgreSQL, free the dead worker's consumer-group members and partitions now:
         its consumers, reconnecting to another worker, would otherwise find their ids
         taken until the leases expire. (On SQLite the supervisor keeps the leases and
         frees them as the worker's connection to the hub closes.)"""
-        replica_id, slot.replica_id = slot.replica_id, None
-        if replica_id is None or sqlite_path(self._settings.store) is not None:
-            return
         try:
             await PostgresEventStore.forget_group_replica(self._settings.store, replica_id)
         except StoreError as error:
