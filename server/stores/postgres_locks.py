@@ -68,6 +68,10 @@ without it: sessions come free as turns end, each within 20 ms plus its commits.
 STUCK_MEMORY = 5.0
 """Seconds during which a stream whose lock wait timed out is not waited for again."""
 STUCK_PRUNE_AT = 1024
+CONTESTED_MEMORY = 0.5
+"""Seconds after a lock had to be waited for during which the stream's next lock is
+waited for at once."""
+CONTESTED_PRUNE_AT = 1024
 WITHOUT_LOCK_WARNING_INTERVAL = 60.0
 """Seconds between two warnings that turns went on without the shared lock."""
 
@@ -88,6 +92,9 @@ class PostgresStreamLocks:
         """Each stream this process has a turn at, and the session holding its lock."""
         self._session_waiters: deque[asyncio.Future[None]] = deque()
         """Locks waiting for a session to wait on (``_session_free``)."""
+        self._contested_until: dict[str, float] = {}
+        """Streams another replica held at their last turn here, and until when their
+        locks are waited for at once, without a try on the holder first."""
         self._stuck_until: dict[str, float] = {}
         """Streams whose lock a wait timed out on lately, and until when: their turns do
         not wait for it again meanwhile."""
@@ -95,6 +102,16 @@ class PostgresStreamLocks:
         self._warned_at = -WITHOUT_LOCK_WARNING_INTERVAL
 
     async def lock_stream(self, stream_id: str, after_version: int | None = None) -> StreamLocked:
+        now = time.monotonic()
+        if (
+            self._contested_until.get(stream_id, 0.0) > now
+            and self._stuck_until.get(stream_id, 0.0) <= now
+            and self._waiting < self._max_waiting
+        ):
+            # Another replica held it at this stream's last turn, and most likely holds
+            # it now (turns alternate): the try on the holder would only cost a round
+            # trip before the wait, which tries first anyway.
+            return await self._wait_for(stream_id, after_version)
         try:
             locked = await self._try_on_holder(stream_id, after_version)
         except psycopg.OperationalError as error:
@@ -103,6 +120,7 @@ class PostgresStreamLocks:
             return self._go_on_without(stream_id, f"its session was lost ({error})")
         if locked is not None:
             return locked
+        self._contested(stream_id)
         if self._stuck_until.get(stream_id, 0.0) > time.monotonic():
             return self._go_on_without(stream_id, "its holder kept it too long lately")
         if not await self._session_free():
@@ -190,6 +208,8 @@ class PostgresStreamLocks:
         except BaseException:
             self._session_given_back()
             raise
+        if locked.waited:
+            self._contested(stream_id)
         self._held[stream_id] = _Held(session, own_session=True)
         return locked
 
@@ -271,6 +291,12 @@ class PostgresStreamLocks:
             return
         task = asyncio.ensure_future(holder.execute(_UNLOCK, (stream_id,), prepare=True))
         task.add_done_callback(_logged_failure)
+
+    def _contested(self, stream_id: str) -> None:
+        now = time.monotonic()
+        if len(self._contested_until) > CONTESTED_PRUNE_AT:
+            self._contested_until = {s: t for s, t in self._contested_until.items() if t > now}
+        self._contested_until[stream_id] = now + CONTESTED_MEMORY
 
     def _go_on_without(self, stream_id: str, why: str) -> StreamLocked:
         """The turn at ``stream_id`` goes on without the lock: its commands decide on the

@@ -194,3 +194,25 @@ async def test_a_lost_holder_fails_no_call_and_the_next_lock_takes_a_new_session
     await asyncio.wait_for(asyncio.gather(*waiting), TIMEOUT)
     for stream_id in streams:
         await small.unlock_stream(stream_id)
+
+
+async def test_a_lock_waited_for_last_turn_is_asked_for_on_a_waiting_session_next_turn(
+    small: PostgresEventStore, other: PostgresEventStore, fresh_postgres_url: str
+) -> None:
+    """Two replicas alternating on a product: the lock another replica held at the last
+    turn is asked for straight away on a session that may wait (one round trip, which
+    tries first anyway), not tried on the holder first."""
+    await small.lock_stream("mine")
+    [(holder, _)] = stream_locks(fresh_postgres_url)
+    await other.lock_stream("hot")
+    waiting = asyncio.create_task(small.lock_stream("hot"))
+    await until(lambda: any(not granted for _, granted in stream_locks(fresh_postgres_url)))
+    await other.unlock_stream("hot")
+    assert (await asyncio.wait_for(waiting, TIMEOUT)).waited
+    await small.unlock_stream("hot")
+
+    assert (await small.lock_stream("hot")).waited is False
+    sessions = {pid for pid, _ in stream_locks(fresh_postgres_url)}
+    assert len(sessions) == 2 and holder in sessions, "not on the holder"
+    await small.unlock_stream("hot")
+    await small.unlock_stream("mine")
