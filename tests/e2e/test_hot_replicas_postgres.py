@@ -65,18 +65,22 @@ async def test_two_replicas_queue_at_the_database_and_every_order_succeeds(
     assert positions == list(range(1, len(positions) + 1)), "positions have no gap"
 
 
-async def test_two_replicas_with_orders_over_several_hot_products_never_deadlock(
-    fresh_postgres_url: str,
-) -> None:
-    """Orders of one to three of three products, items in any order, from both replicas:
-    their turns at the products are taken in sorted order, so nothing deadlocks (in the
-    process or in PostgreSQL), nothing is ABORTED, and no product is oversold."""
-    products = ["sku-a", "sku-b", "sku-c"]
-    first_store = await open_store(fresh_postgres_url)
-    second_store = await open_store(fresh_postgres_url)
+async def mixed_orders_on_two_replicas(
+    url: str,
+    products: list[str],
+    stock: int,
+    callers: int,
+    orders: int,
+    rng: random.Random,
+    most: int | None = None,
+) -> tuple[Counter[str], list[list[RecordedEvent]], float]:
+    """``callers`` on each of two replicas of ``url``'s database place ``orders`` orders
+    each of one to all of ``products`` (or to ``most``), each product restocked with
+    ``stock`` first. Returns the failures by status code, each product's stream, and the
+    seconds the orders took."""
+    first_store = await open_store(url)
+    second_store = await open_store(url)
     failures: Counter[str] = Counter()
-    rng = random.Random(11)
-
     async with (
         running_gateway(first_store) as first,
         running_gateway(second_store) as second,
@@ -84,18 +88,32 @@ async def test_two_replicas_with_orders_over_several_hot_products_never_deadlock
         connect(second) as on_second,
     ):
         for product in products:
-            await on_first.restock(product, 150)
+            await on_first.restock(product, stock)
+        started = asyncio.get_running_loop().time()
         await asyncio.wait_for(
             asyncio.gather(
                 *(
-                    place_mixed_orders(clients, products, 15, rng, failures)
+                    place_mixed_orders(clients, products, orders, rng, failures, most)
                     for clients in (on_first, on_second)
-                    for _ in range(CALLERS)
+                    for _ in range(callers)
                 ),
             ),
             timeout=120,
         )
+        elapsed = asyncio.get_running_loop().time() - started
         streams = [await first_store.read_stream(f"product-{p}") for p in products]
+    return failures, streams, elapsed
+
+
+async def test_two_replicas_with_orders_over_several_hot_products_never_deadlock(
+    fresh_postgres_url: str,
+) -> None:
+    """Orders of one to three of three products, items in any order, from both replicas:
+    their turns at the products are taken in sorted order, so nothing deadlocks (in the
+    process or in PostgreSQL), nothing is ABORTED, and no product is oversold."""
+    failures, streams, _ = await mixed_orders_on_two_replicas(
+        fresh_postgres_url, ["sku-a", "sku-b", "sku-c"], 150, CALLERS, 15, random.Random(11)
+    )
 
     assert set(failures) <= {"FAILED_PRECONDITION"}, "only refusals for lack of stock"
     for stream in streams:
@@ -111,32 +129,9 @@ async def test_two_replicas_contending_for_many_products_never_wait_out_the_pool
     appends need (they would wait for each other until the pool's timeout, answered
     UNAVAILABLE), nor a connection each."""
     products = [f"sku-{n:02d}" for n in range(24)]
-    first_store = await open_store(fresh_postgres_url)
-    second_store = await open_store(fresh_postgres_url)
-    failures: Counter[str] = Counter()
-    rng = random.Random(5)
-
-    async with (
-        running_gateway(first_store) as first,
-        running_gateway(second_store) as second,
-        connect(first) as on_first,
-        connect(second) as on_second,
-    ):
-        for product in products:
-            await on_first.restock(product, 10_000)
-        started = asyncio.get_running_loop().time()
-        await asyncio.wait_for(
-            asyncio.gather(
-                *(
-                    place_mixed_orders(clients, products, 20, rng, failures, most=3)
-                    for clients in (on_first, on_second)
-                    for _ in range(2 * CALLERS)
-                ),
-            ),
-            timeout=120,
-        )
-        elapsed = asyncio.get_running_loop().time() - started
-        streams = [await first_store.read_stream(f"product-{p}") for p in products]
+    failures, streams, elapsed = await mixed_orders_on_two_replicas(
+        fresh_postgres_url, products, 10_000, 2 * CALLERS, 20, random.Random(5), most=3
+    )
 
     assert failures == Counter(), "every call succeeded"
     assert elapsed < 60
