@@ -248,20 +248,14 @@ class PostgresEventStore:
                 cursor = await migrator.execute(HEAD_POSITION)
                 row = await cursor.fetchone()
         with _translated("connect"):
-            pool = AsyncConnectionPool(
+            pool = _pool(
                 url,
-                min_size=min_connections,
-                max_size=max_connections,
-                timeout=pool_timeout,
-                # psycopg_pool retries a failed connection with a doubling delay until this
-                # timeout (default 5 min), and nothing else connects meanwhile: after a
-                # 90 s outage the first call worked 37 s after the database was back. With
-                # the chain cut at pool_timeout, the next call that waits starts a new one.
-                reconnect_timeout=pool_timeout,
-                kwargs={"autocommit": True, **connect_kwargs},
-                configure=_configure,
-                open=False,
-                name="order-gateway",
+                connect_kwargs,
+                pool_timeout,
+                "order-gateway",
+                _configure,
+                min_connections,
+                max_connections,
             )
             try:
                 await pool.open(wait=True, timeout=pool_timeout)
@@ -273,16 +267,14 @@ class PostgresEventStore:
             # the default pool then fit PostgreSQL's default max_connections, locks
             # included; a turn that finds none free goes on without the lock.
             waiting_sessions = max(1, max_connections // 2)
-            lock_pool = AsyncConnectionPool(
+            lock_pool = _pool(
                 url,
-                min_size=0,
-                max_size=waiting_sessions + 1,
-                timeout=pool_timeout,
-                reconnect_timeout=pool_timeout,
-                kwargs={"autocommit": True, **connect_kwargs},
-                configure=configure_lock_session,
-                open=False,
-                name="order-gateway-locks",
+                connect_kwargs,
+                pool_timeout,
+                "order-gateway-locks",
+                configure_lock_session,
+                0,
+                waiting_sessions + 1,
             )
             await lock_pool.open()
 
@@ -772,6 +764,34 @@ async def _load_snapshot_and_events(
     cursor = conn.cursor(binary=True)
     await cursor.execute(_LOAD_SNAPSHOT_AND_EVENTS, (stream_id,), prepare=True)
     return await cursor.fetchall()
+
+
+def _pool(
+    url: str,
+    connect_kwargs: dict[str, Any],
+    timeout: float,
+    name: str,
+    configure: Callable[[psycopg.AsyncConnection[TupleRow]], Awaitable[None]],
+    min_size: int,
+    max_size: int,
+) -> AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]]:
+    """A pool of autocommit connections, not yet open; a wait for one beyond ``timeout``
+    fails."""
+    return AsyncConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=timeout,
+        # psycopg_pool retries a failed connection with a doubling delay until this
+        # timeout (default 5 min), and nothing else connects meanwhile: after a 90 s
+        # outage the first call worked 37 s after the database was back. With the chain
+        # cut at the pool's timeout, the next call that waits starts a new one.
+        reconnect_timeout=timeout,
+        kwargs={"autocommit": True, **connect_kwargs},
+        configure=configure,
+        open=False,
+        name=name,
+    )
 
 
 def _connect_kwargs(url: str) -> dict[str, Any]:
