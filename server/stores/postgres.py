@@ -38,7 +38,6 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow, args_row
 from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
-from psycopg_pool import AsyncConnectionPool
 
 from domain.errors import ConcurrencyConflictError, DuplicateCommandError, StoreError
 from domain.ports import (
@@ -65,6 +64,7 @@ from server.stores.postgres_errors import append_error, is_full, is_unavailable,
 from server.stores.postgres_locks import PostgresStreamLocks
 from server.stores.postgres_locks import configure as configure_lock_session
 from server.stores.postgres_notify import NotificationListener
+from server.stores.postgres_pool import LiveConnectionPool, closed_by_server, connection_pool
 from server.stores.postgres_schema import (
     HEAD_POSITION,
     TURNS_CHANNEL,
@@ -187,7 +187,7 @@ class PostgresEventStore:
 
     def __init__(
         self,
-        pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]],
+        pool: LiveConnectionPool,
         listener_factory: Callable[
             [Callable[[int | None], None], Callable[[str], None]], NotificationListener
         ],
@@ -248,7 +248,7 @@ class PostgresEventStore:
                 cursor = await migrator.execute(HEAD_POSITION)
                 row = await cursor.fetchone()
         with _translated("connect"):
-            pool = _pool(
+            pool = connection_pool(
                 url,
                 connect_kwargs,
                 pool_timeout,
@@ -267,7 +267,7 @@ class PostgresEventStore:
             # the default pool then fit PostgreSQL's default max_connections, locks
             # included; a turn that finds none free goes on without the lock.
             waiting_sessions = max(1, max_connections // 2)
-            lock_pool = _pool(
+            lock_pool = connection_pool(
                 url,
                 connect_kwargs,
                 pool_timeout,
@@ -639,9 +639,7 @@ class _KeptConnection:
     the pool's checkout and return cost ~0.14 ms of CPU, when the whole load costs ~0.5.
     """
 
-    def __init__(
-        self, pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]], binary: bool = False
-    ) -> None:
+    def __init__(self, pool: LiveConnectionPool, binary: bool = False) -> None:
         self._pool = pool
         self._binary = binary
         self._connection: psycopg.AsyncConnection[TupleRow] | None = None
@@ -672,6 +670,11 @@ class _KeptConnection:
             raise
 
     async def _cursor_taken(self) -> psycopg.AsyncCursor[TupleRow]:
+        if self._connection is not None and closed_by_server(self._connection):
+            # Closed while kept (a restart since the last statement): given back closed,
+            # for the pool to replace, and another one taken (``postgres_pool``).
+            await self._connection.close()
+            await self.release()
         if self._cursor is None:
             self._connection = await self._pool.getconn()
             self._cursor = self._connection.cursor(binary=self._binary)
@@ -764,34 +767,6 @@ async def _load_snapshot_and_events(
     cursor = conn.cursor(binary=True)
     await cursor.execute(_LOAD_SNAPSHOT_AND_EVENTS, (stream_id,), prepare=True)
     return await cursor.fetchall()
-
-
-def _pool(
-    url: str,
-    connect_kwargs: dict[str, Any],
-    timeout: float,
-    name: str,
-    configure: Callable[[psycopg.AsyncConnection[TupleRow]], Awaitable[None]],
-    min_size: int,
-    max_size: int,
-) -> AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]]:
-    """A pool of autocommit connections, not yet open; a wait for one beyond ``timeout``
-    fails."""
-    return AsyncConnectionPool(
-        url,
-        min_size=min_size,
-        max_size=max_size,
-        timeout=timeout,
-        # psycopg_pool retries a failed connection with a doubling delay until this
-        # timeout (default 5 min), and nothing else connects meanwhile: after a 90 s
-        # outage the first call worked 37 s after the database was back. With the chain
-        # cut at the pool's timeout, the next call that waits starts a new one.
-        reconnect_timeout=timeout,
-        kwargs={"autocommit": True, **connect_kwargs},
-        configure=configure,
-        open=False,
-        name=name,
-    )
 
 
 def _connect_kwargs(url: str) -> dict[str, Any]:

@@ -222,3 +222,35 @@ async def busy_with_reads(clients: Clients) -> None:
     await running
     for reader in readers:
         reader.call.cancel()
+
+
+async def test_calls_after_postgres_restarted_while_quiet_are_all_answered(
+    own_postgres: PostgresServer, store: PostgresEventStore
+) -> None:
+    """The restart is over before the next call: the connections PostgreSQL closed while
+    idle (the writer's, the pool's) are replaced before they are used, so no caller hears
+    of a restart that no longer matters."""
+    async with running_gateway(store) as gateway, connect(gateway) as clients:
+        await clients.restock("sku-1", STOCK)
+        # Several connections in use at once, so that the pool holds more than one.
+        load = Load(clients)
+        running = asyncio.create_task(load.run())
+        await load.until_acknowledged(100)
+        load.stopping.set()
+        await running
+
+        await asyncio.to_thread(own_postgres.stop)
+        await asyncio.to_thread(own_postgres.start)
+
+        failures: list[str] = []
+
+        async def create() -> None:
+            try:
+                await clients.create(order_request(item("sku-1")))
+            except grpc.aio.AioRpcError as error:
+                failures.append(f"{error.code().name}: {error.details()}")
+
+        for _ in range(20):
+            await create()
+        await asyncio.gather(*(create() for _ in range(CALLERS * 4)))
+    assert failures == []

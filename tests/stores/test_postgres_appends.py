@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import psycopg
 import pytest
 
-from domain.errors import DuplicateCommandError, StoreUnavailableError
+from domain.errors import DuplicateCommandError
 from server.stores.postgres import PostgresEventStore
 from server.stores.postgres_schema import APPEND_LOCK
 from tests.stores.test_postgres_specific import commit
@@ -87,11 +87,11 @@ async def test_commits_made_together_apply_in_the_order_they_were_made(
     assert [e.stream_version for e in await store.read_stream("chain")] == list(range(1, 11))
 
 
-async def test_appends_recover_when_the_connection_they_kept_is_killed(
+async def test_an_append_after_the_connection_kept_for_appends_was_killed_works(
     store: PostgresEventStore, fresh_postgres_url: str, postgres_url: str
 ) -> None:
-    """A connection is kept for appends from one batch to the next: once it dies, the
-    next append fails as unavailable and the ones after it get a working connection."""
+    """A connection is kept for appends from one batch to the next: once the server has
+    closed it, the next append takes a working connection instead of failing on it."""
     await store.append(commit(("a", 1)))
     database = fresh_postgres_url.rpartition("/")[2]
     with psycopg.connect(postgres_url, autocommit=True) as admin:
@@ -100,17 +100,7 @@ async def test_appends_recover_when_the_connection_they_kept_is_killed(
             (int(TIMEOUT * 1000), database),
         )
 
-    second = commit(("a", 2))
-    with pytest.raises(StoreUnavailableError):
-        await store.append(second)
-    for _ in range(int(TIMEOUT / 0.05)):
-        try:
-            await store.append(second)
-            break
-        except StoreUnavailableError:
-            await asyncio.sleep(0.05)
-    else:
-        raise AssertionError("appends never recovered")
+    await store.append(commit(("a", 2)))
     assert [e.stream_version for e in await store.read_stream("a")] == [1, 2]
 
 

@@ -83,6 +83,21 @@ def terminate_connections(admin_url: str, database_url: str) -> None:
         )
 
 
+async def until_terminated(admin_url: str, database_url: str) -> None:
+    """Wait until no connection to ``database_url``'s database is left but the admin's."""
+    database = database_url.rpartition("/")[2]
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        for _ in range(int(TIMEOUT / 0.05)):
+            (left,) = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> %s",
+                (database, admin.info.backend_pid),
+            ).fetchone() or (0,)
+            if not left:
+                return
+            await asyncio.sleep(0.05)
+    raise AssertionError("connections still open")
+
+
 async def until_reconnected(works: Callable[[], Awaitable[None]]) -> None:
     """Retry ``works`` while the store is unavailable, for up to ``TIMEOUT``."""
     for _ in range(int(TIMEOUT / 0.05)):
@@ -388,19 +403,15 @@ async def test_the_smallest_pool_always_has_a_connection_for_other_reads(
         await store.close()
 
 
-async def test_a_lost_load_connection_is_replaced(
+async def test_a_lost_load_connection_is_replaced_before_the_next_load(
     store: PostgresEventStore, fresh_postgres_url: str, postgres_url: str
 ) -> None:
     await store.append(commit(("a", 1)))
     assert len((await store.load_snapshot_and_events("a"))[1]) == 1
     terminate_connections(postgres_url, fresh_postgres_url)
-    with pytest.raises(StoreUnavailableError):
-        await store.load_snapshot_and_events("a")
+    await until_terminated(postgres_url, fresh_postgres_url)
 
-    async def loads_again() -> None:
-        assert len((await store.load_snapshot_and_events("a"))[1]) == 1
-
-    await until_reconnected(loads_again)
+    assert len((await store.load_snapshot_and_events("a"))[1]) == 1
 
 
 async def test_a_snapshot_not_followed_by_its_next_version_is_refused(
@@ -632,21 +643,52 @@ async def test_an_unreachable_server_is_store_unavailable() -> None:
     assert isinstance(raised.value.__cause__, psycopg.Error)
 
 
-async def test_lost_connections_are_store_unavailable(
+async def test_connections_the_server_closed_while_idle_are_replaced_before_use(
     store: PostgresEventStore, fresh_postgres_url: str, postgres_url: str
 ) -> None:
+    # The writer keeps the connection of its appends, the pool those of the reads.
+    await store.append(commit(("a", 1)))
+    assert len(await store.read_all()) == 1
     terminate_connections(postgres_url, fresh_postgres_url)
+    await until_terminated(postgres_url, fresh_postgres_url)
 
-    with pytest.raises(StoreUnavailableError):
-        await store.read_all()
-    with pytest.raises(StoreUnavailableError):
+    # As after a restart that is over: each operation works at its first try.
+    assert len(await store.read_all()) == 1
+    appended = await store.append(commit(("a", 2)))
+    assert [e.stream_version for e in await store.read_stream("a")] == [1, 2]
+    assert await store.head_position() == appended[-1].position
+
+
+async def test_a_connection_lost_while_in_use_is_store_unavailable(
+    store: PostgresEventStore, fresh_postgres_url: str, postgres_url: str
+) -> None:
+    database = fresh_postgres_url.rpartition("/")[2]
+    with psycopg.connect(fresh_postgres_url, autocommit=True) as blocker:
+        # The append waits for this lock on the events table, in its statement, when
+        # its connection is terminated.
+        blocker.execute("BEGIN; LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        appending = asyncio.create_task(store.append(commit(("a", 1))))
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            for _ in range(int(TIMEOUT / 0.05)):
+                waiting = admin.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = %s"
+                    " AND wait_event_type = 'Lock' AND pid <> %s",
+                    (database, blocker.info.backend_pid),
+                ).fetchall()
+                if waiting:
+                    break
+                await asyncio.sleep(0.05)
+            assert waiting, "the append never waited for the lock"
+            admin.execute("SELECT pg_terminate_backend(%s)", waiting[0])
+        with pytest.raises(StoreUnavailableError):
+            await appending
+        blocker.execute("ROLLBACK")
+
+    async def appends_again() -> None:
         await store.append(commit(("a", 1)))
 
-    async def reads_again() -> None:
-        assert await store.read_all() == []
-
-    # The pool replaces the dead connections: the store recovers on its own.
-    await until_reconnected(reads_again)
+    # The pool replaces the dead connection: the store recovers on its own.
+    await until_reconnected(appends_again)
 
 
 async def test_other_database_errors_are_store_errors_without_sql(
