@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import select
 import subprocess
 import sys
 import uuid
@@ -41,6 +42,7 @@ from domain.ports import Commit, NewEvent, RecordedEvent, Snapshot
 from server.app import create_server
 from server.config import Settings
 from server.stores.postgres import LISTENER_APPLICATION_NAME, PostgresEventStore
+from server.stores.postgres_pool import closed_by_server
 from server.stores.postgres_schema import APPEND_LOCK, MIGRATIONS, apply_migrations
 from server.verify import verify
 from tests.clients import Clients, detail, item, order_request
@@ -657,6 +659,32 @@ async def test_connections_the_server_closed_while_idle_are_replaced_before_use(
     appended = await store.append(commit(("a", 2)))
     assert [e.stream_version for e in await store.read_stream("a")] == [1, 2]
     assert await store.head_position() == appended[-1].position
+
+
+async def test_an_idle_connection_the_server_wrote_to_without_closing_it_is_kept(
+    fresh_postgres_url: str,
+) -> None:
+    """Only a closed connection is dropped: one that got a message while idle (here a
+    notification) is read and kept, as it is."""
+    async with await psycopg.AsyncConnection.connect(fresh_postgres_url, autocommit=True) as conn:
+        await conn.execute("LISTEN og_test")
+        with psycopg.connect(fresh_postgres_url, autocommit=True) as other:
+            other.execute("NOTIFY og_test")
+        for _ in range(int(TIMEOUT / 0.01)):
+            if select.select([conn.pgconn.socket], [], [], 0)[0]:
+                break
+            await asyncio.sleep(0.01)
+        assert not closed_by_server(conn)
+        assert await (await conn.execute("SELECT 1")).fetchone() == (1,)
+
+        with psycopg.connect(fresh_postgres_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+        for _ in range(int(TIMEOUT / 0.01)):
+            if closed_by_server(conn):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the closed connection was never seen as closed")
 
 
 async def test_a_connection_lost_while_in_use_is_store_unavailable(
