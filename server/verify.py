@@ -225,9 +225,10 @@ async def verify(store: EventStore) -> Report:
     repeats = asyncio.ensure_future(store.repeated_event_ids(head, MAX_LISTED))
     try:
         await _check_log(store, head, checker, report)
-    finally:
-        if not repeats.done():
-            repeats.cancel()
+    except BaseException:
+        repeats.cancel()
+        raise
+    # Read beside the log, and possibly still running when the log is done.
     for event_id, positions in await repeats:
         for position in positions[1:]:
             report.add(position, f"event id {event_id} is the id of position {positions[0]} too")

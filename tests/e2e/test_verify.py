@@ -4,6 +4,7 @@ named by its first offending position, with a non-zero exit."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -161,6 +162,30 @@ async def test_a_repeated_position_is_found(tmp_path: Path) -> None:
     assert not report.ok
     assert report.first is not None and report.first.position == 2
     assert any("repeated or out of order (expected 3)" in v.problem for v in report.violations)
+
+
+class SlowSearchForRepeatedIds(MemoryEventStore):
+    """Searches for repeated event ids slower than the log is read, as a big or busy
+    PostgreSQL database does."""
+
+    async def repeated_event_ids(self, head: int, limit: int) -> list[tuple[str, list[int]]]:
+        await asyncio.sleep(0.2)
+        return await super().repeated_event_ids(head, limit)
+
+
+@pytest.mark.parametrize("repeated", [False, True], ids=["sound", "repeated-id"])
+async def test_the_search_for_repeated_ids_may_end_after_the_log_is_read(repeated: bool) -> None:
+    store = SlowSearchForRepeatedIds()
+    bus = bootstrap(store)
+    await bus.dispatch(restock("a", 5))
+    await bus.dispatch(create(("a", 1)))
+    if repeated:
+        store._events[2] = dataclasses.replace(store._events[2], event_id=store._events[0].event_id)
+
+    report = await verify(store)
+    assert report.ok is not repeated
+    if repeated:
+        assert any("is the id of position 1 too" in v.problem for v in report.violations)
 
 
 def test_a_store_that_does_not_exist_fails_and_is_not_created(
