@@ -343,7 +343,8 @@ async def run_verify(url: str) -> int:
         )
         print(f"order-gateway: no {missing}", file=sys.stderr)
         return 1
-    store = await open_store(url)
+    # Only read: a copy that may not be written (a restored backup) is verified too.
+    store = await open_store(url, writable=False)
     try:
         report = await verify(store)
     finally:

@@ -31,16 +31,19 @@ def sqlite_path(url: str) -> Path | None:
     return None
 
 
-async def open_store(url: str, *, pool_size: int = 10, writer_turns: bool = False) -> EventStore:
+async def open_store(
+    url: str, *, pool_size: int = 10, writer_turns: bool = False, writable: bool = True
+) -> EventStore:
     """Open (and migrate) the store at ``url``: memory://, sqlite:///…, postgresql://….
 
     ``pool_size``: the most connections to PostgreSQL (``--store-pool-size``);
-    ``writer_turns``: other processes write the SQLite file too (``sqlite_turns``).
+    ``writer_turns``: other processes write the SQLite file too (``sqlite_turns``);
+    ``writable``: refuse a SQLite file that cannot be written (False: only read from).
     """
     if url == "memory://" or url.startswith("memory:"):
         return MemoryEventStore()
     if (path := sqlite_path(url)) is not None:
-        return await SQLiteEventStore.open(path, writer_turns=writer_turns)
+        return await SQLiteEventStore.open(path, writer_turns=writer_turns, writable=writable)
     if url.startswith(("postgresql://", "postgres://")):
         # Imported here so that processes on other stores never load the driver.
         from server.stores.postgres import PostgresEventStore

@@ -36,6 +36,7 @@ import contextlib
 import datetime as dt
 import functools
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -272,7 +273,7 @@ def _open_reader(path: Path) -> sqlite3.Connection:
     return connection
 
 
-def _open_writer(path: Path) -> sqlite3.Connection:
+def _open_writer(path: Path, writable: bool = True) -> sqlite3.Connection:
     connection = _connect(path)
     try:
         # WAL: readers and the writer do not block each other, and a commit is one
@@ -282,10 +283,26 @@ def _open_writer(path: Path) -> sqlite3.Connection:
             raise StoreError(f"SQLite refused WAL mode for {path} (got {mode!r})")
         connection.execute("PRAGMA synchronous = FULL")
         migrate(connection)
+        if writable:
+            _refuse_read_only(connection)
     except BaseException:
         connection.close()
         raise
     return connection
+
+
+def _refuse_read_only(connection: sqlite3.Connection) -> None:
+    """Raise SQLITE_READONLY now if the file cannot be written: SQLite opens a file it may
+    not write read-only, silently, and a migrated schema needs no write, so the first
+    command would have been the first to find out. The header is rewritten as it is, in a
+    transaction rolled back: a write SQLite refuses at once, and nothing reaches the file."""
+    (version,) = connection.execute("PRAGMA user_version").fetchone()
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        # PRAGMA takes no parameters; ``version`` is the file's own integer.
+        connection.execute(f"PRAGMA user_version = {int(version):d}")
+    finally:
+        connection.execute("ROLLBACK")
 
 
 WAL_SWITCH_RETRY_SECONDS: Final = 0.005
@@ -310,10 +327,16 @@ def _journal_mode_wal(connection: sqlite3.Connection) -> str:
         time.sleep(WAL_SWITCH_RETRY_SECONDS)
 
 
-_UNAVAILABLE_CODES: Final = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_CANTOPEN")
+_UNAVAILABLE_CODES: Final = (
+    "SQLITE_BUSY",
+    "SQLITE_LOCKED",
+    "SQLITE_IOERR",
+    "SQLITE_CANTOPEN",
+    "SQLITE_READONLY",
+)
 """Result codes (and their extended codes: ``SQLITE_IOERR_FSYNC`` …) meaning the file
-cannot be used right now: another process holds the lock past the busy timeout, or the
-operating system failed a read, write or sync."""
+cannot be used right now: another process holds the lock past the busy timeout, the
+operating system failed a read, write or sync, or the file may not be written."""
 
 
 def _open_snapshot_writer(path: Path) -> sqlite3.Connection:
@@ -367,6 +390,8 @@ class SQLiteEventStore:
         turns: WriterTurns | None = None,
     ) -> None:
         self._path = path
+        # A descriptor of the file itself, to see that it is still linked (``_deleted``).
+        self._file = os.open(path, os.O_RDONLY) if path is not None else None
         self._turns = turns
         self._loop = loop
         self._snapshot_writer = snapshot_writer
@@ -414,14 +439,16 @@ class SQLiteEventStore:
         max_batch: int = 128,
         readers: int = 2,
         writer_turns: bool = False,
+        writable: bool = True,
     ) -> SQLiteEventStore:
-        """Open (creating or migrating as needed) the store in the file at ``path``."""
+        """Open (creating or migrating as needed) the store in the file at ``path``;
+        ``writable``: refuse a file that cannot be written (False: only read from)."""
         if max_batch < 1 or readers < 1:
             raise ValueError("max_batch and readers must be at least 1")
         path = Path(path)
         opened: list[sqlite3.Connection] = []
         try:
-            opened.append(await asyncio.to_thread(_open_writer, path))
+            opened.append(await asyncio.to_thread(_open_writer, path, writable))
             for _ in range(readers):
                 opened.append(await asyncio.to_thread(_open_reader, path))
             opened.append(await asyncio.to_thread(_open_snapshot_writer, path))
@@ -562,6 +589,14 @@ class SQLiteEventStore:
     def _write_or_fail(self, batch: list[Append]) -> bool:
         """``_write``, with every item failed if it raises: a bug must neither leave
         callers waiting forever nor a transaction open."""
+        if self._deleted():
+            self._rollback()
+            for append in batch:
+                append.outcome = StoreUnavailableError(
+                    f"the SQLite store {self._path} was deleted while the gateway served it;"
+                    " nothing is committed to it any more"
+                )
+            return False
         try:
             return self._write(batch)
         except Exception as e:
@@ -570,6 +605,13 @@ class SQLiteEventStore:
             for append in batch:
                 append.outcome = _store_error("the SQLite store failed", e, self._path)
             return False
+
+    def _deleted(self) -> bool:
+        """Whether the store's file has no name left (deleted, or its directory removed).
+        SQLite goes on writing to such a file, which is gone when the last connection
+        closes: commits would be acknowledged and then lost. One ``fstat`` per batch; a
+        file moved elsewhere keeps a name, and its commits, and goes on."""
+        return self._file is not None and os.fstat(self._file).st_nlink == 0
 
     def _write(self, batch: list[Append]) -> bool:
         """Commit what can be committed; every item of ``batch`` gets an outcome. Returns
@@ -986,3 +1028,6 @@ class SQLiteEventStore:
             if self._snapshot_writer is not None:
                 self._snapshot_writer.close()
                 self._snapshot_writer = None
+        if self._file is not None:
+            os.close(self._file)
+            self._file = None

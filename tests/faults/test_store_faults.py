@@ -4,7 +4,11 @@ cannot be reached UNAVAILABLE (STORE_UNAVAILABLE), and the log says so once per 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sqlite3
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -139,7 +143,8 @@ def test_other_store_errors_are_counted_but_are_no_fault(caplog: pytest.LogCaptu
         ("SQLITE_CANTOPEN", StoreUnavailableError),
         ("SQLITE_BUSY", StoreUnavailableError),
         ("SQLITE_CORRUPT", StoreError),
-        ("SQLITE_READONLY", StoreError),
+        ("SQLITE_READONLY", StoreUnavailableError),
+        ("SQLITE_READONLY_DBMOVED", StoreUnavailableError),
     ],
 )
 def test_sqlite_result_codes_map_to_store_errors(code: str, expected: type[StoreError]) -> None:
@@ -391,3 +396,78 @@ async def test_a_refusal_while_taking_a_turn_at_a_contended_stream_is_a_store_fa
     assert errors == 1
     assert fault == 1
     assert len(lines(caplog, FAULT_LINE)) == 1
+
+
+# -- a SQLite file that cannot be written, or that was deleted -----------------------
+
+DROP_FILE_PRIVILEGES = (
+    "setpriv",
+    "--bounding-set",
+    "-dac_override,-dac_read_search,-fowner",
+    "--inh-caps",
+    "-dac_override,-dac_read_search,-fowner",
+    "--",
+)
+"""As root, file modes bind only without these capabilities."""
+
+
+def unprivileged(command: list[str]) -> list[str]:
+    if os.geteuid() != 0:
+        return command
+    if shutil.which("setpriv") is None:
+        pytest.skip("root, and no setpriv to drop the privilege that ignores file modes")
+    return [*DROP_FILE_PRIVILEGES, *command]
+
+
+def test_a_store_file_that_cannot_be_written_is_refused_at_start_and_still_verified(
+    tmp_path: Path,
+) -> None:
+    store = tmp_path / "events.db"
+    url = f"sqlite:///{store}"
+    gateway = [sys.executable, "-m", "server.cli"]
+    subprocess.run([*gateway, "migrate", "--store", url], check=True, capture_output=True)
+    store.chmod(0o444)
+    tmp_path.chmod(0o755)
+
+    for command in (["serve", "--listen", "127.0.0.1:0"], ["migrate"]):
+        refused = subprocess.run(
+            unprivileged([*gateway, *command, "--store", url]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode == 1, refused.stderr
+        assert "readonly database" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    verified = subprocess.run(
+        unprivileged([*gateway, "verify", "--store", url]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert verified.returncode == 0, verified.stderr
+    assert "OK: the log is consistent" in verified.stdout
+
+
+async def test_commits_to_a_deleted_store_file_are_refused_unavailable(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "store"
+    folder.mkdir()
+    store = await SQLiteEventStore.open(folder / "events.db")
+    try:
+        async with running_gateway(store) as gateway, connect(gateway) as clients:
+            await clients.restock("sku-1", 5)
+            shutil.rmtree(folder)  # an operator's mistake: the store's directory removed
+            with caplog.at_level(logging.INFO, logger="order_gateway"):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await clients.restock("sku-1", 1)
+                with pytest.raises(grpc.aio.AioRpcError) as refused_again:
+                    await clients.create(order_request(item("sku-1")))
+    finally:
+        await store.close()
+    for error in (refused.value, refused_again.value):
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(error).reason == "STORE_UNAVAILABLE"
+    [fault] = lines(caplog, FAULT_LINE)
+    assert "was deleted while the gateway served it" in fault.getMessage()
