@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import parse_qsl, unquote, urlencode
 
 from domain.errors import ConfigurationError
@@ -9,6 +10,13 @@ from domain.errors import ConfigurationError
 SECRET_URL_PARAMETERS = frozenset({"password", "sslpassword"})
 """Query parameters of a store URL that hold a secret (libpq accepts both)."""
 MASK = "***"
+
+_KEYWORD_SECRET = re.compile(
+    r"\b(?P<key>(?:ssl)?password)(?P<equals>\s*=\s*)(?P<value>'(?:[^'\\]|\\.)*'?|\S*)",
+    re.IGNORECASE,
+)
+"""A secret in libpq's keyword/value form (``host=db password='s e cret'``): a single-quoted
+value (with backslash escapes) or one without spaces."""
 
 
 class StoreURLError(ConfigurationError):
@@ -22,7 +30,8 @@ def redacted_url(url: str) -> str:
     """
     scheme, separator, rest = url.partition("://")
     if not separator:
-        return url
+        # libpq's keyword/value form, or anything else a setting was given.
+        return _KEYWORD_SECRET.sub(lambda m: f"{m['key']}{m['equals']}{MASK}", url)
     address, question, query = rest.partition("?")
     # The last "@" before the query ends the user part: a password with an unencoded "/"
     # or "@" is still masked whole. "scheme:///…" has no user part (SQLite paths).
@@ -47,6 +56,14 @@ def redacted_url(url: str) -> str:
 def url_secrets(url: str) -> set[str]:
     """The secrets written in ``url`` (as written, and percent-decoded)."""
     found: set[str] = set()
+    if "://" not in url:
+        for match in _KEYWORD_SECRET.finditer(url):
+            value = match["value"]
+            found.add(value)
+            if value.startswith("'"):
+                found.add(re.sub(r"\\(.)", r"\1", value.strip("'")))
+        found.discard("")
+        return found
     address, _, query = url.partition("://")[2].partition("?")
     user_part, at, _ = address.rpartition("@")
     if at and ":" in user_part and not address.startswith("/"):

@@ -90,6 +90,10 @@ def test_serve_stops_on_an_unusable_credentials_file(
             "postgresql://gw:s3cret@db/orders?application_name=gw",
             "postgresql://gw:***@db/orders?application_name=gw",
         ),
+        # libpq's keyword/value form, which the gateway does not take, is still reported.
+        ("host=db password=s3cret dbname=orders", "host=db password=*** dbname=orders"),
+        ("host=db PASSWORD = 's3 cr\\'et' user=gw", "host=db PASSWORD = *** user=gw"),
+        ("sslpassword=k3y host=db", "sslpassword=*** host=db"),
     ],
 )
 def test_store_urls_are_logged_without_their_password(url: str, logged: str) -> None:
@@ -105,3 +109,12 @@ def test_an_unsupported_store_url_is_reported_without_its_password(
     assert "unsupported store URL 'mysql://gw:***@db/orders?password=***'" in error
     assert "s3cret" not in error
     assert "0ther" not in error
+
+
+def test_an_unsupported_keyword_value_store_string_is_reported_without_its_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["serve", "--listen", "127.0.0.1:0", "--store", "host=h password=S3CRETPW"]) == 2
+    error = capsys.readouterr().err
+    assert "unsupported store URL 'host=h password=***'" in error
+    assert "S3CRETPW" not in error
