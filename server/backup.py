@@ -57,12 +57,19 @@ def backup(url: str, destination: Path) -> int:
             os.fsync(written.fileno())
         _publish(partial, destination)
     except sqlite3.Error as error:
-        partial.unlink(missing_ok=True)
-        raise BackupError(f"backup of {source} failed: {error}") from error
+        _remove(partial)
+        # The copy's writes fail as the store's reads do (a full disk at either end).
+        raise BackupError(f"backup of {source} to {destination} failed: {error}") from error
     except BaseException:
-        partial.unlink(missing_ok=True)
+        _remove(partial)
         raise
     return int(events)
+
+
+def _remove(partial: Path) -> None:
+    """The unfinished copy, and the journal SQLite keeps beside it while writing."""
+    for path in (partial, partial.with_name(f"{partial.name}-journal")):
+        path.unlink(missing_ok=True)
 
 
 def _publish(partial: Path, destination: Path) -> None:

@@ -8,6 +8,7 @@ import datetime as dt
 import shutil
 import sqlite3
 import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -146,6 +147,34 @@ def test_a_destination_that_cannot_be_written_is_named(
     assert main(["migrate", "--store", f"sqlite:///{live}"]) == 0
     assert main(["backup", "--store", f"sqlite:///{live}", str(copy)]) == 1
     assert f"cannot create {copy}: unable to open database file" in capsys.readouterr().err
+
+
+def test_a_copy_cut_short_by_a_full_destination_leaves_nothing_beside_it(tmp_path: Path) -> None:
+    live, copy = tmp_path / "live.db", tmp_path / "copy.db"
+    assert main(["migrate", "--store", f"sqlite:///{live}"]) == 0
+    with closing(sqlite3.connect(live)) as connection, connection:
+        connection.execute(
+            "INSERT INTO events (event_id, stream_id, stream_version, occurred_at_us,"
+            " command_id, correlation_id, user_id, event_type, data)"
+            " VALUES ('e', 's', 1, 0, 'c', '', '', 'ProductRestocked', randomblob(2000000))"
+        )
+    # The destination's file system fills up (here: a file size limit) during the copy.
+    limited = (
+        "import resource, signal, sys\n"
+        "from server.cli import main\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, 500_000))\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    refused = subprocess.run(
+        [sys.executable, "-c", limited, "backup", "--store", f"sqlite:///{live}", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 1, refused.stderr
+    assert f"backup of {live} to {copy} failed" in refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("live.db")) == []
 
 
 @pytest.mark.parametrize(
