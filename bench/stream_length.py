@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
 import statistics
 import tempfile
 import time
@@ -36,7 +35,7 @@ from domain.commands import CreateOrder, RestockProduct
 from domain.events import ProductRestocked, StockReleased, StockReserved
 from domain.mapper import to_domain_event, to_new_event
 from domain.ports import Commit, EventPayload, EventStore, Snapshot, SnapshotStore
-from domain.snapshots import Snapshots
+from domain.snapshots import Snapshots, sealed
 from server.bootstrap import bootstrap
 from server.stores.factory import open_store
 from server.stores.sqlite import SQLiteEventStore
@@ -165,9 +164,7 @@ async def save_worst_snapshot(store: EventStore, length: int, interval: int) -> 
     product = Product(PRODUCT)
     product.restore_state({"available": event.available_after}, version)
     await _snapshots_of(store).save_snapshot(
-        Snapshot(
-            STREAM, version, Product.SNAPSHOT_VERSION, json.dumps(product.snapshot_state()).encode()
-        )
+        sealed(STREAM, version, Product.SNAPSHOT_VERSION, product.snapshot_state())
     )
 
 

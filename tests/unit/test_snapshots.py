@@ -5,8 +5,10 @@ and one in another schema version is ignored."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from domain.aggregates import Product
 from domain.commands import RestockProduct
 from domain.errors import StoreError, StoreUnavailableError
 from domain.ports import EventPayload, RecordedEvent, Snapshot
-from domain.snapshots import Snapshots
+from domain.snapshots import Snapshots, opened, sealed
 from server.bootstrap import bootstrap
 from server.stores.memory import MemoryEventStore
 from server.stores.sqlite import SQLiteEventStore
@@ -78,6 +80,46 @@ async def test_a_snapshot_in_another_version_is_ignored_not_misread(schema_versi
     store.reads.clear()
     assert await restock(store, Snapshots(store, INTERVAL), 1) == 26
     assert store.reads == [("product-p", 24), ("product-p", 0)], "read again, from the start"
+
+
+def flipped(data: bytes, at: int, bit: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ (1 << bit)]) + data[at + 1 :]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        # One bit of the state: {"available": 25} read as {"available": 35}.
+        lambda data: flipped(data, data.rindex(b"2"), 0),
+        lambda data: flipped(data, 3, 1),  # one bit of the digest
+        lambda data: b"\x00",  # the data replaced
+        lambda data: data.partition(b" ")[2],  # the digest lost: 1's unsealed form
+    ],
+    ids=["state-bit", "digest-bit", "garbage", "unsealed"],
+)
+async def test_a_damaged_snapshot_is_ignored_and_the_stream_replayed(
+    damage: Callable[[bytes], bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    store = ReadCountingStore()
+    await restock(store, Snapshots(None, INTERVAL), 20)  # 20 units, no snapshot yet
+    good = sealed("product-p", 20, Product.SNAPSHOT_VERSION, {"available": 25})
+    assert opened(good) == {"available": 25}
+    damaged = dataclasses.replace(good, data=damage(good.data))
+    assert opened(damaged) is None
+    await store.save_snapshot(damaged)
+
+    store.reads.clear()
+    with caplog.at_level(logging.WARNING, logger="order_gateway.snapshots"):
+        # Read as it is, the snapshot would have said 25 + 1.
+        assert await restock(store, Snapshots(store, INTERVAL), 1) == 21
+    assert store.reads == [("product-p", 20), ("product-p", 0)], "read again, from the start"
+    assert "snapshot of product-p at version 20 is damaged" in caplog.text
+
+
+def test_a_snapshot_is_sealed_to_its_stream_and_version() -> None:
+    good = sealed("product-p", 20, Product.SNAPSHOT_VERSION, {"available": 25})
+    assert opened(dataclasses.replace(good, stream_id="product-q")) is None
+    assert opened(dataclasses.replace(good, stream_version=40)) is None
 
 
 async def test_an_older_snapshot_never_replaces_a_newer_one() -> None:
@@ -163,7 +205,7 @@ async def test_a_restarted_gateway_continues_from_the_snapshot(tmp_path: Path) -
     reopened = await SQLiteEventStore.open(path)
     snapshot = await reopened.load_snapshot("product-p")
     assert snapshot is not None and snapshot.stream_version == 20
-    assert json.loads(snapshot.data) == {"available": 40}
+    assert opened(snapshot) == {"available": 40}
     async with (
         running_gateway(reopened, snapshot_interval=INTERVAL) as gateway,
         connect(gateway) as clients,
