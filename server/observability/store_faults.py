@@ -5,7 +5,10 @@ traceback per call would bury the one thing to act on. So the store is watched a
 whole (``watched``): the first call that fails with a fault (``StoreFullError``,
 ``StoreUnavailableError``) logs one ERROR line with the cause; the calls that fail after
 it are only counted; the first call that works again logs one WARNING line with how long
-the fault lasted and how many store calls failed meanwhile. Every failed store call is
+the fault lasted and how many store calls failed meanwhile, once no call has failed so
+for ``RECOVERY_QUIET`` seconds: a store that fails some calls and not others (a disk with
+room left for small commits only) is in one fault, not in a pair of lines per call (an
+outside audit counted 3,200 pairs in 35 s on a nearly full PostgreSQL). Every failed store call is
 also counted by kind in ``order_gateway_store_errors_total``, and
 ``order_gateway_store_fault`` is 1 for the kind of fault in progress.
 
@@ -45,6 +48,9 @@ OTHER: Final = "other"
 KINDS: Final = (FULL, UNAVAILABLE, OTHER)
 """The ``kind`` label of the store-error metrics."""
 
+RECOVERY_QUIET: Final = 1.0
+"""Seconds without a fault's failures before a call that works ends it."""
+
 _REASONS: Final = {FULL: StoreFullError.reason, UNAVAILABLE: StoreUnavailableError.reason}
 _ANSWERS: Final = {
     FULL: "commands are answered RESOURCE_EXHAUSTED (STORE_FULL) until space is freed",
@@ -73,7 +79,11 @@ class StoreFaults:
     """Whether the store is in a fault condition; logs and counts entering and leaving it."""
 
     def __init__(
-        self, errors: Counter, fault: Gauge, clock: Callable[[], float] = time.monotonic
+        self,
+        errors: Counter,
+        fault: Gauge,
+        clock: Callable[[], float] = time.monotonic,
+        recovery_quiet: float = RECOVERY_QUIET,
     ) -> None:
         self._errors = {kind: errors.labels(kind) for kind in KINDS}
         self._fault = {kind: fault.labels(kind) for kind in (FULL, UNAVAILABLE)}
@@ -84,6 +94,8 @@ class StoreFaults:
         self._since = 0.0
         self._failed = 0
         self._write_failed = False
+        self._recovery_quiet = recovery_quiet
+        self._last_failure = 0.0
 
     @property
     def kind(self) -> str | None:
@@ -96,7 +108,10 @@ class StoreFaults:
         if self._kind is not None:
             self._failed += 1
             self._write_failed |= write
-        if kind == OTHER or kind == self._kind:
+        if kind == OTHER:
+            return
+        self._last_failure = self._clock()
+        if kind == self._kind:
             return
         # A new fault, or another kind of one (a database that came back full).
         reason = _REASONS[kind]
@@ -119,7 +134,10 @@ class StoreFaults:
     def succeeded(self, *, write: bool) -> None:
         if self._kind is None or (self._write_failed and not write):
             return
-        seconds = self._clock() - self._since
+        now = self._clock()
+        if now - self._last_failure < self._recovery_quiet:
+            return
+        seconds = now - self._since
         log.warning(
             "event store works again after %.1f s of %s (%s); %d store %s failed meanwhile",
             seconds,

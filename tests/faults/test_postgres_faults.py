@@ -159,6 +159,10 @@ async def test_postgres_restarted_under_load_is_unavailable_then_recovers_exactl
 
             await asyncio.to_thread(own_postgres.start)
             await load.until_acknowledged(200)
+            # The fault ends with a call that works a quiet second after the last failure.
+            async with asyncio.timeout(WAIT):
+                while "event store works again" not in caplog.text:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
             load.stopping.set()
             async with asyncio.timeout(WAIT):
                 await running

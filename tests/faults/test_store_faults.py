@@ -3,6 +3,7 @@ cannot be reached UNAVAILABLE (STORE_UNAVAILABLE), and the log says so once per 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -24,7 +25,7 @@ from psycopg_pool import PoolTimeout
 from domain.errors import StoreError, StoreFullError, StoreUnavailableError
 from domain.ports import CommandRecord, Commit, RecordedEvent, StreamLocked
 from server.app import Gateway
-from server.observability.store_faults import StoreFaults
+from server.observability.store_faults import RECOVERY_QUIET, StoreFaults
 from server.stores.postgres_errors import store_error as postgres_store_error
 from server.stores.sqlite import SQLiteEventStore
 from server.stores.sqlite import _store_error as sqlite_store_error
@@ -103,6 +104,7 @@ def test_reads_that_work_do_not_end_a_fault_that_writes_ran_into(
             watched.faults.succeeded(write=False)
             watched.faults.failed(full(), write=True)
         assert watched.value("fault", "full") == 1
+        watched.now += RECOVERY_QUIET
         watched.faults.succeeded(write=False)
         assert watched.faults.kind == "full"
         watched.faults.succeeded(write=True)
@@ -115,11 +117,32 @@ def test_a_read_ends_a_fault_that_only_reads_ran_into(caplog: pytest.LogCaptureF
     watched = Faults()
     with caplog.at_level(logging.INFO, logger="order_gateway"):
         watched.faults.failed(StoreUnavailableError("connection refused"), write=False)
+        watched.now += RECOVERY_QUIET
         watched.faults.succeeded(write=False)
     (ended,) = lines(caplog, RECOVERY_LINE)
     assert "STORE_UNAVAILABLE" in ended.getMessage()
     assert "1 store call failed" in ended.getMessage()
     assert watched.value("errors_total", "unavailable") == 1
+
+
+def test_a_store_that_fails_some_calls_and_not_others_is_in_one_fault(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A disk with room for small commits only: failures and successes interleave."""
+    watched = Faults()
+    with caplog.at_level(logging.INFO, logger="order_gateway"):
+        for _ in range(1000):
+            watched.faults.failed(full(), write=True)
+            watched.now += 0.01
+            watched.faults.succeeded(write=True)
+        assert watched.faults.kind == "full"
+        assert watched.value("fault", "full") == 1
+        watched.now += RECOVERY_QUIET
+        watched.faults.succeeded(write=True)
+    assert len(lines(caplog, FAULT_LINE)) == 1
+    (ended,) = lines(caplog, RECOVERY_LINE)
+    assert "1000 store calls failed meanwhile" in ended.getMessage()
+    assert watched.faults.kind is None
 
 
 def test_other_store_errors_are_counted_but_are_no_fault(caplog: pytest.LogCaptureFixture) -> None:
@@ -253,6 +276,9 @@ async def test_a_full_store_is_resource_exhausted_store_full_and_recovers(
 
             limit_pages(sqlite_store, None)
             created = await clients.create(order)
+            assert lines(caplog, RECOVERY_LINE) == [], "not before a quiet second"
+            await asyncio.sleep(RECOVERY_QUIET)
+            await clients.restock("sku-1", 1)
             (ended,) = lines(caplog, RECOVERY_LINE)
             assert "21 store calls failed meanwhile" in ended.getMessage()
 
@@ -266,7 +292,7 @@ async def test_a_full_store_is_resource_exhausted_store_full_and_recovers(
     reserved = created[1].stock_reserved
     assert reserved.available_after == 100 + acknowledged - 2
     restocks = [e for e in events if e.event_type == "ProductRestocked"]
-    assert len(restocks) == 1 + acknowledged
+    assert len(restocks) == 1 + acknowledged + 1  # the one after the quiet second
 
 
 async def test_a_full_store_is_counted_in_the_metrics(
@@ -279,6 +305,7 @@ async def test_a_full_store_is_counted_in_the_metrics(
         assert registry.get_sample_value("order_gateway_store_fault", {"kind": "full"}) == 1
         assert registry.get_sample_value("order_gateway_store_errors_total", {"kind": "full"}) == 1
         limit_pages(sqlite_store, None)
+        await asyncio.sleep(RECOVERY_QUIET)
         await clients.restock("sku-1", 1)
         assert registry.get_sample_value("order_gateway_store_fault", {"kind": "full"}) == 0
 
@@ -340,6 +367,7 @@ async def test_an_unreachable_store_is_unavailable_on_commands_and_on_subscribe(
             assert error_info(subscribe_refused.value).reason == "STORE_UNAVAILABLE"
 
             store.down = False
+            await asyncio.sleep(RECOVERY_QUIET)
             restocked: list[events_pb2.Event] = await clients.restock("sku-1", 1)
         assert restocked[0].product_restocked.available_after == 2
         assert len(lines(caplog, FAULT_LINE)) == 1
