@@ -23,7 +23,7 @@ from orders.v1 import consumer_group_service_pb2_grpc as pb_grpc
 
 from server.client.channel import TOKEN_VARIABLE, Metadata, call_metadata, open_channel
 from server.client.json_lines import json_line
-from server.client.output import unwritable_output
+from server.client.output import ReaderGone, reader_gone_error, unwritable_output
 from server.client.tail import field_violations
 
 MAX_DURATION_SECONDS = 315_576_000_000
@@ -259,6 +259,7 @@ def follow_group(
 
     stub = pb_grpc.ConsumerGroupServiceStub(channel)
     call = stub.Consume(outgoing(), metadata=metadata)
+    reader_gone = ReaderGone(out, call.cancel)
     try:
         for response in call:
             if response.WhichOneof("message") == "delivery":
@@ -275,6 +276,8 @@ def follow_group(
                     file=err,
                 )
     except grpc.RpcError as error:
+        if reader_gone:
+            raise reader_gone_error() from None
         return _fail(program, error, err)
     except KeyboardInterrupt:
         call.cancel()

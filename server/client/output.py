@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import select
+import stat
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
@@ -60,3 +64,45 @@ def unwritable_output(program: str, error: OSError, what: str = "the events") ->
         return 0
     print(f"{program}: cannot write {what}: {error.strerror or error}", file=sys.stderr)
     return 1
+
+
+class ReaderGone:
+    """Whether the reader of an output pipe went away, told as soon as it does.
+
+    A command that follows a stream writes only when an event comes, and learns that its
+    reader went away (``| head``) only at that write: on a quiet stream, never. A pipe's
+    write end reports an error to ``poll`` once its last reader is gone, so a thread
+    waits for that and runs ``then`` (cancelling the call); the command then stops as if
+    its write had failed (``reader_gone_error``). Outputs other than pipes are not watched.
+    """
+
+    def __init__(self, stream: TextIO, then: Callable[[], object]) -> None:
+        self._gone = threading.Event()
+        try:
+            descriptor = stream.fileno()
+            is_pipe = stat.S_ISFIFO(os.fstat(descriptor).st_mode)
+        except (AttributeError, OSError, ValueError):
+            return
+        if is_pipe:
+            threading.Thread(
+                target=self._watch, args=(descriptor, then), name="output-reader", daemon=True
+            ).start()
+
+    def _watch(self, descriptor: int, then: Callable[[], object]) -> None:
+        poller = select.poll()
+        # No event asked for: poll reports an error or a hang-up whatever the mask.
+        poller.register(descriptor, 0)
+        while True:
+            for _, events in poller.poll():
+                if events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                    self._gone.set()
+                    then()
+                    return
+
+    def __bool__(self) -> bool:
+        return self._gone.is_set()
+
+
+def reader_gone_error() -> BrokenPipeError:
+    """What a write to the pipe would have raised: ``unwritable_output`` stops with 0."""
+    return BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))

@@ -17,7 +17,7 @@ from orders.v1 import event_stream_service_pb2, event_stream_service_pb2_grpc
 
 from server.client.channel import Metadata, call_metadata, open_channel
 from server.client.json_lines import json_line
-from server.client.output import unwritable_output
+from server.client.output import ReaderGone, reader_gone_error, unwritable_output
 
 PROGRAM = "order-gateway tail"
 
@@ -46,12 +46,15 @@ def follow(
     """
     stub = event_stream_service_pb2_grpc.EventStreamServiceStub(channel)
     call = stub.Subscribe(subscribe_request(after, types, stream), metadata=metadata)
+    reader_gone = ReaderGone(out, call.cancel)
     try:
         for response in call:
             if response.HasField("event"):
                 out.write(json_line(response.event) + "\n")
                 out.flush()
     except grpc.RpcError as error:
+        if reader_gone:
+            raise reader_gone_error() from None
         print(f"{PROGRAM}: {error.code().name}: {error.details()}", file=err)
         for field, reason in field_violations(call):
             print(f"  {field}: {reason}", file=err)

@@ -163,6 +163,35 @@ async def test_consume_prints_json_lines_and_acks_each(gateway: Gateway) -> None
     assert "member cli-1 has partitions 0, 1, 2" in err
 
 
+async def test_consume_stops_with_0_when_its_reader_goes_away_on_a_quiet_group(
+    gateway: Gateway,
+) -> None:
+    """As `consume | head -1` when nothing more comes: it leaves the group at once rather
+    than holding its partitions until an event comes to fail to write."""
+    target = f"127.0.0.1:{gateway.port}"
+    await cli("group", "create", "g", "--target", target)
+    await restock(gateway, 1)
+    read_end, write_end = os.pipe()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server.cli", "consume", "--group", "g", "--member", "cli-1",
+            "--target", target,
+            stdout=write_end, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        line = json.loads(await asyncio.wait_for(asyncio.to_thread(reader.readline), 30))
+    assert line["attempt"] == 1
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0
+    assert "Traceback" not in err.decode()
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.ConsumerGroupServiceStub(channel)
+        group = (await stub.GetConsumerGroup(pb.GetConsumerGroupRequest(name="g"))).group
+    assert list(group.members) == []
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 async def test_consume_stops_with_exit_1_when_its_output_cannot_be_written(
     gateway: Gateway,

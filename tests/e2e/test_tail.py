@@ -287,3 +287,29 @@ async def test_output_that_cannot_be_written_is_an_error_with_exit_1(
         _, err = await process.communicate()
     assert process.returncode == 1
     assert err.decode() == "order-gateway tail: cannot write the events: No space left on device\n"
+
+
+async def test_a_reader_that_goes_away_on_a_quiet_stream_ends_tail_with_0(
+    gateway: Any, clients: Clients
+) -> None:
+    """As `tail | head -1` on a stream with one event: no second line comes to find out
+    the reader went away at, and tail still stops."""
+    await clients.restock("sku-1", 3)
+    read_end, write_end = os.pipe()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "server.cli", "tail"),
+            *("--target", f"127.0.0.1:{gateway.port}", "--stream", "product-sku-1"),
+            stdout=write_end,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    finally:
+        os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        first = json.loads(await asyncio.wait_for(asyncio.to_thread(reader.readline), WAIT))
+    # The reader closed its end, as head does after its line.
+    async with asyncio.timeout(WAIT):
+        _, err = await process.communicate()
+    assert first["position"] == "1"
+    assert process.returncode == 0
+    assert err == b""
