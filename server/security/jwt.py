@@ -126,6 +126,12 @@ class JwtAuthenticator:
             )
         except jwt.InvalidTokenError as error:
             raise AuthenticationError(f"invalid JWT: {_reason(error)}") from None
+        for name in _TIMES:
+            # PyJWT reads these with int(), which takes "1765000000" too; RFC 7519 makes
+            # each a JSON number (a NumericDate).
+            value = claims.get(name)
+            if value is not None and (type(value) is bool or not isinstance(value, int | float)):
+                raise AuthenticationError(f"invalid JWT: the '{name}' claim must be a number")
         caller = Caller(user_id=_subject(claims.get("sub")), scopes=_scopes(claims.get("scope")))
         self._remember(token, caller, claims)
         return caller
@@ -143,6 +149,9 @@ class JwtAuthenticator:
         )
         if len(self._verified) > self._remembered:
             self._verified.popitem(last=False)
+
+
+_TIMES = ("exp", "nbf", "iat")
 
 
 def looks_like_jwt(token: str) -> bool:

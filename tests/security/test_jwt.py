@@ -186,6 +186,8 @@ def forged_hs256(public_pem: bytes) -> str:
     [
         (lambda s, o: s.token(exp=int(time.time()) - 120), "expired"),
         (lambda s, o: s.token(exp=None), "'exp' claim is missing"),
+        (lambda s, o: s.token(exp=str(int(time.time()) + 600)), "'exp' claim must be a number"),
+        (lambda s, o: s.token(nbf=str(int(time.time()) - 60)), "'nbf' claim must be a number"),
         (lambda s, o: s.token(nbf=int(time.time()) + 600), "not valid yet"),
         (lambda s, o: s.token(iss="https://evil.example"), "issuer"),
         (lambda s, o: s.token(iss=None), "'iss' claim is missing"),
@@ -210,6 +212,8 @@ def forged_hs256(public_pem: bytes) -> str:
     ids=[
         "expired",
         "no-exp",
+        "string-exp",
+        "string-nbf",
         "not-yet-valid",
         "wrong-issuer",
         "no-issuer",
