@@ -118,8 +118,8 @@ class Settings(BaseSettings):
         description=(
             "Serving processes sharing the listen address (0: one per CPU). With more "
             "than one, a supervisor process starts them and replaces any that dies; on "
-            "SQLite they take turns at the file's write lock; memory:// serves from one "
-            "process only."
+            "SQLite they take turns at the file's write lock; memory:// takes 1 only "
+            "(more is refused: each process would keep a log of its own)."
         ),
     )
     aggregate_cache: int = Field(
