@@ -62,6 +62,8 @@ def sealed(stream_id: str, version: int, schema_version: int, state: dict[str, A
 
 def opened(snapshot: Snapshot) -> dict[str, Any] | None:
     """The state ``snapshot`` was sealed with, or None if it is not what was sealed."""
+    if not isinstance(snapshot.data, bytes):
+        return None  # e.g. a row edited by hand to hold text, which SQLite returns as str
     digest, space, data = snapshot.data.partition(b" ")
     if not space or digest != _digest(
         snapshot.stream_id, snapshot.stream_version, snapshot.schema_version, data

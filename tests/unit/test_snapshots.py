@@ -94,8 +94,9 @@ def flipped(data: bytes, at: int, bit: int) -> bytes:
         lambda data: flipped(data, 3, 1),  # one bit of the digest
         lambda data: b"\x00",  # the data replaced
         lambda data: data.partition(b" ")[2],  # the digest lost: 1's unsealed form
+        lambda data: "garbage text",  # a SQLite row edited to hold text, read back as str
     ],
-    ids=["state-bit", "digest-bit", "garbage", "unsealed"],
+    ids=["state-bit", "digest-bit", "garbage", "unsealed", "text"],
 )
 async def test_a_damaged_snapshot_is_ignored_and_the_stream_replayed(
     damage: Callable[[bytes], bytes], caplog: pytest.LogCaptureFixture
