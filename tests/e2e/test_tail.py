@@ -269,20 +269,26 @@ async def test_a_stream_no_stream_can_have_is_refused_with_the_servers_reason(
     ]
 
 
+async def tail_writing_to(output: int, *flags: str) -> asyncio.subprocess.Process:
+    """``order-gateway tail`` with ``flags`` writing to the descriptor ``output``, which
+    is closed here (the process keeps its own)."""
+    try:
+        return await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "server.cli", "tail", *flags),
+            stdout=output,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    finally:
+        os.close(output)
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 async def test_output_that_cannot_be_written_is_an_error_with_exit_1(
     gateway: Any, clients: Clients
 ) -> None:
     await clients.restock("sku-1", 3)
     full = os.open("/dev/full", os.O_WRONLY)  # every write fails: no space left
-    try:
-        process = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "server.cli", "tail", "--target", f"127.0.0.1:{gateway.port}"),
-            stdout=full,
-            stderr=asyncio.subprocess.PIPE,
-        )
-    finally:
-        os.close(full)
+    process = await tail_writing_to(full, "--target", f"127.0.0.1:{gateway.port}")
     async with asyncio.timeout(WAIT):
         _, err = await process.communicate()
     assert process.returncode == 1
@@ -296,15 +302,9 @@ async def test_a_reader_that_goes_away_on_a_quiet_stream_ends_tail_with_0(
     the reader went away at, and tail still stops."""
     await clients.restock("sku-1", 3)
     read_end, write_end = os.pipe()
-    try:
-        process = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "server.cli", "tail"),
-            *("--target", f"127.0.0.1:{gateway.port}", "--stream", "product-sku-1"),
-            stdout=write_end,
-            stderr=asyncio.subprocess.PIPE,
-        )
-    finally:
-        os.close(write_end)
+    process = await tail_writing_to(
+        write_end, "--target", f"127.0.0.1:{gateway.port}", "--stream", "product-sku-1"
+    )
     with os.fdopen(read_end, "rb") as reader:
         first = json.loads(await asyncio.wait_for(asyncio.to_thread(reader.readline), WAIT))
     # The reader closed its end, as head does after its line.
