@@ -46,12 +46,14 @@ def closed_by_server(connection: Connection) -> bool:
     if connection.closed:
         return True
     pgconn = connection.pgconn
+    # poll, not select: a busy server's sockets get descriptors above select's 1,024.
+    poller = select.poll()
+    try:
+        poller.register(pgconn.socket, select.POLLIN)
+    except (OSError, ValueError, psycopg.OperationalError):
+        return True
     for _ in range(_MOST_READS):
-        try:
-            readable, _writable, _failed = select.select([pgconn.socket], [], [], 0)
-        except (OSError, ValueError, psycopg.OperationalError):
-            return True
-        if not readable:
+        if not poller.poll(0):
             return pgconn.status != ConnStatus.OK
         try:
             # Reads what arrived; libpq handles a message an idle session gets (the error

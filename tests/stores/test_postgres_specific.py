@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import os
+import resource
 import select
 import subprocess
 import sys
@@ -685,6 +687,30 @@ async def test_an_idle_connection_the_server_wrote_to_without_closing_it_is_kept
             await asyncio.sleep(0.01)
         else:
             raise AssertionError("the closed connection was never seen as closed")
+
+
+async def test_a_connection_on_a_descriptor_above_1024_is_checked_too(
+    fresh_postgres_url: str,
+) -> None:
+    """A server with many clients gives its database sockets high descriptors, which
+    select() cannot watch: such a connection must not be taken for closed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1100
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip(f"at most {hard} open files allowed here")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    fillers: list[int] = []
+    try:
+        while not fillers or fillers[-1] < 1030:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        async with await psycopg.AsyncConnection.connect(fresh_postgres_url) as conn:
+            assert conn.pgconn.socket > 1024
+            assert not closed_by_server(conn)
+            assert await (await conn.execute("SELECT 1")).fetchone() == (1,)
+    finally:
+        for filler in fillers:
+            os.close(filler)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 async def test_a_connection_lost_while_in_use_is_store_unavailable(
