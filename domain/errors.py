@@ -102,6 +102,10 @@ class ConcurrencyConflictError(DomainError):
 
     reason = "CONCURRENCY_CONFLICT"
 
+    fault: StoreError | None = None
+    """The store's fault behind the conflict, if the command was decided on queued commits
+    that failed with one (``domain.unit_of_work``): the conflict is its consequence."""
+
 
 class DuplicateCommandError(DomainError):
     """The store already holds a commit for this command_id (raised by ``EventStore.append``)."""

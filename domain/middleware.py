@@ -126,8 +126,12 @@ class RetryOnConflictMiddleware:
         while True:
             try:
                 return await call_next(command)
-            except ConcurrencyConflictError:
+            except ConcurrencyConflictError as conflict:
                 if attempt >= self._attempts:
+                    if conflict.fault is not None:
+                        # The commits it was decided on failed for the store's fault (a
+                        # full disk): that is what the caller can act on, not a conflict.
+                        raise type(conflict.fault)(str(conflict.fault)) from conflict
                     raise
             await asyncio.sleep(random.uniform(0, self._base_delay * 2**attempt))
             attempt += 1

@@ -16,7 +16,9 @@ share commits instead of taking one durable commit each. What keeps it safe:
 - every commit names, per stream, the last event of the state it was decided on
   (``Commit.follows``). If a predecessor fails, each commit decided on its state fails
   as a concurrency conflict, even where another writer filled the version meanwhile, and
-  the retry middleware decides it again on what did commit;
+  the retry middleware decides it again on what did commit (a conflict that outlasts the
+  retries because predecessors failed for the store's fault is answered with that fault:
+  ``ConcurrencyConflictError.fault``);
 - a rejection decided on cached or queued state is decided again on durable state
   (``durable=True``): under the stream locks, once the stream's queued commits have
   settled, with whatever the store holds beyond the cached version (another process may
@@ -44,7 +46,14 @@ from typing import Any, Self, TypeVar
 
 from domain.aggregates import Aggregate, Order, Product
 from domain.commands import Command
-from domain.errors import BusinessRuleViolation, ConcurrencyConflictError, OrderNotFoundError
+from domain.errors import (
+    BusinessRuleViolation,
+    ConcurrencyConflictError,
+    OrderNotFoundError,
+    StoreError,
+    StoreFullError,
+    StoreUnavailableError,
+)
 from domain.fingerprints import fingerprint
 from domain.ids import new_uuid
 from domain.locks import Joined, StreamLocks, StreamTurns
@@ -53,9 +62,9 @@ from domain.ports import Commit, EventStore, RecordedEvent, SharedStreamLocks
 from domain.snapshots import Snapshots
 
 A = TypeVar("A", bound=Aggregate)
-Appended = asyncio.Future[None]
-"""Done once a queued append is answered, whatever its outcome (the cache is settled
-first)."""
+Appended = asyncio.Future[BaseException | None]
+"""Done once a queued append is answered, with its error (None: it committed); the cache is
+settled first."""
 NO_SNAPSHOTS = Snapshots(None, 0)
 
 
@@ -203,6 +212,8 @@ class UnitOfWork:
         """Per stream whose turn began here: the events after the cached committed version
         (the version, the events), read as the turn began."""
         self._follows: dict[str, str] = {}
+        self._predecessors: list[Appended] = []
+        """The queued commits whose state this command was decided on."""
         """Per stream loaded, the id of the last event of the state it was loaded at."""
         self.used_cache = False
         """Some aggregate came from the cache (committed or queued) without a look at the
@@ -280,6 +291,8 @@ class UnitOfWork:
             self.used_cache = True
             if entry.head_event:
                 self._follows[stream_id] = entry.head_event
+            if entry.queued is not None:
+                self._predecessors.append(entry.queued)
             return entry.head.clone()
         committed = entry.committed if entry is not None else None
         if isinstance(committed, type(blank)) and entry is not None:
@@ -356,14 +369,34 @@ class UnitOfWork:
         try:
             recorded = await self._store.append(commit)
         except BaseException as error:
+            if isinstance(error, ConcurrencyConflictError):
+                # Set before the commands decided on this one learn of it, for theirs.
+                error.fault = self._predecessor_fault()
             self._answered(staged, appended, error)
-            if self._turns is not None and isinstance(error, ConcurrencyConflictError):
+            if (
+                self._turns is not None
+                and isinstance(error, ConcurrencyConflictError)
+                and error.fault is None
+            ):
                 self._turns.contended(commit.expected_versions)
             raise
         self._answered(staged, appended, None)
         if due:
             self._snapshots.take(due)
         return recorded
+
+    def _predecessor_fault(self) -> StoreError | None:
+        """The store's fault that failed a queued commit this command was decided on, if
+        any (and, through a predecessor's own conflict, the one behind it)."""
+        for predecessor in self._predecessors:
+            if not predecessor.done():
+                continue
+            outcome = predecessor.result()
+            if isinstance(outcome, StoreFullError | StoreUnavailableError):
+                return outcome
+            if isinstance(outcome, ConcurrencyConflictError) and outcome.fault is not None:
+                return outcome.fault
+        return None
 
     def _answered(
         self, staged: list[tuple[Aggregate, str]], appended: Appended, error: BaseException | None
@@ -373,7 +406,7 @@ class UnitOfWork:
         at these streams reads this commit when its turn begins."""
         for aggregate, last_event in staged:
             self._cache.settle(aggregate, last_event, error)
-        appended.set_result(None)
+        appended.set_result(error)
         self._leave_turns()
 
 

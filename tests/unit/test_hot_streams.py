@@ -23,13 +23,16 @@ from domain.errors import (
     DuplicateCommandError,
     InsufficientInventoryError,
     StoreError,
+    StoreFullError,
+    StoreUnavailableError,
 )
 from domain.events import ProductRestocked, StockReleased, StockReserved
 from domain.locks import StreamLocks
 from domain.mapper import to_domain_event, to_new_event
+from domain.middleware import RetryOnConflictMiddleware
 from domain.ports import Commit, RecordedEvent
-from domain.unit_of_work import AggregateCache, UnitOfWork
-from server.bootstrap import bootstrap
+from domain.unit_of_work import AggregateCache, UnitOfWork, UnitsOfWork
+from server.bootstrap import HANDLERS, bootstrap
 from server.stores.memory import MemoryEventStore
 from server.stores.sqlite import SQLiteEventStore
 from tests.unit.test_bus import create, restock
@@ -320,3 +323,51 @@ async def test_a_stream_read_afresh_behind_a_queued_commit_is_read_once_it_is_du
     outcomes = await run_through(store, [before, *(run(create(("hot", 1))) for _ in range(3))])
 
     assert [available(events) for events in outcomes] == [[9], [8], [7], [6]]
+
+
+def bus_retrying_once(store: MemoryEventStore) -> CommandBus:
+    """The bus ``bootstrap`` builds, with one attempt per command: a conflict is answered
+    as it comes, not retried away."""
+    units = UnitsOfWork(store)
+    bus = CommandBus(middleware=[RetryOnConflictMiddleware(attempts=1)])
+    for command_type, handler in HANDLERS.items():
+        bus.register(command_type, units.handler(handler))
+    return bus
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [StoreFullError("disk full"), StoreUnavailableError("connection lost")],
+    ids=["full", "unavailable"],
+)
+async def test_a_command_decided_on_commits_that_failed_for_a_fault_is_answered_with_it(
+    fault: StoreError,
+) -> None:
+    """The first of three pipelined orders fails because the store is full; the two
+    decided on its state conflict. Out of retries, they are answered with the store's
+    fault, which the caller can act on, not with ABORTED."""
+    store = HeldStore()
+    bus = bus_retrying_once(store)
+    await run_through(store, [bus.dispatch(restock("hot", 10))])
+    store.fail[store.started] = fault
+
+    orders = [asyncio.ensure_future(bus.dispatch(create(("hot", 1)))) for _ in range(3)]
+    await until(lambda: len(store.queued) == 3)
+    outcomes = await run_through(store, orders)
+
+    assert [type(outcome) for outcome in outcomes] == [type(fault)] * 3
+    assert isinstance(outcomes[1].__cause__, ConcurrencyConflictError)
+    assert available(await store.read_stream("product-hot")) == [10]
+
+
+async def test_a_conflict_with_another_writer_is_still_aborted() -> None:
+    store = HeldStore()
+    bus = bus_retrying_once(store)
+    await run_through(store, [bus.dispatch(restock("hot", 10))])
+    store.fail[store.started] = ConcurrencyConflictError("another process")
+
+    orders = [asyncio.ensure_future(bus.dispatch(create(("hot", 1)))) for _ in range(2)]
+    await until(lambda: len(store.queued) == 2)
+    outcomes = await run_through(store, orders)
+
+    assert [type(outcome) for outcome in outcomes] == [ConcurrencyConflictError] * 2

@@ -84,7 +84,7 @@ async def test_a_stream_with_a_commit_of_its_own_queued_is_marked_stale_not_repl
     cache = cached(mine)
     head = mine.clone()
     head.restock(1)
-    queued: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    queued: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
     cache.stage(head, "mine", queued)
 
     # Versions 2 and 3 from another worker: this worker's queued version 2 will conflict.
