@@ -286,7 +286,12 @@ class Subscription:
                     self._advance(page.examined_through)
                 if delivered:
                     quiet_until = clock() + tuning.checkpoint_interval
-                self._hub.report_progress(self._cursor)
+                # Behind, the head is read for the lag: the hub's own is how far its
+                # live reader has read, which stands still while nobody is live. One
+                # cheap read per full page (``page_size`` events).
+                self._hub.report_progress(
+                    self._cursor, await store.head_position() if page.full else None
+                )
                 caught_up = not page.full and self._hub.try_attach(
                     self, self._cursor, self._examined
                 )
@@ -426,9 +431,11 @@ class SubscriptionHub:
         if self._live:
             self._wake.set()
 
-    def report_progress(self, delivered: int) -> None:
+    def report_progress(self, delivered: int, head: int | None = None) -> None:
+        """A subscription delivered through ``delivered``; ``head``: the committed head,
+        when the subscription read it (else the hub's, current while anyone is live)."""
         if self._on_lag is not None:
-            self._on_lag(max(self._head, delivered), delivered)
+            self._on_lag(max(self._head, head or 0, delivered), delivered)
 
     def try_attach(self, subscription: Subscription, cursor: int, examined: int) -> bool:
         """Make the subscription live if it has read at least as far as the hub.

@@ -16,10 +16,13 @@ from orders.v1 import event_stream_service_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import Gateway
+from server.rpc.subscription_hub import HubTuning
+from server.stores.memory import MemoryEventStore
 from tests.clients import item, order_request
 from tests.group_support import member
 from tests.observability_support import rpc_error, running
 from tests.serving import listening_stranger
+from tests.subscription_support import StreamReader, connect, running_gateway
 
 INVENTORY = "orders.v1.InventoryCommandService"
 ORDERS = "orders.v1.OrderCommandService"
@@ -207,3 +210,22 @@ def test_a_taken_metrics_address_is_named_in_the_error() -> None:
     assert refused.stderr.endswith(
         f"order-gateway: cannot serve metrics on {metrics}: Address already in use\n"
     )
+
+
+async def test_a_subscriber_catching_up_far_behind_shows_its_lag() -> None:
+    """Nobody is live, so the hub's own reader has not read the events committed since
+    the gateway started: the lag is measured against the committed head, not against it."""
+    store = MemoryEventStore()
+    async with (
+        running_gateway(store, HubTuning(page_size=100), metrics_listen="127.0.0.1:0") as gateway,
+        connect(gateway) as clients,
+    ):
+        for _ in range(300):
+            await clients.restock("p", 1)
+        reader = StreamReader.open(clients)
+        await reader.next_checkpoint()  # caught up: three pages, the first two full
+        samples = await scrape(gateway)
+        reader.call.cancel()
+    lag = samples[("order_gateway_subscription_lag_events_sum", frozenset())]
+    # After the first page 200 events were left, after the second 100.
+    assert lag >= 300
