@@ -212,9 +212,9 @@ class UnitOfWork:
         """Per stream whose turn began here: the events after the cached committed version
         (the version, the events), read as the turn began."""
         self._follows: dict[str, str] = {}
+        """Per stream loaded, the id of the last event of the state it was loaded at."""
         self._predecessors: list[Appended] = []
         """The queued commits whose state this command was decided on."""
-        """Per stream loaded, the id of the last event of the state it was loaded at."""
         self.used_cache = False
         """Some aggregate came from the cache (committed or queued) without a look at the
         store."""
