@@ -165,7 +165,12 @@ class Gateway:
         # their checkpoints while the store is open, and read through the hub.
         await self.groups.stop()
         await self.hub.stop()
-        await self.server.stop(self.shutdown_grace)
+        stopping = asyncio.ensure_future(self.server.stop(self.shutdown_grace))
+        # One turn of the loop: grpc's shutdown begins (its connections told to open no
+        # more calls) before the held calls are refused and their clients call again.
+        await asyncio.sleep(0)
+        self.stop_gate.release()
+        await stopping
         self.access_log.flush()
         if self.snapshots is not None:
             await self.snapshots.drain()

@@ -1,18 +1,24 @@
 """Refusing the calls that reach the gateway once it has begun to stop.
 
 grpc's server shutdown cancels every call it has received but not yet handed to the
-gateway (they wait in its queue while the event loop is busy): their clients, who sent
-them before the stop, would see CANCELLED, a code they have no reason to retry. So a
-stop closes this gate first: calls that reach the gateway from then on are refused
-UNAVAILABLE ("the server is shutting down"), which clients retry on another replica,
-until grpc's queue has emptied (no call for a moment) or a bound has passed; only then
-does grpc's own shutdown begin. Calls admitted before the gate closed run to their end.
-Health and reflection stay open, so that probes read NOT_SERVING.
+gateway (they wait in its queue while the event loop is busy), and every call that
+arrives on a connection before the connection learns of the shutdown: their clients
+would see CANCELLED, a code they have no reason to retry. So a stop closes this gate
+first. Calls that reach the gateway from then on are held, not answered, until grpc's
+own shutdown has begun, then refused UNAVAILABLE ("the server is shutting down"),
+which clients retry on another replica. Holding them is what empties grpc's queue: a
+client that retries each refusal at once (many do, after a short backoff) would
+otherwise keep it filled, while a held call, matched to the gateway and in flight, is
+one grpc's shutdown waits for rather than cancels. The gate waits until no call has
+come for a moment (every caller's call held), or a bound has passed; a held call is
+answered before its own deadline. Calls admitted before the gate closed run to their
+end. Health and reflection stay open, so that probes read NOT_SERVING.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any, Final
 
@@ -33,6 +39,8 @@ QUIET_SECONDS: Final = 0.02
 """A stop's gate waits until no call has come for this long: grpc's queue is empty."""
 MOST_SECONDS: Final = 0.5
 """The longest a stop waits for that, while clients keep calling."""
+DEADLINE_MARGIN: Final = 0.02
+"""A held call is refused this long before its deadline, if its deadline comes first."""
 
 SHUTTING_DOWN: Final = plain_status(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
 
@@ -40,7 +48,8 @@ SHUTTING_DOWN: Final = plain_status(grpc.StatusCode.UNAVAILABLE, "the server is 
 class StopGate(WrappingInterceptor):
     def __init__(self) -> None:
         self._closed = False
-        self._last_refused = 0.0
+        self._last_arrival = 0.0
+        self._released = asyncio.Event()
 
     def applies_to(self, method: str, handler: Handler) -> bool:
         return not method.startswith(OPEN_SERVICES)
@@ -51,16 +60,39 @@ class StopGate(WrappingInterceptor):
     def _around(self, request: Any, context: Context) -> CallScope | None:
         if not self._closed:
             return None
-        self._last_refused = time.monotonic()
-        return Refusing(context, SHUTTING_DOWN)
+        if self._released.is_set():
+            return Refusing(context, SHUTTING_DOWN)
+        self._last_arrival = time.monotonic()
+        return _Held(context, self._released)
 
     async def close(self, quiet: float = QUIET_SECONDS, most: float = MOST_SECONDS) -> None:
-        """Refuse calls from now on; return once none has come for ``quiet`` seconds, or
-        after ``most``."""
+        """Hold calls from now on; return once none has come for ``quiet`` seconds, or
+        after ``most``. Then begin grpc's shutdown, and ``release`` the held calls."""
         self._closed = True
-        started = self._last_refused = time.monotonic()
+        started = self._last_arrival = time.monotonic()
         while True:
             await asyncio.sleep(quiet)
             now = time.monotonic()
-            if now - self._last_refused >= quiet or now - started >= most:
+            if now - self._last_arrival >= quiet or now - started >= most:
                 return
+
+    def release(self) -> None:
+        """Refuse the held calls, and any that still come, UNAVAILABLE."""
+        self._released.set()
+
+
+class _Held(CallScope):
+    """Refuses the call once the gate is released, or just before its deadline."""
+
+    __slots__ = ("_context", "_released")
+
+    def __init__(self, context: Context, released: asyncio.Event) -> None:
+        self._context = context
+        self._released = released
+
+    async def start(self) -> None:
+        remaining = self._context.time_remaining()
+        wait = None if remaining is None else max(0.0, remaining - DEADLINE_MARGIN)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._released.wait(), wait)
+        await self._context.abort_with_status(SHUTTING_DOWN)
