@@ -21,7 +21,14 @@ from domain.errors import ConfigurationError
 from server.config import read_setting_file
 from server.rpc.method_handlers import Context, Handler, WrappingInterceptor, checked_first
 from server.rpc.status_mapping import plain_status
-from server.security.identity import ALL_SCOPES, ANONYMOUS, Caller, current_caller
+from server.security.identity import (
+    ALL_SCOPES,
+    ANONYMOUS,
+    MAX_USER_ID_LENGTH,
+    Caller,
+    current_caller,
+    is_user_id,
+)
 from server.security.scopes import OPEN_SERVICES, REQUIRED_SCOPES
 
 log = logging.getLogger("order_gateway.auth")
@@ -70,9 +77,13 @@ class TokenFileAuthenticator:
             ):
                 known = ", ".join(sorted(ALL_SCOPES))
                 raise ConfigurationError(f"{where}.scopes must be a list of {known}")
-            entries[bytes.fromhex(digest)] = Caller(
-                user_id=str(token["user_id"]), scopes=frozenset(scopes)
-            )
+            user_id = str(token["user_id"])
+            if not is_user_id(user_id):
+                raise ConfigurationError(
+                    f"{where}.user_id must be 1 to {MAX_USER_ID_LENGTH} printable characters,"
+                    " not only spaces"
+                )
+            entries[bytes.fromhex(digest)] = Caller(user_id=user_id, scopes=frozenset(scopes))
         return cls(entries)
 
     def authenticate(self, token: str) -> Caller | None:

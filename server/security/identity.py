@@ -38,4 +38,16 @@ class Caller:
 ANONYMOUS = Caller(user_id="", scopes=ALL_SCOPES)
 """Every caller when authentication is off: empty user id, all scopes."""
 
+MAX_USER_ID_LENGTH = 256
+
+
+def is_user_id(value: str) -> bool:
+    """Whether ``value`` may name an authenticated caller: 1 to 256 printable characters,
+    not only spaces. The id is written into every event the caller causes and into the
+    access log, so nothing in it may be invisible (a zero-width space), reorder the text
+    around it (a right-to-left override) or break a line (``str.isprintable``), and it
+    cannot be empty, which is how events and logs tell an anonymous caller."""
+    return 0 < len(value) <= MAX_USER_ID_LENGTH and value.isprintable() and not value.isspace()
+
+
 current_caller: ContextVar[Caller] = ContextVar("current_caller", default=ANONYMOUS)

@@ -269,6 +269,9 @@ async def test_tokens_never_reach_the_logs(api: Clients, caplog: pytest.LogCaptu
     [
         ('[[token]]\nuser_id = "a"\n', "needs sha256"),
         (f'[[token]]\nsha256 = "{"0" * 64}"\n', "needs user_id"),
+        (f'[[token]]\nsha256 = "{"0" * 64}"\nuser_id = ""\n', "user_id must be"),
+        (f'[[token]]\nsha256 = "{"0" * 64}"\nuser_id = "   "\n', "user_id must be"),
+        (f'[[token]]\nsha256 = "{"0" * 64}"\nuser_id = "a\\u200bb"\n', "user_id must be"),
         ('[[token]]\nsha256 = "abc"\nuser_id = "a"\n', "not a hex SHA-256"),
         (f'[[token]]\nsha256 = "{"g" * 64}"\nuser_id = "a"\n', "not a hex SHA-256"),
         (f'[[token]]\nsha256 = "{"0" * 64}"\nuser_id = "a"\nscopes = "orders:write"\n', "scopes"),
@@ -276,7 +279,19 @@ async def test_tokens_never_reach_the_logs(api: Clients, caplog: pytest.LogCaptu
         ('token = "x"\n', "[[token]] table"),
         ("[[token]\n", "not valid TOML"),
     ],
-    ids=["no-hash", "no-user", "short", "not-hex", "scope-string", "unknown-scope", "flat", "toml"],
+    ids=[
+        "no-hash",
+        "no-user",
+        "empty-user",
+        "blank-user",
+        "invisible-user",
+        "short",
+        "not-hex",
+        "scope-string",
+        "unknown-scope",
+        "flat",
+        "toml",
+    ],
 )
 def test_a_bad_token_file_is_refused_with_a_clear_message(
     tmp_path: Path, toml: str, message: str
