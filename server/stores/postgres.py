@@ -70,7 +70,7 @@ from server.stores.postgres_schema import (
     TURNS_CHANNEL,
     apply_migrations,
 )
-from server.stores.urls import StoreURLError, redacted_message, redacted_url
+from server.stores.urls import StoreURLError, redacted_message, redacted_url, user_part
 
 log = logging.getLogger("order_gateway.store.postgres")
 
@@ -771,6 +771,15 @@ async def _load_snapshot_and_events(
 
 def _connect_kwargs(url: str) -> dict[str, Any]:
     """The connection settings the gateway adds to those ``url`` gives."""
+    user = user_part(url)
+    if user is not None and any(character in user for character in "@/?#"):
+        # libpq would end the user part at its first "@", a parser at the first "/", "?"
+        # or "#": either would take part of the password for the host, the port or the
+        # database, and quote it in its complaint.
+        raise StoreURLError(
+            f"invalid PostgreSQL store URL {redacted_url(url)!r}: its user name or password"
+            " holds '@', '/', '?' or '#'; percent-encode them (%40, %2F, %3F, %23)"
+        )
     try:
         given = conninfo_to_dict(url)
     except psycopg.ProgrammingError as error:

@@ -23,6 +23,25 @@ class StoreURLError(ConfigurationError):
     """A store URL that cannot be used; its message shows the URL redacted."""
 
 
+def user_part(url: str) -> str | None:
+    """The user part of a ``scheme://user:password@host…`` URL as written, before its
+    "@"; None when there is none (no "@", or "scheme:///…", as SQLite paths are).
+
+    A password may hold an unencoded "/", "?", "#" or "@", which a URL parser would take
+    for the end of the user part, and a query may hold an "@" of its own: the user part
+    ends at the last "@" with no "/" before it, or else at the last "@" of all. Taking too
+    much for the user part masks too much; taking too little would show the password.
+    """
+    _, separator, rest = url.partition("://")
+    if not separator or rest.startswith("/"):
+        return None
+    ats = [index for index, character in enumerate(rest) if character == "@"]
+    if not ats:
+        return None
+    before_slash = [index for index in ats if "/" not in rest[:index]]
+    return rest[: (before_slash or ats)[-1]]
+
+
 def redacted_url(url: str) -> str:
     """``url`` without its password, in the user part or the query, fit for a log line.
 
@@ -32,12 +51,11 @@ def redacted_url(url: str) -> str:
     if not separator:
         # libpq's keyword/value form, or anything else a setting was given.
         return _KEYWORD_SECRET.sub(lambda m: f"{m['key']}{m['equals']}{MASK}", url)
+    user = user_part(url)
+    if user is not None:
+        rest = rest[len(user) + 1 :]
+        user = f"{user.partition(':')[0]}:{MASK}@" if ":" in user else f"{user}@"
     address, question, query = rest.partition("?")
-    # The last "@" before the query ends the user part: a password with an unencoded "/"
-    # or "@" is still masked whole. "scheme:///…" has no user part (SQLite paths).
-    user_part, at, host_part = address.rpartition("@")
-    if at and ":" in user_part and not address.startswith("/"):
-        address = f"{user_part.partition(':')[0]}:{MASK}@{host_part}"
     if question:
         query, hash_, fragment = query.partition("#")
         parameters = parse_qsl(query, keep_blank_values=True)
@@ -50,7 +68,7 @@ def redacted_url(url: str) -> str:
                 safe="*",
             )
         query = f"{query}{hash_}{fragment}"
-    return f"{scheme}{separator}{address}{question}{query}"
+    return f"{scheme}{separator}{user or ''}{address}{question}{query}"
 
 
 def url_secrets(url: str) -> set[str]:
@@ -64,11 +82,13 @@ def url_secrets(url: str) -> set[str]:
                 found.add(re.sub(r"\\(.)", r"\1", value.strip("'")))
         found.discard("")
         return found
-    address, _, query = url.partition("://")[2].partition("?")
-    user_part, at, _ = address.rpartition("@")
-    if at and ":" in user_part and not address.startswith("/"):
-        found.add(user_part.partition(":")[2])
-    for key, value in parse_qsl(query.partition("#")[0], keep_blank_values=True):
+    rest = url.partition("://")[2]
+    user = user_part(url)
+    if user is not None:
+        rest = rest[len(user) + 1 :]
+        if ":" in user:
+            found.add(user.partition(":")[2])
+    for key, value in parse_qsl(rest.partition("?")[2].partition("#")[0], keep_blank_values=True):
         if key in SECRET_URL_PARAMETERS:
             found.add(value)
     found |= {unquote(secret) for secret in found}

@@ -32,6 +32,14 @@ pytestmark = pytest.mark.usefixtures("keep_root_logger")
         ("postgresql://gw:pa/ss@db/orders", "postgresql://gw:***@db/orders"),
         ("postgresql://gw:p@ss@db/orders", "postgresql://gw:***@db/orders"),
         ("postgresql://gw:p%40ss@db/orders#x", "postgresql://gw:***@db/orders#x"),
+        ("postgresql://gw:pa?ss@db/orders", "postgresql://gw:***@db/orders"),
+        ("postgresql://gw:pa#ss@db/orders", "postgresql://gw:***@db/orders"),
+        ("postgresql://gw:p?a/s@s@db/orders", "postgresql://gw:***@db/orders"),
+        # An "@" in the query does not end the user part.
+        (
+            "postgresql://gw:pass@db/orders?application_name=a@b",
+            "postgresql://gw:***@db/orders?application_name=a@b",
+        ),
         # Malformed URLs are reported too, so redacting one must not fail.
         ("postgresql://gw:s3cret@[::1/orders", "postgresql://gw:***@[::1/orders"),
         (
@@ -74,6 +82,12 @@ def test_a_driver_message_quoting_the_password_is_masked(url: str) -> None:
         f"postgresql://gw:{SECRET}@db:99999/orders",
         f"postgresql://gw:{SECRET}@db1:5432,db2:0/orders",
         f"postgresql://gw:{SECRET}@db/orders?port=5432x",
+        # Unencoded in the password, these would end it early for libpq or a parser.
+        f"postgresql://gw:{SECRET}/x@db/orders",
+        f"postgresql://gw:{SECRET}?x@db/orders",
+        f"postgresql://gw:{SECRET}#x@db/orders",
+        f"postgresql://gw:p@{SECRET}@db/orders",
+        f"postgresql://gw:{SECRET}@x@db/orders",
     ],
 )
 def test_a_malformed_postgres_url_is_a_configuration_error_without_the_password(
