@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 
 import grpc
@@ -124,18 +125,38 @@ async def test_missing_messages_are_reported_by_path(clients: Clients) -> None:
     assert sorted(bad_fields(error)) == ["items[0].unit_price", "shipping_address"]
 
 
-async def test_unparseable_request_bytes_are_refused(clients: Clients) -> None:
-    call: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = clients.channel.unary_stream(
+UNPARSEABLE = b"\xff\xff\xff\xff\x0f"
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
         "/orders.v1.OrderCommandService/CreateOrder",
-        request_serializer=None,
-        response_deserializer=None,
+        "/orders.v1.EventStreamService/Subscribe",
+        # Open to callers without credentials: grpc's own services, too.
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ],
+)
+async def test_unparseable_request_bytes_are_invalid_argument_on_every_method(
+    clients: Clients, method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Sent as a stream of one message, which any method kind reads.
+    call: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = clients.channel.stream_stream(
+        method, request_serializer=None, response_deserializer=None
     )
-    error = await rpc_error(_drain(call(b"\xff\xff\xff\xff")))
-    assert error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL)
+    error = await rpc_error(_drain(call(iter([UNPARSEABLE]))))
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "request message could not be parsed",
+    )
+    # The client's mistake, not a fault of the server's: no traceback logged.
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
     assert (await clients.restock("still-serving", 1))[0].position == 1
 
 
-async def _drain(call: grpc.aio.UnaryStreamCall) -> None:  # type: ignore[type-arg]
+async def _drain(call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
     async for _ in call:
         pass
 
