@@ -77,7 +77,7 @@ def _refusing_unparseable(request: Any, context: Context) -> CallScope | None:
 class _StreamedRequestDecoding(CallScope):
     __slots__ = ("_context",)
 
-    def __init__(self, requests: Any, context: Context) -> None:
+    def __init__(self, request: Any, context: Context) -> None:
         self._context = context
 
     async def end(self, error: BaseException | None) -> bool:

@@ -156,7 +156,7 @@ async def test_unparseable_request_bytes_are_invalid_argument_on_every_method(
     assert (await clients.restock("still-serving", 1))[0].position == 1
 
 
-async def _drain(call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
+async def _drain(call: grpc.aio.UnaryStreamCall | grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
     async for _ in call:
         pass
 
