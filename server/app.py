@@ -61,6 +61,7 @@ from server.rpc.subscription_hub import HubTuning, SubscriptionHub
 from server.rpc.subscriptions import EventStreamServicer
 from server.security.auth import Authenticator, AuthInterceptor, TokenFileAuthenticator
 from server.security.jwt import JwtAuthenticator
+from server.security.open_calls import OpenCallBudget, open_call_limit
 from server.security.scopes import check_every_method_scoped
 from server.security.tls import add_port, server_credentials
 from server.stores.factory import open_store
@@ -259,14 +260,16 @@ async def create_server(
             # Observability wraps all the others, so that calls the auth interceptor refuses
             # are still timed, counted and logged, and it sees the status the last-resort
             # handler chose for an escaping error. Of those that act on a call, the stop
-            # gate runs first (a stopping gateway refuses whoever calls), then
-            # authentication: its verdict precedes any look at the request.
+            # gate runs first (a stopping gateway refuses whoever calls), then the open
+            # services' share of the concurrent calls and authentication, both as each call
+            # arrives: their verdict precedes any look at the request.
             interceptors=[
                 Interceptors(
                     [
                         ObservabilityInterceptor([metrics, access_log], tracing),
                         LastResortInterceptor(),
                         stop_gate,
+                        OpenCallBudget(open_call_limit(settings.max_concurrent_streams)),
                         AuthInterceptor(authenticators),
                         RequestDecodingInterceptor(),
                     ]

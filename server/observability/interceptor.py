@@ -82,9 +82,16 @@ class ObservabilityInterceptor(WrappingInterceptor):
     # Unknown methods are not observed: grpc answers UNIMPLEMENTED itself, and arbitrary
     # method names must not blow up the metrics' label sets.
     def wrap(self, handler: Handler, method: str) -> Handler:
+        return self._observed(handler, method, handler)
+
+    def wrap_refusal(self, refusing: Handler, method: str, handler: Handler) -> Handler:
+        # Labelled with the method's own type, not that of the handler that refuses it.
+        return self._observed(refusing, method, handler)
+
+    def _observed(self, serving: Handler, method: str, handler: Handler) -> Handler:
         rpc_type = _RPC_TYPES[(handler.request_streaming, handler.response_streaming)]
         return wrapped(
-            handler, lambda request, context: self._observing(method, rpc_type, request, context)
+            serving, lambda request, context: self._observing(method, rpc_type, request, context)
         )
 
     def _observing(self, method: str, rpc_type: str, request: Any, context: Context) -> _Observed:

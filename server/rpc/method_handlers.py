@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from typing import Any, ClassVar, Protocol, TypeAlias, cast
 
 import grpc
@@ -61,6 +62,11 @@ class Around(Protocol):
         ...
 
 
+Metadata: TypeAlias = "Sequence[tuple[str, str | bytes]]"
+EarlyCheck: TypeAlias = Callable[[str, Metadata], "grpc.Status | None"]
+"""Judges a call by its method and metadata as it arrives: a status refuses it."""
+
+
 class WrappingInterceptor:
     """Acts on the calls to each method it ``applies_to`` by wrapping the method's handler
     (``wrapped``); served through ``Interceptors``."""
@@ -71,6 +77,32 @@ class WrappingInterceptor:
     def wrap(self, handler: Handler, method: str) -> Handler:
         """``handler`` as this interceptor serves it."""
         raise NotImplementedError
+
+    def wrap_refusal(self, refusing: Handler, method: str, handler: Handler) -> Handler:
+        """``refusing``, which serves the calls to ``handler``'s method that an early check
+        refused, as this interceptor serves it."""
+        return self.wrap(refusing, method)
+
+    def early_check(self) -> EarlyCheck | None:
+        """A check of each call as it arrives, before grpc reads its request, if this
+        interceptor has one. A wrapped behaviour runs only once the request message has
+        come, so a call refused there holds its place among the server's concurrent calls
+        for as long as the client withholds the message; a call this check refuses ends
+        at once."""
+        return None
+
+
+_EARLY_REFUSAL: ContextVar[grpc.Status] = ContextVar("early_refusal")
+"""The status an early check refused the current call with, for ``_refuse_early``."""
+
+
+async def _refuse_early(requests: Any, context: Context) -> None:
+    await context.abort_with_status(_EARLY_REFUSAL.get())
+
+
+_REFUSING: Handler = grpc.stream_stream_rpc_method_handler(_refuse_early)
+"""Serves a call an early check refused, whatever its method's kind: a stream-stream
+handler reads no request before its behaviour runs."""
 
 
 class Interceptors(grpc.aio.ServerInterceptor):
@@ -88,6 +120,14 @@ class Interceptors(grpc.aio.ServerInterceptor):
     def __init__(self, interceptors: Sequence[WrappingInterceptor]) -> None:
         self._interceptors = tuple(reversed(interceptors))
         self._by_method: dict[str, tuple[Handler, Handler]] = {}
+        # Each early check, with the interceptors outside the one it belongs to: they
+        # serve its refusals (observability logs and counts them).
+        self._early_checks = tuple(
+            (check, tuple(reversed(interceptors[:position])))
+            for position, interceptor in enumerate(interceptors)
+            if (check := interceptor.early_check()) is not None
+        )
+        self._refusing: dict[tuple[str, int], Handler] = {}
 
     async def intercept_service(
         self,
@@ -98,6 +138,12 @@ class Interceptors(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
+        for position, (check, outside) in enumerate(self._early_checks):
+            refusal = check(method, handler_call_details.invocation_metadata or ())
+            if refusal is not None:
+                # Read by the refusing behaviour: this runs in the call's own task.
+                _EARLY_REFUSAL.set(refusal)
+                return self._refusing_handler(handler, method, position, outside)
         cached = self._by_method.get(method)
         if cached is None or cached[0] is not handler:
             serving = handler
@@ -107,6 +153,18 @@ class Interceptors(grpc.aio.ServerInterceptor):
             cached = (handler, serving)
             self._by_method[method] = cached
         return cached[1]
+
+    def _refusing_handler(
+        self, handler: Handler, method: str, position: int, outside: Sequence[WrappingInterceptor]
+    ) -> Handler:
+        serving = self._refusing.get((method, position))
+        if serving is None:
+            serving = _REFUSING
+            for interceptor in outside:
+                if interceptor.applies_to(method, serving):
+                    serving = interceptor.wrap_refusal(serving, method, handler)
+            self._refusing[(method, position)] = serving
+        return serving
 
 
 def is_streaming_response(handler: Handler) -> bool:

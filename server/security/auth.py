@@ -19,7 +19,14 @@ import grpc
 
 from domain.errors import ConfigurationError
 from server.config import read_setting_file
-from server.rpc.method_handlers import Context, Handler, WrappingInterceptor, checked_first
+from server.rpc.method_handlers import (
+    Context,
+    EarlyCheck,
+    Handler,
+    Metadata,
+    WrappingInterceptor,
+    checked_first,
+)
 from server.rpc.status_mapping import plain_status
 from server.security.identity import (
     ALL_SCOPES,
@@ -101,8 +108,10 @@ class AuthInterceptor(WrappingInterceptor):
 
     A method with no scope assigned is refused, whoever calls: an RPC added without a
     scope stays closed until it gets one. With no authenticators, every caller is
-    anonymous with all scopes. The guarded handler of each method is built once and
-    reused: the credentials are read from each call's own metadata when it starts.
+    anonymous with all scopes. Credentials are read from each call's own metadata as the
+    call arrives (``early_check``), before grpc reads its request: a caller without them
+    cannot hold a place among the server's concurrent calls by withholding the request
+    message.
     """
 
     def __init__(self, authenticators: Sequence[Authenticator]) -> None:
@@ -110,33 +119,35 @@ class AuthInterceptor(WrappingInterceptor):
         self._authenticators = tuple(authenticators)
 
     def applies_to(self, method: str, handler: Handler) -> bool:
-        if method.startswith(OPEN_SERVICES):
-            return False
-        # With authentication off every caller is ANONYMOUS, which ``current_caller``
-        # already is unless set: only the refusal of a method without a scope is left
-        # to do, and no check needs to run in every call.
-        return bool(self._authenticators) or method not in REQUIRED_SCOPES
+        # Only the refusal of a method without a scope is left to the handler: with
+        # authentication off every caller is ANONYMOUS, which ``current_caller`` already
+        # is unless set, and with it on the early check has admitted the caller.
+        return not method.startswith(OPEN_SERVICES) and method not in REQUIRED_SCOPES
 
-    def wrap(self, handler: Handler, method: str) -> Handler:
+    def early_check(self) -> EarlyCheck | None:
+        return self._admit if self._authenticators else None
+
+    def _admit(self, method: str, metadata: Metadata) -> grpc.Status | None:
         required = REQUIRED_SCOPES.get(method)
         if required is None:
-            log.error("refusing calls to %s: the method has no scope assigned", method)
-            refusal = plain_status(
-                grpc.StatusCode.PERMISSION_DENIED, "this method has no scope assigned"
-            )
+            return None  # Open, or refused by the handler ``wrap`` builds.
+        verdict = self._verdict(metadata, method, required)
+        if isinstance(verdict, grpc.Status):
+            return verdict
+        # In the call's own task: the caller for the rest of the call.
+        current_caller.set(verdict)
+        return None
 
-            async def refuse(request: Any, context: Context) -> None:
-                await context.abort_with_status(refusal)
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        log.error("refusing calls to %s: the method has no scope assigned", method)
+        refusal = plain_status(
+            grpc.StatusCode.PERMISSION_DENIED, "this method has no scope assigned"
+        )
 
-            return checked_first(handler, refuse)
+        async def refuse(request: Any, context: Context) -> None:
+            await context.abort_with_status(refusal)
 
-        async def admit(request: Any, context: Context) -> None:
-            verdict = self._verdict(context.invocation_metadata() or (), method, required)
-            if isinstance(verdict, grpc.Status):
-                await context.abort_with_status(verdict)
-            current_caller.set(verdict)
-
-        return checked_first(handler, admit)
+        return checked_first(handler, refuse)
 
     def _verdict(
         self, metadata: Iterable[tuple[str, Any]], method: str, required: frozenset[str]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -22,6 +24,7 @@ from server.config import Settings
 from server.rpc.status_mapping import INTERNAL_MESSAGE
 from server.stores.memory import MemoryEventStore
 from tests.clients import Clients, address, bad_fields, item, order_request
+from tests.security.test_auth import bearer, write_token_file
 
 WAIT = 10
 """Upper bound, in seconds, on any wait for the server to reach a state (never a timing check)."""
@@ -230,3 +233,105 @@ async def test_the_caller_gets_the_id_under_which_the_error_is_logged(
     request_id = str(dict(error.trailing_metadata() or ())["x-request-id"])
     logged = [r for r in caplog.records if request_id in r.getMessage()]
     assert logged and logged[0].exc_info is not None
+
+
+def withheld(channel: grpc.aio.Channel, method: str) -> grpc.aio.StreamStreamCall:  # type: ignore[type-arg]
+    """A call to ``method`` whose request message never comes (a stream that sends
+    nothing), whatever the method's kind: the server reads its headers only."""
+    stream: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
+        method, request_serializer=None, response_deserializer=None
+    )
+    return stream(_never())
+
+
+async def _never() -> AsyncIterator[bytes]:
+    await asyncio.Event().wait()
+    yield b""
+
+
+async def test_calls_without_credentials_are_refused_before_their_request_arrives(
+    tmp_path: Path,
+) -> None:
+    # Judged only once their request had come, such calls held their places among the
+    # server's concurrent calls for as long as their client withheld it: a stranger
+    # could take them all, and every authenticated command was RESOURCE_EXHAUSTED.
+    gateway = await create_server(
+        Settings(
+            listen="127.0.0.1:0",
+            store="memory://",
+            max_concurrent_streams=20,
+            auth_tokens=write_token_file(tmp_path / "tokens.toml"),
+        )
+    )
+    await gateway.start()
+    stranger, warehouse = connect(gateway), connect(gateway)
+    try:
+        calls = [
+            withheld(stranger, "/orders.v1.InventoryCommandService/RestockProduct")
+            # As many as the process may serve at once (and one connection carry).
+            for _ in range(20)
+        ]
+        async with asyncio.timeout(WAIT):
+            codes = {await call.code() for call in calls}
+        assert codes == {grpc.StatusCode.UNAUTHENTICATED}
+        restocked = await clients_for(warehouse).restock("sku-1", 5, metadata=bearer("warehouse"))
+        assert restocked[0].product_restocked.available_after == 5
+    finally:
+        for channel in (stranger, warehouse):
+            await channel.close()
+        await gateway.stop()
+
+
+async def test_the_open_services_hold_at_most_a_tenth_of_the_concurrent_calls(
+    tmp_path: Path,
+) -> None:
+    # Open to anyone: a health Watch or a reflection stream stays open as long as its
+    # client wants, and any call while its client withholds the request.
+    gateway = await create_server(
+        Settings(
+            listen="127.0.0.1:0",
+            store="memory://",
+            max_concurrent_streams=30,
+            auth_tokens=write_token_file(tmp_path / "tokens.toml"),
+        )
+    )
+    await gateway.start()
+    stranger, warehouse = connect(gateway), connect(gateway)
+    health = health_pb2_grpc.HealthStub(stranger)
+    try:
+        watching = health.Watch(health_pb2.HealthCheckRequest())
+        assert (await watching.read()).status == health_pb2.HealthCheckResponse.SERVING
+        held = [
+            withheld(stranger, "/grpc.health.v1.Health/Check"),
+            withheld(stranger, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
+        ]
+        async with asyncio.timeout(WAIT):
+            while True:  # once both have reached the server
+                try:
+                    await health.Check(health_pb2.HealthCheckRequest(), timeout=WAIT)
+                except grpc.aio.AioRpcError as error:
+                    refused = error
+                    break
+                await asyncio.sleep(0.01)
+        assert (refused.code(), refused.details()) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "too many health and reflection calls at once (at most 3), retry later",
+        )
+        restocked = await clients_for(warehouse).restock("sku-1", 5, metadata=bearer("warehouse"))
+        assert restocked[0].product_restocked.available_after == 5
+
+        watching.cancel()
+        for call in held:
+            call.cancel()
+        async with asyncio.timeout(WAIT):
+            while True:  # once the server has seen them end
+                try:
+                    assert await serving(stranger)
+                    break
+                except grpc.aio.AioRpcError as error:
+                    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    await asyncio.sleep(0.01)
+    finally:
+        for channel in (stranger, warehouse):
+            await channel.close()
+        await gateway.stop()
