@@ -67,7 +67,7 @@ from server.security.tls import add_port, server_credentials
 from server.stores.factory import open_store
 from server.stores.on_loop import CommitsOnLoop
 from server.stores.urls import redacted_url
-from server.workers.listen_address import AddressInUseError, check_free
+from server.workers.listen_address import AddressInUseError, check_free, until_nobody_listens
 
 log = logging.getLogger("order_gateway.server")
 
@@ -141,6 +141,8 @@ class Gateway:
     tracing: Tracing | None = None
     snapshots: Snapshots | None = None
     stop_gate: StopGate = field(default_factory=StopGate)
+    shared_listen: str | None = None
+    """The address this gateway shares with the other workers of ``--workers``, if any."""
     metrics_port: int | None = field(default=None, init=False)
     """The port /metrics is served on once started (None without --metrics-listen)."""
     _stopped: bool = field(default=False, init=False)
@@ -170,6 +172,11 @@ class Gateway:
         # One turn of the loop: grpc's shutdown begins (its connections told to open no
         # more calls) before the held calls are refused and their clients call again.
         await asyncio.sleep(0)
+        if self.shared_listen is not None:
+            # Refused now, the held calls' clients would connect to a worker still
+            # stopping and call just as its own shutdown begins, which cancels such calls:
+            # first every worker stops taking connections (each holds its calls meanwhile).
+            await until_nobody_listens(self.shared_listen, self.port, PEERS_STOP_SECONDS)
         self.stop_gate.release()
         await stopping
         self.access_log.flush()
@@ -180,6 +187,11 @@ class Gateway:
             await self.metrics_server.stop()
         if self.tracing is not None:
             self.tracing.shutdown()
+
+
+PEERS_STOP_SECONDS = 1.0
+"""How long a stopping worker holds its calls for the other workers to stop listening
+(they wait up to 0.5 s for quiet before they do)."""
 
 
 def authenticators_from(settings: Settings) -> list[Authenticator]:
@@ -293,7 +305,7 @@ async def create_server(
                 store = opened = await open_store(
                     settings.store, pool_size=settings.store_pool_size
                 )
-            return await _assemble(
+            gateway = await _assemble(
                 server,
                 port,
                 settings,
@@ -306,6 +318,9 @@ async def create_server(
                 group_tuning=group_tuning,
                 cache=cache,
             )
+            if reuse_port:
+                gateway.shared_listen = settings.listen
+            return gateway
         except BaseException:
             # grpc closes a bound port only when a started server stops: started and stopped
             # at once, any call that came in between cancelled.
@@ -364,6 +379,7 @@ async def _assemble(
     )
     if isinstance(store, CommitsOnLoop):
         store.commit_on_loop_when(runner.in_flight.alone)
+    stop_gate.quiet_only_when(runner.in_flight.none)
     # Added by their generic handlers only (see server.rpc.generic_handlers).
     services = GenericHandlersOnly(server).as_server()
     order_command_service_pb2_grpc.add_OrderCommandServiceServicer_to_server(

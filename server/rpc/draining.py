@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import grpc
@@ -50,6 +51,13 @@ class StopGate(WrappingInterceptor):
         self._closed = False
         self._last_arrival = 0.0
         self._released = asyncio.Event()
+        self._idle: Callable[[], bool] = lambda: True
+
+    def quiet_only_when(self, idle: Callable[[], bool]) -> None:
+        """Count a moment without new calls as quiet only while ``idle()``: while the
+        calls admitted before the gate closed are still served, their clients have not
+        called again yet, and will as soon as they are answered."""
+        self._idle = idle
 
     def applies_to(self, method: str, handler: Handler) -> bool:
         return not method.startswith(OPEN_SERVICES)
@@ -78,7 +86,8 @@ class StopGate(WrappingInterceptor):
             # short of CPU) cannot have handed grpc's queued calls to the gate: its quiet
             # does not count.
             held_up = now - slept_from > 2 * quiet
-            if (not held_up and now - self._last_arrival >= quiet) or now - started >= most:
+            quiet_now = not held_up and now - self._last_arrival >= quiet and self._idle()
+            if quiet_now or now - started >= most:
                 return
 
     def release(self) -> None:

@@ -49,6 +49,10 @@ class CallsInFlight:
     def __exit__(self, *exc_info: object) -> None:
         self._count -= 1
 
+    def none(self) -> bool:
+        """Whether no call is being served: what ``StopGate.quiet_only_when`` asks."""
+        return self._count == 0
+
     def alone(self) -> bool:
         """Whether one call at most is being served (from the request to its last
         response): what ``SQLiteEventStore.commit_on_loop_when`` asks."""

@@ -18,6 +18,7 @@ otherwise serve on the other.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import socket
 from dataclasses import dataclass, field
@@ -130,3 +131,44 @@ def reserve(listen: str) -> Reservation:
         reservation.release()
         raise OSError(error.errno, f"cannot listen on {listen}: {error.strerror}") from error
     return reservation
+
+
+_WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+"""A wildcard address is reached, from this host, through its loopback address."""
+
+
+def _reachable(host: str, port: int) -> list[tuple[int, tuple[str, int]]]:
+    host = host.strip("[]")
+    if host in _WILDCARDS:
+        address = _WILDCARDS[host]
+        return [(socket.AF_INET6 if ":" in address else socket.AF_INET, (address, port))]
+    return _addresses(host, port)
+
+
+async def until_nobody_listens(listen: str, port: int, most: float) -> bool:
+    """Wait until no process takes connections on ``listen`` with ``port`` (the other
+    workers have closed their listening sockets), or ``most`` seconds; returns whether
+    nobody does. A connection the probe opens is closed at once, before any byte."""
+    host = split_host_port(listen)[0]
+    try:
+        addresses = _reachable(host, port)
+    except OSError:
+        return False
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + most
+    while True:
+        if not any([await _takes_connections(address) for _, address in addresses]):
+            return True
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.005)
+
+
+async def _takes_connections(address: tuple[str, int]) -> bool:
+    try:
+        async with asyncio.timeout(0.1):
+            _, writer = await asyncio.open_connection(address[0], address[1])
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True

@@ -167,3 +167,17 @@ async def test_a_call_held_by_a_stop_is_refused_before_its_deadline() -> None:
 
 async def _accept(request: bytes, context: object) -> bytes:
     return b""
+
+
+async def test_a_stop_is_not_quiet_while_admitted_commands_are_served() -> None:
+    # Their clients call again as soon as they are answered: a stop that began grpc's
+    # shutdown meanwhile would cancel those calls.
+    gate = StopGate()
+    served = [True]
+    gate.quiet_only_when(lambda: not served[0])
+    closing = asyncio.create_task(gate.close(quiet=0.01, most=5))
+    await asyncio.sleep(0.2)
+    assert not closing.done()
+    served[0] = False
+    async with asyncio.timeout(1):
+        await closing
