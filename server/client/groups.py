@@ -13,6 +13,7 @@ import argparse
 import json
 import queue
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
@@ -240,6 +241,11 @@ def run_group(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
     return 0
 
 
+LEAVE_SECONDS = 5.0
+"""How long a ``consume`` whose reader went away waits for the server to take its last
+acks and end the call, before it cancels the call."""
+
+
 def follow_group(
     channel: grpc.Channel,
     group: str,
@@ -259,9 +265,21 @@ def follow_group(
 
     stub = pb_grpc.ConsumerGroupServiceStub(channel)
     call = stub.Consume(outgoing(), metadata=metadata)
-    reader_gone = ReaderGone(out, call.cancel)
+
+    def leave() -> None:
+        # Half-close, not cancel: the acks queued for lines already written are sent
+        # first, and the server ends the call once it has applied them (the member
+        # leaves). Cancelled, the call would drop them, and those events would come back.
+        requests.put(None)
+        timer = threading.Timer(LEAVE_SECONDS, call.cancel)
+        timer.daemon = True
+        timer.start()
+
+    reader_gone = ReaderGone(out, leave)
     try:
         for response in call:
+            if reader_gone:
+                continue  # Not written, so not acked: it goes back to the group.
             if response.WhichOneof("message") == "delivery":
                 out.write(json_line(response.delivery) + "\n")
                 out.flush()
@@ -288,6 +306,8 @@ def follow_group(
         raise
     finally:
         requests.put(None)
+    if reader_gone:
+        raise reader_gone_error()
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -21,6 +22,7 @@ from orders.v1 import inventory_command_service_pb2 as inventory_pb
 from orders.v1 import inventory_command_service_pb2_grpc as inventory_grpc
 
 from server.app import Gateway
+from tests.consumer_groups.test_service import eventually
 from tests.group_support import group_gateway
 from tests.security.test_tls import issue, write
 
@@ -189,6 +191,47 @@ async def test_consume_stops_with_0_when_its_reader_goes_away_on_a_quiet_group(
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.ConsumerGroupServiceStub(channel)
         group = (await stub.GetConsumerGroup(pb.GetConsumerGroupRequest(name="g"))).group
+    assert list(group.members) == []
+
+
+def _consume_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if "ConsumerGroupService/Consume" in record.getMessage()
+    ]
+
+
+async def test_consume_whose_reader_goes_away_sends_its_acks_and_leaves(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As `consume | head -1` while events come: the acks of the lines it wrote reach the
+    server before the member leaves. Cancelled at once, the call dropped the acks still
+    queued, and those events, consumed, came back (and were parked in the end)."""
+    caplog.set_level(logging.INFO, logger="order_gateway.access")
+    target = f"127.0.0.1:{gateway.port}"
+    await cli("group", "create", "g", "--target", target)
+    await restock(gateway, 50)
+    read_end, write_end = os.pipe()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server.cli", "consume", "--group", "g", "--member", "cli-1",
+            "--target", target,
+            stdout=write_end, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        await asyncio.wait_for(asyncio.to_thread(reader.readline), 30)
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err
+    # It left by closing its side of the stream, which the server answers OK.
+    await eventually(lambda: any(_consume_lines(caplog)))
+    assert [" OK " in line for line in _consume_lines(caplog)] == [True]
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.ConsumerGroupServiceStub(channel)
+        group = (await stub.GetConsumerGroup(pb.GetConsumerGroupRequest(name="g"))).group
+    assert group.checkpoint >= 1
     assert list(group.members) == []
 
 
