@@ -50,6 +50,10 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+MAX_WORKERS = 256
+"""More processes than any host's CPUs can use, each a full gateway in memory."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ORDER_GATEWAY_", extra="forbid", frozen=True)
 
@@ -115,8 +119,10 @@ class Settings(BaseSettings):
     workers: int = Field(
         1,
         ge=0,
+        le=MAX_WORKERS,
         description=(
-            "Serving processes sharing the listen address (0: one per CPU). With more "
+            f"Serving processes sharing the listen address (0: one per CPU; at most "
+            f"{MAX_WORKERS}). With more "
             "than one, a supervisor process starts them and replaces any that dies; on "
             "SQLite they take turns at the file's write lock; memory:// takes 1 only "
             "(more is refused: each process would keep a log of its own)."

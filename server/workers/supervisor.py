@@ -164,8 +164,20 @@ class Supervisor:
     async def run(self, on_serving: Callable[[], None]) -> None:
         stop_on_signals((signal.SIGTERM, signal.SIGINT), self._stopping)
         keepers: list[asyncio.Task[None]] = []
+        log.info("starting %d workers", len(self._slots))
         try:
-            started = await asyncio.gather(*(slot.start() for slot in self._slots))
+            starting = asyncio.gather(*(slot.start() for slot in self._slots))
+            stopped = asyncio.ensure_future(self._stopping.wait())
+            # A stop while workers start (many take seconds on few CPUs) is not kept
+            # waiting for them: the stop bound counts from the signal.
+            await asyncio.wait((starting, stopped), return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if not starting.done():
+                starting.cancel()
+                await asyncio.gather(starting, return_exceptions=True)
+                log.info("stopping while %d workers start", len(self._slots))
+                return
+            started = starting.result()
             if not all(started):
                 raise WorkerStartError(
                     "a worker exited before it served (its log lines above say why)"

@@ -344,3 +344,36 @@ def test_a_worker_whose_supervisor_is_gone_as_it_starts_says_so_without_a_traceb
     logged = capfd.readouterr().err
     assert "the supervisor process is gone" in logged
     assert "Traceback" not in logged
+
+
+async def test_a_stop_signal_while_workers_start_is_not_kept_waiting_for_them(
+    tmp_path: Path,
+) -> None:
+    # Eight workers take seconds to start on a machine of few CPUs: the stop bound counts
+    # from the signal, not from the moment the last of them serves.
+    process = start_gateway(
+        [
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            f"sqlite:///{tmp_path / 'events.db'}",
+            "--workers",
+            "8",
+        ],
+        env=env_without_settings(),
+    )
+    try:
+        async with asyncio.timeout(WAIT):
+            while "starting 8 workers" not in gateway_log(process):  # noqa: ASYNC110 - a child's log
+                await asyncio.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(process.wait, WAIT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    log = gateway_log(process)
+    assert code == 0, log
+    assert "stopping while 8 workers start" in log
+    assert "with 8 workers" not in log
