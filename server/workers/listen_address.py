@@ -172,3 +172,19 @@ async def _takes_connections(address: tuple[str, int]) -> bool:
         return False
     writer.close()
     return True
+
+
+def shares_address(listen: str, other: str) -> bool:
+    """Whether ``other`` names an address ``listen`` takes too: the same port, on an
+    address both resolve to, or on a wildcard address. Binding both would not tell while
+    the workers' reservation does not listen yet."""
+    host, port = split_host_port(listen)
+    other_host, other_port = split_host_port(other)
+    if port == 0 or port != other_port:
+        return False
+    try:
+        ours = {address for _, (address, _) in _addresses(host, port)}
+        theirs = {address for _, (address, _) in _addresses(other_host, other_port)}
+    except OSError:
+        return False
+    return bool(ours & theirs) or bool((ours | theirs) & {"0.0.0.0", "::"})

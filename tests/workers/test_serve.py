@@ -224,6 +224,32 @@ def test_a_taken_metrics_address_is_refused_before_the_store_is_created(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("listen", "metrics"),
+    [("127.0.0.1", "127.0.0.1"), ("localhost", "127.0.0.1"), ("127.0.0.1", "0.0.0.0")],
+)
+def test_a_metrics_address_on_the_workers_address_is_refused_before_the_store_is_created(
+    tmp_path: Path, listen: str, metrics: str
+) -> None:
+    # The workers' reservation does not listen, so a bind beside it would succeed; the
+    # workers would then fail to bind, or (localhost) serve on ::1 alone.
+    port = free_port()
+    code, log = serve_and_fail(
+        "--listen",
+        f"{listen}:{port}",
+        "--metrics-listen",
+        f"{metrics}:{port}",
+        "--store",
+        f"sqlite:///{tmp_path / 'new.db'}",
+        "--workers",
+        "2",
+    )
+    assert code == 2, log
+    assert f"cannot serve metrics on {metrics}:{port}: Address already in use" in log
+    assert "Traceback" not in log
+    assert list(tmp_path.iterdir()) == []
+
+
 async def test_only_the_supervisor_logs_a_metrics_address_above_debug(tmp_path: Path) -> None:
     # Each worker serves its metrics on a loopback port of its own for the supervisor to
     # read: an address that operators never configured and must not scrape.
