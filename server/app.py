@@ -168,6 +168,8 @@ class Gateway:
         # their checkpoints while the store is open, and read through the hub.
         await self.groups.stop()
         await self.hub.stop()
+        # After the gate's quiet moment: their NOT_SERVING has gone out.
+        self.health.end_watches()
         stopping = asyncio.ensure_future(self.server.stop(self.shutdown_grace))
         # One turn of the loop: grpc's shutdown begins (its connections told to open no
         # more calls) before the held calls are refused and their clients call again.

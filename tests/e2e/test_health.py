@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import AsyncIterator
@@ -93,3 +94,26 @@ async def test_a_method_its_servicer_leaves_unimplemented_is_unimplemented_not_a
     assert still.status == SERVING
     faults = [r for r in caplog.records if r.name.startswith("order_gateway") and r.exc_info]
     assert faults == []
+
+
+async def test_a_stop_ends_watch_streams_after_their_not_serving() -> None:
+    # grpc's own servicer never ends a Watch: the stop waited for each open one until its
+    # grace period ran out, then cancelled it.
+    gateway = await create_server(
+        Settings(listen="127.0.0.1:0", store="memory://", shutdown_grace=600),
+        store=MemoryEventStore(),
+    )
+    await gateway.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        watching = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        first = await watching.read()
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        async with asyncio.timeout(60):  # the grace is 600 s
+            await gateway.stop()
+            last = await watching.read()
+            with pytest.raises(grpc.aio.AioRpcError):
+                await watching.read()
+        assert isinstance(last, health_pb2.HealthCheckResponse)
+        assert last.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await watching.code() == grpc.StatusCode.UNAVAILABLE
+        assert await watching.details() == "the server is shutting down"
