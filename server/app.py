@@ -263,7 +263,7 @@ async def create_server(
                 check_free(settings.listen)
             except AddressInUseError as error:
                 raise RuntimeError(
-                    f"Failed to bind to address {settings.listen}: another process listens there"
+                    f"Failed to bind to address {settings.listen}: {error.reason}"
                 ) from error
             except OSError:
                 pass  # Not ours to judge (a foreign address, a privileged port): grpc says why.

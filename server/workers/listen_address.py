@@ -27,7 +27,20 @@ from server.config import split_host_port
 
 
 class AddressInUseError(OSError):
-    pass
+    """The address is taken; ``reason`` says by what, as far as this host can tell."""
+
+    def __init__(self, errno_: int, listen: str, reason: str) -> None:
+        super().__init__(errno_, f"cannot listen on {listen}: {reason}")
+        self.reason = reason
+
+
+LISTENED_ON = "another process listens there"
+HELD_NOT_LISTENED_ON = (
+    "the port is taken, but nothing listens there: a connection that used it as its own"
+    " port (a port in the range the system picks them from, net.ipv4.ip_local_port_range)"
+    " may hold it for up to a minute after it closed (TIME_WAIT); wait, or choose a port"
+    " outside that range"
+)
 
 
 @dataclass
@@ -85,10 +98,21 @@ def _check_free(family: int, address: tuple[str, int], listen: str, optional: bo
             if optional and error.errno in _NOT_HERE:
                 return
             if error.errno == errno.EADDRINUSE:
-                raise AddressInUseError(
-                    error.errno, f"cannot listen on {listen}: another process listens there"
-                ) from error
+                reason = LISTENED_ON if _listened_on(family, address) else HELD_NOT_LISTENED_ON
+                raise AddressInUseError(error.errno, listen, reason) from error
             raise OSError(error.errno, f"cannot listen on {listen}: {error.strerror}") from error
+
+
+def _listened_on(family: int, address: tuple[str, int]) -> bool:
+    """Whether something takes connections at ``address`` (a wildcard: on loopback)."""
+    host = _WILDCARDS.get(address[0], address[0])
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        try:
+            probe.connect((host, address[1]))
+        except OSError:
+            return False
+    return True
 
 
 def check_free(listen: str) -> None:
