@@ -266,26 +266,43 @@ def follow_group(
     stub = pb_grpc.ConsumerGroupServiceStub(channel)
     call = stub.Consume(outgoing(), metadata=metadata)
 
+    writing = threading.Lock()
+    """Held from a line's write until its ack is queued: the end of the requests that
+    ``leave`` queues from the watcher's thread cannot come between them."""
+
     def leave() -> None:
         # Half-close, not cancel: the acks queued for lines already written are sent
         # first, and the server ends the call once it has applied them (the member
         # leaves). Cancelled, the call would drop them, and those events would come back.
-        requests.put(None)
+        with writing:
+            requests.put(None)
         timer = threading.Timer(LEAVE_SECONDS, call.cancel)
         timer.daemon = True
         timer.start()
 
     reader_gone = ReaderGone(out, leave)
+    broken_pipe = False
     try:
         for response in call:
-            if reader_gone:
+            if reader_gone or broken_pipe:
                 continue  # Not written, so not acked: it goes back to the group.
             if response.WhichOneof("message") == "delivery":
-                out.write(json_line(response.delivery) + "\n")
-                out.flush()
-                # Written and flushed: only now is the event done, as far as we can tell.
-                event_ids = [response.delivery.event.event_id]
-                requests.put(pb.ConsumeRequest(ack=pb.Ack(event_ids=event_ids)))
+                with writing:
+                    if reader_gone:
+                        continue
+                    try:
+                        out.write(json_line(response.delivery) + "\n")
+                        out.flush()
+                    except BrokenPipeError:
+                        broken_pipe = True
+                    else:
+                        # Written and flushed: only now is the event done, as far as we
+                        # can tell.
+                        event_ids = [response.delivery.event.event_id]
+                        requests.put(pb.ConsumeRequest(ack=pb.Ack(event_ids=event_ids)))
+                if broken_pipe:
+                    # The reader went away before the watcher told: leave as it would.
+                    leave()
             else:
                 assignment = response.assignment
                 partitions = ", ".join(map(str, assignment.partitions)) or "none (standby)"
@@ -294,7 +311,7 @@ def follow_group(
                     file=err,
                 )
     except grpc.RpcError as error:
-        if reader_gone:
+        if reader_gone or broken_pipe:
             raise reader_gone_error() from None
         return _fail(program, error, err)
     except KeyboardInterrupt:
@@ -306,7 +323,7 @@ def follow_group(
         raise
     finally:
         requests.put(None)
-    if reader_gone:
+    if reader_gone or broken_pipe:
         raise reader_gone_error()
     return 0
 

@@ -17,7 +17,7 @@ from orders.v1 import (
 )
 
 from domain.ports import Commit, RecordedEvent
-from server.app import create_server
+from server.app import Gateway, create_server
 from server.config import Settings
 from server.rpc.draining import StopGate
 from server.rpc.method_handlers import Interceptors
@@ -52,7 +52,9 @@ def call_until(target: str, stopping: threading.Event, codes: Counter[str]) -> N
                     return
 
 
-async def test_calls_queued_when_the_stop_begins_are_refused_unavailable() -> None:
+async def busy_gateway_with_stock() -> tuple[Gateway, str]:
+    """A started gateway on a ``BusyStore``, with stock enough for every caller; and its
+    address."""
     gateway = await create_server(
         Settings(listen="127.0.0.1:0", store="memory://"), store=BusyStore()
     )
@@ -64,6 +66,11 @@ async def test_calls_queued_when_the_stop_begins_are_refused_unavailable() -> No
             product_id="sku-1", quantity=1_000_000
         )
         [_ async for _ in inventory.RestockProduct(request)]
+    return gateway, target
+
+
+async def test_calls_queued_when_the_stop_begins_are_refused_unavailable() -> None:
+    gateway, target = await busy_gateway_with_stock()
     stopping = threading.Event()
     codes: Counter[str] = Counter()
     with ThreadPoolExecutor(CALLERS) as callers:
@@ -102,17 +109,7 @@ def call_again_until(
 async def test_clients_that_retry_at_once_are_refused_unavailable_not_cancelled() -> None:
     # Refused at once, such clients would call again before grpc's queue ever emptied,
     # and grpc's shutdown would cancel what they left in it.
-    gateway = await create_server(
-        Settings(listen="127.0.0.1:0", store="memory://"), store=BusyStore()
-    )
-    await gateway.start()
-    target = f"127.0.0.1:{gateway.port}"
-    async with grpc.aio.insecure_channel(target) as channel:
-        inventory = inventory_command_service_pb2_grpc.InventoryCommandServiceStub(channel)
-        request = inventory_command_service_pb2.RestockProductRequest(
-            product_id="sku-1", quantity=1_000_000
-        )
-        [_ async for _ in inventory.RestockProduct(request)]
+    gateway, target = await busy_gateway_with_stock()
     stopping = threading.Event()
     stopped = threading.Event()
     codes: Counter[str] = Counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
@@ -249,23 +250,37 @@ async def _never() -> AsyncIterator[bytes]:
     yield b""
 
 
-async def test_calls_without_credentials_are_refused_before_their_request_arrives(
-    tmp_path: Path,
-) -> None:
-    # Judged only once their request had come, such calls held their places among the
-    # server's concurrent calls for as long as their client withheld it: a stranger
-    # could take them all, and every authenticated command was RESOURCE_EXHAUSTED.
+@contextlib.asynccontextmanager
+async def stranger_and_warehouse(
+    tmp_path: Path, max_concurrent_streams: int
+) -> AsyncIterator[tuple[grpc.aio.Channel, grpc.aio.Channel]]:
+    """A gateway with tokens and ``max_concurrent_streams``; a connection to it for a
+    caller without credentials, and one for the warehouse's token."""
     gateway = await create_server(
         Settings(
             listen="127.0.0.1:0",
             store="memory://",
-            max_concurrent_streams=20,
+            max_concurrent_streams=max_concurrent_streams,
             auth_tokens=write_token_file(tmp_path / "tokens.toml"),
         )
     )
     await gateway.start()
     stranger, warehouse = connect(gateway), connect(gateway)
     try:
+        yield stranger, warehouse
+    finally:
+        for channel in (stranger, warehouse):
+            await channel.close()
+        await gateway.stop()
+
+
+async def test_calls_without_credentials_are_refused_before_their_request_arrives(
+    tmp_path: Path,
+) -> None:
+    # Judged only once their request had come, such calls held their places among the
+    # server's concurrent calls for as long as their client withheld it: a stranger
+    # could take them all, and every authenticated command was RESOURCE_EXHAUSTED.
+    async with stranger_and_warehouse(tmp_path, 20) as (stranger, warehouse):
         calls = [
             withheld(stranger, "/orders.v1.InventoryCommandService/RestockProduct")
             # As many as the process may serve at once (and one connection carry).
@@ -276,10 +291,6 @@ async def test_calls_without_credentials_are_refused_before_their_request_arrive
         assert codes == {grpc.StatusCode.UNAUTHENTICATED}
         restocked = await clients_for(warehouse).restock("sku-1", 5, metadata=bearer("warehouse"))
         assert restocked[0].product_restocked.available_after == 5
-    finally:
-        for channel in (stranger, warehouse):
-            await channel.close()
-        await gateway.stop()
 
 
 async def test_the_open_services_hold_at_most_a_tenth_of_the_concurrent_calls(
@@ -287,18 +298,8 @@ async def test_the_open_services_hold_at_most_a_tenth_of_the_concurrent_calls(
 ) -> None:
     # Open to anyone: a health Watch or a reflection stream stays open as long as its
     # client wants, and any call while its client withholds the request.
-    gateway = await create_server(
-        Settings(
-            listen="127.0.0.1:0",
-            store="memory://",
-            max_concurrent_streams=30,
-            auth_tokens=write_token_file(tmp_path / "tokens.toml"),
-        )
-    )
-    await gateway.start()
-    stranger, warehouse = connect(gateway), connect(gateway)
-    health = health_pb2_grpc.HealthStub(stranger)
-    try:
+    async with stranger_and_warehouse(tmp_path, 30) as (stranger, warehouse):
+        health = health_pb2_grpc.HealthStub(stranger)
         watching = health.Watch(health_pb2.HealthCheckRequest())
         assert (await watching.read()).status == health_pb2.HealthCheckResponse.SERVING
         held = [
@@ -331,7 +332,3 @@ async def test_the_open_services_hold_at_most_a_tenth_of_the_concurrent_calls(
                 except grpc.aio.AioRpcError as error:
                     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                     await asyncio.sleep(0.01)
-    finally:
-        for channel in (stranger, warehouse):
-            await channel.close()
-        await gateway.stop()
