@@ -302,7 +302,8 @@ async def create_server(
         opened: EventStore | None = None
         try:
             if settings.metrics_listen:
-                check_metrics_address(settings.metrics_listen)
+                host = settings.listen.rpartition(":")[0]
+                check_metrics_address(settings.metrics_listen, f"{host}:{port}")
             if store is None:
                 store = opened = await open_store(
                     settings.store, pool_size=settings.store_pool_size

@@ -288,9 +288,15 @@ async def _first_request(
     except Exception:
         first = None
     if first is None or first.WhichOneof("message") != "join":
-        await context.abort_with_status(
-            bad_request_status([("join", "the first message of Consume must be a join")])
-        )
+        refusal = bad_request_status([("join", "the first message of Consume must be a join")])
+        try:
+            await context.abort_with_status(refusal)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            # The status could not be sent: the client went away (cancelled) before it
+            # joined. Nothing to answer, and no fault of the server's.
+            raise asyncio.CancelledError() from None
     assert first is not None
     return first
 

@@ -13,6 +13,8 @@ RPC metrics use the names and labels of go-grpc-prometheus (``grpc_server_handle
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -34,6 +36,7 @@ from server.observability.lock_free import (
     LockFreeHistogram,
 )
 from server.stores.decorator import EventStoreDecorator
+from server.workers.listen_address import shares_address
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -238,15 +241,20 @@ def _cannot_serve(host: str, port: int, error: OSError) -> OSError:
     return OSError(error.errno, f"cannot serve metrics on {host}:{port}: {error.strerror}")
 
 
-def check_metrics_address(listen: str) -> None:
+def check_metrics_address(listen: str, grpc_listen: str) -> None:
     """Refuse ``listen`` now if ``MetricsServer.start`` could not bind it there, with the
     error ``start`` would raise: ``serve`` checks its addresses before it opens the store,
     which on SQLite creates the file, so that a refused start leaves nothing behind.
 
     Binds as prometheus_client does: the first address the host resolves to, with
-    ``SO_REUSEADDR`` (so an earlier server's connections in TIME_WAIT do not count).
+    ``SO_REUSEADDR`` (so an earlier server's connections in TIME_WAIT do not count). An
+    address that ``grpc_listen`` (with its port bound) also takes is refused first: that
+    bind could succeed on another of its addresses (``localhost`` beside ``[::1]``), or
+    beside the workers' reservation, which does not listen.
     """
     host, port = split_host_port(listen)
+    if shares_address(grpc_listen, listen):
+        raise _cannot_serve(host, port, OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)))
     try:
         family, _, _, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE

@@ -13,7 +13,6 @@ ends its subscription streams; one still running after the grace period is kille
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import multiprocessing
 import os
@@ -38,7 +37,7 @@ from server.stores.urls import redacted_url
 from server.workers.groups import GroupsHost
 from server.workers.hub import WorkerHub
 from server.workers.hub_client import FOLLOW_ONLY_NOTICE_DELAY_SECONDS, NOTICE_DELAY_SECONDS
-from server.workers.listen_address import reserve, shares_address
+from server.workers.listen_address import reserve
 from server.workers.metrics import SupervisorMetrics
 from server.workers.worker import WorkerReady, WorkerSpec, run_worker
 
@@ -279,15 +278,8 @@ async def supervise(settings: Settings) -> None:
         if settings.metrics_listen:
             # Before migrate() opens the store, which on SQLite creates its file: a
             # refused start leaves nothing behind. After the reservation, which the
-            # metrics address may clash with; a bind beside it succeeds (it does not
-            # listen), so the addresses are compared as well.
-            if shares_address(reservation.listen, settings.metrics_listen):
-                raise OSError(
-                    errno.EADDRINUSE,
-                    f"cannot serve metrics on {settings.metrics_listen}:"
-                    f" {os.strerror(errno.EADDRINUSE)}",
-                )
-            check_metrics_address(settings.metrics_listen)
+            # metrics address may clash with.
+            check_metrics_address(settings.metrics_listen, reservation.listen)
         with tempfile.TemporaryDirectory(prefix="order-gateway-") as run_dir:
             await _run(settings, count, reservation.listen, Path(run_dir))
     finally:

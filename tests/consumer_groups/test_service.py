@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 import uuid
@@ -188,6 +189,19 @@ async def test_the_first_message_must_be_a_join(env: Env) -> None:
         await call.read()
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_fields(caught.value) == ["join"]
+
+
+async def test_a_consume_cancelled_before_its_join_is_cancelled_not_a_fault(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="order_gateway.access")
+    call = env.groups.Consume()
+    await asyncio.sleep(0.1)  # the server waits for the join
+    call.cancel()
+    await eventually(lambda: any("Consume" in r.getMessage() for r in caplog.records))
+    lines = [r.getMessage() for r in caplog.records if "Consume" in r.getMessage()]
+    assert " CANCELLED " in lines[0], lines
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_join_fields_are_validated(env: Env) -> None:

@@ -224,15 +224,23 @@ def test_a_taken_metrics_address_is_refused_before_the_store_is_created(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 @pytest.mark.parametrize(
     ("listen", "metrics"),
-    [("127.0.0.1", "127.0.0.1"), ("localhost", "127.0.0.1"), ("127.0.0.1", "0.0.0.0")],
+    [
+        ("127.0.0.1", "127.0.0.1"),
+        ("localhost", "127.0.0.1"),
+        ("127.0.0.1", "0.0.0.0"),
+        ("[::1]", "localhost"),
+    ],
 )
-def test_a_metrics_address_on_the_workers_address_is_refused_before_the_store_is_created(
-    tmp_path: Path, listen: str, metrics: str
+def test_a_metrics_address_on_the_grpc_address_is_refused_before_the_store_is_created(
+    tmp_path: Path, listen: str, metrics: str, workers: str
 ) -> None:
-    # The workers' reservation does not listen, so a bind beside it would succeed; the
-    # workers would then fail to bind, or (localhost) serve on ::1 alone.
+    # A bind could succeed beside it: the workers' reservation does not listen, and
+    # localhost binds 127.0.0.1 first while gRPC took ::1. The workers would then fail
+    # to bind, or serve on one loopback address alone; clients of localhost would reach
+    # the wrong server.
     port = free_port()
     code, log = serve_and_fail(
         "--listen",
@@ -242,7 +250,7 @@ def test_a_metrics_address_on_the_workers_address_is_refused_before_the_store_is
         "--store",
         f"sqlite:///{tmp_path / 'new.db'}",
         "--workers",
-        "2",
+        workers,
     )
     assert code == 2, log
     assert f"cannot serve metrics on {metrics}:{port}: Address already in use" in log
