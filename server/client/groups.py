@@ -257,7 +257,12 @@ def follow_group(
     """Consume until the server ends the stream (0), it fails (1) or Ctrl-C (0)."""
     program = "order-gateway consume"
     requests: queue.SimpleQueue[pb.ConsumeRequest | None] = queue.SimpleQueue()
-    requests.put(pb.ConsumeRequest(join=pb.Join(group=group, member_id=member_id)))
+    # One delivery at a time: the next comes once the line before it is written and acked.
+    # A reader that goes away (| head) then leaves at most one delivery unwritten, which
+    # counts as one failed attempt: with the server's default (100 in flight), each such
+    # run failed every delivery it held, and a few runs parked events nobody had seen.
+    join = pb.Join(group=group, member_id=member_id, max_in_flight=1)
+    requests.put(pb.ConsumeRequest(join=join))
 
     def outgoing() -> Iterator[pb.ConsumeRequest]:
         while (request := requests.get()) is not None:

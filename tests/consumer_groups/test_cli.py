@@ -231,6 +231,24 @@ async def test_consume_whose_reader_goes_away_sends_its_acks_and_leaves(
     assert group.checkpoint + len(again) == 50
 
 
+async def test_repeated_consume_into_head_parks_nothing(gateway: Gateway) -> None:
+    """`consume | head -1`, again and again: each run fails only the one delivery it had
+    received and not written (a departure is a failed attempt), never a whole window of
+    them, so no event reaches max_deliveries and is parked unseen."""
+    target = f"127.0.0.1:{gateway.port}"
+    await cli(
+        "group", "create", "g", "--partitions", "1", "--max-deliveries", "2", "--target", target
+    )
+    await restock(gateway, 20)
+    for _ in range(4):
+        await consume_first_lines(target)
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.ConsumerGroupServiceStub(channel)
+        group = (await stub.GetConsumerGroup(pb.GetConsumerGroupRequest(name="g"))).group
+    assert group.parked == 0
+    assert group.checkpoint >= 4
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 async def test_consume_stops_with_exit_1_when_its_output_cannot_be_written(
     gateway: Gateway,
