@@ -68,6 +68,10 @@ _NOT_HERE = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
 """A loopback address of ``localhost`` this host lacks (IPv6 off): grpc skips it, so do we."""
 
 
+_WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+"""A wildcard address is reached, from this host, through its loopback address."""
+
+
 def _addresses(host: str, port: int) -> list[tuple[int, tuple[str, int]]]:
     if host == "localhost":
         return [(family, (address, port)) for family, address in LOCALHOST]
@@ -155,10 +159,6 @@ def reserve(listen: str) -> Reservation:
         reservation.release()
         raise OSError(error.errno, f"cannot listen on {listen}: {error.strerror}") from error
     return reservation
-
-
-_WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
-"""A wildcard address is reached, from this host, through its loopback address."""
 
 
 def _reachable(host: str, port: int) -> list[tuple[int, tuple[str, int]]]:
