@@ -8,9 +8,9 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -37,6 +37,7 @@ from server.consumer_groups.metrics import GroupMetricsCollector
 from server.consumer_groups.service import ConsumerGroups
 from server.consumer_groups.servicer import ConsumerGroupServicer
 from server.consumer_groups.stores import open_group_store, partition_leases
+from server.launch import held_signal
 from server.observability.access_log import AccessLog
 from server.observability.hooks import Tracing
 from server.observability.interceptor import ObservabilityInterceptor
@@ -71,6 +72,8 @@ from server.workers.listen_address import AddressInUseError, check_free, until_n
 
 log = logging.getLogger("order_gateway.server")
 
+T = TypeVar("T")
+
 STOP_DEADLINE_SECONDS: Final = 9.0
 """Longest a stop takes before the process exits anyway: within the 10 s an operator is
 promised, whatever ``ORDER_GATEWAY_SHUTDOWN_GRACE`` says."""
@@ -98,6 +101,26 @@ def stop_on_signals(signals: Sequence[signal.Signals], stop: asyncio.Event) -> N
 
     for signum in signals:
         loop.add_signal_handler(signum, stopping)
+    if held_signal(signals) is not None:
+        # It came while the command started (server.launch): a stop like any other.
+        stopping()
+
+
+async def unless_stopped(starting: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """What ``starting`` gives, or None once ``stop`` is set first: a stop asked for while
+    the gateway starts (its store may take seconds to open) is not kept waiting for the
+    start, which is cancelled (its own clean-up runs)."""
+    start = asyncio.ensure_future(starting)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((start, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if start.done():
+        return start.result()
+    start.cancel()
+    await asyncio.gather(start, return_exceptions=True)
+    return None
 
 
 def exit_unless_stopped(seconds: float) -> None:
@@ -481,7 +504,37 @@ async def serve(
     Otherwise a stop that lasts ``stop_deadline`` ends with the process's exit, whatever
     it still waits for.
     """
-    gateway = await create_server(settings, store=store, reuse_port=reuse_port, cache=cache)
+    stop = stop if stop is not None else asyncio.Event()
+    # From the start: a stop asked for while the store opens is one too.
+    stop_on_signals(signals, stop)
+    bound = asyncio.ensure_future(_bound_stop(stop, stop_deadline(settings))) if bounded else None
+    try:
+        await _serve_until(stop, settings, store, cache, reuse_port, on_serving, internal_metrics)
+    finally:
+        if bound is not None:
+            bound.cancel()
+
+
+async def _bound_stop(stop: asyncio.Event, seconds: float) -> None:
+    await stop.wait()
+    exit_unless_stopped(seconds)
+
+
+async def _serve_until(
+    stop: asyncio.Event,
+    settings: Settings,
+    store: EventStore | None,
+    cache: AggregateCache | None,
+    reuse_port: bool,
+    on_serving: Callable[[Gateway], None] | None,
+    internal_metrics: bool,
+) -> None:
+    gateway = await unless_stopped(
+        create_server(settings, store=store, reuse_port=reuse_port, cache=cache), stop
+    )
+    if gateway is None:
+        log.info("stopped before serving")
+        return
     await gateway.start()
     tune_garbage_collection()
     # The bound port, not the configured one: with port 0 the OS chose it.
@@ -505,10 +558,6 @@ async def serve(
             log.info("metrics at http://%s:%d/metrics", metrics_host, gateway.metrics_port)
     if on_serving is not None:
         on_serving(gateway)
-    stop = stop if stop is not None else asyncio.Event()
-    stop_on_signals(signals, stop)
     await stop.wait()
     log.info("shutting down")
-    if bounded:
-        exit_unless_stopped(stop_deadline(settings))
     await gateway.stop()

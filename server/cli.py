@@ -23,6 +23,7 @@ from server.client.groups import add_client_flags, whole_number
 from server.client.groups import add_parsers as add_group_parsers
 from server.client.output import UnwritableOutputError, guarded_stdout, unwritable_output
 from server.config import Settings
+from server.launch import release_signals
 from server.observability.logs import configure_logging
 
 
@@ -257,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     """Run the command ``args`` names; its exit status."""
+    if args.command != "serve":
+        release_signals()
     if args.command == "serve":
         from server.app import serve
         from server.workers.supervisor import supervise, worker_count

@@ -47,7 +47,7 @@ def start_gateway(
     """
     log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
     process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=log
+        [sys.executable, "-m", "server", *args], env=env, stdout=subprocess.DEVNULL, stderr=log
     )
     _logs[process] = log
     return process

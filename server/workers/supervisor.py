@@ -91,8 +91,13 @@ class _Slot:
         """Of the worker now serving, once it said so (``WorkerReady``)."""
         self._lifeline: Connection | None = None
 
-    async def start(self) -> bool:
-        """Spawn the worker; True once it serves, False if it died first."""
+    async def start(self, stopping: asyncio.Event) -> bool:
+        """Spawn the worker; True once it serves, False if it died first or the
+        supervisor is ``stopping``."""
+        if stopping.is_set():
+            # A stopping supervisor ignores SIGTERM (stop_on_signals), and a process it
+            # spawned now would inherit that: its terminate() would go unheard.
+            return False
         context = multiprocessing.get_context("spawn")
         receiver, sender = context.Pipe(duplex=False)
         watched, lifeline = context.Pipe(duplex=False)
@@ -166,13 +171,14 @@ class Supervisor:
         keepers: list[asyncio.Task[None]] = []
         log.info("starting %d workers", len(self._slots))
         try:
-            starting = asyncio.gather(*(slot.start() for slot in self._slots))
+            starting = asyncio.gather(*(slot.start(self._stopping) for slot in self._slots))
             stopped = asyncio.ensure_future(self._stopping.wait())
             # A stop while workers start (many take seconds on few CPUs) is not kept
             # waiting for them: the stop bound counts from the signal.
             await asyncio.wait((starting, stopped), return_when=asyncio.FIRST_COMPLETED)
             stopped.cancel()
-            if not starting.done():
+            if self._stopping.is_set():
+                # Also when the workers' start ended first for the stop (Slot.start).
                 starting.cancel()
                 await asyncio.gather(starting, return_exceptions=True)
                 log.info("stopping while %d workers start", len(self._slots))
@@ -219,7 +225,7 @@ class Supervisor:
                 forgetting.add_done_callback(self._forgetting.discard)
             if lived < RESTART_DELAY_SECONDS:
                 await asyncio.sleep(RESTART_DELAY_SECONDS)
-            if await slot.start():
+            if await slot.start(self._stopping):
                 self._count_serving()
                 log.info("worker %d replaced (pid %s)", slot.spec.index, slot.pid)
 

@@ -101,8 +101,9 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
     stop = asyncio.Event()
 
     def supervisor_gone() -> None:
-        asyncio.get_running_loop().remove_reader(lifeline.fileno())
-        log.error("the supervisor process is gone; stopping")
+        # Told once: by the lifeline, or by a ready message that cannot be sent.
+        if asyncio.get_running_loop().remove_reader(lifeline.fileno()):
+            log.error("the supervisor process is gone; stopping")
         stop.set()
 
     asyncio.get_running_loop().add_reader(lifeline.fileno(), supervisor_gone)
@@ -134,7 +135,11 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
         gateway.hub.on_subscribed = hub.listening
         if gateway.hub.subscriber_count:
             hub.listening(True)
-        ready.send(WorkerReady(gateway.metrics_port, gateway.groups.replica_id))
+        try:
+            ready.send(WorkerReady(gateway.metrics_port, gateway.groups.replica_id))
+        except OSError:
+            # Gone as this worker started, before its lifeline told: stop as for that.
+            supervisor_gone()
         ready.close()
 
     try:

@@ -1,0 +1,65 @@
+"""The ``order-gateway`` command's entry point: SIGTERM and SIGINT are held from its first
+moment, before the second or so its imports take.
+
+Without this, a stop asked for while the command still imported its modules (a container
+stopped as it starts, a supervisor's restart) met Python's default action: killed by
+SIGTERM (status 143), or a KeyboardInterrupt traceback for SIGINT. ``serve`` takes over
+a signal held here as a request to stop (``server.app.stop_on_signals``) and stops
+gracefully, exit 0, as it does for one that comes later; every other command gives the
+default actions back before it runs, and a signal held meanwhile acts then.
+
+Only ``signal`` is imported here, so that the handlers are in place before anything slow.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Sequence
+from types import FrameType
+
+HELD_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+_held: list[signal.Signals] = []
+"""The signals that came while held, first first."""
+
+_holding = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    hold_signals()
+    from server.cli import main as run
+
+    return run(argv)
+
+
+def hold_signals() -> None:
+    """Note SIGTERM and SIGINT instead of acting on them, until ``held_signal`` or
+    ``release_signals`` is asked."""
+    global _holding
+    _holding = True
+    for signum in HELD_SIGNALS:
+        signal.signal(signum, _note)
+
+
+def _note(signum: int, frame: FrameType | None) -> None:
+    _held.append(signal.Signals(signum))
+
+
+def held_signal(among: Sequence[signal.Signals]) -> signal.Signals | None:
+    """The first of ``among`` that came while held, if any."""
+    return next((signum for signum in _held if signum in among), None)
+
+
+def release_signals() -> None:
+    """Give SIGTERM and SIGINT their default actions back (when held), and act on the
+    first that came meanwhile as they would have then."""
+    global _holding
+    if not _holding:
+        return  # Not started by ``main`` (a test calling the CLI): nothing was changed.
+    _holding = False
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if _held:
+        # Ends the process as the signal would have (no KeyboardInterrupt traceback).
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.raise_signal(_held[0])
+    signal.signal(signal.SIGINT, signal.default_int_handler)

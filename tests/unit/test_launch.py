@@ -1,0 +1,52 @@
+"""The command's entry point holds SIGTERM and SIGINT while it starts: ``serve`` takes a
+held signal as a stop (tests/e2e/test_early_stop.py); the other commands act on it as the
+signal's default action would have."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+HOLD_THEN_RELEASE = """
+import os, signal, sys
+from server import launch
+launch.hold_signals()
+os.kill(os.getpid(), signal.{name})
+print("held", launch.held_signal([signal.{name}]) is not None, flush=True)
+launch.release_signals()
+print("released", flush=True)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_held_while_starting_acts_as_its_default_once_released(
+    signum: signal.Signals,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", HOLD_THEN_RELEASE.format(name=signum.name)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.stdout == "held True\n"
+    assert done.returncode == -signum
+    assert "Traceback" not in done.stderr
+
+
+def test_without_a_held_signal_release_gives_the_default_actions_back() -> None:
+    script = (
+        "import signal\n"
+        "from server import launch\n"
+        "launch.hold_signals()\n"
+        "launch.release_signals()\n"
+        "print(signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,"
+        " signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
+    )
+    assert done.stdout == "True True\n", done.stderr
+    assert done.returncode == 0
