@@ -179,6 +179,11 @@ class AuthInterceptor(WrappingInterceptor):
         values = [value for key, value in metadata if key == "authorization"]
         if not values:
             raise AuthenticationError("missing authorization metadata (Bearer token)")
+        if len(values) > 1:
+            # Which of them a proxy or a client meant is not the gateway's to guess.
+            raise AuthenticationError(
+                f"{len(values)} authorization headers: send one 'Bearer <token>'"
+            )
         scheme, _, token = str(values[0]).partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthenticationError("authorization must be 'Bearer <token>'")

@@ -123,13 +123,21 @@ RPCS = ["CreateOrder", "CancelOrder", "RestockProduct", "Subscribe"]
         ((("authorization", "Bearer    "),), "Bearer <token>"),
         ((("authorization", TOKENS["alice"][0]),), "Bearer <token>"),
         ((("authorization", "Bearer not-a-known-token"),), "unknown bearer token"),
+        # Even when the first is valid: which one counts is ambiguous.
+        (
+            (
+                ("authorization", f"Bearer {TOKENS['alice'][0]}"),
+                ("authorization", "Bearer not-a-known-token"),
+            ),
+            "2 authorization headers",
+        ),
         # A known token's hash is not a token.
         (
             (("authorization", f"Bearer {hashlib.sha256(b'alice-secret-token-1').hexdigest()}"),),
             "unknown bearer token",
         ),
     ],
-    ids=["none", "basic", "empty", "blank", "no-scheme", "unknown", "hash-as-token"],
+    ids=["none", "basic", "empty", "blank", "no-scheme", "unknown", "two", "hash-as-token"],
 )
 async def test_missing_malformed_or_unknown_credentials_are_unauthenticated(
     api: Clients, rpc: str, metadata: Any, message: str
