@@ -213,6 +213,9 @@ class Report:
     conditions_before: dict[str, Any] = field(default_factory=conditions)
     conditions_after: dict[str, Any] = field(default_factory=dict)
     load: list[LoadResult] = field(default_factory=list)
+    """One result per gRPC point: with ``--rounds`` above 1, the median of its rounds."""
+    load_rounds: list[LoadResult] = field(default_factory=list)
+    """With ``--rounds`` above 1, every round of every gRPC point."""
     inprocess: list[InProcessResult] = field(default_factory=list)
     catch_up: list[CatchUpResult] = field(default_factory=list)
     fan_out: list[FanOutResult] = field(default_factory=list)
@@ -237,6 +240,14 @@ class Report:
             r for name in DURABLE_FLOORS if (r := self.find_load(name, workload, concurrency))
         ]
         return min(measured, key=lambda r: r.latency.p50_ms, default=None)
+
+    def rounds_of(self, server: str, workload: str, concurrency: int) -> list[LoadResult]:
+        """Every round measured for one gRPC point, first first (none with one round)."""
+        return [
+            r
+            for r in self.load_rounds
+            if (r.server, r.workload, r.concurrency) == (server, workload, concurrency)
+        ]
 
     def find_load(self, server: str, workload: str, concurrency: int) -> LoadResult | None:
         for result in self.load:
@@ -271,6 +282,7 @@ class Report:
             "conditions_before": self.conditions_before,
             "conditions_after": self.conditions_after,
             "load": plain(self.load),
+            "load_rounds": plain(self.load_rounds),
             "inprocess": [
                 {**dataclasses.asdict(r), "commands_per_s": r.commands_per_s}
                 for r in self.inprocess

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -54,7 +55,7 @@ from bench.servers import (
     start_floor,
     start_gateway,
 )
-from bench.stats import LoadResult
+from bench.stats import LoadResult, median_round
 from bench.stores import StoreSpec, eventsourcing_env, quiet_disks, supported
 from bench.targets import evaluate, print_verdicts
 from bench.tokens import bench_issuer
@@ -115,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(workload.WORKLOADS),
         metavar="NAME,…",
         help=f"of {', '.join(workload.WORKLOADS)} (default all)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="interleaved rounds of every gRPC point; with more than one, each figure is "
+        "the median of its rounds and the targets give the range of the rounds' ratios "
+        "(default 1)",
     )
     parser.add_argument(
         "--workload-concurrency",
@@ -304,22 +314,32 @@ async def run_grpc(
             if name in args.workloads
         ]
         gateways = {spec.kind for spec in specs}
-        for name, level in plan:
-            for label, server, token in servers:
-                if not _runs_on(name, label in gateways, bool(token)):
-                    continue
-                load = LoadSpec(
-                    target=server.target,
-                    workload=name,
-                    concurrency=level,
-                    duration=args.duration,
-                    warmup=args.warmup,
-                    processes=args.processes,
-                    token=token,
-                )
-                result = await asyncio.to_thread(run_load, load, label, server.cpu_seconds)
-                _progress(result)
-                report.load.append(result)
+        rounds: dict[tuple[str, str, int], list[LoadResult]] = {}
+        for number in range(1, args.rounds + 1):
+            if args.rounds > 1:
+                print(f"round {number} of {args.rounds}", file=sys.stderr)
+            for name, level in plan:
+                for label, server, token in servers:
+                    if not _runs_on(name, label in gateways, bool(token)):
+                        continue
+                    load = LoadSpec(
+                        target=server.target,
+                        workload=name,
+                        concurrency=level,
+                        duration=args.duration,
+                        warmup=args.warmup,
+                        processes=args.processes,
+                        token=token,
+                    )
+                    result = await asyncio.to_thread(run_load, load, label, server.cpu_seconds)
+                    _progress(result)
+                    result = dataclasses.replace(result, round_number=number)
+                    rounds.setdefault((label, name, level), []).append(result)
+        if args.rounds == 1:
+            report.load.extend(results[0] for results in rounds.values())
+        else:
+            report.load.extend(median_round(results) for results in rounds.values())
+            report.load_rounds.extend(r for results in rounds.values() for r in results)
 
 
 def _runs_on(workload: str, gateway: bool, verifies_tokens: bool) -> bool:

@@ -60,3 +60,44 @@ class LoadResult:
     server on this host); 0 otherwise, and for SQLite, whose work is the server's own."""
     cut_short: bool = False
     """The cancel workload ran out of orders before the end and measured a shorter window."""
+    round_number: int = 1
+    """Which of the gRPC section's interleaved rounds (``--rounds``) measured it."""
+
+
+def median_round(rounds: Sequence[LoadResult]) -> LoadResult:
+    """One point's rounds as one result: each figure the median of the rounds' (each
+    latency percentile on its own), the calls and errors of all of them."""
+
+    def median(values: Sequence[float]) -> float:
+        ordered = sorted(values)
+        middle = len(ordered) // 2
+        if len(ordered) % 2:
+            return ordered[middle]
+        return (ordered[middle - 1] + ordered[middle]) / 2
+
+    first = rounds[0]
+    errors: dict[str, int] = {}
+    for result in rounds:
+        for code, count in result.errors.items():
+            errors[code] = errors.get(code, 0) + count
+    return LoadResult(
+        server=first.server,
+        workload=first.workload,
+        concurrency=first.concurrency,
+        duration=sum(r.duration for r in rounds),
+        calls=sum(r.calls for r in rounds),
+        calls_per_s=median([r.calls_per_s for r in rounds]),
+        latency=Latencies(
+            p50_ms=median([r.latency.p50_ms for r in rounds]),
+            p90_ms=median([r.latency.p90_ms for r in rounds]),
+            p99_ms=median([r.latency.p99_ms for r in rounds]),
+        ),
+        errors=errors,
+        response_bytes=first.response_bytes,
+        server_cpu_ms_per_call=median([r.server_cpu_ms_per_call for r in rounds]),
+        supervisor_cpu_ms_per_call=median([r.supervisor_cpu_ms_per_call for r in rounds]),
+        client_cpu_ms_per_call=median([r.client_cpu_ms_per_call for r in rounds]),
+        database_cpu_ms_per_call=median([r.database_cpu_ms_per_call for r in rounds]),
+        cut_short=any(r.cut_short for r in rounds),
+        round_number=0,
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from bench.report import (
 )
 from bench.run import main
 from bench.servers import DURABLE_FLOOR, DURABLE_FLOOR_ON_LOOP
-from bench.stats import Latencies, LoadResult
+from bench.stats import Latencies, LoadResult, median_round
 from bench.targets import evaluate
 from bench.workers import DeliveryResult, label
 from domain.snapshots import DEFAULT_INTERVAL
@@ -57,6 +58,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, 
                 "1",
                 "--warmup",
                 "0.2",
+                "--rounds",
+                "2",
                 "--inprocess-concurrency",
                 "2",
                 "--workdir",
@@ -89,6 +92,22 @@ def test_load_results_pair_the_gateway_with_the_floor(
         latency = result["latency"]
         assert 0 < latency["p50_ms"] <= latency["p90_ms"] <= latency["p99_ms"]
         assert result["server_cpu_ms_per_call"] > 0
+
+
+def test_every_point_is_the_median_of_its_interleaved_rounds(
+    run: tuple[dict[str, Any], str, Path],
+) -> None:
+    report, _, _ = run
+    rounds = report["load_rounds"]
+    points = {(r["server"], r["workload"], r["concurrency"]) for r in report["load"]}
+    for point in points:
+        measured = [r for r in rounds if (r["server"], r["workload"], r["concurrency"]) == point]
+        assert sorted(r["round_number"] for r in measured) == [1, 2]
+        median = next(
+            r for r in report["load"] if (r["server"], r["workload"], r["concurrency"]) == point
+        )
+        assert median["calls"] == sum(r["calls"] for r in measured)
+        assert median["calls_per_s"] == pytest.approx(sum(r["calls_per_s"] for r in measured) / 2)
 
 
 def test_floor_answers_with_messages_the_size_of_the_gateways(
@@ -199,6 +218,43 @@ def test_targets_are_judged_from_the_figures() -> None:
     assert "100/100" in text  # fan-out: every subscriber got every event
     assert "ABORTED=3" in text  # every error code of the replicas, per replica and in total
     assert "0.33" in text  # replica 2's share of the 450 calls/s
+
+
+def test_with_rounds_the_durable_floor_targets_give_the_range_of_each_round_s_ratio() -> None:
+    def rounds(*loads: LoadResult) -> list[LoadResult]:
+        return [replace(load, round_number=n) for n, load in enumerate(loads, start=1)]
+
+    gateway_16 = rounds(
+        made_up_load("sqlite", 16, 700, 12.0, cpu_ms=0.50),
+        made_up_load("sqlite", 16, 900, 12.0, cpu_ms=0.40),
+        made_up_load("sqlite", 16, 800, 12.0, cpu_ms=0.45),
+    )
+    floor_16 = rounds(
+        made_up_load(DURABLE_FLOOR, 16, 1000, 10.0, cpu_ms=0.40),
+        made_up_load(DURABLE_FLOOR, 16, 1000, 10.0, cpu_ms=0.30),
+        made_up_load(DURABLE_FLOOR, 16, 1000, 10.0, cpu_ms=0.35),
+    )
+    gateway_1 = rounds(made_up_load("sqlite", 1, 300, 1.5), made_up_load("sqlite", 1, 300, 1.3))
+    # The best durable floor of each round: on the loop in round 1, group commit in round 2.
+    group_1 = rounds(
+        made_up_load(DURABLE_FLOOR, 1, 450, 1.2), made_up_load(DURABLE_FLOOR, 1, 450, 1.0)
+    )
+    on_loop_1 = rounds(
+        made_up_load(DURABLE_FLOOR_ON_LOOP, 1, 470, 1.0),
+        made_up_load(DURABLE_FLOOR_ON_LOOP, 1, 470, 1.3),
+    )
+    measured = [gateway_16, floor_16, gateway_1, group_1, on_loop_1]
+    report = Report(
+        load=[median_round(r) for r in measured],
+        load_rounds=[load for r in measured for load in r],
+    )
+    verdicts = evaluate(report)[:3]
+    # Judged by the median of the rounds' own ratios: calls/s 0.7, 0.9 and 0.8 x; p50 1.5
+    # and 1.3 x (the medians' ratio, 1.4 vs 1.1 ms, would pass); CPU 1.25, 1.33, 1.29 x.
+    assert [v.outcome for v in verdicts] == ["PASS", "FAIL", "PASS"]
+    assert "3 rounds: 0.70-0.90 x, median 0.80 x" in verdicts[0].detail
+    assert "2 rounds: 1.30-1.50 x, median 1.40 x" in verdicts[1].detail
+    assert "3 rounds: 1.25-1.33 x, median 1.29 x" in verdicts[2].detail
 
 
 def test_subscriptions_section_without_fan_out(tmp_path: Path) -> None:
