@@ -533,6 +533,9 @@ async def _serve_until(
         create_server(settings, store=store, reuse_port=reuse_port, cache=cache), stop
     )
     if gateway is None:
+        if store is not None:
+            # Handed to serve, which closes it as the gateway's stop would have.
+            await store.close()
         log.info("stopped before serving")
         return
     await gateway.start()

@@ -17,7 +17,9 @@ import signal
 from collections.abc import Sequence
 from types import FrameType
 
-HELD_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""SIGTERM last: Python catches SIGINT from its start, so a process that catches SIGTERM
+holds both."""
 
 _held: list[signal.Signals] = []
 """The signals that came while held, first first."""

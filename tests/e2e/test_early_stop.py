@@ -16,6 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from server.app import serve
+from server.config import Settings
+from server.consumer_groups.store_memory import MemoryConsumerGroupStore
+from server.stores.memory import MemoryEventStore
 from tests.serving import gateway_log, start_gateway
 from tests.workers_support import env_without_settings
 
@@ -32,7 +36,7 @@ def catches(process: subprocess.Popen[bytes], signum: signal.Signals) -> bool:
 
 def signal_once_caught(process: subprocess.Popen[bytes], signum: signal.Signals) -> None:
     """Send ``signum`` as soon as ``process`` catches SIGTERM: the first thing the command
-    does, a second or so before its imports are done."""
+    does (SIGTERM held after SIGINT), a second or so before its imports are done."""
     deadline = time.monotonic() + WAIT
     while not catches(process, signal.SIGTERM):
         assert process.poll() is None, gateway_log(process)
@@ -143,3 +147,32 @@ async def test_a_stop_while_the_store_opens_ends_the_start_at_once() -> None:
     assert took < 10, log
     assert "stopped before serving" in log
     assert "Traceback" not in log
+
+
+class SlowStore(MemoryEventStore):
+    """Takes a while to open its consumer groups, as the gateway starts."""
+
+    closed = False
+
+    async def open_consumer_groups(self) -> MemoryConsumerGroupStore:
+        await asyncio.sleep(0.5)
+        return await super().open_consumer_groups()
+
+    async def close(self) -> None:
+        self.closed = True
+        await super().close()
+
+
+async def test_a_store_handed_to_serve_is_closed_when_the_stop_comes_first() -> None:
+    # As a worker's, which opens its store before it serves.
+    store = SlowStore()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.05, stop.set)
+    await serve(
+        Settings(listen="127.0.0.1:0", store="memory://"),
+        store=store,
+        stop=stop,
+        signals=(),
+        bounded=False,
+    )
+    assert store.closed
