@@ -8,6 +8,7 @@ import asyncio
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -69,6 +70,26 @@ def test_a_stop_as_the_command_starts_ends_it_gracefully_before_it_serves(
     assert "stopped before serving" in log
     assert "listening on" not in log
     assert "Traceback" not in log
+
+
+def test_the_installed_command_holds_the_signals_too(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("order-gateway")
+    if not script.exists():
+        pytest.skip("order-gateway is not installed beside this Python")
+    store = f"sqlite:///{tmp_path / 'events.db'}"
+    with (tmp_path / "log").open("w+b") as log:
+        process = subprocess.Popen(
+            [str(script), "serve", "--listen", "127.0.0.1:0", "--store", store],
+            env=env_without_settings(),
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        signal_once_caught(process, signal.SIGTERM)
+        code = exit_code(process)
+        log.seek(0)
+        logged = log.read().decode()
+    assert code == 0, logged
+    assert "stopped before serving" in logged
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
