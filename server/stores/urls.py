@@ -19,6 +19,33 @@ _KEYWORD_SECRET = re.compile(
 value (with backslash escapes) or one without spaces."""
 
 
+_SCHEME_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/*")
+"""How a mistyped URL may still begin (``postgresql:/``, ``postgres:``)."""
+
+
+def _guessed_credentials(text: str) -> tuple[str, str, str] | None:
+    """In what is not a well-formed ``scheme://user:password@…`` URL (``postgresql:/u:pw@h``,
+    ``postgresql//u:pw@h``, ``postgresql:///u:pw@h``), the credentials it may still hold:
+    (what comes before the password, the password, what follows it from the last "@");
+    None when nothing before the last "@" has a ":" after a scheme-like start."""
+    head, at, tail = text.rpartition("@")
+    if not at:
+        return None
+    start = _SCHEME_LIKE.match(head)
+    prefix = start.group() if start else ""
+    user, colon, password = head[len(prefix) :].partition(":")
+    if not colon:
+        return None
+    return f"{prefix}{user}:", password, f"@{tail}"
+
+
+def _may_hide_credentials(url: str) -> bool:
+    """Whether ``url`` is not a well-formed URL with a user part, and not a SQLite path
+    (whose file name may hold ":" and "@")."""
+    scheme, separator, _ = url.partition("://")
+    return not separator or (user_part(url) is None and scheme.lower() != "sqlite")
+
+
 class StoreURLError(ConfigurationError):
     """A store URL that cannot be used; its message shows the URL redacted."""
 
@@ -47,10 +74,12 @@ def redacted_url(url: str) -> str:
 
     Never fails, whatever ``url`` holds: it is called to report URLs that are malformed.
     """
+    if _may_hide_credentials(url):
+        # libpq's keyword/value form, a mistyped URL, or anything else a setting was given.
+        shown = _KEYWORD_SECRET.sub(lambda m: f"{m['key']}{m['equals']}{MASK}", url)
+        guessed = _guessed_credentials(shown)
+        return shown if guessed is None else f"{guessed[0]}{MASK}{guessed[2]}"
     scheme, separator, rest = url.partition("://")
-    if not separator:
-        # libpq's keyword/value form, or anything else a setting was given.
-        return _KEYWORD_SECRET.sub(lambda m: f"{m['key']}{m['equals']}{MASK}", url)
     user = user_part(url)
     if user is not None:
         rest = rest[len(user) + 1 :]
@@ -74,12 +103,15 @@ def redacted_url(url: str) -> str:
 def url_secrets(url: str) -> set[str]:
     """The secrets written in ``url`` (as written, and percent-decoded)."""
     found: set[str] = set()
-    if "://" not in url:
+    if _may_hide_credentials(url):
         for match in _KEYWORD_SECRET.finditer(url):
             value = match["value"]
             found.add(value)
             if value.startswith("'"):
                 found.add(re.sub(r"\\(.)", r"\1", value.strip("'")))
+        guessed = _guessed_credentials(url)
+        if guessed is not None:
+            found.add(guessed[1])
         found.discard("")
         return found
     rest = url.partition("://")[2]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -48,6 +49,13 @@ pytestmark = pytest.mark.usefixtures("keep_root_logger")
         ),
         ("sqlite:////data/a:b@c.db", "sqlite:////data/a:b@c.db"),
         ("memory://", "memory://"),
+        # Mistyped, not URLs at all: what looks like a password before the last "@".
+        ("postgresql:/gw:pa55@db:5432/orders", "postgresql:/gw:***@db:5432/orders"),
+        ("postgresql//gw:pa55@db/orders", "postgresql//gw:***@db/orders"),
+        ("postgres:gw:pa55@db/orders", "postgres:gw:***@db/orders"),
+        ("postgresql:///gw:pa55@db/orders", "postgresql:///gw:***@db/orders"),
+        ("postgres:gw:p@ss@db/orders", "postgres:gw:***@db/orders"),
+        ("host=db user=a@b password=pa55", "host=db user=a@b password=***"),
     ],
 )
 def test_every_credential_form_is_masked(url: str, shown: str) -> None:
@@ -70,6 +78,28 @@ def test_a_driver_message_quoting_the_password_is_masked(url: str) -> None:
     if "bogus" not in message:
         assert SECRET in message  # libpq does quote it
     assert SECRET not in redacted_message(message, url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql:/gw:{SECRET}@db/orders",
+        f"postgresql//gw:{SECRET}@db/orders",
+        f"postgres:gw:{SECRET}@db/orders",
+        f"postgresql:///gw:{SECRET}@db/orders",
+    ],
+)
+@pytest.mark.parametrize("command", ["serve", "migrate", "verify", "backup"])
+def test_a_mistyped_store_url_is_refused_without_its_password(
+    url: str, command: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    arguments = [command, "--store", url]
+    if command == "backup":
+        arguments.append(str(tmp_path / "copy.db"))
+    assert main(arguments) != 0
+    error = capsys.readouterr().err
+    assert error.startswith("order-gateway: ")
+    assert SECRET not in error
 
 
 @pytest.mark.parametrize(
