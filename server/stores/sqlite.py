@@ -591,20 +591,29 @@ class SQLiteEventStore:
         callers waiting forever nor a transaction open."""
         if self._deleted():
             self._rollback()
-            for append in batch:
-                append.outcome = StoreUnavailableError(
-                    f"the SQLite store {self._path} was deleted while the gateway served it;"
-                    " nothing is committed to it any more"
-                )
+            self._refuse_deleted(batch)
             return False
         try:
-            return self._write(batch)
+            committed = self._write(batch)
         except Exception as e:
             log.exception("SQLite writer failed")
             self._rollback()
             for append in batch:
                 append.outcome = _store_error("the SQLite store failed", e, self._path)
             return False
+        if committed and self._deleted():
+            # Deleted while this batch was written: its commits went into a file that is
+            # gone when the store closes, so none of them is answered as committed.
+            self._refuse_deleted(batch)
+            return False
+        return committed
+
+    def _refuse_deleted(self, batch: list[Append]) -> None:
+        for append in batch:
+            append.outcome = StoreUnavailableError(
+                f"the SQLite store {self._path} was deleted while the gateway served it;"
+                " nothing is committed to it any more"
+            )
 
     def _deleted(self) -> bool:
         """Whether the store's file has no name left (deleted, or its directory removed).

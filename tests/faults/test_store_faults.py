@@ -13,6 +13,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psycopg
@@ -475,6 +476,39 @@ def test_a_store_file_that_cannot_be_written_is_refused_at_start_and_still_verif
     )
     assert verified.returncode == 0, verified.stderr
     assert "OK: the log is consistent" in verified.stdout
+
+
+class DeletedAsItWrites(SQLiteEventStore):
+    """Its directory is removed while a batch is being written, once ``doomed`` is set: as
+    an operator's ``rm`` landing during a commit's fsync."""
+
+    doomed: Path | None = None
+
+    def _write(self, batch: list[Any]) -> bool:
+        committed = super()._write(batch)
+        if self.doomed is not None:
+            shutil.rmtree(self.doomed)
+            self.doomed = None
+        return committed
+
+
+async def test_a_commit_whose_file_is_deleted_as_it_is_written_is_not_answered_ok(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "store"
+    folder.mkdir()
+    store = await DeletedAsItWrites.open(folder / "events.db")
+    assert isinstance(store, DeletedAsItWrites)
+    try:
+        async with running_gateway(store) as gateway, connect(gateway) as clients:
+            await clients.restock("sku-1", 5)
+            store.doomed = folder
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await clients.restock("sku-1", 1)
+    finally:
+        await store.close()
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(refused.value).reason == "STORE_UNAVAILABLE"
 
 
 async def test_commits_to_a_deleted_store_file_are_refused_unavailable(
