@@ -14,13 +14,17 @@ PostgreSQL is backed up with its own tools (pg_dump; see docs/operations.md).
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
+import stat
+import threading
 import uuid
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 from server.stores.factory import sqlite_path
-from server.stores.sqlite import HOLDS_GATEWAY_SCHEMA
+from server.stores.sqlite import HOLDS_GATEWAY_SCHEMA, foreign_leftovers
 from server.stores.urls import redacted_url
 
 
@@ -42,6 +46,8 @@ def backup(url: str, destination: Path) -> int:
         raise BackupError(f"no SQLite store at {source}")
     if destination.exists():
         raise BackupError(f"{destination} exists: the backup does not overwrite a file")
+    if (leftovers := foreign_leftovers(source)) is not None:
+        raise BackupError(f"cannot back up {source}: {leftovers}")
     # A name of this backup's own: never a file someone else keeps, nor another backup's.
     partial = destination.with_name(f"{destination.name}.{uuid.uuid4().hex[:12]}.partial")
     try:
@@ -50,7 +56,9 @@ def backup(url: str, destination: Path) -> int:
             # An empty file or another program's database is no store, as verify says.
             if not live.execute(HOLDS_GATEWAY_SCHEMA).fetchone()[0]:
                 raise BackupError(f"no gateway schema in {source}")
-            with closing(_create(partial, destination)) as copy:
+            with closing(
+                _create(partial, destination, stat.S_IMODE(source.stat().st_mode))
+            ) as copy:
                 live.backup(copy)
                 (events,) = copy.execute("SELECT count(*) FROM events").fetchone()
         with partial.open("rb+") as written:
@@ -95,9 +103,38 @@ def _publish(partial: Path, destination: Path) -> None:
         os.close(folder)
 
 
-def _create(partial: Path, destination: Path) -> sqlite3.Connection:
-    """The copy's connection; an error here is the destination's, not the store's."""
+def _create(partial: Path, destination: Path, mode: int) -> sqlite3.Connection:
+    """The copy's connection, its file with the store's permissions (``mode``) before
+    anything is copied into it: a store only its owner may read holds customers' names
+    and addresses, and so does its copy. An error here is the destination's, not the
+    store's."""
     try:
-        return sqlite3.connect(partial)
+        connection = sqlite3.connect(partial)
     except sqlite3.Error as error:
         raise BackupError(f"cannot create {destination}: {error}") from error
+    try:
+        # SQLite creates the file at the first write; an empty one now, to set its mode.
+        partial.touch(exist_ok=True)
+        partial.chmod(mode)
+    except OSError as error:
+        connection.close()
+        raise BackupError(f"cannot create {destination}: {error}") from error
+    return connection
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within it, SIGTERM ends a backup as Ctrl-C does, its unfinished copy removed (exit
+    143), rather than killing the process with the copy left behind."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Signals reach the main thread alone (a caller running it in a thread).
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

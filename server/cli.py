@@ -278,10 +278,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         return asyncio.run(run_verify(settings.store))
     elif args.command == "backup":
-        from server.backup import BackupError, backup
+        from server.backup import BackupError, backup, sigterm_interrupts
 
         try:
-            events = backup(settings.store, args.file)
+            with sigterm_interrupts():
+                events = backup(settings.store, args.file)
         except BackupError as error:
             print(f"order-gateway: {error}", file=sys.stderr)
             return 1

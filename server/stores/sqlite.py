@@ -291,6 +291,32 @@ def _open_writer(path: Path, writable: bool = True) -> sqlite3.Connection:
     return connection
 
 
+def foreign_leftovers(path: Path) -> str | None:
+    """Why reading the store at ``path`` as this user would break it for its owner, or
+    None when it would not.
+
+    A WAL database is read through its -wal and -shm files, which SQLite creates when
+    they are not there (the store is not open anywhere) and leaves behind a read-only
+    connection. Created by a user other than the store's owner, they belong to that user,
+    and the owner's gateway cannot open the store any more (attempt to write a readonly
+    database). Root's are given to the store's owner by SQLite itself."""
+    beside = [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")]
+    if all(file.exists() for file in beside) or os.geteuid() == 0:
+        return None
+    try:
+        owner = path.stat().st_uid
+    except OSError:
+        return None  # Not there: opening it says so.
+    if owner == os.geteuid():
+        return None
+    return (
+        f"reading {path} as this user (uid {os.geteuid()}) would leave "
+        f"{beside[0].name} and {beside[1].name} beside it, owned by this user, and the "
+        f"store's owner (uid {owner}) could not open the store after; run this as the "
+        "store's owner or as root, or while the gateway serves it"
+    )
+
+
 def _refuse_read_only(connection: sqlite3.Connection) -> None:
     """Raise SQLITE_READONLY now if the file cannot be written: SQLite opens a file it may
     not write read-only, silently, and a migrated schema needs no write, so the first
@@ -446,6 +472,8 @@ class SQLiteEventStore:
         if max_batch < 1 or readers < 1:
             raise ValueError("max_batch and readers must be at least 1")
         path = Path(path)
+        if not writable and (leftovers := foreign_leftovers(path)) is not None:
+            raise StoreError(f"cannot open the SQLite store {path}: {leftovers}")
         opened: list[sqlite3.Connection] = []
         try:
             opened.append(await asyncio.to_thread(_open_writer, path, writable))
@@ -470,6 +498,8 @@ class SQLiteEventStore:
         def holds_gateway_schema() -> bool:
             if not path.is_file():
                 return False
+            if (leftovers := foreign_leftovers(path)) is not None:
+                raise StoreError(f"cannot open the SQLite store {path}: {leftovers}")
             uri = f"{path.resolve().as_uri()}?mode=ro"
             # Even read-only, SQLite creates a WAL file's -wal and -shm beside it, and
             # leaves them when it finds the file damaged: those it made go again then.

@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -476,6 +477,51 @@ def test_a_store_file_that_cannot_be_written_is_refused_at_start_and_still_verif
     )
     assert verified.returncode == 0, verified.stderr
     assert "OK: the log is consistent" in verified.stdout
+
+
+GATEWAY_UID = 1001
+"""The store's owner in the test below: the gateway's user."""
+OTHER_UID = 1002
+"""Another user, who may read the store."""
+
+
+def as_user(uid: int, command: list[str]) -> list[str]:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run a command as other users")
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *command]
+
+
+@pytest.mark.parametrize("command", ["verify", "backup"])
+def test_another_user_reading_a_stopped_store_leaves_nothing_its_owner_cannot_use(
+    command: str,
+) -> None:
+    # A folder every user can reach (pytest's own is root's alone), the store in it the
+    # gateway's, as a deployment has it; another user may read it.
+    with tempfile.TemporaryDirectory(prefix="og-users-", dir="/tmp") as scratch:
+        folder = Path(scratch)
+        folder.chmod(0o777)
+        store = folder / "events.db"
+        url = f"sqlite:///{store}"
+        gateway = [sys.executable, "-m", "server.cli"]
+        subprocess.run([*gateway, "migrate", "--store", url], check=True, capture_output=True)
+        os.chown(store, GATEWAY_UID, GATEWAY_UID)
+        arguments = [*gateway, command, "--store", url]
+        if command == "backup":
+            arguments.append(str(folder / "copy.db"))
+        read = subprocess.run(
+            as_user(OTHER_UID, arguments), capture_output=True, text=True, timeout=60
+        )
+        assert read.returncode == 1, read.stdout + read.stderr
+        assert "run this as the store's owner or as root" in read.stderr
+        assert "Traceback" not in read.stderr
+        assert sorted(p.name for p in folder.iterdir()) == ["events.db"]
+        served = subprocess.run(
+            as_user(GATEWAY_UID, [*gateway, "migrate", "--store", url]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert served.returncode == 0, served.stderr
 
 
 class DeletedAsItWrites(SQLiteEventStore):

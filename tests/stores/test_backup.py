@@ -116,15 +116,54 @@ def test_a_file_that_appears_while_the_copy_is_made_is_not_overwritten(
     assert main(["migrate", "--store", f"sqlite:///{live}"]) == 0
     create = server.backup._create
 
-    def another_writer_meanwhile(partial: Path, destination: Path) -> sqlite3.Connection:
+    def another_writer_meanwhile(partial: Path, destination: Path, mode: int) -> sqlite3.Connection:
         destination.write_text("precious")
-        return create(partial, destination)
+        return create(partial, destination, mode)
 
     monkeypatch.setattr(server.backup, "_create", another_writer_meanwhile)
     assert main(["backup", "--store", f"sqlite:///{live}", str(copy)]) == 1
     assert f"{copy} exists" in capsys.readouterr().err
     assert copy.read_text() == "precious"
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("live.db")] == ["copy.db"]
+
+
+def test_the_copy_is_as_private_as_the_store(tmp_path: Path) -> None:
+    live, copy = tmp_path / "live.db", tmp_path / "copy.db"
+    assert main(["migrate", "--store", f"sqlite:///{live}"]) == 0
+    live.chmod(0o600)
+    assert main(["backup", "--store", f"sqlite:///{live}", str(copy)]) == 0
+    assert copy.stat().st_mode & 0o777 == 0o600
+
+
+STOPPED_AS_IT_COPIES = """
+import os, signal, sys
+import server.backup
+from server.launch import main
+
+create = server.backup._create
+
+def stopped_meanwhile(partial, destination, mode):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return create(partial, destination, mode)
+
+server.backup._create = stopped_meanwhile
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_backup_stopped_by_sigterm_leaves_no_partial_copy(tmp_path: Path) -> None:
+    live, copy = tmp_path / "live.db", tmp_path / "copy.db"
+    assert main(["migrate", "--store", f"sqlite:///{live}"]) == 0
+    stopped = subprocess.run(
+        [sys.executable, "-c", STOPPED_AS_IT_COPIES, "backup", "--store", f"sqlite:///{live}",
+         str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert stopped.returncode == 143, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("live.db")) == []
 
 
 def test_a_file_beside_the_destination_is_left_alone(tmp_path: Path) -> None:
