@@ -31,7 +31,7 @@ from typing import Protocol, runtime_checkable
 from domain.events import ProductRestocked, StockReleased, StockReserved
 from domain.mapper import decode
 from domain.ports import EventStore
-from server.stores.event_rows import EventRow, EventRowReader
+from server.stores.event_rows import EventRow, EventRowReader, UndecodableRowError
 from server.stores.factory import holds_a_store, open_store, sqlite_path
 from server.stores.urls import redacted_url
 
@@ -245,7 +245,22 @@ async def _check_log(store: EventStore, head: int, checker: _Checker, report: Re
     # server) and the checks overlap.
     upcoming = asyncio.ensure_future(_read_rows(store, after, min(PAGE_SIZE, head)))
     while True:
-        rows = await upcoming
+        try:
+            rows = await upcoming
+        except UndecodableRowError as damaged:
+            # The rows before it are checked, the damaged one is reported, and the log is
+            # read on after it.
+            for row in damaged.before:
+                checker.event(row)
+            report.add(damaged.position, f"cannot be read: {damaged.reason}")
+            # What is left of it checked too, so that its damage is not also reported as
+            # a gap, a broken command or a stock level off by its quantity.
+            checker.event(damaged.row)
+            after = damaged.position
+            if after >= head:
+                break
+            upcoming = asyncio.ensure_future(_read_rows(store, after, min(PAGE_SIZE, head - after)))
+            continue
         if not rows:
             break
         last = rows[-1][3]

@@ -10,7 +10,10 @@ microseconds since the Unix epoch instead of a ``datetime``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final, Protocol, runtime_checkable
+
+from domain.errors import StoreError
 
 EventRow = tuple[str, str, int, int, int, str, str, str, str, bytes, int]
 """event_id, stream_id, stream_version, position, occurred_at (µs since the epoch, UTC),
@@ -19,6 +22,24 @@ command_id, correlation_id, user_id, event_type, data, schema_version."""
 STREAM_ID: Final = 1
 POSITION: Final = 3
 EVENT_TYPE: Final = 8
+DATA: Final = 9
+
+
+class UndecodableRowError(StoreError):
+    """A stored event cannot be read: a text column of its row is not valid UTF-8 (the
+    file was damaged). ``row`` is that row with the bad bytes replaced (U+FFFD), for a
+    check of what is left of it; ``before`` holds the rows of the same read that came
+    before it."""
+
+    def __init__(self, row: EventRow, reason: str, before: Sequence[EventRow]) -> None:
+        super().__init__(
+            f"the stored event at position {row[POSITION]} cannot be read ({reason}): the"
+            " store is damaged there; order-gateway verify reports what else is"
+        )
+        self.row = row
+        self.position = row[POSITION]
+        self.reason = reason
+        self.before = list(before)
 
 
 @runtime_checkable

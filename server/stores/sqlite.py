@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 from domain.errors import (
     ConcurrencyConflictError,
@@ -61,7 +61,12 @@ from domain.ports import (
     recorded_events,
 )
 from server.consumer_groups.store_sqlite import SQLiteConsumerGroupStore
-from server.stores.event_rows import GATEWAY_COLUMNS, EventRow
+from server.stores.event_rows import (
+    DATA,
+    GATEWAY_COLUMNS,
+    EventRow,
+    UndecodableRowError,
+)
 from server.stores.sqlite_calls import NO_LISTENERS, Call, CallQueue, Listeners, answer
 from server.stores.sqlite_decide import conflict, decide, stream_ids
 from server.stores.sqlite_schema import SchemaTooNewError, migrate
@@ -289,6 +294,39 @@ def _open_writer(path: Path, writable: bool = True) -> sqlite3.Connection:
         connection.close()
         raise
     return connection
+
+
+UNDECODABLE_TEXT = "Could not decode to UTF-8"
+"""How sqlite3 begins the error of a row whose text is not UTF-8 (a damaged file)."""
+
+
+def _undecodable(
+    connection: sqlite3.Connection, after_position: int, limit: int, reason: str
+) -> StoreError:
+    """The first row of ``READ_ALL(after_position, limit)`` whose text does not decode,
+    read again as bytes, with the rows before it."""
+    connection.text_factory = bytes
+    try:
+        raw = connection.execute(READ_ALL, (after_position, limit)).fetchall()
+    finally:
+        connection.text_factory = str
+
+    def decoded(row: tuple[Any, ...], errors: str) -> EventRow:
+        return cast(
+            EventRow,
+            tuple(
+                value.decode("utf-8", errors) if isinstance(value, bytes) and i != DATA else value
+                for i, value in enumerate(row)
+            ),
+        )
+
+    before: list[EventRow] = []
+    for row in raw:
+        try:
+            before.append(decoded(row, "strict"))
+        except UnicodeDecodeError:
+            return UndecodableRowError(decoded(row, "replace"), reason, before)
+    return StoreError(f"reading the SQLite store failed: {reason}")
 
 
 def foreign_leftovers(path: Path) -> str | None:
@@ -895,7 +933,14 @@ class SQLiteEventStore:
         subscription's reads, which build nothing per event in the reader thread."""
 
         def query(connection: sqlite3.Connection) -> list[EventRow]:
-            rows: list[EventRow] = connection.execute(READ_ALL, (after_position, limit)).fetchall()
+            try:
+                rows: list[EventRow] = connection.execute(
+                    READ_ALL, (after_position, limit)
+                ).fetchall()
+            except sqlite3.OperationalError as e:
+                if not str(e).startswith(UNDECODABLE_TEXT):
+                    raise
+                raise _undecodable(connection, after_position, limit, str(e)) from e
             return rows
 
         return await self._read(query)

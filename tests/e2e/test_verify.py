@@ -131,6 +131,36 @@ def test_damage_is_found_at_its_first_position(
     assert lines[-1].endswith(f"the first at position {first}"), lines
 
 
+@pytest.mark.parametrize(
+    ("column", "first"),
+    [
+        ("correlation_id", 5),
+        ("stream_id", 5),
+        ("event_type", 5),
+        # Its command's record, 4..6, no longer matches the events that carry its id.
+        ("command_id", 4),
+    ],
+)
+def test_a_row_whose_text_is_not_utf8_is_reported_and_the_rest_checked(
+    store_file: Path, capsys: pytest.CaptureFixture[str], column: str, first: int
+) -> None:
+    # Bytes a damaged page can hold, where SQLite keeps text; and a later event damaged
+    # otherwise, which the check must still reach.
+    damage(
+        store_file,
+        f"UPDATE events SET {column} = CAST(X'41ff42' AS TEXT) WHERE position = 5",
+        "UPDATE events SET data = X'7b7d' WHERE position = 10",
+    )
+    code, lines = run_verify(store_file, capsys)
+    assert code == 1
+    assert lines[0].startswith("13 events,"), lines
+    assert any(
+        line.startswith("position 5: cannot be read: Could not decode to UTF-8") for line in lines
+    ), lines
+    assert any(line.startswith("position 10: StockReserved v1") for line in lines), lines
+    assert lines[-1].endswith(f"the first at position {first}"), lines
+
+
 def test_stock_that_goes_negative_is_found(
     store_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
