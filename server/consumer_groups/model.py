@@ -47,6 +47,13 @@ class GroupSettings:
     """Seconds."""
     max_deliveries: int = DEFAULT_MAX_DELIVERIES
 
+    def __post_init__(self) -> None:
+        if self.start_from_end and self.start_after_position:
+            # ``start_from_end`` wins: a position beside it is no part of where the group
+            # starts, so it is neither reported nor compared (also for groups stored with
+            # one, before this was so).
+            object.__setattr__(self, "start_after_position", 0)
+
 
 @dataclass(frozen=True, slots=True)
 class GroupRecord:

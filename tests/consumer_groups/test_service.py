@@ -112,6 +112,15 @@ async def test_creating_again_with_equal_settings_answers_the_group(env: Env) ->
     await env.create("g", partitions=4, event_types=["OrderCreated"], max_deliveries=5)
 
 
+async def test_a_position_beside_start_from_end_is_no_setting_of_the_group(env: Env) -> None:
+    # start_from_end wins, so the position given with it starts nothing.
+    group = await env.create("g", start_from_end=True, start_after_position=3)
+    assert group.settings.start_from_end
+    assert group.settings.start_after_position == 0
+    again = await env.create("g", start_from_end=True)
+    assert again.created_at == group.created_at
+
+
 async def test_creating_again_with_other_settings_is_already_exists(env: Env) -> None:
     await env.create("g", partitions=4)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
