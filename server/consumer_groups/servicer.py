@@ -7,7 +7,7 @@ import contextlib
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
@@ -37,6 +37,7 @@ from server.consumer_groups.model import (
     MemberIdTakenError,
 )
 from server.consumer_groups.service import ConsumerGroups, GroupView
+from server.rpc.decoding import UNPARSEABLE_STATUS, UnparseableRequestError
 from server.rpc.status_mapping import ERROR_DOMAIN, bad_request_status, plain_status, status_for
 from server.rpc.status_mapping import unexpected_error_status as _unexpected
 from server.security.identity import current_caller
@@ -285,20 +286,29 @@ async def _first_request(
 ) -> pb.ConsumeRequest:
     try:
         first = await anext(requests, None)
+    except UnparseableRequestError:
+        await _refuse(context, UNPARSEABLE_STATUS)
     except Exception:
         first = None
     if first is None or first.WhichOneof("message") != "join":
-        refusal = bad_request_status([("join", "the first message of Consume must be a join")])
-        try:
-            await context.abort_with_status(refusal)
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            # The status could not be sent: the client went away (cancelled) before it
-            # joined. Nothing to answer, and no fault of the server's.
-            raise asyncio.CancelledError() from None
+        await _refuse(
+            context, bad_request_status([("join", "the first message of Consume must be a join")])
+        )
     assert first is not None
     return first
+
+
+async def _refuse(context: Context, status: grpc.Status) -> NoReturn:
+    """End a Consume that has not joined with ``status``."""
+    try:
+        await context.abort_with_status(status)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        # The status could not be sent: the client went away (cancelled) before it
+        # joined. Nothing to answer, and no fault of the server's.
+        raise asyncio.CancelledError() from None
+    raise AssertionError("abort_with_status returned")
 
 
 class _BadStreamError(Exception):
@@ -311,6 +321,8 @@ class _RequestsEndedError(Exception):
 
 
 def _consume_failure(error: BaseException) -> grpc.Status:
+    if isinstance(error, UnparseableRequestError):
+        return UNPARSEABLE_STATUS
     if isinstance(error, _BadStreamError):
         return bad_request_status([("join", str(error))])
     if isinstance(error, ConsumerGroupError):
@@ -352,6 +364,9 @@ async def _read_requests(
                 return
     except asyncio.CancelledError:
         raise
+    except UnparseableRequestError as unparseable:
+        member.end(unparseable)
+        return
     except Exception:
         member.end(_BadStreamError("a request message could not be parsed"))
         return

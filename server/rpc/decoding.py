@@ -34,13 +34,14 @@ class _Unparseable:
 
 
 _UNPARSEABLE = _Unparseable()
-_UNPARSEABLE_STATUS = plain_status(
+UNPARSEABLE_STATUS = plain_status(
     grpc.StatusCode.INVALID_ARGUMENT, "request message could not be parsed"
 )
 
 
-class _UnparseableStreamedRequestError(Exception):
-    """Raised, as the behaviour reads it, for a streamed request whose bytes did not parse."""
+class UnparseableRequestError(Exception):
+    """Raised, as the behaviour reads it, for a streamed request whose bytes did not parse:
+    a behaviour that reads its requests itself answers it with ``UNPARSEABLE_STATUS``."""
 
 
 class RequestDecodingInterceptor(WrappingInterceptor):
@@ -55,7 +56,7 @@ class RequestDecodingInterceptor(WrappingInterceptor):
                 try:
                     return deserialize(data)
                 except DecodeError as error:
-                    raise _UnparseableStreamedRequestError() from error
+                    raise UnparseableRequestError() from error
 
             return wrapped(handler, _StreamedRequestDecoding, raising_deserialize)
 
@@ -71,7 +72,7 @@ class RequestDecodingInterceptor(WrappingInterceptor):
 def _refusing_unparseable(request: Any, context: Context) -> CallScope | None:
     # No scope for a request that parsed: a check awaited in every call cost about 6,800
     # instructions per call under callgrind.
-    return Refusing(context, _UNPARSEABLE_STATUS) if request is _UNPARSEABLE else None
+    return Refusing(context, UNPARSEABLE_STATUS) if request is _UNPARSEABLE else None
 
 
 class _StreamedRequestDecoding(CallScope):
@@ -81,6 +82,6 @@ class _StreamedRequestDecoding(CallScope):
         self._context = context
 
     async def end(self, error: BaseException | None) -> bool:
-        if isinstance(error, _UnparseableStreamedRequestError):
-            await self._context.abort_with_status(_UNPARSEABLE_STATUS)
+        if isinstance(error, UnparseableRequestError):
+            await self._context.abort_with_status(UNPARSEABLE_STATUS)
         return False

@@ -200,6 +200,26 @@ async def test_the_first_message_must_be_a_join(env: Env) -> None:
     assert bad_fields(caught.value) == ["join"]
 
 
+async def test_a_message_after_the_join_that_does_not_parse_is_invalid_argument(
+    env: Env,
+) -> None:
+    await env.create("g")
+    call: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = env.clients.channel.stream_stream(
+        "/orders.v1.ConsumerGroupService/Consume",
+        request_serializer=None,
+        response_deserializer=None,
+    )
+    join = pb.ConsumeRequest(join=pb.Join(group="g")).SerializeToString()
+    consume = call(iter([join, b"\xff\xff\xff\xff\x0f"]))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in consume:
+            pass
+    assert (caught.value.code(), caught.value.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "request message could not be parsed",
+    )
+
+
 async def test_a_consume_cancelled_before_its_join_is_cancelled_not_a_fault(
     env: Env, caplog: pytest.LogCaptureFixture
 ) -> None:
