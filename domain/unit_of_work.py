@@ -49,6 +49,7 @@ from domain.commands import Command
 from domain.errors import (
     BusinessRuleViolation,
     ConcurrencyConflictError,
+    NotFoundError,
     OrderNotFoundError,
     StoreError,
     StoreFullError,
@@ -445,15 +446,15 @@ class UnitsOfWork:
         A success is safe on them: the store refuses the append if a stream is not where
         the command saw it (and the retry middleware runs the command again). A rejection
         is not checked by anyone, so one that rests on cached or queued state is decided
-        again on durable state: another process may have restocked the product, or a
-        queued commit it counted on may fail.
+        again on durable state: another process may have restocked the product (or created
+        it: a product cached as unknown), or a queued commit it counted on may fail.
         """
         uow = UnitOfWork(
             self._store, self._cache, self._locks, command, self._turns, False, self._snapshots
         )
         try:
             return await function(command, uow)
-        except BusinessRuleViolation:
+        except (BusinessRuleViolation, NotFoundError):
             if not uow.used_cache:
                 raise
         durable = UnitOfWork(

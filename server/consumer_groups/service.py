@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import functools
 import logging
@@ -162,6 +163,15 @@ class ConsumerGroups:
                 # had in flight when it last renewed the lease. By nobody: see above.
                 checkpoint = idle.get(p, stored.get(p, record.start_position))
                 partitions.append(PartitionView(p, checkpoint, lease.member_id, lease.in_flight))
+        # Replayed parked events lie below the checkpoints that passed them when they were
+        # parked; reported, a checkpoint stays below them until they are settled again.
+        replaying = await self.store.lowest_replaying(record.name)
+        partitions = [
+            dataclasses.replace(p, checkpoint=min(p.checkpoint, replaying[p.partition] - 1))
+            if p.partition in replaying
+            else p
+            for p in partitions
+        ]
         return GroupView(
             record=record,
             checkpoint=min(min(p.checkpoint for p in partitions), head),

@@ -90,6 +90,15 @@ class MemoryConsumerGroupStore:
             key=lambda event: (event.parked_at, event.position),
         )[:limit]
 
+    async def lowest_replaying(self, name: str) -> dict[int, int]:
+        lowest: dict[int, int] = {}
+        for event in self._parked.get(name, {}).values():
+            if event.replaying:
+                lowest[event.partition] = min(
+                    event.position, lowest.get(event.partition, event.position)
+                )
+        return lowest
+
     async def parked_count(self, name: str) -> int:
         return sum(not event.replaying for event in self._parked.get(name, {}).values())
 

@@ -236,6 +236,14 @@ class PostgresConsumerGroupStore:
         )
         return [_parked(row) for row in rows]
 
+    async def lowest_replaying(self, name: str) -> dict[int, int]:
+        rows = await self._rows(
+            "SELECT partition, min(position) FROM consumer_group_parked"
+            " WHERE group_name = %s AND replaying GROUP BY partition",
+            (name,),
+        )
+        return {int(partition): int(position) for partition, position in rows}
+
     async def parked_count(self, name: str) -> int:
         rows = await self._rows(
             "SELECT count(*) FROM consumer_group_parked WHERE group_name = %s AND NOT replaying",

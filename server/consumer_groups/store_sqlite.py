@@ -256,6 +256,17 @@ class SQLiteConsumerGroupStore:
 
         return await self._run(work)
 
+    async def lowest_replaying(self, name: str) -> dict[int, int]:
+        def work(c: sqlite3.Connection) -> dict[int, int]:
+            rows = c.execute(
+                "SELECT partition, min(position) FROM consumer_group_parked"
+                " WHERE group_name = ? AND replaying = 1 GROUP BY partition",
+                (name,),
+            ).fetchall()
+            return {int(partition): int(position) for partition, position in rows}
+
+        return await self._run(work)
+
     async def parked_count(self, name: str) -> int:
         def work(c: sqlite3.Connection) -> int:
             (count,) = c.execute(

@@ -163,6 +163,9 @@ class WorkerGroupStore:
     async def parked_count(self, name: str) -> int:
         return await self._reads.parked_count(name)
 
+    async def lowest_replaying(self, name: str) -> dict[int, int]:
+        return await self._reads.lowest_replaying(name)
+
     def partition_leases(self) -> LeaseStore:
         """Members on every worker share each group's partitions."""
         return SupervisorLeases(self._supervisor)

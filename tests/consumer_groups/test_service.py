@@ -490,6 +490,27 @@ async def test_a_replayed_event_does_not_hold_back_its_stream(env: Env) -> None:
         assert (await consumer.delivery()).event.event_id == third
 
 
+async def test_the_checkpoint_stays_below_a_replayed_event_until_it_is_settled(
+    env: Env,
+) -> None:
+    await env.create("g", partitions=1)
+    first, second = await env.restocks(2)
+    async with member(env.groups, "g") as consumer:
+        await consumer.delivery()
+        await consumer.nack(first, action=pb.NACK_ACTION_PARK)
+        assert (await consumer.delivery()).event.event_id == second
+        await consumer.ack(second)
+        assert (await settled(env)).parked == 1  # past the parked event
+        await env.groups.ReplayParked(pb.ReplayParkedRequest(name="g"))
+        replayed = await consumer.delivery()
+        assert replayed.event.event_id == first
+        group = await env.get()
+        assert group.checkpoint == replayed.event.position - 1
+        assert group.partition_states[0].checkpoint == replayed.event.position - 1
+        await consumer.ack(first)
+        assert (await settled(env)).checkpoint == group.head_position
+
+
 async def test_an_unacked_delivery_times_out_and_comes_again_at_once(env: Env) -> None:
     await env.create("g", ack_timeout=1)
     (event_id,) = await env.restocks(1)

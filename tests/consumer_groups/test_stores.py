@@ -132,7 +132,12 @@ async def test_parked_events_replay_longest_parked_first_within_the_limit(
     assert await groups_store.parked_count("g") == 2
     assert await groups_store.replay_parked("g", 0) == 2
     assert [e.event_id for e in await groups_store.replaying("g", 10)] == ["e3", "e2"]
+    # By partition (position % 4), the lowest replayed: what a checkpoint stays below.
+    await groups_store.park("g", [_parked("e7", 7, 50)])
+    await groups_store.replay_parked("g", 0)
+    assert await groups_store.lowest_replaying("g") == {2: 2, 3: 3}
     await groups_store.delete_group("g")
+    assert await groups_store.lowest_replaying("g") == {}
     assert await groups_store.parked_count("g") == 0
 
 

@@ -366,6 +366,17 @@ async def test_a_cached_product_never_decides_against_the_store(store: MemoryEve
         await replica_a.dispatch(create(("a", 1)))
 
 
+async def test_a_product_another_replica_created_is_not_unknown_here(
+    store: MemoryEventStore,
+) -> None:
+    replica_a, replica_b = bootstrap(store), bootstrap(store)
+    with pytest.raises(ProductNotFoundError):
+        await replica_b.dispatch(create(("new", 1)))  # B now caches "new" as unknown
+    await replica_a.dispatch(restock("new", 5))
+    events = await replica_b.dispatch(create(("new", 1)))
+    assert events[1].event_type == "StockReserved"
+
+
 async def test_a_stale_cache_costs_a_retry_not_an_oversell(store: MemoryEventStore) -> None:
     replica_a, replica_b = bootstrap(store), bootstrap(store)
     await replica_a.dispatch(restock("a", 2))
