@@ -11,10 +11,14 @@ import asyncio
 import random
 from collections import Counter
 
+import grpc
+import pytest
+
 from domain.events import StockReserved
 from domain.mapper import to_domain_event
 from domain.ports import RecordedEvent
 from server.stores.factory import open_store
+from tests.clients import item, order_request
 from tests.hot_support import assert_never_oversold, place_mixed_orders, place_orders
 from tests.subscription_support import connect, running_gateway
 
@@ -137,3 +141,23 @@ async def test_two_replicas_contending_for_many_products_never_wait_out_the_pool
     assert elapsed < 60
     for stream in streams:
         assert_never_oversold(stream)
+
+
+async def test_a_product_one_replica_created_is_known_to_the_other_at_once(
+    fresh_postgres_url: str,
+) -> None:
+    first_store = await open_store(fresh_postgres_url)
+    second_store = await open_store(fresh_postgres_url)
+    async with (
+        running_gateway(first_store) as first,
+        running_gateway(second_store) as second,
+        connect(first) as on_first,
+        connect(second) as on_second,
+    ):
+        # The second replica looks the product up before it exists (a sale not yet open).
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await on_second.create(order_request(item("sku-new", 1)))
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        await on_first.restock("sku-new", 5)
+        events = await on_second.create(order_request(item("sku-new", 1)))
+    assert [event.event_type for event in events] == ["OrderCreated", "StockReserved"]
