@@ -40,10 +40,11 @@ def _guessed_credentials(text: str) -> tuple[str, str, str] | None:
 
 
 def _may_hide_credentials(url: str) -> bool:
-    """Whether ``url`` is not a well-formed URL with a user part, and not a SQLite path
-    (whose file name may hold ":" and "@")."""
+    """Whether ``url``, a ``scheme://`` URL without a user part, may still hold credentials
+    before an "@" (``postgresql:///u:pw@h``); never a SQLite path, whose file name may
+    hold ":" and "@"."""
     scheme, separator, _ = url.partition("://")
-    return not separator or (user_part(url) is None and scheme.lower() != "sqlite")
+    return bool(separator) and user_part(url) is None and scheme.lower() != "sqlite"
 
 
 class StoreURLError(ConfigurationError):
@@ -74,12 +75,10 @@ def redacted_url(url: str) -> str:
 
     Never fails, whatever ``url`` holds: it is called to report URLs that are malformed.
     """
-    if _may_hide_credentials(url):
-        # libpq's keyword/value form, a mistyped URL, or anything else a setting was given.
-        shown = _KEYWORD_SECRET.sub(lambda m: f"{m['key']}{m['equals']}{MASK}", url)
-        guessed = _guessed_credentials(shown)
-        return shown if guessed is None else f"{guessed[0]}{MASK}{guessed[2]}"
     scheme, separator, rest = url.partition("://")
+    if not separator:
+        # libpq's keyword/value form, a mistyped URL, or anything else a setting was given.
+        return _masked_guess(_KEYWORD_SECRET.sub(lambda m: f"{m['key']}{m['equals']}{MASK}", url))
     user = user_part(url)
     if user is not None:
         rest = rest[len(user) + 1 :]
@@ -97,21 +96,28 @@ def redacted_url(url: str) -> str:
                 safe="*",
             )
         query = f"{query}{hash_}{fragment}"
-    return f"{scheme}{separator}{user or ''}{address}{question}{query}"
+    shown = f"{scheme}{separator}{user or ''}{address}{question}{query}"
+    return _masked_guess(shown) if _may_hide_credentials(url) else shown
+
+
+def _masked_guess(text: str) -> str:
+    guessed = _guessed_credentials(text)
+    return text if guessed is None else f"{guessed[0]}{MASK}{guessed[2]}"
 
 
 def url_secrets(url: str) -> set[str]:
     """The secrets written in ``url`` (as written, and percent-decoded)."""
     found: set[str] = set()
-    if _may_hide_credentials(url):
+    if "://" not in url or _may_hide_credentials(url):
+        guessed = _guessed_credentials(url)
+        if guessed is not None:
+            found.add(guessed[1])
+    if "://" not in url:
         for match in _KEYWORD_SECRET.finditer(url):
             value = match["value"]
             found.add(value)
             if value.startswith("'"):
                 found.add(re.sub(r"\\(.)", r"\1", value.strip("'")))
-        guessed = _guessed_credentials(url)
-        if guessed is not None:
-            found.add(guessed[1])
         found.discard("")
         return found
     rest = url.partition("://")[2]
