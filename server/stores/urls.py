@@ -27,16 +27,20 @@ def _guessed_credentials(text: str) -> tuple[str, str, str] | None:
     """In what is not a well-formed ``scheme://user:password@…`` URL (``postgresql:/u:pw@h``,
     ``postgresql//u:pw@h``, ``postgresql:///u:pw@h``), the credentials it may still hold:
     (what comes before the password, the password, what follows it from the last "@");
-    None when nothing before the last "@" has a ":" after a scheme-like start."""
+    None when nothing before the last "@" has a ":" (but for the end of a scheme-like
+    start followed by "/")."""
     head, at, tail = text.rpartition("@")
     if not at:
         return None
     start = _SCHEME_LIKE.match(head)
     prefix = start.group() if start else ""
     user, colon, password = head[len(prefix) :].partition(":")
-    if not colon:
-        return None
-    return f"{prefix}{user}:", password, f"@{tail}"
+    if colon:
+        return f"{prefix}{user}:", password, f"@{tail}"
+    if prefix.endswith(":"):
+        # No scheme after all, or none before the user: ``user:password@host``.
+        return prefix, head[len(prefix) :], f"@{tail}"
+    return None
 
 
 def _may_hide_credentials(url: str) -> bool:

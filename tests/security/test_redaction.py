@@ -55,6 +55,7 @@ pytestmark = pytest.mark.usefixtures("keep_root_logger")
         ("postgres:gw:pa55@db/orders", "postgres:gw:***@db/orders"),
         ("postgresql:///gw:pa55@db/orders", "postgresql:///gw:***@db/orders"),
         ("postgres:gw:p@ss@db/orders", "postgres:gw:***@db/orders"),
+        ("gw:pa55@db/orders", "gw:***@db/orders"),  # no scheme at all
         ("host=db user=a@b password=pa55", "host=db user=a@b password=***"),
     ],
 )
@@ -87,6 +88,7 @@ def test_a_driver_message_quoting_the_password_is_masked(url: str) -> None:
         f"postgresql//gw:{SECRET}@db/orders",
         f"postgres:gw:{SECRET}@db/orders",
         f"postgresql:///gw:{SECRET}@db/orders",
+        f"gw:{SECRET}@db/orders",
     ],
 )
 @pytest.mark.parametrize("command", ["serve", "migrate", "verify", "backup"])
