@@ -335,14 +335,19 @@ async def _find_stray_records(store: EventStore, head: int, report: Report) -> N
     assert isinstance(store, CommandLog)
     async for page in _records(store, head):
         for command_id, first, count in page:
-            events = await store.read_all(first - 1, 1) if first >= 1 else []
-            if not events or events[0].position != first or count < 1:
+            rows = await _readable_rows(store, first - 1, 1) if first >= 1 else []
+            if not rows or rows[0][3] != first or count < 1:
                 report.add(max(first, 1), f"command record {command_id} points at no event")
-            elif events[0].command_id != command_id:
-                report.add(
-                    first,
-                    f"command record {command_id} points at an event of {events[0].command_id}",
-                )
+            elif rows[0][5] != command_id:
+                report.add(first, f"command record {command_id} points at an event of {rows[0][5]}")
+
+
+async def _readable_rows(store: EventStore, after: int, limit: int) -> Sequence[EventRow]:
+    """``_read_rows``, an unreadable row (already reported) with its bad text replaced."""
+    try:
+        return await _read_rows(store, after, limit)
+    except UndecodableRowError as damaged:
+        return [*damaged.before, damaged.row][:limit]
 
 
 async def run_verify(url: str) -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Final
 
 from domain.errors import StoreError
-from server.app import authenticators_from, stop_deadline, stop_on_signals
+from server.app import authenticators_from, stop_deadline, stop_on_signals, unless_stopped
 from server.config import Settings
 from server.consumer_groups.store_sqlite import SQLiteConsumerGroupStore
 from server.observability.metrics import MetricsServer, check_metrics_address
@@ -148,10 +148,13 @@ class _Slot:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, specs: list[WorkerSpec]) -> None:
+    def __init__(
+        self, settings: Settings, specs: list[WorkerSpec], stopping: asyncio.Event
+    ) -> None:
+        """``stopping`` is set by SIGTERM or SIGINT (``stop_on_signals``, from the start)."""
         self._settings = settings
         self._slots = [_Slot(spec) for spec in specs]
-        self._stopping = asyncio.Event()
+        self._stopping = stopping
         self._forgetting: set[asyncio.Task[None]] = set()
         """Dead workers' consumer-group members being freed (``_forget_members``)."""
         self.metrics = SupervisorMetrics(self._metrics_ports)
@@ -167,7 +170,6 @@ class Supervisor:
         self.metrics.workers.set(sum(1 for slot in self._slots if slot.metrics_port is not None))
 
     async def run(self, on_serving: Callable[[], None]) -> None:
-        stop_on_signals((signal.SIGTERM, signal.SIGINT), self._stopping)
         keepers: list[asyncio.Task[None]] = []
         log.info("starting %d workers", len(self._slots))
         try:
@@ -266,6 +268,11 @@ class Supervisor:
                     process.join()
 
 
+async def _migrated(url: str) -> bool:
+    await migrate(url)
+    return True
+
+
 async def supervise(settings: Settings) -> None:
     """Run ``settings.workers`` workers (more than one) until SIGTERM or SIGINT."""
     count = worker_count(settings.workers)
@@ -279,6 +286,10 @@ async def supervise(settings: Settings) -> None:
     # error, not N workers failing.
     authenticators_from(settings)
     server_credentials(settings)
+    # From here on a stop is a stop: while the store opens (an unreachable database
+    # takes its connect timeout) as while workers start or serve.
+    stopping = asyncio.Event()
+    stop_on_signals((signal.SIGTERM, signal.SIGINT), stopping)
     reservation = reserve(settings.listen)
     try:
         if settings.metrics_listen:
@@ -287,12 +298,14 @@ async def supervise(settings: Settings) -> None:
             # metrics address may clash with.
             check_metrics_address(settings.metrics_listen, reservation.listen)
         with tempfile.TemporaryDirectory(prefix="order-gateway-") as run_dir:
-            await _run(settings, count, reservation.listen, Path(run_dir))
+            await _run(settings, count, reservation.listen, Path(run_dir), stopping)
     finally:
         reservation.release()
 
 
-async def _run(settings: Settings, count: int, listen: str, run_dir: Path) -> None:
+async def _run(
+    settings: Settings, count: int, listen: str, run_dir: Path, stopping: asyncio.Event
+) -> None:
     worker_settings = settings.model_copy(
         update={
             "listen": listen,
@@ -300,7 +313,9 @@ async def _run(settings: Settings, count: int, listen: str, run_dir: Path) -> No
             "metrics_listen": "127.0.0.1:0" if settings.metrics_listen else None,
         }
     )
-    await migrate(settings.store)
+    if not await unless_stopped(_migrated(settings.store), stopping):
+        log.info("stopped before serving")
+        return
     database = sqlite_path(settings.store)
     # On SQLite the supervisor keeps the consumer groups' leases and writes their records.
     groups = (
@@ -323,7 +338,7 @@ async def _run(settings: Settings, count: int, listen: str, run_dir: Path) -> No
         )
         for index in range(1, count + 1)
     ]
-    supervisor = Supervisor(settings, specs)
+    supervisor = Supervisor(settings, specs, stopping)
     metrics_server = (
         MetricsServer(supervisor.metrics.registry, settings.metrics_listen)
         if settings.metrics_listen

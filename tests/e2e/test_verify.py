@@ -131,6 +131,23 @@ def test_damage_is_found_at_its_first_position(
     assert lines[-1].endswith(f"the first at position {first}"), lines
 
 
+def test_an_unreadable_row_beside_a_missing_one_is_reported_with_it(
+    store_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A missing event sends verify looking for the command records that point nowhere,
+    # which reads the unreadable row again.
+    damage(
+        store_file,
+        "UPDATE events SET correlation_id = CAST(X'41ff42' AS TEXT) WHERE position = 5",
+        "DELETE FROM events WHERE position = 12",
+    )
+    code, lines = run_verify(store_file, capsys)
+    assert code == 1
+    assert any(line.startswith("position 5: cannot be read") for line in lines), lines
+    assert any(line.startswith("position 12: missing") for line in lines), lines
+    assert lines[-1].endswith("the first at position 5"), lines
+
+
 @pytest.mark.parametrize(
     ("column", "first"),
     [
