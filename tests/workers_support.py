@@ -86,6 +86,11 @@ async def workers_gateway(
     try:
         await wait_until_serving(target, process, within=WAIT)
         await until_workers(gateway, workers)
+        # Every worker serves, not only the one that answered the health check: until
+        # then the supervisor is still starting the others.
+        async with asyncio.timeout(WAIT):
+            while f"with {workers} workers" not in gateway_log(process):  # noqa: ASYNC110 - a child's log
+                await asyncio.sleep(0.02)
         yield gateway
     finally:
         if process.poll() is None:

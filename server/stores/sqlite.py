@@ -676,7 +676,7 @@ class SQLiteEventStore:
             return False
         return committed
 
-    def _refuse_deleted(self, batch: list[Append]) -> None:
+    def _refuse_deleted(self, batch: Sequence[Call[Any, Any]]) -> None:
         for append in batch:
             append.outcome = StoreUnavailableError(
                 f"the SQLite store {self._path} was deleted while the gateway served it;"
@@ -901,6 +901,10 @@ class SQLiteEventStore:
                         read.outcome = _store_error(f"reading the SQLite store failed: {e}", e)
                     except Exception as e:  # a bug: the caller gets it as it is
                         read.outcome = e
+                if self._deleted():
+                    # What was read may be commits refused for the deletion (the writer's
+                    # check follows its write): a deleted store serves no reads either.
+                    self._refuse_deleted(batch)
                 answer(batch)
         finally:
             connection.close()

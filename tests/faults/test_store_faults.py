@@ -557,6 +557,23 @@ async def test_a_commit_whose_file_is_deleted_as_it_is_written_is_not_answered_o
     assert error_info(refused.value).reason == "STORE_UNAVAILABLE"
 
 
+async def test_a_deleted_store_file_is_not_read_to_subscribers(tmp_path: Path) -> None:
+    # Its events would be ones whose commands were refused, or that vanish with the file.
+    folder = tmp_path / "store"
+    folder.mkdir()
+    store = await SQLiteEventStore.open(folder / "events.db")
+    try:
+        async with running_gateway(store) as gateway, connect(gateway) as clients:
+            await clients.restock("sku-1", 5)
+            shutil.rmtree(folder)
+            subscription = StreamReader.open(clients)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await subscription.next()
+    finally:
+        await store.close()
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
 async def test_commits_to_a_deleted_store_file_are_refused_unavailable(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
