@@ -7,8 +7,8 @@ whole (``watched``): the first call that fails with a fault (``StoreFullError``,
 it are only counted; the first call that works again logs one WARNING line with how long
 the fault lasted and how many store calls failed meanwhile, once no call has failed so
 for ``RECOVERY_QUIET`` seconds: a store that fails some calls and not others (a disk with
-room left for small commits only) is in one fault, not in a pair of lines per call (an
-outside audit counted 3,200 pairs in 35 s on a nearly full PostgreSQL). Every failed store call is
+room left for small commits only) is in one fault, not in a pair of lines per call (a
+load test counted 3,200 pairs in 35 s on a nearly full PostgreSQL). Every failed store call is
 also counted by kind in ``order_gateway_store_errors_total``, and
 ``order_gateway_store_fault`` is 1 for the kind of fault in progress.
 
