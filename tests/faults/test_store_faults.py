@@ -4,6 +4,7 @@ cannot be reached UNAVAILABLE (STORE_UNAVAILABLE), and the log says so once per 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -538,21 +539,30 @@ class DeletedAsItWrites(SQLiteEventStore):
         return committed
 
 
+@contextlib.asynccontextmanager
+async def served_from(
+    folder: Path, kind: type[SQLiteEventStore] = SQLiteEventStore
+) -> AsyncIterator[tuple[SQLiteEventStore, Clients]]:
+    """A gateway on a SQLite store of ``kind`` in the new ``folder``, sku-1 stocked."""
+    await asyncio.to_thread(folder.mkdir)
+    store = await kind.open(folder / "events.db")
+    try:
+        async with running_gateway(store) as gateway, connect(gateway) as clients:
+            await clients.restock("sku-1", 5)
+            yield store, clients
+    finally:
+        await store.close()
+
+
 async def test_a_commit_whose_file_is_deleted_as_it_is_written_is_not_answered_ok(
     tmp_path: Path,
 ) -> None:
     folder = tmp_path / "store"
-    folder.mkdir()
-    store = await DeletedAsItWrites.open(folder / "events.db")
-    assert isinstance(store, DeletedAsItWrites)
-    try:
-        async with running_gateway(store) as gateway, connect(gateway) as clients:
-            await clients.restock("sku-1", 5)
-            store.doomed = folder
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await clients.restock("sku-1", 1)
-    finally:
-        await store.close()
+    async with served_from(folder, DeletedAsItWrites) as (store, clients):
+        assert isinstance(store, DeletedAsItWrites)
+        store.doomed = folder
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await clients.restock("sku-1", 1)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert error_info(refused.value).reason == "STORE_UNAVAILABLE"
 
@@ -560,17 +570,11 @@ async def test_a_commit_whose_file_is_deleted_as_it_is_written_is_not_answered_o
 async def test_a_deleted_store_file_is_not_read_to_subscribers(tmp_path: Path) -> None:
     # Its events would be ones whose commands were refused, or that vanish with the file.
     folder = tmp_path / "store"
-    folder.mkdir()
-    store = await SQLiteEventStore.open(folder / "events.db")
-    try:
-        async with running_gateway(store) as gateway, connect(gateway) as clients:
-            await clients.restock("sku-1", 5)
-            shutil.rmtree(folder)
-            subscription = StreamReader.open(clients)
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await subscription.next()
-    finally:
-        await store.close()
+    async with served_from(folder) as (_, clients):
+        shutil.rmtree(folder)
+        subscription = StreamReader.open(clients)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await subscription.next()
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
@@ -578,19 +582,13 @@ async def test_commits_to_a_deleted_store_file_are_refused_unavailable(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     folder = tmp_path / "store"
-    folder.mkdir()
-    store = await SQLiteEventStore.open(folder / "events.db")
-    try:
-        async with running_gateway(store) as gateway, connect(gateway) as clients:
-            await clients.restock("sku-1", 5)
-            shutil.rmtree(folder)  # an operator's mistake: the store's directory removed
-            with caplog.at_level(logging.INFO, logger="order_gateway"):
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await clients.restock("sku-1", 1)
-                with pytest.raises(grpc.aio.AioRpcError) as refused_again:
-                    await clients.create(order_request(item("sku-1")))
-    finally:
-        await store.close()
+    async with served_from(folder) as (_, clients):
+        shutil.rmtree(folder)  # an operator's mistake: the store's directory removed
+        with caplog.at_level(logging.INFO, logger="order_gateway"):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await clients.restock("sku-1", 1)
+            with pytest.raises(grpc.aio.AioRpcError) as refused_again:
+                await clients.create(order_request(item("sku-1")))
     for error in (refused.value, refused_again.value):
         assert error.code() == grpc.StatusCode.UNAVAILABLE
         assert error_info(error).reason == "STORE_UNAVAILABLE"
