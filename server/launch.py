@@ -1,5 +1,6 @@
 """The ``order-gateway`` command's entry point: SIGTERM and SIGINT are held from its first
-moment, before the second or so its imports take.
+line, before the second or so its imports take (what comes before, Python's own start,
+leaves the signals their default actions).
 
 Without this, a stop asked for while the command still imported its modules (a container
 stopped as it starts, a supervisor's restart) met Python's default action: killed by
