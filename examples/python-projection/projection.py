@@ -15,6 +15,7 @@ Needs the gateway's generated Python client (``orders.v1``) and grpcio.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import queue
 import signal
@@ -22,6 +23,7 @@ import socket
 import sqlite3
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -42,8 +44,20 @@ CREATE TABLE IF NOT EXISTS applied_events (event_id TEXT PRIMARY KEY);
 def open_read_model(path: str) -> sqlite3.Connection:
     # Several instances write this file: WAL, and wait for each other's transactions.
     db = sqlite3.connect(path, timeout=30, isolation_level=None)
-    db.execute("PRAGMA journal_mode = WAL")
-    db.executescript(SCHEMA)
+    # Switching a new file to WAL needs it to itself, and SQLite answers "database is
+    # locked" at once, without waiting out the timeout, when another instance is opening
+    # it at the same moment: try again for a while.
+    for attempt in itertools.count(1):
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            break
+        except sqlite3.OperationalError:
+            if attempt == 100:
+                raise
+            time.sleep(0.05)
+    # IMMEDIATE: take the write lock (waiting for it) before reading the schema, so that
+    # another instance's tables, created meanwhile, cannot make this transaction stale.
+    db.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;")
     return db
 
 
