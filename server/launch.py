@@ -7,7 +7,9 @@ stopped as it starts, a supervisor's restart) met Python's default action: kille
 SIGTERM (status 143), or a KeyboardInterrupt traceback for SIGINT. ``serve`` takes over
 a signal held here as a request to stop (``server.app.stop_on_signals``) and stops
 gracefully, exit 0, as it does for one that comes later; every other command gives the
-default actions back before it runs, and a signal held meanwhile acts then.
+default actions back before it runs, and a signal held meanwhile acts then. A Ctrl-C
+that interrupts such a command ends it as SIGINT's default action would, without a
+traceback.
 
 Only ``signal`` is imported here, so that the handlers are in place before anything slow.
 """
@@ -32,7 +34,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     hold_signals()
     from server.cli import main as run
 
-    return run(argv)
+    try:
+        return run(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C during a command that gave SIGINT back (health, verify, backup…): what it
+        # was doing has been unwound (a backup's unfinished copy removed). The process ends
+        # as SIGINT's default action would have ended it, without Python's traceback.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGINT)
+        raise  # Not reached: the default action ends the process.
 
 
 def hold_signals() -> None:

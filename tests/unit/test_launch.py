@@ -5,6 +5,7 @@ signal's default action would have."""
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 
@@ -50,3 +51,21 @@ def test_without_a_held_signal_release_gives_the_default_actions_back() -> None:
     )
     assert done.stdout == "True True\n", done.stderr
     assert done.returncode == 0
+
+
+def test_ctrl_c_during_a_command_ends_it_without_a_traceback() -> None:
+    # A gateway that takes the connection and never answers: `health` waits on it.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        command = subprocess.Popen(
+            [sys.executable, "-m", "server", "health", "--target", f"127.0.0.1:{port}",
+             "--timeout", "60"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        silent.settimeout(60)
+        connection, _ = silent.accept()  # The command runs, waiting for its answer.
+        with connection:
+            command.send_signal(signal.SIGINT)
+            _, stderr = command.communicate(timeout=30)
+    assert command.returncode == -signal.SIGINT
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
