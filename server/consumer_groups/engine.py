@@ -41,6 +41,7 @@ from orders.v1 import consumer_group_service_pb2 as pb
 from orders.v1 import events_pb2
 
 from domain.ports import EventStore
+from server.cancellation import raise_if_cancelling
 from server.consumer_groups import balance
 from server.consumer_groups.leases import LeaseCoordinator, LeaseStore, LocalMember
 from server.consumer_groups.model import (
@@ -309,6 +310,9 @@ class GroupRuntime:
         self._to_forget: list[str] = []
         """Settled events whose failed attempts are to be forgotten."""
         self._saved: dict[int, int] = {}
+        self._flushing = asyncio.Lock()
+        """One flush at a time: a flush that ran beside another storing the parks would
+        see them unstored, and the checkpoints they hold back."""
         self._tasks: list[asyncio.Task[None]] = []
         self._reader: asyncio.Task[None] | None = None
         self._owning = asyncio.Event()
@@ -524,6 +528,10 @@ class GroupRuntime:
 
     async def _give_up(self, indexes: set[int]) -> None:
         """Before a lease is released: store the partitions' checkpoints, then forget them."""
+        # Parks first: an event being parked holds its partition's checkpoint back until
+        # its park is stored, and the checkpoint stored here is where the next owner (or
+        # this gateway after a restart) resumes.
+        await self._flush()
         checkpoints = {
             p.index: p.checkpoint(self._examined)
             for p in self._partitions
@@ -749,6 +757,7 @@ class GroupRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await previous
         while not self._closed:
+            raise_if_cancelling()
             await self._owning.wait()
             owned = [p for p in self._partitions if p.owned]
             if not owned:
@@ -821,6 +830,7 @@ class GroupRuntime:
 
     async def _flush_forever(self) -> None:
         while True:
+            raise_if_cancelling()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._tuning.flush_interval):
                     await self._flush_now.wait()
@@ -843,6 +853,7 @@ class GroupRuntime:
         """Store failed attempts as they come: what fails while a write is under way
         goes in the next one."""
         while True:
+            raise_if_cancelling()
             await self._count_now.wait()
             self._count_now.clear()
             try:
@@ -871,6 +882,10 @@ class GroupRuntime:
         """Store failed attempts not stored yet (a partition given up, the group stopped)
         and new parked events, forget the attempts of settled events, then store the
         checkpoints the parks held back, if moved."""
+        async with self._flushing:
+            await self._flush_alone()
+
+    async def _flush_alone(self) -> None:
         name = self.record.name
         await self._store_counts()
         parks, self._to_park = self._to_park, []

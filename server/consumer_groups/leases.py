@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from domain.errors import StoreUnavailableError
+from server.cancellation import raise_if_cancelling
 from server.consumer_groups import balance
 
 log = logging.getLogger("order_gateway.consumer_groups")
@@ -152,6 +153,9 @@ class LeaseCoordinator:
         self._expiry: asyncio.TimerHandle | None = None
         self._expired_task: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._giving_up: asyncio.Future[None] | None = None
+        """A give-up (``release``) under way: carried to its end when the rounds are
+        cancelled, since it stores the checkpoints of the partitions given up."""
         self.live: list[LiveMember] = []
         self.leases: dict[int, str] = {}
 
@@ -168,6 +172,13 @@ class LeaseCoordinator:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._giving_up is not None:
+            # A give-up the stop cut its round short of: its checkpoints are stored before
+            # the leases are let go.
+            try:
+                await self._giving_up
+            except Exception:
+                log.exception("consumer group %r: giving partitions up failed", self._group)
         try:
             await self._leases.leave(self._group, self._replica_id)
         except StoreUnavailableError as e:
@@ -200,6 +211,7 @@ class LeaseCoordinator:
                 log.warning("consumer group %r: lease round failed (%s)", self._group, e)
             except Exception:
                 log.exception("consumer group %r: lease round failed", self._group)
+            raise_if_cancelling()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._interval):
                     await self._wake.wait()
@@ -231,7 +243,13 @@ class LeaseCoordinator:
         giving_up = {p for p, m in self._held.items() if plan.get(p, m) != m or m not in local_ids}
         if giving_up:
             self._held = {p: m for p, m in self._held.items() if p not in giving_up}
-            await self._release(giving_up)
+            give_up = self._giving_up = asyncio.ensure_future(self._release(giving_up))
+            try:
+                # Shielded: a stop that cancels this round awaits the give-up instead.
+                await asyncio.shield(give_up)
+            finally:
+                if give_up.done():
+                    self._giving_up = None
         claims = {p: m for p, m in plan.items() if m in local_ids}
         claims.update({p: m for p, m in self._held.items() if p not in claims})
         counts = self._in_flight()

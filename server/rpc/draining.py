@@ -107,6 +107,8 @@ class _Held(CallScope):
     async def start(self) -> None:
         remaining = self._context.time_remaining()
         wait = None if remaining is None else max(0.0, remaining - DEADLINE_MARGIN)
+        # asyncio.timeout, not wait_for: see server.cancellation.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._released.wait(), wait)
+            async with asyncio.timeout(wait):
+                await self._released.wait()
         await self._context.abort_with_status(SHUTTING_DOWN)

@@ -30,6 +30,7 @@ from orders.v1 import event_stream_service_pb2
 from domain.errors import StoreFullError, StoreUnavailableError
 from domain.ports import EventStore, RecordedEvent
 from domain.values import MAX_INT64
+from server.cancellation import raise_if_cancelling
 from server.rpc.mapping import event_response, row_event_response
 from server.stores.event_rows import (
     EVENT_TYPE,
@@ -465,6 +466,7 @@ class SubscriptionHub:
     async def _follow(self) -> None:
         failing = logged = False
         while not self._closed:
+            raise_if_cancelling()
             if failing:
                 # While the store fails, retry at the polling pace, not on every commit.
                 await asyncio.sleep(self.tuning.poll_interval)

@@ -18,6 +18,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from server.cancellation import raise_if_cancelling
 from server.stores.postgres_schema import HEAD_POSITION, NOTIFY_CHANNEL, TURNS_CHANNEL
 
 log = logging.getLogger("order_gateway.store.postgres")
@@ -81,6 +82,7 @@ class NotificationListener:
                     str(error).strip() or type(error).__name__,
                     delay,
                 )
+            raise_if_cancelling()
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_RECONNECT_DELAY)
 
@@ -100,7 +102,8 @@ class NotificationListener:
             self._on_wake(int(row[0]) if row else None)
             while True:
                 if not await self._deliver(conn, HEALTH_CHECK_INTERVAL):
-                    await asyncio.wait_for(conn.execute("SELECT 1"), HEALTH_CHECK_INTERVAL)
+                    async with asyncio.timeout(HEALTH_CHECK_INTERVAL):
+                        await conn.execute("SELECT 1")
 
     async def _deliver(self, conn: psycopg.AsyncConnection[Any], seconds: float) -> bool:
         """Deliver the notifications of the idle ``conn`` as they come, for ``seconds``;

@@ -163,7 +163,8 @@ class HubClient:
         assert isinstance(transport, asyncio.Transport)
         client._out.transport = transport
         try:
-            await asyncio.wait_for(connection.accepted, CONNECT_TIMEOUT_SECONDS)
+            async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
+                await connection.accepted
         except BaseException:
             transport.close()
             raise

@@ -1,0 +1,158 @@
+"""Partitions given up with their checkpoints stored: when a process lets its partitions
+go (its last member left, a stop), the checkpoint it stores is where the next owner, or
+the process after a restart, resumes. The rules with the memory stores and leases (the
+coordinator PostgreSQL replicas and ``--workers`` use), and no server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+
+from server.consumer_groups.engine import GroupTuning
+from server.consumer_groups.leases import LeaseCoordinator, LocalMember
+from server.consumer_groups.leases_memory import MemoryLeases
+from server.consumer_groups.model import GroupSettings, ParkedEvent
+from server.consumer_groups.service import ConsumerGroups
+from server.consumer_groups.store_memory import MemoryConsumerGroupStore
+from server.rpc.subscription_hub import SubscriptionHub
+from server.stores.memory import MemoryEventStore
+from tests.conformance.contract import commit_of
+
+TUNING = GroupTuning(flush_interval=0.02, retry_base=0.02)
+
+
+class SlowParkStore(MemoryConsumerGroupStore):
+    """Parks are stored only once ``parking`` is set (a slow database)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parking = asyncio.Event()
+        self.parking.set()
+
+    async def park(self, name: str, events: Sequence[ParkedEvent]) -> None:
+        await self.parking.wait()
+        await super().park(name, events)
+
+
+async def _restock(events: MemoryEventStore, product: str) -> str:
+    commit = commit_of([(f"product-{product}", 1)])
+    event = dataclasses.replace(
+        commit.events[0],
+        event_type="ProductRestocked",
+        data=b'{"product_id": "%s", "quantity": 1, "available_after": 1}' % product.encode(),
+    )
+    await events.append(dataclasses.replace(commit, events=[event]))
+    return event.event_id
+
+
+@pytest.fixture
+async def hub() -> AsyncIterator[SubscriptionHub]:
+    hub = SubscriptionHub(MemoryEventStore(), 100)
+    await hub.start()
+    yield hub
+    await hub.stop()
+
+
+async def test_the_last_member_leaving_while_a_park_is_stored_stores_the_checkpoint_past_it(
+    hub: SubscriptionHub,
+) -> None:
+    events = hub.store
+    assert isinstance(events, MemoryEventStore)
+    store = SlowParkStore()
+    groups = ConsumerGroups(store, events, hub, TUNING, MemoryLeases())
+    try:
+        await groups.create("g", GroupSettings(partitions=1))
+        ids = [await _restock(events, product) for product in "abc"]  # positions 1, 2, 3
+        runtime, member = await groups.join("g", "m", "user", 10)
+        delivered: list[str] = []
+        async with asyncio.timeout(10):
+            async for message in member.messages():
+                if message.WhichOneof("message") == "delivery":
+                    delivered.append(message.delivery.event.event_id)
+                    if len(delivered) == 3:
+                        break
+        assert delivered == ids
+        runtime.ack(member, [ids[0], ids[2]])
+        # The park of the second event takes a while to store; meanwhile the member
+        # leaves, and the process gives its partition up.
+        store.parking.clear()
+        runtime.park(member, [ids[1]], "poison")
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.5, store.parking.set)
+        await groups.leave(runtime, member)
+        # Everything up to position 3 is settled (acked or parked): a restart resumes
+        # after it, and delivers neither acked event again.
+        assert await store.load_checkpoints("g") == {0: 3}
+        assert await store.parked_count("g") == 1
+    finally:
+        store.parking.set()
+        await groups.stop()
+
+
+def _coordinator(
+    leases: MemoryLeases, members: list[LocalMember], stored: list[set[int]]
+) -> LeaseCoordinator:
+    async def apply(owned: dict[int, str]) -> None:
+        pass
+
+    async def release(partitions: set[int]) -> None:
+        await asyncio.sleep(0.3)  # storing the checkpoints takes a while
+        stored.append(partitions)
+
+    return LeaseCoordinator(
+        leases, "g", "replica-1", 4, lambda: list(members), apply, release, dict
+    )
+
+
+async def test_a_stop_during_a_give_up_lets_it_store_the_checkpoints_first() -> None:
+    leases = MemoryLeases()
+    members = [LocalMember("m", "user", dt.datetime.now(dt.UTC), 0)]
+    stored: list[set[int]] = []
+    coordinator = _coordinator(leases, members, stored)
+    coordinator.start()
+    try:
+        async with asyncio.timeout(10):
+            while len(coordinator.leases) < 4:  # noqa: ASYNC110 - the rounds run on their own
+                await asyncio.sleep(0.01)
+        members.clear()  # the member left: its partitions are given up next round
+        coordinator.nudge()
+        await asyncio.sleep(0.15)  # the round has begun giving them up
+    finally:
+        async with asyncio.timeout(10):
+            await coordinator.stop()
+    assert stored == [{0, 1, 2, 3}]
+    _, valid = await leases.snapshot("g")
+    assert valid == {}
+
+
+class ForgetfulLeases(MemoryLeases):
+    """A round that loses its task's cancellation, as ``asyncio.wait_for`` does on Python
+    3.11 (psycopg_pool waits for a connection with it) when its wait ends at the moment
+    the task is cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = asyncio.Event()
+
+    async def round(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.waiting.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0.2)
+        return await super().round(*args, **kwargs)
+
+
+async def test_a_stop_ends_the_rounds_even_when_a_round_lost_the_cancellation() -> None:
+    leases = ForgetfulLeases()
+    members = [LocalMember("m", "user", dt.datetime.now(dt.UTC), 0)]
+    coordinator = _coordinator(leases, members, [])
+    coordinator.start()
+    await leases.waiting.wait()
+    # Not under asyncio.timeout: a stop goes on when its caller is cancelled.
+    stopping = asyncio.create_task(coordinator.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=10)
+    assert stopping in done, "the stop still waits for the rounds to end"
