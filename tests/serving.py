@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import subprocess
@@ -58,8 +59,10 @@ def gateway_log(process: subprocess.Popen[bytes]) -> str:
     log = _logs.get(process)
     if log is None:
         return ""
-    log.seek(0)
-    return log.read().decode(errors="replace")
+    # pread, not seek(0) and read(): the gateway's stderr shares this file's offset, so a
+    # line it wrote between the two would go to offset 0, over the first lines of the log.
+    fd = log.fileno()
+    return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
 
 
 async def wait_until_serving(
