@@ -159,7 +159,9 @@ async def test_a_call_held_by_a_stop_is_refused_before_its_deadline() -> None:
         await server.stop(None)
     assert refused.code() == grpc.StatusCode.UNAVAILABLE
     assert refused.details() == "the server is shutting down"
-    assert 0.2 <= waited < 0.3
+    # Held until shortly before the deadline; refused before it, or the client would
+    # have ended the call DEADLINE_EXCEEDED (how late the client notices is the machine's).
+    assert waited >= 0.2
 
 
 async def _accept(request: bytes, context: object) -> bytes:
