@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Sequence
@@ -73,24 +74,29 @@ async def workers_gateway(
     port: int | None = None,
     options: Sequence[str] = (),
 ) -> AsyncIterator[WorkersGateway]:
-    """``order-gateway serve --workers N [options]`` on a free port, serving; killed on
+    """``order-gateway serve --workers N [options]`` on ``port`` (by default one the
+    system picks: ``:0``, so that no other process can take it first), serving; killed on
     the way out."""
-    target = f"127.0.0.1:{port or free_port()}"
     metrics_port = free_port() if metrics else None
-    args = ["serve", "--listen", target, "--store", store_url, "--workers", str(workers)]
+    listen = f"127.0.0.1:{port or 0}"
+    args = ["serve", "--listen", listen, "--store", store_url, "--workers", str(workers)]
     if metrics_port is not None:
         args += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
     args += options
     process = start_gateway(args, env=env_without_settings())
-    gateway = WorkersGateway(process, target, metrics_port)
+    gateway = WorkersGateway(process, listen, metrics_port)
     try:
-        await wait_until_serving(target, process, within=WAIT)
-        await until_workers(gateway, workers)
-        # Every worker serves, not only the one that answered the health check: until
-        # then the supervisor is still starting the others.
+        # Every worker serves once the supervisor says so, with the port they share; until
+        # then it is still starting some of them.
+        serving = re.compile(rf"listening on (127\.0\.0\.1:\d+) with {workers} workers")
         async with asyncio.timeout(WAIT):
-            while f"with {workers} workers" not in gateway_log(process):  # noqa: ASYNC110 - a child's log
+            while not (found := serving.search(gateway_log(process))):
+                if process.poll() is not None:
+                    raise AssertionError(f"the gateway exited:\n{gateway_log(process)}")
                 await asyncio.sleep(0.02)
+        gateway.target = found.group(1)
+        await wait_until_serving(gateway.target, process, within=WAIT)
+        await until_workers(gateway, workers)
         yield gateway
     finally:
         if process.poll() is None:
