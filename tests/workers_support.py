@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 
 from tests.clients import Clients
-from tests.serving import free_port, gateway_log, start_gateway, wait_until_serving
+from tests.serving import gateway_log, start_gateway, wait_until_serving
 from tests.subscription_support import clients_on
 
 WAIT = 60.0
@@ -75,16 +75,15 @@ async def workers_gateway(
     options: Sequence[str] = (),
 ) -> AsyncIterator[WorkersGateway]:
     """``order-gateway serve --workers N [options]`` on ``port`` (by default one the
-    system picks: ``:0``, so that no other process can take it first), serving; killed on
-    the way out."""
-    metrics_port = free_port() if metrics else None
+    system picks: ``:0``, so that no other process can take it first; the metrics port
+    too), serving; killed on the way out."""
     listen = f"127.0.0.1:{port or 0}"
     args = ["serve", "--listen", listen, "--store", store_url, "--workers", str(workers)]
-    if metrics_port is not None:
-        args += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
+    if metrics:
+        args += ["--metrics-listen", "127.0.0.1:0"]
     args += options
     process = start_gateway(args, env=env_without_settings())
-    gateway = WorkersGateway(process, listen, metrics_port)
+    gateway = WorkersGateway(process, listen, None)
     try:
         # Every worker serves once the supervisor says so, with the port they share; until
         # then it is still starting some of them.
@@ -95,6 +94,10 @@ async def workers_gateway(
                     raise AssertionError(f"the gateway exited:\n{gateway_log(process)}")
                 await asyncio.sleep(0.02)
         gateway.target = found.group(1)
+        if metrics:
+            address = re.search(r"metrics of all workers at http://[^/]+:(\d+)/", gateway.log)
+            assert address is not None, gateway.log
+            gateway.metrics_port = int(address.group(1))
         await wait_until_serving(gateway.target, process, within=WAIT)
         await until_workers(gateway, workers)
         yield gateway
