@@ -530,8 +530,11 @@ class GroupRuntime:
         """Before a lease is released: store the partitions' checkpoints, then forget them."""
         # Parks first: an event being parked holds its partition's checkpoint back until
         # its park is stored, and the checkpoint stored here is where the next owner (or
-        # this gateway after a restart) resumes.
-        await self._flush()
+        # this gateway after a restart) resumes. A store that fails here fails the flush
+        # below as well, which reports it: the partitions are dropped either way, since
+        # their leases are let go.
+        with contextlib.suppress(Exception):
+            await self._flush()
         checkpoints = {
             p.index: p.checkpoint(self._examined)
             for p in self._partitions
