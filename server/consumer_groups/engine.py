@@ -528,11 +528,11 @@ class GroupRuntime:
 
     async def _give_up(self, indexes: set[int]) -> None:
         """Before a lease is released: store the partitions' checkpoints, then forget them."""
-        # Parks first: an event being parked holds its partition's checkpoint back until
-        # its park is stored, and the checkpoint stored here is where the next owner (or
-        # this gateway after a restart) resumes. A store that fails here fails the flush
-        # below as well, which reports it: the partitions are dropped either way, since
-        # their leases are let go.
+        # Parks and failed attempts first: an event being parked holds its partition's
+        # checkpoint back until its park is stored, and the checkpoint stored here is where
+        # the next owner (or this gateway after a restart) resumes. A store that fails here
+        # fails the save below as well, which reports it; what was not stored stays queued
+        # for the next flush. The partitions are dropped either way: their leases go.
         with contextlib.suppress(Exception):
             await self._flush()
         checkpoints = {
@@ -543,7 +543,6 @@ class GroupRuntime:
         for index in indexes:
             if self._partitions[index].owned:
                 self._drop(self._partitions[index])
-        await self._flush()
         if checkpoints:
             await self._store.save_checkpoints(self.record.name, checkpoints)
 
