@@ -31,7 +31,13 @@ from typing import Protocol, runtime_checkable
 from domain.events import ProductRestocked, StockReleased, StockReserved
 from domain.mapper import decode
 from domain.ports import EventStore
-from server.stores.event_rows import EventRow, EventRowReader, UndecodableRowError
+from server.stores.event_rows import (
+    COMMAND_ID,
+    POSITION,
+    EventRow,
+    EventRowReader,
+    UndecodableRowError,
+)
 from server.stores.factory import holds_a_store, open_store, sqlite_path
 from server.stores.urls import redacted_url
 
@@ -263,7 +269,7 @@ async def _check_log(store: EventStore, head: int, checker: _Checker, report: Re
             continue
         if not rows:
             break
-        last = rows[-1][3]
+        last = rows[-1][POSITION]
         if last <= after:
             # A store that pages by count, not by position, past a repeated position.
             report.add(last, "the log does not advance past this position")
@@ -336,10 +342,10 @@ async def _find_stray_records(store: EventStore, head: int, report: Report) -> N
     async for page in _records(store, head):
         for command_id, first, count in page:
             rows = await _readable_rows(store, first - 1, 1) if first >= 1 else []
-            if not rows or rows[0][3] != first or count < 1:
+            if not rows or rows[0][POSITION] != first or count < 1:
                 report.add(max(first, 1), f"command record {command_id} points at no event")
-            elif rows[0][5] != command_id:
-                report.add(first, f"command record {command_id} points at an event of {rows[0][5]}")
+            elif (owner := rows[0][COMMAND_ID]) != command_id:
+                report.add(first, f"command record {command_id} points at an event of {owner}")
 
 
 async def _readable_rows(store: EventStore, after: int, limit: int) -> Sequence[EventRow]:

@@ -21,6 +21,7 @@ command_id, correlation_id, user_id, event_type, data, schema_version."""
 
 STREAM_ID: Final = 1
 POSITION: Final = 3
+COMMAND_ID: Final = 5
 EVENT_TYPE: Final = 8
 DATA: Final = 9
 
