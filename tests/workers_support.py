@@ -27,7 +27,11 @@ def worker_pids(supervisor: int) -> set[int]:
     """The supervisor's worker processes (not multiprocessing's resource tracker)."""
     found = set()
     for task in Path(f"/proc/{supervisor}/task").iterdir():
-        for child in (task / "children").read_text().split():
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:
+            continue  # A thread that ended meanwhile (the supervisor's threads come and go).
+        for child in children:
             try:
                 command = Path(f"/proc/{child}/cmdline").read_bytes()
             except FileNotFoundError:
