@@ -52,8 +52,8 @@ from server.observability.metrics import (
 from server.observability.otel import otel_tracing
 from server.observability.store_faults import FaultWatchingStreamLocks, StoreFaults, watched
 from server.rpc.decoding import RequestDecodingInterceptor
-from server.rpc.draining import StopGate
-from server.rpc.generic_handlers import GenericHandlersOnly
+from server.rpc.draining import SHUTTING_DOWN, StopGate
+from server.rpc.generic_handlers import ServiceTable
 from server.rpc.health import GatewayHealthServicer
 from server.rpc.last_resort import LastResortInterceptor
 from server.rpc.method_handlers import Interceptors
@@ -139,12 +139,14 @@ def exit_unless_stopped(seconds: float) -> None:
     timer.start()
 
 
-SERVICE_NAMES = (
-    order_command_service_pb2.DESCRIPTOR.services_by_name["OrderCommandService"].full_name,
-    inventory_command_service_pb2.DESCRIPTOR.services_by_name["InventoryCommandService"].full_name,
-    event_stream_service_pb2.DESCRIPTOR.services_by_name["EventStreamService"].full_name,
-    consumer_group_service_pb2.DESCRIPTOR.services_by_name["ConsumerGroupService"].full_name,
+SERVICES = (
+    order_command_service_pb2.DESCRIPTOR.services_by_name["OrderCommandService"],
+    inventory_command_service_pb2.DESCRIPTOR.services_by_name["InventoryCommandService"],
+    event_stream_service_pb2.DESCRIPTOR.services_by_name["EventStreamService"],
+    consumer_group_service_pb2.DESCRIPTOR.services_by_name["ConsumerGroupService"],
 )
+"""The gateway's own services: they serve once the store is open."""
+SERVICE_NAMES = tuple(service.full_name for service in SERVICES)
 
 
 @dataclass
@@ -155,6 +157,7 @@ class Gateway:
     port: int
     store: EventStore
     health: GatewayHealthServicer
+    services: ServiceTable
     hub: SubscriptionHub
     groups: ConsumerGroups
     shutdown_grace: float
@@ -166,6 +169,9 @@ class Gateway:
     stop_gate: StopGate = field(default_factory=StopGate)
     shared_listen: str | None = None
     """The address this gateway shares with the other workers of ``--workers``, if any."""
+    server_started: bool = False
+    """Whether ``server`` has started (before the store opened, with ``create_server``'s
+    ``start_while_opening``)."""
     metrics_port: int | None = field(default=None, init=False)
     """The port /metrics is served on once started (None without --metrics-listen)."""
     _stopped: bool = field(default=False, init=False)
@@ -174,7 +180,10 @@ class Gateway:
         if self.metrics_server is not None:
             self.metrics_port = self.metrics_server.start()
         await self.hub.start()
-        await self.server.start()
+        if not self.server_started:
+            await self.server.start()
+            self.server_started = True
+        self.services.open()
         for name in (*SERVICE_NAMES, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -213,6 +222,10 @@ class Gateway:
         if self.tracing is not None:
             self.tracing.shutdown()
 
+
+FAILED_START_GRACE_SECONDS: Final = 1.0
+"""How long a start that fails after the server started waits for the calls it refused
+to be answered before grpc cancels what remains."""
 
 PEERS_STOP_SECONDS = 1.0
 """How long a stopping worker holds its calls for the other workers to stop listening
@@ -260,12 +273,15 @@ async def create_server(
     group_tuning: GroupTuning | None = None,
     reuse_port: bool = False,
     cache: AggregateCache | None = None,
+    start_while_opening: bool = False,
 ) -> Gateway:
     """A configured, bound, not yet started gateway (``--listen`` may use port 0).
 
     ``authenticators`` default to those the settings name (none: authentication off);
     ``tracing`` to OpenTelemetry with ``--otel``, else none; ``reuse_port`` as in
-    ``server_options``.
+    ``server_options``. With ``start_while_opening``, the grpc server starts before the
+    store opens: health answers NOT_SERVING meanwhile, and calls to the gateway's services
+    wait for ``Gateway.start`` (``ServiceTable``), instead of connections waiting unanswered.
     """
     # A method without a scope would be refused on every call: refuse to start instead.
     check_every_method_scoped()
@@ -320,13 +336,44 @@ async def create_server(
         # Both addresses are settled before the store opens: opening a SQLite store creates
         # its file, which a refused start must not leave behind. grpc binds here and refuses
         # what check_free cannot judge; the metrics address is checked against that bound
-        # port, which it may name too. The servicers are added after, before the start.
+        # port, which it may name too. The servicers are added to the table once the store is open.
         port = add_port(server, settings.listen, credentials)
+        # The one generic handler: health and reflection are served as soon as the server
+        # starts, the gateway's services once the store is open (see ServiceTable).
+        services = ServiceTable(SERVICES)
+        server.add_generic_rpc_handlers((services,))
+        health = GatewayHealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, services.as_server())
+        for name in (*SERVICE_NAMES, ""):
+            await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        # What enable_server_reflection would add to an aio server, added to the table
+        # (which that function, checking for an aio server, would take for a sync one).
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(
+                (
+                    *SERVICE_NAMES,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                )
+            ),
+            services.as_server(),
+        )
+        server_started = False
         opened: EventStore | None = None
         try:
             if settings.metrics_listen:
                 host = settings.listen.rpartition(":")[0]
                 check_metrics_address(settings.metrics_listen, f"{host}:{port}")
+            if start_while_opening:
+                await server.start()
+                server_started = True
+                log.debug(
+                    "order-gateway starting on %s:%d: opening store %s (health NOT_SERVING"
+                    " until it is open)",
+                    settings.listen.rpartition(":")[0],
+                    port,
+                    redacted_url(settings.store),
+                )
             if store is None:
                 store = opened = await open_store(
                     settings.store, pool_size=settings.store_pool_size
@@ -336,6 +383,8 @@ async def create_server(
                 port,
                 settings,
                 store,
+                services=services,
+                health=health,
                 metrics=metrics,
                 access_log=access_log,
                 stop_gate=stop_gate,
@@ -346,12 +395,19 @@ async def create_server(
             )
             if reuse_port:
                 gateway.shared_listen = settings.listen
+            gateway.server_started = server_started
             return gateway
         except BaseException:
             # grpc closes a bound port only when a started server stops: started and stopped
-            # at once, any call that came in between cancelled.
-            await server.start()
-            await server.stop(None)
+            # at once, any call that came in between cancelled. Calls held while the store
+            # opened are refused first, and watches of NOT_SERVING ended.
+            services.refuse_held(SHUTTING_DOWN)
+            health.end_watches()
+            if server_started:
+                await server.stop(FAILED_START_GRACE_SECONDS)
+            else:
+                await server.start()
+                await server.stop(None)
             if opened is not None:
                 await opened.close()
             raise
@@ -367,6 +423,8 @@ async def _assemble(
     settings: Settings,
     store: EventStore,
     *,
+    services: ServiceTable,
+    health: GatewayHealthServicer,
     metrics: GatewayMetrics,
     access_log: AccessLog,
     stop_gate: StopGate,
@@ -406,13 +464,12 @@ async def _assemble(
     if isinstance(store, CommitsOnLoop):
         store.commit_on_loop_when(runner.in_flight.alone)
     stop_gate.quiet_only_when(runner.in_flight.none)
-    # Added by their generic handlers only (see server.rpc.generic_handlers).
-    services = GenericHandlersOnly(server).as_server()
+    table = services.as_server()
     order_command_service_pb2_grpc.add_OrderCommandServiceServicer_to_server(
-        OrderCommandServicer(runner), services
+        OrderCommandServicer(runner), table
     )
     inventory_command_service_pb2_grpc.add_InventoryCommandServiceServicer_to_server(
-        InventoryCommandServicer(runner), services
+        InventoryCommandServicer(runner), table
     )
     hub = SubscriptionHub(
         watched_store,
@@ -422,7 +479,7 @@ async def _assemble(
     )
     metrics.count_subscriptions(lambda: hub.limited_count)
     event_stream_service_pb2_grpc.add_EventStreamServiceServicer_to_server(
-        EventStreamServicer(hub), services
+        EventStreamServicer(hub), table
     )
     group_store = await open_group_store(store)
     groups = ConsumerGroups(
@@ -430,27 +487,14 @@ async def _assemble(
     )
     metrics.registry.register(GroupMetricsCollector(groups, hub))
     consumer_group_service_pb2_grpc.add_ConsumerGroupServiceServicer_to_server(
-        ConsumerGroupServicer(groups), services
-    )
-    health = GatewayHealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, services)
-    # What enable_server_reflection would add to an aio server, added to the stand-in
-    # (which that function, checking for an aio server, would take for a sync one).
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-        reflection.aio.ReflectionServicer(
-            (
-                *SERVICE_NAMES,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            )
-        ),
-        services,
+        ConsumerGroupServicer(groups), table
     )
     return Gateway(
         server,
         port,
         store,
         health,
+        services,
         hub,
         groups,
         settings.shutdown_grace,
@@ -529,8 +573,17 @@ async def _serve_until(
     on_serving: Callable[[Gateway], None] | None,
     internal_metrics: bool,
 ) -> None:
+    # A worker of --workers (its store already open) starts once ready: started sooner,
+    # it would answer NOT_SERVING for an address the other workers serve.
     gateway = await unless_stopped(
-        create_server(settings, store=store, reuse_port=reuse_port, cache=cache), stop
+        create_server(
+            settings,
+            store=store,
+            reuse_port=reuse_port,
+            cache=cache,
+            start_while_opening=not reuse_port,
+        ),
+        stop,
     )
     if gateway is None:
         if store is not None:
