@@ -153,6 +153,16 @@ class Settings(BaseSettings):
             raise ValueError(f"not one of {', '.join(LOG_LEVELS)}")
         return level
 
+    @field_validator(
+        "auth_tokens", "jwt_public_key", "tls_cert", "tls_key", "tls_client_ca", mode="before"
+    )
+    @classmethod
+    def _check_file_named(cls, path: object) -> object:
+        # An empty variable (a manifest's `value: ""`) would be the working directory.
+        if isinstance(path, str) and not path.strip():
+            raise ValueError("empty: name a file, or leave the setting unset")
+        return path
+
     @field_validator("listen", "metrics_listen")
     @classmethod
     def _check_port(cls, address: str | None) -> str | None:

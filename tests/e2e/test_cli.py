@@ -417,3 +417,15 @@ def test_a_grpc_setting_too_large_for_grpc_is_refused_before_the_store_is_create
     setting = variable.removeprefix("ORDER_GATEWAY_").lower()
     assert any(setting in line and "2147483647" in line for line in lines), lines
     assert files_in(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "setting", ["auth_tokens", "jwt_public_key", "tls_cert", "tls_key", "tls_client_ca"]
+)
+def test_a_file_setting_set_empty_is_refused_by_its_name(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], setting: str
+) -> None:
+    # As a manifest's `value: ""` sets it: not the working directory, read as a file.
+    monkeypatch.setenv(f"ORDER_GATEWAY_{setting.upper()}", "")
+    assert main(["serve", "--listen", "127.0.0.1:0", "--store", "memory://"]) == 2
+    assert f"{setting}: empty: name a file, or leave the setting unset" in capsys.readouterr().err
