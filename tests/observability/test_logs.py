@@ -70,7 +70,10 @@ def test_json_lines_carry_the_fields_after_the_message_and_the_exception_last() 
         "duration_ms",
         "exception",
     ]
-    assert entry["time"] == time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(created))
+    # To the millisecond: an access log's batched lines share their seconds.
+    second = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(created))
+    zone = time.strftime("%z", time.localtime(created))
+    assert entry["time"] == f"{second}.{int(created * 1000) % 1000:03d}{zone}"
     assert entry["message"] == "failed here"
     assert entry["exception"].endswith("RuntimeError: disk on fire")
     assert line == json.dumps(entry, default=str)
