@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
@@ -223,6 +224,33 @@ class Gateway:
             self.tracing.shutdown()
 
 
+SLOW_OPEN_REPORT_SECONDS: Final = (2.0, 10.0)
+"""A store still opening is reported after the first, then after every second, seconds."""
+
+
+async def reporting_a_slow_open(opening: Awaitable[EventStore], url: str) -> EventStore:
+    """The store ``opening`` gives, logged while it is slow to: opening can wait on a
+    database that does not answer, or on another process (a replica's schema migration,
+    SQLite's write lock), and a start that says nothing meanwhile looks hung."""
+    store = asyncio.ensure_future(opening)
+    started = time.monotonic()
+    first, every = SLOW_OPEN_REPORT_SECONDS
+    try:
+        while not (await asyncio.wait((store,), timeout=first))[0]:
+            log.info(
+                "order-gateway still opening store %s after %.0f s (the database has not"
+                " answered, or another process holds its schema migration or write lock)",
+                redacted_url(url),
+                time.monotonic() - started,
+            )
+            first = every
+        return store.result()
+    finally:
+        if not store.done():
+            store.cancel()
+            await asyncio.gather(store, return_exceptions=True)
+
+
 FAILED_START_GRACE_SECONDS: Final = 1.0
 """How long a start that fails after the server started waits for the calls it refused
 to be answered before grpc cancels what remains."""
@@ -375,8 +403,9 @@ async def create_server(
                     redacted_url(settings.store),
                 )
             if store is None:
-                store = opened = await open_store(
-                    settings.store, pool_size=settings.store_pool_size
+                store = opened = await reporting_a_slow_open(
+                    open_store(settings.store, pool_size=settings.store_pool_size),
+                    settings.store,
                 )
             gateway = await _assemble(
                 server,

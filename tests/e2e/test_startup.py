@@ -8,6 +8,7 @@ the store is open, or is refused UNAVAILABLE just before its deadline.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import signal
 import time
@@ -140,7 +141,11 @@ class SlowOpening:
 
 async def test_commands_sent_while_the_store_opens_run_once_it_is_open(
     slow_store_opening: SlowOpening,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    monkeypatch.setattr(app, "SLOW_OPEN_REPORT_SECONDS", (0.1, 0.1))
+    caplog.set_level(logging.INFO, logger="order_gateway.server")
     stop = asyncio.Event()
     served = asyncio.Event()
     serving = asyncio.ensure_future(
@@ -160,6 +165,8 @@ async def test_commands_sent_while_the_store_opens_run_once_it_is_open(
         held = asyncio.ensure_future(restock(target, deadline=WAIT))
         await asyncio.sleep(0.3)
         assert not held.done()
+        # A start that waits says so, again and again.
+        assert caplog.text.count("still opening store memory:// after") >= 2
 
         slow_store_opening.release.set()
         assert await held == ["ProductRestocked"]
