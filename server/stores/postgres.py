@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -349,6 +349,8 @@ class PostgresEventStore:
                 self._write_pending(), name="order-gateway postgres writer"
             )
             self._writers.add(writer)
+            # A writer leaves the set itself as it stops (``_write_pending``); this only
+            # covers one cancelled before its first step.
             writer.add_done_callback(self._writers.discard)
         return await pending.future
 
@@ -377,6 +379,12 @@ class PostgresEventStore:
                     self._busy_commands -= commands
         finally:
             self._idle_connections.append(connection)
+            # Now, as it decides to stop, not in a done callback: those run after the
+            # callers this writer has just answered, and one of them may append again at
+            # once. Still counted as a writer, this one would start no other, and that
+            # append (and every command behind it on its streams) would wait until some
+            # later append started one: seen as a replica's calls all hanging at once.
+            self._writers.discard(cast("asyncio.Task[None]", asyncio.current_task()))
 
     async def _write_batch(self, connection: _KeptConnection, batch: list[_Pending]) -> None:
         try:

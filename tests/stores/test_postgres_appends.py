@@ -158,3 +158,40 @@ async def test_appends_read_only_the_rows_they_check_as_the_store_grows(
     # head per batch; a scan of a whole table would read thousands of rows per batch.
     read = sum(int(rows_read) for _, _, rows_read in rows)
     assert read < 10 * commits, rows
+
+
+async def test_an_append_made_as_the_last_writer_stops_is_written(
+    fresh_postgres_url: str,
+) -> None:
+    """A caller answered by a writer that then finds nothing left to send appends again at
+    once, before that writer's task has ended: a writer must still take the append.
+    With one writer at most, every such append comes while the only writer is ending."""
+    store = await PostgresEventStore.open(fresh_postgres_url, max_in_flight=1)
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            for version in range(1, 4):
+                await store.append(commit(("one-after-another", version)))
+    finally:
+        await store.close()
+
+
+async def test_an_append_made_as_both_writers_stop_is_written(
+    store: PostgresEventStore, fresh_postgres_url: str
+) -> None:
+    """Two batches answered in one turn of the event loop: the caller of the first appends
+    again at once, while both writers are ending (one caller answered after the other)."""
+    async with await psycopg.AsyncConnection.connect(fresh_postgres_url, autocommit=True) as other:
+        for round_ in range(20):
+
+            async def then_again(stream: str) -> None:
+                await store.append(commit((stream, 1)))
+                await store.append(commit((stream, 2)))
+
+            await other.execute("SELECT pg_advisory_lock(%s)", (APPEND_LOCK,))
+            first = asyncio.ensure_future(then_again(f"first-{round_}"))
+            await waiting_at_the_append_lock(other, 1)
+            second = asyncio.ensure_future(store.append(commit((f"second-{round_}", 1))))
+            await waiting_at_the_append_lock(other, 2)
+            await other.execute("SELECT pg_advisory_unlock(%s)", (APPEND_LOCK,))
+            async with asyncio.timeout(TIMEOUT):
+                await asyncio.gather(first, second)
