@@ -240,8 +240,14 @@ class PostgresEventStore:
         once at most, each holding a connection.
         """
         connect_kwargs = _connect_kwargs(url)
-        with _translated("connect"):
+        try:
             migrator = await psycopg.AsyncConnection.connect(url, autocommit=True, **connect_kwargs)
+        except psycopg.ProgrammingError as error:
+            # psycopg checks some parameters' values before it connects ("bad value for
+            # connect_timeout"): the URL is wrong, not the server unavailable.
+            raise _invalid_url(url, error) from None
+        except psycopg.Error as error:
+            raise store_error(error, "connect") from error
         with _translated("migrate"):
             async with migrator:
                 await apply_migrations(migrator)
@@ -791,12 +797,7 @@ def _connect_kwargs(url: str) -> dict[str, Any]:
     try:
         given = conninfo_to_dict(url)
     except psycopg.ProgrammingError as error:
-        # A configuration error, reported with the URL's secrets masked: libpq quotes
-        # what it cannot parse, the password included. Not chained, for the same reason.
-        message = redacted_message(str(error).strip(), url)
-        raise StoreURLError(
-            f"invalid PostgreSQL store URL {redacted_url(url)!r}: {message}"
-        ) from None
+        raise _invalid_url(url, error) from None
     # libpq parses the port only when it connects, and its complaint would read as an
     # unreachable server. One port per host, comma-separated; an empty one is the default.
     for port in str(given.get("port", "")).split(","):
@@ -806,6 +807,14 @@ def _connect_kwargs(url: str) -> dict[str, Any]:
                 f" port {port!r} is not a number from 1 to 65535"
             )
     return {key: value for key, value in CONNECT_DEFAULTS.items() if key not in given}
+
+
+def _invalid_url(url: str, error: psycopg.ProgrammingError) -> StoreURLError:
+    """A configuration error, reported with the URL's secrets masked: libpq and psycopg
+    quote what they cannot take, the password included. Raise it unchained, for the
+    same reason."""
+    message = redacted_message(str(error).strip(), url)
+    return StoreURLError(f"invalid PostgreSQL store URL {redacted_url(url)!r}: {message}")
 
 
 async def _configure(conn: psycopg.AsyncConnection[TupleRow]) -> None:

@@ -114,6 +114,8 @@ def test_a_mistyped_store_url_is_refused_without_its_password(
         f"postgresql://gw:{SECRET}@db:99999/orders",
         f"postgresql://gw:{SECRET}@db1:5432,db2:0/orders",
         f"postgresql://gw:{SECRET}@db/orders?port=5432x",
+        # Values psycopg checks before it connects.
+        f"postgresql://gw:{SECRET}@db/orders?connect_timeout=abc",
         # Unencoded in the password, these would end it early for libpq or a parser.
         f"postgresql://gw:{SECRET}/x@db/orders",
         f"postgresql://gw:{SECRET}?x@db/orders",
