@@ -245,10 +245,14 @@ async def reporting_a_slow_open(opening: Awaitable[EventStore], url: str) -> Eve
             )
             first = every
         return store.result()
-    finally:
-        if not store.done():
-            store.cancel()
-            await asyncio.gather(store, return_exceptions=True)
+    except BaseException:
+        # A stop while it opens: the open is cancelled, and a store that opened all the
+        # same (at that very moment, or ignoring the cancellation) is closed.
+        store.cancel()
+        await asyncio.gather(store, return_exceptions=True)
+        if not store.cancelled() and store.exception() is None:
+            await store.result().close()
+        raise
 
 
 FAILED_START_GRACE_SECONDS: Final = 1.0
