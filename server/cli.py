@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     _setting(serve, "insecure", action="store_const", const=True)
     _setting(serve, "metrics_listen", metavar="HOST:PORT")
     _setting(serve, "otel", action="store_const", const=True)
-    _setting(serve, "log_format", choices=["text", "json"])
+    _setting(serve, "log_format", choices=["text", "json"], type=str.lower)
     _setting(serve, "log_level", metavar="LEVEL")
     _setting(serve, "workers", metavar="N", type=int)
 

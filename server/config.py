@@ -146,6 +146,12 @@ class Settings(BaseSettings):
         ),
     )
 
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _log_format_in_any_case(cls, log_format: object) -> object:
+        # As the log level: JSON is json.
+        return log_format.lower() if isinstance(log_format, str) else log_format
+
     @field_validator("log_level")
     @classmethod
     def _check_log_level(cls, level: str) -> str:

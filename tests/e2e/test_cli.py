@@ -42,6 +42,15 @@ def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (settings.listen, settings.store) == ("127.0.0.1:7001", "memory://")
 
 
+def test_the_log_format_is_taken_in_any_case_as_the_log_level_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ORDER_GATEWAY_LOG_FORMAT", "JSON")
+    assert settings_from(build_parser().parse_args(["serve"])).log_format == "json"
+    args = build_parser().parse_args(["serve", "--log-format", "Text"])
+    assert settings_from(args).log_format == "text"
+
+
 def test_defaults_follow_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("ORDER_GATEWAY_LISTEN", "ORDER_GATEWAY_STORE"):
         monkeypatch.delenv(name, raising=False)
