@@ -38,7 +38,7 @@ from server.consumer_groups.metrics import GroupMetricsCollector
 from server.consumer_groups.service import ConsumerGroups
 from server.consumer_groups.servicer import ConsumerGroupServicer
 from server.consumer_groups.stores import open_group_store, partition_leases
-from server.launch import held_signal
+from server.launch import held_signal, stop_signals
 from server.observability.access_log import AccessLog
 from server.observability.hooks import Tracing
 from server.observability.interceptor import ObservabilityInterceptor
@@ -567,15 +567,17 @@ async def serve(
     reuse_port: bool = False,
     on_serving: Callable[[Gateway], None] | None = None,
     stop: asyncio.Event | None = None,
-    signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+    signals: Sequence[signal.Signals] | None = None,
     bounded: bool = True,
     internal_metrics: bool = False,
 ) -> None:
     """Run until one of ``signals`` arrives (or ``stop`` is set), then stop gracefully.
 
+    ``signals`` default to SIGTERM, SIGINT and SIGHUP (``server.launch.stop_signals``).
     A worker of ``--workers N`` passes its ``store`` and aggregate ``cache``,
     ``reuse_port``, ``on_serving`` (told once the gateway serves), a ``stop`` it sets
-    itself when its supervisor is gone, and SIGTERM alone: its supervisor handles SIGINT;
+    itself when its supervisor is gone, and SIGTERM alone: its supervisor handles the
+    others;
     ``bounded=False``, since it bounds its stop itself; and ``internal_metrics``: its
     /metrics is read by its supervisor alone, so its address is no operator's concern.
     Otherwise a stop that lasts ``stop_deadline`` ends with the process's exit, whatever
@@ -583,7 +585,7 @@ async def serve(
     """
     stop = stop if stop is not None else asyncio.Event()
     # From the start: a stop asked for while the store opens is one too.
-    stop_on_signals(signals, stop)
+    stop_on_signals(stop_signals() if signals is None else signals, stop)
     bound = asyncio.ensure_future(_bound_stop(stop, stop_deadline(settings))) if bounded else None
     try:
         await _serve_until(stop, settings, store, cache, reuse_port, on_serving, internal_metrics)

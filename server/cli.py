@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands,
         "serve",
         "run the gateway",
-        "Run the gateway until SIGTERM or SIGINT, creating or upgrading the store's schema "
+        "Run the gateway until SIGTERM, SIGINT or SIGHUP, creating or upgrading the store's schema "
         "first. Every option can also be set by its environment variable; an option given "
         "here wins over the variable.",
     )

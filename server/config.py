@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(
         5.0,
         ge=0,
-        description="Seconds in-flight calls get to finish on SIGTERM/SIGINT; the stop ends "
+        description="Seconds in-flight calls get to finish on SIGTERM/SIGINT/SIGHUP; the stop ends "
         "within this + 2 s, and within 9 s whatever it is.",
     )
     workers: int = Field(

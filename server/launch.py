@@ -1,6 +1,6 @@
-"""The ``order-gateway`` command's entry point: SIGTERM and SIGINT are held from its first
-line, before the second or so its imports take (what comes before, Python's own start,
-leaves the signals their default actions).
+"""The ``order-gateway`` command's entry point: SIGTERM, SIGINT and SIGHUP are held from
+its first line, before the second or so its imports take (what comes before, Python's own
+start, leaves the signals their default actions).
 
 Without this, a stop asked for while the command still imported its modules (a container
 stopped as it starts, a supervisor's restart) met Python's default action: killed by
@@ -11,6 +11,9 @@ default actions back before it runs, and a signal held meanwhile acts then. A Ct
 that interrupts such a command ends it as SIGINT's default action would, without a
 traceback.
 
+SIGHUP (the terminal that started ``serve`` closed) stops it as SIGTERM does, unless the
+command was started with SIGHUP ignored (``nohup``): it then stays ignored.
+
 Only ``signal`` is imported here, so that the handlers are in place before anything slow.
 """
 
@@ -20,14 +23,16 @@ import signal
 from collections.abc import Sequence
 from types import FrameType
 
-HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+HELD_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
 """SIGTERM last: Python catches SIGINT from its start, so a process that catches SIGTERM
-holds both."""
+holds them all."""
 
 _held: list[signal.Signals] = []
 """The signals that came while held, first first."""
 
 _holding = False
+_hangup_ignored: bool | None = None
+"""Whether the command started with SIGHUP ignored (None: not started by ``main``)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,12 +51,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def hold_signals() -> None:
-    """Note SIGTERM and SIGINT instead of acting on them, until ``held_signal`` or
-    ``release_signals`` is asked."""
-    global _holding
+    """Note SIGTERM, SIGINT and SIGHUP (unless ignored) instead of acting on them, until
+    ``held_signal`` or ``release_signals`` is asked."""
+    global _holding, _hangup_ignored
     _holding = True
+    _hangup_ignored = signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
     for signum in HELD_SIGNALS:
-        signal.signal(signum, _note)
+        if signum != signal.SIGHUP or not _hangup_ignored:
+            signal.signal(signum, _note)
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop ``serve``: SIGTERM, SIGINT, and SIGHUP unless it was ignored
+    when the command started."""
+    ignored = (
+        _hangup_ignored
+        if _hangup_ignored is not None
+        else signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    )
+    return (
+        (signal.SIGTERM, signal.SIGINT)
+        if ignored
+        else (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    )
 
 
 def _note(signum: int, frame: FrameType | None) -> None:
@@ -64,13 +86,15 @@ def held_signal(among: Sequence[signal.Signals]) -> signal.Signals | None:
 
 
 def release_signals() -> None:
-    """Give SIGTERM and SIGINT their default actions back (when held), and act on the
+    """Give the held signals their default actions back (when held), and act on the
     first that came meanwhile as they would have then."""
     global _holding
     if not _holding:
         return  # Not started by ``main`` (a test calling the CLI): nothing was changed.
     _holding = False
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if not _hangup_ignored:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
     if _held:
         # Ends the process as the signal would have (no KeyboardInterrupt traceback).
         signal.signal(signal.SIGINT, signal.SIG_DFL)

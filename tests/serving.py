@@ -39,16 +39,23 @@ def listening_stranger() -> Iterator[str]:
 
 
 def start_gateway(
-    args: Sequence[str], env: dict[str, str] | None = None
+    args: Sequence[str], env: dict[str, str] | None = None, hangup: str = "inherited"
 ) -> subprocess.Popen[bytes]:
     """``order-gateway <args>`` as a child process.
 
     Its log goes to an unnamed temporary file, not a pipe: the gateway logs a line per
-    RPC, and a pipe nobody drains fills up and blocks the server mid-test.
+    RPC, and a pipe nobody drains fills up and blocks the server mid-test. ``hangup``:
+    SIGHUP's action in the child, ``"default"`` or ``"ignored"`` (as under ``nohup``),
+    else the test run's own.
     """
     log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
+    action = {"default": signal.SIG_DFL, "ignored": signal.SIG_IGN}.get(hangup)
     process = subprocess.Popen(
-        [sys.executable, "-m", "server", *args], env=env, stdout=subprocess.DEVNULL, stderr=log
+        [sys.executable, "-m", "server", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        preexec_fn=None if action is None else lambda: signal.signal(signal.SIGHUP, action),
     )
     _logs[process] = log
     return process

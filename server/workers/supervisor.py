@@ -5,7 +5,7 @@ reserves it (``listen_address``), prepares the store (runs the migrations once; 
 it keeps the consumer groups), runs the hub that tells workers of each other's commits
 (``hub``), spawns the workers,
 replaces one that dies (logged, and counted in ``order_gateway_worker_restarts_total``),
-serves ``/metrics`` for all of them, and on SIGTERM or SIGINT stops them all gracefully:
+serves ``/metrics`` for all of them, and on SIGTERM, SIGINT or SIGHUP stops them all gracefully:
 each worker turns its health NOT_SERVING, refuses new calls, finishes those in flight and
 ends its subscription streams; one still running after the grace period is killed.
 """
@@ -16,7 +16,6 @@ import asyncio
 import logging
 import multiprocessing
 import os
-import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from domain.errors import StoreError
 from server.app import authenticators_from, stop_deadline, stop_on_signals, unless_stopped
 from server.config import Settings
 from server.consumer_groups.store_sqlite import SQLiteConsumerGroupStore
+from server.launch import stop_signals
 from server.observability.metrics import MetricsServer, check_metrics_address
 from server.security.tls import server_credentials
 from server.stores.factory import migrate, sqlite_path
@@ -151,7 +151,8 @@ class Supervisor:
     def __init__(
         self, settings: Settings, specs: list[WorkerSpec], stopping: asyncio.Event
     ) -> None:
-        """``stopping`` is set by SIGTERM or SIGINT (``stop_on_signals``, from the start)."""
+        """``stopping`` is set by SIGTERM, SIGINT or SIGHUP (``stop_on_signals``, from the
+        start)."""
         self._settings = settings
         self._slots = [_Slot(spec) for spec in specs]
         self._stopping = stopping
@@ -274,7 +275,7 @@ async def _migrated(url: str) -> bool:
 
 
 async def supervise(settings: Settings) -> None:
-    """Run ``settings.workers`` workers (more than one) until SIGTERM or SIGINT."""
+    """Run ``settings.workers`` workers (more than one) until SIGTERM, SIGINT or SIGHUP."""
     count = worker_count(settings.workers)
     if settings.store.startswith("memory:"):
         raise WorkersConfigurationError(
@@ -289,7 +290,7 @@ async def supervise(settings: Settings) -> None:
     # From here on a stop is a stop: while the store opens (an unreachable database
     # takes its connect timeout) as while workers start or serve.
     stopping = asyncio.Event()
-    stop_on_signals((signal.SIGTERM, signal.SIGINT), stopping)
+    stop_on_signals(stop_signals(), stopping)
     reservation = reserve(settings.listen)
     try:
         if settings.metrics_listen:

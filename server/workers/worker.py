@@ -3,7 +3,8 @@
 Workers are spawned (a fresh interpreter each), never forked: grpc's state cannot be
 forked once it exists (grpc issue 16001), and the supervisor may hold SQLite
 connections. A worker stops gracefully on SIGTERM, which only its supervisor sends (SIGINT
-from a terminal reaches the whole process group; the supervisor turns it into SIGTERM),
+and SIGHUP from a terminal reach the whole process group; the supervisor turns them into
+SIGTERM),
 and also when its supervisor is gone, so that no worker outlives a killed supervisor: the
 supervisor holds the only write end of a pipe whose read end the worker watches, and the
 kernel closes it when the supervisor dies, however it dies.
@@ -78,7 +79,10 @@ def run_worker(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> Non
     """The worker process's entry point: sends its metrics port (or None) on ``ready``
     once it serves, and stops when ``lifeline`` (whose other end only the supervisor
     holds) reaches its end."""
+    # A terminal's Ctrl-C or hang-up reaches the whole process group: the supervisor
+    # stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings = spec.settings
     configure_logging(settings.log_format, settings.log_level, worker=spec.index)
     try:

@@ -58,10 +58,11 @@ def test_defaults_follow_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (settings.listen, settings.store) == ("127.0.0.1:50051", "sqlite:///order-gateway.db")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 async def test_serve_stops_gracefully_on_a_signal(signum: signal.Signals) -> None:
+    # SIGHUP: the terminal that started it closed.
     target = f"127.0.0.1:{free_port()}"
-    process = start_gateway(["serve", "--listen", target, "--store", "memory://"])
+    process = start_gateway(["serve", "--listen", target, "--store", "memory://"], hangup="default")
     try:
         await wait_until_serving(target, process)
         async with grpc.aio.insecure_channel(target) as channel:
@@ -84,6 +85,24 @@ async def test_serve_stops_gracefully_on_a_signal(signum: signal.Signals) -> Non
         assert code == 0
         assert time.monotonic() - started < 10
         assert statuses[:1] == [health_pb2.HealthCheckResponse.NOT_SERVING]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+async def test_serve_started_with_sighup_ignored_keeps_serving_on_a_hangup() -> None:
+    # As under nohup: the terminal closing must not stop it.
+    target = f"127.0.0.1:{free_port()}"
+    process = start_gateway(["serve", "--listen", target, "--store", "memory://"], hangup="ignored")
+    try:
+        await wait_until_serving(target, process)
+        process.send_signal(signal.SIGHUP)
+        await asyncio.sleep(1)
+        assert process.poll() is None, gateway_log(process)
+        await wait_until_serving(target, process)
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 10) == 0
     finally:
         if process.poll() is None:
             process.kill()

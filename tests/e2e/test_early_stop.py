@@ -55,13 +55,16 @@ def exit_code(process: subprocess.Popen[bytes]) -> int:
             process.wait()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"]
+)
 def test_a_stop_as_the_command_starts_ends_it_gracefully_before_it_serves(
     tmp_path: Path, signum: signal.Signals
 ) -> None:
     process = start_gateway(
         ["serve", "--listen", "127.0.0.1:0", "--store", f"sqlite:///{tmp_path / 'events.db'}"],
         env=env_without_settings(),
+        hangup="default",
     )
     signal_once_caught(process, signum)
     code = exit_code(process)
@@ -96,7 +99,9 @@ def test_the_installed_command_holds_the_signals_too(tmp_path: Path) -> None:
     assert "stopped before serving" in logged
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"]
+)
 def test_a_stop_as_the_workers_supervisor_starts_leaves_no_worker_behind(
     tmp_path: Path, signum: signal.Signals
 ) -> None:
@@ -111,6 +116,7 @@ def test_a_stop_as_the_workers_supervisor_starts_leaves_no_worker_behind(
             "2",
         ],
         env=env_without_settings(),
+        hangup="default",
     )
     signal_once_caught(process, signum)
     code = exit_code(process)

@@ -22,7 +22,9 @@ print("released", flush=True)
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"]
+)
 def test_a_signal_held_while_starting_acts_as_its_default_once_released(
     signum: signal.Signals,
 ) -> None:
@@ -31,6 +33,7 @@ def test_a_signal_held_while_starting_acts_as_its_default_once_released(
         capture_output=True,
         text=True,
         timeout=30,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
     )
     assert done.stdout == "held True\n"
     assert done.returncode == -signum
@@ -44,12 +47,17 @@ def test_without_a_held_signal_release_gives_the_default_actions_back() -> None:
         "launch.hold_signals()\n"
         "launch.release_signals()\n"
         "print(signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,"
-        " signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n"
+        " signal.getsignal(signal.SIGINT) is signal.default_int_handler,"
+        " signal.getsignal(signal.SIGHUP) == signal.SIG_DFL)\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
     )
-    assert done.stdout == "True True\n", done.stderr
+    assert done.stdout == "True True True\n", done.stderr
     assert done.returncode == 0
 
 
