@@ -956,6 +956,9 @@ class GroupRuntime:
         return counts
 
     def view(self) -> RuntimeView:
+        """The partitions this process delivers, and its members. Not the others: one
+        given up is forgotten (its unsettled events with it) before its checkpoint is
+        stored, and what was read of it would pass them."""
         in_flight = self._in_flight_by_partition()
         return RuntimeView(
             partitions=tuple(
@@ -966,6 +969,7 @@ class GroupRuntime:
                     in_flight.get(p.index, 0),
                 )
                 for p in self._partitions
+                if p.owned
             ),
             members=tuple(
                 MemberView(

@@ -9,14 +9,14 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import pytest
 
 from server.consumer_groups.engine import GroupTuning
 from server.consumer_groups.leases import LeaseCoordinator, LocalMember
 from server.consumer_groups.leases_memory import MemoryLeases
-from server.consumer_groups.model import GroupSettings, ParkedEvent
+from server.consumer_groups.model import GroupSettings, ParkedEvent, partition_of
 from server.consumer_groups.service import ConsumerGroups
 from server.consumer_groups.store_memory import MemoryConsumerGroupStore
 from server.rpc.subscription_hub import SubscriptionHub
@@ -156,3 +156,78 @@ async def test_a_stop_ends_the_rounds_even_when_a_round_lost_the_cancellation() 
     stopping = asyncio.create_task(coordinator.stop())
     done, _ = await asyncio.wait({stopping}, timeout=10)
     assert stopping in done, "the stop still waits for the rounds to end"
+
+
+class SlowCheckpointStore(MemoryConsumerGroupStore):
+    """Checkpoints are stored only once ``saving`` is set; ``entered`` tells a save began."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.saving = asyncio.Event()
+        self.saving.set()
+        self.entered = asyncio.Event()
+
+    async def save_checkpoints(self, name: str, checkpoints: Mapping[int, int]) -> None:
+        self.entered.set()
+        await self.saving.wait()
+        await super().save_checkpoints(name, checkpoints)
+
+
+def _products_by_partition(partitions: int, each: int) -> list[list[str]]:
+    found: list[list[str]] = [[] for _ in range(partitions)]
+    n = 0
+    while any(len(products) < each for products in found):
+        products = found[partition_of(f"product-p{n}", partitions)]
+        if len(products) < each:
+            products.append(f"p{n}")
+        n += 1
+    return found
+
+
+async def test_a_partition_being_given_up_is_not_reported_past_its_unsettled_events(
+    hub: SubscriptionHub,
+) -> None:
+    """A partition moving to another replica's member while this replica's member stays:
+    between dropping it and storing its checkpoint, GetConsumerGroup must not report what
+    was read of it (past an event waiting for its retry) as its checkpoint."""
+    events = hub.store
+    assert isinstance(events, MemoryEventStore)
+    store = SlowCheckpointStore()
+    leases = MemoryLeases()
+    tuning = dataclasses.replace(TUNING, retry_base=60.0)
+    here = ConsumerGroups(store, events, hub, tuning, leases)
+    there = ConsumerGroups(store, events, hub, tuning, leases)
+    try:
+        await here.create("g", GroupSettings(partitions=2))
+        # Per partition, a first stream whose event will wait for its retry, then another.
+        first_of: dict[int, tuple[str, int]] = {}
+        second_ids: list[str] = []
+        for partition, (first, second) in enumerate(_products_by_partition(2, 2)):
+            event_id = await _restock(events, first)
+            first_of[partition] = (event_id, await events.head_position())
+            second_ids.append(await _restock(events, second))
+        runtime, member = await here.join("g", "m1", "user", 10)
+        delivered: set[str] = set()
+        async with asyncio.timeout(20):
+            async for message in member.messages():
+                if message.WhichOneof("message") == "delivery":
+                    delivered.add(message.delivery.event.event_id)
+                    if len(delivered) == 4:
+                        break
+        runtime.retry(member, [event_id for event_id, _ in first_of.values()], "not yet")
+        runtime.ack(member, second_ids)
+        await asyncio.sleep(0.1)  # the failed attempts stored, the retries waiting
+        store.saving.clear()
+        store.entered.clear()
+        await there.join("g", "m2", "user", 10)
+        async with asyncio.timeout(20):
+            await store.entered.wait()  # one partition is being given up to m2
+        view = await here.view("g")
+        for reported in view.partitions:
+            _, waiting_at = first_of[reported.partition]
+            assert reported.checkpoint < waiting_at, view
+        assert view.checkpoint < min(position for _, position in first_of.values())
+    finally:
+        store.saving.set()
+        await there.stop()
+        await here.stop()
