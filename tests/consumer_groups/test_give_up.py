@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 
 import pytest
 
-from server.consumer_groups.engine import GroupTuning
+from server.consumer_groups.engine import GroupTuning, Member
 from server.consumer_groups.leases import LeaseCoordinator, LocalMember
 from server.consumer_groups.leases_memory import MemoryLeases
 from server.consumer_groups.model import GroupSettings, ParkedEvent, partition_of
@@ -50,6 +50,18 @@ async def _restock(events: MemoryEventStore, product: str) -> str:
     return event.event_id
 
 
+async def _delivered(member: Member, count: int) -> list[str]:
+    """The ids of the first ``count`` events delivered to ``member``, in order."""
+    delivered: list[str] = []
+    async with asyncio.timeout(20):
+        async for message in member.messages():
+            if message.WhichOneof("message") == "delivery":
+                delivered.append(message.delivery.event.event_id)
+                if len(delivered) == count:
+                    break
+    return delivered
+
+
 @pytest.fixture
 async def hub() -> AsyncIterator[SubscriptionHub]:
     hub = SubscriptionHub(MemoryEventStore(), 100)
@@ -69,14 +81,7 @@ async def test_the_last_member_leaving_while_a_park_is_stored_stores_the_checkpo
         await groups.create("g", GroupSettings(partitions=1))
         ids = [await _restock(events, product) for product in "abc"]  # positions 1, 2, 3
         runtime, member = await groups.join("g", "m", "user", 10)
-        delivered: list[str] = []
-        async with asyncio.timeout(10):
-            async for message in member.messages():
-                if message.WhichOneof("message") == "delivery":
-                    delivered.append(message.delivery.event.event_id)
-                    if len(delivered) == 3:
-                        break
-        assert delivered == ids
+        assert await _delivered(member, 3) == ids
         runtime.ack(member, [ids[0], ids[2]])
         # The park of the second event takes a while to store; meanwhile the member
         # leaves, and the process gives its partition up.
@@ -207,13 +212,7 @@ async def test_a_partition_being_given_up_is_not_reported_past_its_unsettled_eve
             first_of[partition] = (event_id, await events.head_position())
             second_ids.append(await _restock(events, second))
         runtime, member = await here.join("g", "m1", "user", 10)
-        delivered: set[str] = set()
-        async with asyncio.timeout(20):
-            async for message in member.messages():
-                if message.WhichOneof("message") == "delivery":
-                    delivered.add(message.delivery.event.event_id)
-                    if len(delivered) == 4:
-                        break
+        await _delivered(member, 4)
         runtime.retry(member, [event_id for event_id, _ in first_of.values()], "not yet")
         runtime.ack(member, second_ids)
         await asyncio.sleep(0.1)  # the failed attempts stored, the retries waiting
