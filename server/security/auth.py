@@ -66,6 +66,13 @@ class TokenFileAuthenticator:
             document = tomllib.loads(read_setting_file("--auth-tokens", path).decode())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise ConfigurationError(f"--auth-tokens {path}: not valid TOML: {error}") from error
+        unknown = sorted(set(document) - {"token"})
+        if unknown:
+            # A misspelt table ([[tokens]]) would otherwise leave the file without tokens.
+            raise ConfigurationError(
+                f"--auth-tokens {path}: unknown key {', '.join(unknown)}"
+                " (each token is a [[token]] table)"
+            )
         entries: dict[bytes, Caller] = {}
         for n, token in enumerate(document.get("token", [])):
             where = f"--auth-tokens {path}: token[{n}]"
@@ -91,6 +98,11 @@ class TokenFileAuthenticator:
                     " not only spaces"
                 )
             entries[bytes.fromhex(digest)] = Caller(user_id=user_id, scopes=frozenset(scopes))
+        if not entries:
+            raise ConfigurationError(
+                f"--auth-tokens {path}: no [[token]] table: no caller could authenticate"
+                " with a token"
+            )
         return cls(entries)
 
     def authenticate(self, token: str) -> Caller | None:

@@ -286,6 +286,8 @@ async def test_tokens_never_reach_the_logs(api: Clients, caplog: pytest.LogCaptu
         (f'[[token]]\nsha256 = "{"0" * 64}"\nuser_id = "a"\nscopes = ["order:write"]\n', "scopes"),
         ('token = "x"\n', "[[token]] table"),
         ("[[token]\n", "not valid TOML"),
+        (f'[[tokens]]\nsha256 = "{"0" * 64}"\nuser_id = "a"\n', "unknown key tokens"),
+        ("# tokens to come\n", "no [[token]] table"),
     ],
     ids=[
         "no-hash",
@@ -299,6 +301,8 @@ async def test_tokens_never_reach_the_logs(api: Clients, caplog: pytest.LogCaptu
         "unknown-scope",
         "flat",
         "toml",
+        "misspelt-table",
+        "no-token",
     ],
 )
 def test_a_bad_token_file_is_refused_with_a_clear_message(
