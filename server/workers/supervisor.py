@@ -3,11 +3,11 @@
 The supervisor never serves gRPC itself. It refuses an address a stranger holds and
 reserves it (``listen_address``), prepares the store (runs the migrations once; on SQLite
 it keeps the consumer groups), runs the hub that tells workers of each other's commits
-(``hub``), spawns the workers,
-replaces one that dies (logged, and counted in ``order_gateway_worker_restarts_total``),
-serves ``/metrics`` for all of them, and on SIGTERM, SIGINT or SIGHUP stops them all gracefully:
-each worker turns its health NOT_SERVING, refuses new calls, finishes those in flight and
-ends its subscription streams; one still running after the grace period is killed.
+(``hub``), spawns the workers, replaces one that dies (logged, and counted in
+``order_gateway_worker_restarts_total``), serves ``/metrics`` for all of them, and on
+SIGTERM, SIGINT or SIGHUP stops them all gracefully: each worker turns its health
+NOT_SERVING, refuses new calls, finishes those in flight and ends its subscription
+streams; one still running after the grace period is killed.
 """
 
 from __future__ import annotations

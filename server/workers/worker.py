@@ -4,10 +4,9 @@ Workers are spawned (a fresh interpreter each), never forked: grpc's state canno
 forked once it exists (grpc issue 16001), and the supervisor may hold SQLite
 connections. A worker stops gracefully on SIGTERM, which only its supervisor sends (SIGINT
 and SIGHUP from a terminal reach the whole process group; the supervisor turns them into
-SIGTERM),
-and also when its supervisor is gone, so that no worker outlives a killed supervisor: the
-supervisor holds the only write end of a pipe whose read end the worker watches, and the
-kernel closes it when the supervisor dies, however it dies.
+SIGTERM), and also when its supervisor is gone, so that no worker outlives a killed
+supervisor: the supervisor holds the only write end of a pipe whose read end the worker
+watches, and the kernel closes it when the supervisor dies, however it dies.
 
 Once a stop begins, it is bounded: past ``stop_deadline`` the worker exits at once,
 whatever it still waits for. With a live supervisor that is when it would kill the worker
