@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -240,14 +241,7 @@ class PostgresEventStore:
         once at most, each holding a connection.
         """
         connect_kwargs = _connect_kwargs(url)
-        try:
-            migrator = await psycopg.AsyncConnection.connect(url, autocommit=True, **connect_kwargs)
-        except psycopg.ProgrammingError as error:
-            # psycopg checks some parameters' values before it connects ("bad value for
-            # connect_timeout"): the URL is wrong, not the server unavailable.
-            raise _invalid_url(url, error) from None
-        except psycopg.Error as error:
-            raise store_error(error, "connect") from error
+        migrator = await _connect(url, connect_kwargs)
         with _translated("migrate"):
             async with migrator:
                 await apply_migrations(migrator)
@@ -323,10 +317,9 @@ class PostgresEventStore:
     @staticmethod
     async def holds_a_store(url: str) -> bool:
         """Whether the database at ``url`` holds a gateway's schema, without creating it."""
+        conn = await _connect(url, _connect_kwargs(url))
         with _translated("connect"):
-            async with await psycopg.AsyncConnection.connect(
-                url, autocommit=True, **_connect_kwargs(url)
-            ) as conn:
+            async with conn:
                 # Another program's database may have tables of these names too: the
                 # events table must have the gateway's columns.
                 cursor = await conn.execute(
@@ -809,7 +802,35 @@ def _connect_kwargs(url: str) -> dict[str, Any]:
     return {key: value for key, value in CONNECT_DEFAULTS.items() if key not in given}
 
 
-def _invalid_url(url: str, error: psycopg.ProgrammingError) -> StoreURLError:
+async def _connect(url: str, connect_kwargs: dict[str, Any]) -> psycopg.AsyncConnection[TupleRow]:
+    """The first connection a command makes to the store: a URL that psycopg or libpq
+    refuses before reaching any server is a configuration error, not an unavailable
+    database."""
+    try:
+        return await psycopg.AsyncConnection.connect(url, autocommit=True, **connect_kwargs)
+    except psycopg.ProgrammingError as error:
+        # psycopg checks some parameters' values ("bad value for connect_timeout").
+        raise _invalid_url(url, error) from None
+    except psycopg.OperationalError as error:
+        refused = _REFUSED_BY_LIBPQ.match(str(error))
+        if refused:
+            raise _invalid_url(url, refused["complaint"]) from None
+        raise store_error(error, "connect") from error
+    except psycopg.Error as error:
+        raise store_error(error, "connect") from error
+
+
+_REFUSED_BY_LIBPQ = re.compile(
+    r"connection is bad: (?:.* failed: )?(?P<complaint>(?:invalid \w+ value: |weak sslmode "
+    r'|invalid integer value ".*" for connection option ).*)',
+    re.DOTALL,
+)
+"""libpq's complaints about a parameter's value, made before it connects (``sslmode=
+bogus``, ``keepalives=abc``): psycopg raises them as OperationalError, as it does
+a refused connection."""
+
+
+def _invalid_url(url: str, error: psycopg.Error | str) -> StoreURLError:
     """A configuration error, reported with the URL's secrets masked: libpq and psycopg
     quote what they cannot take, the password included. Raise it unchained, for the
     same reason."""

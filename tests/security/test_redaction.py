@@ -116,6 +116,10 @@ def test_a_mistyped_store_url_is_refused_without_its_password(
         f"postgresql://gw:{SECRET}@db/orders?port=5432x",
         # Values psycopg checks before it connects.
         f"postgresql://gw:{SECRET}@db/orders?connect_timeout=abc",
+        # Values libpq checks before it connects (nothing listens on port 1).
+        f"postgresql://gw:{SECRET}@127.0.0.1:1/orders?sslmode=bogus",
+        f"postgresql://gw:{SECRET}@127.0.0.1:1/orders?channel_binding=x",
+        f"postgresql://gw:{SECRET}@127.0.0.1:1/orders?keepalives=abc",
         # Unencoded in the password, these would end it early for libpq or a parser.
         f"postgresql://gw:{SECRET}/x@db/orders",
         f"postgresql://gw:{SECRET}?x@db/orders",
