@@ -22,7 +22,7 @@ from domain.errors import ConfigurationError, StoreError
 from server.client.groups import add_client_flags, whole_number
 from server.client.groups import add_parsers as add_group_parsers
 from server.client.output import UnwritableOutputError, guarded_stdout, unwritable_output
-from server.config import Settings
+from server.config import Settings, variable_name
 from server.launch import release_signals
 from server.observability.logs import configure_logging
 
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         metavar="HOST:PORT",
         help="the gateway to ask (default: this host, at the port of "
-        f"{_variable('listen')}, or 50051)",
+        f"{variable_name('listen')}, or 50051)",
     )
     health.add_argument(
         "--service",
@@ -170,16 +170,12 @@ def _command(
     return commands.add_parser(name, help=summary, description=description)
 
 
-def _variable(setting: str) -> str:
-    return f"{Settings.model_config.get('env_prefix', '')}{setting.upper()}"
-
-
 def _setting(command: argparse.ArgumentParser, setting: str, **options: Any) -> None:
     """An option that sets ``setting``, described as docs/configuration.md describes it."""
     field = Settings.model_fields[setting]
     default = "" if field.default in (None, False) else f", default {field.default}"
     # argparse expands %-formats in help: a literal % must be doubled.
-    described = f"{field.description} [{_variable(setting)}{default}]".replace("%", "%%")
+    described = f"{field.description} [{variable_name(setting)}{default}]".replace("%", "%%")
     command.add_argument(f"--{setting.replace('_', '-')}", help=described, **options)
 
 

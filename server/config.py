@@ -24,11 +24,22 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 def read_setting_file(option: str, path: Path | str) -> bytes:
     """The bytes of the file a setting names; one that cannot be read is a
-    ``ConfigurationError`` naming the setting and the file (a path, never a secret)."""
+    ``ConfigurationError`` naming the setting and the file (a path, never a secret).
+
+    ``option`` is the flag; a setting of ``Settings`` is named by its variable too, for
+    it may have come from either."""
     try:
         return Path(path).read_bytes()
     except OSError as error:
+        setting = option.removeprefix("--").replace("-", "_")
+        if setting in Settings.model_fields:
+            option = f"{option} ({variable_name(setting)})"
         raise ConfigurationError(f"{option} {path}: {error.strerror or error}") from None
+
+
+def variable_name(setting: str) -> str:
+    """The environment variable that sets ``setting``: ``ORDER_GATEWAY_`` and its name."""
+    return f"{Settings.model_config.get('env_prefix', '')}{setting}".upper()
 
 
 GRPC_INT_MAX = 2**31 - 1

@@ -19,10 +19,9 @@ import annotated_types
 from pydantic.fields import FieldInfo
 
 from server.cli import build_parser
-from server.config import Settings
+from server.config import Settings, variable_name
 
 DEFAULT_OUTPUT = Path("docs/configuration.md")
-ENV_PREFIX = str(Settings.model_config.get("env_prefix", ""))
 
 HEADER = """\
 # Configuration
@@ -94,7 +93,7 @@ def render() -> str:
         flag = f"`{flags[name]}`" if name in flags else "—"
         description = (field.description or "").replace("|", "\\|")
         lines.append(
-            f"| {name} | {flag} | `{ENV_PREFIX}{name.upper()}` | {type_text(field)} "
+            f"| {name} | {flag} | `{variable_name(name)}` | {type_text(field)} "
             f"| {default_text(field)} | {description} |"
         )
     return HEADER + "\n".join(lines) + "\n"

@@ -247,10 +247,10 @@ def test_an_unknown_log_level_is_refused(capsys: pytest.CaptureFixture[str]) -> 
 @pytest.mark.parametrize(
     ("flags", "option"),
     [
-        (["--jwt-public-key", "{missing}"], "--jwt-public-key"),
-        (["--auth-tokens", "{missing}"], "--auth-tokens"),
-        (["--tls-cert", "{missing}", "--tls-key", "{key}"], "--tls-cert"),
-        (["--tls-cert", "{cert}", "--tls-key", "{missing}"], "--tls-key"),
+        (["--jwt-public-key", "{missing}"], "--jwt-public-key (ORDER_GATEWAY_JWT_PUBLIC_KEY)"),
+        (["--auth-tokens", "{missing}"], "--auth-tokens (ORDER_GATEWAY_AUTH_TOKENS)"),
+        (["--tls-cert", "{missing}", "--tls-key", "{key}"], "--tls-cert (ORDER_GATEWAY_TLS_CERT)"),
+        (["--tls-cert", "{cert}", "--tls-key", "{missing}"], "--tls-key (ORDER_GATEWAY_TLS_KEY)"),
     ],
 )
 @pytest.mark.usefixtures("keep_root_logger")
@@ -265,6 +265,16 @@ def test_a_file_that_cannot_be_read_is_refused_naming_its_setting(
     assert capsys.readouterr().err == (
         f"order-gateway: {option} {missing}: No such file or directory\n"
     )
+
+
+@pytest.mark.usefixtures("keep_root_logger")
+def test_a_file_named_by_a_variable_is_refused_naming_the_variable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "tokens.toml"
+    monkeypatch.setenv("ORDER_GATEWAY_AUTH_TOKENS", str(missing))
+    assert main(["serve", "--listen", "127.0.0.1:0", "--store", "memory://"]) == 2
+    assert "ORDER_GATEWAY_AUTH_TOKENS" in capsys.readouterr().err
 
 
 def command_parsers() -> dict[str, argparse.ArgumentParser]:

@@ -310,7 +310,10 @@ async def test_a_missing_tls_file_is_named(tmp_path: Path) -> None:
         tls_cert=tmp_path / "absent.pem",
         tls_key=tmp_path / "absent.key",
     )
-    with pytest.raises(ConfigurationError, match=r"^--tls-cert .*absent\.pem: No such file"):
+    with pytest.raises(
+        ConfigurationError,
+        match=r"^--tls-cert \(ORDER_GATEWAY_TLS_CERT\) .*absent\.pem: No such file",
+    ):
         await create_server(settings, store=MemoryEventStore())
 
 
