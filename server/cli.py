@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from domain.errors import ConfigurationError, StoreError
-from server.client.groups import add_client_flags, whole_number
+from server.client.groups import add_client_flags, positive_seconds, whole_number
 from server.client.groups import add_parsers as add_group_parsers
 from server.client.output import UnwritableOutputError, guarded_stdout, unwritable_output
 from server.config import Settings, variable_name
@@ -148,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument(
         "--timeout",
         metavar="SECONDS",
-        type=_timeout,
+        type=positive_seconds,
         default=3.0,
         help="how long to wait for an answer (default: %(default)s)",
     )
@@ -256,6 +255,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     """Run the command ``args`` names; its exit status."""
     if args.command != "serve":
         release_signals()
+    if getattr(args, "target", "") is None:
+        # A client command's default: the gateway this host's settings would serve.
+        from server.client.health import local_target
+
+        args.target = local_target(settings.listen)
     if args.command == "serve":
         from server.app import serve
         from server.workers.supervisor import supervise, worker_count
@@ -284,10 +288,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             return 1
         print(f"backed up {events} events to {args.file}")
     elif args.command == "health":
-        from server.client.health import check_health, local_target
+        from server.client.health import check_health
 
-        target = args.target or local_target(settings.listen)
-        return check_health(target, args.service, args.timeout, args.tls_ca)
+        return check_health(args.target, args.service, args.timeout, args.tls_ca)
     elif args.command == "group":
         from server.client.groups import run_group
 
@@ -301,17 +304,6 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         return tail(args.target, args.after, args.types, args.token, args.tls_ca, args.stream)
     return 0
-
-
-def _timeout(text: str) -> float:
-    """An argparse type: a number of seconds above 0 (not ``nan`` or ``inf``)."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < seconds < math.inf:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0: {text!r}")
-    return seconds
 
 
 def _os_error_text(error: OSError) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import queue
 import sys
 import threading
@@ -26,18 +27,26 @@ from server.client.channel import TOKEN_VARIABLE, Metadata, call_metadata, open_
 from server.client.json_lines import json_line
 from server.client.output import ReaderGone, reader_gone_error, unwritable_output
 from server.client.tail import field_violations
+from server.config import variable_name
 
+LISTEN_VARIABLE = variable_name("listen")
 MAX_DURATION_SECONDS = 315_576_000_000
 """The longest ``google.protobuf.Duration``: about 10,000 years."""
 
 
+CALL_TIMEOUT = 10.0
+"""Seconds a ``group`` command waits for its answer by default."""
+
+
 def add_client_flags(parser: argparse.ArgumentParser, target: str = "the gateway to call") -> None:
-    """``--target``, ``--token`` and ``--tls-ca``, as every client command takes them."""
+    """``--target``, ``--token`` and ``--tls-ca``, as every client command takes them.
+
+    ``--target`` is left None when not given: the command line's settings decide it
+    (``server.cli``: this host, at the port of ``ORDER_GATEWAY_LISTEN``)."""
     parser.add_argument(
         "--target",
         metavar="HOST:PORT",
-        default="127.0.0.1:50051",
-        help=f"{target} (default: %(default)s)",
+        help=f"{target} (default: this host, at the port of {LISTEN_VARIABLE}, or 50051)",
     )
     parser.add_argument(
         "--token",
@@ -108,9 +117,9 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         default=0,
         help="1 to 100: failed deliveries before an event is parked (default: 5)",
     )
-    add_client_flags(create)
+    _add_call_flags(create)
     listing = actions.add_parser("list", help="print every group, one JSON line each")
-    add_client_flags(listing)
+    _add_call_flags(listing)
     for name, what in (
         ("info", "print one group: checkpoints, members, partitions, in flight, parked"),
         (
@@ -120,7 +129,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     ):
         action = actions.add_parser(name, help=what)
         action.add_argument("name", help="the group")
-        add_client_flags(action)
+        _add_call_flags(action)
     replay = actions.add_parser(
         "replay-parked", help="return the longest-parked events to delivery, at attempt 1"
     )
@@ -132,7 +141,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         default=0,
         help="how many (default: 0, all)",
     )
-    add_client_flags(replay)
+    _add_call_flags(replay)
 
     consume = commands.add_parser(
         "consume",
@@ -150,6 +159,30 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "(default: one the server picks)",
     )
     add_client_flags(consume)
+
+
+def _add_call_flags(parser: argparse.ArgumentParser) -> None:
+    """The client flags, and the deadline of a ``group`` command's one call."""
+    add_client_flags(parser)
+    parser.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=positive_seconds,
+        default=CALL_TIMEOUT,
+        help="how long to wait for the answer (default: %(default)s); past it the command "
+        "fails with DEADLINE_EXCEEDED",
+    )
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a number of seconds above 0 (not ``nan`` or ``inf``)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < seconds < math.inf:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0: {text!r}")
+    return seconds
 
 
 def _fail(program: str, error: grpc.RpcError, err: TextIO) -> int:
@@ -207,33 +240,39 @@ def _settings(args: argparse.Namespace) -> pb.ConsumerGroupSettings:
 def run_group(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     program = f"order-gateway group {args.group_command}"
     metadata = call_metadata(args.token)
+    timeout = args.timeout
     with open_channel(args.target, args.tls_ca) as channel:
         stub = pb_grpc.ConsumerGroupServiceStub(channel)
         try:
             command = args.group_command
             if command == "create":
                 request = pb.CreateConsumerGroupRequest(name=args.name, settings=_settings(args))
-                print(
-                    json_line(stub.CreateConsumerGroup(request, metadata=metadata).group), file=out
-                )
+                created = stub.CreateConsumerGroup(request, metadata=metadata, timeout=timeout)
+                print(json_line(created.group), file=out)
             elif command == "list":
-                listed = stub.ListConsumerGroups(pb.ListConsumerGroupsRequest(), metadata=metadata)
+                listed = stub.ListConsumerGroups(
+                    pb.ListConsumerGroupsRequest(), metadata=metadata, timeout=timeout
+                )
                 for found in listed.groups:
                     print(json_line(found), file=out)
             elif command == "info":
                 got = stub.GetConsumerGroup(
-                    pb.GetConsumerGroupRequest(name=args.name), metadata=metadata
+                    pb.GetConsumerGroupRequest(name=args.name), metadata=metadata, timeout=timeout
                 )
                 print(json_line(got.group), file=out)
             elif command == "delete":
                 stub.DeleteConsumerGroup(
-                    pb.DeleteConsumerGroupRequest(name=args.name), metadata=metadata
+                    pb.DeleteConsumerGroupRequest(name=args.name),
+                    metadata=metadata,
+                    timeout=timeout,
                 )
                 # The answer is empty: confirm what went, as a JSON line like the others.
                 print(json.dumps({"deleted": args.name}), file=out)
             else:
                 replayed = stub.ReplayParked(
-                    pb.ReplayParkedRequest(name=args.name, limit=args.limit), metadata=metadata
+                    pb.ReplayParkedRequest(name=args.name, limit=args.limit),
+                    metadata=metadata,
+                    timeout=timeout,
                 )
                 print(json_line(replayed), file=out)
         except grpc.RpcError as error:

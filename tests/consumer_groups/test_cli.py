@@ -389,3 +389,24 @@ async def test_group_output_that_cannot_be_written_is_exit_1_and_a_closed_one_ex
     finally:
         os.close(write)
     assert (code, err) == (0, "")
+
+
+async def test_client_commands_call_the_gateway_this_hosts_settings_serve(
+    gateway: Gateway,
+) -> None:
+    listen = {"ORDER_GATEWAY_LISTEN": f"0.0.0.0:{gateway.port}"}
+    created = await cli("group", "create", "billing", env=listen)
+    assert created.code == 0, created.err
+    assert created.lines[0]["name"] == "billing"
+    consumed = await cli("consume", "--group", "nowhere", env=listen)
+    assert (consumed.code, consumed.err.split(":")[1].strip()) == (1, "NOT_FOUND")
+
+
+async def test_a_group_command_gives_up_at_its_timeout() -> None:
+    # A listener that accepts connections and never answers: no gRPC server.
+    silent = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    async with silent:
+        listed = await cli("group", "list", "--target", f"127.0.0.1:{port}", "--timeout", "1")
+    assert listed.code == 1
+    assert "DEADLINE_EXCEEDED" in listed.err

@@ -128,10 +128,11 @@ def test_a_mistyped_store_url_is_refused_without_its_password(
         f"postgresql://gw:{SECRET}@x@db/orders",
     ],
 )
+@pytest.mark.parametrize("command", ["migrate", "verify"])
 def test_a_malformed_postgres_url_is_a_configuration_error_without_the_password(
-    url: str, capsys: pytest.CaptureFixture[str]
+    url: str, command: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["migrate", "--store", url]) == 2
+    assert main([command, "--store", url]) == 2
     error = capsys.readouterr().err
     assert "invalid PostgreSQL store URL 'postgresql://gw:***@" in error
     assert SECRET not in error
