@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         "check the whole event log; exit 1 on any violation",
         "Read every event of the store and check it: positions 1..N without gap or repeat, "
-        "stream versions 1..n, every event decodes, every command record points at its "
-        "events, no product's stock goes negative; on SQLite, first the whole file with "
+        "stream versions 1..n, every event id a UUID that no other event has, every event "
+        "decodes, every command record points at its events, no product's stock goes "
+        "negative; on SQLite, first the whole file with "
         "SQLite's integrity check. Prints a summary; on a violation, exits 1 naming the "
         "first offending position.",
     )

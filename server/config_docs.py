@@ -30,8 +30,9 @@ HEADER = """\
 
 `order-gateway serve` reads every setting from a command-line flag or from an environment
 variable. A flag wins over the variable; a variable wins over the default. Values from
-variables are parsed like flags: `true`/`false` (or `1`/`0`) for switches, and a file
-path for a file (an empty one is refused: leave the variable unset instead). Settings
+variables are parsed like flags: for switches `true`/`false`, `1`/`0`, `yes`/`no`,
+`on`/`off` (or `y`/`n`, `t`/`f`; in any case), and a file path for a file (an empty one
+is refused: leave the variable unset instead). Settings
 without a flag can only be set through their variable.
 
 Unknown `ORDER_GATEWAY_*` variables are ignored, but an invalid value stops `serve` with
