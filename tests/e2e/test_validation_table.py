@@ -186,6 +186,10 @@ ROWS: dict[str, Row] = {
         create_order(items=[item("a"), item("b"), item("a")]),
         {"items[2].product_id": PRODUCT_TWICE},
     ),
+    "two items, one product": Row(
+        create_order(items=[item("a"), item("a")]),
+        {"items[1].product_id": PRODUCT_TWICE},
+    ),
     "product thrice": Row(
         create_order(items=[item("a"), item("a"), item("a")]),
         {"items[1].product_id": PRODUCT_TWICE, "items[2].product_id": PRODUCT_TWICE},
@@ -233,6 +237,9 @@ ROWS: dict[str, Row] = {
     ),
     "mixed currency": Row(
         priced("EUR", "EUR", "USD"), {"items[2].unit_price.currency_code": ONE_CURRENCY_EUR}
+    ),
+    "two items, two currencies": Row(
+        priced("EUR", "USD"), {"items[1].unit_price.currency_code": ONE_CURRENCY_EUR}
     ),
     "mixed currency, first difference only": Row(
         priced("EUR", "USD", "GBP"), {"items[1].unit_price.currency_code": ONE_CURRENCY_EUR}
