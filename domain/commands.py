@@ -78,6 +78,10 @@ class Command(BaseModel):
 
 
 MAX_ITEMS = 100
+CHECKED_ITEMS = MAX_ITEMS + 1
+"""Of an order with too many items, the items checked one by one: the first ones, one
+more than an order may hold. Checking every item of a 1 MiB request (half a million
+empty items) took the event loop 54 s and 5.7 GB to report its 1.5 million violations."""
 
 
 class CreateOrder(Command):
@@ -95,6 +99,8 @@ class CreateOrder(Command):
         # Rules across items are checked on the raw input so that they are reported
         # together with field errors instead of only after those are fixed.
         too_many = _too_many_items(data)
+        if too_many:
+            data = {**data, "items": data["items"][:CHECKED_ITEMS]}
         cross_item = _cross_item_errors(data)
         try:
             command = handler(data)

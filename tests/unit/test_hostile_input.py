@@ -363,3 +363,28 @@ async def test_random_bytes_are_answered_and_the_server_keeps_serving(
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     restocked = await clients.restock("sku-after", 1)
     assert restocked[0].event_type == "ProductRestocked"
+
+
+def test_an_order_of_very_many_items_is_checked_only_up_to_one_past_the_limit() -> None:
+    data = {
+        "customer_id": "not a uuid",
+        "items": [{"product_id": "", "quantity": 0}] * 20_000,
+        "shipping_address": {},
+    }
+    with pytest.raises(ValidationError) as refused:
+        CreateOrder.model_validate(data)
+    paths = {field_path(error["loc"]) for error in refused.value.errors()}
+    assert {"customer_id", "items", "items[0].product_id", "items[100].quantity"} <= paths
+    assert "items[101].product_id" not in paths
+
+
+async def test_a_mebibyte_of_empty_items_is_refused_and_the_server_keeps_serving(
+    clients: Clients,
+) -> None:
+    # Field 3 (items), an empty OrderItem, half a million times: 1 MB on the wire.
+    body = order_request().SerializeToString() + b"\x1a\x00" * 500_000
+    code = await answer(clients.channel, "/orders.v1.OrderCommandService/CreateOrder", body)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    health = health_pb2_grpc.HealthStub(clients.channel)
+    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=WAIT)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
