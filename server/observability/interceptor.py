@@ -157,8 +157,10 @@ class _Observed(CallScope):
         if isinstance(error, grpc.aio.AbortError):
             # abort()/abort_with_status() recorded the code before raising.
             return _set_code(self._context) or grpc.StatusCode.UNKNOWN
-        if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        if isinstance(error, asyncio.CancelledError | GeneratorExit | grpc.aio.InternalError):
             # The client went away (or the server is stopping): never touch the context.
+            # InternalError: a send grpc could not start, the client being gone (see
+            # server.rpc.last_resort).
             return grpc.StatusCode.CANCELLED
         # grpc answers an exception that escapes a handler with UNKNOWN.
         return grpc.StatusCode.UNKNOWN

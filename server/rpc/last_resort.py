@@ -35,8 +35,14 @@ class _Answering(CallScope):
         self._streaming = streaming
 
     async def end(self, error: BaseException | None) -> bool:
-        # Cancellation and aborts (a status already chosen) pass through untouched.
-        if not isinstance(error, Exception) or isinstance(error, grpc.aio.AbortError):
+        # Cancellation and aborts (a status already chosen) pass through untouched, and so
+        # does grpc's InternalError: raised by a send on the call (an abort, a response)
+        # that grpc could not start because the client had gone meanwhile (a cancel or a
+        # deadline, while the request was being judged). grpc ends the call itself; there
+        # is no one left to answer, and no fault of the server's to log.
+        if not isinstance(error, Exception) or isinstance(
+            error, grpc.aio.AbortError | grpc.aio.InternalError
+        ):
             return False
         status = status_for(error) or self._unimplemented(error) or unexpected_error_status(error)
         if self._streaming:

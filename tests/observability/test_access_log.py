@@ -23,7 +23,10 @@ from server import app
 from server.observability import access_log
 from server.observability.access_log import AccessLog
 from server.observability.hooks import RpcOutcome
+from server.observability.interceptor import ObservabilityInterceptor
 from server.observability.logs import JsonFormatter, configure_logging, sole_gateway_handler
+from server.rpc.last_resort import LastResortInterceptor
+from server.rpc.method_handlers import Interceptors
 from server.stores.memory import MemoryEventStore
 from tests.clients import item, order_request
 from tests.observability_support import TOKEN, USER, rpc_error, running
@@ -181,6 +184,56 @@ async def test_server_faults_are_warnings(caplog: pytest.LogCaptureFixture) -> N
     (line,) = access_lines(caplog)
     assert line.levelno == logging.WARNING
     assert fields(line)["code"] == "INTERNAL"
+
+
+class GoneClientContext:
+    """A servicer context whose client went away: grpc can start no send on the call."""
+
+    def __init__(self) -> None:
+        self.aborted: list[grpc.Status] = []
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    def code(self) -> None:
+        return None
+
+    async def abort_with_status(self, status: grpc.Status) -> None:
+        self.aborted.append(status)
+        raise grpc.aio.InternalError('Failed "execute_batch"')
+
+
+async def test_a_call_whose_client_left_while_it_was_refused_is_cancelled_not_a_fault(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A refusal (an invalid request) whose client cancels, or whose deadline passes, just
+    # before it is sent: grpc cannot send it, and raises InternalError.
+    async def refusing(request: object, context: GoneClientContext) -> None:
+        await context.abort_with_status(grpc.Status())
+
+    async def resolve(details: object) -> grpc.RpcMethodHandler[object, object]:
+        return grpc.unary_unary_rpc_method_handler(refusing)
+
+    outcomes: list[RpcOutcome] = []
+    interceptors = Interceptors(
+        [
+            ObservabilityInterceptor([SimpleNamespace(rpc_finished=outcomes.append)]),
+            LastResortInterceptor(),
+        ]
+    )
+    call = SimpleNamespace(method="/orders.v1.OrderCommandService/X", invocation_metadata=())
+    handler = await interceptors.intercept_service(resolve, call)
+    assert handler is not None and handler.unary_unary is not None
+    context = GoneClientContext()
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(grpc.aio.InternalError):
+        await handler.unary_unary(object(), context)  # type: ignore[arg-type]
+    assert len(context.aborted) == 1  # not answered again with INTERNAL
+    assert [o.code for o in outcomes] == [grpc.StatusCode.CANCELLED]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 async def test_health_probes_are_logged_at_debug_only(caplog: pytest.LogCaptureFixture) -> None:
