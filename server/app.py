@@ -42,7 +42,7 @@ from server.launch import held_signal, stop_signals
 from server.observability.access_log import AccessLog
 from server.observability.hooks import Tracing
 from server.observability.interceptor import ObservabilityInterceptor
-from server.observability.logs import quiet_cancelled_sends
+from server.observability.logs import quiet_client_noise
 from server.observability.metrics import (
     CommandMetricsMiddleware,
     GatewayMetrics,
@@ -317,7 +317,7 @@ async def create_server(
     """
     # A method without a scope would be refused on every call: refuse to start instead.
     check_every_method_scoped()
-    quiet_cancelled_sends()
+    quiet_client_noise()
     # Key, token and certificate files are read first: a bad one fails before the store opens.
     if authenticators is None:
         authenticators = authenticators_from(settings)

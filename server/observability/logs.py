@@ -206,25 +206,38 @@ def configure_logging(log_format: str, level: str, worker: int | None = None) ->
     root.setLevel(level.upper())
 
 
-class _CancelledSendFilter(logging.Filter):
-    """grpc logs an error with a traceback when a servicer's send fails because its client
-    went away meanwhile (a Subscribe cancelled while a write to it was pending): the call
-    ended CANCELLED, as its access line says; the line is kept at DEBUG, without the
-    traceback."""
+class _ClientNoiseFilter(logging.Filter):
+    """Keeps at DEBUG, without a traceback, what grpc logs as errors but what its clients
+    cause, not the server:
 
-    PREFIX = "ExecuteBatchError raised in core by servicer method"
+    - a send that failed because its client went away meanwhile (a Subscribe cancelled
+      while a write to it was pending): the call ended CANCELLED, as its access line says;
+    - a metadata value that is not UTF-8, which grpc reads as Latin-1: logged twice per
+      value with a traceback, so a caller without credentials could write thousands of
+      lines with one call. The value itself is left out: it may be a malformed bearer
+      token."""
+
+    CANCELLED_SEND = "ExecuteBatchError raised in core by servicer method"
+    BAD_ENCODING = "Invalid encoding on "
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno > logging.DEBUG and record.getMessage().startswith(self.PREFIX):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            record.exc_info = record.exc_text = None
-        return True
+        if record.levelno <= logging.DEBUG or not isinstance(record.msg, str):
+            return True
+        if record.msg.startswith(self.BAD_ENCODING):
+            record.msg, record.args = "a metadata value is not UTF-8: read as Latin-1", None
+        elif not record.getMessage().startswith(self.CANCELLED_SEND):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info = record.exc_text = None
+        # Logged at ERROR, it passed the logger's level; at DEBUG it must pass it too
+        # (the gateway's handler has no level of its own).
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
-CANCELLED_SENDS = _CancelledSendFilter()
+CLIENT_NOISE = _ClientNoiseFilter()
 GRPC_LOGGER = "grpc._cython.cygrpc"
 
 
-def quiet_cancelled_sends() -> None:
-    """Install ``_CancelledSendFilter`` on grpc's logger (once, however often called)."""
-    logging.getLogger(GRPC_LOGGER).addFilter(CANCELLED_SENDS)
+def quiet_client_noise() -> None:
+    """Install ``_ClientNoiseFilter`` on grpc's logger (once, however often called)."""
+    logging.getLogger(GRPC_LOGGER).addFilter(CLIENT_NOISE)

@@ -14,7 +14,7 @@ from server.observability.logs import (
     GatewayFormatter,
     JsonFormatter,
     TextFormatter,
-    quiet_cancelled_sends,
+    quiet_client_noise,
 )
 
 # A quarter of a second apart: several lines in one second, then the next seconds.
@@ -110,7 +110,7 @@ def test_times_follow_the_converter_and_formats_set_on_logging_formatter(
 def test_grpcs_error_for_a_send_to_a_client_that_went_away_is_kept_at_debug(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    quiet_cancelled_sends()
+    quiet_client_noise()
     grpc_log = logging.getLogger(GRPC_LOGGER)
     with caplog.at_level(logging.INFO):
         try:
@@ -125,3 +125,28 @@ def test_grpcs_error_for_a_send_to_a_client_that_went_away_is_kept_at_debug(
         ("ERROR", "Unexpected [RuntimeError] raised by servicer method [/x/Y]")
     ]
     assert "execute_batch" not in caplog.text
+
+
+def test_grpcs_error_for_metadata_that_is_not_utf8_is_kept_at_debug_without_the_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    quiet_client_noise()
+    grpc_log = logging.getLogger(GRPC_LOGGER)
+    # As under ``serve``: the level on the root logger, a handler with none of its own.
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    monkeypatch.setattr(handler, "emit", seen.append)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [handler])
+    monkeypatch.setattr(root, "level", logging.INFO)
+    value = b"Bearer s3cret-\xff"
+    try:
+        value.decode()
+    except UnicodeDecodeError:
+        grpc_log.exception("Invalid encoding on %s", value)
+    assert seen == []
+    root.setLevel(logging.DEBUG)
+    grpc_log.error("Invalid encoding on %s", value)
+    assert [(r.levelname, r.getMessage(), r.exc_info) for r in seen] == [
+        ("DEBUG", "a metadata value is not UTF-8: read as Latin-1", None)
+    ]
