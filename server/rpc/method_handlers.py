@@ -15,6 +15,8 @@ from typing import Any, ClassVar, Protocol, TypeAlias, cast
 
 import grpc
 
+from server.rpc.request_reading import reading_its_request
+
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
@@ -150,7 +152,7 @@ class Interceptors(grpc.aio.ServerInterceptor):
             for interceptor in self._interceptors:
                 if interceptor.applies_to(method, serving):
                     serving = interceptor.wrap(serving, method)
-            cached = (handler, serving)
+            cached = (handler, reading_its_request(serving))
             self._by_method[method] = cached
         return cached[1]
 

@@ -201,6 +201,9 @@ class GoneClientContext:
     def code(self) -> None:
         return None
 
+    async def read(self) -> object:
+        return object()
+
     async def abort_with_status(self, status: grpc.Status) -> None:
         self.aborted.append(status)
         raise grpc.aio.InternalError('Failed "execute_batch"')
@@ -226,11 +229,12 @@ async def test_a_call_whose_client_left_while_it_was_refused_is_cancelled_not_a_
     )
     call = SimpleNamespace(method="/orders.v1.OrderCommandService/X", invocation_metadata=())
     handler = await interceptors.intercept_service(resolve, call)
-    assert handler is not None and handler.unary_unary is not None
+    # Served as a client-streaming method (``server.rpc.request_reading``).
+    assert handler is not None and handler.stream_unary is not None
     context = GoneClientContext()
     caplog.set_level(logging.DEBUG)
     with pytest.raises(grpc.aio.InternalError):
-        await handler.unary_unary(object(), context)  # type: ignore[arg-type]
+        await handler.stream_unary(iter(()), context)  # type: ignore[arg-type]
     assert len(context.aborted) == 1  # not answered again with INTERNAL
     assert [o.code for o in outcomes] == [grpc.StatusCode.CANCELLED]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

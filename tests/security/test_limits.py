@@ -274,6 +274,53 @@ async def stranger_and_warehouse(
         await gateway.stop()
 
 
+def without_request(
+    channel: grpc.aio.Channel, method: str, metadata: tuple[tuple[str, str], ...] = ()
+) -> grpc.aio.StreamStreamCall:  # type: ignore[type-arg]
+    """A call to ``method`` that ends without a request message (its client half-closes at
+    once), whatever the method's kind."""
+    stream: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
+        method, request_serializer=None, response_deserializer=None
+    )
+    return stream(iter(()), metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/orders.v1.InventoryCommandService/RestockProduct",
+        "/orders.v1.OrderCommandService/CreateOrder",
+    ],
+)
+async def test_calls_that_end_without_their_request_are_refused_and_free_their_place(
+    tmp_path: Path, method: str
+) -> None:
+    # grpc left such calls unanswered, each holding its place among the server's
+    # concurrent calls until its client went away: as many as the process serves at once
+    # locked every caller out, the warehouse's token included (RESOURCE_EXHAUSTED).
+    async with stranger_and_warehouse(tmp_path, 20) as (stranger, warehouse):
+        calls = [without_request(stranger, method) for _ in range(20)]
+        async with asyncio.timeout(WAIT):
+            codes = {await call.code() for call in calls}
+        if method.startswith("/orders."):
+            assert codes == {grpc.StatusCode.UNAUTHENTICATED}
+        else:
+            # Beyond the open services' share of the 20, refused as they arrive.
+            assert grpc.StatusCode.INVALID_ARGUMENT in codes
+            assert codes <= {
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            }
+        restocked = await clients_for(warehouse).restock("sku-1", 5, metadata=bearer("warehouse"))
+        assert restocked[0].product_restocked.available_after == 5
+        token = bearer("mallory")  # orders:write, inventory:write
+        refused = without_request(warehouse, method, token)
+        assert await refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert await refused.details() == "the call ended without its request message"
+
+
 async def test_calls_without_credentials_are_refused_before_their_request_arrives(
     tmp_path: Path,
 ) -> None:
