@@ -170,6 +170,11 @@ class Member:
         self._outbox.append((entry, entry.deliveries))
         self._wake.set()
 
+    def _sendable(self, item: pb.ConsumeResponse | tuple[Entry, int]) -> pb.ConsumeResponse | None:
+        if isinstance(item, pb.ConsumeResponse):
+            return item
+        return _delivery(item[0]) if self._current(item) else None
+
     def _current(self, item: pb.ConsumeResponse | tuple[Entry, int]) -> bool:
         if isinstance(item, pb.ConsumeResponse):
             return True
@@ -186,12 +191,13 @@ class Member:
         """Assignments and deliveries, until ``end`` (its error is raised)."""
         while True:
             while self._outbox and self._ended is None:
-                item = self._outbox.popleft()
-                if isinstance(item, pb.ConsumeResponse):
-                    yield item
-                elif self._current(item):
-                    yield _delivery(item[0])
+                # No entry left in a local: the error raised below keeps this frame.
+                message = self._sendable(self._outbox.popleft())
+                if message is not None:
+                    yield message
             if self._ended is not None:
+                # Never sent now: not kept either, as long as the error refers to this.
+                self._outbox.clear()
                 raise self._ended
             self._wake.clear()
             await self._wake.wait()
@@ -370,7 +376,25 @@ class GroupRuntime:
         """End every member's stream with ``error`` and stop reading (a deleted group:
         nothing is stored). The deliveries in flight are not failed attempts: the members
         did not fail them, the gateway ended their streams, as a crash would have."""
+        await self._stop_reading(error)
+        self._let_go()
+
+    async def stop_and_store(self, error: Exception) -> None:
+        """``stop``, then store the checkpoints, parks and failed attempts (shutdown, last
+        member gone), and only then give up the leases."""
+        await self._stop_reading(error)
+        try:
+            await self._flush()
+        finally:
+            if self.coordinator is not None:
+                await self.coordinator.stop()
+            self._let_go()
+
+    async def _stop_reading(self, error: Exception) -> None:
         self._closed = True
+        # First: an ack timer that fired while the tasks end would fail a delivery of a
+        # member already gone (KeyError in its callback).
+        self._cancel_timers()
         for member in list(self.members.values()):
             member.end(error)
             member.in_flight.clear()
@@ -381,17 +405,24 @@ class GroupRuntime:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._tasks, self._reader = [], None
+        # Timers started by what the tasks did as they ended.
         self._cancel_timers()
 
-    async def stop_and_store(self, error: Exception) -> None:
-        """``stop``, then store the checkpoints, parks and failed attempts (shutdown, last
-        member gone), and only then give up the leases."""
-        await self.stop(error)
-        try:
-            await self._flush()
-        finally:
-            if self.coordinator is not None:
-                await self.coordinator.stop()
+    def _let_go(self) -> None:
+        """Let go of the events the stopped runtime holds. The streams its members ended
+        keep it reachable for a while (the error each raised refers, through its
+        traceback, to frames that hold the runtime), so its events would stay in memory
+        until Python's cyclic garbage collector ran: about 8 MB more for every group
+        created, read from the start of a log of 84,000 events and deleted."""
+        for partition in self._partitions:
+            partition.owner = None
+            for entries in (partition.pending, partition.streams, partition.replays):
+                entries.clear()
+            partition.ready.clear()
+            partition.attempts.clear()
+        self._to_fill.clear()
+        self._to_park, self._to_count = [], []
 
     def _cancel_timers(self) -> None:
         for partition in self._partitions:

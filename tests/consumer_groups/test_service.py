@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import random
 import time
@@ -26,7 +27,7 @@ from orders.v1 import (
 )
 
 from server.app import Gateway
-from server.consumer_groups.engine import GroupTuning
+from server.consumer_groups.engine import Entry, GroupTuning
 from tests.clients import Clients, bad_fields, detail, item, order_request
 from tests.group_support import Member as GroupMember
 from tests.group_support import group_gateway, group_settings, join, member
@@ -185,6 +186,26 @@ async def test_delete_removes_the_group_and_ends_its_members_with_not_found(env:
     await env.create("g", partitions=2)
     async with member(env.groups, "g") as consumer:
         assert (await consumer.delivery()).attempt == 1
+
+
+async def test_a_deleted_group_lets_go_of_its_events_at_once(env: Env) -> None:
+    # Its members' ended streams keep the group's runtime reachable through reference
+    # cycles: its events stayed in memory until Python's cyclic collector ran (about 8 MB
+    # a group created, read from the start of an 84,000-event log and deleted).
+    await env.restocks(300, products=30)
+    await env.create("g", partitions=2)
+    async with member(env.groups, "g", max_in_flight=10) as consumer:
+        await consumer.deliveries(10)
+        gc.collect()
+        gc.disable()
+        try:
+            await env.groups.DeleteConsumerGroup(pb.DeleteConsumerGroupRequest(name="g"))
+            await consumer.finished()
+            await asyncio.sleep(0.1)
+            held = [o for o in gc.get_objects() if isinstance(o, Entry)]
+        finally:
+            gc.enable()
+    assert held == []
 
 
 # -- joining -------------------------------------------------------------------------
