@@ -243,9 +243,10 @@ class ConsumerGroups:
 
     async def delete(self, name: str) -> None:
         async with self._locks[name]:
+            # Its counter goes with it: a deleted group's series would stay for good.
+            self._retired_redeliveries.pop(name, None)
             runtime = self._runtimes.pop(name, None)
             if runtime is not None:
-                self._retire(runtime)
                 await _end_deleted(runtime)
             if not await self.store.delete_group(name):
                 raise GroupNotFoundError(name)
@@ -257,7 +258,7 @@ class ConsumerGroups:
             runtime = self._runtimes.get(name)
             if runtime is not None and runtime.record.created_at == created_at:
                 del self._runtimes[name]
-                self._retire(runtime)
+                self._retired_redeliveries.pop(name, None)
                 await _end_deleted(runtime)
 
     def _deleted_by_another_replica(self, name: str, created_at: dt.datetime) -> None:

@@ -904,6 +904,9 @@ async def test_metrics_per_group(env: Env) -> None:
     # The last member gone, the group is not served here: only the counter stays.
     await eventually(lambda: scraped(env.gateway, "order_gateway_consumer_group_members") is None)
     assert scraped(env.gateway, "order_gateway_consumer_group_redeliveries_total") == 1
+    # Deleted, the group leaves no series behind (each deleted group's stayed for good).
+    await env.groups.DeleteConsumerGroup(pb.DeleteConsumerGroupRequest(name="g"))
+    assert scraped(env.gateway, "order_gateway_consumer_group_redeliveries_total") is None
 
 
 async def test_bytes_that_do_not_parse_end_the_stream_with_invalid_argument(env: Env) -> None:
