@@ -50,13 +50,22 @@ def start_gateway(
     """
     log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
     action = {"default": signal.SIG_DFL, "ignored": signal.SIG_IGN}.get(hangup)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server", *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-        preexec_fn=None if action is None else lambda: signal.signal(signal.SIGHUP, action),
-    )
+    # The child inherits SIGHUP's action (an ignored signal stays ignored through exec),
+    # so this process takes the wanted one for as long as the child takes to start. Not
+    # a preexec_fn: Python code run in the forked child runs grpc's fork handlers there,
+    # and with grpc's threads busy in this process the child aborted now and then
+    # (epoll_wait: Bad file descriptor) before it could exec.
+    before = signal.signal(signal.SIGHUP, action) if action is not None else None
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "server", *args],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGHUP, before)
     _logs[process] = log
     return process
 
