@@ -50,24 +50,36 @@ def start_gateway(
     """
     log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
     action = {"default": signal.SIG_DFL, "ignored": signal.SIG_IGN}.get(hangup)
-    # The child inherits SIGHUP's action (an ignored signal stays ignored through exec),
-    # so this process takes the wanted one for as long as the child takes to start. Not
-    # a preexec_fn: Python code run in the forked child runs grpc's fork handlers there,
-    # and with grpc's threads busy in this process the child aborted now and then
-    # (epoll_wait: Bad file descriptor) before it could exec.
-    before = signal.signal(signal.SIGHUP, action) if action is not None else None
-    try:
+    with hangup_for_children(action):
         process = subprocess.Popen(
             [sys.executable, "-m", "server", *args],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=log,
         )
-    finally:
-        if before is not None:
-            signal.signal(signal.SIGHUP, before)
     _logs[process] = log
     return process
+
+
+@contextmanager
+def hangup_for_children(action: signal.Handlers | None) -> Iterator[None]:
+    """Children started inside the block start with SIGHUP's ``action`` (None: leave
+    this process's own).
+
+    A child inherits the action (an ignored signal stays ignored through exec), so this
+    process takes it for as long as the block lasts. Not a ``preexec_fn``: Python code
+    run in the forked child runs grpc's fork handlers there, and with grpc's threads
+    busy in this process the child aborted now and then (epoll_wait: Bad file
+    descriptor) before it could exec.
+    """
+    if action is None:
+        yield
+        return
+    before = signal.signal(signal.SIGHUP, action)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 def gateway_log(process: subprocess.Popen[bytes]) -> str:

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from tests.serving import hangup_for_children
+
 HOLD_THEN_RELEASE = """
 import os, signal, sys
 from server import launch
@@ -28,13 +30,13 @@ print("released", flush=True)
 def test_a_signal_held_while_starting_acts_as_its_default_once_released(
     signum: signal.Signals,
 ) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", HOLD_THEN_RELEASE.format(name=signum.name)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
-    )
+    with hangup_for_children(signal.SIG_DFL):
+        done = subprocess.run(
+            [sys.executable, "-c", HOLD_THEN_RELEASE.format(name=signum.name)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     assert done.stdout == "held True\n"
     assert done.returncode == -signum
     assert "Traceback" not in done.stderr
@@ -50,13 +52,10 @@ def test_without_a_held_signal_release_gives_the_default_actions_back() -> None:
         " signal.getsignal(signal.SIGINT) is signal.default_int_handler,"
         " signal.getsignal(signal.SIGHUP) == signal.SIG_DFL)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
-    )
+    with hangup_for_children(signal.SIG_DFL):
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
+        )
     assert done.stdout == "True True True\n", done.stderr
     assert done.returncode == 0
 
