@@ -208,6 +208,39 @@ async def test_a_deleted_group_lets_go_of_its_events_at_once(env: Env) -> None:
     assert held == []
 
 
+async def test_an_ack_timeout_due_as_a_deleted_group_stops_is_no_error(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The group stops its tasks one by one; an ack timer due meanwhile failed a delivery
+    # of a member already gone (KeyError in the timer's callback, logged by asyncio).
+    await env.restocks(1)
+    await env.create("g", ack_timeout=30)
+    async with member(env.groups, "g") as consumer:
+        await consumer.delivery()
+        runtime = env.gateway.groups.runtimes["g"]
+        (entry,) = [e for m in runtime.members.values() for e in m.in_flight.values()]
+        assert entry.timer is not None
+        entry.timer.cancel()
+        loop = asyncio.get_running_loop()
+        entry.timer = loop.call_later(0.05, runtime._timed_out, entry, entry.deliveries)
+        runtime._tasks.append(asyncio.create_task(_slow_to_end(0.2)))
+        await asyncio.sleep(0)
+        caplog.set_level(logging.ERROR, logger="asyncio")
+        await env.groups.DeleteConsumerGroup(pb.DeleteConsumerGroupRequest(name="g"))
+        await consumer.finished()
+    await asyncio.sleep(0.1)
+    assert not [r for r in caplog.records if r.name == "asyncio"]
+
+
+async def _slow_to_end(seconds: float) -> None:
+    """A task that takes ``seconds`` to end once cancelled."""
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        await asyncio.sleep(seconds)
+        raise
+
+
 # -- joining -------------------------------------------------------------------------
 
 
