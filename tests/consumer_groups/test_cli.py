@@ -95,6 +95,9 @@ async def test_group_commands_round_trip(gateway: Gateway) -> None:
         "member_id": "",
         "in_flight": 0,
     }
+    # In field order, as grpcurl prints them, zero values included.
+    assert '"partition_states": [{"partition": 0, "checkpoint": "0",' in info.out
+    assert list(info.lines[0]) == [field.name for field in pb.ConsumerGroup.DESCRIPTOR.fields]
     assert len(info.lines[0]["partition_states"]) == 4  # type: ignore[arg-type]
     replayed = await cli("group", "replay-parked", "billing", "--limit", "5", "--target", target)
     assert replayed.code == 0 and replayed.lines == [{"replayed": "0"}]
