@@ -21,6 +21,7 @@ import grpc
 import psycopg
 import pytest
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from orders.v1 import events_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from psycopg_pool import PoolTimeout
@@ -368,6 +369,9 @@ async def test_an_unreachable_store_is_unavailable_on_commands_and_on_subscribe(
                 await reader.next()
             assert subscribe_refused.value.code() == grpc.StatusCode.UNAVAILABLE
             assert error_info(subscribe_refused.value).reason == "STORE_UNAVAILABLE"
+            # Health follows the process, not its store: replicas sharing a database
+            # stay in their load balancer and answer the fault themselves.
+            assert await health_of(gateway) == health_pb2.HealthCheckResponse.SERVING
 
             store.down = False
             await asyncio.sleep(RECOVERY_QUIET)
@@ -376,6 +380,14 @@ async def test_an_unreachable_store_is_unavailable_on_commands_and_on_subscribe(
         assert len(lines(caplog, FAULT_LINE)) == 1
         assert len(lines(caplog, RECOVERY_LINE)) == 1
         assert "Traceback" not in caplog.text
+
+
+async def health_of(gateway: Gateway) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="orders.v1.OrderCommandService"), timeout=10
+        )
+    return reply.status
 
 
 class UnreachableSharedLocksStore(UnreachableStore):
