@@ -384,10 +384,10 @@ async def test_an_unreachable_store_is_unavailable_on_commands_and_on_subscribe(
 
 async def health_of(gateway: Gateway) -> int:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(
+        reply: health_pb2.HealthCheckResponse = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="orders.v1.OrderCommandService"), timeout=10
         )
-    return reply.status
+    return int(reply.status)
 
 
 class UnreachableSharedLocksStore(UnreachableStore):
