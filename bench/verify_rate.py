@@ -1,8 +1,8 @@
 """How fast ``order-gateway verify`` reads and checks a log, in events per second.
 
 Builds a consistent log (every product restocked, then orders placed, each with its
-reservation) straight into the store in large commits, then runs the same check as
-``order-gateway verify``.
+reservation) straight into the store, one command per commit as the gateway writes them,
+then runs the same check as ``order-gateway verify``.
 
     python -m bench.verify_rate [--events 1000000] [--store URL]
 """
@@ -19,15 +19,26 @@ from pathlib import Path
 from bench import workload
 from domain import events as domain_events
 from domain.mapper import to_new_event
-from domain.ports import NewEvent
+from domain.ports import Commit
 from server.stores.factory import open_store
 from server.verify import Report, verify
 
-COMMIT_EVENTS = 2_000
 PRODUCTS = 100
 
 
-def _order_events(order_id: str, product: str, available_after: int) -> tuple[NewEvent, ...]:
+def _restock(product: str) -> Commit:
+    restocked = domain_events.ProductRestocked(
+        product_id=product,
+        quantity=workload.RESTOCK_QUANTITY,
+        available_after=workload.RESTOCK_QUANTITY,
+    )
+    stream = f"product-{product}"
+    return workload.raw_commit({stream: 0}, [to_new_event(restocked, str(uuid.uuid4()), stream, 1)])
+
+
+def _order(product: str, version: int, available_after: int) -> Commit:
+    """An order of one item of ``product``, whose stream is at ``version``."""
+    order_id = str(uuid.uuid4())
     price = domain_events.MoneyAmount(currency_code="EUR", units=10)
     created = domain_events.OrderCreated(
         order_id=order_id,
@@ -45,49 +56,36 @@ def _order_events(order_id: str, product: str, available_after: int) -> tuple[Ne
     reserved = domain_events.StockReserved(
         product_id=product, order_id=order_id, quantity=1, available_after=available_after
     )
-    return (
-        to_new_event(created, str(uuid.uuid4()), f"order-{order_id}", 1),
-        to_new_event(reserved, str(uuid.uuid4()), f"product-{product}", 0),
+    order_stream, product_stream = f"order-{order_id}", f"product-{product}"
+    return workload.raw_commit(
+        {order_stream: 0, product_stream: version},
+        [
+            to_new_event(created, str(uuid.uuid4()), order_stream, 1),
+            to_new_event(reserved, str(uuid.uuid4()), product_stream, version + 1),
+        ],
     )
 
 
 async def build_log(url: str, events: int) -> int:
-    """A consistent log of about ``events`` events; returns its head position."""
+    """A consistent log of about ``events`` events, one command per commit as the gateway
+    writes them: every product restocked, then orders of one item, each with its
+    reservation. Commits on different products are appended together, for the store to
+    commit in groups. Returns the log's head position."""
     store = await open_store(url)
-    versions: dict[str, int] = {}
-    available: dict[str, int] = {}
+    products = [workload.product_id(n) for n in range(PRODUCTS)]
     try:
-        appended = 0
-        pair = 0
+        await asyncio.gather(*(store.append(_restock(product)) for product in products))
+        versions = dict.fromkeys(products, 1)
+        available = dict.fromkeys(products, workload.RESTOCK_QUANTITY)
+        appended = len(products)
         while appended < events:
-            batch: list[NewEvent] = []
-            expected: dict[str, int] = {}
-            while len(batch) < COMMIT_EVENTS and appended + len(batch) < events:
-                product = workload.product_id(pair % PRODUCTS)
-                stream = f"product-{product}"
-                pair += 1
-                version = versions.get(stream, 0)
-                expected.setdefault(stream, version)
-                if version == 0:
-                    restocked = domain_events.ProductRestocked(
-                        product_id=product,
-                        quantity=workload.RESTOCK_QUANTITY,
-                        available_after=workload.RESTOCK_QUANTITY,
-                    )
-                    batch.append(to_new_event(restocked, str(uuid.uuid4()), stream, 1))
-                    versions[stream] = version = 1
-                    available[stream] = workload.RESTOCK_QUANTITY
-                available[stream] -= 1
-                order_id = str(uuid.uuid4())
-                created, reserved = _order_events(order_id, product, available[stream])
-                expected[created.stream_id] = 0
-                versions[stream] = version + 1
-                batch += [created, NewEvent(
-                    reserved.event_id, stream, version + 1, reserved.event_type,
-                    reserved.data, reserved.schema_version,
-                )]  # fmt: skip
-            await store.append(workload.raw_commit(expected, batch))
-            appended += len(batch)
+            commits: list[Commit] = []
+            for product in products[: max(1, (events - appended) // 2)]:
+                available[product] -= 1
+                commits.append(_order(product, versions[product], available[product]))
+                versions[product] += 1
+            await asyncio.gather(*(store.append(commit) for commit in commits))
+            appended += 2 * len(commits)
         return await store.head_position()
     finally:
         await store.close()

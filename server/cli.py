@@ -75,9 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Read every event of the store and check it: positions 1..N without gap or repeat, "
         "stream versions 1..n, every event id a UUID that no other event has, every event "
         "decodes, every command record points at its events, no product's stock goes "
-        "negative; on SQLite, first the whole file with "
-        "SQLite's integrity check. Prints a summary; on a violation, exits 1 naming the "
-        "first offending position.",
+        "negative, and the events agree with each other (each in its order's or product's "
+        "stream, an order's amounts adding up, its reservations and releases its items); "
+        "on SQLite, first the whole file with SQLite's integrity check. Prints a summary "
+        "and each violation by position; exits 1 if there was any, even when the report "
+        "cannot be written.",
     )
     _setting(verify, "store", metavar="URL")
 

@@ -8,12 +8,18 @@
   with one command id has a record with that first position and count, and no record
   points anywhere else;
 - each product's stock, replayed, never goes negative and matches every event's
-  ``available_after``;
+  ``available_after`` (after a mismatch, the replay goes on from the recorded level, so
+  that one missing or damaged event is one violation, not one per later event);
+- the events agree with each other (``domain.log_rules``): each is in its order's or
+  product's stream, an order's stream holds its creation then at most its cancel, an
+  order's amounts add up, and each command's events are those of one command: an order's
+  reservations are its items, its cancel releases exactly those;
 - a SQLite file passes SQLite's integrity check first (pages, indexes, and the tables no
   read of the log touches, such as the consumer groups'); a damaged file's log is not read.
 
-The log is streamed in pages, holding only each stream's last version and each
-product's stock, so memory grows with the number of streams, not of events (repeated
+The log is streamed in pages, holding only each stream's last version, each product's
+stock and one number per order not cancelled, so memory grows with the number of
+streams, not of events (repeated
 event ids are found by the store, with one grouping query). Events committed after the
 check starts are left for the next run.
 """
@@ -28,9 +34,12 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from domain.events import ProductRestocked, StockReleased, StockReserved
+from domain.aggregates import Product
+from domain.events import DomainEvent, ProductRestocked, StockReleased, StockReserved
+from domain.log_rules import LogRules
 from domain.mapper import decode
 from domain.ports import EventStore
+from server.client.output import UnwritableOutputError, unwritable_output
 from server.stores.event_rows import (
     COMMAND_ID,
     POSITION,
@@ -38,12 +47,13 @@ from server.stores.event_rows import (
     EventRowReader,
     UndecodableRowError,
 )
-from server.stores.factory import holds_a_store, open_store, sqlite_path
+from server.stores.factory import holds_a_store, is_memory_url, open_store, sqlite_path
 from server.stores.urls import redacted_url
 
 PAGE_SIZE = 10_000
 """Events per read (and commands per lookup batch)."""
 MAX_LISTED = 20
+PRODUCT_STREAMS = f"{Product.stream_prefix}-"
 """Violations printed one by one; the rest are counted."""
 
 CommandRange = tuple[str, int, int]
@@ -142,6 +152,9 @@ class _Run:
     command_id: str
     first: int
     count: int
+    events: list[tuple[str, DomainEvent]] | None = field(default_factory=list)
+    """Its events, by stream id; None once one of them could not be read or decoded (the
+    run is then not checked as a command's events)."""
 
 
 class _Checker:
@@ -149,12 +162,17 @@ class _Checker:
         self.report = report
         self.expected_position = 1
         self.versions: dict[str, int] = {}
-        self.stock: dict[str, int] = {}
+        self.stock: dict[str, int | None] = {}
+        """By product stream; None while unknown (after an event that did not decode)."""
+        self.rules = LogRules()
         self.run: _Run | None = None
         """The run of consecutive events of one command being read."""
         self.runs: list[CommandRange] = []
 
-    def event(self, row: EventRow) -> None:
+    def event(self, row: EventRow, readable: bool = True) -> None:
+        """Check ``row``; one that could not be read (already reported, its bad text
+        replaced) counts for the positions, versions and stock, but adds no violation of
+        its own."""
         report = self.report
         event_id, stream_id, version, position, _, command_id, _, _, event_type, data, schema = row
         report.events += 1
@@ -179,14 +197,27 @@ class _Checker:
             run.count += 1
         else:
             self._close_run()
-            self.run = _Run(command_id, position, 1)
+            run = self.run = _Run(command_id, position, 1)
 
         try:
             event = decode(event_type, schema, data)
         except Exception as error:
-            reason = str(error).splitlines()[0]
-            report.add(position, f"{event_type} v{schema} ({event_id}) does not decode: {reason}")
+            if readable:
+                reason = str(error).splitlines()[0]
+                report.add(
+                    position, f"{event_type} v{schema} ({event_id}) does not decode: {reason}"
+                )
+            run.events = None
+            if stream_id in self.stock or stream_id.startswith(PRODUCT_STREAMS):
+                self.stock[stream_id] = None
             return
+        if readable:
+            for problem in self.rules.event(stream_id, version, event):
+                report.add(position, problem)
+        else:
+            run.events = None
+        if run.events is not None:
+            run.events.append((stream_id, event))
         if isinstance(event, ProductRestocked | StockReserved | StockReleased):
             self._stock(position, stream_id, event)
 
@@ -194,8 +225,12 @@ class _Checker:
         self, position: int, stream_id: str, event: ProductRestocked | StockReserved | StockReleased
     ) -> None:
         available = self.stock.get(stream_id, 0)
+        # The recorded level is taken up again after a mismatch or an event that did not
+        # decode: one damaged or missing event is one violation, not one per later event.
+        self.stock[stream_id] = event.available_after
+        if available is None:
+            return
         available += -event.quantity if isinstance(event, StockReserved) else event.quantity
-        self.stock[stream_id] = available
         if available < 0:
             self.report.add(position, f"{stream_id} stock goes negative ({available})")
         elif event.available_after != available:
@@ -205,8 +240,12 @@ class _Checker:
             )
 
     def _close_run(self) -> None:
-        if self.run is not None:
-            self.runs.append((self.run.command_id, self.run.first, self.run.count))
+        run = self.run
+        if run is not None:
+            self.runs.append((run.command_id, run.first, run.count))
+            if run.events:
+                for problem in self.rules.command(run.events):
+                    self.report.add(run.first, problem)
             self.run = None
 
     def take_runs(self, final: bool) -> list[CommandRange]:
@@ -261,7 +300,7 @@ async def _check_log(store: EventStore, head: int, checker: _Checker, report: Re
             report.add(damaged.position, f"cannot be read: {damaged.reason}")
             # What is left of it checked too, so that its damage is not also reported as
             # a gap, a broken command or a stock level off by its quantity.
-            checker.event(damaged.row)
+            checker.event(damaged.row, readable=False)
             after = damaged.position
             if after >= head:
                 break
@@ -357,7 +396,16 @@ async def _readable_rows(store: EventStore, after: int, limit: int) -> Sequence[
 
 
 async def run_verify(url: str) -> int:
-    """``order-gateway verify``: prints the report; 0 if the log is consistent, else 1."""
+    """``order-gateway verify``: prints the report; 0 if the log is consistent, else 1,
+    whether or not the report could be written (``| head`` must not turn a failed check
+    into a pass)."""
+    if is_memory_url(url):
+        print(
+            f"order-gateway: {url} is a store of the process that opens it: there is no log"
+            " to verify",
+            file=sys.stderr,
+        )
+        return 2
     if not await holds_a_store(url):
         # Opening it would create an empty store, and a mistyped path or database name
         # would pass as a consistent log.
@@ -375,6 +423,11 @@ async def run_verify(url: str) -> int:
         report = await verify(store)
     finally:
         await store.close()
-    for line in report.lines():
-        print(line)
+    try:
+        for line in report.lines():
+            print(line)
+        sys.stdout.flush()
+    except UnwritableOutputError as error:
+        written = unwritable_output("order-gateway", error, "the output")
+        return written if report.ok else 1
     return 0 if report.ok else 1

@@ -31,6 +31,12 @@ def sqlite_path(url: str) -> Path | None:
     return None
 
 
+def is_memory_url(url: str) -> bool:
+    """Whether ``url`` names the memory store (``memory://``, for tests): one that lives
+    and dies with the process that opens it."""
+    return url.startswith("memory:")
+
+
 async def open_store(
     url: str, *, pool_size: int = 10, writer_turns: bool = False, writable: bool = True
 ) -> EventStore:
@@ -40,7 +46,7 @@ async def open_store(
     ``writer_turns``: other processes write the SQLite file too (``sqlite_turns``);
     ``writable``: refuse a SQLite file that cannot be written (False: only read from).
     """
-    if url == "memory://" or url.startswith("memory:"):
+    if is_memory_url(url):
         return MemoryEventStore()
     if (path := sqlite_path(url)) is not None:
         return await SQLiteEventStore.open(path, writer_turns=writer_turns, writable=writable)

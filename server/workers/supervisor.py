@@ -31,7 +31,7 @@ from server.consumer_groups.store_sqlite import SQLiteConsumerGroupStore
 from server.launch import stop_signals
 from server.observability.metrics import MetricsServer, check_metrics_address
 from server.security.tls import server_credentials
-from server.stores.factory import migrate, sqlite_path
+from server.stores.factory import is_memory_url, migrate, sqlite_path
 from server.stores.postgres import PostgresEventStore
 from server.stores.urls import redacted_url
 from server.workers.groups import GroupsHost
@@ -277,7 +277,7 @@ async def _migrated(url: str) -> bool:
 async def supervise(settings: Settings) -> None:
     """Run ``settings.workers`` workers (more than one) until SIGTERM, SIGINT or SIGHUP."""
     count = worker_count(settings.workers)
-    if settings.store.startswith("memory:"):
+    if is_memory_url(settings.store):
         raise WorkersConfigurationError(
             f"--workers {settings.workers} needs a store the processes share: memory:// "
             "lives inside one process, so each worker would keep a log of its own. Use "

@@ -14,10 +14,14 @@ import sys
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
+from typing import cast
 
 import psycopg
 import pytest
 
+from domain.commands import CancelOrder
+from domain.errors import InsufficientInventoryError
+from domain.mapper import to_domain_event
 from server.bootstrap import bootstrap
 from server.cli import main
 from server.stores.factory import open_store
@@ -178,6 +182,133 @@ def test_a_row_whose_text_is_not_utf8_is_reported_and_the_rest_checked(
     assert lines[-1].endswith(f"the first at position {first}"), lines
 
 
+FIRST_ORDER = "01a23acd-9af2-7fe3-bf8d-142573733c9e"
+CANCELLED_ORDER = "01a23acd-9af3-7892-8c92-e08521fe5a8b"
+THIRD_ORDER = "01a23acd-9af4-7ca1-9bc9-5efcb002d9bb"
+OTHER_ORDER = "0f9a8b7c-0000-4000-8000-000000000009"
+
+
+def items_with(path: Path, position: int, **changes: object) -> list[dict[str, object]]:
+    """The items of the OrderCreated at ``position``, the first one changed."""
+    items = cast(list[dict[str, object]], payload(path, position)["items"])
+    return [{**items[0], **changes}, *items[1:]]
+
+
+@pytest.mark.parametrize(
+    ("position", "changes", "expected"),
+    [
+        pytest.param(
+            7, lambda path: {"items": items_with(path, 7, quantity=9)},
+            [f"position 7: order {CANCELLED_ORDER} reserves apple x 2 for its items apple x 9",
+             f"position 7: order {CANCELLED_ORDER}: total 2.5 EUR is not the sum of its lines"
+             " (11.25 EUR)",
+             f"position 12: order {CANCELLED_ORDER} releases apple x 2, not its items"],
+            id="ordered-quantity",
+        ),
+        pytest.param(
+            4, lambda path: {"order_id": OTHER_ORDER},
+            [f"position 4: OrderCreated of order-{OTHER_ORDER} is in stream order-{FIRST_ORDER}",
+             f"position 4: StockReserved of apple for order {FIRST_ORDER}, in a command of"
+             f" order {OTHER_ORDER}"],
+            id="order-id",
+        ),
+        pytest.param(
+            10, lambda path: {"order_id": FIRST_ORDER},
+            [f"position 9: StockReserved of pear for order {FIRST_ORDER}, in a command of"
+             f" order {THIRD_ORDER}"],
+            id="reserved-for-another-order",
+        ),
+        pytest.param(
+            4, lambda path: {"total": {"currency_code": "EUR", "units": 8, "nanos": 750000000}},
+            [f"position 4: order {FIRST_ORDER}: total 8.75 EUR is not the sum of its lines"
+             " (7.75 EUR)"],
+            id="total",
+        ),
+        pytest.param(
+            4, lambda path: {"items": items_with(
+                path, 4, unit_price={"currency_code": "USD", "units": 1, "nanos": 250000000})},
+            [f"position 4: order {FIRST_ORDER}: apple is priced in USD, the order in EUR"],
+            id="currency",
+        ),
+        pytest.param(
+            13, lambda path: {"quantity": 5, "available_after": 50},
+            [f"position 12: order {CANCELLED_ORDER} releases apple x 5, not its items"],
+            id="released-quantity",
+        ),
+    ],
+)  # fmt: skip
+def test_events_that_disagree_with_each_other_are_found(
+    store_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    position: int,
+    changes: Callable[[Path], dict[str, object]],
+    expected: list[str],
+) -> None:
+    # Each payload still decodes and every stock level adds up: only the events' own
+    # agreement tells the edit.
+    set_payload(store_file, position, **changes(store_file))
+    code, lines = run_verify(store_file, capsys)
+    assert code == 1
+    for line in expected:
+        assert line in lines, lines
+
+
+@pytest.mark.parametrize(
+    ("statement", "expected"),
+    [
+        pytest.param(
+            f"UPDATE events SET stream_id = 'order-{OTHER_ORDER}' WHERE position = 12",
+            f"position 12: OrderCancelled of order-{CANCELLED_ORDER} is in stream"
+            f" order-{OTHER_ORDER}",
+            id="stream",
+        ),
+        pytest.param(
+            # The third order's stream: created, then created again.
+            f"UPDATE events SET stream_id = 'order-{THIRD_ORDER}', stream_version = 2,"
+            f" data = replace(data, '{FIRST_ORDER}', '{THIRD_ORDER}') WHERE position = 4",
+            f"position 4: OrderCreated at version 2 of order-{THIRD_ORDER}, where only"
+            " version 1 can be one",
+            id="created-twice",
+        ),
+        pytest.param(
+            "UPDATE events SET command_id = 'c0ffee00-0000-4000-8000-000000000000'"
+            " WHERE position = 13",
+            "position 13: a command's events (StockReleased) are not those of any command",
+            id="command-shape",
+        ),
+    ],
+)
+def test_events_in_the_wrong_place_are_found(
+    store_file: Path, capsys: pytest.CaptureFixture[str], statement: str, expected: str
+) -> None:
+    damage(store_file, statement)
+    code, lines = run_verify(store_file, capsys)
+    assert code == 1
+    assert expected in lines, lines
+
+
+def test_a_missing_stock_event_is_one_stock_violation(
+    store_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Apple's first reservation (3) is gone: the next apple event records 45 where the
+    # replay has 48; from there the replay goes on from 45, and the release at 13 adds up.
+    damage(store_file, "DELETE FROM events WHERE position = 5")
+    code, lines = run_verify(store_file, capsys)
+    assert code == 1
+    assert "position 8: product-apple records 45 available, the replay 48" in lines
+    assert not [line for line in lines if line.startswith("position 13:")], lines
+
+
+def test_an_unreadable_event_type_is_one_violation(
+    store_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Its stock change is unknown: the product's next event sets the level again.
+    damage(store_file, "UPDATE events SET event_type = CAST(X'41ff42' AS TEXT) WHERE position = 5")
+    code, lines = run_verify(store_file, capsys)
+    assert code == 1
+    assert lines[-1] == "FAILED: 1 violations, the first at position 5", lines
+
+
 def test_stock_that_goes_negative_is_found(
     store_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -209,6 +340,29 @@ async def test_a_repeated_position_is_found(tmp_path: Path) -> None:
     assert not report.ok
     assert report.first is not None and report.first.position == 2
     assert any("repeated or out of order (expected 3)" in v.problem for v in report.violations)
+
+
+async def test_the_log_the_commands_write_passes_every_check() -> None:
+    # The rules restate what the aggregates do: orders of one to three items, refused
+    # orders, cancels of earlier orders and restocks between them.
+    store = MemoryEventStore()
+    bus = bootstrap(store)
+    for product in ("a", "b", "c"):
+        await bus.dispatch(restock(product, 20))
+    open_orders: list[str] = []
+    for n in range(30):
+        items = [("a", 1 + n % 4), ("b", 2), ("c", 1)][: 1 + n % 3]
+        try:
+            created = await bus.dispatch(create(*items))
+        except InsufficientInventoryError:
+            await bus.dispatch(restock(items[0][0], 10))
+            continue
+        open_orders.append(to_domain_event(created[0]).order_id)  # type: ignore[attr-defined]
+        if n % 2:
+            await bus.dispatch(CancelOrder(order_id=open_orders.pop(0), by_admin=True))
+    report = await verify(store)
+    assert report.ok, report.lines()
+    assert report.commands > 40
 
 
 class SlowSearchForRepeatedIds(MemoryEventStore):
@@ -407,3 +561,37 @@ def test_a_report_that_cannot_be_written_is_exit_1(tmp_path: Path, command: str)
         )
     assert finished.returncode == 1
     assert finished.stderr == "order-gateway: cannot write the output: No space left on device\n"
+
+
+@pytest.mark.parametrize("damaged", [False, True], ids=["consistent", "damaged"])
+def test_a_reader_that_went_away_leaves_the_exit_status_to_the_check(
+    store_file: Path, damaged: bool
+) -> None:
+    # As `verify | head -1` when head has gone by the time the report is written: a
+    # failed check must not pass for a script that tests the status.
+    if damaged:
+        damage(store_file, "DELETE FROM events WHERE position = 12")
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        finished = subprocess.run(
+            [sys.executable, "-m", "server.cli", "verify", "--store", f"sqlite:///{store_file}"],
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(writer)
+    assert finished.returncode == (1 if damaged else 0), finished.stderr
+    assert finished.stderr == ""
+
+
+@pytest.mark.parametrize("url", ["memory://", "memory:"])
+def test_the_memory_store_has_no_log_to_verify(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["verify", "--store", url]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert "there is no log to verify" in printed.err
