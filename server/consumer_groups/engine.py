@@ -233,6 +233,10 @@ class Partition:
     attempts: dict[str, int] = field(default_factory=dict)
     """Failed attempts stored for events not taken in yet, by event id: loaded when the
     partition became this process's, each taken with its event."""
+    parked: set[str] = field(default_factory=set)
+    """Parked events above its checkpoint when it became this process's (parked while an
+    earlier event held the checkpoint back): settled, so not taken from the log again;
+    ReplayParked delivers them."""
 
     def checkpoint(self, examined: int) -> int:
         """Every matching event of the partition at or below this is settled."""
@@ -360,6 +364,7 @@ class GroupRuntime:
         ]
         if local:
             await self._load_attempts(self._partitions)
+            await self._load_parked(self._partitions)
             self._owning.set()
         await self.poll_replays()
         name = self.record.name
@@ -527,6 +532,7 @@ class GroupRuntime:
         partition.ready.clear()
         partition.replays.clear()
         partition.attempts.clear()
+        partition.parked.clear()
         partition.owned = partition.synced = False
         partition.owner = None
 
@@ -544,10 +550,13 @@ class GroupRuntime:
         if acquired:
             stored = await self._store.load_checkpoints(self.record.name)
             start = self.record.start_position
-            # Resume where the last owner stored its progress, and its count of failures.
-            await self._load_attempts(acquired)
+            # Resume where the last owner stored its progress, its count of failures and
+            # its parks; owned only then, so that the reader takes nothing before.
             for partition in acquired:
                 partition.read_through = stored.get(partition.index, start)
+            await self._load_attempts(acquired)
+            await self._load_parked(acquired)
+            for partition in acquired:
                 self._saved[partition.index] = partition.read_through
                 partition.owned = True
                 partition.synced = False
@@ -764,6 +773,9 @@ class GroupRuntime:
         if not partition.owned or position <= partition.read_through:
             return
         partition.read_through = position
+        if event.event_id in partition.parked:
+            partition.parked.discard(event.event_id)
+            return
         attempts = partition.attempts.pop(event.event_id, 0)
         entry = Entry(event, index, attempt=attempts, counted=attempts > 0)
         partition.pending[position] = entry
@@ -842,6 +854,9 @@ class GroupRuntime:
         busy = {entry.event_id for entry, _ in self._to_park} | set(self._to_unpark)
         if not partition.owned or parked.event_id in partition.replays or parked.event_id in busy:
             return
+        pending = partition.pending.get(parked.position)
+        if pending is not None and pending.event_id == parked.event_id:
+            return  # taken from the log as well: held once, as what the log gave
         records = await self._events.read_all(parked.position - 1, 1)
         if not records or records[0].event_id != parked.event_id:
             log.warning("parked event %s is not in the log", parked.event_id)
@@ -876,6 +891,12 @@ class GroupRuntime:
                 await self._flush()
             except Exception:
                 log.exception("consumer group %r: storing its state failed", self.record.name)
+
+    async def _load_parked(self, partitions: Iterable[Partition]) -> None:
+        by_index = {partition.index: partition for partition in partitions}
+        after = {index: partition.read_through for index, partition in by_index.items()}
+        for index, event_id in await self._store.parked_after(self.record.name, after):
+            by_index[index].parked.add(event_id)
 
     async def _load_attempts(self, partitions: Iterable[Partition]) -> None:
         by_index = {partition.index: partition for partition in partitions}

@@ -68,6 +68,11 @@ class ConsumerGroupStore(Protocol):
         """The ``limit`` longest-parked of the events being replayed."""
         ...
 
+    async def parked_after(self, name: str, after: Mapping[int, int]) -> list[tuple[int, str]]:
+        """(partition, event_id) of the parked events, replayed or not, of the partitions
+        in ``after``, at positions above the one given for their partition."""
+        ...
+
     async def parked_count(self, name: str) -> int:
         """Parked events not being replayed."""
         ...

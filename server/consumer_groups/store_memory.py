@@ -99,6 +99,13 @@ class MemoryConsumerGroupStore:
                 )
         return lowest
 
+    async def parked_after(self, name: str, after: Mapping[int, int]) -> list[tuple[int, str]]:
+        return [
+            (event.partition, event.event_id)
+            for event in self._parked.get(name, {}).values()
+            if event.partition in after and event.position > after[event.partition]
+        ]
+
     async def parked_count(self, name: str) -> int:
         return sum(not event.replaying for event in self._parked.get(name, {}).values())
 

@@ -244,6 +244,20 @@ class PostgresConsumerGroupStore:
         )
         return {int(partition): int(position) for partition, position in rows}
 
+    async def parked_after(self, name: str, after: Mapping[int, int]) -> list[tuple[int, str]]:
+        if not after:
+            return []
+        rows = await self._rows(
+            "SELECT partition, position, event_id FROM consumer_group_parked"
+            " WHERE group_name = %s AND position > %s",
+            (name, min(after.values())),
+        )
+        return [
+            (int(partition), str(event_id))
+            for partition, position, event_id in rows
+            if partition in after and position > after[partition]
+        ]
+
     async def parked_count(self, name: str) -> int:
         rows = await self._rows(
             "SELECT count(*) FROM consumer_group_parked WHERE group_name = %s AND NOT replaying",

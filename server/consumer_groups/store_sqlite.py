@@ -267,6 +267,24 @@ class SQLiteConsumerGroupStore:
 
         return await self._run(work)
 
+    async def parked_after(self, name: str, after: Mapping[int, int]) -> list[tuple[int, str]]:
+        if not after:
+            return []
+
+        def work(c: sqlite3.Connection) -> list[tuple[int, str]]:
+            rows = c.execute(
+                "SELECT partition, position, event_id FROM consumer_group_parked"
+                " WHERE group_name = ? AND position > ?",
+                (name, min(after.values())),
+            ).fetchall()
+            return [
+                (int(partition), str(event_id))
+                for partition, position, event_id in rows
+                if partition in after and position > after[partition]
+            ]
+
+        return await self._run(work)
+
     async def parked_count(self, name: str) -> int:
         def work(c: sqlite3.Connection) -> int:
             (count,) = c.execute(

@@ -160,6 +160,9 @@ class WorkerGroupStore:
     async def replaying(self, name: str, limit: int) -> list[ParkedEvent]:
         return await self._reads.replaying(name, limit)
 
+    async def parked_after(self, name: str, after: Mapping[int, int]) -> list[tuple[int, str]]:
+        return await self._reads.parked_after(name, after)
+
     async def parked_count(self, name: str) -> int:
         return await self._reads.parked_count(name)
 

@@ -565,6 +565,53 @@ async def test_the_checkpoint_stays_below_a_replayed_event_until_it_is_settled(
         assert (await settled(env)).checkpoint == group.head_position
 
 
+async def park_behind_an_unsettled_event(env: Env) -> tuple[str, str]:
+    """Two events on two streams of one partition: the second parked while the first is
+    still in flight, then the member leaves (the group's last), so that the checkpoint
+    stored stays below both. Returns (first, parked)."""
+    await env.create("g", partitions=1)
+    first, parked = await env.restocks(2, products=2)
+    async with member(env.groups, "g") as consumer:
+        await consumer.deliveries(2)
+        await consumer.nack(parked, action=pb.NACK_ACTION_PARK, reason="poison")
+        async with asyncio.timeout(10):
+            while (await env.get()).parked < 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+    async with asyncio.timeout(10):
+        while "g" in env.gateway.groups.runtimes:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    return first, parked
+
+
+async def test_a_parked_event_read_again_from_the_log_stays_parked(env: Env) -> None:
+    # It was delivered as a new event at attempt 1, and its park stayed behind it.
+    first, _ = await park_behind_an_unsettled_event(env)
+    async with member(env.groups, "g") as consumer:
+        again = await consumer.delivery()
+        assert (again.event.event_id, again.attempt) == (first, 2)
+        await consumer.ack(first)
+        await consumer.no_delivery(0.3)
+        group = await settled(env)
+        assert group.parked == 1
+
+
+async def test_a_parked_event_read_again_from_the_log_is_replayed_once(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It was held twice, as a replay and as read from the log: the second copy stayed in
+    # flight for ever (its ack timer failed on a KeyError) and held the checkpoint.
+    first, parked = await park_behind_an_unsettled_event(env)
+    await env.groups.ReplayParked(pb.ReplayParkedRequest(name="g"))
+    async with member(env.groups, "g") as consumer:
+        delivered = await consumer.deliveries(2)
+        assert sorted(d.event.event_id for d in delivered) == sorted([first, parked])
+        await consumer.ack(first, parked)
+        await consumer.no_delivery(0.3)
+        group = await settled(env)
+        assert (group.parked, group.in_flight) == (0, 0)
+    assert "Traceback" not in caplog.text
+
+
 async def test_an_unacked_delivery_times_out_and_comes_again_at_once(env: Env) -> None:
     await env.create("g", ack_timeout=1)
     (event_id,) = await env.restocks(1)

@@ -141,6 +141,19 @@ async def test_parked_events_replay_longest_parked_first_within_the_limit(
     assert await groups_store.parked_count("g") == 0
 
 
+async def test_parked_events_above_checkpoints_are_listed_by_partition(
+    groups_store: ConsumerGroupStore,
+) -> None:
+    await groups_store.create_group(_record("g"))
+    # Partitions by position % 4: e5 and e9 in 1, e6 in 2, e3 in 3.
+    await groups_store.park("g", [_parked(f"e{n}", n, n) for n in (3, 5, 6, 9)])
+    await groups_store.replay_parked("g", 1)  # replayed or not, still parked
+    above = await groups_store.parked_after("g", {1: 5, 2: 0})
+    assert sorted(above) == [(1, "e9"), (2, "e6")]
+    assert await groups_store.parked_after("g", {}) == []
+    assert await groups_store.parked_after("other", {1: 0}) == []
+
+
 def _failed(event_id: str, position: int, attempts: int) -> FailedAttempts:
     return FailedAttempts(event_id, position, position % 4, attempts)
 
