@@ -83,7 +83,9 @@ class LeaseStore(Protocol):
     ttl: float
 
     async def register(self, group: str, replica_id: str, member: LocalMember) -> None:
-        """Add a member, or raise MemberIdTakenError while another live one has its id."""
+        """Add a member, or raise MemberIdTakenError while another replica has a live
+        member with its id. The caller registers only ids none of its own members has, so
+        an entry of ``replica_id``'s under the id is a departed member's: taken over."""
         ...
 
     async def round(

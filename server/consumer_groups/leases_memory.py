@@ -58,7 +58,8 @@ class MemoryLeases:
         members = self._group(group).members
         now = self._clock()
         found = members.get(member.member_id)
-        if found is not None and found.expires_at >= now:
+        # The replica's own entry is its departed member's (see ``LeaseStore.register``).
+        if found is not None and found.expires_at >= now and found.replica_id != replica_id:
             raise MemberIdTakenError(group, member.member_id)
         members[member.member_id] = _Member(replica_id, member, now + self.ttl)
 

@@ -300,10 +300,17 @@ class PostgresLeases:
         members it does not know."""
 
     async def register(self, group: str, replica_id: str, member: LocalMember) -> None:
-        """Add a member, or raise MemberIdTakenError while another live one has its id."""
+        """Add a member, or raise MemberIdTakenError while another live one has its id.
+
+        A row of this replica's under the id is taken over: the caller registers only an
+        id none of its members has, so that row's member has left and a round has not
+        deleted it yet (refusing it kept a member reconnecting at once out for its TTL).
+        """
         with _translated("consumer group members"), _group_gone_as(GroupNotFoundError(group)):
             async with self._rounds[group], self._pool.connection() as conn:
-                self._joining.setdefault(group, {})[member.member_id] = time.monotonic()
+                joining = self._joining.setdefault(group, {})
+                before = joining.get(member.member_id)
+                joining[member.member_id] = time.monotonic()
                 cursor = await conn.execute(
                     "INSERT INTO consumer_group_members"
                     " (group_name, member_id, replica_id, user_id, joined_at, in_flight,"
@@ -314,6 +321,7 @@ class PostgresLeases:
                     " joined_at = excluded.joined_at, in_flight = 0,"
                     " expires_at = excluded.expires_at"
                     " WHERE consumer_group_members.expires_at < now()"
+                    " OR consumer_group_members.replica_id = excluded.replica_id"
                     " RETURNING member_id",
                     (
                         group,
@@ -325,6 +333,11 @@ class PostgresLeases:
                     ),
                 )
                 if await cursor.fetchone() is None:
+                    # Not registered here: a round may delete what this id left here.
+                    if before is None:
+                        del joining[member.member_id]
+                    else:
+                        joining[member.member_id] = before
                     raise MemberIdTakenError(group, member.member_id)
 
     async def round(

@@ -82,6 +82,17 @@ async def test_a_member_id_is_taken_while_its_member_lives(
     assert [(m.member_id, m.replica_id) for m in live] == [("a", "r2")]
 
 
+async def test_a_departed_member_s_id_is_free_on_its_own_replica_at_once(
+    leases: MemoryLeases,
+) -> None:
+    # The replica registers only ids none of its members has: its own entry under the id
+    # is a departed member's, which no round has forgotten yet.
+    await leases.register("g", "r1", member("a"))
+    await leases.register("g", "r1", member("a"))
+    with pytest.raises(MemberIdTakenError):
+        await leases.register("g", "r2", member("a"))
+
+
 async def test_a_forgotten_replica_frees_its_members_and_partitions(leases: MemoryLeases) -> None:
     await leases.register("g", "r1", member("a"))
     await leases.round("g", "r1", [member("a", in_flight=3)], [], {0: "a", 1: "a"}, {1: 3})
