@@ -10,6 +10,7 @@ Assignments go to stderr. Plain synchronous clients, like ``tail``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import queue
@@ -65,7 +66,7 @@ def add_client_flags(parser: argparse.ArgumentParser, target: str = "the gateway
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     group = commands.add_parser(
         "group",
-        help="create, list, inspect and delete consumer groups",
+        help="create, list, inspect and delete consumer groups, and replay their parked events",
         description="Manage consumer groups (docs/consumer-groups.md); answers print as JSON. "
         "A failed call exits 1 with its status.",
     )
@@ -176,13 +177,18 @@ def _add_call_flags(parser: argparse.ArgumentParser) -> None:
 
 def positive_seconds(text: str) -> float:
     """An argparse type: a number of seconds above 0 (not ``nan`` or ``inf``)."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    seconds = _number_of_seconds(text)
     if not 0 < seconds < math.inf:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be a number of seconds above 0: {text!r}")
     return seconds
+
+
+def _number_of_seconds(text: str) -> float:
+    # float() also takes "1_0" and other scripts' digits, as int() does.
+    if text.isascii() and "_" not in text:
+        with contextlib.suppress(ValueError):
+            return float(text)
+    raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
 
 
 def _fail(program: str, error: grpc.RpcError, err: TextIO) -> int:
@@ -196,10 +202,7 @@ def _fail(program: str, error: grpc.RpcError, err: TextIO) -> int:
 def _seconds(text: str) -> float:
     """A number of seconds a ``google.protobuf.Duration`` can hold (the server checks the
     range it accepts); anything else, ``inf`` or ``1e300``, is a usage error."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    seconds = _number_of_seconds(text)
     if not abs(seconds) <= MAX_DURATION_SECONDS:  # also refuses nan
         raise argparse.ArgumentTypeError(f"not a number of seconds a Duration holds: {text!r}")
     return seconds
@@ -211,10 +214,11 @@ def whole_number(bits: int) -> Callable[[str], int]:
     largest = 2**bits - 1
 
     def parse(text: str) -> int:
-        try:
-            number = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        # int() also takes "3_810", " 38 ", "+38" and other scripts' digits (Arabic-Indic
+        # ones): a typo, or a pasted value, read as a number nobody meant.
+        if not (text.isascii() and text.isdigit()):
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+        number = int(text)
         if not 0 <= number <= largest:
             raise argparse.ArgumentTypeError(f"must be from 0 to {largest}")
         return number

@@ -470,3 +470,29 @@ def test_a_file_setting_set_empty_is_refused_by_its_name(
     monkeypatch.setenv(f"ORDER_GATEWAY_{setting.upper()}", "")
     assert main(["serve", "--listen", "127.0.0.1:0", "--store", "memory://"]) == 2
     assert f"{setting}: empty: name a file, or leave the setting unset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["group", "create", "billing", "--partitions", "1_6"],
+        ["group", "create", "billing", "--max-deliveries", "٣"],
+        ["group", "replay-parked", "billing", "--limit", "+5"],
+        ["group", "list", "--timeout", "1_0"],
+        ["group", "create", "billing", "--ack-timeout", "٣٠"],
+        ["health", "--timeout", "٣"],
+    ],
+)
+def test_a_number_not_written_in_ascii_digits_is_a_usage_error(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert f"argument {argv[-2]}: not a " in capsys.readouterr().err
+
+
+def test_the_command_summary_names_every_group_action(capsys: pytest.CaptureFixture[str]) -> None:
+    shown = help_of(["--help"], capsys)
+    summary = "create, list, inspect and delete consumer groups, and replay their parked events"
+    assert summary in shown
