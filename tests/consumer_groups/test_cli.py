@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -342,7 +343,22 @@ async def test_tls_ca_reaches_a_tls_server(tmp_path: Path) -> None:
         health = await cli("health", "--target", target, "--tls-ca", str(ca))
         assert health.code == 0, health.err
         assert health.out == f"{target}: SERVING\n"
-        assert (await cli("health", "--target", target, "--timeout", "2")).code == 1
+        # Plaintext against TLS: health says why, as the others do, not UNAVAILABLE alone.
+        plain_health = await cli("health", "--target", target, "--timeout", "2")
+        assert plain_health.code == 1
+        assert plain_health.err.startswith(f"{target}: UNAVAILABLE: ")
+        assert "Socket closed" in plain_health.err
+
+
+async def test_health_of_a_gateway_it_cannot_reach_says_why() -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    target = f"127.0.0.1:{closed.getsockname()[1]}"
+    with closed:  # bound and not listening: the port refuses connections
+        health = await cli("health", "--target", target, "--timeout", "2")
+    assert (health.code, health.out) == (1, "")
+    assert health.err.startswith(f"{target}: UNAVAILABLE: ")
+    assert "Connection refused" in health.err
 
 
 @pytest.mark.parametrize("token", ["é", "a\nb", "tab\there"])
