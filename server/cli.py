@@ -18,7 +18,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from domain.errors import ConfigurationError, StoreError
-from server.client.groups import add_client_flags, positive_seconds, whole_number
+from server.client.groups import (
+    add_client_flags,
+    add_connection_timeout,
+    positive_seconds,
+    whole_number,
+)
 from server.client.groups import add_parsers as add_group_parsers
 from server.client.output import UnwritableOutputError, guarded_stdout, unwritable_output
 from server.config import Settings, variable_name
@@ -123,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: every stream)",
     )
     add_client_flags(tail, target="the gateway to follow")
+    add_connection_timeout(tail)
     add_group_parsers(commands)
 
     health = _command(
@@ -303,7 +309,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     else:
         from server.client.tail import tail
 
-        return tail(args.target, args.after, args.types, args.token, args.tls_ca, args.stream)
+        return tail(
+            args.target, args.after, args.types, args.token, args.tls_ca, args.stream, args.timeout
+        )
     return 0
 
 

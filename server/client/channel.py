@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import grpc
 
@@ -33,3 +34,35 @@ def call_metadata(token: str | None) -> Metadata:
         # gRPC metadata carries printable ASCII only: grpc would fail the call as INTERNAL.
         raise ValueError(f"--token (or {TOKEN_VARIABLE}): a token is printable ASCII only")
     return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+SETTLED = (
+    grpc.ChannelConnectivity.READY,
+    grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+    grpc.ChannelConnectivity.SHUTDOWN,
+)
+
+
+def connection_settles(channel: grpc.Channel, timeout: float) -> bool:
+    """Whether ``channel`` connects, or fails to, within ``timeout`` seconds.
+
+    A stream without a deadline (tail, consume) started on a channel still connecting
+    waits as long as the connection does: for ever, on a peer that accepts TCP and never
+    speaks HTTP/2. Once this returns True the call can start: it fails at once with the
+    connection's error if there is one."""
+    settled = threading.Event()
+
+    def watch(state: grpc.ChannelConnectivity) -> None:
+        if state in SETTLED:
+            settled.set()
+
+    channel.subscribe(watch, try_to_connect=True)
+    try:
+        return settled.wait(timeout)
+    finally:
+        channel.unsubscribe(watch)
+
+
+def no_connection(target: str, timeout: float) -> str:
+    """What a stream command prints when ``connection_settles`` says no."""
+    return f"DEADLINE_EXCEEDED: no connection to {target} within {timeout:g} s"

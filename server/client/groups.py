@@ -24,7 +24,14 @@ from google.protobuf import duration_pb2
 from orders.v1 import consumer_group_service_pb2 as pb
 from orders.v1 import consumer_group_service_pb2_grpc as pb_grpc
 
-from server.client.channel import TOKEN_VARIABLE, Metadata, call_metadata, open_channel
+from server.client.channel import (
+    TOKEN_VARIABLE,
+    Metadata,
+    call_metadata,
+    connection_settles,
+    no_connection,
+    open_channel,
+)
 from server.client.json_lines import json_line
 from server.client.output import ReaderGone, reader_gone_error, unwritable_output
 from server.client.tail import field_violations
@@ -160,6 +167,20 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "(default: one the server picks)",
     )
     add_client_flags(consume)
+    add_connection_timeout(consume)
+
+
+def add_connection_timeout(parser: argparse.ArgumentParser) -> None:
+    """``--timeout`` of a command that follows a stream: the wait for the connection."""
+    parser.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=positive_seconds,
+        default=CALL_TIMEOUT,
+        help="how long to wait for the connection to the gateway (default: %(default)s); "
+        "past it the command fails with DEADLINE_EXCEEDED. Once connected, the stream "
+        "has no deadline",
+    )
 
 
 def _add_call_flags(parser: argparse.ArgumentParser) -> None:
@@ -378,6 +399,10 @@ def follow_group(
 
 def consume(args: argparse.Namespace) -> int:
     with open_channel(args.target, args.tls_ca) as channel:
+        if not connection_settles(channel, args.timeout):
+            message = no_connection(args.target, args.timeout)
+            print(f"order-gateway consume: {message}", file=sys.stderr)
+            return 1
         try:
             return follow_group(
                 channel, args.group, args.member, sys.stdout, sys.stderr, call_metadata(args.token)

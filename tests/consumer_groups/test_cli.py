@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -429,3 +430,37 @@ async def test_a_group_command_gives_up_at_its_timeout() -> None:
         listed = await cli("group", "list", "--target", f"127.0.0.1:{port}", "--timeout", "1")
     assert listed.code == 1
     assert "DEADLINE_EXCEEDED" in listed.err
+
+
+@pytest.mark.parametrize("command", [["tail"], ["consume", "--group", "billing"]])
+def test_a_stream_command_gives_up_on_a_connection_that_never_completes(
+    command: list[str],
+) -> None:
+    # Listening but never accepting: the kernel completes TCP, no gRPC server answers.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        target = f"127.0.0.1:{silent.getsockname()[1]}"
+        argv = [*command, "--target", target, "--timeout", "1"]
+        # Killed at 20 s rather than left waiting, as it was before the timeout.
+        ended = subprocess.run(
+            [sys.executable, "-m", "server.cli", *argv], capture_output=True, text=True, timeout=20
+        )
+    assert (ended.returncode, ended.stdout) == (1, "")
+    assert f"DEADLINE_EXCEEDED: no connection to {target} within 1 s" in ended.stderr
+
+
+async def test_a_stream_command_once_connected_outlives_its_timeout(gateway: Gateway) -> None:
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "server.cli", "tail", "--target", f"127.0.0.1:{gateway.port}"),
+        *("--timeout", "0.5"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    await asyncio.sleep(2)
+    assert process.returncode is None, "the stream has no deadline"
+    await restock(gateway, 1)
+    line = await asyncio.wait_for(process.stdout.readline(), 10)  # type: ignore[union-attr]
+    assert json.loads(line)["position"] == "1"
+    process.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(process.wait(), 10) == 0
