@@ -12,7 +12,6 @@ import asyncio
 import ipaddress
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -94,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the gateway keeps serving. FILE must not exist. PostgreSQL: use pg_dump.",
     )
     _setting(backup, "store", metavar="URL")
-    backup.add_argument("file", metavar="FILE", type=Path, help="the new copy's path")
+    # As given, not a Path: Path drops the trailing "/" of a directory's name.
+    backup.add_argument("file", metavar="FILE", help="the new copy's path")
 
     tail = _command(
         commands,
