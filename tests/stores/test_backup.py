@@ -223,6 +223,38 @@ def verify_ok(path: Path) -> bool:
     return main(["verify", "--store", f"sqlite:///{path}"]) == 0
 
 
+def damaged_store(path: Path) -> None:
+    """A store of 5,000 events whose 51st page is overwritten, as a failing disk leaves it."""
+    assert main(["migrate", "--store", f"sqlite:///{path}"]) == 0
+    with closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5000)"
+            " INSERT INTO events (event_id, stream_id, stream_version, occurred_at_us,"
+            " command_id, correlation_id, user_id, event_type, data)"
+            " SELECT hex(randomblob(16)), 'product-' || i, 1, 0, 'c' || i, '', '',"
+            " 'ProductRestocked', randomblob(200) FROM n"
+        )
+    page_size = 4096
+    with path.open("r+b") as file:
+        file.seek(page_size * 50)
+        file.write(b"\xde\xad\xbe\xef" * 256)
+
+
+def test_a_damaged_store_is_not_backed_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    live, copy = tmp_path / "live.db", tmp_path / "copy.db"
+    damaged_store(live)
+    assert main(["backup", "--store", f"sqlite:///{live}", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"order-gateway: the store is damaged, so {copy} was not written: "
+        "database disk image is malformed"
+    )
+    assert f"Run 'order-gateway verify --store sqlite:///{live}'" in err
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("live.db")) == []
+
+
 def test_a_copy_cut_short_by_a_full_destination_leaves_nothing_beside_it(tmp_path: Path) -> None:
     live, copy = tmp_path / "live.db", tmp_path / "copy.db"
     assert main(["migrate", "--store", f"sqlite:///{live}"]) == 0
