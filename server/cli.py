@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from domain.errors import ConfigurationError, StoreError
+from server.client.environment import EnvironmentParser, read_environment
 from server.client.groups import (
     add_client_flags,
     add_connection_timeout,
@@ -29,9 +30,13 @@ from server.config import Settings, variable_name
 from server.launch import release_signals
 from server.observability.logs import configure_logging
 
+CLIENT_COMMANDS = ("tail", "health", "group", "consume")
+"""The commands that call a gateway: their options also come from variables of their own
+(``server.client.environment``); the others' from the settings."""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = EnvironmentParser(
         prog="order-gateway",
         description="gRPC command gateway for the write side of CQRS.",
         epilog="Run 'order-gateway COMMAND --help' for a command's options.",
@@ -164,11 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the CA certificate (PEM) to trust, for a gateway that speaks TLS "
         "(default: plaintext)",
     )
+    for client in CLIENT_COMMANDS:
+        read_environment(commands.choices[client])
     return parser
 
 
 def _command(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    commands: argparse._SubParsersAction[EnvironmentParser],
     name: str,
     summary: str,
     description: str,

@@ -25,13 +25,13 @@ from orders.v1 import consumer_group_service_pb2 as pb
 from orders.v1 import consumer_group_service_pb2_grpc as pb_grpc
 
 from server.client.channel import (
-    TOKEN_VARIABLE,
     Metadata,
     call_metadata,
     connection_settles,
     no_connection,
     open_channel,
 )
+from server.client.environment import EnvironmentParser
 from server.client.json_lines import json_line
 from server.client.output import ReaderGone, reader_gone_error, unwritable_output
 from server.client.tail import field_violations
@@ -59,8 +59,7 @@ def add_client_flags(parser: argparse.ArgumentParser, target: str = "the gateway
     parser.add_argument(
         "--token",
         metavar="TOKEN",
-        help=f"the bearer token to send, for a gateway with authentication on "
-        f"(default: ${TOKEN_VARIABLE}, else none)",
+        help="the bearer token to send, for a gateway with authentication on (default: none)",
     )
     parser.add_argument(
         "--tls-ca",
@@ -70,7 +69,7 @@ def add_client_flags(parser: argparse.ArgumentParser, target: str = "the gateway
     )
 
 
-def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parsers(commands: argparse._SubParsersAction[EnvironmentParser]) -> None:
     group = commands.add_parser(
         "group",
         help="create, list, inspect and delete consumer groups, and replay their parked events",

@@ -26,6 +26,7 @@ from orders.v1 import inventory_command_service_pb2_grpc as inventory_grpc
 from server.app import Gateway
 from tests.group_support import group_gateway, member
 from tests.security.test_tls import issue, write
+from tests.serving import free_port
 
 
 @dataclass
@@ -344,6 +345,10 @@ async def test_tls_ca_reaches_a_tls_server(tmp_path: Path) -> None:
         health = await cli("health", "--target", target, "--tls-ca", str(ca))
         assert health.code == 0, health.err
         assert health.out == f"{target}: SERVING\n"
+        from_variable = await cli(
+            "health", "--target", target, env={"ORDER_GATEWAY_TLS_CA": str(ca)}
+        )
+        assert from_variable.code == 0, from_variable.err
         # Plaintext against TLS: health says why, as the others do, not UNAVAILABLE alone.
         plain_health = await cli("health", "--target", target, "--timeout", "2")
         assert plain_health.code == 1
@@ -420,6 +425,21 @@ async def test_client_commands_call_the_gateway_this_hosts_settings_serve(
     assert created.lines[0]["name"] == "billing"
     consumed = await cli("consume", "--group", "nowhere", env=listen)
     assert (consumed.code, consumed.err.split(":")[1].strip()) == (1, "NOT_FOUND")
+
+
+async def test_client_commands_call_the_target_of_its_variable_before_the_listen_port(
+    gateway: Gateway,
+) -> None:
+    target = f"127.0.0.1:{gateway.port}"
+    nowhere = f"127.0.0.1:{free_port()}"
+    env = {"ORDER_GATEWAY_TARGET": target, "ORDER_GATEWAY_LISTEN": nowhere}
+    health = await cli("health", env=env)
+    assert (health.code, health.out) == (0, f"{target}: SERVING\n")
+    listed = await cli("group", "list", env=env)
+    assert listed.code == 0, listed.err
+    # The flag wins over the variable.
+    flagged = await cli("health", "--target", nowhere, env=env)
+    assert flagged.code == 1 and flagged.err.startswith(f"{nowhere}: UNAVAILABLE")
 
 
 async def test_a_group_command_gives_up_at_its_timeout() -> None:
