@@ -23,33 +23,38 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
-from server.stores.factory import sqlite_path
-from server.stores.sqlite import HOLDS_GATEWAY_SCHEMA, foreign_leftovers
+from server.stores.factory import sqlite_path, unsupported_url
+from server.stores.sqlite import HOLDS_GATEWAY_SCHEMA, file_problems, foreign_leftovers
 from server.stores.urls import redacted_url
+
+PARTIAL_SUFFIX_BYTES = len(".0123456789ab.partial-journal")
+"""What the names of the temporary copy (a random part of 12 hex digits) and of the
+journal SQLite keeps beside it add to FILE's."""
+
+NAME_MAX = 255
+"""The longest file name, in bytes, where the file system does not tell (Linux's)."""
 
 
 class BackupError(Exception):
     """The backup could not be taken; nothing was written at the destination."""
 
 
-def backup(url: str, destination: Path) -> int:
-    """Copy the SQLite store at ``url`` to ``destination`` (a new file); returns the
-    number of events in the copy."""
-    source = sqlite_path(url)
-    if source is None:
-        postgres = url.startswith(("postgresql:", "postgres:"))
-        raise BackupError(
-            f"backup copies SQLite stores only, not {redacted_url(url)!r}"
-            + (": back PostgreSQL up with pg_dump (see docs/operations.md)" if postgres else "")
-        )
+class DestinationError(ValueError):
+    """FILE cannot be a backup's destination, whatever the store: a usage error."""
+
+
+def backup(url: str, file: str) -> int:
+    """Copy the SQLite store at ``url`` to ``file`` (a new file); returns the number of
+    events in the copy."""
+    source = _source(url)
+    destination = _destination(file)
     if not source.is_file():
         raise BackupError(f"no SQLite store at {source}")
     if destination.exists():
         raise BackupError(f"{destination} exists: the backup does not overwrite a file")
     if (leftovers := foreign_leftovers(source)) is not None:
         raise BackupError(f"cannot back up {source}: {leftovers}")
-    # A name of this backup's own: never a file someone else keeps, nor another backup's.
-    partial = destination.with_name(f"{destination.name}.{uuid.uuid4().hex[:12]}.partial")
+    partial = _partial_name(destination)
     try:
         # Read-only: a backup never migrates or otherwise writes to the live store.
         with closing(sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)) as live:
@@ -60,6 +65,7 @@ def backup(url: str, destination: Path) -> int:
                 _create(partial, destination, stat.S_IMODE(source.stat().st_mode))
             ) as copy:
                 live.backup(copy)
+                _check_copy(copy, url, destination)
                 (events,) = copy.execute("SELECT count(*) FROM events").fetchone()
         with partial.open("rb+") as written:
             os.fsync(written.fileno())
@@ -68,10 +74,78 @@ def backup(url: str, destination: Path) -> int:
         _remove(partial)
         # The copy's writes fail as the store's reads do (a full disk at either end).
         raise BackupError(f"backup of {source} to {destination} failed: {error}") from error
+    except OSError as error:
+        _remove(partial)
+        # Its own text only: the error's file name would be the temporary copy's.
+        reason = error.strerror or error
+        raise BackupError(f"backup of {source} to {destination} failed: {reason}") from error
     except BaseException:
         _remove(partial)
         raise
     return int(events)
+
+
+def _check_copy(copy: sqlite3.Connection, url: str, destination: Path) -> None:
+    """Refuse a copy with damaged pages. The backup API copies pages as they are, so a
+    damaged store makes a damaged copy, which would pass for a backup until a restore.
+    quick_check reads every page (about 0.5 s per million events); integrity_check's
+    index cross-checks are left to verify."""
+    if problems := file_problems(copy, "quick_check"):
+        raise BackupError(
+            f"the store is damaged, so {destination} was not written: {problems[0]}"
+            + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
+            + f". Run 'order-gateway verify --store {redacted_url(url)}' for what is wrong"
+        )
+
+
+def _source(url: str) -> Path:
+    """The SQLite file ``url`` names; any other store is refused, one this gateway does
+    not know as verify and serve refuse it."""
+    source = sqlite_path(url)
+    if source is not None:
+        return source
+    if url.startswith(("postgresql:", "postgres:")):
+        raise BackupError(
+            f"backup copies SQLite stores only, not {redacted_url(url)!r}: back PostgreSQL "
+            "up with pg_dump (see docs/operations.md)"
+        )
+    if url.startswith("memory:"):
+        raise BackupError(f"backup copies SQLite stores only, not {redacted_url(url)!r}")
+    raise unsupported_url(url)
+
+
+def _destination(file: str) -> Path:
+    """``file`` as the new copy's path, once it can be one: a file's name in a directory
+    that exists. Checked before anything is copied, and named as given."""
+    destination = Path(file)
+    # Path() drops a trailing "/": "backups/" would make a file named backups.
+    if file.endswith(os.sep) or destination.name in ("", ".", ".."):
+        raise DestinationError(f"cannot back up to {file}: it names a directory, not a file")
+    directory = destination.parent
+    if not directory.is_dir():
+        raise DestinationError(f"cannot back up to {file}: no directory {directory}")
+    if len(os.fsencode(destination.name)) > _name_max(directory):
+        raise DestinationError(f"cannot back up to {file}: its name is too long")
+    return destination
+
+
+def _name_max(directory: Path) -> int:
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return NAME_MAX
+
+
+def _partial_name(destination: Path) -> Path:
+    """Where the copy is written until it is whole: beside ``destination``, under a name
+    of this backup's own, never a file someone else keeps nor another backup's. FILE's
+    name is cut short there when the temporary name would be longer than the file system
+    takes."""
+    room = _name_max(destination.parent) - PARTIAL_SUFFIX_BYTES
+    stem = destination.name
+    while len(os.fsencode(stem)) > room:
+        stem = stem[:-1]  # a character at a time: never half of one's bytes
+    return destination.with_name(f"{stem}.{uuid.uuid4().hex[:12]}.partial")
 
 
 def _remove(partial: Path) -> None:

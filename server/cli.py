@@ -12,22 +12,31 @@ import asyncio
 import ipaddress
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from domain.errors import ConfigurationError, StoreError
-from server.client.groups import add_client_flags, positive_seconds, whole_number
+from server.client.environment import EnvironmentParser, read_environment
+from server.client.groups import (
+    add_client_flags,
+    add_connection_timeout,
+    positive_seconds,
+    whole_number,
+)
 from server.client.groups import add_parsers as add_group_parsers
 from server.client.output import UnwritableOutputError, guarded_stdout, unwritable_output
 from server.config import Settings, variable_name
 from server.launch import release_signals
 from server.observability.logs import configure_logging
 
+CLIENT_COMMANDS = ("tail", "health", "group", "consume")
+"""The commands that call a gateway: their options also come from variables of their own
+(``server.client.environment``); the others' from the settings."""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = EnvironmentParser(
         prog="order-gateway",
         description="gRPC command gateway for the write side of CQRS.",
         epilog="Run 'order-gateway COMMAND --help' for a command's options.",
@@ -91,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the gateway keeps serving. FILE must not exist. PostgreSQL: use pg_dump.",
     )
     _setting(backup, "store", metavar="URL")
-    backup.add_argument("file", metavar="FILE", type=Path, help="the new copy's path")
+    # As given, not a Path: Path drops the trailing "/" of a directory's name.
+    backup.add_argument("file", metavar="FILE", help="the new copy's path")
 
     tail = _command(
         commands,
@@ -125,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: every stream)",
     )
     add_client_flags(tail, target="the gateway to follow")
+    add_connection_timeout(tail)
     add_group_parsers(commands)
 
     health = _command(
@@ -160,11 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the CA certificate (PEM) to trust, for a gateway that speaks TLS "
         "(default: plaintext)",
     )
+    for client in CLIENT_COMMANDS:
+        read_environment(commands.choices[client])
     return parser
 
 
 def _command(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    commands: argparse._SubParsersAction[EnvironmentParser],
     name: str,
     summary: str,
     description: str,
@@ -305,7 +318,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     else:
         from server.client.tail import tail
 
-        return tail(args.target, args.after, args.types, args.token, args.tls_ca, args.stream)
+        return tail(
+            args.target, args.after, args.types, args.token, args.tls_ca, args.stream, args.timeout
+        )
     return 0
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
+import threading
 
 import grpc
 
 from server.config import read_setting_file
 
 TOKEN_VARIABLE = "ORDER_GATEWAY_TOKEN"
+TLS_CA_VARIABLE = "ORDER_GATEWAY_TLS_CA"
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -17,19 +18,53 @@ def open_channel(target: str, tls_ca: str | None) -> grpc.Channel:
     """Plaintext, or TLS trusting the CA certificate(s) in the PEM file ``tls_ca``."""
     if tls_ca is None:
         return grpc.insecure_channel(target)
-    roots = read_setting_file("--tls-ca", tls_ca)
+    # Named by its flag and its variable, either of which may have set it.
+    option = f"--tls-ca ({TLS_CA_VARIABLE})"
+    roots = read_setting_file(option, tls_ca)
     if b"-----BEGIN CERTIFICATE-----" not in roots:
-        raise ValueError(f"--tls-ca {tls_ca}: no PEM certificate in it")
+        raise ValueError(f"{option} {tls_ca}: no PEM certificate in it")
     return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots))
 
 
 def call_metadata(token: str | None) -> Metadata:
-    """``authorization: Bearer`` with ``--token``, else ``ORDER_GATEWAY_TOKEN``, else none.
+    """``authorization: Bearer`` with ``--token`` (or ``ORDER_GATEWAY_TOKEN``), else none.
 
     Sent as call metadata rather than call credentials, so that it also reaches a
     server listening in plaintext on loopback."""
-    token = (token or os.environ.get(TOKEN_VARIABLE) or "").strip()
+    token = (token or "").strip()
     if not all(" " <= character <= "~" for character in token):
         # gRPC metadata carries printable ASCII only: grpc would fail the call as INTERNAL.
         raise ValueError(f"--token (or {TOKEN_VARIABLE}): a token is printable ASCII only")
     return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+SETTLED = (
+    grpc.ChannelConnectivity.READY,
+    grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+    grpc.ChannelConnectivity.SHUTDOWN,
+)
+
+
+def connection_settles(channel: grpc.Channel, timeout: float) -> bool:
+    """Whether ``channel`` connects, or fails to, within ``timeout`` seconds.
+
+    A stream without a deadline (tail, consume) started on a channel still connecting
+    waits as long as the connection does: for ever, on a peer that accepts TCP and never
+    speaks HTTP/2. Once this returns True the call can start: it fails at once with the
+    connection's error if there is one."""
+    settled = threading.Event()
+
+    def watch(state: grpc.ChannelConnectivity) -> None:
+        if state in SETTLED:
+            settled.set()
+
+    channel.subscribe(watch, try_to_connect=True)
+    try:
+        return settled.wait(timeout)
+    finally:
+        channel.unsubscribe(watch)
+
+
+def no_connection(target: str, timeout: float) -> str:
+    """What a stream command prints when ``connection_settles`` says no."""
+    return f"DEADLINE_EXCEEDED: no connection to {target} within {timeout:g} s"

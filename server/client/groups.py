@@ -10,6 +10,7 @@ Assignments go to stderr. Plain synchronous clients, like ``tail``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import queue
@@ -23,7 +24,14 @@ from google.protobuf import duration_pb2
 from orders.v1 import consumer_group_service_pb2 as pb
 from orders.v1 import consumer_group_service_pb2_grpc as pb_grpc
 
-from server.client.channel import TOKEN_VARIABLE, Metadata, call_metadata, open_channel
+from server.client.channel import (
+    Metadata,
+    call_metadata,
+    connection_settles,
+    no_connection,
+    open_channel,
+)
+from server.client.environment import EnvironmentParser
 from server.client.json_lines import json_line
 from server.client.output import ReaderGone, reader_gone_error, unwritable_output
 from server.client.tail import field_violations
@@ -51,8 +59,7 @@ def add_client_flags(parser: argparse.ArgumentParser, target: str = "the gateway
     parser.add_argument(
         "--token",
         metavar="TOKEN",
-        help=f"the bearer token to send, for a gateway with authentication on "
-        f"(default: ${TOKEN_VARIABLE}, else none)",
+        help="the bearer token to send, for a gateway with authentication on (default: none)",
     )
     parser.add_argument(
         "--tls-ca",
@@ -62,10 +69,10 @@ def add_client_flags(parser: argparse.ArgumentParser, target: str = "the gateway
     )
 
 
-def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parsers(commands: argparse._SubParsersAction[EnvironmentParser]) -> None:
     group = commands.add_parser(
         "group",
-        help="create, list, inspect and delete consumer groups",
+        help="create, list, inspect and delete consumer groups, and replay their parked events",
         description="Manage consumer groups (docs/consumer-groups.md); answers print as JSON. "
         "A failed call exits 1 with its status.",
     )
@@ -159,6 +166,20 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "(default: one the server picks)",
     )
     add_client_flags(consume)
+    add_connection_timeout(consume)
+
+
+def add_connection_timeout(parser: argparse.ArgumentParser) -> None:
+    """``--timeout`` of a command that follows a stream: the wait for the connection."""
+    parser.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=positive_seconds,
+        default=CALL_TIMEOUT,
+        help="how long to wait for the connection to the gateway (default: %(default)s); "
+        "past it the command fails with DEADLINE_EXCEEDED. Once connected, the stream "
+        "has no deadline",
+    )
 
 
 def _add_call_flags(parser: argparse.ArgumentParser) -> None:
@@ -176,13 +197,18 @@ def _add_call_flags(parser: argparse.ArgumentParser) -> None:
 
 def positive_seconds(text: str) -> float:
     """An argparse type: a number of seconds above 0 (not ``nan`` or ``inf``)."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    seconds = _number_of_seconds(text)
     if not 0 < seconds < math.inf:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be a number of seconds above 0: {text!r}")
     return seconds
+
+
+def _number_of_seconds(text: str) -> float:
+    # float() also takes "1_0" and other scripts' digits, as int() does.
+    if text.isascii() and "_" not in text:
+        with contextlib.suppress(ValueError):
+            return float(text)
+    raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
 
 
 def _fail(program: str, error: grpc.RpcError, err: TextIO) -> int:
@@ -196,10 +222,7 @@ def _fail(program: str, error: grpc.RpcError, err: TextIO) -> int:
 def _seconds(text: str) -> float:
     """A number of seconds a ``google.protobuf.Duration`` can hold (the server checks the
     range it accepts); anything else, ``inf`` or ``1e300``, is a usage error."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    seconds = _number_of_seconds(text)
     if not abs(seconds) <= MAX_DURATION_SECONDS:  # also refuses nan
         raise argparse.ArgumentTypeError(f"not a number of seconds a Duration holds: {text!r}")
     return seconds
@@ -211,10 +234,11 @@ def whole_number(bits: int) -> Callable[[str], int]:
     largest = 2**bits - 1
 
     def parse(text: str) -> int:
-        try:
-            number = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        # int() also takes "3_810", " 38 ", "+38" and other scripts' digits (Arabic-Indic
+        # ones): a typo, or a pasted value, read as a number nobody meant.
+        if not (text.isascii() and text.isdigit()):
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+        number = int(text)
         if not 0 <= number <= largest:
             raise argparse.ArgumentTypeError(f"must be from 0 to {largest}")
         return number
@@ -374,6 +398,10 @@ def follow_group(
 
 def consume(args: argparse.Namespace) -> int:
     with open_channel(args.target, args.tls_ca) as channel:
+        if not connection_settles(channel, args.timeout):
+            message = no_connection(args.target, args.timeout)
+            print(f"order-gateway consume: {message}", file=sys.stderr)
+            return 1
         try:
             return follow_group(
                 channel, args.group, args.member, sys.stdout, sys.stderr, call_metadata(args.token)

@@ -37,9 +37,16 @@ def check_health(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
         except grpc.RpcError as error:
-            code = error.code() if isinstance(error, grpc.Call) else None
-            print(f"{target}: {code.name if code else 'error'}", file=sys.stderr)
+            print(f"{target}: {_failure(error)}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{target}: {status}")
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _failure(error: grpc.RpcError) -> str:
+    """The failed call's status and its details, as the other client commands print them:
+    the code alone (UNAVAILABLE) would not tell a refused connection from a TLS mismatch."""
+    if not isinstance(error, grpc.Call):
+        return "error"
+    return f"{error.code().name}: {error.details()}"

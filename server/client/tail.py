@@ -15,7 +15,13 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from orders.v1 import event_stream_service_pb2, event_stream_service_pb2_grpc
 
-from server.client.channel import Metadata, call_metadata, open_channel
+from server.client.channel import (
+    Metadata,
+    call_metadata,
+    connection_settles,
+    no_connection,
+    open_channel,
+)
 from server.client.json_lines import json_line
 from server.client.output import ReaderGone, reader_gone_error, unwritable_output
 
@@ -89,13 +95,17 @@ def tail(
     token: str | None = None,
     tls_ca: str | None = None,
     stream: str = "",
+    timeout: float = 10.0,
 ) -> int:
     """Follow the event stream of the gateway at ``target`` until interrupted (one stream's
-    events only, with ``stream``)."""
+    events only, with ``stream``), once connected within ``timeout`` seconds."""
     if after < 0:
         print(f"{PROGRAM}: --after must be 0 or more", file=sys.stderr)
         return 2
     with open_channel(target, tls_ca) as channel:
+        if not connection_settles(channel, timeout):
+            print(f"{PROGRAM}: {no_connection(target, timeout)}", file=sys.stderr)
+            return 1
         try:
             return follow(
                 channel, after, types, sys.stdout, sys.stderr, call_metadata(token), stream

@@ -55,7 +55,12 @@ async def open_store(
         from server.stores.postgres import PostgresEventStore
 
         return await PostgresEventStore.open(url, max_connections=pool_size)
-    raise UnsupportedStoreURLError(
+    raise unsupported_url(url)
+
+
+def unsupported_url(url: str) -> UnsupportedStoreURLError:
+    """The error for a ``url`` that names no store this gateway has (a usage error)."""
+    return UnsupportedStoreURLError(
         f"unsupported store URL {redacted_url(url)!r}: use sqlite:///file.db, postgresql://…, or memory://"
     )
 

@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, Literal, TypeVar, cast
 
 from domain.errors import (
     ConcurrencyConflictError,
@@ -1028,17 +1028,7 @@ class SQLiteEventStore:
         """``server.verify.FileCheck``: what SQLite's integrity check finds wrong with the
         file (its pages, indexes and constraints, every table's), empty if nothing."""
 
-        def query(connection: sqlite3.Connection) -> list[str]:
-            found: list[str] = []
-            try:
-                for (problem,) in connection.execute("PRAGMA integrity_check"):
-                    found.extend(str(problem).splitlines())
-            except sqlite3.DatabaseError as e:
-                # Some damage stops the check itself; what it found so far still counts.
-                found.append(str(e))
-            return [] if found == ["ok"] else found
-
-        return await self._read(query)
+        return await self._read(file_problems)
 
     # -- snapshots --------------------------------------------------------------------
 
@@ -1119,3 +1109,22 @@ class SQLiteEventStore:
         if self._file is not None:
             os.close(self._file)
             self._file = None
+
+
+FileCheck = Literal["integrity_check", "quick_check"]
+
+
+def file_problems(
+    connection: sqlite3.Connection, check: FileCheck = "integrity_check"
+) -> list[str]:
+    """What SQLite's ``check`` of the file finds wrong, empty if nothing: integrity_check
+    looks at pages, indexes and constraints; quick_check at pages and records only, in
+    less time."""
+    found: list[str] = []
+    try:
+        for (problem,) in connection.execute(f"PRAGMA {check}"):
+            found.extend(str(problem).splitlines())
+    except sqlite3.DatabaseError as e:
+        # Some damage stops the check itself; what it found so far still counts.
+        found.append(str(e))
+    return [] if found == ["ok"] else found

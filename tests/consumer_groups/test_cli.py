@@ -9,6 +9,8 @@ import hashlib
 import json
 import os
 import signal
+import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from orders.v1 import inventory_command_service_pb2_grpc as inventory_grpc
 from server.app import Gateway
 from tests.group_support import group_gateway, member
 from tests.security.test_tls import issue, write
+from tests.serving import free_port
 
 
 @dataclass
@@ -342,7 +345,26 @@ async def test_tls_ca_reaches_a_tls_server(tmp_path: Path) -> None:
         health = await cli("health", "--target", target, "--tls-ca", str(ca))
         assert health.code == 0, health.err
         assert health.out == f"{target}: SERVING\n"
-        assert (await cli("health", "--target", target, "--timeout", "2")).code == 1
+        from_variable = await cli(
+            "health", "--target", target, env={"ORDER_GATEWAY_TLS_CA": str(ca)}
+        )
+        assert from_variable.code == 0, from_variable.err
+        # Plaintext against TLS: health says why, as the others do, not UNAVAILABLE alone.
+        plain_health = await cli("health", "--target", target, "--timeout", "2")
+        assert plain_health.code == 1
+        assert plain_health.err.startswith(f"{target}: UNAVAILABLE: ")
+        assert "Socket closed" in plain_health.err
+
+
+async def test_health_of_a_gateway_it_cannot_reach_says_why() -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    target = f"127.0.0.1:{closed.getsockname()[1]}"
+    with closed:  # bound and not listening: the port refuses connections
+        health = await cli("health", "--target", target, "--timeout", "2")
+    assert (health.code, health.out) == (1, "")
+    assert health.err.startswith(f"{target}: UNAVAILABLE: ")
+    assert "Connection refused" in health.err
 
 
 @pytest.mark.parametrize("token", ["é", "a\nb", "tab\there"])
@@ -405,6 +427,21 @@ async def test_client_commands_call_the_gateway_this_hosts_settings_serve(
     assert (consumed.code, consumed.err.split(":")[1].strip()) == (1, "NOT_FOUND")
 
 
+async def test_client_commands_call_the_target_of_its_variable_before_the_listen_port(
+    gateway: Gateway,
+) -> None:
+    target = f"127.0.0.1:{gateway.port}"
+    nowhere = f"127.0.0.1:{free_port()}"
+    env = {"ORDER_GATEWAY_TARGET": target, "ORDER_GATEWAY_LISTEN": nowhere}
+    health = await cli("health", env=env)
+    assert (health.code, health.out) == (0, f"{target}: SERVING\n")
+    listed = await cli("group", "list", env=env)
+    assert listed.code == 0, listed.err
+    # The flag wins over the variable.
+    flagged = await cli("health", "--target", nowhere, env=env)
+    assert flagged.code == 1 and flagged.err.startswith(f"{nowhere}: UNAVAILABLE")
+
+
 async def test_a_group_command_gives_up_at_its_timeout() -> None:
     # A listener that accepts connections and never answers: no gRPC server.
     silent = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
@@ -413,3 +450,37 @@ async def test_a_group_command_gives_up_at_its_timeout() -> None:
         listed = await cli("group", "list", "--target", f"127.0.0.1:{port}", "--timeout", "1")
     assert listed.code == 1
     assert "DEADLINE_EXCEEDED" in listed.err
+
+
+@pytest.mark.parametrize("command", [["tail"], ["consume", "--group", "billing"]])
+def test_a_stream_command_gives_up_on_a_connection_that_never_completes(
+    command: list[str],
+) -> None:
+    # Listening but never accepting: the kernel completes TCP, no gRPC server answers.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        target = f"127.0.0.1:{silent.getsockname()[1]}"
+        argv = [*command, "--target", target, "--timeout", "1"]
+        # Killed at 20 s rather than left waiting, as it was before the timeout.
+        ended = subprocess.run(
+            [sys.executable, "-m", "server.cli", *argv], capture_output=True, text=True, timeout=20
+        )
+    assert (ended.returncode, ended.stdout) == (1, "")
+    assert f"DEADLINE_EXCEEDED: no connection to {target} within 1 s" in ended.stderr
+
+
+async def test_a_stream_command_once_connected_outlives_its_timeout(gateway: Gateway) -> None:
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "server.cli", "tail", "--target", f"127.0.0.1:{gateway.port}"),
+        *("--timeout", "0.5"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    await asyncio.sleep(2)
+    assert process.returncode is None, "the stream has no deadline"
+    await restock(gateway, 1)
+    line = await asyncio.wait_for(process.stdout.readline(), 10)  # type: ignore[union-attr]
+    assert json.loads(line)["position"] == "1"
+    process.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(process.wait(), 10) == 0

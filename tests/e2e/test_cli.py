@@ -470,3 +470,110 @@ def test_a_file_setting_set_empty_is_refused_by_its_name(
     monkeypatch.setenv(f"ORDER_GATEWAY_{setting.upper()}", "")
     assert main(["serve", "--listen", "127.0.0.1:0", "--store", "memory://"]) == 2
     assert f"{setting}: empty: name a file, or leave the setting unset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["group", "create", "billing", "--partitions", "1_6"],
+        ["group", "create", "billing", "--max-deliveries", "٣"],
+        ["group", "replay-parked", "billing", "--limit", "+5"],
+        ["group", "list", "--timeout", "1_0"],
+        ["group", "create", "billing", "--ack-timeout", "٣٠"],
+        ["health", "--timeout", "٣"],
+    ],
+)
+def test_a_number_not_written_in_ascii_digits_is_a_usage_error(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert f"argument {argv[-2]}: not a " in capsys.readouterr().err
+
+
+def test_the_command_summary_names_every_group_action(capsys: pytest.CaptureFixture[str]) -> None:
+    shown = help_of(["--help"], capsys)
+    summary = "create, list, inspect and delete consumer groups, and replay their parked events"
+    assert summary in shown
+
+
+def test_a_client_command_takes_each_option_from_its_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ORDER_GATEWAY_AFTER", "38")
+    monkeypatch.setenv("ORDER_GATEWAY_TYPE", "OrderCreated, ProductRestocked")
+    monkeypatch.setenv("ORDER_GATEWAY_TLS_CA", "ca.pem")
+    monkeypatch.setenv("ORDER_GATEWAY_TIMEOUT", "2.5")
+    args = build_parser().parse_args(["tail"])
+    assert (args.after, args.types, args.tls_ca, args.timeout) == (
+        38,
+        ["OrderCreated", "ProductRestocked"],
+        "ca.pem",
+        2.5,
+    )
+    monkeypatch.setenv("ORDER_GATEWAY_FROM_END", "yes")
+    monkeypatch.setenv("ORDER_GATEWAY_MAX_DELIVERIES", "3")
+    args = build_parser().parse_args(["group", "create", "billing"])
+    assert (args.from_end, args.max_deliveries, args.types) == (
+        True,
+        3,
+        ["OrderCreated", "ProductRestocked"],
+    )
+    monkeypatch.setenv("ORDER_GATEWAY_GROUP", "billing")
+    assert build_parser().parse_args(["consume"]).group == "billing"
+
+
+def test_a_flag_wins_over_its_variable_in_a_client_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ORDER_GATEWAY_AFTER", "not a number: the flag is used instead")
+    monkeypatch.setenv("ORDER_GATEWAY_TYPE", "OrderCreated,ProductRestocked")
+    monkeypatch.setenv("ORDER_GATEWAY_SERVICE", "orders.v1.OrderCommandService")
+    args = build_parser().parse_args(["tail", "--after", "5", "--type", "OrderShipped"])
+    assert (args.after, args.types) == (5, ["OrderShipped"])
+    assert build_parser().parse_args(["health", "--service", ""]).service == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "variable", "value", "message"),
+    [
+        (["tail"], "ORDER_GATEWAY_AFTER", "3_810", "argument --after (ORDER_GATEWAY_AFTER): "),
+        (["tail"], "ORDER_GATEWAY_TIMEOUT", "0", "argument --timeout (ORDER_GATEWAY_TIMEOUT): "),
+        (
+            ["health"],
+            "ORDER_GATEWAY_TIMEOUT",
+            "soon",
+            "argument --timeout (ORDER_GATEWAY_TIMEOUT): ",
+        ),
+        (
+            ["group", "create", "billing"],
+            "ORDER_GATEWAY_FROM_END",
+            "maybe",
+            "argument --from-end (ORDER_GATEWAY_FROM_END): not a switch value",
+        ),
+    ],
+)
+def test_a_bad_variable_is_a_usage_error_naming_it_and_its_option(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    variable: str,
+    value: str,
+    message: str,
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_client_command_help_says_options_come_from_variables(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for argv in (["tail"], ["health"], ["consume"], ["group", "create"]):
+        shown = help_of([*argv, "--help"], capsys)
+        assert "Every option can also be set by its environment variable" in shown, argv
+        assert "[ORDER_GATEWAY_TARGET]" in shown and "[ORDER_GATEWAY_TIMEOUT]" in shown, argv

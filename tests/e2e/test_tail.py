@@ -230,7 +230,7 @@ async def test_an_unknown_type_is_refused_with_the_servers_reason(gateway: Any) 
     assert lines[1].startswith("  event_types[0]: unknown event type 'OrderPlaced'; known types: ")
 
 
-@pytest.mark.parametrize("after", ["-1", str(2**64)])
+@pytest.mark.parametrize("after", ["-1", str(2**64), "3_810", "٣٨١٠", " 38"])
 async def test_an_after_no_position_can_hold_is_a_usage_error_naming_the_flag(after: str) -> None:
     code, out, err = await tail_to_the_end("--after", after)
     assert code == 2

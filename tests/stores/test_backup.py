@@ -179,13 +179,80 @@ def test_a_file_beside_the_destination_is_left_alone(tmp_path: Path) -> None:
     ]
 
 
-def test_a_destination_that_cannot_be_written_is_named(
+@pytest.mark.parametrize(
+    ("file", "reason"),
+    [
+        ("no-such-folder/copy.db", "no directory {tmp}/no-such-folder"),
+        ("a-file.txt/copy.db", "no directory {tmp}/a-file.txt"),
+        ("backups/", "it names a directory, not a file"),
+        ("backups/..", "it names a directory, not a file"),
+        ("n" * 256, "its name is too long"),
+    ],
+)
+def test_a_destination_that_cannot_be_a_file_is_refused_by_its_name_before_copying(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], file: str, reason: str
+) -> None:
+    live = tmp_path / "live.db"
+    assert main(["migrate", "--store", f"sqlite:///{live}"]) == 0
+    (tmp_path / "a-file.txt").write_text("notes")
+    (tmp_path / "backups").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["backup", "--store", f"sqlite:///{live}", f"{tmp_path}/{file}"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"order-gateway: cannot back up to {tmp_path}/{file}: "
+        + reason.format(tmp=tmp_path)
+        + "\n"
+    )
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_file_name_near_the_file_systems_limit_is_backed_up_to(tmp_path: Path) -> None:
+    # FILE.<random>.partial-journal would be longer than the 255 bytes a name may have.
+    live, copy = tmp_path / "live.db", tmp_path / ("n" * 249)
+    assert main(["migrate", "--store", f"sqlite:///{live}"]) == 0
+    assert main(["backup", "--store", f"sqlite:///{live}", str(copy)]) == 0
+    assert verify_ok(copy)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("live.db")) == [
+        copy.name
+    ]
+
+
+def verify_ok(path: Path) -> bool:
+    return main(["verify", "--store", f"sqlite:///{path}"]) == 0
+
+
+def damaged_store(path: Path) -> None:
+    """A store of 5,000 events whose 51st page is overwritten, as a failing disk leaves it."""
+    assert main(["migrate", "--store", f"sqlite:///{path}"]) == 0
+    with closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5000)"
+            " INSERT INTO events (event_id, stream_id, stream_version, occurred_at_us,"
+            " command_id, correlation_id, user_id, event_type, data)"
+            " SELECT hex(randomblob(16)), 'product-' || i, 1, 0, 'c' || i, '', '',"
+            " 'ProductRestocked', randomblob(200) FROM n"
+        )
+    page_size = 4096
+    with path.open("r+b") as file:
+        file.seek(page_size * 50)
+        file.write(b"\xde\xad\xbe\xef" * 256)
+
+
+def test_a_damaged_store_is_not_backed_up(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    live, copy = tmp_path / "live.db", tmp_path / "no-such-folder" / "copy.db"
-    assert main(["migrate", "--store", f"sqlite:///{live}"]) == 0
+    live, copy = tmp_path / "live.db", tmp_path / "copy.db"
+    damaged_store(live)
     assert main(["backup", "--store", f"sqlite:///{live}", str(copy)]) == 1
-    assert f"cannot create {copy}: unable to open database file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"order-gateway: the store is damaged, so {copy} was not written: "
+        "database disk image is malformed"
+    )
+    assert f"Run 'order-gateway verify --store sqlite:///{live}'" in err
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("live.db")) == []
 
 
 def test_a_copy_cut_short_by_a_full_destination_leaves_nothing_beside_it(tmp_path: Path) -> None:
@@ -232,6 +299,18 @@ def test_what_cannot_be_copied_is_refused_by_name(
     assert message in err and "secret" not in err
     # PostgreSQL's advice is for PostgreSQL only.
     assert ("pg_dump" in err) == url.startswith("postgresql:")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_store_url_of_no_store_this_gateway_has_is_a_usage_error_as_for_verify(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = "mysql://u:secret@db.invalid/orders"
+    assert main(["verify", "--store", url]) == 2
+    assert main(["backup", "--store", url, str(tmp_path / "copy.db")]) == 2
+    err = capsys.readouterr().err
+    assert "unsupported store URL 'mysql://u:***@db.invalid/orders'" in err
+    assert "secret" not in err
     assert list(tmp_path.iterdir()) == []
 
 
