@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
-from server.stores.factory import sqlite_path, unsupported_url
+from server.stores.factory import is_memory_url, sqlite_path, unsupported_url
 from server.stores.sqlite import HOLDS_GATEWAY_SCHEMA, file_problems, foreign_leftovers
 from server.stores.urls import redacted_url
 
@@ -109,7 +109,7 @@ def _source(url: str) -> Path:
             f"backup copies SQLite stores only, not {redacted_url(url)!r}: back PostgreSQL "
             "up with pg_dump (see docs/operations.md)"
         )
-    if url.startswith("memory:"):
+    if is_memory_url(url):
         raise BackupError(f"backup copies SQLite stores only, not {redacted_url(url)!r}")
     raise unsupported_url(url)
 
