@@ -55,6 +55,7 @@ from server.consumer_groups.model import (
     retry_delay,
 )
 from server.consumer_groups.ports import ConsumerGroupStore
+from server.consumer_groups.store_trouble import StoreTrouble
 from server.rpc.mapping import proto_event_fields
 from server.rpc.subscription_hub import EventFilter, HubClosedError, SubscriptionHub
 
@@ -83,6 +84,9 @@ class GroupTuning:
     retry_base: float = RETRY_BASE
     """The first retry's delay after a nack, doubled for each later one (1 s, as
     documented; tests shorten it)."""
+    trouble_quiet: float = 5.0
+    """Seconds without a failure before a store that failed a group's background task is
+    said to work again (``store_trouble``)."""
 
 
 class State(enum.Enum):
@@ -328,6 +332,10 @@ class GroupRuntime:
         self._owning = asyncio.Event()
         self._closed = False
         self._flushes = 0
+        quiet = tuning.trouble_quiet
+        self._storing_trouble = StoreTrouble(record.name, "storing its state", quiet)
+        self._counting_trouble = StoreTrouble(record.name, "storing failed attempts", quiet)
+        self._reading_trouble = StoreTrouble(record.name, "reading the log", quiet)
         self.coordinator = (
             LeaseCoordinator(
                 leases,
@@ -820,6 +828,8 @@ class GroupRuntime:
                     self._filter, start, False, limited=False
                 ) as subscription:
                     async for response in subscription.responses():
+                        if self._reading_trouble.failing:
+                            self._reading_trouble.worked()
                         if response.WhichOneof("message") == "event":
                             self._take(response.event)
                         else:
@@ -829,8 +839,8 @@ class GroupRuntime:
                             await self._room.wait()
             except HubClosedError:
                 return
-            except Exception:
-                log.exception("consumer group %r: reading the log failed", self.record.name)
+            except Exception as error:
+                self._reading_trouble.failed(error)
                 await asyncio.sleep(self._tuning.retry_after_failure)
 
     # -- replaying parked events ----------------------------------------------------
@@ -889,8 +899,10 @@ class GroupRuntime:
                     await self.poll_replays()
                     self._parked = await self._store.parked_count(self.record.name)
                 await self._flush()
-            except Exception:
-                log.exception("consumer group %r: storing its state failed", self.record.name)
+            except Exception as error:
+                self._storing_trouble.failed(error)
+            else:
+                self._storing_trouble.worked()
 
     async def _load_parked(self, partitions: Iterable[Partition]) -> None:
         by_index = {partition.index: partition for partition in partitions}
@@ -912,10 +924,12 @@ class GroupRuntime:
             self._count_now.clear()
             try:
                 await self._store_counts()
-            except Exception:
-                log.exception("consumer group %r: storing failed attempts failed", self.record.name)
+            except Exception as error:
+                self._counting_trouble.failed(error)
                 await asyncio.sleep(self._tuning.retry_after_failure)
                 self._count_now.set()
+            else:
+                self._counting_trouble.worked()
 
     async def _store_counts(self) -> None:
         counts, self._to_count = self._to_count, []
