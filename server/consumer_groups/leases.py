@@ -240,9 +240,12 @@ class LeaseCoordinator:
         members = self._local_members()
         local_ids = {m.member_id for m in members}
         # First, from what was known, what this replica must give up: its checkpoints
-        # are stored before the lease is, so the next owner resumes from them.
+        # are stored before the lease is, so the next owner resumes from them. A
+        # partition that moves between members here is not given up: its lease changes
+        # hands in the claims, and the runtime leaves its deliveries in flight with the
+        # member that has them (one member at a time).
         plan = self._plan(self.live, self.leases) if self.live else {}
-        giving_up = {p for p, m in self._held.items() if plan.get(p, m) != m or m not in local_ids}
+        giving_up = {p for p, m in self._held.items() if plan.get(p, m) not in local_ids}
         if giving_up:
             self._held = {p: m for p, m in self._held.items() if p not in giving_up}
             give_up = self._giving_up = asyncio.ensure_future(self._release(giving_up))
