@@ -69,7 +69,7 @@ from server.stores.event_rows import (
 )
 from server.stores.sqlite_calls import NO_LISTENERS, Call, CallQueue, Listeners, answer
 from server.stores.sqlite_decide import conflict, decide, stream_ids
-from server.stores.sqlite_schema import SchemaTooNewError, migrate
+from server.stores.sqlite_schema import ForeignDatabaseError, SchemaTooNewError, migrate
 from server.stores.sqlite_space import out_of_space
 from server.stores.sqlite_turns import WriterTurns
 
@@ -518,7 +518,7 @@ class SQLiteEventStore:
             for _ in range(readers):
                 opened.append(await asyncio.to_thread(_open_reader, path))
             opened.append(await asyncio.to_thread(_open_snapshot_writer, path))
-        except (sqlite3.Error, SchemaTooNewError) as e:
+        except (sqlite3.Error, SchemaTooNewError, ForeignDatabaseError) as e:
             for connection in opened:
                 connection.close()
             if isinstance(e, sqlite3.Error):

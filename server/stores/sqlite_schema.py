@@ -122,6 +122,18 @@ class SchemaTooNewError(StoreError):
     """The file was migrated by a newer gateway than this one."""
 
 
+class ForeignDatabaseError(StoreError):
+    """The file is another program's database: tables, and no gateway schema."""
+
+
+def _tables(connection: sqlite3.Connection) -> list[str]:
+    rows = connection.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+        " ORDER BY name"
+    ).fetchall()
+    return [str(name) for (name,) in rows]
+
+
 def migrate(connection: sqlite3.Connection) -> int:
     """Bring the schema to ``LATEST_VERSION``; returns the version found before.
 
@@ -134,6 +146,14 @@ def migrate(connection: sqlite3.Connection) -> int:
         if found > LATEST_VERSION:
             raise SchemaTooNewError(
                 f"schema version {found} is newer than this gateway's ({LATEST_VERSION})"
+            )
+        if found == 0 and (tables := _tables(connection)):
+            # A mistyped path to another program's file: the gateway's tables added
+            # beside its own would mix two programs' data in one file.
+            listed = ", ".join(tables[:3]) + (", …" if len(tables) > 3 else "")
+            raise ForeignDatabaseError(
+                f"the file holds another program's tables ({listed}) and no gateway schema;"
+                " the gateway keeps its log in a file of its own: name a new file"
             )
         for version in range(found + 1, LATEST_VERSION + 1):
             for statement in MIGRATIONS[version - 1]:

@@ -445,6 +445,29 @@ def test_a_sqlite_file_without_the_schema_fails_and_is_not_migrated(
     assert path.read_bytes() == before
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(foreign_database, id="other-schema"),
+        pytest.param(foreign_events_table, id="other-events-table"),
+    ],
+)
+def test_another_program_s_sqlite_file_is_not_made_a_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], make: Callable[[Path], None]
+) -> None:
+    # A mistyped path: the gateway's tables were added beside the other program's (serve
+    # opens its store the same way).
+    path = tmp_path / "other.db"
+    make(path)
+    with closing(sqlite3.connect(path)) as connection:
+        before = connection.execute("SELECT name FROM sqlite_master").fetchall()
+    assert main(["migrate", "--store", f"sqlite:///{path}"]) == 1
+    printed = capsys.readouterr()
+    assert f"cannot open the SQLite store {path}: the file holds another program's" in printed.err
+    with closing(sqlite3.connect(path)) as connection:
+        assert connection.execute("SELECT name FROM sqlite_master").fetchall() == before
+
+
 def test_a_truncated_store_is_reported_and_left_as_it_was(
     store_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
