@@ -756,10 +756,11 @@ async def apply_migrations(conn: psycopg.AsyncConnection[TupleRow]) -> list[int]
 async def _apply_missing(conn: psycopg.AsyncConnection[TupleRow]) -> list[int]:
     cursor = await conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
     row = await cursor.fetchone()
-    if row is None or not row[0]:
-        await conn.execute(_CREATE_MIGRATIONS_TABLE)
-    cursor = await conn.execute("SELECT version FROM schema_migrations")
-    applied = {int(version) for (version,) in await cursor.fetchall()}
+    recorded = row is not None and bool(row[0])
+    applied: set[int] = set()
+    if recorded:
+        cursor = await conn.execute("SELECT version FROM schema_migrations")
+        applied = {int(version) for (version,) in await cursor.fetchall()}
     known = {migration.version for migration in MIGRATIONS}
     if newer := sorted(applied - known):
         # A newer release migrated this database (a rolling upgrade): keep serving, as
@@ -770,11 +771,16 @@ async def _apply_missing(conn: psycopg.AsyncConnection[TupleRow]) -> list[int]:
         if migration.version in applied:
             continue
         async with conn.transaction():
+            if not recorded:
+                # In the first migration's transaction: a database it fails on (another
+                # program's, with a table of the gateway's names) is left as it was.
+                await conn.execute(_CREATE_MIGRATIONS_TABLE)
             await conn.execute(migration.sql)
             await conn.execute(
                 "INSERT INTO schema_migrations (version, description) VALUES (%s, %s)",
                 (migration.version, migration.description),
             )
+        recorded = True
         log.info("applied schema migration %d: %s", migration.version, migration.description)
         done.append(migration.version)
     return done

@@ -530,6 +530,20 @@ def test_a_database_with_tables_of_the_gateways_names_but_not_its_schema_fails(
         assert row == (True,)
 
 
+def test_a_migration_that_fails_on_another_program_s_table_leaves_the_database_as_it_was(
+    fresh_postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Its own events table: the first migration fails, and so nothing of the gateway's
+    # stays behind (its schema_migrations table did).
+    with psycopg.connect(fresh_postgres_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE events (id serial PRIMARY KEY, body text)")
+    assert main(["migrate", "--store", fresh_postgres_url]) == 1
+    assert "store error" in capsys.readouterr().err
+    with psycopg.connect(fresh_postgres_url) as conn:
+        row = conn.execute("SELECT to_regclass('schema_migrations') IS NULL").fetchone()
+        assert row == (True,)
+
+
 def test_a_migrated_database_with_no_events_is_consistent(
     fresh_postgres_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
