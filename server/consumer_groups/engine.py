@@ -585,7 +585,7 @@ class GroupRuntime:
             if self._partitions[index].owned:
                 self._drop(self._partitions[index])
         if checkpoints:
-            await self._store.save_checkpoints(self.record.name, checkpoints)
+            await self._store.save_checkpoints(self.record, checkpoints)
 
     # -- settling -------------------------------------------------------------------
 
@@ -930,7 +930,7 @@ class GroupRuntime:
             return
         try:
             await self._store.save_attempts(
-                self.record.name,
+                self.record,
                 [FailedAttempts(e.event_id, e.position, e.partition, e.attempt) for e, _ in counts],
             )
         except BaseException:
@@ -947,14 +947,14 @@ class GroupRuntime:
             await self._flush_alone()
 
     async def _flush_alone(self) -> None:
-        name = self.record.name
+        group = self.record
         await self._store_counts()
         parks, self._to_park = self._to_park, []
         if parks:
             now = dt.datetime.now(dt.UTC)
             try:
                 await self._store.park(
-                    name,
+                    group,
                     [
                         ParkedEvent(e.event_id, e.position, e.partition, reason, now)
                         for e, reason in parks
@@ -973,7 +973,7 @@ class GroupRuntime:
         unparks, self._to_unpark = self._to_unpark, []
         if unparks:
             try:
-                await self._store.unpark(name, unparks)
+                await self._store.unpark(group, unparks)
             except BaseException:
                 self._to_unpark = unparks + self._to_unpark
                 raise
@@ -982,7 +982,7 @@ class GroupRuntime:
         forgets, self._to_forget = self._to_forget, []
         if forgets:
             try:
-                await self._store.forget_attempts(name, forgets)
+                await self._store.forget_attempts(group, forgets)
             except BaseException:
                 self._to_forget = forgets + self._to_forget
                 raise
@@ -993,7 +993,7 @@ class GroupRuntime:
             and (checkpoint := p.checkpoint(self._examined)) > self._saved.get(p.index, -1)
         }
         if moved:
-            await self._store.save_checkpoints(name, moved)
+            await self._store.save_checkpoints(group, moved)
             self._saved.update(moved)
 
     # -- reporting --------------------------------------------------------------------

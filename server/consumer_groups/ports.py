@@ -33,15 +33,20 @@ class ConsumerGroupStore(Protocol):
         """The stored checkpoint of each partition that has one."""
         ...
 
-    async def save_checkpoints(self, name: str, checkpoints: Mapping[int, int]) -> None:
+    # The writes a group's runtime makes take the group as it was created, and change
+    # nothing unless the group of that name still has that creation time: a runtime may
+    # outlive its group (deleted through another process) by up to a lease round, and a
+    # group created again under the name meanwhile is another group.
+
+    async def save_checkpoints(self, group: GroupRecord, checkpoints: Mapping[int, int]) -> None:
         """Store these partitions' checkpoints; a stored one is never moved back."""
         ...
 
-    async def save_attempts(self, name: str, attempts: Sequence[FailedAttempts]) -> None:
+    async def save_attempts(self, group: GroupRecord, attempts: Sequence[FailedAttempts]) -> None:
         """Store these events' failed attempts; a stored count never goes down."""
         ...
 
-    async def forget_attempts(self, name: str, event_ids: Sequence[str]) -> None:
+    async def forget_attempts(self, group: GroupRecord, event_ids: Sequence[str]) -> None:
         """Forget the failed attempts of settled events."""
         ...
 
@@ -49,12 +54,12 @@ class ConsumerGroupStore(Protocol):
         """The stored failed attempts of these partitions' events."""
         ...
 
-    async def park(self, name: str, events: Sequence[ParkedEvent]) -> None:
+    async def park(self, group: GroupRecord, events: Sequence[ParkedEvent]) -> None:
         """Store parked events (again, for a replayed one: ``replaying`` is cleared) and
         forget their failed attempts."""
         ...
 
-    async def unpark(self, name: str, event_ids: Sequence[str]) -> None:
+    async def unpark(self, group: GroupRecord, event_ids: Sequence[str]) -> None:
         """Forget parked events that were replayed and then settled, with their failed
         attempts."""
         ...

@@ -257,9 +257,13 @@ class ConsumerGroups:
         async with self._locks[name]:
             runtime = self._runtimes.get(name)
             if runtime is not None and runtime.record.created_at == created_at:
-                del self._runtimes[name]
-                self._retired_redeliveries.pop(name, None)
-                await _end_deleted(runtime)
+                await self._end_deleted_elsewhere(runtime)
+
+    async def _end_deleted_elsewhere(self, runtime: GroupRuntime) -> None:
+        """Under the group's lock."""
+        del self._runtimes[runtime.record.name]
+        self._retired_redeliveries.pop(runtime.record.name, None)
+        await _end_deleted(runtime)
 
     def _deleted_by_another_replica(self, name: str, created_at: dt.datetime) -> None:
         task = asyncio.create_task(self.deleted_elsewhere(name, created_at))
@@ -280,9 +284,15 @@ class ConsumerGroups:
         async with self._locks[name]:
             if self._closed:
                 raise GroupClosedError
+            record = await self.record(name)
             runtime = self._runtimes.get(name)
+            if runtime is not None and runtime.record.created_at != record.created_at:
+                # The group was deleted and created again through another process, which
+                # this one learns of only at its next lease round (or the supervisor's
+                # word): that runtime is the deleted group's, not one to join.
+                await self._end_deleted_elsewhere(runtime)
+                runtime = None
             if runtime is None:
-                record = await self.record(name)
                 runtime = GroupRuntime(
                     record,
                     self.store,

@@ -33,23 +33,32 @@ class MemoryConsumerGroupStore:
     async def load_checkpoints(self, name: str) -> dict[int, int]:
         return dict(self._checkpoints.get(name, {}))
 
-    async def save_checkpoints(self, name: str, checkpoints: Mapping[int, int]) -> None:
-        if name not in self._groups:
+    def _is_current(self, group: GroupRecord) -> bool:
+        """The group of ``group``'s name is the one created then (not deleted since)."""
+        stored = self._groups.get(group.name)
+        return stored is not None and stored.created_at == group.created_at
+
+    async def save_checkpoints(self, group: GroupRecord, checkpoints: Mapping[int, int]) -> None:
+        if not self._is_current(group):
             return
-        stored = self._checkpoints.setdefault(name, {})
+        stored = self._checkpoints.setdefault(group.name, {})
         for partition, position in checkpoints.items():
             stored[partition] = max(stored.get(partition, 0), position)
 
-    async def save_attempts(self, name: str, attempts: Sequence[FailedAttempts]) -> None:
-        if name not in self._groups:
+    async def save_attempts(self, group: GroupRecord, attempts: Sequence[FailedAttempts]) -> None:
+        if not self._is_current(group):
             return
-        stored = self._attempts.setdefault(name, {})
+        stored = self._attempts.setdefault(group.name, {})
         for failed in attempts:
             before = stored.get(failed.event_id)
             if before is None or before.attempts < failed.attempts:
                 stored[failed.event_id] = failed
 
-    async def forget_attempts(self, name: str, event_ids: Sequence[str]) -> None:
+    async def forget_attempts(self, group: GroupRecord, event_ids: Sequence[str]) -> None:
+        if self._is_current(group):
+            self._forget(group.name, event_ids)
+
+    def _forget(self, name: str, event_ids: Sequence[str]) -> None:
         stored = self._attempts.get(name, {})
         for event_id in event_ids:
             stored.pop(event_id, None)
@@ -58,19 +67,21 @@ class MemoryConsumerGroupStore:
         wanted = set(partitions)
         return [a for a in self._attempts.get(name, {}).values() if a.partition in wanted]
 
-    async def park(self, name: str, events: Sequence[ParkedEvent]) -> None:
-        if name not in self._groups:
+    async def park(self, group: GroupRecord, events: Sequence[ParkedEvent]) -> None:
+        if not self._is_current(group):
             return
-        parked = self._parked.setdefault(name, {})
+        parked = self._parked.setdefault(group.name, {})
         for event in events:
             parked[event.event_id] = dataclasses.replace(event, replaying=False)
-        await self.forget_attempts(name, [event.event_id for event in events])
+        self._forget(group.name, [event.event_id for event in events])
 
-    async def unpark(self, name: str, event_ids: Sequence[str]) -> None:
-        parked = self._parked.get(name, {})
+    async def unpark(self, group: GroupRecord, event_ids: Sequence[str]) -> None:
+        if not self._is_current(group):
+            return
+        parked = self._parked.get(group.name, {})
         for event_id in event_ids:
             parked.pop(event_id, None)
-        await self.forget_attempts(name, event_ids)
+        self._forget(group.name, event_ids)
 
     async def replay_parked(self, name: str, limit: int) -> int:
         parked = self._parked.get(name, {})
@@ -81,7 +92,7 @@ class MemoryConsumerGroupStore:
         chosen = waiting[:limit] if limit else waiting
         for event in chosen:
             parked[event.event_id] = dataclasses.replace(event, replaying=True)
-        await self.forget_attempts(name, [event.event_id for event in chosen])
+        self._forget(name, [event.event_id for event in chosen])
         return len(chosen)
 
     async def replaying(self, name: str, limit: int) -> list[ParkedEvent]:

@@ -39,11 +39,19 @@ _GROUP_COLUMNS = "name, settings, created_at, start_position"
 _PARKED_COLUMNS = "event_id, position, partition, reason, parked_at, replaying"
 _ATTEMPTS_COLUMNS = "event_id, position, partition, attempts"
 _OLDEST_FIRST = "ORDER BY parked_at, position"
-_FORGET_ATTEMPTS = (
-    "forgotten AS (DELETE FROM consumer_group_attempts"
-    " WHERE group_name = %s AND event_id = ANY(%s))"
+_THE_GROUP = "g.name = %s AND g.created_at = %s"
+"""The group as a runtime knows it (name, creation time), as ``consumer_groups g``: none
+once deleted, even if created again since."""
+_FORGET = (
+    "DELETE FROM consumer_group_attempts a USING consumer_groups g"
+    f" WHERE {_THE_GROUP} AND a.group_name = g.name AND a.event_id = ANY(%s)"
 )
+_FORGET_ATTEMPTS = f"forgotten AS ({_FORGET})"
 """A data-modifying ``WITH`` query: runs with the statement it heads, in its transaction."""
+_HOLDING_THE_GROUP = " FOR KEY SHARE OF g"
+"""Ends an ``INSERT … SELECT … FROM consumer_groups g``: the group's row found is held until
+the insert commits, so a deletion committed meanwhile drops the rows (the row is skipped)
+instead of their foreign key finding a group created since under the name."""
 
 
 def _group(row: Sequence[Any]) -> GroupRecord:
@@ -126,19 +134,20 @@ class PostgresConsumerGroupStore:
         )
         return {int(partition): int(position) for partition, position in rows}
 
-    async def save_checkpoints(self, name: str, checkpoints: Mapping[int, int]) -> None:
-        # One statement; the join drops a deleted group's checkpoints instead of failing.
+    async def save_checkpoints(self, group: GroupRecord, checkpoints: Mapping[int, int]) -> None:
+        # One statement; the join drops a deleted group's checkpoints instead of failing or
+        # writing them into a group created again under its name.
         await self._rows(
             "INSERT INTO consumer_group_checkpoints (group_name, partition, position)"
             " SELECT g.name, c.partition, c.position FROM consumer_groups g,"
             " unnest(%s::integer[], %s::bigint[]) AS c(partition, position)"
-            " WHERE g.name = %s"
+            f" WHERE {_THE_GROUP}{_HOLDING_THE_GROUP}"
             " ON CONFLICT (group_name, partition) DO UPDATE"
             " SET position = greatest(consumer_group_checkpoints.position, excluded.position)",
-            (list(checkpoints), list(checkpoints.values()), name),
+            (list(checkpoints), list(checkpoints.values()), group.name, group.created_at),
         )
 
-    async def save_attempts(self, name: str, attempts: Sequence[FailedAttempts]) -> None:
+    async def save_attempts(self, group: GroupRecord, attempts: Sequence[FailedAttempts]) -> None:
         # One row per event: an upsert may not touch a row twice in one statement.
         latest: dict[str, FailedAttempts] = {}
         for failed in attempts:
@@ -146,13 +155,14 @@ class PostgresConsumerGroupStore:
             if before is None or before.attempts < failed.attempts:
                 latest[failed.event_id] = failed
         rows = list(latest.values())
-        # The join drops a deleted group's counts instead of failing.
+        # The join drops a deleted group's counts instead of failing or writing them into a
+        # group created again under its name.
         await self._rows(
             f"INSERT INTO consumer_group_attempts (group_name, {_ATTEMPTS_COLUMNS})"
             " SELECT g.name, a.event_id, a.position, a.partition, a.attempts"
             " FROM consumer_groups g, unnest(%s::text[], %s::bigint[], %s::integer[],"
             " %s::integer[]) AS a(event_id, position, partition, attempts)"
-            " WHERE g.name = %s"
+            f" WHERE {_THE_GROUP}{_HOLDING_THE_GROUP}"
             " ON CONFLICT (group_name, event_id) DO UPDATE"
             " SET attempts = greatest(consumer_group_attempts.attempts, excluded.attempts)",
             (
@@ -160,15 +170,13 @@ class PostgresConsumerGroupStore:
                 [a.position for a in rows],
                 [a.partition for a in rows],
                 [a.attempts for a in rows],
-                name,
+                group.name,
+                group.created_at,
             ),
         )
 
-    async def forget_attempts(self, name: str, event_ids: Sequence[str]) -> None:
-        await self._rows(
-            "DELETE FROM consumer_group_attempts WHERE group_name = %s AND event_id = ANY(%s)",
-            (name, list(event_ids)),
-        )
+    async def forget_attempts(self, group: GroupRecord, event_ids: Sequence[str]) -> None:
+        await self._rows(_FORGET, (group.name, group.created_at, list(event_ids)))
 
     async def load_attempts(self, name: str, partitions: Collection[int]) -> list[FailedAttempts]:
         rows = await self._rows(
@@ -181,7 +189,8 @@ class PostgresConsumerGroupStore:
             for event_id, position, partition, attempts in rows
         ]
 
-    async def park(self, name: str, events: Sequence[ParkedEvent]) -> None:
+    async def park(self, group: GroupRecord, events: Sequence[ParkedEvent]) -> None:
+        event_ids = [e.event_id for e in events]
         await self._rows(
             f"WITH {_FORGET_ATTEMPTS}"
             f" INSERT INTO consumer_group_parked (group_name, {_PARKED_COLUMNS})"
@@ -189,26 +198,36 @@ class PostgresConsumerGroupStore:
             " FROM consumer_groups g, unnest(%s::text[], %s::bigint[], %s::integer[],"
             " %s::text[], %s::timestamptz[])"
             " AS p(event_id, position, partition, reason, parked_at)"
-            " WHERE g.name = %s"
+            f" WHERE {_THE_GROUP}{_HOLDING_THE_GROUP}"
             " ON CONFLICT (group_name, event_id) DO UPDATE SET reason = excluded.reason,"
             " parked_at = excluded.parked_at, replaying = false",
             (
-                name,
-                [e.event_id for e in events],
-                [e.event_id for e in events],
+                group.name,
+                group.created_at,
+                event_ids,
+                event_ids,
                 [e.position for e in events],
                 [e.partition for e in events],
                 [e.reason for e in events],
                 [e.parked_at for e in events],
-                name,
+                group.name,
+                group.created_at,
             ),
         )
 
-    async def unpark(self, name: str, event_ids: Sequence[str]) -> None:
+    async def unpark(self, group: GroupRecord, event_ids: Sequence[str]) -> None:
         await self._rows(
             f"WITH {_FORGET_ATTEMPTS}"
-            " DELETE FROM consumer_group_parked WHERE group_name = %s AND event_id = ANY(%s)",
-            (name, list(event_ids), name, list(event_ids)),
+            " DELETE FROM consumer_group_parked p USING consumer_groups g"
+            f" WHERE {_THE_GROUP} AND p.group_name = g.name AND p.event_id = ANY(%s)",
+            (
+                group.name,
+                group.created_at,
+                list(event_ids),
+                group.name,
+                group.created_at,
+                list(event_ids),
+            ),
         )
 
     async def replay_parked(self, name: str, limit: int) -> int:

@@ -30,7 +30,13 @@ _GROUP_COLUMNS = "name, settings, created_at_us, start_position"
 _PARKED_COLUMNS = "event_id, position, partition, reason, parked_at_us, replaying"
 _ATTEMPTS_COLUMNS = "event_id, position, partition, attempts"
 _OLDEST_FIRST = "ORDER BY parked_at_us, position"
-_FORGET_ATTEMPTS = "DELETE FROM consumer_group_attempts WHERE group_name = ? AND event_id = ?"
+_THE_GROUP = "consumer_groups WHERE name = ? AND created_at_us = ?"
+"""The group as a runtime knows it (name, creation time): none once deleted, even if
+created again since."""
+_FORGET_ATTEMPTS = (
+    "DELETE FROM consumer_group_attempts"
+    f" WHERE group_name IN (SELECT name FROM {_THE_GROUP}) AND event_id = ?"
+)
 
 
 def _us(moment: dt.datetime) -> int:
@@ -150,35 +156,43 @@ class SQLiteConsumerGroupStore:
 
         return await self._run(work)
 
-    async def save_checkpoints(self, name: str, checkpoints: Mapping[int, int]) -> None:
+    async def save_checkpoints(self, group: GroupRecord, checkpoints: Mapping[int, int]) -> None:
+        key = (group.name, _us(group.created_at))
+
         def work(c: sqlite3.Connection) -> None:
-            # INSERT … SELECT so that a deleted group's checkpoints are not written back.
+            # INSERT … SELECT so that a deleted group's checkpoints are not written back, nor
+            # written into a group created again under its name.
             c.executemany(
                 "INSERT INTO consumer_group_checkpoints (group_name, partition, position)"
-                " SELECT name, ?, ? FROM consumer_groups WHERE name = ?"
+                f" SELECT name, ?, ? FROM {_THE_GROUP}"
                 " ON CONFLICT (group_name, partition)"
                 " DO UPDATE SET position = max(position, excluded.position)",
-                [(partition, position, name) for partition, position in checkpoints.items()],
+                [(partition, position, *key) for partition, position in checkpoints.items()],
             )
 
         await self._run(work, write=True)
 
-    async def save_attempts(self, name: str, attempts: Sequence[FailedAttempts]) -> None:
+    async def save_attempts(self, group: GroupRecord, attempts: Sequence[FailedAttempts]) -> None:
+        key = (group.name, _us(group.created_at))
+
         def work(c: sqlite3.Connection) -> None:
-            # INSERT … SELECT so that a deleted group's counts are not written back.
+            # INSERT … SELECT so that a deleted group's counts are not written back, nor
+            # written into a group created again under its name.
             c.executemany(
                 f"INSERT INTO consumer_group_attempts (group_name, {_ATTEMPTS_COLUMNS})"
-                " SELECT name, ?, ?, ?, ? FROM consumer_groups WHERE name = ?"
+                f" SELECT name, ?, ?, ?, ? FROM {_THE_GROUP}"
                 " ON CONFLICT (group_name, event_id)"
                 " DO UPDATE SET attempts = max(attempts, excluded.attempts)",
-                [(a.event_id, a.position, a.partition, a.attempts, name) for a in attempts],
+                [(a.event_id, a.position, a.partition, a.attempts, *key) for a in attempts],
             )
 
         await self._run(work, write=True)
 
-    async def forget_attempts(self, name: str, event_ids: Sequence[str]) -> None:
+    async def forget_attempts(self, group: GroupRecord, event_ids: Sequence[str]) -> None:
+        key = (group.name, _us(group.created_at))
+
         def work(c: sqlite3.Connection) -> None:
-            c.executemany(_FORGET_ATTEMPTS, [(name, event_id) for event_id in event_ids])
+            c.executemany(_FORGET_ATTEMPTS, [(*key, event_id) for event_id in event_ids])
 
         await self._run(work, write=True)
 
@@ -196,27 +210,32 @@ class SQLiteConsumerGroupStore:
 
         return await self._run(work)
 
-    async def park(self, name: str, events: Sequence[ParkedEvent]) -> None:
+    async def park(self, group: GroupRecord, events: Sequence[ParkedEvent]) -> None:
+        key = (group.name, _us(group.created_at))
+
         def work(c: sqlite3.Connection) -> None:
             c.executemany(
                 f"INSERT INTO consumer_group_parked (group_name, {_PARKED_COLUMNS})"
-                " SELECT name, ?, ?, ?, ?, ?, 0 FROM consumer_groups WHERE name = ?"
+                f" SELECT name, ?, ?, ?, ?, ?, 0 FROM {_THE_GROUP}"
                 " ON CONFLICT (group_name, event_id) DO UPDATE SET"
                 " reason = excluded.reason, parked_at_us = excluded.parked_at_us, replaying = 0",
                 [
-                    (e.event_id, e.position, e.partition, e.reason, _us(e.parked_at), name)
+                    (e.event_id, e.position, e.partition, e.reason, _us(e.parked_at), *key)
                     for e in events
                 ],
             )
-            c.executemany(_FORGET_ATTEMPTS, [(name, e.event_id) for e in events])
+            c.executemany(_FORGET_ATTEMPTS, [(*key, e.event_id) for e in events])
 
         await self._run(work, write=True)
 
-    async def unpark(self, name: str, event_ids: Sequence[str]) -> None:
+    async def unpark(self, group: GroupRecord, event_ids: Sequence[str]) -> None:
+        keys = [(group.name, _us(group.created_at), event_id) for event_id in event_ids]
+
         def work(c: sqlite3.Connection) -> None:
-            keys = [(name, event_id) for event_id in event_ids]
             c.executemany(
-                "DELETE FROM consumer_group_parked WHERE group_name = ? AND event_id = ?", keys
+                "DELETE FROM consumer_group_parked"
+                f" WHERE group_name IN (SELECT name FROM {_THE_GROUP}) AND event_id = ?",
+                keys,
             )
             c.executemany(_FORGET_ATTEMPTS, keys)
 

@@ -9,7 +9,9 @@ database. On SQLite the supervisor is that one place instead:
   runs the same ``leases.LeaseCoordinator`` as a PostgreSQL replica;
 - it writes the groups' records (groups, checkpoints, parked events, failed attempts) on
   a connection of its own to the file, beside the events' writer, so that no worker
-  queues on SQLite's write lock; workers read them from the file themselves;
+  queues on SQLite's write lock; workers read them from the file themselves; a worker's
+  writes carry the group's record, so that those of a runtime the deletion of its group
+  has not reached yet miss a group created again under the name;
 - when a group is deleted, it tells every worker, whose members of the group end with
   NOT_FOUND as on the worker that deleted it;
 - when a worker's connection to it is gone (the worker died), it frees that worker's
@@ -136,23 +138,23 @@ class WorkerGroupStore:
     async def load_checkpoints(self, name: str) -> dict[int, int]:
         return await self._reads.load_checkpoints(name)
 
-    async def save_checkpoints(self, name: str, checkpoints: Mapping[int, int]) -> None:
-        await self._supervisor.call("save_checkpoints", name, dict(checkpoints))
+    async def save_checkpoints(self, group: GroupRecord, checkpoints: Mapping[int, int]) -> None:
+        await self._supervisor.call("save_checkpoints", group, dict(checkpoints))
 
-    async def save_attempts(self, name: str, attempts: Sequence[FailedAttempts]) -> None:
-        await self._supervisor.call("save_attempts", name, list(attempts))
+    async def save_attempts(self, group: GroupRecord, attempts: Sequence[FailedAttempts]) -> None:
+        await self._supervisor.call("save_attempts", group, list(attempts))
 
-    async def forget_attempts(self, name: str, event_ids: Sequence[str]) -> None:
-        await self._supervisor.call("forget_attempts", name, list(event_ids))
+    async def forget_attempts(self, group: GroupRecord, event_ids: Sequence[str]) -> None:
+        await self._supervisor.call("forget_attempts", group, list(event_ids))
 
     async def load_attempts(self, name: str, partitions: Collection[int]) -> list[FailedAttempts]:
         return await self._reads.load_attempts(name, partitions)
 
-    async def park(self, name: str, events: Sequence[ParkedEvent]) -> None:
-        await self._supervisor.call("park", name, list(events))
+    async def park(self, group: GroupRecord, events: Sequence[ParkedEvent]) -> None:
+        await self._supervisor.call("park", group, list(events))
 
-    async def unpark(self, name: str, event_ids: Sequence[str]) -> None:
-        await self._supervisor.call("unpark", name, list(event_ids))
+    async def unpark(self, group: GroupRecord, event_ids: Sequence[str]) -> None:
+        await self._supervisor.call("unpark", group, list(event_ids))
 
     async def replay_parked(self, name: str, limit: int) -> int:
         return cast(int, await self._supervisor.call("replay_parked", name, limit))

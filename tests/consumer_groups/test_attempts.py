@@ -17,7 +17,13 @@ from orders.v1 import consumer_group_service_pb2 as pb
 
 from server.consumer_groups.engine import GroupRuntime, GroupTuning, Member
 from server.consumer_groups.leases_memory import MemoryLeases
-from server.consumer_groups.model import FailedAttempts, GroupSettings, partition_of
+from server.consumer_groups.model import (
+    FailedAttempts,
+    GroupNotFoundError,
+    GroupRecord,
+    GroupSettings,
+    partition_of,
+)
 from server.consumer_groups.service import ConsumerGroups
 from server.consumer_groups.store_memory import MemoryConsumerGroupStore
 from server.rpc.subscription_hub import SubscriptionHub
@@ -36,14 +42,14 @@ class SpyStore(MemoryConsumerGroupStore):
         self.counting = asyncio.Event()
         self.counting.set()
 
-    async def save_attempts(self, name: str, attempts: Sequence[FailedAttempts]) -> None:
+    async def save_attempts(self, group: GroupRecord, attempts: Sequence[FailedAttempts]) -> None:
         self.calls.append("save_attempts")
         await self.counting.wait()
-        await super().save_attempts(name, attempts)
+        await super().save_attempts(group, attempts)
 
-    async def forget_attempts(self, name: str, event_ids: Sequence[str]) -> None:
+    async def forget_attempts(self, group: GroupRecord, event_ids: Sequence[str]) -> None:
         self.calls.append("forget_attempts")
-        await super().forget_attempts(name, event_ids)
+        await super().forget_attempts(group, event_ids)
 
     async def stored(self, name: str = "g") -> dict[str, int]:
         return {a.event_id: a.attempts for a in await self.load_attempts(name, range(256))}
@@ -65,12 +71,16 @@ class Consumer:
     member: Member
     inbox: asyncio.Queue[pb.Delivery] = field(default_factory=asyncio.Queue)
     reader: asyncio.Task[None] | None = None
+    ended: Exception | None = None
+    """What ended the member's stream."""
 
     async def read(self) -> None:
-        with contextlib.suppress(Exception):
+        try:
             async for message in self.member.messages():
                 if message.WhichOneof("message") == "delivery":
                     await self.inbox.put(message.delivery)
+        except Exception as e:
+            self.ended = e
 
     async def delivery(self, within: float = 10) -> pb.Delivery:
         async with asyncio.timeout(within):
@@ -105,8 +115,8 @@ class Env:
 
     async def create(
         self, groups: ConsumerGroups, max_deliveries: int = 5, partitions: int = 1
-    ) -> None:
-        await groups.create(
+    ) -> GroupRecord:
+        return await groups.create(
             "g", GroupSettings(partitions=partitions, max_deliveries=max_deliveries)
         )
 
@@ -204,9 +214,9 @@ async def test_attempts_go_on_in_the_next_process_and_park_at_max_deliveries(env
 
 
 async def test_the_backoff_follows_the_stored_count(env: Env) -> None:
-    await env.create(env.process(), max_deliveries=5)
+    group = await env.create(env.process(), max_deliveries=5)
     event_id = await env.restock()
-    await env.store.save_attempts("g", [FailedAttempts(event_id, 1, 0, 2)])
+    await env.store.save_attempts(group, [FailedAttempts(event_id, 1, 0, 2)])
     consumer = await env.join(env.process(dataclasses.replace(TUNING, retry_base=0.1)), "m")
     assert (await consumer.delivery()).attempt == 3
     nacked = time.monotonic()
@@ -350,3 +360,34 @@ async def test_a_delivery_queued_when_its_partition_moves_and_comes_back_is_sent
     assert [d.attempt for d in received] == [1, 1]
     await first.no_delivery(0.2)
     await first.leave()
+
+
+@pytest.mark.parametrize("env", ["replicas"], indirect=True)
+async def test_a_group_deleted_and_created_again_through_another_process_is_a_new_group(
+    env: Env,
+) -> None:
+    a, b = env.process(), env.process()
+    await env.create(a)
+    stale = await env.join(b, "m")
+    event_id = await env.restock()
+    assert (await stale.delivery()).event.event_id == event_id
+    # Memory leases never tell b of the deletion: its runtime of the deleted group goes
+    # on, as a PostgreSQL replica's does until its next lease round.
+    await a.delete("g")
+    created_again = await env.create(a)
+
+    async def calls() -> list[str]:
+        return env.store.calls
+
+    stale.runtime.retry(stale.member, [event_id], "failed")
+    await until(calls, ["save_attempts"])
+    assert await env.store.stored() == {}  # not counted for the new group
+    # Joined through b, the new group: the deleted one's members end with NOT_FOUND.
+    fresh = await env.join(b, "m2")
+    assert fresh.runtime.record == created_again
+    delivery = await fresh.delivery()
+    assert (delivery.event.event_id, delivery.attempt) == (event_id, 1)
+    assert stale.reader is not None
+    await stale.reader
+    assert isinstance(stale.ended, GroupNotFoundError)
+    await fresh.leave()

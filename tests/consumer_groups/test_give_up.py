@@ -16,7 +16,7 @@ import pytest
 from server.consumer_groups.engine import GroupTuning, Member
 from server.consumer_groups.leases import LeaseCoordinator, LocalMember
 from server.consumer_groups.leases_memory import MemoryLeases
-from server.consumer_groups.model import GroupSettings, ParkedEvent, partition_of
+from server.consumer_groups.model import GroupRecord, GroupSettings, ParkedEvent, partition_of
 from server.consumer_groups.service import ConsumerGroups
 from server.consumer_groups.store_memory import MemoryConsumerGroupStore
 from server.rpc.subscription_hub import SubscriptionHub
@@ -34,9 +34,9 @@ class SlowParkStore(MemoryConsumerGroupStore):
         self.parking = asyncio.Event()
         self.parking.set()
 
-    async def park(self, name: str, events: Sequence[ParkedEvent]) -> None:
+    async def park(self, group: GroupRecord, events: Sequence[ParkedEvent]) -> None:
         await self.parking.wait()
-        await super().park(name, events)
+        await super().park(group, events)
 
 
 async def _restock(events: MemoryEventStore, product: str) -> str:
@@ -172,10 +172,10 @@ class SlowCheckpointStore(MemoryConsumerGroupStore):
         self.saving.set()
         self.entered = asyncio.Event()
 
-    async def save_checkpoints(self, name: str, checkpoints: Mapping[int, int]) -> None:
+    async def save_checkpoints(self, group: GroupRecord, checkpoints: Mapping[int, int]) -> None:
         self.entered.set()
         await self.saving.wait()
-        await super().save_checkpoints(name, checkpoints)
+        await super().save_checkpoints(group, checkpoints)
 
 
 def _products_by_partition(partitions: int, each: int) -> list[list[str]]:

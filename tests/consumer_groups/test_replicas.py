@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import grpc
+import psycopg
 import pytest
 from orders.v1 import consumer_group_service_pb2 as pb
 from orders.v1 import consumer_group_service_pb2_grpc as pb_grpc
@@ -239,3 +240,57 @@ async def test_a_failed_attempt_on_one_replica_counts_on_the_other(
         assert (delivery.event.event_id, delivery.attempt) == (event_id, 2)
         await on_b.ack(event_id)
         await on_b.close()
+
+
+async def lease_round_of(url: str, group: str) -> None:
+    """Return just after a lease round renewed the group's members (every 2 s): the next
+    one is about 2 s away."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+
+        async def renewed() -> object:
+            cursor = await conn.execute(
+                "SELECT max(expires_at) FROM consumer_group_members WHERE group_name = %s",
+                (group,),
+            )
+            row = await cursor.fetchone()
+            return row[0] if row else None
+
+        before = await renewed()
+        async with asyncio.timeout(10):
+            while await renewed() == before:  # noqa: ASYNC110 - polls the database
+                await asyncio.sleep(0.01)
+
+
+async def test_a_group_created_again_at_once_on_one_replica_gets_no_writes_of_the_old(
+    fresh_postgres_url: str,
+) -> None:
+    async with two_replicas(fresh_postgres_url) as (a, b):
+        on_b = await join(b.groups, "g", member_id="on-b")
+        await until(lambda: on_b.partitions == list(range(PARTITIONS)), within=15)
+        record = Record()
+        consuming = asyncio.create_task(consume(on_b, "on-b", record))
+        written = [await restock(a.inventory, n) for n in range(20)]
+        await until(lambda: record.acked >= set(written), within=30)
+        # Deleted and created again right after B's lease round: B learns of it at its next
+        # one, and its runtime of the deleted group delivers, acks and flushes (every
+        # 0.5 s) what is written until then.
+        await lease_round_of(fresh_postgres_url, "g")
+        await a.groups.DeleteConsumerGroup(pb.DeleteConsumerGroupRequest(name="g"))
+        await a.groups.CreateConsumerGroup(
+            pb.CreateConsumerGroupRequest(
+                name="g", settings=pb.ConsumerGroupSettings(partitions=PARTITIONS)
+            )
+        )
+        written += [await restock(a.inventory, n) for n in range(20, 60)]
+        error = await on_b.finished(within=10)
+        assert error is not None and error.code() == grpc.StatusCode.NOT_FOUND
+        consuming.cancel()
+        # The new group starts at the beginning of the log: a member gets every event.
+        fresh = await join(a.groups, "g", member_id="fresh")
+        delivered: set[str] = set()
+        async with asyncio.timeout(30):
+            while delivered < set(written):
+                delivery = await fresh.delivery(30)
+                delivered.add(delivery.event.event_id)
+                await fresh.ack(delivery.event.event_id)
+        await fresh.close()

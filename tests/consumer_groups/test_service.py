@@ -28,6 +28,7 @@ from orders.v1 import (
 
 from server.app import Gateway
 from server.consumer_groups.engine import Entry, GroupTuning
+from server.consumer_groups.model import GroupRecord
 from tests.clients import Clients, bad_fields, detail, item, order_request
 from tests.group_support import Member as GroupMember
 from tests.group_support import group_gateway, group_settings, join, member
@@ -716,11 +717,11 @@ async def test_a_departure_is_stored_even_when_its_call_is_cancelled_meanwhile(
     (departing,) = runtime.members.values()
     park, storing, go_on = groups.store.park, asyncio.Event(), asyncio.Event()
 
-    async def park_once_stopped(name: str, events: Any) -> None:
-        if name not in groups.runtimes:  # the runtime is being stopped and stored
+    async def park_once_stopped(group: GroupRecord, events: Any) -> None:
+        if group.name not in groups.runtimes:  # the runtime is being stopped and stored
             storing.set()
             await go_on.wait()
-        await park(name, events)
+        await park(group, events)
 
     monkeypatch.setattr(groups.store, "park", park_once_stopped)
     leaving = asyncio.create_task(groups.leave(runtime, departing))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -101,12 +102,12 @@ async def test_groups_are_created_once_listed_and_deleted(
 async def test_checkpoints_only_move_forward_and_go_with_their_group(
     groups_store: ConsumerGroupStore,
 ) -> None:
-    await groups_store.create_group(_record("g"))
-    await groups_store.save_checkpoints("g", {0: 10, 1: 5})
-    await groups_store.save_checkpoints("g", {0: 8, 2: 3})
+    g = await groups_store.create_group(_record("g"))
+    await groups_store.save_checkpoints(g, {0: 10, 1: 5})
+    await groups_store.save_checkpoints(g, {0: 8, 2: 3})
     assert await groups_store.load_checkpoints("g") == {0: 10, 1: 5, 2: 3}
     await groups_store.delete_group("g")
-    await groups_store.save_checkpoints("g", {0: 99})  # a late write for a deleted group
+    await groups_store.save_checkpoints(g, {0: 99})  # a late write for a deleted group
     await groups_store.create_group(_record("g"))
     assert await groups_store.load_checkpoints("g") == {}
 
@@ -114,9 +115,9 @@ async def test_checkpoints_only_move_forward_and_go_with_their_group(
 async def test_parked_events_replay_longest_parked_first_within_the_limit(
     groups_store: ConsumerGroupStore,
 ) -> None:
-    await groups_store.create_group(_record("g"))
-    await groups_store.park("g", [_parked("e3", 3, 30), _parked("e1", 1, 10)])
-    await groups_store.park("g", [_parked("e2", 2, 20)])
+    g = await groups_store.create_group(_record("g"))
+    await groups_store.park(g, [_parked("e3", 3, 30), _parked("e1", 1, 10)])
+    await groups_store.park(g, [_parked("e2", 2, 20)])
     assert await groups_store.parked_count("g") == 3
     assert await groups_store.replay_parked("g", 2) == 2
     first = await groups_store.replaying("g", 10)
@@ -126,14 +127,14 @@ async def test_parked_events_replay_longest_parked_first_within_the_limit(
     assert await groups_store.parked_count("g") == 1
     assert [e.event_id for e in await groups_store.replaying("g", 1)] == ["e1"]
     # Settled after the replay: gone. Parked again: back among the parked.
-    await groups_store.unpark("g", ["e1"])
-    await groups_store.park("g", [_parked("e2", 2, 40)])
+    await groups_store.unpark(g, ["e1"])
+    await groups_store.park(g, [_parked("e2", 2, 40)])
     assert await groups_store.replaying("g", 10) == []
     assert await groups_store.parked_count("g") == 2
     assert await groups_store.replay_parked("g", 0) == 2
     assert [e.event_id for e in await groups_store.replaying("g", 10)] == ["e3", "e2"]
     # By partition (position % 4), the lowest replayed: what a checkpoint stays below.
-    await groups_store.park("g", [_parked("e7", 7, 50)])
+    await groups_store.park(g, [_parked("e7", 7, 50)])
     await groups_store.replay_parked("g", 0)
     assert await groups_store.lowest_replaying("g") == {2: 2, 3: 3}
     await groups_store.delete_group("g")
@@ -144,9 +145,9 @@ async def test_parked_events_replay_longest_parked_first_within_the_limit(
 async def test_parked_events_above_checkpoints_are_listed_by_partition(
     groups_store: ConsumerGroupStore,
 ) -> None:
-    await groups_store.create_group(_record("g"))
+    g = await groups_store.create_group(_record("g"))
     # Partitions by position % 4: e5 and e9 in 1, e6 in 2, e3 in 3.
-    await groups_store.park("g", [_parked(f"e{n}", n, n) for n in (3, 5, 6, 9)])
+    await groups_store.park(g, [_parked(f"e{n}", n, n) for n in (3, 5, 6, 9)])
     await groups_store.replay_parked("g", 1)  # replayed or not, still parked
     above = await groups_store.parked_after("g", {1: 5, 2: 0})
     assert sorted(above) == [(1, "e9"), (2, "e6")]
@@ -168,15 +169,15 @@ async def _attempts(
 async def test_failed_attempts_only_go_up_and_load_by_partition(
     groups_store: ConsumerGroupStore,
 ) -> None:
-    await groups_store.create_group(_record("g"))
-    await groups_store.create_group(_record("other"))
-    await groups_store.save_attempts("g", [_failed("e1", 1, 1), _failed("e2", 2, 2)])
+    g = await groups_store.create_group(_record("g"))
+    other = await groups_store.create_group(_record("other"))
+    await groups_store.save_attempts(g, [_failed("e1", 1, 1), _failed("e2", 2, 2)])
     # A later count replaces an earlier one, never a higher one; one event twice in a
     # batch keeps its highest.
     await groups_store.save_attempts(
-        "g", [_failed("e1", 1, 2), _failed("e2", 2, 1), _failed("e5", 5, 1), _failed("e5", 5, 3)]
+        g, [_failed("e1", 1, 2), _failed("e2", 2, 1), _failed("e5", 5, 1), _failed("e5", 5, 3)]
     )
-    await groups_store.save_attempts("other", [_failed("e1", 1, 4)])
+    await groups_store.save_attempts(other, [_failed("e1", 1, 4)])
     assert await _attempts(groups_store) == {"e1": 2, "e2": 2, "e5": 3}
     loaded = await groups_store.load_attempts("g", [1, 3])
     assert sorted(loaded, key=lambda a: a.event_id) == [
@@ -185,31 +186,57 @@ async def test_failed_attempts_only_go_up_and_load_by_partition(
     ]
     assert await _attempts(groups_store, "g", [0, 3]) == {}
     assert await _attempts(groups_store, "other") == {"e1": 4}
-    await groups_store.forget_attempts("g", ["e1", "unknown"])
+    await groups_store.forget_attempts(g, ["e1", "unknown"])
     assert await _attempts(groups_store) == {"e2": 2, "e5": 3}
 
 
 async def test_failed_attempts_go_with_settling_replaying_and_their_group(
     groups_store: ConsumerGroupStore,
 ) -> None:
-    await groups_store.create_group(_record("g"))
-    await groups_store.save_attempts("g", [_failed(f"e{n}", n, 2) for n in range(1, 6)])
+    g = await groups_store.create_group(_record("g"))
+    await groups_store.save_attempts(g, [_failed(f"e{n}", n, 2) for n in range(1, 6)])
     # Parked: settled, so its count is gone, and a replay of it starts at attempt 1.
-    await groups_store.park("g", [_parked("e1", 1, 10), _parked("e2", 2, 20)])
+    await groups_store.park(g, [_parked("e1", 1, 10), _parked("e2", 2, 20)])
     assert await _attempts(groups_store) == {"e3": 2, "e4": 2, "e5": 2}
     # A count written late, after the park (by a process the partition had moved away
     # from), is forgotten when the event is replayed; one not replayed yet stays.
-    await groups_store.save_attempts("g", [_failed("e1", 1, 3), _failed("e2", 2, 3)])
+    await groups_store.save_attempts(g, [_failed("e1", 1, 3), _failed("e2", 2, 3)])
     assert await groups_store.replay_parked("g", 1) == 1
     assert await _attempts(groups_store) == {"e2": 3, "e3": 2, "e4": 2, "e5": 2}
     # A replayed event that fails is counted again, and settled, forgotten with its park.
-    await groups_store.save_attempts("g", [_failed("e1", 1, 1)])
-    await groups_store.unpark("g", ["e1"])
+    await groups_store.save_attempts(g, [_failed("e1", 1, 1)])
+    await groups_store.unpark(g, ["e1"])
     assert await _attempts(groups_store) == {"e2": 3, "e3": 2, "e4": 2, "e5": 2}
     await groups_store.delete_group("g")
-    await groups_store.save_attempts("g", [_failed("e9", 9, 1)])  # late, for a deleted group
+    await groups_store.save_attempts(g, [_failed("e9", 9, 1)])  # late, for a deleted group
     await groups_store.create_group(_record("g"))
     assert await _attempts(groups_store) == {}
+
+
+async def test_a_deleted_group_s_late_writes_leave_the_group_created_again_alone(
+    groups_store: ConsumerGroupStore,
+) -> None:
+    old = await groups_store.create_group(_record("g"))
+    await groups_store.delete_group("g")
+    new = await groups_store.create_group(
+        dataclasses.replace(old, created_at=old.created_at + dt.timedelta(microseconds=1))
+    )
+    await groups_store.save_checkpoints(new, {0: 5})
+    await groups_store.save_attempts(new, [_failed("e1", 1, 2), _failed("e2", 2, 2)])
+    await groups_store.park(new, [_parked("e3", 3, 30), _parked("e4", 4, 40)])
+    # What a runtime of the deleted group still writes (through another process, before
+    # it learns of the deletion) writes, forgets and unparks nothing of the new group.
+    await groups_store.save_checkpoints(old, {0: 70, 1: 71})
+    await groups_store.save_attempts(old, [_failed("e1", 1, 4), _failed("e5", 5, 1)])
+    await groups_store.forget_attempts(old, ["e2"])
+    await groups_store.park(old, [_parked("e1", 1, 10), _parked("e6", 6, 60)])
+    await groups_store.unpark(old, ["e3"])
+    assert await groups_store.load_checkpoints("g") == {0: 5}
+    assert await _attempts(groups_store) == {"e1": 2, "e2": 2}
+    assert sorted(await groups_store.parked_after("g", {p: 0 for p in range(4)})) == [
+        (0, "e4"),
+        (3, "e3"),
+    ]
 
 
 async def test_a_sqlite_file_of_the_previous_schema_upgrades_with_its_groups(
@@ -265,7 +292,8 @@ async def _check_upgraded(url: str) -> None:
     try:
         assert [g.name for g in await store.list_groups()] == ["g"]
         assert await store.load_checkpoints("g") == {0: 3}
-        await store.save_attempts("g", [_failed("e1", 1, 2)])
+        (group,) = await store.list_groups()
+        await store.save_attempts(group, [_failed("e1", 1, 2)])
         assert await _attempts(store) == {"e1": 2}
     finally:
         await store.close()

@@ -80,9 +80,9 @@ async def test_a_copy_keeps_the_consumer_groups_state(tmp_path: Path) -> None:
     live, copy = tmp_path / "live.db", tmp_path / "copy.db"
     store = await SQLiteEventStore.open(live)
     groups = await store.open_consumer_groups()
-    await groups.create_group(GroupRecord("g", GroupSettings(), dt.datetime.now(dt.UTC), 0))
-    await groups.save_checkpoints("g", {0: 3})
-    await groups.save_attempts("g", [FailedAttempts("e1", 4, 0, 2)])
+    group = await groups.create_group(GroupRecord("g", GroupSettings(), dt.datetime.now(dt.UTC), 0))
+    await groups.save_checkpoints(group, {0: 3})
+    await groups.save_attempts(group, [FailedAttempts("e1", 4, 0, 2)])
     await groups.close()
     await store.close()
     assert await asyncio.to_thread(main, ["backup", "--store", f"sqlite:///{live}", str(copy)]) == 0

@@ -3,6 +3,7 @@ processes: the calls a worker makes, a dead worker's late calls, and deletions."
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from server.workers.hub_protocol import (
 )
 
 CREATED = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+SECOND = dt.timedelta(seconds=1)
 MEMBER = LocalMember("a", "user", CREATED, 0)
 
 
@@ -80,9 +82,25 @@ class Supervisor:
 async def test_a_worker_s_failed_attempts_are_written_by_the_supervisor() -> None:
     records = MemoryConsumerGroupStore()
     worker = WorkerGroupStore(records, Supervisor(GroupsHost(records)))
-    await worker.create_group(record())
-    await worker.save_attempts("g", [FailedAttempts("e1", 1, 1, 2), FailedAttempts("e2", 2, 2, 1)])
-    await worker.forget_attempts("g", ["e2"])
+    group = await worker.create_group(record())
+    await worker.save_attempts(
+        group, [FailedAttempts("e1", 1, 1, 2), FailedAttempts("e2", 2, 2, 1)]
+    )
+    await worker.forget_attempts(group, ["e2"])
+    assert await worker.load_attempts("g", [1, 2]) == [FailedAttempts("e1", 1, 1, 2)]
+
+
+async def test_a_worker_s_late_writes_for_a_deleted_group_miss_the_group_created_again() -> None:
+    records = MemoryConsumerGroupStore()
+    worker = WorkerGroupStore(records, Supervisor(GroupsHost(records)))
+    old = await worker.create_group(record())
+    await worker.delete_group("g")
+    new = await worker.create_group(dataclasses.replace(record(), created_at=CREATED + SECOND))
+    await worker.save_attempts(new, [FailedAttempts("e1", 1, 1, 2)])
+    await worker.save_checkpoints(old, {0: 9})
+    await worker.save_attempts(old, [FailedAttempts("e2", 2, 2, 1)])
+    await worker.forget_attempts(old, ["e1"])
+    assert await worker.load_checkpoints("g") == {}
     assert await worker.load_attempts("g", [1, 2]) == [FailedAttempts("e1", 1, 1, 2)]
 
 
