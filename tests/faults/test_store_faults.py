@@ -24,6 +24,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from orders.v1 import events_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from psycopg.pq import DiagnosticField
 from psycopg_pool import PoolTimeout
 
 from domain.errors import StoreError, StoreFullError, StoreUnavailableError
@@ -199,6 +200,43 @@ def test_sqlite_result_codes_map_to_store_errors(code: str, expected: type[Store
 def test_postgres_sqlstates_map_to_store_errors(sqlstate: str, expected: type[StoreError]) -> None:
     error = postgres_store_error(psycopg.errors.lookup(sqlstate)("the server's message"), "append")
     assert type(error) is expected
+
+
+def server_error(sqlstate: str, message: str, more: str) -> psycopg.Error:
+    """A psycopg error as the server sends it: its text the message and ``more`` lines."""
+    info: dict[int, bytes | None] = {DiagnosticField.MESSAGE_PRIMARY: message.encode()}
+    error: psycopg.Error = psycopg.errors.lookup(sqlstate)(f"{message}\n{more}", info=info)
+    return error
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "message", "more"),
+    [
+        (
+            "25006",
+            "cannot execute INSERT in a read-only transaction",
+            'CONTEXT:  SQL statement "INSERT INTO events VALUES (1)"\n'
+            "PL/pgSQL function og_append(text) line 9 at SQL statement",
+        ),
+        (
+            "53100",
+            'could not extend file "base/16384/16390": No space left on device',
+            "HINT:  Check free disk space.",
+        ),
+    ],
+)
+def test_a_postgres_fault_line_states_the_servers_message_once(
+    sqlstate: str, message: str, more: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    watched = Faults()
+    cause = server_error(sqlstate, message, more)
+    error = postgres_store_error(cause, "append")
+    error.__cause__ = cause  # as the store raises it
+    with caplog.at_level(logging.INFO, logger="order_gateway"):
+        watched.faults.failed(error, write=True)
+    [fault] = lines(caplog, FAULT_LINE)
+    assert fault.getMessage().count(message) == 1
+    assert "CONTEXT" not in fault.getMessage()
 
 
 def test_a_postgres_pool_timeout_is_unavailable() -> None:
