@@ -355,6 +355,40 @@ def foreign_leftovers(path: Path) -> str | None:
     )
 
 
+def wal_file(path: Path) -> Path:
+    """The -wal file beside the store at ``path``."""
+    return path.with_name(path.name + "-wal")
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The device and inode of the file at ``path``, or None if there is none."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+def orphaned_shm(path: Path) -> str | None:
+    """Why the store at ``path`` must not be opened now, or None when it may be.
+
+    SQLite deletes the -shm file only after the -wal file (the last connection's close),
+    so a -shm without its -wal means the -wal was deleted while some process had the
+    store open: such a process may still write to that deleted file, and the -shm
+    indexes it. A new connection would create a fresh -wal beside it, holding none of
+    those commits, and write where no other process reads.
+    """
+    wal = wal_file(path)
+    shm = path.with_name(path.name + "-shm")
+    if not shm.exists() or wal.exists():
+        return None
+    return (
+        f"{shm.name} is there without {wal.name}, which was deleted while the store was"
+        f" open; stop every process using the store, then remove {shm.name} (whatever"
+        f" the deleted {wal.name} held and no process copied into the store is lost)"
+    )
+
+
 def _refuse_read_only(connection: sqlite3.Connection) -> None:
     """Raise SQLITE_READONLY now if the file cannot be written: SQLite opens a file it may
     not write read-only, silently, and a migrated schema needs no write, so the first
@@ -454,8 +488,13 @@ class SQLiteEventStore:
         turns: WriterTurns | None = None,
     ) -> None:
         self._path = path
-        # A descriptor of the file itself, to see that it is still linked (``_deleted``).
+        # A descriptor of the file itself, to see that it is still linked (``_gone``).
         self._file = os.open(path, os.O_RDONLY) if path is not None else None
+        # The -wal file SQLite writes: created by the writer's first read, and the same
+        # file (inode) for as long as any connection to the store stays open.
+        self._wal = wal_file(path) if path is not None else None
+        self._wal_identity = _identity(self._wal) if self._wal is not None else None
+        self._wal_saved = False
         self._turns = turns
         self._loop = loop
         self._snapshot_writer = snapshot_writer
@@ -512,6 +551,8 @@ class SQLiteEventStore:
         path = Path(path)
         if not writable and (leftovers := foreign_leftovers(path)) is not None:
             raise StoreError(f"cannot open the SQLite store {path}: {leftovers}")
+        if (orphaned := orphaned_shm(path)) is not None:
+            raise StoreUnavailableError(f"cannot open the SQLite store {path}: {orphaned}")
         opened: list[sqlite3.Connection] = []
         try:
             opened.append(await asyncio.to_thread(_open_writer, path, writable))
@@ -657,9 +698,10 @@ class SQLiteEventStore:
     def _write_or_fail(self, batch: list[Append]) -> bool:
         """``_write``, with every item failed if it raises: a bug must neither leave
         callers waiting forever nor a transaction open."""
-        if self._deleted():
+        if (gone := self._gone()) is not None:
             self._rollback()
-            self._refuse_deleted(batch)
+            self._save_lost_wal()
+            self._refuse_gone(batch, gone)
             return False
         try:
             committed = self._write(batch)
@@ -669,26 +711,67 @@ class SQLiteEventStore:
             for append in batch:
                 append.outcome = _store_error("the SQLite store failed", e, self._path)
             return False
-        if committed and self._deleted():
+        if committed and (gone := self._gone()) is not None:
             # Deleted while this batch was written: its commits went into a file that is
             # gone when the store closes, so none of them is answered as committed.
-            self._refuse_deleted(batch)
+            self._save_lost_wal()
+            self._refuse_gone(batch, gone)
             return False
         return committed
 
-    def _refuse_deleted(self, batch: Sequence[Call[Any, Any]]) -> None:
+    @staticmethod
+    def _refuse_gone(batch: Sequence[Call[Any, Any]], gone: str) -> None:
         for append in batch:
-            append.outcome = StoreUnavailableError(
-                f"the SQLite store {self._path} was deleted while the gateway served it;"
-                " nothing is committed to it any more"
+            append.outcome = StoreUnavailableError(f"{gone}; nothing is committed to it any more")
+
+    def _gone(self) -> str | None:
+        """What was deleted of the store while it served, or None if nothing was.
+
+        SQLite goes on writing to a deleted file, which is gone when the last connection
+        closes, or when the process dies for a -wal file: commits would be acknowledged
+        and then lost. The store's file is gone when it has no name left (deleted, or its
+        directory removed): a file moved elsewhere keeps a name, and its commits, and
+        goes on. Its -wal file is gone when the file of that name is not the one SQLite
+        writes: deleted, or replaced by one that a connection opened since has created,
+        which holds none of the commits. One ``fstat`` and one ``stat`` per batch.
+        """
+        if self._wal is None:
+            return None
+        if self._deleted():
+            return f"the SQLite store {self._path} was deleted while the gateway served it"
+        if _identity(self._wal) != self._wal_identity:
+            return (
+                f"the SQLite store {self._path} lost its {self._wal.name} file, deleted or"
+                " replaced while the gateway served it"
             )
+        return None
 
     def _deleted(self) -> bool:
-        """Whether the store's file has no name left (deleted, or its directory removed).
-        SQLite goes on writing to such a file, which is gone when the last connection
-        closes: commits would be acknowledged and then lost. One ``fstat`` per batch; a
-        file moved elsewhere keeps a name, and its commits, and goes on."""
+        """Whether the store's file has no name left."""
         return self._file is not None and os.fstat(self._file).st_nlink == 0
+
+    def _save_lost_wal(self) -> None:
+        """Copy into the store's file what its deleted -wal file holds: the commits
+        acknowledged since the last checkpoint, which only this process's descriptor
+        still reaches, and which a crash would lose. Once, and only while no other file
+        has taken the -wal's name: frames a connection wrote to such a file are not in
+        this one, and copying them from here would damage the store."""
+        if self._wal_saved or self._wal is None or self._wal.exists() or self._deleted():
+            return
+        try:
+            # PASSIVE: no busy wait, which may run on the event loop (``_commit_here``).
+            busy, frames, copied = self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error:
+            log.exception("copying the deleted %s into %s failed", self._wal.name, self._path)
+            return
+        self._wal_saved = not busy and frames == copied
+        log.warning(
+            "copied %d of %d pages of the deleted %s into %s",
+            copied,
+            frames,
+            self._wal.name,
+            self._path,
+        )
 
     def _write(self, batch: list[Append]) -> bool:
         """Commit what can be committed; every item of ``batch`` gets an outcome. Returns
@@ -901,10 +984,10 @@ class SQLiteEventStore:
                         read.outcome = _store_error(f"reading the SQLite store failed: {e}", e)
                     except Exception as e:  # a bug: the caller gets it as it is
                         read.outcome = e
-                if self._deleted():
+                if (gone := self._gone()) is not None:
                     # What was read may be commits refused for the deletion (the writer's
                     # check follows its write): a deleted store serves no reads either.
-                    self._refuse_deleted(batch)
+                    self._refuse_gone(batch, gone)
                 answer(batch)
         finally:
             connection.close()

@@ -644,3 +644,58 @@ async def test_commits_to_a_deleted_store_file_are_refused_unavailable(
         assert error_info(error).reason == "STORE_UNAVAILABLE"
     [fault] = lines(caplog, FAULT_LINE)
     assert "was deleted while the gateway served it" in fault.getMessage()
+
+
+async def test_a_deleted_wal_file_refuses_commits_and_loses_none_acknowledged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "store"
+    crashed = tmp_path / "as-a-crash-leaves-it.db"
+    async with served_from(folder) as (store, clients):
+        for _ in range(3):
+            await clients.restock("sku-1", 1)
+        acknowledged = await store.head_position()
+        (folder / "events.db-wal").unlink()  # an operator's or a cleanup script's rm
+        with (
+            caplog.at_level(logging.INFO, logger="order_gateway"),
+            pytest.raises(grpc.aio.AioRpcError) as refused,
+        ):
+            await clients.restock("sku-1", 1)
+        # All that a process killed now would leave: the store's file, without a -wal.
+        shutil.copy(folder / "events.db", crashed)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(refused.value).reason == "STORE_UNAVAILABLE"
+    [fault] = lines(caplog, FAULT_LINE)
+    assert "lost its events.db-wal file" in fault.getMessage()
+    with contextlib.closing(sqlite3.connect(crashed)) as copy:
+        assert copy.execute("SELECT max(position) FROM events").fetchone() == (acknowledged,)
+    reopened = await SQLiteEventStore.open(folder / "events.db")
+    try:
+        assert await reopened.head_position() == acknowledged
+    finally:
+        await reopened.close()
+
+
+async def test_a_replaced_wal_file_refuses_commits(tmp_path: Path) -> None:
+    folder = tmp_path / "store"
+    async with served_from(folder) as (_, clients):
+        wal = folder / "events.db-wal"
+        wal.unlink()
+        wal.touch()  # a fresh one, as a connection opened since would create
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await clients.restock("sku-1", 1)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(refused.value).reason == "STORE_UNAVAILABLE"
+
+
+async def test_a_store_whose_wal_file_was_deleted_while_open_is_not_opened_beside_it(
+    tmp_path: Path,
+) -> None:
+    # As a worker of ``serve --workers`` started while the others still serve.
+    folder = tmp_path / "store"
+    wal = folder / "events.db-wal"
+    async with served_from(folder):
+        wal.unlink()
+        with pytest.raises(StoreUnavailableError, match=r"events\.db-shm is there without"):
+            await SQLiteEventStore.open(folder / "events.db")
+        assert not wal.exists()
