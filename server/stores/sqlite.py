@@ -38,9 +38,10 @@ import functools
 import logging
 import os
 import sqlite3
+import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar, cast
 
@@ -80,8 +81,8 @@ T = TypeVar("T")
 EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 MICROSECOND: Final = dt.timedelta(microseconds=1)
 BUSY_TIMEOUT_SECONDS: Final = 30.0
-"""How long a connection waits for another process's write lock before giving up."""
-BUSY_TIMEOUT_PRAGMA: Final = f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}"
+"""How long a connection waits for another process's write lock before giving up; for
+the writer, how long a queued append waits in all (``SQLiteEventStore._lock_wait_from``)."""
 READ_BATCH: Final = 32
 """Reads a reader thread takes at once; answered together, like a write batch."""
 
@@ -258,13 +259,17 @@ def _record(commit: Commit, head: int) -> tuple[list[RecordedEvent], list[tuple[
     return recorded, rows
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, busy_timeout: float = BUSY_TIMEOUT_SECONDS) -> sqlite3.Connection:
     # Autocommit mode (isolation_level=None): this module issues BEGIN/COMMIT itself.
     # Connections are handed between threads (opened by one, closed by another) but only
     # ever used by one thread at a time.
     return sqlite3.connect(
-        path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
+        path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
     )
+
+
+def _busy_timeout_pragma(seconds: float) -> str:
+    return f"PRAGMA busy_timeout = {int(seconds * 1000):d}"
 
 
 def _open_reader(path: Path) -> sqlite3.Connection:
@@ -278,8 +283,10 @@ def _open_reader(path: Path) -> sqlite3.Connection:
     return connection
 
 
-def _open_writer(path: Path, writable: bool = True) -> sqlite3.Connection:
-    connection = _connect(path)
+def _open_writer(
+    path: Path, writable: bool = True, busy_timeout: float = BUSY_TIMEOUT_SECONDS
+) -> sqlite3.Connection:
+    connection = _connect(path, busy_timeout)
     try:
         # WAL: readers and the writer do not block each other, and a commit is one
         # sequential write. FULL: COMMIT returns only after the WAL is fsynced.
@@ -465,6 +472,17 @@ def _store_error(message: str, cause: BaseException, database: Path | None = Non
     return error
 
 
+def _lock_timeout(outcome: object) -> sqlite3.Error | None:
+    """The driver's error if ``outcome`` is an append's failure to get the write lock
+    within the busy timeout, else None."""
+    if not isinstance(outcome, StoreUnavailableError):
+        return None
+    cause = outcome.__cause__
+    if not isinstance(cause, sqlite3.Error):
+        return None
+    return cause if (cause.sqlite_errorname or "").startswith("SQLITE_BUSY") else None
+
+
 def _is_fault(error: sqlite3.Error) -> bool:
     """True if ``error`` is the file's fault, not one commit's: every commit would fail."""
     return isinstance(_store_error("", error), StoreFullError | StoreUnavailableError)
@@ -474,7 +492,8 @@ class SQLiteEventStore:
     """An ``EventStore`` in one SQLite file; open it with ``await SQLiteEventStore.open(path)``.
 
     ``max_batch`` caps how many commits share one transaction (1 turns group commit off);
-    ``writer_turns``: other processes write the file too, taking turns (``sqlite_turns``).
+    ``writer_turns``: other processes write the file too, taking turns (``sqlite_turns``);
+    ``busy_timeout``: seconds an append waits for another process's write lock.
     """
 
     def __init__(
@@ -486,8 +505,11 @@ class SQLiteEventStore:
         snapshot_writer: sqlite3.Connection | None = None,
         path: Path | None = None,
         turns: WriterTurns | None = None,
+        busy_timeout: float = BUSY_TIMEOUT_SECONDS,
     ) -> None:
         self._path = path
+        self._busy_timeout = busy_timeout
+        self._busy_timeout_pragma = _busy_timeout_pragma(busy_timeout)
         # A descriptor of the file itself, to see that it is still linked (``_gone``).
         self._file = os.open(path, os.O_RDONLY) if path is not None else None
         # The -wal file SQLite writes: created by the writer's first read, and the same
@@ -543,11 +565,14 @@ class SQLiteEventStore:
         readers: int = 2,
         writer_turns: bool = False,
         writable: bool = True,
+        busy_timeout: float = BUSY_TIMEOUT_SECONDS,
     ) -> SQLiteEventStore:
         """Open (creating or migrating as needed) the store in the file at ``path``;
         ``writable``: refuse a file that cannot be written (False: only read from)."""
         if max_batch < 1 or readers < 1:
             raise ValueError("max_batch and readers must be at least 1")
+        if busy_timeout < 0:
+            raise ValueError("busy_timeout must not be negative")
         path = Path(path)
         if not writable and (leftovers := foreign_leftovers(path)) is not None:
             raise StoreError(f"cannot open the SQLite store {path}: {leftovers}")
@@ -555,7 +580,7 @@ class SQLiteEventStore:
             raise StoreUnavailableError(f"cannot open the SQLite store {path}: {orphaned}")
         opened: list[sqlite3.Connection] = []
         try:
-            opened.append(await asyncio.to_thread(_open_writer, path, writable))
+            opened.append(await asyncio.to_thread(_open_writer, path, writable, busy_timeout))
             for _ in range(readers):
                 opened.append(await asyncio.to_thread(_open_reader, path))
             opened.append(await asyncio.to_thread(_open_snapshot_writer, path))
@@ -567,7 +592,7 @@ class SQLiteEventStore:
             raise StoreError(f"cannot open the SQLite store {path}: {e}") from e
         turns = WriterTurns(path) if writer_turns else None
         loop = asyncio.get_running_loop()
-        return cls(opened[0], opened[1:-1], loop, max_batch, opened[-1], path, turns)
+        return cls(opened[0], opened[1:-1], loop, max_batch, opened[-1], path, turns, busy_timeout)
 
     @staticmethod
     async def holds_a_store(path: Path) -> bool:
@@ -664,7 +689,7 @@ class SQLiteEventStore:
             try:
                 writer.execute("BEGIN IMMEDIATE")
             finally:
-                writer.execute(BUSY_TIMEOUT_PRAGMA)
+                writer.execute(self._busy_timeout_pragma)
         except sqlite3.Error:
             self._rollback()
             return False
@@ -677,6 +702,7 @@ class SQLiteEventStore:
                 batch, stop = self._writes.take(self._max_batch)
                 if not batch:
                     continue
+                taken = time.monotonic()
                 # ``_writing`` before the turn, as ``append`` takes them: the turn is a lock
                 # on a descriptor that both share, which would not keep one from the other.
                 with self._writing:
@@ -686,14 +712,53 @@ class SQLiteEventStore:
                             # Appends queued while another process wrote share this turn.
                             batch, stop = self._writes.take_more(batch, self._max_batch)
                     try:
-                        committed = self._write_or_fail(batch)
+                        with self._lock_wait_from(taken):
+                            committed = self._write_or_fail(batch)
                     finally:
                         if self._turns is not None:
                             self._turns.release()
                 answer(batch, self._listeners if committed else NO_LISTENERS)
+                if not committed and not stop:
+                    stop = self._refuse_queued_behind(batch)
         finally:
             with self._writing:
                 self._writer.close()
+
+    @contextlib.contextmanager
+    def _lock_wait_from(self, taken: float) -> Iterator[None]:
+        """The writer's busy timeout counted from ``taken``, when its batch was taken.
+
+        Waiting for ``_writing`` (a snapshot's write waiting for the lock itself) or for
+        this process's turn (another worker waiting out the lock) counts, so that an
+        append waits about one busy timeout in all, not one for each. Shortened only
+        once that wait is a tenth of the timeout: the two PRAGMAs are not worth running
+        for the few milliseconds another writer's batch holds the lock.
+        """
+        waited = time.monotonic() - taken
+        if waited < self._busy_timeout / 10:
+            yield
+            return
+        left = max(0.0, self._busy_timeout - waited)
+        self._writer.execute(_busy_timeout_pragma(left))
+        try:
+            yield
+        finally:
+            self._writer.execute(self._busy_timeout_pragma)
+
+    def _refuse_queued_behind(self, batch: list[Append]) -> bool:
+        """When ``batch`` failed for waiting out another process's write lock: refuse
+        the appends queued while it waited, as it was refused, rather than let each
+        batch of them start a busy wait of its own (they waited two busy timeouts and
+        more). One that comes later waits for the lock afresh. Returns whether the
+        writer must stop, having found the queue's end."""
+        cause = _lock_timeout(batch[0].outcome)
+        if cause is None:
+            return False
+        queued, stop = self._writes.take_more([], sys.maxsize)
+        for append in queued:
+            append.outcome = _store_error("the SQLite transaction failed", cause)
+        answer(queued)
+        return stop
 
     def _write_or_fail(self, batch: list[Append]) -> bool:
         """``_write``, with every item failed if it raises: a bug must neither leave

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import os
 import shutil
@@ -12,8 +13,9 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from psycopg.pq import DiagnosticField
 from psycopg_pool import PoolTimeout
 
 from domain.errors import StoreError, StoreFullError, StoreUnavailableError
-from domain.ports import CommandRecord, Commit, RecordedEvent, StreamLocked
+from domain.ports import CommandRecord, Commit, NewEvent, RecordedEvent, StreamLocked
 from server.app import Gateway
 from server.observability.store_faults import RECOVERY_QUIET, StoreFaults
 from server.stores.postgres_errors import store_error as postgres_store_error
@@ -699,3 +701,80 @@ async def test_a_store_whose_wal_file_was_deleted_while_open_is_not_opened_besid
         with pytest.raises(StoreUnavailableError, match=r"events\.db-shm is there without"):
             await SQLiteEventStore.open(folder / "events.db")
         assert not wal.exists()
+
+
+# -- another process holding SQLite's write lock ---------------------------------------
+
+LOCK_WAIT = 1.0
+"""The busy timeout of these tests' stores, in seconds."""
+
+
+def new_commit() -> Commit:
+    stream = f"stream-{uuid.uuid4()}"
+    return Commit(
+        command_id=str(uuid.uuid4()),
+        fingerprint="fingerprint",
+        correlation_id="correlation",
+        user_id="user-1",
+        occurred_at=dt.datetime.now(dt.UTC),
+        expected_versions={stream: 0},
+        events=[NewEvent(str(uuid.uuid4()), stream, 1, "TestEvent", b"{}")],
+    )
+
+
+async def waited_for(store: SQLiteEventStore) -> float:
+    """Seconds an append to ``store`` took to be refused STORE_UNAVAILABLE."""
+    began = time.monotonic()
+    with pytest.raises(StoreUnavailableError) as refused:
+        await store.append(new_commit())
+    assert str(refused.value.__cause__) == "database is locked"
+    return time.monotonic() - began
+
+
+@contextlib.contextmanager
+def write_lock_held(database: Path) -> Iterator[None]:
+    """SQLite's write lock on ``database`` held meanwhile, as a long ``sqlite3`` session
+    in another process would hold it."""
+    with contextlib.closing(sqlite3.connect(database, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        yield
+        other.execute("ROLLBACK")
+
+
+async def test_appends_queued_behind_one_that_waits_out_the_lock_wait_no_longer(
+    tmp_path: Path,
+) -> None:
+    database = tmp_path / "events.db"
+    store = await SQLiteEventStore.open(database, busy_timeout=LOCK_WAIT)
+    try:
+        with write_lock_held(database):
+            first = asyncio.create_task(waited_for(store))
+            await asyncio.sleep(LOCK_WAIT / 4)
+            queued = await asyncio.gather(*(waited_for(store) for _ in range(5)))
+            assert await first >= LOCK_WAIT
+    finally:
+        await store.close()
+    # Before, each batch waited the whole busy timeout again: 1.75 of it here.
+    assert max(queued) < LOCK_WAIT * 1.3
+
+
+async def test_an_append_waiting_for_its_turn_counts_that_wait_against_the_lock(
+    tmp_path: Path,
+) -> None:
+    # Two processes of ``serve --workers``: the second waits for the turn the first
+    # holds while it waits out the lock, then for the lock.
+    database = tmp_path / "events.db"
+    stores = [
+        await SQLiteEventStore.open(database, writer_turns=True, busy_timeout=LOCK_WAIT)
+        for _ in range(2)
+    ]
+    try:
+        with write_lock_held(database):
+            first = asyncio.create_task(waited_for(stores[0]))
+            await asyncio.sleep(LOCK_WAIT / 4)
+            second = await waited_for(stores[1])
+            await first
+    finally:
+        for store in stores:
+            await store.close()
+    assert second < LOCK_WAIT * 1.3
