@@ -67,11 +67,19 @@ def error_kind(error: StoreError) -> str:
 
 
 def describe(error: BaseException) -> str:
-    """The store error's message and, when it adds something, the driver's."""
+    """The store error's message and, when it adds something, the driver's.
+
+    A PostgreSQL error's text is its message followed by lines of its own (HINT, and
+    CONTEXT: the statement and function it failed in), while the store error quotes only
+    the message: the driver's text adds nothing when its first line is already there.
+    """
     message = str(error)
     cause = error.__cause__
-    if cause is not None and str(cause) and str(cause) not in message:
-        message = f"{message}: {str(cause).strip()}"
+    if cause is None:
+        return message
+    detail = str(cause).strip()
+    if detail and detail.partition("\n")[0] not in message:
+        message = f"{message}: {detail}"
     return message
 
 

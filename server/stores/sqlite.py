@@ -38,9 +38,10 @@ import functools
 import logging
 import os
 import sqlite3
+import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, cast
 
@@ -80,8 +81,8 @@ T = TypeVar("T")
 EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 MICROSECOND: Final = dt.timedelta(microseconds=1)
 BUSY_TIMEOUT_SECONDS: Final = 30.0
-"""How long a connection waits for another process's write lock before giving up."""
-BUSY_TIMEOUT_PRAGMA: Final = f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}"
+"""How long a connection waits for another process's write lock before giving up; for
+the writer, how long a queued append waits in all (``SQLiteEventStore._lock_wait_from``)."""
 READ_BATCH: Final = 32
 """Reads a reader thread takes at once; answered together, like a write batch."""
 
@@ -258,13 +259,17 @@ def _record(commit: Commit, head: int) -> tuple[list[RecordedEvent], list[tuple[
     return recorded, rows
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, busy_timeout: float = BUSY_TIMEOUT_SECONDS) -> sqlite3.Connection:
     # Autocommit mode (isolation_level=None): this module issues BEGIN/COMMIT itself.
     # Connections are handed between threads (opened by one, closed by another) but only
     # ever used by one thread at a time.
     return sqlite3.connect(
-        path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
+        path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
     )
+
+
+def _busy_timeout_pragma(seconds: float) -> str:
+    return f"PRAGMA busy_timeout = {int(seconds * 1000):d}"
 
 
 def _open_reader(path: Path) -> sqlite3.Connection:
@@ -278,8 +283,10 @@ def _open_reader(path: Path) -> sqlite3.Connection:
     return connection
 
 
-def _open_writer(path: Path, writable: bool = True) -> sqlite3.Connection:
-    connection = _connect(path)
+def _open_writer(
+    path: Path, writable: bool = True, busy_timeout: float = BUSY_TIMEOUT_SECONDS
+) -> sqlite3.Connection:
+    connection = _connect(path, busy_timeout)
     try:
         # WAL: readers and the writer do not block each other, and a commit is one
         # sequential write. FULL: COMMIT returns only after the WAL is fsynced.
@@ -352,6 +359,40 @@ def foreign_leftovers(path: Path) -> str | None:
         f"{beside[0].name} and {beside[1].name} beside it, owned by this user, and the "
         f"store's owner (uid {owner}) could not open the store after; run this as the "
         "store's owner or as root, or while the gateway serves it"
+    )
+
+
+def wal_file(path: Path) -> Path:
+    """The -wal file beside the store at ``path``."""
+    return path.with_name(path.name + "-wal")
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The device and inode of the file at ``path``, or None if there is none."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+def orphaned_shm(path: Path) -> str | None:
+    """Why the store at ``path`` must not be opened now, or None when it may be.
+
+    SQLite deletes the -shm file only after the -wal file (the last connection's close),
+    so a -shm without its -wal means the -wal was deleted while some process had the
+    store open: such a process may still write to that deleted file, and the -shm
+    indexes it. A new connection would create a fresh -wal beside it, holding none of
+    those commits, and write where no other process reads.
+    """
+    wal = wal_file(path)
+    shm = path.with_name(path.name + "-shm")
+    if not shm.exists() or wal.exists():
+        return None
+    return (
+        f"{shm.name} is there without {wal.name}, which was deleted while the store was"
+        f" open; stop every process using the store, then remove {shm.name} (whatever"
+        f" the deleted {wal.name} held and no process copied into the store is lost)"
     )
 
 
@@ -431,6 +472,17 @@ def _store_error(message: str, cause: BaseException, database: Path | None = Non
     return error
 
 
+def _lock_timeout(outcome: object) -> sqlite3.Error | None:
+    """The driver's error if ``outcome`` is an append's failure to get the write lock
+    within the busy timeout, else None."""
+    if not isinstance(outcome, StoreUnavailableError):
+        return None
+    cause = outcome.__cause__
+    if not isinstance(cause, sqlite3.Error):
+        return None
+    return cause if (cause.sqlite_errorname or "").startswith("SQLITE_BUSY") else None
+
+
 def _is_fault(error: sqlite3.Error) -> bool:
     """True if ``error`` is the file's fault, not one commit's: every commit would fail."""
     return isinstance(_store_error("", error), StoreFullError | StoreUnavailableError)
@@ -440,7 +492,8 @@ class SQLiteEventStore:
     """An ``EventStore`` in one SQLite file; open it with ``await SQLiteEventStore.open(path)``.
 
     ``max_batch`` caps how many commits share one transaction (1 turns group commit off);
-    ``writer_turns``: other processes write the file too, taking turns (``sqlite_turns``).
+    ``writer_turns``: other processes write the file too, taking turns (``sqlite_turns``);
+    ``busy_timeout``: seconds an append waits for another process's write lock.
     """
 
     def __init__(
@@ -452,10 +505,18 @@ class SQLiteEventStore:
         snapshot_writer: sqlite3.Connection | None = None,
         path: Path | None = None,
         turns: WriterTurns | None = None,
+        busy_timeout: float = BUSY_TIMEOUT_SECONDS,
     ) -> None:
         self._path = path
-        # A descriptor of the file itself, to see that it is still linked (``_deleted``).
+        self._busy_timeout = busy_timeout
+        self._busy_timeout_pragma = _busy_timeout_pragma(busy_timeout)
+        # A descriptor of the file itself, to see that it is still linked (``_gone``).
         self._file = os.open(path, os.O_RDONLY) if path is not None else None
+        # The -wal file SQLite writes: created by the writer's first read, and the same
+        # file (inode) for as long as any connection to the store stays open.
+        self._wal = wal_file(path) if path is not None else None
+        self._wal_identity = _identity(self._wal) if self._wal is not None else None
+        self._wal_saved = False
         self._turns = turns
         self._loop = loop
         self._snapshot_writer = snapshot_writer
@@ -504,17 +565,22 @@ class SQLiteEventStore:
         readers: int = 2,
         writer_turns: bool = False,
         writable: bool = True,
+        busy_timeout: float = BUSY_TIMEOUT_SECONDS,
     ) -> SQLiteEventStore:
         """Open (creating or migrating as needed) the store in the file at ``path``;
         ``writable``: refuse a file that cannot be written (False: only read from)."""
         if max_batch < 1 or readers < 1:
             raise ValueError("max_batch and readers must be at least 1")
+        if busy_timeout < 0:
+            raise ValueError("busy_timeout must not be negative")
         path = Path(path)
         if not writable and (leftovers := foreign_leftovers(path)) is not None:
             raise StoreError(f"cannot open the SQLite store {path}: {leftovers}")
+        if (orphaned := orphaned_shm(path)) is not None:
+            raise StoreUnavailableError(f"cannot open the SQLite store {path}: {orphaned}")
         opened: list[sqlite3.Connection] = []
         try:
-            opened.append(await asyncio.to_thread(_open_writer, path, writable))
+            opened.append(await asyncio.to_thread(_open_writer, path, writable, busy_timeout))
             for _ in range(readers):
                 opened.append(await asyncio.to_thread(_open_reader, path))
             opened.append(await asyncio.to_thread(_open_snapshot_writer, path))
@@ -526,7 +592,7 @@ class SQLiteEventStore:
             raise StoreError(f"cannot open the SQLite store {path}: {e}") from e
         turns = WriterTurns(path) if writer_turns else None
         loop = asyncio.get_running_loop()
-        return cls(opened[0], opened[1:-1], loop, max_batch, opened[-1], path, turns)
+        return cls(opened[0], opened[1:-1], loop, max_batch, opened[-1], path, turns, busy_timeout)
 
     @staticmethod
     async def holds_a_store(path: Path) -> bool:
@@ -623,7 +689,7 @@ class SQLiteEventStore:
             try:
                 writer.execute("BEGIN IMMEDIATE")
             finally:
-                writer.execute(BUSY_TIMEOUT_PRAGMA)
+                writer.execute(self._busy_timeout_pragma)
         except sqlite3.Error:
             self._rollback()
             return False
@@ -636,6 +702,7 @@ class SQLiteEventStore:
                 batch, stop = self._writes.take(self._max_batch)
                 if not batch:
                     continue
+                taken = time.monotonic()
                 # ``_writing`` before the turn, as ``append`` takes them: the turn is a lock
                 # on a descriptor that both share, which would not keep one from the other.
                 with self._writing:
@@ -645,21 +712,61 @@ class SQLiteEventStore:
                             # Appends queued while another process wrote share this turn.
                             batch, stop = self._writes.take_more(batch, self._max_batch)
                     try:
-                        committed = self._write_or_fail(batch)
+                        with self._lock_wait_from(taken):
+                            committed = self._write_or_fail(batch)
                     finally:
                         if self._turns is not None:
                             self._turns.release()
                 answer(batch, self._listeners if committed else NO_LISTENERS)
+                if not committed and not stop:
+                    stop = self._refuse_queued_behind(batch)
         finally:
             with self._writing:
                 self._writer.close()
 
+    @contextlib.contextmanager
+    def _lock_wait_from(self, taken: float) -> Iterator[None]:
+        """The writer's busy timeout counted from ``taken``, when its batch was taken.
+
+        Waiting for ``_writing`` (a snapshot's write waiting for the lock itself) or for
+        this process's turn (another worker waiting out the lock) counts, so that an
+        append waits about one busy timeout in all, not one for each. Shortened only
+        once that wait is a tenth of the timeout: the two PRAGMAs are not worth running
+        for the few milliseconds another writer's batch holds the lock.
+        """
+        waited = time.monotonic() - taken
+        if waited < self._busy_timeout / 10:
+            yield
+            return
+        left = max(0.0, self._busy_timeout - waited)
+        self._writer.execute(_busy_timeout_pragma(left))
+        try:
+            yield
+        finally:
+            self._writer.execute(self._busy_timeout_pragma)
+
+    def _refuse_queued_behind(self, batch: list[Append]) -> bool:
+        """When ``batch`` failed for waiting out another process's write lock: refuse
+        the appends queued while it waited, as it was refused, rather than let each
+        batch of them start a busy wait of its own (they waited two busy timeouts and
+        more). One that comes later waits for the lock afresh. Returns whether the
+        writer must stop, having found the queue's end."""
+        cause = _lock_timeout(batch[0].outcome)
+        if cause is None:
+            return False
+        queued, stop = self._writes.take_more([], sys.maxsize)
+        for append in queued:
+            append.outcome = _store_error("the SQLite transaction failed", cause)
+        answer(queued)
+        return stop
+
     def _write_or_fail(self, batch: list[Append]) -> bool:
         """``_write``, with every item failed if it raises: a bug must neither leave
         callers waiting forever nor a transaction open."""
-        if self._deleted():
+        if (gone := self._gone()) is not None:
             self._rollback()
-            self._refuse_deleted(batch)
+            self._save_lost_wal()
+            self._refuse_gone(batch, gone)
             return False
         try:
             committed = self._write(batch)
@@ -669,26 +776,67 @@ class SQLiteEventStore:
             for append in batch:
                 append.outcome = _store_error("the SQLite store failed", e, self._path)
             return False
-        if committed and self._deleted():
+        if committed and (gone := self._gone()) is not None:
             # Deleted while this batch was written: its commits went into a file that is
             # gone when the store closes, so none of them is answered as committed.
-            self._refuse_deleted(batch)
+            self._save_lost_wal()
+            self._refuse_gone(batch, gone)
             return False
         return committed
 
-    def _refuse_deleted(self, batch: Sequence[Call[Any, Any]]) -> None:
+    @staticmethod
+    def _refuse_gone(batch: Sequence[Call[Any, Any]], gone: str) -> None:
         for append in batch:
-            append.outcome = StoreUnavailableError(
-                f"the SQLite store {self._path} was deleted while the gateway served it;"
-                " nothing is committed to it any more"
+            append.outcome = StoreUnavailableError(f"{gone}; nothing is committed to it any more")
+
+    def _gone(self) -> str | None:
+        """What was deleted of the store while it served, or None if nothing was.
+
+        SQLite goes on writing to a deleted file, which is gone when the last connection
+        closes, or when the process dies for a -wal file: commits would be acknowledged
+        and then lost. The store's file is gone when it has no name left (deleted, or its
+        directory removed): a file moved elsewhere keeps a name, and its commits, and
+        goes on. Its -wal file is gone when the file of that name is not the one SQLite
+        writes: deleted, or replaced by one that a connection opened since has created,
+        which holds none of the commits. One ``fstat`` and one ``stat`` per batch.
+        """
+        if self._wal is None:
+            return None
+        if self._deleted():
+            return f"the SQLite store {self._path} was deleted while the gateway served it"
+        if _identity(self._wal) != self._wal_identity:
+            return (
+                f"the SQLite store {self._path} lost its {self._wal.name} file, deleted or"
+                " replaced while the gateway served it"
             )
+        return None
 
     def _deleted(self) -> bool:
-        """Whether the store's file has no name left (deleted, or its directory removed).
-        SQLite goes on writing to such a file, which is gone when the last connection
-        closes: commits would be acknowledged and then lost. One ``fstat`` per batch; a
-        file moved elsewhere keeps a name, and its commits, and goes on."""
+        """Whether the store's file has no name left."""
         return self._file is not None and os.fstat(self._file).st_nlink == 0
+
+    def _save_lost_wal(self) -> None:
+        """Copy into the store's file what its deleted -wal file holds: the commits
+        acknowledged since the last checkpoint, which only this process's descriptor
+        still reaches, and which a crash would lose. Once, and only while no other file
+        has taken the -wal's name: frames a connection wrote to such a file are not in
+        this one, and copying them from here would damage the store."""
+        if self._wal_saved or self._wal is None or self._wal.exists() or self._deleted():
+            return
+        try:
+            # PASSIVE: no busy wait, which may run on the event loop (``_commit_here``).
+            busy, frames, copied = self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error:
+            log.exception("copying the deleted %s into %s failed", self._wal.name, self._path)
+            return
+        self._wal_saved = not busy and frames == copied
+        log.warning(
+            "copied %d of %d pages of the deleted %s into %s",
+            copied,
+            frames,
+            self._wal.name,
+            self._path,
+        )
 
     def _write(self, batch: list[Append]) -> bool:
         """Commit what can be committed; every item of ``batch`` gets an outcome. Returns
@@ -901,10 +1049,10 @@ class SQLiteEventStore:
                         read.outcome = _store_error(f"reading the SQLite store failed: {e}", e)
                     except Exception as e:  # a bug: the caller gets it as it is
                         read.outcome = e
-                if self._deleted():
+                if (gone := self._gone()) is not None:
                     # What was read may be commits refused for the deletion (the writer's
                     # check follows its write): a deleted store serves no reads either.
-                    self._refuse_deleted(batch)
+                    self._refuse_gone(batch, gone)
                 answer(batch)
         finally:
             connection.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import os
 import shutil
@@ -12,8 +13,9 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +26,11 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from orders.v1 import events_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from psycopg.pq import DiagnosticField
 from psycopg_pool import PoolTimeout
 
 from domain.errors import StoreError, StoreFullError, StoreUnavailableError
-from domain.ports import CommandRecord, Commit, RecordedEvent, StreamLocked
+from domain.ports import CommandRecord, Commit, NewEvent, RecordedEvent, StreamLocked
 from server.app import Gateway
 from server.observability.store_faults import RECOVERY_QUIET, StoreFaults
 from server.stores.postgres_errors import store_error as postgres_store_error
@@ -199,6 +202,43 @@ def test_sqlite_result_codes_map_to_store_errors(code: str, expected: type[Store
 def test_postgres_sqlstates_map_to_store_errors(sqlstate: str, expected: type[StoreError]) -> None:
     error = postgres_store_error(psycopg.errors.lookup(sqlstate)("the server's message"), "append")
     assert type(error) is expected
+
+
+def server_error(sqlstate: str, message: str, more: str) -> psycopg.Error:
+    """A psycopg error as the server sends it: its text the message and ``more`` lines."""
+    info: dict[int, bytes | None] = {DiagnosticField.MESSAGE_PRIMARY: message.encode()}
+    error: psycopg.Error = psycopg.errors.lookup(sqlstate)(f"{message}\n{more}", info=info)
+    return error
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "message", "more"),
+    [
+        (
+            "25006",
+            "cannot execute INSERT in a read-only transaction",
+            'CONTEXT:  SQL statement "INSERT INTO events VALUES (1)"\n'
+            "PL/pgSQL function og_append(text) line 9 at SQL statement",
+        ),
+        (
+            "53100",
+            'could not extend file "base/16384/16390": No space left on device',
+            "HINT:  Check free disk space.",
+        ),
+    ],
+)
+def test_a_postgres_fault_line_states_the_servers_message_once(
+    sqlstate: str, message: str, more: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    watched = Faults()
+    cause = server_error(sqlstate, message, more)
+    error = postgres_store_error(cause, "append")
+    error.__cause__ = cause  # as the store raises it
+    with caplog.at_level(logging.INFO, logger="order_gateway"):
+        watched.faults.failed(error, write=True)
+    [fault] = lines(caplog, FAULT_LINE)
+    assert fault.getMessage().count(message) == 1
+    assert "CONTEXT" not in fault.getMessage()
 
 
 def test_a_postgres_pool_timeout_is_unavailable() -> None:
@@ -606,3 +646,135 @@ async def test_commits_to_a_deleted_store_file_are_refused_unavailable(
         assert error_info(error).reason == "STORE_UNAVAILABLE"
     [fault] = lines(caplog, FAULT_LINE)
     assert "was deleted while the gateway served it" in fault.getMessage()
+
+
+async def test_a_deleted_wal_file_refuses_commits_and_loses_none_acknowledged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "store"
+    crashed = tmp_path / "as-a-crash-leaves-it.db"
+    async with served_from(folder) as (store, clients):
+        for _ in range(3):
+            await clients.restock("sku-1", 1)
+        acknowledged = await store.head_position()
+        (folder / "events.db-wal").unlink()  # an operator's or a cleanup script's rm
+        with (
+            caplog.at_level(logging.INFO, logger="order_gateway"),
+            pytest.raises(grpc.aio.AioRpcError) as refused,
+        ):
+            await clients.restock("sku-1", 1)
+        # All that a process killed now would leave: the store's file, without a -wal.
+        shutil.copy(folder / "events.db", crashed)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(refused.value).reason == "STORE_UNAVAILABLE"
+    [fault] = lines(caplog, FAULT_LINE)
+    assert "lost its events.db-wal file" in fault.getMessage()
+    with contextlib.closing(sqlite3.connect(crashed)) as copy:
+        assert copy.execute("SELECT max(position) FROM events").fetchone() == (acknowledged,)
+    reopened = await SQLiteEventStore.open(folder / "events.db")
+    try:
+        assert await reopened.head_position() == acknowledged
+    finally:
+        await reopened.close()
+
+
+async def test_a_replaced_wal_file_refuses_commits(tmp_path: Path) -> None:
+    folder = tmp_path / "store"
+    async with served_from(folder) as (_, clients):
+        wal = folder / "events.db-wal"
+        wal.unlink()
+        wal.touch()  # a fresh one, as a connection opened since would create
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await clients.restock("sku-1", 1)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(refused.value).reason == "STORE_UNAVAILABLE"
+
+
+async def test_a_store_whose_wal_file_was_deleted_while_open_is_not_opened_beside_it(
+    tmp_path: Path,
+) -> None:
+    # As a worker of ``serve --workers`` started while the others still serve.
+    folder = tmp_path / "store"
+    wal = folder / "events.db-wal"
+    async with served_from(folder):
+        wal.unlink()
+        with pytest.raises(StoreUnavailableError, match=r"events\.db-shm is there without"):
+            await SQLiteEventStore.open(folder / "events.db")
+        assert not wal.exists()
+
+
+# -- another process holding SQLite's write lock ---------------------------------------
+
+LOCK_WAIT = 1.0
+"""The busy timeout of these tests' stores, in seconds."""
+
+
+def new_commit() -> Commit:
+    stream = f"stream-{uuid.uuid4()}"
+    return Commit(
+        command_id=str(uuid.uuid4()),
+        fingerprint="fingerprint",
+        correlation_id="correlation",
+        user_id="user-1",
+        occurred_at=dt.datetime.now(dt.UTC),
+        expected_versions={stream: 0},
+        events=[NewEvent(str(uuid.uuid4()), stream, 1, "TestEvent", b"{}")],
+    )
+
+
+async def waited_for(store: SQLiteEventStore) -> float:
+    """Seconds an append to ``store`` took to be refused STORE_UNAVAILABLE."""
+    began = time.monotonic()
+    with pytest.raises(StoreUnavailableError) as refused:
+        await store.append(new_commit())
+    assert str(refused.value.__cause__) == "database is locked"
+    return time.monotonic() - began
+
+
+@contextlib.contextmanager
+def write_lock_held(database: Path) -> Iterator[None]:
+    """SQLite's write lock on ``database`` held meanwhile, as a long ``sqlite3`` session
+    in another process would hold it."""
+    with contextlib.closing(sqlite3.connect(database, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        yield
+        other.execute("ROLLBACK")
+
+
+async def test_appends_queued_behind_one_that_waits_out_the_lock_wait_no_longer(
+    tmp_path: Path,
+) -> None:
+    database = tmp_path / "events.db"
+    store = await SQLiteEventStore.open(database, busy_timeout=LOCK_WAIT)
+    try:
+        with write_lock_held(database):
+            first = asyncio.create_task(waited_for(store))
+            await asyncio.sleep(LOCK_WAIT / 4)
+            queued = await asyncio.gather(*(waited_for(store) for _ in range(5)))
+            assert await first >= LOCK_WAIT
+    finally:
+        await store.close()
+    # Before, each batch waited the whole busy timeout again: 1.75 of it here.
+    assert max(queued) < LOCK_WAIT * 1.3
+
+
+async def test_an_append_waiting_for_its_turn_counts_that_wait_against_the_lock(
+    tmp_path: Path,
+) -> None:
+    # Two processes of ``serve --workers``: the second waits for the turn the first
+    # holds while it waits out the lock, then for the lock.
+    database = tmp_path / "events.db"
+    stores = [
+        await SQLiteEventStore.open(database, writer_turns=True, busy_timeout=LOCK_WAIT)
+        for _ in range(2)
+    ]
+    try:
+        with write_lock_held(database):
+            first = asyncio.create_task(waited_for(stores[0]))
+            await asyncio.sleep(LOCK_WAIT / 4)
+            second = await waited_for(stores[1])
+            await first
+    finally:
+        for store in stores:
+            await store.close()
+    assert second < LOCK_WAIT * 1.3
