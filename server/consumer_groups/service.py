@@ -131,7 +131,7 @@ class ConsumerGroups:
     async def _view(self, record: GroupRecord) -> GroupView:
         head = await self._events.head_position()
         parked = await self.store.parked_count(record.name)
-        runtime = self._runtimes.get(record.name)
+        runtime = self._current_runtime(record)
         stored = await self.store.load_checkpoints(record.name)
         here = runtime.view() if runtime is not None else None
         local = {p.partition: p for p in here.partitions} if here is not None else {}
@@ -271,12 +271,21 @@ class ConsumerGroups:
         task.add_done_callback(self._deletions.discard)
 
     async def replay_parked(self, name: str, limit: int) -> int:
-        await self.record(name)
+        record = await self.record(name)
         replayed = await self.store.replay_parked(name, limit)
-        runtime = self._runtimes.get(name)
+        runtime = self._current_runtime(record)
         if runtime is not None:
             await runtime.poll_replays()
         return replayed
+
+    def _current_runtime(self, record: GroupRecord) -> GroupRuntime | None:
+        """This process's runtime of the group ``record`` stores, if any: not one of a
+        group of that name deleted through another process, which it learns of only at
+        its next lease round (the group created again since reads as the new one)."""
+        runtime = self._runtimes.get(record.name)
+        if runtime is None or runtime.record.created_at != record.created_at:
+            return None
+        return runtime
 
     async def join(
         self, name: str, member_id: str, user_id: str, max_in_flight: int
