@@ -95,10 +95,49 @@ class EnvironmentParser(argparse.ArgumentParser):
         finally:
             for action, (default, required) in saved.items():
                 action.default, action.required = default, required
-        for action, text in variables.items():
-            if isinstance(getattr(parsed, action.dest, None), _FromVariable):
-                setattr(parsed, action.dest, self._variable_value(action, text))
+        from_variables = {
+            action: text
+            for action, text in variables.items()
+            if isinstance(getattr(parsed, action.dest, None), _FromVariable)
+        }
+        for action in self._rivals_given(parsed, from_variables, saved):
+            # A flag wins over the variable of an option it excludes too (--after over
+            # ORDER_GATEWAY_FROM_END): both would reach the server.
+            setattr(parsed, action.dest, saved[action][0])
+            del from_variables[action]
+        for action, text in from_variables.items():
+            setattr(parsed, action.dest, self._variable_value(action, text))
         return parsed, extras
+
+    def _rivals_given(
+        self,
+        parsed: argparse.Namespace,
+        from_variables: dict[argparse.Action, str],
+        saved: dict[argparse.Action, tuple[Any, bool]],
+    ) -> list[argparse.Action]:
+        """The options set by variables whose mutually exclusive rival was given as a
+        flag; two such options both set by variables are a usage error, as two flags are."""
+        overridden: list[argparse.Action] = []
+        for group in self._mutually_exclusive_groups:
+            by_variable = [a for a in group._group_actions if a in from_variables]
+            if not by_variable:
+                continue
+            flagged = [
+                a
+                for a in group._group_actions
+                if a not in from_variables
+                and getattr(parsed, a.dest, None) != saved.get(a, (a.default,))[0]
+            ]
+            if flagged:
+                overridden += by_variable
+            elif len(by_variable) > 1:
+                first, second = by_variable[:2]
+                self.error(
+                    f"argument {'/'.join(first.option_strings)} ({option_variable(first)}):"
+                    f" not allowed with argument {'/'.join(second.option_strings)}"
+                    f" ({option_variable(second)})"
+                )
+        return overridden
 
     def _variables_set(self) -> dict[argparse.Action, str]:
         """Each option whose variable is set, with the variable's value."""

@@ -512,6 +512,7 @@ def test_a_client_command_takes_each_option_from_its_variable(
         "ca.pem",
         2.5,
     )
+    monkeypatch.delenv("ORDER_GATEWAY_AFTER")  # --after and --from-end exclude each other
     monkeypatch.setenv("ORDER_GATEWAY_FROM_END", "yes")
     monkeypatch.setenv("ORDER_GATEWAY_MAX_DELIVERIES", "3")
     args = build_parser().parse_args(["group", "create", "billing"])
@@ -533,6 +534,21 @@ def test_a_flag_wins_over_its_variable_in_a_client_command(
     args = build_parser().parse_args(["tail", "--after", "5", "--type", "OrderShipped"])
     assert (args.after, args.types) == (5, ["OrderShipped"])
     assert build_parser().parse_args(["health", "--service", ""]).service == ""
+
+
+def test_a_flag_wins_over_the_variable_of_an_option_it_excludes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Both were sent: a group asked to start after 5 and at the end.
+    monkeypatch.setenv("ORDER_GATEWAY_FROM_END", "true")
+    args = build_parser().parse_args(["group", "create", "billing", "--after", "5"])
+    assert (args.after, args.from_end) == (5, False)
+    # Two variables that exclude each other are refused, as two such flags are.
+    monkeypatch.setenv("ORDER_GATEWAY_AFTER", "5")
+    with pytest.raises(SystemExit) as refused:
+        build_parser().parse_args(["group", "create", "billing"])
+    assert refused.value.code == 2
+    assert "(ORDER_GATEWAY_AFTER): not allowed with argument --from-end" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
