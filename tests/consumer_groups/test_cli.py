@@ -443,11 +443,17 @@ async def test_client_commands_call_the_target_of_its_variable_before_the_listen
 
 
 async def test_a_group_command_gives_up_at_its_timeout() -> None:
-    # A listener that accepts connections and never answers: no gRPC server.
-    silent = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+    # A listener that accepts connections and never answers: no gRPC server. Its writers
+    # are held: from Python 3.12 on, a writer collected closes its connection.
+    held: list[asyncio.StreamWriter] = []
+    silent = await asyncio.start_server(lambda reader, writer: held.append(writer), "127.0.0.1", 0)
     port = silent.sockets[0].getsockname()[1]
     async with silent:
-        listed = await cli("group", "list", "--target", f"127.0.0.1:{port}", "--timeout", "1")
+        try:
+            listed = await cli("group", "list", "--target", f"127.0.0.1:{port}", "--timeout", "1")
+        finally:
+            for writer in held:  # the server's close waits for its connections
+                writer.close()
     assert listed.code == 1
     assert "DEADLINE_EXCEEDED" in listed.err
 
