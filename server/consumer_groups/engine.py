@@ -114,7 +114,8 @@ class Entry:
     """Its failed attempts, plus one while it is in flight: the number its delivery bears
     (the stored failed ones, for an event taken in with them)."""
     deliveries: int = 0
-    """Deliveries made of it here: tells a delivery from a later one."""
+    """Deliveries made of it here, moves included: tells a delivery from a later one (a
+    move keeps the attempt)."""
     counted: bool = False
     """Its failed attempts are stored: settling it forgets them."""
     state: State = State.WAITING
@@ -152,7 +153,7 @@ class Member:
         self.partitions: list[int] = []
         self.in_flight: dict[str, Entry] = {}
         # Deliveries are queued as (entry, its deliveries) and built when sent: one that
-        # timed out or went elsewhere meanwhile is dropped instead of sent late.
+        # timed out or moved meanwhile is dropped instead of sent late.
         self._outbox: deque[pb.ConsumeResponse | tuple[Entry, int]] = deque()
         self._wake = asyncio.Event()
         self._ended: Exception | None = None
@@ -352,7 +353,7 @@ class GroupRuntime:
             else None
         )
         self.redeliveries = 0
-        """Deliveries after the first of an event (timeouts, departures, retries)."""
+        """Deliveries after the first of an event (timeouts, departures, retries, moves)."""
         self._parked = 0
         """Parked events of the group, as last counted in the store."""
 
@@ -489,18 +490,14 @@ class GroupRuntime:
 
     def _assign(self, owners: dict[int, str]) -> None:
         """Deliver partition p to local member ``owners[p]``; partitions not in ``owners``
-        stop being delivered here (across replicas: they are not leased here any more).
-
-        A partition that moves from one member here to another leaves its deliveries in
-        flight with the member that has them, until it settles them, nacks them, lets them
-        time out or leaves: an event is delivered to one member at a time, and the new
-        owner gets what the old one gives back (stream order holds, since a stream's next
-        event waits for the one in flight)."""
+        stop being delivered here (across replicas: they are not leased here any more)."""
         for partition in self._partitions:
             member_id = owners.get(partition.index)
             owner = self.members.get(member_id) if member_id is not None else None
             if partition.owned and self.coordinator is not None and member_id is None:
                 self._drop(partition)
+            elif partition.owner is not None and partition.owner is not owner:
+                self._take_back(partition.owner, partition.index)
             partition.owner = owner
         wanted: dict[str, list[int]] = {member_id: [] for member_id in self.members}
         for index, member_id in sorted(owners.items()):
@@ -514,14 +511,24 @@ class GroupRuntime:
             self._to_fill.add(member)
         self._schedule_fill()
 
+    def _take_back(self, member: Member, index: int) -> None:
+        """The partition moves to another member here: its deliveries go to the new one
+        at once, with the attempt they had. The member is still connected, so a move is
+        no failed attempt (only a nack, a timeout or a departure is), just as a partition
+        that moves to another replica goes on from the failures stored."""
+        for entry in sorted(member.in_flight.values(), key=_newest_first):
+            if entry.partition == index:
+                del member.in_flight[entry.event_id]
+                entry.attempt -= 1  # the next delivery bears this one's number again
+                self._requeue(entry)
+
     def _drop(self, partition: Partition) -> None:
         """Forget a partition this process no longer owns: its next owner resumes from
         the stored checkpoint (and the parked events being replayed, from the store)."""
-        # Its deliveries are held by its owner, or by members it moved away from here.
-        for member in self.members.values():
-            for entry in list(member.in_flight.values()):
+        if partition.owner is not None:
+            for entry in list(partition.owner.in_flight.values()):
                 if entry.partition == partition.index:
-                    del member.in_flight[entry.event_id]
+                    del partition.owner.in_flight[entry.event_id]
         for entry in (*partition.pending.values(), *partition.replays.values()):
             entry.cancel_timer()
             entry.member = None

@@ -242,8 +242,8 @@ class LeaseCoordinator:
         # First, from what was known, what this replica must give up: its checkpoints
         # are stored before the lease is, so the next owner resumes from them. A
         # partition that moves between members here is not given up: its lease changes
-        # hands in the claims, and the runtime leaves its deliveries in flight with the
-        # member that has them (one member at a time).
+        # hands in the claims, and the runtime hands the partition's deliveries in flight
+        # to the new member at once, with the attempts they had.
         plan = self._plan(self.live, self.leases) if self.live else {}
         giving_up = {p for p, m in self._held.items() if plan.get(p, m) not in local_ids}
         if giving_up:

@@ -278,8 +278,11 @@ def one_stream_per_partition(partitions: int) -> list[str]:
     return [streams[p] for p in range(partitions)]
 
 
-async def test_a_partition_moved_to_another_process_is_no_failed_attempt(env: Env) -> None:
-    if env.leases is None:
+@pytest.mark.parametrize("where", ["on the same process", "on another process"])
+async def test_a_partition_moved_from_a_connected_member_is_no_failed_attempt(
+    env: Env, where: str
+) -> None:
+    if env.leases is None and where == "on another process":
         pytest.skip("without leases, two processes do not share the partitions")
     groups = env.process()
     await env.create(groups, max_deliveries=2, partitions=2)
@@ -287,9 +290,8 @@ async def test_a_partition_moved_to_another_process_is_no_failed_attempt(env: En
     first = await env.join(groups, "first")
     held = {(await first.delivery()).event.event_id for _ in ids}
     assert held == set(ids)
-    # A member joins on another process: one partition moves there, and that process goes
-    # on from the stored checkpoint and failures (none).
-    second = await env.join(env.process(), "second")
+    # Another member joins: one partition moves to it, its delivery with it.
+    second = await env.join(groups if where == "on the same process" else env.process(), "second")
     moved = await second.delivery()
     assert moved.attempt == 1
     assert await env.store.stored() == {}
@@ -302,35 +304,6 @@ async def test_a_partition_moved_to_another_process_is_no_failed_attempt(env: En
     second.runtime.retry(second.member, [event_id], "still no")
     await until(lambda: env.store.parked_count("g"), 1)
     (staying,) = held - {event_id}
-    first.runtime.ack(first.member, [staying])
-    await second.leave()
-    await first.leave()
-
-
-async def test_a_partition_moved_on_one_process_leaves_its_deliveries_with_their_member(
-    env: Env,
-) -> None:
-    # An event goes to one member at a time: the member that gives the partition up keeps
-    # what it holds until it settles it, nacks it, lets it time out or leaves; the new
-    # owner gets what it gives back, counted as the failure it is.
-    groups = env.process()
-    await env.create(groups, max_deliveries=2, partitions=2)
-    ids = [await env.restock(stream) for stream in one_stream_per_partition(2)]
-    first = await env.join(groups, "first")
-    held = {(await first.delivery()).event.event_id for _ in ids}
-    assert held == set(ids)
-    second = await env.join(groups, "second")
-    async with asyncio.timeout(5):
-        while len(second.member.partitions) != 1:  # noqa: ASYNC110 - leases decide it
-            await asyncio.sleep(0.01)
-    await second.no_delivery(0.2)
-    moving = ids[second.member.partitions[0]]  # one stream per partition, in their order
-    first.runtime.retry(first.member, [moving], "no")
-    again = await second.delivery()
-    assert (again.event.event_id, again.attempt) == (moving, 2)
-    assert await env.store.stored() == {moving: 1}
-    second.runtime.ack(second.member, [moving])
-    (staying,) = held - {moving}
     first.runtime.ack(first.member, [staying])
     await second.leave()
     await first.leave()
