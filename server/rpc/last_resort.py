@@ -20,19 +20,24 @@ from server.rpc.method_handlers import (
 )
 from server.rpc.status_mapping import plain_status, status_for, unexpected_error_status
 
+COMMAND_SERVICES = ("/orders.v1.OrderCommandService/", "/orders.v1.InventoryCommandService/")
+"""The services whose calls are commands, each retried safely by its ``command_id``."""
+
 
 class LastResortInterceptor(WrappingInterceptor):
     def wrap(self, handler: Handler, method: str) -> Handler:
         streaming = is_streaming_response(handler)
-        return wrapped(handler, lambda request, context: _Answering(context, streaming))
+        command = method.startswith(COMMAND_SERVICES)
+        return wrapped(handler, lambda request, context: _Answering(context, streaming, command))
 
 
 class _Answering(CallScope):
-    __slots__ = ("_context", "_streaming")
+    __slots__ = ("_command", "_context", "_streaming")
 
-    def __init__(self, context: Context, streaming: bool) -> None:
+    def __init__(self, context: Context, streaming: bool, command: bool) -> None:
         self._context = context
         self._streaming = streaming
+        self._command = command
 
     async def end(self, error: BaseException | None) -> bool:
         # Cancellation and aborts (a status already chosen) pass through untouched, and so
@@ -44,7 +49,11 @@ class _Answering(CallScope):
             error, grpc.aio.AbortError | grpc.aio.InternalError
         ):
             return False
-        status = status_for(error) or self._unimplemented(error) or unexpected_error_status(error)
+        status = (
+            status_for(error, command=self._command)
+            or self._unimplemented(error)
+            or unexpected_error_status(error)
+        )
         if self._streaming:
             # Not abort_with_status: the client of a stream may already be gone (a
             # shutdown racing a disconnect), and a failed abort would surface as an error

@@ -40,6 +40,10 @@ log = logging.getLogger("order_gateway.errors")
 
 ERROR_DOMAIN = "order-gateway"
 INTERNAL_MESSAGE = "internal error"
+STORE_UNAVAILABLE = "the event store cannot be reached; retry later"
+STORE_UNAVAILABLE_COMMAND = (
+    "the event store cannot be reached; retrying with the same command_id is safe"
+)
 
 
 def field_path(location: Iterable[int | str]) -> str:
@@ -53,8 +57,11 @@ def field_path(location: Iterable[int | str]) -> str:
     return path
 
 
-def status_for(error: BaseException) -> grpc.Status | None:
+def status_for(error: BaseException, *, command: bool = False) -> grpc.Status | None:
     """The status for a known error, or None for an unexpected one (answer INTERNAL).
+
+    ``command``: the call is a command's (CreateOrder, …), whose retry is safe with the
+    same ``command_id``; a subscription or a consumer-group call has none to name.
 
     A pydantic ValidationError is not "known" here: only the one raised while building a
     command from a request is the client's fault (``validation_status``); one raised
@@ -65,7 +72,7 @@ def status_for(error: BaseException) -> grpc.Status | None:
     if isinstance(error, StoreUnavailableError):
         return _status(
             code_pb2.UNAVAILABLE,
-            "the event store cannot be reached; retrying with the same command_id is safe",
+            STORE_UNAVAILABLE_COMMAND if command else STORE_UNAVAILABLE,
             _error_info(error.reason, {}),
         )
     if isinstance(error, StoreFullError):

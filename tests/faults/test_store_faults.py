@@ -409,6 +409,11 @@ async def test_an_unreachable_store_is_unavailable_on_commands_and_on_subscribe(
                 await reader.next()
             assert subscribe_refused.value.code() == grpc.StatusCode.UNAVAILABLE
             assert error_info(subscribe_refused.value).reason == "STORE_UNAVAILABLE"
+            # A subscription has no command_id to retry with.
+            assert (
+                subscribe_refused.value.details()
+                == "the event store cannot be reached; retry later"
+            )
             # Health follows the process, not its store: replicas sharing a database
             # stay in their load balancer and answer the fault themselves.
             assert await health_of(gateway) == health_pb2.HealthCheckResponse.SERVING
