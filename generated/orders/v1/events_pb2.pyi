@@ -63,7 +63,9 @@ class Event(_message.Message):
     """The payload's message name, e.g. "OrderCreated"."""
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp:
-        """When the event was committed (UTC)."""
+        """When the gateway received the command that caused it (UTC); a command's events
+        share it. Not always in `position` order: order events by `position`.
+        """
 
     @_builtins.property
     def order_created(self) -> Global___OrderCreated:
