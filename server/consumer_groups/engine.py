@@ -33,6 +33,7 @@ import contextlib
 import datetime as dt
 import enum
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from server.consumer_groups import balance
 from server.consumer_groups.leases import LeaseCoordinator, LeaseStore, LocalMember
 from server.consumer_groups.model import (
     RETRY_BASE,
+    RETRY_CAP,
     FailedAttempts,
     GroupClosedError,
     GroupRecord,
@@ -118,6 +120,9 @@ class Entry:
     move keeps the attempt)."""
     counted: bool = False
     """Its failed attempts are stored: settling it forgets them."""
+    retry_at: float = 0.0
+    """After a nack, when it may be delivered again (``time.time()``; stored with its
+    failed attempts); 0 once it may go at once."""
     state: State = State.WAITING
     member: Member | None = None
     timer: asyncio.TimerHandle | None = None
@@ -234,7 +239,7 @@ class Partition:
     streams: dict[str, deque[Entry]] = field(default_factory=dict)
     ready: deque[Entry] = field(default_factory=deque)
     replays: dict[str, Entry] = field(default_factory=dict)
-    attempts: dict[str, int] = field(default_factory=dict)
+    attempts: dict[str, FailedAttempts] = field(default_factory=dict)
     """Failed attempts stored for events not taken in yet, by event id: loaded when the
     partition became this process's, each taken with its event."""
     parked: set[str] = field(default_factory=set)
@@ -674,6 +679,11 @@ class GroupRuntime:
         if entry.attempt >= self._settings.max_deliveries:
             self._park(entry, reason)  # the park forgets its stored attempts
             return
+        # Stored with the count, so that the backoff holds wherever and whenever the
+        # event is delivered next (another replica or worker, after a restart).
+        entry.retry_at = (
+            time.time() + retry_delay(entry.attempt, self._tuning.retry_base) if backoff else 0.0
+        )
         # Stored before the next delivery is sent: a crash in between would otherwise
         # forget this failure, and a consumer that dies on the event would never see it
         # parked. ``_counted`` goes on once the count is stored.
@@ -704,6 +714,7 @@ class GroupRuntime:
     def _retry_due(self, entry: Entry) -> None:
         entry.timer = None
         if entry.state is State.BACKOFF:
+            entry.retry_at = 0.0  # waited out, as timed here
             self._make_ready(entry)
 
     def _timed_out(self, entry: Entry, deliveries: int) -> None:
@@ -719,6 +730,15 @@ class GroupRuntime:
     # -- delivering -----------------------------------------------------------------
 
     def _make_ready(self, entry: Entry) -> None:
+        if entry.retry_at:
+            # Taken in with a backoff stored elsewhere or before a restart: the rest of
+            # it (never more than the longest backoff, whatever the clocks say).
+            wait = min(entry.retry_at - time.time(), RETRY_CAP)
+            entry.retry_at = 0.0
+            if wait > 0:
+                entry.state = State.BACKOFF
+                entry.timer = self._loop.call_later(wait, self._retry_due, entry)
+                return
         entry.state = State.READY
         partition = self._partitions[entry.partition]
         partition.ready.append(entry)
@@ -784,8 +804,7 @@ class GroupRuntime:
         if event.event_id in partition.parked:
             partition.parked.discard(event.event_id)
             return
-        attempts = partition.attempts.pop(event.event_id, 0)
-        entry = Entry(event, index, attempt=attempts, counted=attempts > 0)
+        entry = _with_failures(Entry(event, index), partition.attempts.pop(event.event_id, None))
         partition.pending[position] = entry
         self._unsettled += 1
         queue = partition.streams.get(event.stream_id)
@@ -873,13 +892,10 @@ class GroupRuntime:
             return
         if not partition.owned or parked.event_id in partition.replays:
             return  # the read awaited: things may have moved meanwhile
-        attempts = partition.attempts.pop(parked.event_id, 0)
-        entry = Entry(
-            events_pb2.Event(**proto_event_fields(records[0])),
-            parked.partition,
-            replay=True,
-            attempt=attempts,
-            counted=attempts > 0,
+        event = events_pb2.Event(**proto_event_fields(records[0]))
+        entry = _with_failures(
+            Entry(event, parked.partition, replay=True),
+            partition.attempts.pop(parked.event_id, None),
         )
         partition.replays[parked.event_id] = entry
         self._make_ready(entry)
@@ -913,7 +929,7 @@ class GroupRuntime:
     async def _load_attempts(self, partitions: Iterable[Partition]) -> None:
         by_index = {partition.index: partition for partition in partitions}
         for failed in await self._store.load_attempts(self.record.name, list(by_index)):
-            by_index[failed.partition].attempts[failed.event_id] = failed.attempts
+            by_index[failed.partition].attempts[failed.event_id] = failed
 
     async def _count_forever(self) -> None:
         """Store failed attempts as they come: what fails while a write is under way
@@ -938,7 +954,10 @@ class GroupRuntime:
         try:
             await self._store.save_attempts(
                 self.record,
-                [FailedAttempts(e.event_id, e.position, e.partition, e.attempt) for e, _ in counts],
+                [
+                    FailedAttempts(e.event_id, e.position, e.partition, e.attempt, e.retry_at)
+                    for e, _ in counts
+                ],
             )
         except BaseException:
             self._to_count = counts + self._to_count
@@ -1045,3 +1064,13 @@ class GroupRuntime:
             ),
             redeliveries=self.redeliveries,
         )
+
+
+def _with_failures(entry: Entry, failed: FailedAttempts | None) -> Entry:
+    """``entry`` as its stored failed attempts left it: the count goes on, and so does the
+    backoff of its last nack."""
+    if failed is not None:
+        entry.attempt = failed.attempts
+        entry.counted = failed.attempts > 0
+        entry.retry_at = failed.retry_at
+    return entry

@@ -89,6 +89,9 @@ class FailedAttempts:
     position: int
     partition: int
     attempts: int
+    retry_at: float = 0.0
+    """When its next delivery may be made (seconds since the epoch, as ``time.time()``):
+    the end of the backoff after a nack, 0 after a timeout or a departure (at once)."""
 
 
 class ConsumerGroupError(Exception):

@@ -51,7 +51,8 @@ class MemoryConsumerGroupStore:
         stored = self._attempts.setdefault(group.name, {})
         for failed in attempts:
             before = stored.get(failed.event_id)
-            if before is None or before.attempts < failed.attempts:
+            # The latest failure's wait goes with its count.
+            if before is None or before.attempts <= failed.attempts:
                 stored[failed.event_id] = failed
 
     async def forget_attempts(self, group: GroupRecord, event_ids: Sequence[str]) -> None:

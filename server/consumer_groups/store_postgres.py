@@ -37,7 +37,7 @@ Pool = AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]]
 
 _GROUP_COLUMNS = "name, settings, created_at, start_position"
 _PARKED_COLUMNS = "event_id, position, partition, reason, parked_at, replaying"
-_ATTEMPTS_COLUMNS = "event_id, position, partition, attempts"
+_ATTEMPTS_COLUMNS = "event_id, position, partition, attempts, retry_at"
 _OLDEST_FIRST = "ORDER BY parked_at, position"
 _THE_GROUP = "g.name = %s AND g.created_at = %s"
 """The group as a runtime knows it (name, creation time), as ``consumer_groups g``: none
@@ -152,24 +152,29 @@ class PostgresConsumerGroupStore:
         latest: dict[str, FailedAttempts] = {}
         for failed in attempts:
             before = latest.get(failed.event_id)
-            if before is None or before.attempts < failed.attempts:
+            if before is None or before.attempts <= failed.attempts:
                 latest[failed.event_id] = failed
         rows = list(latest.values())
         # The join drops a deleted group's counts instead of failing or writing them into a
         # group created again under its name.
         await self._rows(
             f"INSERT INTO consumer_group_attempts (group_name, {_ATTEMPTS_COLUMNS})"
-            " SELECT g.name, a.event_id, a.position, a.partition, a.attempts"
+            " SELECT g.name, a.event_id, a.position, a.partition, a.attempts,"
+            " to_timestamp(a.retry_at)"
             " FROM consumer_groups g, unnest(%s::text[], %s::bigint[], %s::integer[],"
-            " %s::integer[]) AS a(event_id, position, partition, attempts)"
+            " %s::integer[], %s::float8[]) AS a(event_id, position, partition, attempts, retry_at)"
             f" WHERE {_THE_GROUP}{_HOLDING_THE_GROUP}"
             " ON CONFLICT (group_name, event_id) DO UPDATE"
-            " SET attempts = greatest(consumer_group_attempts.attempts, excluded.attempts)",
+            # The latest failure's wait goes with its count.
+            " SET retry_at = CASE WHEN excluded.attempts >= consumer_group_attempts.attempts"
+            " THEN excluded.retry_at ELSE consumer_group_attempts.retry_at END,"
+            " attempts = greatest(consumer_group_attempts.attempts, excluded.attempts)",
             (
                 [a.event_id for a in rows],
                 [a.position for a in rows],
                 [a.partition for a in rows],
                 [a.attempts for a in rows],
+                [a.retry_at for a in rows],
                 group.name,
                 group.created_at,
             ),
@@ -185,8 +190,15 @@ class PostgresConsumerGroupStore:
             (name, list(partitions)),
         )
         return [
-            FailedAttempts(event_id, int(position), int(partition), int(attempts))
-            for event_id, position, partition, attempts in rows
+            FailedAttempts(
+                event_id,
+                int(position),
+                int(partition),
+                int(attempts),
+                # NULL: stored by a release that kept no wait, or at once.
+                retry_at.timestamp() if retry_at is not None else 0.0,
+            )
+            for event_id, position, partition, attempts, retry_at in rows
         ]
 
     async def park(self, group: GroupRecord, events: Sequence[ParkedEvent]) -> None:

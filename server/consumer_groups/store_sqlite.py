@@ -28,7 +28,7 @@ BUSY_TIMEOUT_SECONDS: Final = 30.0
 
 _GROUP_COLUMNS = "name, settings, created_at_us, start_position"
 _PARKED_COLUMNS = "event_id, position, partition, reason, parked_at_us, replaying"
-_ATTEMPTS_COLUMNS = "event_id, position, partition, attempts"
+_ATTEMPTS_COLUMNS = "event_id, position, partition, attempts, retry_at_us"
 _OLDEST_FIRST = "ORDER BY parked_at_us, position"
 _THE_GROUP = "consumer_groups WHERE name = ? AND created_at_us = ?"
 """The group as a runtime knows it (name, creation time): none once deleted, even if
@@ -41,6 +41,10 @@ _FORGET_ATTEMPTS = (
 
 def _us(moment: dt.datetime) -> int:
     return (moment - EPOCH) // MICROSECOND
+
+
+def _epoch_us(seconds: float) -> int:
+    return round(seconds * 1e6)
 
 
 def _group(row: tuple[str, str, int, int]) -> GroupRecord:
@@ -180,10 +184,16 @@ class SQLiteConsumerGroupStore:
             # written into a group created again under its name.
             c.executemany(
                 f"INSERT INTO consumer_group_attempts (group_name, {_ATTEMPTS_COLUMNS})"
-                f" SELECT name, ?, ?, ?, ? FROM {_THE_GROUP}"
-                " ON CONFLICT (group_name, event_id)"
-                " DO UPDATE SET attempts = max(attempts, excluded.attempts)",
-                [(a.event_id, a.position, a.partition, a.attempts, *key) for a in attempts],
+                f" SELECT name, ?, ?, ?, ?, ? FROM {_THE_GROUP}"
+                " ON CONFLICT (group_name, event_id) DO UPDATE"
+                # The latest failure's wait goes with its count.
+                " SET retry_at_us = CASE WHEN excluded.attempts >= attempts"
+                " THEN excluded.retry_at_us ELSE retry_at_us END,"
+                " attempts = max(attempts, excluded.attempts)",
+                [
+                    (a.event_id, a.position, a.partition, a.attempts, _epoch_us(a.retry_at), *key)
+                    for a in attempts
+                ],
             )
 
         await self._run(work, write=True)
@@ -206,7 +216,10 @@ class SQLiteConsumerGroupStore:
                 f" WHERE group_name = ? AND partition IN ({', '.join('?' * len(wanted))})",
                 (name, *wanted),
             ).fetchall()
-            return [FailedAttempts(*row) for row in rows]
+            return [
+                FailedAttempts(event_id, position, partition, attempts, retry_at_us / 1e6)
+                for event_id, position, partition, attempts, retry_at_us in rows
+            ]
 
         return await self._run(work)
 

@@ -738,6 +738,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         "og_try_lock_stream_after(): a stream's lock if free, and its new events",
         _V10_TRY_LOCK_AND_READ,
     ),
+    Migration(
+        11,
+        "consumer groups: when a failed event's next delivery may be made (a nack's backoff)",
+        "ALTER TABLE consumer_group_attempts ADD COLUMN retry_at timestamptz",
+    ),
 )
 
 

@@ -113,6 +113,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ) WITHOUT ROWID
         """,
     ),
+    # 6: when a failed event's next delivery may be made (the end of a nack's backoff),
+    # so that the backoff holds whichever process delivers the event next, and after a
+    # restart. 0: at once.
+    ("ALTER TABLE consumer_group_attempts ADD COLUMN retry_at_us INTEGER NOT NULL DEFAULT 0",),
 )
 
 LATEST_VERSION = len(MIGRATIONS)

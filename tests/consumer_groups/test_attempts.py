@@ -229,6 +229,27 @@ async def test_the_backoff_follows_the_stored_count(env: Env) -> None:
     await consumer.leave()
 
 
+async def test_a_nack_s_backoff_holds_in_the_next_process(env: Env) -> None:
+    slow = dataclasses.replace(TUNING, retry_base=0.6)
+    first = env.process(slow)
+    await env.create(first)
+    event_id = await env.restock()
+    consumer = await env.join(first, "m")
+    assert (await consumer.delivery()).attempt == 1
+    nacked = time.monotonic()
+    consumer.runtime.retry(consumer.member, [event_id], "try again")
+    await until(lambda: env.store.stored(), {event_id: 1})
+    await consumer.leave()  # in its backoff, not in flight: leaving is no failure
+    assert first.runtimes.get("g") is None
+    # Another process (another replica, or this one restarted) waits out the backoff.
+    again = await env.join(env.process(slow), "m")
+    delivery = await again.delivery()
+    waited = time.monotonic() - nacked
+    assert (delivery.event.event_id, delivery.attempt) == (event_id, 2)
+    assert 0.55 <= waited < 3, waited
+    await again.leave()
+
+
 async def test_a_shutdown_is_no_failed_attempt(env: Env) -> None:
     first = env.process()
     await env.create(first)

@@ -190,6 +190,28 @@ async def test_failed_attempts_only_go_up_and_load_by_partition(
     assert await _attempts(groups_store) == {"e2": 2, "e5": 3}
 
 
+async def test_a_failure_s_retry_time_goes_with_its_count(
+    groups_store: ConsumerGroupStore,
+) -> None:
+    g = await groups_store.create_group(_record("g"))
+
+    async def retry_at() -> float:
+        (loaded,) = await groups_store.load_attempts("g", [1])
+        return loaded.retry_at
+
+    nacked = 1_800_000_000.123456  # microseconds kept
+    await groups_store.save_attempts(g, [FailedAttempts("e1", 1, 1, 1, nacked + 1)])
+    assert await retry_at() == pytest.approx(nacked + 1, abs=1e-6)
+    await groups_store.save_attempts(g, [FailedAttempts("e1", 1, 1, 2, nacked + 2)])
+    assert await retry_at() == pytest.approx(nacked + 2, abs=1e-6)
+    # A late write of an earlier failure changes neither the count nor its wait.
+    await groups_store.save_attempts(g, [FailedAttempts("e1", 1, 1, 1, nacked + 9)])
+    assert await retry_at() == pytest.approx(nacked + 2, abs=1e-6)
+    # A timeout or a departure: delivered again at once.
+    await groups_store.save_attempts(g, [FailedAttempts("e1", 1, 1, 3)])
+    assert await retry_at() == 0.0
+
+
 async def test_failed_attempts_go_with_settling_replaying_and_their_group(
     groups_store: ConsumerGroupStore,
 ) -> None:
@@ -255,7 +277,9 @@ async def test_a_sqlite_file_of_the_previous_schema_upgrades_with_its_groups(
         connection.execute("INSERT INTO consumer_group_checkpoints VALUES ('g', 0, 3)")
     await _check_upgraded(f"sqlite:///{path}")
     with contextlib.closing(sqlite3.connect(path)) as connection:
-        assert connection.execute("PRAGMA user_version").fetchone() == (5,)
+        assert connection.execute("PRAGMA user_version").fetchone() == (
+            sqlite_schema.LATEST_VERSION,
+        )
 
 
 @pytest.mark.postgres
