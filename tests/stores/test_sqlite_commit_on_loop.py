@@ -89,6 +89,28 @@ async def test_a_busy_write_lock_is_waited_for_off_the_loop(
     assert [e.position for e in recorded] == [1]
 
 
+async def test_the_busy_timeout_left_off_by_the_loop_is_waited_out_by_the_writer(
+    store: SQLiteEventStore, tmp_path: Path
+) -> None:
+    # A commit on the loop leaves the writer's busy timeout at 0; the writer thread's next
+    # BEGIN sets it back, so it waits for another connection's lock instead of failing.
+    store.commit_on_loop_when(lambda: True)
+    await store.append(commit_of([("a", 1)]))
+    with closing(sqlite3.connect(tmp_path / "events.db", isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        append = asyncio.ensure_future(store.append(commit_of([("a", 2)], expected={"a": 1})))
+        await asyncio.sleep(0.1)
+        assert not append.done()
+        other.execute("COMMIT")
+
+    recorded = await asyncio.wait_for(append, TIMEOUT)
+    assert [e.position for e in recorded] == [2]
+    # And the loop commits alone again once the lock is free.
+    threads = writer_threads(store)
+    await store.append(commit_of([("a", 3)], expected={"a": 2}))
+    assert threads == [threading.get_ident()]
+
+
 async def test_another_processs_turn_is_waited_for_off_the_loop(tmp_path: Path) -> None:
     path = tmp_path / "events.db"
     store = await SQLiteEventStore.open(path, writer_turns=True)
