@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         "stream, an order's amounts adding up, its reservations and releases its items); "
         "on SQLite, first the whole file with SQLite's integrity check. Prints a summary "
         "and each violation by position; exits 1 if there was any, even when the report "
-        "cannot be written.",
+        "cannot be written. Only reads: a store of an older schema is refused, not "
+        "upgraded (run migrate first).",
     )
     _setting(verify, "store", metavar="URL")
 

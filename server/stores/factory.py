@@ -44,7 +44,8 @@ async def open_store(
 
     ``pool_size``: the most connections to PostgreSQL (``--store-pool-size``);
     ``writer_turns``: other processes write the SQLite file too (``sqlite_turns``);
-    ``writable``: refuse a SQLite file that cannot be written (False: only read from).
+    ``writable``: refuse a SQLite file that cannot be written (False: only read from,
+    never migrated nor created: a schema other than this release's is refused).
     """
     if is_memory_url(url):
         return MemoryEventStore()
@@ -54,7 +55,7 @@ async def open_store(
         # Imported here so that processes on other stores never load the driver.
         from server.stores.postgres import PostgresEventStore
 
-        return await PostgresEventStore.open(url, max_connections=pool_size)
+        return await PostgresEventStore.open(url, max_connections=pool_size, migrate=writable)
     raise unsupported_url(url)
 
 

@@ -70,6 +70,7 @@ from server.stores.postgres_schema import (
     HEAD_POSITION,
     TURNS_CHANNEL,
     apply_migrations,
+    missing_migrations,
 )
 from server.stores.urls import StoreURLError, redacted_message, redacted_url, user_part
 
@@ -233,8 +234,12 @@ class PostgresEventStore:
         pool_timeout: float = 10.0,
         max_batch: int = 128,
         max_in_flight: int = 2,
+        migrate: bool = True,
     ) -> Self:
         """Connect, apply any missing schema migration, and open the connection pool.
+
+        ``migrate`` False (a store opened only to be read): a database that lacks one of
+        this release's migrations is refused instead, and nothing is changed.
 
         ``pool_timeout`` bounds the wait for a pooled connection; beyond it an operation fails
         with ``StoreUnavailableError``. ``max_in_flight`` batches of appends are sent at
@@ -244,7 +249,14 @@ class PostgresEventStore:
         migrator = await _connect(url, connect_kwargs)
         with _translated("migrate"):
             async with migrator:
-                await apply_migrations(migrator)
+                if migrate:
+                    await apply_migrations(migrator)
+                elif missing := await missing_migrations(migrator):
+                    raise StoreError(
+                        f"the database lacks schema migrations {missing} of this gateway's:"
+                        " verify it with the release that wrote it, or upgrade it first"
+                        " with `order-gateway migrate`"
+                    )
                 cursor = await migrator.execute(HEAD_POSITION)
                 row = await cursor.fetchone()
         with _translated("connect"):

@@ -758,14 +758,27 @@ async def apply_migrations(conn: psycopg.AsyncConnection[TupleRow]) -> list[int]
         await conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
 
 
-async def _apply_missing(conn: psycopg.AsyncConnection[TupleRow]) -> list[int]:
+async def missing_migrations(conn: psycopg.AsyncConnection[TupleRow]) -> list[int]:
+    """The versions of this release's migrations that the database lacks, changing
+    nothing (a store opened only to be read is not upgraded)."""
+    applied = await _applied(conn)
+    return [m.version for m in MIGRATIONS if applied is None or m.version not in applied]
+
+
+async def _applied(conn: psycopg.AsyncConnection[TupleRow]) -> set[int] | None:
+    """The versions recorded in ``schema_migrations``; None without that table."""
     cursor = await conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
     row = await cursor.fetchone()
-    recorded = row is not None and bool(row[0])
-    applied: set[int] = set()
-    if recorded:
-        cursor = await conn.execute("SELECT version FROM schema_migrations")
-        applied = {int(version) for (version,) in await cursor.fetchall()}
+    if row is None or not row[0]:
+        return None
+    cursor = await conn.execute("SELECT version FROM schema_migrations")
+    return {int(version) for (version,) in await cursor.fetchall()}
+
+
+async def _apply_missing(conn: psycopg.AsyncConnection[TupleRow]) -> list[int]:
+    found = await _applied(conn)
+    recorded = found is not None
+    applied = found or set()
     known = {migration.version for migration in MIGRATIONS}
     if newer := sorted(applied - known):
         # A newer release migrated this database (a rolling upgrade): keep serving, as

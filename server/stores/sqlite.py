@@ -70,7 +70,13 @@ from server.stores.event_rows import (
 )
 from server.stores.sqlite_calls import NO_LISTENERS, Call, CallQueue, Listeners, answer
 from server.stores.sqlite_decide import conflict, decide, stream_ids
-from server.stores.sqlite_schema import ForeignDatabaseError, SchemaTooNewError, migrate
+from server.stores.sqlite_schema import (
+    ForeignDatabaseError,
+    SchemaTooNewError,
+    SchemaTooOldError,
+    migrate,
+    require_latest,
+)
 from server.stores.sqlite_space import out_of_space
 from server.stores.sqlite_turns import WriterTurns
 
@@ -294,9 +300,11 @@ def _open_writer(
         if mode != "wal":
             raise StoreError(f"SQLite refused WAL mode for {path} (got {mode!r})")
         connection.execute("PRAGMA synchronous = FULL")
-        migrate(connection)
         if writable:
+            migrate(connection)
             _refuse_read_only(connection)
+        else:
+            require_latest(connection)
     except BaseException:
         connection.close()
         raise
@@ -571,7 +579,8 @@ class SQLiteEventStore:
         busy_timeout: float = BUSY_TIMEOUT_SECONDS,
     ) -> SQLiteEventStore:
         """Open (creating or migrating as needed) the store in the file at ``path``;
-        ``writable``: refuse a file that cannot be written (False: only read from)."""
+        ``writable``: refuse a file that cannot be written (False: only read from, never
+        migrated: a schema other than this release's is refused)."""
         if max_batch < 1 or readers < 1:
             raise ValueError("max_batch and readers must be at least 1")
         if busy_timeout < 0:
@@ -587,7 +596,7 @@ class SQLiteEventStore:
             for _ in range(readers):
                 opened.append(await asyncio.to_thread(_open_reader, path))
             opened.append(await asyncio.to_thread(_open_snapshot_writer, path))
-        except (sqlite3.Error, SchemaTooNewError, ForeignDatabaseError) as e:
+        except (sqlite3.Error, SchemaTooNewError, SchemaTooOldError, ForeignDatabaseError) as e:
             for connection in opened:
                 connection.close()
             if isinstance(e, sqlite3.Error):

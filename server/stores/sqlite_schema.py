@@ -126,6 +126,28 @@ class SchemaTooNewError(StoreError):
     """The file was migrated by a newer gateway than this one."""
 
 
+class SchemaTooOldError(StoreError):
+    """A store opened only to be read has an older schema than this gateway's (reading
+    never upgrades it)."""
+
+
+def require_latest(connection: sqlite3.Connection) -> None:
+    """Refuse a schema other than ``LATEST_VERSION``, changing nothing: a store opened
+    only to be read (``verify``) is not upgraded, which on SQLite an older release could
+    not undo."""
+    (found,) = connection.execute("PRAGMA user_version").fetchone()
+    if found > LATEST_VERSION:
+        raise SchemaTooNewError(
+            f"schema version {found} is newer than this gateway's ({LATEST_VERSION})"
+        )
+    if found < LATEST_VERSION:
+        raise SchemaTooOldError(
+            f"schema version {found} is older than this gateway's ({LATEST_VERSION}):"
+            " verify it with the release that wrote it, or upgrade it first with"
+            " `order-gateway migrate` (for good: older releases then refuse the file)"
+        )
+
+
 class ForeignDatabaseError(StoreError):
     """The file is another program's database: tables, and no gateway schema."""
 

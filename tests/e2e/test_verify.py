@@ -24,6 +24,7 @@ from domain.errors import InsufficientInventoryError
 from domain.mapper import to_domain_event
 from server.bootstrap import bootstrap
 from server.cli import main
+from server.stores import postgres_schema, sqlite_schema
 from server.stores.factory import open_store
 from server.stores.memory import MemoryEventStore
 from server.verify import verify
@@ -499,6 +500,51 @@ def test_a_damaged_page_outside_the_log_is_found(
     assert code == 1
     assert any(line.startswith("file: ") for line in lines), lines
     assert lines[-1].startswith("FAILED: the file is damaged"), lines
+
+
+def test_a_store_of_an_older_schema_is_refused_and_not_upgraded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # verify only reads: on SQLite an upgrade cannot be undone (an older release refuses
+    # the file afterwards), so checking a store before an upgrade must not perform it.
+    path = tmp_path / "old.db"
+    shutil.copyfile(FIXTURE, path)
+    before = path.read_bytes()
+    assert main(["verify", "--store", f"sqlite:///{path}"]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert (
+        f"schema version 1 is older than this gateway's ({sqlite_schema.LATEST_VERSION})"
+        in printed.err
+    )
+    assert "order-gateway migrate" in printed.err
+    assert path.read_bytes() == before
+    with closing(sqlite3.connect(path)) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone() == (1,)
+
+
+def test_a_database_of_an_older_schema_is_refused_and_not_upgraded(
+    fresh_postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with psycopg.connect(fresh_postgres_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
+            " description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for migration in postgres_schema.MIGRATIONS[:-1]:
+            conn.execute(migration.sql)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, description) VALUES (%s, 'old')",
+                (migration.version,),
+            )
+    assert main(["verify", "--store", fresh_postgres_url]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    latest = postgres_schema.MIGRATIONS[-1].version
+    assert f"the database lacks schema migrations [{latest}]" in printed.err
+    with psycopg.connect(fresh_postgres_url) as conn:
+        row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
+        assert row == (latest - 1,)
 
 
 def test_a_database_without_the_schema_fails_and_is_not_migrated(
