@@ -676,8 +676,10 @@ class SQLiteEventStore:
 
     def _commit_here(self, commit: Commit) -> Append | None:
         """On the event loop, with ``_writing`` held: ``commit`` written now; or None, having
-        written nothing, when the write lock is not free at once (another process's turn,
-        or another connection's transaction), for the writer thread to wait for it."""
+        written nothing, for the writer thread to write: when the write lock is not free
+        at once (another process's turn, or another connection's transaction), or when
+        the commit must go commit by commit (``_write_once`` begins a transaction of its
+        own, which could wait for the lock on the event loop)."""
         if self._turns is not None and not self._turns.try_take():
             return None
         try:
@@ -685,10 +687,12 @@ class SQLiteEventStore:
                 return None
             loop = asyncio.get_running_loop()
             append: Append = Call(commit, loop, loop.create_future())
-            committed = self._write_or_fail([append])
+            committed = self._write_or_fail([append], one_by_one=False)
         finally:
             if self._turns is not None:
                 self._turns.release()
+        if committed is None:
+            return None
         answer((), self._listeners if committed else NO_LISTENERS, here=loop)
         return append
 
@@ -784,7 +788,7 @@ class SQLiteEventStore:
         answer(queued)
         return stop
 
-    def _write_or_fail(self, batch: list[Append]) -> bool:
+    def _write_or_fail(self, batch: list[Append], *, one_by_one: bool = True) -> bool | None:
         """``_write``, with every item failed if it raises: a bug must neither leave
         callers waiting forever nor a transaction open."""
         if (gone := self._gone()) is not None:
@@ -793,7 +797,7 @@ class SQLiteEventStore:
             self._refuse_gone(batch, gone)
             return False
         try:
-            committed = self._write(batch)
+            committed = self._write(batch, one_by_one=one_by_one)
         except Exception as e:
             log.exception("SQLite writer failed")
             self._rollback()
@@ -862,17 +866,18 @@ class SQLiteEventStore:
             self._path,
         )
 
-    def _write(self, batch: list[Append]) -> bool:
+    def _write(self, batch: list[Append], *, one_by_one: bool = True) -> bool | None:
         """Commit what can be committed; every item of ``batch`` gets an outcome. Returns
         whether any of it committed.
 
         First as one batch decided in Python; when that declines, commit by commit in
         savepoints. There a driver error in one commit aborts the transaction: that
         commit fails, and the batch is written again without it, so that the others are
-        unaffected.
+        unaffected. Without ``one_by_one``, a batch that declines is left as it was (no
+        outcome, nothing written) and None returned.
         """
         committed = self._write_decided(batch)
-        if committed is not None:
+        if committed is not None or not one_by_one:
             return committed
         remaining = batch
         while remaining:

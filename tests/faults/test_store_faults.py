@@ -588,8 +588,8 @@ class DeletedAsItWrites(SQLiteEventStore):
 
     doomed: Path | None = None
 
-    def _write(self, batch: list[Any]) -> bool:
-        committed = super()._write(batch)
+    def _write(self, batch: list[Any], *, one_by_one: bool = True) -> bool | None:
+        committed = super()._write(batch, one_by_one=one_by_one)
         if self.doomed is not None:
             shutil.rmtree(self.doomed)
             self.doomed = None

@@ -56,9 +56,9 @@ async def harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
     writes = Writes()
     write, write_once = store._write, store._write_once
 
-    def spy_write(batch: list[Any]) -> bool:
+    def spy_write(batch: list[Any], *, one_by_one: bool = True) -> bool | None:
         writes.batches.append([append.work.command_id for append in batch])
-        return write(batch)
+        return write(batch, one_by_one=one_by_one)
 
     def spy_write_once(batch: list[Any]) -> Any:
         writes.per_commit_transactions += 1

@@ -33,9 +33,9 @@ def writer_threads(store: SQLiteEventStore) -> list[int]:
     threads: list[int] = []
     write = store._write
 
-    def spy(batch: list[Append]) -> bool:
+    def spy(batch: list[Append], *, one_by_one: bool = True) -> bool | None:
         threads.append(threading.get_ident())
-        return write(batch)
+        return write(batch, one_by_one=one_by_one)
 
     store._write = spy  # type: ignore[method-assign]
     return threads
@@ -143,3 +143,27 @@ async def test_a_conflict_committed_on_the_loop_is_the_same_error(
         await store.append(commit_of([("b", 1)], command_id=first.command_id))
 
     assert [e.stream_id for e in await store.read_all()] == ["a"]
+
+
+async def test_a_lone_append_that_must_go_commit_by_commit_goes_to_the_writer_thread(
+    store: SQLiteEventStore,
+) -> None:
+    # A commit that expects nothing of a stream is judged by the unique key alone, in a
+    # transaction of its own: one that may wait for the write lock, which must never
+    # happen on the event loop.
+    threads: list[int] = []
+    write_once = store._write_once
+
+    def spy(batch: list[Append]) -> Append | None:
+        threads.append(threading.get_ident())
+        return write_once(batch)
+
+    store._write_once = spy  # type: ignore[method-assign]
+    store.commit_on_loop_when(lambda: True)
+
+    recorded = await store.append(commit_of([("a", 1)], expected={}))
+
+    assert [e.position for e in recorded] == [1]
+    assert len(threads) == 1
+    assert threads[0] != threading.get_ident()
+    assert await store.read_all() == recorded
