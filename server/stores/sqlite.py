@@ -806,10 +806,14 @@ class SQLiteEventStore:
             return False
         if committed and (gone := self._gone()) is not None:
             # Deleted while this batch was written: its commits went into a file that is
-            # gone when the store closes, so none of them is answered as committed.
+            # gone when the store closes, and none of them is answered as committed;
+            # unless the whole of a deleted -wal file, this batch with it, was copied
+            # into the store's file, where they stand (refused, a retry without its
+            # command_id would commit a command twice). The next batch is refused.
             self._save_lost_wal()
-            self._refuse_gone(batch, gone)
-            return False
+            if not self._wal_saved or self._deleted():
+                self._refuse_gone(batch, gone)
+                return False
         return committed
 
     @staticmethod

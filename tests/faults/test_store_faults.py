@@ -683,6 +683,42 @@ async def test_a_deleted_wal_file_refuses_commits_and_loses_none_acknowledged(
         await reopened.close()
 
 
+class WalDeletedAsItWrites(SQLiteEventStore):
+    """Its -wal file is deleted while a batch is being written, once ``doomed`` is set."""
+
+    doomed: Path | None = None
+
+    def _write(self, batch: list[Any], *, one_by_one: bool = True) -> bool | None:
+        committed = super()._write(batch, one_by_one=one_by_one)
+        if self.doomed is not None:
+            self.doomed.unlink()
+            self.doomed = None
+        return committed
+
+
+async def test_a_commit_whose_wal_file_is_deleted_as_it_is_written_is_answered_as_stored(
+    tmp_path: Path,
+) -> None:
+    # Its events are copied into the store's file with the rest of the deleted -wal file:
+    # refused, the command would be there all the same, and a client retrying a refusal
+    # without its command_id would place a second order.
+    folder = tmp_path / "store"
+    crashed = tmp_path / "as-a-crash-leaves-it.db"
+    async with served_from(folder, WalDeletedAsItWrites) as (store, clients):
+        assert isinstance(store, WalDeletedAsItWrites)
+        store.doomed = folder / "events.db-wal"
+        restocked = await clients.restock("sku-1", 1)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await clients.restock("sku-1", 1)
+        shutil.copy(folder / "events.db", crashed)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(refused.value).reason == "STORE_UNAVAILABLE"
+    with contextlib.closing(sqlite3.connect(crashed)) as copy:
+        assert copy.execute("SELECT max(position) FROM events").fetchone() == (
+            restocked[-1].position,
+        )
+
+
 async def test_a_replaced_wal_file_refuses_commits(tmp_path: Path) -> None:
     folder = tmp_path / "store"
     async with served_from(folder) as (_, clients):
