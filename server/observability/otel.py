@@ -14,5 +14,6 @@ def otel_tracing() -> Tracing:
         return OtelTracing.from_environment()
     except ImportError as error:
         raise ConfigurationError(
-            f"--otel needs the otel extra (pip install 'order-gateway[otel]'): {error}"
+            "--otel needs the otel extra: install the gateway with it, pip install '.[otel]'"
+            f" in its source tree: {error}"
         ) from error
