@@ -89,6 +89,9 @@ class GroupTuning:
     trouble_quiet: float = 5.0
     """Seconds without a failure before a store that failed a group's background task is
     said to work again (``store_trouble``)."""
+    retired_check: float = 5.0
+    """Seconds between looks at whether a group with no member here, whose redeliveries
+    counter this process keeps, was deleted through another process."""
 
 
 class State(enum.Enum):

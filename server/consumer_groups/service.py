@@ -11,7 +11,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 
-from domain.errors import StoreUnavailableError
+from domain.errors import StoreError, StoreUnavailableError
 from domain.ports import EventStore
 from server.consumer_groups.engine import (
     GroupRuntime,
@@ -80,21 +80,58 @@ class ConsumerGroups:
         """Ends of groups a lease round found deleted through another replica."""
         self._departures: set[asyncio.Task[None]] = set()
         """Members leaving, whose calls may have been cancelled meanwhile."""
-        self._retired_redeliveries: dict[str, int] = {}
-        """Redeliveries counted by runtimes that have stopped, per group."""
+        self._retired: dict[str, tuple[dt.datetime, int]] = {}
+        """Redeliveries counted by runtimes that have stopped, per group: the group's
+        creation time and the count."""
+        self._sweeper: asyncio.Task[None] | None = None
+        """Drops the counters of groups deleted through another process (``_sweep``)."""
 
     def redeliveries(self) -> dict[str, int]:
         """Redeliveries on this process since it started, per group (a counter)."""
-        totals = dict(self._retired_redeliveries)
+        totals = {name: count for name, (_, count) in self._retired.items()}
         for name, runtime in self._runtimes.items():
-            totals[name] = totals.get(name, 0) + runtime.redeliveries
+            created_at, retired = self._retired.get(name, (runtime.record.created_at, 0))
+            # A retired count of a group deleted since is not the new group's.
+            totals[name] = runtime.redeliveries + (
+                retired if created_at == runtime.record.created_at else 0
+            )
         return totals
 
     def _retire(self, runtime: GroupRuntime) -> None:
-        name = runtime.record.name
-        self._retired_redeliveries[name] = (
-            self._retired_redeliveries.get(name, 0) + runtime.redeliveries
-        )
+        name, created_at = runtime.record.name, runtime.record.created_at
+        retired_at, count = self._retired.get(name, (created_at, 0))
+        if retired_at != created_at:
+            count = 0  # a deleted group's
+        self._retired[name] = (created_at, count + runtime.redeliveries)
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep(), name="group-counters")
+
+    def _forget_retired(self, name: str, deleted: dt.datetime) -> None:
+        """The counter of the group ``name`` created at ``deleted``, which is deleted, or
+        of one of that name created before it (deleted too, for the other to be made)."""
+        retired = self._retired.get(name)
+        if retired is not None and retired[0] <= deleted:
+            del self._retired[name]
+
+    async def _sweep(self) -> None:
+        """While groups with no member here keep their counters, look every
+        ``retired_check`` seconds whether they still exist: a group deleted through
+        another replica (or worker) runs no lease round here to say so, and its series
+        would stay for good."""
+        while not self._closed:
+            idle = [(n, at) for n, (at, _) in self._retired.items() if n not in self._runtimes]
+            if not idle:
+                return
+            await asyncio.sleep(self._tuning.retired_check)
+            for name, created_at in idle:
+                try:
+                    record = await self.store.get_group(name)
+                except StoreError as error:
+                    log.debug("consumer groups: checking group %r failed (%s)", name, error)
+                    break  # the next check tries again
+                if record is None or record.created_at != created_at:
+                    # Gone, or another group of that name made since: this one is deleted.
+                    self._forget_retired(name, created_at)
 
     @property
     def runtimes(self) -> dict[str, GroupRuntime]:
@@ -244,7 +281,7 @@ class ConsumerGroups:
     async def delete(self, name: str) -> None:
         async with self._locks[name]:
             # Its counter goes with it: a deleted group's series would stay for good.
-            self._retired_redeliveries.pop(name, None)
+            self._retired.pop(name, None)
             runtime = self._runtimes.pop(name, None)
             if runtime is not None:
                 await _end_deleted(runtime)
@@ -258,11 +295,12 @@ class ConsumerGroups:
             runtime = self._runtimes.get(name)
             if runtime is not None and runtime.record.created_at == created_at:
                 await self._end_deleted_elsewhere(runtime)
+            self._forget_retired(name, created_at)
 
     async def _end_deleted_elsewhere(self, runtime: GroupRuntime) -> None:
         """Under the group's lock."""
         del self._runtimes[runtime.record.name]
-        self._retired_redeliveries.pop(runtime.record.name, None)
+        self._forget_retired(runtime.record.name, runtime.record.created_at)
         await _end_deleted(runtime)
 
     def _deleted_by_another_replica(self, name: str, created_at: dt.datetime) -> None:
@@ -350,6 +388,9 @@ class ConsumerGroups:
         """Shutdown: end every member's stream (UNAVAILABLE), store the checkpoints, and
         close the group records' store."""
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
         await asyncio.gather(*self._departures, return_exceptions=True)
         runtimes = list(self._runtimes.values())
         self._runtimes.clear()

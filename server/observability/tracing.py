@@ -5,13 +5,13 @@ a gateway without ``--otel`` loads no opentelemetry code at all.
 
 The RPC span continues the caller's W3C ``traceparent``/``tracestate`` metadata. Spans go
 to an OTLP exporter configured by the standard ``OTEL_EXPORTER_OTLP_*`` variables
-(default ``http://localhost:4317``); ``OTEL_SERVICE_NAME`` overrides the service name.
+(default ``http://localhost:4317``); ``OTEL_SERVICE_NAME``, or ``service.name`` in
+``OTEL_RESOURCE_ATTRIBUTES``, overrides the service name.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -50,6 +50,14 @@ SERVER_ERROR_CODES = frozenset(
 others are the client's doing and leave the span's status unset."""
 
 
+def service_resource() -> Resource:
+    """The gateway's resource: named ``order-gateway`` unless ``OTEL_SERVICE_NAME`` or
+    ``service.name`` in ``OTEL_RESOURCE_ATTRIBUTES`` names the service (attributes given
+    to ``Resource.create`` would win over the variables), with the variables' other
+    attributes."""
+    return Resource.create({SERVICE_NAME: "order-gateway"}).merge(OTELResourceDetector().detect())
+
+
 class OtelTracing:
     """The ``server.observability.Tracing`` hooks, backed by an OpenTelemetry provider."""
 
@@ -64,11 +72,8 @@ class OtelTracing:
         """A provider exporting over OTLP/gRPC, configured by ``OTEL_*`` variables."""
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        name = os.environ.get("OTEL_SERVICE_NAME") or "order-gateway"
         # Shut down by the gateway, within a bound (see ``shutdown``), not at exit.
-        provider = TracerProvider(
-            resource=Resource.create({SERVICE_NAME: name}), shutdown_on_exit=False
-        )
+        provider = TracerProvider(resource=service_resource(), shutdown_on_exit=False)
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         return cls(provider)
 

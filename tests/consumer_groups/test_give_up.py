@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 
 import pytest
 
-from server.consumer_groups.engine import GroupTuning, Member
+from server.consumer_groups.engine import GroupTuning
 from server.consumer_groups.leases import LeaseCoordinator, LocalMember
 from server.consumer_groups.leases_memory import MemoryLeases
 from server.consumer_groups.model import GroupRecord, GroupSettings, ParkedEvent, partition_of
@@ -21,7 +21,7 @@ from server.consumer_groups.service import ConsumerGroups
 from server.consumer_groups.store_memory import MemoryConsumerGroupStore
 from server.rpc.subscription_hub import SubscriptionHub
 from server.stores.memory import MemoryEventStore
-from tests.conformance.contract import commit_of
+from tests.consumer_groups.engine_support import delivered, restock
 
 TUNING = GroupTuning(flush_interval=0.02, retry_base=0.02)
 
@@ -37,29 +37,6 @@ class SlowParkStore(MemoryConsumerGroupStore):
     async def park(self, group: GroupRecord, events: Sequence[ParkedEvent]) -> None:
         await self.parking.wait()
         await super().park(group, events)
-
-
-async def _restock(events: MemoryEventStore, product: str) -> str:
-    commit = commit_of([(f"product-{product}", 1)])
-    event = dataclasses.replace(
-        commit.events[0],
-        event_type="ProductRestocked",
-        data=b'{"product_id": "%s", "quantity": 1, "available_after": 1}' % product.encode(),
-    )
-    await events.append(dataclasses.replace(commit, events=[event]))
-    return event.event_id
-
-
-async def _delivered(member: Member, count: int) -> list[str]:
-    """The ids of the first ``count`` events delivered to ``member``, in order."""
-    delivered: list[str] = []
-    async with asyncio.timeout(20):
-        async for message in member.messages():
-            if message.WhichOneof("message") == "delivery":
-                delivered.append(message.delivery.event.event_id)
-                if len(delivered) == count:
-                    break
-    return delivered
 
 
 @pytest.fixture
@@ -79,9 +56,9 @@ async def test_the_last_member_leaving_while_a_park_is_stored_stores_the_checkpo
     groups = ConsumerGroups(store, events, hub, TUNING, MemoryLeases())
     try:
         await groups.create("g", GroupSettings(partitions=1))
-        ids = [await _restock(events, product) for product in "abc"]  # positions 1, 2, 3
+        ids = [await restock(events, product) for product in "abc"]  # positions 1, 2, 3
         runtime, member = await groups.join("g", "m", "user", 10)
-        assert await _delivered(member, 3) == ids
+        assert await delivered(member, 3) == ids
         runtime.ack(member, [ids[0], ids[2]])
         # The park of the second event takes a while to store; meanwhile the member
         # leaves, and the process gives its partition up.
@@ -208,11 +185,11 @@ async def test_a_partition_being_given_up_is_not_reported_past_its_unsettled_eve
         first_of: dict[int, tuple[str, int]] = {}
         second_ids: list[str] = []
         for partition, (first, second) in enumerate(_products_by_partition(2, 2)):
-            event_id = await _restock(events, first)
+            event_id = await restock(events, first)
             first_of[partition] = (event_id, await events.head_position())
-            second_ids.append(await _restock(events, second))
+            second_ids.append(await restock(events, second))
         runtime, member = await here.join("g", "m1", "user", 10)
-        await _delivered(member, 4)
+        await delivered(member, 4)
         runtime.retry(member, [event_id for event_id, _ in first_of.values()], "not yet")
         runtime.ack(member, second_ids)
         await asyncio.sleep(0.1)  # the failed attempts stored, the retries waiting

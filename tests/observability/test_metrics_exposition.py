@@ -78,7 +78,7 @@ class Reference:
         self.command_duration = Histogram(
             "order_gateway_command_seconds",
             "Command dispatch time through the bus (idempotent replays and retries included), "
-            "by command type and outcome (ok, or the domain error's reason).",
+            "by command type and outcome (ok, the domain error's reason, or error).",
             ("command", "outcome"),
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
@@ -116,8 +116,9 @@ class Reference:
         )
         self.subscription_lags = Histogram(
             "order_gateway_subscription_lag_events",
-            "Committed head position minus the position a subscription has delivered, "
-            "observed each time a subscription has sent a batch of events or a checkpoint.",
+            "Committed head position minus the position a subscription (or a consumer "
+            "group's reader) has delivered, observed each time it has sent a batch of "
+            "events or a checkpoint.",
             buckets=LAG_BUCKETS,
             registry=self.registry,
         )

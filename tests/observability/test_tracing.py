@@ -18,7 +18,7 @@ from server import app
 from server.app import create_server
 from server.config import Settings
 from server.observability.otel import otel_tracing
-from server.observability.tracing import OtelTracing
+from server.observability.tracing import OtelTracing, service_resource
 from tests.clients import item, order_request
 from tests.observability_support import rpc_error, running
 from tests.serving import listening_stranger
@@ -137,6 +137,30 @@ def test_tracing_off_imports_no_opentelemetry() -> None:
         """
     )
     subprocess.run([sys.executable, "-c", program], check=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("variables", "service"),
+    [
+        ({}, "order-gateway"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=checkout,team=orders"}, "checkout"),
+        (
+            {
+                "OTEL_RESOURCE_ATTRIBUTES": "service.name=checkout",
+                "OTEL_SERVICE_NAME": "orders-eu",
+            },
+            "orders-eu",
+        ),
+    ],
+)
+def test_the_service_is_named_as_the_standard_variables_say(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], service: str
+) -> None:
+    for name in ("OTEL_RESOURCE_ATTRIBUTES", "OTEL_SERVICE_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert service_resource().attributes["service.name"] == service
 
 
 def test_otel_without_the_extra_is_a_clear_configuration_error(
