@@ -9,10 +9,11 @@ the other and 7 of 32 sent at once were answered UNAVAILABLE, with the database 
 time.
 
 The server says it is closing a connection: it sends an error ("terminating connection
-due to administrator command") and closes the socket. So a connection whose socket is
-readable while it is idle is read without waiting (one ``poll``, about a microsecond) and
-dropped if the server closed it; a connection checked out of the pool, or kept from one
-statement to the next, is checked so before it is used. psycopg_pool's own ``check``
+due to administrator command") and closes the socket, a while later on a busy server. So
+a connection whose socket is readable while it is idle is read without waiting (one
+``poll``, about a microsecond) and dropped if the server closed it or sent that error; a
+connection checked out of the pool, or kept from one statement to the next, is checked
+so before it is used. psycopg_pool's own ``check``
 callback would have done for the pool, but the pool sleeps a second before the next
 attempt after a connection fails its check, and its ``check_connection`` costs a round
 trip per checkout.
@@ -29,11 +30,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
+from psycopg.errors import Diagnostic
 from psycopg.pq import ConnStatus
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 Connection = psycopg.AsyncConnection[TupleRow]
+
+_CLOSING = frozenset({"FATAL", "PANIC"})
+"""Severities of an error after which the server closes the session."""
 
 _MOST_READS = 4
 """Reads of an idle connection before it is taken for closed: a closing server sends one
@@ -41,8 +46,8 @@ message and the end of the stream, anything else a handful at most."""
 
 
 def closed_by_server(connection: Connection) -> bool:
-    """Whether PostgreSQL has closed ``connection``, which must be idle (no statement in
-    flight); reads what the server sent meanwhile, without waiting."""
+    """Whether PostgreSQL has closed ``connection``, or announced it will, which must be
+    idle (no statement in flight); reads what the server sent meanwhile, without waiting."""
     if connection.closed:
         return True
     pgconn = connection.pgconn
@@ -52,16 +57,32 @@ def closed_by_server(connection: Connection) -> bool:
         poller.register(pgconn.socket, select.POLLIN)
     except (OSError, ValueError, psycopg.OperationalError):
         return True
-    for _ in range(_MOST_READS):
-        if not poller.poll(0):
-            return pgconn.status != ConnStatus.OK
-        try:
-            # Reads what arrived; libpq handles a message an idle session gets (the error
-            # that announces the close, a notice) and fails on the end of the stream.
-            pgconn.consume_input()
-        except psycopg.OperationalError:
-            return True
-    return True
+    # libpq hands an error that reaches an idle session to the notice handlers: a FATAL
+    # one is the server saying it closes the connection, which a busy server does a
+    # while after (measured: a read sent meanwhile failed, terminating connection).
+    ending: list[Diagnostic] = []
+
+    def on_notice(diagnostic: Diagnostic) -> None:
+        if diagnostic.severity_nonlocalized in _CLOSING:
+            ending.append(diagnostic)
+
+    connection.add_notice_handler(on_notice)
+    try:
+        for _ in range(_MOST_READS):
+            if not poller.poll(0):
+                return pgconn.status != ConnStatus.OK
+            try:
+                # Reads what arrived, failing on the end of the stream; ``is_busy`` has
+                # libpq parse it (the error that announces the close, a notice).
+                pgconn.consume_input()
+                pgconn.is_busy()
+            except psycopg.OperationalError:
+                return True
+            if ending:
+                return True
+        return True
+    finally:
+        connection.remove_notice_handler(on_notice)
 
 
 class LiveConnectionPool(AsyncConnectionPool[Connection]):
