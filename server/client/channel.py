@@ -14,16 +14,26 @@ TLS_CA_VARIABLE = "ORDER_GATEWAY_TLS_CA"
 Metadata = tuple[tuple[str, str], ...]
 
 
+RECEIVE_LIMIT = 256 * 1024 * 1024
+"""The largest answer the CLI reads: ``ListConsumerGroups`` answers every group in one
+message (about 2 KB for a group of 256 partitions), past gRPC's default 4 MiB from a few
+thousand groups."""
+
+_OPTIONS = (("grpc.max_receive_message_length", RECEIVE_LIMIT),)
+
+
 def open_channel(target: str, tls_ca: str | None) -> grpc.Channel:
     """Plaintext, or TLS trusting the CA certificate(s) in the PEM file ``tls_ca``."""
     if tls_ca is None:
-        return grpc.insecure_channel(target)
+        return grpc.insecure_channel(target, options=_OPTIONS)
     # Named by its flag and its variable, either of which may have set it.
     option = f"--tls-ca ({TLS_CA_VARIABLE})"
     roots = read_setting_file(option, tls_ca)
     if b"-----BEGIN CERTIFICATE-----" not in roots:
         raise ValueError(f"{option} {tls_ca}: no PEM certificate in it")
-    return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots))
+    return grpc.secure_channel(
+        target, grpc.ssl_channel_credentials(root_certificates=roots), options=_OPTIONS
+    )
 
 
 def call_metadata(token: str | None) -> Metadata:

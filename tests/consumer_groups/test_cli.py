@@ -112,6 +112,45 @@ async def test_group_commands_round_trip(gateway: Gateway) -> None:
     assert "NOT_FOUND" in gone.err
 
 
+async def _many_groups(
+    request: pb.ListConsumerGroupsRequest, context: grpc.aio.ServicerContext[object, object]
+) -> pb.ListConsumerGroupsResponse:
+    """More than gRPC clients accept by default (4 MiB), as a gateway with a few thousand
+    groups of 256 partitions answers."""
+    types = [f"Type{n:045d}" for n in range(100)]  # 5 KB of settings per group
+    return pb.ListConsumerGroupsResponse(
+        groups=[
+            pb.ConsumerGroup(name=f"g{n}", settings=pb.ConsumerGroupSettings(event_types=types))
+            for n in range(1000)
+        ]
+    )
+
+
+async def test_group_list_reads_an_answer_beyond_grpc_s_default_receive_limit() -> None:
+    server = grpc.aio.server()
+    listing = grpc.unary_unary_rpc_method_handler(
+        _many_groups,
+        request_deserializer=pb.ListConsumerGroupsRequest.FromString,
+        response_serializer=pb.ListConsumerGroupsResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "orders.v1.ConsumerGroupService", {"ListConsumerGroups": listing}
+            )
+        ]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        listed = await cli("group", "list", "--target", f"127.0.0.1:{port}")
+    finally:
+        await server.stop(None)
+    assert listed.code == 0, listed.err
+    assert len(listed.lines) == 1000
+    assert len(listed.out) > 4 * 1024 * 1024
+
+
 async def test_group_create_reports_every_bad_field(gateway: Gateway) -> None:
     refused = await cli(
         "group", "create", "no spaces", "--partitions", "300", "--type", "Nope",
