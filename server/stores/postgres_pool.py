@@ -13,10 +13,9 @@ due to administrator command") and closes the socket, a while later on a busy se
 a connection whose socket is readable while it is idle is read without waiting (one
 ``poll``, about a microsecond) and dropped if the server closed it or sent that error; a
 connection checked out of the pool, or kept from one statement to the next, is checked
-so before it is used. psycopg_pool's own ``check``
-callback would have done for the pool, but the pool sleeps a second before the next
-attempt after a connection fails its check, and its ``check_connection`` costs a round
-trip per checkout.
+so before it is used. psycopg_pool's own ``check`` callback would have done for the pool,
+but the pool sleeps a second before the next attempt after a connection fails its check,
+and its ``check_connection`` costs a round trip per checkout.
 
 A server that vanishes without closing its sockets (a host lost, a network cut) cannot be
 told apart this way: its connections fail when used, as before.
@@ -57,9 +56,12 @@ def closed_by_server(connection: Connection) -> bool:
         poller.register(pgconn.socket, select.POLLIN)
     except (OSError, ValueError, psycopg.OperationalError):
         return True
-    # libpq hands an error that reaches an idle session to the notice handlers: a FATAL
-    # one is the server saying it closes the connection, which a busy server does a
-    # while after (measured: a read sent meanwhile failed, terminating connection).
+    if not poller.poll(0):
+        return pgconn.status != ConnStatus.OK
+    # Readable while idle, which is rare: libpq hands an error that reaches an idle
+    # session to the notice handlers, and a FATAL one is the server saying it closes the
+    # connection, which a busy server does a while after (a statement sent meanwhile
+    # failed: terminating connection).
     ending: list[Diagnostic] = []
 
     def on_notice(diagnostic: Diagnostic) -> None:
@@ -69,8 +71,6 @@ def closed_by_server(connection: Connection) -> bool:
     connection.add_notice_handler(on_notice)
     try:
         for _ in range(_MOST_READS):
-            if not poller.poll(0):
-                return pgconn.status != ConnStatus.OK
             try:
                 # Reads what arrived, failing on the end of the stream; ``is_busy`` has
                 # libpq parse it (the error that announces the close, a notice).
@@ -80,6 +80,8 @@ def closed_by_server(connection: Connection) -> bool:
                 return True
             if ending:
                 return True
+            if not poller.poll(0):
+                return pgconn.status != ConnStatus.OK
         return True
     finally:
         connection.remove_notice_handler(on_notice)
