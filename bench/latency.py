@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -105,23 +106,23 @@ def table(runs: dict[str, list[Timed]]) -> str:
             if not found:
                 cells.append("-")
                 continue
-            us = sorted(f[0] for f in found)[len(found) // 2]
-            waited = sorted(f[1] for f in found)[len(found) // 2]
+            us = statistics.median(f[0] for f in found)
+            waited = statistics.median(f[1] for f in found)
             cells.append(f"{us:7.1f} ({waited:5.1f})")
         lines.append(f"  {label:44s}" + "".join(f"{cell:>{width}s}" for cell in cells))
-
-    def median(values: Sequence[float]) -> float:
-        return sorted(values)[len(values) // 2]
 
     lines.append(
         f"  {'in the server, first step to last':44s}"
         + "".join(
-            f"{median([t.steps['total_us'] for t in timed]):>{width}.1f}" for timed in runs.values()
+            f"{statistics.median(t.steps['total_us'] for t in timed):>{width}.1f}"
+            for timed in runs.values()
         )
     )
     lines.append(
         f"  {'client p50, ms':44s}"
-        + "".join(f"{median([t.p50_ms for t in timed]):>{width}.3f}" for timed in runs.values())
+        + "".join(
+            f"{statistics.median(t.p50_ms for t in timed):>{width}.3f}" for timed in runs.values()
+        )
     )
     lines.append(
         f"  {'calls timed (last round)':44s}"
