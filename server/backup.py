@@ -23,8 +23,9 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
+from domain.errors import StoreError
 from server.stores.factory import is_memory_url, sqlite_path, unsupported_url
-from server.stores.sqlite import HOLDS_GATEWAY_SCHEMA, file_problems, foreign_leftovers
+from server.stores.sqlite import HOLDS_GATEWAY_SCHEMA, file_problems, read_only_connection
 from server.stores.urls import redacted_url
 
 PARTIAL_SUFFIX_BYTES = len(".0123456789ab.partial-journal")
@@ -52,12 +53,10 @@ def backup(url: str, file: str) -> int:
         raise BackupError(f"no SQLite store at {source}")
     if destination.exists():
         raise BackupError(f"{destination} exists: the backup does not overwrite a file")
-    if (leftovers := foreign_leftovers(source)) is not None:
-        raise BackupError(f"cannot back up {source}: {leftovers}")
     partial = _partial_name(destination)
     try:
         # Read-only: a backup never migrates or otherwise writes to the live store.
-        with closing(sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)) as live:
+        with read_only_connection(source) as live:
             # An empty file or another program's database is no store, as verify says.
             if not live.execute(HOLDS_GATEWAY_SCHEMA).fetchone()[0]:
                 raise BackupError(f"no gateway schema in {source}")
@@ -70,6 +69,9 @@ def backup(url: str, file: str) -> int:
         with partial.open("rb+") as written:
             os.fsync(written.fileno())
         _publish(partial, destination)
+    except StoreError as error:
+        _remove(partial)
+        raise BackupError(str(error)) from error
     except sqlite3.Error as error:
         _remove(partial)
         # The copy's writes fail as the store's reads do (a full disk at either end).

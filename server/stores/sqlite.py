@@ -404,6 +404,43 @@ def orphaned_shm(path: Path) -> str | None:
     )
 
 
+@contextlib.contextmanager
+def read_only_connection(path: Path) -> Iterator[sqlite3.Connection]:
+    """A connection that only reads the store at ``path``, for a tool beside the gateway
+    (``verify``, ``backup``); refused as ``open`` refuses a store it must not open.
+
+    Even read-only, SQLite creates a WAL file's -wal and -shm beside it: beside a -shm
+    whose -wal was deleted while a gateway still wrote to it, that fresh -wal would take
+    the deleted one's name, and the gateway could no longer copy what it holds into the
+    store (``SQLiteEventStore._save_lost_wal``). Those it made go again when it fails (it
+    leaves them beside a file it finds damaged), unless a writer has used the -wal since:
+    a gateway that started meanwhile would be writing to them.
+    """
+    if (leftovers := foreign_leftovers(path)) is not None:
+        raise StoreError(f"cannot open the SQLite store {path}: {leftovers}")
+    if (orphaned := orphaned_shm(path)) is not None:
+        raise StoreUnavailableError(f"cannot open the SQLite store {path}: {orphaned}")
+    beside = [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")]
+    made = [file for file in beside if not file.exists()]
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        ) as connection:
+            yield connection
+    except sqlite3.Error:
+        if not _written(beside[0]):
+            for file in made:
+                file.unlink(missing_ok=True)
+        raise
+
+
+def _written(file: Path) -> bool:
+    try:
+        return file.stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
 def _refuse_read_only(connection: sqlite3.Connection) -> None:
     """Raise SQLITE_READONLY now if the file cannot be written: SQLite opens a file it may
     not write read-only, silently, and a migrated schema needs no write, so the first
@@ -614,20 +651,8 @@ class SQLiteEventStore:
         def holds_gateway_schema() -> bool:
             if not path.is_file():
                 return False
-            if (leftovers := foreign_leftovers(path)) is not None:
-                raise StoreError(f"cannot open the SQLite store {path}: {leftovers}")
-            uri = f"{path.resolve().as_uri()}?mode=ro"
-            # Even read-only, SQLite creates a WAL file's -wal and -shm beside it, and
-            # leaves them when it finds the file damaged: those it made go again then.
-            beside = [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")]
-            made = [file for file in beside if not file.exists()]
-            try:
-                with contextlib.closing(sqlite3.connect(uri, uri=True)) as connection:
-                    return bool(connection.execute(HOLDS_GATEWAY_SCHEMA).fetchone()[0])
-            except sqlite3.Error:
-                for file in made:
-                    file.unlink(missing_ok=True)
-                raise
+            with read_only_connection(path) as connection:
+                return bool(connection.execute(HOLDS_GATEWAY_SCHEMA).fetchone()[0])
 
         try:
             return await asyncio.to_thread(holds_gateway_schema)

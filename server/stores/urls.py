@@ -61,7 +61,9 @@ def user_part(url: str) -> str | None:
 
     A password may hold an unencoded "/", "?", "#" or "@", which a URL parser would take
     for the end of the user part, and a query may hold an "@" of its own: the user part
-    ends at the last "@" with no "/" before it, or else at the last "@" of all. Taking too
+    ends at the last "@" before the query, taken to begin at the first "?" after a "/"
+    (else at the last "@" of all). So ``u:p@ss/w@host/db`` has the user part ``u:p@ss/w``
+    (and is refused), while ``u:pw@host/db?application_name=a@b`` has ``u:pw``. Taking too
     much for the user part masks too much; taking too little would show the password.
     """
     _, separator, rest = url.partition("://")
@@ -70,8 +72,10 @@ def user_part(url: str) -> str | None:
     ats = [index for index, character in enumerate(rest) if character == "@"]
     if not ats:
         return None
-    before_slash = [index for index in ats if "/" not in rest[:index]]
-    return rest[: (before_slash or ats)[-1]]
+    slash = rest.find("/")
+    query = rest.find("?", slash) if slash >= 0 else -1
+    before_query = [index for index in ats if query < 0 or index < query]
+    return rest[: (before_query or ats)[-1]]
 
 
 def redacted_url(url: str) -> str:

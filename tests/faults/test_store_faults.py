@@ -32,6 +32,7 @@ from psycopg_pool import PoolTimeout
 from domain.errors import StoreError, StoreFullError, StoreUnavailableError
 from domain.ports import CommandRecord, Commit, NewEvent, RecordedEvent, StreamLocked
 from server.app import Gateway
+from server.cli import main
 from server.observability.store_faults import RECOVERY_QUIET, StoreFaults
 from server.stores.postgres_errors import store_error as postgres_store_error
 from server.stores.sqlite import SQLiteEventStore
@@ -742,6 +743,27 @@ async def test_a_store_whose_wal_file_was_deleted_while_open_is_not_opened_besid
         with pytest.raises(StoreUnavailableError, match=r"events\.db-shm is there without"):
             await SQLiteEventStore.open(folder / "events.db")
         assert not wal.exists()
+
+
+@pytest.mark.parametrize(
+    "tool", [["verify", "--store", "{url}"], ["backup", "--store", "{url}", "{folder}/copy.db"]]
+)
+async def test_a_tool_beside_a_store_whose_wal_file_was_deleted_is_refused_without_a_new_one(
+    tmp_path: Path, tool: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A fresh -wal of the tool's would take the deleted one's name: the gateway could no
+    # longer copy what the deleted one holds (commands it answered) into the store.
+    folder = tmp_path / "store"
+    wal = folder / "events.db-wal"
+    url = f"sqlite:///{folder / 'events.db'}"
+    args = [part.format(url=url, folder=folder) for part in tool]
+    async with served_from(folder):
+        wal.unlink()
+        code = await asyncio.to_thread(main, args)
+        assert not wal.exists()
+    assert code == 1
+    assert "events.db-shm is there without events.db-wal" in capsys.readouterr().err
+    assert not (folder / "copy.db").exists()
 
 
 # -- another process holding SQLite's write lock ---------------------------------------

@@ -36,6 +36,12 @@ pytestmark = pytest.mark.usefixtures("keep_root_logger")
         ("postgresql://gw:pa?ss@db/orders", "postgresql://gw:***@db/orders"),
         ("postgresql://gw:pa#ss@db/orders", "postgresql://gw:***@db/orders"),
         ("postgresql://gw:p?a/s@s@db/orders", "postgresql://gw:***@db/orders"),
+        ("postgresql://gw:p@ss/w@db:5432/orders", "postgresql://gw:***@db:5432/orders"),
+        ("postgresql://gw:p@ss?w@db/orders", "postgresql://gw:***@db/orders"),
+        (
+            "postgresql://gw:pa/ss@db/orders?application_name=a@b",
+            "postgresql://gw:***@db/orders?application_name=a@b",
+        ),
         # An "@" in the query does not end the user part.
         (
             "postgresql://gw:pass@db/orders?application_name=a@b",
@@ -126,6 +132,7 @@ def test_a_mistyped_store_url_is_refused_without_its_password(
         f"postgresql://gw:{SECRET}#x@db/orders",
         f"postgresql://gw:p@{SECRET}@db/orders",
         f"postgresql://gw:{SECRET}@x@db/orders",
+        f"postgresql://gw:x@{SECRET}/y@db/orders",
     ],
 )
 @pytest.mark.parametrize("command", ["migrate", "verify"])
