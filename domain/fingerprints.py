@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 from domain.commands import Command
 
 FINGERPRINT_PREFIX = "2:"
+_WELL_FORMED = re.compile(rf"(?:{re.escape(FINGERPRINT_PREFIX)})?[0-9a-f]{{64}}")
 
 
 def fingerprint(command: Command) -> str:
@@ -38,3 +40,10 @@ def is_same_request(recorded_fingerprint: str, command: Command) -> bool:
     body = command.model_dump(mode="json", exclude=command.IDEMPOTENCY_EXCLUDED)
     legacy = json.dumps([type(command).__name__, body], sort_keys=True)
     return recorded_fingerprint == hashlib.sha256(legacy.encode()).hexdigest()
+
+
+def is_well_formed(recorded_fingerprint: str) -> bool:
+    """Whether ``recorded_fingerprint`` has a shape this gateway writes or wrote (a SHA-256
+    in hex, prefixed or not): a damaged one would refuse every retry of its command as
+    another request."""
+    return _WELL_FORMED.fullmatch(recorded_fingerprint) is not None

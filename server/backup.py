@@ -49,7 +49,11 @@ def backup(url: str, file: str) -> int:
     events in the copy."""
     source = _source(url)
     destination = _destination(file)
-    if not source.is_file():
+    try:
+        found = source.is_file()
+    except OSError as error:
+        raise BackupError(f"cannot back up {source}: {error.strerror or error}") from error
+    if not found:
         raise BackupError(f"no SQLite store at {source}")
     if destination.exists():
         raise BackupError(f"{destination} exists: the backup does not overwrite a file")

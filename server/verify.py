@@ -36,6 +36,7 @@ from typing import Protocol, runtime_checkable
 
 from domain.aggregates import Product
 from domain.events import DomainEvent, ProductRestocked, StockReleased, StockReserved
+from domain.fingerprints import is_well_formed
 from domain.log_rules import LogRules
 from domain.mapper import decode
 from domain.ports import EventStore
@@ -57,10 +58,17 @@ PRODUCT_STREAMS = f"{Product.stream_prefix}-"
 """Violations printed one by one; the rest are counted."""
 
 CommandRange = tuple[str, int, int]
+"""A command record: command_id, first_position, event_count."""
+CommandRecordRow = tuple[str, int, int, str]
+"""A command record as read: command_id, first_position, event_count, fingerprint."""
+
+EARLIEST_TIME_US = -62_135_596_800_000_000
+LATEST_TIME_US = 253_402_300_799_999_999
+"""An event's time as microseconds since the Unix epoch, from the first to the last
+moment a ``datetime`` holds (years 1 to 9999): a time outside it cannot be served."""
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 """An event id as the gateway writes it: a UUID in the 36-character hyphenated form."""
-"""A command record: command_id, first_position, event_count."""
 
 
 @runtime_checkable
@@ -71,7 +79,9 @@ class CommandLog(Protocol):
         """For each of ``command_ids`` that is recorded: (first_position, event_count)."""
         ...
 
-    async def read_command_ranges(self, after_command_id: str, limit: int) -> list[CommandRange]:
+    async def read_command_records(
+        self, after_command_id: str, limit: int
+    ) -> list[CommandRecordRow]:
         """Up to ``limit`` records with ``command_id > after_command_id``, by command_id."""
         ...
 
@@ -174,10 +184,24 @@ class _Checker:
         replaced) counts for the positions, versions and stock, but adds no violation of
         its own."""
         report = self.report
-        event_id, stream_id, version, position, _, command_id, _, _, event_type, data, schema = row
+        event_id, stream_id, version, position, occurred_at, command_id, *_ = row
+        event_type, data, schema = row[8:]
         report.events += 1
-        if not _UUID.fullmatch(event_id):
+        # SQLite keeps whatever value a column is given (a hand edit, a damaged page):
+        # what could not be served is reported, not left to fail the check or a client.
+        if type(event_id) is not str or not _UUID.fullmatch(event_id):
             report.add(position, f"event id {event_id!r} is not a UUID")
+        if type(stream_id) is not str:
+            report.add(position, f"stream id {stream_id!r} is not text")
+            stream_id = repr(stream_id)
+        if type(command_id) is not str:
+            report.add(position, f"command id {command_id!r} is not text")
+            command_id = repr(command_id)
+        if type(occurred_at) is not int or not (EARLIEST_TIME_US <= occurred_at <= LATEST_TIME_US):
+            report.add(position, f"its time {occurred_at!r} is not a time")
+        if type(version) is not int:
+            report.add(position, f"{stream_id} version {version!r} is not a number")
+            version = self.versions.get(stream_id, 0) + 1
         if position != self.expected_position:
             if position > self.expected_position:
                 report.add(self.expected_position, f"missing (the next event is at {position})")
@@ -324,7 +348,7 @@ async def _check_log(store: EventStore, head: int, checker: _Checker, report: Re
     if checker.expected_position <= head:
         report.add(checker.expected_position, f"missing (the head is {head})")
     recorded_runs += await _check_runs(store, checker.take_runs(final=True), report)
-    report.commands = await _count_records(store, head)
+    report.commands = await _count_records(store, head, report)
     if report.commands > recorded_runs:
         await _find_stray_records(store, head, report)
     report.streams = len(checker.versions)
@@ -353,6 +377,13 @@ async def _check_runs(store: CommandLog, runs: Sequence[CommandRange], report: R
             report.add(first, f"command {command_id} has events but no record")
         elif found != (first, count):
             at, length = found
+            if type(at) is not int or type(length) is not int:
+                report.add(
+                    first,
+                    f"command {command_id}: its record's first position {at!r} and count"
+                    f" {length!r} are not both numbers",
+                )
+                continue
             report.add(
                 first,
                 f"command {command_id}: events at {first}..{first + count - 1},"
@@ -361,16 +392,46 @@ async def _check_runs(store: CommandLog, runs: Sequence[CommandRange], report: R
     return sum(1 for command_id, _, _ in runs if command_id in recorded)
 
 
-async def _records(store: CommandLog, head: int) -> AsyncIterator[list[CommandRange]]:
-    """Every command record committed before the check started, in pages."""
+async def _records(store: CommandLog, head: int) -> AsyncIterator[list[CommandRecordRow]]:
+    """Every command record committed before the check started, in pages (and any whose
+    first position is no number, which cannot be placed)."""
     after = ""
-    while page := await store.read_command_ranges(after, PAGE_SIZE):
-        yield [record for record in page if record[1] <= head]
+    while page := await store.read_command_records(after, PAGE_SIZE):
+        yield [record for record in page if type(record[1]) is not int or record[1] <= head]
         after = page[-1][0]
 
 
-async def _count_records(store: CommandLog, head: int) -> int:
-    return sum([len(page) async for page in _records(store, head)])
+async def _count_records(store: CommandLog, head: int, report: Report) -> int:
+    """How many records there are; reports those whose id or fingerprint is damaged (each
+    fingerprint checked as its command's retry would read it)."""
+    counted = 0
+    async for page in _records(store, head):
+        counted += len(page)
+        for command_id, first, _, recorded_fingerprint in page:
+            at = first if type(first) is int else 0
+            if not _is_text(command_id):
+                report.add(at, f"command record {_shown(command_id)}: its id is not UTF-8 text")
+            elif not is_well_formed(recorded_fingerprint):
+                report.add(
+                    at,
+                    f"command {command_id}: its fingerprint {_shown(recorded_fingerprint)!r} is"
+                    " damaged (a retry would be refused as another request)",
+                )
+    return counted
+
+
+def _is_text(stored: str) -> bool:
+    """Whether ``stored`` was read as UTF-8 (not with ``surrogateescape``'s stand-ins)."""
+    try:
+        stored.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(stored: str) -> str:
+    """``stored`` as it can be printed: bytes that were not UTF-8 as U+FFFD."""
+    return stored.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 async def _find_stray_records(store: EventStore, head: int, report: Report) -> None:
@@ -379,12 +440,20 @@ async def _find_stray_records(store: EventStore, head: int, report: Report) -> N
     one read per record."""
     assert isinstance(store, CommandLog)
     async for page in _records(store, head):
-        for command_id, first, count in page:
+        for command_id, first, count, _ in page:
+            shown = _shown(command_id)
+            if type(first) is not int or type(count) is not int:
+                report.add(
+                    first if type(first) is int else 0,
+                    f"command record {shown}: its first position {first!r} and count"
+                    f" {count!r} are not both numbers",
+                )
+                continue
             rows = await _readable_rows(store, first - 1, 1) if first >= 1 else []
             if not rows or rows[0][POSITION] != first or count < 1:
-                report.add(max(first, 1), f"command record {command_id} points at no event")
+                report.add(max(first, 1), f"command record {shown} points at no event")
             elif (owner := rows[0][COMMAND_ID]) != command_id:
-                report.add(first, f"command record {command_id} points at an event of {owner}")
+                report.add(first, f"command record {shown} points at an event of {owner}")
 
 
 async def _readable_rows(store: EventStore, after: int, limit: int) -> Sequence[EventRow]:

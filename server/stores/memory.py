@@ -75,15 +75,16 @@ class MemoryEventStore:
             records = [self._commands[c] for c in command_ids if c in self._commands]
         return {r.command_id: (r.events[0].position, len(r.events)) for r in records if r.events}
 
-    async def read_command_ranges(
+    async def read_command_records(
         self, after_command_id: str, limit: int
-    ) -> list[tuple[str, int, int]]:
+    ) -> list[tuple[str, int, int, str]]:
         with self._lock:
             later = sorted(c for c in self._commands if c > after_command_id)[:limit]
             records = [self._commands[c] for c in later]
         # A command without events points nowhere: position 0, which verify reports.
         return [
-            (r.command_id, r.events[0].position if r.events else 0, len(r.events)) for r in records
+            (r.command_id, r.events[0].position if r.events else 0, len(r.events), r.fingerprint)
+            for r in records
         ]
 
     async def repeated_event_ids(self, head: int, limit: int) -> list[tuple[str, list[int]]]:

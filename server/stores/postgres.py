@@ -93,8 +93,10 @@ _COLUMNS = (
 _READ_ALL = f"SELECT {_COLUMNS} FROM events WHERE position > %s ORDER BY position LIMIT %s"
 _ROW_COLUMNS = (
     "event_id, stream_id, stream_version, position,"
-    # Exact: extract() answers numeric, and timestamptz holds whole microseconds.
-    " (extract(epoch FROM occurred_at) * 1000000)::bigint,"
+    # Exact: extract() answers numeric, and timestamptz holds whole microseconds. Null for
+    # 'infinity', which no gateway writes (a hand-edited row): it would fail the whole read.
+    " CASE WHEN isfinite(occurred_at) THEN (extract(epoch FROM occurred_at) * 1000000)::bigint"
+    " END,"
     " command_id, correlation_id, user_id, event_type, data, schema_version"
 )
 """``_COLUMNS`` as ``server.stores.event_rows`` rows: the time in microseconds since the epoch."""
@@ -123,8 +125,8 @@ _FIND_COMMAND = (
 _FIND_RANGES = (
     "SELECT command_id, first_position, event_count FROM commands WHERE command_id = ANY(%s)"
 )
-_READ_RANGES = (
-    "SELECT command_id, first_position, event_count FROM commands"
+_READ_RECORDS = (
+    "SELECT command_id, first_position, event_count, fingerprint FROM commands"
     # ">" and ORDER BY in the same (the column's) collation, so the pages follow the
     # primary key's order, whatever it is.
     " WHERE command_id > %s ORDER BY command_id LIMIT %s"
@@ -525,15 +527,15 @@ class PostgresEventStore:
                 rows = await cursor.fetchall()
         return {command_id: (first, count) for command_id, first, count in rows}
 
-    async def read_command_ranges(
+    async def read_command_records(
         self, after_command_id: str, limit: int
-    ) -> list[tuple[str, int, int]]:
+    ) -> list[tuple[str, int, int, str]]:
         """``server.verify.CommandLog``: command records in command id order."""
         with _translated("find_command"):
             async with self._pool.connection() as conn:
-                cursor = await conn.execute(_READ_RANGES, (after_command_id, limit))
+                cursor = await conn.execute(_READ_RECORDS, (after_command_id, limit))
                 rows = await cursor.fetchall()
-        return [(str(c), int(first), int(count)) for c, first, count in rows]
+        return [(str(c), int(first), int(count), str(fp)) for c, first, count, fp in rows]
 
     async def repeated_event_ids(self, head: int, limit: int) -> list[tuple[str, list[int]]]:
         """``server.verify.CommandLog``: event ids that several events have."""

@@ -143,10 +143,12 @@ SAVE_SNAPSHOT = (
     " schema_version = excluded.schema_version, data = excluded.data"
     " WHERE snapshots.stream_version < excluded.stream_version"
 )
-READ_RANGES = (
-    "SELECT command_id, first_position, event_count FROM commands"
-    " WHERE command_id > ? ORDER BY command_id LIMIT ?"
+READ_RECORDS = (
+    "SELECT CAST(command_id AS BLOB), first_position, event_count, CAST(fingerprint AS BLOB)"
+    " FROM commands WHERE command_id > CAST(? AS TEXT) ORDER BY command_id LIMIT ?"
 )
+"""Text read as bytes, and the page's start bound as bytes: a command id that is not
+UTF-8 (a damaged file) is read, and paged past, exactly as stored."""
 
 # No index on event_id (ids are unique by construction, and an index would cost every
 # append): verify groups the whole log once.
@@ -265,21 +267,42 @@ def _record(commit: Commit, head: int) -> tuple[list[RecordedEvent], list[tuple[
     return recorded, rows
 
 
-def _connect(path: Path, busy_timeout: float = BUSY_TIMEOUT_SECONDS) -> sqlite3.Connection:
+def _connect(
+    path: Path, busy_timeout: float = BUSY_TIMEOUT_SECONDS, immutable: bool = False
+) -> sqlite3.Connection:
     # Autocommit mode (isolation_level=None): this module issues BEGIN/COMMIT itself.
     # Connections are handed between threads (opened by one, closed by another) but only
     # ever used by one thread at a time.
+    if immutable:
+        return sqlite3.connect(
+            f"{path.resolve().as_uri()}?immutable=1",
+            uri=True,
+            timeout=busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
     return sqlite3.connect(
         path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
     )
+
+
+def beyond_writing(path: Path) -> bool:
+    """Whether no process can be writing the store at ``path``: no -wal beside it, and
+    none can be made there (read-only media or directory; a backup kept on them).
+
+    SQLite reads a WAL file through its -wal and -shm, which it must create when they are
+    not there, and so cannot read one from such a place unless told it is immutable; and
+    it is: any writer would need a -wal (or a rollback journal) beside it.
+    """
+    return not wal_file(path).exists() and not os.access(path.parent, os.W_OK)
 
 
 def _busy_timeout_pragma(seconds: float) -> str:
     return f"PRAGMA busy_timeout = {int(seconds * 1000):d}"
 
 
-def _open_reader(path: Path) -> sqlite3.Connection:
-    connection = _connect(path)
+def _open_reader(path: Path, immutable: bool = False) -> sqlite3.Connection:
+    connection = _connect(path, immutable=immutable)
     connection.execute("PRAGMA query_only = ON")
     # A connection's first statement reads the schema, and each statement is compiled on
     # its first use: done now for the reads of a cold load, which the first command on a
@@ -290,13 +313,17 @@ def _open_reader(path: Path) -> sqlite3.Connection:
 
 
 def _open_writer(
-    path: Path, writable: bool = True, busy_timeout: float = BUSY_TIMEOUT_SECONDS
+    path: Path,
+    writable: bool = True,
+    busy_timeout: float = BUSY_TIMEOUT_SECONDS,
+    immutable: bool = False,
 ) -> sqlite3.Connection:
-    connection = _connect(path, busy_timeout)
+    connection = _connect(path, busy_timeout, immutable)
     try:
         # WAL: readers and the writer do not block each other, and a commit is one
-        # sequential write. FULL: COMMIT returns only after the WAL is fsynced.
-        mode = _journal_mode_wal(connection)
+        # sequential write. FULL: COMMIT returns only after the WAL is fsynced. (An
+        # immutable file is only read, as if it had no journal at all.)
+        mode = "wal" if immutable else _journal_mode_wal(connection)
         if mode != "wal":
             raise StoreError(f"SQLite refused WAL mode for {path} (got {mode!r})")
         connection.execute("PRAGMA synchronous = FULL")
@@ -422,16 +449,32 @@ def read_only_connection(path: Path) -> Iterator[sqlite3.Connection]:
         raise StoreUnavailableError(f"cannot open the SQLite store {path}: {orphaned}")
     beside = [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")]
     made = [file for file in beside if not file.exists()]
+    mode = "immutable=1" if beyond_writing(path) else "mode=ro"
     try:
         with contextlib.closing(
-            sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+            sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True)
         ) as connection:
             yield connection
     except sqlite3.Error:
         if not _written(beside[0]):
             for file in made:
-                file.unlink(missing_ok=True)
+                if file.exists():
+                    file.unlink()
         raise
+
+
+def _text(stored: bytes | None) -> str:
+    return "" if stored is None else stored.decode("utf-8", "surrogateescape")
+
+
+@contextlib.contextmanager
+def _path_errors(path: Path) -> Iterator[None]:
+    """What the system refuses about the store's path (a directory it may not search) as
+    the store error it is: not a configuration error, since the setting may be right."""
+    try:
+        yield
+    except OSError as e:
+        raise StoreError(f"cannot open the SQLite store {path}: {e.strerror or e}") from e
 
 
 def _written(file: Path) -> bool:
@@ -489,8 +532,8 @@ cannot be used right now: another process holds the lock past the busy timeout, 
 operating system failed a read, write or sync, or the file may not be written."""
 
 
-def _open_snapshot_writer(path: Path) -> sqlite3.Connection:
-    connection = _connect(path)
+def _open_snapshot_writer(path: Path, immutable: bool = False) -> sqlite3.Connection:
+    connection = _connect(path, immutable=immutable)
     # A snapshot lost in a power failure only means a longer replay: no fsync of its own,
     # so that it holds SQLite's write lock, which the appends wait on, for the least time.
     # The next append's fsync makes it durable anyway.
@@ -623,16 +666,20 @@ class SQLiteEventStore:
         if busy_timeout < 0:
             raise ValueError("busy_timeout must not be negative")
         path = Path(path)
-        if not writable and (leftovers := foreign_leftovers(path)) is not None:
-            raise StoreError(f"cannot open the SQLite store {path}: {leftovers}")
-        if (orphaned := orphaned_shm(path)) is not None:
-            raise StoreUnavailableError(f"cannot open the SQLite store {path}: {orphaned}")
+        with _path_errors(path):
+            if not writable and (leftovers := foreign_leftovers(path)) is not None:
+                raise StoreError(f"cannot open the SQLite store {path}: {leftovers}")
+            if (orphaned := orphaned_shm(path)) is not None:
+                raise StoreUnavailableError(f"cannot open the SQLite store {path}: {orphaned}")
+            immutable = not writable and beyond_writing(path)
         opened: list[sqlite3.Connection] = []
         try:
-            opened.append(await asyncio.to_thread(_open_writer, path, writable, busy_timeout))
+            opened.append(
+                await asyncio.to_thread(_open_writer, path, writable, busy_timeout, immutable)
+            )
             for _ in range(readers):
-                opened.append(await asyncio.to_thread(_open_reader, path))
-            opened.append(await asyncio.to_thread(_open_snapshot_writer, path))
+                opened.append(await asyncio.to_thread(_open_reader, path, immutable))
+            opened.append(await asyncio.to_thread(_open_snapshot_writer, path, immutable))
         except (sqlite3.Error, SchemaTooNewError, SchemaTooOldError, ForeignDatabaseError) as e:
             for connection in opened:
                 connection.close()
@@ -649,10 +696,11 @@ class SQLiteEventStore:
         without creating, migrating or otherwise writing to it."""
 
         def holds_gateway_schema() -> bool:
-            if not path.is_file():
-                return False
-            with read_only_connection(path) as connection:
-                return bool(connection.execute(HOLDS_GATEWAY_SCHEMA).fetchone()[0])
+            with _path_errors(path):
+                if not path.is_file():
+                    return False
+                with read_only_connection(path) as connection:
+                    return bool(connection.execute(HOLDS_GATEWAY_SCHEMA).fetchone()[0])
 
         try:
             return await asyncio.to_thread(holds_gateway_schema)
@@ -1209,16 +1257,19 @@ class SQLiteEventStore:
 
         return await self._read(query)
 
-    async def read_command_ranges(
+    async def read_command_records(
         self, after_command_id: str, limit: int
-    ) -> list[tuple[str, int, int]]:
-        """``server.verify.CommandLog``: command records in command id order."""
+    ) -> list[tuple[str, int, int, str]]:
+        """``server.verify.CommandLog``: command records in command id order, their text
+        decoded with ``surrogateescape`` (what is not UTF-8 stays as it was stored)."""
 
-        def query(connection: sqlite3.Connection) -> list[tuple[str, int, int]]:
-            rows: list[tuple[str, int, int]] = connection.execute(
-                READ_RANGES, (after_command_id, limit)
-            ).fetchall()
-            return rows
+        def query(connection: sqlite3.Connection) -> list[tuple[str, int, int, str]]:
+            after = after_command_id.encode("utf-8", "surrogateescape")
+            rows = connection.execute(READ_RECORDS, (after, limit)).fetchall()
+            return [
+                (_text(command_id), first, count, _text(fingerprint))
+                for command_id, first, count, fingerprint in rows
+            ]
 
         return await self._read(query)
 

@@ -120,6 +120,48 @@ def test_a_consistent_log_passes(store_file: Path, capsys: pytest.CaptureFixture
             ["UPDATE events SET event_id = 'not-a-uuid' WHERE position = 3"],
             "position 3: event id 'not-a-uuid' is not a UUID", 3, id="event-id-not-a-uuid",
         ),
+        # Values of the wrong kind, which SQLite keeps where a column asks for another
+        # (its integrity check passes them): each would fail a client's read or retry.
+        pytest.param(
+            ["UPDATE events SET occurred_at_us = 'yesterday' WHERE position = 6"],
+            "position 6: its time 'yesterday' is not a time", 6, id="time-not-a-number",
+        ),
+        pytest.param(
+            ["UPDATE events SET occurred_at_us = 9223372036854775807 WHERE position = 6"],
+            "position 6: its time 9223372036854775807 is not a time", 6, id="time-out-of-range",
+        ),
+        pytest.param(
+            ["UPDATE events SET stream_version = 'abc' WHERE position = 8"],
+            "position 8: product-apple version 'abc' is not a number", 8,
+            id="version-not-a-number",
+        ),
+        pytest.param(
+            [f"UPDATE commands SET event_count = 'two' WHERE command_id = '{CANCEL}'"],
+            f"position 12: command {CANCEL}: its record's first position 12 and count 'two'",
+            12, id="count-not-a-number",
+        ),
+        pytest.param(
+            [f"UPDATE commands SET first_position = 'x' WHERE command_id = '{CANCEL}'"],
+            f"position 12: command {CANCEL}: its record's first position 'x' and count 2", 12,
+            id="first-position-not-a-number",
+        ),
+        pytest.param(
+            [f"UPDATE commands SET fingerprint = '2:0000' WHERE command_id = '{CANCEL}'"],
+            f"position 12: command {CANCEL}: its fingerprint '2:0000' is damaged", 12,
+            id="fingerprint-damaged",
+        ),
+        pytest.param(
+            ["UPDATE commands SET fingerprint = CAST(X'41ff42' AS TEXT)"
+             f" WHERE command_id = '{CANCEL}'"],
+            f"position 12: command {CANCEL}: its fingerprint 'A\ufffdB' is damaged", 12,
+            id="fingerprint-not-utf8",
+        ),
+        pytest.param(
+            ["UPDATE commands SET command_id = CAST(X'41ff42' AS TEXT)"
+             f" WHERE command_id = '{CANCEL}'"],
+            "position 12: command record A\ufffdB: its id is not UTF-8 text", 12,
+            id="command-id-not-utf8",
+        ),
     ],
 )  # fmt: skip
 def test_damage_is_found_at_its_first_position(
@@ -469,6 +511,66 @@ def test_another_program_s_sqlite_file_is_not_made_a_store(
         assert connection.execute("SELECT name FROM sqlite_master").fetchall() == before
 
 
+BOUND_BY_PERMISSIONS = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+"""Root without the capabilities that let it past file permissions: a user's view."""
+
+needs_root_and_setpriv = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="drops root's permission overrides with setpriv: needs root and util-linux",
+)
+
+
+def order_gateway_bound_by_permissions(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*BOUND_BY_PERMISSIONS, sys.executable, "-m", "server", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@needs_root_and_setpriv
+def test_a_backup_kept_where_nothing_can_be_written_is_verified(store_file: Path) -> None:
+    # Read-only media or directory: SQLite cannot make the -wal and -shm it reads a WAL
+    # file through, so without being told that the file cannot change it reads nothing.
+    shelf = store_file.parent / "shelf"
+    shelf.mkdir()
+    copy = shelf / "copy.db"
+    assert main(["backup", "--store", f"sqlite:///{store_file}", str(copy)]) == 0
+    shelf.chmod(0o555)
+    try:
+        verified = order_gateway_bound_by_permissions("verify", "--store", f"sqlite:///{copy}")
+    finally:
+        shelf.chmod(0o755)
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout.splitlines()[-1] == "OK: the log is consistent"
+    assert sorted(shelf.iterdir()) == [copy]
+
+
+@needs_root_and_setpriv
+@pytest.mark.parametrize("command", ["verify", "migrate", "backup"])
+def test_a_store_in_a_directory_that_may_not_be_searched_is_a_store_error(
+    store_file: Path, command: str
+) -> None:
+    closed = store_file.parent / "closed"
+    closed.mkdir()
+    store = closed / "events.db"
+    shutil.copyfile(store_file, store)
+    arguments = [command, "--store", f"sqlite:///{store}"]
+    if command == "backup":
+        arguments.append(str(store_file.parent / "copy.db"))
+    closed.chmod(0o600)
+    try:
+        refused = order_gateway_bound_by_permissions(*arguments)
+    finally:
+        closed.chmod(0o755)
+    assert refused.returncode == 1
+    assert f"{store}: Permission denied" in refused.stderr
+    assert refused.stderr.startswith(
+        "order-gateway: cannot back up" if command == "backup" else "order-gateway: store error:"
+    )
+
+
 def test_a_truncated_store_is_reported_and_left_as_it_was(
     store_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -621,6 +723,33 @@ def test_a_repeated_event_id_is_found_in_postgresql(
     lines = capsys.readouterr().out.splitlines()
     assert f"position 3: event id {first} is the id of position 1 too" in lines
     assert lines[-1] == "FAILED: 1 violations, the first at position 3"
+
+
+@pytest.mark.parametrize(
+    ("statement", "expected", "first"),
+    [
+        # No gateway writes it; a hand edit can, and it failed the whole read before.
+        ("UPDATE events SET occurred_at = 'infinity' WHERE position = 2",
+         "position 2: its time None is not a time", 2),
+        ("UPDATE commands SET fingerprint = 'garbage' WHERE first_position = 3",
+         "its fingerprint 'garbage' is damaged", 3),
+    ],
+)  # fmt: skip
+def test_values_that_could_not_be_served_are_found_in_postgresql(
+    fresh_postgres_url: str,
+    capsys: pytest.CaptureFixture[str],
+    statement: str,
+    expected: str,
+    first: int,
+) -> None:
+    asyncio.run(three_restocks(fresh_postgres_url))
+    with psycopg.connect(fresh_postgres_url) as conn:
+        conn.execute(statement)
+    assert main(["verify", "--store", fresh_postgres_url]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("3 events,"), lines
+    assert any(line.startswith(f"position {first}: ") and expected in line for line in lines)
+    assert lines[-1] == f"FAILED: 1 violations, the first at position {first}"
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
