@@ -14,12 +14,14 @@ written at once (a sale of a whole range). The ``keyed`` workload is ``create`` 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import random
 import uuid
 
 from google.type import money_pb2
 from orders.v1 import events_pb2, order_command_service_pb2, types_pb2
 
+from domain.fingerprints import FINGERPRINT_PREFIX
 from domain.ports import Commit, NewEvent
 
 PRODUCT_COUNT = 1000
@@ -158,11 +160,12 @@ def sample_cancel_events(position: int = 2_000_001) -> list[events_pb2.Event]:
 
 def raw_commit(expected_versions: dict[str, int], events: list[NewEvent]) -> Commit:
     """A commit of ready-made events for filling a store straight through its port
-    (no command behind it: a fresh id, no caller)."""
+    (no command behind it: a fresh id, no caller, a fingerprint of the shape verify
+    checks)."""
     command_id = str(uuid.uuid4())
     return Commit(
         command_id=command_id,
-        fingerprint="bench",
+        fingerprint=FINGERPRINT_PREFIX + hashlib.sha256(command_id.encode()).hexdigest(),
         correlation_id=command_id,
         user_id="",
         occurred_at=dt.datetime.now(dt.UTC),
