@@ -160,12 +160,13 @@ class ConsumerGroups:
         return found
 
     async def view(self, name: str) -> GroupView:
-        return await self._view(await self.record(name))
+        return await self.view_of(await self.record(name))
 
     async def views(self) -> list[GroupView]:
-        return [await self._view(record) for record in await self.store.list_groups()]
+        return [await self.view_of(record) for record in await self.store.list_groups()]
 
-    async def _view(self, record: GroupRecord) -> GroupView:
+    async def view_of(self, record: GroupRecord) -> GroupView:
+        """The group ``record`` names as it stands (its state when deleted meanwhile)."""
         head = await self._events.head_position()
         parked = await self.store.parked_count(record.name)
         runtime = self._current_runtime(record)

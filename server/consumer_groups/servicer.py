@@ -47,6 +47,8 @@ log = logging.getLogger("order_gateway.consumer_groups")
 Context = grpc.aio.ServicerContext[Any, Any]
 MAX_POSITION = 2**63 - 1
 """Positions are signed 64-bit in every store."""
+MAX_DURATION_NANOS = 999_999_999
+"""A protobuf Duration's nanos, either side of zero."""
 NAME_RULE = "must be 1 to 64 characters of A-Z a-z 0-9 . _ -"
 
 
@@ -70,9 +72,19 @@ def settings_violations(settings: pb.ConsumerGroupSettings) -> list[tuple[str, s
     if settings.HasField("ack_timeout"):
         timeout = settings.ack_timeout
         seconds = timeout.seconds + timeout.nanos / 1e9
-        if not (MIN_ACK_TIMEOUT <= seconds <= MAX_ACK_TIMEOUT) or (
+        if abs(timeout.nanos) > MAX_DURATION_NANOS or (
             timeout.seconds and timeout.nanos and (timeout.seconds < 0) != (timeout.nanos < 0)
         ):
+            # Not a Duration at all, whatever it adds up to: protobuf's JSON mapping (and
+            # so grpcurl and buf curl) refuses it, and so do the stubs of some languages.
+            violations.append(
+                (
+                    "settings.ack_timeout",
+                    "is no valid Duration: nanos must be from -999999999 to 999999999,"
+                    " with the sign of seconds",
+                )
+            )
+        elif not MIN_ACK_TIMEOUT <= seconds <= MAX_ACK_TIMEOUT:
             violations.append(("settings.ack_timeout", "must be from 1 s to 1 h (unset: 30 s)"))
     if settings.max_deliveries > MAX_MAX_DELIVERIES:
         violations.append(("settings.max_deliveries", f"must be 1 to {MAX_MAX_DELIVERIES} (0: 5)"))
@@ -189,8 +201,10 @@ class ConsumerGroupServicer(pb_grpc.ConsumerGroupServiceServicer):
         if violations:
             await context.abort_with_status(bad_request_status(violations))
         try:
-            await self._groups.create(request.name, effective_settings(request.settings))
-            view = await self._groups.view(request.name)
+            created = await self._groups.create(request.name, effective_settings(request.settings))
+            # Of the group created, not read again by name: deleted meanwhile, the create
+            # still happened first (it answered NOT_FOUND, which a create has no use for).
+            view = await self._groups.view_of(created)
         except Exception as error:
             await context.abort_with_status(group_status(error))
         return pb.CreateConsumerGroupResponse(group=group_message(view))

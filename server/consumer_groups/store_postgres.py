@@ -9,13 +9,14 @@ import time
 from collections import defaultdict
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Final
 
 import psycopg
 from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from domain.errors import StoreUnavailableError
 from server.consumer_groups.leases import (
     LEASE_TTL,
     GroupGoneError,
@@ -34,6 +35,10 @@ from server.consumer_groups.records import settings_fields, settings_from
 from server.stores.postgres_errors import store_error
 
 Pool = AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]]
+
+CREATE_ATTEMPTS: Final = 5
+"""Statements a create runs while groups of its name keep being created and deleted
+around it (each statement either adds the group or reads the one there)."""
 
 _GROUP_COLUMNS = "name, settings, created_at, start_position"
 _PARKED_COLUMNS = "event_id, position, partition, reason, parked_at, replaying"
@@ -95,21 +100,30 @@ class PostgresConsumerGroupStore:
                 return await cursor.fetchall() if cursor.description else []
 
     async def create_group(self, record: GroupRecord) -> GroupRecord:
-        rows = await self._rows(
-            f"WITH added AS (INSERT INTO consumer_groups ({_GROUP_COLUMNS})"
-            " VALUES (%s, %s, %s, %s) ON CONFLICT (name) DO NOTHING"
-            f" RETURNING {_GROUP_COLUMNS})"
-            f" SELECT {_GROUP_COLUMNS} FROM added UNION ALL"
-            f" SELECT {_GROUP_COLUMNS} FROM consumer_groups WHERE name = %s",
-            (
-                record.name,
-                Jsonb(settings_fields(record.settings)),
-                record.created_at,
-                record.start_position,
-                record.name,
-            ),
+        for _ in range(CREATE_ATTEMPTS):
+            rows = await self._rows(
+                f"WITH added AS (INSERT INTO consumer_groups ({_GROUP_COLUMNS})"
+                " VALUES (%s, %s, %s, %s) ON CONFLICT (name) DO NOTHING"
+                f" RETURNING {_GROUP_COLUMNS})"
+                f" SELECT {_GROUP_COLUMNS} FROM added UNION ALL"
+                f" SELECT {_GROUP_COLUMNS} FROM consumer_groups WHERE name = %s",
+                (
+                    record.name,
+                    Jsonb(settings_fields(record.settings)),
+                    record.created_at,
+                    record.start_position,
+                    record.name,
+                ),
+            )
+            if rows:
+                return _group(rows[0])
+            # The insert met a group of that name that its statement's snapshot, taken
+            # before, cannot read: created since (by another create), or deleted since.
+            # The next statement's snapshot sees which.
+        raise StoreUnavailableError(
+            f"consumer group {record.name!r} was created and deleted elsewhere"
+            f" {CREATE_ATTEMPTS} times while this create ran; try again"
         )
-        return _group(rows[0])
 
     async def get_group(self, name: str) -> GroupRecord | None:
         rows = await self._rows(
@@ -476,6 +490,16 @@ class PostgresLeases:
         """This replica has no member in the group any more: free what it holds."""
         with _translated("consumer group leases"):
             async with self._pool.connection() as conn, conn.transaction():
+                # The group's row first, as a deletion of the group takes it before its
+                # members' and leases' rows (by cascade, members first): the other way
+                # round, a leave and a deletion through another replica could each wait
+                # for a row the other held, and PostgreSQL failed one of them (a
+                # deadlock: the deletion answered INTERNAL).
+                cursor = await conn.execute(
+                    "SELECT 1 FROM consumer_groups WHERE name = %s FOR KEY SHARE", (group,)
+                )
+                if await cursor.fetchone() is None:
+                    return  # Deleted: its members and leases went with it.
                 for table in ("consumer_group_leases", "consumer_group_members"):
                     await conn.execute(
                         f"DELETE FROM {table} WHERE group_name = %s AND replica_id = %s",

@@ -158,6 +158,38 @@ async def test_every_invalid_setting_is_named_at_once(env: Env) -> None:
     assert bad_fields(caught.value) == ["name"]
 
 
+@pytest.mark.parametrize(("seconds", "nanos"), [(2, 2_000_000_000), (5, -1), (-1, 500_000_000)])
+async def test_an_ack_timeout_that_is_no_valid_duration_is_refused(
+    env: Env, seconds: int, nanos: int
+) -> None:
+    # Each adds up to a timeout in range; none is a Duration protobuf allows.
+    settings = group_settings()
+    settings.ack_timeout.seconds, settings.ack_timeout.nanos = seconds, nanos
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await env.groups.CreateConsumerGroup(
+            pb.CreateConsumerGroupRequest(name="g", settings=settings)
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_fields(caught.value) == ["settings.ack_timeout"]
+
+
+async def test_a_create_that_a_deletion_follows_at_once_answers_the_group(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The deletion through another client lands between the create and its answer.
+    groups = env.gateway.groups
+    create_group = groups.store.create_group
+
+    async def deleted_at_once(record: GroupRecord) -> GroupRecord:
+        created = await create_group(record)
+        await groups.store.delete_group(record.name)
+        return created
+
+    monkeypatch.setattr(groups.store, "create_group", deleted_at_once)
+    group = await env.create("g", partitions=4)
+    assert (group.name, group.settings.partitions) == ("g", 4)
+
+
 @pytest.mark.parametrize("rpc", ["get", "delete", "replay", "consume"])
 async def test_an_unknown_group_is_not_found(env: Env, rpc: str) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
