@@ -348,7 +348,7 @@ async def _check_log(store: EventStore, head: int, checker: _Checker, report: Re
     if checker.expected_position <= head:
         report.add(checker.expected_position, f"missing (the head is {head})")
     recorded_runs += await _check_runs(store, checker.take_runs(final=True), report)
-    report.commands = await _count_records(store, head, report)
+    report.commands = await _check_records(store, head, report)
     if report.commands > recorded_runs:
         await _find_stray_records(store, head, report)
     report.streams = len(checker.versions)
@@ -401,9 +401,9 @@ async def _records(store: CommandLog, head: int) -> AsyncIterator[list[CommandRe
         after = page[-1][0]
 
 
-async def _count_records(store: CommandLog, head: int, report: Report) -> int:
-    """How many records there are; reports those whose id or fingerprint is damaged (each
-    fingerprint checked as its command's retry would read it)."""
+async def _check_records(store: CommandLog, head: int, report: Report) -> int:
+    """Reports the records whose id or fingerprint is damaged (each fingerprint checked as
+    its command's retry would read it); returns how many records there are."""
     counted = 0
     async for page in _records(store, head):
         counted += len(page)
