@@ -180,10 +180,11 @@ def _word(value: str) -> str:
     """A value a client chose (its correlation id, a token's subject), as one word of the
     line: quoted and escaped as JSON when it has a space, ``=``, a quote or a character
     that is not printable, so that it cannot read as more fields (``x user=root``); ``-``
-    when empty."""
+    when empty, and so quoted when it is ``-`` itself (a user of that name is no
+    anonymous caller)."""
     if not value:
         return "-"
-    if value.isprintable() and _NEEDS_QUOTES.isdisjoint(value):
+    if value != "-" and value.isprintable() and _NEEDS_QUOTES.isdisjoint(value):
         return value
     return json.dumps(value, ensure_ascii=False)
 

@@ -54,6 +54,9 @@ class Authenticator(Protocol):
         ...
 
 
+TOKEN_KEYS = frozenset({"sha256", "user_id", "scopes"})
+
+
 class TokenFileAuthenticator:
     """Static bearer tokens from a TOML file that holds only their SHA-256 hashes."""
 
@@ -81,6 +84,13 @@ class TokenFileAuthenticator:
             missing = {"sha256", "user_id"} - token.keys()
             if missing:
                 raise ConfigurationError(f"{where} needs {' and '.join(sorted(missing))}")
+            if unknown := sorted(token.keys() - TOKEN_KEYS):
+                # A misspelt key (scope) would leave a token without what it was meant to
+                # have, and one the gateway does not know (expires) do nothing.
+                raise ConfigurationError(
+                    f"{where}: unknown key {', '.join(unknown)} (a token has sha256,"
+                    " user_id and scopes)"
+                )
             digest = str(token["sha256"]).lower()
             if re.fullmatch("[0-9a-f]{64}", digest) is None:
                 raise ConfigurationError(f"{where}.sha256 is not a hex SHA-256 digest")
@@ -91,13 +101,18 @@ class TokenFileAuthenticator:
             ):
                 known = ", ".join(sorted(ALL_SCOPES))
                 raise ConfigurationError(f"{where}.scopes must be a list of {known}")
-            user_id = str(token["user_id"])
-            if not is_user_id(user_id):
+            user_id = token["user_id"]
+            if not isinstance(user_id, str) or not is_user_id(user_id):
                 raise ConfigurationError(
                     f"{where}.user_id must be 1 to {MAX_USER_ID_LENGTH} printable characters,"
                     " not only spaces"
                 )
-            entries[bytes.fromhex(digest)] = Caller(user_id=user_id, scopes=frozenset(scopes))
+            if (hashed := bytes.fromhex(digest)) in entries:
+                # One token, two callers: whichever came last would have won, silently.
+                raise ConfigurationError(
+                    f"{where}.sha256 is the digest of an earlier token's: a token is one caller"
+                )
+            entries[hashed] = Caller(user_id=user_id, scopes=frozenset(scopes))
         if not entries:
             raise ConfigurationError(
                 f"--auth-tokens {path}: no [[token]] table: no caller could authenticate"

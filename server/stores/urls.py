@@ -8,7 +8,8 @@ from urllib.parse import parse_qsl, unquote, urlencode
 from domain.errors import ConfigurationError
 
 SECRET_URL_PARAMETERS = frozenset({"password", "sslpassword"})
-"""Query parameters of a store URL that hold a secret (libpq accepts both)."""
+"""Query parameters of a store URL that hold a secret (libpq accepts both), matched in any
+case: libpq refuses ``PASSWORD=`` and quotes the URL, value and all, in its complaint."""
 MASK = "***"
 
 _KEYWORD_SECRET = re.compile(
@@ -95,10 +96,10 @@ def redacted_url(url: str) -> str:
     if question:
         query, hash_, fragment = query.partition("#")
         parameters = parse_qsl(query, keep_blank_values=True)
-        if any(key in SECRET_URL_PARAMETERS for key, _ in parameters):
+        if any(key.lower() in SECRET_URL_PARAMETERS for key, _ in parameters):
             query = urlencode(
                 [
-                    (key, MASK if key in SECRET_URL_PARAMETERS else value)
+                    (key, MASK if key.lower() in SECRET_URL_PARAMETERS else value)
                     for key, value in parameters
                 ],
                 safe="*",
@@ -135,7 +136,7 @@ def url_secrets(url: str) -> set[str]:
         if ":" in user:
             found.add(user.partition(":")[2])
     for key, value in parse_qsl(rest.partition("?")[2].partition("#")[0], keep_blank_values=True):
-        if key in SECRET_URL_PARAMETERS:
+        if key.lower() in SECRET_URL_PARAMETERS:
             found.add(value)
     found |= {unquote(secret) for secret in found}
     found.discard("")

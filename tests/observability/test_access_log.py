@@ -171,6 +171,20 @@ async def test_a_correlation_id_that_could_forge_fields_is_quoted(
     )
 
 
+async def test_a_correlation_id_of_a_lone_dash_is_not_read_as_none(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # "-" stands for an empty value (an anonymous caller's user): a value that is "-"
+    # itself is quoted, as a user named "-" (a JWT's sub) would be.
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    async with running() as (_, clients):
+        await clients.restock("sku-1", 5, metadata=(("x-correlation-id", "-"),))
+        await clients.restock("sku-1", 5)
+    dashed, generated = access_lines(caplog)
+    assert 'correlation_id="-" user=- ' in dashed.getMessage()
+    assert "correlation_id=- " not in generated.getMessage()
+
+
 class BrokenStore(MemoryEventStore):
     async def append(self, commit: Commit) -> list[RecordedEvent]:
         raise RuntimeError("disk on fire")

@@ -288,6 +288,21 @@ async def test_tokens_never_reach_the_logs(api: Clients, caplog: pytest.LogCaptu
         ("[[token]\n", "not valid TOML"),
         (f'[[tokens]]\nsha256 = "{"0" * 64}"\nuser_id = "a"\n', "unknown key tokens"),
         ("# tokens to come\n", "no [[token]] table"),
+        (f'[[token]]\nsha256 = "{"0" * 64}"\nuser_id = ["a"]\n', "user_id must be"),
+        (f'[[token]]\nsha256 = "{"0" * 64}"\nuser_id = 123\n', "user_id must be"),
+        (
+            f'[[token]]\nsha256 = "{"0" * 64}"\nuser_id = "a"\nscope = ["orders:write"]\n',
+            "unknown key scope",
+        ),
+        (
+            f'[[token]]\nsha256 = "{"0" * 64}"\nuser_id = "a"\nexpires = 2020-01-01\n',
+            "unknown key expires",
+        ),
+        (
+            f'[[token]]\nsha256 = "{"a" * 64}"\nuser_id = "low"\n'
+            f'[[token]]\nsha256 = "{"A" * 64}"\nuser_id = "root"\nscopes = ["orders:admin"]\n',
+            "token[1].sha256 is the digest of an earlier token's",
+        ),
     ],
     ids=[
         "no-hash",
@@ -303,6 +318,11 @@ async def test_tokens_never_reach_the_logs(api: Clients, caplog: pytest.LogCaptu
         "toml",
         "misspelt-table",
         "no-token",
+        "user-list",
+        "user-number",
+        "misspelt-key",
+        "unknown-key",
+        "same-token-twice",
     ],
 )
 def test_a_bad_token_file_is_refused_with_a_clear_message(

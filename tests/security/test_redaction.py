@@ -63,6 +63,8 @@ pytestmark = pytest.mark.usefixtures("keep_root_logger")
         ("postgres:gw:p@ss@db/orders", "postgres:gw:***@db/orders"),
         ("gw:pa55@db/orders", "gw:***@db/orders"),  # no scheme at all
         ("host=db user=a@b password=pa55", "host=db user=a@b password=***"),
+        # libpq knows no PASSWORD=, and quotes the URL in its complaint.
+        ("postgresql://gw@db/orders?PASSWORD=pa55", "postgresql://gw@db/orders?PASSWORD=***"),
     ],
 )
 def test_every_credential_form_is_masked(url: str, shown: str) -> None:
@@ -133,6 +135,7 @@ def test_a_mistyped_store_url_is_refused_without_its_password(
         f"postgresql://gw:p@{SECRET}@db/orders",
         f"postgresql://gw:{SECRET}@x@db/orders",
         f"postgresql://gw:x@{SECRET}/y@db/orders",
+        f"postgresql://gw:x@db/orders?PASSWORD={SECRET}",
     ],
 )
 @pytest.mark.parametrize("command", ["migrate", "verify"])
