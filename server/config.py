@@ -7,7 +7,7 @@ this model (``python -m server.config_docs``), so the two cannot drift.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,12 +22,42 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 """``--log-level`` values, in any case."""
 
 
+CREDENTIAL_SETTINGS = ("auth_tokens", "jwt_public_key", "tls_cert", "tls_key", "tls_client_ca")
+"""The settings naming files that say who may call and how (read at start only)."""
+
+_AS_STARTED: dict[Path, bytes] = {}
+"""Files of ``CREDENTIAL_SETTINGS`` as the gateway read them when it started, served by
+``read_setting_file`` in place of the files as they are now (``keep_setting_files``)."""
+
+
+def keep_setting_files(files: Mapping[str, bytes]) -> None:
+    """From now on, read each file of ``files`` (by path) as given, not from the disk.
+
+    ``serve --workers`` reads the credential files once, in the supervisor, and every
+    worker, a replacement too, serves with those bytes: read anew, a worker replaced
+    after the files changed would serve other tokens or certificates than the rest (a
+    revoked token still valid on some connections), where one process serves the files
+    it started with until it restarts."""
+    _AS_STARTED.update({Path(path): content for path, content in files.items()})
+
+
+def credential_files(settings: Settings) -> dict[str, bytes]:
+    """The credential files ``settings`` names, read now, by path."""
+    return {
+        str(path): read_setting_file(f"--{name.replace('_', '-')}", path)
+        for name in CREDENTIAL_SETTINGS
+        if (path := getattr(settings, name)) is not None
+    }
+
+
 def read_setting_file(option: str, path: Path | str) -> bytes:
     """The bytes of the file a setting names; one that cannot be read is a
     ``ConfigurationError`` naming the setting and the file (a path, never a secret).
 
     ``option`` is the flag; a setting of ``Settings`` is named by its variable too, for
     it may have come from either."""
+    if (kept := _AS_STARTED.get(Path(path))) is not None:
+        return kept
     try:
         return Path(path).read_bytes()
     except OSError as error:

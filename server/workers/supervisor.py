@@ -26,7 +26,7 @@ from typing import Final
 
 from domain.errors import StoreError
 from server.app import authenticators_from, stop_deadline, stop_on_signals, unless_stopped
-from server.config import Settings
+from server.config import Settings, credential_files, keep_setting_files
 from server.consumer_groups.store_sqlite import SQLiteConsumerGroupStore
 from server.launch import stop_signals
 from server.observability.metrics import MetricsServer, check_metrics_address
@@ -283,8 +283,10 @@ async def supervise(settings: Settings) -> None:
             "lives inside one process, so each worker would keep a log of its own. Use "
             "sqlite:///… or postgresql://…, or one worker."
         )
-    # Files the workers will read are checked here, so that a bad one is one clear
-    # error, not N workers failing.
+    # Read once, here, for every worker to serve with (``keep_setting_files``); and
+    # checked here, so that a bad one is one clear error, not N workers failing.
+    credentials = credential_files(settings)
+    keep_setting_files(credentials)
     authenticators_from(settings)
     server_credentials(settings)
     # From here on a stop is a stop: while the store opens (an unreachable database
@@ -299,13 +301,18 @@ async def supervise(settings: Settings) -> None:
             # metrics address may clash with.
             check_metrics_address(settings.metrics_listen, reservation.listen)
         with tempfile.TemporaryDirectory(prefix="order-gateway-") as run_dir:
-            await _run(settings, count, reservation.listen, Path(run_dir), stopping)
+            await _run(settings, count, reservation.listen, Path(run_dir), stopping, credentials)
     finally:
         reservation.release()
 
 
 async def _run(
-    settings: Settings, count: int, listen: str, run_dir: Path, stopping: asyncio.Event
+    settings: Settings,
+    count: int,
+    listen: str,
+    run_dir: Path,
+    stopping: asyncio.Event,
+    credentials: dict[str, bytes],
 ) -> None:
     worker_settings = settings.model_copy(
         update={
@@ -336,6 +343,7 @@ async def _run(
             str(hub.path),
             groups_via_hub=groups is not None,
             notice_delay=notice_delay,
+            credential_files=credentials,
         )
         for index in range(1, count + 1)
     ]

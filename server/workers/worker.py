@@ -24,7 +24,7 @@ import logging
 import os
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import cast
 
@@ -32,7 +32,7 @@ from domain.errors import StoreUnavailableError
 from domain.ports import SharedStreamLocks
 from domain.unit_of_work import AggregateCache
 from server.app import Gateway, serve, stop_deadline
-from server.config import Settings
+from server.config import Settings, keep_setting_files
 from server.observability.logs import configure_logging
 from server.stores.event_rows import EventRowReader, StreamRowReader
 from server.stores.factory import open_store
@@ -62,6 +62,9 @@ class WorkerSpec:
     """The supervisor keeps the consumer groups (SQLite)."""
     notice_delay: float = NOTICE_DELAY_SECONDS
     """How long the worker's notice of a commit waits for more (``hub_client``)."""
+    credential_files: dict[str, bytes] = field(default_factory=dict)
+    """The files of the credential settings as the supervisor read them at start, by
+    path: what this worker serves with (``server.config.keep_setting_files``)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ def run_worker(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> Non
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings = spec.settings
     configure_logging(settings.log_format, settings.log_level, worker=spec.index)
+    keep_setting_files(spec.credential_files)
     try:
         asyncio.run(_serve(spec, ready, lifeline))
     except SupervisorGoneError as gone:

@@ -4,6 +4,7 @@ serving, the guarantees of one process kept across them, and a graceful stop."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import multiprocessing
 import os
 import signal
@@ -411,3 +412,43 @@ async def test_a_stop_signal_while_workers_start_is_not_kept_waiting_for_them(
     assert code == 0, log
     assert "stopping while 8 workers start" in log
     assert "with 8 workers" not in log
+
+
+def token_file(path: Path, *entries: tuple[str, str]) -> None:
+    """(token, user_id) pairs, each allowed to restock."""
+    path.write_text(
+        "".join(
+            f'[[token]]\nsha256 = "{hashlib.sha256(token.encode()).hexdigest()}"\n'
+            f'user_id = "{user}"\nscopes = ["inventory:write"]\n'
+            for token, user in entries
+        )
+    )
+
+
+async def test_a_replaced_worker_serves_the_credentials_the_gateway_started_with(
+    tmp_path: Path,
+) -> None:
+    # One process reads its token file (keys, certificates) at start only. A worker that
+    # replaces one that died read the file as it then was: the same token was accepted
+    # on some connections and refused on others, a revoked one still valid on some.
+    tokens = tmp_path / "tokens.toml"
+    token_file(tokens, ("kept-token", "kept"))
+    options = ["--auth-tokens", str(tokens)]
+    async with workers_gateway(f"sqlite:///{tmp_path / 'w.db'}", options=options) as gateway:
+        token_file(tokens, ("added-token", "added"))
+        os.kill(min(gateway.workers()), signal.SIGKILL)
+        async with asyncio.timeout(WAIT):
+            while "replaced (pid" not in gateway.log:  # noqa: ASYNC110 - a log has no event
+                await asyncio.sleep(0.05)
+        answers: dict[str, list[str]] = {"kept-token": [], "added-token": []}
+        async with spread_clients(gateway.target, CHANNELS) as clients:
+            for token, codes in answers.items():
+                for client in clients:
+                    metadata = (("authorization", f"Bearer {token}"),)
+                    try:
+                        await client.restock("sku-1", 1, metadata=metadata)
+                        codes.append("OK")
+                    except grpc.aio.AioRpcError as error:
+                        codes.append(error.code().name)
+    assert answers["kept-token"] == ["OK"] * CHANNELS
+    assert answers["added-token"] == ["UNAUTHENTICATED"] * CHANNELS
