@@ -6,10 +6,12 @@ need none. The interceptor sets ``server.identity.current_caller`` for the call.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
 import re
+import time
 import tomllib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -20,12 +22,15 @@ import grpc
 from domain.errors import ConfigurationError
 from server.config import read_setting_file
 from server.rpc.method_handlers import (
+    CallScope,
     Context,
     EarlyCheck,
     Handler,
     Metadata,
     WrappingInterceptor,
     checked_first,
+    is_streaming_response,
+    wrapped,
 )
 from server.rpc.status_mapping import plain_status
 from server.security.identity import (
@@ -46,6 +51,9 @@ class AuthenticationError(Exception):
 
 
 class Authenticator(Protocol):
+    expiring: bool
+    """Whether the callers it authenticates may expire (``Caller.expires_at``)."""
+
     def authenticate(self, token: str) -> Caller | None:
         """The caller the token identifies, None if this authenticator does not know it.
 
@@ -59,6 +67,8 @@ TOKEN_KEYS = frozenset({"sha256", "user_id", "scopes"})
 
 class TokenFileAuthenticator:
     """Static bearer tokens from a TOML file that holds only their SHA-256 hashes."""
+
+    expiring = False
 
     def __init__(self, entries: dict[bytes, Caller]) -> None:
         self._entries = entries
@@ -144,12 +154,16 @@ class AuthInterceptor(WrappingInterceptor):
     def __init__(self, authenticators: Sequence[Authenticator]) -> None:
         super().__init__()
         self._authenticators = tuple(authenticators)
+        self._expiring = any(a.expiring for a in authenticators)
 
     def applies_to(self, method: str, handler: Handler) -> bool:
-        # Only the refusal of a method without a scope is left to the handler: with
+        # Left to the handler: the refusal of a method without a scope (with
         # authentication off every caller is ANONYMOUS, which ``current_caller`` already
-        # is unless set, and with it on the early check has admitted the caller.
-        return not method.startswith(OPEN_SERVICES) and method not in REQUIRED_SCOPES
+        # is unless set, and with it on the early check has admitted the caller); and,
+        # where credentials expire, the end of a stream whose caller's have.
+        if method.startswith(OPEN_SERVICES):
+            return False
+        return method not in REQUIRED_SCOPES or (self._expiring and is_streaming_response(handler))
 
     def early_check(self) -> EarlyCheck | None:
         return self._admit if self._authenticators else None
@@ -166,6 +180,8 @@ class AuthInterceptor(WrappingInterceptor):
         return None
 
     def wrap(self, handler: Handler, method: str) -> Handler:
+        if method in REQUIRED_SCOPES:
+            return wrapped(handler, _until_the_credentials_expire)
         log.error("refusing calls to %s: the method has no scope assigned", method)
         refusal = plain_status(
             grpc.StatusCode.PERMISSION_DENIED, "this method has no scope assigned"
@@ -219,3 +235,43 @@ class AuthInterceptor(WrappingInterceptor):
             if caller is not None:
                 return caller
         raise AuthenticationError("unknown bearer token")
+
+
+def _until_the_credentials_expire(request: Any, context: Context) -> CallScope | None:
+    expires_at = current_caller.get().expires_at
+    return None if expires_at is None else _EndsWhenCredentialsExpire(context, expires_at)
+
+
+class _EndsWhenCredentialsExpire(CallScope):
+    """Ends a stream (Subscribe, Consume) UNAUTHENTICATED once its caller's credentials
+    expire: they are checked as the call arrives, and a stream may stay open for hours,
+    delivering events to a token that expired long before."""
+
+    __slots__ = ("_context", "_expired", "_expires_at", "_timer")
+
+    def __init__(self, context: Context, expires_at: float) -> None:
+        self._context = context
+        self._expires_at = expires_at
+        self._expired = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def start(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._timer = asyncio.get_running_loop().call_later(
+            max(0.0, self._expires_at - time.time()), self._expire, task
+        )
+
+    def _expire(self, task: asyncio.Task[Any]) -> None:
+        self._expired = True
+        task.cancel()
+
+    async def end(self, error: BaseException | None) -> bool:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._expired and isinstance(error, asyncio.CancelledError):
+            log.info("ended a stream: its caller's credentials expired")
+            await self._context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "the credentials expired while the stream was open"
+            )
+        return False

@@ -29,6 +29,9 @@ ALL_SCOPES = frozenset(
 class Caller:
     user_id: str
     scopes: frozenset[str]
+    expires_at: float | None = None
+    """When the credentials this caller presented stop being valid (seconds since the
+    epoch, clock skew allowed for): a JWT's; None for those that do not expire."""
 
     @property
     def is_admin(self) -> bool:

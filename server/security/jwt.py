@@ -56,6 +56,8 @@ class JwtAuthenticator:
     are not remembered.
     """
 
+    expiring = True
+
     def __init__(
         self,
         key: PublicKey,
@@ -130,20 +132,25 @@ class JwtAuthenticator:
             value = claims.get(name)
             if value is not None and (type(value) is bool or not isinstance(value, int | float)):
                 raise AuthenticationError(f"invalid JWT: the '{name}' claim must be a number")
-        caller = Caller(user_id=_subject(claims.get("sub")), scopes=_scopes(claims.get("scope")))
+        # PyJWT has checked that the times are numbers (read with int(), as it reads them)
+        # that allow the token now; it allows it while nbf - skew <= now, iat - skew <= now
+        # and now < exp + skew.
+        caller = Caller(
+            user_id=_subject(claims.get("sub")),
+            scopes=_scopes(claims.get("scope")),
+            expires_at=int(claims["exp"]) + CLOCK_SKEW.total_seconds(),
+        )
         self._remember(token, caller, claims)
         return caller
 
     def _remember(self, token: str, caller: Caller, claims: dict[str, Any]) -> None:
         skew = CLOCK_SKEW.total_seconds()
-        # PyJWT has checked that these are numbers (read with int(), as it reads them) that
-        # allow the token now; it allows it while nbf - skew <= now, iat - skew <= now and
-        # now < exp + skew.
         starts = [int(claims[name]) for name in ("nbf", "iat") if name in claims]
+        assert caller.expires_at is not None
         self._verified[token] = _Verified(
             caller,
             valid_from=max(starts) - skew if starts else -math.inf,
-            valid_until=int(claims["exp"]) + skew,
+            valid_until=caller.expires_at,
         )
         if len(self._verified) > self._remembered:
             self._verified.popitem(last=False)

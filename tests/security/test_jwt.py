@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -27,6 +28,9 @@ from cryptography.hazmat.primitives.serialization import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from orders.v1 import (
+    consumer_group_service_pb2,
+    consumer_group_service_pb2_grpc,
+    event_stream_service_pb2,
     event_stream_service_pb2_grpc,
     inventory_command_service_pb2_grpc,
     order_command_service_pb2_grpc,
@@ -39,6 +43,7 @@ from server.security.auth import AuthenticationError
 from server.security.jwt import JwtAuthenticator
 from server.stores.memory import MemoryEventStore
 from tests.clients import Clients
+from tests.group_support import group_gateway, join
 
 ISSUER = "https://issuer.example"
 AUDIENCE = "order-gateway"
@@ -261,6 +266,61 @@ async def test_a_token_that_is_no_jwt_is_unknown(api: Clients) -> None:
     error = await restock_error(api, "plain-opaque-token")
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     assert error.details() == "unknown bearer token"
+
+
+async def test_a_stream_ends_when_the_token_that_opened_it_expires(
+    api: Clients, rsa_signer: Signer
+) -> None:
+    # A token is checked as its call arrives: a Subscribe (or Consume) opened with it
+    # went on delivering events long after its exp. Valid 2 s more (30 s of clock skew):
+    short = rsa_signer.token(scope="events:read", exp=int(time.time()) - 28)
+    lasting = rsa_signer.token(scope="events:read inventory:write")
+    await api.restock("sku-1", 1, metadata=bearer(lasting))
+    ending = api.events.Subscribe(
+        event_stream_service_pb2.SubscribeRequest(), metadata=bearer(short)
+    )
+    going_on = api.events.Subscribe(
+        event_stream_service_pb2.SubscribeRequest(), metadata=bearer(lasting)
+    )
+    try:
+        async with asyncio.timeout(20):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in ending:
+                    pass
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "expired" in (caught.value.details() or "")
+            await api.restock("sku-1", 1, metadata=bearer(lasting))
+            delivered = 0
+            async for response in going_on:
+                delivered += response.HasField("event")
+                if delivered == 2:
+                    break
+    finally:
+        going_on.cancel()
+
+
+async def test_a_consumer_group_member_ends_when_its_token_expires(
+    tmp_path: Path, rsa_signer: Signer
+) -> None:
+    key = write(tmp_path / "jwt.pem", rsa_signer.public_pem())
+    admin = rsa_signer.token(iss=None, aud=None, scope="events:admin")
+    short = rsa_signer.token(iss=None, aud=None, scope="events:read", exp=int(time.time()) - 28)
+    async with (
+        group_gateway(jwt_public_key=key) as gateway,
+        grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel,
+    ):
+        groups = consumer_group_service_pb2_grpc.ConsumerGroupServiceStub(channel)
+        await groups.CreateConsumerGroup(
+            consumer_group_service_pb2.CreateConsumerGroupRequest(name="g"), metadata=bearer(admin)
+        )
+        member = await join(groups, "g", metadata=bearer(short))
+        try:
+            async with asyncio.timeout(20):
+                await member.ended.wait()
+        finally:
+            await member.close()
+    assert member.error is not None
+    assert member.error.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_jwts_and_a_token_file_work_together(
