@@ -11,7 +11,7 @@ parameter values.
 from __future__ import annotations
 
 from psycopg import Error, OperationalError
-from psycopg.errors import TransactionRollback, UniqueViolation
+from psycopg.errors import UniqueViolation
 from psycopg_pool import PoolTimeout, TooManyRequests
 
 from domain.errors import (
@@ -42,6 +42,14 @@ def is_full(error: Error) -> bool:
     return error.sqlstate == DISK_FULL
 
 
+def is_rolled_back(error: Error) -> bool:
+    """True if the server rolled the transaction back (SQLSTATE class 40: a deadlock's
+    victim, a serialization failure). Told by the class, not the exception's type:
+    psycopg raises DeadlockDetected and SerializationFailure as OperationalErrors, not as
+    TransactionRollbacks."""
+    return error.sqlstate is not None and error.sqlstate.startswith("40")
+
+
 def is_unavailable(error: Error) -> bool:
     """True if the database could not be reached or refused the work for now."""
     if isinstance(error, PoolTimeout | TooManyRequests):
@@ -59,6 +67,14 @@ def store_error(error: Error, operation: str) -> StoreError:
         # The message names the file the server could not extend: for the operator.
         return StoreFullError(
             f"PostgreSQL is out of disk space ({operation}): {error.diag.message_primary}"
+        )
+    if is_rolled_back(error):
+        # A deadlock's victim or a serialization failure: its transaction wrote nothing,
+        # and the same work may well pass if tried again (an append's is a lost race,
+        # told apart before: ``append_error``).
+        return StoreUnavailableError(
+            f"PostgreSQL rolled back the transaction ({operation}): "
+            f"{error.diag.message_primary or type(error).__name__}"
         )
     if is_unavailable(error):
         # Connection messages name the host and port, which is what an operator needs.
@@ -82,7 +98,7 @@ def append_error(error: Error, commit: Commit) -> DomainError | StoreError:
             return DuplicateCommandError(commit.command_id)
         if constraint in (STREAM_VERSION_KEY, POSITION_KEY):
             return ConcurrencyConflictError(f"a stream of command {commit.command_id} moved on")
-    if isinstance(error, TransactionRollback):
+    if is_rolled_back(error):
         # Serialization failure or deadlock: nothing was written, a retry is safe.
         return ConcurrencyConflictError(f"command {commit.command_id} lost a race")
     return store_error(error, "append")

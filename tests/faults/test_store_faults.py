@@ -29,11 +29,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from psycopg.pq import DiagnosticField
 from psycopg_pool import PoolTimeout
 
-from domain.errors import StoreError, StoreFullError, StoreUnavailableError
+from domain.errors import (
+    ConcurrencyConflictError,
+    StoreError,
+    StoreFullError,
+    StoreUnavailableError,
+)
 from domain.ports import CommandRecord, Commit, NewEvent, RecordedEvent, StreamLocked
 from server.app import Gateway
 from server.cli import main
 from server.observability.store_faults import RECOVERY_QUIET, StoreFaults
+from server.stores.postgres_errors import append_error
 from server.stores.postgres_errors import store_error as postgres_store_error
 from server.stores.sqlite import SQLiteEventStore
 from server.stores.sqlite import _store_error as sqlite_store_error
@@ -196,6 +202,8 @@ def test_sqlite_result_codes_map_to_store_errors(code: str, expected: type[Store
         ("53300", StoreUnavailableError),  # too_many_connections
         ("58030", StoreUnavailableError),  # io_error
         ("25006", StoreUnavailableError),  # read_only_sql_transaction: a standby
+        ("40P01", StoreUnavailableError),  # deadlock_detected: rolled back, retryable
+        ("40001", StoreUnavailableError),  # serialization_failure
         ("42P01", StoreError),  # undefined_table
         ("22003", StoreError),  # numeric_value_out_of_range
     ],
@@ -203,6 +211,15 @@ def test_sqlite_result_codes_map_to_store_errors(code: str, expected: type[Store
 def test_postgres_sqlstates_map_to_store_errors(sqlstate: str, expected: type[StoreError]) -> None:
     error = postgres_store_error(psycopg.errors.lookup(sqlstate)("the server's message"), "append")
     assert type(error) is expected
+
+
+@pytest.mark.parametrize("sqlstate", ["40P01", "40001"])
+def test_an_append_the_server_rolled_back_is_a_lost_race(sqlstate: str) -> None:
+    # A deadlock's victim or a serialization failure: nothing was written, and the bus
+    # retries a conflict (it answered INTERNAL: psycopg raises these as
+    # OperationalErrors, not as the TransactionRollback the code looked for).
+    cause = psycopg.errors.lookup(sqlstate)("the server's message")
+    assert isinstance(append_error(cause, new_commit()), ConcurrencyConflictError)
 
 
 def server_error(sqlstate: str, message: str, more: str) -> psycopg.Error:
