@@ -29,12 +29,13 @@ STREAM_VERSION_KEY = "events_stream_version_key"
 POSITION_KEY = "events_pkey"
 
 DISK_FULL = "53100"
-_UNAVAILABLE = ("08", "53", "57", "58030", "25006")
+_UNAVAILABLE = ("08", "53", "57", "58030", "25006", "55P03")
 """SQLSTATEs (classes or codes) meaning "not now": connection exception; insufficient
 resources (too many connections, out of memory; disk full is told apart first); operator
 intervention (admin or crash shutdown, cannot connect now, statement timeout); an I/O
-error; and a read-only transaction, which is what a standby answers a write with when a
-failover pointed the gateway at it."""
+error; a read-only transaction, which is what a standby answers a write with when a
+failover pointed the gateway at it; and a lock not had within a ``lock_timeout`` set on
+the database or role (as a ``statement_timeout`` is, above: the wait, not the work, failed)."""
 
 
 def is_full(error: Error) -> bool:

@@ -477,6 +477,10 @@ def _path_errors(path: Path) -> Iterator[None]:
         raise StoreError(f"cannot open the SQLite store {path}: {e.strerror or e}") from e
 
 
+def _unchecked(path: Path | None, error: OSError) -> str:
+    return f"the files of the SQLite store {path} cannot be checked ({error.strerror or error})"
+
+
 def _written(file: Path) -> bool:
     try:
         return file.stat().st_size > 0
@@ -864,7 +868,15 @@ class SQLiteEventStore:
     def _write_or_fail(self, batch: list[Append], *, one_by_one: bool = True) -> bool | None:
         """``_write``, with every item failed if it raises: a bug must neither leave
         callers waiting forever nor a transaction open."""
-        if (gone := self._gone()) is not None:
+        try:
+            gone = self._gone()
+        except OSError as e:
+            # Nothing written while the files cannot be checked (a directory this user may
+            # no longer search, an I/O error): refused, and the thread goes on.
+            self._rollback()
+            self._refuse(batch, f"{_unchecked(self._path, e)}; nothing is written meanwhile")
+            return False
+        if gone is not None:
             self._rollback()
             self._save_lost_wal()
             self._refuse_gone(batch, gone)
@@ -877,7 +889,17 @@ class SQLiteEventStore:
             for append in batch:
                 append.outcome = _store_error("the SQLite store failed", e, self._path)
             return False
-        if committed and (gone := self._gone()) is not None:
+        if not committed:
+            return committed
+        try:
+            gone = self._gone()
+        except OSError as e:
+            # SQLite committed the batch, and the files were there just before: answered
+            # as committed (refused, a retry without its command_id would commit it
+            # twice); the next batch's check refuses it while this lasts.
+            log.warning("%s after a commit", _unchecked(self._path, e))
+            return committed
+        if gone is not None:
             # Deleted while this batch was written: its commits went into a file that is
             # gone when the store closes, and none of them is answered as committed;
             # unless the whole of a deleted -wal file, this batch with it, was copied
@@ -891,8 +913,12 @@ class SQLiteEventStore:
 
     @staticmethod
     def _refuse_gone(batch: Sequence[Call[Any, Any]], gone: str) -> None:
-        for append in batch:
-            append.outcome = StoreUnavailableError(f"{gone}; nothing is committed to it any more")
+        SQLiteEventStore._refuse(batch, f"{gone}; nothing is committed to it any more")
+
+    @staticmethod
+    def _refuse(batch: Sequence[Call[Any, Any]], reason: str) -> None:
+        for call in batch:
+            call.outcome = StoreUnavailableError(reason)
 
     def _gone(self) -> str | None:
         """What was deleted of the store while it served, or None if nothing was.
@@ -926,7 +952,11 @@ class SQLiteEventStore:
         still reaches, and which a crash would lose. Once, and only while no other file
         has taken the -wal's name: frames a connection wrote to such a file are not in
         this one, and copying them from here would damage the store."""
-        if self._wal_saved or self._wal is None or self._wal.exists() or self._deleted():
+        try:
+            if self._wal_saved or self._wal is None or self._wal.exists() or self._deleted():
+                return
+        except OSError as e:
+            log.warning("%s: the deleted -wal is not copied", _unchecked(self._path, e))
             return
         try:
             # PASSIVE: no busy wait, which may run on the event loop (``_commit_here``).
@@ -1157,10 +1187,16 @@ class SQLiteEventStore:
                         read.outcome = _store_error(f"reading the SQLite store failed: {e}", e)
                     except Exception as e:  # a bug: the caller gets it as it is
                         read.outcome = e
-                if (gone := self._gone()) is not None:
-                    # What was read may be commits refused for the deletion (the writer's
-                    # check follows its write): a deleted store serves no reads either.
-                    self._refuse_gone(batch, gone)
+                try:
+                    gone = self._gone()
+                except OSError as e:
+                    self._refuse(batch, _unchecked(self._path, e))
+                else:
+                    if gone is not None:
+                        # What was read may be commits refused for the deletion (the
+                        # writer's check follows its write): a deleted store serves no
+                        # reads either.
+                        self._refuse_gone(batch, gone)
                 answer(batch)
         finally:
             connection.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import logging
 import os
 import shutil
@@ -44,6 +45,7 @@ from server.stores.postgres_errors import store_error as postgres_store_error
 from server.stores.sqlite import SQLiteEventStore
 from server.stores.sqlite import _store_error as sqlite_store_error
 from tests.clients import Clients, detail, item, order_request
+from tests.conformance.contract import commit_of
 from tests.subscription_support import StreamReader, WrappedStore, connect, running_gateway
 
 FAULT_LINE = "event store fault"
@@ -204,6 +206,7 @@ def test_sqlite_result_codes_map_to_store_errors(code: str, expected: type[Store
         ("25006", StoreUnavailableError),  # read_only_sql_transaction: a standby
         ("40P01", StoreUnavailableError),  # deadlock_detected: rolled back, retryable
         ("40001", StoreUnavailableError),  # serialization_failure
+        ("55P03", StoreUnavailableError),  # lock_not_available: a role's lock_timeout
         ("42P01", StoreError),  # undefined_table
         ("22003", StoreError),  # numeric_value_out_of_range
     ],
@@ -781,6 +784,42 @@ async def test_a_tool_beside_a_store_whose_wal_file_was_deleted_is_refused_witho
     assert code == 1
     assert "events.db-shm is there without events.db-wal" in capsys.readouterr().err
     assert not (folder / "copy.db").exists()
+
+
+@pytest.mark.parametrize("on_loop", [False, True], ids=["writer-thread", "on-the-loop"])
+async def test_files_that_cannot_be_checked_refuse_calls_until_they_can(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_loop: bool
+) -> None:
+    # What a gateway not run as root meets once its store's directory may not be searched
+    # (or a failing disk, EIO): the check of the files before and after each batch raised,
+    # the writer and reader threads died, and every later call waited for ever.
+    store = await SQLiteEventStore.open(tmp_path / "store.db")
+    if on_loop:
+        store.commit_on_loop_when(lambda: True)
+    await store.append(commit_of([("product-a", 1)]))
+    stat = os.stat
+
+    def refused_for_the_wal(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if str(path).endswith("-wal"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return stat(path, *args, **kwargs)
+
+    try:
+        monkeypatch.setattr("server.stores.sqlite.os.stat", refused_for_the_wal)
+        async with asyncio.timeout(10):
+            for call in (
+                store.append(commit_of([("product-b", 1)])),
+                store.read_all(0, 10),
+                store.append(commit_of([("product-c", 1)])),
+            ):
+                with pytest.raises(StoreUnavailableError, match="cannot be checked"):
+                    await call
+        monkeypatch.setattr("server.stores.sqlite.os.stat", stat)
+        async with asyncio.timeout(10):
+            await store.append(commit_of([("product-d", 1)]))
+            assert [e.stream_id for e in await store.read_all(0, 10)] == ["product-a", "product-d"]
+    finally:
+        await store.close()
 
 
 # -- another process holding SQLite's write lock ---------------------------------------
