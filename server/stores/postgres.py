@@ -251,6 +251,7 @@ class PostgresEventStore:
         migrator = await _connect(url, connect_kwargs)
         with _translated("migrate"):
             async with migrator:
+                _refuse_encoding(migrator)
                 if migrate:
                     await apply_migrations(migrator)
                 elif missing := await missing_migrations(migrator):
@@ -813,7 +814,35 @@ def _connect_kwargs(url: str) -> dict[str, Any]:
                 f"invalid PostgreSQL store URL {redacted_url(url)!r}:"
                 f" port {port!r} is not a number from 1 to 65535"
             )
-    return {key: value for key, value in CONNECT_DEFAULTS.items() if key not in given}
+    encoding = str(given.get("client_encoding", "UTF8"))
+    if encoding.replace("-", "").upper() != "UTF8":
+        raise StoreURLError(
+            f"invalid PostgreSQL store URL {redacted_url(url)!r}: client_encoding"
+            f" {encoding!r}: the gateway speaks UTF-8 to PostgreSQL (leave it out)"
+        )
+    return {
+        # Always: the binary arrays appends send are UTF-8 (``postgres_arrays``), and
+        # PGCLIENTENCODING or a role's setting would otherwise have the server read them
+        # as another encoding (a LATIN1 session stored "José" as "JosÃ©").
+        "client_encoding": "UTF8",
+        **{key: value for key, value in CONNECT_DEFAULTS.items() if key not in given},
+    }
+
+
+SERVER_ENCODINGS = ("UTF8", "SQL_ASCII")
+"""Databases the gateway's text can be stored in as it is: any Unicode text in UTF8; the
+UTF-8 bytes as they are in SQL_ASCII, which converts nothing."""
+
+
+def _refuse_encoding(connection: psycopg.AsyncConnection[TupleRow]) -> None:
+    """Refuse a database whose encoding cannot hold every text a client may send: in
+    LATIN1, say, a user id in Greek letters would fail its command INTERNAL."""
+    encoding = connection.info.parameter_status("server_encoding")
+    if encoding is not None and encoding not in SERVER_ENCODINGS:
+        raise StoreError(
+            f"the database's encoding is {encoding}, which cannot hold every text"
+            " a client may send: create the gateway's database with ENCODING 'UTF8'"
+        )
 
 
 async def _connect(url: str, connect_kwargs: dict[str, Any]) -> psycopg.AsyncConnection[TupleRow]:

@@ -43,11 +43,17 @@ from domain.errors import (
 from domain.ports import Commit, NewEvent, RecordedEvent, Snapshot
 from server.app import create_server
 from server.config import Settings
-from server.stores.postgres import LISTENER_APPLICATION_NAME, PostgresEventStore
+from server.stores.postgres import (
+    LISTENER_APPLICATION_NAME,
+    PostgresEventStore,
+    _connect_kwargs,
+)
 from server.stores.postgres_pool import closed_by_server
 from server.stores.postgres_schema import APPEND_LOCK, MIGRATIONS, apply_migrations
+from server.stores.urls import StoreURLError
 from server.verify import verify
 from tests.clients import Clients, detail, item, order_request
+from tests.conformance.contract import commit_of
 
 pytestmark = pytest.mark.postgres
 
@@ -847,3 +853,43 @@ async def test_a_sold_out_product_reports_the_stock_left(
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     failure = detail(raised.value, error_details_pb2.PreconditionFailure)
     assert failure.violations[0].description == "requested 1, available 0"
+
+
+async def test_text_is_stored_as_sent_whatever_the_client_encoding_setting(
+    fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Appends send their text in binary arrays of UTF-8: a session left in another
+    # encoding (PGCLIENTENCODING, a role's setting) had the server read them as that one,
+    # and "José" came back "JosÃ©".
+    monkeypatch.setenv("PGCLIENTENCODING", "LATIN1")
+    store = await PostgresEventStore.open(fresh_postgres_url)
+    try:
+        await store.append(commit_of([("product-a", 1)], user_id="José", correlation_id="Ελλάδα"))
+        (event,) = await store.read_all(0, 10)
+    finally:
+        await store.close()
+    assert (event.user_id, event.correlation_id) == ("José", "Ελλάδα")
+
+
+async def test_a_database_that_cannot_hold_every_text_is_refused(
+    postgres_url: str,
+) -> None:
+    name = f"test_latin1_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(
+            f"CREATE DATABASE \"{name}\" ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'"
+            " TEMPLATE template0"
+        )
+    try:
+        with pytest.raises(StoreError, match="encoding is LATIN1"):
+            await PostgresEventStore.open(f"{postgres_url.rpartition('/')[0]}/{name}")
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_a_client_encoding_other_than_utf8_is_refused() -> None:
+    with pytest.raises(StoreURLError, match="client_encoding 'LATIN1'"):
+        _connect_kwargs("postgresql://gw@db/orders?client_encoding=LATIN1")
+    utf8 = _connect_kwargs("postgresql://gw@db/orders?client_encoding=utf-8")
+    assert utf8["client_encoding"] == "UTF8"
