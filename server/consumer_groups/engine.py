@@ -167,11 +167,18 @@ class Member:
         self._ended: Exception | None = None
 
     def send_assignment(self) -> None:
-        self._outbox.append(
-            pb.ConsumeResponse(
-                assignment=pb.Assignment(member_id=self.member_id, partitions=self.partitions)
-            )
+        assignment = pb.ConsumeResponse(
+            assignment=pb.Assignment(member_id=self.member_id, partitions=self.partitions)
         )
+        # One unsent Assignment at most, the latest, where the first unsent one stood (the
+        # deliveries after it are of its partitions, or dropped as moved away): a member
+        # that does not read was queued one per rebalance, without end.
+        for index, item in enumerate(self._outbox):
+            if isinstance(item, pb.ConsumeResponse):
+                self._outbox[index] = assignment
+                break
+        else:
+            self._outbox.append(assignment)
         self._wake.set()
 
     def send_delivery(self, entry: Entry) -> None:
@@ -325,6 +332,11 @@ class GroupRuntime:
         self._fill_scheduled = False
         self._to_park: list[tuple[Entry, str]] = []
         self._to_unpark: list[str] = []
+        self._polling_replays = asyncio.Lock()
+        """Held by one ``poll_replays`` at a time (ReplayParked's, the flush loop's, a
+        lease round's): two at once each read an event from the log while the other took
+        it up, delivered it and saw it acked, and took it up again (acked events came
+        again, hundreds after one replay)."""
         self._to_count: list[tuple[Entry, bool]] = []
         """Failed events whose attempts are to be stored, each with whether it backs off
         after (a RETRY) or is delivered again at once."""
@@ -871,20 +883,20 @@ class GroupRuntime:
         """Take up parked events being replayed, at most ``replay_batch`` held at once
         (ReplayParked marks them in the store, here or on another replica, or before a
         restart; more are taken up as these are settled)."""
-        batch = self._tuning.replay_batch
-        held = sum(len(p.replays) for p in self._partitions)
-        if held >= batch:
-            return
-        # The longest-parked first: those held already lead the list until settled.
-        for parked in await self._store.replaying(self.record.name, batch):
-            await self._take_replay(parked)
+        async with self._polling_replays:
+            batch = self._tuning.replay_batch
+            held = sum(len(p.replays) for p in self._partitions)
+            if held >= batch:
+                return
+            # The longest-parked first: those held already lead the list until settled.
+            for parked in await self._store.replaying(self.record.name, batch):
+                await self._take_replay(parked)
 
     async def _take_replay(self, parked: ParkedEvent) -> None:
         if not 0 <= parked.partition < len(self._partitions):
             return
         partition = self._partitions[parked.partition]
-        busy = {entry.event_id for entry, _ in self._to_park} | set(self._to_unpark)
-        if not partition.owned or parked.event_id in partition.replays or parked.event_id in busy:
+        if not self._may_take_replay(partition, parked.event_id):
             return
         pending = partition.pending.get(parked.position)
         if pending is not None and pending.event_id == parked.event_id:
@@ -893,7 +905,7 @@ class GroupRuntime:
         if not records or records[0].event_id != parked.event_id:
             log.warning("parked event %s is not in the log", parked.event_id)
             return
-        if not partition.owned or parked.event_id in partition.replays:
+        if not self._may_take_replay(partition, parked.event_id):
             return  # the read awaited: things may have moved meanwhile
         event = events_pb2.Event(**proto_event_fields(records[0]))
         entry = _with_failures(
@@ -902,6 +914,15 @@ class GroupRuntime:
         )
         partition.replays[parked.event_id] = entry
         self._make_ready(entry)
+
+    def _may_take_replay(self, partition: Partition, event_id: str) -> bool:
+        """Whether the parked ``event_id`` is one to take up now: not held already, nor
+        settled and waiting to be unparked (or parked again) in the store."""
+        if not partition.owned or event_id in partition.replays:
+            return False
+        return event_id not in self._to_unpark and all(
+            entry.event_id != event_id for entry, _ in self._to_park
+        )
 
     # -- storing ----------------------------------------------------------------------
 

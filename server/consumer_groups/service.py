@@ -8,7 +8,7 @@ import datetime as dt
 import functools
 import logging
 import uuid
-from collections import defaultdict
+import weakref
 from dataclasses import dataclass
 
 from domain.errors import StoreError, StoreUnavailableError
@@ -73,8 +73,10 @@ class ConsumerGroups:
         self._hub = hub
         self._tuning = tuning or GroupTuning()
         self._runtimes: dict[str, GroupRuntime] = {}
-        # Starting, stopping and deleting a group's runtime take turns, per group.
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # Starting, stopping and deleting a group's runtime take turns, per group; a lock
+        # goes once nothing holds or awaits it (a lock kept per name ever used grew for
+        # good with deleted groups and Consume calls on names that do not exist).
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._closed = False
         self._deletions: set[asyncio.Task[None]] = set()
         """Ends of groups a lease round found deleted through another replica."""
@@ -280,7 +282,7 @@ class ConsumerGroups:
         return members, leases
 
     async def delete(self, name: str) -> None:
-        async with self._locks[name]:
+        async with self._lock(name):
             # Its counter goes with it: a deleted group's series would stay for good.
             self._retired.pop(name, None)
             runtime = self._runtimes.pop(name, None)
@@ -292,7 +294,7 @@ class ConsumerGroups:
     async def deleted_elsewhere(self, name: str, created_at: dt.datetime) -> None:
         """Another process deleted the group created at ``created_at``: its members here
         end with NOT_FOUND (a group created since under the same name is left alone)."""
-        async with self._locks[name]:
+        async with self._lock(name):
             runtime = self._runtimes.get(name)
             if runtime is not None and runtime.record.created_at == created_at:
                 await self._end_deleted_elsewhere(runtime)
@@ -329,7 +331,7 @@ class ConsumerGroups:
     async def join(
         self, name: str, member_id: str, user_id: str, max_in_flight: int
     ) -> tuple[GroupRuntime, Member]:
-        async with self._locks[name]:
+        async with self._lock(name):
             if self._closed:
                 raise GroupClosedError
             record = await self.record(name)
@@ -351,7 +353,7 @@ class ConsumerGroups:
                     self.replica_id,
                     functools.partial(self._deleted_by_another_replica, name, record.created_at),
                 )
-                await runtime.start()
+                await self._started(runtime)
                 self._runtimes[name] = runtime
             member_id = member_id or str(uuid.uuid4())
             if member_id in runtime.members:
@@ -359,10 +361,57 @@ class ConsumerGroups:
             joined_at = dt.datetime.now(dt.UTC)
             if self._leases is not None:
                 # Across replicas an id is taken while any replica has it live.
-                await self._leases.register(
-                    name, self.replica_id, LocalMember(member_id, user_id, joined_at, 0)
-                )
+                try:
+                    await self._leases.register(
+                        name, self.replica_id, LocalMember(member_id, user_id, joined_at, 0)
+                    )
+                except BaseException:
+                    # Refused (the id is live elsewhere) or failed: a runtime this join
+                    # started has no member, and would go on reading and flushing.
+                    await self._stop_if_unused(name, runtime)
+                    raise
+                if self._closed:
+                    # The gateway began to stop while the id was registered.
+                    await self._stop_if_unused(name, runtime)
+                    raise GroupClosedError
             return runtime, runtime.join(member_id, user_id, max_in_flight, joined_at)
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
+
+    async def _started(self, runtime: GroupRuntime) -> None:
+        """``runtime`` started, or stopped again: when its start fails or is cancelled
+        midway (it had begun reading and flushing, and nothing would have stopped it), or
+        when the gateway began to stop meanwhile (``stop`` has passed it by)."""
+        try:
+            await runtime.start()
+        except BaseException:
+            await self._stop_quietly(runtime)
+            raise
+        if self._closed:
+            await self._stop_quietly(runtime)
+            raise GroupClosedError
+
+    async def _stop_if_unused(self, name: str, runtime: GroupRuntime) -> None:
+        if not runtime.members and self._runtimes.get(name) is runtime:
+            del self._runtimes[name]
+            await self._stop_quietly(runtime)
+
+    @staticmethod
+    async def _stop_quietly(runtime: GroupRuntime) -> None:
+        """Stop ``runtime``, which no member uses; a failure to store its state (which no
+        member changed) is logged, not raised over the error being answered."""
+        try:
+            await runtime.stop_and_store(GroupClosedError())
+        except Exception as error:
+            log.warning(
+                "consumer group %r: stopping a runtime no member uses: %s",
+                runtime.record.name,
+                error,
+            )
 
     async def leave(self, runtime: GroupRuntime, member: Member) -> None:
         """The member's departure, carried to its end even if the awaiting call is
@@ -378,7 +427,7 @@ class ConsumerGroups:
         name = runtime.record.name
         if runtime.members or self._runtimes.get(name) is not runtime:
             return
-        async with self._locks[name]:
+        async with self._lock(name):
             # Nobody joined while the lock was awaited: stop reading for this group.
             if not runtime.members and self._runtimes.get(name) is runtime:
                 del self._runtimes[name]
