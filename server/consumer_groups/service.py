@@ -370,10 +370,11 @@ class ConsumerGroups:
                     # started has no member, and would go on reading and flushing.
                     await self._stop_if_unused(name, runtime)
                     raise
-                if self._closed:
-                    # The gateway began to stop while the id was registered.
-                    await self._stop_if_unused(name, runtime)
-                    raise GroupClosedError
+            if self._closed:
+                # The gateway began to stop while this join awaited: ``stop`` has passed
+                # the runtime by, or stopped it.
+                await self._stop_if_unused(name, runtime)
+                raise GroupClosedError
             return runtime, runtime.join(member_id, user_id, max_in_flight, joined_at)
 
     def _lock(self, name: str) -> asyncio.Lock:
@@ -398,6 +399,8 @@ class ConsumerGroups:
     async def _stop_if_unused(self, name: str, runtime: GroupRuntime) -> None:
         if not runtime.members and self._runtimes.get(name) is runtime:
             del self._runtimes[name]
+            if runtime.redeliveries:
+                self._retire(runtime)  # its last member's departure, waiting, will not
             await self._stop_quietly(runtime)
 
     @staticmethod
