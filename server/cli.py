@@ -22,6 +22,7 @@ from server.client.groups import (
     add_client_flags,
     add_connection_timeout,
     positive_seconds,
+    target_address,
     whole_number,
 )
 from server.client.groups import add_parsers as add_group_parsers
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument(
         "--target",
         metavar="HOST:PORT",
+        type=target_address,
         help="the gateway to ask (default: this host, at the port of "
         f"{variable_name('listen')}, or 50051)",
     )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import queue
 import sys
 import threading
@@ -54,6 +53,7 @@ def add_client_flags(parser: argparse.ArgumentParser, target: str = "the gateway
     parser.add_argument(
         "--target",
         metavar="HOST:PORT",
+        type=target_address,
         help=f"{target} (default: this host, at the port of {LISTEN_VARIABLE}, or 50051)",
     )
     parser.add_argument(
@@ -195,12 +195,29 @@ def _add_call_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+MAX_TIMEOUT_SECONDS = 100_000_000
+"""The longest ``--timeout``, about three years: grpc's deadline overflows past some
+9,000,000,000 s from now, and a call with such a timeout failed at once (DEADLINE_EXCEEDED)."""
+
+
 def positive_seconds(text: str) -> float:
-    """An argparse type: a number of seconds above 0 (not ``nan`` or ``inf``)."""
+    """An argparse type: a number of seconds above 0, at most ``MAX_TIMEOUT_SECONDS``."""
     seconds = _number_of_seconds(text)
-    if not 0 < seconds < math.inf:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0: {text!r}")
+    if not 0 < seconds <= MAX_TIMEOUT_SECONDS:  # also refuses nan
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds above 0 and at most {MAX_TIMEOUT_SECONDS:,}: {text!r}"
+        )
     return seconds
+
+
+def target_address(text: str) -> str:
+    """An argparse type: the gateway to call, as grpc names a target (``HOST:PORT``,
+    ``[IPV6]:PORT``, ``dns:///HOST:PORT`` …), whose port is not past 65535: grpc would
+    call that port modulo 65536, another server, or the right one by chance."""
+    _, separator, port = text.rpartition(":")
+    if separator and port.isascii() and port.isdigit() and int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"the port must be from 0 to 65535: {text!r}")
+    return text
 
 
 def _number_of_seconds(text: str) -> float:

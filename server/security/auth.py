@@ -41,7 +41,7 @@ from server.security.identity import (
     current_caller,
     is_user_id,
 )
-from server.security.scopes import OPEN_SERVICES, REQUIRED_SCOPES
+from server.security.scopes import COMMANDS, OPEN_SERVICES, REQUIRED_SCOPES
 
 log = logging.getLogger("order_gateway.auth")
 
@@ -163,7 +163,11 @@ class AuthInterceptor(WrappingInterceptor):
         # where credentials expire, the end of a stream whose caller's have.
         if method.startswith(OPEN_SERVICES):
             return False
-        return method not in REQUIRED_SCOPES or (self._expiring and is_streaming_response(handler))
+        if method not in REQUIRED_SCOPES:
+            return True
+        # A command's streamed answer is short, and cancelling it could not undo a commit
+        # already made: it would answer UNAUTHENTICATED for an order that stands.
+        return self._expiring and method not in COMMANDS and is_streaming_response(handler)
 
     def early_check(self) -> EarlyCheck | None:
         return self._admit if self._authenticators else None

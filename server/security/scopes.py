@@ -46,6 +46,17 @@ REQUIRED_SCOPES: dict[str, frozenset[str]] = {
 }
 """Per method, the scopes of which the caller needs at least one."""
 
+COMMANDS = frozenset(
+    {
+        "/orders.v1.OrderCommandService/CreateOrder",
+        "/orders.v1.OrderCommandService/CancelOrder",
+        "/orders.v1.InventoryCommandService/RestockProduct",
+    }
+)
+"""The methods that commit: their credentials are checked once, as the call arrives, and
+the call runs to its answer. Every other streaming method ends when its caller's
+credentials expire (``server.security.auth``)."""
+
 
 class UnscopedMethodsError(ConfigurationError):
     """Methods the protos declare have no scope: serving them would leave them open."""

@@ -13,6 +13,7 @@ streams; one still running after the grace period is killed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -99,17 +100,24 @@ class _Slot:
             # spawned now would inherit that: its terminate() would go unheard.
             return False
         context = multiprocessing.get_context("spawn")
-        receiver, sender = context.Pipe(duplex=False)
-        watched, lifeline = context.Pipe(duplex=False)
-        process = context.Process(
-            target=run_worker,
-            args=(self.spec, sender, watched),
-            name=f"order-gateway-worker-{self.spec.index}",
-        )
         self.metrics_port = None
-        process.start()
-        sender.close()
-        watched.close()
+        with contextlib.ExitStack() as pipes:
+            receiver, sender = context.Pipe(duplex=False)
+            pipes.callback(receiver.close)
+            watched, lifeline = context.Pipe(duplex=False)
+            pipes.callback(lifeline.close)
+            process = context.Process(
+                target=run_worker,
+                args=(self.spec, sender, watched),
+                name=f"order-gateway-worker-{self.spec.index}",
+            )
+            try:
+                process.start()
+            finally:
+                # The worker's ends: it holds its own copies once started.
+                sender.close()
+                watched.close()
+            pipes.pop_all()
         self.process, self.started_at, self._lifeline = process, time.monotonic(), lifeline
         try:
             return await self._wait_ready(receiver, process)
@@ -228,9 +236,28 @@ class Supervisor:
                 forgetting.add_done_callback(self._forgetting.discard)
             if lived < RESTART_DELAY_SECONDS:
                 await asyncio.sleep(RESTART_DELAY_SECONDS)
-            if await slot.start(self._stopping):
+            await self._replace(slot)
+
+    async def _replace(self, slot: _Slot) -> None:
+        """Start ``slot``'s worker again. A spawn the system refuses (no process or file
+        descriptor to spare, as when workers die for want of them) is tried again after a
+        delay: the slot must not stay empty for the rest of the gateway's life."""
+        while True:
+            try:
+                started = await slot.start(self._stopping)
+            except OSError as error:
+                log.error(
+                    "could not start a replacement for worker %d (%s); trying again in %.0f s",
+                    slot.spec.index,
+                    error,
+                    RESTART_DELAY_SECONDS,
+                )
+                await asyncio.sleep(RESTART_DELAY_SECONDS)
+                continue
+            if started:
                 self._count_serving()
                 log.info("worker %d replaced (pid %s)", slot.spec.index, slot.pid)
+            return
 
     async def _forget_members(self, slot: _Slot, replica_id: str) -> None:
         """On PostgreSQL, free the dead worker's consumer-group members and partitions now:

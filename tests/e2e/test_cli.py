@@ -226,7 +226,7 @@ def test_an_ipv6_address_without_brackets_is_refused(
         Settings(metrics_listen=address)
 
 
-@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "soon"])
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "soon", "1e10"])
 def test_a_health_timeout_that_is_no_time_to_wait_is_a_usage_error(
     timeout: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -234,6 +234,26 @@ def test_a_health_timeout_that_is_no_time_to_wait_is_a_usage_error(
         main(["health", "--target", "127.0.0.1:9", "--timeout", timeout])
     assert exited.value.code == 2
     assert "argument --timeout: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["health"],
+        ["tail"],
+        ["consume", "--group", "g"],
+        ["group", "list"],
+    ],
+)
+def test_a_target_port_past_65535_is_a_usage_error(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # grpc calls such a port modulo 65536: health answered SERVING for 127.0.0.1:115587,
+    # from whatever served on port 50051.
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--target", "127.0.0.1:115587"])
+    assert exited.value.code == 2
+    assert "argument --target: the port must be from 0 to 65535" in capsys.readouterr().err
 
 
 def test_an_unknown_log_level_is_refused(capsys: pytest.CaptureFixture[str]) -> None:

@@ -37,6 +37,7 @@ from orders.v1 import (
 )
 from pydantic import ValidationError
 
+from domain.ports import Commit, RecordedEvent
 from server.app import Gateway, create_server
 from server.config import Settings
 from server.security.auth import AuthenticationError
@@ -297,6 +298,43 @@ async def test_a_stream_ends_when_the_token_that_opened_it_expires(
                     break
     finally:
         going_on.cancel()
+
+
+class _SlowToAnswerStore(MemoryEventStore):
+    """Commits at once and reports it 3 s later, as a slow disk's commit would."""
+
+    async def append(self, commit: Commit) -> list[RecordedEvent]:
+        recorded = await super().append(commit)
+        await asyncio.sleep(3)
+        return recorded
+
+
+async def test_a_command_whose_token_expires_while_it_commits_is_answered(
+    tmp_path: Path, rsa_signer: Signer
+) -> None:
+    # Only streams end when their token expires: a command cancelled so was answered
+    # UNAUTHENTICATED although it had committed, and a client that took that answer
+    # for a refusal (as it must) lost track of an order that stood.
+    store = _SlowToAnswerStore()
+    settings = Settings(
+        listen="127.0.0.1:0",
+        store="memory://",
+        jwt_public_key=write(tmp_path / "jwt.pem", rsa_signer.public_pem()),
+        jwt_issuer=ISSUER,
+        jwt_audience=AUDIENCE,
+    )
+    gateway = await create_server(settings, store=store)
+    await gateway.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            api = clients_for(channel)
+            # Valid 1 to 2 s more (30 s of clock skew).
+            short = rsa_signer.token(scope="inventory:write", exp=int(time.time()) - 28)
+            events = await api.restock("sku-1", 5, metadata=bearer(short))
+    finally:
+        await gateway.stop()
+    assert [event.event_type for event in events] == ["ProductRestocked"]
+    assert await store.find_command(events[0].command_id) is not None
 
 
 async def test_a_consumer_group_member_ends_when_its_token_expires(
