@@ -688,6 +688,16 @@ CREATE TABLE consumer_group_attempts (
 );
 """
 
+_V12_LOCK_STREAM = (
+    "-- og_lock_stream came into migration 3 after databases had been migrated by its first\n"
+    "-- text, which lacked it: those have no such function, and a replica's turn at a stream\n"
+    "-- it has not cached calls it. Made (again) here, the same function.\n"
+    + _replaced(
+        _V3_CHAINED[_V3_CHAINED.index(_LOCK_STREAM_HEADER) :],
+        ("CREATE FUNCTION og_lock_stream(", "CREATE OR REPLACE FUNCTION og_lock_stream("),
+    )
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "events, commands and og_append()", _V1_EVENTS),
     Migration(2, "og_append() reads only by index lookups", _V2_LOOKUPS_STAY_LOOKUPS),
@@ -742,6 +752,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         11,
         "consumer groups: when a failed event's next delivery may be made (a nack's backoff)",
         "ALTER TABLE consumer_group_attempts ADD COLUMN retry_at timestamptz",
+    ),
+    Migration(
+        12,
+        "og_lock_stream() where migration 3 was applied before it held that function",
+        _V12_LOCK_STREAM,
     ),
 )
 

@@ -211,6 +211,31 @@ def test_two_migrate_commands_at_once_both_succeed(fresh_postgres_url: str) -> N
     assert applied_versions(fresh_postgres_url) == [m.version for m in MIGRATIONS]
 
 
+async def test_a_database_migrated_by_the_first_text_of_migration_3_gets_og_lock_stream(
+    fresh_postgres_url: str,
+) -> None:
+    """Migration 3 as first released made og_append_chain alone; og_lock_stream came into
+    its text later, so a database migrated by the first text never had it, and a turn at
+    a stream a replica had not cached failed (INTERNAL) there."""
+    first_text_of_3 = MIGRATIONS[2].sql[
+        : MIGRATIONS[2].sql.index("-- Takes a replica's session lock")
+    ]
+    async with await psycopg.AsyncConnection.connect(fresh_postgres_url, autocommit=True) as conn:
+        await conn.execute(
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
+            " description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for version, sql in ((1, MIGRATIONS[0].sql), (2, MIGRATIONS[1].sql), (3, first_text_of_3)):
+            await conn.execute(sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, description) VALUES (%s, 'old')",
+                (version,),
+            )
+        assert await apply_migrations(conn) == [m.version for m in MIGRATIONS[3:]]
+        cursor = await conn.execute("SELECT og_lock_stream('product-x')")
+        assert await cursor.fetchone() == (False,)
+
+
 @contextlib.contextmanager
 def limited_role(url: str, *extra_grants: str) -> Iterator[str]:
     """The conninfo of a new login role that may read the migrations and read and add
