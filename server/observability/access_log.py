@@ -186,7 +186,13 @@ def _word(value: str) -> str:
         return "-"
     if value != "-" and value.isprintable() and _NEEDS_QUOTES.isdisjoint(value):
         return value
-    return json.dumps(value, ensure_ascii=False)
+    quoted = json.dumps(value, ensure_ascii=False)
+    if quoted.isprintable():
+        return quoted
+    # JSON escapes only the ASCII controls: also escape what else is not printable (a
+    # line or paragraph separator, a C1 control, a bidirectional override), which some
+    # readers take for a line break or which reorders the line on screen.
+    return "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in quoted)
 
 
 def _msecs(ended: float) -> float:

@@ -81,14 +81,15 @@ class GatewayMetrics:
         self.command_duration = LockFreeHistogram(
             "order_gateway_command_seconds",
             "Command dispatch time through the bus (idempotent replays and retries included), "
-            "by command type and outcome (ok, the domain error's reason, or error).",
+            "by command type and outcome (ok, the domain error's reason, cancelled, or error).",
             ("command", "outcome"),
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.append_duration = LockFreeHistogram(
             "order_gateway_store_append_seconds",
-            "Time to append one command's events durably (outcome ok, conflict, duplicate, error).",
+            "Time to append one command's events durably "
+            "(outcome ok, conflict, duplicate, cancelled, error).",
             ("outcome",),
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
@@ -188,6 +189,11 @@ class CommandMetricsMiddleware:
         except DomainError as error:
             self._observe_failure(type(command), error.reason, started)
             raise
+        except asyncio.CancelledError:
+            # The caller went away or its deadline passed: no fault of the gateway's, and
+            # the command may still have committed.
+            self._observe_failure(type(command), "cancelled", started)
+            raise
         except BaseException:
             self._observe_failure(type(command), "error", started)
             raise
@@ -222,6 +228,11 @@ class MeteredEventStore(EventStoreDecorator):
             raise
         except DuplicateCommandError:
             self._observe("duplicate", started)
+            raise
+        except asyncio.CancelledError:
+            # Its caller stopped waiting; the append may commit all the same, so it is
+            # neither an error nor counted among the committed ones.
+            self._observe("cancelled", started)
             raise
         except BaseException:
             self._observe("error", started)

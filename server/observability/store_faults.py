@@ -5,8 +5,10 @@ traceback per call would bury the one thing to act on. So the store is watched a
 whole (``watched``): the first call that fails with a fault (``StoreFullError``,
 ``StoreUnavailableError``) logs one ERROR line with the cause; the calls that fail after
 it are only counted; the first call that works again logs one WARNING line with how long
-the fault lasted and how many store calls failed meanwhile, once no call has failed so
-for ``RECOVERY_QUIET`` seconds: a store that fails some calls and not others (a disk with
+the fault lasted and how many store calls failed meanwhile, once no call has failed
+for ``RECOVERY_QUIET`` seconds since (then, if no call comes: the fault must not outlive
+the store's recovery on an idle gateway, where alerts would read it): a store that fails
+some calls and not others (a disk with
 room left for small commits only) is in one fault, not in a pair of lines per call (a
 load test counted 3,200 pairs in 35 s on a nearly full PostgreSQL). Every failed store call is
 also counted by kind in ``order_gateway_store_errors_total``, and
@@ -19,6 +21,7 @@ pair of lines per command.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -104,6 +107,9 @@ class StoreFaults:
         self._write_failed = False
         self._recovery_quiet = recovery_quiet
         self._last_failure = 0.0
+        self._worked_at: float | None = None
+        """When a call that can end the fault first worked after its last failure."""
+        self._recheck: asyncio.TimerHandle | None = None
 
     @property
     def kind(self) -> str | None:
@@ -119,6 +125,7 @@ class StoreFaults:
         if kind == OTHER:
             return
         self._last_failure = self._clock()
+        self._worked_at = None
         if kind == self._kind:
             return
         # A new fault, or another kind of one (a database that came back full).
@@ -143,9 +150,39 @@ class StoreFaults:
         if self._kind is None or (self._write_failed and not write):
             return
         now = self._clock()
-        if now - self._last_failure < self._recovery_quiet:
+        if self._worked_at is None:
+            self._worked_at = now
+        quiet_for = now - self._last_failure
+        if quiet_for < self._recovery_quiet:
+            self._recheck_in(self._recovery_quiet - quiet_for)
             return
-        seconds = now - self._since
+        self._recovered(now)
+
+    def _recheck_in(self, delay: float) -> None:
+        """End the fault once the quiet period is over, if no call failed meanwhile, even
+        if no call comes then (outside an event loop, only a later call can end it)."""
+        if self._recheck is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._recheck = loop.call_later(delay, self._rechecked)
+
+    def _rechecked(self) -> None:
+        self._recheck = None
+        if self._kind is None or self._worked_at is None:
+            return  # Ended meanwhile, or a call failed after the one that worked.
+        quiet_for = self._clock() - self._last_failure
+        if quiet_for < self._recovery_quiet:
+            self._recheck_in(self._recovery_quiet - quiet_for)
+            return
+        self._recovered(self._worked_at)
+
+    def _recovered(self, worked_at: float) -> None:
+        """The fault is over: the store worked at ``worked_at`` and no call failed since."""
+        assert self._kind is not None
+        seconds = worked_at - self._since
         log.warning(
             "event store works again after %.1f s of %s (%s); %d store %s failed meanwhile",
             seconds,
@@ -164,6 +201,10 @@ class StoreFaults:
         )
         self._fault[self._kind].set(0)
         self._kind = None
+        self._worked_at = None
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
 
 
 async def _watched(faults: StoreFaults, call: Awaitable[T], *, write: bool = False) -> T:

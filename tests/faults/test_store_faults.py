@@ -161,6 +161,43 @@ def test_a_store_that_fails_some_calls_and_not_others_is_in_one_fault(
     assert watched.faults.kind is None
 
 
+async def test_a_fault_ends_when_the_store_worked_and_no_call_failed_after_even_if_none_comes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The first call that worked came within the quiet period of the last failure, and no
+    # call came after it: the fault (and its gauge, which alerts read) stayed on for good
+    # on a healthy, idle gateway.
+    registry = CollectorRegistry()
+    fault = Gauge("fault", "", ("kind",), registry=registry)
+    faults = StoreFaults(
+        Counter("errors", "", ("kind",), registry=registry), fault, recovery_quiet=0.2
+    )
+    with caplog.at_level(logging.INFO, logger="order_gateway"):
+        faults.failed(StoreUnavailableError("connection refused"), write=True)
+        faults.succeeded(write=True)
+        assert registry.get_sample_value("fault", {"kind": "unavailable"}) == 1
+        await asyncio.sleep(0.4)
+    assert registry.get_sample_value("fault", {"kind": "unavailable"}) == 0
+    assert faults.kind is None
+    (ended,) = lines(caplog, RECOVERY_LINE)
+    assert "after 0.0 s of STORE_UNAVAILABLE" in ended.getMessage()
+
+
+async def test_a_failure_after_the_call_that_worked_keeps_the_fault_on() -> None:
+    registry = CollectorRegistry()
+    fault = Gauge("fault", "", ("kind",), registry=registry)
+    faults = StoreFaults(
+        Counter("errors", "", ("kind",), registry=registry), fault, recovery_quiet=0.2
+    )
+    faults.failed(StoreUnavailableError("connection refused"), write=True)
+    faults.succeeded(write=True)
+    await asyncio.sleep(0.1)
+    faults.failed(StoreUnavailableError("connection refused"), write=True)
+    await asyncio.sleep(0.4)
+    assert faults.kind == "unavailable"
+    assert registry.get_sample_value("fault", {"kind": "unavailable"}) == 1
+
+
 def test_other_store_errors_are_counted_but_are_no_fault(caplog: pytest.LogCaptureFixture) -> None:
     watched = Faults()
     with caplog.at_level(logging.INFO, logger="order_gateway"):

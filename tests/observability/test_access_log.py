@@ -171,6 +171,24 @@ async def test_a_correlation_id_that_could_forge_fields_is_quoted(
     )
 
 
+async def test_a_command_id_with_line_breaks_of_unicode_cannot_break_the_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # JSON escapes only the ASCII controls: a line separator, a C1 control and a
+    # right-to-left override went into the text line raw, and readers that split lines
+    # by Unicode's rules saw a forged second line.
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    sent = "x\u2028\u0085RestockProduct OK user=admin\u202e\U000e0001"
+    async with running() as (_, clients):
+        error = await rpc_error(clients.restock("sku-1", 5, command_id=sent))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    (line,) = access_lines(caplog)
+    message = line.getMessage()
+    assert message.isprintable()
+    assert '"x\\u2028\\u0085RestockProduct OK user=admin\\u202e\\udb40\\udc01"' in message
+    assert fields(line)["correlation_id"] == sent
+
+
 async def test_a_correlation_id_of_a_lone_dash_is_not_read_as_none(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

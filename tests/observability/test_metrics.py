@@ -15,10 +15,14 @@ from orders.v1 import consumer_group_service_pb2_grpc as groups_grpc
 from orders.v1 import event_stream_service_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
+from domain.commands import Command, RestockProduct
+from domain.ports import Commit, RecordedEvent
 from server.app import Gateway
+from server.observability.metrics import CommandMetricsMiddleware, GatewayMetrics, MeteredEventStore
 from server.rpc.subscription_hub import HubTuning
 from server.stores.memory import MemoryEventStore
 from tests.clients import item, order_request
+from tests.conformance.contract import commit_of
 from tests.group_support import member
 from tests.observability_support import rpc_error, running
 from tests.serving import listening_stranger
@@ -229,3 +233,39 @@ async def test_a_subscriber_catching_up_far_behind_shows_its_lag() -> None:
     lag = samples[("order_gateway_subscription_lag_events_sum", frozenset())]
     # After the first page 200 events were left, after the second 100.
     assert lag >= 300
+
+
+class _AppendsAfterTheCallerLeft(MemoryEventStore):
+    """Commits, then answers only once its caller has stopped waiting (a deadline)."""
+
+    async def append(self, commit: Commit) -> list[RecordedEvent]:
+        await super().append(commit)
+        await asyncio.Event().wait()
+        raise AssertionError("never answered")
+
+
+async def test_a_command_whose_caller_left_is_counted_cancelled_not_as_an_error() -> None:
+    # Counted as outcome "error", a client's deadline read as a gateway fault in the
+    # dashboards (and such appends, committed or not, are no committed append's size).
+    metrics = GatewayMetrics()
+    store = MeteredEventStore(_AppendsAfterTheCallerLeft(), metrics)
+    restock = RestockProduct(product_id="sku-1", quantity=1)
+
+    async def dispatch(command: Command) -> list[RecordedEvent]:
+        return await store.append(commit_of([("product-sku-1", 1)], command_id=command.command_id))
+
+    call = asyncio.create_task(CommandMetricsMiddleware(metrics)(restock, dispatch))
+    await asyncio.sleep(0.05)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+    def count(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    labels = {"command": "RestockProduct"}
+    assert count("order_gateway_command_seconds_count", **labels, outcome="cancelled") == 1
+    assert count("order_gateway_command_seconds_count", **labels, outcome="error") is None
+    assert count("order_gateway_store_append_seconds_count", outcome="cancelled") == 1
+    assert count("order_gateway_store_append_seconds_count", outcome="error") is None
+    assert count("order_gateway_store_append_events_count") == 0

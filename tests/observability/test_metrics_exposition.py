@@ -78,14 +78,15 @@ class Reference:
         self.command_duration = Histogram(
             "order_gateway_command_seconds",
             "Command dispatch time through the bus (idempotent replays and retries included), "
-            "by command type and outcome (ok, the domain error's reason, or error).",
+            "by command type and outcome (ok, the domain error's reason, cancelled, or error).",
             ("command", "outcome"),
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.append_duration = Histogram(
             "order_gateway_store_append_seconds",
-            "Time to append one command's events durably (outcome ok, conflict, duplicate, error).",
+            "Time to append one command's events durably "
+            "(outcome ok, conflict, duplicate, cancelled, error).",
             ("outcome",),
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
@@ -182,6 +183,8 @@ async def record(
 
         clock.lasting(duration)
         outcome = "ok" if error is None else getattr(error, "reason", "error")
+        if isinstance(error, asyncio.CancelledError):
+            outcome = "cancelled"
         try:
             await middleware(command, handler)
         except BaseException as raised:
@@ -206,6 +209,8 @@ async def record(
             outcome = "conflict"
         elif isinstance(error, DuplicateCommandError):
             outcome = "duplicate"
+        elif isinstance(error, asyncio.CancelledError):
+            outcome = "cancelled"
         reference.append_duration.labels(outcome).observe(duration)
         if error is None:
             reference.append_batch.observe(events)
@@ -232,6 +237,7 @@ async def record(
             await append(1, ConcurrencyConflictError("conflict"), duration)
             await append(1, DuplicateCommandError("c"), duration)
             await append(1, OSError("disk"), duration)
+            await append(2, asyncio.CancelledError(), duration)
 
             lag = (0, 1, 7, 100, 100_001)[index % 5]
             metrics.subscription_lag(head_position=lag + 3, delivered_position=3)
@@ -270,7 +276,8 @@ async def test_a_scrape_reads_as_prometheus_clients_own_metrics(clock: Clock) ->
     openmetrics = generate_openmetrics(metrics.registry)  # type: ignore[no-untyped-call]
     assert openmetrics == generate_openmetrics(reference.registry)  # type: ignore[no-untyped-call]
     assert 'grpc_code="NOT_FOUND"' in text
-    assert 'order_gateway_command_seconds_count{command="CancelOrder",outcome="error"}' in text
+    assert 'order_gateway_command_seconds_count{command="CancelOrder",outcome="cancelled"}' in text
+    assert 'order_gateway_command_seconds_count{command="RestockProduct",outcome="error"}' in text
 
 
 async def test_a_scrape_of_some_names_reads_as_prometheus_clients_own(clock: Clock) -> None:
