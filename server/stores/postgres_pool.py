@@ -19,14 +19,25 @@ and its ``check_connection`` costs a round trip per checkout.
 
 A server that vanishes without closing its sockets (a host lost, a network cut) cannot be
 told apart this way: its connections fail when used, as before.
+
+While the database refuses connections (stopped, restarting, its host unreachable), a
+call that finds no idle connection fails at once (``DatabaseRefused``, which the store
+answers STORE_UNAVAILABLE) instead of waiting the pool's whole timeout for a connection
+that cannot come: with the timeout at 10 s, clients whose deadlines were shorter saw only
+DEADLINE_EXCEEDED, and the store's fault was never reported. Calls already waiting fail as
+the refusal comes. Once the last refusal is a second old, the next such call tries to
+connect itself, so that the database's return is seen at once; from then on calls wait
+for the pool's own connections again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import select
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Final
 
 import psycopg
 from psycopg.errors import Diagnostic
@@ -87,14 +98,62 @@ def closed_by_server(connection: Connection) -> bool:
         connection.remove_notice_handler(on_notice)
 
 
+REFUSAL_FRESH: Final = 1.0
+"""Seconds after a refused connection during which calls without an idle connection fail
+at once; past them, one call tries to connect again before any fails."""
+
+_REFUSING_SQLSTATES: Final = ("08", "57P")
+"""Besides failures below the protocol (no SQLSTATE): connection exceptions, and a server
+shutting down or starting up. Not a full server (too many connections: the connections in
+use still work and come back) nor a refused login, which waiting cannot mend either way."""
+
+
+class DatabaseRefused(PoolTimeout):
+    """The database refused a connection just now, and the pool has none idle."""
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    at: float
+    reason: str
+
+
+def _refuses(error: Exception) -> bool:
+    if not isinstance(error, psycopg.OperationalError):
+        return False
+    return error.sqlstate is None or error.sqlstate.startswith(_REFUSING_SQLSTATES)
+
+
 class LiveConnectionPool(AsyncConnectionPool[Connection]):
     """An ``AsyncConnectionPool`` whose ``getconn`` (and so ``connection``) never gives out
     a connection the server has closed: such a one is dropped, the pool opens another in
-    the background, and the next idle one is tried, within the same timeout."""
+    the background, and the next idle one is tried, within the same timeout. While the
+    database refuses connections, a call that finds none idle fails at once."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._refusal: _Refusal | None = None
+        """The latest attempt to connect, when it was refused and none has worked since."""
+        self._probing = False
+
+    async def _connect(self, timeout: float | None = None) -> Connection:  # noqa: ASYNC109 - the base class's signature
+        # psycopg_pool's one place where connections are made (the pool's own, and the
+        # probes below): its outcome says whether the database refuses them.
+        try:
+            connection = await super()._connect(timeout)
+        except Exception as error:
+            if _refuses(error):
+                self._refusal = _Refusal(time.monotonic(), _first_line(error))
+                await self._refuse_waiting(self._refusal)
+            raise
+        self._refusal = None
+        return connection
 
     async def getconn(self, timeout: float | None = None) -> Connection:  # noqa: ASYNC109 - the base class's signature
         wait = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
+        if self._refusal is not None and not self.get_stats().get("pool_available"):
+            await self._unless_refused(wait)
         while True:
             connection = await super().getconn(max(0.0, deadline - time.monotonic()))
             if not closed_by_server(connection):
@@ -104,6 +163,43 @@ class LiveConnectionPool(AsyncConnectionPool[Connection]):
             await self.putconn(connection)
             if time.monotonic() >= deadline:
                 raise PoolTimeout(f"couldn't get a connection after {wait:.2f} sec")
+
+    async def _refuse_waiting(self, refusal: _Refusal) -> None:
+        """Fail the calls waiting for a connection, as the pool fails them when it closes:
+        the connection they wait for is the one just refused."""
+        async with self._lock:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for client in waiting:
+            await client.fail(DatabaseRefused(_refused_message(refusal)))
+
+    async def _unless_refused(self, wait: float) -> None:
+        """Raise ``DatabaseRefused`` while the latest refusal is fresh, or another call is
+        trying the database; otherwise try it (one connection, closed at once), and raise
+        if it still refuses."""
+        refusal = self._refusal
+        if refusal is None:
+            return
+        if self._probing or time.monotonic() - refusal.at < REFUSAL_FRESH:
+            raise DatabaseRefused(_refused_message(refusal))
+        self._probing = True
+        try:
+            probe = await self._connect(timeout=min(wait, self.timeout))
+        except Exception:
+            raise DatabaseRefused(_refused_message(self._refusal or refusal)) from None
+        finally:
+            self._probing = False
+        # Not kept: the pool counts the connections it makes, and opens its own now.
+        await asyncio.shield(probe.close())
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().partition("\n")[0] or type(error).__name__
+
+
+def _refused_message(refusal: _Refusal) -> str:
+    ago = time.monotonic() - refusal.at
+    return f"the database refused a connection {ago:.1f} s ago: {refusal.reason}"
 
 
 def connection_pool(

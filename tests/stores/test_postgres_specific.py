@@ -678,6 +678,80 @@ async def test_an_unreachable_server_is_store_unavailable() -> None:
     assert isinstance(raised.value.__cause__, psycopg.Error)
 
 
+class Outage:
+    """A TCP proxy in front of PostgreSQL that can go down as a stopped server does: its
+    connections cut, new ones refused (nothing listens on its port), and come back."""
+
+    def __init__(self, url: str) -> None:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+        self._upstream = (str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432))
+        self._server: asyncio.Server | None = None
+        self._links: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    async def up(self) -> None:
+        self._server = await asyncio.start_server(self._link, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def down(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._links):
+            writer.transport.abort()
+        await self._server.wait_closed()
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(*self._upstream)
+        self._links |= {writer, upstream_writer}
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.transport.abort()
+            self._links.discard(sink)
+
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+
+async def test_calls_fail_at_once_while_the_database_refuses_connections(
+    fresh_postgres_url: str,
+) -> None:
+    # Each call waited the pool's whole timeout (10 s) for a connection that could not
+    # come: clients with shorter deadlines saw DEADLINE_EXCEEDED, and the store's fault
+    # (its metric and log line, which alerts read) was never reported.
+    outage = Outage(fresh_postgres_url)
+    await outage.up()
+    store = await PostgresEventStore.open(
+        make_conninfo(fresh_postgres_url, host="127.0.0.1", port=outage.port)
+    )
+    try:
+        await store.append(commit(("a", 1)))
+        await outage.down()
+        started = asyncio.get_running_loop().time()
+        for version in range(2, 7):
+            with pytest.raises(StoreUnavailableError):
+                await store.append(commit(("a", version)))
+        with pytest.raises(StoreUnavailableError) as refused:
+            await store.read_all()
+        assert asyncio.get_running_loop().time() - started < 5
+        assert "refused a connection" in str(refused.value)
+
+        await outage.up()
+        for _ in range(int(TIMEOUT / 0.1)):
+            try:
+                appended = await store.append(commit(("a", 2)))
+                break
+            except StoreUnavailableError:
+                await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the store never saw the database again")
+        assert [e.stream_version for e in appended] == [2]
+    finally:
+        await store.close()
+
+
 async def test_connections_the_server_closed_while_idle_are_replaced_before_use(
     store: PostgresEventStore, fresh_postgres_url: str, postgres_url: str
 ) -> None:
