@@ -7,23 +7,51 @@ replacement). Summing over ``worker`` gives the gateway's totals; a replaced wor
 counters start again from zero, which Prometheus' ``rate()`` treats as a counter reset.
 The supervisor adds its own ``order_gateway_workers`` and
 ``order_gateway_worker_restarts_total``.
+
+The supervisor reads its workers in OpenMetrics, whose families hold every sample of a
+metric: a counter's ``_total`` and ``_created``, a histogram's ``_bucket``, ``_count``,
+``_sum`` and ``_created``. Those families are the ones a worker's registry holds, so the
+supervisor's registry exposes them as a single gateway would, in either format its
+scraper asks for: OpenMetrics with ``_created`` inside each family, the classic text
+format with ``_created`` as gauges of their own. (The classic format has no families
+that span a counter and its ``_created``: read in it, every ``_created`` would come back
+as a gauge family of its own, whose name clashes with its counter's in OpenMetrics.)
 """
 
 from __future__ import annotations
 
+import http.client
 import logging
 import urllib.request
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.metrics_core import Metric
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
-from prometheus_client.samples import Sample
 
 log = logging.getLogger("order_gateway.workers")
 
 SCRAPE_TIMEOUT_SECONDS = 2.0
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+"""What the supervisor asks its workers for (prometheus_client's server honours it)."""
+
+
+def read_worker(port: int) -> list[Metric]:
+    """The metric families a worker serves on ``port``, read in OpenMetrics.
+
+    Raises ``OSError`` or ``http.client.HTTPException`` if the worker cannot be read, and
+    ``ValueError`` if what it sent is not whole OpenMetrics (a worker that exited while
+    it answered).
+    """
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/metrics", headers={"Accept": OPENMETRICS}
+    )
+    with urllib.request.urlopen(request, timeout=SCRAPE_TIMEOUT_SECONDS) as response:
+        text = response.read().decode()
+    # All of it now: the parser is lazy, and a truncated text fails at its end only.
+    families: list[Metric] = list(text_string_to_metric_families(text))  # type: ignore[no-untyped-call]
+    return families
 
 
 class WorkerMetricsCollector(Collector):
@@ -36,23 +64,22 @@ class WorkerMetricsCollector(Collector):
         families: dict[str, Metric] = {}
         for worker, port in sorted(self._ports().items()):
             try:
-                with urllib.request.urlopen(
-                    f"http://127.0.0.1:{port}/metrics", timeout=SCRAPE_TIMEOUT_SECONDS
-                ) as response:
-                    text = response.read().decode()
-            except OSError as error:
+                read = read_worker(port)
+            except (OSError, http.client.HTTPException, ValueError) as error:
                 # A worker being replaced: its figures are missing from this scrape only.
                 log.warning("cannot read worker %d's metrics: %s", worker, error)
                 continue
-            for family in text_string_to_metric_families(text):
+            for family in read:
                 merged = families.get(family.name)
                 if merged is None:
                     merged = families[family.name] = Metric(
                         family.name, family.documentation, family.type, family.unit
                     )
+                # One worker's samples after another's: each series' samples (a
+                # histogram's buckets, count, sum and created) stay together, as
+                # OpenMetrics requires.
                 merged.samples += [
-                    Sample(s.name, {**s.labels, "worker": str(worker)}, s.value, s.timestamp)
-                    for s in family.samples
+                    s._replace(labels={**s.labels, "worker": str(worker)}) for s in family.samples
                 ]
         return list(families.values())
 

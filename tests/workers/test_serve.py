@@ -17,6 +17,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as parse_openmetrics,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.config import Settings
@@ -39,6 +42,7 @@ from tests.workers_support import (
     workers_gateway,
 )
 
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 CHANNELS = 16
 """Connections the tests spread over two workers: all landing on one is a 2^-15 chance."""
 
@@ -70,6 +74,15 @@ async def scrape_when_all_serve(port: int | None) -> str:
             await asyncio.sleep(0.1)
 
 
+def scrape_openmetrics(port: int | None) -> tuple[str, str]:
+    """/metrics as Prometheus asks for it: its content type and text."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/metrics", headers={"Accept": OPENMETRICS}
+    )
+    with urllib.request.urlopen(request, timeout=WAIT) as response:
+        return str(response.headers["Content-Type"]), str(response.read().decode())
+
+
 async def test_every_worker_serves_and_metrics_say_which(store_url: str) -> None:
     # Connections are opened only once both workers listen (a live worker process may not
     # listen yet), and enough of them that the kernel's spread cannot miss a worker by
@@ -86,6 +99,73 @@ async def test_every_worker_serves_and_metrics_say_which(store_url: str) -> None
     assert set(handled) == {"1", "2"}
     assert sum(handled.values()) == channels
     assert "order_gateway_workers 2.0" in text
+
+
+async def test_metrics_of_every_worker_parse_in_openmetrics_and_the_classic_format(
+    tmp_path: Path,
+) -> None:
+    # Prometheus asks for OpenMetrics first; the classic text format is what a scrape
+    # without an Accept header (curl, older scrapers) gets.
+    channels = 32
+    async with workers_gateway(f"sqlite:///{tmp_path / 'events.db'}", metrics=True) as gateway:
+        await scrape_when_all_serve(gateway.metrics_port)
+        async with spread_clients(gateway.target, channels) as clients:
+            await clients[0].restock("p", 1000)
+            await asyncio.gather(*(c.create(order_request(item("p"))) for c in clients))
+        classic = await scrape_when_all_serve(gateway.metrics_port)
+        content_type, openmetrics = await asyncio.to_thread(
+            scrape_openmetrics, gateway.metrics_port
+        )
+
+    assert content_type.startswith("application/openmetrics-text; version=1.0.0")
+    families = {
+        family.name: family
+        for family in parse_openmetrics(openmetrics)  # type: ignore[no-untyped-call]
+    }
+    handled = families["grpc_server_handled"]
+    assert handled.type == "counter"
+    # The counter's series and their _created series, every worker's, in its family.
+    by_kind: dict[str, set[str]] = {}
+    for sample in handled.samples:
+        by_kind.setdefault(sample.name, set()).add(sample.labels["worker"])
+    assert by_kind == {
+        "grpc_server_handled_total": {"1", "2"},
+        "grpc_server_handled_created": {"1", "2"},
+    }
+    created_ok = [
+        s.value
+        for s in handled.samples
+        if s.name == "grpc_server_handled_total"
+        and s.labels["grpc_method"] == "CreateOrder"
+        and s.labels["grpc_code"] == "OK"
+    ]
+    assert sum(created_ok) == channels
+    for worker in ("1", "2"):
+        latency = [
+            s
+            for s in families["grpc_server_handling_seconds"].samples
+            if s.labels["worker"] == worker and s.labels["grpc_method"] == "CreateOrder"
+        ]
+        count = next(s.value for s in latency if s.name.endswith("_count"))
+        assert count > 0
+        inf = [s.value for s in latency if s.labels.get("le") == "+Inf"]
+        assert inf == [count]
+    assert [s.value for s in families["order_gateway_workers"].samples] == [2]
+    assert [s.name for s in families["order_gateway_worker_restarts"].samples] == [
+        "order_gateway_worker_restarts_total",
+        "order_gateway_worker_restarts_created",
+    ]
+
+    # The classic format has the _created series as gauges of their own.
+    assert sum(handled_by_worker(classic).values()) == channels
+    classic_families = {family.name: family for family in text_string_to_metric_families(classic)}
+    assert classic_families["grpc_server_handled_created"].type == "gauge"
+    assert set(classic_families) - set(families) == {
+        f"{name}_created"
+        for name, family in families.items()
+        if family.type in ("counter", "histogram")
+        and any(s.name.endswith("_created") for s in family.samples)
+    }
 
 
 async def test_no_oversell_no_gap_and_replays_across_workers(store_url: str) -> None:
