@@ -36,9 +36,9 @@ is refused: leave the variable unset instead). Settings
 without a flag can only be set through their variable.
 
 Unknown `ORDER_GATEWAY_*` variables are ignored, but an invalid value stops `serve` with
-exit status 2 and a message naming the setting (never echoing its value). Every other
-command reads the same variables and stops the same way, so fix the environment rather
-than the command's flags.
+exit status 2 and a message naming the setting (a store URL it quotes has its password
+masked). Every other command reads the same variables and stops the same way, so fix the
+environment rather than the command's flags.
 
 """
 

@@ -89,7 +89,7 @@ def add_parsers(commands: argparse._SubParsersAction[EnvironmentParser]) -> None
         metavar="N",
         type=whole_number(32),
         default=0,
-        help="1 to 256: the most members that work at once (default: 16)",
+        help="1 to 256 (0: 16): the most members that work at once (default: 16)",
     )
     create.add_argument(
         "--type",
@@ -122,7 +122,7 @@ def add_parsers(commands: argparse._SubParsersAction[EnvironmentParser]) -> None
         metavar="N",
         type=whole_number(32),
         default=0,
-        help="1 to 100: failed deliveries before an event is parked (default: 5)",
+        help="1 to 100 (0: 5): failed deliveries before an event is parked (default: 5)",
     )
     _add_call_flags(create)
     listing = actions.add_parser("list", help="print every group, one JSON line each")
@@ -414,14 +414,24 @@ def follow_group(
 
 
 def consume(args: argparse.Namespace) -> int:
-    with open_channel(args.target, args.tls_ca) as channel:
-        if not connection_settles(channel, args.timeout):
-            message = no_connection(args.target, args.timeout)
-            print(f"order-gateway consume: {message}", file=sys.stderr)
-            return 1
-        try:
-            return follow_group(
-                channel, args.group, args.member, sys.stdout, sys.stderr, call_metadata(args.token)
-            )
-        except OSError as error:
-            return unwritable_output("order-gateway consume", error)
+    """Ctrl-C stops it with status 0, while it still waits for its connection as once it
+    consumes."""
+    try:
+        with open_channel(args.target, args.tls_ca) as channel:
+            if not connection_settles(channel, args.timeout):
+                message = no_connection(args.target, args.timeout)
+                print(f"order-gateway consume: {message}", file=sys.stderr)
+                return 1
+            try:
+                return follow_group(
+                    channel,
+                    args.group,
+                    args.member,
+                    sys.stdout,
+                    sys.stderr,
+                    call_metadata(args.token),
+                )
+            except OSError as error:
+                return unwritable_output("order-gateway consume", error)
+    except KeyboardInterrupt:
+        return 0

@@ -37,16 +37,23 @@ def check_health(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
         except grpc.RpcError as error:
-            print(f"{target}: {_failure(error)}", file=sys.stderr)
+            print(f"{target}: {_failure(error, service)}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{target}: {status}")
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
-def _failure(error: grpc.RpcError) -> str:
+def _failure(error: grpc.RpcError, service: str) -> str:
     """The failed call's status and its details, as the other client commands print them:
-    the code alone (UNAVAILABLE) would not tell a refused connection from a TLS mismatch."""
+    the code alone (UNAVAILABLE) would not tell a refused connection from a TLS mismatch.
+
+    grpc's health service answers a service it does not know NOT_FOUND without a reason:
+    the reason printed then names the service."""
     if not isinstance(error, grpc.Call):
         return "error"
-    return f"{error.code().name}: {error.details()}"
+    code = error.code()
+    reason = error.details() or ""
+    if not reason and code == grpc.StatusCode.NOT_FOUND:
+        reason = f"unknown service {service!r}"
+    return f"{code.name}: {reason}" if reason else code.name

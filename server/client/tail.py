@@ -98,17 +98,23 @@ def tail(
     timeout: float = 10.0,
 ) -> int:
     """Follow the event stream of the gateway at ``target`` until interrupted (one stream's
-    events only, with ``stream``), once connected within ``timeout`` seconds."""
+    events only, with ``stream``), once connected within ``timeout`` seconds.
+
+    Ctrl-C stops it with status 0, while it still waits for its connection as once it
+    follows."""
     if after < 0:
         print(f"{PROGRAM}: --after must be 0 or more", file=sys.stderr)
         return 2
-    with open_channel(target, tls_ca) as channel:
-        if not connection_settles(channel, timeout):
-            print(f"{PROGRAM}: {no_connection(target, timeout)}", file=sys.stderr)
-            return 1
-        try:
-            return follow(
-                channel, after, types, sys.stdout, sys.stderr, call_metadata(token), stream
-            )
-        except OSError as error:
-            return unwritable_output(PROGRAM, error)
+    try:
+        with open_channel(target, tls_ca) as channel:
+            if not connection_settles(channel, timeout):
+                print(f"{PROGRAM}: {no_connection(target, timeout)}", file=sys.stderr)
+                return 1
+            try:
+                return follow(
+                    channel, after, types, sys.stdout, sys.stderr, call_metadata(token), stream
+                )
+            except OSError as error:
+                return unwritable_output(PROGRAM, error)
+    except KeyboardInterrupt:
+        return 0

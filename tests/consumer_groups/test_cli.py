@@ -515,6 +515,28 @@ def test_a_stream_command_gives_up_on_a_connection_that_never_completes(
     assert f"DEADLINE_EXCEEDED: no connection to {target} within 1 s" in ended.stderr
 
 
+@pytest.mark.parametrize("command", [["tail"], ["consume", "--group", "billing"]])
+def test_ctrl_c_while_a_stream_command_waits_for_its_connection_exits_0(
+    command: list[str],
+) -> None:
+    # A listener that takes the connection and never answers: the command waits in its
+    # --timeout window. Run as the installed command is (``python -m server``).
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        target = f"127.0.0.1:{silent.getsockname()[1]}"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "server", *command, "--target", target, "--timeout", "60"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        silent.settimeout(30)
+        connection, _ = silent.accept()  # The command runs, waiting for its connection.
+        with connection:
+            process.send_signal(signal.SIGINT)
+            out, err = process.communicate(timeout=30)
+    assert (process.returncode, out, err) == (0, "", "")
+
+
 async def test_a_stream_command_once_connected_outlives_its_timeout(gateway: Gateway) -> None:
     process = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "server.cli", "tail", "--target", f"127.0.0.1:{gateway.port}"),

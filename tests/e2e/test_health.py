@@ -13,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.app import SERVICE_NAMES, Gateway, create_server
+from server.client.health import check_health
 from server.config import Settings
 from server.rpc.health import GatewayHealthServicer
 from server.stores.memory import MemoryEventStore
@@ -68,6 +69,15 @@ async def test_list_reports_not_serving_once_the_gateway_stops(gateway: Gateway)
     await gateway.health.enter_graceful_shutdown()
     statuses = await listed(gateway)
     assert statuses and set(statuses.values()) == {NOT_SERVING}
+
+
+async def test_the_health_command_names_a_service_the_server_does_not_know(
+    gateway: Gateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # grpc's health service answers it NOT_FOUND without a reason of its own.
+    target = f"127.0.0.1:{gateway.port}"
+    assert await asyncio.to_thread(check_health, target, "nope", 5) == 1
+    assert capsys.readouterr() == ("", f"{target}: NOT_FOUND: unknown service 'nope'\n")
 
 
 async def test_a_method_its_servicer_leaves_unimplemented_is_unimplemented_not_a_fault(

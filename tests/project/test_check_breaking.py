@@ -1,5 +1,6 @@
 """scripts/check-breaking in throwaway git repositories: it catches a breaking proto change
-against the previous commit, lets compatible ones pass, and skips when there is no history."""
+against the previous commit, lets compatible ones pass, skips when there is no history,
+and fails on a REF given that names no commit."""
 
 from __future__ import annotations
 
@@ -30,13 +31,18 @@ def commit_all(repo: Path, message: str) -> None:
     git(repo, "commit", "-q", "-m", message)
 
 
-def check(repo: Path) -> subprocess.CompletedProcess[str]:
+def check(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
     # buf comes with the dev tools, in the bin directory of the environment running the tests
     # (not necessarily .venv).
     bindir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run(
-        ["scripts/check-breaking"], cwd=repo, env=env, capture_output=True, text=True, timeout=120
+        ["scripts/check-breaking", *args],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -95,3 +101,26 @@ def test_a_shallow_clone_without_the_previous_commit_skips(repo: Path, tmp_path:
     result = check(clone)
     assert result.returncode == 0, result.stderr
     assert "shallow" in result.stdout
+
+
+def test_a_ref_given_that_names_no_commit_fails(repo: Path) -> None:
+    edit(repo, "string reason = 3;", "string reason = 3;\n  string note = 4;")
+    commit_all(repo, "add a field")
+    result = check(repo, "nope-ref")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "nope-ref: there is no such commit" in result.stderr
+
+
+def test_a_ref_given_in_a_shallow_clone_without_it_fails(repo: Path, tmp_path: Path) -> None:
+    edit(repo, "string reason = 3;", "string reason = 3;\n  string note = 4;")
+    commit_all(repo, "add a field")
+    clone = tmp_path / "clone"
+    subprocess.run(
+        ["git", "clone", "-q", "--depth", "1", f"file://{repo}", str(clone)],
+        check=True,
+        timeout=60,
+    )
+    result = check(clone, "HEAD~1")
+    assert result.returncode == 2
+    assert "shallow" in result.stderr
