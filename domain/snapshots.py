@@ -4,7 +4,11 @@ after it, instead of from its first event.
 A snapshot is taken after a commit that carries an aggregate's stream across a multiple
 of ``interval`` events, from the state the commit left in memory, and written in the
 background: a command never waits for it, and a snapshot that fails to be written only
-means a longer replay later (it is logged). Only aggregates that declare a
+means a longer replay later (it is logged). They are written one at a time, the latest of
+each stream, at most ``MAX_PENDING`` waiting: a write the store holds up (on PostgreSQL,
+another session's lock on the snapshots table) then holds one connection, where writes
+started side by side had taken every pooled connection, and the commands that needed one
+to read waited for the lock too. Only aggregates that declare a
 ``SNAPSHOT_VERSION`` are snapshotted; a snapshot in another version is ignored.
 
 A snapshot is sealed with a digest of its stream, version and state: one that does not
@@ -90,13 +94,20 @@ def _restored(blank: Aggregate, state: dict[str, Any], version: int) -> bool:
     return True
 
 
+MAX_PENDING = 1_000
+"""Snapshots waiting to be written, each the latest of its stream; beyond it the oldest
+is dropped (its stream's next snapshot comes ``interval`` events later)."""
+
+
 class Snapshots:
     """Loads and takes the snapshots of one process's aggregates."""
 
     def __init__(self, store: SnapshotStore | None, interval: int) -> None:
         self._store = store if interval > 0 else None
         self._interval = interval
-        self._writing: set[asyncio.Task[None]] = set()
+        self._pending: dict[str, Snapshot] = {}
+        """By stream, in the order taken: the next to write first."""
+        self._writer: asyncio.Task[None] | None = None
 
     async def load(self, blank: A, events: EventStore) -> tuple[A, str]:
         """``blank`` rebuilt from its latest usable snapshot and the events after it (from
@@ -148,9 +159,21 @@ class Snapshots:
         if self._store is None:
             return
         for snapshot in snapshots:
-            task = asyncio.get_running_loop().create_task(self._save(self._store, snapshot))
-            self._writing.add(task)
-            task.add_done_callback(self._writing.discard)
+            # A later one of the stream replaces the one waiting, and waits its turn anew.
+            self._pending.pop(snapshot.stream_id, None)
+            self._pending[snapshot.stream_id] = snapshot
+        while len(self._pending) > MAX_PENDING:
+            del self._pending[next(iter(self._pending))]
+        if self._writer is None and self._pending:
+            self._writer = asyncio.get_running_loop().create_task(self._write(self._store))
+
+    async def _write(self, store: SnapshotStore) -> None:
+        try:
+            while self._pending:
+                stream_id = next(iter(self._pending))
+                await self._save(store, self._pending.pop(stream_id))
+        finally:
+            self._writer = None
 
     @staticmethod
     async def _save(store: SnapshotStore, snapshot: Snapshot) -> None:
@@ -164,6 +187,6 @@ class Snapshots:
             log.warning("snapshot of %s not saved", snapshot.stream_id, exc_info=True)
 
     async def drain(self) -> None:
-        """Wait for the snapshots being written (before the store closes)."""
-        while self._writing:
-            await asyncio.gather(*self._writing, return_exceptions=True)
+        """Wait for the snapshots taken to be written (before the store closes)."""
+        while self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)

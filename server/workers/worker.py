@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import cast
 
-from domain.errors import StoreUnavailableError
+from domain.errors import StoreError, StoreUnavailableError
 from domain.ports import SharedStreamLocks
 from domain.unit_of_work import AggregateCache
 from server.app import Gateway, serve, stop_deadline
@@ -94,6 +94,11 @@ def run_worker(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> Non
         # The supervisor died as this worker started (a replacement, say): nothing failed
         # here, and the supervisor's own end is what the log must show.
         log.error("the supervisor process is gone (%s); stopping", gone)
+        raise SystemExit(1) from None
+    except StoreError as error:
+        # The store's own account (unreachable, full): one line, as `serve` prints it;
+        # the supervisor tries again, and a traceback each time would bury it.
+        log.error("worker %d failed: store error: %s", spec.index, error)
         raise SystemExit(1) from None
     except Exception:
         log.exception("worker %d failed", spec.index)

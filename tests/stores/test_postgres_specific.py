@@ -34,6 +34,7 @@ from orders.v1 import (
 )
 from psycopg.conninfo import make_conninfo
 
+from domain.commands import RestockProduct
 from domain.errors import (
     ConcurrencyConflictError,
     DuplicateCommandError,
@@ -41,7 +42,9 @@ from domain.errors import (
     StoreUnavailableError,
 )
 from domain.ports import Commit, NewEvent, RecordedEvent, Snapshot
+from domain.snapshots import Snapshots
 from server.app import create_server
+from server.bootstrap import bootstrap
 from server.config import Settings
 from server.stores.postgres import (
     LISTENER_APPLICATION_NAME,
@@ -748,6 +751,34 @@ async def test_calls_fail_at_once_while_the_database_refuses_connections(
         else:
             raise AssertionError("the store never saw the database again")
         assert [e.stream_version for e in appended] == [2]
+    finally:
+        await store.close()
+
+
+async def test_snapshot_writes_held_up_by_a_lock_leave_the_pool_to_the_commands(
+    fresh_postgres_url: str,
+) -> None:
+    # Snapshots are written in the background; written side by side, those that another
+    # session's lock on the snapshots table (a CREATE INDEX, a row lock) held up took every
+    # pooled connection, and every command that needed one to read waited for the lock.
+    store = await PostgresEventStore.open(fresh_postgres_url, max_connections=5)
+    snapshots = Snapshots(store, 2)
+    bus = bootstrap(store, snapshots=snapshots)
+    try:
+        with psycopg.connect(fresh_postgres_url, autocommit=True) as locker:
+            locker.execute("BEGIN")
+            locker.execute("LOCK TABLE snapshots IN SHARE MODE")
+            for product in range(10):
+                for _ in range(2):  # a snapshot is due at version 2 of each
+                    await bus.dispatch(RestockProduct(product_id=f"p-{product}", quantity=1))
+            await asyncio.sleep(0.5)
+            async with asyncio.timeout(5):
+                assert len(await store.read_all()) == 20
+                assert len(await store.read_stream("product-p-3")) == 2
+            locker.execute("COMMIT")
+        await snapshots.drain()
+        saved = await store.load_snapshot("product-p-9")
+        assert saved is not None and saved.stream_version == 2
     finally:
         await store.close()
 

@@ -17,7 +17,7 @@ from domain.aggregates import Product
 from domain.commands import RestockProduct
 from domain.errors import StoreError, StoreUnavailableError
 from domain.ports import EventPayload, RecordedEvent, Snapshot
-from domain.snapshots import Snapshots, opened, sealed
+from domain.snapshots import MAX_PENDING, Snapshots, opened, sealed
 from server.bootstrap import bootstrap
 from server.stores.memory import MemoryEventStore
 from server.stores.sqlite import SQLiteEventStore
@@ -151,15 +151,37 @@ async def test_commands_never_wait_for_a_snapshot_write() -> None:
     bus = bootstrap(store, snapshots=snapshots)
     for _ in range(3 * INTERVAL):
         await asyncio.wait_for(bus.dispatch(RestockProduct(product_id="p", quantity=1)), 5)
-    # The writes are tasks of their own, started when the loop next runs: the memory store
-    # never suspends a command, and since Python 3.12 wait_for no longer runs its awaitable
-    # in a task of its own, so nothing above had to let them start.
+    # The writes run in a task of their own, started when the loop next runs: the memory
+    # store never suspends a command, and since Python 3.12 wait_for no longer runs its
+    # awaitable in a task of its own, so nothing above had to let it start.
     await asyncio.sleep(0)
-    assert store.started == 3, "a snapshot at 10, 20 and 30, all still being written"
+    # One write at a time: the snapshot at 10 is held up; the one at 30 replaced the one
+    # at 20 while it waited. Writes side by side each held a pooled connection (on
+    # PostgreSQL, a lock on the snapshots table then left no connection for the commands).
+    assert store.started == 1, "the snapshot at 10 being written, the others waiting"
     store.release.set()
     await snapshots.drain()
+    assert store.started == 2
     kept = await store.load_snapshot("product-p")
     assert kept is not None and kept.stream_version == 30
+
+
+async def test_snapshots_waiting_are_bounded_and_each_streams_latest_is_kept() -> None:
+    store = StuckSnapshotStore()
+    snapshots = Snapshots(store, INTERVAL)
+    held = Snapshot("held", 1, 1, b"{}")
+    snapshots.take([held])
+    await asyncio.sleep(0)
+    snapshots.take(Snapshot(f"s-{n}", 1, 1, b"{}") for n in range(MAX_PENDING + 5))
+    snapshots.take([Snapshot("s-10", 2, 1, b"{}")])
+    store.release.set()
+    await snapshots.drain()
+    # The held write, then MAX_PENDING of the others: the oldest five were dropped.
+    assert store.started == 1 + MAX_PENDING
+    assert await store.load_snapshot("s-4") is None
+    assert await store.load_snapshot("s-5") is not None
+    kept = await store.load_snapshot("s-10")
+    assert kept is not None and kept.stream_version == 2
 
 
 class FailingSnapshotStore(MemoryEventStore):
