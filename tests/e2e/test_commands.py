@@ -290,6 +290,26 @@ async def test_reused_command_id_is_already_exists(clients: Clients) -> None:
         assert (info.reason, info.domain) == ("COMMAND_ID_REUSED", "order-gateway")
 
 
+async def test_a_cancel_reusing_its_command_id_with_another_reason_is_already_exists(
+    clients: Clients,
+) -> None:
+    """The reason is recorded in OrderCancelled: a cancel with another one is another
+    request, and replaying the first would tell its caller a reason it never gave."""
+    await clients.restock("a", 1)
+    order_id = await placed(clients, ("a", 1))
+    command_id = str(uuid.uuid4())
+    first = await clients.cancel(order_id, reason="ordered twice", command_id=command_id)
+    assert first[0].order_cancelled.reason == "ordered twice"
+
+    error = await rpc_error(clients.cancel(order_id, reason="too slow", command_id=command_id))
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    info = detail(error, error_details_pb2.ErrorInfo)
+    assert (info.reason, info.domain) == ("COMMAND_ID_REUSED", "order-gateway")
+    # The same request still replays.
+    retried = await clients.cancel(order_id, reason="ordered twice", command_id=command_id)
+    assert retried == first
+
+
 async def test_concurrent_orders_never_oversell(clients: Clients) -> None:
     await clients.restock("hot", 20)
     results = await asyncio.gather(

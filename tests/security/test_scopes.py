@@ -6,6 +6,7 @@ scope makes these tests fail, and the server refuses to start.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -90,6 +91,103 @@ async def test_every_method_refuses_callers_without_a_token_or_scope(
         assert await call_raw(channel, method, ()) == grpc.StatusCode.UNAUTHENTICATED
         with_no_scope = (("authorization", f"Bearer {NO_SCOPE_TOKEN}"),)
         assert await call_raw(channel, method, with_no_scope) == (grpc.StatusCode.PERMISSION_DENIED)
+
+
+CONTRACT_SCOPES = {
+    # As the API contract grants them, written out here rather than read from the server.
+    "/orders.v1.OrderCommandService/CreateOrder": {"orders:write"},
+    "/orders.v1.OrderCommandService/CancelOrder": {"orders:write", "orders:admin"},
+    "/orders.v1.InventoryCommandService/RestockProduct": {"inventory:write"},
+    "/orders.v1.EventStreamService/Subscribe": {"events:read"},
+    "/orders.v1.ConsumerGroupService/Consume": {"events:read"},
+    "/orders.v1.ConsumerGroupService/GetConsumerGroup": {"events:read"},
+    "/orders.v1.ConsumerGroupService/ListConsumerGroups": {"events:read"},
+    "/orders.v1.ConsumerGroupService/CreateConsumerGroup": {"events:admin"},
+    "/orders.v1.ConsumerGroupService/DeleteConsumerGroup": {"events:admin"},
+    "/orders.v1.ConsumerGroupService/ReplayParked": {"events:admin"},
+}
+
+
+def single_scope_token(scope: str) -> str:
+    return f"token-with-only-{scope}"
+
+
+@pytest.fixture
+async def single_scoped(tmp_path: Path) -> AsyncIterator[Gateway]:
+    """A gateway with one token per scope, each holding that scope alone."""
+    tokens = tmp_path / "tokens.toml"
+    lines = []
+    for scope in sorted(ALL_SCOPES):
+        digest = hashlib.sha256(single_scope_token(scope).encode()).hexdigest()
+        lines += ["[[token]]", f'sha256 = "{digest}"', f'user_id = "only-{scope}"']
+        lines += [f'scopes = ["{scope}"]', ""]
+    tokens.write_text("\n".join(lines))
+    gateway = await create_server(
+        Settings(listen="127.0.0.1:0", store="memory://", auth_tokens=tokens),
+        store=MemoryEventStore(),
+    )
+    await gateway.start()
+    yield gateway
+    await gateway.stop()
+
+
+async def admission(channel: grpc.aio.Channel, method: str, metadata: Any) -> grpc.StatusCode:
+    """How ``method`` answers an empty request: its status, or OK as soon as a streaming
+    call sends a first message (an admitted Subscribe never ends on its own)."""
+    service, _, name = method.strip("/").partition("/")
+    described = descriptor_pool.Default().FindMethodByName(f"{service}.{name}")
+    raw: dict[str, Callable[[bytes], bytes]] = {
+        "request_serializer": bytes,
+        "response_deserializer": bytes,
+    }
+    call: Any
+    if described.client_streaming and described.server_streaming:
+        call = channel.stream_stream(method, **raw)(iter([b""]), metadata=metadata)
+    elif described.client_streaming:
+        call = channel.stream_unary(method, **raw)(iter([b""]), metadata=metadata)
+    elif described.server_streaming:
+        call = channel.unary_stream(method, **raw)(b"", metadata=metadata)
+    else:
+        call = channel.unary_unary(method, **raw)(b"", metadata=metadata)
+    try:
+        async with asyncio.timeout(30):
+            if described.server_streaming:
+                await call.read()
+            else:
+                await call
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    finally:
+        call.cancel()
+    return grpc.StatusCode.OK
+
+
+def test_the_contract_table_names_every_method_and_only_known_scopes() -> None:
+    assert set(CONTRACT_SCOPES) == set(OWN_METHODS)
+    assert set().union(*CONTRACT_SCOPES.values()) == ALL_SCOPES
+
+
+async def test_a_token_with_a_single_scope_may_call_exactly_the_methods_the_contract_grants_it(
+    single_scoped: Gateway,
+) -> None:
+    """Every method against every scope: a scope too many lets a caller do what its
+    token was never meant for, one too few breaks a client the contract allows."""
+    answers: dict[tuple[str, str], grpc.StatusCode] = {}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{single_scoped.port}") as channel:
+        for method in OWN_METHODS:
+            for scope in sorted(ALL_SCOPES):
+                with_scope = (("authorization", f"Bearer {single_scope_token(scope)}"),)
+                answers[method, scope] = await admission(channel, method, with_scope)
+    refused = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED}
+    wrong = {
+        (method, scope): code
+        for (method, scope), code in answers.items()
+        if (code in refused) == (scope in CONTRACT_SCOPES[method])
+    }
+    assert wrong == {}, "granted where the contract refuses, or refused where it grants"
+    # Not only refusals: granted calls got past authorization to have their (empty)
+    # requests judged.
+    assert grpc.StatusCode.INVALID_ARGUMENT in answers.values()
 
 
 async def test_the_server_refuses_to_start_with_a_method_that_has_no_scope(

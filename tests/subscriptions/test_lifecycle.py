@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -209,6 +210,25 @@ async def test_shutdown_ends_every_stream_even_one_whose_client_stopped_reading(
         assert await live.status() == grpc.StatusCode.UNAVAILABLE
         assert await stalled.status() in {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
         assert gateway.hub.subscriber_count == 0
+
+
+async def test_a_stop_ends_open_streams_at_once_as_the_server_shutting_down() -> None:
+    """Open Subscribe streams never end on their own: a stop that waited for them would
+    take its whole grace on every deploy. They end at once, with a status telling their
+    clients to reconnect elsewhere."""
+    async with running_gateway(shutdown_grace=5) as gateway, connect(gateway) as clients:
+        reader = StreamReader.open(clients)
+        assert await reader.next_checkpoint() == 0
+
+        started = time.monotonic()
+        async with asyncio.timeout(WAIT):
+            await gateway.stop()
+        took = time.monotonic() - started
+
+        # Half the grace: a stop that waited on the stream would have taken all of it.
+        assert took < 2.5, f"the stop took {took:.1f} s"
+        assert await reader.status() == grpc.StatusCode.UNAVAILABLE
+        assert await reader.call.details() == "the server is shutting down"
 
 
 async def test_subscribing_while_shutting_down_is_unavailable() -> None:

@@ -9,6 +9,7 @@ import pytest
 from orders.v1.event_stream_service_pb2 import SubscribeResponse
 
 from domain.commands import RestockProduct
+from domain.ports import RecordedEvent
 from server.app import Gateway
 from server.bootstrap import bootstrap
 from server.rpc.subscription_hub import EventFilter, HubTuning, SubscriptionHub
@@ -20,6 +21,7 @@ from tests.subscription_support import (
     CountingStore,
     JitteryStore,
     StreamReader,
+    WrappedStore,
     connect,
     identities,
     run_writers,
@@ -133,6 +135,59 @@ async def test_idle_filtered_stream_gets_checkpoints_up_to_the_head() -> None:
         assert reader.events == []
         # And with no writes at all, checkpoints keep coming at the same position.
         assert await reader.next_checkpoint() == 21
+        reader.call.cancel()
+
+
+async def test_by_default_a_quiet_filtered_stream_checkpoints_within_5_seconds() -> None:
+    """The API promises a Checkpoint at least every 5 s while nothing matching arrives:
+    consumers size their idle timeouts by it. Every other test tunes the hub its own way."""
+    async with running_gateway() as gateway, connect(gateway) as clients:
+        reader = StreamReader.open(clients, event_types=["OrderCancelled"])
+        assert await reader.next_checkpoint() == 0, "caught up: a checkpoint at once"
+        quiet_since = time.monotonic()
+        await clients.restock("sku-1", 1)
+
+        assert await reader.next_checkpoint() == 1
+        # 5 s and the time to deliver it; well short of what twice the interval would take.
+        waited = time.monotonic() - quiet_since
+        assert waited < 7, f"the next checkpoint came after {waited:.1f} s"
+        assert reader.events == []
+        reader.call.cancel()
+
+
+class SlowPagesStore(WrappedStore):
+    """Reads of the log that take a while per page, once ``slow`` is set: a long
+    history takes many of them to catch up through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow = False
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        if self.slow:
+            await asyncio.sleep(0.05)
+        return await super().read_all(after_position, limit)
+
+
+async def test_a_filtered_catch_up_through_a_long_history_checkpoints_on_the_way() -> None:
+    """A consumer can store its progress during a long catch-up with nothing to deliver,
+    not only once it has caught up: a restart then does not start over from the beginning."""
+    store = SlowPagesStore()
+    tuning = HubTuning(page_size=10, poll_interval=0.05, checkpoint_interval=0.2)
+    async with running_gateway(store, tuning) as gateway, connect(gateway) as clients:
+        await run_writers(clients, writers=4, orders=25)
+        head = await store.head_position()
+        assert head == 4 * (1 + 2 * 25)
+        # About 21 pages of 50 ms each: 1 s of catch-up, five checkpoint intervals.
+        store.slow = True
+        reader = StreamReader.open(clients, event_types=["OrderCancelled"])
+
+        first = await reader.next_checkpoint()
+        assert 0 < first < head, "a checkpoint before having caught up"
+        while await reader.next_checkpoint() < head:
+            pass
+        assert reader.checkpoints == sorted(reader.checkpoints)
+        assert reader.events == []
         reader.call.cancel()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import json
 import uuid
@@ -180,6 +181,67 @@ def test_fingerprints_ignore_only_the_envelope() -> None:
     assert fingerprint(CancelOrder.model_validate({**cancel, "by_admin": True})) == fingerprint(
         CancelOrder.model_validate(cancel)
     )
+
+
+ENVELOPE = {"command_id", "timestamp", "correlation_id"}
+"""What a retry of the same request may change: its id, when it was sent, how it is traced."""
+
+REQUESTS_AND_OTHER_VALUES: dict[type[Command], tuple[dict[str, Any], dict[str, Any]]] = {
+    # Per command type: a request, and for each of its fields another value for it.
+    CreateOrder: (
+        {
+            "customer_id": "00000000-0000-4000-8000-000000000001",
+            "items": [{"product_id": "a", "quantity": 1, "unit_price": {"currency_code": "EUR"}}],
+            "shipping_address": ADDRESS,
+            "user_id": "alice",
+        },
+        {
+            "customer_id": "00000000-0000-4000-8000-000000000002",
+            "items": [{"product_id": "a", "quantity": 2, "unit_price": {"currency_code": "EUR"}}],
+            "shipping_address": {**ADDRESS, "line2": "Flat 2"},
+            "user_id": "bob",
+        },
+    ),
+    CancelOrder: (
+        {"order_id": "00000000-0000-4000-8000-000000000001", "reason": "", "user_id": "alice"},
+        {
+            "order_id": "00000000-0000-4000-8000-000000000002",
+            "reason": "ordered twice",
+            "user_id": "bob",
+        },
+    ),
+    RestockProduct: (
+        {"product_id": "a", "quantity": 5, "user_id": "alice"},
+        {"product_id": "b", "quantity": 6, "user_id": "bob"},
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", REQUESTS_AND_OTHER_VALUES, ids=lambda kind: kind.__name__)
+def test_every_field_of_a_request_outside_the_envelope_is_in_its_fingerprint(
+    kind: type[Command],
+) -> None:
+    """A command_id reused for a request that differs in any field the caller sent (a
+    CancelOrder's reason too) is another request, refused; never a replay of the first."""
+    assert set(REQUESTS_AND_OTHER_VALUES) == set(Command.__subclasses__()), "a new command type"
+    request, others = REQUESTS_AND_OTHER_VALUES[kind]
+    # Whether a cancel is an admin's is decided by its credentials, not by the request
+    # (server_chose_id, left out of every dump, is no part of a request either).
+    not_compared = {"by_admin"} if kind is CancelOrder else set()
+    fields = {name for name, info in kind.model_fields.items() if not info.exclude}
+    assert set(others) == fields - ENVELOPE - not_compared, "every field needs another value"
+
+    envelope = {"command_id": str(uuid.uuid4()), "correlation_id": "first"}
+    first = kind.model_validate({**envelope, **request})
+    for name, other in others.items():
+        changed = kind.model_validate({**envelope, **request, name: other})
+        assert fingerprint(changed) != fingerprint(first), f"{kind.__name__}.{name}"
+    # The envelope, and only it, may differ on a retry.
+    later = first.timestamp + dt.timedelta(seconds=1)
+    retried = kind.model_validate(
+        {**request, "command_id": first.command_id, "timestamp": later, "correlation_id": ""}
+    )
+    assert fingerprint(retried) == fingerprint(first)
 
 
 async def test_a_failed_command_is_not_remembered(bus: CommandBus) -> None:
