@@ -12,6 +12,7 @@ import uuid
 import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,12 +27,15 @@ from orders.v1 import (
     order_command_service_pb2_grpc,
 )
 
+from domain.ports import EventStore
 from server.app import Gateway
 from server.consumer_groups.engine import Entry, GroupTuning
 from server.consumer_groups.model import GroupRecord
+from server.consumer_groups.stores import open_group_store
+from server.stores.factory import open_store
 from tests.clients import Clients, bad_fields, detail, item, order_request
+from tests.group_support import QUICK, group_gateway, group_settings, join, member
 from tests.group_support import Member as GroupMember
-from tests.group_support import group_gateway, group_settings, join, member
 
 
 @dataclass
@@ -59,8 +63,17 @@ class Env:
 
 @pytest.fixture
 async def env() -> AsyncIterator[Env]:
+    async with env_of() as env:
+        yield env
+
+
+@contextlib.asynccontextmanager
+async def env_of(
+    store: EventStore | None = None, tuning: GroupTuning = QUICK, **settings: Any
+) -> AsyncIterator[Env]:
+    """A gateway (``group_gateway``'s) and clients of it."""
     async with (
-        group_gateway() as gateway,
+        group_gateway(store, tuning, **settings) as gateway,
         grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel,
     ):
         yield Env(
@@ -114,6 +127,16 @@ async def test_creating_again_with_equal_settings_answers_the_group(env: Env) ->
     await env.create("g", partitions=4, event_types=["OrderCreated"], max_deliveries=5)
 
 
+async def test_event_types_in_another_order_or_twice_are_equal_settings(env: Env) -> None:
+    # A group takes the set of its types: how a client lists them changes nothing.
+    first = await env.create("g", event_types=["OrderCreated", "OrderCancelled"])
+    again = await env.create("g", event_types=["OrderCancelled", "OrderCreated", "OrderCreated"])
+    assert again.created_at == first.created_at
+    # Reported as that set: sorted, each once.
+    for group in (first, again, await env.get()):
+        assert list(group.settings.event_types) == ["OrderCancelled", "OrderCreated"]
+
+
 async def test_a_position_beside_start_from_end_is_no_setting_of_the_group(env: Env) -> None:
     # start_from_end wins, so the position given with it starts nothing.
     group = await env.create("g", start_from_end=True, start_after_position=3)
@@ -156,6 +179,30 @@ async def test_every_invalid_setting_is_named_at_once(env: Env) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await env.create("x" * 65)
     assert bad_fields(caught.value) == ["name"]
+
+
+@pytest.mark.parametrize(
+    ("partitions", "ack_timeout", "max_deliveries", "max_in_flight"),
+    [(256, 3600, 100, 1000), (1, 1, 1, 1)],
+    ids=["highest", "lowest"],
+)
+async def test_each_end_of_a_setting_s_range_is_accepted(
+    env: Env, partitions: int, ack_timeout: int, max_deliveries: int, max_in_flight: int
+) -> None:
+    # 1 to 256 partitions, 1 s to 1 h, 1 to 100 deliveries, 1 to 1,000 in flight: both
+    # ends are in range, and the group reports them as given.
+    group = await env.create(
+        "g", partitions=partitions, ack_timeout=ack_timeout, max_deliveries=max_deliveries
+    )
+    assert group.settings.partitions == partitions
+    assert (group.settings.ack_timeout.seconds, group.settings.ack_timeout.nanos) == (
+        ack_timeout,
+        0,
+    )
+    assert group.settings.max_deliveries == max_deliveries
+    assert len(group.partition_states) == partitions
+    async with member(env.groups, "g", max_in_flight=max_in_flight) as consumer:
+        assert consumer.partitions == list(range(partitions))
 
 
 @pytest.mark.parametrize(("seconds", "nanos"), [(2, 2_000_000_000), (5, -1), (-1, 500_000_000)])
@@ -685,6 +732,44 @@ async def test_a_departed_member_s_deliveries_go_to_the_others_at_once(env: Env)
         assert seen[taken[0]] == 2
 
 
+SLOW_RETRIES = GroupTuning(flush_interval=0.05, retry_base=10)
+"""A nack's first retry 10 s later: what comes back well before then came without it."""
+
+
+async def test_an_ack_timeout_redelivers_without_the_nack_backoff() -> None:
+    # A timeout is no nack: the delivery comes again as soon as the timeout is over.
+    async with env_of(tuning=SLOW_RETRIES) as env:
+        await env.create("g", ack_timeout=1)
+        (event_id,) = await env.restocks(1)
+        async with member(env.groups, "g") as consumer:
+            first = await consumer.delivery()
+            delivered_at = time.monotonic()
+            again = await consumer.delivery(30)
+            waited = time.monotonic() - delivered_at
+            assert (first.attempt, again.event.event_id, again.attempt) == (1, event_id, 2)
+            assert waited < 5, f"came again after {waited:.1f} s: 1 s timeout, 10 s backoff"
+
+
+async def test_a_departed_member_s_deliveries_come_again_without_the_nack_backoff() -> None:
+    # A departure is no nack either: the standby gets the deliveries left unsettled at once.
+    async with env_of(tuning=SLOW_RETRIES) as env:
+        await env.create("g", partitions=1)
+        (event_id,) = await env.restocks(1)
+        leaving = await join(env.groups, "g", member_id="leaves")
+        try:
+            async with member(env.groups, "g", member_id="stays") as stays:
+                assert (leaving.partitions, stays.partitions) == ([0], [])
+                assert (await leaving.delivery()).event.event_id == event_id
+                await leaving.close()
+                left_at = time.monotonic()
+                again = await stays.delivery(30)
+                waited = time.monotonic() - left_at
+                assert (again.event.event_id, again.attempt) == (event_id, 2)
+                assert waited < 4, f"came again after {waited:.1f} s: 10 s is the backoff"
+        finally:
+            await leaving.close()
+
+
 async def test_a_partition_moved_to_a_joining_member_is_no_failed_attempt(env: Env) -> None:
     # The member that gives the partition up is still connected: its deliveries go to the
     # new owner with their attempt, and max_deliveries counts only the failures after.
@@ -779,6 +864,25 @@ async def test_the_checkpoint_never_passes_an_unsettled_event(env: Env) -> None:
         assert group.in_flight == 1
         await consumer.ack(held)
         assert (await settled(env)).checkpoint == group.head_position
+
+
+async def test_a_moved_checkpoint_is_stored_within_a_second_by_default() -> None:
+    # With production's timings (no test's quick ones), and the member still connected:
+    # what a crash now would resume from.
+    async with env_of(tuning=GroupTuning()) as env:
+        await env.create("g", partitions=1)
+        (event_id,) = await env.restocks(1)
+        store = env.gateway.groups.store
+        async with member(env.groups, "g") as consumer:
+            delivery = await consumer.delivery()
+            await consumer.ack(event_id)
+            acked_at = time.monotonic()
+            moved = {0: delivery.event.position}
+            async with asyncio.timeout(30):
+                while await store.load_checkpoints("g") != moved:  # noqa: ASYNC110 - flushed
+                    await asyncio.sleep(0.02)
+            waited = time.monotonic() - acked_at
+            assert waited < 2.5, f"stored {waited:.1f} s after the ack"
 
 
 async def test_with_no_member_events_the_group_does_not_take_are_behind_its_checkpoints(
@@ -983,6 +1087,41 @@ async def test_shutdown_ends_consume_with_unavailable() -> None:
         error = await consumer.finished()
         assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE
         assert time.monotonic() - started < gateway.shutdown_grace + 5
+
+
+async def test_a_stop_stores_the_checkpoints_and_ends_consume_at_once(tmp_path: Path) -> None:
+    # Flushed once an hour, the checkpoint is stored by the stop itself. The stop ends
+    # the stream at once, not once the grace runs out, and as the gateway's doing: the
+    # member did not leave, so the delivery it held is no failed attempt.
+    url = f"sqlite:///{tmp_path / 'gateway.db'}"
+    tuning = GroupTuning(flush_interval=3600, retry_base=0.02)
+    async with env_of(await open_store(url), tuning, shutdown_grace=5) as env:
+        await env.create("g", partitions=1)
+        first, second = await env.restocks(2)  # one stream: the second waits for the first
+        consumer = await join(env.groups, "g")
+        try:
+            acked = await consumer.delivery()
+            assert acked.event.event_id == first
+            await consumer.ack(first)
+            assert (await consumer.delivery()).event.event_id == second  # the ack is in
+            started = time.monotonic()
+            await env.gateway.stop()
+            stopped_in = time.monotonic() - started
+            error = await consumer.finished()
+        finally:
+            await consumer.close()
+    assert stopped_in < 2.5, f"the stop took {stopped_in:.1f} s of its 5 s grace"
+    assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE
+    events = await open_store(url)
+    store = await open_group_store(events)
+    try:
+        assert await store.load_checkpoints("g") == {0: acked.event.position}
+        # The second, in flight as the gateway stopped, failed no attempt: it comes
+        # again with the same one.
+        assert await store.load_attempts("g", [0]) == []
+    finally:
+        await store.close()
+        await events.close()
 
 
 # -- metrics -----------------------------------------------------------------------------

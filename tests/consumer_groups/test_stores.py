@@ -235,6 +235,21 @@ async def test_failed_attempts_go_with_settling_replaying_and_their_group(
     assert await _attempts(groups_store) == {}
 
 
+@pytest.mark.parametrize("limit", [0, 2], ids=["all", "as-many-as-parked"])
+async def test_a_replay_forgets_counts_written_late_for_every_event_it_replays(
+    groups_store: ConsumerGroupStore, limit: int
+) -> None:
+    # Counts written after the park (by a process the partitions had moved away from):
+    # the replayed events start again at attempt 1, whichever way the limit says "all".
+    g = await groups_store.create_group(_record("g"))
+    await groups_store.park(g, [_parked("e1", 1, 10), _parked("e2", 2, 20)])
+    await groups_store.save_attempts(g, [_failed("e1", 1, 3), _failed("e2", 2, 4)])
+    await groups_store.save_attempts(g, [_failed("e3", 3, 2)])  # unsettled, never parked
+    assert await groups_store.replay_parked("g", limit) == 2
+    assert await _attempts(groups_store) == {"e3": 2}
+    assert [e.event_id for e in await groups_store.replaying("g", 10)] == ["e1", "e2"]
+
+
 async def test_a_deleted_group_s_late_writes_leave_the_group_created_again_alone(
     groups_store: ConsumerGroupStore,
 ) -> None:
