@@ -49,6 +49,7 @@ from domain.commands import Command
 from domain.errors import (
     BusinessRuleViolation,
     ConcurrencyConflictError,
+    DuplicateCommandError,
     NotFoundError,
     OrderNotFoundError,
     StoreError,
@@ -151,7 +152,13 @@ class AggregateCache:
             # The head is this state, an older one, or one at this version that lost.
             outdated = entry.head.version <= aggregate.version
         else:
-            entry.stale = entry.stale or isinstance(error, ConcurrencyConflictError)
+            # Read the stream again before deciding on it: after a lost race, and after an
+            # append whose outcome is unknown (its caller stopped waiting, the store failed
+            # midway), which may well have committed. Not after a refusal that wrote
+            # nothing (a full store, a repeated command id).
+            entry.stale = entry.stale or not isinstance(
+                error, StoreFullError | DuplicateCommandError
+            )
             # The head is this commit's state or was built on it: neither will commit.
             outdated = entry.head.version >= aggregate.version
         if outdated:

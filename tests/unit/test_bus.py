@@ -447,3 +447,37 @@ async def test_a_stale_cache_costs_a_retry_not_an_oversell(store: MemoryEventSto
     with pytest.raises(InsufficientInventoryError):
         await replica_a.dispatch(create(("a", 1)))
     assert [e.event_type for e in await store.read_all()].count("StockReserved") == 2
+
+
+class _AnswersLate(MemoryEventStore):
+    """Commits each append at once; the first one it answers only after its caller has
+    stopped waiting (a deadline)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.appends = 0
+        self.hold_next = True
+
+    async def append(self, commit: Commit) -> list[RecordedEvent]:
+        self.appends += 1
+        recorded = await super().append(commit)
+        if self.hold_next:
+            self.hold_next = False
+            await asyncio.Event().wait()
+        return recorded
+
+
+async def test_a_stream_whose_append_was_cancelled_is_read_again_before_the_next_command() -> None:
+    # The append committed although its caller stopped waiting: decided on the cache's
+    # previous head, the next command on the stream lost a race with it and appended
+    # twice (a conflict, then a retry).
+    store = _AnswersLate()
+    bus = bootstrap(store)
+    first = asyncio.create_task(bus.dispatch(RestockProduct(product_id="p", quantity=1)))
+    await asyncio.sleep(0.05)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await bus.dispatch(RestockProduct(product_id="p", quantity=2))
+    assert store.appends == 2
+    assert [e.stream_version for e in await store.read_stream("product-p")] == [1, 2]
