@@ -108,8 +108,10 @@ shutting down or starting up. Not a full server (too many connections: the conne
 use still work and come back) nor a refused login, which waiting cannot mend either way."""
 
 
-class DatabaseRefused(PoolTimeout):
-    """The database refused a connection just now, and the pool has none idle."""
+class DatabaseRefused(psycopg.OperationalError):
+    """The database refused a connection just now, and the pool has none idle. Not a
+    ``PoolTimeout``: psycopg_pool re-raises those as "couldn't get a connection after
+    10.00 sec", which it was not, and which points at the pool's size."""
 
 
 @dataclass(frozen=True)
