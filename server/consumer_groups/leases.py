@@ -45,6 +45,9 @@ MIN_ROUND_GAP = 0.05
 """Seconds between two rounds at the least."""
 LOCAL_MARGIN = 1.0
 """Seconds a lease ends earlier by this replica's clock than in the database."""
+FAILURE_LOG_INTERVAL = 10.0
+"""Seconds between two lines about lease rounds that cannot reach the store: a round runs
+every ``ROUND_INTERVAL``, and a line each time, per group, would bury the store's own."""
 
 
 class GroupGoneError(Exception):
@@ -155,6 +158,9 @@ class LeaseCoordinator:
         self._expiry: asyncio.TimerHandle | None = None
         self._expired_task: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._unreachable_rounds = 0
+        """Rounds that failed for an unreachable store since the last that worked."""
+        self._said_unreachable_at = 0.0
         self._giving_up: asyncio.Future[None] | None = None
         """A give-up (``release``) under way: carried to its end when the rounds are
         cancelled, since it stores the checkpoints of the partitions given up."""
@@ -198,6 +204,13 @@ class LeaseCoordinator:
         while True:
             try:
                 await self._round()
+                if self._unreachable_rounds:
+                    log.info(
+                        "consumer group %r: lease rounds work again (%d failed meanwhile)",
+                        self._group,
+                        self._unreachable_rounds,
+                    )
+                    self._unreachable_rounds = 0
             except GroupGoneError:
                 # Deleted through another replica: the rounds end here, and ``gone``
                 # ends this replica's members (their leases went with the group).
@@ -208,9 +221,16 @@ class LeaseCoordinator:
             except asyncio.CancelledError:
                 raise
             except StoreUnavailableError as e:
-                # The store (or a worker's supervisor) cannot be reached: said, no traceback;
-                # the next round tries again.
-                log.warning("consumer group %r: lease round failed (%s)", self._group, e)
+                # The store (or a worker's supervisor) cannot be reached: said, no traceback,
+                # at most every FAILURE_LOG_INTERVAL; the next round tries again.
+                self._unreachable_rounds += 1
+                now = time.monotonic()
+                if (
+                    self._unreachable_rounds == 1
+                    or now - self._said_unreachable_at >= FAILURE_LOG_INTERVAL
+                ):
+                    self._said_unreachable_at = now
+                    log.warning("consumer group %r: lease round failed (%s)", self._group, e)
             except Exception:
                 log.exception("consumer group %r: lease round failed", self._group)
             raise_if_cancelling()

@@ -9,10 +9,14 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
 
 import pytest
 
+from domain.errors import StoreUnavailableError
+from server.consumer_groups import leases as leases_module
 from server.consumer_groups.engine import GroupTuning
 from server.consumer_groups.leases import LeaseCoordinator, LocalMember
 from server.consumer_groups.leases_memory import MemoryLeases
@@ -207,3 +211,53 @@ async def test_a_partition_being_given_up_is_not_reported_past_its_unsettled_eve
         store.saving.set()
         await there.stop()
         await here.stop()
+
+
+class _UnreachableLeases(MemoryLeases):
+    """Leases whose store cannot be reached until ``reachable`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reachable = False
+        self.rounds = 0
+
+    async def round(self, *args: Any, **kwargs: Any) -> Any:
+        self.rounds += 1
+        if not self.reachable:
+            raise StoreUnavailableError("PostgreSQL is unavailable (consumer groups): refused")
+        return await super().round(*args, **kwargs)
+
+
+async def test_rounds_that_cannot_reach_the_store_are_said_at_most_every_interval(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A round runs every 2 s (here 10 ms): a line each time, per group, while the
+    # database was down buried the store's own fault line.
+    monkeypatch.setattr(leases_module, "FAILURE_LOG_INTERVAL", 0.5)
+    leases = _UnreachableLeases()
+    members = [LocalMember("m", "user", dt.datetime.now(dt.UTC), 0)]
+
+    async def apply(owned: Mapping[int, str]) -> None:
+        return None
+
+    async def release(partitions: set[int]) -> None:
+        return None
+
+    coordinator = LeaseCoordinator(
+        leases, "g", "replica-1", 4, lambda: list(members), apply, release, dict, interval=0.01
+    )
+    with caplog.at_level(logging.INFO, logger="order_gateway.consumer_groups"):
+        coordinator.start()
+        try:
+            await asyncio.sleep(1.2)
+            failed_rounds = leases.rounds
+            leases.reachable = True
+            async with asyncio.timeout(10):
+                while len(coordinator.leases) < 4:  # noqa: ASYNC110 - the rounds run on their own
+                    await asyncio.sleep(0.01)
+        finally:
+            await coordinator.stop()
+    said = [r.getMessage() for r in caplog.records if "lease round failed" in r.getMessage()]
+    assert failed_rounds >= 20
+    assert 1 <= len(said) <= 4, said
+    assert any("lease rounds work again" in r.getMessage() for r in caplog.records)
