@@ -48,39 +48,18 @@ async def secured(tmp_path: Path) -> AsyncIterator[Gateway]:
     tokens = tmp_path / "tokens.toml"
     digest = hashlib.sha256(NO_SCOPE_TOKEN.encode()).hexdigest()
     tokens.write_text(f'[[token]]\nsha256 = "{digest}"\nuser_id = "nobody"\nscopes = []\n')
+    gateway = await started_with_tokens(tokens)
+    yield gateway
+    await gateway.stop()
+
+
+async def started_with_tokens(tokens: Path) -> Gateway:
     gateway = await create_server(
         Settings(listen="127.0.0.1:0", store="memory://", auth_tokens=tokens),
         store=MemoryEventStore(),
     )
     await gateway.start()
-    yield gateway
-    await gateway.stop()
-
-
-async def call_raw(channel: grpc.aio.Channel, method: str, metadata: Any) -> grpc.StatusCode:
-    """Call ``method`` with an empty request, as its descriptor says it is called."""
-    service, _, name = method.strip("/").partition("/")
-    described = descriptor_pool.Default().FindMethodByName(f"{service}.{name}")
-    raw: dict[str, Callable[[bytes], bytes]] = {
-        "request_serializer": bytes,
-        "response_deserializer": bytes,
-    }
-    try:
-        if described.client_streaming:
-            requests = iter([b""])
-            if described.server_streaming:
-                async for _ in channel.stream_stream(method, **raw)(requests, metadata=metadata):
-                    pass
-            else:
-                await channel.stream_unary(method, **raw)(requests, metadata=metadata)
-        elif described.server_streaming:
-            async for _ in channel.unary_stream(method, **raw)(b"", metadata=metadata):
-                pass
-        else:
-            await channel.unary_unary(method, **raw)(b"", metadata=metadata)
-    except grpc.aio.AioRpcError as error:
-        return error.code()
-    return grpc.StatusCode.OK
+    return gateway
 
 
 @pytest.mark.parametrize("method", OWN_METHODS)
@@ -88,9 +67,11 @@ async def test_every_method_refuses_callers_without_a_token_or_scope(
     secured: Gateway, method: str
 ) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{secured.port}") as channel:
-        assert await call_raw(channel, method, ()) == grpc.StatusCode.UNAUTHENTICATED
+        assert await admission(channel, method, ()) == grpc.StatusCode.UNAUTHENTICATED
         with_no_scope = (("authorization", f"Bearer {NO_SCOPE_TOKEN}"),)
-        assert await call_raw(channel, method, with_no_scope) == (grpc.StatusCode.PERMISSION_DENIED)
+        assert await admission(channel, method, with_no_scope) == (
+            grpc.StatusCode.PERMISSION_DENIED
+        )
 
 
 CONTRACT_SCOPES = {
@@ -122,11 +103,7 @@ async def single_scoped(tmp_path: Path) -> AsyncIterator[Gateway]:
         lines += ["[[token]]", f'sha256 = "{digest}"', f'user_id = "only-{scope}"']
         lines += [f'scopes = ["{scope}"]', ""]
     tokens.write_text("\n".join(lines))
-    gateway = await create_server(
-        Settings(listen="127.0.0.1:0", store="memory://", auth_tokens=tokens),
-        store=MemoryEventStore(),
-    )
-    await gateway.start()
+    gateway = await started_with_tokens(tokens)
     yield gateway
     await gateway.stop()
 
