@@ -89,15 +89,20 @@ def test_adding_a_field_passes(repo: Path) -> None:
     assert "compatible" in result.stdout
 
 
-def test_a_shallow_clone_without_the_previous_commit_skips(repo: Path, tmp_path: Path) -> None:
-    edit(repo, "string reason = 3;", "string cancel_reason = 3;")
-    commit_all(repo, "rename a field")
-    clone = tmp_path / "clone"
+def shallow_clone(repo: Path, clone: Path) -> Path:
+    """``repo`` cloned with its last commit only."""
     subprocess.run(
         ["git", "clone", "-q", "--depth", "1", f"file://{repo}", str(clone)],
         check=True,
         timeout=60,
     )
+    return clone
+
+
+def test_a_shallow_clone_without_the_previous_commit_skips(repo: Path, tmp_path: Path) -> None:
+    edit(repo, "string reason = 3;", "string cancel_reason = 3;")
+    commit_all(repo, "rename a field")
+    clone = shallow_clone(repo, tmp_path / "clone")
     result = check(clone)
     assert result.returncode == 0, result.stderr
     assert "shallow" in result.stdout
@@ -115,12 +120,7 @@ def test_a_ref_given_that_names_no_commit_fails(repo: Path) -> None:
 def test_a_ref_given_in_a_shallow_clone_without_it_fails(repo: Path, tmp_path: Path) -> None:
     edit(repo, "string reason = 3;", "string reason = 3;\n  string note = 4;")
     commit_all(repo, "add a field")
-    clone = tmp_path / "clone"
-    subprocess.run(
-        ["git", "clone", "-q", "--depth", "1", f"file://{repo}", str(clone)],
-        check=True,
-        timeout=60,
-    )
+    clone = shallow_clone(repo, tmp_path / "clone")
     result = check(clone, "HEAD~1")
     assert result.returncode == 2
     assert "shallow" in result.stderr
