@@ -34,7 +34,7 @@ from domain.unit_of_work import AggregateCache
 from server.bootstrap import bootstrap
 from server.config import Settings
 from server.consumer_groups.engine import GroupTuning
-from server.consumer_groups.metrics import GroupMetricsCollector
+from server.consumer_groups.metrics import GroupMetricsCollector, UnservedGroups
 from server.consumer_groups.service import ConsumerGroups
 from server.consumer_groups.servicer import ConsumerGroupServicer
 from server.consumer_groups.stores import open_group_store, partition_leases
@@ -167,19 +167,23 @@ class Gateway:
     metrics_server: MetricsServer | None = None
     tracing: Tracing | None = None
     snapshots: Snapshots | None = None
+    unserved_groups: UnservedGroups | None = None
     stop_gate: StopGate = field(default_factory=StopGate)
     shared_listen: str | None = None
     """The address this gateway shares with the other workers of ``--workers``, if any."""
     server_started: bool = False
     """Whether ``server`` has started (before the store opened, with ``create_server``'s
     ``start_while_opening``)."""
-    metrics_port: int | None = field(default=None, init=False)
-    """The port /metrics is served on once started (None without --metrics-listen)."""
     _stopped: bool = field(default=False, init=False)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port /metrics is served on once started (None without --metrics-listen)."""
+        return None if self.metrics_server is None else self.metrics_server.port
 
     async def start(self) -> None:
         if self.metrics_server is not None:
-            self.metrics_port = self.metrics_server.start()
+            self.metrics_server.start()
         await self.hub.start()
         if not self.server_started:
             await self.server.start()
@@ -199,6 +203,8 @@ class Gateway:
         # Subscription and Consume streams never end on their own, and server.stop can
         # hang while streaming calls are open: end them first. Groups first: they store
         # their checkpoints while the store is open, and read through the hub.
+        if self.unserved_groups is not None:
+            self.unserved_groups.close()
         await self.groups.stop()
         await self.hub.stop()
         # After the gate's quiet moment: their NOT_SERVING has gone out.
@@ -339,6 +345,11 @@ async def create_server(
             except OSError:
                 pass  # Not ours to judge (a foreign address, a privileged port): grpc says why.
         metrics = GatewayMetrics()
+        metrics_server = (
+            MetricsServer(metrics.registry, settings.metrics_listen)
+            if settings.metrics_listen
+            else None
+        )
         access_log = AccessLog()
         stop_gate = StopGate()
         server = grpc.aio.server(
@@ -399,6 +410,9 @@ async def create_server(
             if start_while_opening:
                 await server.start()
                 server_started = True
+                # Scraped meanwhile too: a store slow to open shows in the store's gauges.
+                if metrics_server is not None:
+                    metrics_server.start()
                 log.debug(
                     "order-gateway starting on %s:%d: opening store %s (health NOT_SERVING"
                     " until it is open)",
@@ -419,6 +433,7 @@ async def create_server(
                 services=services,
                 health=health,
                 metrics=metrics,
+                metrics_server=metrics_server,
                 access_log=access_log,
                 stop_gate=stop_gate,
                 tracing=tracing,
@@ -443,6 +458,8 @@ async def create_server(
                 await server.stop(None)
             if opened is not None:
                 await opened.close()
+            if metrics_server is not None:
+                await metrics_server.stop()
             raise
     except BaseException:
         if own_tracing is not None:
@@ -459,6 +476,7 @@ async def _assemble(
     services: ServiceTable,
     health: GatewayHealthServicer,
     metrics: GatewayMetrics,
+    metrics_server: MetricsServer | None,
     access_log: AccessLog,
     stop_gate: StopGate,
     tracing: Tracing | None,
@@ -518,7 +536,8 @@ async def _assemble(
     groups = ConsumerGroups(
         group_store, store, hub, group_tuning, leases=partition_leases(group_store)
     )
-    metrics.registry.register(GroupMetricsCollector(groups, hub))
+    unserved_groups = UnservedGroups(groups, asyncio.get_running_loop())
+    metrics.registry.register(GroupMetricsCollector(groups, hub, unserved_groups))
     consumer_group_service_pb2_grpc.add_ConsumerGroupServiceServicer_to_server(
         ConsumerGroupServicer(groups), table
     )
@@ -532,12 +551,9 @@ async def _assemble(
         groups,
         settings.shutdown_grace,
         metrics=metrics,
+        unserved_groups=unserved_groups,
         access_log=access_log,
-        metrics_server=(
-            MetricsServer(metrics.registry, settings.metrics_listen)
-            if settings.metrics_listen
-            else None
-        ),
+        metrics_server=metrics_server,
         tracing=tracing,
         snapshots=snapshots,
         stop_gate=stop_gate,

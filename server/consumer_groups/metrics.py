@@ -1,33 +1,138 @@
-"""Prometheus metrics of the consumer groups served by this process, read at scrape time.
+"""Prometheus metrics of the consumer groups, read at scrape time.
 
 Per group with members here: lag (committed head the hub has read, minus the lowest
 checkpoint of the partitions delivered here), deliveries in flight, redeliveries (a
 counter that survives the group's runtime stopping and starting), parked events, and
-members connected here. Across replicas each process reports its own members and
-partitions; sum ``in_flight`` and ``members`` over instances, take the max of ``lag``.
+members connected here. Per group with no member here, what the store says, as
+GetConsumerGroup reports it: its lag and parked events, with no members and nothing in
+flight here. Otherwise the gauges of a group whose consumers are all down would vanish,
+and an alert on its parked events or lag would go quiet just when it matters. Across
+replicas each process reports its own members and deliveries; sum ``in_flight`` and
+``members`` over instances, take the max of ``lag`` and ``parked``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from domain.errors import StoreError
 from server.consumer_groups.service import ConsumerGroups
 from server.rpc.subscription_hub import SubscriptionHub
 
+log = logging.getLogger(__name__)
+
+REREAD_AFTER = 2.0
+"""Seconds a reading of the unserved groups serves scrapes before the store is read again:
+however often the metrics are scraped, each process reads them at most this often."""
+
+SCRAPE_WAIT = 1.0
+"""Seconds a scrape waits for a new reading before it reports the last one (or, with
+none yet, leaves the unserved groups out): a slow store must not fail the scrape."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFigures:
+    lag: int
+    parked: int
+
+
+class UnservedGroups:
+    """The figures of the groups with no member connected to this process, read from the
+    store when the metrics are collected.
+
+    Collection runs on the metrics server's thread, and the store is read on the event
+    loop: a scrape asks the loop for a reading and waits for it up to ``wait`` seconds.
+    Collected on the loop's own thread (a test's ``get_sample_value``) it cannot wait,
+    and reports the last reading while the next one is made.
+    """
+
+    def __init__(
+        self,
+        groups: ConsumerGroups,
+        loop: asyncio.AbstractEventLoop,
+        reread_after: float = REREAD_AFTER,
+        wait: float = SCRAPE_WAIT,
+    ) -> None:
+        self._groups = groups
+        self._loop = loop
+        self._reread_after = reread_after
+        self._wait = wait
+        self._figures: dict[str, StoredFigures] = {}
+        self._read_at = float("-inf")
+        self._served: frozenset[str] = frozenset()
+        """The groups served here when the last reading began."""
+        self._reading: concurrent.futures.Future[None] | None = None
+        self._closed = False
+
+    def figures(self) -> Mapping[str, StoredFigures]:
+        reading = self._reading
+        # A group whose first member joined or last one left since is read again: its
+        # figures would be the ones from before.
+        fresh = time.monotonic() - self._read_at < self._reread_after and self._served == frozenset(
+            self._groups.runtimes
+        )
+        if not fresh and (reading is None or reading.done()) and not self._closed:
+            reading = self._reading = asyncio.run_coroutine_threadsafe(self._read(), self._loop)
+        if reading is not None and not fresh and not self._on_loop():
+            # Past the wait: the last reading, and the next scrape has this one.
+            with contextlib.suppress(
+                concurrent.futures.TimeoutError, concurrent.futures.CancelledError
+            ):
+                reading.result(self._wait)
+        return self._figures
+
+    def close(self) -> None:
+        """No more readings (the store is about to close); one under way is cancelled."""
+        self._closed = True
+        if self._reading is not None:
+            self._reading.cancel()
+
+    def _on_loop(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+    async def _read(self) -> None:
+        served = frozenset(self._groups.runtimes)
+        try:
+            views = await self._groups.unserved_views()
+        except StoreError as error:
+            # The store's fault is reported by its own gauge and log line; the groups keep
+            # their last figures meanwhile.
+            log.debug("consumer groups: reading the unserved groups failed (%s)", error)
+            return
+        self._figures = {
+            view.record.name: StoredFigures(view.head_position - view.checkpoint, view.parked)
+            for view in views
+        }
+        self._read_at = time.monotonic()
+        self._served = served
+
 
 class GroupMetricsCollector(Collector):
-    def __init__(self, groups: ConsumerGroups, hub: SubscriptionHub) -> None:
+    def __init__(
+        self, groups: ConsumerGroups, hub: SubscriptionHub, unserved: UnservedGroups
+    ) -> None:
         self._groups = groups
         self._hub = hub
+        self._unserved = unserved
 
     def collect(self) -> Iterator[Metric]:
         labels = ["group"]
         lag = GaugeMetricFamily(
             "order_gateway_consumer_group_lag_events",
-            "Committed head minus the group's checkpoint (partitions delivered here).",
+            "Committed head minus the group's checkpoint (of the partitions delivered here;"
+            " of all, as stored, when no member is connected here).",
             labels=labels,
         )
         in_flight = GaugeMetricFamily(
@@ -53,10 +158,18 @@ class GroupMetricsCollector(Collector):
         head = self._hub.head
         for name, count in sorted(self._groups.redeliveries().items()):
             redeliveries.add_metric([name], count)
-        for name, runtime in sorted(self._groups.runtimes.items()):
+        served = self._groups.runtimes
+        for name, runtime in sorted(served.items()):
             stats = runtime.stats()
             lag.add_metric([name], max(0, head - stats.checkpoint))
             in_flight.add_metric([name], stats.in_flight)
             parked.add_metric([name], stats.parked)
             members.add_metric([name], stats.members)
+        for name, figures in sorted(self._unserved.figures().items()):
+            if name in served:
+                continue  # A member joined since the reading.
+            lag.add_metric([name], figures.lag)
+            in_flight.add_metric([name], 0)
+            parked.add_metric([name], figures.parked)
+            members.add_metric([name], 0)
         yield from (lag, in_flight, parked, members, redeliveries)

@@ -167,6 +167,15 @@ class ConsumerGroups:
     async def views(self) -> list[GroupView]:
         return [await self.view_of(record) for record in await self.store.list_groups()]
 
+    async def unserved_views(self) -> list[GroupView]:
+        """The groups that have no member connected to this process, as GetConsumerGroup
+        reports them."""
+        return [
+            await self.view_of(record)
+            for record in await self.store.list_groups()
+            if record.name not in self._runtimes
+        ]
+
     async def view_of(self, record: GroupRecord) -> GroupView:
         """The group ``record`` names as it stands (its state when deleted meanwhile)."""
         head = await self._events.head_position()

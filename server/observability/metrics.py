@@ -286,8 +286,15 @@ class MetricsServer:
         self._host, self._port = split_host_port(listen)
         self._httpd: WSGIServer | None = None
 
+    @property
+    def port(self) -> int | None:
+        """The bound port while serving (useful with port 0)."""
+        return None if self._httpd is None else int(self._httpd.server_port)
+
     def start(self) -> int:
-        """Start serving; returns the bound port (useful with port 0)."""
+        """Start serving, unless started; returns the bound port."""
+        if self._httpd is not None:
+            return int(self._httpd.server_port)
         try:
             httpd, _thread = start_http_server(self._port, self._host, self._registry)
         except OSError as error:

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -248,9 +249,15 @@ async def test_rounds_that_cannot_reach_the_store_are_said_at_most_every_interva
     )
     with caplog.at_level(logging.INFO, logger="order_gateway.consumer_groups"):
         coordinator.start()
+        started = time.monotonic()
         try:
-            await asyncio.sleep(1.2)
+            # Rounds enough to tell one line per round from one per interval, however
+            # slowly a loaded machine runs them.
+            async with asyncio.timeout(30):
+                while leases.rounds < 20 or time.monotonic() - started < 1.2:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
             failed_rounds = leases.rounds
+            failing_for = time.monotonic() - started
             leases.reachable = True
             async with asyncio.timeout(10):
                 while len(coordinator.leases) < 4:  # noqa: ASYNC110 - the rounds run on their own
@@ -258,6 +265,6 @@ async def test_rounds_that_cannot_reach_the_store_are_said_at_most_every_interva
         finally:
             await coordinator.stop()
     said = [r.getMessage() for r in caplog.records if "lease round failed" in r.getMessage()]
-    assert failed_rounds >= 20
-    assert 1 <= len(said) <= 4, said
+    assert 1 <= len(said) <= 2 + failing_for / 0.5, (said, failing_for)
+    assert len(said) < failed_rounds / 2, (said, failed_rounds)
     assert any("lease rounds work again" in r.getMessage() for r in caplog.records)

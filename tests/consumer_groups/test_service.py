@@ -1153,12 +1153,40 @@ async def test_metrics_per_group(env: Env) -> None:
                 and scraped(env.gateway, "order_gateway_consumer_group_lag_events") == 0
             )
         )
-    # The last member gone, the group is not served here: only the counter stays.
-    await eventually(lambda: scraped(env.gateway, "order_gateway_consumer_group_members") is None)
+    # The last member gone, the group keeps its gauges, read from the store: an alert on
+    # parked events must not go quiet because every consumer is down.
+    await eventually(lambda: scraped(env.gateway, "order_gateway_consumer_group_members") == 0)
+    assert scraped(env.gateway, "order_gateway_consumer_group_parked") == 1
+    assert scraped(env.gateway, "order_gateway_consumer_group_lag_events") == 0
+    assert scraped(env.gateway, "order_gateway_consumer_group_in_flight") == 0
     assert scraped(env.gateway, "order_gateway_consumer_group_redeliveries_total") == 1
     # Deleted, the group leaves no series behind (each deleted group's stayed for good).
     await env.groups.DeleteConsumerGroup(pb.DeleteConsumerGroupRequest(name="g"))
     assert scraped(env.gateway, "order_gateway_consumer_group_redeliveries_total") is None
+    await eventually(lambda: scraped(env.gateway, "order_gateway_consumer_group_parked") is None)
+
+
+async def test_metrics_of_a_group_nobody_consumes_come_from_the_store(env: Env) -> None:
+    await env.create("g", partitions=2, event_types=["OrderCreated"])
+    await env.restocks(1)  # not a type the group takes
+    await env.clients.create(order_request(item("p0")))  # OrderCreated, then another type
+    # As GetConsumerGroup reports it: from just below the group's first event to the head.
+    await eventually(lambda: scraped(env.gateway, "order_gateway_consumer_group_lag_events") == 2)
+    assert scraped(env.gateway, "order_gateway_consumer_group_parked") == 0
+    assert scraped(env.gateway, "order_gateway_consumer_group_members") == 0
+    assert scraped(env.gateway, "order_gateway_consumer_group_in_flight") == 0
+    async with member(env.groups, "g") as consumer:
+        await consumer.ack((await consumer.delivery()).event.event_id)
+        await eventually(
+            lambda: (
+                scraped(env.gateway, "order_gateway_consumer_group_members") == 1
+                and scraped(env.gateway, "order_gateway_consumer_group_lag_events") == 0
+            )
+        )
+    # Read again as the member left (not the figures from before it joined), with the
+    # checkpoint it stored: nothing left to consume.
+    await eventually(lambda: scraped(env.gateway, "order_gateway_consumer_group_members") == 0)
+    assert scraped(env.gateway, "order_gateway_consumer_group_lag_events") == 0
 
 
 async def test_bytes_that_do_not_parse_end_the_stream_with_invalid_argument(env: Env) -> None:

@@ -12,6 +12,7 @@ import logging
 import re
 import signal
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,7 +29,7 @@ from server.config import Settings
 from server.security.tls import add_port
 from server.stores.factory import open_store
 from tests.e2e.test_early_stop import exit_code, silent_database
-from tests.serving import gateway_log, start_gateway
+from tests.serving import free_port, gateway_log, start_gateway
 from tests.workers_support import env_without_settings
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -201,3 +202,32 @@ async def test_commands_held_while_the_store_opens_are_refused_if_it_fails_to_op
     assert (code, details) == (grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
     with pytest.raises(StoreUnavailableError):
         await serving
+
+
+def metrics_text(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return str(response.read().decode())
+
+
+async def test_metrics_are_served_while_the_store_opens_and_freed_if_it_fails(
+    slow_store_opening: SlowOpening,
+) -> None:
+    slow_store_opening.fails = True
+    port = free_port()
+    serving = asyncio.ensure_future(
+        serve(
+            Settings(listen="127.0.0.1:0", store="memory://", metrics_listen=f"127.0.0.1:{port}"),
+            stop=asyncio.Event(),
+            signals=(),
+            bounded=False,
+        )
+    )
+    async with asyncio.timeout(WAIT):
+        await slow_store_opening.opening.wait()
+    # A scrape during a slow start finds the gateway up, not a refused connection.
+    assert "order_gateway_store_fault" in await asyncio.to_thread(metrics_text, port)
+    slow_store_opening.release.set()
+    with pytest.raises(StoreUnavailableError):
+        await serving
+    with pytest.raises(OSError):
+        await asyncio.to_thread(metrics_text, port)

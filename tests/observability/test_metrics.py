@@ -138,6 +138,20 @@ async def test_the_subscriptions_gauge_counts_subscribe_streams_not_consumer_gro
             assert samples[("order_gateway_subscriptions", frozenset())] == 0
 
 
+async def test_a_scrape_reports_a_group_nobody_consumes_from_the_store() -> None:
+    async with running(metrics_listen="127.0.0.1:0") as (gateway, clients):
+        groups = groups_grpc.ConsumerGroupServiceStub(clients.channel)
+        await groups.CreateConsumerGroup(groups_pb.CreateConsumerGroupRequest(name="g"))
+        await clients.restock("sku-1", 5)
+        # The first scrape waits for the store's figures: no member was ever connected.
+        samples = await scrape(gateway)
+    group = frozenset({("group", "g")})
+    assert samples[("order_gateway_consumer_group_lag_events", group)] == 1
+    assert samples[("order_gateway_consumer_group_parked", group)] == 0
+    assert samples[("order_gateway_consumer_group_members", group)] == 0
+    assert samples[("order_gateway_consumer_group_in_flight", group)] == 0
+
+
 async def test_open_subscriptions_are_a_gauge_and_lag_is_exposed() -> None:
     async with running(metrics_listen="127.0.0.1:0") as (gateway, clients):
         await clients.restock("sku-1", 5)
