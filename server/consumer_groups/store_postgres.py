@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections import defaultdict
+import weakref
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Final
@@ -339,10 +339,18 @@ class PostgresLeases:
         (member id: when): a round whose list was taken before such a member was added
         must not delete its row, or the id would be free for another join until the
         next round."""
-        self._rounds: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._rounds: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         """Per group, held by a round and by a registration: a member's row is never
         inserted between a round's reading ``_joining`` and its deleting the rows of
-        members it does not know."""
+        members it does not know. A lock goes once nothing holds or awaits it, and
+        ``_joining`` forgets a group with nobody joining: kept per group name ever used,
+        they grew for good with groups created and deleted."""
+
+    def _round_lock(self, group: str) -> asyncio.Lock:
+        lock = self._rounds.get(group)
+        if lock is None:
+            lock = self._rounds[group] = asyncio.Lock()
+        return lock
 
     async def register(self, group: str, replica_id: str, member: LocalMember) -> None:
         """Add a member, or raise MemberIdTakenError while another live one has its id.
@@ -352,7 +360,7 @@ class PostgresLeases:
         deleted it yet (refusing it kept a member reconnecting at once out for its TTL).
         """
         with _translated("consumer group members"), _group_gone_as(GroupNotFoundError(group)):
-            async with self._rounds[group], self._pool.connection() as conn:
+            async with self._round_lock(group), self._pool.connection() as conn:
                 joining = self._joining.setdefault(group, {})
                 before = joining.get(member.member_id)
                 joining[member.member_id] = time.monotonic()
@@ -405,13 +413,15 @@ class PostgresLeases:
         """
         listed = [m.member_id for m in members]
         with _translated("consumer group leases"), _group_gone_as(GroupGoneError(group)):
-            async with self._rounds[group], self._pool.connection() as conn, conn.transaction():
+            async with self._round_lock(group), self._pool.connection() as conn, conn.transaction():
                 joining = self._joining.setdefault(group, {})
                 now = time.monotonic()
                 for member_id in [
                     i for i, at in joining.items() if i in listed or now - at > self.ttl
                 ]:
                     del joining[member_id]
+                if not joining:
+                    del self._joining[group]
                 if created_at is not None:
                     # The group's row is held (KEY SHARE) until the round commits: a
                     # deletion through another replica waits for it, or came first and
@@ -488,6 +498,7 @@ class PostgresLeases:
 
     async def leave(self, group: str, replica_id: str) -> None:
         """This replica has no member in the group any more: free what it holds."""
+        self._joining.pop(group, None)
         with _translated("consumer group leases"):
             async with self._pool.connection() as conn, conn.transaction():
                 # The group's row first, as a deletion of the group takes it before its

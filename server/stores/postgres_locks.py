@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import pq
 from psycopg.rows import TupleRow
 from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
 from psycopg_pool import AsyncConnectionPool
@@ -53,6 +54,7 @@ _TRY_LOCK_AFTER = "SELECT * FROM og_try_lock_stream_after(%s, %s)"
 _LOCK = "SELECT og_lock_stream(%s)"
 _LOCK_AFTER = "SELECT * FROM og_lock_stream_after(%s, %s)"
 _UNLOCK = f"SELECT pg_advisory_unlock({STREAM_LOCK_SPACE}, hashtext(%s))"
+_UNLOCK_ALL = "SELECT pg_advisory_unlock_all()"
 """A stream's advisory lock is (namespace, hash of the stream id), a key space apart from
 the single-key locks of ``postgres_schema``. Two streams may share a hash: they then take
 turns needlessly, never wrongly (the holder takes a lock it holds again, counted)."""
@@ -195,10 +197,8 @@ class PostgresStreamLocks:
                     self._stuck_until = {s: t for s, t in self._stuck_until.items() if t > now}
                 return self._go_on_without(stream_id, "its holder kept it too long")
             except BaseException as error:
-                # Cancelled or failed mid-way, the lock may be held or not: closing the
-                # session releases it either way.
-                await session.close()
-                await self._pool.putconn(session)
+                # Cancelled or failed mid-way, the lock may be held or not.
+                await self._give_back(session)
                 if isinstance(error, psycopg.OperationalError):
                     self._session_given_back()
                     return self._go_on_without(stream_id, f"its session was lost ({error})")
@@ -219,25 +219,46 @@ class PostgresStreamLocks:
             # Let go already (the store closing while the turn ended), or never taken.
             return
         session = held.session
+        if held.own_session:
+            # Its own session: whatever happens to the unlock, the session goes back to
+            # the pool without the lock.
+            try:
+                await self._give_back(session)
+            finally:
+                self._session_given_back()
+            return
         try:
             # A closed session took its locks with it (a holder lost and replaced).
             if not session.closed:
                 await session.execute(_UNLOCK, (stream_id,), prepare=True)
         except BaseException as error:
-            if held.own_session:
-                await session.close()
-            else:
-                await self._drop_holder_if_broken(session)
+            await self._drop_holder_if_broken(session)
             if isinstance(error, psycopg.Error) and not session.closed:
                 raise store_error(error, "unlock_stream") from error
             if not isinstance(error, psycopg.Error):
                 raise
             # The session is gone, and its lock with it: nothing failed.
             log.debug("the session holding the lock of %s was lost", stream_id)
+
+    async def _give_back(self, session: Connection) -> None:
+        """A waiting session back to the pool, without any lock, whatever state a
+        cancelled or failed statement left it in.
+
+        psycopg cancels an interrupted statement at the server and waits for its end, so a
+        session whose wait was cancelled is usually idle, and may or may not have got the
+        lock: letting go of every lock it holds (it holds no other) keeps it for the next
+        wait. Closing it instead cost a new connection each time, and psycopg_pool logged
+        each as a WARNING "discarding closed connection", which reads as the database's
+        fault (under contention with clients that cancel, dozens a minute). A session in
+        any other state is closed, which lets go of its locks too.
+        """
+        kept = False
+        try:
+            kept = await _without_locks(session)
         finally:
-            if held.own_session:
-                await self._pool.putconn(session)
-                self._session_given_back()
+            if not kept:
+                await session.close()
+            await self._pool.putconn(session)
 
     async def close(self) -> None:
         """Let go of every lock held, then of the connections."""
@@ -352,6 +373,17 @@ async def _lock(session: Connection, stream_id: str, after_version: int | None) 
     await cursor.execute(_LOCK_AFTER, (stream_id, after_version), prepare=True)
     rows = await cursor.fetchall()
     return StreamLocked(bool(rows[0][0]), _events(rows))
+
+
+async def _without_locks(session: Connection) -> bool:
+    """Whether ``session`` is open and idle, and has let go of every advisory lock."""
+    if session.closed or session.info.transaction_status != pq.TransactionStatus.IDLE:
+        return False
+    try:
+        await session.execute(_UNLOCK_ALL, prepare=True)
+    except psycopg.Error:
+        return False
+    return True
 
 
 async def configure(session: Connection) -> None:

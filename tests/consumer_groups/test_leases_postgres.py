@@ -13,6 +13,7 @@ from psycopg.types.json import Jsonb
 from server.consumer_groups.leases import LeaseStore, LocalMember
 from server.consumer_groups.model import GroupRecord, GroupSettings, MemberIdTakenError
 from server.consumer_groups.records import settings_fields
+from server.consumer_groups.store_postgres import PostgresLeases
 from server.stores.postgres import PostgresEventStore
 
 NOW = dt.datetime.now(dt.UTC)
@@ -105,3 +106,25 @@ async def test_a_create_that_meets_a_group_created_meanwhile_answers_that_group(
     finally:
         await store.close()
     assert (created.start_position, created.created_at) == (7, NOW - dt.timedelta(hours=1))
+
+
+async def test_groups_used_and_deleted_leave_no_state_behind(fresh_postgres_url: str) -> None:
+    # A replica whose clients create, consume and delete short-lived groups kept a lock
+    # and a record of joining members per group name ever used, for good.
+    store = await PostgresEventStore.open(fresh_postgres_url)
+    try:
+        groups = await store.open_consumer_groups()
+        leases = groups.partition_leases()
+        assert isinstance(leases, PostgresLeases)
+        for n in range(50):
+            name = f"short-lived-{n}"
+            await groups.create_group(GroupRecord(name, GroupSettings(), NOW, 0))
+            member = LocalMember("m", "user", NOW, 0)
+            await leases.register(name, "a", member)
+            if n % 2:
+                await leases.round(name, "a", [member], [], {0: "m"})
+            await leases.leave(name, "a")
+            assert await groups.delete_group(name)
+        assert (len(leases._joining), len(leases._rounds)) == (0, 0)
+    finally:
+        await store.close()

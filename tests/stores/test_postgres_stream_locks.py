@@ -5,6 +5,7 @@ sessions, waited for first in first out, and never waited for by a connection.""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -162,6 +163,36 @@ async def test_a_cancelled_wait_leaves_no_lock_and_the_others_held(
     assert (await asyncio.wait_for(blocked, TIMEOUT)).waited is True
     await other.unlock_stream("mine")
     await other.unlock_stream("theirs")
+
+
+async def test_a_cancelled_wait_keeps_its_session_for_the_next_wait(
+    small: PostgresEventStore,
+    other: PostgresEventStore,
+    fresh_postgres_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Clients that cancel while their turn waits for another replica's lock are common
+    under contention: each cancelled wait cost a new connection, and a WARNING from
+    psycopg_pool that reads as a database fault."""
+    await other.lock_stream("theirs")
+    waiting = asyncio.create_task(small.lock_stream("theirs"))
+    await until(lambda: any(not granted for _, granted in stream_locks(fresh_postgres_url)))
+    (session,) = [pid for pid, granted in stream_locks(fresh_postgres_url) if not granted]
+    with caplog.at_level(logging.WARNING, logger="psycopg"):
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+        again = asyncio.create_task(small.lock_stream("theirs"))
+        await until(lambda: any(not granted for _, granted in stream_locks(fresh_postgres_url)))
+        assert [pid for pid, granted in stream_locks(fresh_postgres_url) if not granted] == [
+            session
+        ]
+        await other.unlock_stream("theirs")
+        assert (await asyncio.wait_for(again, TIMEOUT)).waited is True
+        await small.unlock_stream("theirs")
+    assert stream_locks(fresh_postgres_url) == []
+    assert not [r for r in caplog.records if r.name.startswith("psycopg")], caplog.text
 
 
 async def test_a_lost_holder_fails_no_call_and_the_next_lock_takes_a_new_session(
