@@ -133,18 +133,21 @@ class _Observed(CallScope):
         code = self._code_for(error)
         duration = time.perf_counter() - self._started
         self._span.finish(code)
+        info = self._info
+        # Built from positions, as records on the commit path are: from keywords it cost
+        # about 450 instructions more a field.
         outcome = RpcOutcome(
-            method=self._info.method,
-            rpc_type=self._info.rpc_type,
-            code=code,
-            duration=duration,
-            request_id=self._info.request_id,
+            info.method,
+            info.rpc_type,
+            code,
+            duration,
+            info.request_id,
             # The command's, once built (same task): the request's may be empty.
-            correlation_id=command_correlation_id.get() or self._info.correlation_id,
+            command_correlation_id.get() or info.correlation_id,  # correlation_id
             # Set by the auth interceptor's wrapper inside this call (same task).
-            user_id=current_caller.get().user_id,
-            peer=self._info.peer,
-            trace_id=self._span.trace_id,
+            current_caller.get().user_id,
+            info.peer,
+            self._span.trace_id,
         )
         for observer in self._observers:
             observer.rpc_finished(outcome)
@@ -200,11 +203,12 @@ def _call_info(
             correlation_header = value[:MAX_ID_LENGTH]
     # As for events: without x-correlation-id a command correlates by its command_id.
     correlation_id = correlation_header or str(getattr(request, "command_id", ""))[:MAX_ID_LENGTH]
+    # From positions, as ``RpcOutcome`` is.
     return _CallInfo(
-        method=method,
-        rpc_type=rpc_type,
-        request_id=request_id or random_bytes(16).hex(),
-        correlation_header=correlation_header or "",
-        correlation_id=correlation_id,
-        peer=context.peer(),
+        method,
+        rpc_type,
+        request_id or random_bytes(16).hex(),
+        correlation_header or "",
+        correlation_id,
+        context.peer(),
     )
