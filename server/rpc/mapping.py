@@ -28,14 +28,17 @@ R = TypeVar("R", bound=Message)
 
 def create_order_input(request: CreateOrderRequest) -> dict[str, Any]:
     items: Sequence[types_pb2.OrderItem] = request.items
-    if len(items) > CHECKED_ITEMS:
+    checked = len(items)
+    if checked > CHECKED_ITEMS:
         # The command refuses more than MAX_ITEMS and checks no item past these: a request
         # may carry half a million (empty items take two bytes each).
-        items = items[:CHECKED_ITEMS]
+        checked = CHECKED_ITEMS
     data: dict[str, Any] = {
         "command_id": request.command_id,
         "customer_id": request.customer_id,
-        "items": [_item_input(item) for item in items],
+        # By index: iterating the repeated field ends with an IndexError raised and
+        # caught, about 3,000 instructions per request.
+        "items": [_item_input(items[index]) for index in range(checked)],
     }
     if request.HasField("shipping_address"):
         address = request.shipping_address
@@ -54,10 +57,11 @@ def create_order_input(request: CreateOrderRequest) -> dict[str, Any]:
 def _item_input(item: types_pb2.OrderItem) -> dict[str, Any]:
     data: dict[str, Any] = {"product_id": item.product_id, "quantity": item.quantity}
     if item.HasField("unit_price"):
+        price = item.unit_price
         data["unit_price"] = {
-            "currency_code": item.unit_price.currency_code,
-            "units": item.unit_price.units,
-            "nanos": item.unit_price.nanos,
+            "currency_code": price.currency_code,
+            "units": price.units,
+            "nanos": price.nanos,
         }
     return data
 
