@@ -410,7 +410,7 @@ async def create_server(
             if start_while_opening:
                 await server.start()
                 server_started = True
-                # Scraped meanwhile too: a store slow to open shows in the store's gauges.
+                # Scraped meanwhile too: a scrape finds the process up, not a refused port.
                 if metrics_server is not None:
                     metrics_server.start()
                 log.debug(

@@ -3,9 +3,9 @@
 Per group with members here: lag (committed head the hub has read, minus the lowest
 checkpoint of the partitions delivered here), deliveries in flight, redeliveries (a
 counter that survives the group's runtime stopping and starting), parked events, and
-members connected here. Per group with no member here, what the store says, as
-GetConsumerGroup reports it: its lag and parked events, with no members and nothing in
-flight here. Otherwise the gauges of a group whose consumers are all down would vanish,
+members connected here. Per group with no member here, what the store says: its lag
+from the stored checkpoints and its parked events, with no members and nothing in flight
+here. Otherwise the gauges of a group whose consumers are all down would vanish,
 and an alert on its parked events or lag would go quiet just when it matters. Across
 replicas each process reports its own members and deliveries; sum ``in_flight`` and
 ``members`` over instances, take the max of ``lag`` and ``parked``.
@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -49,10 +50,10 @@ class UnservedGroups:
     """The figures of the groups with no member connected to this process, read from the
     store when the metrics are collected.
 
-    Collection runs on the metrics server's thread, and the store is read on the event
-    loop: a scrape asks the loop for a reading and waits for it up to ``wait`` seconds.
-    Collected on the loop's own thread (a test's ``get_sample_value``) it cannot wait,
-    and reports the last reading while the next one is made.
+    Collection runs on the metrics server's threads (one per scrape), and the store is
+    read on the event loop: a scrape asks the loop for a reading and waits for it up to
+    ``wait`` seconds. Collected on the loop's own thread (a test's ``get_sample_value``)
+    it cannot wait, and reports the last reading while the next one is made.
     """
 
     def __init__(
@@ -72,17 +73,22 @@ class UnservedGroups:
         """The groups served here when the last reading began."""
         self._reading: concurrent.futures.Future[None] | None = None
         self._closed = False
+        self._scheduling = threading.Lock()
+        """Two scrapes at once start one reading, and none starts once closed."""
 
     def figures(self) -> Mapping[str, StoredFigures]:
-        reading = self._reading
         # A group whose first member joined or last one left since is read again: its
         # figures would be the ones from before.
         fresh = time.monotonic() - self._read_at < self._reread_after and self._served == frozenset(
             self._groups.runtimes
         )
-        if not fresh and (reading is None or reading.done()) and not self._closed:
-            reading = self._reading = asyncio.run_coroutine_threadsafe(self._read(), self._loop)
-        if reading is not None and not fresh and not self._on_loop():
+        if fresh:
+            return self._figures
+        with self._scheduling:
+            reading = self._reading
+            if (reading is None or reading.done()) and not self._closed:
+                reading = self._reading = asyncio.run_coroutine_threadsafe(self._read(), self._loop)
+        if reading is not None and not self._on_loop():
             # Past the wait: the last reading, and the next scrape has this one.
             with contextlib.suppress(
                 concurrent.futures.TimeoutError, concurrent.futures.CancelledError
@@ -92,9 +98,10 @@ class UnservedGroups:
 
     def close(self) -> None:
         """No more readings (the store is about to close); one under way is cancelled."""
-        self._closed = True
-        if self._reading is not None:
-            self._reading.cancel()
+        with self._scheduling:
+            self._closed = True
+            if self._reading is not None:
+                self._reading.cancel()
 
     def _on_loop(self) -> bool:
         try:
@@ -105,16 +112,17 @@ class UnservedGroups:
     async def _read(self) -> None:
         served = frozenset(self._groups.runtimes)
         try:
-            views = await self._groups.unserved_views()
+            figures = await self._groups.unserved_figures()
         except StoreError as error:
             # The store's fault is reported by its own gauge and log line; the groups keep
             # their last figures meanwhile.
             log.debug("consumer groups: reading the unserved groups failed (%s)", error)
             return
-        self._figures = {
-            view.record.name: StoredFigures(view.head_position - view.checkpoint, view.parked)
-            for view in views
-        }
+        except Exception:
+            # Not the scrape's to fail: the other metrics are still worth having.
+            log.warning("consumer groups: reading the unserved groups failed", exc_info=True)
+            return
+        self._figures = {name: StoredFigures(*pair) for name, pair in figures.items()}
         self._read_at = time.monotonic()
         self._served = served
 
@@ -158,7 +166,9 @@ class GroupMetricsCollector(Collector):
         head = self._hub.head
         for name, count in sorted(self._groups.redeliveries().items()):
             redeliveries.add_metric([name], count)
-        served = self._groups.runtimes
+        # One copy for both loops: a group whose last member leaves between them would
+        # come out twice (OpenMetrics parsers, the --workers supervisor's, refuse that).
+        served = dict(self._groups.runtimes)
         for name, runtime in sorted(served.items()):
             stats = runtime.stats()
             lag.add_metric([name], max(0, head - stats.checkpoint))

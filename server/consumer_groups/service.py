@@ -167,14 +167,30 @@ class ConsumerGroups:
     async def views(self) -> list[GroupView]:
         return [await self.view_of(record) for record in await self.store.list_groups()]
 
-    async def unserved_views(self) -> list[GroupView]:
-        """The groups that have no member connected to this process, as GetConsumerGroup
-        reports them."""
-        return [
-            await self.view_of(record)
-            for record in await self.store.list_groups()
-            if record.name not in self._runtimes
-        ]
+    async def unserved_figures(self) -> dict[str, tuple[int, int]]:
+        """(lag, parked) of each group that has no member connected to this process, from
+        the store: its head minus its lowest stored checkpoint (below a replayed parked
+        event, as ``view_of`` reports it), and its parked events.
+
+        Unlike ``view_of``, the checkpoints are not moved past the events the group does
+        not take: that reads up to 10,000 events per group, and these figures are read
+        for every group each time the metrics are scraped (60 groups on a log of other
+        events took 1.7 s of CPU a reading).
+        """
+        head = await self._events.head_position()
+        figures: dict[str, tuple[int, int]] = {}
+        for record in await self.store.list_groups():
+            if record.name in self._runtimes:
+                continue
+            stored = await self.store.load_checkpoints(record.name)
+            replaying = await self.store.lowest_replaying(record.name)
+            checkpoint = min(
+                min(stored.get(p, record.start_position), replaying.get(p, head + 1) - 1)
+                for p in range(record.settings.partitions)
+            )
+            lag = max(0, head - checkpoint)
+            figures[record.name] = (lag, await self.store.parked_count(record.name))
+        return figures
 
     async def view_of(self, record: GroupRecord) -> GroupView:
         """The group ``record`` names as it stands (its state when deleted meanwhile)."""
