@@ -1132,6 +1132,14 @@ def scraped(gateway: Gateway, name: str, group: str = "g") -> float | None:
     return value
 
 
+def gauges(gateway: Gateway, group: str = "g") -> tuple[float | None, ...]:
+    """The group's members, in_flight, parked and lag_events gauges, as scraped."""
+    return tuple(
+        scraped(gateway, f"order_gateway_consumer_group_{name}", group)
+        for name in ("members", "in_flight", "parked", "lag_events")
+    )
+
+
 async def test_metrics_per_group(env: Env) -> None:
     await env.create("g", partitions=1, max_deliveries=5)
     first, second, third = await env.restocks(3, products=3)
@@ -1155,10 +1163,7 @@ async def test_metrics_per_group(env: Env) -> None:
         )
     # The last member gone, the group keeps its gauges, read from the store: an alert on
     # parked events must not go quiet because every consumer is down.
-    await eventually(lambda: scraped(env.gateway, "order_gateway_consumer_group_members") == 0)
-    assert scraped(env.gateway, "order_gateway_consumer_group_parked") == 1
-    assert scraped(env.gateway, "order_gateway_consumer_group_lag_events") == 0
-    assert scraped(env.gateway, "order_gateway_consumer_group_in_flight") == 0
+    await eventually(lambda: gauges(env.gateway) == (0, 0, 1, 0))
     assert scraped(env.gateway, "order_gateway_consumer_group_redeliveries_total") == 1
     # Deleted, the group leaves no series behind (each deleted group's stayed for good).
     await env.groups.DeleteConsumerGroup(pb.DeleteConsumerGroupRequest(name="g"))
@@ -1171,22 +1176,14 @@ async def test_metrics_of_a_group_nobody_consumes_come_from_the_store(env: Env) 
     await env.restocks(1)  # not a type the group takes
     await env.clients.create(order_request(item("p0")))  # OrderCreated, then another type
     # From the stored checkpoint: every event since, of whatever type.
-    await eventually(lambda: scraped(env.gateway, "order_gateway_consumer_group_lag_events") == 3)
-    assert scraped(env.gateway, "order_gateway_consumer_group_parked") == 0
-    assert scraped(env.gateway, "order_gateway_consumer_group_members") == 0
-    assert scraped(env.gateway, "order_gateway_consumer_group_in_flight") == 0
+    await eventually(lambda: gauges(env.gateway) == (0, 0, 0, 3))
     async with member(env.groups, "g") as consumer:
         await consumer.ack((await consumer.delivery()).event.event_id)
-        await eventually(
-            lambda: (
-                scraped(env.gateway, "order_gateway_consumer_group_members") == 1
-                and scraped(env.gateway, "order_gateway_consumer_group_lag_events") == 0
-            )
-        )
+        await eventually(lambda: gauges(env.gateway) == (1, 0, 0, 0))
     # Read again as the member left (not the figures from before it joined), with the
     # checkpoint it stored: nothing left to consume.
-    await eventually(lambda: scraped(env.gateway, "order_gateway_consumer_group_members") == 0)
-    assert scraped(env.gateway, "order_gateway_consumer_group_lag_events") == 0
+    await eventually(lambda: gauges(env.gateway)[0] == 0)
+    assert gauges(env.gateway) == (0, 0, 0, 0)
 
 
 async def test_bytes_that_do_not_parse_end_the_stream_with_invalid_argument(env: Env) -> None:
