@@ -20,6 +20,7 @@ as a gauge family of its own, whose name clashes with its counter's in OpenMetri
 
 from __future__ import annotations
 
+import concurrent.futures
 import http.client
 import logging
 import urllib.request
@@ -54,6 +55,13 @@ def read_worker(port: int) -> list[Metric]:
     return families
 
 
+def _read_or_error(port: int) -> list[Metric] | Exception:
+    try:
+        return read_worker(port)
+    except (OSError, http.client.HTTPException, ValueError) as error:
+        return error
+
+
 class WorkerMetricsCollector(Collector):
     """Collects the metrics of the workers ``ports()`` names (worker number → port)."""
 
@@ -62,12 +70,15 @@ class WorkerMetricsCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         families: dict[str, Metric] = {}
-        for worker, port in sorted(self._ports().items()):
-            try:
-                read = read_worker(port)
-            except (OSError, http.client.HTTPException, ValueError) as error:
+        ports = sorted(self._ports().items())
+        # All at once: one after the other, a scrape took the sum of the workers' answers
+        # (each may wait up to a second for its consumer groups' figures from the store).
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(ports))) as pool:
+            reads = list(pool.map(_read_or_error, (port for _, port in ports)))
+        for (worker, _), read in zip(ports, reads, strict=True):
+            if isinstance(read, Exception):
                 # A worker being replaced: its figures are missing from this scrape only.
-                log.warning("cannot read worker %d's metrics: %s", worker, error)
+                log.warning("cannot read worker %d's metrics: %s", worker, read)
                 continue
             for family in read:
                 merged = families.get(family.name)

@@ -29,6 +29,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_classic
 
+import server.workers.metrics as worker_metrics
 from server.observability.metrics import GatewayMetrics, MetricsServer
 from server.workers.metrics import SupervisorMetrics
 
@@ -217,3 +218,25 @@ async def test_a_worker_that_cannot_be_read_is_left_out_of_that_scrape(
         "cannot read worker 3's metrics",
     ]
     assert "Missing # EOF" in messages[0]
+
+
+def test_the_workers_are_read_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One after the other, a scrape took the sum of the workers' answers. Each read here
+    # waits until all three have begun: read one at a time, the first waits in vain.
+    begun = threading.Barrier(3, timeout=5)
+
+    def read_worker(port: int) -> list[Metric]:
+        begun.wait()
+        family = Metric("order_gateway_port", "The worker's port.", "gauge")
+        family.add_sample("order_gateway_port", {}, port)
+        return [family]
+
+    monkeypatch.setattr(worker_metrics, "read_worker", read_worker)
+    supervisor = SupervisorMetrics(lambda: {1: 101, 2: 102, 3: 103})
+    samples = [
+        (s.labels["worker"], s.value)
+        for family in supervisor.registry.collect()
+        if family.name == "order_gateway_port"
+        for s in family.samples
+    ]
+    assert samples == [("1", 101), ("2", 102), ("3", 103)]
