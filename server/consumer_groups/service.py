@@ -37,9 +37,23 @@ from server.rpc.subscription_hub import EventFilter, SubscriptionHub
 log = logging.getLogger("order_gateway.consumer_groups")
 
 IDLE_SCAN_EVENTS = 10_000
-"""At most this many events are read past the stored checkpoints of the partitions nobody
-delivers, per view: where the reading stops is still below every unsettled event."""
+"""At most this many events are read past a group's stored checkpoints per view: where
+the reading stops is still below every unsettled event, and the next one goes on from
+there."""
 IDLE_SCAN_PAGE = 1_000
+
+
+@dataclass(slots=True)
+class _Scan:
+    """How far the last reading past a group's stored checkpoints got (``_past_others``)."""
+
+    created_at: dt.datetime
+    """The group's: one created again under its name starts afresh."""
+    checkpoints: dict[int, int]
+    """By partition: every event the group takes at or below it is settled."""
+    blocked: set[int]
+    """Partitions whose checkpoint is just below an event the group takes: reading on
+    cannot move them until their stored checkpoint passes that event."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +101,8 @@ class ConsumerGroups:
         creation time and the count."""
         self._sweeper: asyncio.Task[None] | None = None
         """Drops the counters of groups deleted through another process (``_sweep``)."""
+        self._scans: dict[str, _Scan] = {}
+        """Per group, where the last reading past its stored checkpoints got."""
 
     def redeliveries(self) -> dict[str, int]:
         """Redeliveries on this process since it started, per group (a counter)."""
@@ -165,7 +181,9 @@ class ConsumerGroups:
         return await self.view_of(await self.record(name))
 
     async def views(self) -> list[GroupView]:
-        return [await self.view_of(record) for record in await self.store.list_groups()]
+        records = await self.store.list_groups()
+        self._forget_scans(records)
+        return [await self.view_of(record) for record in records]
 
     async def unserved_figures(self) -> dict[str, tuple[int, int]]:
         """(lag, parked) of each group that has no member connected to this process, from
@@ -192,6 +210,11 @@ class ConsumerGroups:
             figures[record.name] = (lag, await self.store.parked_count(record.name))
         return figures
 
+    @staticmethod
+    def _all_stored(record: GroupRecord, stored: dict[int, int]) -> dict[int, int]:
+        """Every partition's stored checkpoint, the group's start for one with none."""
+        return {p: stored.get(p, record.start_position) for p in range(record.settings.partitions)}
+
     async def view_of(self, record: GroupRecord) -> GroupView:
         """The group ``record`` names as it stands (its state when deleted meanwhile)."""
         head = await self._events.head_position()
@@ -209,25 +232,23 @@ class ConsumerGroups:
         else:
             members, leases = await self._everywhere(record.name, here)
         local_ids = {m.member_id for m in here.members} if here is not None else set()
-        idle = {
-            p: stored.get(p, record.start_position)
-            for p in range(record.settings.partitions)
-            if p not in local and not leases.get(p, PartitionLease("", 0)).member_id
-        }
-        idle = await self._idle_checkpoints(record, idle, head)
+        # Every partition, whoever delivers it: the events the group does not take since
+        # its stored checkpoint are settled whether anyone delivers it or not. Passed
+        # only while nobody delivers it, a partition that gets a member would step back
+        # to its stored checkpoint (or to where its new owner has read) until the owner
+        # had read past them again.
+        past = await self._past_others(record, self._all_stored(record, stored), head)
         partitions: list[PartitionView] = []
         for p in range(record.settings.partitions):
             lease = leases.get(p, PartitionLease("", 0))
             view = local.get(p)
             if view is not None and (self._leases is None or lease.member_id in local_ids):
-                partitions.append(
-                    PartitionView(p, view.checkpoint, lease.member_id, view.in_flight)
-                )
+                checkpoint = max(view.checkpoint, past[p])
+                partitions.append(PartitionView(p, checkpoint, lease.member_id, view.in_flight))
             else:
-                # Delivered by another replica: its stored checkpoint, and what its replica
-                # had in flight when it last renewed the lease. By nobody: see above.
-                checkpoint = idle.get(p, stored.get(p, record.start_position))
-                partitions.append(PartitionView(p, checkpoint, lease.member_id, lease.in_flight))
+                # Delivered by another replica (its stored checkpoint, and what its replica
+                # had in flight when it last renewed the lease), or by nobody.
+                partitions.append(PartitionView(p, past[p], lease.member_id, lease.in_flight))
         # Replayed parked events lie below the checkpoints that passed them when they were
         # parked; reported, a checkpoint stays below them until they are settled again.
         replaying = await self.store.lowest_replaying(record.name)
@@ -251,40 +272,79 @@ class ConsumerGroups:
             ),
         )
 
-    async def _idle_checkpoints(
+    async def _past_others(
         self, record: GroupRecord, stored: dict[int, int], head: int
     ) -> dict[int, int]:
-        """The checkpoints of partitions nobody delivers (``stored``: theirs in the store),
-        as a member's would read: an event the group does not take is settled by
-        definition, so each moves past those up to its first event the group takes, or to
-        the head. Otherwise a group that nobody has consumed yet, or whose members all
-        left, would report its stored checkpoint and overstate its lag by every event of
-        other types since."""
+        """The partitions' checkpoints (``stored``: theirs in the store) moved past the
+        events the group does not take, which are settled by definition: each up to its
+        first event the group takes, or to the head. Otherwise a group that nobody has
+        consumed yet, or whose members all left, would report its stored checkpoint and
+        overstate its lag by every event of other types since.
+
+        The reading goes on from where the last one of the group stopped: what it found
+        of a partition holds as long as the partition's stored checkpoint has not passed
+        it (checkpoints only move up, and the log only grows). So a reading costs the
+        events committed since the last one, not everything since the stored checkpoints,
+        and a checkpoint reported once is never reported lower."""
+        scan = self._scans.get(record.name)
+        if scan is None or scan.created_at != record.created_at:
+            scan = _Scan(record.created_at, {}, set())
+        checkpoints: dict[int, int] = {}
+        open_partitions: set[int] = set()
+        for p, checkpoint in stored.items():
+            known = scan.checkpoints.get(p, -1)
+            if known >= checkpoint:
+                checkpoints[p] = known
+                if p not in scan.blocked:
+                    open_partitions.add(p)
+            else:
+                checkpoints[p] = checkpoint
+                open_partitions.add(p)
         wanted = EventFilter(frozenset(record.settings.event_types))
-        checkpoints = dict(stored)
-        open_partitions = set(stored)
-        position = min(stored.values(), default=head)
+        partitions = record.settings.partitions
+        position = min((checkpoints[p] for p in open_partitions), default=head)
         read = 0
         while open_partitions and position < head and read < IDLE_SCAN_EVENTS:
             events = await self._events.read_all(position, IDLE_SCAN_PAGE)
             if not events:
                 break
             for event in events:
-                p = partition_of(event.stream_id, record.settings.partitions)
-                if (
-                    p in open_partitions
-                    and event.position > checkpoints[p]
-                    and wanted.matches(event)
-                ):
-                    checkpoints[p] = event.position - 1
-                    open_partitions.discard(p)
+                # The type first: most events a group reads past are of other types.
+                if wanted.matches(event):
+                    p = partition_of(event.stream_id, partitions)
+                    if p in open_partitions and event.position > checkpoints[p]:
+                        checkpoints[p] = event.position - 1
+                        open_partitions.discard(p)
             position = events[-1].position
             read += len(events)
         # Every event of these partitions up to where the reading stopped is one the group
         # does not take.
         for p in open_partitions:
             checkpoints[p] = max(checkpoints[p], min(position, head))
+        self._remember_scan(record, checkpoints, set(stored) - open_partitions)
         return checkpoints
+
+    def _remember_scan(
+        self, record: GroupRecord, checkpoints: dict[int, int], blocked: set[int]
+    ) -> None:
+        # Another reading of the group (a view beside a metrics reading) may have got
+        # further meanwhile: what each partition's furthest reading found is kept.
+        latest = self._scans.get(record.name)
+        if latest is not None and latest.created_at == record.created_at:
+            for p, known in latest.checkpoints.items():
+                if known > checkpoints.get(p, -1):
+                    checkpoints[p] = known
+                    if p in latest.blocked:
+                        blocked.add(p)
+                    else:
+                        blocked.discard(p)
+        self._scans[record.name] = _Scan(record.created_at, checkpoints, blocked)
+
+    def _forget_scans(self, records: list[GroupRecord]) -> None:
+        """Drop the readings of groups deleted (here or through another process)."""
+        current = {record.name: record.created_at for record in records}
+        for name in [n for n, scan in self._scans.items() if current.get(n) != scan.created_at]:
+            del self._scans[name]
 
     async def _everywhere(
         self, name: str, here: RuntimeView | None
@@ -310,6 +370,7 @@ class ConsumerGroups:
         async with self._lock(name):
             # Its counter goes with it: a deleted group's series would stay for good.
             self._retired.pop(name, None)
+            self._scans.pop(name, None)
             runtime = self._runtimes.pop(name, None)
             if runtime is not None:
                 await _end_deleted(runtime)

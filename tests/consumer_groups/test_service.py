@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
 import logging
 import random
 import time
@@ -33,7 +34,9 @@ from server.consumer_groups.engine import Entry, GroupTuning
 from server.consumer_groups.model import GroupRecord
 from server.consumer_groups.stores import open_group_store
 from server.stores.factory import open_store
+from server.stores.memory import MemoryEventStore
 from tests.clients import Clients, bad_fields, detail, item, order_request
+from tests.conformance.contract import commit_of
 from tests.group_support import QUICK, group_gateway, group_settings, join, member
 from tests.group_support import Member as GroupMember
 
@@ -906,7 +909,7 @@ async def test_with_no_member_events_the_group_does_not_take_are_behind_its_chec
     assert group.checkpoint == order_created.position - 1
 
 
-async def test_the_reading_past_idle_checkpoints_is_bounded(
+async def test_the_reading_past_idle_checkpoints_is_bounded_and_goes_on_where_it_stopped(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await env.create("g", partitions=1, event_types=["OrderCreated"])
@@ -916,6 +919,70 @@ async def test_the_reading_past_idle_checkpoints_is_bounded(
     group = await env.get()
     assert group.head_position == 5
     assert group.checkpoint == 3
+    # The stored checkpoint is where it was: the next call reads on from 3, not from it.
+    assert (await env.get()).checkpoint == 5
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+async def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> EventStore:
+    """An event store of each kind (the gateway given it closes it)."""
+    if request.param == "memory":
+        return MemoryEventStore()
+    if request.param == "sqlite":
+        return await open_store(f"sqlite:///{tmp_path / 'events.db'}")
+    return await open_store(request.getfixturevalue("fresh_postgres_url"))
+
+
+async def append_others(events: EventStore, count: int) -> None:
+    """``count`` events of a type no test group takes, on streams of their own."""
+    for first in range(0, count, 100):
+        await events.append(commit_of([(f"other-{n}", 1) for n in range(first, first + 100)]))
+
+
+@dataclass
+class Watcher:
+    """A user polling GetConsumerGroup as fast as it answers: every answer's group and
+    partition checkpoints."""
+
+    env: Env
+    seen: list[tuple[int, ...]]
+
+    async def watch(self) -> None:
+        while True:
+            group = await self.env.get()
+            self.seen.append((group.checkpoint, *(p.checkpoint for p in group.partition_states)))
+
+    def assert_never_back(self) -> None:
+        for before, after in itertools.pairwise(self.seen):
+            went_back = [n for n, (a, b) in enumerate(zip(before, after, strict=True)) if b < a]
+            assert not went_back, f"checkpoints went back from {before} to {after}"
+
+
+async def test_a_checkpoint_never_goes_back_when_its_partition_gets_a_member(
+    any_store: EventStore,
+) -> None:
+    # Nobody consumes the group at first, and its checkpoints are reported past the
+    # events it does not take. Then an event it takes arrives, and a member joins to
+    # take it and ack it: its partition is delivered from then on (on PostgreSQL, under
+    # a lease). Watched all along, no checkpoint moves back.
+    async with env_of(any_store) as env:
+        await env.create("g", partitions=2, event_types=["OrderCreated"])
+        await env.restocks(1)
+        await append_others(any_store, 5_000)
+        watcher = Watcher(env, [])
+        watching = asyncio.create_task(watcher.watch())
+        try:
+            await eventually(lambda: bool(watcher.seen) and watcher.seen[-1][0] == 5_001)
+            await env.clients.create(order_request(item("p0")))
+            async with member(env.groups, "g") as consumer:
+                delivery = await consumer.delivery()
+                await consumer.ack(delivery.event.event_id)
+                await settled(env)
+        finally:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
+    watcher.assert_never_back()
 
 
 @pytest.mark.parametrize("members", [2, 3])
