@@ -35,7 +35,7 @@ import enum
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from orders.v1 import consumer_group_service_pb2 as pb
@@ -311,15 +311,19 @@ class GroupRuntime:
         leases: LeaseStore | None = None,
         replica_id: str = "",
         gone: Callable[[], None] | None = None,
+        known: Callable[[], Mapping[int, int]] | None = None,
     ) -> None:
         """``gone`` is called when a lease round finds the group deleted through another
-        replica."""
+        replica. ``known``: partitions' checkpoints already reported past their stored
+        ones (only events the group does not take lie between), where a partition taken
+        up here starts."""
         self.record = record
         self._settings = record.settings
         self._store = store
         self._events = events
         self._hub = hub
         self._tuning = tuning
+        self._known = known
         self._filter = EventFilter(frozenset(record.settings.event_types))
         self._loop = asyncio.get_running_loop()
         self.members: dict[str, Member] = {}
@@ -383,11 +387,12 @@ class GroupRuntime:
         stored = await self._store.load_checkpoints(self.record.name)
         self._saved = dict(stored)
         start = self.record.start_position
+        known = self._known_checkpoints()
         # On one process every partition is this runtime's; across replicas, only those
         # its leases grant (``_apply_leases``).
         local = self.coordinator is None
         self._partitions = [
-            Partition(index, stored.get(index, start), owned=local)
+            Partition(index, max(stored.get(index, start), known.get(index, -1)), owned=local)
             for index in range(self._settings.partitions)
         ]
         if local:
@@ -461,6 +466,14 @@ class GroupRuntime:
         for partition in self._partitions:
             for entry in (*partition.pending.values(), *partition.replays.values()):
                 entry.cancel_timer()
+
+    def _known_checkpoints(self) -> Mapping[int, int]:
+        """Where partitions taken up here start past their stored checkpoints: the
+        checkpoints already reported for them (GetConsumerGroup, the metrics), which only
+        events the group does not take separate from the stored ones. Started from the
+        stored ones instead, a partition that goes from nobody to a member would be
+        reported lower until its reader had read past those events again."""
+        return self._known() if self._known is not None else {}
 
     # -- members --------------------------------------------------------------------
 
@@ -578,14 +591,16 @@ class GroupRuntime:
         if acquired:
             stored = await self._store.load_checkpoints(self.record.name)
             start = self.record.start_position
+            known = self._known_checkpoints()
             # Resume where the last owner stored its progress, its count of failures and
             # its parks; owned only then, so that the reader takes nothing before.
             for partition in acquired:
-                partition.read_through = stored.get(partition.index, start)
+                saved = stored.get(partition.index, start)
+                partition.read_through = max(saved, known.get(partition.index, -1))
+                self._saved[partition.index] = saved
             await self._load_attempts(acquired)
             await self._load_parked(acquired)
             for partition in acquired:
-                self._saved[partition.index] = partition.read_through
                 partition.owned = True
                 partition.synced = False
         self._assign(owners)

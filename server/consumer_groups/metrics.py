@@ -4,11 +4,12 @@ Per group with members here: lag (committed head the hub has read, minus the low
 checkpoint of the partitions delivered here), deliveries in flight, redeliveries (a
 counter that survives the group's runtime stopping and starting), parked events, and
 members connected here. Per group with no member here, what the store says: its lag
-from the stored checkpoints and its parked events, with no members and nothing in flight
-here. Otherwise the gauges of a group whose consumers are all down would vanish,
-and an alert on its parked events or lag would go quiet just when it matters. Across
-replicas each process reports its own members and deliveries; sum ``in_flight`` and
-``members`` over instances, take the max of ``lag`` and ``parked``.
+as GetConsumerGroup reports it (from the stored checkpoints, past the events the group
+does not take) and its parked events, with no members and nothing in flight here.
+Otherwise the gauges of a group whose consumers are all down would vanish, and an alert
+on its parked events or lag would go quiet just when it matters. Across replicas each
+process reports its own members and deliveries; sum ``in_flight`` and ``members`` over
+instances, take the max of ``lag`` and ``parked``.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ class GroupMetricsCollector(Collector):
         lag = GaugeMetricFamily(
             "order_gateway_consumer_group_lag_events",
             "Committed head minus the group's checkpoint (of the partitions delivered here;"
-            " of all, as stored, when no member is connected here).",
+            " of all, from the store, when no member is connected here).",
             labels=labels,
         )
         in_flight = GaugeMetricFamily(

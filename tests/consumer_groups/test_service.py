@@ -22,13 +22,14 @@ from google.rpc import error_details_pb2
 from orders.v1 import consumer_group_service_pb2 as pb
 from orders.v1 import consumer_group_service_pb2_grpc as pb_grpc
 from orders.v1 import (
+    event_stream_service_pb2,
     event_stream_service_pb2_grpc,
     inventory_command_service_pb2,
     inventory_command_service_pb2_grpc,
     order_command_service_pb2_grpc,
 )
 
-from domain.ports import EventStore
+from domain.ports import EventStore, RecordedEvent
 from server.app import Gateway
 from server.consumer_groups.engine import Entry, GroupTuning
 from server.consumer_groups.model import GroupRecord
@@ -923,6 +924,43 @@ async def test_the_reading_past_idle_checkpoints_is_bounded_and_goes_on_where_it
     assert (await env.get()).checkpoint == 5
 
 
+class CountingStore(MemoryEventStore):
+    """Counts the events read with ``read_all``."""
+
+    read = 0
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        events = await super().read_all(after_position, limit)
+        self.read += len(events)
+        return events
+
+
+async def test_a_reading_of_many_groups_far_behind_reads_a_bounded_share_of_the_log(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 20 groups, each started at a position of its own, behind 1,000 events of other
+    # types. Every ListConsumerGroups call (and every metrics reading) reads at most
+    # IDLE_SCAN_EVENTS of the log for all of them, and the next call goes on: within
+    # about the calls one group would need, every group reports no lag.
+    monkeypatch.setattr("server.consumer_groups.service.IDLE_SCAN_PAGE", 10)
+    monkeypatch.setattr("server.consumer_groups.service.IDLE_SCAN_EVENTS", 100)
+    events = CountingStore()
+    async with env_of(events) as env:
+        await append_others(events, 1_000)
+        for n in range(20):
+            await env.create(f"g{n}", event_types=["OrderCreated"], start_after_position=n * 7)
+        for call in range(1, 20):
+            events.read = 0
+            listed = await env.groups.ListConsumerGroups(pb.ListConsumerGroupsRequest())
+            assert events.read <= 100, f"call {call} read {events.read} events"
+            if all(g.checkpoint == g.head_position for g in listed.groups):
+                break
+        assert call <= 11, f"{call} calls to catch up"
+        await eventually(
+            lambda: scraped(env.gateway, "order_gateway_consumer_group_lag_events", "g19") == 0
+        )
+
+
 @pytest.fixture(params=["memory", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 async def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> EventStore:
     """An event store of each kind (the gateway given it closes it)."""
@@ -1242,8 +1280,9 @@ async def test_metrics_of_a_group_nobody_consumes_come_from_the_store(env: Env) 
     await env.create("g", partitions=2, event_types=["OrderCreated"])
     await env.restocks(1)  # not a type the group takes
     await env.clients.create(order_request(item("p0")))  # OrderCreated, then another type
-    # From the stored checkpoint: every event since, of whatever type.
-    await eventually(lambda: gauges(env.gateway) == (0, 0, 0, 3))
+    # From the stored checkpoints, moved past the events the group does not take (the
+    # restock): the OrderCreated and what follows it.
+    await eventually(lambda: gauges(env.gateway) == (0, 0, 0, 2))
     async with member(env.groups, "g") as consumer:
         await consumer.ack((await consumer.delivery()).event.event_id)
         await eventually(lambda: gauges(env.gateway) == (1, 0, 0, 0))
@@ -1251,6 +1290,52 @@ async def test_metrics_of_a_group_nobody_consumes_come_from_the_store(env: Env) 
     # checkpoint it stored: nothing left to consume.
     await eventually(lambda: gauges(env.gateway)[0] == 0)
     assert gauges(env.gateway) == (0, 0, 0, 0)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def one_process_store(request: pytest.FixtureRequest, tmp_path: Path) -> EventStore:
+    if request.param == "memory":
+        return MemoryEventStore()
+    return await open_store(f"sqlite:///{tmp_path / 'events.db'}")
+
+
+async def test_the_lag_of_a_group_nobody_consumes_is_the_one_get_consumer_group_reports(
+    one_process_store: EventStore,
+) -> None:
+    # Thousands of events of other types, then one the group takes: the gauge that says
+    # whether a group nobody consumes has work waiting must not count the others. Then,
+    # with no more events coming, a member joins and acks it: the lag only goes down.
+    async with env_of(one_process_store) as env:
+        await env.create("g", partitions=2, event_types=["OrderCreated"])
+        await env.restocks(1)
+        await append_others(one_process_store, 5_000)
+        await env.clients.create(order_request(item("p0")))
+        group = await env.get()
+        lag = group.head_position - group.checkpoint
+        assert lag == 2  # the OrderCreated and what follows it
+        await eventually(lambda: gauges(env.gateway) == (0, 0, 0, lag))
+        # Another subscriber keeps the gateway's reading of the log going, as in
+        # production, so that the lag of a group served here is against the head.
+        subscriber = env.clients.events.Subscribe(
+            event_stream_service_pb2.SubscribeRequest(from_end=True, event_types=["OrderCancelled"])
+        )
+        lags: list[float | None] = []
+
+        async def sample() -> None:
+            while True:
+                lags.append(scraped(env.gateway, "order_gateway_consumer_group_lag_events"))
+                await asyncio.sleep(0)
+
+        sampling = asyncio.create_task(sample())
+        try:
+            await subscriber.read()  # live: its checkpoint
+            async with member(env.groups, "g") as consumer:
+                await consumer.ack((await consumer.delivery()).event.event_id)
+                await eventually(lambda: lags[-1] == 0)
+        finally:
+            sampling.cancel()
+            subscriber.cancel()
+    assert max(value or 0 for value in lags) <= lag
 
 
 async def test_bytes_that_do_not_parse_end_the_stream_with_invalid_argument(env: Env) -> None:
