@@ -285,7 +285,8 @@ class MemberView:
 class RuntimeStats:
     """What the metrics read, without awaiting anything."""
 
-    checkpoint: int
+    checkpoint: int | None
+    """The lowest of the partitions it delivers; None while it delivers none."""
     in_flight: int
     parked: int
     members: int
@@ -1063,10 +1064,15 @@ class GroupRuntime:
 
     # -- reporting --------------------------------------------------------------------
 
+    @property
+    def delivering(self) -> bool:
+        """It delivers a partition (across replicas, only those its leases grant)."""
+        return any(p.owned for p in self._partitions)
+
     def stats(self) -> RuntimeStats:
         owned = [p.checkpoint(self._examined) for p in self._partitions if p.owned]
         return RuntimeStats(
-            checkpoint=min(owned) if owned else 0,
+            checkpoint=min(owned) if owned else None,
             in_flight=sum(len(m.in_flight) for m in self.members.values()),
             parked=self._parked,
             members=len(self.members),

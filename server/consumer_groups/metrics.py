@@ -3,9 +3,10 @@
 Per group with members here: lag (committed head the hub has read, minus the lowest
 checkpoint of the partitions delivered here), deliveries in flight, redeliveries (a
 counter that survives the group's runtime stopping and starting), parked events, and
-members connected here. Per group with no member here, what the store says: its lag
-as GetConsumerGroup reports it (from the stored checkpoints, past the events the group
-does not take) and its parked events, with no members and nothing in flight here.
+members connected here; its lag from the store while none of its partitions is delivered
+here (its members here stand by). Per group with no member here, what the store says:
+its lag as GetConsumerGroup reports it (from the stored checkpoints, past the events the
+group does not take) and its parked events, with no members and nothing in flight here.
 Otherwise the gauges of a group whose consumers are all down would vanish, and an alert
 on its parked events or lag would go quiet just when it matters. Across replicas each
 process reports its own members and deliveries; sum ``in_flight`` and ``members`` over
@@ -48,7 +49,7 @@ class StoredFigures:
 
 
 class UnservedGroups:
-    """The figures of the groups with no member connected to this process, read from the
+    """The figures of the groups this process delivers no partition of, read from the
     store when the metrics are collected.
 
     Collection runs on the metrics server's threads (one per scrape), and the store is
@@ -71,17 +72,18 @@ class UnservedGroups:
         self._figures: dict[str, StoredFigures] = {}
         self._read_at = float("-inf")
         self._served: frozenset[str] = frozenset()
-        """The groups served here when the last reading began."""
+        """The groups delivered here when the last reading began."""
         self._reading: concurrent.futures.Future[None] | None = None
         self._closed = False
         self._scheduling = threading.Lock()
         """Two scrapes at once start one reading, and none starts once closed."""
 
     def figures(self) -> Mapping[str, StoredFigures]:
-        # A group whose first member joined or last one left since is read again: its
-        # figures would be the ones from before.
-        fresh = time.monotonic() - self._read_at < self._reread_after and self._served == frozenset(
-            self._groups.runtimes
+        # A group delivered here since, or no longer, is read again: its figures would be
+        # the ones from before.
+        fresh = (
+            time.monotonic() - self._read_at < self._reread_after
+            and self._served == self._groups.delivering()
         )
         if fresh:
             return self._figures
@@ -111,7 +113,7 @@ class UnservedGroups:
             return False
 
     async def _read(self) -> None:
-        served = frozenset(self._groups.runtimes)
+        served = self._groups.delivering()
         try:
             figures = await self._groups.unserved_figures()
         except StoreError as error:
@@ -141,7 +143,7 @@ class GroupMetricsCollector(Collector):
         lag = GaugeMetricFamily(
             "order_gateway_consumer_group_lag_events",
             "Committed head minus the group's checkpoint (of the partitions delivered here;"
-            " of all, from the store, when no member is connected here).",
+            " of all, from the store, when none is).",
             labels=labels,
         )
         in_flight = GaugeMetricFamily(
@@ -170,13 +172,20 @@ class GroupMetricsCollector(Collector):
         # One copy for both loops: a group whose last member leaves between them would
         # come out twice (OpenMetrics parsers, the --workers supervisor's, refuse that).
         served = dict(self._groups.runtimes)
+        stored = self._unserved.figures()
         for name, runtime in sorted(served.items()):
             stats = runtime.stats()
-            lag.add_metric([name], max(0, head - stats.checkpoint))
+            if stats.checkpoint is not None:
+                lag.add_metric([name], max(0, head - stats.checkpoint))
+            elif name in stored:
+                # Its members here stand by, or wait for their partitions (across replicas
+                # and workers, a join is answered before they are shared out): the lag is
+                # the store's, as for a group with no member here, not the whole log's.
+                lag.add_metric([name], stored[name].lag)
             in_flight.add_metric([name], stats.in_flight)
             parked.add_metric([name], stats.parked)
             members.add_metric([name], stats.members)
-        for name, figures in sorted(self._unserved.figures().items()):
+        for name, figures in sorted(stored.items()):
             if name in served:
                 continue  # A member joined since the reading.
             lag.add_metric([name], figures.lag)

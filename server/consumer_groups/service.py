@@ -223,8 +223,13 @@ class ConsumerGroups:
         pages = _Pages(self._events)
         return [await self.view_of(record, pages) for record in records]
 
+    def delivering(self) -> frozenset[str]:
+        """The groups this process delivers a partition of."""
+        return frozenset(name for name, runtime in self._runtimes.items() if runtime.delivering)
+
     async def unserved_figures(self) -> dict[str, tuple[int, int]]:
-        """(lag, parked) of each group that has no member connected to this process: its
+        """(lag, parked) of each group this process delivers no partition of (no member
+        is connected here, or its members here stand by or wait for their partitions): its
         head minus its checkpoint as ``view_of`` reports it (moved past the events the
         group does not take, below a replayed parked event), and its parked events.
 
@@ -233,11 +238,12 @@ class ConsumerGroups:
         its bound (``_Pages``)."""
         head = await self._events.head_position()
         figures: dict[str, tuple[int, int]] = {}
+        delivering = self.delivering()
         records = await self.store.list_groups()
         self._forget_scans(records)
         pages = _Pages(self._events)
         for record in records:
-            if record.name in self._runtimes:
+            if record.name in delivering:
                 continue
             stored = await self.store.load_checkpoints(record.name)
             past = await self._past_others(record, self._all_stored(record, stored), head, pages)

@@ -61,3 +61,29 @@ def test_a_group_whose_last_member_leaves_during_a_scrape_comes_out_once() -> No
     # As the scrape began: served here, with its own figures.
     assert ("order_gateway_consumer_group_members", (("group", "g"),), 1) in samples
     assert ("order_gateway_consumer_group_lag_events", (("group", "g"),), 4) in samples
+
+
+@dataclass
+class Stored:
+    """The store's figures, as last read."""
+
+    stored: dict[str, StoredFigures]
+
+    def figures(self) -> Mapping[str, StoredFigures]:
+        return self.stored
+
+
+def test_a_group_served_here_that_delivers_no_partition_here_has_the_store_s_lag() -> None:
+    # Its one member stands by (another replica delivers the partitions), or waits for
+    # its partitions just after joining: no checkpoint of its own, the store's lag.
+    standing_by = RuntimeStats(checkpoint=None, in_flight=0, parked=1, members=1)
+    collector = GroupMetricsCollector(
+        cast(Any, Groups({"g": Runtime(standing_by)})),
+        cast(Any, Hub(head=10_000)),
+        cast(Any, Stored({"g": StoredFigures(lag=3, parked=1)})),
+    )
+    samples = {
+        sample.name: sample.value for family in collector.collect() for sample in family.samples
+    }
+    assert samples["order_gateway_consumer_group_lag_events"] == 3
+    assert samples["order_gateway_consumer_group_members"] == 1
