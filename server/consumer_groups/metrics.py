@@ -1,7 +1,8 @@
 """Prometheus metrics of the consumer groups, read at scrape time.
 
-Per group with members here: lag (committed head the hub has read, minus the lowest
-checkpoint of the partitions delivered here), deliveries in flight, redeliveries (a
+Per group with members here: lag (the committed head, minus the lowest checkpoint of the
+partitions delivered here; the head the hub has read, or the store's as of the last
+reading when that is further), deliveries in flight, redeliveries (a
 counter that survives the group's runtime stopping and starting), parked events, and
 members connected here; its lag from the store while none of its partitions is delivered
 here (its members here stand by). Per group with no member here, what the store says:
@@ -49,8 +50,8 @@ class StoredFigures:
 
 
 class UnservedGroups:
-    """The figures of the groups this process delivers no partition of, read from the
-    store when the metrics are collected.
+    """The figures of the groups this process delivers no partition of, and the committed
+    head, read from the store when the metrics are collected.
 
     Collection runs on the metrics server's threads (one per scrape), and the store is
     read on the event loop: a scrape asks the loop for a reading and waits for it up to
@@ -70,6 +71,7 @@ class UnservedGroups:
         self._reread_after = reread_after
         self._wait = wait
         self._figures: dict[str, StoredFigures] = {}
+        self._head = 0
         self._read_at = float("-inf")
         self._served: frozenset[str] = frozenset()
         """The groups delivered here when the last reading began."""
@@ -99,6 +101,12 @@ class UnservedGroups:
                 reading.result(self._wait)
         return self._figures
 
+    @property
+    def head(self) -> int:
+        """The committed head as of the last reading (0 before the first): the served
+        groups' lag is measured from it when the hub's is behind."""
+        return self._head
+
     def close(self) -> None:
         """No more readings (the store is about to close); one under way is cancelled."""
         with self._scheduling:
@@ -115,7 +123,7 @@ class UnservedGroups:
     async def _read(self) -> None:
         served = self._groups.delivering()
         try:
-            figures = await self._groups.unserved_figures()
+            head, figures = await self._groups.unserved_figures()
         except StoreError as error:
             # The store's fault is reported by its own gauge and log line; the groups keep
             # their last figures meanwhile.
@@ -126,6 +134,7 @@ class UnservedGroups:
             log.warning("consumer groups: reading the unserved groups failed", exc_info=True)
             return
         self._figures = {name: StoredFigures(*pair) for name, pair in figures.items()}
+        self._head = head
         self._read_at = time.monotonic()
         self._served = served
 
@@ -166,13 +175,17 @@ class GroupMetricsCollector(Collector):
             "Deliveries after an event's first (timeouts, departures, retries, moves).",
             labels=labels,
         )
-        head = self._hub.head
         for name, count in sorted(self._groups.redeliveries().items()):
             redeliveries.add_metric([name], count)
         # One copy for both loops: a group whose last member leaves between them would
         # come out twice (OpenMetrics parsers, the --workers supervisor's, refuse that).
         served = dict(self._groups.runtimes)
         stored = self._unserved.figures()
+        # The hub's head stands still while no subscription is live here, which is the
+        # case while every group's reader catches up (one that falls more than its window
+        # behind included): measured from it alone, the lag of a group falling behind
+        # would stop growing, even read 0, just when an alert on it matters.
+        head = max(self._hub.head, self._unserved.head)
         for name, runtime in sorted(served.items()):
             stats = runtime.stats()
             if stats.checkpoint is not None:

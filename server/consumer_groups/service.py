@@ -227,11 +227,12 @@ class ConsumerGroups:
         """The groups this process delivers a partition of."""
         return frozenset(name for name, runtime in self._runtimes.items() if runtime.delivering)
 
-    async def unserved_figures(self) -> dict[str, tuple[int, int]]:
-        """(lag, parked) of each group this process delivers no partition of (no member
-        is connected here, or its members here stand by or wait for their partitions): its
-        head minus its checkpoint as ``view_of`` reports it (moved past the events the
-        group does not take, below a replayed parked event), and its parked events.
+    async def unserved_figures(self) -> tuple[int, dict[str, tuple[int, int]]]:
+        """The committed head, and (lag, parked) of each group this process delivers no
+        partition of (no member is connected here, or its members here stand by or wait
+        for their partitions): the head minus its checkpoint as ``view_of`` reports it
+        (moved past the events the group does not take, below a replayed parked event),
+        and its parked events.
 
         Read for every group each time the metrics are scraped: the reading past the
         stored checkpoints goes on from the last one, and the groups share its pages and
@@ -254,7 +255,7 @@ class ConsumerGroups:
             )
             lag = max(0, head - checkpoint)
             figures[record.name] = (lag, await self.store.parked_count(record.name))
-        return figures
+        return head, figures
 
     @staticmethod
     def _all_stored(record: GroupRecord, stored: dict[int, int]) -> dict[int, int]:

@@ -38,6 +38,7 @@ class LastMemberLeavesDuringTheReading:
     has the group, and the collector's first loop had it served."""
 
     groups: Groups
+    head: int = 0
 
     def figures(self) -> Mapping[str, StoredFigures]:
         self.groups.runtimes.pop("g")
@@ -68,6 +69,7 @@ class Stored:
     """The store's figures, as last read."""
 
     stored: dict[str, StoredFigures]
+    head: int = 0
 
     def figures(self) -> Mapping[str, StoredFigures]:
         return self.stored
@@ -87,3 +89,27 @@ def test_a_group_served_here_that_delivers_no_partition_here_has_the_store_s_lag
     }
     assert samples["order_gateway_consumer_group_lag_events"] == 3
     assert samples["order_gateway_consumer_group_members"] == 1
+
+
+def lag_of(collector: GroupMetricsCollector) -> float:
+    samples = {
+        sample.name: sample.value for family in collector.collect() for sample in family.samples
+    }
+    return samples["order_gateway_consumer_group_lag_events"]
+
+
+def test_a_served_group_s_lag_is_measured_from_the_furthest_head_known() -> None:
+    # The hub's head stands still while nothing here follows the log live (every group's
+    # reader catching up): the store's head as last read counts the events since.
+    delivering = Groups(
+        {"g": Runtime(RuntimeStats(checkpoint=2, in_flight=1, parked=0, members=1))}
+    )
+    behind = GroupMetricsCollector(
+        cast(Any, delivering), cast(Any, Hub(head=5)), cast(Any, Stored({}, head=60))
+    )
+    assert lag_of(behind) == 58
+    # And the hub's, when it has read further than the last reading.
+    ahead = GroupMetricsCollector(
+        cast(Any, delivering), cast(Any, Hub(head=80)), cast(Any, Stored({}, head=60))
+    )
+    assert lag_of(ahead) == 78

@@ -12,7 +12,7 @@ import time
 import uuid
 import zlib
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -1274,6 +1274,21 @@ async def test_metrics_per_group(env: Env) -> None:
     await env.groups.DeleteConsumerGroup(pb.DeleteConsumerGroupRequest(name="g"))
     assert scraped(env.gateway, "order_gateway_consumer_group_redeliveries_total") is None
     await eventually(lambda: scraped(env.gateway, "order_gateway_consumer_group_parked") is None)
+
+
+async def test_the_lag_of_a_group_whose_reader_falls_behind_keeps_counting() -> None:
+    # A group created on a backlog, and a member that holds its delivery unsettled: the
+    # group's reader stops at its window of unsettled events, far behind the log, and
+    # nothing else here follows the log live. The lag gauge must still count every event
+    # waiting, as GetConsumerGroup does (the alert on it is for exactly this).
+    async with env_of(tuning=replace(QUICK, window=10)) as env:
+        await env.restocks(60, products=6)
+        await env.create("g", partitions=1)
+        async with member(env.groups, "g", max_in_flight=1) as consumer:
+            await consumer.delivery()
+            group = await env.get()
+            assert (group.checkpoint, group.head_position) == (0, 60)
+            await eventually(lambda: gauges(env.gateway)[3] == 60)
 
 
 async def test_metrics_of_a_group_nobody_consumes_come_from_the_store(env: Env) -> None:
