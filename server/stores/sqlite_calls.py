@@ -136,14 +136,22 @@ def answer(
     here: asyncio.AbstractEventLoop | None = None,
 ) -> None:
     """From a store thread: settle every call on its loop, then wake ``listeners``.
-    ``here``: the loop this runs on, if any, which needs no wake-up from another thread."""
+    ``here``: the loop this runs on, if any, whose calls and listeners are handled at once.
+
+    At once rather than by ``call_soon``: a commit on the event loop answers its caller by
+    returning, and only wakes its loop's listeners here, which scheduling as a callback
+    cost 13,800 instructions per commit (callgrind, one listener, as the gateway has: the
+    subscription hub's). A listener only records that there is something new to read.
+    """
     calls: dict[asyncio.AbstractEventLoop, list[Call[W, R]]] = {}
     for call in batch:
         calls.setdefault(call.loop, []).append(call)
     for loop in calls.keys() | listeners.keys():
-        schedule = loop.call_soon if loop is here else loop.call_soon_threadsafe
+        if loop is here:
+            _settle(calls.get(loop, ()), listeners.get(loop, ()))
+            continue
         try:
-            schedule(_settle, calls.get(loop, ()), listeners.get(loop, ()))
+            loop.call_soon_threadsafe(_settle, calls.get(loop, ()), listeners.get(loop, ()))
         except RuntimeError:
             log.warning("an event loop closed before the SQLite store could answer it")
 
