@@ -335,7 +335,7 @@ class ConsumerGroups:
         of a partition holds as long as the partition's stored checkpoint has not passed
         it (checkpoints only move up, and the log only grows). So a reading costs the
         events committed since the last one, not everything since the stored checkpoints,
-        and a checkpoint reported once is never reported lower."""
+        and what one reading found of a partition no later one finds lower."""
         scan = self._scans.get(record.name)
         if scan is None or scan.created_at != record.created_at:
             scan = _Scan(record.created_at, {}, set())
