@@ -33,6 +33,9 @@ from orders.v1 import events_pb2
 
 GROUP = "order-status"
 
+STOP_GRACE_SECONDS = 5.0
+"""How long a stopping instance waits for the event it is applying to commit."""
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS orders (
     order_id TEXT PRIMARY KEY, customer_id TEXT NOT NULL, items INTEGER NOT NULL,
@@ -117,6 +120,10 @@ def run(target: str, db_path: str, member: str) -> int:
 
     # Stopped by SIGTERM (a service manager) or Ctrl-C: the signal only sets a flag, and
     # the main thread then cancels the call; deliveries not acked go back to the group.
+    # The event being applied then gets STOP_GRACE_SECONDS to commit: its ack can no
+    # longer be sent, so waiting longer (SQLite waits up to 30 s for another instance's
+    # write lock) would hold up the stop for nothing. Cut short, its transaction is
+    # rolled back when the process exits, and the instance that gets the event applies it.
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
@@ -136,13 +143,16 @@ def run(target: str, db_path: str, member: str) -> int:
                 if not stopping.is_set():
                     failure.append(error)
 
-        worker = threading.Thread(target=work, name="consume")
+        worker = threading.Thread(target=work, name="consume", daemon=True)
         worker.start()
-        while worker.is_alive() and not stopping.wait(0.2):
-            pass
+        # Polled, not stopping.wait(): the handler runs in this thread, between two
+        # bytecodes, so it can come while wait() holds the event's lock, and its set()
+        # would then wait for that lock forever.
+        while worker.is_alive() and not stopping.is_set():
+            worker.join(0.2)
         call.cancel()
         outgoing.put(None)
-        worker.join()
+        worker.join(STOP_GRACE_SECONDS)
     for error in failure:
         assert isinstance(error, grpc.Call)
         print(f"{member}: {error.code().name}: {error.details()}", file=sys.stderr)
@@ -160,4 +170,13 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # Exit without the interpreter's finalization. grpc runs the call on daemon threads,
+    # which finalization stops wherever they are: one stopped while it held the call's
+    # lock keeps it for good, and the cancelled call, which raised itself and so sits in
+    # a reference cycle until that last collection, would wait for the lock in its
+    # finalizer, and the process would never end. Everything this process wrote is
+    # committed by now, or, unfinished, rolled back.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -1,13 +1,28 @@
 """The Python projection example (examples/python-projection) runs as two instances in one
-consumer group and builds its read model completely, each event applied once."""
+consumer group and builds its read model completely, each event applied once; an
+instance stops when told."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
+import sqlite3
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import grpc
+from orders.v1 import consumer_group_service_pb2 as pb
+from orders.v1 import consumer_group_service_pb2_grpc as pb_grpc
+
+from server.app import Gateway
+from tests.clients import Clients, item, order_request
+
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "python-projection" / "demo.py"
+PROJECTION = DEMO.parent / "projection.py"
 
 
 def test_two_projection_instances_build_the_read_model() -> None:
@@ -18,6 +33,75 @@ def test_two_projection_instances_build_the_read_model() -> None:
     assert "read model complete: 40 orders" in finished.stdout
     # Both instances took part before one of them was stopped.
     assert "'alpha'" in finished.stdout and "'beta'" in finished.stdout
+
+
+def start_instance(target: str, db: Path, member: str, log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, str(PROJECTION), "--target", target, "--db", str(db),
+         "--member", member],
+        stderr=log.open("wb"),
+    )  # fmt: skip
+
+
+async def until(condition: Callable[[], bool], what: str, within: float = 60) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {within} s: {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_an_instance_stops_when_told_while_its_event_waits_for_the_read_model(
+    gateway: Gateway, clients: Clients, tmp_path: Path
+) -> None:
+    """Another writer holds the read model's lock (SQLite lets an instance wait 30 s for
+    it): a SIGTERM still ends the instance within seconds, and the event it could not
+    apply goes to the instance that comes next."""
+    target = f"127.0.0.1:{gateway.port}"
+    db = tmp_path / "read-model.db"
+    first = start_instance(target, db, "first", tmp_path / "first.log")
+    second = None
+    writer = None
+    try:
+        await until(lambda: "partitions [0" in (tmp_path / "first.log").read_text(), "joined")
+        await clients.restock("mug", 1)
+        writer = sqlite3.connect(db, isolation_level=None)
+        writer.execute("BEGIN IMMEDIATE")
+        created = await clients.create(order_request(item("mug")))
+        order_id = created[0].order_created.order_id
+        async with grpc.aio.insecure_channel(target) as channel:
+            groups = pb_grpc.ConsumerGroupServiceStub(channel)
+            request = pb.GetConsumerGroupRequest(name="order-status")
+
+            async def in_flight() -> int:
+                return (await groups.GetConsumerGroup(request)).group.in_flight
+
+            deadline = time.monotonic() + 60
+            while await in_flight() == 0:
+                assert time.monotonic() < deadline, "the order was not delivered"
+                await asyncio.sleep(0.05)
+        stopped_at = time.monotonic()
+        first.send_signal(signal.SIGTERM)
+        await until(lambda: first.poll() is not None, "the instance exited after SIGTERM")
+        # Generous for a loaded machine, and well below the 30 s the event may wait.
+        assert time.monotonic() - stopped_at < 15
+        assert first.returncode == 0, (tmp_path / "first.log").read_text()
+        writer.execute("ROLLBACK")
+
+        second = start_instance(target, db, "second", tmp_path / "second.log")
+
+        def applied() -> bool:
+            with contextlib.closing(sqlite3.connect(db, timeout=30)) as reader:
+                rows = reader.execute("SELECT order_id, handled_by FROM orders").fetchall()
+            return rows == [(order_id, "second")]
+
+        await until(applied, "the order in the read model, applied by the next instance")
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+        if writer is not None:
+            writer.close()
 
 
 # Instances that open a new read model at the same moment: each process of a pool of
