@@ -31,6 +31,7 @@ from server.rpc.method_handlers import (
     Handler,
     Refusing,
     WrappingInterceptor,
+    wait_before_refusal,
     wrapped,
 )
 from server.rpc.status_mapping import plain_status
@@ -40,8 +41,6 @@ QUIET_SECONDS: Final = 0.02
 """A stop's gate waits until no call has come for this long: grpc's queue is empty."""
 MOST_SECONDS: Final = 0.5
 """The longest a stop waits for that, while clients keep calling."""
-DEADLINE_MARGIN: Final = 0.02
-"""A held call is refused this long before its deadline, if its deadline comes first."""
 
 SHUTTING_DOWN: Final = plain_status(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
 
@@ -96,7 +95,8 @@ class StopGate(WrappingInterceptor):
 
 
 class _Held(CallScope):
-    """Refuses the call once the gate is released, or just before its deadline."""
+    """Refuses the call once the gate is released, or before its deadline
+    (``wait_before_refusal``)."""
 
     __slots__ = ("_context", "_released")
 
@@ -105,10 +105,8 @@ class _Held(CallScope):
         self._released = released
 
     async def start(self) -> None:
-        remaining = self._context.time_remaining()
-        wait = None if remaining is None else max(0.0, remaining - DEADLINE_MARGIN)
         # asyncio.timeout, not wait_for: see server.cancellation.
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(wait):
+            async with asyncio.timeout(wait_before_refusal(self._context)):
                 await self._released.wait()
         await self._context.abort_with_status(SHUTTING_DOWN)

@@ -13,7 +13,8 @@ generic handler: one lookup of the method per call.
 The table also lets the server start before the services that need the store exist.
 Until ``open``, a call to one of those (``held_services``) is held, with the kind and
 message types its method will have, and runs once the table opens; a call whose
-deadline comes first is refused UNAVAILABLE ("the server is starting") just before it.
+deadline comes first is refused UNAVAILABLE ("the server is starting") before it, with
+time left to retry (``wait_before_refusal``).
 If the start fails or a stop comes first, every held call is refused (``refuse_held``).
 Health and reflection, added before the server starts, are served at once, so that
 probes read NOT_SERVING while the store opens.
@@ -30,12 +31,10 @@ import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
-from server.rpc.method_handlers import Context, Handler
+from server.rpc.method_handlers import Context, Handler, wait_before_refusal
 from server.rpc.status_mapping import plain_status
 
 STARTING: Final = plain_status(grpc.StatusCode.UNAVAILABLE, "the server is starting")
-DEADLINE_MARGIN: Final = 0.02
-"""A held call is refused this long before its deadline, if its deadline comes first."""
 
 
 class ServiceTable(grpc.GenericRpcHandler):
@@ -69,11 +68,9 @@ class ServiceTable(grpc.GenericRpcHandler):
         """``method``'s handler once the table opens; aborts the call if it does not
         open before the call's deadline."""
         if not self._opened.is_set():
-            remaining = context.time_remaining()
-            wait = None if remaining is None else max(0.0, remaining - DEADLINE_MARGIN)
             # asyncio.timeout, not wait_for: see server.cancellation.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
+                async with asyncio.timeout(wait_before_refusal(context)):
                     await self._opened.wait()
         if self._refusal is not None:
             await context.abort_with_status(self._refusal)

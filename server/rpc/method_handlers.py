@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextvars import ContextVar
-from typing import Any, ClassVar, Protocol, TypeAlias, cast
+from typing import Any, ClassVar, Final, Protocol, TypeAlias, cast
 
 import grpc
 
@@ -55,6 +55,29 @@ class Refusing(CallScope):
 
     async def start(self) -> None:
         await self._context.abort_with_status(self._status)
+
+
+REFUSAL_LEAD_MOST: Final = 1.0
+"""The most time before its deadline at which a held call is refused."""
+
+
+def wait_before_refusal(context: Context) -> float | None:
+    """How long the gateway may hold a call (while it starts, or begins to stop) before it
+    refuses it UNAVAILABLE: until a quarter of the call's remaining time before its
+    deadline, at most ``REFUSAL_LEAD_MOST``; None for a call without a deadline.
+
+    The refusal says "not done, retry": it must reach the client before the client's own
+    deadline ends the call DEADLINE_EXCEEDED (an outcome the client cannot know), and
+    leave it time to retry elsewhere. A few milliseconds are not enough for that: a
+    process on a loaded machine waits longer for a CPU (at a load average of 20 on 2
+    cores, a hundred milliseconds and more), and so does one throttled by a container's
+    CPU quota, or an answer crossing a network. A quarter keeps short deadlines held
+    for most of their time.
+    """
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    return max(0.0, remaining - min(remaining / 4, REFUSAL_LEAD_MOST))
 
 
 class Around(Protocol):

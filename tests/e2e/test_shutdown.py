@@ -149,7 +149,7 @@ async def test_a_call_held_by_a_stop_is_refused_before_its_deadline() -> None:
             )
             started = time.monotonic()
             try:
-                await call(b"", timeout=0.3)
+                await call(b"", timeout=4.0)
             except grpc.aio.AioRpcError as error:
                 refused = error
             else:
@@ -159,9 +159,9 @@ async def test_a_call_held_by_a_stop_is_refused_before_its_deadline() -> None:
         await server.stop(None)
     assert refused.code() == grpc.StatusCode.UNAVAILABLE
     assert refused.details() == "the server is shutting down"
-    # Held until shortly before the deadline; refused before it, or the client would
-    # have ended the call DEADLINE_EXCEEDED (how late the client notices is the machine's).
-    assert waited >= 0.2
+    # Held for most of its time; refused 1 s before its deadline, with time left to retry
+    # (how late the client notices is the machine's: a fraction of that, under load).
+    assert 2.5 <= waited < 3.8
 
 
 async def _accept(request: bytes, context: object) -> bytes:

@@ -2,7 +2,7 @@
 
 A probe must get an answer during a slow start (a database that is slow to answer), not
 a connection that nobody serves until its own timeout; a command sent meanwhile runs once
-the store is open, or is refused UNAVAILABLE just before its deadline.
+the store is open, or is refused UNAVAILABLE before its deadline.
 """
 
 from __future__ import annotations
@@ -85,11 +85,14 @@ async def test_a_gateway_whose_database_does_not_answer_reports_not_serving() ->
             assert await statuses(target) == {
                 service: NOT_SERVING for service in ("", *SERVICE_NAMES)
             }
-            # Held until just before its deadline, then refused with a code to retry on.
+            # Held for most of its time, then refused with a code to retry on, with time
+            # left to retry: 1 s before its deadline of 4 s (the refusal reaches the
+            # client, on a loaded machine, well before its own deadline ends the call).
             started = time.monotonic()
-            code, details = await refusal(restock(target, deadline=1.0))
+            code, details = await refusal(restock(target, deadline=4.0))
             assert (code, details) == (grpc.StatusCode.UNAVAILABLE, "the server is starting")
-            assert time.monotonic() - started >= 0.5
+            waited = time.monotonic() - started
+            assert 2.5 <= waited < 3.8
             # A call without a deadline is held until the stop, then refused as any call
             # that reaches a stopping gateway.
             held = asyncio.ensure_future(restock(target))
