@@ -37,11 +37,12 @@ from server.rpc.subscription_hub import EventFilter, SubscriptionHub
 
 log = logging.getLogger("order_gateway.consumer_groups")
 
-IDLE_SCAN_EVENTS = 10_000
+SCAN_EVENTS = 10_000
 """At most this many events are read past a group's stored checkpoints per view (or
 metrics reading): where the reading stops is still below every unsettled event, and the
 next one goes on from there."""
-IDLE_SCAN_PAGE = 1_000
+SCAN_PAGE = 1_000
+"""Events per ``read_all`` of that reading."""
 
 
 @dataclass(slots=True)
@@ -59,31 +60,31 @@ class _Scan:
 
 class _Pages:
     """The pages of the log one reading of many groups has read, the latest kept, so that
-    groups share them: pages start at multiples of ``IDLE_SCAN_PAGE``, whatever position
+    groups share them: pages start at multiples of ``SCAN_PAGE``, whatever position
     a group reads from, and after a first reading every group that has kept up with the
     log stands at its head.
 
-    A reading reads at most ``IDLE_SCAN_EVENTS`` events from the store, however many
-    groups it covers: 60 groups far behind, each at a position of its own, read that many
-    each before (1.6 s of CPU a reading, at every scrape until they had caught up). What
-    one reading leaves unread, the next goes on with."""
+    A reading reads at most ``SCAN_EVENTS`` events from the store, however many groups
+    it covers: that many per group would cost a scrape of 60 groups far behind, each at a
+    position of its own, about 1.6 s of CPU, at every scrape until they had caught up.
+    What one reading leaves unread, the next goes on with."""
 
     def __init__(self, events: EventStore) -> None:
         self._events = events
         self._pages: dict[int, list[RecordedEvent]] = {}
-        self._left = IDLE_SCAN_EVENTS
+        self._left = SCAN_EVENTS
 
     async def after(self, position: int) -> list[RecordedEvent]:
         """Events after ``position``, up to the end of its page; none once the reading
         has read its share."""
-        start = position - position % IDLE_SCAN_PAGE
+        start = position - position % SCAN_PAGE
         page = self._pages.get(start)
         if page is None:
             if self._left <= 0:
                 return []
-            page = await self._events.read_all(start, IDLE_SCAN_PAGE)
+            page = await self._events.read_all(start, SCAN_PAGE)
             self._left -= len(page)
-            if len(self._pages) >= max(1, IDLE_SCAN_EVENTS // IDLE_SCAN_PAGE):
+            if len(self._pages) >= max(1, SCAN_EVENTS // SCAN_PAGE):
                 del self._pages[next(iter(self._pages))]  # the oldest
             self._pages[start] = page
         return page[bisect.bisect_right(page, position, key=_position) :]
@@ -354,7 +355,7 @@ class ConsumerGroups:
         partitions = record.settings.partitions
         position = min((checkpoints[p] for p in open_partitions), default=head)
         read = 0
-        while open_partitions and position < head and read < IDLE_SCAN_EVENTS:
+        while open_partitions and position < head and read < SCAN_EVENTS:
             events = await pages.after(position)
             if not events:
                 break

@@ -915,8 +915,8 @@ async def test_the_reading_past_idle_checkpoints_is_bounded_and_goes_on_where_it
 ) -> None:
     await env.create("g", partitions=1, event_types=["OrderCreated"])
     await env.restocks(5, products=5)
-    monkeypatch.setattr("server.consumer_groups.service.IDLE_SCAN_PAGE", 1)
-    monkeypatch.setattr("server.consumer_groups.service.IDLE_SCAN_EVENTS", 3)
+    monkeypatch.setattr("server.consumer_groups.service.SCAN_PAGE", 1)
+    monkeypatch.setattr("server.consumer_groups.service.SCAN_EVENTS", 3)
     group = await env.get()
     assert group.head_position == 5
     assert group.checkpoint == 3
@@ -940,10 +940,10 @@ async def test_a_reading_of_many_groups_far_behind_reads_a_bounded_share_of_the_
 ) -> None:
     # 20 groups, each started at a position of its own, behind 1,000 events of other
     # types. Every ListConsumerGroups call (and every metrics reading) reads at most
-    # IDLE_SCAN_EVENTS of the log for all of them, and the next call goes on: within
+    # SCAN_EVENTS of the log for all of them, and the next call goes on: within
     # about the calls one group would need, every group reports no lag.
-    monkeypatch.setattr("server.consumer_groups.service.IDLE_SCAN_PAGE", 10)
-    monkeypatch.setattr("server.consumer_groups.service.IDLE_SCAN_EVENTS", 100)
+    monkeypatch.setattr("server.consumer_groups.service.SCAN_PAGE", 10)
+    monkeypatch.setattr("server.consumer_groups.service.SCAN_EVENTS", 100)
     events = CountingStore()
     async with env_of(events) as env:
         await append_others(events, 1_000)
