@@ -133,7 +133,7 @@ def run(target: str, db_path: str, member: str) -> int:
         # Idempotent: every instance may create the group; the first one does.
         stub.CreateConsumerGroup(pb.CreateConsumerGroupRequest(name=GROUP, settings=settings))
         call = stub.Consume(requests())
-        failure: list[grpc.RpcError] = []
+        failure: list[BaseException] = []
 
         def work() -> None:
             try:
@@ -142,6 +142,12 @@ def run(target: str, db_path: str, member: str) -> int:
             except grpc.RpcError as error:
                 if not stopping.is_set():
                     failure.append(error)
+            except BaseException as error:
+                # Anything else (a read model that cannot be opened, a bug in apply) ends
+                # the instance with a failure status, so that its supervisor restarts it;
+                # the thread's default hook prints the traceback.
+                failure.append(error)
+                raise
 
         worker = threading.Thread(target=work, name="consume", daemon=True)
         worker.start()
@@ -154,8 +160,8 @@ def run(target: str, db_path: str, member: str) -> int:
         outgoing.put(None)
         worker.join(STOP_GRACE_SECONDS)
     for error in failure:
-        assert isinstance(error, grpc.Call)
-        print(f"{member}: {error.code().name}: {error.details()}", file=sys.stderr)
+        if isinstance(error, grpc.Call):
+            print(f"{member}: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
     return 0
 

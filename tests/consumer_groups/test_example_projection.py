@@ -104,6 +104,23 @@ async def test_an_instance_stops_when_told_while_its_event_waits_for_the_read_mo
             writer.close()
 
 
+async def test_an_instance_whose_read_model_cannot_be_opened_exits_with_a_failure(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    """A supervisor restarts an instance that fails: one that cannot open its read model
+    (here a directory) must say so by its exit status, not end as if stopped."""
+    log = tmp_path / "instance.log"
+    instance = start_instance(f"127.0.0.1:{gateway.port}", tmp_path, "broken", log)
+    try:
+        await until(lambda: instance.poll() is not None, "the instance exited")
+        assert instance.returncode == 1
+        assert "unable to open database file" in log.read_text()
+    finally:
+        if instance.poll() is None:
+            instance.kill()
+            instance.wait()
+
+
 # Instances that open a new read model at the same moment: each process of a pool of
 # three waits at a barrier, then opens the same new file and writes to it.
 CONCURRENT_OPENS = """
