@@ -1069,6 +1069,10 @@ class GroupRuntime:
         """It delivers a partition (across replicas, only those its leases grant)."""
         return any(p.owned for p in self._partitions)
 
+    def reached(self) -> dict[int, int]:
+        """The checkpoints of the partitions it delivers, as it would store them now."""
+        return {p.index: p.checkpoint(self._examined) for p in self._partitions if p.owned}
+
     def stats(self) -> RuntimeStats:
         owned = [p.checkpoint(self._examined) for p in self._partitions if p.owned]
         return RuntimeStats(

@@ -58,6 +58,15 @@ class _Scan:
     cannot move them until their stored checkpoint passes that event."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Storing:
+    """The checkpoints a group's runtime here had reached when its last member left, while
+    it stops and stores them."""
+
+    created_at: dt.datetime
+    checkpoints: dict[int, int]
+
+
 class _Pages:
     """The pages of the log one reading of many groups has read, the latest kept, so that
     groups share them: pages start at multiples of ``SCAN_PAGE``, whatever position
@@ -141,6 +150,9 @@ class ConsumerGroups:
         """Drops the counters of groups deleted through another process (``_sweep``)."""
         self._scans: dict[str, _Scan] = {}
         """Per group, where the last reading past its stored checkpoints got."""
+        self._storing: dict[str, _Storing] = {}
+        """Per group whose last member here left: what its runtime reached, reported until
+        the store has it (``_leave``)."""
 
     def redeliveries(self) -> dict[str, int]:
         """Redeliveries on this process since it started, per group (a counter)."""
@@ -248,7 +260,10 @@ class ConsumerGroups:
             if record.name in delivering:
                 continue
             stored = await self.store.load_checkpoints(record.name)
-            past = await self._past_others(record, self._all_stored(record, stored), head, pages)
+            past = self._with_storing(
+                record,
+                await self._past_others(record, self._all_stored(record, stored), head, pages),
+            )
             replaying = await self.store.lowest_replaying(record.name)
             checkpoint = min(
                 min(past[p], replaying.get(p, head + 1) - 1)
@@ -286,8 +301,11 @@ class ConsumerGroups:
         # only while nobody delivers it, a partition that gets a member would step back
         # to its stored checkpoint (or to where its new owner has read) until the owner
         # had read past them again.
-        past = await self._past_others(
-            record, self._all_stored(record, stored), head, pages or _Pages(self._events)
+        past = self._with_storing(
+            record,
+            await self._past_others(
+                record, self._all_stored(record, stored), head, pages or _Pages(self._events)
+            ),
         )
         partitions: list[PartitionView] = []
         for p in range(record.settings.partitions):
@@ -322,6 +340,18 @@ class ConsumerGroups:
                 for p in partitions
             ),
         )
+
+    def _with_storing(self, record: GroupRecord, checkpoints: dict[int, int]) -> dict[int, int]:
+        """``checkpoints`` raised to what the group's runtime here reached, while it stops
+        and stores that: until then the store has less, and a partition whose last member
+        here left would be reported behind where it was a moment before."""
+        storing = self._storing.get(record.name)
+        if storing is None or storing.created_at != record.created_at:
+            return checkpoints
+        return {
+            p: max(checkpoint, storing.checkpoints.get(p, -1))
+            for p, checkpoint in checkpoints.items()
+        }
 
     async def _past_others(
         self, record: GroupRecord, stored: dict[int, int], head: int, pages: _Pages
@@ -572,16 +602,27 @@ class ConsumerGroups:
         await asyncio.shield(departure)
 
     async def _leave(self, runtime: GroupRuntime, member: Member) -> None:
+        reached = runtime.reached()
         runtime.leave(member)
         name = runtime.record.name
         if runtime.members or self._runtimes.get(name) is not runtime:
             return
-        async with self._lock(name):
-            # Nobody joined while the lock was awaited: stop reading for this group.
-            if not runtime.members and self._runtimes.get(name) is runtime:
-                del self._runtimes[name]
-                self._retire(runtime)
-                await runtime.stop_and_store(GroupClosedError())
+        # From here until its checkpoints are stored, the group is reported from the store
+        # (on PostgreSQL already now: the leases still name the member that left), which
+        # has them only up to the last flush: reported with what the runtime reached
+        # instead. Should storing fail, the stored ones are where delivery resumes, and
+        # are reported again.
+        storing = self._storing[name] = _Storing(runtime.record.created_at, reached)
+        try:
+            async with self._lock(name):
+                # Nobody joined while the lock was awaited: stop reading for this group.
+                if not runtime.members and self._runtimes.get(name) is runtime:
+                    del self._runtimes[name]
+                    self._retire(runtime)
+                    await runtime.stop_and_store(GroupClosedError())
+        finally:
+            if self._storing.get(name) is storing:
+                del self._storing[name]
 
     async def stop(self) -> None:
         """Shutdown: end every member's stream (UNAVAILABLE), store the checkpoints, and

@@ -11,7 +11,7 @@ import random
 import time
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -1020,6 +1020,44 @@ async def test_a_checkpoint_never_goes_back_when_its_partition_gets_a_member(
             watching.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watching
+    watcher.assert_never_back()
+
+
+async def test_a_checkpoint_never_goes_back_when_its_last_member_leaves(
+    any_store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The member acks everything, and the gateway reports the partition's checkpoint at
+    # the head before storing it (it stores at most every flush interval). Then the
+    # member leaves, and the checkpoint is stored as the group stops here, slowly: watched
+    # meanwhile, the checkpoint stays where it was reported.
+    tuning = replace(QUICK, flush_interval=3600)
+    async with env_of(any_store, tuning) as env:
+        await env.create("g", partitions=1)
+        await env.restocks(3)
+        groups = env.gateway.groups
+        save_checkpoints = groups.store.save_checkpoints
+
+        async def slowly(group: GroupRecord, checkpoints: Mapping[int, int]) -> None:
+            await asyncio.sleep(0.5)
+            await save_checkpoints(group, checkpoints)
+
+        monkeypatch.setattr(groups.store, "save_checkpoints", slowly)
+        consumer = await join(env.groups, "g")
+        for _ in range(3):  # one stream: each comes once the one before is acked
+            await consumer.ack((await consumer.delivery()).event.event_id)
+        await settled(env)
+        watcher = Watcher(env, [])
+        watching = asyncio.create_task(watcher.watch())
+        try:
+            await eventually(lambda: bool(watcher.seen))
+            await consumer.close()
+            await eventually(lambda: not groups.runtimes)
+            await asyncio.sleep(0.8)  # the checkpoint stored meanwhile
+        finally:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
+        assert (await env.get()).checkpoint == 3
     watcher.assert_never_back()
 
 
