@@ -396,6 +396,9 @@ def follow_group(
                     file=err,
                 )
     except grpc.RpcError as error:
+        # The failed call, raised by itself, in a cycle with its traceback: freed here,
+        # not by the interpreter's last collection (``server.client.tail.follow``).
+        error.__traceback__ = None
         if reader_gone or broken_pipe:
             raise reader_gone_error() from None
         return _fail(program, error, err)

@@ -59,6 +59,13 @@ def follow(
                 out.write(json_line(response.event) + "\n")
                 out.flush()
     except grpc.RpcError as error:
+        # grpc raises the failed call itself, and its traceback holds the frame that
+        # raised it, whose `self` is the call: a reference cycle that, left alone, only
+        # the interpreter's last collection frees. The call's finalizer then waits for the
+        # call's lock, which a grpc daemon thread, stopped by then wherever it was, may
+        # hold for good, and the process never ends. Without the traceback, the call is
+        # freed with this frame, while grpc's threads still run.
+        error.__traceback__ = None
         if reader_gone:
             raise reader_gone_error() from None
         print(f"{PROGRAM}: {error.code().name}: {error.details()}", file=err)

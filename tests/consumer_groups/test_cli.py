@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
+import io
 import json
 import os
 import signal
@@ -24,6 +26,8 @@ from orders.v1 import inventory_command_service_pb2 as inventory_pb
 from orders.v1 import inventory_command_service_pb2_grpc as inventory_grpc
 
 from server.app import Gateway
+from server.client.groups import follow_group
+from server.client.tail import follow
 from tests.group_support import group_gateway, member
 from tests.security.test_tls import issue, write
 from tests.serving import free_port
@@ -551,3 +555,32 @@ async def test_a_stream_command_once_connected_outlives_its_timeout(gateway: Gat
     assert json.loads(line)["position"] == "1"
     process.send_signal(signal.SIGINT)
     assert await asyncio.wait_for(process.wait(), 10) == 0
+
+
+def _calls() -> int:
+    return sum(isinstance(found, grpc.Call) for found in gc.get_objects())
+
+
+@pytest.mark.parametrize("command", ["tail", "consume"])
+def test_a_failed_stream_is_freed_when_the_command_returns(command: str) -> None:
+    # grpc raises a failed call as its own exception, in a reference cycle with its
+    # traceback. Left to the interpreter's last collection, its finalizer waits for the
+    # call's lock, which a grpc daemon thread stopped by the interpreter's shutdown may
+    # hold for good: the command would not exit. Nothing may be left for that collection.
+    out, err = io.StringIO(), io.StringIO()
+    gc.collect()
+    gc.disable()
+    try:
+        before = _calls()
+        # Nothing listens there: the call fails at once with UNAVAILABLE.
+        with grpc.insecure_channel(f"127.0.0.1:{free_port()}") as channel:
+            if command == "tail":
+                status = follow(channel, 0, [], out, err)
+            else:
+                status = follow_group(channel, "g", "", out, err)
+        left = _calls() - before
+    finally:
+        gc.enable()
+    assert (status, out.getvalue()) == (1, "")
+    assert err.getvalue().startswith(f"order-gateway {command}: UNAVAILABLE: ")
+    assert left == 0
