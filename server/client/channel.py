@@ -78,3 +78,11 @@ def connection_settles(channel: grpc.Channel, timeout: float) -> bool:
 def no_connection(target: str, timeout: float) -> str:
     """What a stream command prints when ``connection_settles`` says no."""
     return f"DEADLINE_EXCEEDED: no connection to {target} within {timeout:g} s"
+
+
+def interrupted(error: KeyboardInterrupt | RuntimeError) -> bool:
+    """Whether ``error`` is a Ctrl-C. One that lands while grpc's blocking client waits for
+    the next message can interrupt ``threading.Condition.wait`` as it takes its lock back,
+    which then raises ``RuntimeError: cannot release un-acquired lock`` in the
+    KeyboardInterrupt's place (seen about once in 70 Ctrl-Cs of ``consume``)."""
+    return isinstance(error, KeyboardInterrupt) or isinstance(error.__context__, KeyboardInterrupt)

@@ -27,6 +27,7 @@ from server.client.channel import (
     Metadata,
     call_metadata,
     connection_settles,
+    interrupted,
     no_connection,
     open_channel,
 )
@@ -402,7 +403,9 @@ def follow_group(
         if reader_gone or broken_pipe:
             raise reader_gone_error() from None
         return _fail(program, error, err)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RuntimeError) as error:
+        if not interrupted(error):
+            raise
         call.cancel()
         return 0
     except OSError:

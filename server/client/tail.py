@@ -19,6 +19,7 @@ from server.client.channel import (
     Metadata,
     call_metadata,
     connection_settles,
+    interrupted,
     no_connection,
     open_channel,
 )
@@ -72,7 +73,9 @@ def follow(
         for field, reason in field_violations(call):
             print(f"  {field}: {reason}", file=err)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RuntimeError) as error:
+        if not interrupted(error):
+            raise
         call.cancel()
         return 0
     except OSError:

@@ -17,6 +17,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
@@ -584,3 +585,44 @@ def test_a_failed_stream_is_freed_when_the_command_returns(command: str) -> None
     assert (status, out.getvalue()) == (1, "")
     assert err.getvalue().startswith(f"order-gateway {command}: UNAVAILABLE: ")
     assert left == 0
+
+
+class CtrlCInGrpcsWait:
+    """A call whose wait for the next message a Ctrl-C interrupted as it took its lock
+    back: ``threading.Condition.wait`` then raises RuntimeError in the KeyboardInterrupt's
+    place."""
+
+    cancelled = False
+
+    def __iter__(self) -> CtrlCInGrpcsWait:
+        return self
+
+    def __next__(self) -> object:
+        error = RuntimeError("cannot release un-acquired lock")
+        error.__context__ = KeyboardInterrupt()
+        raise error
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class ChannelOfOneCall:
+    def __init__(self, call: CtrlCInGrpcsWait) -> None:
+        self.call = call
+
+    def unary_stream(self, *_: object, **__: object) -> object:
+        return lambda *_, **__: self.call
+
+    unary_unary = stream_stream = unary_stream
+
+
+@pytest.mark.parametrize("command", ["tail", "consume"])
+def test_ctrl_c_inside_grpc_s_wait_for_a_message_exits_0(command: str) -> None:
+    call = CtrlCInGrpcsWait()
+    channel = cast(grpc.Channel, ChannelOfOneCall(call))
+    out, err = io.StringIO(), io.StringIO()
+    if command == "tail":
+        status = follow(channel, 0, [], out, err)
+    else:
+        status = follow_group(channel, "g", "", out, err)
+    assert (status, out.getvalue(), err.getvalue(), call.cancelled) == (0, "", "", True)
