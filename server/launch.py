@@ -95,8 +95,11 @@ def release_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if not _hangup_ignored:
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Looked at once every handler is swapped: ``signal.signal`` runs the handlers of
+    # signals pending when it is called, before it installs the new one, so a Ctrl-C that
+    # came as SIGINT's was swapped was noted here then, and would otherwise be lost.
     if _held:
         # Ends the process as the signal would have (no KeyboardInterrupt traceback).
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.raise_signal(_held[0])
-    signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -42,6 +42,32 @@ def test_a_signal_held_while_starting_acts_as_its_default_once_released(
     assert "Traceback" not in done.stderr
 
 
+SIGNAL_AS_HANDLERS_ARE_SWAPPED = """
+import os, signal
+from server import launch
+launch.hold_signals()
+swap = signal.signal
+def swapping(signum, handler):
+    if signum == signal.SIGINT and handler is signal.default_int_handler:
+        os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C just as SIGINT's handler is swapped
+    return swap(signum, handler)
+signal.signal = swapping
+launch.release_signals()
+print("released", flush=True)
+"""
+
+
+def test_a_ctrl_c_that_comes_as_the_handlers_are_swapped_still_ends_the_command() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNAL_AS_HANDLERS_ARE_SWAPPED],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (done.returncode, done.stdout) == (-signal.SIGINT, "")
+    assert "Traceback" not in done.stderr
+
+
 def test_without_a_held_signal_release_gives_the_default_actions_back() -> None:
     script = (
         "import signal\n"
