@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from types import TracebackType
 
 import grpc
 
@@ -68,11 +69,31 @@ def connection_settles(channel: grpc.Channel, timeout: float) -> bool:
         if state in SETTLED:
             settled.set()
 
+    threading.excepthook = quiet_polling_of_closed_channels
     channel.subscribe(watch, try_to_connect=True)
     try:
         return settled.wait(timeout)
     finally:
         channel.unsubscribe(watch)
+
+
+def quiet_polling_of_closed_channels(args: threading.ExceptHookArgs) -> None:
+    """``threading.excepthook``, but for grpc's connectivity polling failing on a closed
+    channel. After the last ``unsubscribe`` that thread goes on watching for up to 0.2 s,
+    and a channel closed meanwhile (a Ctrl-C while the command waits for its connection)
+    makes it raise ``ValueError: Cannot monitor channel state: Channel closed!``: nothing
+    is lost, and its traceback would be all the command printed."""
+    if args.exc_type is ValueError and _raised_in(args.exc_traceback, "_poll_connectivity"):
+        return
+    threading.__excepthook__(args)
+
+
+def _raised_in(traceback: TracebackType | None, function: str) -> bool:
+    while traceback is not None:
+        if traceback.tb_frame.f_code.co_name == function:
+            return True
+        traceback = traceback.tb_next
+    return False
 
 
 def no_connection(target: str, timeout: float) -> str:

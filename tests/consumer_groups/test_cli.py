@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from orders.v1 import inventory_command_service_pb2 as inventory_pb
 from orders.v1 import inventory_command_service_pb2_grpc as inventory_grpc
 
 from server.app import Gateway
+from server.client.channel import quiet_polling_of_closed_channels
 from server.client.groups import follow_group
 from server.client.tail import follow
 from tests.group_support import group_gateway, member
@@ -626,3 +628,27 @@ def test_ctrl_c_inside_grpc_s_wait_for_a_message_exits_0(command: str) -> None:
     else:
         status = follow_group(channel, "g", "", out, err)
     assert (status, out.getvalue(), err.getvalue(), call.cancelled) == (0, "", "", True)
+
+
+def _poll_connectivity() -> None:
+    raise ValueError("Cannot monitor channel state: Channel closed!")
+
+
+def _other_work() -> None:
+    raise ValueError("something else")
+
+
+def test_grpc_s_polling_of_a_closed_channel_prints_nothing_other_errors_still_do(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # grpc's polling thread, still watching after the command's Ctrl-C closed the channel.
+    for target in (_poll_connectivity, _other_work):
+        try:
+            target()
+        except ValueError as error:
+            quiet_polling_of_closed_channels(
+                threading.ExceptHookArgs((ValueError, error, error.__traceback__, None))
+            )
+    printed = capsys.readouterr().err
+    assert "something else" in printed
+    assert "Channel closed" not in printed
