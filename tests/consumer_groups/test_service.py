@@ -1368,9 +1368,12 @@ async def test_the_lag_of_a_group_nobody_consumes_is_the_one_get_consumer_group_
         lags: list[float | None] = []
 
         async def sample() -> None:
+            # Every few milliseconds, not on every turn of the loop: a scrape collects every
+            # metric, and back to back they starved the gateway on a busy machine (the
+            # member's join then waited past its 10 s).
             while True:
                 lags.append(scraped(env.gateway, "order_gateway_consumer_group_lag_events"))
-                await asyncio.sleep(0)
+                await asyncio.sleep(0.005)
 
         sampling = asyncio.create_task(sample())
         try:
