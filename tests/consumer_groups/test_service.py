@@ -1345,6 +1345,25 @@ async def test_metrics_of_a_group_nobody_consumes_come_from_the_store(env: Env) 
     assert gauges(env.gateway) == (0, 0, 0, 0)
 
 
+@contextlib.asynccontextmanager
+async def lag_samples(gateway: Gateway) -> AsyncIterator[list[float | None]]:
+    """The group's lag gauge as scraped every few milliseconds while the block runs: not
+    on every turn of the loop, as a scrape collects every metric, and back to back they
+    starved the gateway on a busy machine (a member's join then waited past its 10 s)."""
+    lags: list[float | None] = []
+
+    async def sample() -> None:
+        while True:
+            lags.append(scraped(gateway, "order_gateway_consumer_group_lag_events"))
+            await asyncio.sleep(0.005)
+
+    sampling = asyncio.create_task(sample())
+    try:
+        yield lags
+    finally:
+        sampling.cancel()
+
+
 async def test_the_lag_of_a_group_nobody_consumes_is_the_one_get_consumer_group_reports(
     any_store: EventStore,
 ) -> None:
@@ -1365,24 +1384,13 @@ async def test_the_lag_of_a_group_nobody_consumes_is_the_one_get_consumer_group_
         subscriber = env.clients.events.Subscribe(
             event_stream_service_pb2.SubscribeRequest(from_end=True, event_types=["OrderCancelled"])
         )
-        lags: list[float | None] = []
-
-        async def sample() -> None:
-            # Every few milliseconds, not on every turn of the loop: a scrape collects every
-            # metric, and back to back they starved the gateway on a busy machine (the
-            # member's join then waited past its 10 s).
-            while True:
-                lags.append(scraped(env.gateway, "order_gateway_consumer_group_lag_events"))
-                await asyncio.sleep(0.005)
-
-        sampling = asyncio.create_task(sample())
         try:
-            await subscriber.read()  # live: its checkpoint
-            async with member(env.groups, "g") as consumer:
-                await consumer.ack((await consumer.delivery()).event.event_id)
-                await eventually(lambda: lags[-1] == 0)
+            async with lag_samples(env.gateway) as lags:
+                await subscriber.read()  # live: its checkpoint
+                async with member(env.groups, "g") as consumer:
+                    await consumer.ack((await consumer.delivery()).event.event_id)
+                    await eventually(lambda: lags[-1] == 0)
         finally:
-            sampling.cancel()
             subscriber.cancel()
     assert max(value or 0 for value in lags) <= lag
 
@@ -1411,23 +1419,15 @@ async def test_a_gateway_that_delivers_none_of_a_group_s_partitions_reports_the_
                     from_end=True, event_types=["OrderCancelled"]
                 )
             )
-            lags: list[float | None] = []
-
-            async def sample() -> None:
-                while True:
-                    lags.append(scraped(other.gateway, "order_gateway_consumer_group_lag_events"))
-                    await asyncio.sleep(0)
-
-            sampling = asyncio.create_task(sample())
             try:
-                await subscriber.read()
-                async with member(other.groups, "g") as standby:
-                    await eventually(lambda: gauges(other.gateway)[0] == 1)
-                    await asyncio.sleep(0.5)  # a lease round or two, its member standing by
-                    assert standby.partitions == []
-                    assert gauges(other.gateway) == (1, 0, 0, 0)
+                async with lag_samples(other.gateway) as lags:
+                    await subscriber.read()
+                    async with member(other.groups, "g") as standby:
+                        await eventually(lambda: gauges(other.gateway)[0] == 1)
+                        await asyncio.sleep(0.5)  # a lease round or two, its member standing by
+                        assert standby.partitions == []
+                        assert gauges(other.gateway) == (1, 0, 0, 0)
             finally:
-                sampling.cancel()
                 subscriber.cancel()
     assert max(value or 0 for value in lags) == 0
 
