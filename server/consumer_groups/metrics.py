@@ -2,12 +2,14 @@
 
 Per group with members here: lag (the committed head, minus the lowest checkpoint of the
 partitions delivered here; the head the hub has read, or the store's as of the last
-reading when that is further), deliveries in flight, redeliveries (a
-counter that survives the group's runtime stopping and starting), parked events, and
-members connected here; its lag from the store while none of its partitions is delivered
-here (its members here stand by). Per group with no member here, what the store says:
-its lag as GetConsumerGroup reports it (from the stored checkpoints, past the events the
-group does not take) and its parked events, with no members and nothing in flight here.
+reading when that is further), deliveries in flight, redeliveries (a counter that
+survives the group's runtime stopping and starting), parked events, and members
+connected here; its lag from the store while none of its partitions is delivered here
+(its members here stand by). Per group with no member here, what the store says: its lag
+as GetConsumerGroup reports it (from the stored checkpoints, past the events the group
+does not take) and its parked events, with no members and nothing in flight here. A
+group that stopped being delivered here since the last reading keeps its series until
+the store has been read again, its lag counted from the checkpoint it was last seen at.
 Otherwise the gauges of a group whose consumers are all down would vanish, and an alert
 on its parked events or lag would go quiet just when it matters. Across replicas each
 process reports its own members and deliveries; sum ``in_flight`` and ``members`` over
@@ -46,6 +48,14 @@ none yet, leaves the unserved groups out): a slow store must not fail the scrape
 @dataclass(frozen=True, slots=True)
 class StoredFigures:
     lag: int
+    parked: int
+
+
+@dataclass(frozen=True, slots=True)
+class LastDelivered:
+    """A group's figures when a scrape last saw it delivered here."""
+
+    checkpoint: int
     parked: int
 
 
@@ -102,6 +112,12 @@ class UnservedGroups:
         return self._figures
 
     @property
+    def served(self) -> frozenset[str]:
+        """The groups delivered here when the last reading began: it has no figures of
+        theirs."""
+        return self._served
+
+    @property
     def head(self) -> int:
         """The committed head as of the last reading (0 before the first): the served
         groups' lag is measured from it when the hub's is behind."""
@@ -146,6 +162,7 @@ class GroupMetricsCollector(Collector):
         self._groups = groups
         self._hub = hub
         self._unserved = unserved
+        self._delivered: dict[str, LastDelivered] = {}
 
     def collect(self) -> Iterator[Metric]:
         labels = ["group"]
@@ -186,15 +203,20 @@ class GroupMetricsCollector(Collector):
         # behind included): measured from it alone, the lag of a group falling behind
         # would stop growing, even read 0, just when an alert on it matters.
         head = max(self._hub.head, self._unserved.head)
+        unread = self._unread(stored)
+        delivered: dict[str, LastDelivered] = {}
         for name, runtime in sorted(served.items()):
             stats = runtime.stats()
             if stats.checkpoint is not None:
+                delivered[name] = LastDelivered(stats.checkpoint, stats.parked)
                 lag.add_metric([name], max(0, head - stats.checkpoint))
             elif name in stored:
                 # Its members here stand by, or wait for their partitions (across replicas
                 # and workers, a join is answered before they are shared out): the lag is
                 # the store's, as for a group with no member here, not the whole log's.
                 lag.add_metric([name], stored[name].lag)
+            elif name in unread:
+                lag.add_metric([name], max(0, head - unread[name].checkpoint))
             in_flight.add_metric([name], stats.in_flight)
             parked.add_metric([name], stats.parked)
             members.add_metric([name], stats.members)
@@ -205,4 +227,26 @@ class GroupMetricsCollector(Collector):
             in_flight.add_metric([name], 0)
             parked.add_metric([name], figures.parked)
             members.add_metric([name], 0)
+        for name, last in sorted(unread.items()):
+            if name in served:
+                continue
+            # Its last member here left since: nothing in flight or connected here.
+            lag.add_metric([name], max(0, head - last.checkpoint))
+            in_flight.add_metric([name], 0)
+            parked.add_metric([name], last.parked)
+            members.add_metric([name], 0)
+        self._delivered = {**unread, **delivered}
         yield from (lag, in_flight, parked, members, redeliveries)
+
+    def _unread(self, stored: Mapping[str, StoredFigures]) -> dict[str, LastDelivered]:
+        """The groups this process stopped delivering that the last reading of the store
+        left out (delivered here when it began), as a scrape last saw them. Until a
+        reading has them (one begins when the groups delivered here change, and a scrape
+        waits for it only a second), their lag counts from that checkpoint: a series that
+        vanished for a scrape would flap an alert on its absence."""
+        left_out = self._unserved.served
+        return {
+            name: last
+            for name, last in self._delivered.items()
+            if name in left_out and name not in stored
+        }

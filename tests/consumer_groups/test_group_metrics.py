@@ -39,6 +39,7 @@ class LastMemberLeavesDuringTheReading:
 
     groups: Groups
     head: int = 0
+    served: frozenset[str] = frozenset({"g"})
 
     def figures(self) -> Mapping[str, StoredFigures]:
         self.groups.runtimes.pop("g")
@@ -70,6 +71,8 @@ class Stored:
 
     stored: dict[str, StoredFigures]
     head: int = 0
+    served: frozenset[str] = frozenset()
+    """The groups delivered here when that reading began (it has no figures of theirs)."""
 
     def figures(self) -> Mapping[str, StoredFigures]:
         return self.stored
@@ -113,3 +116,55 @@ def test_a_served_group_s_lag_is_measured_from_the_furthest_head_known() -> None
         cast(Any, delivering), cast(Any, Hub(head=80)), cast(Any, Stored({}, head=60))
     )
     assert lag_of(ahead) == 78
+
+
+def series(collector: GroupMetricsCollector) -> dict[tuple[str, str], float]:
+    return {
+        (sample.name, sample.labels["group"]): sample.value
+        for family in collector.collect()
+        for sample in family.samples
+    }
+
+
+LAG = "order_gateway_consumer_group_lag_events"
+
+
+def test_a_group_that_stops_being_delivered_here_keeps_its_lag_until_the_store_is_read() -> None:
+    # The last reading began while the group was delivered here, so it has no figures
+    # of it; the next one (begun when that changed) has not come within the scrape's
+    # wait. Its lag goes on counting from the checkpoint it was last seen at.
+    runtime = Runtime(RuntimeStats(checkpoint=6, in_flight=2, parked=1, members=2))
+    groups = Groups({"g": runtime})
+    hub = Hub(head=10)
+    reading = Stored({}, served=frozenset({"g"}))
+    collector = GroupMetricsCollector(cast(Any, groups), cast(Any, hub), cast(Any, reading))
+    assert series(collector)[(LAG, "g")] == 4
+    # Its members here stand by (another replica took its partitions).
+    runtime.stats_now = RuntimeStats(checkpoint=None, in_flight=0, parked=1, members=2)
+    hub.head = 15
+    assert series(collector)[(LAG, "g")] == 9
+    # Its last member here left.
+    del groups.runtimes["g"]
+    hub.head = 17
+    gone = series(collector)
+    assert gone[(LAG, "g")] == 11
+    assert gone[("order_gateway_consumer_group_parked", "g")] == 1
+    assert gone[("order_gateway_consumer_group_members", "g")] == 0
+    # A reading that has it: the store's figures.
+    reading.stored = {"g": StoredFigures(lag=3, parked=2)}
+    reading.served = frozenset()
+    assert series(collector)[(LAG, "g")] == 3
+
+
+def test_a_group_left_out_of_a_finished_reading_is_not_reported_from_memory() -> None:
+    # Deleted while delivered here: the first reading begun since leaves it out, and
+    # its series goes.
+    groups = Groups({"g": Runtime(RuntimeStats(checkpoint=6, in_flight=0, parked=0, members=1))})
+    reading = Stored({}, served=frozenset({"g"}))
+    collector = GroupMetricsCollector(
+        cast(Any, groups), cast(Any, Hub(head=10)), cast(Any, reading)
+    )
+    assert series(collector)[(LAG, "g")] == 4
+    del groups.runtimes["g"]
+    reading.served = frozenset()
+    assert (LAG, "g") not in series(collector)
