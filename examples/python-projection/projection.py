@@ -9,6 +9,10 @@ event_id seen before is acked without applying it again.
 
     python projection.py --target 127.0.0.1:50051 --db read-model.db [--member NAME]
 
+It exits 0 when stopped (SIGTERM, Ctrl-C), and 1, for its supervisor to restart it, when
+the gateway cannot be reached or does not answer within 10 s, refuses it, or ends its
+stream, or its read model fails.
+
 Needs the gateway's generated Python client (``orders.v1``) and grpcio.
 """
 
@@ -35,6 +39,9 @@ GROUP = "order-status"
 
 STOP_GRACE_SECONDS = 5.0
 """How long a stopping instance waits for the event it is applying to commit."""
+
+CREATE_TIMEOUT_SECONDS = 10.0
+"""How long an instance waits for the gateway to create (or find) its group."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS orders (
@@ -130,8 +137,27 @@ def run(target: str, db_path: str, member: str) -> int:
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.ConsumerGroupServiceStub(channel)
         settings = pb.ConsumerGroupSettings(event_types=["OrderCreated", "OrderCancelled"])
-        # Idempotent: every instance may create the group; the first one does.
-        stub.CreateConsumerGroup(pb.CreateConsumerGroupRequest(name=GROUP, settings=settings))
+        # Idempotent: every instance may create the group; the first one does. With a
+        # deadline, and polled, so that a gateway that does not answer (or a stop that
+        # comes meanwhile) does not hold the instance up.
+        created = stub.CreateConsumerGroup.future(
+            pb.CreateConsumerGroupRequest(name=GROUP, settings=settings),
+            timeout=CREATE_TIMEOUT_SECONDS,
+        )
+        while not created.done() and not stopping.is_set():
+            time.sleep(0.05)
+        if stopping.is_set():
+            created.cancel()
+            return 0
+        failed = created.exception()
+        if failed is not None:
+            reason = (
+                f"{failed.code().name}: {failed.details()}"
+                if isinstance(failed, grpc.Call)
+                else repr(failed)
+            )
+            print(f"{member}: {reason}", file=sys.stderr)
+            return 1
         call = stub.Consume(requests())
         failure: list[BaseException] = []
 

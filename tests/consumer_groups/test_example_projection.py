@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -119,6 +120,48 @@ async def test_an_instance_whose_read_model_cannot_be_opened_exits_with_a_failur
         if instance.poll() is None:
             instance.kill()
             instance.wait()
+
+
+def test_an_instance_stops_when_told_while_the_gateway_does_not_answer(tmp_path: Path) -> None:
+    """A gateway that takes connections and never answers (hung, or not a gateway):
+    SIGTERM ends the instance while it waits to create its group."""
+    log = tmp_path / "instance.log"
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        target = f"127.0.0.1:{silent.getsockname()[1]}"
+        instance = start_instance(target, tmp_path / "read-model.db", "waiting", log)
+        try:
+            silent.settimeout(30)
+            connection, _ = silent.accept()  # The instance waits for its answer.
+            with connection:
+                time.sleep(0.5)
+                stopped_at = time.monotonic()
+                instance.send_signal(signal.SIGTERM)
+                instance.wait(timeout=30)
+                # Generous for a loaded machine; the group's creation would wait 10 s
+                # for its deadline, and before it forever.
+                assert time.monotonic() - stopped_at < 5
+        finally:
+            if instance.poll() is None:
+                instance.kill()
+                instance.wait()
+    assert instance.returncode == 0, log.read_text()
+    assert "Traceback" not in log.read_text()
+
+
+def test_an_instance_that_cannot_reach_the_gateway_says_so_and_fails(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        target = f"127.0.0.1:{closed.getsockname()[1]}"
+    log = tmp_path / "instance.log"
+    instance = start_instance(target, tmp_path / "read-model.db", "lost", log)
+    try:
+        instance.wait(timeout=60)
+    finally:
+        if instance.poll() is None:
+            instance.kill()
+            instance.wait()
+    assert instance.returncode == 1
+    assert "lost: UNAVAILABLE" in log.read_text()
+    assert "Traceback" not in log.read_text()
 
 
 # Instances that open a new read model at the same moment: each process of a pool of
