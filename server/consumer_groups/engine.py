@@ -349,6 +349,9 @@ class GroupRuntime:
         self._to_forget: list[str] = []
         """Settled events whose failed attempts are to be forgotten."""
         self._saved: dict[int, int] = {}
+        self._handing_over: dict[int, int] = {}
+        """The checkpoints of partitions given up, no longer delivered here, while they are
+        stored (``_give_up``)."""
         self._flushing = asyncio.Lock()
         """One flush at a time: a flush that ran beside another storing the parks would
         see them unstored, and the checkpoints they hold back."""
@@ -624,11 +627,22 @@ class GroupRuntime:
             for p in self._partitions
             if p.index in indexes and p.owned
         }
+        # Dropped before the write, so that what is stored is the last checkpoint they
+        # reach here: an ack taken during the write would move them past it, and the next
+        # owner would deliver that event again. Until stored, their checkpoints are
+        # reported as reached here (``reached``): the store may have them only up to an
+        # earlier flush. Should the write fail, the stored ones are where delivery
+        # resumes, and are reported again.
+        self._handing_over.update(checkpoints)
         for index in indexes:
             if self._partitions[index].owned:
                 self._drop(self._partitions[index])
-        if checkpoints:
-            await self._store.save_checkpoints(self.record, checkpoints)
+        try:
+            if checkpoints:
+                await self._store.save_checkpoints(self.record, checkpoints)
+        finally:
+            for index in checkpoints:
+                self._handing_over.pop(index, None)
 
     # -- settling -------------------------------------------------------------------
 
@@ -1070,8 +1084,10 @@ class GroupRuntime:
         return any(p.owned for p in self._partitions)
 
     def reached(self) -> dict[int, int]:
-        """The checkpoints of the partitions it delivers, as it would store them now."""
-        return {p.index: p.checkpoint(self._examined) for p in self._partitions if p.owned}
+        """The checkpoints of the partitions it delivers, as it would store them now, and of
+        those it has given up and is storing."""
+        delivered = {p.index: p.checkpoint(self._examined) for p in self._partitions if p.owned}
+        return {**self._handing_over, **delivered}
 
     def stats(self) -> RuntimeStats:
         owned = [p.checkpoint(self._examined) for p in self._partitions if p.owned]

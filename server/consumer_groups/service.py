@@ -22,7 +22,7 @@ from server.consumer_groups.engine import (
     PartitionView,
     RuntimeView,
 )
-from server.consumer_groups.leases import LeaseStore, LocalMember, PartitionLease
+from server.consumer_groups.leases import LeaseStore, LiveMember, LocalMember, PartitionLease
 from server.consumer_groups.model import (
     GroupClosedError,
     GroupExistsError,
@@ -259,10 +259,11 @@ class ConsumerGroups:
         for record in records:
             if record.name in delivering:
                 continue
+            reached = self._reached_here(record)
             stored = await self.store.load_checkpoints(record.name)
-            past = self._with_storing(
-                record,
+            past = _raised(
                 await self._past_others(record, self._all_stored(record, stored), head, pages),
+                reached,
             )
             replaying = await self.store.lowest_replaying(record.name)
             checkpoint = min(
@@ -284,36 +285,43 @@ class ConsumerGroups:
         head = await self._events.head_position()
         parked = await self.store.parked_count(record.name)
         runtime = self._current_runtime(record)
+        # Taken before the stored checkpoints are read: what this process has reached and
+        # stores meanwhile is then in one or the other.
+        reached = self._reached_here(record)
         stored = await self.store.load_checkpoints(record.name)
         here = runtime.view() if runtime is not None else None
         local = {p.partition: p for p in here.partitions} if here is not None else {}
         redeliveries = here.redeliveries if here is not None else 0
+        live: list[LiveMember] = []
         if self._leases is None:
-            members = here.members if here is not None else ()
             leases = {
                 p: PartitionLease(view.member_id, view.in_flight) for p, view in local.items()
             }
         else:
-            members, leases = await self._everywhere(record.name, here)
-        local_ids = {m.member_id for m in here.members} if here is not None else set()
+            live, leases = await self._leases.snapshot(record.name)
+        elsewhere = {m.member_id for m in live if m.replica_id != self.replica_id}
         # Every partition, whoever delivers it: the events the group does not take since
         # its stored checkpoint are settled whether anyone delivers it or not. Passed
         # only while nobody delivers it, a partition that gets a member would step back
         # to its stored checkpoint (or to where its new owner has read) until the owner
         # had read past them again.
-        past = self._with_storing(
-            record,
+        past = _raised(
             await self._past_others(
                 record, self._all_stored(record, stored), head, pages or _Pages(self._events)
             ),
+            reached,
         )
         partitions: list[PartitionView] = []
         for p in range(record.settings.partitions):
             lease = leases.get(p, PartitionLease("", 0))
             view = local.get(p)
-            if view is not None and (self._leases is None or lease.member_id in local_ids):
+            if view is not None and lease.member_id not in elsewhere:
+                # Delivered here, to the member this process gives it to: until the next
+                # lease round, the lease may still name one of its members that left,
+                # and the partition's checkpoint is this process's all the same (the
+                # store has it only up to the last flush).
                 checkpoint = max(view.checkpoint, past[p])
-                partitions.append(PartitionView(p, checkpoint, lease.member_id, view.in_flight))
+                partitions.append(PartitionView(p, checkpoint, view.member_id, view.in_flight))
             else:
                 # Delivered by another replica (its stored checkpoint, and what its replica
                 # had in flight when it last renewed the lease), or by nobody.
@@ -327,6 +335,10 @@ class ConsumerGroups:
             else p
             for p in partitions
         ]
+        if self._leases is None:
+            members = here.members if here is not None else ()
+        else:
+            members = self._everywhere(live, here, partitions)
         return GroupView(
             record=record,
             checkpoint=min(min(p.checkpoint for p in partitions), head),
@@ -341,17 +353,19 @@ class ConsumerGroups:
             ),
         )
 
-    def _with_storing(self, record: GroupRecord, checkpoints: dict[int, int]) -> dict[int, int]:
-        """``checkpoints`` raised to what the group's runtime here reached, while it stops
-        and stores that: until then the store has less, and a partition whose last member
-        here left would be reported behind where it was a moment before."""
+    def _reached_here(self, record: GroupRecord) -> dict[int, int]:
+        """The checkpoints the group's runtime here has reached, by partition: those it
+        delivers, those it has given up and is storing (``GroupRuntime.reached``), and,
+        once its last member here left, those it reached then while it stops and stores
+        them. Until stored, the store has less, and such a partition would be reported
+        behind where it was a moment before."""
+        runtime = self._current_runtime(record)
+        reached = runtime.reached() if runtime is not None else {}
         storing = self._storing.get(record.name)
-        if storing is None or storing.created_at != record.created_at:
-            return checkpoints
-        return {
-            p: max(checkpoint, storing.checkpoints.get(p, -1))
-            for p, checkpoint in checkpoints.items()
-        }
+        if storing is not None and storing.created_at == record.created_at:
+            for p, checkpoint in storing.checkpoints.items():
+                reached[p] = max(reached.get(p, -1), checkpoint)
+        return reached
 
     async def _past_others(
         self, record: GroupRecord, stored: dict[int, int], head: int, pages: _Pages
@@ -435,25 +449,24 @@ class ConsumerGroups:
         for name in [n for n, scan in self._scans.items() if current.get(n) != scan.created_at]:
             del self._scans[name]
 
-    async def _everywhere(
-        self, name: str, here: RuntimeView | None
-    ) -> tuple[tuple[MemberView, ...], dict[int, PartitionLease]]:
-        """Members of every replica, and the partitions' leases."""
-        assert self._leases is not None
-        live, leases = await self._leases.snapshot(name)
-        owners = {p: lease.member_id for p, lease in leases.items()}
+    def _everywhere(
+        self, live: list[LiveMember], here: RuntimeView | None, partitions: list[PartitionView]
+    ) -> tuple[MemberView, ...]:
+        """The live members of every replica, each with the partitions reported as its
+        own. Not those of this process that left: the leases name them until its next
+        lease round."""
         local = {m.member_id: m for m in here.members} if here is not None else {}
-        members = tuple(
+        return tuple(
             MemberView(
                 m.member_id,
                 m.user_id,
-                tuple(sorted(p for p, owner in owners.items() if owner == m.member_id)),
+                tuple(p.partition for p in partitions if p.member_id == m.member_id),
                 local[m.member_id].in_flight if m.member_id in local else m.in_flight,
                 m.joined_at,
             )
             for m in live
+            if m.member_id in local or m.replica_id != self.replica_id
         )
-        return members, leases
 
     async def delete(self, name: str) -> None:
         async with self._lock(name):
@@ -607,11 +620,10 @@ class ConsumerGroups:
         name = runtime.record.name
         if runtime.members or self._runtimes.get(name) is not runtime:
             return
-        # From here until its checkpoints are stored, the group is reported from the store
-        # (on PostgreSQL already now: the leases still name the member that left), which
-        # has them only up to the last flush: reported with what the runtime reached
-        # instead. Should storing fail, the stored ones are where delivery resumes, and
-        # are reported again.
+        # Once the runtime is dropped below, until its checkpoints are stored, the group is
+        # reported from the store, which has them only up to the last flush: reported
+        # with what the runtime reached instead. Should storing fail, the stored ones are
+        # where delivery resumes, and are reported again.
         storing = self._storing[name] = _Storing(runtime.record.created_at, reached)
         try:
             async with self._lock(name):
@@ -662,3 +674,8 @@ async def _end_deleted(runtime: GroupRuntime) -> None:
     await runtime.stop(GroupNotFoundError(runtime.record.name))
     if runtime.coordinator is not None:
         await runtime.coordinator.stop()
+
+
+def _raised(checkpoints: dict[int, int], reached: dict[int, int]) -> dict[int, int]:
+    """``checkpoints``, each raised to the one ``reached`` has for its partition."""
+    return {p: max(checkpoint, reached.get(p, -1)) for p, checkpoint in checkpoints.items()}

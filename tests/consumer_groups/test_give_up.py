@@ -268,3 +268,37 @@ async def test_rounds_that_cannot_reach_the_store_are_said_at_most_every_interva
     assert 1 <= len(said) <= 2 + failing_for / 0.5, (said, failing_for)
     assert len(said) < failed_rounds / 2, (said, failed_rounds)
     assert any("lease rounds work again" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_member_leaving_while_another_stays_leaves_its_partition_where_it_was(
+    hub: SubscriptionHub,
+) -> None:
+    """Two members on one process under leases (as the workers of a SQLite gateway share
+    them): one acks its event and leaves while the other stays, and the checkpoints are
+    stored slowly. Until the next lease round its lease names it, yet its partition is
+    still this process's: reported at the checkpoint reached here, with no member."""
+    events = hub.store
+    assert isinstance(events, MemoryEventStore)
+    store = SlowCheckpointStore()
+    groups = ConsumerGroups(
+        store, events, hub, dataclasses.replace(TUNING, flush_interval=3600), MemoryLeases()
+    )
+    try:
+        await groups.create("g", GroupSettings(partitions=2))
+        runtime, _ = await groups.join("g", "stays", "user", 10)
+        _, leaves = await groups.join("g", "leaves", "user", 10)
+        async with asyncio.timeout(10):
+            while leaves.partitions != [1]:  # noqa: ASYNC110 - the lease rounds run on their own
+                await asyncio.sleep(0.01)
+        await restock(events, _products_by_partition(2, 1)[1][0])
+        position = await events.head_position()
+        runtime.ack(leaves, await delivered(leaves, 1))
+        assert (await groups.view("g")).partitions[1].checkpoint == position
+        store.saving.clear()
+        await groups.leave(runtime, leaves)
+        view = await groups.view("g")
+        assert (view.partitions[1].checkpoint, view.partitions[1].member_id) == (position, "")
+        assert [member.member_id for member in view.members] == ["stays"]
+    finally:
+        store.saving.set()
+        await groups.stop()

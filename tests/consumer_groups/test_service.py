@@ -1061,6 +1061,145 @@ async def test_a_checkpoint_never_goes_back_when_its_last_member_leaves(
     watcher.assert_never_back()
 
 
+class HeldWrites:
+    """A store's checkpoint writes, each held until the test lets it through: a slow
+    database, whose writes end when the test says."""
+
+    def __init__(self, save: Callable[[GroupRecord, Mapping[int, int]], Any]) -> None:
+        self._save = save
+        self._held: asyncio.Queue[asyncio.Event] = asyncio.Queue()
+        self._let: list[asyncio.Event] = []
+        self._open = False
+
+    async def save_checkpoints(self, group: GroupRecord, checkpoints: Mapping[int, int]) -> None:
+        if not self._open:
+            go = asyncio.Event()
+            self._let.append(go)
+            self._held.put_nowait(go)
+            await go.wait()
+        await self._save(group, checkpoints)
+
+    async def next(self, within: float = 20) -> asyncio.Event:
+        """The next write to be held; setting the event lets it through."""
+        async with asyncio.timeout(within):
+            return await self._held.get()
+
+    def open(self) -> None:
+        """Let every write through, held or to come."""
+        self._open = True
+        for go in self._let:
+            go.set()
+
+
+async def ack_all(consumer: GroupMember, acked: list[str]) -> None:
+    """Ack every delivery as it comes, noting its event id."""
+    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+        while True:
+            delivery = await consumer.delivery(3600)
+            await consumer.ack(delivery.event.event_id)
+            acked.append(delivery.event.event_id)
+
+
+@pytest.mark.postgres
+async def test_a_checkpoint_never_goes_back_when_one_member_leaves_and_another_stays(
+    fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On PostgreSQL the leases say who delivers which partition. Two members on one
+    # gateway, a partition each, ack their events, and the gateway reports the
+    # checkpoints at the head before storing them (it stores at most every flush
+    # interval). Then one member leaves while the other stays, and the checkpoints are
+    # stored slowly: watched meanwhile, they stay where they were reported, and the
+    # member that left is no longer named, although the leases name it until the next
+    # lease round.
+    tuning = replace(QUICK, flush_interval=3600)
+    async with env_of(await open_store(fresh_postgres_url), tuning) as env:
+        await env.create("g", partitions=2)
+        stays = await join(env.groups, "g", member_id="stays")
+        leaves = await join(env.groups, "g", member_id="leaves")
+        acked: dict[str, list[str]] = {"stays": [], "leaves": []}
+        acking = [
+            asyncio.create_task(ack_all(stays, acked["stays"])),
+            asyncio.create_task(ack_all(leaves, acked["leaves"])),
+        ]
+        writes = HeldWrites(env.gateway.groups.store.save_checkpoints)
+        watcher = Watcher(env, [])
+        watching = asyncio.create_task(watcher.watch())
+        try:
+            await eventually(lambda: (stays.partitions, leaves.partitions) == ([0], [1]), 15)
+            await env.restocks(12, products=12)
+            await settled(env)
+            assert acked["leaves"], "the member that leaves acked nothing"
+            monkeypatch.setattr(
+                env.gateway.groups.store, "save_checkpoints", writes.save_checkpoints
+            )
+            await leaves.close()
+            await writes.next()  # the departure's write of the checkpoints, held
+            await asyncio.sleep(0.5)  # readings while it is held
+            during = await env.get()
+            writes.open()
+            await eventually(lambda: stays.partitions == [0, 1], 15)
+            await settled(env)
+        finally:
+            writes.open()
+            for task in (*acking, watching):
+                task.cancel()
+            await asyncio.gather(*acking, watching, return_exceptions=True)
+            await stays.close()
+    watcher.assert_never_back()
+    assert [m.member_id for m in during.members] == ["stays"]
+    assert "leaves" not in {p.member_id for p in during.partition_states}
+
+
+@pytest.mark.postgres
+async def test_a_checkpoint_never_goes_back_when_its_partition_moves_to_another_replica(
+    fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two gateways on one PostgreSQL database. The member on the first delivers both
+    # partitions; a member joins through the second, and the first gives partition 1 up
+    # to it: it stores the checkpoints that moved, then the one it reached, and only
+    # then lets the lease go. The member acks the partition's last event while the first
+    # write is under way. Watched through the first gateway, the partition's checkpoint
+    # stays where it was reported while the second write is under way.
+    tuning = replace(QUICK, flush_interval=3600)
+    async with (
+        env_of(await open_store(fresh_postgres_url), tuning) as here,
+        env_of(await open_store(fresh_postgres_url), tuning) as there,
+    ):
+        await here.create("g", partitions=2)
+        first = await join(here.groups, "g", member_id="first")
+        products = [n for n in range(100) if zlib.crc32(f"product-p{n}".encode()) % 2 == 1][:2]
+        for product in products:  # two streams of partition 1, delivered at once
+            await here.clients.restock(f"p{product}", 1)
+        earlier, last = await first.deliveries(2)
+        assert (earlier.partition, last.partition) == (1, 1)
+        writes = HeldWrites(here.gateway.groups.store.save_checkpoints)
+        monkeypatch.setattr(here.gateway.groups.store, "save_checkpoints", writes.save_checkpoints)
+        watcher = Watcher(here, [])
+        watching = asyncio.create_task(watcher.watch())
+        try:
+            await first.ack(earlier.event.event_id)
+            await eventually(
+                lambda: bool(watcher.seen) and watcher.seen[-1][2] == earlier.event.position
+            )
+            second = await join(there.groups, "g", member_id="second")
+            moved = await writes.next()  # the checkpoints that moved, before the give-up
+            await first.ack(last.event.event_id)
+            await eventually(lambda: watcher.seen[-1][2] == last.event.position)
+            moved.set()
+            await writes.next()  # the checkpoint reached, stored before the lease goes
+            await asyncio.sleep(0.5)  # readings while it is held
+            writes.open()
+            await eventually(lambda: second.partitions == [1], 20)
+            await settled(here)
+            await second.close()
+        finally:
+            writes.open()
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+            await first.close()
+    watcher.assert_never_back()
+
+
 @pytest.mark.parametrize("members", [2, 3])
 async def test_order_holds_with_competing_members_nacking_at_random(env: Env, members: int) -> None:
     await env.create("g", partitions=4, max_deliveries=100)
