@@ -57,6 +57,7 @@ def backup(url: str, file: str) -> int:
         raise BackupError(f"no SQLite store at {source}")
     if destination.exists():
         raise BackupError(f"{destination} exists: the backup does not overwrite a file")
+    _refuse_companions(destination)
     partial = _partial_name(destination)
     try:
         # Read-only: a backup never migrates or otherwise writes to the live store.
@@ -155,14 +156,55 @@ def _partial_name(destination: Path) -> Path:
 
 
 def _remove(partial: Path) -> None:
-    """The unfinished copy, and the journal SQLite keeps beside it while writing."""
+    """The unfinished copy, and the journal SQLite keeps beside it while writing. Only
+    what is there: a read-only file system refuses to unlink even a missing name (EROFS,
+    not ENOENT), which would hide why the copy could not be made."""
     for path in (partial, partial.with_name(f"{partial.name}-journal")):
-        path.unlink(missing_ok=True)
+        if os.path.lexists(path):
+            path.unlink(missing_ok=True)
+
+
+COMPANION_SUFFIXES = ("-wal", "-shm", "-journal")
+"""The files SQLite keeps beside a database and opens with it."""
+
+REPLAYED_SUFFIXES = ("-wal", "-journal")
+"""The companions whose content SQLite applies to the database when it opens it."""
+
+
+def _refuse_companions(destination: Path) -> None:
+    """Refuse a FILE that SQLite would not open as the copy alone. A ``FILE-wal`` or
+    ``FILE-journal`` with content, left by a deleted database, is applied to the copy
+    when it is opened (nothing in them names the file they belong to): the copy would
+    read as damaged, and a gateway would write that mix into it. (Empty ones, and a
+    ``-shm``, as ``verify`` leaves beside a copy it checked, are harmless.) A FILE named
+    as another database's companion is taken for it and overwritten or deleted by the
+    next process that opens that database."""
+    for suffix in REPLAYED_SUFFIXES:
+        beside = destination.with_name(destination.name + suffix)
+        try:
+            holds_content = beside.stat().st_size > 0
+        except OSError:
+            holds_content = False  # Not there (or out of reach, and so out of SQLite's).
+        if holds_content:
+            raise BackupError(
+                f"cannot back up to {destination}: {beside} is there, which SQLite would"
+                " apply to the copy; remove it or choose another name"
+            )
+    for suffix in COMPANION_SUFFIXES:
+        stem = destination.name.removesuffix(suffix)
+        if stem and stem != destination.name:
+            owner = destination.with_name(stem)
+            if os.path.lexists(owner):
+                raise BackupError(
+                    f"cannot back up to {destination}: SQLite would take it for {owner}'s"
+                    f" {suffix.lstrip('-')} file; choose another name"
+                )
 
 
 def _publish(partial: Path, destination: Path) -> None:
     """Give the finished copy its name, unless a file took that name meanwhile: a hard
     link fails where a rename would replace the file."""
+    _refuse_companions(destination)
     try:
         os.link(partial, destination)
     except FileExistsError:

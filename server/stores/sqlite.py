@@ -37,6 +37,7 @@ import datetime as dt
 import functools
 import logging
 import os
+import re
 import sqlite3
 import sys
 import threading
@@ -1426,6 +1427,9 @@ class SQLiteEventStore:
 FileCheck = Literal["integrity_check", "quick_check"]
 
 
+_DATABASE_HEADING = re.compile(r"\*\*\* in database \S+ \*\*\*")
+
+
 def file_problems(
     connection: sqlite3.Connection, check: FileCheck = "integrity_check"
 ) -> list[str]:
@@ -1435,7 +1439,11 @@ def file_problems(
     found: list[str] = []
     try:
         for (problem,) in connection.execute(f"PRAGMA {check}"):
-            found.extend(str(problem).splitlines())
+            # SQLite heads a database's page problems with "*** in database main ***",
+            # which names no problem: it would be shown as the first one.
+            found.extend(
+                line for line in str(problem).splitlines() if not _DATABASE_HEADING.fullmatch(line)
+            )
     except sqlite3.DatabaseError as e:
         # Some damage stops the check itself; what it found so far still counts.
         found.append(str(e))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -223,17 +224,28 @@ def verify_ok(path: Path) -> bool:
     return main(["verify", "--store", f"sqlite:///{path}"]) == 0
 
 
-def damaged_store(path: Path) -> None:
-    """A store of 5,000 events whose 51st page is overwritten, as a failing disk leaves it."""
+def store_of_5000_events(path: Path, random: bool = True) -> None:
+    """``random``: ids and payloads of random bytes; else the same file every time, so
+    that a given page holds the same records."""
     assert main(["migrate", "--store", f"sqlite:///{path}"]) == 0
+    event_id, data = (
+        ("hex(randomblob(16))", "randomblob(200)")
+        if random
+        else ("printf('%032d', i)", "zeroblob(200)")
+    )
     with closing(sqlite3.connect(path)) as connection, connection:
         connection.execute(
             "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5000)"
             " INSERT INTO events (event_id, stream_id, stream_version, occurred_at_us,"
             " command_id, correlation_id, user_id, event_type, data)"
-            " SELECT hex(randomblob(16)), 'product-' || i, 1, 0, 'c' || i, '', '',"
-            " 'ProductRestocked', randomblob(200) FROM n"
+            f" SELECT {event_id}, 'product-' || i, 1, 0, 'c' || i, '', '',"
+            f" 'ProductRestocked', {data} FROM n"
         )
+
+
+def damaged_store(path: Path) -> None:
+    """A store of 5,000 events whose 51st page is overwritten, as a failing disk leaves it."""
+    store_of_5000_events(path)
     page_size = 4096
     with path.open("r+b") as file:
         file.seek(page_size * 50)
@@ -253,6 +265,118 @@ def test_a_damaged_store_is_not_backed_up(
     )
     assert f"Run 'order-gateway verify --store sqlite:///{live}'" in err
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("live.db")) == []
+
+
+def test_damage_is_named_by_its_first_problem_not_by_sqlites_heading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    live, copy = tmp_path / "live.db", tmp_path / "copy.db"
+    store_of_5000_events(live, random=False)
+    # Cell pointers of one table page overwritten: SQLite lists each bad cell under a
+    # "*** in database main ***" heading, which is no problem of its own.
+    with live.open("r+b") as file:
+        file.seek(4096 * 49 + 12)
+        file.write(b"\xff" * 8)
+    assert main(["backup", "--store", f"sqlite:///{live}", str(copy)]) == 1
+    assert main(["verify", "--store", f"sqlite:///{live}"]) == 1
+    out, err = capsys.readouterr()
+    assert err.startswith(
+        f"order-gateway: the store is damaged, so {copy} was not written: On tree page 50 cell"
+    ), err
+    assert out.startswith("file: On tree page 50 cell"), out
+    assert "***" not in out + err
+
+
+@pytest.fixture
+def read_only_directory(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a file system mounted read-only, as read-only media are."""
+    media = tmp_path / "media"
+    media.mkdir()
+    mount = [
+        "mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(media)
+    ]  # fmt: skip
+    if os.geteuid() != 0 or subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("mounting a read-only file system needs root")
+    try:
+        yield media
+    finally:
+        subprocess.run(["umount", str(media)], check=True)
+
+
+def test_a_destination_on_a_read_only_file_system_is_named_with_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], read_only_directory: Path
+) -> None:
+    # Such a file system refuses to unlink even a name that is not there (EROFS, not
+    # ENOENT): the clean-up of a copy never made must not hide why it was not made.
+    live, copy = tmp_path / "live.db", read_only_directory / "copy.db"
+    assert main(["migrate", "--store", f"sqlite:///{live}"]) == 0
+    assert main(["backup", "--store", f"sqlite:///{live}", str(copy)]) == 1
+    assert capsys.readouterr().err == (
+        f"order-gateway: cannot create {copy}: unable to open database file\n"
+    )
+
+
+def wal_of_another_database(path: Path) -> None:
+    """``path``-wal as a database deleted after a crash leaves it: whole commits that
+    were never copied into the deleted file."""
+    other = path.with_name("other.db")
+    with closing(sqlite3.connect(other)) as connection:
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute("PRAGMA wal_autocheckpoint = 0")
+        with connection:
+            connection.execute("CREATE TABLE notes (body TEXT)")
+            connection.executemany("INSERT INTO notes VALUES (?)", [("x" * 500,)] * 200)
+        shutil.copyfile(other.with_name("other.db-wal"), path.with_name(f"{path.name}-wal"))
+    for leftover in other.parent.glob("other.db*"):
+        leftover.unlink()
+
+
+def test_a_wal_left_by_a_deleted_database_is_not_applied_to_the_copy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    live, copy = tmp_path / "live.db", tmp_path / "copy.db"
+    assert main(["migrate", "--store", f"sqlite:///{live}"]) == 0
+    wal_of_another_database(copy)
+    left = copy.with_name("copy.db-wal").read_bytes()
+    assert main(["backup", "--store", f"sqlite:///{live}", str(copy)]) == 1
+    assert capsys.readouterr().err == (
+        f"order-gateway: cannot back up to {copy}: {copy}-wal is there, which SQLite would"
+        " apply to the copy; remove it or choose another name\n"
+    )
+    assert not copy.exists()
+    assert copy.with_name("copy.db-wal").read_bytes() == left
+
+
+def test_the_empty_files_verify_leaves_beside_a_copy_do_not_stop_the_next_one(
+    tmp_path: Path,
+) -> None:
+    live, copy = tmp_path / "live.db", tmp_path / "copy.db"
+    assert main(["migrate", "--store", f"sqlite:///{live}"]) == 0
+    assert main(["backup", "--store", f"sqlite:///{live}", str(copy)]) == 0
+    assert verify_ok(copy)
+    copy.unlink()  # The -wal and -shm verify left stay, empty, as a rotation leaves them.
+    assert main(["backup", "--store", f"sqlite:///{live}", str(copy)]) == 0
+    assert verify_ok(copy)
+
+
+@pytest.mark.parametrize("suffix", ["-journal", "-wal", "-shm"])
+def test_a_copy_named_as_a_databases_own_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], suffix: str
+) -> None:
+    # The next process to open the database would take the copy for its journal (and
+    # delete it), or its -wal or -shm (and overwrite it).
+    live = tmp_path / "live.db"
+    assert main(["migrate", "--store", f"sqlite:///{live}"]) == 0
+    for left in tmp_path.glob("live.db-*"):
+        left.unlink()
+    copy = tmp_path / f"live.db{suffix}"
+    assert main(["backup", "--store", f"sqlite:///{live}", str(copy)]) == 1
+    assert capsys.readouterr().err == (
+        f"order-gateway: cannot back up to {copy}: SQLite would take it for {live}'s"
+        f" {suffix[1:]} file; choose another name\n"
+    )
+    assert not copy.exists() or copy.stat().st_size == 0
+    assert verify_ok(live)
 
 
 def test_a_copy_cut_short_by_a_full_destination_leaves_nothing_beside_it(tmp_path: Path) -> None:
