@@ -22,16 +22,21 @@ class _GuardedOutput:
     """``stream``, its write failures raised as ``UnwritableOutputError``: told apart from
     any other OSError a command meets (a file it cannot read is a usage error)."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO | None) -> None:
         self._stream = stream
 
     def write(self, text: str) -> int:
+        if self._stream is None:
+            # Started with its standard output closed (``>&-``): Python gives no stream.
+            raise UnwritableOutputError(errno.EBADF, "the standard output is closed")
         try:
             return self._stream.write(text)
         except OSError as error:
             raise UnwritableOutputError(error.errno, error.strerror) from error
 
     def flush(self) -> None:
+        if self._stream is None:
+            return  # Nothing was written: a write would have failed first.
         try:
             self._stream.flush()
         except OSError as error:
@@ -57,8 +62,14 @@ def guarded_stdout() -> Iterator[None]:
 def unwritable_output(program: str, error: OSError, what: str = "the events") -> int:
     """The exit status of a command whose stdout failed with ``error``: 0 when its reader
     went away (stop quietly, like other line tools, as after `| head`), else 1."""
-    # Python would report the failed flush of stdout again at exit (and exit 120).
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    # Python would report the failed flush of stdout again at exit (and exit 120); with
+    # no standard output at all (closed when the command started) it flushes nothing.
+    try:
+        descriptor = sys.stdout.fileno()
+    except AttributeError:
+        descriptor = None
+    if descriptor is not None:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), descriptor)
     cause = error.__cause__ if isinstance(error, UnwritableOutputError) else error
     if isinstance(cause, BrokenPipeError):
         return 0

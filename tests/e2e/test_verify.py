@@ -775,6 +775,31 @@ def test_a_report_that_cannot_be_written_is_exit_1(tmp_path: Path, command: str)
     assert finished.stderr == "order-gateway: cannot write the output: No space left on device\n"
 
 
+@pytest.mark.parametrize("command", ["verify", "backup"])
+def test_a_closed_standard_output_is_exit_1_without_a_traceback(
+    tmp_path: Path, command: str
+) -> None:
+    # Started with `>&-`, as a daemon's job may be: Python then has no sys.stdout at all.
+    store = f"sqlite:///{tmp_path / 'events.db'}"
+    assert main(["migrate", "--store", store]) == 0
+    args = [
+        command,
+        "--store",
+        store,
+        *([str(tmp_path / "copy.db")] if command == "backup" else []),
+    ]
+    finished = subprocess.run(
+        ["sh", "-c", 'exec "$0" "$@" >&-', sys.executable, "-m", "server.cli", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+    )
+    assert finished.returncode == 1
+    assert (
+        finished.stderr == "order-gateway: cannot write the output: the standard output is closed\n"
+    )
+
+
 @pytest.mark.parametrize("damaged", [False, True], ids=["consistent", "damaged"])
 def test_a_reader_that_went_away_leaves_the_exit_status_to_the_check(
     store_file: Path, damaged: bool
