@@ -245,9 +245,11 @@ def _create(partial: Path, destination: Path, mode: int) -> sqlite3.Connection:
 
 
 @contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """Within it, SIGTERM ends a backup as Ctrl-C does, its unfinished copy removed (exit
-    143), rather than killing the process with the copy left behind."""
+def stops_interrupt() -> Iterator[None]:
+    """Within it, SIGTERM, and SIGHUP (its terminal closed: a dropped ssh connection), end
+    a backup as Ctrl-C does, its unfinished copy removed (exit 143 or 129), rather than
+    killing the process with the copy left behind. A SIGHUP ignored (``nohup``) stays
+    ignored."""
 
     def interrupt(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)
@@ -255,8 +257,12 @@ def sigterm_interrupts() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield  # Signals reach the main thread alone (a caller running it in a thread).
         return
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    stops = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+        stops.append(signal.SIGHUP)
+    previous = {signum: signal.signal(signum, interrupt) for signum in stops}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -297,10 +297,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         return asyncio.run(run_verify(settings.store))
     elif args.command == "backup":
-        from server.backup import BackupError, backup, sigterm_interrupts
+        from server.backup import BackupError, backup, stops_interrupt
 
         try:
-            with sigterm_interrupts():
+            with stops_interrupt():
                 events = backup(settings.store, args.file)
         except BackupError as error:
             print(f"order-gateway: {error}", file=sys.stderr)

@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -144,7 +145,7 @@ from server.launch import main
 create = server.backup._create
 
 def stopped_meanwhile(partial, destination, mode):
-    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), getattr(signal, os.environ["STOP_SIGNAL"]))
     return create(partial, destination, mode)
 
 server.backup._create = stopped_meanwhile
@@ -152,7 +153,16 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_backup_stopped_by_sigterm_leaves_no_partial_copy(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("stop", "status"),
+    [
+        ("SIGTERM", 143),
+        ("SIGHUP", 129),  # Its terminal closed: a dropped ssh connection.
+    ],
+)
+def test_a_backup_stopped_by_a_signal_leaves_no_partial_copy(
+    tmp_path: Path, stop: str, status: int
+) -> None:
     live, copy = tmp_path / "live.db", tmp_path / "copy.db"
     assert main(["migrate", "--store", f"sqlite:///{live}"]) == 0
     stopped = subprocess.run(
@@ -161,10 +171,27 @@ def test_a_backup_stopped_by_sigterm_leaves_no_partial_copy(tmp_path: Path) -> N
         capture_output=True,
         text=True,
         timeout=60,
+        env={**os.environ, "STOP_SIGNAL": stop},
     )  # fmt: skip
-    assert stopped.returncode == 143, stopped.stderr
+    assert stopped.returncode == status, stopped.stderr
     assert "Traceback" not in stopped.stderr
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("live.db")) == []
+
+
+def test_a_backup_started_with_nohup_goes_on_when_its_terminal_closes(tmp_path: Path) -> None:
+    live, copy = tmp_path / "live.db", tmp_path / "copy.db"
+    assert main(["migrate", "--store", f"sqlite:///{live}"]) == 0
+    finished = subprocess.run(
+        [sys.executable, "-c", STOPPED_AS_IT_COPIES, "backup", "--store", f"sqlite:///{live}",
+         str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "STOP_SIGNAL": "SIGHUP"},
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )  # fmt: skip
+    assert finished.returncode == 0, finished.stderr
+    assert verify_ok(copy)
 
 
 def test_a_file_beside_the_destination_is_left_alone(tmp_path: Path) -> None:
