@@ -32,7 +32,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from domain.aggregates import Product
 from domain.events import DomainEvent, ProductRestocked, StockReleased, StockReserved
@@ -295,7 +295,7 @@ async def verify(store: EventStore) -> Report:
     try:
         await _check_log(store, head, checker, report)
     except BaseException:
-        repeats.cancel()
+        _abandon(repeats)
         raise
     # Read beside the log, and possibly still running when the log is done.
     for event_id, positions in await repeats:
@@ -310,41 +310,49 @@ async def _check_log(store: EventStore, head: int, checker: _Checker, report: Re
     assert isinstance(store, CommandLog)
     after = 0
     recorded_runs = 0
+
     # The next page is read while this one is checked: the store's reader thread (or
     # server) and the checks overlap.
-    upcoming = asyncio.ensure_future(_read_rows(store, after, min(PAGE_SIZE, head)))
-    while True:
-        try:
-            rows = await upcoming
-        except UndecodableRowError as damaged:
-            # The rows before it are checked, the damaged one is reported, and the log is
-            # read on after it.
-            for row in damaged.before:
+    def read_ahead(after: int) -> asyncio.Future[Sequence[EventRow]]:
+        return asyncio.ensure_future(_read_rows(store, after, min(PAGE_SIZE, head - after)))
+
+    upcoming = read_ahead(after)
+    try:
+        while True:
+            try:
+                rows = await upcoming
+            except UndecodableRowError as damaged:
+                # The rows before it are checked, the damaged one is reported, and the log is
+                # read on after it.
+                for row in damaged.before:
+                    checker.event(row)
+                report.add(damaged.position, f"cannot be read: {damaged.reason}")
+                # What is left of it checked too, so that its damage is not also reported as
+                # a gap, a broken command or a stock level off by its quantity.
+                checker.event(damaged.row, readable=False)
+                after = damaged.position
+                if after >= head:
+                    break
+                upcoming = read_ahead(after)
+                continue
+            if not rows:
+                break
+            last = rows[-1][POSITION]
+            if last <= after:
+                # A store that pages by count, not by position, past a repeated position.
+                report.add(last, "the log does not advance past this position")
+                break
+            after = last
+            if after < head:
+                upcoming = read_ahead(after)
+            for row in rows:
                 checker.event(row)
-            report.add(damaged.position, f"cannot be read: {damaged.reason}")
-            # What is left of it checked too, so that its damage is not also reported as
-            # a gap, a broken command or a stock level off by its quantity.
-            checker.event(damaged.row, readable=False)
-            after = damaged.position
+            recorded_runs += await _check_runs(store, checker.take_runs(final=False), report)
             if after >= head:
                 break
-            upcoming = asyncio.ensure_future(_read_rows(store, after, min(PAGE_SIZE, head - after)))
-            continue
-        if not rows:
-            break
-        last = rows[-1][POSITION]
-        if last <= after:
-            # A store that pages by count, not by position, past a repeated position.
-            report.add(last, "the log does not advance past this position")
-            break
-        after = last
-        if after < head:
-            upcoming = asyncio.ensure_future(_read_rows(store, after, min(PAGE_SIZE, head - after)))
-        for row in rows:
-            checker.event(row)
-        recorded_runs += await _check_runs(store, checker.take_runs(final=False), report)
-        if after >= head:
-            break
+    except BaseException:
+        _abandon(upcoming)
+        raise
     if checker.expected_position <= head:
         report.add(checker.expected_position, f"missing (the head is {head})")
     recorded_runs += await _check_runs(store, checker.take_runs(final=True), report)
@@ -353,6 +361,22 @@ async def _check_log(store: EventStore, head: int, checker: _Checker, report: Re
         await _find_stray_records(store, head, report)
     report.streams = len(checker.versions)
     report.products = len(checker.stock)
+
+
+def _abandon(task: asyncio.Future[Any]) -> None:
+    """Give up ``task``, a read beside the check, when the check fails: cancelled if still
+    under way, and its own failure taken (as a rule the same lost store; the check's is
+    the one reported), which asyncio would otherwise log with its traceback."""
+    if task.done():
+        _retrieve(task)
+    else:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def _read_rows(store: EventStore, after: int, limit: int) -> Sequence[EventRow]:

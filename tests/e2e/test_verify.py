@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import os
 import shutil
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import cast
@@ -19,9 +20,11 @@ from typing import cast
 import psycopg
 import pytest
 
+import server.verify
 from domain.commands import CancelOrder
-from domain.errors import InsufficientInventoryError
+from domain.errors import InsufficientInventoryError, StoreUnavailableError
 from domain.mapper import to_domain_event
+from domain.ports import RecordedEvent
 from server.bootstrap import bootstrap
 from server.cli import main
 from server.stores import postgres_schema, sqlite_schema
@@ -430,6 +433,43 @@ async def test_the_search_for_repeated_ids_may_end_after_the_log_is_read(repeate
     assert report.ok is not repeated
     if repeated:
         assert any("is the id of position 1 too" in v.problem for v in report.violations)
+
+
+class LostMidway(MemoryEventStore):
+    """A store whose connection is lost once the first command's events are read
+    (PostgreSQL restarted, or the connection ended by an administrator): every later read
+    fails, each after a round trip, so that reads under way fail too."""
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        if after_position > 1:
+            await asyncio.sleep(0)
+            raise StoreUnavailableError("PostgreSQL is unavailable (read_all): lost")
+        return await super().read_all(after_position, limit)
+
+    async def find_command_ranges(self, command_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        await asyncio.sleep(0)
+        raise StoreUnavailableError("PostgreSQL is unavailable (find_command): lost")
+
+    async def repeated_event_ids(self, head: int, limit: int) -> list[tuple[str, list[int]]]:
+        await asyncio.sleep(0)
+        raise StoreUnavailableError("PostgreSQL is unavailable (repeated_ids): lost")
+
+
+async def test_a_store_lost_midway_fails_the_check_with_its_own_error_alone(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The reads verify runs beside the check failed with it, and asyncio logged each
+    # one's traceback ("Task exception was never retrieved") under the error's one line.
+    monkeypatch.setattr(server.verify, "PAGE_SIZE", 1)
+    store = LostMidway()
+    bus = bootstrap(store)
+    await bus.dispatch(restock("a", 5))
+    await bus.dispatch(create(("a", 1)))
+    with pytest.raises(StoreUnavailableError, match="find_command"):
+        await verify(store)
+    await asyncio.sleep(0)
+    gc.collect()
+    assert "never retrieved" not in caplog.text
 
 
 def test_a_store_that_does_not_exist_fails_and_is_not_created(
