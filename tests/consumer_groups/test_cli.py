@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from orders.v1 import inventory_command_service_pb2 as inventory_pb
 from orders.v1 import inventory_command_service_pb2_grpc as inventory_grpc
 
 from server.app import Gateway
-from server.client.channel import quiet_polling_of_closed_channels
+from server.client.channel import connection_settles, quiet_polling_of_closed_channels
 from server.client.groups import follow_group
 from server.client.tail import follow
 from tests.group_support import group_gateway, member
@@ -540,8 +541,51 @@ def test_ctrl_c_while_a_stream_command_waits_for_its_connection_exits_0(
         connection, _ = silent.accept()  # The command runs, waiting for its connection.
         with connection:
             process.send_signal(signal.SIGINT)
-            out, err = process.communicate(timeout=30)
+            try:
+                # Well under the 20 s after which grpc gives up connecting, which ended
+                # the wait of a command that missed its Ctrl-C.
+                out, err = process.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
+                pytest.fail("still running 10 s after its Ctrl-C")
     assert (process.returncode, out, err) == (0, "", "")
+
+
+def test_a_ctrl_c_taken_by_another_thread_ends_the_wait_for_a_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The kernel hands a process's SIGINT to any of its threads that does not block it,
+    # one of grpc's as well as the main thread; Python's handler, run there, only notes it
+    # for the main thread. A thread of the test's own takes it here, every time.
+    # connection_settles sets threading.excepthook for good: put back after the test.
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    threads = set(threading.enumerate())
+    accepted: list[tuple[socket.socket, float]] = []
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        silent.settimeout(30)
+
+        def ctrl_c_once_connected() -> None:
+            connection, _ = silent.accept()
+            accepted.append((connection, time.monotonic()))
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+        threading.Thread(target=ctrl_c_once_connected, daemon=True).start()
+        target = f"127.0.0.1:{silent.getsockname()[1]}"
+        try:
+            with grpc.insecure_channel(target) as channel, pytest.raises(KeyboardInterrupt):
+                connection_settles(channel, 60)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        connection, sent = accepted[0]
+        connection.close()
+    # Well under the 20 s after which grpc gives up connecting, which ended the wait.
+    assert time.monotonic() - sent < 5
+    # grpc's polling thread watches on for up to 0.2 s and then fails on the closed
+    # channel: joined while the excepthook connection_settles set still quiets it.
+    for thread in set(threading.enumerate()) - threads:
+        thread.join(5)
 
 
 async def test_a_stream_command_once_connected_outlives_its_timeout(gateway: Gateway) -> None:
