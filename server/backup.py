@@ -133,6 +133,8 @@ def _destination(file: str) -> Path:
         raise DestinationError(f"cannot back up to {file}: no directory {directory}")
     if len(os.fsencode(destination.name)) > _name_max(directory):
         raise DestinationError(f"cannot back up to {file}: its name is too long")
+    if destination.is_dir():
+        raise DestinationError(f"cannot back up to {file}: it names a directory, not a file")
     return destination
 
 

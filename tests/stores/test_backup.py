@@ -214,6 +214,7 @@ def test_a_file_beside_the_destination_is_left_alone(tmp_path: Path) -> None:
         ("a-file.txt/copy.db", "no directory {tmp}/a-file.txt"),
         ("backups/", "it names a directory, not a file"),
         ("backups/..", "it names a directory, not a file"),
+        ("backups", "it names a directory, not a file"),
         ("n" * 256, "its name is too long"),
     ],
 )
