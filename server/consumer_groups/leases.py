@@ -6,7 +6,9 @@ Every replica with members of a group runs a ``LeaseCoordinator`` for it. Each r
 1. heartbeats its members (rows that expire after ``ttl`` unless renewed),
 2. reads the live members of every replica and the valid partition leases,
 3. computes the same balanced plan every replica computes from that data
-   (``balance.assign``: counts differ by at most one, fewest moves),
+   (``balance.assign``: counts differ by at most one, fewest moves): from the members
+   the previous round read, less its own that left since (a departed member's
+   partitions that the plan gives to a member here pass to it, their leases kept),
 4. gives up the partitions the plan moves away from its members (their checkpoints are
    stored first), and claims or renews those the plan gives them. A claim succeeds only
    on a free or expired lease, or one this replica holds: two replicas can never hold one
@@ -264,7 +266,7 @@ class LeaseCoordinator:
         # partition that moves between members here is not given up: its lease changes
         # hands in the claims, and the runtime hands the partition's deliveries in flight
         # to the new member at once, with the attempts they had.
-        plan = self._plan(self.live, self.leases) if self.live else {}
+        plan = self._plan(self._present(local_ids), self.leases)
         giving_up = {p for p, m in self._held.items() if plan.get(p, m) not in local_ids}
         if giving_up:
             self._held = {p: m for p, m in self._held.items() if p not in giving_up}
@@ -296,6 +298,19 @@ class LeaseCoordinator:
         if self._plan(live, leases) != plan:
             # The plan changed with what this round learnt: act on it now, not later.
             self._wake.set()
+
+    def _present(self, local_ids: set[str]) -> list[LiveMember]:
+        """The members the last round learnt of, less this replica's that left since.
+
+        Planned with the members that left, their partitions were given up (their lease
+        let go, free for another replica to claim) and only claimed again for a member
+        still here a round later. Members that joined here since wait for the next round,
+        which has registered them: the other replicas do not know them yet, and a plan
+        with them could give one of this replica's partitions to another replica's
+        member, a move the plan made once every replica knows them may not make."""
+        return [
+            m for m in self.live if m.replica_id != self._replica_id or m.member_id in local_ids
+        ]
 
     def _plan(self, live: list[LiveMember], leases: dict[int, str]) -> dict[int, str]:
         ids = [m.member_id for m in live]

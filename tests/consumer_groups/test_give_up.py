@@ -302,3 +302,42 @@ async def test_a_member_leaving_while_another_stays_leaves_its_partition_where_i
     finally:
         store.saving.set()
         await groups.stop()
+
+
+async def test_a_departed_member_s_partition_passes_to_one_that_stays_in_one_round() -> None:
+    """Two members on one process, a partition each, under the leases the supervisor of a
+    SQLite gateway's workers keeps; one leaves. The next lease round gives its partition
+    to the member that stays, its lease kept: it is not given up (stored, and its lease
+    let go for any process to claim) to be claimed again only a round later."""
+    leases = MemoryLeases()
+    joined = dt.datetime.now(dt.UTC)
+    members = [
+        LocalMember("stays", "user", joined, 0),
+        LocalMember("leaves", "user", joined + dt.timedelta(seconds=1), 0),
+    ]
+    applied: asyncio.Queue[dict[int, str]] = asyncio.Queue()
+    given_up: list[set[int]] = []
+
+    async def apply(owned: dict[int, str]) -> None:
+        applied.put_nowait(dict(owned))
+
+    async def release(partitions: set[int]) -> None:
+        given_up.append(partitions)
+
+    # An interval no test lasts: a round runs when nudged, or when the one before changed
+    # the plan, so each applied verdict is one round's.
+    coordinator = LeaseCoordinator(
+        leases, "g", "replica-1", 2, lambda: list(members), apply, release, dict, interval=3600
+    )
+    coordinator.start()
+    try:
+        async with asyncio.timeout(10):
+            while await applied.get() != {0: "stays", 1: "leaves"}:
+                pass
+            members.pop()
+            coordinator.nudge()
+            after_departure = await applied.get()
+    finally:
+        await coordinator.stop()
+    assert after_departure == {0: "stays", 1: "stays"}
+    assert given_up == []

@@ -11,7 +11,7 @@ import random
 import time
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,9 @@ from orders.v1 import (
 from domain.ports import EventStore, RecordedEvent
 from server.app import Gateway
 from server.consumer_groups.engine import Entry, GroupTuning
+from server.consumer_groups.leases import LiveMember, LocalMember
 from server.consumer_groups.model import GroupRecord
+from server.consumer_groups.store_postgres import PostgresLeases
 from server.consumer_groups.stores import open_group_store
 from server.stores.factory import open_store
 from server.stores.memory import MemoryEventStore
@@ -1148,6 +1150,49 @@ async def test_a_checkpoint_never_goes_back_when_one_member_leaves_and_another_s
     watcher.assert_never_back()
     assert [m.member_id for m in during.members] == ["stays"]
     assert "leaves" not in {p.member_id for p in during.partition_states}
+
+
+@pytest.mark.postgres
+async def test_a_departed_member_s_partition_passes_to_the_member_that_stays_with_its_lease(
+    fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On PostgreSQL, two members on one gateway, a partition each; the one with partition 1
+    # leaves with a delivery unsettled. The partition passes to the member that stays:
+    # its lease is never let go (meanwhile free for any other replica to claim), and the
+    # delivery comes again to the member that stays.
+    released: list[list[int]] = []
+    lease_round = PostgresLeases.round
+
+    async def recording_round(
+        self: PostgresLeases,
+        group: str,
+        replica_id: str,
+        members: Sequence[LocalMember],
+        release: Sequence[int],
+        *args: Any,
+    ) -> tuple[list[LiveMember], dict[int, str], set[int]]:
+        if release:
+            released.append(list(release))
+        return await lease_round(self, group, replica_id, members, release, *args)
+
+    monkeypatch.setattr(PostgresLeases, "round", recording_round)
+    async with env_of(await open_store(fresh_postgres_url)) as env:
+        await env.create("g", partitions=2)
+        stays = await join(env.groups, "g", member_id="stays")
+        leaves = await join(env.groups, "g", member_id="leaves")
+        try:
+            await eventually(lambda: (stays.partitions, leaves.partitions) == ([0], [1]), 15)
+            product = next(n for n in range(100) if zlib.crc32(f"product-p{n}".encode()) % 2)
+            await env.clients.restock(f"p{product}", 1)
+            unsettled = await leaves.delivery()
+            await leaves.close()
+            await eventually(lambda: stays.partitions == [0, 1], 15)
+            again = await stays.delivery()
+        finally:
+            await leaves.close()
+            await stays.close()
+    assert again.event.event_id == unsettled.event.event_id
+    assert released == [], "the departed member's partition was let go before it passed"
 
 
 @pytest.mark.postgres
