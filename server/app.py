@@ -169,6 +169,8 @@ class Gateway:
     snapshots: Snapshots | None = None
     unserved_groups: UnservedGroups | None = None
     stop_gate: StopGate = field(default_factory=StopGate)
+    observability: ObservabilityInterceptor | None = None
+    """What counts the calls whose behaviour runs (a stop cuts the others short)."""
     shared_listen: str | None = None
     """The address this gateway shares with the other workers of ``--workers``, if any."""
     server_started: bool = False
@@ -219,7 +221,7 @@ class Gateway:
             # first every worker stops taking connections (each holds its calls meanwhile).
             await until_nobody_listens(self.shared_listen, self.port, PEERS_STOP_SECONDS)
         self.stop_gate.release()
-        await stopping
+        await self._past_stalled_calls(stopping)
         self.access_log.flush()
         if self.snapshots is not None:
             await self.snapshots.drain()
@@ -228,6 +230,37 @@ class Gateway:
             await self.metrics_server.stop()
         if self.tracing is not None:
             self.tracing.shutdown()
+
+    async def _past_stalled_calls(self, stopping: asyncio.Future[None]) -> None:
+        """Await grpc's shutdown (``stopping``), cutting it short once no call's behaviour
+        has run for ``STALLED_AFTER_SECONDS``: the calls it still waits for then are done
+        but for their end, which cannot reach their clients (a subscriber that stopped
+        reading: the end of its stream queues behind the events it has not read). Waited
+        for, they would hold every stop for the whole grace period."""
+        observability = self.observability
+        if observability is None:
+            await stopping
+            return
+        loop = asyncio.get_running_loop()
+        idle_since: float | None = None
+        while not stopping.done():
+            await asyncio.wait({stopping}, timeout=STALLED_POLL_SECONDS)
+            if observability.running:
+                idle_since = None
+                continue
+            now = loop.time()
+            if idle_since is None:
+                idle_since = now
+            elif now - idle_since >= STALLED_AFTER_SECONDS and not stopping.done():
+                await self.server.stop(0)
+                break
+        await stopping
+
+
+STALLED_AFTER_SECONDS: Final = 0.5
+"""How long a stop waits for calls whose behaviour has ended to end too, before it cuts
+them (their clients stopped reading)."""
+STALLED_POLL_SECONDS: Final = 0.05
 
 
 SLOW_OPEN_REPORT_SECONDS: Final = (2.0, 10.0)
@@ -352,6 +385,7 @@ async def create_server(
         )
         access_log = AccessLog()
         stop_gate = StopGate()
+        observability = ObservabilityInterceptor([metrics, access_log], tracing)
         server = grpc.aio.server(
             # Observability wraps all the others, so that calls the auth interceptor refuses
             # are still timed, counted and logged, and it sees the status the last-resort
@@ -362,7 +396,7 @@ async def create_server(
             interceptors=[
                 Interceptors(
                     [
-                        ObservabilityInterceptor([metrics, access_log], tracing),
+                        observability,
                         LastResortInterceptor(),
                         stop_gate,
                         OpenCallBudget(open_call_limit(settings.max_concurrent_streams)),
@@ -444,6 +478,7 @@ async def create_server(
             if reuse_port:
                 gateway.shared_listen = settings.listen
             gateway.server_started = server_started
+            gateway.observability = observability
             return gateway
         except BaseException:
             # grpc closes a bound port only when a started server stops: started and stopped

@@ -76,8 +76,11 @@ class _CallInfo:
 class ObservabilityInterceptor(WrappingInterceptor):
     def __init__(self, observers: Sequence[RpcObserver], tracing: Tracing | None = None) -> None:
         super().__init__()
-        self._observers = tuple(observers)
+        self.observers = tuple(observers)
         self._tracing = tracing
+        self.running = 0
+        """Calls whose behaviour has begun and not yet ended (their last response, or
+        status, may still be on its way to the client)."""
 
     # Unknown methods are not observed: grpc answers UNIMPLEMENTED itself, and arbitrary
     # method names must not blow up the metrics' label sets.
@@ -102,7 +105,8 @@ class ObservabilityInterceptor(WrappingInterceptor):
         current_request_id.set(info.request_id)
         current_correlation_id.set(info.correlation_header)
         span = self._tracing.rpc_span(info.method, metadata) if self._tracing else _NO_SPAN
-        return _Observed(info, span, context, self._observers)
+        self.running += 1
+        return _Observed(info, span, context, self)
 
 
 _RPC_TYPES = {
@@ -121,15 +125,16 @@ class _Observed(CallScope):
         info: _CallInfo,
         span: RpcSpan,
         context: Context,
-        observers: tuple[RpcObserver, ...],
+        interceptor: ObservabilityInterceptor,
     ) -> None:
         self._info = info
         self._span = span
         self._context = context
-        self._observers = observers
+        self._interceptor = interceptor
         self._started = time.perf_counter()
 
     async def end(self, error: BaseException | None) -> bool:
+        self._interceptor.running -= 1
         code = self._code_for(error)
         duration = time.perf_counter() - self._started
         self._span.finish(code)
@@ -149,7 +154,7 @@ class _Observed(CallScope):
             info.peer,
             self._span.trace_id,
         )
-        for observer in self._observers:
+        for observer in self._interceptor.observers:
             observer.rpc_finished(outcome)
         return False
 

@@ -212,6 +212,29 @@ async def test_shutdown_ends_every_stream_even_one_whose_client_stopped_reading(
         assert gateway.hub.subscriber_count == 0
 
 
+async def test_a_subscriber_that_stopped_reading_does_not_hold_a_stop_for_its_grace() -> None:
+    """Its stream is ended, but the end cannot reach it behind the events it has not read:
+    a stop that waited for it would take the whole grace on every deploy."""
+    async with (
+        running_gateway(tuning=QUICK, shutdown_grace=5) as gateway,
+        connect(gateway) as clients,
+        connect(gateway, SMALL_WINDOW) as stalled_clients,
+    ):
+        stalled = StreamReader.open(stalled_clients)
+        await stalled.next_checkpoint()
+        # Enough events that the stalled stream's server side is stuck sending.
+        await run_writers(clients, writers=2, orders=300)
+
+        started = time.monotonic()
+        async with asyncio.timeout(WAIT):
+            await gateway.stop()
+        took = time.monotonic() - started
+
+        # Half the grace: a stop that waited for the stalled stream took all of it.
+        assert took < 2.5, f"the stop took {took:.1f} s"
+        assert await stalled.status() in {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+
+
 async def test_a_stop_ends_open_streams_at_once_as_the_server_shutting_down() -> None:
     """Open Subscribe streams never end on their own: a stop that waited for them would
     take its whole grace on every deploy. They end at once, with a status telling their
