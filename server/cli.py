@@ -273,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     """Run the command ``args`` names; its exit status."""
     if args.command != "serve":
-        release_signals()
+        release_signals(interrupt_exits_zero=args.command in ("tail", "consume"))
     if getattr(args, "target", "") is None:
         # A client command's default: the gateway this host's settings would serve.
         from server.client.health import local_target

@@ -7,7 +7,8 @@ stopped as it starts, a supervisor's restart) met Python's default action: kille
 SIGTERM (status 143), or a KeyboardInterrupt traceback for SIGINT. ``serve`` takes over
 a signal held here as a request to stop (``server.app.stop_on_signals``) and stops
 gracefully, exit 0, as it does for one that comes later; every other command gives the
-default actions back before it runs, and a signal held meanwhile acts then. A Ctrl-C
+default actions back before it runs, and a signal held meanwhile acts then (a Ctrl-C held
+for ``tail`` or ``consume`` ends them with status 0, as one that comes later). A Ctrl-C
 that interrupts such a command ends it as SIGINT's default action would, without a
 traceback.
 
@@ -85,9 +86,11 @@ def held_signal(among: Sequence[signal.Signals]) -> signal.Signals | None:
     return next((signum for signum in _held if signum in among), None)
 
 
-def release_signals() -> None:
+def release_signals(interrupt_exits_zero: bool = False) -> None:
     """Give the held signals their default actions back (when held), and act on the
-    first that came meanwhile as they would have then."""
+    first that came meanwhile as they would have then; with ``interrupt_exits_zero``, a
+    SIGINT that came first ends the command with status 0 instead (``tail`` and
+    ``consume``, which a Ctrl-C stops with status 0 once they run)."""
     global _holding
     if not _holding:
         return  # Not started by ``main`` (a test calling the CLI): nothing was changed.
@@ -100,6 +103,10 @@ def release_signals() -> None:
     # signals pending when it is called, before it installs the new one, so a Ctrl-C that
     # came as SIGINT's was swapped was noted here then, and would otherwise be lost.
     if _held:
+        if interrupt_exits_zero and _held[0] == signal.SIGINT:
+            # A Ctrl-C pressed while the command still imported its modules stops it as
+            # one pressed a moment later would: status 0, no message.
+            raise SystemExit(0)
         # Ends the process as the signal would have (no KeyboardInterrupt traceback).
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.raise_signal(_held[0])

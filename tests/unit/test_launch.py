@@ -19,7 +19,7 @@ from server import launch
 launch.hold_signals()
 os.kill(os.getpid(), signal.{name})
 print("held", launch.held_signal([signal.{name}]) is not None, flush=True)
-launch.release_signals()
+launch.release_signals({release_args})
 print("released", flush=True)
 """
 
@@ -32,13 +32,36 @@ def test_a_signal_held_while_starting_acts_as_its_default_once_released(
 ) -> None:
     with hangup_for_children(signal.SIG_DFL):
         done = subprocess.run(
-            [sys.executable, "-c", HOLD_THEN_RELEASE.format(name=signum.name)],
+            [sys.executable, "-c", HOLD_THEN_RELEASE.format(name=signum.name, release_args="")],
             capture_output=True,
             text=True,
             timeout=30,
         )
     assert done.stdout == "held True\n"
     assert done.returncode == -signum
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("signum", "returncode"),
+    [(signal.SIGINT, 0), (signal.SIGTERM, -signal.SIGTERM)],
+    ids=["SIGINT", "SIGTERM"],
+)
+def test_tail_and_consume_end_with_status_0_on_a_ctrl_c_held_while_starting(
+    signum: signal.Signals, returncode: int
+) -> None:
+    # Their Ctrl-C exits 0 once they run; one pressed during their imports does so too.
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            HOLD_THEN_RELEASE.format(name=signum.name, release_args="interrupt_exits_zero=True"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (done.returncode, done.stdout) == (returncode, "held True\n")
     assert "Traceback" not in done.stderr
 
 
