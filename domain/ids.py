@@ -57,6 +57,45 @@ def random_bytes(size: int) -> bytes:
     return _pool.take(size)
 
 
+HEX_IDS_PER_BATCH = 256
+"""Random hex ids cut at once from one read of the pool (4,096 random bytes)."""
+
+
+class _HexIds:
+    """Ids of 32 random hex digits, cut from one long hex string a batch at a time.
+
+    ``random_bytes(16).hex()`` cost about 5,300 instructions an id under callgrind (the
+    pool's call and lock, the slice, the hex), on every call that brings no request id;
+    popped from a batch, an id costs about 2,600. The digits are the same pool's bytes.
+    Thread-safe without a lock, as ``_Uuid7s``'s tails are.
+    """
+
+    def __init__(self) -> None:
+        self._ids: list[str] = []
+
+    def new(self) -> str:
+        try:
+            return self._ids.pop()
+        except IndexError:
+            digits = _pool.take(16 * HEX_IDS_PER_BATCH).hex()
+            self._ids = ids = [digits[start : start + 32] for start in range(0, len(digits), 32)]
+            return ids.pop()
+
+    def forget(self) -> None:
+        """Drop the ids cut so far (in a forked child: they are also the parent's)."""
+        self._ids = []
+
+
+_hex_ids = _HexIds()
+os.register_at_fork(after_in_child=_hex_ids.forget)
+
+
+def random_hex_id() -> str:
+    """A new id of 32 lower-case hex digits of ``random_bytes`` (128 random bits), as
+    ``random_bytes(16).hex()`` would make it."""
+    return _hex_ids.new()
+
+
 TAILS_PER_BATCH = 256
 """Random tails of new ids formatted at once (2,560 random bytes)."""
 

@@ -20,8 +20,7 @@ from typing import Any
 
 import grpc
 
-from domain.ids import random_bytes
-from domain.records import record
+from domain.ids import random_hex_id
 from server.observability.hooks import (
     RpcObserver,
     RpcOutcome,
@@ -59,20 +58,6 @@ class _NoSpan:
 _NO_SPAN = _NoSpan()
 
 
-@record
-class _CallInfo:
-    """What is read from the call before the handler runs (never after)."""
-
-    method: str
-    rpc_type: str
-    request_id: str
-    correlation_header: str
-    """The first ``x-correlation-id`` sent, empty if none."""
-    correlation_id: str
-    """What the call correlates by: the header, else the request's ``command_id``."""
-    peer: str
-
-
 class ObservabilityInterceptor(WrappingInterceptor):
     def __init__(self, observers: Sequence[RpcObserver], tracing: Tracing | None = None) -> None:
         super().__init__()
@@ -100,13 +85,26 @@ class ObservabilityInterceptor(WrappingInterceptor):
     def _observing(self, method: str, rpc_type: str, request: Any, context: Context) -> _Observed:
         # Read when the call starts, never after (see the module docstring).
         metadata = tuple(context.invocation_metadata() or ())
-        info = _call_info(method, rpc_type, metadata, request, context)
+        request_id, correlation_header = _ids(metadata)
+        # As for events: without x-correlation-id a command correlates by its command_id.
+        correlation_id = (
+            correlation_header or str(getattr(request, "command_id", ""))[:MAX_ID_LENGTH]
+        )
         # Each RPC runs in a task of its own, so the ids need no reset afterwards.
-        current_request_id.set(info.request_id)
-        current_correlation_id.set(info.correlation_header)
-        span = self._tracing.rpc_span(info.method, metadata) if self._tracing else _NO_SPAN
+        current_request_id.set(request_id)
+        current_correlation_id.set(correlation_header)
+        span = self._tracing.rpc_span(method, metadata) if self._tracing else _NO_SPAN
         self.running += 1
-        return _Observed(info, span, context, self)
+        return _Observed(
+            method,
+            rpc_type,
+            request_id,
+            correlation_id,
+            context.peer(),
+            span,
+            context,
+            self,
+        )
 
 
 _RPC_TYPES = {
@@ -118,16 +116,43 @@ _RPC_TYPES = {
 
 
 class _Observed(CallScope):
-    """Times one call and reports its outcome when the handler returns or raises."""
+    """Times one call and reports its outcome when the handler returns or raises.
+
+    It keeps what is read from the call before the handler runs (never after) in slots
+    of its own: in a record apart, built for every call, it cost about 2,300
+    instructions more a call under callgrind.
+    """
+
+    __slots__ = (
+        "_context",
+        "_correlation_id",
+        "_interceptor",
+        "_method",
+        "_peer",
+        "_request_id",
+        "_rpc_type",
+        "_span",
+        "_started",
+    )
 
     def __init__(
         self,
-        info: _CallInfo,
+        method: str,
+        rpc_type: str,
+        request_id: str,
+        correlation_id: str,
+        peer: str,
         span: RpcSpan,
         context: Context,
         interceptor: ObservabilityInterceptor,
     ) -> None:
-        self._info = info
+        self._method = method
+        self._rpc_type = rpc_type
+        self._request_id = request_id
+        self._correlation_id = correlation_id
+        """What the call correlates by: the ``x-correlation-id`` header, else the
+        request's ``command_id``."""
+        self._peer = peer
         self._span = span
         self._context = context
         self._interceptor = interceptor
@@ -138,20 +163,19 @@ class _Observed(CallScope):
         code = self._code_for(error)
         duration = time.perf_counter() - self._started
         self._span.finish(code)
-        info = self._info
         # Built from positions, as records on the commit path are: from keywords it cost
         # about 450 instructions more a field.
         outcome = RpcOutcome(
-            info.method,
-            info.rpc_type,
+            self._method,
+            self._rpc_type,
             code,
             duration,
-            info.request_id,
+            self._request_id,
             # The command's, once built (same task): the request's may be empty.
-            command_correlation_id.get() or info.correlation_id,  # correlation_id
+            command_correlation_id.get() or self._correlation_id,  # correlation_id
             # Set by the auth interceptor's wrapper inside this call (same task).
             current_caller.get().user_id,
-            info.peer,
+            self._peer,
             self._span.trace_id,
         )
         for observer in self._interceptor.observers:
@@ -186,13 +210,9 @@ def _set_code(context: Context) -> grpc.StatusCode | None:
 _CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
 
-def _call_info(
-    method: str,
-    rpc_type: str,
-    metadata: tuple[tuple[str, Any], ...],
-    request: Any,
-    context: Context,
-) -> _CallInfo:
+def _ids(metadata: tuple[tuple[str, Any], ...]) -> tuple[str, str]:
+    """The call's request id (the caller's ``x-request-id``, else a new one) and the first
+    ``x-correlation-id`` it sent (empty if none)."""
     request_id = ""
     correlation_header: str | None = None
     for key, value in metadata:
@@ -206,14 +226,4 @@ def _call_info(
             and not value.isspace()
         ):
             correlation_header = value[:MAX_ID_LENGTH]
-    # As for events: without x-correlation-id a command correlates by its command_id.
-    correlation_id = correlation_header or str(getattr(request, "command_id", ""))[:MAX_ID_LENGTH]
-    # From positions, as ``RpcOutcome`` is.
-    return _CallInfo(
-        method,
-        rpc_type,
-        request_id or random_bytes(16).hex(),
-        correlation_header or "",
-        correlation_id,
-        context.peer(),
-    )
+    return request_id or random_hex_id(), correlation_header or ""

@@ -8,6 +8,7 @@ method's wrapper once and reuses it.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextvars import ContextVar
@@ -15,7 +16,7 @@ from typing import Any, ClassVar, Final, Protocol, TypeAlias, cast
 
 import grpc
 
-from server.rpc.request_reading import reading_its_request
+from server.rpc.request_reading import WRITTEN, reading_its_request
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
@@ -297,7 +298,40 @@ def _streaming(behaviour: Any, around: Around) -> Any:
             error = raised
         await _end(scopes, error)
 
+    async def written(request: Any, context: Context) -> None:
+        # ``call`` as a coroutine that writes each response through the context, for a
+        # method that reads its request first (``reading_its_request``): that coroutine
+        # would otherwise iterate ``call``, an async generator of its own in each call
+        # (counted by callgrind, some 8,000 instructions per call of two responses).
+        scopes: list[CallScope] = []
+        error: BaseException | None = None
+        failed_send: BaseException | None = None
+        try:
+            for make in arounds:
+                scope = make(request, context)
+                if scope is not None:
+                    if scope.starts:
+                        await scope.start()
+                    scopes.append(scope)
+            async for response in stream(request, context):
+                try:
+                    await context.write(response)
+                except BaseException as raised:
+                    failed_send = raised
+                    break
+        except BaseException as raised:
+            error = raised
+        if failed_send is not None:
+            # As when the coroutine iterating ``call`` stops at a failed send: the scopes
+            # end as ``call`` would when closed (GeneratorExit at its yield), and the send's
+            # own error goes to grpc, past them.
+            with contextlib.suppress(GeneratorExit):
+                await _end(scopes, GeneratorExit())
+            raise failed_send
+        await _end(scopes, error)
+
     setattr(call, _SCOPES, (inner, arounds))
+    setattr(call, WRITTEN, written)
     return call
 
 

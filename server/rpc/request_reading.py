@@ -31,6 +31,12 @@ NO_REQUEST: Final = plain_status(
 )
 
 
+WRITTEN: Final = "__responses_written__"
+"""The attribute of a streaming behaviour that holds the same behaviour as a coroutine
+writing each response through the context (the interceptors' wrappers have one,
+``server.rpc.method_handlers``)."""
+
+
 def reading_its_request(handler: Handler) -> Handler:
     """``handler`` (a method that takes one request) served as a client-streaming
     method whose first message is its request; any other handler as it is."""
@@ -56,6 +62,16 @@ def reading_its_request(handler: Handler) -> Handler:
 
         return grpc.stream_stream_rpc_method_handler(written, **types)
     stream = cast(Callable[[Any, "Context"], AsyncIterator[Any]], handler.unary_stream)
+    written_by = getattr(stream, WRITTEN, None)
+    if written_by is not None:
+        # The interceptors' wrapper, run as the coroutine that writes the responses: no
+        # async generator of its own between grpc and the method's.
+        writes = cast(Callable[[Any, "Context"], Awaitable[None]], written_by)
+
+        async def served(requests: AsyncIterator[Any], context: Context) -> None:
+            await writes(await _the_request(requests, context), context)
+
+        return grpc.stream_stream_rpc_method_handler(served, **types)
 
     # A coroutine that writes each response, as grpc itself serves an async generator:
     # not a generator of our own around it, which would be resumed for every response.

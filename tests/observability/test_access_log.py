@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 
 import grpc
@@ -270,6 +270,56 @@ async def test_a_call_whose_client_left_while_it_was_refused_is_cancelled_not_a_
     assert len(context.aborted) == 1  # not answered again with INTERNAL
     assert [o.code for o in outcomes] == [grpc.StatusCode.CANCELLED]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+class SendFailsContext(GoneClientContext):
+    """A context whose client went away while the call was answering: a response's send
+    raises InternalError."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[object] = []
+
+    async def write(self, response: object) -> None:
+        self.written.append(response)
+        raise grpc.aio.InternalError('Failed "execute_batch"')
+
+
+async def test_a_stream_whose_send_fails_is_cancelled_and_its_error_goes_to_grpc() -> None:
+    # Its responses are written by the interceptors' wrapper itself (served as a
+    # client-streaming method): the send's own error reaches grpc, not the last-resort
+    # handler, and the call ends as if the stream had been closed at that response.
+    closed: list[str] = []
+
+    async def answers(request: object, context: SendFailsContext) -> AsyncIterator[str]:
+        try:
+            yield "first"
+            yield "second"
+        finally:
+            closed.append("closed")
+
+    async def resolve(details: object) -> grpc.RpcMethodHandler[object, object]:
+        return grpc.unary_stream_rpc_method_handler(answers)
+
+    outcomes: list[RpcOutcome] = []
+    interceptors = Interceptors(
+        [
+            ObservabilityInterceptor([SimpleNamespace(rpc_finished=outcomes.append)]),
+            LastResortInterceptor(),
+        ]
+    )
+    call = SimpleNamespace(method="/orders.v1.OrderCommandService/X", invocation_metadata=())
+    handler = await interceptors.intercept_service(resolve, call)
+    assert handler is not None and handler.stream_stream is not None
+    context = SendFailsContext()
+    with pytest.raises(grpc.aio.InternalError):
+        await handler.stream_stream(iter(()), context)  # type: ignore[arg-type,misc]
+    assert context.written == ["first"]
+    assert context.aborted == []  # not answered again with INTERNAL
+    for _ in range(10):  # a stream dropped unfinished is closed by asyncio, soon after
+        await asyncio.sleep(0)
+    assert [o.code for o in outcomes] == [grpc.StatusCode.CANCELLED]
+    assert closed == ["closed"]
 
 
 async def test_health_probes_are_logged_at_debug_only(caplog: pytest.LogCaptureFixture) -> None:

@@ -16,7 +16,7 @@ import pytest
 from domain import handlers
 from domain.errors import DomainError
 from domain.events import StockReserved
-from domain.ids import POOL_BYTES, new_uuid, random_bytes
+from domain.ids import HEX_IDS_PER_BATCH, POOL_BYTES, new_uuid, random_bytes, random_hex_id
 from domain.locks import Joined, StreamLocks, StreamTurns
 from domain.mapper import to_domain_event
 from domain.ports import Commit, RecordedEvent, StreamLocked
@@ -77,17 +77,24 @@ def test_random_bytes_are_fresh_for_every_call_of_any_size() -> None:
     assert large != random_bytes(POOL_BYTES + 1)
 
 
+def test_random_hex_ids_are_32_fresh_hex_digits_across_batches() -> None:
+    ids = [random_hex_id() for _ in range(3 * HEX_IDS_PER_BATCH + 1)]
+    assert all(len(value) == 32 and int(value, 16) >= 0 for value in ids)
+    assert all(value == value.lower() for value in ids)
+    assert len(set(ids)) == len(ids)
+
+
 FORK_SCRIPT = """
 import os, sys
-from domain.ids import new_uuid
-new_uuid()  # the parent has a pool with bytes left in it
+from domain.ids import new_uuid, random_hex_id
+new_uuid(), random_hex_id()  # the parent has a pool and batches with some left in them
 reader, writer = os.pipe()
 child = os.fork()
 if child == 0:
-    os.write(writer, new_uuid().encode())
+    os.write(writer, f"{new_uuid()} {random_hex_id()}".encode())
     os._exit(0)
 os.waitpid(child, 0)
-print(os.read(reader, 64).decode(), new_uuid())
+print(os.read(reader, 128).decode(), new_uuid(), random_hex_id())
 """
 
 
@@ -96,8 +103,9 @@ def test_a_forked_child_does_not_reuse_its_parents_random_bytes() -> None:
     result = subprocess.run(
         [sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=60, check=True
     )
-    child_id, parent_id = result.stdout.split()
+    child_id, child_hex_id, parent_id, parent_hex_id = result.stdout.split()
     assert child_id[14:] != parent_id[14:]
+    assert child_hex_id != parent_hex_id
 
 
 async def test_a_held_stream_makes_the_next_command_wait_and_others_pass() -> None:
