@@ -249,10 +249,28 @@ async def test_a_call_whose_client_left_while_it_was_refused_is_cancelled_not_a_
     async def refusing(request: object, context: GoneClientContext) -> None:
         await context.abort_with_status(grpc.Status())
 
-    async def resolve(details: object) -> grpc.RpcMethodHandler[object, object]:
-        return grpc.unary_unary_rpc_method_handler(refusing)
-
     outcomes: list[RpcOutcome] = []
+    handler = await observed(grpc.unary_unary_rpc_method_handler(refusing), outcomes)
+    # Served as a client-streaming method (``server.rpc.request_reading``).
+    assert handler is not None and handler.stream_unary is not None
+    context = GoneClientContext()
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(grpc.aio.InternalError):
+        await handler.stream_unary(iter(()), context)  # type: ignore[arg-type,misc]
+    assert len(context.aborted) == 1  # not answered again with INTERNAL
+    assert [o.code for o in outcomes] == [grpc.StatusCode.CANCELLED]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def observed(
+    handler: grpc.RpcMethodHandler[object, object], outcomes: list[RpcOutcome]
+) -> grpc.RpcMethodHandler[object, object] | None:
+    """``handler`` of a command method as the gateway serves it, under the observability
+    and last-resort interceptors, each call's outcome appended to ``outcomes``."""
+
+    async def resolve(details: object) -> grpc.RpcMethodHandler[object, object]:
+        return handler
+
     interceptors = Interceptors(
         [
             ObservabilityInterceptor([SimpleNamespace(rpc_finished=outcomes.append)]),
@@ -260,16 +278,7 @@ async def test_a_call_whose_client_left_while_it_was_refused_is_cancelled_not_a_
         ]
     )
     call = SimpleNamespace(method="/orders.v1.OrderCommandService/X", invocation_metadata=())
-    handler = await interceptors.intercept_service(resolve, call)
-    # Served as a client-streaming method (``server.rpc.request_reading``).
-    assert handler is not None and handler.stream_unary is not None
-    context = GoneClientContext()
-    caplog.set_level(logging.DEBUG)
-    with pytest.raises(grpc.aio.InternalError):
-        await handler.stream_unary(iter(()), context)  # type: ignore[arg-type]
-    assert len(context.aborted) == 1  # not answered again with INTERNAL
-    assert [o.code for o in outcomes] == [grpc.StatusCode.CANCELLED]
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    return await interceptors.intercept_service(resolve, call)
 
 
 class SendFailsContext(GoneClientContext):
@@ -298,18 +307,8 @@ async def test_a_stream_whose_send_fails_is_cancelled_and_its_error_goes_to_grpc
         finally:
             closed.append("closed")
 
-    async def resolve(details: object) -> grpc.RpcMethodHandler[object, object]:
-        return grpc.unary_stream_rpc_method_handler(answers)
-
     outcomes: list[RpcOutcome] = []
-    interceptors = Interceptors(
-        [
-            ObservabilityInterceptor([SimpleNamespace(rpc_finished=outcomes.append)]),
-            LastResortInterceptor(),
-        ]
-    )
-    call = SimpleNamespace(method="/orders.v1.OrderCommandService/X", invocation_metadata=())
-    handler = await interceptors.intercept_service(resolve, call)
+    handler = await observed(grpc.unary_stream_rpc_method_handler(answers), outcomes)
     assert handler is not None and handler.stream_stream is not None
     context = SendFailsContext()
     with pytest.raises(grpc.aio.InternalError):
