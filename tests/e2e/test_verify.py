@@ -792,17 +792,19 @@ def test_values_that_could_not_be_served_are_found_in_postgresql(
     assert lines[-1] == f"FAILED: 1 violations, the first at position {first}"
 
 
+def on_a_new_store(tmp_path: Path, command: str) -> list[str]:
+    """The arguments of ``command`` (``verify``, or ``backup`` to ``copy.db``) on a new
+    store ``events.db`` in ``tmp_path``."""
+    store = f"sqlite:///{tmp_path / 'events.db'}"
+    assert main(["migrate", "--store", store]) == 0
+    copy = [str(tmp_path / "copy.db")] if command == "backup" else []
+    return [command, "--store", store, *copy]
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 @pytest.mark.parametrize("command", ["verify", "backup"])
 def test_a_report_that_cannot_be_written_is_exit_1(tmp_path: Path, command: str) -> None:
-    store = f"sqlite:///{tmp_path / 'events.db'}"
-    assert main(["migrate", "--store", store]) == 0
-    args = [
-        command,
-        "--store",
-        store,
-        *([str(tmp_path / "copy.db")] if command == "backup" else []),
-    ]
+    args = on_a_new_store(tmp_path, command)
     with open("/dev/full", "w") as full:
         finished = subprocess.run(
             [sys.executable, "-m", "server.cli", *args],
@@ -820,14 +822,7 @@ def test_a_closed_standard_output_is_exit_1_without_a_traceback(
     tmp_path: Path, command: str
 ) -> None:
     # Started with `>&-`, as a daemon's job may be: Python then has no sys.stdout at all.
-    store = f"sqlite:///{tmp_path / 'events.db'}"
-    assert main(["migrate", "--store", store]) == 0
-    args = [
-        command,
-        "--store",
-        store,
-        *([str(tmp_path / "copy.db")] if command == "backup" else []),
-    ]
+    args = on_a_new_store(tmp_path, command)
     finished = subprocess.run(
         ["sh", "-c", 'exec "$0" "$@" >&-', sys.executable, "-m", "server.cli", *args],
         stderr=subprocess.PIPE,

@@ -153,6 +153,24 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def backup_signalled_as_it_copies(
+    tmp_path: Path, stop: str, preexec_fn: Callable[[], object] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``backup`` of a new store ``live.db`` to ``copy.db`` in ``tmp_path``, sent the signal
+    named ``stop`` as it copies; started with ``preexec_fn`` run in the child, if given."""
+    live, copy = tmp_path / "live.db", tmp_path / "copy.db"
+    assert main(["migrate", "--store", f"sqlite:///{live}"]) == 0
+    return subprocess.run(
+        [sys.executable, "-c", STOPPED_AS_IT_COPIES, "backup", "--store", f"sqlite:///{live}",
+         str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "STOP_SIGNAL": stop},
+        preexec_fn=preexec_fn,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("stop", "status"),
     [
@@ -163,35 +181,18 @@ sys.exit(main(sys.argv[1:]))
 def test_a_backup_stopped_by_a_signal_leaves_no_partial_copy(
     tmp_path: Path, stop: str, status: int
 ) -> None:
-    live, copy = tmp_path / "live.db", tmp_path / "copy.db"
-    assert main(["migrate", "--store", f"sqlite:///{live}"]) == 0
-    stopped = subprocess.run(
-        [sys.executable, "-c", STOPPED_AS_IT_COPIES, "backup", "--store", f"sqlite:///{live}",
-         str(copy)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "STOP_SIGNAL": stop},
-    )  # fmt: skip
+    stopped = backup_signalled_as_it_copies(tmp_path, stop)
     assert stopped.returncode == status, stopped.stderr
     assert "Traceback" not in stopped.stderr
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("live.db")) == []
 
 
 def test_a_backup_started_with_nohup_goes_on_when_its_terminal_closes(tmp_path: Path) -> None:
-    live, copy = tmp_path / "live.db", tmp_path / "copy.db"
-    assert main(["migrate", "--store", f"sqlite:///{live}"]) == 0
-    finished = subprocess.run(
-        [sys.executable, "-c", STOPPED_AS_IT_COPIES, "backup", "--store", f"sqlite:///{live}",
-         str(copy)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "STOP_SIGNAL": "SIGHUP"},
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
-    )  # fmt: skip
+    finished = backup_signalled_as_it_copies(
+        tmp_path, "SIGHUP", preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    )
     assert finished.returncode == 0, finished.stderr
-    assert verify_ok(copy)
+    assert verify_ok(tmp_path / "copy.db")
 
 
 def test_a_file_beside_the_destination_is_left_alone(tmp_path: Path) -> None:
