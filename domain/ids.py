@@ -31,8 +31,7 @@ class _RandomPool:
         self._offset = 0
 
     def take(self, size: int) -> bytes:
-        if size > POOL_BYTES:
-            return os.urandom(size)
+        """``size`` fresh bytes, at most ``POOL_BYTES``."""
         with self._lock:
             start = self._offset
             if start + size > len(self._block):
@@ -52,11 +51,6 @@ _pool = _RandomPool()
 os.register_at_fork(after_in_child=_pool.forget)
 
 
-def random_bytes(size: int) -> bytes:
-    """``size`` bytes from the operating system's CSPRNG, as ``os.urandom`` gives them."""
-    return _pool.take(size)
-
-
 HEX_IDS_PER_BATCH = 256
 """Random hex ids cut at once from one read of the pool (4,096 random bytes)."""
 
@@ -64,7 +58,7 @@ HEX_IDS_PER_BATCH = 256
 class _HexIds:
     """Ids of 32 random hex digits, cut from one long hex string a batch at a time.
 
-    ``random_bytes(16).hex()`` cost about 5,300 instructions an id under callgrind (the
+    ``_pool.take(16).hex()`` cost about 5,300 instructions an id under callgrind (the
     pool's call and lock, the slice, the hex), on every call that brings no request id;
     popped from a batch, an id costs about 2,600. The digits are the same pool's bytes.
     Thread-safe without a lock, as ``_Uuid7s``'s tails are.
@@ -91,8 +85,8 @@ os.register_at_fork(after_in_child=_hex_ids.forget)
 
 
 def random_hex_id() -> str:
-    """A new id of 32 lower-case hex digits of ``random_bytes`` (128 random bits), as
-    ``random_bytes(16).hex()`` would make it."""
+    """A new id of 32 lower-case hex digits: 128 random bits of the operating system's
+    CSPRNG, as ``os.urandom(16).hex()`` would make it."""
     return _hex_ids.new()
 
 
@@ -167,11 +161,12 @@ os.register_at_fork(after_in_child=_uuid7s.forget)
 def new_uuid() -> str:
     """A fresh RFC 9562 version-7 UUID in lower-case hyphenated form.
 
-    48 bits of Unix time in milliseconds, then 74 random bits (``random_bytes``): as hard
-    to guess as it needs to be, and ids made one after another sort together. The stores
-    index command ids and ``order-<id>`` streams, so each new one lands at the end of its
-    index instead of on a random page: with random (version-4) ids every SQLite commit
-    dirtied about two random index pages, roughly 20 KB of WAL. Built without a
-    ``uuid.UUID`` object, whose integer round trip cost more than the random bytes.
+    48 bits of Unix time in milliseconds, then 74 random bits of the operating system's
+    CSPRNG: as hard to guess as it needs to be, and ids made one after another sort
+    together. The stores index command ids and ``order-<id>`` streams, so each new one
+    lands at the end of its index instead of on a random page: with random (version-4)
+    ids every SQLite commit dirtied about two random index pages, roughly 20 KB of WAL.
+    Built without a ``uuid.UUID`` object, whose integer round trip cost more than the
+    random bytes.
     """
     return _uuid7s.new()

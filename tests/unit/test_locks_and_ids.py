@@ -16,7 +16,7 @@ import pytest
 from domain import handlers
 from domain.errors import DomainError
 from domain.events import StockReserved
-from domain.ids import HEX_IDS_PER_BATCH, POOL_BYTES, new_uuid, random_bytes, random_hex_id
+from domain.ids import HEX_IDS_PER_BATCH, new_uuid, random_hex_id
 from domain.locks import Joined, StreamLocks, StreamTurns
 from domain.mapper import to_domain_event
 from domain.ports import Commit, RecordedEvent, StreamLocked
@@ -66,15 +66,6 @@ def test_ids_made_on_many_threads_at_once_are_all_different() -> None:
     ids = [value for ids in made for value in ids]
     assert len(ids) == 20_000
     assert len({value[14:] for value in ids}) == len(ids)  # the random part alone differs
-
-
-def test_random_bytes_are_fresh_for_every_call_of_any_size() -> None:
-    small = [random_bytes(16) for _ in range(1_000)]  # several pool refills
-    assert all(len(value) == 16 for value in small)
-    assert len(set(small)) == len(small)
-    large = random_bytes(POOL_BYTES + 1)
-    assert len(large) == POOL_BYTES + 1
-    assert large != random_bytes(POOL_BYTES + 1)
 
 
 def test_random_hex_ids_are_32_fresh_hex_digits_across_batches() -> None:
