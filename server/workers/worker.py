@@ -9,9 +9,10 @@ supervisor: the supervisor holds the only write end of a pipe whose read end the
 watches, and the kernel closes it when the supervisor dies, however it dies.
 
 Once a stop begins, it is bounded: past ``stop_deadline`` the worker exits at once,
-whatever it still waits for. With a live supervisor that is when it would kill the worker
-anyway; without one nothing else would, and a worker that stopped gracefully except for
-one wait that never ended (seen under load: a cancelled task that carried on) would
+whatever it still waits for. A live supervisor would kill it half a second later
+(``supervisor.KILL_MARGIN_SECONDS``: the worker's own exit comes first, not a race with
+the kill); without one nothing else would, and a worker that stopped gracefully except
+for one wait that never ended (seen under load: a cancelled task that carried on) would
 serve nobody and hold its store for ever.
 """
 
