@@ -327,6 +327,22 @@ LEAVE_SECONDS = 5.0
 acks and end the call, before it cancels the call."""
 
 
+def assignment_line(assignment: pb.Assignment, had_partitions: bool) -> str:
+    """What ``consume`` says of an Assignment; ``had_partitions``: an earlier one named
+    some.
+
+    One naming none before any did is not called a standby: on PostgreSQL (and with
+    ``--workers``) the server answers the join before the group's partitions are shared
+    out, and one naming the member's follows at once, unless the group has more members
+    than partitions; the messages do not tell which. Once partitions were taken away,
+    the member stands by until some come back."""
+    if assignment.partitions:
+        partitions = ", ".join(map(str, assignment.partitions))
+    else:
+        partitions = "none (standby)" if had_partitions else "none yet"
+    return f"member {assignment.member_id} has partitions {partitions}"
+
+
 def follow_group(
     channel: grpc.Channel,
     group: str,
@@ -368,6 +384,7 @@ def follow_group(
 
     reader_gone = ReaderGone(out, leave)
     broken_pipe = False
+    had_partitions = False
     try:
         for response in call:
             if reader_gone or broken_pipe:
@@ -391,11 +408,8 @@ def follow_group(
                     leave()
             else:
                 assignment = response.assignment
-                partitions = ", ".join(map(str, assignment.partitions)) or "none (standby)"
-                print(
-                    f"{program}: member {assignment.member_id} has partitions {partitions}",
-                    file=err,
-                )
+                print(f"{program}: {assignment_line(assignment, had_partitions)}", file=err)
+                had_partitions = had_partitions or bool(assignment.partitions)
     except grpc.RpcError as error:
         # The failed call, raised by itself, in a cycle with its traceback: freed here,
         # not by the interpreter's last collection (``server.client.tail.follow``).

@@ -32,6 +32,7 @@ from server.app import Gateway
 from server.client.channel import connection_settles, quiet_polling_of_closed_channels
 from server.client.groups import follow_group
 from server.client.tail import follow
+from server.stores.factory import open_store
 from tests.group_support import group_gateway, member
 from tests.security.test_tls import issue, write
 from tests.serving import free_port
@@ -215,6 +216,36 @@ async def test_consume_prints_json_lines_and_acks_each(gateway: Gateway) -> None
     assert await asyncio.wait_for(process.wait(), 30) == 0
     err = (await process.stderr.read()).decode()
     assert "member cli-1 has partitions 0, 1, 2" in err
+
+
+@pytest.mark.postgres
+async def test_consume_on_postgresql_says_its_partitions_are_yet_to_come_not_standby(
+    fresh_postgres_url: str,
+) -> None:
+    # The gateway answers the join with an Assignment naming no partition, before the
+    # group's partitions are shared out; the member's follow at once. That first one was
+    # printed as "none (standby)", which the member never was.
+    async with group_gateway(store=await open_store(fresh_postgres_url)) as gateway:
+        target = f"127.0.0.1:{gateway.port}"
+        await cli("group", "create", "g", "--partitions", "3", "--target", target)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server.cli", "consume", "--group", "g", "--member", "cli-1",
+            "--target", target,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert process.stderr is not None
+        try:
+            lines = [
+                (await asyncio.wait_for(process.stderr.readline(), 30)).decode().rstrip("\n")
+                for _ in range(2)
+            ]
+        finally:
+            process.send_signal(signal.SIGINT)
+            await asyncio.wait_for(process.wait(), 30)
+    assert lines == [
+        "order-gateway consume: member cli-1 has partitions none yet",
+        "order-gateway consume: member cli-1 has partitions 0, 1, 2",
+    ]
 
 
 async def consume_first_lines(target: str) -> tuple[list[bytes], str]:
@@ -653,7 +684,7 @@ class CtrlCInGrpcsWait:
 
 
 class ChannelOfOneCall:
-    def __init__(self, call: CtrlCInGrpcsWait) -> None:
+    def __init__(self, call: CtrlCInGrpcsWait | Answers) -> None:
         self.call = call
 
     def unary_stream(self, *_: object, **__: object) -> object:
@@ -672,6 +703,41 @@ def test_ctrl_c_inside_grpc_s_wait_for_a_message_exits_0(command: str) -> None:
     else:
         status = follow_group(channel, "g", "", out, err)
     assert (status, out.getvalue(), err.getvalue(), call.cancelled) == (0, "", "", True)
+
+
+class Answers:
+    """A call that answers ``responses``, then ends (OK)."""
+
+    def __init__(self, *responses: pb.ConsumeResponse) -> None:
+        self.responses = iter(responses)
+
+    def __iter__(self) -> Answers:
+        return self
+
+    def __next__(self) -> pb.ConsumeResponse:
+        return next(self.responses)
+
+    def cancel(self) -> None:
+        pass
+
+
+def test_consume_calls_a_member_a_standby_only_once_its_partitions_were_taken_away() -> None:
+    # No partition in the first Assignment: on PostgreSQL and with --workers, the member's
+    # come in the next one, unless the group has more members than partitions; none after
+    # some: they went to other members.
+    def assignment(*partitions: int) -> pb.ConsumeResponse:
+        return pb.ConsumeResponse(assignment=pb.Assignment(member_id="m", partitions=partitions))
+
+    call = Answers(assignment(), assignment(0, 1), assignment(), assignment(1))
+    out, err = io.StringIO(), io.StringIO()
+    status = follow_group(cast(grpc.Channel, ChannelOfOneCall(call)), "g", "m", out, err)
+    assert (status, out.getvalue()) == (0, "")
+    assert err.getvalue().splitlines() == [
+        "order-gateway consume: member m has partitions none yet",
+        "order-gateway consume: member m has partitions 0, 1",
+        "order-gateway consume: member m has partitions none (standby)",
+        "order-gateway consume: member m has partitions 1",
+    ]
 
 
 def _poll_connectivity() -> None:
