@@ -155,7 +155,8 @@ class Settings(BaseSettings):
         5.0,
         ge=0,
         description="Seconds in-flight calls get to finish on SIGTERM/SIGINT/SIGHUP; the stop ends "
-        "within this + 2 s, and within 9 s whatever it is.",
+        "within this + 2 s, and within 9 s whatever it is (with --workers, a worker still "
+        "running then is killed half a second later).",
     )
     workers: int = Field(
         1,
