@@ -211,6 +211,17 @@ class Settings(BaseSettings):
             raise ValueError("empty: name a file, or leave the setting unset")
         return path
 
+    @field_validator("jwt_issuer", "jwt_audience", mode="before")
+    @classmethod
+    def _check_claim_named(cls, value: object) -> object:
+        # An empty variable (a template expanding an unset one) would turn the check off
+        # unnoticed: every issuer, or every audience, accepted.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(
+                "empty: name the value the claim must have, or leave the setting unset"
+            )
+        return value
+
     @field_validator("listen", "metrics_listen")
     @classmethod
     def _check_port(cls, address: str | None) -> str | None:
@@ -225,7 +236,9 @@ class Settings(BaseSettings):
             raise ValueError("--tls-cert and --tls-key must be given together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
-        if (self.jwt_issuer or self.jwt_audience) and self.jwt_public_key is None:
+        if (self.jwt_issuer is not None or self.jwt_audience is not None) and (
+            self.jwt_public_key is None
+        ):
             raise ValueError("--jwt-issuer and --jwt-audience need --jwt-public-key")
         return self
 

@@ -69,14 +69,13 @@ class JwtAuthenticator:
         self._remembered = remembered
         self._verified: OrderedDict[str, _Verified] = OrderedDict()
         self._algorithm = algorithm_for(key)
-        # An empty value (e.g. ORDER_GATEWAY_JWT_ISSUER="") means "not checked".
-        self._issuer = issuer or None
-        self._audience = audience or None
+        self._issuer = issuer
+        self._audience = audience
         self._required = [
             "exp",
             "sub",
-            *(["iss"] if self._issuer else []),
-            *(["aud"] if self._audience else []),
+            *(["iss"] if issuer is not None else []),
+            *(["aud"] if audience is not None else []),
         ]
 
     @classmethod

@@ -492,6 +492,25 @@ def test_a_file_setting_set_empty_is_refused_by_its_name(
     assert f"{setting}: empty: name a file, or leave the setting unset" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("setting", ["jwt_issuer", "jwt_audience"])
+@pytest.mark.parametrize("value", ["", " "], ids=["empty", "blank"])
+def test_a_jwt_claim_setting_set_empty_is_refused_not_left_unchecked(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    setting: str,
+    value: str,
+) -> None:
+    # A template expanding an unset variable: every issuer (or audience) would pass. A
+    # store in a missing folder fails the start (exit 1) if the setting gets through.
+    serve = ["serve", "--listen", "127.0.0.1:0", "--store", f"sqlite:///{tmp_path}/no/events.db"]
+    monkeypatch.setenv(f"ORDER_GATEWAY_{setting.upper()}", value)
+    assert main(serve) == 2
+    assert f"{setting}: empty: name the value the claim must have" in capsys.readouterr().err
+    monkeypatch.delenv(f"ORDER_GATEWAY_{setting.upper()}")
+    assert main([*serve, "--" + setting.replace("_", "-"), value]) == 2
+
+
 @pytest.mark.parametrize(
     "argv",
     [
