@@ -400,8 +400,13 @@ async def create_server(
                 raise RuntimeError(
                     f"Failed to bind to address {settings.listen}: {error.reason}"
                 ) from error
-            except OSError:
-                pass  # Not ours to judge (a foreign address, a privileged port): grpc says why.
+            except OSError as error:
+                # An address of no interface here, a privileged port: grpc would refuse it
+                # too, but after a log line of its own and with only a hint to turn its
+                # debug output on. The reason, as with --workers.
+                raise RuntimeError(
+                    f"Failed to bind to address {settings.listen}: {os.strerror(error.errno)}"
+                ) from error
         metrics = GatewayMetrics()
         metrics_server = (
             MetricsServer(metrics.registry, settings.metrics_listen)

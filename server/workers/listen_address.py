@@ -121,11 +121,11 @@ def _listened_on(family: int, address: tuple[str, int]) -> bool:
 
 def check_free(listen: str) -> None:
     """Refuse ``listen`` if anything listens on one of the addresses grpc would bind
-    there (nothing to check for port 0: the OS picks a free port)."""
+    there, or if one of them cannot be bound at all (port 0 included, for which the OS
+    picks a free port: the address itself may be no interface's)."""
     host, port = split_host_port(listen)
-    if port != 0:
-        for family, address in _addresses(host, port):
-            _check_free(family, address, listen, optional=host == "localhost")
+    for family, address in _addresses(host, port):
+        _check_free(family, address, listen, optional=host == "localhost")
 
 
 def reserve(listen: str) -> Reservation:
