@@ -404,8 +404,9 @@ async def create_server(
                 # An address of no interface here, a privileged port: grpc would refuse it
                 # too, but after a log line of its own and with only a hint to turn its
                 # debug output on. The reason, as with --workers.
+                reason = os.strerror(error.errno) if error.errno is not None else str(error)
                 raise RuntimeError(
-                    f"Failed to bind to address {settings.listen}: {os.strerror(error.errno)}"
+                    f"Failed to bind to address {settings.listen}: {reason}"
                 ) from error
         metrics = GatewayMetrics()
         metrics_server = (
