@@ -281,9 +281,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         args.target = local_target(settings.listen)
     if args.command == "serve":
         from server.app import serve
+        from server.open_files import raise_open_file_limit
         from server.workers.supervisor import supervise, worker_count
 
         check_exposure(settings)
+        raise_open_file_limit()
         if worker_count(settings.workers) > 1:
             asyncio.run(supervise(settings))
         else:

@@ -39,20 +39,27 @@ def listening_stranger() -> Iterator[str]:
 
 
 def start_gateway(
-    args: Sequence[str], env: dict[str, str] | None = None, hangup: str = "inherited"
+    args: Sequence[str],
+    env: dict[str, str] | None = None,
+    hangup: str = "inherited",
+    open_files: int | None = None,
 ) -> subprocess.Popen[bytes]:
     """``order-gateway <args>`` as a child process.
 
     Its log goes to an unnamed temporary file, not a pipe: the gateway logs a line per
     RPC, and a pipe nobody drains fills up and blocks the server mid-test. ``hangup``:
     SIGHUP's action in the child, ``"default"`` or ``"ignored"`` (as under ``nohup``),
-    else the test run's own.
+    else the test run's own. ``open_files``: the child's soft limit on open files (set by
+    the shell that execs it, for the reason ``hangup_for_children`` gives).
     """
     log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
     action = {"default": signal.SIG_DFL, "ignored": signal.SIG_IGN}.get(hangup)
+    command = [sys.executable, "-m", "server", *args]
+    if open_files is not None:
+        command = ["bash", "-c", f'ulimit -S -n {open_files} && exec "$@"', "bash", *command]
     with hangup_for_children(action):
         process = subprocess.Popen(
-            [sys.executable, "-m", "server", *args],
+            command,
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=log,
