@@ -9,6 +9,7 @@ import multiprocessing
 import signal
 import time
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 
 import pytest
 
@@ -69,6 +70,18 @@ async def _supervisor_with(settings: Settings, deadline: float | None) -> Superv
     return supervisor
 
 
+async def _timed_stop(
+    supervisor: Supervisor, caplog: pytest.LogCaptureFixture
+) -> tuple[BaseProcess, float]:
+    """The supervisor's stop of its one worker: the worker, and how long the stop took."""
+    process = supervisor._slots[0].process
+    assert process is not None
+    with caplog.at_level(logging.INFO, logger="order_gateway.workers"):
+        started = time.monotonic()
+        await supervisor._stop_all()
+    return process, time.monotonic() - started
+
+
 def _kills(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if "killing it" in r.getMessage()]
 
@@ -82,12 +95,7 @@ async def test_a_worker_that_exits_at_its_own_deadline_is_not_killed(
     # the stop logged the worker's error and the supervisor's for it.
     settings = Settings(store="sqlite:///x.db", shutdown_grace=0)
     supervisor = await _supervisor_with(settings, stop_deadline(settings))
-    process = supervisor._slots[0].process
-    assert process is not None
-    with caplog.at_level(logging.INFO, logger="order_gateway.workers"):
-        started = time.monotonic()
-        await supervisor._stop_all()
-        took = time.monotonic() - started
+    process, took = await _timed_stop(supervisor, caplog)
     assert process.exitcode == 1, "killed, not exited by itself"
     assert _kills(caplog) == []
     assert stop_deadline(settings) <= took < kill_deadline(settings)
@@ -103,12 +111,7 @@ async def test_a_worker_that_never_exits_is_killed_within_10_s(
     settings = Settings(store="sqlite:///x.db", shutdown_grace=3600)
     assert stop_deadline(settings) == STOP_DEADLINE_SECONDS
     supervisor = await _supervisor_with(settings, None)
-    process = supervisor._slots[0].process
-    assert process is not None
-    with caplog.at_level(logging.INFO, logger="order_gateway.workers"):
-        started = time.monotonic()
-        await supervisor._stop_all()
-        took = time.monotonic() - started
+    process, took = await _timed_stop(supervisor, caplog)
     assert process.exitcode == -signal.SIGKILL
     assert _kills(caplog) == [f"worker pid {process.pid} did not stop in 9.5 s; killing it"]
     assert STOP_DEADLINE_SECONDS < kill_deadline(settings) <= took < 10
