@@ -8,6 +8,7 @@ from types import TracebackType
 
 import grpc
 
+from server.client.ctrl_c import CtrlC
 from server.config import read_setting_file
 
 TOKEN_VARIABLE = "ORDER_GATEWAY_TOKEN"
@@ -59,11 +60,12 @@ SETTLED = (
 
 SETTLE_POLL_SECONDS = 0.05
 """How often ``connection_settles`` looks whether the connection settled, and so how late
-at most it acts on a Ctrl-C."""
+at most it sees a Ctrl-C."""
 
 
-def connection_settles(channel: grpc.Channel, timeout: float) -> bool:
-    """Whether ``channel`` connects, or fails to, within ``timeout`` seconds.
+def connection_settles(channel: grpc.Channel, timeout: float, ctrl_c: CtrlC | None = None) -> bool:
+    """Whether ``channel`` connects, or fails to, within ``timeout`` seconds; False at
+    once if ``ctrl_c`` is pressed.
 
     A stream without a deadline (tail, consume) started on a channel still connecting
     waits as long as the connection does: for ever, on a peer that accepts TCP and never
@@ -73,12 +75,9 @@ def connection_settles(channel: grpc.Channel, timeout: float) -> bool:
     It looks every ``SETTLE_POLL_SECONDS`` rather than blocking once for the whole
     ``timeout``: the kernel hands a Ctrl-C to any thread of the process that does not block
     SIGINT, grpc's own threads included (9 of 50 Ctrl-Cs of a waiting ``tail`` or
-    ``consume``). Python's handler then only notes it, and the main thread acts on it when
-    it next runs Python code: blocked in one long wait, it did so only once grpc gave up
-    connecting, 20 s later. Sleeping, rather than waiting in slices on a
-    ``threading.Event``, keeps that KeyboardInterrupt out of the Event's lock handling,
-    where it can come out as ``RuntimeError: cannot release un-acquired lock`` (see
-    ``interrupted``)."""
+    ``consume``). Python's handler then runs only when the main thread next runs Python
+    code: blocked in one long wait, it did so only once grpc gave up connecting, 20 s
+    later."""
     settled = threading.Event()
 
     def watch(state: grpc.ChannelConnectivity) -> None:
@@ -91,7 +90,7 @@ def connection_settles(channel: grpc.Channel, timeout: float) -> bool:
     try:
         while not settled.is_set():
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or (ctrl_c is not None and ctrl_c.pressed):
                 return False
             time.sleep(min(left, SETTLE_POLL_SECONDS))
         return True
@@ -121,11 +120,3 @@ def _raised_in(traceback: TracebackType | None, function: str) -> bool:
 def no_connection(target: str, timeout: float) -> str:
     """What a stream command prints when ``connection_settles`` says no."""
     return f"DEADLINE_EXCEEDED: no connection to {target} within {timeout:g} s"
-
-
-def interrupted(error: KeyboardInterrupt | RuntimeError) -> bool:
-    """Whether ``error`` is a Ctrl-C. One that lands while grpc's blocking client waits for
-    the next message can interrupt ``threading.Condition.wait`` as it takes its lock back,
-    which then raises ``RuntimeError: cannot release un-acquired lock`` in the
-    KeyboardInterrupt's place (seen about once in 70 Ctrl-Cs of ``consume``)."""
-    return isinstance(error, KeyboardInterrupt) or isinstance(error.__context__, KeyboardInterrupt)

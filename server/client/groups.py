@@ -27,10 +27,10 @@ from server.client.channel import (
     Metadata,
     call_metadata,
     connection_settles,
-    interrupted,
     no_connection,
     open_channel,
 )
+from server.client.ctrl_c import CtrlC, ctrl_c_stops
 from server.client.environment import EnvironmentParser
 from server.client.json_lines import json_line
 from server.client.output import ReaderGone, reader_gone_error, unwritable_output
@@ -350,8 +350,10 @@ def follow_group(
     out: TextIO,
     err: TextIO,
     metadata: Metadata = (),
+    ctrl_c: CtrlC | None = None,
 ) -> int:
-    """Consume until the server ends the stream (0), it fails (1) or Ctrl-C (0)."""
+    """Consume until the server ends the stream (0), it fails (1) or Ctrl-C (0: ``ctrl_c``
+    cancels the call)."""
     program = "order-gateway consume"
     requests: queue.SimpleQueue[pb.ConsumeRequest | None] = queue.SimpleQueue()
     # One delivery at a time: the next comes once the line before it is written and acked.
@@ -367,6 +369,8 @@ def follow_group(
 
     stub = pb_grpc.ConsumerGroupServiceStub(channel)
     call = stub.Consume(outgoing(), metadata=metadata)
+    if ctrl_c is not None:
+        ctrl_c.stops(call.cancel)
 
     writing = threading.Lock()
     """Held from a line's write until its ack is queued: the end of the requests that
@@ -414,14 +418,11 @@ def follow_group(
         # The failed call, raised by itself, in a cycle with its traceback: freed here,
         # not by the interpreter's last collection (``server.client.tail.follow``).
         error.__traceback__ = None
+        if ctrl_c is not None and ctrl_c.pressed:
+            return 0
         if reader_gone or broken_pipe:
             raise reader_gone_error() from None
         return _fail(program, error, err)
-    except (KeyboardInterrupt, RuntimeError) as error:
-        if not interrupted(error):
-            raise
-        call.cancel()
-        return 0
     except OSError:
         # The line was not written, so its event is not acked: it goes back to the group.
         call.cancel()
@@ -437,8 +438,11 @@ def consume(args: argparse.Namespace) -> int:
     """Ctrl-C stops it with status 0, while it still waits for its connection as once it
     consumes."""
     try:
-        with open_channel(args.target, args.tls_ca) as channel:
-            if not connection_settles(channel, args.timeout):
+        with ctrl_c_stops() as ctrl_c, open_channel(args.target, args.tls_ca) as channel:
+            settled = connection_settles(channel, args.timeout, ctrl_c)
+            if ctrl_c.pressed:
+                return 0
+            if not settled:
                 message = no_connection(args.target, args.timeout)
                 print(f"order-gateway consume: {message}", file=sys.stderr)
                 return 1
@@ -450,8 +454,10 @@ def consume(args: argparse.Namespace) -> int:
                     sys.stdout,
                     sys.stderr,
                     call_metadata(args.token),
+                    ctrl_c,
                 )
             except OSError as error:
                 return unwritable_output("order-gateway consume", error)
     except KeyboardInterrupt:
+        # Pressed before ``ctrl_c_stops`` took SIGINT over, or after it gave it back.
         return 0

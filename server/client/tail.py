@@ -19,10 +19,10 @@ from server.client.channel import (
     Metadata,
     call_metadata,
     connection_settles,
-    interrupted,
     no_connection,
     open_channel,
 )
+from server.client.ctrl_c import CtrlC, ctrl_c_stops
 from server.client.json_lines import json_line
 from server.client.output import ReaderGone, reader_gone_error, unwritable_output
 
@@ -45,14 +45,17 @@ def follow(
     err: TextIO,
     metadata: Metadata = (),
     stream: str = "",
+    ctrl_c: CtrlC | None = None,
 ) -> int:
     """Print the events of one Subscribe call on ``channel``; the exit status.
 
-    0 when the server ends the stream or on Ctrl-C; 1 (with the reason on ``err``)
-    when the call fails.
+    0 when the server ends the stream or on Ctrl-C (``ctrl_c`` cancels the call); 1
+    (with the reason on ``err``) when the call fails.
     """
     stub = event_stream_service_pb2_grpc.EventStreamServiceStub(channel)
     call = stub.Subscribe(subscribe_request(after, types, stream), metadata=metadata)
+    if ctrl_c is not None:
+        ctrl_c.stops(call.cancel)
     reader_gone = ReaderGone(out, call.cancel)
     try:
         for response in call:
@@ -67,17 +70,14 @@ def follow(
         # hold for good, and the process never ends. Without the traceback, the call is
         # freed with this frame, while grpc's threads still run.
         error.__traceback__ = None
+        if ctrl_c is not None and ctrl_c.pressed:
+            return 0
         if reader_gone:
             raise reader_gone_error() from None
         print(f"{PROGRAM}: {error.code().name}: {error.details()}", file=err)
         for field, reason in field_violations(call):
             print(f"  {field}: {reason}", file=err)
         return 1
-    except (KeyboardInterrupt, RuntimeError) as error:
-        if not interrupted(error):
-            raise
-        call.cancel()
-        return 0
     except OSError:
         # Output that cannot be written: the reader went away (e.g. `| head`), or a full
         # disk. The caller says which.
@@ -116,15 +116,26 @@ def tail(
         print(f"{PROGRAM}: --after must be 0 or more", file=sys.stderr)
         return 2
     try:
-        with open_channel(target, tls_ca) as channel:
-            if not connection_settles(channel, timeout):
+        with ctrl_c_stops() as ctrl_c, open_channel(target, tls_ca) as channel:
+            settled = connection_settles(channel, timeout, ctrl_c)
+            if ctrl_c.pressed:
+                return 0
+            if not settled:
                 print(f"{PROGRAM}: {no_connection(target, timeout)}", file=sys.stderr)
                 return 1
             try:
                 return follow(
-                    channel, after, types, sys.stdout, sys.stderr, call_metadata(token), stream
+                    channel,
+                    after,
+                    types,
+                    sys.stdout,
+                    sys.stderr,
+                    call_metadata(token),
+                    stream,
+                    ctrl_c,
                 )
             except OSError as error:
                 return unwritable_output(PROGRAM, error)
     except KeyboardInterrupt:
+        # Pressed before ``ctrl_c_stops`` took SIGINT over, or after it gave it back.
         return 0

@@ -30,6 +30,7 @@ from orders.v1 import inventory_command_service_pb2_grpc as inventory_grpc
 
 from server.app import Gateway
 from server.client.channel import connection_settles, quiet_polling_of_closed_channels
+from server.client.ctrl_c import ctrl_c_stops
 from server.client.groups import follow_group
 from server.client.tail import follow
 from server.stores.factory import open_store
@@ -605,8 +606,9 @@ def test_a_ctrl_c_taken_by_another_thread_ends_the_wait_for_a_connection(
         threading.Thread(target=ctrl_c_once_connected, daemon=True).start()
         target = f"127.0.0.1:{silent.getsockname()[1]}"
         try:
-            with grpc.insecure_channel(target) as channel, pytest.raises(KeyboardInterrupt):
-                connection_settles(channel, 60)
+            with ctrl_c_stops() as ctrl_c, grpc.insecure_channel(target) as channel:
+                assert not connection_settles(channel, 60, ctrl_c)
+                assert ctrl_c.pressed
         finally:
             signal.signal(signal.SIGINT, previous)
         connection, sent = accepted[0]
@@ -664,27 +666,31 @@ def test_a_failed_stream_is_freed_when_the_command_returns(command: str) -> None
     assert left == 0
 
 
-class CtrlCInGrpcsWait:
-    """A call whose wait for the next message a Ctrl-C interrupted as it took its lock
-    back: ``threading.Condition.wait`` then raises RuntimeError in the KeyboardInterrupt's
-    place."""
+class Cancelled(grpc.RpcError):
+    pass
 
-    cancelled = False
 
-    def __iter__(self) -> CtrlCInGrpcsWait:
+class WaitsUntilCancelled:
+    """A call that waits for its next message, as grpc's blocking client does (in slices
+    of 0.1 s, during which Python runs signal handlers), until it is cancelled."""
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+
+    def __iter__(self) -> WaitsUntilCancelled:
         return self
 
     def __next__(self) -> object:
-        error = RuntimeError("cannot release un-acquired lock")
-        error.__context__ = KeyboardInterrupt()
-        raise error
+        while not self.cancelled.wait(0.1):
+            pass
+        raise Cancelled()
 
     def cancel(self) -> None:
-        self.cancelled = True
+        self.cancelled.set()
 
 
 class ChannelOfOneCall:
-    def __init__(self, call: CtrlCInGrpcsWait | Answers) -> None:
+    def __init__(self, call: WaitsUntilCancelled | Answers) -> None:
         self.call = call
 
     def unary_stream(self, *_: object, **__: object) -> object:
@@ -694,15 +700,75 @@ class ChannelOfOneCall:
 
 
 @pytest.mark.parametrize("command", ["tail", "consume"])
-def test_ctrl_c_inside_grpc_s_wait_for_a_message_exits_0(command: str) -> None:
-    call = CtrlCInGrpcsWait()
+def test_ctrl_c_while_a_stream_waits_for_a_message_cancels_the_call_and_exits_0(
+    command: str,
+) -> None:
+    # Two SIGINTs, as ``timeout -s INT`` sends them (to the command and its process
+    # group), from another thread: the handler runs in the main thread while it waits.
+    call = WaitsUntilCancelled()
     channel = cast(grpc.Channel, ChannelOfOneCall(call))
     out, err = io.StringIO(), io.StringIO()
-    if command == "tail":
-        status = follow(channel, 0, [], out, err)
-    else:
-        status = follow_group(channel, "g", "", out, err)
-    assert (status, out.getvalue(), err.getvalue(), call.cancelled) == (0, "", "", True)
+    previous = signal.getsignal(signal.SIGINT)
+
+    def press_twice() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    pressing = threading.Timer(0.3, press_twice)
+    try:
+        with ctrl_c_stops() as ctrl_c:
+            pressing.start()
+            if command == "tail":
+                status = follow(channel, 0, [], out, err, ctrl_c=ctrl_c)
+            else:
+                status = follow_group(channel, "g", "", out, err, ctrl_c=ctrl_c)
+        # Pressed: a later SIGINT is ignored while the command exits.
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        pressing.join()
+        signal.signal(signal.SIGINT, previous)
+    assert (status, out.getvalue(), err.getvalue()) == (0, "", "")
+    assert call.cancelled.is_set()
+
+
+@pytest.mark.parametrize("command", [["tail"], ["consume", "--group", "g"]])
+async def test_a_stream_command_exits_0_on_a_ctrl_c_at_any_moment_of_its_run(
+    gateway: Gateway, command: list[str]
+) -> None:
+    # A Ctrl-C raised as a KeyboardInterrupt inside grpc's client code (creating the
+    # call, closing the channel, waiting on the call's condition) could leave one of its
+    # locks held: ``timeout -s INT 0.3 order-gateway tail`` then never exited, 9 runs in
+    # 60. Two SIGINTs each, as ``timeout -s INT`` sends, at moments spread over the
+    # command's start, its connection and its stream.
+    target = f"127.0.0.1:{gateway.port}"
+    await cli("group", "create", "g", "--target", target)
+    argv = [sys.executable, "-m", "server", *command, "--target", target]
+    delays = [0.2 + 0.1 * step for step in range(16)]
+    for batch in range(0, len(delays), 4):
+        runs = [
+            (
+                await asyncio.create_subprocess_exec(
+                    *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+                ),
+                delay,
+            )
+            for delay in delays[batch : batch + 4]
+        ]
+        started = time.monotonic()
+        for process, delay in runs:
+            await asyncio.sleep(max(0.0, started + delay - time.monotonic()))
+            process.send_signal(signal.SIGINT)
+            process.send_signal(signal.SIGINT)
+        for process, delay in runs:
+            try:
+                _, err = await asyncio.wait_for(process.communicate(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.communicate()
+                pytest.fail(f"{command[0]} still running 10 s after a Ctrl-C at {delay:.1f} s")
+            # Nothing on stderr but consume's own news of its partitions.
+            said = [line for line in err.decode().splitlines() if "has partitions" not in line]
+            assert (process.returncode, said) == (0, []), delay
 
 
 class Answers:
