@@ -23,6 +23,7 @@ import grpc_testing
 import pytest
 from orders.v1 import event_stream_service_pb2, events_pb2
 
+from server.client.ctrl_c import CtrlC
 from server.client.tail import follow
 from tests.clients import Clients
 from tests.subscription_support import WAIT
@@ -66,7 +67,7 @@ class WatchedOutput(io.StringIO):
 
 
 class Interrupting(io.StringIO):
-    """An output that raises ``error`` on its first write (Ctrl-C, a closed pipe)."""
+    """An output that raises ``error`` on its first write (a closed pipe)."""
 
     def __init__(self, error: BaseException) -> None:
         super().__init__()
@@ -145,16 +146,36 @@ def test_a_failed_call_is_reported_on_stderr_with_exit_1(
     assert err.getvalue() == "order-gateway tail: UNAVAILABLE: the server is shutting down\n"
 
 
+class PressingCtrlC(io.StringIO):
+    """An output during whose first write Ctrl-C is pressed, as SIGINT's handler in
+    ``ctrl_c_stops`` takes it."""
+
+    def __init__(self, ctrl_c: CtrlC) -> None:
+        super().__init__()
+        self.ctrl_c = ctrl_c
+
+    def write(self, text: str) -> int:
+        self.ctrl_c._pressed(signal.SIGINT, None)
+        return super().write(text)
+
+
 def test_ctrl_c_cancels_the_call_and_exits_0(channel: Any, background: ThreadPoolExecutor) -> None:
-    err = io.StringIO()
-    result = start_tail(background, channel, Interrupting(KeyboardInterrupt()), err)
+    ctrl_c = CtrlC()
+    ctrl_c._start()
+    try:
+        err = io.StringIO()
+        result = background.submit(
+            follow, channel, 0, (), PressingCtrlC(ctrl_c), err, (), "", ctrl_c
+        )
 
-    _, _, rpc = channel.take_unary_stream(SUBSCRIBE)
-    rpc.send_response(event(1))
-    rpc.cancelled()  # blocks until the client cancels the call
+        _, _, rpc = channel.take_unary_stream(SUBSCRIBE)
+        rpc.send_response(event(1))
+        rpc.cancelled()  # blocks until the client cancels the call
 
-    assert result.result(timeout=WAIT) == 0
-    assert err.getvalue() == ""
+        assert result.result(timeout=WAIT) == 0
+        assert err.getvalue() == ""
+    finally:
+        ctrl_c._close()
 
 
 def test_a_closed_output_cancels_the_call(channel: Any, background: ThreadPoolExecutor) -> None:
