@@ -12,6 +12,9 @@ streamed. Its distance from the floor is what durability alone costs on the mach
 ``--commit-on-loop`` makes the event loop commit each call itself, without the writer
 thread: fewer hand-offs for one caller, no group commit for many.
 
+It runs on the event loop the gateway would run on here (uvloop unless
+``ORDER_GATEWAY_EVENT_LOOP`` says asyncio), so that the two differ by the gateway's work.
+
     python -m bench.floor_server --listen 127.0.0.1:PORT [--durable FILE [--commit-on-loop]]
 """
 
@@ -37,6 +40,8 @@ from orders.v1 import (
 
 from bench import workload
 from bench.durable_log import DurableLog
+from bench.servers import servers_event_loop
+from server import event_loop
 
 R = TypeVar("R")
 
@@ -170,10 +175,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="with --durable: commit on the event loop, not in a writer thread",
     )
+    parser.add_argument(
+        "--event-loop",
+        choices=("uvloop", "asyncio"),
+        default=servers_event_loop(),
+        help="the event loop to run on (default: the gateway's, ORDER_GATEWAY_EVENT_LOOP or "
+        "uvloop)",
+    )
     args = parser.parse_args(argv)
     if args.commit_on_loop and args.durable is None:
         parser.error("--commit-on-loop needs --durable")
-    asyncio.run(serve(args.listen, args.subscribe_events, args.durable, args.commit_on_loop))
+    event_loop.run(
+        serve(args.listen, args.subscribe_events, args.durable, args.commit_on_loop),
+        args.event_loop,
+    )
 
 
 if __name__ == "__main__":

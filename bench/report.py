@@ -15,7 +15,7 @@ import grpc
 
 from bench.inprocess import InProcessResult
 from bench.replicas import ReplicaResult
-from bench.servers import DURABLE_FLOORS
+from bench.servers import DURABLE_FLOORS, servers_event_loop
 from bench.stats import LoadResult
 from bench.workers import WORKER_COUNTS, DeliveryResult, ceiling, delivery_summary, label
 from bench.workload import HOT_SET
@@ -204,6 +204,7 @@ def conditions() -> dict[str, Any]:
         "python": platform.python_version(),
         "grpcio": grpc.__version__,
         "platform": platform.platform(),
+        "event_loop": servers_event_loop(),
     }
 
 
@@ -715,6 +716,7 @@ def print_report(report: Report, out: TextIO) -> None:
     before, after = report.conditions_before, report.conditions_after
     out.write(
         f"\nConditions: {before.get('cpus')} CPUs, {before.get('platform')}, Python "
-        f"{before.get('python')}, grpcio {before.get('grpcio')}; load average "
+        f"{before.get('python')}, grpcio {before.get('grpcio')}, servers on "
+        f"{before.get('event_loop', 'asyncio')}'s event loop; load average "
         f"{before.get('load_average')} at start, {after.get('load_average')} at end\n"
     )

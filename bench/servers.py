@@ -26,6 +26,7 @@ from orders.v1 import inventory_command_service_pb2, inventory_command_service_p
 
 from bench import workload
 from bench.tokens import bearer
+from server.event_loop import EventLoopName
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 60.0
@@ -199,6 +200,14 @@ async def start_gateway(
     command += options
     name = "gateway" if workers == 1 else f"gateway-{workers}-workers"
     return await ServerProcess.start(name, command, port, log_dir)
+
+
+def servers_event_loop() -> EventLoopName:
+    """The event loop every server of a run uses: the gateway's, as ``serve`` would pick it
+    here (``ORDER_GATEWAY_EVENT_LOOP``, uvloop by default); the floors run on the same
+    one, so that their distance from the gateway is the gateway's own work."""
+    name = os.environ.get("ORDER_GATEWAY_EVENT_LOOP", "uvloop").lower()
+    return "asyncio" if name == "asyncio" else "uvloop"
 
 
 def gateway_command(port: int, store_url: str, workers: int = 1) -> list[str]:

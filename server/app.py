@@ -38,6 +38,7 @@ from server.consumer_groups.metrics import GroupMetricsCollector, UnservedGroups
 from server.consumer_groups.service import ConsumerGroups
 from server.consumer_groups.servicer import ConsumerGroupServicer
 from server.consumer_groups.stores import open_group_store, partition_leases
+from server.event_loop import running_loop_name
 from server.launch import held_signal, stop_signals
 from server.observability.access_log import AccessLog
 from server.observability.hooks import Tracing
@@ -713,10 +714,11 @@ async def _serve_until(
     # The bound port, not the configured one: with port 0 the OS chose it.
     host = settings.listen.rpartition(":")[0]
     log.info(
-        "order-gateway listening on %s:%d (store %s)",
+        "order-gateway listening on %s:%d (store %s, event loop %s)",
         host,
         gateway.port,
         redacted_url(settings.store),
+        running_loop_name(),
     )
     if settings.metrics_listen and gateway.metrics_port is not None:
         metrics_host = settings.metrics_listen.rpartition(":")[0]

@@ -280,6 +280,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         args.target = local_target(settings.listen)
     if args.command == "serve":
+        from server import event_loop
         from server.app import serve
         from server.open_files import raise_open_file_limit
         from server.workers.supervisor import supervise, worker_count
@@ -287,9 +288,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         check_exposure(settings)
         raise_open_file_limit()
         if worker_count(settings.workers) > 1:
-            asyncio.run(supervise(settings))
+            event_loop.run(supervise(settings), settings.event_loop)
         else:
-            asyncio.run(serve(settings))
+            event_loop.run(serve(settings), settings.event_loop)
     elif args.command == "migrate":
         from server.stores.factory import migrate
 

@@ -33,7 +33,7 @@ import datetime as dt
 import functools
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from server.workers.groups import GroupsHost
 from server.workers.hub_protocol import (
@@ -73,7 +73,8 @@ class _Connection(asyncio.Protocol):
         """What the worker was last told of the others' subscriptions."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # A stream transport (uvloop's is not an asyncio.Transport subclass).
+        transport = cast(asyncio.Transport, transport)
         self._out.transport = transport
         if self._hub.closed:
             # Accepted as the hub was closing: this worker must learn it is gone too.

@@ -160,7 +160,6 @@ class HubClient:
         transport, connection = await asyncio.get_running_loop().create_unix_connection(
             lambda: _HubConnection(client), str(socket_path)
         )
-        assert isinstance(transport, asyncio.Transport)
         client._out.transport = transport
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):

@@ -29,6 +29,7 @@ from domain.errors import StoreError
 from server.app import authenticators_from, stop_deadline, stop_on_signals, unless_stopped
 from server.config import Settings, credential_files, keep_setting_files
 from server.consumer_groups.store_sqlite import SQLiteConsumerGroupStore
+from server.event_loop import running_loop_name
 from server.launch import stop_signals
 from server.observability.metrics import MetricsServer, check_metrics_address
 from server.security.tls import server_credentials
@@ -395,10 +396,11 @@ async def _run(
 
     def serving() -> None:
         log.info(
-            "order-gateway listening on %s with %d workers (store %s)",
+            "order-gateway listening on %s with %d workers (store %s, event loop %s)",
             listen,
             count,
             redacted_url(settings.store),
+            running_loop_name(),
         )
 
     try:

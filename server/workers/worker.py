@@ -32,6 +32,7 @@ from typing import cast
 from domain.errors import StoreError, StoreUnavailableError
 from domain.ports import SharedStreamLocks
 from domain.unit_of_work import AggregateCache
+from server import event_loop
 from server.app import Gateway, serve, stop_deadline
 from server.config import Settings, keep_setting_files
 from server.observability.logs import configure_logging
@@ -90,7 +91,7 @@ def run_worker(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> Non
     configure_logging(settings.log_format, settings.log_level, worker=spec.index)
     keep_setting_files(spec.credential_files)
     try:
-        asyncio.run(_serve(spec, ready, lifeline))
+        event_loop.run(_serve(spec, ready, lifeline), settings.event_loop)
     except SupervisorGoneError as gone:
         # The supervisor died as this worker started (a replacement, say): nothing failed
         # here, and the supervisor's own end is what the log must show.

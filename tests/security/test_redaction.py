@@ -197,6 +197,6 @@ async def test_the_log_shows_the_store_url_masked_in_every_form(postgres_url: st
         process.send_signal(signal.SIGTERM)
         await asyncio.to_thread(process.wait, 30)
     log = gateway_log(process)
-    assert f"(store postgresql://postgres:***@{host_part}?password=***)" in log
+    assert f"(store postgresql://postgres:***@{host_part}?password=***, event loop" in log
     for secret in (SECRET, OTHER_SECRET, "pgpassw0rd-from-env"):
         assert secret not in log
