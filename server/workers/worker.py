@@ -113,10 +113,15 @@ class SupervisorGoneError(Exception):
 
 async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> None:
     stop = asyncio.Event()
+    told = False
 
     def supervisor_gone() -> None:
-        # Told once: by the lifeline, or by a ready message that cannot be sent.
-        if asyncio.get_running_loop().remove_reader(lifeline.fileno()):
+        # Told by the lifeline, or by a ready message that cannot be sent, whichever
+        # comes first; logged once. (Not by remove_reader's result: uvloop's is None.)
+        nonlocal told
+        if not told:
+            told = True
+            asyncio.get_running_loop().remove_reader(lifeline.fileno())
             log.error("the supervisor process is gone; stopping")
         stop.set()
 

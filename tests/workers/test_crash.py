@@ -111,6 +111,8 @@ async def test_a_killed_supervisor_takes_its_workers_along_and_loses_nothing(
         async with asyncio.timeout(WAIT):
             while any(alive(pid) for pid in workers):  # noqa: ASYNC110 - no event to wait on
                 await asyncio.sleep(0.05)
+        # Each worker says why it stopped, once.
+        assert gateway.log.count("the supervisor process is gone; stopping") == len(workers)
         port = int(gateway.target.rpartition(":")[2])
 
     # Restarted on the same store and address.
