@@ -760,6 +760,42 @@ async def test_calls_fail_at_once_while_the_database_refuses_connections(
         await store.close()
 
 
+async def test_calls_work_again_soon_after_the_database_is_back_whatever_the_pool_s_backoff(
+    fresh_postgres_url: str,
+) -> None:
+    # The pool replaces the connections it lost with attempts 1, 2, 4 ... s apart; a call
+    # that found the database back waited for the next one: 3.5 s after this outage.
+    outage = Outage(fresh_postgres_url)
+    await outage.up()
+    store = await PostgresEventStore.open(
+        make_conninfo(fresh_postgres_url, host="127.0.0.1", port=outage.port)
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        await store.append(commit(("a", 1)))
+        await outage.down()
+        # Down long enough for the pool's attempts to be 4 s apart when it comes back.
+        down_until = loop.time() + 3.5
+        while loop.time() < down_until:
+            with pytest.raises(StoreUnavailableError):
+                await store.append(commit(("a", 2)))
+            await asyncio.sleep(0.1)
+        await outage.up()
+        back = loop.time()
+        while True:
+            try:
+                appended = await store.append(commit(("a", 2)))
+                break
+            except StoreUnavailableError:
+                assert loop.time() - back < TIMEOUT
+                await asyncio.sleep(0.1)
+        # A second for the last refusal to go stale, then the call's own try.
+        assert loop.time() - back < 2.5
+        assert [e.stream_version for e in appended] == [2]
+    finally:
+        await store.close()
+
+
 async def test_snapshot_writes_held_up_by_a_lock_leave_the_pool_to_the_commands(
     fresh_postgres_url: str,
 ) -> None:
