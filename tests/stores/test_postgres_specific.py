@@ -718,19 +718,26 @@ class Outage:
         await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
 
 
+@contextlib.asynccontextmanager
+async def store_behind_outage(url: str) -> AsyncIterator[tuple[PostgresEventStore, Outage]]:
+    """A store that reaches the database through an ``Outage``, one event appended."""
+    outage = Outage(url)
+    await outage.up()
+    store = await PostgresEventStore.open(make_conninfo(url, host="127.0.0.1", port=outage.port))
+    try:
+        await store.append(commit(("a", 1)))
+        yield store, outage
+    finally:
+        await store.close()
+
+
 async def test_calls_fail_at_once_while_the_database_refuses_connections(
     fresh_postgres_url: str,
 ) -> None:
     # Each call waited the pool's whole timeout (10 s) for a connection that could not
     # come: clients with shorter deadlines saw DEADLINE_EXCEEDED, and the store's fault
     # (its metric and log line, which alerts read) was never reported.
-    outage = Outage(fresh_postgres_url)
-    await outage.up()
-    store = await PostgresEventStore.open(
-        make_conninfo(fresh_postgres_url, host="127.0.0.1", port=outage.port)
-    )
-    try:
-        await store.append(commit(("a", 1)))
+    async with store_behind_outage(fresh_postgres_url) as (store, outage):
         await outage.down()
         started = asyncio.get_running_loop().time()
         refusals: list[str] = []
@@ -756,8 +763,6 @@ async def test_calls_fail_at_once_while_the_database_refuses_connections(
         else:
             raise AssertionError("the store never saw the database again")
         assert [e.stream_version for e in appended] == [2]
-    finally:
-        await store.close()
 
 
 async def test_calls_work_again_soon_after_the_database_is_back_whatever_the_pool_s_backoff(
@@ -765,14 +770,8 @@ async def test_calls_work_again_soon_after_the_database_is_back_whatever_the_poo
 ) -> None:
     # The pool replaces the connections it lost with attempts 1, 2, 4 ... s apart; a call
     # that found the database back waited for the next one: 3.5 s after this outage.
-    outage = Outage(fresh_postgres_url)
-    await outage.up()
-    store = await PostgresEventStore.open(
-        make_conninfo(fresh_postgres_url, host="127.0.0.1", port=outage.port)
-    )
     loop = asyncio.get_running_loop()
-    try:
-        await store.append(commit(("a", 1)))
+    async with store_behind_outage(fresh_postgres_url) as (store, outage):
         await outage.down()
         # Down long enough for the pool's attempts to be 4 s apart when it comes back.
         down_until = loop.time() + 3.5
@@ -792,8 +791,6 @@ async def test_calls_work_again_soon_after_the_database_is_back_whatever_the_poo
         # A second for the last refusal to go stale, then the call's own try.
         assert loop.time() - back < 2.5
         assert [e.stream_version for e in appended] == [2]
-    finally:
-        await store.close()
 
 
 async def test_snapshot_writes_held_up_by_a_lock_leave_the_pool_to_the_commands(
