@@ -295,7 +295,7 @@ async def verify(store: EventStore) -> Report:
     try:
         await _check_log(store, head, checker, report)
     except BaseException:
-        _abandon(repeats)
+        await _abandon(repeats)
         raise
     # Read beside the log, and possibly still running when the log is done.
     for event_id, positions in await repeats:
@@ -351,7 +351,7 @@ async def _check_log(store: EventStore, head: int, checker: _Checker, report: Re
             if after >= head:
                 break
     except BaseException:
-        _abandon(upcoming)
+        await _abandon(upcoming)
         raise
     if checker.expected_position <= head:
         report.add(checker.expected_position, f"missing (the head is {head})")
@@ -363,18 +363,22 @@ async def _check_log(store: EventStore, head: int, checker: _Checker, report: Re
     report.products = len(checker.stock)
 
 
-def _abandon(task: asyncio.Future[Any]) -> None:
-    """Give up ``task``, a read beside the check, when the check fails: cancelled if still
-    under way, and its own failure taken (as a rule the same lost store; the check's is
-    the one reported), which asyncio would otherwise log with its traceback."""
-    if task.done():
-        _retrieve(task)
-    else:
+async def _abandon(task: asyncio.Future[Any]) -> None:
+    """Give up ``task``, a read beside the check, when the check fails or is stopped:
+    cancelled if still under way, waited for, and its own failure taken (as a rule the
+    same lost store; the check's is the one reported), which asyncio would otherwise log
+    with its traceback.
+
+    Waited for, so that a read cancelled by a Ctrl-C ends before the command does: on
+    PostgreSQL the driver then cancels its query on the server, which takes a round trip.
+    Left running, the read was cancelled again as ``asyncio.run`` closed its loop, and
+    psycopg logged "query cancellation interrupted" and dropped the connection.
+    """
+    # A read the check was awaiting has been cancelled with it already: once more would
+    # interrupt the driver's own cancellation.
+    if not task.done() and not (isinstance(task, asyncio.Task) and task.cancelling()):
         task.cancel()
-        task.add_done_callback(_retrieve)
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
+    await asyncio.wait((task,))
     if not task.cancelled():
         task.exception()
 

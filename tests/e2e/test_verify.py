@@ -472,6 +472,60 @@ async def test_a_store_lost_midway_fails_the_check_with_its_own_error_alone(
     assert "never retrieved" not in caplog.text
 
 
+class CancelledOnTheServer(MemoryEventStore):
+    """A store whose reads of the log past its second event, and whose searches for
+    command records, are under way until cancelled; a read's cancellation then takes a
+    round trip, as a PostgreSQL query's does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = asyncio.Event()
+        self.searching = asyncio.Event()
+        self.read_cancellations: list[str] = []
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        if after_position < 2:
+            return await super().read_all(after_position, limit)
+        self.reading.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                self.read_cancellations.append("interrupted")
+                raise
+            self.read_cancellations.append("completed")
+            raise
+        raise AssertionError("not reached")
+
+    async def find_command_ranges(self, command_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        self.searching.set()
+        await asyncio.Event().wait()
+        raise AssertionError("not reached")
+
+
+async def test_a_stopped_check_ends_after_the_reads_it_started(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A Ctrl-C cancels the check while it searches for command records and reads the
+    # next page beside. The read went on with its own cancellation after the check ended,
+    # and was cancelled again as asyncio.run closed the loop: on PostgreSQL psycopg then
+    # logged "query cancellation interrupted (CancelledError): closing connection".
+    monkeypatch.setattr(server.verify, "PAGE_SIZE", 1)
+    store = CancelledOnTheServer()
+    bus = bootstrap(store)
+    await bus.dispatch(restock("a", 5))
+    await bus.dispatch(create(("a", 1)))
+    check = asyncio.create_task(verify(store))
+    await asyncio.wait_for(store.reading.wait(), 5)
+    await asyncio.wait_for(store.searching.wait(), 5)
+    check.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await check
+    assert store.read_cancellations == ["completed"]
+
+
 def test_a_store_that_does_not_exist_fails_and_is_not_created(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
