@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
-import psycopg
 import pytest
 from orders.v1 import (
     event_stream_service_pb2_grpc,
@@ -20,6 +18,7 @@ from server.app import Gateway, create_server
 from server.config import Settings
 from server.stores.memory import MemoryEventStore
 from tests.clients import Clients
+from tests.postgres_databases import new_database
 
 
 @pytest.fixture
@@ -72,10 +71,5 @@ def postgres_url() -> str:
 @pytest.fixture
 def fresh_postgres_url(postgres_url: str) -> Iterator[str]:
     """A URL to a new, empty database on the test server, dropped after the test."""
-    name = f"test_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(postgres_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    base, _, _ = postgres_url.rpartition("/")
-    yield f"{base}/{name}"
-    with psycopg.connect(postgres_url, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with new_database(postgres_url) as url:
+        yield url

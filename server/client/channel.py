@@ -18,9 +18,9 @@ Metadata = tuple[tuple[str, str], ...]
 
 
 RECEIVE_LIMIT = 256 * 1024 * 1024
-"""The largest answer the CLI reads: ``ListConsumerGroups`` answers every group in one
-message (about 2 KB for a group of 256 partitions), past gRPC's default 4 MiB from a few
-thousand groups."""
+"""The largest answer the CLI reads: a gateway that does not page ``ListConsumerGroups``
+answers every group in one message (about 2 KB for a group of 256 partitions), past
+gRPC's default 4 MiB from a few thousand groups."""
 
 _OPTIONS = (("grpc.max_receive_message_length", RECEIVE_LIMIT),)
 

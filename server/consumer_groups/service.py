@@ -230,11 +230,21 @@ class ConsumerGroups:
     async def view(self, name: str) -> GroupView:
         return await self.view_of(await self.record(name))
 
-    async def views(self) -> list[GroupView]:
+    async def views(self, after: str = "", limit: int = 0) -> tuple[list[GroupView], bool]:
+        """The groups named after ``after`` in code point order, at most ``limit`` of them
+        (0: every one), and whether more follow.
+
+        Ordered here, not by the store: PostgreSQL orders text by its database's
+        collation, which may put ``a`` before ``B``, and a page must begin where the
+        previous one ended whatever the store."""
         records = await self.store.list_groups()
         self._forget_scans(records)
+        page = sorted((r for r in records if r.name > after), key=lambda r: r.name)
+        more = 0 < limit < len(page)
+        if limit:
+            page = page[:limit]
         pages = _Pages(self._events)
-        return [await self.view_of(record, pages) for record in records]
+        return [await self.view_of(record, pages) for record in page], more
 
     def delivering(self) -> frozenset[str]:
         """The groups this process delivers a partition of."""

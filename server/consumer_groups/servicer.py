@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import logging
@@ -50,6 +51,32 @@ MAX_POSITION = 2**63 - 1
 MAX_DURATION_NANOS = 999_999_999
 """A protobuf Duration's nanos, either side of zero."""
 NAME_RULE = "must be 1 to 64 characters of A-Z a-z 0-9 . _ -"
+
+
+MAX_PAGE_SIZE = 1_000
+"""ListConsumerGroups' largest page; a larger page_size asks for this many."""
+_PAGE_TOKEN_PREFIX = "after:"
+
+
+def page_token(last_name: str) -> str:
+    """The ``next_page_token`` of a page that ends with the group ``last_name``: opaque to
+    clients, and free to change shape with a prefix of its own."""
+    return base64.urlsafe_b64encode((_PAGE_TOKEN_PREFIX + last_name).encode()).decode()
+
+
+def page_token_name(token: str) -> str | None:
+    """The group name a ``page_token`` continues after ("" for none), or None if it is no
+    token this server gives."""
+    if not token:
+        return ""
+    try:
+        text = base64.urlsafe_b64decode(token.encode("ascii")).decode("ascii")
+    except (ValueError, UnicodeError):
+        return None
+    name = text.removeprefix(_PAGE_TOKEN_PREFIX)
+    if name == text or not NAME.fullmatch(name):
+        return None
+    return name
 
 
 def _name_violations(path: str, name: str, required: bool = True) -> list[tuple[str, str]]:
@@ -222,11 +249,22 @@ class ConsumerGroupServicer(pb_grpc.ConsumerGroupServiceServicer):
     async def ListConsumerGroups(
         self, request: pb.ListConsumerGroupsRequest, context: Context
     ) -> pb.ListConsumerGroupsResponse:
+        violations: list[tuple[str, str]] = []
+        if request.page_size < 0:
+            violations.append(("page_size", "must not be negative"))
+        after = page_token_name(request.page_token)
+        if after is None:
+            violations.append(("page_token", "is not a next_page_token this server gave"))
+        if violations or after is None:
+            await context.abort_with_status(bad_request_status(violations))
         try:
-            views = await self._groups.views()
+            views, more = await self._groups.views(after, min(request.page_size, MAX_PAGE_SIZE))
         except Exception as error:
             await context.abort_with_status(group_status(error))
-        return pb.ListConsumerGroupsResponse(groups=[group_message(view) for view in views])
+        return pb.ListConsumerGroupsResponse(
+            groups=[group_message(view) for view in views],
+            next_page_token=page_token(views[-1].record.name) if more else "",
+        )
 
     async def DeleteConsumerGroup(
         self, request: pb.DeleteConsumerGroupRequest, context: Context

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -125,8 +125,8 @@ async def test_group_commands_round_trip(gateway: Gateway) -> None:
 async def _many_groups(
     request: pb.ListConsumerGroupsRequest, context: grpc.aio.ServicerContext[object, object]
 ) -> pb.ListConsumerGroupsResponse:
-    """More than gRPC clients accept by default (4 MiB), as a gateway with a few thousand
-    groups of 256 partitions answers."""
+    """More than gRPC clients accept by default (4 MiB), all at once, as a gateway that
+    does not page the list answers when it has a few thousand groups of 256 partitions."""
     types = [f"Type{n:045d}" for n in range(100)]  # 5 KB of settings per group
     return pb.ListConsumerGroupsResponse(
         groups=[
@@ -136,10 +136,17 @@ async def _many_groups(
     )
 
 
-async def test_group_list_reads_an_answer_beyond_grpc_s_default_receive_limit() -> None:
+ListGroups = Callable[
+    [pb.ListConsumerGroupsRequest, grpc.aio.ServicerContext[object, object]],
+    Awaitable[pb.ListConsumerGroupsResponse],
+]
+
+
+async def group_list_from(list_groups: ListGroups) -> Outcome:
+    """``group list`` from a server that answers ListConsumerGroups with ``list_groups``."""
     server = grpc.aio.server()
     listing = grpc.unary_unary_rpc_method_handler(
-        _many_groups,
+        list_groups,
         request_deserializer=pb.ListConsumerGroupsRequest.FromString,
         response_serializer=pb.ListConsumerGroupsResponse.SerializeToString,
     )
@@ -153,12 +160,37 @@ async def test_group_list_reads_an_answer_beyond_grpc_s_default_receive_limit() 
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        listed = await cli("group", "list", "--target", f"127.0.0.1:{port}")
+        return await cli("group", "list", "--target", f"127.0.0.1:{port}")
     finally:
         await server.stop(None)
+
+
+async def test_group_list_reads_an_answer_beyond_grpc_s_default_receive_limit() -> None:
+    listed = await group_list_from(_many_groups)
     assert listed.code == 0, listed.err
     assert len(listed.lines) == 1000
     assert len(listed.out) > 4 * 1024 * 1024
+
+
+async def test_group_list_asks_for_the_groups_a_page_at_a_time() -> None:
+    names = [f"g{n:03d}" for n in range(250)]
+    asked: list[tuple[int, str]] = []
+
+    async def paged(
+        request: pb.ListConsumerGroupsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ListConsumerGroupsResponse:
+        asked.append((request.page_size, request.page_token))
+        start = int(request.page_token or "0")
+        end = start + request.page_size
+        return pb.ListConsumerGroupsResponse(
+            groups=[pb.ConsumerGroup(name=name) for name in names[start:end]],
+            next_page_token=str(end) if end < len(names) else "",
+        )
+
+    listed = await group_list_from(paged)
+    assert listed.code == 0, listed.err
+    assert [line["name"] for line in listed.lines] == names
+    assert asked == [(100, ""), (100, "100"), (100, "200")]
 
 
 async def test_group_create_reports_every_bad_field(gateway: Gateway) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gc
 import itertools
@@ -42,6 +43,7 @@ from tests.clients import Clients, bad_fields, detail, item, order_request
 from tests.conformance.contract import commit_of
 from tests.group_support import QUICK, group_gateway, group_settings, join, member
 from tests.group_support import Member as GroupMember
+from tests.postgres_databases import new_database
 
 
 @dataclass
@@ -123,6 +125,80 @@ async def test_a_group_reports_its_effective_settings(env: Env) -> None:
     assert group.created_at.seconds > 0
     listed = await env.groups.ListConsumerGroups(pb.ListConsumerGroupsRequest())
     assert [g.name for g in listed.groups] == ["orders-projection"]
+
+
+async def pages_of(env: Env, page_size: int, page_token: str = "") -> list[list[str]]:
+    """The names on each page of ListConsumerGroups, following next_page_token."""
+    pages = []
+    while True:
+        listed = await env.groups.ListConsumerGroups(
+            pb.ListConsumerGroupsRequest(page_size=page_size, page_token=page_token)
+        )
+        pages.append([group.name for group in listed.groups])
+        page_token = listed.next_page_token
+        if not page_token:
+            return pages
+
+
+async def test_groups_are_listed_by_name_a_page_at_a_time(any_store: EventStore) -> None:
+    # In code point order on every store: PostgreSQL's collation may put "a" before "B".
+    async with env_of(any_store) as env:
+        for name in ("b", "B", "a.2", "a", "A-1"):
+            await env.create(name, partitions=1)
+        every = ["A-1", "B", "a", "a.2", "b"]
+        assert await pages_of(env, 0) == [every]
+        assert await pages_of(env, 2) == [["A-1", "B"], ["a", "a.2"], ["b"]]
+        assert await pages_of(env, 5) == [every]
+        assert await pages_of(env, 1_000_000) == [every]
+        # A page goes on after its token's group, even once that group is deleted.
+        first = await env.groups.ListConsumerGroups(pb.ListConsumerGroupsRequest(page_size=2))
+        await env.groups.DeleteConsumerGroup(pb.DeleteConsumerGroupRequest(name="B"))
+        await env.create("Z", partitions=1)
+        assert await pages_of(env, 2, first.next_page_token) == [["Z", "a"], ["a.2", "b"]]
+
+
+@pytest.mark.postgres
+async def test_groups_are_listed_in_code_point_order_whatever_the_collation(
+    postgres_url: str,
+) -> None:
+    # ORDER BY name in a database whose collation is ICU's English: a A-1 a.2 b B.
+    icu_english = "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en' LOCALE 'C.UTF-8'"
+    with new_database(postgres_url, icu_english) as url:
+        async with env_of(await open_store(url)) as env:
+            for group in ("b", "B", "a.2", "a", "A-1"):
+                await env.create(group, partitions=1)
+            assert await pages_of(env, 0) == [["A-1", "B", "a", "a.2", "b"]]
+            assert await pages_of(env, 2) == [["A-1", "B"], ["a", "a.2"], ["b"]]
+
+
+async def test_a_page_larger_than_the_largest_is_the_largest(env: Env) -> None:
+    for n in range(1_001):
+        await env.create(f"g{n:04d}", partitions=1)
+    pages = await pages_of(env, 5_000)
+    assert [len(page) for page in pages] == [1_000, 1]
+
+
+@pytest.mark.parametrize(
+    ("page_size", "page_token", "fields"),
+    [
+        (-1, "", ["page_size"]),
+        (0, "not a token", ["page_token"]),
+        (2, base64.urlsafe_b64encode(b"after:no spaces").decode(), ["page_token"]),
+        (2, base64.urlsafe_b64encode(b"g").decode(), ["page_token"]),
+        (-5, "\u00e9", ["page_size", "page_token"]),
+    ],
+    ids=["negative-size", "not-base64", "bad-name", "no-prefix", "both"],
+)
+async def test_a_bad_page_request_names_its_fields(
+    env: Env, page_size: int, page_token: str, fields: list[str]
+) -> None:
+    await env.create("g")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await env.groups.ListConsumerGroups(
+            pb.ListConsumerGroupsRequest(page_size=page_size, page_token=page_token)
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_fields(refused.value) == fields
 
 
 async def test_creating_again_with_equal_settings_answers_the_group(env: Env) -> None:

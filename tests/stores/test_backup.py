@@ -11,12 +11,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 
-import psycopg
 import pytest
 
 import server.backup
@@ -26,6 +24,7 @@ from server.stores.postgres import PostgresEventStore
 from server.stores.sqlite import SQLiteEventStore
 from server.verify import verify
 from tests.e2e.test_verify import foreign_events_table
+from tests.postgres_databases import new_database
 from tests.subscription_support import (
     StreamReader,
     connect,
@@ -497,12 +496,8 @@ def postgres_binaries() -> Path | None:
 
 @pytest.fixture
 def restore_url(postgres_url: str) -> Iterator[str]:
-    name = f"restore_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    yield f"{postgres_url.rpartition('/')[0]}/{name}"
-    with psycopg.connect(postgres_url, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with new_database(postgres_url, prefix="restore") as url:
+        yield url
 
 
 @pytest.mark.postgres

@@ -57,6 +57,7 @@ from server.stores.urls import StoreURLError
 from server.verify import verify
 from tests.clients import Clients, detail, item, order_request
 from tests.conformance.contract import commit_of
+from tests.postgres_databases import new_database
 
 pytestmark = pytest.mark.postgres
 
@@ -1042,18 +1043,12 @@ async def test_text_is_stored_as_sent_whatever_the_client_encoding_setting(
 async def test_a_database_that_cannot_hold_every_text_is_refused(
     postgres_url: str,
 ) -> None:
-    name = f"test_latin1_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_url, autocommit=True) as admin:
-        admin.execute(
-            f"CREATE DATABASE \"{name}\" ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'"
-            " TEMPLATE template0"
-        )
-    try:
-        with pytest.raises(StoreError, match="encoding is LATIN1"):
-            await PostgresEventStore.open(f"{postgres_url.rpartition('/')[0]}/{name}")
-    finally:
-        with psycopg.connect(postgres_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    latin1 = "ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+    with (
+        new_database(postgres_url, latin1, prefix="test_latin1") as url,
+        pytest.raises(StoreError, match="encoding is LATIN1"),
+    ):
+        await PostgresEventStore.open(url)
 
 
 def test_a_client_encoding_other_than_utf8_is_refused() -> None:

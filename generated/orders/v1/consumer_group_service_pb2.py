@@ -27,15 +27,15 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from orders.v1 import events_pb2 as orders_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&orders/v1/consumer_group_service.proto\x12\torders.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16orders/v1/events.proto\"\xbe\x01\n\x15\x43onsumerGroupSettings\x12\x13\n\x0b\x65vent_types\x18\x01 \x03(\t\x12\x1c\n\x14start_after_position\x18\x02 \x01(\x04\x12\x16\n\x0estart_from_end\x18\x03 \x01(\x08\x12\x12\n\npartitions\x18\x04 \x01(\r\x12.\n\x0b\x61\x63k_timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0emax_deliveries\x18\x06 \x01(\r\"^\n\x1a\x43reateConsumerGroupRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x32\n\x08settings\x18\x02 \x01(\x0b\x32 .orders.v1.ConsumerGroupSettings\"F\n\x1b\x43reateConsumerGroupResponse\x12\'\n\x05group\x18\x01 \x01(\x0b\x32\x18.orders.v1.ConsumerGroup\"\'\n\x17GetConsumerGroupRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"C\n\x18GetConsumerGroupResponse\x12\'\n\x05group\x18\x01 \x01(\x0b\x32\x18.orders.v1.ConsumerGroup\"\x1b\n\x19ListConsumerGroupsRequest\"F\n\x1aListConsumerGroupsResponse\x12(\n\x06groups\x18\x01 \x03(\x0b\x32\x18.orders.v1.ConsumerGroup\"*\n\x1a\x44\x65leteConsumerGroupRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1d\n\x1b\x44\x65leteConsumerGroupResponse\"2\n\x13ReplayParkedRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"(\n\x14ReplayParkedResponse\x12\x10\n\x08replayed\x18\x01 \x01(\x04\"\xb5\x02\n\rConsumerGroup\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x32\n\x08settings\x18\x02 \x01(\x0b\x32 .orders.v1.ConsumerGroupSettings\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncheckpoint\x18\x04 \x01(\x04\x12\x15\n\rhead_position\x18\x05 \x01(\x04\x12\x11\n\tin_flight\x18\x06 \x01(\x04\x12\x0e\n\x06parked\x18\x07 \x01(\x04\x12/\n\x07members\x18\x08 \x03(\x0b\x32\x1e.orders.v1.ConsumerGroupMember\x12\x33\n\x10partition_states\x18\t \x03(\x0b\x32\x19.orders.v1.PartitionState\"\x8f\x01\n\x13\x43onsumerGroupMember\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x12\n\npartitions\x18\x03 \x03(\r\x12\x11\n\tin_flight\x18\x04 \x01(\r\x12-\n\tjoined_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"]\n\x0ePartitionState\x12\x11\n\tpartition\x18\x01 \x01(\r\x12\x12\n\ncheckpoint\x18\x02 \x01(\x04\x12\x11\n\tmember_id\x18\x03 \x01(\t\x12\x11\n\tin_flight\x18\x04 \x01(\r\"\xa1\x01\n\x0e\x43onsumeRequest\x12\x1f\n\x04join\x18\x01 \x01(\x0b\x32\x0f.orders.v1.JoinH\x00\x12\x1d\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x0e.orders.v1.AckH\x00\x12\x1f\n\x04nack\x18\x03 \x01(\x0b\x32\x0f.orders.v1.NackH\x00\x12#\n\x06\x65xtend\x18\x04 \x01(\x0b\x32\x11.orders.v1.ExtendH\x00\x42\t\n\x07message\"?\n\x04Join\x12\r\n\x05group\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12\x15\n\rmax_in_flight\x18\x03 \x01(\r\"\x18\n\x03\x41\x63k\x12\x11\n\tevent_ids\x18\x01 \x03(\t\"P\n\x04Nack\x12\x11\n\tevent_ids\x18\x01 \x03(\t\x12%\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x15.orders.v1.NackAction\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x1b\n\x06\x45xtend\x12\x11\n\tevent_ids\x18\x01 \x03(\t\"r\n\x0f\x43onsumeResponse\x12\'\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\x13.orders.v1.DeliveryH\x00\x12+\n\nassignment\x18\x02 \x01(\x0b\x32\x15.orders.v1.AssignmentH\x00\x42\t\n\x07message\"O\n\x08\x44\x65livery\x12\x1f\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x10.orders.v1.Event\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x11\n\tpartition\x18\x03 \x01(\r\"3\n\nAssignment\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x12\n\npartitions\x18\x02 \x03(\r*l\n\nNackAction\x12\x1b\n\x17NACK_ACTION_UNSPECIFIED\x10\x00\x12\x15\n\x11NACK_ACTION_RETRY\x10\x01\x12\x14\n\x10NACK_ACTION_PARK\x10\x02\x12\x14\n\x10NACK_ACTION_SKIP\x10\x03\x32\xb9\x04\n\x14\x43onsumerGroupService\x12\x64\n\x13\x43reateConsumerGroup\x12%.orders.v1.CreateConsumerGroupRequest\x1a&.orders.v1.CreateConsumerGroupResponse\x12[\n\x10GetConsumerGroup\x12\".orders.v1.GetConsumerGroupRequest\x1a#.orders.v1.GetConsumerGroupResponse\x12\x61\n\x12ListConsumerGroups\x12$.orders.v1.ListConsumerGroupsRequest\x1a%.orders.v1.ListConsumerGroupsResponse\x12\x64\n\x13\x44\x65leteConsumerGroup\x12%.orders.v1.DeleteConsumerGroupRequest\x1a&.orders.v1.DeleteConsumerGroupResponse\x12O\n\x0cReplayParked\x12\x1e.orders.v1.ReplayParkedRequest\x1a\x1f.orders.v1.ReplayParkedResponse\x12\x44\n\x07\x43onsume\x12\x19.orders.v1.ConsumeRequest\x1a\x1a.orders.v1.ConsumeResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&orders/v1/consumer_group_service.proto\x12\torders.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16orders/v1/events.proto\"\xbe\x01\n\x15\x43onsumerGroupSettings\x12\x13\n\x0b\x65vent_types\x18\x01 \x03(\t\x12\x1c\n\x14start_after_position\x18\x02 \x01(\x04\x12\x16\n\x0estart_from_end\x18\x03 \x01(\x08\x12\x12\n\npartitions\x18\x04 \x01(\r\x12.\n\x0b\x61\x63k_timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0emax_deliveries\x18\x06 \x01(\r\"^\n\x1a\x43reateConsumerGroupRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x32\n\x08settings\x18\x02 \x01(\x0b\x32 .orders.v1.ConsumerGroupSettings\"F\n\x1b\x43reateConsumerGroupResponse\x12\'\n\x05group\x18\x01 \x01(\x0b\x32\x18.orders.v1.ConsumerGroup\"\'\n\x17GetConsumerGroupRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"C\n\x18GetConsumerGroupResponse\x12\'\n\x05group\x18\x01 \x01(\x0b\x32\x18.orders.v1.ConsumerGroup\"B\n\x19ListConsumerGroupsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"_\n\x1aListConsumerGroupsResponse\x12(\n\x06groups\x18\x01 \x03(\x0b\x32\x18.orders.v1.ConsumerGroup\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x1a\x44\x65leteConsumerGroupRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1d\n\x1b\x44\x65leteConsumerGroupResponse\"2\n\x13ReplayParkedRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"(\n\x14ReplayParkedResponse\x12\x10\n\x08replayed\x18\x01 \x01(\x04\"\xb5\x02\n\rConsumerGroup\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x32\n\x08settings\x18\x02 \x01(\x0b\x32 .orders.v1.ConsumerGroupSettings\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncheckpoint\x18\x04 \x01(\x04\x12\x15\n\rhead_position\x18\x05 \x01(\x04\x12\x11\n\tin_flight\x18\x06 \x01(\x04\x12\x0e\n\x06parked\x18\x07 \x01(\x04\x12/\n\x07members\x18\x08 \x03(\x0b\x32\x1e.orders.v1.ConsumerGroupMember\x12\x33\n\x10partition_states\x18\t \x03(\x0b\x32\x19.orders.v1.PartitionState\"\x8f\x01\n\x13\x43onsumerGroupMember\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x12\n\npartitions\x18\x03 \x03(\r\x12\x11\n\tin_flight\x18\x04 \x01(\r\x12-\n\tjoined_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"]\n\x0ePartitionState\x12\x11\n\tpartition\x18\x01 \x01(\r\x12\x12\n\ncheckpoint\x18\x02 \x01(\x04\x12\x11\n\tmember_id\x18\x03 \x01(\t\x12\x11\n\tin_flight\x18\x04 \x01(\r\"\xa1\x01\n\x0e\x43onsumeRequest\x12\x1f\n\x04join\x18\x01 \x01(\x0b\x32\x0f.orders.v1.JoinH\x00\x12\x1d\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x0e.orders.v1.AckH\x00\x12\x1f\n\x04nack\x18\x03 \x01(\x0b\x32\x0f.orders.v1.NackH\x00\x12#\n\x06\x65xtend\x18\x04 \x01(\x0b\x32\x11.orders.v1.ExtendH\x00\x42\t\n\x07message\"?\n\x04Join\x12\r\n\x05group\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12\x15\n\rmax_in_flight\x18\x03 \x01(\r\"\x18\n\x03\x41\x63k\x12\x11\n\tevent_ids\x18\x01 \x03(\t\"P\n\x04Nack\x12\x11\n\tevent_ids\x18\x01 \x03(\t\x12%\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x15.orders.v1.NackAction\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x1b\n\x06\x45xtend\x12\x11\n\tevent_ids\x18\x01 \x03(\t\"r\n\x0f\x43onsumeResponse\x12\'\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32\x13.orders.v1.DeliveryH\x00\x12+\n\nassignment\x18\x02 \x01(\x0b\x32\x15.orders.v1.AssignmentH\x00\x42\t\n\x07message\"O\n\x08\x44\x65livery\x12\x1f\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x10.orders.v1.Event\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x11\n\tpartition\x18\x03 \x01(\r\"3\n\nAssignment\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x12\n\npartitions\x18\x02 \x03(\r*l\n\nNackAction\x12\x1b\n\x17NACK_ACTION_UNSPECIFIED\x10\x00\x12\x15\n\x11NACK_ACTION_RETRY\x10\x01\x12\x14\n\x10NACK_ACTION_PARK\x10\x02\x12\x14\n\x10NACK_ACTION_SKIP\x10\x03\x32\xb9\x04\n\x14\x43onsumerGroupService\x12\x64\n\x13\x43reateConsumerGroup\x12%.orders.v1.CreateConsumerGroupRequest\x1a&.orders.v1.CreateConsumerGroupResponse\x12[\n\x10GetConsumerGroup\x12\".orders.v1.GetConsumerGroupRequest\x1a#.orders.v1.GetConsumerGroupResponse\x12\x61\n\x12ListConsumerGroups\x12$.orders.v1.ListConsumerGroupsRequest\x1a%.orders.v1.ListConsumerGroupsResponse\x12\x64\n\x13\x44\x65leteConsumerGroup\x12%.orders.v1.DeleteConsumerGroupRequest\x1a&.orders.v1.DeleteConsumerGroupResponse\x12O\n\x0cReplayParked\x12\x1e.orders.v1.ReplayParkedRequest\x1a\x1f.orders.v1.ReplayParkedResponse\x12\x44\n\x07\x43onsume\x12\x19.orders.v1.ConsumeRequest\x1a\x1a.orders.v1.ConsumeResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orders.v1.consumer_group_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NACKACTION']._serialized_start=2052
-  _globals['_NACKACTION']._serialized_end=2160
+  _globals['_NACKACTION']._serialized_start=2116
+  _globals['_NACKACTION']._serialized_end=2224
   _globals['_CONSUMERGROUPSETTINGS']._serialized_start=143
   _globals['_CONSUMERGROUPSETTINGS']._serialized_end=333
   _globals['_CREATECONSUMERGROUPREQUEST']._serialized_start=335
@@ -47,39 +47,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETCONSUMERGROUPRESPONSE']._serialized_start=544
   _globals['_GETCONSUMERGROUPRESPONSE']._serialized_end=611
   _globals['_LISTCONSUMERGROUPSREQUEST']._serialized_start=613
-  _globals['_LISTCONSUMERGROUPSREQUEST']._serialized_end=640
-  _globals['_LISTCONSUMERGROUPSRESPONSE']._serialized_start=642
-  _globals['_LISTCONSUMERGROUPSRESPONSE']._serialized_end=712
-  _globals['_DELETECONSUMERGROUPREQUEST']._serialized_start=714
-  _globals['_DELETECONSUMERGROUPREQUEST']._serialized_end=756
-  _globals['_DELETECONSUMERGROUPRESPONSE']._serialized_start=758
-  _globals['_DELETECONSUMERGROUPRESPONSE']._serialized_end=787
-  _globals['_REPLAYPARKEDREQUEST']._serialized_start=789
-  _globals['_REPLAYPARKEDREQUEST']._serialized_end=839
-  _globals['_REPLAYPARKEDRESPONSE']._serialized_start=841
-  _globals['_REPLAYPARKEDRESPONSE']._serialized_end=881
-  _globals['_CONSUMERGROUP']._serialized_start=884
-  _globals['_CONSUMERGROUP']._serialized_end=1193
-  _globals['_CONSUMERGROUPMEMBER']._serialized_start=1196
-  _globals['_CONSUMERGROUPMEMBER']._serialized_end=1339
-  _globals['_PARTITIONSTATE']._serialized_start=1341
-  _globals['_PARTITIONSTATE']._serialized_end=1434
-  _globals['_CONSUMEREQUEST']._serialized_start=1437
-  _globals['_CONSUMEREQUEST']._serialized_end=1598
-  _globals['_JOIN']._serialized_start=1600
-  _globals['_JOIN']._serialized_end=1663
-  _globals['_ACK']._serialized_start=1665
-  _globals['_ACK']._serialized_end=1689
-  _globals['_NACK']._serialized_start=1691
-  _globals['_NACK']._serialized_end=1771
-  _globals['_EXTEND']._serialized_start=1773
-  _globals['_EXTEND']._serialized_end=1800
-  _globals['_CONSUMERESPONSE']._serialized_start=1802
-  _globals['_CONSUMERESPONSE']._serialized_end=1916
-  _globals['_DELIVERY']._serialized_start=1918
-  _globals['_DELIVERY']._serialized_end=1997
-  _globals['_ASSIGNMENT']._serialized_start=1999
-  _globals['_ASSIGNMENT']._serialized_end=2050
-  _globals['_CONSUMERGROUPSERVICE']._serialized_start=2163
-  _globals['_CONSUMERGROUPSERVICE']._serialized_end=2732
+  _globals['_LISTCONSUMERGROUPSREQUEST']._serialized_end=679
+  _globals['_LISTCONSUMERGROUPSRESPONSE']._serialized_start=681
+  _globals['_LISTCONSUMERGROUPSRESPONSE']._serialized_end=776
+  _globals['_DELETECONSUMERGROUPREQUEST']._serialized_start=778
+  _globals['_DELETECONSUMERGROUPREQUEST']._serialized_end=820
+  _globals['_DELETECONSUMERGROUPRESPONSE']._serialized_start=822
+  _globals['_DELETECONSUMERGROUPRESPONSE']._serialized_end=851
+  _globals['_REPLAYPARKEDREQUEST']._serialized_start=853
+  _globals['_REPLAYPARKEDREQUEST']._serialized_end=903
+  _globals['_REPLAYPARKEDRESPONSE']._serialized_start=905
+  _globals['_REPLAYPARKEDRESPONSE']._serialized_end=945
+  _globals['_CONSUMERGROUP']._serialized_start=948
+  _globals['_CONSUMERGROUP']._serialized_end=1257
+  _globals['_CONSUMERGROUPMEMBER']._serialized_start=1260
+  _globals['_CONSUMERGROUPMEMBER']._serialized_end=1403
+  _globals['_PARTITIONSTATE']._serialized_start=1405
+  _globals['_PARTITIONSTATE']._serialized_end=1498
+  _globals['_CONSUMEREQUEST']._serialized_start=1501
+  _globals['_CONSUMEREQUEST']._serialized_end=1662
+  _globals['_JOIN']._serialized_start=1664
+  _globals['_JOIN']._serialized_end=1727
+  _globals['_ACK']._serialized_start=1729
+  _globals['_ACK']._serialized_end=1753
+  _globals['_NACK']._serialized_start=1755
+  _globals['_NACK']._serialized_end=1835
+  _globals['_EXTEND']._serialized_start=1837
+  _globals['_EXTEND']._serialized_end=1864
+  _globals['_CONSUMERESPONSE']._serialized_start=1866
+  _globals['_CONSUMERESPONSE']._serialized_end=1980
+  _globals['_DELIVERY']._serialized_start=1982
+  _globals['_DELIVERY']._serialized_end=2061
+  _globals['_ASSIGNMENT']._serialized_start=2063
+  _globals['_ASSIGNMENT']._serialized_end=2114
+  _globals['_CONSUMERGROUPSERVICE']._serialized_start=2227
+  _globals['_CONSUMERGROUPSERVICE']._serialized_end=2796
 # @@protoc_insertion_point(module_scope)

@@ -202,16 +202,25 @@ Global___GetConsumerGroupResponse: _TypeAlias = GetConsumerGroupResponse  # noqa
 
 @_typing.final
 class ListConsumerGroupsRequest(_message.Message):
-    """Lists every group."""
+    """Lists the groups by name, every one at once or a page at a time."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many groups (0: every group; above 1000: 1000)."""
+    page_token: _builtins.str
+    """The previous page's next_page_token; empty: from the first group."""
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -219,11 +228,14 @@ Global___ListConsumerGroupsRequest: _TypeAlias = ListConsumerGroupsRequest  # no
 
 @_typing.final
 class ListConsumerGroupsResponse(_message.Message):
-    """Every group, by name."""
+    """The groups, by name (in code point order: A-Z before a-z)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     GROUPS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Asks for the next page (with the same page_size); empty after the last page."""
     @_builtins.property
     def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsumerGroup]:
         """The groups."""
@@ -232,10 +244,11 @@ class ListConsumerGroupsResponse(_message.Message):
         self,
         *,
         groups: _abc.Iterable[Global___ConsumerGroup] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

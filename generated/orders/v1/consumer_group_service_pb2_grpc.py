@@ -97,7 +97,7 @@ class ConsumerGroupServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListConsumerGroups(self, request, context):
-        """Every group, by name.
+        """The groups by name: every one, or a page at a time (page_size, page_token).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

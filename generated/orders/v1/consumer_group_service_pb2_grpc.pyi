@@ -46,7 +46,7 @@ class ConsumerGroupServiceStub:
     GetConsumerGroup: _grpc.UnaryUnaryMultiCallable[_consumer_group_service_pb2.GetConsumerGroupRequest, _consumer_group_service_pb2.GetConsumerGroupResponse]
     """One group with its checkpoints, members and partitions."""
     ListConsumerGroups: _grpc.UnaryUnaryMultiCallable[_consumer_group_service_pb2.ListConsumerGroupsRequest, _consumer_group_service_pb2.ListConsumerGroupsResponse]
-    """Every group, by name."""
+    """The groups by name: every one, or a page at a time (page_size, page_token)."""
     DeleteConsumerGroup: _grpc.UnaryUnaryMultiCallable[_consumer_group_service_pb2.DeleteConsumerGroupRequest, _consumer_group_service_pb2.DeleteConsumerGroupResponse]
     """Removes a group with its checkpoints and parked events; its members' Consume
     streams end with NOT_FOUND.
@@ -76,7 +76,7 @@ class ConsumerGroupServiceAsyncStub(ConsumerGroupServiceStub):
     GetConsumerGroup: _aio.UnaryUnaryMultiCallable[_consumer_group_service_pb2.GetConsumerGroupRequest, _consumer_group_service_pb2.GetConsumerGroupResponse]  # type: ignore[assignment]
     """One group with its checkpoints, members and partitions."""
     ListConsumerGroups: _aio.UnaryUnaryMultiCallable[_consumer_group_service_pb2.ListConsumerGroupsRequest, _consumer_group_service_pb2.ListConsumerGroupsResponse]  # type: ignore[assignment]
-    """Every group, by name."""
+    """The groups by name: every one, or a page at a time (page_size, page_token)."""
     DeleteConsumerGroup: _aio.UnaryUnaryMultiCallable[_consumer_group_service_pb2.DeleteConsumerGroupRequest, _consumer_group_service_pb2.DeleteConsumerGroupResponse]  # type: ignore[assignment]
     """Removes a group with its checkpoints and parked events; its members' Consume
     streams end with NOT_FOUND.
@@ -121,7 +121,7 @@ class ConsumerGroupServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _consumer_group_service_pb2.ListConsumerGroupsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_consumer_group_service_pb2.ListConsumerGroupsResponse, _abc.Awaitable[_consumer_group_service_pb2.ListConsumerGroupsResponse]]:
-        """Every group, by name."""
+        """The groups by name: every one, or a page at a time (page_size, page_token)."""
 
     @_abc_1.abstractmethod
     def DeleteConsumerGroup(
