@@ -182,8 +182,9 @@ def add_connection_timeout(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         type=positive_seconds,
         default=CALL_TIMEOUT,
-        help="how long to wait for the connection to the gateway (default: %(default)s); "
-        "past it the command fails with DEADLINE_EXCEEDED. Once connected, the stream "
+        help="how long to wait for a connection to the gateway that does not answer "
+        "(default: %(default)s); past it the command fails with DEADLINE_EXCEEDED, and a "
+        "refused connection fails at once with UNAVAILABLE. Once connected, the stream "
         "has no deadline",
     )
 

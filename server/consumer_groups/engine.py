@@ -711,6 +711,10 @@ class GroupRuntime:
         entry.member = None
         entry.state = State.PARKING
         self._to_park.append((entry, reason))
+        # Stored now, not with the next checkpoints (up to flush_interval later): until
+        # then GetConsumerGroup did not count it and ReplayParked could not return it.
+        # Parks that come while it is stored go together in the next write.
+        self._flush_now.set()
         partition = self._partitions[entry.partition]
         if entry.replay:
             del partition.replays[entry.event_id]

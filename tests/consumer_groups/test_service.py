@@ -625,6 +625,23 @@ async def test_park_and_skip_settle_at_once(env: Env) -> None:
         await consumer.no_delivery(0.2)
 
 
+async def test_a_parked_event_is_stored_at_once_not_with_the_next_checkpoints() -> None:
+    # Checkpoints stored every 30 s: a park waited for them, neither counted by
+    # GetConsumerGroup nor returned by ReplayParked meanwhile (0.5 s by default).
+    async with env_of(tuning=GroupTuning(flush_interval=30, retry_base=0.02)) as env:
+        await env.create("g", partitions=1, max_deliveries=1)
+        poison, failing = await env.restocks(2, products=2)
+        async with member(env.groups, "g") as consumer:
+            await consumer.deliveries(2)
+            await consumer.nack(poison, action=pb.NACK_ACTION_PARK, reason="poison")
+            await consumer.nack(failing, action=pb.NACK_ACTION_RETRY)
+            async with asyncio.timeout(2):
+                while (await env.get()).parked < 2:  # noqa: ASYNC110 - polls the store
+                    await asyncio.sleep(0.01)
+            replay = await env.groups.ReplayParked(pb.ReplayParkedRequest(name="g"))
+            assert replay.replayed == 2
+
+
 async def test_replay_parked_is_bounded_and_starts_at_attempt_one(env: Env) -> None:
     await env.create("g", partitions=1)
     ids = await env.restocks(3, products=3)
