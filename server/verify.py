@@ -151,8 +151,10 @@ class Report:
         if self.violation_count > len(listed):
             out.append(f"... and {self.violation_count - len(listed)} more")
         first = listed[0]
+        count = self.violation_count
         out.append(
-            f"FAILED: {self.violation_count} violations, the first at position {first.position}"
+            f"FAILED: {count} violation{'s' if count > 1 else ''},"
+            f" the first at position {first.position}"
         )
         return out
 

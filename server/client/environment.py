@@ -52,6 +52,11 @@ class _FromVariable:
         return self.text  # as --help shows a default
 
 
+_NOT_GIVEN: Any = object()
+"""The default of an option while the command line is parsed, when its rival's variable
+is set: still this object afterwards, the option was not given as a flag."""
+
+
 class _Repeated(argparse._AppendAction):
     """``action="append"`` whose first flag replaces the default (a variable's list)
     rather than adding to it: a flag wins over the variable."""
@@ -86,21 +91,33 @@ class EnvironmentParser(argparse.ArgumentParser):
         if not self.options_from_environment:
             return super().parse_known_args(args, namespace)
         variables = self._variables_set()
-        saved = {action: (action.default, action.required) for action in variables}
+        rivals = self._rivals_of(variables)
+        saved = {action: (action.default, action.required) for action in [*variables, *rivals]}
         for action, text in variables.items():
             action.default = _FromVariable(text)
             action.required = False  # the variable gives it
+        for action in rivals:
+            # Told apart from a flag given with the default's value (--after 0).
+            action.default = _NOT_GIVEN
         try:
             parsed, extras = super().parse_known_args(args, namespace)
         finally:
             for action, (default, required) in saved.items():
                 action.default, action.required = default, required
+        flagged: set[argparse.Action] = set()
+        for action in rivals:
+            if getattr(parsed, action.dest, None) is _NOT_GIVEN:
+                setattr(parsed, action.dest, action.default)
+            else:
+                flagged.add(action)
         from_variables = {
             action: text
             for action, text in variables.items()
             if isinstance(getattr(parsed, action.dest, None), _FromVariable)
         }
-        for action in self._rivals_given(parsed, from_variables, saved):
+        # Options whose flag replaced their variable's value were given as flags too.
+        flagged |= variables.keys() - from_variables.keys()
+        for action in self._rivals_given(from_variables, flagged):
             # A flag wins over the variable of an option it excludes too (--after over
             # ORDER_GATEWAY_FROM_END): both would reach the server.
             setattr(parsed, action.dest, saved[action][0])
@@ -109,26 +126,28 @@ class EnvironmentParser(argparse.ArgumentParser):
             setattr(parsed, action.dest, self._variable_value(action, text))
         return parsed, extras
 
+    def _rivals_of(self, variables: dict[argparse.Action, str]) -> list[argparse.Action]:
+        """The options without a variable set that exclude one with a variable set."""
+        return [
+            action
+            for group in self._mutually_exclusive_groups
+            if any(a in variables for a in group._group_actions)
+            for action in group._group_actions
+            if action not in variables
+        ]
+
     def _rivals_given(
-        self,
-        parsed: argparse.Namespace,
-        from_variables: dict[argparse.Action, str],
-        saved: dict[argparse.Action, tuple[Any, bool]],
+        self, from_variables: dict[argparse.Action, str], flagged: set[argparse.Action]
     ) -> list[argparse.Action]:
         """The options set by variables whose mutually exclusive rival was given as a
-        flag; two such options both set by variables are a usage error, as two flags are."""
+        flag (is in ``flagged``); two such options both set by variables are a usage
+        error, as two flags are."""
         overridden: list[argparse.Action] = []
         for group in self._mutually_exclusive_groups:
             by_variable = [a for a in group._group_actions if a in from_variables]
             if not by_variable:
                 continue
-            flagged = [
-                a
-                for a in group._group_actions
-                if a not in from_variables
-                and getattr(parsed, a.dest, None) != saved.get(a, (a.default,))[0]
-            ]
-            if flagged:
+            if any(a in flagged for a in group._group_actions):
                 overridden += by_variable
             elif len(by_variable) > 1:
                 first, second = by_variable[:2]

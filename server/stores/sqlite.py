@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import functools
 import logging
 import os
@@ -398,6 +399,23 @@ def foreign_leftovers(path: Path) -> str | None:
     )
 
 
+def may_write(path: Path) -> bool:
+    """Whether this process may write the file at ``path`` (True if there is none: it is
+    created), tried as SQLite would open it, whatever the user and its capabilities."""
+    try:
+        # First, so that a directory that may not be searched is reported as that.
+        os.stat(path)
+    except FileNotFoundError:
+        return True
+    try:
+        os.close(os.open(path, os.O_WRONLY))
+    except OSError as error:
+        if isinstance(error, PermissionError) or error.errno == errno.EROFS:
+            return False
+        raise
+    return True
+
+
 def wal_file(path: Path) -> Path:
     """The -wal file beside the store at ``path``."""
     return path.with_name(path.name + "-wal")
@@ -677,6 +695,12 @@ class SQLiteEventStore:
         with _path_errors(path):
             if not writable and (leftovers := foreign_leftovers(path)) is not None:
                 raise StoreError(f"cannot open the SQLite store {path}: {leftovers}")
+            if writable and not may_write(path):
+                # Refused by SQLite too, but only once it had made the store's -wal and
+                # -shm files as this user, which the store's owner could then not open.
+                raise StoreError(
+                    f"cannot open the SQLite store {path}: attempt to write a readonly database"
+                )
             if (orphaned := orphaned_shm(path)) is not None:
                 raise StoreUnavailableError(f"cannot open the SQLite store {path}: {orphaned}")
             immutable = not writable and beyond_writing(path)

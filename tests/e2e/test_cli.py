@@ -598,6 +598,11 @@ def test_a_flag_wins_over_the_variable_of_an_option_it_excludes(
     monkeypatch.setenv("ORDER_GATEWAY_FROM_END", "true")
     args = build_parser().parse_args(["group", "create", "billing", "--after", "5"])
     assert (args.after, args.from_end) == (5, False)
+    # Given with its default's value too: the variable won there, as if no flag was given.
+    args = build_parser().parse_args(["group", "create", "billing", "--after", "0"])
+    assert (args.after, args.from_end) == (0, False)
+    args = build_parser().parse_args(["group", "create", "billing"])
+    assert (args.after, args.from_end) == (0, True)
     # Two variables that exclude each other are refused, as two such flags are.
     monkeypatch.setenv("ORDER_GATEWAY_AFTER", "5")
     with pytest.raises(SystemExit) as refused:

@@ -352,7 +352,7 @@ def test_an_unreadable_event_type_is_one_violation(
     damage(store_file, "UPDATE events SET event_type = CAST(X'41ff42' AS TEXT) WHERE position = 5")
     code, lines = run_verify(store_file, capsys)
     assert code == 1
-    assert lines[-1] == "FAILED: 1 violations, the first at position 5", lines
+    assert lines[-1] == "FAILED: 1 violation, the first at position 5", lines
 
 
 def test_stock_that_goes_negative_is_found(
@@ -816,7 +816,7 @@ def test_a_repeated_event_id_is_found_in_postgresql(
     assert main(["verify", "--store", fresh_postgres_url]) == 1
     lines = capsys.readouterr().out.splitlines()
     assert f"position 3: event id {first} is the id of position 1 too" in lines
-    assert lines[-1] == "FAILED: 1 violations, the first at position 3"
+    assert lines[-1] == "FAILED: 1 violation, the first at position 3"
 
 
 @pytest.mark.parametrize(
@@ -843,7 +843,7 @@ def test_values_that_could_not_be_served_are_found_in_postgresql(
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("3 events,"), lines
     assert any(line.startswith(f"position {first}: ") and expected in line for line in lines)
-    assert lines[-1] == f"FAILED: 1 violations, the first at position {first}"
+    assert lines[-1] == f"FAILED: 1 violation, the first at position {first}"
 
 
 def on_a_new_store(tmp_path: Path, command: str) -> list[str]:

@@ -585,6 +585,8 @@ def test_a_store_file_that_cannot_be_written_is_refused_at_start_and_still_verif
         assert refused.returncode == 1, refused.stderr
         assert "readonly database" in refused.stderr
         assert "Traceback" not in refused.stderr
+        # Nothing made beside it: a -wal and -shm of this user's would lock out the owner.
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["events.db"]
     verified = subprocess.run(
         unprivileged([*gateway, "verify", "--store", url]),
         capture_output=True,
