@@ -21,6 +21,7 @@ from server.client.environment import EnvironmentParser, read_environment
 from server.client.groups import (
     add_client_flags,
     add_connection_timeout,
+    add_tls_flags,
     positive_seconds,
     target_address,
     whole_number,
@@ -168,12 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=3.0,
         help="how long to wait for an answer (default: %(default)s)",
     )
-    health.add_argument(
-        "--tls-ca",
-        metavar="FILE",
-        help="the CA certificate (PEM) to trust, for a gateway that speaks TLS "
-        "(default: plaintext)",
-    )
+    add_tls_flags(health)
     for client in CLIENT_COMMANDS:
         read_environment(commands.choices[client])
     return parser
@@ -312,7 +308,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     elif args.command == "health":
         from server.client.health import check_health
 
-        return check_health(args.target, args.service, args.timeout, args.tls_ca)
+        return check_health(
+            args.target, args.service, args.timeout, args.tls_ca, args.tls_server_name
+        )
     elif args.command == "group":
         from server.client.groups import run_group
 
@@ -325,7 +323,14 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from server.client.tail import tail
 
         return tail(
-            args.target, args.after, args.types, args.token, args.tls_ca, args.stream, args.timeout
+            args.target,
+            args.after,
+            args.types,
+            args.token,
+            args.tls_ca,
+            args.stream,
+            args.timeout,
+            args.tls_server_name,
         )
     return 0
 

@@ -13,6 +13,7 @@ from server.config import read_setting_file
 
 TOKEN_VARIABLE = "ORDER_GATEWAY_TOKEN"
 TLS_CA_VARIABLE = "ORDER_GATEWAY_TLS_CA"
+TLS_SERVER_NAME_VARIABLE = "ORDER_GATEWAY_TLS_SERVER_NAME"
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -25,17 +26,31 @@ gRPC's default 4 MiB from a few thousand groups."""
 _OPTIONS = (("grpc.max_receive_message_length", RECEIVE_LIMIT),)
 
 
-def open_channel(target: str, tls_ca: str | None) -> grpc.Channel:
-    """Plaintext, or TLS trusting the CA certificate(s) in the PEM file ``tls_ca``."""
+def open_channel(target: str, tls_ca: str | None, server_name: str | None = None) -> grpc.Channel:
+    """Plaintext, or TLS trusting the CA certificate(s) in the PEM file ``tls_ca``, and
+    checking that the server's certificate names ``server_name`` (default: the target's
+    host), as grpcurl's ``-servername`` does."""
     if tls_ca is None:
+        if server_name is not None:
+            raise ValueError(
+                f"--tls-server-name ({TLS_SERVER_NAME_VARIABLE}) is for a gateway that speaks"
+                f" TLS: give --tls-ca ({TLS_CA_VARIABLE}) too"
+            )
         return grpc.insecure_channel(target, options=_OPTIONS)
     # Named by its flag and its variable, either of which may have set it.
     option = f"--tls-ca ({TLS_CA_VARIABLE})"
     roots = read_setting_file(option, tls_ca)
     if b"-----BEGIN CERTIFICATE-----" not in roots:
         raise ValueError(f"{option} {tls_ca}: no PEM certificate in it")
+    options: tuple[tuple[str, int | str], ...] = _OPTIONS
+    if server_name is not None:
+        if not server_name.strip() or any(c.isspace() for c in server_name):
+            raise ValueError(
+                f"--tls-server-name ({TLS_SERVER_NAME_VARIABLE}) {server_name!r}: not a host name"
+            )
+        options = (*_OPTIONS, ("grpc.ssl_target_name_override", server_name))
     return grpc.secure_channel(
-        target, grpc.ssl_channel_credentials(root_certificates=roots), options=_OPTIONS
+        target, grpc.ssl_channel_credentials(root_certificates=roots), options=options
     )
 
 

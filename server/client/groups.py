@@ -67,11 +67,23 @@ def add_client_flags(parser: argparse.ArgumentParser, target: str = "the gateway
         metavar="TOKEN",
         help="the bearer token to send, for a gateway with authentication on (default: none)",
     )
+    add_tls_flags(parser)
+
+
+def add_tls_flags(parser: argparse.ArgumentParser) -> None:
+    """``--tls-ca`` and ``--tls-server-name``, as every command that calls a gateway
+    takes them."""
     parser.add_argument(
         "--tls-ca",
         metavar="FILE",
         help="the CA certificate (PEM) to trust, for a gateway that speaks TLS "
         "(default: plaintext)",
+    )
+    parser.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="with --tls-ca: the name the gateway's certificate must hold (default: the "
+        "target's host), for a certificate that does not name the address called",
     )
 
 
@@ -308,7 +320,7 @@ def run_group(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
     program = f"order-gateway group {args.group_command}"
     metadata = call_metadata(args.token)
     timeout = args.timeout
-    with open_channel(args.target, args.tls_ca) as channel:
+    with open_channel(args.target, args.tls_ca, args.tls_server_name) as channel:
         stub = pb_grpc.ConsumerGroupServiceStub(channel)
         try:
             command = args.group_command
@@ -460,7 +472,10 @@ def consume(args: argparse.Namespace) -> int:
     """Ctrl-C stops it with status 0, while it still waits for its connection as once it
     consumes."""
     try:
-        with ctrl_c_stops() as ctrl_c, open_channel(args.target, args.tls_ca) as channel:
+        with (
+            ctrl_c_stops() as ctrl_c,
+            open_channel(args.target, args.tls_ca, args.tls_server_name) as channel,
+        ):
             settled = connection_settles(channel, args.timeout, ctrl_c)
             if ctrl_c.pressed:
                 return 0

@@ -26,12 +26,17 @@ def local_target(listen: str) -> str:
 
 
 def check_health(
-    target: str, service: str = "", timeout: float = 3.0, tls_ca: str | None = None
+    target: str,
+    service: str = "",
+    timeout: float = 3.0,
+    tls_ca: str | None = None,
+    tls_server_name: str | None = None,
 ) -> int:
     """Print the status of ``service`` ("": the whole server); return the exit status.
 
-    Plaintext, or TLS trusting the CA certificate(s) in the PEM file ``tls_ca``."""
-    with open_channel(target, tls_ca) as channel:
+    Plaintext, or TLS trusting the CA certificate(s) in the PEM file ``tls_ca`` (the
+    server's certificate holding ``tls_server_name``, default the target's host)."""
+    with open_channel(target, tls_ca, tls_server_name) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout

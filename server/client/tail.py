@@ -106,6 +106,7 @@ def tail(
     tls_ca: str | None = None,
     stream: str = "",
     timeout: float = 10.0,
+    tls_server_name: str | None = None,
 ) -> int:
     """Follow the event stream of the gateway at ``target`` until interrupted (one stream's
     events only, with ``stream``), once connected within ``timeout`` seconds.
@@ -116,7 +117,7 @@ def tail(
         print(f"{PROGRAM}: --after must be 0 or more", file=sys.stderr)
         return 2
     try:
-        with ctrl_c_stops() as ctrl_c, open_channel(target, tls_ca) as channel:
+        with ctrl_c_stops() as ctrl_c, open_channel(target, tls_ca, tls_server_name) as channel:
             settled = connection_settles(channel, timeout, ctrl_c)
             if ctrl_c.pressed:
                 return 0

@@ -23,6 +23,7 @@ from typing import cast
 
 import grpc
 import pytest
+from cryptography import x509
 from orders.v1 import consumer_group_service_pb2 as pb
 from orders.v1 import consumer_group_service_pb2_grpc as pb_grpc
 from orders.v1 import inventory_command_service_pb2 as inventory_pb
@@ -465,6 +466,35 @@ async def test_tls_ca_reaches_a_tls_server(tmp_path: Path) -> None:
         assert plain_health.code == 1
         assert plain_health.err.startswith(f"{target}: UNAVAILABLE: ")
         assert "Socket closed" in plain_health.err
+
+
+async def test_tls_server_name_is_the_name_a_certificate_must_hold(tmp_path: Path) -> None:
+    # A production certificate names the service, not the address a probe calls.
+    server_ca = issue("test server CA", ca=True)
+    server = issue("gw", server_ca, server_names=[x509.DNSName("gw.example.com")])
+    chain = write(tmp_path / "server.pem", server.cert_pem + server_ca.cert_pem)
+    key = write(tmp_path / "server.key", server.key_pem)
+    ca = str(write(tmp_path / "ca.pem", server_ca.cert_pem))
+    async with group_gateway(tls_cert=chain, tls_key=key) as gateway:
+        target = f"127.0.0.1:{gateway.port}"
+        checked_by_address = await cli("health", "--target", target, "--tls-ca", ca)
+        assert checked_by_address.code == 1
+        assert "Hostname Verification Check failed" in checked_by_address.err
+        named = ("--target", target, "--tls-ca", ca, "--tls-server-name", "gw.example.com")
+        assert (await cli("health", *named)).out == f"{target}: SERVING\n"
+        assert (await cli("group", "create", "g", *named)).code == 0
+        listed = await cli(
+            "group", "list", "--target", target, "--tls-ca", ca,
+            env={"ORDER_GATEWAY_TLS_SERVER_NAME": "gw.example.com"},
+        )  # fmt: skip
+        assert [line["name"] for line in listed.lines] == ["g"], listed.err
+        wrong = await cli("health", "--target", target, "--tls-ca", ca, "--tls-server-name", "x")
+        assert wrong.code == 1 and "Hostname Verification Check failed" in wrong.err
+    plaintext = await cli("group", "list", "--target", target, "--tls-server-name", "gw")
+    assert plaintext.code == 2
+    assert "--tls-server-name (ORDER_GATEWAY_TLS_SERVER_NAME) is for a gateway that speaks TLS" in (
+        plaintext.err
+    )
 
 
 async def test_health_of_a_gateway_it_cannot_reach_says_why() -> None:

@@ -9,7 +9,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,9 +61,14 @@ def issue(
     valid_from: dt.timedelta = -dt.timedelta(minutes=5),
     valid_until: dt.timedelta = dt.timedelta(days=1),
     key: ec.EllipticCurvePrivateKey | None = None,
+    server_names: Sequence[x509.GeneralName] = (
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+    ),
 ) -> Issued:
     """A certificate for ``name``, signed by ``issuer`` (self-signed when None), valid
-    from ``valid_from`` to ``valid_until`` after now (of a new key, unless ``key``)."""
+    from ``valid_from`` to ``valid_until`` after now (of a new key, unless ``key``); a
+    server's holds ``server_names``."""
     key = key or ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = dt.datetime.now(dt.UTC)
@@ -97,10 +102,7 @@ def issue(
         builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         if not client:
             builder = builder.add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
+                x509.SubjectAlternativeName(list(server_names)), critical=False
             )
     signer = issuer.key if issuer else key
     return Issued(key, builder.sign(signer, hashes.SHA256()))
