@@ -383,7 +383,8 @@ def foreign_leftovers(path: Path) -> str | None:
     and the owner's gateway cannot open the store any more (attempt to write a readonly
     database). Root's are given to the store's owner by SQLite itself."""
     beside = [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")]
-    if all(file.exists() for file in beside) or os.geteuid() == 0:
+    if all(file.exists() for file in beside) or os.geteuid() == 0 or beyond_writing(path):
+        # Beyond writing, nothing can be made beside it: it is read as immutable.
         return None
     try:
         owner = path.stat().st_uid

@@ -609,9 +609,18 @@ def as_user(uid: int, command: list[str]) -> list[str]:
     return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *command]
 
 
-@pytest.mark.parametrize("command", ["verify", "backup"])
+@pytest.mark.parametrize(
+    ("command", "refusal"),
+    [
+        ("verify", "run this as the store's owner or as root"),
+        ("backup", "run this as the store's owner or as root"),
+        # May not write it: refused, as SQLite refuses it, but before SQLite made files.
+        ("migrate", "attempt to write a readonly database"),
+        ("serve", "attempt to write a readonly database"),
+    ],
+)
 def test_another_user_reading_a_stopped_store_leaves_nothing_its_owner_cannot_use(
-    command: str,
+    command: str, refusal: str
 ) -> None:
     # A folder every user can reach (pytest's own is root's alone), the store in it the
     # gateway's, as a deployment has it; another user may read it.
@@ -626,11 +635,13 @@ def test_another_user_reading_a_stopped_store_leaves_nothing_its_owner_cannot_us
         arguments = [*gateway, command, "--store", url]
         if command == "backup":
             arguments.append(str(folder / "copy.db"))
+        if command == "serve":
+            arguments += ["--listen", "127.0.0.1:0"]
         read = subprocess.run(
             as_user(OTHER_UID, arguments), capture_output=True, text=True, timeout=60
         )
         assert read.returncode == 1, read.stdout + read.stderr
-        assert "run this as the store's owner or as root" in read.stderr
+        assert refusal in read.stderr
         assert "Traceback" not in read.stderr
         assert sorted(p.name for p in folder.iterdir()) == ["events.db"]
         served = subprocess.run(
@@ -640,6 +651,28 @@ def test_another_user_reading_a_stopped_store_leaves_nothing_its_owner_cannot_us
             timeout=60,
         )
         assert served.returncode == 0, served.stderr
+
+
+def test_another_user_verifies_a_store_where_it_can_make_no_file() -> None:
+    # A folder only its owner may write: SQLite can leave nothing of this user's there,
+    # and reads the store as immutable (it was refused for what it could not leave).
+    with tempfile.TemporaryDirectory(prefix="og-users-", dir="/tmp") as scratch:
+        folder = Path(scratch)
+        store = folder / "events.db"
+        url = f"sqlite:///{store}"
+        gateway = [sys.executable, "-m", "server.cli"]
+        subprocess.run([*gateway, "migrate", "--store", url], check=True, capture_output=True)
+        os.chown(store, GATEWAY_UID, GATEWAY_UID)
+        folder.chmod(0o755)
+        verified = subprocess.run(
+            as_user(OTHER_UID, [*gateway, "verify", "--store", url]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert verified.returncode == 0, verified.stderr
+        assert "OK: the log is consistent" in verified.stdout
+        assert sorted(p.name for p in folder.iterdir()) == ["events.db"]
 
 
 class DeletedAsItWrites(SQLiteEventStore):
