@@ -35,6 +35,7 @@ from server.client.ctrl_c import ctrl_c_stops
 from server.client.groups import follow_group
 from server.client.tail import follow
 from server.stores.factory import open_store
+from tests.e2e.test_early_stop import catches
 from tests.group_support import group_gateway, member
 from tests.security.test_tls import issue, write
 from tests.serving import free_port
@@ -819,6 +820,11 @@ async def test_a_stream_command_exits_0_on_a_ctrl_c_at_any_moment_of_its_run(
         started = time.monotonic()
         for process, delay in runs:
             await asyncio.sleep(max(0.0, started + delay - time.monotonic()))
+            # Not before the interpreter runs the command's code: a SIGINT that comes while
+            # Python itself still starts (its site module, on a loaded machine) ends it with
+            # "Fatal Python error" (status 1) before any code of the gateway's runs.
+            while not catches(process.pid, signal.SIGINT):  # noqa: ASYNC110 - polls /proc
+                await asyncio.sleep(0.005)
             process.send_signal(signal.SIGINT)
             process.send_signal(signal.SIGINT)
         for process, delay in runs:

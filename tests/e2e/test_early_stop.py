@@ -27,9 +27,9 @@ from tests.workers_support import env_without_settings
 WAIT = 30.0
 
 
-def catches(process: subprocess.Popen[bytes], signum: signal.Signals) -> bool:
-    """Whether ``process`` has a handler of its own for ``signum`` (Linux's /proc)."""
-    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+def catches(pid: int, signum: signal.Signals) -> bool:
+    """Whether process ``pid`` has a handler of its own for ``signum`` (Linux's /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("SigCgt:"):
             return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
     return False
@@ -39,7 +39,7 @@ def signal_once_caught(process: subprocess.Popen[bytes], signum: signal.Signals)
     """Send ``signum`` as soon as ``process`` catches SIGTERM: the first thing the command
     does (SIGTERM held after SIGINT), a second or so before its imports are done."""
     deadline = time.monotonic() + WAIT
-    while not catches(process, signal.SIGTERM):
+    while not catches(process.pid, signal.SIGTERM):
         assert process.poll() is None, gateway_log(process)
         assert time.monotonic() < deadline, "the command never caught SIGTERM"
         time.sleep(0.001)
