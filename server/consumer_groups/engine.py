@@ -65,8 +65,8 @@ log = logging.getLogger("order_gateway.consumer_groups")
 
 
 REPLAY_POLL_EVERY = 4
-"""Flushes between two looks for more replayed events (started elsewhere, or the rest
-of a replay larger than ``replay_batch``)."""
+"""Flush intervals between two looks for more replayed events (started elsewhere, or the
+rest of a replay larger than ``replay_batch``), and readings of the parked count."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,7 +359,6 @@ class GroupRuntime:
         self._reader: asyncio.Task[None] | None = None
         self._owning = asyncio.Event()
         self._closed = False
-        self._flushes = 0
         quiet = tuning.trouble_quiet
         self._storing_trouble = StoreTrouble(record.name, "storing its state", quiet)
         self._counting_trouble = StoreTrouble(record.name, "storing failed attempts", quiet)
@@ -961,15 +960,20 @@ class GroupRuntime:
     # -- storing ----------------------------------------------------------------------
 
     async def _flush_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        # By the clock, not by the flushes: parks and departures flush at once, and a
+        # burst of them would otherwise look for replays with every few writes.
+        period = REPLAY_POLL_EVERY * self._tuning.flush_interval
+        next_poll = loop.time() + period
         while True:
             raise_if_cancelling()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._tuning.flush_interval):
                     await self._flush_now.wait()
             self._flush_now.clear()
-            self._flushes += 1
             try:
-                if self._flushes % REPLAY_POLL_EVERY == 0:
+                if loop.time() >= next_poll:
+                    next_poll = loop.time() + period
                     await self.poll_replays()
                     self._parked = await self._store.parked_count(self.record.name)
                 await self._flush()
