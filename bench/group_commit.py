@@ -86,7 +86,10 @@ async def main_async(seconds: float, in_flight: int, rounds: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.group_commit",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+    )
     parser.add_argument("--seconds", type=float, default=1.0, help="per round and mode")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--in-flight", type=int, default=256)

@@ -327,7 +327,10 @@ async def main_async(orders: int, uncached_orders: int, long: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.stream_length",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+    )
     parser.add_argument("--orders", type=int, default=300, help="measured orders, cache on")
     parser.add_argument(
         "--uncached-orders", type=int, default=10, help="measured orders, cache off"

@@ -109,7 +109,9 @@ async def main_async(events: int, url: str | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.verify_rate", description=__doc__.splitlines()[0] if __doc__ else None
+    )
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--store", help="an empty store's URL (default: SQLite, temporary)")
     args = parser.parse_args(argv)

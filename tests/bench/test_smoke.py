@@ -325,3 +325,14 @@ def test_workers_targets_are_judged_from_interleaved_rounds() -> None:
     printed = io.StringIO()
     print_report(report, printed)
     assert "subscribers by worker {'1': 4, '2': 4}" in printed.getvalue()
+
+
+def test_a_run_with_a_shorter_stream_does_not_judge_the_100_000_event_targets() -> None:
+    report = Report(
+        stream_length=[StreamLengthResult("sqlite", 1.0, 1.0, 1_000)],
+        cold_start=[ColdStartResult("sqlite", 1_000, DEFAULT_INTERVAL, 1.5, 1.0)],
+    )
+    verdicts = {v.target.split(" ")[1]: v for v in evaluate(report)}
+    for verdict in (verdicts["latency"], verdicts["order"]):
+        assert verdict.outcome == "NOT MEASURED"
+        assert "this run's stream had 1,000 events" in verdict.detail
