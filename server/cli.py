@@ -8,7 +8,6 @@ the command line are passed to ``Settings``, so a flag wins and a variable fills
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ipaddress
 import sys
 from collections.abc import Sequence
@@ -288,13 +287,15 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         else:
             event_loop.run(serve(settings), settings.event_loop)
     elif args.command == "migrate":
+        from server import interrupted_once
         from server.stores.factory import migrate
 
-        asyncio.run(migrate(settings.store))
+        interrupted_once.run(migrate(settings.store))
     elif args.command == "verify":
+        from server import interrupted_once
         from server.verify import run_verify
 
-        return asyncio.run(run_verify(settings.store))
+        return interrupted_once.run(run_verify(settings.store))
     elif args.command == "backup":
         from server.backup import BackupError, backup, stops_interrupt
 

@@ -44,13 +44,25 @@ def open_channel(target: str, tls_ca: str | None, server_name: str | None = None
         raise ValueError(f"{option} {tls_ca}: no PEM certificate in it")
     options: tuple[tuple[str, int | str], ...] = _OPTIONS
     if server_name is not None:
-        if not server_name.strip() or any(c.isspace() for c in server_name):
+        if not _host_name(server_name):
             raise ValueError(
                 f"--tls-server-name ({TLS_SERVER_NAME_VARIABLE}) {server_name!r}: not a host name"
             )
         options = (*_OPTIONS, ("grpc.ssl_target_name_override", server_name))
     return grpc.secure_channel(
         target, grpc.ssl_channel_credentials(root_certificates=roots), options=options
+    )
+
+
+def _host_name(name: str) -> bool:
+    """Whether ``name`` can be a TLS server name: at most 253 characters (a trailing dot
+    aside), in labels of 1 to 63 without spaces. grpc refuses longer ones only as it
+    connects, with a log line of its own."""
+    labels = name.removesuffix(".").split(".")
+    return (
+        len(name.removesuffix(".")) <= 253
+        and all(0 < len(label) <= 63 for label in labels)
+        and not any(c.isspace() for c in name)
     )
 
 

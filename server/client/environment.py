@@ -149,8 +149,16 @@ class EnvironmentParser(argparse.ArgumentParser):
                 continue
             if any(a in flagged for a in group._group_actions):
                 overridden += by_variable
-            elif len(by_variable) > 1:
-                first, second = by_variable[:2]
+                continue
+            # A switch's variable set to false (ORDER_GATEWAY_FROM_END=off) asks for
+            # nothing; one whose value is no switch value is refused as such, first.
+            asking = [
+                a
+                for a in by_variable
+                if a.nargs != 0 or self._variable_value(a, from_variables[a]) != a.default
+            ]
+            if len(asking) > 1:
+                first, second = asking[:2]
                 self.error(
                     f"argument {'/'.join(first.option_strings)} ({option_variable(first)}):"
                     f" not allowed with argument {'/'.join(second.option_strings)}"

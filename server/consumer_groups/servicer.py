@@ -65,8 +65,9 @@ def page_token(last_name: str) -> str:
 
 
 def page_token_name(token: str) -> str | None:
-    """The group name a ``page_token`` continues after ("" for none), or None if it is no
-    token this server gives."""
+    """The group name a ``page_token`` continues after ("" for none), or None if it is
+    not a token as this server writes them. A token names the group a page begins after,
+    on any gateway of the store, whether or not that group still exists."""
     if not token:
         return ""
     try:
@@ -74,7 +75,9 @@ def page_token_name(token: str) -> str | None:
     except (ValueError, UnicodeError):
         return None
     name = text.removeprefix(_PAGE_TOKEN_PREFIX)
-    if name == text or not NAME.fullmatch(name):
+    # Decoding skips what is not base64 (spaces, "!", padding to spare): only the one
+    # spelling this server writes is a token.
+    if name == text or not NAME.fullmatch(name) or page_token(name) != token:
         return None
     return name
 

@@ -491,6 +491,10 @@ async def test_tls_server_name_is_the_name_a_certificate_must_hold(tmp_path: Pat
         assert [line["name"] for line in listed.lines] == ["g"], listed.err
         wrong = await cli("health", "--target", target, "--tls-ca", ca, "--tls-server-name", "x")
         assert wrong.code == 1 and "Hostname Verification Check failed" in wrong.err
+    overlong = await cli(
+        "health", "--target", target, "--tls-ca", ca, "--tls-server-name", "x" * 300
+    )
+    assert overlong.code == 2 and "not a host name" in overlong.err
     plaintext = await cli("group", "list", "--target", target, "--tls-server-name", "gw")
     assert plaintext.code == 2
     assert "--tls-server-name (ORDER_GATEWAY_TLS_SERVER_NAME) is for a gateway that speaks TLS" in (

@@ -186,8 +186,10 @@ async def test_a_page_larger_than_the_largest_is_the_largest(env: Env) -> None:
         (2, base64.urlsafe_b64encode(b"after:no spaces").decode(), ["page_token"]),
         (2, base64.urlsafe_b64encode(b"g").decode(), ["page_token"]),
         (-5, "\u00e9", ["page_size", "page_token"]),
+        (2, " " + base64.urlsafe_b64encode(b"after:g").decode(), ["page_token"]),
+        (2, base64.urlsafe_b64encode(b"after:g").decode() + "==!", ["page_token"]),
     ],
-    ids=["negative-size", "not-base64", "bad-name", "no-prefix", "both"],
+    ids=["negative-size", "not-base64", "bad-name", "no-prefix", "both", "spaced", "trailing"],
 )
 async def test_a_bad_page_request_names_its_fields(
     env: Env, page_size: int, page_token: str, fields: list[str]

@@ -609,6 +609,15 @@ def test_a_flag_wins_over_the_variable_of_an_option_it_excludes(
         build_parser().parse_args(["group", "create", "billing"])
     assert refused.value.code == 2
     assert "(ORDER_GATEWAY_AFTER): not allowed with argument --from-end" in capsys.readouterr().err
+    # A switch's variable set to false asks for nothing: no conflict.
+    monkeypatch.setenv("ORDER_GATEWAY_FROM_END", "off")
+    args = build_parser().parse_args(["group", "create", "billing"])
+    assert (args.after, args.from_end) == (5, False)
+    # One that is no switch value is refused as that, not as a conflict.
+    monkeypatch.setenv("ORDER_GATEWAY_FROM_END", "bogus")
+    with pytest.raises(SystemExit) as refused:
+        build_parser().parse_args(["group", "create", "billing"])
+    assert "(ORDER_GATEWAY_FROM_END): not a switch value" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

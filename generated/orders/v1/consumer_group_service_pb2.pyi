@@ -211,7 +211,9 @@ class ListConsumerGroupsRequest(_message.Message):
     page_size: _builtins.int
     """At most this many groups (0: every group; above 1000: 1000)."""
     page_token: _builtins.str
-    """The previous page's next_page_token; empty: from the first group."""
+    """The previous page's next_page_token (any gateway of the store takes it); empty:
+    from the first group.
+    """
     def __init__(
         self,
         *,
