@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -22,7 +23,13 @@ T = TypeVar("T")
 def run(main: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run(main)``, ended by a first Ctrl-C with KeyboardInterrupt once ``main``
     has unwound (what ``asyncio.run`` raises for it), later ones ignored."""
-    return asyncio.run(_cancelled_by_a_first_ctrl_c(main))
+    # Where asyncio.run would handle Ctrl-C itself (the main thread, SIGINT's handler
+    # Python's default); elsewhere (a thread calling the CLI) it is left alone.
+    handles = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+    return asyncio.run(_cancelled_by_a_first_ctrl_c(main) if handles else main)
 
 
 async def _cancelled_by_a_first_ctrl_c(main: Coroutine[Any, Any, T]) -> T:
@@ -36,7 +43,7 @@ async def _cancelled_by_a_first_ctrl_c(main: Coroutine[Any, Any, T]) -> T:
             pressed = True
             task.cancel()
 
-    # Replaces asyncio.run's own handler for as long as the loop runs: its loop, closed,
+    # Replaces asyncio.run's own handler for as long as the loop runs: the loop, closed,
     # puts SIGINT's default handler back.
     asyncio.get_running_loop().add_signal_handler(signal.SIGINT, interrupt)
     try:

@@ -6,10 +6,21 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from server import interrupted_once
+
+
+@pytest.fixture(autouse=True)
+def python_s_own_ctrl_c_handler() -> Iterator[None]:
+    """SIGINT's handler as a command starts with it: Python's default (an event loop of
+    another test in this process may have left its own)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 async def unwinding_slowly(cleanups: list[str]) -> None:
@@ -54,3 +65,12 @@ def test_a_command_not_interrupted_returns_its_result_and_its_own_errors() -> No
     with pytest.raises(ValueError, match="its own"):
         interrupted_once.run(fails())
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_command_run_from_another_thread_leaves_ctrl_c_to_the_main_one() -> None:
+    # A thread cannot take signals: asyncio.run leaves Ctrl-C alone there, and so does this.
+    async def answer() -> int:
+        return 7
+
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(interrupted_once.run, answer()).result() == 7
