@@ -25,13 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.loadgen import LoadSpec, run_load
-from bench.servers import (
-    DURABLE_FLOOR,
-    ServerProcess,
-    restock,
-    start_durable_floor,
-    start_gateway,
-)
+from bench.servers import DURABLE_FLOOR, ServerProcess, gateway_beside_durable_floor
 
 LIBRARIES = (
     ("interpreter (libpython)", re.compile(r"^libpython")),
@@ -152,25 +146,17 @@ async def run(concurrency: int, seconds: float, rounds: int) -> str:
     out: list[str] = []
     with tempfile.TemporaryDirectory(prefix="order-gateway-libraries-") as scratch:
         folder = Path(scratch)
-        gateway = await start_gateway(f"sqlite:///{folder / 'gateway.db'}", folder)
-        try:
-            await restock(gateway.target)
-            floor = await start_durable_floor(folder / "floor.db", folder)
-            try:
-                for n in range(rounds):
-                    splits = {
-                        "gateway": await measure(
-                            gateway, concurrency, seconds, folder / f"gateway-{n}.data"
-                        ),
-                        DURABLE_FLOOR: await measure(
-                            floor, concurrency, seconds, folder / f"floor-{n}.data"
-                        ),
-                    }
-                    out.append(f"round {n + 1}\n{table(concurrency, splits)}")
-            finally:
-                await floor.stop()
-        finally:
-            await gateway.stop()
+        async with gateway_beside_durable_floor(folder) as (gateway, floor):
+            for n in range(rounds):
+                splits = {
+                    "gateway": await measure(
+                        gateway, concurrency, seconds, folder / f"gateway-{n}.data"
+                    ),
+                    DURABLE_FLOOR: await measure(
+                        floor, concurrency, seconds, folder / f"floor-{n}.data"
+                    ),
+                }
+                out.append(f"round {n + 1}\n{table(concurrency, splits)}")
     return "\n\n".join(out)
 
 

@@ -9,12 +9,13 @@ calls per second.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -247,6 +248,18 @@ async def start_durable_floor(
     )
     name = DURABLE_FLOOR_ON_LOOP if on_loop else DURABLE_FLOOR
     return await ServerProcess.start(name, command, port, log_dir)
+
+
+@contextlib.asynccontextmanager
+async def gateway_beside_durable_floor(
+    folder: Path,
+) -> AsyncIterator[tuple[ServerProcess, ServerProcess]]:
+    """The gateway on a SQLite file in ``folder``, every benchmark product stocked, and
+    the group-commit durable floor on another, both serving until the block ends."""
+    async with await start_gateway(f"sqlite:///{folder / 'gateway.db'}", folder) as gateway:
+        await restock(gateway.target)
+        async with await start_durable_floor(folder / "floor.db", folder) as floor:
+            yield gateway, floor
 
 
 async def restock(target: str, token: str = "") -> None:

@@ -20,13 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.loadgen import LoadSpec, run_load
-from bench.servers import (
-    DURABLE_FLOOR,
-    ServerProcess,
-    restock,
-    start_durable_floor,
-    start_gateway,
-)
+from bench.servers import DURABLE_FLOOR, ServerProcess, gateway_beside_durable_floor
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 EVENT_ENGINE = "event_engine"
@@ -144,22 +138,13 @@ def table(concurrency: int, splits: Mapping[str, Split]) -> str:
 async def run(concurrencies: Sequence[int], seconds: float) -> str:
     out: list[str] = []
     with tempfile.TemporaryDirectory(prefix="order-gateway-threads-") as scratch:
-        folder = Path(scratch)
-        gateway = await start_gateway(f"sqlite:///{folder / 'gateway.db'}", folder)
-        try:
-            await restock(gateway.target)
-            floor = await start_durable_floor(folder / "floor.db", folder)
-            try:
-                for concurrency in concurrencies:
-                    splits = {
-                        "gateway": await measure(gateway, concurrency, seconds),
-                        DURABLE_FLOOR: await measure(floor, concurrency, seconds),
-                    }
-                    out.append(table(concurrency, splits))
-            finally:
-                await floor.stop()
-        finally:
-            await gateway.stop()
+        async with gateway_beside_durable_floor(Path(scratch)) as (gateway, floor):
+            for concurrency in concurrencies:
+                splits = {
+                    "gateway": await measure(gateway, concurrency, seconds),
+                    DURABLE_FLOOR: await measure(floor, concurrency, seconds),
+                }
+                out.append(table(concurrency, splits))
     return "\n\n".join(out)
 
 

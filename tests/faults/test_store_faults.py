@@ -609,6 +609,22 @@ def as_user(uid: int, command: list[str]) -> list[str]:
     return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *command]
 
 
+GATEWAY = [sys.executable, "-m", "server.cli"]
+
+
+@contextlib.contextmanager
+def the_gateway_users_store(folder_mode: int) -> Iterator[tuple[Path, str]]:
+    """A store of the gateway's user (``GATEWAY_UID``) in a new folder every user can
+    reach (pytest's own is root's alone), with ``folder_mode``: the folder and the URL."""
+    with tempfile.TemporaryDirectory(prefix="og-users-", dir="/tmp") as scratch:
+        folder = Path(scratch)
+        url = f"sqlite:///{folder / 'events.db'}"
+        subprocess.run([*GATEWAY, "migrate", "--store", url], check=True, capture_output=True)
+        os.chown(folder / "events.db", GATEWAY_UID, GATEWAY_UID)
+        folder.chmod(folder_mode)
+        yield folder, url
+
+
 @pytest.mark.parametrize(
     ("command", "refusal"),
     [
@@ -622,17 +638,9 @@ def as_user(uid: int, command: list[str]) -> list[str]:
 def test_another_user_reading_a_stopped_store_leaves_nothing_its_owner_cannot_use(
     command: str, refusal: str
 ) -> None:
-    # A folder every user can reach (pytest's own is root's alone), the store in it the
-    # gateway's, as a deployment has it; another user may read it.
-    with tempfile.TemporaryDirectory(prefix="og-users-", dir="/tmp") as scratch:
-        folder = Path(scratch)
-        folder.chmod(0o777)
-        store = folder / "events.db"
-        url = f"sqlite:///{store}"
-        gateway = [sys.executable, "-m", "server.cli"]
-        subprocess.run([*gateway, "migrate", "--store", url], check=True, capture_output=True)
-        os.chown(store, GATEWAY_UID, GATEWAY_UID)
-        arguments = [*gateway, command, "--store", url]
+    # The store the gateway's, as a deployment has it; another user may read it.
+    with the_gateway_users_store(folder_mode=0o777) as (folder, url):
+        arguments = [*GATEWAY, command, "--store", url]
         if command == "backup":
             arguments.append(str(folder / "copy.db"))
         if command == "serve":
@@ -645,7 +653,7 @@ def test_another_user_reading_a_stopped_store_leaves_nothing_its_owner_cannot_us
         assert "Traceback" not in read.stderr
         assert sorted(p.name for p in folder.iterdir()) == ["events.db"]
         served = subprocess.run(
-            as_user(GATEWAY_UID, [*gateway, "migrate", "--store", url]),
+            as_user(GATEWAY_UID, [*GATEWAY, "migrate", "--store", url]),
             capture_output=True,
             text=True,
             timeout=60,
@@ -656,16 +664,9 @@ def test_another_user_reading_a_stopped_store_leaves_nothing_its_owner_cannot_us
 def test_another_user_verifies_a_store_where_it_can_make_no_file() -> None:
     # A folder only its owner may write: SQLite can leave nothing of this user's there,
     # and reads the store as immutable (it was refused for what it could not leave).
-    with tempfile.TemporaryDirectory(prefix="og-users-", dir="/tmp") as scratch:
-        folder = Path(scratch)
-        store = folder / "events.db"
-        url = f"sqlite:///{store}"
-        gateway = [sys.executable, "-m", "server.cli"]
-        subprocess.run([*gateway, "migrate", "--store", url], check=True, capture_output=True)
-        os.chown(store, GATEWAY_UID, GATEWAY_UID)
-        folder.chmod(0o755)
+    with the_gateway_users_store(folder_mode=0o755) as (folder, url):
         verified = subprocess.run(
-            as_user(OTHER_UID, [*gateway, "verify", "--store", url]),
+            as_user(OTHER_UID, [*GATEWAY, "verify", "--store", url]),
             capture_output=True,
             text=True,
             timeout=60,
