@@ -612,6 +612,11 @@ def as_user(uid: int, command: list[str]) -> list[str]:
 GATEWAY = [sys.executable, "-m", "server.cli"]
 
 
+def run_as(uid: int, command: list[str]) -> subprocess.CompletedProcess[str]:
+    """``command`` run to its end as the user ``uid``, its output captured as text."""
+    return subprocess.run(as_user(uid, command), capture_output=True, text=True, timeout=60)
+
+
 @contextlib.contextmanager
 def the_gateway_users_store(folder_mode: int) -> Iterator[tuple[Path, str]]:
     """A store of the gateway's user (``GATEWAY_UID``) in a new folder every user can
@@ -645,19 +650,12 @@ def test_another_user_reading_a_stopped_store_leaves_nothing_its_owner_cannot_us
             arguments.append(str(folder / "copy.db"))
         if command == "serve":
             arguments += ["--listen", "127.0.0.1:0"]
-        read = subprocess.run(
-            as_user(OTHER_UID, arguments), capture_output=True, text=True, timeout=60
-        )
+        read = run_as(OTHER_UID, arguments)
         assert read.returncode == 1, read.stdout + read.stderr
         assert refusal in read.stderr
         assert "Traceback" not in read.stderr
         assert sorted(p.name for p in folder.iterdir()) == ["events.db"]
-        served = subprocess.run(
-            as_user(GATEWAY_UID, [*GATEWAY, "migrate", "--store", url]),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        served = run_as(GATEWAY_UID, [*GATEWAY, "migrate", "--store", url])
         assert served.returncode == 0, served.stderr
 
 
@@ -665,12 +663,7 @@ def test_another_user_verifies_a_store_where_it_can_make_no_file() -> None:
     # A folder only its owner may write: SQLite can leave nothing of this user's there,
     # and reads the store as immutable (it was refused for what it could not leave).
     with the_gateway_users_store(folder_mode=0o755) as (folder, url):
-        verified = subprocess.run(
-            as_user(OTHER_UID, [*GATEWAY, "verify", "--store", url]),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        verified = run_as(OTHER_UID, [*GATEWAY, "verify", "--store", url])
         assert verified.returncode == 0, verified.stderr
         assert "OK: the log is consistent" in verified.stdout
         assert sorted(p.name for p in folder.iterdir()) == ["events.db"]
