@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from domain.ports import Snapshot
 from server.stores.sqlite import SQLiteEventStore
 from server.stores.sqlite_turns import WriterTurns
 from tests.conformance.contract import TIMEOUT, commit_of
@@ -32,6 +33,29 @@ async def test_an_append_waits_for_the_turn_another_writer_holds_then_commits(
         recorded = await asyncio.wait_for(asyncio.gather(*appending), TIMEOUT)
         # Queued while the other writer had its turn, they all committed in this one.
         assert sorted(events[0].position for events in recorded) == [1, 2, 3, 4, 5]
+    finally:
+        other.close()
+        await store.close()
+
+
+async def test_a_snapshot_waits_for_the_turn_another_writer_holds_then_is_saved(
+    tmp_path: Path,
+) -> None:
+    # Written without a turn, a snapshot met the other writer at SQLite's lock and lost
+    # to it in the busy handler, this process's appends queued behind it.
+    database = tmp_path / "events.db"
+    store = await SQLiteEventStore.open(database, writer_turns=True)
+    other = WriterTurns(database)
+    try:
+        await asyncio.to_thread(other.take)
+        saving = asyncio.ensure_future(store.save_snapshot(Snapshot("s", 25, 1, b"{}")))
+        await asyncio.sleep(HELD)
+        assert not saving.done()
+
+        other.release()
+        await asyncio.wait_for(saving, TIMEOUT)
+        loaded = await store.load_snapshot("s")
+        assert loaded is not None and loaded.stream_version == 25
     finally:
         other.close()
         await store.close()
