@@ -587,10 +587,12 @@ def print_stream_length(report: Report, out: TextIO) -> None:
 def print_workers(report: Report, out: TextIO) -> None:
     if not report.workers:
         return
+    generators = sorted({result.load_generator for result in report.workers})
     out.write(
         "\nserve --workers N, CreateOrder spread (create) and on one product (hot) "
         "(interleaved rounds; CPU ms per call: server = "
-        "supervisor and workers; ceiling = this host's cores / (server + client + db CPU))\n"
+        "supervisor and workers; ceiling = this host's cores / (server + client + db CPU); "
+        f"load generator: {', '.join(generators)})\n"
     )
     rows = []
     for result in report.workers:

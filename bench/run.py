@@ -222,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"{workers.CONNECTIONS} connections (default {workers.CLIENT_PROCESSES})",
     )
     parser.add_argument(
+        "--workers-load-generator",
+        choices=workers.LOAD_GENERATORS,
+        default="python",
+        help="the workers section's load generator: python (grpc.aio clients, about as much"
+        " CPU per call as a worker) or h2load (nghttp2's C client, with one product per"
+        " caller; Debian: nghttp2-client) (default python)",
+    )
+    parser.add_argument(
         "--group-events",
         type=int,
         default=100_000,
@@ -556,6 +564,7 @@ async def run_workers(
             args.workers_rounds,
             report.workers,
             report.delivery,
+            args.workers_load_generator,
         )
         if reason is not None:
             report.notes.append(f"workers on {spec.kind}: {reason}")

@@ -62,6 +62,8 @@ class LoadResult:
     """The cancel workload ran out of orders before the end and measured a shorter window."""
     round_number: int = 1
     """Which of the gRPC section's interleaved rounds (``--rounds``) measured it."""
+    load_generator: str = "python"
+    """``bench.loadgen``'s grpc.aio clients ("python"), or "h2load" (``bench.h2load``)."""
 
 
 def median_round(rounds: Sequence[LoadResult]) -> LoadResult:
@@ -100,4 +102,5 @@ def median_round(rounds: Sequence[LoadResult]) -> LoadResult:
         database_cpu_ms_per_call=median([r.database_cpu_ms_per_call for r in rounds]),
         cut_short=any(r.cut_short for r in rounds),
         round_number=0,
+        load_generator=first.load_generator,
     )

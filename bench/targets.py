@@ -298,7 +298,9 @@ def _workers_throughput(store: str) -> Callable[[Report], Verdict]:
             ratio >= WORKERS_SPEEDUP,
             f"{ours:,.0f} vs {base:,.0f} calls/s = {ratio:.2f} x (mean of {len(two)} rounds; "
             f"server CPU {_mean([r.server_cpu_ms_per_call for r in two]):.3f} vs "
-            f"{_mean([r.server_cpu_ms_per_call for r in one]):.3f} ms/call)",
+            f"{_mean([r.server_cpu_ms_per_call for r in one]):.3f} ms/call; load generator "
+            f"{two[0].load_generator}, {_mean([r.client_cpu_ms_per_call for r in two]):.3f}"
+            " ms/call)",
         )
 
     return judge

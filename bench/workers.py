@@ -42,6 +42,8 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,8 +56,10 @@ from orders.v1 import (
     order_command_service_pb2_grpc,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from bench import workload
+from bench.h2load import run_h2load
 from bench.loadgen import LoadSpec, run_load
 from bench.servers import (
     ServerProcess,
@@ -85,6 +89,33 @@ DELIVERY_ORDERS = 300
 DELIVERY_PAUSE_SECONDS = 0.002
 """Between two orders of the delivery run: it measures wake-ups, not a queue."""
 DELIVERY_TIMEOUT = 30.0
+LOAD_GENERATORS = ("python", "h2load")
+"""``bench.loadgen``'s clients, or ``bench.h2load``'s (``--workers-load-generator``)."""
+
+LoadRunner = Callable[[LoadSpec, str, Callable[[], float]], LoadResult]
+"""Runs one load point against a server: its spec, the server's name, its CPU reading."""
+
+
+def load_runner(generator: str, metrics_port: int) -> LoadRunner:
+    """The load generator ``generator``, for the gateway whose /metrics is on
+    ``metrics_port`` (where h2load's calls are told apart by status code)."""
+    if generator == "python":
+        return run_load
+    return lambda spec, name, cpu: run_h2load(
+        spec, name, cpu, lambda: create_orders_handled(metrics_port)
+    )
+
+
+def create_orders_handled(metrics_port: int) -> Counter[str]:
+    """The gateway's CreateOrder calls so far, by status code (every worker's)."""
+    handled: Counter[str] = Counter()
+    for sample in _samples(metrics_port):
+        if (
+            sample.name == "grpc_server_handled_total"
+            and sample.labels.get("grpc_method") == "CreateOrder"
+        ):
+            handled[sample.labels["grpc_code"]] += int(sample.value)
+    return handled
 
 
 @dataclass(frozen=True)
@@ -179,9 +210,11 @@ async def measure(
     rounds: int,
     load_results: list[LoadResult],
     delivery_results: list[DeliveryResult],
+    load_generator: str = "python",
 ) -> str | None:
-    """Measure ``spec``'s store into the two lists (load: ``server`` is "<store> x<N>");
-    the reason it could not, or None."""
+    """Measure ``spec``'s store into the two lists (load: ``server`` is "<store> x<N>"),
+    with ``load_generator`` (one of ``LOAD_GENERATORS``); the reason it could not, or
+    None."""
     with (
         spec.fresh(workdir, f"workers-{spec.kind}-1") as first,
         spec.fresh(workdir, f"workers-{spec.kind}-2") as second,
@@ -190,12 +223,13 @@ async def measure(
         if reason is not None:
             return reason
         database = database_pid(first)
-        metrics_port = free_port()
+        metrics_ports = {workers: free_port() for workers in WORKER_COUNTS}
         async with (
-            await start_gateway(first, workdir, workers=1) as one,
-            await start_gateway(second, workdir, workers=2, metrics_port=metrics_port) as two,
+            await start_gateway(first, workdir, workers=1, metrics_port=metrics_ports[1]) as one,
+            await start_gateway(second, workdir, workers=2, metrics_port=metrics_ports[2]) as two,
         ):
             servers = {1: one, 2: two}
+            runners = {w: load_runner(load_generator, port) for w, port in metrics_ports.items()}
             for workers, server in servers.items():
                 await restock(server.target)
                 # Unmeasured: each worker keeps its own aggregate cache, filled by the
@@ -213,7 +247,7 @@ async def measure(
                     processes,
                     CONNECTIONS // processes,
                 )
-                await asyncio.to_thread(run_load, warm, label(spec.kind, workers))
+                await asyncio.to_thread(runners[workers], warm, label(spec.kind, workers), _idle)
             for _ in range(rounds):
                 for name, level in LOAD_POINTS:
                     for workers in WORKER_COUNTS:
@@ -228,11 +262,17 @@ async def measure(
                             channels=CONNECTIONS // processes,
                         )
                         result = await asyncio.to_thread(
-                            measure_load, load, spec.kind, workers, server, database
+                            measure_load,
+                            load,
+                            spec.kind,
+                            workers,
+                            server,
+                            database,
+                            runners[workers],
                         )
                         _progress(result)
                         load_results.append(result)
-            delivery = await measure_delivery(two, spec.kind, metrics_port)
+            delivery = await measure_delivery(two, spec.kind, metrics_ports[2])
             print(
                 f"  live delivery across workers on {spec.kind}: {delivery_summary(delivery)}",
                 file=sys.stderr,
@@ -241,11 +281,22 @@ async def measure(
     return None
 
 
+def _idle() -> float:
+    """The CPU reading of a warm-up, which is not measured."""
+    return 0.0
+
+
 def measure_load(
-    load: LoadSpec, store: str, workers: int, server: ServerProcess, database: int | None = None
+    load: LoadSpec,
+    store: str,
+    workers: int,
+    server: ServerProcess,
+    database: int | None = None,
+    runner: LoadRunner = run_load,
 ) -> LoadResult:
-    """One load point; server CPU split into the supervisor's and the workers'; the
-    CPU of the PostgreSQL server whose postmaster is ``database`` beside it."""
+    """One load point, driven by ``runner``; server CPU split into the supervisor's and
+    the workers'; the CPU of the PostgreSQL server whose postmaster is ``database``
+    beside it."""
     samples: list[tuple[float, float, float]] = []
 
     def server_cpu() -> float:
@@ -256,7 +307,7 @@ def measure_load(
         samples.append((server.cpu_seconds(), cpu_seconds(server.pid), database_cpu))
         return samples[-1][0]
 
-    result = run_load(load, label(store, workers), server_cpu)
+    result = runner(load, label(store, workers), server_cpu)
     (tree_before, own_before, db_before), (tree_after, own_after, db_after) = samples
     if result.server_cpu_ms_per_call and tree_after > tree_before:
         per_second = result.server_cpu_ms_per_call / (tree_after - tree_before)
@@ -271,14 +322,17 @@ def measure_load(
     )
 
 
-def _subscriptions_by_worker(metrics_port: int) -> dict[str, int]:
+def _samples(metrics_port: int) -> list[Sample]:
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def _subscriptions_by_worker(metrics_port: int) -> dict[str, int]:
     return {
         sample.labels["worker"]: int(sample.value)
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
+        for sample in _samples(metrics_port)
         if sample.name == "order_gateway_subscriptions" and "worker" in sample.labels
     }
 
