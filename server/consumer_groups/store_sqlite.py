@@ -16,9 +16,9 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Final, TypeVar
 
-from domain.errors import StoreError, StoreUnavailableError
 from server.consumer_groups.model import FailedAttempts, GroupRecord, ParkedEvent
 from server.consumer_groups.records import settings_from, settings_json
+from server.stores.sqlite_errors import store_error
 
 T = TypeVar("T")
 
@@ -60,8 +60,11 @@ def _parked(row: tuple[str, int, int, str, int, int]) -> ParkedEvent:
 
 
 class SQLiteConsumerGroupStore:
-    def __init__(self, connection: sqlite3.Connection) -> None:
+    def __init__(self, connection: sqlite3.Connection, path: Path | None = None) -> None:
         self._connection = connection
+        self._path = path
+        """The store's file, to tell a write's I/O error that is a full disk or a file size
+        limit from one that is not."""
         self._lock = threading.Lock()
 
     @classmethod
@@ -76,7 +79,7 @@ class SQLiteConsumerGroupStore:
             connection.execute("PRAGMA synchronous = FULL")
             return connection
 
-        return cls(await asyncio.to_thread(connect))
+        return cls(await asyncio.to_thread(connect), path)
 
     async def _run(self, work: Callable[[sqlite3.Connection], T], write: bool = False) -> T:
         def run() -> T:
@@ -100,12 +103,9 @@ class SQLiteConsumerGroupStore:
         try:
             return await asyncio.to_thread(run)
         except sqlite3.Error as e:
-            busy = isinstance(e, sqlite3.OperationalError) and e.sqlite_errorname in {
-                "SQLITE_BUSY",
-                "SQLITE_LOCKED",
-            }
-            error = StoreUnavailableError if busy else StoreError
-            raise error(f"consumer group storage failed: {e}") from e
+            # As the event store's own errors: a full disk is STORE_FULL and a file that
+            # cannot be used right now STORE_UNAVAILABLE, not INTERNAL.
+            raise store_error(f"consumer group storage failed: {e}", e, self._path) from e
 
     async def create_group(self, record: GroupRecord) -> GroupRecord:
         def work(c: sqlite3.Connection) -> GroupRecord:

@@ -72,6 +72,7 @@ from server.stores.event_rows import (
 )
 from server.stores.sqlite_calls import NO_LISTENERS, Call, CallQueue, Listeners, answer
 from server.stores.sqlite_decide import conflict, decide, stream_ids
+from server.stores.sqlite_errors import store_error
 from server.stores.sqlite_schema import (
     ForeignDatabaseError,
     SchemaTooNewError,
@@ -79,7 +80,6 @@ from server.stores.sqlite_schema import (
     migrate,
     require_latest,
 )
-from server.stores.sqlite_space import out_of_space
 from server.stores.sqlite_turns import WriterTurns
 
 log = logging.getLogger("order_gateway.store.sqlite")
@@ -544,18 +544,6 @@ def _journal_mode_wal(connection: sqlite3.Connection) -> str:
         time.sleep(WAL_SWITCH_RETRY_SECONDS)
 
 
-_UNAVAILABLE_CODES: Final = (
-    "SQLITE_BUSY",
-    "SQLITE_LOCKED",
-    "SQLITE_IOERR",
-    "SQLITE_CANTOPEN",
-    "SQLITE_READONLY",
-)
-"""Result codes (and their extended codes: ``SQLITE_IOERR_FSYNC`` …) meaning the file
-cannot be used right now: another process holds the lock past the busy timeout, the
-operating system failed a read, write or sync, or the file may not be written."""
-
-
 def _open_snapshot_writer(path: Path, immutable: bool = False) -> sqlite3.Connection:
     connection = _connect(path, immutable=immutable)
     # A snapshot lost in a power failure only means a longer replay: no fsync of its own,
@@ -563,25 +551,6 @@ def _open_snapshot_writer(path: Path, immutable: bool = False) -> sqlite3.Connec
     # The next append's fsync makes it durable anyway.
     connection.execute("PRAGMA synchronous = NORMAL")
     return connection
-
-
-def _store_error(message: str, cause: BaseException, database: Path | None = None) -> StoreError:
-    """The store error to raise ``from cause``: full, unavailable, or anything else
-    (``database``: the file a write failed on, to tell an I/O error that is a full disk
-    or a file size limit from one that is not)."""
-    # Errors the sqlite3 module raises itself (a value it cannot bind) have no code.
-    name = getattr(cause, "sqlite_errorname", None) or ""
-    error: StoreError
-    if name == "SQLITE_FULL" or (name.startswith("SQLITE_IOERR") and out_of_space(database)):
-        # The disk, the file's max_page_count, or (an I/O error) the file size limit or
-        # a quota. SQLite rolls the statement back.
-        error = StoreFullError(message)
-    elif name.startswith(_UNAVAILABLE_CODES):
-        error = StoreUnavailableError(message)
-    else:
-        error = StoreError(message)
-    error.__cause__ = cause
-    return error
 
 
 def _lock_timeout(outcome: object) -> sqlite3.Error | None:
@@ -597,7 +566,7 @@ def _lock_timeout(outcome: object) -> sqlite3.Error | None:
 
 def _is_fault(error: sqlite3.Error) -> bool:
     """True if ``error`` is the file's fault, not one commit's: every commit would fail."""
-    return isinstance(_store_error("", error), StoreFullError | StoreUnavailableError)
+    return isinstance(store_error("", error), StoreFullError | StoreUnavailableError)
 
 
 class SQLiteEventStore:
@@ -717,7 +686,7 @@ class SQLiteEventStore:
             for connection in opened:
                 connection.close()
             if isinstance(e, sqlite3.Error):
-                raise _store_error(f"cannot open the SQLite store {path}: {e}", e) from e
+                raise store_error(f"cannot open the SQLite store {path}: {e}", e) from e
             raise StoreError(f"cannot open the SQLite store {path}: {e}") from e
         turns = WriterTurns(path) if writer_turns else None
         loop = asyncio.get_running_loop()
@@ -738,7 +707,7 @@ class SQLiteEventStore:
         try:
             return await asyncio.to_thread(holds_gateway_schema)
         except sqlite3.Error as e:
-            raise _store_error(f"cannot open the SQLite store {path}: {e}", e) from e
+            raise store_error(f"cannot open the SQLite store {path}: {e}", e) from e
 
     async def open_consumer_groups(self) -> SQLiteConsumerGroupStore:
         """Consumer-group records in the same file (``server.consumer_groups``)."""
@@ -890,7 +859,7 @@ class SQLiteEventStore:
             return False
         queued, stop = self._writes.take_more([], sys.maxsize)
         for append in queued:
-            append.outcome = _store_error("the SQLite transaction failed", cause)
+            append.outcome = store_error("the SQLite transaction failed", cause)
         answer(queued)
         return stop
 
@@ -916,7 +885,7 @@ class SQLiteEventStore:
             log.exception("SQLite writer failed")
             self._rollback()
             for append in batch:
-                append.outcome = _store_error("the SQLite store failed", e, self._path)
+                append.outcome = store_error("the SQLite store failed", e, self._path)
             return False
         if not committed:
             return committed
@@ -1149,7 +1118,7 @@ class SQLiteEventStore:
         """BEGIN, the head read or COMMIT failed: nothing in the batch is durable."""
         self._rollback()
         for append in batch:
-            append.outcome = _store_error("the SQLite transaction failed", error, self._path)
+            append.outcome = store_error("the SQLite transaction failed", error, self._path)
 
     def _write_once(self, batch: list[Append]) -> Append | None:
         connection = self._writer
@@ -1174,7 +1143,7 @@ class SQLiteEventStore:
                 self._fail(batch, e)
                 return None
             self._rollback()
-            current.outcome = _store_error(f"append of {current.work.command_id} failed", e)
+            current.outcome = store_error(f"append of {current.work.command_id} failed", e)
             return current
         return None
 
@@ -1227,7 +1196,7 @@ class SQLiteEventStore:
                     try:
                         read.outcome = read.work(connection)
                     except sqlite3.Error as e:
-                        read.outcome = _store_error(f"reading the SQLite store failed: {e}", e)
+                        read.outcome = store_error(f"reading the SQLite store failed: {e}", e)
                     except Exception as e:  # a bug: the caller gets it as it is
                         read.outcome = e
                 try:
@@ -1422,7 +1391,7 @@ class SQLiteEventStore:
                         ),
                     )
                 except sqlite3.Error as e:
-                    raise _store_error(f"saving a snapshot failed: {e}", e) from e
+                    raise store_error(f"saving a snapshot failed: {e}", e) from e
                 finally:
                     if self._turns is not None:
                         self._turns.release()

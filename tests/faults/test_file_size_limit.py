@@ -1,8 +1,9 @@
 """A store file that reaches the process's file size limit (``ulimit -f``) is a full store.
 
 SQLite reports such a write (EFBIG) as an I/O error, not as SQLITE_FULL; a client must
-still hear RESOURCE_EXHAUSTED (STORE_FULL), not "unavailable, retry", and every command
-acknowledged before the limit must be there once the limit is lifted.
+still hear RESOURCE_EXHAUSTED (STORE_FULL), not "unavailable, retry", from commands and
+consumer-group writes alike, and every command acknowledged before the limit must be
+there once the limit is lifted.
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ from pathlib import Path
 
 import grpc
 from google.rpc import error_details_pb2
-from orders.v1 import event_stream_service_pb2, event_stream_service_pb2_grpc, events_pb2
+from orders.v1 import (
+    consumer_group_service_pb2,
+    consumer_group_service_pb2_grpc,
+    event_stream_service_pb2,
+    event_stream_service_pb2_grpc,
+    events_pb2,
+)
 
 from tests.clients import detail, item, order_request
 from tests.serving import free_port, gateway_log, start_gateway, wait_until_serving
@@ -32,7 +39,9 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     process.wait(15)
 
 
-async def test_a_file_size_limit_is_store_full_and_loses_nothing(tmp_path: Path) -> None:
+async def test_a_file_size_limit_is_store_full_for_commands_and_groups_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
     database = tmp_path / "events.db"
     target = f"127.0.0.1:{free_port()}"
     process = serve(database, target)
@@ -57,6 +66,21 @@ async def test_a_file_size_limit_is_store_full_and_loses_nothing(tmp_path: Path)
             assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.details()
             info: error_details_pb2.ErrorInfo = detail(refused, error_details_pb2.ErrorInfo)
             assert info.reason == "STORE_FULL"
+
+            # A group's row may still fit in a page the store has: create them until one
+            # needs a page more.
+            groups = consumer_group_service_pb2_grpc.ConsumerGroupServiceStub(channel)
+            refused = None
+            for n in range(500):
+                create = consumer_group_service_pb2.CreateConsumerGroupRequest(name=f"group-{n}")
+                try:
+                    await groups.CreateConsumerGroup(create)
+                except grpc.aio.AioRpcError as error:
+                    refused = error
+                    break
+            assert refused is not None, "every consumer group fitted in the full store"
+            assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.details()
+            assert detail(refused, error_details_pb2.ErrorInfo).reason == "STORE_FULL"
             assert "Traceback" not in gateway_log(process)
     finally:
         stop(process)

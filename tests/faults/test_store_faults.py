@@ -43,7 +43,7 @@ from server.observability.store_faults import RECOVERY_QUIET, StoreFaults
 from server.stores.postgres_errors import append_error
 from server.stores.postgres_errors import store_error as postgres_store_error
 from server.stores.sqlite import SQLiteEventStore
-from server.stores.sqlite import _store_error as sqlite_store_error
+from server.stores.sqlite_errors import store_error as sqlite_store_error
 from tests.clients import Clients, detail, item, order_request
 from tests.conformance.contract import commit_of
 from tests.subscription_support import StreamReader, WrappedStore, connect, running_gateway
