@@ -59,6 +59,7 @@ from server.rpc.generic_handlers import ServiceTable
 from server.rpc.health import GatewayHealthServicer
 from server.rpc.last_resort import LastResortInterceptor
 from server.rpc.method_handlers import Interceptors
+from server.rpc.reflection_pool import MethodFindingPool
 from server.rpc.servicers import CommandRunner, InventoryCommandServicer, OrderCommandServicer
 from server.rpc.subscription_hub import HubTuning, SubscriptionHub
 from server.rpc.subscriptions import EventStreamServicer
@@ -463,7 +464,8 @@ async def create_server(
                     *SERVICE_NAMES,
                     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                     reflection.SERVICE_NAME,
-                )
+                ),
+                pool=MethodFindingPool(),
             ),
             services.as_server(),
         )
