@@ -58,6 +58,7 @@ def backup(url: str, file: str) -> int:
     if destination.exists():
         raise BackupError(f"{destination} exists: the backup does not overwrite a file")
     _refuse_companions(destination)
+    _refuse_unsyncable(destination)
     partial = _partial_name(destination)
     try:
         # Read-only: a backup never migrates or otherwise writes to the live store.
@@ -201,6 +202,21 @@ def _refuse_companions(destination: Path) -> None:
                     f"cannot back up to {destination}: SQLite would take it for {owner}'s"
                     f" {suffix.lstrip('-')} file; choose another name"
                 )
+
+
+def _refuse_unsyncable(destination: Path) -> None:
+    """The copy's name is made durable by syncing its directory, which must be opened
+    (for reading) to be synced: checked before anything is copied, so that a directory
+    this user may only write and enter (``-wx``) is refused with nothing in it, not
+    reported as a failed backup once the copy is there."""
+    directory = destination.parent
+    try:
+        os.close(os.open(directory, os.O_RDONLY))
+    except OSError as error:
+        raise BackupError(
+            f"cannot back up to {destination}: its directory {directory} cannot be opened"
+            f" to sync the copy's name into it ({error.strerror or error})"
+        ) from error
 
 
 def _publish(partial: Path, destination: Path) -> None:

@@ -669,6 +669,22 @@ def test_another_user_verifies_a_store_where_it_can_make_no_file() -> None:
         assert sorted(p.name for p in folder.iterdir()) == ["events.db"]
 
 
+def test_a_backup_into_a_folder_it_may_not_read_is_refused_with_nothing_written() -> None:
+    # Its name could not be synced there: the copy used to be left in place, and the
+    # backup reported as failed.
+    with the_gateway_users_store(folder_mode=0o755) as (folder, url):
+        drop = folder / "drop"
+        drop.mkdir(mode=0o333)
+        drop.chmod(0o333)
+        backup = run_as(GATEWAY_UID, [*GATEWAY, "backup", "--store", url, str(drop / "copy.db")])
+        assert backup.returncode == 1, backup.stdout + backup.stderr
+        assert (
+            f"cannot back up to {drop / 'copy.db'}: its directory {drop} cannot be opened to"
+            " sync the copy's name into it (Permission denied)"
+        ) in backup.stderr
+        assert list(drop.iterdir()) == []
+
+
 class DeletedAsItWrites(SQLiteEventStore):
     """Its directory is removed while a batch is being written, once ``doomed`` is set: as
     an operator's ``rm`` landing during a commit's fsync."""
