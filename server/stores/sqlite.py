@@ -1416,13 +1416,15 @@ class SQLiteEventStore:
         self._reads.close(consumers=len(self._threads) - 1)
         for thread in self._threads:
             await asyncio.to_thread(thread.join)
-        if self._turns is not None:
-            self._turns.close()
-            self._turns = None
+        # The turns too under the snapshot's lock: a snapshot being written holds its turn,
+        # and one that comes later finds the store closed before it takes one.
         with self._snapshot_lock:
             if self._snapshot_writer is not None:
                 self._snapshot_writer.close()
                 self._snapshot_writer = None
+            if self._turns is not None:
+                self._turns.close()
+                self._turns = None
         if self._file is not None:
             os.close(self._file)
             self._file = None
