@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -33,6 +34,15 @@ async def order_after_restock(target: str) -> list[str]:
     return [event.event_type for event in (*restocked, *created)]
 
 
+def supervisor_serving(gateway: subprocess.Popen[bytes], workers: int) -> None:
+    """Wait until the supervisor says every worker serves."""
+    deadline = time.monotonic() + 30
+    while f"with {workers} workers" not in gateway_log(gateway):
+        assert gateway.poll() is None, gateway_log(gateway)
+        assert time.monotonic() < deadline, gateway_log(gateway)
+        time.sleep(0.02)
+
+
 @pytest.mark.parametrize(
     ("variable", "expected"),
     [(None, "uvloop"), ("asyncio", "asyncio"), ("UVLOOP", "uvloop")],
@@ -56,6 +66,10 @@ def test_serve_runs_on_the_event_loop_it_is_given_and_serves_there(
             "OrderCreated",
             "StockReserved",
         ]
+        if workers > 1:
+            # One worker serves before the others: stopped then, the supervisor never says
+            # its line (a loaded machine, once).
+            supervisor_serving(gateway, workers)
     finally:
         signal_until_exit(gateway)
         assert gateway.wait(timeout=10) == 0
