@@ -115,7 +115,7 @@ def _running_cpu(processes: Sequence[subprocess.Popen[str]]) -> float:
     for process in processes:
         try:
             total += cpu_seconds(process.pid)
-        except (FileNotFoundError, ProcessLookupError):
+        except FileNotFoundError:  # ended meanwhile: waited for, and counted, later
             continue
     return total
 
