@@ -1,11 +1,12 @@
 """A load generator that leaves the machine to the server: nghttp2's ``h2load``, an
 HTTP/2 client written in C, sending ready-made gRPC requests.
 
-The ``workers`` section runs the load generator on the cores the gateway's workers
-share, and ``bench.loadgen``'s Python clients spend about half a millisecond of CPU per
-call, about what a worker spends: time a second worker would otherwise have. h2load
-spends a few hundredths of that, so the section's figures with it show what the
-workers themselves do with the cores (``--workers-load-generator h2load``).
+The ``workers`` and ``replicas`` sections run the load generator on the cores the
+gateway's processes share, and ``bench.loadgen``'s Python clients spend about half a
+millisecond of CPU per call, about what a gateway process spends: time a second worker
+or replica would otherwise have. h2load spends a few hundredths of that, so the
+sections' figures with it show what the gateway's processes themselves do with the
+cores (``--workers-load-generator h2load``, ``--replicas-load-generator h2load``).
 
 h2load speaks HTTP/2, not gRPC: each caller is one h2load process on a connection of its
 own, sending one gRPC-framed CreateOrder again and again, so each caller orders one
@@ -21,8 +22,8 @@ is not a failure.
 
 from __future__ import annotations
 
+import os
 import random
-import resource
 import shutil
 import struct
 import subprocess
@@ -46,6 +47,7 @@ WORKLOADS = ("create", "hot", "hot-set")
 """What one fixed request per caller can express."""
 NAME = "h2load"
 METHOD = "/orders.v1.OrderCommandService/CreateOrder"
+REAP_POLL_SECONDS = 0.01
 
 
 def h2load_command() -> str:
@@ -103,13 +105,7 @@ def parse_log(text: str) -> list[Response]:
     return rows
 
 
-def _children_cpu() -> float:
-    """What this process's waited-for children spent."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _running_cpu(processes: Sequence[subprocess.Popen[str]]) -> float:
+def _running_cpu(processes: Sequence[subprocess.Popen[bytes]]) -> float:
     """What ``processes`` have spent so far."""
     total = 0.0
     for process in processes:
@@ -156,33 +152,31 @@ def run_h2load(
                     url,
                 ]
             )
-        cpu_before = _children_cpu()
         started = time.time()
-        processes = [
-            subprocess.Popen(
-                arguments_of_one,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for arguments_of_one in arguments
-        ]
+        processes = []
+        for n, arguments_of_one in enumerate(arguments):
+            with (Path(folder) / f"caller-{n}.err").open("wb") as stderr:
+                processes.append(
+                    subprocess.Popen(arguments_of_one, stdout=subprocess.DEVNULL, stderr=stderr)
+                )
         try:
             time.sleep(max(0.0, started + spec.warmup - time.time()))
             window_start = time.time()
             server_before = server_cpu() if server_cpu else 0.0
             # h2load's start and warm-up are not the window's: what it spent until now is
-            # taken off what all its processes spent, once they have been waited for.
-            client_before = cpu_before + _running_cpu(processes)
-            failures = _wait(processes, spec.warmup + spec.duration + BARRIER_TIMEOUT)
+            # taken off what its processes spent in all, once they have ended.
+            client_before = _running_cpu(processes)
+            failures, client_spent = wait_for_callers(
+                processes, Path(folder), spec.warmup + spec.duration + BARRIER_TIMEOUT
+            )
             window_end = time.time()
             server_used = (server_cpu() if server_cpu else 0.0) - server_before
         finally:
             for process in processes:
-                if process.poll() is None:
+                if process.returncode is None:
                     process.kill()
                     process.wait()
-        client_used = _children_cpu() - client_before
+        client_used = client_spent - client_before
         if failures:
             raise LoadError(f"h2load failed: {'; '.join(failures)}")
         rows = [row for log in logs for row in parse_log(log.read_text())]
@@ -192,19 +186,41 @@ def run_h2load(
     )
 
 
-def _wait(processes: Sequence[subprocess.Popen[str]], timeout: float) -> list[str]:
-    """Wait for every process; what those that failed said."""
+def wait_for_callers(
+    processes: Sequence[subprocess.Popen[bytes]], folder: Path, timeout: float
+) -> tuple[list[str], float]:
+    """Wait for every process: what those that failed said (caller N's standard error is
+    ``caller-N.err`` in ``folder``), and the CPU all of them spent.
+
+    Each one's own CPU, from ``wait4``: the children's total (``RUSAGE_CHILDREN``) would
+    count another run's processes too, when two runs go at once (the replicas section).
+    """
     failures: list[str] = []
+    spent = 0.0
     deadline = time.monotonic() + timeout
-    for process in processes:
-        try:
-            _, stderr = process.communicate(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+    for n, process in enumerate(processes):
+        ended = _reap(process, deadline)
+        if ended is None:
             failures.append(f"h2load ran past {timeout:.0f} s")
             continue
+        spent += ended
         if process.returncode != 0:
-            failures.append(stderr.strip().splitlines()[-1] if stderr.strip() else "no message")
-    return failures
+            said = (folder / f"caller-{n}.err").read_text(errors="replace").strip()
+            failures.append(said.splitlines()[-1] if said else "no message")
+    return failures, spent
+
+
+def _reap(process: subprocess.Popen[bytes], deadline: float) -> float | None:
+    """Wait until ``process`` ends, setting its return code: the CPU seconds it spent; or
+    None, if it is still running at ``deadline``."""
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            process.returncode = os.waitstatus_to_exitcode(status)
+            return usage.ru_utime + usage.ru_stime
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(REAP_POLL_SECONDS)
 
 
 def summarise(

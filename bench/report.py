@@ -659,7 +659,8 @@ def print_replicas(report: Report, out: TextIO) -> None:
         )
         out.write(
             f"\nTwo replicas on one PostgreSQL, {spread}, "
-            f"{result.callers_per_replica} callers on each, {result.duration:.0f} s\n"
+            f"{result.callers_per_replica} callers on each, {result.duration:.0f} s, "
+            f"load generator {result.alone.load_generator}\n"
         )
         total = result.total_calls_per_s
         rows = [

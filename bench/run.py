@@ -38,6 +38,7 @@ from bench import (
     workload,
 )
 from bench.inprocess import eventsourcing_commands, gateway_commands
+from bench.load_generators import LOAD_GENERATORS
 from bench.loadgen import LoadSpec, run_load
 from bench.plot import plot_load
 from bench.report import (
@@ -190,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="measured seconds of the replicas section (default 20)",
     )
     parser.add_argument(
+        "--replicas-load-generator",
+        choices=LOAD_GENERATORS,
+        default="python",
+        help="the replicas section's load generator: python or h2load, as for"
+        " --workers-load-generator (default python)",
+    )
+    parser.add_argument(
         "--snapshot-intervals",
         type=lambda value: [int(n) for n in value.split(",") if n],
         default=[25, 50, 100],
@@ -223,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--workers-load-generator",
-        choices=workers.LOAD_GENERATORS,
+        choices=LOAD_GENERATORS,
         default="python",
         help="the workers section's load generator: python (grpc.aio clients, about as much"
         " CPU per call as a worker) or h2load (nghttp2's C client, with one product per"
@@ -540,7 +548,13 @@ async def run_replicas(
                 report.notes.append(f"replicas: {reason}")
                 return
             result = await replicas.measure(
-                url, workdir, args.replica_callers, args.replica_duration, args.warmup, spread
+                url,
+                workdir,
+                args.replica_callers,
+                args.replica_duration,
+                args.warmup,
+                spread,
+                args.replicas_load_generator,
             )
         for load in [result.alone, result.alone_half, *result.replicas]:
             _progress(load)

@@ -383,7 +383,8 @@ def _replicas(report: Report) -> Verdict:
         and total >= result.alone.calls_per_s
         and p99 <= 100.0,
         f"ABORTED {aborted}, smallest share {result.smallest_share:.2f}, total {total:,.0f} vs "
-        f"alone {result.alone.calls_per_s:,.0f} calls/s, worst p99 {p99:.1f} ms",
+        f"alone {result.alone.calls_per_s:,.0f} calls/s, worst p99 {p99:.1f} ms, "
+        f"load generator {result.alone.load_generator}",
     )
 
 

@@ -40,10 +40,7 @@ import os
 import random
 import sys
 import time
-import urllib.request
 import uuid
-from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,11 +52,9 @@ from orders.v1 import (
     event_stream_service_pb2_grpc,
     order_command_service_pb2_grpc,
 )
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
 
 from bench import workload
-from bench.h2load import run_h2load
+from bench.load_generators import LoadRunner, load_runner, metric_samples
 from bench.loadgen import LoadSpec, run_load
 from bench.servers import (
     ServerProcess,
@@ -89,33 +84,6 @@ DELIVERY_ORDERS = 300
 DELIVERY_PAUSE_SECONDS = 0.002
 """Between two orders of the delivery run: it measures wake-ups, not a queue."""
 DELIVERY_TIMEOUT = 30.0
-LOAD_GENERATORS = ("python", "h2load")
-"""``bench.loadgen``'s clients, or ``bench.h2load``'s (``--workers-load-generator``)."""
-
-LoadRunner = Callable[[LoadSpec, str, Callable[[], float]], LoadResult]
-"""Runs one load point against a server: its spec, the server's name, its CPU reading."""
-
-
-def load_runner(generator: str, metrics_port: int) -> LoadRunner:
-    """The load generator ``generator``, for the gateway whose /metrics is on
-    ``metrics_port`` (where h2load's calls are told apart by status code)."""
-    if generator == "python":
-        return run_load
-    return lambda spec, name, cpu: run_h2load(
-        spec, name, cpu, lambda: create_orders_handled(metrics_port)
-    )
-
-
-def create_orders_handled(metrics_port: int) -> Counter[str]:
-    """The gateway's CreateOrder calls so far, by status code (every worker's)."""
-    handled: Counter[str] = Counter()
-    for sample in _samples(metrics_port):
-        if (
-            sample.name == "grpc_server_handled_total"
-            and sample.labels.get("grpc_method") == "CreateOrder"
-        ):
-            handled[sample.labels["grpc_code"]] += int(sample.value)
-    return handled
 
 
 @dataclass(frozen=True)
@@ -213,8 +181,8 @@ async def measure(
     load_generator: str = "python",
 ) -> str | None:
     """Measure ``spec``'s store into the two lists (load: ``server`` is "<store> x<N>"),
-    with ``load_generator`` (one of ``LOAD_GENERATORS``); the reason it could not, or
-    None."""
+    with ``load_generator`` (one of ``bench.load_generators.LOAD_GENERATORS``); the
+    reason it could not, or None."""
     with (
         spec.fresh(workdir, f"workers-{spec.kind}-1") as first,
         spec.fresh(workdir, f"workers-{spec.kind}-2") as second,
@@ -322,17 +290,10 @@ def measure_load(
     )
 
 
-def _samples(metrics_port: int) -> list[Sample]:
-    url = f"http://127.0.0.1:{metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
-
-
 def _subscriptions_by_worker(metrics_port: int) -> dict[str, int]:
     return {
         sample.labels["worker"]: int(sample.value)
-        for sample in _samples(metrics_port)
+        for sample in metric_samples(metrics_port)
         if sample.name == "order_gateway_subscriptions" and "worker" in sample.labels
     }
 

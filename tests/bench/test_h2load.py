@@ -1,12 +1,15 @@
-"""The h2load load generator of the workers section (``bench.h2load``): the requests its
-callers send, how its log and the gateway's counts become a load result, and a short run
-against a real gateway when h2load is installed."""
+"""The h2load load generator (``bench.h2load``): the requests its callers send, how its
+log and the gateway's counts become a load result, how its processes are waited for, and
+a short run against a real gateway when h2load is installed."""
 
 from __future__ import annotations
 
 import asyncio
 import shutil
 import struct
+import subprocess
+import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -22,10 +25,11 @@ from bench.h2load import (
     parse_log,
     run_h2load,
     summarise,
+    wait_for_callers,
 )
+from bench.load_generators import create_orders_handled
 from bench.loadgen import LoadSpec
 from bench.servers import free_port, restock, start_gateway
-from bench.workers import create_orders_handled
 
 SPEC = LoadSpec("127.0.0.1:1", "create", concurrency=4, duration=2.0, warmup=0.5, processes=1)
 START = 1_800_000_000.0
@@ -110,6 +114,57 @@ def test_the_call_h2load_resets_at_its_end_is_no_failure_but_more_are() -> None:
         "no status": 1,
         "HTTP 503": 1,
     }
+
+
+def _python(code: str, folder: Path, n: int) -> subprocess.Popen[bytes]:
+    with (folder / f"caller-{n}.err").open("wb") as stderr:
+        return subprocess.Popen([sys.executable, "-c", code], stderr=stderr)
+
+
+BURN = "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass"
+
+
+def test_two_runs_waited_for_at_once_each_count_only_their_own_processes_cpu(
+    tmp_path: Path,
+) -> None:
+    burning = _python(BURN, tmp_path, 0)
+    sleeping = _python("import time; time.sleep(0.6)", tmp_path, 1)
+    waited: dict[str, tuple[list[str], float]] = {}
+
+    def wait(name: str, process: subprocess.Popen[bytes]) -> None:
+        waited[name] = wait_for_callers([process], tmp_path, 30)
+
+    threads = [
+        threading.Thread(target=wait, args=("burning", burning)),
+        threading.Thread(target=wait, args=("sleeping", sleeping)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert waited["burning"][0] == [] and waited["burning"][1] >= 0.35
+    assert waited["sleeping"][0] == [] and waited["sleeping"][1] < 0.2
+    assert burning.returncode == 0 and sleeping.returncode == 0
+
+
+def test_a_failing_process_is_reported_by_the_last_line_it_wrote(tmp_path: Path) -> None:
+    failing = _python("import sys; sys.exit('first\\nnot enough memory')", tmp_path, 0)
+    failures, _ = wait_for_callers([failing], tmp_path, 30)
+    assert failures == ["not enough memory"]
+    assert failing.returncode == 1
+
+
+def test_a_process_running_past_the_timeout_is_a_failure_and_left_to_the_caller(
+    tmp_path: Path,
+) -> None:
+    running = _python("import time; time.sleep(30)", tmp_path, 0)
+    try:
+        failures, _ = wait_for_callers([running], tmp_path, 0.2)
+        assert failures == ["h2load ran past 0 s"]
+        assert running.returncode is None
+    finally:
+        running.kill()
+        running.wait()
 
 
 @pytest.mark.skipif(shutil.which("h2load") is None, reason="needs h2load (Debian: nghttp2-client)")

@@ -218,6 +218,7 @@ def test_targets_are_judged_from_the_figures() -> None:
     assert "100/100" in text  # fan-out: every subscriber got every event
     assert "ABORTED=3" in text  # every error code of the replicas, per replica and in total
     assert "0.33" in text  # replica 2's share of the 450 calls/s
+    assert "8 callers on each, 20 s, load generator python" in text
 
 
 def test_with_rounds_the_durable_floor_targets_give_the_range_of_each_round_s_ratio() -> None:
