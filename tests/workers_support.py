@@ -9,12 +9,15 @@ import os
 import re
 import signal
 import subprocess
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import grpc
 
+from server.workers.worker import WorkerReady, WorkerSpec
 from tests.clients import Clients
 from tests.serving import gateway_log, start_gateway, wait_until_serving
 from tests.subscription_support import clients_on
@@ -140,3 +143,17 @@ async def spread_clients(target: str, count: int) -> AsyncIterator[Sequence[Clie
         yield [clients_on(channel) for channel in channels]
     finally:
         await asyncio.gather(*(channel.close() for channel in channels))
+
+
+def ready_after_a_while(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> None:
+    """A worker's stand-in (spawned, so importable here) that says it serves half a second
+    after it starts, and writes to the file named by ``spec.hub_socket`` whether that
+    message could be sent."""
+    time.sleep(0.5)
+    try:
+        ready.send(WorkerReady(None, "replica"))
+    except OSError as error:
+        outcome = f"failed: {error}"
+    else:
+        outcome = "sent"
+    Path(spec.hub_socket).write_text(outcome)

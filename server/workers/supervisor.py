@@ -104,6 +104,8 @@ class _Slot:
         self.replica_id: str | None = None
         """Of the worker now serving, once it said so (``WorkerReady``)."""
         self._lifeline: Connection | None = None
+        self._unread_ready: Connection | None = None
+        """The end of a worker's ready pipe that a stop stopped reading (``start``)."""
 
     async def start(self, stopping: asyncio.Event) -> bool:
         """Spawn the worker; True once it serves, False if it died first or the
@@ -134,8 +136,16 @@ class _Slot:
         self.process, self.started_at, self._lifeline = process, time.monotonic(), lifeline
         try:
             return await self._wait_ready(receiver, process)
+        except asyncio.CancelledError:
+            # A stop while the worker starts: its end stays open until the worker has
+            # exited (``close_pipes``). A worker that begins to serve just then still
+            # says so, and stops on its SIGTERM as the others do; with the pipe closed,
+            # it took the failed send for its supervisor's death and logged an ERROR.
+            self._unread_ready = receiver
+            raise
         finally:
-            receiver.close()
+            if self._unread_ready is not receiver:
+                receiver.close()
 
     async def _wait_ready(self, receiver: Connection, process: BaseProcess) -> bool:
         await _readable(receiver.fileno(), process.sentinel)
@@ -158,10 +168,17 @@ class _Slot:
         await _readable(process.sentinel)
         process.join()
         self.metrics_port = None
+        self.close_pipes()
+        return process.exitcode
+
+    def close_pipes(self) -> None:
+        """Close the supervisor's ends of the pipes to a worker that has exited."""
         if self._lifeline is not None:
             self._lifeline.close()
             self._lifeline = None
-        return process.exitcode
+        if self._unread_ready is not None:
+            self._unread_ready.close()
+            self._unread_ready = None
 
     def terminate(self) -> None:
         if self.process is not None and self.process.exitcode is None:
@@ -307,6 +324,8 @@ class Supervisor:
                     )
                     process.kill()
                     process.join()
+        for slot in self._slots:
+            slot.close_pipes()
 
 
 async def _migrated(url: str) -> bool:

@@ -23,6 +23,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.config import Settings
+from server.workers import supervisor
 from server.workers.supervisor import worker_count
 from server.workers.worker import WorkerSpec, run_worker
 from tests.clients import item, order_request
@@ -38,6 +39,7 @@ from tests.workers_support import (
     WAIT,
     alive,
     env_without_settings,
+    ready_after_a_while,
     spread_clients,
     workers_gateway,
 )
@@ -459,6 +461,25 @@ def test_a_worker_whose_supervisor_is_gone_as_it_starts_says_so_without_a_traceb
     logged = capfd.readouterr().err
     assert "the supervisor process is gone" in logged
     assert "Traceback" not in logged
+
+
+async def test_a_worker_that_begins_to_serve_as_a_stop_cancels_its_start_can_still_say_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stop while workers start stops waiting for them, then sends each its SIGTERM. A
+    # worker that began to serve meanwhile says so first: were that refused, it would
+    # take the refusal for its supervisor's death and log an ERROR.
+    monkeypatch.setattr(supervisor, "run_worker", ready_after_a_while)
+    outcome = tmp_path / "outcome"
+    slot = supervisor._Slot(WorkerSpec(Settings(), 1, str(outcome), groups_via_hub=True))
+    starting = asyncio.ensure_future(slot.start(asyncio.Event()))
+    await asyncio.sleep(0.1)
+    assert slot.process is not None and not starting.done()
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    assert await asyncio.wait_for(slot.exited(), WAIT) == 0
+    assert outcome.read_text() == "sent"
 
 
 async def test_a_stop_signal_while_workers_start_is_not_kept_waiting_for_them(
