@@ -19,8 +19,23 @@ const protobuf = require('protobufjs');
 const REPO = path.resolve(__dirname, '..', '..');
 const INCLUDE_DIRS = [path.join(REPO, 'protos'), path.join(REPO, 'third_party', 'googleapis')];
 const DEADLINE_MS = 10_000;
-// The codes the gateway documents as safe to retry with the same command_id.
-const RETRYABLE = new Set([grpc.status.UNAVAILABLE, grpc.status.ABORTED]);
+// The codes the gateway documents as safe to retry with the same command_id (docs/clients.md,
+// "Retry rules"): after DEADLINE_EXCEEDED or INTERNAL the command may or may not have
+// committed, and the same command_id makes the retry settle it exactly once.
+const RETRYABLE = new Set([
+  grpc.status.UNAVAILABLE,
+  grpc.status.ABORTED,
+  grpc.status.DEADLINE_EXCEEDED,
+  grpc.status.INTERNAL,
+  grpc.status.RESOURCE_EXHAUSTED,
+]);
+
+/** Whether a failed command may be sent again unchanged. */
+function retryable(error) {
+  if (!RETRYABLE.has(error.code)) return false;
+  // RESOURCE_EXHAUSTED for the request's own size: the same request is refused again.
+  return !(error.code === grpc.status.RESOURCE_EXHAUSTED && /larger than max/.test(error.details));
+}
 
 // Service stubs. keepCase: field names as in the .proto files; longs as strings, because
 // positions are uint64 and JavaScript numbers lose precision past 2^53.
@@ -100,7 +115,7 @@ async function withRetries(method, request, correlationId, attempts = 4) {
     try {
       return await command(method, idempotent, correlationId);
     } catch (error) {
-      if (!RETRYABLE.has(error.code) || attempt >= attempts) throw error;
+      if (!retryable(error) || attempt >= attempts) throw error;
       await new Promise((done) => setTimeout(done, 100 * 2 ** attempt * Math.random()));
     }
   }

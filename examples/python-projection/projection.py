@@ -198,7 +198,15 @@ def main() -> int:
     parser.add_argument("--db", default="read-model.db")
     parser.add_argument("--member", default="")
     args = parser.parse_args()
-    return run(args.target, args.db, args.member or f"{socket.gethostname()}-{os.getpid()}")
+    return run(args.target, args.db, args.member or default_member())
+
+
+def default_member() -> str:
+    """This host's short name and this process's id: a member id may hold at most 64 of
+    ``A-Z a-z 0-9 . _ -``, and a fully qualified host name can be longer."""
+    host = socket.gethostname().split(".")[0] or "projection"
+    pid = f"-{os.getpid()}"
+    return host[: 64 - len(pid)] + pid
 
 
 if __name__ == "__main__":

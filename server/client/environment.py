@@ -185,7 +185,7 @@ class EnvironmentParser(argparse.ArgumentParser):
                 return [self._flag_value(action, item) for item in items if item]
             return self._flag_value(action, text)
         except ValidationError:
-            message = "not a switch value: true or false (also 1/0, yes/no, on/off)"
+            message = "not a switch value: true or false (also 1/0, yes/no, on/off, t/f, y/n)"
         except argparse.ArgumentError as error:
             message = error.message
         option = "/".join(action.option_strings)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
+import os
 import signal
 import socket
 import sqlite3
@@ -16,10 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import pytest
 from orders.v1 import consumer_group_service_pb2 as pb
 from orders.v1 import consumer_group_service_pb2_grpc as pb_grpc
 
 from server.app import Gateway
+from server.consumer_groups.model import NAME
 from tests.clients import Clients, item, order_request
 
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "python-projection" / "demo.py"
@@ -196,3 +200,18 @@ def test_instances_opening_a_new_read_model_together_all_open_it(tmp_path: Path)
     )  # fmt: skip
     results = finished.stdout.split()
     assert results == ["ok"] * 90, finished.stdout
+
+
+def test_the_default_member_id_is_one_the_server_accepts_for_a_long_host_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A member id holds at most 64 of ``A-Z a-z 0-9 . _ -``: the example's default, made
+    from the host name, must fit even for a long fully qualified one."""
+    spec = importlib.util.spec_from_file_location("projection_example", PROJECTION)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.setattr(socket, "gethostname", lambda: "a" * 63 + "." + "b" * 60 + ".example")
+    member = example.default_member()
+    assert NAME.fullmatch(member), member
+    assert member.startswith("aaa") and member.endswith(f"-{os.getpid()}")
