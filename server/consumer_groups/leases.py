@@ -33,7 +33,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from domain.errors import StoreUnavailableError
+from domain.errors import StoreError, StoreUnavailableError
 from server.cancellation import raise_if_cancelling
 from server.consumer_groups import balance
 
@@ -160,9 +160,9 @@ class LeaseCoordinator:
         self._expiry: asyncio.TimerHandle | None = None
         self._expired_task: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._unreachable_rounds = 0
-        """Rounds that failed for an unreachable store since the last that worked."""
-        self._said_unreachable_at = 0.0
+        self._failed_rounds = 0
+        """Rounds that failed since the last that worked."""
+        self._said_failed_at = 0.0
         self._giving_up: asyncio.Future[None] | None = None
         """A give-up (``release``) under way: carried to its end when the rounds are
         cancelled, since it stores the checkpoints of the partitions given up."""
@@ -199,6 +199,13 @@ class LeaseCoordinator:
                 self._group,
                 e,
             )
+        except StoreError as e:
+            # Refused by the store (a privilege revoked, say): its message says why.
+            log.error(
+                "consumer group %r: releasing leases failed (%s); they lapse on their own",
+                self._group,
+                e,
+            )
         except Exception:
             log.exception("consumer group %r: releasing leases failed", self._group)
 
@@ -206,13 +213,13 @@ class LeaseCoordinator:
         while True:
             try:
                 await self._round()
-                if self._unreachable_rounds:
+                if self._failed_rounds:
                     log.info(
                         "consumer group %r: lease rounds work again (%d failed meanwhile)",
                         self._group,
-                        self._unreachable_rounds,
+                        self._failed_rounds,
                     )
-                    self._unreachable_rounds = 0
+                    self._failed_rounds = 0
             except GroupGoneError:
                 # Deleted through another replica: the rounds end here, and ``gone``
                 # ends this replica's members (their leases went with the group).
@@ -223,18 +230,16 @@ class LeaseCoordinator:
             except asyncio.CancelledError:
                 raise
             except StoreUnavailableError as e:
-                # The store (or a worker's supervisor) cannot be reached: said, no traceback,
-                # at most every FAILURE_LOG_INTERVAL; the next round tries again.
-                self._unreachable_rounds += 1
-                now = time.monotonic()
-                if (
-                    self._unreachable_rounds == 1
-                    or now - self._said_unreachable_at >= FAILURE_LOG_INTERVAL
-                ):
-                    self._said_unreachable_at = now
-                    log.warning("consumer group %r: lease round failed (%s)", self._group, e)
-            except Exception:
-                log.exception("consumer group %r: lease round failed", self._group)
+                # The store (or a worker's supervisor) cannot be reached: the next round
+                # tries again.
+                self._round_failed(logging.WARNING, e)
+            except StoreError as e:
+                # The store answered, and refused: a privilege revoked from the gateway's
+                # role, say, which the operator must put right. The store's message says
+                # what, and a traceback every round (2 s) would bury it.
+                self._round_failed(logging.ERROR, e)
+            except Exception as e:
+                self._round_failed(logging.ERROR, e, with_traceback=True)
             raise_if_cancelling()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._interval):
@@ -242,6 +247,22 @@ class LeaseCoordinator:
             self._wake.clear()
             # However urgent, rounds never spin: replicas converge within a few anyway.
             await asyncio.sleep(MIN_ROUND_GAP)
+
+    def _round_failed(self, level: int, error: Exception, *, with_traceback: bool = False) -> None:
+        """Say that a round failed: at its first failure, then at most every
+        ``FAILURE_LOG_INTERVAL`` while rounds go on failing (one line per round and
+        group would drown every other line); once they work again, ``_run`` says so."""
+        self._failed_rounds += 1
+        now = time.monotonic()
+        if self._failed_rounds == 1 or now - self._said_failed_at >= FAILURE_LOG_INTERVAL:
+            self._said_failed_at = now
+            log.log(
+                level,
+                "consumer group %r: lease round failed (%s)",
+                self._group,
+                error,
+                exc_info=error if with_traceback else None,
+            )
 
     def _arm_expiry(self) -> None:
         if self._expiry is not None:

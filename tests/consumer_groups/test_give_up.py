@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from domain.errors import StoreUnavailableError
+from domain.errors import StoreError, StoreUnavailableError
 from server.consumer_groups import leases as leases_module
 from server.consumer_groups.engine import GroupTuning
 from server.consumer_groups.leases import LeaseCoordinator, LocalMember
@@ -215,27 +215,40 @@ async def test_a_partition_being_given_up_is_not_reported_past_its_unsettled_eve
 
 
 class _UnreachableLeases(MemoryLeases):
-    """Leases whose store cannot be reached until ``reachable`` is set."""
+    """Leases whose rounds fail with ``failure`` until ``reachable`` is set."""
 
-    def __init__(self) -> None:
+    def __init__(self, failure: StoreError) -> None:
         super().__init__()
+        self.failure = failure
         self.reachable = False
         self.rounds = 0
 
     async def round(self, *args: Any, **kwargs: Any) -> Any:
         self.rounds += 1
         if not self.reachable:
-            raise StoreUnavailableError("PostgreSQL is unavailable (consumer groups): refused")
+            raise self.failure
         return await super().round(*args, **kwargs)
 
 
-async def test_rounds_that_cannot_reach_the_store_are_said_at_most_every_interval(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("failure", "level"),
+    [
+        (StoreUnavailableError("PostgreSQL is unavailable (consumer groups): refused"), "WARNING"),
+        (StoreError("permission denied for table consumer_group_leases"), "ERROR"),
+    ],
+    ids=["unreachable", "refused"],
+)
+async def test_rounds_that_fail_are_said_at_most_every_interval(
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: StoreError,
+    level: str,
 ) -> None:
     # A round runs every 2 s (here 10 ms): a line each time, per group, while the
-    # database was down buried the store's own fault line.
+    # database was down buried the store's own fault line; so did a traceback every round
+    # while the gateway's role lacked a privilege on the leases' table.
     monkeypatch.setattr(leases_module, "FAILURE_LOG_INTERVAL", 0.5)
-    leases = _UnreachableLeases()
+    leases = _UnreachableLeases(failure)
     members = [LocalMember("m", "user", dt.datetime.now(dt.UTC), 0)]
 
     async def apply(owned: Mapping[int, str]) -> None:
@@ -264,8 +277,12 @@ async def test_rounds_that_cannot_reach_the_store_are_said_at_most_every_interva
                     await asyncio.sleep(0.01)
         finally:
             await coordinator.stop()
-    said = [r.getMessage() for r in caplog.records if "lease round failed" in r.getMessage()]
+    failed = [r for r in caplog.records if "lease round failed" in r.getMessage()]
+    said = [r.getMessage() for r in failed]
     assert 1 <= len(said) <= 2 + failing_for / 0.5, (said, failing_for)
+    assert str(failure) in said[0]
+    assert {r.levelname for r in failed} == {level}
+    assert all(r.exc_info is None for r in failed), "no traceback for the store's own error"
     assert len(said) < failed_rounds / 2, (said, failed_rounds)
     assert any("lease rounds work again" in r.getMessage() for r in caplog.records)
 
