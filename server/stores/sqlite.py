@@ -77,6 +77,7 @@ from server.stores.sqlite_schema import (
     ForeignDatabaseError,
     SchemaTooNewError,
     SchemaTooOldError,
+    check,
     migrate,
     require_latest,
 )
@@ -117,6 +118,10 @@ HOLDS_GATEWAY_SCHEMA = (
 """Whether a database holds a gateway's schema (of any version): its version recorded,
 and its tables as the gateway made them. Another program's database may have a table
 named ``events`` too."""
+MARKED_AS_A_STORE = "SELECT user_version >= 1 FROM pragma_user_version"
+"""Whether a database records a gateway schema version: a store, whole or damaged, or
+another program's file that uses ``user_version`` too (``sqlite_schema.check`` tells
+which and why)."""
 READ_STREAM = (
     f"SELECT {_COLUMNS} FROM events"
     " WHERE stream_id = ? AND stream_version > ? ORDER BY stream_version"
@@ -322,6 +327,9 @@ def _open_writer(
 ) -> sqlite3.Connection:
     connection = _connect(path, busy_timeout, immutable)
     try:
+        # Before anything is changed: the switch to WAL is for good, and makes the -wal
+        # and -shm files beside another program's file too.
+        check(connection)
         # WAL: readers and the writer do not block each other, and a commit is one
         # sequential write. FULL: COMMIT returns only after the WAL is fsynced. (An
         # immutable file is only read, as if it had no journal at all.)
@@ -694,15 +702,16 @@ class SQLiteEventStore:
 
     @staticmethod
     async def holds_a_store(path: Path) -> bool:
-        """Whether the file at ``path`` holds a gateway's schema (of any version), read
-        without creating, migrating or otherwise writing to it."""
+        """Whether the file at ``path`` records a gateway schema version, read without
+        creating, migrating or otherwise writing to it: a store that lost a table is
+        still taken for one, so that ``open`` refuses it saying what it lacks."""
 
         def holds_gateway_schema() -> bool:
             with _path_errors(path):
                 if not path.is_file():
                     return False
                 with read_only_connection(path) as connection:
-                    return bool(connection.execute(HOLDS_GATEWAY_SCHEMA).fetchone()[0])
+                    return bool(connection.execute(MARKED_AS_A_STORE).fetchone()[0])
 
         try:
             return await asyncio.to_thread(holds_gateway_schema)

@@ -9,6 +9,8 @@ find the version already current. Append new migrations at the end; never edit o
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sqlite3
 
 from domain.errors import StoreError
@@ -149,15 +151,93 @@ def require_latest(connection: sqlite3.Connection) -> None:
 
 
 class ForeignDatabaseError(StoreError):
-    """The file is another program's database: tables, and no gateway schema."""
+    """The file is not a gateway store: another program's database, or a store whose
+    tables are not those its schema version has."""
 
 
-def _tables(connection: sqlite3.Connection) -> list[str]:
+@functools.cache
+def _columns_at(version: int) -> dict[str, frozenset[str]]:
+    """Each table's columns in a store at schema ``version``: the migrations up to it,
+    run on an empty in-memory database, so that they cannot disagree with this list."""
+    with contextlib.closing(sqlite3.connect(":memory:")) as reference:
+        for statements in MIGRATIONS[:version]:
+            for statement in statements:
+                reference.execute(statement)
+        return _columns(reference)
+
+
+def _columns(connection: sqlite3.Connection) -> dict[str, frozenset[str]]:
     rows = connection.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
-        " ORDER BY name"
+        "SELECT m.name, c.name FROM sqlite_master AS m, pragma_table_info(m.name) AS c"
+        " WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%'"
     ).fetchall()
-    return [str(name) for (name,) in rows]
+    columns: dict[str, set[str]] = {}
+    for table, column in rows:
+        columns.setdefault(str(table), set()).add(str(column))
+    return {table: frozenset(names) for table, names in columns.items()}
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+
+
+def _refuse_unknown(connection: sqlite3.Connection) -> int:
+    """Raise unless the file is a new one or a gateway store that the migrations after
+    its version can bring up to date; returns its version.
+
+    Any other file is another program's (a mistyped path) or a damaged store: the
+    gateway's tables added beside another program's would mix two programs' data in one
+    file, and a store that lost a table would be served until its first write failed.
+    """
+    (found,) = connection.execute("PRAGMA user_version").fetchone()
+    if found > LATEST_VERSION:
+        raise SchemaTooNewError(
+            f"schema version {found} is newer than this gateway's ({LATEST_VERSION})"
+        )
+    present = _columns(connection)
+    ours = _columns_at(LATEST_VERSION)
+    if present and (found == 0 or not present.keys() & ours.keys()):
+        raise ForeignDatabaseError(
+            f"the file holds another program's tables ({_listed(sorted(present))}) and no"
+            " gateway schema; the gateway keeps its log in a file of its own: name a new file"
+        )
+    expected = _columns_at(found)
+    lacking = [table for table in sorted(expected) if table not in present] + [
+        f"{table}.{column}"
+        for table in sorted(expected.keys() & present.keys())
+        for column in sorted(expected[table] - present[table])
+    ]
+    if lacking:
+        raise ForeignDatabaseError(
+            f"the file is marked schema version {found} (PRAGMA user_version) but lacks"
+            f" tables or columns that version has ({_listed(lacking)}): a damaged store, or"
+            " another program's file; restore the store from a backup, or name a new file"
+        )
+    if clashing := sorted(present.keys() & ours.keys() - expected.keys()):
+        raise ForeignDatabaseError(
+            f"the file is marked schema version {found} (PRAGMA user_version) but"
+            f" already holds tables that later versions create ({_listed(clashing)}): a"
+            " damaged store, or another program's file; restore the store from a backup,"
+            " or name a new file"
+        )
+    return int(found)
+
+
+def check(connection: sqlite3.Connection) -> None:
+    """Refuse a file that ``migrate`` would refuse, reading it only: before anything is
+    changed in it, such as its journal mode (for good) or files made beside it.
+
+    ``migrate`` checks again under its write lock: another process may have migrated
+    the file since. One read transaction, so that the version and the tables are read
+    at one moment, not either side of another process's migration.
+    """
+    connection.execute("BEGIN")
+    try:
+        _refuse_unknown(connection)
+    finally:
+        # SQLite has already rolled back after some errors (a full disk, an I/O error).
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
 
 
 def migrate(connection: sqlite3.Connection) -> int:
@@ -168,19 +248,7 @@ def migrate(connection: sqlite3.Connection) -> int:
     """
     connection.execute("BEGIN IMMEDIATE")
     try:
-        (found,) = connection.execute("PRAGMA user_version").fetchone()
-        if found > LATEST_VERSION:
-            raise SchemaTooNewError(
-                f"schema version {found} is newer than this gateway's ({LATEST_VERSION})"
-            )
-        if found == 0 and (tables := _tables(connection)):
-            # A mistyped path to another program's file: the gateway's tables added
-            # beside its own would mix two programs' data in one file.
-            listed = ", ".join(tables[:3]) + (", …" if len(tables) > 3 else "")
-            raise ForeignDatabaseError(
-                f"the file holds another program's tables ({listed}) and no gateway schema;"
-                " the gateway keeps its log in a file of its own: name a new file"
-            )
+        found = _refuse_unknown(connection)
         for version in range(found + 1, LATEST_VERSION + 1):
             for statement in MIGRATIONS[version - 1]:
                 connection.execute(statement)
@@ -191,4 +259,4 @@ def migrate(connection: sqlite3.Connection) -> int:
         if connection.in_transaction:
             connection.execute("ROLLBACK")
         raise
-    return int(found)
+    return found

@@ -146,6 +146,17 @@ async def test_a_schema_from_a_newer_gateway_is_refused(tmp_path: Path) -> None:
         await open_store(f"sqlite:///{path}")
 
 
+async def test_a_store_that_lost_a_table_is_refused_at_open(tmp_path: Path) -> None:
+    # Was served (and reported SERVING) until the first command failed on the table.
+    path = tmp_path / "events.db"
+    await (await open_store(f"sqlite:///{path}")).close()
+    with closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute("DROP TABLE commands")
+
+    with pytest.raises(StoreError, match=r"lacks tables or columns that version has \(commands\)"):
+        await open_store(f"sqlite:///{path}")
+
+
 async def test_a_file_that_is_not_a_database_is_a_store_error(tmp_path: Path) -> None:
     path = tmp_path / "notes.txt"
     path.write_bytes(b"this is not SQLite" * 100)

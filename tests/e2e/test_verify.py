@@ -582,27 +582,103 @@ def test_a_sqlite_file_without_the_schema_fails_and_is_not_migrated(
     assert path.read_bytes() == before
 
 
+def versioned_foreign_database(path: Path) -> None:
+    """Another program's database that records its own schema version, as the gateway
+    does, in ``PRAGMA user_version``."""
+    with closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute("PRAGMA user_version = 2")
+        connection.execute("CREATE TABLE accounts (id INTEGER PRIMARY KEY)")
+
+
 @pytest.mark.parametrize(
     "make",
     [
         pytest.param(foreign_database, id="other-schema"),
         pytest.param(foreign_events_table, id="other-events-table"),
+        pytest.param(versioned_foreign_database, id="other-schema-versioned"),
     ],
 )
 def test_another_program_s_sqlite_file_is_not_made_a_store(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], make: Callable[[Path], None]
 ) -> None:
-    # A mistyped path: the gateway's tables were added beside the other program's (serve
-    # opens its store the same way).
+    # A mistyped path: the gateway's tables were added beside the other program's, and
+    # the file was switched to WAL (for good) before it was refused, with its -wal and
+    # -shm made beside it (serve opens its store the same way).
     path = tmp_path / "other.db"
     make(path)
-    with closing(sqlite3.connect(path)) as connection:
-        before = connection.execute("SELECT name FROM sqlite_master").fetchall()
+    before = path.read_bytes()
     assert main(["migrate", "--store", f"sqlite:///{path}"]) == 1
     printed = capsys.readouterr()
     assert f"cannot open the SQLite store {path}: the file holds another program's" in printed.err
-    with closing(sqlite3.connect(path)) as connection:
-        assert connection.execute("SELECT name FROM sqlite_master").fetchall() == before
+    assert path.read_bytes() == before
+    assert sorted(tmp_path.iterdir()) == [path]
+
+
+def versioned_empty_database(path: Path) -> None:
+    with closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute("PRAGMA user_version = 3")
+
+
+def store_without_commands(path: Path) -> None:
+    asyncio.run(close_new_store(path))
+    with closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute("DROP TABLE commands")
+
+
+def store_without_schema_versions(path: Path) -> None:
+    asyncio.run(close_new_store(path))
+    with closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute("ALTER TABLE events DROP COLUMN schema_version")
+
+
+async def close_new_store(path: Path) -> None:
+    await (await open_store(f"sqlite:///{path}")).close()
+
+
+@pytest.mark.parametrize(
+    ("make", "lacking"),
+    [
+        pytest.param(versioned_empty_database, "(commands, events, snapshots)", id="no-tables"),
+        pytest.param(store_without_commands, "(commands)", id="table-dropped"),
+        pytest.param(store_without_schema_versions, "(events.schema_version)", id="column-dropped"),
+    ],
+)
+@pytest.mark.parametrize("command", ["migrate", "verify"])
+def test_a_file_without_the_tables_of_its_schema_version_is_refused_and_left_as_it_was(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    make: Callable[[Path], None],
+    lacking: str,
+    command: str,
+) -> None:
+    # Was migrated from the version it claims, missing tables and all (a store that lost
+    # its commands table served until its first write failed), and verify found "no
+    # gateway schema" in it, which did not say what was wrong.
+    path = tmp_path / "marked.db"
+    make(path)
+    before = path.read_bytes()
+    assert main([command, "--store", f"sqlite:///{path}"]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert f"cannot open the SQLite store {path}: the file is marked schema version" in printed.err
+    assert f"but lacks tables or columns that version has {lacking}" in printed.err
+    assert path.read_bytes() == before
+    assert sorted(tmp_path.iterdir()) == [path]
+
+
+def test_a_file_that_holds_tables_of_a_later_schema_version_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Migrating it would fail on the table already there, once the file was in WAL mode.
+    path = tmp_path / "clash.db"
+    with closing(sqlite3.connect(path)) as connection, connection:
+        for statement in (*sqlite_schema.MIGRATIONS[0], *sqlite_schema.MIGRATIONS[2]):
+            connection.execute(statement)
+        connection.execute("PRAGMA user_version = 1")
+    before = path.read_bytes()
+    assert main(["migrate", "--store", f"sqlite:///{path}"]) == 1
+    assert "already holds tables that later versions create (snapshots)" in capsys.readouterr().err
+    assert path.read_bytes() == before
 
 
 BOUND_BY_PERMISSIONS = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
