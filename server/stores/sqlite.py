@@ -40,6 +40,7 @@ import logging
 import os
 import re
 import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -408,6 +409,30 @@ def foreign_leftovers(path: Path) -> str | None:
     )
 
 
+_NOT_FILES: Final = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def not_a_file(path: Path) -> str | None:
+    """Why the store cannot be at ``path`` whatever it holds, or None for a regular file
+    or nothing (it is created).
+
+    Checked before the file is opened at all: opening a FIFO to write blocks until
+    another process opens it to read, and reading one waits for data that never comes.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _NOT_FILES if test(mode)), "a device")
+    return f"it is {kind}, not a file"
+
+
 def may_write(path: Path) -> bool:
     """Whether this process may write the file at ``path`` (True if there is none: it is
     created), tried as SQLite would open it, whatever the user and its capabilities."""
@@ -671,6 +696,8 @@ class SQLiteEventStore:
             raise ValueError("busy_timeout must not be negative")
         path = Path(path)
         with _path_errors(path):
+            if (unusable := not_a_file(path)) is not None:
+                raise StoreError(f"cannot open the SQLite store {path}: {unusable}")
             if not writable and (leftovers := foreign_leftovers(path)) is not None:
                 raise StoreError(f"cannot open the SQLite store {path}: {leftovers}")
             if writable and not may_write(path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import socket
 import sqlite3
@@ -357,6 +358,33 @@ def test_a_store_serve_cannot_open_exits_1_with_the_stores_message(
     # A directory where the SQLite file should be (as docs/operations.md's table says).
     assert main(["serve", "--listen", "127.0.0.1:0", "--store", f"sqlite:///{tmp_path}"]) == 1
     assert f"store error: cannot open the SQLite store {tmp_path}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("command", "refusal"),
+    [
+        ("migrate", "store error: cannot open the SQLite store {}: it is a FIFO, not a file"),
+        ("verify", "no SQLite store at {}"),
+        ("backup", "no SQLite store at {}"),
+    ],
+)
+def test_a_fifo_named_as_the_store_is_refused_without_waiting_on_it(
+    tmp_path: Path, command: str, refusal: str
+) -> None:
+    # Opening a FIFO to write blocks until a reader comes: migrate and serve (which
+    # opens its store the same way) waited forever, on the event loop, deaf to SIGTERM.
+    fifo = tmp_path / "fifo.db"
+    os.mkfifo(fifo)
+    args = ["backup", str(tmp_path / "copy.db")] if command == "backup" else [command]
+    refused = subprocess.run(
+        [sys.executable, "-m", "server.cli", *args[:1], "--store", f"sqlite:///{fifo}", *args[1:]],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode == 1
+    assert refused.stderr == f"order-gateway: {refusal.format(fifo)}\n"
+    assert files_in(tmp_path) == ["fifo.db"]
 
 
 @pytest.mark.parametrize("command", ["serve", "migrate", "verify", "backup"])
