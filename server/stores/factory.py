@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from domain.ports import EventStore
@@ -27,7 +28,14 @@ def sqlite_path(url: str) -> Path | None:
                 f"invalid SQLite store URL {redacted_url(url)!r}: it names a file,"
                 " with no query (?…) or fragment (#…)"
             )
-        return Path(url.removeprefix("sqlite:///"))
+        named = url.removeprefix("sqlite:///")
+        # Checked on the string: Path() drops a trailing "/" and "/.", and "dir/" would
+        # make a file named dir.
+        if os.path.basename(named) in ("", ".", ".."):
+            raise StoreURLError(
+                f"invalid SQLite store URL {redacted_url(url)!r}: it names a directory, not a file"
+            )
+        return Path(named)
     return None
 
 
@@ -68,7 +76,8 @@ def unsupported_url(url: str) -> UnsupportedStoreURLError:
 
 async def holds_a_store(url: str) -> bool:
     """Whether ``url`` names a store that exists, without creating it (``open_store``
-    would): a file or a database that holds the gateway's schema."""
+    would): a file that records a gateway schema version, or a database that holds the
+    gateway's schema."""
     if (path := sqlite_path(url)) is not None:
         return await SQLiteEventStore.holds_a_store(path)
     if url.startswith(("postgresql://", "postgres://")):

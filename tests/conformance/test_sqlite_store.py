@@ -18,9 +18,10 @@ import pytest
 
 from domain.errors import ConcurrencyConflictError, DuplicateCommandError, StoreError
 from domain.ports import EventStore
-from server.stores.factory import UnsupportedStoreURLError, open_store
+from server.stores.factory import UnsupportedStoreURLError, open_store, sqlite_path
 from server.stores.sqlite import READ_STREAM, SQLiteEventStore
 from server.stores.sqlite_schema import LATEST_VERSION, migrate
+from server.stores.urls import StoreURLError
 from tests.conformance.contract import (
     TIMEOUT,
     EventStoreContract,
@@ -184,6 +185,13 @@ async def test_a_relative_url_is_relative_to_the_working_directory(
 async def test_malformed_sqlite_urls_are_refused(url: str) -> None:
     with pytest.raises(UnsupportedStoreURLError):
         await open_store(url)
+
+
+@pytest.mark.parametrize("name", ["events/", "events/.", "events/.."])
+def test_a_url_naming_a_directory_is_refused(tmp_path: Path, name: str) -> None:
+    # Path() drops the trailing "/" or "/.": "events/" made a file named events.
+    with pytest.raises(StoreURLError, match="it names a directory, not a file"):
+        sqlite_path(f"sqlite:///{tmp_path}/{name}")
 
 
 async def test_a_commit_the_driver_rejects_fails_alone(tmp_path: Path) -> None:

@@ -407,6 +407,26 @@ def test_a_sqlite_url_with_a_query_or_fragment_is_refused_and_no_file_made(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", ["migrate", "verify", "backup"])
+@pytest.mark.parametrize("name", ["store/", "store/.", "store/..", "."])
+def test_a_sqlite_url_naming_a_directory_is_refused_and_no_file_made(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+    name: str,
+) -> None:
+    # "store/" made a file named store (with its -wal and -shm), as Path() drops the "/".
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{name}"
+    args = ["copy.db"] if command == "backup" else []
+    assert main([command, "--store", url, *args]) == 2
+    assert capsys.readouterr().err == (
+        f"order-gateway: invalid SQLite store URL '{url}': it names a directory, not a file\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def files_in(directory: Path) -> list[str]:
     return sorted(path.name for path in directory.iterdir())
 
