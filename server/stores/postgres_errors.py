@@ -79,12 +79,22 @@ def store_error(error: Error, operation: str) -> StoreError:
         )
     if is_unavailable(error):
         # Connection messages name the host and port, which is what an operator needs.
-        reason = error.diag.message_primary or str(error).strip()
+        reason = error.diag.message_primary or one_line(str(error))
         return StoreUnavailableError(f"PostgreSQL is unavailable ({operation}): {reason}")
     return StoreError(
         f"PostgreSQL {operation} failed: SQLSTATE {error.sqlstate} "
         f"{error.diag.message_primary or type(error).__name__}"
     )
+
+
+def one_line(message: str) -> str:
+    """libpq's message on one line, as every error the command line prints is: a failed
+    connection adds a hint on a line of its own ("\tIs the server running…"), and psycopg
+    lists each host it tried on one more. A line that ends a sentence or introduces the
+    next needs no separator but a space."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    joined = "".join(line + (" " if line.endswith((".", "?", ":")) else "; ") for line in lines)
+    return joined.rstrip("; ")
 
 
 def append_error(error: Error, commit: Commit) -> DomainError | StoreError:

@@ -682,6 +682,18 @@ async def test_an_unreachable_server_is_store_unavailable() -> None:
     assert isinstance(raised.value.__cause__, psycopg.Error)
 
 
+@pytest.mark.parametrize("hosts", ["127.0.0.1:1", "127.0.0.1:1,127.0.0.1:2"])
+async def test_an_unreachable_server_is_reported_on_one_line(hosts: str) -> None:
+    """libpq puts its hint on a line of its own, and psycopg each host it tried on one
+    more: the command line prints one line per error."""
+    with pytest.raises(StoreUnavailableError) as raised:
+        await PostgresEventStore.open(f"postgresql://postgres:s3cret@{hosts}/postgres")
+    message = str(raised.value)
+    assert "\n" not in message and "\t" not in message
+    assert "port 1 failed: Connection refused; Is the server running" in message
+    assert "s3cret" not in message
+
+
 class Outage:
     """A TCP proxy in front of PostgreSQL that can go down as a stopped server does: its
     connections cut, new ones refused (nothing listens on its port), and come back."""
