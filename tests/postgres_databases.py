@@ -1,10 +1,12 @@
-"""Databases of their own on the test PostgreSQL server, for tests that need a new one."""
+"""Databases and roles of their own on the test PostgreSQL server, for tests that need a
+new one."""
 
 from __future__ import annotations
 
 import contextlib
 import uuid
 from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
@@ -21,3 +23,21 @@ def new_database(server_url: str, options: str = "", prefix: str = "test") -> It
     finally:
         with psycopg.connect(server_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def new_role(database_url: str, *grants: str) -> Iterator[str]:
+    """The URL of a new login role (no password) on ``database_url``'s database with only
+    ``grants`` (each what follows GRANT, e.g. "SELECT ON events"); dropped after."""
+    role = f"gateway_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(database_url, autocommit=True) as owner:
+        owner.execute(f"CREATE ROLE {role} LOGIN")
+        for grant in grants:
+            owner.execute(f"GRANT {grant} TO {role}")
+    try:
+        parts = urlsplit(database_url)
+        yield urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.rpartition('@')[2]}"))
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as owner:
+            owner.execute(f"DROP OWNED BY {role}")
+            owner.execute(f"DROP ROLE {role}")

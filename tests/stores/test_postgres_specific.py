@@ -17,7 +17,7 @@ import select
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any
@@ -57,7 +57,7 @@ from server.stores.urls import StoreURLError
 from server.verify import verify
 from tests.clients import Clients, detail, item, order_request
 from tests.conformance.contract import commit_of
-from tests.postgres_databases import new_database
+from tests.postgres_databases import new_database, new_role
 
 pytestmark = pytest.mark.postgres
 
@@ -240,23 +240,12 @@ async def test_a_database_migrated_by_the_first_text_of_migration_3_gets_og_lock
         assert await cursor.fetchone() == (False,)
 
 
-@contextlib.contextmanager
-def limited_role(url: str, *extra_grants: str) -> Iterator[str]:
-    """The conninfo of a new login role that may read the migrations and read and add
+def limited_role(url: str, *extra_grants: str) -> contextlib.AbstractContextManager[str]:
+    """The URL of a new login role that may read the migrations and read and add
     events and commands (and ``extra_grants``, e.g. "SELECT ON snapshots"); dropped after."""
-    role = f"gateway_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(url, autocommit=True) as owner:
-        owner.execute(f"CREATE ROLE {role} LOGIN")
-        owner.execute(f"GRANT SELECT ON schema_migrations TO {role}")
-        owner.execute(f"GRANT SELECT, INSERT ON events, commands TO {role}")
-        for grant in extra_grants:
-            owner.execute(f"GRANT {grant} TO {role}")
-    try:
-        yield make_conninfo(url, user=role)
-    finally:
-        with psycopg.connect(url, autocommit=True) as owner:
-            owner.execute(f"DROP OWNED BY {role}")
-            owner.execute(f"DROP ROLE {role}")
+    return new_role(
+        url, "SELECT ON schema_migrations", "SELECT, INSERT ON events, commands", *extra_grants
+    )
 
 
 async def test_a_role_that_cannot_change_the_schema_serves_a_migrated_database(
