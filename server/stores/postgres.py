@@ -249,7 +249,8 @@ class PostgresEventStore:
         """
         connect_kwargs = _connect_kwargs(url)
         migrator = await _connect(url, connect_kwargs)
-        with _translated("migrate"):
+        # Read only, the schema is only read: a failure there is no migration's.
+        with _translated("migrate" if migrate else "read"):
             async with migrator:
                 _refuse_encoding(migrator)
                 if migrate:

@@ -29,6 +29,7 @@ STREAM_VERSION_KEY = "events_stream_version_key"
 POSITION_KEY = "events_pkey"
 
 DISK_FULL = "53100"
+INSUFFICIENT_PRIVILEGE = "42501"
 _UNAVAILABLE = ("08", "53", "57", "58030", "25006", "55P03")
 """SQLSTATEs (classes or codes) meaning "not now": connection exception; insufficient
 resources (too many connections, out of memory; disk full is told apart first); operator
@@ -81,6 +82,12 @@ def store_error(error: Error, operation: str) -> StoreError:
         # Connection messages name the host and port, which is what an operator needs.
         reason = error.diag.message_primary or one_line(str(error))
         return StoreUnavailableError(f"PostgreSQL is unavailable ({operation}): {reason}")
+    if error.sqlstate == INSUFFICIENT_PRIVILEGE:
+        # The operator's to fix, by a grant: the message names the table or function.
+        return StoreError(
+            f"PostgreSQL {operation} not permitted: {error.diag.message_primary}"
+            "; see docs/operations.md, Privileges"
+        )
     return StoreError(
         f"PostgreSQL {operation} failed: SQLSTATE {error.sqlstate} "
         f"{error.diag.message_primary or type(error).__name__}"

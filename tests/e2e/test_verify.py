@@ -32,6 +32,7 @@ from server.stores.factory import open_store
 from server.stores.memory import MemoryEventStore
 from server.verify import verify
 from tests.fixtures import make_store_v1 as fixture
+from tests.postgres_databases import new_role
 from tests.unit.test_bus import create, restock
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "store-v1.db"
@@ -860,6 +861,22 @@ def test_a_migration_that_fails_on_another_program_s_table_leaves_the_database_a
     with psycopg.connect(fresh_postgres_url) as conn:
         row = conn.execute("SELECT to_regclass('schema_migrations') IS NULL").fetchone()
         assert row == (True,)
+
+
+def test_a_role_that_may_not_read_the_tables_is_told_so_not_that_a_migration_failed(
+    fresh_postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["migrate", "--store", fresh_postgres_url]) == 0
+    capsys.readouterr()
+    with new_role(fresh_postgres_url) as as_role:
+        assert main(["verify", "--store", as_role]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert (
+        "PostgreSQL read not permitted: permission denied for table schema_migrations;"
+        " see docs/operations.md, Privileges"
+    ) in printed.err
+    assert "migrate" not in printed.err
 
 
 def test_a_migrated_database_with_no_events_is_consistent(
