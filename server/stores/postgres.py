@@ -71,6 +71,7 @@ from server.stores.postgres_schema import (
     TURNS_CHANNEL,
     apply_migrations,
     missing_migrations,
+    missing_objects,
 )
 from server.stores.urls import StoreURLError, redacted_message, redacted_url, user_part
 
@@ -261,6 +262,7 @@ class PostgresEventStore:
                         " verify it with the release that wrote it, or upgrade it first"
                         " with `order-gateway migrate`"
                     )
+                await _refuse_incomplete_schema(migrator)
                 cursor = await migrator.execute(HEAD_POSITION)
                 row = await cursor.fetchone()
         with _translated("connect"):
@@ -843,6 +845,17 @@ def _refuse_encoding(connection: psycopg.AsyncConnection[TupleRow]) -> None:
         raise StoreError(
             f"the database's encoding is {encoding}, which cannot hold every text"
             " a client may send: create the gateway's database with ENCODING 'UTF8'"
+        )
+
+
+async def _refuse_incomplete_schema(connection: psycopg.AsyncConnection[TupleRow]) -> None:
+    """Refuse a database whose migrations are all recorded but that lacks a table or a
+    function they made (dropped by hand, or restored in part): served, every command
+    needing it would fail, and verify would blame the first statement that read it."""
+    if missing := await missing_objects(connection):
+        raise StoreError(
+            f"the database's schema is incomplete: it lacks {', '.join(missing)},"
+            " though schema_migrations records every migration that makes them"
         )
 
 

@@ -761,6 +761,47 @@ MIGRATIONS: tuple[Migration, ...] = (
 )
 
 
+CONSUMER_GROUP_TABLES = (
+    "consumer_groups",
+    "consumer_group_checkpoints",
+    "consumer_group_parked",
+    "consumer_group_attempts",
+    "consumer_group_members",
+    "consumer_group_leases",
+)
+TABLES = ("schema_migrations", "events", "commands", "snapshots", *CONSUMER_GROUP_TABLES)
+"""Every table of this release's schema."""
+FUNCTIONS = (
+    "og_append_chain",
+    "og_lock_stream",
+    "og_lock_stream_after",
+    "og_try_lock_stream_after",
+)
+"""The functions this release calls (og_append stays for replicas of older releases)."""
+
+_MISSING = """
+SELECT r.kind, r.name
+FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS r(kind, name, i)
+WHERE CASE r.kind WHEN 'table' THEN to_regclass(r.name)::oid ELSE to_regproc(r.name)::oid END
+    IS NULL
+ORDER BY r.i
+"""
+
+
+async def missing_objects(conn: psycopg.AsyncConnection[TupleRow]) -> list[str]:
+    """The tables and functions of ``TABLES`` and ``FUNCTIONS`` the database lacks, as
+    "table commands" or "function og_append_chain()": none once its migrations are
+    applied, unless one was dropped since."""
+    objects = [("table", name) for name in TABLES] + [("function", name) for name in FUNCTIONS]
+    cursor = await conn.execute(
+        _MISSING, ([kind for kind, _ in objects], [name for _, name in objects])
+    )
+    return [
+        f"{kind} {name}{'()' if kind == 'function' else ''}"
+        for kind, name in await cursor.fetchall()
+    ]
+
+
 async def apply_migrations(conn: psycopg.AsyncConnection[TupleRow]) -> list[int]:
     """Apply every missing migration in order; returns the versions applied now.
 

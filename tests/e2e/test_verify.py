@@ -863,6 +863,19 @@ def test_a_migration_that_fails_on_another_program_s_table_leaves_the_database_a
         assert row == (True,)
 
 
+def test_a_database_that_lost_a_table_is_said_to_be_incomplete(
+    fresh_postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["migrate", "--store", fresh_postgres_url]) == 0
+    with psycopg.connect(fresh_postgres_url, autocommit=True) as conn:
+        conn.execute("DROP TABLE commands")
+    capsys.readouterr()
+    assert main(["verify", "--store", fresh_postgres_url]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert "the database's schema is incomplete: it lacks table commands," in printed.err
+
+
 def test_a_role_that_may_not_read_the_tables_is_told_so_not_that_a_migration_failed(
     fresh_postgres_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -240,6 +240,24 @@ async def test_a_database_migrated_by_the_first_text_of_migration_3_gets_og_lock
         assert await cursor.fetchone() == (False,)
 
 
+@pytest.mark.parametrize("migrate", [True, False])
+async def test_a_database_that_lost_a_table_or_a_function_is_refused_when_opened(
+    fresh_postgres_url: str, migrate: bool
+) -> None:
+    """Its migrations all recorded, nothing would make them again: served, every command
+    needing them would fail."""
+    await (await PostgresEventStore.open(fresh_postgres_url)).close()
+    with psycopg.connect(fresh_postgres_url, autocommit=True) as conn:
+        conn.execute("DROP TABLE commands")
+        conn.execute("DROP FUNCTION og_append_chain")
+    with pytest.raises(StoreError) as raised:
+        await (await PostgresEventStore.open(fresh_postgres_url, migrate=migrate)).close()
+    assert str(raised.value) == (
+        "the database's schema is incomplete: it lacks table commands, function"
+        " og_append_chain(), though schema_migrations records every migration that makes them"
+    )
+
+
 def limited_role(url: str, *extra_grants: str) -> contextlib.AbstractContextManager[str]:
     """The URL of a new login role that may read the migrations and read and add
     events and commands (and ``extra_grants``, e.g. "SELECT ON snapshots"); dropped after."""
