@@ -68,10 +68,13 @@ from server.stores.postgres_notify import NotificationListener
 from server.stores.postgres_pool import LiveConnectionPool, closed_by_server, connection_pool
 from server.stores.postgres_schema import (
     HEAD_POSITION,
+    READING_PRIVILEGES,
+    SERVING_PRIVILEGES,
+    SNAPSHOT_PRIVILEGES,
     TURNS_CHANNEL,
     apply_migrations,
+    check_schema,
     missing_migrations,
-    missing_objects,
 )
 from server.stores.urls import StoreURLError, redacted_message, redacted_url, user_part
 
@@ -262,7 +265,7 @@ class PostgresEventStore:
                         " verify it with the release that wrote it, or upgrade it first"
                         " with `order-gateway migrate`"
                     )
-                await _refuse_incomplete_schema(migrator)
+                await _refuse_unfit_schema(migrator, writing=migrate)
                 cursor = await migrator.execute(HEAD_POSITION)
                 row = await cursor.fetchone()
         with _translated("connect"):
@@ -848,15 +851,57 @@ def _refuse_encoding(connection: psycopg.AsyncConnection[TupleRow]) -> None:
         )
 
 
-async def _refuse_incomplete_schema(connection: psycopg.AsyncConnection[TupleRow]) -> None:
-    """Refuse a database whose migrations are all recorded but that lacks a table or a
-    function they made (dropped by hand, or restored in part): served, every command
-    needing it would fail, and verify would blame the first statement that read it."""
-    if missing := await missing_objects(connection):
+async def _refuse_unfit_schema(
+    connection: psycopg.AsyncConnection[TupleRow], *, writing: bool
+) -> None:
+    """Refuse a database the gateway could open but not use, rather than serve it and
+    fail every command that needs what is missing (``INTERNAL``): one whose migrations
+    are all recorded but that lacks a table or a function they made (dropped by hand,
+    restored in part), or a role without the grants docs/operations.md lists, for
+    ``writing`` or only to read (verify). Without the snapshots' grants it serves, and
+    skips the snapshots (``domain.snapshots``): said once here."""
+    wanted = {**SERVING_PRIVILEGES, **SNAPSHOT_PRIVILEGES} if writing else READING_PRIVILEGES
+    check = await check_schema(connection, wanted)
+    if check.missing:
         raise StoreError(
-            f"the database's schema is incomplete: it lacks {', '.join(missing)},"
+            f"the database's schema is incomplete: it lacks {', '.join(check.missing)},"
             " though schema_migrations records every migration that makes them"
         )
+    needed = [
+        (privilege, name) for privilege, name in check.denied if name not in SNAPSHOT_PRIVILEGES
+    ]
+    if needed:
+        raise StoreError(
+            f"the role {check.role} may not {_denials(needed)}; see docs/operations.md, Privileges"
+        )
+    if check.denied:
+        log.warning(
+            "the role %s may not %s: snapshots will be skipped; see docs/operations.md, Privileges",
+            check.role,
+            _denials(check.denied),
+        )
+
+
+_VERBS = {
+    "SELECT": "select from",
+    "INSERT": "insert into",
+    "UPDATE": "update",
+    "DELETE": "delete from",
+    "EXECUTE": "execute",
+}
+
+
+def _denials(denied: list[tuple[str, str]]) -> str:
+    """The privileges (SQL's names) a role lacks, in words grouped by privilege in their
+    order: "insert into events or commands, nor execute og_append_chain()"."""
+    names: dict[str, list[str]] = {}
+    for privilege, name in denied:
+        names.setdefault(privilege, []).append(name)
+    return ", nor ".join(f"{_VERBS[privilege]} {_either(on)}" for privilege, on in names.items())
+
+
+def _either(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 async def _connect(url: str, connect_kwargs: dict[str, Any]) -> psycopg.AsyncConnection[TupleRow]:

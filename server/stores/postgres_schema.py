@@ -8,7 +8,8 @@ PostgreSQL), so a crash mid-way leaves the schema at a known version.
 
 A database that is already up to date needs no privilege beyond reading
 ``schema_migrations``: nothing is created unless something is missing, so replicas may run
-as a role that cannot change the schema once an owner has run ``migrate``.
+as a role that cannot change the schema once an owner has run ``migrate``. What that role
+does need, ``check_schema`` asks for when a store opens (docs/operations.md, Privileges).
 
 Append-only: never edit a released migration, add the next number instead.
 """
@@ -779,27 +780,78 @@ FUNCTIONS = (
 )
 """The functions this release calls (og_append stays for replicas of older releases)."""
 
-_MISSING = """
-SELECT r.kind, r.name
-FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS r(kind, name, i)
-WHERE CASE r.kind WHEN 'table' THEN to_regclass(r.name)::oid ELSE to_regproc(r.name)::oid END
-    IS NULL
+_OBJECTS = (*(("table", name) for name in TABLES), *(("function", name) for name in FUNCTIONS))
+
+SERVING_PRIVILEGES: dict[str, tuple[str, ...]] = {
+    "schema_migrations": ("SELECT",),
+    "events": ("SELECT", "INSERT"),
+    "commands": ("SELECT", "INSERT"),
+    **{name: ("SELECT", "INSERT", "UPDATE", "DELETE") for name in CONSUMER_GROUP_TABLES},
+    **{name: ("EXECUTE",) for name in FUNCTIONS},
+}
+"""What a role serving the store needs: docs/operations.md, Privileges (besides CONNECT
+and USAGE on the schema, which it could not have got this far without)."""
+SNAPSHOT_PRIVILEGES: dict[str, tuple[str, ...]] = {"snapshots": ("SELECT", "INSERT", "UPDATE")}
+"""What a role serving the store needs to keep snapshots, which it can serve without."""
+READING_PRIVILEGES: dict[str, tuple[str, ...]] = {
+    name: ("SELECT",) for name in ("schema_migrations", "events", "commands")
+}
+"""What a role verifying the store needs."""
+
+_CHECK = """
+SELECT current_user, r.kind, r.name, r.privilege, o.id IS NOT NULL,
+       CASE r.kind WHEN 'table' THEN has_table_privilege(o.id, r.privilege)
+                   ELSE has_function_privilege(o.id, r.privilege) END
+FROM unnest(%s::text[], %s::text[], %s::text[]) WITH ORDINALITY AS r(kind, name, privilege, i)
+CROSS JOIN LATERAL (
+    SELECT CASE r.kind WHEN 'table' THEN to_regclass(r.name)::oid
+                       ELSE to_regproc(r.name)::oid END AS id
+) AS o
 ORDER BY r.i
 """
 
 
-async def missing_objects(conn: psycopg.AsyncConnection[TupleRow]) -> list[str]:
-    """The tables and functions of ``TABLES`` and ``FUNCTIONS`` the database lacks, as
-    "table commands" or "function og_append_chain()": none once its migrations are
-    applied, unless one was dropped since."""
-    objects = [("table", name) for name in TABLES] + [("function", name) for name in FUNCTIONS]
-    cursor = await conn.execute(
-        _MISSING, ([kind for kind, _ in objects], [name for _, name in objects])
-    )
-    return [
-        f"{kind} {name}{'()' if kind == 'function' else ''}"
-        for kind, name in await cursor.fetchall()
+@dataclass(frozen=True, slots=True)
+class SchemaCheck:
+    role: str
+    """The session's role (``current_user``)."""
+    missing: list[str]
+    """The tables and functions the database lacks, as "table commands" or "function
+    og_append_chain()"."""
+    denied: list[tuple[str, str]]
+    """The privileges asked for that the role lacks, as (privilege, table or function),
+    a function's name followed by "()"."""
+
+
+async def check_schema(
+    conn: psycopg.AsyncConnection[TupleRow], privileges: dict[str, tuple[str, ...]]
+) -> SchemaCheck:
+    """Which of ``TABLES`` and ``FUNCTIONS`` the database lacks (none once its migrations
+    are applied, unless one was dropped since) and which of ``privileges`` (by table or
+    function) the role lacks on the others, in one query."""
+    asked = [
+        (kind, name, privilege)
+        for kind, name in _OBJECTS
+        # None: only whether it exists (has_table_privilege is strict: NULL).
+        for privilege in privileges.get(name, (None,))
     ]
+    kinds, names, wanted = (list(column) for column in zip(*asked, strict=True))
+    cursor = await conn.execute(_CHECK, (kinds, names, wanted))
+    rows = await cursor.fetchall()
+    missing = [f"{kind} {_shown(kind, name)}" for _, kind, name, _, exists, _ in rows if not exists]
+    return SchemaCheck(
+        role=str(rows[0][0]),
+        missing=list(dict.fromkeys(missing)),
+        denied=[
+            (privilege, _shown(kind, name))
+            for _, kind, name, privilege, exists, granted in rows
+            if exists and privilege is not None and not granted
+        ],
+    )
+
+
+def _shown(kind: str, name: str) -> str:
+    return f"{name}()" if kind == "function" else name
 
 
 async def apply_migrations(conn: psycopg.AsyncConnection[TupleRow]) -> list[int]:

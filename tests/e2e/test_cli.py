@@ -26,6 +26,7 @@ from server import app
 from server.app import create_server
 from server.cli import build_parser, main, settings_from
 from server.config import Settings
+from tests.postgres_databases import new_role
 from tests.serving import (
     free_port,
     gateway_log,
@@ -385,6 +386,22 @@ def test_a_fifo_named_as_the_store_is_refused_without_waiting_on_it(
     assert refused.returncode == 1
     assert refused.stderr == f"order-gateway: {refusal.format(fifo)}\n"
     assert files_in(tmp_path) == ["fifo.db"]
+
+
+def test_a_postgresql_store_serve_may_not_write_exits_1_naming_the_grant(
+    fresh_postgres_url: str,
+) -> None:
+    """Served, every command would fail INTERNAL; SQLite refuses a file it cannot write."""
+    assert main(["migrate", "--store", fresh_postgres_url]) == 0
+    with new_role(fresh_postgres_url, "SELECT ON ALL TABLES IN SCHEMA public") as as_role:
+        role = as_role.partition("://")[2].partition("@")[0]
+        status, lines = refused_start("--listen", "127.0.0.1:0", "--store", as_role)
+    assert status == 1
+    assert len(lines) == 1
+    assert lines[0].startswith(
+        f"order-gateway: store error: the role {role} may not insert into events, commands,"
+    )
+    assert lines[0].endswith("; see docs/operations.md, Privileges")
 
 
 @pytest.mark.parametrize("command", ["serve", "migrate", "verify", "backup"])

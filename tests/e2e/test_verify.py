@@ -876,6 +876,15 @@ def test_a_database_that_lost_a_table_is_said_to_be_incomplete(
     assert "the database's schema is incomplete: it lacks table commands," in printed.err
 
 
+def test_a_role_that_may_only_read_the_log_verifies_it(
+    fresh_postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["migrate", "--store", fresh_postgres_url]) == 0
+    with new_role(fresh_postgres_url, "SELECT ON schema_migrations, events, commands") as as_role:
+        assert main(["verify", "--store", as_role]) == 0
+    assert "OK: the log is consistent" in capsys.readouterr().out
+
+
 def test_a_role_that_may_not_read_the_tables_is_told_so_not_that_a_migration_failed(
     fresh_postgres_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -52,7 +52,12 @@ from server.stores.postgres import (
     _connect_kwargs,
 )
 from server.stores.postgres_pool import closed_by_server
-from server.stores.postgres_schema import APPEND_LOCK, MIGRATIONS, apply_migrations
+from server.stores.postgres_schema import (
+    APPEND_LOCK,
+    CONSUMER_GROUP_TABLES,
+    MIGRATIONS,
+    apply_migrations,
+)
 from server.stores.urls import StoreURLError
 from server.verify import verify
 from tests.clients import Clients, detail, item, order_request
@@ -258,12 +263,18 @@ async def test_a_database_that_lost_a_table_or_a_function_is_refused_when_opened
     )
 
 
+SERVING_GRANTS = (
+    "SELECT ON schema_migrations",
+    "SELECT, INSERT ON events, commands",
+    f"SELECT, INSERT, UPDATE, DELETE ON {', '.join(CONSUMER_GROUP_TABLES)}",
+)
+"""docs/operations.md, Privileges, but for the snapshots'."""
+
+
 def limited_role(url: str, *extra_grants: str) -> contextlib.AbstractContextManager[str]:
-    """The URL of a new login role that may read the migrations and read and add
-    events and commands (and ``extra_grants``, e.g. "SELECT ON snapshots"); dropped after."""
-    return new_role(
-        url, "SELECT ON schema_migrations", "SELECT, INSERT ON events, commands", *extra_grants
-    )
+    """The URL of a new login role with the grants docs/operations.md lists but the
+    snapshots' (and ``extra_grants``, e.g. "SELECT ON snapshots"); dropped after."""
+    return new_role(url, *SERVING_GRANTS, *extra_grants)
 
 
 async def test_a_role_that_cannot_change_the_schema_serves_a_migrated_database(
@@ -284,12 +295,19 @@ async def test_a_role_that_cannot_change_the_schema_serves_a_migrated_database(
             await store.close()
 
 
-async def test_a_role_without_rights_on_snapshots_still_serves(fresh_postgres_url: str) -> None:
+async def test_a_role_without_rights_on_snapshots_still_serves(
+    fresh_postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """Each connection reads the snapshots table once when it opens (below): a role that
     may not is refused nothing but the snapshots, which ``domain.snapshots`` then skips."""
     await (await PostgresEventStore.open(fresh_postgres_url)).close()
     with limited_role(fresh_postgres_url) as as_role:
         store = await PostgresEventStore.open(as_role)
+        role = as_role.partition("://")[2].partition("@")[0]
+        assert (
+            f"the role {role} may not select from snapshots, nor insert into snapshots, nor"
+            " update snapshots: snapshots will be skipped; see docs/operations.md, Privileges"
+        ) in caplog.messages
         try:
             appended = await store.append(commit(("a", 1)))
             assert await store.read_stream("a") == appended
@@ -297,6 +315,51 @@ async def test_a_role_without_rights_on_snapshots_still_serves(fresh_postgres_ur
                 await store.load_snapshot_and_events("a")
         finally:
             await store.close()
+
+
+@pytest.mark.parametrize(
+    ("withheld", "refusal"),
+    [
+        ("INSERT ON events", "insert into events"),
+        ("INSERT ON events, commands", "insert into events or commands"),
+        ("DELETE ON consumer_group_leases", "delete from consumer_group_leases"),
+        # PostgreSQL grants EXECUTE to PUBLIC unless revoked (and then to a role).
+        ("EXECUTE ON FUNCTION og_append_chain", "execute og_append_chain()"),
+    ],
+)
+async def test_a_role_without_a_grant_the_gateway_needs_is_refused_when_opened(
+    fresh_postgres_url: str, withheld: str, refusal: str
+) -> None:
+    """Served, every command needing it would fail INTERNAL (permission denied)."""
+    await (await PostgresEventStore.open(fresh_postgres_url)).close()
+    with limited_role(fresh_postgres_url) as as_role:
+        role = as_role.partition("://")[2].partition("@")[0]
+        with psycopg.connect(fresh_postgres_url, autocommit=True) as owner:
+            owner.execute(f"REVOKE {withheld} FROM {role}, PUBLIC")
+        with pytest.raises(StoreError) as raised:
+            await (await PostgresEventStore.open(as_role)).close()
+    assert str(raised.value) == (
+        f"the role {role} may not {refusal}; see docs/operations.md, Privileges"
+    )
+
+
+async def test_a_role_that_may_only_read_is_refused_for_writing_not_for_reading(
+    fresh_postgres_url: str,
+) -> None:
+    """``migrate=False`` is verify's: it reads events and commands, and writes nothing."""
+    await (await PostgresEventStore.open(fresh_postgres_url)).close()
+    with new_role(
+        fresh_postgres_url, "SELECT ON schema_migrations, events, commands, snapshots"
+    ) as as_role:
+        reader = await PostgresEventStore.open(as_role, migrate=False)
+        try:
+            assert await reader.read_all() == []
+        finally:
+            await reader.close()
+        with pytest.raises(
+            StoreError, match=r"may not insert into events, commands, consumer_groups, "
+        ):
+            await (await PostgresEventStore.open(as_role)).close()
 
 
 async def test_a_cold_load_is_one_statement_prepared_before_it_is_needed(
