@@ -61,7 +61,13 @@ from server.stores.postgres_arrays import (
     TextArray,
     TimestamptzArray,
 )
-from server.stores.postgres_errors import append_error, is_full, is_unavailable, store_error
+from server.stores.postgres_errors import (
+    append_error,
+    is_full,
+    is_unavailable,
+    one_line,
+    store_error,
+)
 from server.stores.postgres_locks import PostgresStreamLocks
 from server.stores.postgres_locks import configure as configure_lock_session
 from server.stores.postgres_notify import NotificationListener
@@ -936,7 +942,7 @@ def _invalid_url(url: str, error: psycopg.Error | str) -> StoreURLError:
     """A configuration error, reported with the URL's secrets masked: libpq and psycopg
     quote what they cannot take, the password included. Raise it unchained, for the
     same reason."""
-    message = redacted_message(str(error).strip(), url)
+    message = one_line(redacted_message(str(error), url))
     return StoreURLError(f"invalid PostgreSQL store URL {redacted_url(url)!r}: {message}")
 
 

@@ -764,6 +764,21 @@ async def test_an_unreachable_server_is_reported_on_one_line(hosts: str) -> None
     assert "s3cret" not in message
 
 
+async def test_a_value_libpq_refuses_for_several_hosts_is_reported_on_one_line() -> None:
+    """psycopg lists libpq's complaint once for each host, a line each."""
+    with pytest.raises(StoreURLError) as raised:
+        await PostgresEventStore.open(
+            "postgresql://postgres:s3cret@127.0.0.1:1,127.0.0.1:2/postgres?sslmode=bogus"
+        )
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "invalid PostgreSQL store URL 'postgresql://postgres:***@127.0.0.1:1,127.0.0.1:2/"
+        'postgres?sslmode=bogus\': invalid sslmode value: "bogus"; Multiple connection'
+    )
+    assert "s3cret" not in message
+
+
 class Outage:
     """A TCP proxy in front of PostgreSQL that can go down as a stopped server does: its
     connections cut, new ones refused (nothing listens on its port), and come back."""
