@@ -76,7 +76,10 @@ class TokenFileAuthenticator:
     @classmethod
     def from_file(cls, path: Path) -> TokenFileAuthenticator:
         try:
-            document = tomllib.loads(read_setting_file("--auth-tokens", path).decode())
+            # utf-8-sig: an editor on Windows may start the file with a byte order mark,
+            # which TOML itself does not allow.
+            text = read_setting_file("--auth-tokens", path).decode("utf-8-sig")
+            document = tomllib.loads(text)
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise ConfigurationError(f"--auth-tokens {path}: not valid TOML: {error}") from error
         unknown = sorted(set(document) - {"token"})
@@ -86,8 +89,13 @@ class TokenFileAuthenticator:
                 f"--auth-tokens {path}: unknown key {', '.join(unknown)}"
                 " (each token is a [[token]] table)"
             )
+        tokens = document.get("token", [])
+        if not isinstance(tokens, list):
+            # A number or switch cannot be read as tokens, a string or table would be
+            # read as its characters or keys.
+            raise ConfigurationError(f"--auth-tokens {path}: token must be [[token]] tables")
         entries: dict[bytes, Caller] = {}
-        for n, token in enumerate(document.get("token", [])):
+        for n, token in enumerate(tokens):
             where = f"--auth-tokens {path}: token[{n}]"
             if not isinstance(token, dict):
                 raise ConfigurationError(f"{where} must be a [[token]] table")

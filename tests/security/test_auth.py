@@ -284,7 +284,11 @@ async def test_tokens_never_reach_the_logs(api: Clients, caplog: pytest.LogCaptu
         (f'[[token]]\nsha256 = "{"g" * 64}"\nuser_id = "a"\n', "not a hex SHA-256"),
         (f'[[token]]\nsha256 = "{"0" * 64}"\nuser_id = "a"\nscopes = "orders:write"\n', "scopes"),
         (f'[[token]]\nsha256 = "{"0" * 64}"\nuser_id = "a"\nscopes = ["order:write"]\n', "scopes"),
-        ('token = "x"\n', "[[token]] table"),
+        ('token = "x"\n', "token must be [[token]] tables"),
+        ("token = 5\n", "token must be [[token]] tables"),
+        ("token = true\n", "token must be [[token]] tables"),
+        ('token = {sha256 = "x"}\n', "token must be [[token]] tables"),
+        ("token = [5]\n", "token[0] must be a [[token]] table"),
         ("[[token]\n", "not valid TOML"),
         (f'[[tokens]]\nsha256 = "{"0" * 64}"\nuser_id = "a"\n', "unknown key tokens"),
         ("# tokens to come\n", "no [[token]] table"),
@@ -315,6 +319,10 @@ async def test_tokens_never_reach_the_logs(api: Clients, caplog: pytest.LogCaptu
         "scope-string",
         "unknown-scope",
         "flat",
+        "number",
+        "switch",
+        "inline-table",
+        "list-of-number",
         "toml",
         "misspelt-table",
         "no-token",
@@ -334,6 +342,15 @@ def test_a_bad_token_file_is_refused_with_a_clear_message(
         TokenFileAuthenticator.from_file(path)
     # Which setting and file, as the operator named it: the gateway may read several.
     assert str(refused.value).startswith(f"--auth-tokens {path}: ")
+
+
+def test_a_token_file_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
+    # As an editor on Windows may save it; TOML alone would refuse the mark at line 1.
+    path = tmp_path / "tokens.toml"
+    digest = hashlib.sha256(b"secret").hexdigest()
+    path.write_bytes(f'\ufeff[[token]]\nsha256 = "{digest}"\nuser_id = "a"\n'.encode())
+    caller = TokenFileAuthenticator.from_file(path).authenticate("secret")
+    assert caller is not None and caller.user_id == "a"
 
 
 @pytest.mark.parametrize("authentication", ["on", "off"])
