@@ -228,6 +228,16 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("store", "listen", "metrics_listen", "jwt_issuer", "jwt_audience")
+    @classmethod
+    def _check_unpadded(cls, value: str | None) -> str | None:
+        # A space or newline kept from a file or template would not be noticed: a store
+        # URL naming "events.db " serves a new, empty store, an issuer "https://idp "
+        # matches no token's. The message leaves the value out (see server.cli).
+        if value is not None and value != value.strip():
+            raise ValueError("white space before or after the value: remove it")
+        return value
+
     @field_validator("listen", "metrics_listen")
     @classmethod
     def _check_port(cls, address: str | None) -> str | None:

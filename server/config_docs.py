@@ -32,8 +32,9 @@ HEADER = """\
 variable. A flag wins over the variable; a variable wins over the default. Values from
 variables are parsed like flags: for switches `true`/`false`, `1`/`0`, `yes`/`no`,
 `on`/`off` (or `y`/`n`, `t`/`f`; in any case), and a file path for a file (an empty one
-is refused: leave the variable unset instead). Settings
-without a flag can only be set through their variable.
+is refused: leave the variable unset instead). A store URL, address or JWT claim with
+white space before or after it is refused rather than taken with it (`events.db ` would
+be another file). Settings without a flag can only be set through their variable.
 
 Unknown `ORDER_GATEWAY_*` variables are ignored, but an invalid value stops `serve` with
 exit status 2 and a message naming the setting (a store URL it quotes has its password

@@ -593,6 +593,53 @@ def test_a_jwt_claim_setting_set_empty_is_refused_not_left_unchecked(
 
 
 @pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("store", "sqlite:///events.db "),
+        ("store", " sqlite:///events.db"),
+        ("listen", " 127.0.0.1:0"),
+        ("metrics_listen", "127.0.0.1:0\n"),
+        ("jwt_issuer", "https://idp "),
+        ("jwt_audience", "\torders"),
+    ],
+)
+def test_a_setting_with_white_space_around_it_is_refused(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    setting: str,
+    value: str,
+) -> None:
+    # Taken as it is, a store URL would name another file ("events.db "), a new and empty
+    # store; a claim would match no token's, every call refused.
+    monkeypatch.chdir(tmp_path)
+    key = tmp_path / "key.pem"
+    key.write_text("unread: the settings are refused first")
+    serve = ["serve", "--jwt-public-key", str(key)]
+    if setting != "listen":
+        serve += ["--listen", "127.0.0.1:0"]  # else the flag would win over the variable
+    monkeypatch.setenv(f"ORDER_GATEWAY_{setting.upper()}", value)
+    assert main(serve) == 2
+    assert capsys.readouterr().err == (
+        f"order-gateway: {setting}: white space before or after the value: remove it\n"
+    )
+    monkeypatch.delenv(f"ORDER_GATEWAY_{setting.upper()}")
+    assert main([*serve, "--" + setting.replace("_", "-"), value]) == 2
+    assert files_in(tmp_path) == ["key.pem"]
+
+
+@pytest.mark.parametrize("command", ["migrate", "verify"])
+def test_a_store_url_with_white_space_around_it_is_refused_by_every_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    argv = [command, "--store", f"sqlite:///{tmp_path / 'events.db'} "]
+    assert main(argv) == 2
+    assert "store: white space before or after the value" in capsys.readouterr().err
+    assert main(["backup", "--store", " memory://", str(tmp_path / "copy.db")]) == 2
+    assert files_in(tmp_path) == []
+
+
+@pytest.mark.parametrize(
     "argv",
     [
         ["group", "create", "billing", "--partitions", "1_6"],
