@@ -7,6 +7,7 @@ this model (``python -m server.config_docs``), so the two cannot drift.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -86,10 +87,32 @@ def split_host_port(address: str) -> tuple[str, int]:
     if not separator or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         # The message leaves the value out, as every setting's does (see server.cli).
         raise ValueError("not HOST:PORT with a port from 0 to 65535")
-    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+    bracketed = host.startswith("[") and host.endswith("]")
+    if not bracketed and (":" in host or "[" in host or "]" in host):
         # "::1:50051" could be read more than one way; grpc takes it for a name.
         raise ValueError("an IPv6 address goes in brackets: [ADDRESS]:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    if bracketed:
+        host = host[1:-1]
+    # grpc refuses an empty host, and an IPv4 address in brackets, only as it binds, with
+    # a log line of its own, while --workers and the metrics server took ":PORT" for
+    # every interface: refused here, every path takes the same addresses.
+    if not host:
+        raise ValueError(f"no host: {ADDRESS_FORMS}; 0.0.0.0 or [::] for every interface")
+    if bracketed and not _is_ipv6(host):
+        raise ValueError(f"only an IPv6 address goes in brackets: {ADDRESS_FORMS}")
+    return host, int(port)
+
+
+ADDRESS_FORMS = "HOST:PORT or [IPv6]:PORT"
+"""The forms of a listen address, as messages name them."""
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 MAX_WORKERS = 256

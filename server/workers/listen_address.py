@@ -68,7 +68,7 @@ _NOT_HERE = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
 """A loopback address of ``localhost`` this host lacks (IPv6 off): grpc skips it, so do we."""
 
 
-_WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+_WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 """A wildcard address is reached, from this host, through its loopback address."""
 
 

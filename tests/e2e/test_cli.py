@@ -187,7 +187,9 @@ async def test_a_second_gateway_on_a_taken_address_is_refused(tmp_path: Path) ->
         await asyncio.to_thread(first.wait, 10)
 
 
-@pytest.mark.parametrize("address", ["127.0.0.1:0", "[::1]:50051", "localhost:65535"])
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1:0", "[::1]:50051", "localhost:65535", "0.0.0.0:0", "[::]:0"]
+)
 def test_listen_takes_host_and_port(address: str) -> None:
     assert Settings(listen=address, metrics_listen=address).listen == address
 
@@ -226,6 +228,30 @@ def test_an_ipv6_address_without_brackets_is_refused(
     )
     with pytest.raises(ValidationError, match="metrics_listen"):
         Settings(metrics_listen=address)
+
+
+@pytest.mark.parametrize(
+    ("address", "problem"),
+    [
+        (":50051", "no host"),
+        ("[]:50051", "no host"),
+        ("[127.0.0.1]:50051", "only an IPv6 address goes in brackets"),
+        ("[localhost]:50051", "only an IPv6 address goes in brackets"),
+    ],
+)
+@pytest.mark.parametrize("setting", ["listen", "metrics_listen"])
+def test_an_address_without_a_host_or_with_ipv4_in_brackets_is_refused(
+    address: str, problem: str, setting: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # grpc refused these only as it bound, after a log line of its own, while --workers
+    # and the metrics server served ":50051" on every interface.
+    flag = "--" + setting.replace("_", "-")
+    argv = ["serve", "--listen", "127.0.0.1:0", flag, address, "--store", "memory://"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"order-gateway: {setting}: {problem}")
+    assert err.count("\n") == 1
+    assert "HOST:PORT or [IPv6]:PORT" in err
 
 
 @pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "soon", "1e10"])
