@@ -71,7 +71,7 @@ from server.security.tls import add_port, server_credentials
 from server.stores.factory import open_store
 from server.stores.on_loop import CommitsOnLoop
 from server.stores.urls import redacted_url
-from server.workers.listen_address import AddressInUseError, check_free, until_nobody_listens
+from server.workers.listen_address import ListenError, check_free, until_nobody_listens
 
 log = logging.getLogger("order_gateway.server")
 
@@ -398,15 +398,13 @@ async def create_server(
             # 127.0.0.1 would reach the stranger.
             try:
                 check_free(settings.listen)
-            except AddressInUseError as error:
-                raise RuntimeError(
-                    f"Failed to bind to address {settings.listen}: {error.reason}"
-                ) from error
             except OSError as error:
-                # An address of no interface here, a privileged port: grpc would refuse it
-                # too, but after a log line of its own and with only a hint to turn its
-                # debug output on. The reason, as with --workers.
-                reason = os.strerror(error.errno) if error.errno is not None else str(error)
+                # An address taken, of no interface here, a privileged port, a host that
+                # does not resolve: grpc would refuse it too, but after a log line of its
+                # own and with only a hint to turn its debug output on. The reason, as
+                # with --workers; not os.strerror(errno): a resolver's errno is its own.
+                reason = error.reason if isinstance(error, ListenError) else error.strerror
+                reason = reason or str(error)
                 raise RuntimeError(
                     f"Failed to bind to address {settings.listen}: {reason}"
                 ) from error

@@ -26,12 +26,16 @@ from dataclasses import dataclass, field
 from server.config import split_host_port
 
 
-class AddressInUseError(OSError):
-    """The address is taken; ``reason`` says by what, as far as this host can tell."""
+class ListenError(OSError):
+    """``listen`` cannot be listened on; ``reason`` says why, without the address."""
 
-    def __init__(self, errno_: int, listen: str, reason: str) -> None:
+    def __init__(self, errno_: int | None, listen: str, reason: str) -> None:
         super().__init__(errno_, f"cannot listen on {listen}: {reason}")
         self.reason = reason
+
+
+class AddressInUseError(ListenError):
+    """The address is taken; ``reason`` says by what, as far as this host can tell."""
 
 
 LISTENED_ON = "another process listens there"
@@ -85,6 +89,17 @@ def _addresses(host: str, port: int) -> list[tuple[int, tuple[str, int]]]:
     return list(unique)
 
 
+def _resolved(listen: str) -> tuple[str, list[tuple[int, tuple[str, int]]]]:
+    """The host of ``listen`` and the addresses grpc would bind there; a host that does
+    not resolve is a ``ListenError`` naming the address (the resolver's error names
+    none)."""
+    host, port = split_host_port(listen)
+    try:
+        return host, _addresses(host, port)
+    except socket.gaierror as error:
+        raise ListenError(error.errno, listen, error.strerror or str(error)) from error
+
+
 def _check_free(family: int, address: tuple[str, int], listen: str, optional: bool) -> None:
     try:
         probe = socket.socket(family, socket.SOCK_STREAM)
@@ -104,7 +119,7 @@ def _check_free(family: int, address: tuple[str, int], listen: str, optional: bo
             if error.errno == errno.EADDRINUSE:
                 reason = LISTENED_ON if _listened_on(family, address) else HELD_NOT_LISTENED_ON
                 raise AddressInUseError(error.errno, listen, reason) from error
-            raise OSError(error.errno, f"cannot listen on {listen}: {error.strerror}") from error
+            raise ListenError(error.errno, listen, error.strerror or str(error)) from error
 
 
 def _listened_on(family: int, address: tuple[str, int]) -> bool:
@@ -123,18 +138,18 @@ def check_free(listen: str) -> None:
     """Refuse ``listen`` if anything listens on one of the addresses grpc would bind
     there, or if one of them cannot be bound at all (port 0 included, for which the OS
     picks a free port: the address itself may be no interface's)."""
-    host, port = split_host_port(listen)
-    for family, address in _addresses(host, port):
+    host, addresses = _resolved(listen)
+    for family, address in addresses:
         _check_free(family, address, listen, optional=host == "localhost")
 
 
 def reserve(listen: str) -> Reservation:
     """Check that nothing listens on ``listen`` and reserve it for the workers."""
     check_free(listen)
-    host, port = split_host_port(listen)
-    reservation = Reservation(host, port)
+    host, addresses = _resolved(listen)
+    reservation = Reservation(host, split_host_port(listen)[1])
     try:
-        for family, address in _addresses(host, port):
+        for family, address in addresses:
             try:
                 sock = socket.socket(family, socket.SOCK_STREAM)
             except OSError as error:
@@ -157,7 +172,7 @@ def reserve(listen: str) -> Reservation:
             reservation.port = sock.getsockname()[1]
     except OSError as error:
         reservation.release()
-        raise OSError(error.errno, f"cannot listen on {listen}: {error.strerror}") from error
+        raise ListenError(error.errno, listen, error.strerror or str(error)) from error
     return reservation
 
 

@@ -549,6 +549,27 @@ def test_an_address_grpc_cannot_bind_is_refused_before_the_store_is_created(
     assert files_in(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    ("workers", "code", "message"),
+    [("1", 1, "Failed to bind to address"), ("2", 2, "cannot listen on")],
+)
+def test_a_host_that_does_not_resolve_is_refused_naming_the_address(
+    tmp_path: Path, workers: str, code: int, message: str
+) -> None:
+    # The resolver's own errno (-2) is no OS error number: os.strerror() of it said
+    # "Unknown error -2"; with --workers the message named no address.
+    address = f"nohost.invalid:{free_port()}"
+    store = f"sqlite:///{tmp_path / 'new.db'}"
+    status, lines = refused_start(
+        "--listen", address, "--insecure", "--workers", workers, "--store", store
+    )
+    assert status == code
+    assert len(lines) == 1
+    assert lines[0].startswith(f"order-gateway: {message} {address}: ")
+    assert "Unknown error" not in lines[0]
+    assert files_in(tmp_path) == []
+
+
 async def test_a_start_refused_once_bound_releases_the_port_and_closes_the_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
