@@ -231,10 +231,16 @@ def positive_seconds(text: str) -> float:
 
 def target_address(text: str) -> str:
     """An argparse type: the gateway to call, as grpc names a target (``HOST:PORT``,
-    ``[IPV6]:PORT``, ``dns:///HOST:PORT`` …), whose port is not past 65535: grpc would
-    call that port modulo 65536, another server, or the right one by chance."""
-    _, separator, port = text.rpartition(":")
-    if separator and port.isascii() and port.isdigit() and int(port) > 65535:
+    ``[IPV6]:PORT``, ``dns:///HOST:PORT``, ``unix:PATH`` …), with a port not past 65535:
+    grpc would call that port modulo 65536, another server, or the right one by chance."""
+    if text.startswith(("unix:", "unix-abstract:")):
+        return text  # a socket's name: no port
+    host, separator, port = text.rpartition(":")
+    if not separator or not host or not (port.isascii() and port.isdigit()):
+        # grpc would call port 443 of a target without one, and fail an empty one only
+        # as it connects, after log lines of its own.
+        raise argparse.ArgumentTypeError(f"not HOST:PORT or [IPv6]:PORT: {text!r}")
+    if int(port) > 65535:
         raise argparse.ArgumentTypeError(f"the port must be from 0 to 65535: {text!r}")
     return text
 

@@ -284,6 +284,29 @@ def test_a_target_port_past_65535_is_a_usage_error(
     assert "argument --target: the port must be from 0 to 65535" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["health"], ["tail"], ["consume", "--group", "g"]])
+@pytest.mark.parametrize("target", ["", "127.0.0.1", "[::1]", "127.0.0.1:", ":50051", "host:http"])
+def test_a_target_without_a_host_or_port_is_a_usage_error(
+    command: list[str],
+    target: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # grpc called port 443 of a target without a port, and failed an empty one only as
+    # it connected, after log lines of its own.
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--target", target])
+    assert exited.value.code == 2
+    assert f"argument --target: not HOST:PORT or [IPv6]:PORT: {target!r}" in (
+        capsys.readouterr().err
+    )
+    monkeypatch.setenv("ORDER_GATEWAY_TARGET", target)
+    with pytest.raises(SystemExit) as exited:
+        main(command)
+    assert exited.value.code == 2
+    assert "argument --target (ORDER_GATEWAY_TARGET): not HOST:PORT" in capsys.readouterr().err
+
+
 def test_an_unknown_log_level_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert Settings(log_level="warning").log_level == "warning"
     assert main(["serve", "--log-level", "LOUD", "--store", "memory://"]) == 2
