@@ -81,6 +81,10 @@ class EnvironmentParser(argparse.ArgumentParser):
     options_from_environment = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # No abbreviated options (--insec for --insecure): a prefix that is unique today
+        # would change meaning, or fail, once an option sharing it is added. Here, the
+        # sub-commands' parsers being of this class, it holds for all of them.
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self.register("action", "append", _Repeated)
 
