@@ -38,8 +38,12 @@ be another file). Settings without a flag can only be set through their variable
 
 Unknown `ORDER_GATEWAY_*` variables are ignored, but an invalid value stops `serve` with
 exit status 2 and a message naming the setting (a store URL it quotes has its password
-masked). Every other command reads the same variables and stops the same way, so fix the
-environment rather than the command's flags.
+masked). Every other command parses the same variables and stops the same way on a
+malformed value, so fix the environment rather than the command's flags. What is checked
+only as `serve` starts is checked only by the commands that use it: the store URL's scheme
+by `migrate`, `verify` and `backup` (not by `health`, `tail`, `group` or `consume`), what
+token, key and certificate files hold, and `--workers` against a `memory://` store, by
+`serve` alone.
 
 """
 
