@@ -151,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         metavar="HOST:PORT",
         type=target_address,
-        help="the gateway to ask (default: this host, at the port of "
-        f"{variable_name('listen')}, or 50051)",
+        help=f"the gateway to ask (default: the address of {variable_name('listen')}, a"
+        " wildcard host read as loopback, or 127.0.0.1:50051)",
     )
     health.add_argument(
         "--service",

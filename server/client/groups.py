@@ -55,12 +55,14 @@ def add_client_flags(parser: argparse.ArgumentParser, target: str = "the gateway
     """``--target``, ``--token`` and ``--tls-ca``, as every client command takes them.
 
     ``--target`` is left None when not given: the command line's settings decide it
-    (``server.cli``: this host, at the port of ``ORDER_GATEWAY_LISTEN``)."""
+    (``server.cli``: the address of ``ORDER_GATEWAY_LISTEN``, a wildcard host read as
+    loopback)."""
     parser.add_argument(
         "--target",
         metavar="HOST:PORT",
         type=target_address,
-        help=f"{target} (default: this host, at the port of {LISTEN_VARIABLE}, or 50051)",
+        help=f"{target} (default: the address of {LISTEN_VARIABLE}, a wildcard host read"
+        " as loopback, or 127.0.0.1:50051)",
     )
     parser.add_argument(
         "--token",

@@ -407,8 +407,8 @@ def test_every_option_of_every_command_is_described_in_its_help(
 def test_tail_help_says_what_each_option_does(capsys: pytest.CaptureFixture[str]) -> None:
     shown = help_of(["tail", "--help"], capsys)
     assert (
-        "--target HOST:PORT the gateway to follow (default: this host, at the port of"
-        " ORDER_GATEWAY_LISTEN, or 50051)" in shown
+        "--target HOST:PORT the gateway to follow (default: the address of"
+        " ORDER_GATEWAY_LISTEN, a wildcard host read as loopback, or 127.0.0.1:50051)" in shown
     )
     assert "--after N print only events at positions after N" in shown
     assert "--type NAME print only events of this type, e.g. OrderCreated" in shown
