@@ -89,13 +89,13 @@ def _addresses(host: str, port: int) -> list[tuple[int, tuple[str, int]]]:
     return list(unique)
 
 
-def _resolved(listen: str) -> tuple[str, list[tuple[int, tuple[str, int]]]]:
-    """The host of ``listen`` and the addresses grpc would bind there; a host that does
-    not resolve is a ``ListenError`` naming the address (the resolver's error names
-    none)."""
+def _resolved(listen: str) -> tuple[str, int, list[tuple[int, tuple[str, int]]]]:
+    """The host and port of ``listen``, and the addresses grpc would bind there; a host
+    that does not resolve is a ``ListenError`` naming the address (the resolver's error
+    names none)."""
     host, port = split_host_port(listen)
     try:
-        return host, _addresses(host, port)
+        return host, port, _addresses(host, port)
     except socket.gaierror as error:
         raise ListenError(error.errno, listen, error.strerror or str(error)) from error
 
@@ -138,7 +138,7 @@ def check_free(listen: str) -> None:
     """Refuse ``listen`` if anything listens on one of the addresses grpc would bind
     there, or if one of them cannot be bound at all (port 0 included, for which the OS
     picks a free port: the address itself may be no interface's)."""
-    host, addresses = _resolved(listen)
+    host, _, addresses = _resolved(listen)
     for family, address in addresses:
         _check_free(family, address, listen, optional=host == "localhost")
 
@@ -146,8 +146,8 @@ def check_free(listen: str) -> None:
 def reserve(listen: str) -> Reservation:
     """Check that nothing listens on ``listen`` and reserve it for the workers."""
     check_free(listen)
-    host, addresses = _resolved(listen)
-    reservation = Reservation(host, split_host_port(listen)[1])
+    host, port, addresses = _resolved(listen)
+    reservation = Reservation(host, port)
     try:
         for family, address in addresses:
             try:
