@@ -263,6 +263,7 @@ class PostgresEventStore:
         with _translated("migrate" if migrate else "read"):
             async with migrator:
                 _refuse_encoding(migrator)
+                await _refuse_no_usable_schema(migrator)
                 if migrate:
                     await apply_migrations(migrator)
                 elif missing := await missing_migrations(migrator):
@@ -347,6 +348,7 @@ class PostgresEventStore:
         conn = await _connect(url, _connect_kwargs(url))
         with _translated("connect"):
             async with conn:
+                await _refuse_no_usable_schema(conn)
                 # Another program's database may have tables of these names too: the
                 # events table must have the gateway's columns.
                 cursor = await conn.execute(
@@ -854,6 +856,22 @@ def _refuse_encoding(connection: psycopg.AsyncConnection[TupleRow]) -> None:
         raise StoreError(
             f"the database's encoding is {encoding}, which cannot hold every text"
             " a client may send: create the gateway's database with ENCODING 'UTF8'"
+        )
+
+
+async def _refuse_no_usable_schema(connection: psycopg.AsyncConnection[TupleRow]) -> None:
+    """Refuse a role that may use no schema of its search path: PostgreSQL then resolves
+    no table name and creates nothing, so the gateway's tables would look absent (verify:
+    "no gateway schema") and a migration would fail "no schema has been selected to create
+    in", where the cause is a missing USAGE grant (or a search path naming no schema)."""
+    cursor = await connection.execute(
+        "SELECT current_schema() IS NULL, current_user, current_setting('search_path')"
+    )
+    row = await cursor.fetchone()
+    if row and row[0]:
+        raise StoreError(
+            f"the role {row[1]} may use no schema of its search_path ({row[2]}): none of"
+            " them exists or grants it USAGE; see docs/operations.md, Privileges"
         )
 
 

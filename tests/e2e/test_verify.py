@@ -901,6 +901,24 @@ def test_a_role_that_may_not_read_the_tables_is_told_so_not_that_a_migration_fai
     assert "migrate" not in printed.err
 
 
+def test_a_role_that_may_not_use_the_schema_is_told_so_not_that_there_is_no_schema(
+    fresh_postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["migrate", "--store", fresh_postgres_url]) == 0
+    capsys.readouterr()
+    with new_role(fresh_postgres_url, "SELECT ON schema_migrations, events, commands") as as_role:
+        with psycopg.connect(fresh_postgres_url, autocommit=True) as owner:
+            owner.execute("REVOKE USAGE ON SCHEMA public FROM PUBLIC")
+        assert main(["verify", "--store", as_role]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert "no gateway schema" not in printed.err
+    assert (
+        'may use no schema of its search_path ("$user", public): none of them exists or'
+        " grants it USAGE; see docs/operations.md, Privileges"
+    ) in printed.err
+
+
 def test_a_migrated_database_with_no_events_is_consistent(
     fresh_postgres_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -343,6 +343,28 @@ async def test_a_role_without_a_grant_the_gateway_needs_is_refused_when_opened(
     )
 
 
+@pytest.mark.parametrize("migrate", [True, False])
+async def test_a_role_that_may_use_no_schema_is_told_so(
+    fresh_postgres_url: str, migrate: bool
+) -> None:
+    """Without USAGE on the schema PostgreSQL finds no table of it and creates nothing
+    there: the tables would look absent and a migration fail "no schema has been selected
+    to create in", where the grant is what is missing."""
+    await (await PostgresEventStore.open(fresh_postgres_url)).close()
+    with limited_role(fresh_postgres_url, "SELECT, INSERT, UPDATE ON snapshots") as as_role:
+        role = as_role.partition("://")[2].partition("@")[0]
+        with psycopg.connect(fresh_postgres_url, autocommit=True) as owner:
+            owner.execute("REVOKE USAGE ON SCHEMA public FROM PUBLIC")
+        with pytest.raises(StoreError) as raised:
+            await (await PostgresEventStore.open(as_role, migrate=migrate)).close()
+        with pytest.raises(StoreError, match="may use no schema of its search_path"):
+            await PostgresEventStore.holds_a_store(as_role)
+    assert str(raised.value) == (
+        f'the role {role} may use no schema of its search_path ("$user", public): none of'
+        " them exists or grants it USAGE; see docs/operations.md, Privileges"
+    )
+
+
 async def test_a_role_that_may_only_read_is_refused_for_writing_not_for_reading(
     fresh_postgres_url: str,
 ) -> None:
