@@ -288,8 +288,17 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             event_loop.run(serve(settings), settings.event_loop)
     elif args.command == "migrate":
         from server import interrupted_once
-        from server.stores.factory import migrate
+        from server.stores.factory import is_memory_url, migrate
 
+        if is_memory_url(settings.store):
+            # Its schema lives and dies with the process that opens it: an exit 0 here
+            # would tell a deployment script that a store was made ready.
+            print(
+                f"order-gateway: {settings.store} is a store of the process that opens it:"
+                " there is no schema to migrate",
+                file=sys.stderr,
+            )
+            return 2
         interrupted_once.run(migrate(settings.store))
     elif args.command == "verify":
         from server import interrupted_once

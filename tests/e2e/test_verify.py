@@ -1054,3 +1054,14 @@ def test_the_memory_store_has_no_log_to_verify(
     printed = capsys.readouterr()
     assert printed.out == ""
     assert "there is no log to verify" in printed.err
+
+
+@pytest.mark.parametrize("url", ["memory://", "memory:"])
+def test_the_memory_store_has_no_schema_to_migrate(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 0 would tell a deployment script that a store was made ready."""
+    assert main(["migrate", "--store", url]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert "there is no schema to migrate" in printed.err
