@@ -14,9 +14,10 @@ from domain.errors import (
     CommandIdReusedError,
     ConcurrencyConflictError,
     DomainError,
+    StoreError,
 )
 from domain.fingerprints import is_same_request
-from domain.ports import EventStore
+from domain.ports import CommandRecord, EventStore
 
 log = logging.getLogger("order_gateway.bus")
 
@@ -108,7 +109,26 @@ class IdempotencyMiddleware:
             return None
         if not is_same_request(record.fingerprint, command):
             raise CommandIdReusedError(command.command_id)
+        _refuse_damaged(record)
         return list(record.events)
+
+
+def _refuse_damaged(record: CommandRecord) -> None:
+    """A record is committed with its command's events, so one that points at no event,
+    or at another command's, was damaged after (a restore of one table and not the other,
+    an edit by hand): replaying it would answer a retry with events it did not commit."""
+    if not record.events:
+        raise StoreError(
+            f"the record of command {record.command_id} points at no event: the store is"
+            " damaged; order-gateway verify reports where"
+        )
+    for event in record.events:
+        if event.command_id != record.command_id:
+            raise StoreError(
+                f"the record of command {record.command_id} points at position"
+                f" {event.position}, an event of command {event.command_id}: the store is"
+                " damaged there; order-gateway verify reports what else is"
+            )
 
 
 class RetryOnConflictMiddleware:

@@ -75,6 +75,10 @@ _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}
 class CommandLog(Protocol):
     """What ``verify`` needs of a store besides ``read_all``: its command records."""
 
+    async def head_position(self) -> int:
+        """The position of the last committed event (0 when empty)."""
+        ...
+
     async def find_command_ranges(self, command_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
         """For each of ``command_ids`` that is recorded: (first_position, event_count)."""
         ...
@@ -422,20 +426,27 @@ async def _check_runs(store: CommandLog, runs: Sequence[CommandRange], report: R
     return sum(1 for command_id, _, _ in runs if command_id in recorded)
 
 
-async def _records(store: CommandLog, head: int) -> AsyncIterator[list[CommandRecordRow]]:
+async def _records(
+    store: CommandLog, head: int, past: list[CommandRecordRow] | None = None
+) -> AsyncIterator[list[CommandRecordRow]]:
     """Every command record committed before the check started, in pages (and any whose
-    first position is no number, which cannot be placed)."""
+    first position is no number, which cannot be placed); the others, if ``past`` is
+    given, added to it."""
     after = ""
     while page := await store.read_command_records(after, PAGE_SIZE):
         yield [record for record in page if type(record[1]) is not int or record[1] <= head]
+        if past is not None:
+            past.extend(record for record in page if type(record[1]) is int and record[1] > head)
         after = page[-1][0]
 
 
 async def _check_records(store: CommandLog, head: int, report: Report) -> int:
     """Reports the records whose id or fingerprint is damaged (each fingerprint checked as
-    its command's retry would read it); returns how many records there are."""
+    its command's retry would read it), and those that point past the log's end; returns
+    how many records there are, of commands committed before the check started."""
     counted = 0
-    async for page in _records(store, head):
+    past: list[CommandRecordRow] = []
+    async for page in _records(store, head, past):
         counted += len(page)
         for command_id, first, _, recorded_fingerprint in page:
             at = first if type(first) is int else 0
@@ -446,6 +457,19 @@ async def _check_records(store: CommandLog, head: int, report: Report) -> int:
                     at,
                     f"command {command_id}: its fingerprint {_shown(recorded_fingerprint)!r} is"
                     " damaged (a retry would be refused as another request)",
+                )
+    if past:
+        # Past the head the check started from, a record is another command's, committed
+        # since (in the transaction of its events), unless it points past the head even
+        # now: then its events are not there, and a retry would replay no event, or the
+        # events of whatever command is committed at those positions next.
+        end = await store.head_position()
+        for command_id, first, _, _ in past:
+            if first > end:
+                report.add(
+                    first,
+                    f"command record {_shown(command_id)} points past the end of the log"
+                    f" (the head is {end})",
                 )
     return counted
 

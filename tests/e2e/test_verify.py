@@ -116,6 +116,11 @@ def test_a_consistent_log_passes(store_file: Path, capsys: pytest.CaptureFixture
             "position 2: command record ghost points at an event of", 2, id="stray-record",
         ),
         pytest.param(
+            ["INSERT INTO commands VALUES ('ghost', 'f', 14, 2)"],
+            "position 14: command record ghost points past the end of the log (the head is"
+            " 13)", 14, id="record-past-the-end",
+        ),
+        pytest.param(
             ["UPDATE events SET event_id = (SELECT event_id FROM events WHERE position = 1)"
              " WHERE position IN (2, 9)"],
             "position 2: event id ", 2, id="repeated-event-id",

@@ -22,12 +22,13 @@ from domain.errors import (
     NoHandlerFoundError,
     OrderNotFoundError,
     ProductNotFoundError,
+    StoreError,
 )
 from domain.events import ProductRestocked
 from domain.fingerprints import fingerprint
 from domain.mapper import to_domain_event, to_new_event
 from domain.middleware import IdempotencyMiddleware, RetryOnConflictMiddleware
-from domain.ports import Commit, RecordedEvent
+from domain.ports import CommandRecord, Commit, RecordedEvent
 from domain.unit_of_work import UnitsOfWork
 from server.bootstrap import bootstrap
 from server.stores.memory import MemoryEventStore
@@ -403,6 +404,42 @@ async def test_a_retry_of_a_command_another_replica_committed_is_refused_then_re
     # Now this replica has seen it recorded: a further retry is looked up, not run.
     assert await other_replica.dispatch(command) == first
     assert (store.lookups, store.appends) == (2, 2)
+
+
+class DamagedRecordStore(MemoryEventStore):
+    """A store whose records point where ``events_of`` says: at no event, or at another
+    command's (damage a restore of one table and not the other would leave)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events_of: dict[str, tuple[RecordedEvent, ...]] = {}
+
+    async def find_command(self, command_id: str) -> CommandRecord | None:
+        found = await super().find_command(command_id)
+        if found is None or command_id not in self.events_of:
+            return found
+        return CommandRecord(command_id, found.fingerprint, self.events_of[command_id])
+
+
+@pytest.mark.parametrize("points_at", ["no event", "another command's events"])
+async def test_a_damaged_record_is_refused_not_replayed(points_at: str) -> None:
+    store = DamagedRecordStore()
+    bus = bootstrap(store)
+    other = await bus.dispatch(restock("b", 2))
+    command = restock("a", 1, command_id=str(uuid.uuid4()))
+    await bus.dispatch(command)
+    store.events_of[command.command_id] = () if points_at == "no event" else tuple(other)
+    expected = (
+        "points at no event"
+        if points_at == "no event"
+        else f"points at position 1, an event of command {other[0].command_id}"
+    )
+    # Whether the retry is looked up first (this process committed it) or run and
+    # refused as a duplicate (another replica's), the record is what answers it.
+    for retrying in (bus, bootstrap(store)):
+        with pytest.raises(StoreError, match=expected):
+            await retrying.dispatch(command)
+    assert await store.head_position() == 2
 
 
 async def test_a_command_refused_by_a_rule_looks_its_id_up() -> None:
