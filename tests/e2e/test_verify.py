@@ -187,6 +187,28 @@ def test_damage_is_found_at_its_first_position(
     assert lines[-1].endswith(f"the first at position {first}"), lines
 
 
+@pytest.mark.parametrize(
+    ("data", "version", "why"),
+    [
+        # The fixture's events are stored in their first shapes, which are upcast.
+        ("'{\"order_id\": broken'", 1, "expected value at line 1 column 14"),
+        ("'{}'", 1, "items: Field required"),
+        ("'{\"order_id\": broken'", 2, "Invalid JSON: expected value at line 1 column 14"),
+        ("'{}'", 2, "order_id: Field required (and 4 more)"),
+    ],
+)
+def test_an_undecodable_payload_is_said_what_is_wrong_with_it(
+    store_file: Path, capsys: pytest.CaptureFixture[str], data: str, version: int, why: str
+) -> None:
+    damage(
+        store_file,
+        f"UPDATE events SET data = {data}, schema_version = {version} WHERE position = 7",
+    )
+    code, lines = run_verify(store_file, capsys)
+    assert code == 1
+    assert [line.partition(" does not decode: ")[2] for line in lines if "decode" in line] == [why]
+
+
 def test_an_unreadable_row_beside_a_missing_one_is_reported_with_it(
     store_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
