@@ -19,6 +19,7 @@ import psycopg
 from psycopg import sql
 
 from server.cancellation import raise_if_cancelling
+from server.stores.postgres_errors import one_line
 from server.stores.postgres_schema import HEAD_POSITION, NOTIFY_CHANNEL, TURNS_CHANNEL
 
 log = logging.getLogger("order_gateway.store.postgres")
@@ -79,7 +80,7 @@ class NotificationListener:
                     delay = MIN_RECONNECT_DELAY
                 log.warning(
                     "LISTEN connection to PostgreSQL failed (%s); reconnecting in %.1f s",
-                    str(error).strip() or type(error).__name__,
+                    one_line(str(error)) or type(error).__name__,
                     delay,
                 )
             raise_if_cancelling()
