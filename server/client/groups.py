@@ -34,7 +34,12 @@ from server.client.channel import (
 from server.client.ctrl_c import CtrlC, ctrl_c_stops
 from server.client.environment import EnvironmentParser
 from server.client.json_lines import json_line
-from server.client.output import ReaderGone, reader_gone_error, unwritable_output
+from server.client.output import (
+    ReaderGone,
+    closed_output,
+    reader_gone_error,
+    unwritable_output,
+)
 from server.client.tail import field_violations
 from server.config import variable_name
 
@@ -479,6 +484,8 @@ def follow_group(
 def consume(args: argparse.Namespace) -> int:
     """Ctrl-C stops it with status 0, while it still waits for its connection as once it
     consumes."""
+    if (status := closed_output("order-gateway consume")) is not None:
+        return status
     try:
         with (
             ctrl_c_stops() as ctrl_c,

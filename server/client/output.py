@@ -77,6 +77,19 @@ def unwritable_output(program: str, error: OSError, what: str = "the events") ->
     return 1
 
 
+def closed_output(program: str) -> int | None:
+    """The exit status of a command that follows a stream when it was started with its
+    standard output closed (``>&-``), None when that is open. Its first write would fail,
+    but it writes only when an event comes: it would wait for one without end on a quiet
+    stream, and a consumer would meanwhile hold partitions that members able to write
+    could serve."""
+    stream = sys.stdout
+    if stream is None or (isinstance(stream, _GuardedOutput) and stream._stream is None):
+        closed = UnwritableOutputError(errno.EBADF, "the standard output is closed")
+        return unwritable_output(program, closed)
+    return None
+
+
 class ReaderGone:
     """Whether the reader of an output pipe went away, told as soon as it does.
 

@@ -24,7 +24,12 @@ from server.client.channel import (
 )
 from server.client.ctrl_c import CtrlC, ctrl_c_stops
 from server.client.json_lines import json_line
-from server.client.output import ReaderGone, reader_gone_error, unwritable_output
+from server.client.output import (
+    ReaderGone,
+    closed_output,
+    reader_gone_error,
+    unwritable_output,
+)
 
 PROGRAM = "order-gateway tail"
 
@@ -116,6 +121,8 @@ def tail(
     if after < 0:
         print(f"{PROGRAM}: --after must be 0 or more", file=sys.stderr)
         return 2
+    if (status := closed_output(PROGRAM)) is not None:
+        return status
     try:
         with ctrl_c_stops() as ctrl_c, open_channel(target, tls_ca, tls_server_name) as channel:
             settled = connection_settles(channel, timeout, ctrl_c)

@@ -908,3 +908,34 @@ def test_grpc_s_polling_of_a_closed_channel_prints_nothing_other_errors_still_do
     printed = capsys.readouterr().err
     assert "something else" in printed
     assert "Channel closed" not in printed
+
+
+@pytest.mark.parametrize("command", [["tail"], ["consume", "--group", "billing", "--member", "m"]])
+async def test_a_stream_command_started_with_its_output_closed_exits_1_at_once(
+    gateway: Gateway, command: list[str]
+) -> None:
+    """It writes only when an event comes: on a quiet stream it waited for one without
+    end, and a consumer held every partition of its group meanwhile."""
+    target = f"127.0.0.1:{gateway.port}"
+    assert (await cli("group", "create", "billing", "--target", target)).code == 0
+    process = await asyncio.create_subprocess_exec(
+        *("sh", "-c", 'exec "$0" "$@" >&-', sys.executable, "-m", "server.cli"),
+        *command,
+        *("--target", target),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _, err = await asyncio.wait_for(process.communicate(), 20)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    program = f"order-gateway {command[0]}"
+    assert (process.returncode, err.decode()) == (
+        1,
+        f"{program}: cannot write the events: the standard output is closed\n",
+    )
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.ConsumerGroupServiceStub(channel)
+        group = await stub.GetConsumerGroup(pb.GetConsumerGroupRequest(name="billing"))
+    assert list(group.group.members) == []
