@@ -37,10 +37,12 @@ UUID_PATTERN = _matching(
 PRODUCT_ID_PATTERN = _matching(r"[A-Za-z0-9._-]{1,64}")
 CURRENCY_CODE_RULE = _matching(CURRENCY_CODE_PATTERN)
 COUNTRY_CODE_RULE = _matching(r"[A-Z]{2}")
-NOT_BLANK = r"[^\s\x1c-\x1f]"
-"""Found anywhere in a text that is not blank: any character ``str.strip`` keeps (Rust's
-``\\s`` is Unicode's white space, which leaves out the four separators U+001C to U+001F
-that Python also strips)."""
+NOT_BLANK = r"[^\s\x1c-\x1f\p{Cc}\p{Cf}]"
+"""Found anywhere in a text that is not blank: a character that shows. Not white space
+(Rust's ``\\s`` is Unicode's, which leaves out the four separators U+001C to U+001F that
+Python's ``str.strip`` also takes), and not a control or format character: a recipient
+of one zero-width space (U+200B) or byte-order mark is as empty on a label as one of
+spaces."""
 
 PATTERN_VIOLATIONS: Mapping[str, tuple[str, str]] = {
     UUID_PATTERN: ("uuid", "must be a UUID in the 36-character hyphenated form"),

@@ -277,6 +277,9 @@ ROWS: dict[str, Row] = {
     ),
     "recipient missing": Row(shipped(recipient=""), {"shipping_address.recipient": NOT_BLANK}),
     "recipient blank": Row(shipped(recipient=" \t\n"), {"shipping_address.recipient": NOT_BLANK}),
+    "recipient invisible": Row(
+        shipped(recipient="\u200b\ufeff\u2060\x00"), {"shipping_address.recipient": NOT_BLANK}
+    ),
     "line1 missing": Row(shipped(line1=""), {"shipping_address.line1": NOT_BLANK}),
     "city blank": Row(shipped(city="   "), {"shipping_address.city": NOT_BLANK}),
     "country_code missing": Row(

@@ -35,16 +35,20 @@ def _violations(data: dict[str, Any]) -> dict[tuple[Any, ...], tuple[str, str]]:
     return {tuple(e["loc"]): (e["type"], e["msg"]) for e in caught.value.errors()}
 
 
-@pytest.mark.parametrize("blank", ["", " ", "\t\r\n", "\u2003\u3000", "\x1c", "\x1d\x1e \x1f"])
+@pytest.mark.parametrize(
+    "blank",
+    ["", " ", "\t\r\n", "\u2003\u3000", "\x1c", "\x1d\x1e \x1f", "\u200b", "\u200d\ufeff\x00"],
+)
 def test_a_blank_required_text_is_reported_as_blank(blank: str) -> None:
-    # U+001C to U+001F are stripped by Python, though they are not Unicode white space.
+    # U+001C to U+001F are stripped by Python, though they are not Unicode white space;
+    # zero-width characters and controls show nothing either.
     assert _violations(_order(address={"city": blank})) == {
         ("shipping_address", "city"): ("blank", "is required and must not be blank")
     }
 
 
-@pytest.mark.parametrize("text", ["\u200d", ".", " x ", "\x1c\x1dx"])
-def test_text_with_anything_but_white_space_is_not_blank(text: str) -> None:
+@pytest.mark.parametrize("text", [".", " x ", "\x1c\x1dx", "\u200bx", "\u0301"])
+def test_text_with_anything_that_shows_is_not_blank(text: str) -> None:
     command = CreateOrder.model_validate(_order(address={"city": text}))
     assert command.shipping_address.city == text
 
