@@ -9,12 +9,13 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from orders.v1 import (
     event_stream_service_pb2_grpc,
     inventory_command_service_pb2,
@@ -413,41 +414,76 @@ async def test_calls_without_credentials_are_refused_before_their_request_arrive
         assert restocked[0].product_restocked.available_after == 5
 
 
-async def test_the_open_services_hold_at_most_a_tenth_of_the_concurrent_calls(
-    tmp_path: Path,
+REFLECTION_INFO = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+
+
+async def refused_once_held(
+    held: list[grpc.aio.Call],
+    hold: Callable[[], grpc.aio.Call],
+    call: Callable[[], Awaitable[object]],
+) -> grpc.aio.AioRpcError:
+    """The error ``call`` fails with once the calls ``held`` have reached the server. One
+    of them that ended is replaced (by ``hold``): calls start on their own, and a call of
+    the test's may reach the server first and take the place of one held, which is then
+    the one refused."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            held[:] = [hold() if ended.done() else ended for ended in held]
+            try:
+                await call()
+            except grpc.aio.AioRpcError as error:
+                return error
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("service", ["health", "reflection"])
+async def test_each_open_service_holds_at_most_a_tenth_of_the_concurrent_calls(
+    tmp_path: Path, service: str
 ) -> None:
     # Open to anyone: a health Watch or a reflection stream stays open as long as its
     # client wants, and any call while its client withholds the request.
     async with stranger_and_warehouse(tmp_path, 30) as (stranger, warehouse):
         health = health_pb2_grpc.HealthStub(stranger)
-        watching = health.Watch(health_pb2.HealthCheckRequest())
-        assert (await watching.read()).status == health_pb2.HealthCheckResponse.SERVING
-        held = [
-            withheld(stranger, "/grpc.health.v1.Health/Check"),
-            withheld(stranger, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
-        ]
-        async with asyncio.timeout(WAIT):
-            while True:  # once both have reached the server
-                try:
-                    await health.Check(health_pb2.HealthCheckRequest(), timeout=WAIT)
-                except grpc.aio.AioRpcError as error:
-                    refused = error
-                    break
-                await asyncio.sleep(0.01)
+        if service == "health":
+            watching = health.Watch(health_pb2.HealthCheckRequest())
+            assert (await watching.read()).status == health_pb2.HealthCheckResponse.SERVING
+            held: list[grpc.aio.Call] = [watching]
+            method = "/grpc.health.v1.Health/Check"
+        else:
+            held = []
+            method = REFLECTION_INFO
+
+        def hold() -> grpc.aio.Call:
+            return withheld(stranger, method)
+
+        held += [hold() for _ in range(3 - len(held))]
+
+        async def another() -> object:
+            if service == "health":
+                return await health.Check(health_pb2.HealthCheckRequest(), timeout=WAIT)
+            reflection = reflection_pb2_grpc.ServerReflectionStub(stranger)
+            listing = reflection_pb2.ServerReflectionRequest(list_services="")
+            call = reflection.ServerReflectionInfo(iter([listing]), timeout=WAIT)
+            return [reply async for reply in call]
+
+        refused = await refused_once_held(held, hold, another)
         assert (refused.code(), refused.details()) == (
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            "too many health and reflection calls at once (at most 3), retry later",
+            f"too many {service} calls at once (at most 3), retry later",
         )
         restocked = await clients_for(warehouse).restock("sku-1", 5, metadata=bearer("warehouse"))
         assert restocked[0].product_restocked.available_after == 5
+        if service == "reflection":
+            # grpcurl and buf curl hold a reflection stream for the whole of their call:
+            # as many of them must not fail the replica's health probes.
+            assert await serving(stranger)
 
-        watching.cancel()
         for call in held:
             call.cancel()
         async with asyncio.timeout(WAIT):
             while True:  # once the server has seen them end
                 try:
-                    assert await serving(stranger)
+                    await another()
                     break
                 except grpc.aio.AioRpcError as error:
                     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
