@@ -213,14 +213,29 @@ def _refuse_unknown(connection: sqlite3.Connection) -> int:
             f" tables or columns that version has ({_listed(lacking)}): a damaged store, or"
             " another program's file; restore the store from a backup, or name a new file"
         )
-    if clashing := sorted(present.keys() & ours.keys() - expected.keys()):
+    if clashing := _added_later(present, found):
         raise ForeignDatabaseError(
             f"the file is marked schema version {found} (PRAGMA user_version) but"
-            f" already holds tables that later versions create ({_listed(clashing)}): a"
-            " damaged store, or another program's file; restore the store from a backup,"
+            f" already holds tables or columns that later versions add ({_listed(clashing)}):"
+            " a damaged store, or another program's file; restore the store from a backup,"
             " or name a new file"
         )
     return int(found)
+
+
+def _added_later(present: dict[str, frozenset[str]], found: int) -> list[str]:
+    """The tables and columns in ``present`` that the migrations after version ``found``
+    add: creating or adding one that is already there would fail midway (a version
+    lowered by hand, a store's tables copied into another program's file)."""
+    expected = _columns_at(found)
+    ours = _columns_at(LATEST_VERSION)
+    tables = sorted(present.keys() & ours.keys() - expected.keys())
+    columns = [
+        f"{table}.{column}"
+        for table in sorted(expected.keys() & present.keys())
+        for column in sorted(present[table] & (ours.get(table, frozenset()) - expected[table]))
+    ]
+    return tables + columns
 
 
 def check(connection: sqlite3.Connection) -> None:

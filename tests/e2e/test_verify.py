@@ -705,8 +705,33 @@ def test_a_file_that_holds_tables_of_a_later_schema_version_is_refused(
         connection.execute("PRAGMA user_version = 1")
     before = path.read_bytes()
     assert main(["migrate", "--store", f"sqlite:///{path}"]) == 1
-    assert "already holds tables that later versions create (snapshots)" in capsys.readouterr().err
+    assert "already holds tables or columns that later versions add (snapshots)" in (
+        capsys.readouterr().err
+    )
     assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("command", ["migrate", "verify"])
+def test_a_store_whose_version_was_lowered_below_its_columns_is_refused_and_left_as_it_was(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    # Migrating it failed on the column already there, with SQLite's own message
+    # ("duplicate column name: retry_at_us"), which named no version.
+    path = tmp_path / "lowered.db"
+    asyncio.run(close_new_store(path))
+    with closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute(f"PRAGMA user_version = {sqlite_schema.LATEST_VERSION - 1:d}")
+    before = path.read_bytes()
+    assert main([command, "--store", f"sqlite:///{path}"]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert (
+        f"cannot open the SQLite store {path}: the file is marked schema version"
+        f" {sqlite_schema.LATEST_VERSION - 1} (PRAGMA user_version) but already holds tables"
+        " or columns that later versions add (consumer_group_attempts.retry_at_us)"
+    ) in printed.err
+    assert path.read_bytes() == before
+    assert sorted(tmp_path.iterdir()) == [path]
 
 
 BOUND_BY_PERMISSIONS = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
