@@ -25,7 +25,7 @@ from pathlib import Path
 
 from domain.errors import StoreError
 from server.stores.factory import is_memory_url, sqlite_path, unsupported_url
-from server.stores.sqlite import HOLDS_GATEWAY_SCHEMA, file_problems, read_only_connection
+from server.stores.sqlite import file_problems, holds_a_checked_store, read_only_connection
 from server.stores.urls import redacted_url
 
 PARTIAL_SUFFIX_BYTES = len(".0123456789ab.partial-journal")
@@ -63,8 +63,9 @@ def backup(url: str, file: str) -> int:
     try:
         # Read-only: a backup never migrates or otherwise writes to the live store.
         with read_only_connection(source) as live:
-            # An empty file or another program's database is no store, as verify says.
-            if not live.execute(HOLDS_GATEWAY_SCHEMA).fetchone()[0]:
+            # An empty file or another program's database is no store, as verify says;
+            # a store that lost a table is refused saying what it lacks, as verify does.
+            if not holds_a_checked_store(live, source):
                 raise BackupError(f"no gateway schema in {source}")
             with closing(
                 _create(partial, destination, stat.S_IMODE(source.stat().st_mode))

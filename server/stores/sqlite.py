@@ -65,12 +65,7 @@ from domain.ports import (
     recorded_events,
 )
 from server.consumer_groups.store_sqlite import SQLiteConsumerGroupStore
-from server.stores.event_rows import (
-    DATA,
-    GATEWAY_COLUMNS,
-    EventRow,
-    UndecodableRowError,
-)
+from server.stores.event_rows import DATA, EventRow, UndecodableRowError
 from server.stores.sqlite_calls import NO_LISTENERS, Call, CallQueue, Listeners, answer
 from server.stores.sqlite_decide import conflict, decide, stream_ids
 from server.stores.sqlite_errors import store_error
@@ -109,16 +104,6 @@ INSERT_COMMAND = (
     " VALUES (?, ?, ?, ?)"
 )
 HEAD = "SELECT coalesce(max(position), 0) FROM events"
-HOLDS_GATEWAY_SCHEMA = (
-    "SELECT (SELECT user_version FROM pragma_user_version) >= 1"
-    " AND EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'commands')"
-    " AND (SELECT count(*) FROM pragma_table_info('events') WHERE name IN ("
-    + ", ".join(f"'{column}'" for column in GATEWAY_COLUMNS)
-    + f")) = {len(GATEWAY_COLUMNS)}"
-)
-"""Whether a database holds a gateway's schema (of any version): its version recorded,
-and its tables as the gateway made them. Another program's database may have a table
-named ``events`` too."""
 MARKED_AS_A_STORE = "SELECT user_version >= 1 FROM pragma_user_version"
 """Whether a database records a gateway schema version: a store, whole or damaged, or
 another program's file that uses ``user_version`` too (``sqlite_schema.check`` tells
@@ -514,6 +499,23 @@ def read_only_connection(path: Path) -> Iterator[sqlite3.Connection]:
                 if file.exists():
                     file.unlink()
         raise
+
+
+def holds_a_checked_store(connection: sqlite3.Connection, path: Path) -> bool:
+    """Whether the file at ``path``, read only through ``connection``, records a gateway
+    schema version (as ``holds_a_store``); one that does is checked as ``open`` checks
+    it, and refused with ``open``'s message: a tool beside the gateway (``backup``) names
+    a store that lost a table as ``verify`` and ``migrate`` do. A later release's schema
+    is left to that release, which knows its tables."""
+    if not connection.execute(MARKED_AS_A_STORE).fetchone()[0]:
+        return False
+    try:
+        check(connection)
+    except SchemaTooNewError:
+        pass
+    except ForeignDatabaseError as e:
+        raise StoreError(f"cannot open the SQLite store {path}: {e}") from e
+    return True
 
 
 def _text(stored: bytes | None) -> str:

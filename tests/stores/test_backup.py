@@ -23,7 +23,12 @@ from server.consumer_groups.model import FailedAttempts, GroupRecord, GroupSetti
 from server.stores.postgres import PostgresEventStore
 from server.stores.sqlite import SQLiteEventStore
 from server.verify import verify
-from tests.e2e.test_verify import foreign_events_table
+from tests.e2e.test_verify import (
+    foreign_events_table,
+    store_without_commands,
+    store_without_schema_versions,
+    versioned_foreign_database,
+)
 from tests.postgres_databases import new_database
 from tests.subscription_support import (
     StreamReader,
@@ -487,6 +492,45 @@ def test_a_sqlite_file_without_the_schema_is_refused_as_verify_refuses_it(
     assert main(["backup", "--store", f"sqlite:///{source}", str(copy)]) == 1
     assert f"no gateway schema in {source}" in capsys.readouterr().err
     assert sorted(tmp_path.iterdir()) == [source]
+
+
+@pytest.mark.parametrize(
+    ("make", "refusal"),
+    [
+        pytest.param(
+            store_without_commands,
+            "the file is marked schema version 6 (PRAGMA user_version) but lacks tables or"
+            " columns that version has (commands): a damaged store",
+            id="table-dropped",
+        ),
+        pytest.param(
+            store_without_schema_versions,
+            "the file is marked schema version 6 (PRAGMA user_version) but lacks tables or"
+            " columns that version has (events.schema_version): a damaged store",
+            id="column-dropped",
+        ),
+        pytest.param(
+            versioned_foreign_database,
+            "the file holds another program's tables",
+            id="other-program-with-a-version",
+        ),
+    ],
+)
+def test_a_store_that_lost_a_table_is_refused_saying_what_it_lacks_as_verify_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], make: Callable[[Path], None], refusal: str
+) -> None:
+    # Was "no gateway schema in …", which did not say what was wrong with the store.
+    source, copy = tmp_path / "marked.db", tmp_path / "copy.db"
+    make(source)
+    assert main(["verify", "--store", f"sqlite:///{source}"]) == 1
+    verified = capsys.readouterr().err
+    assert main(["backup", "--store", f"sqlite:///{source}", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"order-gateway: cannot open the SQLite store {source}: {refusal}"), err
+    assert err.removeprefix("order-gateway: ") == verified.removeprefix(
+        "order-gateway: store error: "
+    )
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("marked.db")) == []
 
 
 def postgres_binaries() -> Path | None:
