@@ -25,7 +25,12 @@ from pathlib import Path
 
 from domain.errors import StoreError
 from server.stores.factory import is_memory_url, sqlite_path, unsupported_url
-from server.stores.sqlite import file_problems, holds_a_checked_store, read_only_connection
+from server.stores.sqlite import (
+    DamagedFileError,
+    file_problems,
+    holds_a_checked_store,
+    read_only_connection,
+)
 from server.stores.urls import redacted_url
 
 PARTIAL_SUFFIX_BYTES = len(".0123456789ab.partial-journal")
@@ -59,20 +64,17 @@ def backup(url: str, file: str) -> int:
         raise BackupError(f"{destination} exists: the backup does not overwrite a file")
     _refuse_companions(destination)
     _refuse_unsyncable(destination)
+    _refuse_no_store(source, url, destination)
     partial = _partial_name(destination)
     try:
         # Read-only: a backup never migrates or otherwise writes to the live store.
-        with read_only_connection(source) as live:
-            # An empty file or another program's database is no store, as verify says;
-            # a store that lost a table is refused saying what it lacks, as verify does.
-            if not holds_a_checked_store(live, source):
-                raise BackupError(f"no gateway schema in {source}")
-            with closing(
-                _create(partial, destination, stat.S_IMODE(source.stat().st_mode))
-            ) as copy:
-                live.backup(copy)
-                _check_copy(copy, url, destination)
-                (events,) = copy.execute("SELECT count(*) FROM events").fetchone()
+        with (
+            read_only_connection(source) as live,
+            closing(_create(partial, destination, stat.S_IMODE(source.stat().st_mode))) as copy,
+        ):
+            live.backup(copy)
+            _check_copy(copy, url, destination)
+            (events,) = copy.execute("SELECT count(*) FROM events").fetchone()
         with partial.open("rb+") as written:
             os.fsync(written.fileno())
         _publish(partial, destination)
@@ -94,17 +96,36 @@ def backup(url: str, file: str) -> int:
     return int(events)
 
 
+def _refuse_no_store(source: Path, url: str, destination: Path) -> None:
+    """Refuse, before anything is written, what verify refuses, with its message: an
+    empty file, another program's database, a store that lost a table, a file that is no
+    database. A store SQLite finds damaged as it opens it (one cut short, its header
+    counting pages the file no longer has) is refused as a copy that fails its check."""
+    try:
+        holds = holds_a_checked_store(source)
+    except DamagedFileError as error:
+        raise _damaged(url, destination, [error.reason]) from error
+    except StoreError as error:
+        raise BackupError(str(error)) from error
+    if not holds:
+        raise BackupError(f"no gateway schema in {source}")
+
+
 def _check_copy(copy: sqlite3.Connection, url: str, destination: Path) -> None:
     """Refuse a copy with damaged pages. The backup API copies pages as they are, so a
     damaged store makes a damaged copy, which would pass for a backup until a restore.
     quick_check reads every page (about 0.5 s per million events); integrity_check's
     index cross-checks are left to verify."""
     if problems := file_problems(copy, "quick_check"):
-        raise BackupError(
-            f"the store is damaged, so {destination} was not written: {problems[0]}"
-            + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
-            + f". Run 'order-gateway verify --store {redacted_url(url)}' for what is wrong"
-        )
+        raise _damaged(url, destination, problems)
+
+
+def _damaged(url: str, destination: Path, problems: list[str]) -> BackupError:
+    return BackupError(
+        f"the store is damaged, so {destination} was not written: {problems[0]}"
+        + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
+        + f". Run 'order-gateway verify --store {redacted_url(url)}' for what is wrong"
+    )
 
 
 def _source(url: str) -> Path:

@@ -501,20 +501,34 @@ def read_only_connection(path: Path) -> Iterator[sqlite3.Connection]:
         raise
 
 
-def holds_a_checked_store(connection: sqlite3.Connection, path: Path) -> bool:
-    """Whether the file at ``path``, read only through ``connection``, records a gateway
-    schema version (as ``holds_a_store``); one that does is checked as ``open`` checks
-    it, and refused with ``open``'s message: a tool beside the gateway (``backup``) names
-    a store that lost a table as ``verify`` and ``migrate`` do. A later release's schema
-    is left to that release, which knows its tables."""
-    if not connection.execute(MARKED_AS_A_STORE).fetchone()[0]:
-        return False
+class DamagedFileError(StoreError):
+    """SQLite finds the file's pages other than it wrote them (SQLITE_CORRUPT): a store cut
+    short, as by a copy that did not finish, or overwritten. ``reason`` is SQLite's."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def holds_a_checked_store(path: Path) -> bool:
+    """Whether the file at ``path``, only read, records a gateway schema version (as
+    ``holds_a_store``); one that does is checked as ``open`` checks it, and refused with
+    ``open``'s message: a tool beside the gateway (``backup``) names a store that lost a
+    table, or a file that is no database, as ``verify`` and ``migrate`` do. A later
+    release's schema is left to that release, which knows its tables."""
     try:
-        check(connection)
+        with read_only_connection(path) as connection:
+            if not connection.execute(MARKED_AS_A_STORE).fetchone()[0]:
+                return False
+            check(connection)
     except SchemaTooNewError:
         pass
     except ForeignDatabaseError as e:
         raise StoreError(f"cannot open the SQLite store {path}: {e}") from e
+    except sqlite3.Error as e:
+        if (e.sqlite_errorname or "").startswith("SQLITE_CORRUPT"):
+            raise DamagedFileError(f"cannot open the SQLite store {path}: {e}", str(e)) from e
+        raise store_error(f"cannot open the SQLite store {path}: {e}", e) from e
     return True
 
 

@@ -533,6 +533,42 @@ def test_a_store_that_lost_a_table_is_refused_saying_what_it_lacks_as_verify_doe
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("marked.db")) == []
 
 
+def test_a_file_that_is_not_a_database_is_refused_with_the_message_verify_gives(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Was "backup of … to … failed: file is not a database", as if the copy had failed.
+    source, copy = tmp_path / "text.db", tmp_path / "copy.db"
+    source.write_text("hello\n")
+    assert main(["verify", "--store", f"sqlite:///{source}"]) == 1
+    assert capsys.readouterr().err == (
+        f"order-gateway: store error: cannot open the SQLite store {source}: file is not a"
+        " database\n"
+    )
+    assert main(["backup", "--store", f"sqlite:///{source}", str(copy)]) == 1
+    assert capsys.readouterr().err == (
+        f"order-gateway: cannot open the SQLite store {source}: file is not a database\n"
+    )
+    assert sorted(tmp_path.iterdir()) == [source]
+
+
+def test_a_store_cut_short_is_refused_as_damaged_with_nothing_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A copy that did not finish: its header counts pages the file no longer has. Was
+    # "backup of … failed: database disk image is malformed", which did not say that
+    # the store was damaged nor what to run.
+    live, copy = tmp_path / "live.db", tmp_path / "copy.db"
+    store_of_5000_events(live)
+    os.truncate(live, live.stat().st_size // 2)
+    assert main(["backup", "--store", f"sqlite:///{live}", str(copy)]) == 1
+    assert capsys.readouterr().err == (
+        f"order-gateway: the store is damaged, so {copy} was not written: database disk"
+        f" image is malformed. Run 'order-gateway verify --store sqlite:///{live}' for what"
+        " is wrong\n"
+    )
+    assert sorted(tmp_path.iterdir()) == [live]
+
+
 def postgres_binaries() -> Path | None:
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_dump"))
     return found[-1].parent if found else None
