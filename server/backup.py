@@ -147,6 +147,10 @@ def _source(url: str) -> Path:
 def _destination(file: str) -> Path:
     """``file`` as the new copy's path, once it can be one: a file's name in a directory
     that exists. Checked before anything is copied, and named as given."""
+    if not file:
+        # Path("") is the working directory: it would be refused as naming a directory,
+        # when nothing was named at all (an unset variable in a script's command line).
+        raise DestinationError("FILE is empty: name the new copy's path")
     destination = Path(file)
     # Path() drops a trailing "/": "backups/" would make a file named backups.
     if file.endswith(os.sep) or destination.name in ("", ".", ".."):

@@ -242,6 +242,19 @@ def test_a_destination_that_cannot_be_a_file_is_refused_by_its_name_before_copyi
     assert sorted(tmp_path.rglob("*")) == before
 
 
+def test_an_empty_file_name_is_a_usage_error_that_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Was "cannot back up to : it names a directory, not a file": "" is read as the
+    # working directory, which nobody named.
+    monkeypatch.chdir(tmp_path)
+    assert main(["migrate", "--store", "sqlite:///live.db"]) == 0
+    before = sorted(tmp_path.iterdir())
+    assert main(["backup", "--store", "sqlite:///live.db", ""]) == 2
+    assert capsys.readouterr().err == "order-gateway: FILE is empty: name the new copy's path\n"
+    assert sorted(tmp_path.iterdir()) == before
+
+
 def test_a_file_name_near_the_file_systems_limit_is_backed_up_to(tmp_path: Path) -> None:
     # FILE.<random>.partial-journal would be longer than the 255 bytes a name may have.
     live, copy = tmp_path / "live.db", tmp_path / ("n" * 249)
