@@ -154,3 +154,18 @@ class StoreFullError(StoreError):
     """The store is out of space; the append that hit it committed nothing."""
 
     reason = "STORE_FULL"
+
+
+class UnreadableEventError(StoreError):
+    """A stored event that does not decode as its type: its payload is not JSON, or not
+    its type's, or its type or version is one this release does not know (a damaged
+    row, one edited by hand, or a later release's event). INTERNAL to the client; the
+    message, which the log shows, names the event, so that an operator can find it."""
+
+    def __init__(self, position: int, stream_id: str, event_type: str, reason: str) -> None:
+        super().__init__(
+            f"the stored event at position {position} ({event_type} of {stream_id}) cannot"
+            f" be read ({reason}): the store is damaged there, or a later release wrote it;"
+            " order-gateway verify reports what else is"
+        )
+        self.position = position

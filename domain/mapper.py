@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from itertools import groupby
 from operator import itemgetter
 
-from pydantic import Json, TypeAdapter
+from pydantic import Json, TypeAdapter, ValidationError
 from pydantic_core import from_json
 
+from domain.errors import UnreadableEventError
 from domain.events import EVENT_TYPES, UPCASTERS, DomainEvent
 from domain.ports import EventPayload, NewEvent, RecordedEvent
 
@@ -30,8 +31,45 @@ def to_new_event(event: DomainEvent, event_id: str, stream_id: str, version: int
     )
 
 
+UNDECODABLE = (KeyError, TypeError, ValueError)
+"""What ``decode`` and ``decode_all`` raise for a payload that does not decode: an unknown
+type (KeyError), an unknown version or a payload that is not JSON or does not fit
+(ValueError, pydantic's ValidationError among them), or an upcaster given another shape
+than its version's (TypeError, KeyError)."""
+
+
 def to_domain_event(record: RecordedEvent) -> DomainEvent:
-    return decode(record.event_type, record.schema_version, record.data)
+    """``decode`` of ``record``; raises ``UnreadableEventError`` naming its position, stream
+    and type if it does not decode, so that the log of the command that failed on it says
+    where the store is damaged."""
+    try:
+        return decode(record.event_type, record.schema_version, record.data)
+    except UNDECODABLE as error:
+        raise unreadable_event(
+            record.position, record.stream_id, record.event_type, error
+        ) from error
+
+
+def unreadable_event(
+    position: int, stream_id: str, event_type: str, error: Exception
+) -> UnreadableEventError:
+    """The error to raise ``from error``, which decoding the event at ``position`` raised,
+    with a reason of one line: the log's traceback of ``error`` has the rest."""
+    return UnreadableEventError(position, stream_id, event_type, _reason(error))
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, ValidationError):
+        # Its first problem without the input, which may be a customer's address; its
+        # str begins with a heading ("1 validation error for OrderCreated") only.
+        problems = error.errors(include_url=False, include_input=False)
+        where = ".".join(map(str, problems[0]["loc"]))
+        first = f"{where}: {problems[0]['msg']}" if where else problems[0]["msg"]
+        return first + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+    if isinstance(error, KeyError):
+        return f"KeyError: {error}"  # its str is the key alone
+    lines = str(error).splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def decode(event_type: str, schema_version: int, data: bytes) -> DomainEvent:

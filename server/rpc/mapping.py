@@ -20,6 +20,7 @@ from pydantic_core import from_json
 
 from domain import events as domain_events
 from domain.commands import CHECKED_ITEMS
+from domain.mapper import UNDECODABLE, unreadable_event
 from domain.ports import RecordedEvent
 from server.stores.event_rows import EventRow
 
@@ -84,8 +85,15 @@ def restock_product_input(request: RestockProductRequest) -> dict[str, Any]:
 
 def event_response(response_type: Callable[..., R], record: RecordedEvent) -> R:
     """``response_type(event=…)`` for a recorded event, built in one step: protobuf
-    builds the nested ``Event`` from its fields, with no intermediate message to copy."""
-    return response_type(event=proto_event_fields(record))
+    builds the nested ``Event`` from its fields, with no intermediate message to copy.
+    Raises ``UnreadableEventError`` for an event whose payload does not fit its message."""
+    event = proto_event_fields(record)
+    try:
+        return response_type(event=event)
+    except UNDECODABLE as error:
+        raise unreadable_event(
+            record.position, record.stream_id, record.event_type, error
+        ) from error
 
 
 def proto_event_fields(record: RecordedEvent) -> dict[str, Any]:
@@ -95,9 +103,15 @@ def proto_event_fields(record: RecordedEvent) -> dict[str, Any]:
     value objects use the proto field names), so the bytes are parsed once, in Rust, and
     the message is built in one constructor call. Stored events were validated when they
     were recorded; decoding them into pydantic models again only to copy every field
-    across cost more than the rest of the mapping.
+    across cost more than the rest of the mapping. Raises ``UnreadableEventError`` for a
+    payload that does not decode (a damaged row), naming the event for the log.
     """
-    field_name, payload = _payload(record.event_type, record.data, record.schema_version)
+    try:
+        field_name, payload = _payload(record.event_type, record.data, record.schema_version)
+    except UNDECODABLE as error:
+        raise unreadable_event(
+            record.position, record.stream_id, record.event_type, error
+        ) from error
     return {
         "event_id": record.event_id,
         "stream_id": record.stream_id,
@@ -128,23 +142,27 @@ def row_event_response(response_type: Callable[..., R], row: EventRow) -> R:
         data,
         schema_version,
     ) = row
-    field_name, payload = _payload(event_type, data, schema_version)
     # Floor division, as Timestamp wants it: nanos are never negative.
     seconds, micros = divmod(occurred_at_us, 1_000_000)
-    return response_type(
-        event={
-            "event_id": event_id,
-            "stream_id": stream_id,
-            "stream_version": stream_version,
-            "position": position,
-            "occurred_at": {"seconds": seconds, "nanos": micros * 1000},
-            "command_id": command_id,
-            "correlation_id": correlation_id,
-            "user_id": user_id,
-            "event_type": event_type,
-            field_name: payload,
-        }
-    )
+    try:
+        field_name, payload = _payload(event_type, data, schema_version)
+        return response_type(
+            event={
+                "event_id": event_id,
+                "stream_id": stream_id,
+                "stream_version": stream_version,
+                "position": position,
+                "occurred_at": {"seconds": seconds, "nanos": micros * 1000},
+                "command_id": command_id,
+                "correlation_id": correlation_id,
+                "user_id": user_id,
+                "event_type": event_type,
+                field_name: payload,
+            }
+        )
+    except UNDECODABLE as error:
+        # As ``event_response``: the log of the subscription that ends on it names it.
+        raise unreadable_event(position, stream_id, event_type, error) from error
 
 
 def _payload(event_type: str, data: bytes, schema_version: int) -> tuple[str, dict[str, Any]]:

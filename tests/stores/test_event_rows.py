@@ -5,20 +5,29 @@ messages."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import closing
 from pathlib import Path
 
+import grpc
+import psycopg
 import pytest
 from orders.v1 import event_stream_service_pb2
 
 from domain import events as domain_events
+from domain.errors import UnreadableEventError
 from domain.mapper import to_new_event
 from domain.ports import Commit, RecordedEvent
 from server.rpc.mapping import event_response, row_event_response
+from server.rpc.status_mapping import INTERNAL_MESSAGE
 from server.stores.event_rows import EventRow, EventRowReader, StreamRowReader
-from server.stores.factory import open_store
+from server.stores.factory import open_store, sqlite_path
+from tests.clients import item, order_request
 from tests.stores.test_postgres_specific import commit
+from tests.subscription_support import StreamReader, connect, running_gateway
 
 SubscribeResponse = event_stream_service_pb2.SubscribeResponse
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -105,10 +114,14 @@ def test_a_row_maps_to_the_message_of_its_recorded_event(
 
 def test_a_row_of_an_unknown_event_type_is_refused_like_a_record() -> None:
     record = RecordedEvent("e", "s", 1, 1, EPOCH, "c", "c", "", "OrderShipped", b"{}")
-    with pytest.raises(TypeError, match="OrderShipped"):
+    named = r"the stored event at position 1 \(OrderShipped of s\) cannot be read"
+    with pytest.raises(UnreadableEventError, match=named) as from_record:
         event_response(SubscribeResponse, record)
-    with pytest.raises(TypeError, match="OrderShipped"):
+    with pytest.raises(UnreadableEventError, match=named) as from_row:
         row_event_response(SubscribeResponse, as_row(record))
+    for refused in (from_record.value, from_row.value):
+        assert isinstance(refused.__cause__, TypeError)
+        assert "no proto payload for OrderShipped" in str(refused)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -176,3 +189,69 @@ async def test_durable_stores_read_one_streams_rows_after_a_position_and_their_h
                 ), (stream_id, after, limit)
     finally:
         await store.close()
+
+
+def set_stored_data(url: str, position: int, data: bytes) -> None:
+    """The payload of the stored event at ``position`` replaced, as a damaged row or a
+    hand edit leaves it."""
+    path = sqlite_path(url)
+    if path is not None:
+        with closing(sqlite3.connect(path)) as connection, connection:
+            connection.execute("UPDATE events SET data = ? WHERE position = ?", (data, position))
+        return
+    with psycopg.connect(url, autocommit=True) as database:
+        database.execute("UPDATE events SET data = %s WHERE position = %s", (data, position))
+
+
+async def failed_call(call: object) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call  # type: ignore[misc]
+    return raised.value
+
+
+def logged_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The messages of the exceptions logged (the unexpected errors calls ended on)."""
+    return [
+        str(record.exc_info[1])
+        for record in caplog.records
+        if record.exc_info is not None and record.exc_info[1] is not None
+    ]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b'{"order_id": broken', id="not-json"),
+        pytest.param(b'{"order_id": 5}', id="not-its-type"),
+    ],
+)
+async def test_an_event_that_does_not_decode_is_internal_and_named_in_the_log_by_position(
+    store_url: str, data: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The log had only the JSON parser's error ("expected value at line 1 column 15") or
+    # pydantic's, which named no event: nothing told where the store was damaged.
+    async with running_gateway(await open_store(store_url)) as gateway, connect(gateway) as clients:
+        restocked = (await clients.restock("sku-1", 5))[0]
+        created = (await clients.create(order_request(item("sku-1"))))[0]
+    for event in (restocked, created):
+        set_stored_data(store_url, event.position, data)
+
+    caplog.set_level(logging.ERROR)
+    async with running_gateway(await open_store(store_url)) as gateway, connect(gateway) as clients:
+        # The order is loaded from its events as records; the product from its snapshot
+        # (none yet) and the payloads after it; Subscribe catches up from the start.
+        cancel = await failed_call(clients.cancel(created.order_created.order_id))
+        restock = await failed_call(clients.restock("sku-1", 1))
+        subscription = StreamReader.open(clients, after_position=0)
+        assert await subscription.status() == grpc.StatusCode.INTERNAL
+        assert subscription.events == []
+    for refused in (cancel, restock):
+        assert (refused.code(), refused.details()) == (grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+    logged = logged_errors(caplog)
+    # The cancel names the order's event; the restock and the subscription the product's.
+    for event, times in ((created, 1), (restocked, 2)):
+        named = (
+            f"the stored event at position {event.position} ({event.event_type} of"
+            f" {event.stream_id}) cannot be read ("
+        )
+        assert sum(named in message for message in logged) == times, logged

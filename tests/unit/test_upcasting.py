@@ -9,6 +9,7 @@ import json
 import pytest
 from pydantic import TypeAdapter
 
+from domain.errors import UnreadableEventError
 from domain.events import UPCASTERS, OrderCreated, ProductRestocked
 from domain.mapper import decode, decode_all, to_domain_event, to_new_event
 from domain.ports import EventPayload, RecordedEvent
@@ -71,7 +72,11 @@ def test_new_events_are_stored_in_the_current_version_and_read_back_as_they_are(
 
 def test_a_version_newer_than_the_code_is_refused_not_misread() -> None:
     with pytest.raises(UnknownSchemaVersionError, match="version 3"):
+        decode("OrderCreated", 3, json.dumps(V1_ORDER_CREATED).encode())
+    # A recorded one is named by its position, for the log of the call that meets it.
+    with pytest.raises(UnreadableEventError, match="OrderCreated schema version 3") as refused:
         to_domain_event(record("OrderCreated", V1_ORDER_CREATED, 3))
+    assert isinstance(refused.value.__cause__, UnknownSchemaVersionError)
     with pytest.raises(UnknownSchemaVersionError):
         UPCASTERS.upcast("ProductRestocked", 0, {})
 
