@@ -22,6 +22,9 @@ from dataclasses import dataclass
 import psycopg
 from psycopg.rows import TupleRow
 
+from domain.errors import StoreError
+from server.stores.event_rows import GATEWAY_COLUMNS
+
 log = logging.getLogger("order_gateway.store.postgres")
 
 MIGRATION_LOCK = 0x6F67_6D69_6772_6174
@@ -854,6 +857,54 @@ def _shown(kind: str, name: str) -> str:
     return f"{name}()" if kind == "function" else name
 
 
+class ForeignDatabaseError(StoreError):
+    """The database holds another program's tables under the gateway's names."""
+
+
+_RECORDED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "schema_migrations": ("version", "description"),
+    "events": GATEWAY_COLUMNS,
+}
+"""The columns without which a table of the gateway's name is not the gateway's: the
+migrations table that another framework may have under the same name (Rails' holds
+``version`` alone), and the log's."""
+
+_OURS_IN_CURRENT_SCHEMA = """
+SELECT c.relname,
+       array_agg(a.attname::text) FILTER (WHERE a.attnum > 0 AND NOT a.attisdropped)
+FROM pg_class AS c
+LEFT JOIN pg_attribute AS a ON a.attrelid = c.oid
+WHERE c.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema())
+  AND c.relname = ANY(%s)
+GROUP BY c.relname
+"""
+"""The relations of the gateway's table names in the schema its tables are created in,
+with their columns: a relation of any kind there (an index, a view) stops a CREATE
+TABLE of its name."""
+
+
+async def _refuse_foreign_tables(conn: psycopg.AsyncConnection[TupleRow]) -> None:
+    """Refuse, before anything is created, a database whose tables of the gateway's names
+    are another program's: there without a ``schema_migrations`` table recording them,
+    or without the gateway's columns. The first migration would fail on them ("relation
+    events already exists"), or the gateway's tables would be mixed with theirs."""
+    cursor = await conn.execute(_OURS_IN_CURRENT_SCHEMA, (list(TABLES),))
+    present = {str(name): set(columns or ()) for name, columns in await cursor.fetchall()}
+    if "schema_migrations" not in present:
+        foreign = sorted(present)
+    else:
+        foreign = sorted(
+            name
+            for name, needed in _RECORDED_COLUMNS.items()
+            if name in present and not present[name].issuperset(needed)
+        )
+    if foreign:
+        raise ForeignDatabaseError(
+            f"the database holds another program's tables ({', '.join(foreign)}): give the"
+            " gateway a database or schema of its own; see docs/operations.md"
+        )
+
+
 async def apply_migrations(conn: psycopg.AsyncConnection[TupleRow]) -> list[int]:
     """Apply every missing migration in order; returns the versions applied now.
 
@@ -861,6 +912,8 @@ async def apply_migrations(conn: psycopg.AsyncConnection[TupleRow]) -> list[int]
     """
     await conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
     try:
+        # Under the lock: a replica migrating meanwhile has recorded what it created.
+        await _refuse_foreign_tables(conn)
         return await _apply_missing(conn)
     finally:
         await conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))

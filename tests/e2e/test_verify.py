@@ -901,18 +901,61 @@ def test_a_database_with_tables_of_the_gateways_names_but_not_its_schema_fails(
         assert row == (True,)
 
 
-def test_a_migration_that_fails_on_another_program_s_table_leaves_the_database_as_it_was(
-    fresh_postgres_url: str, capsys: pytest.CaptureFixture[str]
+def tables_and_columns(url: str) -> list[tuple[str, str]]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT table_name::text, column_name::text FROM information_schema.columns"
+            " WHERE table_schema = current_schema() ORDER BY 1, 2"
+        ).fetchall()
+
+
+@pytest.mark.parametrize(
+    ("statements", "named"),
+    [
+        pytest.param(["CREATE TABLE events (x int)"], "events", id="events"),
+        pytest.param(
+            ["CREATE TABLE notes (body text)", "CREATE TABLE commands (id int)"],
+            "commands",
+            id="commands-beside-its-own",
+        ),
+        pytest.param(
+            [
+                "CREATE TABLE schema_migrations (version text PRIMARY KEY)",
+                "CREATE TABLE events (id serial PRIMARY KEY, body text)",
+            ],
+            "events, schema_migrations",
+            id="another-framework-s-migrations",
+        ),
+    ],
+)
+def test_another_program_s_tables_of_the_gateways_names_are_refused_before_anything_is_created(
+    fresh_postgres_url: str, capsys: pytest.CaptureFixture[str], statements: list[str], named: str
 ) -> None:
-    # Its own events table: the first migration fails, and so nothing of the gateway's
-    # stays behind (its schema_migrations table did).
+    # The first migration failed on them: "PostgreSQL migrate failed: SQLSTATE 42P07
+    # relation "events" already exists", which did not say whose the table was.
     with psycopg.connect(fresh_postgres_url, autocommit=True) as conn:
-        conn.execute("CREATE TABLE events (id serial PRIMARY KEY, body text)")
+        for statement in statements:
+            conn.execute(statement)
+    before = tables_and_columns(fresh_postgres_url)
     assert main(["migrate", "--store", fresh_postgres_url]) == 1
-    assert "store error" in capsys.readouterr().err
-    with psycopg.connect(fresh_postgres_url) as conn:
-        row = conn.execute("SELECT to_regclass('schema_migrations') IS NULL").fetchone()
-        assert row == (True,)
+    assert capsys.readouterr().err == (
+        f"order-gateway: store error: the database holds another program's tables ({named}):"
+        " give the gateway a database or schema of its own; see docs/operations.md\n"
+    )
+    assert tables_and_columns(fresh_postgres_url) == before
+
+
+def test_a_schema_of_its_own_beside_another_program_s_tables_is_migrated(
+    fresh_postgres_url: str,
+) -> None:
+    # The tables of the gateway's names in another schema of the search path are not in
+    # the way: its own are created in the first one.
+    with psycopg.connect(fresh_postgres_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.events (x int)")
+        conn.execute("CREATE SCHEMA gateway")
+    url = f"{fresh_postgres_url}?options=-csearch_path%3Dgateway,public"
+    assert main(["migrate", "--store", url]) == 0
+    assert main(["verify", "--store", url]) == 0
 
 
 def test_a_database_that_lost_a_table_is_said_to_be_incomplete(
