@@ -515,14 +515,12 @@ def holds_a_checked_store(path: Path) -> bool:
     ``holds_a_store``); one that does is checked as ``open`` checks it, and refused with
     ``open``'s message: a tool beside the gateway (``backup``) names a store that lost a
     table, or a file that is no database, as ``verify`` and ``migrate`` do. A later
-    release's schema is left to that release, which knows its tables."""
+    release's store is taken for one if it has this release's tables and columns."""
     try:
         with read_only_connection(path) as connection:
             if not connection.execute(MARKED_AS_A_STORE).fetchone()[0]:
                 return False
-            check(connection)
-    except SchemaTooNewError:
-        pass
+            check(connection, later_too=True)
     except ForeignDatabaseError as e:
         raise StoreError(f"cannot open the SQLite store {path}: {e}") from e
     except sqlite3.Error as e:

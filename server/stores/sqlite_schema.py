@@ -181,16 +181,18 @@ def _listed(names: list[str]) -> str:
     return ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
 
 
-def _refuse_unknown(connection: sqlite3.Connection) -> int:
+def _refuse_unknown(connection: sqlite3.Connection, later_too: bool = False) -> int:
     """Raise unless the file is a new one or a gateway store that the migrations after
-    its version can bring up to date; returns its version.
+    its version can bring up to date; returns its version. ``later_too``: a later
+    release's store is taken too, if it has every table and column of this release's
+    (migrations only add), for a tool that copies it as it is (``backup``).
 
     Any other file is another program's (a mistyped path) or a damaged store: the
     gateway's tables added beside another program's would mix two programs' data in one
     file, and a store that lost a table would be served until its first write failed.
     """
     (found,) = connection.execute("PRAGMA user_version").fetchone()
-    if found > LATEST_VERSION:
+    if found > LATEST_VERSION and not later_too:
         raise SchemaTooNewError(
             f"schema version {found} is newer than this gateway's ({LATEST_VERSION})"
         )
@@ -201,7 +203,7 @@ def _refuse_unknown(connection: sqlite3.Connection) -> int:
             f"the file holds another program's tables ({_listed(sorted(present))}) and no"
             " gateway schema; the gateway keeps its log in a file of its own: name a new file"
         )
-    expected = _columns_at(found)
+    expected = _columns_at(min(found, LATEST_VERSION))
     lacking = [table for table in sorted(expected) if table not in present] + [
         f"{table}.{column}"
         for table in sorted(expected.keys() & present.keys())
@@ -238,9 +240,10 @@ def _added_later(present: dict[str, frozenset[str]], found: int) -> list[str]:
     return tables + columns
 
 
-def check(connection: sqlite3.Connection) -> None:
+def check(connection: sqlite3.Connection, later_too: bool = False) -> None:
     """Refuse a file that ``migrate`` would refuse, reading it only: before anything is
     changed in it, such as its journal mode (for good) or files made beside it.
+    ``later_too``: as ``_refuse_unknown``.
 
     ``migrate`` checks again under its write lock: another process may have migrated
     the file since. One read transaction, so that the version and the tables are read
@@ -248,7 +251,7 @@ def check(connection: sqlite3.Connection) -> None:
     """
     connection.execute("BEGIN")
     try:
-        _refuse_unknown(connection)
+        _refuse_unknown(connection, later_too)
     finally:
         # SQLite has already rolled back after some errors (a full disk, an I/O error).
         if connection.in_transaction:

@@ -20,6 +20,7 @@ import pytest
 import server.backup
 from server.cli import main
 from server.consumer_groups.model import FailedAttempts, GroupRecord, GroupSettings
+from server.stores import sqlite_schema
 from server.stores.postgres import PostgresEventStore
 from server.stores.sqlite import SQLiteEventStore
 from server.verify import verify
@@ -544,6 +545,54 @@ def test_a_store_that_lost_a_table_is_refused_saying_what_it_lacks_as_verify_doe
         "order-gateway: store error: "
     )
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("marked.db")) == []
+
+
+def marked_later(path: Path, *statements: str) -> None:
+    """``path`` marked with the schema version after this release's, as a later release
+    leaves its store, after ``statements``."""
+    with closing(sqlite3.connect(path)) as connection, connection:
+        for statement in statements:
+            connection.execute(statement)
+        connection.execute(f"PRAGMA user_version = {sqlite_schema.LATEST_VERSION + 1:d}")
+
+
+@pytest.mark.parametrize(
+    ("statements", "refusal"),
+    [
+        pytest.param(
+            ["CREATE TABLE notes (body TEXT)"],
+            "the file holds another program's tables (notes)",
+            id="other-program",
+        ),
+        pytest.param(
+            [*sqlite_schema.MIGRATIONS[0], "DROP TABLE commands"],
+            "but lacks tables or columns that version has (commands, consumer_group_attempts,",
+            id="not-this-release-s-tables",
+        ),
+    ],
+)
+def test_a_file_marked_with_a_later_version_is_refused_without_this_releases_tables(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], statements: list[str], refusal: str
+) -> None:
+    # Migrations only add: a later release's store has every table of this one's. Was
+    # copied, then failed "backup of … failed: no such table: events".
+    source, copy = tmp_path / "later.db", tmp_path / "copy.db"
+    marked_later(source, *statements)
+    assert main(["backup", "--store", f"sqlite:///{source}", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"order-gateway: cannot open the SQLite store {source}: "), err
+    assert refusal in err
+    assert not copy.exists()
+
+
+def test_a_later_releases_store_is_copied_as_it_is(tmp_path: Path) -> None:
+    live, copy = tmp_path / "live.db", tmp_path / "copy.db"
+    store_of_5000_events(live)
+    marked_later(live, "CREATE TABLE of_a_later_release (id INTEGER PRIMARY KEY)")
+    assert main(["backup", "--store", f"sqlite:///{live}", str(copy)]) == 0
+    with closing(sqlite3.connect(copy)) as connection:
+        assert connection.execute("SELECT count(*) FROM events").fetchone() == (5000,)
+        assert connection.execute("SELECT count(*) FROM of_a_later_release").fetchone() == (0,)
 
 
 def test_a_file_that_is_not_a_database_is_refused_with_the_message_verify_gives(
