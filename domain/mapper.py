@@ -55,10 +55,11 @@ def unreadable_event(
 ) -> UnreadableEventError:
     """The error to raise ``from error``, which decoding the event at ``position`` raised,
     with a reason of one line: the log's traceback of ``error`` has the rest."""
-    return UnreadableEventError(position, stream_id, event_type, _reason(error))
+    return UnreadableEventError(position, stream_id, event_type, undecodable_reason(error))
 
 
-def _reason(error: Exception) -> str:
+def undecodable_reason(error: Exception) -> str:
+    """Why a payload did not decode (one of ``UNDECODABLE``), on one line."""
     if isinstance(error, ValidationError):
         # Its first problem without the input, which may be a customer's address; its
         # str begins with a heading ("1 validation error for OrderCreated") only.

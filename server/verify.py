@@ -34,13 +34,11 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from pydantic import ValidationError
-
 from domain.aggregates import Product
 from domain.events import DomainEvent, ProductRestocked, StockReleased, StockReserved
 from domain.fingerprints import is_well_formed
 from domain.log_rules import LogRules
-from domain.mapper import decode
+from domain.mapper import decode, undecodable_reason
 from domain.ports import EventStore
 from server.client.output import UnwritableOutputError, unwritable_output
 from server.stores.event_rows import (
@@ -235,9 +233,9 @@ class _Checker:
             event = decode(event_type, schema, data)
         except Exception as error:
             if readable:
+                reason = undecodable_reason(error)
                 report.add(
-                    position,
-                    f"{event_type} v{schema} ({event_id}) does not decode: {_why(error)}",
+                    position, f"{event_type} v{schema} ({event_id}) does not decode: {reason}"
                 )
             run.events = None
             if stream_id in self.stock or stream_id.startswith(PRODUCT_STREAMS):
@@ -474,20 +472,6 @@ async def _check_records(store: CommandLog, head: int, report: Report) -> int:
                     f" (the head is {end})",
                 )
     return counted
-
-
-def _why(error: Exception) -> str:
-    """What is wrong with a payload, on one line, in pydantic's words: a validation
-    error's own first line only counts its errors ("1 validation error for …")."""
-    if isinstance(error, ValidationError):
-        first, *others = error.errors(include_url=False, include_input=False)
-        where = ".".join(str(part) for part in first["loc"])
-        more = f" (and {len(others)} more)" if others else ""
-        return f"{where + ': ' if where else ''}{first['msg']}{more}"
-    if isinstance(error, KeyError):
-        # An upcaster's read of a field the older payload lacks.
-        return f"{error.args[0]}: Field required"
-    return str(error).splitlines()[0]
 
 
 def _is_text(stored: str) -> bool:
