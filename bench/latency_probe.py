@@ -177,12 +177,13 @@ def install(timeline: Timeline, module: str) -> None:
     store = getattr(importlib.import_module(store_module), store_name)
     store.append = _timed_coroutine(timeline, store.append, "append begun", "append returned")
     if gateway:
-        # The gateway reads its request itself, and ends its call's scopes (metrics, the
-        # access log) after the handler: both are looked up as module globals per call.
+        # The gateway reads its request itself (with the function a method's handler
+        # takes when it is first called, after this), and ends its call's scopes
+        # (metrics, the access log) after the handler, looked up as a module global.
         from server.rpc import method_handlers, request_reading
 
-        request_reading._the_request = _timed_coroutine(
-            timeline, request_reading._the_request, "call", None
+        request_reading._handed_over = _timed_coroutine(
+            timeline, request_reading._handed_over, "call", None
         )
         end_scopes = method_handlers._end
 

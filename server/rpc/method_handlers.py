@@ -97,6 +97,10 @@ class WrappingInterceptor:
     """Acts on the calls to each method it ``applies_to`` by wrapping the method's handler
     (``wrapped``); served through ``Interceptors``."""
 
+    refuses_missing_requests: ClassVar[bool] = False
+    """Whether its wrapper refuses a call that ended without its request message, handed
+    ``MISSING_REQUEST`` for one (``reading_its_request``)."""
+
     def applies_to(self, method: str, handler: Handler) -> bool:
         return True
 
@@ -173,10 +177,12 @@ class Interceptors(grpc.aio.ServerInterceptor):
         cached = self._by_method.get(method)
         if cached is None or cached[0] is not handler:
             serving = handler
+            missing_refused = False
             for interceptor in self._interceptors:
                 if interceptor.applies_to(method, serving):
                     serving = interceptor.wrap(serving, method)
-            cached = (handler, reading_its_request(serving))
+                    missing_refused = missing_refused or interceptor.refuses_missing_requests
+            cached = (handler, reading_its_request(serving, missing_refused))
             self._by_method[method] = cached
         return cached[1]
 

@@ -31,15 +31,28 @@ NO_REQUEST: Final = plain_status(
 )
 
 
+class _MissingRequest:
+    """Stands in for the request of a call that ended without one."""
+
+
+MISSING_REQUEST: Final = _MissingRequest()
+"""What a method is handed for a call that ended without its request when one of its
+interceptors refuses such calls (``server.rpc.decoding``): refused there, inside
+observability, the call is logged and counted like any other refused call."""
+
+
 WRITTEN: Final = "__responses_written__"
 """The attribute of a streaming behaviour that holds the same behaviour as a coroutine
 writing each response through the context (the interceptors' wrappers have one,
 ``server.rpc.method_handlers``)."""
 
 
-def reading_its_request(handler: Handler) -> Handler:
+def reading_its_request(handler: Handler, missing_refused: bool = False) -> Handler:
     """``handler`` (a method that takes one request) served as a client-streaming
-    method whose first message is its request; any other handler as it is."""
+    method whose first message is its request; any other handler as it is. A call that
+    ends without its request is refused here, or, with ``missing_refused`` (its wrapper
+    refuses one), handed over as ``MISSING_REQUEST``."""
+    _the_request = _handed_over if missing_refused else _refused
     types: dict[str, Any] = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
@@ -82,11 +95,18 @@ def reading_its_request(handler: Handler) -> Handler:
     return grpc.stream_stream_rpc_method_handler(streamed, **types)
 
 
-async def _the_request(requests: AsyncIterator[Any], context: Context) -> Any:
+async def _handed_over(requests: AsyncIterator[Any], context: Context) -> Any:
     # Read through the context, as the iterator itself does, with no async generator of
     # grpc's to create and resume: counted by callgrind (CreateOrder on SQLite), a call
     # then costs about what it did served as unary (+5,000 instructions, within the
     # runs' noise), against +24,000 read through the iterator.
+    request = await context.read()
+    if request is grpc.aio.EOF:
+        return MISSING_REQUEST
+    return request
+
+
+async def _refused(requests: AsyncIterator[Any], context: Context) -> Any:
     request = await context.read()
     if request is grpc.aio.EOF:
         await context.abort_with_status(NO_REQUEST)

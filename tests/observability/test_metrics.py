@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 import urllib.error
@@ -283,3 +284,27 @@ async def test_a_command_whose_caller_left_is_counted_cancelled_not_as_an_error(
     assert count("order_gateway_store_append_seconds_count", outcome="cancelled") == 1
     assert count("order_gateway_store_append_seconds_count", outcome="error") is None
     assert count("order_gateway_store_append_events_count") == 0
+
+
+@pytest.mark.parametrize(
+    ("service", "method"),
+    [(INVENTORY, "RestockProduct"), ("orders.v1.EventStreamService", "Subscribe")],
+)
+async def test_a_call_that_ends_without_its_request_is_counted_and_logged(
+    service: str, method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refused INVALID_ARGUMENT by the gateway, like a request that does not parse: a
+    flood of such calls must show in the metrics and the access log like any other."""
+    caplog.set_level(logging.INFO, logger="order_gateway.access")
+    async with running(metrics_listen="127.0.0.1:0") as (gateway, clients):
+        stream: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = clients.channel.stream_stream(
+            f"/{service}/{method}", request_serializer=None, response_deserializer=None
+        )
+        ended = stream(iter(()), metadata=(("x-request-id", "without-request"),))
+        assert await ended.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert await ended.details() == "the call ended without its request message"
+        labels = rpc_labels(service, method, grpc_code="INVALID_ARGUMENT")
+        samples = await scrape_once_counted(gateway, "grpc_server_handled_total", labels)
+    assert samples[("grpc_server_handled_total", labels)] == 1
+    (line,) = [r for r in caplog.records if "request_id=without-request" in r.getMessage()]
+    assert line.getMessage().startswith(f"/{service}/{method} INVALID_ARGUMENT ")
