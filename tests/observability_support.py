@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,7 +15,7 @@ from orders.v1 import (
     order_command_service_pb2_grpc,
 )
 
-from domain.ports import EventStore
+from domain.ports import Commit, EventStore, RecordedEvent
 from server.app import Gateway, create_server
 from server.config import Settings
 from server.security.auth import TokenFileAuthenticator
@@ -31,6 +32,27 @@ def token_authenticator() -> TokenFileAuthenticator:
     return TokenFileAuthenticator(
         {hashlib.sha256(TOKEN.encode()).digest(): Caller(USER, ALL_SCOPES)}
     )
+
+
+class FrozenStore(MemoryEventStore):
+    """Stands in for a PostgreSQL that stopped answering: an append never returns, and
+    once cancelled it carries on, as psycopg does (it asks the server to cancel the
+    query, and waits for that) until ``thawed`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.appending: list[Commit] = []
+        self.thawed = asyncio.Event()
+        self.ended = 0
+
+    async def append(self, commit: Commit) -> list[RecordedEvent]:
+        self.appending.append(commit)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.thawed.wait()
+            self.ended += 1
+        raise AssertionError("unreachable")
 
 
 @asynccontextmanager

@@ -29,10 +29,29 @@ are logged under it."""
 current_correlation_id: ContextVar[str] = ContextVar("current_correlation_id", default="")
 """The caller's ``x-correlation-id`` (at most 128 characters), empty if it sent none."""
 
-command_correlation_id: ContextVar[str] = ContextVar("command_correlation_id", default="")
-"""What the call's command and its events correlate by, once the command is built: the
-caller's ``x-correlation-id``, else the command's id (chosen by the server when the
-request had none). Empty before, and for calls that carry no command."""
+
+class ObservedCall(Protocol):
+    """What the observability interceptor keeps of the call being served."""
+
+    command_correlation_id: str
+    """What the call's command and its events correlate by, once the command is built:
+    the caller's ``x-correlation-id``, else the command's id (chosen by the server when
+    the request had none). Empty before, and for calls that carry no command."""
+
+
+current_observed_call: ContextVar[ObservedCall | None] = ContextVar(
+    "current_observed_call", default=None
+)
+"""The observed call being served (None outside one). What the call learns for its access
+line is kept there, not in a context variable of its own: a stop that cuts a call whose
+handler still runs logs its line from another task, which cannot read the call's."""
+
+
+def note_command_correlation_id(correlation_id: str) -> None:
+    """The call's command is built: its access line reports ``correlation_id``."""
+    call = current_observed_call.get()
+    if call is not None:
+        call.command_correlation_id = correlation_id
 
 
 @record
@@ -74,6 +93,12 @@ class RpcSpan(Protocol):
 
     def finish(self, code: grpc.StatusCode) -> None:
         """End the span with the call's status and restore the previous trace context."""
+        ...
+
+    def cut(self, code: grpc.StatusCode) -> None:
+        """End the span with ``code`` from another task than the call's (a stop cut the
+        call while its handler still runs): the trace context stays as the call's task
+        has it, which only that task may restore."""
         ...
 
 

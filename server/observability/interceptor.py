@@ -8,6 +8,11 @@ Status codes are taken without touching a cancelled call's context: in grpcio 1.
 calling ``context.peer()`` or reading other context state after the client had cancelled
 a server-streaming call crashed the whole process (a segfault, not an exception), so the
 peer and metadata are read once when the call starts.
+
+A stop can report a call before its handler ends (``cut_running``): grpc has answered it
+already, and the handler's task may carry on past the process's last log line. What the
+call's outcome reports is therefore kept in the call's scope, never read from the call's
+context variables at its end (another task cannot read them).
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ from server.observability.hooks import (
     RpcOutcome,
     RpcSpan,
     Tracing,
-    command_correlation_id,
     current_correlation_id,
+    current_observed_call,
     current_request_id,
 )
 from server.rpc.method_handlers import (
@@ -54,6 +59,9 @@ class _NoSpan:
     def finish(self, code: grpc.StatusCode) -> None:
         return None
 
+    def cut(self, code: grpc.StatusCode) -> None:
+        return None
+
 
 _NO_SPAN = _NoSpan()
 
@@ -63,9 +71,22 @@ class ObservabilityInterceptor(WrappingInterceptor):
         super().__init__()
         self.observers = tuple(observers)
         self._tracing = tracing
-        self.running = 0
+        self._running: set[_Observed] = set()
         """Calls whose behaviour has begun and not yet ended (their last response, or
-        status, may still be on its way to the client)."""
+        status, may still be on its way to the client), and that no stop has cut."""
+
+    @property
+    def running(self) -> int:
+        """How many calls' behaviour has begun and not yet ended."""
+        return len(self._running)
+
+    def cut_running(self) -> None:
+        """Report every call still running as CANCELLED, now: for use once grpc's shutdown
+        has ended, when grpc has answered each of them (UNAVAILABLE "Cancelling all
+        calls") and cancelled its handler, which may yet carry on for a while. Its own end,
+        if it comes, reports nothing more."""
+        for call in list(self._running):
+            call.cut()
 
     # Unknown methods are not observed: grpc answers UNIMPLEMENTED itself, and arbitrary
     # method names must not blow up the metrics' label sets.
@@ -94,17 +115,21 @@ class ObservabilityInterceptor(WrappingInterceptor):
         current_request_id.set(request_id)
         current_correlation_id.set(correlation_header)
         span = self._tracing.rpc_span(method, metadata) if self._tracing else _NO_SPAN
-        self.running += 1
-        return _Observed(
+        observed = _Observed(
             method,
             rpc_type,
             request_id,
             correlation_id,
+            # Set by the auth interceptor's early check, which ran in this task already.
+            current_caller.get().user_id,
             context.peer(),
             span,
             context,
             self,
         )
+        current_observed_call.set(observed)
+        self._running.add(observed)
+        return observed
 
 
 _RPC_TYPES = {
@@ -133,6 +158,8 @@ class _Observed(CallScope):
         "_rpc_type",
         "_span",
         "_started",
+        "_user_id",
+        "command_correlation_id",
     )
 
     def __init__(
@@ -141,6 +168,7 @@ class _Observed(CallScope):
         rpc_type: str,
         request_id: str,
         correlation_id: str,
+        user_id: str,
         peer: str,
         span: RpcSpan,
         context: Context,
@@ -152,6 +180,9 @@ class _Observed(CallScope):
         self._correlation_id = correlation_id
         """What the call correlates by: the ``x-correlation-id`` header, else the
         request's ``command_id``."""
+        self.command_correlation_id = ""
+        """The command's, once built (``hooks.note_command_correlation_id``)."""
+        self._user_id = user_id
         self._peer = peer
         self._span = span
         self._context = context
@@ -159,10 +190,23 @@ class _Observed(CallScope):
         self._started = time.perf_counter()
 
     async def end(self, error: BaseException | None) -> bool:
-        self._interceptor.running -= 1
+        try:
+            self._interceptor._running.remove(self)
+        except KeyError:
+            return False  # Cut by a stop, and reported then.
         code = self._code_for(error)
-        duration = time.perf_counter() - self._started
         self._span.finish(code)
+        self._report(code)
+        return False
+
+    def cut(self) -> None:
+        """Report the call CANCELLED before its handler ends (see ``cut_running``)."""
+        self._interceptor._running.discard(self)
+        self._span.cut(grpc.StatusCode.CANCELLED)
+        self._report(grpc.StatusCode.CANCELLED)
+
+    def _report(self, code: grpc.StatusCode) -> None:
+        duration = time.perf_counter() - self._started
         # Built from positions, as records on the commit path are: from keywords it cost
         # about 450 instructions more a field.
         outcome = RpcOutcome(
@@ -171,16 +215,14 @@ class _Observed(CallScope):
             code,
             duration,
             self._request_id,
-            # The command's, once built (same task): the request's may be empty.
-            command_correlation_id.get() or self._correlation_id,  # correlation_id
-            # Set by the auth interceptor's wrapper inside this call (same task).
-            current_caller.get().user_id,
+            # The command's, once built: the request's may be empty.
+            self.command_correlation_id or self._correlation_id,  # correlation_id
+            self._user_id,
             self._peer,
             self._span.trace_id,
         )
         for observer in self._interceptor.observers:
             observer.rpc_finished(outcome)
-        return False
 
     def _code_for(self, error: BaseException | None) -> grpc.StatusCode:
         if error is None:

@@ -118,11 +118,14 @@ class _OtelRpcSpan:
         return trace.format_trace_id(self._span.get_span_context().trace_id)
 
     def finish(self, code: grpc.StatusCode) -> None:
+        self.cut(code)
+        otel_context.detach(self._token)  # type: ignore[arg-type]
+
+    def cut(self, code: grpc.StatusCode) -> None:
         self._span.set_attribute("rpc.grpc.status_code", code.value[0])
         if code in SERVER_ERROR_CODES:
             self._span.set_status(Status(StatusCode.ERROR, code.name))
         self._span.end()
-        otel_context.detach(self._token)  # type: ignore[arg-type]
 
 
 class _CommandSpans:

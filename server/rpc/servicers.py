@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from domain.bus import CommandBus
 from domain.commands import CancelOrder, Command, CreateOrder, RestockProduct
 from domain.ports import RecordedEvent
-from server.observability.hooks import command_correlation_id, current_correlation_id
+from server.observability.hooks import current_correlation_id, note_command_correlation_id
 from server.rpc import mapping
 from server.rpc.status_mapping import validation_status
 from server.security.identity import current_caller
@@ -89,7 +89,7 @@ class CommandRunner:
             await context.abort_with_status(validation_status(error))
         # For the access log: its events' correlation id, which is the server-chosen
         # command id when the request named neither.
-        command_correlation_id.set(command.correlation_id or command.command_id)
+        note_command_correlation_id(command.correlation_id or command.command_id)
         return await self._bus.dispatch(command)
 
 

@@ -29,7 +29,8 @@ from server.rpc.last_resort import LastResortInterceptor
 from server.rpc.method_handlers import Interceptors
 from server.stores.memory import MemoryEventStore
 from tests.clients import item, order_request
-from tests.observability_support import TOKEN, USER, rpc_error, running
+from tests.observability_support import TOKEN, USER, FrozenStore, rpc_error, running
+from tests.subscription_support import until
 
 ACCESS = "order_gateway.access"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -411,6 +412,36 @@ async def test_stopping_the_gateway_writes_pending_lines(
         assert access_lines(caplog) == []
     (line,) = access_lines(caplog)
     assert fields(line)["method"] == "/orders.v1.InventoryCommandService/RestockProduct"
+
+
+async def test_calls_a_stop_cuts_are_logged_by_the_stop_though_their_handlers_carry_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    store = FrozenStore()
+    async with running(store, secured=True, shutdown_grace=0.2) as (gateway, clients):
+        calls = [
+            asyncio.ensure_future(clients.restock("sku-1", 1, metadata=AUTH)) for _ in range(3)
+        ]
+        await until(lambda: len(store.appending) == 3)
+        await gateway.stop()
+        errors = [await rpc_error(call) for call in calls]
+        # Their handlers still run; the stop has written their lines all the same.
+        lines = access_lines(caplog)
+        assert [error.code() for error in errors] == [grpc.StatusCode.UNAVAILABLE] * 3
+        assert [fields(line)["code"] for line in lines] == ["CANCELLED"] * 3
+        # What the calls' own ends would have said: the caller, and the command ids the
+        # server chose (the requests named none).
+        assert {fields(line)["user_id"] for line in lines} == {USER}
+        assert {fields(line)["correlation_id"] for line in lines} == {
+            commit.command_id for commit in store.appending
+        }
+        # Their handlers end at last: no second line.
+        store.thawed.set()
+        await until(lambda: store.ended == 3)
+        await asyncio.sleep(0.05)
+        gateway.access_log.flush()
+        assert len(access_lines(caplog)) == 3
 
 
 @pytest.fixture
