@@ -35,6 +35,7 @@ from domain.errors import (
 )
 from server.observability.hooks import current_request_id
 from server.rpc.subscription_hub import HubClosedError, TooManySubscribersError
+from server.stopping import ServerStoppingError
 
 log = logging.getLogger("order_gateway.errors")
 
@@ -85,7 +86,7 @@ def status_for(error: BaseException, *, command: bool = False) -> grpc.Status | 
         return plain_status(
             grpc.StatusCode.RESOURCE_EXHAUSTED, "too many open subscriptions, retry later"
         )
-    if isinstance(error, HubClosedError):
+    if isinstance(error, HubClosedError | ServerStoppingError):
         return plain_status(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
     return None
 

@@ -10,8 +10,12 @@ listeners (on PostgreSQL beside its LISTEN/NOTIFY) and ``on_others`` with those 
 (``LockingWorkerStore``), or with the supervisor's where the store has none (SQLite:
 ``HubLockingWorkerStore``, ``server.workers.stream_locks``).
 
-If the supervisor goes away, its consumer-group calls fail as ``StoreUnavailableError``,
-and ``lost`` is set: the worker stops (``server.workers.worker``).
+If the supervisor goes away, ``lost`` is set: the worker stops (``server.workers.worker``).
+Its consumer-group calls fail as ``StoreUnavailableError`` (the groups' records are out of
+reach), and its requests for a stream's lock as ``ServerStoppingError``: a command waiting
+for its turn at a hot product can no longer get it, and is answered as a stopping server
+answers, while the commands that need no turn finish (the worker reads and writes the
+SQLite file itself). Neither is a fault of the event store's.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from domain.ports import (
 )
 from server.consumer_groups.ports import ConsumerGroupStore
 from server.consumer_groups.stores import KeepsConsumerGroups
+from server.stopping import ServerStoppingError
 from server.stores.event_rows import EventRow, EventRowReader, StreamRowReader
 from server.stores.on_loop import CommitsOnLoop
 from server.workers.groups import WorkerGroupStore
@@ -144,6 +149,8 @@ class HubClient:
         """When this worker last heard of another worker's commit (event loop time)."""
         self._calls: dict[int, asyncio.Future[Outcome]] = {}
         """Consumer-group calls waiting for their answer."""
+        self._lock_requests: dict[int, asyncio.Future[Outcome]] = {}
+        """Requests for a stream's lock waiting for it."""
         self._ids = itertools.count(WAKE + 1)
         self._listeners: list[Callable[[], None]] = []
         self._contention_listeners: list[Callable[[str], None]] = []
@@ -188,11 +195,14 @@ class HubClient:
 
     async def lock_stream(self, stream_id: str) -> bool:
         """Wait until this worker holds the supervisor's lock on ``stream_id``; returns
-        whether another worker held it first."""
+        whether another worker held it first. Raises ``ServerStoppingError`` once the
+        supervisor is gone (this worker is stopping)."""
+        if not self._out.open:
+            raise ServerStoppingError(GONE)
         request_id = next(self._ids)
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._send((LOCK_STREAM, (request_id, stream_id)))
-        self._calls[request_id] = future
+        self._lock_requests[request_id] = future
         try:
             waited = decode_call_outcome(await future)
         except BaseException:
@@ -201,7 +211,7 @@ class HubClient:
             self.unlock_stream(stream_id)
             raise
         finally:
-            self._calls.pop(request_id, None)
+            self._lock_requests.pop(request_id, None)
         return bool(waited)
 
     def unlock_stream(self, stream_id: str) -> None:
@@ -210,8 +220,10 @@ class HubClient:
             self._send((UNLOCK_STREAM, stream_id))
 
     def announce_contention(self, stream_id: str) -> None:
-        """Tell the other workers that this one takes turns at ``stream_id`` now."""
-        self._send((CONTENTION, stream_id))
+        """Tell the other workers that this one takes turns at ``stream_id`` now (a lost
+        hub: they are stopping too)."""
+        if self._out.open:
+            self._send((CONTENTION, stream_id))
 
     def add_contention_listener(self, listener: Callable[[str], None]) -> None:
         self._contention_listeners.append(listener)
@@ -265,6 +277,8 @@ class HubClient:
 
     def answer(self, call_id: int, outcome: Outcome) -> None:
         called = self._calls.pop(call_id, None)
+        if called is None:
+            called = self._lock_requests.pop(call_id, None)
         if called is not None and not called.done():
             called.set_result(outcome)
 
@@ -289,6 +303,10 @@ class HubClient:
         for called in calls.values():
             if not called.done():
                 called.set_exception(StoreUnavailableError(GONE))
+        requests, self._lock_requests = self._lock_requests, {}
+        for requested in requests.values():
+            if not requested.done():
+                requested.set_exception(ServerStoppingError(GONE))
         if not self.lost.is_set():
             if not self._closing:
                 log.error("lost the connection to the supervisor process")

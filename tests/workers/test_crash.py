@@ -1,7 +1,8 @@
 """Crashes under ``serve --workers 2``, on SQLite and PostgreSQL: kill -9 one worker, or
 the supervisor, while orders are in flight. Nothing acknowledged is lost, nothing is
 applied twice, and the gateway serves again (a replaced worker, or a restart), also
-when every order is on one product, whose turns the killed worker may have held."""
+when every order is on one product, whose turns the killed worker may have held. The
+workers of a killed supervisor stop as a stopping gateway does, with no store fault."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import grpc
 import pytest
 from orders.v1 import events_pb2, order_command_service_pb2
 
+from server.rpc.status_mapping import STORE_UNAVAILABLE_COMMAND
 from tests.clients import Clients, item, order_request
 from tests.workers_support import WAIT, alive, spread_clients, until_workers, workers_gateway
 
@@ -24,6 +26,9 @@ ACKNOWLEDGED_BEFORE_KILL = 50
 PRODUCTS = 10
 STOCK = 1_000_000
 CHANNELS = 8
+HOT_ACKNOWLEDGED_BEFORE_KILL = 200
+"""On one product: by then the workers take turns at it (they do from its first conflict),
+and some command waits for one whenever the supervisor is killed."""
 
 
 def requests(products: int = PRODUCTS) -> list[order_command_service_pb2.CreateOrderRequest]:
@@ -121,3 +126,44 @@ async def test_a_killed_supervisor_takes_its_workers_along_and_loses_nothing(
         spread_clients(gateway.target, CHANNELS) as clients,
     ):
         await assert_retries_complete_exactly_once(clients, orders, acknowledged)
+
+
+async def test_commands_waiting_for_a_killed_supervisors_turns_are_refused_as_by_a_stop(
+    store_url: str,
+) -> None:
+    """Every order on one product, through both workers: on SQLite the supervisor grants
+    the turns at it. Killed, its workers stop, and the commands then waiting for a turn
+    are answered UNAVAILABLE "the server is shutting down", not STORE_UNAVAILABLE, and no
+    worker logs a store fault: the store works, the workers stop."""
+    failures: Counter[tuple[str, str]] = Counter()
+    acknowledged = 0
+    enough = asyncio.Event()
+
+    async def place_until_refused(clients: Clients) -> None:
+        nonlocal acknowledged
+        while True:
+            try:
+                await clients.create(order_request(item("p-hot")))
+            except grpc.aio.AioRpcError as error:
+                failures[(error.code().name, error.details() or "")] += 1
+                return
+            acknowledged += 1
+            if acknowledged >= HOT_ACKNOWLEDGED_BEFORE_KILL:
+                enough.set()
+
+    async with workers_gateway(store_url) as gateway:
+        workers = gateway.workers()
+        async with spread_clients(gateway.target, 2 * CHANNELS) as clients:
+            await clients[0].restock("p-hot", STOCK)
+            callers = [asyncio.ensure_future(place_until_refused(c)) for c in [*clients, *clients]]
+            await asyncio.wait_for(enough.wait(), WAIT)
+            os.kill(gateway.process.pid, signal.SIGKILL)
+            await asyncio.wait_for(asyncio.gather(*callers), WAIT)
+        async with asyncio.timeout(WAIT):
+            while any(alive(pid) for pid in workers):  # noqa: ASYNC110 - no event to wait on
+                await asyncio.sleep(0.05)
+        log = gateway.log
+
+    assert not [f for f in failures if f[1] == STORE_UNAVAILABLE_COMMAND], failures
+    assert {code for code, _ in failures} <= {"UNAVAILABLE", "CANCELLED"}, failures
+    assert "event store fault" not in log
