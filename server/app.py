@@ -126,20 +126,61 @@ async def unless_stopped(starting: Awaitable[T], stop: asyncio.Event) -> T | Non
     return None
 
 
-def exit_unless_stopped(seconds: float) -> None:
+def exit_unless_stopped(seconds: float, last_lines: LastLines | None = None) -> None:
     """Exit the process (status 0: it was asked to stop) if it still runs ``seconds``
-    from now. A thread, not the event loop: what bounds it is what may hang, a store call
-    in a thread of its own (SQLite waiting up to 30 s for another process's write lock)
-    that the loop's end and the interpreter's exit wait for."""
+    from now, once ``last_lines`` are written. A thread, not the event loop: what bounds
+    it is what may hang, a store call in a thread of its own (SQLite waiting up to 30 s
+    for another process's write lock) that the loop's end and the interpreter's exit wait
+    for."""
 
     def exit_now() -> None:
         log.error("order-gateway did not stop within %.0f s; exiting now", seconds)
+        if last_lines is not None:
+            last_lines.write()
         logging.shutdown()
         os._exit(0)
 
     timer = threading.Timer(seconds, exit_now)
     timer.daemon = True
     timer.start()
+
+
+LAST_LINES_SECONDS: Final = 0.1
+"""How long a process that exits at its stop's bound waits for its event loop to write
+the access lines of the calls still in flight (``LastLines``)."""
+
+
+class LastLines:
+    """The access lines a process exiting at its stop's bound writes first: a call still
+    in flight then (its grace period longer than the bound allows, or a stop held up
+    before grpc's shutdown began) is answered by the exit itself, its client's
+    connection closed, and it would have no line, nor would lines still pending."""
+
+    def __init__(self) -> None:
+        self.gateway: Gateway | None = None
+        """The gateway whose calls they are, once it serves."""
+        self._loop = asyncio.get_running_loop()
+
+    def write(self) -> None:
+        """Called from the exit's thread: the lines are written on the event loop, which
+        owns them, if it runs them within ``LAST_LINES_SECONDS`` (a loop held up by a
+        callback that blocks, or closed already, writes none)."""
+        gateway = self.gateway
+        if gateway is None:
+            return
+        written = threading.Event()
+
+        def write_them() -> None:
+            try:
+                gateway.write_last_lines()
+            finally:
+                written.set()
+
+        try:
+            self._loop.call_soon_threadsafe(write_them)
+        except RuntimeError:
+            return  # The loop is closed: its calls have all ended, and been flushed.
+        written.wait(LAST_LINES_SECONDS)
 
 
 SERVICES = (
@@ -240,6 +281,13 @@ class Gateway:
             await self.metrics_server.stop()
         if self.tracing is not None:
             self.tracing.shutdown()
+
+    def write_last_lines(self) -> None:
+        """The process exits now, whatever still runs (``LastLines``): the calls in flight
+        are logged CANCELLED, and every line pending is written."""
+        if self.observability is not None:
+            self.observability.cut_running()
+        self.access_log.flush()
 
     async def _past_stalled_calls(self, stopping: asyncio.Future[None]) -> None:
         """Await grpc's shutdown (``stopping``), cutting it short once no call's behaviour
@@ -677,17 +725,28 @@ async def serve(
     stop = stop if stop is not None else asyncio.Event()
     # From the start: a stop asked for while the store opens is one too.
     stop_on_signals(stop_signals() if signals is None else signals, stop)
-    bound = asyncio.ensure_future(_bound_stop(stop, stop_deadline(settings))) if bounded else None
+    last_lines = LastLines()
+    bound = (
+        asyncio.ensure_future(_bound_stop(stop, stop_deadline(settings), last_lines))
+        if bounded
+        else None
+    )
+
+    def serving(gateway: Gateway) -> None:
+        last_lines.gateway = gateway
+        if on_serving is not None:
+            on_serving(gateway)
+
     try:
-        await _serve_until(stop, settings, store, cache, reuse_port, on_serving, internal_metrics)
+        await _serve_until(stop, settings, store, cache, reuse_port, serving, internal_metrics)
     finally:
         if bound is not None:
             bound.cancel()
 
 
-async def _bound_stop(stop: asyncio.Event, seconds: float) -> None:
+async def _bound_stop(stop: asyncio.Event, seconds: float, last_lines: LastLines) -> None:
     await stop.wait()
-    exit_unless_stopped(seconds)
+    exit_unless_stopped(seconds, last_lines)
 
 
 async def _serve_until(

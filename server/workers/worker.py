@@ -33,7 +33,7 @@ from domain.errors import StoreError, StoreUnavailableError
 from domain.ports import SharedStreamLocks
 from domain.unit_of_work import AggregateCache
 from server import event_loop
-from server.app import Gateway, serve, stop_deadline
+from server.app import Gateway, LastLines, serve, stop_deadline
 from server.config import Settings, keep_setting_files
 from server.observability.logs import configure_logging
 from server.stores.event_rows import EventRowReader, StreamRowReader
@@ -143,13 +143,15 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
         store = HubLockingWorkerStore(cast(RowStore, inner), hub, spec.groups_via_hub)
     cache = AggregateCache(spec.settings.aggregate_cache)
     hub.on_others = CacheFollower(cache).committed_elsewhere
+    last_lines = LastLines()
     background = [
         asyncio.create_task(_stop_when_set(hub.lost, stop)),
-        asyncio.create_task(_bound(stop, stop_deadline(spec.settings), spec.index)),
+        asyncio.create_task(_bound(stop, stop_deadline(spec.settings), spec.index, last_lines)),
     ]
     deletions: set[asyncio.Task[None]] = set()
 
     def on_serving(gateway: Gateway) -> None:
+        last_lines.gateway = gateway
         hub.on_group_deleted = functools.partial(_group_deleted, gateway, deletions)
         gateway.hub.on_subscribed = hub.listening
         if gateway.hub.subscriber_count:
@@ -192,14 +194,18 @@ async def _stop_when_set(event: asyncio.Event, stop: asyncio.Event) -> None:
     stop.set()
 
 
-async def _bound(stop: asyncio.Event, seconds: float, index: int) -> None:
-    """Once ``stop`` is set, exit the process if it still runs ``seconds`` later. A
-    thread, not the event loop: the loop's own end (``asyncio.run`` cancelling what is
-    left) is part of what it bounds."""
+async def _bound(
+    stop: asyncio.Event, seconds: float, index: int, last_lines: LastLines | None = None
+) -> None:
+    """Once ``stop`` is set, exit the process if it still runs ``seconds`` later, once
+    ``last_lines`` are written. A thread, not the event loop: the loop's own end
+    (``asyncio.run`` cancelling what is left) is part of what it bounds."""
     await stop.wait()
 
     def exit_now() -> None:
         log.error("worker %d did not stop within %.0f s; exiting now", index, seconds)
+        if last_lines is not None:
+            last_lines.write()
         os._exit(1)
 
     timer = threading.Timer(seconds, exit_now)

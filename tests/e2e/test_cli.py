@@ -155,6 +155,41 @@ async def test_a_stop_is_bounded_while_a_command_waits_for_the_store(tmp_path: P
             process.wait()
 
 
+async def test_a_stop_cut_short_at_its_bound_logs_the_calls_it_leaves_unanswered(
+    tmp_path: Path,
+) -> None:
+    # A grace period the bound (9 s) cuts short: the command waiting for SQLite's write
+    # lock, which another process holds, is still in flight when the process exits.
+    target = f"127.0.0.1:{free_port()}"
+    store = tmp_path / "locked.db"
+    process = start_gateway(
+        ["serve", "--listen", target, "--store", f"sqlite:///{store}"],
+        env={**os.environ, "ORDER_GATEWAY_SHUTDOWN_GRACE": "9"},
+    )
+    try:
+        await wait_until_serving(target, process)
+        with closing(sqlite3.connect(store, timeout=0)) as holder:
+            holder.execute("BEGIN EXCLUSIVE")
+            async with grpc.aio.insecure_channel(target) as channel:
+                inventory = inventory_command_service_pb2_grpc.InventoryCommandServiceStub(channel)
+                request = RestockProductRequest(product_id="a", quantity=1)
+                call = inventory.RestockProduct(request, metadata=(("x-request-id", "cut-1"),))
+                await asyncio.sleep(1)  # the command now waits for the lock
+                process.send_signal(signal.SIGTERM)
+                code = await asyncio.to_thread(process.wait, 15)
+                call.cancel()
+            holder.rollback()
+        logged = gateway_log(process)
+        assert code == 0, logged
+        assert "did not stop within 9 s" in logged
+        (line,) = [line for line in logged.splitlines() if "request_id=cut-1" in line]
+        assert "/orders.v1.InventoryCommandService/RestockProduct CANCELLED" in line
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 async def test_a_second_gateway_on_a_taken_address_is_refused(tmp_path: Path) -> None:
     target = f"127.0.0.1:{free_port()}"
     first = start_gateway(["serve", "--listen", target, "--store", "memory://"])
