@@ -39,6 +39,7 @@ from server.stores.event_rows import (
     EventRow,
     EventRowReader,
     StreamRowReader,
+    UndecodableRowError,
 )
 
 log = logging.getLogger("order_gateway.subscriptions")
@@ -156,7 +157,17 @@ async def _read_page(
         examined = rows[-1][POSITION] if full else head
         return _StorePage(full, examined, map(_row_response, matching_rows))
     if isinstance(store, EventRowReader):
-        rows = await store.read_all_rows(after_position, page_size)
+        try:
+            rows = await store.read_all_rows(after_position, page_size)
+            full = len(rows) == page_size
+        except UndecodableRowError as damaged:
+            if not damaged.before:
+                raise
+            # The rows before the damaged one are delivered first, as a page that may be
+            # followed at once: the next read starts at the damaged row and fails there,
+            # where the log names it. Failing the whole page withheld up to a page of
+            # good events, which a subscriber resuming after the named position skipped.
+            rows, full = damaged.before, True
         if not rows:
             return _EMPTY
         matching_rows = (
@@ -164,9 +175,7 @@ async def _read_page(
             if event_filter.accepts_all
             else (row for row in rows if event_filter.accepts(row[EVENT_TYPE], row[STREAM_ID]))
         )
-        return _StorePage(
-            len(rows) == page_size, rows[-1][POSITION], map(_row_response, matching_rows)
-        )
+        return _StorePage(full, rows[-1][POSITION], map(_row_response, matching_rows))
     records = await store.read_all(after_position, page_size)
     if not records:
         return _EMPTY

@@ -255,3 +255,28 @@ async def test_an_event_that_does_not_decode_is_internal_and_named_in_the_log_by
             f" {event.stream_id}) cannot be read ("
         )
         assert sum(named in message for message in logged) == times, logged
+
+
+async def test_a_catch_up_delivers_every_event_before_a_row_that_cannot_be_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A read of a page that meets a row whose text is not UTF-8 fails at that row: the
+    rows before it in the page are delivered first. Failing the whole page withheld them,
+    and a subscriber resuming after the position the log names skipped them."""
+    url = f"sqlite:///{tmp_path / 'damaged.db'}"
+    async with running_gateway(await open_store(url)) as gateway, connect(gateway) as clients:
+        for _ in range(5):
+            await clients.restock("sku-1", 1)
+    with closing(sqlite3.connect(tmp_path / "damaged.db")) as connection, connection:
+        connection.execute(
+            "UPDATE events SET correlation_id = CAST(X'c328ff' AS TEXT) WHERE position = 4"
+        )
+    caplog.set_level(logging.ERROR)
+    async with running_gateway(await open_store(url)) as gateway, connect(gateway) as clients:
+        subscription = StreamReader.open(clients, after_position=0)
+        assert await subscription.status() == grpc.StatusCode.INTERNAL
+    assert [event.position for event in subscription.events] == [1, 2, 3]
+    assert any(
+        "the stored event at position 4 cannot be read" in message
+        for message in logged_errors(caplog)
+    )
