@@ -157,6 +157,7 @@ class HubClient:
         self._closing = False
         """This worker closes the connection itself (it is stopping): its end is no loss."""
         self.lost = asyncio.Event()
+        """Set when the connection ends other than by ``close``: the supervisor is gone."""
 
     @classmethod
     async def connect(
@@ -307,9 +308,9 @@ class HubClient:
         for requested in requests.values():
             if not requested.done():
                 requested.set_exception(ServerStoppingError(GONE))
-        if not self.lost.is_set():
-            if not self._closing:
-                log.error("lost the connection to the supervisor process")
+        # Not logged here: the worker says once that its supervisor is gone, whether the
+        # lifeline or this connection tells it first. Its own close is no loss.
+        if not self._closing:
             self.lost.set()
 
     async def close(self) -> None:

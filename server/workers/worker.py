@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import cast
@@ -116,8 +117,9 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
     told = False
 
     def supervisor_gone() -> None:
-        # Told by the lifeline, or by a ready message that cannot be sent, whichever
-        # comes first; logged once. (Not by remove_reader's result: uvloop's is None.)
+        # Told by the lifeline, by the hub's connection ending, or by a ready message
+        # that cannot be sent, whichever comes first; logged once. (Not by
+        # remove_reader's result: uvloop's is None.)
         nonlocal told
         if not told:
             told = True
@@ -145,7 +147,7 @@ async def _serve(spec: WorkerSpec, ready: Connection, lifeline: Connection) -> N
     hub.on_others = CacheFollower(cache).committed_elsewhere
     last_lines = LastLines()
     background = [
-        asyncio.create_task(_stop_when_set(hub.lost, stop)),
+        asyncio.create_task(_call_when_set(hub.lost, supervisor_gone)),
         asyncio.create_task(_bound(stop, stop_deadline(spec.settings), spec.index, last_lines)),
     ]
     deletions: set[asyncio.Task[None]] = set()
@@ -189,9 +191,9 @@ def _group_deleted(
     task.add_done_callback(tasks.discard)
 
 
-async def _stop_when_set(event: asyncio.Event, stop: asyncio.Event) -> None:
+async def _call_when_set(event: asyncio.Event, then: Callable[[], None]) -> None:
     await event.wait()
-    stop.set()
+    then()
 
 
 async def _bound(

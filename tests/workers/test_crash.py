@@ -118,6 +118,7 @@ async def test_a_killed_supervisor_takes_its_workers_along_and_loses_nothing(
                 await asyncio.sleep(0.05)
         # Each worker says why it stopped, once.
         assert gateway.log.count("the supervisor process is gone; stopping") == len(workers)
+        assert "lost the connection to the supervisor" not in gateway.log
         port = int(gateway.target.rpartition(":")[2])
 
     # Restarted on the same store and address.
