@@ -16,6 +16,8 @@ scraper asks for: OpenMetrics with ``_created`` inside each family, the classic 
 format with ``_created`` as gauges of their own. (The classic format has no families
 that span a counter and its ``_created``: read in it, every ``_created`` would come back
 as a gauge family of its own, whose name clashes with its counter's in OpenMetrics.)
+A ``name[]`` filter keeps the workers' series of those names, as it keeps the
+supervisor's own.
 """
 
 from __future__ import annotations
@@ -97,7 +99,10 @@ class WorkerMetricsCollector(Collector):
 
 class SupervisorMetrics:
     def __init__(self, ports: Callable[[], dict[int, int]]) -> None:
-        self.registry = CollectorRegistry()
+        # The workers' families are known only once read, so their collector has no names
+        # to register: without this, prometheus_client's ``name[]`` filter, which picks
+        # collectors by the names they registered, left every worker's family out.
+        self.registry = CollectorRegistry(support_collectors_without_names=True)
         self.registry.register(WorkerMetricsCollector(ports))
         self.workers = Gauge(
             "order_gateway_workers", "Worker processes serving now.", registry=self.registry

@@ -48,10 +48,13 @@ def classic_families(text: str) -> list[Metric]:
     return list(parse_classic(text))
 
 
-def scrape(port: int, accept: str | None) -> tuple[str, str]:
-    """``/metrics`` on ``port`` with this Accept header: its content type and text."""
+def scrape(port: int, accept: str | None, query: str = "") -> tuple[str, str]:
+    """``/metrics`` on ``port`` with this Accept header (and ``query``, as
+    ``name[]=…``): its content type and text."""
     headers = {"Accept": accept} if accept else {}
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers=headers)
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/metrics{'?' if query else ''}{query}", headers=headers
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         return str(response.headers["Content-Type"]), str(response.read().decode())
 
@@ -158,6 +161,44 @@ async def test_the_supervisor_serves_each_workers_families_labelled_in_either_fo
         # OpenMetrics has a counter's `_created` in the counter's family; the classic format
         # has it as a gauge of its own.
         assert ("grpc_server_handled_created" in families) == (accept is None)
+
+
+@pytest.mark.parametrize(
+    ("accept", "parse"),
+    [(OPENMETRICS, openmetrics_families), (None, classic_families)],
+    ids=["openmetrics", "classic"],
+)
+async def test_a_name_filter_gives_the_workers_samples_of_that_name_as_one_process_would(
+    accept: str | None, parse: Parse
+) -> None:
+    workers = {"1": GatewayMetrics(), "2": GatewayMetrics()}
+    record(workers["1"], calls=3)
+    record(workers["2"], calls=5)
+    query = "name[]=grpc_server_handled_total&name[]=order_gateway_workers"
+    async with serving(workers["1"].registry) as one, serving(workers["2"].registry) as two:
+        supervisor = SupervisorMetrics(lambda: {1: one, 2: two})
+        supervisor.workers.set(2)
+        async with serving(supervisor.registry) as port:
+            _, text = await asyncio.to_thread(scrape, port, accept, query)
+        alone = {
+            worker: await asyncio.to_thread(scrape, worker_port, accept, query)
+            for worker, worker_port in (("1", one), ("2", two))
+        }
+
+    families = {family.name: family for family in parse(text)}
+    assert set(families) == {"grpc_server_handled", "order_gateway_workers"}
+    for worker, (_, own_text) in alone.items():
+        # What each worker answers to the same filter, labelled with its number.
+        own = {family.name: family for family in parse(own_text)}
+        assert set(own) == {"grpc_server_handled"}
+        assert (
+            of_worker(families.values(), worker)["grpc_server_handled"]
+            == own["grpc_server_handled"]
+        )
+    assert {s.name for s in families["grpc_server_handled"].samples} == {
+        "grpc_server_handled_total"
+    }
+    assert [s.value for s in families["order_gateway_workers"].samples] == [2]
 
 
 def supervisor_reference() -> CollectorRegistry:
