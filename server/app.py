@@ -533,8 +533,12 @@ async def create_server(
                 await server.start()
                 server_started = True
                 # Scraped meanwhile too: a scrape finds the process up, not a refused port.
-                if metrics_server is not None:
-                    metrics_server.start()
+                # Its address is logged now: the port chosen for port 0 is needed by
+                # whoever scrapes, however long the store takes to open.
+                if metrics_server is not None and settings.metrics_listen:
+                    metrics_host = settings.metrics_listen.rpartition(":")[0]
+                    metrics_port = metrics_server.start()
+                    log.info("metrics at http://%s:%d/metrics", metrics_host, metrics_port)
                 log.debug(
                     "order-gateway starting on %s:%d: opening store %s (health NOT_SERVING"
                     " until it is open)",
@@ -760,13 +764,14 @@ async def _serve_until(
 ) -> None:
     # A worker of --workers (its store already open) starts once ready: started sooner,
     # it would answer NOT_SERVING for an address the other workers serve.
+    start_while_opening = not reuse_port
     gateway = await unless_stopped(
         create_server(
             settings,
             store=store,
             reuse_port=reuse_port,
             cache=cache,
-            start_while_opening=not reuse_port,
+            start_while_opening=start_while_opening,
         ),
         stop,
     )
@@ -787,7 +792,8 @@ async def _serve_until(
         redacted_url(settings.store),
         running_loop_name(),
     )
-    if settings.metrics_listen and gateway.metrics_port is not None:
+    # Started while the store opened, /metrics was logged then (create_server).
+    if settings.metrics_listen and gateway.metrics_port is not None and not start_while_opening:
         metrics_host = settings.metrics_listen.rpartition(":")[0]
         if internal_metrics:
             # The supervisor logs the one address to scrape; this one is not it.

@@ -380,27 +380,22 @@ async def _run(
             "metrics_listen": "127.0.0.1:0" if settings.metrics_listen else None,
         }
     )
-    if not await unless_stopped(_migrated(settings.store), stopping):
-        log.info("stopped before serving")
-        return
     database = sqlite_path(settings.store)
-    # On SQLite the supervisor keeps the consumer groups' leases and writes their records.
-    groups = (
-        GroupsHost(await SQLiteConsumerGroupStore.open(database)) if database is not None else None
-    )
-    hub = WorkerHub(run_dir / "hub.sock", groups)
     # Only SQLite's workers hear of each other's commits from the hub alone: PostgreSQL's
     # LISTEN wakes every worker's subscriptions at each commit, and there the notices
     # only keep the caches up to date, which can wait a little longer.
     notice_delay = (
         NOTICE_DELAY_SECONDS if database is not None else FOLLOW_ONLY_NOTICE_DELAY_SECONDS
     )
+    hub_path = run_dir / "hub.sock"
     specs = [
         WorkerSpec(
             worker_settings,
             index,
-            str(hub.path),
-            groups_via_hub=groups is not None,
+            str(hub_path),
+            # On SQLite the supervisor keeps the consumer groups' leases and writes their
+            # records.
+            groups_via_hub=database is not None,
             notice_delay=notice_delay,
             credential_files=credentials,
         )
@@ -422,16 +417,29 @@ async def _run(
             running_loop_name(),
         )
 
+    hub: WorkerHub | None = None
     try:
-        await hub.start()
         if metrics_server is not None and settings.metrics_listen:
-            # Before the workers: /metrics answers (with the workers serving so far, and
-            # order_gateway_workers) from the start, as with one process.
+            # Before the store opens (a database may take seconds to answer) and before
+            # the workers: /metrics answers (with the workers serving so far, and
+            # order_gateway_workers) from the start, as with one process, and its address
+            # is known as soon.
             port = metrics_server.start()
             host = settings.metrics_listen.rpartition(":")[0]
             log.info("metrics of all workers at http://%s:%d/metrics", host, port)
+        if not await unless_stopped(_migrated(settings.store), stopping):
+            log.info("stopped before serving")
+            return
+        groups = (
+            GroupsHost(await SQLiteConsumerGroupStore.open(database))
+            if database is not None
+            else None
+        )
+        hub = WorkerHub(hub_path, groups)
+        await hub.start()
         await supervisor.run(serving)
     finally:
         if metrics_server is not None:
             await metrics_server.stop()
-        await hub.close()
+        if hub is not None:
+            await hub.close()

@@ -236,3 +236,41 @@ async def test_metrics_are_served_while_the_store_opens_and_freed_if_it_fails(
         await serving
     with pytest.raises(OSError):
         await asyncio.to_thread(metrics_text, port)
+
+
+async def test_the_metrics_address_chosen_for_port_0_is_logged_while_the_store_opens(
+    slow_store_opening: SlowOpening, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="order_gateway.server")
+    stop = asyncio.Event()
+    served = asyncio.Event()
+    serving = asyncio.ensure_future(
+        serve(
+            Settings(listen="127.0.0.1:0", store="memory://", metrics_listen="127.0.0.1:0"),
+            stop=stop,
+            signals=(),
+            bounded=False,
+            on_serving=lambda gateway: served.set(),
+        )
+    )
+    try:
+        async with asyncio.timeout(WAIT):
+            await slow_store_opening.opening.wait()
+        addresses = re.findall(r"metrics at http://127\.0\.0\.1:(\d+)/metrics", caplog.text)
+        assert len(addresses) == 1
+        # The port logged is the one served, while the store still opens.
+        families = text_string_to_metric_families(
+            await asyncio.to_thread(metrics_text, int(addresses[0]))
+        )
+        assert any(family.name.startswith("order_gateway_") for family in families)
+
+        slow_store_opening.release.set()
+        async with asyncio.timeout(WAIT):
+            await served.wait()
+        # Once only, not again when the gateway serves.
+        assert re.findall(r"metrics at http://\S+", caplog.text) == [
+            f"metrics at http://127.0.0.1:{addresses[0]}/metrics"
+        ]
+    finally:
+        stop.set()
+        await serving

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import multiprocessing
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +24,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from domain.errors import StoreUnavailableError
 from server.config import Settings
 from server.workers import supervisor
 from server.workers.supervisor import worker_count
@@ -361,6 +364,42 @@ async def test_only_the_supervisor_logs_a_metrics_address_above_debug(tmp_path: 
             f" DEBUG order_gateway.server [worker {worker}]: metrics for the supervisor at " in line
             for line in lines
         ), lines
+
+
+async def test_the_supervisor_serves_and_logs_its_metrics_address_while_the_store_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    opening, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_migrate(url: str) -> None:
+        # A database that answers late, then refuses: the start fails before any worker.
+        opening.set()
+        await release.wait()
+        raise StoreUnavailableError("the database refused the connection")
+
+    monkeypatch.setattr(supervisor, "migrate", slow_migrate)
+    monkeypatch.setattr(supervisor, "stop_signals", tuple)
+    caplog.set_level(logging.INFO, logger="order_gateway.workers")
+    settings = Settings(
+        listen=f"127.0.0.1:{free_port()}",
+        store=f"sqlite:///{tmp_path / 'events.db'}",
+        workers=2,
+        metrics_listen="127.0.0.1:0",
+    )
+    supervising = asyncio.ensure_future(supervisor.supervise(settings))
+    try:
+        async with asyncio.timeout(WAIT):
+            await opening.wait()
+        ports = re.findall(r"metrics of all workers at http://127\.0\.0\.1:(\d+)/", caplog.text)
+        assert len(ports) == 1
+        url = f"http://127.0.0.1:{ports[0]}/metrics"
+        with await asyncio.to_thread(urllib.request.urlopen, url, timeout=WAIT) as response:
+            text = response.read().decode()
+        assert "order_gateway_workers 0.0" in text.splitlines()
+    finally:
+        release.set()
+        with pytest.raises(StoreUnavailableError):
+            await supervising
 
 
 def ipv6_loopback() -> bool:
