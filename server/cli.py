@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -237,32 +238,57 @@ def _problems(error: ValidationError) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    fatal: logging.Logger | None = None
     try:
         settings = settings_from(args)
         configure_logging(settings.log_format, settings.log_level)
+        fatal = _fatal_error_logger(args, settings)
         with guarded_stdout():
             return _dispatch(args, settings)
     except UnwritableOutputError as error:
         return unwritable_output("order-gateway", error, "the output")
     except ValidationError as error:
         for problem in _problems(error):
-            print(f"order-gateway: {problem}", file=sys.stderr)
+            _report(problem, fatal)
         return 2
     # ConfigurationError is a ValueError, as are the settings' own checks.
     except ValueError as error:
-        print(f"order-gateway: {error}", file=sys.stderr)
+        _report(str(error), fatal)
         return 2
     except OSError as error:
-        print(f"order-gateway: {_os_error_text(error)}", file=sys.stderr)
+        _report(_os_error_text(error), fatal)
         return 2
     except StoreError as error:
         # The store's own message (no driver traceback); its cause is in the log.
-        print(f"order-gateway: store error: {error}", file=sys.stderr)
+        _report(f"store error: {error}", fatal)
         return 1
     except RuntimeError as error:
         # grpcio reports an address it cannot bind as a RuntimeError.
-        print(f"order-gateway: {error}", file=sys.stderr)
+        _report(str(error), fatal)
         return 1
+
+
+def _fatal_error_logger(args: argparse.Namespace, settings: Settings) -> logging.Logger | None:
+    """The logger that reports the error ending ``serve`` under ``--log-format json``: a
+    plain line there would be the one line of its log that is not JSON. That of the
+    process that failed: the gateway's, or with ``--workers`` the supervisor's. None for
+    the text format and the other commands, whose errors are plain lines."""
+    if args.command != "serve" or settings.log_format != "json":
+        return None
+    from server.workers.supervisor import worker_count
+
+    workers = worker_count(settings.workers) > 1
+    return logging.getLogger("order_gateway.workers" if workers else "order_gateway.server")
+
+
+def _report(message: str, fatal: logging.Logger | None) -> None:
+    """Write the error that ends the command: ``order-gateway: message``, or an ERROR
+    record of ``fatal``."""
+    if fatal is None:
+        print(f"order-gateway: {message}", file=sys.stderr)
+        return
+    # --log-level goes no higher than ERROR: the line is always written.
+    fatal.error("%s", message)
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -30,10 +31,12 @@ from tests.postgres_databases import new_role
 from tests.serving import (
     free_port,
     gateway_log,
+    listening_stranger,
     signal_until_exit,
     start_gateway,
     wait_until_serving,
 )
+from tests.workers_support import env_without_settings
 
 
 def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -647,6 +650,74 @@ def test_a_host_that_does_not_resolve_is_refused_naming_the_address(
     assert lines[0].startswith(f"order-gateway: {message} {address}: ")
     assert "Unknown error" not in lines[0]
     assert files_in(tmp_path) == []
+
+
+FATAL_ERRORS = {
+    "sqlite store": (
+        ["--store", "sqlite:////nonexistent/dir/x.db"],
+        {"1": 1, "2": 1},
+        "store error: cannot open the SQLite store /nonexistent/dir/x.db: unable to open",
+    ),
+    "postgresql store": (
+        ["--store", "postgresql://gateway@127.0.0.1:{closed}/orders"],
+        {"1": 1, "2": 1},
+        "store error: PostgreSQL is unavailable",
+    ),
+    "listen": (
+        ["--listen", "{taken}"],
+        {"1": 1, "2": 2},
+        "{bind} {taken}: another process listens there",
+    ),
+    "metrics listen": (
+        ["--metrics-listen", "{taken}"],
+        {"1": 2, "2": 2},
+        "cannot serve metrics on {taken}: Address already in use",
+    ),
+}
+"""What each failed start is given, its exit status by --workers, and the start of its
+error message ({bind}: the gateway's words for an address it cannot take)."""
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("failure", list(FATAL_ERRORS))
+def test_a_failed_start_with_json_logs_is_one_json_error_line(
+    tmp_path: Path, failure: str, workers: str
+) -> None:
+    given, codes, message = FATAL_ERRORS[failure]
+    with listening_stranger() as taken:
+        names = {
+            "taken": taken,
+            "closed": str(free_port()),
+            "bind": "Failed to bind to address" if workers == "1" else "cannot listen on",
+        }
+        args = [
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--store",
+            f"sqlite:///{tmp_path / 'new.db'}",
+            "--log-format",
+            "json",
+            "--workers",
+            workers,
+            # Given last: each wins over the same flag above.
+            *(arg.format(**names) for arg in given),
+        ]
+        refused = subprocess.run(
+            [sys.executable, "-m", "server.cli", "serve", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env_without_settings(),
+        )
+    assert refused.returncode == codes[workers]
+    # Every line JSON, as --log-format json promises, the last one the error.
+    lines = [json.loads(line) for line in refused.stderr.splitlines()]
+    error = lines[-1]
+    assert (error["level"], error["logger"]) == (
+        "ERROR",
+        "order_gateway.server" if workers == "1" else "order_gateway.workers",
+    )
+    assert error["message"].startswith(message.format(**names)), error
 
 
 async def test_a_start_refused_once_bound_releases_the_port_and_closes_the_store(
