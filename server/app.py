@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -325,22 +325,28 @@ SLOW_OPEN_REPORT_SECONDS: Final = (2.0, 10.0)
 """A store still opening is reported after the first, then after every second, seconds."""
 
 
+async def reported_while_slow(opening: asyncio.Future[Any], url: str) -> None:
+    """Wait for ``opening`` (of the store at ``url``: opened, or migrated and closed),
+    logging every while that it is still at it."""
+    started = time.monotonic()
+    first, every = SLOW_OPEN_REPORT_SECONDS
+    while not (await asyncio.wait((opening,), timeout=first))[0]:
+        log.info(
+            "order-gateway still opening store %s after %.0f s (the database has not"
+            " answered, or another process holds its schema migration or write lock)",
+            redacted_url(url),
+            time.monotonic() - started,
+        )
+        first = every
+
+
 async def reporting_a_slow_open(opening: Awaitable[EventStore], url: str) -> EventStore:
     """The store ``opening`` gives, logged while it is slow to: opening can wait on a
     database that does not answer, or on another process (a replica's schema migration,
     SQLite's write lock), and a start that says nothing meanwhile looks hung."""
     store = asyncio.ensure_future(opening)
-    started = time.monotonic()
-    first, every = SLOW_OPEN_REPORT_SECONDS
     try:
-        while not (await asyncio.wait((store,), timeout=first))[0]:
-            log.info(
-                "order-gateway still opening store %s after %.0f s (the database has not"
-                " answered, or another process holds its schema migration or write lock)",
-                redacted_url(url),
-                time.monotonic() - started,
-            )
-            first = every
+        await reported_while_slow(store, url)
         return store.result()
     except BaseException:
         # A stop while it opens: the open is cancelled, and a store that opened all the

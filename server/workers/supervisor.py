@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Final
 
 from domain.errors import StoreError
-from server.app import authenticators_from, stop_deadline, stop_on_signals, unless_stopped
+from server.app import (
+    authenticators_from,
+    reported_while_slow,
+    stop_deadline,
+    stop_on_signals,
+    unless_stopped,
+)
 from server.config import Settings, credential_files, keep_setting_files
 from server.consumer_groups.store_sqlite import SQLiteConsumerGroupStore
 from server.event_loop import running_loop_name
@@ -329,7 +335,16 @@ class Supervisor:
 
 
 async def _migrated(url: str) -> bool:
-    await migrate(url)
+    """The store at ``url`` migrated, logged while it is slow to answer, as one process's
+    start logs it."""
+    migrating = asyncio.ensure_future(migrate(url))
+    try:
+        await reported_while_slow(migrating, url)
+    except BaseException:
+        migrating.cancel()
+        await asyncio.gather(migrating, return_exceptions=True)
+        raise
+    migrating.result()
     return True
 
 

@@ -25,6 +25,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from domain.errors import StoreUnavailableError
+from server import app
 from server.config import Settings
 from server.workers import supervisor
 from server.workers.supervisor import worker_count
@@ -592,3 +593,32 @@ async def test_a_replaced_worker_serves_the_credentials_the_gateway_started_with
                         codes.append(error.code().name)
     assert answers["kept-token"] == ["OK"] * CHANNELS
     assert answers["added-token"] == ["UNAUTHENTICATED"] * CHANNELS
+
+
+async def test_the_supervisor_says_while_the_store_is_slow_to_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As one process does: a start that says nothing while its database does not answer
+    looks hung."""
+    release = asyncio.Event()
+
+    async def slow_migrate(url: str) -> None:
+        await release.wait()
+        raise StoreUnavailableError("the database refused the connection")
+
+    monkeypatch.setattr(supervisor, "migrate", slow_migrate)
+    monkeypatch.setattr(supervisor, "stop_signals", tuple)
+    monkeypatch.setattr(app, "SLOW_OPEN_REPORT_SECONDS", (0.05, 0.05))
+    caplog.set_level(logging.INFO, logger="order_gateway")
+    store = f"sqlite:///{tmp_path / 'events.db'}"
+    settings = Settings(listen=f"127.0.0.1:{free_port()}", store=store, workers=2)
+    supervising = asyncio.ensure_future(supervisor.supervise(settings))
+    try:
+        async with asyncio.timeout(WAIT):
+            while "still opening store" not in caplog.text:  # noqa: ASYNC110 - a log line
+                await asyncio.sleep(0.01)
+    finally:
+        release.set()
+        with pytest.raises(StoreUnavailableError):
+            await supervising
+    assert f"order-gateway still opening store {store} after " in caplog.text
