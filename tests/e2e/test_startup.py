@@ -144,6 +144,22 @@ class SlowOpening:
         return await self._open_store(*args, **kwargs)
 
 
+def serving_in_background(
+    settings: Settings, stop: asyncio.Event | None = None, served: asyncio.Event | None = None
+) -> asyncio.Future[None]:
+    """``serve(settings)`` started as a task, without signal handlers or the process's
+    stop bound, until ``stop``; ``served`` is set once it serves."""
+    return asyncio.ensure_future(
+        serve(
+            settings,
+            stop=stop or asyncio.Event(),
+            signals=(),
+            bounded=False,
+            on_serving=None if served is None else (lambda gateway: served.set()),
+        )
+    )
+
+
 async def test_commands_sent_while_the_store_opens_run_once_it_is_open(
     slow_store_opening: SlowOpening,
     monkeypatch: pytest.MonkeyPatch,
@@ -153,15 +169,7 @@ async def test_commands_sent_while_the_store_opens_run_once_it_is_open(
     caplog.set_level(logging.INFO, logger="order_gateway.server")
     stop = asyncio.Event()
     served = asyncio.Event()
-    serving = asyncio.ensure_future(
-        serve(
-            Settings(listen="127.0.0.1:0", store="memory://"),
-            stop=stop,
-            signals=(),
-            bounded=False,
-            on_serving=lambda gateway: served.set(),
-        )
-    )
+    serving = serving_in_background(Settings(listen="127.0.0.1:0", store="memory://"), stop, served)
     try:
         async with asyncio.timeout(WAIT):
             await slow_store_opening.opening.wait()
@@ -188,14 +196,7 @@ async def test_commands_held_while_the_store_opens_are_refused_if_it_fails_to_op
     slow_store_opening: SlowOpening,
 ) -> None:
     slow_store_opening.fails = True
-    serving = asyncio.ensure_future(
-        serve(
-            Settings(listen="127.0.0.1:0", store="memory://"),
-            stop=asyncio.Event(),
-            signals=(),
-            bounded=False,
-        )
-    )
+    serving = serving_in_background(Settings(listen="127.0.0.1:0", store="memory://"))
     async with asyncio.timeout(WAIT):
         await slow_store_opening.opening.wait()
     target = f"127.0.0.1:{slow_store_opening.port}"
@@ -218,13 +219,8 @@ async def test_metrics_are_served_while_the_store_opens_and_freed_if_it_fails(
 ) -> None:
     slow_store_opening.fails = True
     port = free_port()
-    serving = asyncio.ensure_future(
-        serve(
-            Settings(listen="127.0.0.1:0", store="memory://", metrics_listen=f"127.0.0.1:{port}"),
-            stop=asyncio.Event(),
-            signals=(),
-            bounded=False,
-        )
+    serving = serving_in_background(
+        Settings(listen="127.0.0.1:0", store="memory://", metrics_listen=f"127.0.0.1:{port}")
     )
     async with asyncio.timeout(WAIT):
         await slow_store_opening.opening.wait()
@@ -244,14 +240,10 @@ async def test_the_metrics_address_chosen_for_port_0_is_logged_while_the_store_o
     caplog.set_level(logging.INFO, logger="order_gateway.server")
     stop = asyncio.Event()
     served = asyncio.Event()
-    serving = asyncio.ensure_future(
-        serve(
-            Settings(listen="127.0.0.1:0", store="memory://", metrics_listen="127.0.0.1:0"),
-            stop=stop,
-            signals=(),
-            bounded=False,
-            on_serving=lambda gateway: served.set(),
-        )
+    serving = serving_in_background(
+        Settings(listen="127.0.0.1:0", store="memory://", metrics_listen="127.0.0.1:0"),
+        stop,
+        served,
     )
     try:
         async with asyncio.timeout(WAIT):
